@@ -1,0 +1,53 @@
+"""The `adapters:` sections of app.yaml, one model per platform.
+
+Kept apart from the adapter modules so `chatops check-config` validates a
+config without importing any platform SDK.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SlackSettings(_Settings):
+    bot_token: str = Field(pattern=r"^xox[bpa]-\S+$")
+    signing_secret: str = Field(min_length=8)
+    api_url: str = Field("https://slack.com/api/", pattern=r"^https?://")
+
+
+class TelegramSettings(_Settings):
+    bot_token: str = Field(pattern=r"^\d+:\S+$")
+    webhook_secret: str = Field(min_length=8, pattern=r"^[A-Za-z0-9_-]{1,256}$")
+    api_url: str = Field("https://api.telegram.org/bot", pattern=r"^https?://")
+    mode: Literal["webhook", "polling"] = "webhook"
+
+
+class TeamsSettings(_Settings):
+    app_id: str = ""
+    app_password: str = ""
+    tenant_id: str | None = None
+    allow_unauthenticated: bool = False
+
+    @model_validator(mode="after")
+    def _auth_is_on(self) -> "TeamsSettings":
+        if not self.app_id and not self.allow_unauthenticated:
+            raise ValueError(
+                "app_id is empty, which turns off Bot Framework authentication; "
+                "set app_id and app_password, or allow_unauthenticated: true for the local emulator only"
+            )
+        if self.app_id and not self.app_password:
+            raise ValueError("app_password is required when app_id is set")
+        return self
+
+
+SETTINGS_MODELS: dict[str, type[BaseModel]] = {
+    "slack": SlackSettings,
+    "telegram": TelegramSettings,
+    "teams": TeamsSettings,
+}

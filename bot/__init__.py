@@ -1,0 +1,1 @@
+"""The bot core: config, neutral model, domain rules and the composition root."""

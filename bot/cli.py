@@ -1,0 +1,146 @@
+"""`chatops`: the command line, a composition root like server.py."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from adapters import SETTINGS_MODELS
+from bot import logs
+from bot.config import ConfigError, Loaded, config_path, load_config
+from storage.audit import AuditLog
+from storage.db import Database, SchemaTooNew
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _load(args: argparse.Namespace) -> Loaded:
+    return load_config(config_path(args.config), adapter_models=SETTINGS_MODELS)
+
+
+def _iso(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r} (e.g. 2026-11-25T09:00:00+01:00)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
+    path = config_path(args.config)
+    try:
+        loaded = load_config(path, adapter_models=SETTINGS_MODELS)
+    except ConfigError as exc:
+        for where, problem in exc.problems:
+            print(f"{where}: {problem}" if where else problem, file=out)
+        return EXIT_USAGE
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for name, why in loaded.adapters_off.items():
+        print(f"note: adapters.{name} is off: {why}", file=sys.stderr)
+    for source, why in loaded.sources_off.items():
+        print(f"note: source {source} is off: {why}", file=sys.stderr)
+    print(loaded.summary(), file=out)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    from bot.server import serve
+
+    return asyncio.run(serve(_load(args)))
+
+
+async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]]) -> int:
+    db = Database(loaded.config.storage.url, schema=loaded.config.storage.schema_name)
+    try:
+        await db.start()
+        return await work(db)
+    finally:
+        await db.dispose()
+
+
+def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
+    loaded = _load(args)
+    audit = AuditLog(loaded.config.audit.hmac_key)
+
+    async def work(db: Database) -> int:
+        async with db.sessions() as session:
+            verdict = await audit.verify(session)
+        if verdict.ok:
+            print(f"audit chain intact: {verdict.checked} events, head {verdict.head_hash}", file=out)
+            return EXIT_OK
+        print(f"audit chain broken after {verdict.checked} good events: {verdict.problem}", file=out)
+        return EXIT_FAILED
+
+    return asyncio.run(_with_db(loaded, work))
+
+
+CSV_COLUMNS = ["seq", "at", "actor_person", "actor_platform", "actor_user_id", "action",
+               "subject_type", "subject_id", "incident_id", "details", "prev_hash", "hash"]
+
+
+def cmd_audit_export(args: argparse.Namespace, out: TextIO) -> int:
+    loaded = _load(args)
+
+    async def work(db: Database) -> int:
+        writer = csv.writer(out) if args.format == "csv" else None
+        if writer:
+            writer.writerow(CSV_COLUMNS)
+        async with db.sessions() as session:
+            async for event in AuditLog.events(session, since=args.since, incident_id=args.incident):
+                if writer:
+                    row: dict[str, Any] = event.model_dump()
+                    row["at"] = event.at.isoformat()
+                    row["details"] = json.dumps(event.details, sort_keys=True)
+                    writer.writerow([row[c] for c in CSV_COLUMNS])
+                else:
+                    out.write(json.dumps(event.as_dict(), ensure_ascii=False) + "\n")
+        return EXIT_OK
+
+    return asyncio.run(_with_db(loaded, work))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help="path to app.yaml (default: $CHATOPS_CONFIG, then ./app.yaml)")
+    common.add_argument("--log-format", choices=["text", "json"], default="text")
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser = argparse.ArgumentParser(prog="chatops", description="ChatOps incident bot", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", parents=[common], help="run the HTTP server, adapters and workers").set_defaults(func=cmd_serve)
+    sub.add_parser("check-config", parents=[common], help="validate app.yaml").set_defaults(func=cmd_check_config)
+    audit = sub.add_parser("audit", help="verify or export the audit log").add_subparsers(dest="audit", required=True, metavar="ACTION")
+    audit.add_parser("verify", parents=[common], help="exit 0 if the chain is intact, 1 naming the first bad event").set_defaults(func=cmd_audit_verify)
+    export = audit.add_parser("export", parents=[common], help="write audit events to stdout")
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    export.add_argument("--since", type=_iso, help="only events at or after this ISO 8601 time")
+    export.add_argument("--incident", type=int, help="only events about this incident id")
+    export.set_defaults(func=cmd_audit_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_format, args.log_level)
+    try:
+        return args.func(args, sys.stdout)
+    except ConfigError as exc:
+        for where, problem in exc.problems:
+            print(f"{where}: {problem}" if where else problem, file=sys.stderr)
+        print("the configuration is invalid; `chatops check-config` lists every problem", file=sys.stderr)
+        return EXIT_USAGE
+    except SchemaTooNew as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""app.yaml: load, substitute `${VAR}`, validate, and check cross-references.
+
+Every problem is reported as `path: problem`, where path is the config path
+(`routes[1].channels[0]`), so `chatops check-config` can print one line each.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date, time, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from bot import envsubst
+from bot.durations import parse_clock, parse_duration, parse_weekday
+
+PLATFORMS = ("slack", "telegram", "teams")
+
+
+class ConfigError(Exception):
+    """The config is invalid; `problems` holds `(path, problem)` pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{p}: {m}" if p else m for p, m in problems))
+
+
+def _tz(value: str) -> str:
+    try:
+        ZoneInfo(str(value))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (expected an IANA name such as Europe/Berlin)") from None
+    return str(value)
+
+
+def _weekday(value: str) -> str:
+    parse_weekday(value)
+    return str(value).strip().lower()[:3]
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+ClockTime = Annotated[time, BeforeValidator(parse_clock)]
+TimeZone = Annotated[str, BeforeValidator(_tz)]
+Weekday = Annotated[str, BeforeValidator(_weekday)]
+Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=40)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    public_url: str = "http://127.0.0.1:8080"
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+
+
+class StorageConfig(Section):
+    url: str = "sqlite+aiosqlite:///./chatops.db"
+    schema_name: str | None = Field(None, alias="schema", pattern=r"^[a-z_][a-z0-9_]*$")
+
+    @field_validator("url")
+    @classmethod
+    def _known_driver(cls, v: str) -> str:
+        if not re.match(r"^(sqlite\+aiosqlite|postgresql\+asyncpg)://", v):
+            raise ValueError(
+                f"unsupported database URL {v.split('://')[0] + '://...'!r} "
+                "(expected sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db)"
+            )
+        return v
+
+
+class BusinessHours(Section):
+    days: list[Weekday] = ["mon", "tue", "wed", "thu", "fri"]
+    start: ClockTime = time(9, 0)
+    end: ClockTime = time(18, 0)
+    timezone: TimeZone | None = None
+
+
+class AuditConfig(Section):
+    hmac_key: str | None = None
+
+
+class Person(Section):
+    id: Ident
+    name: str
+    roles: list[str] = []
+    slack: str | None = Field(None, pattern=r"^[UW][A-Z0-9]{2,}$")
+    telegram: int | None = Field(None, gt=0)
+    teams: str | None = Field(None, pattern=r"^(29:\S+|[0-9a-fA-F-]{36})$")
+    timezone: TimeZone | None = None
+    page_via: list[Literal["slack", "telegram", "teams"]] = []
+
+
+_CHAT_PATTERNS = {
+    "slack": (r"^[CGD][A-Z0-9]{2,}$", "a Slack channel id such as C0123ABCD"),
+    "telegram": (r"^(-?\d+|@[A-Za-z][A-Za-z0-9_]{4,})$", "a Telegram chat id such as -1001234567890 or @channelname"),
+    "teams": (r"^\d+:\S+$", "a Teams conversation id such as 19:abc@thread.tacv2"),
+}
+
+
+class Channel(Section):
+    id: Ident
+    platform: Literal["slack", "telegram", "teams"]
+    chat: str
+
+    @field_validator("chat", mode="before")
+    @classmethod
+    def _chat_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) else v
+
+
+class BearerAuth(Section):
+    bearer: str = Field(min_length=8)
+
+
+class HmacAuth(Section):
+    hmac_secret: str = Field(min_length=8)
+    header: str = "X-Signature"
+    timestamp_header: str | None = "X-Timestamp"
+    max_skew: Duration = timedelta(minutes=5)
+
+
+class RateLimit(Section):
+    per_minute: int = Field(gt=0)
+    burst: int = Field(gt=0)
+
+
+class Source(Section):
+    id: Ident
+    kind: Literal["alertmanager", "grafana", "generic"]
+    auth: Literal["none"] | BearerAuth | HmacAuth
+    rate_limit: RateLimit | None = None
+    dedup_key: str | None = None
+    max_body_bytes: int | None = Field(None, ge=1024)
+
+
+class Grouping(Section):
+    by: list[str] = ["alertname", "instance"]
+    window: Duration = timedelta(minutes=15)
+
+
+class Route(Section):
+    match: dict[str, str] = {}
+    channels: list[str] = []
+    escalation: str | None = None
+    runbooks: list[str] = []
+    continue_: bool = Field(False, alias="continue")
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _match_values_as_text(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: str(x) if isinstance(x, (int, float, bool)) else x for k, x in v.items()}
+        return v
+
+
+class Rotation(Section):
+    id: Ident
+    members: list[str] = Field(min_length=1)
+    shift: Duration
+    handoff: str = "mon 09:00"
+    start: date
+    timezone: TimeZone | None = None
+    swap_approval: str | None = None
+
+    @field_validator("shift")
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        if v < timedelta(hours=1):
+            raise ValueError("a shift must last at least 1h")
+        return v
+
+    @field_validator("handoff")
+    @classmethod
+    def _handoff(cls, v: str) -> str:
+        parts = str(v).split()
+        if len(parts) == 2:
+            parse_weekday(parts[0])
+            parse_clock(parts[1])
+        elif len(parts) == 1:
+            parse_clock(parts[0])
+        else:
+            raise ValueError(f"invalid handoff {v!r} (expected 'mon 09:00' or '09:00')")
+        return str(v)
+
+
+class Notify(Section):
+    rotation: str | None = None
+    people: list[str] = []
+    channel: str | None = None
+
+
+class EscalationStep(Section):
+    notify: Notify
+    wait: Duration = timedelta(minutes=5)
+
+
+class EscalationPolicy(Section):
+    id: Ident
+    steps: list[EscalationStep] = Field(min_length=1)
+    repeat: int = Field(0, ge=0, le=20)
+
+
+class RunbookStep(Section):
+    run: list[str] = Field(min_length=1)
+    timeout: Duration = timedelta(seconds=30)
+
+
+class Runbook(Section):
+    id: Ident
+    title: str
+    match: dict[str, str] = {}
+    risk: Literal["low", "medium", "high"] = "low"
+    steps: list[RunbookStep] = Field(min_length=1)
+
+
+class Config(Section):
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    timezone: TimeZone = "UTC"
+    business_hours: BusinessHours = BusinessHours()
+    audit: AuditConfig = AuditConfig()
+    adapters: dict[str, Any] = {}
+    people: list[Person] = []
+    channels: list[Channel] = []
+    sources: list[Source] = []
+    grouping: Grouping = Grouping()
+    routes: list[Route] = Field(default_factory=lambda: [Route()])
+    rotations: list[Rotation] = []
+    escalation_policies: list[EscalationPolicy] = []
+    runbooks: list[Runbook] = []
+
+
+@dataclass
+class Loaded:
+    """A validated config plus what was switched off because a variable is unset."""
+
+    config: Config
+    path: str
+    adapters: dict[str, BaseModel] = field(default_factory=dict)
+    adapters_off: dict[str, str] = field(default_factory=dict)
+    sources_off: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        c = self.config
+
+        def n(items: list[Any], word: str) -> str:
+            return f"{len(items)} {word}{'' if len(items) == 1 else 's'}"
+
+        on = ", ".join(sorted(self.adapters)) or "none"
+        return (
+            f"{self.path}: valid: {n(c.people, 'person').replace('persons', 'people')}, "
+            f"{n(c.channels, 'channel')}, {n(c.sources, 'source')}, {n(c.routes, 'route')}, "
+            f"{n(c.rotations, 'rotation')}, {n(c.escalation_policies, 'escalation policy').replace('policys', 'policies')}, "
+            f"{n(c.runbooks, 'runbook')}; adapters on: {on}"
+        )
+
+
+def config_path(explicit: str | None, env: Mapping[str, str] | None = None) -> str:
+    """`-c PATH`, then `$CHATOPS_CONFIG`, then `./app.yaml`."""
+    env = os.environ if env is None else env
+    return explicit or env.get("CHATOPS_CONFIG") or "app.yaml"
+
+
+def load_config(
+    path: str | Path,
+    *,
+    adapter_models: Mapping[str, type[BaseModel]],
+    env: Mapping[str, str] | None = None,
+) -> Loaded:
+    """Read and validate app.yaml; raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(name, [("", f"{name}: file not found (pass -c PATH or set CHATOPS_CONFIG)")]) from None
+    except OSError as exc:
+        raise ConfigError(name, [("", f"{name}: cannot read: {exc.strerror}")]) from None
+    return parse_config(text, name=name, adapter_models=adapter_models, env=env)
+
+
+def parse_config(
+    text: str,
+    *,
+    name: str = "app.yaml",
+    adapter_models: Mapping[str, type[BaseModel]],
+    env: Mapping[str, str],
+) -> Loaded:
+    protected, refs = envsubst.protect(text)
+    try:
+        raw = yaml.safe_load(protected)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(name, [("", f"{name}: {where}invalid YAML: {problem}")]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(name, [("", f"{name}: expected a mapping of sections at the top level")])
+    raw = envsubst.resolve(raw, refs, env)
+    loaded_adapters, adapters_off, sources_off, warnings, problems = {}, {}, {}, [], []
+
+    # Features that switch off when their secret is unset, rather than failing.
+    for key, section in list((raw.get("adapters") or {}).items()) if isinstance(raw.get("adapters"), dict) else []:
+        unset = envsubst.find_unset(section, f"adapters.{key}")
+        if unset:
+            adapters_off[key] = str(unset[0][1])
+            del raw["adapters"][key]
+    if isinstance(raw.get("sources"), list):
+        for s in raw["sources"]:
+            if isinstance(s, dict):
+                unset = envsubst.find_unset(s.get("auth"))
+                if unset:
+                    sources_off[str(s.get("id"))] = str(unset[0][1])
+                    s["auth"] = "none"
+    if isinstance(raw.get("audit"), dict) and isinstance(raw["audit"].get("hmac_key"), envsubst.Unset):
+        warnings.append(f"audit.hmac_key: {raw['audit']['hmac_key']}")
+        raw["audit"]["hmac_key"] = None
+    for path, unset in envsubst.find_unset(raw):
+        problems.append((path, f"environment variable {unset.variable} is not set (set it, or write ${{{unset.variable}:-default}})"))
+    if problems:
+        raise ConfigError(name, problems)
+
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(name, [(_loc(e["loc"]), _message(e)) for e in exc.errors()]) from None
+
+    for key, section in config.adapters.items():
+        model = adapter_models.get(key)
+        if model is None:
+            problems.append((f"adapters.{key}", f"unknown adapter (known: {', '.join(sorted(adapter_models))})"))
+            continue
+        try:
+            loaded_adapters[key] = model.model_validate(section or {})
+        except ValidationError as exc:
+            problems += [(_loc(("adapters", key, *e["loc"])), _message(e)) for e in exc.errors()]
+    problems += cross_check(config)
+    if problems:
+        raise ConfigError(name, problems)
+    if not config.audit.hmac_key:
+        warnings.append("audit: no hmac_key, so the chain is plain SHA-256 and only tamper-evident against "
+                        "accidents; set audit.hmac_key to detect deliberate edits")
+    for key in adapter_models:
+        if key not in loaded_adapters and key not in adapters_off:
+            adapters_off[key] = "no section under adapters"
+    return Loaded(config, name, loaded_adapters, adapters_off, sources_off, warnings)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif str(part) in {"BearerAuth", "HmacAuth", "literal['none']"} or str(part).startswith("function-"):
+            continue  # pydantic's names for union branches, not config keys
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    if kind == "string_pattern_mismatch":
+        return f"malformed value {err.get('input')!r}"
+    if kind == "literal_error":
+        return f"{err.get('input')!r} is not allowed: {msg[0].lower() + msg[1:]}"
+    return msg[0].lower() + msg[1:]
+
+
+def cross_check(c: Config) -> list[tuple[str, str]]:
+    """References between sections, ids that must be unique, platform id shapes."""
+    problems: list[tuple[str, str]] = []
+    people = {p.id for p in c.people}
+    channels = {ch.id for ch in c.channels}
+    rotations = {r.id for r in c.rotations}
+    policies = {p.id for p in c.escalation_policies}
+    runbooks = {r.id for r in c.runbooks}
+
+    def known(kind: str, ids: set[str]) -> str:
+        return f"(known: {', '.join(sorted(ids))})" if ids else f"(no {kind} are defined)"
+
+    for section in ("people", "channels", "sources", "rotations", "escalation_policies", "runbooks"):
+        seen: set[str] = set()
+        for i, item in enumerate(getattr(c, section)):
+            if item.id in seen:
+                problems.append((f"{section}[{i}].id", f"duplicate id {item.id!r}"))
+            seen.add(item.id)
+    for i, ch in enumerate(c.channels):
+        pattern, example = _CHAT_PATTERNS[ch.platform]
+        if not re.match(pattern, ch.chat):
+            problems.append((f"channels[{i}].chat", f"malformed {ch.platform} chat {ch.chat!r} (expected {example})"))
+    for i, route in enumerate(c.routes):
+        for j, ch in enumerate(route.channels):
+            if ch not in channels:
+                problems.append((f"routes[{i}].channels[{j}]", f"unknown channel {ch!r} {known('channels', channels)}"))
+        if route.escalation and route.escalation not in policies:
+            problems.append((f"routes[{i}].escalation", f"unknown escalation policy {route.escalation!r} {known('escalation policies', policies)}"))
+        for j, rb in enumerate(route.runbooks):
+            if rb not in runbooks:
+                problems.append((f"routes[{i}].runbooks[{j}]", f"unknown runbook {rb!r} {known('runbooks', runbooks)}"))
+        for key, value in route.match.items():
+            problem = match_value_problem(value)
+            if problem:
+                problems.append((f"routes[{i}].match.{key}", problem))
+    if not c.routes or c.routes[-1].match:
+        problems.append(("routes", "the last route must be a catch-all with `match: {}` so no alert goes unrouted"))
+    for i, rot in enumerate(c.rotations):
+        for j, member in enumerate(rot.members):
+            if member not in people:
+                problems.append((f"rotations[{i}].members[{j}]", f"unknown person {member!r} {known('people', people)}"))
+    for i, pol in enumerate(c.escalation_policies):
+        for j, step in enumerate(pol.steps):
+            where = f"escalation_policies[{i}].steps[{j}].notify"
+            n = step.notify
+            if not (n.rotation or n.people or n.channel):
+                problems.append((where, "says nobody to notify (give rotation, people or channel)"))
+            if n.rotation and n.rotation not in rotations:
+                problems.append((f"{where}.rotation", f"unknown rotation {n.rotation!r} {known('rotations', rotations)}"))
+            for k, person in enumerate(n.people):
+                if person not in people:
+                    problems.append((f"{where}.people[{k}]", f"unknown person {person!r} {known('people', people)}"))
+            if n.channel and n.channel not in channels:
+                problems.append((f"{where}.channel", f"unknown channel {n.channel!r} {known('channels', channels)}"))
+    return problems
+
+
+def match_value_problem(value: str) -> str | None:
+    """A route matcher is `value`, `=~regex` or `!=value`; check the regex compiles."""
+    if value.startswith("=~") or value.startswith("!~"):
+        try:
+            re.compile(value[2:])
+        except re.error as exc:
+            return f"invalid regular expression {value[2:]!r}: {exc}"
+    return None

@@ -1,0 +1,57 @@
+"""Durations (`90s`, `5m`, `1h30m`, `1w`), clock times (`09:00`) and weekdays."""
+
+from __future__ import annotations
+
+import re
+from datetime import time, timedelta
+
+_DURATION = re.compile(r"(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_UNITS = (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def parse_duration(text: str | int | timedelta) -> timedelta:
+    """`1h30m` -> timedelta(hours=1, minutes=30). A bare integer counts seconds."""
+    if isinstance(text, timedelta):
+        return text
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError(f"invalid duration {text!r}: must not be negative")
+        return timedelta(seconds=text)
+    raw = str(text).strip()
+    m = _DURATION.fullmatch(raw)
+    if not raw or not m or not any(m.groups()):
+        raise ValueError(f"invalid duration {text!r} (expected e.g. 90s, 5m, 1h30m, 1d, 1w)")
+    seconds = sum(int(v) * mult for v, (_, mult) in zip(m.groups(), _UNITS) if v)
+    return timedelta(seconds=seconds)
+
+
+def format_duration(delta: timedelta) -> str:
+    """timedelta(seconds=5400) -> `1h30m`; the inverse of parse_duration."""
+    seconds = int(delta.total_seconds())
+    if seconds == 0:
+        return "0s"
+    parts = []
+    for unit, mult in _UNITS:
+        value, seconds = divmod(seconds, mult)
+        if value:
+            parts.append(f"{value}{unit}")
+    return "".join(parts)
+
+
+def parse_clock(text: str | time) -> time:
+    """`09:00` -> time(9, 0)."""
+    if isinstance(text, time):
+        return text
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", str(text).strip())
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        raise ValueError(f"invalid time of day {text!r} (expected HH:MM, e.g. 09:00)")
+    return time(int(m.group(1)), int(m.group(2)))
+
+
+def parse_weekday(text: str) -> int:
+    """`mon` -> 0 ... `sun` -> 6 (Python's weekday numbering)."""
+    key = str(text).strip().lower()[:3]
+    if key not in WEEKDAYS or len(str(text).strip()) < 3:
+        raise ValueError(f"invalid weekday {text!r} (expected one of: {', '.join(WEEKDAYS)})")
+    return WEEKDAYS.index(key)

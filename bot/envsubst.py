@@ -1,0 +1,79 @@
+"""`${VAR}` and `${VAR:-default}` in app.yaml, replaced from the environment.
+
+Substitution happens on the parsed document, so a value can never change the
+YAML structure; a placeholder token is put in first so `{bearer: ${TOKEN}}`
+(flow style, unquoted) still parses. `$${` writes a literal `${`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_TOKEN = re.compile(r"__chatops_env_(\d+)__")
+
+
+@dataclass(frozen=True)
+class Unset:
+    """A value whose environment variable is not set (and has no default)."""
+
+    variable: str
+
+    def __str__(self) -> str:
+        return f"{self.variable} is not set"
+
+
+def protect(text: str) -> tuple[str, list[tuple[str | None, str | None]]]:
+    """Replace every reference by a token YAML reads as a plain word."""
+    refs: list[tuple[str | None, str | None]] = []
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(0) == "$${":
+            refs.append((None, "${"))
+        else:
+            refs.append((m.group(1), m.group(2)))
+        return f"__chatops_env_{len(refs) - 1}__"
+
+    return _REF.sub(repl, text), refs
+
+
+def resolve(node: Any, refs: list[tuple[str | None, str | None]], env: Mapping[str, str]) -> Any:
+    """Walk the parsed document; tokens become values or `Unset(VAR)`."""
+    if isinstance(node, dict):
+        return {resolve(k, refs, env): resolve(v, refs, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [resolve(v, refs, env) for v in node]
+    if not isinstance(node, str) or "__chatops_env_" not in node:
+        return node
+    missing: list[str] = []
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = refs[int(m.group(1))]
+        if name is None:
+            return default or ""
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        missing.append(name)
+        return ""
+
+    value = _TOKEN.sub(repl, node)
+    return Unset(missing[0]) if missing else value
+
+
+def find_unset(node: Any, path: str = "") -> list[tuple[str, Unset]]:
+    """Every `Unset` in a subtree, with its config path."""
+    found: list[tuple[str, Unset]] = []
+    if isinstance(node, Unset):
+        found.append((path, node))
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            found += find_unset(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += find_unset(v, f"{path}[{i}]")
+    return found

@@ -1,0 +1,134 @@
+"""The composition root for `chatops serve`: wires config, storage and HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from bot.clock import Clock, SystemClock
+from bot.config import Loaded
+from bot.metrics import Metrics
+from storage.audit import AuditLog
+from storage.db import Database
+
+log = logging.getLogger("chatops.server")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Bot:
+    """Everything one running bot owns; built from a validated config."""
+
+    def __init__(self, loaded: Loaded, *, clock: Clock | None = None):
+        self.loaded = loaded
+        self.config = loaded.config
+        self.clock = clock or SystemClock()
+        self.db = Database(self.config.storage.url, schema=self.config.storage.schema_name)
+        self.audit = AuditLog(self.config.audit.hmac_key)
+        self.metrics = Metrics()
+        for name in loaded.adapters:
+            self.metrics.adapter_up.labels(name).set(0)
+
+    def adapter_states(self) -> dict[str, str]:
+        states = {name: f"off ({why})" for name, why in self.loaded.adapters_off.items()}
+        for name in self.loaded.adapters:
+            states[name] = "configured (no delivery in this version)"
+        return dict(sorted(states.items()))
+
+    def web_app(self) -> web.Application:
+        app = web.Application(
+            middlewares=[self._observe],
+            client_max_size=self.config.server.max_body_bytes,
+        )
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_endpoint)
+        return app
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except Exception:
+            log.exception("unhandled error answering %s %s", request.method, request.path)
+            return web.json_response({"error": "internal error; the details are in the bot's log"}, status=500)
+        finally:
+            self.metrics.http_requests.labels(route, str(status)).inc()
+            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        try:
+            await asyncio.wait_for(self.db.ping(), timeout=2)
+            database = "ok"
+        except Exception as exc:  # any failure to reach it means not ready
+            database = f"unreachable: {exc.__class__.__name__}: {exc}"[:300]
+        self.metrics.db_up.set(1 if database == "ok" else 0)
+        body = {"status": "ok" if database == "ok" else "unavailable", "database": database,
+                "adapters": self.adapter_states()}
+        return web.json_response(body, status=200 if database == "ok" else 503)
+
+    async def metrics_endpoint(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
+
+
+def log_startup(loaded: Loaded, bot: Bot) -> None:
+    for warning in loaded.warnings:
+        log.warning("%s", warning)
+    for name, state in bot.adapter_states().items():
+        log.info("%s: %s", name, state)
+    for source in loaded.config.sources:
+        why = loaded.sources_off.get(source.id)
+        log.info("source %s (%s): %s", source.id, source.kind, f"off ({why})" if why else "on")
+    log.info("storage: %s", bot.db.safe_url)
+
+
+async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
+    """Run until SIGTERM or Ctrl-C; then stop accepting, finish in-flight work, close the store."""
+    bot = Bot(loaded, clock=clock)
+    log_startup(loaded, bot)
+    server = loaded.config.server
+    try:
+        await bot.db.start()
+    except Exception as exc:
+        log.error("cannot open the database at %s: %s", bot.db.safe_url, exc)
+        await bot.db.dispose()
+        return 1
+    runner = web.AppRunner(bot.web_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, server.host, server.port, shutdown_timeout=10)
+    try:
+        await site.start()
+    except OSError as exc:
+        hint = " (is another chatops running? change server.port)" if exc.errno == errno.EADDRINUSE else ""
+        log.error("cannot listen on %s:%s: %s%s", server.host, server.port, exc.strerror, hint)
+        await runner.cleanup()
+        await bot.db.dispose()
+        return 1
+    log.info("listening on http://%s:%s (public URL %s)", server.host, server.port, server.public_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: no new requests, finishing those in flight")
+    await runner.cleanup()
+    await bot.db.dispose()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,139 @@
+"""The async engine: SQLite (one replica) or PostgreSQL (several), same models.
+
+SQLite connections get WAL, synchronous=NORMAL, busy_timeout and foreign keys,
+and every transaction starts with BEGIN IMMEDIATE so writers queue on the
+database lock instead of failing half-way. Tables are created or upgraded at
+start; a schema newer than this code is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlmodel import SQLModel, select
+
+from storage.models import AuditHead, SchemaVersion
+
+log = logging.getLogger("chatops.storage")
+
+SCHEMA_VERSION = 1
+# version -> statements that bring the previous version up to it (tables that
+# are new in a version are created by create_all; this is for changed ones).
+MIGRATIONS: dict[int, list[str]] = {}
+_PG_INIT_LOCK = 727_001  # advisory lock id: one process initialises the schema at a time
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+class SchemaTooNew(RuntimeError):
+    pass
+
+
+class Database:
+    def __init__(self, url: str, *, schema: str | None = None, echo: bool = False):
+        self.url = url
+        self.schema = schema
+        self.dialect = make_url(url).get_backend_name()
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.dialect == "postgresql":
+            kwargs["pool_size"] = 10
+            kwargs["max_overflow"] = 20
+            kwargs["pool_pre_ping"] = True
+            if schema:
+                kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
+        elif self.dialect == "sqlite":
+            kwargs["pool_size"] = 5
+            kwargs["max_overflow"] = 10
+            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            _sqlite_hooks(self.engine)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work: commit on success, roll back on any error."""
+        async with self.sessions() as session, session.begin():
+            yield session
+
+    async def start(self) -> None:
+        """Create or upgrade the tables; refuse a schema newer than this code."""
+        async with self.engine.connect() as conn:
+            if self.is_postgres:
+                if self.schema:
+                    await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+                    await conn.commit()
+                await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_INIT_LOCK})
+            try:
+                await self._create_or_upgrade(conn)
+            finally:
+                if self.is_postgres:
+                    await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_INIT_LOCK})
+                    await conn.commit()
+
+    async def _create_or_upgrade(self, conn: AsyncConnection) -> None:
+        await conn.run_sync(SQLModel.metadata.create_all)
+        await conn.commit()
+        row = (await conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1))).first()
+        current = row[0] if row else None
+        if current is None:
+            await conn.execute(SchemaVersion.__table__.insert().values(id=1, version=SCHEMA_VERSION))
+        elif current > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"the database at {self.safe_url} has schema version {current}, but this chatops "
+                f"understands up to version {SCHEMA_VERSION}: upgrade chatops, or point storage.url "
+                "at another database"
+            )
+        elif current < SCHEMA_VERSION:
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                log.info("upgrading the database schema to version %d", version)
+                for statement in MIGRATIONS.get(version, []):
+                    await conn.execute(text(statement))
+            await conn.execute(
+                SchemaVersion.__table__.update().where(SchemaVersion.id == 1).values(version=SCHEMA_VERSION)
+            )
+        head = (await conn.execute(select(AuditHead.id).where(AuditHead.id == 1))).first()
+        if head is None:
+            await conn.execute(AuditHead.__table__.insert().values(id=1, seq=0, hash=AuditHead.GENESIS))
+        await conn.commit()
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+    @property
+    def safe_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+
+def _sqlite_hooks(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from the driver so BEGIN IMMEDIATE is ours to issue.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=NORMAL",
+            f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
+            "PRAGMA foreign_keys=ON",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+

@@ -1,0 +1,190 @@
+"""The audit chain: tampering of every kind is detected, concurrent appends stay linear."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from bot.cli import main
+from bot.model import Actor
+from storage.audit import AuditLog, Entry
+from storage.db import Database
+from tests.conftest import ROOT, drop_schema, postgres_url
+
+T0 = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+ALICE = Actor("slack", "U01ALICE", "Alice", "alice")
+
+
+async def write_events(db: Database, audit: AuditLog, n: int = 6) -> None:
+    for i in range(1, n + 1):
+        async with db.transaction() as session:
+            await audit.append(session, Entry(
+                "incident.acknowledged", ALICE, "incident", str(i), T0 + timedelta(minutes=i),
+                details={"note": f"event {i}", "n": i}, incident_id=i % 2 + 1,
+            ))
+
+
+async def verify(db: Database, audit: AuditLog):
+    async with db.sessions() as session:
+        return await audit.verify(session)
+
+
+async def sql(db: Database, *statements: str) -> None:
+    async with db.engine.begin() as conn:
+        for statement in statements:
+            await conn.execute(text(statement))
+
+
+async def test_intact_chain_verifies(db: Database) -> None:
+    audit = AuditLog("k3y")
+    await write_events(db, audit)
+    verdict = await verify(db, audit)
+    assert verdict.ok and verdict.checked == 6 and verdict.problem is None
+    # A different key means the events cannot be vouched for.
+    other = await verify(db, AuditLog("not-the-key"))
+    assert not other.ok and "audit event #1" in other.problem
+
+
+async def test_modified_event_is_detected(db: Database) -> None:
+    audit = AuditLog("k3y")
+    await write_events(db, audit)
+    await sql(db, "UPDATE audit_events SET actor_user_id = 'U666MALLORY' WHERE seq = 3")
+    verdict = await verify(db, audit)
+    assert not verdict.ok and verdict.checked == 2
+    assert verdict.problem.startswith("audit event #3 (incident.acknowledged at 2026-11-25T09:03:00+00:00): its hash does not match")
+
+
+async def test_deleted_event_is_detected(db: Database) -> None:
+    audit = AuditLog("k3y")
+    await write_events(db, audit)
+    await sql(db, "DELETE FROM audit_events WHERE seq = 4")
+    verdict = await verify(db, audit)
+    assert not verdict.ok
+    assert verdict.problem.startswith("audit event #5 ") and "expected #4 here; event #4 was deleted" in verdict.problem
+
+
+async def test_deleted_newest_event_is_detected(db: Database) -> None:
+    audit = AuditLog("k3y")
+    await write_events(db, audit)
+    await sql(db, "DELETE FROM audit_events WHERE seq = 6")
+    verdict = await verify(db, audit)
+    assert not verdict.ok and "the chain ends at event #5 but its head says #6" in verdict.problem
+
+
+async def test_inserted_event_is_detected(db: Database) -> None:
+    audit = AuditLog("k3y")
+    await write_events(db, audit)
+    # Make room at #3 and slip in a forged event that links to #2.
+    async with db.sessions() as session:
+        prev = (await session.execute(text("SELECT hash FROM audit_events WHERE seq = 2"))).scalar_one()
+    await sql(db, *[f"UPDATE audit_events SET seq = {s + 1} WHERE seq = {s}" for s in range(6, 2, -1)])
+    await sql(db, "INSERT INTO audit_events (seq, at, actor_platform, actor_user_id, action, subject_type, subject_id, details, prev_hash, hash) "
+                  f"VALUES (3, '2026-11-25 09:02:30', 'slack', 'U01ALICE', 'incident.resolved', 'incident', '1', '{{}}', '{prev}', '{'ab' * 32}')")
+    verdict = await verify(db, audit)
+    assert not verdict.ok and verdict.problem.startswith("audit event #3 (incident.resolved")
+
+
+async def test_reordered_events_are_detected(db: Database) -> None:
+    audit = AuditLog("k3y")
+    await write_events(db, audit)
+    await sql(db, "UPDATE audit_events SET seq = 100 WHERE seq = 3",
+              "UPDATE audit_events SET seq = 3 WHERE seq = 4",
+              "UPDATE audit_events SET seq = 4 WHERE seq = 100")
+    verdict = await verify(db, audit)
+    assert not verdict.ok
+    assert verdict.problem.startswith("audit event #3 ") and "does not link to the event before it" in verdict.problem
+
+
+async def test_200_concurrent_appends_give_one_linear_chain(db: Database) -> None:
+    audit = AuditLog("k3y")
+
+    async def one(i: int) -> None:
+        async with db.transaction() as session:
+            await audit.append(session, Entry("alert.received", Actor.source("am"), "alert", str(i), T0))
+
+    await asyncio.gather(*(one(i) for i in range(200)))
+    verdict = await verify(db, audit)
+    assert verdict.ok and verdict.checked == 200
+    async with db.sessions() as session:
+        subjects = {row[0] for row in await session.execute(text("SELECT subject_id FROM audit_events"))}
+    assert subjects == {str(i) for i in range(200)}
+
+
+async def test_rolled_back_transaction_leaves_no_event(db: Database) -> None:
+    audit = AuditLog("k3y")
+    with pytest.raises(RuntimeError):
+        async with db.transaction() as session:
+            await audit.append(session, Entry("incident.opened", Actor.system(), "incident", "1", T0))
+            raise RuntimeError("the state change failed")
+    await write_events(db, audit, 2)
+    verdict = await verify(db, audit)
+    assert verdict.ok and verdict.checked == 2
+
+
+async def test_two_processes_on_one_postgres_give_one_linear_chain(pg_schema: str) -> None:
+    url = postgres_url()
+    db = Database(url, schema=pg_schema)
+    await db.start()
+    try:
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "tests.audit_writer", url, pg_schema, name, "100"], cwd=ROOT)
+            for name in ("proc-a", "proc-b")
+        ]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+        verdict = await verify(db, AuditLog("shared-key"))
+        assert verdict.ok and verdict.checked == 200
+        async with db.sessions() as session:
+            rows = (await session.execute(text("SELECT actor_user_id, count(*) FROM audit_events GROUP BY 1"))).all()
+        assert dict(rows) == {"proc-a": 100, "proc-b": 100}
+    finally:
+        await db.dispose()
+        await drop_schema(url, pg_schema)
+
+
+def _cli_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'cli.db'}'}}\naudit: {{hmac_key: k3y}}\n")
+    return cfg
+
+
+def test_cli_verify_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _cli_config(tmp_path)
+
+    async def setup() -> None:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
+        await db.start()
+        await write_events(db, AuditLog("k3y"))
+        await db.dispose()
+
+    asyncio.run(setup())
+    assert main(["audit", "verify", "-c", str(cfg)]) == 0
+    assert capsys.readouterr().out.startswith("audit chain intact: 6 events, head ")
+
+    assert main(["audit", "export", "-c", str(cfg), "--incident", "2", "--since", "2026-11-25T09:02:00Z"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["seq"] for e in lines] == [3, 5]
+    assert lines[0]["actor"] == {"person": "alice", "platform": "slack", "user_id": "U01ALICE"}
+    assert lines[0]["details"] == {"note": "event 3", "n": 3}
+
+    assert main(["audit", "export", "-c", str(cfg), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 6 and rows[5]["action"] == "incident.acknowledged" and rows[5]["actor_person"] == "alice"
+
+    async def tamper() -> None:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
+        await sql(db, "UPDATE audit_events SET action = 'incident.resolved' WHERE seq = 2")
+        await db.dispose()
+
+    asyncio.run(tamper())
+    assert main(["audit", "verify", "-c", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("audit chain broken after 1 good events: audit event #2 (incident.resolved at")

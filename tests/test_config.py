@@ -1,0 +1,218 @@
+"""app.yaml validation: every broken config gets its exact `path: problem`."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from adapters import SETTINGS_MODELS
+from bot.cli import main
+from bot.config import ConfigError, load_config, parse_config
+from bot.durations import format_duration, parse_duration
+from tests.conftest import ROOT
+
+BASE = """
+people:
+  - {id: alice, name: Alice, roles: [responder], slack: U01ALICE, telegram: 111111}
+  - {id: bob, name: Bob, slack: U02BOB}
+channels:
+  - {id: ops-slack, platform: slack, chat: C0OPS}
+  - {id: ops-telegram, platform: telegram, chat: "-100123"}
+sources:
+  - {id: am, kind: alertmanager, auth: {bearer: secret-token}}
+rotations:
+  - {id: primary, members: [alice, bob], shift: 1w, handoff: "mon 09:00", start: 2026-11-02, timezone: Europe/Berlin}
+escalation_policies:
+  - {id: dba, steps: [{notify: {rotation: primary}, wait: 5m}]}
+runbooks:
+  - {id: restart-nginx, title: Restart nginx, steps: [{run: [systemctl, restart, nginx]}]}
+"""
+ROUTES = """
+routes:
+  - {match: {team: dba}, channels: [ops-slack], escalation: dba}
+  - {match: {}, channels: [ops-slack]}
+"""
+
+
+def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(textwrap.dedent(text), adapter_models=SETTINGS_MODELS, env=env or {})
+    return [f"{p}: {m}" if p else m for p, m in info.value.problems]
+
+
+BROKEN = [
+    (
+        BASE + "routes:\n  - {match: {team: dba}, channels: [ops-slak]}\n  - {match: {}, channels: [ops-slack]}\n",
+        "routes[0].channels[0]: unknown channel 'ops-slak' (known: ops-slack, ops-telegram)",
+    ),
+    (
+        BASE + "routes:\n  - {match: {}, channels: [ops-slack], escalation: nope}\n",
+        "routes[0].escalation: unknown escalation policy 'nope' (known: dba)",
+    ),
+    (
+        BASE + "routes:\n  - {match: {}, channels: [ops-slack], runbooks: [restart-apache]}\n",
+        "routes[0].runbooks[0]: unknown runbook 'restart-apache' (known: restart-nginx)",
+    ),
+    (
+        BASE + "routes:\n  - {match: {team: dba}, channels: [ops-slack]}\n",
+        "routes: the last route must be a catch-all with `match: {}` so no alert goes unrouted",
+    ),
+    (
+        BASE.replace("members: [alice, bob]", "members: [alice, dave]") + ROUTES,
+        "rotations[0].members[1]: unknown person 'dave' (known: alice, bob)",
+    ),
+    (
+        BASE.replace("shift: 1w", "shift: 1 week") + ROUTES,
+        "rotations[0].shift: invalid duration '1 week' (expected e.g. 90s, 5m, 1h30m, 1d, 1w)",
+    ),
+    (
+        BASE.replace('handoff: "mon 09:00"', 'handoff: "mon 9h"') + ROUTES,
+        "rotations[0].handoff: invalid time of day '9h' (expected HH:MM, e.g. 09:00)",
+    ),
+    (
+        BASE.replace('handoff: "mon 09:00"', 'handoff: "someday 09:00"') + ROUTES,
+        "rotations[0].handoff: invalid weekday 'someday' (expected one of: mon, tue, wed, thu, fri, sat, sun)",
+    ),
+    (
+        BASE.replace("timezone: Europe/Berlin", "timezone: Europe/Berlni") + ROUTES,
+        "rotations[0].timezone: unknown time zone 'Europe/Berlni' (expected an IANA name such as Europe/Berlin)",
+    ),
+    (
+        BASE.replace("slack: U02BOB", "slack: bob") + ROUTES,
+        "people[1].slack: malformed value 'bob'",
+    ),
+    (
+        BASE.replace('chat: "-100123"', "chat: general") + ROUTES,
+        "channels[1].chat: malformed telegram chat 'general' (expected a Telegram chat id such as -1001234567890 or @channelname)",
+    ),
+    (
+        BASE.replace("{id: bob, name: Bob", "{id: alice, name: Bob") + ROUTES,
+        "people[1].id: duplicate id 'alice'",
+    ),
+    (
+        BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: ${AM_TOKEN}}").replace("{id: am,", "{id: am, rate_limit: {per_minute: ${RATE}, burst: 5},") + ROUTES,
+        "sources[0].rate_limit.per_minute: environment variable RATE is not set (set it, or write ${RATE:-default})",
+    ),
+    (
+        BASE.replace("kind: alertmanager", "kind: nagios") + ROUTES,
+        "sources[0].kind: 'nagios' is not allowed: input should be 'alertmanager', 'grafana' or 'generic'",
+    ),
+    (
+        BASE.replace("{notify: {rotation: primary}, wait: 5m}", "{notify: {rotation: secondary}, wait: 5m}") + ROUTES,
+        "escalation_policies[0].steps[0].notify.rotation: unknown rotation 'secondary' (known: primary)",
+    ),
+    (
+        BASE.replace("{notify: {rotation: primary}, wait: 5m}", "{notify: {people: [zed]}, wait: 5m}") + ROUTES,
+        "escalation_policies[0].steps[0].notify.people[0]: unknown person 'zed' (known: alice, bob)",
+    ),
+    (
+        BASE + ROUTES + "server: {prot: 8080}\n",
+        "server.prot: unknown key",
+    ),
+    (
+        BASE + ROUTES + "server: {port: 99999}\n",
+        "server.port: input should be less than or equal to 65535",
+    ),
+    (
+        BASE + ROUTES + "storage: {url: 'mysql://localhost/db'}\n",
+        "storage.url: unsupported database URL 'mysql://...' (expected sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db)",
+    ),
+    (
+        BASE + ROUTES + "adapters: {slack: {bot_token: xoxb-1, signing_secret: short}}\n",
+        "adapters.slack.signing_secret: string should have at least 8 characters",
+    ),
+    (
+        BASE + ROUTES + "adapters: {teams: {app_id: ''}}\n",
+        "adapters.teams: app_id is empty, which turns off Bot Framework authentication; set app_id and app_password, or allow_unauthenticated: true for the local emulator only",
+    ),
+    (
+        BASE + ROUTES + "adapters: {discord: {token: x}}\n",
+        "adapters.discord: unknown adapter (known: slack, teams, telegram)",
+    ),
+    (
+        BASE + "routes:\n  - {match: {instance: '=~db[0-9'}, channels: [ops-slack]}\n  - {match: {}, channels: [ops-slack]}\n",
+        "routes[0].match.instance: invalid regular expression 'db[0-9': unterminated character set at position 2",
+    ),
+    (
+        BASE.replace("auth: {bearer: secret-token}", "auth: {}") + ROUTES,
+        "sources[0].auth.bearer: required",
+    ),
+    ("people: [\n", "app.yaml: line 2, column 1: invalid YAML: expected the node content, but found '<stream end>'"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BROKEN, ids=[e.split(":")[0] for _, e in BROKEN])
+def test_broken_config_names_path_and_problem(text: str, expected: str) -> None:
+    assert expected in problems(text)
+
+
+def test_every_problem_is_reported_not_just_the_first() -> None:
+    text = BASE.replace("members: [alice, bob]", "members: [zed]") + (
+        "routes:\n  - {match: {}, channels: [nowhere], escalation: none-such}\n"
+    )
+    assert problems(text) == [
+        "routes[0].channels[0]: unknown channel 'nowhere' (known: ops-slack, ops-telegram)",
+        "routes[0].escalation: unknown escalation policy 'none-such' (known: dba)",
+        "rotations[0].members[0]: unknown person 'zed' (known: alice, bob)",
+    ]
+
+
+def test_env_substitution_with_defaults_and_flow_style() -> None:
+    text = BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: ${AM_TOKEN}}") + ROUTES + (
+        "server: {port: ${PORT:-9090}, public_url: 'https://${HOST}/x'}\naudit: {hmac_key: '$${literal}'}\n"
+    )
+    loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env={"AM_TOKEN": "tok-12345678", "HOST": "bot.example"})
+    assert loaded.config.server.port == 9090
+    assert loaded.config.server.public_url == "https://bot.example/x"
+    assert loaded.config.sources[0].auth.bearer == "tok-12345678"
+    assert loaded.config.audit.hmac_key == "${literal}"
+
+
+def test_unset_secrets_switch_features_off_with_the_variable_named() -> None:
+    loaded = load_config(ROOT / "app.yaml", adapter_models=SETTINGS_MODELS, env={})
+    assert loaded.adapters == {}
+    assert loaded.adapters_off == {
+        "slack": "SLACK_BOT_TOKEN is not set",
+        "telegram": "TELEGRAM_BOT_TOKEN is not set",
+        "teams": "TEAMS_APP_ID is not set",
+    }
+    assert loaded.sources_off["alertmanager"] == "AM_TOKEN is not set"
+    assert loaded.config.audit.hmac_key is None
+    env = {"SLACK_BOT_TOKEN": "xoxb-123", "SLACK_SIGNING_SECRET": "abcdefgh12345678", "AM_TOKEN": "am-token-123"}
+    loaded = load_config(ROOT / "app.yaml", adapter_models=SETTINGS_MODELS, env=env)
+    assert loaded.adapters["slack"].bot_token == "xoxb-123"
+    assert "alertmanager" not in loaded.sources_off
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("5m", 300), ("1h30m", 5400), ("1d", 86400), ("1w", 604800), ("2w3d", 1468800)]
+)
+def test_durations_round_trip(text: str, seconds: int) -> None:
+    assert parse_duration(text).total_seconds() == seconds
+    assert parse_duration(format_duration(parse_duration(text))) == parse_duration(text)
+    assert format_duration(parse_duration("90s")) == "1m30s"
+
+
+@pytest.mark.parametrize("text", ["", "5", "m", "1.5h", "5 m", "-5m", "1m1h"])
+def test_bad_durations_are_rejected(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CHATOPS_CONFIG", raising=False)
+    assert main(["check-config", "-c", str(ROOT / "app.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{ROOT / 'app.yaml'}: valid: 3 people, 2 channels, 3 sources, 2 routes")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE + "routes:\n  - {match: {}, channels: [ops-slak]}\n")
+    monkeypatch.setenv("CHATOPS_CONFIG", str(bad))  # -c defaults to $CHATOPS_CONFIG
+    assert main(["check-config"]) == 2
+    assert capsys.readouterr().out == (
+        "routes[0].channels[0]: unknown channel 'ops-slak' (known: ops-slack, ops-telegram)\n"
+    )
+    assert main(["check-config", "-c", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: file not found (pass -c PATH or set CHATOPS_CONFIG)" in capsys.readouterr().out

@@ -1,0 +1,107 @@
+"""`chatops serve` as a user runs it: a real process on the example config."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from storage.db import SCHEMA_VERSION, Database
+from tests.conftest import ROOT, free_port
+
+CHATOPS = str(Path(sys.executable).with_name("chatops"))
+
+
+def start_bot(workdir: Path, port: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "TELEGRAM_", "TEAMS_", "CHATOPS_"))}
+    env.update({"CHATOPS_PORT": str(port), **(extra_env or {})})
+    return subprocess.Popen([CHATOPS, "serve"], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 20) -> tuple[int, dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"bot exited early with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return resp.status, json.loads(resp.read())
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout}s")
+
+
+def test_serve_starts_on_the_example_config_and_stops_cleanly(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
+    port = free_port()
+    proc = start_bot(tmp_path, port)
+    try:
+        assert wait_http(f"http://127.0.0.1:{port}/healthz", proc) == (200, {"status": "ok"})
+        status, ready = wait_http(f"http://127.0.0.1:{port}/readyz", proc)
+        assert status == 200 and ready["database"] == "ok"
+        assert ready["adapters"]["slack"] == "off (SLACK_BOT_TOKEN is not set)"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+            assert 'chatops_http_requests_total{route="/healthz",status="200"} 1.0' in resp.read().decode()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert "slack: off (SLACK_BOT_TOKEN is not set)" in log
+    assert "telegram: off (TELEGRAM_BOT_TOKEN is not set)" in log
+    assert "audit: no hmac_key" in log
+    assert "stopped" in log
+    assert (tmp_path / "chatops.db").exists()
+
+
+def test_json_log_format(tmp_path: Path) -> None:
+    shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATOPS_")}
+    proc = subprocess.Popen([CHATOPS, "serve", "--log-format", "json"], cwd=tmp_path, text=True,
+                            env={**env, "CHATOPS_PORT": str(port)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    records = [json.loads(line) for line in proc.stdout.read().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    assert any(r["message"] == "slack: off (SLACK_BOT_TOKEN is not set)" for r in records)
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+    db = Database(url)
+    await db.start()
+    async with db.engine.begin() as conn:
+        await conn.execute(text("UPDATE schema_version SET version = :v"), {"v": SCHEMA_VERSION + 1})
+    await db.dispose()
+    (tmp_path / "app.yaml").write_text(f"storage: {{url: '{url}'}}\n")
+    result = subprocess.run([CHATOPS, "audit", "verify", "-c", str(tmp_path / "app.yaml")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"has schema version {SCHEMA_VERSION + 1}, but this chatops understands up to version {SCHEMA_VERSION}" in result.stderr
+
+
+def test_serve_with_a_broken_config_names_the_problem(tmp_path: Path) -> None:
+    (tmp_path / "app.yaml").write_text("server: {port: eighty}\n")
+    result = subprocess.run([CHATOPS, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                            env={k: v for k, v in os.environ.items() if k != "CHATOPS_CONFIG"})
+    assert result.returncode == 2
+    assert "server.port: input should be a valid integer, unable to parse string as an integer" in result.stderr
