@@ -14,8 +14,12 @@ from typing import Any, TextIO
 from adapters import SETTINGS_MODELS
 from bot import logs
 from bot.config import ConfigError, Loaded, config_path, load_config
+from bot.incidents import STATUSES, priority
+from bot.tables import ago, table
+from storage import queries
 from storage.audit import AuditLog
 from storage.db import Database, SchemaTooNew
+from storage.models import Incident
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -106,6 +110,81 @@ def cmd_audit_export(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(_with_db(loaded, work))
 
 
+def _incident_json(inc: Incident, prio: int) -> dict[str, Any]:
+    return {
+        "id": inc.id, "status": inc.status, "severity": inc.severity, "priority": prio, "title": inc.title,
+        "alert_count": inc.alert_count, "firing": inc.firing_count, "sources": inc.sources, "channels": inc.channels,
+        "silenced": inc.silenced, "opened_at": inc.opened_at.isoformat(), "last_seen": inc.last_seen.isoformat(),
+        "acknowledged_by": inc.acknowledged_by, "resolved_at": inc.resolved_at.isoformat() if inc.resolved_at else None,
+        "resolved_by": inc.resolved_by, "previous_id": inc.previous_id, "labels": inc.labels, "links": inc.links,
+    }
+
+
+def _current_priority(inc: Incident, now: datetime) -> int:
+    return priority(severity=inc.severity, duplicates=inc.notifications - 1, source_count=len(inc.sources),
+                    critical_asset=inc.critical_asset, opened_at=inc.opened_at, now=now)
+
+
+def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
+    loaded = _load(args)
+
+    async def work(db: Database) -> int:
+        now = datetime.now(UTC)
+        async with db.sessions() as session:
+            incidents = await queries.list_incidents(session, status=args.status, limit=args.limit)
+        ranked = sorted(((_current_priority(i, now), i) for i in incidents), key=lambda p: (-p[0], -(p[1].id or 0)))
+        if args.format == "json":
+            out.write(json.dumps([_incident_json(i, p) for p, i in ranked], indent=2) + "\n")
+            return EXIT_OK
+        if not ranked:
+            print(f"no incidents{' with status ' + args.status if args.status else ''}", file=out)
+            return EXIT_OK
+        rows = [(f"#{i.id}", i.status + (" (silenced)" if i.silenced else ""), i.severity, p, i.title,
+                 i.alert_count, ",".join(i.sources), ago(now - i.opened_at)) for p, i in ranked]
+        print(table(["ID", "STATUS", "SEVERITY", "PRIO", "TITLE", "ALERTS", "SOURCES", "OPENED"], rows), file=out)
+        return EXIT_OK
+
+    return asyncio.run(_with_db(loaded, work))
+
+
+def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
+    loaded = _load(args)
+
+    async def work(db: Database) -> int:
+        now = datetime.now(UTC)
+        async with db.sessions() as session:
+            inc = await queries.get_incident(session, args.id)
+            if inc is None:
+                print(f"no incident #{args.id}; `chatops incidents list` shows the ones there are", file=sys.stderr)
+                return EXIT_FAILED
+            alerts = await queries.incident_alerts(session, args.id)
+            timeline = await queries.incident_timeline(session, args.id)
+        p = _current_priority(inc, now)
+        print(f"#{inc.id} {inc.title}", file=out)
+        facts = [("status", inc.status + (" (silenced)" if inc.silenced else "")), ("severity", inc.severity),
+                 ("priority", p), ("opened", f"{inc.opened_at.isoformat()} ({ago(now - inc.opened_at)})"),
+                 ("alerts", f"{inc.alert_count} ({inc.firing_count} firing) from {', '.join(inc.sources)}"),
+                 ("channels", ", ".join(inc.channels) or "none"), ("escalation", inc.escalation or "none")]
+        if inc.acknowledged_by:
+            facts.append(("acknowledged", f"by {inc.acknowledged_by} at {inc.acknowledged_at.isoformat()}"))
+        if inc.resolved_at:
+            facts.append(("resolved", f"by {inc.resolved_by} at {inc.resolved_at.isoformat()}"))
+        if inc.previous_id:
+            facts.append(("follows", f"#{inc.previous_id}"))
+        facts += [(f"link: {k}", v) for k, v in inc.links.items()]
+        for key, value in facts:
+            print(f"  {key + ':':<14}{value}", file=out)
+        print("\nAlerts", file=out)
+        print(table(["SOURCE", "FINGERPRINT", "STATUS", "SEVERITY", "SUMMARY", "RECEIVED"],
+                    [(a.source, a.fingerprint, a.status, a.severity, a.summary, a.received_count) for a in alerts]), file=out)
+        print("\nTimeline", file=out)
+        print(table(["AT", "ACTION", "BY"], [(e.at.isoformat(timespec="seconds"), e.action,
+                    e.actor_person or f"{e.actor_platform}:{e.actor_user_id}") for e in timeline]), file=out)
+        return EXIT_OK
+
+    return asyncio.run(_with_db(loaded, work))
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", help="path to app.yaml (default: $CHATOPS_CONFIG, then ./app.yaml)")
@@ -122,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--since", type=_iso, help="only events at or after this ISO 8601 time")
     export.add_argument("--incident", type=int, help="only events about this incident id")
     export.set_defaults(func=cmd_audit_export)
+    incidents = sub.add_parser("incidents", help="list or show incidents").add_subparsers(dest="incidents", required=True, metavar="ACTION")
+    listing = incidents.add_parser("list", parents=[common], help="a table of incidents, highest priority first")
+    listing.add_argument("--status", choices=STATUSES)
+    listing.add_argument("--format", choices=["table", "json"], default="table")
+    listing.add_argument("--limit", type=int, default=200)
+    listing.set_defaults(func=cmd_incidents_list)
+    show = incidents.add_parser("show", parents=[common], help="one incident with its alerts and timeline")
+    show.add_argument("id", type=int)
+    show.set_defaults(func=cmd_incidents_show)
     return parser
 
 

@@ -10,13 +10,13 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, time, timedelta
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bot import envsubst
 from bot.durations import parse_clock, parse_duration, parse_weekday
@@ -136,6 +136,8 @@ class RateLimit(Section):
 
 
 class Source(Section):
+    """An alert sender; `dedup_key` is `groupKey` (the sender's own grouping) or a label name."""
+
     id: Ident
     kind: Literal["alertmanager", "grafana", "generic"]
     auth: Literal["none"] | BearerAuth | HmacAuth
@@ -224,6 +226,41 @@ class Runbook(Section):
     steps: list[RunbookStep] = Field(min_length=1)
 
 
+class WeeklyWindow(Section):
+    days: list[Weekday] = Field(min_length=1)
+    start: ClockTime
+    end: ClockTime
+    timezone: TimeZone | None = None
+
+
+class Silence(Section):
+    """A maintenance window: matching alerts are recorded but page nobody."""
+
+    id: Ident | None = None
+    matchers: dict[str, str] = Field(min_length=1)
+    starts: datetime | None = None
+    ends: datetime | None = None
+    weekly: WeeklyWindow | None = None
+    comment: str = ""
+
+    @field_validator("starts", "ends")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.utcoffset() is None:
+            raise ValueError("give the time with a UTC offset, e.g. 2026-11-25T22:00:00+01:00")
+        return v
+
+    @model_validator(mode="after")
+    def _window(self) -> "Silence":
+        if self.weekly is None and self.starts is None and self.ends is None:
+            raise ValueError("give starts/ends or a weekly window")
+        if self.weekly is not None and (self.starts or self.ends):
+            raise ValueError("give either starts/ends or a weekly window, not both")
+        if self.starts and self.ends and self.ends <= self.starts:
+            raise ValueError("ends must be after starts")
+        return self
+
+
 class Config(Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -239,6 +276,8 @@ class Config(Section):
     rotations: list[Rotation] = []
     escalation_policies: list[EscalationPolicy] = []
     runbooks: list[Runbook] = []
+    silences: list[Silence] = []
+    critical_assets: list[str] = []
 
 
 @dataclass
@@ -422,6 +461,11 @@ def cross_check(c: Config) -> list[tuple[str, str]]:
             problem = match_value_problem(value)
             if problem:
                 problems.append((f"routes[{i}].match.{key}", problem))
+    for i, silence in enumerate(c.silences):
+        for key, value in silence.matchers.items():
+            problem = match_value_problem(value)
+            if problem:
+                problems.append((f"silences[{i}].matchers.{key}", problem))
     if not c.routes or c.routes[-1].match:
         problems.append(("routes", "the last route must be a catch-all with `match: {}` so no alert goes unrouted"))
     for i, rot in enumerate(c.rotations):

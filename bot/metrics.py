@@ -22,5 +22,21 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
 
+        self.alerts_received = Counter(
+            "chatops_alerts_received", "Alerts accepted, by source and status", ["source", "status"], registry=r
+        )
+        self.alert_rejected = Counter(
+            "chatops_alert_rejected", "Alert webhook requests refused, by source and reason", ["source", "reason"],
+            registry=r,
+        )
+        self.incidents_open = Gauge(
+            "chatops_incidents_open", "Incidents not resolved, by severity (read from the store at scrape time)",
+            ["severity"], registry=r,
+        )
+        self.intake_seconds = Histogram(
+            "chatops_intake_seconds", "From request received to committed answer, alert webhooks", ["source"],
+            registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

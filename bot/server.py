@@ -14,8 +14,11 @@ from aiohttp import web
 from bot.clock import Clock, SystemClock
 from bot.config import Loaded
 from bot.metrics import Metrics
+from handlers.alert_http import AlertEndpoint
+from handlers.intake import Intake
 from storage.audit import AuditLog
 from storage.db import Database
+from storage.queries import open_incidents_by_severity
 
 log = logging.getLogger("chatops.server")
 
@@ -34,6 +37,17 @@ class Bot:
         self.metrics = Metrics()
         for name in loaded.adapters:
             self.metrics.adapter_up.labels(name).set(0)
+        self.intake = Intake(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics)
+        self.alerts = AlertEndpoint(loaded=loaded, intake=self.intake, clock=self.clock, metrics=self.metrics)
+
+    async def start(self) -> None:
+        """Open the store and start the background workers."""
+        await self.db.start()
+        self.intake.start()
+
+    async def stop(self) -> None:
+        await self.intake.stop()
+        await self.db.dispose()
 
     def adapter_states(self) -> dict[str, str]:
         states = {name: f"off ({why})" for name, why in self.loaded.adapters_off.items()}
@@ -49,6 +63,7 @@ class Bot:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_endpoint)
+        app.router.add_post("/alerts/{source}", self.alerts.handle)
         return app
 
     @web.middleware
@@ -85,6 +100,13 @@ class Bot:
         return web.json_response(body, status=200 if database == "ok" else 503)
 
     async def metrics_endpoint(self, _request: web.Request) -> web.Response:
+        try:
+            async with self.db.sessions() as session:
+                counts = await open_incidents_by_severity(session)
+            for severity in ("critical", "high", "medium", "low", "info"):
+                self.metrics.incidents_open.labels(severity).set(counts.get(severity, 0))
+        except Exception as exc:  # metrics still answer when the store does not
+            log.warning("metrics: cannot count open incidents: %s", exc)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
 
@@ -105,10 +127,10 @@ async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
     log_startup(loaded, bot)
     server = loaded.config.server
     try:
-        await bot.db.start()
+        await bot.start()
     except Exception as exc:
         log.error("cannot open the database at %s: %s", bot.db.safe_url, exc)
-        await bot.db.dispose()
+        await bot.stop()
         return 1
     runner = web.AppRunner(bot.web_app(), access_log=None, handle_signals=False)
     await runner.setup()
@@ -119,7 +141,7 @@ async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
         hint = " (is another chatops running? change server.port)" if exc.errno == errno.EADDRINUSE else ""
         log.error("cannot listen on %s:%s: %s%s", server.host, server.port, exc.strerror, hint)
         await runner.cleanup()
-        await bot.db.dispose()
+        await bot.stop()
         return 1
     log.info("listening on http://%s:%s (public URL %s)", server.host, server.port, server.public_url)
     stop = asyncio.Event()
@@ -129,6 +151,6 @@ async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
     await stop.wait()
     log.info("shutting down: no new requests, finishing those in flight")
     await runner.cleanup()
-    await bot.db.dispose()
+    await bot.stop()
     log.info("stopped")
     return 0

@@ -57,3 +57,90 @@ class AuditHead(SQLModel, table=True):
     id: int = Field(primary_key=True)
     seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     hash: str
+
+
+class Incident(SQLModel, table=True):
+    """An incident: alerts that share a group key. Platform-neutral by design."""
+
+    __tablename__ = "incidents"
+    __table_args__ = (Index("ix_incidents_key_status", "group_key", "status"), Index("ix_incidents_status", "status"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    group_key: str
+    title: str
+    status: str = "triggered"
+    severity: str
+    priority: int = 0
+    labels: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    links: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    sources: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    channels: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    escalation: str | None = None
+    runbooks: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    alert_count: int = 0
+    firing_count: int = 0
+    notifications: int = 0
+    critical_asset: bool = False
+    silenced: bool = False
+    opened_at: datetime
+    first_seen: datetime
+    last_seen: datetime
+    acknowledged_at: datetime | None = None
+    acknowledged_by: str | None = None
+    resolved_at: datetime | None = None
+    resolved_by: str | None = None
+    previous_id: int | None = None
+
+
+class AlertRecord(SQLModel, table=True):
+    """One alert (source + fingerprint) within one incident."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (Index("ix_alerts_identity", "source", "fingerprint", "incident_id", unique=True),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    incident_id: int = Field(foreign_key="incidents.id")
+    source: str
+    fingerprint: str
+    status: str
+    severity: str
+    summary: str
+    labels: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    annotations: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    links: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    first_received: datetime
+    last_received: datetime
+    received_count: int = 1
+
+
+class OutboxItem(SQLModel, table=True):
+    """A chat delivery queued in the transaction of the change that implies it."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "status", "due_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime
+    due_at: datetime
+    incident_id: int | None = Field(default=None, foreign_key="incidents.id")
+    channel: str
+    kind: str  # post (the incident's parent message) | update (re-draw it) | reply (a thread line)
+    event: str
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = "pending"
+    attempts: int = 0
+    last_error: str | None = None
+
+
+class Delivery(SQLModel, table=True):
+    """A webhook delivery id seen from a source, with the answer it got (idempotency)."""
+
+    __tablename__ = "deliveries"
+
+    source: str = Field(primary_key=True)
+    delivery_id: str = Field(primary_key=True)
+    received_at: datetime = Field(index=True)
+    status_code: int
+    response: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

@@ -1,0 +1,254 @@
+"""Alert payloads (Alertmanager, Grafana, generic JSON) -> neutral alerts.
+
+Parsers are pure: they take the decoded JSON and return `Alert`s, or raise
+`ShapeError` naming the field that is wrong (the HTTP layer answers 422).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+SEVERITIES = ("critical", "high", "medium", "low", "info")
+_SEVERITY_WORDS = {
+    "critical": ("critical", "crit", "fatal", "emergency", "emerg", "alert", "disaster", "page", "p1", "sev1", "sev-1"),
+    "high": ("high", "error", "err", "major", "p2", "sev2", "sev-2"),
+    "medium": ("medium", "warning", "warn", "average", "moderate", "p3", "sev3", "sev-3"),
+    "low": ("low", "minor", "p4", "sev4", "sev-4"),
+    "info": ("info", "informational", "information", "notice", "debug", "ok", "none", "not classified", "p5", "sev5"),
+}
+_SEVERITY = {word: level for level, words in _SEVERITY_WORDS.items() for word in words}
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+class ShapeError(ValueError):
+    """The payload parsed as JSON but is not the shape this source sends."""
+
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+@dataclass
+class Alert:
+    source: str
+    fingerprint: str
+    status: str  # firing | resolved
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    severity: str
+    summary: str
+    starts_at: datetime | None = None
+    ends_at: datetime | None = None
+    links: dict[str, str] = field(default_factory=dict)
+    group_key: str | None = None  # the sender's own grouping (Alertmanager/Grafana groupKey)
+    dedup_key: str | None = None  # an explicit deduplication key sent with the alert (generic)
+
+    @property
+    def asset(self) -> str:
+        return self.labels.get("instance") or self.labels.get("asset") or self.labels.get("host", "")
+
+
+def normalize_severity(value: Any, default: str = "medium") -> str:
+    if value is None or value == "":
+        return default
+    return _SEVERITY.get(str(value).strip().lower(), default)
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ShapeError(where, f"expected an object, got {_kind(value)}")
+    return value
+
+
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    out = {}
+    for k, v in _obj(value, where).items():
+        if isinstance(v, (dict, list)):
+            raise ShapeError(f"{where}.{k}", f"expected a string, got {_kind(v)}")
+        out[str(k)] = "" if v is None else str(v)
+    return out
+
+
+def _text(obj: dict[str, Any], key: str, where: str, *, required: bool = False, default: str = "") -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise ShapeError(f"{where}.{key}" if where else key, "required")
+        return default
+    if isinstance(value, (dict, list, bool)):
+        raise ShapeError(f"{where}.{key}" if where else key, f"expected a string, got {_kind(value)}")
+    return str(value)
+
+
+def _time(obj: dict[str, Any], key: str, where: str) -> datetime | None:
+    raw = obj.get(key)
+    if raw in (None, "") or (isinstance(raw, str) and raw.startswith("0001-01-01")):
+        return None
+    if not isinstance(raw, str):
+        raise ShapeError(f"{where}.{key}", f"expected an RFC 3339 time, got {_kind(raw)}")
+    try:
+        parsed = datetime.fromisoformat(_FRACTION.sub(r"\1", raw.replace("Z", "+00:00")))
+    except ValueError:
+        raise ShapeError(f"{where}.{key}", f"not an RFC 3339 time: {raw[:40]!r}") from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _status(obj: dict[str, Any], where: str, default: str | None = None) -> str:
+    raw = obj.get("status", default)
+    value = str(raw).lower() if isinstance(raw, str) else raw
+    if value in ("firing", "alerting", "triggered", "problem", "open"):
+        return "firing"
+    if value in ("resolved", "ok", "recovered", "closed"):
+        return "resolved"
+    raise ShapeError(f"{where}.status" if where else "status", f"expected 'firing' or 'resolved', got {raw!r}")
+
+
+def _alerts_list(payload: dict[str, Any]) -> list[Any]:
+    alerts = payload.get("alerts")
+    if alerts is None:
+        raise ShapeError("alerts", "required")
+    if not isinstance(alerts, list):
+        raise ShapeError("alerts", f"expected a list, got {_kind(alerts)}")
+    return alerts
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def parse_alertmanager(payload: Any, source: str) -> list[Alert]:
+    """Alertmanager webhook, `version: "4"`."""
+    payload = _obj(payload, "body")
+    version = payload.get("version")
+    if version is not None and str(version) != "4":
+        raise ShapeError("version", f"unsupported Alertmanager webhook version {version!r} (expected \"4\")")
+    group_key = _text(payload, "groupKey", "") or None
+    external = _text(payload, "externalURL", "")
+    out = []
+    for i, raw in enumerate(_alerts_list(payload)):
+        where = f"alerts[{i}]"
+        a = _obj(raw, where)
+        labels = _str_map(a.get("labels"), f"{where}.labels")
+        if not labels:
+            raise ShapeError(f"{where}.labels", "required: an alert without labels cannot be grouped")
+        annotations = _str_map(a.get("annotations"), f"{where}.annotations")
+        links = {"generator": _text(a, "generatorURL", where), "runbook": annotations.get("runbook_url", ""),
+                 "dashboard": annotations.get("dashboard_url", ""), "alertmanager": external}
+        out.append(Alert(
+            source=source,
+            fingerprint=_text(a, "fingerprint", where) or _fingerprint(labels),
+            status=_status(a, where),
+            labels=labels,
+            annotations=annotations,
+            severity=normalize_severity(labels.get("severity")),
+            summary=annotations.get("summary") or annotations.get("description") or labels.get("alertname", "alert"),
+            starts_at=_time(a, "startsAt", where),
+            ends_at=_time(a, "endsAt", where),
+            links={k: v for k, v in links.items() if v},
+            group_key=group_key,
+        ))
+    return out
+
+
+def parse_grafana(payload: Any, source: str) -> list[Alert]:
+    """Grafana unified alerting webhook, `version: "1"`."""
+    payload = _obj(payload, "body")
+    version = payload.get("version")
+    if version is not None and str(version) != "1":
+        raise ShapeError("version", f"unsupported Grafana webhook version {version!r} (expected \"1\")")
+    group_key = _text(payload, "groupKey", "") or None
+    out = []
+    for i, raw in enumerate(_alerts_list(payload)):
+        where = f"alerts[{i}]"
+        a = _obj(raw, where)
+        labels = _str_map(a.get("labels"), f"{where}.labels")
+        annotations = _str_map(a.get("annotations"), f"{where}.annotations")
+        if a.get("valueString"):
+            annotations.setdefault("value", _text(a, "valueString", where))
+        links = {"generator": _text(a, "generatorURL", where), "dashboard": _text(a, "dashboardURL", where),
+                 "panel": _text(a, "panelURL", where), "silence": _text(a, "silenceURL", where),
+                 "runbook": annotations.get("runbook_url", "")}
+        out.append(Alert(
+            source=source,
+            fingerprint=_text(a, "fingerprint", where) or _fingerprint(labels),
+            status=_status(a, where),
+            labels=labels,
+            annotations=annotations,
+            severity=normalize_severity(labels.get("severity")),
+            summary=annotations.get("summary") or labels.get("alertname") or _text(payload, "title", "") or "alert",
+            starts_at=_time(a, "startsAt", where),
+            ends_at=_time(a, "endsAt", where),
+            links={k: v for k, v in links.items() if v},
+            group_key=group_key,
+        ))
+    return out
+
+
+_GENERIC_KEYS = {"asset_name", "signature", "severity", "message", "tool_source", "status", "labels",
+                 "dedup_key", "links", "annotations", "timestamp"}
+
+
+def parse_generic(payload: Any, source: str) -> list[Alert]:
+    """`{asset_name, signature, severity, message, tool_source, status?, labels?, dedup_key?}`, one or a list."""
+    items = payload if isinstance(payload, list) else [payload]
+    if not items:
+        raise ShapeError("body", "expected an alert object or a non-empty list of them")
+    out = []
+    for i, raw in enumerate(items):
+        where = f"[{i}]" if isinstance(payload, list) else ""
+        a = _obj(raw, where or "body")
+        unknown = sorted(set(a) - _GENERIC_KEYS)
+        if unknown:
+            raise ShapeError(f"{where}.{unknown[0]}" if where else unknown[0],
+                             f"unknown field (expected: {', '.join(sorted(_GENERIC_KEYS))})")
+        asset = _text(a, "asset_name", where, required=True)
+        signature = _text(a, "signature", where, required=True)
+        message = _text(a, "message", where, required=True)
+        tool = _text(a, "tool_source", where, required=True)
+        if not asset or not signature:
+            raise ShapeError(f"{where}.{'asset_name' if not asset else 'signature'}" if where else
+                             ("asset_name" if not asset else "signature"), "must not be empty")
+        severity_raw = a.get("severity")
+        if severity_raw is None:
+            raise ShapeError(f"{where}.severity" if where else "severity", "required")
+        severity = normalize_severity(severity_raw, default="")
+        if not severity:
+            raise ShapeError(f"{where}.severity" if where else "severity",
+                             f"unknown severity {severity_raw!r} (expected one of: {', '.join(SEVERITIES)}, or a synonym such as warning, error, P1)")
+        labels = {"alertname": signature, "instance": asset, "tool": tool, **_str_map(a.get("labels"), f"{where}.labels" if where else "labels")}
+        dedup = _text(a, "dedup_key", where) or None
+        out.append(Alert(
+            source=source,
+            fingerprint=dedup or _fingerprint({"asset": asset, "signature": signature, "tool": tool}),
+            status=_status(a, where, default="firing"),
+            labels=labels,
+            annotations={"message": message, **_str_map(a.get("annotations"), f"{where}.annotations" if where else "annotations")},
+            severity=severity,
+            summary=message.splitlines()[0][:300] if message else signature,
+            starts_at=_time(a, "timestamp", where or "body"),
+            links=_str_map(a.get("links"), f"{where}.links" if where else "links"),
+            dedup_key=dedup,
+        ))
+    return out
+
+
+def _fingerprint(labels: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PARSERS: dict[str, Callable[[Any, str], list[Alert]]] = {
+    "alertmanager": parse_alertmanager,
+    "grafana": parse_grafana,
+    "generic": parse_generic,
+}

@@ -1,0 +1,107 @@
+"""`POST /alerts/{source}`: size, auth, rate limit, JSON, shape; then intake. Never a 500 for bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from bot.alerts import PARSERS, ShapeError
+from bot.auth import AuthError, verify
+from bot.clock import Clock
+from bot.config import Loaded
+from bot.metrics import Metrics
+from bot.ratelimit import TokenBucket
+from handlers.intake import Intake
+
+MAX_DELIVERY_ID = 200
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    headers = extra.pop("headers", {})
+    return web.json_response({"error": message, **extra}, status=status, headers=headers)
+
+
+class AlertEndpoint:
+    def __init__(self, *, loaded: Loaded, intake: Intake, clock: Clock, metrics: Metrics):
+        self.config = loaded.config
+        self.sources = {s.id: s for s in loaded.config.sources}
+        self.sources_off = loaded.sources_off
+        self.intake, self.clock, self.metrics = intake, clock, metrics
+        self.buckets = {s.id: TokenBucket(s.rate_limit.per_minute, s.rate_limit.burst)
+                        for s in loaded.config.sources if s.rate_limit}
+
+    def _reject(self, source: str, reason: str, response: web.Response) -> web.Response:
+        self.metrics.alert_rejected.labels(source, reason).inc()
+        return response
+
+    async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        source_id = request.match_info["source"]
+        source = self.sources.get(source_id)
+        if source is None:
+            known = ", ".join(sorted(self.sources)) or "none configured"
+            return self._reject("unknown", "unknown_source",
+                                _error(404, f"unknown alert source {source_id!r} (known: {known}); add it under sources: in app.yaml"))
+        if source_id in self.sources_off:
+            return self._reject(source_id, "source_off", _error(
+                503, f"source {source_id!r} is off: {self.sources_off[source_id]}; set it and restart the bot",
+                headers={"Retry-After": "60"}))
+        limit = source.max_body_bytes or self.config.server.max_body_bytes
+        body = await _read_limited(request, limit)
+        if body is None:
+            return self._reject(source_id, "too_large", _error(413, f"body larger than {limit} bytes"))
+        now = self.clock.now()
+        try:
+            verify(source, request.headers, body, now)
+        except AuthError as exc:
+            headers = {"WWW-Authenticate": 'Bearer realm="chatops"'} if exc.reason.endswith("credentials") else {}
+            return self._reject(source_id, exc.reason, _error(401, str(exc), headers=headers))
+        bucket = self.buckets.get(source_id)
+        if bucket is not None:
+            wait = bucket.take(now.timestamp())
+            if wait:
+                assert source.rate_limit is not None
+                return self._reject(source_id, "rate_limited", _error(
+                    429, f"rate limit of {source.rate_limit.per_minute}/min (burst {source.rate_limit.burst}) exceeded",
+                    headers={"Retry-After": TokenBucket.retry_after_header(wait),
+                             "X-RateLimit-Limit": str(source.rate_limit.per_minute)}))
+        delivery_id = request.headers.get("X-Delivery-ID") or None
+        if delivery_id and len(delivery_id) > MAX_DELIVERY_ID:
+            return self._reject(source_id, "bad_delivery_id",
+                                _error(400, f"X-Delivery-ID is longer than {MAX_DELIVERY_ID} characters"))
+        try:
+            payload = json.loads(body)
+        except UnicodeDecodeError:
+            return self._reject(source_id, "malformed", _error(400, "body is not UTF-8 text"))
+        except json.JSONDecodeError as exc:
+            return self._reject(source_id, "malformed", _error(
+                400, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"))
+        try:
+            alerts = PARSERS[source.kind](payload, source.id)
+        except ShapeError as exc:
+            return self._reject(source_id, "bad_shape", _error(
+                422, f"{exc.field}: {exc.problem} (not a {source.kind} payload?)", field=exc.field))
+        except RecursionError:
+            return self._reject(source_id, "bad_shape", _error(422, "body is nested too deeply"))
+        outcome = await self.intake.submit(source, alerts, delivery_id)
+        headers = {"X-Idempotent-Replay": "true"} if outcome.replayed else {}
+        if outcome.status == 503:
+            headers["Retry-After"] = "5"
+        self.metrics.intake_seconds.labels(source_id).observe(time.perf_counter() - started)
+        return web.json_response(outcome.body, status=outcome.status, headers=headers)
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, or None once it passes `limit` bytes (without reading the rest)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,388 @@
+"""Alert intake: group concurrent submissions into one transaction, answer each after commit.
+
+A request hands its parsed alerts to `Intake.submit` and waits. One writer task
+takes everything queued, applies it in arrival order in a single transaction
+(alerts, incidents, audit events, outbox rows, delivery ids) and commits; only
+then does each request get its answer. If the transaction fails, every
+request in it gets the error (503), and nothing of it was written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, text, tuple_
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import select
+
+from bot.alerts import Alert
+from bot.clock import Clock
+from bot.config import Config, Source
+from bot.incidents import RESOLVED, TRIGGERED, priority, worst
+from bot.metrics import Metrics
+from bot.model import Actor
+from bot.routing import group_key, select_routes, silenced_by
+from storage.audit import AuditLog, Entry
+from storage.db import Database
+from storage.models import AlertRecord, Delivery, Incident, OutboxItem
+
+log = logging.getLogger("chatops.intake")
+IDEMPOTENCY_WINDOW = timedelta(hours=24)
+
+
+@dataclass
+class Outcome:
+    status: int
+    body: dict[str, Any]
+    replayed: bool = False
+
+
+@dataclass
+class Submission:
+    source: Source
+    alerts: list[Alert]
+    delivery_id: str | None
+    future: asyncio.Future[Outcome]
+
+
+@dataclass
+class _Touched:
+    """What one batch did to one incident, to queue its chat work once."""
+
+    incident: Incident
+    opened: bool = False
+    grouped: int = 0
+    resolved_alerts: int = 0
+    resolved: bool = False
+    refired: int = 0
+
+
+@dataclass
+class _Batch:
+    session: AsyncSession
+    now: datetime
+    incidents_by_key: dict[str, Incident]
+    latest_by_identity: dict[tuple[str, str], tuple[AlertRecord, Incident]]
+    previous_by_key: dict[str, int]
+    entries: list[Entry] = field(default_factory=list)
+    touched: dict[int, _Touched] = field(default_factory=dict)
+    new_records: list[tuple[AlertRecord, Incident]] = field(default_factory=list)
+
+    def touch(self, incident: Incident) -> _Touched:
+        if id(incident) not in self.touched:
+            self.touched[id(incident)] = _Touched(incident)
+        return self.touched[id(incident)]
+
+
+class Intake:
+    def __init__(self, *, db: Database, audit: AuditLog, config: Config, clock: Clock, metrics: Metrics,
+                 max_batch: int = 1000):
+        self.db, self.audit, self.config, self.clock, self.metrics = db, audit, config, clock, metrics
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[Submission | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="intake-writer")
+
+    async def stop(self) -> None:
+        """Finish what is queued (every waiting request gets its answer), then stop the writer."""
+        if self._task is None:
+            return
+        await self._queue.put(None)
+        await self._task
+        self._task = None
+
+    async def submit(self, source: Source, alerts: list[Alert], delivery_id: str | None) -> Outcome:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        await self._queue.put(Submission(source, alerts, delivery_id, future))
+        return await future
+
+    async def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            batch = [] if first is None else [first]
+            stopping = first is None
+            while not self._queue.empty() and len(batch) < self.max_batch:
+                item = self._queue.get_nowait()
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
+            if batch:
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[Submission]) -> None:
+        try:
+            outcomes = await self._apply_in_transaction(batch)
+        except Exception as exc:
+            if len(batch) > 1 and not _is_db_unavailable(exc):
+                # Isolate the submission that broke the batch; the others still land.
+                for one in batch:
+                    await self._commit([one])
+                return
+            status = 503 if _is_db_unavailable(exc) else 500
+            if status == 500:
+                log.exception("intake failed for a delivery from %s", batch[0].source.id)
+            else:
+                log.error("intake: the database is unavailable (%s); answering 503 so senders retry", exc)
+            for s in batch:
+                if not s.future.done():
+                    s.future.set_result(Outcome(status, {"error": "the database is unavailable; nothing was stored, retry later"
+                                                         if status == 503 else "internal error; nothing was stored"}))
+            return
+        for s, outcome in zip(batch, outcomes):
+            if not s.future.done():
+                s.future.set_result(outcome)
+
+    async def _apply_in_transaction(self, batch: list[Submission]) -> list[Outcome]:
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            replays = await self._known_deliveries(session, batch, now)
+            fresh = [s for s in batch if (s.source.id, s.delivery_id) not in replays]
+            state = await self._load(session, fresh, now)
+            applied: list[tuple[Submission, list[tuple[str, Incident | None, str]]] | Outcome] = []
+            seen_here: set[tuple[str, str]] = set()
+            for s in batch:
+                key = (s.source.id, s.delivery_id or "")
+                if s.delivery_id and key in replays:
+                    applied.append(replays[key])
+                elif s.delivery_id and key in seen_here:
+                    applied.append(key)  # type: ignore[arg-type]  # a repeat inside this batch
+                else:
+                    seen_here.add(key)
+                    applied.append((s, [self._apply_alert(s.source, a, state) for a in s.alerts]))
+            await session.flush()  # new incidents get their ids
+            for record, incident in state.new_records:
+                record.incident_id = incident.id
+            session.add_all([record for record, _ in state.new_records])
+            self._queue_chat_work(session, state)
+            _assign_incident_ids(state)
+            if state.entries:
+                await self.audit.append_many(session, state.entries)
+            outcomes, first = [], {}
+            for item in applied:
+                if isinstance(item, Outcome):
+                    outcomes.append(item)
+                elif isinstance(item, tuple) and isinstance(item[0], Submission):
+                    s, results = item
+                    body = {"status": "ok", "alerts": len(s.alerts), "results": [
+                        {"fingerprint": fp, "incident": inc.id if inc else None, "change": change}
+                        for fp, inc, change in results]}
+                    outcome = first[(s.source.id, s.delivery_id or "")] = Outcome(200, body)
+                    outcomes.append(outcome)
+                    if s.delivery_id:
+                        session.add(Delivery(source=s.source.id, delivery_id=s.delivery_id, received_at=now,
+                                             status_code=200, response=body))
+                else:
+                    outcomes.append(Outcome(first[item].status, first[item].body, replayed=True))
+        for s in fresh:
+            for alert in s.alerts:
+                self.metrics.alerts_received.labels(s.source.id, alert.status).inc()
+        self.metrics.audit_events.inc(len(state.entries))
+        return outcomes
+
+    async def _known_deliveries(self, session: AsyncSession, batch: Sequence[Submission], now: datetime) -> dict[tuple[str, str], Outcome]:
+        ids = [(s.source.id, s.delivery_id) for s in batch if s.delivery_id]
+        if not ids:
+            return {}
+        rows = (await session.execute(
+            select(Delivery).where(tuple_(Delivery.source, Delivery.delivery_id).in_(ids))
+        )).scalars().all()
+        known = {}
+        for row in rows:
+            if now - row.received_at < IDEMPOTENCY_WINDOW:
+                known[(row.source, row.delivery_id)] = Outcome(row.status_code, row.response, replayed=True)
+            else:
+                await session.delete(row)  # expired: this id may be used again
+        await session.flush()
+        return known
+
+    async def _load(self, session: AsyncSession, batch: Sequence[Submission], now: datetime) -> _Batch:
+        keys = {group_key(self.config.grouping.by, s.source.dedup_key, a) for s in batch for a in s.alerts}
+        identities = {(a.source, a.fingerprint) for s in batch for a in s.alerts}
+        if self.db.is_postgres and keys:
+            # Replicas serialize on the group keys they touch, in one order, so no deadlock.
+            await session.execute(text(
+                "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h "
+                "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY 1) AS locks"), {"keys": sorted(keys)})
+        incidents_by_key: dict[str, Incident] = {}
+        if keys:
+            open_rows = (await session.execute(
+                select(Incident).where(Incident.group_key.in_(keys), Incident.status != RESOLVED).order_by(Incident.id)
+            )).scalars().all()
+            incidents_by_key = {inc.group_key: inc for inc in open_rows}
+        latest: dict[tuple[str, str], tuple[AlertRecord, Incident]] = {}
+        if identities:
+            fingerprints = {fp for _, fp in identities}
+            rows = (await session.execute(
+                select(AlertRecord, Incident).join(Incident, AlertRecord.incident_id == Incident.id)
+                .where(AlertRecord.fingerprint.in_(fingerprints)).order_by(AlertRecord.id)
+            )).all()
+            for record, incident in rows:
+                if (record.source, record.fingerprint) in identities:
+                    latest[(record.source, record.fingerprint)] = (record, incident)
+        previous: dict[str, int] = {}
+        if keys:
+            previous = dict((await session.execute(
+                select(Incident.group_key, func.max(Incident.id)).where(Incident.group_key.in_(keys)).group_by(Incident.group_key)
+            )).all())
+        for record, incident in latest.values():  # one object per incident row across both maps
+            if incident.status != RESOLVED:
+                incidents_by_key.setdefault(incident.group_key, incident)
+        return _Batch(session, now, incidents_by_key, latest, previous)
+
+    def _apply_alert(self, source: Source, alert: Alert, st: _Batch) -> tuple[str, Incident | None, str]:
+        now, cfg = st.now, self.config
+        actor = Actor.source(source.id)
+        details = {"fingerprint": alert.fingerprint, "status": alert.status, "severity": alert.severity,
+                   "labels": alert.labels, "summary": alert.summary}
+        known = st.latest_by_identity.get((alert.source, alert.fingerprint))
+        if alert.status == "resolved":
+            if known is None or known[0].status == "resolved" or known[1].status == RESOLVED:
+                st.entries.append(Entry("alert.resolved", actor, "alert", alert.fingerprint, now,
+                                        {**details, "note": "no open incident has this alert firing"}))
+                return alert.fingerprint, (known[1] if known else None), "none"
+            record, incident = known
+            record.status, record.ends_at, record.last_received = "resolved", alert.ends_at or now, now
+            record.received_count += 1
+            incident.notifications += 1
+            incident.last_seen = now
+            st.entries.append(Entry("alert.resolved", actor, "alert", alert.fingerprint, now, details, _id(incident)))
+            t = st.touch(incident)
+            t.resolved_alerts += 1
+            incident.firing_count = max(0, incident.firing_count - 1)
+            if incident.firing_count == 0:
+                incident.status, incident.resolved_at, incident.resolved_by = RESOLVED, now, f"source:{source.id}"
+                t.resolved = True
+                st.entries.append(Entry("incident.resolved", actor, "incident", "", now,
+                                        {"by": "source", "source": source.id}, _id(incident)))
+                st.incidents_by_key.pop(incident.group_key, None)
+                return alert.fingerprint, incident, "resolved"
+            return alert.fingerprint, incident, "alert_resolved"
+
+        silence = silenced_by(cfg.silences, alert.labels, now, cfg.timezone)
+        if known is not None and known[1].status != RESOLVED:
+            record, incident = known
+            refire = record.status == "resolved"
+            record.status, record.last_received = "firing", now
+            record.received_count += 1
+            record.labels, record.annotations, record.summary = alert.labels, alert.annotations, alert.summary
+            record.ends_at = None
+            if refire:
+                incident.firing_count += 1
+                st.touch(incident).refired += 1
+            change = "refired" if refire else "duplicate"
+        else:
+            key = group_key(cfg.grouping.by, source.dedup_key, alert)
+            incident = st.incidents_by_key.get(key)
+            if incident is not None and incident.last_seen < now - cfg.grouping.window:
+                incident = None  # too long since it last heard anything: a fresh incident
+            if incident is None:
+                incident = self._open(key, alert, st, silenced=silence is not None)
+                change = "opened"
+                st.entries.append(Entry("incident.opened", actor, "incident", "", now,
+                                        {"title": incident.title, "severity": incident.severity,
+                                         "channels": incident.channels, "previous_id": incident.previous_id},
+                                        _id(incident)))
+            else:
+                change = "grouped"
+                st.touch(incident).grouped += 1
+                st.entries.append(Entry("incident.grouped", actor, "incident", "", now,
+                                        {"fingerprint": alert.fingerprint}, _id(incident)))
+            record = AlertRecord(
+                incident_id=incident.id or 0, source=alert.source, fingerprint=alert.fingerprint, status="firing",
+                severity=alert.severity, summary=alert.summary, labels=alert.labels, annotations=alert.annotations,
+                links=alert.links, starts_at=alert.starts_at, first_received=now, last_received=now,
+            )
+            st.new_records.append((record, incident))
+            st.latest_by_identity[(alert.source, alert.fingerprint)] = (record, incident)
+            incident.alert_count += 1
+            incident.firing_count += 1
+        incident.notifications += 1
+        incident.last_seen = now
+        incident.severity = worst(incident.severity, alert.severity)
+        if source.id not in incident.sources:
+            incident.sources = [*incident.sources, source.id]
+        incident.critical_asset = incident.critical_asset or alert.asset in cfg.critical_assets
+        for name, url in alert.links.items():
+            if name not in incident.links:
+                incident.links = {**incident.links, name: url}
+        incident.priority = priority(severity=incident.severity, duplicates=incident.notifications - 1,
+                                     source_count=len(incident.sources), critical_asset=incident.critical_asset,
+                                     opened_at=incident.opened_at, now=now)
+        st.entries.append(Entry("alert.received", actor, "alert", alert.fingerprint, now, details, _id(incident)))
+        if silence is not None:
+            st.entries.append(Entry("alert.silenced", actor, "alert", alert.fingerprint, now,
+                                    {"silence": silence.id, "comment": silence.comment}, _id(incident)))
+        return alert.fingerprint, incident, change
+
+    def _open(self, key: str, alert: Alert, st: _Batch, *, silenced: bool) -> Incident:
+        routes = select_routes(self.config.routes, alert.labels)
+        channels = list(dict.fromkeys(ch for r in routes for ch in r.channels))
+        escalation = next((r.escalation for r in routes if r.escalation), None)
+        runbooks = list(dict.fromkeys(rb for r in routes for rb in r.runbooks))
+        incident = Incident(
+            group_key=key, title=alert.summary[:300], status=TRIGGERED, severity=alert.severity, labels=alert.labels,
+            links={}, sources=[], channels=channels, escalation=escalation, runbooks=runbooks,
+            silenced=silenced, opened_at=st.now, first_seen=st.now, last_seen=st.now,
+            previous_id=st.previous_by_key.get(key),
+        )
+        st.session.add(incident)
+        st.incidents_by_key[key] = incident
+        st.touch(incident).opened = True
+        return incident
+
+    def _queue_chat_work(self, session: AsyncSession, st: _Batch) -> None:
+        """One post per new incident and channel; one update (+ thread lines) per changed one."""
+        for t in st.touched.values():
+            incident = t.incident
+            if incident.silenced:
+                continue
+            for channel in incident.channels:
+                def add(kind: str, event: str, details: dict[str, Any] | None = None) -> None:
+                    session.add(OutboxItem(created_at=st.now, due_at=st.now, incident_id=incident.id, channel=channel,
+                                           kind=kind, event=event, details=details or {}))
+                if t.opened:
+                    add("post", "incident.opened")
+                    continue
+                add("update", "incident.changed")
+                if t.grouped or t.refired:
+                    add("reply", "alerts.grouped", {"count": t.grouped + t.refired})
+                if t.resolved:
+                    add("reply", "incident.resolved", {"by": "source"})
+                elif t.resolved_alerts:
+                    add("reply", "alerts.resolved", {"count": t.resolved_alerts})
+
+
+def _id(incident: Incident) -> Any:
+    """The incident id, or the object itself until the flush gives it one."""
+    return incident.id if incident.id is not None else incident
+
+
+def _assign_incident_ids(st: _Batch) -> None:
+    """After the flush: fill in ids that were still objects, and answer with ids."""
+    fixed = []
+    for e in st.entries:
+        if isinstance(e.incident_id, Incident):
+            inc = e.incident_id
+            e = Entry(e.action, e.actor, e.subject_type, str(inc.id) if e.subject_type == "incident" else e.subject_id,
+                      e.at, e.details, inc.id)
+        elif e.subject_type == "incident" and not e.subject_id:
+            e = Entry(e.action, e.actor, e.subject_type, str(e.incident_id), e.at, e.details, e.incident_id)
+        fixed.append(e)
+    st.entries[:] = fixed
+
+
+def _is_db_unavailable(exc: BaseException) -> bool:
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    if isinstance(exc, (OperationalError, InterfaceError, ConnectionError, OSError, asyncio.TimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated

@@ -1,0 +1,37 @@
+"""Read-side queries over incidents and alerts (for the CLI, metrics and chat commands)."""
+
+from __future__ import annotations
+
+from sqlalchemy import func
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import select
+
+from storage.models import AlertRecord, AuditEvent, Incident
+
+
+async def open_incidents_by_severity(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(
+        select(Incident.severity, func.count()).where(Incident.status != "resolved").group_by(Incident.severity)
+    )
+    return {severity: count for severity, count in rows.all()}
+
+
+async def list_incidents(session: AsyncSession, *, status: str | None = None, limit: int = 200) -> list[Incident]:
+    query = select(Incident).order_by(Incident.id.desc()).limit(limit)
+    if status:
+        query = query.where(Incident.status == status)
+    return list((await session.execute(query)).scalars().all())
+
+
+async def get_incident(session: AsyncSession, incident_id: int) -> Incident | None:
+    return await session.get(Incident, incident_id)
+
+
+async def incident_alerts(session: AsyncSession, incident_id: int) -> list[AlertRecord]:
+    query = select(AlertRecord).where(AlertRecord.incident_id == incident_id).order_by(AlertRecord.id)
+    return list((await session.execute(query)).scalars().all())
+
+
+async def incident_timeline(session: AsyncSession, incident_id: int) -> list[AuditEvent]:
+    query = select(AuditEvent).where(AuditEvent.incident_id == incident_id).order_by(AuditEvent.seq)
+    return list((await session.execute(query)).scalars().all())
