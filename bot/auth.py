@@ -63,3 +63,27 @@ def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: d
     expected = sign(auth.hmac_secret, body, timestamp)
     if not hmac.compare_digest(given.lower().encode(), expected.encode()):
         raise AuthError("bad_signature", f"invalid {auth.header} signature")
+
+
+class ReplayGuard:
+    """Signatures already accepted, kept for the timestamp window: a replay inside it is refused."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+
+    def seen(self, signature: str, now: float) -> bool:
+        expires = self._seen.get(signature)
+        return expires is not None and expires > now
+
+    def remember(self, signature: str, until: float) -> None:
+        if len(self._seen) > 100_000:
+            now = until - 3600
+            self._seen = {s: t for s, t in self._seen.items() if t > now}
+        self._seen[signature] = until
+
+
+def signature_of(source: Source, headers: Mapping[str, str]) -> str | None:
+    """The request's signature when its source signs with a timestamp (replays are then detectable)."""
+    if isinstance(source.auth, HmacAuth) and source.auth.timestamp_header:
+        return headers.get(source.auth.header, "").strip().removeprefix("sha256=").lower() or None
+    return None

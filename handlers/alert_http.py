@@ -9,9 +9,9 @@ from typing import Any
 from aiohttp import web
 
 from bot.alerts import PARSERS, ShapeError
-from bot.auth import AuthError, verify
+from bot.auth import AuthError, ReplayGuard, signature_of, verify
 from bot.clock import Clock
-from bot.config import Loaded
+from bot.config import HmacAuth, Loaded
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket
 from handlers.intake import Intake
@@ -30,6 +30,7 @@ class AlertEndpoint:
         self.sources = {s.id: s for s in loaded.config.sources}
         self.sources_off = loaded.sources_off
         self.intake, self.clock, self.metrics = intake, clock, metrics
+        self.replays = ReplayGuard()
         self.buckets = {s.id: TokenBucket(s.rate_limit.per_minute, s.rate_limit.burst)
                         for s in loaded.config.sources if s.rate_limit}
 
@@ -59,6 +60,11 @@ class AlertEndpoint:
         except AuthError as exc:
             headers = {"WWW-Authenticate": 'Bearer realm="chatops"'} if exc.reason.endswith("credentials") else {}
             return self._reject(source_id, exc.reason, _error(401, str(exc), headers=headers))
+        signature = signature_of(source, request.headers)
+        delivery_id = request.headers.get("X-Delivery-ID") or None
+        if signature and not delivery_id and self.replays.seen(signature, now.timestamp()):
+            return self._reject(source_id, "replayed", _error(
+                401, "replayed request: this signature was already accepted (send X-Delivery-ID to retry safely)"))
         bucket = self.buckets.get(source_id)
         if bucket is not None:
             wait = bucket.take(now.timestamp())
@@ -68,28 +74,30 @@ class AlertEndpoint:
                     429, f"rate limit of {source.rate_limit.per_minute}/min (burst {source.rate_limit.burst}) exceeded",
                     headers={"Retry-After": TokenBucket.retry_after_header(wait),
                              "X-RateLimit-Limit": str(source.rate_limit.per_minute)}))
-        delivery_id = request.headers.get("X-Delivery-ID") or None
         if delivery_id and len(delivery_id) > MAX_DELIVERY_ID:
             return self._reject(source_id, "bad_delivery_id",
                                 _error(400, f"X-Delivery-ID is longer than {MAX_DELIVERY_ID} characters"))
         try:
-            payload = json.loads(body)
+            payload = json.loads(body.decode("utf-8"))
         except UnicodeDecodeError:
             return self._reject(source_id, "malformed", _error(400, "body is not UTF-8 text"))
         except json.JSONDecodeError as exc:
             return self._reject(source_id, "malformed", _error(
                 400, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"))
+        except RecursionError:
+            return self._reject(source_id, "malformed", _error(400, "malformed JSON: nested too deeply"))
         try:
             alerts = PARSERS[source.kind](payload, source.id)
         except ShapeError as exc:
             return self._reject(source_id, "bad_shape", _error(
                 422, f"{exc.field}: {exc.problem} (not a {source.kind} payload?)", field=exc.field))
-        except RecursionError:
-            return self._reject(source_id, "bad_shape", _error(422, "body is nested too deeply"))
         outcome = await self.intake.submit(source, alerts, delivery_id)
         headers = {"X-Idempotent-Replay": "true"} if outcome.replayed else {}
         if outcome.status == 503:
             headers["Retry-After"] = "5"
+        elif signature and outcome.status < 300:
+            assert isinstance(source.auth, HmacAuth)
+            self.replays.remember(signature, now.timestamp() + source.auth.max_skew.total_seconds())
         self.metrics.intake_seconds.labels(source_id).observe(time.perf_counter() - started)
         return web.json_response(outcome.body, status=outcome.status, headers=headers)
 

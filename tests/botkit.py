@@ -1,0 +1,106 @@
+"""Run the real Bot in-process on a fake clock, behind aiohttp's test server."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import func, select
+
+from adapters import SETTINGS_MODELS
+from bot.clock import FakeClock
+from bot.config import parse_config
+from bot.server import Bot
+from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+T0 = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)
+
+CONFIG = """
+audit: {hmac_key: test-key}
+timezone: Europe/Berlin
+people:
+  - {id: alice, name: Alice, roles: [responder], slack: U01ALICE}
+channels:
+  - {id: ops-slack, platform: slack, chat: C0OPS}
+  - {id: ops-telegram, platform: telegram, chat: "-100123"}
+sources:
+  - {id: am, kind: alertmanager, auth: {bearer: am-secret-token}, dedup_key: groupKey}
+  - {id: am-plain, kind: alertmanager, auth: {bearer: am-secret-token}}
+  - {id: grafana, kind: grafana, auth: {hmac_secret: grafana-secret, header: X-Grafana-Alerting-Signature, timestamp_header: null}}
+  - {id: generic, kind: generic, auth: {hmac_secret: generic-secret}}
+  - {id: limited, kind: generic, auth: none, rate_limit: {per_minute: 60, burst: 5}}
+  - {id: open, kind: generic, auth: none, max_body_bytes: 2048}
+critical_assets: [db-01:9100]
+silences:
+  - {id: web-maintenance, matchers: {instance: "=~web-9.*"}, starts: 2026-11-24T00:00:00Z, ends: 2026-11-25T00:00:00Z, comment: rack move}
+routes:
+  - {match: {team: dba}, channels: [ops-slack, ops-telegram]}
+  - {match: {}, channels: [ops-slack]}
+"""
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+class Harness:
+    def __init__(self, bot: Bot, client: TestClient, clock: FakeClock):
+        self.bot, self.client, self.clock = bot, client, clock
+
+    async def post(self, source: str, body: bytes | str | Any, headers: dict[str, str] | None = None):
+        if not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        hdrs = {"Authorization": "Bearer am-secret-token"} if source.startswith("am") else {}
+        hdrs.update(headers or {})
+        resp = await self.client.post(f"/alerts/{source}", data=body, headers=hdrs)
+        return resp.status, await resp.json(), resp.headers
+
+    async def incidents(self) -> list[Incident]:
+        async with self.bot.db.sessions() as s:
+            return list((await s.execute(select(Incident).order_by(Incident.id))).scalars().all())
+
+    async def alerts(self, incident_id: int) -> list[AlertRecord]:
+        async with self.bot.db.sessions() as s:
+            q = select(AlertRecord).where(AlertRecord.incident_id == incident_id).order_by(AlertRecord.id)
+            return list((await s.execute(q)).scalars().all())
+
+    async def outbox(self) -> list[tuple[int | None, str, str, str, dict]]:
+        async with self.bot.db.sessions() as s:
+            rows = (await s.execute(select(OutboxItem).order_by(OutboxItem.id))).scalars().all()
+        return [(o.incident_id, o.channel, o.kind, o.event, o.details) for o in rows]
+
+    async def actions(self, incident_id: int | None = None) -> list[str]:
+        async with self.bot.db.sessions() as s:
+            q = select(AuditEvent).order_by(AuditEvent.seq)
+            if incident_id is not None:
+                q = q.where(AuditEvent.incident_id == incident_id)
+            return [e.action for e in (await s.execute(q)).scalars().all()]
+
+    async def count(self, model: type) -> int:
+        async with self.bot.db.sessions() as s:
+            return (await s.execute(select(func.count()).select_from(model))).scalar_one()
+
+
+@asynccontextmanager
+async def running_bot(storage_url: str, extra: str = "", *, schema: str | None = None,
+                      clock: FakeClock | None = None) -> AsyncIterator[Harness]:
+    storage = f"storage: {{url: '{storage_url}'" + (f", schema: {schema}" if schema else "") + "}\n"
+    loaded = parse_config(storage + textwrap.dedent(CONFIG) + textwrap.dedent(extra),
+                          adapter_models=SETTINGS_MODELS, env={})
+    clock = clock or FakeClock(T0)
+    bot = Bot(loaded, clock=clock)
+    await bot.start()
+    client = TestClient(TestServer(bot.web_app()))
+    await client.start_server()
+    try:
+        yield Harness(bot, client, clock)
+    finally:
+        await client.close()
+        await bot.stop()

@@ -1,0 +1,162 @@
+"""Alert intake through the real HTTP endpoint: captured payloads become the right incidents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from storage.models import AlertRecord, AuditEvent, Delivery
+from tests.botkit import Harness, fixture, running_bot
+from tests.conftest import drop_schema, postgres_url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def h(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) -> AsyncIterator[Harness]:
+    if request.param == "sqlite":
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as harness:
+            yield harness
+    else:
+        url = postgres_url()
+        try:
+            async with running_bot(url, schema=pg_schema) as harness:
+                yield harness
+        finally:
+            await drop_schema(url, pg_schema)
+
+
+async def test_alertmanager_captures_group_resolve_and_route(h: Harness) -> None:
+    status, body, _ = await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    assert status == 200
+    assert [r["change"] for r in body["results"]] == ["opened", "grouped"]
+    [inc] = await h.incidents()
+    assert (inc.status, inc.severity, inc.alert_count, inc.firing_count) == ("triggered", "critical", 2, 2)
+    assert inc.title == "Disk /var 97% full on db-01"
+    assert inc.sources == ["am"] and inc.channels == ["ops-slack", "ops-telegram"]  # team=dba route
+    assert inc.critical_asset and inc.priority == 90 + 2 + 20  # one duplicate, a critical asset
+    assert inc.links["alertmanager"] == "http://vm:19093"
+
+    # 02: db-01 resolved, db-02 still firing: the incident stays open.
+    status, body, _ = await h.post("am", fixture("alertmanager/02-diskfull-1-resolved-1-firing.json"))
+    assert status == 200
+    [inc] = await h.incidents()
+    assert inc.status == "triggered" and inc.firing_count == 1
+    assert [(a.fingerprint, a.status) for a in await h.alerts(inc.id)] == [
+        ("996ea11b7469dd3e", "resolved"), ("42d9f3192a0205d7", "firing")]
+
+    # 03: another group, severity "warning" -> medium, catch-all route.
+    await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
+    incidents = await h.incidents()
+    assert [(i.title, i.severity, i.channels) for i in incidents][1] == ("CPU above 90% for 10m", "medium", ["ops-slack"])
+
+    # The last alert of the first incident resolves: the source resolves the incident.
+    resolved = json.loads(fixture("alertmanager/02-diskfull-1-resolved-1-firing.json"))
+    resolved["alerts"][1]["status"] = "resolved"
+    resolved["alerts"][1]["endsAt"] = "2026-11-24T04:10:00Z"
+    status, body, _ = await h.post("am", resolved)
+    assert body["results"][1]["change"] == "resolved"
+    inc = (await h.incidents())[0]
+    assert (inc.status, inc.resolved_by) == ("resolved", "source:am")
+
+    assert await h.outbox() == [
+        (1, "ops-slack", "post", "incident.opened", {}),
+        (1, "ops-telegram", "post", "incident.opened", {}),
+        (1, "ops-slack", "update", "incident.changed", {}),
+        (1, "ops-slack", "reply", "alerts.resolved", {"count": 1}),
+        (1, "ops-telegram", "update", "incident.changed", {}),
+        (1, "ops-telegram", "reply", "alerts.resolved", {"count": 1}),
+        (2, "ops-slack", "post", "incident.opened", {}),
+        (1, "ops-slack", "update", "incident.changed", {}),
+        (1, "ops-slack", "reply", "incident.resolved", {"by": "source"}),
+        (1, "ops-telegram", "update", "incident.changed", {}),
+        (1, "ops-telegram", "reply", "incident.resolved", {"by": "source"}),
+    ]
+    assert await h.actions(1) == [
+        "incident.opened", "alert.received", "incident.grouped", "alert.received",
+        "alert.resolved", "alert.received", "alert.resolved", "incident.resolved",
+    ]
+
+
+async def test_a_new_firing_after_resolution_opens_a_linked_incident(h: Harness) -> None:
+    payload = json.loads(fixture("alertmanager/03-highcpu-firing.json"))
+    await h.post("am", payload)
+    payload["alerts"][0]["status"] = "resolved"
+    await h.post("am", payload)
+    h.clock.advance(timedelta(minutes=30))
+    payload["alerts"][0]["status"] = "firing"
+    status, body, _ = await h.post("am", payload)
+    assert body["results"][0] == {"fingerprint": "6c930f72e1341143", "incident": 2, "change": "opened"}
+    first, second = await h.incidents()
+    assert (first.status, second.status, second.previous_id) == ("resolved", "triggered", first.id)
+
+
+async def test_default_grouping_by_alertname_and_instance(h: Harness) -> None:
+    await h.post("am-plain", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    incidents = await h.incidents()
+    assert [i.group_key for i in incidents] == ["alertname=DiskFull|instance=db-01:9100", "alertname=DiskFull|instance=db-02:9100"]
+
+
+async def test_grouping_window_and_duplicates(h: Harness) -> None:
+    alert = {"asset_name": "web-1", "signature": "NginxDown", "severity": "high", "message": "down", "tool_source": "zabbix"}
+    for _ in range(3):
+        await h.post("open", alert)
+    [inc] = await h.incidents()
+    assert (inc.alert_count, inc.notifications, inc.priority) == (1, 3, 60 + 4)
+    # Another tool reports the same thing within the window: grouped, +10 for two tools.
+    h.clock.advance(timedelta(minutes=10))
+    await h.post("limited", {**alert, "tool_source": "datadog"})
+    [inc] = await h.incidents()
+    assert inc.sources == ["open", "limited"] and inc.alert_count == 2 and inc.priority == 60 + 6 + 10
+    # Quiet for longer than the window: a new alert of that key opens a fresh incident.
+    h.clock.advance(timedelta(minutes=16))
+    await h.post("open", {**alert, "tool_source": "nagios"})
+    assert len(await h.incidents()) == 2
+
+
+async def test_concurrent_posts_are_all_committed_once(h: Harness) -> None:
+    async def one(i: int):
+        alert = {"asset_name": f"host-{i % 7}", "signature": "HighLatency", "severity": "medium",
+                 "message": f"latency {i}", "tool_source": "bench", "dedup_key": f"d-{i}"}
+        return (await h.post("open", alert))[0]
+
+    statuses = await asyncio.gather(*(one(i) for i in range(300)))
+    assert statuses == [200] * 300
+    assert await h.count(AlertRecord) == 300
+    async with h.bot.db.sessions() as s:
+        verdict = await h.bot.audit.verify(s)
+    assert verdict.ok
+    assert await h.count(AuditEvent) == 600  # opened + received for each (every dedup_key is its own incident)
+
+
+async def test_idempotent_delivery_id(h: Harness) -> None:
+    alert = {"asset_name": "web-1", "signature": "NginxDown", "severity": "high", "message": "down", "tool_source": "z"}
+    first = await h.post("open", alert, {"X-Delivery-ID": "abc-1"})
+    events = await h.count(AuditEvent)
+    again = await h.post("open", alert, {"X-Delivery-ID": "abc-1"})
+    assert again[0] == 200 and again[1] == first[1] and again[2]["X-Idempotent-Replay"] == "true"
+    assert await h.count(AuditEvent) == events and (await h.incidents())[0].notifications == 1
+    # Two copies in flight at once: one is applied, both get the same answer.
+    both = await asyncio.gather(*(h.post("open", alert, {"X-Delivery-ID": "abc-2"}) for _ in range(2)))
+    assert both[0][1] == both[1][1] and (await h.incidents())[0].notifications == 2
+    # After 24 hours the id may be used again.
+    h.clock.advance(timedelta(hours=24, minutes=1))
+    await h.post("open", alert, {"X-Delivery-ID": "abc-1"})
+    assert await h.count(Delivery) == 2
+
+
+async def test_silenced_alert_is_recorded_but_pages_nobody(h: Harness) -> None:
+    alert = {"asset_name": "web-9", "signature": "Down", "severity": "critical", "message": "down", "tool_source": "z"}
+    status, body, _ = await h.post("open", alert)
+    assert status == 200 and body["results"][0]["change"] == "opened"
+    [inc] = await h.incidents()
+    assert inc.silenced and inc.status == "triggered"
+    assert await h.outbox() == []
+    assert "alert.silenced" in await h.actions(inc.id)
+    # After the window ends, the same kind of alert pages again.
+    h.clock.advance(timedelta(days=1))
+    await h.post("open", {**alert, "asset_name": "web-90"})
+    assert [o[2] for o in await h.outbox()] == ["post"]

@@ -1,0 +1,168 @@
+"""Bad input gets a clear 4xx and loses nothing; a down database gets 503 and writes nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from bot.auth import sign
+from storage.models import AlertRecord, AuditEvent
+from tests.botkit import Harness, fixture, running_bot
+
+ALERT = {"asset_name": "web-1", "signature": "NginxDown", "severity": "high", "message": "down", "tool_source": "z"}
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as harness:
+        yield harness
+
+
+def signed(h: Harness, body: bytes, *, secret: str = "generic-secret", skew: float = 0) -> dict[str, str]:
+    ts = str(int(h.clock.now().timestamp() + skew))
+    return {"X-Signature": f"sha256={sign(secret, body, ts)}", "X-Timestamp": ts}
+
+
+async def rejected(h: Harness, reason: str) -> float:
+    metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    line = next((m for m in metrics if m.startswith("chatops_alert_rejected_total") and f'reason="{reason}"' in m), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+async def test_hmac_good_wrong_stale_replayed_and_missing(h: Harness) -> None:
+    body = json.dumps(ALERT).encode()
+    good = signed(h, body)
+    assert (await h.post("generic", body, good))[0] == 200
+
+    status, answer, _ = await h.post("generic", body, good)
+    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted (send X-Delivery-ID to retry safely)")
+
+    other = json.dumps({**ALERT, "message": "other"}).encode()
+    status, answer, _ = await h.post("generic", other, signed(h, other, secret="not-the-secret"))
+    assert (status, answer["error"]) == (401, "invalid X-Signature signature")
+
+    status, answer, _ = await h.post("generic", other, signed(h, other, skew=-301))
+    assert status == 401 and answer["error"].startswith("X-Timestamp is 301s away from now (allowed: 300s)")
+
+    status, answer, _ = await h.post("generic", other, {"X-Timestamp": good["X-Timestamp"]})
+    assert (status, answer["error"]) == (401, "missing X-Signature header")
+
+    status, answer, _ = await h.post("generic", other, {"X-Signature": good["X-Signature"]})
+    assert (status, answer["error"]) == (401, "missing X-Timestamp header")
+
+    # A signature over a different body (tampered in transit) fails.
+    status, _, _ = await h.post("generic", other, good)
+    assert status == 401
+    assert await rejected(h, "replayed") == 1 and await rejected(h, "bad_signature") == 2
+    assert await h.count(AlertRecord) == 1
+
+
+async def test_grafana_hmac_over_the_body(h: Harness) -> None:
+    body = json.dumps({"version": "1", "alerts": [{"status": "firing", "labels": {"alertname": "X"}}]}).encode()
+    ok = await h.post("grafana", body, {"X-Grafana-Alerting-Signature": sign("grafana-secret", body)})
+    assert ok[0] == 200
+    bad = await h.post("grafana", body, {"X-Grafana-Alerting-Signature": sign("wrong-secret", body)})
+    assert bad[0] == 401
+
+
+async def test_bearer_missing_and_wrong(h: Harness) -> None:
+    body = fixture("alertmanager/03-highcpu-firing.json")
+    status, answer, headers = await h.post("am", body, {"Authorization": ""})
+    assert (status, answer["error"]) == (401, "missing Authorization header (expected: Bearer <token>)")
+    assert headers["WWW-Authenticate"] == 'Bearer realm="chatops"'
+    status, answer, _ = await h.post("am", body, {"Authorization": "Bearer am-secret-tokeN"})
+    assert (status, answer["error"]) == (401, "invalid bearer token")
+    status, answer, _ = await h.post("am", body, {"Authorization": "Basic dXNlcjpwYXNz"})
+    assert (status, answer["error"]) == (401, "Authorization header is not a Bearer token")
+    assert await h.incidents() == []
+
+
+async def test_rate_limit_with_retry_after(h: Harness) -> None:
+    statuses = [(await h.post("limited", {**ALERT, "dedup_key": str(i)}))[0] for i in range(5)]
+    assert statuses == [200] * 5
+    status, answer, headers = await h.post("limited", ALERT)
+    assert status == 429 and answer["error"] == "rate limit of 60/min (burst 5) exceeded"
+    assert headers["Retry-After"] == "1" and headers["X-RateLimit-Limit"] == "60"
+    h.clock.advance(timedelta(seconds=1))
+    assert (await h.post("limited", ALERT))[0] == 200
+    assert await rejected(h, "rate_limited") == 1
+
+
+MALFORMED = [
+    ("open", b'{"asset_name": "web-1",', 400, "malformed JSON at line 1, column 24: Expecting property name enclosed in double quotes"),
+    ("open", b"\xff\xfe{}", 400, "body is not UTF-8 text"),
+    ("open", b"", 400, "malformed JSON at line 1, column 1: Expecting value"),
+    ("open", b"[]", 422, "body: expected an alert object or a non-empty list of them (not a generic payload?)"),
+    ("open", b'"text"', 422, "body: expected an object, got a string (not a generic payload?)"),
+    ("open", json.dumps({k: v for k, v in ALERT.items() if k != "signature"}).encode(), 422, "signature: required (not a generic payload?)"),
+    ("open", json.dumps({**ALERT, "severity": "apocalyptic"}).encode(), 422,
+     "severity: unknown severity 'apocalyptic' (expected one of: critical, high, medium, low, info, or a synonym such as warning, error, P1) (not a generic payload?)"),
+    ("open", json.dumps([ALERT, {**ALERT, "labels": {"a": {"b": 1}}}]).encode(), 422, "[1].labels.a: expected a string, got an object (not a generic payload?)"),
+    ("open", json.dumps({**ALERT, "status": "exploded"}).encode(), 422, "status: expected 'firing' or 'resolved', got 'exploded' (not a generic payload?)"),
+    ("open", json.dumps({**ALERT, "colour": "red"}).encode(), 422,
+     "colour: unknown field (expected: annotations, asset_name, dedup_key, labels, links, message, severity, signature, status, timestamp, tool_source) (not a generic payload?)"),
+    ("am", b'{"version": "4", "alerts": {}}', 422, "alerts: expected a list, got an object (not a alertmanager payload?)"),
+    ("am", b'{"version": "3", "alerts": []}', 422, 'version: unsupported Alertmanager webhook version \'3\' (expected "4") (not a alertmanager payload?)'),
+    ("am", b'{"version": "4"}', 422, "alerts: required (not a alertmanager payload?)"),
+    ("am", b'{"version": "4", "alerts": [{"status": "firing", "labels": {"a": "b"}, "startsAt": "yesterday"}]}', 422,
+     "alerts[0].startsAt: not an RFC 3339 time: 'yesterday' (not a alertmanager payload?)"),
+    ("am", b'{"version": "4", "alerts": [{"status": "firing"}]}', 422,
+     "alerts[0].labels: required: an alert without labels cannot be grouped (not a alertmanager payload?)"),
+    ("grafana", b'{"version": "1", "alerts": [7]}', 401, "missing X-Grafana-Alerting-Signature header"),
+    ("nowhere", b"{}", 404, "unknown alert source 'nowhere' (known: am, am-plain, generic, grafana, limited, open); add it under sources: in app.yaml"),
+    ("open", json.dumps({**ALERT, "message": "x" * 3000}).encode(), 413, "body larger than 2048 bytes"),
+    ("open", b"[" * 100_000 + b"]" * 100_000, 413, "body larger than 2048 bytes"),
+]
+
+
+@pytest.mark.parametrize(("source", "body", "status", "message"), MALFORMED, ids=[f"{m[2]}-{i}" for i, m in enumerate(MALFORMED)])
+async def test_malformed_bodies_get_a_precise_4xx(h: Harness, source: str, body: bytes, status: int, message: str) -> None:
+    got_status, answer, _ = await h.post(source, body)
+    assert (got_status, answer["error"]) == (status, message)
+    assert await h.count(AuditEvent) == 0
+
+
+async def test_deeply_nested_json_is_a_4xx(tmp_path: Path) -> None:
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'n.db'}") as h:
+        status, answer, _ = await h.post("limited", b"[" * 200_000 + b"]" * 200_000)
+        assert (status, answer["error"]) == (400, "malformed JSON: nested too deeply")
+
+
+async def test_source_whose_secret_is_unset_is_off(tmp_path: Path) -> None:
+    extra = "sources:\n  - {id: gen, kind: generic, auth: {hmac_secret: '${GEN_SECRET}'}}\n"
+    from adapters import SETTINGS_MODELS
+    from bot.config import parse_config
+
+    loaded = parse_config(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path}/x.db'}}\n" + extra,
+                          adapter_models=SETTINGS_MODELS, env={})
+    assert loaded.sources_off == {"gen": "GEN_SECRET is not set"}
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from bot.server import Bot
+
+    bot = Bot(loaded)
+    await bot.start()
+    async with TestClient(TestServer(bot.web_app())) as client:
+        resp = await client.post("/alerts/gen", data=json.dumps(ALERT))
+        assert resp.status == 503 and resp.headers["Retry-After"] == "60"
+        assert (await resp.json())["error"] == "source 'gen' is off: GEN_SECRET is not set; set it and restart the bot"
+    await bot.stop()
+
+
+async def test_database_down_gives_503_and_writes_nothing(h: Harness, tmp_path: Path) -> None:
+    good_sessions = h.bot.db.sessions
+    broken = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+    h.bot.db.sessions = async_sessionmaker(broken, expire_on_commit=False)
+    status, answer, headers = await h.post("open", [ALERT, {**ALERT, "asset_name": "web-2"}])
+    assert status == 503 and headers["Retry-After"] == "5"
+    assert answer["error"] == "the database is unavailable; nothing was stored, retry later"
+    await broken.dispose()
+    h.bot.db.sessions = good_sessions
+    assert await h.count(AlertRecord) == 0 and await h.count(AuditEvent) == 0
+    assert (await h.post("open", ALERT))[0] == 200  # the retry lands
+    assert await h.count(AlertRecord) == 1

@@ -1,0 +1,139 @@
+"""Pure domain rules: routing, silences, grouping keys, priority, lifecycle, severity."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from adapters import SETTINGS_MODELS
+from bot.alerts import Alert, normalize_severity, parse_generic
+from bot.config import ConfigError, parse_config
+from bot.incidents import InvalidTransition, priority, transition
+from bot.routing import group_key, matches, select_routes, silenced_by
+
+CFG = """
+channels:
+  - {id: a, platform: slack, chat: C0A}
+  - {id: b, platform: slack, chat: C0B}
+  - {id: c, platform: slack, chat: C0C}
+routes:
+  - {match: {team: dba}, channels: [a], continue: true}
+  - {match: {instance: "=~db-0[0-9]:.*", severity: "!=info"}, channels: [b]}
+  - {match: {}, channels: [c]}
+silences:
+  - {id: nightly, matchers: {job: backup}, weekly: {days: [mon, tue], start: "23:00", end: "02:00", timezone: Europe/Berlin}}
+  - {id: once, matchers: {instance: "!~prod-.*"}, starts: 2026-11-24T10:00:00+01:00, ends: 2026-11-24T12:00:00+01:00}
+"""
+
+
+def config():
+    return parse_config(CFG, adapter_models=SETTINGS_MODELS, env={}).config
+
+
+@pytest.mark.parametrize(("labels", "channels"), [
+    ({"team": "dba", "instance": "db-01:9100", "severity": "critical"}, ["a", "b"]),  # continue: true
+    ({"team": "dba", "instance": "web-1"}, ["a", "c"]),
+    ({"instance": "db-01:9100", "severity": "info"}, ["c"]),
+    ({"instance": "db-011:9100"}, ["c"]),  # =~ is anchored: db-0[0-9]: does not match db-011:
+    ({}, ["c"]),
+])
+def test_routes_first_match_wins_unless_continue(labels: dict[str, str], channels: list[str]) -> None:
+    routes = select_routes(config().routes, labels)
+    chosen = [ch for r in routes for ch in r.channels]
+    assert chosen == channels
+
+
+def test_matchers() -> None:
+    assert matches({"a": "=~x.*", "b": "!=y", "c": "!~z+"}, {"a": "xyz", "b": "n", "c": "q"})
+    assert not matches({"a": "=~x"}, {"a": "xy"})  # anchored
+    assert matches({"missing": "!=v"}, {})
+    assert not matches({"missing": "v"}, {})
+
+
+def test_weekly_silence_across_midnight_in_local_time() -> None:
+    cfg = config()
+    labels = {"job": "backup", "instance": "prod-1"}
+    berlin_monday_2330 = datetime(2026, 11, 23, 22, 30, tzinfo=UTC)  # 23:30 CET
+    assert silenced_by(cfg.silences, labels, berlin_monday_2330, "UTC").id == "nightly"
+    berlin_tuesday_0130 = datetime(2026, 11, 24, 0, 30, tzinfo=UTC)  # 01:30 CET, still Monday night
+    assert silenced_by(cfg.silences, labels, berlin_tuesday_0130, "UTC") is not None
+    assert silenced_by(cfg.silences, labels, datetime(2026, 11, 24, 1, 30, tzinfo=UTC), "UTC") is None  # 02:30
+    assert silenced_by(cfg.silences, labels, datetime(2026, 11, 25, 22, 30, tzinfo=UTC), "UTC") is None  # wednesday
+
+
+def test_one_off_silence_window() -> None:
+    cfg = config()
+    inside = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)  # 11:00 +01:00
+    assert silenced_by(cfg.silences, {"instance": "staging-1"}, inside, "UTC").id == "once"
+    assert silenced_by(cfg.silences, {"instance": "prod-1"}, inside, "UTC") is None
+    assert silenced_by(cfg.silences, {"instance": "staging-1"}, inside + timedelta(hours=1), "UTC") is None
+
+
+def test_bad_silences_are_config_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("silences:\n  - {matchers: {a: b}}\n  - {matchers: {a: b}, starts: 2026-11-24T10:00:00}\n",
+                     adapter_models=SETTINGS_MODELS, env={})
+    assert [f"{p}: {m}" for p, m in info.value.problems] == [
+        "silences[0]: give starts/ends or a weekly window",
+        "silences[1].starts: give the time with a UTC offset, e.g. 2026-11-25T22:00:00+01:00",
+    ]
+    with pytest.raises(ConfigError) as info:
+        parse_config("silences:\n  - {matchers: {a: '=~('}, starts: 2026-11-24T10:00:00Z}\n",
+                     adapter_models=SETTINGS_MODELS, env={})
+    assert [f"{p}: {m}" for p, m in info.value.problems][0].startswith(
+        "silences[0].matchers.a: invalid regular expression '(': missing ), unterminated subpattern")
+
+
+def _alert(**kw) -> Alert:
+    base = dict(source="am", fingerprint="f", status="firing", labels={"alertname": "A", "instance": "i", "svc": "s"},
+                annotations={}, severity="high", summary="x")
+    return Alert(**{**base, **kw})
+
+
+def test_group_keys() -> None:
+    by = ["alertname", "instance"]
+    assert group_key(by, None, _alert()) == "alertname=A|instance=i"
+    assert group_key(by, "groupKey", _alert(group_key="{}:{alertname=\"A\"}")) == 'group:am:{}:{alertname="A"}'
+    assert group_key(by, "svc", _alert()) == "svc=s"
+    assert group_key(by, "groupKey", _alert(dedup_key="d1")) == "dedup:am:d1"
+
+
+def test_priority_formula() -> None:
+    t0 = datetime(2026, 11, 24, tzinfo=UTC)
+    p = lambda **kw: priority(**{"severity": "high", "duplicates": 0, "source_count": 1, "critical_asset": False,  # noqa: E731
+                                 "opened_at": t0, "now": t0, **kw})
+    assert [p(severity=s) for s in ("critical", "high", "medium", "low", "info")] == [90, 60, 30, 10, 0]
+    assert p(duplicates=3) == 66 and p(duplicates=50) == 80
+    assert p(source_count=2) == 70 and p(critical_asset=True) == 80
+    assert p(now=t0 + timedelta(hours=3, minutes=59)) == 57 and p(now=t0 + timedelta(days=3)) == 50
+
+
+def test_lifecycle() -> None:
+    assert transition("triggered", "acknowledge") == "acknowledged"
+    assert transition("acknowledged", "resolve") == "resolved"
+    assert transition("resolved", "reopen") == "triggered"
+    with pytest.raises(InvalidTransition, match="cannot acknowledge an incident that is resolved"):
+        transition("resolved", "acknowledge")
+
+
+@pytest.mark.parametrize(("raw", "level"), [
+    ("CRITICAL", "critical"), ("P1", "critical"), ("Disaster", "critical"), ("error", "high"), ("High", "high"),
+    ("warning", "medium"), ("Average", "medium"), ("minor", "low"), ("info", "info"), ("Not classified", "info"),
+])
+def test_severity_normalization(raw: str, level: str) -> None:
+    assert normalize_severity(raw) == level
+
+
+def test_generic_list_with_labels_and_dedup() -> None:
+    alerts = parse_generic([
+        {"asset_name": "db-1", "signature": "Replication lag", "severity": "warning", "message": "lag 30s\nmore",
+         "tool_source": "zabbix", "labels": {"team": "dba"}, "dedup_key": "zbx-991"},
+        {"asset_name": "db-1", "signature": "Replication lag", "severity": "ok", "message": "recovered",
+         "tool_source": "zabbix", "status": "resolved"},
+    ], "gen")
+    assert [(a.status, a.severity, a.summary) for a in alerts] == [("firing", "medium", "lag 30s"), ("resolved", "info", "recovered")]
+    assert alerts[0].labels == {"alertname": "Replication lag", "instance": "db-1", "tool": "zabbix", "team": "dba"}
+    assert alerts[0].fingerprint == "zbx-991" and alerts[0].dedup_key == "zbx-991"
+    same_signal = {"asset_name": "db-1", "signature": "Replication lag", "severity": "high", "message": "m", "tool_source": "zabbix"}
+    assert alerts[1].fingerprint == parse_generic(same_signal, "gen")[0].fingerprint
