@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, text, tuple_
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlmodel import select
+from sqlalchemy import Connection, text
 
 from bot.alerts import Alert
 from bot.clock import Clock
@@ -30,6 +28,7 @@ from bot.routing import group_key, select_routes, silenced_by
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from storage.models import AlertRecord, Delivery, Incident, OutboxItem
+from storage.rows import Rows
 
 log = logging.getLogger("chatops.intake")
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
@@ -50,11 +49,52 @@ class Submission:
     future: asyncio.Future[Outcome]
 
 
+class _Row:
+    """A row read (or about to be inserted) in this batch: its columns as attributes, changes noted.
+
+    Intake works on plain values and writes only the columns that changed (see
+    storage/rows.py): building and flushing ORM objects cost more than
+    everything else a request does (bench/ingest.py).
+    """
+
+    __slots__ = ("_values", "changes", "new")
+
+    def __init__(self, values: Mapping[str, Any], *, new: bool = False):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "changes", {})
+        object.__setattr__(self, "new", new)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._values.get(name) != value or name not in self._values:
+            self._values[name] = value
+            self.changes[name] = value
+
+    def values(self, *, without: str | None = None) -> dict[str, Any]:
+        return {k: v for k, v in self._values.items() if k != without}
+
+
+_INCIDENTS = Incident.__table__
+_ALERTS = AlertRecord.__table__
+_OUTBOX = OutboxItem.__table__
+_DELIVERIES = Delivery.__table__
+# What intake reads of an existing incident and alert (it writes only what changed).
+_INCIDENT_COLUMNS = ("id", "group_key", "status", "severity", "sources", "channels", "links", "alert_count",
+                     "firing_count", "notifications", "critical_asset", "silenced", "opened_at", "last_seen")
+_ALERT_COLUMNS = ("id", "incident_id", "source", "fingerprint", "status", "summary", "labels", "annotations",
+                  "received_count", "ends_at")
+
+
 @dataclass
 class _Touched:
     """What one batch did to one incident, to queue its chat work once."""
 
-    incident: Incident
+    incident: _Row
     opened: bool = False
     grouped: int = 0
     resolved_alerts: int = 0
@@ -64,16 +104,27 @@ class _Touched:
 
 @dataclass
 class _Batch:
-    session: AsyncSession
     now: datetime
-    incidents_by_key: dict[str, Incident]
-    latest_by_identity: dict[tuple[str, str], tuple[AlertRecord, Incident]]
-    previous_by_key: dict[str, int]
+    incidents_by_key: dict[str, _Row]
+    latest_by_identity: dict[tuple[str, str], tuple[_Row, _Row]]
+    previous_by_key: dict[str, int] | None
+    loaded: list[_Row] = field(default_factory=list)
+    loaded_records: list[_Row] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    rows: Rows | None = None
     entries: list[Entry] = field(default_factory=list)
     touched: dict[int, _Touched] = field(default_factory=dict)
-    new_records: list[tuple[AlertRecord, Incident]] = field(default_factory=list)
+    new_incidents: list[_Row] = field(default_factory=list)
+    new_records: list[tuple[_Row, _Row]] = field(default_factory=list)
 
-    def touch(self, incident: Incident) -> _Touched:
+    def previous(self, key: str) -> int | None:
+        """The newest earlier incident of this key (asked only when one opens, once a batch)."""
+        if self.previous_by_key is None:
+            assert self.rows is not None
+            self.previous_by_key = self.rows.max_id_by(_INCIDENTS, "group_key", self.keys)
+        return self.previous_by_key.get(key)
+
+    def touch(self, incident: _Row) -> _Touched:
         if id(incident) not in self.touched:
             self.touched[id(incident)] = _Touched(incident)
         return self.touched[id(incident)]
@@ -143,102 +194,114 @@ class Intake:
 
     async def _apply_in_transaction(self, batch: list[Submission]) -> list[Outcome]:
         now = self.clock.now()
-        async with self.db.transaction() as session:
-            replays = await self._known_deliveries(session, batch, now)
-            fresh = [s for s in batch if (s.source.id, s.delivery_id) not in replays]
-            state = await self._load(session, fresh, now)
-            applied: list[tuple[Submission, list[tuple[str, Incident | None, str]]] | Outcome] = []
-            seen_here: set[tuple[str, str]] = set()
-            for s in batch:
-                key = (s.source.id, s.delivery_id or "")
-                if s.delivery_id and key in replays:
-                    applied.append(replays[key])
-                elif s.delivery_id and key in seen_here:
-                    applied.append(key)  # type: ignore[arg-type]  # a repeat inside this batch
-                else:
-                    seen_here.add(key)
-                    applied.append((s, [self._apply_alert(s.source, a, state) for a in s.alerts]))
-            await session.flush()  # new incidents get their ids
-            for record, incident in state.new_records:
-                record.incident_id = incident.id
-            session.add_all([record for record, _ in state.new_records])
-            self._queue_chat_work(session, state)
-            _assign_incident_ids(state)
-            if state.entries:
-                await self.audit.append_many(session, state.entries)
-            outcomes, first = [], {}
-            for item in applied:
-                if isinstance(item, Outcome):
-                    outcomes.append(item)
-                elif isinstance(item, tuple) and isinstance(item[0], Submission):
-                    s, results = item
-                    body = {"status": "ok", "alerts": len(s.alerts), "results": [
-                        {"fingerprint": fp, "incident": inc.id if inc else None, "change": change}
-                        for fp, inc, change in results]}
-                    outcome = first[(s.source.id, s.delivery_id or "")] = Outcome(200, body)
-                    outcomes.append(outcome)
-                    if s.delivery_id:
-                        session.add(Delivery(source=s.source.id, delivery_id=s.delivery_id, received_at=now,
-                                             status_code=200, response=body))
-                else:
-                    outcomes.append(Outcome(first[item].status, first[item].body, replayed=True))
+        outcomes, fresh, events = await self.db.run_transaction(lambda conn: self._apply(conn, batch, now))
         for s in fresh:
             for alert in s.alerts:
                 self.metrics.alerts_received.labels(s.source.id, alert.status).inc()
-        self.metrics.audit_events.inc(len(state.entries))
+        self.metrics.audit_events.inc(events)
         return outcomes
 
-    async def _known_deliveries(self, session: AsyncSession, batch: Sequence[Submission], now: datetime) -> dict[tuple[str, str], Outcome]:
-        ids = [(s.source.id, s.delivery_id) for s in batch if s.delivery_id]
+    def _apply(self, conn: Connection, batch: list[Submission], now: datetime) -> tuple[list[Outcome], list[Submission], int]:
+        """The whole batch, inside one transaction (synchronous: see Database.run_transaction)."""
+        replays = self._known_deliveries(conn, batch, now)
+        fresh = [s for s in batch if (s.source.id, s.delivery_id) not in replays]
+        state = self._load(conn, fresh, now)
+        applied: list[tuple[Submission, list[tuple[str, _Row | None, str]]] | Outcome | tuple[str, str]] = []
+        seen_here: set[tuple[str, str]] = set()
+        for s in batch:
+            key = (s.source.id, s.delivery_id or "")
+            if s.delivery_id and key in replays:
+                applied.append(replays[key])
+            elif s.delivery_id and key in seen_here:
+                applied.append(key)  # a repeat inside this batch
+            else:
+                seen_here.add(key)
+                applied.append((s, [self._apply_alert(s.source, a, state) for a in s.alerts]))
+        self._write(conn, state)
+        outcomes: list[Outcome] = []
+        first: dict[tuple[str, str], Outcome] = {}
+        deliveries = []
+        for item in applied:
+            if isinstance(item, Outcome):
+                outcomes.append(item)
+            elif isinstance(item[0], Submission):
+                s, results = item  # type: ignore[misc]
+                body = {"status": "ok", "alerts": len(s.alerts), "results": [
+                    {"fingerprint": fp, "incident": inc.id if inc else None, "change": change}
+                    for fp, inc, change in results]}
+                outcome = first[(s.source.id, s.delivery_id or "")] = Outcome(200, body)
+                outcomes.append(outcome)
+                if s.delivery_id:
+                    deliveries.append({"source": s.source.id, "delivery_id": s.delivery_id, "received_at": now,
+                                       "status_code": 200, "response": body})
+            else:
+                outcomes.append(Outcome(first[item].status, first[item].body, replayed=True))  # type: ignore[index]
+        if deliveries:
+            conn.execute(_DELIVERIES.insert(), deliveries)
+        return outcomes, fresh, len(state.entries)
+
+    def _write(self, conn: Connection, st: _Batch) -> None:
+        """Everything the batch changed, in a handful of executemany statements."""
+        rows = Rows(conn)
+        if st.new_incidents:
+            ids = rows.insert_returning_ids(_INCIDENTS, [inc.values(without="id") for inc in st.new_incidents])
+            for inc, new_id in zip(st.new_incidents, ids):
+                inc._values["id"] = new_id
+        rows.update_by_id(_INCIDENTS, [(inc.id, inc.changes) for inc in st.loaded if inc.changes])
+        rows.update_by_id(_ALERTS, [(rec.id, rec.changes) for rec in st.loaded_records if rec.changes])
+        for record, incident in st.new_records:
+            record._values["incident_id"] = incident.id
+        rows.insert(_ALERTS, [record.values(without="id") for record, _ in st.new_records])
+        rows.insert(_OUTBOX, self._chat_work(st))
+        _assign_incident_ids(st)
+        self.audit.append_rows(conn, st.entries)
+
+    def _known_deliveries(self, conn: Connection, batch: Sequence[Submission], now: datetime) -> dict[tuple[str, str], Outcome]:
+        ids = {(s.source.id, s.delivery_id) for s in batch if s.delivery_id}
         if not ids:
             return {}
-        rows = (await session.execute(
-            select(Delivery).where(tuple_(Delivery.source, Delivery.delivery_id).in_(ids))
-        )).scalars().all()
         known = {}
-        for row in rows:
-            if now - row.received_at < IDEMPOTENCY_WINDOW:
-                known[(row.source, row.delivery_id)] = Outcome(row.status_code, row.response, replayed=True)
-            else:
-                await session.delete(row)  # expired: this id may be used again
-        await session.flush()
+        for row in Rows(conn).select_in(_DELIVERIES, "delivery_id", sorted({d for _, d in ids})):
+            if (row["source"], row["delivery_id"]) not in ids:
+                continue
+            if now - row["received_at"] < IDEMPOTENCY_WINDOW:
+                known[(row["source"], row["delivery_id"])] = Outcome(row["status_code"], row["response"], replayed=True)
+            else:  # expired: this id may be used again
+                conn.execute(_DELIVERIES.delete().where(_DELIVERIES.c.source == row["source"],
+                                                        _DELIVERIES.c.delivery_id == row["delivery_id"]))
         return known
 
-    async def _load(self, session: AsyncSession, batch: Sequence[Submission], now: datetime) -> _Batch:
-        keys = {group_key(self.config.grouping.by, s.source.dedup_key, a) for s in batch for a in s.alerts}
+    def _load(self, conn: Connection, batch: Sequence[Submission], now: datetime) -> _Batch:
+        keys = sorted({group_key(self.config.grouping.by, s.source.dedup_key, a) for s in batch for a in s.alerts})
         identities = {(a.source, a.fingerprint) for s in batch for a in s.alerts}
-        if self.db.is_postgres and keys:
+        if not keys:
+            return _Batch(now, {}, {}, {})
+        if self.db.is_postgres:
             # Replicas serialize on the group keys they touch, in one order, so no deadlock.
-            await session.execute(text(
+            conn.execute(text(
                 "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h "
-                "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY 1) AS locks"), {"keys": sorted(keys)})
-        incidents_by_key: dict[str, Incident] = {}
-        if keys:
-            open_rows = (await session.execute(
-                select(Incident).where(Incident.group_key.in_(keys), Incident.status != RESOLVED).order_by(Incident.id)
-            )).scalars().all()
-            incidents_by_key = {inc.group_key: inc for inc in open_rows}
-        latest: dict[tuple[str, str], tuple[AlertRecord, Incident]] = {}
-        if identities:
-            fingerprints = {fp for _, fp in identities}
-            rows = (await session.execute(
-                select(AlertRecord, Incident).join(Incident, AlertRecord.incident_id == Incident.id)
-                .where(AlertRecord.fingerprint.in_(fingerprints)).order_by(AlertRecord.id)
-            )).all()
-            for record, incident in rows:
-                if (record.source, record.fingerprint) in identities:
-                    latest[(record.source, record.fingerprint)] = (record, incident)
-        previous: dict[str, int] = {}
-        if keys:
-            previous = dict((await session.execute(
-                select(Incident.group_key, func.max(Incident.id)).where(Incident.group_key.in_(keys)).group_by(Incident.group_key)
-            )).all())
-        for record, incident in latest.values():  # one object per incident row across both maps
+                "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY 1) AS locks"), {"keys": keys})
+        rows = Rows(conn)
+        by_id: dict[int, _Row] = {}
+        incidents_by_key: dict[str, _Row] = {}
+        for row in rows.select_in(_INCIDENTS, "group_key", keys, exclude=("status", RESOLVED), order_by="id",
+                                  columns=_INCIDENT_COLUMNS):
+            inc = by_id[row["id"]] = _Row(row)
+            incidents_by_key.setdefault(inc.group_key, inc)
+        records = [_Row(row) for row in rows.select_in(_ALERTS, "fingerprint", sorted({fp for _, fp in identities}),
+                                                          order_by="id", columns=_ALERT_COLUMNS)
+                   if (row["source"], row["fingerprint"]) in identities]
+        for row in rows.select_in(_INCIDENTS, "id", sorted({r.incident_id for r in records} - by_id.keys()),
+                                  columns=_INCIDENT_COLUMNS):
+            by_id[row["id"]] = _Row(row)
+        latest = {(r.source, r.fingerprint): (r, by_id[r.incident_id]) for r in records}  # ordered by id: the newest wins
+        for _, incident in latest.values():
             if incident.status != RESOLVED:
                 incidents_by_key.setdefault(incident.group_key, incident)
-        return _Batch(session, now, incidents_by_key, latest, previous)
+        return _Batch(now, incidents_by_key, latest, None, loaded=list(by_id.values()),
+                      loaded_records=records, keys=keys, rows=rows)
 
-    def _apply_alert(self, source: Source, alert: Alert, st: _Batch) -> tuple[str, Incident | None, str]:
+    def _apply_alert(self, source: Source, alert: Alert, st: _Batch) -> tuple[str, _Row | None, str]:
         now, cfg = st.now, self.config
         actor = Actor.source(source.id)
         details = {"fingerprint": alert.fingerprint, "status": alert.status, "severity": alert.severity,
@@ -296,11 +359,12 @@ class Intake:
                 st.touch(incident).grouped += 1
                 st.entries.append(Entry("incident.grouped", actor, "incident", "", now,
                                         {"fingerprint": alert.fingerprint}, _id(incident)))
-            record = AlertRecord(
-                incident_id=incident.id or 0, source=alert.source, fingerprint=alert.fingerprint, status="firing",
+            record = _Row(dict(
+                id=None, incident_id=incident.id, source=alert.source, fingerprint=alert.fingerprint, status="firing",
                 severity=alert.severity, summary=alert.summary, labels=alert.labels, annotations=alert.annotations,
-                links=alert.links, starts_at=alert.starts_at, first_received=now, last_received=now,
-            )
+                links=alert.links, starts_at=alert.starts_at, ends_at=None, first_received=now, last_received=now,
+                received_count=1,
+            ), new=True)
             st.new_records.append((record, incident))
             st.latest_by_identity[(alert.source, alert.fingerprint)] = (record, incident)
             incident.alert_count += 1
@@ -323,32 +387,35 @@ class Intake:
                                     {"silence": silence.id, "comment": silence.comment}, _id(incident)))
         return alert.fingerprint, incident, change
 
-    def _open(self, key: str, alert: Alert, st: _Batch, *, silenced: bool) -> Incident:
+    def _open(self, key: str, alert: Alert, st: _Batch, *, silenced: bool) -> _Row:
         routes = select_routes(self.config.routes, alert.labels)
         channels = list(dict.fromkeys(ch for r in routes for ch in r.channels))
         escalation = next((r.escalation for r in routes if r.escalation), None)
         runbooks = list(dict.fromkeys(rb for r in routes for rb in r.runbooks))
-        incident = Incident(
-            group_key=key, title=alert.summary[:300], status=TRIGGERED, severity=alert.severity, labels=alert.labels,
-            links={}, sources=[], channels=channels, escalation=escalation, runbooks=runbooks,
-            silenced=silenced, opened_at=st.now, first_seen=st.now, last_seen=st.now,
-            previous_id=st.previous_by_key.get(key),
-        )
-        st.session.add(incident)
+        incident = _Row(dict(
+            id=None, group_key=key, title=alert.summary[:300], status=TRIGGERED, severity=alert.severity, priority=0,
+            labels=alert.labels, links={}, sources=[], channels=channels, escalation=escalation, runbooks=runbooks,
+            alert_count=0, firing_count=0, notifications=0, critical_asset=False, silenced=silenced,
+            opened_at=st.now, first_seen=st.now, last_seen=st.now, acknowledged_at=None, acknowledged_by=None,
+            resolved_at=None, resolved_by=None, previous_id=st.previous(key),
+        ), new=True)
+        st.new_incidents.append(incident)
         st.incidents_by_key[key] = incident
         st.touch(incident).opened = True
         return incident
 
-    def _queue_chat_work(self, session: AsyncSession, st: _Batch) -> None:
-        """One post per new incident and channel; one update (+ thread lines) per changed one."""
+    def _chat_work(self, st: _Batch) -> list[dict[str, Any]]:
+        """Outbox rows: one post per new incident and channel; one update (+ thread lines) per changed one."""
+        rows: list[dict[str, Any]] = []
         for t in st.touched.values():
             incident = t.incident
             if incident.silenced:
                 continue
             for channel in incident.channels:
                 def add(kind: str, event: str, details: dict[str, Any] | None = None) -> None:
-                    session.add(OutboxItem(created_at=st.now, due_at=st.now, incident_id=incident.id, channel=channel,
-                                           kind=kind, event=event, details=details or {}))
+                    rows.append({"created_at": st.now, "due_at": st.now, "incident_id": incident.id, "channel": channel,
+                                 "kind": kind, "event": event, "details": details or {}, "status": "pending",
+                                 "attempts": 0, "last_error": None})
                 if t.opened:
                     add("post", "incident.opened")
                     continue
@@ -359,9 +426,10 @@ class Intake:
                     add("reply", "incident.resolved", {"by": "source"})
                 elif t.resolved_alerts:
                     add("reply", "alerts.resolved", {"count": t.resolved_alerts})
+        return rows
 
 
-def _id(incident: Incident) -> Any:
+def _id(incident: _Row) -> Any:
     """The incident id, or the object itself until the flush gives it one."""
     return incident.id if incident.id is not None else incident
 
@@ -370,7 +438,7 @@ def _assign_incident_ids(st: _Batch) -> None:
     """After the flush: fill in ids that were still objects, and answer with ids."""
     fixed = []
     for e in st.entries:
-        if isinstance(e.incident_id, Incident):
+        if isinstance(e.incident_id, _Row):
             inc = e.incident_id
             e = Entry(e.action, e.actor, e.subject_type, str(inc.id) if e.subject_type == "incident" else e.subject_id,
                       e.at, e.details, inc.id)

@@ -8,9 +8,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from bot.auth import sign
+from storage.db import Database
 from storage.models import AlertRecord, AuditEvent
 from tests.botkit import Harness, fixture, running_bot
 
@@ -155,14 +155,14 @@ async def test_source_whose_secret_is_unset_is_off(tmp_path: Path) -> None:
 
 
 async def test_database_down_gives_503_and_writes_nothing(h: Harness, tmp_path: Path) -> None:
-    good_sessions = h.bot.db.sessions
-    broken = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
-    h.bot.db.sessions = async_sessionmaker(broken, expire_on_commit=False)
+    good = h.bot.db
+    broken = Database(f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'x.db'}")  # its directory does not exist
+    h.bot.intake.db = broken
     status, answer, headers = await h.post("open", [ALERT, {**ALERT, "asset_name": "web-2"}])
     assert status == 503 and headers["Retry-After"] == "5"
     assert answer["error"] == "the database is unavailable; nothing was stored, retry later"
     await broken.dispose()
-    h.bot.db.sessions = good_sessions
+    h.bot.intake.db = good
     assert await h.count(AlertRecord) == 0 and await h.count(AuditEvent) == 0
     assert (await h.post("open", ALERT))[0] == 200  # the retry lands
     assert await h.count(AlertRecord) == 1

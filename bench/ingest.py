@@ -1,0 +1,299 @@
+"""Alert ingest throughput and latency: the bot's whole path against a bare handler and Alertmanager.
+
+    python bench/ingest.py [--alerts N] [--concurrency C] [--groups K] [--rate R] [--skip-alertmanager]
+
+Sends the same stream of N generic alerts (spread over K incidents) over C
+keep-alive connections to, each in its own process on 127.0.0.1:
+  bot           POST /alerts/bench: auth, parse, grouping, audit, outbox, committed to SQLite
+  bare handler  an aiohttp handler that only json.loads the body (the Python ceiling here)
+  alertmanager  POST /api/v2/alerts, one alert per request (when prometheus-alertmanager is
+                installed; null receiver, so nothing is sent anywhere)
+With --rate R the bot also gets a paced run at R alerts/s; its latency counts from each
+request's scheduled time, so falling behind shows in p99. Afterwards the SQLite file is
+checked: every 2xx from the bot must be a committed alert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+
+from bot.auth import sign  # noqa: E402
+
+SECRET = "bench-secret-0123456789"
+PHASE_LIMIT = 120.0  # seconds: a phase stops sending after this
+BARE = """
+import json, sys
+from aiohttp import web
+async def alerts(request):
+    json.loads(await request.read())
+    return web.json_response({"ok": True})
+async def healthz(_):
+    return web.json_response({"status": "ok"})
+app = web.Application()
+app.router.add_post("/alerts", alerts)
+app.router.add_get("/healthz", healthz)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+AM_CONFIG = "route: {receiver: 'null'}\nreceivers: [{name: 'null'}]\n"
+
+Request = tuple[bytes, dict[str, str]]
+
+
+@dataclass
+class Result:
+    target: str
+    sent: int = 0
+    elapsed: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> int:
+        return sum(n for s, n in self.statuses.items() if s.startswith("2"))
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.elapsed if self.elapsed else 0.0
+
+    def pct(self, p: float) -> float:
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(len(xs) * p))] * 1000 if xs else float("nan")
+
+    @property
+    def errors(self) -> str:
+        bad = {s: n for s, n in self.statuses.items() if not s.startswith("2")}
+        return ", ".join(f"{n} x {s}" for s, n in sorted(bad.items())) or "0"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alert(i: int, groups: int, tag: str) -> dict[str, str]:
+    return {"asset_name": f"host-{i % groups}", "signature": "HighLatency", "severity": "high",
+            "message": f"p99 latency above 2s ({tag} #{i})", "tool_source": "bench"}
+
+
+def bot_requests(n: int, groups: int, tag: str) -> list[Request]:
+    """Signed bodies, made before timing; each body is unique, so no signature is a replay."""
+    ts = str(int(time.time()))
+    out = []
+    for i in range(n):
+        body = json.dumps(alert(i, groups, tag)).encode()
+        out.append((body, {"Content-Type": "application/json", "X-Timestamp": ts,
+                           "X-Signature": "sha256=" + sign(SECRET, body, ts)}))
+    return out
+
+
+def am_requests(n: int, groups: int) -> list[Request]:
+    out = []
+    for i in range(n):
+        a = alert(i, groups, "am")
+        labels = {"alertname": a["signature"], "instance": a["asset_name"], "severity": a["severity"], "tool": a["tool_source"]}
+        out.append((json.dumps([{"labels": labels, "annotations": {"summary": a["message"]}}]).encode(),
+                    {"Content-Type": "application/json"}))
+    return out
+
+
+async def send(session: aiohttp.ClientSession, url: str, req: Request, res: Result, t0: float) -> None:
+    try:
+        async with session.post(url, data=req[0], headers=req[1]) as r:
+            await r.read()
+            res.statuses[str(r.status)] += 1
+    except Exception as exc:  # a refused or timed-out request is an error of the target, not of the bench
+        res.statuses[type(exc).__name__] += 1
+    res.latencies.append(time.perf_counter() - t0)
+
+
+async def progress(res: Result, total: int, started: float) -> None:
+    while True:
+        await asyncio.sleep(5)
+        t = time.perf_counter() - started
+        print(f"  {res.target}: {res.sent:,}/{total:,} sent, {res.ok / t:,.0f}/s ok so far, errors {res.errors}", flush=True)
+
+
+async def run(target: str, url: str, reqs: list[Request], concurrency: int, rate: float | None = None) -> Result:
+    """Closed loop with C workers, or (rate) open loop: request i is due at i/rate, latency counted from then."""
+    res = Result(target)
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        started = time.perf_counter()
+        deadline = started + PHASE_LIMIT
+        ticker = asyncio.create_task(progress(res, len(reqs), started))
+        try:
+            if rate is None:
+                it = iter(reqs)
+
+                async def worker() -> None:
+                    for req in it:
+                        if time.perf_counter() > deadline:
+                            return
+                        res.sent += 1
+                        await send(session, url, req, res, time.perf_counter())
+
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+            else:
+                tasks = []
+                for i, req in enumerate(reqs):
+                    due = started + i / rate
+                    if due > deadline:
+                        break
+                    if (wait := due - time.perf_counter()) > 0:
+                        await asyncio.sleep(wait)
+                    res.sent += 1
+                    tasks.append(asyncio.create_task(send(session, url, req, res, due)))
+                await asyncio.gather(*tasks)
+        finally:
+            ticker.cancel()
+        res.elapsed = time.perf_counter() - started
+    return res
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited with {proc.returncode} before it was ready; its log, {log}:\n{log.read_text()[-3000:]}")
+            try:
+                async with session.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit(f"{name} not ready after 30 s; see {log}")
+
+
+def start(name: str, argv: list[str], tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp / f"{name}.log"
+    with log.open("wb") as f:
+        return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=tmp), log
+
+
+def committed(db: Path) -> tuple[int, int]:
+    """(sum of alerts.received_count, audit events alert.received), read from the bot's SQLite file."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        alerts = conn.execute("SELECT COALESCE(SUM(received_count), 0) FROM alerts").fetchone()[0]
+        audit = conn.execute("SELECT COUNT(*) FROM audit_events WHERE action = 'alert.received'").fetchone()[0]
+    return alerts, audit
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--alerts", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--groups", type=int, default=200)
+    parser.add_argument("--rate", type=float, help="also a paced run at this many alerts/s (e.g. 1000)")
+    parser.add_argument("--skip-alertmanager", action="store_true")
+    args = parser.parse_args()
+    n, c, k = args.alerts, args.concurrency, args.groups
+    tmp = Path(tempfile.mkdtemp(prefix="chatops-ingest-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    results: list[Result] = []
+    keep = False
+    try:
+        chatops = Path(sys.executable).with_name("chatops")
+        bot_port, bare_port = free_port(), free_port()
+        config = {
+            "server": {"host": "127.0.0.1", "port": bot_port},
+            "storage": {"url": f"sqlite+aiosqlite:///{tmp}/bot.db"},
+            "audit": {"hmac_key": "bench"},
+            "channels": [{"id": "ops", "platform": "slack", "chat": "C0OPS"}],
+            "sources": [{"id": "bench", "kind": "generic", "auth": {"hmac_secret": SECRET}}],
+            "routes": [{"match": {}, "channels": ["ops"]}],
+        }
+        (tmp / "app.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
+        bot, bot_log = start("bot", [str(chatops), "serve", "-c", str(tmp / "app.yaml")], tmp)
+        procs.append(bot)
+        bare, bare_log = start("bare", [sys.executable, "-c", BARE, str(bare_port)], tmp)
+        procs.append(bare)
+        await wait_ready(f"http://127.0.0.1:{bot_port}/healthz", bot, "bot", bot_log)
+        await wait_ready(f"http://127.0.0.1:{bare_port}/healthz", bare, "bare handler", bare_log)
+        print(f"{n:,} alerts over {k} incidents, {c} connections; logs and SQLite in {tmp}", flush=True)
+
+        print("bot: sending", flush=True)
+        results.append(await run("bot", f"http://127.0.0.1:{bot_port}/alerts/bench", bot_requests(n, k, "run"), c))
+        print("bare handler: sending", flush=True)
+        results.append(await run("bare handler", f"http://127.0.0.1:{bare_port}/alerts", bot_requests(n, k, "bare"), c))
+
+        am_note = None
+        am_bin = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+        if args.skip_alertmanager:
+            am_note = "alertmanager: skipped (--skip-alertmanager)"
+        elif am_bin is None:
+            am_note = "alertmanager: skipped (prometheus-alertmanager is not installed)"
+        else:
+            am_port = free_port()
+            (tmp / "am.yml").write_text(AM_CONFIG)
+            (tmp / "am-data").mkdir()
+            am, am_log = start("alertmanager", [am_bin, f"--config.file={tmp / 'am.yml'}", f"--storage.path={tmp / 'am-data'}",
+                                                f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address="], tmp)
+            procs.append(am)
+            await wait_ready(f"http://127.0.0.1:{am_port}/-/ready", am, "alertmanager", am_log)
+            print("alertmanager: sending", flush=True)
+            results.append(await run("alertmanager", f"http://127.0.0.1:{am_port}/api/v2/alerts", am_requests(n, k), c))
+
+        if args.rate:
+            paced_n = min(n, int(args.rate * 30))
+            print(f"bot, paced at {args.rate:,.0f}/s: sending {paced_n:,}", flush=True)
+            results.append(await run(f"bot @ {args.rate:,.0f}/s", f"http://127.0.0.1:{bot_port}/alerts/bench",
+                                     bot_requests(paced_n, k, "paced"), c, rate=args.rate))
+
+        accepted = sum(r.ok for r in results if r.target.startswith("bot"))
+        in_alerts, in_audit = committed(tmp / "bot.db")  # read while the bot still runs: a 2xx must already be there
+
+        print(f"\n{'target':<18} {'sent':>7} {'alerts/s':>9} {'p50 ms':>8} {'p99 ms':>8}  errors")
+        for r in results:
+            print(f"{r.target:<18} {r.sent:>7,} {r.rate:>9,.0f} {r.pct(0.50):>8.1f} {r.pct(0.99):>8.1f}  {r.errors}")
+        if am_note:
+            print(am_note)
+        by = {r.target: r for r in results}
+        ratio = by["bot"].rate / by["bare handler"].rate if by["bare handler"].rate else 0.0
+        print(f"\nbot/ceiling: {ratio:.2f}x (target >= 0.5x: {'met' if ratio >= 0.5 else 'NOT met'})")
+        if "alertmanager" in by and by["alertmanager"].rate:
+            print(f"bot/Alertmanager: {by['bot'].rate / by['alertmanager'].rate:.2f}x")
+        if args.rate:
+            p99 = results[-1].pct(0.99)
+            print(f"p99 at {args.rate:,.0f}/s: {p99:.1f} ms (target <= 50 ms: {'met' if p99 <= 50 else 'NOT met'})")
+        good = in_alerts == accepted == in_audit
+        print(f"committed: {in_alerts:,} of {accepted:,} accepted (alerts.received_count sum; "
+              f"{in_audit:,} alert.received audit events){'' if good else '  MISMATCH'}")
+        bot_errors = any(r.errors != "0" for r in results if r.target.startswith("bot"))
+        if bot_errors or not good:
+            keep = True
+            tail = bot_log.read_text().splitlines()[-20:]
+            print(f"\nthe bot's log ({bot_log}), last lines:\n" + "\n".join(tail))
+        return 0 if good and not bot_errors else 1
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
