@@ -176,9 +176,12 @@ def parse_grafana(payload: Any, source: str) -> list[Alert]:
         annotations = _str_map(a.get("annotations"), f"{where}.annotations")
         if a.get("valueString"):
             annotations.setdefault("value", _text(a, "valueString", where))
+        values = _grafana_values(a.get("values"), f"{where}.values")
+        if values:
+            annotations.setdefault("values", values)
         links = {"generator": _text(a, "generatorURL", where), "dashboard": _text(a, "dashboardURL", where),
                  "panel": _text(a, "panelURL", where), "silence": _text(a, "silenceURL", where),
-                 "runbook": annotations.get("runbook_url", "")}
+                 "image": _text(a, "imageURL", where), "runbook": annotations.get("runbook_url", "")}
         out.append(Alert(
             source=source,
             fingerprint=_text(a, "fingerprint", where) or _fingerprint(labels),
@@ -193,6 +196,19 @@ def parse_grafana(payload: Any, source: str) -> list[Alert]:
             group_key=group_key,
         ))
     return out
+
+
+def _grafana_values(raw: Any, where: str) -> str:
+    """Grafana's `values` (query ref id -> number, or null) as its own default message shows them: `B=93.7, C=1`."""
+    if raw is None:
+        return ""
+    parts = []
+    for ref, number in sorted(_obj(raw, where).items()):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ShapeError(f"{where}.{ref}", f"expected a number, got {_kind(number)}")
+        is_whole = isinstance(number, float) and number.is_integer() and abs(number) < 1e21
+        parts.append(f"{ref}={int(number) if is_whole else number}")
+    return ", ".join(parts)
 
 
 _GENERIC_KEYS = {"asset_name", "signature", "severity", "message", "tool_source", "status", "labels",

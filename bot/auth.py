@@ -9,6 +9,11 @@ from datetime import datetime
 
 from bot.config import BearerAuth, HmacAuth, Source
 
+# What joins the timestamp to the body in the signed message, by source kind. Our own scheme (generic
+# senders) signs `{timestamp}.{body}`; Grafana's webhook signs `{timestamp}:{body}` (grafana/alerting
+# http/hmac.go, `timestampSeparator = ":"`). Without a timestamp header both sign the body alone.
+TIMESTAMP_SEPARATOR: dict[str, str] = {"grafana": ":"}
+
 
 class AuthError(Exception):
     """Why a request was refused; `reason` is a short label for /metrics."""
@@ -33,16 +38,16 @@ def verify(source: Source, headers: Mapping[str, str], body: bytes, now: datetim
         if not hmac.compare_digest(token.strip().encode(), auth.bearer.encode()):
             raise AuthError("bad_credentials", "invalid bearer token")
         return
-    _verify_hmac(auth, headers, body, now)
+    _verify_hmac(auth, headers, body, now, TIMESTAMP_SEPARATOR.get(source.kind, "."))
 
 
-def sign(secret: str, body: bytes, timestamp: str | None = None) -> str:
-    """The signature a sender puts in the header: hex HMAC-SHA256 over `{timestamp}.{body}` or the body."""
-    message = f"{timestamp}.".encode() + body if timestamp is not None else body
+def sign(secret: str, body: bytes, timestamp: str | None = None, *, separator: str = ".") -> str:
+    """The signature a sender puts in the header: hex HMAC-SHA256 over `{timestamp}{separator}{body}` or the body."""
+    message = f"{timestamp}{separator}".encode() + body if timestamp is not None else body
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: datetime) -> None:
+def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: datetime, separator: str = ".") -> None:
     given = headers.get(auth.header, "")
     if not given:
         raise AuthError("missing_signature", f"missing {auth.header} header")
@@ -60,7 +65,7 @@ def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: d
         if skew > auth.max_skew.total_seconds():
             raise AuthError("stale_timestamp", f"{auth.timestamp_header} is {int(skew)}s away from now "
                             f"(allowed: {int(auth.max_skew.total_seconds())}s); check the sender's clock or replay")
-    expected = sign(auth.hmac_secret, body, timestamp)
+    expected = sign(auth.hmac_secret, body, timestamp, separator=separator)
     if not hmac.compare_digest(given.lower().encode(), expected.encode()):
         raise AuthError("bad_signature", f"invalid {auth.header} signature")
 

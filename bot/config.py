@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from bot import envsubst
 from bot.durations import parse_clock, parse_duration, parse_weekday
@@ -119,6 +120,23 @@ class Channel(Section):
         return str(v) if isinstance(v, int) else v
 
 
+GRAFANA_SIGNATURE_HEADER = "X-Grafana-Alerting-Signature"
+
+
+def _auth_kind(value: Any) -> str | None:
+    """Which `auth:` form a source wrote, so errors speak about that form only."""
+    if isinstance(value, str):
+        return "auth-none"
+    if isinstance(value, Mapping):
+        if "bearer" in value:
+            return "auth-bearer"
+        if "hmac_secret" in value:
+            return "auth-hmac"
+    elif isinstance(value, (BearerAuth, HmacAuth)):
+        return "auth-bearer" if isinstance(value, BearerAuth) else "auth-hmac"
+    return None
+
+
 class BearerAuth(Section):
     bearer: str = Field(min_length=8)
 
@@ -140,10 +158,26 @@ class Source(Section):
 
     id: Ident
     kind: Literal["alertmanager", "grafana", "generic"]
-    auth: Literal["none"] | BearerAuth | HmacAuth
+    auth: Annotated[
+        Annotated[Literal["none"], Tag("auth-none")] | Annotated[BearerAuth, Tag("auth-bearer")] | Annotated[HmacAuth, Tag("auth-hmac")],
+        Discriminator(_auth_kind, custom_error_type="auth_kind",
+                      custom_error_message="expected `none`, `{bearer: TOKEN}` or `{hmac_secret: SECRET, ...}`"),
+    ]
     rate_limit: RateLimit | None = None
     dedup_key: str | None = None
     max_body_bytes: int | None = Field(None, ge=1024)
+
+    @model_validator(mode="after")
+    def _sender_defaults(self) -> "Source":
+        # Grafana signs the body alone unless its contact point names a timestamp header, and its
+        # UI suggests X-Grafana-Alerting-Signature: match that when the config does not say.
+        if self.kind == "grafana" and isinstance(self.auth, HmacAuth):
+            given = self.auth.model_fields_set
+            update = {k: v for k, v in (("header", GRAFANA_SIGNATURE_HEADER), ("timestamp_header", None))
+                      if k not in given}
+            if update:
+                object.__setattr__(self, "auth", self.auth.model_copy(update=update))
+        return self
 
 
 class Grouping(Section):
@@ -404,7 +438,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif str(part) in {"BearerAuth", "HmacAuth", "literal['none']"} or str(part).startswith("function-"):
+        elif str(part) in {"BearerAuth", "HmacAuth", "literal['none']", "auth-none", "auth-bearer", "auth-hmac"} or str(part).startswith("function-"):
             continue  # pydantic's names for union branches, not config keys
         else:
             out += f".{part}" if out else str(part)

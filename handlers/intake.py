@@ -31,6 +31,7 @@ from storage.models import AlertRecord, Delivery, Incident, OutboxItem
 from storage.rows import Rows
 
 log = logging.getLogger("chatops.intake")
+RESENDING_KINDS = ("alertmanager", "grafana")  # senders that repeat a whole group's alerts in each notification
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
 
@@ -315,7 +316,6 @@ class Intake:
             record, incident = known
             record.status, record.ends_at, record.last_received = "resolved", alert.ends_at or now, now
             record.received_count += 1
-            incident.notifications += 1
             incident.last_seen = now
             st.entries.append(Entry("alert.resolved", actor, "alert", alert.fingerprint, now, details, _id(incident)))
             t = st.touch(incident)
@@ -342,6 +342,9 @@ class Intake:
                 incident.firing_count += 1
                 st.touch(incident).refired += 1
             change = "refired" if refire else "duplicate"
+            # Alertmanager and Grafana send every alert of a group again whenever the group changes
+            # and at each repeat interval: an alert that is still firing is not a new occurrence.
+            resent = not refire and source.kind in RESENDING_KINDS
         else:
             key = group_key(cfg.grouping.by, source.dedup_key, alert)
             incident = st.incidents_by_key.get(key)
@@ -369,7 +372,9 @@ class Intake:
             st.latest_by_identity[(alert.source, alert.fingerprint)] = (record, incident)
             incident.alert_count += 1
             incident.firing_count += 1
-        incident.notifications += 1
+            resent = False
+        if not resent:
+            incident.notifications += 1
         incident.last_seen = now
         incident.severity = worst(incident.severity, alert.severity)
         if source.id not in incident.sources:

@@ -136,8 +136,12 @@ BROKEN = [
         "routes[0].match.instance: invalid regular expression 'db[0-9': unterminated character set at position 2",
     ),
     (
+        BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: short}") + ROUTES,
+        "sources[0].auth.bearer: string should have at least 8 characters",
+    ),
+    (
         BASE.replace("auth: {bearer: secret-token}", "auth: {}") + ROUTES,
-        "sources[0].auth.bearer: required",
+        "sources[0].auth: expected `none`, `{bearer: TOKEN}` or `{hmac_secret: SECRET, ...}`",
     ),
     ("people: [\n", "app.yaml: line 2, column 1: invalid YAML: expected the node content, but found '<stream end>'"),
 ]
@@ -216,3 +220,16 @@ def test_check_config_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     assert main(["check-config", "-c", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: file not found (pass -c PATH or set CHATOPS_CONFIG)" in capsys.readouterr().out
+
+
+def test_grafana_hmac_defaults_follow_grafana_and_explicit_values_win() -> None:
+    text = textwrap.dedent(BASE).replace("sources:\n", textwrap.dedent("""\
+        sources:
+          - {id: g, kind: grafana, auth: {hmac_secret: s3cret-123}}
+          - {id: g2, kind: grafana, auth: {hmac_secret: s3cret-123, header: X-Sig, timestamp_header: X-TS}}
+          - {id: w, kind: generic, auth: {hmac_secret: s3cret-123}}
+        """))
+    sources = {s.id: s.auth for s in parse_config(text, adapter_models=SETTINGS_MODELS, env={}).config.sources}
+    assert (sources["g"].header, sources["g"].timestamp_header) == ("X-Grafana-Alerting-Signature", None)
+    assert (sources["g2"].header, sources["g2"].timestamp_header) == ("X-Sig", "X-TS")
+    assert (sources["w"].header, sources["w"].timestamp_header) == ("X-Signature", "X-Timestamp")

@@ -160,3 +160,15 @@ async def test_silenced_alert_is_recorded_but_pages_nobody(h: Harness) -> None:
     h.clock.advance(timedelta(days=1))
     await h.post("open", {**alert, "asset_name": "web-90"})
     assert [o[2] for o in await h.outbox()] == ["post"]
+
+
+async def test_alertmanager_resends_and_resolutions_do_not_raise_priority(h: Harness) -> None:
+    await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    [inc] = await h.incidents()
+    assert (inc.notifications, inc.priority) == (2, 112)
+    h.clock.advance(timedelta(minutes=5))  # the same group again, as at each repeat_interval
+    status, body, _ = await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    assert status == 200 and [r["change"] for r in body["results"]] == ["duplicate", "duplicate"]
+    await h.post("am", fixture("alertmanager/02-diskfull-1-resolved-1-firing.json"))
+    [inc] = await h.incidents()
+    assert (inc.notifications, inc.priority, inc.firing_count, inc.status) == (2, 112, 1, "triggered")

@@ -1,0 +1,245 @@
+"""Grafana unified alerting webhooks end to end: the payload Grafana sends, signed the way Grafana signs it.
+
+Payload: tests/fixtures/grafana/README.md says where the fixtures come from. Signing, as Grafana does it
+(grafana/alerting http/hmac.go): hex HMAC-SHA256 of the raw body, or of `{unix seconds}:{body}` when a
+timestamp header is configured; the hex digest goes in the signature header as is (no `sha256=` prefix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bot.auth import sign
+from storage.models import AlertRecord, AuditEvent
+from tests import botkit
+from tests.botkit import Harness, fixture, running_bot
+from tests.conftest import drop_schema, postgres_url
+
+FIRING = "grafana/01-firing-2-alerts.json"
+RESOLVED = "grafana/02-resolved-2-alerts.json"
+SIGNATURE = "X-Grafana-Alerting-Signature"  # Grafana's default header name
+TIMESTAMP = "X-Grafana-Alerting-Timestamp"  # Grafana has no default: the contact point names it
+MEM, CPU = "c6eadffa33fcdf37", "bc97ff14869b13e3"
+
+# A second Grafana source that sends a timestamp header, next to botkit's body-only "grafana" source.
+_GRAFANA_LINE = "  - {id: grafana, kind: grafana, auth: {hmac_secret: grafana-secret, header: X-Grafana-Alerting-Signature, timestamp_header: null}}\n"
+_GRAFANA_TS_LINE = ("  - {id: grafana-ts, kind: grafana, auth: {hmac_secret: grafana-ts-secret, "
+                    f"header: {SIGNATURE}, timestamp_header: {TIMESTAMP}}}}}\n")
+
+
+def grafana_signature(secret: str, body: bytes, timestamp: str | None = None) -> str:
+    """HMACRoundTripper.sign from grafana/alerting http/hmac.go, written out here rather than taken from bot.auth."""
+    mac = hmac.new(secret.encode(), digestmod=hashlib.sha256)
+    if timestamp is not None:
+        mac.update(timestamp.encode())
+        mac.update(b":")
+    mac.update(body)
+    return mac.hexdigest()
+
+
+def signed(body: bytes, secret: str = "grafana-secret") -> dict[str, str]:
+    return {SIGNATURE: grafana_signature(secret, body), "Content-Type": "application/json", "User-Agent": "Grafana"}
+
+
+def go_wire(payload: object) -> bytes:
+    """The bytes Go's json.Marshal would send: compact, with <, > and & escaped as \\u003c, \\u003e, \\u0026."""
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
+
+
+def utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def h(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) -> AsyncIterator[Harness]:
+    if request.param == "sqlite":
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as harness:
+            yield harness
+    else:
+        url = postgres_url()
+        try:
+            async with running_bot(url, schema=pg_schema) as harness:
+                yield harness
+        finally:
+            await drop_schema(url, pg_schema)
+
+
+@pytest.fixture
+async def h_ts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
+    assert _GRAFANA_LINE in botkit.CONFIG, "botkit's grafana source changed: update _GRAFANA_LINE"
+    monkeypatch.setattr(botkit, "CONFIG", botkit.CONFIG.replace(_GRAFANA_LINE, _GRAFANA_LINE + _GRAFANA_TS_LINE))
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as harness:
+        yield harness
+
+
+async def test_firing_payload_opens_incidents_that_keep_grafana_links_and_values(h: Harness) -> None:
+    body = fixture(FIRING)
+    sent = json.loads(body)["alerts"]
+    status, answer, _ = await h.post("grafana", body, signed(body))
+    assert status == 200, answer
+    assert answer["results"] == [{"fingerprint": MEM, "incident": 1, "change": "opened"},
+                                 {"fingerprint": CPU, "incident": 2, "change": "opened"}]
+
+    mem, cpu = await h.incidents()
+    # Title from the summary annotation; Grafana's severity label: critical stays critical, warning is medium.
+    assert (mem.title, mem.severity, mem.status) == ("Memory above 90% on app-01:9100 (zone us-1)", "critical", "triggered")
+    assert (cpu.title, cpu.severity, cpu.status) == ("CPU above 85% on app-02:9100 (zone eu-1)", "medium", "triggered")
+    assert mem.group_key == "alertname=High memory usage|instance=app-01:9100"
+    assert (mem.sources, mem.channels, mem.alert_count, mem.firing_count) == (["grafana"], ["ops-slack"], 1, 1)
+    assert mem.labels["grafana_folder"] == "Infrastructure" and mem.labels["team"] == "blue"
+
+    # Every link Grafana sent, on the incident and on the alert record.
+    a = sent[0]
+    assert mem.links == {"generator": a["generatorURL"], "dashboard": a["dashboardURL"], "panel": a["panelURL"],
+                         "silence": a["silenceURL"], "image": a["imageURL"], "runbook": a["annotations"]["runbook_url"]}
+    assert mem.links["panel"].endswith("&viewPanel=78") and "matcher=__alert_rule_uid__%3D1afz29v7z" in mem.links["silence"]
+    # Grafana sends "" for a rule without a dashboard: no empty links.
+    assert cpu.links == {"generator": sent[1]["generatorURL"], "silence": sent[1]["silenceURL"],
+                         "runbook": sent[1]["annotations"]["runbook_url"]}
+
+    [record] = await h.alerts(mem.id)
+    assert (record.source, record.fingerprint, record.status) == ("grafana", MEM, "firing")
+    assert record.links == mem.links
+    assert utc(record.starts_at) == datetime(2026, 11, 24, 3, 51, 3, 157076, tzinfo=UTC)  # sent as +02:00
+    assert record.ends_at is None  # Grafana's "0001-01-01T00:00:00Z"
+    # The evaluated values stay visible next to Grafana's own annotations.
+    assert record.annotations == {
+        **a["annotations"],
+        "value": "[ var='B' labels={instance=app-01:9100} value=93.71044921875 ], "
+                 "[ var='C' labels={instance=app-01:9100} value=1 ]",
+        "values": "B=93.71044921875, C=1",
+    }
+    [cpu_record] = await h.alerts(cpu.id)
+    assert cpu_record.annotations["values"] == "B=97.2515527950311, C=1"
+
+    assert await h.outbox() == [(1, "ops-slack", "post", "incident.opened", {}),
+                                (2, "ops-slack", "post", "incident.opened", {})]
+
+    # Grafana re-sends the group every repeat_interval: duplicates, not new incidents, and not new
+    # occurrences either (the priority does not climb while nothing changes).
+    h.clock.advance(timedelta(minutes=5))
+    status, answer, _ = await h.post("grafana", body, signed(body))
+    assert [r["change"] for r in answer["results"]] == ["duplicate", "duplicate"]
+    assert [(i.notifications, i.priority) for i in await h.incidents()] == [(1, 90), (1, 30)]
+
+
+async def test_resolved_payload_resolves_both_incidents(h: Harness) -> None:
+    firing = fixture(FIRING)
+    await h.post("grafana", firing, signed(firing))
+    h.clock.advance(timedelta(minutes=15))
+
+    body = fixture(RESOLVED)
+    status, answer, _ = await h.post("grafana", body, signed(body))
+    assert status == 200, answer
+    assert answer["results"] == [{"fingerprint": MEM, "incident": 1, "change": "resolved"},
+                                 {"fingerprint": CPU, "incident": 2, "change": "resolved"}]
+    mem, cpu = await h.incidents()
+    assert [(i.status, i.resolved_by, i.firing_count) for i in (mem, cpu)] == [("resolved", "source:grafana", 0)] * 2
+    [record] = await h.alerts(mem.id)
+    assert record.status == "resolved"
+    assert utc(record.ends_at) == datetime(2026, 11, 24, 4, 14, 3, 157076, tzinfo=UTC)  # Grafana's endsAt
+    assert await h.actions(mem.id) == ["incident.opened", "alert.received", "alert.resolved", "incident.resolved"]
+    assert [o[3] for o in await h.outbox() if o[2] == "reply"] == ["incident.resolved", "incident.resolved"]
+
+
+async def test_contact_point_test_notification_is_accepted(tmp_path: Path) -> None:
+    """The "Test" button: one alert, `values: null`, `valueString: ""`, no dashboard."""
+    payload = json.loads(fixture(FIRING))
+    payload["alerts"] = [{**payload["alerts"][1], "labels": {"alertname": "TestAlert", "instance": "Grafana"},
+                          "annotations": {"summary": "Notification test"}, "values": None, "valueString": "",
+                          "fingerprint": "57c6d9296de2ad39"}]
+    body = go_wire(payload)
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:
+        status, answer, _ = await h.post("grafana", body, signed(body))
+        assert status == 200, answer
+        [inc] = await h.incidents()
+        assert (inc.title, inc.severity) == ("Notification test", "medium")
+        [record] = await h.alerts(inc.id)
+        assert record.annotations == {"summary": "Notification test"}
+
+
+async def test_body_signature_as_grafana_sends_it(tmp_path: Path) -> None:
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:
+        body = fixture(FIRING)
+        assert (await h.post("grafana", body, signed(body)))[0] == 200
+        # The bytes exactly as Go marshals them (compact, "&" as \u0026): the signature covers the raw body.
+        wire = go_wire(json.loads(fixture(RESOLVED)))
+        assert b"\\u0026" in wire
+        assert (await h.post("grafana", wire, signed(wire)))[0] == 200
+
+        status, answer, _ = await h.post("grafana", body, signed(body, secret="not-the-secret"))
+        assert (status, answer["error"]) == (401, f"invalid {SIGNATURE} signature")
+        tampered = body.replace(b'"severity": "warning"', b'"severity": "info"')
+        assert tampered != body
+        status, answer, _ = await h.post("grafana", tampered, signed(body))
+        assert (status, answer["error"]) == (401, f"invalid {SIGNATURE} signature")
+        status, answer, _ = await h.post("grafana", body, {"Content-Type": "application/json"})
+        assert (status, answer["error"]) == (401, f"missing {SIGNATURE} header")
+        assert await h.count(AlertRecord) == 2
+
+
+async def test_timestamped_signature_as_grafana_sends_it(h_ts: Harness) -> None:
+    h = h_ts
+    body = fixture(FIRING)
+    now = str(int(h.clock.now().timestamp()))
+    grafana = {SIGNATURE: grafana_signature("grafana-ts-secret", body, now), TIMESTAMP: now}
+    status, answer, _ = await h.post("grafana-ts", body, grafana)
+    assert status == 200, answer
+    assert [r["change"] for r in answer["results"]] == ["opened", "opened"]
+
+    # The same request again inside the window is a replay.
+    status, answer, _ = await h.post("grafana-ts", body, grafana)
+    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted "
+                                              "(send X-Delivery-ID to retry safely)")
+
+    other = fixture(RESOLVED)
+    # The generic sources' `{timestamp}.{body}` is not what Grafana signs.
+    dotted = {SIGNATURE: sign("grafana-ts-secret", other, now), TIMESTAMP: now}
+    status, answer, _ = await h.post("grafana-ts", other, dotted)
+    assert (status, answer["error"]) == (401, f"invalid {SIGNATURE} signature")
+    # A timestamp that is not the one signed.
+    later = str(int(now) + 1)
+    status, answer, _ = await h.post("grafana-ts", other, {**grafana, TIMESTAMP: later})
+    assert (status, answer["error"]) == (401, f"invalid {SIGNATURE} signature")
+    stale = str(int(now) - 301)
+    status, answer, _ = await h.post("grafana-ts", other, {SIGNATURE: grafana_signature("grafana-ts-secret", other, stale),
+                                                           TIMESTAMP: stale})
+    assert status == 401 and answer["error"].startswith(f"{TIMESTAMP} is 301s away from now (allowed: 300s)")
+    status, answer, _ = await h.post("grafana-ts", other, {SIGNATURE: grafana_signature("grafana-ts-secret", other, now)})
+    assert (status, answer["error"]) == (401, f"missing {TIMESTAMP} header")
+
+    h.clock.advance(timedelta(minutes=15))
+    now = str(int(h.clock.now().timestamp()))
+    status, answer, _ = await h.post("grafana-ts", other, {SIGNATURE: grafana_signature("grafana-ts-secret", other, now),
+                                                           TIMESTAMP: now})
+    assert status == 200 and [r["change"] for r in answer["results"]] == ["resolved", "resolved"]
+    assert await h.actions() == [
+        "incident.opened", "alert.received", "incident.opened", "alert.received",
+        "alert.resolved", "incident.resolved", "alert.resolved", "incident.resolved",
+    ]
+    assert await h.count(AuditEvent) == 8
+
+
+@pytest.mark.parametrize(("values", "field", "problem"), [
+    ([44.2], "alerts[0].values", "expected an object, got a list"),
+    ({"B": "44.2"}, "alerts[0].values.B", "expected a number, got a string"),
+    ({"C": True}, "alerts[0].values.C", "expected a number, got a boolean"),
+])
+async def test_values_of_the_wrong_shape_get_a_422(tmp_path: Path, values: object, field: str, problem: str) -> None:
+    payload = json.loads(fixture(FIRING))
+    payload["alerts"][0]["values"] = values
+    body = go_wire(payload)
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:
+        status, answer, _ = await h.post("grafana", body, signed(body))
+        assert (status, answer["error"]) == (422, f"{field}: {problem} (not a grafana payload?)")
+        assert await h.count(AlertRecord) == 0
