@@ -185,6 +185,38 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(_with_db(loaded, work))
 
 
+def cmd_outbox_list(args: argparse.Namespace, out: TextIO) -> int:
+    loaded = _load(args)
+
+    async def work(db: Database) -> int:
+        now = datetime.now(UTC)
+        async with db.sessions() as session:
+            rows = await queries.list_outbox(session, status=None if args.status == "all" else args.status,
+                                             limit=args.limit)
+            counts = await queries.outbox_counts(session)
+        if not rows:
+            print(f"no {args.status} deliveries" if args.status != "all" else "the outbox is empty", file=out)
+        else:
+            print(table(["ID", "INCIDENT", "CHANNEL", "KIND", "EVENT", "STATUS", "ATTEMPTS", "QUEUED", "LAST ERROR"],
+                        [(r.id, f"#{r.incident_id}", r.channel, r.kind, r.event, r.status, r.attempts,
+                          ago(now - r.created_at), (r.last_error or "")[:60]) for r in rows]), file=out)
+        print("totals: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"), file=out)
+        if counts.get("dead"):
+            print("dead deliveries were given up after repeated or permanent failures; LAST ERROR says why",
+                  file=out)
+        return EXIT_OK
+
+    return asyncio.run(_with_db(loaded, work))
+
+
+def cmd_slack_manifest(args: argparse.Namespace, out: TextIO) -> int:
+    loaded = _load(args)
+    from adapters.slack import manifest
+
+    print(json.dumps(manifest(public_url=loaded.config.server.public_url, bot_name=args.name), indent=2), file=out)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", help="path to app.yaml (default: $CHATOPS_CONFIG, then ./app.yaml)")
@@ -210,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = incidents.add_parser("show", parents=[common], help="one incident with its alerts and timeline")
     show.add_argument("id", type=int)
     show.set_defaults(func=cmd_incidents_show)
+    outbox = sub.add_parser("outbox", help="chat deliveries waiting, sent or given up").add_subparsers(dest="outbox", required=True, metavar="ACTION")
+    olist = outbox.add_parser("list", parents=[common], help="a table of deliveries, newest first")
+    olist.add_argument("--status", choices=["pending", "sent", "dead", "all"], default="pending")
+    olist.add_argument("--limit", type=int, default=100)
+    olist.set_defaults(func=cmd_outbox_list)
+    slack = sub.add_parser("slack-manifest", parents=[common], help="print the Slack app manifest to paste at api.slack.com/apps")
+    slack.add_argument("--name", default="chatops", help="the app's display name")
+    slack.set_defaults(func=cmd_slack_manifest)
     return parser
 
 

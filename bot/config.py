@@ -91,6 +91,12 @@ class AuditConfig(Section):
     hmac_key: str | None = None
 
 
+class TemplatesConfig(Section):
+    """`dir`: templates here win over the built-in ones of the same name (relative to the config file)."""
+
+    dir: str | None = None
+
+
 class Person(Section):
     id: Ident
     name: str
@@ -301,6 +307,7 @@ class Config(Section):
     timezone: TimeZone = "UTC"
     business_hours: BusinessHours = BusinessHours()
     audit: AuditConfig = AuditConfig()
+    templates: TemplatesConfig = TemplatesConfig()
     adapters: dict[str, Any] = {}
     people: list[Person] = []
     channels: list[Channel] = []
@@ -361,7 +368,22 @@ def load_config(
         raise ConfigError(name, [("", f"{name}: file not found (pass -c PATH or set CHATOPS_CONFIG)")]) from None
     except OSError as exc:
         raise ConfigError(name, [("", f"{name}: cannot read: {exc.strerror}")]) from None
-    return parse_config(text, name=name, adapter_models=adapter_models, env=env)
+    loaded = parse_config(text, name=name, adapter_models=adapter_models, env=env)
+    if loaded.config.templates.dir is not None:
+        folder = template_dir(loaded)
+        if folder is None or not folder.is_dir():
+            raise ConfigError(name, [("templates.dir", f"no such directory: {loaded.config.templates.dir} "
+                                      f"(relative paths start at the folder of {name})")])
+    return loaded
+
+
+def template_dir(loaded: "Loaded") -> Path | None:
+    """The override template folder, relative to the config file's folder."""
+    raw = loaded.config.templates.dir
+    if raw is None:
+        return None
+    folder = Path(raw).expanduser()
+    return folder if folder.is_absolute() else Path(loaded.path).resolve().parent / folder
 
 
 def parse_config(

@@ -38,5 +38,20 @@ class Metrics:
             registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
 
+        self.outbox = Gauge(
+            "chatops_outbox", "Chat deliveries by status (read from the store at scrape time)", ["status"], registry=r
+        )
+        self.outbox_dead = Counter(
+            "chatops_outbox_dead", "Chat deliveries given up after repeated or permanent failures", ["channel"],
+            registry=r,
+        )
+        self.chat_calls = Counter(
+            "chatops_chat_calls", "Calls to chat platforms, by platform, method and outcome",
+            ["platform", "method", "outcome"], registry=r,
+        )
+        self.actions = Counter(
+            "chatops_actions", "Clicks and commands handled, by action and outcome", ["action", "outcome"], registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,13 +12,18 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from bot.clock import Clock, SystemClock
-from bot.config import Loaded
+from bot.chat import Adapter
+from bot.config import Loaded, template_dir
+from bot.dispatch import Dispatcher
 from bot.metrics import Metrics
+from bot.render import Renderer
 from handlers.alert_http import AlertEndpoint
+from handlers.chat import ChatHandlers
 from handlers.intake import Intake
+from handlers.outbox import OutboxWorker
 from storage.audit import AuditLog
 from storage.db import Database
-from storage.queries import open_incidents_by_severity
+from storage.queries import open_incidents_by_severity, outbox_counts
 
 log = logging.getLogger("chatops.server")
 
@@ -37,22 +42,46 @@ class Bot:
         self.metrics = Metrics()
         for name in loaded.adapters:
             self.metrics.adapter_up.labels(name).set(0)
-        self.intake = Intake(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics)
+        self.renderer = Renderer(template_dir(loaded))
+        self.dispatcher = Dispatcher(self.config)
+        self.adapters: dict[str, Adapter] = {}
+        self.outbox = OutboxWorker(db=self.db, config=self.config, adapters=self.adapters, clock=self.clock,
+                                   metrics=self.metrics)
+        self.intake = Intake(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
+                             after_commit=self.outbox.nudge)
         self.alerts = AlertEndpoint(loaded=loaded, intake=self.intake, clock=self.clock, metrics=self.metrics)
+        ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
+                     delivered=self.outbox.nudge).register(self.dispatcher)
+        if "slack" in loaded.adapters:
+            from adapters.slack import SlackAdapter
+
+            self.adapters["slack"] = SlackAdapter(loaded.adapters["slack"], renderer=self.renderer,
+                                                  dispatcher=self.dispatcher)
 
     async def start(self) -> None:
         """Open the store and start the background workers."""
         await self.db.start()
         self.intake.start()
+        for name, adapter in self.adapters.items():
+            starting = getattr(adapter, "start", None)
+            if starting is not None:
+                await starting()
+            self.metrics.adapter_up.labels(name).set(1)
+        self.outbox.start()
 
     async def stop(self) -> None:
         await self.intake.stop()
+        await self.outbox.stop()
+        for adapter in self.adapters.values():
+            stopping = getattr(adapter, "stop", None)
+            if stopping is not None:
+                await stopping()
         await self.db.dispose()
 
     def adapter_states(self) -> dict[str, str]:
         states = {name: f"off ({why})" for name, why in self.loaded.adapters_off.items()}
         for name in self.loaded.adapters:
-            states[name] = "configured (no delivery in this version)"
+            states[name] = "on" if name in self.adapters else "configured (arrives in a later version)"
         return dict(sorted(states.items()))
 
     def web_app(self) -> web.Application:
@@ -64,6 +93,10 @@ class Bot:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.router.add_post("/alerts/{source}", self.alerts.handle)
+        for adapter in self.adapters.values():
+            register = getattr(adapter, "register", None)
+            if register is not None:
+                register(app)
         return app
 
     @web.middleware
@@ -103,8 +136,11 @@ class Bot:
         try:
             async with self.db.sessions() as session:
                 counts = await open_incidents_by_severity(session)
+                outbox = await outbox_counts(session)
             for severity in ("critical", "high", "medium", "low", "info"):
                 self.metrics.incidents_open.labels(severity).set(counts.get(severity, 0))
+            for status in ("pending", "sent", "dead"):
+                self.metrics.outbox.labels(status).set(outbox.get(status, 0))
         except Exception as exc:  # metrics still answer when the store does not
             log.warning("metrics: cannot count open incidents: %s", exc)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})

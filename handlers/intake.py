@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,6 +31,7 @@ from storage.models import AlertRecord, Delivery, Incident, OutboxItem
 from storage.rows import Rows
 
 log = logging.getLogger("chatops.intake")
+THREAD_LINE_DELAY = timedelta(seconds=30)
 RESENDING_KINDS = ("alertmanager", "grafana")  # senders that repeat a whole group's alerts in each notification
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
@@ -133,8 +134,9 @@ class _Batch:
 
 class Intake:
     def __init__(self, *, db: Database, audit: AuditLog, config: Config, clock: Clock, metrics: Metrics,
-                 max_batch: int = 1000):
+                 max_batch: int = 1000, after_commit: Callable[[], None] | None = None):
         self.db, self.audit, self.config, self.clock, self.metrics = db, audit, config, clock, metrics
+        self.after_commit = after_commit  # e.g. wake the outbox worker
         self.max_batch = max_batch
         self._queue: asyncio.Queue[Submission | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -192,6 +194,8 @@ class Intake:
         for s, outcome in zip(batch, outcomes):
             if not s.future.done():
                 s.future.set_result(outcome)
+        if self.after_commit is not None:
+            self.after_commit()
 
     async def _apply_in_transaction(self, batch: list[Submission]) -> list[Outcome]:
         now = self.clock.now()
@@ -418,7 +422,9 @@ class Intake:
                 continue
             for channel in incident.channels:
                 def add(kind: str, event: str, details: dict[str, Any] | None = None) -> None:
-                    rows.append({"created_at": st.now, "due_at": st.now, "incident_id": incident.id, "channel": channel,
+                    # "N new alerts" lines wait a little so that a burst becomes one line.
+                    due = st.now + THREAD_LINE_DELAY if event in ("alerts.grouped", "alerts.resolved") else st.now
+                    rows.append({"created_at": st.now, "due_at": due, "incident_id": incident.id, "channel": channel,
                                  "kind": kind, "event": event, "details": details or {}, "status": "pending",
                                  "attempts": 0, "last_error": None})
                 if t.opened:

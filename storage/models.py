@@ -144,3 +144,25 @@ class Delivery(SQLModel, table=True):
     received_at: datetime = Field(index=True)
     status_code: int
     response: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class IncidentMessage(SQLModel, table=True):
+    """A message the bot posted for an incident: one parent per incident and routed channel.
+
+    `channel` is the `channels[].id` of app.yaml; `chat_id`, `message_id` and
+    `thread_id` are the platform's own (Slack channel and ts, Telegram chat and
+    message id, Teams conversation and activity id).
+    """
+
+    __tablename__ = "incident_messages"
+    __table_args__ = (Index("ix_incident_messages_channel", "incident_id", "channel", unique=True),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    incident_id: int = Field(foreign_key="incidents.id")
+    channel: str
+    platform: str
+    chat_id: str
+    message_id: str
+    thread_id: str | None = None
+    posted_at: datetime
+    updated_at: datetime

@@ -6,7 +6,7 @@ from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
-from storage.models import AlertRecord, AuditEvent, Incident
+from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem
 
 
 async def open_incidents_by_severity(session: AsyncSession) -> dict[str, int]:
@@ -34,4 +34,16 @@ async def incident_alerts(session: AsyncSession, incident_id: int) -> list[Alert
 
 async def incident_timeline(session: AsyncSession, incident_id: int) -> list[AuditEvent]:
     query = select(AuditEvent).where(AuditEvent.incident_id == incident_id).order_by(AuditEvent.seq)
+    return list((await session.execute(query)).scalars().all())
+
+
+async def outbox_counts(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(select(OutboxItem.status, func.count()).group_by(OutboxItem.status))
+    return {status: count for status, count in rows.all()}
+
+
+async def list_outbox(session: AsyncSession, *, status: str | None = None, limit: int = 200) -> list[OutboxItem]:
+    query = select(OutboxItem).order_by(OutboxItem.id.desc()).limit(limit)
+    if status:
+        query = query.where(OutboxItem.status == status)
     return list((await session.execute(query)).scalars().all())

@@ -17,7 +17,7 @@ from adapters import SETTINGS_MODELS
 from bot.clock import FakeClock
 from bot.config import parse_config
 from bot.server import Bot
-from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem
+from storage.models import AlertRecord, AuditEvent, Incident, IncidentMessage, OutboxItem
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 T0 = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)
@@ -27,6 +27,7 @@ audit: {hmac_key: test-key}
 timezone: Europe/Berlin
 people:
   - {id: alice, name: Alice, roles: [responder], slack: U01ALICE}
+  - {id: bob, name: Bob, slack: U02BOB}
 channels:
   - {id: ops-slack, platform: slack, chat: C0OPS}
   - {id: ops-telegram, platform: telegram, chat: "-100123"}
@@ -82,6 +83,24 @@ class Harness:
             if incident_id is not None:
                 q = q.where(AuditEvent.incident_id == incident_id)
             return [e.action for e in (await s.execute(q)).scalars().all()]
+
+    async def count_pending(self) -> int:
+        async with self.bot.db.sessions() as s:
+            q = select(func.count()).select_from(OutboxItem).where(OutboxItem.status == "pending")
+            return (await s.execute(q)).scalar_one()
+
+    async def pending(self) -> list[tuple[int | None, str, str, str, str, str | None]]:
+        """Deliveries not yet made: (incident, channel, kind, event, due, last error)."""
+        async with self.bot.db.sessions() as s:
+            rows = (await s.execute(select(OutboxItem).where(OutboxItem.status == "pending").order_by(OutboxItem.id))).scalars().all()
+        return [(o.incident_id, o.channel, o.kind, o.event, o.due_at.isoformat(), o.last_error) for o in rows]
+
+    async def message_of(self, incident_id: int, channel: str = "ops-slack") -> str:
+        """The platform message id of the incident's parent message in `channel`."""
+        async with self.bot.db.sessions() as s:
+            q = select(IncidentMessage.message_id).where(IncidentMessage.incident_id == incident_id,
+                                                         IncidentMessage.channel == channel)
+            return (await s.execute(q)).scalar_one()
 
     async def count(self, model: type) -> int:
         async with self.bot.db.sessions() as s:

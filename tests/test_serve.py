@@ -12,7 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
 from sqlalchemy import text
 
 from storage.db import SCHEMA_VERSION, Database

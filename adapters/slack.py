@@ -1,0 +1,415 @@
+"""Slack: Block Kit out, slack-bolt in. Translation only; every decision is the dispatcher's.
+
+Outbound, `SlackAdapter` implements `bot.chat.Adapter` with slack_sdk's
+`AsyncWebClient` (retries switched off: the outbox owns them) and maps Slack's
+refusals to `DeliveryError`. Inbound, a slack-bolt `AsyncApp` verifies the
+signature of every request to `POST /slack/events`, acknowledges at once
+(Slack's 3 s deadline) and hands a neutral `ActionEvent` or `CommandEvent` to
+the dispatcher in a background task; the `Reply` goes back to the request's
+`response_url`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shlex
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.async_app import AsyncApp
+from slack_bolt.authorization import AuthorizeResult
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.webhook.async_client import AsyncWebhookClient
+
+from adapters.settings import SlackSettings
+from bot import actions
+from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
+from bot.model import Actor
+
+log = logging.getLogger("chatops.slack")
+
+PATH = "/slack/events"
+ACTION_PREFIX = "chatops:"
+TIMEOUT = 15  # seconds for one Web API call
+INVALID_BUTTON = ("This button is not valid: it was not made by this bot, or it is too old. "
+                  "Use the buttons on the latest incident message.")
+FAILED = "Something went wrong while handling that; the details are in the bot's log."
+# name -> (description, usage hint) for the app manifest; the dispatcher owns what they do
+COMMANDS: dict[str, tuple[str, str]] = {
+    "incident": ("Show or act on an incident", "[list | show ID | ack ID | resolve ID | escalate ID]"),
+    "ack": ("Acknowledge an incident", "ID"),
+    "chatops": ("Help, or any command: /chatops ack 42", "[help | COMMAND ARGS...]"),
+    "oncall": ("Who is on call", "[ROTATION]"),
+    "swap": ("Swap shifts with someone", "@person [ROTATION]"),
+    "override": ("Take over on-call for a while", "ROTATION DURATION [@person]"),
+}
+TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
+_MENTION = re.compile(r"^\s*(<@[UW][A-Z0-9]+(?:\|[^>]*)?>\s*)+")
+_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'"})
+
+
+class Renderer(Protocol):
+    def render_json(self, kind: str, platform: str, context: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+class Dispatcher(Protocol):
+    async def handle_action(self, event: ActionEvent) -> Reply | None: ...
+
+    async def handle_command(self, event: CommandEvent) -> Reply: ...
+
+
+# -- outbound: neutral -> Block Kit ---------------------------------------------------------------
+
+def escape(text: str) -> str:
+    """Plain text for a Slack text field: `&`, `<`, `>` as entities, so nothing becomes a mention or link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _plain(text: str, limit: int) -> dict[str, Any]:
+    return {"type": "plain_text", "text": text if len(text) <= limit else text[: limit - 1] + "\u2026", "emoji": True}
+
+
+def button_element(button: Button, action_id: str) -> dict[str, Any]:
+    """One Block Kit button; its value is `bot.actions.encode` of the button."""
+    label = button.label or button.action
+    element: dict[str, Any] = {
+        "type": "button", "action_id": action_id, "text": _plain(label, 75),
+        "value": actions.encode(button.action, button.incident_id, button.arg),
+    }
+    if button.style in ("primary", "danger"):
+        element["style"] = button.style
+    if button.confirm:
+        element["confirm"] = {"title": _plain("Are you sure?", 100), "text": _plain(button.confirm, 300),
+                              "confirm": _plain(label, 30), "deny": _plain("Cancel", 30)}
+        if button.style == "danger":
+            element["confirm"]["style"] = "danger"
+    return element
+
+
+def button_blocks(buttons: Sequence[Button]) -> list[dict[str, Any]]:
+    """`actions` blocks of at most 25 buttons; action ids `chatops:{action}`, `chatops:{action}:{n}` when repeated."""
+    elements, seen = [], set()
+    for n, button in enumerate(buttons):
+        action_id = f"{ACTION_PREFIX}{button.action}"
+        action_id = f"{action_id}:{n}" if action_id in seen else action_id
+        seen.add(action_id)
+        elements.append(button_element(button, action_id))
+    return [{"type": "actions", "elements": elements[i:i + 25]} for i in range(0, len(elements), 25)]
+
+
+def delivery_error(method: str, exc: SlackApiError) -> DeliveryError:
+    """Slack's refusal as the outbox understands it: when to retry, or never."""
+    response = exc.response
+    status = getattr(response, "status_code", None) or getattr(response, "status", None) or 0
+    data = getattr(response, "data", None)
+    error = data.get("error") if isinstance(data, dict) else None
+    what = f"slack {method}: {error or f'HTTP {status}'}"
+    if status == 429 or error == "ratelimited":
+        try:
+            retry_after: float | None = float(response.headers.get("Retry-After"))
+        except (TypeError, ValueError):
+            retry_after = None
+        return DeliveryError(what, retry_after=retry_after)
+    if status >= 500 or error in TRANSIENT_ERRORS:
+        return DeliveryError(what)
+    return DeliveryError(what, permanent=True)  # channel_not_found, not_in_channel, invalid_auth, invalid_blocks...
+
+
+# -- inbound: Slack payloads -> neutral events ----------------------------------------------------
+
+def split_args(text: str) -> list[str]:
+    """Words of a command's text, shell-like (`"two words"` is one), tolerant of a stray quote."""
+    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").translate(_QUOTES)
+    try:
+        return shlex.split(text)
+    except ValueError:  # unbalanced quote: "don't", or a quote left open
+        return text.split()
+
+
+def click_source(body: Mapping[str, Any]) -> MessageRef | None:
+    """The clicked message; None for an ephemeral one, which no API call can edit."""
+    container = body.get("container") or {}
+    message = body.get("message") or {}
+    channel = (body.get("channel") or {}).get("id") or container.get("channel_id")
+    ts = message.get("ts") or container.get("message_ts")
+    if not channel or not ts or container.get("is_ephemeral"):
+        return None
+    thread = message.get("thread_ts") or container.get("thread_ts")
+    return MessageRef("slack", channel, ts, thread if thread and thread != ts else None)
+
+
+def action_event(body: Mapping[str, Any], action: Mapping[str, Any]) -> ActionEvent:
+    """A `block_actions` click as an `ActionEvent`; `actions.CodecError` for a value we did not make."""
+    decoded = actions.decode(action.get("value", ""))
+    user = body.get("user") or {}
+    actor = Actor("slack", user.get("id", ""), user.get("name") or user.get("username") or "", None)
+    return ActionEvent(decoded.action.value, decoded.incident_id, decoded.arg, actor, click_source(body),
+                       event_id=f"{actor.user_id}:{action.get('action_ts', '')}")
+
+
+def command_event(body: Mapping[str, Any]) -> CommandEvent:
+    """A slash command's form body as a `CommandEvent`: `/incident ack 42` -> `incident`, `["ack", "42"]`."""
+    channel = body.get("channel_id", "")
+    return CommandEvent(
+        name=body.get("command", "").lstrip("/"), args=split_args(body.get("text", "")),
+        actor=Actor("slack", body.get("user_id", ""), body.get("user_name", ""), None),
+        chat=MessageRef("slack", channel, "", None) if channel else None,
+        direct=body.get("channel_name") == "directmessage" or channel.startswith("D"),
+    )
+
+
+def mention_event(event: Mapping[str, Any]) -> CommandEvent:
+    """`@chatops ack 42` as `/chatops ack 42` (the dispatcher's umbrella command)."""
+    ts = event.get("ts", "")
+    thread = event.get("thread_ts")
+    return CommandEvent(
+        name="chatops", args=split_args(_MENTION.sub("", event.get("text", ""))),
+        actor=Actor("slack", event.get("user", ""), "", None),
+        chat=MessageRef("slack", event.get("channel", ""), ts, thread if thread != ts else None),
+    )
+
+
+def _authorizer(token: str) -> Callable[..., Awaitable[AuthorizeResult]]:
+    """One workspace, one token: no `auth.test` round trip before the 3 s deadline.
+    (A plain function: bolt reads its argument names, and would take a method's `self` for one.)"""
+    async def authorize(enterprise_id: str | None, team_id: str | None, user_id: str | None) -> AuthorizeResult:
+        return AuthorizeResult(enterprise_id=enterprise_id, team_id=team_id, user_id=user_id, bot_token=token)
+    return authorize
+
+
+class SlackAdapter:
+    """`bot.chat.Adapter` for Slack, plus `register(app)` for `POST /slack/events`."""
+
+    platform = "slack"
+
+    def __init__(self, settings: SlackSettings, *, renderer: Renderer, dispatcher: Dispatcher):
+        self.settings, self.renderer, self.dispatcher = settings, renderer, dispatcher
+        self.client = AsyncWebClient(token=settings.bot_token, base_url=settings.api_url, timeout=TIMEOUT,
+                                     retry_handlers=[])  # no retries behind the outbox's back
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seen_events: deque[str] = deque(maxlen=1000)
+        # Bolt's own client is never used for calls; tokenless so bolt does not warn that `authorize` wins.
+        self.bolt = AsyncApp(
+            name="chatops", logger=log.getChild("bolt"), signing_secret=settings.signing_secret,
+            client=AsyncWebClient(base_url=settings.api_url, retry_handlers=[]),
+            authorize=_authorizer(settings.bot_token), process_before_response=True,
+        )
+        self.bolt.action(re.compile(f"^{re.escape(ACTION_PREFIX)}"))(self._on_click)
+        self.bolt.action(re.compile(".*"))(self._on_other_click)  # link buttons drawn by templates
+        self.bolt.command(re.compile("^/"))(self._on_command)
+        self.bolt.event("app_mention")(self._on_mention)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Share one HTTP session (kept-alive connections) between Web API and response_url calls."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT))
+            self.client.session = self._session
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Let clicks and commands in flight finish (up to `timeout`), then close the session."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = self.client.session = None
+
+    def register(self, app: web.Application) -> None:
+        app.router.add_post(PATH, self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Bolt verifies the signature (401 if forged or older than 5 minutes) and runs our listeners."""
+        try:
+            bolt_request = await to_bolt_request(request)
+        except UnicodeDecodeError:
+            return web.json_response({"error": "the body is not UTF-8"}, status=400)
+        return await to_aiohttp_response(await self.bolt.async_dispatch(bolt_request))
+
+    # -- Adapter ----------------------------------------------------------------------------------
+
+    def to_message(self, message: Outbound) -> dict[str, Any]:
+        """`{"text", "blocks"}`: the rendered template, then the buttons as `actions` blocks."""
+        rendered = self.renderer.render_json(message.kind, "slack", message.context)
+        try:
+            blocks = list(rendered.get("blocks") or []) + button_blocks(message.buttons)
+        except actions.CodecError as exc:
+            raise DeliveryError(f"slack: cannot draw a button: {exc}", permanent=True) from exc
+        payload: dict[str, Any] = {"text": rendered.get("text") or message.text}
+        if blocks:
+            payload["blocks"] = blocks
+        return payload
+
+    async def send(self, chat_id: str, message: Outbound) -> MessageRef:
+        payload = self.to_message(message)
+        data = await self._call("chat.postMessage", self.client.chat_postMessage(channel=chat_id, **payload))
+        return MessageRef("slack", data["channel"], data["ts"], None)
+
+    async def update(self, ref: MessageRef, message: Outbound) -> None:
+        payload = self.to_message(message)
+        await self._call("chat.update", self.client.chat_update(channel=ref.chat_id, ts=ref.message_id, **payload))
+
+    async def reply(self, ref: MessageRef, message: Outbound) -> MessageRef:
+        thread = ref.thread_id or ref.message_id
+        data = await self._call("chat.postMessage", self.client.chat_postMessage(
+            channel=ref.chat_id, thread_ts=thread, **self.to_message(message)))
+        return MessageRef("slack", data["channel"], data["ts"], thread)
+
+    async def notify(self, actor: Actor, chat: MessageRef | None, text: str) -> None:
+        """Only `actor` sees it: ephemeral in `chat`, or a direct message when there is no chat."""
+        if actor.platform != "slack":
+            raise DeliveryError(f"slack: cannot notify a {actor.platform} user", permanent=True)
+        if chat is not None:
+            await self._call("chat.postEphemeral", self.client.chat_postEphemeral(
+                channel=chat.chat_id, user=actor.user_id, text=escape(text), thread_ts=chat.thread_id))
+            return
+        opened = await self._call("conversations.open", self.client.conversations_open(users=actor.user_id))
+        await self._call("chat.postMessage",
+                         self.client.chat_postMessage(channel=opened["channel"]["id"], text=escape(text)))
+
+    async def _call(self, method: str, call: Coroutine[Any, Any, Any]) -> dict[str, Any]:
+        try:
+            response = await call
+        except SlackApiError as exc:
+            raise delivery_error(method, exc) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:  # outcome unknown for a timeout; the outbox decides
+            raise DeliveryError(f"slack {method}: {type(exc).__name__}: {exc}") from exc
+        return response.data
+
+    # -- inbound ----------------------------------------------------------------------------------
+
+    async def _on_click(self, ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        self._spawn(self._click(body, action), "click")
+
+    async def _on_other_click(self, ack: Any) -> None:
+        await ack()
+
+    async def _on_command(self, ack: Any, body: dict[str, Any]) -> None:
+        await ack()
+        self._spawn(self._command(body), "command")
+
+    async def _on_mention(self, ack: Any, body: dict[str, Any], event: dict[str, Any]) -> None:
+        await ack()
+        event_id = body.get("event_id", "")
+        if event_id and event_id in self._seen_events:  # Slack's retry of an event we already took
+            return
+        self._seen_events.append(event_id)
+        self._spawn(self._mention(event), "mention")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._guarded(work, what))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guarded(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        try:
+            await work
+        except Exception:
+            log.exception("slack: handling a %s failed", what)
+
+    async def _click(self, body: dict[str, Any], action: dict[str, Any]) -> None:
+        try:
+            event = action_event(body, action)
+        except actions.CodecError as exc:
+            log.warning("slack: refused button value from user %s: %s", (body.get("user") or {}).get("id"), exc)
+            await self._answer(body, Reply(INVALID_BUTTON))
+            return
+        reply = await self._dispatch(self.dispatcher.handle_action(event))
+        if reply is None:
+            return
+        if not reply.ephemeral and event.source is not None:  # for everyone: in the incident's thread
+            await self._post(event.source.chat_id, event.source.thread_id or event.source.message_id, reply)
+            return
+        await self._answer(body, reply)
+
+    async def _command(self, body: dict[str, Any]) -> None:
+        reply = await self._dispatch(self.dispatcher.handle_command(command_event(body)))
+        await self._answer(body, reply)
+
+    async def _mention(self, event: dict[str, Any]) -> None:
+        command = mention_event(event)
+        reply = await self._dispatch(self.dispatcher.handle_command(command))
+        channel, thread = event.get("channel", ""), event.get("thread_ts") or event.get("ts")
+        if reply.ephemeral:
+            await self._call("chat.postEphemeral", self.client.chat_postEphemeral(
+                channel=channel, user=command.actor.user_id, thread_ts=thread, **self._reply_payload(reply)))
+        else:
+            await self._post(channel, thread, reply)
+
+    async def _post(self, channel: str, thread: str | None, reply: Reply) -> None:
+        await self._call("chat.postMessage", self.client.chat_postMessage(
+            channel=channel, thread_ts=thread, **self._reply_payload(reply)))
+
+    async def _dispatch(self, work: Coroutine[Any, Any, Reply | None]) -> Reply | None:
+        try:
+            return await work
+        except Exception:
+            log.exception("slack: the dispatcher failed")
+            return Reply(FAILED)
+
+    def _reply_payload(self, reply: Reply) -> dict[str, Any]:
+        if reply.message is not None:
+            try:
+                payload = self.to_message(reply.message)
+                payload["text"] = payload["text"] or escape(reply.text)
+                return payload
+            except Exception:  # a broken template must not leave the user without an answer
+                log.exception("slack: cannot render the %s reply; answering with its text", reply.message.kind)
+        return {"text": escape(reply.text)}
+
+    async def _answer(self, body: Mapping[str, Any], reply: Reply) -> None:
+        """The reply to a click or command through its response_url (ephemeral unless it says otherwise)."""
+        payload = self._reply_payload(reply)
+        url = body.get("response_url")
+        if url:
+            hook = AsyncWebhookClient(url, timeout=TIMEOUT, session=self._session)
+            response_type = "ephemeral" if reply.ephemeral else "in_channel"
+            response = await hook.send_dict({**payload, "response_type": response_type, "replace_original": False})
+            if response.status_code != 200:
+                log.warning("slack: response_url answered %s: %s", response.status_code, response.body[:200])
+            return
+        user = (body.get("user") or {}).get("id") or body.get("user_id", "")
+        channel = (body.get("channel") or {}).get("id") or body.get("channel_id", "")
+        await self._call("chat.postEphemeral", self.client.chat_postEphemeral(channel=channel, user=user, **payload))
+
+
+def manifest(*, public_url: str, bot_name: str = "chatops") -> dict[str, Any]:
+    """A Slack app manifest (paste it at api.slack.com/apps -> Create New App -> From a manifest)."""
+    url = public_url.rstrip("/") + PATH
+    return {
+        "_metadata": {"major_version": 1, "minor_version": 1},
+        "display_information": {
+            "name": bot_name[:35],
+            "description": "Incident threads from alerts, with buttons to acknowledge, escalate and resolve",
+            "background_color": "#1d1c1d",
+        },
+        "features": {
+            "bot_user": {"display_name": bot_name[:80], "always_online": True},
+            "slash_commands": [
+                {"command": f"/{name}", "url": url, "description": description, "usage_hint": hint,
+                 "should_escape": False}
+                for name, (description, hint) in COMMANDS.items()
+            ],
+        },
+        "oauth_config": {"scopes": {"bot": ["app_mentions:read", "chat:write", "chat:write.public", "commands",
+                                            "im:write", "users:read"]}},
+        "settings": {
+            "event_subscriptions": {"request_url": url, "bot_events": ["app_mention"]},
+            "interactivity": {"is_enabled": True, "request_url": url},
+            "org_deploy_enabled": False,
+            "socket_mode_enabled": False,
+            "token_rotation_enabled": False,
+        },
+    }

@@ -1,0 +1,69 @@
+"""The action codec: a button's action, incident id and argument in one string of at most 64 bytes.
+
+`ack:42`, `rb:42:restart-nginx`. The same string is Slack's button `value`,
+Telegram's `callback_data` (limited to 64 bytes, and not checked by the client
+library) and Teams' `Action.Submit` data. Decoding is strict: anything that is
+not exactly what `encode` makes is refused, since a click's payload comes from
+outside.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+MAX_BYTES = 64
+
+
+class Action(StrEnum):
+    ACKNOWLEDGE = "ack"
+    ESCALATE = "esc"
+    RESOLVE = "res"
+    REOPEN = "reo"
+    RUN_RUNBOOK = "rb"
+    APPROVE = "apv"
+    REJECT = "rej"
+
+
+class CodecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Decoded:
+    action: Action
+    incident_id: int
+    arg: str
+
+
+_ARG = re.compile(r"^[A-Za-z0-9_.@+=/-]*$")
+_VALUE = re.compile(r"^([a-z-]{1,12}):([1-9][0-9]{0,17})(?::([A-Za-z0-9_.@+=/-]+))?$")
+
+
+def encode(action: str, incident_id: int, arg: str = "") -> str:
+    """The compact form; raises CodecError when it would not fit or could not be decoded back."""
+    action = Action(action)
+    if not 0 < incident_id < 10**18:
+        raise CodecError(f"incident id {incident_id} is out of range")
+    if not _ARG.match(arg):
+        raise CodecError(f"argument {arg!r} may only hold letters, digits and _.@+=/-")
+    value = f"{action.value}:{incident_id}" + (f":{arg}" if arg else "")
+    size = len(value.encode())
+    if size > MAX_BYTES:
+        raise CodecError(f"{value[:30]}... is {size} bytes; a button value must fit {MAX_BYTES} (Telegram's limit)")
+    return value
+
+
+def decode(value: str) -> Decoded:
+    """The parts of a value made by `encode`; CodecError for anything else (forged or from another bot)."""
+    if not isinstance(value, str) or len(value.encode()) > MAX_BYTES:
+        raise CodecError("not a chatops button value (too long)")
+    m = _VALUE.match(value)
+    if m is None:
+        raise CodecError(f"not a chatops button value: {value[:40]!r}")
+    try:
+        action = Action(m.group(1))
+    except ValueError:
+        raise CodecError(f"unknown action {m.group(1)!r}") from None
+    return Decoded(action, int(m.group(2)), m.group(3) or "")

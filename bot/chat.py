@@ -1,0 +1,104 @@
+"""The neutral chat model: what every adapter translates to and from.
+
+Handlers speak only these types. An adapter turns a platform payload into an
+`ActionEvent` or `CommandEvent`, hands it to the dispatcher, and turns the
+`Reply` and the `Outbound` messages it gets back into the platform's own form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from bot.model import Actor
+
+Platform = Literal["slack", "telegram", "teams"]
+ButtonStyle = Literal["primary", "danger", "default"]
+
+
+@dataclass(frozen=True)
+class MessageRef:
+    """Where a message lives: `thread_id` is the parent's id for a reply (Slack `thread_ts`)."""
+
+    platform: str
+    chat_id: str
+    message_id: str
+    thread_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Button:
+    """A button as the core sees it; `bot.actions.encode` makes its platform value."""
+
+    action: str
+    incident_id: int
+    arg: str = ""
+    label: str = ""
+    style: ButtonStyle = "default"
+    confirm: str | None = None  # ask "are you sure?" with this text before sending the click
+
+
+@dataclass(frozen=True)
+class ActionEvent:
+    """A click. `event_id` is the platform's id of this click, to drop duplicate deliveries."""
+
+    action: str
+    incident_id: int
+    arg: str
+    actor: Actor
+    source: MessageRef | None
+    event_id: str = ""
+
+
+@dataclass(frozen=True)
+class CommandEvent:
+    """A slash or bot command: `/incident ack 42` is name `incident`, args `["ack", "42"]`."""
+
+    name: str
+    args: Sequence[str]
+    actor: Actor
+    chat: MessageRef | None = None
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """A message to send: a template kind and its context; buttons are drawn by the adapter."""
+
+    kind: str  # template kind: incident, thread, text, help, incident-list...
+    context: Mapping[str, Any] = field(default_factory=dict)
+    buttons: Sequence[Button] = ()
+    text: str = ""  # plain-text fallback (notifications, screen readers)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The immediate answer to a click or command; ephemeral means only the actor sees it."""
+
+    text: str
+    ephemeral: bool = True
+    message: Outbound | None = None  # a richer answer (a table, an incident card) instead of text
+
+
+class DeliveryError(Exception):
+    """A platform refused or failed a call. `retry_after` (seconds) when it said when to come back."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, permanent: bool = False):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.permanent = permanent
+
+
+class Adapter(Protocol):
+    """What handlers and the outbox may ask of a platform. Implemented in `adapters/`."""
+
+    platform: str
+
+    async def send(self, chat_id: str, message: Outbound) -> MessageRef: ...
+
+    async def update(self, ref: MessageRef, message: Outbound) -> None: ...
+
+    async def reply(self, ref: MessageRef, message: Outbound) -> MessageRef: ...
+
+    async def notify(self, actor: Actor, chat: MessageRef | None, text: str) -> None: ...

@@ -1,0 +1,150 @@
+"""The dispatcher: every click and command, from any platform, takes the same path.
+
+identity (platform user -> person in `people`) -> permission (role) -> drop a
+duplicate delivery of the same click -> per-incident lock -> handler.
+Handlers register with decorators:
+
+    @dispatcher.action(Action.ACKNOWLEDGE, role="responder")
+    async def acknowledge(event: ActionEvent, person: Person) -> Reply: ...
+
+    @dispatcher.command("ack", usage="/ack ID", help="acknowledge an incident")
+    async def ack(event: CommandEvent, person: Person) -> Reply: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from bot.chat import ActionEvent, CommandEvent, Reply
+from bot.config import Config, Person
+from bot.model import Actor
+
+log = logging.getLogger("chatops.dispatch")
+
+ActionHandler = Callable[[ActionEvent, Person], Awaitable[Reply | None]]
+CommandHandler = Callable[[CommandEvent, Person], Awaitable[Reply]]
+DUPLICATE_WINDOW = 600.0  # seconds a click's event id is remembered
+
+_ID_KEYS = {"slack": "slack", "telegram": "telegram", "teams": "teams"}
+_ID_EXAMPLES = {"slack": "slack: {id}", "telegram": "telegram: {id}", "teams": 'teams: "{id}"'}
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    name: str
+    handler: CommandHandler
+    usage: str
+    help: str
+    role: str | None
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    name: str
+    handler: ActionHandler
+    role: str | None
+    label: str
+
+
+class Dispatcher:
+    def __init__(self, config: Config, *, monotonic: Callable[[], float] = time.monotonic):
+        self.config = config
+        self._monotonic = monotonic
+        self.actions: dict[str, ActionSpec] = {}
+        self.commands: dict[str, CommandSpec] = {}
+        self._seen: dict[str, float] = {}
+        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._people: dict[tuple[str, str], Person] = {}
+        for person in config.people:
+            for platform, key in _ID_KEYS.items():
+                value = getattr(person, key)
+                if value is not None:
+                    self._people[(platform, str(value))] = person
+
+    # -- registration -------------------------------------------------------------------------
+
+    def action(self, name: str, *, role: str | None = "responder", label: str = "") -> Callable[[ActionHandler], ActionHandler]:
+        def register(fn: ActionHandler) -> ActionHandler:
+            self.actions[str(name)] = ActionSpec(str(name), fn, role, label or str(name))
+            return fn
+        return register
+
+    def command(self, name: str, *, usage: str, help: str, role: str | None = None) -> Callable[[CommandHandler], CommandHandler]:
+        def register(fn: CommandHandler) -> CommandHandler:
+            self.commands[name] = CommandSpec(name, fn, usage, help, role)
+            return fn
+        return register
+
+    # -- the path -------------------------------------------------------------------------------
+
+    def identify(self, actor: Actor) -> Person | None:
+        return self._people.get((actor.platform, actor.user_id))
+
+    async def handle_action(self, event: ActionEvent) -> Reply | None:
+        """The reply for the clicker, or None for a duplicate delivery of a click already handled."""
+        spec = self.actions.get(event.action)
+        if spec is None:
+            return Reply("This button is not something I know how to do (any more).")
+        person = self.identify(event.actor)
+        if person is None:
+            return self._stranger(event.actor)
+        if spec.role and spec.role not in person.roles:
+            return Reply(f"{spec.label} needs the `{spec.role}` role, and {person.name} has "
+                         f"{_roles(person)}. Ask whoever maintains app.yaml to add it to your `roles`.")
+        if event.event_id and self._duplicate(f"{event.actor.platform}:{event.event_id}"):
+            log.info("dropped a repeated delivery of click %s", event.event_id)
+            return None
+        lock = self._locks.get(event.incident_id)
+        if lock is None:
+            lock = self._locks[event.incident_id] = asyncio.Lock()
+        async with lock:
+            return await spec.handler(event, person)
+
+    async def handle_command(self, event: CommandEvent) -> Reply:
+        name = event.name.lstrip("/").lower()
+        if name == "chatops":  # the umbrella: `/chatops ack 42` is `/ack 42`
+            if not event.args or event.args[0].lower() == "help":
+                return Reply(self.help_text())
+            event = CommandEvent(event.args[0].lower(), list(event.args[1:]), event.actor, event.chat, event.direct)
+            name = event.name
+        if name == "help":
+            return Reply(self.help_text())
+        spec = self.commands.get(name)
+        if spec is None:
+            return Reply(f"I don't know `/{name}`.\n{self.help_text()}")
+        person = self.identify(event.actor)
+        if person is None:
+            return self._stranger(event.actor)
+        if spec.role and spec.role not in person.roles:
+            return Reply(f"`/{name}` needs the `{spec.role}` role, and {person.name} has {_roles(person)}.")
+        return await spec.handler(event, person)
+
+    def help_text(self) -> str:
+        lines = ["Commands:"]
+        for spec in sorted(self.commands.values(), key=lambda s: s.name):
+            lines.append(f"`{spec.usage}`: {spec.help}")
+        lines.append("`/chatops COMMAND ...` runs any of them; `/chatops help` shows this.")
+        return "\n".join(lines)
+
+    def _stranger(self, actor: Actor) -> Reply:
+        example = _ID_EXAMPLES.get(actor.platform, "{id}").format(id=actor.user_id)
+        return Reply(f"I don't know you yet. Add `{example}` to your entry under `people:` in app.yaml "
+                     "and restart the bot.")
+
+    def _duplicate(self, key: str) -> bool:
+        now = self._monotonic()
+        if len(self._seen) > 10_000:
+            self._seen = {k: t for k, t in self._seen.items() if t > now}
+        if self._seen.get(key, 0.0) > now:
+            return True
+        self._seen[key] = now + DUPLICATE_WINDOW
+        return False
+
+
+def _roles(person: Person) -> str:
+    return "the roles " + ", ".join(f"`{r}`" for r in person.roles) if person.roles else "no roles"

@@ -1,0 +1,223 @@
+"""Message templates: Jinja2, one template per message kind and platform.
+
+A template is looked up as `{kind}.{platform}.{format}.j2`, first in the
+override directory (when one is given), then in the project's `templates/`;
+when neither has it, the generic plain-text `{kind}.generic.txt.j2` is used
+(errbot's specific-then-generic loader). HTML templates are autoescaped. JSON
+templates print strings with `tojson` (and Slack text with `slack_escape`
+first); their output is parsed and checked, and a template that makes
+something a platform would refuse raises `RenderError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEXT_FORMATS = ("html", "md", "txt")  # render_text takes the first a platform has
+SLACK_MAX_BLOCKS, SLACK_SECTION_MAX, SLACK_FIELD_MAX, SLACK_FIELDS_MAX = 50, 3000, 2000, 10
+SLACK_HEADER_MAX, SLACK_CONTEXT_ELEMENTS_MAX, SLACK_TEXT_MAX = 150, 10, 40000
+
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,40}")
+_SLACK_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+class RenderError(Exception):
+    """A template is missing, broken, or made output the platform would refuse."""
+
+    def __init__(self, template: str, problem: str):
+        self.template = template
+        self.problem = problem
+        super().__init__(f"template {template}: {problem}")
+
+
+def slack_escape(value: Any, limit: int | None = None) -> str:
+    """Slack mrkdwn text: `&`, `<`, `>` as entities, cut to `limit` characters (never inside an entity)."""
+    pieces = [_SLACK_ENTITIES.get(c, c) for c in ("" if value is None else str(value))]
+    text = "".join(pieces)
+    if limit is None or len(text) <= limit:
+        return text
+    out, size = [], 0
+    for piece in pieces:
+        if size + len(piece) > limit - 1:
+            break
+        out.append(piece)
+        size += len(piece)
+    return "".join(out) + "\u2026"
+
+
+def slack_link(link: Any) -> str:
+    """A (label, url) pair as a mrkdwn link `<url|label>`; a `|` in the URL would end it, so it is encoded."""
+    label, url = link
+    return f"<{slack_escape(str(url).replace('|', '%7C'))}|{slack_escape(label)}>"
+
+
+def clip(value: Any, limit: int) -> str:
+    """Plain text cut to `limit` characters, ending with an ellipsis when cut."""
+    text = "" if value is None else str(value)
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "\u2026"
+
+
+def chunks(value: Any, size: int, most: int = 40) -> list[str]:
+    """Escaped text split into pieces of at most `size` characters, at line ends where it can be."""
+    text = "" if value is None else str(value)
+    out: list[str] = []
+    while text and len(out) < most:
+        if len(text) <= size:
+            out.append(text)
+            break
+        cut = text.rfind("\n", 0, size + 1)
+        if cut <= 0:
+            cut = size
+            amp = text.rfind("&", max(0, cut - 5), cut)  # don't split &amp; and friends
+            if amp != -1 and ";" not in text[amp:cut]:
+                cut = amp
+        out.append(text[:cut])
+        text = text[cut:].lstrip("\n")
+    if text and len(out) == most and len(text) > len(out[-1]):
+        out[-1] = clip(out[-1], size)
+    return out
+
+
+class Renderer:
+    """Renders `kind` for `platform` from the override directory, templates/, or the generic fallback."""
+
+    def __init__(self, override_dir: Path | None = None):
+        self.dirs = [Path(override_dir)] if override_dir is not None else []
+        self.dirs.append(TEMPLATES)
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader([str(d) for d in self.dirs]),
+            autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2", "htm.j2"), default=False,
+                                                default_for_string=False),
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.env.policies["json.dumps_kwargs"] = {"ensure_ascii": False}
+        self.env.filters.update(slack_escape=slack_escape, slack_link=slack_link, clip=clip, chunks=chunks,
+                                tojson=_tojson)
+        self.checks: dict[str, Callable[[Any], str | None]] = {"slack": _slack_problem}
+
+    def render_text(self, kind: str, platform: str, context: Mapping[str, Any]) -> str:
+        """Text for `platform`: its `.html`, `.md` or `.txt` template, else the generic text."""
+        name = self.find(kind, platform, TEXT_FORMATS)
+        return self._render(name, context).strip()
+
+    def render_json(self, kind: str, platform: str, context: Mapping[str, Any]) -> dict[str, Any]:
+        """The platform's JSON payload, parsed and checked. Without a JSON template for `kind`, the
+        generic text is wrapped by the platform's `text` JSON template (or returned as `{"text": ...}`)."""
+        name = self.find(kind, platform, ("json",))
+        if name == f"{kind}.generic.txt.j2":
+            text = self._render(name, context).strip()
+            if kind == "text" or self.find("text", platform, ("json",), fallback=False) is None:
+                return {"text": text}
+            return self.render_json("text", platform, {"text": text})
+        output = self._render(name, context)
+        try:
+            payload = json.loads(output)
+        except json.JSONDecodeError as e:
+            raise RenderError(self._where(name), f"output is not valid JSON: {e.msg} at line {e.lineno} "
+                                                 f"column {e.colno}") from None
+        problem = "output must be a JSON object" if not isinstance(payload, dict) else None
+        check = self.checks.get(platform)
+        problem = problem or (check(payload) if check else None)
+        if problem:
+            raise RenderError(self._where(name), problem)
+        return payload
+
+    def find(self, kind: str, platform: str, formats: tuple[str, ...], *, fallback: bool = True) -> str | None:
+        """The template name to use: override dir first, then templates/, each trying `formats` in order."""
+        for part in (kind, platform):
+            if not _NAME.fullmatch(part):
+                raise RenderError(f"{kind}.{platform}", f"{part!r} is not a template kind or platform name")
+        for d in self.dirs:
+            for fmt in formats:
+                name = f"{kind}.{platform}.{fmt}.j2"
+                if (d / name).is_file():
+                    return name
+        if not fallback:
+            return None
+        name = f"{kind}.generic.txt.j2"
+        if any((d / name).is_file() for d in self.dirs):
+            return name
+        tried = ", ".join(f"{kind}.{platform}.{f}.j2" for f in formats)
+        raise RenderError(name, f"not found (tried {tried} and {name} in {', '.join(map(str, self.dirs))})")
+
+    def _render(self, name: str, context: Mapping[str, Any]) -> str:
+        try:
+            return self.env.get_template(name).render(dict(context))
+        except jinja2.TemplateSyntaxError as e:
+            raise RenderError(self._where(e.name or name), f"line {e.lineno}: {e.message}") from None
+        except (jinja2.TemplateError, TypeError) as e:  # TypeError: tojson of something that is not JSON
+            raise RenderError(self._where(name), f"{type(e).__name__}: {e}") from None
+
+    def _where(self, name: str) -> str:
+        path = next((d / name for d in self.dirs if (d / name).is_file()), None)
+        return f"{name} ({path})" if path else name
+
+
+@jinja2.pass_eval_context
+def _tojson(eval_ctx: Any, value: Any, indent: int | None = None) -> Any:
+    """Jinja's `tojson` (valid JSON, with `<`, `>`, `&`, `'` as \\u escapes), refusing undefined values."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # StrictUndefined raises, naming the variable
+        value = None
+    return jinja2.filters.do_tojson(eval_ctx, value, indent)
+
+
+def _slack_problem(payload: dict[str, Any]) -> str | None:
+    """What Slack would refuse in a chat.postMessage payload, or None."""
+    text = payload.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return '"text" must be a non-empty string (the notification fallback)'
+    if len(text) > SLACK_TEXT_MAX:
+        return f'"text" is {len(text)} characters; Slack allows {SLACK_TEXT_MAX}'
+    blocks = payload.get("blocks")
+    if not isinstance(blocks, list):
+        return '"blocks" must be a list'
+    if len(blocks) > SLACK_MAX_BLOCKS:
+        return f"{len(blocks)} blocks; Slack allows {SLACK_MAX_BLOCKS}"
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            return f"blocks[{i}] must be an object with a \"type\""
+        problem = _slack_block_problem(block)
+        if problem:
+            return f"blocks[{i}] ({block['type']}): {problem}"
+    return None
+
+
+def _slack_block_problem(block: dict[str, Any]) -> str | None:
+    kind = block["type"]
+    if kind in ("section", "header"):
+        limit = SLACK_SECTION_MAX if kind == "section" else SLACK_HEADER_MAX
+        text = block.get("text")
+        if text is not None and not _text_object_ok(text, limit):
+            return f"text must be a text object with 1 to {limit} characters"
+        fields = block.get("fields")
+        if fields is not None:
+            if not isinstance(fields, list) or not 0 < len(fields) <= SLACK_FIELDS_MAX:
+                return f"fields must be a list of 1 to {SLACK_FIELDS_MAX} text objects"
+            if not all(_text_object_ok(f, SLACK_FIELD_MAX) for f in fields):
+                return f"each field must be a text object with 1 to {SLACK_FIELD_MAX} characters"
+        if text is None and fields is None:
+            return "needs text or fields"
+    elif kind == "context":
+        elements = block.get("elements")
+        if not isinstance(elements, list) or not 0 < len(elements) <= SLACK_CONTEXT_ELEMENTS_MAX:
+            return f"elements must be a list of 1 to {SLACK_CONTEXT_ELEMENTS_MAX}"
+        if not all(isinstance(e, dict) and (e.get("type") == "image" or _text_object_ok(e, SLACK_SECTION_MAX))
+                   for e in elements):
+            return f"each text element must have 1 to {SLACK_SECTION_MAX} characters"
+    return None
+
+
+def _text_object_ok(obj: Any, limit: int) -> bool:
+    return (isinstance(obj, dict) and obj.get("type") in ("mrkdwn", "plain_text")
+            and isinstance(obj.get("text"), str) and 0 < len(obj["text"]) <= limit)

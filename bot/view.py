@@ -1,0 +1,313 @@
+"""What a message says, decided once for every platform.
+
+`incident_context` turns an incident and its alerts into the plain values a
+template prints (the state and its marker, the first line, the facts, what
+happens next, the links); `buttons_for` picks the buttons that match the state;
+`thread_line` writes the one short line a thread event gets. Pure functions of
+their inputs: time is passed in as `now`, nothing here reads the clock or
+knows a platform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from bot.actions import Action
+from bot.chat import Button, Outbound
+from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED
+
+# state -> (marker, colour, label)
+STATES = {
+    "firing": ("\U0001f534", "#E01E5A", "Firing"),  # red circle
+    "acknowledged": ("\U0001f7e0", "#ECB22E", "Acknowledged"),  # orange (amber) circle
+    "resolved": ("\U0001f7e2", "#2EB67D", "Resolved"),  # green circle
+    "silenced": ("\u26aa", "#9E9E9E", "Silenced"),  # white (grey) circle
+}
+# (kind in Incident.links / AlertRecord.links, annotation that may carry it, label shown)
+LINK_KINDS = (
+    ("generator", "generator_url", "Graph"),
+    ("runbook", "runbook_url", "Runbook"),
+    ("dashboard", "dashboard_url", "Dashboard"),
+    ("panel", "panel_url", "Panel"),
+    ("silence", "silence_url", "Silence"),
+)
+TITLE_MAX, SUMMARY_MAX, DETAIL_MAX, NAME_MAX = 300, 500, 1000, 80
+_URL_UNSAFE = {c: f"%{ord(c):02X}" for c in ' "<>|\\^`{}'}
+
+
+def incident_context(
+    incident: Any,
+    alerts: Sequence[Any],
+    *,
+    now: datetime,
+    tz: str = "UTC",
+    acknowledged_name: str | None = None,
+    resolved_name: str | None = None,
+    next_step: str | None = None,
+) -> dict[str, Any]:
+    """Everything an incident template prints, already worded. See templates/README.md for the keys."""
+    zone = ZoneInfo(tz)
+    now = _utc(now)
+    state = incident_state(incident)
+    marker, colour, state_label = STATES[state]
+    ref = f"#{incident.id}"
+    title = one_line(incident.title, TITLE_MAX) or f"Incident {ref}"
+    severity = str(incident.severity or "").lower()
+    ack_name = person_name(acknowledged_name or incident.acknowledged_by or "") or "someone"
+    resolved_after = None
+    if state == "resolved" and incident.resolved_at is not None:
+        resolved_after = f"resolved after {span(_utc(incident.resolved_at) - _utc(incident.opened_at))}"
+    return {
+        "id": incident.id,
+        "ref": ref,
+        "title": title,
+        "state": state,
+        "state_label": state_label,
+        "marker": marker,
+        "colour": colour,
+        "severity": severity,
+        "severity_label": severity.capitalize(),
+        "headline": f"{marker} {state_label} \u00b7 {severity.capitalize()} \u00b7 {ref} {title}",
+        "facts": _facts(incident, state, now, zone, ack_name, resolved_name),
+        "next_step": next_step or _default_next_step(state, ack_name, resolved_after),
+        "resolved_after": resolved_after,
+        "links": incident_links(incident, alerts),
+        "latest": _latest(alerts, max(int(incident.alert_count or 0), len(alerts))),
+        "alert_count": int(incident.alert_count or 0),
+        "firing_count": int(incident.firing_count or 0),
+        "sources": list(incident.sources or []),
+    }
+
+
+def incident_state(incident: Any) -> str:
+    """firing, acknowledged, resolved, or silenced (an open incident no one is told about)."""
+    if incident.status == RESOLVED:
+        return "resolved"
+    if incident.silenced:
+        return "silenced"
+    return "acknowledged" if incident.status == ACKNOWLEDGED else "firing"
+
+
+def buttons_for(incident: Any) -> list[Button]:
+    """The buttons that match the incident's state, labelled with verbs; Resolve asks first."""
+    iid = incident.id
+    if incident.status == RESOLVED:
+        return [Button(Action.REOPEN.value, iid, label="Reopen")]
+    firing = int(incident.firing_count or 0)
+    confirm = f"Resolve #{iid}?"
+    if firing:
+        confirm = (f"Resolve #{iid} while {firing} alert{'s are' if firing != 1 else ' is'} still firing? "
+                   "If they keep firing, a new incident opens.")
+    resolve = Button(Action.RESOLVE.value, iid, label="Resolve", style="danger", confirm=confirm)
+    escalate = Button(Action.ESCALATE.value, iid, label="Escalate")
+    # Run runbook and Approve/Reject buttons join these lists when runbooks land.
+    if incident.status == ACKNOWLEDGED:
+        return [escalate, resolve]
+    if incident.status == TRIGGERED:
+        return [Button(Action.ACKNOWLEDGE.value, iid, label="Acknowledge", style="primary"), escalate, resolve]
+    return []
+
+
+def thread_line(event: str, details: Mapping[str, Any], *, actor_name: str | None) -> str:
+    """One short line for the incident's thread. Names are plain text: nobody is mentioned."""
+    who = person_name(actor_name or "")
+    by = f" by {who}" if who else ""
+    if event == "incident.acknowledged":
+        return f"Acknowledged{by}"
+    if event == "incident.escalated":
+        to = person_name(str(details.get("to") or ""))
+        step = details.get("step")
+        return f"Escalated{by}" + (f" to {to}" if to else "") + (f" (step {step})" if step else "")
+    if event == "alerts.grouped":
+        n = _count(details)
+        return f"{n} new alert{'s' if n != 1 else ''}"
+    if event == "alerts.resolved":
+        n = _count(details)
+        source = one_line(str(details.get("source") or ""), NAME_MAX) or "the source"
+        return f"{n} alert{'s' if n != 1 else ''} resolved by {source}"
+    if event == "incident.resolved":
+        if details.get("by") == "source":
+            source = one_line(str(details.get("source") or ""), NAME_MAX) or "the source"
+            return f"Resolved by {source}: every alert stopped firing"
+        return f"Resolved{by}"
+    if event == "incident.reopened":
+        return f"Reopened{by}"
+    words = event.rsplit(".", 1)[-1].replace("_", " ").strip() or "updated"
+    return f"{words.capitalize()}{by}"
+
+
+def incident_links(incident: Any, alerts: Sequence[Any]) -> list[tuple[str, str]]:
+    """(label, url) for the graph, runbook, dashboard, panel and silence; each URL once, http(s) only."""
+    pools = [incident.links or {}]
+    for alert in reversed(list(alerts)):  # the newest alert's links first
+        pools.append(alert.links or {})
+        pools.append({kind: (alert.annotations or {}).get(note) for kind, note, _ in LINK_KINDS})
+    out: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for kind, _, label in LINK_KINDS:
+        url = next((u for u in (safe_url(p.get(kind)) for p in pools) if u), None)
+        if url and url not in seen:
+            seen.add(url)
+            out.append((label, url))
+    return out
+
+
+def safe_url(value: Any) -> str | None:
+    """An http(s) URL with the characters that break chat link syntax percent-encoded; None otherwise."""
+    if not isinstance(value, str):
+        return None
+    url = value.strip()
+    if not url.lower().startswith(("http://", "https://")) or len(url) > 2000:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        return None
+    return "".join(_URL_UNSAFE.get(c, c) for c in url)
+
+
+def span(delta: timedelta) -> str:
+    """A duration as people say it: 40 s, 12 min, 1 h 5 min, 2 d 3 h."""
+    s = max(0, int(delta.total_seconds()))
+    if s < 60:
+        return f"{s} s"
+    m = s // 60
+    if m < 60:
+        return f"{m} min"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h} h {m} min" if m else f"{h} h"
+    d, h = divmod(h, 24)
+    return f"{d} d {h} h" if h else f"{d} d"
+
+
+def ago(when: datetime, now: datetime) -> str:
+    """`12 min ago`; `just now` under a minute (or when `when` is ahead of `now`)."""
+    delta = _utc(now) - _utc(when)
+    return "just now" if delta < timedelta(minutes=1) else f"{span(delta)} ago"
+
+
+def clock(when: datetime, now: datetime, zone: ZoneInfo) -> str:
+    """`14:03 CET` today, `3 Mar 14:03 CET` another day, with the year when it differs."""
+    local, today = _utc(when).astimezone(zone), _utc(now).astimezone(zone)
+    if local.date() == today.date():
+        return f"{local:%H:%M %Z}"
+    year = f" {local.year}" if local.year != today.year else ""
+    return f"{local.day} {local:%b}{year} {local:%H:%M %Z}"
+
+
+def one_line(value: Any, limit: int) -> str:
+    """The text on one line (runs of whitespace become one space), cut to `limit` characters."""
+    text = " ".join(str(value or "").split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
+
+
+def person_name(value: str) -> str:
+    """A display name that cannot mention anyone: one line, no leading @."""
+    return one_line(value, NAME_MAX).lstrip("@").strip()
+
+
+def _facts(incident: Any, state: str, now: datetime, zone: ZoneInfo, ack_name: str,
+           resolved_name: str | None) -> list[dict[str, str]]:
+    facts: list[dict[str, str]] = []
+
+    def add(key: str, label: str, value: str, text: str) -> None:
+        facts.append({"key": key, "label": label, "value": value, "text": text})
+
+    labels = incident.labels or {}
+    service = next((labels[k] for k in ("service", "app", "job") if labels.get(k)), "")
+    instance = next((labels[k] for k in ("instance", "host", "asset") if labels.get(k)), "")
+    if service:
+        add("service", "Service", one_line(service, 100), f"service {one_line(service, 100)}")
+    if instance:
+        add("instance", "Instance", one_line(instance, 100), f"instance {one_line(instance, 100)}")
+    started = f"{ago(incident.opened_at, now)} ({clock(incident.opened_at, now, zone)})"
+    add("started", "Started", started, f"started {started}")
+    count = int(incident.alert_count or 0)
+    sources = _and([one_line(s, 40) for s in incident.sources or []])
+    alerts = f"{count}" + (f" from {sources}" if sources else "")
+    add("alerts", "Alerts", alerts, f"{count} alert{'s' if count != 1 else ''}" + (f" from {sources}" if sources else ""))
+    firing = int(incident.firing_count or 0)
+    if state != "resolved" and count > 1:
+        add("firing", "Firing", f"{firing} of {count}", f"{firing} of {count} still firing")
+    add("priority", "Priority", str(incident.priority), f"priority {incident.priority}")
+    if incident.acknowledged_at is not None and incident.status != TRIGGERED:
+        when = f"{ago(incident.acknowledged_at, now)} ({clock(incident.acknowledged_at, now, zone)})"
+        add("acknowledged", "Acknowledged", f"by {ack_name}, {when}", f"acknowledged by {ack_name} {when}")
+    if state == "resolved" and incident.resolved_at is not None:
+        took = span(_utc(incident.resolved_at) - _utc(incident.opened_at))
+        by = _resolver(incident.resolved_by, resolved_name)
+        add("resolved", "Resolved", f"after {took}" + (f", by {by}" if by else ""),
+            f"resolved after {took}" + (f" by {by}" if by else ""))
+    return facts
+
+
+def _resolver(resolved_by: str | None, name: str | None) -> str:
+    if name:
+        return person_name(name)
+    raw = str(resolved_by or "")
+    if raw.startswith("source:"):
+        return one_line(raw.removeprefix("source:"), 40) or "the source"
+    return person_name(raw)
+
+
+def _default_next_step(state: str, ack_name: str, resolved_after: str | None) -> str:
+    if state == "resolved":
+        head = (resolved_after or "resolved").capitalize()
+        return f"{head}. Nothing more to do; reopen it if the problem comes back."
+    if state == "silenced":
+        return "Silenced by a maintenance window: nobody is paged."
+    if state == "acknowledged":
+        who = "Someone" if ack_name == "someone" else ack_name
+        return f"{who} is on it. Resolve when fixed, or escalate for help."
+    return "Waiting for someone to acknowledge."
+
+
+def _latest(alerts: Sequence[Any], total: int) -> dict[str, str] | None:
+    """The most recently received alert, with "showing the last of N" when there are several."""
+    if not alerts:
+        return None
+    floor = datetime.min.replace(tzinfo=UTC)
+    _, alert = max(enumerate(alerts), key=lambda p: (_utc(getattr(p[1], "last_received", None) or floor), p[0]))
+    notes = alert.annotations or {}
+    summary = one_line(alert.summary, SUMMARY_MAX) or one_line((alert.labels or {}).get("alertname"), 200) or "alert"
+    detail = str(notes.get("description") or "").strip()
+    if len(detail) > DETAIL_MAX:
+        detail = detail[: DETAIL_MAX - 1].rstrip() + "\u2026"
+    return {
+        "summary": summary,
+        "status": str(alert.status),
+        "detail": "" if one_line(detail, DETAIL_MAX) == summary else detail,
+        "showing": f"showing the last of {total}" if total > 1 else "",
+    }
+
+
+def _and(items: list[str]) -> str:
+    items = [i for i in items if i]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + (f" and {items[-1]}" if items else "")
+
+
+def _count(details: Mapping[str, Any]) -> int:
+    try:
+        return max(0, int(details.get("count", 1)))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def incident_card(incident: Any, alerts: Sequence[Any], *, now: datetime, tz: str,
+                  names: Mapping[str, str] | None = None) -> Outbound:
+    """The incident's message: its context, its buttons, and a plain-text fallback.
+
+    `names` maps person ids (as stored in `acknowledged_by` / `resolved_by`) to display names.
+    """
+    names = names or {}
+    resolver = (incident.resolved_by or "").removeprefix("person:")
+    context = incident_context(incident, alerts, now=now, tz=tz,
+                               acknowledged_name=names.get(incident.acknowledged_by or ""),
+                               resolved_name=names.get(resolver))
+    return Outbound("incident", context, buttons_for(incident), text=context["headline"])

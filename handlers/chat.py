@@ -1,0 +1,122 @@
+"""Incident buttons and commands, the same for every platform: registered on the dispatcher at start."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bot.actions import Action
+from bot.chat import ActionEvent, CommandEvent, Reply
+from bot.clock import Clock
+from bot.config import Config, Person
+from bot.dispatch import Dispatcher
+from bot.metrics import Metrics
+from bot.model import Actor
+from bot.tables import ago, table
+from bot.view import incident_card
+from handlers.incident_actions import perform
+from storage.audit import AuditLog
+from storage.db import Database
+from storage.queries import get_incident, incident_alerts, list_incidents
+
+BUTTON_ACTIONS = {Action.ACKNOWLEDGE: "acknowledge", Action.ESCALATE: "escalate", Action.RESOLVE: "resolve",
+                  Action.REOPEN: "reopen"}
+LABELS = {"acknowledge": "Acknowledge", "escalate": "Escalate", "resolve": "Resolve", "reopen": "Reopen"}
+SUBCOMMANDS = {"ack": "acknowledge", "acknowledge": "acknowledge", "resolve": "resolve", "escalate": "escalate",
+               "reopen": "reopen"}
+INCIDENT_USAGE = "/incident list | show ID | ack ID | escalate ID | resolve ID | reopen ID"
+RESPONDER = "responder"
+
+
+@dataclass
+class ChatHandlers:
+    db: Database
+    audit: AuditLog
+    config: Config
+    clock: Clock
+    metrics: Metrics
+    delivered: Callable[[], None]  # wakes the outbox worker after a change
+
+    def register(self, dispatcher: Dispatcher) -> None:
+        for button, verb in BUTTON_ACTIONS.items():
+            dispatcher.action(button, role=RESPONDER, label=LABELS[verb])(self._button(verb))
+        dispatcher.command("incident", usage=INCIDENT_USAGE, help="list, show and act on incidents")(self.incident)
+        dispatcher.command("ack", usage="/ack ID", help="acknowledge an incident")(self.ack)
+
+    def _button(self, verb: str):  # type: ignore[no-untyped-def]
+        async def handle(event: ActionEvent, person: Person) -> Reply:
+            return await self._act(verb, event.incident_id, event.actor, person)
+        handle.__name__ = verb
+        return handle
+
+    async def _act(self, verb: str, incident_id: int, actor: Actor, person: Person) -> Reply:
+        actor = Actor(actor.platform, actor.user_id, person.name, person.id)
+        result = await perform(db=self.db, audit=self.audit, incident_id=incident_id, action=verb, actor=actor,
+                               now=self.clock.now())
+        self.metrics.actions.labels(verb, "changed" if result.changed else "refused").inc()
+        if result.changed:
+            self.delivered()
+        return Reply(result.message)
+
+    async def ack(self, event: CommandEvent, person: Person) -> Reply:
+        incident_id = _incident_id(event.args)
+        if incident_id is None:
+            return Reply("Usage: `/ack ID`, for example `/ack 42`.")
+        if RESPONDER not in person.roles:
+            return Reply(f"Acknowledging needs the `{RESPONDER}` role.")
+        return await self._act("acknowledge", incident_id, event.actor, person)
+
+    async def incident(self, event: CommandEvent, person: Person) -> Reply:
+        args = [a.lower() for a in event.args]
+        if not args or args[0] in ("help", "-h", "--help"):
+            return Reply(f"Usage: `{INCIDENT_USAGE}`")
+        sub = args[0]
+        if sub == "list":
+            return await self._list(event.args[1:])
+        if sub == "show":
+            incident_id = _incident_id(event.args[1:])
+            if incident_id is None:
+                return Reply("Usage: `/incident show ID`, for example `/incident show 42`.")
+            return await self._show(incident_id)
+        if sub in SUBCOMMANDS:
+            incident_id = _incident_id(event.args[1:])
+            if incident_id is None:
+                return Reply(f"Usage: `/incident {sub} ID`, for example `/incident {sub} 42`.")
+            if RESPONDER not in person.roles:
+                return Reply(f"`/incident {sub}` needs the `{RESPONDER}` role.")
+            return await self._act(SUBCOMMANDS[sub], incident_id, event.actor, person)
+        return Reply(f"I don't know `/incident {sub}`. Usage: `{INCIDENT_USAGE}`")
+
+    async def _list(self, args: list[str] | tuple[str, ...]) -> Reply:
+        status = args[0].lower() if args else "open"
+        async with self.db.sessions() as session:
+            if status == "open":
+                incidents = [i for i in await list_incidents(session, limit=200) if i.status != "resolved"][:20]
+            elif status in ("triggered", "acknowledged", "resolved", "all"):
+                incidents = await list_incidents(session, status=None if status == "all" else status, limit=20)
+            else:
+                return Reply("Usage: `/incident list [open|triggered|acknowledged|resolved|all]`")
+        if not incidents:
+            return Reply(f"No {status} incidents.")
+        now = self.clock.now()
+        text = table(["#", "status", "severity", "alerts", "opened", "title"],
+                     [(i.id, i.status, i.severity, i.alert_count, ago(now - i.opened_at), i.title[:60]) for i in incidents])
+        return Reply(f"{len(incidents)} {status} incident(s), newest first:\n```\n{text}\n```")
+
+    async def _show(self, incident_id: int) -> Reply:
+        async with self.db.sessions() as session:
+            incident = await get_incident(session, incident_id)
+            alerts = await incident_alerts(session, incident_id) if incident else []
+        if incident is None:
+            return Reply(f"There is no incident #{incident_id}.")
+        card = incident_card(incident, alerts, now=self.clock.now(), tz=self.config.timezone,
+                             names={p.id: p.name for p in self.config.people})
+        return Reply(f"#{incident.id} {incident.title} ({incident.status})", message=card)
+
+
+def _incident_id(args: list[str] | tuple[str, ...] | object) -> int | None:
+    values = list(args) if isinstance(args, (list, tuple)) else []
+    if not values:
+        return None
+    raw = str(values[0]).lstrip("#")
+    return int(raw) if raw.isdigit() and 0 < int(raw) < 10**18 else None

@@ -1,0 +1,105 @@
+"""What a person can do to an incident: acknowledge, escalate, resolve, reopen.
+
+Each action is one transaction: the state change, its audit event naming the
+person, and an outbox row to redraw the incident's message and one for its
+thread line in every channel the incident is routed to. Nothing here calls a
+chat platform: the outbox worker does that after the commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import select
+
+from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED, InvalidTransition, transition
+from bot.model import Actor
+from storage.audit import AuditLog, Entry
+from storage.db import Database
+from storage.models import Incident, OutboxItem
+
+VERBS = {"acknowledge": "Acknowledged", "escalate": "Escalated", "resolve": "Resolved", "reopen": "Reopened"}
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What happened, in words for the person who asked."""
+
+    changed: bool
+    message: str
+    incident_id: int | None = None
+    status: str | None = None
+
+
+async def perform(
+    *, db: Database, audit: AuditLog, incident_id: int, action: str, actor: Actor, now: datetime, note: str = ""
+) -> ActionResult:
+    """Apply `action` (acknowledge, escalate, resolve, reopen) for `actor`; a no-op says why."""
+    if action not in VERBS:
+        raise ValueError(f"unknown incident action {action!r}")
+    async with db.transaction() as session:
+        query = select(Incident).where(Incident.id == incident_id)
+        if db.is_postgres:
+            query = query.with_for_update()
+        incident = (await session.execute(query)).scalar_one_or_none()
+        if incident is None:
+            return ActionResult(False, f"There is no incident #{incident_id}.")
+        refusal = _refusal(incident, action)
+        if refusal:
+            return ActionResult(False, refusal, incident.id, incident.status)
+        who = actor.person_id or f"{actor.platform}:{actor.user_id}"
+        details: dict[str, Any] = {"from": incident.status}
+        if action == "acknowledge":
+            incident.status = transition(incident.status, "acknowledge")
+            incident.acknowledged_at, incident.acknowledged_by = now, who
+        elif action == "resolve":
+            incident.status = transition(incident.status, "resolve")
+            incident.resolved_at, incident.resolved_by = now, f"person:{who}"
+        elif action == "reopen":
+            incident.status = transition(incident.status, "reopen")
+            incident.resolved_at = incident.resolved_by = None
+            incident.acknowledged_at = incident.acknowledged_by = None
+        details["to"] = incident.status
+        if note:
+            details["note"] = note
+        session.add(incident)
+        _queue(session, incident, now, f"incident.{_past(action)}", {"by": who, "name": actor.display_name})
+        await audit.append_many(session, [Entry(f"incident.{_past(action)}", actor, "incident", str(incident.id),
+                                                now, details, incident.id)])
+        return ActionResult(True, f"{VERBS[action]} #{incident.id}.", incident.id, incident.status)
+
+
+def _refusal(incident: Incident, action: str) -> str | None:
+    """Why `action` does nothing now, in the words a person wants to read; None when it applies."""
+    ident = f"#{incident.id}"
+    if action == "escalate":
+        return f"{ident} is resolved; reopen it first." if incident.status == RESOLVED else None
+    try:
+        transition(incident.status, action)
+    except InvalidTransition:
+        if incident.status == ACKNOWLEDGED and action == "acknowledge":
+            return f"{ident} is already acknowledged by {incident.acknowledged_by}."
+        if incident.status == RESOLVED and action in ("acknowledge", "resolve"):
+            return f"{ident} is already resolved ({incident.resolved_by})."
+        if incident.status == TRIGGERED and action == "reopen":
+            return f"{ident} is open; there is nothing to reopen."
+        return f"{ident} is {incident.status}; it cannot be {_past(action)}."
+    return None
+
+
+def _past(action: str) -> str:
+    return {"acknowledge": "acknowledged", "escalate": "escalated", "resolve": "resolved", "reopen": "reopened"}[action]
+
+
+def _queue(session: AsyncSession, incident: Incident, now: datetime, event: str, details: dict[str, Any]) -> None:
+    """Redraw the incident's message and add a thread line, in every channel it is routed to."""
+    if incident.silenced:
+        return
+    for channel in incident.channels:
+        session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel, kind="update",
+                               event="incident.changed", details={}))
+        session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel, kind="reply",
+                               event=event, details=details))

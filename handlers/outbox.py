@@ -1,0 +1,277 @@
+"""The outbox worker: delivers what intake and actions queued, within each platform's rate limits.
+
+Rows are grouped per incident and channel. The first delivery posts the
+incident's parent message, drawn from the incident as it is now, so anything
+queued before it is folded into it. After that, every pending redraw of the
+same message becomes one edit, and thread lines of the same kind ("3 new
+alerts") merge into one reply. Calls spend tokens from per-chat and
+per-platform buckets (DESIGN.md's limits); a platform's 429 pauses that chat
+until its Retry-After. Failures retry with back-off; after `max_attempts`, or
+at once when the platform says the call can never work, a row becomes a dead
+letter (`chatops outbox list --status dead`, `chatops_outbox_dead_total`).
+
+A posted message is recorded as an `IncidentMessage` in the same transaction
+that marks its rows sent. If the process dies between the platform's answer and
+that commit (milliseconds), the post is sent again after the restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import select
+
+from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
+from bot.clock import Clock
+from bot.config import Config
+from bot.metrics import Metrics
+from bot.ratelimit import TokenBucket
+from bot.view import incident_card, thread_line
+from storage.db import Database
+from storage.models import AlertRecord, Incident, IncidentMessage, OutboxItem
+
+log = logging.getLogger("chatops.outbox")
+MERGED_EVENTS = ("alerts.grouped", "alerts.resolved")  # thread lines that add up their counts
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Calls per minute and burst: per chat (posts and replies), per platform for edits, per platform overall."""
+
+    chat: tuple[int, int]
+    group_chat: tuple[int, int] | None
+    edits: tuple[int, int] | None
+    platform: tuple[int, int]
+
+
+BUDGETS: dict[str, Budget] = {
+    # Slack: chat.postMessage about 1/s per channel with short bursts; chat.update is Tier 3 (50+/min).
+    "slack": Budget(chat=(60, 3), group_chat=None, edits=(50, 10), platform=(600, 50)),
+    # Telegram: 1 message/s per chat, 20/min per group, about 30/s per bot; edits count like messages.
+    "telegram": Budget(chat=(60, 3), group_chat=(20, 3), edits=None, platform=(1800, 30)),
+    # Teams: 1,800 operations/hour per thread, about 50 requests/s per app and tenant.
+    "teams": Budget(chat=(30, 5), group_chat=None, edits=None, platform=(3000, 50)),
+}
+
+
+class _Buckets:
+    def __init__(self, budgets: Mapping[str, Budget]):
+        self.budgets = budgets
+        self.buckets: dict[tuple[str, ...], TokenBucket] = {}
+        self.paused: dict[tuple[str, str], float] = {}
+
+    def _bucket(self, key: tuple[str, ...], spec: tuple[int, int]) -> TokenBucket:
+        if key not in self.buckets:
+            self.buckets[key] = TokenBucket(*spec)
+        return self.buckets[key]
+
+    def allow(self, platform: str, chat: str, *, edit: bool, now: float) -> bool:
+        """Spend one call's tokens if every bucket it touches has one; False leaves all untouched."""
+        if self.paused.get((platform, chat), 0.0) > now:
+            return False
+        budget = self.budgets.get(platform, BUDGETS["slack"])
+        if edit and budget.edits is not None:
+            specs = [(("edits", platform), budget.edits)]
+        else:
+            per_chat = budget.group_chat if budget.group_chat and chat.startswith("-") else budget.chat
+            specs = [(("chat", platform, chat), per_chat)]
+        specs.append((("platform", platform), budget.platform))
+        buckets = [self._bucket(key, spec) for key, spec in specs]
+        if any(b.take(now, 0.0) > 0 or b.tokens < 1 for b in buckets):
+            return False
+        for b in buckets:
+            b.take(now)
+        return True
+
+    def pause(self, platform: str, chat: str, until: float) -> None:
+        self.paused[(platform, chat)] = max(until, self.paused.get((platform, chat), 0.0))
+
+
+class OutboxWorker:
+    def __init__(self, *, db: Database, config: Config, adapters: Mapping[str, Adapter], clock: Clock,
+                 metrics: Metrics, budgets: Mapping[str, Budget] = BUDGETS, poll_seconds: float = 0.5,
+                 max_attempts: int = 8, batch: int = 500, min_interval: float = 0.2,
+                 monotonic: Callable[[], float] | None = None):
+        self.db, self.config, self.adapters, self.clock, self.metrics = db, config, adapters, clock, metrics
+        self.channels = {c.id: c for c in config.channels}
+        self.names = {p.id: p.name for p in config.people}
+        self.buckets = _Buckets(budgets)
+        self.poll_seconds, self.max_attempts, self.batch = poll_seconds, max_attempts, batch
+        self.min_interval = min_interval
+        self._monotonic = monotonic or time.monotonic  # platform limits run on real time, whatever the clock says
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-worker")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    def nudge(self) -> None:
+        """Something was queued: look now instead of at the next poll."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self.run_once()
+            except Exception:  # the loop must outlive any one bad round; the rows stay pending
+                log.exception("outbox round failed; retrying in %.1fs", self.poll_seconds)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if not self._stopping:
+                await asyncio.sleep(self.min_interval)  # a storm of nudges still means a few rounds a second
+
+    async def run_once(self) -> int:
+        """One pass over what is due; returns the number of platform calls made."""
+        now = self.clock.now()
+        platforms = set(self.adapters)
+        deliverable = [cid for cid, ch in self.channels.items() if ch.platform in platforms]
+        if not deliverable:
+            return 0
+        async with self.db.sessions() as session:
+            due = (await session.execute(
+                select(OutboxItem.incident_id, OutboxItem.channel, func.min(OutboxItem.id).label("first"))
+                .where(OutboxItem.status == "pending", OutboxItem.due_at <= now, OutboxItem.channel.in_(deliverable),
+                       OutboxItem.incident_id.is_not(None))
+                .group_by(OutboxItem.incident_id, OutboxItem.channel).order_by("first").limit(self.batch)
+            )).all()
+        calls = 0
+        for incident_id, channel, _ in due:
+            async with self.db.sessions() as session:
+                items = list((await session.execute(
+                    select(OutboxItem).where(OutboxItem.status == "pending", OutboxItem.incident_id == incident_id,
+                                             OutboxItem.channel == channel).order_by(OutboxItem.id)
+                )).scalars().all())  # every pending row of the message, due or not, so they coalesce
+            if items:
+                calls += await self._deliver(incident_id, channel, items, now)
+        return calls
+
+    async def _deliver(self, incident_id: int, channel_id: str, items: list[OutboxItem], now: datetime) -> int:
+        channel = self.channels[channel_id]
+        adapter = self.adapters[channel.platform]
+        async with self.db.sessions() as session:
+            incident = await session.get(Incident, incident_id)
+            parent = (await session.execute(select(IncidentMessage).where(
+                IncidentMessage.incident_id == incident_id, IncidentMessage.channel == channel_id))).scalar_one_or_none()
+            alerts = (await session.execute(select(AlertRecord).where(AlertRecord.incident_id == incident_id)
+                                            .order_by(AlertRecord.id))).scalars().all() if incident else []
+        if incident is None:
+            await self._finish(items, "dead", "the incident no longer exists")
+            return 0
+        card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names)
+        tick = self._monotonic()
+        if parent is None:
+            if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
+                return 0
+            ref = await self._call(adapter.send(channel.chat, card), items, channel.platform, channel.chat, "send")
+            if ref is None:
+                return 1
+            async with self.db.transaction() as session:
+                session.add(IncidentMessage(incident_id=incident_id, channel=channel_id, platform=channel.platform,
+                                            chat_id=ref.chat_id, message_id=ref.message_id, thread_id=ref.thread_id,
+                                            posted_at=now, updated_at=now))
+                await self._mark(session, items, "sent")
+            return 1
+        ref = MessageRef(parent.platform, parent.chat_id, parent.message_id, parent.thread_id)
+        calls = 0
+        updates = [i for i in items if i.kind in ("update", "post")]
+        if updates and any(i.due_at <= now for i in updates):
+            if self.buckets.allow(channel.platform, channel.chat, edit=True, now=tick):
+                calls += 1
+                if await self._call(adapter.update(ref, card), updates, channel.platform, channel.chat, "update") is not None:
+                    await self._finish(updates, "sent")
+        for line_items, text in _thread_lines([i for i in items if i.kind == "reply"], now):
+            if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
+                break
+            calls += 1
+            message = Outbound("thread", {"line": text, "incident_id": incident_id}, text=text)
+            if await self._call(adapter.reply(ref, message), line_items, channel.platform, channel.chat, "reply") is None:
+                break
+            await self._finish(line_items, "sent")
+        return calls
+
+    async def _call(self, call: Any, items: Sequence[OutboxItem], platform: str, chat: str, method: str) -> Any:
+        """Await a platform call; on failure, schedule the retry or the dead letter and return None."""
+        try:
+            result = await call
+        except DeliveryError as exc:
+            self.metrics.chat_calls.labels(platform, method, "error").inc()
+            if exc.retry_after:
+                self.buckets.pause(platform, chat, self._monotonic() + exc.retry_after)
+            await self._failed(items, str(exc), exc.retry_after, permanent=exc.permanent)
+            return None
+        except Exception as exc:  # a bug or a rendering problem: retry a few times, then dead-letter
+            self.metrics.chat_calls.labels(platform, method, "error").inc()
+            log.exception("outbox: %s to %s failed", method, chat)
+            await self._failed(items, f"{type(exc).__name__}: {exc}", None, permanent=False)
+            return None
+        self.metrics.chat_calls.labels(platform, method, "ok").inc()
+        return result if result is not None else True
+
+    async def _failed(self, items: Sequence[OutboxItem], error: str, retry_after: float | None, *, permanent: bool) -> None:
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            for item in items:
+                row = await session.get(OutboxItem, item.id)
+                if row is None or row.status != "pending":
+                    continue
+                row.attempts += 1
+                row.last_error = error[:500]
+                if permanent or row.attempts >= self.max_attempts:
+                    row.status = "dead"
+                    self.metrics.outbox_dead.labels(row.channel).inc()
+                    log.error("outbox: gave up on %s %s for incident #%s in %s after %d attempt(s): %s",
+                              row.kind, row.event, row.incident_id, row.channel, row.attempts, error)
+                else:
+                    delay = retry_after if retry_after else min(300.0, 2.0 ** row.attempts)
+                    row.due_at = now + timedelta(seconds=delay)
+                session.add(row)
+
+    async def _finish(self, items: Sequence[OutboxItem], status: str, error: str | None = None) -> None:
+        async with self.db.transaction() as session:
+            await self._mark(session, items, status, error)
+
+    @staticmethod
+    async def _mark(session: Any, items: Sequence[OutboxItem], status: str, error: str | None = None) -> None:
+        for item in items:
+            row = await session.get(OutboxItem, item.id)
+            if row is not None and row.status == "pending":
+                row.status = status
+                row.last_error = error
+                session.add(row)
+
+
+def _thread_lines(replies: list[OutboxItem], now: datetime) -> list[tuple[list[OutboxItem], str]]:
+    """Replies that are due, in order, with "N new alerts" lines of one kind merged into one."""
+    if not any(r.due_at <= now for r in replies):
+        return []
+    out: list[tuple[list[OutboxItem], str]] = []
+    merged: dict[str, list[OutboxItem]] = {}
+    for r in replies:
+        if r.event in MERGED_EVENTS:
+            merged.setdefault(r.event, []).append(r)
+        elif r.due_at <= now:
+            out.append(([r], thread_line(r.event, r.details, actor_name=r.details.get("name") or r.details.get("by"))))
+    for event, rows in merged.items():
+        if any(r.due_at <= now for r in rows):
+            count = sum(int(r.details.get("count", 1)) for r in rows)
+            out.append((rows, thread_line(event, {"count": count}, actor_name=None)))
+    out.sort(key=lambda pair: pair[0][0].id or 0)
+    return out

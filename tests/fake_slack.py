@@ -1,0 +1,204 @@
+"""A fake Slack Web API on 127.0.0.1: records every call and answers the way Slack does.
+
+    async with FakeSlack() as slack:            # slack.api_url -> AsyncWebClient(base_url=...)
+        ...
+        slack.called("chat.postMessage")         # the successful calls, params parsed
+        slack.fail("chat.update", "message_not_found")
+        slack.response_url("r1")                 # a response_url whose posts land in slack.responses["r1"]
+
+`chat.postMessage` is limited per channel (a token bucket: `burst` at once, then
+`per_second`); over it the answer is HTTP 429 with `Retry-After`, like Slack's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def signed(body: str, *, secret: str, ts: int | None = None, content_type: str = FORM) -> dict[str, str]:
+    """The headers Slack sends with a request: HMAC-SHA256 of `v0:{ts}:{body}` with the signing secret."""
+    ts = int(time.time()) if ts is None else ts
+    digest = hmac.new(secret.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
+    return {"X-Slack-Request-Timestamp": str(ts), "X-Slack-Signature": f"v0={digest}", "Content-Type": content_type}
+
+
+@dataclass
+class Call:
+    method: str
+    params: dict[str, Any]
+    token: str | None
+    status: int = 200
+    ok: bool = True
+
+
+@dataclass
+class _Failure:
+    error: str
+    status: int
+    disconnect: bool
+    times: int
+
+
+@dataclass
+class FakeSlack:
+    token: str = "xoxb-fake-token"
+    rate_limit: bool = True
+    per_second: float = 1.0
+    burst: int = 3
+    retry_after: int = 1
+    calls: list[Call] = field(default_factory=list)
+    responses: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    messages: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._failures: dict[str, list[_Failure]] = defaultdict(list)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._seq = 0
+        self.url = ""
+
+    # -- the test's side ------------------------------------------------------------------------
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api/"
+
+    def response_url(self, key: str) -> str:
+        return f"{self.url}/response/{key}"
+
+    def called(self, method: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method and c.ok]
+
+    def fail(self, method: str, error: str, *, status: int = 200, times: int = 1, disconnect: bool = False) -> None:
+        """The next `times` calls of `method` answer `{"ok": false, "error": error}` (or drop the connection)."""
+        self._failures[method].append(_Failure(error, status, disconnect, times))
+
+    async def wait_for(self, predicate: Callable[[], Any], timeout: float = 3.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting; calls so far: {[c.method for c in self.calls]}")
+            await asyncio.sleep(0.01)
+
+    async def __aenter__(self) -> FakeSlack:
+        app = web.Application()
+        app.router.add_post("/api/{method}", self._api)
+        app.router.add_get("/api/{method}", self._api)
+        app.router.add_post("/response/{key}", self._response)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+    # -- Slack's side ---------------------------------------------------------------------------
+
+    async def _api(self, request: web.Request) -> web.StreamResponse:
+        method = request.match_info["method"]
+        params: dict[str, Any] = dict(request.query)
+        if request.content_type == "application/json":
+            params.update(await request.json())
+        elif request.can_read_body:
+            params.update(await request.post())
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else params.pop("token", None)
+        call = Call(method, params, token)
+        self.calls.append(call)
+        status, body, headers = self._answer(call)
+        call.status, call.ok = status, bool(body.get("ok"))
+        if status == 0:  # drop the connection without an answer
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        return web.json_response(body, status=status, headers=headers)
+
+    def _answer(self, call: Call) -> tuple[int, dict[str, Any], dict[str, str]]:
+        if call.token is None:
+            return 200, {"ok": False, "error": "not_authed"}, {}
+        if call.token != self.token:
+            return 200, {"ok": False, "error": "invalid_auth"}, {}
+        failures = self._failures[call.method]
+        if failures:
+            failure = failures[0]
+            failure.times -= 1
+            if failure.times <= 0:
+                failures.pop(0)
+            return (0 if failure.disconnect else failure.status), {"ok": False, "error": failure.error}, {}
+        p = call.params
+        if call.method == "chat.postMessage" and not self._allow(p.get("channel", "")):
+            return 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(self.retry_after)}
+        handler = getattr(self, "_" + call.method.replace(".", "_"), None)
+        return (200, handler(p), {}) if handler else (200, {"ok": False, "error": "unknown_method"}, {})
+
+    def _allow(self, channel: str) -> bool:
+        if not self.rate_limit:
+            return True
+        now = time.monotonic()
+        tokens, last = self._buckets.get(channel, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.per_second)
+        allowed = tokens >= 1
+        self._buckets[channel] = (tokens - 1 if allowed else tokens, now)
+        return allowed
+
+    def _next_ts(self) -> str:
+        self._seq += 1
+        micros = self._seq * 100
+        return f"{1700000000 + micros // 1_000_000}.{micros % 1_000_000:06d}"
+
+    def _auth_test(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "url": "https://fake.slack.com/", "team": "Fake", "user": "chatops",
+                "team_id": "T0FAKE", "user_id": "U0BOT", "bot_id": "B0BOT"}
+
+    def _chat_postMessage(self, p: dict[str, Any]) -> dict[str, Any]:
+        if not p.get("channel"):
+            return {"ok": False, "error": "channel_not_found"}
+        ts = self._next_ts()
+        message = {"type": "message", "user": "U0BOT", "bot_id": "B0BOT", "text": p.get("text", ""), "ts": ts}
+        for key in ("blocks", "thread_ts"):
+            if key in p:
+                message[key] = json.loads(p[key]) if key == "blocks" and isinstance(p[key], str) else p[key]
+        self.messages[(p["channel"], ts)] = message
+        return {"ok": True, "channel": p["channel"], "ts": ts, "message": message}
+
+    def _chat_update(self, p: dict[str, Any]) -> dict[str, Any]:
+        message = self.messages.get((p.get("channel", ""), p.get("ts", "")))
+        if message is None:
+            return {"ok": False, "error": "message_not_found"}
+        message.update({k: p[k] for k in ("text", "blocks") if k in p})
+        return {"ok": True, "channel": p["channel"], "ts": p["ts"], "text": message["text"], "message": message}
+
+    def _chat_postEphemeral(self, p: dict[str, Any]) -> dict[str, Any]:
+        if not p.get("channel") or not p.get("user"):
+            return {"ok": False, "error": "channel_not_found" if not p.get("channel") else "user_not_found"}
+        return {"ok": True, "message_ts": self._next_ts()}
+
+    def _conversations_open(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = str(p.get("users", "")).split(",")[0]
+        if not user:
+            return {"ok": False, "error": "users_list_not_supplied"}
+        return {"ok": True, "channel": {"id": "D" + user[1:]}}
+
+    def _users_info(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = str(p.get("user", ""))
+        return {"ok": True, "user": {"id": user, "name": user.lower(), "real_name": user,
+                                     "profile": {"display_name": user.lower()}}}
+
+    async def _response(self, request: web.Request) -> web.Response:
+        self.responses[request.match_info["key"]].append(await request.json())
+        return web.json_response({"ok": True})

@@ -1,0 +1,217 @@
+"""bot.render and templates/: what each platform's message says, and that bad templates are caught."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from bot.render import Renderer, RenderError, chunks, slack_escape, slack_link
+from bot.view import incident_context, thread_line
+from tests.test_view import ALERTS, NOW, make_alert, make_incident
+
+HOSTILE = '</script> & "quotes" \n \\ <!channel> *bold*'
+
+
+@pytest.fixture
+def renderer() -> Renderer:
+    return Renderer()
+
+
+def slack(renderer: Renderer, kind: str = "incident", **over) -> dict:
+    ctx = over.pop("ctx", None) or incident_context(make_incident(**over), ALERTS, now=NOW)
+    return renderer.render_json(kind, "slack", ctx)
+
+
+def all_text(payload: dict) -> str:
+    return json.dumps(payload, ensure_ascii=False)
+
+
+@pytest.mark.parametrize(("over", "first"), [
+    ({}, "*\U0001f534 Firing \u00b7 Critical \u00b7 #42* Disk full on db-1\nWaiting for someone to acknowledge."),
+    ({"status": "acknowledged", "acknowledged_at": NOW - timedelta(minutes=3), "acknowledged_by": "alice"},
+     "*\U0001f7e0 Acknowledged \u00b7 Critical \u00b7 #42* Disk full on db-1\nalice is on it."),
+    ({"status": "resolved", "firing_count": 0, "resolved_at": NOW, "resolved_by": "source:alertmanager"},
+     "*\U0001f7e2 Resolved \u00b7 Critical \u00b7 #42* Disk full on db-1\nResolved after 12 min."),
+    ({"silenced": True}, "*\u26aa Silenced \u00b7 Critical \u00b7 #42* Disk full on db-1\nSilenced by a maintenance"),
+])
+def test_slack_incident_first_block_has_marker_state_severity_id_title_and_next_step(renderer, over, first):
+    payload = slack(renderer, **over)
+    assert payload["blocks"][0]["type"] == "section"
+    assert payload["blocks"][0]["text"]["text"].startswith(first)
+    assert payload["text"].startswith(first.split("*")[1])  # the notification says state, severity and #id
+
+
+def test_slack_incident_facts_latest_and_links(renderer):
+    blocks = slack(renderer)["blocks"]
+    assert [b["type"] for b in blocks] == ["section", "context", "section", "context"]
+    assert blocks[1]["elements"][0]["text"] == (
+        "service postgres \u00b7 instance db-1:9100 \u00b7 started 12 min ago (14:03 UTC) \u00b7 "
+        "3 alerts from alertmanager and grafana \u00b7 2 of 3 still firing \u00b7 priority 95")
+    assert blocks[2]["text"]["text"] == ("*Latest:* Disk 97% full on /var _(showing the last of 3)_\n"
+                                         "only 300 MB left")
+    assert blocks[3]["elements"][0]["text"] == (
+        "<http://prom:9090/graph?g0.expr=disk&amp;g0.tab=1|Graph> \u00b7 <https://wiki.example/disk|Runbook> \u00b7 "
+        "<https://grafana.example/d/abc|Dashboard> \u00b7 "
+        "<https://grafana.example/alerting/silence/new?matcher=a%3Db|Silence>")
+
+
+def test_slack_incident_has_no_buttons(renderer):
+    payload = slack(renderer)
+    assert all(b["type"] != "actions" for b in payload["blocks"])
+    assert "ack:42" not in all_text(payload)
+
+
+def test_hostile_title_and_alert_text_give_valid_escaped_json(renderer):
+    alert = make_alert(HOSTILE, received=NOW, annotations={"description": HOSTILE + "\n" + HOSTILE})
+    ctx = incident_context(make_incident(title=HOSTILE, labels={"instance": "<i> & \"x\""}), [alert], now=NOW)
+    payload = renderer.render_json("incident", "slack", ctx)
+    first = payload["blocks"][0]["text"]["text"]
+    assert first.startswith('*\U0001f534 Firing \u00b7 Critical \u00b7 #42* &lt;/script&gt; &amp; "quotes" \\ '
+                            "&lt;!channel&gt; *bold*\n")
+    assert payload["blocks"][1]["elements"][0]["text"].startswith('instance &lt;i&gt; &amp; "x" \u00b7 ')
+    detail = payload["blocks"][2]["text"]["text"]
+    assert '&lt;/script&gt; &amp; "quotes" \n \\ &lt;!channel&gt;' in detail  # newlines kept in the detail
+    for text in (payload["text"], first, detail):
+        assert "<" not in text.replace("<http", "") and ">" not in text  # nothing Slack would parse as a link
+    assert "&lt;/script&gt;" in payload["text"]
+
+
+def test_long_alert_text_is_cut_not_refused(renderer):
+    huge = "x&" * 5000
+    alert = make_alert(huge, received=NOW, annotations={"description": huge})
+    payload = renderer.render_json("incident", "slack",
+                                   incident_context(make_incident(title=huge), [alert], now=NOW))
+    for block in payload["blocks"]:
+        text = block.get("text", {}).get("text") or block["elements"][0]["text"]
+        assert len(text) <= 3000
+        assert not text.rstrip("\u2026").endswith(("&", "&a", "&am", "&amp"))  # no entity cut in half
+    assert len(payload["text"]) <= 300
+
+
+def test_long_plain_text_is_split_into_sections(renderer):
+    text = "\n".join(f"#{i} some incident & <details>" for i in range(2000))
+    payload = renderer.render_json("text", "slack", {"text": text})
+    sections = payload["blocks"]
+    assert 1 < len(sections) <= 50
+    assert all(len(b["text"]["text"]) <= 3000 for b in sections)
+    assert sections[0]["text"]["text"].startswith("#0 some incident &amp; &lt;details&gt;\n#1 ")
+    assert renderer.render_json("text", "slack", {"text": "Done."}) == {
+        "text": "Done.", "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "Done."}}]}
+
+
+def test_thread_line_on_slack_and_as_plain_text(renderer):
+    line = thread_line("alerts.grouped", {"count": 3}, actor_name=None)
+    assert renderer.render_json("thread", "slack", {"line": line, "incident_id": 42}) == {
+        "text": "3 new alerts", "blocks": [{"type": "context", "elements": [{"type": "mrkdwn", "text": "3 new alerts"}]}]}
+    assert renderer.render_text("thread", "telegram", {"line": "Acknowledged by Alice"}) == "Acknowledged by Alice"
+    assert renderer.render_json("thread", "slack", {"text": "3 new alerts"})["text"] == "3 new alerts"  # also `text`
+    hostile = renderer.render_json("thread", "slack", {"text": "Acknowledged by <!here> & co"})
+    assert hostile["text"] == "Acknowledged by &lt;!here&gt; &amp; co"
+
+
+def test_generic_incident_text(renderer):
+    text = renderer.render_text("incident", "generic", incident_context(make_incident(), ALERTS, now=NOW))
+    assert text.splitlines() == [
+        "\U0001f534 Firing \u00b7 Critical \u00b7 #42 Disk full on db-1",
+        "Waiting for someone to acknowledge.",
+        "service postgres \u00b7 instance db-1:9100 \u00b7 started 12 min ago (14:03 UTC) \u00b7 "
+        "3 alerts from alertmanager and grafana \u00b7 2 of 3 still firing \u00b7 priority 95",
+        "Latest: Disk 97% full on /var (showing the last of 3)",
+        "only 300 MB left",
+        "Graph: http://prom:9090/graph?g0.expr=disk&g0.tab=1",
+        "Runbook: https://wiki.example/disk",
+        "Dashboard: https://grafana.example/d/abc",
+        "Silence: https://grafana.example/alerting/silence/new?matcher=a%3Db",
+    ]
+
+
+def test_platform_without_a_template_falls_back_to_generic_text(renderer):
+    ctx = incident_context(make_incident(status="resolved", resolved_at=NOW), [], now=NOW)
+    text = renderer.render_text("incident", "telegram", ctx)
+    assert text == renderer.render_text("incident", "generic", ctx)
+    assert text.startswith("\U0001f7e2 Resolved \u00b7 Critical \u00b7 #42 Disk full on db-1\nResolved after 12 min.")
+    # a JSON platform without the kind's template: generic text, wrapped by the platform's `text` template
+    assert renderer.render_json("incident", "teams", ctx) == {"text": text}
+
+
+def test_kind_with_only_a_generic_template_is_wrapped_for_slack(tmp_path):
+    (tmp_path / "help.generic.txt.j2").write_text("Commands: {{ commands | join(', ') }} <all>\n")
+    payload = Renderer(tmp_path).render_json("help", "slack", {"commands": ["ack", "oncall"]})
+    assert payload["blocks"] == [{"type": "section", "text": {"type": "mrkdwn",
+                                                              "text": "Commands: ack, oncall &lt;all&gt;"}}]
+
+
+def test_override_dir_wins_over_the_built_in_template(tmp_path):
+    (tmp_path / "incident.slack.json.j2").write_text(
+        '{"text": {{ ("OVERRIDE " ~ ref) | tojson }}, "blocks": [{"type": "divider"}]}')
+    ctx = incident_context(make_incident(), ALERTS, now=NOW)
+    assert Renderer(tmp_path).render_json("incident", "slack", ctx) == {"text": "OVERRIDE #42",
+                                                                        "blocks": [{"type": "divider"}]}
+    # kinds the override dir does not have still come from templates/
+    assert Renderer(tmp_path).render_json("thread", "slack", {"text": "x"})["text"] == "x"
+    assert Renderer(tmp_path).render_text("incident", "generic", ctx).startswith("\U0001f534 Firing")
+
+
+def test_override_generic_beats_built_in_generic(tmp_path):
+    (tmp_path / "thread.generic.txt.j2").write_text("-- {{ text }}")
+    assert Renderer(tmp_path).render_text("thread", "telegram", {"text": "Reopened by Bob"}) == "-- Reopened by Bob"
+
+
+@pytest.mark.parametrize(("template", "problem"), [
+    ('{"text": "{{ title }}", "blocks": []}', "output is not valid JSON"),  # title has quotes: tojson was forgotten
+    ('{"text": "x"}', '"blocks" must be a list'),
+    ('{"text": "", "blocks": []}', '"text" must be a non-empty string'),
+    ('{"text": "x", "blocks": [{"text": "no type"}]}', 'blocks[0] must be an object with a "type"'),
+    ('{"text": "x", "blocks": [{% for i in range(51) %}{"type": "divider"}{{ "," if not loop.last }}{% endfor %}]}',
+     "51 blocks; Slack allows 50"),
+    ('{"text": "x", "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": {{ ("y" * 3001) | tojson }}}}]}',
+     "blocks[0] (section): text must be a text object with 1 to 3000 characters"),
+    ('["not", "an", "object"]', "output must be a JSON object"),
+    ('{"text": {{ titel | tojson }}, "blocks": []}', "'titel' is undefined"),
+    ('{"text": {{ title | tojson }, "blocks": []}', "line 1:"),
+])
+def test_broken_override_raises_render_error_naming_the_template(tmp_path, template, problem):
+    (tmp_path / "incident.slack.json.j2").write_text(template)
+    ctx = incident_context(make_incident(title=HOSTILE), ALERTS, now=NOW)
+    with pytest.raises(RenderError) as err:
+        Renderer(tmp_path).render_json("incident", "slack", ctx)
+    assert err.value.template.startswith(f"incident.slack.json.j2 ({tmp_path / 'incident.slack.json.j2'})")
+    assert problem in err.value.problem
+    assert str(err.value).startswith("template incident.slack.json.j2 (")
+
+
+def test_missing_template_raises_render_error(renderer):
+    with pytest.raises(RenderError, match=r"nosuch\.generic\.txt\.j2: not found \(tried nosuch\.slack\.json\.j2"):
+        renderer.render_json("nosuch", "slack", {})
+    with pytest.raises(RenderError, match="not a template kind"):
+        renderer.render_text("../../etc/passwd", "slack", {})
+
+
+def test_html_templates_are_autoescaped_and_text_templates_are_not(tmp_path):
+    (tmp_path / "incident.telegram.html.j2").write_text("{{ marker }} <b>{{ ref }} {{ title }}</b>")
+    ctx = incident_context(make_incident(title='<script>alert("x")</script> & co'), [], now=NOW)
+    html = Renderer(tmp_path).render_text("incident", "telegram", ctx)
+    assert html == ("\U0001f534 <b>#42 &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; co</b>")
+    text = Renderer(tmp_path).render_text("incident", "generic", ctx)
+    assert text.startswith('\U0001f534 Firing \u00b7 Critical \u00b7 #42 <script>alert("x")</script> & co')
+
+
+def test_times_render_from_the_given_now_only(renderer):
+    later = NOW + timedelta(hours=3)
+    ctx = incident_context(make_incident(), ALERTS, now=later, tz="America/New_York")
+    assert "started 3 h 12 min ago (09:03 EST)" in renderer.render_text("incident", "slack", ctx)
+    day = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+    ctx = incident_context(make_incident(opened_at=day - timedelta(minutes=30)), [], now=day, tz="America/New_York")
+    assert "started 30 min ago (07:30 EDT)" in renderer.render_text("incident", "generic", ctx)
+
+
+def test_slack_escape_and_friends():
+    assert slack_escape('a & <b> "c"') == 'a &amp; &lt;b&gt; "c"'
+    assert slack_escape("<<<<", 10) == "&lt;&lt;\u2026"
+    assert slack_escape("abc", 3) == "abc" and slack_escape(None) == ""
+    assert slack_link(("Graph", "https://x/?a=1&b=2|3")) == "<https://x/?a=1&amp;b=2%7C3|Graph>"
+    assert chunks("aaa\nbbb\nccc", 7) == ["aaa\nbbb", "ccc"]
+    assert chunks("&amp;&amp;", 7) == ["&amp;", "&amp;"]
+    assert len(chunks("x" * 1000, 10, most=3)) == 3

@@ -1,0 +1,458 @@
+"""The Slack adapter with the real slack-bolt and slack_sdk, against a fake Slack on 127.0.0.1.
+
+Requests are signed the way Slack signs them (`v0:{ts}:{body}`, HMAC-SHA256) and
+carry payloads shaped like Slack's (tests/fixtures/slack/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from adapters.settings import SlackSettings
+from adapters.slack import FAILED, INVALID_BUTTON, SlackAdapter, manifest, split_args
+from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
+from bot.model import Actor
+from tests.fake_slack import FORM, FakeSlack
+from tests.fake_slack import signed as slack_signed
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "slack"
+SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
+
+
+class StubRenderer:
+    """Stands in for bot.render.Renderer: one section block with the kind and the title."""
+
+    def render_json(self, kind: str, platform: str, context: Mapping[str, Any]) -> dict[str, Any]:
+        text = f"{kind}: {context.get('title', '')}"
+        return {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]}
+
+
+class RecordingDispatcher:
+    """Records every event; answers `reply` once `gate` is open."""
+
+    def __init__(self) -> None:
+        self.actions: list[ActionEvent] = []
+        self.commands: list[CommandEvent] = []
+        self.reply: Reply | None = Reply("Acknowledged #42.")
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.error: Exception | None = None
+
+    async def handle_action(self, event: ActionEvent) -> Reply | None:
+        self.actions.append(event)
+        await self.gate.wait()
+        return self.reply
+
+    async def handle_command(self, event: CommandEvent) -> Reply:
+        self.commands.append(event)
+        await self.gate.wait()
+        if self.error:
+            raise self.error
+        assert self.reply is not None
+        return self.reply
+
+
+@dataclass
+class Env:
+    slack: FakeSlack
+    adapter: SlackAdapter
+    dispatcher: RecordingDispatcher
+    client: TestClient
+
+    async def post(self, body: str, headers: dict[str, str]) -> tuple[int, str]:
+        resp = await self.client.post("/slack/events", data=body.encode(), headers=headers)
+        return resp.status, await resp.text()
+
+    async def click(self, payload: dict[str, Any], key: str = "click", **sign: Any) -> tuple[int, str]:
+        body = "payload=" + quote(json.dumps({**payload, "response_url": self.slack.response_url(key)}))
+        return await self.post(body, signed(body, **sign))
+
+    async def command(self, key: str = "cmd", **fields: str) -> tuple[int, str]:
+        form = dict(parse_qsl((FIXTURES / "slash_command.txt").read_text()))
+        form.update(fields, response_url=self.slack.response_url(key))
+        body = urlencode(form)
+        return await self.post(body, signed(body))
+
+
+def signed(body: str, *, secret: str = SECRET, ts: int | None = None, content_type: str = FORM) -> dict[str, str]:
+    return slack_signed(body, secret=secret, ts=ts, content_type=content_type)
+
+
+def click_payload() -> dict[str, Any]:
+    return json.loads((FIXTURES / "block_actions.json").read_text())
+
+
+def settings(slack: FakeSlack, token: str | None = None) -> SlackSettings:
+    return SlackSettings(bot_token=token or slack.token, signing_secret=SECRET, api_url=slack.api_url)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    async with FakeSlack() as slack:
+        dispatcher = RecordingDispatcher()
+        adapter = SlackAdapter(settings(slack), renderer=StubRenderer(), dispatcher=dispatcher)
+        await adapter.start()
+        app = web.Application()
+        adapter.register(app)
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        try:
+            yield Env(slack, adapter, dispatcher, client)
+        finally:
+            await client.close()
+            await adapter.stop()
+
+
+# -- clicks -----------------------------------------------------------------------------------------
+
+async def test_a_click_is_acknowledged_at_once_and_reaches_the_dispatcher(env: Env) -> None:
+    env.dispatcher.gate.clear()  # the dispatcher is still busy when Slack gets its answer
+    started = time.perf_counter()
+    status, _ = await env.click(click_payload())
+    assert status == 200
+    assert time.perf_counter() - started < 1.0
+    await env.slack.wait_for(lambda: env.dispatcher.actions)
+    assert env.dispatcher.actions == [ActionEvent(
+        action="ack", incident_id=42, arg="",
+        actor=Actor("slack", "U01ALICE", "alice", None),
+        source=MessageRef("slack", "C0OPS", "1700000000.000100", None),
+        event_id="U01ALICE:1700000001.512345",
+    )]
+    assert not env.slack.responses["click"]
+    env.dispatcher.gate.set()
+    await env.slack.wait_for(lambda: env.slack.responses["click"])
+    assert env.slack.responses["click"] == [
+        {"text": "Acknowledged #42.", "response_type": "ephemeral", "replace_original": False}]
+    assert not env.slack.called("auth.test")  # authorize= answers without a round trip
+
+
+async def test_a_click_in_a_thread_keeps_the_parent(env: Env) -> None:
+    payload = click_payload()
+    payload["message"].update(ts="1700000000.000300", thread_ts="1700000000.000100")
+    payload["container"].update(message_ts="1700000000.000300", thread_ts="1700000000.000100")
+    payload["actions"][0]["value"] = "rb:42:restart-nginx"
+    await env.click(payload)
+    await env.slack.wait_for(lambda: env.dispatcher.actions)
+    event = env.dispatcher.actions[0]
+    assert (event.action, event.incident_id, event.arg) == ("rb", 42, "restart-nginx")
+    assert event.source == MessageRef("slack", "C0OPS", "1700000000.000300", "1700000000.000100")
+
+
+async def test_a_reply_for_everyone_goes_to_the_incident_thread(env: Env) -> None:
+    env.dispatcher.reply = Reply("Alice acknowledged <!channel> & more", ephemeral=False)
+    await env.click(click_payload())
+    await env.slack.wait_for(lambda: env.slack.called("chat.postMessage"))
+    params = env.slack.called("chat.postMessage")[0].params
+    assert params["channel"] == "C0OPS" and params["thread_ts"] == "1700000000.000100"
+    assert params["text"] == "Alice acknowledged &lt;!channel&gt; &amp; more"  # no surprise @channel
+    assert not env.slack.responses["click"]
+
+
+async def test_a_duplicate_click_answer_none_sends_nothing(env: Env) -> None:
+    env.dispatcher.reply = None
+    await env.click(click_payload())
+    await env.slack.wait_for(lambda: env.dispatcher.actions)
+    await asyncio.sleep(0.1)
+    assert not env.slack.responses["click"] and not env.slack.calls
+
+
+@pytest.mark.parametrize("value", ["ack:42;rm -rf /", "evil", "", "ack:0", "zzz:42", "ack:42:" + "x" * 70])
+async def test_a_button_value_we_did_not_make_is_refused(env: Env, value: str) -> None:
+    payload = click_payload()
+    payload["actions"][0]["value"] = value
+    status, _ = await env.click(payload)
+    assert status == 200
+    await env.slack.wait_for(lambda: env.slack.responses["click"])
+    assert env.slack.responses["click"] == [
+        {"text": INVALID_BUTTON, "response_type": "ephemeral", "replace_original": False}]
+    assert env.dispatcher.actions == []
+
+
+async def test_a_forged_signature_is_refused(env: Env) -> None:
+    status, _ = await env.click(click_payload(), secret="not-the-signing-secret")
+    assert status == 401
+    body = "payload=" + quote(json.dumps(click_payload()))
+    assert (await env.post(body, {"Content-Type": FORM}))[0] == 401  # no signature at all
+    headers = signed(body)
+    assert (await env.post(body.replace("ack%3A42", "res%3A42"), headers))[0] == 401  # body changed after signing
+    await asyncio.sleep(0.05)
+    assert env.dispatcher.actions == [] and env.slack.calls == []
+
+
+async def test_a_stale_timestamp_is_refused(env: Env) -> None:
+    status, _ = await env.click(click_payload(), ts=int(time.time()) - 6 * 60)
+    assert status == 401
+    status, _ = await env.click(click_payload(), ts=int(time.time()) + 6 * 60)
+    assert status == 401
+    await asyncio.sleep(0.05)
+    assert env.dispatcher.actions == []
+
+
+async def test_link_buttons_of_templates_are_acknowledged_and_ignored(env: Env) -> None:
+    payload = click_payload()
+    payload["actions"][0].update(action_id="open-dashboard", value="", url="https://grafana.example/d/1")
+    status, _ = await env.click(payload)
+    assert status == 200
+    await asyncio.sleep(0.05)
+    assert env.dispatcher.actions == [] and not env.slack.responses["click"]
+
+
+# -- slash commands and mentions --------------------------------------------------------------------
+
+async def test_a_slash_command_becomes_a_command_event_and_the_reply_goes_to_response_url(env: Env) -> None:
+    env.dispatcher.gate.clear()
+    status, body = await env.command()
+    assert (status, body) == (200, "")  # an empty ack: Slack shows nothing until the reply
+    await env.slack.wait_for(lambda: env.dispatcher.commands)
+    assert env.dispatcher.commands == [CommandEvent(
+        name="incident", args=["ack", "42"], actor=Actor("slack", "U01ALICE", "alice", None),
+        chat=MessageRef("slack", "C0OPS", "", None), direct=False,
+    )]
+    env.dispatcher.gate.set()
+    await env.slack.wait_for(lambda: env.slack.responses["cmd"])
+    assert env.slack.responses["cmd"] == [
+        {"text": "Acknowledged #42.", "response_type": "ephemeral", "replace_original": False}]
+
+
+async def test_any_command_name_is_taken_and_direct_messages_are_marked(env: Env) -> None:
+    await env.command(command="/oncall", text='dba-primary "next week"', channel_id="D0ALICE",
+                      channel_name="directmessage")
+    await env.slack.wait_for(lambda: env.dispatcher.commands)
+    event = env.dispatcher.commands[0]
+    assert (event.name, list(event.args), event.direct) == ("oncall", ["dba-primary", "next week"], True)
+
+
+async def test_a_rich_reply_for_the_channel_is_rendered(env: Env) -> None:
+    env.dispatcher.reply = Reply("3 open incidents", ephemeral=False,
+                                 message=Outbound("incident-list", {"title": "Open incidents"},
+                                                  buttons=[Button("ack", 7, label="Acknowledge #7")]))
+    await env.command(text="list")
+    await env.slack.wait_for(lambda: env.slack.responses["cmd"])
+    [answer] = env.slack.responses["cmd"]
+    assert answer["response_type"] == "in_channel" and answer["text"] == "incident-list: Open incidents"
+    assert answer["blocks"][0]["text"]["text"] == "incident-list: Open incidents"
+    assert answer["blocks"][1]["elements"][0]["value"] == "ack:7"
+
+
+async def test_a_failing_dispatcher_still_answers_the_user(env: Env) -> None:
+    env.dispatcher.error = RuntimeError("boom")
+    await env.command()
+    await env.slack.wait_for(lambda: env.slack.responses["cmd"])
+    assert env.slack.responses["cmd"][0]["text"] == FAILED
+
+
+async def test_a_broken_template_still_answers_with_the_text(env: Env) -> None:
+    def broken(kind: str, platform: str, context: Mapping[str, Any]) -> dict[str, Any]:
+        raise ValueError("template incident-list.slack.json.j2: output is not valid JSON")
+    env.adapter.renderer.render_json = broken  # type: ignore[method-assign]
+    env.dispatcher.reply = Reply("3 open incidents", message=Outbound("incident-list", {}))
+    await env.command(text="list")
+    await env.slack.wait_for(lambda: env.slack.responses["cmd"])
+    assert env.slack.responses["cmd"][0]["text"] == "3 open incidents"
+
+
+async def test_a_body_that_is_not_utf8_is_a_bad_request(env: Env) -> None:
+    resp = await env.client.post("/slack/events", data=b"payload=\xff\xfe", headers=signed("x"))
+    assert resp.status == 400
+
+
+async def test_a_mention_is_the_umbrella_command_and_is_taken_once(env: Env) -> None:
+    body = (FIXTURES / "app_mention.json").read_text()
+    for _ in range(2):  # Slack retries an event it thinks was lost
+        status, _ = await env.post(body, signed(body, content_type="application/json"))
+        assert status == 200
+    await env.slack.wait_for(lambda: env.slack.called("chat.postEphemeral"))
+    assert env.dispatcher.commands == [CommandEvent(
+        name="chatops", args=["ack", "42"], actor=Actor("slack", "U01ALICE", "", None),
+        chat=MessageRef("slack", "C0OPS", "1700000003.000200", None))]
+    params = env.slack.called("chat.postEphemeral")[0].params
+    assert (params["channel"], params["user"], params["thread_ts"]) == ("C0OPS", "U01ALICE", "1700000003.000200")
+
+
+@pytest.mark.parametrize(("text", "args"), [
+    ("ack 42", ["ack", "42"]),
+    ("  ack   42  ", ["ack", "42"]),
+    ("", []),
+    ('override dba "until 18:00"', ["override", "dba", "until 18:00"]),
+    ("swap \u201cnext week\u201d", ["swap", "next week"]),  # smart quotes from a phone
+    ('note "left open', ["note", '"left', "open"]),  # unbalanced: plain words
+    ("note don't page", ["note", "don't", "page"]),
+    ("note a &lt;b&gt; &amp;amp;", ["note", "a", "<b>", "&amp;"]),
+])
+def test_command_text_is_split_like_a_shell_but_tolerant(text: str, args: list[str]) -> None:
+    assert split_args(text) == args
+
+
+# -- outbound ---------------------------------------------------------------------------------------
+
+BUTTONS = [
+    Button("ack", 42, label="Acknowledge", style="primary"),
+    Button("res", 42, label="Resolve", style="danger", confirm="Resolve #42 for everyone?"),
+    Button("rb", 42, "restart-nginx", label="Restart nginx", confirm="Run restart-nginx on db-01?"),
+    Button("rb", 42, "flush-cache", label="Flush cache"),
+]
+
+
+async def test_send_update_and_reply_draw_buttons_with_encoded_values(env: Env) -> None:
+    incident = Outbound("incident", {"title": "DiskFull on db-01"}, buttons=BUTTONS)
+    ref = await env.adapter.send("C0OPS", incident)
+    assert ref == MessageRef("slack", "C0OPS", "1700000000.000100", None)
+    [post] = env.slack.called("chat.postMessage")
+    assert post.token == env.slack.token
+    assert post.params["text"] == "incident: DiskFull on db-01"
+    section, actions_block = post.params["blocks"]
+    assert section["text"]["text"] == "incident: DiskFull on db-01"
+    ack, res, rb1, rb2 = actions_block["elements"]
+    elements = (ack, res, rb1, rb2)
+    assert [e["action_id"] for e in elements] == ["chatops:ack", "chatops:res", "chatops:rb", "chatops:rb:3"]
+    assert [e["value"] for e in elements] == ["ack:42", "res:42", "rb:42:restart-nginx", "rb:42:flush-cache"]
+    assert [e.get("style") for e in (ack, res, rb1, rb2)] == ["primary", "danger", None, None]
+    assert res["confirm"]["text"]["text"] == "Resolve #42 for everyone?" and res["confirm"]["style"] == "danger"
+    assert rb1["confirm"]["confirm"]["text"] == "Restart nginx" and "style" not in rb1["confirm"]
+    assert "confirm" not in ack and ack["text"] == {"type": "plain_text", "text": "Acknowledge", "emoji": True}
+
+    await env.adapter.update(ref, Outbound("incident", {"title": "DiskFull (acknowledged)"}, buttons=BUTTONS[1:2]))
+    [update] = env.slack.called("chat.update")
+    assert (update.params["channel"], update.params["ts"]) == ("C0OPS", ref.message_id)
+    assert update.params["blocks"][-1]["elements"][0]["value"] == "res:42"
+    assert env.slack.messages[("C0OPS", ref.message_id)]["text"] == "incident: DiskFull (acknowledged)"
+
+    line = await env.adapter.reply(ref, Outbound("thread", {"title": "Alice acknowledged"}))
+    assert line == MessageRef("slack", "C0OPS", "1700000000.000200", ref.message_id)
+    again = await env.adapter.reply(line, Outbound("thread", {"title": "Bob resolved"}))
+    assert again.thread_id == ref.message_id  # a reply to a reply stays in the same thread
+    posts = env.slack.called("chat.postMessage")
+    assert [p.params.get("thread_ts") for p in posts] == [None, ref.message_id, ref.message_id]
+    assert [b["type"] for b in posts[1].params["blocks"]] == ["section"]  # no buttons, no actions block
+
+
+async def test_a_sent_button_clicked_round_trips_to_the_same_action(env: Env) -> None:
+    ref = await env.adapter.send("C0OPS", Outbound("incident", {"title": "x"}, buttons=BUTTONS))
+    element = env.slack.called("chat.postMessage")[0].params["blocks"][-1]["elements"][2]
+    payload = click_payload()
+    payload["message"]["ts"] = payload["container"]["message_ts"] = ref.message_id
+    payload["actions"][0].update(action_id=element["action_id"], value=element["value"])
+    await env.click(payload)
+    await env.slack.wait_for(lambda: env.dispatcher.actions)
+    event = env.dispatcher.actions[0]
+    assert (event.action, event.incident_id, event.arg, event.source) == ("rb", 42, "restart-nginx", ref)
+
+
+async def test_more_than_25_buttons_are_split_into_several_actions_blocks(env: Env) -> None:
+    buttons = [Button("rb", 42, f"runbook-{n}", label=f"Runbook {n}") for n in range(30)]
+    await env.adapter.send("C0OPS", Outbound("incident", {"title": "x"}, buttons=buttons))
+    blocks = env.slack.called("chat.postMessage")[0].params["blocks"]
+    assert [len(b["elements"]) for b in blocks if b["type"] == "actions"] == [25, 5]
+
+
+async def test_notify_is_ephemeral_in_a_chat_or_a_direct_message(env: Env) -> None:
+    alice = Actor("slack", "U01ALICE", "alice")
+    await env.adapter.notify(alice, MessageRef("slack", "C0OPS", "1700000000.000100"), "You need the <responder> role")
+    [eph] = env.slack.called("chat.postEphemeral")
+    assert (eph.params["channel"], eph.params["user"]) == ("C0OPS", "U01ALICE")
+    assert eph.params["text"] == "You need the &lt;responder&gt; role"
+    await env.adapter.notify(alice, None, "Your swap was approved")
+    assert env.slack.called("conversations.open")[0].params["users"] == "U01ALICE"
+    [dm] = env.slack.called("chat.postMessage")
+    assert (dm.params["channel"], dm.params["text"]) == ("D01ALICE", "Your swap was approved")
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.notify(Actor("telegram", "111"), None, "hi")
+    assert caught.value.permanent
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+async def test_a_429_becomes_retry_after(env: Env) -> None:
+    env.slack.burst = 2
+    message = Outbound("incident", {"title": "x"})
+    await env.adapter.send("C0BUSY", message)
+    await env.adapter.send("C0BUSY", message)
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.send("C0BUSY", message)
+    assert caught.value.retry_after == 1.0 and not caught.value.permanent
+    assert "ratelimited" in str(caught.value)
+    assert [c.status for c in env.slack.calls] == [200, 200, 429]  # and slack_sdk did not retry by itself
+    await env.adapter.send("C0OTHER", message)  # the limit is per channel
+
+
+@pytest.mark.parametrize("error", ["channel_not_found", "not_in_channel", "is_archived", "invalid_blocks"])
+async def test_refusals_that_retrying_cannot_fix_are_permanent(env: Env, error: str) -> None:
+    env.slack.fail("chat.postMessage", error)
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.send("C0GONE", Outbound("incident", {"title": "x"}))
+    assert caught.value.permanent and caught.value.retry_after is None and error in str(caught.value)
+
+
+async def test_updating_a_message_that_is_gone_is_permanent(env: Env) -> None:
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.update(MessageRef("slack", "C0OPS", "1600000000.000100"), Outbound("incident", {}))
+    assert caught.value.permanent and "message_not_found" in str(caught.value)
+
+
+async def test_a_wrong_token_is_permanent(env: Env) -> None:
+    adapter = SlackAdapter(settings(env.slack, "xoxb-revoked"), renderer=StubRenderer(), dispatcher=env.dispatcher)
+    with pytest.raises(DeliveryError) as caught:
+        await adapter.send("C0OPS", Outbound("incident", {"title": "x"}))
+    assert caught.value.permanent and "invalid_auth" in str(caught.value)
+
+
+@pytest.mark.parametrize(("status", "error"),
+                         [(500, "internal_error"), (503, "service_unavailable"), (200, "fatal_error")])
+async def test_server_errors_are_retryable(env: Env, status: int, error: str) -> None:
+    env.slack.fail("chat.postMessage", error, status=status)
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.send("C0OPS", Outbound("incident", {"title": "x"}))
+    assert not caught.value.permanent and caught.value.retry_after is None
+    assert len(env.slack.calls) == 1
+
+
+async def test_a_dropped_connection_is_retryable_and_not_retried_by_slack_sdk(env: Env) -> None:
+    env.slack.fail("chat.postMessage", "", disconnect=True, times=2)
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.send("C0OPS", Outbound("incident", {"title": "x"}))
+    assert not caught.value.permanent
+    assert len(env.slack.calls) == 1  # slack_sdk's default handler would have tried again
+
+
+async def test_an_unreachable_slack_is_retryable(env: Env) -> None:
+    async with FakeSlack() as gone:
+        url = gone.api_url
+    adapter = SlackAdapter(SlackSettings(bot_token="xoxb-x", signing_secret=SECRET, api_url=url),
+                           renderer=StubRenderer(), dispatcher=env.dispatcher)
+    with pytest.raises(DeliveryError) as caught:
+        await adapter.send("C0OPS", Outbound("incident", {"title": "x"}))
+    assert not caught.value.permanent
+
+
+async def test_slack_url_verification_is_answered(env: Env) -> None:
+    body = json.dumps({"token": "x", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P",
+                       "type": "url_verification"})
+    status, text = await env.post(body, signed(body, content_type="application/json"))
+    assert status == 200 and "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P" in text
+
+
+# -- setup ------------------------------------------------------------------------------------------
+
+def test_the_manifest_points_everything_at_one_request_url() -> None:
+    m = manifest(public_url="https://bot.example.com/", bot_name="oncall-bot")
+    url = "https://bot.example.com/slack/events"
+    commands = {c["command"]: c for c in m["features"]["slash_commands"]}
+    assert set(commands) == {"/incident", "/ack", "/chatops", "/oncall", "/swap", "/override"}
+    assert all(c["url"] == url and c["description"] and c["usage_hint"] for c in commands.values())
+    assert m["settings"]["interactivity"] == {"is_enabled": True, "request_url": url}
+    assert m["settings"]["event_subscriptions"] == {"request_url": url, "bot_events": ["app_mention"]}
+    assert {"chat:write", "chat:write.public", "commands", "im:write", "users:read", "app_mentions:read"} == set(
+        m["oauth_config"]["scopes"]["bot"])
+    assert m["display_information"]["name"] == "oncall-bot" == m["features"]["bot_user"]["display_name"]
+    json.dumps(m)  # pasteable

@@ -1,0 +1,253 @@
+"""An alert becomes a live Slack incident message whose buttons and commands work, end to end.
+
+The real bot (intake, outbox worker, dispatcher, slack-bolt, slack_sdk) against the fake
+Slack Web API on 127.0.0.1; requests signed the way Slack signs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from sqlmodel import select
+
+from bot.auth import sign
+from handlers.outbox import Budget, _Buckets
+from storage.models import AuditEvent, IncidentMessage
+from tests.botkit import Harness, fixture, running_bot
+from tests.conftest import drop_schema, postgres_url
+from tests.fake_slack import FakeSlack, signed
+
+SIGNING = "slack-signing-secret-for-tests"
+CLICK = json.loads((Path(__file__).parent / "fixtures" / "slack" / "block_actions.json").read_text())
+
+
+def slack_config(slack: FakeSlack) -> str:
+    return (f"adapters:\n  slack: {{bot_token: {slack.token}, signing_secret: {SIGNING}, "
+            f"api_url: '{slack.api_url}'}}\n")
+
+
+class Slack:
+    """The test's hands: Slack's side of the conversation with the running bot."""
+
+    def __init__(self, h: Harness, fake: FakeSlack):
+        self.h, self.fake = h, fake
+        self.clicks = 0
+
+    async def event(self, body: str) -> tuple[int, float]:
+        started = time.monotonic()
+        resp = await self.h.client.post("/slack/events", data=body, headers=signed(body, secret=SIGNING))
+        return resp.status, time.monotonic() - started
+
+    async def click(self, value: str, ts: str, *, user: str = "U01ALICE", action_ts: str | None = None) -> tuple[int, float, str]:
+        self.clicks += 1
+        key = f"click{self.clicks}"
+        payload: dict[str, Any] = json.loads(json.dumps(CLICK))
+        payload["user"] = {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0FAKE"}
+        payload["container"]["message_ts"] = payload["message"]["ts"] = ts
+        payload["response_url"] = self.fake.response_url(key)
+        action = payload["actions"][0]
+        action["value"], action["action_id"] = value, f"chatops:{value.split(':')[0]}"
+        action["action_ts"] = action_ts or f"1700000{self.clicks:03d}.000001"
+        status, elapsed = await self.event(urlencode({"payload": json.dumps(payload)}))
+        return status, elapsed, key
+
+    async def command(self, command: str, text: str, *, user: str = "U01ALICE") -> str:
+        self.clicks += 1
+        key = f"cmd{self.clicks}"
+        form = {"token": "x", "team_id": "T0FAKE", "channel_id": "C0OPS", "channel_name": "ops", "user_id": user,
+                "user_name": user.lower(), "command": command, "text": text, "response_url": self.fake.response_url(key),
+                "trigger_id": "1.2.3"}
+        status, _ = await self.event(urlencode(form))
+        assert status == 200
+        return key
+
+    async def answer(self, key: str) -> dict[str, Any]:
+        await self.fake.wait_for(lambda: self.fake.responses.get(key), timeout=5)
+        return self.fake.responses[key][-1]
+
+    def posts(self, channel: str = "C0OPS", thread: str | None = None) -> list[dict[str, Any]]:
+        return [c.params for c in self.fake.called("chat.postMessage")
+                if c.params.get("channel") == channel and c.params.get("thread_ts") == thread]
+
+    def updates(self, ts: str) -> list[dict[str, Any]]:
+        return [c.params for c in self.fake.called("chat.update") if c.params.get("ts") == ts]
+
+
+def button_values(params: dict[str, Any]) -> list[str]:
+    blocks = params["blocks"] if isinstance(params["blocks"], list) else json.loads(params["blocks"])
+    return [e["value"] for b in blocks if b["type"] == "actions" for e in b["elements"]]
+
+
+def text_of(params: dict[str, Any]) -> str:
+    return params.get("text", "") + json.dumps(params.get("blocks", ""), ensure_ascii=False)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def slack(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) -> AsyncIterator[Slack]:
+    async with FakeSlack() as fake:
+        if request.param == "sqlite":
+            async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+                yield Slack(h, fake)
+        else:
+            url = postgres_url()
+            try:
+                async with running_bot(url, slack_config(fake), schema=pg_schema) as h:
+                    yield Slack(h, fake)
+            finally:
+                await drop_schema(url, pg_schema)
+
+
+async def incident_posted(s: Slack) -> str:
+    status, _, _ = await s.h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
+    assert status == 200
+    await s.fake.wait_for(lambda: s.posts(), timeout=5)
+    for _ in range(100):  # the message row commits just after Slack's answer
+        try:
+            return await s.h.message_of(1)
+        except Exception:
+            await asyncio.sleep(0.02)
+    return await s.h.message_of(1)
+
+
+async def test_an_alert_posts_one_message_and_a_click_acknowledges_it(slack: Slack) -> None:
+    s = slack
+    ts = await incident_posted(s)
+    [post] = s.posts()
+    assert button_values(post) == ["ack:1", "esc:1", "res:1"]
+    assert "#1" in text_of(post) and "Firing" in text_of(post)
+    async with s.h.bot.db.sessions() as session:
+        [message] = (await session.execute(select(IncidentMessage))).scalars().all()
+    assert (message.incident_id, message.channel, message.chat_id, message.message_id) == (1, "ops-slack", "C0OPS", ts)
+
+    status, elapsed, key = await s.click("ack:1", ts)
+    assert status == 200 and elapsed < 1.0  # acknowledged at once, well inside Slack's 3 s
+    assert "Acknowledged #1." in (await s.answer(key))["text"]
+    await s.fake.wait_for(lambda: s.updates(ts) and s.posts(thread=ts), timeout=5)
+    [update] = s.updates(ts)
+    assert button_values(update) == ["esc:1", "res:1"] and "Acknowledged" in text_of(update)
+    [line] = s.posts(thread=ts)
+    assert "Acknowledged by Alice" in text_of(line)
+    [incident] = await s.h.incidents()
+    assert (incident.status, incident.acknowledged_by) == ("acknowledged", "alice")
+    async with s.h.bot.db.sessions() as session:
+        event = (await session.execute(select(AuditEvent).where(AuditEvent.action == "incident.acknowledged"))).scalar_one()
+    assert (event.actor_person, event.actor_platform, event.actor_user_id, event.incident_id) == ("alice", "slack", "U01ALICE", 1)
+    assert len(s.posts()) == 1  # one parent message, ever
+
+
+async def test_resolve_then_reopen_redraws_the_buttons(slack: Slack) -> None:
+    s = slack
+    ts = await incident_posted(s)
+    await s.click("res:1", ts)
+    await s.fake.wait_for(lambda: s.updates(ts), timeout=5)
+    assert button_values(s.updates(ts)[-1]) == ["reo:1"]
+    await s.click("reo:1", ts)
+    await s.fake.wait_for(lambda: len(s.updates(ts)) == 2 and len(s.posts(thread=ts)) == 2, timeout=5)
+    assert button_values(s.updates(ts)[-1]) == ["ack:1", "esc:1", "res:1"]
+    lines = [text_of(p) for p in s.posts(thread=ts)]
+    assert "Resolved by Alice" in lines[0] and "Reopened by Alice" in lines[1]
+    assert await s.h.actions(1) == ["incident.opened", "alert.received", "incident.resolved", "incident.reopened"]
+
+
+async def test_strangers_and_people_without_the_role_are_told_why_and_nothing_changes(slack: Slack) -> None:
+    s = slack
+    ts = await incident_posted(s)
+    _, _, key = await s.click("ack:1", ts, user="U09NOBODY")
+    answer = await s.answer(key)
+    assert answer["response_type"] == "ephemeral"
+    assert "I don't know you yet. Add `slack: U09NOBODY` to your entry under `people:` in app.yaml" in answer["text"]
+    _, _, key = await s.click("ack:1", ts, user="U02BOB")
+    assert "Acknowledge needs the `responder` role, and Bob has no roles" in (await s.answer(key))["text"]
+    [incident] = await s.h.incidents()
+    assert incident.status == "triggered" and "incident.acknowledged" not in await s.h.actions()
+    assert s.updates(ts) == []
+
+
+async def test_two_quick_clicks_acknowledge_once_and_a_redelivered_click_is_dropped(slack: Slack) -> None:
+    s = slack
+    ts = await incident_posted(s)
+    (_, _, first), (_, _, second) = [await s.click("ack:1", ts) for _ in range(2)]
+    texts = sorted([(await s.answer(first))["text"], (await s.answer(second))["text"]])
+    assert texts == ["#1 is already acknowledged by alice.", "Acknowledged #1."]
+    await s.click("ack:1", ts, action_ts="1700000001.000001")  # Slack retrying the first delivery
+    await s.fake.wait_for(lambda: s.posts(thread=ts), timeout=5)
+    assert (await s.h.actions(1)).count("incident.acknowledged") == 1
+    assert len(s.posts(thread=ts)) == 1
+
+
+async def test_forged_and_stale_requests_are_refused(slack: Slack) -> None:
+    s = slack
+    body = urlencode({"payload": json.dumps(CLICK)})
+    forged = await s.h.client.post("/slack/events", data=body, headers=signed(body, secret="not-the-secret"))
+    stale = await s.h.client.post("/slack/events", data=body,
+                                  headers=signed(body, secret=SIGNING, ts=int(time.time()) - 600))
+    assert (forged.status, stale.status) == (401, 401)
+
+
+async def test_slash_commands_list_show_and_act(slack: Slack) -> None:
+    s = slack
+    ts = await incident_posted(s)
+    listing = await s.answer(await s.command("/incident", "list"))
+    assert "1 open incident(s)" in listing["text"] and "CPU" in listing["text"]
+    acked = await s.answer(await s.command("/ack", "1"))
+    assert acked["text"] == "Acknowledged #1."
+    await s.fake.wait_for(lambda: s.updates(ts), timeout=5)
+    shown = await s.answer(await s.command("/incident", "show 1"))
+    assert button_values(shown) == ["esc:1", "res:1"]
+    resolved = await s.answer(await s.command("/chatops", "incident resolve 1"))
+    assert resolved["text"] == "Resolved #1."
+    usage = await s.answer(await s.command("/incident", "frobnicate 1"))
+    assert "I don't know `/incident frobnicate`" in usage["text"] and "/incident list" in usage["text"]
+    missing = await s.answer(await s.command("/ack", "nope"))
+    assert missing["text"] == "Usage: `/ack ID`, for example `/ack 42`."
+    helped = await s.answer(await s.command("/chatops", "help"))
+    assert "`/ack ID`: acknowledge an incident" in helped["text"]
+    denied = await s.answer(await s.command("/ack", "1", user="U02BOB"))
+    assert "needs the `responder` role" in denied["text"]
+
+
+async def test_a_storm_costs_calls_per_incident_not_per_alert(tmp_path: Path) -> None:
+    async with FakeSlack(per_second=20, burst=5) as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            # Faster budgets than Slack's real ones keep the test short; the shape is the same.
+            h.bot.outbox.buckets = _Buckets({"slack": Budget(chat=(1200, 5), group_chat=None, edits=(600, 5),
+                                                             platform=(6000, 50))})
+            s = Slack(h, fake)
+            for batch in range(20):  # 2,000 alerts, 20 incidents, 100 alerts each
+                body = [{"asset_name": f"app-{i % 20}", "signature": "HighLatency", "severity": "high",
+                         "message": f"p99 above 2s ({batch}/{i})", "tool_source": f"probe-{batch}-{i}"}
+                        for i in range(100)]
+                raw = json.dumps(body)
+                ts = str(int(h.clock.now().timestamp()))
+                headers = {"X-Timestamp": ts, "X-Signature": "sha256=" + sign("generic-secret", raw.encode(), ts)}
+                assert (await h.post("generic", raw, headers))[0] == 200
+            h.clock.advance(timedelta(seconds=31))  # the "N new alerts" lines fall due
+            h.bot.outbox.nudge()
+
+            async def settled() -> bool:
+                return (await h.count_pending()) == 0
+            deadline = time.monotonic() + 20
+            while not await settled():
+                assert time.monotonic() < deadline, f"outbox not drained: {await h.pending()}"
+                h.clock.advance(timedelta(seconds=0.5))  # retries after a 429 fall due on the bot's clock
+                h.bot.outbox.nudge()
+                await asyncio.sleep(0.1)
+            parents = s.posts()
+            assert len(parents) == 20
+            thread_posts = [c for c in fake.called("chat.postMessage") if c.params.get("thread_ts")]
+            assert len(thread_posts) <= 20  # at most one "N new alerts" line per incident here
+            incidents = await h.incidents()
+            assert [i.alert_count for i in incidents] == [100] * 20
+            for incident in incidents:
+                message = await h.message_of(incident.id)
+                final = fake.messages[("C0OPS", message)]
+                assert "100 alerts from generic" in json.dumps(final, ensure_ascii=False)
+            assert len(fake.calls) < 200  # calls in proportion to incidents, not to 2,000 alerts

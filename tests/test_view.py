@@ -1,0 +1,240 @@
+"""bot.view: what an incident message says, its buttons and its thread lines."""
+
+from __future__ import annotations
+
+import ast
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bot.actions import Action, decode, encode
+from bot.view import ago, buttons_for, incident_context, span, thread_line
+from storage.models import AlertRecord, Incident
+
+NOW = datetime(2026, 3, 3, 14, 15, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_incident(**over) -> Incident:
+    fields = dict(
+        id=42, group_key="k", title="Disk full on db-1", status="triggered", severity="critical", priority=95,
+        labels={"alertname": "DiskFull", "instance": "db-1:9100", "service": "postgres"},
+        links={"generator": "http://prom:9090/graph?g0.expr=disk&g0.tab=1"},
+        sources=["alertmanager", "grafana"], channels=["ops-slack"], alert_count=3, firing_count=2,
+        notifications=4, silenced=False, opened_at=NOW - timedelta(minutes=12), first_seen=NOW - timedelta(minutes=12),
+        last_seen=NOW,
+    )
+    fields.update(over)
+    return Incident(**fields)
+
+
+def make_alert(summary: str, *, received: datetime, **over) -> AlertRecord:
+    fields = dict(incident_id=42, source="alertmanager", fingerprint=summary, status="firing", severity="critical",
+                  summary=summary, labels={"alertname": "DiskFull"}, annotations={}, links={},
+                  first_received=received, last_received=received)
+    fields.update(over)
+    return AlertRecord(**fields)
+
+
+ALERTS = [
+    make_alert("Disk 91% full", received=NOW - timedelta(minutes=12),
+               annotations={"runbook_url": "https://wiki.example/disk", "description": "older"}),
+    make_alert("Disk 97% full on /var", received=NOW - timedelta(minutes=1),
+               annotations={"runbook_url": "https://wiki.example/disk", "description": "only 300 MB left"},
+               links={"dashboard": "https://grafana.example/d/abc", "panel": "https://grafana.example/d/abc",
+                      "silence": "https://grafana.example/alerting/silence/new?matcher=a%3Db"}),
+    make_alert("Disk 93% full", received=NOW - timedelta(minutes=5)),
+]
+
+
+def facts(ctx: dict) -> dict[str, str]:
+    return {f["key"]: f["text"] for f in ctx["facts"]}
+
+
+def test_firing_incident_first_line_facts_and_next_step():
+    ctx = incident_context(make_incident(), ALERTS, now=NOW)
+    assert ctx["state"] == "firing"
+    assert (ctx["marker"], ctx["colour"]) == ("\U0001f534", "#E01E5A")
+    assert ctx["headline"] == "\U0001f534 Firing \u00b7 Critical \u00b7 #42 Disk full on db-1"
+    assert ctx["ref"] == "#42" and ctx["severity"] == "critical"
+    assert facts(ctx) == {
+        "service": "service postgres",
+        "instance": "instance db-1:9100",
+        "started": "started 12 min ago (14:03 UTC)",
+        "alerts": "3 alerts from alertmanager and grafana",
+        "firing": "2 of 3 still firing",
+        "priority": "priority 95",
+    }
+    assert ctx["next_step"] == "Waiting for someone to acknowledge."
+    assert ctx["resolved_after"] is None
+
+
+def test_latest_alert_is_the_newest_received_with_showing_the_last_of_n():
+    ctx = incident_context(make_incident(), ALERTS, now=NOW)
+    assert ctx["latest"] == {"summary": "Disk 97% full on /var", "status": "firing",
+                             "detail": "only 300 MB left", "showing": "showing the last of 3"}
+    one = incident_context(make_incident(alert_count=1, firing_count=1), ALERTS[:1], now=NOW)
+    assert one["latest"]["showing"] == ""
+    assert "firing" not in facts(one)  # "1 of 1 firing" says nothing
+    assert facts(one)["alerts"] == "1 alert from alertmanager and grafana"
+    assert incident_context(make_incident(), [], now=NOW)["latest"] is None
+
+
+def test_links_graph_runbook_dashboard_silence_deduplicated_and_safe():
+    ctx = incident_context(make_incident(), ALERTS, now=NOW)
+    assert ctx["links"] == [
+        ("Graph", "http://prom:9090/graph?g0.expr=disk&g0.tab=1"),
+        ("Runbook", "https://wiki.example/disk"),
+        ("Dashboard", "https://grafana.example/d/abc"),  # the panel has the same URL: shown once
+        ("Silence", "https://grafana.example/alerting/silence/new?matcher=a%3Db"),
+    ]
+    hostile = make_alert("x", received=NOW, annotations={"runbook_url": "javascript:alert(1)"},
+                         links={"generator": "https://prom/graph?q=a|b <x>", "dashboard": "ftp://x/y"})
+    ctx = incident_context(make_incident(links={}), [hostile], now=NOW)
+    assert ctx["links"] == [("Graph", "https://prom/graph?q=a%7Cb%20%3Cx%3E")]
+
+
+def test_acknowledged_incident_says_who_and_when():
+    inc = make_incident(status="acknowledged", acknowledged_at=NOW - timedelta(minutes=3), acknowledged_by="alice")
+    ctx = incident_context(inc, ALERTS, now=NOW, acknowledged_name="Alice")
+    assert (ctx["state"], ctx["marker"], ctx["colour"]) == ("acknowledged", "\U0001f7e0", "#ECB22E")
+    assert ctx["headline"].startswith("\U0001f7e0 Acknowledged \u00b7 Critical \u00b7 #42 ")
+    assert facts(ctx)["acknowledged"] == "acknowledged by Alice 3 min ago (14:12 UTC)"
+    assert ctx["next_step"] == "Alice is on it. Resolve when fixed, or escalate for help."
+    # without a display name, the stored person id is shown
+    assert facts(incident_context(inc, ALERTS, now=NOW))["acknowledged"].startswith("acknowledged by alice ")
+
+
+def test_resolved_incident_says_how_long_it_took():
+    inc = make_incident(status="resolved", firing_count=0, opened_at=NOW - timedelta(hours=2),
+                        resolved_at=NOW - timedelta(minutes=55), resolved_by="source:alertmanager")
+    ctx = incident_context(inc, ALERTS, now=NOW)
+    assert (ctx["state"], ctx["marker"], ctx["colour"]) == ("resolved", "\U0001f7e2", "#2EB67D")
+    assert ctx["resolved_after"] == "resolved after 1 h 5 min"
+    assert facts(ctx)["resolved"] == "resolved after 1 h 5 min by alertmanager"
+    assert "firing" not in facts(ctx)
+    assert ctx["next_step"].startswith("Resolved after 1 h 5 min.")
+    by_person = incident_context(make_incident(status="resolved", resolved_at=NOW, resolved_by="bob",
+                                               opened_at=NOW - timedelta(seconds=40)),
+                                 [], now=NOW, resolved_name="Bob")
+    assert facts(by_person)["resolved"] == "resolved after 40 s by Bob"
+
+
+def test_silenced_incident_is_grey():
+    ctx = incident_context(make_incident(silenced=True), ALERTS, now=NOW)
+    assert (ctx["state"], ctx["marker"], ctx["colour"]) == ("silenced", "\u26aa", "#9E9E9E")
+    assert ctx["headline"].startswith("\u26aa Silenced \u00b7 ")
+    assert "nobody is paged" in ctx["next_step"]
+    # a resolved incident is resolved, silenced or not
+    assert incident_context(make_incident(silenced=True, status="resolved", resolved_at=NOW), [], now=NOW)[
+        "state"] == "resolved"
+
+
+def test_next_step_from_the_caller_wins():
+    step = "Paging Alice (Telegram). Bob in 5 min if nobody acknowledges."
+    assert incident_context(make_incident(), ALERTS, now=NOW, next_step=step)["next_step"] == step
+
+
+def test_times_in_the_requested_zone_with_the_date_when_not_today():
+    ctx = incident_context(make_incident(), ALERTS, now=NOW, tz="Europe/Berlin")
+    assert facts(ctx)["started"] == "started 12 min ago (15:03 CET)"
+    old = make_incident(opened_at=NOW - timedelta(days=2, hours=3))
+    assert facts(incident_context(old, [], now=NOW, tz="Europe/Berlin"))["started"] == \
+        "started 2 d 3 h ago (1 Mar 12:15 CET)"
+    summer = datetime(2026, 7, 1, 9, 0, tzinfo=UTC)
+    ctx = incident_context(make_incident(opened_at=summer - timedelta(minutes=90)), [], now=summer,
+                           tz="Europe/Berlin")
+    assert facts(ctx)["started"] == "started 1 h 30 min ago (09:30 CEST)"
+
+
+def test_naive_datetimes_are_taken_as_utc():
+    inc = make_incident(opened_at=datetime(2026, 3, 3, 14, 0))
+    assert facts(incident_context(inc, [], now=NOW))["started"] == "started 15 min ago (14:00 UTC)"
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0 s"), (59, "59 s"), (60, "1 min"), (12 * 60 + 59, "12 min"), (3600, "1 h"), (3900, "1 h 5 min"),
+    (86400, "1 d"), (2 * 86400 + 3 * 3600 + 59, "2 d 3 h"), (-5, "0 s"),
+])
+def test_span(seconds, text):
+    assert span(timedelta(seconds=seconds)) == text
+
+
+def test_ago_never_reads_the_clock():
+    assert ago(NOW - timedelta(seconds=30), NOW) == "just now"
+    assert ago(NOW + timedelta(minutes=5), NOW) == "just now"  # a source clock ahead of ours
+    assert ago(NOW - timedelta(minutes=12), NOW) == "12 min ago"
+
+
+def test_title_and_summary_are_one_line_and_bounded():
+    ctx = incident_context(make_incident(title="Disk\nfull  \t on\r\ndb-1"), [
+        make_alert("a" * 2000, received=NOW)], now=NOW)
+    assert ctx["title"] == "Disk full on db-1"
+    assert len(ctx["latest"]["summary"]) == 500 and ctx["latest"]["summary"].endswith("\u2026")
+    assert incident_context(make_incident(title=""), [], now=NOW)["title"] == "Incident #42"
+
+
+def test_buttons_match_the_state():
+    def shown(inc):
+        return [(b.label, b.action, b.style, b.confirm is not None) for b in buttons_for(inc)]
+
+    assert shown(make_incident()) == [("Acknowledge", "ack", "primary", False), ("Escalate", "esc", "default", False),
+                                      ("Resolve", "res", "danger", True)]
+    assert shown(make_incident(status="acknowledged")) == [("Escalate", "esc", "default", False),
+                                                           ("Resolve", "res", "danger", True)]
+    assert shown(make_incident(status="resolved")) == [("Reopen", "reo", "default", False)]
+    assert shown(make_incident(silenced=True))[0][0] == "Acknowledge"
+
+
+def test_resolve_asks_first_and_says_what_is_still_firing():
+    resolve = buttons_for(make_incident(firing_count=2))[-1]
+    assert resolve.confirm == ("Resolve #42 while 2 alerts are still firing? "
+                               "If they keep firing, a new incident opens.")
+    assert buttons_for(make_incident(firing_count=0))[-1].confirm == "Resolve #42?"
+
+
+def test_buttons_encode_within_the_64_byte_limit():
+    for status in ("triggered", "acknowledged", "resolved"):
+        for b in buttons_for(make_incident(id=10**17, status=status)):
+            d = decode(encode(b.action, b.incident_id, b.arg))
+            assert (d.action, d.incident_id) == (Action(b.action), 10**17)
+
+
+@pytest.mark.parametrize(("event", "details", "actor", "line"), [
+    ("incident.acknowledged", {}, "Alice", "Acknowledged by Alice"),
+    ("incident.escalated", {}, "Alice", "Escalated by Alice"),
+    ("incident.escalated", {"to": "Carol", "step": 2}, None, "Escalated to Carol (step 2)"),
+    ("alerts.grouped", {"count": 3}, None, "3 new alerts"),
+    ("alerts.grouped", {"count": 1}, None, "1 new alert"),
+    ("alerts.resolved", {"count": 2}, None, "2 alerts resolved by the source"),
+    ("alerts.resolved", {"count": 1, "source": "grafana"}, None, "1 alert resolved by grafana"),
+    ("incident.resolved", {"by": "source"}, None, "Resolved by the source: every alert stopped firing"),
+    ("incident.resolved", {"by": "source", "source": "alertmanager"}, None,
+     "Resolved by alertmanager: every alert stopped firing"),
+    ("incident.resolved", {}, "Bob", "Resolved by Bob"),
+    ("incident.reopened", {}, "Bob", "Reopened by Bob"),
+    ("incident.something_new", {}, "Bob", "Something new by Bob"),
+])
+def test_thread_lines(event, details, actor, line):
+    assert thread_line(event, details, actor_name=actor) == line
+
+
+def test_thread_lines_mention_nobody():
+    assert thread_line("incident.acknowledged", {}, actor_name="@channel\nhi") == "Acknowledged by channel hi"
+    assert thread_line("incident.escalated", {"to": "@@here"}, actor_name=None) == "Escalated to here"
+
+
+def test_view_and_render_are_pure_core_modules():
+    """No storage, handlers, adapters or platform SDK; no wall clock."""
+    for name in ("view.py", "render.py"):
+        source = (ROOT / "bot" / name).read_text()
+        modules = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                modules.add((node.module or "").split(".")[0])
+        assert not modules & {"storage", "handlers", "adapters", "slack_bolt", "slack_sdk", "telegram", "botbuilder"}
+        for clock in (".now(", "utcnow", "time.time", "date.today"):
+            assert clock not in source, f"bot/{name} reads the clock ({clock})"
