@@ -233,3 +233,12 @@ def test_grafana_hmac_defaults_follow_grafana_and_explicit_values_win() -> None:
     assert (sources["g"].header, sources["g"].timestamp_header) == ("X-Grafana-Alerting-Signature", None)
     assert (sources["g2"].header, sources["g2"].timestamp_header) == ("X-Sig", "X-TS")
     assert (sources["w"].header, sources["w"].timestamp_header) == ("X-Signature", "X-Timestamp")
+
+
+def test_a_missing_template_dir_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "app.yaml"
+    config.write_text("templates: {dir: my-templates}\n")
+    assert main(["check-config", "-c", str(config)]) == 2
+    assert "templates.dir: no such directory: my-templates (relative paths start at the folder of" in capsys.readouterr().out
+    (tmp_path / "my-templates").mkdir()
+    assert main(["check-config", "-c", str(config)]) == 0

@@ -251,3 +251,18 @@ async def test_a_storm_costs_calls_per_incident_not_per_alert(tmp_path: Path) ->
                 final = fake.messages[("C0OPS", message)]
                 assert "100 alerts from generic" in json.dumps(final, ensure_ascii=False)
             assert len(fake.calls) < 200  # calls in proportion to incidents, not to 2,000 alerts
+
+
+async def test_templates_in_the_override_dir_draw_the_message(tmp_path: Path) -> None:
+    custom = tmp_path / "templates"
+    custom.mkdir()
+    (custom / "incident.slack.json.j2").write_text(
+        '{"text": {{ ("[ours] " ~ ref ~ " " ~ title) | tojson }}, '
+        '"blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": {{ ("[ours] " ~ headline) | tojson }}}}]}')
+    async with FakeSlack() as fake:
+        extra = slack_config(fake) + f"templates: {{dir: '{custom}'}}\n"
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra) as h:
+            s = Slack(h, fake)
+            await incident_posted(s)
+            [post] = s.posts()
+            assert post["text"].startswith("[ours] #1 ") and button_values(post) == ["ack:1", "esc:1", "res:1"]
