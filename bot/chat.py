@@ -102,3 +102,9 @@ class Adapter(Protocol):
     async def reply(self, ref: MessageRef, message: Outbound) -> MessageRef: ...
 
     async def notify(self, actor: Actor, chat: MessageRef | None, text: str) -> None: ...
+
+
+class Pager(Protocol):
+    """An adapter that can reach one person directly (a private chat), for pages."""
+
+    async def page(self, user_id: str, message: Outbound) -> MessageRef: ...

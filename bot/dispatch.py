@@ -28,6 +28,7 @@ log = logging.getLogger("chatops.dispatch")
 
 ActionHandler = Callable[[ActionEvent, Person], Awaitable[Reply | None]]
 CommandHandler = Callable[[CommandEvent, Person], Awaitable[Reply]]
+OpenCommandHandler = Callable[[CommandEvent, Person | None], Awaitable[Reply]]
 DUPLICATE_WINDOW = 600.0  # seconds a click's event id is remembered
 
 _ID_KEYS = {"slack": "slack", "telegram": "telegram", "teams": "teams"}
@@ -41,6 +42,7 @@ class CommandSpec:
     usage: str
     help: str
     role: str | None
+    anyone: bool = False  # strangers too (the handler gets person None): /start
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,10 @@ class Dispatcher:
             return fn
         return register
 
-    def command(self, name: str, *, usage: str, help: str, role: str | None = None) -> Callable[[CommandHandler], CommandHandler]:
+    def command(self, name: str, *, usage: str, help: str, role: str | None = None,
+                anyone: bool = False) -> Callable[[CommandHandler], CommandHandler]:
         def register(fn: CommandHandler) -> CommandHandler:
-            self.commands[name] = CommandSpec(name, fn, usage, help, role)
+            self.commands[name] = CommandSpec(name, fn, usage, help, role, anyone)
             return fn
         return register
 
@@ -119,6 +122,8 @@ class Dispatcher:
             return Reply(f"I don't know `/{name}`.\n{self.help_text()}")
         person = self.identify(event.actor)
         if person is None:
+            if spec.anyone:
+                return await spec.handler(event, person)  # type: ignore[arg-type]
             return self._stranger(event.actor)
         if spec.role and spec.role not in person.roles:
             return Reply(f"`/{name}` needs the `{spec.role}` role, and {person.name} has {_roles(person)}.")

@@ -42,6 +42,7 @@ class ChatHandlers:
             dispatcher.action(button, role=RESPONDER, label=LABELS[verb])(self._button(verb))
         dispatcher.command("incident", usage=INCIDENT_USAGE, help="list, show and act on incidents")(self.incident)
         dispatcher.command("ack", usage="/ack ID", help="acknowledge an incident")(self.ack)
+        dispatcher.command("start", usage="/start", help="who the bot thinks you are", anyone=True)(self.start)
 
     def _button(self, verb: str):  # type: ignore[no-untyped-def]
         async def handle(event: ActionEvent, person: Person) -> Reply:
@@ -57,6 +58,15 @@ class ChatHandlers:
         if result.changed:
             self.delivered()
         return Reply(result.message)
+
+    async def start(self, event: CommandEvent, person: Person | None) -> Reply:
+        platform, user = event.actor.platform, event.actor.user_id
+        if person is None:
+            return Reply(f"Hello! Your {platform.capitalize()} id is {user}. It is not linked to anyone yet: add "
+                         f"`{platform}: {user}` to your entry under `people:` in app.yaml and restart the bot.")
+        roles = ", ".join(person.roles) or "none"
+        return Reply(f"Hello {person.name}! Your {platform.capitalize()} id {user} is linked to `{person.id}` "
+                     f"(roles: {roles}). Pages and incident buttons will reach you here.")
 
     async def ack(self, event: CommandEvent, person: Person) -> Reply:
         incident_id = _incident_id(event.args)

@@ -266,3 +266,25 @@ async def test_templates_in_the_override_dir_draw_the_message(tmp_path: Path) ->
             await incident_posted(s)
             [post] = s.posts()
             assert post["text"].startswith("[ours] #1 ") and button_values(post) == ["ack:1", "esc:1", "res:1"]
+
+
+async def test_the_source_resolving_every_alert_resolves_the_message_and_says_so(slack: Slack) -> None:
+    s = slack
+    ts = await incident_posted(s)
+    resolved = json.loads(fixture("alertmanager/03-highcpu-firing.json"))
+    resolved["status"] = "resolved"
+    for alert in resolved["alerts"]:
+        alert["status"], alert["endsAt"] = "resolved", "2026-11-24T04:05:00Z"
+    assert (await s.h.post("am", json.dumps(resolved)))[0] == 200
+    await s.fake.wait_for(lambda: s.updates(ts) and s.posts(thread=ts), timeout=5)
+    assert button_values(s.updates(ts)[-1]) == ["reo:1"] and "Resolved" in text_of(s.updates(ts)[-1])
+    assert "Resolved by the source" in text_of(s.posts(thread=ts)[0])
+
+
+async def test_start_tells_anyone_their_id_and_whether_it_is_linked(slack: Slack) -> None:
+    s = slack
+    stranger = await s.answer(await s.command("/chatops", "start", user="U09NEW"))
+    assert ("Your Slack id is U09NEW. It is not linked to anyone yet: add `slack: U09NEW` to your entry under "
+            "`people:` in app.yaml") in stranger["text"]
+    known = await s.answer(await s.command("/chatops", "start"))
+    assert "Hello Alice! Your Slack id U01ALICE is linked to `alice` (roles: responder)" in known["text"]
