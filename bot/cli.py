@@ -217,6 +217,42 @@ def cmd_slack_manifest(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
+    loaded = _load(args)
+    settings = loaded.adapters.get("telegram")
+    if settings is None:
+        why = loaded.adapters_off.get("telegram", "no section under adapters")
+        print(f"telegram is off ({why}); configure adapters.telegram in app.yaml first", file=sys.stderr)
+        return EXIT_FAILED
+    url = args.url or loaded.config.server.public_url.rstrip("/") + "/telegram/webhook"
+    if not url.startswith("https://"):
+        print(f"{url}: Telegram only posts to https:// URLs; set server.public_url to the bot's public HTTPS "
+              "address, or use adapters.telegram.mode: polling", file=sys.stderr)
+        return EXIT_USAGE
+    from adapters.telegram import TelegramAdapter
+    from bot.chat import DeliveryError
+    from bot.dispatch import Dispatcher
+    from bot.render import Renderer
+
+    async def work() -> int:
+        adapter = TelegramAdapter(settings, renderer=Renderer(), dispatcher=Dispatcher(loaded.config))
+        try:
+            await adapter.application.initialize()
+            await adapter.set_webhook(url)
+        except DeliveryError as exc:
+            print(f"Telegram refused: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except Exception as exc:
+            print(f"cannot reach Telegram at {settings.api_url}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            await adapter.application.shutdown()
+        print(f"Telegram will post updates to {url} (with the webhook secret; messages and button clicks)", file=out)
+        return EXIT_OK
+
+    return asyncio.run(work())
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", help="path to app.yaml (default: $CHATOPS_CONFIG, then ./app.yaml)")
@@ -247,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     olist.add_argument("--status", choices=["pending", "sent", "dead", "all"], default="pending")
     olist.add_argument("--limit", type=int, default=100)
     olist.set_defaults(func=cmd_outbox_list)
+    telegram = sub.add_parser("telegram", help="Telegram setup").add_subparsers(dest="telegram", required=True, metavar="ACTION")
+    hook = telegram.add_parser("set-webhook", parents=[common], help="register {public_url}/telegram/webhook with Telegram")
+    hook.add_argument("--url", help="the HTTPS URL Telegram should post to (default: server.public_url + /telegram/webhook)")
+    hook.set_defaults(func=cmd_telegram_set_webhook)
     slack = sub.add_parser("slack-manifest", parents=[common], help="print the Slack app manifest to paste at api.slack.com/apps")
     slack.add_argument("--name", default="chatops", help="the app's display name")
     slack.set_defaults(func=cmd_slack_manifest)

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from bot.clock import Clock, SystemClock
-from bot.chat import Adapter
+from bot.chat import Adapter, DeliveryError
 from bot.config import Loaded, template_dir
 from bot.dispatch import Dispatcher
 from bot.metrics import Metrics
@@ -57,15 +57,27 @@ class Bot:
 
             self.adapters["slack"] = SlackAdapter(loaded.adapters["slack"], renderer=self.renderer,
                                                   dispatcher=self.dispatcher)
+        if "telegram" in loaded.adapters:
+            from adapters.telegram import TelegramAdapter
+
+            self.adapters["telegram"] = TelegramAdapter(loaded.adapters["telegram"], renderer=self.renderer,
+                                                        dispatcher=self.dispatcher)
+        self.adapters_failed: dict[str, str] = {}
 
     async def start(self) -> None:
         """Open the store and start the background workers."""
         await self.db.start()
         self.intake.start()
-        for name, adapter in self.adapters.items():
+        for name, adapter in list(self.adapters.items()):
             starting = getattr(adapter, "start", None)
-            if starting is not None:
-                await starting()
+            try:
+                if starting is not None:
+                    await starting()
+            except DeliveryError as exc:  # a refused token: this platform is off, the rest of the bot runs
+                log.error("%s: off (%s); fix its settings in app.yaml and restart", name, exc)
+                self.adapters_failed[name] = str(exc)
+                del self.adapters[name]
+                continue
             self.metrics.adapter_up.labels(name).set(1)
         self.outbox.start()
 
@@ -81,7 +93,10 @@ class Bot:
     def adapter_states(self) -> dict[str, str]:
         states = {name: f"off ({why})" for name, why in self.loaded.adapters_off.items()}
         for name in self.loaded.adapters:
-            states[name] = "on" if name in self.adapters else "configured (arrives in a later version)"
+            if name in self.adapters_failed:
+                states[name] = f"off ({self.adapters_failed[name]})"
+            else:
+                states[name] = "on" if name in self.adapters else "configured (arrives in a later version)"
         return dict(sorted(states.items()))
 
     def web_app(self) -> web.Application:

@@ -26,7 +26,7 @@ CONFIG = """
 audit: {hmac_key: test-key}
 timezone: Europe/Berlin
 people:
-  - {id: alice, name: Alice, roles: [responder], slack: U01ALICE}
+  - {id: alice, name: Alice, roles: [responder], slack: U01ALICE, telegram: 111111}
   - {id: bob, name: Bob, slack: U02BOB}
 channels:
   - {id: ops-slack, platform: slack, chat: C0OPS}

@@ -129,7 +129,7 @@ def test_generic_incident_text(renderer):
 
 def test_platform_without_a_template_falls_back_to_generic_text(renderer):
     ctx = incident_context(make_incident(status="resolved", resolved_at=NOW), [], now=NOW)
-    text = renderer.render_text("incident", "telegram", ctx)
+    text = renderer.render_text("incident", "pager", ctx)
     assert text == renderer.render_text("incident", "generic", ctx)
     assert text.startswith("\U0001f7e2 Resolved \u00b7 Critical \u00b7 #42 Disk full on db-1\nResolved after 12 min.")
     # a JSON platform without the kind's template: generic text, wrapped by the platform's `text` template
@@ -156,7 +156,7 @@ def test_override_dir_wins_over_the_built_in_template(tmp_path):
 
 def test_override_generic_beats_built_in_generic(tmp_path):
     (tmp_path / "thread.generic.txt.j2").write_text("-- {{ text }}")
-    assert Renderer(tmp_path).render_text("thread", "telegram", {"text": "Reopened by Bob"}) == "-- Reopened by Bob"
+    assert Renderer(tmp_path).render_text("thread", "pager", {"text": "Reopened by Bob"}) == "-- Reopened by Bob"
 
 
 @pytest.mark.parametrize(("template", "problem"), [

@@ -1,0 +1,513 @@
+"""Telegram: HTML with an inline keyboard out, Bot API updates in. Translation only; every decision is the dispatcher's.
+
+Outbound, `TelegramAdapter` implements `bot.chat.Adapter` and `Pager` with
+python-telegram-bot's bot (no rate limiter, no retries: the outbox owns them)
+and maps Telegram's refusals to `DeliveryError`. Inbound, `POST /telegram/webhook`
+checks the secret token Telegram was given with `setWebhook`, answers at once and
+hands a neutral `ActionEvent` (a button) or `CommandEvent` (`/ack 42`, also
+`/ack@botname 42`) to the dispatcher in a background task; a click is answered
+with a toast, a command with a message replying to it. With `mode: polling` a
+`getUpdates` loop feeds the same path.
+
+Telegram buttons have no confirmation dialog, so a button with `confirm` is drawn
+with callback data `?{value}`: its first tap turns it, in place, into
+`✔ {label}` (the real value) and `✖ Cancel` (`!{value}`, which turns it back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import html
+import json
+import logging
+import re
+import shlex
+import warnings
+from collections import deque
+from collections.abc import Coroutine, Mapping, Sequence
+from datetime import timedelta
+from typing import Any, Protocol
+
+from aiohttp import web
+from telegram import (CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, LinkPreviewOptions, Message,
+                      ReplyParameters, Update, User)
+from telegram.constants import ChatType, ParseMode
+from telegram.error import (BadRequest, ChatMigrated, EndPointNotFound, Forbidden, InvalidToken, RetryAfter,
+                            TelegramError)
+from telegram.ext import Application
+from telegram.warnings import PTBDeprecationWarning
+
+from adapters.settings import TelegramSettings
+from bot import actions
+from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
+from bot.model import Actor
+from bot.render import TEXT_FORMATS
+
+log = logging.getLogger("chatops.telegram")
+
+PLATFORM = "telegram"
+PATH = "/telegram/webhook"
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+ALLOWED_UPDATES = ["message", "callback_query"]
+TIMEOUT = 15  # seconds for one Bot API call
+POLL_TIMEOUT = 25  # seconds getUpdates waits for something to arrive
+TOAST_MAX, TEXT_MAX, ROW_MAX = 200, 4000, 3
+ASK, CANCEL, YES = "?", "!", "\u2714 "
+INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
+STALE_BUTTON = "This message has changed since; use the buttons on the latest incident message."
+FAILED = "Something went wrong while handling that; the details are in the bot's log."
+# the command menu (setMyCommands); the dispatcher owns what they do, and takes any other command too
+COMMANDS: dict[str, str] = {
+    "incident": "Show or act on an incident: /incident ack 42",
+    "ack": "Acknowledge an incident: /ack 42",
+    "oncall": "Who is on call",
+    "help": "What I can do",
+    "start": "Your Telegram id, and whether it is linked to you",
+}
+SEND_OPTIONS: dict[str, Any] = {"parse_mode": ParseMode.HTML,
+                                "link_preview_options": LinkPreviewOptions(is_disabled=True)}
+_COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?=\s|$)")
+_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'"})
+
+
+class Renderer(Protocol):
+    def render_text(self, kind: str, platform: str, context: Mapping[str, Any]) -> str: ...
+
+    def find(self, kind: str, platform: str, formats: tuple[str, ...], *, fallback: bool = True) -> str | None: ...
+
+
+class Dispatcher(Protocol):
+    async def handle_action(self, event: ActionEvent) -> Reply | None: ...
+
+    async def handle_command(self, event: CommandEvent) -> Reply: ...
+
+
+# -- outbound: neutral -> HTML and inline keyboards -----------------------------------------------
+
+def callback_data(button: Button) -> str:
+    """`bot.actions.encode` of the button, `?`-prefixed when it asks first; CodecError over 64 bytes."""
+    value = actions.encode(button.action, button.incident_id, button.arg)
+    if button.confirm:
+        value = ASK + value
+        if len(value.encode()) > actions.MAX_BYTES:
+            raise actions.CodecError(f"{value[:30]}... with its confirmation step is over {actions.MAX_BYTES} bytes")
+    return value
+
+
+def keyboard(buttons: Sequence[Button]) -> InlineKeyboardMarkup | None:
+    """Rows of at most three buttons (a phone's width), in the order given; None without buttons."""
+    keys = [InlineKeyboardButton((b.label or b.action)[:64], callback_data=callback_data(b)) for b in buttons]
+    return InlineKeyboardMarkup([keys[i:i + ROW_MAX] for i in range(0, len(keys), ROW_MAX)]) if keys else None
+
+
+def toast(text: str) -> str:
+    """A reply as a callback answer: plain text (no backticks), at most 200 characters."""
+    text = text.replace("`", "").strip()
+    return text if len(text) <= TOAST_MAX else text[: TOAST_MAX - 1] + "\u2026"
+
+
+def chat_param(chat_id: str) -> int | str:
+    """A chat id as the Bot API takes it: a number, or `@channelname`."""
+    try:
+        return int(chat_id)
+    except ValueError:
+        if chat_id.startswith("@"):
+            return chat_id
+        raise DeliveryError(f"telegram: {chat_id!r} is not a chat id (a number, or @channelname)",
+                            permanent=True) from None
+
+
+def message_param(message_id: str) -> int:
+    try:
+        return int(message_id)
+    except ValueError:
+        raise DeliveryError(f"telegram: {message_id!r} is not a message id", permanent=True) from None
+
+
+def delivery_error(method: str, exc: TelegramError, *, token: str = "") -> DeliveryError:
+    """Telegram's refusal as the outbox understands it: when to retry, or never. `token` is never shown."""
+    what = f"telegram {method}: {exc.message.replace(token, '<token>') if token else exc.message}"
+    if isinstance(exc, RetryAfter):
+        with warnings.catch_warnings():  # an int today, a timedelta with PTB_TIMEDELTA=true
+            warnings.simplefilter("ignore", PTBDeprecationWarning)
+            after = exc.retry_after
+        return DeliveryError(what, retry_after=after.total_seconds() if isinstance(after, timedelta) else float(after))
+    if isinstance(exc, ChatMigrated):
+        return DeliveryError(f"telegram {method}: the group is now the supergroup {exc.new_chat_id}; "
+                             "put that id in channels[].chat in app.yaml", permanent=True)
+    if isinstance(exc, InvalidToken):
+        return DeliveryError(f"telegram {method}: the bot token was refused; check adapters.telegram.bot_token",
+                             permanent=True)
+    if isinstance(exc, (BadRequest, Forbidden, EndPointNotFound)):  # BadRequest first: it is a NetworkError
+        return DeliveryError(what, permanent=True)  # chat not found, message to edit not found, blocked...
+    return DeliveryError(what)  # NetworkError, TimedOut, 5xx, Conflict: worth another try
+
+
+# -- inbound: updates -> neutral events ------------------------------------------------------------
+
+def split_args(text: str) -> list[str]:
+    """Words of a command, shell-like (`"two words"` is one), tolerant of a stray quote."""
+    text = text.translate(_QUOTES)
+    try:
+        return shlex.split(text)
+    except ValueError:  # unbalanced quote: "don't", or a quote left open
+        return text.split()
+
+
+def actor_of(user: User) -> Actor:
+    return Actor(PLATFORM, str(user.id), user.full_name or user.username or "", None)
+
+
+def click_event(query: CallbackQuery) -> ActionEvent:
+    """A button tap as an `ActionEvent`; `actions.CodecError` for callback data we did not make."""
+    decoded = actions.decode(query.data or "")
+    message, source = query.message, None
+    if message is not None:
+        parent = getattr(message, "reply_to_message", None)
+        source = MessageRef(PLATFORM, str(message.chat.id), str(message.message_id),
+                            str(parent.message_id) if parent else None)
+    return ActionEvent(decoded.action.value, decoded.incident_id, decoded.arg, actor_of(query.from_user), source,
+                       event_id=str(query.id))
+
+
+def command_event(message: Message, bot_username: str | None) -> CommandEvent | None:
+    """`/ack 42` or `/ack@bot 42` as a `CommandEvent`; plain words in a private chat are `/chatops WORDS`.
+    None for anything else: chatter in a group, a command for another bot, a bot's message."""
+    text, user = message.text or "", message.from_user
+    if user is None or user.is_bot:
+        return None
+    direct = message.chat.type == ChatType.PRIVATE
+    match = _COMMAND.match(text)
+    if match is None:
+        if not direct or not text.strip():
+            return None
+        name, rest = "chatops", text
+    else:
+        addressee = match.group(2)
+        if addressee and bot_username and addressee.lower() != bot_username.lower():
+            return None
+        name, rest = match.group(1).lower(), text[match.end():]
+    return CommandEvent(name, split_args(rest), actor_of(user), MessageRef(PLATFORM, str(message.chat.id), "", None),
+                        direct=direct)
+
+
+def confirm_keyboard(markup: InlineKeyboardMarkup, data: str) -> InlineKeyboardMarkup | None:
+    """The keyboard after a tap on `?value` (ask: `✔ label` + `✖ Cancel`) or `!value` (cancel: back to
+    `?value`); None when the keyboard no longer has that button."""
+    value, found, rows = data[1:], False, []
+    for row in markup.inline_keyboard:
+        keys: list[InlineKeyboardButton] = []
+        for key in row:
+            if data[0] == ASK and key.callback_data == data:
+                keys += [InlineKeyboardButton(YES + key.text, callback_data=value),
+                         InlineKeyboardButton("\u2716 Cancel", callback_data=CANCEL + value)]
+                found = True
+            elif data[0] == CANCEL and key.callback_data == value:
+                keys.append(InlineKeyboardButton(key.text.removeprefix(YES), callback_data=ASK + value))
+                found = True
+            elif not (data[0] == CANCEL and key.callback_data == data):
+                keys.append(key)
+        rows.append(keys)
+    return InlineKeyboardMarkup(rows) if found else None
+
+
+class TelegramAdapter:
+    """`bot.chat.Adapter` and `Pager` for Telegram, plus `register(app)` for `POST /telegram/webhook`."""
+
+    platform = PLATFORM
+
+    def __init__(self, settings: TelegramSettings, *, renderer: Renderer, dispatcher: Dispatcher):
+        self.settings, self.renderer, self.dispatcher = settings, renderer, dispatcher
+        self.poll_timeout, self.connect_retry = POLL_TIMEOUT, 5.0  # seconds
+        # base_url + token makes the API root (https://api.telegram.org/bot<token>); no updater, job
+        # queue or rate limiter: the webhook or our own getUpdates loop feeds updates, the outbox paces.
+        self.application = (Application.builder().token(settings.bot_token).base_url(settings.api_url)
+                            .updater(None).job_queue(None).connect_timeout(5).read_timeout(TIMEOUT)
+                            .write_timeout(TIMEOUT).build())
+        self._tasks: set[asyncio.Task[None]] = set()  # updates being handled: finished at stop
+        self._loops: set[asyncio.Task[None]] = set()  # the polling loop, a connect retry: cancelled at stop
+        self._poller: asyncio.Task[None] | None = None
+        self._seen_updates: deque[int] = deque(maxlen=1000)
+
+    @property
+    def bot(self) -> Any:
+        return self.application.bot
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """getMe (checks the token, learns the bot's @name), the command menu, and polling if configured.
+        A refused token raises; an unreachable Telegram is logged and retried in the background."""
+        try:
+            await self._connect()
+        except DeliveryError as exc:
+            if exc.permanent:
+                raise
+            log.warning("telegram: cannot reach the Bot API (%s); trying again in the background", exc)
+            self._spawn(self._connect_later(), "connect", self._loops)
+
+    async def _connect(self) -> None:
+        await self._call("getMe", self.application.initialize())
+        await self._call("setMyCommands", self.bot.set_my_commands(list(COMMANDS.items())))
+        log.info("telegram: connected as @%s (%s)", self.bot.username, self.settings.mode)
+        if self.settings.mode == "polling":
+            self.start_polling()
+
+    async def _connect_later(self) -> None:
+        delay = self.connect_retry
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+                return
+            except DeliveryError as exc:
+                if exc.permanent:
+                    log.error("telegram: giving up connecting: %s", exc)
+                    return
+                log.warning("telegram: still not connected: %s", exc)
+                delay = min(delay * 2, 300.0)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop polling, let clicks and commands in flight finish (up to `timeout`), close the connections."""
+        for task in list(self._loops):
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.application.shutdown()
+        await self.bot.shutdown()  # the HTTP clients, when initialize() stopped half-way
+
+    def register(self, app: web.Application) -> None:
+        app.router.add_post(PATH, self.handle)
+
+    async def set_webhook(self, url: str) -> None:
+        """Tell Telegram to post updates to `url` (`{public_url}/telegram/webhook`) with our secret token."""
+        await self._call("setWebhook", self.bot.set_webhook(url, secret_token=self.settings.webhook_secret,
+                                                            allowed_updates=ALLOWED_UPDATES))
+
+    def start_polling(self) -> None:
+        """`mode: polling`: drop the webhook, then long-poll getUpdates into the webhook's path."""
+        if self._poller is None or self._poller.done():
+            self._poller = self._spawn(self._poll(), "polling", self._loops)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """The secret token Telegram was given (401 otherwise), then 200 at once; the work runs after."""
+        given = request.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self.settings.webhook_secret.encode()):
+            return web.json_response({"error": f"wrong or missing {SECRET_HEADER}"}, status=401)
+        try:
+            data = json.loads(await request.read())
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            return web.json_response({"error": f"malformed JSON: {exc}"}, status=400)
+        if not isinstance(data, dict) or not isinstance(data.get("update_id"), int):
+            return web.json_response({"error": "not a Telegram update (no update_id)"}, status=400)
+        try:
+            update = Update.de_json(data, self.bot)
+        except Exception as exc:  # a field of the wrong shape
+            return web.json_response({"error": f"not a Telegram update: {type(exc).__name__}"}, status=400)
+        self._spawn(self._process(update), "update")
+        return web.json_response({"ok": True})
+
+    # -- Adapter and Pager ------------------------------------------------------------------------
+
+    def to_message(self, message: Outbound) -> dict[str, Any]:
+        """`{"text", "reply_markup"}`: the rendered HTML template and the buttons as an inline keyboard."""
+        try:
+            markup = keyboard(message.buttons)
+        except actions.CodecError as exc:
+            raise DeliveryError(f"telegram: cannot draw a button: {exc}", permanent=True) from exc
+        return {"text": self.html(message.kind, message.context) or html.escape(message.text or message.kind),
+                "reply_markup": markup}
+
+    def html(self, kind: str, context: Mapping[str, Any]) -> str:
+        """`{kind}.telegram.html.j2` (autoescaped); another format's text is escaped (and cut) here."""
+        name = self.renderer.find(kind, PLATFORM, TEXT_FORMATS) or ""
+        text = self.renderer.render_text(kind, PLATFORM, context)
+        if name.endswith(".html.j2"):
+            return text
+        return html.escape(text if len(text) <= TEXT_MAX else text[: TEXT_MAX - 1] + "\u2026")
+
+    async def send(self, chat_id: str, message: Outbound) -> MessageRef:
+        payload = self.to_message(message)
+        sent = await self._call("sendMessage", self.bot.send_message(chat_param(chat_id), **payload, **SEND_OPTIONS))
+        return MessageRef(PLATFORM, str(sent.chat.id), str(sent.message_id), None)
+
+    async def update(self, ref: MessageRef, message: Outbound) -> None:
+        """editMessageText with the keyboard (none when there are no buttons); an identical redraw is fine."""
+        payload = self.to_message(message)
+        try:
+            await self._call("editMessageText", self.bot.edit_message_text(
+                chat_id=chat_param(ref.chat_id), message_id=message_param(ref.message_id), **payload, **SEND_OPTIONS))
+        except DeliveryError as exc:
+            if "message is not modified" not in str(exc).lower():
+                raise
+
+    async def reply(self, ref: MessageRef, message: Outbound) -> MessageRef:
+        """A reply to the thread's parent message (Telegram's thread); a reply to a reply keeps the parent."""
+        parent = ref.thread_id or ref.message_id
+        sent = await self._post(ref.chat_id, parent, self.to_message(message))
+        return MessageRef(PLATFORM, str(sent.chat.id), str(sent.message_id), parent)
+
+    async def notify(self, actor: Actor, chat: MessageRef | None, text: str) -> None:
+        """In `chat` (Telegram has no ephemeral messages), else in the actor's private chat with the bot."""
+        if chat is None and actor.platform != PLATFORM:
+            raise DeliveryError(f"telegram: cannot notify a {actor.platform} user", permanent=True)
+        target = chat.chat_id if chat is not None else actor.user_id
+        await self._post(target, chat.message_id if chat is not None else None, {"text": self._text(text)})
+
+    async def page(self, user_id: str, message: Outbound) -> MessageRef:
+        """The message, with its buttons, in the person's private chat with the bot."""
+        if not user_id.isdigit():
+            raise DeliveryError(f"telegram: {user_id!r} is not a Telegram user id (a number)", permanent=True)
+        try:
+            return await self.send(user_id, message)
+        except DeliveryError as exc:
+            reason = str(exc).lower()
+            if "initiate conversation" in reason or "chat not found" in reason:
+                problem = (f"Telegram user {user_id} has not started a chat with the bot; "
+                           "ask them to open it and press Start")
+            elif "blocked" in reason or "deactivated" in reason:
+                problem = f"Telegram user {user_id} has blocked the bot (or left Telegram); ask them to unblock it"
+            else:
+                raise
+            log.warning("telegram: cannot page: %s (%s)", problem, exc)
+            raise DeliveryError(problem, permanent=True) from exc
+
+    async def _post(self, chat_id: str, reply_to: str | None, payload: Mapping[str, Any]) -> Message:
+        """sendMessage, as a reply to `reply_to` when given (sent anyway if that message is gone)."""
+        quote = ReplyParameters(message_param(reply_to), allow_sending_without_reply=True) if reply_to else None
+        return await self._call("sendMessage", self.bot.send_message(
+            chat_param(chat_id), **payload, reply_parameters=quote, **SEND_OPTIONS))
+
+    def _text(self, text: str) -> str:
+        """Plain text (with `code` spans) as HTML through the text template; escaped as is if that fails."""
+        try:
+            return self.html("text", {"text": text}) or html.escape(text or "-")
+        except Exception:  # a broken override template must not leave the user without an answer
+            log.exception("telegram: cannot render the text template; sending the text escaped")
+            return html.escape(text[:TEXT_MAX] or "-")
+
+    async def _call(self, method: str, call: Coroutine[Any, Any, Any]) -> Any:
+        try:
+            return await call
+        except TelegramError as exc:
+            raise delivery_error(method, exc, token=self.settings.bot_token) from exc
+
+    # -- inbound ----------------------------------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, None], what: str,
+               into: set[asyncio.Task[None]] | None = None) -> asyncio.Task[None]:
+        """A background task, referenced until it ends; its exception, if any, is logged."""
+        tasks = self._tasks if into is None else into
+        task = asyncio.get_running_loop().create_task(work)
+        tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("telegram: handling a %s failed", what, exc_info=task.exception())
+        task.add_done_callback(done)
+        return task
+
+    async def _poll(self) -> None:
+        offset, delay, webhook_deleted = None, 1.0, False
+        while True:
+            try:
+                if not webhook_deleted:  # getUpdates is refused (409) while a webhook is set
+                    await self.bot.delete_webhook()
+                    webhook_deleted = True
+                updates = await self.bot.get_updates(offset=offset, timeout=self.poll_timeout,
+                                                     allowed_updates=ALLOWED_UPDATES)
+            except TelegramError as exc:
+                error = delivery_error("getUpdates", exc, token=self.settings.bot_token)
+                wait = error.retry_after or delay
+                log.warning("telegram: %s; polling again in %.0f s", error, wait)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, 60.0)
+                continue
+            delay = 1.0
+            for update in updates:
+                offset = max(offset or 0, update.update_id + 1)
+                self._spawn(self._process(update), "update")
+
+    async def _process(self, update: Update) -> None:
+        if update.update_id in self._seen_updates:  # Telegram's retry of an update we already took
+            return
+        self._seen_updates.append(update.update_id)
+        if update.callback_query is not None:
+            await self._click(update.callback_query)
+        elif update.message is not None:
+            await self._command(update.message)
+
+    async def _click(self, query: CallbackQuery) -> None:
+        data = query.data or ""
+        try:
+            if data[:1] in (ASK, CANCEL):
+                actions.decode(data[1:])
+                await self._confirm_step(query, data)
+                return
+            event = click_event(query)
+        except actions.CodecError as exc:
+            log.warning("telegram: refused callback data from user %s: %s", query.from_user.id, exc)
+            await self._answer(query, INVALID_BUTTON)
+            return
+        reply = await self._dispatch(self.dispatcher.handle_action(event))
+        await self._answer(query, toast(reply.text) if reply is not None else "")
+        if reply is not None and not reply.ephemeral and event.source is not None:  # for everyone: in the thread
+            await self._post(event.source.chat_id, event.source.thread_id or event.source.message_id,
+                             self._reply_payload(reply))
+
+    async def _confirm_step(self, query: CallbackQuery, data: str) -> None:
+        """A tap on a button that asks first, or on its Cancel: redraw that button in place."""
+        message = query.message
+        markup = getattr(message, "reply_markup", None)
+        changed = confirm_keyboard(markup, data) if markup is not None else None
+        if message is None or changed is None:
+            await self._answer(query, STALE_BUTTON)
+            return
+        try:
+            await self._call("editMessageReplyMarkup", self.bot.edit_message_reply_markup(
+                chat_id=message.chat.id, message_id=message.message_id, reply_markup=changed))
+        except DeliveryError as exc:
+            log.warning("telegram: cannot redraw the button: %s", exc)
+            await self._answer(query, STALE_BUTTON)
+            return
+        label = next((k.text for row in changed.inline_keyboard for k in row if k.callback_data == data[1:]), "")
+        await self._answer(query, f"Tap \u201c{label}\u201d to confirm, or Cancel." if data[0] == ASK else "")
+
+    async def _command(self, message: Message) -> None:
+        try:
+            username = self.bot.username
+        except RuntimeError:  # not initialized: take every /command@name as ours
+            username = None
+        event = command_event(message, username)
+        if event is None:
+            return
+        reply = await self._dispatch(self.dispatcher.handle_command(event))
+        await self._post(str(message.chat.id), str(message.message_id), self._reply_payload(reply))
+
+    async def _dispatch(self, work: Coroutine[Any, Any, Reply | None]) -> Reply | None:
+        try:
+            return await work
+        except Exception:
+            log.exception("telegram: the dispatcher failed")
+            return Reply(FAILED)
+
+    def _reply_payload(self, reply: Reply) -> dict[str, Any]:
+        if reply.message is not None:
+            try:
+                return self.to_message(reply.message)
+            except Exception:  # a broken template must not leave the user without an answer
+                log.exception("telegram: cannot render the %s reply; answering with its text", reply.message.kind)
+        return {"text": self._text(reply.text)}
+
+    async def _answer(self, query: CallbackQuery, text: str) -> None:
+        """answerCallbackQuery (stops the button's spinner); a failure is logged, not raised."""
+        try:
+            await self._call("answerCallbackQuery", self.bot.answer_callback_query(query.id, text=text or None))
+        except DeliveryError as exc:
+            log.warning("telegram: %s", exc)

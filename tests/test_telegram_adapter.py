@@ -1,0 +1,613 @@
+"""The Telegram adapter with the real python-telegram-bot and the real templates, against a fake Bot API on 127.0.0.1.
+
+Updates are posted the way Telegram posts them to a webhook (JSON, the secret token in
+`X-Telegram-Bot-Api-Secret-Token`) and are shaped like Telegram's (tests/fixtures/telegram/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import html
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from adapters.settings import TelegramSettings
+from adapters.telegram import (COMMANDS, FAILED, INVALID_BUTTON, SECRET_HEADER, STALE_BUTTON, TelegramAdapter,
+                               split_args, toast)
+from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
+from bot.model import Actor
+from bot.render import Renderer
+from bot.view import incident_card, thread_line
+from storage.models import AlertRecord, Incident
+from tests.fake_telegram import BOT, FakeTelegram
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "telegram"
+SECRET = "tg-webhook-secret_0123456789"
+GROUP, ALICE = -1001234567890, 111111
+NOW = datetime(2026, 3, 3, 14, 15, tzinfo=UTC)
+# python-telegram-bot warns when it builds a RetryAfter (its int -> timedelta migration); the adapter reads both
+pytestmark = pytest.mark.filterwarnings("ignore:.*retry_after.*:telegram.warnings.PTBDeprecationWarning")
+
+
+class RecordingDispatcher:
+    """Records every event; answers `reply` once `gate` is open."""
+
+    def __init__(self) -> None:
+        self.actions: list[ActionEvent] = []
+        self.commands: list[CommandEvent] = []
+        self.reply: Reply | None = Reply("Acknowledged #42.")
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.error: Exception | None = None
+
+    async def handle_action(self, event: ActionEvent) -> Reply | None:
+        self.actions.append(event)
+        await self.gate.wait()
+        return self.reply
+
+    async def handle_command(self, event: CommandEvent) -> Reply:
+        self.commands.append(event)
+        await self.gate.wait()
+        if self.error:
+            raise self.error
+        assert self.reply is not None
+        return self.reply
+
+
+def make_incident(**over: Any) -> Incident:
+    fields: dict[str, Any] = dict(
+        id=42, group_key="k", title="Disk full on db-1", status="triggered", severity="critical", priority=95,
+        labels={"alertname": "DiskFull", "instance": "db-1:9100", "service": "postgres"},
+        links={"generator": "http://prom:9090/graph?g0.expr=disk&g0.tab=1"},
+        sources=["alertmanager"], channels=["ops-telegram"], alert_count=2, firing_count=2, notifications=1,
+        silenced=False, opened_at=NOW - timedelta(minutes=12), first_seen=NOW - timedelta(minutes=12), last_seen=NOW)
+    fields.update(over)
+    return Incident(**fields)
+
+
+def make_alert(summary: str, **over: Any) -> AlertRecord:
+    fields: dict[str, Any] = dict(
+        incident_id=42, source="alertmanager", fingerprint=summary, status="firing", severity="critical",
+        summary=summary, labels={"alertname": "DiskFull"}, annotations={"runbook_url": "https://wiki.example/disk"},
+        links={}, first_received=NOW - timedelta(minutes=1), last_received=NOW - timedelta(minutes=1))
+    fields.update(over)
+    return AlertRecord(**fields)
+
+
+def card(incident: Incident | None = None, alerts: list[AlertRecord] | None = None) -> Outbound:
+    return incident_card(incident or make_incident(), alerts or [make_alert("Disk 97% full on /var")], now=NOW,
+                         tz="UTC", names={"alice": "Alice"})
+
+
+def keyboard_of(call_or_message: Any) -> list[list[tuple[str, str]]]:
+    params = getattr(call_or_message, "params", call_or_message)
+    return [[(k["text"], k["callback_data"]) for k in row] for row in params["reply_markup"]["inline_keyboard"]]
+
+
+def fixture(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / name).read_text())
+
+
+_next_update = iter(range(1000, 10**6))
+
+
+@dataclass
+class Env:
+    tg: FakeTelegram
+    adapter: TelegramAdapter
+    dispatcher: RecordingDispatcher
+    client: TestClient
+
+    async def post(self, body: Any, secret: str | None = SECRET) -> tuple[int, str]:
+        headers = {"Content-Type": "application/json", **({SECRET_HEADER: secret} if secret is not None else {})}
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        resp = await self.client.post("/telegram/webhook", data=data, headers=headers)
+        return resp.status, await resp.text()
+
+    async def click(self, data: str, message: dict[str, Any] | None = None) -> dict[str, Any]:
+        update = fixture("callback_query.json")
+        update["update_id"] = next(_next_update)
+        update["callback_query"]["data"] = data
+        if message is not None:
+            update["callback_query"]["message"] = message
+        status, _ = await self.post(update)
+        assert status == 200
+        return update
+
+    async def command(self, text: str, *, private: bool = False) -> dict[str, Any]:
+        update = fixture("command_private.json" if private else "command_group.json")
+        update["update_id"] = next(_next_update)
+        update["message"]["text"] = text
+        status, _ = await self.post(update)
+        assert status == 200
+        return update
+
+    async def answered(self, n: int = 1) -> list[dict[str, Any]]:
+        await self.tg.wait_for(lambda: len(self.tg.called("answerCallbackQuery")) >= n)
+        return [c.params for c in self.tg.called("answerCallbackQuery")]
+
+
+def settings(tg: FakeTelegram, **over: Any) -> TelegramSettings:
+    return TelegramSettings(**{"bot_token": tg.token, "webhook_secret": SECRET, "api_url": tg.api_url, **over})
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    async with FakeTelegram() as tg:
+        dispatcher = RecordingDispatcher()
+        adapter = TelegramAdapter(settings(tg), renderer=Renderer(), dispatcher=dispatcher)
+        await adapter.start()
+        app = web.Application()
+        adapter.register(app)
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        try:
+            yield Env(tg, adapter, dispatcher, client)
+        finally:
+            await client.close()
+            await adapter.stop()
+
+
+# -- start and webhook ------------------------------------------------------------------------------
+
+async def test_start_checks_the_token_and_sets_the_command_menu(env: Env) -> None:
+    assert [c.method for c in env.tg.calls] == ["getMe", "setMyCommands"]
+    assert all(c.token == env.tg.token for c in env.tg.calls)  # base_url + token: {api_url}{token}/{method}
+    commands = env.tg.called("setMyCommands")[0].params["commands"]
+    assert [c["command"] for c in commands] == ["incident", "ack", "oncall", "help", "start"] == list(COMMANDS)
+    assert all(0 < len(c["description"]) <= 256 for c in commands)
+    assert env.adapter.bot.username == BOT["username"]
+
+
+async def test_a_refused_token_fails_start_without_showing_it() -> None:
+    async with FakeTelegram() as tg:
+        adapter = TelegramAdapter(settings(tg, bot_token="123:revoked-secret"), renderer=Renderer(),
+                                  dispatcher=RecordingDispatcher())
+        with pytest.raises(DeliveryError) as caught:
+            await adapter.start()
+        await adapter.stop()
+    assert caught.value.permanent and "bot_token" in str(caught.value) and "revoked-secret" not in str(caught.value)
+
+
+async def test_a_telegram_outage_at_start_is_retried_in_the_background(caplog: pytest.LogCaptureFixture) -> None:
+    async with FakeTelegram() as tg:
+        tg.fail("getMe", "Bad Gateway", error_code=502, times=2)
+        adapter = TelegramAdapter(settings(tg, mode="polling"), renderer=Renderer(), dispatcher=RecordingDispatcher())
+        adapter.connect_retry, adapter.poll_timeout = 0.05, 1
+        with caplog.at_level(logging.WARNING, "chatops.telegram"):
+            await adapter.start()  # does not raise: Slack and alert intake keep working meanwhile
+            assert "trying again in the background" in caplog.text
+            await tg.wait_for(lambda: tg.called("getUpdates"))
+        await adapter.stop()
+    assert [c.method for c in tg.calls[:5]] == ["getMe", "getMe", "getMe", "setMyCommands", "deleteWebhook"]
+
+
+@pytest.mark.parametrize("secret", ["wrong-secret-0123456789", "", None, "tg-webhook-secret_012345678\u00e9"])
+async def test_the_webhook_refuses_a_wrong_or_missing_secret(env: Env, secret: str | None) -> None:
+    status, text = await env.post(fixture("command_group.json"), secret=secret)
+    assert status == 401 and SECRET_HEADER in text
+    await asyncio.sleep(0.05)
+    assert not env.dispatcher.commands and not env.tg.called("sendMessage")
+
+
+@pytest.mark.parametrize("body", [b'{"update_id": 1, "message": ', b"\xff\xfe", b"[1, 2]", b'{"message": {}}',
+                                  b'{"update_id": 5, "message": "not a message"}'])
+async def test_the_webhook_refuses_what_is_not_an_update(env: Env, body: bytes) -> None:
+    status, _ = await env.post(body)
+    assert status == 400
+
+
+async def test_an_update_delivered_twice_is_handled_once(env: Env) -> None:
+    update = fixture("command_group.json")
+    for _ in range(2):  # Telegram retries a delivery it thinks was lost
+        assert (await env.post(update))[0] == 200
+    await env.tg.wait_for(lambda: env.tg.called("sendMessage"))
+    await asyncio.sleep(0.05)
+    assert len(env.dispatcher.commands) == 1
+
+
+# -- clicks -----------------------------------------------------------------------------------------
+
+async def test_a_click_is_answered_at_once_and_reaches_the_dispatcher(env: Env) -> None:
+    env.dispatcher.gate.clear()  # the dispatcher is still busy when Telegram gets its 200
+    started = time.perf_counter()
+    await env.click("ack:42")
+    assert time.perf_counter() - started < 1.0
+    await env.tg.wait_for(lambda: env.dispatcher.actions)
+    assert env.dispatcher.actions == [ActionEvent(
+        action="ack", incident_id=42, arg="",
+        actor=Actor("telegram", str(ALICE), "Alice Example", None),
+        source=MessageRef("telegram", str(GROUP), "17", None),
+        event_id="4382bfdwdsb323b2d9",
+    )]
+    assert not env.tg.called("answerCallbackQuery")
+    env.dispatcher.gate.set()
+    [answer] = await env.answered()
+    assert answer == {"callback_query_id": "4382bfdwdsb323b2d9", "text": "Acknowledged #42."}
+    assert not env.tg.called("sendMessage")  # an ephemeral reply is only the toast
+
+
+async def test_the_toast_is_plain_and_fits_200_characters_and_a_duplicate_gets_an_empty_answer(env: Env) -> None:
+    env.dispatcher.reply = Reply("Acknowledging needs the `responder` role. " + "x" * 300)
+    await env.click("ack:42")
+    [answer] = await env.answered()
+    assert len(answer["text"]) == 200 and answer["text"].startswith("Acknowledging needs the responder role.")
+    env.dispatcher.reply = None  # the dispatcher drops a repeated delivery of the same click
+    await env.click("ack:42")
+    answers = await env.answered(2)
+    assert answers[1] == {"callback_query_id": "4382bfdwdsb323b2d9"}
+
+
+async def test_a_reply_for_everyone_is_posted_under_the_clicked_message(env: Env) -> None:
+    env.dispatcher.reply = Reply("Runbook restart-nginx finished: <ok>", ephemeral=False)
+    await env.click("rb:42:restart-nginx")
+    await env.tg.wait_for(lambda: env.tg.called("sendMessage"))
+    [post] = env.tg.called("sendMessage")
+    assert post.params["chat_id"] == GROUP and post.params["reply_parameters"]["message_id"] == 17
+    assert post.params["text"] == "Runbook restart-nginx finished: &lt;ok&gt;"
+
+
+async def test_callback_data_of_exactly_64_bytes_round_trips(env: Env) -> None:
+    arg = "r" * 58
+    button = Button("rb", 42, arg, label="Run a runbook with a long name")
+    ref = await env.adapter.send(str(GROUP), Outbound("text", {"text": "Runbooks"}, buttons=[button]))
+    [[(_, value)]] = keyboard_of(env.tg.called("sendMessage")[0])
+    assert len(value.encode()) == 64
+    await env.click(value, env.tg.messages[(GROUP, int(ref.message_id))])
+    await env.tg.wait_for(lambda: env.dispatcher.actions)
+    assert (env.dispatcher.actions[0].action, env.dispatcher.actions[0].arg) == ("rb", arg)
+    assert env.dispatcher.actions[0].source == ref
+
+
+@pytest.mark.parametrize("button", [Button("rb", 42, "r" * 59), Button("rb", 42, "r" * 58, confirm="Sure?")])
+async def test_a_button_over_64_bytes_is_never_sent(env: Env, button: Button) -> None:
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.send(str(GROUP), Outbound("text", {"text": "x"}, buttons=[button]))
+    assert caught.value.permanent and "64" in str(caught.value)
+    assert not env.tg.calls[2:]
+
+
+@pytest.mark.parametrize("data", ["hack:42", "ack:42; rm -rf", "ack:0", "ack:42:<b>", "x" * 65, "?nope:1", "!",
+                                  "", "ack:42:" + "a" * 58])
+async def test_forged_or_unknown_callback_data_is_refused_with_a_toast(env: Env, data: str) -> None:
+    await env.click(data)
+    [answer] = await env.answered()
+    assert answer["text"] == INVALID_BUTTON
+    assert not env.dispatcher.actions
+
+
+async def test_a_button_that_asks_first_turns_into_confirm_and_cancel(env: Env) -> None:
+    ref = await env.adapter.send(str(GROUP), card())
+    drawn = keyboard_of(env.tg.called("sendMessage")[0])
+    assert drawn == [[("Acknowledge", "ack:42"), ("Escalate", "esc:42"), ("Resolve", "?res:42")]]
+    message = env.tg.messages[(GROUP, int(ref.message_id))]
+
+    await env.click("?res:42", copy.deepcopy(message))
+    await env.answered()
+    assert keyboard_of(message) == [[("Acknowledge", "ack:42"), ("Escalate", "esc:42"),
+                                     ("\u2714 Resolve", "res:42"), ("\u2716 Cancel", "!res:42")]]
+    assert "\u2714 Resolve" in env.tg.called("answerCallbackQuery")[0].params["text"]
+    assert not env.dispatcher.actions  # nothing resolved yet
+
+    await env.click("!res:42", copy.deepcopy(message))
+    await env.answered(2)
+    assert keyboard_of(message) == drawn
+
+    await env.click("?res:42", copy.deepcopy(message))
+    await env.answered(3)
+    await env.click("res:42", copy.deepcopy(message))
+    await env.tg.wait_for(lambda: env.dispatcher.actions)
+    assert (env.dispatcher.actions[0].action, env.dispatcher.actions[0].incident_id) == ("res", 42)
+
+
+async def test_asking_on_a_message_whose_keyboard_changed_says_so(env: Env) -> None:
+    message = fixture("callback_query.json")["callback_query"]["message"]
+    message["reply_markup"] = {"inline_keyboard": [[{"text": "Reopen", "callback_data": "reo:42"}]]}
+    await env.click("?res:42", message)  # redrawn (resolved) since the tap
+    await env.click("?res:42")  # still drawn, but the message is gone (deleted)
+    answers = await env.answered(2)
+    assert all(a["text"] == STALE_BUTTON for a in answers)
+    assert [c.status for c in env.tg.calls if c.method == "editMessageReplyMarkup"] == [400]
+    assert not env.dispatcher.actions
+
+
+async def test_a_failing_dispatcher_still_answers_the_click(env: Env) -> None:
+    async def broken(event: ActionEvent) -> Reply | None:
+        raise RuntimeError("boom")
+    env.dispatcher.handle_action = broken  # type: ignore[method-assign]
+    await env.click("ack:42")
+    [answer] = await env.answered()
+    assert answer["text"] == FAILED
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+async def test_a_command_with_the_bot_name_in_a_group(env: Env) -> None:
+    env.dispatcher.gate.clear()
+    await env.command("/ack@chatops_bot 42")
+    await env.tg.wait_for(lambda: env.dispatcher.commands)
+    assert env.dispatcher.commands == [CommandEvent(
+        name="ack", args=["42"], actor=Actor("telegram", str(ALICE), "Alice Example", None),
+        chat=MessageRef("telegram", str(GROUP), "", None), direct=False)]
+    env.dispatcher.gate.set()
+    await env.tg.wait_for(lambda: env.tg.called("sendMessage"))
+    [post] = env.tg.called("sendMessage")
+    assert post.params["chat_id"] == GROUP and post.params["reply_parameters"]["message_id"] == 18
+    assert post.params["parse_mode"] == "HTML" and post.params["text"] == "Acknowledged #42."
+    assert post.params["link_preview_options"] == {"is_disabled": True}
+
+
+async def test_commands_in_a_private_chat_are_direct(env: Env) -> None:
+    env.dispatcher.reply = Reply("Hello! Your Telegram id is 111111. It is not linked to anyone yet: add "
+                                 "`telegram: 111111` to your entry under `people:` in app.yaml and restart the bot.")
+    await env.command("/start", private=True)
+    await env.command("/oncall@ChatOps_Bot dba-primary \u201cnext week\u201d", private=True)
+    await env.command("ack 42", private=True)  # plain words to the bot: the umbrella command
+    await env.tg.wait_for(lambda: len(env.tg.called("sendMessage")) == 3)
+    assert [(c.name, list(c.args), c.direct) for c in env.dispatcher.commands] == [
+        ("start", [], True), ("oncall", ["dba-primary", "next week"], True), ("chatops", ["ack", "42"], True)]
+    assert all(c.chat == MessageRef("telegram", str(ALICE), "", None) for c in env.dispatcher.commands)
+    post = env.tg.called("sendMessage")[0]
+    assert post.params["chat_id"] == ALICE
+    assert "add <code>telegram: 111111</code> to your entry under <code>people:</code>" in post.params["text"]
+
+
+async def test_a_command_for_another_bot_and_group_chatter_are_ignored(env: Env) -> None:
+    await env.command("/ack@other_bot 42")
+    await env.command("the disk is full again")
+    await env.command("/help@chatops_bot")
+    await env.tg.wait_for(lambda: env.tg.called("sendMessage"))
+    await asyncio.sleep(0.05)
+    assert [c.name for c in env.dispatcher.commands] == ["help"]
+
+
+async def test_a_rich_reply_is_the_incident_card_with_its_keyboard(env: Env) -> None:
+    env.dispatcher.reply = Reply("#42 Disk full on db-1 (triggered)", message=card())
+    await env.command("/incident show 42")
+    await env.tg.wait_for(lambda: env.tg.called("sendMessage"))
+    [post] = env.tg.called("sendMessage")
+    assert post.params["text"].startswith("\U0001f534 Firing \u00b7 Critical \u00b7 <b>#42 Disk full on db-1</b>")
+    assert keyboard_of(post) == [[("Acknowledge", "ack:42"), ("Escalate", "esc:42"), ("Resolve", "?res:42")]]
+
+
+async def test_a_failing_dispatcher_still_answers_the_command(env: Env) -> None:
+    env.dispatcher.error = RuntimeError("boom")
+    await env.command("/ack 42")
+    await env.tg.wait_for(lambda: env.tg.called("sendMessage"))
+    assert html.unescape(env.tg.called("sendMessage")[0].params["text"]) == FAILED
+
+
+@pytest.mark.parametrize(("text", "args"), [
+    ("ack 42", ["ack", "42"]), ("  ack   42  ", ["ack", "42"]), ("", []),
+    ('override dba "until 18:00"', ["override", "dba", "until 18:00"]),
+    ("swap \u201cnext week\u201d", ["swap", "next week"]), ("note don't page", ["note", "don't", "page"]),
+])
+def test_command_text_is_split_like_a_shell_but_tolerant(text: str, args: list[str]) -> None:
+    assert split_args(text) == args
+
+
+def test_a_toast_has_no_markup_and_fits() -> None:
+    assert toast("`/ack ID` needs\n`responder`") == "/ack ID needs\nresponder"
+    assert len(toast("y" * 500)) == 200
+
+
+# -- outbound ---------------------------------------------------------------------------------------
+
+async def test_send_update_and_reply_draw_html_and_the_keyboard(env: Env) -> None:
+    ref = await env.adapter.send(str(GROUP), card())
+    assert ref == MessageRef("telegram", str(GROUP), "1", None)
+    [post] = env.tg.called("sendMessage")
+    text = post.params["text"]
+    first, *rest = text.split("\n")
+    assert first == "\U0001f534 Firing \u00b7 Critical \u00b7 <b>#42 Disk full on db-1</b>"
+    assert "<i>Waiting for someone to acknowledge.</i>" in rest
+    assert "<b>Latest:</b> Disk 97% full on /var" in text
+    assert '<a href="http://prom:9090/graph?g0.expr=disk&amp;g0.tab=1">Graph</a>' in text
+    assert '<a href="https://wiki.example/disk">Runbook</a>' in text
+    assert (post.params["parse_mode"], post.params["link_preview_options"]) == ("HTML", {"is_disabled": True})
+    assert keyboard_of(post) == [[("Acknowledge", "ack:42"), ("Escalate", "esc:42"), ("Resolve", "?res:42")]]
+    assert "reply_parameters" not in post.params
+
+    acked = make_incident(status="acknowledged", acknowledged_by="alice", acknowledged_at=NOW)
+    await env.adapter.update(ref, card(acked))
+    [edit] = env.tg.called("editMessageText")
+    assert (edit.params["chat_id"], edit.params["message_id"]) == (GROUP, 1)
+    assert edit.params["text"].startswith("\U0001f7e0 Acknowledged \u00b7 Critical \u00b7 <b>#42 ")
+    assert "acknowledged by Alice" in edit.params["text"]
+    assert keyboard_of(edit) == [[("Escalate", "esc:42"), ("Resolve", "?res:42")]]
+    await env.adapter.update(ref, card(acked))  # the same again: Telegram says "not modified", which is fine
+    assert [c.status for c in env.tg.calls if c.method == "editMessageText"] == [200, 400]
+
+    line = await env.adapter.reply(ref, Outbound("thread", {"line": thread_line(
+        "incident.acknowledged", {}, actor_name="Alice")}))
+    assert line == MessageRef("telegram", str(GROUP), "2", "1")
+    again = await env.adapter.reply(line, Outbound("thread", {"line": "Resolved by <Bob>"}))
+    assert again.thread_id == "1"  # a reply to a reply stays under the incident message
+    posts = env.tg.called("sendMessage")
+    assert [p.params.get("reply_parameters") for p in posts[1:]] == [
+        {"message_id": 1, "allow_sending_without_reply": True}] * 2
+    assert [p.params["text"] for p in posts[1:]] == ["Acknowledged by Alice", "Resolved by &lt;Bob&gt;"]
+    assert all("reply_markup" not in p.params for p in posts[1:])
+
+
+async def test_hostile_alert_text_is_escaped(env: Env) -> None:
+    hostile = '<script>alert("x")</script> & <b>"bold"</b>'
+    incident = make_incident(title=hostile, labels={"service": "<svc>", "instance": "a&b"})
+    alert = make_alert(hostile, annotations={"description": "</i><a href=x>click</a> &amp;",
+                                             "runbook_url": 'https://wiki.example/"><b>x'})
+    await env.adapter.send(str(GROUP), card(incident, [alert]))
+    [post] = env.tg.called("sendMessage")  # the fake parses the HTML like Telegram: it would refuse a stray tag
+    text = post.params["text"]
+    assert "<script>" not in text and "</i><a href=x>" not in text
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; &lt;b&gt;&#34;bold&#34;&lt;/b&gt;" in text
+    assert "&lt;/i&gt;&lt;a href=x&gt;click&lt;/a&gt; &amp;amp;" in text
+    assert "service &lt;svc&gt; \u00b7 instance a&amp;b" in text
+    assert '<a href="https://wiki.example/%22%3E%3Cb%3Ex">Runbook</a>' in text
+
+
+async def test_a_huge_incident_stays_under_telegrams_4096_characters(env: Env) -> None:
+    incident = make_incident(title="T" * 5000, labels={"service": "s" * 500, "instance": "i" * 500})
+    alert = make_alert("S" * 5000, annotations={"description": "<d>" * 3000})
+    await env.adapter.send(str(GROUP), card(incident, [alert]))  # the fake refuses "message is too long"
+    await env.adapter.send(str(GROUP), Outbound("text", {"text": "`x` " * 3000}))
+    assert len(env.tg.called("sendMessage")) == 2
+
+
+async def test_a_kind_with_only_generic_text_is_escaped_and_cut(env: Env, tmp_path: Path) -> None:
+    (tmp_path / "notice.generic.txt.j2").write_text("{{ title }}")
+    env.adapter.renderer = Renderer(override_dir=tmp_path)
+    await env.adapter.send(str(GROUP), Outbound("notice", {"title": "<t> & " + "n" * 5000}))
+    [post] = env.tg.called("sendMessage")
+    assert post.params["text"].startswith("&lt;t&gt; &amp; nnn") and post.params["text"].endswith("n\u2026")
+
+
+async def test_notify_goes_to_the_chat_or_the_private_chat(env: Env) -> None:
+    alice = Actor("telegram", str(ALICE), "Alice")
+    await env.adapter.notify(alice, MessageRef("telegram", str(GROUP), ""), "You need the `responder` role <now>")
+    await env.adapter.notify(alice, None, "Your swap was approved")
+    first, second = env.tg.called("sendMessage")
+    assert first.params["chat_id"] == GROUP
+    assert first.params["text"] == "You need the <code>responder</code> role &lt;now&gt;"
+    assert (second.params["chat_id"], second.params["text"]) == (ALICE, "Your swap was approved")
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.notify(Actor("slack", "U01ALICE"), None, "hi")
+    assert caught.value.permanent
+
+
+async def test_a_page_is_a_private_message_with_the_buttons(env: Env) -> None:
+    ref = await env.adapter.page(str(ALICE), card())
+    assert ref == MessageRef("telegram", str(ALICE), "1", None)
+    [post] = env.tg.called("sendMessage")
+    assert post.params["chat_id"] == ALICE and keyboard_of(post)[0][0] == ("Acknowledge", "ack:42")
+
+
+@pytest.mark.parametrize(("description", "code"), [
+    ("Forbidden: bot can't initiate conversation with a user", 403), ("Bad Request: chat not found", 400)])
+async def test_a_page_to_someone_who_never_started_the_bot_is_permanent_and_says_what_to_do(
+        env: Env, caplog: pytest.LogCaptureFixture, description: str, code: int) -> None:
+    env.tg.fail("sendMessage", description, error_code=code)
+    with caplog.at_level(logging.WARNING, "chatops.telegram"), pytest.raises(DeliveryError) as caught:
+        await env.adapter.page("222222", card())
+    message = "Telegram user 222222 has not started a chat with the bot; ask them to open it and press Start"
+    assert caught.value.permanent and str(caught.value) == message
+    assert message in caplog.text
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.page("@alice", card())
+    assert caught.value.permanent
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+async def test_a_429_becomes_retry_after_per_chat(env: Env) -> None:
+    message = Outbound("text", {"text": "x"})
+    for _ in range(env.tg.burst):
+        await env.adapter.send(str(GROUP), message)
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.send(str(GROUP), message)
+    assert caught.value.retry_after == 1.0 and not caught.value.permanent
+    assert "retry" in str(caught.value).lower()
+    assert [c.status for c in env.tg.calls[2:]] == [200, 200, 200, 429]  # and PTB did not retry by itself
+    await env.adapter.send("-100999", message)  # the limit is per chat
+
+
+async def test_a_group_gets_20_messages_a_minute(env: Env) -> None:
+    env.tg.per_second, env.tg.burst = 1000.0, 1000
+    message = Outbound("text", {"text": "x"})
+    for _ in range(20):
+        await env.adapter.send(str(GROUP), message)
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.send(str(GROUP), message)
+    assert caught.value.retry_after is not None and 55 <= caught.value.retry_after <= 61
+    for _ in range(21):  # a private chat has no per-minute cap
+        await env.adapter.send(str(ALICE), message)
+
+
+@pytest.mark.parametrize(("description", "code"), [
+    ("Bad Request: chat not found", 400), ("Forbidden: bot was kicked from the supergroup chat", 403),
+    ("Forbidden: bot can't initiate conversation with a user", 403)])
+async def test_refusals_that_retrying_cannot_fix_are_permanent(env: Env, description: str, code: int) -> None:
+    env.tg.fail("sendMessage", description, error_code=code)
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.send(str(GROUP), Outbound("text", {"text": "x"}))
+    assert caught.value.permanent and caught.value.retry_after is None
+    assert description.split(": ", 1)[1].lower() in str(caught.value).lower()
+
+
+async def test_editing_a_message_that_is_gone_is_permanent(env: Env) -> None:
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.update(MessageRef("telegram", str(GROUP), "999"), card())
+    assert caught.value.permanent and "message to edit not found" in str(caught.value).lower()
+
+
+async def test_a_group_that_became_a_supergroup_is_permanent_and_names_the_new_id(env: Env) -> None:
+    env.tg.fail("sendMessage", "Bad Request: group chat was upgraded to a supergroup chat",
+                parameters={"migrate_to_chat_id": -1009876543210})
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.send("-4000", Outbound("text", {"text": "x"}))
+    assert caught.value.permanent and "-1009876543210" in str(caught.value)
+
+
+@pytest.mark.parametrize("code", [500, 502])
+async def test_server_errors_are_retryable(env: Env, code: int) -> None:
+    env.tg.fail("sendMessage", "Internal Server Error", error_code=code)
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.send(str(GROUP), Outbound("text", {"text": "x"}))
+    assert not caught.value.permanent and caught.value.retry_after is None
+    assert len(env.tg.called("sendMessage")) == 0 and len(env.tg.calls) == 3
+
+
+async def test_an_unreachable_telegram_is_retryable(env: Env) -> None:
+    async with FakeTelegram() as gone:
+        url = gone.api_url
+    adapter = TelegramAdapter(TelegramSettings(bot_token=env.tg.token, webhook_secret=SECRET, api_url=url),
+                              renderer=Renderer(), dispatcher=env.dispatcher)
+    try:
+        with pytest.raises(DeliveryError) as caught:
+            await adapter.send(str(GROUP), Outbound("text", {"text": "x"}))
+        assert not caught.value.permanent
+    finally:
+        await adapter.stop()
+
+
+# -- setup and polling ------------------------------------------------------------------------------
+
+async def test_set_webhook_gives_telegram_the_secret_and_the_update_types(env: Env) -> None:
+    await env.adapter.set_webhook("https://bot.example.com/telegram/webhook")
+    [call] = env.tg.called("setWebhook")
+    assert call.params == {"url": "https://bot.example.com/telegram/webhook", "secret_token": SECRET,
+                           "allowed_updates": ["message", "callback_query"]}
+
+
+async def test_polling_feeds_updates_into_the_same_path() -> None:
+    async with FakeTelegram() as tg:
+        tg.webhook = {"url": "https://old.example.com/telegram/webhook"}
+        dispatcher = RecordingDispatcher()
+        adapter = TelegramAdapter(settings(tg, mode="polling"), renderer=Renderer(), dispatcher=dispatcher)
+        adapter.poll_timeout = 1
+        await adapter.start()
+        try:
+            tg.push_update(fixture("callback_query.json"))
+            tg.push_update(fixture("command_group.json"))
+            await tg.wait_for(lambda: tg.called("sendMessage") and tg.called("answerCallbackQuery"))
+            assert [c.name for c in dispatcher.commands] == ["ack"]
+            assert [(a.action, a.incident_id) for a in dispatcher.actions] == [("ack", 42)]
+            assert tg.webhook is None and tg.called("deleteWebhook")
+            polls = tg.called("getUpdates")
+            assert polls[0].params["allowed_updates"] == ["message", "callback_query"]
+            await tg.wait_for(lambda: len(tg.called("getUpdates")) > len(polls))
+            assert tg.called("getUpdates")[-1].params["offset"] == 900000003  # the updates are confirmed
+        finally:
+            await adapter.stop()
+        assert len(dispatcher.commands) == 1
+

@@ -1,0 +1,117 @@
+"""One incident in a Slack channel and a Telegram group: a click on either platform redraws both.
+
+The real bot with both adapters (slack-bolt and python-telegram-bot) against the fake Slack Web API
+and the fake Telegram Bot API on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.botkit import Harness, fixture, running_bot
+from tests.fake_slack import FakeSlack
+from tests.fake_telegram import FakeTelegram
+from tests.test_slack_flow import Slack, button_values, slack_config
+
+TG_SECRET = "tg-flow-webhook-secret"
+GROUP = -100123
+CALLBACK = json.loads((Path(__file__).parent / "fixtures" / "telegram" / "callback_query.json").read_text())
+
+
+@dataclass
+class Both:
+    h: Harness
+    slack: Slack
+    tg: FakeTelegram
+    updates: int = 0
+
+    async def tap(self, data: str, message_id: int, *, user: int = 111111) -> None:
+        """Someone taps an inline button under the bot's message in the group."""
+        self.updates += 1
+        update = json.loads(json.dumps(CALLBACK))
+        update["update_id"] = 5000 + self.updates
+        query = update["callback_query"]
+        query["id"], query["data"] = f"cb{self.updates}", data
+        query["from"]["id"] = user
+        query["message"] = {**self.tg.messages[(GROUP, message_id)], "chat": {"id": GROUP, "type": "supergroup", "title": "Ops"}}
+        resp = await self.h.client.post("/telegram/webhook", data=json.dumps(update),
+                                        headers={"X-Telegram-Bot-Api-Secret-Token": TG_SECRET,
+                                                 "Content-Type": "application/json"})
+        assert resp.status == 200
+
+    def tg_keyboard(self, message_id: int) -> list[str]:
+        markup = self.tg.messages[(GROUP, message_id)].get("reply_markup") or {}
+        return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
+
+
+@pytest.fixture
+async def both(tmp_path: Path) -> AsyncIterator[Both]:
+    async with FakeSlack() as slack, FakeTelegram() as tg:
+        extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                                       f"api_url: '{tg.api_url}'}}\n")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra) as h:
+            yield Both(h, Slack(h, slack), tg)
+
+
+async def posted_on_both(b: Both) -> tuple[str, int]:
+    status, _, _ = await b.h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))  # team=dba: both
+    assert status == 200
+    await b.slack.fake.wait_for(lambda: b.slack.posts() and b.tg.called("sendMessage"), timeout=5)
+    [tg_post] = b.tg.called("sendMessage")
+    assert tg_post.params["chat_id"] == GROUP and tg_post.params["parse_mode"] == "HTML"
+    assert "#1" in tg_post.params["text"]
+    for _ in range(100):
+        try:
+            return await b.h.message_of(1, "ops-slack"), int(await b.h.message_of(1, "ops-telegram"))
+        except Exception:
+            await asyncio.sleep(0.02)
+    raise AssertionError("the incident's messages were not recorded")
+
+
+async def test_a_tap_in_telegram_redraws_slack_too_and_a_click_in_slack_redraws_telegram(both: Both) -> None:
+    b = both
+    ts, message_id = await posted_on_both(b)
+    assert b.tg_keyboard(message_id) == ["ack:1", "esc:1", "?res:1"]  # Resolve asks before it acts
+
+    await b.tap("ack:1", message_id)
+    await b.tg.wait_for(lambda: b.tg.called("answerCallbackQuery"), timeout=5)
+    assert b.tg.called("answerCallbackQuery")[0].params.get("text") == "Acknowledged #1."
+    await b.slack.fake.wait_for(lambda: b.slack.updates(ts) and b.tg_keyboard(message_id) == ["esc:1", "?res:1"], timeout=5)
+    assert button_values(b.slack.updates(ts)[-1]) == ["esc:1", "res:1"]
+    await b.slack.fake.wait_for(lambda: b.slack.posts(thread=ts) and _tg_replies(b, message_id), timeout=5)
+    assert "Acknowledged by Alice" in b.slack.posts(thread=ts)[0]["text"]
+    assert "Acknowledged by Alice" in _tg_replies(b, message_id)[0]
+    [incident] = await b.h.incidents()
+    assert (incident.status, incident.acknowledged_by) == ("acknowledged", "alice")
+
+    await b.slack.click("res:1", ts)
+    await b.tg.wait_for(lambda: b.tg_keyboard(message_id) == ["reo:1"], timeout=5)
+    assert "Resolved" in b.tg.messages[(GROUP, message_id)]["text"]
+    actions = await b.h.actions(1)
+    assert actions.count("incident.acknowledged") == 1 and actions.count("incident.resolved") == 1
+
+
+async def test_a_stranger_tapping_in_telegram_is_told_what_to_add(both: Both) -> None:
+    b = both
+    _, message_id = await posted_on_both(b)
+    await b.tap("ack:1", message_id, user=999999)
+    await b.tg.wait_for(lambda: b.tg.called("answerCallbackQuery"), timeout=5)
+    toast = b.tg.called("answerCallbackQuery")[0].params.get("text", "")
+    assert "I don't know you yet" in toast and "telegram: 999999" in toast
+    assert (await b.h.incidents())[0].status == "triggered"
+
+
+def _tg_replies(b: Both, message_id: int) -> list[str]:
+    out: list[Any] = []
+    for call in b.tg.called("sendMessage"):
+        reply = call.params.get("reply_parameters") or {}
+        if call.params.get("reply_to_message_id") == message_id or reply.get("message_id") == message_id:
+            out.append(call.params["text"])
+    return out
