@@ -25,7 +25,7 @@ import re
 import shlex
 import warnings
 from collections import deque
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -229,6 +229,9 @@ class TelegramAdapter:
         self._loops: set[asyncio.Task[None]] = set()  # the polling loop, a connect retry: cancelled at stop
         self._poller: asyncio.Task[None] | None = None
         self._seen_updates: deque[int] = deque(maxlen=1000)
+        # `mode: polling` with several replicas: only the one for which this answers True polls.
+        self.may_poll: Callable[[], Awaitable[bool]] | None = None
+        self.follower_wait = 10.0  # seconds between a follower's attempts to take over
 
     @property
     def bot(self) -> Any:
@@ -416,6 +419,9 @@ class TelegramAdapter:
     async def _poll(self) -> None:
         offset, delay, webhook_deleted = None, 1.0, False
         while True:
+            if self.may_poll is not None and not await self.may_poll():
+                await asyncio.sleep(self.follower_wait)  # another replica polls; take over if it goes
+                continue
             try:
                 if not webhook_deleted:  # getUpdates is refused (409) while a webhook is set
                     await self.bot.delete_webhook()

@@ -22,7 +22,7 @@ from handlers.chat import ChatHandlers
 from handlers.intake import Intake
 from handlers.outbox import OutboxWorker
 from storage.audit import AuditLog
-from storage.db import Database
+from storage.db import Database, Leader
 from storage.queries import open_incidents_by_severity, outbox_counts
 
 log = logging.getLogger("chatops.server")
@@ -45,6 +45,7 @@ class Bot:
         self.renderer = Renderer(template_dir(loaded))
         self.dispatcher = Dispatcher(self.config)
         self.adapters: dict[str, Adapter] = {}
+        self.leaders: list[Leader] = []
         self.outbox = OutboxWorker(db=self.db, config=self.config, adapters=self.adapters, clock=self.clock,
                                    metrics=self.metrics)
         self.intake = Intake(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
@@ -60,8 +61,10 @@ class Bot:
         if "telegram" in loaded.adapters:
             from adapters.telegram import TelegramAdapter
 
-            self.adapters["telegram"] = TelegramAdapter(loaded.adapters["telegram"], renderer=self.renderer,
-                                                        dispatcher=self.dispatcher)
+            telegram = TelegramAdapter(loaded.adapters["telegram"], renderer=self.renderer, dispatcher=self.dispatcher)
+            self.leaders.append(leader := Leader(self.db, "telegram-polling"))
+            telegram.may_poll = leader.held  # with several replicas on PostgreSQL, one polls
+            self.adapters["telegram"] = telegram
         self.adapters_failed: dict[str, str] = {}
 
     async def start(self) -> None:
@@ -88,6 +91,8 @@ class Bot:
             stopping = getattr(adapter, "stop", None)
             if stopping is not None:
                 await stopping()
+        for leader in self.leaders:
+            await leader.close()
         await self.db.dispose()
 
     def adapter_states(self) -> dict[str, str]:

@@ -151,6 +151,50 @@ class Database:
         return make_url(self.url).render_as_string(hide_password=True)
 
 
+class Leader:
+    """One replica at a time does a job (Telegram polling): a PostgreSQL session advisory lock on a connection
+    of its own, held while the process lives. On SQLite there is a single replica: always the leader."""
+
+    def __init__(self, db: Database, name: str):
+        self.db, self.name = db, name
+        self._conn: AsyncConnection | None = None
+
+    async def held(self) -> bool:
+        """True while this process holds the lock (taking it when free)."""
+        if not self.db.is_postgres:
+            return True
+        try:
+            if self._conn is None:
+                self._conn = await self.db.engine.connect()
+                got = (await self._conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:n, 0))"),
+                                                {"n": f"chatops:{self.name}"})).scalar_one()
+                await self._conn.commit()
+                if not got:
+                    await self._release()
+                    return False
+                log.info("this replica leads %s", self.name)
+                return True
+            await self._conn.execute(text("SELECT 1"))  # still connected, so still holding it
+            await self._conn.commit()
+            return True
+        except Exception as exc:  # the connection died: the lock went with it
+            log.warning("lost the %s lock (%s); another replica may take it", self.name, exc)
+            await self._release()
+            return False
+
+    async def _release(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await conn.invalidate()  # really close it: back in the pool it would keep the lock
+                await conn.close()
+            except Exception:  # already broken
+                log.debug("closing a broken leader connection failed", exc_info=True)
+
+    async def close(self) -> None:
+        await self._release()
+
+
 def _sqlite_hooks(engine: AsyncEngine | Engine) -> None:
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
 
