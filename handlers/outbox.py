@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlmodel import select
 
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
@@ -38,7 +38,8 @@ from storage.db import Database
 from storage.models import AlertRecord, Incident, IncidentMessage, OutboxItem
 
 log = logging.getLogger("chatops.outbox")
-MERGED_EVENTS = ("alerts.grouped", "alerts.resolved")  # thread lines that add up their counts
+MERGED_EVENTS = ("alerts.grouped", "alerts.resolved")
+RECENT_ALERTS = 50  # alerts read to draw a message: its links and "the last of N" come from the newest  # thread lines that add up their counts
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     # Slack: chat.postMessage about 1/s per channel with short bursts; chat.update is Tier 3 (50+/min).
-    "slack": Budget(chat=(60, 3), group_chat=None, edits=(50, 10), platform=(600, 50)),
+    "slack": Budget(chat=(56, 3), group_chat=None, edits=(50, 10), platform=(600, 50)),  # a margin under 1/s
     # Telegram: 1 message/s per chat, 20/min per group, about 30/s per bot; edits count like messages.
     "telegram": Budget(chat=(60, 3), group_chat=(20, 3), edits=None, platform=(1800, 30)),
     # Teams: 1,800 operations/hour per thread, about 50 requests/s per app and tenant.
@@ -89,6 +90,23 @@ class _Buckets:
         for b in buckets:
             b.take(now)
         return True
+
+    def any_open(self, platform: str, chat: str, *, now: float) -> bool:
+        """Could a call (a message or an edit) to this chat be made now? Spends nothing."""
+        if self.paused.get((platform, chat), 0.0) > now:
+            return False
+        budget = self.budgets.get(platform, BUDGETS["slack"])
+        per_chat = budget.group_chat if budget.group_chat and chat.startswith("-") else budget.chat
+        keys = [(("chat", platform, chat), per_chat), (("platform", platform), budget.platform)]
+        if budget.edits is not None:
+            keys.append((("edits", platform), budget.edits))
+        peek = {key: self._bucket(key, spec) for key, spec in keys}
+        for bucket in peek.values():
+            bucket.take(now, 0.0)  # refill only
+        platform_ok = peek[("platform", platform)].tokens >= 1
+        chat_ok = peek[("chat", platform, chat)].tokens >= 1
+        edits_ok = ("edits", platform) in peek and peek[("edits", platform)].tokens >= 1
+        return platform_ok and (chat_ok or edits_ok)
 
     def pause(self, platform: str, chat: str, until: float) -> None:
         self.paused[(platform, chat)] = max(until, self.paused.get((platform, chat), 0.0))
@@ -153,38 +171,43 @@ class OutboxWorker:
                 .group_by(OutboxItem.incident_id, OutboxItem.channel).order_by("first").limit(self.batch)
             )).all()
         calls = 0
-        for incident_id, channel, _ in due:
-            async with self.db.sessions() as session:
+        for incident_id, channel_id, _ in due:
+            channel = self.channels[channel_id]
+            if not self.buckets.any_open(channel.platform, channel.chat, now=self._monotonic()):
+                continue  # nothing could be sent to this chat now: don't even read
+            async with self.db.sessions() as session:  # one snapshot: the rows and the incident they describe
                 items = list((await session.execute(
                     select(OutboxItem).where(OutboxItem.status == "pending", OutboxItem.incident_id == incident_id,
-                                             OutboxItem.channel == channel).order_by(OutboxItem.id)
+                                             OutboxItem.channel == channel_id).order_by(OutboxItem.id)
                 )).scalars().all())  # every pending row of the message, due or not, so they coalesce
+                incident = await session.get(Incident, incident_id)
+                parent = (await session.execute(select(IncidentMessage).where(
+                    IncidentMessage.incident_id == incident_id, IncidentMessage.channel == channel_id))).scalar_one_or_none()
+                alerts = list(reversed((await session.execute(
+                    select(AlertRecord).where(AlertRecord.incident_id == incident_id)
+                    .order_by(AlertRecord.last_received.desc(), AlertRecord.id.desc()).limit(RECENT_ALERTS)
+                )).scalars().all())) if incident else []
             if items:
-                calls += await self._deliver(incident_id, channel, items, now)
+                calls += await self._deliver(channel_id, items, incident, parent, alerts, now)
         return calls
 
-    async def _deliver(self, incident_id: int, channel_id: str, items: list[OutboxItem], now: datetime) -> int:
+    async def _deliver(self, channel_id: str, items: list[OutboxItem], incident: Incident | None,
+                       parent: IncidentMessage | None, alerts: list[AlertRecord], now: datetime) -> int:
         channel = self.channels[channel_id]
         adapter = self.adapters[channel.platform]
-        async with self.db.sessions() as session:
-            incident = await session.get(Incident, incident_id)
-            parent = (await session.execute(select(IncidentMessage).where(
-                IncidentMessage.incident_id == incident_id, IncidentMessage.channel == channel_id))).scalar_one_or_none()
-            alerts = (await session.execute(select(AlertRecord).where(AlertRecord.incident_id == incident_id)
-                                            .order_by(AlertRecord.id))).scalars().all() if incident else []
         if incident is None:
             await self._finish(items, "dead", "the incident no longer exists")
             return 0
-        card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names)
         tick = self._monotonic()
         if parent is None:
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 return 0
+            card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names)
             ref = await self._call(adapter.send(channel.chat, card), items, channel.platform, channel.chat, "send")
             if ref is None:
                 return 1
             async with self.db.transaction() as session:
-                session.add(IncidentMessage(incident_id=incident_id, channel=channel_id, platform=channel.platform,
+                session.add(IncidentMessage(incident_id=incident.id, channel=channel_id, platform=channel.platform,
                                             chat_id=ref.chat_id, message_id=ref.message_id, thread_id=ref.thread_id,
                                             posted_at=now, updated_at=now))
                 await self._mark(session, items, "sent")
@@ -195,13 +218,14 @@ class OutboxWorker:
         if updates and any(i.due_at <= now for i in updates):
             if self.buckets.allow(channel.platform, channel.chat, edit=True, now=tick):
                 calls += 1
+                card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names)
                 if await self._call(adapter.update(ref, card), updates, channel.platform, channel.chat, "update") is not None:
                     await self._finish(updates, "sent")
         for line_items, text in _thread_lines([i for i in items if i.kind == "reply"], now):
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 break
             calls += 1
-            message = Outbound("thread", {"line": text, "incident_id": incident_id}, text=text)
+            message = Outbound("thread", {"line": text, "incident_id": incident.id}, text=text)
             if await self._call(adapter.reply(ref, message), line_items, channel.platform, channel.chat, "reply") is None:
                 break
             await self._finish(line_items, "sent")
@@ -250,12 +274,11 @@ class OutboxWorker:
 
     @staticmethod
     async def _mark(session: Any, items: Sequence[OutboxItem], status: str, error: str | None = None) -> None:
-        for item in items:
-            row = await session.get(OutboxItem, item.id)
-            if row is not None and row.status == "pending":
-                row.status = status
-                row.last_error = error
-                session.add(row)
+        """One statement for all the rows; a row something else already settled stays as it is."""
+        ids = [item.id for item in items]
+        if ids:
+            await session.execute(update(OutboxItem).where(OutboxItem.id.in_(ids), OutboxItem.status == "pending")
+                                  .values(status=status, last_error=error))
 
 
 def _thread_lines(replies: list[OutboxItem], now: datetime) -> list[tuple[list[OutboxItem], str]]:

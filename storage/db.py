@@ -55,9 +55,15 @@ class Database:
             kwargs["max_overflow"] = 10
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        self._read_engine: AsyncEngine | None = None
         if self.dialect == "sqlite":
             _sqlite_hooks(self.engine)
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+            # Reads begin deferred: they see a snapshot and never queue behind (or block) the writers,
+            # whose transactions begin IMMEDIATE. Write only through transaction() / run_transaction().
+            self._read_engine = create_async_engine(url, **kwargs)
+            _sqlite_hooks(self._read_engine, begin="BEGIN")
+        self._write_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.sessions = async_sessionmaker(self._read_engine or self.engine, expire_on_commit=False)
         self._writer: tuple[Engine, ThreadPoolExecutor] | None = None
         database = make_url(url).database
         if self.dialect == "sqlite" and database and database != ":memory:" and not database.startswith("file:"):
@@ -73,7 +79,7 @@ class Database:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One unit of work: commit on success, roll back on any error."""
-        async with self.sessions() as session, session.begin():
+        async with self._write_sessions() as session, session.begin():
             yield session
 
     async def run_transaction(self, work: Callable[[Connection], T]) -> T:
@@ -144,6 +150,8 @@ class Database:
         if self._writer is not None:
             writer, thread = self._writer
             await asyncio.get_running_loop().run_in_executor(thread, writer.dispose)
+        if self._read_engine is not None:
+            await self._read_engine.dispose()
         await self.engine.dispose()
 
     @property
@@ -195,7 +203,7 @@ class Leader:
         await self._release()
 
 
-def _sqlite_hooks(engine: AsyncEngine | Engine) -> None:
+def _sqlite_hooks(engine: AsyncEngine | Engine, *, begin: str = "BEGIN IMMEDIATE") -> None:
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
 
     @event.listens_for(sync_engine, "connect")
@@ -214,5 +222,5 @@ def _sqlite_hooks(engine: AsyncEngine | Engine) -> None:
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql(begin)
 
