@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, update
+from sqlalchemy import case, func, update
 from sqlmodel import select
 
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
@@ -39,6 +39,7 @@ from storage.models import AlertRecord, Incident, IncidentMessage, OutboxItem
 
 log = logging.getLogger("chatops.outbox")
 MERGED_EVENTS = ("alerts.grouped", "alerts.resolved")
+ROUTINE_EVENTS = ("incident.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
 RECENT_ALERTS = 50  # alerts read to draw a message: its links and "the last of N" come from the newest  # thread lines that add up their counts
 
 
@@ -165,13 +166,15 @@ class OutboxWorker:
             return 0
         async with self.db.sessions() as session:
             due = (await session.execute(
-                select(OutboxItem.incident_id, OutboxItem.channel, func.min(OutboxItem.id).label("first"))
+                select(OutboxItem.incident_id, OutboxItem.channel, func.min(OutboxItem.id).label("first"),
+                       func.min(case((OutboxItem.event.in_(ROUTINE_EVENTS), 1), else_=0)).label("routine"))
                 .where(OutboxItem.status == "pending", OutboxItem.due_at <= now, OutboxItem.channel.in_(deliverable),
                        OutboxItem.incident_id.is_not(None))
-                .group_by(OutboxItem.incident_id, OutboxItem.channel).order_by("first").limit(self.batch)
+                .group_by(OutboxItem.incident_id, OutboxItem.channel)
+                .order_by("routine", "first").limit(self.batch)  # what people did first, then the alert churn
             )).all()
         calls = 0
-        for incident_id, channel_id, _ in due:
+        for incident_id, channel_id, _, _ in due:
             channel = self.channels[channel_id]
             if not self.buckets.any_open(channel.platform, channel.chat, now=self._monotonic()):
                 continue  # nothing could be sent to this chat now: don't even read
