@@ -46,7 +46,7 @@ def encode(action: str, incident_id: int, arg: str = "") -> str:
     action = Action(action)
     if not 0 < incident_id < 10**18:
         raise CodecError(f"incident id {incident_id} is out of range")
-    if not _ARG.match(arg):
+    if not _ARG.fullmatch(arg):
         raise CodecError(f"argument {arg!r} may only hold letters, digits and _.@+=/-")
     value = f"{action.value}:{incident_id}" + (f":{arg}" if arg else "")
     size = len(value.encode())
@@ -59,7 +59,7 @@ def decode(value: str) -> Decoded:
     """The parts of a value made by `encode`; CodecError for anything else (forged or from another bot)."""
     if not isinstance(value, str) or len(value.encode()) > MAX_BYTES:
         raise CodecError("not a chatops button value (too long)")
-    m = _VALUE.match(value)
+    m = _VALUE.fullmatch(value)
     if m is None:
         raise CodecError(f"not a chatops button value: {value[:40]!r}")
     try:

@@ -386,6 +386,25 @@ def template_dir(loaded: "Loaded") -> Path | None:
     return folder if folder.is_absolute() else Path(loaded.path).resolve().parent / folder
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error, not a silent overwrite."""
+
+
+def _mapping_without_repeats(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is written twice in one mapping (the second would silently replace the first)",
+                key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node)  # type: ignore[no-untyped-call]
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
 def parse_config(
     text: str,
     *,
@@ -395,7 +414,7 @@ def parse_config(
 ) -> Loaded:
     protected, refs = envsubst.protect(text)
     try:
-        raw = yaml.safe_load(protected)
+        raw = yaml.load(protected, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader that refuses repeated keys
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

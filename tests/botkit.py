@@ -25,9 +25,6 @@ T0 = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)
 CONFIG = """
 audit: {hmac_key: test-key}
 timezone: Europe/Berlin
-people:
-  - {id: alice, name: Alice, roles: [responder], slack: U01ALICE, telegram: 111111}
-  - {id: bob, name: Bob, slack: U02BOB}
 channels:
   - {id: ops-slack, platform: slack, chat: C0OPS}
   - {id: ops-telegram, platform: telegram, chat: "-100123"}
@@ -44,6 +41,13 @@ silences:
 routes:
   - {match: {team: dba}, channels: [ops-slack, ops-telegram]}
   - {match: {}, channels: [ops-slack]}
+"""
+
+
+PEOPLE = """
+people:
+  - {id: alice, name: Alice, roles: [responder], slack: U01ALICE, telegram: 111111}
+  - {id: bob, name: Bob, slack: U02BOB}
 """
 
 
@@ -109,9 +113,9 @@ class Harness:
 
 @asynccontextmanager
 async def running_bot(storage_url: str, extra: str = "", *, schema: str | None = None,
-                      clock: FakeClock | None = None) -> AsyncIterator[Harness]:
+                      clock: FakeClock | None = None, people: str = PEOPLE) -> AsyncIterator[Harness]:
     storage = f"storage: {{url: '{storage_url}'" + (f", schema: {schema}" if schema else "") + "}\n"
-    loaded = parse_config(storage + textwrap.dedent(CONFIG) + textwrap.dedent(extra),
+    loaded = parse_config(storage + textwrap.dedent(CONFIG) + textwrap.dedent(people) + textwrap.dedent(extra),
                           adapter_models=SETTINGS_MODELS, env={})
     clock = clock or FakeClock(T0)
     bot = Bot(loaded, clock=clock)

@@ -242,3 +242,9 @@ def test_a_missing_template_dir_is_named(tmp_path: Path, capsys: pytest.CaptureF
     assert "templates.dir: no such directory: my-templates (relative paths start at the folder of" in capsys.readouterr().out
     (tmp_path / "my-templates").mkdir()
     assert main(["check-config", "-c", str(config)]) == 0
+
+
+def test_a_key_written_twice_is_an_error_not_a_silent_overwrite() -> None:
+    assert problems("people:\n  - {id: a, name: A}\nchannels: []\npeople:\n  - {id: b, name: B}\n") == [
+        "app.yaml: line 4, column 1: invalid YAML: 'people' is written twice in one mapping "
+        "(the second would silently replace the first)"]
