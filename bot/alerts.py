@@ -224,7 +224,7 @@ def parse_generic(payload: Any, source: str) -> list[Alert]:
     for i, raw in enumerate(items):
         where = f"[{i}]" if isinstance(payload, list) else ""
         a = _obj(raw, where or "body")
-        unknown = sorted(set(a) - _GENERIC_KEYS)
+        unknown = sorted(set(a) - _GENERIC_KEYS) if not _GENERIC_KEYS.issuperset(a) else None
         if unknown:
             raise ShapeError(f"{where}.{unknown[0]}" if where else unknown[0],
                              f"unknown field (expected: {', '.join(sorted(_GENERIC_KEYS))})")
@@ -259,8 +259,26 @@ def parse_generic(payload: Any, source: str) -> list[Alert]:
     return out
 
 
+_SORTED_JSON = json.JSONEncoder(sort_keys=True)
+try:  # json.dumps(labels, sort_keys=True) without making the C encoder anew each call
+    from _json import make_encoder as _make_encoder
+
+    _sorted_json = _make_encoder(None, _SORTED_JSON.default, json.encoder.encode_basestring_ascii, None,
+                                 _SORTED_JSON.key_separator, _SORTED_JSON.item_separator, True, False, True)
+except ImportError:  # pragma: no cover - CPython has it
+    _sorted_json = None
+
+
 def _fingerprint(labels: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:16]
+    text = None
+    if _sorted_json is not None:
+        try:
+            text = "".join(_sorted_json(labels, 0))
+        except RecursionError:  # a circular value: let json.dumps say so
+            pass
+    if text is None:
+        text = _SORTED_JSON.encode(labels)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 PARSERS: dict[str, Callable[[Any, str], list[Alert]]] = {

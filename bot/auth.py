@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from bot.config import BearerAuth, HmacAuth, Source
 
@@ -43,8 +45,27 @@ def verify(source: Source, headers: Mapping[str, str], body: bytes, now: datetim
 
 def sign(secret: str, body: bytes, timestamp: str | None = None, *, separator: str = ".") -> str:
     """The signature a sender puts in the header: hex HMAC-SHA256 over `{timestamp}{separator}{body}` or the body."""
-    message = f"{timestamp}{separator}".encode() + body if timestamp is not None else body
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+    mac = _mac(secret)
+    if timestamp is not None:
+        mac.update(f"{timestamp}{separator}".encode())
+    mac.update(body)
+    return mac.hexdigest()
+
+
+_MACS: dict[str, Any] = {}  # secret -> HMAC-SHA256 keyed with it and fed nothing, to copy (cheaper than keying anew)
+
+
+def _mac(secret: str) -> Any:
+    base = _MACS.get(secret)
+    if base is None:
+        if len(_MACS) >= 64:
+            _MACS.clear()
+        base = _MACS[secret] = hmac.new(secret.encode(), digestmod=hashlib.sha256)
+        try:  # OpenSSL's own HMAC object: its copy() is C; hmac.HMAC's wraps it in Python
+            base = _MACS[secret] = base._hmac or base  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+    return base.copy()
 
 
 def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: datetime, separator: str = ".") -> None:
@@ -73,18 +94,29 @@ def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: d
 class ReplayGuard:
     """Signatures already accepted, kept for the timestamp window: a replay inside it is refused."""
 
+    limit = 100_000  # signatures kept before old ones are dropped
+
     def __init__(self) -> None:
         self._seen: dict[str, float] = {}
+        # (until, signature) for every remember(), soonest first: once past `limit` signatures, each call
+        # drops those that ended an hour before `until` by popping from here, not by rebuilding the dict
+        # (a full rebuild on every request while the window holds more than `limit` of them).
+        self._expiries: list[tuple[float, str]] = []
 
     def seen(self, signature: str, now: float) -> bool:
         expires = self._seen.get(signature)
         return expires is not None and expires > now
 
     def remember(self, signature: str, until: float) -> None:
-        if len(self._seen) > 100_000:
+        if len(self._seen) > self.limit:
             now = until - 3600
-            self._seen = {s: t for s, t in self._seen.items() if t > now}
+            seen, expiries = self._seen, self._expiries
+            while expiries and not expiries[0][0] > now:  # what {s: t ... if t > now} leaves out
+                t, s = heapq.heappop(expiries)
+                if s in seen and seen[s] is t:  # not remembered again since
+                    del seen[s]
         self._seen[signature] = until
+        heapq.heappush(self._expiries, (until, signature))
 
 
 def signature_of(source: Source, headers: Mapping[str, str]) -> str | None:

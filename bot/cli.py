@@ -209,6 +209,34 @@ def cmd_outbox_list(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(_with_db(loaded, work))
 
 
+def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
+    loaded = _load(args)
+    from handlers.oncall import Oncall
+
+    view = Oncall(loaded.config)
+    if not view.schedules:
+        print("no rotations are configured; add them under rotations: in app.yaml", file=sys.stderr)
+        return EXIT_USAGE
+    schedule = view.schedules.get(args.rotation) if args.rotation else None
+    if args.rotation and schedule is None:
+        print(f"unknown rotation {args.rotation!r} (known: {', '.join(sorted(view.schedules))})", file=sys.stderr)
+        return EXIT_USAGE
+    at = args.at or datetime.now(UTC)
+
+    async def work(db: Database) -> int:
+        if schedule is None:
+            rows = await view.overrides(db, at, at)
+            print(table(["ROTATION", "ON CALL", "SINCE", "UNTIL", "NEXT"], view.now_rows(rows, at, lambda s: s.tz)),
+                  file=out)
+            return EXIT_OK
+        rows, shifts = await view.upcoming(db, schedule, at, 5)
+        print(f"{schedule.id}: {schedule.describe()}; times in {schedule.tz.key}", file=out)
+        print(table(["WHO", "FROM", "UNTIL", "NOTE"], view.upcoming_rows(shifts, rows, at, schedule.tz)), file=out)
+        return EXIT_OK
+
+    return asyncio.run(_with_db(loaded, work))
+
+
 def cmd_slack_manifest(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
     from adapters.slack import manifest
@@ -287,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     hook = telegram.add_parser("set-webhook", parents=[common], help="register {public_url}/telegram/webhook with Telegram")
     hook.add_argument("--url", help="the HTTPS URL Telegram should post to (default: server.public_url + /telegram/webhook)")
     hook.set_defaults(func=cmd_telegram_set_webhook)
+    oncall = sub.add_parser("oncall", parents=[common], help="who is on call: every rotation, or one rotation's next shifts")
+    oncall.add_argument("rotation", nargs="?", help="a rotations[].id; without it, every rotation now")
+    oncall.add_argument("--at", type=_iso, help="at this ISO 8601 time instead of now")
+    oncall.set_defaults(func=cmd_oncall)
     slack = sub.add_parser("slack-manifest", parents=[common], help="print the Slack app manifest to paste at api.slack.com/apps")
     slack.add_argument("--name", default="chatops", help="the app's display name")
     slack.set_defaults(func=cmd_slack_manifest)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -52,6 +54,35 @@ class Metrics:
         self.actions = Counter(
             "chatops_actions", "Clicks and commands handled, by action and outcome", ["action", "outcome"], registry=r
         )
+
+        # Label children by label values, for the per-request paths: labels() takes a lock and builds
+        # a key each call. A child stays the metric's until remove()/clear(), which nothing calls.
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._intake_children: dict[str, Any] = {}
+        self._received_children: dict[tuple[str, str], Any] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """chatops_http_requests{route,status} += 1 and chatops_http_request_seconds{route} observes `seconds`."""
+        children = self._request_children.get((route, status))
+        if children is None:
+            children = self._request_children[(route, status)] = (
+                self.http_requests.labels(route, str(status)), self.request_seconds.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def observe_intake(self, source: str, seconds: float) -> None:
+        """chatops_intake_seconds{source} observes `seconds`."""
+        child = self._intake_children.get(source)
+        if child is None:
+            child = self._intake_children[source] = self.intake_seconds.labels(source)
+        child.observe(seconds)
+
+    def count_received(self, source: str, status: str, n: int = 1) -> None:
+        """chatops_alerts_received{source,status} += n."""
+        child = self._received_children.get((source, status))
+        if child is None:
+            child = self._received_children[(source, status)] = self.alerts_received.labels(source, status)
+        child.inc(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,7 @@ from bot.render import Renderer
 from handlers.alert_http import AlertEndpoint
 from handlers.chat import ChatHandlers
 from handlers.intake import Intake
+from handlers.oncall import OncallHandlers
 from handlers.outbox import OutboxWorker
 from storage.audit import AuditLog
 from storage.db import Database, Leader
@@ -53,6 +54,8 @@ class Bot:
         self.alerts = AlertEndpoint(loaded=loaded, intake=self.intake, clock=self.clock, metrics=self.metrics)
         ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
                      delivered=self.outbox.nudge).register(self.dispatcher)
+        self.oncall = OncallHandlers(db=self.db, config=self.config, clock=self.clock)
+        self.oncall.register(self.dispatcher)
         if "slack" in loaded.adapters:
             from adapters.slack import SlackAdapter
 
@@ -113,6 +116,7 @@ class Bot:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.router.add_post("/alerts/{source}", self.alerts.handle)
+        app.router.add_get("/oncall/{rotation}.ics", self.oncall_calendar)
         for adapter in self.adapters.values():
             register = getattr(adapter, "register", None)
             if register is not None:
@@ -121,7 +125,8 @@ class Bot:
 
     @web.middleware
     async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource else "unmatched"
         started = time.perf_counter()
         status = 500
         try:
@@ -135,8 +140,7 @@ class Bot:
             log.exception("unhandled error answering %s %s", request.method, request.path)
             return web.json_response({"error": "internal error; the details are in the bot's log"}, status=500)
         finally:
-            self.metrics.http_requests.labels(route, str(status)).inc()
-            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
+            self.metrics.observe_request(route, status, time.perf_counter() - started)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -151,6 +155,18 @@ class Bot:
         body = {"status": "ok" if database == "ok" else "unavailable", "database": database,
                 "adapters": self.adapter_states()}
         return web.json_response(body, status=200 if database == "ok" else 503)
+
+    async def oncall_calendar(self, request: web.Request) -> web.Response:
+        """A rotation's effective schedule as an iCalendar feed. No authentication: calendar apps cannot send
+        headers, and the feed reveals only names and shift times (the README says so)."""
+        rotation = request.match_info["rotation"]
+        body = await self.oncall.calendar(rotation)
+        if body is None:
+            known = ", ".join(sorted(self.oncall.view.schedules)) or "none configured"
+            return web.json_response({"error": f"unknown rotation {rotation!r} (known: {known}); "
+                                      "add it under rotations: in app.yaml"}, status=404)
+        return web.Response(body=body.encode(), content_type="text/calendar", charset="utf-8",
+                            headers={"Content-Disposition": f'inline; filename="{rotation}.ics"'})
 
     async def metrics_endpoint(self, _request: web.Request) -> web.Response:
         try:

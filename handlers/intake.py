@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -28,7 +29,7 @@ from bot.routing import group_key, select_routes, silenced_by
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from storage.models import AlertRecord, Delivery, Incident, OutboxItem
-from storage.rows import Rows
+from storage.rows import Json, Rows, json_text
 
 log = logging.getLogger("chatops.intake")
 THREAD_LINE_DELAY = timedelta(seconds=30)
@@ -52,33 +53,59 @@ class Submission:
 
 
 class _Row:
-    """A row read (or about to be inserted) in this batch: its columns as attributes, changes noted.
+    """A row read (or about to be inserted) in this batch: its columns as attributes.
 
     Intake works on plain values and writes only the columns that changed (see
     storage/rows.py): building and flushing ORM objects cost more than
-    everything else a request does (bench/ingest.py).
+    everything else a request does (bench/ingest.py). Columns are plain
+    instance attributes (cheap to read and set); `changes()` compares them with
+    what was read. On the raw SQLite path JSON columns arrive undecoded (`Json`):
+    one is decoded when first read, and one that is only assigned is compared
+    (and written) as JSON text.
     """
 
-    __slots__ = ("_values", "changes", "new")
+    __slots__ = ("__dict__", "_orig", "_raw", "new")
 
-    def __init__(self, values: Mapping[str, Any], *, new: bool = False):
-        object.__setattr__(self, "_values", dict(values))
-        object.__setattr__(self, "changes", {})
-        object.__setattr__(self, "new", new)
+    def __init__(self, values: Mapping[str, Any], *, new: bool = False, json_columns: tuple[str, ...] = ()):
+        d = self.__dict__
+        d.update(values)
+        raw = {}
+        for name in json_columns:
+            value = d.get(name)
+            if type(value) is Json:
+                raw[name] = value
+                del d[name]
+        self._raw = raw
+        self._orig = {} if new else dict(d)
+        self.new = new
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return self._values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+        if name[0] == "_":
+            raise AttributeError(name)
+        text = self._raw.pop(name, None)
+        if text is None:
+            raise AttributeError(name)
+        value = self.__dict__[name] = self._orig[name] = text.decode()
+        return value
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if self._values.get(name) != value or name not in self._values:
-            self._values[name] = value
-            self.changes[name] = value
+    def changes(self) -> dict[str, Any]:
+        """The columns whose value differs from what was read (or that were not read)."""
+        orig, raw = self._orig, self._raw
+        out = {}
+        for name, value in self.__dict__.items():
+            if name in orig:
+                if orig[name] == value:
+                    continue
+            elif name in raw:
+                encoded = json_text(value)
+                if encoded.text == raw[name].text:
+                    continue
+                value = encoded  # written as is, not encoded again
+            out[name] = value
+        return out
 
     def values(self, *, without: str | None = None) -> dict[str, Any]:
-        return {k: v for k, v in self._values.items() if k != without}
+        return {k: v for k, v in self.__dict__.items() if k != without}
 
 
 _INCIDENTS = Incident.__table__
@@ -88,8 +115,11 @@ _DELIVERIES = Delivery.__table__
 # What intake reads of an existing incident and alert (it writes only what changed).
 _INCIDENT_COLUMNS = ("id", "group_key", "status", "severity", "sources", "channels", "links", "alert_count",
                      "firing_count", "notifications", "critical_asset", "silenced", "opened_at", "last_seen")
-_ALERT_COLUMNS = ("id", "incident_id", "source", "fingerprint", "status", "summary", "labels", "annotations",
-                  "received_count", "ends_at")
+# An alert's summary, labels and annotations are not read: a repeat sets them anyway, and its row is written
+# anyway (received_count, last_received), so they are written as they come instead of compared first.
+_ALERT_COLUMNS = ("id", "incident_id", "source", "fingerprint", "status", "received_count", "ends_at")
+# The incident's JSON columns: on the raw SQLite path read as text, decoded only when read (see _Row).
+_INCIDENT_JSON = ("sources", "channels", "links")
 
 
 @dataclass
@@ -138,73 +168,140 @@ class Intake:
         self.db, self.audit, self.config, self.clock, self.metrics = db, audit, config, clock, metrics
         self.after_commit = after_commit  # e.g. wake the outbox worker
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[Submission | None] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        # Submissions in arrival order. Appended on the event loop; a transaction takes what is here when it
+        # starts (in the SQLite writer thread, see _flush), so deque: its append and popleft are thread-safe.
+        self._inbox: deque[Submission] = deque()
+        self._running = False
+        self._flushes: set[asyncio.Task[None]] = set()
+        # Transactions launched (counted on the event loop) and begun (counted where they run): the difference
+        # is the one waiting to take the next batch, if any.
+        self._launched = 0
+        self._begun = 0
+        self._hold = False  # set when a transaction failed: later ones wait until its submissions are answered
+        self._actors: dict[str, Actor] = {}
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="intake-writer")
+        self._running = True
+        self._kick()
 
     async def stop(self) -> None:
         """Finish what is queued (every waiting request gets its answer), then stop the writer."""
-        if self._task is None:
+        if not self._running:
             return
-        await self._queue.put(None)
-        await self._task
-        self._task = None
+        while self._flushes or self._inbox:
+            self._kick()
+            await asyncio.gather(*self._flushes)
+        self._running = False
 
     async def submit(self, source: Source, alerts: list[Alert], delivery_id: str | None) -> Outcome:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        await self._queue.put(Submission(source, alerts, delivery_id, future))
+        self._inbox.append(Submission(source, alerts, delivery_id, future))
+        self._kick()
         return await future
 
-    async def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            batch = [] if first is None else [first]
-            stopping = first is None
-            while not self._queue.empty() and len(batch) < self.max_batch:
-                item = self._queue.get_nowait()
-                if item is None:
-                    stopping = True
-                else:
-                    batch.append(item)
-            if batch:
-                await self._commit(batch)
+    def _kick(self) -> None:
+        """Start a transaction for what is queued, unless one that has not taken its submissions yet is waiting.
+
+        With SQLite's writer thread, up to two are in flight: the one running there and the next, queued
+        behind it, which takes everything that arrived meanwhile the moment the first has committed: the
+        writer goes from one transaction to the next without waiting for the event loop. Elsewhere
+        (PostgreSQL, aiosqlite) one at a time. Either way transactions run one after the other, in order.
+        """
+        depth = 2 if getattr(self.db, "_writer", None) is not None else 1
+        if (self._running and self._inbox and not self._hold and len(self._flushes) < depth
+                and self._launched <= self._begun):
+            self._launched += 1
+            task = asyncio.create_task(self._flush())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    def _take(self) -> list[Submission]:
+        """The next batch, in arrival order (called where the transaction runs)."""
+        batch: list[Submission] = []
+        inbox = self._inbox
+        try:
+            while len(batch) < self.max_batch:
+                batch.append(inbox.popleft())
+        except IndexError:  # empty
+            pass
+        return batch
+
+    async def _flush(self) -> None:
+        taken: list[Submission] = []
+        begun = False
+
+        def work(conn: Connection) -> tuple[list[Outcome], list[Submission], int] | None:
+            nonlocal begun
+            begun = True
+            self._begun += 1
+            if self._hold:  # an earlier transaction failed: its submissions are retried first
+                return None
+            taken.extend(self._take())
+            if not taken:
+                return None
+            try:
+                return self._apply(conn, taken, self.clock.now())
+            except BaseException:
+                self._hold = True
+                raise
+
+        try:
+            result = await self.db.run_transaction(work)
+        except Exception as exc:
+            if not begun:  # it failed before it began (e.g. BEGIN): answer what it would have taken
+                taken.extend(self._take())
+            await self._failed(taken, exc)
+            self._hold = False
+        else:
+            if result is not None:
+                self._answer(taken, result)
+        finally:
+            if not begun:
+                self._launched -= 1
+            self._kick()
 
     async def _commit(self, batch: list[Submission]) -> None:
+        """Apply exactly `batch` in one transaction and answer it (used to retry a failed batch one by one)."""
         try:
-            outcomes = await self._apply_in_transaction(batch)
+            result = await self.db.run_transaction(lambda conn: self._apply(conn, batch, self.clock.now()))
         except Exception as exc:
-            if len(batch) > 1 and not _is_db_unavailable(exc):
-                # Isolate the submission that broke the batch; the others still land.
-                for one in batch:
-                    await self._commit([one])
-                return
-            status = 503 if _is_db_unavailable(exc) else 500
-            if status == 500:
-                log.exception("intake failed for a delivery from %s", batch[0].source.id)
-            else:
-                log.error("intake: the database is unavailable (%s); answering 503 so senders retry", exc)
-            for s in batch:
-                if not s.future.done():
-                    s.future.set_result(Outcome(status, {"error": "the database is unavailable; nothing was stored, retry later"
-                                                         if status == 503 else "internal error; nothing was stored"}))
+            await self._failed(batch, exc)
+        else:
+            self._answer(batch, result)
+
+    async def _failed(self, batch: list[Submission], exc: Exception) -> None:
+        if len(batch) > 1 and not _is_db_unavailable(exc):
+            # Isolate the submission that broke the batch; the others still land.
+            for one in batch:
+                await self._commit([one])
             return
+        status = 503 if _is_db_unavailable(exc) else 500
+        if not batch:
+            return
+        if status == 500:
+            log.error("intake failed for a delivery from %s", batch[0].source.id, exc_info=exc)
+        else:
+            log.error("intake: the database is unavailable (%s); answering 503 so senders retry", exc)
+        for s in batch:
+            if not s.future.done():
+                s.future.set_result(Outcome(status, {"error": "the database is unavailable; nothing was stored, retry later"
+                                                     if status == 503 else "internal error; nothing was stored"}))
+
+    def _answer(self, batch: list[Submission], result: tuple[list[Outcome], list[Submission], int]) -> None:
+        outcomes, fresh, events = result
+        received: dict[tuple[str, str], int] = {}
+        for s in fresh:
+            for alert in s.alerts:
+                key = (s.source.id, alert.status)
+                received[key] = received.get(key, 0) + 1
+        for (source_id, status), n in received.items():  # no await in between: nobody sees a partial count
+            self.metrics.count_received(source_id, status, n)
+        self.metrics.audit_events.inc(events)
         for s, outcome in zip(batch, outcomes):
             if not s.future.done():
                 s.future.set_result(outcome)
         if self.after_commit is not None:
             self.after_commit()
-
-    async def _apply_in_transaction(self, batch: list[Submission]) -> list[Outcome]:
-        now = self.clock.now()
-        outcomes, fresh, events = await self.db.run_transaction(lambda conn: self._apply(conn, batch, now))
-        for s in fresh:
-            for alert in s.alerts:
-                self.metrics.alerts_received.labels(s.source.id, alert.status).inc()
-        self.metrics.audit_events.inc(events)
-        return outcomes
 
     def _apply(self, conn: Connection, batch: list[Submission], now: datetime) -> tuple[list[Outcome], list[Submission], int]:
         """The whole batch, inside one transaction (synchronous: see Database.run_transaction)."""
@@ -247,15 +344,15 @@ class Intake:
 
     def _write(self, conn: Connection, st: _Batch) -> None:
         """Everything the batch changed, in a handful of executemany statements."""
-        rows = Rows(conn)
+        rows = st.rows if st.rows is not None else Rows(conn)
         if st.new_incidents:
             ids = rows.insert_returning_ids(_INCIDENTS, [inc.values(without="id") for inc in st.new_incidents])
             for inc, new_id in zip(st.new_incidents, ids):
-                inc._values["id"] = new_id
-        rows.update_by_id(_INCIDENTS, [(inc.id, inc.changes) for inc in st.loaded if inc.changes])
-        rows.update_by_id(_ALERTS, [(rec.id, rec.changes) for rec in st.loaded_records if rec.changes])
+                inc.id = new_id
+        rows.update_by_id(_INCIDENTS, [(inc.id, changes) for inc in st.loaded if (changes := inc.changes())])
+        rows.update_by_id(_ALERTS, [(rec.id, changes) for rec in st.loaded_records if (changes := rec.changes())])
         for record, incident in st.new_records:
-            record._values["incident_id"] = incident.id
+            record.incident_id = incident.id
         rows.insert(_ALERTS, [record.values(without="id") for record, _ in st.new_records])
         rows.insert(_OUTBOX, self._chat_work(st))
         _assign_incident_ids(st)
@@ -266,7 +363,8 @@ class Intake:
         if not ids:
             return {}
         known = {}
-        for row in Rows(conn).select_in(_DELIVERIES, "delivery_id", sorted({d for _, d in ids})):
+        for row in Rows(conn).select_in(_DELIVERIES, "delivery_id", sorted({d for _, d in ids}),
+                                        also_in=("source", sorted({src for src, _ in ids}))):
             if (row["source"], row["delivery_id"]) not in ids:
                 continue
             if now - row["received_at"] < IDEMPOTENCY_WINDOW:
@@ -290,15 +388,17 @@ class Intake:
         by_id: dict[int, _Row] = {}
         incidents_by_key: dict[str, _Row] = {}
         for row in rows.select_in(_INCIDENTS, "group_key", keys, exclude=("status", RESOLVED), order_by="id",
-                                  columns=_INCIDENT_COLUMNS):
-            inc = by_id[row["id"]] = _Row(row)
+                                  columns=_INCIDENT_COLUMNS, json_text=True):
+            inc = by_id[row["id"]] = _Row(row, json_columns=_INCIDENT_JSON)
             incidents_by_key.setdefault(inc.group_key, inc)
-        records = [_Row(row) for row in rows.select_in(_ALERTS, "fingerprint", sorted({fp for _, fp in identities}),
-                                                          order_by="id", columns=_ALERT_COLUMNS)
+        records = [_Row(row)
+                   for row in rows.select_in(_ALERTS, "fingerprint", sorted({fp for _, fp in identities}),
+                                             also_in=("source", sorted({src for src, _ in identities})),
+                                             order_by="id", columns=_ALERT_COLUMNS)
                    if (row["source"], row["fingerprint"]) in identities]
         for row in rows.select_in(_INCIDENTS, "id", sorted({r.incident_id for r in records} - by_id.keys()),
-                                  columns=_INCIDENT_COLUMNS):
-            by_id[row["id"]] = _Row(row)
+                                  columns=_INCIDENT_COLUMNS, json_text=True):
+            by_id[row["id"]] = _Row(row, json_columns=_INCIDENT_JSON)
         latest = {(r.source, r.fingerprint): (r, by_id[r.incident_id]) for r in records}  # ordered by id: the newest wins
         for _, incident in latest.values():
             if incident.status != RESOLVED:
@@ -308,7 +408,9 @@ class Intake:
 
     def _apply_alert(self, source: Source, alert: Alert, st: _Batch) -> tuple[str, _Row | None, str]:
         now, cfg = st.now, self.config
-        actor = Actor.source(source.id)
+        actor = self._actors.get(source.id)
+        if actor is None:
+            actor = self._actors[source.id] = Actor.source(source.id)  # immutable: one per source
         details = {"fingerprint": alert.fingerprint, "status": alert.status, "severity": alert.severity,
                    "labels": alert.labels, "summary": alert.summary}
         known = st.latest_by_identity.get((alert.source, alert.fingerprint))

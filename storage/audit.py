@@ -16,18 +16,92 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, bindparam
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 from sqlmodel import select
 
 from bot.model import Actor
 from storage.models import AuditEvent, AuditHead
-from storage.rows import Rows
+from storage.rows import Rows, _encode_datetime, fast_encoder
 
 _EVENTS = AuditEvent.__table__
 _HEAD = AuditHead.__table__
 _HEAD_FOR_UPDATE = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
+_HEAD_UPDATE = _HEAD.update().where(_HEAD.c.id == 1).values(seq=bindparam("seq"), hash=bindparam("hash"))
+# The raw SQLite path (the writer thread): BEGIN IMMEDIATE already holds the database lock.
+_SQLITE_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
+_SQLITE_HEAD_UPDATE = "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1"
+_EVENT_COLUMNS = ("seq", "at", "actor_person", "actor_platform", "actor_user_id", "action", "subject_type",
+                  "subject_id", "incident_id", "details", "prev_hash", "hash")
+
+# canonical(): json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str), built
+# from its parts. JSON is compositional: an object with sorted keys is "{" + the sorted "key":value pairs
+# + "}", each value encoded by the same encoder, so the concatenation below is the same bytes
+# (tests/test_audit_canonical.py checks it against json.dumps for arbitrary values).
+_canonical_value = fast_encoder(json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                                 default=str))
+_string = json.encoder.encode_basestring  # what that encoder does with a str (ensure_ascii=False)
+_stored = fast_encoder(json.JSONEncoder(default=str))  # json.dumps(details, default=str)
+_dumps = fast_encoder(json.JSONEncoder())  # json.dumps(value): how the JSON column writes it
+_scan = json.JSONDecoder().scan_once
+_UNSET = object()
+
+
+def _value(v: Any) -> str:
+    """One value as the canonical encoder writes it (str, None and int without a call into the encoder)."""
+    t = type(v)
+    if t is str:
+        return _string(v)
+    if v is None:
+        return "null"
+    if t is int:
+        return int.__repr__(v)
+    return _canonical_value(v)
+
+
+def _loads(text: str) -> Any:
+    """json.loads(text) for text json.dumps wrote (one value, no surrounding space)."""
+    value, end = _scan(text, 0)
+    return value if end == len(text) else json.loads(text)
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
+def _plain(value: Any) -> bool:
+    """Only dicts with str keys, lists, str, int, float, bool and None (exact types): JSON that survives
+    json.loads(json.dumps(value, default=str)) unchanged, so the round trip can be skipped."""
+    t = type(value)
+    if t is dict:
+        for k, v in value.items():
+            if type(k) is not str or (type(v) not in _SCALARS and not _plain(v)):
+                return False
+        return True
+    if t is list:
+        for v in value:
+            if type(v) not in _SCALARS and not _plain(v):
+                return False
+        return True
+    return t in _SCALARS
+
+
+def _details(details: dict[str, Any] | None) -> Any:
+    """What the JSON column keeps of an entry's details: json.loads(json.dumps(details, default=str))."""
+    if not details:
+        return {}
+    try:
+        if _plain(details):
+            return details
+    except RecursionError:  # nested too deeply to check: json.dumps decides what happens
+        pass
+    return _loads(_stored(details))
+
+
+try:  # a C HMAC object to copy per event: about half the cost of hmac.new() each time
+    from _hashlib import hmac_new as _hmac_new
+except ImportError:  # pragma: no cover
+    _hmac_new = None
 
 
 @dataclass(frozen=True)
@@ -59,21 +133,29 @@ def canonical(e: AuditEvent) -> bytes:
 def canonical_fields(seq: int, at: datetime, actor_person: str | None, actor_platform: str, actor_user_id: str,
                      action: str, subject_type: str, subject_id: str, incident_id: int | None,
                      details: dict[str, Any]) -> bytes:
-    body = {
-        "seq": seq,
-        "at": at.isoformat(timespec="microseconds"),
-        "actor": [actor_person, actor_platform, actor_user_id],
-        "action": action,
-        "subject": [subject_type, subject_id],
-        "incident_id": incident_id,
-        "details": details,
-    }
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    return _canonical(seq, at.isoformat(timespec="microseconds"), actor_person, actor_platform, actor_user_id,
+                      action, subject_type, subject_id, incident_id, _canonical_value(details)).encode()
+
+
+def _canonical(seq: int, at: str, actor_person: str | None, actor_platform: str, actor_user_id: str, action: str,
+               subject_type: str, subject_id: str, incident_id: int | None, details: str) -> str:
+    """The canonical body with `at` already as ISO text and `details` already canonically encoded."""
+    # Keys in sorted order: action, actor, at, details, incident_id, seq, subject.
+    return "".join(('{"action":', _value(action), ',"actor":[', _value(actor_person), ",", _value(actor_platform),
+                    ",", _value(actor_user_id), '],"at":', _value(at), ',"details":', details, ',"incident_id":',
+                    _value(incident_id), ',"seq":', _value(seq), ',"subject":[', _value(subject_type), ",",
+                    _value(subject_id), "]}"))
 
 
 class AuditLog:
     def __init__(self, hmac_key: str | None):
         self._key = hmac_key.encode() if hmac_key else None
+        self._hmac: Any = None
+        if self._key and _hmac_new is not None:
+            try:
+                self._hmac = _hmac_new(self._key, digestmod="sha256")
+            except ValueError:  # pragma: no cover - sha256 not offered by this OpenSSL
+                self._hmac = None
 
     @property
     def keyed(self) -> bool:
@@ -83,6 +165,10 @@ class AuditLog:
         return self._digest(prev_hash.encode() + canonical(event))
 
     def _digest(self, data: bytes) -> str:
+        if self._hmac is not None:  # = hmac.new(key, data, sha256).hexdigest()
+            h = self._hmac.copy()
+            h.update(data)
+            return h.hexdigest()
         if self._key:
             return hmac.new(self._key, data, hashlib.sha256).hexdigest()
         return hashlib.sha256(data).hexdigest()
@@ -104,24 +190,51 @@ class AuditLog:
             return []
         if isinstance(conn, Session):
             conn = conn.connection()
-        seq, prev = conn.execute(_HEAD_FOR_UPDATE).one()
+        writer = Rows(conn)
+        raw = writer.raw
+        if raw is None:
+            seq, prev = conn.execute(_HEAD_FOR_UPDATE).one()
+        else:
+            seq, prev = raw.execute(_SQLITE_HEAD).fetchone()
+        digest = self._digest
         rows = []
+        values = []
+        last_at: Any = _UNSET
+        last_actor: Any = _UNSET
         for entry in entries:
             seq += 1
+            if entry.at is not last_at:  # a batch's events share one `at`: convert it once
+                last_at = entry.at
+                at = last_at.astimezone(UTC)
+                at_text = ',"at":' + _value(at.isoformat(timespec="microseconds")) + ',"details":'
+                at_stored = _encode_datetime(at) if raw is not None else None
             actor = entry.actor
-            at = entry.at.astimezone(UTC)
-            details = json.loads(json.dumps(entry.details or {}, default=str))  # exactly what the JSON column keeps
+            if actor is not last_actor:
+                last_actor = actor
+                person, platform, user_id = actor.person_id, actor.platform, actor.user_id
+                actor_text = f',"actor":[{_value(person)},{_value(platform)},{_value(user_id)}]'
+            action, subject_type, incident_id = entry.action, entry.subject_type, entry.incident_id
+            details = _details(entry.details)
             subject_id = str(entry.subject_id)
-            digest = self._digest(prev.encode() + canonical_fields(
-                seq, at, actor.person_id, actor.platform, actor.user_id, entry.action, entry.subject_type,
-                subject_id, entry.incident_id, details))
-            rows.append({"seq": seq, "at": at, "actor_person": actor.person_id, "actor_platform": actor.platform,
-                         "actor_user_id": actor.user_id, "action": entry.action, "subject_type": entry.subject_type,
-                         "subject_id": subject_id, "incident_id": entry.incident_id, "details": details,
-                         "prev_hash": prev, "hash": digest})
-            prev = digest
-        Rows(conn).insert(_EVENTS, rows)
-        conn.execute(_HEAD.update().where(_HEAD.c.id == 1).values(seq=seq, hash=prev))
+            # canonical_fields(), from its parts (see _canonical)
+            canonical_text = "".join(('{"action":', _value(action), actor_text, at_text, _canonical_value(details),
+                                      ',"incident_id":', _value(incident_id), ',"seq":', _value(seq),
+                                      ',"subject":[', _value(subject_type), ",", _value(subject_id), "]}"))
+            h = digest(prev.encode() + canonical_text.encode())
+            rows.append({"seq": seq, "at": at, "actor_person": person, "actor_platform": platform,
+                         "actor_user_id": user_id, "action": action, "subject_type": subject_type,
+                         "subject_id": subject_id, "incident_id": incident_id, "details": details,
+                         "prev_hash": prev, "hash": h})
+            if raw is not None:
+                values.append((seq, at_stored, person, platform, user_id, action, subject_type, subject_id,
+                               incident_id, _dumps(details), prev, h))
+            prev = h
+        if raw is None:
+            writer.insert(_EVENTS, rows)
+            conn.execute(_HEAD_UPDATE, {"seq": seq, "hash": prev})
+        else:
+            writer.insert_values(_EVENTS, _EVENT_COLUMNS, values)
+            raw.execute(_SQLITE_HEAD_UPDATE, (seq, prev))
         return rows
 
     async def verify(self, session: AsyncSession, batch: int = 2000) -> Verdict:

@@ -166,3 +166,23 @@ class IncidentMessage(SQLModel, table=True):
     thread_id: str | None = None
     posted_at: datetime
     updated_at: datetime
+
+
+class Override(SQLModel, table=True):
+    """`person` covers `rotation` over [starts_at, ends_at); among overlapping ones the latest created wins.
+
+    A swap is a pair of overrides, a cover one. A cancelled override keeps its row (`cancelled_at`).
+    """
+
+    __tablename__ = "overrides"
+    __table_args__ = (Index("ix_overrides_rotation_window", "rotation", "starts_at", "ends_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    rotation: str
+    person: str
+    starts_at: datetime
+    ends_at: datetime
+    created_at: datetime
+    created_by: str
+    reason: str = ""
+    cancelled_at: datetime | None = None

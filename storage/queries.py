@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
+
 from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
-from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem
+from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem, Override
 
 
 async def open_incidents_by_severity(session: AsyncSession) -> dict[str, int]:
@@ -46,4 +49,15 @@ async def list_outbox(session: AsyncSession, *, status: str | None = None, limit
     query = select(OutboxItem).order_by(OutboxItem.id.desc()).limit(limit)
     if status:
         query = query.where(OutboxItem.status == status)
+    return list((await session.execute(query)).scalars().all())
+
+
+async def active_overrides(session: AsyncSession, *, start: datetime, end: datetime,
+                           rotations: Sequence[str] | None = None) -> list[Override]:
+    """Overrides not cancelled that overlap [start, end), of the given rotations (all when None), oldest first."""
+    query = (select(Override)
+             .where(Override.cancelled_at.is_(None), Override.starts_at < end, Override.ends_at > start)
+             .order_by(Override.created_at, Override.id))
+    if rotations is not None:
+        query = query.where(Override.rotation.in_(list(rotations)))
     return list((await session.execute(query)).scalars().all())

@@ -1,0 +1,265 @@
+"""Who is on call, end to end: `/oncall` through the fake Slack, the iCalendar feed, `chatops oncall`.
+
+The running bot on the harness's fake clock (Tuesday 24 Nov 2026, 04:00 UTC), with two rotations:
+dba-primary (weekly, Monday 09:00 Berlin: Bob this week) and web (12 hours from 09:00 New York: Carol
+tonight). Overrides are rows written straight into the store, as the swap flows will write them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.cli import main
+from storage.models import Override
+from tests.botkit import T0, Harness, running_bot
+from tests.conftest import drop_schema, postgres_url
+from tests.fake_slack import FakeSlack
+from tests.test_slack_flow import Slack, slack_config
+
+CAROL = "Carol Ångström-Łukasiewicz; nights, weekends"  # long, not ASCII, with ; and , to escape in the feed
+PEOPLE = f"""
+# Alice reads times in New York
+people:
+  - {{id: alice, name: Alice, roles: [responder], slack: U01ALICE, telegram: 111111, timezone: America/New_York}}
+  - {{id: bob, name: Bob, slack: U02BOB}}
+  - {{id: carol, name: "{CAROL}", slack: U03CAROL}}
+"""
+ROTATIONS = """
+rotations:
+  - {id: dba-primary, members: [alice, bob], shift: 1w, handoff: "mon 09:00", start: 2026-11-02, timezone: Europe/Berlin}
+  - {id: web, members: [bob, carol], shift: 12h, handoff: "09:00", start: 2026-11-20, timezone: America/New_York}
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def slack(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) -> AsyncIterator[Slack]:
+    async with FakeSlack() as fake:
+        if request.param == "sqlite":
+            async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake) + ROTATIONS, people=PEOPLE) as h:
+                yield Slack(h, fake)
+        else:
+            url = postgres_url()
+            try:
+                async with running_bot(url, slack_config(fake) + ROTATIONS, schema=pg_schema, people=PEOPLE) as h:
+                    yield Slack(h, fake)
+            finally:
+                await drop_schema(url, pg_schema)
+
+
+async def add_override(h: Harness, person: str, start: datetime, end: datetime, *, created: datetime = T0,
+                       rotation: str = "dba-primary", reason: str = "", cancelled: datetime | None = None) -> int:
+    async with h.bot.db.transaction() as session:
+        row = Override(rotation=rotation, person=person, starts_at=start, ends_at=end, created_at=created,
+                       created_by="alice", reason=reason, cancelled_at=cancelled)
+        session.add(row)
+        await session.flush()
+        assert row.id is not None
+        return row.id
+
+
+async def ask(s: Slack, text: str, user: str = "U02BOB") -> str:
+    return (await s.answer(await s.command("/oncall", text, user=user)))["text"]
+
+
+def rows(text: str) -> list[list[str]]:
+    """The table inside a reply's ``` block, as cells (split on two or more spaces)."""
+    block = text.split("```")[1].strip("\n")
+    return [re.split(r"\s{2,}", line.strip()) for line in block.splitlines()]
+
+
+# -- /oncall --------------------------------------------------------------------------------------------------
+
+async def test_oncall_shows_every_rotation_now_with_the_next_handoff(slack: Slack) -> None:
+    text = await ask(slack, "")
+    assert text.startswith("On call now (times in each rotation's time zone):")
+    assert rows(text) == [
+        ["rotation", "on call", "since", "until", "next"],
+        ["dba-primary", "Bob", "Mon 23 Nov 09:00 CET", "Mon 30 Nov 09:00 CET", "Alice"],
+        ["web", CAROL, "Mon 23 Nov 21:00 EST", "Tue 24 Nov 09:00 EST", "Bob"],
+    ]
+    in_new_york = await ask(slack, "", user="U01ALICE")  # Alice has a time zone: everything in hers
+    assert "times in America/New_York" in in_new_york
+    assert rows(in_new_york)[1] == ["dba-primary", "Bob", "Mon 23 Nov 03:00 EST", "Mon 30 Nov 03:00 EST", "Alice"]
+
+
+async def test_oncall_rotation_shows_the_current_and_next_three_shifts(slack: Slack) -> None:
+    text = await ask(slack, "dba-primary")
+    assert text.startswith("`dba-primary`: 1w shifts, handoff mon 09:00 Europe/Berlin, from 2026-11-02. "
+                           "Times in Europe/Berlin.")
+    assert rows(text) == [
+        ["who", "from", "until", "note"],
+        ["Bob", "Mon 23 Nov 09:00 CET", "Mon 30 Nov 09:00 CET", "now"],
+        ["Alice", "Mon 30 Nov 09:00 CET", "Mon 7 Dec 09:00 CET"],
+        ["Bob", "Mon 7 Dec 09:00 CET", "Mon 14 Dec 09:00 CET"],
+        ["Alice", "Mon 14 Dec 09:00 CET", "Mon 21 Dec 09:00 CET"],
+    ]
+    slack.h.clock.set(datetime(2026, 11, 30, 8, tzinfo=UTC))  # the handoff itself: Alice's
+    assert rows(await ask(slack, "dba-primary"))[1][:2] == ["Alice", "Mon 30 Nov 09:00 CET"]
+
+
+async def test_oncall_schedule_is_a_table_for_n_weeks_and_bad_input_says_what_to_type(slack: Slack) -> None:
+    text = await ask(slack, "schedule web --weeks 1")
+    assert text.startswith("`web` for the next 1 week (12h shifts, handoff 09:00 America/New_York")
+    table = rows(text)
+    assert table[0] == ["from", "until", "length", "who", "note"]
+    assert table[1] == ["Mon 23 Nov 21:00 EST", "Tue 24 Nov 09:00 EST", "12h", CAROL, "now"]
+    assert len(table) == 1 + 15 and {r[2] for r in table[1:]} == {"12h"}
+    assert len(rows(await ask(slack, "schedule dba-primary"))) == 1 + 5  # 4 weeks by default
+    assert (await ask(slack, "schedule DBA-primary \u2014weeks 2")).startswith("`dba-primary` for the next 2 weeks")
+    long = await ask(slack, "schedule web --weeks 6")  # 85 shifts: the first 60, and where to see the rest
+    assert len(rows(long)) == 1 + 60
+    assert long.endswith("25 more shifts: ask for fewer weeks, or subscribe to http://127.0.0.1:8080/oncall/web.ics")
+    assert (await ask(slack, "schedule dba-primary --weeks=2")).startswith("`dba-primary` for the next 2 weeks")
+    for bad in ("schedule", "schedule dba-primary --weeks 0", "schedule dba-primary --weeks x", "schedule a b"):
+        assert (await ask(slack, bad)).startswith("Usage: `/oncall schedule ROTATION [--weeks N]`"), bad
+    assert await ask(slack, "schedule nope") == "There is no rotation `nope`. Known rotations: `dba-primary`, `web`."
+    assert await ask(slack, "nope") == "There is no rotation `nope`. Known rotations: `dba-primary`, `web`."
+    assert (await ask(slack, "help")).startswith("Usage: `/oncall [ROTATION]")
+    stranger = await ask(slack, "", user="U09NOBODY")
+    assert "I don't know you yet" in stranger
+
+
+async def test_an_override_in_the_store_shows_in_oncall_and_a_cancelled_one_does_not(slack: Slack) -> None:
+    h = slack.h
+    oid = await add_override(h, "alice", T0 - timedelta(hours=1), T0 + timedelta(days=1), reason="Bob at the dentist")
+    await add_override(h, "carol", T0 - timedelta(hours=2), T0 + timedelta(days=3), cancelled=T0)
+    assert rows(await ask(slack, ""))[1] == ["dba-primary", "Alice (override)", "Tue 24 Nov 04:00 CET",
+                                              "Wed 25 Nov 05:00 CET", "Bob"]
+    table = rows(await ask(slack, "dba-primary"))
+    assert table[1] == ["Alice (override)", "Tue 24 Nov 04:00 CET", "Wed 25 Nov 05:00 CET",
+                        f"now; override #{oid} by Alice: Bob at the dentist"]
+    assert table[2] == ["Bob", "Wed 25 Nov 05:00 CET", "Mon 30 Nov 09:00 CET"]  # the rest of Bob's week
+    newer = await add_override(h, "carol", T0 + timedelta(hours=2), T0 + timedelta(hours=4),
+                               created=T0 + timedelta(minutes=1))
+    h.clock.advance(timedelta(hours=3))
+    assert rows(await ask(slack, ""))[1][:2] == ["dba-primary", f"{CAROL} (override)"]
+    assert newer > oid
+
+
+# -- the iCalendar feed ---------------------------------------------------------------------------------------
+
+def parse_ics(body: bytes) -> tuple[list[str], list[dict[str, str]]]:
+    """Our own strict reading: CRLF everywhere, no line over 75 octets, folds undone, TEXT unescaped."""
+    text = body.decode("utf-8")
+    assert text.endswith("\r\n") and "\n" not in text.replace("\r\n", "")
+    physical = text.split("\r\n")[:-1]
+    assert max(len(line.encode()) for line in physical) <= 75
+    lines: list[str] = []
+    for line in physical:
+        if line.startswith(" "):
+            lines[-1] += line[1:]
+        else:
+            lines.append(line)
+    events: list[dict[str, str]] = []
+    current: dict[str, str] | None = None
+    for line in lines:
+        name, _, value = line.partition(":")
+        if line == "BEGIN:VEVENT":
+            current = {}
+        elif line == "END:VEVENT":
+            assert current is not None
+            events.append(current)
+            current = None
+        elif current is not None:
+            current[name] = re.sub(r"\\(.)", lambda m: "\n" if m.group(1) in "nN" else m.group(1), value)
+    return lines, events
+
+
+def utc_time(value: str) -> datetime:
+    return datetime.strptime(value, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+
+
+async def feed(h: Harness, rotation: str) -> tuple[int, bytes, Any]:
+    resp = await h.client.get(f"/oncall/{rotation}.ics")
+    return resp.status, await resp.read(), resp.headers
+
+
+async def test_the_feed_is_the_effective_schedule_as_rfc5545_events(slack: Slack) -> None:
+    h = slack.h
+    oid = await add_override(h, "carol", T0 + timedelta(days=1), T0 + timedelta(days=2), reason="swap; see #ops")
+    status, body, headers = await feed(h, "dba-primary")
+    assert status == 200 and headers["Content-Type"] == "text/calendar; charset=utf-8"
+    lines, events = parse_ics(body)
+    assert lines[:2] == ["BEGIN:VCALENDAR", "VERSION:2.0"] and lines[-1] == "END:VCALENDAR"
+    assert any(line.startswith("PRODID:") for line in lines)
+    starts = [utc_time(e["DTSTART"]) for e in events]
+    ends = [utc_time(e["DTEND"]) for e in events]
+    # four weeks back reaches before the rotation's start (Monday 2 Nov, 09:00 Berlin): nobody, no event
+    assert starts[0] == datetime(2026, 11, 2, 8, tzinfo=UTC) and ends[-1] >= T0 + timedelta(weeks=12)
+    assert all(e == s for e, s in zip(ends, starts[1:]))  # back to back: one person at any time
+    assert len({e["UID"] for e in events}) == len(events)
+    assert {e["DTSTAMP"] for e in events} == {"20261124T040000Z"}
+    by_start = {utc_time(e["DTSTART"]): e for e in events}
+    carol = by_start[T0 + timedelta(days=1)]
+    assert carol["SUMMARY"] == f"On call: {CAROL} (dba-primary)"
+    assert carol["DESCRIPTION"] == f"{CAROL} covers dba-primary (override #{oid}, made by Alice)"
+    assert "swap; see #ops" not in body.decode()  # the feed is unauthenticated: reasons stay in chat
+    assert utc_time(carol["DTEND"]) == T0 + timedelta(days=2)
+    assert by_start[datetime(2026, 11, 23, 8, tzinfo=UTC)]["SUMMARY"] == "On call: Bob (dba-primary)"
+    assert by_start[T0 + timedelta(days=2)]["SUMMARY"] == "On call: Bob (dba-primary)"  # the rest of his week
+    raw = body.decode()
+    assert "Carol Ångström-Łukasiewicz\\; nights\\, weekends" in raw.replace("\r\n ", "")
+    assert any(len(line.encode()) > 60 for line in raw.split("\r\n"))  # folding was needed and done
+
+    h.clock.advance(timedelta(days=3))  # a day later the same shifts keep their UIDs
+    _, later, _ = await feed(h, "dba-primary")
+    again = {e["DTSTART"]: e["UID"] for e in parse_ics(later)[1]}
+    before = {e["DTSTART"]: e["UID"] for e in events}
+    shared = set(again) & set(before)
+    assert len(shared) > 10 and all(again[k] == before[k] for k in shared)
+
+
+async def test_the_feed_parses_with_the_icalendar_library(slack: Slack) -> None:
+    icalendar = pytest.importorskip("icalendar", reason="the icalendar package is not installed")
+    _, body, _ = await feed(slack.h, "web")
+    calendar = icalendar.Calendar.from_ical(body)
+    events = list(calendar.walk("VEVENT"))
+    assert events and all(ev.decoded("DTSTART").tzinfo is not None for ev in events)
+    names = {str(ev.get("SUMMARY")) for ev in events}
+    assert names == {"On call: Bob (web)", f"On call: {CAROL} (web)"}
+    lengths = {ev.decoded("DTEND") - ev.decoded("DTSTART") for ev in events}
+    assert lengths == {timedelta(hours=12)}  # no DST change inside the window, the first begins at the start
+
+
+async def test_an_unknown_rotation_is_a_404_naming_the_known_ones(slack: Slack) -> None:
+    status, body, _ = await feed(slack.h, "nope")
+    assert status == 404 and "unknown rotation 'nope' (known: dba-primary, web)" in body.decode()
+
+
+# -- chatops oncall -------------------------------------------------------------------------------------------
+
+async def test_chatops_oncall_prints_tables_from_the_same_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    config = tmp_path / "app.yaml"
+    config.write_text(f"storage: {{url: '{url}'}}\ntimezone: Europe/Berlin\n" + PEOPLE + ROTATIONS, encoding="utf-8")
+    async with running_bot(url, ROTATIONS, people=PEOPLE) as h:
+        await add_override(h, "carol", T0 - timedelta(hours=1), T0 + timedelta(hours=5))
+        code = await asyncio.to_thread(main, ["oncall", "-c", str(config), "--at", "2026-11-24T04:00:00Z"])
+        out = capsys.readouterr().out
+        assert code == 0
+        table = [re.split(r"\s{2,}", line.strip()) for line in out.strip().splitlines()]
+        assert table[0] == ["ROTATION", "ON CALL", "SINCE", "UNTIL", "NEXT"]
+        assert table[1] == ["dba-primary", f"{CAROL} (override)", "Tue 24 Nov 04:00 CET", "Tue 24 Nov 10:00 CET", "Bob"]
+        assert table[2][:2] == ["web", CAROL]
+
+        code = await asyncio.to_thread(main, ["oncall", "dba-primary", "-c", str(config), "--at", "2026-12-01T12:00:00+01:00"])
+        out = capsys.readouterr().out
+        assert code == 0 and out.startswith("dba-primary: 1w shifts")
+        lines = out.strip().splitlines()
+        assert lines[1].split() == ["WHO", "FROM", "UNTIL", "NOTE"]
+        assert lines[2].startswith("Alice") and "Mon 30 Nov 09:00 CET" in lines[2] and lines[2].endswith("now")
+        assert len(lines) == 2 + 6  # the current shift and the next five
+
+        code = await asyncio.to_thread(main, ["oncall", "nope", "-c", str(config)])
+        captured = capsys.readouterr()
+        assert code == 2 and "unknown rotation 'nope' (known: dba-primary, web)" in captured.err
+        with pytest.raises(SystemExit) as exited:  # argparse's own exit, as for every command's bad arguments
+            await asyncio.to_thread(main, ["oncall", "-c", str(config), "--at", "yesterday"])
+        assert exited.value.code == 2 and "not an ISO 8601 time" in capsys.readouterr().err
