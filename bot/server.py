@@ -53,7 +53,7 @@ class Bot:
                              after_commit=self.outbox.nudge)
         self.alerts = AlertEndpoint(loaded=loaded, intake=self.intake, clock=self.clock, metrics=self.metrics)
         ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
-                     delivered=self.outbox.nudge).register(self.dispatcher)
+                     delivered=self.outbox.nudge, adapters=self.adapters).register(self.dispatcher)
         self.oncall = OncallHandlers(db=self.db, config=self.config, clock=self.clock)
         self.oncall.register(self.dispatcher)
         if "slack" in loaded.adapters:

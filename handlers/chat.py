@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from bot.actions import Action
-from bot.chat import ActionEvent, CommandEvent, Reply
+from bot.chat import ActionEvent, Adapter, CommandEvent, Reply
 from bot.clock import Clock
 from bot.config import Config, Person
 from bot.dispatch import Dispatcher
@@ -15,6 +15,7 @@ from bot.model import Actor
 from bot.tables import ago, table
 from bot.view import incident_card
 from handlers.incident_actions import perform
+from handlers.paging import page
 from storage.audit import AuditLog
 from storage.db import Database
 from storage.queries import get_incident, incident_alerts, list_incidents
@@ -24,7 +25,7 @@ BUTTON_ACTIONS = {Action.ACKNOWLEDGE: "acknowledge", Action.ESCALATE: "escalate"
 LABELS = {"acknowledge": "Acknowledge", "escalate": "Escalate", "resolve": "Resolve", "reopen": "Reopen"}
 SUBCOMMANDS = {"ack": "acknowledge", "acknowledge": "acknowledge", "resolve": "resolve", "escalate": "escalate",
                "reopen": "reopen"}
-INCIDENT_USAGE = "/incident list | show ID | ack ID | escalate ID | resolve ID | reopen ID"
+INCIDENT_USAGE = "/incident list | show ID | ack ID | escalate ID | resolve ID | reopen ID | page ID PERSON"
 RESPONDER = "responder"
 
 
@@ -36,6 +37,7 @@ class ChatHandlers:
     clock: Clock
     metrics: Metrics
     delivered: Callable[[], None]  # wakes the outbox worker after a change
+    adapters: Mapping[str, Adapter] = field(default_factory=dict)  # for direct pages
 
     def register(self, dispatcher: Dispatcher) -> None:
         for button, verb in BUTTON_ACTIONS.items():
@@ -88,6 +90,13 @@ class ChatHandlers:
             if incident_id is None:
                 return Reply("Usage: `/incident show ID`, for example `/incident show 42`.")
             return await self._show(incident_id)
+        if sub == "page":
+            incident_id = _incident_id(event.args[1:])
+            if incident_id is None or len(event.args) < 3:
+                return Reply("Usage: `/incident page ID PERSON`, for example `/incident page 42 alice`.")
+            if RESPONDER not in person.roles:
+                return Reply(f"`/incident page` needs the `{RESPONDER}` role.")
+            return await self._page(incident_id, event.args[2], event.actor, person)
         if sub in SUBCOMMANDS:
             incident_id = _incident_id(event.args[1:])
             if incident_id is None:
@@ -96,6 +105,18 @@ class ChatHandlers:
                 return Reply(f"`/incident {sub}` needs the `{RESPONDER}` role.")
             return await self._act(SUBCOMMANDS[sub], incident_id, event.actor, person)
         return Reply(f"I don't know `/incident {sub}`. Usage: `{INCIDENT_USAGE}`")
+
+    async def _page(self, incident_id: int, who: str, actor: Actor, person: Person) -> Reply:
+        wanted = who.lstrip("@").lower()
+        target = next((p for p in self.config.people if wanted in (p.id.lower(), p.name.lower())), None)
+        if target is None:
+            known = ", ".join(p.id for p in self.config.people) or "nobody"
+            return Reply(f"I don't know {who!r} (people in app.yaml: {known}).")
+        actor = Actor(actor.platform, actor.user_id, person.name, person.id)
+        result = await page(db=self.db, audit=self.audit, config=self.config, clock=self.clock, adapters=self.adapters,
+                            incident_id=incident_id, person=target, actor=actor, reason=f"{person.name} asks for your help")
+        self.metrics.actions.labels("page", "changed" if result.ok else "refused").inc()
+        return Reply(result.message)
 
     async def _list(self, args: list[str] | tuple[str, ...]) -> Reply:
         status = args[0].lower() if args else "open"

@@ -32,15 +32,16 @@ class Both:
     tg: FakeTelegram
     updates: int = 0
 
-    async def tap(self, data: str, message_id: int, *, user: int = 111111) -> None:
-        """Someone taps an inline button under the bot's message in the group."""
+    async def tap(self, data: str, message_id: int, *, user: int = 111111, chat: int = GROUP) -> None:
+        """Someone taps an inline button under the bot's message in the group (or a private chat)."""
         self.updates += 1
         update = json.loads(json.dumps(CALLBACK))
         update["update_id"] = 5000 + self.updates
         query = update["callback_query"]
         query["id"], query["data"] = f"cb{self.updates}", data
         query["from"]["id"] = user
-        query["message"] = {**self.tg.messages[(GROUP, message_id)], "chat": {"id": GROUP, "type": "supergroup", "title": "Ops"}}
+        kind = {"id": chat, "type": "supergroup", "title": "Ops"} if chat < 0 else {"id": chat, "type": "private"}
+        query["message"] = {**self.tg.messages[(chat, message_id)], "chat": kind}
         resp = await self.h.client.post("/telegram/webhook", data=json.dumps(update),
                                         headers={"X-Telegram-Bot-Api-Secret-Token": TG_SECRET,
                                                  "Content-Type": "application/json"})
@@ -115,3 +116,29 @@ def _tg_replies(b: Both, message_id: int) -> list[str]:
         if call.params.get("reply_to_message_id") == message_id or reply.get("message_id") == message_id:
             out.append(call.params["text"])
     return out
+
+
+async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_audited(both: Both) -> None:
+    b = both
+    await posted_on_both(b)
+    answer = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
+    assert answer["text"] == "Paged Alice on Telegram."
+    [page] = [c for c in b.tg.called("sendMessage") if c.params["chat_id"] == 111111]
+    assert [k["callback_data"] for row in page.params["reply_markup"]["inline_keyboard"] for k in row] == ["ack:1", "esc:1"]
+    assert "Alice asks for your help" in page.params["text"]
+
+    message_id = next(mid for (chat, mid) in b.tg.messages if chat == 111111)
+    await b.tap("ack:1", message_id, chat=111111)  # acknowledged from the page itself
+    await b.tg.wait_for(lambda: b.tg.called("answerCallbackQuery"), timeout=5)
+    assert (await b.h.incidents())[0].status == "acknowledged"
+
+    nobody = await b.slack.answer(await b.slack.command("/incident", "page 1 bob"))
+    assert nobody["text"].startswith("Could not page Bob: Bob has no id in app.yaml for a platform that is on")
+    b.tg.fail("sendMessage", "Forbidden: bot can't initiate conversation with a user", 403)
+    refused = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
+    assert refused["text"] == ("Could not page Alice: telegram: Telegram user 111111 has not started a chat with "
+                               "the bot; ask them to open it and press Start")
+    unknown = await b.slack.answer(await b.slack.command("/incident", "page 1 zed"))
+    assert unknown["text"] == "I don't know 'zed' (people in app.yaml: alice, bob)."
+    actions = await b.h.actions(1)
+    assert actions.count("incident.paged") == 1 and actions.count("incident.page_failed") == 2
