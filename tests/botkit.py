@@ -17,6 +17,7 @@ from adapters import SETTINGS_MODELS
 from bot.clock import FakeClock
 from bot.config import parse_config
 from bot.server import Bot
+from tests.conftest import drop_schema, postgres_url
 from storage.models import AlertRecord, AuditEvent, Incident, IncidentMessage, OutboxItem
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -127,3 +128,18 @@ async def running_bot(storage_url: str, extra: str = "", *, schema: str | None =
     finally:
         await client.close()
         await bot.stop()
+
+
+@asynccontextmanager
+async def bot_on(database: str, tmp_path: Path, pg_schema: str, extra: str = "", **options: Any) -> AsyncIterator[Harness]:
+    """The running bot on SQLite (a file in tmp_path) or on the test PostgreSQL (a schema of its own, dropped after)."""
+    if database == "sqlite":
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, **options) as harness:
+            yield harness
+        return
+    url = postgres_url()
+    try:
+        async with running_bot(url, extra, schema=pg_schema, **options) as harness:
+            yield harness
+    finally:
+        await drop_schema(url, pg_schema)

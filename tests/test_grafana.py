@@ -19,8 +19,7 @@ import pytest
 from bot.auth import sign
 from storage.models import AlertRecord, AuditEvent
 from tests import botkit
-from tests.botkit import Harness, fixture, running_bot
-from tests.conftest import drop_schema, postgres_url
+from tests.botkit import Harness, bot_on, fixture, running_bot
 
 FIRING = "grafana/01-firing-2-alerts.json"
 RESOLVED = "grafana/02-resolved-2-alerts.json"
@@ -62,16 +61,8 @@ def utc(moment: datetime | None) -> datetime | None:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def h(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) -> AsyncIterator[Harness]:
-    if request.param == "sqlite":
-        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as harness:
-            yield harness
-    else:
-        url = postgres_url()
-        try:
-            async with running_bot(url, schema=pg_schema) as harness:
-                yield harness
-        finally:
-            await drop_schema(url, pg_schema)
+    async with bot_on(request.param, tmp_path, pg_schema) as harness:
+        yield harness
 
 
 @pytest.fixture

@@ -11,22 +11,13 @@ from pathlib import Path
 import pytest
 
 from storage.models import AlertRecord, AuditEvent, Delivery
-from tests.botkit import Harness, fixture, running_bot
-from tests.conftest import drop_schema, postgres_url
+from tests.botkit import Harness, bot_on, fixture
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def h(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) -> AsyncIterator[Harness]:
-    if request.param == "sqlite":
-        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as harness:
-            yield harness
-    else:
-        url = postgres_url()
-        try:
-            async with running_bot(url, schema=pg_schema) as harness:
-                yield harness
-        finally:
-            await drop_schema(url, pg_schema)
+    async with bot_on(request.param, tmp_path, pg_schema) as harness:
+        yield harness
 
 
 async def test_alertmanager_captures_group_resolve_and_route(h: Harness) -> None:

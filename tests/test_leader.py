@@ -8,7 +8,8 @@ from adapters.telegram import TelegramAdapter
 from bot.render import Renderer
 from storage.db import Database, Leader
 from tests.fake_telegram import FakeTelegram
-from tests.test_telegram_adapter import RecordingDispatcher, fixture, settings
+from tests.recording import RecordingDispatcher
+from tests.test_telegram_adapter import fixture, settings
 
 
 async def test_one_replica_leads_and_another_takes_over_when_it_goes(db: Database) -> None:

@@ -18,8 +18,7 @@ import pytest
 
 from bot.cli import main
 from storage.models import Override
-from tests.botkit import T0, Harness, running_bot
-from tests.conftest import drop_schema, postgres_url
+from tests.botkit import T0, Harness, bot_on, running_bot
 from tests.fake_slack import FakeSlack
 from tests.test_slack_flow import Slack, slack_config
 
@@ -40,17 +39,9 @@ rotations:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def slack(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) -> AsyncIterator[Slack]:
-    async with FakeSlack() as fake:
-        if request.param == "sqlite":
-            async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake) + ROTATIONS, people=PEOPLE) as h:
-                yield Slack(h, fake)
-        else:
-            url = postgres_url()
-            try:
-                async with running_bot(url, slack_config(fake) + ROTATIONS, schema=pg_schema, people=PEOPLE) as h:
-                    yield Slack(h, fake)
-            finally:
-                await drop_schema(url, pg_schema)
+    async with FakeSlack() as fake, bot_on(request.param, tmp_path, pg_schema, slack_config(fake) + ROTATIONS,
+                                           people=PEOPLE) as h:
+        yield Slack(h, fake)
 
 
 async def add_override(h: Harness, person: str, start: datetime, end: datetime, *, created: datetime = T0,

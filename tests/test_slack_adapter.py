@@ -24,6 +24,7 @@ from adapters.slack import FAILED, INVALID_BUTTON, SlackAdapter, manifest, split
 from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
 from bot.model import Actor
 from tests.fake_slack import FORM, FakeSlack
+from tests.recording import RecordingDispatcher
 from tests.fake_slack import signed as slack_signed
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "slack"
@@ -36,31 +37,6 @@ class StubRenderer:
     def render_json(self, kind: str, platform: str, context: Mapping[str, Any]) -> dict[str, Any]:
         text = f"{kind}: {context.get('title', '')}"
         return {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]}
-
-
-class RecordingDispatcher:
-    """Records every event; answers `reply` once `gate` is open."""
-
-    def __init__(self) -> None:
-        self.actions: list[ActionEvent] = []
-        self.commands: list[CommandEvent] = []
-        self.reply: Reply | None = Reply("Acknowledged #42.")
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.error: Exception | None = None
-
-    async def handle_action(self, event: ActionEvent) -> Reply | None:
-        self.actions.append(event)
-        await self.gate.wait()
-        return self.reply
-
-    async def handle_command(self, event: CommandEvent) -> Reply:
-        self.commands.append(event)
-        await self.gate.wait()
-        if self.error:
-            raise self.error
-        assert self.reply is not None
-        return self.reply
 
 
 @dataclass

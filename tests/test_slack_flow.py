@@ -21,8 +21,7 @@ from sqlmodel import select
 from bot.auth import sign
 from handlers.outbox import Budget, _Buckets
 from storage.models import AuditEvent, IncidentMessage
-from tests.botkit import Harness, fixture, running_bot
-from tests.conftest import drop_schema, postgres_url
+from tests.botkit import Harness, bot_on, fixture, running_bot
 from tests.fake_slack import FakeSlack, signed
 
 SIGNING = "slack-signing-secret-for-tests"
@@ -92,17 +91,8 @@ def text_of(params: dict[str, Any]) -> str:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def slack(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) -> AsyncIterator[Slack]:
-    async with FakeSlack() as fake:
-        if request.param == "sqlite":
-            async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
-                yield Slack(h, fake)
-        else:
-            url = postgres_url()
-            try:
-                async with running_bot(url, slack_config(fake), schema=pg_schema) as h:
-                    yield Slack(h, fake)
-            finally:
-                await drop_schema(url, pg_schema)
+    async with FakeSlack() as fake, bot_on(request.param, tmp_path, pg_schema, slack_config(fake)) as h:
+        yield Slack(h, fake)
 
 
 async def incident_posted(s: Slack) -> str:

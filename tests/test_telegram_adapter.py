@@ -31,6 +31,7 @@ from bot.render import Renderer
 from bot.view import incident_card, thread_line
 from storage.models import AlertRecord, Incident
 from tests.fake_telegram import BOT, FakeTelegram
+from tests.recording import RecordingDispatcher
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "telegram"
 SECRET = "tg-webhook-secret_0123456789"
@@ -38,31 +39,6 @@ GROUP, ALICE = -1001234567890, 111111
 NOW = datetime(2026, 3, 3, 14, 15, tzinfo=UTC)
 # python-telegram-bot warns when it builds a RetryAfter (its int -> timedelta migration); the adapter reads both
 pytestmark = pytest.mark.filterwarnings("ignore:.*retry_after.*:telegram.warnings.PTBDeprecationWarning")
-
-
-class RecordingDispatcher:
-    """Records every event; answers `reply` once `gate` is open."""
-
-    def __init__(self) -> None:
-        self.actions: list[ActionEvent] = []
-        self.commands: list[CommandEvent] = []
-        self.reply: Reply | None = Reply("Acknowledged #42.")
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.error: Exception | None = None
-
-    async def handle_action(self, event: ActionEvent) -> Reply | None:
-        self.actions.append(event)
-        await self.gate.wait()
-        return self.reply
-
-    async def handle_command(self, event: CommandEvent) -> Reply:
-        self.commands.append(event)
-        await self.gate.wait()
-        if self.error:
-            raise self.error
-        assert self.reply is not None
-        return self.reply
 
 
 def make_incident(**over: Any) -> Incident:
