@@ -22,6 +22,7 @@ from handlers.chat import ChatHandlers
 from handlers.intake import Intake
 from handlers.oncall import OncallHandlers
 from handlers.outbox import OutboxWorker
+from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
 from storage.audit import AuditLog
 from storage.db import Database, Leader
 from storage.queries import open_incidents_by_severity, outbox_counts
@@ -55,7 +56,11 @@ class Bot:
         ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
                      delivered=self.outbox.nudge, adapters=self.adapters).register(self.dispatcher)
         self.oncall = OncallHandlers(db=self.db, config=self.config, clock=self.clock)
+        covers = OverrideHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, view=self.oncall.view)
+        self.oncall.take = covers.take
         self.oncall.register(self.dispatcher)
+        self.dispatcher.command("override", usage=OVERRIDE_USAGE, help="a manager puts someone on call for a stretch",
+                                role=MANAGER)(covers.override)
         if "slack" in loaded.adapters:
             from adapters.slack import SlackAdapter
 

@@ -6,7 +6,7 @@ zone to show times in, and draws tables and the feed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
@@ -23,7 +23,7 @@ from storage.db import Database
 from storage.models import Override as OverrideRow
 from storage.queries import active_overrides
 
-USAGE = "/oncall [ROTATION] | /oncall schedule ROTATION [--weeks N]"
+USAGE = "/oncall [ROTATION] | /oncall schedule ROTATION [--weeks N] | /oncall take [ROTATION] [FROM] [UNTIL]"
 UPCOMING = 3  # shifts after the current one in `/oncall ROTATION`
 DEFAULT_WEEKS, MAX_WEEKS = 4, 26
 MAX_ROWS = 60  # rows of `/oncall schedule` in one message
@@ -169,6 +169,8 @@ class OncallHandlers:
     config: Config
     clock: Clock
     view: Oncall = field(init=False)
+    # `/oncall take ...`, when the write side is wired in (handlers/overrides.py)
+    take: Callable[[CommandEvent, Person, list[str]], Awaitable[Reply]] | None = None
 
     def __post_init__(self) -> None:
         self.view = Oncall(self.config)
@@ -180,6 +182,8 @@ class OncallHandlers:
         args = [a.replace("\u2014", "--") for a in event.args]  # chat clients like to turn -- into an em dash
         if args and args[0].lower() in ("help", "-h", "--help"):
             return Reply(f"Usage: `{USAGE}`")
+        if args and args[0].lower() == "take" and self.take is not None and "take" not in self.view.schedules:
+            return await self.take(event, person, args[1:])
         if not self.view.schedules:
             return Reply("No rotations are configured yet: add them under `rotations:` in app.yaml.")
         if not args:

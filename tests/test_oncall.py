@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlmodel import select
 
 from bot.cli import main
-from storage.models import Override
+from storage.models import AuditEvent, Override
 from tests.botkit import T0, Harness, bot_on, running_bot
 from tests.fake_slack import FakeSlack
 from tests.test_slack_flow import Slack, slack_config
@@ -27,7 +28,7 @@ PEOPLE = f"""
 # Alice reads times in New York
 people:
   - {{id: alice, name: Alice, roles: [responder], slack: U01ALICE, telegram: 111111, timezone: America/New_York}}
-  - {{id: bob, name: Bob, slack: U02BOB}}
+  - {{id: bob, name: Bob, roles: [manager], slack: U02BOB}}
   - {{id: carol, name: "{CAROL}", slack: U03CAROL}}
 """
 ROTATIONS = """
@@ -254,3 +255,41 @@ async def test_chatops_oncall_prints_tables_from_the_same_store(tmp_path: Path, 
         with pytest.raises(SystemExit) as exited:  # argparse's own exit, as for every command's bad arguments
             await asyncio.to_thread(main, ["oncall", "-c", str(config), "--at", "yesterday"])
         assert exited.value.code == 2 and "not an ISO 8601 time" in capsys.readouterr().err
+
+
+# -- covering shifts: /oncall take and /override ------------------------------------------------------------
+
+async def test_taking_the_current_shift_and_a_managers_override_change_who_is_on_call(slack: Slack) -> None:
+    s = slack
+    took = await s.answer(await s.command("/oncall", "take dba-primary", user="U01ALICE"))
+    assert took["text"] == ("Alice is on call for `dba-primary` from Mon 23 Nov 23:00 EST until Mon 30 Nov 03:00 EST "
+                            "(America/New_York).")
+    assert took["response_type"] == "in_channel"
+    assert rows(await ask(s, "dba-primary"))[1][:3] == ["Alice (override)", "Tue 24 Nov 05:00 CET", "Mon 30 Nov 09:00 CET"]
+
+    put = await s.answer(await s.command("/override", "dba-primary carol 2026-11-25 09:00 8h", user="U02BOB"))
+    assert put["text"] == (f"{CAROL} is on call for `dba-primary` from Wed 25 Nov 09:00 CET until Wed 25 Nov 17:00 CET "
+                           "(Europe/Berlin).")
+    s.h.clock.set(datetime(2026, 11, 25, 12, tzinfo=UTC))
+    assert rows(await ask(s, "dba-primary"))[1][0] == f"{CAROL} (override)"
+    async with s.h.bot.db.sessions() as session:
+        audited = (await session.execute(select(AuditEvent).where(AuditEvent.action == "oncall.override")
+                                          .order_by(AuditEvent.seq))).scalars().all()
+    assert [(e.actor_person, e.details["person"]) for e in audited] == [("alice", "alice"), ("bob", "carol")]
+
+
+@pytest.mark.parametrize(("command", "text", "user", "expected"), [
+    ("/override", "dba-primary carol now 1h", "U01ALICE", "`/override` needs the `manager` role, and Alice has"),
+    ("/override", "dba-primary zed now 1h", "U02BOB", "I don't know 'zed' (people in app.yaml: alice, bob, carol)."),
+    ("/override", "nightly carol now 1h", "U02BOB", "There is no rotation `nightly`. Known rotations:"),
+    ("/override", "dba-primary carol 2026-11-20T09:00 2026-11-21T09:00", "U02BOB", "that stretch is over already"),
+    ("/override", "dba-primary carol now 100d", "U02BOB", "an override can last 90 days at most"),
+    ("/override", "dba-primary carol tomorrow 1h", "U02BOB", "'tomorrow' is not a time"),
+    ("/oncall", "take web", "U01ALICE", "You are not a member of `web` (members: bob, carol)"),
+])
+async def test_covering_mistakes_get_a_precise_answer(slack: Slack, command: str, text: str, user: str,
+                                                      expected: str) -> None:
+    answer = await slack.answer(await slack.command(command, text, user=user))
+    assert expected in answer["text"]
+    async with slack.h.bot.db.sessions() as session:
+        assert (await session.execute(select(AuditEvent).where(AuditEvent.action == "oncall.override"))).first() is None

@@ -1,0 +1,165 @@
+"""Covering shifts without anyone's consent: `/oncall take` (yourself) and `/override` (a manager, for anyone).
+
+Both write an `overrides` row and its audit event in one transaction; the effective schedule
+(`/oncall`, the feed) follows at once. Swaps, which need the counterpart's consent, come later.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from bot.chat import CommandEvent, Reply
+from bot.clock import Clock
+from bot.config import Config, Person
+from bot.durations import parse_duration
+from bot.model import Actor
+from bot.rotations import Override, Schedule, on_call
+from handlers.oncall import Oncall, domain, when
+from storage.audit import AuditLog, Entry
+from storage.db import Database
+from storage.models import Override as OverrideRow
+
+MANAGER = "manager"
+MAX_LENGTH = timedelta(days=90)
+TAKE_USAGE = "/oncall take [ROTATION] [FROM] [UNTIL]"
+OVERRIDE_USAGE = "/override ROTATION PERSON FROM UNTIL"
+TIME_HELP = "times are `now`, `2026-12-24T18:00` or `2026-12-24 18:00` (your time zone), or for UNTIL a length such as `8h`"
+
+
+class BadInput(ValueError):
+    pass
+
+
+@dataclass
+class OverrideHandlers:
+    db: Database
+    audit: AuditLog
+    config: Config
+    clock: Clock
+    view: Oncall
+
+    async def take(self, event: CommandEvent, person: Person, args: list[str]) -> Reply:
+        """`/oncall take [ROTATION] [FROM] [UNTIL]`: cover a stretch yourself; by default the current shift."""
+        mine = [s for s in self.view.schedules.values() if person.id in s.members]
+        if args and self.view.find(args[0]) is not None:
+            schedule, args = self.view.find(args[0]), args[1:]
+        elif len(mine) == 1:
+            schedule = mine[0]
+        else:
+            options = ", ".join(f"`{s.id}`" for s in mine) or "none"
+            return Reply(f"Which rotation? Usage: `{TAKE_USAGE}` (yours: {options}).")
+        assert schedule is not None
+        if person.id not in schedule.members:
+            return Reply(f"You are not a member of `{schedule.id}` (members: {', '.join(schedule.members)}); "
+                         "a manager can still `/override` it.")
+        now = self.clock.now()
+        try:
+            start, end = await self._window(schedule, person, args, now)
+        except BadInput as exc:
+            return Reply(f"{exc}. Usage: `{TAKE_USAGE}`; {TIME_HELP}.")
+        return await self._write(schedule, person, person, start, end, event.actor, "took the shift")
+
+    async def override(self, event: CommandEvent, person: Person) -> Reply:
+        """`/override ROTATION PERSON FROM UNTIL`, for people with the manager role."""
+        args = list(event.args)
+        if len(args) < 3:
+            return Reply(f"Usage: `{OVERRIDE_USAGE}`; {TIME_HELP}.")
+        schedule = self.view.find(args[0])
+        if schedule is None:
+            return Reply(self.view.unknown(args[0]))
+        wanted = args[1].lstrip("@").casefold()
+        target = next((p for p in self.config.people if wanted in (p.id.casefold(), p.name.casefold())), None)
+        if target is None:
+            return Reply(f"I don't know {args[1]!r} (people in app.yaml: {', '.join(p.id for p in self.config.people)}).")
+        now = self.clock.now()
+        try:
+            start, end = await self._window(schedule, person, args[2:], now, need_both=True)
+        except BadInput as exc:
+            return Reply(f"{exc}. Usage: `{OVERRIDE_USAGE}`; {TIME_HELP}.")
+        return await self._write(schedule, target, person, start, end, event.actor, f"override by {person.name}")
+
+    async def _window(self, schedule: Schedule, person: Person, args: list[str], now: datetime,
+                      *, need_both: bool = False) -> tuple[datetime, datetime]:
+        tz = ZoneInfo(person.timezone) if person.timezone else schedule.tz
+        tokens = _join_date_time(args)
+        if need_both and len(tokens) != 2:
+            raise BadInput("give FROM and UNTIL")
+        if len(tokens) > 2:
+            raise BadInput(f"too many arguments: {' '.join(tokens[2:])}")
+        if not tokens:  # the current shift, from now to its end
+            rows = await self.view.overrides(self.db, now, now, [schedule.id])
+            current = on_call(schedule, _domain(rows, schedule.id), now)
+            if current.person is None or current.end is None:
+                raise BadInput(f"`{schedule.id}` has no current shift to take")
+            return now, current.end
+        start = _instant(tokens[0], tz, now)
+        end = _until(tokens[1], tz, start) if len(tokens) == 2 else None
+        if end is None:
+            rows = await self.view.overrides(self.db, start, start, [schedule.id])
+            shift = on_call(schedule, _domain(rows, schedule.id), start)
+            if shift.end is None:
+                raise BadInput("give UNTIL too")
+            end = shift.end
+        if end <= start:
+            raise BadInput("UNTIL must come after FROM")
+        if end <= now:
+            raise BadInput(f"that stretch is over already (it ended {when(end, tz, now)})")
+        if end - start > MAX_LENGTH:
+            raise BadInput("an override can last 90 days at most")
+        return max(start, now), end  # a FROM in the past starts now
+
+    async def _write(self, schedule: Schedule, covering: Person, by: Person, start: datetime, end: datetime,
+                     actor: Actor, reason: str) -> Reply:
+        now = self.clock.now()
+        actor = Actor(actor.platform, actor.user_id, by.name, by.id)
+        async with self.db.transaction() as session:
+            row = OverrideRow(rotation=schedule.id, person=covering.id, starts_at=start, ends_at=end, created_at=now,
+                              created_by=by.id, reason=reason)
+            session.add(row)
+            await session.flush()
+            await self.audit.append_many(session, [Entry(
+                "oncall.override", actor, "rotation", schedule.id, now,
+                {"override": row.id, "person": covering.id, "from": start.isoformat(), "until": end.isoformat(),
+                 "reason": reason})])
+        tz = ZoneInfo(by.timezone) if by.timezone else schedule.tz
+        return Reply(f"{covering.name} is on call for `{schedule.id}` from {when(start, tz, now)} until "
+                     f"{when(end, tz, now)} ({tz.key}).", ephemeral=False)
+
+
+def _domain(rows: dict[int, OverrideRow], rotation: str) -> list[Override]:
+    return domain(rows.values(), rotation)
+
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_TIME = re.compile(r"^\d{1,2}:\d{2}$")
+
+
+def _join_date_time(args: list[str]) -> list[str]:
+    """`2026-12-24 18:00` written as two words is one time."""
+    out: list[str] = []
+    for arg in args:
+        if out and _DATE.match(out[-1]) and _TIME.match(arg):
+            out[-1] = f"{out[-1]}T{arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _instant(text: str, tz: ZoneInfo, now: datetime) -> datetime:
+    if text.lower() == "now":
+        return now
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadInput(f"{text!r} is not a time") from None
+    return value.replace(tzinfo=tz) if value.tzinfo is None else value
+
+
+def _until(text: str, tz: ZoneInfo, start: datetime) -> datetime:
+    try:
+        return start + parse_duration(text)
+    except ValueError:
+        return _instant(text, tz, start)
