@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp  # noqa: E402
 
-from slackbench import (BotProcess, Sent, TimedSlack, bot_config, click_body, committed, free_port,  # noqa: E402
+from slackbench import (BotProcess, Sent, TimedSlack, bot_config, clean_up, click_body, committed, free_port,  # noqa: E402
                         incident_messages, incidents, load_process, ms, outbox_counts, pct, pending_by_incident,
                         post, signed_alert, slack_headers, start_bot, state_shown, table)
 
@@ -309,14 +308,7 @@ async def main() -> int:
         if loader is not None and loader.is_alive():
             loader.terminate()
             loader.join(5)
-        if bot is not None:
-            bot.stop()
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif ok:
-            print(f"\nkept {tmp} (--keep)")
-        else:
-            print(f"\nFAILED; kept {tmp}" + (f"\nthe bot's log ({bot.log}), last lines:\n{bot.tail()}" if bot else ""))
+        clean_up(tmp, ok=ok, keep=args.keep, bot=bot)
 
 
 if __name__ == "__main__":

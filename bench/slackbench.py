@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -198,6 +199,18 @@ class BotProcess:
         out = subprocess.run([str(chatops_bin()), "outbox", "list", "--status", "pending", "-c", str(self.config)],
                              capture_output=True, text=True, cwd=self.tmp, timeout=60)
         return (out.stdout + out.stderr).strip()
+
+
+def clean_up(tmp: Path, *, ok: bool, keep: bool, bot: BotProcess | None) -> None:
+    """Stop the bot; remove the run's folder unless asked to keep it or something failed (then say where)."""
+    if bot is not None:
+        bot.stop()
+    if ok and not keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif ok:
+        print(f"\nkept {tmp} (--keep)")
+    else:
+        print(f"\nFAILED; kept {tmp}" + (f"\nthe bot's log ({bot.log}), last lines:\n{bot.tail()}" if bot else ""))
 
 
 def chatops_bin() -> Path:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp  # noqa: E402
 
-from slackbench import (NEW_ALERTS, SLACK_TIERS, BotProcess, Sent, TimedSlack, alerts_shown, bot_config,  # noqa: E402
+from slackbench import (NEW_ALERTS, SLACK_TIERS, BotProcess, Sent, TimedSlack, alerts_shown, bot_config, clean_up,  # noqa: E402
                         committed, free_port, incident_messages, incidents, instance_shown,
                         outbox_counts, post, secs, signed_alert, start_bot, table)
 
@@ -279,14 +278,7 @@ async def main() -> int:
                     print(f"    no parent message yet for {len(unposted)}: {', '.join(unposted[:5])}{' ...' if len(unposted) > 5 else ''}")
             return 0 if ok else 1
     finally:
-        if bot is not None:
-            bot.stop()
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif ok:
-            print(f"\nkept {tmp} (--keep)")
-        else:
-            print(f"\nFAILED; kept {tmp}" + (f"\nthe bot's log ({bot.log}), last lines:\n{bot.tail()}" if bot else ""))
+        clean_up(tmp, ok=ok, keep=args.keep, bot=bot)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ class ReplayGuard:
             seen, expiries = self._seen, self._expiries
             while expiries and not expiries[0][0] > now:  # what {s: t ... if t > now} leaves out
                 t, s = heapq.heappop(expiries)
-                if s in seen and seen[s] is t:  # not remembered again since
+                if seen.get(s) == t:  # not remembered again (for longer) since
                     del seen[s]
         self._seen[signature] = until
         heapq.heappush(self._expiries, (until, signature))

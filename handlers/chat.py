@@ -18,7 +18,7 @@ from handlers.incident_actions import perform
 from handlers.paging import page
 from storage.audit import AuditLog
 from storage.db import Database
-from storage.queries import get_incident, incident_alerts, list_incidents
+from storage.queries import get_incident, list_incidents, recent_alerts
 
 BUTTON_ACTIONS = {Action.ACKNOWLEDGE: "acknowledge", Action.ESCALATE: "escalate", Action.RESOLVE: "resolve",
                   Action.REOPEN: "reopen"}
@@ -137,7 +137,7 @@ class ChatHandlers:
     async def _show(self, incident_id: int) -> Reply:
         async with self.db.sessions() as session:
             incident = await get_incident(session, incident_id)
-            alerts = await incident_alerts(session, incident_id) if incident else []
+            alerts = await recent_alerts(session, incident_id) if incident else []
         if incident is None:
             return Reply(f"There is no incident #{incident_id}.")
         card = incident_card(incident, alerts, now=self.clock.now(), tz=self.config.timezone,

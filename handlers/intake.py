@@ -207,7 +207,7 @@ class Intake:
         writer goes from one transaction to the next without waiting for the event loop. Elsewhere
         (PostgreSQL, aiosqlite) one at a time. Either way transactions run one after the other, in order.
         """
-        depth = 2 if getattr(self.db, "_writer", None) is not None else 1
+        depth = 2 if self.db.writes_in_thread else 1
         if (self._running and self._inbox and not self._hold and len(self._flushes) < depth
                 and self._launched <= self._begun):
             self._launched += 1

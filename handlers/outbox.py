@@ -36,6 +36,7 @@ from bot.ratelimit import TokenBucket
 from bot.view import incident_card, thread_line
 from storage.db import Database
 from storage.models import AlertRecord, Incident, IncidentMessage, OutboxItem
+from storage.queries import recent_alerts
 
 log = logging.getLogger("chatops.outbox")
 MERGED_EVENTS = ("alerts.grouped", "alerts.resolved")
@@ -74,19 +75,26 @@ class _Buckets:
             self.buckets[key] = TokenBucket(*spec)
         return self.buckets[key]
 
+    def _for(self, platform: str, chat: str, *, edit: bool) -> list[TokenBucket]:
+        """The buckets one call spends from: the chat's (or the platform's edit budget), and the platform's."""
+        budget = self.budgets.get(platform, BUDGETS["slack"])
+        if edit and budget.edits is not None:
+            first = self._bucket(("edits", platform), budget.edits)
+        else:
+            per_chat = budget.group_chat if budget.group_chat and chat.startswith("-") else budget.chat
+            first = self._bucket(("chat", platform, chat), per_chat)
+        return [first, self._bucket(("platform", platform), budget.platform)]
+
+    @staticmethod
+    def _open(buckets: list[TokenBucket], now: float) -> bool:
+        return all(b.take(now, 0.0) == 0 and b.tokens >= 1 for b in buckets)  # take(0) only refills
+
     def allow(self, platform: str, chat: str, *, edit: bool, now: float) -> bool:
         """Spend one call's tokens if every bucket it touches has one; False leaves all untouched."""
         if self.paused.get((platform, chat), 0.0) > now:
             return False
-        budget = self.budgets.get(platform, BUDGETS["slack"])
-        if edit and budget.edits is not None:
-            specs = [(("edits", platform), budget.edits)]
-        else:
-            per_chat = budget.group_chat if budget.group_chat and chat.startswith("-") else budget.chat
-            specs = [(("chat", platform, chat), per_chat)]
-        specs.append((("platform", platform), budget.platform))
-        buckets = [self._bucket(key, spec) for key, spec in specs]
-        if any(b.take(now, 0.0) > 0 or b.tokens < 1 for b in buckets):
+        buckets = self._for(platform, chat, edit=edit)
+        if not self._open(buckets, now):
             return False
         for b in buckets:
             b.take(now)
@@ -96,18 +104,7 @@ class _Buckets:
         """Could a call (a message or an edit) to this chat be made now? Spends nothing."""
         if self.paused.get((platform, chat), 0.0) > now:
             return False
-        budget = self.budgets.get(platform, BUDGETS["slack"])
-        per_chat = budget.group_chat if budget.group_chat and chat.startswith("-") else budget.chat
-        keys = [(("chat", platform, chat), per_chat), (("platform", platform), budget.platform)]
-        if budget.edits is not None:
-            keys.append((("edits", platform), budget.edits))
-        peek = {key: self._bucket(key, spec) for key, spec in keys}
-        for bucket in peek.values():
-            bucket.take(now, 0.0)  # refill only
-        platform_ok = peek[("platform", platform)].tokens >= 1
-        chat_ok = peek[("chat", platform, chat)].tokens >= 1
-        edits_ok = ("edits", platform) in peek and peek[("edits", platform)].tokens >= 1
-        return platform_ok and (chat_ok or edits_ok)
+        return any(self._open(self._for(platform, chat, edit=edit), now) for edit in (False, True))
 
     def pause(self, platform: str, chat: str, until: float) -> None:
         self.paused[(platform, chat)] = max(until, self.paused.get((platform, chat), 0.0))
@@ -186,10 +183,7 @@ class OutboxWorker:
                 incident = await session.get(Incident, incident_id)
                 parent = (await session.execute(select(IncidentMessage).where(
                     IncidentMessage.incident_id == incident_id, IncidentMessage.channel == channel_id))).scalar_one_or_none()
-                alerts = list(reversed((await session.execute(
-                    select(AlertRecord).where(AlertRecord.incident_id == incident_id)
-                    .order_by(AlertRecord.last_received.desc(), AlertRecord.id.desc()).limit(RECENT_ALERTS)
-                )).scalars().all())) if incident else []
+                alerts = await recent_alerts(session, incident_id, RECENT_ALERTS) if incident else []
             if items:
                 calls += await self._deliver(channel_id, items, incident, parent, alerts, now)
         return calls

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from sqlmodel import select
+from datetime import datetime
+from typing import Any
 
 from bot.actions import Action
 from bot.chat import Adapter, Button, DeliveryError, Outbound
@@ -22,7 +22,8 @@ from bot.model import Actor
 from bot.view import incident_card
 from storage.audit import AuditLog, Entry
 from storage.db import Database
-from storage.models import AlertRecord, Incident
+from storage.models import Incident
+from storage.queries import recent_alerts
 
 log = logging.getLogger("chatops.paging")
 DEFAULT_ORDER = ("telegram", "slack", "teams")
@@ -40,9 +41,7 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
     """Send the page; record `incident.paged` or `incident.page_failed` either way."""
     async with db.sessions() as session:
         incident = await session.get(Incident, incident_id)
-        alerts = list((await session.execute(
-            select(AlertRecord).where(AlertRecord.incident_id == incident_id)
-            .order_by(AlertRecord.last_received.desc()).limit(50))).scalars().all()) if incident else []
+        alerts = await recent_alerts(session, incident_id) if incident else []
     if incident is None:
         return PageResult(False, f"There is no incident #{incident_id}.")
     now = clock.now()
@@ -75,8 +74,7 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
     return PageResult(False, f"Could not page {person.name}: {why}")
 
 
-async def _record(db: Database, audit: AuditLog, actor: Actor, incident_id: int, now: object, action: str,
-                  details: dict[str, object]) -> None:
+async def _record(db: Database, audit: AuditLog, actor: Actor, incident_id: int, now: datetime, action: str,
+                  details: dict[str, Any]) -> None:
     async with db.transaction() as session:
-        await audit.append_many(session, [Entry(action, actor, "incident", str(incident_id), now,  # type: ignore[arg-type]
-                                                details, incident_id)])
+        await audit.append_many(session, [Entry(action, actor, "incident", str(incident_id), now, details, incident_id)])

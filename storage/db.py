@@ -76,6 +76,11 @@ class Database:
     def is_postgres(self) -> bool:
         return self.dialect == "postgresql"
 
+    @property
+    def writes_in_thread(self) -> bool:
+        """run_transaction() runs in the dedicated SQLite writer thread (not on the event loop)."""
+        return self._writer is not None
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One unit of work: commit on success, roll back on any error."""

@@ -35,6 +35,13 @@ async def incident_alerts(session: AsyncSession, incident_id: int) -> list[Alert
     return list((await session.execute(query)).scalars().all())
 
 
+async def recent_alerts(session: AsyncSession, incident_id: int, limit: int = 50) -> list[AlertRecord]:
+    """The incident's newest `limit` alerts (by last received), oldest of them first: what a message draws."""
+    query = (select(AlertRecord).where(AlertRecord.incident_id == incident_id)
+             .order_by(AlertRecord.last_received.desc(), AlertRecord.id.desc()).limit(limit))
+    return list(reversed((await session.execute(query)).scalars().all()))
+
+
 async def incident_timeline(session: AsyncSession, incident_id: int) -> list[AuditEvent]:
     query = select(AuditEvent).where(AuditEvent.incident_id == incident_id).order_by(AuditEvent.seq)
     return list((await session.execute(query)).scalars().all())

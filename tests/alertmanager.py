@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import free_port
+
 CHATOPS = str(Path(sys.executable).with_name("chatops"))
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 AMTOOL = shutil.which("amtool")
@@ -93,6 +95,14 @@ class Process:
 def clean_env() -> dict[str, str]:
     """This environment without anything that would switch on an adapter or change the bot's config."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "TELEGRAM_", "TEAMS_", "CHATOPS_"))}
+
+
+def two_ports() -> tuple[int, int]:
+    """Two different free ports on 127.0.0.1: the bot's and Alertmanager's."""
+    first = free_port()
+    while (second := free_port()) == first:
+        pass
+    return first, second
 
 
 def start_bot(config: Path, log_path: Path) -> Process:

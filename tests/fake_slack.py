@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.recording import poll
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -85,11 +86,7 @@ class FakeSlack:
         self._failures[method].append(_Failure(error, status, disconnect, times))
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float = 3.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting; calls so far: {[c.method for c in self.calls]}")
-            await asyncio.sleep(0.01)
+        await poll(predicate, timeout, lambda: f"calls so far: {[c.method for c in self.calls]}")
 
     async def __aenter__(self) -> FakeSlack:
         app = web.Application()

@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.recording import poll
+
 BOT = {"id": 7000000001, "is_bot": True, "first_name": "ChatOps", "username": "chatops_bot"}
 TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "a", "code", "pre", "blockquote", "tg-spoiler"}
 _TAG = re.compile(r"<(/?)([A-Za-z][\w-]*)(?:\s[^<>]*)?>")
@@ -87,11 +89,7 @@ class FakeTelegram:
         self._new_update.set()
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float = 3.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting; calls so far: {[c.method for c in self.calls]}")
-            await asyncio.sleep(0.01)
+        await poll(predicate, timeout, lambda: f"calls so far: {[c.method for c in self.calls]}")
 
     async def __aenter__(self) -> FakeTelegram:
         app = web.Application()

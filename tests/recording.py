@@ -1,8 +1,16 @@
-"""A stand-in dispatcher for adapter tests: records what the adapter hands over, answers what the test says."""
+"""For adapter tests: a stand-in dispatcher that records what an adapter hands over and answers what the test
+says, the adapter served on a real aiohttp test server, and polling until something arrives."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from bot.chat import ActionEvent, CommandEvent, Reply
 
@@ -30,3 +38,27 @@ class RecordingDispatcher:
             raise self.error
         assert self.reply is not None
         return self.reply
+
+
+@asynccontextmanager
+async def served(adapter: Any) -> AsyncIterator[TestClient]:
+    """The adapter started and mounted on an aiohttp server on 127.0.0.1; a client for it."""
+    await adapter.start()
+    app = web.Application()
+    adapter.register(app)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+        await adapter.stop()
+
+
+async def poll(predicate: Callable[[], Any], timeout: float, describe: Callable[[], str]) -> None:
+    """Until `predicate()` holds; an AssertionError with `describe()` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting; {describe()}")
+        await asyncio.sleep(0.01)

@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 
 from tests.alertmanager import (Alertmanager, Process, alertmanager_config, chatops, incidents, require_alertmanager,
-                                rfc3339, start_bot)
-from tests.conftest import free_port
+                                rfc3339, start_bot, two_ports)
 
 BEARER = "e2e-bearer-token-7f3a9c"
 DEADLINE = 30.0  # seconds to wait for each change to reach the bot (it takes about 1-2 s)
@@ -63,17 +62,10 @@ class Stack:
             raise
 
 
-def _two_ports() -> tuple[int, int]:
-    first = free_port()
-    while (second := free_port()) == first:
-        pass
-    return first, second
-
-
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     require_alertmanager()
-    bot_port, am_port = _two_ports()
+    bot_port, am_port = two_ports()
     config = tmp_path / "app.yaml"
     config.write_text(APP_YAML.format(db=tmp_path / "bot.db", port=bot_port, bearer=BEARER))
     checked = chatops("check-config", "-c", str(config))

@@ -18,8 +18,8 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from tests.alertmanager import Alertmanager, Process, alertmanager_config, chatops, require_alertmanager, rfc3339, start_bot
-from tests.conftest import free_port
+from tests.alertmanager import (Alertmanager, Process, alertmanager_config, chatops, require_alertmanager, rfc3339,
+                                start_bot, two_ports)
 from tests.fake_slack import FakeSlack, signed
 
 BEARER = "e2e-bearer-token-slack-1"
@@ -56,10 +56,7 @@ async def eventually(what: str, check: Any, timeout: float = 30.0) -> Any:
 
 async def test_an_alertmanager_alert_lives_in_slack_and_every_action_is_audited(tmp_path: Path) -> None:
     require_alertmanager()
-    bot_port = free_port()
-    am_port = free_port()
-    while am_port == bot_port:
-        am_port = free_port()
+    bot_port, am_port = two_ports()
     async with FakeSlack() as slack:
         config = tmp_path / "app.yaml"
         config.write_text(APP_YAML.format(db=tmp_path / "bot.db", port=bot_port, token=slack.token, signing=SIGNING,

@@ -16,15 +16,14 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from adapters.settings import SlackSettings
 from adapters.slack import FAILED, INVALID_BUTTON, SlackAdapter, manifest, split_args
 from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
 from bot.model import Actor
 from tests.fake_slack import FORM, FakeSlack
-from tests.recording import RecordingDispatcher
+from tests.recording import RecordingDispatcher, served
 from tests.fake_slack import signed as slack_signed
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "slack"
@@ -78,16 +77,8 @@ async def env() -> AsyncIterator[Env]:
     async with FakeSlack() as slack:
         dispatcher = RecordingDispatcher()
         adapter = SlackAdapter(settings(slack), renderer=StubRenderer(), dispatcher=dispatcher)
-        await adapter.start()
-        app = web.Application()
-        adapter.register(app)
-        client = TestClient(TestServer(app))
-        await client.start_server()
-        try:
+        async with served(adapter) as client:
             yield Env(slack, adapter, dispatcher, client)
-        finally:
-            await client.close()
-            await adapter.stop()
 
 
 # -- clicks -----------------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from adapters.settings import TelegramSettings
 from adapters.telegram import (COMMANDS, FAILED, INVALID_BUTTON, SECRET_HEADER, STALE_BUTTON, TelegramAdapter,
@@ -31,7 +30,7 @@ from bot.render import Renderer
 from bot.view import incident_card, thread_line
 from storage.models import AlertRecord, Incident
 from tests.fake_telegram import BOT, FakeTelegram
-from tests.recording import RecordingDispatcher
+from tests.recording import RecordingDispatcher, served
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "telegram"
 SECRET = "tg-webhook-secret_0123456789"
@@ -123,16 +122,8 @@ async def env() -> AsyncIterator[Env]:
     async with FakeTelegram() as tg:
         dispatcher = RecordingDispatcher()
         adapter = TelegramAdapter(settings(tg), renderer=Renderer(), dispatcher=dispatcher)
-        await adapter.start()
-        app = web.Application()
-        adapter.register(app)
-        client = TestClient(TestServer(app))
-        await client.start_server()
-        try:
+        async with served(adapter) as client:
             yield Env(tg, adapter, dispatcher, client)
-        finally:
-            await client.close()
-            await adapter.stop()
 
 
 # -- start and webhook ------------------------------------------------------------------------------
