@@ -266,6 +266,11 @@ class SlackAdapter:
             channel=ref.chat_id, thread_ts=thread, **self.to_message(message)))
         return MessageRef("slack", data["channel"], data["ts"], thread)
 
+    async def page(self, user_id: str, message: Outbound) -> MessageRef:
+        """The message, with its buttons, in the person's direct conversation with the bot."""
+        opened = await self._call("conversations.open", self.client.conversations_open(users=user_id))
+        return await self.send(opened["channel"]["id"], message)
+
     async def notify(self, actor: Actor, chat: MessageRef | None, text: str) -> None:
         """Only `actor` sees it: ephemeral in `chat`, or a direct message when there is no chat."""
         if actor.platform != "slack":

@@ -24,6 +24,13 @@ class Action(StrEnum):
     RUN_RUNBOOK = "rb"
     APPROVE = "apv"
     REJECT = "rej"
+    # shift swaps: the id slot carries the swap request's id
+    SWAP_ACCEPT = "swok"
+    SWAP_DECLINE = "swno"
+    SWAP_APPROVE = "swapv"
+    SWAP_REJECT = "swrej"
+    SWAP_CANCEL = "swcx"
+    SWAP_UNDO = "swun"
 
 
 class CodecError(ValueError):

@@ -16,7 +16,7 @@ from bot import logs
 from bot.config import ConfigError, Loaded, config_path, load_config
 from bot.incidents import STATUSES, priority
 from bot.tables import ago, table
-from storage import queries
+from storage import queries, report
 from storage.audit import AuditLog
 from storage.db import Database, SchemaTooNew
 from storage.models import Incident
@@ -237,6 +237,26 @@ def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(_with_db(loaded, work))
 
 
+def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
+    until: datetime = args.until or datetime.now(UTC)
+    since: datetime = args.since or until - report.DEFAULT_WINDOW
+    if until <= since:
+        print(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})", file=sys.stderr)
+        return EXIT_USAGE
+    loaded = _load(args)
+
+    async def work(db: Database) -> int:
+        async with db.sessions() as session:
+            measures = await report.build(session, since, until)
+        if args.format == "json":
+            out.write(json.dumps(report.as_json(measures), indent=2) + "\n")
+        else:
+            print(report.render_text(measures), file=out)
+        return EXIT_OK
+
+    return asyncio.run(_with_db(loaded, work))
+
+
 def cmd_slack_manifest(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
     from adapters.slack import manifest
@@ -319,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     oncall.add_argument("rotation", nargs="?", help="a rotations[].id; without it, every rotation now")
     oncall.add_argument("--at", type=_iso, help="at this ISO 8601 time instead of now")
     oncall.set_defaults(func=cmd_oncall)
+    rep = sub.add_parser("report", parents=[common], help="MTTA, MTTR, escalation rate, noise reduction and pages "
+                         "for the incidents opened in a window")
+    rep.add_argument("--since", type=_iso, help="incidents opened at or after this ISO 8601 time (default: --until - 30 days)")
+    rep.add_argument("--until", type=_iso, help="incidents opened before this ISO 8601 time (default: now)")
+    rep.add_argument("--format", choices=["table", "json"], default="table")
+    rep.set_defaults(func=cmd_report)
     slack = sub.add_parser("slack-manifest", parents=[common], help="print the Slack app manifest to paste at api.slack.com/apps")
     slack.add_argument("--name", default="chatops", help="the app's display name")
     slack.set_defaults(func=cmd_slack_manifest)

@@ -81,10 +81,22 @@ class StorageConfig(Section):
 
 
 class BusinessHours(Section):
-    days: list[Weekday] = ["mon", "tue", "wed", "thu", "fri"]
+    days: list[Weekday] = Field(["mon", "tue", "wed", "thu", "fri"], min_length=1)
     start: ClockTime = time(9, 0)
     end: ClockTime = time(18, 0)
     timezone: TimeZone | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "BusinessHours":
+        if self.end <= self.start:
+            raise ValueError(f"end ({self.end:%H:%M}) must be after start ({self.start:%H:%M}) on the same day")
+        return self
+
+
+class Paging(Section):
+    """How people are paged: after business hours only incidents at least this severe page anyone."""
+
+    after_hours_min_severity: Literal["critical", "high", "medium", "low", "info"] = "high"
 
 
 class AuditConfig(Section):
@@ -192,11 +204,19 @@ class Grouping(Section):
 
 
 class Route(Section):
+    name: str | None = Field(None, max_length=80)  # shown in `chatops report`; default: its matchers
     match: dict[str, str] = {}
     channels: list[str] = []
     escalation: str | None = None
     runbooks: list[str] = []
     continue_: bool = Field(False, alias="continue")
+
+    @property
+    def label(self) -> str:
+        """What reports call this route: its name, else its matchers (`team=dba`), else `catch-all`."""
+        if self.name:
+            return self.name
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.match.items())) or "catch-all"
 
     @field_validator("match", mode="before")
     @classmethod
@@ -213,13 +233,30 @@ class Rotation(Section):
     handoff: str = "mon 09:00"
     start: date
     timezone: TimeZone | None = None
-    swap_approval: str | None = None
+    swap_approval: str | None = None  # a role: an accepted swap waits for someone with it to approve
+    swap_expiry: Duration = timedelta(hours=24)  # an unanswered swap request (or approval) expires after this
+    channel: str | None = None  # a channels[].id: handoff notices and taken swaps are posted there
+    reminder: Duration = timedelta(hours=1)  # the incoming person's direct reminder before a handoff; 0s: none
 
     @field_validator("shift")
     @classmethod
     def _positive(cls, v: timedelta) -> timedelta:
         if v < timedelta(hours=1):
             raise ValueError("a shift must last at least 1h")
+        return v
+
+    @field_validator("swap_expiry")
+    @classmethod
+    def _expiry(cls, v: timedelta) -> timedelta:
+        if not timedelta(minutes=1) <= v <= timedelta(days=30):
+            raise ValueError("a swap request must expire after between 1m and 30d")
+        return v
+
+    @field_validator("reminder")
+    @classmethod
+    def _reminder(cls, v: timedelta) -> timedelta:
+        if v > timedelta(days=7):
+            raise ValueError("a handoff reminder can come at most 7d before the handoff (0s: no reminder)")
         return v
 
     @field_validator("handoff")
@@ -306,6 +343,7 @@ class Config(Section):
     storage: StorageConfig = StorageConfig()
     timezone: TimeZone = "UTC"
     business_hours: BusinessHours = BusinessHours()
+    paging: Paging = Paging()
     audit: AuditConfig = AuditConfig()
     templates: TemplatesConfig = TemplatesConfig()
     adapters: dict[str, Any] = {}
@@ -543,10 +581,17 @@ def cross_check(c: Config) -> list[tuple[str, str]]:
                 problems.append((f"silences[{i}].matchers.{key}", problem))
     if not c.routes or c.routes[-1].match:
         problems.append(("routes", "the last route must be a catch-all with `match: {}` so no alert goes unrouted"))
+    roles = {role for p in c.people for role in p.roles}
     for i, rot in enumerate(c.rotations):
         for j, member in enumerate(rot.members):
             if member not in people:
                 problems.append((f"rotations[{i}].members[{j}]", f"unknown person {member!r} {known('people', people)}"))
+        if rot.channel is not None and rot.channel not in channels:
+            problems.append((f"rotations[{i}].channel", f"unknown channel {rot.channel!r} {known('channels', channels)}"))
+        if rot.swap_approval is not None and rot.swap_approval not in roles:
+            problems.append((f"rotations[{i}].swap_approval",
+                             f"nobody has the role {rot.swap_approval!r}, so an accepted swap would wait for an "
+                             f"approval nobody can give {known('roles', roles)}"))
     for i, pol in enumerate(c.escalation_policies):
         for j, step in enumerate(pol.steps):
             where = f"escalation_policies[{i}].steps[{j}].notify"

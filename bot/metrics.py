@@ -55,6 +55,31 @@ class Metrics:
             "chatops_actions", "Clicks and commands handled, by action and outcome", ["action", "outcome"], registry=r
         )
 
+        self.timers_fired = Counter(
+            "chatops_timers_fired", "Durable timers run, by kind and outcome (ok, retry, failed)", ["kind", "outcome"],
+            registry=r,
+        )
+        self.timer_lateness = Histogram(
+            "chatops_timer_lateness_seconds", "How long after its due time a timer ran", registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300, 3600),
+        )
+        self.timers_overdue = Gauge(
+            "chatops_timers_overdue", "Timers more than a minute overdue at the last tick (stalled escalations)",
+            registry=r,
+        )
+        self.pages = Counter(
+            "chatops_pages", "Direct pages to people, by platform and outcome", ["platform", "outcome"], registry=r
+        )
+        response_buckets = (30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 43200, 86400)
+        self.time_to_acknowledge = Histogram(
+            "chatops_time_to_acknowledge_seconds", "From incident opened to acknowledged", ["severity"],
+            registry=r, buckets=response_buckets,
+        )
+        self.time_to_resolve = Histogram(
+            "chatops_time_to_resolve_seconds", "From incident opened to resolved", ["severity"],
+            registry=r, buckets=response_buckets,
+        )
+
         # Label children by label values, for the per-request paths: labels() takes a lock and builds
         # a key each call. A child stays the metric's until remove()/clear(), which nothing calls.
         self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}

@@ -19,10 +19,12 @@ from bot.metrics import Metrics
 from bot.render import Renderer
 from handlers.alert_http import AlertEndpoint
 from handlers.chat import ChatHandlers
+from handlers.escalation import Escalations
 from handlers.intake import Intake
 from handlers.oncall import OncallHandlers
 from handlers.outbox import OutboxWorker
 from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
+from handlers.timers import TimerService
 from storage.audit import AuditLog
 from storage.db import Database, Leader
 from storage.queries import open_incidents_by_severity, outbox_counts
@@ -48,19 +50,27 @@ class Bot:
         self.dispatcher = Dispatcher(self.config)
         self.adapters: dict[str, Adapter] = {}
         self.leaders: list[Leader] = []
+        self.escalations = Escalations(audit=self.audit, config=self.config, clock=self.clock)
+        self.leaders.append(delivery := Leader(self.db, "outbox"))  # with several replicas, one delivers chat work
         self.outbox = OutboxWorker(db=self.db, config=self.config, adapters=self.adapters, clock=self.clock,
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, audit=self.audit, escalations=self.escalations,
+                                   may_deliver=delivery.held)
+        self.timers = TimerService(db=self.db, clock=self.clock, metrics=self.metrics, after_commit=self.outbox.nudge)
+        self.escalations.register(self.timers)
         self.intake = Intake(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
-                             after_commit=self.outbox.nudge)
+                             after_commit=self._changed, on_open=self.escalations.start_all)
         self.alerts = AlertEndpoint(loaded=loaded, intake=self.intake, clock=self.clock, metrics=self.metrics)
         ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
-                     delivered=self.outbox.nudge, adapters=self.adapters).register(self.dispatcher)
+                     delivered=self._changed, adapters=self.adapters,
+                     escalations=self.escalations).register(self.dispatcher)
         self.oncall = OncallHandlers(db=self.db, config=self.config, clock=self.clock)
         covers = OverrideHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, view=self.oncall.view)
         self.oncall.take = covers.take
         self.oncall.register(self.dispatcher)
         self.dispatcher.command("override", usage=OVERRIDE_USAGE, help="a manager puts someone on call for a stretch",
                                 role=MANAGER)(covers.override)
+        # -- rotations: swaps and handoff notices (register commands, buttons, timer kinds and jobs here) --
+        # -- end of rotations --
         if "slack" in loaded.adapters:
             from adapters.slack import SlackAdapter
 
@@ -91,9 +101,16 @@ class Bot:
                 continue
             self.metrics.adapter_up.labels(name).set(1)
         self.outbox.start()
+        await self.timers.start()
+
+    def _changed(self) -> None:
+        """Something committed that may have queued chat work or a timer due now."""
+        self.outbox.nudge()
+        self.timers.nudge()
 
     async def stop(self) -> None:
         await self.intake.stop()
+        await self.timers.stop()
         await self.outbox.stop()
         for adapter in self.adapters.values():
             stopping = getattr(adapter, "stop", None)

@@ -135,6 +135,8 @@ def thread_line(event: str, details: Mapping[str, Any], *, actor_name: str | Non
         return f"Resolved{by}"
     if event == "incident.reopened":
         return f"Reopened{by}"
+    if event.startswith("escalation.") and details.get("line"):  # worded where it happened (handlers/escalation.py)
+        return one_line(str(details["line"]), 300)
     words = event.rsplit(".", 1)[-1].replace("_", " ").strip() or "updated"
     return f"{words.capitalize()}{by}"
 
@@ -300,7 +302,7 @@ def _utc(value: datetime) -> datetime:
 
 
 def incident_card(incident: Any, alerts: Sequence[Any], *, now: datetime, tz: str,
-                  names: Mapping[str, str] | None = None) -> Outbound:
+                  names: Mapping[str, str] | None = None, next_step: str = "") -> Outbound:
     """The incident's message: its context, its buttons, and a plain-text fallback.
 
     `names` maps person ids (as stored in `acknowledged_by` / `resolved_by`) to display names.
@@ -309,5 +311,6 @@ def incident_card(incident: Any, alerts: Sequence[Any], *, now: datetime, tz: st
     resolver = (incident.resolved_by or "").removeprefix("person:")
     context = incident_context(incident, alerts, now=now, tz=tz,
                                acknowledged_name=names.get(incident.acknowledged_by or ""),
-                               resolved_name=names.get(resolver))
+                               resolved_name=names.get(resolver),
+                               next_step=next_step if incident_state(incident) in ("firing", "acknowledged") else None)
     return Outbound("incident", context, buttons_for(incident), text=context["headline"])

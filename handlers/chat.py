@@ -14,6 +14,7 @@ from bot.metrics import Metrics
 from bot.model import Actor
 from bot.tables import ago, table
 from bot.view import incident_card
+from handlers.escalation import Escalations
 from handlers.incident_actions import perform
 from handlers.paging import page
 from storage.audit import AuditLog
@@ -38,6 +39,7 @@ class ChatHandlers:
     metrics: Metrics
     delivered: Callable[[], None]  # wakes the outbox worker after a change
     adapters: Mapping[str, Adapter] = field(default_factory=dict)  # for direct pages
+    escalations: Escalations | None = None  # stopped by acknowledge/resolve, restarted by reopen, pushed by escalate
 
     def register(self, dispatcher: Dispatcher) -> None:
         for button, verb in BUTTON_ACTIONS.items():
@@ -55,8 +57,11 @@ class ChatHandlers:
     async def _act(self, verb: str, incident_id: int, actor: Actor, person: Person) -> Reply:
         actor = Actor(actor.platform, actor.user_id, person.name, person.id)
         result = await perform(db=self.db, audit=self.audit, incident_id=incident_id, action=verb, actor=actor,
-                               now=self.clock.now())
+                               now=self.clock.now(), escalations=self.escalations)
         self.metrics.actions.labels(verb, "changed" if result.changed else "refused").inc()
+        if result.elapsed is not None and result.severity:
+            measure = self.metrics.time_to_acknowledge if verb == "acknowledge" else self.metrics.time_to_resolve
+            measure.labels(result.severity).observe(max(0.0, result.elapsed))
         if result.changed:
             self.delivered()
         return Reply(result.message)

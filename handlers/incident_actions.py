@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
@@ -20,6 +20,9 @@ from bot.model import Actor
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from storage.models import Incident, OutboxItem
+
+if TYPE_CHECKING:
+    from handlers.escalation import Escalations
 
 VERBS = {"acknowledge": "Acknowledged", "escalate": "Escalated", "resolve": "Resolved", "reopen": "Reopened"}
 
@@ -32,12 +35,19 @@ class ActionResult:
     message: str
     incident_id: int | None = None
     status: str | None = None
+    severity: str | None = None
+    elapsed: float | None = None  # seconds from opened to acknowledged or resolved, when that is what happened
 
 
 async def perform(
-    *, db: Database, audit: AuditLog, incident_id: int, action: str, actor: Actor, now: datetime, note: str = ""
+    *, db: Database, audit: AuditLog, incident_id: int, action: str, actor: Actor, now: datetime, note: str = "",
+    escalations: Escalations | None = None,
 ) -> ActionResult:
-    """Apply `action` (acknowledge, escalate, resolve, reopen) for `actor`; a no-op says why."""
+    """Apply `action` (acknowledge, escalate, resolve, reopen) for `actor`; a no-op says why.
+
+    With `escalations`, acknowledge and resolve stop the incident's escalation, reopen starts it
+    again, and escalate fires its next step now, all in the same transaction.
+    """
     if action not in VERBS:
         raise ValueError(f"unknown incident action {action!r}")
     async with db.transaction() as session:
@@ -52,6 +62,15 @@ async def perform(
             return ActionResult(False, refusal, incident.id, incident.status)
         who = actor.person_id or f"{actor.platform}:{actor.user_id}"
         details: dict[str, Any] = {"from": incident.status}
+        message = f"{VERBS[action]} #{incident.id}."
+        if action == "escalate" and escalations is not None:
+            changed, message = await escalations.escalate_now(session, incident, now)
+            if not changed:
+                return ActionResult(False, message, incident.id, incident.status)
+        elif action in ("acknowledge", "resolve") and escalations is not None:
+            await escalations.stop(session, incident.id, now)
+        elif action == "reopen" and escalations is not None:
+            await escalations.restart(session, incident.id, now)
         if action == "acknowledge":
             incident.status = transition(incident.status, "acknowledge")
             incident.acknowledged_at, incident.acknowledged_by = now, who
@@ -69,7 +88,8 @@ async def perform(
         _queue(session, incident, now, f"incident.{_past(action)}", {"by": who, "name": actor.display_name})
         await audit.append_many(session, [Entry(f"incident.{_past(action)}", actor, "incident", str(incident.id),
                                                 now, details, incident.id)])
-        return ActionResult(True, f"{VERBS[action]} #{incident.id}.", incident.id, incident.status)
+        elapsed = (now - incident.opened_at).total_seconds() if action in ("acknowledge", "resolve") else None
+        return ActionResult(True, message, incident.id, incident.status, incident.severity, elapsed)
 
 
 def _refusal(incident: Incident, action: str) -> str | None:

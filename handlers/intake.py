@@ -122,6 +122,11 @@ _ALERT_COLUMNS = ("id", "incident_id", "source", "fingerprint", "status", "recei
 _INCIDENT_JSON = ("sources", "channels", "links")
 
 
+# What a committed batch reports: each request's outcome, the fresh submissions, the audit events written,
+# and (severity, seconds from open) of each incident its source resolved.
+_Result = tuple[list[Outcome], list[Submission], int, list[tuple[str, float]]]
+
+
 @dataclass
 class _Touched:
     """What one batch did to one incident, to queue its chat work once."""
@@ -148,6 +153,7 @@ class _Batch:
     touched: dict[int, _Touched] = field(default_factory=dict)
     new_incidents: list[_Row] = field(default_factory=list)
     new_records: list[tuple[_Row, _Row]] = field(default_factory=list)
+    resolved_after: list[tuple[str, float]] = field(default_factory=list)
 
     def previous(self, key: str) -> int | None:
         """The newest earlier incident of this key (asked only when one opens, once a batch)."""
@@ -164,9 +170,11 @@ class _Batch:
 
 class Intake:
     def __init__(self, *, db: Database, audit: AuditLog, config: Config, clock: Clock, metrics: Metrics,
-                 max_batch: int = 1000, after_commit: Callable[[], None] | None = None):
+                 max_batch: int = 1000, after_commit: Callable[[], None] | None = None,
+                 on_open: Callable[[Connection, list[tuple[int, str]], datetime], None] | None = None):
         self.db, self.audit, self.config, self.clock, self.metrics = db, audit, config, clock, metrics
-        self.after_commit = after_commit  # e.g. wake the outbox worker
+        self.after_commit = after_commit  # e.g. wake the outbox worker and the timer tick
+        self.on_open = on_open  # starts the escalations of new incidents, in the batch's transaction
         self.max_batch = max_batch
         # Submissions in arrival order. Appended on the event loop; a transaction takes what is here when it
         # starts (in the SQLite writer thread, see _flush), so deque: its append and popleft are thread-safe.
@@ -230,7 +238,7 @@ class Intake:
         taken: list[Submission] = []
         begun = False
 
-        def work(conn: Connection) -> tuple[list[Outcome], list[Submission], int] | None:
+        def work(conn: Connection) -> _Result | None:
             nonlocal begun
             begun = True
             self._begun += 1
@@ -287,8 +295,10 @@ class Intake:
                 s.future.set_result(Outcome(status, {"error": "the database is unavailable; nothing was stored, retry later"
                                                      if status == 503 else "internal error; nothing was stored"}))
 
-    def _answer(self, batch: list[Submission], result: tuple[list[Outcome], list[Submission], int]) -> None:
-        outcomes, fresh, events = result
+    def _answer(self, batch: list[Submission], result: _Result) -> None:
+        outcomes, fresh, events, resolved_after = result
+        for severity, seconds in resolved_after:
+            self.metrics.time_to_resolve.labels(severity).observe(seconds)
         received: dict[tuple[str, str], int] = {}
         for s in fresh:
             for alert in s.alerts:
@@ -303,7 +313,7 @@ class Intake:
         if self.after_commit is not None:
             self.after_commit()
 
-    def _apply(self, conn: Connection, batch: list[Submission], now: datetime) -> tuple[list[Outcome], list[Submission], int]:
+    def _apply(self, conn: Connection, batch: list[Submission], now: datetime) -> _Result:
         """The whole batch, inside one transaction (synchronous: see Database.run_transaction)."""
         replays = self._known_deliveries(conn, batch, now)
         fresh = [s for s in batch if (s.source.id, s.delivery_id) not in replays]
@@ -340,7 +350,7 @@ class Intake:
                 outcomes.append(Outcome(first[item].status, first[item].body, replayed=True))  # type: ignore[index]
         if deliveries:
             conn.execute(_DELIVERIES.insert(), deliveries)
-        return outcomes, fresh, len(state.entries)
+        return outcomes, fresh, len(state.entries), state.resolved_after
 
     def _write(self, conn: Connection, st: _Batch) -> None:
         """Everything the batch changed, in a handful of executemany statements."""
@@ -355,6 +365,11 @@ class Intake:
             record.incident_id = incident.id
         rows.insert(_ALERTS, [record.values(without="id") for record, _ in st.new_records])
         rows.insert(_OUTBOX, self._chat_work(st))
+        if self.on_open is not None:
+            escalating = [(inc.id, inc.escalation) for inc in st.new_incidents
+                          if inc.escalation and not inc.silenced and inc.status != RESOLVED]
+            if escalating:
+                self.on_open(conn, escalating, st.now)
         _assign_incident_ids(st)
         self.audit.append_rows(conn, st.entries)
 
@@ -430,6 +445,7 @@ class Intake:
             if incident.firing_count == 0:
                 incident.status, incident.resolved_at, incident.resolved_by = RESOLVED, now, f"source:{source.id}"
                 t.resolved = True
+                st.resolved_after.append((incident.severity, max(0.0, (now - incident.opened_at).total_seconds())))
                 st.entries.append(Entry("incident.resolved", actor, "incident", "", now,
                                         {"by": "source", "source": source.id}, _id(incident)))
                 st.incidents_by_key.pop(incident.group_key, None)
@@ -505,7 +521,8 @@ class Intake:
         runbooks = list(dict.fromkeys(rb for r in routes for rb in r.runbooks))
         incident = _Row(dict(
             id=None, group_key=key, title=alert.summary[:300], status=TRIGGERED, severity=alert.severity, priority=0,
-            labels=alert.labels, links={}, sources=[], channels=channels, escalation=escalation, runbooks=runbooks,
+            labels=alert.labels, links={}, sources=[], channels=channels, escalation=escalation,
+            route=routes[0].label if routes else None, runbooks=runbooks,
             alert_count=0, firing_count=0, notifications=0, critical_asset=False, silenced=silenced,
             opened_at=st.now, first_seen=st.now, last_seen=st.now, acknowledged_at=None, acknowledged_by=None,
             resolved_at=None, resolved_by=None, previous_id=st.previous(key),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,13 +33,21 @@ from bot.clock import Clock
 from bot.config import Config
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket
+from bot.incidents import ACKNOWLEDGED, RESOLVED
+from bot.model import Actor
 from bot.view import incident_card, thread_line
+from handlers.escalation import Escalations
+from handlers.notify import button_from
+from handlers.paging import page_message, page_order, send_page
+from storage.audit import AuditLog, Entry
 from storage.db import Database
-from storage.models import AlertRecord, Incident, IncidentMessage, OutboxItem
+from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem
 from storage.queries import recent_alerts
 
 log = logging.getLogger("chatops.outbox")
 MERGED_EVENTS = ("alerts.grouped", "alerts.resolved")
+PERSONAL_KINDS = ("page", "direct", "notice")  # rows not drawn on an incident's message (handlers/notify.py)
+PAGE_ATTEMPTS = 3  # a page that fails for a passing reason is tried this often, then the escalation moves on
 ROUTINE_EVENTS = ("incident.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
 RECENT_ALERTS = 50  # alerts read to draw a message: its links and "the last of N" come from the newest  # thread lines that add up their counts
 
@@ -114,9 +122,14 @@ class OutboxWorker:
     def __init__(self, *, db: Database, config: Config, adapters: Mapping[str, Adapter], clock: Clock,
                  metrics: Metrics, budgets: Mapping[str, Budget] = BUDGETS, poll_seconds: float = 0.5,
                  max_attempts: int = 8, batch: int = 500, min_interval: float = 0.2,
-                 monotonic: Callable[[], float] | None = None):
+                 monotonic: Callable[[], float] | None = None, audit: AuditLog | None = None,
+                 escalations: Escalations | None = None, may_deliver: Callable[[], Awaitable[bool]] | None = None):
         self.db, self.config, self.adapters, self.clock, self.metrics = db, config, adapters, clock, metrics
+        self.audit = audit or AuditLog(config.audit.hmac_key)  # pages are audited (incident.paged / page_failed)
+        self.escalations = escalations  # a page that cannot be delivered moves its escalation on
+        self.may_deliver = may_deliver  # with several replicas, one delivers (a leader lock)
         self.channels = {c.id: c for c in config.channels}
+        self.people = {p.id: p for p in config.people}
         self.names = {p.id: p.name for p in config.people}
         self.buckets = _Buckets(budgets)
         self.poll_seconds, self.max_attempts, self.batch = poll_seconds, max_attempts, batch
@@ -156,11 +169,14 @@ class OutboxWorker:
 
     async def run_once(self) -> int:
         """One pass over what is due; returns the number of platform calls made."""
+        if self.may_deliver is not None and not await self.may_deliver():
+            return 0
         now = self.clock.now()
+        calls = await self._people_and_notices(now)  # pages first: someone is waiting for them
         platforms = set(self.adapters)
         deliverable = [cid for cid, ch in self.channels.items() if ch.platform in platforms]
         if not deliverable:
-            return 0
+            return calls
         async with self.db.sessions() as session:
             due = (await session.execute(
                 select(OutboxItem.incident_id, OutboxItem.channel, func.min(OutboxItem.id).label("first"),
@@ -170,7 +186,6 @@ class OutboxWorker:
                 .group_by(OutboxItem.incident_id, OutboxItem.channel)
                 .order_by("routine", "first").limit(self.batch)  # what people did first, then the alert churn
             )).all()
-        calls = 0
         for incident_id, channel_id, _, _ in due:
             channel = self.channels[channel_id]
             if not self.buckets.any_open(channel.platform, channel.chat, now=self._monotonic()):
@@ -184,12 +199,15 @@ class OutboxWorker:
                 parent = (await session.execute(select(IncidentMessage).where(
                     IncidentMessage.incident_id == incident_id, IncidentMessage.channel == channel_id))).scalar_one_or_none()
                 alerts = await recent_alerts(session, incident_id, RECENT_ALERTS) if incident else []
+                escalation = await session.get(Escalation, incident_id)
             if items:
-                calls += await self._deliver(channel_id, items, incident, parent, alerts, now)
+                calls += await self._deliver(channel_id, items, incident, parent, alerts, now,
+                                             escalation.note if escalation and escalation.state == "active" else "")
         return calls
 
     async def _deliver(self, channel_id: str, items: list[OutboxItem], incident: Incident | None,
-                       parent: IncidentMessage | None, alerts: list[AlertRecord], now: datetime) -> int:
+                       parent: IncidentMessage | None, alerts: list[AlertRecord], now: datetime,
+                       next_step: str = "") -> int:
         channel = self.channels[channel_id]
         adapter = self.adapters[channel.platform]
         if incident is None:
@@ -199,7 +217,8 @@ class OutboxWorker:
         if parent is None:
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 return 0
-            card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names)
+            card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
+                                 next_step=next_step)
             ref = await self._call(adapter.send(channel.chat, card), items, channel.platform, channel.chat, "send")
             if ref is None:
                 return 1
@@ -215,18 +234,147 @@ class OutboxWorker:
         if updates and any(i.due_at <= now for i in updates):
             if self.buckets.allow(channel.platform, channel.chat, edit=True, now=tick):
                 calls += 1
-                card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names)
+                card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
+                                     next_step=next_step)
                 if await self._call(adapter.update(ref, card), updates, channel.platform, channel.chat, "update") is not None:
                     await self._finish(updates, "sent")
         for line_items, text in _thread_lines([i for i in items if i.kind == "reply"], now):
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 break
             calls += 1
-            message = Outbound("thread", {"line": text, "incident_id": incident.id}, text=text)
+            context: dict[str, Any] = {"line": text, "incident_id": incident.id}
+            mention = self._mention(line_items, channel.platform)
+            if mention:
+                context["mention"] = mention
+            message = Outbound("thread", context, text=text)
             if await self._call(adapter.reply(ref, message), line_items, channel.platform, channel.chat, "reply") is None:
                 break
             await self._finish(line_items, "sent")
         return calls
+
+    def _mention(self, items: Sequence[OutboxItem], platform: str) -> str | None:
+        """A line that asks someone for something mentions them (Slack only: `<@U...>`, or `<!here>`)."""
+        if platform != "slack":
+            return None
+        for item in items:
+            wanted = item.details.get("mention")
+            if wanted == "here":
+                return "here"
+            person = self.people.get(str(wanted or ""))
+            if person is not None and person.slack:
+                return person.slack
+        return None
+
+    # -- pages, direct messages and channel notices ---------------------------------------------
+
+    async def _people_and_notices(self, now: datetime) -> int:
+        async with self.db.sessions() as session:
+            rows = list((await session.execute(
+                select(OutboxItem).where(OutboxItem.status == "pending", OutboxItem.due_at <= now,
+                                         OutboxItem.kind.in_(PERSONAL_KINDS))
+                .order_by(OutboxItem.id).limit(self.batch))).scalars().all())
+        calls = 0
+        for row in rows:
+            if row.kind == "page":
+                calls += await self._page(row, now)
+            elif row.kind == "direct":
+                calls += await self._direct(row)
+            else:
+                calls += await self._notice(row)
+        return calls
+
+    async def _notice(self, row: OutboxItem) -> int:
+        channel = self.channels.get(row.channel)
+        if channel is None:
+            await self._finish([row], "dead", f"no channel {row.channel!r} in app.yaml")
+            return 0
+        adapter = self.adapters.get(channel.platform)
+        if adapter is None or not self.buckets.allow(channel.platform, channel.chat, edit=False, now=self._monotonic()):
+            return 0  # that platform is off (it waits, like incident messages) or this chat's budget is spent
+        text = str(row.details.get("text") or "")
+        context: dict[str, Any] = {"text": text}
+        if row.details.get("mention") == "here":
+            context["mention"] = "here"
+        if await self._call(adapter.send(channel.chat, Outbound("text", context, text=text)), [row],
+                            channel.platform, channel.chat, "send") is not None:
+            await self._finish([row], "sent")
+        return 1
+
+    async def _direct(self, row: OutboxItem) -> int:
+        person = self.people.get(row.channel.removeprefix("@"))
+        if person is None:
+            await self._finish([row], "dead", f"no person {row.channel!r} in app.yaml")
+            return 0
+        text = str(row.details.get("text") or "")
+        buttons = [button_from(spec) for spec in row.details.get("buttons") or []]
+        order = row.details.get("platforms") or page_order(person)
+        message = Outbound("text", {"text": text}, buttons, text=text)
+        attempt = await send_page(self.adapters, person, message, order)
+        if attempt.platform is not None:
+            self.metrics.chat_calls.labels(attempt.platform, "direct", "ok").inc()
+            await self._finish([row], "sent")
+            return 1
+        problem = attempt.problem(person, self.adapters)
+        await self._failed([row], problem, None, permanent=not attempt.transient)
+        return 1
+
+    async def _page(self, row: OutboxItem, now: datetime) -> int:
+        """An escalation step's page: still wanted? send it, then say in the thread what happened and what is next."""
+        person = self.people.get(str(row.details.get("person")))
+        async with self.db.sessions() as session:
+            incident = await session.get(Incident, row.incident_id)
+            alerts = await recent_alerts(session, row.incident_id, RECENT_ALERTS) if incident else []
+        if person is None or incident is None:
+            await self._finish([row], "dead", "the person or the incident no longer exists")
+            return 0
+        manual = bool(row.details.get("manual"))
+        if incident.status == RESOLVED or (incident.status == ACKNOWLEDGED and not manual):
+            await self._finish([row], "cancelled", f"not sent: #{incident.id} was {incident.status} first")
+            return 0
+        business = bool(row.details.get("business"))
+        after = str(row.details.get("next") or "")
+        step, total = row.details.get("step"), row.details.get("of")
+        reason = f"Step {step} of {total} of the escalation. {after}".strip()
+        attempt = await send_page(self.adapters, person, page_message(incident, alerts, person, self.config, now,
+                                                                      reason), page_order(person, business_hours=business))
+        if attempt.platform is None and attempt.transient and row.attempts + 1 < PAGE_ATTEMPTS:
+            await self._failed([row], attempt.problem(person, self.adapters), None, permanent=False)
+            return 1
+        self.metrics.pages.labels(attempt.platform or "none", "ok" if attempt.platform else "failed").inc()
+        actor = Actor("system", "escalation", "Escalation")
+        async with self.db.transaction() as session:
+            await self._mark(session, [row], "sent" if attempt.platform else "dead",
+                             None if attempt.platform else attempt.problem(person, self.adapters)[:500])
+            if attempt.platform is not None:
+                line = f"Paged {person.name} on {attempt.platform.capitalize()}. {after}".strip()
+                details: dict[str, Any] = {"person": person.id, "platform": attempt.platform, "step": step}
+                if attempt.tried:
+                    details["tried"] = attempt.tried
+                entry = Entry("incident.paged", actor, "incident", str(incident.id), now, details, incident.id)
+            else:
+                problem = attempt.problem(person, self.adapters)
+                moved = (self.escalations is not None and isinstance(step, int)
+                         and await self.escalations.move_on(session, incident.id, step, now))
+                line = f"Could not page {person.name}: {problem}." + (" Moving to the next step now." if moved else "")
+                entry = Entry("incident.page_failed", actor, "incident", str(incident.id), now,
+                              {"person": person.id, "tried": attempt.tried, "problem": problem, "step": step},
+                              incident.id)
+                log.warning("escalation: could not page %s about #%s: %s", person.id, incident.id, problem)
+            for channel in incident.channels:
+                session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
+                                       kind="reply", event="escalation.paged" if attempt.platform else "escalation.page_failed",
+                                       details={"line": line, **({"mention": person.id} if business and attempt.platform else {})}))
+            esc = await session.get(Escalation, incident.id)
+            if esc is not None and esc.state == "active" and attempt.platform is not None:
+                esc.note = line
+                session.add(esc)
+                for channel in incident.channels:
+                    session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
+                                           kind="update", event="incident.changed", details={}))
+            await self.audit.append_many(session, [entry])
+        self.metrics.audit_events.inc()
+        self.nudge()
+        return 1
 
     async def _call(self, call: Any, items: Sequence[OutboxItem], platform: str, chat: str, method: str) -> Any:
         """Await a platform call; on failure, schedule the retry or the dead letter and return None."""

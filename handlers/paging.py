@@ -1,15 +1,15 @@
 """Paging a person directly: the incident's card with Acknowledge and Escalate, in their private chat.
 
-Used by `/incident page ID PERSON` now and by escalation steps later. The platform is
-the first of the person's `page_via` (default: Telegram, then Slack) that is on and
-knows them. Success and failure are both audit events; a failure says what to do,
+Used by `/incident page ID PERSON` and, through the outbox, by escalation steps. The
+platform is the first of the person's `page_via` (default: Slack first during business
+hours, Telegram first after them and for /incident page) that is on and knows them. Success and failure are both audit events; a failure says what to do,
 so whoever pages (a person, or the escalation) can move on at once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,7 +26,8 @@ from storage.models import Incident
 from storage.queries import recent_alerts
 
 log = logging.getLogger("chatops.paging")
-DEFAULT_ORDER = ("telegram", "slack", "teams")
+DEFAULT_ORDER = ("telegram", "slack", "teams")  # after hours, and for /incident page
+BUSINESS_ORDER = ("slack", "teams", "telegram")  # in business hours people are at their desks
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,61 @@ class PageResult:
     ok: bool
     message: str
     platform: str | None = None
+
+
+def page_message(incident: Incident, alerts: list[Any], person: Person, config: Config, now: datetime,
+                 reason: str = "") -> Outbound:
+    """The incident's card with Acknowledge and Escalate, for a person's private chat."""
+    card = incident_card(incident, alerts, now=now, tz=person.timezone or config.timezone,
+                         names={p.id: p.name for p in config.people})
+    assert incident.id is not None
+    buttons = [Button(Action.ACKNOWLEDGE, incident.id, label="Acknowledge", style="primary"),
+               Button(Action.ESCALATE, incident.id, label="Escalate")]
+    return Outbound(card.kind, {**card.context, "next_step": reason or card.context.get("next_step")},
+                    buttons, text=f"Page: {card.text}")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """How sending a page went: the platform that took it, or what each platform said."""
+
+    platform: str | None
+    tried: list[str]
+    transient: bool  # some platform failed in a way that may pass (rate limit, network, 5xx)
+
+    def problem(self, person: Person, adapters: Mapping[str, Adapter]) -> str:
+        return "; ".join(self.tried) or (f"{person.name} has no id in app.yaml for a platform that is on "
+                                         f"(on: {', '.join(sorted(adapters)) or 'none'})")
+
+
+async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Outbound,
+                    order: Sequence[str]) -> Attempt:
+    """Try the platforms in `order` that are on and know the person; the first that takes it wins."""
+    tried: list[str] = []
+    transient = False
+    for platform in order:
+        user_id = getattr(person, platform, None)
+        adapter = adapters.get(platform)
+        pager = getattr(adapter, "page", None)
+        if user_id is None or pager is None:
+            continue
+        try:
+            await pager(str(user_id), message)
+        except DeliveryError as exc:
+            tried.append(f"{platform}: {exc}")
+            transient = transient or not exc.permanent
+            continue
+        return Attempt(platform, tried, transient)
+    return Attempt(None, tried, transient)
+
+
+def page_order(person: Person, *, business_hours: bool | None = None) -> Sequence[str]:
+    """The person's `page_via`, else Slack first in business hours and Telegram first after them."""
+    if person.page_via:
+        return person.page_via
+    if business_hours:
+        return BUSINESS_ORDER
+    return DEFAULT_ORDER
 
 
 async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, adapters: Mapping[str, Adapter],
@@ -45,32 +101,18 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
     if incident is None:
         return PageResult(False, f"There is no incident #{incident_id}.")
     now = clock.now()
-    card = incident_card(incident, alerts, now=now, tz=person.timezone or config.timezone,
-                         names={p.id: p.name for p in config.people})
-    buttons = [Button(Action.ACKNOWLEDGE, incident_id, label="Acknowledge", style="primary"),
-               Button(Action.ESCALATE, incident_id, label="Escalate")]
-    message = Outbound(card.kind, {**card.context, "next_step": reason or card.context.get("next_step")},
-                       buttons, text=f"Page: {card.text}")
-    tried: list[str] = []
-    for platform in person.page_via or DEFAULT_ORDER:
-        user_id = getattr(person, platform, None)
-        adapter = adapters.get(platform)
-        pager = getattr(adapter, "page", None)
-        if user_id is None or pager is None:
-            continue
-        try:
-            await pager(str(user_id), message)
-        except DeliveryError as exc:
-            tried.append(f"{platform}: {exc}")
-            continue
-        await _record(db, audit, actor, incident_id, now, "incident.paged",
-                      {"person": person.id, "platform": platform, "reason": reason})
-        return PageResult(True, f"Paged {person.name} on {platform.capitalize()}.", platform)
-    why = "; ".join(tried) or (f"{person.name} has no id in app.yaml for a platform that is on "
-                               f"(on: {', '.join(sorted(adapters)) or 'none'})")
+    attempt = await send_page(adapters, person, page_message(incident, alerts, person, config, now, reason),
+                              page_order(person))
+    if attempt.platform is not None:
+        details = {"person": person.id, "platform": attempt.platform, "reason": reason}
+        if attempt.tried:
+            details["tried"] = attempt.tried  # the platforms that refused it first
+        await _record(db, audit, actor, incident_id, now, "incident.paged", details)
+        return PageResult(True, f"Paged {person.name} on {attempt.platform.capitalize()}.", attempt.platform)
+    why = attempt.problem(person, adapters)
     log.warning("could not page %s about #%s: %s", person.id, incident_id, why)
     await _record(db, audit, actor, incident_id, now, "incident.page_failed",
-                  {"person": person.id, "tried": tried, "reason": reason, "problem": why})
+                  {"person": person.id, "tried": attempt.tried, "reason": reason, "problem": why})
     return PageResult(False, f"Could not page {person.name}: {why}")
 
 

@@ -76,6 +76,7 @@ class Incident(SQLModel, table=True):
     sources: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     channels: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     escalation: str | None = None
+    route: str | None = None
     runbooks: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     alert_count: int = 0
     firing_count: int = 0
@@ -186,3 +187,85 @@ class Override(SQLModel, table=True):
     created_by: str
     reason: str = ""
     cancelled_at: datetime | None = None
+
+
+class Timer(SQLModel, table=True):
+    """Something to do at `due_at` (an escalation step, a swap's expiry, a handoff notice).
+
+    The tick claims due rows for `lease_until` (claimed_by names the replica) and runs
+    each in a transaction of its own that also marks it done, so its effect and its
+    completion commit together. `key`, when set, is unique: a timer that must exist
+    at most once (a handoff notice for one shift).
+    """
+
+    __tablename__ = "timers"
+    __table_args__ = (Index("ix_timers_due", "status", "due_at"), Index("ix_timers_key", "key", unique=True),
+                      Index("ix_timers_subject", "kind", "subject"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str
+    subject: str
+    key: str | None = None
+    due_at: datetime
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = "pending"  # pending | done | cancelled | failed
+    attempt: int = 0
+    claimed_by: str | None = None
+    lease_until: datetime | None = None
+    created_at: datetime
+    fired_at: datetime | None = None
+    last_error: str | None = None
+
+
+class Escalation(SQLModel, table=True):
+    """An incident's escalation: a snapshot of its policy taken when it opened, and where it is in it.
+
+    `next_step` counts steps across repeats (pass * len(steps) + step). Only the timer
+    named by `timer_id` may fire the next step: acknowledging stops the escalation,
+    Escalate schedules a new timer now, and a superseded timer does nothing when it fires.
+    """
+
+    __tablename__ = "escalations"
+
+    incident_id: int = Field(primary_key=True, foreign_key="incidents.id")
+    policy: str
+    snapshot: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    state: str = "active"  # active | stopped | exhausted
+    next_step: int = 0
+    timer_id: int | None = None
+    note: str = ""  # what happens next, in words, for the incident's message ("Carol in 10 min if ...")
+    started_at: datetime
+    updated_at: datetime
+
+
+class SwapRequest(SQLModel, table=True):
+    """`requester` asks `counterpart` to cover `rotation` over [starts_at, ends_at) (handlers/swaps.py).
+
+    status: pending -> accepted (the override is written) | awaiting_approval (rotations[].swap_approval)
+    -> approved; or declined, expired, cancelled; a taken swap can become undone before it starts.
+    `decided_*` is the counterpart's answer (or the requester's cancel, or the expiry), `approval_*` the
+    approver's; `override_ids` the overrides written when the swap was taken (cancelled by an undo).
+    """
+
+    __tablename__ = "swap_requests"
+    __table_args__ = (Index("ix_swap_requests_rotation", "rotation", "status"),
+                      Index("ix_swap_requests_requester", "requester", "status"),
+                      Index("ix_swap_requests_counterpart", "counterpart", "status"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    rotation: str
+    requester: str
+    counterpart: str
+    starts_at: datetime
+    ends_at: datetime
+    status: str = "pending"  # pending | accepted | awaiting_approval | approved | declined | expired | cancelled | undone
+    created_at: datetime
+    expires_at: datetime
+    decided_at: datetime | None = None
+    decided_by: str | None = None
+    approval_at: datetime | None = None
+    approval_by: str | None = None
+    undone_at: datetime | None = None
+    undone_by: str | None = None
+    override_ids: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    requested_on: str = ""  # the platform the request came from: direct messages about it go there first

@@ -6,6 +6,8 @@ and the fake Telegram Bot API on 127.0.0.1.
 
 from __future__ import annotations
 
+from storage.queries import incident_timeline
+
 import asyncio
 import json
 from collections.abc import AsyncIterator
@@ -132,13 +134,24 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     await b.tg.wait_for(lambda: b.tg.called("answerCallbackQuery"), timeout=5)
     assert (await b.h.incidents())[0].status == "acknowledged"
 
-    nobody = await b.slack.answer(await b.slack.command("/incident", "page 1 bob"))
-    assert nobody["text"].startswith("Could not page Bob: Bob has no id in app.yaml for a platform that is on")
+    on_slack = await b.slack.answer(await b.slack.command("/incident", "page 1 bob"))
+    assert on_slack["text"] == "Paged Bob on Slack."  # Bob has no Telegram id: his Slack DM gets the page
+    assert [c.params["users"] for c in b.slack.fake.called("conversations.open")] == ["U02BOB"]
     b.tg.fail("sendMessage", "Forbidden: bot can't initiate conversation with a user", 403)
     refused = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
-    assert refused["text"] == ("Could not page Alice: telegram: Telegram user 111111 has not started a chat with "
-                               "the bot; ask them to open it and press Start")
+    assert refused["text"] == "Paged Alice on Slack."  # Telegram refused; her next platform took it
     unknown = await b.slack.answer(await b.slack.command("/incident", "page 1 zed"))
     assert unknown["text"] == "I don't know 'zed' (people in app.yaml: alice, bob)."
     actions = await b.h.actions(1)
-    assert actions.count("incident.paged") == 1 and actions.count("incident.page_failed") == 2
+    assert actions.count("incident.paged") == 3 and actions.count("incident.page_failed") == 0
+    async with b.h.bot.db.sessions() as session:
+        [*_, last] = [e for e in await incident_timeline(session, 1) if e.action == "incident.paged"]
+    assert last.details["platform"] == "slack"
+    assert last.details["tried"] == ["telegram: Telegram user 111111 has not started a chat with the bot; "
+                                     "ask them to open it and press Start"]
+    b.tg.fail("sendMessage", "Forbidden: bot can't initiate conversation with a user", 403)
+    b.slack.fake.fail("conversations.open", "user_not_found")
+    failed = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
+    assert failed["text"].startswith("Could not page Alice: telegram: Telegram user 111111 has not started a chat")
+    assert "slack" in failed["text"]
+    assert (await b.h.actions(1)).count("incident.page_failed") == 1

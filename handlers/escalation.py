@@ -1,0 +1,280 @@
+"""Escalation: each incident with a policy walks its snapshot's steps on durable timers.
+
+When an incident opens (intake), an `Escalation` row and a timer due at once are
+written in the same transaction. Each `escalation.step` timer, when it fires
+(in its own transaction, exactly once: handlers/timers.py):
+- does nothing unless it is still the escalation's current timer and the
+  incident still wants it (triggered; or anything but resolved for an Escalate
+  click). Acknowledge and resolve therefore stop an escalation without touching
+  timers, and a click racing a step is settled by the incident's row lock;
+- after hours, for an incident below `paging.after_hours_min_severity`, moves
+  itself to the next business morning;
+- otherwise queues one `page` outbox row per person to notify (the outbox
+  worker delivers it after the commit, see handlers/paging.py) and a line in the
+  channel when the step names one, and schedules the next step after `wait`.
+After the last step's wait, the escalation is `exhausted` and the thread says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.clock import Clock
+from bot.config import Config, Person
+from bot.escalation import (in_business_hours, next_business_start, pages_after_hours, snapshot, step_at,
+                            total_steps)
+from bot.incidents import ACKNOWLEDGED, RESOLVED
+from bot.model import Actor
+from bot.rotations import Schedule, on_call
+from bot.view import span
+from handlers.oncall import domain
+from handlers.timers import TimerService
+from storage import timers as timer_store
+from storage.audit import AuditLog, Entry
+from storage.models import Escalation, Incident, OutboxItem, Timer
+from storage.queries import active_overrides
+
+log = logging.getLogger("chatops.escalation")
+STEP = "escalation.step"
+ESCALATIONS = Escalation.__table__
+SYSTEM = Actor("system", "escalation", "Escalation")
+
+
+@dataclass(frozen=True)
+class Targets:
+    people: list[Person]
+    channel: str | None
+    rotation: str | None
+    missing: str = ""  # why a rotation named nobody
+
+
+class Escalations:
+    def __init__(self, *, audit: AuditLog, config: Config, clock: Clock):
+        self.audit, self.config, self.clock = audit, config, clock
+        self.policies = {p.id: p for p in config.escalation_policies}
+        self.people = {p.id: p for p in config.people}
+        self.schedules = {r.id: Schedule.from_config(r, default_tz=config.timezone) for r in config.rotations}
+
+    def register(self, timers: TimerService) -> None:
+        timers.handler(STEP)(self.fire)
+
+    # -- starting (inside intake's transaction) -------------------------------------------------
+
+    def start_all(self, conn: Connection, incidents: list[tuple[int, str]], now: datetime) -> None:
+        """An escalation and its first step (due now) for each new (incident id, policy id)."""
+        wanted = [(iid, self.policies[pid]) for iid, pid in incidents if pid in self.policies]
+        if not wanted:
+            return
+        ids = timer_store.schedule_many(conn, [timer_store.timer_row(STEP, iid, now, now, payload={"step": 0})
+                                               for iid, _ in wanted])
+        conn.execute(ESCALATIONS.insert(), [
+            {"incident_id": iid, "policy": policy.id, "snapshot": snapshot(policy), "state": "active", "next_step": 0,
+             "timer_id": timer_id, "note": "", "started_at": now, "updated_at": now}
+            for (iid, policy), timer_id in zip(wanted, ids)])
+
+    # -- what people do (inside incident_actions.perform's transaction) -------------------------
+
+    async def stop(self, session: AsyncSession, incident_id: int, now: datetime) -> None:
+        """Acknowledged or resolved: no further steps (the current timer will find it stopped)."""
+        esc = await session.get(Escalation, incident_id)
+        if esc is not None and esc.state == "active":
+            esc.state, esc.note, esc.updated_at = "stopped", "", now
+            session.add(esc)
+
+    async def restart(self, session: AsyncSession, incident_id: int, now: datetime) -> None:
+        """Reopened: the policy starts again from its first step, now."""
+        esc = await session.get(Escalation, incident_id)
+        if esc is None:
+            return
+        esc.timer_id = await timer_store.schedule(session, STEP, incident_id, now, now, payload={"step": 0})
+        esc.state, esc.next_step, esc.note, esc.updated_at = "active", 0, "", now
+        session.add(esc)
+
+    async def escalate_now(self, session: AsyncSession, incident: Incident, now: datetime) -> tuple[bool, str]:
+        """The Escalate button: the next step fires now (once, however many clicks). (changed, words)."""
+        esc = await session.get(Escalation, incident.id)
+        if esc is None:
+            return True, (f"#{incident.id} has no escalation policy; page someone with "
+                          f"`/incident page {incident.id} PERSON`.")
+        total = total_steps(esc.snapshot)
+        if esc.next_step >= total:
+            return False, (f"#{incident.id} has been through every step of escalation policy `{esc.policy}`; "
+                           f"page someone directly with `/incident page {incident.id} PERSON`.")
+        if esc.state == "active" and esc.timer_id is not None:
+            current = await session.get(Timer, esc.timer_id)
+            if current is not None and current.status == "pending" and current.payload.get("manual"):
+                return False, f"#{incident.id} is already escalating to step {esc.next_step + 1}."
+        esc.timer_id = await timer_store.schedule(session, STEP, incident.id, now, now,
+                                                  payload={"step": esc.next_step, "manual": True})
+        esc.state, esc.updated_at = "active", now
+        session.add(esc)
+        return True, f"Escalating #{incident.id} to step {esc.next_step + 1} of {total} now."
+
+    async def move_on(self, session: AsyncSession, incident_id: int, step: int, now: datetime) -> bool:
+        """A page of `step` (1-based) could not be delivered: fire the next step now instead of after its wait,
+        unless another page of that step got through or the escalation has moved since. True when it moved."""
+        esc = await session.get(Escalation, incident_id)
+        if esc is None or esc.state != "active" or esc.next_step != step:
+            return False
+        delivered = (await session.execute(select(OutboxItem.id).where(
+            OutboxItem.incident_id == incident_id, OutboxItem.kind == "page", OutboxItem.status == "sent",
+            OutboxItem.event == "escalation.page").order_by(OutboxItem.id.desc()).limit(20))).scalars().all()
+        for item_id in delivered:
+            item = await session.get(OutboxItem, item_id)
+            if item is not None and item.details.get("step") == step:
+                return False
+        esc.timer_id = await timer_store.schedule(session, STEP, incident_id, now, now, payload={"step": step})
+        esc.updated_at = now
+        session.add(esc)
+        return True
+
+    # -- the timer ------------------------------------------------------------------------------
+
+    async def fire(self, session: AsyncSession, timer: Timer, now: datetime) -> None:
+        incident_id = int(timer.subject)
+        query = select(Incident).where(Incident.id == incident_id)
+        postgres = session.bind.dialect.name == "postgresql"
+        if postgres:
+            query = query.with_for_update()  # settles a race with a click: one of them goes first
+        incident = (await session.execute(query)).scalar_one_or_none()
+        esc = await session.get(Escalation, incident_id, with_for_update=postgres)
+        if incident is None or esc is None or esc.timer_id != timer.id or esc.state != "active":
+            return  # superseded (Escalate, reopen) or stopped: nothing to do
+        manual = bool(timer.payload.get("manual"))
+        if incident.status == RESOLVED or (incident.status == ACKNOWLEDGED and not manual) or incident.silenced:
+            esc.state, esc.note, esc.updated_at = "stopped", "", now
+            session.add(esc)
+            return
+        snap, n = esc.snapshot, esc.next_step
+        total = total_steps(snap)
+        entries: list[Entry] = []
+        if n >= total:
+            esc.state, esc.updated_at = "exhausted", now
+            esc.note = (f"Every step of escalation policy `{esc.policy}` ran and nobody acknowledged. "
+                        "Page someone with /incident page.")
+            self._lines(session, incident, now, "escalation.exhausted",
+                        f"Escalation policy {esc.policy} finished: nobody acknowledged after {total} "
+                        f"step{'s' if total != 1 else ''}.")
+            entries.append(Entry("escalation.exhausted", SYSTEM, "incident", str(incident_id), now,
+                                 {"policy": esc.policy, "steps": total}, incident_id))
+        else:
+            step = step_at(snap, n)
+            targets = await self.targets(session, step["notify"], now)
+            hours, tz = self.config.business_hours, self.config.timezone
+            business = in_business_hours(hours, tz, now)
+            minimum = self.config.paging.after_hours_min_severity
+            if targets.people and not business and not manual and not pages_after_hours(incident.severity, minimum):
+                morning = next_business_start(hours, tz, now)
+                esc.timer_id = await timer_store.schedule(session, STEP, incident_id, morning, now,
+                                                          payload={"step": n, "deferred": True})
+                when = _local(morning, tz)
+                esc.note = (f"After hours: {incident.severity} incidents page nobody until business hours "
+                            f"({when}).")
+                self._lines(session, incident, now, "escalation.deferred",
+                            f"After hours and {incident.severity}: step {n + 1} waits until {when}.")
+                entries.append(Entry("escalation.deferred", SYSTEM, "incident", str(incident_id), now,
+                                     {"step": n + 1, "until": morning.isoformat(), "severity": incident.severity},
+                                     incident_id))
+            else:
+                entries.append(await self._step(session, incident, esc, targets, n, total, business, manual, now))
+        esc.updated_at = now
+        session.add(esc)
+        self._redraw(session, incident, now)
+        await self.audit.append_many(session, entries)
+
+    async def _step(self, session: AsyncSession, incident: Incident, esc: Escalation, targets: Targets, n: int,
+                    total: int, business: bool, manual: bool, now: datetime) -> Entry:
+        assert incident.id is not None
+        step = step_at(esc.snapshot, n)
+        wait = timedelta(seconds=int(step["wait"]))
+        due = now + wait
+        after = await self.next_words(session, esc.snapshot, n + 1, total, due, wait)
+        for person in targets.people:
+            session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=f"@{person.id}",
+                                   kind="page", event="escalation.page",
+                                   details={"person": person.id, "step": n + 1, "of": total, "business": business,
+                                            "manual": manual, "next": after}))
+        who = ", ".join(p.name for p in targets.people)
+        if targets.channel:
+            line = f"Step {n + 1} of {total}: nobody has acknowledged yet. {after}".strip()
+            self._channel_line(session, incident, targets.channel, now, line)
+        if targets.missing:
+            self._lines(session, incident, now, "escalation.nobody", f"Step {n + 1} of {total}: {targets.missing}")
+        nobody = not targets.people and not targets.channel  # a rotation with nobody on call: move on at once
+        esc.next_step = n + 1
+        esc.timer_id = await timer_store.schedule(session, STEP, incident.id, now if nobody else due, now,
+                                                  payload={"step": n + 1})
+        esc.note = (f"Paging {who}. {after}".strip() if who else after) or "Waiting for someone to acknowledge."
+        return Entry("escalation.step", SYSTEM, "incident", str(incident.id), now,
+                     {"policy": esc.policy, "step": n + 1, "of": total, "people": [p.id for p in targets.people],
+                      "channel": targets.channel, "rotation": targets.rotation, "business_hours": business,
+                      "manual": manual, "next_at": due.isoformat()}, incident.id)
+
+    async def targets(self, session: AsyncSession, notify: dict[str, Any], at: datetime) -> Targets:
+        people: list[Person] = []
+        missing = ""
+        rotation = notify.get("rotation")
+        if rotation:
+            schedule = self.schedules.get(rotation)
+            if schedule is None:
+                missing = f"rotation {rotation} is no longer in app.yaml"
+            else:
+                rows = await active_overrides(session, start=at, end=at + timedelta(seconds=1), rotations=[rotation])
+                shift = on_call(schedule, domain(rows, rotation), at)
+                person = self.people.get(shift.person) if shift.person else None
+                if person is None:
+                    missing = f"nobody is on call for {rotation} now"
+                else:
+                    people.append(person)
+        for pid in notify.get("people", []):
+            person = self.people.get(pid)
+            if person is not None and person not in people:
+                people.append(person)
+        return Targets(people, notify.get("channel"), rotation, missing)
+
+    async def next_words(self, session: AsyncSession, snap: dict[str, Any], n: int, total: int, due: datetime,
+                         wait: timedelta) -> str:
+        """"Carol in 10 min if nobody acknowledges." for the step after this one."""
+        if n >= total:
+            return ""
+        targets = await self.targets(session, step_at(snap, n)["notify"], due)
+        names = [p.name for p in targets.people] + (["the channel"] if targets.channel else [])
+        who = " and ".join(names) or "the next step"
+        return f"{who} in {span(wait)} if nobody acknowledges."
+
+    # -- chat work ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _redraw(session: AsyncSession, incident: Incident, now: datetime) -> None:
+        for channel in incident.channels:
+            session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
+                                   kind="update", event="incident.changed", details={}))
+
+    @staticmethod
+    def _lines(session: AsyncSession, incident: Incident, now: datetime, event: str, line: str,
+               **details: Any) -> None:
+        for channel in incident.channels:
+            session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
+                                   kind="reply", event=event, details={"line": line, **details}))
+
+    @staticmethod
+    def _channel_line(session: AsyncSession, incident: Incident, channel: str, now: datetime, line: str) -> None:
+        """A step that notifies a channel: a line mentioning everyone there, in the incident's thread."""
+        if channel in incident.channels:
+            session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
+                                   kind="reply", event="escalation.channel", details={"line": line, "mention": "here"}))
+        else:  # not routed there: a post of its own
+            session.add(OutboxItem(created_at=now, due_at=now, incident_id=None, channel=channel, kind="notice",
+                                   event="escalation.channel",
+                                   details={"text": f"#{incident.id} {incident.title}: {line}", "mention": "here"}))
+
+
+def _local(at: datetime, tz: str) -> str:
+    return at.astimezone(ZoneInfo(tz)).strftime("%a %H:%M %Z")

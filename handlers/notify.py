@@ -1,0 +1,56 @@
+"""Chat work that is not an incident's message: a direct message to a person, a notice in a channel.
+
+Both are outbox rows with no incident (`incident_id` NULL), queued in the
+caller's transaction and delivered by the outbox worker after the commit:
+- `direct`: `channel` is `@person-id`; sent to the person's private chat on the
+  first platform of `details.platforms` (default: their `page_via`, then
+  Telegram, Slack, Teams) that is on and knows them. `details.buttons` become
+  the platform's buttons (Accept / Decline of a swap).
+- `notice`: `channel` is a `channels[].id`; a plain message posted there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.chat import Button
+from storage.models import OutboxItem
+
+
+def button_spec(button: Button) -> dict[str, Any]:
+    return {"action": str(button.action), "id": button.incident_id, "arg": button.arg, "label": button.label,
+            "style": button.style, "confirm": button.confirm}
+
+
+def button_from(spec: dict[str, Any]) -> Button:
+    return Button(spec["action"], int(spec["id"]), arg=spec.get("arg") or "", label=spec.get("label") or "",
+                  style=spec.get("style") or "default", confirm=spec.get("confirm"))
+
+
+def direct_row(person_id: str, text: str, now: datetime, *, event: str = "direct", buttons: Sequence[Button] = (),
+               platforms: Sequence[str] = (), due_at: datetime | None = None) -> OutboxItem:
+    details: dict[str, Any] = {"text": text, "buttons": [button_spec(b) for b in buttons]}
+    if platforms:
+        details["platforms"] = list(platforms)
+    return OutboxItem(created_at=now, due_at=due_at or now, incident_id=None, channel=f"@{person_id}", kind="direct",
+                      event=event, details=details)
+
+
+def notice_row(channel: str, text: str, now: datetime, *, event: str = "notice",
+               due_at: datetime | None = None) -> OutboxItem:
+    return OutboxItem(created_at=now, due_at=due_at or now, incident_id=None, channel=channel, kind="notice",
+                      event=event, details={"text": text})
+
+
+def queue_direct(session: AsyncSession, person_id: str, text: str, now: datetime, **kwargs: Any) -> None:
+    """Send `text` (and buttons) to a person's private chat after the caller's transaction commits."""
+    session.add(direct_row(person_id, text, now, **kwargs))
+
+
+def queue_notice(session: AsyncSession, channel: str, text: str, now: datetime, **kwargs: Any) -> None:
+    """Post `text` in a configured channel after the caller's transaction commits."""
+    session.add(notice_row(channel, text, now, **kwargs))

@@ -1,0 +1,216 @@
+"""The timer tick: APScheduler beats it, each beat runs every due timer exactly once (storage/timers.py).
+
+A handler is registered per kind and gets the session of the timer's own
+transaction: what it writes and the timer's completion commit together. A
+handler that raises is retried with back-off and, after `max_attempts`, marked
+failed (and logged). Nothing is dropped for being late: APScheduler only beats
+(`misfire_grace_time=None`, coalesced); the due times live in the database, so
+timers that fell due while the bot was down run at the first beat after start.
+
+Between beats the tick sleeps until the next due time when that is sooner,
+and `nudge()` runs a beat at once (after a change that queued a timer due now).
+Timers overdue by more than `STALLED_AFTER` are counted in
+`chatops_timers_overdue` and logged: the stalled-escalation check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.clock import Clock
+from bot.metrics import Metrics
+from storage import timers as store
+from storage.db import Database
+from storage.models import Timer
+
+log = logging.getLogger("chatops.timers")
+TimerHandler = Callable[[AsyncSession, Timer, datetime], Awaitable[None]]
+STALLED_AFTER = timedelta(minutes=1)
+
+
+def replica_name() -> str:
+    """Who claims timers: host, process and a random part (a restarted process is another replica)."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class TimerService:
+    def __init__(self, *, db: Database, clock: Clock, metrics: Metrics, interval: float = 0.5, batch: int = 200,
+                 lease: timedelta = timedelta(seconds=30), max_attempts: int = 5,
+                 after_commit: Callable[[], None] | None = None):
+        self.db, self.clock, self.metrics = db, clock, metrics
+        self.interval, self.batch, self.lease, self.max_attempts = interval, batch, lease, max_attempts
+        self.after_commit = after_commit  # e.g. wake the outbox worker when a timer queued chat work
+        self.replica = replica_name()
+        self.handlers: dict[str, TimerHandler] = {}
+        self._scheduler: AsyncIOScheduler | None = None
+        self._lock = asyncio.Lock()
+        self._again = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wakeup: asyncio.TimerHandle | None = None
+        self._stalled_logged = 0.0
+        self._running = False
+        self._jobs: list[tuple[Callable[[], Awaitable[None]], float, str]] = []
+
+    def handler(self, kind: str) -> Callable[[TimerHandler], TimerHandler]:
+        def register(fn: TimerHandler) -> TimerHandler:
+            self.handlers[kind] = fn
+            return fn
+        return register
+
+    def add_job(self, fn: Callable[[], Awaitable[None]], *, seconds: float, name: str) -> None:
+        """A periodic job beside the tick (e.g. planning handoff notices): at start, then every `seconds`."""
+        self._jobs.append((fn, seconds, name))
+        if self._scheduler is not None:
+            self._start_job(fn, seconds, name)
+
+    def _start_job(self, fn: Callable[[], Awaitable[None]], seconds: float, name: str) -> None:
+        assert self._scheduler is not None
+        self._scheduler.add_job(self._guarded(fn, name), "interval", seconds=seconds, id=name, name=name,
+                                max_instances=1)
+        self._spawn(self._guarded(fn, name)())
+
+    @staticmethod
+    def _guarded(fn: Callable[[], Awaitable[None]], name: str) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            try:
+                await fn()
+            except Exception:  # a failing job logs and runs again at its next beat
+                log.exception("job %s failed; it runs again at its next beat", name)
+        return run
+
+    async def start(self) -> None:
+        if not self.db.is_postgres:  # one replica on SQLite: leases still held were this process's before a restart
+            async with self.db.transaction() as session:
+                freed = await store.release_leases(session)
+            if freed:
+                log.info("took back %d timer lease(s) held when the bot last stopped", freed)
+        self._running = True
+        self._scheduler = AsyncIOScheduler(job_defaults={"misfire_grace_time": None, "coalesce": True})
+        self._scheduler.add_job(self._beat, "interval", seconds=self.interval, id="timer-tick", max_instances=1)
+        self._scheduler.start()
+        for fn, seconds, name in self._jobs:
+            self._start_job(fn, seconds, name)
+        self.nudge()
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _beat(self) -> None:  # a coroutine, so APScheduler runs it on the event loop (not in a thread)
+        self.nudge()
+
+    def nudge(self) -> None:
+        """Run a beat now (or right after the one running)."""
+        if not self._running:
+            return
+        if self._lock.locked():
+            self._again = True
+            return
+        self._spawn(self.tick())
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def tick(self) -> int:
+        """Run what is due now; returns how many timers fired."""
+        fired = 0
+        async with self._lock:
+            while True:
+                self._again = False
+                try:
+                    n, full = await self._round()
+                except Exception:  # the beat must outlive any one bad round; the timers stay pending
+                    log.exception("timer tick failed; retrying at the next beat")
+                    break
+                fired += n
+                if not (full or self._again) or not self._running:
+                    break
+            await self._plan_wakeup()
+        return fired
+
+    async def _round(self) -> tuple[int, bool]:
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            claimed = await store.claim(session, self.replica, now, self.lease, self.batch)
+        fired = 0
+        for timer in claimed:
+            fired += await self._run(timer)
+        return fired, len(claimed) == self.batch
+
+    async def _run(self, timer: Timer) -> int:
+        kind, timer_id, attempt, due_at = timer.kind, timer.id, timer.attempt, timer.due_at
+        assert timer_id is not None
+        handler = self.handlers.get(kind)
+        now = self.clock.now()
+        try:
+            async with self.db.transaction() as session:
+                if not await store.complete(session, timer_id, self.replica, now):
+                    raise _LostLease()
+                if handler is None:
+                    raise LookupError(f"no handler for timer kind {kind!r}")
+                await handler(session, timer, now)
+        except _LostLease:
+            log.warning("timer %s (%s): lease lost before it ran; another replica has it", timer_id, kind)
+            return 0
+        except Exception as exc:
+            give_up = attempt + 1 >= self.max_attempts or isinstance(exc, LookupError)
+            delay = timedelta(seconds=min(300, 2 ** (attempt + 1)))
+            (log.error if give_up else log.warning)(
+                "timer %s (%s %s) failed%s: %s", timer_id, kind, timer.subject,
+                " for good" if give_up else f"; retrying in {delay.total_seconds():.0f}s", exc,
+                exc_info=not isinstance(exc, LookupError))
+            async with self.db.transaction() as session:
+                await store.retry_later(session, timer_id, self.replica, now + delay, f"{type(exc).__name__}: {exc}",
+                                        give_up=give_up, now=now)
+            self.metrics.timers_fired.labels(kind, "failed" if give_up else "retry").inc()
+            return 0
+        late = (now - due_at).total_seconds()
+        self.metrics.timers_fired.labels(kind, "ok").inc()
+        self.metrics.timer_lateness.observe(max(0.0, late))
+        if self.after_commit is not None:
+            self.after_commit()
+        return 1
+
+    async def _plan_wakeup(self) -> None:
+        """Sleep until the next due time when it comes before the next beat; report stalled timers."""
+        if not self._running:
+            return
+        now = self.clock.now()
+        async with self.db.sessions() as session:
+            upcoming = await store.next_due(session)
+            stalled = await store.overdue(session, now - STALLED_AFTER)
+        self.metrics.timers_overdue.set(stalled)
+        if stalled and time.monotonic() - self._stalled_logged > 60:
+            self._stalled_logged = time.monotonic()
+            log.error("%d timer(s) are more than %s overdue: escalations may be stalled (is the database slow, "
+                      "or a timer failing? see `chatops_timers_fired_total{outcome=\"failed\"}`)",
+                      stalled, STALLED_AFTER)
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+        if upcoming is not None:
+            delay = (upcoming - now).total_seconds()
+            if 0 < delay < self.interval:
+                self._wakeup = asyncio.get_running_loop().call_later(delay, self.nudge)
+
+
+class _LostLease(Exception):
+    pass
