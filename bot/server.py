@@ -24,10 +24,11 @@ from handlers.intake import Intake
 from handlers.oncall import OncallHandlers
 from handlers.outbox import OutboxWorker
 from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
-from handlers.timers import TimerService
+from handlers.timers import STALLED_AFTER, TimerService
 from storage.audit import AuditLog
 from storage.db import Database, Leader
 from storage.queries import open_incidents_by_severity, outbox_counts
+from storage.timers import overdue as overdue_timers
 
 log = logging.getLogger("chatops.server")
 
@@ -195,10 +196,12 @@ class Bot:
             async with self.db.sessions() as session:
                 counts = await open_incidents_by_severity(session)
                 outbox = await outbox_counts(session)
+                stalled = await overdue_timers(session, self.clock.now() - STALLED_AFTER)
             for severity in ("critical", "high", "medium", "low", "info"):
                 self.metrics.incidents_open.labels(severity).set(counts.get(severity, 0))
             for status in ("pending", "sent", "dead"):
                 self.metrics.outbox.labels(status).set(outbox.get(status, 0))
+            self.metrics.timers_overdue.set(stalled)
         except Exception as exc:  # metrics still answer when the store does not
             log.warning("metrics: cannot count open incidents: %s", exc)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})

@@ -222,11 +222,16 @@ class OutboxWorker:
             ref = await self._call(adapter.send(channel.chat, card), items, channel.platform, channel.chat, "send")
             if ref is None:
                 return 1
+            # The post draws the incident as it is now, so what was queued before it is in it; escalation lines
+            # (who was paged, what comes next) are the thread's story and still follow it.
+            folded = [i for i in items if not i.event.startswith("escalation.")]
             async with self.db.transaction() as session:
                 session.add(IncidentMessage(incident_id=incident.id, channel=channel_id, platform=channel.platform,
                                             chat_id=ref.chat_id, message_id=ref.message_id, thread_id=ref.thread_id,
                                             posted_at=now, updated_at=now))
-                await self._mark(session, items, "sent")
+                await self._mark(session, folded, "sent")
+            if len(folded) < len(items):
+                self.nudge()
             return 1
         ref = MessageRef(parent.platform, parent.chat_id, parent.message_id, parent.thread_id)
         calls = 0

@@ -114,9 +114,10 @@ class Harness:
 
 @asynccontextmanager
 async def running_bot(storage_url: str, extra: str = "", *, schema: str | None = None,
-                      clock: FakeClock | None = None, people: str = PEOPLE) -> AsyncIterator[Harness]:
+                      clock: FakeClock | None = None, people: str = PEOPLE, base: str = CONFIG) -> AsyncIterator[Harness]:
+    """The bot on `base` (the shared test config) + `people` + `extra`, in-process on a fake clock."""
     storage = f"storage: {{url: '{storage_url}'" + (f", schema: {schema}" if schema else "") + "}\n"
-    loaded = parse_config(storage + textwrap.dedent(CONFIG) + textwrap.dedent(people) + textwrap.dedent(extra),
+    loaded = parse_config(storage + textwrap.dedent(base) + textwrap.dedent(people) + textwrap.dedent(extra),
                           adapter_models=SETTINGS_MODELS, env={})
     clock = clock or FakeClock(T0)
     bot = Bot(loaded, clock=clock)

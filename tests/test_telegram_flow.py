@@ -6,8 +6,6 @@ and the fake Telegram Bot API on 127.0.0.1.
 
 from __future__ import annotations
 
-from storage.queries import incident_timeline
-
 import asyncio
 import json
 from collections.abc import AsyncIterator
@@ -17,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from storage.queries import incident_timeline
 from tests.botkit import Harness, fixture, running_bot
 from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram

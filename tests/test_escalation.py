@@ -1,0 +1,314 @@
+"""Escalation end to end, in-process on a fake clock: the real bot, slack-bolt and python-telegram-bot
+against the fake Slack and Telegram servers. After hours pages go to Telegram, business-hours pages to
+Slack with a mention in the thread; acknowledge stops it, Escalate jumps ahead, a page that cannot be
+delivered moves on, a low severity waits for the morning, a running escalation keeps its snapshot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from bot.clock import FakeClock
+from storage.models import AuditEvent, Escalation, OutboxItem
+from tests.botkit import Harness, running_bot
+from tests.fake_slack import FakeSlack
+from tests.fake_telegram import FakeTelegram
+from tests.recording import poll
+from tests.test_slack_flow import Slack, slack_config
+
+TG_SECRET = "tg-escalation-secret"
+NIGHT = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)  # Tuesday 05:00 in Berlin: after hours
+DAY = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)  # Tuesday 11:00 in Berlin: business hours
+BOB_TG, CAROL_TG, ALICE_TG = 222222, 333333, 111111
+CALLBACK = json.loads((Path(__file__).parent / "fixtures" / "telegram" / "callback_query.json").read_text())
+
+BASE = """
+timezone: Europe/Berlin
+business_hours: {days: [mon, tue, wed, thu, fri], start: "09:00", end: "18:00"}
+audit: {hmac_key: escalation-key}
+channels:
+  - {id: ops-slack, platform: slack, chat: C0OPS}
+  - {id: ops-telegram, platform: telegram, chat: "-100123"}
+sources:
+  - {id: open, kind: generic, auth: none}
+rotations:
+  - {id: primary, members: [alice, bob], shift: 1w, handoff: "mon 09:00", start: 2026-11-02}
+escalation_policies:
+  - id: standard
+    steps:
+      - {notify: {rotation: primary}, wait: 5m}
+      - {notify: {people: [carol]}, wait: 10m}
+    repeat: 1
+  - id: unlinked
+    steps:
+      - {notify: {people: [dave]}, wait: 30m}
+      - {notify: {people: [carol]}, wait: 5m}
+routes:
+  - {match: {team: nobody}, channels: [ops-slack], escalation: unlinked}
+  - {match: {}, channels: [ops-slack, ops-telegram], escalation: standard}
+"""
+PEOPLE = """
+people:
+  - {id: alice, name: Alice, roles: [responder], slack: U01ALICE, telegram: 111111}
+  - {id: bob, name: Bob, roles: [responder], slack: U02BOB, telegram: 222222}
+  - {id: carol, name: Carol, roles: [responder], slack: U03CAROL, telegram: 333333}
+  - {id: dave, name: Dave, roles: [responder]}
+"""
+
+
+@dataclass
+class World:
+    h: Harness
+    slack: Slack
+    tg: FakeTelegram
+    taps: int = 0
+
+    async def alert(self, severity: str = "critical", *, team: str = "db", status: str = "firing") -> None:
+        body = {"asset_name": "db-01", "signature": "DiskFull", "severity": severity, "status": status,
+                "message": "Disk almost full on db-01", "tool_source": "zabbix", "labels": {"team": team}}
+        status_code, answer, _ = await self.h.post("open", body)
+        assert status_code == 200, answer
+
+    def pages(self, chat: int) -> list[dict[str, Any]]:
+        """What the bot sent to a person's private Telegram chat."""
+        return [c.params for c in self.tg.called("sendMessage") if c.params["chat_id"] == chat]
+
+    def slack_dms(self, user: str) -> list[dict[str, Any]]:
+        return self.slack.posts(channel="D" + user[1:])
+
+    async def tick(self, advance: timedelta | None = None) -> None:
+        """Move the clock, run the due timers, and let the outbox deliver what they queued."""
+        if advance:
+            self.h.clock.advance(advance)
+        await self.h.bot.timers.tick()
+        self.h.bot.outbox.nudge()  # its own loop delivers (a second run_once here could send a row twice)
+
+    async def tap(self, data: str, chat: int) -> None:
+        """The person taps a button on the page in their private chat."""
+        self.taps += 1
+        message_id = max(mid for (c, mid) in self.tg.messages if c == chat)
+        update = json.loads(json.dumps(CALLBACK))
+        update["update_id"] = 7000 + self.taps
+        query = update["callback_query"]
+        query["id"], query["data"], query["from"]["id"] = f"cb{self.taps}", data, chat
+        query["message"] = {**self.tg.messages[(chat, message_id)], "chat": {"id": chat, "type": "private"}}
+        resp = await self.h.client.post("/telegram/webhook", data=json.dumps(update),
+                                        headers={"X-Telegram-Bot-Api-Secret-Token": TG_SECRET,
+                                                 "Content-Type": "application/json"})
+        assert resp.status == 200
+
+    async def audit(self, action: str) -> list[AuditEvent]:
+        async with self.h.bot.db.sessions() as s:
+            q = select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.seq)
+            return list((await s.execute(q)).scalars().all())
+
+    async def escalation(self, incident_id: int = 1) -> Escalation:
+        async with self.h.bot.db.sessions() as s:
+            esc = await s.get(Escalation, incident_id)
+            assert esc is not None
+            return esc
+
+
+def thread_texts(slack: Slack) -> list[str]:
+    return [c.params["text"] for c in slack.fake.called("chat.postMessage")
+            if c.params.get("channel") == "C0OPS" and c.params.get("thread_ts")]
+
+
+@asynccontextmanager
+async def world(tmp_path: Path, start: datetime, *, base: str = BASE, db: str = "bot.db") -> AsyncIterator[World]:
+    async with FakeSlack() as slack, FakeTelegram() as tg:
+        extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                                       f"api_url: '{tg.api_url}'}}\n")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / db}", extra, clock=FakeClock(start),
+                               people=PEOPLE, base=base) as h:
+            yield World(h, Slack(h, slack), tg)
+
+
+async def until(predicate: Any, what: str, timeout: float = 5.0) -> None:
+    await poll(predicate, timeout, lambda: what)
+
+
+async def test_after_hours_pages_on_telegram_step_by_step_until_someone_acknowledges(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "Bob (on call for primary this week) is paged on Telegram")
+        [page] = w.pages(BOB_TG)
+        keys = [k["callback_data"] for row in page["reply_markup"]["inline_keyboard"] for k in row]
+        assert keys == ["ack:1", "esc:1"]
+        assert "DiskFull" in page["text"] or "Disk almost full" in page["text"]
+        await until(lambda: any("Paged Bob on Telegram" in t for t in thread_texts(w.slack)), "the thread line")
+        line = next(t for t in thread_texts(w.slack) if "Paged Bob" in t)
+        assert line == "Paged Bob on Telegram. Carol in 5 min if nobody acknowledges."  # no mention at night
+        assert not w.slack_dms("U02BOB")
+
+        await w.tick(timedelta(minutes=4, seconds=59))
+        assert not w.pages(CAROL_TG), "a step must not fire before its wait is over"
+        await w.tick(timedelta(seconds=1))
+        await until(lambda: w.pages(CAROL_TG), "Carol is paged when Bob has not acknowledged in 5 minutes")
+        await until(lambda: any("Paged Carol on Telegram" in t for t in thread_texts(w.slack)), "Carol's line")
+        assert "Paged Carol on Telegram. Bob in 10 min if nobody acknowledges." in thread_texts(w.slack)
+
+        await w.tap("ack:1", CAROL_TG)  # Carol acknowledges from the page itself
+        await until(lambda: w.tg.called("answerCallbackQuery"), "the tap is answered")
+        assert w.tg.called("answerCallbackQuery")[-1].params.get("text") == "Acknowledged #1."
+        await w.tick(timedelta(hours=2))
+        assert len(w.pages(BOB_TG)) == 1 and len(w.pages(CAROL_TG)) == 1, "acknowledge stops the escalation"
+        steps = [e.details["step"] for e in await w.audit("escalation.step")]
+        assert steps == [1, 2]
+        paged = [(e.details["person"], e.details["platform"]) for e in await w.audit("incident.paged")]
+        assert paged == [("bob", "telegram"), ("carol", "telegram")]
+        assert (await w.escalation()).state == "stopped"
+
+
+async def test_business_hours_page_by_slack_dm_with_a_mention_in_the_thread(tmp_path: Path) -> None:
+    async with world(tmp_path, DAY) as w:
+        await w.alert("medium")  # in business hours every severity pages
+        await until(lambda: w.slack_dms("U02BOB"), "Bob gets a Slack DM")
+        [dm] = w.slack_dms("U02BOB")
+        blocks = dm["blocks"] if isinstance(dm["blocks"], list) else json.loads(dm["blocks"])
+        values = [e["value"] for b in blocks if b["type"] == "actions" for e in b["elements"]]
+        assert values == ["ack:1", "esc:1"]
+        assert not w.pages(BOB_TG), "in business hours Telegram is not the first choice"
+        await until(lambda: any("Paged Bob on Slack" in t for t in thread_texts(w.slack)), "the thread line")
+        line = next(t for t in thread_texts(w.slack) if "Paged Bob on Slack" in t)
+        assert line.startswith("<@U02BOB> Paged Bob on Slack.")  # the mention asks him, in the channel
+        def group_lines() -> list[str]:
+            return [c.params["text"] for c in w.tg.called("sendMessage")
+                    if c.params["chat_id"] == -100123 and c.params.get("reply_parameters") and "Paged Bob" in c.params["text"]]
+        await until(group_lines, "the same line in the Telegram group's thread")
+        assert group_lines() == ["Paged Bob on Slack. Carol in 5 min if nobody acknowledges."]  # names, no ping
+
+
+async def test_low_severity_after_hours_waits_for_the_morning_then_pages(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("low")
+        await until(lambda: any("waits until" in t for t in thread_texts(w.slack)), "the thread says it waits")
+        assert "After hours and low: step 1 waits until Tue 09:00 CET." in thread_texts(w.slack)
+        await w.tick(timedelta(hours=3, minutes=59))  # 08:59 in Berlin
+        assert not w.pages(BOB_TG) and not w.slack_dms("U02BOB")
+        [deferred] = await w.audit("escalation.deferred")
+        assert deferred.details["until"] == "2026-11-24T08:00:00+00:00"
+        await w.tick(timedelta(minutes=1))  # 09:00 in Berlin: business hours, so Slack first
+        await until(lambda: w.slack_dms("U02BOB"), "Bob is paged at nine")
+        assert len(w.slack_dms("U02BOB")) == 1 and not w.pages(BOB_TG)
+
+
+async def test_escalate_jumps_to_the_next_step_now_and_a_second_press_does_not_skip_one(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        await w.h.bot.timers.stop()  # hold the tick: both presses land before the step fires
+        first = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U02BOB"))
+        second = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U01ALICE"))
+        assert first["text"] == "Escalating #1 to step 2 of 4 now."
+        assert second["text"] == "#1 is already escalating to step 2."
+        await w.h.bot.timers.start()
+        await w.tick()
+        await until(lambda: w.pages(CAROL_TG), "Carol is paged at once, without waiting 5 minutes")
+        await w.tick(timedelta(seconds=30))
+        assert len(w.pages(CAROL_TG)) == 1 and len(w.pages(BOB_TG)) == 1
+        assert [e.details["step"] for e in await w.audit("escalation.step")] == [1, 2]
+        assert [e.details.get("manual") for e in await w.audit("escalation.step")] == [False, True]
+        # the escalation goes on from there: step 3 (Bob again, second pass) 10 minutes after Carol's page
+        await w.tick(timedelta(minutes=10))
+        await until(lambda: len(w.pages(BOB_TG)) == 2, "the second pass pages the rotation again")
+
+
+async def test_a_page_that_cannot_be_delivered_moves_the_escalation_on_at_once(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="nobody")  # policy `unlinked`: Dave has no chat id anywhere
+        await until(lambda: w.pages(CAROL_TG), "Carol is paged without waiting Dave's 30 minutes")
+        [failed] = await w.audit("incident.page_failed")
+        assert failed.details["person"] == "dave" and "Dave has no id in app.yaml" in failed.details["problem"]
+        await until(lambda: any(t.startswith("Could not page Dave") for t in thread_texts(w.slack)), "the line")
+        line = next(t for t in thread_texts(w.slack) if t.startswith("Could not page Dave"))
+        assert line.endswith("Moving to the next step now.")
+
+
+async def test_resolved_by_the_source_during_a_wait_pages_nobody_more(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        await w.alert("critical", status="resolved")
+        await w.tick(timedelta(minutes=30))
+        assert not w.pages(CAROL_TG) and len(w.pages(BOB_TG)) == 1
+        assert [e.details["step"] for e in await w.audit("escalation.step")] == [1]
+
+
+async def test_an_acknowledge_that_lands_after_the_step_fired_but_before_the_page_went_out_stops_it(
+        tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        await w.h.bot.outbox.stop()  # the step fires and queues Carol's page; the click lands before delivery
+        await w.h.bot.timers.stop()
+        w.h.clock.advance(timedelta(minutes=5))
+        await w.h.bot.timers.tick()
+        assert [e.details["step"] for e in await w.audit("escalation.step")] == [1, 2]
+        acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U02BOB"))
+        assert acked["text"] == "Acknowledged #1."
+        await w.h.bot.outbox.run_once()
+        assert not w.pages(CAROL_TG), "a page for an acknowledged incident is not sent"
+        async with w.h.bot.db.sessions() as s:
+            page = (await s.execute(select(OutboxItem).where(OutboxItem.kind == "page",
+                                                             OutboxItem.channel == "@carol"))).scalar_one()
+        assert (page.status, page.last_error) == ("cancelled", "not sent: #1 was acknowledged first")
+
+
+async def test_repeat_then_exhausted_and_a_config_change_does_not_touch_a_running_escalation(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+    # The policy is edited (Carol replaced by Alice) and the bot restarted: incident #1 keeps its snapshot.
+    edited = BASE.replace("{notify: {people: [carol]}, wait: 10m}", "{notify: {people: [alice]}, wait: 10m}")
+    async with world(tmp_path, NIGHT + timedelta(minutes=5), base=edited) as w:
+        await w.tick()
+        await until(lambda: w.pages(CAROL_TG), "step 2 pages Carol, as the snapshot says")
+        await w.tick(timedelta(minutes=10))
+        await until(lambda: w.pages(BOB_TG), "step 3: the second pass starts with the rotation")
+        await w.tick(timedelta(minutes=5))
+        await until(lambda: len(w.pages(CAROL_TG)) == 2, "step 4")
+        await w.tick(timedelta(minutes=10))
+        await until(lambda: any("finished" in t for t in thread_texts(w.slack)), "the exhausted line")
+        assert "Escalation policy standard finished: nobody acknowledged after 4 steps." in thread_texts(w.slack)
+        assert not w.pages(ALICE_TG)
+        await w.tick(timedelta(hours=6))
+        assert len(w.pages(CAROL_TG)) == 2 and len(w.pages(BOB_TG)) == 1
+        assert (await w.escalation()).state == "exhausted"
+        steps = [e.details["step"] for e in await w.audit("escalation.step")]
+        assert steps == [1, 2, 3, 4]  # one store: step 1 was recorded before the restart
+
+
+async def test_reopen_starts_the_policy_again(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        for command in ("ack 1", "resolve 1"):
+            await w.slack.answer(await w.slack.command("/incident", command, user="U02BOB"))
+        answer = await w.slack.answer(await w.slack.command("/incident", "reopen 1", user="U02BOB"))
+        assert answer["text"] == "Reopened #1."
+        await w.tick()
+        await until(lambda: len(w.pages(BOB_TG)) == 2, "step 1 again after reopening")
+        assert [e.details["step"] for e in await w.audit("escalation.step")] == [1, 1]
+
+
+async def test_an_overdue_timer_shows_in_metrics(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        await w.h.bot.timers.stop()  # a stalled tick: step 2 falls due and nobody runs it
+        w.h.clock.advance(timedelta(minutes=5, seconds=61))
+        body = await (await w.h.client.get("/metrics")).text()
+        assert "chatops_timers_overdue 1.0" in body
+        await w.h.bot.timers.start()
+        await w.h.bot.timers.tick()
+        body = await (await w.h.client.get("/metrics")).text()
+        assert "chatops_timers_overdue 0.0" in body
+        assert 'chatops_timers_fired_total{kind="escalation.step",outcome="ok"} 2.0' in body
