@@ -165,6 +165,10 @@ async def test_after_hours_pages_on_telegram_step_by_step_until_someone_acknowle
         paged = [(e.details["person"], e.details["platform"]) for e in await w.audit("incident.paged")]
         assert paged == [("bob", "telegram"), ("carol", "telegram")]
         assert (await w.escalation()).state == "stopped"
+        body = await (await w.h.client.get("/metrics")).text()
+        assert 'chatops_time_to_acknowledge_seconds_count{severity="critical"} 1.0' in body
+        assert 'chatops_time_to_acknowledge_seconds_sum{severity="critical"} 300.0' in body  # 5 min on the clock
+        assert 'chatops_pages_total{outcome="ok",platform="telegram"} 2.0' in body
 
 
 async def test_business_hours_page_by_slack_dm_with_a_mention_in_the_thread(tmp_path: Path) -> None:
