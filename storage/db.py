@@ -167,8 +167,9 @@ class Database:
 
 
 class Leader:
-    """One replica at a time does a job (Telegram polling): a PostgreSQL session advisory lock on a connection
-    of its own, held while the process lives. On SQLite there is a single replica: always the leader."""
+    """One replica at a time does a job (Telegram polling, chat delivery): a PostgreSQL session advisory lock on a
+    connection of its own, held while the process lives; one lock per job and `storage.schema`, so bots that
+    share a server in separate schemas do not wait for each other. On SQLite there is a single replica."""
 
     def __init__(self, db: Database, name: str):
         self.db, self.name = db, name
@@ -182,7 +183,7 @@ class Leader:
             if self._conn is None:
                 self._conn = await self.db.engine.connect()
                 got = (await self._conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:n, 0))"),
-                                                {"n": f"chatops:{self.name}"})).scalar_one()
+                                                {"n": f"chatops:{self.db.schema or ''}:{self.name}"})).scalar_one()
                 await self._conn.commit()
                 if not got:
                     await self._release()

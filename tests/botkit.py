@@ -114,8 +114,9 @@ class Harness:
 
 @asynccontextmanager
 async def running_bot(storage_url: str, extra: str = "", *, schema: str | None = None,
-                      clock: FakeClock | None = None, people: str = PEOPLE, base: str = CONFIG) -> AsyncIterator[Harness]:
-    """The bot on `base` (the shared test config) + `people` + `extra`, in-process on a fake clock."""
+                      clock: FakeClock | None = None, people: str = PEOPLE, base: str | None = None) -> AsyncIterator[Harness]:
+    """The bot on `base` (default: the shared test config, CONFIG) + `people` + `extra`, in-process on a fake clock."""
+    base = CONFIG if base is None else base  # read when called: tests may patch CONFIG
     storage = f"storage: {{url: '{storage_url}'" + (f", schema: {schema}" if schema else "") + "}\n"
     loaded = parse_config(storage + textwrap.dedent(base) + textwrap.dedent(people) + textwrap.dedent(extra),
                           adapter_models=SETTINGS_MODELS, env={})
