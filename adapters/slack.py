@@ -47,8 +47,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ack": ("Acknowledge an incident", "ID"),
     "chatops": ("Help, or any command: /chatops ack 42", "[help | COMMAND ARGS...]"),
     "oncall": ("Who is on call", "[ROTATION]"),
-    "swap": ("Swap shifts with someone", "@person [ROTATION]"),
-    "override": ("Take over on-call for a while", "ROTATION DURATION [@person]"),
+    "swap": ("Ask someone to take your shift", "@person [ROTATION] DATE|next | list | cancel ID | undo ID"),
+    "override": ("A manager puts someone on call for a stretch", "ROTATION @person FROM UNTIL"),
 }
 TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
 _MENTION = re.compile(r"^\s*(<@[UW][A-Z0-9]+(?:\|[^>]*)?>\s*)+")

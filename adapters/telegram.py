@@ -62,6 +62,7 @@ COMMANDS: dict[str, str] = {
     "incident": "Show or act on an incident: /incident ack 42",
     "ack": "Acknowledge an incident: /ack 42",
     "oncall": "Who is on call",
+    "swap": "Ask someone to take your shift: /swap bob next",
     "help": "What I can do",
     "start": "Your Telegram id, and whether it is linked to you",
 }

@@ -71,6 +71,15 @@ class Bot:
         self.dispatcher.command("override", usage=OVERRIDE_USAGE, help="a manager puts someone on call for a stretch",
                                 role=MANAGER)(covers.override)
         # -- rotations: swaps and handoff notices (register commands, buttons, timer kinds and jobs here) --
+        from handlers.handoffs import Handoffs
+        from handlers.swaps import SwapHandlers
+
+        self.handoffs = Handoffs(db=self.db, audit=self.audit, config=self.config, clock=self.clock,
+                                 view=self.oncall.view, after_commit=self._changed)
+        self.handoffs.register(self.timers)  # handoff.notice, handoff.reminder; the plan-handoffs job (10 min)
+        self.swaps = SwapHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock,
+                                  view=self.oncall.view, after_commit=self._changed, changed=self.handoffs.plan)
+        self.swaps.register(self.dispatcher, self.timers)  # /swap, the swap buttons, swap.expire
         # -- end of rotations --
         if "slack" in loaded.adapters:
             from adapters.slack import SlackAdapter

@@ -112,14 +112,17 @@ class Database:
         """Create or upgrade the tables; refuse a schema newer than this code."""
         async with self.engine.connect() as conn:
             if self.is_postgres:
-                if self.schema:
-                    await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
-                    await conn.commit()
+                # The lock first: CREATE SCHEMA IF NOT EXISTS is not safe against itself (two replicas starting
+                # together on a new schema both try to create it, and one fails on a unique violation).
                 await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_INIT_LOCK})
             try:
+                if self.is_postgres and self.schema:
+                    await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+                    await conn.commit()
                 await self._create_or_upgrade(conn)
             finally:
                 if self.is_postgres:
+                    await conn.rollback()  # a failed step leaves the transaction aborted: the unlock needs a new one
                     await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_INIT_LOCK})
                     await conn.commit()
 

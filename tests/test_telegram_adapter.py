@@ -132,7 +132,7 @@ async def test_start_checks_the_token_and_sets_the_command_menu(env: Env) -> Non
     assert [c.method for c in env.tg.calls] == ["getMe", "setMyCommands"]
     assert all(c.token == env.tg.token for c in env.tg.calls)  # base_url + token: {api_url}{token}/{method}
     commands = env.tg.called("setMyCommands")[0].params["commands"]
-    assert [c["command"] for c in commands] == ["incident", "ack", "oncall", "help", "start"] == list(COMMANDS)
+    assert [c["command"] for c in commands] == ["incident", "ack", "oncall", "swap", "help", "start"] == list(COMMANDS)
     assert all(0 < len(c["description"]) <= 256 for c in commands)
     assert env.adapter.bot.username == BOT["username"]
 

@@ -1,0 +1,751 @@
+"""Shift swaps with the counterpart's consent: `/swap`, its buttons and its expiry timer.
+
+`/swap PERSON [ROTATION] DATE|next` asks PERSON (the counterpart) to take the requester's shift: the
+stretch of the effective schedule the requester holds on DATE (a day in the rotation's time zone: the
+one of theirs that starts that day, else the one under way at its start), at a time (`2026-11-25T09:00`,
+in the requester's time zone), or their next one that has not started (`next`). A request is a
+`SwapRequest` row, an audit event, a `swap.expire` timer and two direct messages (Accept / Decline to
+the counterpart, Cancel to the requester), all in one transaction.
+
+    pending --accept--> accepted                  (the override is written)
+            --accept--> awaiting_approval --approve--> approved   (rotations[].swap_approval)
+                                          --reject---> declined
+    pending | awaiting_approval --decline (counterpart) / cancel (requester) / expiry--> declined | cancelled | expired
+    accepted | approved --undo (either side, before it starts)--> undone   (the override is cancelled)
+
+Taking a swap writes one override: the counterpart covers [start, end) (a cover, not an exchange);
+a request for a stretch already under way covers what is left of it from the moment it is taken.
+Accepting or approving checks again that the requester still holds the whole stretch, so a swap
+never silently replaces a manager's override made in the meantime. Approval: the clicker must hold
+the role and must be neither the requester nor the counterpart, unless nobody else holds the role
+(then they may approve, and the audit event says `self_approved`). An accepted swap waiting for
+approval gets a fresh `swap_expiry` (never past the end of the shift) for the approvers.
+
+Every transition is a conditional change of the row read `FOR UPDATE` (PostgreSQL; SQLite's writes are
+serialised), so two clicks, on one replica or two, change a swap once; the second is told what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import or_, select
+
+from bot.actions import Action
+from bot.chat import ActionEvent, Button, CommandEvent, Reply
+from bot.clock import Clock
+from bot.config import Config, Person, Rotation
+from bot.dispatch import Dispatcher
+from bot.model import Actor
+from bot.rotations import Schedule, Shift, first_instant, shifts_between
+from bot.tables import table
+from handlers.handoffs import load_overrides
+from handlers.notify import queue_direct, queue_notice
+from handlers.oncall import Oncall, when
+from handlers.timers import TimerService
+from storage import timers as timer_store
+from storage.audit import AuditLog, Entry
+from storage.db import Database
+from storage.models import Override as OverrideRow
+from storage.models import SwapRequest
+
+log = logging.getLogger("chatops.swaps")
+
+USAGE = "/swap PERSON [ROTATION] DATE|next | /swap list | /swap cancel ID | /swap undo ID"
+EXPIRE = "swap.expire"
+PENDING, AWAITING, ACCEPTED, APPROVED = "pending", "awaiting_approval", "accepted", "approved"
+DECLINED, EXPIRED, CANCELLED, UNDONE = "declined", "expired", "cancelled", "undone"
+OPEN = (PENDING, AWAITING)  # waiting for someone
+TAKEN = (ACCEPTED, APPROVED)  # an override is in force
+NEXT_HORIZON = timedelta(days=366)  # how far `next` looks
+PLATFORMS = ("telegram", "slack", "teams")
+SUBCOMMANDS = ("list", "cancel", "undo", "accept", "decline", "approve", "reject")
+HELP = (f"Usage: `{USAGE}`.\n"
+        "`/swap bob dba-primary 2026-12-24` asks Bob to take your `dba-primary` shift on that day "
+        "(`next`: your next shift; ROTATION may be left out when you are in one rotation with them). "
+        "Bob gets Accept and Decline buttons; the request expires after the rotation's `swap_expiry` (24h). "
+        "`/swap accept|decline|approve|reject ID` do what the buttons do.")
+_MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_TIME = re.compile(r"^\d{1,2}:\d{2}$")
+_TICK = timedelta(microseconds=1)
+
+
+class BadInput(ValueError):
+    pass
+
+
+@dataclass
+class SwapHandlers:
+    db: Database
+    audit: AuditLog
+    config: Config
+    clock: Clock
+    view: Oncall
+    after_commit: Callable[[], None] | None = None  # wake the outbox and the timer tick
+    changed: Callable[[list[str]], Awaitable[Any]] | None = None  # a swap was taken or undone: replan handoffs
+    rotations: dict[str, Rotation] = field(init=False)
+    people: dict[str, Person] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rotations = {r.id: r for r in self.config.rotations}
+        self.people = {p.id: p for p in self.config.people}
+
+    def register(self, dispatcher: Dispatcher, timers: TimerService) -> None:
+        dispatcher.command("swap", usage=USAGE, help="ask someone to take your shift; list, cancel or undo swaps")(
+            self.swap)
+        # role=None: who may press each button depends on the swap, and is checked by its handler
+        for action, label, fn in ((Action.SWAP_ACCEPT, "Accept", self.accept),
+                                  (Action.SWAP_DECLINE, "Decline", self.decline),
+                                  (Action.SWAP_APPROVE, "Approve", self.approve),
+                                  (Action.SWAP_REJECT, "Reject", self.reject),
+                                  (Action.SWAP_CANCEL, "Cancel", self.cancel),
+                                  (Action.SWAP_UNDO, "Undo", self.undo)):
+            dispatcher.action(action, role=None, label=label)(_button(fn))
+        timers.handler(EXPIRE)(self.expire_timer)
+
+    # -- the command ----------------------------------------------------------------------------------
+
+    async def swap(self, event: CommandEvent, person: Person) -> Reply:
+        args = [a for a in event.args if a]
+        if not args or args[0].lower() in ("help", "-h", "--help"):
+            return Reply(HELP)
+        sub = args[0].lower()
+        if sub in SUBCOMMANDS:
+            if sub == "list":
+                return await self.listing(person) if len(args) == 1 else Reply("Usage: `/swap list`.")
+            swap_id = _swap_id(args[1:])
+            if swap_id is None:
+                return Reply(f"Usage: `/swap {sub} ID`, with the swap's number (`/swap list` shows yours).")
+            fn = {"cancel": self.cancel, "undo": self.undo, "accept": self.accept, "decline": self.decline,
+                  "approve": self.approve, "reject": self.reject}[sub]
+            return await fn(swap_id, person, event.actor)
+        return await self.request(event, person, args)
+
+    async def request(self, event: CommandEvent, person: Person, args: list[str]) -> Reply:
+        tokens = _join_date_time(args)
+        if len(tokens) not in (2, 3):
+            return Reply(f"Usage: `{USAGE}`, for example `/swap bob dba-primary 2026-12-24` or `/swap bob next`.")
+        counterpart = self.resolve(tokens[0])
+        if counterpart is None:
+            return Reply(f"I don't know {tokens[0]!r} (people in app.yaml: "
+                         f"{', '.join(p.id for p in self.config.people)}).")
+        if counterpart.id == person.id:
+            return Reply("You cannot swap with yourself: name the person who should take your shift.")
+        schedule, problem = self._rotation(person, counterpart, tokens[1] if len(tokens) == 3 else None)
+        if schedule is None:
+            return Reply(problem)
+        if counterpart.id not in schedule.members:
+            return Reply(f"{counterpart.name} is not a member of `{schedule.id}` (members: "
+                         f"{', '.join(schedule.members)}), so they cannot take a shift in it.")
+        now = self.clock.now()
+        tz = self._tz(person, schedule)
+        try:
+            stretch = await self._shift(schedule, person, tokens[-1], now, tz)
+        except BadInput as exc:
+            return Reply(str(exc))
+        assert stretch.start is not None
+        start, end = max(stretch.start, now), stretch.end
+        rotation = self.rotations[schedule.id]
+        actor = _actor(event.actor, person)
+        async with self.db.transaction() as session:
+            clash = (await session.execute(select(SwapRequest).where(
+                SwapRequest.rotation == schedule.id, SwapRequest.status.in_(OPEN),
+                SwapRequest.starts_at < end, SwapRequest.ends_at > start).order_by(SwapRequest.id))).scalars().first()
+            if clash is not None:
+                return Reply(f"That overlaps swap #{clash.id} ({self.name(clash.requester)} asked "
+                             f"{self.name(clash.counterpart)} to take `{clash.rotation}` from "
+                             f"{when(clash.starts_at, tz, now)} until {when(clash.ends_at, tz, now)}), which is still "
+                             f"{_status_words(clash.status)}. Wait for it, or cancel it with `/swap cancel {clash.id}`.")
+            swap = SwapRequest(rotation=schedule.id, requester=person.id, counterpart=counterpart.id, starts_at=start,
+                               ends_at=end, status=PENDING, created_at=now,
+                               expires_at=min(now + rotation.swap_expiry, end), requested_on=event.actor.platform)
+            session.add(swap)
+            await session.flush()
+            assert swap.id is not None
+            await self.audit.append_many(session, [Entry("swap.requested", actor, "swap", str(swap.id), now, {
+                **self._facts(swap), "expires_at": swap.expires_at.isoformat()})])
+            await timer_store.schedule(session, EXPIRE, swap.id, swap.expires_at, now, payload={"swap": swap.id})
+            approval = (f" Once you accept, someone with the `{rotation.swap_approval}` role approves it."
+                        if rotation.swap_approval else "")
+            self._direct(session, swap, swap.counterpart, now, "swap.requested",
+                         lambda z: (f"{person.name} asks you to take their `{schedule.id}` shift from "
+                                    f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} (swap #{swap.id})."
+                                    f"{approval} Please answer by {when(swap.expires_at, z, now)}."),
+                         [Button(Action.SWAP_ACCEPT, swap.id, label="Accept", style="primary"),
+                          Button(Action.SWAP_DECLINE, swap.id, label="Decline", style="danger")])
+            self._direct(session, swap, swap.requester, now, "swap.asked",
+                         lambda z: (f"You asked {counterpart.name} to take your `{schedule.id}` shift from "
+                                    f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} (swap #{swap.id}). "
+                                    f"I will tell you when they answer; the request expires "
+                                    f"{when(swap.expires_at, z, now)}."),
+                         [Button(Action.SWAP_CANCEL, swap.id, label="Cancel request",
+                                 confirm=f"Cancel swap #{swap.id}?")])
+            swap_id = swap.id
+        self._committed()
+        return Reply(f"Asked {counterpart.name} to take your `{schedule.id}` shift from {when(start, tz, now)} until "
+                     f"{when(end, tz, now)} (swap #{swap_id}); it expires "
+                     f"{when(min(now + rotation.swap_expiry, end), tz, now)}. `/swap cancel {swap_id}` cancels it.")
+
+    async def listing(self, person: Person) -> Reply:
+        """`/swap list`: your open swaps, your taken ones that have not ended, and the ones you may approve."""
+        now = self.clock.now()
+        approvable = [r.id for r in self.config.rotations if r.swap_approval and r.swap_approval in person.roles]
+        mine = or_(SwapRequest.requester == person.id, SwapRequest.counterpart == person.id)
+        async with self.db.sessions() as session:
+            query = select(SwapRequest).where(
+                or_(mine, SwapRequest.rotation.in_(approvable)),
+                or_(SwapRequest.status.in_(OPEN), SwapRequest.status.in_(TAKEN)),
+                SwapRequest.ends_at > now).order_by(SwapRequest.starts_at, SwapRequest.id)
+            swaps = list((await session.execute(query)).scalars().all())
+        swaps = [s for s in swaps if person.id in (s.requester, s.counterpart) or s.status == AWAITING]
+        if not swaps:
+            return Reply("You have no open or upcoming swaps. Ask for one with "
+                         "`/swap PERSON [ROTATION] DATE|next`.")
+        rows = []
+        for s in swaps:
+            schedule = self.view.schedules.get(s.rotation)
+            tz = self._tz(person, schedule) if schedule else ZoneInfo(self.config.timezone)
+            rows.append((f"#{s.id}", s.rotation, f"{self.name(s.counterpart)} for {self.name(s.requester)}",
+                         when(s.starts_at, tz, now), when(s.ends_at, tz, now), self._state(s, tz, now)))
+        text = table(["swap", "rotation", "who", "from", "until", "state"], rows)
+        return Reply(f"Your swaps:\n```\n{text}\n```\n`/swap cancel ID` withdraws a request of yours; "
+                     "`/swap undo ID` undoes a taken swap before it starts.")
+
+    # -- the transitions (buttons and subcommands) --------------------------------------------------
+
+    async def accept(self, swap_id: int, person: Person, actor: Actor) -> Reply:
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            swap = await _locked(session, swap_id)
+            if swap is None:
+                return Reply(f"There is no swap #{swap_id}.")
+            if person.id != swap.counterpart:
+                return Reply(f"Only {self.name(swap.counterpart)} can accept swap #{swap_id}.")
+            if swap.status != PENDING:
+                return Reply(self._settled(swap, person, now))
+            if now >= swap.expires_at:
+                await self._expire(session, swap, now)
+                return Reply(f"Swap #{swap_id} expired {self._when(swap.expires_at, person, swap, now)}; "
+                             f"{self.name(swap.requester)} can ask again.")
+            start = max(swap.starts_at, now)
+            problem = await self._holds(session, swap, start, person, now)
+            if problem:
+                return Reply(problem)
+            rotation = self.rotations.get(swap.rotation)
+            actor = _actor(actor, person)
+            swap.decided_at, swap.decided_by = now, person.id
+            if rotation is not None and rotation.swap_approval:
+                reply = await self._await_approval(session, swap, rotation, now, actor)
+            else:
+                await self._take(session, swap, start, now, actor, ACCEPTED, "swap.accepted")
+                reply = Reply(f"Accepted: you are on call for `{swap.rotation}` from "
+                              f"{self._when(swap.starts_at, person, swap, now)} until "
+                              f"{self._when(swap.ends_at, person, swap, now)} instead of {self.name(swap.requester)} "
+                              f"(swap #{swap_id}).")
+            rotation_id, taken = swap.rotation, swap.status in TAKEN
+        await self._after(rotation_id if taken else None)
+        return reply
+
+    async def decline(self, swap_id: int, person: Person, actor: Actor) -> Reply:
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            swap = await _locked(session, swap_id)
+            if swap is None:
+                return Reply(f"There is no swap #{swap_id}.")
+            if person.id != swap.counterpart:
+                return Reply(f"Only {self.name(swap.counterpart)} can decline swap #{swap_id}.")
+            if swap.status not in OPEN:
+                return Reply(self._settled(swap, person, now))
+            was = swap.status
+            swap.status, swap.decided_at, swap.decided_by = DECLINED, now, person.id
+            await timer_store.cancel(session, EXPIRE, swap.id, now)
+            await self.audit.append_many(session, [Entry("swap.declined", _actor(actor, person), "swap", str(swap_id),
+                                                         now, {**self._facts(swap), "was": was})])
+            self._direct(session, swap, swap.requester, now, "swap.declined",
+                         lambda z: (f"{person.name} declined to take your `{swap.rotation}` shift from "
+                                    f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} "
+                                    f"(swap #{swap_id}). It stays yours."))
+        await self._after(None)
+        return Reply(f"Declined swap #{swap_id}; {self.name(swap.requester)} is told.")
+
+    async def cancel(self, swap_id: int, person: Person, actor: Actor) -> Reply:
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            swap = await _locked(session, swap_id)
+            if swap is None:
+                return Reply(f"There is no swap #{swap_id}.")
+            if person.id != swap.requester:
+                return Reply(f"Only {self.name(swap.requester)}, who asked, can cancel swap #{swap_id}"
+                             + (" (you can decline it)." if person.id == swap.counterpart else "."))
+            if swap.status not in OPEN:
+                extra = f" `/swap undo {swap_id}` undoes it before it starts." if swap.status in TAKEN else ""
+                return Reply(self._settled(swap, person, now) + extra)
+            was = swap.status
+            swap.status, swap.decided_at, swap.decided_by = CANCELLED, now, person.id
+            await timer_store.cancel(session, EXPIRE, swap.id, now)
+            await self.audit.append_many(session, [Entry("swap.cancelled", _actor(actor, person), "swap",
+                                                         str(swap_id), now, {**self._facts(swap), "was": was})])
+            self._direct(session, swap, swap.counterpart, now, "swap.cancelled",
+                         lambda z: (f"{person.name} cancelled swap #{swap_id} (their `{swap.rotation}` shift from "
+                                    f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}): "
+                                    "nothing to do."))
+        await self._after(None)
+        return Reply(f"Cancelled swap #{swap_id}; {self.name(swap.counterpart)} is told.")
+
+    async def approve(self, swap_id: int, person: Person, actor: Actor) -> Reply:
+        return await self._review(swap_id, person, actor, approve=True)
+
+    async def reject(self, swap_id: int, person: Person, actor: Actor) -> Reply:
+        return await self._review(swap_id, person, actor, approve=False)
+
+    async def _review(self, swap_id: int, person: Person, actor: Actor, *, approve: bool) -> Reply:
+        verb = "approve" if approve else "reject"
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            swap = await _locked(session, swap_id)
+            if swap is None:
+                return Reply(f"There is no swap #{swap_id}.")
+            rotation = self.rotations.get(swap.rotation)
+            role = rotation.swap_approval if rotation is not None else None
+            if swap.status != AWAITING:
+                return Reply(self._settled(swap, person, now))
+            if role is None:  # app.yaml no longer asks for approval: the two of them may finish it
+                if person.id not in (swap.requester, swap.counterpart):
+                    return Reply(f"`{swap.rotation}` needs no approval any more; only {self.name(swap.requester)} "
+                                 f"or {self.name(swap.counterpart)} can {verb} swap #{swap_id}.")
+            else:
+                if role not in person.roles:
+                    return Reply(f"Only someone with the `{role}` role can {verb} swap #{swap_id}, and {person.name} "
+                                 f"has {_roles(person)}.")
+                allowed = self.approvers(role, swap)
+                if person.id not in {p.id for p in allowed}:
+                    return Reply(f"You are part of swap #{swap_id}, so someone else with the `{role}` role "
+                                 f"{verb}s it ({', '.join(p.name for p in allowed)}).")
+            if now >= swap.expires_at:
+                await self._expire(session, swap, now)
+                return Reply(f"Swap #{swap_id} expired {self._when(swap.expires_at, person, swap, now)} before "
+                             "anyone approved it.")
+            actor = _actor(actor, person)
+            self_approved = person.id in (swap.requester, swap.counterpart)
+            swap.approval_at, swap.approval_by = now, person.id
+            if approve:
+                start = max(swap.starts_at, now)
+                problem = await self._holds(session, swap, start, person, now)
+                if problem:
+                    return Reply(problem)
+                await self._take(session, swap, start, now, actor, APPROVED, "swap.approved",
+                                 {"self_approved": self_approved, "role": role})
+                reply = Reply(f"Approved swap #{swap_id}: {self.name(swap.counterpart)} covers `{swap.rotation}` for "
+                              f"{self.name(swap.requester)} from {self._when(swap.starts_at, person, swap, now)} until "
+                              f"{self._when(swap.ends_at, person, swap, now)}.")
+            else:
+                swap.status = DECLINED
+                await timer_store.cancel(session, EXPIRE, swap.id, now)
+                await self.audit.append_many(session, [Entry("swap.rejected", actor, "swap", str(swap_id), now, {
+                    **self._facts(swap), "role": role, "self_approved": self_approved})])
+                for who in (swap.requester, swap.counterpart):
+                    self._direct(session, swap, who, now, "swap.rejected",
+                                 lambda z: (f"{person.name} did not approve swap #{swap_id}: "
+                                            f"{self.name(swap.requester)} stays on call for `{swap.rotation}` from "
+                                            f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}."))
+                reply = Reply(f"Rejected swap #{swap_id}; {self.name(swap.requester)} and "
+                              f"{self.name(swap.counterpart)} are told.")
+            rotation_id = swap.rotation
+        await self._after(rotation_id if approve else None)
+        return reply
+
+    async def undo(self, swap_id: int, person: Person, actor: Actor) -> Reply:
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            swap = await _locked(session, swap_id)
+            if swap is None:
+                return Reply(f"There is no swap #{swap_id}.")
+            if person.id not in (swap.requester, swap.counterpart):
+                return Reply(f"Only {self.name(swap.requester)} or {self.name(swap.counterpart)} can undo swap "
+                             f"#{swap_id}.")
+            if swap.status not in TAKEN:
+                extra = (f" `/swap cancel {swap_id}` withdraws it." if swap.status in OPEN and person.id == swap.requester
+                         else "")
+                return Reply(self._settled(swap, person, now) + extra)
+            if now >= swap.starts_at:
+                return Reply(f"Swap #{swap_id} started {self._when(swap.starts_at, person, swap, now)}, so it can no "
+                             "longer be undone; someone with the `manager` role can still `/override` the rest.")
+            overrides = list((await session.execute(select(OverrideRow).where(
+                OverrideRow.id.in_(swap.override_ids), OverrideRow.cancelled_at.is_(None)))).scalars().all())
+            for row in overrides:
+                row.cancelled_at = now
+                session.add(row)
+            swap.status, swap.undone_at, swap.undone_by = UNDONE, now, person.id
+            await self.audit.append_many(session, [Entry("swap.undone", _actor(actor, person), "swap", str(swap_id),
+                                                         now, {**self._facts(swap),
+                                                               "overrides": [r.id for r in overrides]})])
+            other = swap.counterpart if person.id == swap.requester else swap.requester
+            self._direct(session, swap, other, now, "swap.undone",
+                         lambda z: (f"{person.name} undid swap #{swap_id}: {self.name(swap.requester)} is on call for "
+                                    f"`{swap.rotation}` from {when(swap.starts_at, z, now)} until "
+                                    f"{when(swap.ends_at, z, now)} again, not {self.name(swap.counterpart)}."))
+            self._notice(session, swap, now, lambda z: (
+                f"Swap #{swap_id} is undone: {self.name(swap.requester)} is on call for `{swap.rotation}` from "
+                f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} again."))
+            rotation_id = swap.rotation
+        await self._after(rotation_id)
+        return Reply(f"Undone: {self.name(swap.requester)} is on call for `{swap.rotation}` from "
+                     f"{self._when(swap.starts_at, person, swap, now)} until {self._when(swap.ends_at, person, swap, now)} "
+                     f"again (swap #{swap_id}).")
+
+    # -- the expiry timer --------------------------------------------------------------------------------
+
+    async def expire_timer(self, session: AsyncSession, timer: Any, now: datetime) -> None:
+        """`swap.expire`: a request (or an approval) nobody answered in time expires; the requester is told."""
+        swap = await _locked(session, int(timer.payload.get("swap", timer.subject)))
+        if swap is None or swap.status not in OPEN or now < swap.expires_at:
+            return  # answered, or given a later deadline (an accepted swap waiting for approval)
+        await self._expire(session, swap, now)
+
+    async def _expire(self, session: AsyncSession, swap: SwapRequest, now: datetime) -> None:
+        was = swap.status
+        swap.status, swap.decided_at = EXPIRED, now
+        if was == PENDING:
+            swap.decided_by = None
+        await timer_store.cancel(session, EXPIRE, swap.id or 0, now)
+        await self.audit.append_many(session, [Entry("swap.expired", Actor.system(), "swap", str(swap.id), now, {
+            **self._facts(swap), "was": was, "expires_at": swap.expires_at.isoformat()})])
+        if was == PENDING:
+            self._direct(session, swap, swap.requester, now, "swap.expired",
+                         lambda z: (f"Your swap #{swap.id} expired: {self.name(swap.counterpart)} did not answer by "
+                                    f"{when(swap.expires_at, z, now)}. Your `{swap.rotation}` shift from "
+                                    f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} stays yours."))
+            self._direct(session, swap, swap.counterpart, now, "swap.expired",
+                         lambda z: (f"Swap #{swap.id} ({self.name(swap.requester)}'s `{swap.rotation}` shift from "
+                                    f"{when(swap.starts_at, z, now)}) expired unanswered; its buttons do nothing now."))
+        else:
+            role = self.rotations[swap.rotation].swap_approval if swap.rotation in self.rotations else None
+            for who in (swap.requester, swap.counterpart):
+                self._direct(session, swap, who, now, "swap.expired",
+                             lambda z: (f"Swap #{swap.id} expired: nobody with the `{role}` role approved it by "
+                                        f"{when(swap.expires_at, z, now)}. {self.name(swap.requester)} stays on call "
+                                        f"for `{swap.rotation}` from {when(swap.starts_at, z, now)} until "
+                                        f"{when(swap.ends_at, z, now)}."))
+
+    # -- steps shared by the transitions ------------------------------------------------------------------
+
+    async def _await_approval(self, session: AsyncSession, swap: SwapRequest, rotation: Rotation, now: datetime,
+                              actor: Actor) -> Reply:
+        role = rotation.swap_approval
+        assert role is not None and swap.id is not None
+        swap.status = AWAITING
+        swap.expires_at = min(now + rotation.swap_expiry, swap.ends_at)  # the approvers' own window
+        await timer_store.cancel(session, EXPIRE, swap.id, now)
+        await timer_store.schedule(session, EXPIRE, swap.id, swap.expires_at, now, payload={"swap": swap.id})
+        approvers = self.approvers(role, swap)
+        await self.audit.append_many(session, [Entry("swap.accepted", actor, "swap", str(swap.id), now, {
+            **self._facts(swap), "needs_approval": role, "approvers": [p.id for p in approvers],
+            "expires_at": swap.expires_at.isoformat()})])
+        self._direct(session, swap, swap.requester, now, "swap.accepted",
+                     lambda z: (f"{self.name(swap.counterpart)} accepted swap #{swap.id} (your `{swap.rotation}` shift "
+                                f"from {when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}). It now waits "
+                                f"for approval by someone with the `{role}` role, until {when(swap.expires_at, z, now)}."),
+                     [Button(Action.SWAP_CANCEL, swap.id, label="Cancel request", confirm=f"Cancel swap #{swap.id}?")])
+        for approver in approvers:
+            self._direct(session, swap, approver.id, now, "swap.approval",
+                         lambda z: (f"{self.name(swap.counterpart)} agreed to take {self.name(swap.requester)}'s "
+                                    f"`{swap.rotation}` shift from {when(swap.starts_at, z, now)} until "
+                                    f"{when(swap.ends_at, z, now)} (swap #{swap.id}). It needs approval by someone "
+                                    f"with the `{role}` role, by {when(swap.expires_at, z, now)}."),
+                         [Button(Action.SWAP_APPROVE, swap.id, label="Approve", style="primary"),
+                          Button(Action.SWAP_REJECT, swap.id, label="Reject", style="danger")])
+        names = ", ".join(p.name for p in approvers)
+        return Reply(f"Accepted swap #{swap.id}. It needs approval by someone with the `{role}` role ({names}); "
+                     "I will tell you when it is approved.")
+
+    async def _take(self, session: AsyncSession, swap: SwapRequest, start: datetime, now: datetime, actor: Actor,
+                    status: str, action: str, details: dict[str, Any] | None = None) -> None:
+        """Write the override (the counterpart covers the stretch), record it, tell both sides and the channel."""
+        assert swap.id is not None
+        reason = f"swap #{swap.id}: {self.name(swap.counterpart)} covers for {self.name(swap.requester)}"
+        row = OverrideRow(rotation=swap.rotation, person=swap.counterpart, starts_at=start, ends_at=swap.ends_at,
+                          created_at=now, created_by=swap.requester, reason=reason)
+        session.add(row)
+        await session.flush()
+        assert row.id is not None
+        swap.starts_at, swap.status, swap.override_ids = start, status, [row.id]
+        await timer_store.cancel(session, EXPIRE, swap.id, now)
+        await self.audit.append_many(session, [
+            Entry(action, actor, "swap", str(swap.id), now, {**self._facts(swap), "override": row.id, **(details or {})}),
+            Entry("oncall.override", actor, "rotation", swap.rotation, now, {
+                "override": row.id, "person": swap.counterpart, "from": start.isoformat(),
+                "until": swap.ends_at.isoformat(), "reason": reason, "swap": swap.id})])
+        undo = [Button(Action.SWAP_UNDO, swap.id, label="Undo swap",
+                       confirm=f"Undo swap #{swap.id}? {self.name(swap.requester)} is on call again.")]
+        self._direct(session, swap, swap.requester, now, action,
+                     lambda z: (f"{self.name(swap.counterpart)} takes your `{swap.rotation}` shift from "
+                                f"{when(start, z, now)} until {when(swap.ends_at, z, now)} (swap #{swap.id}"
+                                + (", approved" if status == APPROVED else "") + "). Either of you can undo it "
+                                f"before it starts: the button, or `/swap undo {swap.id}`."), undo)
+        self._direct(session, swap, swap.counterpart, now, action,
+                     lambda z: (f"You are on call for `{swap.rotation}` from {when(start, z, now)} until "
+                                f"{when(swap.ends_at, z, now)} instead of {self.name(swap.requester)} (swap #{swap.id}"
+                                + (", approved" if status == APPROVED else "") + ")."), undo)
+        self._notice(session, swap, now, lambda z: (
+            f"{self.name(swap.counterpart)} covers `{swap.rotation}` for {self.name(swap.requester)} from "
+            f"{when(start, z, now)} until {when(swap.ends_at, z, now)} (swap #{swap.id})."))
+
+    async def _holds(self, session: AsyncSession, swap: SwapRequest, start: datetime, person: Person,
+                     now: datetime) -> str | None:
+        """Why the swap can no longer be taken (the requester does not hold all of it any more), or None."""
+        schedule = self.view.schedules.get(swap.rotation)
+        if schedule is None:
+            return f"The rotation `{swap.rotation}` is no longer in app.yaml; swap #{swap.id} cannot be taken."
+        if start >= swap.ends_at:
+            return f"The shift of swap #{swap.id} is over already."
+        overrides = await load_overrides(session, self.view, start, swap.ends_at, [swap.rotation])
+        others = [s for s in shifts_between(schedule, overrides, start, swap.ends_at) if s.person != swap.requester]
+        if not others:
+            return None
+        tz = self._tz(person, schedule)
+        first = others[0]
+        return (f"The schedule changed since swap #{swap.id} was asked for: {self.view.who(first)} is on call for "
+                f"`{swap.rotation}` from {when(max(first.start or start, start), tz, now)}, not "
+                f"{self.name(swap.requester)}. Nothing was changed; {self.name(swap.requester)} can cancel it "
+                "and ask again.")
+
+    def approvers(self, role: str, swap: SwapRequest) -> list[Person]:
+        """Who may approve: people with the role other than the two in the swap; them only if nobody else has it."""
+        holders = [p for p in self.config.people if role in p.roles]
+        others = [p for p in holders if p.id not in (swap.requester, swap.counterpart)]
+        return others or holders
+
+    def _direct(self, session: AsyncSession, swap: SwapRequest, person_id: str, now: datetime, event: str,
+                text: Callable[[ZoneInfo], str], buttons: Sequence[Button] = ()) -> None:
+        """A direct message about `swap`, its times in the person's time zone, on the platform it began on first."""
+        person = self.people.get(person_id)
+        schedule = self.view.schedules.get(swap.rotation)
+        tz = self._tz(person, schedule) if schedule else ZoneInfo(self.config.timezone)
+        order = [swap.requested_on] if swap.requested_on in PLATFORMS else []
+        order += [p for p in ((person.page_via if person else []) or PLATFORMS) if p not in order]
+        order += [p for p in PLATFORMS if p not in order]
+        queue_direct(session, person_id, text(tz), now, buttons=list(buttons), event=event, platforms=order)
+
+    def _notice(self, session: AsyncSession, swap: SwapRequest, now: datetime, text: Callable[[ZoneInfo], str]) -> None:
+        """A line in the rotation's channel, when it has one."""
+        rotation = self.rotations.get(swap.rotation)
+        schedule = self.view.schedules.get(swap.rotation)
+        if rotation is None or rotation.channel is None or schedule is None:
+            return
+        queue_notice(session, rotation.channel, text(schedule.tz), now, event="swap.notice")
+
+    async def _after(self, taken_or_undone: str | None) -> None:
+        self._committed()
+        if taken_or_undone is not None and self.changed is not None:
+            try:
+                await self.changed([taken_or_undone])
+            except Exception:  # planning runs again within minutes; the swap itself is committed
+                log.exception("replanning the handoffs of %s failed", taken_or_undone)
+
+    def _committed(self) -> None:
+        if self.after_commit is not None:
+            self.after_commit()
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def resolve(self, text: str) -> Person | None:
+        """A person by app.yaml id or name, a Slack mention (`<@U123|name>`, `<@U123>`), or a platform id
+        (Slack `U123`, Telegram's number, Teams' id), with or without a leading `@`."""
+        raw = text.strip()
+        m = _MENTION.match(raw)
+        if m is not None:
+            raw = m.group(1)
+        raw = raw.lstrip("@")
+        wanted = raw.casefold()
+        for p in self.config.people:
+            if wanted in (p.id.casefold(), p.name.casefold()):
+                return p
+        for p in self.config.people:
+            if raw in (p.slack, str(p.telegram) if p.telegram else None, p.teams):
+                return p
+        return None
+
+    def _rotation(self, person: Person, counterpart: Person, text: str | None) -> tuple[Schedule | None, str]:
+        if text is not None:
+            schedule = self.view.find(text)
+            return (schedule, "") if schedule is not None else (None, self.view.unknown(text))
+        mine = [s for s in self.view.schedules.values() if person.id in s.members]
+        both = [s for s in mine if counterpart.id in s.members]
+        if len(both) == 1:
+            return both[0], ""
+        if not mine:
+            return None, (f"You are not a member of any rotation; name one: `/swap {counterpart.id} ROTATION DATE`. "
+                          f"Known rotations: {self.view.known() or 'none'}.")
+        if not both:
+            return None, (f"{counterpart.name} is not a member of any of your rotations (yours: "
+                          f"{', '.join(f'`{s.id}`' for s in mine)}).")
+        return None, (f"Which rotation? You are both in {', '.join(f'`{s.id}`' for s in both)}: "
+                      f"`/swap {counterpart.id} ROTATION DATE|next`.")
+
+    async def _shift(self, schedule: Schedule, person: Person, text: str, now: datetime, tz: ZoneInfo) -> Shift:
+        """The stretch of `schedule` the requester holds that `text` (DATE, DATE-TIME or `next`) names."""
+        if text.lower() == "next":
+            found = await self._next_of(schedule, person.id, now)
+            if found is None:
+                raise BadInput(f"You have no shift in `{schedule.id}` in the next year.")
+            return found
+        zone = schedule.tz
+        if _DATE.match(text):
+            try:
+                day = date.fromisoformat(text)
+            except ValueError:
+                raise BadInput(_not_a_date(text, zone)) from None
+            today = now.astimezone(zone).date()
+            if day < today:
+                raise BadInput(f"{day.isoformat()} is in the past (today is {today.isoformat()} in {zone.key}).")
+            start = first_instant(datetime.combine(day, time()), zone)
+            end = first_instant(datetime.combine(day + timedelta(days=1), time()), zone)
+            stretches = await self._stretches(schedule, start, end)
+            held = [s for s in stretches if s.person == person.id]
+            mine = [s for s in held if s.end > now]
+            if not mine:
+                if held:
+                    raise BadInput(f"Your `{schedule.id}` shift on {day:%a} {day.day} {day:%b} is over already (it "
+                                   f"ended {when(held[-1].end, tz, now)}).")
+                others = ", ".join(dict.fromkeys(self.view.who(s) for s in stretches))
+                raise BadInput(f"You are not on call for `{schedule.id}` on {day:%a} {day.day} {day:%b} ({others} "
+                               f"is), so there is no shift of yours to swap." + await self._hint(schedule, person, now, tz))
+            starting = [s for s in mine if s.start is not None and s.start >= start]
+            return (starting or mine)[0]
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise BadInput(_not_a_date(text, zone)) from None
+        at = value.replace(tzinfo=tz) if value.tzinfo is None else value
+        if at < now:
+            raise BadInput(f"{when(at, tz, now)} is in the past.")
+        [stretch] = await self._stretches(schedule, at, at + _TICK)
+        if stretch.person != person.id:
+            raise BadInput(f"You are not on call for `{schedule.id}` at {when(at, tz, now)} ({self.view.who(stretch)} "
+                           "is), so there is no shift of yours to swap." + await self._hint(schedule, person, now, tz))
+        return stretch
+
+    async def _hint(self, schedule: Schedule, person: Person, now: datetime, tz: ZoneInfo) -> str:
+        upcoming = await self._next_of(schedule, person.id, now)
+        if upcoming is None or upcoming.start is None:
+            return ""
+        return f" Your next `{schedule.id}` shift starts {when(upcoming.start, tz, now)} (`next`)."
+
+    async def _stretches(self, schedule: Schedule, start: datetime, end: datetime) -> list[Shift]:
+        async with self.db.sessions() as session:
+            overrides = await load_overrides(session, self.view, start, end, [schedule.id])
+        return shifts_between(schedule, overrides, start, end)
+
+    async def _next_of(self, schedule: Schedule, person_id: str, now: datetime) -> Shift | None:
+        """The requester's first stretch that begins after `now`."""
+        span = schedule.shift * (len(schedule.members) + 1)
+        while True:
+            end = now + min(span, NEXT_HORIZON)
+            for s in await self._stretches(schedule, now, end):
+                if s.person == person_id and s.start is not None and s.start > now:
+                    return s
+            if span >= NEXT_HORIZON:
+                return None
+            span *= 4
+
+    def _tz(self, person: Person | None, schedule: Schedule) -> ZoneInfo:
+        return ZoneInfo(person.timezone) if person is not None and person.timezone else schedule.tz
+
+    def _when(self, at: datetime, person: Person, swap: SwapRequest, now: datetime) -> str:
+        schedule = self.view.schedules.get(swap.rotation)
+        tz = self._tz(person, schedule) if schedule else ZoneInfo(self.config.timezone)
+        return when(at, tz, now)
+
+    def name(self, person_id: str | None) -> str:
+        return self.view.name(person_id)
+
+    def _facts(self, swap: SwapRequest) -> dict[str, Any]:
+        return {"rotation": swap.rotation, "requester": swap.requester, "counterpart": swap.counterpart,
+                "from": swap.starts_at.isoformat(), "until": swap.ends_at.isoformat()}
+
+    def _settled(self, swap: SwapRequest, person: Person, now: datetime) -> str:
+        """What already happened to a swap that is not in the state the action needs."""
+        by = self.name
+        match swap.status:
+            case "pending":
+                return f"Swap #{swap.id} is still waiting for {by(swap.counterpart)} to answer."
+            case "awaiting_approval":
+                return f"Swap #{swap.id} was accepted by {by(swap.counterpart)} and is waiting for approval."
+            case "accepted":
+                return f"Swap #{swap.id} was already accepted by {by(swap.counterpart)}."
+            case "approved":
+                return f"Swap #{swap.id} was already approved by {by(swap.approval_by)}."
+            case "declined":
+                who = swap.approval_by if swap.approval_by else swap.decided_by
+                return f"Swap #{swap.id} was declined by {by(who)}."
+            case "expired":
+                return f"Swap #{swap.id} expired {self._when(swap.expires_at, person, swap, now)}."
+            case "cancelled":
+                return f"Swap #{swap.id} was cancelled by {by(swap.decided_by)}."
+            case "undone":
+                return f"Swap #{swap.id} was undone by {by(swap.undone_by)}."
+        return f"Swap #{swap.id} is {swap.status}."
+
+    def _state(self, swap: SwapRequest, tz: ZoneInfo, now: datetime) -> str:
+        if swap.status == PENDING:
+            return f"waiting for {self.name(swap.counterpart)} until {when(swap.expires_at, tz, now)}"
+        if swap.status == AWAITING:
+            role = self.rotations[swap.rotation].swap_approval if swap.rotation in self.rotations else None
+            return f"waiting for approval ({role}) until {when(swap.expires_at, tz, now)}"
+        return "taken (approved)" if swap.status == APPROVED else "taken"
+
+
+def _button(fn: Callable[[int, Person, Actor], Awaitable[Reply]]) -> Callable[[ActionEvent, Person], Awaitable[Reply]]:
+    async def handle(event: ActionEvent, person: Person) -> Reply:
+        return await fn(event.incident_id, person, event.actor)
+    handle.__name__ = fn.__name__
+    return handle
+
+
+async def _locked(session: AsyncSession, swap_id: int) -> SwapRequest | None:
+    """The swap, locked for this transaction (PostgreSQL `FOR UPDATE`; SQLite's writer lock is already held)."""
+    query = select(SwapRequest).where(SwapRequest.id == swap_id).with_for_update()
+    return (await session.execute(query.execution_options(populate_existing=True))).scalars().first()
+
+
+def _actor(actor: Actor, person: Person) -> Actor:
+    return Actor(actor.platform, actor.user_id, person.name, person.id)
+
+
+def _swap_id(args: Sequence[str]) -> int | None:
+    if len(args) != 1:
+        return None
+    text = args[0].lstrip("#")
+    return int(text) if text.isdigit() and 0 < int(text) < 10**18 else None
+
+
+def _join_date_time(args: Sequence[str]) -> list[str]:
+    """`2026-12-24 18:00` written as two words is one time."""
+    out: list[str] = []
+    for arg in args:
+        if out and _DATE.match(out[-1]) and _TIME.match(arg):
+            out[-1] = f"{out[-1]}T{arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _not_a_date(text: str, zone: ZoneInfo) -> str:
+    return (f"{text!r} is not a date: give DATE as `2026-12-24` (a day in {zone.key}), a time such as "
+            "`2026-12-24T09:00`, or `next` for your next shift.")
+
+
+def _status_words(status: str) -> str:
+    return "waiting for an answer" if status == PENDING else "waiting for approval"
+
+
+def _roles(person: Person) -> str:
+    return "the roles " + ", ".join(f"`{r}`" for r in person.roles) if person.roles else "no roles"

@@ -1,0 +1,475 @@
+"""Shift swaps end to end: `/swap` and its buttons through the fake Slack, on the harness's fake clock.
+
+The clock starts on Tuesday 24 Nov 2026, 04:00 UTC. dba-primary (weekly, Monday 09:00 Berlin) has Bob
+this week and Alice from Monday 30 Nov; web (12 hours from 09:00 New York, swaps need a `manager`'s
+approval) has Carol tonight. Dave is a manager outside both rotations; Erin is in none.
+
+Direct messages are outbox rows (`kind` direct, `channel` @person) queued in the transaction of the
+change; the tests read them there, with their buttons, as the outbox worker will deliver them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from sqlmodel import select
+
+from bot.actions import encode
+from bot.clock import FakeClock
+from storage import timers as timer_store
+from storage.models import AuditEvent, OutboxItem, Override, SwapRequest, Timer
+from tests.botkit import T0, Harness, bot_on, running_bot
+from tests.fake_slack import FakeSlack
+from tests.test_slack_flow import CLICK, Slack, button_values, slack_config, text_of
+
+PEOPLE = """
+people:
+  - {id: alice, name: Alice, roles: [responder], slack: U01ALICE, telegram: 111111}
+  - {id: bob, name: Bob, roles: [manager], slack: U02BOB}
+  - {id: carol, name: Carol, slack: U03CAROL}
+  - {id: dave, name: Dave, roles: [manager], slack: U04DAVE, timezone: Asia/Tokyo}
+  - {id: erin, name: Erin, slack: U05ERIN}
+"""
+ROTATIONS = """
+rotations:
+  - {id: dba-primary, members: [alice, bob], shift: 1w, handoff: "mon 09:00", start: 2026-11-02,
+     timezone: Europe/Berlin, channel: ops-slack, reminder: 0s}
+  - {id: web, members: [bob, carol], shift: 12h, handoff: "09:00", start: 2026-11-20, timezone: America/New_York,
+     swap_approval: manager, swap_expiry: 2h, reminder: 0s}
+"""
+ALICE, BOB, CAROL, DAVE, ERIN = "U01ALICE", "U02BOB", "U03CAROL", "U04DAVE", "U05ERIN"
+ALICE_NEXT = "from Mon 30 Nov 09:00 CET until Mon 7 Dec 09:00 CET"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def slack(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) -> AsyncIterator[Slack]:
+    async with FakeSlack() as fake, bot_on(request.param, tmp_path, pg_schema, slack_config(fake) + ROTATIONS,
+                                           people=PEOPLE) as h:
+        yield Slack(h, fake)
+
+
+@pytest.fixture
+async def on_sqlite(tmp_path: Path) -> AsyncIterator[Slack]:
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+                                                slack_config(fake) + ROTATIONS, people=PEOPLE) as h:
+        yield Slack(h, fake)
+
+
+# -- the test's hands and eyes ----------------------------------------------------------------------------
+
+async def say(s: Slack, text: str, user: str = ALICE, command: str = "/swap") -> str:
+    return (await s.answer(await s.command(command, text, user=user)))["text"]
+
+
+async def press(s: Slack, value: str, user: str) -> str:
+    """A click on a button of a direct message, signed the way Slack signs it; the ephemeral answer."""
+    s.clicks += 1
+    key = f"dm-click{s.clicks}"
+    payload: dict[str, Any] = json.loads(json.dumps(CLICK))
+    dm = "D" + user[1:]
+    payload["user"] = {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0FAKE"}
+    payload["channel"] = {"id": dm, "name": "directmessage"}
+    payload["container"].update(channel_id=dm, message_ts=f"1700000500.{s.clicks:06d}")
+    payload["message"]["ts"] = payload["container"]["message_ts"]
+    payload["response_url"] = s.fake.response_url(key)
+    action = payload["actions"][0]
+    action["value"], action["action_id"] = value, f"chatops:{value.split(':')[0]}"
+    action["action_ts"] = f"1700000500.{s.clicks:06d}"
+    status, _ = await s.event(urlencode({"payload": json.dumps(payload)}))
+    assert status == 200
+    answer = await s.answer(key)
+    assert answer["response_type"] == "ephemeral"
+    return answer["text"]
+
+
+async def directs(h: Harness, person: str) -> list[tuple[str, str, list[str]]]:
+    """Direct messages queued for a person: (event, text, button values)."""
+    async with h.bot.db.sessions() as session:
+        rows = (await session.execute(select(OutboxItem).where(OutboxItem.kind == "direct",
+                                                               OutboxItem.channel == f"@{person}")
+                                      .order_by(OutboxItem.id))).scalars().all()
+    return [(r.event, r.details["text"], [encode(b["action"], b["id"], b.get("arg") or "") for b in r.details["buttons"]])
+            for r in rows]
+
+
+async def notices(h: Harness) -> list[tuple[str, str, str]]:
+    async with h.bot.db.sessions() as session:
+        rows = (await session.execute(select(OutboxItem).where(OutboxItem.kind == "notice")
+                                      .order_by(OutboxItem.id))).scalars().all()
+    return [(r.channel, r.event, r.details["text"]) for r in rows]
+
+
+async def swaps(h: Harness) -> list[SwapRequest]:
+    async with h.bot.db.sessions() as session:
+        return list((await session.execute(select(SwapRequest).order_by(SwapRequest.id))).scalars().all())
+
+
+async def overrides(h: Harness) -> list[Override]:
+    async with h.bot.db.sessions() as session:
+        return list((await session.execute(select(Override).order_by(Override.id))).scalars().all())
+
+
+async def audit(h: Harness, prefix: str = "swap.") -> list[tuple[str, str | None, dict[str, Any]]]:
+    async with h.bot.db.sessions() as session:
+        events = (await session.execute(select(AuditEvent).order_by(AuditEvent.seq))).scalars().all()
+    return [(e.action, e.actor_person, e.details) for e in events
+            if e.action.startswith(prefix) or (prefix == "swap." and e.action == "oncall.override")]
+
+
+async def expiry_timers(h: Harness) -> list[tuple[str, str, datetime]]:
+    async with h.bot.db.sessions() as session:
+        rows = (await session.execute(select(Timer).where(Timer.kind == "swap.expire").order_by(Timer.id))).scalars().all()
+    return [(t.subject, t.status, t.due_at) for t in rows]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    block = text.split("```")[1].strip("\n")
+    return [re.split(r"\s{2,}", line.strip()) for line in block.splitlines()]
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+# -- the flows ----------------------------------------------------------------------------------------------
+
+async def test_a_swap_is_asked_in_a_dm_accepted_with_its_button_and_changes_who_is_on_call(slack: Slack) -> None:
+    s, h = slack, slack.h
+    asked = await say(s, "<@U02BOB|bob> dba-primary next")
+    assert asked == (f"Asked Bob to take your `dba-primary` shift {ALICE_NEXT} (swap #1); it expires "
+                     "Wed 25 Nov 05:00 CET. `/swap cancel 1` cancels it.")
+    [(event, text, buttons)] = await directs(h, "bob")
+    assert (event, buttons) == ("swap.requested", ["swok:1", "swno:1"])
+    assert text == (f"Alice asks you to take their `dba-primary` shift {ALICE_NEXT} (swap #1). "
+                    "Please answer by Wed 25 Nov 05:00 CET.")
+    [(_, mine, cancel)] = await directs(h, "alice")
+    assert cancel == ["swcx:1"] and mine.startswith("You asked Bob to take your `dba-primary` shift")
+    # the outbox worker delivers it: Bob's direct conversation with the bot, with the buttons
+    await s.fake.wait_for(lambda: s.posts("D02BOB") and s.posts("D01ALICE"), timeout=5)
+    [dm] = s.posts("D02BOB")
+    assert button_values(dm) == ["swok:1", "swno:1"] and "Alice asks you to take their" in text_of(dm)
+    [swap] = await swaps(h)
+    assert (swap.status, swap.requester, swap.counterpart, swap.requested_on) == ("pending", "alice", "bob", "slack")
+    assert (swap.starts_at, swap.ends_at) == (datetime(2026, 11, 30, 8, tzinfo=UTC), datetime(2026, 12, 7, 8, tzinfo=UTC))
+    assert await expiry_timers(h) == [("1", "pending", T0 + timedelta(hours=24))]
+    assert await overrides(h) == []
+
+    assert await press(s, "swok:1", ALICE) == "Only Bob can accept swap #1."
+    accepted = await press(s, "swok:1", BOB)
+    assert accepted == (f"Accepted: you are on call for `dba-primary` {ALICE_NEXT} instead of Alice (swap #1).")
+    [override] = await overrides(h)
+    assert (override.person, override.rotation, override.starts_at, override.ends_at, override.cancelled_at) == (
+        "bob", "dba-primary", swap.starts_at, swap.ends_at, None)
+    [swap] = await swaps(h)
+    assert (swap.status, swap.decided_by, swap.override_ids) == ("accepted", "bob", [override.id])
+    assert await expiry_timers(h) == [("1", "cancelled", T0 + timedelta(hours=24))]
+    table = table_rows(await say(s, "dba-primary", user=CAROL, command="/oncall"))
+    assert table[2][:3] == ["Bob (override)", "Mon 30 Nov 09:00 CET", "Mon 7 Dec 09:00 CET"]
+    assert "swap #1: Bob covers for Alice" in table[2][3]
+    # both are told, with an Undo button, and so is the rotation's channel
+    assert (await directs(h, "alice"))[-1] == (
+        "swap.accepted", f"Bob takes your `dba-primary` shift {ALICE_NEXT} (swap #1). Either of you can undo it "
+        "before it starts: the button, or `/swap undo 1`.", ["swun:1"])
+    assert (await directs(h, "bob"))[-1] == (
+        "swap.accepted", f"You are on call for `dba-primary` {ALICE_NEXT} instead of Alice (swap #1).", ["swun:1"])
+    assert await notices(h) == [("ops-slack", "swap.notice",
+                                 f"Bob covers `dba-primary` for Alice {ALICE_NEXT} (swap #1).")]
+    await s.fake.wait_for(lambda: s.posts() and len(s.posts("D01ALICE")) == 2, timeout=5)
+    assert f"Bob covers `dba-primary` for Alice {ALICE_NEXT} (swap #1)." in text_of(s.posts()[-1])
+    assert button_values(s.posts("D01ALICE")[-1]) == ["swun:1"]
+    assert [(a, who) for a, who, _ in await audit(h)] == [
+        ("swap.requested", "alice"), ("swap.accepted", "bob"), ("oncall.override", "bob")]
+    assert await press(s, "swok:1", BOB) == "Swap #1 was already accepted by Bob."  # a second click changes nothing
+    assert len(await overrides(h)) == 1
+
+    listed = await say(s, "list", user=BOB)
+    assert table_rows(listed)[1] == ["#1", "dba-primary", "Bob for Alice", "Mon 30 Nov 09:00 CET",
+                                     "Mon 7 Dec 09:00 CET", "taken"]
+
+
+async def test_an_accepted_swap_waits_for_a_manager_who_is_not_part_of_it(slack: Slack) -> None:
+    s, h = slack, slack.h
+    asked = await say(s, "bob web 2026-11-25", user=CAROL)  # the shift of Carol's that starts that day: the night
+    assert asked.startswith("Asked Bob to take your `web` shift from Wed 25 Nov 21:00 EST until Thu 26 Nov 09:00 EST "
+                            "(swap #1); it expires Tue 24 Nov 01:00 EST.")  # swap_expiry: 2h
+    [(_, text, _)] = await directs(h, "bob")
+    assert "Once you accept, someone with the `manager` role approves it." in text
+    h.clock.advance(timedelta(hours=1))
+    accepted = await press(s, "swok:1", BOB)
+    assert accepted == "Accepted swap #1. It needs approval by someone with the `manager` role (Dave); " \
+                       "I will tell you when it is approved."
+    [swap] = await swaps(h)
+    assert swap.status == "awaiting_approval" and await overrides(h) == []
+    assert swap.expires_at == T0 + timedelta(hours=3)  # the approvers get a fresh window
+    assert [(subject, status) for subject, status, _ in await expiry_timers(h)] == [("1", "cancelled"), ("1", "pending")]
+    [(event, text, buttons)] = await directs(h, "dave")  # Bob has the role too, but he is part of the swap
+    assert (event, buttons) == ("swap.approval", ["swapv:1", "swrej:1"])
+    assert "Bob agreed to take Carol's `web` shift from Thu 26 Nov 11:00 JST" in text  # Dave reads Tokyo time
+    assert (await directs(h, "carol"))[-1][0] == "swap.accepted"
+
+    async with h.bot.db.transaction() as session:  # a stray expiry timer due before the new deadline does nothing
+        await timer_store.schedule(session, "swap.expire", 1, h.clock.now(), h.clock.now(), payload={"swap": 1})
+    await h.bot.timers.tick()
+    assert [status for _, status, _ in await expiry_timers(h)] == ["cancelled", "pending", "done"]
+    assert (await swaps(h))[0].status == "awaiting_approval"
+
+    assert await press(s, "swapv:1", BOB) == ("You are part of swap #1, so someone else with the `manager` role "
+                                               "approves it (Dave).")
+    assert await press(s, "swapv:1", CAROL) == ("Only someone with the `manager` role can approve swap #1, and Carol "
+                                                 "has no roles.")
+    assert await press(s, "swok:1", BOB) == "Swap #1 was accepted by Bob and is waiting for approval."
+    approved = await press(s, "swapv:1", DAVE)
+    assert approved == ("Approved swap #1: Bob covers `web` for Carol from Thu 26 Nov 11:00 JST until "
+                        "Thu 26 Nov 23:00 JST.")
+    [override] = await overrides(h)
+    assert (override.person, override.starts_at) == ("bob", datetime(2026, 11, 26, 2, tzinfo=UTC))
+    [swap] = await swaps(h)
+    assert (swap.status, swap.approval_by) == ("approved", "dave")
+    assert [(a, who) for a, who, _ in await audit(h)] == [
+        ("swap.requested", "carol"), ("swap.accepted", "bob"), ("swap.approved", "dave"), ("oncall.override", "dave")]
+    approval = (await audit(h))[2][2]
+    assert (approval["self_approved"], approval["role"]) == (False, "manager")
+    assert "approved" in (await directs(h, "carol"))[-1][1] and (await directs(h, "carol"))[-1][2] == ["swun:1"]
+    assert await press(s, "swapv:1", DAVE) == "Swap #1 was already approved by Dave."
+
+
+async def test_a_manager_can_reject_and_an_unapproved_swap_expires(slack: Slack) -> None:
+    s, h = slack, slack.h
+    await say(s, "bob web 2026-11-25", user=CAROL)
+    await press(s, "swok:1", BOB)
+    assert await press(s, "swrej:1", DAVE) == "Rejected swap #1; Carol and Bob are told."
+    [swap] = await swaps(h)
+    assert (swap.status, swap.approval_by) == ("declined", "dave") and await overrides(h) == []
+    assert (await directs(h, "carol"))[-1][1].startswith("Dave did not approve swap #1: Carol stays on call for `web`")
+
+    await say(s, "bob web 2026-11-25", user=CAROL)  # again; this time nobody approves in time
+    await press(s, "swok:2", BOB)
+    h.clock.advance(timedelta(hours=2, seconds=1))
+    await h.bot.timers.tick()
+    await until(lambda: _status(h, 2, "expired"))
+    assert (await directs(h, "carol"))[-1][1].startswith("Swap #2 expired: nobody with the `manager` role approved it")
+    assert (await directs(h, "bob"))[-1][0] == "swap.expired"
+    assert await press(s, "swapv:2", DAVE) == "Swap #2 expired Tue 24 Nov 15:00 JST."
+    assert [a for a, _, _ in await audit(h)][-1] == "swap.expired" and await overrides(h) == []
+
+
+async def _status(h: Harness, swap_id: int, status: str) -> bool:
+    return any(sw.id == swap_id and sw.status == status for sw in await swaps(h))
+
+
+async def test_declining_tells_the_requester_and_changes_nothing(slack: Slack) -> None:
+    s, h = slack, slack.h
+    await say(s, "bob next")  # Alice is in one rotation with Bob: dba-primary
+    assert await press(s, "swno:1", ALICE) == "Only Bob can decline swap #1."
+    assert await press(s, "swno:1", BOB) == "Declined swap #1; Alice is told."
+    assert (await directs(h, "alice"))[-1] == (
+        "swap.declined", f"Bob declined to take your `dba-primary` shift {ALICE_NEXT} (swap #1). It stays yours.", [])
+    [swap] = await swaps(h)
+    assert (swap.status, swap.decided_by) == ("declined", "bob")
+    assert await overrides(h) == [] and (await expiry_timers(h))[0][1] == "cancelled"
+    assert await press(s, "swok:1", BOB) == "Swap #1 was declined by Bob."
+    assert [a for a, _, _ in await audit(h)] == ["swap.requested", "swap.declined"]
+
+
+async def test_only_the_requester_cancels_by_button_or_command(slack: Slack) -> None:
+    s, h = slack, slack.h
+    await say(s, "bob next")
+    assert await say(s, "cancel 1", user=BOB) == "Only Alice, who asked, can cancel swap #1 (you can decline it)."
+    assert await press(s, "swcx:1", ALICE) == "Cancelled swap #1; Bob is told."
+    assert (await directs(h, "bob"))[-1][0:2] == (
+        "swap.cancelled", f"Alice cancelled swap #1 (their `dba-primary` shift {ALICE_NEXT}): nothing to do.")
+    assert await press(s, "swok:1", BOB) == "Swap #1 was cancelled by Alice."
+    assert await say(s, "cancel #1") == "Swap #1 was cancelled by Alice."
+    await say(s, "bob next")  # a cancelled request no longer blocks a new one
+    assert await say(s, "cancel 2") == "Cancelled swap #2; Bob is told."
+    assert [a for a, _, _ in await audit(h)] == ["swap.requested", "swap.cancelled", "swap.requested", "swap.cancelled"]
+    assert await overrides(h) == []
+
+
+async def test_either_side_undoes_a_taken_swap_before_it_starts_and_not_after(slack: Slack) -> None:
+    s, h = slack, slack.h
+    await say(s, "bob next")
+    await press(s, "swok:1", BOB)
+    assert await say(s, "undo 1", user=CAROL) == "Only Alice or Bob can undo swap #1."
+    assert await say(s, "undo 1") == f"Undone: Alice is on call for `dba-primary` {ALICE_NEXT} again (swap #1)."
+    [override] = await overrides(h)
+    assert override.cancelled_at == T0
+    assert table_rows(await say(s, "dba-primary", command="/oncall"))[2][0] == "Alice"
+    assert (await directs(h, "bob"))[-1][0:2] == (
+        "swap.undone", f"Alice undid swap #1: Alice is on call for `dba-primary` {ALICE_NEXT} again, not Bob.")
+    assert (await notices(h))[-1] == ("ops-slack", "swap.notice",
+                                      f"Swap #1 is undone: Alice is on call for `dba-primary` {ALICE_NEXT} again.")
+    assert await press(s, "swun:1", BOB) == "Swap #1 was undone by Alice."
+    undone = [d for a, _, d in await audit(h) if a == "swap.undone"]
+    assert undone == [{"rotation": "dba-primary", "requester": "alice", "counterpart": "bob",
+                       "from": "2026-11-30T08:00:00+00:00", "until": "2026-12-07T08:00:00+00:00",
+                       "overrides": [override.id]}]
+
+    # Bob's own shift is under way: a swap of it covers the rest from when it is taken, and cannot be undone
+    asked = await say(s, "alice dba-primary 2026-11-24", user=BOB)
+    assert "from Tue 24 Nov 05:00 CET until Mon 30 Nov 09:00 CET (swap #2)" in asked
+    h.clock.advance(timedelta(minutes=30))
+    assert (await press(s, "swok:2", ALICE)).startswith(
+        "Accepted: you are on call for `dba-primary` from Tue 24 Nov 05:30 CET until Mon 30 Nov 09:00 CET")
+    assert table_rows(await say(s, "", command="/oncall"))[1][1] == "Alice (override)"
+    assert await press(s, "swun:2", BOB) == ("Swap #2 started Tue 24 Nov 05:30 CET, so it can no longer be undone; "
+                                             "someone with the `manager` role can still `/override` the rest.")
+
+
+async def test_an_unanswered_request_expires_and_the_requester_is_told(slack: Slack) -> None:
+    s, h = slack, slack.h
+    await say(s, "bob next")
+    h.clock.advance(timedelta(hours=23, minutes=59))
+    await h.bot.timers.tick()
+    assert (await swaps(h))[0].status == "pending"
+    h.clock.advance(timedelta(minutes=1))
+    await h.bot.timers.tick()
+    await until(lambda: _status(h, 1, "expired"))
+    assert (await directs(h, "alice"))[-1] == (
+        "swap.expired", "Your swap #1 expired: Bob did not answer by Wed 25 Nov 05:00 CET. Your `dba-primary` shift "
+        f"{ALICE_NEXT} stays yours.", [])
+    [expired] = [(who, d) for a, who, d in await audit(h) if a == "swap.expired"]
+    assert expired[0] is None and expired[1]["was"] == "pending"
+    assert await press(s, "swok:1", BOB) == "Swap #1 expired Wed 25 Nov 05:00 CET."
+    assert await overrides(h) == []
+
+
+async def test_a_click_after_the_deadline_expires_the_request_even_before_its_timer_runs(on_sqlite: Slack) -> None:
+    s, h = on_sqlite, on_sqlite.h
+    await say(s, "bob next")
+    await h.bot.timers.stop()  # the tick is late (a slow database, a restart under way)
+    h.clock.advance(timedelta(hours=25))
+    assert await press(s, "swok:1", BOB) == "Swap #1 expired Wed 25 Nov 05:00 CET; Alice can ask again."
+    assert (await swaps(h))[0].status == "expired" and await overrides(h) == []
+    assert [a for a, _, _ in await audit(h)] == ["swap.requested", "swap.expired"]
+
+
+async def test_a_restart_between_request_and_expiry_still_expires_it_once(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    async with FakeSlack() as fake:
+        async with running_bot(url, slack_config(fake) + ROTATIONS, people=PEOPLE) as h:
+            await say(Slack(h, fake), "bob next")
+        later = FakeClock(T0 + timedelta(hours=30))  # the bot was down when the request fell due
+        async with running_bot(url, slack_config(fake) + ROTATIONS, people=PEOPLE, clock=later) as h:
+            await until(lambda: _status(h, 1, "expired"))  # the first beat after start runs it
+            await h.bot.timers.tick()
+        async with running_bot(url, slack_config(fake) + ROTATIONS, people=PEOPLE, clock=later) as h:
+            await h.bot.timers.tick()
+            assert [a for a, _, _ in await audit(h)] == ["swap.requested", "swap.expired"]
+            assert [e for e, _, _ in await directs(h, "alice")] == ["swap.asked", "swap.expired"]
+            assert await expiry_timers(h) == [("1", "done", T0 + timedelta(hours=24))]
+
+
+async def test_swap_list_shows_mine_and_what_i_may_approve(slack: Slack) -> None:
+    s = slack
+    assert (await say(s, "list")).startswith("You have no open or upcoming swaps.")
+    await say(s, "bob next")
+    await say(s, "bob web 2026-11-25", user=CAROL)
+    await press(s, "swok:2", BOB)
+    mine = table_rows(await say(s, "list"))
+    assert mine == [["swap", "rotation", "who", "from", "until", "state"],
+                    ["#1", "dba-primary", "Bob for Alice", "Mon 30 Nov 09:00 CET", "Mon 7 Dec 09:00 CET",
+                     "waiting for Bob until Wed 25 Nov 05:00 CET"]]
+    dave_sees = table_rows(await say(s, "list", user=DAVE))
+    assert dave_sees[1:] == [["#2", "web", "Bob for Carol", "Thu 26 Nov 11:00 JST", "Thu 26 Nov 23:00 JST",
+                         "waiting for approval (manager) until Tue 24 Nov 15:00 JST"]]
+    assert [r[0] for r in table_rows(await say(s, "list", user=BOB))[1:]] == ["#2", "#1"]  # by start
+
+
+# -- precise answers to mistakes ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "user", "expected"), [
+    ("zed next", ALICE, "I don't know 'zed' (people in app.yaml: alice, bob, carol, dave, erin)."),
+    ("bob nightly next", ALICE, "There is no rotation `nightly`. Known rotations: `dba-primary`, `web`."),
+    ("bob dba-primary 2026-11-20", ALICE, "2026-11-20 is in the past (today is 2026-11-24 in Europe/Berlin)."),
+    ("bob dba-primary 2026-11-25", ALICE,
+     "You are not on call for `dba-primary` on Wed 25 Nov (Bob is), so there is no shift of yours to swap. "
+     "Your next `dba-primary` shift starts Mon 30 Nov 09:00 CET (`next`)."),
+    ("bob dba-primary 2026-11-30T08:00", ALICE,
+     "You are not on call for `dba-primary` at Mon 30 Nov 08:00 CET (Bob is), so there is no shift of yours to swap. "
+     "Your next `dba-primary` shift starts Mon 30 Nov 09:00 CET (`next`)."),
+    ("carol web 2026-11-23", BOB, "Your `web` shift on Mon 23 Nov is over already (it ended Mon 23 Nov 21:00 EST)."),
+    ("alice next", ALICE, "You cannot swap with yourself: name the person who should take your shift."),
+    ("<@U01ALICE> next", ALICE, "You cannot swap with yourself: name the person who should take your shift."),
+    ("carol dba-primary next", ALICE,
+     "Carol is not a member of `dba-primary` (members: alice, bob), so they cannot take a shift in it."),
+    ("erin next", ALICE, "Erin is not a member of any of your rotations (yours: `dba-primary`)."),
+    ("bob next", ERIN, "You are not a member of any rotation; name one: `/swap bob ROTATION DATE`. "
+                       "Known rotations: `dba-primary`, `web`."),
+    ("bob dba-primary tomorrow", ALICE,
+     "'tomorrow' is not a date: give DATE as `2026-12-24` (a day in Europe/Berlin), a time such as "
+     "`2026-12-24T09:00`, or `next` for your next shift."),
+    ("bob", ALICE, "Usage: `/swap PERSON [ROTATION] DATE|next | /swap list | /swap cancel ID | /swap undo ID`"),
+    ("cancel x", ALICE, "Usage: `/swap cancel ID`, with the swap's number (`/swap list` shows yours)."),
+    ("undo 99", ALICE, "There is no swap #99."),
+])
+async def test_mistakes_get_a_precise_answer_and_change_nothing(on_sqlite: Slack, text: str, user: str,
+                                                                expected: str) -> None:
+    answer = await say(on_sqlite, text, user=user)
+    assert answer.startswith(expected), answer
+    assert await swaps(on_sqlite.h) == [] and await audit(on_sqlite.h) == []
+    assert await directs(on_sqlite.h, "bob") == []
+
+
+async def test_a_request_overlapping_a_pending_one_is_refused(on_sqlite: Slack) -> None:
+    s = on_sqlite
+    await say(s, "bob next")
+    again = await say(s, "<@U02BOB|bob> dba-primary 2026-12-02")  # a day inside the same shift
+    assert again == ("That overlaps swap #1 (Alice asked Bob to take `dba-primary` from Mon 30 Nov 09:00 CET until "
+                     "Mon 7 Dec 09:00 CET), which is still waiting for an answer. Wait for it, or cancel it with "
+                     "`/swap cancel 1`.")
+    assert len(await swaps(s.h)) == 1
+    assert (await say(s, "bob dba-primary 2026-12-14")).startswith("Asked Bob")  # the shift after that is free
+
+
+async def test_people_are_found_by_id_name_mention_and_platform_id(on_sqlite: Slack) -> None:
+    swaps_ = on_sqlite.h.bot.swaps
+    found = {text: (p.id if p else None) for text in ("bob", "@Bob", "BOB", "<@U02BOB|bob>", "<@U02BOB>", "U02BOB",
+                                                       "111111", "@111111", "nobody", "<@U09NOBODY>")
+             for p in [swaps_.resolve(text)]}
+    assert found == {"bob": "bob", "@Bob": "bob", "BOB": "bob", "<@U02BOB|bob>": "bob", "<@U02BOB>": "bob",
+                     "U02BOB": "bob", "111111": "alice", "@111111": "alice", "nobody": None, "<@U09NOBODY>": None}
+
+
+async def test_when_only_the_two_of_them_hold_the_role_one_of_them_may_approve(tmp_path: Path) -> None:
+    people = """
+people:
+  - {id: alice, name: Alice, slack: U01ALICE}
+  - {id: bob, name: Bob, roles: [lead], slack: U02BOB}
+"""
+    rotations = """
+rotations:
+  - {id: dba-primary, members: [alice, bob], shift: 1w, handoff: "mon 09:00", start: 2026-11-02,
+     timezone: Europe/Berlin, swap_approval: lead, reminder: 0s}
+"""
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+                                                slack_config(fake) + rotations, people=people) as h:
+        s = Slack(h, fake)
+        await say(s, "bob next")
+        assert (await press(s, "swok:1", BOB)).startswith("Accepted swap #1. It needs approval by someone with the "
+                                                          "`lead` role (Bob)")
+        assert (await press(s, "swapv:1", BOB)).startswith("Approved swap #1")
+        [approved] = [d for a, _, d in await audit(h) if a == "swap.approved"]
+        assert approved["self_approved"] is True
+
+
+async def test_a_schedule_changed_since_the_request_is_not_silently_overridden(on_sqlite: Slack) -> None:
+    s, h = on_sqlite, on_sqlite.h
+    await say(s, "bob next")
+    put = await say(s, "dba-primary erin 2026-12-01 09:00 8h", user=BOB, command="/override")
+    assert put.startswith("Erin is on call for `dba-primary`")
+    answer = await press(s, "swok:1", BOB)
+    assert answer.startswith("The schedule changed since swap #1 was asked for: Erin (override) is on call for "
+                             "`dba-primary` from Tue 1 Dec 09:00 CET, not Alice. Nothing was changed")
+    assert (await swaps(h))[0].status == "pending" and len(await overrides(h)) == 1
