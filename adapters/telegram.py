@@ -66,6 +66,7 @@ COMMANDS: dict[str, str] = {
     "help": "What I can do",
     "start": "Your Telegram id, and whether it is linked to you",
 }
+ANSWER_WAIT_MAX = 10  # seconds a command's answer may wait for Telegram's flood control before it is given up
 SEND_OPTIONS: dict[str, Any] = {"parse_mode": ParseMode.HTML,
                                 "link_preview_options": LinkPreviewOptions(is_disabled=True)}
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?=\s|$)")
@@ -495,7 +496,14 @@ class TelegramAdapter:
         if event is None:
             return
         reply = await self._dispatch(self.dispatcher.handle_command(event))
-        await self._post(str(message.chat.id), str(message.message_id), self._reply_payload(reply))
+        payload = self._reply_payload(reply)
+        try:
+            await self._post(str(message.chat.id), str(message.message_id), payload)
+        except DeliveryError as exc:  # flood control: the person is waiting for this answer, so wait a little
+            if not exc.retry_after or exc.retry_after > ANSWER_WAIT_MAX:
+                raise
+            await asyncio.sleep(exc.retry_after)
+            await self._post(str(message.chat.id), str(message.message_id), payload)
 
     async def _dispatch(self, work: Coroutine[Any, Any, Reply | None]) -> Reply | None:
         try:
