@@ -38,7 +38,7 @@ from bot.model import Actor
 from bot.view import incident_card, thread_line
 from handlers.escalation import Escalations
 from handlers.notify import button_from
-from handlers.paging import page_message, page_order, send_page
+from handlers.paging import Attempt, page_message, page_order, send_page
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem
@@ -314,7 +314,10 @@ class OutboxWorker:
         buttons = [button_from(spec) for spec in row.details.get("buttons") or []]
         order = row.details.get("platforms") or page_order(person)
         message = Outbound("text", {"text": text}, buttons, text=text)
-        attempt = await send_page(self.adapters, person, message, order)
+        attempt = await send_page(self.adapters, person, message, order, allow=self._budget)
+        if attempt.waiting:
+            await self._wait(row, attempt, self.clock.now())
+            return 1 if attempt.retry_after else 0
         if attempt.platform is not None:
             self.metrics.chat_calls.labels(attempt.platform, "direct", "ok").inc()
             await self._finish([row], "sent")
@@ -322,6 +325,19 @@ class OutboxWorker:
         problem = attempt.problem(person, self.adapters)
         await self._failed([row], problem, None, permanent=not attempt.transient)
         return 1
+
+    def _budget(self, platform: str, user_id: str) -> bool:
+        """A direct message spends from the person's private chat budget (and the platform's)."""
+        return self.buckets.allow(platform, user_id, edit=False, now=self._monotonic())
+
+    async def _wait(self, row: OutboxItem, attempt: Attempt, now: datetime) -> None:
+        """Rate-limited: the row waits (as long as the platform said), without counting as a failed try."""
+        if not attempt.retry_after:
+            return  # our own budget: the next round looks again
+        async with self.db.transaction() as session:
+            await session.execute(update(OutboxItem).where(OutboxItem.id == row.id, OutboxItem.status == "pending")
+                                  .values(due_at=now + timedelta(seconds=attempt.retry_after),
+                                          last_error=f"rate-limited; retrying in {attempt.retry_after:g}s"))
 
     async def _page(self, row: OutboxItem, now: datetime) -> int:
         """An escalation step's page: still wanted? send it, then say in the thread what happened and what is next."""
@@ -341,7 +357,11 @@ class OutboxWorker:
         step, total = row.details.get("step"), row.details.get("of")
         reason = f"Step {step} of {total} of the escalation. {after}".strip()
         attempt = await send_page(self.adapters, person, page_message(incident, alerts, person, self.config, now,
-                                                                      reason), page_order(person, business_hours=business))
+                                                                      reason), page_order(person, business_hours=business),
+                                  allow=self._budget)
+        if attempt.waiting:
+            await self._wait(row, attempt, now)
+            return 1 if attempt.retry_after else 0
         if attempt.platform is None and attempt.transient and row.attempts + 1 < PAGE_ATTEMPTS:
             await self._failed([row], attempt.problem(person, self.adapters), None, permanent=False)
             return 1

@@ -9,7 +9,7 @@ so whoever pages (a person, or the escalation) can move on at once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -56,15 +56,21 @@ class Attempt:
     platform: str | None
     tried: list[str]
     transient: bool  # some platform failed in a way that may pass (rate limit, network, 5xx)
+    waiting: bool = False  # the first platform able to take it is rate-limited now: try again later, not elsewhere
+    retry_after: float | None = None  # what the platform said about when (None: our own budget is spent)
 
     def problem(self, person: Person, adapters: Mapping[str, Adapter]) -> str:
         return "; ".join(self.tried) or (f"{person.name} has no id in app.yaml for a platform that is on "
                                          f"(on: {', '.join(sorted(adapters)) or 'none'})")
 
 
-async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Outbound,
-                    order: Sequence[str]) -> Attempt:
-    """Try the platforms in `order` that are on and know the person; the first that takes it wins."""
+async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Outbound, order: Sequence[str],
+                    allow: Callable[[str, str], bool] | None = None) -> Attempt:
+    """Try the platforms in `order` that are on and know the person; the first that takes it wins.
+
+    With `allow(platform, user_id)` (a rate budget), a platform whose budget is spent, or that answers
+    "too many requests", is waited for rather than skipped: the person chose that order.
+    """
     tried: list[str] = []
     transient = False
     for platform in order:
@@ -73,9 +79,13 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
         pager = getattr(adapter, "page", None)
         if user_id is None or pager is None:
             continue
+        if allow is not None and not allow(platform, str(user_id)):
+            return Attempt(None, tried, True, waiting=True)
         try:
             await pager(str(user_id), message)
         except DeliveryError as exc:
+            if allow is not None and exc.retry_after:
+                return Attempt(None, tried, True, waiting=True, retry_after=exc.retry_after)
             tried.append(f"{platform}: {exc}")
             transient = transient or not exc.permanent
             continue

@@ -57,6 +57,7 @@ class TimerService:
         self._again = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.TimerHandle | None = None
+        self._claimed_at: datetime | None = None  # the `now` of the last claim
         self._stalled_logged = 0.0
         self._running = False
         self._jobs: list[tuple[Callable[[], Awaitable[None]], float, str]] = []
@@ -143,11 +144,14 @@ class TimerService:
                 fired += n
                 if not (full or self._again) or not self._running:
                     break
-            await self._plan_wakeup()
+            try:
+                await self._plan_wakeup()
+            except Exception:  # e.g. the database went away: the next beat plans again
+                log.exception("timer tick: cannot plan the next wakeup; the next beat will")
         return fired
 
     async def _round(self) -> tuple[int, bool]:
-        now = self.clock.now()
+        now = self._claimed_at = self.clock.now()
         async with self.db.transaction() as session:
             claimed = await store.claim(session, self.replica, now, self.lease, self.batch)
         fired = 0
@@ -190,12 +194,16 @@ class TimerService:
         return 1
 
     async def _plan_wakeup(self) -> None:
-        """Sleep until the next due time when it comes before the next beat; report stalled timers."""
+        """Sleep until the next due time when it comes before the next beat; report stalled timers.
+
+        A timer that fell due after the last claim (while this beat ran its timers) runs at once, not at the
+        next beat. One that was already due at the last claim and still is not taken (its claim failed, its lease
+        lapsed mid-run) waits for the beat, so the tick never spins on a timer it cannot take."""
         if not self._running:
             return
         now = self.clock.now()
         async with self.db.sessions() as session:
-            upcoming = await store.next_due(session)
+            upcoming = await store.next_due(session, now)
             stalled = await store.overdue(session, now - STALLED_AFTER)
         self.metrics.timers_overdue.set(stalled)
         if stalled and time.monotonic() - self._stalled_logged > 60:
@@ -208,8 +216,9 @@ class TimerService:
             self._wakeup = None
         if upcoming is not None:
             delay = (upcoming - now).total_seconds()
-            if 0 < delay < self.interval:
-                self._wakeup = asyncio.get_running_loop().call_later(delay, self.nudge)
+            fresh = self._claimed_at is None or upcoming > self._claimed_at
+            if delay < self.interval and (delay > 0 or fresh):
+                self._wakeup = asyncio.get_running_loop().call_later(max(0.0, delay), self.nudge)
 
 
 class _LostLease(Exception):

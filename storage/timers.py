@@ -98,8 +98,13 @@ async def release_leases(session: AsyncSession) -> int:
     return int(result.rowcount or 0)
 
 
-async def next_due(session: AsyncSession) -> datetime | None:
-    return (await session.execute(select(func.min(TIMERS.c.due_at)).where(TIMERS.c.status == PENDING))).scalar()
+async def next_due(session: AsyncSession, now: datetime | None = None) -> datetime | None:
+    """The earliest due time of a pending timer; with `now`, of one no replica holds a live lease on (a leased
+    timer is being run elsewhere, and one whose lease lapses is taken back by a beat)."""
+    query = select(func.min(TIMERS.c.due_at)).where(TIMERS.c.status == PENDING)
+    if now is not None:
+        query = query.where(or_(TIMERS.c.lease_until.is_(None), TIMERS.c.lease_until < now))
+    return (await session.execute(query)).scalar()
 
 
 async def overdue(session: AsyncSession, before: datetime) -> int:

@@ -316,3 +316,14 @@ async def test_an_overdue_timer_shows_in_metrics(tmp_path: Path) -> None:
         body = await (await w.h.client.get("/metrics")).text()
         assert "chatops_timers_overdue 0.0" in body
         assert 'chatops_timers_fired_total{kind="escalation.step",outcome="ok"} 2.0' in body
+
+
+async def test_a_burst_of_pages_to_one_person_is_paced_not_lost(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        for n in range(6):  # six incidents at once: Bob is on call for all of them
+            body = {"asset_name": f"db-{n}", "signature": "DiskFull", "severity": "critical",
+                    "message": f"Disk almost full on db-{n}", "tool_source": "zabbix"}
+            assert (await w.h.post("open", body))[0] == 200
+        await until(lambda: len(w.pages(BOB_TG)) == 6, "six pages, a second apart after the first three", 20)
+        assert not await w.audit("incident.page_failed")
+        assert sorted(e.incident_id for e in await w.audit("incident.paged")) == [1, 2, 3, 4, 5, 6]
