@@ -1,6 +1,7 @@
 """Alert ingest throughput and latency: the bot's whole path against a bare handler and Alertmanager.
 
     python bench/ingest.py [--alerts N] [--concurrency C] [--groups K] [--rate R] [--skip-alertmanager]
+                           [--writer process|thread]
 
 Sends the same stream of N generic alerts (spread over K incidents) over C
 keep-alive connections to, each in its own process on 127.0.0.1:
@@ -11,6 +12,12 @@ keep-alive connections to, each in its own process on 127.0.0.1:
 With --rate R the bot also gets a paced run at R alerts/s; its latency counts from each
 request's scheduled time, so falling behind shows in p99. Afterwards the SQLite file is
 checked: every 2xx from the bot must be a committed alert.
+
+The bot runs with `storage.writer: process` (its SQLite transactions in a writer process;
+`--writer thread` for the default writer thread). Besides alerts/s and latency, each target's
+CPU time per accepted alert is shown (its process and children, from /proc; "client cpu" is
+this load generator's): on a machine shared with other work, alerts/s of the two phases move
+with the load while CPU per alert stays put.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import socket
 import sqlite3
@@ -63,6 +71,8 @@ class Result:
     elapsed: float = 0.0
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
+    server_cpu: float = 0.0  # CPU seconds the target used (its process and its children), user + system
+    client_cpu: float = 0.0  # CPU seconds this load generator used
 
     @property
     def ok(self) -> int:
@@ -76,6 +86,10 @@ class Result:
         xs = sorted(self.latencies)
         return xs[min(len(xs) - 1, int(len(xs) * p))] * 1000 if xs else float("nan")
 
+    def cpu_ms(self, seconds: float) -> float:
+        """CPU milliseconds per accepted alert: steadier than alerts/s on a machine shared with other work."""
+        return seconds * 1000 / self.ok if self.ok else float("nan")
+
     @property
     def errors(self) -> str:
         bad = {s: n for s, n in self.statuses.items() if not s.startswith("2")}
@@ -86,6 +100,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system, every thread) of `pid` and its live descendants; 0 where /proc is missing."""
+    if pid is None:
+        return 0.0
+    total, todo, seen = 0.0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
 
 
 def alert(i: int, groups: int, tag: str) -> dict[str, str]:
@@ -131,9 +170,13 @@ async def progress(res: Result, total: int, started: float) -> None:
         print(f"  {res.target}: {res.sent:,}/{total:,} sent, {res.ok / t:,.0f}/s ok so far, errors {res.errors}", flush=True)
 
 
-async def run(target: str, url: str, reqs: list[Request], concurrency: int, rate: float | None = None) -> Result:
-    """Closed loop with C workers, or (rate) open loop: request i is due at i/rate, latency counted from then."""
+async def run(target: str, url: str, reqs: list[Request], concurrency: int, rate: float | None = None,
+              pid: int | None = None) -> Result:
+    """Closed loop with C workers, or (rate) open loop: request i is due at i/rate, latency counted from then.
+
+    `pid`: the target's process, whose CPU time (with its children's) is measured over the run."""
     res = Result(target)
+    server_cpu0, client_cpu0 = process_cpu(pid), time.process_time()
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
         started = time.perf_counter()
@@ -165,6 +208,7 @@ async def run(target: str, url: str, reqs: list[Request], concurrency: int, rate
         finally:
             ticker.cancel()
         res.elapsed = time.perf_counter() - started
+    res.server_cpu, res.client_cpu = process_cpu(pid) - server_cpu0, time.process_time() - client_cpu0
     return res
 
 
@@ -204,6 +248,8 @@ async def main() -> int:
     parser.add_argument("--groups", type=int, default=200)
     parser.add_argument("--rate", type=float, help="also a paced run at this many alerts/s (e.g. 1000)")
     parser.add_argument("--skip-alertmanager", action="store_true")
+    parser.add_argument("--writer", choices=("thread", "process"), default="process",
+                        help="the bot's storage.writer: where its SQLite transactions run (default: process)")
     args = parser.parse_args()
     n, c, k = args.alerts, args.concurrency, args.groups
     tmp = Path(tempfile.mkdtemp(prefix="chatops-ingest-"))
@@ -215,7 +261,7 @@ async def main() -> int:
         bot_port, bare_port = free_port(), free_port()
         config = {
             "server": {"host": "127.0.0.1", "port": bot_port},
-            "storage": {"url": f"sqlite+aiosqlite:///{tmp}/bot.db"},
+            "storage": {"url": f"sqlite+aiosqlite:///{tmp}/bot.db", "writer": args.writer},
             "audit": {"hmac_key": "bench"},
             "channels": [{"id": "ops", "platform": "slack", "chat": "C0OPS"}],
             "sources": [{"id": "bench", "kind": "generic", "auth": {"hmac_secret": SECRET}}],
@@ -228,12 +274,15 @@ async def main() -> int:
         procs.append(bare)
         await wait_ready(f"http://127.0.0.1:{bot_port}/healthz", bot, "bot", bot_log)
         await wait_ready(f"http://127.0.0.1:{bare_port}/healthz", bare, "bare handler", bare_log)
-        print(f"{n:,} alerts over {k} incidents, {c} connections; logs and SQLite in {tmp}", flush=True)
+        print(f"{n:,} alerts over {k} incidents, {c} connections, storage.writer {args.writer}; "
+              f"logs and SQLite in {tmp}", flush=True)
 
         print("bot: sending", flush=True)
-        results.append(await run("bot", f"http://127.0.0.1:{bot_port}/alerts/bench", bot_requests(n, k, "run"), c))
+        results.append(await run("bot", f"http://127.0.0.1:{bot_port}/alerts/bench", bot_requests(n, k, "run"), c,
+                                   pid=bot.pid))
         print("bare handler: sending", flush=True)
-        results.append(await run("bare handler", f"http://127.0.0.1:{bare_port}/alerts", bot_requests(n, k, "bare"), c))
+        results.append(await run("bare handler", f"http://127.0.0.1:{bare_port}/alerts", bot_requests(n, k, "bare"), c,
+                                   pid=bare.pid))
 
         am_note = None
         am_bin = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
@@ -250,20 +299,24 @@ async def main() -> int:
             procs.append(am)
             await wait_ready(f"http://127.0.0.1:{am_port}/-/ready", am, "alertmanager", am_log)
             print("alertmanager: sending", flush=True)
-            results.append(await run("alertmanager", f"http://127.0.0.1:{am_port}/api/v2/alerts", am_requests(n, k), c))
+            results.append(await run("alertmanager", f"http://127.0.0.1:{am_port}/api/v2/alerts", am_requests(n, k), c,
+                                     pid=am.pid))
 
         if args.rate:
             paced_n = min(n, int(args.rate * 30))
             print(f"bot, paced at {args.rate:,.0f}/s: sending {paced_n:,}", flush=True)
             results.append(await run(f"bot @ {args.rate:,.0f}/s", f"http://127.0.0.1:{bot_port}/alerts/bench",
-                                     bot_requests(paced_n, k, "paced"), c, rate=args.rate))
+                                     bot_requests(paced_n, k, "paced"), c, rate=args.rate,
+                                     pid=bot.pid))
 
         accepted = sum(r.ok for r in results if r.target.startswith("bot"))
         in_alerts, in_audit = committed(tmp / "bot.db")  # read while the bot still runs: a 2xx must already be there
 
-        print(f"\n{'target':<18} {'sent':>7} {'alerts/s':>9} {'p50 ms':>8} {'p99 ms':>8}  errors")
+        print(f"\n{'target':<18} {'sent':>7} {'alerts/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/alert':>13} "
+              f"{'client cpu':>10}  errors")
         for r in results:
-            print(f"{r.target:<18} {r.sent:>7,} {r.rate:>9,.0f} {r.pct(0.50):>8.1f} {r.pct(0.99):>8.1f}  {r.errors}")
+            print(f"{r.target:<18} {r.sent:>7,} {r.rate:>9,.0f} {r.pct(0.50):>8.1f} {r.pct(0.99):>8.1f} "
+                  f"{r.cpu_ms(r.server_cpu):>13.3f} {r.cpu_ms(r.client_cpu):>10.3f}  {r.errors}")
         if am_note:
             print(am_note)
         by = {r.target: r for r in results}

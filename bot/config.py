@@ -68,6 +68,7 @@ class ServerConfig(Section):
 class StorageConfig(Section):
     url: str = "sqlite+aiosqlite:///./chatops.db"
     schema_name: str | None = Field(None, alias="schema", pattern=r"^[a-z_][a-z0-9_]*$")
+    writer: Literal["thread", "process"] = "thread"  # where alert intake's SQLite transactions run (handlers/intake.py)
 
     @field_validator("url")
     @classmethod

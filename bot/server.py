@@ -59,7 +59,8 @@ class Bot:
         self.timers = TimerService(db=self.db, clock=self.clock, metrics=self.metrics, after_commit=self.outbox.nudge)
         self.escalations.register(self.timers)
         self.intake = Intake(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
-                             after_commit=self._changed, on_open=self.escalations.start_all)
+                             after_commit=self.outbox.nudge, timers_due=self.timers.nudge,
+                             on_open=self.escalations.start_all, writer=self.config.storage.writer)
         self.alerts = AlertEndpoint(loaded=loaded, intake=self.intake, clock=self.clock, metrics=self.metrics)
         ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
                      delivered=self._changed, adapters=self.adapters,
@@ -99,6 +100,7 @@ class Bot:
         """Open the store and start the background workers."""
         await self.db.start()
         self.intake.start()
+        await self.intake.ready()
         for name, adapter in list(self.adapters.items()):
             starting = getattr(adapter, "start", None)
             try:

@@ -102,6 +102,9 @@ class AlertEndpoint:
             assert isinstance(source.auth, HmacAuth)
             self.replays.remember(signature, now.timestamp() + source.auth.max_skew.total_seconds())
         self.metrics.observe_intake(source_id, time.perf_counter() - started)
+        if outcome.encoded is not None:  # the writer process encoded it: what json_response would send
+            return web.Response(body=outcome.encoded, status=outcome.status, headers=headers,
+                                content_type="application/json", charset="utf-8")
         return web.json_response(outcome.body, status=outcome.status, headers=headers, dumps=_dumps)
 
 

@@ -5,12 +5,25 @@ takes everything queued, applies it in arrival order in a single transaction
 (alerts, incidents, audit events, outbox rows, delivery ids) and commits; only
 then does each request get its answer. If the transaction fails, every
 request in it gets the error (503), and nothing of it was written.
+
+Where the transaction runs (`storage.writer`): on PostgreSQL on the event loop;
+on a SQLite file in the dedicated writer thread (`thread`, the default) or in a
+writer process (`process`, see storage/writer.py): the same `Intake._apply`, on
+an interpreter lock of its own. The process gets each batch with the `now` to use
+(the clock stays here) and answers with the outcomes and what `_answer` needs
+(fresh submissions, audit events, time-to-resolve observations, escalations
+started); metrics and the commit hooks run here. If it dies, what it had not
+answered gets 503 and the next batch starts another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
+import pickle
+import traceback
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,21 +40,39 @@ from bot.metrics import Metrics
 from bot.model import Actor
 from bot.routing import group_key, select_routes, silenced_by
 from storage.audit import AuditLog, Entry
-from storage.db import Database
+from storage.db import Database, sqlite_writer_engine
 from storage.models import AlertRecord, Delivery, Incident, OutboxItem
-from storage.rows import Json, Rows, json_text
+from storage.rows import Json, Rows, fast_encoder, json_text
+from storage.writer import WriterGone, WriterProcess
 
 log = logging.getLogger("chatops.intake")
 THREAD_LINE_DELAY = timedelta(seconds=30)
 RESENDING_KINDS = ("alertmanager", "grafana")  # senders that repeat a whole group's alerts in each notification
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
+WRITERS = ("thread", "process")
+_dumps = fast_encoder(json.JSONEncoder())  # json.dumps: what the HTTP answer's body is
+_UNAVAILABLE = "the database is unavailable; nothing was stored, retry later"
+_INTERNAL = "internal error; nothing was stored"
 
 
-@dataclass
 class Outcome:
-    status: int
-    body: dict[str, Any]
-    replayed: bool = False
+    """A submission's answer: HTTP status and JSON body. From the writer process the body comes already encoded
+    (`encoded`, what json.dumps writes), and is decoded only if someone reads `body`."""
+
+    __slots__ = ("status", "_body", "replayed", "encoded")
+
+    def __init__(self, status: int, body: dict[str, Any] | None = None, replayed: bool = False, *,
+                 encoded: bytes | None = None):
+        self.status, self._body, self.replayed, self.encoded = status, body, replayed, encoded
+
+    @property
+    def body(self) -> dict[str, Any]:
+        if self._body is None:
+            self._body = json.loads(self.encoded) if self.encoded is not None else {}
+        return self._body
+
+    def __repr__(self) -> str:
+        return f"Outcome({self.status}, {self.body!r}, replayed={self.replayed})"
 
 
 @dataclass
@@ -49,7 +80,7 @@ class Submission:
     source: Source
     alerts: list[Alert]
     delivery_id: str | None
-    future: asyncio.Future[Outcome]
+    future: asyncio.Future[Outcome] | None  # None in the writer process
 
 
 class _Row:
@@ -123,8 +154,8 @@ _INCIDENT_JSON = ("sources", "channels", "links")
 
 
 # What a committed batch reports: each request's outcome, the fresh submissions, the audit events written,
-# and (severity, seconds from open) of each incident its source resolved.
-_Result = tuple[list[Outcome], list[Submission], int, list[tuple[str, float]]]
+# (severity, seconds from open) of each incident its source resolved, and how many escalations it started.
+_Result = tuple[list[Outcome], list[Submission], int, list[tuple[str, float]], int]
 
 
 @dataclass
@@ -154,6 +185,7 @@ class _Batch:
     new_incidents: list[_Row] = field(default_factory=list)
     new_records: list[tuple[_Row, _Row]] = field(default_factory=list)
     resolved_after: list[tuple[str, float]] = field(default_factory=list)
+    escalations: int = 0  # escalations started (on_open): their first steps are timers due now
 
     def previous(self, key: str) -> int | None:
         """The newest earlier incident of this key (asked only when one opens, once a batch)."""
@@ -169,13 +201,28 @@ class _Batch:
 
 
 class Intake:
-    def __init__(self, *, db: Database, audit: AuditLog, config: Config, clock: Clock, metrics: Metrics,
-                 max_batch: int = 1000, after_commit: Callable[[], None] | None = None,
-                 on_open: Callable[[Connection, list[tuple[int, str]], datetime], None] | None = None):
+    def __init__(self, *, db: Database | None, audit: AuditLog, config: Config, clock: Clock | None,
+                 metrics: Metrics | None, max_batch: int = 1000, after_commit: Callable[[], None] | None = None,
+                 timers_due: Callable[[], None] | None = None,
+                 on_open: Callable[[Connection, list[tuple[int, str]], datetime], None] | None = None,
+                 writer: str = "thread"):
+        """`after_commit` runs after every commit (e.g. wake the outbox worker); `timers_due` after a commit that
+        started escalations (their first steps are timers due now: wake the timer tick). `writer`: where a SQLite
+        file's transactions run, "thread" or "process" (see the module's docstring); elsewhere ignored.
+        `db`, `clock` and `metrics` are None only in the writer process, which runs `_apply` alone."""
+        if writer not in WRITERS:
+            raise ValueError(f"writer must be one of {WRITERS}, not {writer!r}")
         self.db, self.audit, self.config, self.clock, self.metrics = db, audit, config, clock, metrics
-        self.after_commit = after_commit  # e.g. wake the outbox worker and the timer tick
+        self.after_commit = after_commit
+        self.timers_due = timers_due
         self.on_open = on_open  # starts the escalations of new incidents, in the batch's transaction
         self.max_batch = max_batch
+        self.writer = writer
+        self._process: WriterProcess | None = None
+        self._process_url: str | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._send_soon = False  # a call to _send_queued is scheduled
+        self._sent: set[asyncio.Future[Any]] = set()  # batches the writer process has not answered yet
         # Submissions in arrival order. Appended on the event loop; a transaction takes what is here when it
         # starts (in the SQLite writer thread, see _flush), so deque: its append and popleft are thread-safe.
         self._inbox: deque[Submission] = deque()
@@ -190,16 +237,32 @@ class Intake:
 
     def start(self) -> None:
         self._running = True
+        if self._in_process():
+            self._writer_process().start()
         self._kick()
+
+    async def ready(self) -> None:
+        """Wait until the writer process (if any) has started: the bot answers its first request without
+        waiting for it. If it could not start, the log says why; the next batch starts another."""
+        if self._process is not None:
+            await self._process.start()
 
     async def stop(self) -> None:
         """Finish what is queued (every waiting request gets its answer), then stop the writer."""
         if not self._running:
             return
-        while self._flushes or self._inbox:
+        while self._flushes or self._inbox or self._sent:
             self._kick()
-            await asyncio.gather(*self._flushes)
+            if self._in_process():
+                self._send_queued()
+            await asyncio.gather(*self._flushes, *self._sent, return_exceptions=True)
+            await asyncio.sleep(0)  # the answers' callbacks run
         self._running = False
+        if self._process is not None:
+            process, self._process = self._process, None
+            await process.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def submit(self, source: Source, alerts: list[Alert], delivery_id: str | None) -> Outcome:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
@@ -214,7 +277,14 @@ class Intake:
         behind it, which takes everything that arrived meanwhile the moment the first has committed: the
         writer goes from one transaction to the next without waiting for the event loop. Elsewhere
         (PostgreSQL, aiosqlite) one at a time. Either way transactions run one after the other, in order.
+        With the writer process, what is queued is sent at once (see _send_queued).
         """
+        assert self.db is not None
+        if self._in_process():
+            if self._running and self._inbox and not self._send_soon:
+                self._send_soon = True  # after the handlers running now: what they queue goes in one message
+                asyncio.get_running_loop().call_soon(self._send_queued)
+            return
         depth = 2 if self.db.writes_in_thread else 1
         if (self._running and self._inbox and not self._hold and len(self._flushes) < depth
                 and self._launched <= self._begun):
@@ -248,6 +318,7 @@ class Intake:
             if not taken:
                 return None
             try:
+                assert self.clock is not None
                 return self._apply(conn, taken, self.clock.now())
             except BaseException:
                 self._hold = True
@@ -266,12 +337,17 @@ class Intake:
         finally:
             if not begun:
                 self._launched -= 1
+            # This flush is over: uncount it before kicking, or with one flush at a time (PostgreSQL) what was
+            # queued during its commit would wait for the next request.
+            self._flushes.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._kick()
 
     async def _commit(self, batch: list[Submission]) -> None:
         """Apply exactly `batch` in one transaction and answer it (used to retry a failed batch one by one)."""
+        assert self.db is not None and self.clock is not None
+        clock = self.clock
         try:
-            result = await self.db.run_transaction(lambda conn: self._apply(conn, batch, self.clock.now()))
+            result = await self.db.run_transaction(lambda conn: self._apply(conn, batch, clock.now()))
         except Exception as exc:
             await self._failed(batch, exc)
         else:
@@ -291,12 +367,12 @@ class Intake:
         else:
             log.error("intake: the database is unavailable (%s); answering 503 so senders retry", exc)
         for s in batch:
-            if not s.future.done():
-                s.future.set_result(Outcome(status, {"error": "the database is unavailable; nothing was stored, retry later"
-                                                     if status == 503 else "internal error; nothing was stored"}))
+            if s.future is not None and not s.future.done():
+                s.future.set_result(Outcome(status, {"error": _UNAVAILABLE if status == 503 else _INTERNAL}))
 
     def _answer(self, batch: list[Submission], result: _Result) -> None:
-        outcomes, fresh, events, resolved_after = result
+        outcomes, fresh, events, resolved_after, escalations = result
+        assert self.metrics is not None
         for severity, seconds in resolved_after:
             self.metrics.time_to_resolve.labels(severity).observe(seconds)
         received: dict[tuple[str, str], int] = {}
@@ -308,10 +384,109 @@ class Intake:
             self.metrics.count_received(source_id, status, n)
         self.metrics.audit_events.inc(events)
         for s, outcome in zip(batch, outcomes):
-            if not s.future.done():
+            if s.future is not None and not s.future.done():
                 s.future.set_result(outcome)
         if self.after_commit is not None:
             self.after_commit()
+        if escalations and self.timers_due is not None:
+            self.timers_due()
+
+    # -- the writer process (writer="process" on a SQLite file) ------------------------------------------
+
+    def _in_process(self) -> bool:
+        return self.writer == "process" and self.db is not None and self.db.is_sqlite_file
+
+    def _writer_process(self) -> WriterProcess:
+        """The writer process for the current database: the running one, or a new one (after one died)."""
+        assert self.db is not None
+        process = self._process
+        if process is not None and process.alive and self._process_url == self.db.url:
+            return process
+        if process is not None:  # gone, or another database: let it finish and exit on its own
+            closing = asyncio.create_task(process.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        self._process = process = WriterProcess("handlers.intake:writer_process_handler", {
+            "url": self.db.url, "config": self.config, "on_open": self._on_open_for_process(),
+            "max_batch": self.max_batch}, name="intake writer")
+        self._process_url = self.db.url
+        process.start()
+        return process
+
+    def _on_open_for_process(self) -> Any:
+        """What the writer process runs for `on_open`: "escalations" for Escalations.start_all (rebuilt there
+        from the config), else the hook itself (it must pickle)."""
+        hook = self.on_open
+        if hook is None:
+            return None
+        from handlers.escalation import Escalations
+
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, Escalations) and getattr(hook, "__func__", None) is Escalations.start_all:
+            if owner.config is not self.config:
+                raise ValueError("the escalations' config is not intake's: the writer process cannot rebuild them")
+            return "escalations"
+        pickle.dumps(hook)  # fails here, at start, if it cannot travel
+        return hook
+
+    def _send_queued(self) -> None:
+        """Send what is queued to the writer process, with `now`, as soon as it is queued: the process applies
+        everything that arrived while it was busy in one transaction, so it never waits for a round trip."""
+        self._send_soon = False
+        if not self._running:
+            return
+        assert self.clock is not None
+        while self._inbox:
+            batch = self._take()
+            try:
+                future = self._writer_process().call(
+                    (self.clock.now(), [(s.source.id, [_alert_fields(a) for a in s.alerts], s.delivery_id)
+                                        for s in batch]))
+            except Exception as exc:
+                self._failed_whole(batch, exc)
+                continue
+            self._sent.add(future)
+            future.add_done_callback(functools.partial(self._answered_by_process, batch))
+
+    def _answered_by_process(self, batch: list[Submission], future: asyncio.Future[Any]) -> None:
+        self._sent.discard(future)
+        try:
+            if future.cancelled():
+                self._failed_whole(batch, WriterGone("the writer process was closed"))
+            elif (exc := future.exception()) is not None:  # WriterGone: it died (or did not start) with this in flight
+                self._failed_whole(batch, exc)  # type: ignore[arg-type]
+            else:
+                self._answer_from_process(batch, future.result())
+        except Exception as exc:  # never leave a request waiting
+            self._failed_whole(batch, exc)
+
+    def _failed_whole(self, batch: list[Submission], exc: BaseException) -> None:
+        """No answer from the writer process for the batch: each submission not answered yet gets 503 (500 for a
+        fault here), and none is retried: a sender retries a 503."""
+        status = 503 if _is_db_unavailable(exc) else 500
+        if status == 503:
+            log.error("intake: %s; answering 503 so senders retry", exc)
+        else:
+            log.error("intake failed for a delivery from %s", batch[0].source.id if batch else "?", exc_info=exc)
+        for s in batch:
+            if s.future is not None and not s.future.done():
+                s.future.set_result(Outcome(status, {"error": _UNAVAILABLE if status == 503 else _INTERNAL}))
+
+    def _answer_from_process(self, batch: list[Submission], answer: Any) -> None:
+        """The writer process's answer to one batch (see _ProcessWriter)."""
+        outcomes, fresh, events, resolved_after, escalations, logs = answer
+        if len(outcomes) != len(batch):
+            raise ValueError(f"the writer process answered {len(outcomes)} submissions of {len(batch)}")
+        for level, message in logs:
+            log.log(level, "%s", message)
+        result: _Result = ([Outcome(status, None, replayed, encoded=body) for status, body, replayed in outcomes],
+                           [batch[i] for i in fresh], events, resolved_after, escalations)
+        if fresh or events or escalations or resolved_after or any(o[0] < 300 for o in outcomes):  # something committed
+            self._answer(batch, result)
+            return
+        for s, outcome in zip(batch, result[0]):  # nothing did: answer without the commit hooks
+            if s.future is not None and not s.future.done():
+                s.future.set_result(outcome)
 
     def _apply(self, conn: Connection, batch: list[Submission], now: datetime) -> _Result:
         """The whole batch, inside one transaction (synchronous: see Database.run_transaction)."""
@@ -350,7 +525,7 @@ class Intake:
                 outcomes.append(Outcome(first[item].status, first[item].body, replayed=True))  # type: ignore[index]
         if deliveries:
             conn.execute(_DELIVERIES.insert(), deliveries)
-        return outcomes, fresh, len(state.entries), state.resolved_after
+        return outcomes, fresh, len(state.entries), state.resolved_after, state.escalations
 
     def _write(self, conn: Connection, st: _Batch) -> None:
         """Everything the batch changed, in a handful of executemany statements."""
@@ -370,6 +545,7 @@ class Intake:
                           if inc.escalation and not inc.silenced and inc.status != RESOLVED]
             if escalating:
                 self.on_open(conn, escalating, st.now)
+                st.escalations = len(escalating)
         _assign_incident_ids(st)
         self.audit.append_rows(conn, st.entries)
 
@@ -394,7 +570,7 @@ class Intake:
         identities = {(a.source, a.fingerprint) for s in batch for a in s.alerts}
         if not keys:
             return _Batch(now, {}, {}, {})
-        if self.db.is_postgres:
+        if self.db is not None and self.db.is_postgres:
             # Replicas serialize on the group keys they touch, in one order, so no deadlock.
             conn.execute(text(
                 "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h "
@@ -584,3 +760,118 @@ def _is_db_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, (OperationalError, InterfaceError, ConnectionError, OSError, asyncio.TimeoutError)):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+# -- the writer process's end -------------------------------------------------------------------------------
+
+
+def _alert_fields(a: Alert) -> tuple[Any, ...]:
+    """An alert as it travels to the writer process (Alert(*fields) there): a tuple pickles faster."""
+    return (a.source, a.fingerprint, a.status, a.labels, a.annotations, a.severity, a.summary, a.starts_at,
+            a.ends_at, a.links, a.group_key, a.dedup_key)
+
+
+_UNAVAILABLE_BODY = _dumps({"error": _UNAVAILABLE}).encode()
+_INTERNAL_BODY = _dumps({"error": _INTERNAL}).encode()
+
+
+class _ProcessWriter:
+    """Runs in the writer process: applies batches with Intake._apply, as the writer thread does.
+
+    It gets every message (batch) that arrived while it was busy and applies them together, in order, in one
+    transaction (of at most `max_batch` submissions), with the `now` of the newest: as the writer thread
+    takes everything queued when its transaction begins and reads the clock then. A transaction that fails
+    is retried one submission at a time, in order, before anything later (as Intake._failed does), unless
+    the database is unavailable: then all of it gets 503. Each message's answer carries its submissions'
+    outcomes and which were fresh; the last one also what the transactions did for `_answer` (audit events
+    written, time-to-resolve observations, escalations started) and what to log (the parent logs it).
+    """
+
+    def __init__(self, url: str, config: Config, on_open: Any, max_batch: int):
+        from storage.audit import AuditLog as _AuditLog
+
+        if on_open == "escalations":
+            from bot.clock import SystemClock
+            from handlers.escalation import Escalations
+
+            on_open = Escalations(audit=_AuditLog(config.audit.hmac_key), config=config, clock=SystemClock()).start_all
+        self.engine = sqlite_writer_engine(url)
+        self.conn: Connection | None = None  # one connection for the process's life (reopened after an error)
+        self.intake = Intake(db=None, audit=_AuditLog(config.audit.hmac_key), config=config, clock=None, metrics=None,
+                             on_open=on_open)
+        self.sources = {s.id: s for s in config.sources}
+        self.max_batch = max_batch
+
+    def __call__(self, messages: list[tuple[datetime, list[tuple[str, list[tuple[Any, ...]], str | None]]]]
+                 ) -> list[Any]:
+        logs: list[tuple[int, str]] = []
+        outcomes: list[list[tuple[int, bytes, bool]]] = []
+        fresh: list[list[int]] = [[] for _ in messages]
+        where: dict[int, tuple[int, int]] = {}  # id(submission) -> (message, index in it)
+        groups: list[tuple[datetime, list[Submission]]] = []
+        for m, (now, items) in enumerate(messages):
+            try:
+                batch = [Submission(self.sources[source_id], [Alert(*fields) for fields in alerts], delivery_id, None)
+                         for source_id, alerts, delivery_id in items]
+            except Exception as exc:  # not what the parent sends
+                logs.append((logging.ERROR, "intake writer: a batch it cannot read\n"
+                                            + "".join(traceback.format_exception(exc)).rstrip()))
+                outcomes.append([(500, _INTERNAL_BODY, False)] * len(items))
+                continue
+            outcomes.append([(503, _UNAVAILABLE_BODY, False)] * len(batch))  # until applied
+            for i, s in enumerate(batch):
+                where[id(s)] = (m, i)
+            if groups and len(groups[-1][1]) + len(batch) <= self.max_batch:
+                groups[-1] = (now, groups[-1][1] + batch)
+            else:
+                groups.append((now, batch))
+        events, escalations = 0, 0
+        resolved_after: list[tuple[str, float]] = []
+        for now, group in groups:
+            parts = [group]
+            while parts:
+                part = parts.pop(0)
+                try:
+                    conn = self.conn
+                    if conn is None or conn.invalidated or conn.closed:
+                        conn = self.conn = self.engine.connect()
+                    with conn.begin():
+                        done, new, n, resolved, started = self.intake._apply(conn, part, now)
+                except Exception as exc:
+                    if self.conn is not None:
+                        self.conn.close()  # a fresh one for the next transaction
+                        self.conn = None
+                    unavailable = _is_db_unavailable(exc)
+                    if len(part) > 1 and not unavailable:
+                        parts[:0] = [[one] for one in part]  # isolate the submission that broke it; the others land
+                        continue
+                    if unavailable:
+                        logs.append((logging.ERROR, f"intake: the database is unavailable ({exc}); answering 503 "
+                                                    "so senders retry"))
+                        answer = (503, _UNAVAILABLE_BODY, False)
+                    else:
+                        logs.append((logging.ERROR, f"intake failed for a delivery from {part[0].source.id}\n"
+                                                    + "".join(traceback.format_exception(exc)).rstrip()))
+                        answer = (500, _INTERNAL_BODY, False)
+                    for s in part:
+                        m, i = where[id(s)]
+                        outcomes[m][i] = answer
+                    continue
+                for s, outcome in zip(part, done):
+                    m, i = where[id(s)]
+                    outcomes[m][i] = (outcome.status, _dumps(outcome.body).encode(), outcome.replayed)
+                for s in new:
+                    m, i = where[id(s)]
+                    fresh[m].append(i)
+                events += n
+                resolved_after.extend(resolved)
+                escalations += started
+        answers: list[Any] = [(o, f, 0, [], 0, []) for o, f in zip(outcomes, fresh)]
+        if answers:
+            answers[-1] = (outcomes[-1], fresh[-1], events, resolved_after, escalations, logs)
+        return answers
+
+
+def writer_process_handler(*, url: str, config: Config, on_open: Any, max_batch: int) -> _ProcessWriter:
+    """The factory storage.writer calls in the writer process."""
+    return _ProcessWriter(url, config, on_open, max_batch)

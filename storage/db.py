@@ -67,16 +67,19 @@ class Database:
         self._write_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.sessions = async_sessionmaker(self._read_engine or self.engine, expire_on_commit=False)
         self._writer: tuple[Engine, ThreadPoolExecutor] | None = None
-        database = make_url(url).database
-        if self.dialect == "sqlite" and database and database != ":memory:" and not database.startswith("file:"):
-            writer = create_engine(make_url(url).set(drivername="sqlite+pysqlite"), poolclass=SingletonThreadPool,
-                                   connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
-            _sqlite_hooks(writer)
-            self._writer = (writer, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer"))
+        self._writer_conn: Connection | None = None  # the writer thread's connection, kept between transactions
+        if is_sqlite_file_url(url):
+            self._writer = (sqlite_writer_engine(url),
+                            ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer"))
 
     @property
     def is_postgres(self) -> bool:
         return self.dialect == "postgresql"
+
+    @property
+    def is_sqlite_file(self) -> bool:
+        """A SQLite database in a file (not in memory): the one kind a writer process can share."""
+        return self._writer is not None
 
     @property
     def writes_in_thread(self) -> bool:
@@ -96,7 +99,8 @@ class Database:
         runs whole in one dedicated writer thread with the synchronous driver: the
         async driver hands every statement (and every cursor call) to its own
         thread and back, about 0.4 ms of overhead a statement, which is most of a
-        batch's cost. One thread and one connection keep writes in order.
+        batch's cost. One thread and one connection (kept open between transactions; a new one after a
+        transaction that failed) keep writes in order.
         """
         if self._writer is None:
             async with self.engine.begin() as conn:
@@ -105,8 +109,16 @@ class Database:
 
     def _run_sync(self, work: Callable[[Connection], T]) -> T:
         assert self._writer is not None
-        with self._writer[0].begin() as conn:
-            return work(conn)
+        conn = self._writer_conn
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self._writer_conn = self._writer[0].connect()
+        try:
+            with conn.begin():
+                return work(conn)
+        except BaseException:
+            self._writer_conn = None  # the next transaction gets a fresh connection
+            conn.close()
+            raise
 
     async def start(self) -> None:
         """Create or upgrade the tables; refuse a schema newer than this code."""
@@ -159,7 +171,14 @@ class Database:
     async def dispose(self) -> None:
         if self._writer is not None:
             writer, thread = self._writer
-            await asyncio.get_running_loop().run_in_executor(thread, writer.dispose)
+
+            def close() -> None:
+                if self._writer_conn is not None:
+                    self._writer_conn.close()
+                    self._writer_conn = None
+                writer.dispose()
+
+            await asyncio.get_running_loop().run_in_executor(thread, close)
         if self._read_engine is not None:
             await self._read_engine.dispose()
         await self.engine.dispose()
@@ -212,6 +231,24 @@ class Leader:
 
     async def close(self) -> None:
         await self._release()
+
+
+def is_sqlite_file_url(url: str) -> bool:
+    parsed = make_url(url)
+    database = parsed.database
+    return (parsed.get_backend_name() == "sqlite" and bool(database) and database != ":memory:"
+            and not database.startswith("file:"))
+
+
+def sqlite_writer_engine(url: str) -> Engine:
+    """The synchronous (pysqlite) engine that writes a SQLite file: one connection, kept for the engine's life.
+
+    Used by the dedicated writer thread, and by the intake writer process (storage/writer.py), with the same
+    pragmas as every other connection and transactions that begin IMMEDIATE."""
+    writer = create_engine(make_url(url).set(drivername="sqlite+pysqlite"), poolclass=SingletonThreadPool,
+                           connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+    _sqlite_hooks(writer)
+    return writer
 
 
 def _sqlite_hooks(engine: AsyncEngine | Engine, *, begin: str = "BEGIN IMMEDIATE") -> None:

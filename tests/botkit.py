@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,14 +114,21 @@ class Harness:
 
 @asynccontextmanager
 async def running_bot(storage_url: str, extra: str = "", *, schema: str | None = None,
-                      clock: FakeClock | None = None, people: str = PEOPLE, base: str | None = None) -> AsyncIterator[Harness]:
-    """The bot on `base` (default: the shared test config, CONFIG) + `people` + `extra`, in-process on a fake clock."""
+                      clock: FakeClock | None = None, people: str = PEOPLE, base: str | None = None,
+                      storage_options: str = "", prepare: Callable[[Bot], None] | None = None) -> AsyncIterator[Harness]:
+    """The bot on `base` (default: the shared test config, CONFIG) + `people` + `extra`, in-process on a fake clock.
+
+    `storage_options` are more keys of `storage:` (e.g. `writer: process`); `prepare(bot)` runs before it starts.
+    """
     base = CONFIG if base is None else base  # read when called: tests may patch CONFIG
-    storage = f"storage: {{url: '{storage_url}'" + (f", schema: {schema}" if schema else "") + "}\n"
+    storage = (f"storage: {{url: '{storage_url}'" + (f", schema: {schema}" if schema else "")
+               + (f", {storage_options}" if storage_options else "") + "}\n")
     loaded = parse_config(storage + textwrap.dedent(base) + textwrap.dedent(people) + textwrap.dedent(extra),
                           adapter_models=SETTINGS_MODELS, env={})
     clock = clock or FakeClock(T0)
     bot = Bot(loaded, clock=clock)
+    if prepare is not None:
+        prepare(bot)
     await bot.start()
     client = TestClient(TestServer(bot.web_app()))
     await client.start_server()
