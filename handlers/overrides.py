@@ -7,6 +7,7 @@ Both write an `overrides` row and its audit event in one transaction; the effect
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -84,7 +85,7 @@ class OverrideHandlers:
     async def _window(self, schedule: Schedule, person: Person, args: list[str], now: datetime,
                       *, need_both: bool = False) -> tuple[datetime, datetime]:
         tz = ZoneInfo(person.timezone) if person.timezone else schedule.tz
-        tokens = _join_date_time(args)
+        tokens = join_date_time(args)
         if need_both and len(tokens) != 2:
             raise BadInput("give FROM and UNTIL")
         if len(tokens) > 2:
@@ -137,7 +138,7 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TIME = re.compile(r"^\d{1,2}:\d{2}$")
 
 
-def _join_date_time(args: list[str]) -> list[str]:
+def join_date_time(args: Sequence[str]) -> list[str]:
     """`2026-12-24 18:00` written as two words is one time."""
     out: list[str] = []
     for arg in args:

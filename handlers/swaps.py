@@ -49,6 +49,7 @@ from bot.tables import table
 from handlers.handoffs import load_overrides
 from handlers.notify import queue_direct, queue_notice
 from handlers.oncall import Oncall, when
+from handlers.overrides import join_date_time
 from handlers.timers import TimerService
 from storage import timers as timer_store
 from storage.audit import AuditLog, Entry
@@ -74,7 +75,6 @@ HELP = (f"Usage: `{USAGE}`.\n"
         "`/swap accept|decline|approve|reject ID` do what the buttons do.")
 _MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_TIME = re.compile(r"^\d{1,2}:\d{2}$")
 _TICK = timedelta(microseconds=1)
 
 
@@ -130,7 +130,7 @@ class SwapHandlers:
         return await self.request(event, person, args)
 
     async def request(self, event: CommandEvent, person: Person, args: list[str]) -> Reply:
-        tokens = _join_date_time(args)
+        tokens = join_date_time(args)
         if len(tokens) not in (2, 3):
             return Reply(f"Usage: `{USAGE}`, for example `/swap bob dba-primary 2026-12-24` or `/swap bob next`.")
         counterpart = self.resolve(tokens[0])
@@ -725,17 +725,6 @@ def _swap_id(args: Sequence[str]) -> int | None:
         return None
     text = args[0].lstrip("#")
     return int(text) if text.isdigit() and 0 < int(text) < 10**18 else None
-
-
-def _join_date_time(args: Sequence[str]) -> list[str]:
-    """`2026-12-24 18:00` written as two words is one time."""
-    out: list[str] = []
-    for arg in args:
-        if out and _DATE.match(out[-1]) and _TIME.match(arg):
-            out[-1] = f"{out[-1]}T{arg}"
-        else:
-            out.append(arg)
-    return out
 
 
 def _not_a_date(text: str, zone: ZoneInfo) -> str:
