@@ -51,7 +51,7 @@ class Bot:
         self.dispatcher = Dispatcher(self.config)
         self.adapters: dict[str, Adapter] = {}
         self.leaders: list[Leader] = []
-        self.escalations = Escalations(audit=self.audit, config=self.config, clock=self.clock)
+        self.escalations = Escalations(audit=self.audit, config=self.config)
         self.leaders.append(delivery := Leader(self.db, "outbox"))  # with several replicas, one delivers chat work
         self.outbox = OutboxWorker(db=self.db, config=self.config, adapters=self.adapters, clock=self.clock,
                                    metrics=self.metrics, audit=self.audit, escalations=self.escalations,

@@ -26,7 +26,6 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.clock import Clock
 from bot.config import Config, Person
 from bot.escalation import (in_business_hours, next_business_start, pages_after_hours, snapshot, step_at,
                             total_steps)
@@ -34,6 +33,7 @@ from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.model import Actor
 from bot.rotations import Schedule, on_call
 from bot.view import span
+from handlers.notify import notice_row, queue_redraw, queue_thread_line
 from handlers.oncall import domain
 from handlers.timers import TimerService
 from storage import timers as timer_store
@@ -56,8 +56,8 @@ class Targets:
 
 
 class Escalations:
-    def __init__(self, *, audit: AuditLog, config: Config, clock: Clock):
-        self.audit, self.config, self.clock = audit, config, clock
+    def __init__(self, *, audit: AuditLog, config: Config):
+        self.audit, self.config = audit, config
         self.policies = {p.id: p for p in config.escalation_policies}
         self.people = {p.id: p for p in config.people}
         self.schedules = {r.id: Schedule.from_config(r, default_tz=config.timezone) for r in config.rotations}
@@ -123,13 +123,11 @@ class Escalations:
         esc = await session.get(Escalation, incident_id)
         if esc is None or esc.state != "active" or esc.next_step != step:
             return False
-        delivered = (await session.execute(select(OutboxItem.id).where(
+        delivered = (await session.execute(select(OutboxItem.details).where(
             OutboxItem.incident_id == incident_id, OutboxItem.kind == "page", OutboxItem.status == "sent",
-            OutboxItem.event == "escalation.page").order_by(OutboxItem.id.desc()).limit(20))).scalars().all()
-        for item_id in delivered:
-            item = await session.get(OutboxItem, item_id)
-            if item is not None and item.details.get("step") == step:
-                return False
+            OutboxItem.event == "escalation.page"))).scalars()
+        if any(details.get("step") == step for details in delivered):
+            return False
         esc.timer_id = await timer_store.schedule(session, STEP, incident_id, now, now, payload={"step": step})
         esc.updated_at = now
         session.add(esc)
@@ -186,7 +184,7 @@ class Escalations:
                 entries.append(await self._step(session, incident, esc, targets, n, total, business, manual, now))
         esc.updated_at = now
         session.add(esc)
-        self._redraw(session, incident, now)
+        queue_redraw(session, incident, now)
         await self.audit.append_many(session, entries)
 
     async def _step(self, session: AsyncSession, incident: Incident, esc: Escalation, targets: Targets, n: int,
@@ -249,31 +247,19 @@ class Escalations:
         who = " and ".join(names) or "the next step"
         return f"{who} in {span(wait)} if nobody acknowledges."
 
-    # -- chat work ------------------------------------------------------------------------------
-
     @staticmethod
-    def _redraw(session: AsyncSession, incident: Incident, now: datetime) -> None:
-        for channel in incident.channels:
-            session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
-                                   kind="update", event="incident.changed", details={}))
-
-    @staticmethod
-    def _lines(session: AsyncSession, incident: Incident, now: datetime, event: str, line: str,
-               **details: Any) -> None:
-        for channel in incident.channels:
-            session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
-                                   kind="reply", event=event, details={"line": line, **details}))
+    def _lines(session: AsyncSession, incident: Incident, now: datetime, event: str, line: str) -> None:
+        queue_thread_line(session, incident, now, event, {"line": line})
 
     @staticmethod
     def _channel_line(session: AsyncSession, incident: Incident, channel: str, now: datetime, line: str) -> None:
         """A step that notifies a channel: a line mentioning everyone there, in the incident's thread."""
         if channel in incident.channels:
-            session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
-                                   kind="reply", event="escalation.channel", details={"line": line, "mention": "here"}))
+            queue_thread_line(session, incident, now, "escalation.channel", {"line": line, "mention": "here"},
+                              channels=[channel])
         else:  # not routed there: a post of its own
-            session.add(OutboxItem(created_at=now, due_at=now, incident_id=None, channel=channel, kind="notice",
-                                   event="escalation.channel",
-                                   details={"text": f"#{incident.id} {incident.title}: {line}", "mention": "here"}))
+            session.add(notice_row(channel, f"#{incident.id} {incident.title}: {line}", now,
+                                   event="escalation.channel", mention="here"))
 
 
 def _local(at: datetime, tz: str) -> str:

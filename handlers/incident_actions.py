@@ -19,7 +19,8 @@ from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED, InvalidTransition, 
 from bot.model import Actor
 from storage.audit import AuditLog, Entry
 from storage.db import Database
-from storage.models import Incident, OutboxItem
+from handlers.notify import queue_redraw, queue_thread_line
+from storage.models import Incident
 
 if TYPE_CHECKING:
     from handlers.escalation import Escalations
@@ -118,8 +119,5 @@ def _queue(session: AsyncSession, incident: Incident, now: datetime, event: str,
     """Redraw the incident's message and add a thread line, in every channel it is routed to."""
     if incident.silenced:
         return
-    for channel in incident.channels:
-        session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel, kind="update",
-                               event="incident.changed", details={}))
-        session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel, kind="reply",
-                               event=event, details=details))
+    queue_redraw(session, incident, now)
+    queue_thread_line(session, incident, now, event, details)

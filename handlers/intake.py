@@ -23,7 +23,6 @@ import functools
 import json
 import logging
 import pickle
-import traceback
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from bot.metrics import Metrics
 from bot.model import Actor
 from bot.routing import group_key, select_routes, silenced_by
 from storage.audit import AuditLog, Entry
-from storage.db import Database, sqlite_writer_engine
+from storage.db import Database
 from storage.models import AlertRecord, Delivery, Incident, OutboxItem
 from storage.rows import Json, Rows, fast_encoder, json_text
 from storage.writer import WriterGone, WriterProcess
@@ -406,7 +405,7 @@ class Intake:
             closing = asyncio.create_task(process.close())
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
-        self._process = process = WriterProcess("handlers.intake:writer_process_handler", {
+        self._process = process = WriterProcess("handlers.intake_child:writer_process_handler", {
             "url": self.db.url, "config": self.config, "on_open": self._on_open_for_process(),
             "max_batch": self.max_batch}, name="intake writer")
         self._process_url = self.db.url
@@ -762,116 +761,10 @@ def _is_db_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
-# -- the writer process's end -------------------------------------------------------------------------------
+# -- what travels to the writer process (handlers/intake_child.py applies it there) -------------------------
 
 
 def _alert_fields(a: Alert) -> tuple[Any, ...]:
     """An alert as it travels to the writer process (Alert(*fields) there): a tuple pickles faster."""
     return (a.source, a.fingerprint, a.status, a.labels, a.annotations, a.severity, a.summary, a.starts_at,
             a.ends_at, a.links, a.group_key, a.dedup_key)
-
-
-_UNAVAILABLE_BODY = _dumps({"error": _UNAVAILABLE}).encode()
-_INTERNAL_BODY = _dumps({"error": _INTERNAL}).encode()
-
-
-class _ProcessWriter:
-    """Runs in the writer process: applies batches with Intake._apply, as the writer thread does.
-
-    It gets every message (batch) that arrived while it was busy and applies them together, in order, in one
-    transaction (of at most `max_batch` submissions), with the `now` of the newest: as the writer thread
-    takes everything queued when its transaction begins and reads the clock then. A transaction that fails
-    is retried one submission at a time, in order, before anything later (as Intake._failed does), unless
-    the database is unavailable: then all of it gets 503. Each message's answer carries its submissions'
-    outcomes and which were fresh; the last one also what the transactions did for `_answer` (audit events
-    written, time-to-resolve observations, escalations started) and what to log (the parent logs it).
-    """
-
-    def __init__(self, url: str, config: Config, on_open: Any, max_batch: int):
-        from storage.audit import AuditLog as _AuditLog
-
-        if on_open == "escalations":
-            from bot.clock import SystemClock
-            from handlers.escalation import Escalations
-
-            on_open = Escalations(audit=_AuditLog(config.audit.hmac_key), config=config, clock=SystemClock()).start_all
-        self.engine = sqlite_writer_engine(url)
-        self.conn: Connection | None = None  # one connection for the process's life (reopened after an error)
-        self.intake = Intake(db=None, audit=_AuditLog(config.audit.hmac_key), config=config, clock=None, metrics=None,
-                             on_open=on_open)
-        self.sources = {s.id: s for s in config.sources}
-        self.max_batch = max_batch
-
-    def __call__(self, messages: list[tuple[datetime, list[tuple[str, list[tuple[Any, ...]], str | None]]]]
-                 ) -> list[Any]:
-        logs: list[tuple[int, str]] = []
-        outcomes: list[list[tuple[int, bytes, bool]]] = []
-        fresh: list[list[int]] = [[] for _ in messages]
-        where: dict[int, tuple[int, int]] = {}  # id(submission) -> (message, index in it)
-        groups: list[tuple[datetime, list[Submission]]] = []
-        for m, (now, items) in enumerate(messages):
-            try:
-                batch = [Submission(self.sources[source_id], [Alert(*fields) for fields in alerts], delivery_id, None)
-                         for source_id, alerts, delivery_id in items]
-            except Exception as exc:  # not what the parent sends
-                logs.append((logging.ERROR, "intake writer: a batch it cannot read\n"
-                                            + "".join(traceback.format_exception(exc)).rstrip()))
-                outcomes.append([(500, _INTERNAL_BODY, False)] * len(items))
-                continue
-            outcomes.append([(503, _UNAVAILABLE_BODY, False)] * len(batch))  # until applied
-            for i, s in enumerate(batch):
-                where[id(s)] = (m, i)
-            if groups and len(groups[-1][1]) + len(batch) <= self.max_batch:
-                groups[-1] = (now, groups[-1][1] + batch)
-            else:
-                groups.append((now, batch))
-        events, escalations = 0, 0
-        resolved_after: list[tuple[str, float]] = []
-        for now, group in groups:
-            parts = [group]
-            while parts:
-                part = parts.pop(0)
-                try:
-                    conn = self.conn
-                    if conn is None or conn.invalidated or conn.closed:
-                        conn = self.conn = self.engine.connect()
-                    with conn.begin():
-                        done, new, n, resolved, started = self.intake._apply(conn, part, now)
-                except Exception as exc:
-                    if self.conn is not None:
-                        self.conn.close()  # a fresh one for the next transaction
-                        self.conn = None
-                    unavailable = _is_db_unavailable(exc)
-                    if len(part) > 1 and not unavailable:
-                        parts[:0] = [[one] for one in part]  # isolate the submission that broke it; the others land
-                        continue
-                    if unavailable:
-                        logs.append((logging.ERROR, f"intake: the database is unavailable ({exc}); answering 503 "
-                                                    "so senders retry"))
-                        answer = (503, _UNAVAILABLE_BODY, False)
-                    else:
-                        logs.append((logging.ERROR, f"intake failed for a delivery from {part[0].source.id}\n"
-                                                    + "".join(traceback.format_exception(exc)).rstrip()))
-                        answer = (500, _INTERNAL_BODY, False)
-                    for s in part:
-                        m, i = where[id(s)]
-                        outcomes[m][i] = answer
-                    continue
-                for s, outcome in zip(part, done):
-                    m, i = where[id(s)]
-                    outcomes[m][i] = (outcome.status, _dumps(outcome.body).encode(), outcome.replayed)
-                for s in new:
-                    m, i = where[id(s)]
-                    fresh[m].append(i)
-                events += n
-                resolved_after.extend(resolved)
-                escalations += started
-        answers: list[Any] = [(o, f, 0, [], 0, []) for o, f in zip(outcomes, fresh)]
-        if answers:
-            answers[-1] = (outcomes[-1], fresh[-1], events, resolved_after, escalations, logs)
-        return answers
-
-
-def writer_process_handler(*, url: str, config: Config, on_open: Any, max_batch: int) -> _ProcessWriter:
-    """The factory storage.writer calls in the writer process."""
-    return _ProcessWriter(url, config, on_open, max_batch)

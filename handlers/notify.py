@@ -7,6 +7,9 @@ caller's transaction and delivered by the outbox worker after the commit:
   Telegram, Slack, Teams) that is on and knows them. `details.buttons` become
   the platform's buttons (Accept / Decline of a swap).
 - `notice`: `channel` is a `channels[].id`; a plain message posted there.
+
+And, for an incident's own messages in every channel it is routed to, `queue_redraw` (redraw the
+parent) and `queue_thread_line` (one line in its thread).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.chat import Button
-from storage.models import OutboxItem
+from storage.models import Incident, OutboxItem
 
 
 def button_spec(button: Button) -> dict[str, Any]:
@@ -41,9 +44,13 @@ def direct_row(person_id: str, text: str, now: datetime, *, event: str = "direct
 
 
 def notice_row(channel: str, text: str, now: datetime, *, event: str = "notice",
-               due_at: datetime | None = None) -> OutboxItem:
+               due_at: datetime | None = None, mention: str | None = None) -> OutboxItem:
+    """`mention="here"` asks everyone in the channel (Slack's `<!here>`)."""
+    details: dict[str, Any] = {"text": text}
+    if mention:
+        details["mention"] = mention
     return OutboxItem(created_at=now, due_at=due_at or now, incident_id=None, channel=channel, kind="notice",
-                      event=event, details={"text": text})
+                      event=event, details=details)
 
 
 def queue_direct(session: AsyncSession, person_id: str, text: str, now: datetime, **kwargs: Any) -> None:
@@ -54,3 +61,18 @@ def queue_direct(session: AsyncSession, person_id: str, text: str, now: datetime
 def queue_notice(session: AsyncSession, channel: str, text: str, now: datetime, **kwargs: Any) -> None:
     """Post `text` in a configured channel after the caller's transaction commits."""
     session.add(notice_row(channel, text, now, **kwargs))
+
+
+def queue_redraw(session: AsyncSession, incident: Incident, now: datetime) -> None:
+    """Redraw the incident's message in every channel it is routed to."""
+    for channel in incident.channels:
+        session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel, kind="update",
+                               event="incident.changed", details={}))
+
+
+def queue_thread_line(session: AsyncSession, incident: Incident, now: datetime, event: str,
+                      details: dict[str, Any], *, channels: Sequence[str] | None = None) -> None:
+    """A line in the incident's thread (worded by `bot.view.thread_line`), in `channels` or every routed one."""
+    for channel in incident.channels if channels is None else channels:
+        session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel, kind="reply",
+                               event=event, details=details))

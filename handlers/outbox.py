@@ -34,10 +34,9 @@ from bot.config import Config
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket
 from bot.incidents import ACKNOWLEDGED, RESOLVED
-from bot.model import Actor
 from bot.view import incident_card, thread_line
-from handlers.escalation import Escalations
-from handlers.notify import button_from
+from handlers.escalation import SYSTEM, Escalations
+from handlers.notify import button_from, queue_redraw, queue_thread_line
 from handlers.paging import Attempt, page_message, page_order, send_page
 from storage.audit import AuditLog, Entry
 from storage.db import Database
@@ -366,7 +365,7 @@ class OutboxWorker:
             await self._failed([row], attempt.problem(person, self.adapters), None, permanent=False)
             return 1
         self.metrics.pages.labels(attempt.platform or "none", "ok" if attempt.platform else "failed").inc()
-        actor = Actor("system", "escalation", "Escalation")
+        actor = SYSTEM  # the escalation pages, not a person
         async with self.db.transaction() as session:
             await self._mark(session, [row], "sent" if attempt.platform else "dead",
                              None if attempt.platform else attempt.problem(person, self.adapters)[:500])
@@ -385,17 +384,13 @@ class OutboxWorker:
                               {"person": person.id, "tried": attempt.tried, "problem": problem, "step": step},
                               incident.id)
                 log.warning("escalation: could not page %s about #%s: %s", person.id, incident.id, problem)
-            for channel in incident.channels:
-                session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
-                                       kind="reply", event="escalation.paged" if attempt.platform else "escalation.page_failed",
-                                       details={"line": line, **({"mention": person.id} if business and attempt.platform else {})}))
+            queue_thread_line(session, incident, now, "escalation.paged" if attempt.platform else "escalation.page_failed",
+                              {"line": line, **({"mention": person.id} if business and attempt.platform else {})})
             esc = await session.get(Escalation, incident.id)
             if esc is not None and esc.state == "active" and attempt.platform is not None:
                 esc.note = line
                 session.add(esc)
-                for channel in incident.channels:
-                    session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
-                                           kind="update", event="incident.changed", details={}))
+                queue_redraw(session, incident, now)
             await self.audit.append_many(session, [entry])
         self.metrics.audit_events.inc()
         self.nudge()

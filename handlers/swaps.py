@@ -264,11 +264,8 @@ class SwapHandlers:
                 return Reply(f"Only {self.name(swap.counterpart)} can decline swap #{swap_id}.")
             if swap.status not in OPEN:
                 return Reply(self._settled(swap, person, now))
-            was = swap.status
-            swap.status, swap.decided_at, swap.decided_by = DECLINED, now, person.id
-            await timer_store.cancel(session, EXPIRE, swap.id, now)
-            await self.audit.append_many(session, [Entry("swap.declined", _actor(actor, person), "swap", str(swap_id),
-                                                         now, {**self._facts(swap), "was": was})])
+            swap.decided_at, swap.decided_by = now, person.id
+            await self._close(session, swap, DECLINED, "swap.declined", _actor(actor, person), now)
             self._direct(session, swap, swap.requester, now, "swap.declined",
                          lambda z: (f"{person.name} declined to take your `{swap.rotation}` shift from "
                                     f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} "
@@ -288,11 +285,8 @@ class SwapHandlers:
             if swap.status not in OPEN:
                 extra = f" `/swap undo {swap_id}` undoes it before it starts." if swap.status in TAKEN else ""
                 return Reply(self._settled(swap, person, now) + extra)
-            was = swap.status
-            swap.status, swap.decided_at, swap.decided_by = CANCELLED, now, person.id
-            await timer_store.cancel(session, EXPIRE, swap.id, now)
-            await self.audit.append_many(session, [Entry("swap.cancelled", _actor(actor, person), "swap",
-                                                         str(swap_id), now, {**self._facts(swap), "was": was})])
+            swap.decided_at, swap.decided_by = now, person.id
+            await self._close(session, swap, CANCELLED, "swap.cancelled", _actor(actor, person), now)
             self._direct(session, swap, swap.counterpart, now, "swap.cancelled",
                          lambda z: (f"{person.name} cancelled swap #{swap_id} (their `{swap.rotation}` shift from "
                                     f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}): "
@@ -347,10 +341,8 @@ class SwapHandlers:
                               f"{self.name(swap.requester)} from {self._when(swap.starts_at, person, swap, now)} until "
                               f"{self._when(swap.ends_at, person, swap, now)}.")
             else:
-                swap.status = DECLINED
-                await timer_store.cancel(session, EXPIRE, swap.id, now)
-                await self.audit.append_many(session, [Entry("swap.rejected", actor, "swap", str(swap_id), now, {
-                    **self._facts(swap), "role": role, "self_approved": self_approved})])
+                await self._close(session, swap, DECLINED, "swap.rejected", actor, now,
+                                  role=role, self_approved=self_approved)
                 for who in (swap.requester, swap.counterpart):
                     self._direct(session, swap, who, now, "swap.rejected",
                                  lambda z: (f"{person.name} did not approve swap #{swap_id}: "
@@ -412,12 +404,11 @@ class SwapHandlers:
 
     async def _expire(self, session: AsyncSession, swap: SwapRequest, now: datetime) -> None:
         was = swap.status
-        swap.status, swap.decided_at = EXPIRED, now
+        swap.decided_at = now
         if was == PENDING:
             swap.decided_by = None
-        await timer_store.cancel(session, EXPIRE, swap.id or 0, now)
-        await self.audit.append_many(session, [Entry("swap.expired", Actor.system(), "swap", str(swap.id), now, {
-            **self._facts(swap), "was": was, "expires_at": swap.expires_at.isoformat()})])
+        await self._close(session, swap, EXPIRED, "swap.expired", Actor.system(), now,
+                          expires_at=swap.expires_at.isoformat())
         if was == PENDING:
             self._direct(session, swap, swap.requester, now, "swap.expired",
                          lambda z: (f"Your swap #{swap.id} expired: {self.name(swap.counterpart)} did not answer by "
@@ -436,6 +427,16 @@ class SwapHandlers:
                                         f"{when(swap.ends_at, z, now)}."))
 
     # -- steps shared by the transitions ------------------------------------------------------------------
+
+    async def _close(self, session: AsyncSession, swap: SwapRequest, status: str, event: str, actor: Actor,
+                     now: datetime, **details: Any) -> None:
+        """An open request ends (declined, cancelled, rejected, expired): its status, no expiry timer, the audit
+        event with what it was before."""
+        was = swap.status
+        swap.status = status
+        await timer_store.cancel(session, EXPIRE, swap.id or 0, now)
+        await self.audit.append_many(session, [Entry(event, actor, "swap", str(swap.id), now,
+                                                     {**self._facts(swap), "was": was, **details})])
 
     async def _await_approval(self, session: AsyncSession, swap: SwapRequest, rotation: Rotation, now: datetime,
                               actor: Actor) -> Reply:
