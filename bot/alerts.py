@@ -281,6 +281,19 @@ def _fingerprint(labels: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def truncated_count(kind: str, payload: Any) -> int:
+    """How many alerts the sender left out of this notification (Alertmanager's and Grafana's
+    `truncatedAlerts`, set when a receiver's `max_alerts` cut the list); 0 for other senders."""
+    if kind not in ("alertmanager", "grafana") or not isinstance(payload, dict):
+        return 0
+    raw = payload.get("truncatedAlerts")
+    if raw is None:
+        return 0
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise ShapeError("truncatedAlerts", f"expected a whole number >= 0, got {raw!r}"[:120])
+    return raw
+
+
 PARSERS: dict[str, Callable[[Any, str], list[Alert]]] = {
     "alertmanager": parse_alertmanager,
     "grafana": parse_grafana,

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import EofStream, web
 
-from bot.alerts import PARSERS, ShapeError
+from bot.alerts import PARSERS, ShapeError, truncated_count
 from bot.auth import AuthError, ReplayGuard, signature_of, verify
 from bot.clock import Clock
 from bot.config import HmacAuth, Loaded
@@ -91,16 +91,20 @@ class AlertEndpoint:
             return self._reject(source_id, "malformed", _error(400, "malformed JSON: nested too deeply"))
         try:
             alerts = PARSERS[source.kind](payload, source.id)
+            truncated = truncated_count(source.kind, payload)
         except ShapeError as exc:
             return self._reject(source_id, "bad_shape", _error(
                 422, f"{exc.field}: {exc.problem} (not a {source.kind} payload?)", field=exc.field))
-        outcome = await self.intake.submit(source, alerts, delivery_id)
+        outcome = await self.intake.submit(source, alerts, delivery_id, truncated)
         headers = {"X-Idempotent-Replay": "true"} if outcome.replayed else {}
         if outcome.status == 503:
             headers["Retry-After"] = "5"
-        elif signature and outcome.status < 300:
-            assert isinstance(source.auth, HmacAuth)
-            self.replays.remember(signature, now.timestamp() + source.auth.max_skew.total_seconds())
+        elif outcome.status < 300:
+            if signature:
+                assert isinstance(source.auth, HmacAuth)
+                self.replays.remember(signature, now.timestamp() + source.auth.max_skew.total_seconds())
+            if truncated and not outcome.replayed:
+                self.metrics.alerts_truncated.labels(source_id).inc(truncated)
         self.metrics.observe_intake(source_id, time.perf_counter() - started)
         if outcome.encoded is not None:  # the writer process encoded it: what json_response would send
             return web.Response(body=outcome.encoded, status=outcome.status, headers=headers,

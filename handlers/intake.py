@@ -80,6 +80,7 @@ class Submission:
     alerts: list[Alert]
     delivery_id: str | None
     future: asyncio.Future[Outcome] | None  # None in the writer process
+    truncated: int = 0  # alerts the sender left out of this notification (truncatedAlerts)
 
 
 class _Row:
@@ -263,9 +264,10 @@ class Intake:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
-    async def submit(self, source: Source, alerts: list[Alert], delivery_id: str | None) -> Outcome:
+    async def submit(self, source: Source, alerts: list[Alert], delivery_id: str | None,
+                     truncated: int = 0) -> Outcome:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._inbox.append(Submission(source, alerts, delivery_id, future))
+        self._inbox.append(Submission(source, alerts, delivery_id, future, truncated))
         self._kick()
         return await future
 
@@ -439,8 +441,8 @@ class Intake:
             batch = self._take()
             try:
                 future = self._writer_process().call(
-                    (self.clock.now(), [(s.source.id, [_alert_fields(a) for a in s.alerts], s.delivery_id)
-                                        for s in batch]))
+                    (self.clock.now(), [(s.source.id, [_alert_fields(a) for a in s.alerts], s.delivery_id,
+                                         s.truncated) for s in batch]))
             except Exception as exc:
                 self._failed_whole(batch, exc)
                 continue
@@ -502,7 +504,10 @@ class Intake:
                 applied.append(key)  # a repeat inside this batch
             else:
                 seen_here.add(key)
-                applied.append((s, [self._apply_alert(s.source, a, state) for a in s.alerts]))
+                results = [self._apply_alert(s.source, a, state) for a in s.alerts]
+                if s.truncated:
+                    self._truncated(s, results, state)
+                applied.append((s, results))
         self._write(conn, state)
         outcomes: list[Outcome] = []
         first: dict[tuple[str, str], Outcome] = {}
@@ -515,6 +520,8 @@ class Intake:
                 body = {"status": "ok", "alerts": len(s.alerts), "results": [
                     {"fingerprint": fp, "incident": inc.id if inc else None, "change": change}
                     for fp, inc, change in results]}
+                if s.truncated:
+                    body["truncated"] = s.truncated
                 outcome = first[(s.source.id, s.delivery_id or "")] = Outcome(200, body)
                 outcomes.append(outcome)
                 if s.delivery_id:
@@ -688,6 +695,19 @@ class Intake:
             st.entries.append(Entry("alert.silenced", actor, "alert", alert.fingerprint, now,
                                     {"silence": silence.id, "comment": silence.comment}, _id(incident)))
         return alert.fingerprint, incident, change
+
+    def _truncated(self, s: Submission, results: list[tuple[str, _Row | None, str]], st: _Batch) -> None:
+        """The sender left `s.truncated` alerts out (its max_alerts): say so on each incident the rest reached,
+        since those incidents may have more alerts firing (or resolved) than the bot was told of."""
+        actor = self._actors.get(s.source.id) or Actor.source(s.source.id)
+        details = {"count": s.truncated, "received": len(s.alerts), "group_key": s.alerts[0].group_key if s.alerts else None,
+                   "note": f"{s.source.id} left {s.truncated} alert(s) out of this notification; "
+                           "raise max_alerts on its receiver to see them all"}
+        incidents = list({id(inc): inc for _, inc, _ in results if inc is not None}.values())
+        if not incidents:
+            st.entries.append(Entry("alerts.truncated", actor, "source", s.source.id, st.now, details))
+        for incident in incidents:
+            st.entries.append(Entry("alerts.truncated", actor, "incident", "", st.now, details, _id(incident)))
 
     def _open(self, key: str, alert: Alert, st: _Batch, *, silenced: bool) -> _Row:
         routes = select_routes(self.config.routes, alert.labels)

@@ -46,7 +46,7 @@ class _ProcessWriter:
         self.sources = {s.id: s for s in config.sources}
         self.max_batch = max_batch
 
-    def __call__(self, messages: list[tuple[datetime, list[tuple[str, list[tuple[Any, ...]], str | None]]]]
+    def __call__(self, messages: list[tuple[datetime, list[tuple[str, list[tuple[Any, ...]], str | None, int]]]]
                  ) -> list[Any]:
         logs: list[tuple[int, str]] = []
         outcomes: list[list[tuple[int, bytes, bool]]] = []
@@ -55,8 +55,9 @@ class _ProcessWriter:
         groups: list[tuple[datetime, list[Submission]]] = []
         for m, (now, items) in enumerate(messages):
             try:
-                batch = [Submission(self.sources[source_id], [Alert(*fields) for fields in alerts], delivery_id, None)
-                         for source_id, alerts, delivery_id in items]
+                batch = [Submission(self.sources[source_id], [Alert(*fields) for fields in alerts], delivery_id, None,
+                                    truncated)
+                         for source_id, alerts, delivery_id, truncated in items]
             except Exception as exc:  # not what the parent sends
                 logs.append((logging.ERROR, "intake writer: a batch it cannot read\n"
                                             + "".join(traceback.format_exception(exc)).rstrip()))

@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from storage.models import AlertRecord, AuditEvent, Delivery
 from tests.botkit import Harness, bot_on, fixture
@@ -70,6 +71,36 @@ async def test_alertmanager_captures_group_resolve_and_route(h: Harness) -> None
         "incident.opened", "alert.received", "incident.grouped", "alert.received",
         "alert.resolved", "alert.received", "alert.resolved", "incident.resolved",
     ]
+
+
+async def test_truncated_alerts_are_said_on_the_incident_counted_once_and_validated(h: Harness) -> None:
+    """Alertmanager's max_alerts cut the list: the incident's timeline says how many were left out."""
+    payload = json.loads(fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    payload["truncatedAlerts"] = 3
+    status, body, _ = await h.post("am", payload, headers={"X-Delivery-ID": "am-t1"})
+    assert status == 200 and body["truncated"] == 3 and body["alerts"] == 2
+    [inc] = await h.incidents()
+    assert await h.actions(inc.id) == ["incident.opened", "alert.received", "incident.grouped", "alert.received",
+                                       "alerts.truncated"]
+    async with h.bot.db.sessions() as s:
+        event = (await s.execute(select(AuditEvent).where(AuditEvent.action == "alerts.truncated"))).scalar_one()
+    assert event.details["count"] == 3 and event.details["received"] == 2
+    assert "raise max_alerts" in event.details["note"] and event.subject_id == str(inc.id)
+    again = await h.post("am", payload, headers={"X-Delivery-ID": "am-t1"})  # a retry: replayed, counted once
+    assert again[1] == body and again[2]["X-Idempotent-Replay"] == "true"
+    metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    assert 'chatops_alerts_truncated_total{source="am"} 3.0' in metrics
+
+    payload["truncatedAlerts"] = 0  # nothing left out: nothing said
+    status, body, _ = await h.post("am", payload)
+    assert status == 200 and "truncated" not in body
+    assert (await h.actions(inc.id)).count("alerts.truncated") == 1
+
+    for bad in (-1, "3", 2.5, True):
+        payload["truncatedAlerts"] = bad
+        status, body, _ = await h.post("am", payload)
+        assert status == 422 and body["field"] == "truncatedAlerts", (bad, body)
+        assert "whole number" in body["error"]
 
 
 async def test_a_new_firing_after_resolution_opens_a_linked_incident(h: Harness) -> None:

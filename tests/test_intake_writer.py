@@ -8,6 +8,7 @@ in flight, and a new process for the next; no writer process outlives a bot kill
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -159,6 +160,17 @@ async def test_the_fake_clock_now_travels_with_each_batch(tmp_path: Path) -> Non
         # time to resolve, as Intake._answer observes it, from the writer process's figures
         assert sample(h, "chatops_time_to_resolve_seconds_count", severity="high") == 1
         assert sample(h, "chatops_time_to_resolve_seconds_sum", severity="high") == 21 * 60 + 30
+
+
+async def test_truncated_alerts_travel_to_the_writer_process(tmp_path: Path) -> None:
+    async with process_bot(tmp_path) as h:
+        payload = json.loads(botkit.fixture("alertmanager/03-highcpu-firing.json"))
+        payload["truncatedAlerts"] = 7
+        status, body, _ = await h.post("am", payload)
+        assert status == 200 and body["truncated"] == 7
+        [inc] = await h.incidents()
+        assert (await h.actions(inc.id))[-1] == "alerts.truncated"
+        assert sample(h, "chatops_alerts_truncated_total", source="am") == 7
 
 
 async def test_a_repeated_delivery_id_is_replayed_not_applied(tmp_path: Path) -> None:
