@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -176,7 +179,7 @@ class Database:
                 if self._writer_conn is not None:
                     self._writer_conn.close()
                     self._writer_conn = None
-                writer.dispose()
+                close_writer_engine(writer)
 
             await asyncio.get_running_loop().run_in_executor(thread, close)
         if self._read_engine is not None:
@@ -245,13 +248,89 @@ def sqlite_writer_engine(url: str) -> Engine:
 
     Used by the dedicated writer thread, and by the intake writer process (storage/writer.py), with the same
     pragmas as every other connection and transactions that begin IMMEDIATE."""
-    writer = create_engine(make_url(url).set(drivername="sqlite+pysqlite"), poolclass=SingletonThreadPool,
+    location = make_url(url).set(drivername="sqlite+pysqlite")
+    writer = create_engine(location, poolclass=SingletonThreadPool,
                            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
-    _sqlite_hooks(writer)
+    _sqlite_hooks(writer, autocheckpoint=WAL_BACKSTOP_PAGES)
+    checkpointer = WalCheckpointer(location.database or "")
+    event.listen(writer, "commit", lambda _conn: checkpointer.committed())
+    writer.checkpointer = checkpointer  # type: ignore[attr-defined]  # closed by close_writer_engine
     return writer
 
 
-def _sqlite_hooks(engine: AsyncEngine | Engine, *, begin: str = "BEGIN IMMEDIATE") -> None:
+def close_writer_engine(writer: Engine) -> None:
+    checkpointer = getattr(writer, "checkpointer", None)
+    if checkpointer is not None:
+        checkpointer.close()
+    writer.dispose()
+
+
+WAL_CHECKPOINT_PAGES = 1000  # SQLite's own default for wal_autocheckpoint
+WAL_BACKSTOP_PAGES = 10_000  # the writer checkpoints inline only if the checkpointer thread falls this far behind
+
+
+class WalCheckpointer:
+    """Checkpoints a SQLite file's write-ahead log from a thread of its own, off the writer's path.
+
+    By default the connection whose commit takes the log past 1,000 pages copies them into the database
+    file and syncs it, inside that commit: a hot writer's commit then stalls. The hot writers (the writer
+    thread, the intake writer process) checkpoint inline only as a backstop (WAL_BACKSTOP_PAGES); after
+    their commits this thread, at most every INTERVAL seconds, runs a PASSIVE checkpoint on a connection
+    of its own: it never blocks a writer or a reader, and the sqlite3 module releases the interpreter lock
+    while it runs, so it runs on another core. The thread starts with the first commit and sleeps when
+    nothing commits.
+    """
+
+    INTERVAL = 0.2
+
+    def __init__(self, path: str):
+        self.path = path
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.checkpoints = 0  # checkpoints run (for tests and the curious)
+
+    def committed(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None and not self._closed:
+                    self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+                    self._thread.start()
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        conn = None
+        try:
+            while True:
+                self._wake.wait()
+                if self._closed:
+                    return
+                time.sleep(self.INTERVAL)  # commits in the meantime join this checkpoint
+                self._wake.clear()
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                               check_same_thread=False)
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:  # the backstop still checkpoints; say why this one did not
+                    log.warning("WAL checkpoint of %s failed: %s", self.path, exc)
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+def _sqlite_hooks(engine: AsyncEngine | Engine, *, begin: str = "BEGIN IMMEDIATE", autocheckpoint: int | None = None) -> None:
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
 
     @event.listens_for(sync_engine, "connect")
@@ -264,11 +343,16 @@ def _sqlite_hooks(engine: AsyncEngine | Engine, *, begin: str = "BEGIN IMMEDIATE
             "PRAGMA synchronous=NORMAL",
             f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}",
             "PRAGMA foreign_keys=ON",
+            *([f"PRAGMA wal_autocheckpoint={autocheckpoint}"] if autocheckpoint is not None else []),
         ):
             cursor.execute(pragma)
         cursor.close()
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin)
+        driver = conn.connection.dbapi_connection
+        if isinstance(driver, sqlite3.Connection):  # the synchronous driver (the hot writers): straight to it
+            driver.execute(begin)
+        else:
+            conn.exec_driver_sql(begin)
 
