@@ -156,6 +156,9 @@ class SwapHandlers:
         rotation = self.rotations[schedule.id]
         actor = _actor(event.actor, person)
         async with self.db.transaction() as session:
+            # Two requests at once must not both pass the overlap check: on PostgreSQL they queue on the rotation
+            # (SQLite's write transactions already run one at a time).
+            await self.db.lock_for_transaction(session, f"swap:{schedule.id}")
             clash = (await session.execute(select(SwapRequest).where(
                 SwapRequest.rotation == schedule.id, SwapRequest.status.in_(OPEN),
                 SwapRequest.starts_at < end, SwapRequest.ends_at > start).order_by(SwapRequest.id))).scalars().first()

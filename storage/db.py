@@ -89,6 +89,12 @@ class Database:
         """run_transaction() runs in the dedicated SQLite writer thread (not on the event loop)."""
         return self._writer is not None
 
+    async def lock_for_transaction(self, session: AsyncSession, name: str) -> None:
+        """Queue behind any other transaction that took the lock `name`, until this one ends (PostgreSQL: an
+        advisory transaction lock; SQLite's write transactions run one at a time already)."""
+        if self.is_postgres:
+            await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:n, 0))"), {"n": name})
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """One unit of work: commit on success, roll back on any error."""

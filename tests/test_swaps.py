@@ -433,6 +433,18 @@ async def test_a_request_overlapping_a_pending_one_is_refused(on_sqlite: Slack) 
     assert (await say(s, "bob dba-primary 2026-12-14")).startswith("Asked Bob")  # the shift after that is free
 
 
+async def test_overlapping_requests_at_the_same_moment_store_one(slack: Slack) -> None:
+    """Six /swap requests for the same shift at once (on PostgreSQL, six transactions in parallel): one is
+    stored, the others are told it overlaps."""
+    s = slack
+    keys = await asyncio.gather(*(s.command("/swap", "bob next") for _ in range(6)))
+    answers = [(await s.answer(k))["text"] for k in keys]
+    assert sum(a.startswith("Asked Bob") for a in answers) == 1, answers
+    assert sum(a.startswith("That overlaps swap #") for a in answers) == 5, answers
+    assert [(w.requester, w.status) for w in await swaps(s.h)] == [("alice", "pending")]
+    assert [e[0] for e in await audit(s.h)] == ["swap.requested"]
+
+
 async def test_people_are_found_by_id_name_mention_and_platform_id(on_sqlite: Slack) -> None:
     swaps_ = on_sqlite.h.bot.swaps
     found = {text: (p.id if p else None) for text in ("bob", "@Bob", "BOB", "<@U02BOB|bob>", "<@U02BOB>", "U02BOB",
