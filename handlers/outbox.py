@@ -36,7 +36,7 @@ from bot.ratelimit import TokenBucket
 from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.view import incident_card, thread_line
 from handlers.escalation import SYSTEM, Escalations
-from handlers.notify import button_from, queue_redraw, queue_thread_line
+from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_line
 from handlers.paging import Attempt, page_message, page_order, send_page
 from storage.audit import AuditLog, Entry
 from storage.db import Database
@@ -307,7 +307,7 @@ class OutboxWorker:
     async def _direct(self, row: OutboxItem) -> int:
         person = self.people.get(row.channel.removeprefix("@"))
         if person is None:
-            await self._finish([row], "dead", f"no person {row.channel!r} in app.yaml")
+            await self._failed([row], f"no person {row.channel.removeprefix('@')!r} in app.yaml", None, permanent=True)
             return 0
         text = str(row.details.get("text") or "")
         buttons = [button_from(spec) for spec in row.details.get("buttons") or []]
@@ -428,6 +428,10 @@ class OutboxWorker:
                     self.metrics.outbox_dead.labels(row.channel).inc()
                     log.error("outbox: gave up on %s %s for incident #%s in %s after %d attempt(s): %s",
                               row.kind, row.event, row.incident_id, row.channel, row.attempts, error)
+                    fallback = (row.details or {}).get("if_undeliverable") if row.kind == "direct" else None
+                    if fallback:  # somebody is waiting on this message: tell them it did not arrive, and why
+                        session.add(direct_row(fallback["to"], f"{fallback['text']} ({error})", now,
+                                               event=f"{row.event}.undeliverable"))
                 else:
                     delay = retry_after if retry_after else min(300.0, 2.0 ** row.attempts)
                     row.due_at = now + timedelta(seconds=delay)

@@ -183,7 +183,11 @@ class SwapHandlers:
                                     f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} (swap #{swap.id})."
                                     f"{approval} Please answer by {when(swap.expires_at, z, now)}."),
                          [Button(Action.SWAP_ACCEPT, swap.id, label="Accept", style="primary"),
-                          Button(Action.SWAP_DECLINE, swap.id, label="Decline", style="danger")])
+                          Button(Action.SWAP_DECLINE, swap.id, label="Decline", style="danger")],
+                         if_undeliverable=(swap.requester, (
+                             f"I could not deliver your swap #{swap.id} request to {counterpart.name}, so they have "
+                             f"not seen it. Ask them yourself (they can answer with `/swap accept {swap.id}`), or "
+                             f"cancel it with `/swap cancel {swap.id}`.")))
             self._direct(session, swap, swap.requester, now, "swap.asked",
                          lambda z: (f"You asked {counterpart.name} to take your `{schedule.id}` shift from "
                                     f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} (swap #{swap.id}). "
@@ -528,15 +532,18 @@ class SwapHandlers:
         return others or holders
 
     def _direct(self, session: AsyncSession, swap: SwapRequest, person_id: str, now: datetime, event: str,
-                text: Callable[[ZoneInfo], str], buttons: Sequence[Button] = ()) -> None:
-        """A direct message about `swap`, its times in the person's time zone, on the platform it began on first."""
+                text: Callable[[ZoneInfo], str], buttons: Sequence[Button] = (),
+                if_undeliverable: tuple[str, str] | None = None) -> None:
+        """A direct message about `swap`, its times in the person's time zone, on the platform it began on first.
+        `if_undeliverable`: who is told what (with the reason) if it cannot be delivered."""
         person = self.people.get(person_id)
         schedule = self.view.schedules.get(swap.rotation)
         tz = self._tz(person, schedule) if schedule else ZoneInfo(self.config.timezone)
         order = [swap.requested_on] if swap.requested_on in PLATFORMS else []
         order += [p for p in ((person.page_via if person else []) or PLATFORMS) if p not in order]
         order += [p for p in PLATFORMS if p not in order]
-        queue_direct(session, person_id, text(tz), now, buttons=list(buttons), event=event, platforms=order)
+        queue_direct(session, person_id, text(tz), now, buttons=list(buttons), event=event, platforms=order,
+                     if_undeliverable=if_undeliverable)
 
     def _notice(self, session: AsyncSession, swap: SwapRequest, now: datetime, text: Callable[[ZoneInfo], str]) -> None:
         """A line in the rotation's channel, when it has one."""

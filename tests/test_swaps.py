@@ -445,6 +445,25 @@ async def test_overlapping_requests_at_the_same_moment_store_one(slack: Slack) -
     assert [e[0] for e in await audit(s.h)] == ["swap.requested"]
 
 
+async def test_a_request_the_counterpart_never_gets_is_told_to_the_requester(slack: Slack) -> None:
+    s = slack
+    s.fake.fail("conversations.open", "user_not_found")  # Slack refuses Bob's direct conversation
+    assert (await say(s, "bob next")).startswith("Asked Bob")
+    await s.fake.wait_for(lambda: len(s.posts("D01ALICE")) == 2, timeout=5)
+    assert s.posts("D02BOB") == []
+    told = text_of(s.posts("D01ALICE")[-1])
+    assert told.startswith("I could not deliver your swap #1 request to Bob, so they have not seen it. Ask them "
+                           "yourself (they can answer with `/swap accept 1`), or cancel it with `/swap cancel 1`. (")
+    assert "user_not_found" in told
+    async with s.h.bot.db.sessions() as session:
+        rows = (await session.execute(select(OutboxItem).where(OutboxItem.kind == "direct")
+                                      .order_by(OutboxItem.id))).scalars().all()
+    assert [(r.channel, r.event, r.status) for r in rows] == [
+        ("@bob", "swap.requested", "dead"), ("@alice", "swap.asked", "sent"),
+        ("@alice", "swap.requested.undeliverable", "sent")]
+    assert [w.status for w in await swaps(s.h)] == ["pending"]  # Bob can still answer with /swap accept 1
+
+
 async def test_people_are_found_by_id_name_mention_and_platform_id(on_sqlite: Slack) -> None:
     swaps_ = on_sqlite.h.bot.swaps
     found = {text: (p.id if p else None) for text in ("bob", "@Bob", "BOB", "<@U02BOB|bob>", "<@U02BOB>", "U02BOB",
