@@ -455,13 +455,21 @@ async def test_a_request_the_counterpart_never_gets_is_told_to_the_requester(sla
     assert told.startswith("I could not deliver your swap #1 request to Bob, so they have not seen it. Ask them "
                            "yourself (they can answer with `/swap accept 1`), or cancel it with `/swap cancel 1`. (")
     assert "user_not_found" in told
-    async with s.h.bot.db.sessions() as session:
-        rows = (await session.execute(select(OutboxItem).where(OutboxItem.kind == "direct")
-                                      .order_by(OutboxItem.id))).scalars().all()
-    assert [(r.channel, r.event, r.status) for r in rows] == [
-        ("@bob", "swap.requested", "dead"), ("@alice", "swap.asked", "sent"),
-        ("@alice", "swap.requested.undeliverable", "sent")]
+
+    async def settled() -> list[tuple[str, str, str]]:
+        async with s.h.bot.db.sessions() as session:
+            rows = (await session.execute(select(OutboxItem).where(OutboxItem.kind == "direct")
+                                          .order_by(OutboxItem.id))).scalars().all()
+        return [(r.channel, r.event, r.status) for r in rows]
+
+    expected = [("@bob", "swap.requested", "dead"), ("@alice", "swap.asked", "sent"),
+                ("@alice", "swap.requested.undeliverable", "sent")]
+    await until(lambda: _same(settled(), expected))  # marked sent just after Slack took it
     assert [w.status for w in await swaps(s.h)] == ["pending"]  # Bob can still answer with /swap accept 1
+
+
+async def _same(rows: Any, expected: Any) -> bool:
+    return await rows == expected
 
 
 async def test_people_are_found_by_id_name_mention_and_platform_id(on_sqlite: Slack) -> None:
