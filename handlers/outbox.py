@@ -120,7 +120,7 @@ class _Buckets:
 class OutboxWorker:
     def __init__(self, *, db: Database, config: Config, adapters: Mapping[str, Adapter], clock: Clock,
                  metrics: Metrics, budgets: Mapping[str, Budget] = BUDGETS, poll_seconds: float = 0.5,
-                 max_attempts: int = 8, batch: int = 500, min_interval: float = 0.2,
+                 max_attempts: int = 8, batch: int = 500, min_interval: float = 0.2, idle_poll_seconds: float = 5.0,
                  monotonic: Callable[[], float] | None = None, audit: AuditLog | None = None,
                  escalations: Escalations | None = None, may_deliver: Callable[[], Awaitable[bool]] | None = None):
         self.db, self.config, self.adapters, self.clock, self.metrics = db, config, adapters, clock, metrics
@@ -133,6 +133,10 @@ class OutboxWorker:
         self.buckets = _Buckets(budgets)
         self.poll_seconds, self.max_attempts, self.batch = poll_seconds, max_attempts, batch
         self.min_interval = min_interval
+        # With nothing pending at all, only a nudge brings work (every change that queues a row nudges); on SQLite,
+        # where no other replica queues rows, the safety poll then slows to this.
+        self.idle_poll_seconds = idle_poll_seconds
+        self._idle = False  # the last round found nothing pending
         self._monotonic = monotonic or time.monotonic  # platform limits run on real time, whatever the clock says
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -158,8 +162,9 @@ class OutboxWorker:
                 await self.run_once()
             except Exception:  # the loop must outlive any one bad round; the rows stay pending
                 log.exception("outbox round failed; retrying in %.1fs", self.poll_seconds)
+            idle = self._idle and not self.db.is_postgres
             try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), self.idle_poll_seconds if idle else self.poll_seconds)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
@@ -171,6 +176,12 @@ class OutboxWorker:
         if self.may_deliver is not None and not await self.may_deliver():
             return 0
         now = self.clock.now()
+        async with self.db.sessions() as session:  # one cheap read first: most rounds of a quiet bot end here
+            earliest = (await session.execute(select(func.min(OutboxItem.due_at))
+                                              .where(OutboxItem.status == "pending"))).scalar()
+        self._idle = earliest is None
+        if earliest is None or earliest > now:
+            return 0
         calls = await self._people_and_notices(now)  # pages first: someone is waiting for them
         platforms = set(self.adapters)
         deliverable = [cid for cid, ch in self.channels.items() if ch.platform in platforms]

@@ -58,6 +58,7 @@ class TimerService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.TimerHandle | None = None
         self._claimed_at: datetime | None = None  # the `now` of the last claim
+        self._peeked_at = clock.now()  # the `now` of the last peek
         self._stalled_logged = 0.0
         self._running = False
         self._jobs: list[tuple[Callable[[], Awaitable[None]], float, str]] = []
@@ -131,24 +132,38 @@ class TimerService:
         task.add_done_callback(self._tasks.discard)
 
     async def tick(self) -> int:
-        """Run what is due now; returns how many timers fired."""
+        """Run what is due now; returns how many timers fired.
+
+        A beat first peeks (one read): with nothing due it neither claims (a write transaction) nor counts
+        overdue timers, and plans the next wakeup from what it read. An idle bot pays one query a beat."""
         fired = 0
         async with self._lock:
-            while True:
-                self._again = False
-                try:
-                    n, full = await self._round()
-                except Exception:  # the beat must outlive any one bad round; the timers stay pending
-                    log.exception("timer tick failed; retrying at the next beat")
-                    break
-                fired += n
-                if not (full or self._again) or not self._running:
-                    break
             try:
-                await self._plan_wakeup()
+                peeked: tuple[datetime | None, datetime | None] | None = await self._peek()
+            except Exception:  # e.g. the database went away: claim anyway, which says what is wrong
+                peeked = None
+            if peeked is None or (peeked[0] is not None and peeked[0] <= self._peeked_at):
+                while True:
+                    self._again = False
+                    try:
+                        n, full = await self._round()
+                    except Exception:  # the beat must outlive any one bad round; the timers stay pending
+                        log.exception("timer tick failed; retrying at the next beat")
+                        break
+                    fired += n
+                    if not (full or self._again) or not self._running:
+                        break
+                peeked = None  # what was read before the round is stale
+            try:
+                await self._plan_wakeup(peeked)
             except Exception:  # e.g. the database went away: the next beat plans again
                 log.exception("timer tick: cannot plan the next wakeup; the next beat will")
         return fired
+
+    async def _peek(self) -> tuple[datetime | None, datetime | None]:
+        now = self._peeked_at = self.clock.now()
+        async with self.db.sessions() as session:
+            return await store.peek(session, now)
 
     async def _round(self) -> tuple[int, bool]:
         now = self._claimed_at = self.clock.now()
@@ -193,18 +208,23 @@ class TimerService:
             self.after_commit()
         return 1
 
-    async def _plan_wakeup(self) -> None:
+    async def _plan_wakeup(self, peeked: tuple[datetime | None, datetime | None] | None = None) -> None:
         """Sleep until the next due time when it comes before the next beat; report stalled timers.
 
+        `peeked`: what this beat's peek read (no round ran since), else it reads afresh.
         A timer that fell due after the last claim (while this beat ran its timers) runs at once, not at the
         next beat. One that was already due at the last claim and still is not taken (its claim failed, its lease
         lapsed mid-run) waits for the beat, so the tick never spins on a timer it cannot take."""
         if not self._running:
             return
-        now = self.clock.now()
-        async with self.db.sessions() as session:
-            upcoming = await store.next_due(session, now)
-            stalled = await store.overdue(session, now - STALLED_AFTER)
+        if peeked is None:
+            peeked = await self._peek()
+        now = self._peeked_at
+        upcoming, earliest = peeked
+        stalled = 0
+        if earliest is not None and earliest < now - STALLED_AFTER:  # only then can any be overdue: count them
+            async with self.db.sessions() as session:
+                stalled = await store.overdue(session, now - STALLED_AFTER)
         self.metrics.timers_overdue.set(stalled)
         if stalled and time.monotonic() - self._stalled_logged > 60:
             self._stalled_logged = time.monotonic()
