@@ -334,10 +334,18 @@ class SlackAdapter:
         reply = await self._dispatch(self.dispatcher.handle_action(event))
         if reply is None:
             return
+        if reply.settle is not None and event.source is not None:  # the question is answered: no more buttons
+            await self._settle(event.source, reply.settle)
         if not reply.ephemeral and event.source is not None:  # for everyone: in the incident's thread
             await self._post(event.source.chat_id, event.source.thread_id or event.source.message_id, reply)
             return
         await self._answer(body, reply)
+
+    async def _settle(self, ref: MessageRef, text: str) -> None:
+        try:
+            await self.update(ref, Outbound("text", {"text": text}, text=text))
+        except DeliveryError as exc:  # the answer still reaches the clicker; the buttons stay
+            log.warning("slack: cannot settle the clicked message: %s", exc)
 
     async def _command(self, body: dict[str, Any]) -> None:
         reply = await self._dispatch(self.dispatcher.handle_command(command_event(body)))

@@ -465,6 +465,11 @@ class TelegramAdapter:
             return
         reply = await self._dispatch(self.dispatcher.handle_action(event))
         await self._answer(query, toast(reply.text) if reply is not None else "")
+        if reply is not None and reply.settle is not None and event.source is not None:  # answered: no more buttons
+            try:
+                await self.update(event.source, Outbound("text", {"text": reply.settle}, text=reply.settle))
+            except DeliveryError as exc:  # the toast still told the clicker; the buttons stay
+                log.warning("telegram: cannot settle the clicked message: %s", exc)
         if reply is not None and not reply.ephemeral and event.source is not None:  # for everyone: in the thread
             await self._post(event.source.chat_id, event.source.thread_id or event.source.message_id,
                              self._reply_payload(reply))

@@ -79,6 +79,8 @@ class Reply:
     text: str
     ephemeral: bool = True
     message: Outbound | None = None  # a richer answer (a table, an incident card) instead of text
+    # For a click: the clicked message becomes this text, without its buttons (a question now answered).
+    settle: str | None = None
 
 
 class DeliveryError(Exception):

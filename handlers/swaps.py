@@ -27,6 +27,7 @@ serialised), so two clicks, on one replica or two, change a swap once; the secon
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -108,8 +109,23 @@ class SwapHandlers:
                                   (Action.SWAP_REJECT, "Reject", self.reject),
                                   (Action.SWAP_CANCEL, "Cancel", self.cancel),
                                   (Action.SWAP_UNDO, "Undo", self.undo)):
-            dispatcher.action(action, role=None, label=label)(_button(fn))
+            dispatcher.action(action, role=None, label=label)(self._button(action, fn))
         timers.handler(EXPIRE)(self.expire_timer)
+
+    def _button(self, action: str, fn: Callable[[int, Person, Actor], Awaitable[Reply]]
+                ) -> Callable[[ActionEvent, Person], Awaitable[Reply]]:
+        """A swap button's handler. Once the swap has moved past what the button does (this click decided it, or
+        something else had), the clicked message settles: its text becomes the answer, and its buttons go."""
+        async def handle(event: ActionEvent, person: Person) -> Reply:
+            reply = await fn(event.incident_id, person, event.actor)
+            async with self.db.sessions() as session:
+                swap = await session.get(SwapRequest, event.incident_id)
+            if swap is None or swap.status not in _BUTTON_APPLIES[action] or (
+                    action == Action.SWAP_UNDO and self.clock.now() >= swap.starts_at):
+                return dataclasses.replace(reply, settle=reply.text)
+            return reply
+        handle.__name__ = fn.__name__
+        return handle
 
     # -- the command ----------------------------------------------------------------------------------
 
@@ -714,11 +730,9 @@ class SwapHandlers:
         return "taken (approved)" if swap.status == APPROVED else "taken"
 
 
-def _button(fn: Callable[[int, Person, Actor], Awaitable[Reply]]) -> Callable[[ActionEvent, Person], Awaitable[Reply]]:
-    async def handle(event: ActionEvent, person: Person) -> Reply:
-        return await fn(event.incident_id, person, event.actor)
-    handle.__name__ = fn.__name__
-    return handle
+# The swap states in which each button still means something.
+_BUTTON_APPLIES = {Action.SWAP_ACCEPT: (PENDING,), Action.SWAP_DECLINE: (PENDING,), Action.SWAP_CANCEL: OPEN,
+                   Action.SWAP_APPROVE: (AWAITING,), Action.SWAP_REJECT: (AWAITING,), Action.SWAP_UNDO: TAKEN}
 
 
 async def _locked(session: AsyncSession, swap_id: int) -> SwapRequest | None:

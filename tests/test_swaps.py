@@ -69,15 +69,16 @@ async def say(s: Slack, text: str, user: str = ALICE, command: str = "/swap") ->
     return (await s.answer(await s.command(command, text, user=user)))["text"]
 
 
-async def press(s: Slack, value: str, user: str) -> str:
-    """A click on a button of a direct message, signed the way Slack signs it; the ephemeral answer."""
+async def press(s: Slack, value: str, user: str, *, message_ts: str | None = None) -> str:
+    """A click on a button of a direct message (`message_ts`: which one the bot posted; else a made-up one),
+    signed the way Slack signs it; the ephemeral answer."""
     s.clicks += 1
     key = f"dm-click{s.clicks}"
     payload: dict[str, Any] = json.loads(json.dumps(CLICK))
     dm = "D" + user[1:]
     payload["user"] = {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0FAKE"}
     payload["channel"] = {"id": dm, "name": "directmessage"}
-    payload["container"].update(channel_id=dm, message_ts=f"1700000500.{s.clicks:06d}")
+    payload["container"].update(channel_id=dm, message_ts=message_ts or f"1700000500.{s.clicks:06d}")
     payload["message"]["ts"] = payload["container"]["message_ts"]
     payload["response_url"] = s.fake.response_url(key)
     action = payload["actions"][0]
@@ -466,6 +467,34 @@ async def test_a_request_the_counterpart_never_gets_is_told_to_the_requester(sla
                 ("@alice", "swap.requested.undeliverable", "sent")]
     await until(lambda: _same(settled(), expected))  # marked sent just after Slack took it
     assert [w.status for w in await swaps(s.h)] == ["pending"]  # Bob can still answer with /swap accept 1
+
+
+async def test_a_direct_message_whose_question_is_answered_loses_its_buttons(slack: Slack) -> None:
+    s = slack
+    await say(s, "bob next")
+    await s.fake.wait_for(lambda: s.posts("D02BOB") and s.posts("D01ALICE"), timeout=5)
+    [bob_ts] = [ts for (chat, ts) in s.fake.messages if chat == "D02BOB"]
+    [alice_ts] = [ts for (chat, ts) in s.fake.messages if chat == "D01ALICE"]
+
+    def buttons(chat: str, ts: str) -> list[str]:
+        return [e["value"] for b in s.fake.messages[(chat, ts)].get("blocks", []) if b["type"] == "actions"
+                for e in b["elements"]]
+
+    assert buttons("D02BOB", bob_ts) == ["swok:1", "swno:1"] and buttons("D01ALICE", alice_ts) == ["swcx:1"]
+    accepted = await press(s, "swok:1", BOB, message_ts=bob_ts)
+    assert accepted.startswith("Accepted: you are on call for `dba-primary`")
+    await s.fake.wait_for(lambda: not buttons("D02BOB", bob_ts), timeout=5)
+    assert s.fake.messages[("D02BOB", bob_ts)]["text"] == accepted  # the question now says how it was answered
+    # Alice's Cancel no longer means anything: pressing it says why, and that message settles too.
+    told = await press(s, "swcx:1", ALICE, message_ts=alice_ts)
+    assert told.startswith("Swap #1 was already accepted by Bob.")
+    await s.fake.wait_for(lambda: not buttons("D01ALICE", alice_ts), timeout=5)
+    # A press that decides nothing leaves the buttons where they are.
+    await say(s, "bob dba-primary 2026-12-14")  # swap #2, Bob's DM with Accept / Decline
+    await s.fake.wait_for(lambda: len([1 for (chat, _) in s.fake.messages if chat == "D02BOB"]) >= 3, timeout=5)
+    second = max(ts for (chat, ts) in s.fake.messages if chat == "D02BOB" and buttons(chat, ts) == ["swok:2", "swno:2"])
+    assert (await press(s, "swok:2", ALICE, message_ts=second)) == "Only Bob can accept swap #2."
+    assert buttons("D02BOB", second) == ["swok:2", "swno:2"]
 
 
 async def _same(rows: Any, expected: Any) -> bool:

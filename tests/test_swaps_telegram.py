@@ -93,6 +93,8 @@ async def test_a_swap_asked_accepted_and_announced_all_in_telegram(phone: Phone)
 
     await p.tap(ALICE, "swok:1")
     await p.tg.wait_for(lambda: p.tg.called("answerCallbackQuery"), timeout=5)
+    # The question in Alice's chat now says how it was answered, without its buttons.
+    await poll(lambda: not _keys(ask) and ask["text"].startswith("Accepted: you are on call"), 5, lambda: f"{ask}")
     async with p.h.bot.db.sessions() as session:
         [swap] = (await session.execute(select(SwapRequest))).scalars().all()
         [override] = (await session.execute(select(Override))).scalars().all()
