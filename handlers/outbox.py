@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, update
+from sqlalchemy import case, delete, func, update
 from sqlmodel import select
 
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
@@ -121,6 +121,7 @@ class OutboxWorker:
     def __init__(self, *, db: Database, config: Config, adapters: Mapping[str, Adapter], clock: Clock,
                  metrics: Metrics, budgets: Mapping[str, Budget] = BUDGETS, poll_seconds: float = 0.5,
                  max_attempts: int = 8, batch: int = 500, min_interval: float = 0.2, idle_poll_seconds: float = 5.0,
+                 compact_seconds: float = 30.0,
                  monotonic: Callable[[], float] | None = None, audit: AuditLog | None = None,
                  escalations: Escalations | None = None, may_deliver: Callable[[], Awaitable[bool]] | None = None):
         self.db, self.config, self.adapters, self.clock, self.metrics = db, config, adapters, clock, metrics
@@ -137,7 +138,9 @@ class OutboxWorker:
         # where no other replica queues rows, the safety poll then slows to this.
         self.idle_poll_seconds = idle_poll_seconds
         self._idle = False  # the last round found nothing pending
+        self.compact_seconds = compact_seconds
         self._monotonic = monotonic or time.monotonic  # platform limits run on real time, whatever the clock says
+        self._compacted = self._monotonic()  # when pending rows were last folded (compact)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -162,6 +165,13 @@ class OutboxWorker:
                 await self.run_once()
             except Exception:  # the loop must outlive any one bad round; the rows stay pending
                 log.exception("outbox round failed; retrying in %.1fs", self.poll_seconds)
+            if not self._idle and self._monotonic() - self._compacted >= self.compact_seconds:
+                self._compacted = self._monotonic()
+                try:  # between rounds, never during one: a round's rows are not folded under it
+                    if self.may_deliver is None or await self.may_deliver():
+                        await self.compact()
+                except Exception:
+                    log.exception("outbox: folding pending rows failed; trying again in %.0fs", self.compact_seconds)
             idle = self._idle and not self.db.is_postgres
             try:
                 await asyncio.wait_for(self._wake.wait(), self.idle_poll_seconds if idle else self.poll_seconds)
@@ -170,6 +180,40 @@ class OutboxWorker:
             self._wake.clear()
             if not self._stopping:
                 await asyncio.sleep(self.min_interval)  # a storm of nudges still means a few rounds a second
+
+    async def compact(self) -> int:
+        """Fold pending rows that say the same thing, so a storm that outruns a platform's budget (or a platform
+        that is off) does not pile them up: per incident message, the redraws become one (due at the earliest of
+        them), and the "N new alerts" / "N alerts resolved" lines of one kind become one with the sum. Run by the
+        delivery loop between its rounds. Returns how many rows were folded away."""
+        folded = 0
+        async with self.db.transaction() as session:
+            redraws = (await session.execute(
+                select(OutboxItem.incident_id, OutboxItem.channel, func.max(OutboxItem.id), func.min(OutboxItem.due_at))
+                .where(OutboxItem.status == "pending", OutboxItem.kind == "update", OutboxItem.incident_id.is_not(None))
+                .group_by(OutboxItem.incident_id, OutboxItem.channel).having(func.count() > 1))).all()
+            for incident_id, channel, keep, due in redraws:
+                folded += (await session.execute(delete(OutboxItem).where(
+                    OutboxItem.status == "pending", OutboxItem.kind == "update", OutboxItem.incident_id == incident_id,
+                    OutboxItem.channel == channel, OutboxItem.id < keep))).rowcount or 0
+                await session.execute(update(OutboxItem).where(OutboxItem.id == keep).values(due_at=due))
+            lines = (await session.execute(
+                select(OutboxItem.incident_id, OutboxItem.channel, OutboxItem.event)
+                .where(OutboxItem.status == "pending", OutboxItem.kind == "reply", OutboxItem.event.in_(MERGED_EVENTS))
+                .group_by(OutboxItem.incident_id, OutboxItem.channel, OutboxItem.event).having(func.count() > 1))).all()
+            for incident_id, channel, event in lines:
+                rows = (await session.execute(select(OutboxItem).where(
+                    OutboxItem.status == "pending", OutboxItem.kind == "reply", OutboxItem.incident_id == incident_id,
+                    OutboxItem.channel == channel, OutboxItem.event == event).order_by(OutboxItem.id))).scalars().all()
+                keep_row = rows[-1]
+                total = sum(int((r.details or {}).get("count", 1)) for r in rows)
+                await session.execute(update(OutboxItem).where(OutboxItem.id == keep_row.id).values(
+                    details={**(keep_row.details or {}), "count": total}, due_at=min(r.due_at for r in rows)))
+                await session.execute(delete(OutboxItem).where(OutboxItem.id.in_([r.id for r in rows[:-1]])))
+                folded += len(rows) - 1
+        if folded:
+            log.info("outbox: folded %d pending row(s) into the ones that say the same", folded)
+        return folded
 
     async def run_once(self) -> int:
         """One pass over what is due; returns the number of platform calls made."""

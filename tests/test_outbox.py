@@ -9,9 +9,11 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from bot.cli import main as cli
 from handlers.outbox import Budget, _Buckets
-from tests.botkit import Harness, fixture, running_bot
+from tests.botkit import Harness, bot_on, fixture, running_bot
 from tests.fake_slack import FakeSlack
 from tests.test_slack_flow import slack_config
 
@@ -102,3 +104,54 @@ async def test_slack_429s_are_budgets_not_losses(tmp_path: Path) -> None:
             statuses = [c.status for c in fake.calls if c.method == "chat.postMessage"]
             assert 429 in statuses  # Slack pushed back...
             assert sorted(parents(fake)) == sorted(set(parents(fake))) and len(parents(fake)) == 5  # ...and nothing was lost or doubled
+
+
+async def test_a_storm_the_platform_cannot_take_folds_into_one_redraw_and_one_line(tmp_path: Path) -> None:
+    """Slack is off while 11 more alerts of a posted incident's group arrive: 11 redraws and 11 "new alert"
+    lines pile up. Folding leaves one of each, the line counting all 11; when Slack is back, that is what it gets."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+
+    def alert(tool: str) -> dict[str, str]:  # one group (alertname + instance), one alert per tool
+        return {"asset_name": "db-01", "signature": "DiskFull", "severity": "high", "message": "disk full",
+                "tool_source": tool}
+
+    async with FakeSlack() as fake:
+        async with running_bot(url, slack_config(fake)) as h:  # the incident opens and is posted
+            assert (await h.post("open", alert("tool-0")))[0] == 200
+            await fake.wait_for(lambda: len(parents(fake)) == 1, timeout=5)
+            await drain(h)
+        async with running_bot(url) as h:  # Slack is off: 11 more alerts of the group
+            for i in range(1, 12):
+                assert (await h.post("open", alert(f"tool-{i}")))[0] == 200
+            pending = [row[2:4] for row in await h.pending()]
+            assert pending.count(("update", "incident.changed")) == 11
+            assert pending.count(("reply", "alerts.grouped")) == 11
+            first_line_due = min(row[4] for row in await h.pending() if row[3] == "alerts.grouped")
+
+            assert await h.bot.outbox.compact() == 10 + 10
+            assert [row[2:4] for row in await h.pending()] == [("update", "incident.changed"),
+                                                               ("reply", "alerts.grouped")]
+            assert (await h.outbox())[-1][4] == {"count": 11}
+            assert [row[4] for row in await h.pending() if row[3] == "alerts.grouped"] == [first_line_due]
+            assert await h.bot.outbox.compact() == 0  # nothing left to fold
+        updates_before = len(fake.called("chat.update"))
+        async with running_bot(url, slack_config(fake)) as h:  # Slack is back: one redraw, one line
+            await drain(h, seconds=15, step=timedelta(seconds=5))
+            assert len(fake.called("chat.update")) == updates_before + 1 and len(parents(fake)) == 1
+            lines = [c.params["text"] for c in fake.called("chat.postMessage") if c.params.get("thread_ts")]
+            assert lines == ["11 new alerts"], lines
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_the_delivery_loop_folds_on_its_own(database: str, tmp_path: Path, pg_schema: str) -> None:
+    async with bot_on(database, tmp_path, pg_schema) as h:  # no Slack: rows pile up
+        h.bot.outbox.compact_seconds = 0.0  # every round (30 s in a running bot)
+        for i in range(6):
+            await h.post("open", {"asset_name": "db-01", "signature": "DiskFull", "severity": "high",
+                                  "message": "disk full", "tool_source": f"tool-{i}"})
+        for _ in range(100):
+            if len(await h.pending()) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert [row[2:4] for row in await h.pending()] == [
+            ("post", "incident.opened"), ("update", "incident.changed"), ("reply", "alerts.grouped")]
