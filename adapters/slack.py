@@ -334,12 +334,12 @@ class SlackAdapter:
         reply = await self._dispatch(self.dispatcher.handle_action(event))
         if reply is None:
             return
-        if reply.settle is not None and event.source is not None:  # the question is answered: no more buttons
-            await self._settle(event.source, reply.settle)
         if not reply.ephemeral and event.source is not None:  # for everyone: in the incident's thread
             await self._post(event.source.chat_id, event.source.thread_id or event.source.message_id, reply)
-            return
-        await self._answer(body, reply)
+        else:
+            await self._answer(body, reply)
+        if reply.settle is not None and event.source is not None:  # the question is answered: no more buttons
+            await self._settle(event.source, reply.settle)
 
     async def _settle(self, ref: MessageRef, text: str) -> None:
         try:

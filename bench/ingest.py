@@ -49,6 +49,7 @@ from bot.auth import sign  # noqa: E402
 
 SECRET = "bench-secret-0123456789"
 PHASE_LIMIT = 120.0  # seconds: a phase stops sending after this
+TIMEOUT = 30.0  # seconds: a request unanswered this long is an error (as aiohttp's client is told)
 BARE = """
 import json, sys
 from aiohttp import web
@@ -179,9 +180,17 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = exc or ConnectionResetError("the server closed the connection")
+        self.fail(exc or ConnectionResetError("the server closed the connection"))
+
+    def fail(self, exc: Exception) -> None:
+        """This connection is done: the request waiting gets `exc`, and the client replaces the connection."""
+        if self.lost is None:
+            self.lost = exc
         if self.waiting is not None and not self.waiting.done():
-            self.waiting.set_exception(self.lost)
+            self.waiting.set_exception(exc)
+        self.waiting = None
+        if self.transport is not None:
+            self.transport.close()
 
     def request(self, data: bytes) -> asyncio.Future[int]:
         self.waiting = asyncio.get_running_loop().create_future()
@@ -200,8 +209,8 @@ class _Connection(asyncio.Protocol):
             return
         head = bytes(buffer[:end]).lower()
         at = head.find(b"\r\ncontent-length:")
-        if at < 0:  # every target answers with a Content-Length; anything else is a failure of the bench
-            self.waiting.set_exception(ValueError("an answer without Content-Length"))
+        if at < 0:  # every target answers with a Content-Length; without one this connection is unusable
+            self.fail(ValueError("an answer without Content-Length"))
             return
         length = int(head[at + 17:head.find(b"\r\n", at + 2) if head.find(b"\r\n", at + 2) > 0 else None])
         if len(buffer) < end + 4 + length:
@@ -245,12 +254,16 @@ class RawClient:
     async def send(self, i: int, res: Result, t0: float) -> None:
         conn = await self.idle.get()
         try:
-            res.statuses[str(await conn.request(self.wire[i]))] += 1
-        except Exception as exc:  # a refused or reset request is an error of the target, not of the bench
+            res.statuses[str(await asyncio.wait_for(conn.request(self.wire[i]), TIMEOUT))] += 1
+        except Exception as exc:  # a refused, reset or timed-out request is an error of the target, not of the bench
             res.statuses[type(exc).__name__] += 1
-            if conn.lost is not None:  # replace the connection
-                _, conn = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
+            conn.fail(exc)
         res.latencies.append(time.perf_counter() - t0)
+        if conn.lost is not None:  # replace the connection (a target that refuses new ones shows as errors)
+            try:
+                _, conn = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
+            except OSError as exc:
+                res.statuses[type(exc).__name__] += 1
         self.idle.put_nowait(conn)
 
 

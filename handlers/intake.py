@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, select, text
 
 from bot.alerts import Alert
 from bot.clock import Clock
@@ -40,7 +40,7 @@ from bot.model import Actor
 from bot.routing import group_key, select_routes, silenced_by
 from storage.audit import AuditLog, Entry
 from storage.db import Database
-from storage.models import AlertRecord, Delivery, Incident, OutboxItem
+from storage.models import AlertRecord, AuditEvent, Delivery, Incident, OutboxItem
 from storage.rows import Json, Rows, fast_encoder, json_text
 from storage.writer import WriterGone, WriterProcess
 
@@ -143,6 +143,7 @@ _INCIDENTS = Incident.__table__
 _ALERTS = AlertRecord.__table__
 _OUTBOX = OutboxItem.__table__
 _DELIVERIES = Delivery.__table__
+_AUDIT = AuditEvent.__table__
 # What intake reads of an existing incident and alert (it writes only what changed).
 _INCIDENT_COLUMNS = ("id", "group_key", "status", "severity", "sources", "channels", "links", "alert_count",
                      "firing_count", "notifications", "critical_asset", "silenced", "opened_at", "last_seen")
@@ -186,6 +187,7 @@ class _Batch:
     new_records: list[tuple[_Row, _Row]] = field(default_factory=list)
     resolved_after: list[tuple[str, float]] = field(default_factory=list)
     escalations: int = 0  # escalations started (on_open): their first steps are timers due now
+    truncated: dict[int, int | None] = field(default_factory=dict)  # id(incident) -> the truncatedAlerts last said
 
     def previous(self, key: str) -> int | None:
         """The newest earlier incident of this key (asked only when one opens, once a batch)."""
@@ -506,7 +508,7 @@ class Intake:
                 seen_here.add(key)
                 results = [self._apply_alert(s.source, a, state) for a in s.alerts]
                 if s.truncated:
-                    self._truncated(s, results, state)
+                    self._truncated(conn, s, results, state)
                 applied.append((s, results))
         self._write(conn, state)
         outcomes: list[Outcome] = []
@@ -696,9 +698,11 @@ class Intake:
                                     {"silence": silence.id, "comment": silence.comment}, _id(incident)))
         return alert.fingerprint, incident, change
 
-    def _truncated(self, s: Submission, results: list[tuple[str, _Row | None, str]], st: _Batch) -> None:
+    def _truncated(self, conn: Connection, s: Submission, results: list[tuple[str, _Row | None, str]],
+                   st: _Batch) -> None:
         """The sender left `s.truncated` alerts out (its max_alerts): say so on each incident the rest reached,
-        since those incidents may have more alerts firing (or resolved) than the bot was told of."""
+        since those incidents may have more alerts firing (or resolved) than the bot was told of. Said again
+        only when the number changes: Alertmanager repeats a group's notification at every interval."""
         actor = self._actors.get(s.source.id) or Actor.source(s.source.id)
         details = {"count": s.truncated, "received": len(s.alerts), "group_key": s.alerts[0].group_key if s.alerts else None,
                    "note": f"{s.source.id} left {s.truncated} alert(s) out of this notification; "
@@ -706,7 +710,19 @@ class Intake:
         incidents = list({id(inc): inc for _, inc, _ in results if inc is not None}.values())
         if not incidents:
             st.entries.append(Entry("alerts.truncated", actor, "source", s.source.id, st.now, details))
+            return
+        stored = [inc.id for inc in incidents if inc.id is not None and id(inc) not in st.truncated]
+        if stored:
+            for incident_id, said in conn.execute(
+                    select(_AUDIT.c.incident_id, _AUDIT.c.details).where(
+                        _AUDIT.c.action == "alerts.truncated", _AUDIT.c.incident_id.in_(stored)).order_by(_AUDIT.c.seq)):
+                for inc in incidents:
+                    if inc.id == incident_id:
+                        st.truncated[id(inc)] = (said or {}).get("count")
         for incident in incidents:
+            if st.truncated.get(id(incident)) == s.truncated:
+                continue
+            st.truncated[id(incident)] = s.truncated
             st.entries.append(Entry("alerts.truncated", actor, "incident", "", st.now, details, _id(incident)))
 
     def _open(self, key: str, alert: Alert, st: _Batch, *, silenced: bool) -> _Row:

@@ -36,14 +36,17 @@ def button_from(spec: dict[str, Any]) -> Button:
 
 def direct_row(person_id: str, text: str, now: datetime, *, event: str = "direct", buttons: Sequence[Button] = (),
                platforms: Sequence[str] = (), due_at: datetime | None = None,
-               if_undeliverable: tuple[str, str] | None = None) -> OutboxItem:
+               if_undeliverable: tuple[str, str] | None = None, swap: int | None = None) -> OutboxItem:
     """`if_undeliverable=(person_id, text)`: when this message cannot be delivered, that person is told `text`
-    with the reason (e.g. the one who asked for something the recipient never saw)."""
+    with the reason (e.g. the one who asked for something the recipient never saw); with `swap`, only while that
+    swap still waits for an answer (else the message no longer matters)."""
     details: dict[str, Any] = {"text": text, "buttons": [button_spec(b) for b in buttons]}
     if platforms:
         details["platforms"] = list(platforms)
     if if_undeliverable is not None:
         details["if_undeliverable"] = {"to": if_undeliverable[0], "text": if_undeliverable[1]}
+        if swap is not None:
+            details["if_undeliverable"]["swap"] = swap
     return OutboxItem(created_at=now, due_at=due_at or now, incident_id=None, channel=f"@{person_id}", kind="direct",
                       event=event, details=details)
 

@@ -40,7 +40,7 @@ from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_
 from handlers.paging import Attempt, page_message, page_order, send_page
 from storage.audit import AuditLog, Entry
 from storage.db import Database
-from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem
+from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem, SwapRequest
 from storage.queries import recent_alerts
 
 log = logging.getLogger("chatops.outbox")
@@ -184,18 +184,19 @@ class OutboxWorker:
     async def compact(self) -> int:
         """Fold pending rows that say the same thing, so a storm that outruns a platform's budget (or a platform
         that is off) does not pile them up: per incident message, the redraws become one (due at the earliest of
-        them), and the "N new alerts" / "N alerts resolved" lines of one kind become one with the sum. Run by the
-        delivery loop between its rounds. Returns how many rows were folded away."""
+        them), and the "N new alerts" / "N alerts resolved" lines of one kind become one with the sum; the oldest
+        row is kept, so the thread's order and the delivery order stay. Run by the delivery loop between its
+        rounds. Returns how many rows were folded away."""
         folded = 0
         async with self.db.transaction() as session:
             redraws = (await session.execute(
-                select(OutboxItem.incident_id, OutboxItem.channel, func.max(OutboxItem.id), func.min(OutboxItem.due_at))
+                select(OutboxItem.incident_id, OutboxItem.channel, func.min(OutboxItem.id), func.min(OutboxItem.due_at))
                 .where(OutboxItem.status == "pending", OutboxItem.kind == "update", OutboxItem.incident_id.is_not(None))
                 .group_by(OutboxItem.incident_id, OutboxItem.channel).having(func.count() > 1))).all()
             for incident_id, channel, keep, due in redraws:
                 folded += (await session.execute(delete(OutboxItem).where(
                     OutboxItem.status == "pending", OutboxItem.kind == "update", OutboxItem.incident_id == incident_id,
-                    OutboxItem.channel == channel, OutboxItem.id < keep))).rowcount or 0
+                    OutboxItem.channel == channel, OutboxItem.id > keep))).rowcount or 0
                 await session.execute(update(OutboxItem).where(OutboxItem.id == keep).values(due_at=due))
             lines = (await session.execute(
                 select(OutboxItem.incident_id, OutboxItem.channel, OutboxItem.event)
@@ -205,11 +206,11 @@ class OutboxWorker:
                 rows = (await session.execute(select(OutboxItem).where(
                     OutboxItem.status == "pending", OutboxItem.kind == "reply", OutboxItem.incident_id == incident_id,
                     OutboxItem.channel == channel, OutboxItem.event == event).order_by(OutboxItem.id))).scalars().all()
-                keep_row = rows[-1]
+                keep_row = rows[0]  # the first keeps its place among the thread's lines and in the delivery order
                 total = sum(int((r.details or {}).get("count", 1)) for r in rows)
                 await session.execute(update(OutboxItem).where(OutboxItem.id == keep_row.id).values(
                     details={**(keep_row.details or {}), "count": total}, due_at=min(r.due_at for r in rows)))
-                await session.execute(delete(OutboxItem).where(OutboxItem.id.in_([r.id for r in rows[:-1]])))
+                await session.execute(delete(OutboxItem).where(OutboxItem.id.in_([r.id for r in rows[1:]])))
                 folded += len(rows) - 1
         if folded:
             log.info("outbox: folded %d pending row(s) into the ones that say the same", folded)
@@ -484,6 +485,10 @@ class OutboxWorker:
                     log.error("outbox: gave up on %s %s for incident #%s in %s after %d attempt(s): %s",
                               row.kind, row.event, row.incident_id, row.channel, row.attempts, error)
                     fallback = (row.details or {}).get("if_undeliverable") if row.kind == "direct" else None
+                    if fallback and fallback.get("swap") is not None:  # only while the swap still waits for it
+                        swap = await session.get(SwapRequest, int(fallback["swap"]))
+                        if swap is None or swap.status != "pending":
+                            fallback = None
                     if fallback:  # somebody is waiting on this message: tell them it did not arrive, and why
                         session.add(direct_row(fallback["to"], f"{fallback['text']} ({error})", now,
                                                event=f"{row.event}.undeliverable"))

@@ -559,7 +559,7 @@ class SwapHandlers:
         order += [p for p in ((person.page_via if person else []) or PLATFORMS) if p not in order]
         order += [p for p in PLATFORMS if p not in order]
         queue_direct(session, person_id, text(tz), now, buttons=list(buttons), event=event, platforms=order,
-                     if_undeliverable=if_undeliverable)
+                     if_undeliverable=if_undeliverable, swap=swap.id if if_undeliverable else None)
 
     def _notice(self, session: AsyncSession, swap: SwapRequest, now: datetime, text: Callable[[ZoneInfo], str]) -> None:
         """A line in the rotation's channel, when it has one."""

@@ -138,11 +138,13 @@ class TimerService:
         overdue timers, and plans the next wakeup from what it read. An idle bot pays one query a beat."""
         fired = 0
         async with self._lock:
+            self._again = False
             try:
                 peeked: tuple[datetime | None, datetime | None] | None = await self._peek()
             except Exception:  # e.g. the database went away: claim anyway, which says what is wrong
                 peeked = None
-            if peeked is None or (peeked[0] is not None and peeked[0] <= self._peeked_at):
+            # A nudge during the peek (a commit it may not have seen) claims anyway.
+            if peeked is None or self._again or (peeked[0] is not None and peeked[0] <= self._peeked_at):
                 while True:
                     self._again = False
                     try:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel, select
@@ -92,8 +93,9 @@ class Database:
     async def lock_for_transaction(self, session: AsyncSession, name: str) -> None:
         """Queue behind any other transaction that took the lock `name`, until this one ends (PostgreSQL: an
         advisory transaction lock; SQLite's write transactions run one at a time already)."""
-        if self.is_postgres:
-            await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:n, 0))"), {"n": name})
+        if self.is_postgres:  # per schema: bots sharing a server in schemas of their own do not queue on each other
+            await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:n, 0))"),
+                                  {"n": f"{self.schema or 'public'}:{name}"})
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -320,6 +322,8 @@ class WalCheckpointer:
                     return
                 time.sleep(self.INTERVAL)  # commits in the meantime join this checkpoint
                 self._wake.clear()
+                if self._closed:  # closed during the sleep: its wake-up was just cleared
+                    return
                 try:
                     if conn is None:
                         conn = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
@@ -358,7 +362,11 @@ def _sqlite_hooks(engine: AsyncEngine | Engine, *, begin: str = "BEGIN IMMEDIATE
     def _on_begin(conn: Any) -> None:
         driver = conn.connection.dbapi_connection
         if isinstance(driver, sqlite3.Connection):  # the synchronous driver (the hot writers): straight to it
-            driver.execute(begin)
+            try:
+                driver.execute(begin)
+            except sqlite3.Error as exc:  # what exec_driver_sql would raise: callers tell "unavailable" by it
+                raise (OperationalError if isinstance(exc, sqlite3.OperationalError) else DBAPIError)(
+                    begin, None, exc) from exc
         else:
             conn.exec_driver_sql(begin)
 

@@ -50,8 +50,9 @@ async def test_an_idle_bot_peeks_and_neither_claims_nor_polls_the_outbox_twice_a
             await asyncio.sleep(2.6)
         timer_peeks = [s for s in seen if "FROM timers" in s]
         outbox_reads = [s for s in seen if "FROM outbox" in s]
-        # The beat runs every 0.5 s: about five peeks, each one read; no claim (a write), no overdue count.
-        assert 4 <= len(timer_peeks) <= 7, seen
+        # The beat runs every 0.5 s: about five peeks (a loaded machine may merge beats), each one read; no claim
+        # (its SELECT of due timer ids, then a write), no overdue count, no write of any kind.
+        assert 2 <= len(timer_peeks) <= 9, seen
         assert all(s.startswith("SELECT min(CASE") for s in timer_peeks), timer_peeks
         assert not [s for s in seen if s.startswith(("UPDATE", "INSERT", "DELETE", "BEGIN IMMEDIATE"))], seen
         # Nothing pending: the outbox's safety poll slowed to every 5 s (it was every 0.5 s).

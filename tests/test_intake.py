@@ -91,10 +91,19 @@ async def test_truncated_alerts_are_said_on_the_incident_counted_once_and_valida
     metrics = (await (await h.client.get("/metrics")).text()).splitlines()
     assert 'chatops_alerts_truncated_total{source="am"} 3.0' in metrics
 
+    status, body, _ = await h.post("am", payload)  # Alertmanager's next notification of the group, no delivery id
+    assert status == 200 and body["truncated"] == 3
+    assert (await h.actions(inc.id)).count("alerts.truncated") == 1  # the same number: said once
+    payload["truncatedAlerts"] = 5
+    await h.post("am", payload)
+    assert (await h.actions(inc.id)).count("alerts.truncated") == 2  # a new number: said again
+    metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    assert 'chatops_alerts_truncated_total{source="am"} 11.0' in metrics  # every notification counts
+
     payload["truncatedAlerts"] = 0  # nothing left out: nothing said
     status, body, _ = await h.post("am", payload)
     assert status == 200 and "truncated" not in body
-    assert (await h.actions(inc.id)).count("alerts.truncated") == 1
+    assert (await h.actions(inc.id)).count("alerts.truncated") == 2
 
     for bad in (-1, "3", 2.5, True):
         payload["truncatedAlerts"] = bad

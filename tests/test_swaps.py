@@ -497,6 +497,29 @@ async def test_a_direct_message_whose_question_is_answered_loses_its_buttons(sla
     assert buttons("D02BOB", second) == ["swok:2", "swno:2"]
 
 
+async def test_a_request_settled_before_its_message_dies_tells_the_requester_nothing(slack: Slack) -> None:
+    s = slack
+    s.fake.fail("conversations.open", "ratelimited", status=500, times=100)  # Bob's DM keeps failing, retried
+    await say(s, "bob next")
+    await until(lambda: _attempted(s.h, "@bob"))
+    assert (await say(s, "cancel 1")).startswith("Cancelled swap #1")
+    s.fake._failures.clear()
+    async with s.h.bot.db.transaction() as session:  # Bob's message gives up now
+        row = (await session.execute(select(OutboxItem).where(OutboxItem.channel == "@bob",
+                                                              OutboxItem.event == "swap.requested"))).scalar_one()
+    await s.h.bot.outbox._failed([row], "slack: user_not_found", None, permanent=True)
+    async with s.h.bot.db.sessions() as session:
+        events = (await session.execute(select(OutboxItem.event).where(OutboxItem.channel == "@alice")
+                                        .order_by(OutboxItem.id))).scalars().all()
+    assert "swap.requested.undeliverable" not in events, events  # the swap was cancelled: nothing to tell
+
+
+async def _attempted(h: Harness, channel: str) -> bool:
+    async with h.bot.db.sessions() as session:
+        rows = (await session.execute(select(OutboxItem).where(OutboxItem.channel == channel))).scalars().all()
+    return any(r.attempts for r in rows)
+
+
 async def _same(rows: Any, expected: Any) -> bool:
     return await rows == expected
 

@@ -1,4 +1,5 @@
-"""The SQLite writer's WAL is checkpointed by a thread of its own, not inside the writer's commits."""
+"""The SQLite writer: its WAL is checkpointed by a thread of its own, not inside its commits; a BEGIN that
+cannot get the database lock fails as "the database is unavailable" (intake answers 503), like any statement."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import OperationalError
 
+from handlers.intake import _is_db_unavailable
 from storage.db import WAL_BACKSTOP_PAGES, Database
 
 
@@ -45,3 +49,22 @@ async def test_commits_wake_the_checkpointer_and_dispose_stops_it(tmp_path: Path
     finally:
         await db.dispose()
     assert _checkpoint_threads() == before
+
+
+async def test_a_begin_that_cannot_lock_the_database_is_an_unavailable_database(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    await db.start()
+    try:
+        await db.run_transaction(lambda conn: conn.exec_driver_sql("PRAGMA busy_timeout=100"))  # wait 0.1 s, not 10
+        other = sqlite3.connect(tmp_path / "bot.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        try:
+            with pytest.raises(OperationalError) as failed:
+                await db.run_transaction(lambda conn: conn.execute(text("SELECT 1")).scalar_one())
+            assert "locked" in str(failed.value) and _is_db_unavailable(failed.value)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert await db.run_transaction(lambda conn: conn.execute(text("SELECT 1")).scalar_one()) == 1
+    finally:
+        await db.dispose()
