@@ -221,9 +221,8 @@ class OutboxWorker:
         if self.may_deliver is not None and not await self.may_deliver():
             return 0
         now = self.clock.now()
-        async with self.db.sessions() as session:  # one cheap read first: most rounds of a quiet bot end here
-            earliest = (await session.execute(select(func.min(OutboxItem.due_at))
-                                              .where(OutboxItem.status == "pending"))).scalar()
+        # One cheap read first: most rounds of a quiet bot end here.
+        (earliest,) = await self.db.read_row(select(func.min(OutboxItem.due_at)).where(OutboxItem.status == "pending"))
         self._idle = earliest is None
         if earliest is None or earliest > now:
             return 0

@@ -164,8 +164,8 @@ class TimerService:
 
     async def _peek(self) -> tuple[datetime | None, datetime | None]:
         now = self._peeked_at = self.clock.now()
-        async with self.db.sessions() as session:
-            return await store.peek(session, now)
+        free, earliest = await self.db.read_row(store.peek(now))
+        return free, earliest
 
     async def _round(self) -> tuple[int, bool]:
         now = self._claimed_at = self.clock.now()

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, case, func, or_, select, update
+from sqlalchemy import Connection, Select, and_, case, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -107,14 +107,12 @@ async def next_due(session: AsyncSession, now: datetime | None = None) -> dateti
     return (await session.execute(query)).scalar()
 
 
-async def peek(session: AsyncSession, now: datetime) -> tuple[datetime | None, datetime | None]:
-    """In one read: (the earliest due time of a pending timer no replica holds a live lease on, as
-    `next_due(session, now)`; the earliest of any pending timer). The tick claims only when the first has come,
-    and counts overdue timers only when the second is older than the stalled threshold."""
+def peek(now: datetime) -> Select[tuple[datetime | None, datetime | None]]:
+    """One read (for Database.read_row): (the earliest due time of a pending timer no replica holds a live lease
+    on, as `next_due(session, now)`; the earliest of any pending timer). The tick claims only when the first has
+    come, and counts overdue timers only when the second is older than the stalled threshold."""
     free = or_(TIMERS.c.lease_until.is_(None), TIMERS.c.lease_until < now)
-    row = (await session.execute(select(func.min(case((free, TIMERS.c.due_at))), func.min(TIMERS.c.due_at))
-                                 .where(TIMERS.c.status == PENDING))).one()
-    return row[0], row[1]
+    return select(func.min(case((free, TIMERS.c.due_at))), func.min(TIMERS.c.due_at)).where(TIMERS.c.status == PENDING)
 
 
 async def overdue(session: AsyncSession, before: datetime) -> int:

@@ -28,6 +28,8 @@ def statements(h: Harness) -> Iterator[list[str]]:
         engines.append(h.bot.db._read_engine.sync_engine)
     if h.bot.db._writer is not None:
         engines.append(h.bot.db._writer[0])
+    if h.bot.db._reader is not None:  # Database.read_row's (the beat's peek and the outbox's look)
+        engines.append(h.bot.db._reader[0])
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.append(" ".join(statement.split()))
