@@ -686,9 +686,12 @@ class Intake:
         if source.id not in incident.sources:
             incident.sources = [*incident.sources, source.id]
         incident.critical_asset = incident.critical_asset or alert.asset in cfg.critical_assets
+        repeat = change in ("duplicate", "refired")  # the same alert again: its links are the newest word on them
         for name, url in alert.links.items():
-            if name not in incident.links:
+            if name not in incident.links or (repeat and incident.links[name] != url):
                 incident.links = {**incident.links, name: url}
+        if repeat and alert.links:
+            record.links = alert.links
         incident.priority = priority(severity=incident.severity, duplicates=incident.notifications - 1,
                                      source_count=len(incident.sources), critical_asset=incident.critical_asset,
                                      opened_at=incident.opened_at, now=now)

@@ -112,6 +112,25 @@ async def test_truncated_alerts_are_said_on_the_incident_counted_once_and_valida
         assert "whole number" in body["error"]
 
 
+async def test_a_repeated_alert_brings_its_links_up_to_date(h: Harness) -> None:
+    """Alertmanager moved (a new externalURL) and the rule's runbook moved: the next notification of the same
+    alerts updates the incident's links, and the alert's own."""
+    payload = json.loads(fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    await h.post("am", payload)
+    [inc] = await h.incidents()
+    assert inc.links["alertmanager"] == "http://vm:19093"
+    payload["externalURL"] = "https://alertmanager.example.com"
+    assert inc.links["runbook"] == "https://runbooks.example.com/disk-full"
+    payload["alerts"][0]["annotations"]["runbook_url"] = "https://wiki.example.com/runbooks/disk-full"
+    status, body, _ = await h.post("am", payload)
+    assert status == 200 and [r["change"] for r in body["results"]] == ["duplicate", "duplicate"]
+    [inc] = await h.incidents()
+    assert inc.links["alertmanager"] == "https://alertmanager.example.com"
+    assert inc.links["runbook"] == "https://wiki.example.com/runbooks/disk-full"
+    first = (await h.alerts(inc.id))[0]
+    assert first.links["runbook"] == "https://wiki.example.com/runbooks/disk-full"
+
+
 async def test_a_new_firing_after_resolution_opens_a_linked_incident(h: Harness) -> None:
     payload = json.loads(fixture("alertmanager/03-highcpu-firing.json"))
     await h.post("am", payload)
