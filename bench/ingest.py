@@ -212,7 +212,8 @@ class _Connection(asyncio.Protocol):
         if at < 0:  # every target answers with a Content-Length; without one this connection is unusable
             self.fail(ValueError("an answer without Content-Length"))
             return
-        length = int(head[at + 17:head.find(b"\r\n", at + 2) if head.find(b"\r\n", at + 2) > 0 else None])
+        stop = head.find(b"\r\n", at + 2)
+        length = int(head[at + 17:stop if stop > 0 else None])
         if len(buffer) < end + 4 + length:
             return
         status = int(head[9:12])
@@ -237,12 +238,14 @@ class RawClient:
                      for body, headers in reqs]
         self.idle: asyncio.Queue[_Connection] = asyncio.Queue()
 
+    async def _connect(self) -> _Connection:
+        _, conn = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
+        conn.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
     async def __aenter__(self) -> RawClient:
-        loop = asyncio.get_running_loop()
         for _ in range(self.concurrency):
-            _, conn = await loop.create_connection(_Connection, self.host, self.port)
-            conn.transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.idle.put_nowait(conn)
+            self.idle.put_nowait(await self._connect())
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
@@ -261,7 +264,7 @@ class RawClient:
         res.latencies.append(time.perf_counter() - t0)
         if conn.lost is not None:  # replace the connection (a target that refuses new ones shows as errors)
             try:
-                _, conn = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
+                conn = await self._connect()
             except OSError as exc:
                 res.statuses[type(exc).__name__] += 1
         self.idle.put_nowait(conn)

@@ -686,12 +686,13 @@ class Intake:
         if source.id not in incident.sources:
             incident.sources = [*incident.sources, source.id]
         incident.critical_asset = incident.critical_asset or alert.asset in cfg.critical_assets
-        repeat = change in ("duplicate", "refired")  # the same alert again: its links are the newest word on them
-        for name, url in alert.links.items():
-            if name not in incident.links or (repeat and incident.links[name] != url):
-                incident.links = {**incident.links, name: url}
-        if repeat and alert.links:
-            record.links = alert.links
+        if alert.links:
+            repeat = change in ("duplicate", "refired")  # the same alert again: its links are the newest word on them
+            for name, url in alert.links.items():
+                if name not in incident.links or (repeat and incident.links[name] != url):
+                    incident.links = {**incident.links, name: url}
+            if repeat:
+                record.links = alert.links
         incident.priority = priority(severity=incident.severity, duplicates=incident.notifications - 1,
                                      source_count=len(incident.sources), critical_asset=incident.critical_asset,
                                      opened_at=incident.opened_at, now=now)
@@ -714,14 +715,13 @@ class Intake:
         if not incidents:
             st.entries.append(Entry("alerts.truncated", actor, "source", s.source.id, st.now, details))
             return
-        stored = [inc.id for inc in incidents if inc.id is not None and id(inc) not in st.truncated]
-        if stored:
+        stored = {inc.id: inc for inc in incidents if inc.id is not None and id(inc) not in st.truncated}
+        if stored:  # what was said on them before this batch (the newest wins)
             for incident_id, said in conn.execute(
                     select(_AUDIT.c.incident_id, _AUDIT.c.details).where(
-                        _AUDIT.c.action == "alerts.truncated", _AUDIT.c.incident_id.in_(stored)).order_by(_AUDIT.c.seq)):
-                for inc in incidents:
-                    if inc.id == incident_id:
-                        st.truncated[id(inc)] = (said or {}).get("count")
+                        _AUDIT.c.action == "alerts.truncated", _AUDIT.c.incident_id.in_(list(stored)))
+                    .order_by(_AUDIT.c.seq)):
+                st.truncated[id(stored[incident_id])] = (said or {}).get("count")
         for incident in incidents:
             if st.truncated.get(id(incident)) == s.truncated:
                 continue

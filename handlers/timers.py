@@ -164,8 +164,8 @@ class TimerService:
 
     async def _peek(self) -> tuple[datetime | None, datetime | None]:
         now = self._peeked_at = self.clock.now()
-        free, earliest = await self.db.read_row(store.peek(now))
-        return free, earliest
+        row = await self.db.read_row(store.peek(now))
+        return row[0], row[1]
 
     async def _round(self) -> tuple[int, bool]:
         now = self._claimed_at = self.clock.now()

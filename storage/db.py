@@ -190,8 +190,7 @@ class Database:
             async with self.sessions() as session:
                 return (await session.execute(statement)).one()
         if self._reader is None:
-            reader = create_engine(make_url(self.url).set(drivername="sqlite+pysqlite"), poolclass=SingletonThreadPool,
-                                   connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+            reader = _sync_sqlite_engine(self.url)
             _sqlite_hooks(reader, begin="BEGIN")
             self._reader = (reader, ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader"))
         engine = self._reader[0]
@@ -284,14 +283,18 @@ def sqlite_writer_engine(url: str) -> Engine:
 
     Used by the dedicated writer thread, and by the intake writer process (storage/writer.py), with the same
     pragmas as every other connection and transactions that begin IMMEDIATE."""
-    location = make_url(url).set(drivername="sqlite+pysqlite")
-    writer = create_engine(location, poolclass=SingletonThreadPool,
-                           connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+    writer = _sync_sqlite_engine(url)
     _sqlite_hooks(writer, autocheckpoint=WAL_BACKSTOP_PAGES)
-    checkpointer = WalCheckpointer(location.database or "")
+    checkpointer = WalCheckpointer(writer.url.database or "")
     event.listen(writer, "commit", lambda _conn: checkpointer.committed())
     writer.checkpointer = checkpointer  # type: ignore[attr-defined]  # closed by close_writer_engine
     return writer
+
+
+def _sync_sqlite_engine(url: str) -> Engine:
+    """A SQLite file on the synchronous driver, one connection per thread (its own thread uses it)."""
+    return create_engine(make_url(url).set(drivername="sqlite+pysqlite"), poolclass=SingletonThreadPool,
+                         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
 
 
 def close_writer_engine(writer: Engine) -> None:
@@ -301,7 +304,6 @@ def close_writer_engine(writer: Engine) -> None:
     writer.dispose()
 
 
-WAL_CHECKPOINT_PAGES = 1000  # SQLite's own default for wal_autocheckpoint
 WAL_BACKSTOP_PAGES = 10_000  # the writer checkpoints inline only if the checkpointer thread falls this far behind
 
 

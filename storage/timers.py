@@ -59,8 +59,7 @@ async def cancel(session: AsyncSession, kind: str, subject: str | int, now: date
 
 async def claim(session: AsyncSession, replica: str, now: datetime, lease: timedelta, limit: int) -> list[Timer]:
     """Lease up to `limit` due timers to `replica` (in the caller's transaction), oldest due first."""
-    free = or_(TIMERS.c.lease_until.is_(None), TIMERS.c.lease_until < now)
-    query = (select(TIMERS.c.id).where(TIMERS.c.status == PENDING, TIMERS.c.due_at <= now, free)
+    query = (select(TIMERS.c.id).where(TIMERS.c.status == PENDING, TIMERS.c.due_at <= now, _free(now))
              .order_by(TIMERS.c.due_at, TIMERS.c.id).limit(limit))
     if session.bind.dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
@@ -71,6 +70,11 @@ async def claim(session: AsyncSession, replica: str, now: datetime, lease: timed
                           .values(claimed_by=replica, lease_until=now + lease))
     rows = (await session.execute(select(Timer).where(Timer.id.in_(ids)).order_by(Timer.due_at, Timer.id))).scalars()
     return list(rows)
+
+
+def _free(now: datetime) -> Any:
+    """No replica holds a live lease on the timer at `now`."""
+    return or_(TIMERS.c.lease_until.is_(None), TIMERS.c.lease_until < now)
 
 
 async def complete(session: AsyncSession, timer_id: int, replica: str, now: datetime) -> bool:
@@ -98,21 +102,13 @@ async def release_leases(session: AsyncSession) -> int:
     return int(result.rowcount or 0)
 
 
-async def next_due(session: AsyncSession, now: datetime | None = None) -> datetime | None:
-    """The earliest due time of a pending timer; with `now`, of one no replica holds a live lease on (a leased
-    timer is being run elsewhere, and one whose lease lapses is taken back by a beat)."""
-    query = select(func.min(TIMERS.c.due_at)).where(TIMERS.c.status == PENDING)
-    if now is not None:
-        query = query.where(or_(TIMERS.c.lease_until.is_(None), TIMERS.c.lease_until < now))
-    return (await session.execute(query)).scalar()
-
-
 def peek(now: datetime) -> Select[tuple[datetime | None, datetime | None]]:
     """One read (for Database.read_row): (the earliest due time of a pending timer no replica holds a live lease
-    on, as `next_due(session, now)`; the earliest of any pending timer). The tick claims only when the first has
-    come, and counts overdue timers only when the second is older than the stalled threshold."""
-    free = or_(TIMERS.c.lease_until.is_(None), TIMERS.c.lease_until < now)
-    return select(func.min(case((free, TIMERS.c.due_at))), func.min(TIMERS.c.due_at)).where(TIMERS.c.status == PENDING)
+    on, as a claim at `now` would see them (a leased timer is being run elsewhere, and one whose lease lapses is
+    taken back by a beat); the earliest of any pending timer). The tick claims only when the first has come, and
+    counts overdue timers only when the second is older than the stalled threshold."""
+    return select(func.min(case((_free(now), TIMERS.c.due_at))), func.min(TIMERS.c.due_at)).where(
+        TIMERS.c.status == PENDING)
 
 
 async def overdue(session: AsyncSession, before: datetime) -> int:
