@@ -57,12 +57,15 @@ def _active(s: Silence, now: datetime, default_tz: str) -> bool:
     if s.weekly is None:
         return (s.starts is None or s.starts <= now) and (s.ends is None or now < s.ends)
     local = now.astimezone(ZoneInfo(s.weekly.timezone or default_tz))
-    if local.weekday() not in {parse_weekday(d) for d in s.weekly.days}:
-        return False
+    days = {parse_weekday(d) for d in s.weekly.days}
     t = local.time().replace(tzinfo=None)
     if s.weekly.start <= s.weekly.end:
-        return s.weekly.start <= t < s.weekly.end
-    return t >= s.weekly.start or t < s.weekly.end  # a window across midnight
+        return local.weekday() in days and s.weekly.start <= t < s.weekly.end
+    # A window across midnight belongs to the day it starts on: `days: [fri]`, 22:00-06:00 is Friday night,
+    # so Saturday 02:00 is in it and Friday 02:00 (Thursday night) is not.
+    if t >= s.weekly.start:
+        return local.weekday() in days
+    return t < s.weekly.end and (local.weekday() - 1) % 7 in days
 
 
 def group_key(grouping_by: Sequence[str], source_dedup: str | None, alert: Alert) -> str:

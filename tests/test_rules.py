@@ -22,7 +22,7 @@ routes:
   - {match: {instance: "=~db-0[0-9]:.*", severity: "!=info"}, channels: [b]}
   - {match: {}, channels: [c]}
 silences:
-  - {id: nightly, matchers: {job: backup}, weekly: {days: [mon, tue], start: "23:00", end: "02:00", timezone: Europe/Berlin}}
+  - {id: nightly, matchers: {job: backup}, weekly: {days: [mon], start: "23:00", end: "02:00", timezone: Europe/Berlin}}
   - {id: once, matchers: {instance: "!~prod-.*"}, starts: 2026-11-24T10:00:00+01:00, ends: 2026-11-24T12:00:00+01:00}
 """
 
@@ -60,6 +60,9 @@ def test_weekly_silence_across_midnight_in_local_time() -> None:
     assert silenced_by(cfg.silences, labels, berlin_tuesday_0130, "UTC") is not None
     assert silenced_by(cfg.silences, labels, datetime(2026, 11, 24, 1, 30, tzinfo=UTC), "UTC") is None  # 02:30
     assert silenced_by(cfg.silences, labels, datetime(2026, 11, 25, 22, 30, tzinfo=UTC), "UTC") is None  # wednesday
+    # The window is Monday night only: 01:30 on Monday (Sunday night) and Tuesday 23:30 are outside it.
+    assert silenced_by(cfg.silences, labels, datetime(2026, 11, 23, 0, 30, tzinfo=UTC), "UTC") is None
+    assert silenced_by(cfg.silences, labels, datetime(2026, 11, 24, 22, 30, tzinfo=UTC), "UTC") is None
 
 
 def test_one_off_silence_window() -> None:
