@@ -1,8 +1,9 @@
 """Handoff notices: "X is now on call" in the rotation's channel, and a direct reminder to X beforehand.
 
 A periodic job (`plan`, every 10 minutes and at start) looks at each rotation's effective schedule
-(overrides included) for the next 48 hours and, for every handoff in it, adds two durable timers with
-unique keys, so planning twice (or on two replicas, or after a restart) adds nothing new:
+(overrides included) for the next 48 hours (longer when a `reminder` comes earlier than that: its lead
+plus 10 minutes, so a reminder is planned before it falls due) and, for every handoff in it, adds two
+durable timers with unique keys, so planning twice (or on two replicas, or after a restart) adds nothing new:
 
 - `handoff.notice` at the handoff, key `handoff:ROTATION:START`, when the rotation has a `channel`;
 - `handoff.reminder` at START - `reminder` (default 1h), key `reminder:ROTATION:START:PERSON`, when
@@ -133,7 +134,8 @@ class Handoffs:
         timers.add_job(self.plan, seconds=PLAN_EVERY.total_seconds(), name="plan-handoffs")
 
     async def plan(self, rotations: Iterable[str] | None = None) -> int:
-        """Add the notice and reminder timers of every handoff in the next 48 hours; how many were new."""
+        """Add the notice and reminder timers of every handoff in the next 48 hours (or the rotation's reminder
+        lead plus a planning interval, when longer); how many were new."""
         now = self.clock.now()
         wanted = set(rotations) if rotations is not None else None
         added = 0
@@ -145,7 +147,7 @@ class Handoffs:
                 if not (notices or reminders):
                     continue
                 schedule = self.view.schedules[rot.id]
-                start, end = now - GRACE, now + HORIZON
+                start, end = now - GRACE, now + max(HORIZON, rot.reminder + PLAN_EVERY)
                 overrides = await load_overrides(session, self.view, start, end, [rot.id])
                 for at, person in handoffs_between(schedule, overrides, start, end):
                     payload = {"rotation": rot.id, "at": at.isoformat(), "person": person}

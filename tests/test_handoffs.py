@@ -145,6 +145,26 @@ async def test_timers_that_fell_due_while_the_bot_was_down_fire_once_and_stale_o
             assert done == [(f"handoff:web:{t.isoformat()}", "done") for t in (TUE_0900, TUE_2100, WED_0900)]
 
 
+async def test_a_reminder_days_ahead_is_planned_before_it_is_due_and_sent_then(tmp_path: Path) -> None:
+    """`reminder: 3d` on a weekly rotation: planned by the run just before it falls due (not when the handoff
+    enters the usual 48 h), so Bob hears three days ahead, on Friday, of his Monday 09:00 handoff."""
+    weekly = """
+rotations:
+  - {id: dba, members: [bob, alice], shift: 1w, handoff: "mon 09:00", start: 2026-11-02, timezone: Europe/Berlin,
+     reminder: 3d}
+"""
+    handoff = datetime(2026, 11, 30, 8, tzinfo=UTC)  # Monday 09:00 CET: Bob takes over from Alice
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    async with FakeSlack() as fake, running_bot(url, slack_config(fake) + weekly, people=PEOPLE,
+                                                 clock=FakeClock(handoff - timedelta(days=3, minutes=5))) as h:
+        await h.bot.handoffs.plan()
+        assert await timers(h, "handoff.reminder") == [
+            (f"reminder:dba:{handoff.isoformat()}:bob", handoff - timedelta(days=3), "pending")]
+        got = await at(h, handoff - timedelta(days=3), 1)
+        assert got == [("@bob", "handoff.reminder", "You are on call for `dba` from Mon 30 Nov 09:00 CET until "
+                                                    "Mon 7 Dec 09:00 CET; then Alice.")]
+
+
 async def test_a_swap_taken_after_planning_is_respected(bot: Slack) -> None:
     s, h = bot, bot.h
     await h.bot.handoffs.plan()
