@@ -77,6 +77,7 @@ class Bot:
 
         self.handoffs = Handoffs(db=self.db, audit=self.audit, config=self.config, clock=self.clock,
                                  view=self.oncall.view, after_commit=self._changed)
+        covers.changed = self.handoffs.plan  # a cover taken or put replans the notices at once, as a swap does
         self.handoffs.register(self.timers)  # handoff.notice, handoff.reminder; the plan-handoffs job (10 min)
         self.swaps = SwapHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock,
                                   view=self.oncall.view, after_commit=self._changed, changed=self.handoffs.plan)

@@ -1,15 +1,19 @@
 """Covering shifts without anyone's consent: `/oncall take` (yourself) and `/override` (a manager, for anyone).
 
 Both write an `overrides` row and its audit event in one transaction; the effective schedule
-(`/oncall`, the feed) follows at once. Swaps, which need the counterpart's consent, come later.
+(`/oncall`, the feed) follows at once, and so do the handoff notices (replanned after the commit, as
+after a swap; swaps, which need the counterpart's consent, are handlers/swaps.py). Times typed without an
+offset are wall times in the person's time zone; a length (`8h`) is elapsed time, across a clock change too.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from typing import Any
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from bot.chat import CommandEvent, Reply
@@ -17,11 +21,13 @@ from bot.clock import Clock
 from bot.config import Config, Person
 from bot.durations import parse_duration
 from bot.model import Actor
-from bot.rotations import Override, Schedule, on_call
+from bot.rotations import Override, Schedule, first_instant, on_call
 from handlers.oncall import Oncall, domain, when
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from storage.models import Override as OverrideRow
+
+log = logging.getLogger("chatops.overrides")
 
 MANAGER = "manager"
 MAX_LENGTH = timedelta(days=90)
@@ -41,6 +47,7 @@ class OverrideHandlers:
     config: Config
     clock: Clock
     view: Oncall
+    changed: Callable[[list[str]], Awaitable[Any]] | None = None  # a cover was written: replan handoff notices
 
     async def take(self, event: CommandEvent, person: Person, args: list[str]) -> Reply:
         """`/oncall take [ROTATION] [FROM] [UNTIL]`: cover a stretch yourself; by default the current shift."""
@@ -125,6 +132,11 @@ class OverrideHandlers:
                 "oncall.override", actor, "rotation", schedule.id, now,
                 {"override": row.id, "person": covering.id, "from": start.isoformat(), "until": end.isoformat(),
                  "reason": reason})])
+        if self.changed is not None:  # "X is now on call" at the cover's start (at once for `now`) and end
+            try:
+                await self.changed([schedule.id])
+            except Exception:  # planning runs again within minutes; the cover itself is committed
+                log.exception("replanning the handoffs of %s failed", schedule.id)
         tz = ZoneInfo(by.timezone) if by.timezone else schedule.tz
         return Reply(f"{covering.name} is on call for `{schedule.id}` from {when(start, tz, now)} until "
                      f"{when(end, tz, now)} ({tz.key}).", ephemeral=False)
@@ -150,17 +162,20 @@ def join_date_time(args: Sequence[str]) -> list[str]:
 
 
 def _instant(text: str, tz: ZoneInfo, now: datetime) -> datetime:
+    """A time as typed, in UTC: a wall time in `tz` (the first of a repeated one; one the clock skips is the
+    moment of the skip, as for rotations' handoffs) or one with its own offset."""
     if text.lower() == "now":
-        return now
+        return now.astimezone(UTC)
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise BadInput(f"{text!r} is not a time") from None
-    return value.replace(tzinfo=tz) if value.tzinfo is None else value
+    return first_instant(value, tz) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _until(text: str, tz: ZoneInfo, start: datetime) -> datetime:
+    """An end: a length (elapsed time: `8h` across a clock change is still 8 hours) or a time."""
     try:
-        return start + parse_duration(text)
+        return start.astimezone(UTC) + parse_duration(text)
     except ValueError:
         return _instant(text, tz, start)

@@ -194,6 +194,24 @@ async def test_a_swap_taken_after_planning_is_respected(bot: Slack) -> None:
                                                  "oncall.handoff_reminder", "oncall.handoff"]
 
 
+async def test_a_cover_taken_now_is_announced_at_once_and_so_is_the_way_back(bot: Slack) -> None:
+    """`/oncall take web now 30m` replans the notices as a swap does (and `/override` too): Alice's cover is
+    announced at once, not at the next planning run (by which a cover this short would be over), and Carol,
+    back on at its end, is reminded."""
+    s, h = bot, bot.h
+    await h.bot.handoffs.plan()  # the planning job has just run
+    took = await s.answer(await s.command("/oncall", "take web now 30m", user="U01ALICE"))
+    assert took["text"].startswith("Alice is on call for `web` from Tue 24 Nov 05:00 CET until Tue 24 Nov 05:30 CET")
+    got = await at(h, T0, 2)
+    assert sorted(got) == [
+        ("@carol", "handoff.reminder", "You are on call for `web` from Mon 23 Nov 23:30 EST until Tue 24 Nov 09:00 EST; "
+                                       "then Alice."),
+        ("ops-slack", "handoff.notice", "Alice is now on call for `web` until Mon 23 Nov 23:30 EST, next is Carol.")]
+    got = await at(h, T0 + timedelta(minutes=30), 3)
+    assert got[2] == ("ops-slack", "handoff.notice", "Carol is now on call for `web` until Tue 24 Nov 09:00 EST, "
+                                                     "next is Alice.")
+
+
 def test_handoffs_between_names_each_change_of_person_and_skips_same_person_shifts() -> None:
     schedule = Schedule("web", ("bob", "carol", "alice"), timedelta(hours=12), time(9), date(2026, 11, 20),
                         ZoneInfo("America/New_York"))

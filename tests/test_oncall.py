@@ -278,6 +278,21 @@ async def test_taking_the_current_shift_and_a_managers_override_change_who_is_on
     assert [(e.actor_person, e.details["person"]) for e in audited] == [("alice", "alice"), ("bob", "carol")]
 
 
+async def test_an_override_length_is_elapsed_time_across_a_clock_change_and_a_skipped_time_is_the_skip(
+        slack: Slack) -> None:
+    """Berlin springs forward on Sunday 28 March 2027 at 02:00 (to 03:00). 8h from midnight is 09:00 CEST,
+    8 real hours; 02:30 that night does not exist and starts at the skip, 03:00 CEST (as handoffs do)."""
+    s = slack
+    put = await s.answer(await s.command("/override", "dba-primary carol 2027-03-28 00:00 8h", user="U02BOB"))
+    assert "from Sun 28 Mar 2027 00:00 CET until Sun 28 Mar 2027 09:00 CEST (Europe/Berlin)." in put["text"]
+    put = await s.answer(await s.command("/override", "dba-primary carol 2027-03-28 02:30 1h", user="U02BOB"))
+    assert "from Sun 28 Mar 2027 03:00 CEST until Sun 28 Mar 2027 04:00 CEST (Europe/Berlin)." in put["text"]
+    async with s.h.bot.db.sessions() as session:
+        stored = (await session.execute(select(Override).order_by(Override.id))).scalars().all()
+    assert [(o.starts_at, o.ends_at - o.starts_at) for o in stored] == [
+        (datetime(2027, 3, 27, 23, tzinfo=UTC), timedelta(hours=8)), (datetime(2027, 3, 28, 1, tzinfo=UTC), timedelta(hours=1))]
+
+
 @pytest.mark.parametrize(("command", "text", "user", "expected"), [
     ("/override", "dba-primary carol now 1h", "U01ALICE", "`/override` needs the `manager` role, and Alice has"),
     ("/override", "dba-primary zed now 1h", "U02BOB", "I don't know 'zed' (people in app.yaml: alice, bob, carol)."),
