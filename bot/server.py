@@ -60,7 +60,8 @@ class Bot:
         self.escalations.register(self.timers)
         self.intake = Intake(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
                              after_commit=self.outbox.nudge, timers_due=self.timers.nudge,
-                             on_open=self.escalations.start_all, writer=self.config.storage.writer)
+                             on_open=self.escalations.start_all, on_raise=self.escalations.reconsider,
+                             writer=self.config.storage.writer)
         self.alerts = AlertEndpoint(loaded=loaded, intake=self.intake, clock=self.clock, metrics=self.metrics)
         ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
                      delivered=self._changed, adapters=self.adapters,

@@ -79,6 +79,37 @@ class Escalations:
              "timer_id": timer_id, "note": "", "started_at": now, "updated_at": now}
             for (iid, policy), timer_id in zip(wanted, ids)])
 
+    def reconsider(self, conn: Connection, incident_ids: list[int], now: datetime) -> list[Entry]:
+        """Incidents whose severity just rose (intake, in its transaction): a step deferred to the business
+        morning because the incident was below `paging.after_hours_min_severity` fires now if the incident
+        pages after hours at its new severity. A fresh timer, due now, supersedes the deferred one (which is
+        cancelled); the step then pages as any other. The audit events saying so (the caller appends them)."""
+        if not incident_ids:
+            return []
+        timers, incidents = timer_store.TIMERS, Incident.__table__
+        minimum = self.config.paging.after_hours_min_severity
+        rows = conn.execute(
+            select(ESCALATIONS.c.incident_id, ESCALATIONS.c.next_step, timers.c.id, timers.c.payload,
+                   timers.c.due_at, incidents.c.severity)
+            .join(timers, timers.c.id == ESCALATIONS.c.timer_id)
+            .join(incidents, incidents.c.id == ESCALATIONS.c.incident_id)
+            .where(ESCALATIONS.c.incident_id.in_(incident_ids), ESCALATIONS.c.state == "active",
+                   timers.c.status == timer_store.PENDING, timers.c.due_at > now)).all()
+        due = [(iid, step, old, was, severity) for iid, step, old, payload, was, severity in rows
+               if (payload or {}).get("deferred") and pages_after_hours(severity, minimum)]
+        if not due:
+            return []
+        ids = timer_store.schedule_many(conn, [timer_store.timer_row(STEP, iid, now, now, payload={"step": step})
+                                               for iid, step, *_ in due])
+        for (iid, *_), timer_id in zip(due, ids):
+            conn.execute(ESCALATIONS.update().where(ESCALATIONS.c.incident_id == iid)
+                         .values(timer_id=timer_id, note="", updated_at=now))
+        conn.execute(timers.update().where(timers.c.id.in_([old for _, _, old, *_ in due]))
+                     .values(status=timer_store.CANCELLED, fired_at=now))
+        return [Entry("escalation.resumed", SYSTEM, "incident", str(iid), now,
+                      {"step": step + 1, "severity": severity, "was_due": was.isoformat()}, iid)
+                for iid, step, _, was, severity in due]
+
     # -- what people do (inside incident_actions.perform's transaction) -------------------------
 
     async def stop(self, session: AsyncSession, incident_id: int, now: datetime) -> None:

@@ -186,7 +186,8 @@ class _Batch:
     new_incidents: list[_Row] = field(default_factory=list)
     new_records: list[tuple[_Row, _Row]] = field(default_factory=list)
     resolved_after: list[tuple[str, float]] = field(default_factory=list)
-    escalations: int = 0  # escalations started (on_open): their first steps are timers due now
+    escalations: int = 0  # escalations started (on_open) or brought forward (on_raise): steps due now
+    raised: dict[int, _Row] = field(default_factory=dict)  # id(incident) -> stored incidents whose severity rose
     truncated: dict[int, int | None] = field(default_factory=dict)  # id(incident) -> the truncatedAlerts last said
 
     def previous(self, key: str) -> int | None:
@@ -207,6 +208,7 @@ class Intake:
                  metrics: Metrics | None, max_batch: int = 1000, after_commit: Callable[[], None] | None = None,
                  timers_due: Callable[[], None] | None = None,
                  on_open: Callable[[Connection, list[tuple[int, str]], datetime], None] | None = None,
+                 on_raise: Callable[[Connection, list[int], datetime], list[Entry]] | None = None,
                  writer: str = "thread"):
         """`after_commit` runs after every commit (e.g. wake the outbox worker); `timers_due` after a commit that
         started escalations (their first steps are timers due now: wake the timer tick). `writer`: where a SQLite
@@ -218,6 +220,9 @@ class Intake:
         self.after_commit = after_commit
         self.timers_due = timers_due
         self.on_open = on_open  # starts the escalations of new incidents, in the batch's transaction
+        # Stored incidents whose severity rose, in the batch's transaction: a step deferred until the business
+        # morning fires now when the new severity pages after hours (Escalations.reconsider); its audit events.
+        self.on_raise = on_raise
         self.max_batch = max_batch
         self.writer = writer
         self._process: WriterProcess | None = None
@@ -410,22 +415,22 @@ class Intake:
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
         self._process = process = WriterProcess("handlers.intake_child:writer_process_handler", {
-            "url": self.db.url, "config": self.config, "on_open": self._on_open_for_process(),
-            "max_batch": self.max_batch}, name="intake writer")
+            "url": self.db.url, "config": self.config, "on_open": self._hook_for_process(self.on_open, "start_all"),
+            "on_raise": self._hook_for_process(self.on_raise, "reconsider"), "max_batch": self.max_batch},
+            name="intake writer")
         self._process_url = self.db.url
         process.start()
         return process
 
-    def _on_open_for_process(self) -> Any:
-        """What the writer process runs for `on_open`: "escalations" for Escalations.start_all (rebuilt there
-        from the config), else the hook itself (it must pickle)."""
-        hook = self.on_open
+    def _hook_for_process(self, hook: Any, method: str) -> Any:
+        """What the writer process runs for a hook (`on_open`, `on_raise`): "escalations" for that method of
+        Escalations (rebuilt there from the config), else the hook itself (it must pickle)."""
         if hook is None:
             return None
         from handlers.escalation import Escalations
 
         owner = getattr(hook, "__self__", None)
-        if isinstance(owner, Escalations) and getattr(hook, "__func__", None) is Escalations.start_all:
+        if isinstance(owner, Escalations) and getattr(hook, "__func__", None) is getattr(Escalations, method):
             if owner.config is not self.config:
                 raise ValueError("the escalations' config is not intake's: the writer process cannot rebuild them")
             return "escalations"
@@ -554,6 +559,11 @@ class Intake:
             if escalating:
                 self.on_open(conn, escalating, st.now)
                 st.escalations = len(escalating)
+        if self.on_raise is not None and st.raised:
+            raised = sorted(inc.id for inc in st.raised.values() if inc.status != RESOLVED and not inc.silenced)
+            resumed = self.on_raise(conn, raised, st.now) if raised else []
+            st.entries.extend(resumed)
+            st.escalations += len(resumed)
         _assign_incident_ids(st)
         self.audit.append_rows(conn, st.entries)
 
@@ -682,7 +692,11 @@ class Intake:
         if not resent:
             incident.notifications += 1
         incident.last_seen = now
-        incident.severity = worst(incident.severity, alert.severity)
+        severity = worst(incident.severity, alert.severity)
+        if severity != incident.severity:
+            if incident.id is not None:  # stored before this batch: its escalation may wait for the morning
+                st.raised[id(incident)] = incident
+            incident.severity = severity
         if source.id not in incident.sources:
             incident.sources = [*incident.sources, source.id]
         incident.critical_asset = incident.critical_asset or alert.asset in cfg.critical_assets

@@ -36,13 +36,15 @@ class _ProcessWriter:
     written, time-to-resolve observations, escalations started) and what to log (the parent logs it).
     """
 
-    def __init__(self, url: str, config: Config, on_open: Any, max_batch: int):
-        if on_open == "escalations":
-            on_open = Escalations(audit=AuditLog(config.audit.hmac_key), config=config).start_all
+    def __init__(self, url: str, config: Config, on_open: Any, on_raise: Any, max_batch: int):
+        if "escalations" in (on_open, on_raise):
+            escalations = Escalations(audit=AuditLog(config.audit.hmac_key), config=config)
+            on_open = escalations.start_all if on_open == "escalations" else on_open
+            on_raise = escalations.reconsider if on_raise == "escalations" else on_raise
         self.engine = sqlite_writer_engine(url)
         self.conn: Connection | None = None  # one connection for the process's life (reopened after an error)
         self.intake = Intake(db=None, audit=AuditLog(config.audit.hmac_key), config=config, clock=None, metrics=None,
-                             on_open=on_open)
+                             on_open=on_open, on_raise=on_raise)
         self.sources = {s.id: s for s in config.sources}
         self.max_batch = max_batch
 
@@ -117,6 +119,7 @@ class _ProcessWriter:
         return answers
 
 
-def writer_process_handler(*, url: str, config: Config, on_open: Any, max_batch: int) -> _ProcessWriter:
+def writer_process_handler(*, url: str, config: Config, on_open: Any, on_raise: Any = None,
+                           max_batch: int) -> _ProcessWriter:
     """The factory storage.writer calls in the writer process."""
-    return _ProcessWriter(url, config, on_open, max_batch)
+    return _ProcessWriter(url, config, on_open, on_raise, max_batch)

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 
 from bot.clock import FakeClock
-from storage.models import AuditEvent, Escalation, OutboxItem
+from storage.models import AuditEvent, Escalation, OutboxItem, Timer
 from tests.botkit import Harness, running_bot
 from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram
@@ -203,6 +203,36 @@ async def test_low_severity_after_hours_waits_for_the_morning_then_pages(tmp_pat
         await w.tick(timedelta(minutes=1))  # 09:00 in Berlin: business hours, so Slack first
         await until(lambda: w.slack_dms("U02BOB"), "Bob is paged at nine")
         assert len(w.slack_dms("U02BOB")) == 1 and not w.pages(BOB_TG)
+
+
+async def test_a_step_waiting_for_the_morning_pages_at_once_when_the_incident_turns_critical(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("medium")
+        await until(lambda: any("waits until" in t for t in thread_texts(w.slack)), "the thread says it waits")
+        assert (await w.escalation()).note.startswith("After hours: medium incidents page nobody")
+        await w.alert("critical")  # the same alert again, now critical: so is the incident, which pages at night
+        await w.tick()
+        await until(lambda: w.pages(BOB_TG), "Bob is paged at once, on Telegram (after hours)")
+        [resumed] = await w.audit("escalation.resumed")
+        assert resumed.incident_id == 1
+        assert resumed.details == {"step": 1, "severity": "critical", "was_due": "2026-11-24T08:00:00+00:00"}
+        assert not (await w.escalation()).note.startswith("After hours")
+        async with w.h.bot.db.sessions() as s:
+            deferred = (await s.execute(select(Timer).where(Timer.kind == "escalation.step")
+                                        .order_by(Timer.id))).scalars().all()
+        assert [(t.due_at, t.status) for t in deferred[:2]] == [
+            (NIGHT, "done"), (datetime(2026, 11, 24, 8, tzinfo=UTC), "cancelled")]  # the morning's is gone
+
+
+async def test_a_rise_that_still_pages_nobody_at_night_leaves_the_step_waiting(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("low")
+        await until(lambda: any("waits until" in t for t in thread_texts(w.slack)), "the thread says it waits")
+        await w.alert("medium")  # higher, still below after_hours_min_severity (high)
+        await w.tick()
+        await asyncio.sleep(0.2)
+        assert not w.pages(BOB_TG) and not await w.audit("escalation.resumed")
+        assert (await w.escalation()).note.startswith("After hours: low incidents page nobody")
 
 
 async def test_escalate_jumps_to_the_next_step_now_and_a_second_press_does_not_skip_one(tmp_path: Path) -> None:

@@ -216,6 +216,23 @@ async def test_escalations_start_in_the_batch_and_wake_the_timers(tmp_path: Path
         assert "escalation.step" in await h.actions()
 
 
+async def test_a_rise_to_critical_brings_a_step_waiting_for_the_morning_forward_in_the_writer_process(
+        tmp_path: Path) -> None:
+    async def audited(action: str) -> None:
+        deadline = time.monotonic() + 10
+        while action not in await h.actions() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert action in await h.actions()
+
+    async with process_bot(tmp_path, base=ESCALATING) as h:  # 05:00 in Berlin: after hours
+        assert (await h.post("open", alert(severity="medium")))[0] == 200
+        await audited("escalation.deferred")  # medium pages nobody at night
+        assert "escalation.step" not in await h.actions()
+        assert (await h.post("open", alert(severity="critical")))[0] == 200
+        await audited("escalation.resumed")  # written by the writer process, in the alert's transaction
+        await audited("escalation.step")  # and the woken tick pages
+
+
 async def test_a_submission_that_breaks_its_batch_is_isolated_in_the_writer_process(tmp_path: Path) -> None:
     async with process_bot(tmp_path, base=ESCALATING, on_open=explode_on_boom) as h:
         assert (await h.post("open", alert("warm-up")))[0] == 200
