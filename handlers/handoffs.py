@@ -15,7 +15,10 @@ inside the timer's transaction and compute the schedule again when they fire, so
 planning is respected: the notice names whoever is on call then, and says nothing when the handoff
 no longer exists; a reminder planned for someone who no longer takes over is dropped, and the next
 planning (which a taken swap triggers at once) reminds the new person. A notice fired after the
-incoming stretch has ended (the bot was down throughout) is dropped as stale.
+incoming stretch has ended (the bot was down throughout) is dropped as stale. Back from an outage longer
+than the horizon, planning looks back to the last notice it had planned (at most 7 days, or a shift), so
+the stretch under way is announced; a bot that never planned a notice for the rotation announces nothing
+that began before it started.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.clock import Clock
@@ -47,6 +51,7 @@ NOTICE, REMINDER = "handoff.notice", "handoff.reminder"
 PLAN_EVERY = timedelta(minutes=10)
 HORIZON = timedelta(hours=48)
 GRACE = PLAN_EVERY  # a handoff that began since the last planning (a swap taken minutes before) still gets its notice
+CATCH_UP = timedelta(days=7)  # after a long outage, planning looks back this far (or a shift) for unannounced handoffs
 _TICK = timedelta(microseconds=1)
 
 
@@ -148,6 +153,11 @@ class Handoffs:
                     continue
                 schedule = self.view.schedules[rot.id]
                 start, end = now - GRACE, now + max(HORIZON, rot.reminder + PLAN_EVERY)
+                if notices:  # back from an outage longer than the horizon: from the last handoff planned before it
+                    last = (await session.execute(select(func.max(timer_store.TIMERS.c.due_at)).where(
+                        timer_store.TIMERS.c.kind == NOTICE, timer_store.TIMERS.c.subject == rot.id))).scalar()
+                    if last is not None and last < start:
+                        start = max(last, now - max(CATCH_UP, schedule.shift))
                 overrides = await load_overrides(session, self.view, start, end, [rot.id])
                 for at, person in handoffs_between(schedule, overrides, start, end):
                     payload = {"rotation": rot.id, "at": at.isoformat(), "person": person}

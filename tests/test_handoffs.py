@@ -165,6 +165,30 @@ rotations:
                                                     "Mon 7 Dec 09:00 CET; then Alice.")]
 
 
+async def test_back_from_an_outage_longer_than_the_horizon_the_stretch_under_way_is_announced(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    async with FakeSlack() as fake:
+        async with running_bot(url, slack_config(fake) + ROTATIONS, people=PEOPLE) as h:
+            await h.bot.handoffs.plan()  # Tuesday 04:00 UTC: notices planned until Thursday 04:00 UTC
+        # down until Friday 10:00 EST: Thursday's two handoffs and Friday's 09:00 (Alice) were never planned
+        back = datetime(2026, 11, 27, 15, tzinfo=UTC)
+        async with running_bot(url, slack_config(fake) + ROTATIONS, people=PEOPLE, clock=FakeClock(back)) as h:
+            await h.bot.handoffs.plan()
+            got = await at(h, back, 1)
+            assert [g for g in got if g[1] == "handoff.notice"] == [
+                ("ops-slack", "handoff.notice", "Alice is now on call for `web` until Fri 27 Nov 21:00 EST, "
+                                                "next is Bob.")]  # the stale ones (Bob's, Carol's) are dropped
+
+
+async def test_a_fresh_bot_announces_no_handoff_from_before_it_started(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    started = TUE_0900 + timedelta(hours=1)  # Alice has been on call for an hour when the bot first starts
+    async with FakeSlack() as fake, running_bot(url, slack_config(fake) + ROTATIONS, people=PEOPLE,
+                                                 clock=FakeClock(started)) as h:
+        await h.bot.handoffs.plan()
+        assert [key for key, _, _ in await timers(h, "handoff.notice")][0] == f"handoff:web:{TUE_2100.isoformat()}"
+
+
 async def test_a_swap_taken_after_planning_is_respected(bot: Slack) -> None:
     s, h = bot, bot.h
     await h.bot.handoffs.plan()
