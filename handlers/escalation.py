@@ -203,7 +203,7 @@ class Escalations:
                 morning = next_business_start(hours, tz, now)
                 esc.timer_id = await timer_store.schedule(session, STEP, incident_id, morning, now,
                                                           payload={"step": n, "deferred": True})
-                when = _local(morning, tz)
+                when = _local(morning, hours.timezone or tz)  # the morning as business hours define it
                 esc.note = (f"After hours: {incident.severity} incidents page nobody until business hours "
                             f"({when}).")
                 self._lines(session, incident, now, "escalation.deferred",

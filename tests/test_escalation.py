@@ -205,6 +205,16 @@ async def test_low_severity_after_hours_waits_for_the_morning_then_pages(tmp_pat
         assert len(w.slack_dms("U02BOB")) == 1 and not w.pages(BOB_TG)
 
 
+async def test_the_wait_is_told_in_the_business_hours_own_time_zone(tmp_path: Path) -> None:
+    base = BASE.replace('end: "18:00"}', 'end: "18:00", timezone: America/New_York}')
+    async with world(tmp_path, NIGHT, base=base) as w:  # Monday 23:00 in New York
+        await w.alert("low")
+        await until(lambda: any("waits until" in t for t in thread_texts(w.slack)), "the thread says it waits")
+        assert "After hours and low: step 1 waits until Tue 09:00 EST." in thread_texts(w.slack)
+        [deferred] = await w.audit("escalation.deferred")
+        assert deferred.details["until"] == "2026-11-24T14:00:00+00:00"
+
+
 async def test_a_step_waiting_for_the_morning_pages_at_once_when_the_incident_turns_critical(tmp_path: Path) -> None:
     async with world(tmp_path, NIGHT) as w:
         await w.alert("medium")
