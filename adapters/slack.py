@@ -12,9 +12,12 @@ the dispatcher in a background task; the `Reply` goes back to the request's
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import re
 import shlex
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
@@ -66,6 +69,24 @@ class Dispatcher(Protocol):
 
 
 # -- outbound: neutral -> Block Kit ---------------------------------------------------------------
+
+SIGNATURE_WINDOW = 300  # seconds: Slack's own limit on a request's X-Slack-Request-Timestamp
+
+
+def _signed(secret: bytes, body: bytes, timestamp: str | None, signature: str | None, now: float) -> bool:
+    """Slack's v0 signature: HMAC-SHA256 of `v0:{timestamp}:{body}` (the raw bytes), compared in constant time;
+    False for anything missing or malformed, never an exception."""
+    if not timestamp or not signature:
+        return False
+    try:
+        sent = int(timestamp)
+    except ValueError:
+        return False
+    if abs(now - sent) > SIGNATURE_WINDOW:
+        return False
+    mac = hmac.new(secret, b"v0:" + timestamp.encode("utf-8", "replace") + b":" + body, hashlib.sha256)
+    return hmac.compare_digest(b"v0=" + mac.hexdigest().encode(), signature.encode("utf-8", "replace"))
+
 
 def escape(text: str) -> str:
     """Plain text for a Slack text field: `&`, `<`, `>` as entities, so nothing becomes a mention or link."""
@@ -197,6 +218,7 @@ class SlackAdapter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen_events: deque[str] = deque(maxlen=1000)
         # Bolt's own client is never used for calls; tokenless so bolt does not warn that `authorize` wins.
+        self._secret = settings.signing_secret.encode()
         self.bolt = AsyncApp(
             name="chatops", logger=log.getChild("bolt"), signing_secret=settings.signing_secret,
             client=AsyncWebClient(base_url=settings.api_url, retry_handlers=[]),
@@ -230,11 +252,20 @@ class SlackAdapter:
         app.router.add_post(PATH, self.handle)
 
     async def handle(self, request: web.Request) -> web.Response:
-        """Bolt verifies the signature (401 if forged or older than 5 minutes) and runs our listeners."""
+        """The signature is checked first, on the raw body (401 if forged, missing, malformed or older than
+        5 minutes), before anything parses the body; then Bolt (which checks it again) runs our listeners."""
+        body = await request.read()
+        if not _signed(self._secret, body, request.headers.get("X-Slack-Request-Timestamp"),
+                       request.headers.get("X-Slack-Signature"), time.time()):
+            return web.json_response({"error": "invalid or missing Slack signature: X-Slack-Signature must sign "
+                                               "this body with the app's signing secret, X-Slack-Request-Timestamp "
+                                               "must be within 5 minutes"}, status=401)
         try:
             bolt_request = await to_bolt_request(request)
-        except UnicodeDecodeError:
+        except (UnicodeDecodeError, LookupError):  # not UTF-8; a charset nobody knows
             return web.json_response({"error": "the body is not UTF-8"}, status=400)
+        except (ValueError, TypeError, AttributeError, KeyError):  # signed, yet not a body Slack sends
+            return web.json_response({"error": "not a Slack request body (JSON event or form payload)"}, status=400)
         return await to_aiohttp_response(await self.bolt.async_dispatch(bolt_request))
 
     # -- Adapter ----------------------------------------------------------------------------------

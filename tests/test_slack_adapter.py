@@ -7,6 +7,8 @@ carry payloads shaped like Slack's (tests/fixtures/slack/).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -157,6 +159,24 @@ async def test_a_forged_signature_is_refused(env: Env) -> None:
     assert env.dispatcher.actions == [] and env.slack.calls == []
 
 
+@pytest.mark.parametrize(("body", "content_type", "headers"), [
+    ('{"type":', "application/json", {}),  # broken JSON, unsigned
+    ("[1,2]", "application/json", {}),
+    ('"str"', "application/json", {}),
+    ("payload=%7Bx", FORM, {}),
+    ("payload=%7Bx", FORM, {"X-Slack-Request-Timestamp": "abc", "X-Slack-Signature": "v0=00"}),
+    ("payload=%7Bx", FORM, {"X-Slack-Request-Timestamp": "now", "X-Slack-Signature": "v0=\u00e9"}),
+])
+async def test_unsigned_or_malformed_requests_are_refused_before_their_body_is_read(
+        env: Env, body: str, content_type: str, headers: dict[str, str]) -> None:
+    headers = {k: (str(int(time.time())) if v == "now" else v.encode().decode("unicode_escape"))
+               for k, v in headers.items()}
+    status, answer = await env.post(body, {"Content-Type": content_type, **headers})
+    assert status == 401, answer
+    assert "invalid or missing Slack signature" in str(answer)
+    assert env.dispatcher.actions == [] and env.slack.calls == []
+
+
 async def test_a_stale_timestamp_is_refused(env: Env) -> None:
     status, _ = await env.click(click_payload(), ts=int(time.time()) - 6 * 60)
     assert status == 401
@@ -230,7 +250,11 @@ async def test_a_broken_template_still_answers_with_the_text(env: Env) -> None:
 
 
 async def test_a_body_that_is_not_utf8_is_a_bad_request(env: Env) -> None:
-    resp = await env.client.post("/slack/events", data=b"payload=\xff\xfe", headers=signed("x"))
+    body = b"payload=\xff\xfe"
+    ts = str(int(time.time()))
+    mac = hmac.new(SECRET.encode(), b"v0:" + ts.encode() + b":" + body, hashlib.sha256).hexdigest()
+    resp = await env.client.post("/slack/events", data=body, headers={
+        "Content-Type": FORM, "X-Slack-Request-Timestamp": ts, "X-Slack-Signature": f"v0={mac}"})  # signed as it is
     assert resp.status == 400
 
 
