@@ -40,6 +40,7 @@ from telegram.warnings import PTBDeprecationWarning
 
 from adapters.settings import TelegramSettings
 from bot import actions
+from bot.auth import raw_bytes
 from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
 from bot.model import Actor
 from bot.render import TEXT_FORMATS
@@ -302,7 +303,7 @@ class TelegramAdapter:
     async def handle(self, request: web.Request) -> web.Response:
         """The secret token Telegram was given (401 otherwise), then 200 at once; the work runs after."""
         given = request.headers.get(SECRET_HEADER, "")
-        if not hmac.compare_digest(given.encode(), self.settings.webhook_secret.encode()):
+        if not hmac.compare_digest(raw_bytes(given), self.settings.webhook_secret.encode()):
             return web.json_response({"error": f"wrong or missing {SECRET_HEADER}"}, status=401)
         try:
             data = json.loads(await request.read())

@@ -37,10 +37,16 @@ def verify(source: Source, headers: Mapping[str, str], body: bytes, now: datetim
             raise AuthError("missing_credentials", "missing Authorization header (expected: Bearer <token>)")
         if scheme.lower() != "bearer" or not token:
             raise AuthError("bad_credentials", "Authorization header is not a Bearer token")
-        if not hmac.compare_digest(token.strip().encode(), auth.bearer.encode()):
+        if not hmac.compare_digest(raw_bytes(token.strip()), auth.bearer.encode()):
             raise AuthError("bad_credentials", "invalid bearer token")
         return
     _verify_hmac(auth, headers, body, now, TIMESTAMP_SEPARATOR.get(source.kind, "."))
+
+
+def raw_bytes(header: str) -> bytes:
+    """A header value as the bytes that came in: aiohttp decodes header bytes as UTF-8 and keeps those that are
+    not as surrogates, which a strict encode() refuses (a 500 where a wrong credential must be a 401)."""
+    return header.encode("utf-8", "surrogateescape")
 
 
 def sign(secret: str, body: bytes, timestamp: str | None = None, *, separator: str = ".") -> str:
@@ -87,7 +93,7 @@ def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: d
             raise AuthError("stale_timestamp", f"{auth.timestamp_header} is {int(skew)}s away from now "
                             f"(allowed: {int(auth.max_skew.total_seconds())}s); check the sender's clock or replay")
     expected = sign(auth.hmac_secret, body, timestamp, separator=separator)
-    if not hmac.compare_digest(given.lower().encode(), expected.encode()):
+    if not hmac.compare_digest(raw_bytes(given.lower()), expected.encode()):
         raise AuthError("bad_signature", f"invalid {auth.header} signature")
 
 

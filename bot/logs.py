@@ -33,5 +33,6 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiohttp.access", "sqlalchemy.engine", "apscheduler"):
+    for noisy in ("aiohttp.access", "sqlalchemy.engine", "apscheduler",
+                  "httpx", "httpcore"):  # python-telegram-bot's HTTP client logs each URL, the bot token in it
         logging.getLogger(noisy).setLevel(logging.WARNING)

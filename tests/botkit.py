@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 from collections.abc import AsyncIterator, Callable
@@ -152,3 +153,16 @@ async def bot_on(database: str, tmp_path: Path, pg_schema: str, extra: str = "",
             yield harness
     finally:
         await drop_schema(url, pg_schema)
+
+
+async def raw_post(client: TestClient, path: str, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, bytes]:
+    """A request written byte for byte (a client library would not send bytes that are not UTF-8 in a header)."""
+    server = client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    head = [f"POST {path} HTTP/1.1".encode(), b"Host: x", b"Connection: close", f"Content-Length: {len(body)}".encode(),
+            b"Content-Type: application/json", *(k + b": " + v for k, v in headers)]
+    writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]

@@ -12,7 +12,7 @@ import pytest
 from bot.auth import sign
 from storage.db import Database
 from storage.models import AlertRecord, AuditEvent
-from tests.botkit import Harness, fixture, running_bot
+from tests.botkit import Harness, fixture, raw_post, running_bot
 
 ALERT = {"asset_name": "web-1", "signature": "NginxDown", "severity": "high", "message": "down", "tool_source": "z"}
 
@@ -60,6 +60,22 @@ async def test_hmac_good_wrong_stale_replayed_and_missing(h: Harness) -> None:
     assert status == 401
     assert await rejected(h, "replayed") == 1 and await rejected(h, "bad_signature") == 2
     assert await h.count(AlertRecord) == 1
+
+
+@pytest.mark.parametrize(("source", "header"), [
+    ("am", (b"Authorization", b"Bearer \xff\xfe")),
+    ("am", (b"Authorization", "Bearer \u00e9\u00e9".encode())),
+    ("grafana", (b"X-Grafana-Alerting-Signature", b"\xff")),
+    ("generic", (b"X-Signature", b"sha256=\xff")),
+])
+async def test_a_credential_that_is_not_ascii_is_a_401_not_a_500(h: Harness, source: str,
+                                                                  header: tuple[bytes, bytes]) -> None:
+    body = fixture("alertmanager/03-highcpu-firing.json") if source == "am" else json.dumps(ALERT).encode()
+    extra = [(b"X-Timestamp", str(int(h.clock.now().timestamp())).encode())] if source == "generic" else []
+    status, answer = await raw_post(h.client, f"/alerts/{source}", [header, *extra], body)
+    assert status == 401, answer
+    assert json.loads(answer)["error"].startswith("invalid ")
+    assert await h.count(AlertRecord) == 0
 
 
 async def test_grafana_hmac_over_the_body(h: Harness) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from sqlalchemy import text
 
 from storage.db import SCHEMA_VERSION, Database
 from tests.conftest import ROOT, free_port
+from tests.fake_telegram import FakeTelegram
 
 CHATOPS = str(Path(sys.executable).with_name("chatops"))
 
@@ -64,6 +66,27 @@ def test_serve_starts_on_the_example_config_and_stops_cleanly(tmp_path: Path) ->
     assert "audit: no hmac_key" in log
     assert "stopped" in log
     assert (tmp_path / "chatops.db").exists()
+
+
+async def test_the_telegram_bot_token_stays_out_of_the_log(tmp_path: Path) -> None:
+    """python-telegram-bot's HTTP client (httpx) logs every request's URL, whose path carries the bot token."""
+    shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
+    port = free_port()
+    async with FakeTelegram() as tg:
+        proc = start_bot(tmp_path, port, {"TELEGRAM_BOT_TOKEN": tg.token, "TELEGRAM_API_URL": tg.api_url,
+                                          "TELEGRAM_WEBHOOK_SECRET": "tg-webhook-secret-0123456789"})
+        try:
+            await tg.wait_for(lambda: tg.called("getMe"), timeout=20)
+            await asyncio.sleep(0.3)  # the call's log line, if any, is written
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait, 15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    log = proc.stdout.read()
+    assert "telegram: on" in log and "stopped" in log
+    secret = tg.token.split(":", 1)[1]
+    assert secret not in log, [line for line in log.splitlines() if secret in line]
 
 
 def test_json_log_format(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from bot.model import Actor
 from bot.render import Renderer
 from bot.view import incident_card, thread_line
 from storage.models import AlertRecord, Incident
+from tests.botkit import raw_post
 from tests.fake_telegram import BOT, FakeTelegram
 from tests.recording import RecordingDispatcher, served
 
@@ -166,6 +167,12 @@ async def test_the_webhook_refuses_a_wrong_or_missing_secret(env: Env, secret: s
     assert status == 401 and SECRET_HEADER in text
     await asyncio.sleep(0.05)
     assert not env.dispatcher.commands and not env.tg.called("sendMessage")
+
+
+async def test_a_secret_that_is_not_utf8_is_a_401_not_a_500(env: Env) -> None:
+    status, answer = await raw_post(env.client, "/telegram/webhook", [(SECRET_HEADER.encode(), b"\xff\xfe")],
+                                    json.dumps(fixture("command_group.json")).encode())
+    assert status == 401 and SECRET_HEADER.encode() in answer
 
 
 @pytest.mark.parametrize("body", [b'{"update_id": 1, "message": ', b"\xff\xfe", b"[1, 2]", b'{"message": {}}',
