@@ -97,9 +97,11 @@ def _time(obj: dict[str, Any], key: str, where: str) -> datetime | None:
         raise ShapeError(f"{where}.{key}", f"expected an RFC 3339 time, got {_kind(raw)}")
     try:
         parsed = datetime.fromisoformat(_FRACTION.sub(r"\1", raw.replace("Z", "+00:00")))
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except ValueError:
         raise ShapeError(f"{where}.{key}", f"not an RFC 3339 time: {raw[:40]!r}") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:30:00-05:00 is past the last UTC time Python has
+        raise ShapeError(f"{where}.{key}", f"out of range: {raw[:40]!r}") from None
 
 
 def _status(obj: dict[str, Any], where: str, default: str | None = None) -> str:

@@ -22,6 +22,18 @@ _dumps = fast_encoder(json.JSONEncoder())  # json.dumps, aiohttp's default for j
 MAX_DELIVERY_ID = 200
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_decode = json.JSONDecoder(parse_constant=_refuse_constant).decode  # json.loads, without NaN and Infinity
+_dumps_utf8 = json.JSONEncoder(ensure_ascii=False).encode  # then .encode(): fails on a lone surrogate
+
+
+def _check_text(payload: Any) -> None:
+    _dumps_utf8(payload).encode("utf-8")
+
+
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     headers = extra.pop("headers", {})
     return web.json_response({"error": message, **extra}, status=status, headers=headers)
@@ -81,7 +93,9 @@ class AlertEndpoint:
             return self._reject(source_id, "bad_delivery_id",
                                 _error(400, f"X-Delivery-ID is longer than {MAX_DELIVERY_ID} characters"))
         try:
-            payload = json.loads(body.decode("utf-8"))
+            payload = _decode(body.decode("utf-8"))
+            if b"\\ud" in body or b"\\uD" in body:  # a \uD800-\uDFFF escape: a lone one is no text to store
+                _check_text(payload)
         except UnicodeDecodeError:
             return self._reject(source_id, "malformed", _error(400, "body is not UTF-8 text"))
         except json.JSONDecodeError as exc:
@@ -89,12 +103,19 @@ class AlertEndpoint:
                 400, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"))
         except RecursionError:
             return self._reject(source_id, "malformed", _error(400, "malformed JSON: nested too deeply"))
+        except UnicodeEncodeError:
+            return self._reject(source_id, "malformed", _error(
+                400, "malformed JSON: a string holds half of a UTF-16 surrogate pair (a lone \\uD800-\\uDFFF escape)"))
+        except ValueError as exc:  # NaN or Infinity; an integer of more than 4,300 digits
+            problem = "a number of more than 4,300 digits" if "integer string conversion" in str(exc) else str(exc)
+            return self._reject(source_id, "malformed", _error(400, f"malformed JSON: {problem}"))
         try:
             alerts = PARSERS[source.kind](payload, source.id)
             truncated = truncated_count(source.kind, payload)
         except ShapeError as exc:
+            article = "an" if source.kind[0] in "aeiou" else "a"
             return self._reject(source_id, "bad_shape", _error(
-                422, f"{exc.field}: {exc.problem} (not a {source.kind} payload?)", field=exc.field))
+                422, f"{exc.field}: {exc.problem} (not {article} {source.kind} payload?)", field=exc.field))
         outcome = await self.intake.submit(source, alerts, delivery_id, truncated)
         headers = {"X-Idempotent-Replay": "true"} if outcome.replayed else {}
         if outcome.status == 503:
