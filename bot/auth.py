@@ -98,7 +98,11 @@ def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: d
 
 
 class ReplayGuard:
-    """Signatures already accepted, kept for the timestamp window: a replay inside it is refused."""
+    """Signatures already accepted, kept for the timestamp window: a replay inside it is refused.
+
+    A signature can carry a tag (the request's X-Delivery-ID, which the signature does not cover): the same
+    signature with the same tag is a sender's retry (intake answers it from its idempotency record); with
+    another tag, or none, it is a replay."""
 
     limit = 100_000  # signatures kept before old ones are dropped
 
@@ -108,12 +112,21 @@ class ReplayGuard:
         # drops those that ended an hour before `until` by popping from here, not by rebuilding the dict
         # (a full rebuild on every request while the window holds more than `limit` of them).
         self._expiries: list[tuple[float, str]] = []
+        self._tags: dict[str, str] = {}  # signature -> the X-Delivery-ID it was accepted with
 
-    def seen(self, signature: str, now: float) -> bool:
+    def seen(self, signature: str, now: float, tag: str | None = None) -> bool:
+        """Accepted before, within its window, and not the same request retried under the same tag."""
         expires = self._seen.get(signature)
-        return expires is not None and expires > now
+        if expires is None or not expires > now:
+            return False
+        return tag is None or self._tags.get(signature) != tag
 
-    def remember(self, signature: str, until: float) -> None:
+    def forget(self, signature: str) -> None:
+        """Not accepted after all (it was not committed): the sender may send it again."""
+        self._seen.pop(signature, None)
+        self._tags.pop(signature, None)
+
+    def remember(self, signature: str, until: float, tag: str | None = None) -> None:
         if len(self._seen) > self.limit:
             now = until - 3600
             seen, expiries = self._seen, self._expiries
@@ -121,7 +134,12 @@ class ReplayGuard:
                 t, s = heapq.heappop(expiries)
                 if seen.get(s) == t:  # not remembered again (for longer) since
                     del seen[s]
+                    self._tags.pop(s, None)
         self._seen[signature] = until
+        if tag is None:
+            self._tags.pop(signature, None)
+        else:
+            self._tags[signature] = tag
         heapq.heappush(self._expiries, (until, signature))
 
 

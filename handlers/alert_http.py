@@ -77,9 +77,11 @@ class AlertEndpoint:
             return self._reject(source_id, exc.reason, _error(401, str(exc), headers=headers))
         signature = signature_of(source, request.headers)
         delivery_id = request.headers.get("X-Delivery-ID") or None
-        if signature and not delivery_id and self.replays.seen(signature, now.timestamp()):
+        if signature and self.replays.seen(signature, now.timestamp(), delivery_id):
             return self._reject(source_id, "replayed", _error(
-                401, "replayed request: this signature was already accepted (send X-Delivery-ID to retry safely)"))
+                401, "replayed request: this signature was already accepted (send X-Delivery-ID to retry safely)"
+                if not delivery_id else "replayed request: this signature was already accepted with another "
+                                        "X-Delivery-ID (a retry repeats the first one)"))
         bucket = self.buckets.get(source_id)
         if bucket is not None:
             wait = bucket.take(now.timestamp())
@@ -116,14 +118,18 @@ class AlertEndpoint:
             article = "an" if source.kind[0] in "aeiou" else "a"
             return self._reject(source_id, "bad_shape", _error(
                 422, f"{exc.field}: {exc.problem} (not {article} {source.kind} payload?)", field=exc.field))
+        first_use = False
+        if signature:  # from here until its answer: a copy sent meanwhile is a replay too, not a second alert
+            assert isinstance(source.auth, HmacAuth)
+            first_use = not self.replays.seen(signature, now.timestamp())
+            self.replays.remember(signature, now.timestamp() + source.auth.max_skew.total_seconds(), delivery_id)
         outcome = await self.intake.submit(source, alerts, delivery_id, truncated)
         headers = {"X-Idempotent-Replay": "true"} if outcome.replayed else {}
         if outcome.status == 503:
             headers["Retry-After"] = "5"
-        elif outcome.status < 300:
-            if signature:
-                assert isinstance(source.auth, HmacAuth)
-                self.replays.remember(signature, now.timestamp() + source.auth.max_skew.total_seconds())
+        if outcome.status >= 300 and first_use and signature:
+            self.replays.forget(signature)  # not committed: the sender's retry of it is welcome
+        if outcome.status < 300:
             if truncated and not outcome.replayed:
                 self.metrics.alerts_truncated.labels(source_id).inc(truncated)
         self.metrics.observe_intake(source_id, time.perf_counter() - started)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from bot.auth import sign
 from storage.db import Database
@@ -76,6 +78,45 @@ async def test_a_credential_that_is_not_ascii_is_a_401_not_a_500(h: Harness, sou
     assert status == 401, answer
     assert json.loads(answer)["error"].startswith("invalid ")
     assert await h.count(AlertRecord) == 0
+
+
+async def test_a_replay_under_another_delivery_id_is_refused_and_a_retry_under_the_same_one_is_answered(
+        h: Harness) -> None:
+    body = json.dumps(ALERT).encode()
+    headers = {**signed(h, body), "X-Delivery-ID": "d-1"}
+    assert (await h.post("generic", body, headers))[0] == 200
+    status, answer, _ = await h.post("generic", body, {**headers, "X-Delivery-ID": "d-2"})  # not covered by the signature
+    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted with another "
+                                              "X-Delivery-ID (a retry repeats the first one)")
+    status, answer, _ = await h.post("generic", body, {k: v for k, v in headers.items() if k != "X-Delivery-ID"})
+    assert status == 401
+    status, _, answer_headers = await h.post("generic", body, headers)  # the sender's own retry
+    assert status == 200 and answer_headers["X-Idempotent-Replay"] == "true"
+    async with h.bot.db.sessions() as session:
+        assert (await session.execute(select(AlertRecord.received_count))).scalars().all() == [1]
+
+
+async def test_copies_of_one_signed_request_sent_at_once_are_one_alert(h: Harness) -> None:
+    body = json.dumps(ALERT).encode()
+    headers = signed(h, body)
+    answers = await asyncio.gather(*(h.post("generic", body, headers) for _ in range(5)))
+    assert sorted(status for status, _, _ in answers) == [200, 401, 401, 401, 401]
+    async with h.bot.db.sessions() as session:
+        assert (await session.execute(select(AlertRecord.received_count))).scalars().all() == [1]
+
+
+async def test_a_signed_request_that_got_a_503_can_be_sent_again(h: Harness, tmp_path: Path) -> None:
+    body = json.dumps(ALERT).encode()
+    headers = signed(h, body)
+    good = h.bot.db
+    broken = Database(f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+    h.bot.intake.db = broken
+    assert (await h.post("generic", body, headers))[0] == 503
+    await broken.dispose()
+    h.bot.intake.db = good
+    assert (await h.post("generic", body, headers))[0] == 200  # the same bytes, retried: nothing was stored before
+    assert (await h.post("generic", body, headers))[0] == 401  # once stored, a copy is a replay
+    assert await h.count(AlertRecord) == 1
 
 
 async def test_grafana_hmac_over_the_body(h: Harness) -> None:
