@@ -369,8 +369,8 @@ class SlackAdapter:
             await self._post(event.source.chat_id, event.source.thread_id or event.source.message_id, reply)
         else:
             await self._answer(body, reply)
-        if reply.settle is not None and event.source is not None:  # the question is answered: no more buttons
-            await self._settle(event.source, reply.settle)
+        if reply.settle is not None and event.source is not None and event.source.chat_id.startswith("D"):
+            await self._settle(event.source, reply.settle)  # answered: no more buttons (direct messages only)
 
     async def _settle(self, ref: MessageRef, text: str) -> None:
         try:

@@ -466,7 +466,9 @@ class TelegramAdapter:
             return
         reply = await self._dispatch(self.dispatcher.handle_action(event))
         await self._answer(query, toast(reply.text) if reply is not None else "")
-        if reply is not None and reply.settle is not None and event.source is not None:  # answered: no more buttons
+        private = query.message is not None and getattr(query.message.chat, "type", None) == "private"
+        if reply is not None and reply.settle is not None and event.source is not None and private:
+            # answered: no more buttons (only on a direct message: those are the only ones settling applies to)
             try:
                 await self.update(event.source, Outbound("text", {"text": reply.settle}, text=reply.settle))
             except DeliveryError as exc:  # the toast still told the clicker; the buttons stay

@@ -120,7 +120,9 @@ class SwapHandlers:
             reply = await fn(event.incident_id, person, event.actor)
             async with self.db.sessions() as session:
                 swap = await session.get(SwapRequest, event.incident_id)
-            if swap is None or swap.status not in _BUTTON_APPLIES[action] or (
+            if swap is None or not self._party(swap, person):  # not this person's swap message: leave it be
+                return reply
+            if swap.status not in _BUTTON_APPLIES[action] or (
                     action == Action.SWAP_UNDO and self.clock.now() >= swap.starts_at):
                 return dataclasses.replace(reply, settle=reply.text)
             return reply
@@ -540,6 +542,14 @@ class SwapHandlers:
                 f"`{swap.rotation}` from {when(max(first.start or start, start), tz, now)}, not "
                 f"{self.name(swap.requester)}. Nothing was changed; {self.name(swap.requester)} can cancel it "
                 "and ask again.")
+
+    def _party(self, swap: SwapRequest, person: Person) -> bool:
+        """Someone the swap's direct messages go to: its two people, or one who may approve it."""
+        if person.id in (swap.requester, swap.counterpart):
+            return True
+        rotation = self.rotations.get(swap.rotation)
+        role = rotation.swap_approval if rotation is not None else None
+        return role is not None and any(p.id == person.id for p in self.approvers(role, swap))
 
     def approvers(self, role: str, swap: SwapRequest) -> list[Person]:
         """Who may approve: people with the role other than the two in the swap; them only if nobody else has it."""

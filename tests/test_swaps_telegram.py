@@ -18,12 +18,13 @@ from tests.fake_telegram import FakeTelegram
 from tests.recording import poll
 
 SECRET = "tg-swap-secret"
-ALICE, BOB, GROUP = 111111, 222222, -100123
+ALICE, BOB, CAROL, GROUP = 111111, 222222, 333333, -100123
 FIXTURES = Path(__file__).parent / "fixtures" / "telegram"
 PEOPLE = """
 people:
   - {id: alice, name: Alice, roles: [responder], telegram: 111111}
   - {id: bob, name: Bob, roles: [responder], telegram: 222222}
+  - {id: carol, name: Carol, telegram: 333333}
 """
 ROTATIONS = """
 rotations:
@@ -60,10 +61,14 @@ class Phone:
     async def tap(self, user: int, data: str) -> None:
         sent = [m for (chat, _), m in self.tg.messages.items() if chat == user and _keys(m) and data in _keys(m)]
         assert sent, f"no message in {user}'s chat has a {data} button"
+        await self.forge(user, data, sent[-1], {"id": user, "type": "private"})
+
+    async def forge(self, user: int, data: str, message: dict[str, Any], chat: dict[str, Any]) -> None:
+        """A tap carrying `data` on `message`, whether or not the message has such a button."""
         update = json.loads((FIXTURES / "callback_query.json").read_text())
         query = update["callback_query"]
         query["id"], query["data"], query["from"]["id"] = f"tap{self.n}", data, user
-        query["message"] = {**sent[-1], "chat": {"id": user, "type": "private"}}
+        query["message"] = {**message, "chat": chat}
         await self.post(update)
 
 
@@ -107,3 +112,27 @@ async def test_a_swap_asked_accepted_and_announced_all_in_telegram(phone: Phone)
     await p.type(BOB, "/oncall dba-primary")
     await poll(lambda: any("Alice" in m["text"] and "7 Dec" in m["text"] and "override" in m["text"].lower()
                            for m in p.said_to(BOB)), 5, lambda: f"Bob's chat: {[m['text'] for m in p.said_to(BOB)]}")
+
+
+async def test_a_forged_swap_tap_settles_nothing_but_a_partys_own_direct_message(phone: Phone) -> None:
+    p = phone
+    await p.type(BOB, "/swap alice next")
+    await poll(lambda: any("swok:1" in _keys(m) for (chat, _), m in p.tg.messages.items() if chat == ALICE), 5,
+               lambda: f"Alice's chat: {p.said_to(ALICE)}")
+    await p.tap(ALICE, "swok:1")
+    await poll(lambda: any("Alice" in m["text"] and "Bob" in m["text"] for m in p.said_to(GROUP)), 5,
+               lambda: f"group: {p.said_to(GROUP)}")
+    edits = len(p.tg.called("editMessageText"))
+    notice = next(m for (chat, _), m in p.tg.messages.items() if chat == GROUP)
+    before = dict(notice)
+    # Bob is a party, but the message is the group's: a swap button's answer never rewrites it
+    await p.forge(BOB, "swno:1", notice, {"id": GROUP, "type": "supergroup", "title": "Ops"})
+    # Carol is no party to swap #1: her own chat's message stays as it is
+    await p.type(CAROL, "/oncall dba-primary")
+    await poll(lambda: p.said_to(CAROL), 5, lambda: "Carol gets an answer")
+    mine = next(m for (chat, _), m in p.tg.messages.items() if chat == CAROL)
+    await p.forge(CAROL, "swcx:1", mine, {"id": CAROL, "type": "private"})
+    await poll(lambda: len(p.tg.called("answerCallbackQuery")) >= 3, 5, lambda: "both taps answered")
+    assert len(p.tg.called("editMessageText")) == edits
+    assert notice == before
+
