@@ -59,6 +59,21 @@ def slack_link(link: Any) -> str:
     return f"<{slack_escape(str(url).replace('|', '%7C'))}|{slack_escape(label)}>"
 
 
+def slack_links(links: Any, limit: int = 2900) -> str:
+    """Links as `<url|label> · <url|label>`, as many as fit in `limit` characters (a Block Kit text element holds
+    3,000): a link that does not fit is left out whole (a cut URL would lead somewhere else)."""
+    out: list[str] = []
+    size = 0
+    for label, url in links:
+        piece = slack_link((clip(label, 80), url))
+        extra = len(piece) + (3 if out else 0)
+        if size + extra > limit:
+            continue
+        out.append(piece)
+        size += extra
+    return " \u00b7 ".join(out)
+
+
 def clip(value: Any, limit: int) -> str:
     """Plain text cut to `limit` characters, ending with an ellipsis when cut."""
     text = "" if value is None else str(value)
@@ -101,7 +116,7 @@ class Renderer:
             lstrip_blocks=True,
         )
         self.env.policies["json.dumps_kwargs"] = {"ensure_ascii": False}
-        self.env.filters.update(slack_escape=slack_escape, slack_link=slack_link, clip=clip, chunks=chunks,
+        self.env.filters.update(slack_escape=slack_escape, slack_link=slack_link, slack_links=slack_links, clip=clip, chunks=chunks,
                                 tojson=_tojson)
         self.checks: dict[str, Callable[[Any], str | None]] = {"slack": _slack_problem}
 

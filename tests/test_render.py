@@ -90,6 +90,19 @@ def test_long_alert_text_is_cut_not_refused(renderer):
     assert len(payload["text"]) <= 300
 
 
+def test_long_links_are_left_out_whole_rather_than_break_the_message(renderer):
+    """Five links of 1,900 characters (each `&` an entity of five): as many as fit in one text element."""
+    url = "https://grafana.example/d/abc?" + "&".join(f"var-host=h{i}" for i in range(140))
+    assert 1800 < len(url) < 2000  # links up to 2,000 characters are kept (bot.view.safe_url)
+    kinds = ("generator", "runbook", "dashboard", "panel", "silence")
+    incident = make_incident(links={kind: url + f"&n={i}" for i, kind in enumerate(kinds)})
+    payload = renderer.render_json("incident", "slack",
+                                   incident_context(incident, [make_alert("disk", received=NOW)], now=NOW))
+    links = payload["blocks"][-1]["elements"][0]["text"]
+    assert len(links) <= 3000
+    assert links.count("<https://") == 1 and links.endswith("&amp;n=0|Graph>")  # whole; the second did not fit
+
+
 def test_long_plain_text_is_split_into_sections(renderer):
     text = "\n".join(f"#{i} some incident & <details>" for i in range(2000))
     payload = renderer.render_json("text", "slack", {"text": text})
