@@ -558,6 +558,17 @@ def cross_check(c: Config) -> list[tuple[str, str]]:
             if item.id in seen:
                 problems.append((f"{section}[{i}].id", f"duplicate id {item.id!r}"))
             seen.add(item.id)
+    for platform in ("slack", "telegram", "teams"):  # a chat account is one person: who clicked decides roles
+        owner: dict[Any, str] = {}
+        for i, person in enumerate(c.people):
+            account = getattr(person, platform)
+            if account is None:
+                continue
+            if account in owner:
+                problems.append((f"people[{i}].{platform}", f"{platform} id {account!r} is already {owner[account]!r}'s; "
+                                 "each chat account belongs to one person"))
+            else:
+                owner[account] = person.id
     for i, ch in enumerate(c.channels):
         pattern, example = _CHAT_PATTERNS[ch.platform]
         if not re.match(pattern, ch.chat):

@@ -92,6 +92,10 @@ BROKEN = [
         "people[1].id: duplicate id 'alice'",
     ),
     (
+        BASE.replace("slack: U02BOB", "slack: U01ALICE") + ROUTES,
+        "people[1].slack: slack id 'U01ALICE' is already 'alice''s; each chat account belongs to one person",
+    ),
+    (
         BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: ${AM_TOKEN}}").replace("{id: am,", "{id: am, rate_limit: {per_minute: ${RATE}, burst: 5},") + ROUTES,
         "sources[0].rate_limit.per_minute: environment variable RATE is not set (set it, or write ${RATE:-default})",
     ),
