@@ -110,6 +110,9 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
         alerts = await recent_alerts(session, incident_id) if incident else []
     if incident is None:
         return PageResult(False, f"There is no incident #{incident_id}.")
+    if incident.status == "resolved":
+        return PageResult(False, f"#{incident_id} is resolved, so nobody was paged; if it needs someone after all, "
+                                 f"`/incident reopen {incident_id}` first.")
     now = clock.now()
     attempt = await send_page(adapters, person, page_message(incident, alerts, person, config, now, reason),
                               page_order(person))

@@ -154,3 +154,10 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     assert failed["text"].startswith("Could not page Alice: telegram: Telegram user 111111 has not started a chat")
     assert "slack" in failed["text"]
     assert (await b.h.actions(1)).count("incident.page_failed") == 1
+    await b.slack.answer(await b.slack.command("/incident", "resolve 1"))
+    opened = len(b.slack.fake.called("conversations.open"))  # Bob is paged in his Slack DM
+    resolved = await b.slack.answer(await b.slack.command("/incident", "page 1 bob"))
+    assert resolved["text"] == ("#1 is resolved, so nobody was paged; if it needs someone after all, "
+                                "`/incident reopen 1` first.")
+    assert len(b.slack.fake.called("conversations.open")) == opened
+    assert (await b.h.actions(1)).count("incident.paged") == 3
