@@ -6,15 +6,21 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
+from zoneinfo import ZoneInfo
+
+from sqlalchemy.engine import make_url
 
 from adapters import SETTINGS_MODELS
 from bot import logs
 from bot.config import ConfigError, Loaded, config_path, load_config
 from bot.incidents import STATUSES, priority
+from bot.rotations import first_instant
 from bot.tables import ago, table
 from storage import queries, report
 from storage.audit import AuditLog
@@ -29,11 +35,37 @@ def _load(args: argparse.Namespace) -> Loaded:
 
 
 def _iso(value: str) -> datetime:
+    """An ISO 8601 time; one without an offset stays naive until `_local` places it in the bot's time zone."""
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r} (e.g. 2026-11-25T09:00:00+01:00)") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if not 1970 <= parsed.year <= 9000:
+        raise argparse.ArgumentTypeError(f"{value!r} is out of range (years 1970 to 9000)")
+    return parsed
+
+
+def _local(value: datetime | None, loaded: Loaded) -> datetime | None:
+    """A time typed without an offset is wall time in app.yaml's `timezone` (where the bot shows times)."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return first_instant(value, ZoneInfo(loaded.config.timezone))
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high` (an id or a limit the database can hold)."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is out of range ({low} to {high})")
+        return number
+    return parse
+
+
+_ID, _LIMIT = _count(1, 2**63 - 1), _count(1, 1_000_000)
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
@@ -60,7 +92,17 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(serve(_load(args)))
 
 
-async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]]) -> int:
+async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]], *, create: bool = False) -> int:
+    """Run `work` on the configured store. A SQLite file that does not exist is refused (reading commands would
+    otherwise make an empty one and report that nothing happened), unless `create`."""
+    url = make_url(loaded.config.storage.url)
+    if not create and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        path = Path(url.database)
+        if not path.exists():
+            where = "" if path.is_absolute() else f" (a relative path starts at the current directory, {os.getcwd()})"
+            print(f"no database at {path.resolve()}{where}: run this where the bot runs, or give storage.url "
+                  "an absolute path in app.yaml", file=sys.stderr)
+            return EXIT_FAILED
     db = Database(loaded.config.storage.url, schema=loaded.config.storage.schema_name)
     try:
         await db.start()
@@ -97,7 +139,7 @@ def cmd_audit_export(args: argparse.Namespace, out: TextIO) -> int:
         if writer:
             writer.writerow(CSV_COLUMNS)
         async with db.sessions() as session:
-            async for event in AuditLog.events(session, since=args.since, incident_id=args.incident):
+            async for event in AuditLog.events(session, since=_local(args.since, loaded), incident_id=args.incident):
                 if writer:
                     row: dict[str, Any] = event.model_dump()
                     row["at"] = event.at.isoformat()
@@ -221,7 +263,7 @@ def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
     if args.rotation and schedule is None:
         print(f"unknown rotation {args.rotation!r} (known: {', '.join(sorted(view.schedules))})", file=sys.stderr)
         return EXIT_USAGE
-    at = args.at or datetime.now(UTC)
+    at = _local(args.at, loaded) or datetime.now(UTC)
 
     async def work(db: Database) -> int:
         if schedule is None:
@@ -234,16 +276,19 @@ def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
         print(table(["WHO", "FROM", "UNTIL", "NOTE"], view.upcoming_rows(shifts, rows, at, schedule.tz)), file=out)
         return EXIT_OK
 
-    return asyncio.run(_with_db(loaded, work))
+    return asyncio.run(_with_db(loaded, work, create=True))  # the rotations answer without a store as well
 
 
 def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
-    until: datetime = args.until or datetime.now(UTC)
-    since: datetime = args.since or until - report.DEFAULT_WINDOW
+    loaded = _load(args)
+    until: datetime = _local(args.until, loaded) or datetime.now(UTC)
+    since: datetime = _local(args.since, loaded) or until - report.DEFAULT_WINDOW
     if until <= since:
+        if args.until is None:  # the window would start after now
+            print(f"nothing to report: --since ({since.isoformat()}) is after now", file=out)
+            return EXIT_OK
         print(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})", file=sys.stderr)
         return EXIT_USAGE
-    loaded = _load(args)
 
     async def work(db: Database) -> int:
         async with db.sessions() as session:
@@ -302,11 +347,18 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", help="path to app.yaml (default: $CHATOPS_CONFIG, then ./app.yaml)")
-    common.add_argument("--log-format", choices=["text", "json"], default="text")
-    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser = argparse.ArgumentParser(prog="chatops", description="ChatOps incident bot", parents=[common])
+    def options(default: Any) -> argparse.ArgumentParser:
+        shared = argparse.ArgumentParser(add_help=False)
+        shared.add_argument("-c", "--config", default=default(None),
+                            help="path to app.yaml (default: $CHATOPS_CONFIG, then ./app.yaml)")
+        shared.add_argument("--log-format", choices=["text", "json"], default=default("text"))
+        shared.add_argument("--log-level", default=default("INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        return shared
+
+    # The options may come before the command or after it; after it they must not reset what came before.
+    common = options(lambda _: argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(prog="chatops", description="ChatOps incident bot",
+                                     parents=[options(lambda value: value)])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", parents=[common], help="run the HTTP server, adapters and workers").set_defaults(func=cmd_serve)
     sub.add_parser("check-config", parents=[common], help="validate app.yaml").set_defaults(func=cmd_check_config)
@@ -314,22 +366,23 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_parser("verify", parents=[common], help="exit 0 if the chain is intact, 1 naming the first bad event").set_defaults(func=cmd_audit_verify)
     export = audit.add_parser("export", parents=[common], help="write audit events to stdout")
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    export.add_argument("--since", type=_iso, help="only events at or after this ISO 8601 time")
-    export.add_argument("--incident", type=int, help="only events about this incident id")
+    export.add_argument("--since", type=_iso, help="only events at or after this ISO 8601 time (no offset: app.yaml's timezone)")
+    export.add_argument("--incident", type=_ID, help="only events about this incident id")
     export.set_defaults(func=cmd_audit_export)
     incidents = sub.add_parser("incidents", help="list or show incidents").add_subparsers(dest="incidents", required=True, metavar="ACTION")
     listing = incidents.add_parser("list", parents=[common], help="a table of incidents, highest priority first")
-    listing.add_argument("--status", choices=STATUSES)
+    listing.add_argument("--status", choices=["open", *STATUSES, "all"],
+                         help="open: triggered or acknowledged (default: all)")
     listing.add_argument("--format", choices=["table", "json"], default="table")
-    listing.add_argument("--limit", type=int, default=200)
+    listing.add_argument("--limit", type=_LIMIT, default=200)
     listing.set_defaults(func=cmd_incidents_list)
     show = incidents.add_parser("show", parents=[common], help="one incident with its alerts and timeline")
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=_ID)
     show.set_defaults(func=cmd_incidents_show)
     outbox = sub.add_parser("outbox", help="chat deliveries waiting, sent or given up").add_subparsers(dest="outbox", required=True, metavar="ACTION")
     olist = outbox.add_parser("list", parents=[common], help="a table of deliveries, newest first")
     olist.add_argument("--status", choices=["pending", "sent", "dead", "all"], default="pending")
-    olist.add_argument("--limit", type=int, default=100)
+    olist.add_argument("--limit", type=_LIMIT, default=100)
     olist.set_defaults(func=cmd_outbox_list)
     telegram = sub.add_parser("telegram", help="Telegram setup").add_subparsers(dest="telegram", required=True, metavar="ACTION")
     hook = telegram.add_parser("set-webhook", parents=[common], help="register {public_url}/telegram/webhook with Telegram")
@@ -337,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     hook.set_defaults(func=cmd_telegram_set_webhook)
     oncall = sub.add_parser("oncall", parents=[common], help="who is on call: every rotation, or one rotation's next shifts")
     oncall.add_argument("rotation", nargs="?", help="a rotations[].id; without it, every rotation now")
-    oncall.add_argument("--at", type=_iso, help="at this ISO 8601 time instead of now")
+    oncall.add_argument("--at", type=_iso, help="at this ISO 8601 time instead of now (no offset: app.yaml's timezone)")
     oncall.set_defaults(func=cmd_oncall)
     rep = sub.add_parser("report", parents=[common], help="MTTA, MTTR, escalation rate, noise reduction and pages "
                          "for the incidents opened in a window")
@@ -366,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `chatops audit export | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit, and no second error
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

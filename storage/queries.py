@@ -20,8 +20,11 @@ async def open_incidents_by_severity(session: AsyncSession) -> dict[str, int]:
 
 
 async def list_incidents(session: AsyncSession, *, status: str | None = None, limit: int = 200) -> list[Incident]:
+    """The newest first; `status` one of STATUSES, "open" (not resolved) or None / "all"."""
     query = select(Incident).order_by(Incident.id.desc()).limit(limit)
-    if status:
+    if status == "open":
+        query = query.where(Incident.status != "resolved")
+    elif status and status != "all":
         query = query.where(Incident.status == status)
     return list((await session.execute(query)).scalars().all())
 

@@ -1,0 +1,135 @@
+"""`chatops` as people type it: options before or after the command, the wrong folder, numbers and times out of
+range, a reader that stops early. Each answer is a message that says what to do, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+from tests.test_serve import CHATOPS
+
+PEOPLE_AND_ROTATION = """
+timezone: Europe/Berlin
+people:
+  - {id: alice, name: Alice, slack: U01ALICE}
+  - {id: bob, name: Bob, slack: U02BOB}
+rotations:
+  - {id: dba, members: [alice, bob], shift: 1w, handoff: "mon 09:00", start: 2026-11-02}
+"""
+
+
+def config(folder: Path, url: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "app.yaml"
+    path.write_text(f"storage: {{url: '{url}'}}\n" + PEOPLE_AND_ROTATION, encoding="utf-8")
+    return path
+
+
+def test_options_before_the_command_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "bot.db"
+    cfg = config(tmp_path / "a", f"sqlite+aiosqlite:///{db}")
+    assert main(["oncall", "-c", str(cfg)]) == 0  # makes the store
+    capsys.readouterr()
+    assert main(["-c", str(cfg), "incidents", "list"]) == 0  # -c before the command is not lost
+    assert capsys.readouterr().out.strip() == "no incidents"
+    assert main(["-c", str(tmp_path / "nowhere.yaml"), "incidents", "list", "-c", str(cfg)]) == 0  # the later one
+    assert main(["-c", str(tmp_path / "nowhere.yaml"), "incidents", "list"]) == 2
+    assert "nowhere.yaml: file not found" in capsys.readouterr().err
+
+
+async def test_incidents_list_open_leaves_the_resolved_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    async with running_bot(url) as h:
+        for asset in ("web-1", "web-2"):
+            body = {"asset_name": asset, "signature": "Down", "severity": "high", "message": f"{asset} down",
+                    "tool_source": "t"}
+            assert (await h.post("open", body))[0] == 200
+        assert (await h.post("open", {**body, "status": "resolved"}))[0] == 200  # web-2 resolves
+    for status, titles in (("open", ["web-1 down"]), ("resolved", ["web-2 down"]), ("all", ["web-2 down", "web-1 down"])):
+        assert await asyncio.to_thread(main, ["incidents", "list", "--status", status, "--format", "json",
+                                              "-c", str(cfg)]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert sorted(i["title"] for i in listed) == sorted(titles), status
+
+
+def test_a_reading_command_refuses_a_database_that_is_not_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config(tmp_path / "bot", "sqlite+aiosqlite:///./chatops.db")  # relative: to the current directory
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for command in (["incidents", "list"], ["incidents", "show", "1"], ["audit", "verify"], ["audit", "export"],
+                    ["outbox", "list"], ["report"]):
+        assert main([*command, "-c", str(cfg)]) == 1, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"no database at {elsewhere / 'chatops.db'} (a relative path starts at the current "
+                              f"directory, {elsewhere}): run this where the bot runs"), err
+    assert not (elsewhere / "chatops.db").exists()  # nothing was made there
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    (["incidents", "show", "99999999999999999999"], "99999999999999999999 is out of range (1 to 9223372036854775807)"),
+    (["audit", "export", "--incident", "0"], "0 is out of range"),
+    (["incidents", "list", "--limit", "-1"], "-1 is out of range (1 to 1000000)"),
+    (["oncall", "--at", "9999-12-31T23:00Z"], "'9999-12-31T23:00Z' is out of range (years 1970 to 9000)"),
+    (["outbox", "list", "--limit", "ten"], "not a whole number: 'ten'"),
+])
+def test_numbers_and_times_out_of_range_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         argv: list[str], problem: str) -> None:
+    cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "-c", str(cfg)])
+    assert exited.value.code == 2 and problem in capsys.readouterr().err
+
+
+def test_a_time_without_an_offset_is_in_the_configured_time_zone(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    # Monday 30 Nov, 08:30 in Berlin: Bob until 09:00 (07:30 UTC would be the same; 08:30 UTC would be Alice)
+    assert main(["oncall", "-c", str(cfg), "--at", "2026-11-30T08:30"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[1].split()
+    assert row[:2] == ["dba", "Bob"]
+    assert main(["oncall", "-c", str(cfg), "--at", "2026-11-30T09:30"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[1].split()[:2] == ["dba", "Alice"]
+
+
+def test_a_report_from_a_future_time_says_there_is_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    assert main(["oncall", "-c", str(cfg)]) == 0
+    capsys.readouterr()
+    assert main(["report", "-c", str(cfg), "--since", "2999-01-01T00:00Z"]) == 0
+    assert capsys.readouterr().out.startswith("nothing to report: --since (2999-01-01T00:00:00+00:00) is after now")
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATOPS_")}
+    subprocess.run([CHATOPS, "oncall", "-c", str(cfg)], env=env, check=True, capture_output=True)
+    script = (  # an audit log longer than a pipe's buffer
+              f"import asyncio, sys; sys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
+              "from datetime import UTC, datetime\n"
+              "from storage.audit import AuditLog, Entry\n"
+              "from storage.db import Database\n"
+              "from bot.model import Actor\n"
+              "async def fill():\n"
+              f"    db = Database('sqlite+aiosqlite:///{tmp_path / 'bot.db'}')\n"
+              "    await db.start()\n"
+              "    async with db.transaction() as s:\n"
+              "        await AuditLog(None).append_many(s, [Entry('test.event', Actor.system(), 'test', str(i), "
+              "datetime.now(UTC), {'pad': 'x' * 200}) for i in range(2000)])\n"
+              "    await db.dispose()\n"
+              "asyncio.run(fill())\n")
+    subprocess.run([str(Path(CHATOPS).with_name("python")), "-c", script], env=env, check=True)
+    piped = subprocess.run(f"'{CHATOPS}' audit export -c '{cfg}' | head -n 1", shell=True, env=env,
+                           capture_output=True, text=True)
+    assert piped.stdout.count("\n") == 1 and '"test.event"' in piped.stdout
+    assert "Traceback" not in piped.stderr and "BrokenPipeError" not in piped.stderr, piped.stderr
