@@ -46,6 +46,10 @@ class TeamsSettings(_Settings):
         return self
 
 
+# Where each platform's updates arrive (DESIGN.md), and which platforms this version has an adapter for.
+ENDPOINTS = {"slack": "/slack/events", "telegram": "/telegram/webhook", "teams": "/api/messages"}
+BUILT = frozenset({"slack", "telegram"})
+
 SETTINGS_MODELS: dict[str, type[BaseModel]] = {
     "slack": SlackSettings,
     "telegram": TelegramSettings,

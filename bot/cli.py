@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.engine import make_url
 
-from adapters import SETTINGS_MODELS
+from adapters import BUILT, SETTINGS_MODELS
 from bot import logs
 from bot.config import ConfigError, Loaded, config_path, load_config
 from bot.incidents import STATUSES, priority
@@ -82,7 +82,7 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
         print(f"note: adapters.{name} is off: {why}", file=sys.stderr)
     for source, why in loaded.sources_off.items():
         print(f"note: source {source} is off: {why}", file=sys.stderr)
-    print(loaded.summary(), file=out)
+    print(loaded.summary(BUILT), file=out)
     return EXIT_OK
 
 

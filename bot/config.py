@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
@@ -371,18 +371,21 @@ class Loaded:
     sources_off: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
+    def summary(self, built: Collection[str] | None = None) -> str:
+        """One line: what the file holds, and which adapters are on (of those this version has: `built`)."""
         c = self.config
 
         def n(items: list[Any], word: str) -> str:
             return f"{len(items)} {word}{'' if len(items) == 1 else 's'}"
 
-        on = ", ".join(sorted(self.adapters)) or "none"
+        on = ", ".join(sorted(a for a in self.adapters if built is None or a in built)) or "none"
+        missing = sorted(a for a in self.adapters if built is not None and a not in built)
         return (
             f"{self.path}: valid: {n(c.people, 'person').replace('persons', 'people')}, "
             f"{n(c.channels, 'channel')}, {n(c.sources, 'source')}, {n(c.routes, 'route')}, "
             f"{n(c.rotations, 'rotation')}, {n(c.escalation_policies, 'escalation policy').replace('policys', 'policies')}, "
             f"{n(c.runbooks, 'runbook')}; adapters on: {on}"
+            + (f"; configured but not in this version: {', '.join(missing)}" if missing else "")
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import signal
 import time
@@ -11,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from adapters.settings import BUILT, ENDPOINTS
 from bot.clock import Clock, SystemClock
 from bot.chat import Adapter, DeliveryError
 from bot.config import Loaded, template_dir
@@ -140,7 +142,7 @@ class Bot:
             if name in self.adapters_failed:
                 states[name] = f"off ({self.adapters_failed[name]})"
             else:
-                states[name] = "on" if name in self.adapters else "configured (arrives in a later version)"
+                states[name] = "on" if name in self.adapters else "configured, but this version has no adapter for it"
         return dict(sorted(states.items()))
 
     def web_app(self) -> web.Application:
@@ -157,7 +159,18 @@ class Bot:
             register = getattr(adapter, "register", None)
             if register is not None:
                 register(app)
+        for name, path in ENDPOINTS.items():  # a platform that is off says why, as an alert source that is off does
+            if name not in self.adapters:
+                app.router.add_post(path, functools.partial(self._adapter_off, name))
         return app
+
+    async def _adapter_off(self, name: str, _request: web.Request) -> web.Response:
+        if name in self.loaded.adapters and name not in BUILT:
+            return web.json_response({"error": f"{name} is configured, but this version of the bot has no {name} "
+                                               "adapter"}, status=501)
+        why = self.adapters_failed.get(name) or self.loaded.adapters_off.get(name) or f"adapters.{name} is not configured"
+        return web.json_response({"error": f"{name} is off: {why}; set it up in app.yaml and restart the bot"},
+                                 status=503, headers={"Retry-After": "60"})
 
     @web.middleware
     async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:

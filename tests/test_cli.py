@@ -133,3 +133,15 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
                            capture_output=True, text=True)
     assert piped.stdout.count("\n") == 1 and '"test.event"' in piped.stdout
     assert "Traceback" not in piped.stderr and "BrokenPipeError" not in piped.stderr, piped.stderr
+
+
+def test_check_config_does_not_call_teams_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text((Path(__file__).parent.parent / "app.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    for name in ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "TELEGRAM_BOT_TOKEN", "TELEGRAM_WEBHOOK_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TEAMS_APP_ID", "00000000-0000-0000-0000-000000000001")
+    monkeypatch.setenv("TEAMS_APP_PASSWORD", "a-password")
+    assert main(["check-config", "-c", str(cfg)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("adapters on: none; configured but not in this version: teams")

@@ -89,6 +89,24 @@ async def test_the_telegram_bot_token_stays_out_of_the_log(tmp_path: Path) -> No
     assert secret not in log, [line for line in log.splitlines() if secret in line]
 
 
+async def test_a_platform_that_is_off_says_why_on_its_endpoint(tmp_path: Path) -> None:
+    from tests.botkit import running_bot
+
+    teams = "adapters:\n  teams: {app_id: 00000000-0000-0000-0000-000000000001, app_password: secret}\n"
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}") as h:
+        for path, name in (("/slack/events", "slack"), ("/telegram/webhook", "telegram"), ("/api/messages", "teams")):
+            resp = await h.client.post(path, data=b"{}")
+            assert resp.status == 503 and resp.headers["Retry-After"] == "60"
+            error = (await resp.json())["error"]
+            assert error.startswith(f"{name} is off: ") and error.endswith("; set it up in app.yaml and restart the bot")
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}", teams) as h:
+        resp = await h.client.post("/api/messages", data=b"{}")
+        assert resp.status == 501
+        assert (await resp.json())["error"] == "teams is configured, but this version of the bot has no teams adapter"
+        ready = await (await h.client.get("/readyz")).json()
+        assert ready["adapters"]["teams"] == "configured, but this version has no adapter for it"
+
+
 def test_json_log_format(tmp_path: Path) -> None:
     shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
     port = free_port()
