@@ -486,7 +486,7 @@ def parse_config(
         warnings.append(f"audit.hmac_key: {raw['audit']['hmac_key']}")
         raw["audit"]["hmac_key"] = None
     for path, unset in envsubst.find_unset(raw):
-        problems.append((path, f"environment variable {unset.variable} is not set (set it, or write ${{{unset.variable}:-default}})"))
+        problems.append((path, f"environment variable {unset} (set it, or write ${{{unset.variable}:-default}})"))
     if problems:
         raise ConfigError(name, problems)
 

@@ -18,12 +18,13 @@ _TOKEN = re.compile(r"__chatops_env_(\d+)__")
 
 @dataclass(frozen=True)
 class Unset:
-    """A value whose environment variable is not set (and has no default)."""
+    """A value whose environment variable is not set, or set to nothing (and has no default)."""
 
     variable: str
+    empty: bool = False  # set, to the empty string (what compose files and Kubernetes give a missing secret)
 
     def __str__(self) -> str:
-        return f"{self.variable} is not set"
+        return f"{self.variable} is {'empty' if self.empty else 'not set'}"
 
 
 def protect(text: str) -> tuple[str, list[tuple[str | None, str | None]]]:
@@ -48,21 +49,21 @@ def resolve(node: Any, refs: list[tuple[str | None, str | None]], env: Mapping[s
         return [resolve(v, refs, env) for v in node]
     if not isinstance(node, str) or "__chatops_env_" not in node:
         return node
-    missing: list[str] = []
+    missing: list[Unset] = []
 
     def repl(m: re.Match[str]) -> str:
         name, default = refs[int(m.group(1))]
         if name is None:
             return default or ""
-        if name in env:
+        if env.get(name):
             return env[name]
-        if default is not None:
+        if default is not None:  # as in the shell, `:-` covers a variable set to nothing too
             return default
-        missing.append(name)
+        missing.append(Unset(name, empty=name in env))
         return ""
 
     value = _TOKEN.sub(repl, node)
-    return Unset(missing[0]) if missing else value
+    return missing[0] if missing else value
 
 
 def find_unset(node: Any, path: str = "") -> list[tuple[str, Unset]]:

@@ -194,6 +194,19 @@ def test_unset_secrets_switch_features_off_with_the_variable_named() -> None:
     assert "alertmanager" not in loaded.sources_off
 
 
+def test_a_variable_set_to_nothing_counts_as_unset() -> None:
+    """Compose files and Kubernetes give a missing secret as an empty string."""
+    loaded = load_config(ROOT / "app.yaml", adapter_models=SETTINGS_MODELS, env={"AM_TOKEN": "", "SLACK_BOT_TOKEN": ""})
+    assert loaded.sources_off["alertmanager"] == "AM_TOKEN is empty"
+    assert loaded.adapters_off["slack"] == "SLACK_BOT_TOKEN is empty"
+    text = BASE + ROUTES + "server: {port: ${PORT:-9090}}\n"
+    assert parse_config(text, adapter_models=SETTINGS_MODELS, env={"PORT": ""}).config.server.port == 9090  # `:-`
+    with pytest.raises(ConfigError) as info:
+        parse_config(BASE + ROUTES + "timezone: ${TZ_NAME}\n", adapter_models=SETTINGS_MODELS, env={"TZ_NAME": ""})
+    assert [f"{p}: {m}" for p, m in info.value.problems] == [
+        "timezone: environment variable TZ_NAME is empty (set it, or write ${TZ_NAME:-default})"]
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("90s", 90), ("5m", 300), ("1h30m", 5400), ("1d", 86400), ("1w", 604800), ("2w3d", 1468800)]
 )
