@@ -469,18 +469,23 @@ def parse_config(
     raw = envsubst.resolve(raw, refs, env)
     loaded_adapters, adapters_off, sources_off, warnings, problems = {}, {}, {}, [], []
 
-    # Features that switch off when their secret is unset, rather than failing.
+    # Features that switch off when their secret is unset, rather than failing. What they hold besides is
+    # still checked: a misspelt key or a value not allowed would otherwise wait to surface until the day the
+    # secret is set.
     for key, section in list((raw.get("adapters") or {}).items()) if isinstance(raw.get("adapters"), dict) else []:
         unset = envsubst.find_unset(section, f"adapters.{key}")
         if unset:
             adapters_off[key] = str(unset[0][1])
+            if key in adapter_models:
+                problems += _shape_problems(adapter_models[key], section, ("adapters", key))
             del raw["adapters"][key]
     if isinstance(raw.get("sources"), list):
-        for s in raw["sources"]:
+        for i, s in enumerate(raw["sources"]):
             if isinstance(s, dict):
                 unset = envsubst.find_unset(s.get("auth"))
                 if unset:
                     sources_off[str(s.get("id"))] = str(unset[0][1])
+                    problems += [p for p in _shape_problems(Source, s, ("sources", i)) if ".auth" in p[0]]
                     s["auth"] = "none"
     if isinstance(raw.get("audit"), dict) and isinstance(raw["audit"].get("hmac_key"), envsubst.Unset):
         warnings.append(f"audit.hmac_key: {raw['audit']['hmac_key']}")
@@ -526,6 +531,20 @@ def _loc(loc: tuple[Any, ...]) -> str:
         else:
             out += f".{part}" if out else str(part)
     return out
+
+
+_PLACEHOLDER = "placeholder-for-an-unset-variable"
+
+
+def _shape_problems(model: type[BaseModel], section: Any, where: tuple[Any, ...]) -> list[tuple[str, str]]:
+    """A section that is off (a variable in it is unset): its unknown keys, missing keys and values that are not
+    among those allowed, as if its variables were set (what their values would have to be is not judged)."""
+    try:
+        model.model_validate(envsubst.fill(section, _PLACEHOLDER))
+    except ValidationError as exc:
+        return [(_loc((*where, *e["loc"])), _message(e)) for e in exc.errors()
+                if e["type"] in ("extra_forbidden", "missing", "literal_error") and e.get("input") != _PLACEHOLDER]
+    return []
 
 
 def _message(err: Mapping[str, Any]) -> str:

@@ -78,3 +78,14 @@ def find_unset(node: Any, path: str = "") -> list[tuple[str, Unset]]:
         for i, v in enumerate(node):
             found += find_unset(v, f"{path}[{i}]")
     return found
+
+
+def fill(node: Any, value: str) -> Any:
+    """A copy of a subtree with every `Unset` replaced by `value` (to check the rest of a section that is off)."""
+    if isinstance(node, Unset):
+        return value
+    if isinstance(node, dict):
+        return {k: fill(v, value) for k, v in node.items()}
+    if isinstance(node, list):
+        return [fill(v, value) for v in node]
+    return node

@@ -194,6 +194,20 @@ def test_unset_secrets_switch_features_off_with_the_variable_named() -> None:
     assert "alertmanager" not in loaded.sources_off
 
 
+def test_a_section_that_is_off_is_still_checked_for_misspelt_keys_and_values_not_allowed() -> None:
+    text = (ROOT / "app.yaml").read_text(encoding="utf-8")
+    text = text.replace("    bot_token: ${SLACK_BOT_TOKEN}", "    bot_token: ${SLACK_BOT_TOKEN}\n    signing_secrett: x")
+    text = text.replace("    api_url: ${TELEGRAM_API_URL", "    mode: push\n    api_url: ${TELEGRAM_API_URL")
+    text = text.replace('auth: {bearer: "${AM_TOKEN}"}', 'auth: {bearer: "${AM_TOKEN}", headr: X-Token}')
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, adapter_models=SETTINGS_MODELS, env={})  # every secret unset: all of them are off
+    assert sorted(f"{p}: {m}" for p, m in info.value.problems) == [
+        "adapters.slack.signing_secrett: unknown key",
+        "adapters.telegram.mode: 'push' is not allowed: input should be 'webhook' or 'polling'",
+        "sources[0].auth.headr: unknown key",
+    ]
+
+
 def test_a_variable_set_to_nothing_counts_as_unset() -> None:
     """Compose files and Kubernetes give a missing secret as an empty string."""
     loaded = load_config(ROOT / "app.yaml", adapter_models=SETTINGS_MODELS, env={"AM_TOKEN": "", "SLACK_BOT_TOKEN": ""})
