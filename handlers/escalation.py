@@ -150,14 +150,18 @@ class Escalations:
 
     async def move_on(self, session: AsyncSession, incident_id: int, step: int, now: datetime) -> bool:
         """A page of `step` (1-based) could not be delivered: fire the next step now instead of after its wait,
-        unless another page of that step got through or the escalation has moved since. True when it moved."""
+        unless another page of that step got through, the escalation has moved since, or the step before also
+        reached nobody: two steps in a row that page nobody look like a platform that is down or off, and
+        running through the whole policy in seconds would leave nothing for once it is back. True when it moved."""
         esc = await session.get(Escalation, incident_id)
         if esc is None or esc.state != "active" or esc.next_step != step:
             return False
-        delivered = (await session.execute(select(OutboxItem.details).where(
-            OutboxItem.incident_id == incident_id, OutboxItem.kind == "page", OutboxItem.status == "sent",
-            OutboxItem.event == "escalation.page"))).scalars()
-        if any(details.get("step") == step for details in delivered):
+        pages = (await session.execute(select(OutboxItem.status, OutboxItem.details).where(
+            OutboxItem.incident_id == incident_id, OutboxItem.kind == "page",
+            OutboxItem.event == "escalation.page"))).all()
+        reached = {details.get("step") for status, details in pages if status == "sent"}
+        missed = {details.get("step") for status, details in pages if status == "dead"}
+        if step in reached or (step - 1 in missed and step - 1 not in reached):
             return False
         esc.timer_id = await timer_store.schedule(session, STEP, incident_id, now, now, payload={"step": step})
         esc.updated_at = now

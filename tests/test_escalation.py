@@ -51,8 +51,14 @@ escalation_policies:
     steps:
       - {notify: {people: [dave]}, wait: 30m}
       - {notify: {people: [carol]}, wait: 5m}
+  - id: unreachable
+    steps:
+      - {notify: {people: [dave]}, wait: 5m}
+      - {notify: {people: [dave]}, wait: 10m}
+      - {notify: {people: [carol]}, wait: 5m}
 routes:
   - {match: {team: nobody}, channels: [ops-slack], escalation: unlinked}
+  - {match: {team: ghosts}, channels: [ops-slack], escalation: unreachable}
   - {match: {}, channels: [ops-slack, ops-telegram], escalation: standard}
 """
 PEOPLE = """
@@ -275,6 +281,20 @@ async def test_a_page_that_cannot_be_delivered_moves_the_escalation_on_at_once(t
         await until(lambda: any(t.startswith("Could not page Dave") for t in thread_texts(w.slack)), "the line")
         line = next(t for t in thread_texts(w.slack) if t.startswith("Could not page Dave"))
         assert line.endswith("Moving to the next step now.")
+
+
+async def test_two_steps_in_a_row_that_reach_nobody_keep_the_policys_pace(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="ghosts")  # policy `unreachable`: Dave twice, then Carol
+        await until(lambda: len([t for t in thread_texts(w.slack) if t.startswith("Could not page Dave")]) == 2,
+                    "both of Dave's steps fail, the second at once")
+        lines = [t for t in thread_texts(w.slack) if t.startswith("Could not page Dave")]
+        assert lines[0].endswith("Moving to the next step now.") and not lines[1].endswith("Moving to the next step now.")
+        await w.tick(timedelta(minutes=9))
+        await asyncio.sleep(0.3)
+        assert not w.pages(CAROL_TG)  # the second step's wait runs as written
+        await w.tick(timedelta(minutes=1))
+        await until(lambda: w.pages(CAROL_TG), "Carol is paged after the second step's ten minutes")
 
 
 async def test_resolved_by_the_source_during_a_wait_pages_nobody_more(tmp_path: Path) -> None:
