@@ -518,6 +518,12 @@ def parse_config(
     for key in adapter_models:
         if key not in loaded_adapters and key not in adapters_off:
             adapters_off[key] = "no section under adapters"
+    routed = {ch for route in config.routes for ch in route.channels}
+    for i, ch in enumerate(config.channels):
+        if ch.id in routed and ch.platform not in loaded_adapters:
+            why = adapters_off.get(ch.platform, "not configured")
+            warnings.append(f"channels[{i}] ({ch.id}): {ch.platform} is off ({why}), so incidents routed there "
+                            "wait in the outbox until it is on")
     return Loaded(config, name, loaded_adapters, adapters_off, sources_off, warnings)
 
 

@@ -188,10 +188,13 @@ def test_unset_secrets_switch_features_off_with_the_variable_named() -> None:
     }
     assert loaded.sources_off["alertmanager"] == "AM_TOKEN is not set"
     assert loaded.config.audit.hmac_key is None
+    assert ("channels[0] (ops-slack): slack is off (SLACK_BOT_TOKEN is not set), so incidents routed there wait "
+            "in the outbox until it is on") in loaded.warnings
     env = {"SLACK_BOT_TOKEN": "xoxb-123", "SLACK_SIGNING_SECRET": "abcdefgh12345678", "AM_TOKEN": "am-token-123"}
     loaded = load_config(ROOT / "app.yaml", adapter_models=SETTINGS_MODELS, env=env)
     assert loaded.adapters["slack"].bot_token == "xoxb-123"
     assert "alertmanager" not in loaded.sources_off
+    assert not any(w.startswith("channels[0]") for w in loaded.warnings)  # Slack is on
 
 
 def test_a_section_that_is_off_is_still_checked_for_misspelt_keys_and_values_not_allowed() -> None:
