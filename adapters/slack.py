@@ -88,6 +88,20 @@ def _signed(secret: bytes, body: bytes, timestamp: str | None, signature: str | 
     return hmac.compare_digest(b"v0=" + mac.hexdigest().encode(), signature.encode("utf-8", "replace"))
 
 
+def _verbatim(node: Any) -> Any:
+    """Every mrkdwn text object marked `verbatim` unless a template chose: Slack then turns no plain word of an
+    alert into a mention (`@channel`, `@here`) or a channel link, while the links and `<@U...>` mentions the
+    templates write themselves still work."""
+    if isinstance(node, list):
+        return [_verbatim(item) for item in node]
+    if isinstance(node, dict):
+        out = {key: _verbatim(value) for key, value in node.items()}
+        if out.get("type") == "mrkdwn" and "text" in out:
+            out.setdefault("verbatim", True)
+        return out
+    return node
+
+
 def escape(text: str) -> str:
     """Plain text for a Slack text field: `&`, `<`, `>` as entities, so nothing becomes a mention or link."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -279,7 +293,7 @@ class SlackAdapter:
             raise DeliveryError(f"slack: cannot draw a button: {exc}", permanent=True) from exc
         payload: dict[str, Any] = {"text": rendered.get("text") or message.text}
         if blocks:
-            payload["blocks"] = blocks
+            payload["blocks"] = _verbatim(blocks)
         return payload
 
     async def send(self, chat_id: str, message: Outbound) -> MessageRef:

@@ -295,6 +295,15 @@ BUTTONS = [
 ]
 
 
+async def test_alert_words_never_become_mentions_or_channel_links(env: Env) -> None:
+    """Block Kit parses `@channel`, `@here` and channel names in mrkdwn unless the text object is verbatim."""
+    await env.adapter.send("C0OPS", Outbound("incident", {"title": "@channel disk full, see #general"}, buttons=BUTTONS))
+    [post] = env.slack.called("chat.postMessage")
+    section = post.params["blocks"][0]
+    assert section["text"]["type"] == "mrkdwn" and section["text"]["verbatim"] is True
+    assert section["text"]["text"] == "incident: @channel disk full, see #general"
+
+
 async def test_send_update_and_reply_draw_buttons_with_encoded_values(env: Env) -> None:
     incident = Outbound("incident", {"title": "DiskFull on db-01"}, buttons=BUTTONS)
     ref = await env.adapter.send("C0OPS", incident)
