@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
+import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -87,7 +88,9 @@ def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: d
         try:
             sent = float(timestamp)
         except ValueError:
-            raise AuthError("bad_timestamp", f"{auth.timestamp_header} is not a Unix time in seconds") from None
+            sent = math.nan
+        if not math.isfinite(sent):  # nan and inf would pass any comparison with the window
+            raise AuthError("bad_timestamp", f"{auth.timestamp_header} is not a Unix time in seconds")
         skew = abs(now.timestamp() - sent)
         if skew > auth.max_skew.total_seconds():
             raise AuthError("stale_timestamp", f"{auth.timestamp_header} is {int(skew)}s away from now "

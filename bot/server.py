@@ -195,11 +195,17 @@ class Bot:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        try:
-            await asyncio.wait_for(self.db.ping(), timeout=2)
-            database = "ok"
-        except Exception as exc:  # any failure to reach it means not ready
+        # asyncio.wait, not wait_for: a ping stuck in a driver's thread (a locked SQLite file) cannot be
+        # cancelled, and wait_for would wait for it anyway; it is left to finish on its own.
+        ping = asyncio.ensure_future(self.db.ping())
+        done, _ = await asyncio.wait({ping}, timeout=2)
+        if not done:
+            ping.add_done_callback(lambda t: t.cancelled() or t.exception())  # its outcome is of no interest now
+            database = "unreachable: no answer within 2 s (down, or locked by a long transaction)"
+        elif (exc := ping.exception()) is not None:  # any failure to reach it means not ready
             database = f"unreachable: {exc.__class__.__name__}: {exc}"[:300]
+        else:
+            database = "ok"
         self.metrics.db_up.set(1 if database == "ok" else 0)
         body = {"status": "ok" if database == "ok" else "unavailable", "database": database,
                 "adapters": self.adapter_states()}
@@ -212,7 +218,7 @@ class Bot:
         body = await self.oncall.calendar(rotation)
         if body is None:
             known = ", ".join(sorted(self.oncall.view.schedules)) or "none configured"
-            return web.json_response({"error": f"unknown rotation {rotation!r} (known: {known}); "
+            return web.json_response({"error": f"unknown rotation {rotation[:80]!r} (known: {known}); "
                                       "add it under rotations: in app.yaml"}, status=404)
         return web.Response(body=body.encode(), content_type="text/calendar", charset="utf-8",
                             headers={"Content-Disposition": f'inline; filename="{rotation}.ics"'})

@@ -60,7 +60,7 @@ class AlertEndpoint:
         if source is None:
             known = ", ".join(sorted(self.sources)) or "none configured"
             return self._reject("unknown", "unknown_source",
-                                _error(404, f"unknown alert source {source_id!r} (known: {known}); add it under sources: in app.yaml"))
+                                _error(404, f"unknown alert source {source_id[:80]!r} (known: {known}); add it under sources: in app.yaml"))
         if source_id in self.sources_off:
             return self._reject(source_id, "source_off", _error(
                 503, f"source {source_id!r} is off: {self.sources_off[source_id]}; set it and restart the bot",

@@ -43,6 +43,7 @@ class Oncall:
         self.names = {p.id: p.name for p in self.config.people}
 
     def unknown(self, rotation: str) -> str:
+        rotation = rotation[:80]  # what was typed, not all of it if it goes on
         if not self.schedules:
             return f"There is no rotation `{rotation}`: no rotations are configured (add them under `rotations:` in app.yaml)."
         return f"There is no rotation `{rotation}`. Known rotations: {self.known()}."

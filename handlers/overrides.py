@@ -170,12 +170,18 @@ def _instant(text: str, tz: ZoneInfo, now: datetime) -> datetime:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise BadInput(f"{text!r} is not a time") from None
+    if not 1970 <= value.year <= 9000:
+        raise BadInput(f"{text!r} is too far away (years 1970 to 9000)")
     return first_instant(value, tz) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _until(text: str, tz: ZoneInfo, start: datetime) -> datetime:
     """An end: a length (elapsed time: `8h` across a clock change is still 8 hours) or a time."""
     try:
-        return start.astimezone(UTC) + parse_duration(text)
+        length = parse_duration(text)
     except ValueError:
         return _instant(text, tz, start)
+    try:
+        return start.astimezone(UTC) + length
+    except OverflowError:
+        raise BadInput(f"{text} from then is too far away") from None

@@ -57,6 +57,10 @@ async def test_hmac_good_wrong_stale_replayed_and_missing(h: Harness) -> None:
     status, answer, _ = await h.post("generic", other, {"X-Signature": good["X-Signature"]})
     assert (status, answer["error"]) == (401, "missing X-Timestamp header")
 
+    for odd in ("nan", "inf", "-Infinity", "soon"):  # nan and inf would pass any comparison with the window
+        status, answer, _ = await h.post("generic", other, {"X-Signature": good["X-Signature"], "X-Timestamp": odd})
+        assert (status, answer["error"]) == (401, "X-Timestamp is not a Unix time in seconds")
+
     # A signature over a different body (tampered in transit) fails.
     status, _, _ = await h.post("generic", other, good)
     assert status == 401
