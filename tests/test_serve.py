@@ -52,7 +52,9 @@ def test_serve_starts_on_the_example_config_and_stops_cleanly(tmp_path: Path) ->
         assert status == 200 and ready["database"] == "ok"
         assert ready["adapters"]["slack"] == "off (SLACK_BOT_TOKEN is not set)"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
-            assert 'chatops_http_requests_total{route="/healthz",status="200"} 1.0' in resp.read().decode()
+            metrics = resp.read().decode()
+            assert 'chatops_http_requests_total{route="/healthz",status="200"} 1.0' in metrics
+            assert 'chatops_adapter_up{adapter="slack"} 0.0' in metrics  # off, and says so for alerting
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
