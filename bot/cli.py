@@ -202,15 +202,25 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
             alerts = await queries.incident_alerts(session, args.id)
             timeline = await queries.incident_timeline(session, args.id)
         p = _current_priority(inc, now)
+        tz = ZoneInfo(loaded.config.timezone)
+        names = {person.id: person.name for person in loaded.config.people}
+
+        def at(moment: datetime) -> str:  # in the bot's time zone, to the second
+            return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+        def who(by: str | None) -> str:
+            return names.get(by or "", by or "")
+
         print(f"#{inc.id} {inc.title}", file=out)
         facts = [("status", inc.status + (" (silenced)" if inc.silenced else "")), ("severity", inc.severity),
-                 ("priority", p), ("opened", f"{inc.opened_at.isoformat()} ({ago(now - inc.opened_at)})"),
+                 ("priority", p), ("opened", f"{at(inc.opened_at)} ({ago(now - inc.opened_at)})"),
                  ("alerts", f"{inc.alert_count} ({inc.firing_count} firing) from {', '.join(inc.sources)}"),
                  ("channels", ", ".join(inc.channels) or "none"), ("escalation", inc.escalation or "none")]
         if inc.acknowledged_by:
-            facts.append(("acknowledged", f"by {inc.acknowledged_by} at {inc.acknowledged_at.isoformat()}"))
+            when = f" at {at(inc.acknowledged_at)}" if inc.acknowledged_at else ""
+            facts.append(("acknowledged", f"by {who(inc.acknowledged_by)}{when}"))
         if inc.resolved_at:
-            facts.append(("resolved", f"by {inc.resolved_by} at {inc.resolved_at.isoformat()}"))
+            facts.append(("resolved", f"by {who(inc.resolved_by)} at {at(inc.resolved_at)}"))
         if inc.previous_id:
             facts.append(("follows", f"#{inc.previous_id}"))
         facts += [(f"link: {k}", v) for k, v in inc.links.items()]
@@ -220,8 +230,8 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
         print(table(["SOURCE", "FINGERPRINT", "STATUS", "SEVERITY", "SUMMARY", "RECEIVED"],
                     [(a.source, a.fingerprint, a.status, a.severity, a.summary, a.received_count) for a in alerts]), file=out)
         print("\nTimeline", file=out)
-        print(table(["AT", "ACTION", "BY"], [(e.at.isoformat(timespec="seconds"), e.action,
-                    e.actor_person or f"{e.actor_platform}:{e.actor_user_id}") for e in timeline]), file=out)
+        print(table(["AT", "ACTION", "BY"], [(at(e.at), e.action,
+                    who(e.actor_person) or f"{e.actor_platform}:{e.actor_user_id}") for e in timeline]), file=out)
         return EXIT_OK
 
     return asyncio.run(_with_db(loaded, work))

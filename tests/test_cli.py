@@ -145,3 +145,26 @@ def test_check_config_does_not_call_teams_on(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("TEAMS_APP_PASSWORD", "a-password")
     assert main(["check-config", "-c", str(cfg)]) == 0
     assert capsys.readouterr().out.rstrip().endswith("adapters on: none; configured but not in this version: teams")
+
+
+async def test_incidents_show_reads_in_the_bots_time_zone_with_names(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)  # timezone: Europe/Berlin; alice is "Alice"
+    async with running_bot(url) as h:  # the harness's clock: Tuesday 24 Nov 2026, 04:00 UTC
+        body = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "web-1 down",
+                "tool_source": "t"}
+        assert (await h.post("open", body))[0] == 200
+        [incident] = await h.incidents()
+        from bot.model import Actor
+        from handlers.incident_actions import perform
+
+        assert (await perform(db=h.bot.db, audit=h.bot.audit, incident_id=incident.id, action="acknowledge",
+                              actor=Actor("slack", "U01ALICE", "Alice", "alice"), now=h.clock.now())).changed
+    assert await asyncio.to_thread(main, ["incidents", "show", str(incident.id), "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "opened:       2026-11-24 05:00:00 CET (" in out
+    assert "acknowledged: by Alice at 2026-11-24 05:00:00 CET" in out
+    assert "2026-11-24 05:00:00 CET  incident.acknowledged  Alice" in out
