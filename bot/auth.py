@@ -124,11 +124,6 @@ class ReplayGuard:
             return False
         return tag is None or self._tags.get(signature) != tag
 
-    def forget(self, signature: str) -> None:
-        """Not accepted after all (it was not committed): the sender may send it again."""
-        self._seen.pop(signature, None)
-        self._tags.pop(signature, None)
-
     def remember(self, signature: str, until: float, tag: str | None = None) -> None:
         if len(self._seen) > self.limit:
             now = until - 3600

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -26,7 +27,15 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-_decode = json.JSONDecoder(parse_constant=_refuse_constant).decode  # json.loads, without NaN and Infinity
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:40]} is too large for a JSON number here")
+    return value
+
+
+# json.loads, without NaN and Infinity (written so, or as a number too large to be anything else)
+_decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite).decode
 _dumps_utf8 = json.JSONEncoder(ensure_ascii=False).encode  # then .encode(): fails on a lone surrogate
 
 
@@ -46,6 +55,7 @@ class AlertEndpoint:
         self.sources_off = loaded.sources_off
         self.intake, self.clock, self.metrics = intake, clock, metrics
         self.replays = ReplayGuard()
+        self._in_flight: dict[str, list[str | None]] = {}  # signature -> the X-Delivery-IDs of its requests on the way
         self.buckets = {s.id: TokenBucket(s.rate_limit.per_minute, s.rate_limit.burst)
                         for s in loaded.config.sources if s.rate_limit}
 
@@ -94,6 +104,9 @@ class AlertEndpoint:
         if delivery_id and len(delivery_id) > MAX_DELIVERY_ID:
             return self._reject(source_id, "bad_delivery_id",
                                 _error(400, f"X-Delivery-ID is longer than {MAX_DELIVERY_ID} characters"))
+        if delivery_id and not (delivery_id.isascii() and delivery_id.isprintable()):
+            return self._reject(source_id, "bad_delivery_id",
+                                _error(400, "X-Delivery-ID must be printable ASCII (a UUID, say)"))
         try:
             payload = _decode(body.decode("utf-8"))
             if b"\\ud" in body or b"\\uD" in body:  # a \uD800-\uDFFF escape: a lone one is no text to store
@@ -118,18 +131,31 @@ class AlertEndpoint:
             article = "an" if source.kind[0] in "aeiou" else "a"
             return self._reject(source_id, "bad_shape", _error(
                 422, f"{exc.field}: {exc.problem} (not {article} {source.kind} payload?)", field=exc.field))
-        first_use = False
-        if signature:  # from here until its answer: a copy sent meanwhile is a replay too, not a second alert
-            assert isinstance(source.auth, HmacAuth)
-            first_use = not self.replays.seen(signature, now.timestamp())
-            self.replays.remember(signature, now.timestamp() + source.auth.max_skew.total_seconds(), delivery_id)
-        outcome = await self.intake.submit(source, alerts, delivery_id, truncated)
+        if signature:
+            # The same signed request already on its way to the store: a copy is not a second alert, but it is not
+            # refused for good either (the first may fail); under its own X-Delivery-ID intake answers it as a retry.
+            going = self._in_flight.get(signature)
+            if going is not None and (delivery_id is None or delivery_id not in going):
+                return self._reject(source_id, "in_flight", _error(
+                    503, "the same signed request is being stored right now; retry in a moment",
+                    headers={"Retry-After": "1"}))
+            self._in_flight.setdefault(signature, []).append(delivery_id)
+            try:
+                outcome = await self.intake.submit(source, alerts, delivery_id, truncated)
+            finally:
+                going = self._in_flight[signature]
+                going.remove(delivery_id)
+                if not going:
+                    del self._in_flight[signature]
+        else:
+            outcome = await self.intake.submit(source, alerts, delivery_id, truncated)
         headers = {"X-Idempotent-Replay": "true"} if outcome.replayed else {}
         if outcome.status == 503:
             headers["Retry-After"] = "5"
-        if outcome.status >= 300 and first_use and signature:
-            self.replays.forget(signature)  # not committed: the sender's retry of it is welcome
         if outcome.status < 300:
+            if signature:  # committed: from now on a copy is a replay
+                assert isinstance(source.auth, HmacAuth)
+                self.replays.remember(signature, now.timestamp() + source.auth.max_skew.total_seconds(), delivery_id)
             if truncated and not outcome.replayed:
                 self.metrics.alerts_truncated.labels(source_id).inc(truncated)
         self.metrics.observe_intake(source_id, time.perf_counter() - started)

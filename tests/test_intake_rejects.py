@@ -7,11 +7,13 @@ import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from bot.auth import sign
+from handlers.intake import Outcome
 from storage.db import Database
 from storage.models import AlertRecord, AuditEvent
 from tests.botkit import Harness, fixture, raw_post, running_bot
@@ -104,7 +106,55 @@ async def test_copies_of_one_signed_request_sent_at_once_are_one_alert(h: Harnes
     body = json.dumps(ALERT).encode()
     headers = signed(h, body)
     answers = await asyncio.gather(*(h.post("generic", body, headers) for _ in range(5)))
-    assert sorted(status for status, _, _ in answers) == [200, 401, 401, 401, 401]
+    assert sorted(status for status, _, _ in answers) == [200, 503, 503, 503, 503]  # the copies: retry in a moment
+    assert {a["error"] for status, a, _ in answers if status == 503} == {
+        "the same signed request is being stored right now; retry in a moment"}
+    assert all(hdrs["Retry-After"] == "1" for status, _, hdrs in answers if status == 503)
+    assert (await h.post("generic", body, headers))[0] == 401  # once stored, a copy is a replay
+    async with h.bot.db.sessions() as session:
+        assert (await session.execute(select(AlertRecord.received_count))).scalars().all() == [1]
+
+
+def held_submit(h: Harness, outcomes: list[Outcome | None]) -> asyncio.Event:
+    """intake.submit answers the n-th call with outcomes[n] once the event is set (None: the real submit)."""
+    real, gate, calls = h.bot.intake.submit, asyncio.Event(), []
+
+    async def submit(*args: Any, **kwargs: Any) -> Outcome:
+        calls.append(1)
+        planned = outcomes[len(calls) - 1]
+        if planned is None:
+            return await real(*args, **kwargs)
+        await gate.wait()
+        return planned
+
+    h.bot.intake.submit = submit  # type: ignore[method-assign]
+    return gate
+
+
+async def test_a_retry_while_the_first_attempt_is_still_on_its_way_is_told_to_retry_not_refused(h: Harness) -> None:
+    body = json.dumps(ALERT).encode()
+    headers = signed(h, body)
+    gate = held_submit(h, [Outcome(503, {"error": "unavailable"}), None])  # the database stalls, then fails
+    first = asyncio.ensure_future(h.post("generic", body, headers))
+    await asyncio.sleep(0.2)
+    status, _, hdrs = await h.post("generic", body, headers)  # the sender timed out and sent it again
+    assert (status, hdrs["Retry-After"]) == (503, "1")
+    gate.set()
+    assert (await first)[0] == 503
+    assert (await h.post("generic", body, headers))[0] == 200  # and its next retry lands: nothing is lost
+    assert await h.count(AlertRecord) == 1
+
+
+async def test_a_failed_first_attempt_does_not_unprotect_a_copy_that_was_stored(h: Harness) -> None:
+    body = json.dumps(ALERT).encode()
+    headers = {**signed(h, body), "X-Delivery-ID": "d-1"}
+    gate = held_submit(h, [Outcome(503, {"error": "unavailable"}), None])
+    first = asyncio.ensure_future(h.post("generic", body, headers))
+    await asyncio.sleep(0.2)
+    assert (await h.post("generic", body, headers))[0] == 200  # the sender's retry, under its own id, is stored
+    gate.set()
+    assert (await first)[0] == 503
+    assert (await h.post("generic", body, {**headers, "X-Delivery-ID": "d-2"}))[0] == 401  # still a replay
     async with h.bot.db.sessions() as session:
         assert (await session.execute(select(AlertRecord.received_count))).scalars().all() == [1]
 
@@ -121,6 +171,13 @@ async def test_a_signed_request_that_got_a_503_can_be_sent_again(h: Harness, tmp
     assert (await h.post("generic", body, headers))[0] == 200  # the same bytes, retried: nothing was stored before
     assert (await h.post("generic", body, headers))[0] == 401  # once stored, a copy is a replay
     assert await h.count(AlertRecord) == 1
+
+
+async def test_a_delivery_id_that_is_not_printable_ascii_is_a_400(h: Harness) -> None:
+    for value in (b"\xff\xfe", "caf\u00e9".encode()):  # (control characters aiohttp refuses itself)
+        status, answer = await raw_post(h.client, "/alerts/open", [(b"X-Delivery-ID", value)], json.dumps(ALERT).encode())
+        assert (status, json.loads(answer)["error"]) == (400, "X-Delivery-ID must be printable ASCII (a UUID, say)")
+    assert await h.count(AlertRecord) == 0
 
 
 async def test_grafana_hmac_over_the_body(h: Harness) -> None:
@@ -187,6 +244,8 @@ MALFORMED = [
      "body.timestamp: out of range: '9999-12-31T23:30:00-05:00' (not a generic payload?)"),
     ("am", b'{"version": "4", "alerts": [{"status": "firing", "labels": {"a": "b"}, "startsAt": "9999-12-31T23:00:00-02:00"}]}',
      422, "alerts[0].startsAt: out of range: '9999-12-31T23:00:00-02:00' (not an alertmanager payload?)"),
+    ("open", b'{"asset_name": "web-1", "signature": "x", "severity": "high", "message": "m", "tool_source": "t", '
+             b'"labels": {"v": 1e400}}', 400, "malformed JSON: 1e400 is too large for a JSON number here"),
     ("nowhere", b"{}", 404, "unknown alert source 'nowhere' (known: am, am-plain, generic, grafana, limited, open); add it under sources: in app.yaml"),
     ("open", json.dumps({**ALERT, "message": "x" * 3000}).encode(), 413, "body larger than 2048 bytes"),
     ("open", b"[" * 100_000 + b"]" * 100_000, 413, "body larger than 2048 bytes"),
