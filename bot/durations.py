@@ -10,6 +10,10 @@ _UNITS = (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
+class DurationTooLong(ValueError):
+    """Well written, but more than a timedelta holds (about 2.7 million years)."""
+
+
 def parse_duration(text: str | int | timedelta) -> timedelta:
     """`1h30m` -> timedelta(hours=1, minutes=30). A bare integer counts seconds."""
     if isinstance(text, timedelta):
@@ -17,13 +21,20 @@ def parse_duration(text: str | int | timedelta) -> timedelta:
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise ValueError(f"invalid duration {text!r}: must not be negative")
-        return timedelta(seconds=text)
+        return _delta(text, text)
     raw = str(text).strip()
     m = _DURATION.fullmatch(raw)
     if not raw or not m or not any(m.groups()):
         raise ValueError(f"invalid duration {text!r} (expected e.g. 90s, 5m, 1h30m, 1d, 1w)")
     seconds = sum(int(v) * mult for v, (_, mult) in zip(m.groups(), _UNITS) if v)
-    return timedelta(seconds=seconds)
+    return _delta(seconds, text)
+
+
+def _delta(seconds: int, text: object) -> timedelta:
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise DurationTooLong(f"duration {str(text)[:40]!r} is too long") from None
 
 
 def format_duration(delta: timedelta) -> str:

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 from bot.chat import CommandEvent, Reply
 from bot.clock import Clock
 from bot.config import Config, Person
-from bot.durations import parse_duration
+from bot.durations import DurationTooLong, parse_duration
 from bot.model import Actor
 from bot.rotations import Override, Schedule, first_instant, on_call
 from handlers.oncall import Oncall, domain, when
@@ -179,6 +179,8 @@ def _until(text: str, tz: ZoneInfo, start: datetime) -> datetime:
     """An end: a length (elapsed time: `8h` across a clock change is still 8 hours) or a time."""
     try:
         length = parse_duration(text)
+    except DurationTooLong:
+        raise BadInput(f"{text[:40]} from then is too far away") from None
     except ValueError:
         return _instant(text, tz, start)
     try:

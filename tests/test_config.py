@@ -224,6 +224,12 @@ def test_a_variable_set_to_nothing_counts_as_unset() -> None:
         "timezone: environment variable TZ_NAME is empty (set it, or write ${TZ_NAME:-default})"]
 
 
+def test_a_duration_too_long_for_the_calendar_is_a_config_error_not_a_crash() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(BASE.replace("shift: 1w", "shift: 99999999999d") + ROUTES, adapter_models=SETTINGS_MODELS, env={})
+    assert "rotations[0].shift: duration '99999999999d' is too long" in [f"{p}: {m}" for p, m in info.value.problems]
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("90s", 90), ("5m", 300), ("1h30m", 5400), ("1d", 86400), ("1w", 604800), ("2w3d", 1468800)]
 )

@@ -302,6 +302,7 @@ async def test_an_override_length_is_elapsed_time_across_a_clock_change_and_a_sk
     ("/override", "dba-primary carol tomorrow 1h", "U02BOB", "'tomorrow' is not a time"),
     ("/override", "dba-primary carol 9999-12-31T00:00 1d", "U02BOB", "'9999-12-31T00:00' is too far away"),
     ("/override", "dba-primary carol now 99999999w", "U02BOB", "99999999w from then is too far away"),
+    ("/override", "dba-primary carol now 99999999999d", "U02BOB", "99999999999d from then is too far away"),
     ("/oncall", "take web", "U01ALICE", "You are not a member of `web` (members: bob, carol)"),
 ])
 async def test_covering_mistakes_get_a_precise_answer(slack: Slack, command: str, text: str, user: str,
