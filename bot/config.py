@@ -19,6 +19,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
+from adapters.settings import BUILT
 from bot import envsubst
 from bot.durations import parse_clock, parse_duration, parse_weekday
 
@@ -478,6 +479,8 @@ def parse_config(
             adapters_off[key] = str(unset[0][1])
             if key in adapter_models:
                 problems += _shape_problems(adapter_models[key], section, ("adapters", key))
+            else:
+                problems.append((f"adapters.{key}", f"unknown adapter (known: {', '.join(sorted(adapter_models))})"))
             del raw["adapters"][key]
     if isinstance(raw.get("sources"), list):
         for i, s in enumerate(raw["sources"]):
@@ -520,10 +523,12 @@ def parse_config(
             adapters_off[key] = "no section under adapters"
     routed = {ch for route in config.routes for ch in route.channels}
     for i, ch in enumerate(config.channels):
-        if ch.id in routed and ch.platform not in loaded_adapters:
-            why = adapters_off.get(ch.platform, "not configured")
-            warnings.append(f"channels[{i}] ({ch.id}): {ch.platform} is off ({why}), so incidents routed there "
-                            "wait in the outbox until it is on")
+        if ch.id not in routed or (ch.platform in loaded_adapters and ch.platform in BUILT):
+            continue
+        why = ("configured, but this version has no adapter for it" if ch.platform in loaded_adapters
+               else f"off ({adapters_off.get(ch.platform, 'not configured')})")
+        warnings.append(f"channels[{i}] ({ch.id}): {ch.platform} is {why}, so incidents routed there wait in the "
+                        "outbox until it is on")
     return Loaded(config, name, loaded_adapters, adapters_off, sources_off, warnings)
 
 
@@ -549,7 +554,8 @@ def _shape_problems(model: type[BaseModel], section: Any, where: tuple[Any, ...]
         model.model_validate(envsubst.fill(section, _PLACEHOLDER))
     except ValidationError as exc:
         return [(_loc((*where, *e["loc"])), _message(e)) for e in exc.errors()
-                if e["type"] in ("extra_forbidden", "missing", "literal_error") and e.get("input") != _PLACEHOLDER]
+                if e["type"] == "extra_forbidden"  # a misspelt key, whatever it holds
+                or (e["type"] in ("missing", "literal_error", "auth_kind") and e.get("input") != _PLACEHOLDER)]
     return []
 
 

@@ -202,13 +202,28 @@ def test_a_section_that_is_off_is_still_checked_for_misspelt_keys_and_values_not
     text = text.replace("    bot_token: ${SLACK_BOT_TOKEN}", "    bot_token: ${SLACK_BOT_TOKEN}\n    signing_secrett: x")
     text = text.replace("    api_url: ${TELEGRAM_API_URL", "    mode: push\n    api_url: ${TELEGRAM_API_URL")
     text = text.replace('auth: {bearer: "${AM_TOKEN}"}', 'auth: {bearer: "${AM_TOKEN}", headr: X-Token}')
+    text = text.replace('auth: {hmac_secret: "${GENERIC_SECRET}"}', 'auth: {hmac_secrt: "${GENERIC_SECRET}"}')
+    text = text.replace("    tenant_id: ${TEAMS_TENANT_ID:-}", "    tenant_id: ${TEAMS_TENANT_ID:-}\n    app_tokn: ${TEAMS_TOKEN}")
+    text = text.replace("\nadapters:", "\nadapters:\n  slak: {bot_token: ${SLACK_BOT_TOKEN}}\n  #", 1)
     with pytest.raises(ConfigError) as info:
         parse_config(text, adapter_models=SETTINGS_MODELS, env={})  # every secret unset: all of them are off
     assert sorted(f"{p}: {m}" for p, m in info.value.problems) == [
         "adapters.slack.signing_secrett: unknown key",
+        "adapters.slak: unknown adapter (known: slack, teams, telegram)",
+        "adapters.teams.app_tokn: unknown key",
         "adapters.telegram.mode: 'push' is not allowed: input should be 'webhook' or 'polling'",
         "sources[0].auth.headr: unknown key",
+        "sources[2].auth: expected `none`, `{bearer: TOKEN}` or `{hmac_secret: SECRET, ...}`",
     ]
+
+
+def test_a_route_to_a_platform_this_version_cannot_post_to_is_a_warning() -> None:
+    text = BASE.replace("channels:\n", "channels:\n  - {id: ops-teams, platform: teams, chat: '19:abc@thread.tacv2'}\n")
+    text += "routes:\n  - {match: {}, channels: [ops-teams]}\n"
+    text += "adapters:\n  teams: {app_id: 00000000-0000-0000-0000-000000000001, app_password: secret}\n"
+    loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env={})
+    assert ("channels[0] (ops-teams): teams is configured, but this version has no adapter for it, so incidents "
+            "routed there wait in the outbox until it is on") in loaded.warnings
 
 
 def test_a_variable_set_to_nothing_counts_as_unset() -> None:
