@@ -24,7 +24,7 @@ from bot.rotations import first_instant
 from bot.tables import ago, table
 from storage import queries, report
 from storage.audit import AuditLog
-from storage.db import Database, SchemaTooNew
+from storage.db import Database, SchemaTooNew, is_sqlite_file_url
 from storage.models import Incident
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -95,9 +95,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
 async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]], *, create: bool = False) -> int:
     """Run `work` on the configured store. A SQLite file that does not exist is refused (reading commands would
     otherwise make an empty one and report that nothing happened), unless `create`."""
-    url = make_url(loaded.config.storage.url)
-    if not create and url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        path = Path(url.database)
+    if not create and is_sqlite_file_url(loaded.config.storage.url):  # a plain path (not :memory:, not a file: URI)
+        path = Path(make_url(loaded.config.storage.url).database or "")
         if not path.exists():
             where = "" if path.is_absolute() else f" (a relative path starts at the current directory, {os.getcwd()})"
             print(f"no database at {path.resolve()}{where}: run this where the bot runs, or give storage.url "
@@ -293,10 +292,9 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
     until: datetime = _local(args.until, loaded) or datetime.now(UTC)
     since: datetime = _local(args.since, loaded) or until - report.DEFAULT_WINDOW
-    if until <= since:
-        if args.until is None:  # the window would start after now
-            print(f"nothing to report: --since ({since.isoformat()}) is after now", file=out)
-            return EXIT_OK
+    if until <= since and args.until is None:  # --since after now: an empty window, reported as such
+        until = since
+    elif until <= since:
         print(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})", file=sys.stderr)
         return EXIT_USAGE
 
