@@ -16,8 +16,8 @@ planning is respected: the notice names whoever is on call then, and says nothin
 no longer exists; a reminder planned for someone who no longer takes over is dropped, and the next
 planning (which a taken swap triggers at once) reminds the new person. A notice fired after the
 incoming stretch has ended (the bot was down throughout) is dropped as stale. Back from an outage longer
-than the horizon, planning looks back to the last notice it had planned (at most 7 days, or a shift), so
-the stretch under way is announced; a bot that never planned a notice for the rotation announces nothing
+than the horizon, the first planning of the process looks back to the last notice it had planned (at most
+7 days, or a shift), so the stretch under way is announced; a bot that never planned a notice for the rotation announces nothing
 that began before it started.
 """
 
@@ -127,6 +127,7 @@ class Handoffs:
     after_commit: Callable[[], None] | None = None  # wake the timer tick (and the outbox) after planning
     rotations: dict[str, Rotation] = field(init=False)
     people: dict[str, Person] = field(init=False)
+    _caught_up: set[str] = field(init=False, default_factory=set)  # rotations planned since this process started
 
     def __post_init__(self) -> None:
         self.rotations = {r.id: r for r in self.config.rotations}
@@ -153,7 +154,10 @@ class Handoffs:
                     continue
                 schedule = self.view.schedules[rot.id]
                 start, end = now - GRACE, now + max(HORIZON, rot.reminder + PLAN_EVERY)
-                if notices:  # back from an outage longer than the horizon: from the last handoff planned before it
+                if notices and rot.id not in self._caught_up:
+                    # The first planning of this process: back from an outage longer than the horizon, plan from
+                    # the last handoff planned before it (later runs look back only GRACE: a handoff moved in
+                    # app.yaml meanwhile is not announced days late).
                     last = (await session.execute(select(func.max(timer_store.TIMERS.c.due_at)).where(
                         timer_store.TIMERS.c.kind == NOTICE, timer_store.TIMERS.c.subject == rot.id))).scalar()
                     if last is not None and last < start:
@@ -170,6 +174,7 @@ class Handoffs:
                                                          payload=payload,
                                                          key=f"reminder:{rot.id}:{at.isoformat()}:{person}")
                         added += new is not None
+        self._caught_up.update(r.id for r in self.config.rotations if wanted is None or r.id in wanted)
         if added:
             log.info("planned %d handoff notice(s) and reminder(s)", added)
             if self.after_commit is not None:

@@ -15,7 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlmodel import select
+from sqlmodel import delete, select, update
 
 from bot.clock import FakeClock
 from bot.rotations import Override, Schedule
@@ -178,6 +178,30 @@ async def test_back_from_an_outage_longer_than_the_horizon_the_stretch_under_way
             assert [g for g in got if g[1] == "handoff.notice"] == [
                 ("ops-slack", "handoff.notice", "Alice is now on call for `web` until Fri 27 Nov 21:00 EST, "
                                                 "next is Bob.")]  # the stale ones (Bob's, Carol's) are dropped
+
+
+async def test_only_the_first_planning_of_a_process_looks_back(tmp_path: Path) -> None:
+    """Later runs look back 10 minutes: a past handoff they never planned (its time moved in app.yaml, say)
+    is not announced late. Shown by forgetting a planned notice: the running bot leaves it, a restart plans it."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    old_key = f"handoff:web:{TUE_0900.isoformat()}"
+    async with FakeSlack() as fake:
+        async with running_bot(url, slack_config(fake) + ROTATIONS, people=PEOPLE) as h:
+            await h.bot.handoffs.plan()
+            h.clock.set(TUE_2100 - timedelta(hours=1))  # Alice on since 09:00; the 09:00 notice is history
+            async with h.bot.db.transaction() as session:
+                await session.execute(delete(Timer).where(Timer.key == old_key))
+                await session.execute(update(Timer).where(Timer.kind == "handoff.notice").values(
+                    due_at=TUE_0900 - timedelta(days=1)))  # the newest planned notice: before the outage window
+            await h.bot.handoffs.plan()
+            assert old_key not in [key for key, _, _ in await timers(h, "handoff.notice")]
+            async with h.bot.db.transaction() as session:  # as if it had last planned before a long outage
+                await session.execute(update(Timer).where(Timer.kind == "handoff.notice").values(
+                    due_at=TUE_0900 - timedelta(days=1)))
+        async with running_bot(url, slack_config(fake) + ROTATIONS, people=PEOPLE,
+                               clock=FakeClock(TUE_2100 - timedelta(hours=1))) as h:
+            await h.bot.handoffs.plan()
+            assert old_key in [key for key, _, _ in await timers(h, "handoff.notice")]
 
 
 async def test_a_fresh_bot_announces_no_handoff_from_before_it_started(tmp_path: Path) -> None:
