@@ -53,6 +53,7 @@ class Bot:
         self.dispatcher = Dispatcher(self.config)
         self.adapters: dict[str, Adapter] = {}
         self.leaders: list[Leader] = []
+        self._ping: asyncio.Future[None] | None = None  # the readiness probe's database ping, while it runs
         self.escalations = Escalations(audit=self.audit, config=self.config)
         self.leaders.append(delivery := Leader(self.db, "outbox"))  # with several replicas, one delivers chat work
         self.outbox = OutboxWorker(db=self.db, config=self.config, adapters=self.adapters, clock=self.clock,
@@ -197,10 +198,13 @@ class Bot:
     async def readyz(self, _request: web.Request) -> web.Response:
         # asyncio.wait, not wait_for: a ping stuck in a driver's thread (a locked SQLite file) cannot be
         # cancelled, and wait_for would wait for it anyway; it is left to finish on its own.
-        ping = asyncio.ensure_future(self.db.ping())
+        # One ping at a time: probes that come while one is stuck wait on it rather than start more.
+        ping = self._ping
+        if ping is None or ping.done():
+            ping = self._ping = asyncio.ensure_future(self.db.ping())
+            ping.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, even if nobody waits
         done, _ = await asyncio.wait({ping}, timeout=2)
         if not done:
-            ping.add_done_callback(lambda t: t.cancelled() or t.exception())  # its outcome is of no interest now
             database = "unreachable: no answer within 2 s (down, or locked by a long transaction)"
         elif (exc := ping.exception()) is not None:  # any failure to reach it means not ready
             database = f"unreachable: {exc.__class__.__name__}: {exc}"[:300]

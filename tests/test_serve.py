@@ -109,6 +109,32 @@ async def test_a_platform_that_is_off_says_why_on_its_endpoint(tmp_path: Path) -
         assert ready["adapters"]["teams"] == "configured, but this version has no adapter for it"
 
 
+async def test_readiness_says_when_the_database_does_not_answer_and_pings_once_at_a_time(tmp_path: Path) -> None:
+    from tests.botkit import running_bot
+
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}") as h:
+        calls, release = [], asyncio.Event()
+
+        async def stuck() -> None:  # a ping stuck behind a lock
+            calls.append(1)
+            await release.wait()
+
+        real, h.bot.db.ping = h.bot.db.ping, stuck  # type: ignore[method-assign]
+        started = time.monotonic()
+        first, second = await asyncio.gather(h.client.get("/readyz"), h.client.get("/readyz"))
+        assert time.monotonic() - started < 4
+        for resp in (first, second):
+            assert resp.status == 503
+            assert (await resp.json())["database"] == ("unreachable: no answer within 2 s (down, or locked by a "
+                                                       "long transaction)")
+        assert calls == [1]  # the second probe waited on the first one's ping
+        release.set()
+        h.bot.db.ping = real  # type: ignore[method-assign]
+        await asyncio.sleep(0)
+        resp = await h.client.get("/readyz")
+        assert resp.status == 200 and (await resp.json())["database"] == "ok"
+
+
 def test_json_log_format(tmp_path: Path) -> None:
     shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
     port = free_port()
