@@ -19,7 +19,6 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
-from adapters.settings import BUILT
 from bot import envsubst
 from bot.durations import parse_clock, parse_duration, parse_weekday
 
@@ -522,8 +521,9 @@ def parse_config(
         if key not in loaded_adapters and key not in adapters_off:
             adapters_off[key] = "no section under adapters"
     routed = {ch for route in config.routes for ch in route.channels}
+    built = {name for name, model in adapter_models.items() if getattr(model, "built", True)}
     for i, ch in enumerate(config.channels):
-        if ch.id not in routed or (ch.platform in loaded_adapters and ch.platform in BUILT):
+        if ch.id not in routed or (ch.platform in loaded_adapters and ch.platform in built):
             continue
         why = ("configured, but this version has no adapter for it" if ch.platform in loaded_adapters
                else f"off ({adapters_off.get(ch.platform, 'not configured')})")
