@@ -27,6 +27,7 @@ from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
+from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
@@ -211,6 +212,14 @@ def mention_event(event: Mapping[str, Any]) -> CommandEvent:
     )
 
 
+class _QuietBolt(logging.Filter):
+    """Bolt reads SLACK_BOT_TOKEN from the environment even when given a client, then warns that the token
+    "will be unused" (it is: `authorize` supplies it). The warning alarms people reading the log; drop it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != warning_client_prioritized_and_token_skipped()
+
+
 def _authorizer(token: str) -> Callable[..., Awaitable[AuthorizeResult]]:
     """One workspace, one token: no `auth.test` round trip before the 3 s deadline.
     (A plain function: bolt reads its argument names, and would take a method's `self` for one.)"""
@@ -233,8 +242,11 @@ class SlackAdapter:
         self._seen_events: deque[str] = deque(maxlen=1000)
         # Bolt's own client is never used for calls; tokenless so bolt does not warn that `authorize` wins.
         self._secret = settings.signing_secret.encode()
+        bolt_log = log.getChild("bolt")
+        if not any(isinstance(f, _QuietBolt) for f in bolt_log.filters):
+            bolt_log.addFilter(_QuietBolt())
         self.bolt = AsyncApp(
-            name="chatops", logger=log.getChild("bolt"), signing_secret=settings.signing_secret,
+            name="chatops", logger=bolt_log, signing_secret=settings.signing_secret,
             client=AsyncWebClient(base_url=settings.api_url, retry_handlers=[]),
             authorize=_authorizer(settings.bot_token), process_before_response=True,
         )

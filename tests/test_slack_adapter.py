@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -456,3 +457,13 @@ def test_the_manifest_points_everything_at_one_request_url() -> None:
         m["oauth_config"]["scopes"]["bot"])
     assert m["display_information"]["name"] == "oncall-bot" == m["features"]["bot_user"]["display_name"]
     json.dumps(m)  # pasteable
+
+
+def test_bolt_does_not_warn_that_the_bot_token_will_be_unused(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Deployments set SLACK_BOT_TOKEN (app.yaml reads it); Bolt reads it too and warned at every start."""
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-from-the-environment")
+    with caplog.at_level(logging.DEBUG):
+        SlackAdapter(SlackSettings(bot_token="xoxb-x", signing_secret=SECRET, api_url="http://127.0.0.1:9/api/"),
+                     renderer=StubRenderer(), dispatcher=RecordingDispatcher())
+    assert not [r for r in caplog.records if "will be unused" in r.getMessage()]
