@@ -55,6 +55,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "override": ("A manager puts someone on call for a stretch", "ROTATION @person FROM UNTIL"),
 }
 TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
+TOKEN_ERRORS = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
 _MENTION = re.compile(r"^\s*(<@[UW][A-Z0-9]+(?:\|[^>]*)?>\s*)+")
 _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'"})
 
@@ -155,6 +156,8 @@ def delivery_error(method: str, exc: SlackApiError) -> DeliveryError:
         return DeliveryError(what, retry_after=retry_after)
     if status >= 500 or error in TRANSIENT_ERRORS:
         return DeliveryError(what)
+    if error in TOKEN_ERRORS:
+        return DeliveryError(what, permanent=True, token_refused=True)
     return DeliveryError(what, permanent=True)  # channel_not_found, not_in_channel, invalid_auth, invalid_blocks...
 
 

@@ -141,7 +141,7 @@ def delivery_error(method: str, exc: TelegramError, *, token: str = "") -> Deliv
                              "put that id in channels[].chat in app.yaml", permanent=True)
     if isinstance(exc, InvalidToken):
         return DeliveryError(f"telegram {method}: the bot token was refused; check adapters.telegram.bot_token",
-                             permanent=True)
+                             permanent=True, token_refused=True)
     if isinstance(exc, (BadRequest, Forbidden, EndPointNotFound)):  # BadRequest first: it is a NetworkError
         return DeliveryError(what, permanent=True)  # chat not found, message to edit not found, blocked...
     return DeliveryError(what)  # NetworkError, TimedOut, 5xx, Conflict: worth another try

@@ -6,9 +6,12 @@ queued before it is folded into it. After that, every pending redraw of the
 same message becomes one edit, and thread lines of the same kind ("3 new
 alerts") merge into one reply. Calls spend tokens from per-chat and
 per-platform buckets (DESIGN.md's limits); a platform's 429 pauses that chat
-until its Retry-After. Failures retry with back-off; after `max_attempts`, or
-at once when the platform says the call can never work, a row becomes a dead
-letter (`chatops outbox list --status dead`, `chatops_outbox_dead_total`).
+until its Retry-After, which costs the row no attempt. A platform in trouble
+(5xx, unreachable, its token refused) is retried with back-off, at most every
+5 minutes, for `give_up_after` (24 h) and at least `max_attempts` tries; an
+unexpected error (a bug) gets `max_attempts` tries. When the platform says the
+call can never work (no such channel, not in it), the row becomes a dead letter
+at once (`chatops outbox list --status dead`, `chatops_outbox_dead_total`).
 
 A posted message is recorded as an `IncidentMessage` in the same transaction
 that marks its rows sent. If the process dies between the platform's answer and
@@ -121,7 +124,7 @@ class OutboxWorker:
     def __init__(self, *, db: Database, config: Config, adapters: Mapping[str, Adapter], clock: Clock,
                  metrics: Metrics, budgets: Mapping[str, Budget] = BUDGETS, poll_seconds: float = 0.5,
                  max_attempts: int = 8, batch: int = 500, min_interval: float = 0.2, idle_poll_seconds: float = 5.0,
-                 compact_seconds: float = 30.0,
+                 compact_seconds: float = 30.0, give_up_after: timedelta = timedelta(hours=24),
                  monotonic: Callable[[], float] | None = None, audit: AuditLog | None = None,
                  escalations: Escalations | None = None, may_deliver: Callable[[], Awaitable[bool]] | None = None):
         self.db, self.config, self.adapters, self.clock, self.metrics = db, config, adapters, clock, metrics
@@ -133,6 +136,7 @@ class OutboxWorker:
         self.names = {p.id: p.name for p in config.people}
         self.buckets = _Buckets(budgets)
         self.poll_seconds, self.max_attempts, self.batch = poll_seconds, max_attempts, batch
+        self.give_up_after = give_up_after  # how long a platform in trouble is waited for
         self.min_interval = min_interval
         # With nothing pending at all, only a nudge brings work (every change that queues a row nudges); on SQLite,
         # where no other replica queues rows, the safety poll then slows to this.
@@ -459,7 +463,8 @@ class OutboxWorker:
             self.metrics.chat_calls.labels(platform, method, "error").inc()
             if exc.retry_after:
                 self.buckets.pause(platform, chat, self._monotonic() + exc.retry_after)
-            await self._failed(items, str(exc), exc.retry_after, permanent=exc.permanent)
+            await self._failed(items, str(exc), exc.retry_after, permanent=exc.permanent and not exc.token_refused,
+                               platform_trouble=True)
             return None
         except Exception as exc:  # a bug or a rendering problem: retry a few times, then dead-letter
             self.metrics.chat_calls.labels(platform, method, "error").inc()
@@ -469,16 +474,26 @@ class OutboxWorker:
         self.metrics.chat_calls.labels(platform, method, "ok").inc()
         return result if result is not None else True
 
-    async def _failed(self, items: Sequence[OutboxItem], error: str, retry_after: float | None, *, permanent: bool) -> None:
+    async def _failed(self, items: Sequence[OutboxItem], error: str, retry_after: float | None, *, permanent: bool,
+                      platform_trouble: bool = False) -> None:
+        """Schedule the retry, or give up. `retry_after`: the platform said when to come back (a rate limit, not a
+        failure: no attempt is spent). `platform_trouble`: the platform failed, not our code: wait for it longer."""
         now = self.clock.now()
         async with self.db.transaction() as session:
             for item in items:
                 row = await session.get(OutboxItem, item.id)
                 if row is None or row.status != "pending":
                     continue
+                if retry_after and not permanent:
+                    row.due_at = now + timedelta(seconds=retry_after)
+                    row.last_error = f"rate-limited; retrying in {retry_after:g}s ({error})"[:500]
+                    session.add(row)
+                    continue
                 row.attempts += 1
                 row.last_error = error[:500]
-                if permanent or row.attempts >= self.max_attempts:
+                exhausted = row.attempts >= self.max_attempts and (
+                    not platform_trouble or now - row.created_at >= self.give_up_after)
+                if permanent or exhausted:
                     row.status = "dead"
                     self.metrics.outbox_dead.labels(row.channel).inc()
                     log.error("outbox: gave up on %s %s for incident #%s in %s after %d attempt(s): %s",

@@ -50,6 +50,7 @@ class _Failure:
     status: int
     disconnect: bool
     times: int
+    retry_after: int | None = None
 
 
 @dataclass
@@ -81,9 +82,11 @@ class FakeSlack:
     def called(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method and c.ok]
 
-    def fail(self, method: str, error: str, *, status: int = 200, times: int = 1, disconnect: bool = False) -> None:
-        """The next `times` calls of `method` answer `{"ok": false, "error": error}` (or drop the connection)."""
-        self._failures[method].append(_Failure(error, status, disconnect, times))
+    def fail(self, method: str, error: str, *, status: int = 200, times: int = 1, disconnect: bool = False,
+             retry_after: int | None = None) -> None:
+        """The next `times` calls of `method` answer `{"ok": false, "error": error}` (or drop the connection),
+        with a `Retry-After` header when given."""
+        self._failures[method].append(_Failure(error, status, disconnect, times, retry_after))
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float = 3.0) -> None:
         await poll(predicate, timeout, lambda: f"calls so far: {[c.method for c in self.calls]}")
@@ -136,7 +139,8 @@ class FakeSlack:
             failure.times -= 1
             if failure.times <= 0:
                 failures.pop(0)
-            return (0 if failure.disconnect else failure.status), {"ok": False, "error": failure.error}, {}
+            headers = {"Retry-After": str(failure.retry_after)} if failure.retry_after is not None else {}
+            return (0 if failure.disconnect else failure.status), {"ok": False, "error": failure.error}, headers
         p = call.params
         if call.method == "chat.postMessage" and not self._allow(p.get("channel", "")):
             return 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(self.retry_after)}

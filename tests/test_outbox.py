@@ -13,7 +13,10 @@ import pytest
 
 from bot.cli import main as cli
 from handlers.outbox import Budget, _Buckets
-from tests.botkit import Harness, bot_on, fixture, running_bot
+from sqlmodel import select
+
+from storage.models import OutboxItem
+from tests.botkit import T0, Harness, bot_on, fixture, running_bot
 from tests.fake_slack import FakeSlack
 from tests.test_slack_flow import slack_config
 
@@ -90,6 +93,70 @@ async def test_server_errors_are_retried_with_back_off_and_then_delivered_once(t
             assert error and "internal_error" in error and due == (h.clock.now() + timedelta(seconds=2)).isoformat()
             await drain(h)
             assert len(parents(fake)) == 1 and [c.status for c in fake.calls if c.method == "chat.postMessage"] == [500, 500, 200]
+
+
+async def row_state(h: Harness) -> list[tuple[str, int, str | None]]:
+    async with h.bot.db.sessions() as session:
+        rows = (await session.execute(select(OutboxItem).order_by(OutboxItem.id))).scalars().all()
+    return [(r.status, r.attempts, r.last_error) for r in rows]
+
+
+async def retried_after(h: Harness, advance: timedelta) -> None:
+    """Move the clock on and wait until the row's next attempt has been made."""
+    before = (await row_state(h))[0][1]
+    h.clock.advance(advance)
+    deadline = time.monotonic() + 5
+    while (await row_state(h))[0][1] == before and (await row_state(h))[0][0] == "pending":
+        assert time.monotonic() < deadline, "no new attempt"
+        h.bot.outbox.nudge()
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    ("service_unavailable", 503),  # Slack down for a couple of hours
+    ("invalid_auth", 200),  # the token revoked, then fixed (a restart, in real life)
+])
+async def test_a_platform_in_trouble_for_a_while_loses_nothing(tmp_path: Path, error: str, status: int) -> None:
+    async with FakeSlack() as fake:
+        fake.fail("chat.postMessage", error, status=status, times=1000)
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
+            await fake.wait_for(lambda: any(c.method == "chat.postMessage" for c in fake.calls), timeout=5)
+            for _ in range(9):  # 2 h 15 min, a try every 15 minutes: past the 8 tries that used to be all
+                await retried_after(h, timedelta(minutes=15))
+            [(state, attempts, last)] = await row_state(h)
+            assert state == "pending" and attempts > 8 and error in (last or "")  # past the old 8 tries, still held
+            fake._failures["chat.postMessage"].clear()  # back
+            await drain(h, step=timedelta(minutes=1), seconds=10)
+            assert len(parents(fake)) == 1 and [r[0] for r in await row_state(h)] == ["sent"]
+
+
+async def test_a_platform_in_trouble_is_given_up_on_after_a_day(tmp_path: Path) -> None:
+    async with FakeSlack() as fake:
+        fake.fail("chat.postMessage", "service_unavailable", status=503, times=10_000)
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
+            await fake.wait_for(lambda: any(c.method == "chat.postMessage" for c in fake.calls), timeout=5)
+            for _ in range(12):  # a try every three hours
+                await retried_after(h, timedelta(hours=3))
+                if (await row_state(h))[0][0] == "dead":
+                    break
+            [(state, _, last)] = await row_state(h)
+            assert state == "dead" and "service_unavailable" in (last or "")
+            assert h.clock.now() - T0 >= timedelta(hours=24)
+
+
+async def test_rate_limits_cost_no_attempts(tmp_path: Path) -> None:
+    async with FakeSlack() as fake:
+        fake.fail("chat.postMessage", "ratelimited", status=429, times=12, retry_after=30)
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            h.bot.outbox._monotonic = lambda: h.clock.now().timestamp()  # Retry-After pauses on the bot's clock
+            await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
+            await fake.wait_for(lambda: any(c.method == "chat.postMessage" for c in fake.calls), timeout=5)
+            await drain(h, step=timedelta(seconds=30), seconds=20)
+            assert len(parents(fake)) == 1
+            assert [c.status for c in fake.calls if c.method == "chat.postMessage"] == [429] * 12 + [200]
+            assert await row_state(h) == [("sent", 0, None)]
 
 
 async def test_slack_429s_are_budgets_not_losses(tmp_path: Path) -> None:
