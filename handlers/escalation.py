@@ -131,9 +131,9 @@ class Escalations:
     async def escalate_now(self, session: AsyncSession, incident: Incident, now: datetime) -> tuple[bool, str]:
         """The Escalate button: the next step fires now (once, however many clicks). (changed, words)."""
         esc = await session.get(Escalation, incident.id)
-        if esc is None:
-            return True, (f"#{incident.id} has no escalation policy; page someone with "
-                          f"`/incident page {incident.id} PERSON`.")
+        if esc is None:  # nothing to move on: no thread line, no audit event, however many presses
+            return False, (f"#{incident.id} has no escalation policy; page someone with "
+                           f"`/incident page {incident.id} PERSON`.")
         total = total_steps(esc.snapshot)
         if esc.next_step >= total:
             return False, (f"#{incident.id} has been through every step of escalation policy `{esc.policy}`; "

@@ -59,6 +59,7 @@ escalation_policies:
 routes:
   - {match: {team: nobody}, channels: [ops-slack], escalation: unlinked}
   - {match: {team: ghosts}, channels: [ops-slack], escalation: unreachable}
+  - {match: {team: quiet}, channels: [ops-slack]}
   - {match: {}, channels: [ops-slack, ops-telegram], escalation: standard}
 """
 PEOPLE = """
@@ -270,6 +271,18 @@ async def test_escalate_jumps_to_the_next_step_now_and_a_second_press_does_not_s
         # the escalation goes on from there: step 3 (Bob again, second pass) 10 minutes after Carol's page
         await w.tick(timedelta(minutes=10))
         await until(lambda: len(w.pages(BOB_TG)) == 2, "the second pass pages the rotation again")
+
+
+async def test_escalate_without_a_policy_changes_nothing_and_says_what_to_do(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="quiet")  # routed without an escalation policy
+        await until(lambda: w.slack.fake.called("chat.postMessage"), "the incident is posted")
+        for user in ("U02BOB", "U01ALICE"):
+            answer = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user=user))
+            assert answer["text"] == "#1 has no escalation policy; page someone with `/incident page 1 PERSON`."
+        await asyncio.sleep(0.3)
+        assert not await w.audit("incident.escalated")
+        assert not [t for t in thread_texts(w.slack) if t.startswith("Escalated")]
 
 
 async def test_a_page_that_cannot_be_delivered_moves_the_escalation_on_at_once(tmp_path: Path) -> None:
