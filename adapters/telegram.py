@@ -83,6 +83,8 @@ class Renderer(Protocol):
 class Dispatcher(Protocol):
     async def handle_action(self, event: ActionEvent) -> Reply | None: ...
 
+    def refusal(self, action: str, actor: Actor) -> Reply | None: ...
+
     async def handle_command(self, event: CommandEvent) -> Reply: ...
 
 
@@ -478,7 +480,13 @@ class TelegramAdapter:
                              self._reply_payload(reply))
 
     async def _confirm_step(self, query: CallbackQuery, data: str) -> None:
-        """A tap on a button that asks first, or on its Cancel: redraw that button in place."""
+        """A tap on a button that asks first, or on its Cancel: redraw that button in place. Only someone who
+        may press it arms it (the redrawn button is there for the whole group)."""
+        if data[0] == ASK:
+            refused = self.dispatcher.refusal(actions.decode(data[1:]).action.value, actor_of(query.from_user))
+            if refused is not None:
+                await self._answer(query, toast(refused.text))
+                return
         message = query.message
         markup = getattr(message, "reply_markup", None)
         changed = confirm_keyboard(markup, data) if markup is not None else None

@@ -88,17 +88,26 @@ class Dispatcher:
     def identify(self, actor: Actor) -> Person | None:
         return self._people.get((actor.platform, actor.user_id))
 
-    async def handle_action(self, event: ActionEvent) -> Reply | None:
-        """The reply for the clicker, or None for a duplicate delivery of a click already handled."""
-        spec = self.actions.get(event.action)
+    def refusal(self, action: str, actor: Actor) -> Reply | None:
+        """Why `actor` may not press `action`'s button (unknown action, unknown person, missing role), or None."""
+        spec = self.actions.get(action)
         if spec is None:
             return Reply("This button is not something I know how to do (any more).")
-        person = self.identify(event.actor)
+        person = self.identify(actor)
         if person is None:
-            return self._stranger(event.actor)
+            return self._stranger(actor)
         if spec.role and spec.role not in person.roles:
             return Reply(f"{spec.label} needs the `{spec.role}` role, and {person.name} has "
                          f"{_roles(person)}. Ask whoever maintains app.yaml to add it to your `roles`.")
+        return None
+
+    async def handle_action(self, event: ActionEvent) -> Reply | None:
+        """The reply for the clicker, or None for a duplicate delivery of a click already handled."""
+        refused = self.refusal(event.action, event.actor)
+        if refused is not None:
+            return refused
+        spec, person = self.actions[event.action], self.identify(event.actor)
+        assert person is not None
         if event.event_id and self._duplicate(f"{event.actor.platform}:{event.event_id}"):
             log.info("dropped a repeated delivery of click %s", event.event_id)
             return None

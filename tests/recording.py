@@ -25,6 +25,10 @@ class RecordingDispatcher:
         self.gate = asyncio.Event()
         self.gate.set()
         self.error: Exception | None = None
+        self.refused: Reply | None = None  # what `refusal` answers for every arming tap (None: allowed)
+
+    def refusal(self, action: str, actor: Any) -> Reply | None:
+        return self.refused
 
     async def handle_action(self, event: ActionEvent) -> Reply | None:
         self.actions.append(event)

@@ -285,6 +285,18 @@ async def test_a_button_that_asks_first_turns_into_confirm_and_cancel(env: Env) 
     assert (env.dispatcher.actions[0].action, env.dispatcher.actions[0].incident_id) == ("res", 42)
 
 
+async def test_only_someone_who_may_press_a_button_arms_its_confirmation(env: Env) -> None:
+    """The armed ✔ Resolve is there for the whole group: a stranger or someone without the role does not arm it."""
+    ref = await env.adapter.send(str(GROUP), card())
+    drawn = keyboard_of(env.tg.called("sendMessage")[0])
+    message = env.tg.messages[(GROUP, int(ref.message_id))]
+    env.dispatcher.refused = Reply("Resolve needs the `responder` role, and Erin has no roles.")
+    await env.click("?res:42", copy.deepcopy(message))
+    [answer] = await env.answered()
+    assert answer["text"] == "Resolve needs the responder role, and Erin has no roles."  # a toast: no backticks
+    assert keyboard_of(message) == drawn and not env.tg.called("editMessageReplyMarkup")
+
+
 async def test_asking_on_a_message_whose_keyboard_changed_says_so(env: Env) -> None:
     message = fixture("callback_query.json")["callback_query"]["message"]
     message["reply_markup"] = {"inline_keyboard": [[{"text": "Reopen", "callback_data": "reo:42"}]]}
