@@ -57,7 +57,8 @@ class ChatHandlers:
     async def _act(self, verb: str, incident_id: int, actor: Actor, person: Person) -> Reply:
         actor = Actor(actor.platform, actor.user_id, person.name, person.id)
         result = await perform(db=self.db, audit=self.audit, incident_id=incident_id, action=verb, actor=actor,
-                               now=self.clock.now(), escalations=self.escalations)
+                               now=self.clock.now(), escalations=self.escalations,
+                               names={p.id: p.name for p in self.config.people})
         self.metrics.actions.labels(verb, "changed" if result.changed else "refused").inc()
         if result.elapsed is not None and result.severity:
             measure = self.metrics.time_to_acknowledge if verb == "acknowledge" else self.metrics.time_to_resolve

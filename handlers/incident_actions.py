@@ -8,6 +8,7 @@ chat platform: the outbox worker does that after the commit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,7 @@ class ActionResult:
 
 async def perform(
     *, db: Database, audit: AuditLog, incident_id: int, action: str, actor: Actor, now: datetime, note: str = "",
-    escalations: Escalations | None = None,
+    escalations: Escalations | None = None, names: Mapping[str, str] | None = None,
 ) -> ActionResult:
     """Apply `action` (acknowledge, escalate, resolve, reopen) for `actor`; a no-op says why.
 
@@ -58,7 +59,7 @@ async def perform(
         incident = (await session.execute(query)).scalar_one_or_none()
         if incident is None:
             return ActionResult(False, f"There is no incident #{incident_id}.")
-        refusal = _refusal(incident, action)
+        refusal = _refusal(incident, action, names or {})
         if refusal:
             return ActionResult(False, refusal, incident.id, incident.status)
         who = actor.person_id or f"{actor.platform}:{actor.user_id}"
@@ -93,7 +94,16 @@ async def perform(
         return ActionResult(True, message, incident.id, incident.status, incident.severity, elapsed)
 
 
-def _refusal(incident: Incident, action: str) -> str | None:
+def _by(who: str | None, names: Mapping[str, str]) -> str:
+    """Who did it, as people read it: `person:alice` or `alice` is Alice; `source:am` is the alert source am."""
+    kind, _, rest = (who or "").partition(":")
+    if kind == "source":
+        return f"its source, {rest}"
+    person = rest if kind == "person" else (who or "")
+    return names.get(person, person or "someone")
+
+
+def _refusal(incident: Incident, action: str, names: Mapping[str, str]) -> str | None:
     """Why `action` does nothing now, in the words a person wants to read; None when it applies."""
     ident = f"#{incident.id}"
     if action == "escalate":
@@ -102,9 +112,9 @@ def _refusal(incident: Incident, action: str) -> str | None:
         transition(incident.status, action)
     except InvalidTransition:
         if incident.status == ACKNOWLEDGED and action == "acknowledge":
-            return f"{ident} is already acknowledged by {incident.acknowledged_by}."
+            return f"{ident} is already acknowledged by {_by(incident.acknowledged_by, names)}."
         if incident.status == RESOLVED and action in ("acknowledge", "resolve"):
-            return f"{ident} is already resolved ({incident.resolved_by})."
+            return f"{ident} is already resolved by {_by(incident.resolved_by, names)}."
         if incident.status == TRIGGERED and action == "reopen":
             return f"{ident} is open; there is nothing to reopen."
         return f"{ident} is {incident.status}; it cannot be {_past(action)}."

@@ -166,10 +166,13 @@ async def test_two_quick_clicks_acknowledge_once_and_a_redelivered_click_is_drop
     ts = await incident_posted(s)
     (_, _, first), (_, _, second) = [await s.click("ack:1", ts) for _ in range(2)]
     texts = sorted([(await s.answer(first))["text"], (await s.answer(second))["text"]])
-    assert texts == ["#1 is already acknowledged by alice.", "Acknowledged #1."]
+    assert texts == ["#1 is already acknowledged by Alice.", "Acknowledged #1."]
     await s.click("ack:1", ts, action_ts="1700000001.000001")  # Slack retrying the first delivery
     await s.fake.wait_for(lambda: s.posts(thread=ts), timeout=5)
     assert (await s.h.actions(1)).count("incident.acknowledged") == 1
+    assert (await s.answer(await s.command("/incident", "resolve 1")))["text"] == "Resolved #1."
+    again = await s.answer(await s.command("/incident", "ack 1"))
+    assert again["text"] == "#1 is already resolved by Alice."  # a name, not an id or a storage prefix
     assert len(s.posts(thread=ts)) == 1
 
 
