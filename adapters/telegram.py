@@ -515,11 +515,25 @@ class TelegramAdapter:
         payload = self._reply_payload(reply)
         try:
             await self._post(str(message.chat.id), str(message.message_id), payload)
+            return
         except DeliveryError as exc:  # flood control: the person is waiting for this answer, so wait a little
-            if not exc.retry_after or exc.retry_after > ANSWER_WAIT_MAX:
-                raise
-            await asyncio.sleep(exc.retry_after)
-            await self._post(str(message.chat.id), str(message.message_id), payload)
+            if exc.retry_after and exc.retry_after <= ANSWER_WAIT_MAX:
+                await asyncio.sleep(exc.retry_after)
+                try:
+                    await self._post(str(message.chat.id), str(message.message_id), payload)
+                    return
+                except DeliveryError as again:
+                    exc = again
+            problem = exc
+        user = message.from_user
+        if user is None or message.chat.id == user.id:
+            log.warning("telegram: could not answer %s in chat %s: %s", event.name, message.chat.id, problem)
+            return
+        try:  # the group is busy (or refuses the bot): the answer goes to the person's private chat instead
+            await self._post(str(user.id), None, payload)
+        except DeliveryError as exc:  # they never started a chat with the bot: nowhere left to answer
+            log.warning("telegram: could not answer %s in chat %s (%s), nor privately (%s)", event.name,
+                        message.chat.id, problem, exc)
 
     async def _dispatch(self, work: Coroutine[Any, Any, Reply | None]) -> Reply | None:
         try:

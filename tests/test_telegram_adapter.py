@@ -285,6 +285,20 @@ async def test_a_button_that_asks_first_turns_into_confirm_and_cancel(env: Env) 
     assert (env.dispatcher.actions[0].action, env.dispatcher.actions[0].incident_id) == ("res", 42)
 
 
+async def test_an_answer_the_group_cannot_take_goes_to_the_private_chat(env: Env,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Group flood control longer than a person should wait: the answer is sent privately, with no traceback."""
+    env.dispatcher.reply = Reply("3 open incidents")
+    env.tg.fail("sendMessage", "Too Many Requests: retry after 60", 429, parameters={"retry_after": 60})
+    with caplog.at_level(logging.WARNING):
+        update = await env.command("/incident list")
+        user = update["message"]["from"]["id"]
+        await env.tg.wait_for(lambda: env.tg.called("sendMessage"))
+    [sent] = env.tg.called("sendMessage")
+    assert sent.params["chat_id"] == user and "3 open incidents" in sent.params["text"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_only_someone_who_may_press_a_button_arms_its_confirmation(env: Env) -> None:
     """The armed ✔ Resolve is there for the whole group: a stranger or someone without the role does not arm it."""
     ref = await env.adapter.send(str(GROUP), card())
