@@ -260,6 +260,39 @@ def cmd_outbox_list(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(_with_db(loaded, work))
 
 
+def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
+    """Dead letters back into the queue (the bot sends them on its next round), audited as outbox.retried."""
+    import getpass
+
+    from bot.model import Actor
+    from storage.audit import Entry
+
+    loaded = _load(args)
+    if not args.ids and not args.dead:
+        print("name the deliveries to send again (IDs from `chatops outbox list --status dead`), or --dead for "
+              "every dead one", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def work(db: Database) -> int:
+        now = datetime.now(UTC)
+        user = getpass.getuser()
+        async with db.transaction() as session:
+            chosen = await queries.retry_dead(session, now, args.ids or None)
+            if chosen:
+                await AuditLog(loaded.config.audit.hmac_key).append_many(session, [Entry(
+                    "outbox.retried", Actor("cli", user, user), "outbox", ",".join(map(str, chosen)), now,
+                    {"ids": chosen})])
+        if not chosen:
+            print("no dead deliveries" + (f" with those ids ({', '.join(map(str, args.ids))})" if args.ids else
+                                          " (pages are retried only by id)"), file=out)
+            return EXIT_FAILED if args.ids else EXIT_OK
+        print(f"{len(chosen)} delivery(ies) queued again: {', '.join(map(str, chosen))}; the running bot sends them "
+              "within seconds (`chatops outbox list` shows how they fare)", file=out)
+        return EXIT_OK
+
+    return asyncio.run(_with_db(loaded, work))
+
+
 def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
     from handlers.oncall import Oncall
@@ -392,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     olist.add_argument("--status", choices=["pending", "sent", "dead", "all"], default="pending")
     olist.add_argument("--limit", type=_LIMIT, default=100)
     olist.set_defaults(func=cmd_outbox_list)
+    oretry = outbox.add_parser("retry", parents=[common], help="send dead deliveries again (after fixing the cause)")
+    oretry.add_argument("ids", nargs="*", type=_ID, metavar="ID", help="the deliveries (from outbox list --status dead)")
+    oretry.add_argument("--dead", action="store_true", help="every dead delivery but pages")
+    oretry.set_defaults(func=cmd_outbox_retry)
     telegram = sub.add_parser("telegram", help="Telegram setup").add_subparsers(dest="telegram", required=True, metavar="ACTION")
     hook = telegram.add_parser("set-webhook", parents=[common], help="register {public_url}/telegram/webhook with Telegram")
     hook.add_argument("--url", help="the HTTPS URL Telegram should post to (default: server.public_url + /telegram/webhook)")

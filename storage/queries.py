@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
@@ -53,6 +53,18 @@ async def incident_timeline(session: AsyncSession, incident_id: int) -> list[Aud
 async def outbox_counts(session: AsyncSession) -> dict[str, int]:
     rows = await session.execute(select(OutboxItem.status, func.count()).group_by(OutboxItem.status))
     return {status: count for status, count in rows.all()}
+
+
+async def retry_dead(session: AsyncSession, now: datetime, ids: Sequence[int] | None = None) -> list[int]:
+    """Dead letters back to pending, due now, with a fresh count of attempts: the named ones, or (no ids) every
+    one but pages (a page given up on was followed by the escalation's next step; sent now, it comes late)."""
+    query = select(OutboxItem.id).where(OutboxItem.status == "dead")
+    query = query.where(OutboxItem.id.in_(list(ids))) if ids else query.where(OutboxItem.kind != "page")
+    chosen = list((await session.execute(query.order_by(OutboxItem.id))).scalars())
+    if chosen:
+        await session.execute(update(OutboxItem).where(OutboxItem.id.in_(chosen), OutboxItem.status == "dead")
+                              .values(status="pending", attempts=0, due_at=now))
+    return chosen
 
 
 async def list_outbox(session: AsyncSession, *, status: str | None = None, limit: int = 200) -> list[OutboxItem]:

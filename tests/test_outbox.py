@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import io
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -79,6 +79,34 @@ async def test_a_refusal_that_cannot_succeed_becomes_a_dead_letter(tmp_path: Pat
         assert "#1" in listing and "ops-slack" in listing and "dead" in listing
         assert "slack chat.postMessage: channel_not_found" in listing
         assert "totals: dead 1" in listing
+
+
+async def test_a_dead_letter_is_sent_again_with_outbox_retry_once_the_cause_is_fixed(tmp_path: Path) -> None:
+    async with FakeSlack() as fake:
+        fake.fail("chat.postMessage", "not_in_channel")  # the bot was not invited yet
+        url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+        config = tmp_path / "app.yaml"
+        config.write_text(f"storage: {{url: '{url}'}}\nchannels: [{{id: ops-slack, platform: slack, chat: C0OPS}}]\n")
+        async with running_bot(url, slack_config(fake)) as h:
+            await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
+            await fake.wait_for(lambda: any(c.method == "chat.postMessage" for c in fake.calls), timeout=5)
+            for _ in range(50):
+                if (await row_state(h))[0][0] == "dead":
+                    break
+                await asyncio.sleep(0.05)
+            [(state, _, _)] = await row_state(h)
+            assert state == "dead" and parents(fake) == []
+            h.clock.set(datetime.now(UTC))  # the command line runs on the wall clock
+            out = io.StringIO()  # someone invites the bot, then:
+            with contextlib.redirect_stdout(out):
+                assert await asyncio.to_thread(cli, ["outbox", "retry", "--dead", "-c", str(config)]) == 0
+            assert out.getvalue().startswith("1 delivery(ies) queued again: 1;")
+            await drain(h)
+            assert len(parents(fake)) == 1 and [r[0] for r in await row_state(h)] == ["sent"]
+            assert "outbox.retried" in await h.actions()
+            with contextlib.redirect_stdout(io.StringIO()) as nothing:
+                assert await asyncio.to_thread(cli, ["outbox", "retry", "7", "-c", str(config)]) == 1
+            assert "no dead deliveries with those ids (7)" in nothing.getvalue()
 
 
 async def test_server_errors_are_retried_with_back_off_and_then_delivered_once(tmp_path: Path) -> None:
