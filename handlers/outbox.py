@@ -525,7 +525,11 @@ class OutboxWorker:
 
 
 def _thread_lines(replies: list[OutboxItem], now: datetime) -> list[tuple[list[OutboxItem], str]]:
-    """Replies that are due, in order, with "N new alerts" lines of one kind merged into one."""
+    """Replies that are due, in order, with "N new alerts" lines of one kind merged into one. A line waiting to
+    be tried again (it failed) holds back the lines after it, so the thread keeps the order things happened in."""
+    held = next((i for i, r in enumerate(replies) if r.attempts and r.due_at > now), None)
+    if held is not None:
+        replies = replies[:held]
     if not any(r.due_at <= now for r in replies):
         return []
     out: list[tuple[list[OutboxItem], str]] = []

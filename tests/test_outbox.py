@@ -109,6 +109,23 @@ async def test_a_dead_letter_is_sent_again_with_outbox_retry_once_the_cause_is_f
             assert "no dead deliveries with those ids (7)" in nothing.getvalue()
 
 
+async def test_a_thread_line_that_failed_holds_back_the_later_ones(tmp_path: Path) -> None:
+    from tests.test_slack_flow import Slack, incident_posted
+
+    async with FakeSlack() as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            h.bot.outbox.buckets = _Buckets(GENEROUS)  # no wait for Slack's budget between the lines
+            s = Slack(h, fake)
+            ts = await incident_posted(s)
+            fake.fail("chat.postMessage", "internal_error", status=500)  # the next post: the Acknowledged line
+            await s.answer(await s.command("/incident", "ack 1"))
+            await fake.wait_for(lambda: any(c.method == "chat.postMessage" and not c.ok for c in fake.calls), timeout=5)
+            await s.answer(await s.command("/incident", "resolve 1"))
+            await drain(h)
+            lines = [p["text"] for p in s.posts(thread=ts)]
+            assert [line.split(" by ")[0] for line in lines] == ["Acknowledged", "Resolved"], lines
+
+
 async def test_server_errors_are_retried_with_back_off_and_then_delivered_once(tmp_path: Path) -> None:
     async with FakeSlack() as fake:
         fake.fail("chat.postMessage", "internal_error", status=500, times=2)
