@@ -158,6 +158,8 @@ def delivery_error(method: str, exc: SlackApiError) -> DeliveryError:
         return DeliveryError(what)
     if error in TOKEN_ERRORS:
         return DeliveryError(what, permanent=True, token_refused=True)
+    if error == "message_not_found":
+        return DeliveryError(what, permanent=True, gone=True)
     return DeliveryError(what, permanent=True)  # channel_not_found, not_in_channel, invalid_auth, invalid_blocks...
 
 

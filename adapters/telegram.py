@@ -144,6 +144,8 @@ def delivery_error(method: str, exc: TelegramError, *, token: str = "") -> Deliv
     if isinstance(exc, InvalidToken):
         return DeliveryError(f"telegram {method}: the bot token was refused; check adapters.telegram.bot_token",
                              permanent=True, token_refused=True)
+    if isinstance(exc, BadRequest) and "message to edit not found" in exc.message.lower():
+        return DeliveryError(what, permanent=True, gone=True)
     if isinstance(exc, (BadRequest, Forbidden, EndPointNotFound)):  # BadRequest first: it is a NetworkError
         return DeliveryError(what, permanent=True)  # chat not found, message to edit not found, blocked...
     return DeliveryError(what)  # NetworkError, TimedOut, 5xx, Conflict: worth another try

@@ -87,13 +87,14 @@ class DeliveryError(Exception):
     """A platform refused or failed a call. `retry_after` (seconds) when it said when to come back."""
 
     def __init__(self, message: str, *, retry_after: float | None = None, permanent: bool = False,
-                 token_refused: bool = False):
+                 token_refused: bool = False, gone: bool = False):
         super().__init__(message)
         self.retry_after = retry_after
         self.permanent = permanent
         # The platform refused the bot itself (a revoked or wrong token): no call can work until someone fixes
         # it, but then every one can; queued messages wait for that rather than die.
         self.token_refused = token_refused
+        self.gone = gone  # the message to edit is not there any more (someone deleted it)
 
 
 class Adapter(Protocol):

@@ -299,8 +299,23 @@ class OutboxWorker:
                 calls += 1
                 card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
                                      next_step=next_step)
-                if await self._call(adapter.update(ref, card), updates, channel.platform, channel.chat, "update") is not None:
+                reposting = False
+
+                async def repost() -> None:  # deleted in the chat: post the card afresh (the rows stay pending)
+                    nonlocal reposting
+                    assert parent is not None and incident is not None
+                    reposting = True
+                    async with self.db.transaction() as session:
+                        await session.execute(delete(IncidentMessage).where(IncidentMessage.id == parent.id))
+                    log.warning("outbox: the message of incident #%s in %s is gone; posting it again",
+                                incident.id, channel_id)
+                    self.nudge()
+
+                if await self._call(adapter.update(ref, card), updates, channel.platform, channel.chat, "update",
+                                    gone=repost) is not None:
                     await self._finish(updates, "sent")
+                elif reposting:
+                    return calls  # the thread lines wait for the new parent
         for line_items, text in _thread_lines([i for i in items if i.kind == "reply"], now):
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 break
@@ -455,12 +470,17 @@ class OutboxWorker:
         self.nudge()
         return 1
 
-    async def _call(self, call: Any, items: Sequence[OutboxItem], platform: str, chat: str, method: str) -> Any:
-        """Await a platform call; on failure, schedule the retry or the dead letter and return None."""
+    async def _call(self, call: Any, items: Sequence[OutboxItem], platform: str, chat: str, method: str,
+                    gone: Callable[[], Awaitable[None]] | None = None) -> Any:
+        """Await a platform call; on failure, schedule the retry or the dead letter and return None. `gone`: what
+        to do instead when the message the call edits is not there any more."""
         try:
             result = await call
         except DeliveryError as exc:
             self.metrics.chat_calls.labels(platform, method, "error").inc()
+            if exc.gone and gone is not None:
+                await gone()
+                return None
             if exc.retry_after:
                 self.buckets.pause(platform, chat, self._monotonic() + exc.retry_after)
             await self._failed(items, str(exc), exc.retry_after, permanent=exc.permanent and not exc.token_refused,

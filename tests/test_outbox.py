@@ -126,6 +126,24 @@ async def test_a_thread_line_that_failed_holds_back_the_later_ones(tmp_path: Pat
             assert [line.split(" by ")[0] for line in lines] == ["Acknowledged", "Resolved"], lines
 
 
+async def test_an_incident_message_deleted_in_the_chat_is_posted_afresh(tmp_path: Path) -> None:
+    from tests.test_slack_flow import Slack, incident_posted
+
+    async with FakeSlack() as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            s = Slack(h, fake)
+            first = await incident_posted(s)
+            fake.fail("chat.update", "message_not_found")  # someone deleted it
+            await s.answer(await s.command("/incident", "ack 1"))
+            await drain(h)
+            assert len(parents(fake)) == 2  # the card, posted again
+            second = await h.message_of(1)
+            assert second != first
+            assert "Acknowledged" in parents(fake)[-1]  # as the incident is now
+            # what was queued meanwhile is in the new card (as for a first post), and nothing was given up on
+            assert "dead" not in [r[0] for r in await row_state(h)]
+
+
 async def test_server_errors_are_retried_with_back_off_and_then_delivered_once(tmp_path: Path) -> None:
     async with FakeSlack() as fake:
         fake.fail("chat.postMessage", "internal_error", status=500, times=2)

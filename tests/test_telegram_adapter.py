@@ -611,3 +611,14 @@ async def test_polling_feeds_updates_into_the_same_path() -> None:
             await adapter.stop()
         assert len(dispatcher.commands) == 1
 
+
+
+def test_a_message_deleted_in_telegram_is_told_apart_from_other_refusals() -> None:
+    """The outbox posts a deleted incident card afresh; other bad requests stay refusals."""
+    from telegram.error import BadRequest
+
+    from adapters.telegram import delivery_error
+
+    assert delivery_error("editMessageText", BadRequest("Message to edit not found")).gone
+    other = delivery_error("editMessageText", BadRequest("Chat not found"))
+    assert other.permanent and not other.gone
