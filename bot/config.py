@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
@@ -119,6 +119,27 @@ class Person(Section):
     teams: str | None = Field(None, pattern=r"^(29:\S+|[0-9a-fA-F-]{36})$")
     timezone: TimeZone | None = None
     page_via: list[Literal["slack", "telegram", "teams"]] = []
+
+
+_SLACK_MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
+
+
+def find_person(people: Sequence[Person], text: str) -> Person | None:
+    """A person as someone names them in chat: app.yaml id or name, a Slack mention (`<@U123|name>`,
+    `<@U123>`), or a platform id (Slack `U123`, Telegram's number, Teams' id), with or without a leading `@`."""
+    raw = text.strip()
+    m = _SLACK_MENTION.match(raw)
+    if m is not None:
+        raw = m.group(1)
+    raw = raw.lstrip("@")
+    wanted = raw.casefold()
+    for p in people:
+        if wanted in (p.id.casefold(), p.name.casefold()):
+            return p
+    for p in people:
+        if raw in (p.slack, str(p.telegram) if p.telegram else None, p.teams):
+            return p
+    return None
 
 
 _CHAT_PATTERNS = {

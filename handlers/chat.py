@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from bot.actions import Action
 from bot.chat import ActionEvent, Adapter, CommandEvent, Reply
 from bot.clock import Clock
-from bot.config import Config, Person
+from bot.config import Config, Person, find_person
 from bot.dispatch import Dispatcher
 from bot.metrics import Metrics
 from bot.model import Actor
@@ -113,8 +113,7 @@ class ChatHandlers:
         return Reply(f"I don't know `/incident {sub}`. Usage: `{INCIDENT_USAGE}`")
 
     async def _page(self, incident_id: int, who: str, actor: Actor, person: Person) -> Reply:
-        wanted = who.lstrip("@").lower()
-        target = next((p for p in self.config.people if wanted in (p.id.lower(), p.name.lower())), None)
+        target = find_person(self.config.people, who)
         if target is None:
             known = ", ".join(p.id for p in self.config.people) or "nobody"
             return Reply(f"I don't know {who!r} (people in app.yaml: {known}).")

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 from bot.chat import CommandEvent, Reply
 from bot.clock import Clock
-from bot.config import Config, Person
+from bot.config import Config, Person, find_person
 from bot.durations import DurationTooLong, parse_duration
 from bot.model import Actor
 from bot.rotations import Override, Schedule, first_instant, on_call
@@ -78,8 +78,7 @@ class OverrideHandlers:
         schedule = self.view.find(args[0])
         if schedule is None:
             return Reply(self.view.unknown(args[0]))
-        wanted = args[1].lstrip("@").casefold()
-        target = next((p for p in self.config.people if wanted in (p.id.casefold(), p.name.casefold())), None)
+        target = find_person(self.config.people, args[1])
         if target is None:
             return Reply(f"I don't know {args[1]!r} (people in app.yaml: {', '.join(p.id for p in self.config.people)}).")
         now = self.clock.now()

@@ -42,7 +42,7 @@ from sqlmodel import or_, select
 from bot.actions import Action
 from bot.chat import ActionEvent, Button, CommandEvent, Reply
 from bot.clock import Clock
-from bot.config import Config, Person, Rotation
+from bot.config import Config, Person, Rotation, find_person
 from bot.dispatch import Dispatcher
 from bot.model import Actor
 from bot.rotations import Schedule, Shift, first_instant, shifts_between
@@ -74,7 +74,6 @@ HELP = (f"Usage: `{USAGE}`.\n"
         "(`next`: your next shift; ROTATION may be left out when you are in one rotation with them). "
         "Bob gets Accept and Decline buttons; the request expires after the rotation's `swap_expiry` (24h). "
         "`/swap accept|decline|approve|reject ID` do what the buttons do.")
-_MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TICK = timedelta(microseconds=1)
 
@@ -594,21 +593,7 @@ class SwapHandlers:
     # -- reading ------------------------------------------------------------------------------------------
 
     def resolve(self, text: str) -> Person | None:
-        """A person by app.yaml id or name, a Slack mention (`<@U123|name>`, `<@U123>`), or a platform id
-        (Slack `U123`, Telegram's number, Teams' id), with or without a leading `@`."""
-        raw = text.strip()
-        m = _MENTION.match(raw)
-        if m is not None:
-            raw = m.group(1)
-        raw = raw.lstrip("@")
-        wanted = raw.casefold()
-        for p in self.config.people:
-            if wanted in (p.id.casefold(), p.name.casefold()):
-                return p
-        for p in self.config.people:
-            if raw in (p.slack, str(p.telegram) if p.telegram else None, p.teams):
-                return p
-        return None
+        return find_person(self.config.people, text)
 
     def _rotation(self, person: Person, counterpart: Person, text: str | None) -> tuple[Schedule | None, str]:
         if text is not None:

@@ -133,7 +133,7 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     await b.tg.wait_for(lambda: b.tg.called("answerCallbackQuery"), timeout=5)
     assert (await b.h.incidents())[0].status == "acknowledged"
 
-    on_slack = await b.slack.answer(await b.slack.command("/incident", "page 1 bob"))
+    on_slack = await b.slack.answer(await b.slack.command("/incident", "page 1 <@U02BOB|bob>"))  # as Slack sends a mention
     assert on_slack["text"] == "Paged Bob on Slack."  # Bob has no Telegram id: his Slack DM gets the page
     assert [c.params["users"] for c in b.slack.fake.called("conversations.open")] == ["U02BOB"]
     b.tg.fail("sendMessage", "Forbidden: bot can't initiate conversation with a user", 403)
