@@ -504,7 +504,8 @@ class OutboxWorker:
                 row = await session.get(OutboxItem, item.id)
                 if row is None or row.status != "pending":
                     continue
-                if retry_after and not permanent:
+                if retry_after and not permanent and now - row.created_at < self.give_up_after:
+                    # (a platform that has answered nothing but "later" for a day counts its tries again)
                     row.due_at = now + timedelta(seconds=retry_after)
                     row.last_error = f"rate-limited; retrying in {retry_after:g}s ({error})"[:500]
                     session.add(row)
