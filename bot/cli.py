@@ -22,6 +22,7 @@ from bot.config import ConfigError, Loaded, config_path, load_config
 from bot.incidents import STATUSES, priority
 from bot.rotations import first_instant
 from bot.tables import ago, table
+from bot.view import who_did
 from storage import queries, report
 from storage.audit import AuditLog
 from storage.db import Database, SchemaTooNew, is_sqlite_file_url
@@ -207,8 +208,6 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
         def at(moment: datetime) -> str:  # in the bot's time zone, to the second
             return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
-        def who(by: str | None) -> str:
-            return names.get(by or "", by or "")
 
         print(f"#{inc.id} {inc.title}", file=out)
         facts = [("status", inc.status + (" (silenced)" if inc.silenced else "")), ("severity", inc.severity),
@@ -217,9 +216,9 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
                  ("channels", ", ".join(inc.channels) or "none"), ("escalation", inc.escalation or "none")]
         if inc.acknowledged_by:
             when = f" at {at(inc.acknowledged_at)}" if inc.acknowledged_at else ""
-            facts.append(("acknowledged", f"by {who(inc.acknowledged_by)}{when}"))
+            facts.append(("acknowledged", f"by {who_did(inc.acknowledged_by, names)}{when}"))
         if inc.resolved_at:
-            facts.append(("resolved", f"by {who(inc.resolved_by)} at {at(inc.resolved_at)}"))
+            facts.append(("resolved", f"by {who_did(inc.resolved_by, names)} at {at(inc.resolved_at)}"))
         if inc.previous_id:
             facts.append(("follows", f"#{inc.previous_id}"))
         facts += [(f"link: {k}", v) for k, v in inc.links.items()]
@@ -230,7 +229,8 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
                     [(a.source, a.fingerprint, a.status, a.severity, a.summary, a.received_count) for a in alerts]), file=out)
         print("\nTimeline", file=out)
         print(table(["AT", "ACTION", "BY"], [(at(e.at), e.action,
-                    who(e.actor_person) or f"{e.actor_platform}:{e.actor_user_id}") for e in timeline]), file=out)
+                    who_did(e.actor_person, names) if e.actor_person else f"{e.actor_platform}:{e.actor_user_id}")
+                   for e in timeline]), file=out)
         return EXIT_OK
 
     return asyncio.run(_with_db(loaded, work))

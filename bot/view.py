@@ -245,6 +245,16 @@ def _facts(incident: Any, state: str, now: datetime, zone: ZoneInfo, ack_name: s
     return facts
 
 
+def who_did(who: str | None, names: Mapping[str, str]) -> str:
+    """Who did something, as stored (`alice`, `person:alice`, `source:am`), as people read it: Alice, or "its
+    source, am"."""
+    kind, _, rest = (who or "").partition(":")
+    if kind == "source":
+        return f"its source, {rest}"
+    person = rest if kind == "person" else (who or "")
+    return names.get(person, person or "someone")
+
+
 def _resolver(resolved_by: str | None, name: str | None) -> str:
     if name:
         return person_name(name)

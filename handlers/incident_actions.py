@@ -18,6 +18,7 @@ from sqlmodel import select
 
 from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED, InvalidTransition, transition
 from bot.model import Actor
+from bot.view import who_did
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from handlers.notify import queue_redraw, queue_thread_line
@@ -94,15 +95,6 @@ async def perform(
         return ActionResult(True, message, incident.id, incident.status, incident.severity, elapsed)
 
 
-def _by(who: str | None, names: Mapping[str, str]) -> str:
-    """Who did it, as people read it: `person:alice` or `alice` is Alice; `source:am` is the alert source am."""
-    kind, _, rest = (who or "").partition(":")
-    if kind == "source":
-        return f"its source, {rest}"
-    person = rest if kind == "person" else (who or "")
-    return names.get(person, person or "someone")
-
-
 def _refusal(incident: Incident, action: str, names: Mapping[str, str]) -> str | None:
     """Why `action` does nothing now, in the words a person wants to read; None when it applies."""
     ident = f"#{incident.id}"
@@ -112,9 +104,9 @@ def _refusal(incident: Incident, action: str, names: Mapping[str, str]) -> str |
         transition(incident.status, action)
     except InvalidTransition:
         if incident.status == ACKNOWLEDGED and action == "acknowledge":
-            return f"{ident} is already acknowledged by {_by(incident.acknowledged_by, names)}."
+            return f"{ident} is already acknowledged by {who_did(incident.acknowledged_by, names)}."
         if incident.status == RESOLVED and action in ("acknowledge", "resolve"):
-            return f"{ident} is already resolved by {_by(incident.resolved_by, names)}."
+            return f"{ident} is already resolved by {who_did(incident.resolved_by, names)}."
         if incident.status == TRIGGERED and action == "reopen":
             return f"{ident} is open; there is nothing to reopen."
         return f"{ident} is {incident.status}; it cannot be {_past(action)}."

@@ -169,10 +169,12 @@ async def test_incidents_show_reads_in_the_bots_time_zone_with_names(tmp_path: P
         from bot.model import Actor
         from handlers.incident_actions import perform
 
-        assert (await perform(db=h.bot.db, audit=h.bot.audit, incident_id=incident.id, action="acknowledge",
-                              actor=Actor("slack", "U01ALICE", "Alice", "alice"), now=h.clock.now())).changed
+        for action in ("acknowledge", "resolve"):
+            assert (await perform(db=h.bot.db, audit=h.bot.audit, incident_id=incident.id, action=action,
+                                  actor=Actor("slack", "U01ALICE", "Alice", "alice"), now=h.clock.now())).changed
     assert await asyncio.to_thread(main, ["incidents", "show", str(incident.id), "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "opened:       2026-11-24 05:00:00 CET (" in out
     assert "acknowledged: by Alice at 2026-11-24 05:00:00 CET" in out
     assert "2026-11-24 05:00:00 CET  incident.acknowledged  Alice" in out
+    assert "resolved:     by Alice at 2026-11-24 05:00:00 CET" in out
