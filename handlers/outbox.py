@@ -315,7 +315,7 @@ class OutboxWorker:
                                     gone=repost) is not None:
                     await self._finish(updates, "sent")
                 elif reposting:
-                    return calls  # the thread lines wait for the new parent
+                    return calls  # the card is posted afresh next round, drawn as the incident is then
         for line_items, text in _thread_lines([i for i in items if i.kind == "reply"], now):
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 break
@@ -396,7 +396,7 @@ class OutboxWorker:
             await self._finish([row], "sent")
             return 1
         problem = attempt.problem(person, self.adapters)
-        await self._failed([row], problem, None, permanent=not attempt.transient)
+        await self._failed([row], problem, None, permanent=not attempt.transient, platform_trouble=attempt.transient)
         return 1
 
     def _budget(self, platform: str, user_id: str) -> bool:
@@ -548,7 +548,9 @@ class OutboxWorker:
 def _thread_lines(replies: list[OutboxItem], now: datetime) -> list[tuple[list[OutboxItem], str]]:
     """Replies that are due, in order, with "N new alerts" lines of one kind merged into one. A line waiting to
     be tried again (it failed) holds back the lines after it, so the thread keeps the order things happened in."""
-    held = next((i for i, r in enumerate(replies) if r.attempts and r.due_at > now), None)
+    # (a line that is not merged is due when it is queued: one due later is waiting to be tried again, after a
+    # failure or a rate limit; the merged "N new alerts" lines wait on purpose and hold nothing back)
+    held = next((i for i, r in enumerate(replies) if r.event not in MERGED_EVENTS and r.due_at > now), None)
     if held is not None:
         replies = replies[:held]
     if not any(r.due_at <= now for r in replies):

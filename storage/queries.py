@@ -63,7 +63,7 @@ async def retry_dead(session: AsyncSession, now: datetime, ids: Sequence[int] | 
     chosen = list((await session.execute(query.order_by(OutboxItem.id))).scalars())
     if chosen:
         await session.execute(update(OutboxItem).where(OutboxItem.id.in_(chosen), OutboxItem.status == "dead")
-                              .values(status="pending", attempts=0, due_at=now))
+                              .values(status="pending", attempts=0, due_at=now, created_at=now))
     return chosen
 
 

@@ -285,3 +285,20 @@ async def test_the_delivery_loop_folds_on_its_own(database: str, tmp_path: Path,
             await asyncio.sleep(0.05)
         assert [row[2:4] for row in await h.pending()] == [
             ("post", "incident.opened"), ("update", "incident.changed"), ("reply", "alerts.grouped")]
+
+
+def test_a_line_waiting_after_a_failure_or_a_rate_limit_holds_back_the_ones_after_it() -> None:
+    from handlers.outbox import _thread_lines
+
+    def line(n: int, event: str, due: timedelta, attempts: int = 0, **details: object) -> OutboxItem:
+        return OutboxItem(id=n, created_at=T0, due_at=T0 + due, incident_id=1, channel="ops-slack", kind="reply",
+                          event=event, details={"name": "Alice", **details}, attempts=attempts)
+
+    ack, res = line(1, "incident.acknowledged", timedelta(seconds=30)), line(2, "incident.resolved", timedelta(0))
+    assert _thread_lines([ack, res], T0) == []  # the ack waits out a 429 (no attempt spent): the resolve waits too
+    failed = line(1, "incident.acknowledged", timedelta(seconds=4), attempts=2)
+    assert _thread_lines([failed, res], T0) == []
+    burst = line(1, "alerts.grouped", timedelta(seconds=30), count=3)  # waits on purpose to gather a burst
+    assert [text for _, text in _thread_lines([burst, res], T0)] == ["Resolved by Alice"]
+    later = T0 + timedelta(seconds=31)
+    assert [text.split(" by ")[0] for _, text in _thread_lines([ack, res], later)] == ["Acknowledged", "Resolved"]
