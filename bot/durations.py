@@ -10,8 +10,11 @@ _UNITS = (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
+LONGEST = timedelta(days=3650)  # ten years: longer than any shift, wait or window, and short enough for dates
+
+
 class DurationTooLong(ValueError):
-    """Well written, but more than a timedelta holds (about 2.7 million years)."""
+    """Well written, but longer than LONGEST (dates this far away break the calendar arithmetic)."""
 
 
 def parse_duration(text: str | int | timedelta) -> timedelta:
@@ -31,10 +34,9 @@ def parse_duration(text: str | int | timedelta) -> timedelta:
 
 
 def _delta(seconds: int, text: object) -> timedelta:
-    try:
-        return timedelta(seconds=seconds)
-    except OverflowError:
-        raise DurationTooLong(f"duration {str(text)[:40]!r} is too long") from None
+    if seconds > LONGEST.total_seconds():
+        raise DurationTooLong(f"duration {str(text)[:40]!r} is too long (at most {LONGEST.days}d)")
+    return timedelta(seconds=seconds)
 
 
 def format_duration(delta: timedelta) -> str:

@@ -242,7 +242,12 @@ def test_a_variable_set_to_nothing_counts_as_unset() -> None:
 def test_a_duration_too_long_for_the_calendar_is_a_config_error_not_a_crash() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(BASE.replace("shift: 1w", "shift: 99999999999d") + ROUTES, adapter_models=SETTINGS_MODELS, env={})
-    assert "rotations[0].shift: duration '99999999999d' is too long" in [f"{p}: {m}" for p, m in info.value.problems]
+    assert "rotations[0].shift: duration '99999999999d' is too long (at most 3650d)" in [
+        f"{p}: {m}" for p, m in info.value.problems]
+    with pytest.raises(ConfigError) as info:  # fits a timedelta, not the calendar: still refused
+        parse_config(BASE.replace("shift: 1w", "shift: 9999999d") + ROUTES, adapter_models=SETTINGS_MODELS, env={})
+    assert "rotations[0].shift: duration '9999999d' is too long (at most 3650d)" in [
+        f"{p}: {m}" for p, m in info.value.problems]
 
 
 @pytest.mark.parametrize(
