@@ -483,12 +483,11 @@ class TelegramAdapter:
 
     async def _confirm_step(self, query: CallbackQuery, data: str) -> None:
         """A tap on a button that asks first, or on its Cancel: redraw that button in place. Only someone who
-        may press it arms it (the redrawn button is there for the whole group)."""
-        if data[0] == ASK:
-            refused = self.dispatcher.refusal(actions.decode(data[1:]).action.value, actor_of(query.from_user))
-            if refused is not None:
-                await self._answer(query, toast(refused.text))
-                return
+        may press it arms it, or disarms it (the redrawn button is there for the whole group)."""
+        refused = self.dispatcher.refusal(actions.decode(data[1:]).action.value, actor_of(query.from_user))
+        if refused is not None:
+            await self._answer(query, toast(refused.text))
+            return
         message = query.message
         markup = getattr(message, "reply_markup", None)
         changed = confirm_keyboard(markup, data) if markup is not None else None

@@ -282,6 +282,9 @@ def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
                 await AuditLog(loaded.config.audit.hmac_key).append_many(session, [Entry(
                     "outbox.retried", Actor("cli", user, user), "outbox", ",".join(map(str, chosen)), now,
                     {"ids": chosen})])
+        skipped = sorted(set(args.ids) - set(chosen))
+        if skipped and chosen:
+            print(f"not dead, or no such delivery: {', '.join(map(str, skipped))}", file=sys.stderr)
         if not chosen:
             print("no dead deliveries" + (f" with those ids ({', '.join(map(str, args.ids))})" if args.ids else
                                           " (pages are retried only by id)"), file=out)

@@ -309,6 +309,14 @@ async def test_only_someone_who_may_press_a_button_arms_its_confirmation(env: En
     [answer] = await env.answered()
     assert answer["text"] == "Resolve needs the responder role, and Erin has no roles."  # a toast: no backticks
     assert keyboard_of(message) == drawn and not env.tg.called("editMessageReplyMarkup")
+    env.dispatcher.refused = None
+    await env.click("?res:42", copy.deepcopy(message))  # a responder arms it...
+    await env.answered(2)
+    armed = keyboard_of(message)
+    env.dispatcher.refused = Reply("I don't know you yet.")
+    await env.click("!res:42", copy.deepcopy(message))  # ...and a stranger cannot disarm it
+    await env.answered(3)
+    assert keyboard_of(message) == armed != drawn
 
 
 async def test_asking_on_a_message_whose_keyboard_changed_says_so(env: Env) -> None:
