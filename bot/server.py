@@ -137,11 +137,18 @@ class Bot:
             await leader.close()
         await self.db.dispose()
 
+    def _adapters_up(self) -> None:
+        """chatops_adapter_up as things are now: 0 for a platform whose token was refused since it started."""
+        for name in self.adapters:
+            self.metrics.adapter_up.labels(name).set(0 if name in self.outbox.token_refused else 1)
+
     def adapter_states(self) -> dict[str, str]:
         states = {name: f"off ({why})" for name, why in self.loaded.adapters_off.items()}
         for name in self.loaded.adapters:
             if name in self.adapters_failed:
                 states[name] = f"off ({self.adapters_failed[name]})"
+            elif name in self.outbox.token_refused:  # refused since start: messages wait for a new token
+                states[name] = f"token refused ({self.outbox.token_refused[name]}); messages wait for it to be fixed"
             else:
                 states[name] = "on" if name in self.adapters else "configured, but this version has no adapter for it"
         return dict(sorted(states.items()))
@@ -211,6 +218,7 @@ class Bot:
         else:
             database = "ok"
         self.metrics.db_up.set(1 if database == "ok" else 0)
+        self._adapters_up()
         body = {"status": "ok" if database == "ok" else "unavailable", "database": database,
                 "adapters": self.adapter_states()}
         return web.json_response(body, status=200 if database == "ok" else 503)
@@ -240,6 +248,7 @@ class Bot:
             self.metrics.timers_overdue.set(stalled)
         except Exception as exc:  # metrics still answer when the store does not
             log.warning("metrics: cannot count open incidents: %s", exc)
+        self._adapters_up()
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
 

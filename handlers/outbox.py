@@ -137,6 +137,7 @@ class OutboxWorker:
         self.buckets = _Buckets(budgets)
         self.poll_seconds, self.max_attempts, self.batch = poll_seconds, max_attempts, batch
         self.give_up_after = give_up_after  # how long a platform in trouble is waited for
+        self.token_refused: dict[str, str] = {}  # platform -> why, while its token is refused (until a call works)
         self.min_interval = min_interval
         # With nothing pending at all, only a nudge brings work (every change that queues a row nudges); on SQLite,
         # where no other replica queues rows, the safety poll then slows to this.
@@ -478,6 +479,8 @@ class OutboxWorker:
             result = await call
         except DeliveryError as exc:
             self.metrics.chat_calls.labels(platform, method, "error").inc()
+            if exc.token_refused:
+                self.token_refused[platform] = str(exc)
             if exc.gone and gone is not None:
                 await gone()
                 return None
@@ -492,6 +495,7 @@ class OutboxWorker:
             await self._failed(items, f"{type(exc).__name__}: {exc}", None, permanent=False)
             return None
         self.metrics.chat_calls.labels(platform, method, "ok").inc()
+        self.token_refused.pop(platform, None)
         return result if result is not None else True
 
     async def _failed(self, items: Sequence[OutboxItem], error: str, retry_after: float | None, *, permanent: bool,

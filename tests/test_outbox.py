@@ -189,9 +189,18 @@ async def test_a_platform_in_trouble_for_a_while_loses_nothing(tmp_path: Path, e
                 await retried_after(h, timedelta(minutes=15))
             [(state, attempts, last)] = await row_state(h)
             assert state == "pending" and attempts > 8 and error in (last or "")  # past the old 8 tries, still held
+            ready = await (await h.client.get("/readyz")).json()
+            metrics = await (await h.client.get("/metrics")).text()
+            if error == "invalid_auth":  # says so where operators look
+                assert ready["adapters"]["slack"].startswith("token refused (slack chat.postMessage: invalid_auth)")
+                assert 'chatops_adapter_up{adapter="slack"} 0.0' in metrics
+            else:
+                assert ready["adapters"]["slack"] == "on"
             fake._failures["chat.postMessage"].clear()  # back
             await drain(h, step=timedelta(minutes=1), seconds=10)
             assert len(parents(fake)) == 1 and [r[0] for r in await row_state(h)] == ["sent"]
+            assert (await (await h.client.get("/readyz")).json())["adapters"]["slack"] == "on"
+            assert 'chatops_adapter_up{adapter="slack"} 1.0' in await (await h.client.get("/metrics")).text()
 
 
 async def test_a_platform_in_trouble_is_given_up_on_after_a_day(tmp_path: Path) -> None:
