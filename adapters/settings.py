@@ -56,4 +56,3 @@ SETTINGS_MODELS: dict[str, type[BaseModel]] = {
     "telegram": TelegramSettings,
     "teams": TeamsSettings,
 }
-BUILT = frozenset(name for name, model in SETTINGS_MODELS.items() if getattr(model, "built", True))

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.engine import make_url
 
-from adapters import BUILT, SETTINGS_MODELS
+from adapters import SETTINGS_MODELS
 from bot import logs
 from bot.config import ConfigError, Loaded, config_path, load_config
 from bot.incidents import STATUSES, priority
@@ -83,7 +83,7 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
         print(f"note: adapters.{name} is off: {why}", file=sys.stderr)
     for source, why in loaded.sources_off.items():
         print(f"note: source {source} is off: {why}", file=sys.stderr)
-    print(loaded.summary(BUILT), file=out)
+    print(loaded.summary(), file=out)
     return EXIT_OK
 
 
@@ -207,7 +207,6 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
 
         def at(moment: datetime) -> str:  # in the bot's time zone, to the second
             return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
-
 
         print(f"#{inc.id} {inc.title}", file=out)
         facts = [("status", inc.status + (" (silenced)" if inc.silenced else "")), ("severity", inc.severity),

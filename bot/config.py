@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
@@ -391,16 +391,17 @@ class Loaded:
     adapters_off: dict[str, str] = field(default_factory=dict)
     sources_off: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    built: frozenset[str] = frozenset()  # the platforms this version has an adapter for (their settings say)
 
-    def summary(self, built: Collection[str] | None = None) -> str:
-        """One line: what the file holds, and which adapters are on (of those this version has: `built`)."""
+    def summary(self) -> str:
+        """One line: what the file holds, and which adapters are on (of those this version has)."""
         c = self.config
 
         def n(items: list[Any], word: str) -> str:
             return f"{len(items)} {word}{'' if len(items) == 1 else 's'}"
 
-        on = ", ".join(sorted(a for a in self.adapters if built is None or a in built)) or "none"
-        missing = sorted(a for a in self.adapters if built is not None and a not in built)
+        on = ", ".join(sorted(a for a in self.adapters if a in self.built)) or "none"
+        missing = sorted(a for a in self.adapters if a not in self.built)
         return (
             f"{self.path}: valid: {n(c.people, 'person').replace('persons', 'people')}, "
             f"{n(c.channels, 'channel')}, {n(c.sources, 'source')}, {n(c.routes, 'route')}, "
@@ -542,7 +543,7 @@ def parse_config(
         if key not in loaded_adapters and key not in adapters_off:
             adapters_off[key] = "no section under adapters"
     routed = {ch for route in config.routes for ch in route.channels}
-    built = {name for name, model in adapter_models.items() if getattr(model, "built", True)}
+    built = frozenset(name for name, model in adapter_models.items() if getattr(model, "built", True))
     for i, ch in enumerate(config.channels):
         if ch.id not in routed or (ch.platform in loaded_adapters and ch.platform in built):
             continue
@@ -550,7 +551,7 @@ def parse_config(
                else f"off ({adapters_off.get(ch.platform, 'not configured')})")
         warnings.append(f"channels[{i}] ({ch.id}): {ch.platform} is {why}, so incidents routed there wait in the "
                         "outbox until it is on")
-    return Loaded(config, name, loaded_adapters, adapters_off, sources_off, warnings)
+    return Loaded(config, name, loaded_adapters, adapters_off, sources_off, warnings, built)
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from adapters.settings import BUILT, ENDPOINTS
+from adapters.settings import ENDPOINTS
 from bot.clock import Clock, SystemClock
 from bot.chat import Adapter, DeliveryError
 from bot.config import Loaded, template_dir
@@ -173,7 +173,7 @@ class Bot:
         return app
 
     async def _adapter_off(self, name: str, _request: web.Request) -> web.Response:
-        if name in self.loaded.adapters and name not in BUILT:
+        if name in self.loaded.adapters and name not in self.loaded.built:
             return web.json_response({"error": f"{name} is configured, but this version of the bot has no {name} "
                                                "adapter"}, status=501)
         why = self.adapters_failed.get(name) or self.loaded.adapters_off.get(name) or f"adapters.{name} is not configured"

@@ -17,8 +17,8 @@ no longer exists; a reminder planned for someone who no longer takes over is dro
 planning (which a taken swap triggers at once) reminds the new person. A notice fired after the
 incoming stretch has ended (the bot was down throughout) is dropped as stale. Back from an outage longer
 than the horizon, the first planning of the process looks back to the last notice it had planned (at most
-7 days, or a shift), so the stretch under way is announced; a bot that never planned a notice for the rotation announces nothing
-that began before it started.
+7 days, or a shift), so the stretch under way is announced; a bot that never planned a notice for the
+rotation announces nothing that began before it started.
 """
 
 from __future__ import annotations
