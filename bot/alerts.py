@@ -2,12 +2,15 @@
 
 Parsers are pure: they take the decoded JSON and return `Alert`s, or raise
 `ShapeError` naming the field that is wrong (the HTTP layer answers 422).
+`read_body` does the whole step from a request's bytes, with the answer for a
+body that is not a payload (`BodyError`: 400 or 422, and why).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -294,6 +297,62 @@ def truncated_count(kind: str, payload: Any) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
         raise ShapeError("truncatedAlerts", f"expected a whole number >= 0, got {raw!r}"[:120])
     return raw
+
+
+class BodyError(ValueError):
+    """A request body that is not a payload of its source's kind: the HTTP status (400: not JSON, or JSON
+    this bot cannot keep; 422: the wrong shape), the rejection reason counted in /metrics, and the message."""
+
+    def __init__(self, status: int, reason: str, message: str, field: str | None = None):
+        self.status, self.reason, self.message, self.field = status, reason, message, field
+        super().__init__(message)
+
+    def body(self) -> dict[str, Any]:
+        """The answer's JSON body."""
+        return {"error": self.message, "field": self.field} if self.field is not None else {"error": self.message}
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:40]} is too large for a JSON number here")
+    return value
+
+
+# json.loads, without NaN and Infinity (written so, or as a number too large to be anything else)
+_decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite).decode
+_dumps_utf8 = json.JSONEncoder(ensure_ascii=False).encode  # then .encode(): fails on a lone surrogate
+
+
+def read_body(kind: str, source_id: str, body: bytes) -> tuple[list[Alert], int]:
+    """A request's body -> its alerts and how many the sender left out (`truncated_count`); BodyError if it is
+    not a `kind` payload. Run where the alerts are needed: the HTTP front, or the intake writer process."""
+    try:
+        payload = _decode(body.decode("utf-8"))
+        if b"\\ud" in body or b"\\uD" in body:  # a \uD800-\uDFFF escape: a lone one is no text to store
+            _dumps_utf8(payload).encode("utf-8")
+    except UnicodeDecodeError:
+        raise BodyError(400, "malformed", "body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise BodyError(400, "malformed", f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise BodyError(400, "malformed", "malformed JSON: nested too deeply") from None
+    except UnicodeEncodeError:
+        raise BodyError(400, "malformed", "malformed JSON: a string holds half of a UTF-16 surrogate pair "
+                                          "(a lone \\uD800-\\uDFFF escape)") from None
+    except ValueError as exc:  # NaN or Infinity; an integer of more than 4,300 digits
+        problem = "a number of more than 4,300 digits" if "integer string conversion" in str(exc) else str(exc)
+        raise BodyError(400, "malformed", f"malformed JSON: {problem}") from None
+    try:
+        return PARSERS[kind](payload, source_id), truncated_count(kind, payload)
+    except ShapeError as exc:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise BodyError(422, "bad_shape", f"{exc.field}: {exc.problem} (not {article} {kind} payload?)",
+                        exc.field) from None
 
 
 PARSERS: dict[str, Callable[[Any, str], list[Alert]]] = {

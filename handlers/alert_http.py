@@ -1,15 +1,17 @@
-"""`POST /alerts/{source}`: size, auth, rate limit, JSON, shape; then intake. Never a 500 for bad input."""
+"""`POST /alerts/{source}`: size, auth, rate limit, JSON, shape; then intake. Never a 500 for bad input.
+
+JSON and shape are read here (bot.alerts.read_body), or, with a writer process, there: the body travels as it
+came and the writer process answers a bad one with the same 400/422 (Intake.reads_bodies)."""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any
 
 from aiohttp import EofStream, web
 
-from bot.alerts import PARSERS, ShapeError, truncated_count
+from bot.alerts import BodyError, read_body
 from bot.auth import AuthError, ReplayGuard, signature_of, verify
 from bot.clock import Clock
 from bot.config import HmacAuth, Loaded
@@ -21,26 +23,6 @@ from storage.rows import fast_encoder
 _dumps = fast_encoder(json.JSONEncoder())  # json.dumps, aiohttp's default for json_response
 
 MAX_DELIVERY_ID = 200
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"{text[:40]} is too large for a JSON number here")
-    return value
-
-
-# json.loads, without NaN and Infinity (written so, or as a number too large to be anything else)
-_decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite).decode
-_dumps_utf8 = json.JSONEncoder(ensure_ascii=False).encode  # then .encode(): fails on a lone surrogate
-
-
-def _check_text(payload: Any) -> None:
-    _dumps_utf8(payload).encode("utf-8")
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -107,30 +89,14 @@ class AlertEndpoint:
         if delivery_id and not (delivery_id.isascii() and delivery_id.isprintable()):
             return self._reject(source_id, "bad_delivery_id",
                                 _error(400, "X-Delivery-ID must be printable ASCII (a UUID, say)"))
-        try:
-            payload = _decode(body.decode("utf-8"))
-            if b"\\ud" in body or b"\\uD" in body:  # a \uD800-\uDFFF escape: a lone one is no text to store
-                _check_text(payload)
-        except UnicodeDecodeError:
-            return self._reject(source_id, "malformed", _error(400, "body is not UTF-8 text"))
-        except json.JSONDecodeError as exc:
-            return self._reject(source_id, "malformed", _error(
-                400, f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"))
-        except RecursionError:
-            return self._reject(source_id, "malformed", _error(400, "malformed JSON: nested too deeply"))
-        except UnicodeEncodeError:
-            return self._reject(source_id, "malformed", _error(
-                400, "malformed JSON: a string holds half of a UTF-16 surrogate pair (a lone \\uD800-\\uDFFF escape)"))
-        except ValueError as exc:  # NaN or Infinity; an integer of more than 4,300 digits
-            problem = "a number of more than 4,300 digits" if "integer string conversion" in str(exc) else str(exc)
-            return self._reject(source_id, "malformed", _error(400, f"malformed JSON: {problem}"))
-        try:
-            alerts = PARSERS[source.kind](payload, source.id)
-            truncated = truncated_count(source.kind, payload)
-        except ShapeError as exc:
-            article = "an" if source.kind[0] in "aeiou" else "a"
-            return self._reject(source_id, "bad_shape", _error(
-                422, f"{exc.field}: {exc.problem} (not {article} {source.kind} payload?)", field=exc.field))
+        raw: bytes | None = None
+        if self.intake.reads_bodies:  # the writer process reads it: this process's core is the scarcer one
+            alerts, truncated, raw = [], 0, body
+        else:
+            try:
+                alerts, truncated = read_body(source.kind, source.id, body)
+            except BodyError as exc:
+                return self._reject(source_id, exc.reason, web.json_response(exc.body(), status=exc.status))
         if signature:
             # The same signed request already on its way to the store: a copy is not a second alert, but it is not
             # refused for good either (the first may fail); under its own X-Delivery-ID intake answers it as a retry.
@@ -141,14 +107,19 @@ class AlertEndpoint:
                     headers={"Retry-After": "1"}))
             self._in_flight.setdefault(signature, []).append(delivery_id)
             try:
-                outcome = await self.intake.submit(source, alerts, delivery_id, truncated)
+                outcome = await self.intake.submit(source, alerts, delivery_id, truncated, body=raw)
             finally:
                 going = self._in_flight[signature]
                 going.remove(delivery_id)
                 if not going:
                     del self._in_flight[signature]
         else:
-            outcome = await self.intake.submit(source, alerts, delivery_id, truncated)
+            outcome = await self.intake.submit(source, alerts, delivery_id, truncated, body=raw)
+        if outcome.rejected is not None:  # the writer process found it is no payload of this kind (see read_body)
+            return self._reject(source_id, outcome.rejected, web.Response(
+                body=outcome.encoded, status=outcome.status, content_type="application/json", charset="utf-8"))
+        if raw is not None:
+            truncated = outcome.truncated
         headers = {"X-Idempotent-Replay": "true"} if outcome.replayed else {}
         if outcome.status == 503:
             headers["Retry-After"] = "5"

@@ -58,11 +58,15 @@ class Outcome:
     """A submission's answer: HTTP status and JSON body. From the writer process the body comes already encoded
     (`encoded`, what json.dumps writes), and is decoded only if someone reads `body`."""
 
-    __slots__ = ("status", "_body", "replayed", "encoded")
+    __slots__ = ("status", "_body", "replayed", "encoded", "rejected", "truncated")
 
     def __init__(self, status: int, body: dict[str, Any] | None = None, replayed: bool = False, *,
                  encoded: bytes | None = None):
         self.status, self._body, self.replayed, self.encoded = status, body, replayed, encoded
+        # For a body the writer process read (Submission.body): why it refused it (BodyError.reason), or None;
+        # and how many alerts the sender left out of it.
+        self.rejected: str | None = None
+        self.truncated = 0
 
     @property
     def body(self) -> dict[str, Any]:
@@ -81,6 +85,19 @@ class Submission:
     delivery_id: str | None
     future: asyncio.Future[Outcome] | None  # None in the writer process
     truncated: int = 0  # alerts the sender left out of this notification (truncatedAlerts)
+    # The request's body, when the writer process reads it (Intake.reads_bodies): `alerts` stays empty here,
+    # and the answer says how many of each status it held (`counts`).
+    body: bytes | None = None
+    counts: dict[str, int] | None = None
+
+    def received(self) -> dict[str, int]:
+        """Alerts by status (firing, resolved)."""
+        if self.counts is not None:
+            return self.counts
+        out: dict[str, int] = {}
+        for alert in self.alerts:
+            out[alert.status] = out.get(alert.status, 0) + 1
+        return out
 
 
 class _Row:
@@ -271,10 +288,20 @@ class Intake:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
+    @property
+    def reads_bodies(self) -> bool:
+        """Whether `submit` takes the request's body and the writer process reads it (bot.alerts.read_body):
+        with a writer process, the HTTP front's core is the busier of the two."""
+        return self._in_process()
+
     async def submit(self, source: Source, alerts: list[Alert], delivery_id: str | None,
-                     truncated: int = 0) -> Outcome:
+                     truncated: int = 0, *, body: bytes | None = None) -> Outcome:
+        """Store `alerts` (or, if `reads_bodies`, the alerts of `body`) and answer after the commit. For a body
+        that is no payload of the source's kind the outcome says why (`Outcome.rejected`)."""
+        if body is not None and not self.reads_bodies:
+            raise ValueError("this intake reads no bodies (no writer process): submit the parsed alerts")
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._inbox.append(Submission(source, alerts, delivery_id, future, truncated))
+        self._inbox.append(Submission(source, alerts, delivery_id, future, truncated, body))
         self._kick()
         return await future
 
@@ -385,9 +412,9 @@ class Intake:
             self.metrics.time_to_resolve.labels(severity).observe(seconds)
         received: dict[tuple[str, str], int] = {}
         for s in fresh:
-            for alert in s.alerts:
-                key = (s.source.id, alert.status)
-                received[key] = received.get(key, 0) + 1
+            for status, n in s.received().items():
+                key = (s.source.id, status)
+                received[key] = received.get(key, 0) + n
         for (source_id, status), n in received.items():  # no await in between: nobody sees a partial count
             self.metrics.count_received(source_id, status, n)
         self.metrics.audit_events.inc(events)
@@ -448,8 +475,8 @@ class Intake:
             batch = self._take()
             try:
                 future = self._writer_process().call(
-                    (self.clock.now(), [(s.source.id, [_alert_fields(a) for a in s.alerts], s.delivery_id,
-                                         s.truncated) for s in batch]))
+                    (self.clock.now(), [(s.source.id, s.body if s.body is not None else [_alert_fields(a) for a in s.alerts],
+                                         s.delivery_id, s.truncated) for s in batch]))
             except Exception as exc:
                 self._failed_whole(batch, exc)
                 continue
@@ -482,13 +509,20 @@ class Intake:
 
     def _answer_from_process(self, batch: list[Submission], answer: Any) -> None:
         """The writer process's answer to one batch (see _ProcessWriter)."""
-        outcomes, fresh, events, resolved_after, escalations, logs = answer
+        outcomes, fresh, events, resolved_after, escalations, logs, read = answer
         if len(outcomes) != len(batch):
             raise ValueError(f"the writer process answered {len(outcomes)} submissions of {len(batch)}")
         for level, message in logs:
             log.log(level, "%s", message)
-        result: _Result = ([Outcome(status, None, replayed, encoded=body) for status, body, replayed in outcomes],
-                           [batch[i] for i in fresh], events, resolved_after, escalations)
+        answered = []
+        for s, (status, body, replayed), what in zip(batch, outcomes, read):
+            outcome = Outcome(status, None, replayed, encoded=body)
+            if what is not None:  # it read s.body: (refused because, truncated, firing, resolved)
+                outcome.rejected, s.truncated, firing, resolved = what
+                outcome.truncated = s.truncated
+                s.counts = {k: n for k, n in (("firing", firing), ("resolved", resolved)) if n}
+            answered.append(outcome)
+        result: _Result = (answered, [batch[i] for i in fresh], events, resolved_after, escalations)
         if fresh or events or escalations or resolved_after or any(o[0] < 300 for o in outcomes):  # something committed
             self._answer(batch, result)
             return

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from bot.alerts import Alert
+from bot.alerts import Alert, BodyError, read_body
 from bot.config import Config
 from handlers.escalation import Escalations
 from handlers.intake import _INTERNAL, _UNAVAILABLE, Intake, Submission, _dumps, _is_db_unavailable
@@ -31,9 +31,13 @@ class _ProcessWriter:
     transaction (of at most `max_batch` submissions), with the `now` of the newest: as the writer thread
     takes everything queued when its transaction begins and reads the clock then. A transaction that fails
     is retried one submission at a time, in order, before anything later (as Intake._failed does), unless
-    the database is unavailable: then all of it gets 503. Each message's answer carries its submissions'
-    outcomes and which were fresh; the last one also what the transactions did for `_answer` (audit events
-    written, time-to-resolve observations, escalations started) and what to log (the parent logs it).
+    the database is unavailable: then all of it gets 503. A submission may come as the request's body
+    (Intake.reads_bodies): it is read here first (bot.alerts.read_body), and one that is no payload of its
+    source's kind is answered 400/422 and not applied. Each message's answer carries its submissions'
+    outcomes and which were fresh, and for each body it read: why it refused it (or None), how many alerts
+    the sender left out, how many firing and resolved; the last one also what the transactions did for
+    `_answer` (audit events written, time-to-resolve observations, escalations started) and what to log (the
+    parent logs it).
     """
 
     def __init__(self, url: str, config: Config, on_open: Any, on_raise: Any, max_batch: int):
@@ -48,26 +52,28 @@ class _ProcessWriter:
         self.sources = {s.id: s for s in config.sources}
         self.max_batch = max_batch
 
-    def __call__(self, messages: list[tuple[datetime, list[tuple[str, list[tuple[Any, ...]], str | None, int]]]]
+    def __call__(self, messages: list[tuple[datetime, list[tuple[str, list[tuple[Any, ...]] | bytes, str | None, int]]]]
                  ) -> list[Any]:
         logs: list[tuple[int, str]] = []
         outcomes: list[list[tuple[int, bytes, bool]]] = []
         fresh: list[list[int]] = [[] for _ in messages]
         where: dict[int, tuple[int, int]] = {}  # id(submission) -> (message, index in it)
         groups: list[tuple[datetime, list[Submission]]] = []
+        read: list[list[tuple[str | None, int, int, int] | None]] = []  # per submission whose body it read
         for m, (now, items) in enumerate(messages):
-            try:
-                batch = [Submission(self.sources[source_id], [Alert(*fields) for fields in alerts], delivery_id, None,
-                                    truncated)
-                         for source_id, alerts, delivery_id, truncated in items]
-            except Exception as exc:  # not what the parent sends
-                logs.append((logging.ERROR, "intake writer: a batch it cannot read\n"
-                                            + "".join(traceback.format_exception(exc)).rstrip()))
-                outcomes.append([(500, _INTERNAL_BODY, False)] * len(items))
+            answers: list[tuple[int, bytes, bool]] = []
+            read.append([])
+            batch = []
+            for i, item in enumerate(items):
+                answer, what, s = self._submission(item, logs)
+                answers.append(answer)
+                read[m].append(what)
+                if s is not None:
+                    where[id(s)] = (m, i)
+                    batch.append(s)
+            outcomes.append(answers)
+            if not batch:
                 continue
-            outcomes.append([(503, _UNAVAILABLE_BODY, False)] * len(batch))  # until applied
-            for i, s in enumerate(batch):
-                where[id(s)] = (m, i)
             if groups and len(groups[-1][1]) + len(batch) <= self.max_batch:
                 groups[-1] = (now, groups[-1][1] + batch)
             else:
@@ -113,10 +119,32 @@ class _ProcessWriter:
                 events += n
                 resolved_after.extend(resolved)
                 escalations += started
-        answers: list[Any] = [(o, f, 0, [], 0, []) for o, f in zip(outcomes, fresh)]
+        answers: list[Any] = [(o, f, 0, [], 0, [], r) for o, f, r in zip(outcomes, fresh, read)]
         if answers:
-            answers[-1] = (outcomes[-1], fresh[-1], events, resolved_after, escalations, logs)
+            answers[-1] = (outcomes[-1], fresh[-1], events, resolved_after, escalations, logs, read[-1])
         return answers
+
+    def _submission(self, item: Any, logs: list[tuple[int, str]]
+                    ) -> tuple[tuple[int, bytes, bool], tuple[str | None, int, int, int] | None, Submission | None]:
+        """One submission as the parent sent it: its answer until applied (503), what reading its body found
+        (None if it came parsed), and the Submission to apply (None if it is refused already)."""
+        try:
+            source_id, alerts, delivery_id, truncated = item
+            source = self.sources[source_id]
+            if not isinstance(alerts, bytes):
+                return (503, _UNAVAILABLE_BODY, False), None, Submission(
+                    source, [Alert(*fields) for fields in alerts], delivery_id, None, truncated)
+            try:
+                parsed, truncated = read_body(source.kind, source.id, alerts)
+            except BodyError as exc:
+                return (exc.status, _dumps(exc.body()).encode(), False), (exc.reason, 0, 0, 0), None
+            firing = sum(1 for a in parsed if a.status == "firing")
+            return ((503, _UNAVAILABLE_BODY, False), (None, truncated, firing, len(parsed) - firing),
+                    Submission(source, parsed, delivery_id, None, truncated))
+        except Exception as exc:  # not what the parent sends, or a fault reading it: this one gets 500
+            logs.append((logging.ERROR, "intake writer: a submission it cannot read\n"
+                                        + "".join(traceback.format_exception(exc)).rstrip()))
+            return (500, _INTERNAL_BODY, False), None, None
 
 
 def writer_process_handler(*, url: str, config: Config, on_open: Any, on_raise: Any = None,

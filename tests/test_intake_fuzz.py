@@ -40,11 +40,13 @@ bodies = (
 )
 
 
-@pytest.fixture(scope="module")
-def fuzz_bot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[asyncio.AbstractEventLoop, Harness]]:
+@pytest.fixture(scope="module", params=["thread", "process"])
+def fuzz_bot(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+             ) -> Iterator[tuple[asyncio.AbstractEventLoop, Harness]]:
+    """The bot with the writer thread (the HTTP front reads the bodies) and with the writer process (it does)."""
     loop = asyncio.new_event_loop()
     path: Path = tmp_path_factory.mktemp("fuzz")
-    ctx = running_bot(f"sqlite+aiosqlite:///{path / 'fuzz.db'}")
+    ctx = running_bot(f"sqlite+aiosqlite:///{path / 'fuzz.db'}", storage_options=f"writer: {request.param}")
     harness = loop.run_until_complete(ctx.__aenter__())
     yield loop, harness
     loop.run_until_complete(ctx.__aexit__(None, None, None))

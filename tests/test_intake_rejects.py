@@ -21,9 +21,12 @@ from tests.botkit import Harness, fixture, raw_post, running_bot
 ALERT = {"asset_name": "web-1", "signature": "NginxDown", "severity": "high", "message": "down", "tool_source": "z"}
 
 
-@pytest.fixture
-async def h(tmp_path: Path) -> AsyncIterator[Harness]:
-    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as harness:
+@pytest.fixture(params=["thread", "process"])
+async def h(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """Every test here runs twice: with the writer thread, where the HTTP front reads each body, and with the
+    writer process (`storage.writer: process`), which reads the bodies itself (Intake.reads_bodies)."""
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+                           storage_options=f"writer: {request.param}") as harness:
         yield harness
 
 
@@ -256,13 +259,19 @@ MALFORMED = [
 async def test_malformed_bodies_get_a_precise_4xx(h: Harness, source: str, body: bytes, status: int, message: str) -> None:
     got_status, answer, _ = await h.post(source, body)
     assert (got_status, answer["error"]) == (status, message)
+    if status == 422:
+        assert answer["field"] == message.split(":", 1)[0]
+    if status in (400, 422):
+        assert await rejected(h, "malformed" if status == 400 else "bad_shape") == 1
     assert await h.count(AuditEvent) == 0
 
 
-async def test_deeply_nested_json_is_a_4xx(tmp_path: Path) -> None:
-    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'n.db'}") as h:
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_deeply_nested_json_is_a_4xx(tmp_path: Path, writer: str) -> None:
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'n.db'}", storage_options=f"writer: {writer}") as h:
         status, answer, _ = await h.post("limited", b"[" * 200_000 + b"]" * 200_000)
         assert (status, answer["error"]) == (400, "malformed JSON: nested too deeply")
+        assert await rejected(h, "malformed") == 1
 
 
 async def test_source_whose_secret_is_unset_is_off(tmp_path: Path) -> None:
