@@ -172,8 +172,9 @@ _INCIDENT_JSON = ("sources", "channels", "links")
 
 
 # What a committed batch reports: each request's outcome, the fresh submissions, the audit events written,
-# (severity, seconds from open) of each incident its source resolved, and how many escalations it started.
-_Result = tuple[list[Outcome], list[Submission], int, list[tuple[str, float]], int]
+# (severity, seconds from open) of each incident its source resolved, how many escalations it started, and how
+# many outbox rows (chat work) it queued.
+_Result = tuple[list[Outcome], list[Submission], int, list[tuple[str, float]], int, int]
 
 
 @dataclass
@@ -204,6 +205,7 @@ class _Batch:
     new_records: list[tuple[_Row, _Row]] = field(default_factory=list)
     resolved_after: list[tuple[str, float]] = field(default_factory=list)
     escalations: int = 0  # escalations started (on_open) or brought forward (on_raise): steps due now
+    queued: int = 0  # outbox rows written
     raised: dict[int, _Row] = field(default_factory=dict)  # id(incident) -> stored incidents whose severity rose
     truncated: dict[int, int | None] = field(default_factory=dict)  # id(incident) -> the truncatedAlerts last said
 
@@ -227,9 +229,10 @@ class Intake:
                  on_open: Callable[[Connection, list[tuple[int, str]], datetime], None] | None = None,
                  on_raise: Callable[[Connection, list[int], datetime], list[Entry]] | None = None,
                  writer: str = "thread"):
-        """`after_commit` runs after every commit (e.g. wake the outbox worker); `timers_due` after a commit that
-        started escalations (their first steps are timers due now: wake the timer tick). `writer`: where a SQLite
-        file's transactions run, "thread" or "process" (see the module's docstring); elsewhere ignored.
+        """`after_commit` runs after a commit that queued chat work (outbox rows: wake the outbox worker);
+        `timers_due` after a commit that started escalations (their first steps are timers due now: wake the timer
+        tick). `writer`: where a SQLite file's transactions run, "thread" or "process" (see the module's
+        docstring); elsewhere ignored.
         `db`, `clock` and `metrics` are None only in the writer process, which runs `_apply` alone."""
         if writer not in WRITERS:
             raise ValueError(f"writer must be one of {WRITERS}, not {writer!r}")
@@ -406,7 +409,7 @@ class Intake:
                 s.future.set_result(Outcome(status, {"error": _UNAVAILABLE if status == 503 else _INTERNAL}))
 
     def _answer(self, batch: list[Submission], result: _Result) -> None:
-        outcomes, fresh, events, resolved_after, escalations = result
+        outcomes, fresh, events, resolved_after, escalations, queued = result
         assert self.metrics is not None
         for severity, seconds in resolved_after:
             self.metrics.time_to_resolve.labels(severity).observe(seconds)
@@ -421,7 +424,7 @@ class Intake:
         for s, outcome in zip(batch, outcomes):
             if s.future is not None and not s.future.done():
                 s.future.set_result(outcome)
-        if self.after_commit is not None:
+        if queued and self.after_commit is not None:
             self.after_commit()
         if escalations and self.timers_due is not None:
             self.timers_due()
@@ -509,7 +512,7 @@ class Intake:
 
     def _answer_from_process(self, batch: list[Submission], answer: Any) -> None:
         """The writer process's answer to one batch (see _ProcessWriter)."""
-        outcomes, fresh, events, resolved_after, escalations, logs, read = answer
+        outcomes, fresh, events, resolved_after, escalations, logs, read, queued = answer
         if len(outcomes) != len(batch):
             raise ValueError(f"the writer process answered {len(outcomes)} submissions of {len(batch)}")
         for level, message in logs:
@@ -522,7 +525,7 @@ class Intake:
                 outcome.truncated = s.truncated
                 s.counts = {k: n for k, n in (("firing", firing), ("resolved", resolved)) if n}
             answered.append(outcome)
-        result: _Result = (answered, [batch[i] for i in fresh], events, resolved_after, escalations)
+        result: _Result = (answered, [batch[i] for i in fresh], events, resolved_after, escalations, queued)
         if fresh or events or escalations or resolved_after or any(o[0] < 300 for o in outcomes):  # something committed
             self._answer(batch, result)
             return
@@ -572,7 +575,7 @@ class Intake:
                 outcomes.append(Outcome(first[item].status, first[item].body, replayed=True))  # type: ignore[index]
         if deliveries:
             conn.execute(_DELIVERIES.insert(), deliveries)
-        return outcomes, fresh, len(state.entries), state.resolved_after, state.escalations
+        return outcomes, fresh, len(state.entries), state.resolved_after, state.escalations, state.queued
 
     def _write(self, conn: Connection, st: _Batch) -> None:
         """Everything the batch changed, in a handful of executemany statements."""
@@ -586,7 +589,9 @@ class Intake:
         for record, incident in st.new_records:
             record.incident_id = incident.id
         rows.insert(_ALERTS, [record.values(without="id") for record, _ in st.new_records])
-        rows.insert(_OUTBOX, self._chat_work(st))
+        chat = self._chat_work(st)
+        rows.insert(_OUTBOX, chat)
+        st.queued = len(chat)
         if self.on_open is not None:
             escalating = [(inc.id, inc.escalation) for inc in st.new_incidents
                           if inc.escalation and not inc.silenced and inc.status != RESOLVED]

@@ -36,8 +36,8 @@ class _ProcessWriter:
     source's kind is answered 400/422 and not applied. Each message's answer carries its submissions'
     outcomes and which were fresh, and for each body it read: why it refused it (or None), how many alerts
     the sender left out, how many firing and resolved; the last one also what the transactions did for
-    `_answer` (audit events written, time-to-resolve observations, escalations started) and what to log (the
-    parent logs it).
+    `_answer` (audit events written, time-to-resolve observations, escalations started, outbox rows queued)
+    and what to log (the parent logs it).
     """
 
     def __init__(self, url: str, config: Config, on_open: Any, on_raise: Any, max_batch: int):
@@ -78,7 +78,7 @@ class _ProcessWriter:
                 groups[-1] = (now, groups[-1][1] + batch)
             else:
                 groups.append((now, batch))
-        events, escalations = 0, 0
+        events, escalations, queued = 0, 0, 0
         resolved_after: list[tuple[str, float]] = []
         for now, group in groups:
             parts = [group]
@@ -89,7 +89,7 @@ class _ProcessWriter:
                     if conn is None or conn.invalidated or conn.closed:
                         conn = self.conn = self.engine.connect()
                     with conn.begin():
-                        done, new, n, resolved, started = self.intake._apply(conn, part, now)
+                        done, new, n, resolved, started, chat = self.intake._apply(conn, part, now)
                 except Exception as exc:
                     if self.conn is not None:
                         self.conn.close()  # a fresh one for the next transaction
@@ -119,9 +119,10 @@ class _ProcessWriter:
                 events += n
                 resolved_after.extend(resolved)
                 escalations += started
-        answers: list[Any] = [(o, f, 0, [], 0, [], r) for o, f, r in zip(outcomes, fresh, read)]
+                queued += chat
+        answers: list[Any] = [(o, f, 0, [], 0, [], r, 0) for o, f, r in zip(outcomes, fresh, read)]
         if answers:
-            answers[-1] = (outcomes[-1], fresh[-1], events, resolved_after, escalations, logs, read[-1])
+            answers[-1] = (outcomes[-1], fresh[-1], events, resolved_after, escalations, logs, read[-1], queued)
         return answers
 
     def _submission(self, item: Any, logs: list[tuple[int, str]]

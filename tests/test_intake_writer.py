@@ -208,7 +208,11 @@ async def test_escalations_start_in_the_batch_and_wake_the_timers(tmp_path: Path
             timers = (await s.execute(select(Timer.kind))).scalars().all()
         assert esc is not None and esc.policy == "standard" and "escalation.step" in timers
         assert (commits, wakes) == ([1], [1])
-        assert (await h.post("open", alert(message="again")))[0] == 200  # grouped: no escalation starts
+        # The same alert again: no escalation starts and no chat work is queued, so neither is woken.
+        assert (await h.post("open", alert(message="again")))[0] == 200
+        assert (commits, wakes) == ([1], [1])
+        # Another tool reports it: grouped into the incident, whose message is redrawn (outbox rows).
+        assert (await h.post("open", alert(message="again", tool_source="zabbix")))[0] == 200
         assert (commits, wakes) == ([1, 1], [1])
         deadline = time.monotonic() + 10  # the woken tick runs the first step (due at once)
         while "escalation.step" not in await h.actions() and time.monotonic() < deadline:
