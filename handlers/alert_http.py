@@ -117,7 +117,8 @@ class AlertEndpoint:
             outcome = await self.intake.submit(source, alerts, delivery_id, truncated, body=raw)
         if outcome.rejected is not None:  # the writer process found it is no payload of this kind (see read_body)
             return self._reject(source_id, outcome.rejected, web.Response(
-                body=outcome.encoded, status=outcome.status, content_type="application/json", charset="utf-8"))
+                body=outcome.encoded, status=outcome.status, content_type="application/json", charset="utf-8")
+                if outcome.encoded is not None else web.json_response(outcome.body, status=outcome.status))
         if raw is not None:
             truncated = outcome.truncated
         headers = {"X-Idempotent-Replay": "true"} if outcome.replayed else {}

@@ -31,7 +31,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select, text
 
-from bot.alerts import Alert
+from bot.alerts import Alert, BodyError, read_body
 from bot.clock import Clock
 from bot.config import Config, Source
 from bot.incidents import RESOLVED, TRIGGERED, priority, worst
@@ -508,7 +508,7 @@ class Intake:
             log.error("intake failed for a delivery from %s", batch[0].source.id if batch else "?", exc_info=exc)
         for s in batch:
             if s.future is not None and not s.future.done():
-                s.future.set_result(Outcome(status, {"error": _UNAVAILABLE if status == 503 else _INTERNAL}))
+                s.future.set_result(_refused(s) or Outcome(status, {"error": _UNAVAILABLE if status == 503 else _INTERNAL}))
 
     def _answer_from_process(self, batch: list[Submission], answer: Any) -> None:
         """The writer process's answer to one batch (see _ProcessWriter)."""
@@ -824,6 +824,20 @@ class Intake:
                 elif t.resolved_alerts:
                     add("reply", "alerts.resolved", {"count": t.resolved_alerts})
         return rows
+
+
+def _refused(s: Submission) -> Outcome | None:
+    """A body the writer process did not get to read, read here: the 400/422 it would have answered, if any (a
+    retry of a bad body cannot succeed, so it gets no 503)."""
+    if s.body is None:
+        return None
+    try:
+        read_body(s.source.kind, s.source.id, s.body)
+    except BodyError as exc:
+        outcome = Outcome(exc.status, exc.body())
+        outcome.rejected = exc.reason
+        return outcome
+    return None
 
 
 def _id(incident: _Row) -> Any:

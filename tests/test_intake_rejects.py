@@ -302,6 +302,10 @@ async def test_database_down_gives_503_and_writes_nothing(h: Harness, tmp_path: 
     status, answer, headers = await h.post("open", [ALERT, {**ALERT, "asset_name": "web-2"}])
     assert status == 503 and headers["Retry-After"] == "5"
     assert answer["error"] == "the database is unavailable; nothing was stored, retry later"
+    # A bad body is still a 400 (a retry could not store it), whoever reads it
+    status, answer, headers = await h.post("open", b'{"asset_name": "web-1"')
+    assert (status, answer["error"]) == (400, "malformed JSON at line 1, column 23: Expecting ',' delimiter")
+    assert await rejected(h, "malformed") == 1
     await broken.dispose()
     h.bot.intake.db = good
     assert await h.count(AlertRecord) == 0 and await h.count(AuditEvent) == 0

@@ -257,12 +257,17 @@ async def test_the_writer_process_dying_mid_batch_answers_503_and_the_next_batch
         first = writer_pid(h)
         async with write_lock(tmp_path / "bot.db"):
             posting = asyncio.create_task(h.post("open", [alert("lost-1"), alert("lost-2")]))
+            bad = asyncio.create_task(h.post("open", b'{"asset_name": "web-1"'))  # no JSON: no retry can store it
             await asyncio.sleep(0.3)  # the writer took the batch and waits for the lock
-            assert not posting.done()
+            assert not posting.done() and not bad.done()
             os.kill(first, signal.SIGKILL)
             status, answer, headers = await asyncio.wait_for(posting, 10)
+            bad_status, bad_answer, _ = await asyncio.wait_for(bad, 10)
         assert status == 503 and headers["Retry-After"] == "5"
         assert answer == {"error": "the database is unavailable; nothing was stored, retry later"}
+        # The bad body went to the writer process unread; unanswered, it is read here: 400, not "retry later".
+        assert (bad_status, bad_answer) == (400, {"error": "malformed JSON at line 1, column 23: Expecting ',' delimiter"})
+        assert sample(h, "chatops_alert_rejected_total", source="open", reason="malformed") == 1
         await gone(first)
         status, answer, _ = await h.post("open", alert("after"))
         assert status == 200, answer
