@@ -638,7 +638,9 @@ class Intake:
         for row in rows.select_in(_INCIDENTS, "group_key", keys, exclude=("status", RESOLVED), order_by="id",
                                   columns=_INCIDENT_COLUMNS, json_text=True):
             inc = by_id[row["id"]] = _Row(row, json_columns=_INCIDENT_JSON)
-            incidents_by_key.setdefault(inc.group_key, inc)
+            # The newest open incident of the key is the current one: an older one still open went quiet for
+            # longer than grouping.window (which is why the newer one opened), and new alerts join the newer.
+            incidents_by_key[inc.group_key] = inc
         records = [_Row(row)
                    for row in rows.select_in(_ALERTS, "fingerprint", sorted({fp for _, fp in identities}),
                                              also_in=("source", sorted({src for src, _ in identities})),

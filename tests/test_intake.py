@@ -165,6 +165,12 @@ async def test_grouping_window_and_duplicates(h: Harness) -> None:
     h.clock.advance(timedelta(minutes=16))
     await h.post("open", {**alert, "tool_source": "nagios"})
     assert len(await h.incidents()) == 2
+    # A third tool soon after joins that fresh incident, not yet another one (the quiet one is still open).
+    h.clock.advance(timedelta(minutes=5))
+    _, answer, _ = await h.post("open", {**alert, "tool_source": "icinga"})
+    first, fresh = await h.incidents()
+    assert answer["results"][0]["change"] == "grouped" and answer["results"][0]["incident"] == fresh.id
+    assert (first.alert_count, fresh.alert_count) == (2, 2)
 
 
 async def test_concurrent_posts_are_all_committed_once(h: Harness) -> None:
