@@ -102,6 +102,11 @@ class AlertEndpoint:
             # refused for good either (the first may fail); under its own X-Delivery-ID intake answers it as a retry.
             going = self._in_flight.get(signature)
             if going is not None and (delivery_id is None or delivery_id not in going):
+                if raw is not None:  # unread (the writer process reads bodies): a bad one gets its 4xx, not "retry"
+                    try:
+                        read_body(source.kind, source.id, raw)
+                    except BodyError as exc:
+                        return self._reject(source_id, exc.reason, web.json_response(exc.body(), status=exc.status))
                 return self._reject(source_id, "in_flight", _error(
                     503, "the same signed request is being stored right now; retry in a moment",
                     headers={"Retry-After": "1"}))

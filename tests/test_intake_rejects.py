@@ -118,6 +118,15 @@ async def test_copies_of_one_signed_request_sent_at_once_are_one_alert(h: Harnes
         assert (await session.execute(select(AlertRecord.received_count))).scalars().all() == [1]
 
 
+async def test_copies_of_one_signed_bad_body_sent_at_once_all_get_its_400(h: Harness) -> None:
+    body = b'{"asset_name": "web-1"'
+    headers = signed(h, body)
+    answers = await asyncio.gather(*(h.post("generic", body, headers) for _ in range(3)))
+    assert [(status, a["error"]) for status, a, _ in answers] == [
+        (400, "malformed JSON at line 1, column 23: Expecting ',' delimiter")] * 3  # no "retry in a moment"
+    assert await rejected(h, "malformed") == 3 and await rejected(h, "in_flight") == 0
+
+
 def held_submit(h: Harness, outcomes: list[Outcome | None]) -> asyncio.Event:
     """intake.submit answers the n-th call with outcomes[n] once the event is set (None: the real submit)."""
     real, gate, calls = h.bot.intake.submit, asyncio.Event(), []
