@@ -71,6 +71,8 @@ ANSWER_WAIT_MAX = 10  # seconds a command's answer may wait for Telegram's flood
 SEND_OPTIONS: dict[str, Any] = {"parse_mode": ParseMode.HTML,
                                 "link_preview_options": LinkPreviewOptions(is_disabled=True)}
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?=\s|$)")
+# "@name" where Telegram would see a mention (not inside a word, as in an e-mail address), in HTML text outside tags
+_MENTION = re.compile(r"(<[^>]*>)|(?<![\w@])@(?=\w)")
 _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'"})
 
 
@@ -98,6 +100,15 @@ def callback_data(button: Button) -> str:
         if len(value.encode()) > actions.MAX_BYTES:
             raise actions.CodecError(f"{value[:30]}... with its confirmation step is over {actions.MAX_BYTES} bytes")
     return value
+
+
+def no_mentions(text: str) -> str:
+    """Telegram HTML with every "@name" kept from being a mention: a word joiner (U+2060, invisible) after the @.
+    The bot names people by name, never by @username, so an "@name" can only come from alert text or a
+    template, and it must not notify whoever holds that username (Slack's counterpart: `verbatim`)."""
+    if "@" not in text:
+        return text
+    return _MENTION.sub(lambda m: m.group(1) or "@\u2060", text)
 
 
 def keyboard(buttons: Sequence[Button]) -> InlineKeyboardMarkup | None:
@@ -330,7 +341,7 @@ class TelegramAdapter:
             markup = keyboard(message.buttons)
         except actions.CodecError as exc:
             raise DeliveryError(f"telegram: cannot draw a button: {exc}", permanent=True) from exc
-        return {"text": self.html(message.kind, message.context) or html.escape(message.text or message.kind),
+        return {"text": self.html(message.kind, message.context) or no_mentions(html.escape(message.text or message.kind)),
                 "reply_markup": markup}
 
     def html(self, kind: str, context: Mapping[str, Any]) -> str:
@@ -338,8 +349,8 @@ class TelegramAdapter:
         name = self.renderer.find(kind, PLATFORM, TEXT_FORMATS) or ""
         text = self.renderer.render_text(kind, PLATFORM, context)
         if name.endswith(".html.j2"):
-            return text
-        return html.escape(text if len(text) <= TEXT_MAX else text[: TEXT_MAX - 1] + "\u2026")
+            return no_mentions(text)
+        return no_mentions(html.escape(text if len(text) <= TEXT_MAX else text[: TEXT_MAX - 1] + "\u2026"))
 
     async def send(self, chat_id: str, message: Outbound) -> MessageRef:
         payload = self.to_message(message)
@@ -396,10 +407,10 @@ class TelegramAdapter:
     def _text(self, text: str) -> str:
         """Plain text (with `code` spans) as HTML through the text template; escaped as is if that fails."""
         try:
-            return self.html("text", {"text": text}) or html.escape(text or "-")
+            return self.html("text", {"text": text}) or no_mentions(html.escape(text or "-"))
         except Exception:  # a broken override template must not leave the user without an answer
             log.exception("telegram: cannot render the text template; sending the text escaped")
-            return html.escape(text[:TEXT_MAX] or "-")
+            return no_mentions(html.escape(text[:TEXT_MAX] or "-"))
 
     async def _call(self, method: str, call: Coroutine[Any, Any, Any]) -> Any:
         try:

@@ -464,6 +464,21 @@ async def test_hostile_alert_text_is_escaped(env: Env) -> None:
     assert '<a href="https://wiki.example/%22%3E%3Cb%3Ex">Runbook</a>' in text
 
 
+async def test_an_at_name_in_alert_text_mentions_nobody(env: Env) -> None:
+    # Telegram turns "@name" into a mention that notifies that user: alert text must not page people.
+    incident = make_incident(title="disk full, ping @ceo_person", labels={"service": "@payments_oncall"})
+    alert = make_alert("@everyone_here look", annotations={"description": "mail admin@example.com",
+                                                          "runbook_url": "https://social.example/@ops"})
+    await env.adapter.send(str(GROUP), card(incident, [alert]))
+    await env.adapter.send(str(GROUP), Outbound("text", {"text": "Resolved; tell @cto_person"}))
+    first, second = (p.params["text"] for p in env.tg.called("sendMessage"))
+    for name in ("ceo_person", "payments_oncall", "everyone_here"):
+        assert f"@{name}" not in first and f"@\u2060{name}" in first  # a word joiner: invisible, no mention
+    assert "admin@example.com" in first  # not a mention: left alone
+    assert '<a href="https://social.example/@ops">Runbook</a>' in first  # inside a tag: left alone
+    assert second == "Resolved; tell @\u2060cto_person"
+
+
 async def test_a_huge_incident_stays_under_telegrams_4096_characters(env: Env) -> None:
     incident = make_incident(title="T" * 5000, labels={"service": "s" * 500, "instance": "i" * 500})
     alert = make_alert("S" * 5000, annotations={"description": "<d>" * 3000})
