@@ -248,8 +248,9 @@ def cmd_outbox_list(args: argparse.Namespace, out: TextIO) -> int:
             print(f"no {args.status} deliveries" if args.status != "all" else "the outbox is empty", file=out)
         else:
             print(table(["ID", "INCIDENT", "CHANNEL", "KIND", "EVENT", "STATUS", "ATTEMPTS", "QUEUED", "LAST ERROR"],
-                        [(r.id, f"#{r.incident_id}", r.channel, r.kind, r.event, r.status, r.attempts,
-                          ago(now - r.created_at), (r.last_error or "")[:60]) for r in rows]), file=out)
+                        [(r.id, "-" if r.incident_id is None else f"#{r.incident_id}", r.channel, r.kind, r.event,
+                          r.status, r.attempts, ago(now - r.created_at), r.last_error or "") for r in rows],
+                        max_width=100), file=out)
         print("totals: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"), file=out)
         if counts.get("dead"):
             print("dead deliveries were given up after repeated or permanent failures; LAST ERROR says why",

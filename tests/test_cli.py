@@ -178,3 +178,26 @@ async def test_incidents_show_reads_in_the_bots_time_zone_with_names(tmp_path: P
     assert "acknowledged: by Alice at 2026-11-24 05:00:00 CET" in out
     assert "2026-11-24 05:00:00 CET  incident.acknowledged  Alice" in out
     assert "resolved:     by Alice at 2026-11-24 05:00:00 CET" in out
+
+
+async def test_outbox_list_shows_a_delivery_of_no_incident_and_says_when_an_error_is_cut(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import UTC, datetime
+
+    from storage.db import Database
+    from storage.models import OutboxItem
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "o", url)
+    assert await asyncio.to_thread(main, ["oncall", "-c", str(cfg)]) == 0  # makes the store
+    error = "slack chat.postMessage: channel_not_found " + "(the bot is not in #handoffs; invite it) " * 3
+    db = Database(url)
+    async with db.transaction() as session:
+        session.add(OutboxItem(created_at=datetime.now(UTC), due_at=datetime.now(UTC), channel="@alice", kind="dm",
+                               event="handoff.notice", status="dead", attempts=1, last_error=error))
+    await db.dispose()
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["outbox", "list", "--status", "dead", "-c", str(cfg)]) == 0
+    [_, row] = capsys.readouterr().out.splitlines()[:2]
+    assert row.split()[:3] == ["1", "-", "@alice"]  # no incident: a dash, not "#None"
+    assert error[:99] in " ".join(row.split()) and row.endswith("…")  # cut at 100 characters, and says so
