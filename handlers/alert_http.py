@@ -45,6 +45,9 @@ class AlertEndpoint:
         self.metrics.alert_rejected.labels(source, reason).inc()
         return response
 
+    def _bad_body(self, source_id: str, exc: BodyError) -> web.Response:
+        return self._reject(source_id, exc.reason, web.json_response(exc.body(), status=exc.status))
+
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         source_id = request.match_info["source"]
@@ -96,7 +99,7 @@ class AlertEndpoint:
             try:
                 alerts, truncated = read_body(source.kind, source.id, body)
             except BodyError as exc:
-                return self._reject(source_id, exc.reason, web.json_response(exc.body(), status=exc.status))
+                return self._bad_body(source_id, exc)
         if signature:
             # The same signed request already on its way to the store: a copy is not a second alert, but it is not
             # refused for good either (the first may fail); under its own X-Delivery-ID intake answers it as a retry.
@@ -106,7 +109,7 @@ class AlertEndpoint:
                     try:
                         read_body(source.kind, source.id, raw)
                     except BodyError as exc:
-                        return self._reject(source_id, exc.reason, web.json_response(exc.body(), status=exc.status))
+                        return self._bad_body(source_id, exc)
                 return self._reject(source_id, "in_flight", _error(
                     503, "the same signed request is being stored right now; retry in a moment",
                     headers={"Retry-After": "1"}))
