@@ -540,6 +540,7 @@ class Intake:
         state = self._load(conn, fresh, now)
         applied: list[tuple[Submission, list[tuple[str, _Row | None, str]]] | Outcome | tuple[str, str]] = []
         seen_here: set[tuple[str, str]] = set()
+        stored: list[Submission] = []  # the fresh ones, without the repeats of an X-Delivery-ID inside this batch
         for s in batch:
             key = (s.source.id, s.delivery_id or "")
             if s.delivery_id and key in replays:
@@ -548,6 +549,7 @@ class Intake:
                 applied.append(key)  # a repeat inside this batch
             else:
                 seen_here.add(key)
+                stored.append(s)
                 results = [self._apply_alert(s.source, a, state) for a in s.alerts]
                 if s.truncated:
                     self._truncated(conn, s, results, state)
@@ -575,7 +577,7 @@ class Intake:
                 outcomes.append(Outcome(first[item].status, first[item].body, replayed=True))  # type: ignore[index]
         if deliveries:
             conn.execute(_DELIVERIES.insert(), deliveries)
-        return outcomes, fresh, len(state.entries), state.resolved_after, state.escalations, state.queued
+        return outcomes, stored, len(state.entries), state.resolved_after, state.escalations, state.queued
 
     def _write(self, conn: Connection, st: _Batch) -> None:
         """Everything the batch changed, in a handful of executemany statements."""

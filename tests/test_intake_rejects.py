@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from bot.alerts import read_body
 from bot.auth import sign
 from handlers.intake import Outcome
 from storage.db import Database
@@ -125,6 +126,18 @@ async def test_copies_of_one_signed_bad_body_sent_at_once_all_get_its_400(h: Har
     assert [(status, a["error"]) for status, a, _ in answers] == [
         (400, "malformed JSON at line 1, column 23: Expecting ',' delimiter")] * 3  # no "retry in a moment"
     assert await rejected(h, "malformed") == 3 and await rejected(h, "in_flight") == 0
+
+
+async def test_copies_under_one_delivery_id_in_one_batch_are_one_alert_received(h: Harness) -> None:
+    intake, body = h.bot.intake, json.dumps(ALERT).encode()
+    source = next(s for s in h.bot.config.sources if s.id == "open")
+    alerts = [] if intake.reads_bodies else read_body(source.kind, source.id, body)[0]
+    raw = body if intake.reads_bodies else None
+    outcomes = await asyncio.gather(*(intake.submit(source, alerts, "d-1", body=raw) for _ in range(5)))  # one batch
+    assert [(o.status, o.replayed) for o in outcomes] == [(200, False)] + [(200, True)] * 4
+    metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    assert 'chatops_alerts_received_total{source="open",status="firing"} 1.0' in metrics
+    assert await h.count(AlertRecord) == 1
 
 
 def held_submit(h: Harness, outcomes: list[Outcome | None]) -> asyncio.Event:
