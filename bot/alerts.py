@@ -328,6 +328,22 @@ _decode = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite)
 _dumps_utf8 = json.JSONEncoder(ensure_ascii=False).encode  # then .encode(): fails on a lone surrogate
 
 
+MAX_NESTING = 512  # levels of [ and { in a body; Python's own limit (near 1,000) depends on where it is parsed
+_TOO_DEEP = f"malformed JSON: nested too deeply (more than {MAX_NESTING} levels)"
+
+
+def _deeper_than(payload: Any, limit: int) -> bool:
+    """Whether lists and objects in `payload` nest more than `limit` levels (without recursion)."""
+    todo = [(payload, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if depth > limit:
+            return True
+        inner = value.values() if isinstance(value, dict) else value
+        todo.extend((v, depth + 1) for v in inner if isinstance(v, (dict, list)))
+    return False
+
+
 def read_body(kind: str, source_id: str, body: bytes) -> tuple[list[Alert], int]:
     """A request's body -> its alerts and how many the sender left out (`truncated_count`); BodyError if it is
     not a `kind` payload. Run where the alerts are needed: the HTTP front, or the intake writer process."""
@@ -335,12 +351,15 @@ def read_body(kind: str, source_id: str, body: bytes) -> tuple[list[Alert], int]
         payload = _decode(body.decode("utf-8"))
         if b"\\ud" in body or b"\\uD" in body:  # a \uD800-\uDFFF escape: a lone one is no text to store
             _dumps_utf8(payload).encode("utf-8")
+        if (body.count(b"[") + body.count(b"{") > MAX_NESTING and isinstance(payload, (dict, list))
+                and _deeper_than(payload, MAX_NESTING)):
+            raise RecursionError  # answered as the decoder's own, below: the same limit wherever it runs
     except UnicodeDecodeError:
         raise BodyError(400, "malformed", "body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise BodyError(400, "malformed", f"malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except RecursionError:
-        raise BodyError(400, "malformed", "malformed JSON: nested too deeply") from None
+        raise BodyError(400, "malformed", _TOO_DEEP) from None
     except UnicodeEncodeError:
         raise BodyError(400, "malformed", "malformed JSON: a string holds half of a UTF-16 surrogate pair "
                                           "(a lone \\uD800-\\uDFFF escape)") from None
