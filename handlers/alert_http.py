@@ -77,21 +77,26 @@ class AlertEndpoint:
                 401, "replayed request: this signature was already accepted (send X-Delivery-ID to retry safely)"
                 if not delivery_id else "replayed request: this signature was already accepted with another "
                                         "X-Delivery-ID (a retry repeats the first one)"))
-        bucket = self.buckets.get(source_id)
-        if bucket is not None:
-            wait = bucket.take(now.timestamp())
-            if wait:
-                assert source.rate_limit is not None
-                return self._reject(source_id, "rate_limited", _error(
-                    429, f"rate limit of {source.rate_limit.per_minute}/min (burst {source.rate_limit.burst}) exceeded",
-                    headers={"Retry-After": TokenBucket.retry_after_header(wait),
-                             "X-RateLimit-Limit": str(source.rate_limit.per_minute)}))
         if delivery_id and len(delivery_id) > MAX_DELIVERY_ID:
             return self._reject(source_id, "bad_delivery_id",
                                 _error(400, f"X-Delivery-ID is longer than {MAX_DELIVERY_ID} characters"))
         if delivery_id and not (delivery_id.isascii() and delivery_id.isprintable()):
             return self._reject(source_id, "bad_delivery_id",
                                 _error(400, "X-Delivery-ID must be printable ASCII (a UUID, say)"))
+        bucket = self.buckets.get(source_id)
+        if bucket is not None:
+            wait = bucket.take(now.timestamp())
+            if wait:
+                assert source.rate_limit is not None
+                # A retry of a delivery already stored gets its answer, as it would under the limit: the
+                # sender only asks what became of it.
+                stored = await self.intake.stored_answer(source_id, delivery_id, now) if delivery_id else None
+                if stored is not None:
+                    return web.json_response(stored.body, status=stored.status, headers={"X-Idempotent-Replay": "true"})
+                return self._reject(source_id, "rate_limited", _error(
+                    429, f"rate limit of {source.rate_limit.per_minute}/min (burst {source.rate_limit.burst}) exceeded",
+                    headers={"Retry-After": TokenBucket.retry_after_header(wait),
+                             "X-RateLimit-Limit": str(source.rate_limit.per_minute)}))
         raw: bytes | None = None
         if self.intake.reads_bodies:  # the writer process reads it: this process's core is the scarcer one
             alerts, truncated, raw = [], 0, body

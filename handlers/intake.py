@@ -26,7 +26,7 @@ import pickle
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select, text
@@ -290,6 +290,21 @@ class Intake:
             await process.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def stored_answer(self, source_id: str, delivery_id: str, now: datetime) -> Outcome | None:
+        """The answer this delivery id got within the idempotency window, read from the store; None if it got
+        none (or the store cannot say now)."""
+        assert self.db is not None
+        try:
+            async with self.db.sessions() as session:
+                row = await session.get(Delivery, (source_id, delivery_id))
+        except Exception as exc:
+            if not _is_db_unavailable(exc):
+                raise
+            return None
+        if row is None or now - _aware(row.received_at) >= IDEMPOTENCY_WINDOW:
+            return None
+        return Outcome(row.status_code, row.response, replayed=True)
 
     @property
     def reads_bodies(self) -> bool:
@@ -828,6 +843,11 @@ class Intake:
                 elif t.resolved_alerts:
                     add("reply", "alerts.resolved", {"count": t.resolved_alerts})
         return rows
+
+
+def _aware(at: datetime) -> datetime:
+    """A stored time as UTC (SQLite gives it back without its offset)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _refused(s: Submission) -> Outcome | None:
