@@ -26,7 +26,7 @@ import pickle
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select, text
@@ -302,7 +302,7 @@ class Intake:
             if not _is_db_unavailable(exc):
                 raise
             return None
-        if row is None or now - _aware(row.received_at) >= IDEMPOTENCY_WINDOW:
+        if row is None or now - row.received_at >= IDEMPOTENCY_WINDOW:
             return None
         return Outcome(row.status_code, row.response, replayed=True)
 
@@ -843,11 +843,6 @@ class Intake:
                 elif t.resolved_alerts:
                     add("reply", "alerts.resolved", {"count": t.resolved_alerts})
         return rows
-
-
-def _aware(at: datetime) -> datetime:
-    """A stored time as UTC (SQLite gives it back without its offset)."""
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _refused(s: Submission) -> Outcome | None:

@@ -228,3 +228,22 @@ async def test_alertmanager_resends_and_resolutions_do_not_raise_priority(h: Har
     await h.post("am", fixture("alertmanager/02-diskfull-1-resolved-1-firing.json"))
     [inc] = await h.incidents()
     assert (inc.notifications, inc.priority, inc.firing_count, inc.status) == (2, 112, 1, "triggered")
+
+
+GENERIC = {"asset_name": "web-1", "signature": "NginxDown", "severity": "high", "message": "down", "tool_source": "z"}
+
+
+async def test_a_retry_of_a_stored_delivery_gets_its_answer_even_past_the_rate_limit(h: Harness) -> None:
+    first = [await h.post("limited", {**GENERIC, "dedup_key": str(i)}, {"X-Delivery-ID": f"d-{i}"}) for i in range(5)]
+    assert [status for status, _, _ in first] == [200] * 5  # the burst is spent
+    status, answer, headers = await h.post("limited", {**GENERIC, "dedup_key": "0"}, {"X-Delivery-ID": "d-0"})
+    assert (status, answer, headers["X-Idempotent-Replay"]) == (200, first[0][1], "true")  # the stored answer
+    status, _, _ = await h.post("limited", GENERIC, {"X-Delivery-ID": "d-new"})
+    assert status == 429  # a new delivery still waits for the limit
+    metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    assert 'chatops_alert_rejected_total{reason="rate_limited",source="limited"} 1.0' in metrics
+    assert await h.count(AlertRecord) == 5
+    h.clock.advance(timedelta(days=1))  # past the idempotency window (the bucket refills too: spend it again)
+    for i in range(5, 10):
+        await h.post("limited", {**GENERIC, "dedup_key": str(i)})
+    assert (await h.post("limited", {**GENERIC, "dedup_key": "0"}, {"X-Delivery-ID": "d-0"}))[0] == 429

@@ -236,20 +236,6 @@ async def test_rate_limit_with_retry_after(h: Harness) -> None:
     assert await rejected(h, "rate_limited") == 1
 
 
-async def test_a_retry_of_a_stored_delivery_gets_its_answer_even_past_the_rate_limit(h: Harness) -> None:
-    first = [await h.post("limited", {**ALERT, "dedup_key": str(i)}, {"X-Delivery-ID": f"d-{i}"}) for i in range(5)]
-    assert [status for status, _, _ in first] == [200] * 5  # the burst is spent
-    status, answer, headers = await h.post("limited", {**ALERT, "dedup_key": "0"}, {"X-Delivery-ID": "d-0"})
-    assert (status, answer, headers["X-Idempotent-Replay"]) == (200, first[0][1], "true")  # the stored answer
-    status, _, _ = await h.post("limited", ALERT, {"X-Delivery-ID": "d-new"})
-    assert status == 429  # a new delivery still waits for the limit
-    assert await rejected(h, "rate_limited") == 1 and await h.count(AlertRecord) == 5
-    h.clock.advance(timedelta(days=1))  # past the idempotency window (the bucket refills too: spend it again)
-    for i in range(5, 10):
-        await h.post("limited", {**ALERT, "dedup_key": str(i)})
-    assert (await h.post("limited", {**ALERT, "dedup_key": "0"}, {"X-Delivery-ID": "d-0"}))[0] == 429
-
-
 MALFORMED = [
     ("open", b'{"asset_name": "web-1",', 400, "malformed JSON at line 1, column 24: Expecting property name enclosed in double quotes"),
     ("open", b"\xff\xfe{}", 400, "body is not UTF-8 text"),
