@@ -34,6 +34,7 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from adapters.settings import SlackSettings
 from bot import actions
+from bot.auth import ReplayGuard
 from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
 from bot.model import Actor
 
@@ -247,6 +248,7 @@ class SlackAdapter:
         self._seen_events: deque[str] = deque(maxlen=1000)
         # Bolt's own client is never used for calls; tokenless so bolt does not warn that `authorize` wins.
         self._secret = settings.signing_secret.encode()
+        self._replays = ReplayGuard()  # signatures of slash commands and clicks already taken (see handle)
         bolt_log = log.getChild("bolt")
         if not any(isinstance(f, _QuietBolt) for f in bolt_log.filters):
             bolt_log.addFilter(_QuietBolt())
@@ -286,11 +288,18 @@ class SlackAdapter:
         """The signature is checked first, on the raw body (401 if forged, missing, malformed or older than
         5 minutes), before anything parses the body; then Bolt (which checks it again) runs our listeners."""
         body = await request.read()
-        if not _signed(self._secret, body, request.headers.get("X-Slack-Request-Timestamp"),
-                       request.headers.get("X-Slack-Signature"), time.time()):
+        now, signature = time.time(), request.headers.get("X-Slack-Signature")
+        if not _signed(self._secret, body, request.headers.get("X-Slack-Request-Timestamp"), signature, now):
             return web.json_response({"error": "invalid or missing Slack signature: X-Slack-Signature must sign "
                                                "this body with the app's signing secret, X-Slack-Request-Timestamp "
                                                "must be within 5 minutes"}, status=401)
+        if request.content_type == "application/x-www-form-urlencoded":
+            # A slash command or a click, which Slack never sends twice: the same signed request again, within
+            # its 5 minutes, is a replay (events, in JSON, are retried by Slack and taken once by their id).
+            assert signature is not None
+            if self._replays.seen(signature, now):
+                return web.json_response({"error": "replayed request: Slack already sent this one"}, status=401)
+            self._replays.remember(signature, now + 2 * SIGNATURE_WINDOW)
         try:
             bolt_request = await to_bolt_request(request)
         except (UnicodeDecodeError, LookupError):  # not UTF-8; a charset nobody knows

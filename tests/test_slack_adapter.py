@@ -178,6 +178,23 @@ async def test_unsigned_or_malformed_requests_are_refused_before_their_body_is_r
     assert env.dispatcher.actions == [] and env.slack.calls == []
 
 
+async def test_a_slash_command_or_click_sent_again_is_a_replay(env: Env) -> None:
+    form = dict(parse_qsl((FIXTURES / "slash_command.txt").read_text()))
+    form.update(response_url=env.slack.response_url("cmd"))
+    body = urlencode(form)
+    headers = signed(body)
+    assert (await env.post(body, headers))[0] == 200
+    status, answer = await env.post(body, headers)  # captured and sent again within Slack's 5 minutes
+    assert (status, json.loads(answer)) == (401, {"error": "replayed request: Slack already sent this one"})
+    click = "payload=" + quote(json.dumps({**click_payload(), "response_url": env.slack.response_url("click")}))
+    click_headers = signed(click)
+    assert (await env.post(click, click_headers))[0] == 200
+    assert (await env.post(click, click_headers))[0] == 401
+    await env.slack.wait_for(lambda: env.dispatcher.commands and env.dispatcher.actions)
+    await asyncio.sleep(0.05)
+    assert len(env.dispatcher.commands) == 1 and len(env.dispatcher.actions) == 1
+
+
 async def test_a_stale_timestamp_is_refused(env: Env) -> None:
     status, _ = await env.click(click_payload(), ts=int(time.time()) - 6 * 60)
     assert status == 401
