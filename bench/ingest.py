@@ -35,6 +35,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -484,9 +485,8 @@ async def main() -> int:
                                      pid=am.pid, client=args.client))
 
         pair_ratios: list[float] = []
-        pair_ok = 0
+        pair_ok, size = 0, max(1, n // 5)
         for i in range(args.pairs):
-            size = max(1, n // 5)
             print(f"pair {i + 1} of {args.pairs}: bot, then bare handler, {size:,} alerts each", flush=True)
             one = await run("bot", f"http://127.0.0.1:{bot_port}/alerts/bench", bot_requests(size, k, f"pair{i}"), c,
                             client=args.client)
@@ -519,10 +519,8 @@ async def main() -> int:
         ratio = by["bot"].rate / by["bare handler"].rate if by["bare handler"].rate else 0.0
         print(f"\nbot/ceiling: {ratio:.2f}x (target >= 0.5x: {'met' if ratio >= 0.5 else 'NOT met'})")
         if pair_ratios:
-            ordered = sorted(pair_ratios)
-            median = ordered[len(ordered) // 2] if len(ordered) % 2 else sum(ordered[len(ordered) // 2 - 1:][:2]) / 2
             print(f"bot/ceiling in {len(pair_ratios)} back-to-back pairs: "
-                  f"{', '.join(f'{r:.2f}x' for r in pair_ratios)}; median {median:.2f}x")
+                  f"{', '.join(f'{r:.2f}x' for r in pair_ratios)}; median {statistics.median(pair_ratios):.2f}x")
         if by["bare handler"].rate:
             print(f"grouped insert/ceiling: {by['grouped insert'].rate / by['bare handler'].rate:.2f}x "
                   f"(the least a durable intake does; DESIGN.md measured 0.75x on its machine)")

@@ -61,12 +61,11 @@ class Outcome:
     __slots__ = ("status", "_body", "replayed", "encoded", "rejected", "truncated")
 
     def __init__(self, status: int, body: dict[str, Any] | None = None, replayed: bool = False, *,
-                 encoded: bytes | None = None):
+                 encoded: bytes | None = None, rejected: str | None = None, truncated: int = 0):
         self.status, self._body, self.replayed, self.encoded = status, body, replayed, encoded
         # For a body the writer process read (Submission.body): why it refused it (BodyError.reason), or None;
         # and how many alerts the sender left out of it.
-        self.rejected: str | None = None
-        self.truncated = 0
+        self.rejected, self.truncated = rejected, truncated
 
     @property
     def body(self) -> dict[str, Any]:
@@ -534,12 +533,11 @@ class Intake:
             log.log(level, "%s", message)
         answered = []
         for s, (status, body, replayed), what in zip(batch, outcomes, read):
-            outcome = Outcome(status, None, replayed, encoded=body)
+            rejected = None
             if what is not None:  # it read s.body: (refused because, truncated, firing, resolved)
-                outcome.rejected, s.truncated, firing, resolved = what
-                outcome.truncated = s.truncated
+                rejected, s.truncated, firing, resolved = what
                 s.counts = {k: n for k, n in (("firing", firing), ("resolved", resolved)) if n}
-            answered.append(outcome)
+            answered.append(Outcome(status, None, replayed, encoded=body, rejected=rejected, truncated=s.truncated))
         result: _Result = (answered, [batch[i] for i in fresh], events, resolved_after, escalations, queued)
         if fresh or events or escalations or resolved_after or any(o[0] < 300 for o in outcomes):  # something committed
             self._answer(batch, result)
@@ -853,9 +851,7 @@ def _refused(s: Submission) -> Outcome | None:
     try:
         read_body(s.source.kind, s.source.id, s.body)
     except BodyError as exc:
-        outcome = Outcome(exc.status, exc.body())
-        outcome.rejected = exc.reason
-        return outcome
+        return Outcome(exc.status, exc.body(), rejected=exc.reason)
     return None
 
 
