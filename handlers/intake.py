@@ -713,10 +713,10 @@ class Intake:
             if refire:
                 incident.firing_count += 1
                 st.touch(incident).refired += 1
-            change = "refired" if refire else "duplicate"
             # Alertmanager and Grafana send every alert of a group again whenever the group changes
-            # and at each repeat interval: an alert that is still firing is not a new occurrence.
+            # and at each repeat interval: an alert that is still firing is not a new occurrence ("resent").
             resent = not refire and source.kind in RESENDING_KINDS
+            change = "refired" if refire else "resent" if resent else "duplicate"
         else:
             key = group_key(cfg.grouping.by, source.dedup_key, alert)
             incident = st.incidents_by_key.get(key)
@@ -757,7 +757,7 @@ class Intake:
             incident.sources = [*incident.sources, source.id]
         incident.critical_asset = incident.critical_asset or alert.asset in cfg.critical_assets
         if alert.links:
-            repeat = change in ("duplicate", "refired")  # the same alert again: its links are the newest word on them
+            repeat = change in ("duplicate", "resent", "refired")  # the same alert again: its links are the newest word on them
             for name, url in alert.links.items():
                 if name not in incident.links or (repeat and incident.links[name] != url):
                     incident.links = {**incident.links, name: url}

@@ -120,7 +120,7 @@ async def test_firing_payload_opens_incidents_that_keep_grafana_links_and_values
     # occurrences either (the priority does not climb while nothing changes).
     h.clock.advance(timedelta(minutes=5))
     status, answer, _ = await h.post("grafana", body, signed(body))
-    assert [r["change"] for r in answer["results"]] == ["duplicate", "duplicate"]
+    assert [r["change"] for r in answer["results"]] == ["resent", "resent"]
     assert [(i.notifications, i.priority) for i in await h.incidents()] == [(1, 90), (1, 30)]
 
 

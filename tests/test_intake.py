@@ -123,7 +123,7 @@ async def test_a_repeated_alert_brings_its_links_up_to_date(h: Harness) -> None:
     assert inc.links["runbook"] == "https://runbooks.example.com/disk-full"
     payload["alerts"][0]["annotations"]["runbook_url"] = "https://wiki.example.com/runbooks/disk-full"
     status, body, _ = await h.post("am", payload)
-    assert status == 200 and [r["change"] for r in body["results"]] == ["duplicate", "duplicate"]
+    assert status == 200 and [r["change"] for r in body["results"]] == ["resent", "resent"]
     [inc] = await h.incidents()
     assert inc.links["alertmanager"] == "https://alertmanager.example.com"
     assert inc.links["runbook"] == "https://wiki.example.com/runbooks/disk-full"
@@ -224,7 +224,7 @@ async def test_alertmanager_resends_and_resolutions_do_not_raise_priority(h: Har
     assert (inc.notifications, inc.priority) == (2, 112)
     h.clock.advance(timedelta(minutes=5))  # the same group again, as at each repeat_interval
     status, body, _ = await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
-    assert status == 200 and [r["change"] for r in body["results"]] == ["duplicate", "duplicate"]
+    assert status == 200 and [r["change"] for r in body["results"]] == ["resent", "resent"]
     await h.post("am", fixture("alertmanager/02-diskfull-1-resolved-1-firing.json"))
     [inc] = await h.incidents()
     assert (inc.notifications, inc.priority, inc.firing_count, inc.status) == (2, 112, 1, "triggered")
