@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from adapters import SETTINGS_MODELS
 from bot import logs
@@ -93,20 +94,31 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(serve(_load(args)))
 
 
+def _missing_file(loaded: Loaded) -> Path | None:
+    """The SQLite file storage.url names, if it does not exist (a plain path: not :memory:, not a file: URI)."""
+    if not is_sqlite_file_url(loaded.config.storage.url):
+        return None
+    path = Path(make_url(loaded.config.storage.url).database or "")
+    return None if path.exists() else path
+
+
 async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]], *, create: bool = False) -> int:
     """Run `work` on the configured store. A SQLite file that does not exist is refused (reading commands would
     otherwise make an empty one and report that nothing happened), unless `create`."""
-    if not create and is_sqlite_file_url(loaded.config.storage.url):  # a plain path (not :memory:, not a file: URI)
-        path = Path(make_url(loaded.config.storage.url).database or "")
-        if not path.exists():
-            where = "" if path.is_absolute() else f" (a relative path starts at the current directory, {os.getcwd()})"
-            print(f"no database at {path.resolve()}{where}: run this where the bot runs, or give storage.url "
-                  "an absolute path in app.yaml", file=sys.stderr)
-            return EXIT_FAILED
+    if not create and (path := _missing_file(loaded)) is not None:
+        where = "" if path.is_absolute() else f" (a relative path starts at the current directory, {os.getcwd()})"
+        print(f"no database at {path.resolve()}{where}: run this where the bot runs, or give storage.url "
+              "an absolute path in app.yaml", file=sys.stderr)
+        return EXIT_FAILED
     db = Database(loaded.config.storage.url, schema=loaded.config.storage.schema_name)
     try:
         await db.start()
         return await work(db)
+    except (DBAPIError, OSError) as exc:  # not there, not a database, refused: say so, as `serve` does
+        reason = getattr(exc, "orig", None) or exc
+        print(f"cannot open the database at {db.safe_url}: {reason}; check storage.url in app.yaml (and, for "
+              "PostgreSQL, that the server is running)", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         await db.dispose()
 
@@ -310,7 +322,7 @@ def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_USAGE
     at = _local(args.at, loaded) or datetime.now(UTC)
 
-    async def work(db: Database) -> int:
+    async def work(db: Database | None) -> int:
         if schedule is None:
             rows = await view.overrides(db, at, at)
             print(table(["ROTATION", "ON CALL", "SINCE", "UNTIL", "NEXT"], view.now_rows(rows, at, lambda s: s.tz)),
@@ -321,7 +333,10 @@ def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
         print(table(["WHO", "FROM", "UNTIL", "NOTE"], view.upcoming_rows(shifts, rows, at, schedule.tz)), file=out)
         return EXIT_OK
 
-    return asyncio.run(_with_db(loaded, work, create=True))  # the rotations answer without a store as well
+    if (path := _missing_file(loaded)) is not None:  # the rotations answer without a store (and make none)
+        print(f"no database at {path.resolve()}: overrides are not shown", file=sys.stderr)
+        return asyncio.run(work(None))
+    return asyncio.run(_with_db(loaded, work))
 
 
 def cmd_report(args: argparse.Namespace, out: TextIO) -> int:

@@ -78,6 +78,11 @@ class StorageConfig(Section):
                 f"unsupported database URL {v.split('://')[0] + '://...'!r} "
                 "(expected sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db)"
             )
+        if v.startswith("sqlite"):
+            path = v.split("://", 1)[1].split("?", 1)[0]
+            if path in ("", "/", "/:memory:") or "mode=memory" in v:
+                raise ValueError("an in-memory SQLite database keeps nothing (an accepted alert would be lost at the "
+                                 "next restart): give a file, e.g. sqlite+aiosqlite:///./chatops.db")
         return v
 
 

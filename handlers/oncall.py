@@ -58,14 +58,16 @@ class Oncall:
     def known(self) -> str:
         return ", ".join(f"`{r}`" for r in sorted(self.schedules))
 
-    async def overrides(self, db: Database, start: datetime, end: datetime,
+    async def overrides(self, db: Database | None, start: datetime, end: datetime,
                         rotations: Sequence[str] | None = None) -> dict[int, OverrideRow]:
-        """Every active override the schedule over [start, end) depends on, by id.
+        """Every active override the schedule over [start, end) depends on, by id (none without a store).
 
         The window is padded by a shift and a day either side, and widened until every loaded override has
         that much room around it too: an override under way at the window's edge, any newer one that cuts
         it, and whatever follows it decide where the first and last stretches begin and end.
         """
+        if db is None:
+            return {}
         chosen = list(rotations) if rotations is not None else list(self.schedules)
         pad = max((self.schedules[r].shift for r in chosen), default=timedelta(0)) + timedelta(days=1)
         start, end = start.astimezone(UTC), end.astimezone(UTC)
@@ -79,7 +81,7 @@ class Oncall:
                     return {r.id: r for r in rows if r.id is not None}
                 lo, hi = min(lo, need_lo), max(hi, need_hi)
 
-    async def upcoming(self, db: Database, schedule: Schedule, now: datetime,
+    async def upcoming(self, db: Database | None, schedule: Schedule, now: datetime,
                        n: int) -> tuple[dict[int, OverrideRow], list[Shift]]:
         """The overrides and the stretches: the one under way at `now` and the next `n`."""
         end = now + schedule.shift * (n + 1)

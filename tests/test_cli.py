@@ -31,11 +31,18 @@ def config(folder: Path, url: str) -> Path:
     return path
 
 
+async def make_store(url: str) -> None:
+    from storage.db import Database
+
+    db = Database(url)
+    await db.start()
+    await db.dispose()
+
+
 def test_options_before_the_command_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "bot.db"
     cfg = config(tmp_path / "a", f"sqlite+aiosqlite:///{db}")
-    assert main(["oncall", "-c", str(cfg)]) == 0  # makes the store
-    capsys.readouterr()
+    asyncio.run(make_store(f"sqlite+aiosqlite:///{db}"))
     assert main(["-c", str(cfg), "incidents", "list"]) == 0  # -c before the command is not lost
     assert capsys.readouterr().out.strip() == "no incidents"
     assert main(["-c", str(tmp_path / "nowhere.yaml"), "incidents", "list", "-c", str(cfg)]) == 0  # the later one
@@ -80,6 +87,33 @@ def test_a_reading_command_refuses_a_database_that_is_not_there(tmp_path: Path, 
     assert main(["incidents", "list", "-c", str(uri)]) == 0
 
 
+def test_oncall_answers_without_a_store_and_makes_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config(tmp_path / "bot", "sqlite+aiosqlite:///./chatops.db")
+    monkeypatch.chdir(tmp_path)
+    assert main(["oncall", "dba", "--at", "2026-11-25T12:00", "-c", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[2].split()[0] == "Bob"  # the second week of the rotation (it started on 2 November)
+    assert err.strip() == f"no database at {tmp_path / 'chatops.db'}: overrides are not shown"
+    assert not (tmp_path / "chatops.db").exists()
+    assert main(["incidents", "list", "-c", str(cfg)]) == 1  # still no store to read: said so, not "no incidents"
+    assert capsys.readouterr().err.startswith(f"no database at {tmp_path / 'chatops.db'}")
+
+
+@pytest.mark.parametrize("url", ["sqlite+aiosqlite:///{tmp}/app.yaml", "sqlite+aiosqlite:///{tmp}/folder",
+                                 "postgresql+asyncpg://postgres@127.0.0.1:1/x"])
+def test_a_store_that_cannot_be_opened_is_named_without_a_traceback(tmp_path: Path, url: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "folder").mkdir()
+    cfg = config(tmp_path, url.format(tmp=tmp_path))  # app.yaml itself: a file that is no database
+    for command in (["incidents", "list"], ["audit", "verify"], ["oncall"], ["report"]):
+        assert main([*command, "-c", str(cfg)]) == 1, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"cannot open the database at {url.format(tmp=tmp_path)}: "), err
+        assert err.rstrip().endswith("check storage.url in app.yaml (and, for PostgreSQL, that the server is running)")
+        assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(("argv", "problem"), [
     (["incidents", "show", "99999999999999999999"], "99999999999999999999 is out of range (1 to 9223372036854775807)"),
     (["audit", "export", "--incident", "0"], "0 is out of range"),
@@ -108,8 +142,7 @@ def test_a_time_without_an_offset_is_in_the_configured_time_zone(tmp_path: Path,
 
 def test_a_report_from_a_future_time_says_there_is_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
-    assert main(["oncall", "-c", str(cfg)]) == 0
-    capsys.readouterr()
+    asyncio.run(make_store(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"))
     assert main(["report", "-c", str(cfg), "--since", "2999-01-01T00:00Z"]) == 0
     assert capsys.readouterr().out.startswith("No incidents opened between ")
     assert main(["report", "-c", str(cfg), "--since", "2999-01-01T00:00Z", "--format", "json"]) == 0
@@ -189,7 +222,7 @@ async def test_outbox_list_shows_a_delivery_of_no_incident_and_says_when_an_erro
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
     cfg = config(tmp_path / "o", url)
-    assert await asyncio.to_thread(main, ["oncall", "-c", str(cfg)]) == 0  # makes the store
+    await make_store(url)
     error = "slack chat.postMessage: channel_not_found " + "(the bot is not in #handoffs; invite it) " * 3
     db = Database(url)
     async with db.transaction() as session:

@@ -123,6 +123,12 @@ BROKEN = [
         BASE + ROUTES + "storage: {url: 'mysql://localhost/db'}\n",
         "storage.url: unsupported database URL 'mysql://...' (expected sqlite+aiosqlite:///path.db or postgresql+asyncpg://user@host/db)",
     ),
+    *((
+        BASE + ROUTES + f"storage: {{url: '{url}'}}\n",
+        "storage.url: an in-memory SQLite database keeps nothing (an accepted alert would be lost at the next "
+        "restart): give a file, e.g. sqlite+aiosqlite:///./chatops.db",
+    ) for url in ("sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite:///",
+                  "sqlite+aiosqlite:///file:x?mode=memory&uri=true")),
     (
         BASE + ROUTES + "adapters: {slack: {bot_token: xoxb-1, signing_secret: short}}\n",
         "adapters.slack.signing_secret: string should have at least 8 characters",
