@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam
+from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 from sqlmodel import select
@@ -238,25 +239,48 @@ class AuditLog:
         return rows
 
     async def verify(self, session: AsyncSession, batch: int = 2000) -> Verdict:
-        """Walk the chain in order; name the first event that does not fit."""
-        expected_seq, prev, checked = 1, AuditHead.GENESIS, 0
-        async for event in _events(session, batch):
+        """Walk the chain in order; name the first event that does not fit (or cannot even be read)."""
+        walk = _Walk()
+        try:
+            verdict = await self._walk(session, batch, walk)
+        except (ValueError, TypeError, StatementError):  # a damaged row: walk on one at a time, to name it
+            try:
+                verdict = await self._walk(session, 1, walk)
+            except (ValueError, TypeError, StatementError) as exc:
+                seq = (await session.execute(select(AuditEvent.seq).where(AuditEvent.seq > walk.last)
+                                             .order_by(AuditEvent.seq).limit(1))).scalar()
+                return Verdict(False, walk.checked, walk.prev, f"audit event #{seq} cannot be read "
+                               f"({type(exc).__name__}: {str(exc)[:120]}): the row was damaged")
+        if verdict is not None:
+            return verdict
+        checked, prev = walk.checked, walk.prev
+        head = (await session.execute(select(AuditHead).where(AuditHead.id == 1))).scalar_one_or_none()
+        if head is not None and head.seq != checked:
+            return Verdict(False, checked, prev, f"the chain ends at event #{checked} but its head says "
+                           f"#{head.seq}: " + ("the newest events were deleted" if head.seq > checked else
+                                               "the head was set back (or events were added around the bot)"))
+        if head is not None and head.hash != prev:
+            return Verdict(False, checked, prev, f"the head names event #{checked} with a hash that is not that "
+                           "event's: the head was modified")
+        return Verdict(True, checked, prev)
+
+    async def _walk(self, session: AsyncSession, batch: int, walk: _Walk) -> Verdict | None:
+        """Check the events after `walk.last`, `batch` rows at a time, moving `walk` on; a Verdict at the first
+        event that does not fit, None at the end."""
+        async for event in _events(session, batch, after=walk.last):
             where = f"audit event #{event.seq} ({event.action} at {event.at.isoformat()})"
+            expected_seq = walk.checked + 1
             if event.seq != expected_seq:
-                return Verdict(False, checked, prev, f"{where}: expected #{expected_seq} here; "
+                return Verdict(False, walk.checked, walk.prev, f"{where}: expected #{expected_seq} here; "
                                f"event #{expected_seq} was deleted or the events were renumbered")
-            if event.prev_hash != prev:
-                return Verdict(False, checked, prev, f"{where}: does not link to the event before it; "
+            if event.prev_hash != walk.prev:
+                return Verdict(False, walk.checked, walk.prev, f"{where}: does not link to the event before it; "
                                "an event was deleted, inserted or reordered")
             if self.digest(event.prev_hash, event) != event.hash:
-                return Verdict(False, checked, prev, f"{where}: its hash does not match its contents; "
+                return Verdict(False, walk.checked, walk.prev, f"{where}: its hash does not match its contents; "
                                "the event was modified (or the audit key is not the one it was written with)")
-            prev, expected_seq, checked = event.hash, expected_seq + 1, checked + 1
-        head = (await session.execute(select(AuditHead).where(AuditHead.id == 1))).scalar_one_or_none()
-        if head is not None and (head.seq, head.hash) != (checked, prev):
-            return Verdict(False, checked, prev, f"the chain ends at event #{checked} but its head says "
-                           f"#{head.seq}: the newest events were deleted")
-        return Verdict(True, checked, prev)
+            walk.prev, walk.last, walk.checked = event.hash, event.seq, walk.checked + 1
+        return None
 
     @staticmethod
     async def events(
@@ -266,10 +290,20 @@ class AuditLog:
             yield event
 
 
+@dataclass
+class _Walk:
+    """How far `AuditLog.verify` got: events checked, the last one's seq and hash."""
+
+    checked: int = 0
+    last: int = 0
+    prev: str = AuditHead.GENESIS
+
+
 async def _events(
-    session: AsyncSession, batch: int, *, since: datetime | None = None, incident_id: int | None = None
+    session: AsyncSession, batch: int, *, since: datetime | None = None, incident_id: int | None = None,
+    after: int = 0,
 ) -> AsyncIterator[AuditEvent]:
-    last = 0
+    last = after
     while True:
         query = select(AuditEvent).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch)
         if since is not None:

@@ -80,6 +80,35 @@ async def test_deleted_newest_event_is_detected(db: Database) -> None:
     assert not verdict.ok and "the chain ends at event #5 but its head says #6" in verdict.problem
 
 
+async def test_a_modified_head_is_named_as_such(db: Database) -> None:
+    audit = AuditLog("k3y")
+    await write_events(db, audit)
+    await sql(db, f"UPDATE audit_head SET hash = '{'ab' * 32}'")
+    verdict = await verify(db, audit)
+    assert not verdict.ok and verdict.checked == 6
+    assert verdict.problem == ("the head names event #6 with a hash that is not that event's: the head was modified")
+    await sql(db, "UPDATE audit_head SET seq = 4")
+    assert (await verify(db, audit)).problem.startswith("the chain ends at event #6 but its head says #4: the head "
+                                                        "was set back")
+
+
+@pytest.mark.parametrize(("column", "value"), [("details", "'not json'"), ("at", "'garbage'")])
+async def test_a_damaged_row_is_named_not_a_crash(tmp_path: Path, column: str, value: str) -> None:
+    """A row the store hands back but that cannot be decoded (only SQLite lets such a value in): verify names it."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'audit.db'}")
+    await db.start()
+    try:
+        audit = AuditLog("k3y")
+        await write_events(db, audit)
+        await sql(db, f"UPDATE audit_events SET {column} = {value} WHERE seq = 4")
+        verdict = await verify(db, audit)
+        assert not verdict.ok and verdict.checked == 3
+        assert verdict.problem.startswith("audit event #4 cannot be read (") and verdict.problem.endswith(
+            "): the row was damaged")
+    finally:
+        await db.dispose()
+
+
 async def test_inserted_event_is_detected(db: Database) -> None:
     audit = AuditLog("k3y")
     await write_events(db, audit)
