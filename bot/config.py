@@ -437,6 +437,9 @@ def load_config(
         raise ConfigError(name, [("", f"{name}: file not found (pass -c PATH or set CHATOPS_CONFIG)")]) from None
     except OSError as exc:
         raise ConfigError(name, [("", f"{name}: cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, [("", f"{name}: not UTF-8 text (byte {exc.start} cannot be read); save it as "
+                                      "UTF-8")]) from None
     loaded = parse_config(text, name=name, adapter_models=adapter_models, env=env)
     if loaded.config.templates.dir is not None:
         folder = template_dir(loaded)
@@ -489,6 +492,10 @@ def parse_config(
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(name, [("", f"{name}: {where}invalid YAML: {problem}")]) from None
+    except (ValueError, TypeError) as exc:  # what PyYAML's constructors let through: 2026-13-02, !!int "abc", a list as a key
+        problem = f"a key that is a list or a mapping ({exc})" if isinstance(exc, TypeError) else (
+            f"{exc} (quote the value if it is meant as text)")
+        raise ConfigError(name, [("", f"{name}: invalid YAML: {problem}")]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -521,8 +528,15 @@ def parse_config(
         raw["audit"]["hmac_key"] = None
     for path, unset in envsubst.find_unset(raw):
         problems.append((path, f"environment variable {unset} (set it, or write ${{{unset.variable}:-default}})"))
-    if problems:
-        raise ConfigError(name, problems)
+    if problems:  # and what else is wrong, judged as if the variables were set (their values are not judged)
+        try:
+            filled = Config.model_validate(envsubst.fill(raw, _PLACEHOLDER))
+        except ValidationError as exc:
+            problems += [(_loc(e["loc"]), _message(e)) for e in exc.errors()
+                         if e.get("input") != _PLACEHOLDER and _PLACEHOLDER not in map(str, e["loc"])]
+        else:
+            problems += cross_check(filled)
+        raise ConfigError(name, _unique(problems))
 
     try:
         config = Config.model_validate(raw)
@@ -559,6 +573,10 @@ def parse_config(
     return Loaded(config, name, loaded_adapters, adapters_off, sources_off, warnings, built)
 
 
+def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys(problems))
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -590,6 +608,9 @@ def _message(err: Mapping[str, Any]) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "missing":
         return "required"
+    if kind == "model_type":  # `server:` with nothing under it, or a value where keys belong
+        return ("empty: give it keys, or remove it" if err.get("input") is None
+                else f"expected a mapping of keys, got {err.get('input')!r}")
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "value_error":

@@ -56,6 +56,10 @@ def parse_clock(text: str | time) -> time:
     """`09:00` -> time(9, 0)."""
     if isinstance(text, time):
         return text
+    if isinstance(text, int) and not isinstance(text, bool) and 0 <= text < 24 * 60:
+        hours, minutes = divmod(text, 60)  # YAML 1.1 reads an unquoted 18:00 as 18 * 60 + 0
+        raise ValueError(f"invalid time of day {text} (an unquoted {hours}:{minutes:02d} is a number in YAML: "
+                         f"write \"{hours:02d}:{minutes:02d}\", in quotes)")
     m = re.fullmatch(r"(\d{1,2}):(\d{2})", str(text).strip())
     if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
         raise ValueError(f"invalid time of day {text!r} (expected HH:MM, e.g. 09:00)")

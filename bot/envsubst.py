@@ -73,6 +73,9 @@ def find_unset(node: Any, path: str = "") -> list[tuple[str, Unset]]:
         found.append((path, node))
     elif isinstance(node, dict):
         for k, v in node.items():
+            if isinstance(k, Unset):  # a key made of a variable: the mapping it is in is where
+                found.append((path, k))
+                continue
             found += find_unset(v, f"{path}.{k}" if path else str(k))
     elif isinstance(node, list):
         for i, v in enumerate(node):
@@ -85,7 +88,7 @@ def fill(node: Any, value: str) -> Any:
     if isinstance(node, Unset):
         return value
     if isinstance(node, dict):
-        return {k: fill(v, value) for k, v in node.items()}
+        return {fill(k, value): fill(v, value) for k, v in node.items()}
     if isinstance(node, list):
         return [fill(v, value) for v in node]
     return node

@@ -154,6 +154,17 @@ BROKEN = [
         "sources[0].auth: expected `none`, `{bearer: TOKEN}` or `{hmac_secret: SECRET, ...}`",
     ),
     ("people: [\n", "app.yaml: line 2, column 1: invalid YAML: expected the node content, but found '<stream end>'"),
+    # What PyYAML's constructors raise besides YAMLError: a date that is no date, a tagged number that is none, a
+    # list as a key. Each was a traceback.
+    (BASE + ROUTES.replace("routes:", "start: 2026-13-02\nroutes:"),
+     "app.yaml: invalid YAML: month must be in 1..12 (quote the value if it is meant as text)"),
+    (BASE + ROUTES + 'x: !!int "abc"\n',
+     "app.yaml: invalid YAML: invalid literal for int() with base 10: 'abc' (quote the value if it is meant as text)"),
+    (BASE + ROUTES + "? [a, b]\n: 1\n", "app.yaml: invalid YAML: a key that is a list or a mapping (unhashable type: 'list')"),
+    (BASE + ROUTES + 'business_hours: {start: "09:00", end: 18:00}\n',
+     'business_hours.end: invalid time of day 1080 (an unquoted 18:00 is a number in YAML: write "18:00", in quotes)'),
+    (BASE + ROUTES + "server:\n", "server: empty: give it keys, or remove it"),
+    (BASE + ROUTES + "server: 5\n", "server: expected a mapping of keys, got 5"),
 ]
 
 
@@ -170,6 +181,21 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
         "routes[0].channels[0]: unknown channel 'nowhere' (known: ops-slack, ops-telegram)",
         "routes[0].escalation: unknown escalation policy 'none-such' (known: dba)",
         "rotations[0].members[0]: unknown person 'zed' (known: alice, bob)",
+    ]
+
+
+def test_an_unset_variable_does_not_hide_the_other_problems() -> None:
+    text = BASE + ROUTES.replace("channels: [ops-slack]", "channels: [nope]", 1) + (
+        'server: {host: "${NOPE_UNSET}", "${KEY_UNSET}": 1}\ngrouping: {window: 15x}\n')
+    assert problems(text) == [
+        "server.host: environment variable NOPE_UNSET is not set (set it, or write ${NOPE_UNSET:-default})",
+        "server: environment variable KEY_UNSET is not set (set it, or write ${KEY_UNSET:-default})",
+        "grouping.window: invalid duration '15x' (expected e.g. 90s, 5m, 1h30m, 1d, 1w)",
+    ]
+    text = BASE + ROUTES.replace("channels: [ops-slack]", "channels: [nope]", 1) + 'server: {host: "${NOPE_UNSET}"}\n'
+    assert problems(text) == [  # with the rest of the shapes right, the references are checked too
+        "server.host: environment variable NOPE_UNSET is not set (set it, or write ${NOPE_UNSET:-default})",
+        "routes[0].channels[0]: unknown channel 'nope' (known: ops-slack, ops-telegram)",
     ]
 
 
