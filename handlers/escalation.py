@@ -128,8 +128,13 @@ class Escalations:
         esc.state, esc.next_step, esc.note, esc.updated_at = "active", 0, "", now
         session.add(esc)
 
-    async def escalate_now(self, session: AsyncSession, incident: Incident, now: datetime) -> tuple[bool, str]:
-        """The Escalate button: the next step fires now (once, however many clicks). (changed, words)."""
+    async def escalate_now(self, session: AsyncSession, incident: Incident, now: datetime, *,
+                           seen_step: int | None = None) -> tuple[bool, str]:
+        """The Escalate button: the next step fires now (once, however many clicks). (changed, words).
+
+        `seen_step`: the steps fired when the pressed message was drawn (the button carries it). If any fired
+        since, by its timer or by another press, this press is answered and changes nothing (as GoAlert does):
+        two people pressing at once, or one pressing twice, escalate once."""
         esc = await session.get(Escalation, incident.id)
         if esc is None:  # nothing to move on: no thread line, no audit event, however many presses
             return False, (f"#{incident.id} has no escalation policy; page someone with "
@@ -142,6 +147,9 @@ class Escalations:
             current = await session.get(Timer, esc.timer_id)
             if current is not None and current.status == "pending" and current.payload.get("manual"):
                 return False, f"#{incident.id} is already escalating to step {esc.next_step + 1}."
+        if seen_step is not None and seen_step != esc.next_step:
+            return False, (f"#{incident.id} escalated since this message was drawn: step {esc.next_step} of {total} "
+                           "has paged. Press Escalate on the updated message to go further.")
         esc.timer_id = await timer_store.schedule(session, STEP, incident.id, now, now,
                                                   payload={"step": esc.next_step, "manual": True})
         esc.state, esc.updated_at = "active", now

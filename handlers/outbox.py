@@ -261,12 +261,13 @@ class OutboxWorker:
                 escalation = await session.get(Escalation, incident_id)
             if items:
                 calls += await self._deliver(channel_id, items, incident, parent, alerts, now,
-                                             escalation.note if escalation and escalation.state == "active" else "")
+                                             escalation.note if escalation and escalation.state == "active" else "",
+                                             escalation.next_step if escalation else None)
         return calls
 
     async def _deliver(self, channel_id: str, items: list[OutboxItem], incident: Incident | None,
                        parent: IncidentMessage | None, alerts: list[AlertRecord], now: datetime,
-                       next_step: str = "") -> int:
+                       next_step: str = "", escalation_step: int | None = None) -> int:
         channel = self.channels[channel_id]
         adapter = self.adapters[channel.platform]
         if incident is None:
@@ -277,7 +278,7 @@ class OutboxWorker:
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 return 0
             card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
-                                 next_step=next_step)
+                                 next_step=next_step, escalation_step=escalation_step)
             ref = await self._call(adapter.send(channel.chat, card), items, channel.platform, channel.chat, "send")
             if ref is None:
                 return 1
@@ -299,7 +300,7 @@ class OutboxWorker:
             if self.buckets.allow(channel.platform, channel.chat, edit=True, now=tick):
                 calls += 1
                 card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
-                                     next_step=next_step)
+                                     next_step=next_step, escalation_step=escalation_step)
                 reposting = False
 
                 async def repost() -> None:  # deleted in the chat: post the card afresh (the rows stay pending)
@@ -430,8 +431,9 @@ class OutboxWorker:
         after = str(row.details.get("next") or "")
         step, total = row.details.get("step"), row.details.get("of")
         reason = f"Step {step} of {total} of the escalation. {after}".strip()
-        attempt = await send_page(self.adapters, person, page_message(incident, alerts, person, self.config, now,
-                                                                      reason), page_order(person, business_hours=business),
+        message = page_message(incident, alerts, person, self.config, now, reason,
+                               escalation_step=step if isinstance(step, int) else None)
+        attempt = await send_page(self.adapters, person, message, page_order(person, business_hours=business),
                                   allow=self._budget)
         if attempt.waiting:
             await self._wait(row, attempt, now)

@@ -38,13 +38,15 @@ class PageResult:
 
 
 def page_message(incident: Incident, alerts: list[Any], person: Person, config: Config, now: datetime,
-                 reason: str = "") -> Outbound:
-    """The incident's card with Acknowledge and Escalate, for a person's private chat."""
+                 reason: str = "", escalation_step: int | None = None) -> Outbound:
+    """The incident's card with Acknowledge and Escalate, for a person's private chat. `escalation_step`: the
+    steps fired when the page was sent (an escalation's page), which Escalate carries (see view.buttons_for)."""
     card = incident_card(incident, alerts, now=now, tz=person.timezone or config.timezone,
                          names={p.id: p.name for p in config.people})
     assert incident.id is not None
     buttons = [Button(Action.ACKNOWLEDGE, incident.id, label="Acknowledge", style="primary"),
-               Button(Action.ESCALATE, incident.id, label="Escalate")]
+               Button(Action.ESCALATE, incident.id, arg="" if escalation_step is None else str(escalation_step),
+                      label="Escalate")]
     return Outbound(card.kind, {**card.context, "next_step": reason or card.context.get("next_step")},
                     buttons, text=f"Page: {card.text}")
 

@@ -22,7 +22,7 @@ from tests.botkit import Harness, running_bot
 from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram
 from tests.recording import poll
-from tests.test_slack_flow import Slack, slack_config
+from tests.test_slack_flow import Slack, button_values, slack_config
 
 TG_SECRET = "tg-escalation-secret"
 NIGHT = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)  # Tuesday 05:00 in Berlin: after hours
@@ -149,7 +149,7 @@ async def test_after_hours_pages_on_telegram_step_by_step_until_someone_acknowle
         await until(lambda: w.pages(BOB_TG), "Bob (on call for primary this week) is paged on Telegram")
         [page] = w.pages(BOB_TG)
         keys = [k["callback_data"] for row in page["reply_markup"]["inline_keyboard"] for k in row]
-        assert keys == ["ack:1", "esc:1"]
+        assert keys == ["ack:1", "esc:1:1"]  # Escalate carries the step it was sent for
         assert "DiskFull" in page["text"] or "Disk almost full" in page["text"]
         await until(lambda: any("Paged Bob on Telegram" in t for t in thread_texts(w.slack)), "the thread line")
         line = next(t for t in thread_texts(w.slack) if "Paged Bob" in t)
@@ -186,7 +186,7 @@ async def test_business_hours_page_by_slack_dm_with_a_mention_in_the_thread(tmp_
         [dm] = w.slack_dms("U02BOB")
         blocks = dm["blocks"] if isinstance(dm["blocks"], list) else json.loads(dm["blocks"])
         values = [e["value"] for b in blocks if b["type"] == "actions" for e in b["elements"]]
-        assert values == ["ack:1", "esc:1"]
+        assert values == ["ack:1", "esc:1:1"]
         assert not w.pages(BOB_TG), "in business hours Telegram is not the first choice"
         await until(lambda: any("Paged Bob on Slack" in t for t in thread_texts(w.slack)), "the thread line")
         line = next(t for t in thread_texts(w.slack) if "Paged Bob on Slack" in t)
@@ -271,6 +271,44 @@ async def test_escalate_jumps_to_the_next_step_now_and_a_second_press_does_not_s
         # the escalation goes on from there: step 3 (Bob again, second pass) 10 minutes after Carol's page
         await w.tick(timedelta(minutes=10))
         await until(lambda: len(w.pages(BOB_TG)) == 2, "the second pass pages the rotation again")
+
+
+async def test_two_presses_of_one_message_escalate_once(tmp_path: Path) -> None:
+    """As GoAlert does: Escalate acts only if nothing escalated since its message was drawn. The button carries
+    the steps fired when the card was drawn; the second press of a double click (the first press's step fired in
+    between) is answered and changes nothing, as is a press on a page of a step the escalation has passed."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        await until(lambda: any("Paged Bob" in t for t in thread_texts(w.slack)), "the card and its thread line")
+        ts = await w.h.message_of(1)
+
+        def card_escalate() -> str | None:
+            drawn = [c.params for c in w.slack.fake.called("chat.postMessage")
+                     if c.params.get("channel") == "C0OPS" and not c.params.get("thread_ts")]
+            drawn += [c.params for c in w.slack.fake.called("chat.update") if c.params.get("ts") == ts]
+            values = button_values(drawn[-1]) if drawn else []
+            return next((v for v in values if v.startswith("esc:")), None)
+
+        await until(lambda: card_escalate() == "esc:1:1", "the card drawn after step 1 carries it")
+        _, _, first = await w.slack.click("esc:1:1", ts, user="U02BOB")
+        assert (await w.slack.answer(first))["text"] == "Escalating #1 to step 2 of 4 now."
+        await until(lambda: w.pages(CAROL_TG), "step 2 pages Carol at once")
+        _, _, second = await w.slack.click("esc:1:1", ts, user="U02BOB")  # the same card, not redrawn yet
+        assert (await w.slack.answer(second))["text"] == (
+            "#1 escalated since this message was drawn: step 2 of 4 has paged. Press Escalate on the updated "
+            "message to go further.")
+        await w.tap("esc:1:1", BOB_TG)  # Bob's page of step 1: stale as well
+        await until(lambda: w.tg.called("answerCallbackQuery"), "the tap is answered")
+        assert w.tg.called("answerCallbackQuery")[-1].params.get("text", "").startswith("#1 escalated since")
+        await asyncio.sleep(0.3)
+        await w.tick(timedelta(seconds=30))
+        assert [e.details["step"] for e in await w.audit("escalation.step")] == [1, 2]
+        assert len(w.pages(BOB_TG)) == 1 and len(w.pages(CAROL_TG)) == 1
+        assert len(await w.audit("incident.escalated")) == 1
+        await until(lambda: card_escalate() == "esc:1:2", "the redrawn card carries step 2")
+        _, _, third = await w.slack.click("esc:1:2", ts, user="U02BOB")  # the updated card goes further
+        assert (await w.slack.answer(third))["text"] == "Escalating #1 to step 3 of 4 now."
 
 
 async def test_escalate_without_a_policy_changes_nothing_and_says_what_to_do(tmp_path: Path) -> None:
