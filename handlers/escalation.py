@@ -76,7 +76,7 @@ class Escalations:
                                                for iid, _ in wanted])
         conn.execute(ESCALATIONS.insert(), [
             {"incident_id": iid, "policy": policy.id, "snapshot": snapshot(policy), "state": "active", "next_step": 0,
-             "timer_id": timer_id, "note": "", "started_at": now, "updated_at": now}
+             "timer_id": timer_id, "note": "", "run": 0, "started_at": now, "updated_at": now}
             for (iid, policy), timer_id in zip(wanted, ids)])
 
     def reconsider(self, conn: Connection, incident_ids: list[int], now: datetime) -> list[Entry]:
@@ -120,12 +120,13 @@ class Escalations:
             session.add(esc)
 
     async def restart(self, session: AsyncSession, incident_id: int, now: datetime) -> None:
-        """Reopened: the policy starts again from its first step, now."""
+        """Reopened: the policy starts again from its first step, now, as its next run."""
         esc = await session.get(Escalation, incident_id)
         if esc is None:
             return
         esc.timer_id = await timer_store.schedule(session, STEP, incident_id, now, now, payload={"step": 0})
         esc.state, esc.next_step, esc.note, esc.updated_at = "active", 0, "", now
+        esc.run += 1
         session.add(esc)
 
     async def escalate_now(self, session: AsyncSession, incident: Incident, now: datetime, *,
@@ -158,18 +159,22 @@ class Escalations:
 
     async def move_on(self, session: AsyncSession, incident_id: int, step: int, now: datetime) -> bool:
         """A page of `step` (1-based) could not be delivered: fire the next step now instead of after its wait,
-        unless another page of that step got through, the escalation has moved since, or the step before also
-        reached nobody: two steps in a row that page nobody look like a platform that is down or off, and
-        running through the whole policy in seconds would leave nothing for once it is back. True when it moved."""
+        unless another page of that step got through or is still on its way, the escalation has moved since, or
+        the step before also reached nobody: two steps in a row that page nobody look like a platform that is
+        down or off, and running through the whole policy in seconds would leave nothing for once it is back.
+        Only this run's pages count (a reopen starts a new run). True when it moved."""
         esc = await session.get(Escalation, incident_id)
         if esc is None or esc.state != "active" or esc.next_step != step:
             return False
-        pages = (await session.execute(select(OutboxItem.status, OutboxItem.details).where(
-            OutboxItem.incident_id == incident_id, OutboxItem.kind == "page",
-            OutboxItem.event == "escalation.page"))).all()
+        pages = [(status, details) for status, details in (await session.execute(
+            select(OutboxItem.status, OutboxItem.details).where(
+                OutboxItem.incident_id == incident_id, OutboxItem.kind == "page",
+                OutboxItem.event == "escalation.page"))).all()
+                 if (details or {}).get("run", 0) == esc.run]
         reached = {details.get("step") for status, details in pages if status == "sent"}
+        on_the_way = {details.get("step") for status, details in pages if status == "pending"}
         missed = {details.get("step") for status, details in pages if status == "dead"}
-        if step in reached or (step - 1 in missed and step - 1 not in reached):
+        if step in reached or step in on_the_way or (step - 1 in missed and step - 1 not in reached):
             return False
         esc.timer_id = await timer_store.schedule(session, STEP, incident_id, now, now, payload={"step": step})
         esc.updated_at = now
@@ -241,7 +246,7 @@ class Escalations:
             session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=f"@{person.id}",
                                    kind="page", event="escalation.page",
                                    details={"person": person.id, "step": n + 1, "of": total, "business": business,
-                                            "manual": manual, "next": after}))
+                                            "manual": manual, "next": after, "run": esc.run}))
         who = ", ".join(p.name for p in targets.people)
         if targets.channel:
             line = f"Step {n + 1} of {total}: nobody has acknowledged yet. {after}".strip()

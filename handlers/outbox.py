@@ -420,12 +420,17 @@ class OutboxWorker:
         async with self.db.sessions() as session:
             incident = await session.get(Incident, row.incident_id)
             alerts = await recent_alerts(session, row.incident_id, RECENT_ALERTS) if incident else []
+            escalation = await session.get(Escalation, row.incident_id)
         if person is None or incident is None:
             await self._finish([row], "dead", "the person or the incident no longer exists")
             return 0
         manual = bool(row.details.get("manual"))
         if incident.status == RESOLVED or (incident.status == ACKNOWLEDGED and not manual):
             await self._finish([row], "cancelled", f"not sent: #{incident.id} was {incident.status} first")
+            return 0
+        if escalation is not None and row.details.get("run", 0) != escalation.run:  # resolved and reopened since
+            await self._finish([row], "cancelled", f"not sent: #{incident.id} was reopened, and its escalation "
+                                                   "started again")
             return 0
         business = bool(row.details.get("business"))
         after = str(row.details.get("next") or "")

@@ -30,11 +30,12 @@ from storage.models import AuditHead, SchemaVersion
 log = logging.getLogger("chatops.storage")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # version -> statements that bring the previous version up to it (tables that
 # are new in a version are created by create_all; this is for changed ones).
 MIGRATIONS: dict[int, list[str]] = {
     2: ["ALTER TABLE incidents ADD COLUMN route VARCHAR"],  # timers and escalations are new tables
+    3: ["ALTER TABLE escalations ADD COLUMN run INTEGER NOT NULL DEFAULT 0"],
 }
 _PG_INIT_LOCK = 727_001  # advisory lock id: one process initialises the schema at a time
 SQLITE_BUSY_TIMEOUT_MS = 10_000

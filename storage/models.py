@@ -234,6 +234,9 @@ class Escalation(SQLModel, table=True):
     next_step: int = 0
     timer_id: int | None = None
     note: str = ""  # what happens next, in words, for the incident's message ("Carol in 10 min if ...")
+    # Which run of the policy this is: a reopen starts it again as the next run. A page names the run it belongs
+    # to, so that one left over from an earlier run neither goes out nor counts for this one.
+    run: int = 0
     started_at: datetime
     updated_at: datetime
 

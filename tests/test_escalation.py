@@ -56,7 +56,17 @@ escalation_policies:
       - {notify: {people: [dave]}, wait: 5m}
       - {notify: {people: [dave]}, wait: 10m}
       - {notify: {people: [carol]}, wait: 5m}
+  - id: mixed
+    steps:
+      - {notify: {people: [dave, bob]}, wait: 30m}
+      - {notify: {people: [carol]}, wait: 5m}
+  - id: solo
+    steps:
+      - {notify: {people: [bob]}, wait: 30m}
+      - {notify: {people: [carol]}, wait: 5m}
 routes:
+  - {match: {team: mixed}, channels: [ops-slack], escalation: mixed}
+  - {match: {team: solo}, channels: [ops-slack], escalation: solo}
   - {match: {team: nobody}, channels: [ops-slack], escalation: unlinked}
   - {match: {team: ghosts}, channels: [ops-slack], escalation: unreachable}
   - {match: {team: quiet}, channels: [ops-slack]}
@@ -332,6 +342,58 @@ async def test_a_page_that_cannot_be_delivered_moves_the_escalation_on_at_once(t
         await until(lambda: any(t.startswith("Could not page Dave") for t in thread_texts(w.slack)), "the line")
         line = next(t for t in thread_texts(w.slack) if t.startswith("Could not page Dave"))
         assert line.endswith("Moving to the next step now.")
+
+
+async def test_one_unreachable_person_does_not_cut_short_the_wait_of_another_paged_in_that_step(
+        tmp_path: Path) -> None:
+    """Step 1 pages Dave (no chat id: fails at once) and Bob (still on its way when Dave's fails): the step reached
+    someone, so its 30 minutes stand."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="mixed")
+        await until(lambda: w.pages(BOB_TG), "Bob is paged in step 1")
+        await until(lambda: any(t.startswith("Could not page Dave") for t in thread_texts(w.slack)), "Dave's line")
+        assert not next(t for t in thread_texts(w.slack) if t.startswith("Could not page Dave")).endswith(
+            "Moving to the next step now.")
+        await w.tick(timedelta(minutes=29))
+        await asyncio.sleep(0.3)
+        assert not w.pages(CAROL_TG)
+        assert [e.details["step"] for e in await w.audit("escalation.step")] == [1]
+        await w.tick(timedelta(minutes=1))
+        await until(lambda: w.pages(CAROL_TG), "Carol after the step's 30 minutes")
+
+
+async def test_after_a_reopen_a_page_that_fails_moves_on_and_a_page_of_the_old_run_is_not_sent(
+        tmp_path: Path) -> None:
+    """A reopen starts the policy again as a new run: the old run's pages count for nothing in it (Bob's page of
+    the first run reached him, but the new run's page did not), and an old page still waiting is dropped."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="solo")
+        await until(lambda: w.pages(BOB_TG), "Bob paged in the first run")
+        for command in ("resolve 1", "reopen 1"):
+            await w.slack.answer(await w.slack.command("/incident", command, user="U01ALICE"))
+        w.tg.fail("sendMessage", "Forbidden: bot was blocked by the user", 403)  # Bob blocked the bot
+        w.slack.fake.fail("conversations.open", "user_not_found")  # and left the workspace
+        await w.tick()
+        await until(lambda: any(t.startswith("Could not page Bob") for t in thread_texts(w.slack)), "the failure")
+        line = next(t for t in thread_texts(w.slack) if t.startswith("Could not page Bob"))
+        assert line.endswith("Moving to the next step now.")
+        await until(lambda: w.pages(CAROL_TG), "Carol at once, not after 30 minutes")
+        assert (await w.escalation()).run == 1
+        # A page of the first run still waiting (say, on a rate limit) when the second began is not sent.
+        async with w.h.bot.db.transaction() as session:
+            session.add(OutboxItem(created_at=NIGHT, due_at=NIGHT, incident_id=1, channel="@bob", kind="page",
+                                   event="escalation.page", details={"person": "bob", "step": 1, "of": 2, "run": 0}))
+        w.h.bot.outbox.nudge()
+        for _ in range(300):
+            async with w.h.bot.db.sessions() as session:
+                old = (await session.execute(select(OutboxItem).where(OutboxItem.details["run"].as_integer() == 0,
+                                                                      OutboxItem.status != "pending"))).scalars().all()
+            if len(old) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert [(o.status, o.last_error) for o in old] == [
+            ("sent", None), ("cancelled", "not sent: #1 was reopened, and its escalation started again")]
+        assert len(w.pages(BOB_TG)) == 1
 
 
 async def test_two_steps_in_a_row_that_reach_nobody_keep_the_policys_pace(tmp_path: Path) -> None:

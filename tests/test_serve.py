@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import text
 
 from storage.db import SCHEMA_VERSION, Database
+from storage.models import Escalation, Incident
 from tests.conftest import ROOT, free_port
 from tests.fake_telegram import FakeTelegram
 
@@ -165,6 +167,30 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert f"has schema version {SCHEMA_VERSION + 1}, but this chatops understands up to version {SCHEMA_VERSION}" in result.stderr
+
+
+async def test_a_version_2_store_is_brought_up_to_date_keeping_its_rows(db: Database) -> None:
+    """Version 3 added escalations.run: a store of version 2 (no such column) gets it, 0 for the rows it holds."""
+    now = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+    async with db.transaction() as session:
+        session.add(Incident(group_key="k", title="t", status="triggered", severity="high", opened_at=now,
+                             first_seen=now, last_seen=now))
+    async with db.engine.begin() as conn:
+        await conn.execute(text("INSERT INTO escalations (incident_id, policy, snapshot, state, next_step, note, "
+                                "started_at, updated_at, run) VALUES (1, 'p', '{}', 'active', 2, '', :t, :t, 0)"),
+                           {"t": now})
+        await conn.execute(text("ALTER TABLE escalations DROP COLUMN run"))
+        await conn.execute(text("UPDATE schema_version SET version = 2"))
+    await db.dispose()
+    again = Database(db.url, schema=db.schema)
+    await again.start()
+    try:
+        async with again.sessions() as session:
+            assert (await session.execute(text("SELECT version FROM schema_version"))).scalar_one() == SCHEMA_VERSION
+            esc = await session.get(Escalation, 1)
+            assert esc is not None and (esc.next_step, esc.run) == (2, 0)
+    finally:
+        await again.dispose()
 
 
 def test_serve_with_a_broken_config_names_the_problem(tmp_path: Path) -> None:
