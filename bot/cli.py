@@ -316,7 +316,7 @@ def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
     if not view.schedules:
         print("no rotations are configured; add them under rotations: in app.yaml", file=sys.stderr)
         return EXIT_USAGE
-    schedule = view.schedules.get(args.rotation) if args.rotation else None
+    schedule = view.find(args.rotation) if args.rotation else None  # case does not matter, as for /oncall
     if args.rotation and schedule is None:
         print(f"unknown rotation {args.rotation!r} (known: {', '.join(sorted(view.schedules))})", file=sys.stderr)
         return EXIT_USAGE

@@ -185,6 +185,21 @@ def next_shifts(rotation: Schedule, overrides: Iterable[Override], after: dateti
     return found[:n]
 
 
+def run_at(rotation: Schedule, overrides: Iterable[Override], at: datetime, *, limit: int = 8
+           ) -> tuple[Shift, datetime, Shift | None]:
+    """The stretch under way at `at`, the end of its person's whole run (back-to-back stretches of the same
+    person, such as a cover that runs into their own shift, are one run), and the stretch of whoever follows
+    (None if the same person holds the next `limit` stretches)."""
+    overrides = list(overrides)
+    current = on_call(rotation, overrides, at)
+    until = current.end
+    for following in next_shifts(rotation, overrides, at, limit):
+        if following.person != current.person:
+            return current, until, following
+        until = following.end
+    return current, until, None
+
+
 def first_instant(wall: datetime, tz: ZoneInfo) -> datetime:
     """The first instant (UTC) at which the clock in `tz` reads `wall` (naive) or later."""
     guess = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)  # fold=0: the first of a repeated time

@@ -17,7 +17,7 @@ from bot.clock import Clock
 from bot.config import Config, Person
 from bot.dispatch import Dispatcher
 from bot.durations import format_duration
-from bot.rotations import Override, Schedule, Shift, next_shifts, on_call, shifts_between
+from bot.rotations import Override, Schedule, Shift, next_shifts, on_call, run_at, shifts_between
 from bot.tables import table
 from storage.db import Database
 from storage.models import Override as OverrideRow
@@ -108,10 +108,9 @@ class Oncall:
         for rid, schedule in sorted(self.schedules.items()):
             overrides = domain(rows.values(), rid)
             tz = tz_for(schedule)
-            current = on_call(schedule, overrides, now)
-            [following] = next_shifts(schedule, overrides, now, 1)
-            out.append((rid, self.who(current), when(current.start, tz, now), when(current.end, tz, now),
-                        self.who(following)))
+            current, until, following = run_at(schedule, overrides, now)
+            out.append((rid, self.who(current), when(current.start, tz, now), when(until, tz, now),
+                        self.who(following) if following is not None else "-"))
         return out
 
     def upcoming_rows(self, shifts: Sequence[Shift], rows: dict[int, OverrideRow], now: datetime,

@@ -107,8 +107,9 @@ class OverrideHandlers:
         if end is None:
             rows = await self.view.overrides(self.db, start, start, [schedule.id])
             shift = on_call(schedule, _domain(rows, schedule.id), start)
-            if shift.end is None:
-                raise BadInput("give UNTIL too")
+            if shift.person is None:  # before the rotation starts: no shift to take, so no end to take it to
+                raise BadInput(f"nobody is on call for `{schedule.id}` at {when(start, tz, now)} (the rotation "
+                               "has not started then), so there is no shift to take; give UNTIL too")
             end = shift.end
         if end <= start:
             raise BadInput("UNTIL must come after FROM")
@@ -154,7 +155,7 @@ def join_date_time(args: Sequence[str]) -> list[str]:
     out: list[str] = []
     for arg in args:
         if out and _DATE.match(out[-1]) and _TIME.match(arg):
-            out[-1] = f"{out[-1]}T{arg}"
+            out[-1] = f"{out[-1]}T{arg.zfill(5)}"  # 9:00 -> 09:00, as ISO 8601 wants it
         else:
             out.append(arg)
     return out

@@ -32,7 +32,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -353,12 +353,13 @@ class SwapHandlers:
                              "anyone approved it.")
             actor = _actor(actor, person)
             self_approved = person.id in (swap.requester, swap.counterpart)
-            swap.approval_at, swap.approval_by = now, person.id
             if approve:
                 start = max(swap.starts_at, now)
                 problem = await self._holds(session, swap, start, person, now)
-                if problem:
+                if problem:  # refused: nobody approved anything
                     return Reply(problem)
+            swap.approval_at, swap.approval_by = now, person.id
+            if approve:
                 await self._take(session, swap, start, now, actor, APPROVED, "swap.approved",
                                  {"self_approved": self_approved, "role": role})
                 reply = Reply(f"Approved swap #{swap_id}: {self.name(swap.counterpart)} covers `{swap.rotation}` for "
@@ -394,6 +395,16 @@ class SwapHandlers:
             if now >= swap.starts_at:
                 return Reply(f"Swap #{swap_id} started {self._when(swap.starts_at, person, swap, now)}, so it can no "
                              "longer be undone; someone with the `manager` role can still `/override` the rest.")
+            # A later swap that passed this cover on: undoing this one alone would leave that one standing, and
+            # the message saying who is on call would be wrong.
+            later = (await session.execute(select(SwapRequest).where(
+                SwapRequest.rotation == swap.rotation, SwapRequest.id > swap.id, SwapRequest.status.in_(TAKEN),
+                SwapRequest.requester == swap.counterpart, SwapRequest.starts_at < swap.ends_at,
+                SwapRequest.ends_at > swap.starts_at).order_by(SwapRequest.id))).scalars().first()
+            if later is not None:
+                return Reply(f"Swap #{later.id} builds on this one: {self.name(later.counterpart)} took part of "
+                             f"{self.name(swap.counterpart)}'s cover. Undo swap #{later.id} first "
+                             f"({self.name(later.requester)} or {self.name(later.counterpart)} can), then this one.")
             overrides = list((await session.execute(select(OverrideRow).where(
                 OverrideRow.id.in_(swap.override_ids), OverrideRow.cancelled_at.is_(None)))).scalars().all())
             for row in overrides:
@@ -625,6 +636,7 @@ class SwapHandlers:
                 day = date.fromisoformat(text)
             except ValueError:
                 raise BadInput(_not_a_date(text, zone)) from None
+            _near(day.year, text)
             today = now.astimezone(zone).date()
             if day < today:
                 raise BadInput(f"{day.isoformat()} is in the past (today is {today.isoformat()} in {zone.key}).")
@@ -646,7 +658,9 @@ class SwapHandlers:
             value = datetime.fromisoformat(text)
         except ValueError:
             raise BadInput(_not_a_date(text, zone)) from None
-        at = value.replace(tzinfo=tz) if value.tzinfo is None else value
+        _near(value.year, text)
+        # A wall time the clock skips is the moment of the skip, one it repeats the first of them (as /oncall take).
+        at = first_instant(value, tz) if value.tzinfo is None else value.astimezone(UTC)
         if at < now:
             raise BadInput(f"{when(at, tz, now)} is in the past.")
         [stretch] = await self._stretches(schedule, at, at + _TICK)
@@ -758,3 +772,9 @@ def _status_words(status: str) -> str:
 
 def _roles(person: Person) -> str:
     return "the roles " + ", ".join(f"`{r}`" for r in person.roles) if person.roles else "no roles"
+
+
+def _near(year: int, text: str) -> None:
+    """Years /oncall take and /override accept too: past them the calendar arithmetic overflows."""
+    if not 1970 <= year <= 9000:
+        raise BadInput(f"{text!r} is too far away (years 1970 to 9000)")

@@ -278,6 +278,29 @@ async def test_taking_the_current_shift_and_a_managers_override_change_who_is_on
     assert [(e.actor_person, e.details["person"]) for e in audited] == [("alice", "alice"), ("bob", "carol")]
 
 
+async def test_a_cover_that_runs_into_the_same_persons_shift_is_one_stretch_in_oncall(slack: Slack) -> None:
+    """Bob takes Carol's night on web; his own day shift follows at 09:00: /oncall says he is on call until that
+    shift ends and that Carol is next (it said until 09:00, then Bob)."""
+    s = slack
+    await s.answer(await s.command("/oncall", "take web", user="U02BOB"))
+    assert rows(await ask(s, ""))[2] == ["web", "Bob (override)", "Mon 23 Nov 23:00 EST", "Tue 24 Nov 21:00 EST", CAROL]
+
+
+async def test_taking_a_time_before_the_rotation_starts_needs_until_and_one_digit_hours_read(tmp_path: Path) -> None:
+    later = "  - {id: later, members: [alice, bob], shift: 1w, handoff: 'mon 09:00', start: 2027-01-04, timezone: Europe/Berlin}\n"
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+                                                slack_config(fake) + ROTATIONS + later, people=PEOPLE) as h:
+        s = Slack(h, fake)
+        took = await s.answer(await s.command("/oncall", "take later 2026-12-01T10:00", user="U02BOB"))
+        assert took["text"].startswith("nobody is on call for `later` at Tue 1 Dec 10:00 CET (the rotation has not "
+                                       "started then), so there is no shift to take; give UNTIL too")
+        async with h.bot.db.sessions() as session:
+            assert not (await session.execute(select(Override))).scalars().all()
+        took = await s.answer(await s.command("/oncall", "take web 2026-11-25 9:00 2026-11-25 17:00", user="U03CAROL"))
+        assert took["text"] == (f"{CAROL} is on call for `web` from Wed 25 Nov 09:00 EST until Wed 25 Nov 17:00 EST "
+                                "(America/New_York).")
+
+
 async def test_an_override_length_is_elapsed_time_across_a_clock_change_and_a_skipped_time_is_the_skip(
         slack: Slack) -> None:
     """Berlin springs forward on Sunday 28 March 2027 at 02:00 (to 03:00). 8h from midnight is 09:00 CEST,

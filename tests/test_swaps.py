@@ -564,3 +564,41 @@ async def test_a_schedule_changed_since_the_request_is_not_silently_overridden(o
     assert answer.startswith("The schedule changed since swap #1 was asked for: Erin (override) is on call for "
                              "`dba-primary` from Tue 1 Dec 09:00 CET, not Alice. Nothing was changed")
     assert (await swaps(h))[0].status == "pending" and len(await overrides(h)) == 1
+
+
+async def test_a_refused_approval_records_no_approver(on_sqlite: Slack) -> None:
+    """Dave's approval is refused (the schedule changed): he approved nothing, so when Bob then declines, the swap
+    was declined by Bob, not by Dave."""
+    s, h = on_sqlite, on_sqlite.h
+    await say(s, "bob web 2026-11-25", user=CAROL)
+    await say(s, "accept 1", user=BOB)
+    await say(s, "web dave 2026-11-25T22:00 2026-11-25T23:00", user=BOB, command="/override")
+    assert (await say(s, "approve 1", user=DAVE)).startswith("The schedule changed since swap #1 was asked for")
+    [swap] = await swaps(h)
+    assert (swap.status, swap.approval_by, swap.approval_at) == ("awaiting_approval", None, None)
+    await say(s, "decline 1", user=BOB)
+    assert await say(s, "accept 1", user=BOB) == "Swap #1 was declined by Bob."
+
+
+async def test_a_swap_another_builds_on_is_not_undone_alone(tmp_path: Path) -> None:
+    """Bob covers Carol's week (#1), then passes a day of it on to Alice (#2). Undoing #1 alone would leave Alice
+    on call while everyone is told Carol is: it is refused, naming #2; once #2 is undone, #1 is."""
+    three = "  - {id: r3, members: [alice, bob, carol], shift: 1w, handoff: 'mon 09:00', start: 2026-11-02, timezone: Europe/Berlin}\n"
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+                                                slack_config(fake) + ROTATIONS + three, people=PEOPLE) as h:
+        s = Slack(h, fake)
+        await say(s, "bob r3 next", user=CAROL)
+        await say(s, "accept 1", user=BOB)
+        await say(s, "alice r3 2026-12-08", user=BOB)
+        await say(s, "accept 2", user=ALICE)
+        assert await say(s, "undo 1", user=CAROL) == (
+            "Swap #2 builds on this one: Alice took part of Bob's cover. Undo swap #2 first (Bob or Alice can), "
+            "then this one.")
+        assert [w.status for w in await swaps(h)] == ["accepted", "accepted"]
+        assert (await say(s, "undo 2", user=ALICE)).startswith("Undone: Bob is on call for `r3`")
+        assert (await say(s, "undo 1", user=CAROL)).startswith("Undone: Carol is on call for `r3` from Mon 7 Dec")
+
+
+@pytest.mark.parametrize("when", ["9999-12-31", "9999-12-31T10:00", "0001-01-01T00:00+01:00"])
+async def test_a_date_far_away_is_refused_not_a_crash(on_sqlite: Slack, when: str) -> None:
+    assert await say(on_sqlite, f"bob dba-primary {when}") == f"'{when}' is too far away (years 1970 to 9000)"
