@@ -359,8 +359,11 @@ class SlackAdapter:
             response = await call
         except SlackApiError as exc:
             raise delivery_error(method, exc) from exc
-        except (aiohttp.ClientError, TimeoutError) as exc:  # outcome unknown for a timeout; the outbox decides
-            raise DeliveryError(f"slack {method}: {type(exc).__name__}: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Sent, and no answer (a timeout, or the server hung up on it): Slack may have delivered it. Not
+            # connected at all: nothing left, so a retry is safe.
+            unknown = isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError, aiohttp.ServerDisconnectedError))
+            raise DeliveryError(f"slack {method}: {type(exc).__name__}: {exc}", unknown=unknown) from exc
         return response.data
 
     # -- inbound ----------------------------------------------------------------------------------

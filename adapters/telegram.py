@@ -29,12 +29,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 
+import httpx
 from aiohttp import web
 from telegram import (CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, LinkPreviewOptions, Message,
                       ReplyParameters, Update, User)
 from telegram.constants import ChatType, ParseMode
 from telegram.error import (BadRequest, ChatMigrated, EndPointNotFound, Forbidden, InvalidToken, RetryAfter,
-                            TelegramError)
+                            TelegramError, TimedOut)
 from telegram.ext import Application
 from telegram.warnings import PTBDeprecationWarning
 
@@ -159,7 +160,10 @@ def delivery_error(method: str, exc: TelegramError, *, token: str = "") -> Deliv
         return DeliveryError(what, permanent=True, gone=True)
     if isinstance(exc, (BadRequest, Forbidden, EndPointNotFound)):  # BadRequest first: it is a NetworkError
         return DeliveryError(what, permanent=True)  # chat not found, message to edit not found, blocked...
-    return DeliveryError(what)  # NetworkError, TimedOut, 5xx, Conflict: worth another try
+    if isinstance(exc, TimedOut):  # sent, and no answer in time: Telegram may have delivered it
+        unsent = isinstance(exc.__cause__, (httpx.ConnectTimeout, httpx.PoolTimeout))  # never left: retry freely
+        return DeliveryError(what, unknown=not unsent)
+    return DeliveryError(what)  # NetworkError, 5xx, Conflict: worth another try
 
 
 # -- inbound: updates -> neutral events ------------------------------------------------------------

@@ -87,8 +87,11 @@ class DeliveryError(Exception):
     """A platform refused or failed a call. `retry_after` (seconds) when it said when to come back."""
 
     def __init__(self, message: str, *, retry_after: float | None = None, permanent: bool = False,
-                 token_refused: bool = False, gone: bool = False):
+                 token_refused: bool = False, gone: bool = False, unknown: bool = False):
         super().__init__(message)
+        # The call went out and no answer came (a timeout): the platform may have delivered it. A page is then
+        # not sent again, on that platform or another: better one page unconfirmed than two.
+        self.unknown = unknown
         self.retry_after = retry_after
         self.permanent = permanent
         # The platform refused the bot itself (a revoked or wrong token): no call can work until someone fixes

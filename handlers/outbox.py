@@ -446,7 +446,8 @@ class OutboxWorker:
         if attempt.platform is None and attempt.transient and row.attempts + 1 < PAGE_ATTEMPTS:
             await self._failed([row], attempt.problem(person, self.adapters), None, permanent=False)
             return 1
-        self.metrics.pages.labels(attempt.platform or "none", "ok" if attempt.platform else "failed").inc()
+        self.metrics.pages.labels(attempt.platform or attempt.unknown or "none",
+                                  "ok" if attempt.platform else "unknown" if attempt.unknown else "failed").inc()
         actor = SYSTEM  # the escalation pages, not a person
         async with self.db.transaction() as session:
             await self._mark(session, [row], "sent" if attempt.platform else "dead",
@@ -457,6 +458,13 @@ class OutboxWorker:
                 if attempt.tried:
                     details["tried"] = attempt.tried
                 entry = Entry("incident.paged", actor, "incident", str(incident.id), now, details, incident.id)
+            elif attempt.unknown:  # it may have arrived: the step's wait stands, and nothing is sent again
+                problem = attempt.problem(person, self.adapters)
+                line = f"The page to {person.name} is unconfirmed: {problem}. {after}".strip()
+                entry = Entry("incident.page_failed", actor, "incident", str(incident.id), now,
+                              {"person": person.id, "tried": attempt.tried, "problem": problem, "step": step,
+                               "unknown": attempt.unknown}, incident.id)
+                log.warning("escalation: the page to %s about #%s is unconfirmed: %s", person.id, incident.id, problem)
             else:
                 problem = attempt.problem(person, self.adapters)
                 moved = (self.escalations is not None and isinstance(step, int)

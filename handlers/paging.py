@@ -60,8 +60,12 @@ class Attempt:
     transient: bool  # some platform failed in a way that may pass (rate limit, network, 5xx)
     waiting: bool = False  # the first platform able to take it is rate-limited now: try again later, not elsewhere
     retry_after: float | None = None  # what the platform said about when (None: our own budget is spent)
+    unknown: str | None = None  # the platform that took it and never answered: it may have arrived (not resent)
 
     def problem(self, person: Person, adapters: Mapping[str, Adapter]) -> str:
+        if self.unknown:
+            return (f"{self.unknown.capitalize()} did not answer in time, so the page may have arrived; it is not "
+                    f"sent again, so as not to page twice ({self.tried[-1].partition(': ')[2]})")
         return "; ".join(self.tried) or (f"{person.name} has no id in app.yaml for a platform that is on "
                                          f"(on: {', '.join(sorted(adapters)) or 'none'})")
 
@@ -88,6 +92,8 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
         except DeliveryError as exc:
             if allow is not None and exc.retry_after:
                 return Attempt(None, tried, True, waiting=True, retry_after=exc.retry_after)
+            if exc.unknown:  # it may have arrived: neither again nor elsewhere, or the person is paged twice
+                return Attempt(None, [*tried, f"{platform}: {exc}"], False, unknown=platform)
             tried.append(f"{platform}: {exc}")
             transient = transient or not exc.permanent
             continue

@@ -70,6 +70,7 @@ class FakeTelegram:
 
     def __post_init__(self) -> None:
         self._failures: dict[str, deque[tuple[int, str, Any]]] = defaultdict(deque)  # (code, description, parameters)
+        self._slow: dict[str, deque[float]] = defaultdict(deque)
         self._buckets: dict[int, tuple[float, float]] = {}
         self._minute: dict[int, deque[float]] = defaultdict(deque)
         self._updates: list[dict[str, Any]] = []
@@ -83,6 +84,11 @@ class FakeTelegram:
              parameters: dict[str, Any] | None = None) -> None:
         """The next `times` calls of `method` answer `{"ok": false, "error_code", "description"[, "parameters"]}`."""
         self._failures[method].extend([(error_code, description, parameters)] * times)
+
+    def slow(self, method: str, seconds: float, times: int = 1) -> None:
+        """The next `times` calls of `method` are carried out at once but answered `seconds` late (a message
+        Telegram delivered whose answer never reached the bot in time)."""
+        self._slow[method].extend([seconds] * times)
 
     def push_update(self, update: dict[str, Any]) -> None:
         self._updates.append(update)
@@ -117,6 +123,8 @@ class FakeTelegram:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_update.wait(), min(float(params.get("timeout") or 0), 1.0))
         call.status, body = self._answer(call)
+        if self._slow[call.method]:
+            await asyncio.sleep(self._slow[call.method].popleft())
         return web.json_response({"ok": True, "result": body} if call.status == 200 else body, status=call.status)
 
     def _answer(self, call: Call) -> tuple[int, Any]:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from bot.clock import FakeClock
@@ -394,6 +395,32 @@ async def test_after_a_reopen_a_page_that_fails_moves_on_and_a_page_of_the_old_r
         assert [(o.status, o.last_error) for o in old] == [
             ("sent", None), ("cancelled", "not sent: #1 was reopened, and its escalation started again")]
         assert len(w.pages(BOB_TG)) == 1
+
+
+async def test_a_page_telegram_took_but_never_answered_is_not_sent_again(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """As GoAlert does: an unknown outcome is not retried blindly into a double page, on Telegram or elsewhere.
+    Telegram delivers Bob's page but answers after the bot's timeout: the thread says the page is unconfirmed,
+    nothing is sent again (before: a second Telegram page, or a Slack one too), and the step's wait stands."""
+    import adapters.telegram as telegram_adapter
+
+    monkeypatch.setattr(telegram_adapter, "TIMEOUT", 1)  # the read timeout (15 s in production)
+    async with world(tmp_path, NIGHT) as w:
+        w.tg.slow("sendMessage", 2.0)  # the first message of the run: Bob's page (the card goes to Slack first)
+        await w.alert("critical")
+        await until(lambda: any(t.startswith("The page to Bob is unconfirmed") for t in thread_texts(w.slack)),
+                    "the thread says so", timeout=10)
+        line = next(t for t in thread_texts(w.slack) if t.startswith("The page to Bob is unconfirmed"))
+        assert line == ("The page to Bob is unconfirmed: Telegram did not answer in time, so the page may have "
+                        "arrived; it is not sent again, so as not to page twice (telegram sendMessage: Timed out). "
+                        "Carol in 5 min if nobody acknowledges.")
+        await w.tick(timedelta(minutes=1))
+        await asyncio.sleep(0.5)
+        assert len(w.pages(BOB_TG)) == 1 and not w.slack_dms("U02BOB") and not w.pages(CAROL_TG)
+        [failed] = await w.audit("incident.page_failed")
+        assert failed.details["unknown"] == "telegram"
+        await w.tick(timedelta(minutes=4))
+        await until(lambda: w.pages(CAROL_TG), "Carol after the step's 5 minutes, as written")
 
 
 async def test_two_steps_in_a_row_that_reach_nobody_keep_the_policys_pace(tmp_path: Path) -> None:
