@@ -22,7 +22,7 @@ from bot import logs
 from bot.config import ConfigError, Loaded, config_path, load_config
 from bot.incidents import STATUSES, priority
 from bot.rotations import first_instant
-from bot.tables import ago, table
+from bot.tables import ago, printable, table
 from bot.view import who_did
 from storage import queries, report
 from storage.audit import AuditLog
@@ -220,7 +220,7 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
         def at(moment: datetime) -> str:  # in the bot's time zone, to the second
             return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
-        print(f"#{inc.id} {inc.title}", file=out)
+        print(f"#{inc.id} {printable(inc.title)}", file=out)
         facts = [("status", inc.status + (" (silenced)" if inc.silenced else "")), ("severity", inc.severity),
                  ("priority", p), ("opened", f"{at(inc.opened_at)} ({ago(now - inc.opened_at)})"),
                  ("alerts", f"{inc.alert_count} ({inc.firing_count} firing) from {', '.join(inc.sources)}"),
@@ -234,7 +234,7 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
             facts.append(("follows", f"#{inc.previous_id}"))
         facts += [(f"link: {k}", v) for k, v in inc.links.items()]
         for key, value in facts:
-            print(f"  {key + ':':<14}{value}", file=out)
+            print(printable(f"  {key + ':':<14}{value}"), file=out)
         print("\nAlerts", file=out)
         print(table(["SOURCE", "FINGERPRINT", "STATUS", "SEVERITY", "SUMMARY", "RECEIVED"],
                     [(a.source, a.fingerprint, a.status, a.severity, a.summary, a.received_count) for a in alerts]), file=out)

@@ -27,6 +27,18 @@ def ago(delta: timedelta) -> str:
     return f"{seconds // 86400} d ago"
 
 
+# Characters a terminal acts on rather than shows: C0 and C1 controls (ESC starts colour and title sequences) and
+# the bidirectional overrides that reorder what is shown. Text from alerts reaches the terminal through tables.
+_ACTIVE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_ACTIVE.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+
+
+def printable(text: str) -> str:
+    """`text` with the characters a terminal would act on written out (`\\x1b`), so that what an alert says
+    cannot recolour, retitle or rewrite the terminal that shows it."""
+    return text.translate(_ACTIVE)
+
+
 def _cut(text: str, width: int) -> str:
-    text = " ".join(text.split())
+    text = printable(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 1] + "…"

@@ -234,3 +234,20 @@ async def test_outbox_list_shows_a_delivery_of_no_incident_and_says_when_an_erro
     [_, row] = capsys.readouterr().out.splitlines()[:2]
     assert row.split()[:3] == ["1", "-", "@alice"]  # no incident: a dash, not "#None"
     assert error[:99] in " ".join(row.split()) and row.endswith("…")  # cut at 100 characters, and says so
+
+
+async def test_what_an_alert_says_cannot_drive_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Escape sequences in an alert (recolour, retitle the window, reorder text) are shown written out, not acted on."""
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "t", url)
+    message = "disk \x1b[31mfull\x1b[0m \x1b]0;owned\x07 \u202etxt.exe"
+    async with running_bot(url) as h:
+        assert (await h.post("open", {"asset_name": "web-1", "signature": "Disk", "severity": "high",
+                                      "message": message, "tool_source": "t"}))[0] == 200
+    for command in (["incidents", "list"], ["incidents", "show", "1"]):
+        assert await asyncio.to_thread(main, [*command, "-c", str(cfg)]) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, out
+        assert "disk \\x1b[31mfull\\x1b[0m \\x1b]0;owned\\x07 \\u202etxt.exe" in out, out
