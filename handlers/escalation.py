@@ -216,7 +216,10 @@ class Escalations:
             hours, tz = self.config.business_hours, self.config.timezone
             business = in_business_hours(hours, tz, now)
             minimum = self.config.paging.after_hours_min_severity
-            if targets.people and not business and not manual and not pages_after_hours(incident.severity, minimum):
+            # After hours an incident below the paging minimum waits for the morning, whether its step would page
+            # people or @here a channel (which wakes whoever there has notifications on).
+            if ((targets.people or targets.channel) and not business and not manual
+                    and not pages_after_hours(incident.severity, minimum)):
                 morning = next_business_start(hours, tz, now)
                 esc.timer_id = await timer_store.schedule(session, STEP, incident_id, morning, now,
                                                           payload={"step": n, "deferred": True})

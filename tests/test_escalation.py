@@ -65,7 +65,11 @@ escalation_policies:
     steps:
       - {notify: {people: [bob]}, wait: 30m}
       - {notify: {people: [carol]}, wait: 5m}
+  - id: loud
+    steps:
+      - {notify: {channel: ops-slack}, wait: 5m}
 routes:
+  - {match: {team: loud}, channels: [ops-slack], escalation: loud}
   - {match: {team: mixed}, channels: [ops-slack], escalation: mixed}
   - {match: {team: solo}, channels: [ops-slack], escalation: solo}
   - {match: {team: nobody}, channels: [ops-slack], escalation: unlinked}
@@ -421,6 +425,23 @@ async def test_a_page_telegram_took_but_never_answered_is_not_sent_again(tmp_pat
         assert failed.details["unknown"] == "telegram"
         await w.tick(timedelta(minutes=4))
         await until(lambda: w.pages(CAROL_TG), "Carol after the step's 5 minutes, as written")
+
+
+async def test_a_channel_step_after_hours_waits_for_the_morning_below_the_paging_minimum(tmp_path: Path) -> None:
+    """A step that notifies a channel mentions everyone there (@here): at night only for an incident severe enough
+    to page anyone after hours; a medium one's step waits for business hours, as a step paging people does, and
+    runs at once if the incident becomes critical."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("medium", team="loud")
+        await until(lambda: any("step 1 waits until" in t for t in thread_texts(w.slack)), "the deferral line")
+        assert not [t for t in thread_texts(w.slack) if t.startswith("<!here>")]
+        await w.tick(timedelta(minutes=30))
+        await asyncio.sleep(0.3)
+        assert not [t for t in thread_texts(w.slack) if t.startswith("<!here>")]
+        await w.alert("critical", team="loud")  # the same alert, now critical: the step runs at once
+        await until(lambda: any(t.startswith("<!here>") for t in thread_texts(w.slack)), "@here once it is critical")
+        [here] = [t for t in thread_texts(w.slack) if t.startswith("<!here>")]
+        assert here.startswith("<!here> Step 1 of 1: nobody has acknowledged yet.")
 
 
 async def test_two_steps_in_a_row_that_reach_nobody_keep_the_policys_pace(tmp_path: Path) -> None:
