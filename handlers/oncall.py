@@ -257,8 +257,8 @@ class OncallHandlers:
         return f"times in {person.timezone}" if person.timezone else "times in each rotation's time zone"
 
     async def calendar(self, rotation: str) -> str | None:
-        """The rotation's iCalendar feed, or None when there is no such rotation."""
-        schedule = self.view.schedules.get(rotation)
+        """The rotation's iCalendar feed, or None when there is no such rotation (case does not matter)."""
+        schedule = self.view.find(rotation)
         if schedule is None:
             return None
         now = self.clock.now()

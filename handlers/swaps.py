@@ -176,9 +176,15 @@ class SwapHandlers:
             # Two requests at once must not both pass the overlap check: on PostgreSQL they queue on the rotation
             # (SQLite's write transactions already run one at a time).
             await self.db.lock_for_transaction(session, f"swap:{schedule.id}")
-            clash = (await session.execute(select(SwapRequest).where(
+            clashes = (await session.execute(select(SwapRequest).where(
                 SwapRequest.rotation == schedule.id, SwapRequest.status.in_(OPEN),
-                SwapRequest.starts_at < end, SwapRequest.ends_at > start).order_by(SwapRequest.id))).scalars().first()
+                SwapRequest.starts_at < end, SwapRequest.ends_at > start).order_by(SwapRequest.id))).scalars().all()
+            clash = None
+            for other in clashes:
+                if now >= other.expires_at:  # over, though its expiry timer has not run yet: expire it now
+                    await self._expire(session, other, now)
+                elif clash is None:
+                    clash = other
             if clash is not None:
                 return Reply(f"That overlaps swap #{clash.id} ({self.name(clash.requester)} asked "
                              f"{self.name(clash.counterpart)} to take `{clash.rotation}` from "

@@ -223,6 +223,8 @@ async def test_the_feed_parses_with_the_icalendar_library(slack: Slack) -> None:
 async def test_an_unknown_rotation_is_a_404_naming_the_known_ones(slack: Slack) -> None:
     status, body, _ = await feed(slack.h, "nope")
     assert status == 404 and "unknown rotation 'nope' (known: dba-primary, web)" in body.decode()
+    status, body, _ = await feed(slack.h, "DBA-Primary")  # case does not matter, as for /oncall
+    assert status == 200 and body.startswith(b"BEGIN:VCALENDAR")
 
 
 # -- chatops oncall -------------------------------------------------------------------------------------------

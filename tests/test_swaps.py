@@ -356,6 +356,17 @@ async def test_a_click_after_the_deadline_expires_the_request_even_before_its_ti
     assert [a for a, _, _ in await audit(h)] == ["swap.requested", "swap.expired"]
 
 
+async def test_a_request_past_its_deadline_does_not_block_a_new_one_before_its_timer_runs(on_sqlite: Slack) -> None:
+    s, h = on_sqlite, on_sqlite.h
+    await say(s, "bob next")
+    await h.bot.timers.stop()
+    h.clock.advance(timedelta(hours=25))
+    asked = await say(s, "bob next")  # it said "That overlaps swap #1 ..., which is still waiting for an answer"
+    assert asked.startswith("Asked Bob to take your `dba-primary` shift") and "(swap #2)" in asked, asked
+    assert [w.status for w in await swaps(h)] == ["expired", "pending"]
+    assert [a for a, _, _ in await audit(h)] == ["swap.requested", "swap.expired", "swap.requested"]
+
+
 async def test_a_restart_between_request_and_expiry_still_expires_it_once(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
     async with FakeSlack() as fake:
