@@ -244,7 +244,10 @@ class Escalations:
         step = step_at(esc.snapshot, n)
         wait = timedelta(seconds=int(step["wait"]))
         due = now + wait
-        after = await self.next_words(session, esc.snapshot, n + 1, total, due, wait)
+        # Escalated by hand while acknowledged: the steps after this one do not run (an acknowledged incident's
+        # timer stops the escalation), so nothing is promised about them.
+        after = "" if incident.status == ACKNOWLEDGED else await self.next_words(session, esc.snapshot, n + 1, total,
+                                                                                  due, wait)
         for person in targets.people:
             session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=f"@{person.id}",
                                    kind="page", event="escalation.page",

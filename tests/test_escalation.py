@@ -326,6 +326,22 @@ async def test_two_presses_of_one_message_escalate_once(tmp_path: Path) -> None:
         assert (await w.slack.answer(third))["text"] == "Escalating #1 to step 3 of 4 now."
 
 
+async def test_escalating_an_acknowledged_incident_pages_the_next_step_and_promises_no_more(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        await w.slack.answer(await w.slack.command("/incident", "ack 1", user="U02BOB"))
+        answer = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U02BOB"))
+        assert answer["text"] == "Escalating #1 to step 2 of 4 now."  # Bob wants help
+        await w.tick()
+        await until(lambda: any(t.startswith("Paged Carol") for t in thread_texts(w.slack)), "Carol's line")
+        assert "Paged Carol on Telegram." in thread_texts(w.slack)  # not "Bob in 10 min if nobody acknowledges"
+        await w.tick(timedelta(minutes=30))
+        await asyncio.sleep(0.3)
+        assert len(w.pages(BOB_TG)) == 1 and len(w.pages(CAROL_TG)) == 1  # and indeed nobody more
+        assert (await w.escalation()).state == "stopped"
+
+
 async def test_escalate_without_a_policy_changes_nothing_and_says_what_to_do(tmp_path: Path) -> None:
     async with world(tmp_path, NIGHT) as w:
         await w.alert("critical", team="quiet")  # routed without an escalation policy
