@@ -389,7 +389,7 @@ class OutboxWorker:
         buttons = [button_from(spec) for spec in row.details.get("buttons") or []]
         order = row.details.get("platforms") or page_order(person)
         message = Outbound("text", {"text": text}, buttons, text=text)
-        attempt = await send_page(self.adapters, person, message, order, allow=self._budget)
+        attempt = await send_page(self.adapters, person, message, order, allow=self._budget, once=False)
         if attempt.waiting:
             await self._wait(row, attempt, self.clock.now())
             return 1 if attempt.retry_after else 0

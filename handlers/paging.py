@@ -71,11 +71,13 @@ class Attempt:
 
 
 async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Outbound, order: Sequence[str],
-                    allow: Callable[[str, str], bool] | None = None) -> Attempt:
+                    allow: Callable[[str, str], bool] | None = None, *, once: bool = True) -> Attempt:
     """Try the platforms in `order` that are on and know the person; the first that takes it wins.
 
     With `allow(platform, user_id)` (a rate budget), a platform whose budget is spent, or that answers
-    "too many requests", is waited for rather than skipped: the person chose that order.
+    "too many requests", is waited for rather than skipped: the person chose that order. `once` (pages): a
+    platform that took the message and never answered ends the attempt (`unknown`), since it may have arrived;
+    without it (a direct message, which may come twice rather than not at all) that is a failure worth a retry.
     """
     tried: list[str] = []
     transient = False
@@ -92,7 +94,7 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
         except DeliveryError as exc:
             if allow is not None and exc.retry_after:
                 return Attempt(None, tried, True, waiting=True, retry_after=exc.retry_after)
-            if exc.unknown:  # it may have arrived: neither again nor elsewhere, or the person is paged twice
+            if exc.unknown and once:  # it may have arrived: neither again nor elsewhere, or the person is paged twice
                 return Attempt(None, [*tried, f"{platform}: {exc}"], False, unknown=platform)
             tried.append(f"{platform}: {exc}")
             transient = transient or not exc.permanent

@@ -311,3 +311,30 @@ def test_a_line_waiting_after_a_failure_or_a_rate_limit_holds_back_the_ones_afte
     assert [text for _, text in _thread_lines([burst, res], T0)] == ["Resolved by Alice"]
     later = T0 + timedelta(seconds=31)
     assert [text.split(" by ")[0] for _, text in _thread_lines([ack, res], later)] == ["Acknowledged", "Resolved"]
+
+
+async def test_a_platform_that_never_answered_ends_a_page_but_a_direct_message_tries_again() -> None:
+    """Telegram took the message and did not answer in time: a page stops there (it may have arrived; sending it
+    again, on Telegram or on Slack, could page twice); a direct message (a swap's question, say) goes on to Slack,
+    since twice is better than never for it."""
+    from bot.chat import DeliveryError, Outbound
+    from bot.config import Person
+    from handlers.paging import send_page
+
+    class Stub:
+        def __init__(self, platform: str, error: DeliveryError | None) -> None:
+            self.platform, self.error, self.sent = platform, error, 0
+
+        async def page(self, user_id: str, message: Outbound) -> None:
+            self.sent += 1
+            if self.error is not None:
+                raise self.error
+
+    bob = Person(id="bob", name="Bob", telegram=222222, slack="U02BOB")
+    message = Outbound("text", {"text": "hi"}, text="hi")
+    for once, platform in ((True, None), (False, "slack")):
+        adapters = {"telegram": Stub("telegram", DeliveryError("telegram sendMessage: Timed out", unknown=True)),
+                    "slack": Stub("slack", None)}
+        attempt = await send_page(adapters, bob, message, ["telegram", "slack"], once=once)  # type: ignore[arg-type]
+        assert attempt.platform == platform and adapters["slack"].sent == (0 if once else 1)
+        assert attempt.unknown == ("telegram" if once else None)
