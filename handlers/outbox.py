@@ -50,6 +50,11 @@ log = logging.getLogger("chatops.outbox")
 MERGED_EVENTS = ("alerts.grouped", "alerts.resolved")
 PERSONAL_KINDS = ("page", "direct", "notice")  # rows not drawn on an incident's message (handlers/notify.py)
 PAGE_ATTEMPTS = 3  # a page that fails for a passing reason is tried this often, then the escalation moves on
+# A page is claimed (SENDING, committed) before the platform is called and settled after: one found SENDING when
+# the worker starts was cut off by a crash mid-call, and may have arrived. It is not sent again (as GoAlert does:
+# an unknown outcome is not retried blindly into a double page).
+SENDING = "sending"
+UNSETTLED = ("pending", SENDING)
 ROUTINE_EVENTS = ("incident.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
 RECENT_ALERTS = 50  # alerts read to draw a message: its links and "the last of N" come from the newest  # thread lines that add up their counts
 
@@ -149,6 +154,7 @@ class OutboxWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._recovered = False  # pages a crash cut off mid-call were settled (once, by the worker that delivers)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outbox-worker")
@@ -226,6 +232,9 @@ class OutboxWorker:
         if self.may_deliver is not None and not await self.may_deliver():
             return 0
         now = self.clock.now()
+        if not self._recovered:
+            await self._recover(now)
+            self._recovered = True
         # One cheap read first: most rounds of a quiet bot end here.
         (earliest,) = await self.db.read_row(select(func.min(OutboxItem.due_at)).where(OutboxItem.status == "pending"))
         self._idle = earliest is None
@@ -407,12 +416,44 @@ class OutboxWorker:
 
     async def _wait(self, row: OutboxItem, attempt: Attempt, now: datetime) -> None:
         """Rate-limited: the row waits (as long as the platform said), without counting as a failed try."""
-        if not attempt.retry_after:
+        values: dict[str, Any] = {"status": "pending"}  # a page claimed for sending: not sent, so pending again
+        if attempt.retry_after:
+            values.update(due_at=now + timedelta(seconds=attempt.retry_after),
+                          last_error=f"rate-limited; retrying in {attempt.retry_after:g}s")
+        elif row.status != SENDING:
             return  # our own budget: the next round looks again
         async with self.db.transaction() as session:
-            await session.execute(update(OutboxItem).where(OutboxItem.id == row.id, OutboxItem.status == "pending")
-                                  .values(due_at=now + timedelta(seconds=attempt.retry_after),
-                                          last_error=f"rate-limited; retrying in {attempt.retry_after:g}s"))
+            await session.execute(update(OutboxItem).where(OutboxItem.id == row.id, OutboxItem.status.in_(UNSETTLED))
+                                  .values(**values))
+
+    async def _recover(self, now: datetime) -> None:
+        """Pages found SENDING when this worker starts: a crash cut the call off, so each may have arrived. None
+        is sent again; each is settled as unconfirmed, in the thread and the audit log, and its step's wait
+        stands."""
+        problem = "the bot stopped while sending it, so it may have arrived; it is not sent again, so as not to page twice"
+        async with self.db.transaction() as session:
+            rows = (await session.execute(select(OutboxItem).where(OutboxItem.status == SENDING)
+                                          .order_by(OutboxItem.id))).scalars().all()
+            entries = []
+            for row in rows:
+                row.status, row.last_error = "dead", f"outcome unknown: {problem}"
+                session.add(row)
+                incident = await session.get(Incident, row.incident_id) if row.incident_id is not None else None
+                if incident is None:
+                    continue
+                who = str(row.details.get("person"))
+                name = self.people[who].name if who in self.people else who
+                queue_thread_line(session, incident, now, "escalation.page_failed",
+                                  {"line": f"The page to {name} is unconfirmed: {problem}."})
+                entries.append(Entry("incident.page_failed", SYSTEM, "incident", str(incident.id), now,
+                                     {"person": who, "step": row.details.get("step"), "problem": problem,
+                                      "unknown": "restart"}, incident.id))
+                log.warning("outbox: the page to %s about #%s was cut off by a restart; not sent again", who,
+                            incident.id)
+            await self.audit.append_many(session, entries)
+        if rows:
+            self.metrics.audit_events.inc(len(entries))
+            self.nudge()
 
     async def _page(self, row: OutboxItem, now: datetime) -> int:
         """An escalation step's page: still wanted? send it, then say in the thread what happened and what is next."""
@@ -432,6 +473,13 @@ class OutboxWorker:
             await self._finish([row], "cancelled", f"not sent: #{incident.id} was reopened, and its escalation "
                                                    "started again")
             return 0
+        async with self.db.transaction() as session:  # claimed: a crash from here on leaves it SENDING (see _recover)
+            claimed = (await session.execute(update(OutboxItem).where(OutboxItem.id == row.id,
+                                                                      OutboxItem.status == "pending")
+                                             .values(status=SENDING))).rowcount
+        if not claimed:
+            return 0
+        row.status = SENDING
         business = bool(row.details.get("business"))
         after = str(row.details.get("next") or "")
         step, total = row.details.get("step"), row.details.get("of")
@@ -521,8 +569,9 @@ class OutboxWorker:
         async with self.db.transaction() as session:
             for item in items:
                 row = await session.get(OutboxItem, item.id)
-                if row is None or row.status != "pending":
+                if row is None or row.status not in UNSETTLED:
                     continue
+                row.status = "pending"  # a page claimed for sending (SENDING) that did not go: due again, or dead below
                 if retry_after and not permanent and now - row.created_at < self.give_up_after:
                     # (a platform that has answered nothing but "later" for a day counts its tries again)
                     row.due_at = now + timedelta(seconds=retry_after)
@@ -560,7 +609,7 @@ class OutboxWorker:
         """One statement for all the rows; a row something else already settled stays as it is."""
         ids = [item.id for item in items]
         if ids:
-            await session.execute(update(OutboxItem).where(OutboxItem.id.in_(ids), OutboxItem.status == "pending")
+            await session.execute(update(OutboxItem).where(OutboxItem.id.in_(ids), OutboxItem.status.in_(UNSETTLED))
                                   .values(status=status, last_error=error))
 
 
