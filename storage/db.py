@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import SingletonThreadPool
@@ -31,11 +31,12 @@ log = logging.getLogger("chatops.storage")
 T = TypeVar("T")
 
 SCHEMA_VERSION = 3
-# version -> statements that bring the previous version up to it (tables that
-# are new in a version are created by create_all; this is for changed ones).
-MIGRATIONS: dict[int, list[str]] = {
-    2: ["ALTER TABLE incidents ADD COLUMN route VARCHAR"],  # timers and escalations are new tables
-    3: ["ALTER TABLE escalations ADD COLUMN run INTEGER NOT NULL DEFAULT 0"],
+# version -> the columns (table, column, SQL type) that bring the previous version up to it. Tables new in a
+# version are created by create_all, already whole: a column is added only where it is missing (a store of
+# version 1 gets escalations, new in 2, with version 3's `run` already in it).
+MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
+    2: [("incidents", "route", "VARCHAR")],  # timers and escalations are new tables
+    3: [("escalations", "run", "INTEGER NOT NULL DEFAULT 0")],
 }
 _PG_INIT_LOCK = 727_001  # advisory lock id: one process initialises the schema at a time
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -167,8 +168,11 @@ class Database:
         elif current < SCHEMA_VERSION:
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 log.info("upgrading the database schema to version %d", version)
-                for statement in MIGRATIONS.get(version, []):
-                    await conn.execute(text(statement))
+                for table, column, sql_type in MIGRATIONS.get(version, []):
+                    present = await conn.run_sync(
+                        lambda sync, table=table: {c["name"] for c in inspect(sync).get_columns(table)})
+                    if column not in present:
+                        await conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
             await conn.execute(
                 SchemaVersion.__table__.update().where(SchemaVersion.id == 1).values(version=SCHEMA_VERSION)
             )

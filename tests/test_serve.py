@@ -169,6 +169,26 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     assert f"has schema version {SCHEMA_VERSION + 1}, but this chatops understands up to version {SCHEMA_VERSION}" in result.stderr
 
 
+async def test_a_version_1_store_is_brought_up_to_date(db: Database) -> None:
+    """Version 1 had no timers, no escalations and no incidents.route: create_all makes the new tables whole
+    (escalations with version 3's `run`), and only the missing column is added (adding `run` again failed)."""
+    async with db.engine.begin() as conn:
+        await conn.execute(text("DROP TABLE escalations"))
+        await conn.execute(text("DROP TABLE timers"))
+        await conn.execute(text("ALTER TABLE incidents DROP COLUMN route"))
+        await conn.execute(text("UPDATE schema_version SET version = 1"))
+    await db.dispose()
+    again = Database(db.url, schema=db.schema)
+    await again.start()
+    try:
+        async with again.sessions() as session:
+            assert (await session.execute(text("SELECT version FROM schema_version"))).scalar_one() == SCHEMA_VERSION
+            assert (await session.execute(text("SELECT count(*) FROM escalations WHERE run = 0"))).scalar_one() == 0
+            assert (await session.execute(text("SELECT count(*) FROM incidents WHERE route IS NULL"))).scalar_one() == 0
+    finally:
+        await again.dispose()
+
+
 async def test_a_version_2_store_is_brought_up_to_date_keeping_its_rows(db: Database) -> None:
     """Version 3 added escalations.run: a store of version 2 (no such column) gets it, 0 for the rows it holds."""
     now = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
