@@ -339,7 +339,11 @@ class SlackAdapter:
 
     async def page(self, user_id: str, message: Outbound) -> MessageRef:
         """The message, with its buttons, in the person's direct conversation with the bot."""
-        opened = await self._call("conversations.open", self.client.conversations_open(users=user_id))
+        try:
+            opened = await self._call("conversations.open", self.client.conversations_open(users=user_id))
+        except DeliveryError as exc:
+            exc.unknown = False  # only the conversation was being opened: nothing reached the person yet
+            raise
         return await self.send(opened["channel"]["id"], message)
 
     async def notify(self, actor: Actor, chat: MessageRef | None, text: str) -> None:
@@ -362,7 +366,8 @@ class SlackAdapter:
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Sent, and no answer (a timeout, or the server hung up on it): Slack may have delivered it. Not
             # connected at all: nothing left, so a retry is safe.
-            unknown = isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError, aiohttp.ServerDisconnectedError))
+            unknown = (isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError, aiohttp.ServerDisconnectedError))
+                       and not isinstance(exc, aiohttp.ConnectionTimeoutError))  # a connect timeout sent nothing
             raise DeliveryError(f"slack {method}: {type(exc).__name__}: {exc}", unknown=unknown) from exc
         return response.data
 

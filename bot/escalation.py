@@ -67,3 +67,17 @@ def next_business_start(hours: BusinessHours, default_tz: str, at: datetime) -> 
         if start > at:
             return start
     raise ValueError("business_hours.days is empty")  # config validation requires at least one day
+
+
+def escalation_mark(step: int, run: int) -> str:
+    """Where an escalation stood when a message was drawn, as its Escalate button carries it: the steps fired
+    (`2`), and the run after a reopen (`2.1`)."""
+    return f"{step}.{run}" if run else str(step)
+
+
+def read_mark(text: str) -> tuple[int, int] | None:
+    """(steps fired, run) from `escalation_mark`; None for a button without one (drawn before marks existed)."""
+    step, _, run = text.partition(".")
+    if not step.isdigit() or (run and not run.isdigit()):
+        return None
+    return int(step), int(run or 0)

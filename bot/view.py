@@ -91,10 +91,10 @@ def incident_state(incident: Any) -> str:
     return "acknowledged" if incident.status == ACKNOWLEDGED else "firing"
 
 
-def buttons_for(incident: Any, escalation_step: int | None = None) -> list[Button]:
+def buttons_for(incident: Any, escalation_mark: str = "") -> list[Button]:
     """The buttons that match the incident's state, labelled with verbs; Resolve asks first.
 
-    `escalation_step`: the steps of its escalation fired so far, carried by the Escalate button, so that a press
+    `escalation_mark`: where its escalation stood (bot.escalation.escalation_mark), carried by Escalate, so that a press
     escalates only if nothing escalated since the message was drawn (two presses escalate once)."""
     iid = incident.id
     if incident.status == RESOLVED:
@@ -105,8 +105,7 @@ def buttons_for(incident: Any, escalation_step: int | None = None) -> list[Butto
         confirm = (f"Resolve #{iid} while {firing} alert{'s are' if firing != 1 else ' is'} still firing? "
                    "If they keep firing, a new incident opens.")
     resolve = Button(Action.RESOLVE.value, iid, label="Resolve", style="danger", confirm=confirm)
-    escalate = Button(Action.ESCALATE.value, iid, arg="" if escalation_step is None else str(escalation_step),
-                      label="Escalate")
+    escalate = Button(Action.ESCALATE.value, iid, arg=escalation_mark, label="Escalate")
     # Run runbook and Approve/Reject buttons join these lists when runbooks land.
     if incident.status == ACKNOWLEDGED:
         return [escalate, resolve]
@@ -317,10 +316,10 @@ def _utc(value: datetime) -> datetime:
 
 def incident_card(incident: Any, alerts: Sequence[Any], *, now: datetime, tz: str,
                   names: Mapping[str, str] | None = None, next_step: str = "",
-                  escalation_step: int | None = None) -> Outbound:
+                  escalation_mark: str = "") -> Outbound:
     """The incident's message: its context, its buttons, and a plain-text fallback.
 
-    `names` maps person ids (as stored in `acknowledged_by` / `resolved_by`) to display names; `escalation_step`
+    `names` maps person ids (as stored in `acknowledged_by` / `resolved_by`) to display names; `escalation_mark`
     is what the Escalate button carries (see buttons_for).
     """
     names = names or {}
@@ -329,4 +328,4 @@ def incident_card(incident: Any, alerts: Sequence[Any], *, now: datetime, tz: st
                                acknowledged_name=names.get(incident.acknowledged_by or ""),
                                resolved_name=names.get(resolver),
                                next_step=next_step if incident_state(incident) in ("firing", "acknowledged") else None)
-    return Outbound("incident", context, buttons_for(incident, escalation_step), text=context["headline"])
+    return Outbound("incident", context, buttons_for(incident, escalation_mark), text=context["headline"])

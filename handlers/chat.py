@@ -55,12 +55,12 @@ class ChatHandlers:
         return handle
 
     async def _act(self, verb: str, incident_id: int, actor: Actor, person: Person, seen: str = "") -> Reply:
-        """`seen`: what the pressed button carried (Escalate: the escalation steps fired when it was drawn)."""
+        """`seen`: what the pressed button carried (Escalate: where the escalation stood when it was drawn)."""
         actor = Actor(actor.platform, actor.user_id, person.name, person.id)
         result = await perform(db=self.db, audit=self.audit, incident_id=incident_id, action=verb, actor=actor,
                                now=self.clock.now(), escalations=self.escalations,
                                names={p.id: p.name for p in self.config.people},
-                               seen_step=int(seen) if verb == "escalate" and seen.isdigit() else None)
+                               seen=seen if verb == "escalate" else "")
         self.metrics.actions.labels(verb, "changed" if result.changed else "refused").inc()
         if result.elapsed is not None and result.severity:
             measure = self.metrics.time_to_acknowledge if verb == "acknowledge" else self.metrics.time_to_resolve

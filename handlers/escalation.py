@@ -27,8 +27,8 @@ from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import Config, Person
-from bot.escalation import (in_business_hours, next_business_start, pages_after_hours, snapshot, step_at,
-                            total_steps)
+from bot.escalation import (in_business_hours, next_business_start, pages_after_hours, read_mark, snapshot,
+                            step_at, total_steps)
 from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.model import Actor
 from bot.rotations import Schedule, on_call
@@ -45,6 +45,9 @@ log = logging.getLogger("chatops.escalation")
 STEP = "escalation.step"
 ESCALATIONS = Escalation.__table__
 SYSTEM = Actor("system", "escalation", "Escalation")
+# How an unconfirmed page's outbox row begins its last_error (it is settled "dead", as it will not be sent again,
+# but it may have arrived: for move_on it reached its person).
+UNCONFIRMED = "outcome unknown: "
 
 
 @dataclass(frozen=True)
@@ -130,12 +133,13 @@ class Escalations:
         session.add(esc)
 
     async def escalate_now(self, session: AsyncSession, incident: Incident, now: datetime, *,
-                           seen_step: int | None = None) -> tuple[bool, str]:
+                           seen: str = "") -> tuple[bool, str]:
         """The Escalate button: the next step fires now (once, however many clicks). (changed, words).
 
-        `seen_step`: the steps fired when the pressed message was drawn (the button carries it). If any fired
-        since, by its timer or by another press, this press is answered and changes nothing (as GoAlert does):
-        two people pressing at once, or one pressing twice, escalate once."""
+        `seen`: where the escalation stood when the pressed message was drawn (its button carries
+        bot.escalation.escalation_mark). If a step fired since, by its timer or by another press, or the incident
+        was reopened, this press is answered and changes nothing (as GoAlert does): two people pressing at once,
+        or one pressing twice, escalate once. A button drawn before marks existed carries none: no check."""
         esc = await session.get(Escalation, incident.id)
         if esc is None:  # nothing to move on: no thread line, no audit event, however many presses
             return False, (f"#{incident.id} has no escalation policy; page someone with "
@@ -148,9 +152,13 @@ class Escalations:
             current = await session.get(Timer, esc.timer_id)
             if current is not None and current.status == "pending" and current.payload.get("manual"):
                 return False, f"#{incident.id} is already escalating to step {esc.next_step + 1}."
-        if seen_step is not None and seen_step != esc.next_step:
-            return False, (f"#{incident.id} escalated since this message was drawn: step {esc.next_step} of {total} "
-                           "has paged. Press Escalate on the updated message to go further.")
+        mark = read_mark(seen)
+        if mark is not None and mark != (esc.next_step, esc.run):
+            how = (f"escalated since this message was drawn: step {esc.next_step} of {total} has paged"
+                   if mark[1] == esc.run and esc.next_step > mark[0] else
+                   "was reopened since this message was drawn, and its escalation started again")
+            return False, (f"#{incident.id} {how}. To go further, press Escalate on its current message, or "
+                           f"type `/incident escalate {incident.id}`.")
         esc.timer_id = await timer_store.schedule(session, STEP, incident.id, now, now,
                                                   payload={"step": esc.next_step, "manual": True})
         esc.state, esc.updated_at = "active", now
@@ -166,12 +174,14 @@ class Escalations:
         esc = await session.get(Escalation, incident_id)
         if esc is None or esc.state != "active" or esc.next_step != step:
             return False
-        pages = [(status, details) for status, details in (await session.execute(
-            select(OutboxItem.status, OutboxItem.details).where(
+        pages = [(status, details, error or "") for status, details, error in (await session.execute(
+            select(OutboxItem.status, OutboxItem.details, OutboxItem.last_error).where(
                 OutboxItem.incident_id == incident_id, OutboxItem.kind == "page",
                 OutboxItem.event == "escalation.page"))).all()
                  if (details or {}).get("run", 0) == esc.run]
-        reached = {details.get("step") for status, details in pages if status == "sent"}
+        reached = {details.get("step") for status, details, error in pages  # unconfirmed: it may have
+                   if status == "sent" or error.startswith(UNCONFIRMED)}
+        pages = [(status, details) for status, details, error in pages if not error.startswith(UNCONFIRMED)]
         on_the_way = {details.get("step") for status, details in pages if status == "pending"}
         missed = {details.get("step") for status, details in pages if status == "dead"}
         if step in reached or step in on_the_way or (step - 1 in missed and step - 1 not in reached):

@@ -44,13 +44,13 @@ class ActionResult:
 
 async def perform(
     *, db: Database, audit: AuditLog, incident_id: int, action: str, actor: Actor, now: datetime, note: str = "",
-    escalations: Escalations | None = None, names: Mapping[str, str] | None = None, seen_step: int | None = None,
+    escalations: Escalations | None = None, names: Mapping[str, str] | None = None, seen: str = "",
 ) -> ActionResult:
     """Apply `action` (acknowledge, escalate, resolve, reopen) for `actor`; a no-op says why.
 
     With `escalations`, acknowledge and resolve stop the incident's escalation, reopen starts it
-    again, and escalate fires its next step now, all in the same transaction; `seen_step` (from the Escalate
-    button) makes escalate a no-op if the escalation moved since the message was drawn.
+    again, and escalate fires its next step now, all in the same transaction; `seen` (what the Escalate
+    button carried) makes escalate a no-op if the escalation moved since the message was drawn.
     """
     if action not in VERBS:
         raise ValueError(f"unknown incident action {action!r}")
@@ -68,7 +68,7 @@ async def perform(
         details: dict[str, Any] = {"from": incident.status}
         message = f"{VERBS[action]} #{incident.id}."
         if action == "escalate" and escalations is not None:
-            changed, message = await escalations.escalate_now(session, incident, now, seen_step=seen_step)
+            changed, message = await escalations.escalate_now(session, incident, now, seen=seen)
             if not changed:
                 return ActionResult(False, message, incident.id, incident.status)
         elif action in ("acknowledge", "resolve") and escalations is not None:

@@ -38,7 +38,8 @@ from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket
 from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.view import incident_card, thread_line
-from handlers.escalation import SYSTEM, Escalations
+from bot.escalation import escalation_mark
+from handlers.escalation import SYSTEM, UNCONFIRMED, Escalations
 from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_line
 from handlers.paging import Attempt, page_message, page_order, send_page
 from storage.audit import AuditLog, Entry
@@ -271,12 +272,12 @@ class OutboxWorker:
             if items:
                 calls += await self._deliver(channel_id, items, incident, parent, alerts, now,
                                              escalation.note if escalation and escalation.state == "active" else "",
-                                             escalation.next_step if escalation else None)
+                                             escalation_mark(escalation.next_step, escalation.run) if escalation else "")
         return calls
 
     async def _deliver(self, channel_id: str, items: list[OutboxItem], incident: Incident | None,
                        parent: IncidentMessage | None, alerts: list[AlertRecord], now: datetime,
-                       next_step: str = "", escalation_step: int | None = None) -> int:
+                       next_step: str = "", escalation_mark: str = "") -> int:
         channel = self.channels[channel_id]
         adapter = self.adapters[channel.platform]
         if incident is None:
@@ -287,7 +288,7 @@ class OutboxWorker:
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 return 0
             card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
-                                 next_step=next_step, escalation_step=escalation_step)
+                                 next_step=next_step, escalation_mark=escalation_mark)
             ref = await self._call(adapter.send(channel.chat, card), items, channel.platform, channel.chat, "send")
             if ref is None:
                 return 1
@@ -309,7 +310,7 @@ class OutboxWorker:
             if self.buckets.allow(channel.platform, channel.chat, edit=True, now=tick):
                 calls += 1
                 card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
-                                     next_step=next_step, escalation_step=escalation_step)
+                                     next_step=next_step, escalation_mark=escalation_mark)
                 reposting = False
 
                 async def repost() -> None:  # deleted in the chat: post the card afresh (the rows stay pending)
@@ -436,7 +437,7 @@ class OutboxWorker:
                                           .order_by(OutboxItem.id))).scalars().all()
             entries = []
             for row in rows:
-                row.status, row.last_error = "dead", f"outcome unknown: {problem}"
+                row.status, row.last_error = "dead", UNCONFIRMED + problem
                 session.add(row)
                 incident = await session.get(Incident, row.incident_id) if row.incident_id is not None else None
                 if incident is None:
@@ -485,7 +486,8 @@ class OutboxWorker:
         step, total = row.details.get("step"), row.details.get("of")
         reason = f"Step {step} of {total} of the escalation. {after}".strip()
         message = page_message(incident, alerts, person, self.config, now, reason,
-                               escalation_step=step if isinstance(step, int) else None)
+                               escalation_mark=escalation_mark(step, int(row.details.get("run", 0)))
+                               if isinstance(step, int) else "")
         attempt = await send_page(self.adapters, person, message, page_order(person, business_hours=business),
                                   allow=self._budget)
         if attempt.waiting:
@@ -498,8 +500,9 @@ class OutboxWorker:
                                   "ok" if attempt.platform else "unknown" if attempt.unknown else "failed").inc()
         actor = SYSTEM  # the escalation pages, not a person
         async with self.db.transaction() as session:
+            problem = attempt.problem(person, self.adapters)
             await self._mark(session, [row], "sent" if attempt.platform else "dead",
-                             None if attempt.platform else attempt.problem(person, self.adapters)[:500])
+                             None if attempt.platform else ((UNCONFIRMED if attempt.unknown else "") + problem)[:500])
             if attempt.platform is not None:
                 line = f"Paged {person.name} on {attempt.platform.capitalize()}. {after}".strip()
                 details: dict[str, Any] = {"person": person.id, "platform": attempt.platform, "step": step}
@@ -507,14 +510,12 @@ class OutboxWorker:
                     details["tried"] = attempt.tried
                 entry = Entry("incident.paged", actor, "incident", str(incident.id), now, details, incident.id)
             elif attempt.unknown:  # it may have arrived: the step's wait stands, and nothing is sent again
-                problem = attempt.problem(person, self.adapters)
                 line = f"The page to {person.name} is unconfirmed: {problem}. {after}".strip()
                 entry = Entry("incident.page_failed", actor, "incident", str(incident.id), now,
                               {"person": person.id, "tried": attempt.tried, "problem": problem, "step": step,
                                "unknown": attempt.unknown}, incident.id)
                 log.warning("escalation: the page to %s about #%s is unconfirmed: %s", person.id, incident.id, problem)
             else:
-                problem = attempt.problem(person, self.adapters)
                 moved = (self.escalations is not None and isinstance(step, int)
                          and await self.escalations.move_on(session, incident.id, step, now))
                 line = f"Could not page {person.name}: {problem}." + (" Moving to the next step now." if moved else "")

@@ -38,15 +38,14 @@ class PageResult:
 
 
 def page_message(incident: Incident, alerts: list[Any], person: Person, config: Config, now: datetime,
-                 reason: str = "", escalation_step: int | None = None) -> Outbound:
-    """The incident's card with Acknowledge and Escalate, for a person's private chat. `escalation_step`: the
-    steps fired when the page was sent (an escalation's page), which Escalate carries (see view.buttons_for)."""
+                 reason: str = "", escalation_mark: str = "") -> Outbound:
+    """The incident's card with Acknowledge and Escalate, for a person's private chat. `escalation_mark`: where
+    the escalation stood when the page was sent (an escalation's page), which Escalate carries (view.buttons_for)."""
     card = incident_card(incident, alerts, now=now, tz=person.timezone or config.timezone,
                          names={p.id: p.name for p in config.people})
     assert incident.id is not None
     buttons = [Button(Action.ACKNOWLEDGE, incident.id, label="Acknowledge", style="primary"),
-               Button(Action.ESCALATE, incident.id, arg="" if escalation_step is None else str(escalation_step),
-                      label="Escalate")]
+               Button(Action.ESCALATE, incident.id, arg=escalation_mark, label="Escalate")]
     return Outbound(card.kind, {**card.context, "next_step": reason or card.context.get("next_step")},
                     buttons, text=f"Page: {card.text}")
 
@@ -64,8 +63,8 @@ class Attempt:
 
     def problem(self, person: Person, adapters: Mapping[str, Adapter]) -> str:
         if self.unknown:
-            return (f"{self.unknown.capitalize()} did not answer in time, so the page may have arrived; it is not "
-                    f"sent again, so as not to page twice ({self.tried[-1].partition(': ')[2]})")
+            return (f"{self.unknown.capitalize()} took it but never confirmed it, so the page may have arrived; it "
+                    f"is not sent again, so as not to page twice ({self.tried[-1].partition(': ')[2]})")
         return "; ".join(self.tried) or (f"{person.name} has no id in app.yaml for a platform that is on "
                                          f"(on: {', '.join(sorted(adapters)) or 'none'})")
 
@@ -133,6 +132,12 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
         await _record(db, audit, actor, incident_id, now, "incident.paged", details)
         return PageResult(True, f"Paged {person.name} on {attempt.platform.capitalize()}.", attempt.platform)
     why = attempt.problem(person, adapters)
+    if attempt.unknown:
+        log.warning("the page to %s about #%s is unconfirmed: %s", person.id, incident_id, why)
+        await _record(db, audit, actor, incident_id, now, "incident.page_failed",
+                      {"person": person.id, "tried": attempt.tried, "reason": reason, "problem": why,
+                       "unknown": attempt.unknown})
+        return PageResult(False, f"The page to {person.name} is unconfirmed: {why}")
     log.warning("could not page %s about #%s: %s", person.id, incident_id, why)
     await _record(db, audit, actor, incident_id, now, "incident.page_failed",
                   {"person": person.id, "tried": attempt.tried, "reason": reason, "problem": why})

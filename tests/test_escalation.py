@@ -65,11 +65,16 @@ escalation_policies:
     steps:
       - {notify: {people: [bob]}, wait: 30m}
       - {notify: {people: [carol]}, wait: 5m}
+  - id: bobdave
+    steps:
+      - {notify: {people: [bob, dave]}, wait: 30m}
+      - {notify: {people: [carol]}, wait: 5m}
   - id: loud
     steps:
       - {notify: {channel: ops-slack}, wait: 5m}
 routes:
   - {match: {team: loud}, channels: [ops-slack], escalation: loud}
+  - {match: {team: bobdave}, channels: [ops-slack], escalation: bobdave}
   - {match: {team: mixed}, channels: [ops-slack], escalation: mixed}
   - {match: {team: solo}, channels: [ops-slack], escalation: solo}
   - {match: {team: nobody}, channels: [ops-slack], escalation: unlinked}
@@ -311,8 +316,8 @@ async def test_two_presses_of_one_message_escalate_once(tmp_path: Path) -> None:
         await until(lambda: w.pages(CAROL_TG), "step 2 pages Carol at once")
         _, _, second = await w.slack.click("esc:1:1", ts, user="U02BOB")  # the same card, not redrawn yet
         assert (await w.slack.answer(second))["text"] == (
-            "#1 escalated since this message was drawn: step 2 of 4 has paged. Press Escalate on the updated "
-            "message to go further.")
+            "#1 escalated since this message was drawn: step 2 of 4 has paged. To go further, press Escalate on its "
+            "current message, or type `/incident escalate 1`.")
         await w.tap("esc:1:1", BOB_TG)  # Bob's page of step 1: stale as well
         await until(lambda: w.tg.called("answerCallbackQuery"), "the tap is answered")
         assert w.tg.called("answerCallbackQuery")[-1].params.get("text", "").startswith("#1 escalated since")
@@ -340,6 +345,31 @@ async def test_escalating_an_acknowledged_incident_pages_the_next_step_and_promi
         await asyncio.sleep(0.3)
         assert len(w.pages(BOB_TG)) == 1 and len(w.pages(CAROL_TG)) == 1  # and indeed nobody more
         assert (await w.escalation()).state == "stopped"
+
+
+async def test_a_press_on_a_page_from_before_a_reopen_changes_nothing(tmp_path: Path) -> None:
+    """The mark on Escalate names the run too: a page of the first run, pressed after a reopen started the policy
+    again, is answered and escalates nothing; the new run's page escalates."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="solo")
+        await until(lambda: w.pages(BOB_TG), "Bob paged in the first run")
+        for command in ("resolve 1", "reopen 1"):
+            await w.slack.answer(await w.slack.command("/incident", command, user="U01ALICE"))
+        await w.tick()
+        await until(lambda: len(w.pages(BOB_TG)) == 2, "the second run pages Bob again")
+
+        def escalate_key(page: dict[str, Any]) -> str:
+            return [k["callback_data"] for row in page["reply_markup"]["inline_keyboard"] for k in row][1]
+
+        assert [escalate_key(p) for p in w.pages(BOB_TG)] == ["esc:1:1", "esc:1:1.1"]
+        await w.tap("esc:1:1", BOB_TG)
+        await until(lambda: w.tg.called("answerCallbackQuery"), "the tap is answered")
+        assert w.tg.called("answerCallbackQuery")[-1].params.get("text") == (  # a toast shows no code marks
+            "#1 was reopened since this message was drawn, and its escalation started again. To go further, press "
+            "Escalate on its current message, or type /incident escalate 1.")
+        await w.tap("esc:1:1.1", BOB_TG)
+        await until(lambda: len(w.tg.called("answerCallbackQuery")) == 2, "the second tap is answered")
+        assert w.tg.called("answerCallbackQuery")[-1].params.get("text") == "Escalating #1 to step 2 of 2 now."
 
 
 async def test_escalate_without_a_policy_changes_nothing_and_says_what_to_do(tmp_path: Path) -> None:
@@ -426,21 +456,21 @@ async def test_a_page_telegram_took_but_never_answered_is_not_sent_again(tmp_pat
 
     monkeypatch.setattr(telegram_adapter, "TIMEOUT", 1)  # the read timeout (15 s in production)
     async with world(tmp_path, NIGHT) as w:
-        w.tg.slow("sendMessage", 2.0)  # the first message of the run: Bob's page (the card goes to Slack first)
-        await w.alert("critical")
+        w.tg.slow("sendMessage", 2.0)  # the first Telegram message: Bob's page (team solo's card is on Slack only)
+        await w.alert("critical", team="solo")
         await until(lambda: any(t.startswith("The page to Bob is unconfirmed") for t in thread_texts(w.slack)),
                     "the thread says so", timeout=10)
         line = next(t for t in thread_texts(w.slack) if t.startswith("The page to Bob is unconfirmed"))
-        assert line == ("The page to Bob is unconfirmed: Telegram did not answer in time, so the page may have "
-                        "arrived; it is not sent again, so as not to page twice (telegram sendMessage: Timed out). "
-                        "Carol in 5 min if nobody acknowledges.")
+        assert line == ("The page to Bob is unconfirmed: Telegram took it but never confirmed it, so the page may "
+                        "have arrived; it is not sent again, so as not to page twice (telegram sendMessage: Timed "
+                        "out). Carol in 30 min if nobody acknowledges.")
         await w.tick(timedelta(minutes=1))
         await asyncio.sleep(0.5)
         assert len(w.pages(BOB_TG)) == 1 and not w.slack_dms("U02BOB") and not w.pages(CAROL_TG)
         [failed] = await w.audit("incident.page_failed")
         assert failed.details["unknown"] == "telegram"
-        await w.tick(timedelta(minutes=4))
-        await until(lambda: w.pages(CAROL_TG), "Carol after the step's 5 minutes, as written")
+        await w.tick(timedelta(minutes=29))
+        await until(lambda: w.pages(CAROL_TG), "Carol after the step's 30 minutes, as written")
 
 
 async def test_a_channel_step_after_hours_waits_for_the_morning_below_the_paging_minimum(tmp_path: Path) -> None:
@@ -458,6 +488,38 @@ async def test_a_channel_step_after_hours_waits_for_the_morning_below_the_paging
         await until(lambda: any(t.startswith("<!here>") for t in thread_texts(w.slack)), "@here once it is critical")
         [here] = [t for t in thread_texts(w.slack) if t.startswith("<!here>")]
         assert here.startswith("<!here> Step 1 of 1: nobody has acknowledged yet.")
+
+
+async def test_an_unconfirmed_page_keeps_its_steps_wait_when_another_page_of_the_step_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bob's page is unconfirmed (it may have arrived), then Dave's fails (no chat id): the step may have reached
+    Bob, so its 30 minutes stand; Carol is not paged at once."""
+    import adapters.telegram as telegram_adapter
+
+    monkeypatch.setattr(telegram_adapter, "TIMEOUT", 1)
+    async with world(tmp_path, NIGHT) as w:
+        w.tg.slow("sendMessage", 2.0)
+        await w.alert("critical", team="bobdave")
+        await until(lambda: any(t.startswith("Could not page Dave") for t in thread_texts(w.slack)), "Dave's line",
+                    timeout=10)
+        assert any(t.startswith("The page to Bob is unconfirmed") for t in thread_texts(w.slack))
+        assert not next(t for t in thread_texts(w.slack) if t.startswith("Could not page Dave")).endswith(
+            "Moving to the next step now.")
+        await w.tick(timedelta(minutes=29))
+        await asyncio.sleep(0.3)
+        assert not w.pages(CAROL_TG)
+
+
+async def test_a_slack_dm_that_could_not_be_opened_falls_through_to_telegram(tmp_path: Path) -> None:
+    """Slack dropped the connection on conversations.open: no page had left yet, so it is no unknown outcome, and
+    the page goes on to Telegram (it was held back as unconfirmed, and nobody was paged)."""
+    async with world(tmp_path, DAY) as w:
+        w.slack.fake.fail("conversations.open", "x", disconnect=True, times=5)
+        await w.alert("critical", team="solo")
+        await until(lambda: w.pages(BOB_TG), "Bob is paged on Telegram", timeout=10)
+        assert not w.slack_dms("U02BOB")
+        await until(lambda: any(t.startswith("<@U02BOB> Paged Bob on Telegram") or t.startswith("Paged Bob on Telegram")
+                                for t in thread_texts(w.slack)), "the thread line")
 
 
 async def test_two_steps_in_a_row_that_reach_nobody_keep_the_policys_pace(tmp_path: Path) -> None:
