@@ -112,13 +112,14 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]], *
         return EXIT_FAILED
     db = Database(loaded.config.storage.url, schema=loaded.config.storage.schema_name)
     try:
-        await db.start()
+        try:
+            await db.start()
+        except (DBAPIError, OSError) as exc:  # not there, not a database, refused: say so, as `serve` does
+            reason = getattr(exc, "orig", None) or exc
+            print(f"cannot open the database at {db.safe_url}: {reason}; check storage.url in app.yaml (and, for "
+                  "PostgreSQL, that the server is running)", file=sys.stderr)
+            return EXIT_FAILED
         return await work(db)
-    except (DBAPIError, OSError) as exc:  # not there, not a database, refused: say so, as `serve` does
-        reason = getattr(exc, "orig", None) or exc
-        print(f"cannot open the database at {db.safe_url}: {reason}; check storage.url in app.yaml (and, for "
-              "PostgreSQL, that the server is running)", file=sys.stderr)
-        return EXIT_FAILED
     finally:
         await db.dispose()
 
@@ -133,7 +134,7 @@ def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
         if verdict.ok:
             print(f"audit chain intact: {verdict.checked} events, head {verdict.head_hash}", file=out)
             return EXIT_OK
-        print(f"audit chain broken after {verdict.checked} good events: {verdict.problem}", file=out)
+        print(printable(f"audit chain broken after {verdict.checked} good events: {verdict.problem}"), file=out)
         return EXIT_FAILED
 
     return asyncio.run(_with_db(loaded, work))

@@ -534,8 +534,8 @@ def parse_config(
         except ValidationError as exc:
             problems += [(_loc(e["loc"]), _message(e)) for e in exc.errors()
                          if e.get("input") != _PLACEHOLDER and _PLACEHOLDER not in map(str, e["loc"])]
-        else:
-            problems += cross_check(filled)
+        else:  # a reference that is a variable is not judged either
+            problems += [(where, what) for where, what in cross_check(filled) if _PLACEHOLDER not in what]
         raise ConfigError(name, _unique(problems))
 
     try:

@@ -193,11 +193,13 @@ def run_at(rotation: Schedule, overrides: Iterable[Override], at: datetime, *, l
     overrides = list(overrides)
     current = on_call(rotation, overrides, at)
     until = current.end
-    for following in next_shifts(rotation, overrides, at, limit):
+    ahead = next_shifts(rotation, overrides, at, limit)
+    for following in ahead:
         if following.person != current.person:
             return current, until, following
         until = following.end
-    return current, until, None
+    # The same person all along (a rotation of one): their shift as it is, and theirs next.
+    return current, current.end, ahead[0] if ahead else None
 
 
 def first_instant(wall: datetime, tz: ZoneInfo) -> datetime:

@@ -30,7 +30,7 @@ def ago(delta: timedelta) -> str:
 # Characters a terminal acts on rather than shows: C0 and C1 controls (ESC starts colour and title sequences) and
 # the bidirectional overrides that reorder what is shown. Text from alerts reaches the terminal through tables.
 _ACTIVE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-_ACTIVE.update({c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+_ACTIVE.update({c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
 
 
 def printable(text: str) -> str:

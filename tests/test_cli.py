@@ -242,7 +242,7 @@ async def test_what_an_alert_says_cannot_drive_the_terminal(tmp_path: Path, caps
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
     cfg = config(tmp_path / "t", url)
-    message = "disk \x1b[31mfull\x1b[0m \x1b]0;owned\x07 \u202etxt.exe"
+    message = "\x1b[31mfull\x1b]0;owned\x07 \u202etxt.exe\u200f"
     async with running_bot(url) as h:
         assert (await h.post("open", {"asset_name": "web-1", "signature": "Disk", "severity": "high",
                                       "message": message, "tool_source": "t"}))[0] == 200
@@ -250,4 +250,4 @@ async def test_what_an_alert_says_cannot_drive_the_terminal(tmp_path: Path, caps
         assert await asyncio.to_thread(main, [*command, "-c", str(cfg)]) == 0
         out = capsys.readouterr().out
         assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, out
-        assert "disk \\x1b[31mfull\\x1b[0m \\x1b]0;owned\\x07 \\u202etxt.exe" in out, out
+        assert "\\x1b[31mfull\\x1b]0;owned\\x07 \\u202etxt.exe\\u200f" in out, out

@@ -197,6 +197,11 @@ def test_an_unset_variable_does_not_hide_the_other_problems() -> None:
         "server.host: environment variable NOPE_UNSET is not set (set it, or write ${NOPE_UNSET:-default})",
         "routes[0].channels[0]: unknown channel 'nope' (known: ops-slack, ops-telegram)",
     ]
+    text = BASE.replace("chat: C0OPS", 'chat: "${OPS_CHAT}"') + ROUTES.replace("channels: [ops-slack]}", 'channels: ["${CH}"]}')
+    assert problems(text) == [  # what a variable stands in for is not judged, a reference included
+        "channels[0].chat: environment variable OPS_CHAT is not set (set it, or write ${OPS_CHAT:-default})",
+        "routes[1].channels[0]: environment variable CH is not set (set it, or write ${CH:-default})",
+    ]
 
 
 def test_env_substitution_with_defaults_and_flow_style() -> None:

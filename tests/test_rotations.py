@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.config import Rotation
-from bot.rotations import Override, Schedule, Shift, first_instant, next_shifts, on_call, shifts_between
+from bot.rotations import Override, Schedule, Shift, first_instant, next_shifts, on_call, run_at, shifts_between
 
 H = timedelta(hours=1)
 BERLIN, NEW_YORK = ZoneInfo("Europe/Berlin"), ZoneInfo("America/New_York")
@@ -175,6 +175,19 @@ def test_an_override_splits_the_shift_it_falls_into() -> None:
     assert shifts[-1].end == datetime(2026, 11, 9, 9, tzinfo=BERLIN)
     assert on_call(schedule, [cover], cover.start).person == "carol"
     assert on_call(schedule, [cover], cover.end).person == "alice"  # [start, end): the end is alice's again
+
+
+def test_a_run_joins_a_cover_to_the_same_persons_shift_and_names_who_follows() -> None:
+    schedule = rotation("1w", start=date(2026, 11, 2), members=("alice", "bob"))
+    cover = override("bob", datetime(2026, 11, 6, 18, tzinfo=BERLIN), datetime(2026, 11, 9, 9, tzinfo=BERLIN),
+                     utc(2026, 11, 1), 7)  # Bob covers Alice's last weekend, then his own week follows
+    current, until, following = run_at(schedule, [cover], datetime(2026, 11, 7, 12, tzinfo=BERLIN))
+    assert (current.person, current.source, until) == ("bob", "override", datetime(2026, 11, 16, 9, tzinfo=BERLIN))
+    assert following is not None and following.person == "alice"
+    alone = rotation("1w", start=date(2026, 11, 2), members=("alice",))  # a rotation of one: her shift, hers next
+    current, until, following = run_at(alone, [], utc(2026, 11, 4))
+    assert until == current.end == datetime(2026, 11, 9, 9, tzinfo=BERLIN)
+    assert following is not None and (following.person, following.start) == ("alice", until)
 
 
 def test_where_overrides_overlap_the_one_created_last_wins() -> None:
