@@ -131,6 +131,27 @@ def button_element(button: Button, action_id: str) -> dict[str, Any]:
     return element
 
 
+def _shape_problem(body: Any) -> str | None:
+    """What a signed body has in a shape Slack never sends (Bolt reads these fields without checking them)."""
+    if not isinstance(body, dict):
+        return "expected an object"
+    for key in ("event", "user", "team", "channel", "container", "message"):
+        if key in body and body[key] is not None and not isinstance(body[key], dict):
+            return f"{key} must be an object"
+    event = body.get("event")
+    if isinstance(event, dict) and not all(isinstance(event.get(k), (str, type(None))) for k in ("type", "text", "user")):
+        return "event.type, event.text and event.user must be strings"
+    user = body.get("user")
+    if isinstance(user, dict) and not isinstance(user.get("id"), (str, type(None))):
+        return "user.id must be a string"
+    actions_ = body.get("actions")
+    if actions_ is not None and not (isinstance(actions_, list) and all(
+            isinstance(a, dict) and all(isinstance(a.get(k), (str, type(None))) for k in ("action_id", "value", "type"))
+            for a in actions_)):
+        return "actions must be a list of objects with string action_id and value"
+    return None
+
+
 def button_blocks(buttons: Sequence[Button]) -> list[dict[str, Any]]:
     """`actions` blocks of at most 25 buttons; action ids `chatops:{action}`, `chatops:{action}:{n}` when repeated."""
     elements, seen = [], set()
@@ -293,9 +314,11 @@ class SlackAdapter:
             return web.json_response({"error": "invalid or missing Slack signature: X-Slack-Signature must sign "
                                                "this body with the app's signing secret, X-Slack-Request-Timestamp "
                                                "must be within 5 minutes"}, status=401)
-        if request.content_type == "application/x-www-form-urlencoded":
+        if not (request.content_type == "application/json" or body.startswith(b"{")):  # what Bolt reads as a form
             # A slash command or a click, which Slack never sends twice: the same signed request again, within
-            # its 5 minutes, is a replay (events, in JSON, are retried by Slack and taken once by their id).
+            # its 5 minutes, is a replay (events, in JSON, are retried by Slack and taken once by their id). Decided
+            # as Bolt decides how to read the body, not by the Content-Type alone, which the signature does not
+            # cover: a replay under another Content-Type is still a form to Bolt.
             assert signature is not None
             if self._replays.seen(signature, now):
                 return web.json_response({"error": "replayed request: Slack already sent this one"}, status=401)
@@ -304,8 +327,11 @@ class SlackAdapter:
             bolt_request = await to_bolt_request(request)
         except (UnicodeDecodeError, LookupError):  # not UTF-8; a charset nobody knows
             return web.json_response({"error": "the body is not UTF-8"}, status=400)
-        except (ValueError, TypeError, AttributeError, KeyError):  # signed, yet not a body Slack sends
+        except (ValueError, TypeError, AttributeError, KeyError, RecursionError):  # signed, yet not what Slack sends
             return web.json_response({"error": "not a Slack request body (JSON event or form payload)"}, status=400)
+        problem = _shape_problem(bolt_request.body)
+        if problem is not None:  # Bolt's middleware would fail on it with a 500
+            return web.json_response({"error": f"not a Slack request body: {problem}"}, status=400)
         return await to_aiohttp_response(await self.bolt.async_dispatch(bolt_request))
 
     # -- Adapter ----------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ SEND_OPTIONS: dict[str, Any] = {"parse_mode": ParseMode.HTML,
                                 "link_preview_options": LinkPreviewOptions(is_disabled=True)}
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?=\s|$)")
 # "@name" where Telegram would see a mention (not inside a word, as in an e-mail address), in HTML text outside tags
-_MENTION = re.compile(r"(<[^>]*>)|(?<![\w@])@(?=\w)")
+_MENTION = re.compile(r"(<[^>]*>)|(?<!\w)@(?=\w)")  # @@name too: Telegram sees @name in it
 _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'"})
 
 
@@ -328,12 +328,19 @@ class TelegramAdapter:
             data = json.loads(await request.read())
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
             return web.json_response({"error": f"malformed JSON: {exc}"}, status=400)
+        except RecursionError:
+            return web.json_response({"error": "malformed JSON: nested too deeply"}, status=400)
         if not isinstance(data, dict) or not isinstance(data.get("update_id"), int):
             return web.json_response({"error": "not a Telegram update (no update_id)"}, status=400)
         try:
             update = Update.de_json(data, self.bot)
         except Exception as exc:  # a field of the wrong shape
             return web.json_response({"error": f"not a Telegram update: {type(exc).__name__}"}, status=400)
+        message, query = update.message, update.callback_query
+        if ((message is not None and not isinstance(message.text, (str, type(None))))
+                or (query is not None and not isinstance(query.data, (str, type(None))))):  # de_json does not check
+            return web.json_response({"error": "not a Telegram update: a message's text and a callback's data are "
+                                               "strings"}, status=400)
         self._spawn(self._process(update), "update")
         return web.json_response({"ok": True})
 
@@ -386,7 +393,7 @@ class TelegramAdapter:
 
     async def page(self, user_id: str, message: Outbound) -> MessageRef:
         """The message, with its buttons, in the person's private chat with the bot."""
-        if not user_id.isdigit():
+        if not (user_id.isascii() and user_id.isdigit()):
             raise DeliveryError(f"telegram: {user_id!r} is not a Telegram user id (a number)", permanent=True)
         try:
             return await self.send(user_id, message)

@@ -78,6 +78,6 @@ def escalation_mark(step: int, run: int) -> str:
 def read_mark(text: str) -> tuple[int, int] | None:
     """(steps fired, run) from `escalation_mark`; None for a button without one (drawn before marks existed)."""
     step, _, run = text.partition(".")
-    if not step.isdigit() or (run and not run.isdigit()):
+    if not (text.isascii() and step.isdigit()) or (run and not run.isdigit()):
         return None
     return int(step), int(run or 0)

@@ -157,4 +157,4 @@ def _incident_id(args: list[str] | tuple[str, ...] | object) -> int | None:
     if not values:
         return None
     raw = str(values[0]).lstrip("#")
-    return int(raw) if raw.isdigit() and 0 < int(raw) < 10**18 else None
+    return int(raw) if raw.isascii() and raw.isdigit() and 0 < int(raw) < 10**18 else None

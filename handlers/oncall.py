@@ -231,7 +231,7 @@ class OncallHandlers:
             else:
                 rest.append(arg)
                 continue
-            if not value.isdigit() or not 1 <= int(value) <= MAX_WEEKS:
+            if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_WEEKS:
                 return usage
             weeks = int(value)
         if len(rest) != 1:

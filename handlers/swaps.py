@@ -764,7 +764,7 @@ def _swap_id(args: Sequence[str]) -> int | None:
     if len(args) != 1:
         return None
     text = args[0].lstrip("#")
-    return int(text) if text.isdigit() and 0 < int(text) < 10**18 else None
+    return int(text) if text.isascii() and text.isdigit() and 0 < int(text) < 10**18 else None
 
 
 def _not_a_date(text: str, zone: ZoneInfo) -> str:

@@ -190,9 +190,30 @@ async def test_a_slash_command_or_click_sent_again_is_a_replay(env: Env) -> None
     click_headers = signed(click)
     assert (await env.post(click, click_headers))[0] == 200
     assert (await env.post(click, click_headers))[0] == 401
+    # The Content-Type is not signed, and Bolt reads any body not starting with { as a form: a replay under
+    # another Content-Type, or none, is still a replay (they ran the command again).
+    for content_type in ("text/plain", "multipart/form-data", None):
+        other = {k: v for k, v in headers.items() if k != "Content-Type"}
+        if content_type is not None:
+            other["Content-Type"] = content_type
+        assert (await env.post(body, other))[0] == 401, content_type
     await env.slack.wait_for(lambda: env.dispatcher.commands and env.dispatcher.actions)
     await asyncio.sleep(0.05)
     assert len(env.dispatcher.commands) == 1 and len(env.dispatcher.actions) == 1
+
+
+@pytest.mark.parametrize("body", [
+    '{"type":"event_callback","event":"x"}', '{"type":"event_callback","event":[1]}',
+    '{"type":"event_callback","event":{"type":"app_mention","text":5}}',
+    "payload=" + quote('{"type":"block_actions","actions":"x"}'),
+    "payload=" + quote('{"type":"block_actions","actions":[1]}'),
+    "payload=" + quote('{"type":"block_actions","actions":[{"action_id":5}]}'),
+    "payload=" + quote('{"type":"block_actions","user":"x","actions":[]}'),
+    '{"type":"event_callback","x":' + "[" * 100_000 + "]" * 100_000 + "}",
+])
+async def test_a_signed_body_of_a_shape_slack_never_sends_is_a_400_not_a_500(env: Env, body: str) -> None:
+    status, answer = await env.post(body, signed(body, content_type="application/json" if body[0] == "{" else FORM))
+    assert status == 400 and "not a Slack request body" in answer, (status, answer)
 
 
 async def test_a_stale_timestamp_is_refused(env: Env) -> None:

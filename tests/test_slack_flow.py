@@ -201,6 +201,9 @@ async def test_slash_commands_list_show_and_act(slack: Slack) -> None:
     assert "I don't know `/incident frobnicate`" in usage["text"] and "/incident list" in usage["text"]
     missing = await s.answer(await s.command("/ack", "nope"))
     assert missing["text"] == "Usage: `/ack ID`, for example `/ack 42`."
+    for digits in ("\u00b2", "\u0661"):  # a superscript 2 was a traceback; an Arabic-Indic 1 acknowledged #1
+        odd = await s.answer(await s.command("/ack", digits))
+        assert odd["text"] == "Usage: `/ack ID`, for example `/ack 42`.", digits
     helped = await s.answer(await s.command("/chatops", "help"))
     assert "`/ack ID`: acknowledge an incident" in helped["text"]
     denied = await s.answer(await s.command("/ack", "1", user="U02BOB"))

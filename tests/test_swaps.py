@@ -424,6 +424,7 @@ async def test_swap_list_shows_mine_and_what_i_may_approve(slack: Slack) -> None
      "`2026-12-24T09:00`, or `next` for your next shift."),
     ("bob", ALICE, "Usage: `/swap PERSON [ROTATION] DATE|next | /swap list | /swap cancel ID | /swap undo ID`"),
     ("cancel x", ALICE, "Usage: `/swap cancel ID`, with the swap's number (`/swap list` shows yours)."),
+    ("cancel \u00b2", ALICE, "Usage: `/swap cancel ID`, with the swap's number (`/swap list` shows yours)."),  # a traceback
     ("undo 99", ALICE, "There is no swap #99."),
 ])
 async def test_mistakes_get_a_precise_answer_and_change_nothing(on_sqlite: Slack, text: str, user: str,

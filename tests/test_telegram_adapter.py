@@ -175,8 +175,15 @@ async def test_a_secret_that_is_not_utf8_is_a_401_not_a_500(env: Env) -> None:
     assert status == 401 and SECRET_HEADER.encode() in answer
 
 
+_PRIVATE = b'"chat": {"id": 111111, "type": "private"}, "from": {"id": 111111, "is_bot": false, "first_name": "A"}'
+
+
 @pytest.mark.parametrize("body", [b'{"update_id": 1, "message": ', b"\xff\xfe", b"[1, 2]", b'{"message": {}}',
-                                  b'{"update_id": 5, "message": "not a message"}'])
+                                  b'{"update_id": 5, "message": "not a message"}',
+                                  b'{"update_id": 6, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # was a 500
+                                  b'{"update_id": 7, "message": {"message_id": 1, "date": 1, "text": 5, ' + _PRIVATE + b"}}",
+                                  b'{"update_id": 8, "callback_query": {"id": "1", "chat_instance": "c", "data": 5, '
+                                  b'"from": {"id": 111111, "is_bot": false, "first_name": "A"}}}'])
 async def test_the_webhook_refuses_what_is_not_an_update(env: Env, body: bytes) -> None:
     status, _ = await env.post(body)
     assert status == 400
@@ -467,7 +474,7 @@ async def test_hostile_alert_text_is_escaped(env: Env) -> None:
 async def test_an_at_name_in_alert_text_mentions_nobody(env: Env) -> None:
     # Telegram turns "@name" into a mention that notifies that user: alert text must not page people.
     incident = make_incident(title="disk full, ping @ceo_person", labels={"service": "@payments_oncall"})
-    alert = make_alert("@everyone_here look", annotations={"description": "mail admin@example.com",
+    alert = make_alert("@everyone_here look @@twice", annotations={"description": "mail admin@example.com",
                                                           "runbook_url": "https://social.example/@ops"})
     await env.adapter.send(str(GROUP), card(incident, [alert]))
     await env.adapter.send(str(GROUP), Outbound("text", {"text": "Resolved; tell @cto_person"}))
@@ -475,6 +482,7 @@ async def test_an_at_name_in_alert_text_mentions_nobody(env: Env) -> None:
     for name in ("ceo_person", "payments_oncall", "everyone_here"):
         assert f"@{name}" not in first and f"@\u2060{name}" in first  # a word joiner: invisible, no mention
     assert "admin@example.com" in first  # not a mention: left alone
+    assert "@@\u2060twice" in first  # Telegram reads @@twice as a mention of @twice
     assert '<a href="https://social.example/@ops">Runbook</a>' in first  # inside a tag: left alone
     assert second == "Resolved; tell @\u2060cto_person"
 
