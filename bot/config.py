@@ -249,7 +249,11 @@ class Route(Section):
     @classmethod
     def _match_values_as_text(cls, v: Any) -> Any:
         if isinstance(v, dict):
-            return {k: str(x) if isinstance(x, (int, float, bool)) else x for k, x in v.items()}
+            for k, x in v.items():
+                if isinstance(x, bool):  # `true`, `yes`, `on`...: which the label holds cannot be told any more
+                    raise ValueError(f"{k}: YAML reads this value as a boolean ({str(x).lower()}), and labels are "
+                                     f"text: write it in quotes as the label has it (e.g. {k}: \"true\")")
+            return {k: str(x) if isinstance(x, (int, float)) else x for k, x in v.items()}
         return v
 
 

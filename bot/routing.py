@@ -59,7 +59,9 @@ def _active(s: Silence, now: datetime, default_tz: str) -> bool:
     local = now.astimezone(ZoneInfo(s.weekly.timezone or default_tz))
     days = {parse_weekday(d) for d in s.weekly.days}
     t = local.time().replace(tzinfo=None)
-    if s.weekly.start <= s.weekly.end:
+    if s.weekly.start == s.weekly.end:  # 00:00-00:00 (or 06:00-06:00): the whole day, from start to start
+        return (local.weekday() if t >= s.weekly.start else (local.weekday() - 1) % 7) in days
+    if s.weekly.start < s.weekly.end:
         return local.weekday() in days and s.weekly.start <= t < s.weekly.end
     # A window across midnight belongs to the day it starts on: `days: [fri]`, 22:00-06:00 is Friday night,
     # so Saturday 02:00 is in it and Friday 02:00 (Thursday night) is not.

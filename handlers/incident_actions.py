@@ -85,6 +85,7 @@ async def perform(
             incident.status = transition(incident.status, "reopen")
             incident.resolved_at = incident.resolved_by = None
             incident.acknowledged_at = incident.acknowledged_by = None
+            incident.last_seen = now  # open again now: new alerts of its key join it (grouping.window counts from here)
         details["to"] = incident.status
         if note:
             details["note"] = note

@@ -563,6 +563,8 @@ class Intake:
             else:
                 seen_here.add(key)
                 stored.append(s)
+                if len(s.alerts) > 1:
+                    _heard(s.alerts, state)
                 results = [self._apply_alert(s.source, a, state) for a in s.alerts]
                 if s.truncated:
                     self._truncated(conn, s, results, state)
@@ -680,11 +682,19 @@ class Intake:
                    "labels": alert.labels, "summary": alert.summary}
         known = st.latest_by_identity.get((alert.source, alert.fingerprint))
         if alert.status == "resolved":
-            if known is None or known[0].status == "resolved" or known[1].status == RESOLVED:
+            if known is None or known[0].status == "resolved":
                 st.entries.append(Entry("alert.resolved", actor, "alert", alert.fingerprint, now,
                                         {**details, "note": "no open incident has this alert firing"}))
                 return alert.fingerprint, (known[1] if known else None), "none"
             record, incident = known
+            if incident.status == RESOLVED:  # a person resolved it first: the alert is over all the same, so that
+                # a reopen does not wait for a "resolved" the source will never send again
+                record.status, record.ends_at, record.last_received = "resolved", alert.ends_at or now, now
+                record.received_count += 1
+                incident.firing_count = max(0, incident.firing_count - 1)
+                st.entries.append(Entry("alert.resolved", actor, "alert", alert.fingerprint, now,
+                                        {**details, "note": "the incident was resolved already"}, _id(incident)))
+                return alert.fingerprint, incident, "alert_resolved"
             record.status, record.ends_at, record.last_received = "resolved", alert.ends_at or now, now
             record.received_count += 1
             incident.last_seen = now
@@ -698,7 +708,8 @@ class Intake:
                 st.resolved_after.append((incident.severity, max(0.0, (now - incident.opened_at).total_seconds())))
                 st.entries.append(Entry("incident.resolved", actor, "incident", "", now,
                                         {"by": "source", "source": source.id}, _id(incident)))
-                st.incidents_by_key.pop(incident.group_key, None)
+                if st.incidents_by_key.get(incident.group_key) is incident:  # not a newer one of the key
+                    del st.incidents_by_key[incident.group_key]
                 return alert.fingerprint, incident, "resolved"
             return alert.fingerprint, incident, "alert_resolved"
 
@@ -853,6 +864,17 @@ def _refused(s: Submission) -> Outcome | None:
     except BodyError as exc:
         return Outcome(exc.status, exc.body(), rejected=exc.reason)
     return None
+
+
+def _heard(alerts: Sequence[Alert], st: _Batch) -> None:
+    """A notification that repeats an incident's alert still firing is news from that incident, wherever the alert
+    sits in it: Alertmanager sorts a group's alerts by labels, so a new alert may come before the old one, and must
+    still find the incident heard from within grouping.window."""
+    for alert in alerts:
+        if alert.status == "firing":
+            known = st.latest_by_identity.get((alert.source, alert.fingerprint))
+            if known is not None and known[0].status == "firing" and known[1].status != RESOLVED:
+                known[1].last_seen = st.now
 
 
 def _id(incident: _Row) -> Any:

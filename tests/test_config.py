@@ -163,6 +163,9 @@ BROKEN = [
     (BASE + ROUTES + "? [a, b]\n: 1\n", "app.yaml: invalid YAML: a key that is a list or a mapping (unhashable type: 'list')"),
     (BASE + ROUTES + 'business_hours: {start: "09:00", end: 18:00}\n',
      'business_hours.end: invalid time of day 1080 (an unquoted 18:00 is a number in YAML: write "18:00", in quotes)'),
+    (BASE + ROUTES.replace("{team: dba}", "{pci: true}"),  # was taken as "True", which no label holds
+     'routes[0].match: pci: YAML reads this value as a boolean (true), and labels are text: write it in quotes as '
+     'the label has it (e.g. pci: "true")'),
     (BASE + ROUTES + "server:\n", "server: empty: give it keys, or remove it"),
     (BASE + ROUTES + "server: 5\n", "server: expected a mapping of keys, got 5"),
 ]

@@ -247,3 +247,64 @@ async def test_a_retry_of_a_stored_delivery_gets_its_answer_even_past_the_rate_l
     for i in range(5, 10):
         await h.post("limited", {**GENERIC, "dedup_key": str(i)})
     assert (await h.post("limited", {**GENERIC, "dedup_key": "0"}, {"X-Delivery-ID": "d-0"}))[0] == 429
+
+
+async def _person(h: Harness, incident_id: int, action: str) -> None:
+    """`action` (resolve, reopen) by Alice, as a button or command would do it."""
+    from bot.model import Actor
+    from handlers.incident_actions import perform
+
+    result = await perform(db=h.bot.db, audit=h.bot.audit, incident_id=incident_id, action=action,
+                           actor=Actor("slack", "U01ALICE", "Alice", "alice"), now=h.clock.now())
+    assert result.changed, result.message
+
+
+ALERT = {"asset_name": "db-5", "signature": "Down", "severity": "critical", "message": "down", "tool_source": "x"}
+
+
+async def test_a_source_resolving_an_alert_a_person_resolved_first_still_counts(h: Harness) -> None:
+    """Resolved by a person, then the source says its alert is over: the alert is resolved all the same, so the
+    incident, if reopened, does not wait for a "resolved" the source will never send again."""
+    await h.post("open", ALERT)
+    await _person(h, 1, "resolve")
+    _, answer, _ = await h.post("open", {**ALERT, "status": "resolved"})
+    assert answer["results"][0] == {"fingerprint": answer["results"][0]["fingerprint"], "incident": 1,
+                                    "change": "alert_resolved"}  # was "none", with the alert left firing
+    [record] = await h.alerts(1)
+    [inc] = await h.incidents()
+    assert (record.status, inc.firing_count, inc.status) == ("resolved", 0, "resolved")
+    await _person(h, 1, "reopen")
+    assert [(i.id, i.status) for i in await h.incidents()] == [(1, "triggered")]
+
+
+async def test_resolving_a_quiet_incident_does_not_hide_the_keys_current_one_in_the_same_batch(h: Harness) -> None:
+    lag = {"asset_name": "k1", "signature": "Lag", "severity": "high", "message": "lag"}
+    await h.post("open", {**lag, "tool_source": "a"})
+    h.clock.advance(timedelta(minutes=20))  # quiet past grouping.window: the next opens #2
+    await h.post("open", {**lag, "tool_source": "b"})
+    _, answer, _ = await h.post("open", [{**lag, "tool_source": "a", "status": "resolved"}, {**lag, "tool_source": "c"}])
+    assert [(r["incident"], r["change"]) for r in answer["results"]] == [(1, "resolved"), (2, "grouped")]
+    assert len(await h.incidents()) == 2  # it opened a third
+
+
+async def test_a_new_alert_before_a_still_firing_one_in_a_notification_joins_its_incident(h: Harness) -> None:
+    """Alertmanager sorts a group's alerts by labels: a new alert may come before the one that is still firing.
+    The notification is news from the incident wherever that alert sits in it."""
+    b = {"asset_name": "h1", "signature": "Mem", "severity": "high", "message": "mem", "tool_source": "x",
+         "labels": {"pod": "b"}}
+    await h.post("open", b)
+    h.clock.advance(timedelta(minutes=20))  # past grouping.window since #1 last heard anything
+    _, answer, _ = await h.post("open", [{**b, "tool_source": "w"}, b])  # a new alert, then #1's own
+    assert [(r["incident"], r["change"]) for r in answer["results"]] == [(1, "grouped"), (1, "duplicate")]
+    assert len(await h.incidents()) == 1  # the new one opened #2 because it came first
+
+
+async def test_a_reopened_incident_takes_new_alerts_of_its_key(h: Harness) -> None:
+    await h.post("open", ALERT)
+    await h.post("open", {**ALERT, "status": "resolved"})
+    h.clock.advance(timedelta(hours=1))
+    await _person(h, 1, "reopen")
+    h.clock.advance(timedelta(seconds=1))
+    _, answer, _ = await h.post("open", {**ALERT, "tool_source": "z"})
+    assert (answer["results"][0]["incident"], answer["results"][0]["change"]) == (1, "grouped")  # it opened #2
+    assert len(await h.incidents()) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -63,6 +64,18 @@ def test_weekly_silence_across_midnight_in_local_time() -> None:
     # The window is Monday night only: 01:30 on Monday (Sunday night) and Tuesday 23:30 are outside it.
     assert silenced_by(cfg.silences, labels, datetime(2026, 11, 23, 0, 30, tzinfo=UTC), "UTC") is None
     assert silenced_by(cfg.silences, labels, datetime(2026, 11, 24, 22, 30, tzinfo=UTC), "UTC") is None
+
+
+def test_a_weekly_silence_from_midnight_to_midnight_is_the_whole_day() -> None:
+    cfg = parse_config(CFG + '  - {id: weekend, matchers: {team: web}, weekly: {days: [sat], start: "00:00", '
+                       'end: "00:00", timezone: Europe/Berlin}}\n', adapter_models=SETTINGS_MODELS, env={}).config
+    labels = {"team": "web"}
+    for hour in (0, 12, 23):  # Saturday 28 Nov in Berlin (UTC+1): it was never active
+        at = datetime(2026, 11, 28, hour, 30, tzinfo=ZoneInfo("Europe/Berlin"))
+        assert silenced_by(cfg.silences, labels, at, "UTC").id == "weekend", hour
+    for at in (datetime(2026, 11, 27, 23, 30, tzinfo=ZoneInfo("Europe/Berlin")),
+               datetime(2026, 11, 29, 0, 0, tzinfo=ZoneInfo("Europe/Berlin"))):
+        assert silenced_by(cfg.silences, labels, at, "UTC") is None, at
 
 
 def test_one_off_silence_window() -> None:
