@@ -40,7 +40,7 @@ from bot.model import Actor
 from bot.routing import group_key, select_routes, silenced_by
 from storage.audit import AuditLog, Entry
 from storage.db import Database
-from storage.models import AlertRecord, AuditEvent, Delivery, Incident, OutboxItem
+from storage.models import AlertRecord, AuditEvent, Delivery, Escalation, Incident, OutboxItem
 from storage.rows import Json, Rows, fast_encoder, json_text
 from storage.writer import WriterGone, WriterProcess
 
@@ -160,6 +160,7 @@ _ALERTS = AlertRecord.__table__
 _OUTBOX = OutboxItem.__table__
 _DELIVERIES = Delivery.__table__
 _AUDIT = AuditEvent.__table__
+ESCALATION_TABLE = Escalation.__table__
 # What intake reads of an existing incident and alert (it writes only what changed).
 _INCIDENT_COLUMNS = ("id", "group_key", "status", "severity", "sources", "channels", "links", "alert_count",
                      "firing_count", "notifications", "critical_asset", "silenced", "opened_at", "last_seen")
@@ -186,6 +187,7 @@ class _Touched:
     resolved_alerts: int = 0
     resolved: bool = False
     refired: int = 0
+    unsilenced: bool = False  # silenced until an alert no silence covers came: posted now, as if it opened
 
 
 @dataclass
@@ -206,6 +208,7 @@ class _Batch:
     escalations: int = 0  # escalations started (on_open) or brought forward (on_raise): steps due now
     queued: int = 0  # outbox rows written
     raised: dict[int, _Row] = field(default_factory=dict)  # id(incident) -> stored incidents whose severity rose
+    unsilenced: list[_Row] = field(default_factory=list)  # stored incidents an unsilenced alert reached
     truncated: dict[int, int | None] = field(default_factory=dict)  # id(incident) -> the truncatedAlerts last said
 
     def previous(self, key: str) -> int | None:
@@ -612,6 +615,13 @@ class Intake:
         if self.on_open is not None:
             escalating = [(inc.id, inc.escalation) for inc in st.new_incidents
                           if inc.escalation and not inc.silenced and inc.status != RESOLVED]
+            waking = [inc.id for inc in st.unsilenced if inc.status != RESOLVED]
+            if waking:  # muted since they opened, so no escalation yet (unless a reopen started one)
+                started = set(conn.execute(select(ESCALATION_TABLE.c.incident_id)
+                                           .where(ESCALATION_TABLE.c.incident_id.in_(waking))).scalars())
+                escalating += [(iid, policy) for iid, policy in conn.execute(
+                    select(_INCIDENTS.c.id, _INCIDENTS.c.escalation).where(_INCIDENTS.c.id.in_(waking)))
+                    if policy and iid not in started]
             if escalating:
                 self.on_open(conn, escalating, st.now)
                 st.escalations = len(escalating)
@@ -723,7 +733,8 @@ class Intake:
             record.ends_at = None
             if refire:
                 incident.firing_count += 1
-                st.touch(incident).refired += 1
+                if silence is None:  # a silenced alert is recorded, and is no news in the chat
+                    st.touch(incident).refired += 1
             # Alertmanager and Grafana send every alert of a group again whenever the group changes
             # and at each repeat interval: an alert that is still firing is not a new occurrence ("resent").
             resent = not refire and source.kind in RESENDING_KINDS
@@ -742,7 +753,8 @@ class Intake:
                                         _id(incident)))
             else:
                 change = "grouped"
-                st.touch(incident).grouped += 1
+                if silence is None:
+                    st.touch(incident).grouped += 1
                 st.entries.append(Entry("incident.grouped", actor, "incident", "", now,
                                         {"fingerprint": alert.fingerprint}, _id(incident)))
             record = _Row(dict(
@@ -781,6 +793,17 @@ class Intake:
         if silence is not None:
             st.entries.append(Entry("alert.silenced", actor, "alert", alert.fingerprint, now,
                                     {"silence": silence.id, "comment": silence.comment}, _id(incident)))
+        elif incident.silenced:
+            # An alert no silence covers (its window ended, or it matches none): the incident is not muted any
+            # more, as Alertmanager notifies a group once one of its alerts is not silenced. It is posted, and its
+            # escalation starts.
+            incident.silenced = False
+            st.touch(incident).unsilenced = True
+            if incident.id is not None:
+                st.unsilenced.append(incident)
+            st.entries.append(Entry("incident.unsilenced", actor, "incident", "", now,
+                                    {"fingerprint": alert.fingerprint, "note": "an alert no silence covers"},
+                                    _id(incident)))
         return alert.fingerprint, incident, change
 
     def _truncated(self, conn: Connection, s: Submission, results: list[tuple[str, _Row | None, str]],
@@ -841,7 +864,7 @@ class Intake:
                     rows.append({"created_at": st.now, "due_at": due, "incident_id": incident.id, "channel": channel,
                                  "kind": kind, "event": event, "details": details or {}, "status": "pending",
                                  "attempts": 0, "last_error": None})
-                if t.opened:
+                if t.opened or t.unsilenced:  # an unsilenced incident was never posted: now it is
                     add("post", "incident.opened")
                     continue
                 add("update", "incident.changed")

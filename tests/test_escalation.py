@@ -522,6 +522,20 @@ async def test_a_slack_dm_that_could_not_be_opened_falls_through_to_telegram(tmp
                                 for t in thread_texts(w.slack)), "the thread line")
 
 
+async def test_a_muted_incident_starts_its_escalation_when_an_unsilenced_alert_arrives(tmp_path: Path) -> None:
+    silenced = BASE + "silences:\n  - {id: pod-b, matchers: {pod: b}, starts: 2026-01-01T00:00:00Z}\n"
+    async with world(tmp_path, NIGHT, base=silenced) as w:
+        disk = {"asset_name": "db-01", "signature": "DiskFull", "severity": "critical", "message": "disk"}
+        await w.h.post("open", {**disk, "tool_source": "x", "labels": {"team": "db", "pod": "b"}})
+        await w.tick(timedelta(minutes=1))
+        await asyncio.sleep(0.3)
+        assert not w.pages(BOB_TG) and not await w.audit("escalation.step")  # muted: nobody is paged
+        await w.h.post("open", {**disk, "tool_source": "y", "labels": {"team": "db", "pod": "a"}})
+        await w.tick()
+        await until(lambda: w.pages(BOB_TG), "the escalation starts once an alert is not silenced")
+        assert [e.details["step"] for e in await w.audit("escalation.step")] == [1]
+
+
 async def test_two_steps_in_a_row_that_reach_nobody_keep_the_policys_pace(tmp_path: Path) -> None:
     async with world(tmp_path, NIGHT) as w:
         await w.alert("critical", team="ghosts")  # policy `unreachable`: Dave twice, then Carol

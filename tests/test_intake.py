@@ -308,3 +308,37 @@ async def test_a_reopened_incident_takes_new_alerts_of_its_key(h: Harness) -> No
     _, answer, _ = await h.post("open", {**ALERT, "tool_source": "z"})
     assert (answer["results"][0]["incident"], answer["results"][0]["change"]) == (1, "grouped")  # it opened #2
     assert len(await h.incidents()) == 1
+
+
+async def test_a_silenced_incident_speaks_once_an_alert_no_silence_covers_arrives(h: Harness) -> None:
+    """web-maintenance silences web-9* until 25 Nov 00:00 UTC. The incident it muted stayed muted for good, however
+    long the alert kept firing after the window; now the first alert no silence covers posts it, as Alertmanager
+    notifies once a group's alert is not silenced."""
+    web = {"asset_name": "web-91", "signature": "Down", "severity": "critical", "message": "down", "tool_source": "x"}
+    await h.post("open", web)
+    [inc] = await h.incidents()
+    assert inc.silenced and await h.outbox() == []
+    h.clock.advance(timedelta(minutes=5))
+    await h.post("open", web)  # still inside the window: still muted
+    assert (await h.incidents())[0].silenced and await h.outbox() == []
+    h.clock.advance(timedelta(hours=20))  # the window is over; the alert is still firing
+    await h.post("open", web)
+    [inc] = await h.incidents()
+    assert not inc.silenced
+    assert await h.outbox() == [(1, "ops-slack", "post", "incident.opened", {})]
+    assert "incident.unsilenced" in await h.actions(1)
+
+
+async def test_a_silenced_alert_in_a_spoken_incident_is_no_news_and_an_unsilenced_one_unmutes(tmp_path: Path) -> None:
+    from tests.botkit import CONFIG, running_bot
+
+    base = CONFIG.replace("silences:\n", "silences:\n  - {id: pod-b, matchers: {pod: b}, starts: 2026-01-01T00:00:00Z}\n")
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", base=base) as h:
+        mem = {"asset_name": "h1", "signature": "Mem", "severity": "critical", "message": "mem"}
+        await h.post("open", {**mem, "tool_source": "x", "labels": {"pod": "b"}})  # silenced: opens #1 muted
+        await h.post("open", {**mem, "tool_source": "y", "labels": {"pod": "a"}})  # not silenced: #1 speaks
+        [inc] = await h.incidents()
+        assert not inc.silenced and await h.outbox() == [(1, "ops-slack", "post", "incident.opened", {})]
+        await h.post("open", {**mem, "asset_name": "h2", "tool_source": "x", "labels": {"pod": "a"}})  # #2, spoken
+        await h.post("open", {**mem, "asset_name": "h2", "tool_source": "y", "labels": {"pod": "b"}})  # silenced
+        assert [o[3] for o in await h.outbox() if o[0] == 2] == ["incident.opened"]  # no "1 new alert" line
