@@ -230,7 +230,9 @@ def _facts(incident: Any, state: str, now: datetime, zone: ZoneInfo, ack_name: s
     started = f"{ago(incident.opened_at, now)} ({clock(incident.opened_at, now, zone)})"
     add("started", "Started", started, f"started {started}")
     count = int(incident.alert_count or 0)
-    sources = _and([one_line(s, 40) for s in incident.sources or []])
+    reporters = list(incident.sources or [])
+    shown = [one_line(s, 40) for s in reporters[:3]] + ([f"{len(reporters) - 3} more"] if len(reporters) > 3 else [])
+    sources = _and(shown)
     alerts = f"{count}" + (f" from {sources}" if sources else "")
     add("alerts", "Alerts", alerts, f"{count} alert{'s' if count != 1 else ''}" + (f" from {sources}" if sources else ""))
     firing = int(incident.firing_count or 0)

@@ -46,6 +46,7 @@ from storage.writer import WriterGone, WriterProcess
 
 log = logging.getLogger("chatops.intake")
 THREAD_LINE_DELAY = timedelta(seconds=30)
+MAX_REPORTERS = 10  # sources (and generic tools) an incident lists: past two they change nothing in its priority
 RESENDING_KINDS = ("alertmanager", "grafana")  # senders that repeat a whole group's alerts in each notification
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 WRITERS = ("thread", "process")
@@ -776,8 +777,12 @@ class Intake:
             if incident.id is not None:  # stored before this batch: its escalation may wait for the morning
                 st.raised[id(incident)] = incident
             incident.severity = severity
-        if source.id not in incident.sources:
-            incident.sources = [*incident.sources, source.id]
+        # Who reported it: the source, and for a generic one the tool that sent through it (its tool_source), so that
+        # Datadog and Zabbix on one generic endpoint are two tools (+10 priority), as two sources are.
+        tool = alert.labels.get("tool") if source.kind == "generic" else None
+        reporter = f"{source.id}/{tool}" if tool else source.id
+        if reporter not in incident.sources and len(incident.sources) < MAX_REPORTERS:
+            incident.sources = [*incident.sources, reporter]
         incident.critical_asset = incident.critical_asset or alert.asset in cfg.critical_assets
         if alert.links:
             repeat = change in ("duplicate", "resent", "refired")  # the same alert again: its links are the newest word on them

@@ -160,7 +160,7 @@ async def test_grouping_window_and_duplicates(h: Harness) -> None:
     h.clock.advance(timedelta(minutes=10))
     await h.post("limited", {**alert, "tool_source": "datadog"})
     [inc] = await h.incidents()
-    assert inc.sources == ["open", "limited"] and inc.alert_count == 2 and inc.priority == 60 + 6 + 10
+    assert inc.sources == ["open/zabbix", "limited/datadog"] and inc.alert_count == 2 and inc.priority == 60 + 6 + 10
     # Quiet for longer than the window: a new alert of that key opens a fresh incident.
     h.clock.advance(timedelta(minutes=16))
     await h.post("open", {**alert, "tool_source": "nagios"})
@@ -342,3 +342,17 @@ async def test_a_silenced_alert_in_a_spoken_incident_is_no_news_and_an_unsilence
         await h.post("open", {**mem, "asset_name": "h2", "tool_source": "x", "labels": {"pod": "a"}})  # #2, spoken
         await h.post("open", {**mem, "asset_name": "h2", "tool_source": "y", "labels": {"pod": "b"}})  # silenced
         assert [o[3] for o in await h.outbox() if o[0] == 2] == ["incident.opened"]  # no "1 new alert" line
+
+
+async def test_two_tools_through_one_generic_source_count_as_two_reporters(h: Harness) -> None:
+    """The +10 for two or more tools: Nagios and Zabbix sending to one generic endpoint are two tools (their
+    tool_source), as two sources are. The list is capped: a sender cannot grow it without end."""
+    lat = {"asset_name": "web-7", "signature": "HighLatency", "severity": "warning", "message": "slow"}
+    await h.post("open", {**lat, "tool_source": "nagios"})
+    await h.post("open", {**lat, "tool_source": "zabbix"})
+    [inc] = await h.incidents()
+    assert inc.sources == ["open/nagios", "open/zabbix"] and inc.priority == 30 + 2 + 10  # it was 30 + 2
+    for i in range(12):
+        await h.post("open", {**lat, "tool_source": f"probe-{i}"})
+    [inc] = await h.incidents()
+    assert len(inc.sources) == 10 and inc.sources[:2] == ["open/nagios", "open/zabbix"]
