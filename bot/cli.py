@@ -344,6 +344,9 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
     until: datetime = _local(args.until, loaded) or datetime.now(UTC)
     since: datetime = _local(args.since, loaded) or until - report.DEFAULT_WINDOW
+    zone = ZoneInfo(loaded.config.timezone)  # a time given without an offset (or none given) is shown in it
+    until = until if args.until is not None and args.until.tzinfo is not None else until.astimezone(zone)
+    since = since if args.since is not None and args.since.tzinfo is not None else since.astimezone(zone)
     if until <= since and args.until is None:  # --since after now: an empty window, reported as such
         until = since
     elif until <= since:

@@ -110,7 +110,7 @@ async def sqlite_config(tmp_path: Path) -> AsyncIterator[Path]:
 def write_config(tmp_path: Path, url: str, schema: str | None = None) -> Path:
     config = tmp_path / "app.yaml"
     storage = f"{{url: '{url}'" + (f", schema: {schema}" if schema else "") + "}"
-    config.write_text(f"storage: {storage}\naudit: {{hmac_key: {KEY}}}\n")
+    config.write_text(f"storage: {storage}\naudit: {{hmac_key: {KEY}}}\ntimezone: Europe/Berlin\n")
     return config
 
 
@@ -214,6 +214,9 @@ async def test_an_empty_window_says_so(sqlite_config: Path, capsys: pytest.Captu
                                  "--until", "2025-02-01T01:00:00+01:00")
     assert (code, out) == (0, "No incidents opened between 2025-01-01T00:00:00+00:00 and "
                               "2025-02-01T01:00:00+01:00.\n")
+    code, out, _ = await chatops(capsys, "report", "-c", str(sqlite_config), "--since", "2025-01-01",
+                                 "--until", "2025-01-02")  # no offset: midnight where the bot is, and shown so
+    assert (code, out) == (0, "No incidents opened between 2025-01-01T00:00:00+01:00 and 2025-01-02T00:00:00+01:00.\n")
     code, out, _ = await chatops(capsys, "report", "-c", str(sqlite_config), "--since", "2025-01-01T00:00:00Z",
                                  "--until", "2025-02-01T00:00:00Z", "--format", "json")
     report = json.loads(out)
