@@ -180,7 +180,7 @@ def delivery_error(method: str, exc: SlackApiError) -> DeliveryError:
         return DeliveryError(what)
     if error in TOKEN_ERRORS:
         return DeliveryError(what, permanent=True, token_refused=True)
-    if error == "message_not_found":
+    if error in ("message_not_found", "thread_not_found"):  # deleted in Slack (its thread with it)
         return DeliveryError(what, permanent=True, gone=True)
     return DeliveryError(what, permanent=True)  # channel_not_found, not_in_channel, invalid_auth, invalid_blocks...
 

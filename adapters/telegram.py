@@ -156,7 +156,8 @@ def delivery_error(method: str, exc: TelegramError, *, token: str = "") -> Deliv
     if isinstance(exc, InvalidToken):
         return DeliveryError(f"telegram {method}: the bot token was refused; check adapters.telegram.bot_token",
                              permanent=True, token_refused=True)
-    if isinstance(exc, BadRequest) and "message to edit not found" in exc.message.lower():
+    if isinstance(exc, BadRequest) and any(gone in exc.message.lower() for gone in (
+            "message to edit not found", "message to be replied not found")):  # deleted in the chat
         return DeliveryError(what, permanent=True, gone=True)
     if isinstance(exc, (BadRequest, Forbidden, EndPointNotFound)):  # BadRequest first: it is a NetworkError
         return DeliveryError(what, permanent=True)  # chat not found, message to edit not found, blocked...
@@ -207,7 +208,9 @@ def command_event(message: Message, bot_username: str | None) -> CommandEvent | 
         name, rest = "chatops", text
     else:
         addressee = match.group(2)
-        if addressee and bot_username and addressee.lower() != bot_username.lower():
+        # `/ack@otherbot` is not for us; nor is any `/cmd@name` while our own name is not known yet (getMe has not
+        # answered): it could be another bot's, and a command that acts must not be taken on a guess.
+        if addressee and (bot_username is None or addressee.lower() != bot_username.lower()):
             return None
         name, rest = match.group(1).lower(), text[match.end():]
     return CommandEvent(name, split_args(rest), actor_of(user), MessageRef(PLATFORM, str(message.chat.id), "", None),

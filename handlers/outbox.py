@@ -305,24 +305,23 @@ class OutboxWorker:
             return 1
         ref = MessageRef(parent.platform, parent.chat_id, parent.message_id, parent.thread_id)
         calls = 0
+        reposting = False
+
+        async def repost() -> None:  # deleted in the chat: post the card afresh (the rows stay pending)
+            nonlocal reposting
+            assert parent is not None and incident is not None
+            reposting = True
+            async with self.db.transaction() as session:
+                await session.execute(delete(IncidentMessage).where(IncidentMessage.id == parent.id))
+            log.warning("outbox: the message of incident #%s in %s is gone; posting it again", incident.id, channel_id)
+            self.nudge()
+
         updates = [i for i in items if i.kind in ("update", "post")]
         if updates and any(i.due_at <= now for i in updates):
             if self.buckets.allow(channel.platform, channel.chat, edit=True, now=tick):
                 calls += 1
                 card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
                                      next_step=next_step, escalation_mark=escalation_mark)
-                reposting = False
-
-                async def repost() -> None:  # deleted in the chat: post the card afresh (the rows stay pending)
-                    nonlocal reposting
-                    assert parent is not None and incident is not None
-                    reposting = True
-                    async with self.db.transaction() as session:
-                        await session.execute(delete(IncidentMessage).where(IncidentMessage.id == parent.id))
-                    log.warning("outbox: the message of incident #%s in %s is gone; posting it again",
-                                incident.id, channel_id)
-                    self.nudge()
-
                 if await self._call(adapter.update(ref, card), updates, channel.platform, channel.chat, "update",
                                     gone=repost) is not None:
                     await self._finish(updates, "sent")
@@ -337,8 +336,9 @@ class OutboxWorker:
             if mention:
                 context["mention"] = mention
             message = Outbound("thread", context, text=text)
-            if await self._call(adapter.reply(ref, message), line_items, channel.platform, channel.chat, "reply") is None:
-                break
+            if await self._call(adapter.reply(ref, message), line_items, channel.platform, channel.chat, "reply",
+                                gone=repost) is None:
+                break  # (a thread whose message is gone: the card is posted afresh, and the lines follow it)
             await self._finish(line_items, "sent")
         return calls
 

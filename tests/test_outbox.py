@@ -144,6 +144,23 @@ async def test_an_incident_message_deleted_in_the_chat_is_posted_afresh(tmp_path
             assert "dead" not in [r[0] for r in await row_state(h)]
 
 
+async def test_a_thread_line_whose_message_was_deleted_posts_the_card_afresh(tmp_path: Path) -> None:
+    """Slack answers thread_not_found to a line for a deleted message: the card is posted again (the line was
+    dead-lettered, and the incident had no message in the channel any more)."""
+    from tests.test_slack_flow import Slack, incident_posted
+
+    async with FakeSlack() as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            s = Slack(h, fake)
+            first = await incident_posted(s)
+            await drain(h)
+            fake.fail("chat.postMessage", "thread_not_found")  # the Acknowledged line: its card was deleted
+            await s.answer(await s.command("/incident", "ack 1"))
+            await drain(h)
+            assert len(parents(fake)) == 2 and await h.message_of(1) != first
+            assert "dead" not in [r[0] for r in await row_state(h)]
+
+
 async def test_server_errors_are_retried_with_back_off_and_then_delivered_once(tmp_path: Path) -> None:
     async with FakeSlack() as fake:
         fake.fail("chat.postMessage", "internal_error", status=500, times=2)

@@ -387,6 +387,22 @@ async def test_a_command_for_another_bot_and_group_chatter_are_ignored(env: Env)
     assert [c.name for c in env.dispatcher.commands] == ["help"]
 
 
+def test_a_command_naming_a_bot_is_ignored_while_our_own_name_is_unknown() -> None:
+    """Before getMe has answered (Telegram down at start), `/ack@otherbot 1` could be another bot's: not taken
+    (it acknowledged the incident); a command naming no bot still is, and once the name is known, ours is too."""
+    from telegram import Message
+
+    from adapters.telegram import command_event
+
+    raw = fixture("command_group.json")["message"]
+    for text, unknown, known in (("/ack@other_bot 1", None, None), ("/ack@chatops_bot 1", None, "ack"),
+                                 ("/ack 1", "ack", "ack")):
+        message = Message.de_json({**raw, "text": text}, None)
+        assert message is not None
+        found = [command_event(message, name) for name in (None, "chatops_bot")]
+        assert [e.name if e else None for e in found] == [unknown, known], text
+
+
 async def test_a_rich_reply_is_the_incident_card_with_its_keyboard(env: Env) -> None:
     env.dispatcher.reply = Reply("#42 Disk full on db-1 (triggered)", message=card())
     await env.command("/incident show 42")
