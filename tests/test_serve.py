@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -11,8 +12,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import text
 
@@ -169,6 +172,20 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     assert f"has schema version {SCHEMA_VERSION + 1}, but this chatops understands up to version {SCHEMA_VERSION}" in result.stderr
 
 
+@contextlib.asynccontextmanager
+async def upgraded(db: Database) -> AsyncIterator[Any]:
+    """The store started again by this version (which upgrades it): a session on it, once it says so."""
+    await db.dispose()
+    again = Database(db.url, schema=db.schema)
+    await again.start()
+    try:
+        async with again.sessions() as session:
+            assert (await session.execute(text("SELECT version FROM schema_version"))).scalar_one() == SCHEMA_VERSION
+            yield session
+    finally:
+        await again.dispose()
+
+
 async def test_a_version_1_store_is_brought_up_to_date(db: Database) -> None:
     """Version 1 had no timers, no escalations and no incidents.route: create_all makes the new tables whole
     (escalations with version 3's `run`), and only the missing column is added (adding `run` again failed)."""
@@ -177,16 +194,9 @@ async def test_a_version_1_store_is_brought_up_to_date(db: Database) -> None:
         await conn.execute(text("DROP TABLE timers"))
         await conn.execute(text("ALTER TABLE incidents DROP COLUMN route"))
         await conn.execute(text("UPDATE schema_version SET version = 1"))
-    await db.dispose()
-    again = Database(db.url, schema=db.schema)
-    await again.start()
-    try:
-        async with again.sessions() as session:
-            assert (await session.execute(text("SELECT version FROM schema_version"))).scalar_one() == SCHEMA_VERSION
-            assert (await session.execute(text("SELECT count(*) FROM escalations WHERE run = 0"))).scalar_one() == 0
-            assert (await session.execute(text("SELECT count(*) FROM incidents WHERE route IS NULL"))).scalar_one() == 0
-    finally:
-        await again.dispose()
+    async with upgraded(db) as session:
+        assert (await session.execute(text("SELECT count(*) FROM escalations WHERE run = 0"))).scalar_one() == 0
+        assert (await session.execute(text("SELECT count(*) FROM incidents WHERE route IS NULL"))).scalar_one() == 0
 
 
 async def test_a_version_2_store_is_brought_up_to_date_keeping_its_rows(db: Database) -> None:
@@ -201,16 +211,9 @@ async def test_a_version_2_store_is_brought_up_to_date_keeping_its_rows(db: Data
                            {"t": now})
         await conn.execute(text("ALTER TABLE escalations DROP COLUMN run"))
         await conn.execute(text("UPDATE schema_version SET version = 2"))
-    await db.dispose()
-    again = Database(db.url, schema=db.schema)
-    await again.start()
-    try:
-        async with again.sessions() as session:
-            assert (await session.execute(text("SELECT version FROM schema_version"))).scalar_one() == SCHEMA_VERSION
-            esc = await session.get(Escalation, 1)
-            assert esc is not None and (esc.next_step, esc.run) == (2, 0)
-    finally:
-        await again.dispose()
+    async with upgraded(db) as session:
+        esc = await session.get(Escalation, 1)
+        assert esc is not None and (esc.next_step, esc.run) == (2, 0)
 
 
 def test_serve_with_a_broken_config_names_the_problem(tmp_path: Path) -> None:
