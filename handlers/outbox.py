@@ -474,13 +474,6 @@ class OutboxWorker:
             await self._finish([row], "cancelled", f"not sent: #{incident.id} was reopened, and its escalation "
                                                    "started again")
             return 0
-        async with self.db.transaction() as session:  # claimed: a crash from here on leaves it SENDING (see _recover)
-            claimed = (await session.execute(update(OutboxItem).where(OutboxItem.id == row.id,
-                                                                      OutboxItem.status == "pending")
-                                             .values(status=SENDING))).rowcount
-        if not claimed:
-            return 0
-        row.status = SENDING
         business = bool(row.details.get("business"))
         after = str(row.details.get("next") or "")
         step, total = row.details.get("step"), row.details.get("of")
@@ -488,8 +481,20 @@ class OutboxWorker:
         message = page_message(incident, alerts, person, self.config, now, reason,
                                escalation_mark=escalation_mark(step, int(row.details.get("run", 0)))
                                if isinstance(step, int) else "")
-        attempt = await send_page(self.adapters, person, message, page_order(person, business_hours=business),
-                                  allow=self._budget)
+        async with self.db.transaction() as session:  # claimed: a crash from here on leaves it SENDING (see _recover)
+            claimed = (await session.execute(update(OutboxItem).where(OutboxItem.id == row.id,
+                                                                      OutboxItem.status == "pending")
+                                             .values(status=SENDING))).rowcount
+        if not claimed:
+            return 0
+        row.status = SENDING
+        try:
+            attempt = await send_page(self.adapters, person, message, page_order(person, business_hours=business),
+                                      allow=self._budget)
+        except Exception as exc:  # a fault before any platform took it (drawing it, say): pending again, as retries go
+            log.exception("outbox: paging %s about #%s failed", person.id, incident.id)
+            await self._failed([row], f"{type(exc).__name__}: {exc}", None, permanent=False)
+            return 1
         if attempt.waiting:
             await self._wait(row, attempt, now)
             return 1 if attempt.retry_after else 0

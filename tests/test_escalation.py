@@ -536,6 +536,28 @@ async def test_a_muted_incident_starts_its_escalation_when_an_unsilenced_alert_a
         assert [e.details["step"] for e in await w.audit("escalation.step")] == [1]
 
 
+async def test_a_fault_while_paging_leaves_the_page_to_be_retried_not_stuck(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page is claimed (sending) before the platform call: a fault that is no platform's answer puts it back to
+    pending for its retry, rather than leaving it claimed until the next restart."""
+    async with world(tmp_path, NIGHT) as w:
+        adapter = w.h.bot.adapters["telegram"]
+        real, tries = adapter.page, []
+
+        async def flaky(user_id: str, message: Any) -> Any:
+            tries.append(user_id)
+            if len(tries) == 1:
+                raise RuntimeError("a fault drawing the page")
+            return await real(user_id, message)
+
+        monkeypatch.setattr(adapter, "page", flaky)
+        await w.alert("critical", team="solo")
+        await until(lambda: tries, "the first try")
+        await w.tick(timedelta(seconds=5))  # past the retry's back-off
+        await until(lambda: w.pages(BOB_TG), "the page, on its retry", timeout=10)
+        assert len(w.pages(BOB_TG)) == 1
+
+
 async def test_two_steps_in_a_row_that_reach_nobody_keep_the_policys_pace(tmp_path: Path) -> None:
     async with world(tmp_path, NIGHT) as w:
         await w.alert("critical", team="ghosts")  # policy `unreachable`: Dave twice, then Carol
