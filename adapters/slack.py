@@ -139,8 +139,8 @@ def _shape_problem(body: Any) -> str | None:
         if key in body and body[key] is not None and not isinstance(body[key], dict):
             return f"{key} must be an object"
     event = body.get("event")
-    if isinstance(event, dict) and not all(isinstance(event.get(k), (str, type(None))) for k in ("type", "text", "user")):
-        return "event.type, event.text and event.user must be strings"
+    if isinstance(event, dict) and not all(isinstance(event.get(k), (str, type(None))) for k in ("type", "text")):
+        return "event.type and event.text must be strings"
     user = body.get("user")
     if isinstance(user, dict) and not isinstance(user.get("id"), (str, type(None))):
         return "user.id must be a string"
@@ -314,7 +314,10 @@ class SlackAdapter:
             return web.json_response({"error": "invalid or missing Slack signature: X-Slack-Signature must sign "
                                                "this body with the app's signing secret, X-Slack-Request-Timestamp "
                                                "must be within 5 minutes"}, status=401)
-        if not (request.content_type == "application/json" or body.startswith(b"{")):  # what Bolt reads as a form
+        # As Bolt decides (slack_bolt.request.internals): the raw header up to ";", compared exactly, or a body
+        # that starts with "{". aiohttp's content_type normalises case and spacing, which Bolt does not.
+        raw_type = request.headers.get("Content-Type", "").split(";")[0]
+        if not (raw_type == "application/json" or body.startswith(b"{")):  # what Bolt reads as a form
             # A slash command or a click, which Slack never sends twice: the same signed request again, within
             # its 5 minutes, is a replay (events, in JSON, are retried by Slack and taken once by their id). Decided
             # as Bolt decides how to read the body, not by the Content-Type alone, which the signature does not

@@ -532,7 +532,7 @@ class TelegramAdapter:
     async def _command(self, message: Message) -> None:
         try:
             username = self.bot.username
-        except RuntimeError:  # not initialized: take every /command@name as ours
+        except RuntimeError:  # not initialized (getMe has not answered): no /command@name is taken as ours
             username = None
         event = command_event(message, username)
         if event is None:

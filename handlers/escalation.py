@@ -182,7 +182,7 @@ class Escalations:
         reached = {details.get("step") for status, details, error in pages  # unconfirmed: it may have
                    if status == "sent" or error.startswith(UNCONFIRMED)}
         pages = [(status, details) for status, details, error in pages if not error.startswith(UNCONFIRMED)]
-        on_the_way = {details.get("step") for status, details in pages if status == "pending"}
+        on_the_way = {details.get("step") for status, details in pages if status in ("pending", "sending")}
         missed = {details.get("step") for status, details in pages if status == "dead"}
         if step in reached or step in on_the_way or (step - 1 in missed and step - 1 not in reached):
             return False

@@ -616,7 +616,7 @@ class Intake:
         if self.on_open is not None:
             escalating = [(inc.id, inc.escalation) for inc in st.new_incidents
                           if inc.escalation and not inc.silenced and inc.status != RESOLVED]
-            waking = [inc.id for inc in st.unsilenced if inc.status != RESOLVED]
+            waking = [inc.id for inc in st.unsilenced if inc.status == TRIGGERED]  # acknowledged: someone is on it
             if waking:  # muted since they opened, so no escalation yet (unless a reopen started one)
                 started = set(conn.execute(select(ESCALATION_TABLE.c.incident_id)
                                            .where(ESCALATION_TABLE.c.incident_id.in_(waking))).scalars())
@@ -782,7 +782,8 @@ class Intake:
         tool = alert.labels.get("tool") if source.kind == "generic" else None
         reporter = f"{source.id}/{tool}" if tool else source.id
         if reporter not in incident.sources and len(incident.sources) < MAX_REPORTERS:
-            incident.sources = [*incident.sources, reporter]
+            # (an incident stored before tools were told apart lists the bare source: this tool replaces it)
+            incident.sources = [*(s for s in incident.sources if s != source.id or not tool), reporter]
         incident.critical_asset = incident.critical_asset or alert.asset in cfg.critical_assets
         if alert.links:
             repeat = change in ("duplicate", "resent", "refired")  # the same alert again: its links are the newest word on them

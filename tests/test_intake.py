@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from storage.models import AlertRecord, AuditEvent, Delivery
+from storage.models import AlertRecord, AuditEvent, Delivery, Incident
 from tests.botkit import Harness, bot_on, fixture
 
 
@@ -356,3 +356,12 @@ async def test_two_tools_through_one_generic_source_count_as_two_reporters(h: Ha
         await h.post("open", {**lat, "tool_source": f"probe-{i}"})
     [inc] = await h.incidents()
     assert len(inc.sources) == 10 and inc.sources[:2] == ["open/nagios", "open/zabbix"]
+    # An incident stored before tools were told apart lists the bare source: its tool replaces it, not adds to it.
+    await h.post("open", {**lat, "asset_name": "web-8", "tool_source": "nagios"})
+    async with h.bot.db.transaction() as session:
+        old = (await session.execute(select(Incident).where(Incident.id == 2))).scalar_one()
+        old.sources = ["open"]
+        session.add(old)
+    await h.post("open", {**lat, "asset_name": "web-8", "tool_source": "nagios"})
+    [_, inc] = await h.incidents()
+    assert inc.sources == ["open/nagios"] and inc.priority == 30 + 2  # one tool: no +10

@@ -192,7 +192,7 @@ async def test_a_slash_command_or_click_sent_again_is_a_replay(env: Env) -> None
     assert (await env.post(click, click_headers))[0] == 401
     # The Content-Type is not signed, and Bolt reads any body not starting with { as a form: a replay under
     # another Content-Type, or none, is still a replay (they ran the command again).
-    for content_type in ("text/plain", "multipart/form-data", None):
+    for content_type in ("text/plain", "multipart/form-data", None, "Application/JSON", "application/json ; x=y"):
         other = {k: v for k, v in headers.items() if k != "Content-Type"}
         if content_type is not None:
             other["Content-Type"] = content_type
