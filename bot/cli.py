@@ -102,10 +102,10 @@ def _missing_file(loaded: Loaded) -> Path | None:
     return None if path.exists() else path
 
 
-async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]], *, create: bool = False) -> int:
+async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]]) -> int:
     """Run `work` on the configured store. A SQLite file that does not exist is refused (reading commands would
-    otherwise make an empty one and report that nothing happened), unless `create`."""
-    if not create and (path := _missing_file(loaded)) is not None:
+    otherwise make an empty one and report that nothing happened)."""
+    if (path := _missing_file(loaded)) is not None:
         where = "" if path.is_absolute() else f" (a relative path starts at the current directory, {os.getcwd()})"
         print(f"no database at {path.resolve()}{where}: run this where the bot runs, or give storage.url "
               "an absolute path in app.yaml", file=sys.stderr)

@@ -161,7 +161,7 @@ _ALERTS = AlertRecord.__table__
 _OUTBOX = OutboxItem.__table__
 _DELIVERIES = Delivery.__table__
 _AUDIT = AuditEvent.__table__
-ESCALATION_TABLE = Escalation.__table__
+_ESCALATIONS = Escalation.__table__
 # What intake reads of an existing incident and alert (it writes only what changed).
 _INCIDENT_COLUMNS = ("id", "group_key", "status", "severity", "sources", "channels", "links", "alert_count",
                      "firing_count", "notifications", "critical_asset", "silenced", "opened_at", "last_seen")
@@ -618,8 +618,8 @@ class Intake:
                           if inc.escalation and not inc.silenced and inc.status != RESOLVED]
             waking = [inc.id for inc in st.unsilenced if inc.status == TRIGGERED]  # acknowledged: someone is on it
             if waking:  # muted since they opened, so no escalation yet (unless a reopen started one)
-                started = set(conn.execute(select(ESCALATION_TABLE.c.incident_id)
-                                           .where(ESCALATION_TABLE.c.incident_id.in_(waking))).scalars())
+                started = set(conn.execute(select(_ESCALATIONS.c.incident_id)
+                                           .where(_ESCALATIONS.c.incident_id.in_(waking))).scalars())
                 escalating += [(iid, policy) for iid, policy in conn.execute(
                     select(_INCIDENTS.c.id, _INCIDENTS.c.escalation).where(_INCIDENTS.c.id.in_(waking)))
                     if policy and iid not in started]

@@ -132,15 +132,14 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
         await _record(db, audit, actor, incident_id, now, "incident.paged", details)
         return PageResult(True, f"Paged {person.name} on {attempt.platform.capitalize()}.", attempt.platform)
     why = attempt.problem(person, adapters)
+    failed: dict[str, Any] = {"person": person.id, "tried": attempt.tried, "reason": reason, "problem": why}
+    if attempt.unknown:  # it may have arrived (see send_page)
+        failed["unknown"] = attempt.unknown
+    log.warning("%s %s about #%s: %s", "unconfirmed page to" if attempt.unknown else "could not page", person.id,
+                incident_id, why)
+    await _record(db, audit, actor, incident_id, now, "incident.page_failed", failed)
     if attempt.unknown:
-        log.warning("the page to %s about #%s is unconfirmed: %s", person.id, incident_id, why)
-        await _record(db, audit, actor, incident_id, now, "incident.page_failed",
-                      {"person": person.id, "tried": attempt.tried, "reason": reason, "problem": why,
-                       "unknown": attempt.unknown})
         return PageResult(False, f"The page to {person.name} is unconfirmed: {why}")
-    log.warning("could not page %s about #%s: %s", person.id, incident_id, why)
-    await _record(db, audit, actor, incident_id, now, "incident.page_failed",
-                  {"person": person.id, "tried": attempt.tried, "reason": reason, "problem": why})
     return PageResult(False, f"Could not page {person.name}: {why}")
 
 
