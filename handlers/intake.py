@@ -211,9 +211,15 @@ class _Batch:
     raised: dict[int, _Row] = field(default_factory=dict)  # id(incident) -> stored incidents whose severity rose
     unsilenced: list[_Row] = field(default_factory=list)  # stored incidents an unsilenced alert reached
     truncated: dict[int, int | None] = field(default_factory=dict)  # id(incident) -> the truncatedAlerts last said
+    opened_by_key: dict[str, _Row] = field(default_factory=dict)  # the newest incident this batch opened, by key
+    links: list[tuple[_Row, _Row]] = field(default_factory=list)  # (new incident, the one before it, also new)
 
-    def previous(self, key: str) -> int | None:
-        """The newest earlier incident of this key (asked only when one opens, once a batch)."""
+    def previous(self, key: str) -> int | _Row | None:
+        """The newest earlier incident of this key (asked only when one opens): one this batch opened (a row
+        with no id yet), else the newest stored one."""
+        opened = self.opened_by_key.get(key)
+        if opened is not None:
+            return opened
         if self.previous_by_key is None:
             assert self.rows is not None
             self.previous_by_key = self.rows.max_id_by(_INCIDENTS, "group_key", self.keys)
@@ -605,6 +611,10 @@ class Intake:
             ids = rows.insert_returning_ids(_INCIDENTS, [inc.values(without="id") for inc in st.new_incidents])
             for inc, new_id in zip(st.new_incidents, ids):
                 inc.id = new_id
+            if st.links:
+                for inc, previous in st.links:
+                    inc.previous_id = previous.id
+                rows.update_by_id(_INCIDENTS, [(inc.id, {"previous_id": inc.previous_id}) for inc, _ in st.links])
         rows.update_by_id(_INCIDENTS, [(inc.id, changes) for inc in st.loaded if (changes := inc.changes())])
         rows.update_by_id(_ALERTS, [(rec.id, changes) for rec in st.loaded_records if (changes := rec.changes())])
         for record, incident in st.new_records:
@@ -750,7 +760,9 @@ class Intake:
                 change = "opened"
                 st.entries.append(Entry("incident.opened", actor, "incident", "", now,
                                         {"title": incident.title, "severity": incident.severity,
-                                         "channels": incident.channels, "previous_id": incident.previous_id},
+                                         "channels": incident.channels,
+                                         "previous_id": next((_id(p) for i, p in st.links if i is incident),
+                                                             incident.previous_id)},
                                         _id(incident)))
             else:
                 change = "grouped"
@@ -849,8 +861,14 @@ class Intake:
             route=routes[0].label if routes else None, runbooks=runbooks,
             alert_count=0, firing_count=0, notifications=0, critical_asset=False, silenced=silenced,
             opened_at=st.now, first_seen=st.now, last_seen=st.now, acknowledged_at=None, acknowledged_by=None,
-            resolved_at=None, resolved_by=None, previous_id=st.previous(key),
+            resolved_at=None, resolved_by=None, previous_id=None,
         ), new=True)
+        previous = st.previous(key)
+        if isinstance(previous, _Row):  # opened (and resolved) earlier in this batch: linked once it has an id
+            st.links.append((incident, previous))
+        else:
+            incident.previous_id = previous
+        st.opened_by_key[key] = incident
         st.new_incidents.append(incident)
         st.incidents_by_key[key] = incident
         st.touch(incident).opened = True
@@ -915,6 +933,9 @@ def _assign_incident_ids(st: _Batch) -> None:
     """After the flush: fill in ids that were still objects, and answer with ids."""
     fixed = []
     for e in st.entries:
+        if e.details and isinstance(e.details.get("previous_id"), _Row):  # incident.opened after one this batch opened
+            e = Entry(e.action, e.actor, e.subject_type, e.subject_id, e.at,
+                      {**e.details, "previous_id": e.details["previous_id"].id}, e.incident_id)
         if isinstance(e.incident_id, _Row):
             inc = e.incident_id
             e = Entry(e.action, e.actor, e.subject_type, str(inc.id) if e.subject_type == "incident" else e.subject_id,

@@ -144,6 +144,20 @@ async def test_a_new_firing_after_resolution_opens_a_linked_incident(h: Harness)
     assert (first.status, second.status, second.previous_id) == ("resolved", "triggered", first.id)
 
 
+async def test_firing_resolved_firing_in_one_delivery_links_the_second_incident_to_the_first(h: Harness) -> None:
+    one = {"asset_name": "web-3", "signature": "Down", "severity": "high", "message": "down", "tool_source": "zabbix"}
+    status, body, _ = await h.post("open", [one, {**one, "status": "resolved"}, {**one, "message": "down again"}])
+    assert status == 200 and [r["change"] for r in body["results"]] == ["opened", "resolved", "opened"]
+    first, second = await h.incidents()
+    assert (first.status, second.status, second.previous_id) == ("resolved", "triggered", first.id)
+    async with h.bot.db.sessions() as s:
+        opened = (await s.execute(select(AuditEvent).where(AuditEvent.action == "incident.opened")
+                                  .order_by(AuditEvent.seq))).scalars().all()
+    assert [(e.incident_id, e.details["previous_id"]) for e in opened] == [(first.id, None), (second.id, first.id)]
+    async with h.bot.db.sessions() as s:
+        assert (await h.bot.audit.verify(s)).ok
+
+
 async def test_default_grouping_by_alertname_and_instance(h: Harness) -> None:
     await h.post("am-plain", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
     incidents = await h.incidents()
