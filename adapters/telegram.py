@@ -23,7 +23,6 @@ import json
 import logging
 import re
 import shlex
-import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
@@ -37,7 +36,6 @@ from telegram.constants import ChatType, ParseMode
 from telegram.error import (BadRequest, ChatMigrated, EndPointNotFound, Forbidden, InvalidToken, RetryAfter,
                             TelegramError, TimedOut)
 from telegram.ext import Application
-from telegram.warnings import PTBDeprecationWarning
 
 from adapters.settings import TelegramSettings
 from bot import actions
@@ -146,9 +144,7 @@ def delivery_error(method: str, exc: TelegramError, *, token: str = "") -> Deliv
     """Telegram's refusal as the outbox understands it: when to retry, or never. `token` is never shown."""
     what = f"telegram {method}: {exc.message.replace(token, '<token>') if token else exc.message}"
     if isinstance(exc, RetryAfter):
-        with warnings.catch_warnings():  # an int today, a timedelta with PTB_TIMEDELTA=true
-            warnings.simplefilter("ignore", PTBDeprecationWarning)
-            after = exc.retry_after
+        after = exc.retry_after  # an int today, a timedelta with PTB_TIMEDELTA=true
         return DeliveryError(what, retry_after=after.total_seconds() if isinstance(after, timedelta) else float(after))
     if isinstance(exc, ChatMigrated):
         return DeliveryError(f"telegram {method}: the group is now the supergroup {exc.new_chat_id}; "
