@@ -77,8 +77,20 @@ def _str_map(value: Any, where: str) -> dict[str, str]:
     for k, v in _obj(value, where).items():
         if isinstance(v, (dict, list)):
             raise ShapeError(f"{where}.{k}", f"expected a string, got {_kind(v)}")
-        out[str(k)] = "" if v is None else str(v)
+        out[str(k)] = _label_text(v)
     return out
+
+
+def _label_text(value: Any) -> str:
+    """A JSON scalar as a label value, written as JSON writes it (`true`, not Python's `True`; `2`, not `2.0`), so
+    that routes and silences written `prod: "true"` match it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e21:
+        return str(int(value))
+    return str(value)
 
 
 def _text(obj: dict[str, Any], key: str, where: str, *, required: bool = False, default: str = "") -> str:
@@ -108,7 +120,9 @@ def _time(obj: dict[str, Any], key: str, where: str) -> datetime | None:
 
 
 def _status(obj: dict[str, Any], where: str, default: str | None = None) -> str:
-    raw = obj.get("status", default)
+    raw = obj.get("status")
+    if raw in (None, "") and default is not None:  # optional, and left empty
+        raw = default
     value = str(raw).lower() if isinstance(raw, str) else raw
     if value in ("firing", "alerting", "triggered", "problem", "open"):
         return "firing"
@@ -187,6 +201,12 @@ def parse_grafana(payload: Any, source: str) -> list[Alert]:
         links = {"generator": _text(a, "generatorURL", where), "dashboard": _text(a, "dashboardURL", where),
                  "panel": _text(a, "panelURL", where), "silence": _text(a, "silenceURL", where),
                  "image": _text(a, "imageURL", where), "runbook": annotations.get("runbook_url", "")}
+        summary = annotations.get("summary") or labels.get("alertname") or _text(payload, "title", "") or "alert"
+        if labels.get("rulename") and labels.get("alertname") in GRAFANA_STAND_INS:
+            # Named after what went wrong, not after the rule, whose own summary speaks of a threshold crossed.
+            problem = "no data" if labels["alertname"] == "DatasourceNoData" else "datasource error"
+            error = first_line(annotations.get("Error", ""), "")
+            summary = f"{labels['rulename']}: {problem}" + (f" ({error})" if error else "")
         out.append(Alert(
             source=source,
             fingerprint=_text(a, "fingerprint", where) or _fingerprint(labels),
@@ -194,13 +214,37 @@ def parse_grafana(payload: Any, source: str) -> list[Alert]:
             labels=labels,
             annotations=annotations,
             severity=normalize_severity(labels.get("severity")),
-            summary=annotations.get("summary") or labels.get("alertname") or _text(payload, "title", "") or "alert",
+            summary=summary,
             starts_at=_time(a, "startsAt", where),
             ends_at=_time(a, "endsAt", where),
             links={k: v for k, v in links.items() if v},
             group_key=group_key,
         ))
     return out
+
+
+# Grafana's alerts for a rule whose query returned nothing, or failed: their alertname says which, their `rulename`
+# label names the rule (and the rule's own labels and annotations come along).
+GRAFANA_STAND_INS = ("DatasourceNoData", "DatasourceError")
+
+
+def alert_name(labels: dict[str, str]) -> str:
+    """`alertname` as incidents are grouped by it: for Grafana's no-data and error alerts, with the rule's name, since
+    their alertname is the same for every rule (two rules without data are two incidents, not one)."""
+    name = labels.get("alertname", "")
+    if name in GRAFANA_STAND_INS and labels.get("rulename"):
+        return f"{name}/{labels['rulename']}"
+    return name
+
+
+def first_line(text: str, fallback: str) -> str:
+    """The first line of `text` that says something (not blank, not Datadog's `%%%` markdown fence), at most 300
+    characters; `fallback` if none does."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line and line != "%%%":
+            return line[:300]
+    return fallback
 
 
 def _grafana_values(raw: Any, where: str) -> str:
@@ -256,9 +300,10 @@ def parse_generic(payload: Any, source: str) -> list[Alert]:
             labels=labels,
             annotations={"message": message, **_str_map(a.get("annotations"), f"{where}.annotations" if where else "annotations")},
             severity=severity,
-            summary=message.splitlines()[0][:300] if message else signature,
+            summary=first_line(message, signature),
             starts_at=_time(a, "timestamp", where or "body"),
-            links=_str_map(a.get("links"), f"{where}.links" if where else "links"),
+            links={("generator" if name == "graph" else name): url  # the card's Graph link
+                   for name, url in _str_map(a.get("links"), f"{where}.links" if where else "links").items() if url},
             dedup_key=dedup,
         ))
     return out
@@ -354,6 +399,8 @@ def read_body(kind: str, source_id: str, body: bytes) -> tuple[list[Alert], int]
         if (body.count(b"[") + body.count(b"{") > MAX_NESTING and isinstance(payload, (dict, list))
                 and _deeper_than(payload, MAX_NESTING)):
             raise RecursionError  # answered as the decoder's own, below: the same limit wherever it runs
+        if b"\\u0000" in body:  # a NUL: PostgreSQL's text holds none, and in alert text it means nothing
+            payload = _without_nul(payload)
     except UnicodeDecodeError:
         raise BodyError(400, "malformed", "body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
@@ -372,6 +419,17 @@ def read_body(kind: str, source_id: str, body: bytes) -> tuple[list[Alert], int]
         article = "an" if kind[0] in "aeiou" else "a"
         raise BodyError(422, "bad_shape", f"{exc.field}: {exc.problem} (not {article} {kind} payload?)",
                         exc.field) from None
+
+
+def _without_nul(value: Any) -> Any:
+    """`value` with every NUL character taken out of its strings (and keys); nesting is at most MAX_NESTING here."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    return value
 
 
 PARSERS: dict[str, Callable[[Any, str], list[Alert]]] = {

@@ -140,6 +140,14 @@ def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(_with_db(loaded, work))
 
 
+def _csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet shows as text: one that starts like a formula (=, +, -, @, a tab or CR) gets a leading
+    quote, as OWASP advises for CSV injection; alert text, which anyone who can send alerts writes, lands here."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 CSV_COLUMNS = ["seq", "at", "actor_person", "actor_platform", "actor_user_id", "action",
                "subject_type", "subject_id", "incident_id", "details", "prev_hash", "hash"]
 
@@ -156,8 +164,8 @@ def cmd_audit_export(args: argparse.Namespace, out: TextIO) -> int:
                 if writer:
                     row: dict[str, Any] = event.model_dump()
                     row["at"] = event.at.isoformat()
-                    row["details"] = json.dumps(event.details, sort_keys=True)
-                    writer.writerow([row[c] for c in CSV_COLUMNS])
+                    row["details"] = json.dumps(event.details, sort_keys=True, ensure_ascii=False)
+                    writer.writerow([_csv_cell(row[c]) for c in CSV_COLUMNS])
                 else:
                     out.write(json.dumps(event.as_dict(), ensure_ascii=False) + "\n")
         return EXIT_OK
@@ -235,7 +243,7 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
             facts.append(("follows", f"#{inc.previous_id}"))
         facts += [(f"link: {k}", v) for k, v in inc.links.items()]
         for key, value in facts:
-            print(printable(f"  {key + ':':<14}{value}"), file=out)
+            print(printable(f"  {key + ':':<13} {value}"), file=out)  # a longer name (a link's) still gets its space
         print("\nAlerts", file=out)
         print(table(["SOURCE", "FINGERPRINT", "STATUS", "SEVERITY", "SUMMARY", "RECEIVED"],
                     [(a.source, a.fingerprint, a.status, a.severity, a.summary, a.received_count) for a in alerts]), file=out)

@@ -8,7 +8,7 @@ from datetime import datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from bot.alerts import Alert
+from bot.alerts import Alert, alert_name
 from bot.config import Route, Silence
 from bot.durations import parse_weekday
 
@@ -82,4 +82,5 @@ def group_key(grouping_by: Sequence[str], source_dedup: str | None, alert: Alert
         return f"group:{alert.source}:{alert.group_key}"
     if source_dedup and source_dedup != "groupKey" and alert.labels.get(source_dedup):
         return f"{source_dedup}={alert.labels[source_dedup]}"
-    return "|".join(f"{k}={alert.labels.get(k, '')}" for k in grouping_by)
+    return "|".join(f"{k}={alert_name(alert.labels) if k == 'alertname' else alert.labels.get(k, '')}"
+                    for k in grouping_by)

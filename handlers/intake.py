@@ -800,7 +800,8 @@ class Intake:
         if alert.links:
             repeat = change in ("duplicate", "resent", "refired")  # the same alert again: its links are the newest word on them
             for name, url in alert.links.items():
-                if name not in incident.links or (repeat and incident.links[name] != url):
+                # (an empty link, stored before parsing dropped them, is none)
+                if not incident.links.get(name) or (repeat and incident.links[name] != url):
                     incident.links = {**incident.links, name: url}
             if repeat:
                 record.links = alert.links

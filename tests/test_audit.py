@@ -185,6 +185,26 @@ def _cli_config(tmp_path: Path) -> Path:
     return cfg
 
 
+def test_csv_export_is_readable_text_and_runs_no_formula(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _cli_config(tmp_path)
+
+    async def setup() -> None:
+        db = Database(f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
+        await db.start()
+        async with db.transaction() as session:
+            await AuditLog("k3y").append(session, Entry(
+                "alert.received", Actor.source("generic"), "alert", '=HYPERLINK("http://evil","click")', T0,
+                details={"summary": "Диск /var полон", "labels": {"team": "+dba"}}))
+        await db.dispose()
+
+    asyncio.run(setup())
+    assert main(["audit", "export", "-c", str(cfg), "--format", "csv"]) == 0
+    [row] = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert json.loads(row["details"]) == {"summary": "Диск /var полон", "labels": {"team": "+dba"}}
+    assert "Диск" in row["details"]  # as written, not \\u0414...
+    assert row["subject_id"] == "'=HYPERLINK(\"http://evil\",\"click\")"  # a spreadsheet shows it and runs nothing
+
+
 def test_cli_verify_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _cli_config(tmp_path)
 

@@ -196,7 +196,7 @@ async def test_incidents_show_reads_in_the_bots_time_zone_with_names(tmp_path: P
     cfg = config(tmp_path / "c", url)  # timezone: Europe/Berlin; alice is "Alice"
     async with running_bot(url) as h:  # the harness's clock: Tuesday 24 Nov 2026, 04:00 UTC
         body = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "web-1 down",
-                "tool_source": "t"}
+                "tool_source": "t", "links": {"graph": "https://grafana.example/graph"}}
         assert (await h.post("open", body))[0] == 200
         [incident] = await h.incidents()
         from bot.model import Actor
@@ -211,6 +211,7 @@ async def test_incidents_show_reads_in_the_bots_time_zone_with_names(tmp_path: P
     assert "acknowledged: by Alice at 2026-11-24 05:00:00 CET" in out
     assert "2026-11-24 05:00:00 CET  incident.acknowledged  Alice" in out
     assert "resolved:     by Alice at 2026-11-24 05:00:00 CET" in out
+    assert "link: generator: https://grafana.example/graph" in out  # a long name still has its space
 
 
 async def test_outbox_list_shows_a_delivery_of_no_incident_and_says_when_an_error_is_cut(

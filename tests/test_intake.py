@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from storage.models import AlertRecord, AuditEvent, Delivery, Incident
 from tests.botkit import Harness, bot_on, fixture
@@ -156,6 +156,27 @@ async def test_firing_resolved_firing_in_one_delivery_links_the_second_incident_
     assert [(e.incident_id, e.details["previous_id"]) for e in opened] == [(first.id, None), (second.id, first.id)]
     async with h.bot.db.sessions() as s:
         assert (await h.bot.audit.verify(s)).ok
+
+
+async def test_a_nul_in_alert_text_is_stored_without_it(h: Harness) -> None:
+    body = b'{"asset_name": "n1", "signature": "s", "severity": "info", "message": "bad\\u0000byte", "tool_source": "t"}'
+    status, answer, _ = await h.post("open", body)
+    assert status == 200 and answer["results"][0]["change"] == "opened"  # PostgreSQL text holds no NUL: it was a 500
+    [inc] = await h.incidents()
+    assert inc.title == "badbyte"
+
+
+async def test_an_empty_link_stored_by_an_older_version_takes_the_first_real_one(h: Harness) -> None:
+    one = {"asset_name": "web-4", "signature": "Down", "severity": "high", "message": "down", "tool_source": "t"}
+    await h.post("open", {**one, "links": {"runbook": ""}})
+    [inc] = await h.incidents()
+    assert inc.links == {}  # an empty link is none
+    async with h.bot.db.transaction() as s:  # as versions that kept empty links stored it
+        await s.execute(update(Incident).where(Incident.id == inc.id).values(links={"runbook": ""}))
+    status, body, _ = await h.post("open", {**one, "tool_source": "t2", "links": {"runbook": "https://wiki/rb"}})
+    assert body["results"][0]["change"] == "grouped"
+    [inc] = await h.incidents()
+    assert inc.links == {"runbook": "https://wiki/rb"}
 
 
 async def test_default_grouping_by_alertname_and_instance(h: Harness) -> None:

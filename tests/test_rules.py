@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from adapters import SETTINGS_MODELS
-from bot.alerts import Alert, normalize_severity, parse_generic
+from bot.alerts import Alert, normalize_severity, parse_generic, parse_grafana, read_body
 from bot.config import ConfigError, parse_config
 from bot.incidents import InvalidTransition, priority, transition
 from bot.routing import group_key, matches, select_routes, silenced_by
@@ -153,3 +153,60 @@ def test_generic_list_with_labels_and_dedup() -> None:
     assert alerts[0].fingerprint == "zbx-991" and alerts[0].dedup_key == "zbx-991"
     same_signal = {"asset_name": "db-1", "signature": "Replication lag", "severity": "high", "message": "m", "tool_source": "zabbix"}
     assert alerts[1].fingerprint == parse_generic(same_signal, "gen")[0].fingerprint
+
+
+GENERIC = {"asset_name": "web-9", "signature": "Memory", "severity": "high", "tool_source": "datadog"}
+
+
+@pytest.mark.parametrize(("message", "title"), [
+    ("\n\nMemory at 97% on web-9\nmore", "Memory at 97% on web-9"),
+    ("%%%\nhost stopped reporting\n%%%", "host stopped reporting"),  # Datadog's $EVENT_MSG markdown
+    ("  \n%%%\n%%%", "Memory"),  # nothing but blanks and markers: the signature
+])
+def test_a_generic_title_is_the_first_line_that_says_something(message: str, title: str) -> None:
+    [a] = parse_generic({**GENERIC, "message": message}, "gen")
+    assert a.summary == title
+
+
+def test_generic_label_values_read_as_json_writes_them() -> None:
+    [a] = parse_generic({**GENERIC, "message": "m", "labels": {"prod": True, "canary": False, "replicas": 2.0,
+                                                               "ratio": 0.5, "count": 3, "owner": None}}, "gen")
+    assert {k: a.labels[k] for k in ("prod", "canary", "replicas", "ratio", "count", "owner")} == {
+        "prod": "true", "canary": "false", "replicas": "2", "ratio": "0.5", "count": "3", "owner": ""}
+
+
+def test_generic_links_graph_is_the_graph_and_empty_links_are_none() -> None:
+    [a] = parse_generic({**GENERIC, "message": "m", "links": {"graph": "https://dd/graph", "runbook": "",
+                                                             "dashboard": None}}, "gen")
+    assert a.links == {"generator": "https://dd/graph"}
+
+
+@pytest.mark.parametrize("status", [None, ""])
+def test_a_generic_status_left_empty_is_firing(status: object) -> None:
+    [a] = parse_generic({**GENERIC, "message": "m", "status": status}, "gen")
+    assert a.status == "firing"
+
+
+def test_grafana_no_data_and_error_alerts_are_named_after_their_rule_and_grouped_by_it() -> None:
+    def one(alertname: str, rule: str, **annotations: str) -> dict[str, object]:
+        return {"status": "firing", "labels": {"alertname": alertname, "rulename": rule, "grafana_folder": "infra"},
+                "annotations": {"summary": "Disk above 90%", **annotations}, "fingerprint": f"{alertname}{rule}"}
+
+    alerts = parse_grafana({"version": "1", "alerts": [
+        one("DatasourceNoData", "Disk full"), one("DatasourceNoData", "Queue lag"),
+        one("DatasourceError", "Disk full", Error="[sse.dataQueryError] failed to execute query [A]: timeout\nmore"),
+        one("DiskFull", "Disk full")]}, "grafana")
+    assert [a.summary for a in alerts] == [
+        "Disk full: no data", "Queue lag: no data",
+        "Disk full: datasource error ([sse.dataQueryError] failed to execute query [A]: timeout)", "Disk above 90%"]
+    keys = [group_key(["alertname", "instance"], None, a) for a in alerts]
+    assert keys == ["alertname=DatasourceNoData/Disk full|instance=", "alertname=DatasourceNoData/Queue lag|instance=",
+                    "alertname=DatasourceError/Disk full|instance=", "alertname=DiskFull|instance="]
+    assert alerts[0].labels["alertname"] == "DatasourceNoData"  # routes and silences see Grafana's labels
+
+
+def test_a_nul_in_alert_text_is_dropped_not_stored() -> None:
+    body = b'{"asset_name": "n\\u0000x", "signature": "s", "severity": "info", "message": "bad\\u0000byte", ' \
+           b'"tool_source": "t", "labels": {"k\\u0000": "v\\u0000"}}'
+    [a], _ = read_body("generic", "gen", body)
+    assert (a.summary, a.labels["instance"], a.labels["k"]) == ("badbyte", "nx", "v")
