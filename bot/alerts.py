@@ -19,13 +19,15 @@ from typing import Any
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 _SEVERITY_WORDS = {
-    "critical": ("critical", "crit", "fatal", "emergency", "emerg", "alert", "disaster", "page", "p1", "sev1", "sev-1"),
-    "high": ("high", "error", "err", "major", "p2", "sev2", "sev-2"),
-    "medium": ("medium", "warning", "warn", "average", "moderate", "p3", "sev3", "sev-3"),
-    "low": ("low", "minor", "p4", "sev4", "sev-4"),
+    "critical": ("critical", "crit", "fatal", "emergency", "emerg", "alert", "disaster", "page", "p0", "p1", "sev0",
+                 "sev1"),
+    "high": ("high", "error", "err", "major", "p2", "sev2"),
+    "medium": ("medium", "warning", "warn", "average", "moderate", "p3", "sev3"),
+    "low": ("low", "minor", "p4", "sev4"),
     "info": ("info", "informational", "information", "notice", "debug", "ok", "none", "not classified", "p5", "sev5"),
 }
 _SEVERITY = {word: level for level, words in _SEVERITY_WORDS.items() for word in words}
+_SEPARATORS = re.compile(r"[\s_-]+")
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
@@ -61,7 +63,8 @@ class Alert:
 def normalize_severity(value: Any, default: str = "medium") -> str:
     if value is None or value == "":
         return default
-    return _SEVERITY.get(str(value).strip().lower(), default)
+    word = str(value).strip().lower()
+    return _SEVERITY.get(word) or _SEVERITY.get(_SEPARATORS.sub("", word), default)  # SEV-1, Sev 1, p_1
 
 
 def _obj(value: Any, where: str) -> dict[str, Any]:
@@ -119,12 +122,29 @@ def _time(obj: dict[str, Any], key: str, where: str) -> datetime | None:
         raise ShapeError(f"{where}.{key}", f"out of range: {raw[:40]!r}") from None
 
 
+def _epoch_or_time(obj: dict[str, Any], key: str, where: str) -> datetime | None:
+    """An RFC 3339 time, or Unix time as Datadog's `$LAST_UPDATED`-style fields and most tools send it: a number or
+    a string of digits, in seconds (milliseconds when it is that big)."""
+    raw = obj.get(key)
+    if isinstance(raw, bool) or not (isinstance(raw, (int, float)) or (isinstance(raw, str) and raw.isascii()
+                                                                      and raw.isdigit())):
+        return _time(obj, key, where)
+    number = float(raw)
+    if number > 1e11:  # past 5138 AD in seconds: milliseconds
+        number /= 1000
+    try:
+        return datetime.fromtimestamp(number, UTC)
+    except (OverflowError, OSError, ValueError):
+        raise ShapeError(f"{where}.{key}", f"out of range: {str(raw)[:40]!r}") from None
+
+
 def _status(obj: dict[str, Any], where: str, default: str | None = None) -> str:
     raw = obj.get("status")
     if raw in (None, "") and default is not None:  # optional, and left empty
         raw = default
     value = str(raw).lower() if isinstance(raw, str) else raw
-    if value in ("firing", "alerting", "triggered", "problem", "open"):
+    # (Datadog's monitor states too: Warn and No Data are alerts firing; Re-Triggered and Renotify are again)
+    if value in ("firing", "alerting", "triggered", "problem", "open", "warn", "no data", "re-triggered", "renotify"):
         return "firing"
     if value in ("resolved", "ok", "recovered", "closed"):
         return "resolved"
@@ -301,7 +321,7 @@ def parse_generic(payload: Any, source: str) -> list[Alert]:
             annotations={"message": message, **_str_map(a.get("annotations"), f"{where}.annotations" if where else "annotations")},
             severity=severity,
             summary=first_line(message, signature),
-            starts_at=_time(a, "timestamp", where or "body"),
+            starts_at=_epoch_or_time(a, "timestamp", where or "body"),
             links={("generator" if name == "graph" else name): url  # the card's Graph link
                    for name, url in _str_map(a.get("links"), f"{where}.links" if where else "links").items() if url},
             dedup_key=dedup,

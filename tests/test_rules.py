@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -210,3 +211,31 @@ def test_a_nul_in_alert_text_is_dropped_not_stored() -> None:
            b'"tool_source": "t", "labels": {"k\\u0000": "v\\u0000"}}'
     [a], _ = read_body("generic", "gen", body)
     assert (a.summary, a.labels["instance"], a.labels["k"]) == ("badbyte", "nx", "v")
+
+
+@pytest.mark.parametrize(("raw", "level"), [("P0", "critical"), ("SEV 1", "critical"), ("Sev-2", "high"),
+                                            ("sev_3", "medium"), ("SEV0", "critical")])
+def test_severity_words_with_separators(raw: str, level: str) -> None:
+    assert normalize_severity(raw, default="") == level
+
+
+@pytest.mark.parametrize("status", ["Warn", "No Data", "Re-Triggered", "Renotify"])
+def test_datadog_monitor_states_are_firing(status: str) -> None:
+    [a] = parse_generic({**GENERIC, "message": "m", "status": status}, "gen")
+    assert a.status == "firing"
+
+
+@pytest.mark.parametrize("timestamp", [1796432400, 1796432400.0, "1796432400", 1796432400000, "1796432400000"])
+def test_a_generic_timestamp_may_be_unix_time(timestamp: object) -> None:
+    [a] = parse_generic({**GENERIC, "message": "m", "timestamp": timestamp}, "gen")
+    assert a.starts_at == datetime(2026, 12, 5, 1, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("timestamp", "problem"), [
+    ("2026.12.05 01:00:00", "timestamp: not an RFC 3339 time: '2026.12.05 01:00:00'"),
+    (10 ** 30, "timestamp: out of range: '1000000000000000000000000000000'"),
+    (True, "timestamp: expected an RFC 3339 time, got a boolean"),
+])
+def test_a_generic_timestamp_that_is_no_time_is_named(timestamp: object, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        parse_generic({**GENERIC, "message": "m", "timestamp": timestamp}, "gen")
