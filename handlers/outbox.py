@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, func, update
+from sqlalchemy import and_, case, delete, func, update
 from sqlmodel import select
 
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
@@ -358,11 +358,16 @@ class OutboxWorker:
     # -- pages, direct messages and channel notices ---------------------------------------------
 
     async def _people_and_notices(self, now: datetime) -> int:
+        # Notices for a channel whose platform is off wait (as its incident messages do) outside the window, so that a
+        # backlog of them holds back nothing; pages come first: someone is waiting for them.
+        silent = [cid for cid, ch in self.channels.items() if ch.platform not in self.adapters]
         async with self.db.sessions() as session:
             rows = list((await session.execute(
                 select(OutboxItem).where(OutboxItem.status == "pending", OutboxItem.due_at <= now,
-                                         OutboxItem.kind.in_(PERSONAL_KINDS))
-                .order_by(OutboxItem.id).limit(self.batch))).scalars().all())
+                                         OutboxItem.kind.in_(PERSONAL_KINDS),
+                                         ~and_(OutboxItem.kind == "notice", OutboxItem.channel.in_(silent)))
+                .order_by(case((OutboxItem.kind == "page", 0), else_=1), OutboxItem.id).limit(self.batch)
+            )).scalars().all())
         calls = 0
         for row in rows:
             if row.kind == "page":

@@ -55,6 +55,22 @@ async def test_pending_deliveries_go_out_after_a_restart_and_none_twice(tmp_path
             assert [row[:4] for row in await h.pending()] == [(2, "ops-telegram", "post", "incident.opened")]
 
 
+async def test_notices_for_a_platform_that_is_off_do_not_hold_back_pages_and_messages(tmp_path: Path) -> None:
+    """A backlog of channel notices no adapter can send (Telegram off) waits, and the rows behind it go out."""
+    from handlers.notify import direct_row, notice_row
+
+    async with FakeSlack() as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            batch = h.bot.outbox.batch
+            async with h.bot.db.transaction() as session:
+                session.add_all([notice_row("ops-telegram", f"handoff {i}", T0) for i in range(batch + 10)])
+                session.add(direct_row("alice", "Please take a look at #7", T0))
+            h.bot.outbox.nudge()
+            await fake.wait_for(lambda: any(c.params.get("text") == "Please take a look at #7"
+                                            for c in fake.called("chat.postMessage")), timeout=5)
+            assert await h.count_pending() == batch + 10  # the notices wait for Telegram; none is lost
+
+
 async def test_a_refusal_that_cannot_succeed_becomes_a_dead_letter(tmp_path: Path) -> None:
     async with FakeSlack() as fake:
         fake.fail("chat.postMessage", "channel_not_found")
