@@ -19,7 +19,7 @@ from handlers.incident_actions import perform
 from handlers.paging import page
 from storage.audit import AuditLog
 from storage.db import Database
-from storage.queries import get_incident, list_incidents, recent_alerts
+from storage.queries import count_incidents, get_incident, list_incidents, recent_alerts
 
 BUTTON_ACTIONS = {Action.ACKNOWLEDGE: "acknowledge", Action.ESCALATE: "escalate", Action.RESOLVE: "resolve",
                   Action.REOPEN: "reopen"}
@@ -28,6 +28,7 @@ SUBCOMMANDS = {"ack": "acknowledge", "acknowledge": "acknowledge", "resolve": "r
                "reopen": "reopen"}
 INCIDENT_USAGE = "/incident list | show ID | ack ID | escalate ID | resolve ID | reopen ID | page ID PERSON"
 RESPONDER = "responder"
+LIST_MAX = 20  # incidents in a /incident list answer (chatops incidents list shows them all)
 
 
 @dataclass
@@ -127,18 +128,19 @@ class ChatHandlers:
 
     async def _list(self, args: list[str] | tuple[str, ...]) -> Reply:
         status = args[0].lower() if args else "open"
+        if status not in ("open", "triggered", "acknowledged", "resolved", "all"):
+            return Reply("Usage: `/incident list [open|triggered|acknowledged|resolved|all]`")
         async with self.db.sessions() as session:
-            if status == "open":
-                incidents = [i for i in await list_incidents(session, limit=200) if i.status != "resolved"][:20]
-            elif status in ("triggered", "acknowledged", "resolved", "all"):
-                incidents = await list_incidents(session, status=None if status == "all" else status, limit=20)
-            else:
-                return Reply("Usage: `/incident list [open|triggered|acknowledged|resolved|all]`")
+            incidents = await list_incidents(session, status=status, limit=LIST_MAX)
+            total = await count_incidents(session, status=status) if len(incidents) == LIST_MAX else len(incidents)
         if not incidents:
             return Reply(f"No {status} incidents.")
         now = self.clock.now()
         text = table(["#", "status", "severity", "alerts", "opened", "title"],
                      [(i.id, i.status, i.severity, i.alert_count, ago(now - i.opened_at), i.title[:60]) for i in incidents])
+        if total > len(incidents):
+            return Reply(f"The newest {len(incidents)} of {total} {status} incidents (`chatops incidents list` shows "
+                         f"them all):\n```\n{text}\n```")
         return Reply(f"{len(incidents)} {status} incident(s), newest first:\n```\n{text}\n```")
 
     async def _show(self, incident_id: int) -> Reply:

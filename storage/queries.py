@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from datetime import datetime
 
 from sqlalchemy import func, update
@@ -19,14 +20,23 @@ async def open_incidents_by_severity(session: AsyncSession) -> dict[str, int]:
     return {severity: count for severity, count in rows.all()}
 
 
+def _with_status(query: Any, status: str | None) -> Any:
+    if status == "open":
+        return query.where(Incident.status != "resolved")
+    if status and status != "all":
+        return query.where(Incident.status == status)
+    return query
+
+
 async def list_incidents(session: AsyncSession, *, status: str | None = None, limit: int = 200) -> list[Incident]:
     """The newest first; `status` one of STATUSES, "open" (not resolved) or None / "all"."""
-    query = select(Incident).order_by(Incident.id.desc()).limit(limit)
-    if status == "open":
-        query = query.where(Incident.status != "resolved")
-    elif status and status != "all":
-        query = query.where(Incident.status == status)
+    query = _with_status(select(Incident).order_by(Incident.id.desc()).limit(limit), status)
     return list((await session.execute(query)).scalars().all())
+
+
+async def count_incidents(session: AsyncSession, *, status: str | None = None) -> int:
+    """How many incidents `list_incidents` would list with no limit."""
+    return int((await session.execute(_with_status(select(func.count()).select_from(Incident), status))).scalar_one())
 
 
 async def get_incident(session: AsyncSession, incident_id: int) -> Incident | None:

@@ -210,6 +210,23 @@ async def test_slash_commands_list_show_and_act(slack: Slack) -> None:
     assert "needs the `responder` role" in denied["text"]
 
 
+async def test_incident_list_finds_the_open_ones_behind_many_resolved(slack: Slack) -> None:
+    s = slack
+    await incident_posted(s)  # #1, still firing
+    payload = json.loads(fixture("alertmanager/03-highcpu-firing.json"))
+    blip = payload["alerts"][0]
+    payload["alerts"] = [{**blip, "labels": {**blip["labels"], "instance": f"blip-{i}"}, "fingerprint": f"b{i:04d}"}
+                         for i in range(210)]
+    assert (await s.h.post("am-plain", payload))[0] == 200
+    for alert in payload["alerts"]:
+        alert["status"] = "resolved"
+    assert (await s.h.post("am-plain", payload))[0] == 200  # 210 newer incidents, all resolved by their source
+    listing = await s.answer(await s.command("/incident", "list"))
+    assert "1 open incident(s)" in listing["text"] and "CPU" in listing["text"], listing["text"]
+    many = await s.answer(await s.command("/incident", "list resolved"))
+    assert many["text"].startswith("The newest 20 of 210 resolved incidents"), many["text"][:200]
+
+
 async def test_a_storm_costs_calls_per_incident_not_per_alert(tmp_path: Path) -> None:
     async with FakeSlack(per_second=20, burst=5) as fake:
         async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
