@@ -401,13 +401,14 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
     async def work() -> int:
         adapter = TelegramAdapter(settings, renderer=Renderer(), dispatcher=Dispatcher(loaded.config))
         try:
-            await adapter.application.initialize()
+            await adapter._call("getMe", adapter.application.initialize())  # a refused token: said, never shown
             await adapter.set_webhook(url)
         except DeliveryError as exc:
             print(f"Telegram refused: {exc}", file=sys.stderr)
             return EXIT_FAILED
         except Exception as exc:
-            print(f"cannot reach Telegram at {settings.api_url}: {exc}", file=sys.stderr)
+            print(f"cannot reach Telegram at {settings.api_url}: {str(exc).replace(settings.bot_token, '<token>')}",
+                  file=sys.stderr)
             return EXIT_FAILED
         finally:
             await adapter.application.shutdown()

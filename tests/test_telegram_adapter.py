@@ -669,3 +669,19 @@ def test_a_message_deleted_in_telegram_is_told_apart_from_other_refusals() -> No
     assert delivery_error("editMessageText", BadRequest("Message to edit not found")).gone
     other = delivery_error("editMessageText", BadRequest("Chat not found"))
     assert other.permanent and not other.gone
+
+
+async def test_set_webhook_with_a_refused_token_names_the_token_setting_and_never_prints_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli import main
+
+    async with FakeTelegram() as tg:
+        wrong = "123456:SECRET-wrong-token-value"
+        cfg = tmp_path / "app.yaml"
+        cfg.write_text(f"server: {{public_url: 'https://bot.example.com'}}\n"
+                       f"adapters:\n  telegram: {{bot_token: '{wrong}', webhook_secret: s3cret-s3cret, "
+                       f"api_url: '{tg.api_url}'}}\n")
+        assert await asyncio.to_thread(main, ["telegram", "set-webhook", "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "SECRET" not in err and "123456" not in err, err
+    assert "the bot token was refused; check adapters.telegram.bot_token" in err, err
