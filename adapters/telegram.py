@@ -378,9 +378,12 @@ class TelegramAdapter:
                 raise
 
     async def reply(self, ref: MessageRef, message: Outbound) -> MessageRef:
-        """A reply to the thread's parent message (Telegram's thread); a reply to a reply keeps the parent."""
+        """A reply to the thread's parent message (Telegram's thread); a reply to a reply keeps the parent. Silent
+        (no push to the group's phones: the story of an incident asks nobody for anything), unless it mentions the
+        chat (`mention: here`, an escalation step that asks everyone there)."""
         parent = ref.thread_id or ref.message_id
-        sent = await self._post(ref.chat_id, parent, self.to_message(message))
+        sent = await self._post(ref.chat_id, parent, self.to_message(message),
+                                silent=message.context.get("mention") != "here")
         return MessageRef(PLATFORM, str(sent.chat.id), str(sent.message_id), parent)
 
     async def notify(self, actor: Actor, chat: MessageRef | None, text: str) -> None:
@@ -408,11 +411,13 @@ class TelegramAdapter:
             log.warning("telegram: cannot page: %s (%s)", problem, exc)
             raise DeliveryError(problem, permanent=True) from exc
 
-    async def _post(self, chat_id: str, reply_to: str | None, payload: Mapping[str, Any]) -> Message:
+    async def _post(self, chat_id: str, reply_to: str | None, payload: Mapping[str, Any], *,
+                    silent: bool = False) -> Message:
         """sendMessage, as a reply to `reply_to` when given (sent anyway if that message is gone)."""
         quote = ReplyParameters(message_param(reply_to), allow_sending_without_reply=True) if reply_to else None
         return await self._call("sendMessage", self.bot.send_message(
-            chat_param(chat_id), **payload, reply_parameters=quote, **SEND_OPTIONS))
+            chat_param(chat_id), **payload, reply_parameters=quote, disable_notification=silent or None,
+            **SEND_OPTIONS))
 
     def _text(self, text: str) -> str:
         """Plain text (with `code` spans) as HTML through the text template; escaped as is if that fails."""

@@ -343,14 +343,13 @@ class OutboxWorker:
         return calls
 
     def _mention(self, items: Sequence[OutboxItem], platform: str) -> str | None:
-        """A line that asks someone for something mentions them (Slack only: `<@U...>`, or `<!here>`)."""
-        if platform != "slack":
-            return None
+        """A line that asks someone for something mentions them: "here" (everyone in the chat: Slack's `<!here>`, a
+        Telegram reply that notifies, where the story's other lines are silent), or on Slack a person (`<@U...>`)."""
         for item in items:
             wanted = item.details.get("mention")
             if wanted == "here":
                 return "here"
-            person = self.people.get(str(wanted or ""))
+            person = self.people.get(str(wanted or "")) if platform == "slack" else None
             if person is not None and person.slack:
                 return person.slack
         return None

@@ -470,6 +470,12 @@ async def test_send_update_and_reply_draw_html_and_the_keyboard(env: Env) -> Non
         {"message_id": 1, "allow_sending_without_reply": True}] * 2
     assert [p.params["text"] for p in posts[1:]] == ["Acknowledged by Alice", "Resolved by &lt;Bob&gt;"]
     assert all("reply_markup" not in p.params for p in posts[1:])
+    # The story is silent on the group's phones; the card was not, and a line that asks the whole chat is not.
+    assert [p.params.get("disable_notification") for p in posts] == [None, "true", "true"]  # (form-encoded)
+    await asyncio.sleep(1.05)  # the fake's flood control: three at once, then one a second
+    await env.adapter.reply(ref, Outbound("thread", {"line": "Step 2 of 3: nobody has acknowledged yet.",
+                                                     "mention": "here"}))
+    assert env.tg.called("sendMessage")[-1].params.get("disable_notification") is None
 
 
 async def test_hostile_alert_text_is_escaped(env: Env) -> None:
