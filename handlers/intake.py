@@ -673,8 +673,10 @@ class Intake:
         rows = Rows(conn)
         by_id: dict[int, _Row] = {}
         incidents_by_key: dict[str, _Row] = {}
+        # Locked (PostgreSQL): a person resolving one of them now is waited for, and the resolve seen; else an alert
+        # would join the incident as it was read, and write over it after the resolve.
         for row in rows.select_in(_INCIDENTS, "group_key", keys, exclude=("status", RESOLVED), order_by="id",
-                                  columns=_INCIDENT_COLUMNS, json_text=True):
+                                  columns=_INCIDENT_COLUMNS, json_text=True, lock=True):
             inc = by_id[row["id"]] = _Row(row, json_columns=_INCIDENT_JSON)
             # The newest open incident of the key is the current one: an older one still open went quiet for
             # longer than grouping.window (which is why the newer one opened), and new alerts join the newer.
@@ -685,7 +687,7 @@ class Intake:
                                              order_by="id", columns=_ALERT_COLUMNS)
                    if (row["source"], row["fingerprint"]) in identities]
         for row in rows.select_in(_INCIDENTS, "id", sorted({r.incident_id for r in records} - by_id.keys()),
-                                  columns=_INCIDENT_COLUMNS, json_text=True):
+                                  columns=_INCIDENT_COLUMNS, json_text=True, lock=True):
             by_id[row["id"]] = _Row(row, json_columns=_INCIDENT_JSON)
         latest = {(r.source, r.fingerprint): (r, by_id[r.incident_id]) for r in records}  # ordered by id: the newest wins
         for _, incident in latest.values():

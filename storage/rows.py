@@ -203,8 +203,12 @@ class Rows:
 
     def select_in(self, table: Table, column: str, values: Iterable[Any], *, exclude: tuple[str, Any] | None = None,
                   order_by: str | None = None, columns: Sequence[str] | None = None,
-                  also_in: tuple[str, Iterable[Any]] | None = None, json_text: bool = False) -> list[dict[str, Any]]:
+                  also_in: tuple[str, Iterable[Any]] | None = None, json_text: bool = False,
+                  lock: bool = False) -> list[dict[str, Any]]:
         """Rows whose `column` is one of `values` (and, with `exclude`, whose column differs from a value).
+
+        `lock`: read them `FOR UPDATE` (PostgreSQL: a row another transaction is changing is read, and judged by the
+        WHERE, as that one commits it; SQLite's writer already holds the database).
 
         `columns` limits what is read (decoding JSON columns nobody looks at is most of a read's cost).
         `also_in` (column, values) narrows further to rows whose column is one of those values too:
@@ -230,6 +234,8 @@ class Rows:
                 query = query.where(table.c[exclude[0]] != exclude[1])
             if order_by:
                 query = query.order_by(table.c[order_by])
+            if lock and self.conn.dialect.name == "postgresql":
+                query = query.with_for_update()
             return [dict(r) for r in self.conn.execute(query, params).mappings()]
         key = ("select", column, names, exclude[0] if exclude else None, order_by, json_text,
                also_in[0] if also_in else None)

@@ -179,6 +179,25 @@ async def test_an_empty_link_stored_by_an_older_version_takes_the_first_real_one
     assert inc.links == {"runbook": "https://wiki/rb"}
 
 
+async def test_an_alert_racing_a_person_who_resolves_opens_a_new_incident(h: Harness) -> None:
+    """PostgreSQL: the alert's transaction reads the incident while another resolves it. It must see the resolve once
+    that commits (it waits on the row), not join the incident it read before and write over it."""
+    if not h.bot.db.is_postgres:
+        pytest.skip("SQLite: one writer at a time, so the alert's transaction begins after the resolve")
+    one = {"asset_name": "web-5", "signature": "Down", "severity": "high", "message": "down", "tool_source": "t"}
+    await h.post("open", one)
+    [inc] = await h.incidents()
+    async with h.bot.db.transaction() as s:  # a person resolving #1, slowly
+        await s.execute(update(Incident).where(Incident.id == inc.id)
+                        .values(status="resolved", resolved_at=h.clock.now(), resolved_by="alice"))
+        posting = asyncio.create_task(h.post("open", {**one, "tool_source": "t2", "message": "down again"}))
+        await asyncio.sleep(0.5)  # the alert's transaction reads #1 now
+    status, body, _ = await posting
+    assert status == 200 and body["results"][0]["change"] == "opened" and body["results"][0]["incident"] != inc.id
+    first, second = await h.incidents()
+    assert (first.status, first.alert_count, second.status, second.previous_id) == ("resolved", 1, "triggered", first.id)
+
+
 async def test_default_grouping_by_alertname_and_instance(h: Harness) -> None:
     await h.post("am-plain", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
     incidents = await h.incidents()
