@@ -648,6 +648,10 @@ class Intake:
         ids = {(s.source.id, s.delivery_id) for s in batch if s.delivery_id}
         if not ids:
             return {}
+        if self.db is not None and self.db.is_postgres:
+            # A replica storing the same delivery now is waited for, and its row read: else both miss it, and the
+            # second insert breaks its batch. (Before the group keys' locks, in one order: no deadlock.)
+            _lock_keys(conn, [f"delivery\x1f{src}\x1f{did}" for src, did in ids])
         known = {}
         for row in Rows(conn).select_in(_DELIVERIES, "delivery_id", sorted({d for _, d in ids}),
                                         also_in=("source", sorted({src for src, _ in ids}))):
@@ -666,10 +670,7 @@ class Intake:
         if not keys:
             return _Batch(now, {}, {}, {})
         if self.db is not None and self.db.is_postgres:
-            # Replicas serialize on the group keys they touch, in one order, so no deadlock.
-            conn.execute(text(
-                "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h "
-                "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY 1) AS locks"), {"keys": keys})
+            _lock_keys(conn, keys)  # replicas serialize on the group keys they touch
         rows = Rows(conn)
         by_id: dict[int, _Row] = {}
         incidents_by_key: dict[str, _Row] = {}
@@ -947,6 +948,14 @@ def _assign_incident_ids(st: _Batch) -> None:
             e = Entry(e.action, e.actor, e.subject_type, str(e.incident_id), e.at, e.details, e.incident_id)
         fixed.append(e)
     st.entries[:] = fixed
+
+
+def _lock_keys(conn: Connection, keys: Sequence[str]) -> None:
+    """PostgreSQL: this transaction's advisory locks on `keys`, taken in one order (of their hashes), so that two
+    transactions locking some of the same keys never deadlock."""
+    conn.execute(text(
+        "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h "
+        "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY 1) AS locks"), {"keys": list(keys)})
 
 
 def _is_db_unavailable(exc: BaseException) -> bool:

@@ -198,6 +198,25 @@ async def test_an_alert_racing_a_person_who_resolves_opens_a_new_incident(h: Har
     assert (first.status, first.alert_count, second.status, second.previous_id) == ("resolved", 1, "triggered", first.id)
 
 
+async def test_one_delivery_id_at_two_replicas_at_once_is_stored_once_and_replayed(
+        h: Harness, pg_schema: str) -> None:
+    if not h.bot.db.is_postgres:
+        pytest.skip("replicas share PostgreSQL")
+    from tests.conftest import postgres_url
+    from tests.botkit import running_bot
+
+    async with running_bot(postgres_url(), schema=pg_schema, clock=h.clock) as other:
+        for round in range(5):
+            body = {"asset_name": f"web-{round}", "signature": "Down", "severity": "high", "message": "down",
+                    "tool_source": "t"}
+            headers = {"X-Delivery-ID": f"same-{round}"}
+            answers = await asyncio.gather(h.post("open", body, headers), other.post("open", body, headers))
+            assert sorted(a[0] for a in answers) == [200, 200], answers
+            assert sorted(a[2].get("X-Idempotent-Replay", "") for a in answers) == ["", "true"]
+            assert answers[0][1] == answers[1][1]
+    assert len(await h.incidents()) == 5 and all(i.alert_count == 1 for i in await h.incidents())
+
+
 async def test_default_grouping_by_alertname_and_instance(h: Harness) -> None:
     await h.post("am-plain", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
     incidents = await h.incidents()
