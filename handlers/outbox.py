@@ -271,7 +271,8 @@ class OutboxWorker:
                 escalation = await session.get(Escalation, incident_id)
             if items:
                 calls += await self._deliver(channel_id, items, incident, parent, alerts, now,
-                                             escalation.note if escalation and escalation.state == "active" else "",
+                                             escalation.note if escalation and escalation.state in (
+                                                 "active", "exhausted") else "",
                                              escalation_mark(escalation.next_step, escalation.run) if escalation else "")
         return calls
 

@@ -618,6 +618,9 @@ async def test_repeat_then_exhausted_and_a_config_change_does_not_touch_a_runnin
         await w.tick(timedelta(minutes=10))
         await until(lambda: any("finished" in t for t in thread_texts(w.slack)), "the exhausted line")
         assert "Escalation policy standard finished: nobody acknowledged after 4 steps." in thread_texts(w.slack)
+        # ...and the card says so, instead of "Waiting for someone to acknowledge."
+        await until(lambda: "Every step of escalation policy `standard` ran and nobody acknowledged" in str(
+            w.slack.fake.called("chat.update")[-1].params.get("blocks")), "the card's exhausted note")
         assert not w.pages(ALICE_TG)
         await w.tick(timedelta(hours=6))
         assert len(w.pages(CAROL_TG)) == 2 and len(w.pages(BOB_TG)) == 1
