@@ -46,8 +46,9 @@ def page_message(incident: Incident, alerts: list[Any], person: Person, config: 
     assert incident.id is not None
     buttons = [Button(Action.ACKNOWLEDGE, incident.id, label="Acknowledge", style="primary"),
                Button(Action.ESCALATE, incident.id, arg=escalation_mark, label="Escalate")]
-    return Outbound(card.kind, {**card.context, "next_step": reason or card.context.get("next_step")},
-                    buttons, text=f"Page: {card.text}")
+    headline = f"Page: {card.context['headline']}"  # what a phone's notification shows (Slack's `text`)
+    return Outbound(card.kind, {**card.context, "headline": headline,
+                                "next_step": reason or card.context.get("next_step")}, buttons, text=headline)
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,7 @@ async def test_business_hours_page_by_slack_dm_with_a_mention_in_the_thread(tmp_
         blocks = dm["blocks"] if isinstance(dm["blocks"], list) else json.loads(dm["blocks"])
         values = [e["value"] for b in blocks if b["type"] == "actions" for e in b["elements"]]
         assert values == ["ack:1", "esc:1:1"]
+        assert dm["text"].startswith("Page: \U0001f534 Firing")  # what his phone's notification says
         assert not w.pages(BOB_TG), "in business hours Telegram is not the first choice"
         await until(lambda: any("Paged Bob on Slack" in t for t in thread_texts(w.slack)), "the thread line")
         line = next(t for t in thread_texts(w.slack) if "Paged Bob on Slack" in t)
