@@ -114,7 +114,8 @@ async def incoming_at(session: AsyncSession, view: Oncall, schedule: Schedule, a
         if following is not None:
             return Incoming(first.person, until, following)
         span *= 2
-    return Incoming(first.person, until, None)
+    # Nobody else follows (a rotation of one): until the end of the shift, as /oncall says, not of the years scanned.
+    return Incoming(first.person, first.end, None)
 
 
 @dataclass

@@ -127,6 +127,19 @@ async def test_the_reminder_and_the_notice_fire_once_each_across_replanning_and_
             assert (await audited(h))[1][1]["person"] == "alice"
 
 
+async def test_a_one_person_rotation_says_until_the_end_of_the_shift(tmp_path: Path) -> None:
+    solo = ('rotations:\n  - {id: solo, members: [carol], shift: 1w, handoff: "mon 09:00", start: 2026-11-30, '
+            'timezone: UTC, channel: ops-slack}\n')
+    async with FakeSlack() as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake) + solo,
+                               people=PEOPLE, clock=FakeClock(datetime(2026, 11, 30, 7, tzinfo=UTC))) as h:
+            await h.bot.handoffs.plan()
+            got = await at(h, datetime(2026, 11, 30, 9, tzinfo=UTC), 2)
+    assert got == [("@carol", "handoff.reminder", "You are on call for `solo` from Mon 30 Nov 09:00 UTC until "
+                                                  "Mon 7 Dec 09:00 UTC."),
+                   ("ops-slack", "handoff.notice", "Carol is now on call for `solo` until Mon 7 Dec 09:00 UTC.")]
+
+
 async def test_timers_that_fell_due_while_the_bot_was_down_fire_once_and_stale_ones_are_dropped(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
     async with FakeSlack() as fake:
