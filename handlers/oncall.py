@@ -143,7 +143,9 @@ class Oncall:
         lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//chatops//on-call schedule//EN", "CALSCALE:GREGORIAN",
                  "METHOD:PUBLISH", f"X-WR-CALNAME:{ics_text(f'On call: {schedule.id}')}",
                  "REFRESH-INTERVAL;VALUE=DURATION:PT1H", "X-PUBLISHED-TTL:PT1H"]
-        for s in shifts_between(schedule, domain(rows.values(), schedule.id), now - FEED_BACK, now + FEED_AHEAD):
+        # A rotation that starts later shows its first weeks (a calendar needs an event, and this one says when).
+        end = max(now, schedule.begins) + FEED_AHEAD
+        for s in shifts_between(schedule, domain(rows.values(), schedule.id), now - FEED_BACK, end):
             if s.person is None or s.start is None:
                 continue
             name = self.name(s.person)

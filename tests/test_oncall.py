@@ -220,6 +220,18 @@ async def test_the_feed_parses_with_the_icalendar_library(slack: Slack) -> None:
     assert lengths == {timedelta(hours=12)}  # no DST change inside the window, the first begins at the start
 
 
+async def test_the_feed_of_a_rotation_that_starts_later_shows_its_first_shifts(tmp_path: Path) -> None:
+    """RFC 5545 wants at least one event; the calendar of a rotation starting next summer shows when it starts."""
+    later = ('rotations:\n  - {id: future, members: [alice, bob], shift: 1w, handoff: "tue 09:00", start: 2027-06-01, '
+             'timezone: UTC}\n')
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", later, people=PEOPLE) as h:
+        status, body, _ = await feed(h, "future")
+    _, events = parse_ics(body)
+    assert status == 200 and events
+    assert utc_time(events[0]["DTSTART"]) == datetime(2027, 6, 1, 9, tzinfo=UTC)
+    assert [e["SUMMARY"] for e in events[:2]] == ["On call: Alice (future)", "On call: Bob (future)"]
+
+
 async def test_an_unknown_rotation_is_a_404_naming_the_known_ones(slack: Slack) -> None:
     status, body, _ = await feed(slack.h, "nope")
     assert status == 404 and "unknown rotation 'nope' (known: dba-primary, web)" in body.decode()
