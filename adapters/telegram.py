@@ -247,6 +247,7 @@ class TelegramAdapter:
                             .updater(None).job_queue(None).connect_timeout(5).read_timeout(TIMEOUT)
                             .write_timeout(TIMEOUT).build())
         self._tasks: set[asyncio.Task[None]] = set()  # updates being handled: finished at stop
+        self._moved: dict[str, str] = {}  # chat id -> the supergroup it became (see _in_chat)
         self._loops: set[asyncio.Task[None]] = set()  # the polling loop, a connect retry: cancelled at stop
         self._poller: asyncio.Task[None] | None = None
         self._seen_updates: deque[int] = deque(maxlen=1000)
@@ -364,15 +365,17 @@ class TelegramAdapter:
 
     async def send(self, chat_id: str, message: Outbound) -> MessageRef:
         payload = self.to_message(message)
-        sent = await self._call("sendMessage", self.bot.send_message(chat_param(chat_id), **payload, **SEND_OPTIONS))
+        sent = await self._in_chat("sendMessage", chat_id,
+                                   lambda chat: self.bot.send_message(chat, **payload, **SEND_OPTIONS))
         return MessageRef(PLATFORM, str(sent.chat.id), str(sent.message_id), None)
 
     async def update(self, ref: MessageRef, message: Outbound) -> None:
         """editMessageText with the keyboard (none when there are no buttons); an identical redraw is fine."""
         payload = self.to_message(message)
         try:
-            await self._call("editMessageText", self.bot.edit_message_text(
-                chat_id=chat_param(ref.chat_id), message_id=message_param(ref.message_id), **payload, **SEND_OPTIONS))
+            message_id = message_param(ref.message_id)
+            await self._in_chat("editMessageText", ref.chat_id, lambda chat: self.bot.edit_message_text(
+                chat_id=chat, message_id=message_id, **payload, **SEND_OPTIONS), follow=False)
         except DeliveryError as exc:
             if "message is not modified" not in str(exc).lower():
                 raise
@@ -415,9 +418,9 @@ class TelegramAdapter:
                     silent: bool = False) -> Message:
         """sendMessage, as a reply to `reply_to` when given (sent anyway if that message is gone)."""
         quote = ReplyParameters(message_param(reply_to), allow_sending_without_reply=True) if reply_to else None
-        return await self._call("sendMessage", self.bot.send_message(
-            chat_param(chat_id), **payload, reply_parameters=quote, disable_notification=silent or None,
-            **SEND_OPTIONS))
+        return await self._in_chat("sendMessage", chat_id, lambda chat: self.bot.send_message(
+            chat, **payload, reply_parameters=quote, disable_notification=silent or None, **SEND_OPTIONS),
+            follow=quote is None)
 
     def _text(self, text: str) -> str:
         """Plain text (with `code` spans) as HTML through the text template; escaped as is if that fails."""
@@ -430,6 +433,33 @@ class TelegramAdapter:
     async def _call(self, method: str, call: Coroutine[Any, Any, Any]) -> Any:
         try:
             return await call
+        except TelegramError as exc:
+            raise delivery_error(method, exc, token=self.settings.bot_token) from exc
+
+    @staticmethod
+    def _left_behind(method: str, supergroup: str) -> DeliveryError:
+        return DeliveryError(f"telegram {method}: the group is now the supergroup {supergroup}, where its messages "
+                             "are not", permanent=True, gone=True)
+
+    async def _in_chat(self, method: str, chat_id: str, make: Callable[[int | str], Coroutine[Any, Any, Any]], *,
+                       follow: bool = True) -> Any:
+        """`make(chat)` in `chat_id`, or in the supergroup it became. Telegram turns a group into a supergroup (a new
+        id) on its own, when an admin changes some settings. A new message (`follow`) is sent there, and later calls
+        go there at once (until a restart, after which the first call learns it again). A call about a message of
+        the old group (an edit, a reply to it) is not made there, where that message id may be another message:
+        it is a message gone, so the outbox posts the card afresh, in the supergroup."""
+        moved = self._moved.get(chat_id)
+        if moved is not None and not follow:
+            raise self._left_behind(method, moved)
+        try:
+            return await make(chat_param(moved or chat_id))
+        except ChatMigrated as exc:
+            moved = self._moved[chat_id] = str(exc.new_chat_id)
+            log.warning("telegram: chat %s is now the supergroup %s; messages go there, and channels[].chat in "
+                        "app.yaml should say %s", chat_id, moved, moved)
+            if not follow:
+                raise self._left_behind(method, moved) from exc
+            return await self._call(method, make(chat_param(moved)))
         except TelegramError as exc:
             raise delivery_error(method, exc, token=self.settings.bot_token) from exc
 

@@ -603,12 +603,29 @@ async def test_editing_a_message_that_is_gone_is_permanent(env: Env) -> None:
     assert caught.value.permanent and "message to edit not found" in str(caught.value).lower()
 
 
-async def test_a_group_that_became_a_supergroup_is_permanent_and_names_the_new_id(env: Env) -> None:
-    env.tg.fail("sendMessage", "Bad Request: group chat was upgraded to a supergroup chat",
-                parameters={"migrate_to_chat_id": -1009876543210})
+async def test_a_group_that_became_a_supergroup_is_followed_there(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """Telegram upgrades a group on its own: messages for the old id go to the supergroup, and the log says to put
+    its id in app.yaml. A card in the old group cannot be edited: that is a message gone (the outbox posts afresh)."""
+    supergroup = -1009876543210
+    old = await env.adapter.send("-4000", Outbound("text", {"text": "before"}))
+    upgraded = "Bad Request: group chat was upgraded to a supergroup chat"
+    env.tg.fail("sendMessage", upgraded, parameters={"migrate_to_chat_id": supergroup})
+    with caplog.at_level(logging.WARNING):
+        ref = await env.adapter.send("-4000", Outbound("text", {"text": "after"}))
+    assert ref.chat_id == str(supergroup) and f"app.yaml should say {supergroup}" in caplog.text
+    line = await env.adapter.reply(ref, Outbound("thread", {"line": "Acknowledged by Alice"}))  # there at once
+    assert line.chat_id == str(supergroup)
+    assert [c.params["chat_id"] for c in env.tg.called("sendMessage")] == [-4000, supergroup, supergroup]
+    env.tg.fail("editMessageText", upgraded, parameters={"migrate_to_chat_id": supergroup})
     with pytest.raises(DeliveryError) as caught:
-        await env.adapter.send("-4000", Outbound("text", {"text": "x"}))
-    assert caught.value.permanent and "-1009876543210" in str(caught.value)
+        await env.adapter.update(old, Outbound("text", {"text": "redrawn"}))
+    assert caught.value.gone and f"the group is now the supergroup {supergroup}" in str(caught.value)
+    calls = len(env.tg.calls)
+    with pytest.raises(DeliveryError) as caught:  # a line under a card of the old group: that card is gone too
+        await env.adapter.reply(old, Outbound("thread", {"line": "Resolved by Bob"}))
+    assert caught.value.gone and len(env.tg.calls) == calls  # known now: not even tried
+    assert [m["text"] for (chat, _), m in env.tg.messages.items() if chat == supergroup] == [
+        "after", "Acknowledged by Alice"]  # nothing of the old group's was drawn over a message of the new one
 
 
 @pytest.mark.parametrize("code", [500, 502])
