@@ -559,6 +559,7 @@ def parse_config(
     problems += cross_check(config)
     if problems:
         raise ConfigError(name, problems)
+    config = _paged_people_respond(config)
     if not config.audit.hmac_key:
         warnings.append("audit: no hmac_key, so the chain is plain SHA-256 and only tamper-evident against "
                         "accidents; set audit.hmac_key to detect deliberate edits")
@@ -575,6 +576,20 @@ def parse_config(
         warnings.append(f"channels[{i}] ({ch.id}): {ch.platform} is {why}, so incidents routed there wait in the "
                         "outbox until it is on")
     return Loaded(config, name, loaded_adapters, adapters_off, sources_off, warnings, built)
+
+
+def _paged_people_respond(config: Config) -> Config:
+    """Everyone an escalation step pages (its people, its rotation's members) has the `responder` role, as anyone on
+    an escalation policy can acknowledge in PagerDuty: a page whose Acknowledge its reader may not press would let
+    the escalation run on while they are on it."""
+    rotations = {r.id: r for r in config.rotations}
+    paged = {person for policy in config.escalation_policies for step in policy.steps for person in (
+        *step.notify.people, *(rotations[step.notify.rotation].members if step.notify.rotation else ()))}
+    if all("responder" in p.roles for p in config.people if p.id in paged):
+        return config
+    return config.model_copy(update={"people": [
+        p.model_copy(update={"roles": [*p.roles, "responder"]}) if p.id in paged and "responder" not in p.roles else p
+        for p in config.people]})
 
 
 def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -348,3 +348,28 @@ def test_a_key_written_twice_is_an_error_not_a_silent_overwrite() -> None:
     assert problems("people:\n  - {id: a, name: A}\nchannels: []\npeople:\n  - {id: b, name: B}\n") == [
         "app.yaml: line 4, column 1: invalid YAML: 'people' is written twice in one mapping "
         "(the second would silently replace the first)"]
+
+
+def test_everyone_an_escalation_pages_may_acknowledge_the_page() -> None:
+    """Bob (no roles) is in the rotation a policy step pages, Carol is named in a step: both may press Acknowledge on
+    their page; Dave, whom nothing pages, still may not."""
+    from bot.dispatch import Dispatcher
+    from bot.model import Actor
+
+    text = BASE.replace("  - {id: bob, name: Bob, slack: U02BOB}", "  - {id: bob, name: Bob, slack: U02BOB}\n"
+                        "  - {id: carol, name: Carol, roles: [manager], slack: U03CAROL}\n"
+                        "  - {id: dave, name: Dave, slack: U04DAVE}").replace(
+        "steps: [{notify: {rotation: primary}, wait: 5m}]",
+        "steps: [{notify: {rotation: primary}, wait: 5m}, {notify: {people: [carol]}, wait: 5m}]") + ROUTES
+    config = parse_config(text, adapter_models=SETTINGS_MODELS, env={}).config
+    assert {p.id: p.roles for p in config.people} == {"alice": ["responder"], "bob": ["responder"],
+                                                      "carol": ["manager", "responder"], "dave": []}
+    dispatcher = Dispatcher(config)
+
+    async def acknowledge(*_: object) -> None:
+        return None
+
+    dispatcher.action("ack", role="responder", label="Acknowledge")(acknowledge)  # as handlers/chat.py registers it
+    assert dispatcher.refusal("ack", Actor("slack", "U02BOB", "Bob", None)) is None
+    refused = dispatcher.refusal("ack", Actor("slack", "U04DAVE", "Dave", None))
+    assert refused is not None and "needs the `responder` role" in refused.text
