@@ -14,11 +14,12 @@ from bot.metrics import Metrics
 from bot.model import Actor
 from bot.tables import ago, table
 from bot.view import incident_card
-from handlers.escalation import Escalations
+from handlers.escalation import Escalations, drawn_with
 from handlers.incident_actions import perform
 from handlers.paging import page
 from storage.audit import AuditLog
 from storage.db import Database
+from storage.models import Escalation
 from storage.queries import count_incidents, get_incident, list_incidents, recent_alerts
 
 BUTTON_ACTIONS = {Action.ACKNOWLEDGE: "acknowledge", Action.ESCALATE: "escalate", Action.RESOLVE: "resolve",
@@ -147,10 +148,12 @@ class ChatHandlers:
         async with self.db.sessions() as session:
             incident = await get_incident(session, incident_id)
             alerts = await recent_alerts(session, incident_id) if incident else []
+            escalation = await session.get(Escalation, incident_id) if incident else None
         if incident is None:
             return Reply(f"There is no incident #{incident_id}.")
+        note, mark = drawn_with(escalation)  # as the channel's card draws it: what comes next, where Escalate stood
         card = incident_card(incident, alerts, now=self.clock.now(), tz=self.config.timezone,
-                             names={p.id: p.name for p in self.config.people})
+                             names={p.id: p.name for p in self.config.people}, next_step=note, escalation_mark=mark)
         return Reply(f"#{incident.id} {incident.title} ({incident.status})", message=card)
 
 

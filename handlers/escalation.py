@@ -27,7 +27,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import Config, Person
-from bot.escalation import (in_business_hours, next_business_start, pages_after_hours, read_mark, snapshot,
+from bot.escalation import (escalation_mark, in_business_hours, next_business_start, pages_after_hours, read_mark, snapshot,
                             step_at, total_steps)
 from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.model import Actor
@@ -324,6 +324,15 @@ class Escalations:
         else:  # not routed there: a post of its own
             session.add(notice_row(channel, f"#{incident.id} {incident.title}: {line}", now,
                                    event="escalation.channel", mention="here"))
+
+
+def drawn_with(escalation: Escalation | None) -> tuple[str, str]:
+    """What an incident's card says of its escalation: (the note on what comes next, or that every step ran; the
+    mark its Escalate button carries, see bot.escalation.escalation_mark)."""
+    if escalation is None:
+        return "", ""
+    note = escalation.note if escalation.state in ("active", "exhausted") else ""
+    return note, escalation_mark(escalation.next_step, escalation.run)
 
 
 def _local(at: datetime, tz: str) -> str:

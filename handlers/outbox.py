@@ -39,7 +39,7 @@ from bot.ratelimit import TokenBucket
 from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.view import incident_card, thread_line
 from bot.escalation import escalation_mark
-from handlers.escalation import SYSTEM, UNCONFIRMED, Escalations
+from handlers.escalation import SYSTEM, UNCONFIRMED, Escalations, drawn_with
 from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_line
 from handlers.paging import Attempt, page_message, page_order, send_page
 from storage.audit import AuditLog, Entry
@@ -270,10 +270,7 @@ class OutboxWorker:
                 alerts = await recent_alerts(session, incident_id, RECENT_ALERTS) if incident else []
                 escalation = await session.get(Escalation, incident_id)
             if items:
-                calls += await self._deliver(channel_id, items, incident, parent, alerts, now,
-                                             escalation.note if escalation and escalation.state in (
-                                                 "active", "exhausted") else "",
-                                             escalation_mark(escalation.next_step, escalation.run) if escalation else "")
+                calls += await self._deliver(channel_id, items, incident, parent, alerts, now, *drawn_with(escalation))
         return calls
 
     async def _deliver(self, channel_id: str, items: list[OutboxItem], incident: Incident | None,

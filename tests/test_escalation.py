@@ -312,6 +312,9 @@ async def test_two_presses_of_one_message_escalate_once(tmp_path: Path) -> None:
             return next((v for v in values if v.startswith("esc:")), None)
 
         await until(lambda: card_escalate() == "esc:1:1", "the card drawn after step 1 carries it")
+        shown = await w.slack.answer(await w.slack.command("/incident", "show 1", user="U02BOB"))
+        assert "esc:1:1" in button_values(shown)  # /incident show draws it as the channel's card does
+        assert "Paged Bob on Telegram. Carol in 5 min if nobody acknowledges." in json.dumps(shown)
         _, _, first = await w.slack.click("esc:1:1", ts, user="U02BOB")
         assert (await w.slack.answer(first))["text"] == "Escalating #1 to step 2 of 4 now."
         await until(lambda: w.pages(CAROL_TG), "step 2 pages Carol at once")
