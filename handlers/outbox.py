@@ -148,48 +148,53 @@ class OutboxWorker:
         # With nothing pending at all, only a nudge brings work (every change that queues a row nudges); on SQLite,
         # where no other replica queues rows, the safety poll then slows to this.
         self.idle_poll_seconds = idle_poll_seconds
-        self._idle = False  # the last round found nothing pending
+        self._idle = {True: False, False: False}  # by loop (personal rows or not): its last round found nothing due
         self.compact_seconds = compact_seconds
         self._monotonic = monotonic or time.monotonic  # platform limits run on real time, whatever the clock says
         self._compacted = self._monotonic()  # when pending rows were last folded (compact)
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._wake = {True: asyncio.Event(), False: asyncio.Event()}  # by loop
+        self._tasks: list[asyncio.Task[None]] = []
+        self._recovering = asyncio.Lock()
         self._stopping = False
         self._recovered = False  # pages a crash cut off mid-call were settled (once, by the worker that delivers)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="outbox-worker")
+        """Two loops: pages, direct messages and notices in one, incident messages in the other, so that a platform
+        slow to answer (each card waiting out its timeout) holds back no page."""
+        self._tasks = [asyncio.create_task(self._run(personal=True), name="outbox-pages"),
+                       asyncio.create_task(self._run(personal=False), name="outbox-messages")]
 
     async def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        self.nudge()
+        await asyncio.gather(*self._tasks)
+        self._tasks = []
 
     def nudge(self) -> None:
         """Something was queued: look now instead of at the next poll."""
-        self._wake.set()
+        for wake in self._wake.values():
+            wake.set()
 
-    async def _run(self) -> None:
+    async def _run(self, *, personal: bool) -> None:
+        wake = self._wake[personal]
         while not self._stopping:
             try:
-                await self.run_once()
+                await self._round(personal=personal)
             except Exception:  # the loop must outlive any one bad round; the rows stay pending
                 log.exception("outbox round failed; retrying in %.1fs", self.poll_seconds)
-            if not self._idle and self._monotonic() - self._compacted >= self.compact_seconds:
+            if not personal and self._monotonic() - self._compacted >= self.compact_seconds:
                 self._compacted = self._monotonic()
                 try:  # between rounds, never during one: a round's rows are not folded under it
                     if self.may_deliver is None or await self.may_deliver():
                         await self.compact()
                 except Exception:
                     log.exception("outbox: folding pending rows failed; trying again in %.0fs", self.compact_seconds)
-            idle = self._idle and not self.db.is_postgres
+            idle = self._idle[personal] and not self.db.is_postgres
             try:
-                await asyncio.wait_for(self._wake.wait(), self.idle_poll_seconds if idle else self.poll_seconds)
+                await asyncio.wait_for(wake.wait(), self.idle_poll_seconds if idle else self.poll_seconds)
             except asyncio.TimeoutError:
                 pass
-            self._wake.clear()
+            wake.clear()
             if not self._stopping:
                 await asyncio.sleep(self.min_interval)  # a storm of nudges still means a few rounds a second
 
@@ -229,23 +234,35 @@ class OutboxWorker:
         return folded
 
     async def run_once(self) -> int:
-        """One pass over what is due; returns the number of platform calls made."""
+        """One pass over what is due, pages and incident messages side by side; returns the number of platform calls
+        made. (The worker runs the two in loops of their own; see start.)"""
+        personal, messages = await asyncio.gather(self._round(personal=True), self._round(personal=False))
+        return personal + messages
+
+    async def _round(self, *, personal: bool) -> int:
         if self.may_deliver is not None and not await self.may_deliver():
             return 0
         now = self.clock.now()
-        if not self._recovered:
-            await self._recover(now)
-            self._recovered = True
-        # One cheap read first: most rounds of a quiet bot end here.
-        (earliest,) = await self.db.read_row(select(func.min(OutboxItem.due_at)).where(OutboxItem.status == "pending"))
-        self._idle = earliest is None
+        async with self._recovering:
+            if not self._recovered:
+                await self._recover(now)
+                self._recovered = True
+        # One cheap read first: most rounds of a quiet bot end here. Rows for a platform that is off wait for it
+        # out of sight, so that they neither hold back the others nor keep a quiet bot polling.
+        off = [cid for cid, ch in self.channels.items() if ch.platform not in self.adapters]
+        waiting = OutboxItem.kind.in_(PERSONAL_KINDS)
+        if personal:
+            waiting &= ~and_(OutboxItem.kind == "notice", OutboxItem.channel.in_(off))
+        else:
+            waiting = ~waiting & OutboxItem.channel.not_in(off)
+        (earliest,) = await self.db.read_row(select(func.min(OutboxItem.due_at)).where(
+            OutboxItem.status == "pending", waiting))
+        self._idle[personal] = earliest is None
         if earliest is None or earliest > now:
             return 0
-        calls = await self._people_and_notices(now)  # pages first: someone is waiting for them
-        platforms = set(self.adapters)
-        deliverable = [cid for cid, ch in self.channels.items() if ch.platform in platforms]
-        if not deliverable:
-            return calls
+        if personal:
+            return await self._people_and_notices(now, off)
+        deliverable = [cid for cid in self.channels if cid not in off]
         async with self.db.sessions() as session:
             due = (await session.execute(
                 select(OutboxItem.incident_id, OutboxItem.channel, func.min(OutboxItem.id).label("first"),
@@ -255,7 +272,16 @@ class OutboxWorker:
                 .group_by(OutboxItem.incident_id, OutboxItem.channel)
                 .order_by("routine", "first").limit(self.batch)  # what people did first, then the alert churn
             )).all()
+        by_platform: dict[str, list[tuple[int, str]]] = {}
         for incident_id, channel_id, _, _ in due:
+            by_platform.setdefault(self.channels[channel_id].platform, []).append((incident_id, channel_id))
+        # One task per platform: one that takes its time to answer holds back only its own messages.
+        return sum(await asyncio.gather(*(self._messages(groups, now) for groups in by_platform.values())))
+
+    async def _messages(self, groups: list[tuple[int, str]], now: datetime) -> int:
+        """Deliver the pending rows of each (incident, channel), in order; the number of platform calls made."""
+        calls = 0
+        for incident_id, channel_id in groups:
             channel = self.channels[channel_id]
             if not self.buckets.any_open(channel.platform, channel.chat, now=self._monotonic()):
                 continue  # nothing could be sent to this chat now: don't even read
@@ -354,15 +380,15 @@ class OutboxWorker:
 
     # -- pages, direct messages and channel notices ---------------------------------------------
 
-    async def _people_and_notices(self, now: datetime) -> int:
-        # Notices for a channel whose platform is off wait (as its incident messages do) outside the window, so that a
-        # backlog of them holds back nothing; pages come first: someone is waiting for them.
-        silent = [cid for cid, ch in self.channels.items() if ch.platform not in self.adapters]
+    async def _people_and_notices(self, now: datetime, off: Sequence[str]) -> int:
+        """Pages first (someone is waiting for them), then direct messages and notices; notices for a channel whose
+        platform is `off` wait (as its incident messages do) outside the window, so that a backlog of them holds
+        back nothing."""
         async with self.db.sessions() as session:
             rows = list((await session.execute(
                 select(OutboxItem).where(OutboxItem.status == "pending", OutboxItem.due_at <= now,
                                          OutboxItem.kind.in_(PERSONAL_KINDS),
-                                         ~and_(OutboxItem.kind == "notice", OutboxItem.channel.in_(silent)))
+                                         ~and_(OutboxItem.kind == "notice", OutboxItem.channel.in_(off)))
                 .order_by(case((OutboxItem.kind == "page", 0), else_=1), OutboxItem.id).limit(self.batch)
             )).scalars().all())
         calls = 0

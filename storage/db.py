@@ -239,11 +239,16 @@ class Leader:
     def __init__(self, db: Database, name: str):
         self.db, self.name = db, name
         self._conn: AsyncConnection | None = None
+        self._asking = asyncio.Lock()  # one question at a time on the lock's connection (the outbox has two loops)
 
     async def held(self) -> bool:
         """True while this process holds the lock (taking it when free)."""
         if not self.db.is_postgres:
             return True
+        async with self._asking:
+            return await self._held()
+
+    async def _held(self) -> bool:
         try:
             if self._conn is None:
                 self._conn = await self.db.engine.connect()

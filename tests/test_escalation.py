@@ -294,6 +294,21 @@ async def test_escalate_jumps_to_the_next_step_now_and_a_second_press_does_not_s
         await until(lambda: len(w.pages(BOB_TG)) == 2, "the second pass pages the rotation again")
 
 
+async def test_a_platform_slow_to_answer_holds_back_no_page(tmp_path: Path) -> None:
+    """The Telegram group's cards are answered 3 s late each; Bob's Slack pages for the same incidents go at once."""
+    async with world(tmp_path, DAY) as w:
+        w.tg.slow("sendMessage", 3.0, times=6)
+        for i in range(3):
+            body = {"asset_name": f"db-0{i}", "signature": "DiskFull", "severity": "critical",
+                    "message": f"Disk almost full on db-0{i}", "tool_source": "zabbix"}
+            assert (await w.h.post("open", body))[0] == 200
+            if i == 0:
+                await until(lambda: w.slack_dms("U02BOB"), "the first page")
+                await asyncio.sleep(0.3)  # the first Telegram card is on its way now, for 3 s
+        await until(lambda: len(w.slack_dms("U02BOB")) == 3, "the next two pages, while Telegram takes its time",
+                    timeout=2.0)
+
+
 async def test_two_presses_of_one_message_escalate_once(tmp_path: Path) -> None:
     """As GoAlert does: Escalate acts only if nothing escalated since its message was drawn. The button carries
     the steps fired when the card was drawn; the second press of a double click (the first press's step fired in
