@@ -657,6 +657,10 @@ def _thread_lines(replies: list[OutboxItem], now: datetime) -> list[tuple[list[O
         replies = replies[:held]
     if not any(r.due_at <= now for r in replies):
         return []
+    # A merged line queued before a line that goes now goes now too, before it: "3 new alerts" came before
+    # "Acknowledged by Alice" or "Resolved by the source", and the thread says so in that order.
+    going = [r.id or 0 for r in replies if r.event not in MERGED_EVENTS and r.due_at <= now]
+    before = max(going) if going else 0
     out: list[tuple[list[OutboxItem], str]] = []
     merged: dict[str, list[OutboxItem]] = {}
     for r in replies:
@@ -665,8 +669,11 @@ def _thread_lines(replies: list[OutboxItem], now: datetime) -> list[tuple[list[O
         elif r.due_at <= now:
             out.append(([r], thread_line(r.event, r.details, actor_name=r.details.get("name") or r.details.get("by"))))
     for event, rows in merged.items():
-        if any(r.due_at <= now for r in rows):
-            count = sum(int(r.details.get("count", 1)) for r in rows)
-            out.append((rows, thread_line(event, {"count": count}, actor_name=None)))
+        early = [r for r in rows if (r.id or 0) < before]
+        rest = [r for r in rows if (r.id or 0) >= before]
+        for group in (early, rest if any(r.due_at <= now for r in rest) else []):
+            if group:
+                out.append((group, thread_line(event, {"count": sum(int(r.details.get("count", 1)) for r in group)},
+                                               actor_name=None)))
     out.sort(key=lambda pair: pair[0][0].id or 0)
     return out

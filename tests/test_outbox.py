@@ -340,8 +340,13 @@ def test_a_line_waiting_after_a_failure_or_a_rate_limit_holds_back_the_ones_afte
     assert _thread_lines([ack, res], T0) == []  # the ack waits out a 429 (no attempt spent): the resolve waits too
     failed = line(1, "incident.acknowledged", timedelta(seconds=4), attempts=2)
     assert _thread_lines([failed, res], T0) == []
-    burst = line(1, "alerts.grouped", timedelta(seconds=30), count=3)  # waits on purpose to gather a burst
-    assert [text for _, text in _thread_lines([burst, res], T0)] == ["Resolved by Alice"]
+    burst = line(1, "alerts.grouped", timedelta(seconds=30), count=3)  # waits on purpose to gather a burst...
+    # ...but a line that goes now takes the burst before it along, first: the thread keeps the order of events
+    assert [text for _, text in _thread_lines([burst, res], T0)] == ["3 new alerts", "Resolved by Alice"]
+    after = line(3, "alerts.grouped", timedelta(seconds=30), count=2)  # came after the resolve: it still waits
+    assert [(text, [r.id for r in rows]) for rows, text in _thread_lines([burst, res, after], T0)] == [
+        ("3 new alerts", [1]), ("Resolved by Alice", [2])]
+    assert [text for _, text in _thread_lines([after], T0 + timedelta(seconds=31))] == ["2 new alerts"]
     later = T0 + timedelta(seconds=31)
     assert [text.split(" by ")[0] for _, text in _thread_lines([ack, res], later)] == ["Acknowledged", "Resolved"]
 
