@@ -49,6 +49,7 @@ from storage.queries import recent_alerts
 
 log = logging.getLogger("chatops.outbox")
 MERGED_EVENTS = ("alerts.grouped", "alerts.resolved")
+PER_CHANNEL = 10  # incident messages of one channel looked at in a round (a second's budget is a few)
 PERSONAL_KINDS = ("page", "direct", "notice")  # rows not drawn on an incident's message (handlers/notify.py)
 PAGE_ATTEMPTS = 3  # a page that fails for a passing reason is tried this often, then the escalation moves on
 # A page is claimed (SENDING, committed) before the platform is called and settled after: one found SENDING when
@@ -263,17 +264,22 @@ class OutboxWorker:
         if personal:
             return await self._people_and_notices(now, off)
         deliverable = [cid for cid in self.channels if cid not in off]
+        first = func.min(OutboxItem.id)
+        routine = func.min(case((OutboxItem.event.in_(ROUTINE_EVENTS), 1), else_=0))
+        groups = (select(OutboxItem.incident_id, OutboxItem.channel, first.label("first"), routine.label("routine"),
+                         func.row_number().over(partition_by=OutboxItem.channel, order_by=(routine, first)).label("nth"))
+                  .where(OutboxItem.status == "pending", OutboxItem.due_at <= now, OutboxItem.channel.in_(deliverable),
+                         OutboxItem.incident_id.is_not(None))
+                  .group_by(OutboxItem.incident_id, OutboxItem.channel).subquery())
         async with self.db.sessions() as session:
             due = (await session.execute(
-                select(OutboxItem.incident_id, OutboxItem.channel, func.min(OutboxItem.id).label("first"),
-                       func.min(case((OutboxItem.event.in_(ROUTINE_EVENTS), 1), else_=0)).label("routine"))
-                .where(OutboxItem.status == "pending", OutboxItem.due_at <= now, OutboxItem.channel.in_(deliverable),
-                       OutboxItem.incident_id.is_not(None))
-                .group_by(OutboxItem.incident_id, OutboxItem.channel)
-                .order_by("routine", "first").limit(self.batch)  # what people did first, then the alert churn
+                # What people did first, then the alert churn; at most PER_CHANNEL messages of one channel a round
+                # (more than its budget lets out in one), so that a busy channel holds back no other channel.
+                select(groups.c.incident_id, groups.c.channel).where(groups.c.nth <= PER_CHANNEL)
+                .order_by(groups.c.routine, groups.c.first).limit(self.batch)
             )).all()
         by_platform: dict[str, list[tuple[int, str]]] = {}
-        for incident_id, channel_id, _, _ in due:
+        for incident_id, channel_id in due:
             by_platform.setdefault(self.channels[channel_id].platform, []).append((incident_id, channel_id))
         # One task per platform: one that takes its time to answer holds back only its own messages.
         return sum(await asyncio.gather(*(self._messages(groups, now) for groups in by_platform.values())))

@@ -71,6 +71,29 @@ async def test_notices_for_a_platform_that_is_off_do_not_hold_back_pages_and_mes
             assert await h.count_pending() == batch + 10  # the notices wait for Telegram; none is lost
 
 
+async def test_a_busy_channel_holds_back_no_other_channel(tmp_path: Path) -> None:
+    """60 new incidents for #ops, then one for #dev, in a round of at most 20 messages: #dev's card goes out at
+    once; #ops's wait their turn in its own budget."""
+    import tests.botkit as botkit
+
+    base = botkit.CONFIG.replace("  - {id: ops-telegram, platform: telegram, chat: \"-100123\"}",
+                                 "  - {id: dev-slack, platform: slack, chat: C0DEV}").replace(
+        "  - {match: {team: dba}, channels: [ops-slack, ops-telegram]}", "  - {match: {team: dev}, channels: [dev-slack]}")
+    async with FakeSlack(per_second=2, burst=2) as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake), base=base) as h:
+            h.bot.outbox.batch = 20
+            alerts = [{"asset_name": f"web-{i}", "signature": "Down", "severity": "high", "message": f"web-{i} down",
+                       "tool_source": "t"} for i in range(60)]
+            for chunk in range(0, 60, 10):
+                assert (await h.post("open", alerts[chunk:chunk + 10]))[0] == 200
+            dev = {"asset_name": "build-1", "signature": "Red", "severity": "high", "message": "build red",
+                   "tool_source": "t", "labels": {"team": "dev"}}
+            assert (await h.post("open", dev))[0] == 200
+            await fake.wait_for(lambda: any(c.params.get("channel") == "C0DEV" for c in fake.called("chat.postMessage")),
+                                timeout=3)
+            assert len([c for c in fake.called("chat.postMessage") if c.params.get("channel") == "C0OPS"]) < 20
+
+
 async def test_a_refusal_that_cannot_succeed_becomes_a_dead_letter(tmp_path: Path) -> None:
     async with FakeSlack() as fake:
         fake.fail("chat.postMessage", "channel_not_found")
