@@ -8,6 +8,7 @@ so whoever pages (a person, or the escalation) can move on at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from storage.queries import recent_alerts
 
 log = logging.getLogger("chatops.paging")
 DEFAULT_ORDER = ("telegram", "slack", "teams")  # after hours, and for /incident page
+HAND_PAGE_WAIT = 5.0  # seconds of a platform's flood control that /incident page waits out
 BUSINESS_ORDER = ("slack", "teams", "telegram")  # in business hours people are at their desks
 
 
@@ -65,7 +67,7 @@ class Attempt:
     def problem(self, person: Person, adapters: Mapping[str, Adapter]) -> str:
         if self.unknown:
             return (f"{self.unknown.capitalize()} took it but never confirmed it, so the page may have arrived; it "
-                    f"is not sent again, so as not to page twice ({self.tried[-1].partition(': ')[2]})")
+                    f"is not sent again, so as not to page twice ({self.tried[-1].removeprefix(f'{self.unknown}: ')})")
         return "; ".join(self.tried) or (f"{person.name} has no id in app.yaml for a platform that is on "
                                          f"(on: {', '.join(sorted(adapters)) or 'none'})")
 
@@ -90,13 +92,22 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
         if allow is not None and not allow(platform, str(user_id)):
             return Attempt(None, tried, True, waiting=True)
         try:
-            await pager(str(user_id), message)
+            try:
+                await pager(str(user_id), message)
+            except DeliveryError as exc:
+                # Asked for by hand (no budget: someone waits for the answer): a short flood-control wait is
+                # waited out once, on the platform the person chose first, rather than failing or going elsewhere.
+                if allow is not None or not exc.retry_after or exc.retry_after > HAND_PAGE_WAIT:
+                    raise
+                await asyncio.sleep(exc.retry_after)
+                await pager(str(user_id), message)
         except DeliveryError as exc:
+            said = str(exc) if str(exc).startswith((f"{platform} ", f"{platform}:")) else f"{platform}: {exc}"
             if allow is not None and exc.retry_after:
                 return Attempt(None, tried, True, waiting=True, retry_after=exc.retry_after)
             if exc.unknown and once:  # it may have arrived: neither again nor elsewhere, or the person is paged twice
-                return Attempt(None, [*tried, f"{platform}: {exc}"], False, unknown=platform)
-            tried.append(f"{platform}: {exc}")
+                return Attempt(None, [*tried, said], False, unknown=platform)
+            tried.append(said)
             transient = transient or not exc.permanent
             continue
         return Attempt(platform, tried, transient)

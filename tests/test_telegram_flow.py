@@ -122,6 +122,9 @@ def _tg_replies(b: Both, message_id: int) -> list[str]:
 async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_audited(both: Both) -> None:
     b = both
     await posted_on_both(b)
+    # Telegram's flood control for her chat says to wait a second: the page waits that second (someone is asking
+    # for her now), rather than failing or going to her second platform
+    b.tg.fail("sendMessage", "Too Many Requests: retry after 1", 429, parameters={"retry_after": 1})
     answer = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
     assert answer["text"] == "Paged Alice on Telegram."
     [page] = [c for c in b.tg.called("sendMessage") if c.params["chat_id"] == 111111]
@@ -152,7 +155,7 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     b.slack.fake.fail("conversations.open", "user_not_found")
     failed = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
     assert failed["text"].startswith("Could not page Alice: telegram: Telegram user 111111 has not started a chat")
-    assert "slack" in failed["text"]
+    assert "slack" in failed["text"] and "telegram: telegram" not in failed["text"]
     assert (await b.h.actions(1)).count("incident.page_failed") == 1
     await b.slack.answer(await b.slack.command("/incident", "resolve 1"))
     opened = len(b.slack.fake.called("conversations.open"))  # Bob is paged in his Slack DM
