@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_incidents_show)
     outbox = sub.add_parser("outbox", help="chat deliveries waiting, sent or given up").add_subparsers(dest="outbox", required=True, metavar="ACTION")
     olist = outbox.add_parser("list", parents=[common], help="a table of deliveries, newest first")
-    olist.add_argument("--status", choices=["pending", "sending", "sent", "dead", "all"], default="pending")
+    olist.add_argument("--status", choices=["pending", "sending", "sent", "dead", "cancelled", "all"], default="pending")
     olist.add_argument("--limit", type=_LIMIT, default=100)
     olist.set_defaults(func=cmd_outbox_list)
     oretry = outbox.add_parser("retry", parents=[common], help="send dead deliveries again (after fixing the cause)")
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         for where, problem in exc.problems:
             print(f"{where}: {problem}" if where else problem, file=sys.stderr)
-        print("the configuration is invalid; `chatops check-config` lists every problem", file=sys.stderr)
+        print("the configuration is invalid; fix the lines above, then `chatops check-config` checks it again", file=sys.stderr)
         return EXIT_USAGE
     except SchemaTooNew as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -243,7 +243,7 @@ class Bot:
                 stalled = await overdue_timers(session, self.clock.now() - STALLED_AFTER)
             for severity in ("critical", "high", "medium", "low", "info"):
                 self.metrics.incidents_open.labels(severity).set(counts.get(severity, 0))
-            for status in ("pending", "sending", "sent", "dead"):
+            for status in ("pending", "sending", "sent", "dead", "cancelled"):
                 self.metrics.outbox.labels(status).set(outbox.get(status, 0))
             self.metrics.timers_overdue.set(stalled)
         except Exception as exc:  # metrics still answer when the store does not

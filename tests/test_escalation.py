@@ -619,6 +619,8 @@ async def test_an_acknowledge_that_lands_after_the_step_fired_but_before_the_pag
             page = (await s.execute(select(OutboxItem).where(OutboxItem.kind == "page",
                                                              OutboxItem.channel == "@carol"))).scalar_one()
         assert (page.status, page.last_error) == ("cancelled", "not sent: #1 was acknowledged first")
+        metrics = await (await w.h.client.get("/metrics")).text()
+        assert 'chatops_outbox{status="cancelled"} 1.0' in metrics
 
 
 async def test_repeat_then_exhausted_and_a_config_change_does_not_touch_a_running_escalation(tmp_path: Path) -> None:
