@@ -49,7 +49,7 @@ class TeamsSettings(_Settings):
         return self
 
 
-ENDPOINTS = {"slack": "/slack/events", "telegram": "/telegram/webhook", "teams": "/api/messages"}  # DESIGN.md
+ENDPOINTS = {"slack": "/slack/events", "telegram": "/telegram/webhook", "teams": "/api/messages"}  # the HTTP contract (README)
 
 SETTINGS_MODELS: dict[str, type[BaseModel]] = {
     "slack": SlackSettings,

@@ -8,7 +8,7 @@ keep-alive connections to, each in its own process on 127.0.0.1:
   bot           POST /alerts/bench: auth, parse, grouping, audit, outbox, committed to SQLite
   bare handler  an aiohttp handler that only json.loads the body (the Python ceiling here)
   grouped insert  the bare handler plus one SQLite row per body, concurrent requests' rows
-                in one commit, each answered after it (DESIGN.md's reference: the least a
+                in one commit, each answered after it (the issue's reference: the least a
                 durable intake can do)
   alertmanager  POST /api/v2/alerts, one alert per request (when prometheus-alertmanager is
                 installed; null receiver, so nothing is sent anywhere)
@@ -69,7 +69,7 @@ app.router.add_post("/alerts", alerts)
 app.router.add_get("/healthz", healthz)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 """
-# DESIGN.md's third reference row: the bare handler, plus each body inserted into SQLite (WAL,
+# The issue's third reference: the bare handler, plus each body inserted into SQLite (WAL,
 # synchronous=NORMAL), the inserts of concurrent requests grouped into one commit by a writer thread and
 # each request answered only after its commit. The least a durable intake can do: no auth, no shape
 # check, no grouping, audit or outbox. Its rows are counted afterwards like the bot's.
@@ -523,7 +523,7 @@ async def main() -> int:
                   f"{', '.join(f'{r:.2f}x' for r in pair_ratios)}; median {statistics.median(pair_ratios):.2f}x")
         if by["bare handler"].rate:
             print(f"grouped insert/ceiling: {by['grouped insert'].rate / by['bare handler'].rate:.2f}x "
-                  f"(the least a durable intake does; DESIGN.md measured 0.75x on its machine)")
+                  f"(the least a durable intake does; the issue measured 0.75x on its machine)")
         if "alertmanager" in by and by["alertmanager"].rate:
             print(f"bot/Alertmanager: {by['bot'].rate / by['alertmanager'].rate:.2f}x")
         if args.rate:

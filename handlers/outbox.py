@@ -5,7 +5,7 @@ incident's parent message, drawn from the incident as it is now, so anything
 queued before it is folded into it. After that, every pending redraw of the
 same message becomes one edit, and thread lines of the same kind ("3 new
 alerts") merge into one reply. Calls spend tokens from per-chat and
-per-platform buckets (DESIGN.md's limits); a platform's 429 pauses that chat
+per-platform buckets (the platforms' published limits); a platform's 429 pauses that chat
 until its Retry-After, which costs the row no attempt. A platform in trouble
 (5xx, unreachable, its token refused) is retried with back-off, at most every
 5 minutes, for `give_up_after` (24 h) and at least `max_attempts` tries; an
