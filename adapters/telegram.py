@@ -66,6 +66,8 @@ COMMANDS: dict[str, str] = {
     "help": "What I can do",
     "start": "Your Telegram id, and whether it is linked to you",
 }
+ANONYMOUS = ("You post anonymously, as the group, so I cannot tell who you are and act for nobody. Turn off "
+             "\"Remain anonymous\" in your admin rights, or send me the command in a private chat.")
 ANSWER_WAIT_MAX = 10  # seconds a command's answer may wait for Telegram's flood control before it is given up
 SEND_OPTIONS: dict[str, Any] = {"parse_mode": ParseMode.HTML,
                                 "link_preview_options": LinkPreviewOptions(is_disabled=True)}
@@ -197,20 +199,32 @@ def command_event(message: Message, bot_username: str | None) -> CommandEvent | 
     if user is None or user.is_bot:
         return None
     direct = message.chat.type == ChatType.PRIVATE
-    match = _COMMAND.match(text)
-    if match is None:
-        if not direct or not text.strip():
-            return None
-        name, rest = "chatops", text
-    else:
-        addressee = match.group(2)
-        # `/ack@otherbot` is not for us; nor is any `/cmd@name` while our own name is not known yet (getMe has not
-        # answered): it could be another bot's, and a command that acts must not be taken on a guess.
-        if addressee and (bot_username is None or addressee.lower() != bot_username.lower()):
-            return None
-        name, rest = match.group(1).lower(), text[match.end():]
+    words = _command_words(text, direct, bot_username)
+    if words is None:
+        return None
+    name, rest = words
     return CommandEvent(name, split_args(rest), actor_of(user), MessageRef(PLATFORM, str(message.chat.id), "", None),
                         direct=direct)
+
+
+def _command_words(text: str, direct: bool, bot_username: str | None) -> tuple[str, str] | None:
+    """(command, the rest) of a message for us; None if it is no command of ours."""
+    match = _COMMAND.match(text)
+    if match is None:
+        return ("chatops", text) if direct and text.strip() else None
+    addressee = match.group(2)
+    # `/ack@otherbot` is not for us; nor is any `/cmd@name` while our own name is not known yet (getMe has not
+    # answered): it could be another bot's, and a command that acts must not be taken on a guess.
+    if addressee and (bot_username is None or addressee.lower() != bot_username.lower()):
+        return None
+    return match.group(1).lower(), text[match.end():]
+
+
+def anonymous_command(message: Message, bot_username: str | None) -> bool:
+    """A command of ours from a group admin who posts anonymously, as the group: nobody can be told apart then."""
+    sender = message.sender_chat
+    return (sender is not None and sender.id == message.chat.id and message.chat.type != ChatType.PRIVATE
+            and _command_words(message.text or "", False, bot_username) is not None)
 
 
 def confirm_keyboard(markup: InlineKeyboardMarkup, data: str) -> InlineKeyboardMarkup | None:
@@ -555,7 +569,9 @@ class TelegramAdapter:
                 chat_id=message.chat.id, message_id=message.message_id, reply_markup=changed))
         except DeliveryError as exc:
             log.warning("telegram: cannot redraw the button: %s", exc)
-            await self._answer(query, STALE_BUTTON)
+            # flood control in a busy group is no changed message: say to try again, and when
+            await self._answer(query, f"Telegram is busy; try again in {max(1, round(exc.retry_after))} s."
+                               if exc.retry_after else STALE_BUTTON)
             return
         label = next((k.text for row in changed.inline_keyboard for k in row if k.callback_data == data[1:]), "")
         await self._answer(query, f"Tap \u201c{label}\u201d to confirm, or Cancel." if data[0] == ASK else "")
@@ -565,6 +581,9 @@ class TelegramAdapter:
             username = self.bot.username
         except RuntimeError:  # not initialized (getMe has not answered): no /command@name is taken as ours
             username = None
+        if anonymous_command(message, username):
+            await self._post(str(message.chat.id), str(message.message_id), {"text": self._text(ANONYMOUS)})
+            return
         event = command_event(message, username)
         if event is None:
             return

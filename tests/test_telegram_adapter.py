@@ -337,6 +337,29 @@ async def test_asking_on_a_message_whose_keyboard_changed_says_so(env: Env) -> N
     assert not env.dispatcher.actions
 
 
+async def test_asking_while_the_group_is_flood_controlled_says_to_try_again(env: Env) -> None:
+    ref = await env.adapter.send(str(GROUP), card())
+    message = env.tg.messages[(GROUP, int(ref.message_id))]
+    env.tg.fail("editMessageReplyMarkup", "Too Many Requests: retry after 7", 429, parameters={"retry_after": 7})
+    await env.click("?res:42", copy.deepcopy(message))
+    [answer] = await env.answered()
+    assert answer["text"] == "Telegram is busy; try again in 7 s."  # not "this message has changed"
+    assert not env.dispatcher.actions
+
+
+async def test_a_command_from_an_anonymous_admin_is_answered_not_acted_on(env: Env) -> None:
+    update = fixture("command_group.json")
+    update["update_id"] = next(_next_update)
+    update["message"]["from"] = {"id": 1087968824, "is_bot": True, "first_name": "Group",
+                                 "username": "GroupAnonymousBot"}  # what Telegram sends for an anonymous admin
+    update["message"]["sender_chat"] = update["message"]["chat"]
+    assert (await env.post(update))[0] == 200
+    await env.tg.wait_for(lambda: env.tg.called("sendMessage"))
+    [answer] = env.tg.called("sendMessage")
+    assert answer.params["text"].startswith("You post anonymously, as the group, so I cannot tell who you are")
+    assert not env.dispatcher.commands
+
+
 async def test_a_failing_dispatcher_still_answers_the_click(env: Env) -> None:
     async def broken(event: ActionEvent) -> Reply | None:
         raise RuntimeError("boom")
