@@ -195,7 +195,7 @@ def click_event(query: CallbackQuery) -> ActionEvent:
 def command_event(message: Message, bot_username: str | None) -> CommandEvent | None:
     """`/ack 42` or `/ack@bot 42` as a `CommandEvent`; plain words in a private chat are `/chatops WORDS`.
     None for anything else: chatter in a group, a command for another bot, a bot's message."""
-    text, user = message.text or "", message.from_user
+    text, user = _with_picked_people(message), message.from_user
     if user is None or user.is_bot:
         return None
     direct = message.chat.type == ChatType.PRIVATE
@@ -205,6 +205,20 @@ def command_event(message: Message, bot_username: str | None) -> CommandEvent | 
     name, rest = words
     return CommandEvent(name, split_args(rest), actor_of(user), MessageRef(PLATFORM, str(message.chat.id), "", None),
                         direct=direct)
+
+
+def _with_picked_people(message: Message) -> str:
+    """The message's text, with each person picked from Telegram's mention list (a `text_mention`: their name, which
+    links to their account) written as their Telegram id, which app.yaml knows them by (`/swap Robert next` is
+    `/swap 222222 next`)."""
+    text = message.text or ""
+    picked = [e for e in message.entities or () if e.type == "text_mention" and e.user is not None]
+    if not picked:
+        return text
+    units = text.encode("utf-16-le")  # entity offsets count UTF-16 code units
+    for e in sorted(picked, key=lambda e: e.offset, reverse=True):
+        units = units[:2 * e.offset] + str(e.user.id).encode("utf-16-le") + units[2 * (e.offset + e.length):]
+    return units.decode("utf-16-le")
 
 
 def _command_words(text: str, direct: bool, bot_username: str | None) -> tuple[str, str] | None:

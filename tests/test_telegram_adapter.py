@@ -360,6 +360,22 @@ async def test_a_command_from_an_anonymous_admin_is_answered_not_acted_on(env: E
     assert not env.dispatcher.commands
 
 
+async def test_a_person_picked_from_the_mention_list_is_their_telegram_id(env: Env) -> None:
+    """Picking someone without a username in Telegram's list inserts their name, linked to their account (a
+    text_mention): the command gets their id, which app.yaml knows them by. Offsets count UTF-16 units."""
+    update = fixture("command_group.json")
+    update["update_id"] = next(_next_update)
+    update["message"]["text"] = "/swap@chatops_bot 😀 Röbert next"
+    update["message"]["entities"] = [
+        {"offset": 0, "length": 17, "type": "bot_command"},
+        {"offset": 21, "length": 6, "type": "text_mention",
+         "user": {"id": 222222, "is_bot": False, "first_name": "Röbert"}}]
+    assert (await env.post(update))[0] == 200
+    await env.tg.wait_for(lambda: env.dispatcher.commands)
+    [command] = env.dispatcher.commands
+    assert (command.name, list(command.args)) == ("swap", ["😀", "222222", "next"])
+
+
 async def test_a_failing_dispatcher_still_answers_the_click(env: Env) -> None:
     async def broken(event: ActionEvent) -> Reply | None:
         raise RuntimeError("boom")
