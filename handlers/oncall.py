@@ -27,6 +27,7 @@ USAGE = "/oncall [ROTATION] | /oncall schedule ROTATION [--weeks N] | /oncall ta
 UPCOMING = 3  # shifts after the current one in `/oncall ROTATION`
 DEFAULT_WEEKS, MAX_WEEKS = 4, 26
 MAX_ROWS = 60  # rows of `/oncall schedule` in one message
+MAX_CHARS = 3800  # characters of it (Telegram takes 4,096, and the HTML around a table adds some)
 FEED_BACK, FEED_AHEAD = timedelta(weeks=4), timedelta(weeks=12)
 
 
@@ -246,14 +247,19 @@ class OncallHandlers:
         rows = await self.view.overrides(self.db, now, end, [schedule.id])
         tz = self._tz(person, schedule)
         lines = self.view.schedule_rows(schedule, rows, now, end, tz)
-        more = ""
-        if len(lines) > MAX_ROWS:  # chat messages have a length limit (Telegram's is 4,096 characters)
-            more = (f"\n{len(lines) - MAX_ROWS} more shifts: ask for fewer weeks, or subscribe to "
-                    f"{self.config.server.public_url.rstrip('/')}/oncall/{schedule.id}.ics")
-            lines = lines[:MAX_ROWS]
-        text = table(["from", "until", "length", "who", "note"], lines)
-        return Reply(f"`{schedule.id}` for the next {weeks} week{'s' if weeks != 1 else ''} "
-                     f"({schedule.describe()}). Times in {tz.key}.\n```\n{text}\n```{more}")
+        head = (f"`{schedule.id}` for the next {weeks} week{'s' if weeks != 1 else ''} "
+                f"({schedule.describe()}). Times in {tz.key}.")
+        # Chat messages have a length limit (Telegram's is 4,096 characters, and long names make long rows): as
+        # many rows as fit, then how many more there are and where to see them all.
+        shown = min(len(lines), MAX_ROWS)
+        while True:
+            more = "" if shown == len(lines) else (
+                f"\n{len(lines) - shown} more shifts: ask for fewer weeks, or subscribe to "
+                f"{self.config.server.public_url.rstrip('/')}/oncall/{schedule.id}.ics")
+            text = f"{head}\n```\n{table(['from', 'until', 'length', 'who', 'note'], lines[:shown])}\n```{more}"
+            if len(text) <= MAX_CHARS or shown <= 1:
+                return Reply(text)
+            shown -= max(1, (len(text) - MAX_CHARS) // max(1, len(text) // shown))  # about the rows too many
 
     def _zone_note(self, person: Person) -> str:
         return f"times in {person.timezone}" if person.timezone else "times in each rotation's time zone"
