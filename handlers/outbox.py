@@ -117,6 +117,10 @@ class _Buckets:
             b.take(now)
         return True
 
+    def edits_share_chat(self, platform: str) -> bool:
+        """Whether an edit spends the chat's own budget (Telegram, Teams), not an edit budget of its own (Slack)."""
+        return self.budgets.get(platform, BUDGETS["slack"]).edits is None
+
     def any_open(self, platform: str, chat: str, *, now: float) -> bool:
         """Could a call (a message or an edit) to this chat be made now? Spends nothing."""
         if self.paused.get((platform, chat), 0.0) > now:
@@ -347,7 +351,13 @@ class OutboxWorker:
             self.nudge()
 
         updates = [i for i in items if i.kind in ("update", "post")]
-        if updates and any(i.due_at <= now for i in updates):
+        lines = _thread_lines([i for i in items if i.kind == "reply"], now)
+        # Where an edit spends the chat's own budget (a Telegram group), a redraw that only shows alert traffic waits
+        # for the lines that are due: else, in a storm, each token the budget refills goes to the next redraw, and
+        # "Acknowledged by Alice" waits until the storm ends.
+        churn = lines and self.buckets.edits_share_chat(channel.platform) and all(
+            i.event in ROUTINE_EVENTS for i in updates)
+        if updates and any(i.due_at <= now for i in updates) and not churn:
             if self.buckets.allow(channel.platform, channel.chat, edit=True, now=tick):
                 calls += 1
                 card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
@@ -357,7 +367,7 @@ class OutboxWorker:
                     await self._finish(updates, "sent")
                 elif reposting:
                     return calls  # the card is posted afresh next round, drawn as the incident is then
-        for line_items, text in _thread_lines([i for i in items if i.kind == "reply"], now):
+        for line_items, text in lines:
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 break
             calls += 1

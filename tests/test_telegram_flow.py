@@ -100,6 +100,37 @@ async def test_a_tap_in_telegram_redraws_slack_too_and_a_click_in_slack_redraws_
     assert actions.count("incident.acknowledged") == 1 and actions.count("incident.resolved") == 1
 
 
+async def test_an_alert_storm_does_not_hold_back_the_thread_lines_of_a_telegram_group(both: Both) -> None:
+    """In a Telegram group an edit spends the group's own budget. While alerts keep redrawing the card, a line that
+    is due ("Acknowledged by Alice") goes before the next routine redraw, not after the storm."""
+    from handlers.outbox import BUDGETS, Budget, _Buckets
+
+    b = both
+    b.h.bot.outbox.buckets = _Buckets({**BUDGETS, "telegram": Budget(chat=(60, 3), group_chat=(60, 1), edits=None,
+                                                                     platform=(1800, 30))})  # 1 a second
+    _, message_id = await posted_on_both(b)
+    payload = json.loads(fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    storming = True
+
+    async def storm() -> None:
+        n = 0
+        while storming:
+            n += 1
+            alert = {**payload["alerts"][0], "fingerprint": f"storm{n}",
+                     "labels": {**payload["alerts"][0]["labels"], "device": f"sd{n}"}}
+            assert (await b.h.post("am", {**payload, "alerts": [alert]}))[0] == 200
+            await asyncio.sleep(0.15)
+
+    task = asyncio.create_task(storm())
+    try:
+        await asyncio.sleep(1.5)
+        await b.tap("ack:1", message_id)
+        await b.tg.wait_for(lambda: any("Acknowledged by Alice" in t for t in _tg_replies(b, message_id)), timeout=4)
+    finally:
+        storming = False
+        await task
+
+
 async def test_a_stranger_tapping_in_telegram_is_told_what_to_add(both: Both) -> None:
     b = both
     _, message_id = await posted_on_both(b)
