@@ -124,6 +124,7 @@ class OverrideHandlers:
         now = self.clock.now()
         actor = Actor(actor.platform, actor.user_id, by.name, by.id)
         async with self.db.transaction() as session:
+            await self.db.lock_for_transaction(session, schedule_lock(schedule.id))  # one change at a time (swaps)
             row = OverrideRow(rotation=schedule.id, person=covering.id, starts_at=start, ends_at=end, created_at=now,
                               created_by=by.id, reason=reason)
             session.add(row)
@@ -140,6 +141,11 @@ class OverrideHandlers:
         tz = ZoneInfo(by.timezone) if by.timezone else schedule.tz
         return Reply(f"{covering.name} is on call for `{schedule.id}` from {when(start, tz, now)} until "
                      f"{when(end, tz, now)} ({tz.key}).", ephemeral=False)
+
+
+def schedule_lock(rotation: str) -> str:
+    """The lock that changes to a rotation's schedule (swaps, overrides) take, one at a time."""
+    return f"swap:{rotation}"
 
 
 def _domain(rows: dict[int, OverrideRow], rotation: str) -> list[Override]:

@@ -50,7 +50,7 @@ from bot.tables import table
 from handlers.handoffs import load_overrides
 from handlers.notify import queue_direct, queue_notice
 from handlers.oncall import Oncall, when
-from handlers.overrides import join_date_time
+from handlers.overrides import join_date_time, schedule_lock
 from handlers.timers import TimerService
 from storage import timers as timer_store
 from storage.audit import AuditLog, Entry
@@ -175,7 +175,7 @@ class SwapHandlers:
         async with self.db.transaction() as session:
             # Two requests at once must not both pass the overlap check: on PostgreSQL they queue on the rotation
             # (SQLite's write transactions already run one at a time).
-            await self.db.lock_for_transaction(session, f"swap:{schedule.id}")
+            await self.db.lock_for_transaction(session, schedule_lock(schedule.id))
             clashes = (await session.execute(select(SwapRequest).where(
                 SwapRequest.rotation == schedule.id, SwapRequest.status.in_(OPEN),
                 SwapRequest.starts_at < end, SwapRequest.ends_at > start).order_by(SwapRequest.id))).scalars().all()
@@ -254,7 +254,7 @@ class SwapHandlers:
     async def accept(self, swap_id: int, person: Person, actor: Actor) -> Reply:
         now = self.clock.now()
         async with self.db.transaction() as session:
-            swap = await _locked(session, swap_id)
+            swap = await self._locked_with_rotation(session, swap_id)
             if swap is None:
                 return Reply(f"There is no swap #{swap_id}.")
             if person.id != swap.counterpart:
@@ -334,7 +334,7 @@ class SwapHandlers:
         verb = "approve" if approve else "reject"
         now = self.clock.now()
         async with self.db.transaction() as session:
-            swap = await _locked(session, swap_id)
+            swap = await self._locked_with_rotation(session, swap_id)
             if swap is None:
                 return Reply(f"There is no swap #{swap_id}.")
             rotation = self.rotations.get(swap.rotation)
@@ -388,7 +388,7 @@ class SwapHandlers:
     async def undo(self, swap_id: int, person: Person, actor: Actor) -> Reply:
         now = self.clock.now()
         async with self.db.transaction() as session:
-            swap = await _locked(session, swap_id)
+            swap = await self._locked_with_rotation(session, swap_id)
             if swap is None:
                 return Reply(f"There is no swap #{swap_id}.")
             if person.id not in (swap.requester, swap.counterpart):
@@ -606,6 +606,15 @@ class SwapHandlers:
     def _committed(self) -> None:
         if self.after_commit is not None:
             self.after_commit()
+
+    async def _locked_with_rotation(self, session: AsyncSession, swap_id: int) -> SwapRequest | None:
+        """The swap, locked, after its rotation's schedule (as `request` takes it): what changes who is on call (an
+        accept, an approval, an undo, an override) runs one at a time per rotation, so that each judges the
+        schedule as the one before it left it (PostgreSQL replicas, or two people at once)."""
+        rotation = (await session.execute(select(SwapRequest.rotation).where(SwapRequest.id == swap_id))).scalar()
+        if rotation is not None:
+            await self.db.lock_for_transaction(session, schedule_lock(rotation))
+        return await _locked(session, swap_id)
 
     # -- reading ------------------------------------------------------------------------------------------
 

@@ -592,6 +592,22 @@ async def test_a_refused_approval_records_no_approver(on_sqlite: Slack) -> None:
     assert await say(s, "accept 1", user=BOB) == "Swap #1 was declined by Bob."
 
 
+async def test_changes_to_one_rotation_run_one_at_a_time(slack: Slack) -> None:
+    """PostgreSQL: an accept waits while another change to the rotation (an override, an undo, on this replica or
+    another) holds its schedule, so it judges the schedule as that one leaves it."""
+    s, h = slack, slack.h
+    if not h.bot.db.is_postgres:
+        pytest.skip("SQLite runs one write transaction at a time already")
+    assert (await say(s, "bob dba-primary next", user=ALICE)).startswith("Asked Bob")
+    async with h.bot.db.transaction() as session:  # another change to dba-primary, under way
+        await h.bot.db.lock_for_transaction(session, "swap:dba-primary")
+        accepting = asyncio.create_task(say(s, "accept 1", user=BOB))
+        await asyncio.sleep(0.5)
+        assert not accepting.done() and [w.status for w in await swaps(h)] == ["pending"]
+    assert (await accepting).startswith("Accepted: you are on call for `dba-primary`")
+    assert [w.status for w in await swaps(h)] == ["accepted"]
+
+
 async def test_a_swap_another_builds_on_is_not_undone_alone(tmp_path: Path) -> None:
     """Bob covers Carol's week (#1), then passes a day of it on to Alice (#2). Undoing #1 alone would leave Alice
     on call while everyone is told Carol is: it is refused, naming #2; once #2 is undone, #1 is."""
