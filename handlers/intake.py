@@ -895,7 +895,7 @@ class Intake:
                 if t.opened or t.unsilenced:  # an unsilenced incident was never posted: now it is
                     add("post", "incident.opened")
                     continue
-                add("update", "incident.changed")
+                add("update", "alerts.changed")  # a redraw for alert traffic (routine)
                 if t.grouped or t.refired:
                     add("reply", "alerts.grouped", {"count": t.grouped + t.refired})
                 if t.resolved:

@@ -57,7 +57,7 @@ PAGE_ATTEMPTS = 3  # a page that fails for a passing reason is tried this often,
 # an unknown outcome is not retried blindly into a double page).
 SENDING = "sending"
 UNSETTLED = ("pending", SENDING)
-ROUTINE_EVENTS = ("incident.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
+ROUTINE_EVENTS = ("alerts.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
 RECENT_ALERTS = 50  # alerts read to draw a message: its links and "the last of N" come from the newest  # thread lines that add up their counts
 
 

@@ -57,14 +57,14 @@ async def test_alertmanager_captures_group_resolve_and_route(h: Harness) -> None
     assert await h.outbox() == [
         (1, "ops-slack", "post", "incident.opened", {}),
         (1, "ops-telegram", "post", "incident.opened", {}),
-        (1, "ops-slack", "update", "incident.changed", {}),
+        (1, "ops-slack", "update", "alerts.changed", {}),
         (1, "ops-slack", "reply", "alerts.resolved", {"count": 1}),
-        (1, "ops-telegram", "update", "incident.changed", {}),
+        (1, "ops-telegram", "update", "alerts.changed", {}),
         (1, "ops-telegram", "reply", "alerts.resolved", {"count": 1}),
         (2, "ops-slack", "post", "incident.opened", {}),
-        (1, "ops-slack", "update", "incident.changed", {}),
+        (1, "ops-slack", "update", "alerts.changed", {}),
         (1, "ops-slack", "reply", "incident.resolved", {"by": "source"}),
-        (1, "ops-telegram", "update", "incident.changed", {}),
+        (1, "ops-telegram", "update", "alerts.changed", {}),
         (1, "ops-telegram", "reply", "incident.resolved", {"by": "source"}),
     ]
     assert await h.actions(1) == [

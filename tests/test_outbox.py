@@ -319,12 +319,12 @@ async def test_a_storm_the_platform_cannot_take_folds_into_one_redraw_and_one_li
             for i in range(1, 12):
                 assert (await h.post("open", alert(f"tool-{i}")))[0] == 200
             pending = [row[2:4] for row in await h.pending()]
-            assert pending.count(("update", "incident.changed")) == 11
+            assert pending.count(("update", "alerts.changed")) == 11
             assert pending.count(("reply", "alerts.grouped")) == 11
             first_line_due = min(row[4] for row in await h.pending() if row[3] == "alerts.grouped")
 
             assert await h.bot.outbox.compact() == 10 + 10
-            assert [row[2:4] for row in await h.pending()] == [("update", "incident.changed"),
+            assert [row[2:4] for row in await h.pending()] == [("update", "alerts.changed"),
                                                                ("reply", "alerts.grouped")]
             assert (await h.outbox())[-1][4] == {"count": 11}
             assert [row[4] for row in await h.pending() if row[3] == "alerts.grouped"] == [first_line_due]
@@ -349,7 +349,7 @@ async def test_the_delivery_loop_folds_on_its_own(database: str, tmp_path: Path,
                 break
             await asyncio.sleep(0.05)
         assert [row[2:4] for row in await h.pending()] == [
-            ("post", "incident.opened"), ("update", "incident.changed"), ("reply", "alerts.grouped")]
+            ("post", "incident.opened"), ("update", "alerts.changed"), ("reply", "alerts.grouped")]
 
 
 def test_a_line_waiting_after_a_failure_or_a_rate_limit_holds_back_the_ones_after_it() -> None:
