@@ -138,13 +138,22 @@ def find_person(people: Sequence[Person], text: str) -> Person | None:
         raw = m.group(1)
     raw = raw.lstrip("@")
     wanted = raw.casefold()
-    for p in people:
-        if wanted in (p.id.casefold(), p.name.casefold()):
+    for p in people:  # an id is exact: it wins over another person's name
+        if wanted == p.id.casefold():
             return p
     for p in people:
         if raw in (p.slack, str(p.telegram) if p.telegram else None, p.teams):
             return p
-    return None
+    named = [p for p in people if wanted == p.name.casefold()]
+    return named[0] if len(named) == 1 else None  # two people of one name: neither, on a guess
+
+
+def unknown_person(people: Sequence[Person], text: str) -> str:
+    """What to say when `find_person` found nobody: the people a shared name could mean, or who there is."""
+    named = [p for p in people if text.strip().lstrip("@").casefold() == p.name.casefold()]
+    if len(named) > 1:
+        return (f"{text!r} could be {' or '.join(f'`{p.id}`' for p in named)} (the same name): name them by id.")
+    return f"I don't know {text!r} (people in app.yaml: {', '.join(p.id for p in people) or 'nobody'})."
 
 
 _CHAT_PATTERNS = {

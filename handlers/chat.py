@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from bot.actions import Action
 from bot.chat import ActionEvent, Adapter, CommandEvent, Reply
 from bot.clock import Clock
-from bot.config import Config, Person, find_person
+from bot.config import Config, Person, find_person, unknown_person
 from bot.dispatch import Dispatcher
 from bot.metrics import Metrics
 from bot.model import Actor
@@ -119,8 +119,7 @@ class ChatHandlers:
     async def _page(self, incident_id: int, who: str, actor: Actor, person: Person) -> Reply:
         target = find_person(self.config.people, who)
         if target is None:
-            known = ", ".join(p.id for p in self.config.people) or "nobody"
-            return Reply(f"I don't know {who!r} (people in app.yaml: {known}).")
+            return Reply(unknown_person(self.config.people, who))
         actor = Actor(actor.platform, actor.user_id, person.name, person.id)
         result = await page(db=self.db, audit=self.audit, config=self.config, clock=self.clock, adapters=self.adapters,
                             incident_id=incident_id, person=target, actor=actor, reason=f"{person.name} asks for your help")

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 from bot.chat import CommandEvent, Reply
 from bot.clock import Clock
-from bot.config import Config, Person, find_person
+from bot.config import Config, Person, find_person, unknown_person
 from bot.durations import DurationTooLong, parse_duration
 from bot.model import Actor
 from bot.rotations import Override, Schedule, first_instant, on_call
@@ -80,7 +80,7 @@ class OverrideHandlers:
             return Reply(self.view.unknown(args[0]))
         target = find_person(self.config.people, args[1])
         if target is None:
-            return Reply(f"I don't know {args[1]!r} (people in app.yaml: {', '.join(p.id for p in self.config.people)}).")
+            return Reply(unknown_person(self.config.people, args[1]))
         now = self.clock.now()
         try:
             start, end = await self._window(schedule, person, args[2:], now, need_both=True)

@@ -42,7 +42,7 @@ from sqlmodel import or_, select
 from bot.actions import Action
 from bot.chat import ActionEvent, Button, CommandEvent, Reply
 from bot.clock import Clock
-from bot.config import Config, Person, Rotation, find_person
+from bot.config import Config, Person, Rotation, find_person, unknown_person
 from bot.dispatch import Dispatcher
 from bot.model import Actor
 from bot.rotations import Schedule, Shift, first_instant, shifts_between
@@ -152,8 +152,7 @@ class SwapHandlers:
             return Reply(f"Usage: `{USAGE}`, for example `/swap bob dba-primary 2026-12-24` or `/swap bob next`.")
         counterpart = self.resolve(tokens[0])
         if counterpart is None:
-            return Reply(f"I don't know {tokens[0]!r} (people in app.yaml: "
-                         f"{', '.join(p.id for p in self.config.people)}).")
+            return Reply(unknown_person(self.config.people, tokens[0]))
         if counterpart.id == person.id:
             return Reply("You cannot swap with yourself: name the person who should take your shift.")
         schedule, problem = self._rotation(person, counterpart, tokens[1] if len(tokens) == 3 else None)

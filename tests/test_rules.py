@@ -239,3 +239,15 @@ def test_a_generic_timestamp_may_be_unix_time(timestamp: object) -> None:
 def test_a_generic_timestamp_that_is_no_time_is_named(timestamp: object, problem: str) -> None:
     with pytest.raises(ValueError, match=re.escape(problem)):
         parse_generic({**GENERIC, "message": "m", "timestamp": timestamp}, "gen")
+
+
+def test_a_person_is_found_by_id_before_name_and_a_shared_name_finds_nobody() -> None:
+    from bot.config import Person, find_person, unknown_person
+
+    people = [Person(id="rob", name="Bob"), Person(id="bob", name="Robert"),
+              Person(id="alex.k", name="Alex"), Person(id="alex.m", name="Alex", telegram=333)]
+    assert find_person(people, "bob").id == "bob"  # an id, though rob's name is Bob
+    assert find_person(people, "Robert").id == "bob" and find_person(people, "333").id == "alex.m"
+    assert find_person(people, "Alex") is None
+    assert unknown_person(people, "Alex") == "'Alex' could be `alex.k` or `alex.m` (the same name): name them by id."
+    assert unknown_person(people, "zed") == "I don't know 'zed' (people in app.yaml: rob, bob, alex.k, alex.m)."
