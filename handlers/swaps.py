@@ -524,13 +524,16 @@ class SwapHandlers:
             Entry("oncall.override", actor, "rotation", swap.rotation, now, {
                 "override": row.id, "person": swap.counterpart, "from": start.isoformat(),
                 "until": swap.ends_at.isoformat(), "reason": reason, "swap": swap.id})])
+        # Undo works until the cover starts: one taken during the shift (it starts now) offers none.
+        later = start > now
         undo = [Button(Action.SWAP_UNDO, swap.id, label="Undo swap",
-                       confirm=f"Undo swap #{swap.id}? {self.name(swap.requester)} is on call again.")]
+                       confirm=f"Undo swap #{swap.id}? {self.name(swap.requester)} is on call again.")] if later else []
         self._direct(session, swap, swap.requester, now, action,
                      lambda z: (f"{self.name(swap.counterpart)} takes your `{swap.rotation}` shift from "
                                 f"{when(start, z, now)} until {when(swap.ends_at, z, now)} (swap #{swap.id}"
-                                + (", approved" if status == APPROVED else "") + "). Either of you can undo it "
-                                f"before it starts: the button, or `/swap undo {swap.id}`."), undo)
+                                + (", approved" if status == APPROVED else "") + ")." + (
+                                    " Either of you can undo it before it starts: the button, or "
+                                    f"`/swap undo {swap.id}`." if later else "")), undo)
         self._direct(session, swap, swap.counterpart, now, action,
                      lambda z: (f"You are on call for `{swap.rotation}` from {when(start, z, now)} until "
                                 f"{when(swap.ends_at, z, now)} instead of {self.name(swap.requester)} (swap #{swap.id}"

@@ -324,6 +324,9 @@ async def test_either_side_undoes_a_taken_swap_before_it_starts_and_not_after(sl
     assert (await press(s, "swok:2", ALICE)).startswith(
         "Accepted: you are on call for `dba-primary` from Tue 24 Nov 05:30 CET until Mon 30 Nov 09:00 CET")
     assert table_rows(await say(s, "", command="/oncall"))[1][1] == "Alice (override)"
+    _, told, buttons = (await directs(h, "bob"))[-1]  # no Undo is offered for a cover that starts at once
+    assert told.startswith("Alice takes your `dba-primary` shift") and "undo" not in told and buttons == []
+    assert (await directs(h, "alice"))[-1][2] == []
     assert await press(s, "swun:2", BOB) == ("Swap #2 started Tue 24 Nov 05:30 CET, so it can no longer be undone; "
                                              "someone with the `manager` role can still `/override` the rest.")
 
