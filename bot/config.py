@@ -587,13 +587,19 @@ def parse_config(
     return Loaded(config, name, loaded_adapters, adapters_off, sources_off, warnings, built)
 
 
+def paged_rotations(config: Config) -> set[str]:
+    """The rotations an escalation step pages (whoever is on call there is paged)."""
+    return {step.notify.rotation for policy in config.escalation_policies for step in policy.steps
+            if step.notify.rotation}
+
+
 def _paged_people_respond(config: Config) -> Config:
     """Everyone an escalation step pages (its people, its rotation's members) has the `responder` role, as anyone on
     an escalation policy can acknowledge in PagerDuty: a page whose Acknowledge its reader may not press would let
     the escalation run on while they are on it."""
     rotations = {r.id: r for r in config.rotations}
-    paged = {person for policy in config.escalation_policies for step in policy.steps for person in (
-        *step.notify.people, *(rotations[step.notify.rotation].members if step.notify.rotation else ()))}
+    paged = {person for policy in config.escalation_policies for step in policy.steps for person in step.notify.people}
+    paged |= {member for rotation in paged_rotations(config) for member in rotations[rotation].members}
     if all("responder" in p.roles for p in config.people if p.id in paged):
         return config
     return config.model_copy(update={"people": [

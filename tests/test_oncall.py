@@ -275,6 +275,20 @@ async def test_chatops_oncall_prints_tables_from_the_same_store(tmp_path: Path, 
 
 # -- covering shifts: /oncall take and /override ------------------------------------------------------------
 
+async def test_an_override_puts_on_a_rotation_that_escalations_page_only_someone_who_can_acknowledge(
+        tmp_path: Path) -> None:
+    paged = "escalation_policies:\n  - {id: dba, steps: [{notify: {rotation: dba-primary}, wait: 5m}]}\n"
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+                                                slack_config(fake) + ROTATIONS + paged, people=PEOPLE) as h:
+        s = Slack(h, fake)
+        refused = await s.answer(await s.command("/override", "dba-primary carol 2026-11-25 09:00 8h", user="U02BOB"))
+        assert refused["text"] == (f"{CAROL} has no `responder` role, so they could not acknowledge the pages "
+                                   "`dba-primary` gets; add it to their `roles` in app.yaml first, or put a responder on.")
+        put = await s.answer(await s.command("/override", "web carol 2026-11-25 09:00 8h", user="U02BOB"))
+        assert put["text"].startswith(f"{CAROL} is on call for `web`")  # nothing pages web
+
+
+
 async def test_taking_the_current_shift_and_a_managers_override_change_who_is_on_call(slack: Slack) -> None:
     s = slack
     took = await s.answer(await s.command("/oncall", "take dba-primary", user="U01ALICE"))
