@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import functools
 import logging
+import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import IO
 
 from aiohttp import web
+from sqlalchemy.engine import make_url
 
 from adapters.settings import ENDPOINTS
 from bot.clock import Clock, SystemClock
@@ -28,7 +33,7 @@ from handlers.outbox import OutboxWorker
 from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
 from handlers.timers import STALLED_AFTER, TimerService
 from storage.audit import AuditLog
-from storage.db import Database, Leader
+from storage.db import Database, Leader, is_sqlite_file_url
 from storage.queries import open_incidents_by_severity, outbox_counts
 from storage.timers import overdue as overdue_timers
 
@@ -264,10 +269,35 @@ def log_startup(loaded: Loaded, bot: Bot) -> None:
 
 
 async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
-    """Run until SIGTERM or Ctrl-C; then stop accepting, finish in-flight work, close the store."""
+    """Run until SIGTERM or Ctrl-C; then stop accepting, finish in-flight work, close the store.
+
+    The port, and a SQLite store, are taken before anything starts: a second bot started by mistake stops there,
+    before its workers could touch what the running one is doing (recovering its pages in flight as if it had
+    crashed, posting its cards a second time)."""
+    server = loaded.config.server
+    try:
+        sock = _listen(server.host, server.port)
+    except OSError as exc:
+        hint = " (is another chatops running? change server.port)" if exc.errno == errno.EADDRINUSE else ""
+        log.error("cannot listen on %s:%s: %s%s", server.host, server.port, exc.strerror, hint)
+        return 1
+    with sock:
+        try:
+            store = hold_store(loaded.config.storage.url)
+        except StoreInUse as exc:
+            log.error("%s", exc)
+            return 1
+        try:
+            return await _serve(loaded, sock, clock)
+        finally:
+            if store is not None:
+                store.close()
+
+
+async def _serve(loaded: Loaded, sock: socket.socket, clock: Clock | None) -> int:
+    server = loaded.config.server
     bot = Bot(loaded, clock=clock)
     log_startup(loaded, bot)
-    server = loaded.config.server
     try:
         await bot.start()
     except Exception as exc:
@@ -276,15 +306,7 @@ async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
         return 1
     runner = web.AppRunner(bot.web_app(), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, server.host, server.port, shutdown_timeout=10)
-    try:
-        await site.start()
-    except OSError as exc:
-        hint = " (is another chatops running? change server.port)" if exc.errno == errno.EADDRINUSE else ""
-        log.error("cannot listen on %s:%s: %s%s", server.host, server.port, exc.strerror, hint)
-        await runner.cleanup()
-        await bot.stop()
-        return 1
+    await web.SockSite(runner, sock, shutdown_timeout=10).start()
     log.info("listening on http://%s:%s (public URL %s)", server.host, server.port, server.public_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -296,3 +318,48 @@ async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
     await bot.stop()
     log.info("stopped")
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now (what aiohttp's TCPSite would bind, for the first address of `host`)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class StoreInUse(RuntimeError):
+    """Another `chatops serve` runs on this SQLite file."""
+
+
+def hold_store(url: str) -> IO[str] | None:
+    """For a SQLite file: an exclusive lock on `<file>.lock`, held while the bot runs (the kernel lets it go when the
+    process ends, SIGKILL included); None for PostgreSQL, where replicas share the store by design."""
+    if not is_sqlite_file_url(url):
+        return None
+    path = make_url(url).database
+    try:
+        lock = open(f"{path}.lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the bot's life
+    except OSError:  # no such folder, not writable: opening the store says what is wrong, and how to fix it
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise StoreInUse(f"another chatops serve (pid {holder}) is running on {path}; stop it first, or give this "
+                         "one a storage.url of its own") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock

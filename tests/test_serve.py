@@ -75,6 +75,31 @@ def test_serve_starts_on_the_example_config_and_stops_cleanly(tmp_path: Path) ->
     assert (tmp_path / "chatops.db").exists()
 
 
+def test_a_second_bot_on_the_same_store_or_port_stops_before_it_touches_anything(tmp_path: Path) -> None:
+    """A second `chatops serve` by mistake: on the same SQLite file it stops, naming the running one's pid; on the same
+    port it stops before it opens the store (its start would have settled the running bot's pages as cut off)."""
+    shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
+    port = free_port()
+    first = start_bot(tmp_path, port)
+    try:
+        assert wait_http(f"http://127.0.0.1:{port}/healthz", first)[0] == 200
+        same_store = start_bot(tmp_path, free_port())
+        assert same_store.wait(timeout=30) == 1
+        said = same_store.stdout.read()
+        assert f"another chatops serve (pid {first.pid}) is running on ./chatops.db" in said, said
+        other = tmp_path / "other"
+        other.mkdir()
+        shutil.copy(ROOT / "app.yaml", other / "app.yaml")
+        same_port = start_bot(other, port)
+        assert same_port.wait(timeout=30) == 1
+        assert "(is another chatops running? change server.port)" in same_port.stdout.read()
+        assert not (other / "chatops.db").exists()  # it stopped before it opened (or made) a store
+        assert wait_http(f"http://127.0.0.1:{port}/healthz", first)[0] == 200  # the first one goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=15) == 0
+
+
 async def test_the_telegram_bot_token_stays_out_of_the_log(tmp_path: Path) -> None:
     """python-telegram-bot's HTTP client (httpx) logs every request's URL, whose path carries the bot token."""
     shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
