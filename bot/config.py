@@ -638,21 +638,36 @@ def _shape_problems(model: type[BaseModel], section: Any, where: tuple[Any, ...]
     return []
 
 
+# Keys whose values are secrets: an error about one never shows the value (a terminal, a CI log), only its shape.
+SECRET_KEYS = frozenset({"bot_token", "signing_secret", "webhook_secret", "app_password", "bearer", "hmac_secret",
+                         "hmac_key", "auth", "password", "token", "secret"})
+
+
+def _shown(err: Mapping[str, Any]) -> str:
+    """The rejected value as an error message shows it: `repr`, or for a secret what is wrong with its shape."""
+    value = err.get("input")
+    if not any(isinstance(part, str) and part in SECRET_KEYS for part in err.get("loc", ())):
+        return repr(value)
+    if isinstance(value, str) and value != value.strip():
+        return "(a secret, not shown: it begins or ends with a space or a line break; strip it)"
+    return "(a secret, not shown)"
+
+
 def _message(err: Mapping[str, Any]) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "missing":
         return "required"
     if kind == "model_type":  # `server:` with nothing under it, or a value where keys belong
         return ("empty: give it keys, or remove it" if err.get("input") is None
-                else f"expected a mapping of keys, got {err.get('input')!r}")
+                else f"expected a mapping of keys, got {_shown(err)}")
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "value_error":
         return msg.removeprefix("Value error, ")
     if kind == "string_pattern_mismatch":
-        return f"malformed value {err.get('input')!r}"
+        return f"malformed value {_shown(err)}"
     if kind == "literal_error":
-        return f"{err.get('input')!r} is not allowed: {msg[0].lower() + msg[1:]}"
+        return f"{_shown(err)} is not allowed: {msg[0].lower() + msg[1:]}"
     return msg[0].lower() + msg[1:]
 
 

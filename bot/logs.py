@@ -33,6 +33,8 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiohttp.access", "sqlalchemy.engine", "apscheduler",
+    for noisy in ("aiohttp.access", "sqlalchemy.engine", "apscheduler", "aiosqlite",  # (each statement, at DEBUG)
                   "httpx", "httpcore"):  # python-telegram-bot's HTTP client logs each URL, the bot token in it
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # python-telegram-bot itself logs its API URL, the bot token in it, at DEBUG ("Set Bot API URL: .../bot<token>")
+    logging.getLogger("telegram").setLevel(max(logging.INFO, root.level))

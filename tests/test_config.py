@@ -373,3 +373,15 @@ def test_everyone_an_escalation_pages_may_acknowledge_the_page() -> None:
     assert dispatcher.refusal("ack", Actor("slack", "U02BOB", "Bob", None)) is None
     refused = dispatcher.refusal("ack", Actor("slack", "U04DAVE", "Dave", None))
     assert refused is not None and "needs the `responder` role" in refused.text
+
+
+def test_a_rejected_secret_is_never_shown() -> None:
+    """A token read from a file keeps its newline; a bearer token written where `auth:` wants a mapping. The
+    problem is named and what is wrong with its shape, never the secret itself."""
+    found = problems(BASE.replace("auth: {bearer: secret-token}", 'auth: "AMBEARER-token-4242"') + ROUTES)
+    found += problems(BASE + ROUTES + "adapters:\n  telegram: {bot_token: \"7000000001:AAFakeTokenSecretPart\\n\", "
+                                      "webhook_secret: s3cret-s3cret}\n")
+    assert not any("AMBEARER" in p or "AAFakeTokenSecretPart" in p for p in found), found
+    assert any(p.startswith("adapters.telegram.bot_token: malformed value (a secret, not shown: it begins or ends "
+                            "with a space or a line break; strip it)") for p in found), found
+    assert any(p.startswith("sources[0].auth") and "(a secret, not shown)" in p for p in found), found

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -27,11 +28,27 @@ from tests.fake_telegram import FakeTelegram
 CHATOPS = str(Path(sys.executable).with_name("chatops"))
 
 
-def start_bot(workdir: Path, port: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def start_bot(workdir: Path, port: int, extra_env: dict[str, str] | None = None,
+              *more: str) -> subprocess.Popen[str]:
+    """`chatops serve` in `workdir`; its log is `proc.stdout` (a file: a long DEBUG log never fills a pipe)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "TELEGRAM_", "TEAMS_", "CHATOPS_"))}
     env.update({"CHATOPS_PORT": str(port), **(extra_env or {})})
-    return subprocess.Popen([CHATOPS, "serve"], cwd=workdir, env=env, stdout=subprocess.PIPE,
+    log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - read by the test, closed with proc
+    proc = subprocess.Popen([CHATOPS, "serve", *more], cwd=workdir, env=env, stdout=log,
                             stderr=subprocess.STDOUT, text=True)
+    proc.stdout = _Log(log)  # type: ignore[assignment]
+    return proc
+
+
+class _Log:
+    """What the tests read of a bot's log: all of it so far."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+
+    def read(self) -> str:
+        self.file.seek(0)
+        return self.file.read()
 
 
 def wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 20) -> tuple[int, dict]:
@@ -101,12 +118,14 @@ def test_a_second_bot_on_the_same_store_or_port_stops_before_it_touches_anything
 
 
 async def test_the_telegram_bot_token_stays_out_of_the_log(tmp_path: Path) -> None:
-    """python-telegram-bot's HTTP client (httpx) logs every request's URL, whose path carries the bot token."""
+    """python-telegram-bot's HTTP client (httpx) logs every request's URL, whose path carries the bot token, and
+    python-telegram-bot its API URL at DEBUG: neither is written, even with --log-level DEBUG."""
     shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
     port = free_port()
     async with FakeTelegram() as tg:
         proc = start_bot(tmp_path, port, {"TELEGRAM_BOT_TOKEN": tg.token, "TELEGRAM_API_URL": tg.api_url,
-                                          "TELEGRAM_WEBHOOK_SECRET": "tg-webhook-secret-0123456789"})
+                                          "TELEGRAM_WEBHOOK_SECRET": "tg-webhook-secret-0123456789"},
+                         "--log-level", "DEBUG")
         try:
             await tg.wait_for(lambda: tg.called("getMe"), timeout=20)
             await asyncio.sleep(0.3)  # the call's log line, if any, is written
