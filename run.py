@@ -45,8 +45,10 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     _ensure_venv()
-    command, rest = argv[0], argv[1:]
-    os.chdir(ROOT)
+    command, rest = argv[0], _absolute_config(argv[1:])
+    if os.environ.get("CHATOPS_CONFIG"):  # a path given from where you are, not from the project
+        os.environ["CHATOPS_CONFIG"] = os.path.abspath(os.environ["CHATOPS_CONFIG"])
+    os.chdir(ROOT)  # the example app.yaml, and its ./chatops.db, are the project's
     if command == "test":
         args = [str(BIN / "python"), "-m", "pytest", *rest]
     elif command == "chatops":
@@ -55,6 +57,22 @@ def main(argv: list[str]) -> int:
         args = [str(BIN / "chatops"), command, *rest]
     os.execv(args[0], args)
     return 0  # not reached
+
+
+def _absolute_config(args: list[str]) -> list[str]:
+    """`-c FILE` / `--config FILE` / `--config=FILE` with FILE made absolute (the command runs in the project)."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            out += [arg, os.path.abspath(args[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            arg = "--config=" + os.path.abspath(arg.partition("=")[2])
+        out.append(arg)
+        i += 1
+    return out
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ import asyncio
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bot.cli import main
+from tests.conftest import ROOT
 from tests.test_serve import CHATOPS
 
 PEOPLE_AND_ROTATION = """
@@ -252,3 +254,16 @@ async def test_what_an_alert_says_cannot_drive_the_terminal(tmp_path: Path, caps
         out = capsys.readouterr().out
         assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, out
         assert "\\x1b[31mfull\\x1b]0;owned\\x07 \\u202etxt.exe\\u200f" in out, out
+
+
+def test_run_py_reads_a_config_named_from_where_you_are(tmp_path: Path) -> None:
+    """run.py runs chatops in the project (for the example app.yaml); a config named on the command line or in
+    CHATOPS_CONFIG is read from where it was named."""
+    (tmp_path / "mine.yaml").write_text((ROOT / "app.yaml").read_text())
+    env = {**os.environ, "CHATOPS_VENV": str(Path(sys.executable).parent.parent)}
+    env.pop("CHATOPS_CONFIG", None)
+    for args, extra in ((["-c", "mine.yaml"], {}), (["--config=mine.yaml"], {}), ([], {"CHATOPS_CONFIG": "mine.yaml"})):
+        done = subprocess.run([sys.executable, str(ROOT / "run.py"), "check-config", *args], cwd=tmp_path,
+                              env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (args, extra, done.stderr)
+        assert "mine.yaml" in done.stdout, done.stdout
