@@ -59,6 +59,7 @@ class Bot:
         self.adapters: dict[str, Adapter] = {}
         self.leaders: list[Leader] = []
         self._ping: asyncio.Future[None] | None = None  # the readiness probe's database ping, while it runs
+        self._counting: asyncio.Future[None] | None = None  # /metrics reading the store's figures, while it runs
         self.escalations = Escalations(audit=self.audit, config=self.config)
         self.leaders.append(delivery := Leader(self.db, "outbox"))  # with several replicas, one delivers chat work
         self.outbox = OutboxWorker(db=self.db, config=self.config, adapters=self.adapters, clock=self.clock,
@@ -241,20 +242,34 @@ class Bot:
                             headers={"Content-Disposition": f'inline; filename="{rotation}.ics"'})
 
     async def metrics_endpoint(self, _request: web.Request) -> web.Response:
-        try:
-            async with self.db.sessions() as session:
-                counts = await open_incidents_by_severity(session)
-                outbox = await outbox_counts(session)
-                stalled = await overdue_timers(session, self.clock.now() - STALLED_AFTER)
-            for severity in ("critical", "high", "medium", "low", "info"):
-                self.metrics.incidents_open.labels(severity).set(counts.get(severity, 0))
-            for status in ("pending", "sending", "sent", "dead", "cancelled"):
-                self.metrics.outbox.labels(status).set(outbox.get(status, 0))
-            self.metrics.timers_overdue.set(stalled)
-        except Exception as exc:  # metrics still answer when the store does not
-            log.warning("metrics: cannot count open incidents: %s", exc)
+        # The store's figures within 2 s, as /readyz waits (a scrape times out after 10 s by default, and then loses
+        # every metric); one count at a time, left to finish on its own when late (see readyz).
+        counting = self._counting
+        if counting is None or counting.done():
+            counting = self._counting = asyncio.ensure_future(self._count())
+            counting.add_done_callback(lambda t: t.cancelled() or t.exception())
+        done, _ = await asyncio.wait({counting}, timeout=2)
+        if not done:
+            log.warning("metrics: the database did not answer within 2 s; its figures are the last ones read")
+            self.metrics.db_up.set(0)
+        elif (exc := counting.exception()) is not None:  # metrics still answer when the store does not
+            log.warning("metrics: cannot read the store's figures: %s: %s", type(exc).__name__, exc)
+            self.metrics.db_up.set(0)
+        else:
+            self.metrics.db_up.set(1)
         self._adapters_up()
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
+
+    async def _count(self) -> None:
+        async with self.db.sessions() as session:
+            counts = await open_incidents_by_severity(session)
+            outbox = await outbox_counts(session)
+            stalled = await overdue_timers(session, self.clock.now() - STALLED_AFTER)
+        for severity in ("critical", "high", "medium", "low", "info"):
+            self.metrics.incidents_open.labels(severity).set(counts.get(severity, 0))
+        for status in ("pending", "sending", "sent", "dead", "cancelled"):
+            self.metrics.outbox.labels(status).set(outbox.get(status, 0))
+        self.metrics.timers_overdue.set(stalled)
 
 
 def log_startup(loaded: Loaded, bot: Bot) -> None:

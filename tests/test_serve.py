@@ -184,6 +184,31 @@ async def test_readiness_says_when_the_database_does_not_answer_and_pings_once_a
         assert resp.status == 200 and (await resp.json())["database"] == "ok"
 
 
+async def test_metrics_answer_within_seconds_when_the_database_does_not(tmp_path: Path) -> None:
+    """A scrape waits 2 s for the store's figures (Prometheus gives up after 10 s, losing every metric), says the
+    database is down, and reads the store once at a time."""
+    from tests.botkit import running_bot
+
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}") as h:
+        real, stuck_in = h.bot.db.sessions, asyncio.Event()
+
+        @contextlib.asynccontextmanager
+        async def stuck() -> AsyncIterator[Any]:  # a store that takes the connection and never answers
+            await stuck_in.wait()
+            async with real() as session:
+                yield session
+
+        h.bot.db.sessions = stuck  # type: ignore[method-assign]
+        started = time.monotonic()
+        first, second = await asyncio.wait_for(asyncio.gather(h.client.get("/metrics"), h.client.get("/metrics")), 8)
+        assert time.monotonic() - started < 4 and first.status == second.status == 200
+        assert "chatops_database_up 0.0" in await first.text()
+        stuck_in.set()
+        h.bot.db.sessions = real  # type: ignore[method-assign]
+        await asyncio.sleep(0.1)
+        assert "chatops_database_up 1.0" in await (await h.client.get("/metrics")).text()
+
+
 def test_json_log_format(tmp_path: Path) -> None:
     shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
     port = free_port()
