@@ -653,6 +653,9 @@ class OutboxWorker:
     async def _finish(self, items: Sequence[OutboxItem], status: str, error: str | None = None) -> None:
         async with self.db.transaction() as session:
             await self._mark(session, items, status, error)
+        if status == "dead":  # given up at once (no such channel, person or incident): counted as _failed counts
+            for item in items:
+                self.metrics.outbox_dead.labels(item.channel).inc()
 
     @staticmethod
     async def _mark(session: Any, items: Sequence[OutboxItem], status: str, error: str | None = None) -> None:

@@ -149,7 +149,8 @@ class SwapHandlers:
     async def request(self, event: CommandEvent, person: Person, args: list[str]) -> Reply:
         tokens = join_date_time(args)
         if len(tokens) not in (2, 3):
-            return Reply(f"Usage: `{USAGE}`, for example `/swap bob dba-primary 2026-12-24` or `/swap bob next`.")
+            return Reply(f"Usage: `{USAGE}`, for example `/swap bob dba-primary 2026-12-24` or `/swap bob next` "
+                         "(a name with a space goes in quotes: `/swap \"Bob Jones\" next`).")
         counterpart = self.resolve(tokens[0])
         if counterpart is None:
             return Reply(unknown_person(self.config.people, tokens[0]))

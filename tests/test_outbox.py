@@ -73,6 +73,14 @@ async def test_notices_for_a_platform_that_is_off_do_not_hold_back_pages_and_mes
                     break
                 await asyncio.sleep(0.02)
             assert await h.count_pending() == batch + 10  # the notices wait for Telegram; none is lost
+            async with h.bot.db.transaction() as session:  # a notice for a channel app.yaml no longer has
+                session.add(notice_row("ops-gone", "handoff", T0))
+            h.bot.outbox.nudge()
+            for _ in range(100):
+                if (await h.pending()) and h.bot.metrics.outbox_dead.labels("ops-gone")._value.get() == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert h.bot.metrics.outbox_dead.labels("ops-gone")._value.get() == 1  # given up at once, and counted
 
 
 async def test_a_busy_channel_holds_back_no_other_channel(tmp_path: Path) -> None:
