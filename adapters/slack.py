@@ -291,6 +291,15 @@ class SlackAdapter:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT))
             self.client.session = self._session
 
+    async def check(self) -> DeliveryError | None:
+        """`auth.test`, once at start: whether Slack takes the token (a refused one shows in /readyz and
+        chatops_adapter_up at once, not at the first delivery); None when it does."""
+        try:
+            await self._call("auth.test", self.client.auth_test())
+        except DeliveryError as exc:
+            return exc
+        return None
+
     async def stop(self, timeout: float = 5.0) -> None:
         """Let clicks and commands in flight finish (up to `timeout`), then close the session."""
         if self._tasks:

@@ -37,6 +37,7 @@ from storage.db import Database, Leader, is_sqlite_file_url
 from storage.queries import open_incidents_by_severity, outbox_counts
 from storage.timers import overdue as overdue_timers
 
+CHECK_WAIT = 5.0  # seconds a platform's start-up token check may take
 log = logging.getLogger("chatops.server")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -122,9 +123,27 @@ class Bot:
                 self.adapters_failed[name] = str(exc)
                 del self.adapters[name]
                 continue
-            self.metrics.adapter_up.labels(name).set(1)
+            await self._check(name, adapter)
+            self.metrics.adapter_up.labels(name).set(0 if name in self.outbox.token_refused else 1)
         self.outbox.start()
         await self.timers.start()
+
+    async def _check(self, name: str, adapter: Adapter) -> None:
+        """A platform that can say at start whether it takes the token (Slack's auth.test): a refused one is
+        marked as the outbox marks it (its messages wait until a call works); an unreachable one is said."""
+        checking = getattr(adapter, "check", None)
+        if checking is None:
+            return
+        try:
+            problem = await asyncio.wait_for(checking(), CHECK_WAIT)
+        except asyncio.TimeoutError:
+            problem = DeliveryError(f"{name}: no answer within {CHECK_WAIT:g} s")
+        if problem is not None and problem.token_refused:
+            self.outbox.token_refused[name] = str(problem)
+            log.error("%s: the token was refused (%s); messages wait until it works: fix adapters.%s in app.yaml",
+                      name, problem, name)
+        elif problem is not None:
+            log.warning("%s: not reachable at start (%s); messages wait and are retried", name, problem)
 
     def _changed(self) -> None:
         """Something committed that may have queued chat work or a timer due now."""

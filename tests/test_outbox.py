@@ -217,9 +217,10 @@ async def test_server_errors_are_retried_with_back_off_and_then_delivered_once(t
         fake.fail("chat.postMessage", "internal_error", status=500, times=2)
         async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
             await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
-            await fake.wait_for(lambda: len(fake.calls) >= 1, timeout=5)
+            posts = lambda: [c for c in fake.calls if c.method == "chat.postMessage"]  # noqa: E731
+            await fake.wait_for(lambda: len(posts()) >= 1, timeout=5)
             await asyncio.sleep(0.3)
-            assert parents(fake) == [] and len(fake.calls) == 1  # the retry waits for its back-off (2 s)
+            assert parents(fake) == [] and len(posts()) == 1  # the retry waits for its back-off (2 s)
             [(_, _, _, _, due, error)] = await h.pending()
             assert error and "internal_error" in error and due == (h.clock.now() + timedelta(seconds=2)).isoformat()
             await drain(h)
@@ -259,7 +260,7 @@ async def test_a_platform_in_trouble_for_a_while_loses_nothing(tmp_path: Path, e
             assert state == "pending" and attempts > 8 and error in (last or "")  # past the old 8 tries, still held
             ready = await (await h.client.get("/readyz")).json()
             metrics = await (await h.client.get("/metrics")).text()
-            if error == "invalid_auth":  # says so where operators look
+            if error == "invalid_auth":  # says so where operators look (auth.test at start took the token)
                 assert ready["adapters"]["slack"].startswith("token refused (slack chat.postMessage: invalid_auth)")
                 assert 'chatops_adapter_up{adapter="slack"} 0.0' in metrics
             else:
@@ -269,6 +270,16 @@ async def test_a_platform_in_trouble_for_a_while_loses_nothing(tmp_path: Path, e
             assert len(parents(fake)) == 1 and [r[0] for r in await row_state(h)] == ["sent"]
             assert (await (await h.client.get("/readyz")).json())["adapters"]["slack"] == "on"
             assert 'chatops_adapter_up{adapter="slack"} 1.0' in await (await h.client.get("/metrics")).text()
+
+
+async def test_a_token_slack_refuses_shows_at_start_not_at_the_first_delivery(tmp_path: Path) -> None:
+    async with FakeSlack() as fake:
+        wrong = slack_config(fake).replace(fake.token, "xoxb-not-the-token")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", wrong) as h:
+            ready = await (await h.client.get("/readyz")).json()
+            assert ready["adapters"]["slack"].startswith("token refused (slack auth.test: invalid_auth)"), ready
+            assert 'chatops_adapter_up{adapter="slack"} 0.0' in await (await h.client.get("/metrics")).text()
+            assert not [c for c in fake.calls if c.method != "auth.test"]  # nothing else was tried yet
 
 
 async def test_a_platform_in_trouble_is_given_up_on_after_a_day(tmp_path: Path) -> None:
