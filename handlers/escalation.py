@@ -118,7 +118,7 @@ class Escalations:
     async def stop(self, session: AsyncSession, incident_id: int, now: datetime) -> None:
         """Acknowledged or resolved: no further steps (the current timer will find it stopped)."""
         esc = await session.get(Escalation, incident_id)
-        if esc is not None and esc.state == "active":
+        if esc is not None and esc.state in ("active", "exhausted"):  # (exhausted: its "nobody acknowledged" goes)
             esc.state, esc.note, esc.updated_at = "stopped", "", now
             session.add(esc)
 

@@ -153,21 +153,23 @@ class OutboxWorker:
         # With nothing pending at all, only a nudge brings work (every change that queues a row nudges); on SQLite,
         # where no other replica queues rows, the safety poll then slows to this.
         self.idle_poll_seconds = idle_poll_seconds
-        self._idle = {True: False, False: False}  # by loop (personal rows or not): its last round found nothing due
+        # The loops (see start), by key: None for pages, direct messages and notices; a platform for its messages.
+        self._idle: dict[str | None, bool] = {}  # its last round found nothing due
+        self._wake: dict[str | None, asyncio.Event] = {}
         self.compact_seconds = compact_seconds
         self._monotonic = monotonic or time.monotonic  # platform limits run on real time, whatever the clock says
-        self._compacted = self._monotonic()  # when pending rows were last folded (compact)
-        self._wake = {True: asyncio.Event(), False: asyncio.Event()}  # by loop
         self._tasks: list[asyncio.Task[None]] = []
         self._recovering = asyncio.Lock()
         self._stopping = False
         self._recovered = False  # pages a crash cut off mid-call were settled (once, by the worker that delivers)
 
     def start(self) -> None:
-        """Two loops: pages, direct messages and notices in one, incident messages in the other, so that a platform
-        slow to answer (each card waiting out its timeout) holds back no page."""
-        self._tasks = [asyncio.create_task(self._run(personal=True), name="outbox-pages"),
-                       asyncio.create_task(self._run(personal=False), name="outbox-messages")]
+        """A loop for pages, direct messages and notices, and one for each platform's incident messages: a platform
+        slow to answer (each card waiting out its timeout) holds back no page, and no other platform."""
+        loops: list[str | None] = [None, *self.adapters]
+        for key in loops:
+            self._wake.setdefault(key, asyncio.Event())
+        self._tasks = [asyncio.create_task(self._run(key), name=f"outbox-{key or 'pages'}") for key in loops]
 
     async def stop(self) -> None:
         self._stopping = True
@@ -180,21 +182,26 @@ class OutboxWorker:
         for wake in self._wake.values():
             wake.set()
 
-    async def _run(self, *, personal: bool) -> None:
-        wake = self._wake[personal]
+    async def _run(self, key: str | None) -> None:
+        wake = self._wake[key]
+        # What this loop folds between its rounds (never during one, so a round's rows are not folded under it):
+        # its platform's channels; the pages loop folds those of platforms that are off, which no loop delivers.
+        own = [cid for cid, ch in self.channels.items()
+               if (ch.platform == key if key else ch.platform not in self.adapters)]
+        compacted = self._monotonic()
         while not self._stopping:
             try:
-                await self._round(personal=personal)
+                await self._round(key)
             except Exception:  # the loop must outlive any one bad round; the rows stay pending
                 log.exception("outbox round failed; retrying in %.1fs", self.poll_seconds)
-            if not personal and self._monotonic() - self._compacted >= self.compact_seconds:
-                self._compacted = self._monotonic()
-                try:  # between rounds, never during one: a round's rows are not folded under it
+            if own and self._monotonic() - compacted >= self.compact_seconds:
+                compacted = self._monotonic()
+                try:
                     if self.may_deliver is None or await self.may_deliver():
-                        await self.compact()
+                        await self.compact(own)
                 except Exception:
                     log.exception("outbox: folding pending rows failed; trying again in %.0fs", self.compact_seconds)
-            idle = self._idle[personal] and not self.db.is_postgres
+            idle = self._idle.get(key, False) and not self.db.is_postgres
             try:
                 await asyncio.wait_for(wake.wait(), self.idle_poll_seconds if idle else self.poll_seconds)
             except asyncio.TimeoutError:
@@ -203,26 +210,30 @@ class OutboxWorker:
             if not self._stopping:
                 await asyncio.sleep(self.min_interval)  # a storm of nudges still means a few rounds a second
 
-    async def compact(self) -> int:
+    async def compact(self, channels: Sequence[str] | None = None) -> int:
         """Fold pending rows that say the same thing, so a storm that outruns a platform's budget (or a platform
         that is off) does not pile them up: per incident message, the redraws become one (due at the earliest of
         them), and the "N new alerts" / "N alerts resolved" lines of one kind become one with the sum; the oldest
         row is kept, so the thread's order and the delivery order stay. Run by the delivery loop between its
-        rounds. Returns how many rows were folded away."""
+        rounds (`channels`: the ones it delivers; None: all). Returns how many rows were folded away."""
         folded = 0
+        where = [OutboxItem.status == "pending", *([OutboxItem.channel.in_(channels)] if channels is not None else [])]
         async with self.db.transaction() as session:
             redraws = (await session.execute(
-                select(OutboxItem.incident_id, OutboxItem.channel, func.min(OutboxItem.id), func.min(OutboxItem.due_at))
-                .where(OutboxItem.status == "pending", OutboxItem.kind == "update", OutboxItem.incident_id.is_not(None))
+                select(OutboxItem.incident_id, OutboxItem.channel, func.min(OutboxItem.id), func.min(OutboxItem.due_at),
+                       func.min(case((OutboxItem.event.in_(ROUTINE_EVENTS), 1), else_=0)))
+                .where(*where, OutboxItem.kind == "update", OutboxItem.incident_id.is_not(None))
                 .group_by(OutboxItem.incident_id, OutboxItem.channel).having(func.count() > 1))).all()
-            for incident_id, channel, keep, due in redraws:
+            for incident_id, channel, keep, due, routine in redraws:
                 folded += (await session.execute(delete(OutboxItem).where(
                     OutboxItem.status == "pending", OutboxItem.kind == "update", OutboxItem.incident_id == incident_id,
                     OutboxItem.channel == channel, OutboxItem.id > keep))).rowcount or 0
-                await session.execute(update(OutboxItem).where(OutboxItem.id == keep).values(due_at=due))
+                # a person's or an escalation's redraw among them keeps the one left from counting as routine
+                await session.execute(update(OutboxItem).where(OutboxItem.id == keep).values(
+                    due_at=due, **({} if routine else {"event": "incident.changed"})))
             lines = (await session.execute(
                 select(OutboxItem.incident_id, OutboxItem.channel, OutboxItem.event)
-                .where(OutboxItem.status == "pending", OutboxItem.kind == "reply", OutboxItem.event.in_(MERGED_EVENTS))
+                .where(*where, OutboxItem.kind == "reply", OutboxItem.event.in_(MERGED_EVENTS))
                 .group_by(OutboxItem.incident_id, OutboxItem.channel, OutboxItem.event).having(func.count() > 1))).all()
             for incident_id, channel, event in lines:
                 rows = (await session.execute(select(OutboxItem).where(
@@ -239,12 +250,17 @@ class OutboxWorker:
         return folded
 
     async def run_once(self) -> int:
-        """One pass over what is due, pages and incident messages side by side; returns the number of platform calls
-        made. (The worker runs the two in loops of their own; see start.)"""
-        personal, messages = await asyncio.gather(self._round(personal=True), self._round(personal=False))
-        return personal + messages
+        """One pass over what is due, pages and each platform's incident messages side by side; returns the number
+        of platform calls made. (The worker runs each in a loop of its own; see start.)"""
+        done = await asyncio.gather(*(self._round(key) for key in (None, *self.adapters)), return_exceptions=True)
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
+        return sum(done)  # type: ignore[arg-type]
 
-    async def _round(self, *, personal: bool) -> int:
+    async def _round(self, key: str | None) -> int:
+        """One round of a loop: pages, direct messages and notices (`key` None), or one platform's messages."""
+        personal = key is None
         if self.may_deliver is not None and not await self.may_deliver():
             return 0
         now = self.clock.now()
@@ -259,15 +275,16 @@ class OutboxWorker:
         if personal:
             waiting &= ~and_(OutboxItem.kind == "notice", OutboxItem.channel.in_(off))
         else:
-            waiting = ~waiting & OutboxItem.channel.not_in(off)
+            mine = [cid for cid, ch in self.channels.items() if ch.platform == key]
+            waiting = ~waiting & OutboxItem.channel.in_(mine)
         (earliest,) = await self.db.read_row(select(func.min(OutboxItem.due_at)).where(
             OutboxItem.status == "pending", waiting))
-        self._idle[personal] = earliest is None
+        self._idle[key] = earliest is None
         if earliest is None or earliest > now:
             return 0
         if personal:
             return await self._people_and_notices(now, off)
-        deliverable = [cid for cid in self.channels if cid not in off]
+        deliverable = mine
         first = func.min(OutboxItem.id)
         routine = func.min(case((OutboxItem.event.in_(ROUTINE_EVENTS), 1), else_=0))
         groups = (select(OutboxItem.incident_id, OutboxItem.channel, first.label("first"), routine.label("routine"),
@@ -282,11 +299,7 @@ class OutboxWorker:
                 select(groups.c.incident_id, groups.c.channel).where(groups.c.nth <= PER_CHANNEL)
                 .order_by(groups.c.routine, groups.c.first).limit(self.batch)
             )).all()
-        by_platform: dict[str, list[tuple[int, str]]] = {}
-        for incident_id, channel_id in due:
-            by_platform.setdefault(self.channels[channel_id].platform, []).append((incident_id, channel_id))
-        # One task per platform: one that takes its time to answer holds back only its own messages.
-        return sum(await asyncio.gather(*(self._messages(groups, now) for groups in by_platform.values())))
+        return await self._messages(list(due), now)
 
     async def _messages(self, groups: list[tuple[int, str]], now: datetime) -> int:
         """Deliver the pending rows of each (incident, channel), in order; the number of platform calls made."""

@@ -309,6 +309,20 @@ async def test_a_platform_slow_to_answer_holds_back_no_page(tmp_path: Path) -> N
                     timeout=2.0)
 
 
+async def test_a_platform_slow_to_answer_holds_back_no_other_platform(tmp_path: Path) -> None:
+    """Telegram's group answers 3 s late; a card for a Slack-only incident goes out meanwhile, not after it."""
+    async with world(tmp_path, DAY) as w:
+        w.tg.slow("sendMessage", 3.0, times=4)
+        await w.alert("critical")  # to ops-slack and ops-telegram
+        await until(lambda: w.slack.posts(), "its Slack card")
+        await asyncio.sleep(0.3)  # its Telegram card is on its way now, for 3 s
+        quiet = {"asset_name": "web-7", "signature": "Down", "severity": "high", "message": "web-7 down",
+                 "tool_source": "zabbix", "labels": {"team": "quiet"}}  # routed to Slack only
+        assert (await w.h.post("open", quiet))[0] == 200
+        await until(lambda: any("web-7 down" in str(p) for p in w.slack.posts()),
+                    "a Slack card, while Telegram's loop waits on its slow call", timeout=2.0)
+
+
 async def test_two_presses_of_one_message_escalate_once(tmp_path: Path) -> None:
     """As GoAlert does: Escalate acts only if nothing escalated since its message was drawn. The button carries
     the steps fired when the card was drawn; the second press of a double click (the first press's step fired in
@@ -648,6 +662,11 @@ async def test_repeat_then_exhausted_and_a_config_change_does_not_touch_a_runnin
         assert (await w.escalation()).state == "exhausted"
         steps = [e.details["step"] for e in await w.audit("escalation.step")]
         assert steps == [1, 2, 3, 4]  # one store: step 1 was recorded before the restart
+        acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U02BOB"))
+        assert acked["text"] == "Acknowledged #1."
+        await until(lambda: "Acknowledged" in str(w.slack.fake.called("chat.update")[-1].params.get("blocks")),
+                    "the acknowledged card")
+        assert "nobody acknowledged" not in str(w.slack.fake.called("chat.update")[-1].params.get("blocks"))
 
 
 async def test_reopen_starts_the_policy_again(tmp_path: Path) -> None:

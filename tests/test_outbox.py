@@ -375,6 +375,19 @@ async def test_the_delivery_loop_folds_on_its_own(database: str, tmp_path: Path,
             ("post", "incident.opened"), ("update", "alerts.changed"), ("reply", "alerts.grouped")]
 
 
+async def test_folding_redraws_keeps_a_persons_redraw_from_counting_as_routine(tmp_path: Path) -> None:
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:  # no Slack: rows wait
+        await h.post("open", {"asset_name": "db-01", "signature": "DiskFull", "severity": "high",
+                              "message": "disk full", "tool_source": "t"})
+        [incident] = await h.incidents()
+        async with h.bot.db.transaction() as session:
+            for event in ("alerts.changed", "incident.changed", "alerts.changed"):  # alert traffic, an ack, traffic
+                session.add(OutboxItem(created_at=T0, due_at=T0, incident_id=incident.id, channel="ops-slack",
+                                       kind="update", event=event, details={}))
+        assert await h.bot.outbox.compact(["ops-slack"]) == 2
+        assert [row[2:4] for row in await h.pending() if row[2] == "update"] == [("update", "incident.changed")]
+
+
 def test_a_line_waiting_after_a_failure_or_a_rate_limit_holds_back_the_ones_after_it() -> None:
     from handlers.outbox import _thread_lines
 
