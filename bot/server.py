@@ -310,25 +310,28 @@ async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
     crashed, posting its cards a second time)."""
     server = loaded.config.server
     try:
-        sock = _listen(server.host, server.port)
+        socks = _listen(server.host, server.port)
     except OSError as exc:
         hint = " (is another chatops running? change server.port)" if exc.errno == errno.EADDRINUSE else ""
         log.error("cannot listen on %s:%s: %s%s", server.host, server.port, exc.strerror, hint)
         return 1
-    with sock:
+    try:
         try:
             store = hold_store(loaded.config.storage.url)
         except StoreInUse as exc:
             log.error("%s", exc)
             return 1
         try:
-            return await _serve(loaded, sock, clock)
+            return await _serve(loaded, socks, clock)
         finally:
             if store is not None:
                 store.close()
+    finally:
+        for sock in socks:
+            sock.close()
 
 
-async def _serve(loaded: Loaded, sock: socket.socket, clock: Clock | None) -> int:
+async def _serve(loaded: Loaded, socks: list[socket.socket], clock: Clock | None) -> int:
     server = loaded.config.server
     bot = Bot(loaded, clock=clock)
     log_startup(loaded, bot)
@@ -340,7 +343,8 @@ async def _serve(loaded: Loaded, sock: socket.socket, clock: Clock | None) -> in
         return 1
     runner = web.AppRunner(bot.web_app(), access_log=None, handle_signals=False)
     await runner.setup()
-    await web.SockSite(runner, sock, shutdown_timeout=10).start()
+    for sock in socks:
+        await web.SockSite(runner, sock, shutdown_timeout=10).start()
     log.info("listening on http://%s:%s (public URL %s)", server.host, server.port, server.public_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -354,20 +358,30 @@ async def _serve(loaded: Loaded, sock: socket.socket, clock: Clock | None) -> in
     return 0
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound now (what aiohttp's TCPSite would bind, for the first address of `host`)."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets, bound now: one for each address of `host` (`localhost` is 127.0.0.1 and ::1), as
+    aiohttp's TCPSite binds them."""
+    socks: list[socket.socket] = []
+    seen = set()
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(128)
-        sock.setblocking(False)
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                  flags=socket.AI_PASSIVE):
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # the IPv4 address is a socket of its own
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
     except OSError:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    return sock
+    return socks
 
 
 class StoreInUse(RuntimeError):
