@@ -21,8 +21,8 @@ from bot.model import Actor
 from bot.view import who_did
 from storage.audit import AuditLog, Entry
 from storage.db import Database
-from handlers.notify import queue_redraw, queue_thread_line
-from storage.models import Incident
+from handlers.notify import page_redraw_row, queue_redraw, queue_thread_line
+from storage.models import Incident, OutboxItem
 
 if TYPE_CHECKING:
     from handlers.escalation import Escalations
@@ -125,3 +125,5 @@ def _queue(session: AsyncSession, incident: Incident, now: datetime, event: str,
         return
     queue_redraw(session, incident, now)
     queue_thread_line(session, incident, now, event, details)
+    assert incident.id is not None
+    session.add(OutboxItem(**page_redraw_row(incident.id, now)))

@@ -38,6 +38,7 @@ from bot.incidents import RESOLVED, TRIGGERED, priority, worst
 from bot.metrics import Metrics
 from bot.model import Actor
 from bot.routing import group_key, select_routes, silenced_by
+from handlers.notify import page_redraw_row
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from storage.models import AlertRecord, AuditEvent, Delivery, Escalation, Incident, OutboxItem
@@ -902,6 +903,8 @@ class Intake:
                     add("reply", "incident.resolved", {"by": "source"})
                 elif t.resolved_alerts:
                     add("reply", "alerts.resolved", {"count": t.resolved_alerts})
+            if t.resolved and incident.id is not None:  # its pages say Resolved now, not Firing
+                rows.append(page_redraw_row(incident.id, st.now))
         return rows
 
 

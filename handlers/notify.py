@@ -71,6 +71,16 @@ def queue_notice(session: AsyncSession, channel: str, text: str, now: datetime, 
     session.add(notice_row(channel, text, now, **kwargs))
 
 
+PAGES = "@pages"  # the channel of a row that redraws the pages an incident's escalation sent (see page_redraw_row)
+
+
+def page_redraw_row(incident_id: int, now: datetime) -> dict[str, Any]:
+    """A row that redraws, as the incident now is, the pages its escalation sent to people's private chats: someone
+    acted elsewhere, and the page still said Firing, with an Acknowledge nobody needs any more."""
+    return {"created_at": now, "due_at": now, "incident_id": incident_id, "channel": PAGES, "kind": "pages",
+            "event": "incident.changed", "details": {}, "status": "pending", "attempts": 0, "last_error": None}
+
+
 def queue_redraw(session: AsyncSession, incident: Incident, now: datetime) -> None:
     """Redraw the incident's message in every channel it is routed to."""
     for channel in incident.channels:

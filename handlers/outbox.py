@@ -50,7 +50,7 @@ from storage.queries import recent_alerts
 log = logging.getLogger("chatops.outbox")
 MERGED_EVENTS = ("alerts.grouped", "alerts.resolved")
 PER_CHANNEL = 10  # incident messages of one channel looked at in a round (a second's budget is a few)
-PERSONAL_KINDS = ("page", "direct", "notice")  # rows not drawn on an incident's message (handlers/notify.py)
+PERSONAL_KINDS = ("page", "direct", "notice", "pages")  # rows not drawn on an incident's message (handlers/notify.py)
 PAGE_ATTEMPTS = 3  # a page that fails for a passing reason is tried this often, then the escalation moves on
 # A page is claimed (SENDING, committed) before the platform is called and settled after: one found SENDING when
 # the worker starts was cut off by a crash mid-call, and may have arrived. It is not sent again (as GoAlert does:
@@ -424,10 +424,50 @@ class OutboxWorker:
         for row in rows:
             if row.kind == "page":
                 calls += await self._page(row, now)
+            elif row.kind == "pages":
+                calls += await self._redraw_pages(row, now)
             elif row.kind == "direct":
                 calls += await self._direct(row)
             else:
                 calls += await self._notice(row)
+        return calls
+
+    async def _redraw_pages(self, row: OutboxItem, now: datetime) -> int:
+        """Someone acted on the incident (or its source resolved it): each page its escalation sent is drawn as the
+        incident now is (state, who, the buttons that apply), as its channel card is. A page the platform no longer
+        has (deleted) is left alone; this chat's budget being spent waits a moment."""
+        async with self.db.sessions() as session:
+            incident = await session.get(Incident, row.incident_id)
+            pages = [p for p in (await session.execute(select(OutboxItem).where(
+                OutboxItem.kind == "page", OutboxItem.incident_id == row.incident_id, OutboxItem.status == "sent")
+            )).scalars().all() if (p.details or {}).get("message")]
+            alerts = await recent_alerts(session, row.incident_id, RECENT_ALERTS) if incident and pages else []
+            escalation = await session.get(Escalation, row.incident_id) if pages else None
+        calls = 0
+        for page in pages if incident is not None else []:
+            where = page.details["message"]
+            adapter = self.adapters.get(where["platform"])
+            if adapter is None:
+                continue
+            if not self.buckets.allow(where["platform"], where["chat_id"], edit=True, now=self._monotonic()):
+                await self._failed([row], "the chat's budget is spent", 1.0, permanent=False)  # no attempt spent
+                return calls
+            person = self.people.get(str(page.details.get("person")))
+            note, mark = drawn_with(escalation)
+            card = incident_card(incident, alerts, now=now, names=self.names, next_step=note, escalation_mark=mark,
+                                 tz=person.timezone if person is not None and person.timezone else self.config.timezone)
+            calls += 1
+            try:
+                await adapter.update(MessageRef(where["platform"], where["chat_id"], where["message_id"]), card)
+            except DeliveryError as exc:
+                if not exc.permanent:  # the platform in trouble: the whole redraw again, later
+                    await self._failed([row], str(exc), exc.retry_after, permanent=False, platform_trouble=True)
+                    return calls
+                log.warning("outbox: cannot redraw the page to %s about #%s: %s", page.channel, row.incident_id, exc)
+        async with self.db.transaction() as session:  # this one, and any other waiting for the same incident
+            await session.execute(update(OutboxItem).where(
+                OutboxItem.kind == "pages", OutboxItem.incident_id == row.incident_id,
+                OutboxItem.status == "pending", OutboxItem.id <= row.id).values(status="sent"))
         return calls
 
     async def _notice(self, row: OutboxItem) -> int:
@@ -565,6 +605,11 @@ class OutboxWorker:
             problem = attempt.problem(person, self.adapters)
             await self._mark(session, [row], "sent" if attempt.platform else "dead",
                              None if attempt.platform else ((UNCONFIRMED if attempt.unknown else "") + problem)[:500])
+            if attempt.ref is not None:  # where the page is, to redraw it when someone acts (_redraw_pages)
+                sent = attempt.ref
+                await session.execute(update(OutboxItem).where(OutboxItem.id == row.id).values(details={
+                    **(row.details or {}), "message": {"platform": sent.platform, "chat_id": sent.chat_id,
+                                                       "message_id": sent.message_id}}))
             if attempt.platform is not None:
                 line = f"Paged {person.name} on {attempt.platform.capitalize()}. {after}".strip()
                 details: dict[str, Any] = {"person": person.id, "platform": attempt.platform, "step": step}

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from bot.actions import Action
-from bot.chat import Adapter, Button, DeliveryError, Outbound
+from bot.chat import Adapter, Button, DeliveryError, MessageRef, Outbound
 from bot.clock import Clock
 from bot.config import Config, Person
 from bot.model import Actor
@@ -63,6 +63,7 @@ class Attempt:
     waiting: bool = False  # the first platform able to take it is rate-limited now: try again later, not elsewhere
     retry_after: float | None = None  # what the platform said about when (None: our own budget is spent)
     unknown: str | None = None  # the platform that took it and never answered: it may have arrived (not resent)
+    ref: MessageRef | None = None  # the message the platform that took it made (redrawn as the incident changes)
 
     def problem(self, person: Person, adapters: Mapping[str, Adapter]) -> str:
         if self.unknown:
@@ -93,14 +94,14 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
             return Attempt(None, tried, True, waiting=True)
         try:
             try:
-                await pager(str(user_id), message)
+                ref = await pager(str(user_id), message)
             except DeliveryError as exc:
                 # Asked for by hand (no budget: someone waits for the answer): a short flood-control wait is
                 # waited out once, on the platform the person chose first, rather than failing or going elsewhere.
                 if allow is not None or not exc.retry_after or exc.retry_after > HAND_PAGE_WAIT:
                     raise
                 await asyncio.sleep(exc.retry_after)
-                await pager(str(user_id), message)
+                ref = await pager(str(user_id), message)
         except DeliveryError as exc:
             said = str(exc) if str(exc).startswith((f"{platform} ", f"{platform}:")) else f"{platform}: {exc}"
             if allow is not None and exc.retry_after:
@@ -110,7 +111,7 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
             tried.append(said)
             transient = transient or not exc.permanent
             continue
-        return Attempt(platform, tried, transient)
+        return Attempt(platform, tried, transient, ref=ref if isinstance(ref, MessageRef) else None)
     return Attempt(None, tried, transient)
 
 

@@ -323,6 +323,26 @@ async def test_a_platform_slow_to_answer_holds_back_no_other_platform(tmp_path: 
                     "a Slack card, while Telegram's loop waits on its slow call", timeout=2.0)
 
 
+async def test_a_page_is_redrawn_when_someone_acts_elsewhere(tmp_path: Path) -> None:
+    """Bob's page on Telegram said Firing with Acknowledge; Alice acknowledges in Slack: the page is drawn again as
+    the incident now is (no Acknowledge any more). When the source resolves it, the page says Resolved."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+
+        def bobs_page() -> dict[str, Any]:
+            edits = [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG]
+            return edits[-1] if edits else {}
+
+        acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+        assert acked["text"] == "Acknowledged #1."
+        await until(lambda: "Acknowledged" in bobs_page().get("text", ""), "Bob's page redrawn")
+        keys = [k["callback_data"] for row in bobs_page()["reply_markup"]["inline_keyboard"] for k in row]
+        assert "ack:1" not in keys and "acknowledged by Alice" in bobs_page()["text"]
+        await w.alert("critical", status="resolved")  # the source resolves it
+        await until(lambda: "Resolved" in bobs_page().get("text", ""), "Bob's page says resolved")
+
+
 async def test_two_presses_of_one_message_escalate_once(tmp_path: Path) -> None:
     """As GoAlert does: Escalate acts only if nothing escalated since its message was drawn. The button carries
     the steps fired when the card was drawn; the second press of a double click (the first press's step fired in

@@ -66,6 +66,7 @@ async def test_alertmanager_captures_group_resolve_and_route(h: Harness) -> None
         (1, "ops-slack", "reply", "incident.resolved", {"by": "source"}),
         (1, "ops-telegram", "update", "alerts.changed", {}),
         (1, "ops-telegram", "reply", "incident.resolved", {"by": "source"}),
+        (1, "@pages", "pages", "incident.changed", {}),  # its escalation's pages, if any, say Resolved now
     ]
     assert await h.actions(1) == [
         "incident.opened", "alert.received", "incident.grouped", "alert.received",
