@@ -300,8 +300,13 @@ class TelegramAdapter:
             log.warning("telegram: cannot reach the Bot API (%s); trying again in the background", exc)
             self._spawn(self._connect_later(), "connect", self._loops)
 
-    async def _connect(self) -> None:
+    async def initialize(self) -> None:
+        """getMe: checks the token (a refused one raises DeliveryError, the token never in it) and learns the
+        bot's @name."""
         await self._call("getMe", self.application.initialize())
+
+    async def _connect(self) -> None:
+        await self.initialize()
         await self._call("setMyCommands", self.bot.set_my_commands(list(COMMANDS.items())))
         log.info("telegram: connected as @%s (%s)", self.bot.username, self.settings.mode)
         if self.settings.mode == "polling":

@@ -401,7 +401,7 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
     async def work() -> int:
         adapter = TelegramAdapter(settings, renderer=Renderer(), dispatcher=Dispatcher(loaded.config))
         try:
-            await adapter._call("getMe", adapter.application.initialize())  # a refused token: said, never shown
+            await adapter.initialize()  # a refused token: said, never shown
             await adapter.set_webhook(url)
         except DeliveryError as exc:
             print(f"Telegram refused: {exc}", file=sys.stderr)

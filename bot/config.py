@@ -144,13 +144,18 @@ def find_person(people: Sequence[Person], text: str) -> Person | None:
     for p in people:
         if raw in (p.slack, str(p.telegram) if p.telegram else None, p.teams):
             return p
-    named = [p for p in people if wanted == p.name.casefold()]
+    named = _named(people, raw)
     return named[0] if len(named) == 1 else None  # two people of one name: neither, on a guess
+
+
+def _named(people: Sequence[Person], name: str) -> list[Person]:
+    wanted = name.strip().lstrip("@").casefold()
+    return [p for p in people if wanted == p.name.casefold()]
 
 
 def unknown_person(people: Sequence[Person], text: str) -> str:
     """What to say when `find_person` found nobody: the people a shared name could mean, or who there is."""
-    named = [p for p in people if text.strip().lstrip("@").casefold() == p.name.casefold()]
+    named = _named(people, text)
     if len(named) > 1:
         return (f"{text!r} could be {' or '.join(f'`{p.id}`' for p in named)} (the same name): name them by id.")
     return f"I don't know {text!r} (people in app.yaml: {', '.join(p.id for p in people) or 'nobody'})."
@@ -587,6 +592,9 @@ def parse_config(
     return Loaded(config, name, loaded_adapters, adapters_off, sources_off, warnings, built)
 
 
+RESPONDER = "responder"  # the role that acts on incidents
+
+
 def paged_rotations(config: Config) -> set[str]:
     """The rotations an escalation step pages (whoever is on call there is paged)."""
     return {step.notify.rotation for policy in config.escalation_policies for step in policy.steps
@@ -600,10 +608,8 @@ def _paged_people_respond(config: Config) -> Config:
     rotations = {r.id: r for r in config.rotations}
     paged = {person for policy in config.escalation_policies for step in policy.steps for person in step.notify.people}
     paged |= {member for rotation in paged_rotations(config) for member in rotations[rotation].members}
-    if all("responder" in p.roles for p in config.people if p.id in paged):
-        return config
     return config.model_copy(update={"people": [
-        p.model_copy(update={"roles": [*p.roles, "responder"]}) if p.id in paged and "responder" not in p.roles else p
+        p.model_copy(update={"roles": [*p.roles, RESPONDER]}) if p.id in paged and RESPONDER not in p.roles else p
         for p in config.people]})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import functools
@@ -315,20 +316,17 @@ async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
         hint = " (is another chatops running? change server.port)" if exc.errno == errno.EADDRINUSE else ""
         log.error("cannot listen on %s:%s: %s%s", server.host, server.port, exc.strerror, hint)
         return 1
-    try:
+    with contextlib.ExitStack() as held:  # closed (the port and the lock let go) when the bot has stopped
+        for sock in socks:
+            held.enter_context(sock)
         try:
             store = hold_store(loaded.config.storage.url)
         except StoreInUse as exc:
             log.error("%s", exc)
             return 1
-        try:
-            return await _serve(loaded, socks, clock)
-        finally:
-            if store is not None:
-                store.close()
-    finally:
-        for sock in socks:
-            sock.close()
+        if store is not None:
+            held.enter_context(store)
+        return await _serve(loaded, socks, clock)
 
 
 async def _serve(loaded: Loaded, socks: list[socket.socket], clock: Clock | None) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from bot.actions import Action
 from bot.chat import ActionEvent, Adapter, CommandEvent, Reply
 from bot.clock import Clock
-from bot.config import Config, Person, find_person, unknown_person
+from bot.config import RESPONDER, Config, Person, find_person, unknown_person
 from bot.dispatch import Dispatcher
 from bot.metrics import Metrics
 from bot.model import Actor
@@ -28,7 +28,6 @@ LABELS = {"acknowledge": "Acknowledge", "escalate": "Escalate", "resolve": "Reso
 SUBCOMMANDS = {"ack": "acknowledge", "acknowledge": "acknowledge", "resolve": "resolve", "escalate": "escalate",
                "reopen": "reopen"}
 INCIDENT_USAGE = "/incident list | show ID | ack ID | escalate ID | resolve ID | reopen ID | page ID PERSON"
-RESPONDER = "responder"
 LIST_MAX = 20  # incidents in a /incident list answer (chatops incidents list shows them all)
 
 

@@ -259,7 +259,7 @@ class OncallHandlers:
             text = f"{head}\n```\n{table(['from', 'until', 'length', 'who', 'note'], lines[:shown])}\n```{more}"
             if len(text) <= MAX_CHARS or shown <= 1:
                 return Reply(text)
-            shown -= max(1, (len(text) - MAX_CHARS) // max(1, len(text) // shown))  # about the rows too many
+            shown -= 1
 
     def _zone_note(self, person: Person) -> str:
         return f"times in {person.timezone}" if person.timezone else "times in each rotation's time zone"

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 from bot.chat import CommandEvent, Reply
 from bot.clock import Clock
-from bot.config import Config, Person, find_person, paged_rotations, unknown_person
+from bot.config import RESPONDER, Config, Person, find_person, paged_rotations, unknown_person
 from bot.durations import DurationTooLong, parse_duration
 from bot.model import Actor
 from bot.rotations import Override, Schedule, first_instant, on_call
@@ -81,7 +81,7 @@ class OverrideHandlers:
         target = find_person(self.config.people, args[1])
         if target is None:
             return Reply(unknown_person(self.config.people, args[1]))
-        if "responder" not in target.roles and schedule.id in paged_rotations(self.config):
+        if RESPONDER not in target.roles and schedule.id in paged_rotations(self.config):
             return Reply(f"{target.name} has no `responder` role, so they could not acknowledge the pages "
                          f"`{schedule.id}` gets; add it to their `roles` in app.yaml first, or put a responder on.")
         now = self.clock.now()
