@@ -20,6 +20,7 @@ import shlex
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from datetime import timedelta
 from typing import Any, Protocol
 
 import aiohttp
@@ -74,6 +75,7 @@ class Dispatcher(Protocol):
 # -- outbound: neutral -> Block Kit ---------------------------------------------------------------
 
 SIGNATURE_WINDOW = 300  # seconds: Slack's own limit on a request's X-Slack-Request-Timestamp
+EVENT_RETRIES = timedelta(hours=1)  # Slack retries an unanswered event 3 times, the last about 5 minutes on
 
 
 def _signed(secret: bytes, body: bytes, timestamp: str | None, signature: str | None, now: float) -> bool:
@@ -270,6 +272,9 @@ class SlackAdapter:
         # Bolt's own client is never used for calls; tokenless so bolt does not warn that `authorize` wins.
         self._secret = settings.signing_secret.encode()
         self._replays = ReplayGuard()  # signatures of slash commands and clicks already taken (see handle)
+        # Replicas sharing PostgreSQL: claims a request in the store (scope, key, window) -> whether it is ours; set
+        # by the bot (storage/replays.py). None: this process's memory is the only guard.
+        self.claim: Callable[[str, str, timedelta], Awaitable[bool]] | None = None
         bolt_log = log.getChild("bolt")
         if not any(isinstance(f, _QuietBolt) for f in bolt_log.filters):
             bolt_log.addFilter(_QuietBolt())
@@ -335,6 +340,9 @@ class SlackAdapter:
             if self._replays.seen(signature, now):
                 return web.json_response({"error": "replayed request: Slack already sent this one"}, status=401)
             self._replays.remember(signature, now + 2 * SIGNATURE_WINDOW)
+            if self.claim is not None and not await self.claim("slack", signature, timedelta(seconds=2 * SIGNATURE_WINDOW)):
+                return web.json_response({"error": "replayed request: Slack already sent this one (to another "
+                                                   "replica)"}, status=401)
         try:
             bolt_request = await to_bolt_request(request)
         except (UnicodeDecodeError, LookupError):  # not UTF-8; a charset nobody knows
@@ -428,7 +436,13 @@ class SlackAdapter:
         if event_id and event_id in self._seen_events:  # Slack's retry of an event we already took
             return
         self._seen_events.append(event_id)
-        self._spawn(self._mention(event), "mention")
+        self._spawn(self._mention_once(event_id, event), "mention")
+
+    async def _mention_once(self, event_id: str, event: dict[str, Any]) -> None:
+        """Slack retries an event it thinks was missed, maybe to another replica: the one that claims it answers."""
+        if event_id and self.claim is not None and not await self.claim("slack-event", event_id, EVENT_RETRIES):
+            return
+        await self._mention(event)
 
     def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> None:
         task = asyncio.get_running_loop().create_task(self._guarded(work, what))

@@ -52,6 +52,7 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 ALLOWED_UPDATES = ["message", "callback_query"]
 TIMEOUT = 15  # seconds for one Bot API call
 POLL_TIMEOUT = 25  # seconds getUpdates waits for something to arrive
+UPDATE_RETRIES = timedelta(hours=1)  # how long an update id is claimed: Telegram retries a failed webhook delivery
 TOAST_MAX, TEXT_MAX, ROW_MAX = 200, 4000, 3
 ASK, CANCEL, YES = "?", "!", "\u2714 "
 INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
@@ -279,6 +280,9 @@ class TelegramAdapter:
         self._loops: set[asyncio.Task[None]] = set()  # the polling loop, a connect retry: cancelled at stop
         self._poller: asyncio.Task[None] | None = None
         self._seen_updates: deque[int] = deque(maxlen=1000)
+        # Replicas sharing PostgreSQL: claims an update in the store (scope, key, window) -> whether it is ours; set by
+        # the bot (storage/replays.py). None: this process's memory is the only guard.
+        self.claim: Callable[[str, str, timedelta], Awaitable[bool]] | None = None
         # `mode: polling` with several replicas: only the one for which this answers True polls.
         self.may_poll: Callable[[], Awaitable[bool]] | None = None
         self.follower_wait = 10.0  # seconds between a follower's attempts to take over
@@ -540,6 +544,10 @@ class TelegramAdapter:
         if update.update_id in self._seen_updates:  # Telegram's retry of an update we already took
             return
         self._seen_updates.append(update.update_id)
+        # Its retry may reach another replica (webhook behind a load balancer): the one that claims it handles it.
+        if self.claim is not None and not await self.claim(
+                "telegram", f"{self.settings.bot_token.partition(':')[0]}:{update.update_id}", UPDATE_RETRIES):
+            return
         if update.callback_query is not None:
             await self._click(update.callback_query)
         elif update.message is not None:

@@ -36,9 +36,11 @@ from handlers.timers import STALLED_AFTER, TimerService
 from storage.audit import AuditLog
 from storage.db import Database, Leader, is_sqlite_file_url
 from storage.queries import open_incidents_by_severity, outbox_counts
+from storage.replays import SharedReplays
 from storage.timers import overdue as overdue_timers
 
 CHECK_WAIT = 5.0  # seconds a platform's start-up token check may take
+PURGE_EVERY = 600.0  # seconds between deletions of expired replay claims (PostgreSQL)
 log = logging.getLogger("chatops.server")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -74,6 +76,10 @@ class Bot:
                              on_open=self.escalations.start_all, on_raise=self.escalations.reconsider,
                              writer=self.config.storage.writer)
         self.alerts = AlertEndpoint(loaded=loaded, intake=self.intake, clock=self.clock, metrics=self.metrics)
+        # Replicas on PostgreSQL: a request one of them took is claimed in the store, so the others refuse a replay.
+        self.replays = SharedReplays(self.db, self.clock)
+        if self.replays.shared:
+            self.timers.add_job(self.replays.purge, seconds=PURGE_EVERY, name="purge-seen-requests")
         ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
                      delivered=self._changed, adapters=self.adapters,
                      escalations=self.escalations).register(self.dispatcher)
@@ -100,12 +106,14 @@ class Bot:
 
             self.adapters["slack"] = SlackAdapter(loaded.adapters["slack"], renderer=self.renderer,
                                                   dispatcher=self.dispatcher)
+            self.adapters["slack"].claim = self.replays.claim
         if "telegram" in loaded.adapters:
             from adapters.telegram import TelegramAdapter
 
             telegram = TelegramAdapter(loaded.adapters["telegram"], renderer=self.renderer, dispatcher=self.dispatcher)
             self.leaders.append(leader := Leader(self.db, "telegram-polling"))
             telegram.may_poll = leader.held  # with several replicas on PostgreSQL, one polls
+            telegram.claim = self.replays.claim
             self.adapters["telegram"] = telegram
         self.adapters_failed: dict[str, str] = {}
 

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import EofStream, web
 
 from bot.alerts import BodyError, read_body
-from bot.auth import AuthError, ReplayGuard, signature_of, verify
+from bot.auth import AuthError, ReplayGuard, replay_message, signature_of, verify
 from bot.clock import Clock
 from bot.config import HmacAuth, Loaded
 from bot.metrics import Metrics
@@ -73,10 +73,7 @@ class AlertEndpoint:
         signature = signature_of(source, request.headers)
         delivery_id = request.headers.get("X-Delivery-ID") or None
         if signature and self.replays.seen(signature, now.timestamp(), delivery_id):
-            return self._reject(source_id, "replayed", _error(
-                401, "replayed request: this signature was already accepted (send X-Delivery-ID to retry safely)"
-                if not delivery_id else "replayed request: this signature was already accepted with another "
-                                        "X-Delivery-ID (a retry repeats the first one)"))
+            return self._reject(source_id, "replayed", _error(401, replay_message(delivery_id)))
         if delivery_id and len(delivery_id) > MAX_DELIVERY_ID:
             return self._reject(source_id, "bad_delivery_id",
                                 _error(400, f"X-Delivery-ID is longer than {MAX_DELIVERY_ID} characters"))
@@ -120,7 +117,7 @@ class AlertEndpoint:
                     headers={"Retry-After": "1"}))
             self._in_flight.setdefault(signature, []).append(delivery_id)
             try:
-                outcome = await self.intake.submit(source, alerts, delivery_id, truncated, body=raw)
+                outcome = await self.intake.submit(source, alerts, delivery_id, truncated, body=raw, signature=signature)
             finally:
                 going = self._in_flight[signature]
                 going.remove(delivery_id)
@@ -128,7 +125,9 @@ class AlertEndpoint:
                     del self._in_flight[signature]
         else:
             outcome = await self.intake.submit(source, alerts, delivery_id, truncated, body=raw)
-        if outcome.rejected is not None:  # the writer process found it is no payload of this kind (see read_body)
+        # The writer process found it is no payload of this kind (see read_body), or (PostgreSQL) another replica
+        # took its signature already: a replay.
+        if outcome.rejected is not None:
             return self._reject(source_id, outcome.rejected, web.Response(
                 body=outcome.encoded, status=outcome.status, content_type="application/json", charset="utf-8")
                 if outcome.encoded is not None else web.json_response(outcome.body, status=outcome.status))

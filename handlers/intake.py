@@ -33,7 +33,8 @@ from sqlalchemy import Connection, select, text
 
 from bot.alerts import Alert, BodyError, read_body
 from bot.clock import Clock
-from bot.config import Config, Source
+from bot.auth import replay_message
+from bot.config import Config, HmacAuth, Source
 from bot.incidents import RESOLVED, TRIGGERED, priority, worst
 from bot.metrics import Metrics
 from bot.model import Actor
@@ -42,6 +43,7 @@ from handlers.notify import page_redraw_row
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from storage.models import AlertRecord, AuditEvent, Delivery, Escalation, Incident, OutboxItem
+from storage.replays import claim_in
 from storage.rows import Json, Rows, fast_encoder, json_text
 from storage.writer import WriterGone, WriterProcess
 
@@ -90,6 +92,9 @@ class Submission:
     # and the answer says how many of each status it held (`counts`).
     body: bytes | None = None
     counts: dict[str, int] | None = None
+    # Its signature (signed with a timestamp): on PostgreSQL claimed in the store with the alerts, so that a copy sent
+    # to another replica is refused there as a replay (storage/replays.py).
+    signature: str | None = None
 
     def received(self) -> dict[str, int]:
         """Alerts by status (firing, resolved)."""
@@ -323,13 +328,14 @@ class Intake:
         return self._in_process()
 
     async def submit(self, source: Source, alerts: list[Alert], delivery_id: str | None,
-                     truncated: int = 0, *, body: bytes | None = None) -> Outcome:
+                     truncated: int = 0, *, body: bytes | None = None, signature: str | None = None) -> Outcome:
         """Store `alerts` (or, if `reads_bodies`, the alerts of `body`) and answer after the commit. For a body
-        that is no payload of the source's kind the outcome says why (`Outcome.rejected`)."""
+        that is no payload of the source's kind, or (on PostgreSQL) a `signature` another replica took already,
+        the outcome says why (`Outcome.rejected`)."""
         if body is not None and not self.reads_bodies:
             raise ValueError("this intake reads no bodies (no writer process): submit the parsed alerts")
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._inbox.append(Submission(source, alerts, delivery_id, future, truncated, body))
+        self._inbox.append(Submission(source, alerts, delivery_id, future, truncated, body, signature=signature))
         self._kick()
         return await future
 
@@ -561,6 +567,9 @@ class Intake:
         """The whole batch, inside one transaction (synchronous: see Database.run_transaction)."""
         replays = self._known_deliveries(conn, batch, now)
         fresh = [s for s in batch if (s.source.id, s.delivery_id) not in replays]
+        taken = self._claim_signatures(conn, fresh, now)
+        if taken:
+            fresh = [s for s in fresh if id(s) not in taken]
         state = self._load(conn, fresh, now)
         applied: list[tuple[Submission, list[tuple[str, _Row | None, str]]] | Outcome | tuple[str, str]] = []
         seen_here: set[tuple[str, str]] = set()
@@ -569,6 +578,8 @@ class Intake:
             key = (s.source.id, s.delivery_id or "")
             if s.delivery_id and key in replays:
                 applied.append(replays[key])
+            elif id(s) in taken:
+                applied.append(taken[id(s)])
             elif s.delivery_id and key in seen_here:
                 applied.append(key)  # a repeat inside this batch
             else:
@@ -664,6 +675,31 @@ class Intake:
                 conn.execute(_DELIVERIES.delete().where(_DELIVERIES.c.source == row["source"],
                                                         _DELIVERIES.c.delivery_id == row["delivery_id"]))
         return known
+
+    def _claim_signatures(self, conn: Connection, batch: Sequence[Submission], now: datetime) -> dict[int, Outcome]:
+        """PostgreSQL: claim the signatures of `batch` in the store (after the delivery ids' locks, before the group
+        keys'); a signature a committed request took already, at any replica, is a replay: id(submission) -> its
+        401. (The process's own ReplayGuard refused the copies it had seen; on SQLite it is the only guard.)"""
+        if self.db is None or not self.db.is_postgres:
+            return {}
+        by_source: dict[str, list[Submission]] = {}
+        for s in batch:
+            if s.signature and isinstance(s.source.auth, HmacAuth):
+                by_source.setdefault(s.source.id, []).append(s)
+        refused: dict[int, Outcome] = {}
+        for source_id, signed in by_source.items():
+            auth = signed[0].source.auth
+            assert isinstance(auth, HmacAuth)
+            # The window a signature stays valid in: its timestamp may be max_skew behind or ahead of now.
+            won = claim_in(conn, f"alert:{source_id}", [s.signature for s in signed if s.signature], now,
+                           now + 2 * auth.max_skew)
+            claimed: set[str] = set()
+            for s in signed:
+                if s.signature in won and s.signature not in claimed:
+                    claimed.add(s.signature)
+                else:
+                    refused[id(s)] = Outcome(401, {"error": replay_message(s.delivery_id)}, rejected="replayed")
+        return refused
 
     def _load(self, conn: Connection, batch: Sequence[Submission], now: datetime) -> _Batch:
         keys = sorted({group_key(self.config.grouping.by, s.source.dedup_key, a) for s in batch for a in s.alerts})

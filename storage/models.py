@@ -147,6 +147,18 @@ class Delivery(SQLModel, table=True):
     response: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
+class SeenRequest(SQLModel, table=True):
+    """A request one replica took (a signed alert, a Slack command or click, a Slack event, a Telegram update),
+    kept until its replay window ends, so that a copy sent to another replica sharing PostgreSQL is refused
+    there too (storage/replays.py)."""
+
+    __tablename__ = "seen_requests"
+
+    scope: str = Field(primary_key=True)  # what kind of request: "alert:<source>", "slack", "slack-event", ...
+    key: str = Field(primary_key=True)  # its signature or id
+    expires_at: datetime = Field(index=True)
+
+
 class IncidentMessage(SQLModel, table=True):
     """A message the bot posted for an incident: one parent per incident and routed channel.
 

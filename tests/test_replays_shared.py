@@ -1,0 +1,176 @@
+"""Replicas sharing PostgreSQL refuse a replay that another replica took: signed alerts, Slack commands and clicks,
+Slack events, Telegram updates (storage/replays.py). Each process's memory guards SQLite, where one bot serves a
+store; these tests need two replicas, so PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+from sqlalchemy import func, select
+
+from bot.auth import sign
+from storage.models import AlertRecord, SeenRequest
+from tests.botkit import Harness, bot_on, running_bot
+from tests.conftest import postgres_url
+from tests.fake_slack import FakeSlack, signed as slack_signed
+from tests.fake_telegram import FakeTelegram
+
+SLACK_SECRET = "slack-signing-secret-for-tests"
+
+
+@pytest.fixture
+async def pair(tmp_path: Path, pg_schema: str) -> AsyncIterator[tuple[Harness, Harness]]:
+    """Two replicas on one PostgreSQL schema, one clock."""
+    if not postgres_url():
+        pytest.skip("replicas share a PostgreSQL store: set CHATOPS_TEST_POSTGRES_URL")
+    async with bot_on("postgres", tmp_path, pg_schema) as one:
+        async with running_bot(postgres_url(), schema=pg_schema, clock=one.clock) as other:
+            yield one, other
+
+
+def alert_signed(h: Harness, body: bytes) -> dict[str, str]:
+    ts = str(int(h.clock.now().timestamp()))
+    return {"X-Signature": f"sha256={sign('generic-secret', body, ts)}", "X-Timestamp": ts}
+
+
+async def rejected(h: Harness, reason: str) -> float:
+    metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    line = next((m for m in metrics if m.startswith("chatops_alert_rejected_total") and f'reason="{reason}"' in m), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+async def stored_alerts(h: Harness) -> int:
+    async with h.bot.db.sessions() as s:
+        return (await s.execute(select(func.sum(AlertRecord.received_count)))).scalar_one() or 0
+
+
+async def test_a_signed_alert_replayed_to_another_replica_is_refused_there(pair: tuple[Harness, Harness]) -> None:
+    one, other = pair
+    body = json.dumps({"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "down",
+                       "tool_source": "t"}).encode()
+    headers = alert_signed(one, body)
+    assert (await one.post("generic", body, headers))[0] == 200
+    status, answer, _ = await other.post("generic", body, headers)
+    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted (send "
+                                              "X-Delivery-ID to retry safely)")
+    assert await rejected(other, "replayed") == 1
+    status, answer, _ = await other.post("generic", body, {**headers, "X-Delivery-ID": "d-9"})
+    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted with another "
+                                              "X-Delivery-ID (a retry repeats the first one)")
+    assert await stored_alerts(one) == 1
+
+    # A sender's retry under the X-Delivery-ID of the first request gets the first answer at either replica.
+    body = json.dumps({"asset_name": "web-2", "signature": "Down", "severity": "high", "message": "down",
+                       "tool_source": "t"}).encode()
+    headers = {**alert_signed(one, body), "X-Delivery-ID": "d-1"}
+    first = await one.post("generic", body, headers)
+    again = await other.post("generic", body, headers)
+    assert (first[0], again[0], again[1], again[2].get("X-Idempotent-Replay")) == (200, 200, first[1], "true")
+    assert await stored_alerts(one) == 2
+
+
+async def test_one_signed_alert_at_two_replicas_at_once_is_stored_once(pair: tuple[Harness, Harness]) -> None:
+    one, other = pair
+    for round in range(5):
+        body = json.dumps({"asset_name": f"db-{round}", "signature": "Down", "severity": "high", "message": "down",
+                           "tool_source": "t"}).encode()
+        headers = alert_signed(one, body)
+        answers = await asyncio.gather(one.post("generic", body, headers), other.post("generic", body, headers))
+        assert sorted(a[0] for a in answers) == [200, 401], answers
+    assert await stored_alerts(one) == 5 and len(await one.incidents()) == 5
+
+
+async def test_a_claim_ends_with_its_window_and_the_job_deletes_it(pair: tuple[Harness, Harness]) -> None:
+    one, other = pair
+    assert await one.bot.replays.claim("test", "k", timedelta(minutes=10))
+    assert not await other.bot.replays.claim("test", "k", timedelta(minutes=10))
+    assert await other.bot.replays.claim("test", "other-key", timedelta(hours=1))
+    one.clock.advance(timedelta(minutes=11))
+    assert await other.bot.replays.purge() == 1  # "k" ended; "other-key" has 49 minutes left
+    async with one.bot.db.sessions() as s:
+        assert (await s.execute(select(SeenRequest.scope, SeenRequest.key))).all() == [("test", "other-key")]
+    assert await other.bot.replays.claim("test", "k", timedelta(minutes=10))  # ended: anyone's again
+
+
+async def test_on_sqlite_the_store_keeps_no_claims(tmp_path: Path, pg_schema: str) -> None:
+    """One bot serves a SQLite store: its memory is the guard, and intake's transactions stay as lean as they were."""
+    async with bot_on("sqlite", tmp_path, pg_schema) as h:
+        body = json.dumps({"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "down",
+                           "tool_source": "t"}).encode()
+        headers = alert_signed(h, body)
+        assert (await h.post("generic", body, headers))[0] == 200
+        assert (await h.post("generic", body, headers))[0] == 401
+        assert await h.count(SeenRequest) == 0
+
+
+@pytest.fixture
+async def slack_pair(tmp_path: Path, pg_schema: str) -> AsyncIterator[tuple[Harness, Harness, FakeSlack]]:
+    if not postgres_url():
+        pytest.skip("replicas share a PostgreSQL store: set CHATOPS_TEST_POSTGRES_URL")
+    async with FakeSlack() as fake:
+        extra = (f"adapters:\n  slack: {{bot_token: {fake.token}, signing_secret: {SLACK_SECRET}, "
+                 f"api_url: '{fake.api_url}'}}\n")
+        async with bot_on("postgres", tmp_path, pg_schema, extra) as one:
+            async with running_bot(postgres_url(), extra, schema=pg_schema, clock=one.clock) as other:
+                yield one, other, fake
+
+
+async def test_a_slack_command_replayed_to_another_replica_is_refused_there(
+        slack_pair: tuple[Harness, Harness, FakeSlack]) -> None:
+    one, other, fake = slack_pair
+    form = urlencode({"token": "x", "team_id": "T0FAKE", "channel_id": "C0OPS", "channel_name": "ops",
+                      "user_id": "U01ALICE", "user_name": "alice", "command": "/oncall", "text": "",
+                      "response_url": fake.response_url("cmd"), "trigger_id": "1.2.3"})
+    headers = slack_signed(form, secret=SLACK_SECRET)
+    assert (await one.client.post("/slack/events", data=form, headers=headers)).status == 200
+    await fake.wait_for(lambda: fake.responses.get("cmd"), timeout=5)
+    answer = await other.client.post("/slack/events", data=form, headers=headers)
+    assert (answer.status, (await answer.json())["error"]) == (
+        401, "replayed request: Slack already sent this one (to another replica)")
+    await asyncio.sleep(0.3)
+    assert len(fake.responses["cmd"]) == 1  # answered once, by the first replica
+
+
+async def test_a_slack_event_retried_to_another_replica_is_handled_once(
+        slack_pair: tuple[Harness, Harness, FakeSlack]) -> None:
+    one, other, fake = slack_pair
+    event = json.dumps({"type": "event_callback", "team_id": "T0FAKE", "api_app_id": "A0FAKE", "event_id": "Ev0001",
+                        "event_time": 1700000000, "event": {"type": "app_mention", "user": "U01ALICE",
+                                                             "text": "<@U0BOT> help", "channel": "C0OPS",
+                                                             "ts": "1700000000.000100"}})
+    for h, retry in ((one, None), (other, "1")):
+        headers = slack_signed(event, secret=SLACK_SECRET, content_type="application/json")
+        if retry:
+            headers.update({"X-Slack-Retry-Num": retry, "X-Slack-Retry-Reason": "http_timeout"})
+        assert (await h.client.post("/slack/events", data=event, headers=headers)).status == 200
+    await fake.wait_for(lambda: fake.called("chat.postEphemeral"), timeout=5)
+    await asyncio.sleep(0.5)
+    assert len(fake.called("chat.postEphemeral")) == 1  # the help, to Alice, once
+
+
+async def test_a_telegram_update_delivered_to_two_replicas_is_handled_once(tmp_path: Path, pg_schema: str) -> None:
+    if not postgres_url():
+        pytest.skip("replicas share a PostgreSQL store: set CHATOPS_TEST_POSTGRES_URL")
+    async with FakeTelegram() as fake:
+        extra = (f"adapters:\n  telegram: {{bot_token: '{fake.token}', webhook_secret: wh-secret, "
+                 f"api_url: '{fake.api_url}'}}\n")
+        async with bot_on("postgres", tmp_path, pg_schema, extra) as one:
+            async with running_bot(postgres_url(), extra, schema=pg_schema, clock=one.clock) as other:
+                update = {"update_id": 4242, "message": {
+                    "message_id": 7, "date": 1700000000, "text": "/help",
+                    "chat": {"id": 111111, "type": "private"},
+                    "from": {"id": 111111, "is_bot": False, "first_name": "Alice"},
+                    "entities": [{"type": "bot_command", "offset": 0, "length": 5}]}}
+                for h in (one, other):
+                    answer = await h.client.post("/telegram/webhook", json=update,
+                                                 headers={"X-Telegram-Bot-Api-Secret-Token": "wh-secret"})
+                    assert answer.status == 200
+                await fake.wait_for(lambda: fake.called("sendMessage"), timeout=5)
+                await asyncio.sleep(0.5)
+                assert len(fake.called("sendMessage")) == 1
