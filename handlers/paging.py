@@ -23,7 +23,7 @@ from bot.model import Actor
 from bot.view import incident_card
 from storage.audit import AuditLog, Entry
 from storage.db import Database
-from storage.models import Incident
+from storage.models import Incident, OutboxItem
 from storage.queries import recent_alerts
 
 log = logging.getLogger("chatops.paging")
@@ -142,7 +142,14 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
         details = {"person": person.id, "platform": attempt.platform, "reason": reason}
         if attempt.tried:
             details["tried"] = attempt.tried  # the platforms that refused it first
-        await _record(db, audit, actor, incident_id, now, "incident.paged", details)
+        sent = None
+        if attempt.ref is not None:  # kept as an escalation's pages are, so the outbox redraws it as the incident changes
+            sent = OutboxItem(created_at=now, due_at=now, incident_id=incident_id, channel=f"@{person.id}", kind="page",
+                              event="incident.page", status="sent", attempts=1, details={
+                                  "person": person.id, "manual": True,
+                                  "message": {"platform": attempt.ref.platform, "chat_id": attempt.ref.chat_id,
+                                              "message_id": attempt.ref.message_id}})
+        await _record(db, audit, actor, incident_id, now, "incident.paged", details, sent)
         return PageResult(True, f"Paged {person.name} on {attempt.platform.capitalize()}.", attempt.platform)
     why = attempt.problem(person, adapters)
     failed: dict[str, Any] = {"person": person.id, "tried": attempt.tried, "reason": reason, "problem": why}
@@ -157,6 +164,8 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
 
 
 async def _record(db: Database, audit: AuditLog, actor: Actor, incident_id: int, now: datetime, action: str,
-                  details: dict[str, Any]) -> None:
+                  details: dict[str, Any], sent: OutboxItem | None = None) -> None:
     async with db.transaction() as session:
+        if sent is not None:
+            session.add(sent)
         await audit.append_many(session, [Entry(action, actor, "incident", str(incident_id), now, details, incident_id)])

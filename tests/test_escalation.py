@@ -343,6 +343,28 @@ async def test_a_page_is_redrawn_when_someone_acts_elsewhere(tmp_path: Path) -> 
         await until(lambda: "Resolved" in bobs_page().get("text", ""), "Bob's page says resolved")
 
 
+async def test_a_page_sent_by_hand_is_redrawn_as_the_incident_changes(tmp_path: Path) -> None:
+    """`/incident page` sends the card at once, not through the outbox (someone waits for the answer); where it went
+    is kept all the same, so Carol's page stops offering Acknowledge once Alice acknowledged, as an escalation's does."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
+        assert paged["text"] == "Paged Carol on Telegram."
+        assert len(w.pages(CAROL_TG)) == 1
+
+        def carols_page() -> dict[str, Any]:
+            edits = [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]
+            return edits[-1] if edits else {}
+
+        acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+        assert acked["text"] == "Acknowledged #1."
+        await until(lambda: "Acknowledged" in carols_page().get("text", ""), "Carol's page redrawn")
+        keys = [k["callback_data"] for row in carols_page()["reply_markup"]["inline_keyboard"] for k in row]
+        assert "ack:1" not in keys and "acknowledged by Alice" in carols_page()["text"]
+        assert len(w.pages(CAROL_TG)) == 1  # redrawn, not sent again
+
+
 async def test_two_presses_of_one_message_escalate_once(tmp_path: Path) -> None:
     """As GoAlert does: Escalate acts only if nothing escalated since its message was drawn. The button carries
     the steps fired when the card was drawn; the second press of a double click (the first press's step fired in
