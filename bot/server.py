@@ -34,7 +34,7 @@ from handlers.outbox import OutboxWorker
 from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
 from handlers.timers import STALLED_AFTER, TimerService
 from storage.audit import AuditLog
-from storage.db import Database, Leader, is_sqlite_file_url
+from storage.db import Database, Leader, StoreReplaced, is_sqlite_file_url
 from storage.queries import open_incidents_by_severity, outbox_counts
 from storage.replays import SharedReplays
 from storage.timers import overdue as overdue_timers
@@ -247,7 +247,9 @@ class Bot:
         done, _ = await asyncio.wait({ping}, timeout=2)
         if not done:
             database = "unreachable: no answer within 2 s (down, or locked by a long transaction)"
-        elif (exc := ping.exception()) is not None:  # any failure to reach it means not ready
+        elif isinstance(exc := ping.exception(), StoreReplaced):
+            database = str(exc)
+        elif exc is not None:  # any failure to reach it means not ready
             database = f"unreachable: {exc.__class__.__name__}: {exc}"[:300]
         else:
             database = "ok"
@@ -289,6 +291,7 @@ class Bot:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
     async def _count(self) -> None:
+        self.db.check_file()
         async with self.db.sessions() as session:
             counts = await open_incidents_by_severity(session)
             outbox = await outbox_counts(session)

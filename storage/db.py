@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -46,6 +47,10 @@ class SchemaTooNew(RuntimeError):
     pass
 
 
+class StoreReplaced(RuntimeError):
+    """The SQLite file the bot opened is no longer at its path."""
+
+
 class Database:
     def __init__(self, url: str, *, schema: str | None = None, echo: bool = False):
         self.url = url
@@ -78,6 +83,7 @@ class Database:
             self._writer = (sqlite_writer_engine(url),
                             ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer"))
         self._reader: tuple[Engine, ThreadPoolExecutor] | None = None  # read_row's, made when first used
+        self._file_id: tuple[int, int] | None = None  # a SQLite file's (device, inode) once started (see ping)
 
     @property
     def is_postgres(self) -> bool:
@@ -151,6 +157,12 @@ class Database:
                     await conn.rollback()  # a failed step leaves the transaction aborted: the unlock needs a new one
                     await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_INIT_LOCK})
                     await conn.commit()
+        self._remember_file()
+
+    def _remember_file(self) -> None:
+        if self.is_sqlite_file:
+            stat = os.stat(make_url(self.url).database or "")
+            self._file_id = (stat.st_dev, stat.st_ino)
 
     async def _create_or_upgrade(self, conn: AsyncConnection) -> None:
         await conn.run_sync(SQLModel.metadata.create_all)
@@ -182,8 +194,24 @@ class Database:
         await conn.commit()
 
     async def ping(self) -> None:
+        """Reach the store (raise if it cannot be), and check_file()."""
+        self.check_file()
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
+
+    def check_file(self) -> None:
+        """A SQLite file must still be the one opened at start: deleted or replaced under the running bot, its
+        connections go on writing into a file nobody else can open (StoreReplaced says so)."""
+        if self._file_id is not None:
+            path = make_url(self.url).database or ""
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                raise StoreReplaced(f"the SQLite file {path} was deleted while the bot runs: what it writes now is "
+                                    "lost when it stops; restore the file from a backup or restart the bot") from None
+            if (stat.st_dev, stat.st_ino) != self._file_id:
+                raise StoreReplaced(f"the SQLite file {path} was replaced while the bot runs (it still writes to the "
+                                    "one it opened); restart the bot to use the new one")
 
     async def read_row(self, statement: Any) -> Any:
         """The one row of a single read statement (an aggregate: `SELECT min(...)`), for checks that run every

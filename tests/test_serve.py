@@ -184,6 +184,29 @@ async def test_readiness_says_when_the_database_does_not_answer_and_pings_once_a
         assert resp.status == 200 and (await resp.json())["database"] == "ok"
 
 
+async def test_a_sqlite_file_deleted_or_replaced_under_the_running_bot_makes_it_unready(tmp_path: Path) -> None:
+    """Its connections write on into the deleted file, which nobody can open after: /readyz and chatops_database_up
+    say so, with what to do, instead of ok."""
+    from tests.botkit import running_bot
+
+    path = tmp_path / "a.db"
+    async with running_bot(f"sqlite+aiosqlite:///{path}") as h:
+        assert (await h.client.get("/readyz")).status == 200
+        path.rename(tmp_path / "elsewhere.db")
+        resp = await h.client.get("/readyz")
+        assert resp.status == 503
+        assert (await resp.json())["database"] == (
+            f"the SQLite file {path} was deleted while the bot runs: what it writes now is lost when it stops; "
+            "restore the file from a backup or restart the bot")
+        assert "chatops_database_up 0.0" in await (await h.client.get("/metrics")).text()
+        path.write_bytes(b"")  # another file at its path
+        assert "was replaced while the bot runs" in (await (await h.client.get("/readyz")).json())["database"]
+        path.unlink()
+        (tmp_path / "elsewhere.db").rename(path)  # the one it opened, back in place
+        assert (await h.client.get("/readyz")).status == 200
+        assert "chatops_database_up 1.0" in await (await h.client.get("/metrics")).text()
+
+
 async def test_metrics_answer_within_seconds_when_the_database_does_not(tmp_path: Path) -> None:
     """A scrape waits 2 s for the store's figures (Prometheus gives up after 10 s, losing every metric), says the
     database is down, and reads the store once at a time."""
