@@ -305,6 +305,8 @@ class OutboxWorker:
         """Deliver the pending rows of each (incident, channel), in order; the number of platform calls made."""
         calls = 0
         for incident_id, channel_id in groups:
+            if not await self._leading():
+                break
             channel = self.channels[channel_id]
             if not self.buckets.any_open(channel.platform, channel.chat, now=self._monotonic()):
                 continue  # nothing could be sent to this chat now: don't even read
@@ -321,6 +323,12 @@ class OutboxWorker:
             if items:
                 calls += await self._deliver(channel_id, items, incident, parent, alerts, now, *drawn_with(escalation))
         return calls
+
+    async def _leading(self) -> bool:
+        """Whether this replica still leads delivery, asked again before each message, not once a round: a replica
+        whose lock went with its connection mid-round (another took over and reads the same pending rows) stops
+        before it posts what the new leader posts too."""
+        return self.may_deliver is None or await self.may_deliver()
 
     async def _deliver(self, channel_id: str, items: list[OutboxItem], incident: Incident | None,
                        parent: IncidentMessage | None, alerts: list[AlertRecord], now: datetime,
@@ -422,6 +430,8 @@ class OutboxWorker:
             )).scalars().all())
         calls = 0
         for row in rows:
+            if not await self._leading():
+                break
             if row.kind == "page":
                 calls += await self._page(row, now)
             elif row.kind == "pages":

@@ -8,6 +8,7 @@ import io
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +54,42 @@ async def test_pending_deliveries_go_out_after_a_restart_and_none_twice(tmp_path
             assert len(parents(fake)) == 2
             # Telegram is not on in this bot: its delivery waits for it.
             assert [row[:4] for row in await h.pending()] == [(2, "ops-telegram", "post", "incident.opened")]
+
+
+async def test_a_replica_that_loses_the_delivery_lock_mid_round_posts_no_more(tmp_path: Path) -> None:
+    """Replicas on PostgreSQL: the lock's connection dies while this replica posts the first of three new cards;
+    another replica takes over and reads the same pending rows. This one stops there, instead of posting the
+    other two as well (the new leader posts them; here, this replica once it leads again)."""
+    async with FakeSlack() as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            h.bot.outbox.buckets = _Buckets(GENEROUS)  # three posts in one round are within the budget
+            leading = True
+
+            async def may_deliver() -> bool:
+                return leading
+
+            slack = h.bot.adapters["slack"]
+            real_send = slack.send
+
+            async def send(chat: str, message: Any) -> Any:
+                nonlocal leading
+                ref = await real_send(chat, message)
+                leading = False  # the lock went during this call
+                return ref
+
+            h.bot.outbox.may_deliver = may_deliver
+            slack.send = send  # type: ignore[method-assign]
+            alerts = [{"asset_name": f"web-{i}", "signature": "Down", "severity": "high", "message": "down",
+                       "tool_source": "t"} for i in range(3)]
+            assert (await h.post("open", alerts))[0] == 200  # three incidents in one commit: one round posts them
+            await fake.wait_for(lambda: parents(fake), timeout=5)
+            await asyncio.sleep(0.5)
+            assert len(parents(fake)) == 1 and await h.count_pending() == 2
+            leading = True
+            slack.send = real_send  # type: ignore[method-assign]
+            h.bot.outbox.nudge()
+            await fake.wait_for(lambda: len(parents(fake)) == 3, timeout=5)
+            assert await h.count_pending() == 0
 
 
 async def test_notices_for_a_platform_that_is_off_do_not_hold_back_pages_and_messages(tmp_path: Path) -> None:
