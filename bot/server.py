@@ -56,6 +56,7 @@ class Bot:
         self.db = Database(self.config.storage.url, schema=self.config.storage.schema_name)
         self.audit = AuditLog(self.config.audit.hmac_key)
         self.metrics = Metrics()
+        self.audit.counted = self.metrics.audit_events.inc  # what people, escalations and the outbox record
         for name in (*loaded.adapters, *loaded.adapters_off):  # a series for every platform, so `== 0` can alert
             self.metrics.adapter_up.labels(name).set(0)
         self.renderer = Renderer(template_dir(loaded))

@@ -560,7 +560,6 @@ class OutboxWorker:
                             incident.id)
             await self.audit.append_many(session, entries)
         if rows:
-            self.metrics.audit_events.inc(len(entries))
             self.nudge()
 
     async def _page(self, row: OutboxItem, now: datetime) -> int:
@@ -648,7 +647,6 @@ class OutboxWorker:
                 session.add(esc)
                 queue_redraw(session, incident, now)
             await self.audit.append_many(session, [entry])
-        self.metrics.audit_events.inc()
         self.nudge()
         return 1
 

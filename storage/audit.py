@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam
+from sqlalchemy import Connection, bindparam, event
 from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
@@ -148,9 +148,36 @@ def _canonical(seq: int, at: str, actor_person: str | None, actor_platform: str,
                     _value(subject_id), "]}"))
 
 
+_APPENDED = "chatops.audit.appended"  # Session.info key: [events appended in its transaction, not yet counted]
+
+
+def _count_when_committed(session: Session, n: int, counted: Callable[[int], None]) -> None:
+    """`counted(total)` once the session's transaction commits; nothing if it rolls back."""
+    pending = session.info.get(_APPENDED)
+    if pending is not None:
+        pending[0] += n
+        return
+    session.info[_APPENDED] = pending = [n]
+
+    def committed(_session: Session) -> None:
+        if session.info.get(_APPENDED) is pending:
+            del session.info[_APPENDED]
+            counted(pending[0])
+
+    def rolled_back(_session: Session) -> None:
+        if session.info.get(_APPENDED) is pending:
+            del session.info[_APPENDED]
+
+    event.listen(session, "after_commit", committed, once=True)
+    event.listen(session, "after_rollback", rolled_back, once=True)
+
+
 class AuditLog:
     def __init__(self, hmac_key: str | None):
         self._key = hmac_key.encode() if hmac_key else None
+        # Told how many events append_many wrote, once their transaction committed (the bot's chatops_audit_events
+        # counter). Intake appends with append_rows in its writer, and counts its own.
+        self.counted: Callable[[int], None] | None = None
         self._hmac: Any = None
         if self._key and _hmac_new is not None:
             try:
@@ -179,7 +206,10 @@ class AuditLog:
 
     async def append_many(self, session: AsyncSession | AsyncConnection, entries: Sequence[Entry]) -> list[dict[str, Any]]:
         """Extend the chain inside the caller's transaction; commit is the caller's. Returns the rows written."""
-        return await session.run_sync(self.append_rows, entries)
+        rows = await session.run_sync(self.append_rows, entries)
+        if rows and self.counted is not None and isinstance(session, AsyncSession):
+            _count_when_committed(session.sync_session, len(rows), self.counted)
+        return rows
 
     def append_rows(self, conn: Connection | Session, entries: Sequence[Entry]) -> list[dict[str, Any]]:
         """The synchronous form, for work already running in a transaction (see Database.run_transaction).

@@ -237,3 +237,22 @@ def test_cli_verify_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["audit", "verify", "-c", str(cfg)]) == 1
     out = capsys.readouterr().out
     assert out.startswith("audit chain broken after 1 good events: audit event #2 (incident.resolved at")
+
+
+async def test_appends_are_counted_once_their_transaction_commits_and_not_when_it_rolls_back(db: Database) -> None:
+    audit, counted = AuditLog("k"), []
+    audit.counted = counted.append
+    entry = Entry("incident.acknowledged", ALICE, "incident", "1", T0, details={}, incident_id=1)
+    async with db.transaction() as session:
+        await audit.append_many(session, [entry, entry])
+        await audit.append(session, entry)
+        assert counted == []  # not committed yet
+    assert counted == [3]
+    with pytest.raises(RuntimeError):
+        async with db.transaction() as session:
+            await audit.append(session, entry)
+            raise RuntimeError("the handler failed after appending")
+    async with db.transaction() as session:
+        await audit.append(session, entry)
+    assert counted == [3, 1]  # the rolled-back append is not counted
+    assert (await verify(db, audit)).ok

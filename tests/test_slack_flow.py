@@ -145,6 +145,9 @@ async def test_resolve_then_reopen_redraws_the_buttons(slack: Slack) -> None:
     lines = [text_of(p) for p in s.posts(thread=ts)]
     assert "Resolved by Alice" in lines[0] and "Reopened by Alice" in lines[1]
     assert await s.h.actions(1) == ["incident.opened", "alert.received", "incident.resolved", "incident.reopened"]
+    # chatops_audit_events_total counts what people did too, not only what intake and the outbox recorded
+    metric = s.h.bot.metrics.registry.get_sample_value("chatops_audit_events_total")
+    assert metric == await s.h.count(AuditEvent) == 4
 
 
 async def test_strangers_and_people_without_the_role_are_told_why_and_nothing_changes(slack: Slack) -> None:
