@@ -678,27 +678,31 @@ class Intake:
 
     def _claim_signatures(self, conn: Connection, batch: Sequence[Submission], now: datetime) -> dict[int, Outcome]:
         """PostgreSQL: claim the signatures of `batch` in the store (after the delivery ids' locks, before the group
-        keys'); a signature a committed request took already, at any replica, is a replay: id(submission) -> its
-        401. (The process's own ReplayGuard refused the copies it had seen; on SQLite it is the only guard.)"""
+        keys'); a signature a committed request took already, at any replica and for any source (as the process's
+        ReplayGuard keys them), is a replay: id(submission) -> its 401. The same request twice in the batch, under
+        its X-Delivery-ID, is a sender's retry, answered as a repeat. (On SQLite the ReplayGuard is the only guard.)"""
         if self.db is None or not self.db.is_postgres:
             return {}
-        by_source: dict[str, list[Submission]] = {}
+        windows: dict[str, datetime] = {}
+        signed = []
         for s in batch:
             if s.signature and isinstance(s.source.auth, HmacAuth):
-                by_source.setdefault(s.source.id, []).append(s)
+                signed.append(s)
+                # A signature stays valid while its timestamp is within max_skew of now, behind or ahead.
+                until = now + 2 * s.source.auth.max_skew
+                windows[s.signature] = max(until, windows.get(s.signature, until))
+        if not signed:
+            return {}
+        won = claim_in(conn, "alert", windows, now)
+        takers: dict[str, tuple[str, str | None]] = {}  # signature -> (source, X-Delivery-ID) of the one that took it
         refused: dict[int, Outcome] = {}
-        for source_id, signed in by_source.items():
-            auth = signed[0].source.auth
-            assert isinstance(auth, HmacAuth)
-            # The window a signature stays valid in: its timestamp may be max_skew behind or ahead of now.
-            won = claim_in(conn, f"alert:{source_id}", [s.signature for s in signed if s.signature], now,
-                           now + 2 * auth.max_skew)
-            claimed: set[str] = set()
-            for s in signed:
-                if s.signature in won and s.signature not in claimed:
-                    claimed.add(s.signature)
-                else:
-                    refused[id(s)] = Outcome(401, {"error": replay_message(s.delivery_id)}, rejected="replayed")
+        for s in signed:
+            assert s.signature is not None
+            taker = takers.get(s.signature)
+            if taker is None and s.signature in won:
+                takers[s.signature] = (s.source.id, s.delivery_id)
+            elif not (s.delivery_id and taker == (s.source.id, s.delivery_id)):
+                refused[id(s)] = Outcome(401, {"error": replay_message(s.delivery_id)}, rejected="replayed")
         return refused
 
     def _load(self, conn: Connection, batch: Sequence[Submission], now: datetime) -> _Batch:

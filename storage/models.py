@@ -154,7 +154,7 @@ class SeenRequest(SQLModel, table=True):
 
     __tablename__ = "seen_requests"
 
-    scope: str = Field(primary_key=True)  # what kind of request: "alert:<source>", "slack", "slack-event", ...
+    scope: str = Field(primary_key=True)  # what kind of request: "alert", "slack", "slack-event", "telegram"
     key: str = Field(primary_key=True)  # its signature or id
     expires_at: datetime = Field(index=True)
 

@@ -10,8 +10,9 @@ ended may be taken again; a job deletes the expired rows.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection
@@ -23,27 +24,30 @@ from storage.models import SeenRequest
 
 log = logging.getLogger("chatops.replays")
 SEEN = SeenRequest.__table__
+CLAIM_WAIT = 1.0  # seconds a claim may take before the request goes on without it
 
 
-def _claim(scope: str, keys: Iterable[str], now: datetime, until: datetime):  # type: ignore[no-untyped-def]
-    """INSERT the claims; a key already claimed is taken over only if its window ended. RETURNING the keys won.
+def _claim(scope: str, windows: Mapping[str, datetime], now: datetime):  # type: ignore[no-untyped-def]
+    """INSERT the claims (key -> until when); a key already claimed is taken over only if its window ended.
+    RETURNING the keys won.
 
-    Sorted: two transactions claiming some of the same keys wait for each other in one order, never in a cycle."""
-    rows = [{"scope": scope, "key": key, "expires_at": until} for key in sorted(set(keys))]
+    In the order of the keys: two transactions claiming some of the same keys wait for each other in one order,
+    never in a cycle."""
+    rows = [{"scope": scope, "key": key, "expires_at": windows[key]} for key in sorted(windows)]
     statement = pg_insert(SEEN).values(rows)
     return statement.on_conflict_do_update(
         index_elements=[SEEN.c.scope, SEEN.c.key], set_={"expires_at": statement.excluded.expires_at},
         where=SEEN.c.expires_at <= now).returning(SEEN.c.key)
 
 
-def claim_in(conn: Connection, scope: str, keys: Iterable[str], now: datetime, until: datetime) -> set[str]:
-    """Claim `keys` inside the caller's PostgreSQL transaction, for `until`: the keys it won (the others were taken
-    by a request committed before, here or at another replica). A claim still uncommitted elsewhere is waited
-    for. The claims commit, or roll back, with the caller's transaction: a request that fails is not taken."""
-    keys = list(keys)
-    if not keys:
+def claim_in(conn: Connection, scope: str, windows: Mapping[str, datetime], now: datetime) -> set[str]:
+    """Claim the keys of `windows` (key -> until when) inside the caller's PostgreSQL transaction, in one statement:
+    the keys it won (the others were taken by a request committed before, here or at another replica). A claim
+    still uncommitted elsewhere is waited for. The claims commit, or roll back, with the caller's transaction: a
+    request that fails is not taken."""
+    if not windows:
         return set()
-    return set(conn.execute(_claim(scope, keys, now, until)).scalars())
+    return set(conn.execute(_claim(scope, windows, now)).scalars())
 
 
 class SharedReplays:
@@ -59,24 +63,27 @@ class SharedReplays:
 
     async def claim(self, scope: str, key: str, window: timedelta) -> bool:
         """True if this request is ours to handle: nobody claimed it, or their window ended. False: another
-        replica (or this one) already took it. With the store unreachable it says True and logs: the process's own
-        guard still stands, and the request would fail on the store anyway."""
+        replica (or this one) already took it. With the store unreachable, or slower than CLAIM_WAIT (Slack wants
+        its answer within 3 s), it says True and logs: the process's own guard still stands."""
         if not self.shared:
             return True
-        now = self.clock.now()
         try:
-            async with self.db.engine.begin() as conn:
-                won = (await conn.execute(_claim(scope, [key], now, now + window))).first()
-        except Exception as exc:
+            return await asyncio.wait_for(self._claim(scope, key, window), CLAIM_WAIT)
+        except Exception as exc:  # TimeoutError too
             log.warning("replays: cannot record a %s request as taken (%s); only this replica will refuse a copy",
-                        scope, exc)
+                        scope, str(exc) or type(exc).__name__)
             return True
-        return won is not None
 
-    async def purge(self) -> int:
-        """Delete the claims whose window ended; how many."""
+    async def _claim(self, scope: str, key: str, window: timedelta) -> bool:
+        now = self.clock.now()
+        async with self.db.engine.begin() as conn:
+            return (await conn.execute(_claim(scope, {key: now + window}, now))).first() is not None
+
+    async def purge(self) -> None:
+        """Delete the claims whose window ended (the periodic job)."""
         if not self.shared:
-            return 0
+            return
         async with self.db.engine.begin() as conn:
             result = await conn.execute(SEEN.delete().where(SEEN.c.expires_at <= self.clock.now()))
-        return result.rowcount or 0
+        if result.rowcount:
+            log.debug("replays: %d claim(s) past their window deleted", result.rowcount)

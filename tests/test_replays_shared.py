@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from bot.auth import sign
 from storage.models import AlertRecord, SeenRequest
-from tests.botkit import Harness, bot_on, running_bot
+from tests.botkit import CONFIG, Harness, bot_on, running_bot
 from tests.conftest import postgres_url
 from tests.fake_slack import FakeSlack, signed as slack_signed
 from tests.fake_telegram import FakeTelegram
@@ -24,13 +24,18 @@ from tests.fake_telegram import FakeTelegram
 SLACK_SECRET = "slack-signing-secret-for-tests"
 
 
+# A second source that shares the generic source's secret (a sender configured twice, say).
+SHARED_SECRET = "  - {id: generic2, kind: generic, auth: {hmac_secret: generic-secret}}\n"
+
+
 @pytest.fixture
 async def pair(tmp_path: Path, pg_schema: str) -> AsyncIterator[tuple[Harness, Harness]]:
     """Two replicas on one PostgreSQL schema, one clock."""
     if not postgres_url():
         pytest.skip("replicas share a PostgreSQL store: set CHATOPS_TEST_POSTGRES_URL")
-    async with bot_on("postgres", tmp_path, pg_schema) as one:
-        async with running_bot(postgres_url(), schema=pg_schema, clock=one.clock) as other:
+    base = CONFIG.replace("critical_assets:", SHARED_SECRET.strip("\n") + "\ncritical_assets:", 1)
+    async with bot_on("postgres", tmp_path, pg_schema, base=base) as one:
+        async with running_bot(postgres_url(), schema=pg_schema, clock=one.clock, base=base) as other:
             yield one, other
 
 
@@ -86,13 +91,40 @@ async def test_one_signed_alert_at_two_replicas_at_once_is_stored_once(pair: tup
     assert await stored_alerts(one) == 5 and len(await one.incidents()) == 5
 
 
+async def test_a_retry_that_arrives_with_its_first_copy_is_answered_as_a_repeat(pair: tuple[Harness, Harness]) -> None:
+    """The same signed request twice at once under one X-Delivery-ID (a sender's retry racing its first try): one
+    is stored, the other gets its answer; neither is refused as a replay."""
+    one, _ = pair
+    for round in range(5):
+        body = json.dumps({"asset_name": f"mq-{round}", "signature": "Down", "severity": "high", "message": "down",
+                           "tool_source": "t"}).encode()
+        headers = {**alert_signed(one, body), "X-Delivery-ID": f"retry-{round}"}
+        answers = await asyncio.gather(one.post("generic", body, headers), one.post("generic", body, headers))
+        assert [a[0] for a in answers] == [200, 200], answers
+        assert sorted(a[2].get("X-Idempotent-Replay", "") for a in answers) == ["", "true"]
+    assert await stored_alerts(one) == 5
+
+
+async def test_a_signature_taken_by_one_source_is_a_replay_at_another_anywhere(pair: tuple[Harness, Harness]) -> None:
+    """Two sources with one secret: a request taken at one is a replay at the other, at this replica (its memory)
+    and at another one (the store), alike."""
+    one, other = pair
+    body = json.dumps({"asset_name": "web-7", "signature": "Down", "severity": "high", "message": "down",
+                       "tool_source": "t"}).encode()
+    headers = alert_signed(one, body)
+    assert (await one.post("generic", body, headers))[0] == 200
+    assert (await one.post("generic2", body, headers))[0] == 401
+    assert (await other.post("generic2", body, headers))[0] == 401
+    assert await stored_alerts(one) == 1
+
+
 async def test_a_claim_ends_with_its_window_and_the_job_deletes_it(pair: tuple[Harness, Harness]) -> None:
     one, other = pair
     assert await one.bot.replays.claim("test", "k", timedelta(minutes=10))
     assert not await other.bot.replays.claim("test", "k", timedelta(minutes=10))
     assert await other.bot.replays.claim("test", "other-key", timedelta(hours=1))
     one.clock.advance(timedelta(minutes=11))
-    assert await other.bot.replays.purge() == 1  # "k" ended; "other-key" has 49 minutes left
+    await other.bot.replays.purge()  # "k" ended; "other-key" has 49 minutes left
     async with one.bot.db.sessions() as s:
         assert (await s.execute(select(SeenRequest.scope, SeenRequest.key))).all() == [("test", "other-key")]
     assert await other.bot.replays.claim("test", "k", timedelta(minutes=10))  # ended: anyone's again
