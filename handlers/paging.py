@@ -21,6 +21,7 @@ from bot.clock import Clock
 from bot.config import Config, Person
 from bot.model import Actor
 from bot.view import incident_card
+from handlers.notify import page_redraw_row
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from storage.models import Incident, OutboxItem
@@ -149,7 +150,7 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
                                   "person": person.id, "manual": True,
                                   "message": {"platform": attempt.ref.platform, "chat_id": attempt.ref.chat_id,
                                               "message_id": attempt.ref.message_id}})
-        await _record(db, audit, actor, incident_id, now, "incident.paged", details, sent)
+        await _record(db, audit, actor, incident_id, now, "incident.paged", details, sent, drawn=incident.status)
         return PageResult(True, f"Paged {person.name} on {attempt.platform.capitalize()}.", attempt.platform)
     why = attempt.problem(person, adapters)
     failed: dict[str, Any] = {"person": person.id, "tried": attempt.tried, "reason": reason, "problem": why}
@@ -164,8 +165,13 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
 
 
 async def _record(db: Database, audit: AuditLog, actor: Actor, incident_id: int, now: datetime, action: str,
-                  details: dict[str, Any], sent: OutboxItem | None = None) -> None:
+                  details: dict[str, Any], sent: OutboxItem | None = None, drawn: str | None = None) -> None:
+    """The audit event, and `sent` (the page's outbox row); a page drawn while the incident was `drawn` (its status)
+    is redrawn at once if someone changed that while it went out (their redraw did not know of it yet)."""
     async with db.transaction() as session:
         if sent is not None:
             session.add(sent)
+            now_is = await session.get(Incident, incident_id)
+            if now_is is not None and now_is.status != drawn:
+                session.add(OutboxItem(**page_redraw_row(incident_id, now)))
         await audit.append_many(session, [Entry(action, actor, "incident", str(incident_id), now, details, incident_id)])

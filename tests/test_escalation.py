@@ -365,6 +365,32 @@ async def test_a_page_sent_by_hand_is_redrawn_as_the_incident_changes(tmp_path: 
         assert len(w.pages(CAROL_TG)) == 1  # redrawn, not sent again
 
 
+async def test_a_page_sent_by_hand_while_someone_acknowledges_is_redrawn_all_the_same(tmp_path: Path) -> None:
+    """Alice acknowledges while Carol's page is on its way: the redraw her acknowledge queued ran before the page
+    was recorded, so the page's record queues one more, and Carol's page does not go on offering Acknowledge."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        telegram = w.h.bot.adapters["telegram"]
+        real_page = telegram.page
+
+        async def page_while_acknowledged(user_id: str, message: Any) -> Any:
+            ref = await real_page(user_id, message)
+            acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+            assert acked["text"] == "Acknowledged #1."
+            for _ in range(200):  # the redraw that acknowledge queued is done (it found Bob's page only)
+                if not [row for row in await w.h.pending() if row[2] == "pages"]:
+                    break
+                await asyncio.sleep(0.02)
+            return ref
+
+        telegram.page = page_while_acknowledged  # type: ignore[method-assign]
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
+        assert paged["text"] == "Paged Carol on Telegram."
+        await until(lambda: any("Acknowledged" in c.params["text"] for c in w.tg.called("editMessageText")
+                                if c.params["chat_id"] == CAROL_TG), "Carol's page redrawn")
+
+
 async def test_two_presses_of_one_message_escalate_once(tmp_path: Path) -> None:
     """As GoAlert does: Escalate acts only if nothing escalated since its message was drawn. The button carries
     the steps fired when the card was drawn; the second press of a double click (the first press's step fired in
