@@ -5,6 +5,7 @@ came and the writer process answers a bad one with the same 400/422 (Intake.read
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from storage.rows import fast_encoder
 _dumps = fast_encoder(json.JSONEncoder())  # json.dumps, aiohttp's default for json_response
 
 MAX_DELIVERY_ID = 200
+BODY_WAIT = 30.0  # seconds a request's body may take to arrive once its headers have
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -61,7 +63,12 @@ class AlertEndpoint:
                 503, f"source {source_id!r} is off: {self.sources_off[source_id]}; set it and restart the bot",
                 headers={"Retry-After": "60"}))
         limit = source.max_body_bytes or self.config.server.max_body_bytes
-        body = await _read_limited(request, limit)
+        try:
+            body = await _read_limited(request, limit)
+        except BodyError as exc:
+            answer = self._bad_body(source_id, exc)
+            answer.force_close()  # what is left of the body cannot be told from a next request: close after it
+            return answer
         if body is None:
             return self._reject(source_id, "too_large", _error(413, f"body larger than {limit} bytes"))
         now = self.clock.now()
@@ -150,10 +157,25 @@ class AlertEndpoint:
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes | None:
-    """The whole body, or None once it passes `limit` bytes (without reading the rest)."""
+    """The whole body, or None once it passes `limit` bytes (without reading the rest). BodyError: it cannot be read
+    (not what its Content-Encoding says, cut off), or it does not arrive within BODY_WAIT."""
     if request.content_length is not None and request.content_length > limit:
         return None
     content = request.content
+    try:
+        if content.is_eof():  # all here already (the usual case): no timer needed
+            return await _read_chunks(content, limit)
+        try:
+            async with asyncio.timeout(BODY_WAIT):
+                return await _read_chunks(content, limit)
+        except TimeoutError:
+            raise BodyError(408, "slow_body", f"the body did not arrive within {BODY_WAIT:g} s") from None
+    except BodyError:
+        content.feed_eof()  # read no further (aiohttp would, after the answer, and log the same failure again)
+        raise
+
+
+async def _read_chunks(content: Any, limit: int) -> bytes | None:
     chunks, size = [], 0
     try:  # what `async for chunk in content.iter_any()` does, without the iterator object
         while chunk := await content.readany():
@@ -163,4 +185,9 @@ async def _read_limited(request: web.Request, limit: int) -> bytes | None:
             chunks.append(chunk)
     except EofStream:
         pass
+    except web.RequestPayloadError as exc:  # aiohttp's word for a body it could not decode or that was cut off
+        cause = exc.__cause__ or exc
+        said = str(getattr(cause, "message", "") or cause).strip()  # aiohttp's errors carry their words in .message
+        raise BodyError(400, "malformed", f"the body cannot be read ({said}); send it as its Content-Encoding and "
+                                          "Content-Length say") from None
     return b"".join(chunks)

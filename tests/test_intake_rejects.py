@@ -341,3 +341,37 @@ async def test_database_down_gives_503_and_writes_nothing(h: Harness, tmp_path: 
     assert await h.count(AlertRecord) == 0 and await h.count(AuditEvent) == 0
     assert (await h.post("open", ALERT))[0] == 200  # the retry lands
     assert await h.count(AlertRecord) == 1
+
+
+async def test_a_body_that_is_not_what_its_encoding_says_gets_400_not_500(h: Harness) -> None:
+    """Plain JSON labelled gzip, and a gzip stream cut short: aiohttp cannot decode them; the sender is told why."""
+    import gzip
+
+    status, answer = await raw_post(h.client, "/alerts/open", [(b"Content-Encoding", b"gzip")], json.dumps(ALERT).encode())
+    assert status == 400, answer
+    assert json.loads(answer)["error"] == ("the body cannot be read (Can not decode content-encoding: gzip); send it as "
+                                           "its Content-Encoding and Content-Length say")
+    cut = gzip.compress(json.dumps(ALERT).encode())[:-12]  # what inflates of it is JSON cut short
+    status, answer = await raw_post(h.client, "/alerts/open", [(b"Content-Encoding", b"gzip")], cut)
+    assert status == 400 and json.loads(answer)["error"].startswith("malformed JSON at line 1"), answer
+    status, answer = await raw_post(h.client, "/alerts/open", [(b"Content-Encoding", b"gzip")],
+                                    gzip.compress(json.dumps(ALERT).encode()))
+    assert status == 200, answer  # a body that is what it says is read as any other
+    assert await rejected(h, "malformed") == 2 and await h.count(AlertRecord) == 1
+
+
+async def test_a_body_that_does_not_arrive_gets_408_and_the_connection_back(h: Harness,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers, then part of the body, then nothing: the request is answered once BODY_WAIT passes, instead of
+    holding a connection (and its memory) open for as long as the sender likes."""
+    import handlers.alert_http
+
+    monkeypatch.setattr(handlers.alert_http, "BODY_WAIT", 0.5)
+    server = h.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"POST /alerts/open HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"asset_name\": ")
+    answer = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"the body did not arrive within 0.5 s" in answer
+    assert await rejected(h, "slow_body") == 1
