@@ -504,10 +504,11 @@ class Intake:
         self._send_soon = False
         if not self._running:
             return
-        assert self.clock is not None
+        assert self.clock is not None and self.db is not None
         while self._inbox:
             batch = self._take()
             try:
+                self.db.check_file()  # (the writer process opened it at start, and would write on into a lost file)
                 future = self._writer_process().call(
                     (self.clock.now(), [(s.source.id, s.body if s.body is not None else [_alert_fields(a) for a in s.alerts],
                                          s.delivery_id, s.truncated) for s in batch]))

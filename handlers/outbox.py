@@ -43,7 +43,7 @@ from handlers.escalation import SYSTEM, UNCONFIRMED, Escalations, drawn_with
 from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_line
 from handlers.paging import Attempt, page_message, page_order, send_page
 from storage.audit import AuditLog, Entry
-from storage.db import Database
+from storage.db import Database, StoreReplaced
 from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem, SwapRequest
 from storage.queries import recent_alerts
 
@@ -262,6 +262,10 @@ class OutboxWorker:
         """One round of a loop: pages, direct messages and notices (`key` None), or one platform's messages."""
         personal = key is None
         if self.may_deliver is not None and not await self.may_deliver():
+            return 0
+        try:
+            self.db.check_file()  # a SQLite file lost under the bot: a post could not be recorded, and would go again
+        except StoreReplaced:
             return 0
         now = self.clock.now()
         async with self._recovering:

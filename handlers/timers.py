@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot.clock import Clock
 from bot.metrics import Metrics
 from storage import timers as store
-from storage.db import Database
+from storage.db import Database, StoreReplaced
 from storage.models import Timer
 
 log = logging.getLogger("chatops.timers")
@@ -135,7 +135,12 @@ class TimerService:
         """Run what is due now; returns how many timers fired.
 
         A beat first peeks (one read): with nothing due it neither claims (a write transaction) nor counts
-        overdue timers, and plans the next wakeup from what it read. An idle bot pays one query a beat."""
+        overdue timers, and plans the next wakeup from what it read. An idle bot pays one query a beat. Nothing
+        while the SQLite file is lost (Database.check_file says why, once): what a timer did could not be recorded."""
+        try:
+            self.db.check_file()
+        except StoreReplaced:
+            return 0
         fired = 0
         async with self._lock:
             self._again = False

@@ -47,8 +47,8 @@ class SchemaTooNew(RuntimeError):
     pass
 
 
-class StoreReplaced(RuntimeError):
-    """The SQLite file the bot opened is no longer at its path."""
+class StoreReplaced(OSError):
+    """The SQLite file the bot opened is no longer at its path: the store is unavailable (senders get 503)."""
 
 
 class Database:
@@ -84,6 +84,7 @@ class Database:
                             ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer"))
         self._reader: tuple[Engine, ThreadPoolExecutor] | None = None  # read_row's, made when first used
         self._file_id: tuple[int, int] | None = None  # a SQLite file's (device, inode) once started (see ping)
+        self._replaced_said = False
 
     @property
     def is_postgres(self) -> bool:
@@ -108,7 +109,9 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """One unit of work: commit on success, roll back on any error."""
+        """One unit of work: commit on success, roll back on any error. StoreReplaced before it begins if the SQLite
+        file is not the one opened (check_file): what it wrote would be lost."""
+        self.check_file()
         async with self._write_sessions() as session, session.begin():
             yield session
 
@@ -120,8 +123,9 @@ class Database:
         async driver hands every statement (and every cursor call) to its own
         thread and back, about 0.4 ms of overhead a statement, which is most of a
         batch's cost. One thread and one connection (kept open between transactions; a new one after a
-        transaction that failed) keep writes in order.
+        transaction that failed) keep writes in order. StoreReplaced as transaction() says.
         """
+        self.check_file()
         if self._writer is None:
             async with self.engine.begin() as conn:
                 return await conn.run_sync(work)
@@ -201,17 +205,25 @@ class Database:
 
     def check_file(self) -> None:
         """A SQLite file must still be the one opened at start: deleted or replaced under the running bot, its
-        connections go on writing into a file nobody else can open (StoreReplaced says so)."""
-        if self._file_id is not None:
-            path = make_url(self.url).database or ""
-            try:
-                stat = os.stat(path)
-            except FileNotFoundError:
-                raise StoreReplaced(f"the SQLite file {path} was deleted while the bot runs: what it writes now is "
-                                    "lost when it stops; restore the file from a backup or restart the bot") from None
-            if (stat.st_dev, stat.st_ino) != self._file_id:
-                raise StoreReplaced(f"the SQLite file {path} was replaced while the bot runs (it still writes to the "
-                                    "one it opened); restart the bot to use the new one")
+        connections go on writing into a file nobody else can open. StoreReplaced says so (and the log, once)."""
+        if self._file_id is None:
+            return
+        path = make_url(self.url).database or ""
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            problem = (f"the SQLite file {path} was deleted while the bot runs: what it writes now is lost when it "
+                       "stops; restore the file from a backup or restart the bot")
+        else:
+            if (stat.st_dev, stat.st_ino) == self._file_id:
+                self._replaced_said = False
+                return
+            problem = (f"the SQLite file {path} was replaced while the bot runs (it still writes to the one it "
+                       "opened); restart the bot to use the new one")
+        if not self._replaced_said:
+            self._replaced_said = True
+            log.error("%s; until then alerts get 503, and nothing is delivered or recorded", problem)
+        raise StoreReplaced(problem)
 
     async def read_row(self, statement: Any) -> Any:
         """The one row of a single read statement (an aggregate: `SELECT min(...)`), for checks that run every

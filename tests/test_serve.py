@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from storage.db import SCHEMA_VERSION, Database
@@ -184,13 +185,15 @@ async def test_readiness_says_when_the_database_does_not_answer_and_pings_once_a
         assert resp.status == 200 and (await resp.json())["database"] == "ok"
 
 
-async def test_a_sqlite_file_deleted_or_replaced_under_the_running_bot_makes_it_unready(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_a_sqlite_file_deleted_or_replaced_under_the_running_bot_makes_it_unready(tmp_path: Path,
+                                                                                      writer: str) -> None:
     """Its connections write on into the deleted file, which nobody can open after: /readyz and chatops_database_up
     say so, with what to do, instead of ok."""
     from tests.botkit import running_bot
 
     path = tmp_path / "a.db"
-    async with running_bot(f"sqlite+aiosqlite:///{path}") as h:
+    async with running_bot(f"sqlite+aiosqlite:///{path}", storage_options=f"writer: {writer}") as h:
         assert (await h.client.get("/readyz")).status == 200
         path.rename(tmp_path / "elsewhere.db")
         resp = await h.client.get("/readyz")
@@ -199,11 +202,17 @@ async def test_a_sqlite_file_deleted_or_replaced_under_the_running_bot_makes_it_
             f"the SQLite file {path} was deleted while the bot runs: what it writes now is lost when it stops; "
             "restore the file from a backup or restart the bot")
         assert "chatops_database_up 0.0" in await (await h.client.get("/metrics")).text()
+        # Alerts get 503 (a sender retries), not a 200 for an alert written into the lost file.
+        alert = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "down", "tool_source": "t"}
+        status, answer, headers = await h.post("open", alert)
+        assert (status, headers.get("Retry-After")) == (503, "5"), answer
         path.write_bytes(b"")  # another file at its path
         assert "was replaced while the bot runs" in (await (await h.client.get("/readyz")).json())["database"]
         path.unlink()
         (tmp_path / "elsewhere.db").rename(path)  # the one it opened, back in place
         assert (await h.client.get("/readyz")).status == 200
+        assert (await h.post("open", alert))[0] == 200
+        assert len(await h.incidents()) == 1  # only the alert that got its 200
         assert "chatops_database_up 1.0" in await (await h.client.get("/metrics")).text()
 
 
