@@ -40,6 +40,17 @@ class ShapeError(ValueError):
         super().__init__(f"{field}: {problem}")
 
 
+MAX_KEY = 500  # characters of a fingerprint or group key kept as they are (bounded_key)
+
+
+def bounded_key(key: str) -> str:
+    """`key`, or for a longer one its start and a hash of the whole: the same key always maps to the same text, and
+    it fits a database index (PostgreSQL's refuses an entry of more than about 2,700 bytes)."""
+    if len(key) <= MAX_KEY:
+        return key
+    return f"{key[:MAX_KEY - 80]}…sha256:{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+
 @dataclass
 class Alert:
     source: str
@@ -434,11 +445,15 @@ def read_body(kind: str, source_id: str, body: bytes) -> tuple[list[Alert], int]
         problem = "a number of more than 4,300 digits" if "integer string conversion" in str(exc) else str(exc)
         raise BodyError(400, "malformed", f"malformed JSON: {problem}") from None
     try:
-        return PARSERS[kind](payload, source_id), truncated_count(kind, payload)
+        alerts, truncated = PARSERS[kind](payload, source_id), truncated_count(kind, payload)
     except ShapeError as exc:
         article = "an" if kind[0] in "aeiou" else "a"
         raise BodyError(422, "bad_shape", f"{exc.field}: {exc.problem} (not {article} {kind} payload?)",
                         exc.field) from None
+    for alert in alerts:
+        if len(alert.fingerprint) > MAX_KEY:
+            alert.fingerprint = bounded_key(alert.fingerprint)
+    return alerts, truncated
 
 
 def _without_nul(value: Any) -> Any:

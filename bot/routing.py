@@ -8,7 +8,7 @@ from datetime import datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from bot.alerts import Alert, alert_name
+from bot.alerts import MAX_KEY, Alert, alert_name, bounded_key
 from bot.config import Route, Silence
 from bot.durations import parse_weekday
 
@@ -77,10 +77,12 @@ def group_key(grouping_by: Sequence[str], source_dedup: str | None, alert: Alert
     (`groupKey`: the sender's own group, or a label name); then `grouping.by`.
     """
     if alert.dedup_key:
-        return f"dedup:{alert.source}:{alert.dedup_key}"
-    if source_dedup == "groupKey" and alert.group_key:
-        return f"group:{alert.source}:{alert.group_key}"
-    if source_dedup and source_dedup != "groupKey" and alert.labels.get(source_dedup):
-        return f"{source_dedup}={alert.labels[source_dedup]}"
-    return "|".join(f"{k}={alert_name(alert.labels) if k == 'alertname' else alert.labels.get(k, '')}"
-                    for k in grouping_by)
+        key = f"dedup:{alert.source}:{alert.dedup_key}"
+    elif source_dedup == "groupKey" and alert.group_key:
+        key = f"group:{alert.source}:{alert.group_key}"
+    elif source_dedup and source_dedup != "groupKey" and alert.labels.get(source_dedup):
+        key = f"{source_dedup}={alert.labels[source_dedup]}"
+    else:
+        key = "|".join(f"{k}={alert_name(alert.labels) if k == 'alertname' else alert.labels.get(k, '')}"
+                       for k in grouping_by)
+    return key if len(key) <= MAX_KEY else bounded_key(key)  # (a very long label value still fits the index)

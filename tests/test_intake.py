@@ -439,3 +439,26 @@ async def test_two_tools_through_one_generic_source_count_as_two_reporters(h: Ha
     await h.post("open", {**lat, "asset_name": "web-8", "tool_source": "nagios"})
     [_, inc] = await h.incidents()
     assert inc.sources == ["open/nagios"] and inc.priority == 30 + 2  # one tool: no +10
+
+
+async def test_very_long_keys_are_stored_and_group_on_every_database(h: Harness) -> None:
+    """A 3,000-character host name, dedup_key or Alertmanager fingerprint: PostgreSQL's index takes no entry that
+    long (the whole notification got a 500, and Alertmanager resent it forever). Kept as their start and a hash of
+    the whole, they are stored, and the same long key still finds its incident."""
+    long_host = "h" * 3000
+    alert = {"asset_name": long_host, "signature": "Down", "severity": "high", "message": "down", "tool_source": "t"}
+    for _ in range(2):
+        status, body, _ = await h.post("limited", alert)
+        assert status == 200, body
+    status, body, _ = await h.post("limited", {**alert, "asset_name": "web-1", "dedup_key": "k" * 3000})
+    assert status == 200, body
+    am = json.loads(fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    am["alerts"][0]["fingerprint"] = "f" * 4000
+    am["alerts"][0]["labels"]["alertname"] = "A" * 4000
+    status, body, _ = await h.post("am", am)
+    assert status == 200, body
+    incidents = await h.incidents()
+    assert [i.alert_count for i in incidents][:2] == [1, 1] and incidents[0].notifications == 2
+    assert all(len(i.group_key) <= 500 for i in incidents)
+    [first] = await h.alerts(incidents[0].id)
+    assert first.labels["instance"] == long_host  # the labels keep the whole value
