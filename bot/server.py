@@ -41,6 +41,7 @@ from storage.timers import overdue as overdue_timers
 
 CHECK_WAIT = 5.0  # seconds a platform's start-up token check may take
 PURGE_EVERY = 600.0  # seconds between deletions of expired replay claims (PostgreSQL)
+DB_WAIT = 15.0  # seconds PostgreSQL may take to connect or answer a statement before the work gives up (503 to senders)
 log = logging.getLogger("chatops.server")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -53,7 +54,7 @@ class Bot:
         self.loaded = loaded
         self.config = loaded.config
         self.clock = clock or SystemClock()
-        self.db = Database(self.config.storage.url, schema=self.config.storage.schema_name)
+        self.db = Database(self.config.storage.url, schema=self.config.storage.schema_name, wait=DB_WAIT)
         self.audit = AuditLog(self.config.audit.hmac_key)
         self.metrics = Metrics()
         self.audit.counted = self.metrics.audit_events.inc  # what people, escalations and the outbox record
@@ -348,7 +349,8 @@ async def _serve(loaded: Loaded, socks: list[socket.socket], clock: Clock | None
     try:
         await bot.start()
     except Exception as exc:
-        log.error("cannot open the database at %s: %s", bot.db.safe_url, exc)
+        why = str(exc) or (f"no answer within {DB_WAIT:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        log.error("cannot open the database at %s: %s", bot.db.safe_url, why)
         await bot.stop()
         return 1
     runner = web.AppRunner(bot.web_app(), access_log=None, handle_signals=False)

@@ -52,7 +52,10 @@ class StoreReplaced(OSError):
 
 
 class Database:
-    def __init__(self, url: str, *, schema: str | None = None, echo: bool = False):
+    def __init__(self, url: str, *, schema: str | None = None, echo: bool = False, wait: float | None = None):
+        """`wait` (PostgreSQL): seconds a connection, a statement or a free connection of the pool may take before
+        the work fails as the database being unavailable (the bot answers senders 503); None: the drivers' own
+        limits (60 s to connect, none for a statement), for the command line's long reads."""
         self.url = url
         self.schema = schema
         self.dialect = make_url(url).get_backend_name()
@@ -61,8 +64,14 @@ class Database:
             kwargs["pool_size"] = 10
             kwargs["max_overflow"] = 20
             kwargs["pool_pre_ping"] = True
+            connect: dict[str, Any] = {}
             if schema:
-                kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
+                connect["server_settings"] = {"search_path": schema}
+            if wait is not None:
+                connect.update(timeout=wait, command_timeout=wait)
+                kwargs["pool_timeout"] = wait
+            if connect:
+                kwargs["connect_args"] = connect
         elif self.dialect == "sqlite":
             kwargs["pool_size"] = 5
             kwargs["max_overflow"] = 10

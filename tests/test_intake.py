@@ -462,3 +462,38 @@ async def test_very_long_keys_are_stored_and_group_on_every_database(h: Harness)
     assert all(len(i.group_key) <= 500 for i in incidents)
     [first] = await h.alerts(incidents[0].id)
     assert first.labels["instance"] == long_host  # the labels keep the whole value
+
+
+async def test_a_postgresql_that_stops_answering_gets_senders_503_not_a_wait_without_end(
+        tmp_path: Path, pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table locked by someone's long transaction (or a server that stopped answering): intake gives up after
+    the bot's DB_WAIT and answers 503 with Retry-After, which Alertmanager retries; nothing is half-written. It
+    waited as long as the lock was held (once 150 s, past any sender's timeout)."""
+    import time
+
+    import asyncpg
+
+    import bot.server
+    from tests.conftest import postgres_url
+
+    url = postgres_url()
+    monkeypatch.setattr(bot.server, "DB_WAIT", 1.0)
+    async with bot_on("postgres", tmp_path, pg_schema) as h:
+        alert = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "down", "tool_source": "t"}
+        assert (await h.post("open", alert))[0] == 200
+        locker = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"),
+                                       server_settings={"search_path": pg_schema})
+        try:
+            locking = locker.transaction()
+            await locking.start()
+            await locker.execute("LOCK TABLE incidents IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            status, body, headers = await h.post("open", {**alert, "asset_name": "web-2"})
+            assert (status, headers.get("Retry-After")) == (503, "5"), body
+            assert time.monotonic() - started < 5
+            await locking.rollback()
+        finally:
+            await locker.close()
+        assert (await h.post("open", {**alert, "asset_name": "web-3"}))[0] == 200
+        assert [i.group_key for i in await h.incidents()] == ["alertname=Down|instance=web-1",
+                                                               "alertname=Down|instance=web-3"]  # web-2: nothing
