@@ -40,7 +40,7 @@ from storage.replays import SharedReplays
 from storage.timers import overdue as overdue_timers
 
 CHECK_WAIT = 5.0  # seconds a platform's start-up token check may take
-PURGE_EVERY = 600.0  # seconds between deletions of expired replay claims (PostgreSQL)
+PURGE_EVERY = 600.0  # seconds between deletions of expired replay claims
 DB_WAIT = 15.0  # seconds PostgreSQL may take to connect or answer a statement before the work gives up (503 to senders)
 log = logging.getLogger("chatops.server")
 
@@ -78,10 +78,9 @@ class Bot:
                              on_open=self.escalations.start_all, on_raise=self.escalations.reconsider,
                              writer=self.config.storage.writer)
         self.alerts = AlertEndpoint(loaded=loaded, intake=self.intake, clock=self.clock, metrics=self.metrics)
-        # Replicas on PostgreSQL: a request one of them took is claimed in the store, so the others refuse a replay.
+        # A request taken is claimed in the store: other replicas, and this one after a restart, refuse a replay.
         self.replays = SharedReplays(self.db, self.clock)
-        if self.replays.shared:
-            self.timers.add_job(self.replays.purge, seconds=PURGE_EVERY, name="purge-seen-requests")
+        self.timers.add_job(self.replays.purge, seconds=PURGE_EVERY, name="purge-seen-requests")
         ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
                      delivered=self._changed, adapters=self.adapters,
                      escalations=self.escalations).register(self.dispatcher)
@@ -122,6 +121,10 @@ class Bot:
     async def start(self) -> None:
         """Open the store and start the background workers."""
         await self.db.start()
+        restored = await self.alerts.restore(self.db)
+        if restored:
+            log.info("replays: %d alert signature(s) taken before the restart are refused as replays until their "
+                     "windows end", restored)
         self.intake.start()
         await self.intake.ready()
         for name, adapter in list(self.adapters.items()):

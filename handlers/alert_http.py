@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from aiohttp import EofStream, web
+from sqlmodel import select
 
 from bot.alerts import BodyError, read_body
 from bot.auth import AuthError, ReplayGuard, replay_message, signature_of, verify
@@ -19,6 +20,8 @@ from bot.config import HmacAuth, Loaded
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket
 from handlers.intake import Intake
+from storage.db import Database
+from storage.models import AlertSignature
 from storage.rows import fast_encoder
 
 _dumps = fast_encoder(json.JSONEncoder())  # json.dumps, aiohttp's default for json_response
@@ -42,6 +45,20 @@ class AlertEndpoint:
         self._in_flight: dict[str, list[str | None]] = {}  # signature -> the X-Delivery-IDs of its requests on the way
         self.buckets = {s.id: TokenBucket(s.rate_limit.per_minute, s.rate_limit.burst)
                         for s in loaded.config.sources if s.rate_limit}
+
+    async def restore(self, db: Database) -> int:
+        """SQLite: the signatures taken within their windows (logged by intake, see Intake._claim_signatures) back
+        in the ReplayGuard after a restart; how many. PostgreSQL claims them in the store (storage/replays.py)."""
+        if db.is_postgres:
+            return 0
+        now = self.clock.now()
+        async with db.sessions() as session:
+            rows = (await session.execute(select(AlertSignature.signature, AlertSignature.delivery_id,
+                                                 AlertSignature.expires_at)
+                                          .where(AlertSignature.expires_at > now).order_by(AlertSignature.id))).all()
+        for signature, delivery_id, until in rows:
+            self.replays.remember(signature, until.timestamp(), delivery_id)
+        return len(rows)
 
     def _reject(self, source: str, reason: str, response: web.Response) -> web.Response:
         self.metrics.alert_rejected.labels(source, reason).inc()
@@ -146,7 +163,8 @@ class AlertEndpoint:
         if outcome.status < 300:
             if signature:  # committed: from now on a copy is a replay
                 assert isinstance(source.auth, HmacAuth)
-                self.replays.remember(signature, now.timestamp() + source.auth.max_skew.total_seconds(), delivery_id)
+                # until its timestamp, which may be max_skew ahead of now, is max_skew old
+                self.replays.remember(signature, now.timestamp() + 2 * source.auth.max_skew.total_seconds(), delivery_id)
             if truncated and not outcome.replayed:
                 self.metrics.alerts_truncated.labels(source_id).inc(truncated)
         self.metrics.observe_intake(source_id, time.perf_counter() - started)

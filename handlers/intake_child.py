@@ -130,18 +130,18 @@ class _ProcessWriter:
         """One submission as the parent sent it: its answer until applied (503), what reading its body found
         (None if it came parsed), and the Submission to apply (None if it is refused already)."""
         try:
-            source_id, alerts, delivery_id, truncated = item
+            source_id, alerts, delivery_id, truncated, signature = item
             source = self.sources[source_id]
             if not isinstance(alerts, bytes):
                 return (503, _UNAVAILABLE_BODY, False), None, Submission(
-                    source, [Alert(*fields) for fields in alerts], delivery_id, None, truncated)
+                    source, [Alert(*fields) for fields in alerts], delivery_id, None, truncated, signature=signature)
             try:
                 parsed, truncated = read_body(source.kind, source.id, alerts)
             except BodyError as exc:
                 return (exc.status, _dumps(exc.body()).encode(), False), (exc.reason, 0, 0, 0), None
             firing = sum(1 for a in parsed if a.status == "firing")
             return ((503, _UNAVAILABLE_BODY, False), (None, truncated, firing, len(parsed) - firing),
-                    Submission(source, parsed, delivery_id, None, truncated))
+                    Submission(source, parsed, delivery_id, None, truncated, signature=signature))
         except Exception as exc:  # not what the parent sends, or a fault reading it: this one gets 500
             logs.append((logging.ERROR, "intake writer: a submission it cannot read\n"
                                         + "".join(traceback.format_exception(exc)).rstrip()))

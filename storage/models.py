@@ -159,6 +159,19 @@ class SeenRequest(SQLModel, table=True):
     expires_at: datetime = Field(index=True)
 
 
+class AlertSignature(SQLModel, table=True):
+    """A signed alert request taken, kept until its signature's window ends, on SQLite: the process's ReplayGuard
+    is filled from these at start, so a copy sent after a restart is refused too. Rows are only appended (no index
+    but the id), which costs intake little; replicas on PostgreSQL claim signatures in `seen_requests` instead."""
+
+    __tablename__ = "alert_signatures"
+
+    id: int | None = Field(default=None, primary_key=True)
+    signature: str
+    delivery_id: str | None = None  # the X-Delivery-ID it came with: a retry under it is answered, not refused
+    expires_at: datetime
+
+
 class IncidentMessage(SQLModel, table=True):
     """A message the bot posted for an incident: one parent per incident and routed channel.
 

@@ -1,11 +1,14 @@
-"""Requests already taken, shared by the replicas of one PostgreSQL store: a replay is refused at every replica.
+"""Requests already taken, kept in the store: a replay is refused by every replica, and after a restart.
 
 Each process remembers the requests it took (bot.auth.ReplayGuard for signatures, the adapters' recent event
-and update ids). On SQLite that is the whole story: one bot serves a store (`chatops serve` locks it). Replicas
-sharing PostgreSQL each remember only their own, so a signed request captured on its way and sent again to
-another replica inside its window was taken twice there. On PostgreSQL each request is also claimed in
+and update ids), which turns most copies away without asking the store. Memory alone missed two cases: replicas
+sharing PostgreSQL each remember only their own requests, and a restarted bot has forgotten them all, so a signed
+request captured on its way and sent again inside its window was taken twice. So each request is also claimed in
 `seen_requests`, one row per (scope, key) until its window ends: the first claim wins; a claim whose window has
-ended may be taken again; a job deletes the expired rows.
+ended may be taken again; a job deletes the expired rows. An alert's claim is part of its intake transaction: a
+request that fails is not taken. Alerts on SQLite, where one bot serves the store, are the exception: their
+signatures are only logged (`alert_signatures`, appended in the intake transaction), and the ReplayGuard starts
+from that log after a restart (a claim table cost intake a fifth of its throughput there).
 """
 
 from __future__ import annotations
@@ -17,73 +20,83 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Connection
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from bot.clock import Clock
 from storage.db import Database
-from storage.models import SeenRequest
+from storage.models import AlertSignature, SeenRequest
+from storage.rows import _encode_datetime
 
 log = logging.getLogger("chatops.replays")
 SEEN = SeenRequest.__table__
+SIGNATURES = AlertSignature.__table__
 CLAIM_WAIT = 1.0  # seconds a claim may take before the request goes on without it
 
 
-def _claim(scope: str, windows: Mapping[str, datetime], now: datetime):  # type: ignore[no-untyped-def]
+def _claim(dialect: str, scope: str, windows: Mapping[str, datetime], now: datetime):  # type: ignore[no-untyped-def]
     """INSERT the claims (key -> until when); a key already claimed is taken over only if its window ended.
     RETURNING the keys won.
 
     In the order of the keys: two transactions claiming some of the same keys wait for each other in one order,
     never in a cycle."""
     rows = [{"scope": scope, "key": key, "expires_at": windows[key]} for key in sorted(windows)]
-    statement = pg_insert(SEEN).values(rows)
+    statement = (pg_insert if dialect == "postgresql" else sqlite_insert)(SEEN).values(rows)
     return statement.on_conflict_do_update(
         index_elements=[SEEN.c.scope, SEEN.c.key], set_={"expires_at": statement.excluded.expires_at},
         where=SEEN.c.expires_at <= now).returning(SEEN.c.key)
 
 
+_SQLITE_CLAIM = ("INSERT INTO seen_requests (scope, key, expires_at) VALUES {rows} ON CONFLICT (scope, key) DO UPDATE "
+                 "SET expires_at = excluded.expires_at WHERE seen_requests.expires_at <= ? RETURNING key")
+
+
 def claim_in(conn: Connection, scope: str, windows: Mapping[str, datetime], now: datetime) -> set[str]:
-    """Claim the keys of `windows` (key -> until when) inside the caller's PostgreSQL transaction, in one statement:
-    the keys it won (the others were taken by a request committed before, here or at another replica). A claim
-    still uncommitted elsewhere is waited for. The claims commit, or roll back, with the caller's transaction: a
-    request that fails is not taken."""
+    """Claim the keys of `windows` (key -> until when) inside the caller's transaction, in one statement: the keys
+    it won (the others were taken by a request committed before, here or at another replica). A claim still
+    uncommitted elsewhere is waited for. The claims commit, or roll back, with the caller's transaction."""
     if not windows:
         return set()
-    return set(conn.execute(_claim(scope, windows, now)).scalars())
+    if conn.dialect.driver == "pysqlite":  # intake's writer: the driver's cursor, as storage.rows writes
+        keys = sorted(windows)
+        values: list[object] = []
+        for key in keys:
+            values += (scope, key, _encode_datetime(windows[key]))
+        values.append(_encode_datetime(now))
+        raw = conn.connection.driver_connection
+        return {key for (key,) in raw.execute(_SQLITE_CLAIM.format(rows=", ".join(["(?, ?, ?)"] * len(keys))), values)}
+    return set(conn.execute(_claim(conn.dialect.name, scope, windows, now)).scalars())
 
 
 class SharedReplays:
-    """`claim(scope, key, window)` for the adapters, and `purge()` for the periodic job. Only on PostgreSQL; on
-    SQLite every claim is granted (the process's own memory is the guard there)."""
+    """`claim(scope, key, window)` for the adapters, and `purge()` for the periodic job."""
 
     def __init__(self, db: Database, clock: Clock):
         self.db, self.clock = db, clock
 
-    @property
-    def shared(self) -> bool:
-        return self.db.is_postgres
-
     async def claim(self, scope: str, key: str, window: timedelta) -> bool:
-        """True if this request is ours to handle: nobody claimed it, or their window ended. False: another
-        replica (or this one) already took it. With the store unreachable, or slower than CLAIM_WAIT (Slack wants
-        its answer within 3 s), it says True and logs: the process's own guard still stands."""
-        if not self.shared:
-            return True
+        """True if this request is ours to handle: nobody claimed it, or their window ended. False: it was taken
+        already (by this replica before a restart, or by another). With the store unreachable, or slower than
+        CLAIM_WAIT (Slack wants its answer within 3 s), it says True and logs: the process's own guard still
+        stands, and the request would fail on the store anyway."""
         try:
             return await asyncio.wait_for(self._claim(scope, key, window), CLAIM_WAIT)
         except Exception as exc:  # TimeoutError too
-            log.warning("replays: cannot record a %s request as taken (%s); only this replica will refuse a copy",
+            log.warning("replays: cannot record a %s request as taken (%s); only this process will refuse a copy",
                         scope, str(exc) or type(exc).__name__)
             return True
 
     async def _claim(self, scope: str, key: str, window: timedelta) -> bool:
         now = self.clock.now()
-        async with self.db.engine.begin() as conn:
-            return (await conn.execute(_claim(scope, {key: now + window}, now))).first() is not None
+        async with self.db.transaction() as session:
+            conn = await session.connection()
+            return (await conn.execute(_claim(self.db.dialect, scope, {key: now + window}, now))).first() is not None
 
     async def purge(self) -> None:
-        """Delete the claims whose window ended (the periodic job)."""
-        if not self.shared:
-            return
-        async with self.db.engine.begin() as conn:
-            result = await conn.execute(SEEN.delete().where(SEEN.c.expires_at <= self.clock.now()))
-        if result.rowcount:
-            log.debug("replays: %d claim(s) past their window deleted", result.rowcount)
+        """Delete the claims, and the logged alert signatures (SQLite), whose window ended (the periodic job)."""
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            claims = await session.execute(SEEN.delete().where(SEEN.c.expires_at <= now))
+            logged = await session.execute(SIGNATURES.delete().where(SIGNATURES.c.expires_at <= now))
+        if claims.rowcount or logged.rowcount:
+            log.debug("replays: %d claim(s) and %d signature(s) past their window deleted", claims.rowcount,
+                      logged.rowcount)

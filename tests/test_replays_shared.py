@@ -1,6 +1,6 @@
-"""Replicas sharing PostgreSQL refuse a replay that another replica took: signed alerts, Slack commands and clicks,
-Slack events, Telegram updates (storage/replays.py). Each process's memory guards SQLite, where one bot serves a
-store; these tests need two replicas, so PostgreSQL."""
+"""A replay is refused by every replica sharing PostgreSQL, and after a restart: signed alerts, Slack commands and
+clicks, Slack events, Telegram updates are claimed in the store (storage/replays.py). Most tests here need two
+replicas, so PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 from sqlalchemy import func, select
 
 from bot.auth import sign
-from storage.models import AlertRecord, SeenRequest
+from storage.models import AlertRecord, AlertSignature, SeenRequest
 from tests.botkit import CONFIG, Harness, bot_on, running_bot
-from tests.conftest import postgres_url
+from tests.conftest import drop_schema, postgres_url
 from tests.fake_slack import FakeSlack, signed as slack_signed
 from tests.fake_telegram import FakeTelegram
 
@@ -130,15 +130,36 @@ async def test_a_claim_ends_with_its_window_and_the_job_deletes_it(pair: tuple[H
     assert await other.bot.replays.claim("test", "k", timedelta(minutes=10))  # ended: anyone's again
 
 
-async def test_on_sqlite_the_store_keeps_no_claims(tmp_path: Path, pg_schema: str) -> None:
-    """One bot serves a SQLite store: its memory is the guard, and intake's transactions stay as lean as they were."""
-    async with bot_on("sqlite", tmp_path, pg_schema) as h:
-        body = json.dumps({"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "down",
-                           "tool_source": "t"}).encode()
-        headers = alert_signed(h, body)
-        assert (await h.post("generic", body, headers))[0] == 200
-        assert (await h.post("generic", body, headers))[0] == 401
-        assert await h.count(SeenRequest) == 0
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_a_signed_alert_replayed_after_a_restart_is_refused(tmp_path: Path, pg_schema: str,
+                                                                 database: str) -> None:
+    """The process's memory is gone after a restart; the store still says the signature was taken (on SQLite too,
+    where one bot serves the store), so a copy sent inside its window is refused. A future-dated timestamp keeps
+    its signature valid longer, and the claim lasts as long."""
+    url = postgres_url() if database == "postgres" else f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    schema = pg_schema if database == "postgres" else None
+    body = json.dumps({"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "down",
+                       "tool_source": "t"}).encode()
+    try:
+        async with running_bot(url, schema=schema) as h:
+            ts = str(int(h.clock.now().timestamp()) + 240)  # the sender's clock 4 minutes ahead (max_skew is 5)
+            headers = {"X-Signature": f"sha256={sign('generic-secret', body, ts)}", "X-Timestamp": ts}
+            assert (await h.post("generic", body, headers))[0] == 200
+            clock = h.clock
+        clock.advance(timedelta(minutes=8))  # past now + max_skew, within the timestamp's own window
+        async with running_bot(url, schema=schema, clock=clock) as h:
+            status, answer, _ = await h.post("generic", body, headers)
+            assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted "
+                                                      "(send X-Delivery-ID to retry safely)")
+            # PostgreSQL claims it (replicas share the store); SQLite logs it for the next start's memory
+            kept = SeenRequest if database == "postgres" else AlertSignature
+            assert await stored_alerts(h) == 1 and await h.count(kept) == 1
+            clock.advance(timedelta(minutes=3))  # the timestamp is past its window now: the claim is not needed
+            await h.bot.replays.purge()
+            assert await h.count(kept) == 0
+    finally:
+        if database == "postgres":
+            await drop_schema(url, pg_schema)
 
 
 @pytest.fixture
