@@ -200,11 +200,37 @@ class BearerAuth(Section):
     bearer: str = Field(min_length=8)
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")  # an HTTP field name (RFC 9110's token)
+
+
 class HmacAuth(Section):
     hmac_secret: str = Field(min_length=8)
     header: str = "X-Signature"
-    timestamp_header: str | None = "X-Timestamp"
+    timestamp_header: str | None = "X-Timestamp"  # null: the signature covers the body alone (Grafana)
     max_skew: Duration = timedelta(minutes=5)
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        if not _HEADER_NAME.match(value):
+            raise ValueError(f"{value!r} is not an HTTP header name (such as X-Signature)")
+        return value
+
+    @field_validator("timestamp_header")
+    @classmethod
+    def _timestamp_header(cls, value: str | None) -> str | None:
+        if value is not None and not _HEADER_NAME.match(value):
+            raise ValueError(f"{value!r} is not an HTTP header name (such as X-Timestamp); set it to null for a "
+                             "signature over the body alone, with no timestamp")
+        return value
+
+    @field_validator("max_skew")
+    @classmethod
+    def _skew(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(hours=12):
+            raise ValueError("must be between 1s and 12h (a signed request stays valid, and is remembered against "
+                             "replays, this long before and after its timestamp)")
+        return value
 
 
 class RateLimit(Section):

@@ -168,6 +168,16 @@ BROKEN = [
      'the label has it (e.g. pci: "true")'),
     (BASE + ROUTES + "server:\n", "server: empty: give it keys, or remove it"),
     (BASE + ROUTES + "server: 5\n", "server: expected a mapping of keys, got 5"),
+    # An empty header name refused every request ("missing  header"); an empty timestamp header quietly turned
+    # off the timestamp window and replay protection.
+    (BASE.replace("auth: {bearer: secret-token}", "auth: {hmac_secret: s3cret-123, header: ''}") + ROUTES,
+     "sources[0].auth.header: '' is not an HTTP header name (such as X-Signature)"),
+    (BASE.replace("auth: {bearer: secret-token}", "auth: {hmac_secret: s3cret-123, timestamp_header: ''}") + ROUTES,
+     "sources[0].auth.timestamp_header: '' is not an HTTP header name (such as X-Timestamp); set it to null for a "
+     "signature over the body alone, with no timestamp"),
+    (BASE.replace("auth: {bearer: secret-token}", "auth: {hmac_secret: s3cret-123, max_skew: 2d}") + ROUTES,
+     "sources[0].auth.max_skew: must be between 1s and 12h (a signed request stays valid, and is remembered against "
+     "replays, this long before and after its timestamp)"),
 ]
 
 
