@@ -312,9 +312,9 @@ def parse_generic(payload: Any, source: str) -> list[Alert]:
         signature = _text(a, "signature", where, required=True)
         message = _text(a, "message", where, required=True)
         tool = _text(a, "tool_source", where, required=True)
-        if not asset or not signature:
-            raise ShapeError(f"{where}.{'asset_name' if not asset else 'signature'}" if where else
-                             ("asset_name" if not asset else "signature"), "must not be empty")
+        if not asset.strip() or not signature.strip():
+            blank = "asset_name" if not asset.strip() else "signature"
+            raise ShapeError(f"{where}.{blank}" if where else blank, "must not be empty")
         severity_raw = a.get("severity")
         if severity_raw is None:
             raise ShapeError(f"{where}.severity" if where else "severity", "required")
@@ -424,6 +424,8 @@ def read_body(kind: str, source_id: str, body: bytes) -> tuple[list[Alert], int]
     """A request's body -> its alerts and how many the sender left out (`truncated_count`); BodyError if it is
     not a `kind` payload. Run where the alerts are needed: the HTTP front, or the intake writer process."""
     try:
+        if body[:3] == b"\xef\xbb\xbf":  # a UTF-8 byte order mark, which JSON forbids senders and lets us ignore
+            body = body[3:]
         payload = _decode(body.decode("utf-8"))
         if b"\\ud" in body or b"\\uD" in body:  # a \uD800-\uDFFF escape: a lone one is no text to store
             _dumps_utf8(payload).encode("utf-8")

@@ -247,6 +247,7 @@ MALFORMED = [
      "severity: unknown severity 'apocalyptic' (expected one of: critical, high, medium, low, info, or a synonym such as warning, error, P1) (not a generic payload?)"),
     ("open", json.dumps([ALERT, {**ALERT, "labels": {"a": {"b": 1}}}]).encode(), 422, "[1].labels.a: expected a string, got an object (not a generic payload?)"),
     ("open", json.dumps({**ALERT, "status": "exploded"}).encode(), 422, "status: expected 'firing' or 'resolved', got 'exploded' (not a generic payload?)"),
+    ("open", json.dumps({**ALERT, "asset_name": "   "}).encode(), 422, "asset_name: must not be empty (not a generic payload?)"),
     ("open", json.dumps({**ALERT, "colour": "red"}).encode(), 422,
      "colour: unknown field (expected: annotations, asset_name, dedup_key, labels, links, message, severity, signature, status, timestamp, tool_source) (not a generic payload?)"),
     ("am", b'{"version": "4", "alerts": {}}', 422, "alerts: expected a list, got an object (not an alertmanager payload?)"),
@@ -375,3 +376,10 @@ async def test_a_body_that_does_not_arrive_gets_408_and_the_connection_back(h: H
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408 ") and b"the body did not arrive within 0.5 s" in answer
     assert await rejected(h, "slow_body") == 1
+
+
+async def test_a_byte_order_mark_before_the_json_is_ignored(h: Harness) -> None:
+    """JSON forbids senders a BOM and lets receivers ignore it; some Windows tools write one."""
+    status, answer = await raw_post(h.client, "/alerts/open", [], b"\xef\xbb\xbf" + json.dumps(ALERT).encode())
+    assert status == 200, answer
+    assert await h.count(AlertRecord) == 1
