@@ -32,6 +32,7 @@ def verify(source: Source, headers: Mapping[str, str], body: bytes, now: datetim
     if auth == "none":
         return
     if isinstance(auth, BearerAuth):
+        _once(headers, "Authorization")
         given = headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
         if not given:
@@ -75,7 +76,18 @@ def _mac(secret: str) -> Any:
     return base.copy()
 
 
+def _once(headers: Mapping[str, str], name: str) -> None:
+    """A credential header sent twice is refused: which one counts would be the server's guess (aiohttp's `get`
+    takes the first, a proxy in front may take the last)."""
+    getall = getattr(headers, "getall", None)
+    if getall is not None and len(getall(name, ())) > 1:
+        raise AuthError("bad_credentials", f"{name} header sent more than once")
+
+
 def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: datetime, separator: str = ".") -> None:
+    _once(headers, auth.header)
+    if auth.timestamp_header:
+        _once(headers, auth.timestamp_header)
     given = headers.get(auth.header, "")
     if not given:
         raise AuthError("missing_signature", f"missing {auth.header} header")

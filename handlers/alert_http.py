@@ -96,6 +96,8 @@ class AlertEndpoint:
             return self._reject(source_id, exc.reason, _error(401, str(exc), headers=headers))
         signature = signature_of(source, request.headers)
         delivery_id = request.headers.get("X-Delivery-ID") or None
+        if delivery_id and len(request.headers.getall("X-Delivery-ID")) > 1:
+            return self._reject(source_id, "bad_delivery_id", _error(400, "X-Delivery-ID sent more than once"))
         if signature and self.replays.seen(signature, now.timestamp(), delivery_id):
             return self._reject(source_id, "replayed", _error(401, replay_message(delivery_id)))
         if delivery_id and len(delivery_id) > MAX_DELIVERY_ID:
