@@ -195,6 +195,8 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
         now = datetime.now(UTC)
         async with db.sessions() as session:
             incidents = await queries.list_incidents(session, status=args.status, limit=args.limit)
+            total = (await queries.count_incidents(session, status=args.status)
+                     if len(incidents) == args.limit else len(incidents))
         ranked = sorted(((_current_priority(i, now), i) for i in incidents), key=lambda p: (-p[0], -(p[1].id or 0)))
         if args.format == "json":
             out.write(json.dumps([_incident_json(i, p) for p, i in ranked], indent=2) + "\n")
@@ -205,6 +207,9 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
         rows = [(f"#{i.id}", i.status + (" (silenced)" if i.silenced else ""), i.severity, p, i.title,
                  i.alert_count, ",".join(i.sources), ago(now - i.opened_at)) for p, i in ranked]
         print(table(["ID", "STATUS", "SEVERITY", "PRIO", "TITLE", "ALERTS", "SOURCES", "OPENED"], rows), file=out)
+        if total > len(ranked):
+            print(f"the newest {len(ranked)} of {total:,} incidents{' with status ' + args.status if args.status else ''}"
+                  f"; --limit {min(total, 100_000)} shows more, --status open only those still open", file=out)
         return EXIT_OK
 
     return asyncio.run(_with_db(loaded, work))
@@ -244,16 +249,35 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
         facts += [(f"link: {k}", v) for k, v in inc.links.items()]
         for key, value in facts:
             print(printable(f"  {key + ':':<13} {value}"), file=out)  # a longer name (a link's) still gets its space
+        shown = None if args.all else SHOW_ROWS
         print("\nAlerts", file=out)
-        print(table(["SOURCE", "FINGERPRINT", "STATUS", "SEVERITY", "SUMMARY", "RECEIVED"],
-                    [(a.source, a.fingerprint, a.status, a.severity, a.summary, a.received_count) for a in alerts]), file=out)
+        print(table(["SOURCE", "INSTANCE", "FINGERPRINT", "STATUS", "SEVERITY", "SUMMARY", "RECEIVED"],
+                    [(a.source, _instance(a.labels), a.fingerprint, a.status, a.severity, a.summary, a.received_count)
+                     for a in alerts[:shown]]), file=out)
+        _more(out, len(alerts), shown, "alerts")
         print("\nTimeline", file=out)
         print(table(["AT", "ACTION", "BY"], [(at(e.at), e.action,
                     who_did(e.actor_person, names) if e.actor_person else f"{e.actor_platform}:{e.actor_user_id}")
-                   for e in timeline]), file=out)
+                   for e in (timeline if shown is None or len(timeline) <= shown else timeline[-shown:])]), file=out)
+        _more(out, len(timeline), shown, "events before these")
         return EXIT_OK
 
     return asyncio.run(_with_db(loaded, work))
+
+
+SHOW_ROWS = 50  # alerts (the first) and timeline events (the latest) `incidents show` prints without --all
+
+
+def _instance(labels: Any) -> str:
+    """The host an alert is about, from its labels, for telling apart the alerts of one incident."""
+    if not isinstance(labels, dict):
+        return ""
+    return str(labels.get("instance") or labels.get("asset") or labels.get("host") or "")
+
+
+def _more(out: TextIO, total: int, shown: int | None, what: str) -> None:
+    if shown is not None and total > shown:
+        print(f"... and {total - shown:,} more {what} (--all shows every one)", file=out)
 
 
 def cmd_outbox_list(args: argparse.Namespace, out: TextIO) -> int:
@@ -450,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_incidents_list)
     show = incidents.add_parser("show", parents=[common], help="one incident with its alerts and timeline")
     show.add_argument("id", type=_ID)
+    show.add_argument("--all", action="store_true",
+                      help=f"every alert and event (default: the first {SHOW_ROWS} alerts, the latest {SHOW_ROWS} events)")
     show.set_defaults(func=cmd_incidents_show)
     outbox = sub.add_parser("outbox", help="chat deliveries waiting, sent or given up").add_subparsers(dest="outbox", required=True, metavar="ACTION")
     olist = outbox.add_parser("list", parents=[common], help="a table of deliveries, newest first")

@@ -216,6 +216,37 @@ async def test_incidents_show_reads_in_the_bots_time_zone_with_names(tmp_path: P
     assert "link: generator: https://grafana.example/graph" in out  # a long name still has its space
 
 
+async def test_long_lists_say_what_they_leave_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """After a storm: `incidents list` says it shows the newest N of more; `incidents show` of an incident with
+    hundreds of alerts prints the first 50 (with their hosts) and the latest 50 events, and says how many more
+    `--all` prints."""
+    from tests.botkit import fixture, running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    async with running_bot(url) as h:
+        payload = json.loads(fixture("alertmanager/01-diskfull-firing-2-alerts.json"))  # one group: one incident
+        template = payload["alerts"][0]
+        payload["alerts"] = [{**template, "fingerprint": f"fp{i:02d}", "labels": {**template["labels"], "instance": f"db-{i}"}}
+                             for i in range(60)]  # 60 hosts
+        assert (await h.post("am", payload))[0] == 200
+        for n in range(3):
+            assert (await h.post("open", {"asset_name": f"web-{n}", "signature": "Down", "severity": "low",
+                                          "message": "down", "tool_source": "t"}))[0] == 200
+    assert await asyncio.to_thread(main, ["incidents", "list", "--limit", "2", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("the newest 2 of 4 incidents; --limit 4 shows more, --status open only those "
+                                 "still open")
+    assert await asyncio.to_thread(main, ["incidents", "show", "1", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "INSTANCE" in out and " db-0 " in out and " db-49 " in out and " db-50 " not in out
+    assert "... and 10 more alerts (--all shows every one)" in out
+    assert "... and 70 more events before these (--all shows every one)" in out  # opened, 60 received, 59 grouped
+    assert await asyncio.to_thread(main, ["incidents", "show", "1", "--all", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert " db-59 " in out and "more alerts" not in out
+
+
 async def test_outbox_list_shows_a_delivery_of_no_incident_and_says_when_an_error_is_cut(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from datetime import UTC, datetime
