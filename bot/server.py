@@ -231,12 +231,26 @@ class Bot:
             return response
         except web.HTTPException as exc:
             status = exc.status
+            if status in (404, 405) and resource is None:  # the router's own refusals: said in JSON, with a hint
+                return self._nowhere(request, exc)
             raise
         except Exception:
             log.exception("unhandled error answering %s %s", request.method, request.path)
             return web.json_response({"error": "internal error; the details are in the bot's log"}, status=500)
         finally:
             self.metrics.observe_request(route, status, time.perf_counter() - started)
+
+    def _nowhere(self, request: web.Request, exc: web.HTTPException) -> web.Response:
+        """No such endpoint, or not that method on it, said as every other answer is (JSON), with what is there."""
+        if exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            return web.json_response({"error": f"{request.method} is not allowed on {request.path[:200]}; use "
+                                               f"{allowed or 'another method'}"}, status=405, headers={"Allow": allowed})
+        message = f"no endpoint at {request.path[:200]}"
+        if request.path.startswith("/alerts/"):
+            known = ", ".join(sorted(s.id for s in self.config.sources)) or "none configured"
+            message += f"; alerts go to POST /alerts/SOURCE, SOURCE one of: {known} (no slash after it)"
+        return web.json_response({"error": message}, status=404)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -402,3 +402,17 @@ async def test_a_credential_or_delivery_id_sent_twice_is_refused(h: Harness) -> 
                                     body)
     assert (status, json.loads(answer)["error"]) == (400, "X-Delivery-ID sent more than once")
     assert await h.count(AlertRecord) == 0
+
+
+async def test_a_wrong_path_or_method_is_answered_in_json_with_what_is_there(h: Harness) -> None:
+    resp = await h.client.get("/alerts/open")
+    assert resp.status == 405 and resp.headers["Allow"] == "POST"
+    assert (await resp.json())["error"] == "GET is not allowed on /alerts/open; use POST"
+    for path in ("/alerts/open/", "/alerts//open"):
+        resp = await h.client.post(path, json=ALERT)
+        assert resp.status == 404
+        assert (await resp.json())["error"] == (
+            f"no endpoint at {path}; alerts go to POST /alerts/SOURCE, SOURCE one of: am, am-plain, generic, grafana, "
+            "limited, open (no slash after it)")
+    resp = await h.client.get("/nowhere")
+    assert (resp.status, (await resp.json())["error"]) == (404, "no endpoint at /nowhere")
