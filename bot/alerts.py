@@ -125,7 +125,7 @@ def _time(obj: dict[str, Any], key: str, where: str) -> datetime | None:
     if not isinstance(raw, str):
         raise ShapeError(f"{where}.{key}", f"expected an RFC 3339 time, got {_kind(raw)}")
     try:
-        parsed = datetime.fromisoformat(_FRACTION.sub(r"\1", raw.replace("Z", "+00:00")))
+        parsed = datetime.fromisoformat(_FRACTION.sub(r"\1", raw.upper().replace("Z", "+00:00")))  # RFC 3339: t, z too
         return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except ValueError:
         raise ShapeError(f"{where}.{key}", f"not an RFC 3339 time: {raw[:40]!r}") from None
@@ -159,7 +159,16 @@ def _status(obj: dict[str, Any], where: str, default: str | None = None) -> str:
         return "firing"
     if value in ("resolved", "ok", "recovered", "closed"):
         return "resolved"
-    raise ShapeError(f"{where}.status" if where else "status", f"expected 'firing' or 'resolved', got {raw!r}")
+    field = f"{where}.status" if where else "status"
+    if raw is None:
+        raise ShapeError(field, "required ('firing' or 'resolved')")
+    raise ShapeError(field, f"expected 'firing' or 'resolved', got {_as_json(raw)}")
+
+
+def _as_json(value: Any) -> str:
+    """A value as the sender wrote it (JSON, not Python's repr: true, not True), cut to a readable length."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _alerts_list(payload: dict[str, Any]) -> list[Any]:
@@ -321,7 +330,7 @@ def parse_generic(payload: Any, source: str) -> list[Alert]:
         severity = normalize_severity(severity_raw, default="")
         if not severity:
             raise ShapeError(f"{where}.severity" if where else "severity",
-                             f"unknown severity {severity_raw!r} (expected one of: {', '.join(SEVERITIES)}, or a synonym such as warning, error, P1)")
+                             f"unknown severity {_as_json(severity_raw)} (expected one of: {', '.join(SEVERITIES)}, or a synonym such as warning, error, P1)")
         labels = {"alertname": signature, "instance": asset, "tool": tool, **_str_map(a.get("labels"), f"{where}.labels" if where else "labels")}
         dedup = _text(a, "dedup_key", where) or None
         out.append(Alert(

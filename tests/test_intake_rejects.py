@@ -244,9 +244,14 @@ MALFORMED = [
     ("open", b'"text"', 422, "body: expected an object, got a string (not a generic payload?)"),
     ("open", json.dumps({k: v for k, v in ALERT.items() if k != "signature"}).encode(), 422, "signature: required (not a generic payload?)"),
     ("open", json.dumps({**ALERT, "severity": "apocalyptic"}).encode(), 422,
-     "severity: unknown severity 'apocalyptic' (expected one of: critical, high, medium, low, info, or a synonym such as warning, error, P1) (not a generic payload?)"),
+     'severity: unknown severity "apocalyptic" (expected one of: critical, high, medium, low, info, or a synonym such as warning, error, P1) (not a generic payload?)'),
     ("open", json.dumps([ALERT, {**ALERT, "labels": {"a": {"b": 1}}}]).encode(), 422, "[1].labels.a: expected a string, got an object (not a generic payload?)"),
-    ("open", json.dumps({**ALERT, "status": "exploded"}).encode(), 422, "status: expected 'firing' or 'resolved', got 'exploded' (not a generic payload?)"),
+    ("open", json.dumps({**ALERT, "status": "exploded"}).encode(), 422, "status: expected 'firing' or 'resolved', got \"exploded\" (not a generic payload?)"),
+    # as the sender wrote it (JSON), not as Python prints it (True, None)
+    ("open", json.dumps({**ALERT, "severity": True}).encode(), 422,
+     "severity: unknown severity true (expected one of: critical, high, medium, low, info, or a synonym such as warning, error, P1) (not a generic payload?)"),
+    ("am", b'{"version": "4", "alerts": [{"labels": {"alertname": "x"}}]}', 422,
+     "alerts[0].status: required ('firing' or 'resolved') (not an alertmanager payload?)"),
     ("open", json.dumps({**ALERT, "asset_name": "   "}).encode(), 422, "asset_name: must not be empty (not a generic payload?)"),
     ("open", json.dumps({**ALERT, "colour": "red"}).encode(), 422,
      "colour: unknown field (expected: annotations, asset_name, dedup_key, labels, links, message, severity, signature, status, timestamp, tool_source) (not a generic payload?)"),
@@ -416,3 +421,11 @@ async def test_a_wrong_path_or_method_is_answered_in_json_with_what_is_there(h: 
             "limited, open (no slash after it)")
     resp = await h.client.get("/nowhere")
     assert (resp.status, (await resp.json())["error"]) == (404, "no endpoint at /nowhere")
+
+
+async def test_rfc3339_times_with_lowercase_t_and_z_are_read(h: Harness) -> None:
+    status, answer, _ = await h.post("open", {**ALERT, "timestamp": "2026-11-24t03:59:00.5z"})
+    assert status == 200, answer
+    async with h.bot.db.sessions() as s:
+        [record] = (await s.execute(select(AlertRecord))).scalars().all()
+    assert record.starts_at is not None and record.starts_at.isoformat() == "2026-11-24T03:59:00.500000+00:00"
