@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -31,6 +31,7 @@ log = logging.getLogger("chatops.replays")
 SEEN = SeenRequest.__table__
 SIGNATURES = AlertSignature.__table__
 CLAIM_WAIT = 1.0  # seconds a claim may take before the request goes on without it
+PURGE_CHUNK = 5000  # logged alert signatures deleted per transaction
 
 
 def _claim(dialect: str, scope: str, windows: Mapping[str, datetime], now: datetime):  # type: ignore[no-untyped-def]
@@ -92,11 +93,20 @@ class SharedReplays:
             return (await conn.execute(_claim(self.db.dialect, scope, {key: now + window}, now))).first() is not None
 
     async def purge(self) -> None:
-        """Delete the claims, and the logged alert signatures (SQLite), whose window ended (the periodic job)."""
+        """Delete the claims, and the logged alert signatures (SQLite), whose window ended (the periodic job). The
+        log in chunks of PURGE_CHUNK, oldest first, each in a transaction of its own: a busy intake logs thousands
+        a second, and one long delete would hold its writer back."""
         now = self.clock.now()
         async with self.db.transaction() as session:
-            claims = await session.execute(SEEN.delete().where(SEEN.c.expires_at <= now))
-            logged = await session.execute(SIGNATURES.delete().where(SIGNATURES.c.expires_at <= now))
-        if claims.rowcount or logged.rowcount:
-            log.debug("replays: %d claim(s) and %d signature(s) past their window deleted", claims.rowcount,
-                      logged.rowcount)
+            claims = (await session.execute(SEEN.delete().where(SEEN.c.expires_at <= now))).rowcount or 0
+        logged = 0
+        while True:
+            oldest = (select(SIGNATURES.c.id).where(SIGNATURES.c.expires_at <= now).order_by(SIGNATURES.c.id)
+                      .limit(PURGE_CHUNK).scalar_subquery())  # rows are appended: the expired ones come first
+            async with self.db.transaction() as session:
+                gone = (await session.execute(SIGNATURES.delete().where(SIGNATURES.c.id.in_(oldest)))).rowcount or 0
+            logged += gone
+            if gone < PURGE_CHUNK:
+                break
+        if claims or logged:
+            log.debug("replays: %d claim(s) and %d signature(s) past their window deleted", claims, logged)

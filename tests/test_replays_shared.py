@@ -227,3 +227,23 @@ async def test_a_telegram_update_delivered_to_two_replicas_is_handled_once(tmp_p
                 await fake.wait_for(lambda: fake.called("sendMessage"), timeout=5)
                 await asyncio.sleep(0.5)
                 assert len(fake.called("sendMessage")) == 1
+
+
+async def test_the_signature_log_is_purged_in_chunks_oldest_first(tmp_path: Path, pg_schema: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thousands a second on a busy SQLite bot: the job deletes the expired ones a chunk at a time, and keeps the
+    ones still in their window."""
+    import storage.replays
+    from storage.replays import SIGNATURES
+
+    monkeypatch.setattr(storage.replays, "PURGE_CHUNK", 7)
+    async with bot_on("sqlite", tmp_path, pg_schema) as h:
+        now = h.clock.now()
+        async with h.bot.db.transaction() as session:
+            await session.execute(SIGNATURES.insert(), [
+                {"signature": f"s{i}", "delivery_id": None, "expires_at": now + timedelta(minutes=i - 20)}
+                for i in range(30)])
+        await h.bot.replays.purge()
+        async with h.bot.db.sessions() as session:
+            left = (await session.execute(select(SIGNATURES.c.signature).order_by(SIGNATURES.c.id))).scalars().all()
+        assert left == [f"s{i}" for i in range(21, 30)]  # s0..s20 ended (s20 just now); the rest are still valid
