@@ -112,6 +112,9 @@ def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: d
         raise AuthError("bad_signature", f"invalid {auth.header} signature")
 
 
+LONGEST_WINDOW = 24 * 3600.0  # seconds a signature may stay valid: twice the largest max_skew config allows
+
+
 class ReplayGuard:
     """Signatures already accepted, kept for the timestamp window: a replay inside it is refused.
 
@@ -124,7 +127,7 @@ class ReplayGuard:
     def __init__(self) -> None:
         self._seen: dict[str, float] = {}
         # (until, signature) for every remember(), soonest first: once past `limit` signatures, each call
-        # drops those that ended an hour before `until` by popping from here, not by rebuilding the dict
+        # drops those that ended LONGEST_WINDOW before `until` by popping from here, not by rebuilding the dict
         # (a full rebuild on every request while the window holds more than `limit` of them).
         self._expiries: list[tuple[float, str]] = []
         self._tags: dict[str, str] = {}  # signature -> the X-Delivery-ID it was accepted with
@@ -138,7 +141,9 @@ class ReplayGuard:
 
     def remember(self, signature: str, until: float, tag: str | None = None) -> None:
         if len(self._seen) > self.limit:
-            now = until - 3600
+            # `until` is at most the longest window ahead of now (2 x max_skew, 24 h at most): what ended that long
+            # before it has surely ended. (An hour dropped signatures still valid with a max_skew over 30 min.)
+            now = until - LONGEST_WINDOW
             seen, expiries = self._seen, self._expiries
             while expiries and not expiries[0][0] > now:  # what {s: t ... if t > now} leaves out
                 t, s = heapq.heappop(expiries)

@@ -208,8 +208,9 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
                  i.alert_count, ",".join(i.sources), ago(now - i.opened_at)) for p, i in ranked]
         print(table(["ID", "STATUS", "SEVERITY", "PRIO", "TITLE", "ALERTS", "SOURCES", "OPENED"], rows), file=out)
         if total > len(ranked):
+            hint = "" if args.status in ("open", "triggered", "acknowledged") else ", --status open only those still open"
             print(f"the newest {len(ranked)} of {total:,} incidents{' with status ' + args.status if args.status else ''}"
-                  f"; --limit {min(total, 100_000)} shows more, --status open only those still open", file=out)
+                  f"; --limit {min(total, 100_000)} shows more{hint}", file=out)
         return EXIT_OK
 
     return asyncio.run(_with_db(loaded, work))

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.pool import SingletonThreadPool
+from sqlalchemy.pool import NullPool, SingletonThreadPool
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlmodel import SQLModel, select
 
@@ -59,6 +59,7 @@ class Database:
         self.url = url
         self.schema = schema
         self.dialect = make_url(url).get_backend_name()
+        self._start_connect: dict[str, Any] | None = None
         kwargs: dict[str, Any] = {"echo": echo}
         if self.dialect == "postgresql":
             kwargs["pool_size"] = 10
@@ -68,6 +69,8 @@ class Database:
             if schema:
                 connect["server_settings"] = {"search_path": schema}
             if wait is not None:
+                # start() waits its turn behind other replicas (the init lock, a migration): no limit there
+                self._start_connect = dict(connect)
                 connect.update(timeout=wait, command_timeout=wait)
                 kwargs["pool_timeout"] = wait
             if connect:
@@ -155,7 +158,18 @@ class Database:
 
     async def start(self) -> None:
         """Create or upgrade the tables; refuse a schema newer than this code."""
-        async with self.engine.connect() as conn:
+        engine = self.engine
+        if self._start_connect is not None:  # the pool's statement limit would cut the wait for another replica short
+            engine = create_async_engine(self.url, poolclass=NullPool, connect_args=self._start_connect)
+        try:
+            await self._start(engine)
+        finally:
+            if engine is not self.engine:
+                await engine.dispose()
+        self._remember_file()
+
+    async def _start(self, engine: AsyncEngine) -> None:
+        async with engine.connect() as conn:
             if self.is_postgres:
                 # The lock first: CREATE SCHEMA IF NOT EXISTS is not safe against itself (two replicas starting
                 # together on a new schema both try to create it, and one fails on a unique violation).
@@ -170,7 +184,6 @@ class Database:
                     await conn.rollback()  # a failed step leaves the transaction aborted: the unlock needs a new one
                     await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_INIT_LOCK})
                     await conn.commit()
-        self._remember_file()
 
     def _remember_file(self) -> None:
         if self.is_sqlite_file:

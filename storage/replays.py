@@ -23,14 +23,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from bot.clock import Clock
-from storage.db import Database
+from storage.db import Database, StoreReplaced
 from storage.models import AlertSignature, SeenRequest
-from storage.rows import _encode_datetime
 
 log = logging.getLogger("chatops.replays")
 SEEN = SeenRequest.__table__
 SIGNATURES = AlertSignature.__table__
-CLAIM_WAIT = 1.0  # seconds a claim may take before the request goes on without it
+CLAIM_WAIT = 1.0  # seconds a claim may take before the request goes on without it (the log says so)
 PURGE_CHUNK = 5000  # logged alert signatures deleted per transaction
 
 
@@ -47,24 +46,12 @@ def _claim(dialect: str, scope: str, windows: Mapping[str, datetime], now: datet
         where=SEEN.c.expires_at <= now).returning(SEEN.c.key)
 
 
-_SQLITE_CLAIM = ("INSERT INTO seen_requests (scope, key, expires_at) VALUES {rows} ON CONFLICT (scope, key) DO UPDATE "
-                 "SET expires_at = excluded.expires_at WHERE seen_requests.expires_at <= ? RETURNING key")
-
-
 def claim_in(conn: Connection, scope: str, windows: Mapping[str, datetime], now: datetime) -> set[str]:
     """Claim the keys of `windows` (key -> until when) inside the caller's transaction, in one statement: the keys
     it won (the others were taken by a request committed before, here or at another replica). A claim still
     uncommitted elsewhere is waited for. The claims commit, or roll back, with the caller's transaction."""
     if not windows:
         return set()
-    if conn.dialect.driver == "pysqlite":  # intake's writer: the driver's cursor, as storage.rows writes
-        keys = sorted(windows)
-        values: list[object] = []
-        for key in keys:
-            values += (scope, key, _encode_datetime(windows[key]))
-        values.append(_encode_datetime(now))
-        raw = conn.connection.driver_connection
-        return {key for (key,) in raw.execute(_SQLITE_CLAIM.format(rows=", ".join(["(?, ?, ?)"] * len(keys))), values)}
     return set(conn.execute(_claim(conn.dialect.name, scope, windows, now)).scalars())
 
 
@@ -79,12 +66,18 @@ class SharedReplays:
         already (by this replica before a restart, or by another). With the store unreachable, or slower than
         CLAIM_WAIT (Slack wants its answer within 3 s), it says True and logs: the process's own guard still
         stands, and the request would fail on the store anyway."""
-        try:
-            return await asyncio.wait_for(self._claim(scope, key, window), CLAIM_WAIT)
-        except Exception as exc:  # TimeoutError too
+        # asyncio.wait, not wait_for: a claim stuck behind SQLite's write lock cannot be cancelled until SQLite's busy
+        # timeout ends, and wait_for would wait for that. It is left to finish (or fail) on its own.
+        task = asyncio.ensure_future(self._claim(scope, key, window))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, even if nobody waits
+        done, _ = await asyncio.wait({task}, timeout=CLAIM_WAIT)
+        problem = (f"no answer within {CLAIM_WAIT:g} s" if not done else
+                   None if (exc := task.exception()) is None else str(exc) or type(exc).__name__)
+        if problem is not None:
             log.warning("replays: cannot record a %s request as taken (%s); only this process will refuse a copy",
-                        scope, str(exc) or type(exc).__name__)
+                        scope, problem)
             return True
+        return task.result()
 
     async def _claim(self, scope: str, key: str, window: timedelta) -> bool:
         now = self.clock.now()
@@ -97,6 +90,10 @@ class SharedReplays:
         log in chunks of PURGE_CHUNK, oldest first, each in a transaction of its own: a busy intake logs thousands
         a second, and one long delete would hold its writer back."""
         now = self.clock.now()
+        try:
+            self.db.check_file()
+        except StoreReplaced:  # said in the log already; nothing can be deleted from a lost file
+            return
         async with self.db.transaction() as session:
             claims = (await session.execute(SEEN.delete().where(SEEN.c.expires_at <= now))).rowcount or 0
         logged = 0

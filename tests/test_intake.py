@@ -497,3 +497,28 @@ async def test_a_postgresql_that_stops_answering_gets_senders_503_not_a_wait_wit
         assert (await h.post("open", {**alert, "asset_name": "web-3"}))[0] == 200
         assert [i.group_key for i in await h.incidents()] == ["alertname=Down|instance=web-1",
                                                                "alertname=Down|instance=web-3"]  # web-2: nothing
+
+
+async def test_a_replica_starting_while_another_holds_the_schema_lock_waits_its_turn(
+        tmp_path: Path, pg_schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bot's statement limit (DB_WAIT) is for its work, not for waiting behind another replica's start-up or
+    migration: a start that waits longer still starts."""
+    import asyncpg
+
+    import bot.server
+    from storage.db import _PG_INIT_LOCK
+    from tests.conftest import postgres_url
+
+    url = postgres_url()
+    monkeypatch.setattr(bot.server, "DB_WAIT", 1.0)
+    holder = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", _PG_INIT_LOCK)
+        asyncio.get_running_loop().call_later(2.5, lambda: asyncio.ensure_future(
+            holder.execute("SELECT pg_advisory_unlock($1)", _PG_INIT_LOCK)))
+        async with bot_on("postgres", tmp_path, pg_schema) as h:  # waits 2.5 s, past DB_WAIT
+            alert = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "down",
+                     "tool_source": "t"}
+            assert (await h.post("open", alert))[0] == 200
+    finally:
+        await holder.close()

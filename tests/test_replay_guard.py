@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from bot.auth import ReplayGuard
 
+LONGEST_WINDOW = 24 * 3600.0  # bot.auth's: twice the largest max_skew
+
 
 class Reference:
     """ReplayGuard as first written: past the limit, every remember() rebuilds the dict."""
@@ -21,13 +23,13 @@ class Reference:
 
     def remember(self, signature: str, until: float) -> None:
         if len(self._seen) > self.limit:
-            now = until - 3600
+            now = until - LONGEST_WINDOW
             self._seen = {s: t for s, t in self._seen.items() if t > now}
         self._seen[signature] = until
 
 
 steps = st.lists(st.tuples(st.sampled_from(["seen", "remember"]), st.integers(0, 8) | st.integers(0, 40),
-                           st.floats(0, 20_000, allow_nan=False), st.sampled_from([0.0, 300.0, 5000.0])),
+                           st.floats(0, 20_000_000, allow_nan=False), st.sampled_from([0.0, 300.0, 5000.0, 80_000.0])),
                  max_size=300)
 
 
@@ -49,3 +51,13 @@ def test_replay_guard_answers_as_the_dict_rebuild_did(limit: int, ops: list[tupl
             guard.remember(signature, clock + skew)
             reference.remember(signature, clock + skew)
         assert guard._seen == reference._seen and list(guard._seen) == list(reference._seen)
+
+
+def test_past_its_limit_the_guard_keeps_every_signature_still_valid() -> None:
+    """A max_skew of 12 h keeps a future-dated signature valid for up to 24 h: pruning drops only what has ended."""
+    guard = ReplayGuard()
+    guard.limit = 2
+    guard.remember("mid", 36_000.0)  # now is 0: valid for 10 more hours
+    for n in range(5):  # future-dated ones, valid for 20 hours
+        guard.remember(f"far-{n}", 72_000.0 + n)
+    assert guard.seen("mid", 100.0)

@@ -247,3 +247,23 @@ async def test_the_signature_log_is_purged_in_chunks_oldest_first(tmp_path: Path
         async with h.bot.db.sessions() as session:
             left = (await session.execute(select(SIGNATURES.c.signature).order_by(SIGNATURES.c.id))).scalars().all()
         assert left == [f"s{i}" for i in range(21, 30)]  # s0..s20 ended (s20 just now); the rest are still valid
+
+
+async def test_a_claim_behind_a_busy_sqlite_writer_gives_up_after_a_second(tmp_path: Path, pg_schema: str) -> None:
+    """Another connection holds SQLite's write lock (intake in a storm): a Slack command's claim does not wait out
+    SQLite's 10 s busy timeout before the command is answered, which Slack wants within 3 s."""
+    import sqlite3
+    import time
+
+    async with bot_on("sqlite", tmp_path, pg_schema) as h:
+        holder = sqlite3.connect(tmp_path / "bot.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            started = time.monotonic()
+            assert await h.bot.replays.claim("slack", "v0=abc", timedelta(minutes=10))  # taken as ours
+            assert time.monotonic() - started < 2
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        await asyncio.sleep(0.5)  # the claim finishes on its own once the lock is free
+        assert not await h.bot.replays.claim("slack", "v0=abc", timedelta(minutes=10))
