@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool, SingletonThreadPool
@@ -31,7 +31,7 @@ from storage.models import AuditHead, SchemaVersion
 log = logging.getLogger("chatops.storage")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # version -> the columns (table, column, SQL type) that bring the previous version up to it. Tables new in a
 # version are created by create_all, already whole: a column is added only where it is missing (a store of
 # version 1 gets escalations, new in 2, with version 3's `run` already in it).
@@ -39,8 +39,29 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     2: [("incidents", "route", "VARCHAR")],  # timers and escalations are new tables
     3: [("escalations", "run", "INTEGER NOT NULL DEFAULT 0")],
 }
+# version -> what rewrites the rows for it (after its columns): 4 keeps long keys as bot.alerts.bounded_key does.
+DATA_MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 _PG_INIT_LOCK = 727_001  # advisory lock id: one process initialises the schema at a time
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def _bound_long_keys(conn: Connection) -> None:
+    """Version 4: group keys and fingerprints over bot.alerts.MAX_KEY characters, stored as they came before, become
+    what intake now makes of them (bounded_key), so that the next alert of such a key finds its open incident."""
+    from bot.alerts import MAX_KEY, bounded_key
+    from storage.models import AlertRecord, Incident
+
+    for table, column in ((Incident.__table__, "group_key"), (AlertRecord.__table__, "fingerprint")):
+        col = table.c[column]
+        rows = conn.execute(select(table.c.id, col).where(func.length(col) > MAX_KEY)).all()
+        for row_id, key in rows:
+            conn.execute(table.update().where(table.c.id == row_id).values({column: bounded_key(key)}))
+        if rows:
+            log.info("upgrade: %d long %s value(s) in %s shortened as intake now keeps them", len(rows), column,
+                     table.name)
+
+
+DATA_MIGRATIONS[4] = _bound_long_keys
 
 
 class SchemaTooNew(RuntimeError):
@@ -211,6 +232,8 @@ class Database:
                         lambda sync, table=table: {c["name"] for c in inspect(sync).get_columns(table)})
                     if column not in present:
                         await conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+                if version in DATA_MIGRATIONS:
+                    await conn.run_sync(DATA_MIGRATIONS[version])
             await conn.execute(
                 SchemaVersion.__table__.update().where(SchemaVersion.id == 1).values(version=SCHEMA_VERSION)
             )

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlmodel import select
 
 from storage.db import SCHEMA_VERSION, Database
 from storage.models import Escalation, Incident
@@ -315,6 +316,32 @@ async def test_a_version_2_store_is_brought_up_to_date_keeping_its_rows(db: Data
     async with upgraded(db) as session:
         esc = await session.get(Escalation, 1)
         assert esc is not None and (esc.next_step, esc.run) == (2, 0)
+
+
+async def test_a_version_3_store_keeps_its_long_keys_as_intake_now_makes_them(db: Database) -> None:
+    """Version 3 kept a 600-character group key or fingerprint as it came; version 4's intake keeps such a key as
+    its start and a hash (it had to fit PostgreSQL's index). The upgrade rewrites the rows, so the next alert of
+    that key joins its open incident instead of opening a second one that never resolves the first."""
+    from bot.alerts import bounded_key
+    from storage.models import AlertRecord
+
+    now = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+    long_key, long_print = "dedup:open:" + "k" * 600, "f" * 600
+    async with db.transaction() as session:
+        session.add(Incident(group_key=long_key, title="t", status="triggered", severity="high", opened_at=now,
+                             first_seen=now, last_seen=now))
+        session.add(Incident(group_key="short", title="t", status="triggered", severity="high", opened_at=now,
+                             first_seen=now, last_seen=now))
+    async with db.transaction() as session:
+        session.add(AlertRecord(incident_id=1, source="open", fingerprint=long_print, status="firing", severity="high",
+                                summary="s", first_received=now, last_received=now))
+    async with db.engine.begin() as conn:
+        await conn.execute(text("UPDATE schema_version SET version = 3"))
+    async with upgraded(db) as session:
+        keys = [i.group_key for i in (await session.execute(select(Incident).order_by(Incident.id))).scalars()]
+        assert keys == [bounded_key(long_key), "short"]
+        [alert] = (await session.execute(select(AlertRecord))).scalars().all()
+        assert alert.fingerprint == bounded_key(long_print)
 
 
 def test_serve_with_a_broken_config_names_the_problem(tmp_path: Path) -> None:
