@@ -117,6 +117,7 @@ class Database:
                             ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer"))
         self._reader: tuple[Engine, ThreadPoolExecutor] | None = None  # read_row's, made when first used
         self._file_id: tuple[int, int] | None = None  # a SQLite file's (device, inode) once started (see ping)
+        self._file_path = ""
         self._replaced_said = False
 
     @property
@@ -208,7 +209,8 @@ class Database:
 
     def _remember_file(self) -> None:
         if self.is_sqlite_file:
-            stat = os.stat(make_url(self.url).database or "")
+            self._file_path = make_url(self.url).database or ""
+            stat = os.stat(self._file_path)
             self._file_id = (stat.st_dev, stat.st_ino)
 
     async def _create_or_upgrade(self, conn: AsyncConnection) -> None:
@@ -253,7 +255,7 @@ class Database:
         connections go on writing into a file nobody else can open. StoreReplaced says so (and the log, once)."""
         if self._file_id is None:
             return
-        path = make_url(self.url).database or ""
+        path = self._file_path
         try:
             stat = os.stat(path)
         except FileNotFoundError:
