@@ -272,8 +272,8 @@ class SlackAdapter:
         # Bolt's own client is never used for calls; tokenless so bolt does not warn that `authorize` wins.
         self._secret = settings.signing_secret.encode()
         self._replays = ReplayGuard()  # signatures of slash commands and clicks already taken (see handle)
-        # Replicas sharing PostgreSQL: claims a request in the store (scope, key, window) -> whether it is ours; set
-        # by the bot (storage/replays.py). None: this process's memory is the only guard.
+        # Claims a request in the store (scope, key, window) -> whether it is ours, so that another replica, or this
+        # one after a restart, refuses a replay; set by the bot (storage/replays.py). None: memory is the only guard.
         self.claim: Callable[[str, str, timedelta], Awaitable[bool]] | None = None
         bolt_log = log.getChild("bolt")
         if not any(isinstance(f, _QuietBolt) for f in bolt_log.filters):
@@ -341,8 +341,7 @@ class SlackAdapter:
                 return web.json_response({"error": "replayed request: Slack already sent this one"}, status=401)
             self._replays.remember(signature, now + 2 * SIGNATURE_WINDOW)
             if self.claim is not None and not await self.claim("slack", signature, timedelta(seconds=2 * SIGNATURE_WINDOW)):
-                return web.json_response({"error": "replayed request: Slack already sent this one (to another "
-                                                   "replica)"}, status=401)
+                return web.json_response({"error": "replayed request: Slack already sent this one"}, status=401)
         try:
             bolt_request = await to_bolt_request(request)
         except (UnicodeDecodeError, LookupError):  # not UTF-8; a charset nobody knows

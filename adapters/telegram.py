@@ -280,8 +280,8 @@ class TelegramAdapter:
         self._loops: set[asyncio.Task[None]] = set()  # the polling loop, a connect retry: cancelled at stop
         self._poller: asyncio.Task[None] | None = None
         self._seen_updates: deque[int] = deque(maxlen=1000)
-        # Replicas sharing PostgreSQL: claims an update in the store (scope, key, window) -> whether it is ours; set by
-        # the bot (storage/replays.py). None: this process's memory is the only guard.
+        # Claims an update in the store (scope, key, window) -> whether it is ours, so that another replica, or this
+        # one after a restart, skips a retry; set by the bot (storage/replays.py). None: memory is the only guard.
         self.claim: Callable[[str, str, timedelta], Awaitable[bool]] | None = None
         # `mode: polling` with several replicas: only the one for which this answers True polls.
         self.may_poll: Callable[[], Awaitable[bool]] | None = None

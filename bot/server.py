@@ -105,9 +105,9 @@ class Bot:
         if "slack" in loaded.adapters:
             from adapters.slack import SlackAdapter
 
-            self.adapters["slack"] = SlackAdapter(loaded.adapters["slack"], renderer=self.renderer,
-                                                  dispatcher=self.dispatcher)
-            self.adapters["slack"].claim = self.replays.claim
+            slack = SlackAdapter(loaded.adapters["slack"], renderer=self.renderer, dispatcher=self.dispatcher)
+            slack.claim = self.replays.claim  # a replay refused at every replica, and after a restart
+            self.adapters["slack"] = slack
         if "telegram" in loaded.adapters:
             from adapters.telegram import TelegramAdapter
 

@@ -41,7 +41,7 @@ from bot.view import incident_card, thread_line
 from bot.escalation import escalation_mark
 from handlers.escalation import SYSTEM, UNCONFIRMED, Escalations, drawn_with
 from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_line
-from handlers.paging import Attempt, page_message, page_order, send_page
+from handlers.paging import Attempt, page_message, page_order, page_where, send_page
 from storage.audit import AuditLog, Entry
 from storage.db import Database, StoreReplaced
 from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem, SwapRequest
@@ -619,10 +619,8 @@ class OutboxWorker:
             await self._mark(session, [row], "sent" if attempt.platform else "dead",
                              None if attempt.platform else ((UNCONFIRMED if attempt.unknown else "") + problem)[:500])
             if attempt.ref is not None:  # where the page is, to redraw it when someone acts (_redraw_pages)
-                sent = attempt.ref
-                await session.execute(update(OutboxItem).where(OutboxItem.id == row.id).values(details={
-                    **(row.details or {}), "message": {"platform": sent.platform, "chat_id": sent.chat_id,
-                                                       "message_id": sent.message_id}}))
+                await session.execute(update(OutboxItem).where(OutboxItem.id == row.id).values(
+                    details={**(row.details or {}), "message": page_where(attempt.ref)}))
             if attempt.platform is not None:
                 line = f"Paged {person.name} on {attempt.platform.capitalize()}. {after}".strip()
                 details: dict[str, Any] = {"person": person.id, "platform": attempt.platform, "step": step}

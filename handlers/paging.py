@@ -116,6 +116,11 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
     return Attempt(None, tried, transient)
 
 
+def page_where(ref: MessageRef) -> dict[str, Any]:
+    """Where a page went, as its outbox row keeps it (details["message"]) for the outbox to redraw it."""
+    return {"platform": ref.platform, "chat_id": ref.chat_id, "message_id": ref.message_id}
+
+
 def page_order(person: Person, *, business_hours: bool | None = None) -> Sequence[str]:
     """The person's `page_via`, else Slack first in business hours and Telegram first after them."""
     if person.page_via:
@@ -146,10 +151,8 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
         sent = None
         if attempt.ref is not None:  # kept as an escalation's pages are, so the outbox redraws it as the incident changes
             sent = OutboxItem(created_at=now, due_at=now, incident_id=incident_id, channel=f"@{person.id}", kind="page",
-                              event="incident.page", status="sent", attempts=1, details={
-                                  "person": person.id, "manual": True,
-                                  "message": {"platform": attempt.ref.platform, "chat_id": attempt.ref.chat_id,
-                                              "message_id": attempt.ref.message_id}})
+                              event="incident.page", status="sent", attempts=1,
+                              details={"person": person.id, "manual": True, "message": page_where(attempt.ref)})
         await _record(db, audit, actor, incident_id, now, "incident.paged", details, sent, drawn=incident.status)
         return PageResult(True, f"Paged {person.name} on {attempt.platform.capitalize()}.", attempt.platform)
     why = attempt.problem(person, adapters)

@@ -39,8 +39,6 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     2: [("incidents", "route", "VARCHAR")],  # timers and escalations are new tables
     3: [("escalations", "run", "INTEGER NOT NULL DEFAULT 0")],
 }
-# version -> what rewrites the rows for it (after its columns): 4 keeps long keys as bot.alerts.bounded_key does.
-DATA_MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 _PG_INIT_LOCK = 727_001  # advisory lock id: one process initialises the schema at a time
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -61,7 +59,8 @@ def _bound_long_keys(conn: Connection) -> None:
                      table.name)
 
 
-DATA_MIGRATIONS[4] = _bound_long_keys
+# version -> what rewrites the rows for it (after its columns)
+DATA_MIGRATIONS: dict[int, Callable[[Connection], None]] = {4: _bound_long_keys}
 
 
 class SchemaTooNew(RuntimeError):

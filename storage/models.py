@@ -149,8 +149,8 @@ class Delivery(SQLModel, table=True):
 
 class SeenRequest(SQLModel, table=True):
     """A request one replica took (a signed alert, a Slack command or click, a Slack event, a Telegram update),
-    kept until its replay window ends, so that a copy sent to another replica sharing PostgreSQL is refused
-    there too (storage/replays.py)."""
+    kept until its replay window ends, so that a copy sent to another replica, or after a restart, is refused too
+    (storage/replays.py)."""
 
     __tablename__ = "seen_requests"
 

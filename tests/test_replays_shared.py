@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlencode
@@ -28,15 +29,20 @@ SLACK_SECRET = "slack-signing-secret-for-tests"
 SHARED_SECRET = "  - {id: generic2, kind: generic, auth: {hmac_secret: generic-secret}}\n"
 
 
+@asynccontextmanager
+async def replicas(tmp_path: Path, pg_schema: str, extra: str = "", *,
+                   base: str | None = None) -> AsyncIterator[tuple[Harness, Harness]]:
+    """Two replicas on one PostgreSQL schema, one clock (skipped without PostgreSQL)."""
+    async with bot_on("postgres", tmp_path, pg_schema, extra, base=base) as one:
+        async with running_bot(postgres_url(), extra, schema=pg_schema, clock=one.clock, base=base) as other:
+            yield one, other
+
+
 @pytest.fixture
 async def pair(tmp_path: Path, pg_schema: str) -> AsyncIterator[tuple[Harness, Harness]]:
-    """Two replicas on one PostgreSQL schema, one clock."""
-    if not postgres_url():
-        pytest.skip("replicas share a PostgreSQL store: set CHATOPS_TEST_POSTGRES_URL")
     base = CONFIG.replace("critical_assets:", SHARED_SECRET.strip("\n") + "\ncritical_assets:", 1)
-    async with bot_on("postgres", tmp_path, pg_schema, base=base) as one:
-        async with running_bot(postgres_url(), schema=pg_schema, clock=one.clock, base=base) as other:
-            yield one, other
+    async with replicas(tmp_path, pg_schema, base=base) as both:
+        yield both
 
 
 def alert_signed(h: Harness, body: bytes) -> dict[str, str]:
@@ -164,14 +170,11 @@ async def test_a_signed_alert_replayed_after_a_restart_is_refused(tmp_path: Path
 
 @pytest.fixture
 async def slack_pair(tmp_path: Path, pg_schema: str) -> AsyncIterator[tuple[Harness, Harness, FakeSlack]]:
-    if not postgres_url():
-        pytest.skip("replicas share a PostgreSQL store: set CHATOPS_TEST_POSTGRES_URL")
     async with FakeSlack() as fake:
         extra = (f"adapters:\n  slack: {{bot_token: {fake.token}, signing_secret: {SLACK_SECRET}, "
                  f"api_url: '{fake.api_url}'}}\n")
-        async with bot_on("postgres", tmp_path, pg_schema, extra) as one:
-            async with running_bot(postgres_url(), extra, schema=pg_schema, clock=one.clock) as other:
-                yield one, other, fake
+        async with replicas(tmp_path, pg_schema, extra) as (one, other):
+            yield one, other, fake
 
 
 async def test_a_slack_command_replayed_to_another_replica_is_refused_there(
@@ -185,7 +188,7 @@ async def test_a_slack_command_replayed_to_another_replica_is_refused_there(
     await fake.wait_for(lambda: fake.responses.get("cmd"), timeout=5)
     answer = await other.client.post("/slack/events", data=form, headers=headers)
     assert (answer.status, (await answer.json())["error"]) == (
-        401, "replayed request: Slack already sent this one (to another replica)")
+        401, "replayed request: Slack already sent this one")
     await asyncio.sleep(0.3)
     assert len(fake.responses["cmd"]) == 1  # answered once, by the first replica
 
@@ -208,25 +211,22 @@ async def test_a_slack_event_retried_to_another_replica_is_handled_once(
 
 
 async def test_a_telegram_update_delivered_to_two_replicas_is_handled_once(tmp_path: Path, pg_schema: str) -> None:
-    if not postgres_url():
-        pytest.skip("replicas share a PostgreSQL store: set CHATOPS_TEST_POSTGRES_URL")
     async with FakeTelegram() as fake:
         extra = (f"adapters:\n  telegram: {{bot_token: '{fake.token}', webhook_secret: wh-secret, "
                  f"api_url: '{fake.api_url}'}}\n")
-        async with bot_on("postgres", tmp_path, pg_schema, extra) as one:
-            async with running_bot(postgres_url(), extra, schema=pg_schema, clock=one.clock) as other:
-                update = {"update_id": 4242, "message": {
-                    "message_id": 7, "date": 1700000000, "text": "/help",
-                    "chat": {"id": 111111, "type": "private"},
-                    "from": {"id": 111111, "is_bot": False, "first_name": "Alice"},
-                    "entities": [{"type": "bot_command", "offset": 0, "length": 5}]}}
-                for h in (one, other):
-                    answer = await h.client.post("/telegram/webhook", json=update,
-                                                 headers={"X-Telegram-Bot-Api-Secret-Token": "wh-secret"})
-                    assert answer.status == 200
-                await fake.wait_for(lambda: fake.called("sendMessage"), timeout=5)
-                await asyncio.sleep(0.5)
-                assert len(fake.called("sendMessage")) == 1
+        async with replicas(tmp_path, pg_schema, extra) as (one, other):
+            update = {"update_id": 4242, "message": {
+                "message_id": 7, "date": 1700000000, "text": "/help",
+                "chat": {"id": 111111, "type": "private"},
+                "from": {"id": 111111, "is_bot": False, "first_name": "Alice"},
+                "entities": [{"type": "bot_command", "offset": 0, "length": 5}]}}
+            for h in (one, other):
+                answer = await h.client.post("/telegram/webhook", json=update,
+                                             headers={"X-Telegram-Bot-Api-Secret-Token": "wh-secret"})
+                assert answer.status == 200
+            await fake.wait_for(lambda: fake.called("sendMessage"), timeout=5)
+            await asyncio.sleep(0.5)
+            assert len(fake.called("sendMessage")) == 1
 
 
 async def test_the_signature_log_is_purged_in_chunks_oldest_first(tmp_path: Path, pg_schema: str,
