@@ -196,6 +196,7 @@ class _Touched:
     resolved: bool = False
     refired: int = 0
     unsilenced: bool = False  # silenced until an alert no silence covers came: posted now, as if it opened
+    resolved_by: str | None = None  # the source whose "resolved" it heard last (its thread line names it)
 
 
 @dataclass
@@ -770,6 +771,7 @@ class Intake:
             st.entries.append(Entry("alert.resolved", actor, "alert", alert.fingerprint, now, details, _id(incident)))
             t = st.touch(incident)
             t.resolved_alerts += 1
+            t.resolved_by = source.id
             incident.firing_count = max(0, incident.firing_count - 1)
             if incident.firing_count == 0:
                 incident.status, incident.resolved_at, incident.resolved_by = RESOLVED, now, f"source:{source.id}"
@@ -944,9 +946,9 @@ class Intake:
                 if t.grouped or t.refired:
                     add("reply", "alerts.grouped", {"count": t.grouped + t.refired})
                 if t.resolved:
-                    add("reply", "incident.resolved", {"by": "source"})
+                    add("reply", "incident.resolved", {"by": "source", "source": t.resolved_by})
                 elif t.resolved_alerts:
-                    add("reply", "alerts.resolved", {"count": t.resolved_alerts})
+                    add("reply", "alerts.resolved", {"count": t.resolved_alerts, "source": t.resolved_by})
             if t.resolved and incident.id is not None:  # its pages say Resolved now, not Firing
                 rows.append(page_redraw_row(incident.id, st.now))
         return rows

@@ -760,7 +760,9 @@ def _thread_lines(replies: list[OutboxItem], now: datetime) -> list[tuple[list[O
         rest = [r for r in rows if (r.id or 0) >= before]
         for group in (early, rest if any(r.due_at <= now for r in rest) else []):
             if group:
-                out.append((group, thread_line(event, {"count": sum(int(r.details.get("count", 1)) for r in group)},
-                                               actor_name=None)))
+                # (the sources that sent them, named when there is one: "3 alerts resolved by am")
+                sources = list(dict.fromkeys(str(r.details["source"]) for r in group if r.details.get("source")))
+                out.append((group, thread_line(event, {"count": sum(int(r.details.get("count", 1)) for r in group),
+                                                       "source": ", ".join(sources)}, actor_name=None)))
     out.sort(key=lambda pair: pair[0][0].id or 0)
     return out

@@ -109,7 +109,7 @@ async def _story(slack: FakeSlack, am: Alertmanager, bot_url: str, config: Path)
 
     await asyncio.to_thread(am.amtool, "alert", "add", *LABELS, "--annotation=summary=Disk almost full",
                             f"--end={rfc3339(datetime.now(UTC))}")
-    await eventually("the resolution in the thread", lambda: "Resolved by the source" in " ".join(threaded()))
+    await eventually("the resolution in the thread", lambda: "Resolved by am: every alert stopped firing" in " ".join(threaded()))
     await eventually("the resolved message", lambda: "Resolved" in slack.messages[("C0OPS", ts)]["text"])
     assert len(parents()) == 1
 

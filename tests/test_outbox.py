@@ -451,6 +451,18 @@ def test_a_line_waiting_after_a_failure_or_a_rate_limit_holds_back_the_ones_afte
     assert [text.split(" by ")[0] for _, text in _thread_lines([ack, res], later)] == ["Acknowledged", "Resolved"]
 
 
+def test_merged_resolved_lines_name_the_sources_that_sent_them() -> None:
+    from handlers.outbox import _thread_lines
+
+    def line(n: int, count: int, source: str) -> OutboxItem:
+        return OutboxItem(id=n, created_at=T0, due_at=T0, incident_id=1, channel="ops-slack", kind="reply",
+                          event="alerts.resolved", details={"count": count, "source": source})
+
+    assert [text for _, text in _thread_lines([line(1, 2, "am"), line(2, 1, "am")], T0)] == ["3 alerts resolved by am"]
+    assert [text for _, text in _thread_lines([line(1, 2, "am"), line(2, 1, "grafana")], T0)] == [
+        "3 alerts resolved by am, grafana"]
+
+
 async def test_a_platform_that_never_answered_ends_a_page_but_a_direct_message_tries_again() -> None:
     """Telegram took the message and did not answer in time: a page stops there (it may have arrived; sending it
     again, on Telegram or on Slack, could page twice); a direct message (a swap's question, say) goes on to Slack,

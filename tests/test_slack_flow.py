@@ -294,7 +294,7 @@ async def test_the_source_resolving_every_alert_resolves_the_message_and_says_so
     assert (await s.h.post("am", json.dumps(resolved)))[0] == 200
     await s.fake.wait_for(lambda: s.updates(ts) and s.posts(thread=ts), timeout=5)
     assert button_values(s.updates(ts)[-1]) == ["reo:1"] and "Resolved" in text_of(s.updates(ts)[-1])
-    assert "Resolved by the source" in text_of(s.posts(thread=ts)[0])
+    assert "Resolved by am: every alert stopped firing" in text_of(s.posts(thread=ts)[0])  # the source, by name
 
 
 async def test_start_tells_anyone_their_id_and_whether_it_is_linked(slack: Slack) -> None:
