@@ -20,7 +20,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
                       model_validator)
 
 from bot import envsubst
-from bot.durations import parse_clock, parse_duration, parse_weekday
+from bot.durations import format_duration, parse_clock, parse_duration, parse_weekday
 
 PLATFORMS = ("slack", "telegram", "teams")
 
@@ -316,6 +316,14 @@ class Rotation(Section):
             raise ValueError("a shift must last at least 1h")
         return v
 
+    @field_validator("start")
+    @classmethod
+    def _start(cls, v: date) -> date:
+        if not 1970 <= v.year <= 2199:  # (9999-12-01 passed, and every /oncall then failed on a date past year 9999)
+            raise ValueError(f"start {v.isoformat()} is out of range: give the date the rotation starts, "
+                             "between 1970 and 2199")
+        return v
+
     @field_validator("swap_expiry")
     @classmethod
     def _expiry(cls, v: timedelta) -> timedelta:
@@ -344,6 +352,9 @@ class Rotation(Section):
         return str(v)
 
 
+MIN_REPEAT_PASS = timedelta(minutes=1)  # the shortest pass of a repeating escalation policy
+
+
 class Notify(Section):
     rotation: str | None = None
     people: list[str] = []
@@ -359,6 +370,16 @@ class EscalationPolicy(Section):
     id: Ident
     steps: list[EscalationStep] = Field(min_length=1)
     repeat: int = Field(0, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _repeat_waits(self) -> EscalationPolicy:
+        # A pass of the policy lasts as long as its steps' waits; repeated with no wait, every pass pages at once
+        # (repeat: 20 with wait: 0s sent 21 pages in the same instant).
+        if self.repeat and sum((step.wait for step in self.steps), timedelta()) < MIN_REPEAT_PASS:
+            total = format_duration(sum((step.wait for step in self.steps), timedelta()))
+            raise ValueError(f"with repeat: {self.repeat}, the steps' waits add up to {total}, so the repeats would "
+                             f"page at once; make them add up to at least {format_duration(MIN_REPEAT_PASS)}")
+        return self
 
 
 class RunbookStep(Section):
@@ -519,6 +540,13 @@ def _mapping_without_repeats(loader: _StrictLoader, node: yaml.MappingNode) -> d
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+# YAML 1.1 reads an unquoted 18:00 as the number 1080 (base 60), so `handoff: 18:00` was refused and `shift: 168:00`
+# became 10,080 seconds without a word. Read such scalars as the text they are, as YAML 1.2 does: a clock time is
+# then a clock time, and a duration written so is refused by name (see parse_duration).
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_StrictLoader.yaml_implicit_resolvers = {
+    first: ([("tag:yaml.org,2002:str", _SEXAGESIMAL)] if first in "+-0123456789" else []) + resolvers
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 def parse_config(
@@ -606,15 +634,21 @@ def parse_config(
     for key in adapter_models:
         if key not in loaded_adapters and key not in adapters_off:
             adapters_off[key] = "no section under adapters"
-    routed = {ch for route in config.routes for ch in route.channels}
+    # What is sent to each channel: a channel whose platform is off keeps it in the outbox, unseen.
+    uses: dict[str, list[str]] = {}
+    for ch_id in dict.fromkeys(ch for route in config.routes for ch in route.channels):
+        uses.setdefault(ch_id, []).append("incidents routed there")
+    for rotation in config.rotations:
+        if rotation.channel:
+            uses.setdefault(rotation.channel, []).append(f"handoff notices of rotation {rotation.id}")
     built = frozenset(name for name, model in adapter_models.items() if getattr(model, "built", True))
     for i, ch in enumerate(config.channels):
-        if ch.id not in routed or (ch.platform in loaded_adapters and ch.platform in built):
+        if ch.id not in uses or (ch.platform in loaded_adapters and ch.platform in built):
             continue
         why = ("configured, but this version has no adapter for it" if ch.platform in loaded_adapters
                else f"off ({adapters_off.get(ch.platform, 'not configured')})")
-        warnings.append(f"channels[{i}] ({ch.id}): {ch.platform} is {why}, so incidents routed there wait in the "
-                        "outbox until it is on")
+        warnings.append(f"channels[{i}] ({ch.id}): {ch.platform} is {why}, so {' and '.join(uses[ch.id])} wait in "
+                        "the outbox until it is on")
     return Loaded(config, name, loaded_adapters, adapters_off, sources_off, warnings, built)
 
 

@@ -27,6 +27,11 @@ def parse_duration(text: str | int | timedelta) -> timedelta:
         return _delta(text, text)
     raw = str(text).strip()
     m = _DURATION.fullmatch(raw)
+    clock = re.fullmatch(r"(\d+):(\d{1,2})(?::\d{1,2})?", raw)
+    if clock:  # 168:00 or 1:30: hours and minutes the way a clock writes them, which could also mean minutes:seconds
+        hours, minutes = int(clock.group(1)), int(clock.group(2))
+        better = format_duration(timedelta(hours=hours, minutes=minutes)) if minutes < 60 else "1h30m"
+        raise ValueError(f"invalid duration {raw!r}: write it with units, e.g. {better} (w, d, h, m, s), not as a clock time")
     if not raw or not m or not any(m.groups()):
         raise ValueError(f"invalid duration {text!r} (expected e.g. 90s, 5m, 1h30m, 1d, 1w)")
     seconds = sum(int(v) * mult for v, (_, mult) in zip(m.groups(), _UNITS) if v)
@@ -56,10 +61,6 @@ def parse_clock(text: str | time) -> time:
     """`09:00` -> time(9, 0)."""
     if isinstance(text, time):
         return text
-    if isinstance(text, int) and not isinstance(text, bool) and 0 <= text < 24 * 60:
-        hours, minutes = divmod(text, 60)  # YAML 1.1 reads an unquoted 18:00 as 18 * 60 + 0
-        raise ValueError(f"invalid time of day {text} (an unquoted {hours}:{minutes:02d} is a number in YAML: "
-                         f"write \"{hours:02d}:{minutes:02d}\", in quotes)")
     m = re.fullmatch(r"(\d{1,2}):(\d{2})", str(text).strip())
     if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
         raise ValueError(f"invalid time of day {text!r} (expected HH:MM, e.g. 09:00)")

@@ -161,8 +161,19 @@ BROKEN = [
     (BASE + ROUTES + 'x: !!int "abc"\n',
      "app.yaml: invalid YAML: invalid literal for int() with base 10: 'abc' (quote the value if it is meant as text)"),
     (BASE + ROUTES + "? [a, b]\n: 1\n", "app.yaml: invalid YAML: a key that is a list or a mapping (unhashable type: 'list')"),
-    (BASE + ROUTES + 'business_hours: {start: "09:00", end: 18:00}\n',
-     'business_hours.end: invalid time of day 1080 (an unquoted 18:00 is a number in YAML: write "18:00", in quotes)'),
+    # YAML 1.1 reads an unquoted 1:30 as 90 (base 60): it was taken as 90 seconds without a word. It is text now,
+    # and a duration must say its units.
+    (BASE + ROUTES + "grouping: {window: 1:30}\n",
+     "grouping.window: invalid duration '1:30': write it with units, e.g. 1h30m (w, d, h, m, s), not as a clock time"),
+    (BASE.replace("shift: 1w", "shift: 168:00") + ROUTES,
+     "rotations[0].shift: invalid duration '168:00': write it with units, e.g. 1w (w, d, h, m, s), not as a clock time"),
+    (BASE.replace("start: 2026-11-02", "start: 9999-12-01") + ROUTES,  # every /oncall failed on it
+     "rotations[0].start: start 9999-12-01 is out of range: give the date the rotation starts, between 1970 and 2199"),
+    (BASE.replace("wait: 5m}]}", "wait: 0s}], repeat: 20}") + ROUTES,  # 21 pages in one instant
+     "escalation_policies[0]: with repeat: 20, the steps' waits add up to 0s, so the repeats would page at once; make "
+     "them add up to at least 1m"),
+    (BASE + ROUTES + "business_hours: {start: 9:00, end: 25:00}\n",
+     "business_hours.end: invalid time of day '25:00' (expected HH:MM, e.g. 09:00)"),
     (BASE + ROUTES.replace("{team: dba}", "{pci: true}"),  # was taken as "True", which no label holds
      'routes[0].match: pci: YAML reads this value as a boolean (true), and labels are text: write it in quotes as '
      'the label has it (e.g. pci: "true")'),
@@ -274,6 +285,22 @@ def test_a_route_to_a_platform_this_version_cannot_post_to_is_a_warning() -> Non
     loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env={})
     assert ("channels[0] (ops-teams): teams is configured, but this version has no adapter for it, so incidents "
             "routed there wait in the outbox until it is on") in loaded.warnings
+
+
+def test_a_rotation_channel_on_a_platform_that_is_off_is_a_warning() -> None:
+    """Handoff notices to a Telegram channel with Telegram off piled up in the outbox without a word."""
+    text = BASE.replace('timezone: Europe/Berlin}', 'timezone: Europe/Berlin, channel: ops-telegram}') + ROUTES
+    loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env={})
+    assert ("channels[1] (ops-telegram): telegram is off (no section under adapters), so handoff notices of rotation "
+            "primary wait in the outbox until it is on") in loaded.warnings
+
+
+def test_clock_times_written_without_quotes_are_read_as_written() -> None:
+    """YAML 1.1 reads 18:00 as the number 1080; the config reads it as the time it says."""
+    text = BASE.replace('handoff: "mon 09:00"', "handoff: 18:00") + ROUTES + "business_hours: {start: 9:00, end: 18:00}\n"
+    config = parse_config(text, adapter_models=SETTINGS_MODELS, env={}).config
+    assert config.rotations[0].handoff == "18:00"
+    assert (str(config.business_hours.start), str(config.business_hours.end)) == ("09:00:00", "18:00:00")
 
 
 def test_a_variable_set_to_nothing_counts_as_unset() -> None:
