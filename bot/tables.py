@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -9,10 +10,22 @@ from datetime import timedelta
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, max_width: int = 60) -> str:
     """Columns padded to fit, long cells cut with an ellipsis."""
     cells = [[_cut(str(c), max_width) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    widths = [max([width(h)] + [width(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(_pad(h, w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(_pad(c, w) for c, w in zip(row, widths)).rstrip() for row in cells]
     return "\n".join(lines)
+
+
+def width(text: str) -> int:
+    """How many terminal columns `text` takes: two for wide characters (山田, most emoji), none for combining
+    marks; padding by len() shifted every later column of a row with a Japanese name."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _pad(text: str, columns: int) -> str:
+    return text + " " * (columns - width(text))
 
 
 def ago(delta: timedelta) -> str:
@@ -39,6 +52,14 @@ def printable(text: str) -> str:
     return text.translate(_ACTIVE)
 
 
-def _cut(text: str, width: int) -> str:
+def _cut(text: str, columns: int) -> str:
     text = printable(" ".join(text.split()))
-    return text if len(text) <= width else text[: width - 1] + "…"
+    if width(text) <= columns:
+        return text
+    out, used = [], 0
+    for c in text:
+        used += width(c)
+        if used > columns - 1:
+            break
+        out.append(c)
+    return "".join(out) + "…"

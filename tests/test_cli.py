@@ -298,3 +298,13 @@ def test_run_py_reads_a_config_named_from_where_you_are(tmp_path: Path) -> None:
                               env={**env, **extra}, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, (args, extra, done.stderr)
         assert "mine.yaml" in done.stdout, done.stdout
+
+
+def test_tables_line_up_wide_characters_by_the_columns_a_terminal_gives_them() -> None:
+    """A Japanese name takes two terminal columns a character: padding by len() pushed the rest of its row right."""
+    from bot.tables import table, width
+
+    lines = table(["on call", "until"], [["山田太郎", "Mon 09:00"], ["Alice", "Tue 09:00"], ["Zoë", "Wed"]]).splitlines()
+    starts = [width(line[:line.index(end)]) for line, end in zip(lines, ["until", "Mon", "Tue", "Wed"])]
+    assert starts == [10, 10, 10, 10], lines
+    assert table(["name"], [["山" * 40]], max_width=11).splitlines()[1] == "山" * 5 + "…"  # cut to 11 columns
