@@ -22,7 +22,7 @@ from bot.view import who_did
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from handlers.notify import page_redraw_row, queue_redraw, queue_thread_line
-from storage.models import Incident, OutboxItem
+from storage.models import AuditEvent, Incident, OutboxItem
 
 if TYPE_CHECKING:
     from handlers.escalation import Escalations
@@ -86,6 +86,10 @@ async def perform(
             incident.resolved_at = incident.resolved_by = None
             incident.acknowledged_at = incident.acknowledged_by = None
             incident.last_seen = now  # open again now: new alerts of its key join it (grouping.window counts from here)
+        elapsed = None
+        if action in ("acknowledge", "resolve") and not await _done_before(session, incident.id, action):
+            # (measured the first time only: acknowledging a reopened incident is not a second response to it)
+            elapsed = (now - incident.opened_at).total_seconds()
         details["to"] = incident.status
         if note:
             details["note"] = note
@@ -93,8 +97,14 @@ async def perform(
         _queue(session, incident, now, f"incident.{_past(action)}", {"by": who, "name": actor.display_name})
         await audit.append_many(session, [Entry(f"incident.{_past(action)}", actor, "incident", str(incident.id),
                                                 now, details, incident.id)])
-        elapsed = (now - incident.opened_at).total_seconds() if action in ("acknowledge", "resolve") else None
         return ActionResult(True, message, incident.id, incident.status, incident.severity, elapsed)
+
+
+async def _done_before(session: AsyncSession, incident_id: int, action: str) -> bool:
+    """Whether the incident was acknowledged (or resolved) before, by anyone, the source included."""
+    event = f"incident.{_past(action)}"
+    return (await session.execute(select(AuditEvent.seq).where(AuditEvent.incident_id == incident_id,
+                                                               AuditEvent.action == event).limit(1))).first() is not None
 
 
 def _refusal(incident: Incident, action: str, names: Mapping[str, str]) -> str | None:

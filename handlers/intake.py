@@ -213,7 +213,8 @@ class _Batch:
     touched: dict[int, _Touched] = field(default_factory=dict)
     new_incidents: list[_Row] = field(default_factory=list)
     new_records: list[tuple[_Row, _Row]] = field(default_factory=list)
-    resolved_after: list[tuple[str, float]] = field(default_factory=list)
+    resolved_after: list[tuple[str, float]] = field(default_factory=list)  # (severity, seconds): first resolutions
+    resolutions: list[tuple[_Row, float]] = field(default_factory=list)  # incidents the source resolved, when
     escalations: int = 0  # escalations started (on_open) or brought forward (on_raise): steps due now
     queued: int = 0  # outbox rows written
     raised: dict[int, _Row] = field(default_factory=dict)  # id(incident) -> stored incidents whose severity rose
@@ -656,6 +657,8 @@ class Intake:
             resumed = self.on_raise(conn, raised, st.now) if raised else []
             st.entries.extend(resumed)
             st.escalations += len(resumed)
+        if st.resolutions:
+            _first_resolutions(conn, st)
         _assign_incident_ids(st)
         self.audit.append_rows(conn, st.entries)
 
@@ -776,7 +779,7 @@ class Intake:
             if incident.firing_count == 0:
                 incident.status, incident.resolved_at, incident.resolved_by = RESOLVED, now, f"source:{source.id}"
                 t.resolved = True
-                st.resolved_after.append((incident.severity, max(0.0, (now - incident.opened_at).total_seconds())))
+                st.resolutions.append((incident, max(0.0, (now - incident.opened_at).total_seconds())))
                 st.entries.append(Entry("incident.resolved", actor, "incident", "", now,
                                         {"by": "source", "source": source.id}, _id(incident)))
                 if st.incidents_by_key.get(incident.group_key) is incident:  # not a newer one of the key
@@ -975,6 +978,16 @@ def _heard(alerts: Sequence[Alert], st: _Batch) -> None:
             known = st.latest_by_identity.get((alert.source, alert.fingerprint))
             if known is not None and known[0].status == "firing" and known[1].status != RESOLVED:
                 known[1].last_seen = st.now
+
+
+def _first_resolutions(conn: Connection, st: _Batch) -> None:
+    """The time-to-resolve of the incidents resolved for the first time (before this batch's audit events are
+    written): a reopened incident resolved again is measured once, as `chatops report` measures it."""
+    before = {inc.id for inc, _ in st.resolutions if inc.id is not None}
+    if before:
+        before = set(conn.execute(select(_AUDIT.c.incident_id).where(
+            _AUDIT.c.action == "incident.resolved", _AUDIT.c.incident_id.in_(sorted(before))).distinct()).scalars())
+    st.resolved_after = [(inc.severity, seconds) for inc, seconds in st.resolutions if inc.id not in before]
 
 
 def _id(incident: _Row) -> Any:

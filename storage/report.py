@@ -25,7 +25,7 @@ from storage.models import AlertRecord, AuditEvent, Incident
 DEFAULT_WINDOW = timedelta(days=30)
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 UNKNOWN = "(unknown)"  # a NULL route, a page without a platform
-ACKNOWLEDGED, ESCALATED, STEP = "incident.acknowledged", "incident.escalated", "escalation.step"
+ACKNOWLEDGED, RESOLVED, ESCALATED, STEP = "incident.acknowledged", "incident.resolved", "incident.escalated", "escalation.step"
 PAGED, PAGE_FAILED = "incident.paged", "incident.page_failed"
 
 
@@ -111,6 +111,10 @@ async def build(session: AsyncSession, since: datetime, until: datetime) -> Repo
     first_acks = dict((await session.execute(
         select(AuditEvent.incident_id, func.min(AuditEvent.at))
         .where(in_window, AuditEvent.action == ACKNOWLEDGED).group_by(AuditEvent.incident_id))).all())
+    # (a reopened incident is acknowledged and resolved again: MTTA and MTTR both count its first time)
+    first_resolves = dict((await session.execute(
+        select(AuditEvent.incident_id, func.min(AuditEvent.at))
+        .where(in_window, AuditEvent.action == RESOLVED).group_by(AuditEvent.incident_id))).all())
     escalations = (await session.execute(
         select(AuditEvent.incident_id, AuditEvent.action, AuditEvent.details)
         .where(in_window, AuditEvent.action.in_([STEP, ESCALATED])))).all()
@@ -122,14 +126,17 @@ async def build(session: AsyncSession, since: datetime, until: datetime) -> Repo
         select(AuditEvent.details).where(in_time, AuditEvent.action == PAGED))).scalars().all()
     failed = (await session.execute(
         select(func.count()).select_from(AuditEvent).where(in_time, AuditEvent.action == PAGE_FAILED))).scalar_one()
-    return compute(since, until, incidents, first_acks=first_acks, escalations=escalations, alerts=alerts,
+    return compute(since, until, incidents, first_acks=first_acks, first_resolves=first_resolves,
+                   escalations=escalations, alerts=alerts,
                    pages=pages, pages_failed=failed)
 
 
 def compute(since: datetime, until: datetime, incidents: Sequence[IncidentRow], *,
-            first_acks: dict[int, datetime], escalations: Iterable[tuple[int, str, dict[str, Any]]],
+            first_acks: dict[int, datetime], first_resolves: dict[int, datetime],
+            escalations: Iterable[tuple[int, str, dict[str, Any]]],
             alerts: int, pages: Iterable[dict[str, Any]], pages_failed: int) -> Report:
-    """The report from rows already read: `first_acks` maps an incident to its first acknowledgement,
+    """The report from rows already read: `first_acks` maps an incident to its first acknowledgement and
+    `first_resolves` to its first resolution (by a person or its source),
     `escalations` are (incident_id, action, details) of escalation events, `pages` the details of pages sent."""
     escalated = {incident_id for incident_id, action, details in escalations
                  if action == ESCALATED or _step(details) >= 2}
@@ -140,26 +147,24 @@ def compute(since: datetime, until: datetime, incidents: Sequence[IncidentRow], 
     route_order = sorted(routes, key=lambda r: (-routes[r], r is None, r or ""))
     return Report(
         since=since, until=until, incidents=len(incidents),
-        tta=_tta(incidents, first_acks), ttr=_ttr(incidents),
-        by_severity=[_group(s, [i for i in incidents if i.severity == s], first_acks) for s in order],
-        by_route=[_group(r, [i for i in incidents if i.route == r], first_acks) for r in route_order],
+        tta=_since_opened(incidents, first_acks), ttr=_since_opened(incidents, first_resolves),
+        by_severity=[_group(s, [i for i in incidents if i.severity == s], first_acks, first_resolves) for s in order],
+        by_route=[_group(r, [i for i in incidents if i.route == r], first_acks, first_resolves)
+                  for r in route_order],
         escalated=len(escalated & {i.id for i in incidents}), alerts=alerts,
         pages_sent=sum(platforms.values()), pages_failed=pages_failed,
         pages_by_platform=dict(sorted(platforms.items(), key=lambda p: (-p[1], p[0]))),
     )
 
 
-def _tta(incidents: Iterable[IncidentRow], first_acks: dict[int, datetime]) -> Durations:
-    return Durations.of(first_acks[i.id] - i.opened_at for i in incidents if i.id in first_acks)
+def _since_opened(incidents: Iterable[IncidentRow], first: dict[int, datetime]) -> Durations:
+    """From opening to the first acknowledgement (MTTA) or resolution (MTTR)."""
+    return Durations.of(first[i.id] - i.opened_at for i in incidents if i.id in first)
 
 
-def _ttr(incidents: Iterable[IncidentRow]) -> Durations:
-    return Durations.of(i.resolved_at - i.opened_at for i in incidents
-                        if i.status == "resolved" and i.resolved_at is not None)
-
-
-def _group(key: str | None, incidents: list[IncidentRow], first_acks: dict[int, datetime]) -> Group:
-    return Group(key, len(incidents), _tta(incidents, first_acks), _ttr(incidents))
+def _group(key: str | None, incidents: list[IncidentRow], first_acks: dict[int, datetime],
+           first_resolves: dict[int, datetime]) -> Group:
+    return Group(key, len(incidents), _since_opened(incidents, first_acks), _since_opened(incidents, first_resolves))
 
 
 def _step(details: dict[str, Any] | None) -> int:

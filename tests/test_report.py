@@ -4,6 +4,7 @@ A real store (SQLite in tmp_path; PostgreSQL in a schema of its own when CI has 
 their alerts, and audit events written through the real chain; the command's output is read as a user would.
 
     #1 critical dba   opened 2 Nov 09:00  acked +4 min (again +30 min), resolved +1 h   3 alerts  step 1 page
+                                          (reopened 4 Nov 09:00, resolved again 5 Nov 09:00: measured once)
     #2 critical dba   opened 3 Nov 09:00  acked +6 min, resolved +2 h                    4 alerts  step 2 page
     #3 high     -     opened 4 Nov 09:00  triggered, Escalate pressed                    2 alerts
     #4 info     web   opened 5 Nov 09:00  triggered                                      1 alert
@@ -48,7 +49,7 @@ async def seed(db: Database) -> None:
     """The six incidents of the module docstring, their alerts, and their audit trail."""
     t0 = SINCE
     specs = [  # (incident, alerts)
-        (incident("critical", "dba", t0, status="resolved", resolved=t0 + timedelta(hours=1)), 3),
+        (incident("critical", "dba", t0, status="resolved", resolved=t0 + 3 * DAY), 3),  # its last resolution
         (incident("critical", "dba", t0 + DAY, status="resolved", resolved=t0 + DAY + timedelta(hours=2)), 4),
         (incident("high", None, t0 + 2 * DAY), 2),
         (incident("info", "web", t0 + 3 * DAY), 1),
@@ -75,18 +76,23 @@ async def seed(db: Database) -> None:
         Entry("incident.paged", system, "incident", str(i1), t0 + MIN, {"person": "bob", "platform": "telegram"}, i1),
         Entry("incident.acknowledged", ALICE, "incident", str(i1), t0 + 4 * MIN, incident_id=i1),
         Entry("incident.acknowledged", ALICE, "incident", str(i1), t0 + 30 * MIN, incident_id=i1),  # not the first
+        Entry("incident.resolved", ALICE, "incident", str(i1), t0 + 60 * MIN, incident_id=i1),
+        Entry("incident.reopened", ALICE, "incident", str(i1), t0 + 2 * DAY, incident_id=i1),
+        Entry("incident.resolved", Actor.source("am"), "incident", str(i1), t0 + 3 * DAY, incident_id=i1),  # again
         Entry("escalation.step", system, "incident", str(i2), t0 + DAY, {"step": 1, "policy": "dba"}, i2),
         Entry("incident.paged", system, "incident", str(i2), t0 + DAY, {"person": "bob", "platform": "telegram"}, i2),
         Entry("escalation.step", system, "incident", str(i2), t0 + DAY + 5 * MIN, {"step": 2, "policy": "dba"}, i2),
         Entry("incident.paged", system, "incident", str(i2), t0 + DAY + 5 * MIN,
               {"person": "carol", "platform": "slack"}, i2),
         Entry("incident.acknowledged", ALICE, "incident", str(i2), t0 + DAY + 6 * MIN, incident_id=i2),
+        Entry("incident.resolved", ALICE, "incident", str(i2), t0 + DAY + 2 * 60 * MIN, incident_id=i2),
         Entry("incident.escalated", ALICE, "incident", str(i3), t0 + 2 * DAY + MIN, incident_id=i3),
         Entry("incident.page_failed", system, "incident", str(i3), t0 + 2 * DAY + MIN,
               {"person": "carol", "tried": [], "problem": "no platform"}, i3),
         # #5 opened before the window: its measures are not counted, but a page about it inside the window is.
         Entry("incident.paged", system, "incident", str(i5), old, {"person": "bob", "platform": "telegram"}, i5),
         Entry("incident.acknowledged", ALICE, "incident", str(i5), old + 60 * MIN, incident_id=i5),
+        Entry("incident.resolved", ALICE, "incident", str(i5), old + 3 * 60 * MIN, incident_id=i5),
         Entry("escalation.step", system, "incident", str(i5), old + 10 * MIN, {"step": 3, "policy": "dba"}, i5),
         Entry("incident.paged", system, "incident", str(i5), t0 + 3 * DAY, {"person": "bob", "platform": "teams"}, i5),
     ]
@@ -155,7 +161,7 @@ async def test_report_shows_the_measures_of_the_window(sqlite_config: Path, caps
     ]
     # The events were written through the real chain: the audit log still verifies.
     code, out, _ = await chatops(capsys, "audit", "verify", "-c", str(sqlite_config))
-    assert code == 0 and out.startswith("audit chain intact: 16 events")
+    assert code == 0 and out.startswith("audit chain intact: 21 events")
 
 
 async def test_a_wider_window_takes_in_the_earlier_incident(sqlite_config: Path,
@@ -290,3 +296,30 @@ def test_percentiles_and_percentages() -> None:
                                                timedelta(minutes=8, seconds=12))  # 4 + 0.7 * (10 - 4) min
     assert Durations.of([]) == Durations(0)
     assert [percent(x) for x in (0.5, 1 / 3, 0.625, 1.0, 0.0)] == ["50%", "33.3%", "62.5%", "100%", "0%"]
+
+
+async def test_a_reopened_incident_is_measured_once_in_metrics_too(tmp_path: Path) -> None:
+    """Acknowledged after 5 min and resolved after 10, reopened two days later and acknowledged and resolved again
+    (by a person, then by its source): /metrics counted it twice, the second time as two days to acknowledge."""
+    from tests.test_escalation import NIGHT, world
+
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="solo")
+
+        async def command(text: str, advance: timedelta) -> str:
+            w.h.clock.advance(advance)
+            return str((await w.slack.answer(await w.slack.command("/incident", text, user="U02BOB")))["text"])
+
+        assert await command("ack 1", 5 * MIN) == "Acknowledged #1."
+        assert await command("resolve 1", 5 * MIN) == "Resolved #1."
+        assert await command("reopen 1", 2 * DAY) == "Reopened #1."
+        assert await command("ack 1", MIN) == "Acknowledged #1."
+        assert await command("resolve 1", MIN) == "Resolved #1."
+        assert await command("reopen 1", MIN) == "Reopened #1."
+        await w.alert("critical", team="solo", status="resolved")  # its source resolves it a third time
+        assert (await w.h.incidents())[0].status == "resolved"
+        body = await (await w.h.client.get("/metrics")).text()
+        assert 'chatops_time_to_acknowledge_seconds_count{severity="critical"} 1.0' in body
+        assert 'chatops_time_to_acknowledge_seconds_sum{severity="critical"} 300.0' in body
+        assert 'chatops_time_to_resolve_seconds_count{severity="critical"} 1.0' in body
+        assert 'chatops_time_to_resolve_seconds_sum{severity="critical"} 600.0' in body
