@@ -14,7 +14,10 @@ override such as a taken swap); a shift handed to the same person is none. The t
 inside the timer's transaction and compute the schedule again when they fire, so a swap taken after
 planning is respected: the notice names whoever is on call then, and says nothing when the handoff
 no longer exists; a reminder planned for someone who no longer takes over is dropped, and the next
-planning (which a taken swap triggers at once) reminds the new person. A notice fired after the
+planning (which a taken swap triggers at once) reminds the new person. A dropped reminder gives up its key:
+whoever it was for may be put back on call before the handoff (a swap undone, a manager's override), and
+then the next planning reminds them again (at once when it is due already). A reminder sent keeps its key,
+so nobody is reminded twice of one handoff. A notice fired after the
 incoming stretch has ended (the bot was down throughout) is dropped as stale. Back from an outage longer
 than the horizon, the first planning of the process looks back to the last notice it had planned (at most
 7 days, or a shift), so the stretch under way is announced; a bot that never planned a notice for the
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.clock import Clock
@@ -214,6 +217,9 @@ class Handoffs:
         planned = timer.payload.get("person")
         if incoming is None or incoming.person != planned:
             log.info("handoff reminder %s dropped: %s no longer takes over %s then", timer.key, planned, rot.id)
+            # Free the key, so that planning can remind them if they are put back on before the handoff.
+            await session.execute(update(timer_store.TIMERS).where(timer_store.TIMERS.c.id == timer.id)
+                                  .values(key=None))
             return
         if now >= incoming.until:
             return

@@ -255,6 +255,27 @@ async def test_a_swap_taken_after_planning_is_respected(bot: Slack) -> None:
                                                  "oncall.handoff_reminder", "oncall.handoff"]
 
 
+async def test_someone_put_back_on_call_after_their_reminder_was_dropped_is_reminded_once(bot: Slack) -> None:
+    """Alice's Tuesday day shift goes to Bob; at 08:00 her reminder comes due and is dropped (Bob takes over).
+    At 08:20 Bob undoes the swap: Alice is on again, and hears of it at once, once."""
+    s, h = bot, bot.h
+    await h.bot.handoffs.plan()
+    await say(s, "bob web 2026-11-24")
+    assert (await press(s, "swok:1", "U02BOB")).startswith("Accepted")
+    got = await at(h, TUE_0900 - timedelta(hours=1), 1)
+    assert [(to, event) for to, event, _ in got] == [("@bob", "handoff.reminder")]  # Alice's, due too, is dropped
+    h.clock.set(TUE_0900 - timedelta(minutes=40))
+    assert (await say(s, "undo 1", user="U02BOB")).startswith("Undone: Alice is on call for `web`")
+    got = await at(h, TUE_0900 - timedelta(minutes=40), 2)
+    assert got[1] == ("@alice", "handoff.reminder", "You are on call for `web` from Tue 24 Nov 15:00 CET until "
+                                                    "Wed 25 Nov 03:00 CET; then Bob.")
+    await h.bot.handoffs.plan()  # planning again, and the handoff itself, send her nothing more
+    got = await at(h, TUE_0900, 3)
+    assert [g for g in got if g[0] == "@alice"] == [got[1]]
+    assert got[2] == ("ops-slack", "handoff.notice", "Alice is now on call for `web` until Tue 24 Nov 21:00 EST, "
+                                                     "next is Bob.")
+
+
 async def test_a_cover_taken_now_is_announced_at_once_and_so_is_the_way_back(bot: Slack) -> None:
     """`/oncall take web now 30m` replans the notices as a swap does (and `/override` too): Alice's cover is
     announced at once, not at the next planning run (by which a cover this short would be over), and Carol,
