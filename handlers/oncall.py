@@ -137,16 +137,20 @@ class Oncall:
             parts.append(f"override #{row.id} by {self.name(row.created_by)}" + (f": {row.reason}" if row.reason else ""))
         return "; ".join(parts)
 
+    def feed_window(self, schedule: Schedule, now: datetime) -> tuple[datetime, datetime]:
+        """What the feed shows: from FEED_BACK ago until FEED_AHEAD after now, or after the rotation's start when it
+        starts later (a calendar needs an event, and this one says when). The feed reads its overrides for this too."""
+        return now - FEED_BACK, max(now, schedule.begins) + FEED_AHEAD
+
     def calendar(self, schedule: Schedule, rows: dict[int, OverrideRow], now: datetime) -> str:
-        """The effective schedule from FEED_BACK ago to FEED_AHEAD from now as an RFC 5545 calendar."""
+        """The effective schedule over `feed_window` as an RFC 5545 calendar."""
         host = urlsplit(self.config.server.public_url).hostname or "chatops"
         stamp = ics_time(now)
         lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//chatops//on-call schedule//EN", "CALSCALE:GREGORIAN",
                  "METHOD:PUBLISH", f"X-WR-CALNAME:{ics_text(f'On call: {schedule.id}')}",
                  "REFRESH-INTERVAL;VALUE=DURATION:PT1H", "X-PUBLISHED-TTL:PT1H"]
-        # A rotation that starts later shows its first weeks (a calendar needs an event, and this one says when).
-        end = max(now, schedule.begins) + FEED_AHEAD
-        for s in shifts_between(schedule, domain(rows.values(), schedule.id), now - FEED_BACK, end):
+        start, end = self.feed_window(schedule, now)
+        for s in shifts_between(schedule, domain(rows.values(), schedule.id), start, end):
             if s.person is None or s.start is None:
                 continue
             name = self.name(s.person)
@@ -270,7 +274,7 @@ class OncallHandlers:
         if schedule is None:
             return None
         now = self.clock.now()
-        rows = await self.view.overrides(self.db, now - FEED_BACK, now + FEED_AHEAD, [schedule.id])
+        rows = await self.view.overrides(self.db, *self.view.feed_window(schedule, now), [schedule.id])
         return self.view.calendar(schedule, rows, now)
 
 

@@ -234,6 +234,24 @@ async def test_the_feed_of_a_rotation_that_starts_later_shows_its_first_shifts(t
     assert [e["SUMMARY"] for e in events[:2]] == ["On call: Alice (future)", "On call: Bob (future)"]
 
 
+async def test_the_feed_of_a_rotation_that_starts_later_shows_its_overrides_as_the_schedule_does(
+        tmp_path: Path) -> None:
+    """The rotation starts 14 weeks ahead, past the twelve the feed looks ahead of now, so the feed draws from
+    its start; Bob's override in its first week is in `/oncall schedule` and in the feed alike."""
+    later = "  - {id: later, members: [alice, carol], shift: 1d, handoff: '09:00', start: 2027-03-01, timezone: Europe/Berlin}\n"
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+                                                slack_config(fake) + ROTATIONS + later, people=PEOPLE) as h:
+        s = Slack(h, fake)
+        put = await s.answer(await s.command("/override", "later bob 2027-03-05 09:00 1d", user="U02BOB"))
+        assert put["text"].startswith("Bob is on call for `later` from Fri 5 Mar 2027 09:00 CET")
+        table = rows(await ask(s, "schedule later --weeks 16"))
+        assert [r[3] for r in table if r[0] == "Fri 5 Mar 2027 09:00 CET"] == ["Bob (override)"]
+        _, body, _ = await feed(h, "later")
+    summaries = {utc_time(e["DTSTART"]): e["SUMMARY"] for e in parse_ics(body)[1]}
+    assert summaries[datetime(2027, 3, 5, 8, tzinfo=UTC)] == "On call: Bob (later)"
+    assert summaries[datetime(2027, 3, 6, 8, tzinfo=UTC)] == "On call: Carol Ångström-Łukasiewicz; nights, weekends (later)"
+
+
 async def test_an_unknown_rotation_is_a_404_naming_the_known_ones(slack: Slack) -> None:
     status, body, _ = await feed(slack.h, "nope")
     assert status == 404 and "unknown rotation 'nope' (known: dba-primary, web)" in body.decode()
