@@ -186,20 +186,40 @@ def next_shifts(rotation: Schedule, overrides: Iterable[Override], after: dateti
 
 
 def run_at(rotation: Schedule, overrides: Iterable[Override], at: datetime, *, limit: int = 8
-           ) -> tuple[Shift, datetime, Shift | None]:
-    """The stretch under way at `at`, the end of its person's whole run (back-to-back stretches of the same
-    person, such as a cover that runs into their own shift, are one run), and the stretch of whoever follows
-    (None if the same person holds the next `limit` stretches)."""
+           ) -> tuple[Shift, datetime | None, datetime, Shift | None]:
+    """The stretch under way at `at`; the start and the end of its person's whole run (back-to-back stretches of the
+    same person, such as a cover that runs into their own shift, are one run; up to `limit` stretches either side);
+    and the stretch of whoever follows (None if the same person holds the next `limit` stretches)."""
     overrides = list(overrides)
     current = on_call(rotation, overrides, at)
+    since = current.start
+    behind = _previous(rotation, overrides, current.start, limit) if current.start is not None else []
+    for earlier in behind:
+        if earlier.person != current.person:
+            break
+        since = earlier.start
+    else:  # the same person all along (a rotation of one): since their shift began, as `until` is when it ends
+        since = current.start
     until = current.end
     ahead = next_shifts(rotation, overrides, at, limit)
     for following in ahead:
         if following.person != current.person:
-            return current, until, following
+            return current, since, until, following
         until = following.end
     # The same person all along (a rotation of one): their shift as it is, and theirs next.
-    return current, current.end, ahead[0] if ahead else None
+    return current, since, current.end, ahead[0] if ahead else None
+
+
+def _previous(rotation: Schedule, overrides: Sequence[Override], before: datetime, n: int) -> list[Shift]:
+    """The last `n` stretches that end at or before `before`, latest first; fewer when the first of them is the
+    nobody before the rotation starts (it begins "since always")."""
+    span = rotation.shift * (n + 1)
+    for _ in range(40):
+        found = [s for s in reversed(_segments(rotation, overrides, before - span, before)) if s.end <= before]
+        if len(found) >= n or (found and found[-1].start is None):
+            return found[:n]
+        span *= 2
+    return found[:n]
 
 
 def first_instant(wall: datetime, tz: ZoneInfo) -> datetime:

@@ -109,8 +109,8 @@ class Oncall:
         for rid, schedule in sorted(self.schedules.items()):
             overrides = domain(rows.values(), rid)
             tz = tz_for(schedule)
-            current, until, following = run_at(schedule, overrides, now)
-            out.append((rid, self.who(current), when(current.start, tz, now), when(until, tz, now),
+            current, since, until, following = run_at(schedule, overrides, now)
+            out.append((rid, self.who(current), when(since, tz, now), when(until, tz, now),
                         self.who(following) if following is not None else "-"))
         return out
 

@@ -137,6 +137,16 @@ async def test_an_override_in_the_store_shows_in_oncall_and_a_cancelled_one_does
     assert newer > oid
 
 
+async def test_oncall_says_since_when_the_person_has_been_on_call_across_back_to_back_stretches(slack: Slack) -> None:
+    """Alice covers Sunday from 09:00 and her own week follows on Monday: on Monday she has been on call since
+    Sunday 09:00 (it said since Monday 09:00), as "until" already joins a cover and the shift it runs into."""
+    h = slack.h
+    await add_override(h, "alice", datetime(2026, 11, 29, 8, tzinfo=UTC), datetime(2026, 11, 30, 8, tzinfo=UTC))
+    h.clock.set(datetime(2026, 11, 30, 11, tzinfo=UTC))
+    assert rows(await ask(slack, ""))[1] == ["dba-primary", "Alice", "Sun 29 Nov 09:00 CET", "Mon 7 Dec 09:00 CET",
+                                             "Bob"]
+
+
 # -- the iCalendar feed ---------------------------------------------------------------------------------------
 
 def parse_ics(body: bytes) -> tuple[list[str], list[dict[str, str]]]:

@@ -181,13 +181,18 @@ def test_a_run_joins_a_cover_to_the_same_persons_shift_and_names_who_follows() -
     schedule = rotation("1w", start=date(2026, 11, 2), members=("alice", "bob"))
     cover = override("bob", datetime(2026, 11, 6, 18, tzinfo=BERLIN), datetime(2026, 11, 9, 9, tzinfo=BERLIN),
                      utc(2026, 11, 1), 7)  # Bob covers Alice's last weekend, then his own week follows
-    current, until, following = run_at(schedule, [cover], datetime(2026, 11, 7, 12, tzinfo=BERLIN))
+    current, since, until, following = run_at(schedule, [cover], datetime(2026, 11, 7, 12, tzinfo=BERLIN))
     assert (current.person, current.source, until) == ("bob", "override", datetime(2026, 11, 16, 9, tzinfo=BERLIN))
-    assert following is not None and following.person == "alice"
+    assert since == cover.start and following is not None and following.person == "alice"
+    current, since, until, _ = run_at(schedule, [cover], datetime(2026, 11, 12, tzinfo=BERLIN))  # in his own week
+    assert (current.person, current.source, current.start, since) == ("bob", "rotation", cover.end, cover.start)
     alone = rotation("1w", start=date(2026, 11, 2), members=("alice",))  # a rotation of one: her shift, hers next
-    current, until, following = run_at(alone, [], utc(2026, 11, 4))
+    current, since, until, following = run_at(alone, [], utc(2026, 11, 4))
     assert until == current.end == datetime(2026, 11, 9, 9, tzinfo=BERLIN)
+    assert since == current.start == alone.begins  # nobody before her
     assert following is not None and (following.person, following.start) == ("alice", until)
+    current, since, until, _ = run_at(alone, [], utc(2027, 3, 4))  # months on: her shift as it is, either way
+    assert (since, until) == (current.start, current.end)
 
 
 def test_where_overrides_overlap_the_one_created_last_wins() -> None:
