@@ -2,8 +2,13 @@
 
 Both write an `overrides` row and its audit event in one transaction; the effective schedule
 (`/oncall`, the feed) follows at once, and so do the handoff notices (replanned after the commit, as
-after a swap; swaps, which need the counterpart's consent, are handlers/swaps.py). Times typed without an
-offset are wall times in the person's time zone; a length (`8h`) is elapsed time, across a clock change too.
+after a swap; swaps, which need the counterpart's consent, are handlers/swaps.py). Whoever the cover
+displaces (the people the schedule had on call in the stretch, other than the one covering and the one who
+made it) gets a direct message, in the same transaction, naming who covers which part of their time.
+In a rotation whose swaps need approval (`swap_approval`), `/oncall take` of anyone else's time is left to
+people with the `manager` role (who could `/override` it anyway); others are pointed to `/swap`, which asks
+for consent and approval. Times typed without an offset are wall times in the person's time zone; a length
+(`8h`) is elapsed time, across a clock change too.
 """
 
 from __future__ import annotations
@@ -11,17 +16,21 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from bot.chat import CommandEvent, Reply
 from bot.clock import Clock
-from bot.config import RESPONDER, Config, Person, find_person, paged_rotations, unknown_person
+from bot.config import RESPONDER, Config, Person, Rotation, find_person, paged_rotations, unknown_person
 from bot.durations import DurationTooLong, parse_duration
 from bot.model import Actor
-from bot.rotations import Override, Schedule, first_instant, on_call
+from bot.rotations import Override, Schedule, first_instant, on_call, shifts_between
+from handlers.handoffs import load_overrides
+from handlers.notify import queue_direct
 from handlers.oncall import Oncall, domain, when
 from storage.audit import AuditLog, Entry
 from storage.db import Database
@@ -48,6 +57,12 @@ class OverrideHandlers:
     clock: Clock
     view: Oncall
     changed: Callable[[list[str]], Awaitable[Any]] | None = None  # a cover was written: replan handoff notices
+    rotations: dict[str, Rotation] = field(init=False)
+    people: dict[str, Person] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rotations = {r.id: r for r in self.config.rotations}
+        self.people = {p.id: p for p in self.config.people}
 
     async def take(self, event: CommandEvent, person: Person, args: list[str]) -> Reply:
         """`/oncall take [ROTATION] [FROM] [UNTIL]`: cover a stretch yourself; by default the current shift."""
@@ -68,7 +83,7 @@ class OverrideHandlers:
             start, end = await self._window(schedule, person, args, now)
         except BadInput as exc:
             return Reply(f"{exc}. Usage: `{TAKE_USAGE}`; {TIME_HELP}.")
-        return await self._write(schedule, person, person, start, end, event.actor, "took the shift")
+        return await self._write(schedule, person, person, start, end, event.actor, "took the shift", take=True)
 
     async def override(self, event: CommandEvent, person: Person) -> Reply:
         """`/override ROTATION PERSON FROM UNTIL`, for people with the manager role."""
@@ -123,11 +138,24 @@ class OverrideHandlers:
         return max(start, now), end  # a FROM in the past starts now
 
     async def _write(self, schedule: Schedule, covering: Person, by: Person, start: datetime, end: datetime,
-                     actor: Actor, reason: str) -> Reply:
+                     actor: Actor, reason: str, *, take: bool = False) -> Reply:
         now = self.clock.now()
         actor = Actor(actor.platform, actor.user_id, by.name, by.id)
+        tz = ZoneInfo(by.timezone) if by.timezone else schedule.tz
         async with self.db.transaction() as session:
             await self.db.lock_for_transaction(session, schedule_lock(schedule.id))  # one change at a time (swaps)
+            overrides = await load_overrides(session, self.view, start, end, [schedule.id])
+            displaced = _displaced(schedule, overrides, covering.id, start, end)
+            rotation = self.rotations.get(schedule.id)
+            approval = rotation.swap_approval if rotation is not None else None
+            if take and displaced and approval and MANAGER not in by.roles:
+                # A swap of this time would need the holder's consent and an approval; a take would skip both.
+                names = [self.view.name(p) for p in displaced]
+                whose = " and ".join(f"{n}'s" for n in names) + (" shift" if len(names) == 1 else " shifts")
+                return Reply(f"Shifts in `{schedule.id}` change hands only with the approval of someone with the "
+                             f"`{approval}` role, so you cannot take {whose} from {when(start, tz, now)} until "
+                             f"{when(end, tz, now)} yourself. Ask {' or '.join(names)} to `/swap` it to you (you "
+                             f"accept, then it is approved), or someone with the `{MANAGER}` role to `/override` it.")
             row = OverrideRow(rotation=schedule.id, person=covering.id, starts_at=start, ends_at=end, created_at=now,
                               created_by=by.id, reason=reason)
             session.add(row)
@@ -136,14 +164,45 @@ class OverrideHandlers:
                 "oncall.override", actor, "rotation", schedule.id, now,
                 {"override": row.id, "person": covering.id, "from": start.isoformat(), "until": end.isoformat(),
                  "reason": reason})])
+            for person_id, stretches in displaced.items():
+                if person_id != by.id:  # who made the override knows, and has the answer
+                    self._tell_displaced(session, schedule, person_id, covering, by, stretches, now)
         if self.changed is not None:  # "X is now on call" at the cover's start (at once for `now`) and end
             try:
                 await self.changed([schedule.id])
             except Exception:  # planning runs again within minutes; the cover itself is committed
                 log.exception("replanning the handoffs of %s failed", schedule.id)
-        tz = ZoneInfo(by.timezone) if by.timezone else schedule.tz
         return Reply(f"{covering.name} is on call for `{schedule.id}` from {when(start, tz, now)} until "
                      f"{when(end, tz, now)} ({tz.key}).", ephemeral=False)
+
+    def _tell_displaced(self, session: AsyncSession, schedule: Schedule, person_id: str, covering: Person, by: Person,
+                        stretches: list[tuple[datetime, datetime]], now: datetime) -> None:
+        """A direct message to someone a cover takes off call: who covers which of their stretches, in their zone."""
+        person = self.people.get(person_id)
+        tz = ZoneInfo(person.timezone) if person is not None and person.timezone else schedule.tz
+        spans = " and ".join(f"from {when(a, tz, now)} until {when(b, tz, now)}" for a, b in stretches)
+        if by.id == covering.id:
+            text = f"{covering.name} took over your `{schedule.id}` shift {spans}."
+        else:
+            text = f"{by.name} put {covering.name} on call for `{schedule.id}` instead of you {spans}."
+        queue_direct(session, person_id, text, now, event="oncall.override")
+
+
+def _displaced(schedule: Schedule, overrides: Sequence[Override], covering: str, start: datetime,
+               end: datetime) -> dict[str, list[tuple[datetime, datetime]]]:
+    """Who the schedule has on call within [start, end) other than `covering`, with their stretches there (back to
+    back ones joined), in order."""
+    out: dict[str, list[tuple[datetime, datetime]]] = {}
+    for s in shifts_between(schedule, overrides, start, end):
+        if s.person is None or s.person == covering:
+            continue
+        a, b = max(s.start or start, start), min(s.end, end)
+        spans = out.setdefault(s.person, [])
+        if spans and spans[-1][1] == a:
+            spans[-1] = (spans[-1][0], b)
+        else:
+            spans.append((a, b))
+    return out
 
 
 def schedule_lock(rotation: str) -> str:

@@ -22,6 +22,7 @@ from storage.models import AuditEvent, Override
 from tests.botkit import T0, Harness, bot_on, running_bot
 from tests.fake_slack import FakeSlack
 from tests.test_slack_flow import Slack, slack_config
+from tests.test_swaps import directs
 
 CAROL = "Carol Ångström-Łukasiewicz; nights, weekends"  # long, not ASCII, with ; and , to escape in the feed
 PEOPLE = f"""
@@ -324,10 +325,16 @@ async def test_taking_the_current_shift_and_a_managers_override_change_who_is_on
                             "(America/New_York).")
     assert took["response_type"] == "in_channel"
     assert rows(await ask(s, "dba-primary"))[1][:3] == ["Alice (override)", "Tue 24 Nov 05:00 CET", "Mon 30 Nov 09:00 CET"]
+    assert await directs(s.h, "bob") == [("oncall.override", "Alice took over your `dba-primary` shift from "
+                                                             "Tue 24 Nov 05:00 CET until Mon 30 Nov 09:00 CET.", [])]
 
     put = await s.answer(await s.command("/override", "dba-primary carol 2026-11-25 09:00 8h", user="U02BOB"))
     assert put["text"] == (f"{CAROL} is on call for `dba-primary` from Wed 25 Nov 09:00 CET until Wed 25 Nov 17:00 CET "
                            "(Europe/Berlin).")
+    assert await directs(s.h, "alice") == [(  # her cover, in her time zone; Bob, who made the override, is not told
+        "oncall.override", f"Bob put {CAROL} on call for `dba-primary` instead of you from Wed 25 Nov 03:00 EST until "
+                           "Wed 25 Nov 11:00 EST.", [])]
+    assert len(await directs(s.h, "bob")) == 1
     s.h.clock.set(datetime(2026, 11, 25, 12, tzinfo=UTC))
     assert rows(await ask(s, "dba-primary"))[1][0] == f"{CAROL} (override)"
     async with s.h.bot.db.sessions() as session:

@@ -595,6 +595,44 @@ async def test_a_refused_approval_records_no_approver(on_sqlite: Slack) -> None:
     assert await say(s, "accept 1", user=BOB) == "Swap #1 was declined by Bob."
 
 
+async def test_taking_a_shift_where_swaps_need_approval_is_left_to_a_swap_or_a_manager(on_sqlite: Slack) -> None:
+    """web's swaps need a manager's approval: Carol cannot take Bob's day shift with `/oncall take` (nobody would
+    approve, and Bob would not even be asked). Her own shift she may cover (it changes no hands); a manager, who
+    could `/override` it anyway, may take someone's, and they are told."""
+    s, h = on_sqlite, on_sqlite.h
+    refused = await say(s, "take web 2026-11-24T09:00", user=CAROL, command="/oncall")
+    assert refused == ("Shifts in `web` change hands only with the approval of someone with the `manager` role, so "
+                       "you cannot take Bob's shift from Tue 24 Nov 09:00 EST until Tue 24 Nov 21:00 EST yourself. "
+                       "Ask Bob to `/swap` it to you (you accept, then it is approved), or someone with the `manager` "
+                       "role to `/override` it.")
+    assert await overrides(h) == [] and await directs(h, "bob") == [] and await notices(h) == []
+    mine = await say(s, "take web 2026-11-24T21:00", user=CAROL, command="/oncall")
+    assert mine.startswith("Carol is on call for `web` from Tue 24 Nov 21:00 EST until Wed 25 Nov 09:00 EST")
+    took = await say(s, "take web 2026-11-26T21:00", user=BOB, command="/oncall")  # Thursday night: Carol's
+    assert took.startswith("Bob is on call for `web` from Thu 26 Nov 21:00 EST until Fri 27 Nov 09:00 EST")
+    assert await directs(h, "carol") == [("oncall.override", "Bob took over your `web` shift from Thu 26 Nov 21:00 EST "
+                                                             "until Fri 27 Nov 09:00 EST.", [])]
+    assert await directs(h, "bob") == []
+
+
+async def test_whoever_a_take_or_an_override_displaces_is_told_who_covers_which_stretch(on_sqlite: Slack) -> None:
+    s, h = on_sqlite, on_sqlite.h
+    # Thursday 20:00 to Friday 10:00 New York time: the end of Bob's day, Carol's night, the start of Bob's next day
+    put = await say(s, "web erin 2026-11-26T20:00-05:00 2026-11-27T10:00-05:00", user=DAVE, command="/override")
+    assert put.startswith("Erin is on call for `web` from Fri 27 Nov 10:00 JST until Sat 28 Nov 00:00 JST")
+    assert await directs(h, "bob") == [(
+        "oncall.override", "Dave put Erin on call for `web` instead of you from Thu 26 Nov 20:00 EST until "
+                           "Thu 26 Nov 21:00 EST and from Fri 27 Nov 09:00 EST until Fri 27 Nov 10:00 EST.", [])]
+    assert await directs(h, "carol") == [(
+        "oncall.override", "Dave put Erin on call for `web` instead of you from Thu 26 Nov 21:00 EST until "
+                           "Fri 27 Nov 09:00 EST.", [])]
+    assert await directs(h, "erin") == [] and await directs(h, "dave") == []
+    # Erin's override is hers to work now: a manager taking part of it tells her
+    await say(s, "take web 2026-11-26T23:00 2026-11-27T01:00", user=BOB, command="/oncall")
+    assert await directs(h, "erin") == [("oncall.override", "Bob took over your `web` shift from Thu 26 Nov 23:00 EST "
+                                                            "until Fri 27 Nov 01:00 EST.", [])]
+
+
 async def test_changes_to_one_rotation_run_one_at_a_time(slack: Slack) -> None:
     """PostgreSQL: an accept waits while another change to the rotation (an override, an undo, on this replica or
     another) holds its schedule, so it judges the schedule as that one leaves it."""
