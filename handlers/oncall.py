@@ -299,9 +299,14 @@ def ics_time(at: datetime) -> str:
 
 
 def ics_text(value: str) -> str:
-    """A TEXT value: backslash, semicolon and comma escaped, line breaks as `\\n`."""
+    """A TEXT value: backslash, semicolon and comma escaped, line breaks as `\\n`, and the control characters
+    RFC 5545 does not allow in a value (all but tab) left out: a name with a BEL in it made the feed invalid."""
     value = value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
-    return value.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n")
+    value = value.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n")
+    return value.translate(_CONTROLS)
+
+
+_CONTROLS = dict.fromkeys([*range(0x09), *range(0x0A, 0x20), 0x7F])
 
 
 def fold(line: str) -> str:

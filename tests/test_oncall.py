@@ -399,3 +399,10 @@ async def test_covering_mistakes_get_a_precise_answer(slack: Slack, command: str
     assert expected in answer["text"]
     async with slack.h.bot.db.sessions() as session:
         assert (await session.execute(select(AuditEvent).where(AuditEvent.action == "oncall.override"))).first() is None
+
+
+def test_feed_text_leaves_out_the_control_characters_rfc5545_forbids() -> None:
+    """A person's name with a BEL or an ESC in it made the whole feed invalid; a tab is allowed."""
+    from handlers.oncall import ics_text
+
+    assert ics_text("Bob\x07 the\tbuilder\x1b[31m; nights\n") == "Bob the\tbuilder[31m\\; nights\\n"
