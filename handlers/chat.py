@@ -119,6 +119,12 @@ class ChatHandlers:
         target = find_person(self.config.people, who)
         if target is None:
             return Reply(unknown_person(self.config.people, who))
+        if RESPONDER not in target.roles:
+            # Their Acknowledge on the page would be refused, and the incident would stay triggered while its
+            # escalation goes on (as /override refuses to put them on a paged rotation).
+            return Reply(f"{target.name} was not paged: they have no `{RESPONDER}` role, so they could not acknowledge "
+                         f"the page. Add `{RESPONDER}` to their `roles` under `people:` in app.yaml and restart the "
+                         "bot, or page someone who has it.")
         actor = Actor(actor.platform, actor.user_id, person.name, person.id)
         result = await page(db=self.db, audit=self.audit, config=self.config, clock=self.clock, adapters=self.adapters,
                             incident_id=incident_id, person=target, actor=actor, reason=f"{person.name} asks for your help")

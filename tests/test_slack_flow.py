@@ -164,6 +164,20 @@ async def test_strangers_and_people_without_the_role_are_told_why_and_nothing_ch
     assert s.updates(ts) == []
 
 
+async def test_paging_someone_who_could_not_acknowledge_the_page_is_refused_and_sends_nothing(slack: Slack) -> None:
+    """Bob has no `responder` role: his Acknowledge on a page would be refused while the incident stays triggered."""
+    s = slack
+    await incident_posted(s)
+    answer = await s.answer(await s.command("/incident", "page 1 bob"))
+    assert answer["text"] == ("Bob was not paged: they have no `responder` role, so they could not acknowledge the "
+                              "page. Add `responder` to their `roles` under `people:` in app.yaml and restart the "
+                              "bot, or page someone who has it.")
+    assert s.fake.called("conversations.open") == [] and s.posts(channel="D02BOB") == []
+    actions = await s.h.actions(1)
+    assert "incident.paged" not in actions and "incident.page_failed" not in actions
+    assert (await s.h.incidents())[0].status == "triggered"
+
+
 async def test_two_quick_clicks_acknowledge_once_and_a_redelivered_click_is_dropped(slack: Slack) -> None:
     s = slack
     ts = await incident_posted(s)

@@ -24,6 +24,14 @@ from tests.test_slack_flow import Slack, button_values, slack_config
 TG_SECRET = "tg-flow-webhook-secret"
 GROUP = -100123
 CALLBACK = json.loads((Path(__file__).parent / "fixtures" / "telegram" / "callback_query.json").read_text())
+COMMAND = json.loads((Path(__file__).parent / "fixtures" / "telegram" / "command_private.json").read_text())
+# Bob may be paged (he can acknowledge the page; his Slack DM takes it); Carol could not acknowledge one
+PEOPLE = """
+people:
+  - {id: alice, name: Alice, roles: [responder], slack: U01ALICE, telegram: 111111}
+  - {id: bob, name: Bob, roles: [responder], slack: U02BOB}
+  - {id: carol, name: Carol, telegram: 333333}
+"""
 
 
 @dataclass
@@ -48,6 +56,29 @@ class Both:
                                                  "Content-Type": "application/json"})
         assert resp.status == 200
 
+    async def type(self, text: str, *, user: int = 111111) -> str:
+        """Someone types `text` in their private chat with the bot; the bot's answer to it."""
+        self.updates += 1
+        update = json.loads(json.dumps(COMMAND))
+        update["update_id"] = 5000 + self.updates
+        message = update["message"]
+        message["from"]["id"] = message["chat"]["id"] = user
+        message["text"], message["message_id"] = text, 700 + self.updates
+        message["entities"] = [{"offset": 0, "length": len(text.split()[0]), "type": "bot_command"}]
+        resp = await self.h.client.post("/telegram/webhook", data=json.dumps(update),
+                                        headers={"X-Telegram-Bot-Api-Secret-Token": TG_SECRET,
+                                                 "Content-Type": "application/json"})
+        assert resp.status == 200
+
+        def answer() -> str | None:
+            for call in self.tg.called("sendMessage"):
+                reply = call.params.get("reply_parameters") or {}
+                if call.params["chat_id"] == user and reply.get("message_id") == message["message_id"]:
+                    return str(call.params["text"])
+            return None
+        await self.tg.wait_for(answer, timeout=5)
+        return answer() or ""
+
     def tg_keyboard(self, message_id: int) -> list[str]:
         markup = self.tg.messages[(GROUP, message_id)].get("reply_markup") or {}
         return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
@@ -58,7 +89,7 @@ async def both(tmp_path: Path) -> AsyncIterator[Both]:
     async with FakeSlack() as slack, FakeTelegram() as tg:
         extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
                                        f"api_url: '{tg.api_url}'}}\n")
-        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra) as h:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, people=PEOPLE) as h:
             yield Both(h, Slack(h, slack), tg)
 
 
@@ -174,7 +205,7 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     refused = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
     assert refused["text"] == "Paged Alice on Slack."  # Telegram refused; her next platform took it
     unknown = await b.slack.answer(await b.slack.command("/incident", "page 1 zed"))
-    assert unknown["text"] == "I don't know 'zed' (people in app.yaml: alice, bob)."
+    assert unknown["text"] == "I don't know 'zed' (people in app.yaml: alice, bob, carol)."
     actions = await b.h.actions(1)
     assert actions.count("incident.paged") == 3 and actions.count("incident.page_failed") == 0
     async with b.h.bot.db.sessions() as session:
@@ -195,3 +226,18 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
                                 "`/incident reopen 1` first.")
     assert len(b.slack.fake.called("conversations.open")) == opened
     assert (await b.h.actions(1)).count("incident.paged") == 3
+
+
+async def test_paging_someone_who_could_not_acknowledge_is_refused_from_telegram_and_slack_alike(both: Both) -> None:
+    b = both
+    await posted_on_both(b)
+    sent = len(b.tg.called("sendMessage"))
+    refused = await b.type("/incident page 1 carol")
+    assert refused == ("Carol was not paged: they have no <code>responder</code> role, so they could not acknowledge "
+                       "the page. Add <code>responder</code> to their <code>roles</code> under <code>people:</code> "
+                       "in app.yaml and restart the bot, or page someone who has it.")
+    on_slack = await b.slack.answer(await b.slack.command("/incident", "page 1 carol"))
+    assert on_slack["text"].startswith("Carol was not paged: they have no `responder` role")
+    assert [c for c in b.tg.called("sendMessage")[sent:] if c.params["chat_id"] == 333333] == []
+    actions = await b.h.actions(1)
+    assert "incident.paged" not in actions and "incident.page_failed" not in actions
