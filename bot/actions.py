@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 MAX_BYTES = 64
+# The largest id the store holds: incidents' and swaps' ids are INTEGER columns, 32 bits on PostgreSQL. A larger
+# number names nothing, and asking PostgreSQL for it is an error rather than no row, so it never reaches a query.
+MAX_ID = 2**31 - 1
 
 
 class Action(StrEnum):
@@ -45,13 +48,13 @@ class Decoded:
 
 
 _ARG = re.compile(r"^[A-Za-z0-9_.@+=/-]*$")
-_VALUE = re.compile(r"^([a-z-]{1,12}):([1-9][0-9]{0,17})(?::([A-Za-z0-9_.@+=/-]+))?$")
+_VALUE = re.compile(r"^([a-z-]{1,12}):([1-9][0-9]{0,9})(?::([A-Za-z0-9_.@+=/-]+))?$")  # ids up to MAX_ID's 10 digits
 
 
 def encode(action: str, incident_id: int, arg: str = "") -> str:
     """The compact form; raises CodecError when it would not fit or could not be decoded back."""
     action = Action(action)
-    if not 0 < incident_id < 10**18:
+    if not 0 < incident_id <= MAX_ID:
         raise CodecError(f"incident id {incident_id} is out of range")
     if not _ARG.fullmatch(arg):
         raise CodecError(f"argument {arg!r} may only hold letters, digits and _.@+=/-")
@@ -67,7 +70,7 @@ def decode(value: str) -> Decoded:
     if not isinstance(value, str) or len(value.encode()) > MAX_BYTES:
         raise CodecError("not a chatops button value (too long)")
     m = _VALUE.fullmatch(value)
-    if m is None:
+    if m is None or int(m.group(2)) > MAX_ID:
         raise CodecError(f"not a chatops button value: {value[:40]!r}")
     try:
         action = Action(m.group(1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from bot.actions import Action
+from bot.actions import MAX_ID, Action
 from bot.chat import ActionEvent, Adapter, CommandEvent, Reply
 from bot.clock import Clock
 from bot.config import RESPONDER, Config, Person, find_person, unknown_person
@@ -57,6 +57,8 @@ class ChatHandlers:
 
     async def _act(self, verb: str, incident_id: int, actor: Actor, person: Person, seen: str = "") -> Reply:
         """`seen`: what the pressed button carried (Escalate: where the escalation stood when it was drawn)."""
+        if incident_id > MAX_ID:
+            return Reply(_no_incident(incident_id))
         actor = Actor(actor.platform, actor.user_id, person.name, person.id)
         result = await perform(db=self.db, audit=self.audit, incident_id=incident_id, action=verb, actor=actor,
                                now=self.clock.now(), escalations=self.escalations,
@@ -116,6 +118,8 @@ class ChatHandlers:
         return Reply(f"I don't know `/incident {sub}`. Usage: `{INCIDENT_USAGE}`")
 
     async def _page(self, incident_id: int, who: str, actor: Actor, person: Person) -> Reply:
+        if incident_id > MAX_ID:
+            return Reply(_no_incident(incident_id))
         target = find_person(self.config.people, who)
         if target is None:
             return Reply(unknown_person(self.config.people, who))
@@ -149,12 +153,14 @@ class ChatHandlers:
         return Reply(f"{len(incidents)} {status} incident(s), newest first:\n```\n{text}\n```")
 
     async def _show(self, incident_id: int) -> Reply:
+        if incident_id > MAX_ID:
+            return Reply(_no_incident(incident_id))
         async with self.db.sessions() as session:
             incident = await get_incident(session, incident_id)
             alerts = await recent_alerts(session, incident_id) if incident else []
             escalation = await session.get(Escalation, incident_id) if incident else None
         if incident is None:
-            return Reply(f"There is no incident #{incident_id}.")
+            return Reply(_no_incident(incident_id))
         note, mark = drawn_with(escalation)  # as the channel's card draws it: what comes next, where Escalate stood
         card = incident_card(incident, alerts, now=self.clock.now(), tz=self.config.timezone,
                              names={p.id: p.name for p in self.config.people}, next_step=note, escalation_mark=mark)
@@ -162,8 +168,15 @@ class ChatHandlers:
 
 
 def _incident_id(args: list[str] | tuple[str, ...] | object) -> int | None:
+    """The id `args` start with (`42` or `#42`), or None. A number past MAX_ID is returned all the same: it is an id
+    no incident has, answered as such by `_no_incident` before the store is asked (PostgreSQL would refuse it)."""
     values = list(args) if isinstance(args, (list, tuple)) else []
     if not values:
         return None
     raw = str(values[0]).lstrip("#")
-    return int(raw) if raw.isascii() and raw.isdigit() and 0 < int(raw) < 10**18 else None
+    # at most 18 digits: int() of thousands of digits raises, and no id is that long
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 and int(raw) > 0 else None
+
+
+def _no_incident(incident_id: int) -> str:
+    return f"There is no incident #{incident_id}."

@@ -39,7 +39,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import or_, select
 
-from bot.actions import Action
+from bot.actions import MAX_ID, Action
 from bot.chat import ActionEvent, Button, CommandEvent, Reply
 from bot.clock import Clock
 from bot.config import Config, Person, Rotation, find_person, unknown_person
@@ -141,6 +141,8 @@ class SwapHandlers:
             swap_id = _swap_id(args[1:])
             if swap_id is None:
                 return Reply(f"Usage: `/swap {sub} ID`, with the swap's number (`/swap list` shows yours).")
+            if swap_id > MAX_ID:  # no swap has it, and PostgreSQL would refuse to look it up
+                return Reply(f"There is no swap #{swap_id}.")
             fn = {"cancel": self.cancel, "undo": self.undo, "accept": self.accept, "decline": self.decline,
                   "approve": self.approve, "reject": self.reject}[sub]
             return await fn(swap_id, person, event.actor)
@@ -776,7 +778,8 @@ def _swap_id(args: Sequence[str]) -> int | None:
     if len(args) != 1:
         return None
     text = args[0].lstrip("#")
-    return int(text) if text.isascii() and text.isdigit() and 0 < int(text) < 10**18 else None
+    # at most 18 digits: int() of thousands of digits raises, and no id is that long
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 and int(text) > 0 else None
 
 
 def _not_a_date(text: str, zone: ZoneInfo) -> str:

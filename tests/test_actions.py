@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.actions import MAX_BYTES, Action, CodecError, decode, encode
+from bot.actions import MAX_BYTES, MAX_ID, Action, CodecError, decode, encode
 from bot.cli import main as cli
 
 
@@ -21,17 +21,18 @@ def test_values_are_short_and_round_trip() -> None:
 
 
 def test_exactly_64_bytes_fits_and_65_does_not() -> None:
-    arg = "x" * (MAX_BYTES - len("rb:999999999999999999:"))  # with the largest incident id there can be
-    value = encode("rb", 999_999_999_999_999_999, arg)
+    arg = "x" * (MAX_BYTES - len(f"rb:{MAX_ID}:"))  # with the largest incident id there can be
+    value = encode("rb", MAX_ID, arg)
     assert len(value.encode()) == 64 and decode(value).arg == arg
     with pytest.raises(CodecError, match="is 65 bytes; a button value must fit 64"):
-        encode("rb", 999_999_999_999_999_999, arg + "x")
+        encode("rb", MAX_ID, arg + "x")
     with pytest.raises(CodecError, match="too long"):
         decode(value + "x")
 
 
 @pytest.mark.parametrize("value", ["", "ack", "ack:", "ack:0", "ack:-1", "ack:01", "ack:42:", "ack:42:a b",
-                                   "ACK:42", "nuke:42", "ack:42:<script>", "ack:1234567890123456789", "ack:42\n"])
+                                   "ACK:42", "nuke:42", "ack:42:<script>", "ack:1234567890123456789", "ack:42\n",
+                                   "ack:2147483648", "swcx:99999999999"])
 def test_anything_encode_would_not_make_is_refused(value: str) -> None:
     with pytest.raises(CodecError):
         decode(value)
@@ -44,9 +45,13 @@ def test_encode_refuses_what_it_could_not_decode_back() -> None:
         encode("nuke", 1)
     with pytest.raises(CodecError, match="out of range"):
         encode("ack", 0)
+    with pytest.raises(CodecError, match="out of range"):
+        encode("ack", MAX_ID + 1)
+
+    assert decode(f"ack:{MAX_ID}").incident_id == MAX_ID
 
 
-@given(st.sampled_from(list(Action)), st.integers(1, 10**18 - 1), st.from_regex(r"[A-Za-z0-9_.@+=/-]{0,30}", fullmatch=True))
+@given(st.sampled_from(list(Action)), st.integers(1, MAX_ID), st.from_regex(r"[A-Za-z0-9_.@+=/-]{0,30}", fullmatch=True))
 def test_whatever_fits_round_trips(action: Action, incident_id: int, arg: str) -> None:
     try:
         value = encode(action, incident_id, arg)

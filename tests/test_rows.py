@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 from sqlmodel import select
 
+from bot.actions import MAX_ID
 from storage.db import Database
 from storage.models import Incident
 from storage.rows import Rows
@@ -60,3 +61,12 @@ async def test_rows_read_what_the_orm_wrote_and_update_only_named_columns(db: Da
     assert subset == [{"id": row["id"], "status": "resolved"}]
     previous = await db.run_transaction(lambda conn: Rows(conn).max_id_by(Incident.__table__, "group_key", ["alertname=Disk", "x"]))
     assert previous == {"alertname=Disk": row["id"]}
+
+
+async def test_the_largest_id_a_command_or_button_may_name_is_one_the_store_holds(db: Database) -> None:
+    # commands and buttons answer "no such incident" past MAX_ID without asking the store, so it must hold MAX_ID
+    async with db.transaction() as session:
+        session.add(Incident(**incident(), id=MAX_ID))  # type: ignore[arg-type]
+    async with db.sessions() as session:
+        got = await session.get(Incident, MAX_ID)
+    assert got is not None and got.id == MAX_ID

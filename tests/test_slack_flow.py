@@ -227,6 +227,24 @@ async def test_slash_commands_list_show_and_act(slack: Slack) -> None:
     assert "needs the `responder` role" in denied["text"]
 
 
+async def test_an_id_past_what_the_store_holds_is_an_unknown_incident_not_an_error(slack: Slack) -> None:
+    """On PostgreSQL the id columns hold 32 bits: 2147483648 is an id no incident can have, said so like any other."""
+    s = slack
+    ts = await incident_posted(s)
+    for command, text in [("/ack", "2147483647"), ("/ack", "2147483648"), ("/incident", "show 2147483648"),
+                          ("/incident", "escalate #2147483648"), ("/incident", "resolve 999999999999999999"),
+                          ("/incident", "page 2147483648 alice")]:
+        answer = await s.answer(await s.command(command, text))
+        number = text.split()[-1] if command == "/ack" else text.split()[1].lstrip("#")
+        assert answer["text"] == f"There is no incident #{number}.", (command, text)
+    huge = await s.answer(await s.command("/ack", "9" * 5000))  # more digits than int() takes
+    assert huge["text"] == "Usage: `/ack ID`, for example `/ack 42`."
+    _, _, key = await s.click("ack:2147483648", ts)  # no button the bot draws carries it
+    assert (await s.answer(key))["text"].startswith("This button is not valid")
+    assert (await s.h.incidents())[0].status == "triggered"
+    assert await s.h.actions(1) == ["incident.opened", "alert.received"]
+
+
 async def test_incident_list_finds_the_open_ones_behind_many_resolved(slack: Slack) -> None:
     s = slack
     await incident_posted(s)  # #1, still firing

@@ -428,6 +428,7 @@ async def test_swap_list_shows_mine_and_what_i_may_approve(slack: Slack) -> None
     ("bob", ALICE, "Usage: `/swap PERSON [ROTATION] DATE|next | /swap list | /swap cancel ID | /swap undo ID`"),
     ("cancel x", ALICE, "Usage: `/swap cancel ID`, with the swap's number (`/swap list` shows yours)."),
     ("cancel \u00b2", ALICE, "Usage: `/swap cancel ID`, with the swap's number (`/swap list` shows yours)."),  # a traceback
+    ("cancel " + "9" * 5000, ALICE, "Usage: `/swap cancel ID`, with the swap's number"),  # too long for int()
     ("undo 99", ALICE, "There is no swap #99."),
 ])
 async def test_mistakes_get_a_precise_answer_and_change_nothing(on_sqlite: Slack, text: str, user: str,
@@ -436,6 +437,14 @@ async def test_mistakes_get_a_precise_answer_and_change_nothing(on_sqlite: Slack
     assert answer.startswith(expected), answer
     assert await swaps(on_sqlite.h) == [] and await audit(on_sqlite.h) == []
     assert await directs(on_sqlite.h, "bob") == []
+
+
+async def test_a_swap_number_past_what_the_store_holds_is_no_swap_not_an_error(slack: Slack) -> None:
+    # PostgreSQL's id columns hold 32 bits; 2147483648 was an error from the database there
+    for text in ("cancel 2147483648", "undo 2147483648", "accept #99999999999", "approve 2147483648"):
+        number = text.split()[1].lstrip("#")
+        assert await say(slack, text) == f"There is no swap #{number}.", text
+    assert await swaps(slack.h) == [] and await audit(slack.h) == []
 
 
 async def test_a_request_overlapping_a_pending_one_is_refused(on_sqlite: Slack) -> None:
