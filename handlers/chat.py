@@ -147,6 +147,9 @@ class ChatHandlers:
         now = self.clock.now()
         text = table(["#", "status", "severity", "alerts", "opened", "title"],
                      [(i.id, i.status, i.severity, i.alert_count, ago(now - i.opened_at), i.title[:60]) for i in incidents])
+        # The table is one code block: ``` in an alert's title would close it early (Slack) or split it (Telegram),
+        # so every backtick in it is shown as a look-alike (U+02CB) that ends nothing.
+        text = text.replace("`", "\u02cb")
         if total > len(incidents):
             return Reply(f"The newest {len(incidents)} of {total} {status} incidents (`chatops incidents list` shows "
                          f"them all):\n```\n{text}\n```")

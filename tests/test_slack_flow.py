@@ -245,6 +245,18 @@ async def test_an_id_past_what_the_store_holds_is_an_unknown_incident_not_an_err
     assert await s.h.actions(1) == ["incident.opened", "alert.received"]
 
 
+async def test_a_title_holding_backticks_or_mentions_stays_inside_the_list_table(slack: Slack) -> None:
+    s = slack
+    payload = json.loads(fixture("alertmanager/03-highcpu-firing.json"))
+    payload["alerts"][0]["annotations"]["summary"] = "CPU ```high``` on\nhost *x* <!channel>\n````"
+    assert (await s.h.post("am", payload))[0] == 200
+    listing = (await s.answer(await s.command("/incident", "list")))["text"]
+    head, table, tail = listing.split("```")  # one code block, whatever the title holds
+    assert head == "1 open incident(s), newest first:\n" and tail == ""
+    assert "CPU \u02cb\u02cb\u02cbhigh\u02cb\u02cb\u02cb on host *x* &lt;!channel&gt; \u02cb\u02cb\u02cb\u02cb" in table
+    assert "<!channel>" not in listing
+
+
 async def test_incident_list_finds_the_open_ones_behind_many_resolved(slack: Slack) -> None:
     s = slack
     await incident_posted(s)  # #1, still firing

@@ -162,6 +162,18 @@ async def test_an_alert_storm_does_not_hold_back_the_thread_lines_of_a_telegram_
         await task
 
 
+async def test_a_title_holding_backticks_stays_inside_the_list_table_on_telegram(both: Both) -> None:
+    b = both
+    payload = json.loads(fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    payload["commonAnnotations"] = {}
+    for alert in payload["alerts"]:
+        alert["annotations"]["summary"] = "Disk ```full``` <b>@db</b>"
+    assert (await b.h.post("am", payload))[0] == 200
+    listing = await b.type("/incident list")
+    assert listing.count("<pre>") == 1 and listing.count("</pre>") == 1 and listing.endswith("</pre>"), listing
+    assert "Disk \u02cb\u02cb\u02cbfull\u02cb\u02cb\u02cb &lt;b&gt;@\u2060db&lt;/b&gt;" in listing
+
+
 async def test_a_stranger_tapping_in_telegram_is_told_what_to_add(both: Both) -> None:
     b = both
     _, message_id = await posted_on_both(b)
