@@ -15,6 +15,13 @@ from bot.model import Actor
 
 Platform = Literal["slack", "telegram", "teams"]
 ButtonStyle = Literal["primary", "danger", "default"]
+ECHO_MAX = 80  # characters of what someone typed that an answer repeats
+
+
+def echoed(text: str) -> str:
+    """What someone typed, as an answer repeats it ("I don't know ..."): cut to ECHO_MAX characters with an
+    ellipsis, so that a pasted wall of text is named, not sent back whole."""
+    return text if len(text) <= ECHO_MAX else text[: ECHO_MAX - 1] + "\u2026"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
                       model_validator)
 
 from bot import envsubst
+from bot.chat import echoed
 from bot.durations import format_duration, parse_clock, parse_duration, parse_weekday
 
 PLATFORMS = ("slack", "telegram", "teams")
@@ -157,8 +158,9 @@ def unknown_person(people: Sequence[Person], text: str) -> str:
     """What to say when `find_person` found nobody: the people a shared name could mean, or who there is."""
     named = _named(people, text)
     if len(named) > 1:
-        return (f"{text!r} could be {' or '.join(f'`{p.id}`' for p in named)} (the same name): name them by id.")
-    return f"I don't know {text!r} (people in app.yaml: {', '.join(p.id for p in people) or 'nobody'})."
+        return (f"{echoed(text)!r} could be {' or '.join(f'`{p.id}`' for p in named)} (the same name): "
+                "name them by id.")
+    return f"I don't know {echoed(text)!r} (people in app.yaml: {', '.join(p.id for p in people) or 'nobody'})."
 
 
 _CHAT_PATTERNS = {

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from bot.chat import ActionEvent, CommandEvent, Reply
+from bot.chat import ActionEvent, CommandEvent, Reply, echoed
 from bot.config import Config, Person
 from bot.model import Actor
 
@@ -128,7 +128,7 @@ class Dispatcher:
             return Reply(self.help_text())
         spec = self.commands.get(name)
         if spec is None:
-            return Reply(f"I don't know `/{name}`.\n{self.help_text()}")
+            return Reply(f"I don't know `/{echoed(name)}`.\n{self.help_text()}")
         person = self.identify(event.actor)
         if person is None:
             if spec.anyone:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from bot.actions import MAX_ID, Action
-from bot.chat import ActionEvent, Adapter, CommandEvent, Reply
+from bot.chat import ActionEvent, Adapter, CommandEvent, Reply, echoed
 from bot.clock import Clock
 from bot.config import RESPONDER, Config, Person, find_person, unknown_person
 from bot.dispatch import Dispatcher
@@ -115,7 +115,7 @@ class ChatHandlers:
             if RESPONDER not in person.roles:
                 return Reply(f"`/incident {sub}` needs the `{RESPONDER}` role.")
             return await self._act(SUBCOMMANDS[sub], incident_id, event.actor, person)
-        return Reply(f"I don't know `/incident {sub}`. Usage: `{INCIDENT_USAGE}`")
+        return Reply(f"I don't know `/incident {echoed(sub)}`. Usage: `{INCIDENT_USAGE}`")
 
     async def _page(self, incident_id: int, who: str, actor: Actor, person: Person) -> Reply:
         if incident_id > MAX_ID:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from bot.chat import CommandEvent, Reply
+from bot.chat import CommandEvent, Reply, echoed
 from bot.clock import Clock
 from bot.config import Config, Person
 from bot.dispatch import Dispatcher
@@ -44,7 +44,7 @@ class Oncall:
         self.names = {p.id: p.name for p in self.config.people}
 
     def unknown(self, rotation: str) -> str:
-        rotation = rotation[:80]  # what was typed, not all of it if it goes on
+        rotation = echoed(rotation)  # what was typed, not all of it if it goes on
         if not self.schedules:
             return f"There is no rotation `{rotation}`: no rotations are configured (add them under `rotations:` in app.yaml)."
         return f"There is no rotation `{rotation}`. Known rotations: {self.known()}."

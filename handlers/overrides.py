@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.chat import CommandEvent, Reply
+from bot.chat import CommandEvent, Reply, echoed
 from bot.clock import Clock
 from bot.config import RESPONDER, Config, Person, Rotation, find_person, paged_rotations, unknown_person
 from bot.durations import DurationTooLong, parse_duration
@@ -113,7 +113,7 @@ class OverrideHandlers:
         if need_both and len(tokens) != 2:
             raise BadInput("give FROM and UNTIL")
         if len(tokens) > 2:
-            raise BadInput(f"too many arguments: {' '.join(tokens[2:])}")
+            raise BadInput(f"too many arguments: {echoed(' '.join(tokens[2:]))}")
         if not tokens:  # the current shift, from now to its end
             rows = await self.view.overrides(self.db, now, now, [schedule.id])
             current = on_call(schedule, _domain(rows, schedule.id), now)
@@ -237,9 +237,9 @@ def _instant(text: str, tz: ZoneInfo, now: datetime) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise BadInput(f"{text!r} is not a time") from None
+        raise BadInput(f"{echoed(text)!r} is not a time") from None
     if not 1970 <= value.year <= 9000:
-        raise BadInput(f"{text!r} is too far away (years 1970 to 9000)")
+        raise BadInput(f"{echoed(text)!r} is too far away (years 1970 to 9000)")
     return first_instant(value, tz) if value.tzinfo is None else value.astimezone(UTC)
 
 
@@ -248,10 +248,10 @@ def _until(text: str, tz: ZoneInfo, start: datetime) -> datetime:
     try:
         length = parse_duration(text)
     except DurationTooLong:
-        raise BadInput(f"{text[:40]} from then is too far away") from None
+        raise BadInput(f"{echoed(text)} from then is too far away") from None
     except ValueError:
         return _instant(text, tz, start)
     try:
         return start.astimezone(UTC) + length
     except OverflowError:
-        raise BadInput(f"{text} from then is too far away") from None
+        raise BadInput(f"{echoed(text)} from then is too far away") from None

@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import or_, select
 
 from bot.actions import MAX_ID, Action
-from bot.chat import ActionEvent, Button, CommandEvent, Reply
+from bot.chat import ActionEvent, Button, CommandEvent, Reply, echoed
 from bot.clock import Clock
 from bot.config import Config, Person, Rotation, find_person, unknown_person
 from bot.dispatch import Dispatcher
@@ -783,7 +783,7 @@ def _swap_id(args: Sequence[str]) -> int | None:
 
 
 def _not_a_date(text: str, zone: ZoneInfo) -> str:
-    return (f"{text!r} is not a date: give DATE as `2026-12-24` (a day in {zone.key}), a time such as "
+    return (f"{echoed(text)!r} is not a date: give DATE as `2026-12-24` (a day in {zone.key}), a time such as "
             "`2026-12-24T09:00`, or `next` for your next shift.")
 
 
@@ -798,4 +798,4 @@ def _roles(person: Person) -> str:
 def _near(year: int, text: str) -> None:
     """Years /oncall take and /override accept too: past them the calendar arithmetic overflows."""
     if not 1970 <= year <= 9000:
-        raise BadInput(f"{text!r} is too far away (years 1970 to 9000)")
+        raise BadInput(f"{echoed(text)!r} is too far away (years 1970 to 9000)")

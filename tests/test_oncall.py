@@ -381,6 +381,20 @@ async def test_an_override_length_is_elapsed_time_across_a_clock_change_and_a_sk
         (datetime(2027, 3, 27, 23, tzinfo=UTC), timedelta(hours=8)), (datetime(2027, 3, 28, 1, tzinfo=UTC), timedelta(hours=1))]
 
 
+@pytest.mark.parametrize(("command", "text", "expected"), [
+    ("/oncall", "x" * 12_000, "There is no rotation `{cut}`. Known rotations:"),
+    ("/oncall", "schedule " + "x" * 12_000, "There is no rotation `{cut}`. Known rotations:"),
+    ("/override", "x" * 12_000 + " carol now 1h", "There is no rotation `{cut}`. Known rotations:"),
+    ("/override", "dba-primary " + "x" * 12_000 + " now 1h", "I don't know '{cut}' (people in app.yaml:"),
+    ("/override", "dba-primary carol " + "x" * 12_000 + " 1h", "'{cut}' is not a time"),
+    ("/override", "dba-primary carol now " + "x" * 12_000, "'{cut}' is not a time"),
+    ("/oncall", "take dba-primary now 1h " + "x" * 12_000, "too many arguments: {cut}"),
+])
+async def test_a_long_argument_is_echoed_cut_short(slack: Slack, command: str, text: str, expected: str) -> None:
+    answer = (await slack.answer(await slack.command(command, text, user="U02BOB")))["text"]
+    assert expected.format(cut="x" * 79 + "\u2026") in answer and "x" * 80 not in answer
+
+
 @pytest.mark.parametrize(("command", "text", "user", "expected"), [
     ("/override", "dba-primary carol now 1h", "U01ALICE", "`/override` needs the `manager` role, and Alice has"),
     ("/override", "dba-primary zed now 1h", "U02BOB", "I don't know 'zed' (people in app.yaml: alice, bob, carol)."),

@@ -257,6 +257,17 @@ async def test_a_title_holding_backticks_or_mentions_stays_inside_the_list_table
     assert "<!channel>" not in listing
 
 
+async def test_a_long_argument_is_echoed_cut_short_not_whole(slack: Slack) -> None:
+    s, long = slack, "x" * 12_000
+    unknown = (await s.answer(await s.command("/incident", long)))["text"]
+    assert unknown == f"I don't know `/incident {'x' * 79}\u2026`. Usage: `/incident list | show ID | ack ID | " \
+                      "escalate ID | resolve ID | reopen ID | page ID PERSON`"
+    nobody = (await s.answer(await s.command("/incident", f"page 1 {long}")))["text"]
+    assert nobody == f"I don't know '{'x' * 79}\u2026' (people in app.yaml: alice, bob)."
+    command = (await s.answer(await s.command("/chatops", long)))["text"]
+    assert command.startswith(f"I don't know `/{'x' * 79}\u2026`.\nCommands:") and "x" * 80 not in command
+
+
 async def test_incident_list_finds_the_open_ones_behind_many_resolved(slack: Slack) -> None:
     s = slack
     await incident_posted(s)  # #1, still firing

@@ -430,6 +430,8 @@ async def test_swap_list_shows_mine_and_what_i_may_approve(slack: Slack) -> None
     ("cancel \u00b2", ALICE, "Usage: `/swap cancel ID`, with the swap's number (`/swap list` shows yours)."),  # a traceback
     ("cancel " + "9" * 5000, ALICE, "Usage: `/swap cancel ID`, with the swap's number"),  # too long for int()
     ("undo 99", ALICE, "There is no swap #99."),
+    ("z" * 12_000 + " next", ALICE, f"I don't know '{'z' * 79}\u2026' (people in app.yaml:"),  # not echoed whole
+    ("bob dba-primary " + "z" * 12_000, ALICE, f"'{'z' * 79}\u2026' is not a date: give DATE"),
 ])
 async def test_mistakes_get_a_precise_answer_and_change_nothing(on_sqlite: Slack, text: str, user: str,
                                                                 expected: str) -> None:
