@@ -238,7 +238,8 @@ class OncallHandlers:
             else:
                 rest.append(arg)
                 continue
-            if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_WEEKS:
+            # the length first: int() of thousands of digits raises rather than answer
+            if not (value.isascii() and value.isdigit() and len(value) <= 3) or not 1 <= int(value) <= MAX_WEEKS:
                 return usage
             weeks = int(value)
         if len(rest) != 1:

@@ -112,7 +112,8 @@ async def test_oncall_schedule_is_a_table_for_n_weeks_and_bad_input_says_what_to
     assert long.endswith(f"{85 - shown} more shifts: ask for fewer weeks, or subscribe to "
                          "http://127.0.0.1:8080/oncall/web.ics")
     assert (await ask(slack, "schedule dba-primary --weeks=2")).startswith("`dba-primary` for the next 2 weeks")
-    for bad in ("schedule", "schedule dba-primary --weeks 0", "schedule dba-primary --weeks x", "schedule a b"):
+    for bad in ("schedule", "schedule dba-primary --weeks 0", "schedule dba-primary --weeks x", "schedule a b",
+                "schedule dba-primary --weeks " + "9" * 5000):  # more digits than int() takes
         assert (await ask(slack, bad)).startswith("Usage: `/oncall schedule ROTATION [--weeks N]`"), bad
     assert await ask(slack, "schedule nope") == "There is no rotation `nope`. Known rotations: `dba-primary`, `web`."
     assert await ask(slack, "nope") == "There is no rotation `nope`. Known rotations: `dba-primary`, `web`."
