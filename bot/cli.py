@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from adapters import SETTINGS_MODELS
 from bot import logs
+from bot.actions import MAX_ID
 from bot.config import ConfigError, Loaded, config_path, load_config
 from bot.incidents import STATUSES, priority
 from bot.rotations import first_instant
@@ -67,7 +68,7 @@ def _count(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-_ID, _LIMIT = _count(1, 2**63 - 1), _count(1, 1_000_000)
+_ID, _LIMIT = _count(1, MAX_ID), _count(1, 1_000_000)  # ids: what an INTEGER column holds on PostgreSQL
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
