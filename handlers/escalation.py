@@ -165,12 +165,18 @@ class Escalations:
         session.add(esc)
         return True, f"Escalating #{incident.id} to step {esc.next_step + 1} of {total} now."
 
-    async def move_on(self, session: AsyncSession, incident_id: int, step: int, now: datetime) -> bool:
+    async def move_on(self, session: AsyncSession, incident_id: int, step: int, now: datetime, *,
+                      manual: bool = False) -> bool:
         """A page of `step` (1-based) could not be delivered: fire the next step now instead of after its wait,
         unless another page of that step got through or is still on its way, the escalation has moved since, or
         the step before also reached nobody: two steps in a row that page nobody look like a platform that is
         down or off, and running through the whole policy in seconds would leave nothing for once it is back.
-        Only this run's pages count (a reopen starts a new run). True when it moved."""
+        Only this run's pages count (a reopen starts a new run). True when it moved.
+
+        `manual`: the step was reached by a person's Escalate. Someone asked for help now, so the next step is
+        theirs too (it pages even if the incident is acknowledged, whose own timer pages nobody more), and it
+        moves on whatever the step before did: for an acknowledged incident the policy's pace is no fallback,
+        as its timer stops the escalation."""
         esc = await session.get(Escalation, incident_id)
         if esc is None or esc.state != "active" or esc.next_step != step:
             return False
@@ -184,9 +190,10 @@ class Escalations:
         pages = [(status, details) for status, details, error in pages if not error.startswith(UNCONFIRMED)]
         on_the_way = {details.get("step") for status, details in pages if status in ("pending", "sending")}
         missed = {details.get("step") for status, details in pages if status == "dead"}
-        if step in reached or step in on_the_way or (step - 1 in missed and step - 1 not in reached):
+        if step in reached or step in on_the_way or (not manual and step - 1 in missed and step - 1 not in reached):
             return False
-        esc.timer_id = await timer_store.schedule(session, STEP, incident_id, now, now, payload={"step": step})
+        esc.timer_id = await timer_store.schedule(session, STEP, incident_id, now, now,
+                                                  payload={"step": step, **({"manual": True} if manual else {})})
         esc.updated_at = now
         session.add(esc)
         return True
@@ -213,11 +220,16 @@ class Escalations:
         entries: list[Entry] = []
         if n >= total:
             esc.state, esc.updated_at = "exhausted", now
-            esc.note = (f"Every step of escalation policy `{esc.policy}` ran and nobody acknowledged. "
-                        "Page someone with /incident page.")
-            self._lines(session, incident, now, "escalation.exhausted",
-                        f"Escalation policy {esc.policy} finished: nobody acknowledged after {total} "
-                        f"step{'s' if total != 1 else ''}.")
+            steps = f"{total} step{'s' if total != 1 else ''}"
+            if incident.status == ACKNOWLEDGED:  # someone asked for help and the steps left reached nobody
+                esc.note = (f"Every step of escalation policy `{esc.policy}` ran; the last reached nobody. "
+                            "Page someone with /incident page.")
+                line = f"Escalation policy {esc.policy} finished after {steps}: the last reached nobody."
+            else:
+                esc.note = (f"Every step of escalation policy `{esc.policy}` ran and nobody acknowledged. "
+                            "Page someone with /incident page.")
+                line = f"Escalation policy {esc.policy} finished: nobody acknowledged after {steps}."
+            self._lines(session, incident, now, "escalation.exhausted", line)
             entries.append(Entry("escalation.exhausted", SYSTEM, "incident", str(incident_id), now,
                                  {"policy": esc.policy, "steps": total}, incident_id))
         else:
@@ -271,8 +283,11 @@ class Escalations:
             self._lines(session, incident, now, "escalation.nobody", f"Step {n + 1} of {total}: {targets.missing}")
         nobody = not targets.people and not targets.channel  # a rotation with nobody on call: move on at once
         esc.next_step = n + 1
+        # A step someone's Escalate reached that pages nobody hands that on to the next, or an acknowledged
+        # incident's escalation would stop there, with nobody paged.
+        payload = {"step": n + 1, **({"manual": True} if nobody and manual else {})}
         esc.timer_id = await timer_store.schedule(session, STEP, incident.id, now if nobody else due, now,
-                                                  payload={"step": n + 1})
+                                                  payload=payload)
         esc.note = (f"Paging {who}. {after}".strip() if who else after) or "Waiting for someone to acknowledge."
         return Entry("escalation.step", SYSTEM, "incident", str(incident.id), now,
                      {"policy": esc.policy, "step": n + 1, "of": total, "people": [p.id for p in targets.people],

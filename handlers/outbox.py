@@ -635,7 +635,7 @@ class OutboxWorker:
                 log.warning("escalation: the page to %s about #%s is unconfirmed: %s", person.id, incident.id, problem)
             else:
                 moved = (self.escalations is not None and isinstance(step, int)
-                         and await self.escalations.move_on(session, incident.id, step, now))
+                         and await self.escalations.move_on(session, incident.id, step, now, manual=manual))
                 line = f"Could not page {person.name}: {problem}." + (" Moving to the next step now." if moved else "")
                 entry = Entry("incident.page_failed", actor, "incident", str(incident.id), now,
                               {"person": person.id, "tried": attempt.tried, "problem": problem, "step": step},

@@ -43,6 +43,7 @@ sources:
   - {id: open, kind: generic, auth: none}
 rotations:
   - {id: primary, members: [alice, bob], shift: 1w, handoff: "mon 09:00", start: 2026-11-02}
+  - {id: later, members: [alice], shift: 1w, handoff: "mon 09:00", start: 2027-01-04}
 escalation_policies:
   - id: standard
     steps:
@@ -73,6 +74,13 @@ escalation_policies:
   - id: loud
     steps:
       - {notify: {channel: ops-slack}, wait: 5m}
+  - id: relay
+    steps:
+      - {notify: {people: [bob]}, wait: 5m}
+      - {notify: {people: [dave]}, wait: 10m}
+      - {notify: {people: [dave]}, wait: 10m}
+      - {notify: {rotation: later}, wait: 10m}
+      - {notify: {people: [carol]}, wait: 5m}
 routes:
   - {match: {team: loud}, channels: [ops-slack], escalation: loud}
   - {match: {team: bobdave}, channels: [ops-slack], escalation: bobdave}
@@ -80,6 +88,7 @@ routes:
   - {match: {team: solo}, channels: [ops-slack], escalation: solo}
   - {match: {team: nobody}, channels: [ops-slack], escalation: unlinked}
   - {match: {team: ghosts}, channels: [ops-slack], escalation: unreachable}
+  - {match: {team: relay}, channels: [ops-slack], escalation: relay}
   - {match: {team: quiet}, channels: [ops-slack]}
   - {match: {}, channels: [ops-slack, ops-telegram], escalation: standard}
 """
@@ -447,6 +456,50 @@ async def test_escalating_an_acknowledged_incident_pages_the_next_step_and_promi
         await asyncio.sleep(0.3)
         assert len(w.pages(BOB_TG)) == 1 and len(w.pages(CAROL_TG)) == 1  # and indeed nobody more
         assert (await w.escalation()).state == "stopped"
+
+
+async def test_help_asked_for_after_acknowledging_moves_on_until_someone_is_paged(tmp_path: Path) -> None:
+    """Bob acknowledges, then presses Escalate for help. Dave (steps 2 and 3) cannot be reached and nobody is on
+    call in step 4's rotation: each step a person's Escalate reached moves on at once, as the thread says, even two
+    in a row that reached nobody (the policy's own pace no longer runs for an acknowledged incident), until Carol
+    (step 5) is paged. Then it stops, as an acknowledged incident's escalation does."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="relay")
+        await until(lambda: w.pages(BOB_TG), "step 1 pages Bob")
+        await w.slack.answer(await w.slack.command("/incident", "ack 1", user="U02BOB"))
+        answer = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U02BOB"))
+        assert answer["text"] == "Escalating #1 to step 2 of 5 now."
+        await w.tick()
+        await until(lambda: w.pages(CAROL_TG), "Carol is paged at once, not never")
+        await until(lambda: "Paged Carol on Telegram." in thread_texts(w.slack), "Carol's line")
+        lines = thread_texts(w.slack)
+        dave = [t for t in lines if t.startswith("Could not page Dave")]
+        assert len(dave) == 2 and all(t.endswith("Moving to the next step now.") for t in dave)
+        assert "Step 4 of 5: nobody is on call for later now" in lines
+        steps = [(e.details["step"], e.details["manual"]) for e in await w.audit("escalation.step")]
+        assert steps == [(1, False), (2, True), (3, True), (4, True), (5, True)]
+        await w.tick(timedelta(minutes=30))
+        await asyncio.sleep(0.3)
+        assert len(w.pages(CAROL_TG)) == 1 and len(w.pages(BOB_TG)) == 1
+        assert (await w.escalation()).state == "stopped"
+
+
+async def test_help_asked_for_after_acknowledging_says_so_when_the_last_step_reaches_nobody(tmp_path: Path) -> None:
+    """Bob acknowledges and presses Escalate; Carol (the last step) blocked the bot and left Slack. The thread said
+    it moves on: it says the policy finished, without claiming that nobody acknowledged."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="solo")
+        await until(lambda: w.pages(BOB_TG), "step 1 pages Bob")
+        await w.slack.answer(await w.slack.command("/incident", "ack 1", user="U02BOB"))
+        w.tg.fail("sendMessage", "Forbidden: bot was blocked by the user", 403)
+        w.slack.fake.fail("conversations.open", "user_not_found")
+        await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U02BOB"))
+        await w.tick()
+        await until(lambda: any("finished" in t for t in thread_texts(w.slack)), "the line saying it finished")
+        assert next(t for t in thread_texts(w.slack) if t.startswith("Could not page Carol")).endswith(
+            "Moving to the next step now.")
+        assert "Escalation policy solo finished after 2 steps: the last reached nobody." in thread_texts(w.slack)
+        assert (await w.escalation()).state == "exhausted"
 
 
 async def test_a_press_on_a_page_from_before_a_reopen_changes_nothing(tmp_path: Path) -> None:
