@@ -21,10 +21,11 @@ from bot.clock import Clock
 from bot.config import Config, Person
 from bot.model import Actor
 from bot.view import incident_card
+from handlers.escalation import drawn_with
 from handlers.notify import page_redraw_row
 from storage.audit import AuditLog, Entry
 from storage.db import Database
-from storage.models import Incident, OutboxItem
+from storage.models import Escalation, Incident, OutboxItem
 from storage.queries import recent_alerts
 
 log = logging.getLogger("chatops.paging")
@@ -43,7 +44,7 @@ class PageResult:
 def page_message(incident: Incident, alerts: list[Any], person: Person, config: Config, now: datetime,
                  reason: str = "", escalation_mark: str = "") -> Outbound:
     """The incident's card with Acknowledge and Escalate, for a person's private chat. `escalation_mark`: where
-    the escalation stood when the page was sent (an escalation's page), which Escalate carries (view.buttons_for)."""
+    the escalation stood when the page was sent, which Escalate carries (view.buttons_for)."""
     card = incident_card(incident, alerts, now=now, tz=person.timezone or config.timezone,
                          names={p.id: p.name for p in config.people})
     assert incident.id is not None
@@ -136,14 +137,17 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
     async with db.sessions() as session:
         incident = await session.get(Incident, incident_id)
         alerts = await recent_alerts(session, incident_id) if incident else []
+        escalation = await session.get(Escalation, incident_id) if incident else None
     if incident is None:
         return PageResult(False, f"There is no incident #{incident_id}.")
     if incident.status == "resolved":
         return PageResult(False, f"#{incident_id} is resolved, so nobody was paged; if it needs someone after all, "
                                  f"`/incident reopen {incident_id}` first.")
     now = clock.now()
-    attempt = await send_page(adapters, person, page_message(incident, alerts, person, config, now, reason),
-                              page_order(person))
+    # Escalate carries where the escalation stands, as on an escalation's page: a double press escalates once.
+    _, mark = drawn_with(escalation)
+    attempt = await send_page(adapters, person, page_message(incident, alerts, person, config, now, reason,
+                                                             escalation_mark=mark), page_order(person))
     if attempt.platform is not None:
         details = {"person": person.id, "platform": attempt.platform, "reason": reason}
         if attempt.tried:

@@ -442,6 +442,32 @@ async def test_two_presses_of_one_message_escalate_once(tmp_path: Path) -> None:
         assert (await w.slack.answer(third))["text"] == "Escalating #1 to step 3 of 4 now."
 
 
+async def test_two_presses_of_a_page_sent_by_hand_escalate_once(tmp_path: Path) -> None:
+    """A page sent with /incident page carries where the escalation stood, as an escalation's page does: Alice
+    double-taps its Escalate, and the second tap (the first one's step has fired) is answered and changes nothing."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 alice", user="U02BOB"))
+        assert paged["text"] == "Paged Alice on Telegram."
+        [page] = w.pages(ALICE_TG)
+        escalate = [k["callback_data"] for row in page["reply_markup"]["inline_keyboard"] for k in row
+                    if k["callback_data"].startswith("esc:")]
+        assert escalate == ["esc:1:1"]
+        await w.tap("esc:1:1", ALICE_TG)
+        await until(lambda: w.tg.called("answerCallbackQuery"), "the first tap is answered")
+        assert w.tg.called("answerCallbackQuery")[-1].params.get("text") == "Escalating #1 to step 2 of 4 now."
+        await w.tick()
+        await until(lambda: w.pages(CAROL_TG), "step 2 pages Carol")
+        await w.tap("esc:1:1", ALICE_TG)  # the same page's button, a moment later
+        await until(lambda: len(w.tg.called("answerCallbackQuery")) == 2, "the second tap is answered")
+        assert w.tg.called("answerCallbackQuery")[-1].params.get("text", "").startswith("#1 escalated since")
+        await w.tick(timedelta(seconds=30))
+        await asyncio.sleep(0.3)
+        assert [e.details["step"] for e in await w.audit("escalation.step")] == [1, 2]
+        assert len(w.pages(BOB_TG)) == 1 and len(w.pages(CAROL_TG)) == 1
+
+
 async def test_escalating_an_acknowledged_incident_pages_the_next_step_and_promises_no_more(tmp_path: Path) -> None:
     async with world(tmp_path, NIGHT) as w:
         await w.alert("critical")
