@@ -1,4 +1,4 @@
-"""Paging a person directly: the incident's card with Acknowledge and Escalate, in their private chat.
+"""Paging a person directly: the incident's card, with the buttons its state calls for, in their private chat.
 
 Used by `/incident page ID PERSON` and, through the outbox, by escalation steps. The
 platform is the first of the person's `page_via` (default: Slack first during business
@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from bot.actions import Action
-from bot.chat import Adapter, Button, DeliveryError, MessageRef, Outbound
+from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
 from bot.clock import Clock
 from bot.config import Config, Person
 from bot.model import Actor
@@ -43,16 +42,14 @@ class PageResult:
 
 def page_message(incident: Incident, alerts: list[Any], person: Person, config: Config, now: datetime,
                  reason: str = "", escalation_mark: str = "") -> Outbound:
-    """The incident's card with Acknowledge and Escalate, for a person's private chat. `escalation_mark`: where
-    the escalation stood when the page was sent, which Escalate carries (view.buttons_for)."""
+    """The incident's card, for a person's private chat. Its buttons are the card's (view.buttons_for), as a
+    redraw of the page draws them: no Acknowledge on a page about an incident someone acknowledged already.
+    `escalation_mark`: where the escalation stood when the page was sent, which Escalate carries."""
     card = incident_card(incident, alerts, now=now, tz=person.timezone or config.timezone,
-                         names={p.id: p.name for p in config.people})
-    assert incident.id is not None
-    buttons = [Button(Action.ACKNOWLEDGE, incident.id, label="Acknowledge", style="primary"),
-               Button(Action.ESCALATE, incident.id, arg=escalation_mark, label="Escalate")]
+                         names={p.id: p.name for p in config.people}, escalation_mark=escalation_mark)
     headline = f"Page: {card.context['headline']}"  # what a phone's notification shows (Slack's `text`)
     return Outbound(card.kind, {**card.context, "headline": headline,
-                                "next_step": reason or card.context.get("next_step")}, buttons, text=headline)
+                                "next_step": reason or card.context.get("next_step")}, card.buttons, text=headline)
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ async def test_after_hours_pages_on_telegram_step_by_step_until_someone_acknowle
         await until(lambda: w.pages(BOB_TG), "Bob (on call for primary this week) is paged on Telegram")
         [page] = w.pages(BOB_TG)
         keys = [k["callback_data"] for row in page["reply_markup"]["inline_keyboard"] for k in row]
-        assert keys == ["ack:1", "esc:1:1"]  # Escalate carries the step it was sent for
+        assert keys == ["ack:1", "esc:1:1", "?res:1"]  # the card's buttons; Escalate carries the step it was sent for
         assert "DiskFull" in page["text"] or "Disk almost full" in page["text"]
         await until(lambda: any("Paged Bob on Telegram" in t for t in thread_texts(w.slack)), "the thread line")
         line = next(t for t in thread_texts(w.slack) if "Paged Bob" in t)
@@ -216,7 +216,7 @@ async def test_business_hours_page_by_slack_dm_with_a_mention_in_the_thread(tmp_
         [dm] = w.slack_dms("U02BOB")
         blocks = dm["blocks"] if isinstance(dm["blocks"], list) else json.loads(dm["blocks"])
         values = [e["value"] for b in blocks if b["type"] == "actions" for e in b["elements"]]
-        assert values == ["ack:1", "esc:1:1"]
+        assert values == ["ack:1", "esc:1:1", "res:1"]
         assert dm["text"].startswith("Page: \U0001f534 Firing")  # what his phone's notification says
         assert not w.pages(BOB_TG), "in business hours Telegram is not the first choice"
         await until(lambda: any("Paged Bob on Slack" in t for t in thread_texts(w.slack)), "the thread line")
@@ -399,6 +399,41 @@ async def test_a_page_sent_by_hand_while_someone_acknowledges_is_redrawn_all_the
         assert paged["text"] == "Paged Carol on Telegram."
         await until(lambda: any("Acknowledged" in c.params["text"] for c in w.tg.called("editMessageText")
                                 if c.params["chat_id"] == CAROL_TG), "Carol's page redrawn")
+
+
+async def test_a_page_offers_the_buttons_that_fit_the_incidents_state(tmp_path: Path) -> None:
+    """A page is drawn with the buttons the channel's card has, when it is sent as when it is redrawn: Alice, paged
+    by hand about an incident Bob acknowledged, and Carol, paged by the step his Escalate fired, are offered
+    Escalate and Resolve, not an Acknowledge nobody needs; once resolved, their pages offer Reopen."""
+    async with world(tmp_path, NIGHT) as w:
+
+        def keys(message: dict[str, Any]) -> list[str]:
+            return [k["callback_data"] for row in message["reply_markup"]["inline_keyboard"] for k in row]
+
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U02BOB"))
+        assert acked["text"] == "Acknowledged #1."
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 alice", user="U02BOB"))
+        assert paged["text"] == "Paged Alice on Telegram."
+        assert keys(w.pages(ALICE_TG)[0]) == ["esc:1:1", "?res:1"]
+        await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U02BOB"))
+        await w.tick()
+        await until(lambda: w.pages(CAROL_TG), "step 2 pages Carol")
+        assert keys(w.pages(CAROL_TG)[0]) == ["esc:1:2", "?res:1"]
+        resolved = await w.slack.answer(await w.slack.command("/incident", "resolve 1", user="U02BOB"))
+        assert resolved["text"] == "Resolved #1."
+
+        def redrawn(chat: int) -> list[str]:
+            edits = [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == chat]
+            return keys(edits[-1]) if edits and "Resolved" in edits[-1]["text"] else []
+
+        for _ in range(50):  # each chat's budget paces the redraws, a second apart by the bot's clock
+            if redrawn(ALICE_TG) and redrawn(CAROL_TG):
+                break
+            await w.tick(timedelta(seconds=1))
+            await asyncio.sleep(0.1)
+        assert redrawn(ALICE_TG) == redrawn(CAROL_TG) == ["reo:1"]
 
 
 async def test_two_presses_of_one_message_escalate_once(tmp_path: Path) -> None:

@@ -244,10 +244,10 @@ async def test_sigkill_mid_wait_next_step_fires_once_after_restart(tmp_path: Pat
             await bot.wait_up()
             assert (await post_alert(port))["results"][0]["change"] == "opened"
 
-            # Step 1: Alice's page arrives, with Acknowledge and Escalate; it is committed (incident.paged).
+            # Step 1: Alice's page arrives, with Acknowledge, Escalate and Resolve; it is committed (incident.paged).
             await until(lambda: pages_to(tg, ALICE), 10, lambda: f"no page to Alice; calls {[c.method for c in tg.calls]}")
             [first] = pages_to(tg, ALICE)
-            assert keys(tg.calls[first]) == ["ack:1", "esc:1:1"], keys(tg.calls[first])  # Escalate names step 1
+            assert keys(tg.calls[first]) == ["ack:1", "esc:1:1", "?res:1"], keys(tg.calls[first])  # Escalate names step 1
             await until(lambda: store.audit("incident.paged"), 5, lambda: "incident.paged for Alice never committed")
             [step1] = store.audit("escalation.step")
             due2 = iso(step1["next_at"])
@@ -283,7 +283,7 @@ async def test_sigkill_mid_wait_next_step_fires_once_after_restart(tmp_path: Pat
         assert alice == [first], f"Alice paged {len(alice)} times"
         assert len(carol) == 1, f"Carol paged {len(carol)} times"
         assert carol[0] >= calls_before_restart, "Carol's page came before the restart"
-        assert keys(tg.calls[carol[0]]) == ["ack:1", "esc:1:2"]
+        assert keys(tg.calls[carol[0]]) == ["ack:1", "esc:1:2", "?res:1"]
         steps = [e["step"] for e in store.audit("escalation.step")]
         assert steps == [1, 2], f"escalation.step events: {steps}"
         assert [(e["person"], e["platform"], e["step"]) for e in store.audit("incident.paged")] == [

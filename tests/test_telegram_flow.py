@@ -202,7 +202,7 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     answer = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
     assert answer["text"] == "Paged Alice on Telegram."
     [page] = [c for c in b.tg.called("sendMessage") if c.params["chat_id"] == 111111]
-    assert [k["callback_data"] for row in page.params["reply_markup"]["inline_keyboard"] for k in row] == ["ack:1", "esc:1"]
+    assert [k["callback_data"] for row in page.params["reply_markup"]["inline_keyboard"] for k in row] == ["ack:1", "esc:1", "?res:1"]
     assert "Alice asks for your help" in page.params["text"]
 
     message_id = next(mid for (chat, mid) in b.tg.messages if chat == 111111)
