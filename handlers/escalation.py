@@ -38,7 +38,7 @@ from handlers.oncall import domain
 from handlers.timers import TimerService
 from storage import timers as timer_store
 from storage.audit import AuditLog, Entry
-from storage.models import Escalation, Incident, OutboxItem, Timer
+from storage.models import AuditEvent, Escalation, Incident, OutboxItem, Timer
 from storage.queries import active_overrides
 
 log = logging.getLogger("chatops.escalation")
@@ -140,6 +140,8 @@ class Escalations:
         bot.escalation.escalation_mark). If a step fired since, by its timer or by another press, or the incident
         was reopened, this press is answered and changes nothing (as GoAlert does): two people pressing at once,
         or one pressing twice, escalate once. A button drawn before marks existed carries none: no check."""
+        if incident.silenced:  # a maintenance window muted it: its escalation does not run (nor start) meanwhile
+            return False, await self._silenced(session, incident)
         esc = await session.get(Escalation, incident.id)
         if esc is None:  # nothing to move on: no thread line, no audit event, however many presses
             return False, (f"#{incident.id} has no escalation policy; page someone with "
@@ -164,6 +166,31 @@ class Escalations:
         esc.state, esc.updated_at = "active", now
         session.add(esc)
         return True, f"Escalating #{incident.id} to step {esc.next_step + 1} of {total} now."
+
+    @staticmethod
+    async def _silenced(session: AsyncSession, incident: Incident) -> str:
+        """Escalate on a silenced incident, in words: which silences muted it (its alerts' `alert.silenced` events
+        name them) and what to do instead."""
+        rows = (await session.execute(
+            select(AuditEvent.details).where(AuditEvent.incident_id == incident.id,
+                                             AuditEvent.action == "alert.silenced")
+            .order_by(AuditEvent.seq.desc()).limit(50))).scalars().all()
+        names: list[str] = []
+        for details in rows:
+            silence, comment = (details or {}).get("silence"), (details or {}).get("comment") or ""
+            name = f"`{silence}`" if silence else ""
+            if comment:
+                name = f"{name} ({comment})".strip()
+            if name and name not in names:
+                names.append(name)
+        by = (f"maintenance window {names[0]}" if len(names) == 1 else
+              f"maintenance windows {', '.join(names)}" if names else "a maintenance window")
+        page = f"`/incident page {incident.id} PERSON`"
+        if not incident.escalation:
+            return f"#{incident.id} is silenced by {by}, and it has no escalation policy; page someone with {page}."
+        # (short enough for a Telegram toast, which shows 200 characters)
+        return (f"#{incident.id} is silenced by {by}, so its escalation policy `{incident.escalation}` pages nobody; "
+                f"page someone with {page}.")
 
     async def move_on(self, session: AsyncSession, incident_id: int, step: int, now: datetime, *,
                       manual: bool = False) -> bool:

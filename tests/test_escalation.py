@@ -600,6 +600,22 @@ async def test_escalate_without_a_policy_changes_nothing_and_says_what_to_do(tmp
         assert not [t for t in thread_texts(w.slack) if t.startswith("Escalated")]
 
 
+async def test_escalate_on_a_silenced_incident_says_which_silence_and_what_to_do(tmp_path: Path) -> None:
+    """Its route has a policy, but a maintenance window muted it: Escalate says so (it said the incident had no
+    escalation policy), and what to do instead; nothing is escalated, as nothing pages while it is silenced."""
+    silenced = BASE + "silences:\n  - {id: pod-b, matchers: {pod: b}, starts: 2026-01-01T00:00:00Z, comment: disk swap}\n"
+    async with world(tmp_path, NIGHT, base=silenced) as w:
+        disk = {"asset_name": "db-01", "signature": "DiskFull", "severity": "critical", "message": "disk"}
+        await w.h.post("open", {**disk, "tool_source": "x", "labels": {"team": "db", "pod": "b"}})
+        answer = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U02BOB"))
+        assert answer["text"] == ("#1 is silenced by maintenance window `pod-b` (disk swap), so its escalation "
+                                  "policy `standard` pages nobody; page someone with `/incident page 1 PERSON`.")
+        await w.tick(timedelta(minutes=1))
+        await asyncio.sleep(0.3)
+        assert not await w.audit("incident.escalated") and not await w.audit("escalation.step")
+        assert not w.pages(BOB_TG) and not w.pages(CAROL_TG)
+
+
 async def test_a_page_that_cannot_be_delivered_moves_the_escalation_on_at_once(tmp_path: Path) -> None:
     async with world(tmp_path, NIGHT) as w:
         await w.alert("critical", team="nobody")  # policy `unlinked`: Dave has no chat id anywhere
