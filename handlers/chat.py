@@ -131,7 +131,8 @@ class ChatHandlers:
                          "bot, or page someone who has it.")
         actor = Actor(actor.platform, actor.user_id, person.name, person.id)
         result = await page(db=self.db, audit=self.audit, config=self.config, clock=self.clock, adapters=self.adapters,
-                            incident_id=incident_id, person=target, actor=actor, reason=f"{person.name} asks for your help")
+                            metrics=self.metrics, incident_id=incident_id, person=target, actor=actor,
+                            reason=f"{person.name} asks for your help")
         self.metrics.actions.labels("page", "changed" if result.ok else "refused").inc()
         return Reply(result.message)
 

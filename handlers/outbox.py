@@ -611,8 +611,7 @@ class OutboxWorker:
         if attempt.platform is None and attempt.transient and row.attempts + 1 < PAGE_ATTEMPTS:
             await self._failed([row], attempt.problem(person, self.adapters), None, permanent=False)
             return 1
-        self.metrics.pages.labels(attempt.platform or attempt.unknown or "none",
-                                  "ok" if attempt.platform else "unknown" if attempt.unknown else "failed").inc()
+        self.metrics.pages.labels(*attempt.counted()).inc()
         actor = SYSTEM  # the escalation pages, not a person
         async with self.db.transaction() as session:
             problem = attempt.problem(person, self.adapters)

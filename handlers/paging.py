@@ -18,6 +18,7 @@ from typing import Any
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
 from bot.clock import Clock
 from bot.config import Config, Person
+from bot.metrics import Metrics
 from bot.model import Actor
 from bot.view import incident_card
 from handlers.escalation import drawn_with
@@ -63,6 +64,11 @@ class Attempt:
     retry_after: float | None = None  # what the platform said about when (None: our own budget is spent)
     unknown: str | None = None  # the platform that took it and never answered: it may have arrived (not resent)
     ref: MessageRef | None = None  # the message the platform that took it made (redrawn as the incident changes)
+
+    def counted(self) -> tuple[str, str]:
+        """(platform, outcome): how chatops_pages_total counts this page, sent by hand or by an escalation."""
+        return (self.platform or self.unknown or "none",
+                "ok" if self.platform else "unknown" if self.unknown else "failed")
 
     def problem(self, person: Person, adapters: Mapping[str, Adapter]) -> str:
         if self.unknown:
@@ -129,7 +135,7 @@ def page_order(person: Person, *, business_hours: bool | None = None) -> Sequenc
 
 
 async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, adapters: Mapping[str, Adapter],
-               incident_id: int, person: Person, actor: Actor, reason: str = "") -> PageResult:
+               metrics: Metrics, incident_id: int, person: Person, actor: Actor, reason: str = "") -> PageResult:
     """Send the page; record `incident.paged` or `incident.page_failed` either way."""
     async with db.sessions() as session:
         incident = await session.get(Incident, incident_id)
@@ -145,6 +151,7 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
     _, mark = drawn_with(escalation)
     attempt = await send_page(adapters, person, page_message(incident, alerts, person, config, now, reason,
                                                              escalation_mark=mark), page_order(person))
+    metrics.pages.labels(*attempt.counted()).inc()
     if attempt.platform is not None:
         details = {"person": person.id, "platform": attempt.platform, "reason": reason}
         if attempt.tried:

@@ -375,6 +375,19 @@ async def test_a_page_sent_by_hand_is_redrawn_as_the_incident_changes(tmp_path: 
         assert len(w.pages(CAROL_TG)) == 1  # redrawn, not sent again
 
 
+async def test_pages_sent_by_hand_are_counted_in_metrics_as_an_escalations_are(tmp_path: Path) -> None:
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="quiet")  # no escalation policy: every page here is sent by hand
+        await until(lambda: w.slack.fake.called("chat.postMessage"), "the incident is posted")
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U02BOB"))
+        assert paged["text"] == "Paged Carol on Telegram."
+        failed = await w.slack.answer(await w.slack.command("/incident", "page 1 dave", user="U02BOB"))
+        assert failed["text"].startswith("Could not page Dave")
+        body = await (await w.h.client.get("/metrics")).text()
+        assert 'chatops_pages_total{outcome="ok",platform="telegram"} 1.0' in body
+        assert 'chatops_pages_total{outcome="failed",platform="none"} 1.0' in body
+
+
 async def test_a_page_sent_by_hand_while_someone_acknowledges_is_redrawn_all_the_same(tmp_path: Path) -> None:
     """Alice acknowledges while Carol's page is on its way: the redraw her acknowledge queued ran before the page
     was recorded, so the page's record queues one more, and Carol's page does not go on offering Acknowledge."""
