@@ -33,8 +33,8 @@ from aiohttp import web
 from telegram import (CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, LinkPreviewOptions, Message,
                       ReplyParameters, Update, User)
 from telegram.constants import ChatType, ParseMode
-from telegram.error import (BadRequest, ChatMigrated, EndPointNotFound, Forbidden, InvalidToken, RetryAfter,
-                            TelegramError, TimedOut)
+from telegram.error import (BadRequest, ChatMigrated, EndPointNotFound, Forbidden, InvalidToken, NetworkError,
+                            RetryAfter, TelegramError, TimedOut)
 from telegram.ext import Application
 
 from adapters.settings import TelegramSettings
@@ -75,6 +75,9 @@ SEND_OPTIONS: dict[str, Any] = {"parse_mode": ParseMode.HTML,
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?=\s|$)")
 # "@name" where Telegram would see a mention (not inside a word, as in an e-mail address), in HTML text outside tags
 _MENTION = re.compile(r"(<[^>]*>)|(?<!\w)@(?=\w)")  # @@name too: Telegram sees @name in it
+# httpx errors raised before any of the request was sent: sending it again, or elsewhere, cannot deliver it twice
+UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError, httpx.UnsupportedProtocol,
+          httpx.InvalidURL)
 _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'"})
 
 
@@ -160,10 +163,14 @@ def delivery_error(method: str, exc: TelegramError, *, token: str = "") -> Deliv
         return DeliveryError(what, permanent=True, gone=True)
     if isinstance(exc, (BadRequest, Forbidden, EndPointNotFound)):  # BadRequest first: it is a NetworkError
         return DeliveryError(what, permanent=True)  # chat not found, message to edit not found, blocked...
-    if isinstance(exc, TimedOut):  # sent, and no answer in time: Telegram may have delivered it
-        unsent = isinstance(exc.__cause__, (httpx.ConnectTimeout, httpx.PoolTimeout))  # never left: retry freely
-        return DeliveryError(what, unknown=not unsent)
-    return DeliveryError(what)  # NetworkError, 5xx, Conflict: worth another try
+    if isinstance(exc, NetworkError) and exc.__cause__ is not None and not isinstance(exc.__cause__, TelegramError):
+        # The HTTP call itself failed (PTB's HTTPXRequest raises TimedOut or NetworkError from httpx's error). Unless
+        # it failed before the request left (no connection, none free in the pool), Telegram may have delivered it:
+        # a read timeout, or the connection closed or reset before the answer (RemoteProtocolError, ReadError).
+        return DeliveryError(what, unknown=not isinstance(exc.__cause__, UNSENT))
+    if isinstance(exc, TimedOut):  # (one PTB raised without an HTTP error under it: no answer in time)
+        return DeliveryError(what, unknown=True)
+    return DeliveryError(what)  # Telegram answered a 5xx (a NetworkError too), or Conflict: worth another try
 
 
 # -- inbound: updates -> neutral events ------------------------------------------------------------

@@ -1,9 +1,9 @@
 """A fake Telegram Bot API on 127.0.0.1 (`POST /bot{token}/{method}`, form or JSON), answering like Telegram.
 
 `async with FakeTelegram() as tg:` then `TelegramSettings(api_url=tg.api_url)`, `tg.called("sendMessage")`,
-`tg.fail(method, description, error_code)`, `tg.push_update(update)` (for getUpdates). sendMessage is limited
-like Telegram's (about 1/s per chat, `burst` at once; 20/min per group: 429 with `retry_after`); HTML is
-checked as Telegram parses it (known tags, balanced, 4096 characters once parsed)."""
+`tg.fail(method, description, error_code)`, `tg.lose_answer(method)`, `tg.push_update(update)` (for getUpdates).
+sendMessage is limited like Telegram's (about 1/s per chat, `burst` at once; 20/min per group: 429 with
+`retry_after`); HTML is checked as Telegram parses it (known tags, balanced, 4096 characters once parsed)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import contextlib
 import html
 import json
 import re
+import socket
+import struct
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -71,6 +73,7 @@ class FakeTelegram:
     def __post_init__(self) -> None:
         self._failures: dict[str, deque[tuple[int, str, Any]]] = defaultdict(deque)  # (code, description, parameters)
         self._slow: dict[str, deque[float]] = defaultdict(deque)
+        self._lost: dict[str, deque[bool]] = defaultdict(deque)  # answers never sent: reset (RST) or closed
         self._buckets: dict[int, tuple[float, float]] = {}
         self._minute: dict[int, deque[float]] = defaultdict(deque)
         self._updates: list[dict[str, Any]] = []
@@ -89,6 +92,12 @@ class FakeTelegram:
         """The next `times` calls of `method` are carried out at once but answered `seconds` late (a message
         Telegram delivered whose answer never reached the bot in time)."""
         self._slow[method].extend([seconds] * times)
+
+    def lose_answer(self, method: str, times: int = 1, *, reset: bool = False) -> None:
+        """The next `times` calls of `method` are carried out, then the connection goes before the answer: closed
+        (the client reads the end of the stream), or with `reset` reset (a TCP RST, as a proxy or a network in
+        trouble does). A message Telegram delivered whose answer never reached the bot."""
+        self._lost[method].extend([reset] * times)
 
     def push_update(self, update: dict[str, Any]) -> None:
         self._updates.append(update)
@@ -125,6 +134,13 @@ class FakeTelegram:
         call.status, body = self._answer(call)
         if self._slow[call.method]:
             await asyncio.sleep(self._slow[call.method].popleft())
+        if self._lost[call.method]:
+            assert request.transport is not None
+            if self._lost[call.method].popleft():  # SO_LINGER 0: closing sends a RST instead of a FIN
+                request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                                      struct.pack("ii", 1, 0))
+            request.transport.abort()
+            return web.Response()
         return web.json_response({"ok": True, "result": body} if call.status == 200 else body, status=call.status)
 
     def _answer(self, call: Call) -> tuple[int, Any]:

@@ -718,6 +718,23 @@ async def test_a_page_telegram_took_but_never_answered_is_not_sent_again(tmp_pat
         await until(lambda: w.pages(CAROL_TG), "Carol after the step's 30 minutes, as written")
 
 
+async def test_a_page_whose_connection_dropped_after_telegram_took_it_is_not_sent_again(tmp_path: Path) -> None:
+    """Telegram delivers Bob's page, then the connection drops before its answer: as after a timeout, the page may
+    have arrived, so it is sent neither again nor on Slack (before: Bob was paged twice)."""
+    async with world(tmp_path, NIGHT) as w:
+        w.tg.lose_answer("sendMessage")  # the first Telegram message: Bob's page (team solo's card is on Slack only)
+        await w.alert("critical", team="solo")
+        await until(lambda: any(t.startswith("The page to Bob is unconfirmed") for t in thread_texts(w.slack)),
+                    "the thread says so", timeout=10)
+        for _ in range(10):  # well past the outbox's retry back-off
+            await w.tick(timedelta(seconds=2))
+            await asyncio.sleep(0.1)
+        assert len(w.pages(BOB_TG)) == 1 and not w.slack_dms("U02BOB")
+        assert not [t for t in thread_texts(w.slack) if t.startswith("Paged Bob")]
+        [failed] = await w.audit("incident.page_failed")
+        assert failed.details["unknown"] == "telegram"
+
+
 async def test_a_channel_step_after_hours_waits_for_the_morning_below_the_paging_minimum(tmp_path: Path) -> None:
     """A step that notifies a channel mentions everyone there (@here): at night only for an incident severe enough
     to page anyone after hours; a medium one's step waits for business hours, as a step paging people does, and

@@ -685,8 +685,21 @@ async def test_an_unreachable_telegram_is_retryable(env: Env) -> None:
         with pytest.raises(DeliveryError) as caught:
             await adapter.send(str(GROUP), Outbound("text", {"text": "x"}))
         assert not caught.value.permanent
+        assert not caught.value.unknown  # refused before anything was sent: sending it again (or elsewhere) is safe
     finally:
         await adapter.stop()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+async def test_a_message_telegram_took_whose_answer_was_lost_may_have_arrived(env: Env, reset: bool) -> None:
+    """The connection goes after Telegram took the message, before its answer (python-telegram-bot: NetworkError
+    from httpx's RemoteProtocolError or ReadError): the person has it, so it must not count as not delivered."""
+    env.tg.lose_answer("sendMessage", reset=reset)
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.page(str(ALICE), Outbound("text", {"text": "Page: #42"}))
+    assert [m["text"] for (chat, _), m in env.tg.messages.items() if chat == ALICE] == ["Page: #42"]
+    assert caught.value.unknown and not caught.value.permanent
+    assert ("RemoteProtocolError" if not reset else "ReadError") in str(caught.value)
 
 
 # -- setup and polling ------------------------------------------------------------------------------
