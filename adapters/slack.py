@@ -409,11 +409,11 @@ class SlackAdapter:
         except SlackApiError as exc:
             raise delivery_error(method, exc) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # Sent, and no answer (a timeout, or the server hung up on it): Slack may have delivered it. Not
-            # connected at all: nothing left, so a retry is safe.
-            unknown = (isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError, aiohttp.ServerDisconnectedError))
-                       and not isinstance(exc, aiohttp.ConnectionTimeoutError))  # a connect timeout sent nothing
-            raise DeliveryError(f"slack {method}: {type(exc).__name__}: {exc}", unknown=unknown) from exc
+            # Not connected at all (refused, no such host, a connect timeout): nothing left, so a retry is safe. Any
+            # other failure came once the request may have gone (no answer in time, the connection closed or reset
+            # before the answer, an answer cut short): Slack may have delivered it.
+            unsent = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL))
+            raise DeliveryError(f"slack {method}: {type(exc).__name__}: {exc}", unknown=not unsent) from exc
         return response.data
 
     # -- inbound ----------------------------------------------------------------------------------

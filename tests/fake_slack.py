@@ -4,6 +4,7 @@
         ...
         slack.called("chat.postMessage")         # the successful calls, params parsed
         slack.fail("chat.update", "message_not_found")
+        slack.lose_answer("chat.postMessage")    # carried out, but the connection goes before the answer
         slack.response_url("r1")                 # a response_url whose posts land in slack.responses["r1"]
 
 `chat.postMessage` is limited per channel (a token bucket: `burst` at once, then
@@ -15,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
+import struct
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -54,6 +57,13 @@ class _Failure:
 
 
 @dataclass
+class _Loss:
+    times: int
+    reset: bool
+    when: Callable[[dict[str, Any]], bool]
+
+
+@dataclass
 class FakeSlack:
     token: str = "xoxb-fake-token"
     rate_limit: bool = True
@@ -66,6 +76,7 @@ class FakeSlack:
 
     def __post_init__(self) -> None:
         self._failures: dict[str, list[_Failure]] = defaultdict(list)
+        self._losses: dict[str, list[_Loss]] = defaultdict(list)
         self._buckets: dict[str, tuple[float, float]] = {}
         self._seq = 0
         self.url = ""
@@ -87,6 +98,13 @@ class FakeSlack:
         """The next `times` calls of `method` answer `{"ok": false, "error": error}` (or drop the connection),
         with a `Retry-After` header when given."""
         self._failures[method].append(_Failure(error, status, disconnect, times, retry_after))
+
+    def lose_answer(self, method: str, *, times: int = 1, reset: bool = False,
+                    when: Callable[[dict[str, Any]], bool] = lambda params: True) -> None:
+        """The next `times` calls of `method` (whose params satisfy `when`) are carried out, then the connection goes
+        before the answer: closed, or with `reset` reset (a TCP RST, as a proxy or a network in trouble does). A post
+        Slack took whose answer never reached the bot."""
+        self._losses[method].append(_Loss(times, reset, when))
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float = 3.0) -> None:
         await poll(predicate, timeout, lambda: f"calls so far: {[c.method for c in self.calls]}")
@@ -122,6 +140,16 @@ class FakeSlack:
         self.calls.append(call)
         status, body, headers = self._answer(call)
         call.status, call.ok = status, bool(body.get("ok"))
+        loss = next((loss for loss in self._losses[method] if loss.when(params)), None)
+        if loss is not None and call.ok:
+            loss.times -= 1
+            if loss.times <= 0:
+                self._losses[method].remove(loss)
+            status = 0
+            if loss.reset:  # SO_LINGER 0: closing sends a RST instead of a FIN
+                assert request.transport is not None
+                request.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                                      struct.pack("ii", 1, 0))
         if status == 0:  # drop the connection without an answer
             assert request.transport is not None
             request.transport.abort()

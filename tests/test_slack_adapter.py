@@ -472,6 +472,18 @@ async def test_an_unreachable_slack_is_retryable(env: Env) -> None:
     with pytest.raises(DeliveryError) as caught:
         await adapter.send("C0OPS", Outbound("incident", {"title": "x"}))
     assert not caught.value.permanent
+    assert not caught.value.unknown  # refused before anything was sent: sending it again (or elsewhere) is safe
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+async def test_a_post_slack_took_whose_answer_was_lost_may_have_arrived(env: Env, reset: bool) -> None:
+    """The connection goes after Slack took the message, before its answer (aiohttp: ServerDisconnectedError when
+    closed, ClientOSError when reset): the message is in the channel, so it must not count as not delivered."""
+    env.slack.lose_answer("chat.postMessage", reset=reset)
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.send("C0OPS", Outbound("incident", {"title": "x"}))
+    assert [m["text"] for m in env.slack.messages.values()] == ["incident: x"]
+    assert caught.value.unknown and not caught.value.permanent
 
 
 async def test_slack_url_verification_is_answered(env: Env) -> None:
