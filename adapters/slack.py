@@ -56,6 +56,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "swap": ("Ask someone to take your shift", "@person [ROTATION] DATE|next | list | cancel ID | undo ID"),
     "override": ("A manager puts someone on call for a stretch", "ROTATION @person FROM UNTIL"),
 }
+# Message metadata on every post the outbox makes: {"event_type": DELIVERY_EVENT, "event_payload": {"delivery": key}},
+# so that a post whose answer was lost can be found in the channel before it is made again (`find`).
+DELIVERY_EVENT = "chatops_delivery"
+FIND_SKEW = 60  # seconds: how far Slack's clock and ours may disagree, and how late Slack may store a post it took
+FIND_PAGE, FIND_PAGES = 200, 5  # messages a page, pages at most: one lookup is a call or two (Tier 3)
 TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
 TOKEN_ERRORS = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
 _MENTION = re.compile(r"^\s*(<@[UW][A-Z0-9]+(?:\|[^>]*)?>\s*)+")
@@ -267,6 +272,7 @@ class SlackAdapter:
         self.client = AsyncWebClient(token=settings.bot_token, base_url=settings.api_url, timeout=TIMEOUT,
                                      retry_handlers=[])  # no retries behind the outbox's back
         self._session: aiohttp.ClientSession | None = None
+        self.bot_id: str | None = None  # ours (auth.test): a lookup takes only our own messages (see find)
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen_events: deque[str] = deque(maxlen=1000)
         # Bolt's own client is never used for calls; tokenless so bolt does not warn that `authorize` wins.
@@ -300,10 +306,14 @@ class SlackAdapter:
         """`auth.test`, once at start: whether Slack takes the token (a refused one shows in /readyz and
         chatops_adapter_up at once, not at the first delivery); None when it does."""
         try:
-            await self._call("auth.test", self.client.auth_test())
+            await self._auth_test()
         except DeliveryError as exc:
             return exc
         return None
+
+    async def _auth_test(self) -> str | None:
+        self.bot_id = (await self._call("auth.test", self.client.auth_test())).get("bot_id")
+        return self.bot_id
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Let clicks and commands in flight finish (up to `timeout`), then close the session."""
@@ -365,6 +375,8 @@ class SlackAdapter:
         payload: dict[str, Any] = {"text": rendered.get("text") or message.text}
         if blocks:
             payload["blocks"] = _verbatim(blocks)
+        if message.key:
+            payload["metadata"] = {"event_type": DELIVERY_EVENT, "event_payload": {"delivery": message.key}}
         return payload
 
     async def send(self, chat_id: str, message: Outbound) -> MessageRef:
@@ -381,6 +393,39 @@ class SlackAdapter:
         data = await self._call("chat.postMessage", self.client.chat_postMessage(
             channel=ref.chat_id, thread_ts=thread, **self.to_message(message)))
         return MessageRef("slack", data["channel"], data["ts"], thread)
+
+    async def find(self, chat_id: str, key: str, *, thread: str | None, sent_at: float) -> MessageRef | None:
+        """Our message carrying `key` (see `to_message`) in the channel, or in `thread`: a post whose answer was lost,
+        given up on at `sent_at` (Unix time). Only what Slack stored from TIMEOUT before that until a minute after is
+        read (`conversations.history`, or `conversations.replies` for a thread: Tier 3; 1 a minute for an app
+        distributed commercially outside the Marketplace), a page or two. Needs channels:history (groups:history
+        for a private channel) and the bot in the channel; Slack's refusal otherwise raises, permanent."""
+        bot_id = self.bot_id or await self._auth_test()  # (Slack was not reachable at start)
+        window = {"oldest": f"{sent_at - TIMEOUT - FIND_SKEW:.6f}", "latest": f"{sent_at + FIND_SKEW:.6f}",
+                  "inclusive": True, "include_all_metadata": True, "limit": FIND_PAGE}
+        cursor: str | None = None
+        for page in range(FIND_PAGES):
+            method = "conversations.replies" if thread else "conversations.history"
+            call = (self.client.conversations_replies(channel=chat_id, ts=thread, cursor=cursor, **window) if thread
+                    else self.client.conversations_history(channel=chat_id, cursor=cursor, **window))
+            try:
+                data = await self._call(method, call)
+            except DeliveryError as exc:
+                # Limited after the first page (1 call a minute, 15 messages a page, for some apps): the lookup
+                # would start over after the wait and be limited at the same page again, for ever. Given up on.
+                if page and exc.retry_after:
+                    raise DeliveryError(f"{exc} (after {page} page(s) of the lookup)", permanent=True) from exc
+                raise
+            for found in data.get("messages") or []:
+                metadata = found.get("metadata") or {}
+                if (metadata.get("event_type") == DELIVERY_EVENT
+                        and (metadata.get("event_payload") or {}).get("delivery") == key
+                        and (bot_id is None or found.get("bot_id") == bot_id)):  # not another bot's, nor a person's
+                    return MessageRef("slack", chat_id, found["ts"], thread)
+            cursor = (data.get("response_metadata") or {}).get("next_cursor")
+            if not (data.get("has_more") and cursor):
+                break
+        return None
 
     async def page(self, user_id: str, message: Outbound) -> MessageRef:
         """The message, with its buttons, in the person's direct conversation with the bot."""
@@ -546,8 +591,9 @@ def manifest(*, public_url: str, bot_name: str = "chatops") -> dict[str, Any]:
                 for name, (description, hint) in COMMANDS.items()
             ],
         },
-        "oauth_config": {"scopes": {"bot": ["app_mentions:read", "chat:write", "chat:write.public", "commands",
-                                            "im:write", "users:read"]}},
+        # channels:history and groups:history: to find a post whose answer was lost before posting it again
+        "oauth_config": {"scopes": {"bot": ["app_mentions:read", "channels:history", "chat:write", "chat:write.public",
+                                            "commands", "groups:history", "im:write", "users:read"]}},
         "settings": {
             "event_subscriptions": {"request_url": url, "bot_events": ["app_mention"]},
             "interactivity": {"is_enabled": True, "request_url": url},

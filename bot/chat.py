@@ -77,6 +77,9 @@ class Outbound:
     context: Mapping[str, Any] = field(default_factory=dict)
     buttons: Sequence[Button] = ()
     text: str = ""  # plain-text fallback (notifications, screen readers)
+    # The outbox's name for this post. A platform that can carry it on the message (Slack: message metadata) can find
+    # the message by it when the post's answer was lost (`Finder`); the others ignore it.
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,3 +128,10 @@ class Pager(Protocol):
     """An adapter that can reach one person directly (a private chat), for pages."""
 
     async def page(self, user_id: str, message: Outbound) -> MessageRef: ...
+
+
+class Finder(Protocol):
+    """An adapter that can find a post of its own by the `Outbound.key` it carried (Slack, by message metadata): a post
+    whose answer was lost (`DeliveryError.unknown`) is looked for before it is made again."""
+
+    async def find(self, chat_id: str, key: str, *, thread: str | None, sent_at: float) -> MessageRef | None: ...

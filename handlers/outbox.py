@@ -15,7 +15,11 @@ at once (`chatops outbox list --status dead`, `chatops_outbox_dead_total`).
 
 A posted message is recorded as an `IncidentMessage` in the same transaction
 that marks its rows sent. If the process dies between the platform's answer and
-that commit (milliseconds), the post is sent again after the restart.
+that commit (milliseconds), the post is sent again after the restart. A post
+whose answer was lost (the connection dropped or timed out after the request
+went, so the platform may have it) is looked for before it is made again, where
+the platform can find it by the key it carried (Slack, by message metadata);
+elsewhere (Telegram, whose bots cannot read a chat) it is made again.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -58,6 +62,11 @@ PAGE_ATTEMPTS = 3  # a page that fails for a passing reason is tried this often,
 SENDING = "sending"
 UNSETTLED = ("pending", SENDING)
 ROUTINE_EVENTS = ("alerts.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
+# A card, thread line or notice whose answer was lost, on a platform that can find it by the key it carried (see
+# bot.chat.Finder), is marked on its rows, {"key": that key, "at": when it was given up on (Unix time)}: their next
+# try looks for it before posting again (_look_first). Folding leaves marked rows alone: what they count was posted.
+UNANSWERED = "unanswered"
+LOOK_AFTER = 15.0  # seconds before that look: a post whose answer timed out may still be being stored
 RECENT_ALERTS = 50  # alerts read to draw a message: its links and "the last of N" come from the newest  # thread lines that add up their counts
 
 
@@ -217,7 +226,8 @@ class OutboxWorker:
         row is kept, so the thread's order and the delivery order stay. Run by the delivery loop between its
         rounds (`channels`: the ones it delivers; None: all). Returns how many rows were folded away."""
         folded = 0
-        where = [OutboxItem.status == "pending", *([OutboxItem.channel.in_(channels)] if channels is not None else [])]
+        where = [OutboxItem.status == "pending", _unmarked(),
+                 *([OutboxItem.channel.in_(channels)] if channels is not None else [])]
         async with self.db.transaction() as session:
             redraws = (await session.execute(
                 select(OutboxItem.incident_id, OutboxItem.channel, func.min(OutboxItem.id), func.min(OutboxItem.due_at),
@@ -226,7 +236,7 @@ class OutboxWorker:
                 .group_by(OutboxItem.incident_id, OutboxItem.channel).having(func.count() > 1))).all()
             for incident_id, channel, keep, due, routine in redraws:
                 folded += (await session.execute(delete(OutboxItem).where(
-                    OutboxItem.status == "pending", OutboxItem.kind == "update", OutboxItem.incident_id == incident_id,
+                    *where, OutboxItem.kind == "update", OutboxItem.incident_id == incident_id,
                     OutboxItem.channel == channel, OutboxItem.id > keep))).rowcount or 0
                 # a person's or an escalation's redraw among them keeps the one left from counting as routine
                 await session.execute(update(OutboxItem).where(OutboxItem.id == keep).values(
@@ -237,7 +247,7 @@ class OutboxWorker:
                 .group_by(OutboxItem.incident_id, OutboxItem.channel, OutboxItem.event).having(func.count() > 1))).all()
             for incident_id, channel, event in lines:
                 rows = (await session.execute(select(OutboxItem).where(
-                    OutboxItem.status == "pending", OutboxItem.kind == "reply", OutboxItem.incident_id == incident_id,
+                    *where, OutboxItem.kind == "reply", OutboxItem.incident_id == incident_id,
                     OutboxItem.channel == channel, OutboxItem.event == event).order_by(OutboxItem.id))).scalars().all()
                 keep_row = rows[0]  # the first keeps its place among the thread's lines and in the delivery order
                 total = sum(int((r.details or {}).get("count", 1)) for r in rows)
@@ -346,9 +356,17 @@ class OutboxWorker:
         if parent is None:
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 return 0
-            card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
-                                 next_step=next_step, escalation_mark=escalation_mark)
-            ref = await self._call(adapter.send(channel.chat, card), items, channel.platform, channel.chat, "send")
+            found = await self._look_first(adapter, items, "card", channel.platform, channel.chat, None)
+            if found is False:
+                return 1
+            if isinstance(found, tuple):
+                ref: MessageRef | None = found[0]
+            else:
+                card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
+                                     next_step=next_step, escalation_mark=escalation_mark)
+                key = f"card-{items[0].id}"
+                ref = await self._call(adapter.send(channel.chat, replace(card, key=key)), items, channel.platform,
+                                       channel.chat, "send", lost=self._findable(adapter, key))
             if ref is None:
                 return 1
             # The post draws the incident as it is now, so what was queued before it is in it; escalation lines
@@ -359,7 +377,10 @@ class OutboxWorker:
                                             chat_id=ref.chat_id, message_id=ref.message_id, thread_id=ref.thread_id,
                                             posted_at=now, updated_at=now))
                 await self._mark(session, folded, "sent")
-            if len(folded) < len(items):
+                if isinstance(found, tuple):  # drawn as the incident was when it was posted: draw it as it is now
+                    session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel_id,
+                                           kind="update", event="incident.changed", details={}))
+            if len(folded) < len(items) or isinstance(found, tuple):
                 self.nudge()
             return 1
         ref = MessageRef(parent.platform, parent.chat_id, parent.message_id, parent.thread_id)
@@ -396,13 +417,21 @@ class OutboxWorker:
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 break
             calls += 1
+            found = await self._look_first(adapter, line_items, "line", channel.platform, channel.chat,
+                                           ref.thread_id or ref.message_id)
+            if found is False:
+                break  # (it waits to be looked for again, and holds back the lines after it)
+            if isinstance(found, tuple):  # it had arrived; rows merged into the line since go in a line of their own
+                await self._finish(found[1], "sent")
+                continue
             context: dict[str, Any] = {"line": text, "incident_id": incident.id}
             mention = self._mention(line_items, channel.platform)
             if mention:
                 context["mention"] = mention
-            message = Outbound("thread", context, text=text)
+            key = f"line-{line_items[0].id}"
+            message = Outbound("thread", context, text=text, key=key)
             if await self._call(adapter.reply(ref, message), line_items, channel.platform, channel.chat, "reply",
-                                gone=repost) is None:
+                                gone=repost, lost=self._findable(adapter, key)) is None:
                 break  # (a thread whose message is gone: the card is posted afresh, and the lines follow it)
             await self._finish(line_items, "sent")
         return calls
@@ -492,12 +521,18 @@ class OutboxWorker:
         adapter = self.adapters.get(channel.platform)
         if adapter is None or not self.buckets.allow(channel.platform, channel.chat, edit=False, now=self._monotonic()):
             return 0  # that platform is off (it waits, like incident messages) or this chat's budget is spent
+        found = await self._look_first(adapter, [row], "notice", channel.platform, channel.chat, None)
+        if found is not True:  # there already (it had arrived), or the look failed for now (it waits)
+            if found is not False:
+                await self._finish([row], "sent")
+            return 1
         text = str(row.details.get("text") or "")
         context: dict[str, Any] = {"text": text}
         if row.details.get("mention") == "here":
             context["mention"] = "here"
-        if await self._call(adapter.send(channel.chat, Outbound("text", context, text=text)), [row],
-                            channel.platform, channel.chat, "send") is not None:
+        key = f"notice-{row.id}"
+        if await self._call(adapter.send(channel.chat, Outbound("text", context, text=text, key=key)), [row],
+                            channel.platform, channel.chat, "send", lost=self._findable(adapter, key)) is not None:
             await self._finish([row], "sent")
         return 1
 
@@ -652,9 +687,10 @@ class OutboxWorker:
         return 1
 
     async def _call(self, call: Any, items: Sequence[OutboxItem], platform: str, chat: str, method: str,
-                    gone: Callable[[], Awaitable[None]] | None = None) -> Any:
+                    gone: Callable[[], Awaitable[None]] | None = None, lost: str | None = None) -> Any:
         """Await a platform call; on failure, schedule the retry or the dead letter and return None. `gone`: what
-        to do instead when the message the call edits is not there any more."""
+        to do instead when the message the call edits is not there any more. `lost`: the key a post carried, where
+        the platform can find the post by it: an answer lost marks the rows (UNANSWERED) to look for it first."""
         try:
             result = await call
         except DeliveryError as exc:
@@ -667,7 +703,7 @@ class OutboxWorker:
             if exc.retry_after:
                 self.buckets.pause(platform, chat, self._monotonic() + exc.retry_after)
             await self._failed(items, str(exc), exc.retry_after, permanent=exc.permanent and not exc.token_refused,
-                               platform_trouble=True)
+                               platform_trouble=True, lost=lost if exc.unknown else None)
             return None
         except Exception as exc:  # a bug or a rendering problem: retry a few times, then dead-letter
             self.metrics.chat_calls.labels(platform, method, "error").inc()
@@ -679,9 +715,10 @@ class OutboxWorker:
         return result if result is not None else True
 
     async def _failed(self, items: Sequence[OutboxItem], error: str, retry_after: float | None, *, permanent: bool,
-                      platform_trouble: bool = False) -> None:
+                      platform_trouble: bool = False, lost: str | None = None) -> None:
         """Schedule the retry, or give up. `retry_after`: the platform said when to come back (a rate limit, not a
-        failure: no attempt is spent). `platform_trouble`: the platform failed, not our code: wait for it longer."""
+        failure: no attempt is spent). `platform_trouble`: the platform failed, not our code: wait for it longer.
+        `lost`: the post, carrying this key, may have arrived: the retry looks for it first (UNANSWERED)."""
         now = self.clock.now()
         async with self.db.transaction() as session:
             for item in items:
@@ -689,6 +726,8 @@ class OutboxWorker:
                 if row is None or row.status not in UNSETTLED:
                     continue
                 row.status = "pending"  # a page claimed for sending (SENDING) that did not go: due again, or dead below
+                if lost is not None:
+                    row.details = {**(row.details or {}), UNANSWERED: {"key": lost, "at": time.time()}}
                 if retry_after and not permanent and now - row.created_at < self.give_up_after:
                     # (a platform that has answered nothing but "later" for a day counts its tries again)
                     row.due_at = now + timedelta(seconds=retry_after)
@@ -714,8 +753,57 @@ class OutboxWorker:
                                                event=f"{row.event}.undeliverable"))
                 else:
                     delay = retry_after if retry_after else min(300.0, 2.0 ** row.attempts)
-                    row.due_at = now + timedelta(seconds=delay)
+                    row.due_at = now + timedelta(seconds=max(delay, LOOK_AFTER) if lost is not None else delay)
                 session.add(row)
+
+    @staticmethod
+    def _findable(adapter: Adapter, key: str) -> str | None:
+        """`key`, if the platform can find a post by it (bot.chat.Finder): its answer lost, it is looked for."""
+        return key if getattr(adapter, "find", None) is not None else None
+
+    async def _look_first(self, adapter: Adapter, items: Sequence[OutboxItem], kind: str, platform: str, chat: str,
+                          thread: str | None) -> tuple[MessageRef, list[OutboxItem]] | bool:
+        """Before a post is made again whose answer was lost (its rows marked UNANSWERED: the platform may have
+        it), it is looked for in the chat by the key it carried. Found: the message and the rows it was posted for
+        (rows merged into a line since are not). True: post it (not there, or the platform refuses to look: a
+        missing card is worse than two). False: looking failed for now (the platform in trouble): the rows wait
+        for their next try, as after a failed post."""
+        find = getattr(adapter, "find", None)
+        mark = next((m for m in ((i.details or {}).get(UNANSWERED) for i in items)
+                     if isinstance(m, dict) and str(m.get("key", "")).startswith(f"{kind}-")), None)
+        if find is None or mark is None:
+            return True
+        key = mark["key"]
+        mine = [i for i in items if ((i.details or {}).get(UNANSWERED) or {}).get("key") == key]
+        try:
+            found = await find(chat, key, thread=thread, sent_at=float(mark.get("at") or time.time()))
+        except DeliveryError as exc:
+            self.metrics.chat_calls.labels(platform, "find", "error").inc()
+            if exc.permanent and not exc.token_refused:
+                log.warning("outbox: cannot look in %s for %s, whose answer was lost (%s), so it is posted again "
+                            "and may show twice (Slack lets the bot look with channels:history, groups:history in "
+                            "a private channel, and the bot in the channel)", chat, key, exc)
+                found = None
+            else:
+                if exc.token_refused:
+                    self.token_refused[platform] = str(exc)
+                if exc.retry_after:
+                    self.buckets.pause(platform, chat, self._monotonic() + exc.retry_after)
+                await self._failed(items, f"looking for the {kind} whose answer was lost: {exc}", exc.retry_after,
+                                   permanent=False, platform_trouble=True)
+                return False
+        else:
+            self.metrics.chat_calls.labels(platform, "find", "ok").inc()
+        if found is not None:
+            log.warning("outbox: %s in %s, whose answer was lost, had arrived (%s); recorded, not posted again",
+                        key, chat, found.message_id)
+            return found, mine
+        log.info("outbox: %s, whose answer was lost, is not in %s; posting it again", key, chat)
+        async with self.db.transaction() as session:  # looked for once: a failure of the new post marks it anew
+            for item in mine:
+                item.details = {k: v for k, v in (item.details or {}).items() if k != UNANSWERED}
+                await session.execute(update(OutboxItem).where(OutboxItem.id == item.id).values(details=item.details))
+        return True
 
     async def _finish(self, items: Sequence[OutboxItem], status: str, error: str | None = None) -> None:
         async with self.db.transaction() as session:
@@ -731,6 +819,11 @@ class OutboxWorker:
         if ids:
             await session.execute(update(OutboxItem).where(OutboxItem.id.in_(ids), OutboxItem.status.in_(UNSETTLED))
                                   .values(status=status, last_error=error))
+
+
+def _unmarked() -> Any:
+    """Rows not waiting to be looked for (UNANSWERED), in SQL."""
+    return OutboxItem.details[UNANSWERED].as_string().is_(None)
 
 
 def _thread_lines(replies: list[OutboxItem], now: datetime) -> list[tuple[list[OutboxItem], str]]:

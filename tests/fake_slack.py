@@ -9,10 +9,16 @@
 
 `chat.postMessage` is limited per channel (a token bucket: `burst` at once, then
 `per_second`); over it the answer is HTTP 429 with `Retry-After`, like Slack's.
+A message's `ts` is the time it was posted (Unix seconds, to the microsecond, unique),
+and its `metadata` is kept; `conversations.history` (the channel's messages outside
+threads, newest first) and `conversations.replies` (a thread, its parent first) page
+through them as Slack does (`oldest`, `latest`, `inclusive`, `limit`, `cursor`), with
+the metadata only for `include_all_metadata`.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -22,6 +28,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
@@ -54,6 +61,7 @@ class _Failure:
     disconnect: bool
     times: int
     retry_after: int | None = None
+    after: int = 0
 
 
 @dataclass
@@ -78,7 +86,7 @@ class FakeSlack:
         self._failures: dict[str, list[_Failure]] = defaultdict(list)
         self._losses: dict[str, list[_Loss]] = defaultdict(list)
         self._buckets: dict[str, tuple[float, float]] = {}
-        self._seq = 0
+        self._last_micros = 0
         self.url = ""
 
     # -- the test's side ------------------------------------------------------------------------
@@ -94,10 +102,10 @@ class FakeSlack:
         return [c for c in self.calls if c.method == method and c.ok]
 
     def fail(self, method: str, error: str, *, status: int = 200, times: int = 1, disconnect: bool = False,
-             retry_after: int | None = None) -> None:
-        """The next `times` calls of `method` answer `{"ok": false, "error": error}` (or drop the connection),
-        with a `Retry-After` header when given."""
-        self._failures[method].append(_Failure(error, status, disconnect, times, retry_after))
+             retry_after: int | None = None, after: int = 0) -> None:
+        """The next `times` calls of `method` (once `after` more have been answered as usual) answer
+        `{"ok": false, "error": error}` (or drop the connection), with a `Retry-After` header when given."""
+        self._failures[method].append(_Failure(error, status, disconnect, times, retry_after, after))
 
     def lose_answer(self, method: str, *, times: int = 1, reset: bool = False,
                     when: Callable[[dict[str, Any]], bool] = lambda params: True) -> None:
@@ -162,7 +170,9 @@ class FakeSlack:
         if call.token != self.token:
             return 200, {"ok": False, "error": "invalid_auth"}, {}
         failures = self._failures[call.method]
-        if failures:
+        if failures and failures[0].after:
+            failures[0].after -= 1
+        elif failures:
             failure = failures[0]
             failure.times -= 1
             if failure.times <= 0:
@@ -186,9 +196,8 @@ class FakeSlack:
         return allowed
 
     def _next_ts(self) -> str:
-        self._seq += 1
-        micros = self._seq * 100
-        return f"{1700000000 + micros // 1_000_000}.{micros % 1_000_000:06d}"
+        self._last_micros = max(int(time.time() * 1_000_000), self._last_micros + 1)
+        return f"{self._last_micros // 1_000_000}.{self._last_micros % 1_000_000:06d}"
 
     def _auth_test(self, p: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "url": "https://fake.slack.com/", "team": "Fake", "user": "chatops",
@@ -197,13 +206,58 @@ class FakeSlack:
     def _chat_postMessage(self, p: dict[str, Any]) -> dict[str, Any]:
         if not p.get("channel"):
             return {"ok": False, "error": "channel_not_found"}
+        metadata = p.get("metadata")
+        if isinstance(metadata, str):
+            metadata = json.loads(metadata)
+        if metadata is not None and not (isinstance(metadata, dict) and isinstance(metadata.get("event_type"), str)
+                                         and isinstance(metadata.get("event_payload"), dict)):
+            return {"ok": False, "error": "invalid_metadata_format"}
         ts = self._next_ts()
         message = {"type": "message", "user": "U0BOT", "bot_id": "B0BOT", "text": p.get("text", ""), "ts": ts}
         for key in ("blocks", "thread_ts"):
             if key in p:
                 message[key] = json.loads(p[key]) if key == "blocks" and isinstance(p[key], str) else p[key]
+        if metadata is not None:
+            message["metadata"] = metadata
         self.messages[(p["channel"], ts)] = message
         return {"ok": True, "channel": p["channel"], "ts": ts, "message": message}
+
+    def _conversations_history(self, p: dict[str, Any]) -> dict[str, Any]:
+        channel = p.get("channel", "")
+        if not channel:
+            return {"ok": False, "error": "channel_not_found"}
+        top = [m for (c, ts), m in self.messages.items() if c == channel and m.get("thread_ts", ts) == ts]
+        return self._page(sorted(top, key=lambda m: Decimal(m["ts"]), reverse=True), p)
+
+    def _conversations_replies(self, p: dict[str, Any]) -> dict[str, Any]:
+        channel, ts = p.get("channel", ""), p.get("ts", "")
+        parent = self.messages.get((channel, ts))
+        if parent is None:
+            return {"ok": False, "error": "thread_not_found"}
+        replies = [m for (c, t), m in self.messages.items() if c == channel and t != ts and m.get("thread_ts") == ts]
+        return self._page([parent, *sorted(replies, key=lambda m: Decimal(m["ts"]))], p, keep_first=True)
+
+    @staticmethod
+    def _page(messages: list[dict[str, Any]], p: dict[str, Any], *, keep_first: bool = False) -> dict[str, Any]:
+        """One page of `messages` between `oldest` and `latest` (and a thread's parent, `keep_first`, whatever its
+        time); the metadata only when asked for."""
+        inclusive = str(p.get("inclusive", "")).lower() in ("1", "true")
+        oldest = Decimal(str(p.get("oldest") or 0))
+        latest = Decimal(str(p["latest"])) if p.get("latest") else None
+
+        def within(m: dict[str, Any]) -> bool:
+            ts = Decimal(m["ts"])
+            return ((ts >= oldest if inclusive else ts > oldest)
+                    and (latest is None or (ts <= latest if inclusive else ts < latest)))
+
+        start = int(base64.b64decode(p["cursor"]).decode().removeprefix("next:")) if p.get("cursor") else 0
+        limit = min(int(p.get("limit") or 100), 999)
+        found = [m for n, m in enumerate(messages) if (keep_first and n == 0) or within(m)]
+        page, more = found[start:start + limit], start + limit < len(found)
+        if str(p.get("include_all_metadata", "")).lower() not in ("1", "true"):
+            page = [{k: v for k, v in m.items() if k != "metadata"} for m in page]
+        cursor = base64.b64encode(f"next:{start + limit}".encode()).decode() if more else ""
+        return {"ok": True, "messages": page, "has_more": more, "response_metadata": {"next_cursor": cursor}}
 
     def _chat_update(self, p: dict[str, Any]) -> dict[str, Any]:
         message = self.messages.get((p.get("channel", ""), p.get("ts", "")))

@@ -268,6 +268,138 @@ async def test_server_errors_are_retried_with_back_off_and_then_delivered_once(t
             assert len(parents(fake)) == 1 and [c.status for c in fake.calls if c.method == "chat.postMessage"] == [500, 500, 200]
 
 
+def cards(fake: FakeSlack, channel: str = "C0OPS") -> list[dict[str, Any]]:
+    """The messages in a channel outside threads, as Slack has them (the incident cards, the notices)."""
+    return [m for (c, _), m in fake.messages.items() if c == channel and "thread_ts" not in m]
+
+
+def thread(fake: FakeSlack, ts: str) -> list[str]:
+    return [m["text"] for m in fake.messages.values() if m.get("thread_ts") == ts]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_a_card_slack_took_whose_answer_was_lost_is_found_not_posted_twice(database: str, tmp_path: Path,
+                                                                                  pg_schema: str) -> None:
+    """Slack stores the card, then the connection drops before its answer: the bot cannot tell whether it arrived.
+    Before posting again it looks in the channel for the card (by the delivery key in its metadata), finds it and
+    records it: the channel has one card, the one the bot redraws (before: a second card, and the first stayed
+    Firing with live buttons)."""
+    from tests.test_slack_flow import Slack, button_values, text_of
+
+    async with FakeSlack() as fake, bot_on(database, tmp_path, pg_schema, slack_config(fake)) as h:
+        s = Slack(h, fake)
+        fake.lose_answer("chat.postMessage", when=lambda params: not params.get("thread_ts"))
+        await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
+        await drain(h, seconds=15)
+        [card] = cards(fake)
+        assert await h.message_of(1) == card["ts"] and len(fake.called("conversations.history")) == 1
+        assert [r[0] for r in await row_state(h)] == ["sent", "sent"]  # the post, and the redraw of what it found
+        await s.answer(await s.command("/incident", "ack 1"))
+        await drain(h, seconds=15)
+        [card] = cards(fake)
+        assert "Acknowledged" in text_of(card) and "ack:1" not in button_values(card)
+
+
+async def test_a_thread_line_slack_took_whose_answer_was_lost_is_not_posted_twice(tmp_path: Path) -> None:
+    from tests.test_slack_flow import Slack, incident_posted
+
+    async with FakeSlack() as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            h.bot.outbox.buckets = _Buckets(GENEROUS)  # no wait for Slack's budget between the lines
+            s = Slack(h, fake)
+            ts = await incident_posted(s)
+            fake.lose_answer("chat.postMessage", when=lambda params: params.get("thread_ts") == ts)
+            await s.answer(await s.command("/incident", "ack 1"))
+            await fake.wait_for(lambda: thread(fake, ts), timeout=5)
+            await s.answer(await s.command("/incident", "resolve 1"))
+            await drain(h, seconds=15)
+            assert [line.split(" by ")[0] for line in thread(fake, ts)] == ["Acknowledged", "Resolved"]
+            assert len(fake.called("conversations.replies")) == 1
+
+
+async def test_a_card_that_never_reached_slack_is_looked_for_then_posted(tmp_path: Path) -> None:
+    """The connection drops before Slack took the card (the bot cannot tell this from a lost answer): the lookup
+    finds nothing, so the card is posted; a missing card would be worse than two."""
+    async with FakeSlack() as fake:
+        fake.fail("chat.postMessage", "", disconnect=True)
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
+            await drain(h, seconds=15)
+            [card] = cards(fake)
+            assert await h.message_of(1) == card["ts"] and len(fake.called("conversations.history")) == 1
+            assert [r[0] for r in await row_state(h)] == ["sent"]
+
+
+async def test_a_lookup_slack_refuses_posts_again_and_says_which_scope_it_needs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An app installed before the history scopes were asked for: the lookup is refused (missing_scope), so the card
+    is posted again (it may show twice) rather than lost, and the log says what to do."""
+    async with FakeSlack() as fake:
+        fake.lose_answer("chat.postMessage")
+        fake.fail("conversations.history", "missing_scope")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
+            await drain(h, seconds=15)
+            first, second = cards(fake)
+            assert await h.message_of(1) == second["ts"] and [r[0] for r in await row_state(h)] == ["sent"]
+    assert any("missing_scope" in r.getMessage() and "channels:history" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_lookup_while_slack_is_in_trouble_waits_and_posts_nothing_meanwhile(tmp_path: Path) -> None:
+    async with FakeSlack() as fake:
+        fake.lose_answer("chat.postMessage")
+        fake.fail("conversations.history", "service_unavailable", status=503, times=2)
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
+            await drain(h, seconds=15)
+            [card] = cards(fake)
+            assert await h.message_of(1) == card["ts"]
+            assert [c.status for c in fake.calls if c.method == "conversations.history"] == [503, 503, 200]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_a_lost_new_alerts_line_is_not_folded_with_the_alerts_after_it(database: str, tmp_path: Path,
+                                                                              pg_schema: str) -> None:
+    """"2 new alerts" is lost on its way back; 3 more alerts arrive and the pending lines are folded before the
+    bot looks for it. It is found, and the thread counts every alert once: 2, then 3."""
+
+    def alert(tool: str) -> dict[str, str]:  # the group of fixture 03 (alertname + instance), one alert per tool
+        return {"asset_name": "db-01", "signature": "DiskFull", "severity": "high", "message": "disk full",
+                "tool_source": tool}
+
+    async with FakeSlack() as fake, bot_on(database, tmp_path, pg_schema, slack_config(fake)) as h:
+        h.bot.outbox.buckets = _Buckets(GENEROUS)
+        assert (await h.post("open", alert("tool-0")))[0] == 200
+        await fake.wait_for(lambda: cards(fake), timeout=5)
+        await drain(h)
+        ts = cards(fake)[0]["ts"]
+        fake.lose_answer("chat.postMessage", when=lambda params: params.get("thread_ts") == ts)
+        for tool in ("tool-1", "tool-2"):
+            assert (await h.post("open", alert(tool)))[0] == 200
+        h.clock.advance(timedelta(seconds=31))  # the new-alerts line waits 30 s to gather
+        h.bot.outbox.nudge()
+        await fake.wait_for(lambda: thread(fake, ts), timeout=5)
+        await asyncio.sleep(0.3)  # the lost answer is settled (the rows wait to look for it)
+        for tool in ("tool-3", "tool-4", "tool-5"):
+            assert (await h.post("open", alert(tool)))[0] == 200
+        await h.bot.outbox.compact()
+        await drain(h, seconds=15)
+        assert thread(fake, ts) == ["2 new alerts", "3 new alerts"]
+
+
+async def test_a_notice_slack_took_whose_answer_was_lost_is_not_posted_twice(tmp_path: Path) -> None:
+    from handlers.notify import notice_row
+
+    async with FakeSlack() as fake:
+        fake.lose_answer("chat.postMessage")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            async with h.bot.db.transaction() as session:
+                session.add(notice_row("ops-slack", "Bob is on call now", h.clock.now()))
+            h.bot.outbox.nudge()
+            await drain(h, seconds=15)
+            assert [m["text"] for m in cards(fake)] == ["Bob is on call now"]
+
+
 async def row_state(h: Harness) -> list[tuple[str, int, str | None]]:
     async with h.bot.db.sessions() as session:
         rows = (await session.execute(select(OutboxItem).order_by(OutboxItem.id))).scalars().all()

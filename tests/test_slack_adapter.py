@@ -346,7 +346,8 @@ async def test_alert_words_never_become_mentions_or_channel_links(env: Env) -> N
 async def test_send_update_and_reply_draw_buttons_with_encoded_values(env: Env) -> None:
     incident = Outbound("incident", {"title": "DiskFull on db-01"}, buttons=BUTTONS)
     ref = await env.adapter.send("C0OPS", incident)
-    assert ref == MessageRef("slack", "C0OPS", "1700000000.000100", None)
+    [(channel, ts)] = env.slack.messages
+    assert ref == MessageRef("slack", "C0OPS", ts, None) and channel == "C0OPS"
     [post] = env.slack.called("chat.postMessage")
     assert post.token == env.slack.token
     assert post.params["text"] == "incident: DiskFull on db-01"
@@ -368,7 +369,7 @@ async def test_send_update_and_reply_draw_buttons_with_encoded_values(env: Env) 
     assert env.slack.messages[("C0OPS", ref.message_id)]["text"] == "incident: DiskFull (acknowledged)"
 
     line = await env.adapter.reply(ref, Outbound("thread", {"title": "Alice acknowledged"}))
-    assert line == MessageRef("slack", "C0OPS", "1700000000.000200", ref.message_id)
+    assert line == MessageRef("slack", "C0OPS", list(env.slack.messages)[-1][1], ref.message_id)
     again = await env.adapter.reply(line, Outbound("thread", {"title": "Bob resolved"}))
     assert again.thread_id == ref.message_id  # a reply to a reply stays in the same thread
     posts = env.slack.called("chat.postMessage")
@@ -486,6 +487,63 @@ async def test_a_post_slack_took_whose_answer_was_lost_may_have_arrived(env: Env
     assert caught.value.unknown and not caught.value.permanent
 
 
+async def test_a_post_carries_its_delivery_key_and_is_found_by_it(env: Env) -> None:
+    """The outbox's key rides on the post as message metadata; `find` reads the channel (or the thread) with
+    include_all_metadata around the time the answer was lost, and takes only a message of this bot with that key."""
+    card = await env.adapter.send("C0OPS", Outbound("incident", {"title": "x"}, key="card-7"))
+    line = await env.adapter.reply(card, Outbound("thread", {"title": "Acknowledged"}, key="line-9"))
+    await env.adapter.update(card, Outbound("incident", {"title": "x (acknowledged)"}))
+    posted = env.slack.messages[("C0OPS", card.message_id)]
+    assert posted["metadata"] == {"event_type": "chatops_delivery", "event_payload": {"delivery": "card-7"}}
+    assert "metadata" not in env.slack.called("chat.update")[0].params  # (an edit keeps it)
+    assert await env.adapter.find("C0OPS", "card-7", thread=None, sent_at=time.time()) == card
+    assert await env.adapter.find("C0OPS", "line-9", thread=card.message_id, sent_at=time.time()) == line
+    assert await env.adapter.find("C0OPS", "line-9", thread=None, sent_at=time.time()) is None  # not in the channel
+    assert await env.adapter.find("C0OPS", "card-8", thread=None, sent_at=time.time()) is None
+    assert await env.adapter.find("C0OPS", "card-7", thread=None, sent_at=time.time() + 3600) is None  # not then
+    history = env.slack.called("conversations.history")[0].params
+    assert history["include_all_metadata"] == "1" and history["inclusive"] == "1"
+
+
+async def test_find_takes_no_other_bots_message_and_reads_past_a_busy_page(env: Env) -> None:
+    """Another bot (a staging copy of this one, say) posted the same key; then 300 messages: the lookup pages on
+    and finds our own."""
+    ours = await env.adapter.send("C0OPS", Outbound("incident", {"title": "x"}, key="card-7"))
+    metadata = {"event_type": "chatops_delivery", "event_payload": {"delivery": "card-7"}}
+    for n in range(301):
+        ts = env.slack._next_ts()
+        env.slack.messages[("C0OPS", ts)] = {"type": "message", "ts": ts, "text": f"chatter {n}", "user": "U01ALICE",
+                                             **({"bot_id": "B0OTHER", "metadata": metadata} if n == 0 else {})}
+    assert await env.adapter.find("C0OPS", "card-7", thread=None, sent_at=time.time()) == ours
+    assert len(env.slack.called("conversations.history")) == 2  # 200 a page
+
+
+async def test_a_lookup_limited_after_its_first_page_is_given_up_not_started_over(env: Env) -> None:
+    """Slack's 1 call a minute (and 15 messages a page) for apps distributed outside the Marketplace: a lookup that
+    needs a second page would start over after the wait and be limited there again, for ever."""
+    for n in range(250):
+        ts = env.slack._next_ts()
+        env.slack.messages[("C0OPS", ts)] = {"type": "message", "ts": ts, "text": f"chatter {n}", "user": "U01ALICE"}
+    env.slack.fail("conversations.history", "ratelimited", status=429, retry_after=60)  # the first page
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.find("C0OPS", "card-7", thread=None, sent_at=time.time())
+    assert caught.value.retry_after == 60 and not caught.value.permanent  # wait, and look again
+    env.slack.fail("conversations.history", "ratelimited", status=429, retry_after=60, after=1)  # the second
+    with pytest.raises(DeliveryError) as caught:
+        await env.adapter.find("C0OPS", "card-7", thread=None, sent_at=time.time())
+    assert caught.value.permanent and "after 1 page(s)" in str(caught.value)
+
+
+async def test_a_lookup_slack_refuses_is_permanent(env: Env) -> None:
+    """The app installed without channels:history, or the bot not in the channel (it posts through
+    chat:write.public): the outbox then posts again rather than wait for a lookup that cannot work."""
+    for error in ("missing_scope", "not_in_channel"):
+        env.slack.fail("conversations.history", error)
+        with pytest.raises(DeliveryError) as caught:
+            await env.adapter.find("C0OPS", "card-7", thread=None, sent_at=time.time())
+        assert caught.value.permanent and error in str(caught.value)
+
+
 async def test_slack_url_verification_is_answered(env: Env) -> None:
     body = json.dumps({"token": "x", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P",
                        "type": "url_verification"})
@@ -503,8 +561,8 @@ def test_the_manifest_points_everything_at_one_request_url() -> None:
     assert all(c["url"] == url and c["description"] and c["usage_hint"] for c in commands.values())
     assert m["settings"]["interactivity"] == {"is_enabled": True, "request_url": url}
     assert m["settings"]["event_subscriptions"] == {"request_url": url, "bot_events": ["app_mention"]}
-    assert {"chat:write", "chat:write.public", "commands", "im:write", "users:read", "app_mentions:read"} == set(
-        m["oauth_config"]["scopes"]["bot"])
+    assert {"chat:write", "chat:write.public", "commands", "im:write", "users:read", "app_mentions:read",
+            "channels:history", "groups:history"} == set(m["oauth_config"]["scopes"]["bot"])
     assert m["display_information"]["name"] == "oncall-bot" == m["features"]["bot_user"]["display_name"]
     json.dumps(m)  # pasteable
 
