@@ -71,3 +71,6 @@ def test_the_slack_manifest_points_at_public_url(tmp_path: Path, capsys: pytest.
     assert manifest["settings"]["interactivity"]["request_url"] == "https://chatops.example.com/slack/events"
     assert {c["command"] for c in manifest["features"]["slash_commands"]} >= {"/incident", "/ack", "/chatops"}
     assert manifest["display_information"]["name"] == "oncall-bot"
+    # Slack sends a typed @alice as <@U01ALICE|alice> only with escaping on: /swap @alice then finds Alice by her
+    # Slack id, whatever her display name (without it, plain "@alice.smith", which no app.yaml name matches).
+    assert all(c["should_escape"] is True for c in manifest["features"]["slash_commands"])
