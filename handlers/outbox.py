@@ -479,11 +479,14 @@ class OutboxWorker:
         """Someone acted on the incident (or its source resolved it): each page its escalation sent is drawn as the
         incident now is (state, who, the buttons that apply), as its channel card is. A page the platform no longer
         has (deleted) is left alone; this chat's budget being spent waits a moment."""
+        # The pages this row redrew already (a chat takes about one edit a second: two pages to one person wait for
+        # each other, and a retry that began again with the first would never reach the second).
+        drawn = set((row.details or {}).get("drawn") or [])
         async with self.db.sessions() as session:
             incident = await session.get(Incident, row.incident_id)
             pages = [p for p in (await session.execute(select(OutboxItem).where(
                 OutboxItem.kind == "page", OutboxItem.incident_id == row.incident_id, OutboxItem.status == "sent")
-            )).scalars().all() if (p.details or {}).get("message")]
+                .order_by(OutboxItem.id))).scalars().all() if (p.details or {}).get("message") and p.id not in drawn]
             alerts = await recent_alerts(session, row.incident_id, RECENT_ALERTS) if incident and pages else []
             escalation = await session.get(Escalation, row.incident_id) if pages else None
         calls = 0
@@ -493,6 +496,7 @@ class OutboxWorker:
             if adapter is None:
                 continue
             if not self.buckets.allow(where["platform"], where["chat_id"], edit=True, now=self._monotonic()):
+                await self._redrawn(row, drawn)
                 await self._failed([row], "the chat's budget is spent", 1.0, permanent=False)  # no attempt spent
                 return calls
             person = self.people.get(str(page.details.get("person")))
@@ -503,15 +507,24 @@ class OutboxWorker:
             try:
                 await adapter.update(MessageRef(where["platform"], where["chat_id"], where["message_id"]), card)
             except DeliveryError as exc:
-                if not exc.permanent:  # the platform in trouble: the whole redraw again, later
+                if not exc.permanent:  # the platform in trouble: the pages not redrawn yet, later
+                    await self._redrawn(row, drawn)
                     await self._failed([row], str(exc), exc.retry_after, permanent=False, platform_trouble=True)
                     return calls
                 log.warning("outbox: cannot redraw the page to %s about #%s: %s", page.channel, row.incident_id, exc)
+            drawn.add(page.id)
         async with self.db.transaction() as session:  # this one, and any other waiting for the same incident
             await session.execute(update(OutboxItem).where(
                 OutboxItem.kind == "pages", OutboxItem.incident_id == row.incident_id,
                 OutboxItem.status == "pending", OutboxItem.id <= row.id).values(status="sent"))
         return calls
+
+    async def _redrawn(self, row: OutboxItem, drawn: set[int]) -> None:
+        """Keep on the row which pages it redrew, for its retry to go on from there."""
+        if drawn:
+            row.details = {**(row.details or {}), "drawn": sorted(drawn)}
+            async with self.db.transaction() as session:
+                await session.execute(update(OutboxItem).where(OutboxItem.id == row.id).values(details=row.details))
 
     async def _notice(self, row: OutboxItem) -> int:
         channel = self.channels.get(row.channel)

@@ -353,6 +353,32 @@ async def test_a_page_is_redrawn_when_someone_acts_elsewhere(tmp_path: Path) -> 
         await until(lambda: "Resolved" in bobs_page().get("text", ""), "Bob's page says resolved")
 
 
+async def test_two_pages_in_one_chat_are_both_redrawn(tmp_path: Path) -> None:
+    """The policy paged Bob twice (it repeats); a chat takes about one edit a second, so the redraw of the second
+    waited, and each retry began again with the first: the second page kept offering Acknowledge for good."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1: Bob")
+        await w.tick(timedelta(minutes=5))
+        await until(lambda: w.pages(CAROL_TG), "step 2: Carol")
+        await w.tick(timedelta(minutes=10))
+        await until(lambda: len(w.pages(BOB_TG)) == 2, "the repeat: Bob again")
+        first, second = sorted(mid for (chat, mid) in w.tg.messages if chat == BOB_TG)
+
+        def drawn(message_id: int) -> str:
+            edits = [c.params for c in w.tg.called("editMessageText")
+                     if c.params["chat_id"] == BOB_TG and c.params["message_id"] == message_id]
+            return edits[-1]["text"] if edits else ""
+
+        acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+        assert acked["text"] == "Acknowledged #1."
+        for _ in range(6):  # the retry after the chat's budget comes due on the clock
+            await w.tick(timedelta(seconds=2))
+            await asyncio.sleep(0.3)
+        await until(lambda: "Acknowledged" in drawn(first) and "Acknowledged" in drawn(second), "both pages redrawn")
+        assert len([c for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG]) == 2  # once each
+
+
 async def test_a_page_sent_by_hand_is_redrawn_as_the_incident_changes(tmp_path: Path) -> None:
     """`/incident page` sends the card at once, not through the outbox (someone waits for the answer); where it went
     is kept all the same, so Carol's page stops offering Acknowledge once Alice acknowledged, as an escalation's does."""
