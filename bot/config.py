@@ -643,6 +643,9 @@ def parse_config(
     for rotation in config.rotations:
         if rotation.channel:
             uses.setdefault(rotation.channel, []).append(f"handoff notices of rotation {rotation.id}")
+    for policy in config.escalation_policies:
+        for ch_id in dict.fromkeys(step.notify.channel for step in policy.steps if step.notify.channel):
+            uses.setdefault(ch_id, []).append(f"the escalation notices of policy {policy.id}")
     built = frozenset(name for name, model in adapter_models.items() if getattr(model, "built", True))
     for i, ch in enumerate(config.channels):
         if ch.id not in uses or (ch.platform in loaded_adapters and ch.platform in built):

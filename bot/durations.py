@@ -27,11 +27,9 @@ def parse_duration(text: str | int | timedelta) -> timedelta:
         return _delta(text, text)
     raw = str(text).strip()
     m = _DURATION.fullmatch(raw)
-    clock = re.fullmatch(r"(\d+):(\d{1,2})(?::\d{1,2})?", raw)
-    if clock:  # 168:00 or 1:30: hours and minutes the way a clock writes them, which could also mean minutes:seconds
-        hours, minutes = int(clock.group(1)), int(clock.group(2))
-        better = format_duration(timedelta(hours=hours, minutes=minutes)) if minutes < 60 else "1h30m"
-        raise ValueError(f"invalid duration {raw!r}: write it with units, e.g. {better} (w, d, h, m, s), not as a clock time")
+    if re.fullmatch(r"\d+(?::\d+)+", raw):  # 168:00, 1:30: a clock's way of writing it, which says no units
+        raise ValueError(f"invalid duration {raw[:40]!r}: write it with units (1:30 could be 1h30m or 1m30s), "
+                         "not as a clock time")
     if not raw or not m or not any(m.groups()):
         raise ValueError(f"invalid duration {text!r} (expected e.g. 90s, 5m, 1h30m, 1d, 1w)")
     seconds = sum(int(v) * mult for v, (_, mult) in zip(m.groups(), _UNITS) if v)

@@ -164,9 +164,13 @@ BROKEN = [
     # YAML 1.1 reads an unquoted 1:30 as 90 (base 60): it was taken as 90 seconds without a word. It is text now,
     # and a duration must say its units.
     (BASE + ROUTES + "grouping: {window: 1:30}\n",
-     "grouping.window: invalid duration '1:30': write it with units, e.g. 1h30m (w, d, h, m, s), not as a clock time"),
+     "grouping.window: invalid duration '1:30': write it with units (1:30 could be 1h30m or 1m30s), not as a clock time"),
     (BASE.replace("shift: 1w", "shift: 168:00") + ROUTES,
-     "rotations[0].shift: invalid duration '168:00': write it with units, e.g. 1w (w, d, h, m, s), not as a clock time"),
+     "rotations[0].shift: invalid duration '168:00': write it with units (1:30 could be 1h30m or 1m30s), not as a clock "
+     "time"),
+    (BASE.replace("wait: 5m}]}", "wait: 99999999999:00}]}") + ROUTES,  # was an OverflowError's traceback
+     "escalation_policies[0].steps[0].wait: invalid duration '99999999999:00': write it with units (1:30 could be "
+     "1h30m or 1m30s), not as a clock time"),
     (BASE.replace("start: 2026-11-02", "start: 9999-12-01") + ROUTES,  # every /oncall failed on it
      "rotations[0].start: start 9999-12-01 is out of range: give the date the rotation starts, between 1970 and 2199"),
     (BASE.replace("wait: 5m}]}", "wait: 0s}], repeat: 20}") + ROUTES,  # 21 pages in one instant
@@ -293,6 +297,10 @@ def test_a_rotation_channel_on_a_platform_that_is_off_is_a_warning() -> None:
     loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env={})
     assert ("channels[1] (ops-telegram): telegram is off (no section under adapters), so handoff notices of rotation "
             "primary wait in the outbox until it is on") in loaded.warnings
+    text = BASE.replace("{notify: {rotation: primary}", "{notify: {rotation: primary, channel: ops-telegram}") + ROUTES
+    loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env={})
+    assert ("channels[1] (ops-telegram): telegram is off (no section under adapters), so the escalation notices of "
+            "policy dba wait in the outbox until it is on") in loaded.warnings
 
 
 def test_clock_times_written_without_quotes_are_read_as_written() -> None:
