@@ -156,11 +156,12 @@ def _shape_problem(body: Any) -> str | None:
             isinstance(a, dict) and all(isinstance(a.get(k), (str, type(None))) for k in ("action_id", "value", "type"))
             for a in actions_)):
         return "actions must be a list of objects with string action_id and value"
-    if actions_ == [] and body.get("type") == "block_actions":  # Bolt reads the first
+    if not actions_ and body.get("type") == "block_actions":  # Bolt reads the first
         return "a block_actions payload needs at least one action"
     view = body.get("view")
-    if view is not None and not (isinstance(view, dict) and isinstance(view.get("type", ""), str)
-                                 and isinstance(view.get("callback_id", ""), str)):
+    if ("view" in body or body.get("type") == "view_submission") and not (
+            isinstance(view, dict) and isinstance(view.get("type", ""), str)
+            and isinstance(view.get("callback_id", ""), str)):
         return "view must be an object with a string type and callback_id"
     if isinstance(view, dict) and body.get("type") == "view_submission" and "type" not in view:
         return "a view_submission's view needs its type"  # Bolt reads it (view["type"])

@@ -779,8 +779,8 @@ class OutboxWorker:
         """Before a post is made again whose answer was lost (its rows marked UNANSWERED: the platform may have
         it), it is looked for in the chat by the key it carried. Found: the message and the rows it was posted for
         (rows merged into a line since are not). True: post it (not there, or the platform refuses to look: a
-        missing card is worse than two). False: looking failed for now (the platform in trouble): the rows wait
-        for their next try, as after a failed post."""
+        missing card is worse than two). False: not yet (the look is not due), or looking failed for now (the
+        platform in trouble): the rows wait for their next try, as after a failed post."""
         find = getattr(adapter, "find", None)
         mark = next((m for m in ((i.details or {}).get(UNANSWERED) for i in items)
                      if isinstance(m, dict) and str(m.get("key", "")).startswith(f"{kind}-")), None)
@@ -788,6 +788,11 @@ class OutboxWorker:
             return True
         key = mark["key"]
         mine = [i for i in items if ((i.details or {}).get(UNANSWERED) or {}).get("key") == key]
+        now = self.clock.now()
+        if any(i.due_at > now for i in mine):
+            # Not yet (LOOK_AFTER, or a rate limit on looking): rows of the same message that are due (an alert
+            # storm's redraws and lines) do not bring the look forward; it, and what follows it, waits.
+            return False
         try:
             found = await find(chat, key, thread=thread, sent_at=float(mark.get("at") or time.time()))
         except DeliveryError as exc:
@@ -800,8 +805,8 @@ class OutboxWorker:
             else:
                 if exc.token_refused:
                     self.token_refused[platform] = str(exc)
-                if exc.retry_after:
-                    self.buckets.pause(platform, chat, self._monotonic() + exc.retry_after)
+                # (a rate limit on looking delays the look, not the chat's other posts and edits: it is its own
+                # budget, one a minute for some apps)
                 await self._failed(items, f"looking for the {kind} whose answer was lost: {exc}", exc.retry_after,
                                    permanent=False, platform_trouble=True)
                 return False

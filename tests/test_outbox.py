@@ -300,6 +300,55 @@ async def test_a_card_slack_took_whose_answer_was_lost_is_found_not_posted_twice
         assert "Acknowledged" in text_of(card) and "ack:1" not in button_values(card)
 
 
+def _alert(asset: str, tool: str = "t") -> dict[str, str]:
+    return {"asset_name": asset, "signature": "DiskFull", "severity": "high", "message": "disk full", "tool_source": tool}
+
+
+async def test_the_look_for_a_lost_card_waits_its_time_whatever_else_of_the_incident_is_due(tmp_path: Path) -> None:
+    """The look waits LOOK_AFTER for Slack to store what it took; a second alert of the incident made a redraw
+    due at once, and the look came with it, found nothing yet and posted a second card."""
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+        h.bot.outbox.buckets = _Buckets(GENEROUS)
+        fake.lose_answer("chat.postMessage")
+        assert (await h.post("open", _alert("db-01", "tool-1")))[0] == 200
+        await fake.wait_for(lambda: cards(fake), timeout=5)
+        await asyncio.sleep(0.3)  # the lost answer is settled: the rows are marked, the look due in 15 s
+        (key, stored), = fake.messages.items()
+        del fake.messages[key]  # Slack has not stored it yet
+        assert (await h.post("open", _alert("db-01", "tool-2")))[0] == 200  # the same incident again: a redraw
+        for _ in range(10):
+            h.clock.advance(timedelta(seconds=1))
+            h.bot.outbox.nudge()
+            await asyncio.sleep(0.05)
+        assert not fake.called("conversations.history") and len(parents(fake)) == 1  # no look yet, no second post
+        fake.messages[key] = stored  # stored now
+        await drain(h, seconds=15)
+        assert len(fake.called("conversations.history")) == 1 and len(parents(fake)) == 1 and len(cards(fake)) == 1
+
+
+async def test_a_rate_limited_look_holds_back_only_what_it_looks_for(tmp_path: Path) -> None:
+    """conversations.history has its own budget (one call a minute for some apps): its 429 paused every post and
+    edit in the channel, so another incident's card waited out the minute."""
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+        h.bot.outbox.buckets = _Buckets(GENEROUS)
+        fake.lose_answer("chat.postMessage")
+        fake.fail("conversations.history", "ratelimited", status=429, retry_after=30)
+        assert (await h.post("open", _alert("web-1")))[0] == 200
+        await fake.wait_for(lambda: cards(fake), timeout=5)
+        await asyncio.sleep(0.3)
+        h.clock.advance(timedelta(seconds=20))
+        h.bot.outbox.nudge()
+        await fake.wait_for(lambda: any(c.method == "conversations.history" for c in fake.calls), timeout=5)  # a 429
+        await asyncio.sleep(0.3)
+        assert (await h.post("open", _alert("web-2")))[0] == 200  # another incident, the same channel
+        started = time.monotonic()
+        while len(cards(fake)) < 2:
+            assert time.monotonic() - started < 5, "the second incident's card waited for the look's rate limit"
+            h.clock.advance(timedelta(seconds=1))
+            h.bot.outbox.nudge()
+            await asyncio.sleep(0.1)
+
+
 async def test_a_thread_line_slack_took_whose_answer_was_lost_is_not_posted_twice(tmp_path: Path) -> None:
     from tests.test_slack_flow import Slack, incident_posted
 

@@ -212,6 +212,8 @@ async def test_a_slash_command_or_click_sent_again_is_a_replay(env: Env) -> None
     "payload=" + quote('{"type":"block_actions","user":{"id":"U01ALICE"},"actions":[]}'),  # Bolt reads actions[0]
     "payload=" + quote('{"type":"view_submission","user":{"id":"U01ALICE"},"view":{"id":"V1","callback_id":"x"}}'),
     "payload=" + quote('{"type":"view_submission","view":"x"}'),
+    "payload=" + quote('{"type":"block_actions","user":{"id":"U01ALICE"},"actions":null}'),
+    "payload=" + quote('{"type":"view_submission","user":{"id":"U01ALICE"},"view":null}'),
     '{"type":"event_callback","x":' + "[" * 100_000 + "]" * 100_000 + "}",
 ])
 async def test_a_signed_body_of_a_shape_slack_never_sends_is_a_400_not_a_500(env: Env, body: str) -> None:
