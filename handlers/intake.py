@@ -215,6 +215,8 @@ class _Batch:
     new_records: list[tuple[_Row, _Row]] = field(default_factory=list)
     resolved_after: list[tuple[str, float]] = field(default_factory=list)  # (severity, seconds): first resolutions
     resolutions: list[tuple[_Row, float]] = field(default_factory=list)  # incidents the source resolved, when
+    quiet: dict[int, _Row] = field(default_factory=dict)  # id(incident) -> no alert firing: resolved after the notification
+    resolved_here: list[_Row] = field(default_factory=list)  # incidents the notification being read resolved
     escalations: int = 0  # escalations started (on_open) or brought forward (on_raise): steps due now
     queued: int = 0  # outbox rows written
     raised: dict[int, _Row] = field(default_factory=dict)  # id(incident) -> stored incidents whose severity rose
@@ -592,6 +594,8 @@ class Intake:
                 if len(s.alerts) > 1:
                     _heard(s.alerts, state)
                 results = [self._apply_alert(s.source, a, state) for a in s.alerts]
+                if state.quiet or state.resolved_here:
+                    self._quiet_resolve(s.source, results, state)
                 if s.truncated:
                     self._truncated(conn, s, results, state)
                 applied.append((s, results))
@@ -777,23 +781,24 @@ class Intake:
             t.resolved_by = source.id
             incident.firing_count = max(0, incident.firing_count - 1)
             if incident.firing_count == 0:
-                incident.status, incident.resolved_at, incident.resolved_by = RESOLVED, now, f"source:{source.id}"
-                t.resolved = True
-                st.resolutions.append((incident, max(0.0, (now - incident.opened_at).total_seconds())))
-                st.entries.append(Entry("incident.resolved", actor, "incident", "", now,
-                                        {"by": "source", "source": source.id}, _id(incident)))
-                if st.incidents_by_key.get(incident.group_key) is incident:  # not a newer one of the key
-                    del st.incidents_by_key[incident.group_key]
-                return alert.fingerprint, incident, "resolved"
+                # Resolved once the whole notification is read (_quiet_resolve), if nothing in it fires for the
+                # incident by then: Alertmanager sorts a group's alerts by labels, so one resolving may come before
+                # another of the group that starts firing, and the group is not over.
+                st.quiet[id(incident)] = incident
             return alert.fingerprint, incident, "alert_resolved"
 
         silence = silenced_by(cfg.silences, alert.labels, now, cfg.timezone)
+        if known is not None and id(known[1]) in st.quiet and known[0].status == "resolved":
+            # The alert that ended its incident fires again later in the same delivery (a generic sender's events in
+            # order): the incident ended there, and this opens the next one, linked to it.
+            self._resolve_by_source(known[1], source, st)
         if known is not None and known[1].status != RESOLVED:
             record, incident = known
             refire = record.status == "resolved"
             record.status, record.last_received = "firing", now
             record.received_count += 1
             record.labels, record.annotations, record.summary = alert.labels, alert.annotations, alert.summary
+            record.severity = alert.severity  # (as the incident's rises with it: `incidents show` listed the first)
             record.ends_at = None
             if refire:
                 incident.firing_count += 1
@@ -877,6 +882,32 @@ class Intake:
                                     {"fingerprint": alert.fingerprint, "note": "an alert no silence covers"},
                                     _id(incident)))
         return alert.fingerprint, incident, change
+
+    def _quiet_resolve(self, source: Source, results: list[tuple[str, _Row | None, str]], st: _Batch) -> None:
+        """After a notification: each incident whose alerts it left all resolved is resolved by its source (the
+        last of its alerts that resolved says "resolved" in the answer)."""
+        for incident in list(st.quiet.values()):
+            if not incident.firing_count:  # nothing in the notification fires for it
+                self._resolve_by_source(incident, source, st)
+        for incident in st.resolved_here:
+            last = max(i for i, (_, inc, change) in enumerate(results) if inc is incident and change == "alert_resolved")
+            results[last] = (results[last][0], incident, "resolved")
+        st.quiet.clear()
+        st.resolved_here.clear()
+
+    def _resolve_by_source(self, incident: _Row, source: Source, st: _Batch) -> None:
+        """Every alert of `incident` is resolved: its source resolves it."""
+        now = st.now
+        actor = self._actors.get(source.id) or Actor.source(source.id)
+        incident.status, incident.resolved_at, incident.resolved_by = RESOLVED, now, f"source:{source.id}"
+        st.touch(incident).resolved = True
+        st.resolutions.append((incident, max(0.0, (now - incident.opened_at).total_seconds())))
+        st.entries.append(Entry("incident.resolved", actor, "incident", "", now,
+                                {"by": "source", "source": source.id}, _id(incident)))
+        if st.incidents_by_key.get(incident.group_key) is incident:  # not a newer one of the key
+            del st.incidents_by_key[incident.group_key]
+        del st.quiet[id(incident)]
+        st.resolved_here.append(incident)
 
     def _truncated(self, conn: Connection, s: Submission, results: list[tuple[str, _Row | None, str]],
                    st: _Batch) -> None:

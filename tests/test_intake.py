@@ -21,6 +21,28 @@ async def h(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) -> A
         yield harness
 
 
+@pytest.mark.parametrize("resolved_first", [True, False])
+async def test_an_alert_resolving_while_another_of_its_group_starts_firing_keeps_the_incident_open(
+        h: Harness, resolved_first: bool) -> None:
+    """Alertmanager sorts a group's alerts by labels: the one resolving may come first in the notification that
+    brings the new one firing. The incident resolved itself there, and a second one opened (a new card, and its
+    escalation all over again) although the group never stopped firing."""
+    first = json.loads(fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    old, new = first["alerts"]
+    first["alerts"] = [old]
+    assert (await h.post("am", json.dumps(first)))[0] == 200
+    then = {**first, "alerts": [{**old, "status": "resolved", "endsAt": "2026-11-24T04:05:00Z"}, new]}
+    if not resolved_first:
+        then["alerts"].reverse()
+    status, body, _ = await h.post("am", json.dumps(then))
+    assert status == 200
+    changes = {r["fingerprint"]: r["change"] for r in body["results"]}
+    assert changes == {old["fingerprint"]: "alert_resolved", new["fingerprint"]: "grouped"}
+    [incident] = await h.incidents()
+    assert (incident.status, incident.alert_count, incident.firing_count) == ("triggered", 2, 1)
+    assert "incident.resolved" not in await h.actions(incident.id)
+
+
 async def test_alertmanager_captures_group_resolve_and_route(h: Harness) -> None:
     status, body, _ = await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
     assert status == 200
@@ -157,6 +179,15 @@ async def test_firing_resolved_firing_in_one_delivery_links_the_second_incident_
     assert [(e.incident_id, e.details["previous_id"]) for e in opened] == [(first.id, None), (second.id, first.id)]
     async with h.bot.db.sessions() as s:
         assert (await h.bot.audit.verify(s)).ok
+
+
+async def test_an_alert_sent_again_more_severe_is_stored_at_its_new_severity(h: Harness) -> None:
+    one = {"asset_name": "web-5", "signature": "Slow", "severity": "low", "message": "slow", "tool_source": "t"}
+    await h.post("open", one)
+    await h.post("open", {**one, "severity": "critical"})
+    [inc] = await h.incidents()
+    [record] = await h.alerts(inc.id)
+    assert (inc.severity, record.severity) == ("critical", "critical")  # the alert said low in incidents show
 
 
 async def test_a_nul_in_alert_text_is_stored_without_it(h: Harness) -> None:
