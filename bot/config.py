@@ -272,6 +272,17 @@ class Grouping(Section):
     window: Duration = timedelta(minutes=15)
 
 
+def matchers_as_text(v: Any) -> Any:
+    """Label matchers as YAML gave them, numbers as the text a label holds (`code: 500`); a boolean is refused."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if isinstance(x, bool):  # `true`, `yes`, `on`...: which the label holds cannot be told any more
+                raise ValueError(f"{k}: YAML reads this value as a boolean ({str(x).lower()}), and labels are "
+                                 f"text: write it in quotes as the label has it (e.g. {k}: \"true\")")
+        return {k: str(x) if isinstance(x, (int, float)) else x for k, x in v.items()}
+    return v
+
+
 class Route(Section):
     name: str | None = Field(None, max_length=80)  # shown in `chatops report`; default: its matchers
     match: dict[str, str] = {}
@@ -290,13 +301,7 @@ class Route(Section):
     @field_validator("match", mode="before")
     @classmethod
     def _match_values_as_text(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            for k, x in v.items():
-                if isinstance(x, bool):  # `true`, `yes`, `on`...: which the label holds cannot be told any more
-                    raise ValueError(f"{k}: YAML reads this value as a boolean ({str(x).lower()}), and labels are "
-                                     f"text: write it in quotes as the label has it (e.g. {k}: \"true\")")
-            return {k: str(x) if isinstance(x, (int, float)) else x for k, x in v.items()}
-        return v
+        return matchers_as_text(v)
 
 
 class Rotation(Section):
@@ -413,6 +418,11 @@ class Silence(Section):
     ends: datetime | None = None
     weekly: WeeklyWindow | None = None
     comment: str = ""
+
+    @field_validator("matchers", mode="before")
+    @classmethod
+    def _matchers_as_text(cls, v: Any) -> Any:
+        return matchers_as_text(v)  # (as a route's: `code: 500` was refused here, taken there)
 
     @field_validator("starts", "ends")
     @classmethod

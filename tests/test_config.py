@@ -311,6 +311,11 @@ def test_clock_times_written_without_quotes_are_read_as_written() -> None:
     assert (str(config.business_hours.start), str(config.business_hours.end)) == ("09:00:00", "18:00:00")
 
 
+def test_silence_matchers_take_numbers_as_routes_do() -> None:
+    text = BASE + ROUTES + "silences:\n  - {matchers: {code: 500}, starts: 2026-11-25T22:00:00+01:00, ends: 2026-11-26T02:00:00+01:00}\n"
+    assert parse_config(text, adapter_models=SETTINGS_MODELS, env={}).config.silences[0].matchers == {"code": "500"}
+
+
 def test_a_variable_set_to_nothing_counts_as_unset() -> None:
     """Compose files and Kubernetes give a missing secret as an empty string."""
     loaded = load_config(ROOT / "app.yaml", adapter_models=SETTINGS_MODELS, env={"AM_TOKEN": "", "SLACK_BOT_TOKEN": ""})
