@@ -171,7 +171,8 @@ _AUDIT = AuditEvent.__table__
 _ESCALATIONS = Escalation.__table__
 # What intake reads of an existing incident and alert (it writes only what changed).
 _INCIDENT_COLUMNS = ("id", "group_key", "status", "severity", "sources", "channels", "links", "alert_count",
-                     "firing_count", "notifications", "critical_asset", "silenced", "opened_at", "last_seen")
+                     "firing_count", "notifications", "critical_asset", "silenced", "opened_at", "last_seen",
+                     "escalation")
 # An alert's summary, labels and annotations are not read: a repeat sets them anyway, and its row is written
 # anyway (received_count, last_received), so they are written as they come instead of compared first.
 _ALERT_COLUMNS = ("id", "incident_id", "source", "fingerprint", "status", "received_count", "ends_at")
@@ -197,6 +198,7 @@ class _Touched:
     refired: int = 0
     unsilenced: bool = False  # silenced until an alert no silence covers came: posted now, as if it opened
     resolved_by: str | None = None  # the source whose "resolved" it heard last (its thread line names it)
+    new_channels: list[str] = field(default_factory=list)  # a more severe alert's route added them: posted there
 
 
 @dataclass
@@ -221,6 +223,7 @@ class _Batch:
     queued: int = 0  # outbox rows written
     raised: dict[int, _Row] = field(default_factory=dict)  # id(incident) -> stored incidents whose severity rose
     unsilenced: list[_Row] = field(default_factory=list)  # stored incidents an unsilenced alert reached
+    adopted: list[_Row] = field(default_factory=list)  # stored incidents that took a more severe alert's policy
     truncated: dict[int, int | None] = field(default_factory=dict)  # id(incident) -> the truncatedAlerts last said
     opened_by_key: dict[str, _Row] = field(default_factory=dict)  # the newest incident this batch opened, by key
     links: list[tuple[_Row, _Row]] = field(default_factory=list)  # (new incident, the one before it, also new)
@@ -646,8 +649,11 @@ class Intake:
         if self.on_open is not None:
             escalating = [(inc.id, inc.escalation) for inc in st.new_incidents
                           if inc.escalation and not inc.silenced and inc.status != RESOLVED]
-            waking = [inc.id for inc in st.unsilenced if inc.status == TRIGGERED]  # acknowledged: someone is on it
-            if waking:  # muted since they opened, so no escalation yet (unless a reopen started one)
+            # muted since they opened, or without a policy until a more severe alert's route gave one: no escalation
+            # yet (unless a reopen started one); acknowledged: someone is on it
+            waking = list(dict.fromkeys(inc.id for inc in (*st.unsilenced, *st.adopted)
+                                        if inc.status == TRIGGERED and not inc.silenced))
+            if waking:
                 started = set(conn.execute(select(_ESCALATIONS.c.incident_id)
                                            .where(_ESCALATIONS.c.incident_id.in_(waking))).scalars())
                 escalating += [(iid, policy) for iid, policy in conn.execute(
@@ -657,7 +663,9 @@ class Intake:
                 self.on_open(conn, escalating, st.now)
                 st.escalations = len(escalating)
         if self.on_raise is not None and st.raised:
-            raised = sorted(inc.id for inc in st.raised.values() if inc.status != RESOLVED and not inc.silenced)
+            adopted = {id(inc) for inc in st.adopted}  # (their escalation starts now, at the new severity)
+            raised = sorted(inc.id for inc in st.raised.values()
+                            if inc.status != RESOLVED and not inc.silenced and id(inc) not in adopted)
             resumed = self.on_raise(conn, raised, st.now) if raised else []
             st.entries.extend(resumed)
             st.escalations += len(resumed)
@@ -847,6 +855,7 @@ class Intake:
             if incident.id is not None:  # stored before this batch: its escalation may wait for the morning
                 st.raised[id(incident)] = incident
             incident.severity = severity
+            self._reroute(incident, alert, actor, st)
         # Who reported it: the source, and for a generic one the tool that sent through it (its tool_source), so that
         # Datadog and Zabbix on one generic endpoint are two tools (+10 priority), as two sources are.
         tool = alert.labels.get("tool") if source.kind == "generic" else None
@@ -882,6 +891,29 @@ class Intake:
                                     {"fingerprint": alert.fingerprint, "note": "an alert no silence covers"},
                                     _id(incident)))
         return alert.fingerprint, incident, change
+
+    def _reroute(self, incident: _Row, alert: Alert, actor: Actor, st: _Batch) -> None:
+        """A more severe alert joined `incident`: where its own route sends it counts too (Prometheus' warning and
+        critical rules share an alertname, so the critical one was grouped into the warning's incident and never
+        reached the critical route's channels or policy). Its channels are added, and its escalation policy is
+        taken if the incident has none; a policy the incident has stays (its escalation may be under way)."""
+        routes = select_routes(self.config.routes, alert.labels)
+        channels = [ch for ch in dict.fromkeys(ch for r in routes for ch in r.channels) if ch not in incident.channels]
+        escalation = next((r.escalation for r in routes if r.escalation), None)
+        adopt = escalation if escalation and not incident.escalation else None
+        if not channels and not adopt:
+            return
+        if channels:
+            incident.channels = [*incident.channels, *channels]
+            if incident.id is not None:  # (a new incident is posted to all its channels anyway)
+                st.touch(incident).new_channels.extend(channels)
+        if adopt:
+            incident.escalation = adopt
+            if incident.id is not None:
+                st.adopted.append(incident)
+        st.entries.append(Entry("incident.rerouted", actor, "incident", "", st.now,
+                                {"fingerprint": alert.fingerprint, "severity": alert.severity, "channels": channels,
+                                 "escalation": adopt}, _id(incident)))
 
     def _quiet_resolve(self, source: Source, results: list[tuple[str, _Row | None, str]], st: _Batch) -> None:
         """After a notification: each incident whose alerts it left all resolved is resolved by its source (the
@@ -973,7 +1005,7 @@ class Intake:
                     rows.append({"created_at": st.now, "due_at": due, "incident_id": incident.id, "channel": channel,
                                  "kind": kind, "event": event, "details": details or {}, "status": "pending",
                                  "attempts": 0, "last_error": None})
-                if t.opened or t.unsilenced:  # an unsilenced incident was never posted: now it is
+                if t.opened or t.unsilenced or channel in t.new_channels:  # never posted there: now it is
                     add("post", "incident.opened")
                     continue
                 add("update", "alerts.changed")  # a redraw for alert traffic (routine)

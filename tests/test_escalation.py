@@ -353,6 +353,30 @@ async def test_a_page_is_redrawn_when_someone_acts_elsewhere(tmp_path: Path) -> 
         await until(lambda: "Resolved" in bobs_page().get("text", ""), "Bob's page says resolved")
 
 
+async def test_a_more_severe_alert_grouped_in_takes_its_own_routes_channels_and_policy(tmp_path: Path) -> None:
+    """Prometheus' warning and critical rules share an alertname: the critical alert was grouped into the warning's
+    incident, which kept the warning's route (no policy, one channel), and nobody was paged for it."""
+    routes = ("  - {match: {team: disk, severity: critical}, channels: [ops-slack, ops-telegram], escalation: solo}\n"
+              "  - {match: {team: disk}, channels: [ops-slack]}\n")
+    base = BASE.replace("routes:\n", "routes:\n" + routes)
+    async with world(tmp_path, NIGHT, base=base) as w:
+        body = {"asset_name": "db-01", "signature": "DiskFull", "message": "Disk almost full on db-01"}
+        warning = {**body, "severity": "medium", "tool_source": "warn-rule", "labels": {"team": "disk", "severity": "warning"}}
+        assert (await w.h.post("open", warning))[0] == 200
+        w.h.clock.advance(timedelta(minutes=10))
+        critical = {**body, "severity": "critical", "tool_source": "crit-rule",
+                    "labels": {"team": "disk", "severity": "critical"}}
+        status, answer, _ = await w.h.post("open", critical)
+        assert status == 200 and answer["results"][0]["change"] == "grouped"
+        [incident] = await w.h.incidents()
+        assert (incident.severity, incident.channels, incident.escalation) == (
+            "critical", ["ops-slack", "ops-telegram"], "solo")
+        await until(lambda: w.pages(BOB_TG), "Bob paged by the critical route's policy")
+        await until(lambda: [c for c in w.tg.called("sendMessage") if c.params["chat_id"] == -100123],
+                    "the card in the critical route's Telegram channel")
+        assert [e.details["escalation"] for e in await w.audit("incident.rerouted")] == ["solo"]
+
+
 async def test_two_pages_in_one_chat_are_both_redrawn(tmp_path: Path) -> None:
     """The policy paged Bob twice (it repeats); a chat takes about one edit a second, so the redraw of the second
     waited, and each retry began again with the first: the second page kept offering Acknowledge for good."""
