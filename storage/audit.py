@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, event
+from sqlalchemy import Connection, bindparam, event, func
 from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
@@ -269,8 +269,14 @@ class AuditLog:
         return rows
 
     async def verify(self, session: AsyncSession, batch: int = 2000) -> Verdict:
-        """Walk the chain in order; name the first event that does not fit (or cannot even be read)."""
-        walk = _Walk()
+        """Walk the chain in order; name the first event that does not fit (or cannot even be read).
+
+        The chain is checked up to the head as it was when the walk began: a running bot appends meanwhile, and
+        each batch is read in a statement of its own (PostgreSQL's READ COMMITTED sees what committed since), so
+        a head read after the walk said "the newest events were deleted" of a busy chain. Events past that head
+        are newer, unless the head still names it at the end: then they were added around the bot."""
+        head = (await session.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1))).one_or_none()
+        walk = _Walk(upto=head.seq if head is not None else None)
         try:
             verdict = await self._walk(session, batch, walk)
         except (ValueError, TypeError, StatementError):  # a damaged row: walk on one at a time, to name it
@@ -284,7 +290,14 @@ class AuditLog:
         if verdict is not None:
             return verdict
         checked, prev = walk.checked, walk.prev
-        head = (await session.execute(select(AuditHead).where(AuditHead.id == 1))).scalar_one_or_none()
+        if head is not None:
+            # (in this order: the bot writes events and the head in one transaction, so a head read after the
+            # newest event has moved past it, if the bot wrote it)
+            beyond = (await session.execute(select(func.max(AuditEvent.seq)))).scalar() or 0
+            now = (await session.execute(select(AuditHead.seq).where(AuditHead.id == 1))).scalar_one_or_none()
+            if now == head.seq and beyond > head.seq:  # the bot did not write them: its head would have moved
+                return Verdict(False, checked, prev, f"the chain ends at event #{beyond} but its head says "
+                               f"#{head.seq}: the head was set back (or events were added around the bot)")
         if head is not None and head.seq != checked:
             return Verdict(False, checked, prev, f"the chain ends at event #{checked} but its head says "
                            f"#{head.seq}: " + ("the newest events were deleted" if head.seq > checked else
@@ -297,7 +310,7 @@ class AuditLog:
     async def _walk(self, session: AsyncSession, batch: int, walk: _Walk) -> Verdict | None:
         """Check the events after `walk.last`, `batch` rows at a time, moving `walk` on; a Verdict at the first
         event that does not fit, None at the end."""
-        async for event in _events(session, batch, after=walk.last):
+        async for event in _events(session, batch, after=walk.last, upto=walk.upto):
             where = f"audit event #{event.seq} ({event.action} at {event.at.isoformat()})"
             expected_seq = walk.checked + 1
             if event.seq != expected_seq:
@@ -327,15 +340,18 @@ class _Walk:
     checked: int = 0
     last: int = 0
     prev: str = AuditHead.GENESIS
+    upto: int | None = None  # the head's seq when the walk began: events after it are newer than the check
 
 
 async def _events(
     session: AsyncSession, batch: int, *, since: datetime | None = None, incident_id: int | None = None,
-    after: int = 0,
+    after: int = 0, upto: int | None = None,
 ) -> AsyncIterator[AuditEvent]:
     last = after
     while True:
         query = select(AuditEvent).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch)
+        if upto is not None:
+            query = query.where(AuditEvent.seq <= upto)
         if since is not None:
             query = query.where(AuditEvent.at >= since)
         if incident_id is not None:
