@@ -14,8 +14,9 @@ call can never work (no such channel, not in it), the row becomes a dead letter
 at once (`chatops outbox list --status dead`, `chatops_outbox_dead_total`).
 
 A posted message is recorded as an `IncidentMessage` in the same transaction
-that marks its rows sent. If the process dies between the platform's answer and
-that commit (milliseconds), the post is sent again after the restart. A post
+that marks its rows sent. A post's rows are marked with the key it carries
+before it goes, so one cut off by the process dying while the platform answers
+is treated after the restart as one whose answer was lost. A post
 whose answer was lost (the connection dropped or timed out after the request
 went, so the platform may have it) is looked for before it is made again, where
 the platform can find it by the key it carried (Slack, by message metadata);
@@ -703,7 +704,11 @@ class OutboxWorker:
                     gone: Callable[[], Awaitable[None]] | None = None, lost: str | None = None) -> Any:
         """Await a platform call; on failure, schedule the retry or the dead letter and return None. `gone`: what
         to do instead when the message the call edits is not there any more. `lost`: the key a post carried, where
-        the platform can find the post by it: an answer lost marks the rows (UNANSWERED) to look for it first."""
+        the platform can find the post by it: the rows are marked (UNANSWERED) before it goes, so that a post cut
+        off by a crash (SIGKILL, a lost machine) while the platform answers is looked for after the restart instead
+        of made twice; an answer lost marks them anew, a post that surely failed clears the mark."""
+        if lost is not None:
+            await self._premark(items, lost)
         try:
             result = await call
         except DeliveryError as exc:
@@ -716,7 +721,8 @@ class OutboxWorker:
             if exc.retry_after:
                 self.buckets.pause(platform, chat, self._monotonic() + exc.retry_after)
             await self._failed(items, str(exc), exc.retry_after, permanent=exc.permanent and not exc.token_refused,
-                               platform_trouble=True, lost=lost if exc.unknown else None)
+                               platform_trouble=True, lost=lost if exc.unknown else None,
+                               unmark=lost is not None and not exc.unknown)
             return None
         except Exception as exc:  # a bug or a rendering problem: retry a few times, then dead-letter
             self.metrics.chat_calls.labels(platform, method, "error").inc()
@@ -728,7 +734,7 @@ class OutboxWorker:
         return result if result is not None else True
 
     async def _failed(self, items: Sequence[OutboxItem], error: str, retry_after: float | None, *, permanent: bool,
-                      platform_trouble: bool = False, lost: str | None = None) -> None:
+                      platform_trouble: bool = False, lost: str | None = None, unmark: bool = False) -> None:
         """Schedule the retry, or give up. `retry_after`: the platform said when to come back (a rate limit, not a
         failure: no attempt is spent). `platform_trouble`: the platform failed, not our code: wait for it longer.
         `lost`: the post, carrying this key, may have arrived: the retry looks for it first (UNANSWERED)."""
@@ -741,6 +747,8 @@ class OutboxWorker:
                 row.status = "pending"  # a page claimed for sending (SENDING) that did not go: due again, or dead below
                 if lost is not None:
                     row.details = {**(row.details or {}), UNANSWERED: {"key": lost, "at": time.time()}}
+                elif unmark and UNANSWERED in (row.details or {}):  # the platform said no: nothing to look for
+                    row.details = {k: v for k, v in row.details.items() if k != UNANSWERED}
                 if retry_after and not permanent and now - row.created_at < self.give_up_after:
                     # (a platform that has answered nothing but "later" for a day counts its tries again)
                     row.due_at = now + timedelta(seconds=retry_after)
@@ -768,6 +776,14 @@ class OutboxWorker:
                     delay = retry_after if retry_after else min(300.0, 2.0 ** row.attempts)
                     row.due_at = now + timedelta(seconds=max(delay, LOOK_AFTER) if lost is not None else delay)
                 session.add(row)
+
+    async def _premark(self, items: Sequence[OutboxItem], key: str) -> None:
+        """Mark the rows of a post about to go with the key it carries (see _call)."""
+        mark = {"key": key, "at": time.time()}
+        async with self.db.transaction() as session:
+            for item in items:
+                item.details = {**(item.details or {}), UNANSWERED: mark}
+                await session.execute(update(OutboxItem).where(OutboxItem.id == item.id).values(details=item.details))
 
     @staticmethod
     def _findable(adapter: Adapter, key: str) -> str | None:

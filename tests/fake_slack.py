@@ -18,6 +18,8 @@ the metadata only for `include_all_metadata`.
 
 from __future__ import annotations
 
+import asyncio
+
 import base64
 import hashlib
 import hmac
@@ -85,6 +87,7 @@ class FakeSlack:
     def __post_init__(self) -> None:
         self._failures: dict[str, list[_Failure]] = defaultdict(list)
         self._losses: dict[str, list[_Loss]] = defaultdict(list)
+        self._held: dict[str, asyncio.Event] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
         self._last_micros = 0
         self.url = ""
@@ -106,6 +109,12 @@ class FakeSlack:
         """The next `times` calls of `method` (once `after` more have been answered as usual) answer
         `{"ok": false, "error": error}` (or drop the connection), with a `Retry-After` header when given."""
         self._failures[method].append(_Failure(error, status, disconnect, times, retry_after, after))
+
+    def hold(self, method: str) -> asyncio.Event:
+        """Calls of `method` are carried out, and their answers wait until the event returned is set: a slow
+        Slack, for a bot to be stopped (or to crash) while it waits."""
+        self._held[method] = asyncio.Event()
+        return self._held[method]
 
     def lose_answer(self, method: str, *, times: int = 1, reset: bool = False,
                     when: Callable[[dict[str, Any]], bool] = lambda params: True) -> None:
@@ -148,6 +157,8 @@ class FakeSlack:
         self.calls.append(call)
         status, body, headers = self._answer(call)
         call.status, call.ok = status, bool(body.get("ok"))
+        if method in self._held:
+            await self._held[method].wait()
         loss = next((loss for loss in self._losses[method] if loss.when(params)), None)
         if loss is not None and call.ok:
             loss.times -= 1

@@ -349,6 +349,31 @@ async def test_a_rate_limited_look_holds_back_only_what_it_looks_for(tmp_path: P
             await asyncio.sleep(0.1)
 
 
+async def test_a_card_cut_off_by_a_crash_while_slack_answers_is_found_after_the_restart(tmp_path: Path) -> None:
+    """The bot dies (SIGKILL, the machine lost) after Slack took the card and before its answer: the rows were still
+    pending, so the restarted bot posted a second card, and the first stayed Firing. The rows are marked before the
+    post goes, and the restarted bot looks for it first."""
+    import sqlite3
+
+    async with FakeSlack() as fake:
+        answer = fake.hold("chat.postMessage")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            assert (await h.post("open", _alert("db-01")))[0] == 200
+            await fake.wait_for(lambda: fake.calls and fake.calls[-1].method == "chat.postMessage", timeout=5)
+            await asyncio.sleep(0.2)
+            # What a crash leaves on disk now: a copy of the store, taken while Slack's answer is on its way.
+            with sqlite3.connect(tmp_path / "bot.db") as live, sqlite3.connect(tmp_path / "crashed.db") as copy:
+                live.backup(copy)
+            answer.set()
+        del fake._held["chat.postMessage"]
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'crashed.db'}", slack_config(fake)) as h:
+            h.bot.outbox.buckets = _Buckets(GENEROUS)
+            await drain(h, seconds=15)
+            assert len(parents(fake)) == 1 and len(cards(fake)) == 1  # one post, found after the restart
+            assert len(fake.called("conversations.history")) == 1
+            assert await h.message_of(1) == cards(fake)[0]["ts"]
+
+
 async def test_a_thread_line_slack_took_whose_answer_was_lost_is_not_posted_twice(tmp_path: Path) -> None:
     from tests.test_slack_flow import Slack, incident_posted
 
