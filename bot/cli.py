@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -103,7 +104,8 @@ def _missing_file(loaded: Loaded) -> Path | None:
     return None if path.exists() else path
 
 
-async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]]) -> int:
+async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
+                   without_store: Callable[[], Awaitable[int]] | None = None) -> int:
     """Run `work` on the configured store. A SQLite file that does not exist is refused (reading commands would
     otherwise make an empty one and report that nothing happened)."""
     if (path := _missing_file(loaded)) is not None:
@@ -114,6 +116,15 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]]) -
     db = Database(loaded.config.storage.url, schema=loaded.config.storage.schema_name)
     try:
         try:
+            if db.is_postgres and not await _has_store(db):  # start() would create it, empty, and all would look fine
+                where = f"schema {db.schema!r}" if db.schema else "the server's search_path"
+                said = (f"no chatops store in {where} at {db.safe_url}: run this against the database the bot uses "
+                        "(storage.url, storage.schema in app.yaml), or start the bot once (chatops serve) to create it")
+                if without_store is not None:
+                    print(f"{said}; overrides are not shown", file=sys.stderr)
+                    return await without_store()
+                print(said, file=sys.stderr)
+                return EXIT_FAILED
             await db.start()
         except (DBAPIError, OSError) as exc:  # not there, not a database, refused: say so, as `serve` does
             reason = getattr(exc, "orig", None) or exc
@@ -123,6 +134,12 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]]) -
         return await work(db)
     finally:
         await db.dispose()
+
+
+async def _has_store(db: Database) -> bool:
+    """PostgreSQL: whether the bot's tables are there (in the configured schema, else the search_path)."""
+    async with db.engine.connect() as conn:
+        return (await conn.execute(text("SELECT to_regclass('audit_head')"))).scalar() is not None
 
 
 def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
@@ -371,7 +388,7 @@ def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
     if (path := _missing_file(loaded)) is not None:  # the rotations answer without a store (and make none)
         print(f"no database at {path.resolve()}: overrides are not shown", file=sys.stderr)
         return asyncio.run(work(None))
-    return asyncio.run(_with_db(loaded, work))
+    return asyncio.run(_with_db(loaded, work, without_store=lambda: work(None)))
 
 
 def cmd_report(args: argparse.Namespace, out: TextIO) -> int:

@@ -309,3 +309,34 @@ def test_tables_line_up_wide_characters_by_the_columns_a_terminal_gives_them() -
     starts = [width(line[:line.index(end)]) for line, end in zip(lines, ["until", "Mon", "Tue", "Wed"])]
     assert starts == [10, 10, 10, 10], lines
     assert table(["name"], [["山" * 40]], max_width=11).splitlines()[1] == "山" * 5 + "…"  # cut to 11 columns
+
+
+def test_a_postgresql_schema_without_the_store_is_refused_and_not_made(tmp_path: Path, pg_schema: str,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped storage.schema: `audit verify` said "intact: 0 events", `incidents list` "no incidents", and an
+    empty store was left in the new schema."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from tests.conftest import postgres_url
+
+    url = postgres_url()
+    path = tmp_path / "app.yaml"
+    path.write_text(f"storage: {{url: '{url}', schema: {pg_schema}}}\n" + PEOPLE_AND_ROTATION, encoding="utf-8")
+    for command in (["audit", "verify"], ["incidents", "list"], ["report"]):
+        assert main([*command, "-c", str(path)]) == 1, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"no chatops store in schema '{pg_schema}' at "), err
+
+    async def schema_exists() -> bool:
+        async_engine = create_async_engine(url)
+        try:
+            async with async_engine.connect() as conn:
+                return (await conn.execute(text("SELECT 1 FROM information_schema.schemata WHERE schema_name = :s"),
+                                           {"s": pg_schema})).first() is not None
+        finally:
+            await async_engine.dispose()
+
+    assert main(["oncall", "-c", str(path)]) == 0  # the rotations answer without a store, as without a SQLite file
+    assert "overrides are not shown" in capsys.readouterr().err
+    assert not asyncio.run(schema_exists())  # nothing was made
