@@ -54,6 +54,7 @@ class TimerService:
         self.handlers: dict[str, TimerHandler] = {}
         self._scheduler: AsyncIOScheduler | None = None
         self._lock = asyncio.Lock()
+        self._failing: tuple[str, float] | None = None  # the failure the beat last logged, and when
         self._again = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.TimerHandle | None = None
@@ -154,18 +155,31 @@ class TimerService:
                     self._again = False
                     try:
                         n, full = await self._round()
-                    except Exception:  # the beat must outlive any one bad round; the timers stay pending
-                        log.exception("timer tick failed; retrying at the next beat")
+                    except Exception as exc:  # the beat must outlive any one bad round; the timers stay pending
+                        self._said_failure(exc, "timer tick failed; retrying at the next beat")
                         break
+                    self._failing = None
                     fired += n
                     if not (full or self._again) or not self._running:
                         break
                 peeked = None  # what was read before the round is stale
             try:
                 await self._plan_wakeup(peeked)
-            except Exception:  # e.g. the database went away: the next beat plans again
-                log.exception("timer tick: cannot plan the next wakeup; the next beat will")
+            except Exception as exc:  # e.g. the database went away: the next beat plans again
+                self._said_failure(exc, "timer tick: cannot plan the next wakeup; the next beat will")
         return fired
+
+    def _said_failure(self, exc: Exception, what: str) -> None:
+        """Log a failing beat: the first with its traceback, the same one again only once a minute and in a line
+        (a database down for a minute logged a traceback every beat, twice a second)."""
+        now = time.monotonic()
+        kind = f"{type(exc).__name__}: {exc}"[:300]
+        if self._failing is None or self._failing[0] != kind:
+            log.error(what, exc_info=exc)
+            self._failing = (kind, now)
+        elif now - self._failing[1] >= 60:
+            log.error("%s (still: %s)", what, kind)
+            self._failing = (kind, now)
 
     async def _peek(self) -> tuple[datetime | None, datetime | None]:
         now = self._peeked_at = self.clock.now()

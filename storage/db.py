@@ -326,6 +326,8 @@ class Leader:
         self.db, self.name = db, name
         self._conn: AsyncConnection | None = None
         self._asking = asyncio.Lock()  # one question at a time on the lock's connection (the outbox has two loops)
+        self._leading = False  # (what to say when asking fails: lost the lock, or could not ask)
+        self._unasked = False  # asking failed, and it was said once
 
     async def held(self) -> bool:
         """True while this process holds the lock (taking it when free)."""
@@ -342,15 +344,21 @@ class Leader:
                                                 {"n": f"chatops:{self.db.schema or ''}:{self.name}"})).scalar_one()
                 await self._conn.commit()
                 if not got:
+                    self._unasked = False
                     await self._release()
                     return False
                 log.info("this replica leads %s", self.name)
+                self._leading, self._unasked = True, False
                 return True
             await self._conn.execute(text("SELECT 1"))  # still connected, so still holding it
             await self._conn.commit()
             return True
         except Exception as exc:  # the connection died: the lock went with it
-            log.warning("lost the %s lock (%s); another replica may take it", self.name, exc)
+            if self._leading:
+                log.warning("lost the %s lock (%s); another replica may take it", self.name, exc)
+            elif not self._unasked:  # said once an outage, not at every question (several a second)
+                log.warning("cannot ask for the %s lock (%s); asking again until the database answers", self.name, exc)
+            self._leading, self._unasked = False, True
             await self._release()
             return False
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+
+import pytest
 
 from adapters.telegram import TelegramAdapter
 from bot.render import Renderer
 from storage.db import Database, Leader
 from tests.fake_telegram import FakeTelegram
+from tests.botkit import running_bot
 from tests.recording import RecordingDispatcher
 from tests.test_telegram_adapter import fixture, settings
 
@@ -47,3 +51,29 @@ async def test_a_replica_that_does_not_lead_does_not_poll() -> None:
             assert [c.name for c in dispatcher.commands] == ["ack"]
         finally:
             await adapter.stop()
+
+
+async def test_a_database_that_does_not_answer_is_said_once_not_at_every_question(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """During a PostgreSQL outage a replica that never led said "lost the outbox lock" several times a second, and
+    the timer beat logged a traceback twice a second: thousands of lines a minute, hiding what mattered."""
+    db = Database("postgresql+asyncpg://postgres@127.0.0.1:1/x", wait=1)  # nothing listens there
+    try:
+        leader = Leader(db, "outbox")
+        for _ in range(5):
+            assert not await leader.held()
+    finally:
+        await db.dispose()
+    said = [r.getMessage() for r in caplog.records if "lock" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("cannot ask for the outbox lock"), said
+
+    caplog.clear()
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:
+        async def broken() -> tuple[int, bool]:
+            raise ConnectionRefusedError("the database is down")
+
+        h.bot.timers._peek = h.bot.timers._round = broken  # type: ignore[method-assign,assignment]
+        for _ in range(10):
+            await h.bot.timers.tick()
+    failures = [r for r in caplog.records if r.getMessage().startswith("timer tick failed")]
+    assert len(failures) == 1 and failures[0].exc_info is not None  # the first, with its traceback
