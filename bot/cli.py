@@ -447,7 +447,12 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
             await adapter.initialize()  # a refused token: said, never shown
             await adapter.set_webhook(url)
         except DeliveryError as exc:
-            print(f"Telegram refused: {exc}", file=sys.stderr)
+            said = str(exc).replace(settings.bot_token, "<token>")
+            if exc.permanent or exc.token_refused:  # (a refused token says which setting to check)
+                print(f"Telegram refused: {said}", file=sys.stderr)
+            else:  # (the adapter words a connection that failed or timed out as a passing failure)
+                print(f"cannot reach Telegram at {settings.api_url}: {said}; check the network (or "
+                      "adapters.telegram.api_url) and run this again", file=sys.stderr)
             return EXIT_FAILED
         except Exception as exc:
             print(f"cannot reach Telegram at {settings.api_url}: {str(exc).replace(settings.bot_token, '<token>')}",

@@ -760,3 +760,19 @@ async def test_set_webhook_with_a_refused_token_names_the_token_setting_and_neve
     err = capsys.readouterr().err
     assert "SECRET" not in err and "123456" not in err, err
     assert "the bot token was refused; check adapters.telegram.bot_token" in err, err
+
+
+async def test_set_webhook_with_telegram_unreachable_says_so_and_what_to_do(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "Telegram refused: ... All connection attempts failed", which reads as a refused token."""
+    from bot.cli import main
+
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text("server: {public_url: 'https://bot.example.com'}\n"
+                   "adapters:\n  telegram: {bot_token: '123456:ABC-token', webhook_secret: s3cret-s3cret, "
+                   "api_url: 'http://127.0.0.1:1/bot'}\n")
+    assert await asyncio.to_thread(main, ["telegram", "set-webhook", "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cannot reach Telegram at http://127.0.0.1:1/bot: ") and "refused" not in err.split(":")[0], err
+    assert err.rstrip().endswith("check the network (or adapters.telegram.api_url) and run this again"), err
+    assert "ABC-token" not in err
