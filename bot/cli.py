@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 
 from adapters import SETTINGS_MODELS
 from bot import logs
@@ -131,7 +131,12 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
             print(f"cannot open the database at {db.safe_url}: {reason}; check storage.url in app.yaml (and, for "
                   "PostgreSQL, that the server is running)", file=sys.stderr)
             return EXIT_FAILED
-        return await work(db)
+        try:
+            return await work(db)
+        except (ValueError, TypeError, StatementError) as exc:  # a row the store hands back that cannot be decoded
+            print(f"a row in the store cannot be read ({type(exc).__name__}: {str(exc)[:200]}): it was damaged; "
+                  "`chatops audit verify` names a damaged audit event", file=sys.stderr)
+            return EXIT_FAILED
     finally:
         await db.dispose()
 

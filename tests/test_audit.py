@@ -123,6 +123,13 @@ async def test_a_damaged_row_is_named_not_a_crash(tmp_path: Path, column: str, v
         assert not verdict.ok and verdict.checked == 3
         assert verdict.problem.startswith("audit event #4 cannot be read (") and verdict.problem.endswith(
             "): the row was damaged")
+        config = tmp_path / "app.yaml"
+        config.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'audit.db'}'}}\n")
+        for export in (["--format", "jsonl"], ["--format", "csv"]):  # a traceback before
+            proc = subprocess.run([sys.executable, "-m", "bot.cli", "audit", "export", *export, "-c", str(config)],
+                                  capture_output=True, text=True, cwd=ROOT)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert proc.stderr.startswith("a row in the store cannot be read (") and "damaged" in proc.stderr
     finally:
         await db.dispose()
 
