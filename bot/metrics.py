@@ -47,6 +47,10 @@ class Metrics:
         self.outbox = Gauge(
             "chatops_outbox", "Chat deliveries by status (read from the store at scrape time)", ["status"], registry=r
         )
+        self.outbox_oldest_due = Gauge(
+            "chatops_outbox_oldest_due_seconds", "How long the longest-waiting chat delivery has been due, on platforms "
+            "that are on (read from the store at scrape time): delivery stuck, or a leader that hangs", registry=r
+        )
         self.outbox_dead = Counter(
             "chatops_outbox_dead", "Chat deliveries given up after repeated or permanent failures", ["channel"],
             registry=r,

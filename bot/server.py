@@ -35,7 +35,7 @@ from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
 from handlers.timers import STALLED_AFTER, TimerService
 from storage.audit import AuditLog
 from storage.db import Database, Leader, StoreReplaced, is_sqlite_file_url
-from storage.queries import open_incidents_by_severity, outbox_counts
+from storage.queries import open_incidents_by_severity, outbox_counts, outbox_oldest_due
 from storage.replays import SharedReplays
 from storage.timers import overdue as overdue_timers
 
@@ -315,6 +315,9 @@ class Bot:
             counts = await open_incidents_by_severity(session)
             outbox = await outbox_counts(session)
             stalled = await overdue_timers(session, self.clock.now() - STALLED_AFTER)
+            on = [ch.id for ch in self.config.channels if ch.platform in self.adapters]
+            oldest = await outbox_oldest_due(session, self.clock.now(), on)
+        self.metrics.outbox_oldest_due.set(oldest)
         for severity in ("critical", "high", "medium", "low", "info"):
             self.metrics.incidents_open.labels(severity).set(counts.get(severity, 0))
         for status in ("pending", "sending", "sent", "dead", "cancelled"):

@@ -65,6 +65,16 @@ async def outbox_counts(session: AsyncSession) -> dict[str, int]:
     return {status: count for status, count in rows.all()}
 
 
+async def outbox_oldest_due(session: AsyncSession, now: datetime, channels: Sequence[str]) -> float:
+    """Seconds the longest-waiting pending delivery has been due (0 if none): people's pages and direct messages, and
+    the rows of `channels` (those on a platform that is on: the others wait for it on purpose)."""
+    query = select(func.min(OutboxItem.due_at)).where(
+        OutboxItem.status == "pending", OutboxItem.due_at <= now,
+        OutboxItem.channel.in_(list(channels)) | OutboxItem.channel.startswith("@"))
+    oldest = (await session.execute(query)).scalar()
+    return max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0
+
+
 async def retry_dead(session: AsyncSession, now: datetime, ids: Sequence[int] | None = None) -> list[int]:
     """Dead letters back to pending, due now, with a fresh count of attempts: the named ones, or (no ids) every
     one but pages (a page given up on was followed by the escalation's next step; sent now, it comes late)."""

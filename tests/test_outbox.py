@@ -694,3 +694,21 @@ async def test_a_platform_that_never_answered_ends_a_page_but_a_direct_message_t
         attempt = await send_page(adapters, bob, message, ["telegram", "slack"], once=once)  # type: ignore[arg-type]
         assert attempt.platform == platform and adapters["slack"].sent == (0 if once else 1)
         assert attempt.unknown == ("telegram" if once else None)
+
+
+async def test_metrics_show_how_long_a_delivery_has_been_waiting(tmp_path: Path) -> None:
+    """A leader that hangs (SIGSTOP, a stalled VM) holds its lock, and every card and page waited unseen: no metric
+    said so. Rows for a platform that is off wait on purpose and do not count."""
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'off.db'}") as h:  # no chat adapter on
+        await h.post("open", _alert("db-01"))
+        h.clock.advance(timedelta(minutes=5))
+        assert "chatops_outbox_oldest_due_seconds 0.0" in await (await h.client.get("/metrics")).text()
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+        async def hung() -> bool:
+            return False  # this replica does not deliver, and nobody else does
+
+        h.bot.outbox.may_deliver = hung
+        await h.post("open", _alert("db-01"))
+        h.clock.advance(timedelta(minutes=2))
+        assert "chatops_outbox_oldest_due_seconds 120.0" in await (await h.client.get("/metrics")).text()
+        assert not cards(fake)
