@@ -128,8 +128,12 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
             await db.start()
         except (DBAPIError, OSError) as exc:  # not there, not a database, refused: say so, as `serve` does
             reason = getattr(exc, "orig", None) or exc
-            print(f"cannot open the database at {db.safe_url}: {reason}; check storage.url in app.yaml (and, for "
-                  "PostgreSQL, that the server is running)", file=sys.stderr)
+            said = (f"cannot open the database at {db.safe_url}: {reason}; check storage.url in app.yaml (and, for "
+                    "PostgreSQL, that the server is running)")
+            if without_store is not None:
+                print(f"{said}; overrides are not shown", file=sys.stderr)
+                return await without_store()
+            print(said, file=sys.stderr)
             return EXIT_FAILED
         try:
             return await work(db)

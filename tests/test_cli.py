@@ -108,12 +108,18 @@ def test_a_store_that_cannot_be_opened_is_named_without_a_traceback(tmp_path: Pa
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "folder").mkdir()
     cfg = config(tmp_path, url.format(tmp=tmp_path))  # app.yaml itself: a file that is no database
-    for command in (["incidents", "list"], ["audit", "verify"], ["oncall"], ["report"]):
+    for command in (["incidents", "list"], ["audit", "verify"], ["report"]):
         assert main([*command, "-c", str(cfg)]) == 1, command
         err = capsys.readouterr().err
         assert err.startswith(f"cannot open the database at {url.format(tmp=tmp_path)}: "), err
         assert err.rstrip().endswith("check storage.url in app.yaml (and, for PostgreSQL, that the server is running)")
         assert "Traceback" not in err
+    # The rotations answer without the store, as without a SQLite file (it exited 1, showing nobody on call).
+    assert main(["oncall", "-c", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith(f"cannot open the database at {url.format(tmp=tmp_path)}: ") and err.rstrip().endswith(
+        "; overrides are not shown"), err
+    assert "dba" in out and "Traceback" not in err
 
 
 @pytest.mark.parametrize(("argv", "problem"), [
