@@ -114,27 +114,26 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
               "an absolute path in app.yaml", file=sys.stderr)
         return EXIT_FAILED
     db = Database(loaded.config.storage.url, schema=loaded.config.storage.schema_name)
+
+    async def unavailable(said: str) -> int:  # said, and answered without the store where the command can
+        if without_store is not None:
+            print(f"{said}; overrides are not shown", file=sys.stderr)
+            return await without_store()
+        print(said, file=sys.stderr)
+        return EXIT_FAILED
+
     try:
         try:
             if db.is_postgres and not await _has_store(db):  # start() would create it, empty, and all would look fine
                 where = f"schema {db.schema!r}" if db.schema else "the server's search_path"
-                said = (f"no chatops store in {where} at {db.safe_url}: run this against the database the bot uses "
-                        "(storage.url, storage.schema in app.yaml), or start the bot once (chatops serve) to create it")
-                if without_store is not None:
-                    print(f"{said}; overrides are not shown", file=sys.stderr)
-                    return await without_store()
-                print(said, file=sys.stderr)
-                return EXIT_FAILED
+                return await unavailable(
+                    f"no chatops store in {where} at {db.safe_url}: run this against the database the bot uses "
+                    "(storage.url, storage.schema in app.yaml), or start the bot once (chatops serve) to create it")
             await db.start()
         except (DBAPIError, OSError) as exc:  # not there, not a database, refused: say so, as `serve` does
             reason = getattr(exc, "orig", None) or exc
-            said = (f"cannot open the database at {db.safe_url}: {reason}; check storage.url in app.yaml (and, for "
-                    "PostgreSQL, that the server is running)")
-            if without_store is not None:
-                print(f"{said}; overrides are not shown", file=sys.stderr)
-                return await without_store()
-            print(said, file=sys.stderr)
-            return EXIT_FAILED
+            return await unavailable(f"cannot open the database at {db.safe_url}: {reason}; check storage.url in "
+                                     "app.yaml (and, for PostgreSQL, that the server is running)")
         try:
             return await work(db)
         except (ValueError, TypeError, StatementError) as exc:  # a row the store hands back that cannot be decoded

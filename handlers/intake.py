@@ -760,9 +760,7 @@ class Intake:
 
     def _apply_alert(self, source: Source, alert: Alert, st: _Batch) -> tuple[str, _Row | None, str]:
         now, cfg = st.now, self.config
-        actor = self._actors.get(source.id)
-        if actor is None:
-            actor = self._actors[source.id] = Actor.source(source.id)  # immutable: one per source
+        actor = self._actor(source)
         details = {"fingerprint": alert.fingerprint, "status": alert.status, "severity": alert.severity,
                    "labels": alert.labels, "summary": alert.summary}
         known = st.latest_by_identity.get((alert.source, alert.fingerprint))
@@ -892,6 +890,13 @@ class Intake:
                                     _id(incident)))
         return alert.fingerprint, incident, change
 
+    def _actor(self, source: Source) -> Actor:
+        """Who the audit says acted for `source` (immutable: one per source)."""
+        actor = self._actors.get(source.id)
+        if actor is None:
+            actor = self._actors[source.id] = Actor.source(source.id)
+        return actor
+
     def _reroute(self, incident: _Row, alert: Alert, actor: Actor, st: _Batch) -> None:
         """A more severe alert joined `incident`: where its own route sends it counts too (Prometheus' warning and
         critical rules share an alertname, so the critical one was grouped into the warning's incident and never
@@ -930,7 +935,7 @@ class Intake:
     def _resolve_by_source(self, incident: _Row, source: Source, st: _Batch) -> None:
         """Every alert of `incident` is resolved: its source resolves it."""
         now = st.now
-        actor = self._actors.get(source.id) or Actor.source(source.id)
+        actor = self._actor(source)
         incident.status, incident.resolved_at, incident.resolved_by = RESOLVED, now, f"source:{source.id}"
         st.touch(incident).resolved = True
         st.resolutions.append((incident, max(0.0, (now - incident.opened_at).total_seconds())))
@@ -946,7 +951,7 @@ class Intake:
         """The sender left `s.truncated` alerts out (its max_alerts): say so on each incident the rest reached,
         since those incidents may have more alerts firing (or resolved) than the bot was told of. Said again
         only when the number changes: Alertmanager repeats a group's notification at every interval."""
-        actor = self._actors.get(s.source.id) or Actor.source(s.source.id)
+        actor = self._actor(s.source)
         details = {"count": s.truncated, "received": len(s.alerts), "group_key": s.alerts[0].group_key if s.alerts else None,
                    "note": f"{s.source.id} left {s.truncated} alert(s) out of this notification; "
                            "raise max_alerts on its receiver to see them all"}

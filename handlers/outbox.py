@@ -524,8 +524,7 @@ class OutboxWorker:
         """Keep on the row which pages it redrew, for its retry to go on from there."""
         if drawn:
             row.details = {**(row.details or {}), "drawn": sorted(drawn)}
-            async with self.db.transaction() as session:
-                await session.execute(update(OutboxItem).where(OutboxItem.id == row.id).values(details=row.details))
+            await self._save_details([row])
 
     async def _notice(self, row: OutboxItem) -> int:
         channel = self.channels.get(row.channel)
@@ -780,9 +779,14 @@ class OutboxWorker:
     async def _premark(self, items: Sequence[OutboxItem], key: str) -> None:
         """Mark the rows of a post about to go with the key it carries (see _call)."""
         mark = {"key": key, "at": time.time()}
+        for item in items:
+            item.details = {**(item.details or {}), UNANSWERED: mark}
+        await self._save_details(items)
+
+    async def _save_details(self, items: Sequence[OutboxItem]) -> None:
+        """Write the rows' details as they are in memory, in one transaction."""
         async with self.db.transaction() as session:
             for item in items:
-                item.details = {**(item.details or {}), UNANSWERED: mark}
                 await session.execute(update(OutboxItem).where(OutboxItem.id == item.id).values(details=item.details))
 
     @staticmethod
@@ -833,10 +837,9 @@ class OutboxWorker:
                         key, chat, found.message_id)
             return found, mine
         log.info("outbox: %s, whose answer was lost, is not in %s; posting it again", key, chat)
-        async with self.db.transaction() as session:  # looked for once: a failure of the new post marks it anew
-            for item in mine:
-                item.details = {k: v for k, v in (item.details or {}).items() if k != UNANSWERED}
-                await session.execute(update(OutboxItem).where(OutboxItem.id == item.id).values(details=item.details))
+        for item in mine:  # looked for once: a failure of the new post marks it anew
+            item.details = {k: v for k, v in (item.details or {}).items() if k != UNANSWERED}
+        await self._save_details(mine)
         return True
 
     async def _finish(self, items: Sequence[OutboxItem], status: str, error: str | None = None) -> None:
