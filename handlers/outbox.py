@@ -479,7 +479,7 @@ class OutboxWorker:
     async def _redraw_pages(self, row: OutboxItem, now: datetime) -> int:
         """Someone acted on the incident (or its source resolved it): each page its escalation sent is drawn as the
         incident now is (state, who, the buttons that apply), as its channel card is. A page the platform no longer
-        has (deleted) is left alone; this chat's budget being spent waits a moment."""
+        has (deleted) is left alone; a page whose chat's budget is spent waits a moment, and holds back no other."""
         # The pages this row redrew already (a chat takes about one edit a second: two pages to one person wait for
         # each other, and a retry that began again with the first would never reach the second).
         drawn = set((row.details or {}).get("drawn") or [])
@@ -490,16 +490,15 @@ class OutboxWorker:
                 .order_by(OutboxItem.id))).scalars().all() if (p.details or {}).get("message") and p.id not in drawn]
             alerts = await recent_alerts(session, row.incident_id, RECENT_ALERTS) if incident and pages else []
             escalation = await session.get(Escalation, row.incident_id) if pages else None
-        calls = 0
+        calls, waiting = 0, False
         for page in pages if incident is not None else []:
             where = page.details["message"]
             adapter = self.adapters.get(where["platform"])
             if adapter is None:
                 continue
             if not self.buckets.allow(where["platform"], where["chat_id"], edit=True, now=self._monotonic()):
-                await self._redrawn(row, drawn)
-                await self._failed([row], "the chat's budget is spent", 1.0, permanent=False)  # no attempt spent
-                return calls
+                waiting = True  # this chat's budget is spent: the others' pages go on, this one a moment later
+                continue
             person = self.people.get(str(page.details.get("person")))
             note, mark = drawn_with(escalation)
             card = incident_card(incident, alerts, now=now, names=self.names, next_step=note, escalation_mark=mark,
@@ -514,6 +513,10 @@ class OutboxWorker:
                     return calls
                 log.warning("outbox: cannot redraw the page to %s about #%s: %s", page.channel, row.incident_id, exc)
             drawn.add(page.id)
+        if waiting:
+            await self._redrawn(row, drawn)
+            await self._failed([row], "the chat's budget is spent", 1.0, permanent=False)  # no attempt spent
+            return calls
         async with self.db.transaction() as session:  # this one, and any other waiting for the same incident
             await session.execute(update(OutboxItem).where(
                 OutboxItem.kind == "pages", OutboxItem.incident_id == row.incident_id,

@@ -403,6 +403,24 @@ async def test_two_pages_in_one_chat_are_both_redrawn(tmp_path: Path) -> None:
         assert len([c for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG]) == 2  # once each
 
 
+async def test_a_page_whose_chat_must_wait_holds_back_no_other_page(tmp_path: Path) -> None:
+    """Bob's chat has used its budget (Telegram answered "retry later"): his page's redraw waits, and Carol's goes
+    at once. The redraw stopped at his, and hers waited with it."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1: Bob")
+        await w.tick(timedelta(minutes=5))
+        await until(lambda: w.pages(CAROL_TG), "step 2: Carol")
+        outbox = w.h.bot.outbox
+        [bob_chat] = {str(c.params["chat_id"]) for c in w.tg.called("sendMessage") if c.params["chat_id"] == BOB_TG}
+        outbox.buckets.pause("telegram", bob_chat, outbox._monotonic() + 3600)
+        acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+        assert acked["text"] == "Acknowledged #1."
+        await until(lambda: any("Acknowledged" in c.params["text"] for c in w.tg.called("editMessageText")
+                                if c.params["chat_id"] == CAROL_TG), "Carol's page redrawn")
+        assert not [c for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG]  # his waits
+
+
 async def test_a_page_sent_by_hand_is_redrawn_as_the_incident_changes(tmp_path: Path) -> None:
     """`/incident page` sends the card at once, not through the outbox (someone waits for the answer); where it went
     is kept all the same, so Carol's page stops offering Acknowledge once Alice acknowledged, as an escalation's does."""
