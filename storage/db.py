@@ -320,7 +320,17 @@ class Database:
 class Leader:
     """One replica at a time does a job (Telegram polling, chat delivery): a PostgreSQL session advisory lock on a
     connection of its own, held while the process lives; one lock per job and `storage.schema`, so bots that
-    share a server in separate schemas do not wait for each other. On SQLite there is a single replica."""
+    share a server in separate schemas do not wait for each other. On SQLite there is a single replica.
+
+    A leader shows it lives by a query on the lock's connection at least every `heartbeat` seconds (its jobs ask
+    more often; a beat of its own covers a job waiting on a slow platform). A replica that stopped without
+    losing its connection (SIGSTOP, a stalled VM, an event loop stuck) would keep the lock, and the job, for
+    good: a follower that finds the holder's connection silent for `takeover_after` seconds ends that
+    connection (pg_terminate_backend, allowed between sessions of one role) and takes the lock at its next ask.
+    The stopped replica, when it runs again, finds its connection gone and stops leading."""
+
+    heartbeat = 10.0  # seconds
+    takeover_after = 60.0  # seconds of silence on the holder's connection before a follower ends it
 
     def __init__(self, db: Database, name: str):
         self.db, self.name = db, name
@@ -328,6 +338,12 @@ class Leader:
         self._asking = asyncio.Lock()  # one question at a time on the lock's connection (the outbox has two loops)
         self._leading = False  # (what to say when asking fails: lost the lock, or could not ask)
         self._unasked = False  # asking failed, and it was said once
+        self._beat: asyncio.Task[None] | None = None
+        self._looked = -1e9  # (monotonic) when this follower last looked at the holder's connection
+
+    @property
+    def _key(self) -> str:
+        return f"chatops:{self.db.schema or ''}:{self.name}"
 
     async def held(self) -> bool:
         """True while this process holds the lock (taking it when free)."""
@@ -341,28 +357,68 @@ class Leader:
             if self._conn is None:
                 self._conn = await self.db.engine.connect()
                 got = (await self._conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:n, 0))"),
-                                                {"n": f"chatops:{self.db.schema or ''}:{self.name}"})).scalar_one()
+                                                {"n": self._key})).scalar_one()
                 await self._conn.commit()
                 if not got:
                     self._unasked = False
+                    await self._take_over_if_silent(self._conn)
                     await self._release()
                     return False
                 log.info("this replica leads %s", self.name)
                 self._leading, self._unasked = True, False
+                if self._beat is None or self._beat.done():
+                    self._beat = asyncio.create_task(self._beating())
                 return True
             await self._conn.execute(text("SELECT 1"))  # still connected, so still holding it
             await self._conn.commit()
             return True
         except Exception as exc:  # the connection died: the lock went with it
+            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__  # (not its SQL)
             if self._leading:
-                log.warning("lost the %s lock (%s); another replica may take it", self.name, exc)
+                log.warning("lost the %s lock (%s); another replica may take it", self.name, said)
             elif not self._unasked:  # said once an outage, not at every question (several a second)
-                log.warning("cannot ask for the %s lock (%s); asking again until the database answers", self.name, exc)
+                log.warning("cannot ask for the %s lock (%s); asking again until the database answers", self.name,
+                            said)
             self._leading, self._unasked = False, True
             await self._release()
             return False
 
+    async def _beating(self) -> None:
+        """While leading: a sign of life on the lock's connection at least every `heartbeat` seconds."""
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            if not await self.held():
+                return
+
+    async def _take_over_if_silent(self, conn: AsyncConnection) -> None:
+        """Asked as a follower (at most every `heartbeat` seconds): if the holder's connection has been idle for
+        `takeover_after` seconds, its replica is not running; end that connection, so the lock is free at the next
+        ask. (pg_locks shows a one-key advisory lock as its two 32-bit halves, objsubid 1.)"""
+        if time.monotonic() - self._looked < self.heartbeat:
+            return
+        self._looked = time.monotonic()
+        holder = (await conn.execute(text(
+            "SELECT a.pid, EXTRACT(EPOCH FROM clock_timestamp() - a.state_change) "
+            "FROM (SELECT hashtextextended(:n, 0) AS k) AS key "
+            "JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+            " AND l.classid = ((key.k >> 32) & 4294967295)::oid AND l.objid = (key.k & 4294967295)::oid "
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE a.state = 'idle'"), {"n": self._key})).first()
+        await conn.commit()
+        if holder is None or holder[1] is None or float(holder[1]) < self.takeover_after:
+            return
+        pid, silent = holder[0], float(holder[1])
+        ended = (await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})).scalar_one()
+        await conn.commit()
+        if ended:
+            log.warning("the replica leading %s has been silent for %.0f s (its database connection, backend %s, "
+                        "still holds the lock): ended that connection so that this replica takes over", self.name,
+                        silent, pid)
+
     async def _release(self) -> None:
+        if self._beat is not None and self._beat is not asyncio.current_task():
+            self._beat.cancel()
+            self._beat = None
         if self._conn is not None:
             conn, self._conn = self._conn, None
             try:

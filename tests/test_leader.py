@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +17,12 @@ from adapters.telegram import TelegramAdapter
 from bot.render import Renderer
 from storage.db import Database, Leader
 from tests.fake_telegram import FakeTelegram
+from tests import botkit
 from tests.botkit import running_bot
+from tests.conftest import ROOT, drop_schema, postgres_url
+from tests.fake_slack import FakeSlack
+from tests.test_outbox import parents
+from tests.test_slack_flow import slack_config
 from tests.recording import RecordingDispatcher
 from tests.test_telegram_adapter import fixture, settings
 
@@ -77,3 +88,60 @@ async def test_a_database_that_does_not_answer_is_said_once_not_at_every_questio
             await h.bot.timers.tick()
     failures = [r for r in caplog.records if r.getMessage().startswith("timer tick failed")]
     assert len(failures) == 1 and failures[0].exc_info is not None  # the first, with its traceback
+
+
+# A replica that leads delivery (and here only holds the lock, delivering nothing), beating every 0.2 s.
+HOLDER = textwrap.dedent("""
+    import asyncio, logging, sys
+    from storage.db import Database, Leader
+
+    async def main():
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+        db = Database(sys.argv[1], schema=sys.argv[2])
+        await db.start()
+        leader = Leader(db, "outbox")
+        leader.heartbeat = 0.2
+        while await leader.held():
+            await asyncio.sleep(0.2)
+        print("not leading", flush=True)
+
+    asyncio.run(main())
+""")
+
+
+async def _line(proc: subprocess.Popen[str], timeout: float = 15.0) -> str:
+    assert proc.stdout is not None
+    return (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)).strip()
+
+
+async def test_a_stopped_leader_is_taken_over_and_a_live_one_is_not(pg_schema: str) -> None:
+    """Replicas on PostgreSQL: the one leading delivery is stopped (SIGSTOP, a stalled VM) and keeps its database
+    connection, so the lock stayed with it and no card was posted any more, on any replica, until it ran again.
+    Now another replica ends its silent connection and delivers; the stopped one, continued, has stopped leading.
+    A leader that lives, though it delivers nothing for a while, is not taken over."""
+    url = postgres_url()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, pg_schema], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert await _line(holder) == "this replica leads outbox"
+
+        def quick_takeover(bot: Any) -> None:
+            for leader in bot.leaders:
+                leader.takeover_after, leader.heartbeat = 1.5, 0.5
+
+        async with FakeSlack() as fake:
+            async with running_bot(url, slack_config(fake), schema=pg_schema, prepare=quick_takeover) as h:
+                assert (await h.post("am", botkit.fixture("alertmanager/03-highcpu-firing.json")))[0] == 200
+                await asyncio.sleep(3)  # twice takeover_after: the live leader keeps it, and delivers nothing here
+                assert parents(fake) == [] and await h.count_pending() > 0
+                holder.send_signal(signal.SIGSTOP)
+                await fake.wait_for(lambda: parents(fake), timeout=15)
+                assert "#1" in parents(fake)[0]
+                holder.send_signal(signal.SIGCONT)
+                assert (await _line(holder)).startswith("lost the outbox lock")
+                assert await _line(holder) == "not leading"
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+        await drop_schema(url, pg_schema)
