@@ -28,7 +28,7 @@ from bot.tables import ago, printable, table
 from bot.view import who_did
 from storage import queries, report
 from storage.audit import AuditLog
-from storage.db import Database, SchemaTooNew, is_sqlite_file_url
+from storage.db import Database, SchemaTooNew, is_sqlite_file_url, missing_sqlite_uri_file
 from storage.models import Incident
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -97,10 +97,12 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _missing_file(loaded: Loaded) -> Path | None:
-    """The SQLite file storage.url names, if it does not exist (a plain path: not :memory:, not a file: URI)."""
-    if not is_sqlite_file_url(loaded.config.storage.url):
-        return None
-    path = Path(make_url(loaded.config.storage.url).database or "")
+    """The SQLite file storage.url names, if it does not exist (a plain path, or a file: URI as SQLite reads it)."""
+    url = loaded.config.storage.url
+    if not is_sqlite_file_url(url):
+        missing = missing_sqlite_uri_file(url)
+        return None if missing is None else Path(missing)
+    path = Path(make_url(url).database or "")
     return None if path.exists() else path
 
 
@@ -109,9 +111,12 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
     """Run `work` on the configured store. A SQLite file that does not exist is refused (reading commands would
     otherwise make an empty one and report that nothing happened)."""
     if (path := _missing_file(loaded)) is not None:
-        where = "" if path.is_absolute() else f" (a relative path starts at the current directory, {os.getcwd()})"
-        print(f"no database at {path.resolve()}{where}: run this where the bot runs, or give storage.url "
-              "an absolute path in app.yaml", file=sys.stderr)
+        if path.is_absolute():
+            said = f"no database at {path.resolve()}: check storage.url in app.yaml"
+        else:
+            said = (f"no database at {path.resolve()} (a relative path starts at the current directory, "
+                    f"{os.getcwd()}): run this where the bot runs, or give storage.url an absolute path in app.yaml")
+        print(f"{said}; starting the bot once (chatops serve) makes a new, empty store", file=sys.stderr)
         return EXIT_FAILED
     db = Database(loaded.config.storage.url, schema=loaded.config.storage.schema_name)
 

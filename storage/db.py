@@ -18,8 +18,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, text
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool, SingletonThreadPool
@@ -436,6 +438,29 @@ def is_sqlite_file_url(url: str) -> bool:
     database = parsed.database
     return (parsed.get_backend_name() == "sqlite" and bool(database) and database != ":memory:"
             and not database.startswith("file:"))
+
+
+def missing_sqlite_uri_file(url: str) -> str | None:
+    """The file a SQLite `file:` URI (`sqlite+aiosqlite:///file:chatops.db?uri=true`) names, if no database is there;
+    None if one is, or for any other URL. SQLite itself is asked, reading the URI its own way: it opens the URI in
+    mode=rw, which opens a file that is there and never makes one (`mode=rwc`, or none, would make it empty)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not (parsed.database or "").startswith("file:"):
+        return None
+    (filename, *_), options = SQLiteDialect_pysqlite().create_connect_args(parsed)  # as the engine will open it
+    if not options.get("uri"):
+        return None
+    parts = urlsplit(filename)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if dict(query).get("mode") in ("ro", "memory") or unquote(parts.path) in ("", ":memory:"):
+        return None  # SQLite makes no file for these
+    probe = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "mode"] + [("mode", "rw")])))
+    try:
+        sqlite3.connect(probe, uri=True).close()
+    except sqlite3.Error:
+        path = unquote(parts.path)  # (only to name it: a file that is there but cannot be opened is not "missing")
+        return None if os.path.exists(path) else path
+    return None
 
 
 def sqlite_writer_engine(url: str) -> Engine:

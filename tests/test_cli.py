@@ -83,10 +83,30 @@ def test_a_reading_command_refuses_a_database_that_is_not_there(tmp_path: Path, 
         assert err.startswith(f"no database at {elsewhere / 'chatops.db'} (a relative path starts at the current "
                               f"directory, {elsewhere}): run this where the bot runs"), err
     assert not (elsewhere / "chatops.db").exists()  # nothing was made there
-    (tmp_path / "uri").mkdir()
-    uri = config(tmp_path / "uri", f"sqlite+aiosqlite:///file:{tmp_path / 'uri' / 'u.db'}?uri=true")
-    assert main(["oncall", "-c", str(uri)]) == 0  # a SQLite URI names its file its own way: not second-guessed
-    assert main(["incidents", "list", "-c", str(uri)]) == 0
+
+
+@pytest.mark.parametrize("name", ["{tmp}/u.db", "u.db", "//localhost{tmp}/u.db"])
+def test_a_reading_command_makes_no_store_at_a_sqlite_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], name: str) -> None:
+    monkeypatch.chdir(tmp_path)  # a relative file: URI starts at the current directory, as a plain path does
+    url = f"sqlite+aiosqlite:///file:{name.format(tmp=tmp_path)}?uri=true"
+    cfg = config(tmp_path / "bot", url)
+    for command in (["incidents", "list"], ["incidents", "show", "1"], ["audit", "verify"], ["audit", "export"],
+                    ["outbox", "list"], ["report"]):
+        assert main([*command, "-c", str(cfg)]) == 1, command  # it made an empty store and said "no incidents"
+        err = capsys.readouterr().err
+        assert err.startswith(f"no database at {tmp_path / 'u.db'}"), err
+        assert err.rstrip().endswith(("check storage.url in app.yaml", "an absolute path in app.yaml")[name == "u.db"]
+                                     + "; starting the bot once (chatops serve) makes a new, empty store"), err
+        assert not (tmp_path / "u.db").exists(), command
+    assert main(["oncall", "-c", str(cfg)]) == 0  # the rotations answer without it (and make none)
+    assert capsys.readouterr().err.strip() == f"no database at {tmp_path / 'u.db'}: overrides are not shown"
+    assert not (tmp_path / "u.db").exists()
+    asyncio.run(make_store(url))  # once the bot made it, the same URL reads it
+    assert main(["incidents", "list", "-c", str(cfg)]) == 0
+    assert capsys.readouterr().out.strip() == "no incidents"
+    assert main(["audit", "verify", "-c", str(cfg)]) == 0
+    assert capsys.readouterr().out.startswith("audit chain intact: 0 events")
 
 
 def test_oncall_answers_without_a_store_and_makes_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
