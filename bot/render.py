@@ -74,6 +74,32 @@ def slack_links(links: Any, limit: int = 2900) -> str:
     return " \u00b7 ".join(out)
 
 
+def slack_date(at: Any, fallback: Any) -> str:
+    """A moment (Unix seconds) as Slack's date token: Slack writes it in each reader's own time zone and keeps it
+    current ("today 2:03 PM", the next day "yesterday 2:03 PM"); `fallback` (escaped) where it cannot."""
+    return f"<!date^{int(at)}^{{date_short_pretty}} {{time}}|{slack_escape(fallback)}>"
+
+
+def slack_facts(facts: Any, limit: int = 2900) -> str:
+    """An incident's facts (bot.view) as one escaped mrkdwn line, `a · b`. A fact that ends with a moment (`at`, its
+    `text` ending with `when`) shows it as Slack's date token. As many whole facts as fit in `limit` characters: a
+    token is never cut."""
+    out: list[str] = []
+    size = 0
+    for fact in facts:
+        text, when = str(fact["text"]), fact.get("when")
+        if fact.get("at") is not None and when and text.endswith(when):
+            piece = slack_escape(text[: len(text) - len(when)]) + slack_date(fact["at"], when)
+        else:
+            piece = slack_escape(text, limit)
+        extra = len(piece) + (3 if out else 0)
+        if size + extra > limit:  # (the limit leaves room for the ellipsis: a text element holds 3,000)
+            return " \u00b7 ".join(out) + " \u2026"
+        out.append(piece)
+        size += extra
+    return " \u00b7 ".join(out)
+
+
 def clip(value: Any, limit: int) -> str:
     """Plain text cut to `limit` characters, ending with an ellipsis when cut."""
     text = "" if value is None else str(value)
@@ -117,6 +143,7 @@ class Renderer:
         )
         self.env.policies["json.dumps_kwargs"] = {"ensure_ascii": False}
         self.env.filters.update(slack_escape=slack_escape, slack_link=slack_link, slack_links=slack_links, clip=clip, chunks=chunks,
+                                slack_date=slack_date, slack_facts=slack_facts,
                                 tojson=_tojson)
         self.checks: dict[str, Callable[[Any], str | None]] = {"slack": _slack_problem}
 

@@ -187,18 +187,12 @@ def span(delta: timedelta) -> str:
     return f"{d} d {h} h" if h else f"{d} d"
 
 
-def ago(when: datetime, now: datetime) -> str:
-    """`12 min ago`; `just now` under a minute (or when `when` is ahead of `now`)."""
-    delta = _utc(now) - _utc(when)
-    return "just now" if delta < timedelta(minutes=1) else f"{span(delta)} ago"
-
-
 def clock(when: datetime, now: datetime, zone: ZoneInfo) -> str:
-    """`14:03 CET` today, `3 Mar 14:03 CET` another day, with the year when it differs."""
-    local, today = _utc(when).astimezone(zone), _utc(now).astimezone(zone)
-    if local.date() == today.date():
-        return f"{local:%H:%M %Z}"
-    year = f" {local.year}" if local.year != today.year else ""
+    """`3 Mar 14:03 CET`, with the year when it is not `now`'s. Always the day: a card is read long after it is drawn
+    (the next morning, "14:03" alone would be yesterday's), and it says when, never how long ago, for the same
+    reason."""
+    local = _utc(when).astimezone(zone)
+    year = f" {local.year}" if local.year != _utc(now).astimezone(zone).year else ""
     return f"{local.day} {local:%b}{year} {local:%H:%M %Z}"
 
 
@@ -214,11 +208,16 @@ def person_name(value: str) -> str:
 
 
 def _facts(incident: Any, state: str, now: datetime, zone: ZoneInfo, ack_name: str,
-           resolved_name: str | None) -> list[dict[str, str]]:
-    facts: list[dict[str, str]] = []
+           resolved_name: str | None) -> list[dict[str, Any]]:
+    facts: list[dict[str, Any]] = []
 
-    def add(key: str, label: str, value: str, text: str) -> None:
-        facts.append({"key": key, "label": label, "value": value, "text": text})
+    def add(key: str, label: str, value: str, text: str, at: datetime | None = None) -> None:
+        """`at`: the moment the fact ends with, as `when` (its words, which end `value` and `text` too) and `at`
+        (Unix seconds), so that a platform that can write a time for each reader (Slack) does."""
+        fact: dict[str, Any] = {"key": key, "label": label, "value": value, "text": text}
+        if at is not None:
+            fact.update(at=int(_utc(at).timestamp()), when=clock(at, now, zone))
+        facts.append(fact)
 
     labels = incident.labels or {}
     service = next((labels[k] for k in ("service", "app", "job") if labels.get(k)), "")
@@ -227,8 +226,8 @@ def _facts(incident: Any, state: str, now: datetime, zone: ZoneInfo, ack_name: s
         add("service", "Service", one_line(service, 100), f"service {one_line(service, 100)}")
     if instance:
         add("instance", "Instance", one_line(instance, 100), f"instance {one_line(instance, 100)}")
-    started = f"{ago(incident.opened_at, now)} ({clock(incident.opened_at, now, zone)})"
-    add("started", "Started", started, f"started {started}")
+    started = clock(incident.opened_at, now, zone)
+    add("started", "Started", started, f"started {started}", at=incident.opened_at)
     count = int(incident.alert_count or 0)
     reporters = list(incident.sources or [])
     shown = [one_line(s, 40) for s in reporters[:3]] + ([f"{len(reporters) - 3} more"] if len(reporters) > 3 else [])
@@ -240,8 +239,9 @@ def _facts(incident: Any, state: str, now: datetime, zone: ZoneInfo, ack_name: s
         add("firing", "Firing", f"{firing} of {count}", f"{firing} of {count} still firing")
     add("priority", "Priority", str(incident.priority), f"priority {incident.priority}")
     if incident.acknowledged_at is not None and incident.status != TRIGGERED:
-        when = f"{ago(incident.acknowledged_at, now)} ({clock(incident.acknowledged_at, now, zone)})"
-        add("acknowledged", "Acknowledged", f"by {ack_name}, {when}", f"acknowledged by {ack_name} {when}")
+        when = clock(incident.acknowledged_at, now, zone)
+        add("acknowledged", "Acknowledged", f"by {ack_name}, {when}", f"acknowledged by {ack_name}, {when}",
+            at=incident.acknowledged_at)
     if state == "resolved" and incident.resolved_at is not None:
         took = span(_utc(incident.resolved_at) - _utc(incident.opened_at))
         by = _resolver(incident.resolved_by, resolved_name)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from bot.render import Renderer, RenderError, chunks, slack_escape, slack_link
+from bot.render import Renderer, RenderError, chunks, slack_date, slack_escape, slack_facts, slack_link
 from bot.view import incident_context, thread_line
 from tests.test_view import ALERTS, NOW, make_alert, make_incident
 
@@ -46,9 +46,10 @@ def test_slack_incident_first_block_has_marker_state_severity_id_title_and_next_
 def test_slack_incident_facts_latest_and_links(renderer):
     blocks = slack(renderer)["blocks"]
     assert [b["type"] for b in blocks] == ["section", "context", "section", "context"]
+    started = int((NOW - timedelta(minutes=12)).timestamp())  # Slack writes it in the reader's zone, kept current
     assert blocks[1]["elements"][0]["text"] == (
-        "service postgres \u00b7 instance db-1:9100 \u00b7 started 12 min ago (14:03 UTC) \u00b7 "
-        "3 alerts from alertmanager and grafana \u00b7 2 of 3 still firing \u00b7 priority 95")
+        f"service postgres \u00b7 instance db-1:9100 \u00b7 started <!date^{started}^{{date_short_pretty}} {{time}}"
+        "|3 Mar 14:03 UTC> \u00b7 3 alerts from alertmanager and grafana \u00b7 2 of 3 still firing \u00b7 priority 95")
     assert blocks[2]["text"]["text"] == ("*Latest:* Disk 97% full on /var _(showing the last of 3)_\n"
                                          "only 300 MB left")
     assert blocks[3]["elements"][0]["text"] == (
@@ -76,6 +77,24 @@ def test_hostile_title_and_alert_text_give_valid_escaped_json(renderer):
     for text in (payload["text"], first, detail):
         assert "<" not in text.replace("<http", "") and ">" not in text  # nothing Slack would parse as a link
     assert "&lt;/script&gt;" in payload["text"]
+
+
+def test_the_slack_date_token_survives_escaping_and_text_that_imitates_it_does_not(renderer):
+    """The facts line escapes what alerts wrote (an instance label that looks like a date token stays text) and
+    leaves the card's own time tokens whole; the acknowledging person's name is escaped before its token."""
+    inc = make_incident(labels={"instance": "<!date^1^{time}|x> & <!channel>"}, status="acknowledged",
+                        acknowledged_at=NOW - timedelta(minutes=3), acknowledged_by="alice")
+    ctx = incident_context(inc, ALERTS, now=NOW, tz="Europe/Berlin", acknowledged_name="<b>Al & Co</b>")
+    facts = renderer.render_json("incident", "slack", ctx)["blocks"][1]["elements"][0]["text"]
+    started, acked = (int((NOW - timedelta(minutes=m)).timestamp()) for m in (12, 3))
+    assert facts.startswith("instance &lt;!date^1^{time}|x&gt; &amp; &lt;!channel&gt; \u00b7 started "
+                            f"<!date^{started}^{{date_short_pretty}} {{time}}|3 Mar 15:03 CET> \u00b7 "), facts
+    assert facts.endswith(f" \u00b7 acknowledged by &lt;b&gt;Al &amp; Co&lt;/b&gt;, "
+                          f"<!date^{acked}^{{date_short_pretty}} {{time}}|3 Mar 15:12 CET>"), facts
+    assert facts.count("<") == 2  # the two tokens, nothing else Slack would parse
+    # Telegram, which cannot write a time for each reader, says when in the bot's zone, named
+    html = renderer.render_text("incident", "telegram", ctx)
+    assert "started 3 Mar 15:03 CET" in html and "acknowledged by &lt;b&gt;Al &amp; Co&lt;/b&gt;, 3 Mar 15:12 CET" in html
 
 
 def test_long_alert_text_is_cut_not_refused(renderer):
@@ -129,7 +148,7 @@ def test_generic_incident_text(renderer):
     assert text.splitlines() == [
         "\U0001f534 Firing \u00b7 Critical \u00b7 #42 Disk full on db-1",
         "Waiting for someone to acknowledge.",
-        "service postgres \u00b7 instance db-1:9100 \u00b7 started 12 min ago (14:03 UTC) \u00b7 "
+        "service postgres \u00b7 instance db-1:9100 \u00b7 started 3 Mar 14:03 UTC \u00b7 "
         "3 alerts from alertmanager and grafana \u00b7 2 of 3 still firing \u00b7 priority 95",
         "Latest: Disk 97% full on /var (showing the last of 3)",
         "only 300 MB left",
@@ -214,10 +233,10 @@ def test_html_templates_are_autoescaped_and_text_templates_are_not(tmp_path):
 def test_times_render_from_the_given_now_only(renderer):
     later = NOW + timedelta(hours=3)
     ctx = incident_context(make_incident(), ALERTS, now=later, tz="America/New_York")
-    assert "started 3 h 12 min ago (09:03 EST)" in renderer.render_text("incident", "slack", ctx)
+    assert "started 3 Mar 09:03 EST" in renderer.render_text("incident", "slack", ctx)
     day = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
     ctx = incident_context(make_incident(opened_at=day - timedelta(minutes=30)), [], now=day, tz="America/New_York")
-    assert "started 30 min ago (07:30 EDT)" in renderer.render_text("incident", "generic", ctx)
+    assert "started 10 Mar 07:30 EDT" in renderer.render_text("incident", "generic", ctx)
 
 
 def test_slack_escape_and_friends():
@@ -227,4 +246,7 @@ def test_slack_escape_and_friends():
     assert slack_link(("Graph", "https://x/?a=1&b=2|3")) == "<https://x/?a=1&amp;b=2%7C3|Graph>"
     assert chunks("aaa\nbbb\nccc", 7) == ["aaa\nbbb", "ccc"]
     assert chunks("&amp;&amp;", 7) == ["&amp;", "&amp;"]
+    assert slack_date(1772546580, "3 Mar <14:03>") == "<!date^1772546580^{date_short_pretty} {time}|3 Mar &lt;14:03&gt;>"
+    timed = {"text": "started 3 Mar 14:03 UTC", "at": 1772546580, "when": "3 Mar 14:03 UTC"}
+    assert slack_facts([{"text": "a" * 10}, timed], 40) == "a" * 10 + " \u2026"  # a token is left out whole
     assert len(chunks("x" * 1000, 10, most=3)) == 3

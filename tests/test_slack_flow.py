@@ -133,6 +133,32 @@ async def test_an_alert_posts_one_message_and_a_click_acknowledges_it(slack: Sla
     assert len(s.posts()) == 1  # one parent message, ever
 
 
+def facts_line(params: dict[str, Any]) -> str:
+    """The card's facts, as Slack gets them: the first context block's text."""
+    blocks = params["blocks"] if isinstance(params["blocks"], list) else json.loads(params["blocks"])
+    return next(b["elements"][0]["text"] for b in blocks if b["type"] == "context")
+
+
+async def test_the_card_says_when_in_a_time_slack_keeps_current_for_each_reader(slack: Slack) -> None:
+    """The card said "started just now" until something redrew it, hours later at times. Slack writes the time now
+    (`<!date^...>`), in each reader's own time zone ("today 5:00 AM", the next day "yesterday"); its fallback is the
+    time in app.yaml's zone, named."""
+    s = slack
+    ts = await incident_posted(s)
+    [incident] = await s.h.incidents()
+    opened = int(incident.opened_at.timestamp())
+    facts = facts_line(s.posts()[0])
+    assert f" \u00b7 started <!date^{opened}^{{date_short_pretty}} {{time}}|24 Nov 05:00 CET> \u00b7 " in facts, facts
+    assert "ago" not in facts and "just now" not in facts
+    s.h.clock.advance(timedelta(minutes=7))
+    await s.click("ack:1", ts)
+    await s.fake.wait_for(lambda: s.updates(ts), timeout=5)
+    acked = facts_line(s.updates(ts)[-1])
+    assert acked.endswith(f" \u00b7 acknowledged by Alice, <!date^{opened + 420}^{{date_short_pretty}} {{time}}"
+                          "|24 Nov 05:07 CET>"), acked
+    assert f"started <!date^{opened}^" in acked and "ago" not in acked
+
+
 async def test_resolve_then_reopen_redraws_the_buttons(slack: Slack) -> None:
     s = slack
     ts = await incident_posted(s)

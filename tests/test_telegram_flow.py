@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,22 @@ async def test_a_tap_in_telegram_redraws_slack_too_and_a_click_in_slack_redraws_
     assert "Resolved" in b.tg.messages[(GROUP, message_id)]["text"]
     actions = await b.h.actions(1)
     assert actions.count("incident.acknowledged") == 1 and actions.count("incident.resolved") == 1
+
+
+async def test_the_telegram_card_says_when_in_the_bots_time_zone_not_how_long_ago(both: Both) -> None:
+    """"started just now" stayed on the card until something redrew it. Telegram cannot write a time for each reader:
+    the card says when, in app.yaml's zone, named, with the day (it is read the next day too)."""
+    b = both
+    _, message_id = await posted_on_both(b)
+    card = b.tg.messages[(GROUP, message_id)]["text"]
+    assert " · started 24 Nov 05:00 CET · " in card, card
+    assert "ago" not in card and "just now" not in card
+    b.h.clock.advance(timedelta(minutes=7))
+    await b.tap("ack:1", message_id)
+    await b.tg.wait_for(lambda: "Acknowledged ·" in b.tg.messages[(GROUP, message_id)]["text"], timeout=5)
+    card = b.tg.messages[(GROUP, message_id)]["text"]
+    assert " · acknowledged by Alice, 24 Nov 05:07 CET" in card and "started 24 Nov 05:00 CET" in card, card
+    assert "ago" not in card
 
 
 async def test_an_alert_storm_does_not_hold_back_the_thread_lines_of_a_telegram_group(both: Both) -> None:
