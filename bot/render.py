@@ -74,10 +74,14 @@ def slack_links(links: Any, limit: int = 2900) -> str:
     return " \u00b7 ".join(out)
 
 
+SLACK_WHEN = "{ago} ({date_short_pretty} {time})"  # "12 minutes ago (today 2:03 PM)"
+
+
 def slack_date(at: Any, fallback: Any) -> str:
-    """A moment (Unix seconds) as Slack's date token: Slack writes it in each reader's own time zone and keeps it
-    current ("today 2:03 PM", the next day "yesterday 2:03 PM"); `fallback` (escaped) where it cannot."""
-    return f"<!date^{int(at)}^{{date_short_pretty}} {{time}}|{slack_escape(fallback)}>"
+    """A moment (Unix seconds) as Slack's date token: how long ago, and the day and time in each reader's own time
+    zone, which Slack keeps current as the card ages ("12 minutes ago (today 2:03 PM)", the next day "a day ago
+    (yesterday 2:03 PM)"); `fallback` (escaped) where it cannot."""
+    return f"<!date^{int(at)}^{SLACK_WHEN}|{slack_escape(fallback)}>"
 
 
 def slack_facts(facts: Any, limit: int = 2900) -> str:

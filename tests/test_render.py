@@ -48,7 +48,7 @@ def test_slack_incident_facts_latest_and_links(renderer):
     assert [b["type"] for b in blocks] == ["section", "context", "section", "context"]
     started = int((NOW - timedelta(minutes=12)).timestamp())  # Slack writes it in the reader's zone, kept current
     assert blocks[1]["elements"][0]["text"] == (
-        f"service postgres \u00b7 instance db-1:9100 \u00b7 started <!date^{started}^{{date_short_pretty}} {{time}}"
+        f"service postgres \u00b7 instance db-1:9100 \u00b7 started <!date^{started}^{{ago}} ({{date_short_pretty}} {{time}})"
         "|3 Mar 14:03 UTC> \u00b7 3 alerts from alertmanager and grafana \u00b7 2 of 3 still firing \u00b7 priority 95")
     assert blocks[2]["text"]["text"] == ("*Latest:* Disk 97% full on /var _(showing the last of 3)_\n"
                                          "only 300 MB left")
@@ -88,9 +88,9 @@ def test_the_slack_date_token_survives_escaping_and_text_that_imitates_it_does_n
     facts = renderer.render_json("incident", "slack", ctx)["blocks"][1]["elements"][0]["text"]
     started, acked = (int((NOW - timedelta(minutes=m)).timestamp()) for m in (12, 3))
     assert facts.startswith("instance &lt;!date^1^{time}|x&gt; &amp; &lt;!channel&gt; \u00b7 started "
-                            f"<!date^{started}^{{date_short_pretty}} {{time}}|3 Mar 15:03 CET> \u00b7 "), facts
+                            f"<!date^{started}^{{ago}} ({{date_short_pretty}} {{time}})|3 Mar 15:03 CET> \u00b7 "), facts
     assert facts.endswith(f" \u00b7 acknowledged by &lt;b&gt;Al &amp; Co&lt;/b&gt;, "
-                          f"<!date^{acked}^{{date_short_pretty}} {{time}}|3 Mar 15:12 CET>"), facts
+                          f"<!date^{acked}^{{ago}} ({{date_short_pretty}} {{time}})|3 Mar 15:12 CET>"), facts
     assert facts.count("<") == 2  # the two tokens, nothing else Slack would parse
     # Telegram, which cannot write a time for each reader, says when in the bot's zone, named
     html = renderer.render_text("incident", "telegram", ctx)
@@ -246,7 +246,7 @@ def test_slack_escape_and_friends():
     assert slack_link(("Graph", "https://x/?a=1&b=2|3")) == "<https://x/?a=1&amp;b=2%7C3|Graph>"
     assert chunks("aaa\nbbb\nccc", 7) == ["aaa\nbbb", "ccc"]
     assert chunks("&amp;&amp;", 7) == ["&amp;", "&amp;"]
-    assert slack_date(1772546580, "3 Mar <14:03>") == "<!date^1772546580^{date_short_pretty} {time}|3 Mar &lt;14:03&gt;>"
+    assert slack_date(1772546580, "3 Mar <14:03>") == "<!date^1772546580^{ago} ({date_short_pretty} {time})|3 Mar &lt;14:03&gt;>"
     timed = {"text": "started 3 Mar 14:03 UTC", "at": 1772546580, "when": "3 Mar 14:03 UTC"}
     assert slack_facts([{"text": "a" * 10}, timed], 40) == "a" * 10 + " \u2026"  # a token is left out whole
     assert len(chunks("x" * 1000, 10, most=3)) == 3
