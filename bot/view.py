@@ -105,12 +105,14 @@ def buttons_for(incident: Any, escalation_mark: str = "") -> list[Button]:
         confirm = (f"Resolve #{iid} while {firing} alert{'s are' if firing != 1 else ' is'} still firing? "
                    "If they keep firing, a new incident opens.")
     resolve = Button(Action.RESOLVE.value, iid, label="Resolve", style="danger", confirm=confirm)
-    escalate = Button(Action.ESCALATE.value, iid, arg=escalation_mark, label="Escalate")
+    # Silenced (a maintenance window muted it): no Escalate, which would page nobody and was always refused; it is
+    # back once an alert no silence covers arrives. Acknowledge and Resolve still say who is on it and end it.
+    escalate = [] if incident.silenced else [Button(Action.ESCALATE.value, iid, arg=escalation_mark, label="Escalate")]
     # Run runbook and Approve/Reject buttons join these lists when runbooks land.
     if incident.status == ACKNOWLEDGED:
-        return [escalate, resolve]
+        return [*escalate, resolve]
     if incident.status == TRIGGERED:
-        return [Button(Action.ACKNOWLEDGE.value, iid, label="Acknowledge", style="primary"), escalate, resolve]
+        return [Button(Action.ACKNOWLEDGE.value, iid, label="Acknowledge", style="primary"), *escalate, resolve]
     return []
 
 

@@ -866,6 +866,28 @@ async def test_a_muted_incident_starts_its_escalation_when_an_unsilenced_alert_a
         assert [e.details["step"] for e in await w.audit("escalation.step")] == [1]
 
 
+async def test_a_silenced_incident_offers_no_escalate_until_an_alert_is_not_silenced(tmp_path: Path) -> None:
+    """Escalate on a silenced incident pages nobody and was always refused, yet `/incident show` offered it. Now it
+    offers Acknowledge and Resolve; once an alert no silence covers arrives, the card is posted with Escalate."""
+    silenced = BASE + "silences:\n  - {id: pod-b, matchers: {pod: b}, starts: 2026-01-01T00:00:00Z}\n"
+    async with world(tmp_path, NIGHT, base=silenced) as w:
+        disk = {"asset_name": "db-01", "signature": "DiskFull", "severity": "critical", "message": "disk"}
+        await w.h.post("open", {**disk, "tool_source": "x", "labels": {"team": "db", "pod": "b"}})
+
+        def card() -> list[str]:
+            drawn = [c.params for c in w.slack.fake.called("chat.postMessage")
+                     if c.params.get("channel") == "C0OPS" and not c.params.get("thread_ts")]
+            drawn += [c.params for c in w.slack.fake.called("chat.update")]
+            return [v.split(":")[0] for v in button_values(drawn[-1])] if drawn else []
+
+        shown = await w.slack.answer(await w.slack.command("/incident", "show 1", user="U02BOB"))
+        assert [v.split(":")[0] for v in button_values(shown)] == ["ack", "res"]
+        assert card() == []  # (muted: not posted to the channel)
+        await w.h.post("open", {**disk, "tool_source": "y", "labels": {"team": "db", "pod": "a"}})
+        await w.tick()
+        await until(lambda: card() == ["ack", "esc", "res"], "Escalate back on the card")
+
+
 async def test_a_fault_while_paging_leaves_the_page_to_be_retried_not_stuck(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A page is claimed (sending) before the platform call: a fault that is no platform's answer puts it back to

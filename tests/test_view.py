@@ -191,7 +191,10 @@ def test_buttons_match_the_state():
     assert shown(make_incident(status="acknowledged")) == [("Escalate", "esc", "default", False),
                                                            ("Resolve", "res", "danger", True)]
     assert shown(make_incident(status="resolved")) == [("Reopen", "reo", "default", False)]
-    assert shown(make_incident(silenced=True))[0][0] == "Acknowledge"
+    # silenced: Escalate would page nobody (and was always refused), so it is not offered
+    assert shown(make_incident(silenced=True)) == [("Acknowledge", "ack", "primary", False),
+                                                   ("Resolve", "res", "danger", True)]
+    assert shown(make_incident(silenced=True, status="acknowledged")) == [("Resolve", "res", "danger", True)]
 
 
 def test_resolve_asks_first_and_says_what_is_still_firing():
