@@ -561,13 +561,21 @@ class OutboxWorker:
         buttons = [button_from(spec) for spec in row.details.get("buttons") or []]
         order = row.details.get("platforms") or page_order(person)
         message = Outbound("text", {"text": text}, buttons, text=text)
-        attempt = await send_page(self.adapters, person, message, order, allow=self._budget, once=False)
+        attempt = await send_page(self.adapters, person, message, order, allow=self._budget)
         if attempt.waiting:
             await self._wait(row, attempt, self.clock.now())
             return 1 if attempt.retry_after else 0
         if attempt.platform is not None:
             self.metrics.chat_calls.labels(attempt.platform, "direct", "ok").inc()
             await self._finish([row], "sent")
+            return 1
+        if attempt.unknown:
+            # It may have arrived: as a page, it is sent neither again nor on the next platform (the person would
+            # read it twice), and whoever waits on it is not told it never arrived (`if_undeliverable`).
+            problem = attempt.problem(person, self.adapters, what="message")
+            log.warning("outbox: the %s message to %s is unconfirmed: %s", row.event, person.id, problem)
+            async with self.db.transaction() as session:
+                await self._mark(session, [row], "dead", (UNCONFIRMED + problem)[:500])
             return 1
         problem = attempt.problem(person, self.adapters)
         await self._failed([row], problem, None, permanent=not attempt.transient, platform_trouble=attempt.transient)

@@ -70,22 +70,24 @@ class Attempt:
         return (self.platform or self.unknown or "none",
                 "ok" if self.platform else "unknown" if self.unknown else "failed")
 
-    def problem(self, person: Person, adapters: Mapping[str, Adapter]) -> str:
+    def problem(self, person: Person, adapters: Mapping[str, Adapter], *, what: str = "page") -> str:
+        """What went wrong, in words; `what` the attempt sent (a page, a message)."""
         if self.unknown:
-            return (f"{self.unknown.capitalize()} took it but never confirmed it, so the page may have arrived; it "
-                    f"is not sent again, so as not to page twice ({self.tried[-1].removeprefix(f'{self.unknown}: ')})")
+            twice = "page twice" if what == "page" else f"send the {what} twice"
+            return (f"{self.unknown.capitalize()} took it but never confirmed it, so the {what} may have arrived; it "
+                    f"is not sent again, so as not to {twice} ({self.tried[-1].removeprefix(f'{self.unknown}: ')})")
         return "; ".join(self.tried) or (f"{person.name} has no id in app.yaml for a platform that is on "
                                          f"(on: {', '.join(sorted(adapters)) or 'none'})")
 
 
 async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Outbound, order: Sequence[str],
-                    allow: Callable[[str, str], bool] | None = None, *, once: bool = True) -> Attempt:
+                    allow: Callable[[str, str], bool] | None = None) -> Attempt:
     """Try the platforms in `order` that are on and know the person; the first that takes it wins.
 
     With `allow(platform, user_id)` (a rate budget), a platform whose budget is spent, or that answers
-    "too many requests", is waited for rather than skipped: the person chose that order. `once` (pages): a
-    platform that took the message and never answered ends the attempt (`unknown`), since it may have arrived;
-    without it (a direct message, which may come twice rather than not at all) that is a failure worth a retry.
+    "too many requests", is waited for rather than skipped: the person chose that order. A platform that took
+    the message and never answered ends the attempt (`unknown`), a page's and a direct message's alike: it may
+    have arrived, and sending it again, there or on the next platform, would make the person read it twice.
     """
     tried: list[str] = []
     transient = False
@@ -111,7 +113,7 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
             said = str(exc) if str(exc).startswith((f"{platform} ", f"{platform}:")) else f"{platform}: {exc}"
             if allow is not None and exc.retry_after:
                 return Attempt(None, tried, True, waiting=True, retry_after=exc.retry_after)
-            if exc.unknown and once:  # it may have arrived: neither again nor elsewhere, or the person is paged twice
+            if exc.unknown:  # it may have arrived: neither again nor elsewhere, or the person gets it twice
                 return Attempt(None, [*tried, said], False, unknown=platform)
             tried.append(said)
             transient = transient or not exc.permanent

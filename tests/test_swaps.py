@@ -28,6 +28,7 @@ from storage import timers as timer_store
 from storage.models import AuditEvent, OutboxItem, Override, SwapRequest, Timer
 from tests.botkit import T0, Harness, bot_on, running_bot
 from tests.fake_slack import FakeSlack
+from tests.fake_telegram import FakeTelegram
 from tests.test_slack_flow import CLICK, Slack, button_values, slack_config, text_of
 
 PEOPLE = """
@@ -682,3 +683,33 @@ async def test_a_swap_another_builds_on_is_not_undone_alone(tmp_path: Path) -> N
 @pytest.mark.parametrize("when", ["9999-12-31", "9999-12-31T10:00", "0001-01-01T00:00+01:00"])
 async def test_a_date_far_away_is_refused_not_a_crash(on_sqlite: Slack, when: str) -> None:
     assert await say(on_sqlite, f"bob dba-primary {when}") == f"'{when}' is too far away (years 1970 to 9000)"
+
+
+async def test_a_direct_message_slack_took_without_answering_is_not_sent_again_elsewhere(tmp_path: Path) -> None:
+    """The connection to Slack was reset after Slack took Alice's swap question: it may have arrived, so it is
+    neither posted again nor sent on her next platform (Telegram), where she would read it twice. The requester
+    is not told it never arrived either, since it may have."""
+    async with FakeSlack() as fake, FakeTelegram() as tg:
+        extra = (slack_config(fake) + f"  telegram: {{bot_token: '{tg.token}', webhook_secret: tg-swap-secret, "
+                                      f"api_url: '{tg.api_url}'}}\n" + ROTATIONS)
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, people=PEOPLE) as h:
+            s = Slack(h, fake)
+            fake.lose_answer("chat.postMessage", reset=True, when=lambda params: params.get("channel") == "D01ALICE")
+            assert (await say(s, "alice dba-primary next", user=BOB)).startswith("Asked Alice")
+
+            async def settled() -> bool:
+                async with h.bot.db.sessions() as session:
+                    rows = (await session.execute(select(OutboxItem).where(OutboxItem.kind == "direct"))).scalars().all()
+                return all(r.status not in ("pending", "sending") for r in rows) and len(rows) == 2
+
+            await until(settled)
+            h.clock.advance(timedelta(minutes=10))  # past any retry the row could have had
+            h.bot.outbox.nudge()
+            await asyncio.sleep(1.0)
+            assert len(s.posts("D01ALICE")) == 1  # Slack took it once (its answer was lost)
+            assert [c.params["text"] for c in tg.called("sendMessage")] == []  # and Telegram never had it
+            async with h.bot.db.sessions() as session:
+                [row] = (await session.execute(select(OutboxItem).where(OutboxItem.channel == "@alice"))).scalars().all()
+            assert row.status == "dead" and row.last_error.startswith("outcome unknown: Slack took it but never "
+                                                                      "confirmed it, so the message may have arrived")
+            assert [event for event, _, _ in await directs(h, "bob")] == ["swap.asked"]  # no "could not deliver"
