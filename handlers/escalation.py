@@ -296,7 +296,7 @@ class Escalations:
         # Escalated by hand while acknowledged: the steps after this one do not run (an acknowledged incident's
         # timer stops the escalation), so nothing is promised about them.
         after = "" if incident.status == ACKNOWLEDGED else await self.next_words(session, esc.snapshot, n + 1, total,
-                                                                                  due, wait)
+                                                                                  due, wait, incident.severity)
         for person in targets.people:
             session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=f"@{person.id}",
                                    kind="page", event="escalation.page",
@@ -344,13 +344,26 @@ class Escalations:
         return Targets(people, notify.get("channel"), rotation, missing)
 
     async def next_words(self, session: AsyncSession, snap: dict[str, Any], n: int, total: int, due: datetime,
-                         wait: timedelta) -> str:
-        """"Carol in 10 min if nobody acknowledges." for the step after this one."""
+                         wait: timedelta, severity: str) -> str:
+        """"Carol in 10 min if nobody acknowledges." for the step after this one, due after `wait`. A step that falls
+        due after hours for an incident that pages nobody then waits for the business morning (see fire), so the
+        words name that morning instead, and whoever is to be notified then: a promise of "in 5 min" at 17:59 was
+        taken back at 18:04."""
         if n >= total:
             return ""
-        targets = await self.targets(session, step_at(snap, n)["notify"], due)
+        notify = step_at(snap, n)["notify"]
+        targets = await self.targets(session, notify, due)
+        hours, tz = self.config.business_hours, self.config.timezone
+        morning = None
+        if ((targets.people or targets.channel) and not in_business_hours(hours, tz, due)
+                and not pages_after_hours(severity, self.config.paging.after_hours_min_severity)):
+            morning = next_business_start(hours, tz, due)
+            targets = await self.targets(session, notify, morning)  # a rotation may have handed over by then
         names = [p.name for p in targets.people] + (["the channel"] if targets.channel else [])
         who = " and ".join(names) or "the next step"
+        if morning is not None:
+            return (f"{who} at {_local(morning, hours.timezone or tz)} if nobody acknowledges ({severity} incidents "
+                    "page nobody after hours).")
         return f"{who} in {span(wait)} if nobody acknowledges."
 
     @staticmethod

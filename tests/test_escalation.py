@@ -1038,3 +1038,41 @@ async def test_a_burst_of_pages_to_one_person_is_paced_not_lost(tmp_path: Path) 
             await asyncio.sleep(0.05)
         assert paged == [1, 2, 3, 4, 5, 6]
         assert not await w.audit("incident.page_failed")
+
+
+async def test_a_page_a_minute_before_closing_promises_the_next_step_for_the_morning_not_in_5_min(
+        tmp_path: Path) -> None:
+    """Tuesday 17:59 in Berlin: a medium incident pages Bob (business hours). Its next step falls after 18:00, when
+    medium incidents page nobody, so Carol is paged at nine the next morning: the thread, the card and Bob's page
+    say so, rather than promise her in 5 minutes and take it back at 18:04."""
+    async with world(tmp_path, datetime(2026, 11, 24, 16, 59, tzinfo=UTC)) as w:
+        await w.alert("medium")
+        await until(lambda: any("Paged Bob on Slack" in t for t in thread_texts(w.slack)), "the thread line")
+        promise = "Carol at Wed 09:00 CET if nobody acknowledges (medium incidents page nobody after hours)."
+        assert f"<@U02BOB> Paged Bob on Slack. {promise}" in thread_texts(w.slack)
+        [dm] = w.slack_dms("U02BOB")
+        assert promise in json.dumps(dm["blocks"] if isinstance(dm["blocks"], list) else json.loads(dm["blocks"]))
+        assert (await w.escalation()).note == f"Paged Bob on Slack. {promise}"
+        await until(lambda: any(promise in json.dumps(c.params.get("blocks")) for c in w.slack.fake.called("chat.update")
+                                if c.params.get("channel") == "C0OPS"), "the channel's card says what comes next")
+
+        await w.tick(timedelta(minutes=5))  # 18:04: the step finds it after hours, and waits as promised
+        await until(lambda: any("waits until" in t for t in thread_texts(w.slack)), "the step waits")
+        assert "After hours and medium: step 2 waits until Wed 09:00 CET." in thread_texts(w.slack)
+        await w.tick(timedelta(hours=14, minutes=56))  # Wednesday 09:00
+        await until(lambda: w.slack_dms("U03CAROL"), "Carol is paged at nine")
+
+
+async def test_the_promise_for_the_morning_after_a_change_of_clocks_names_the_mornings_own_time(
+        tmp_path: Path) -> None:
+    """Friday 23 October 2026, 17:45 CEST: Bob is paged; Carol's step 30 minutes on falls after hours, and the next
+    business morning is Monday 26 October, after the clocks went back on Sunday: 09:00 CET, 08:00 UTC."""
+    async with world(tmp_path, datetime(2026, 10, 23, 15, 45, tzinfo=UTC)) as w:
+        await w.alert("medium", team="solo")
+        await until(lambda: any("Paged Bob on Slack" in t for t in thread_texts(w.slack)), "the thread line")
+        assert ("<@U02BOB> Paged Bob on Slack. Carol at Mon 09:00 CET if nobody acknowledges (medium incidents page "
+                "nobody after hours).") in thread_texts(w.slack)
+        await w.tick(timedelta(minutes=30))
+        await until(lambda: any("waits until" in t for t in thread_texts(w.slack)), "the step waits")
+        [deferred] = await w.audit("escalation.deferred")
+        assert deferred.details["until"] == "2026-10-26T08:00:00+00:00"  # the morning promised, 09:00 CET
