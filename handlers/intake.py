@@ -207,6 +207,10 @@ class _Batch:
     incidents_by_key: dict[str, _Row]
     latest_by_identity: dict[tuple[str, str], tuple[_Row, _Row]]
     previous_by_key: dict[str, int] | None
+    # (source, fingerprint) -> its other records still firing, with their incidents: one a person resolved while the
+    # alert fired (the alert's next notification opened another), reopened since or not. The alert's end ends
+    # them too (_end_elsewhere).
+    elsewhere: dict[tuple[str, str], list[tuple[_Row, _Row]]] = field(default_factory=dict)
     loaded: list[_Row] = field(default_factory=list)
     loaded_records: list[_Row] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
@@ -751,11 +755,25 @@ class Intake:
         for row in rows.select_in(_INCIDENTS, "id", sorted({r.incident_id for r in records} - by_id.keys()),
                                   columns=_INCIDENT_COLUMNS, json_text=True, lock=True):
             by_id[row["id"]] = _Row(row, json_columns=_INCIDENT_JSON)
-        latest = {(r.source, r.fingerprint): (r, by_id[r.incident_id]) for r in records}  # ordered by id: the newest wins
+        # An alert's current record, the one its notifications reach: the newest in an open incident, else the newest
+        # (records come ordered by id). Two incidents hold one alert when a person resolved the first while it fired
+        # (its next notification opened the second) and reopened it later: once the second is resolved, the alert
+        # fires in the reopened one (taken for new, it was grouped into it a second time, against the alerts' unique
+        # key, and the whole notification failed). Its other records still firing end with it (_end_elsewhere).
+        latest: dict[tuple[str, str], tuple[_Row, _Row]] = {}
+        elsewhere: dict[tuple[str, str], list[tuple[_Row, _Row]]] = {}
+        for r in records:
+            identity, incident = (r.source, r.fingerprint), by_id[r.incident_id]
+            known = latest.get(identity)
+            other: tuple[_Row, _Row] | None = (r, incident)
+            if known is None or incident.status != RESOLVED or known[1].status == RESOLVED:
+                latest[identity], other = (r, incident), known
+            if other is not None and other[0].status == "firing":
+                elsewhere.setdefault(identity, []).append(other)
         for _, incident in latest.values():
             if incident.status != RESOLVED:
                 incidents_by_key.setdefault(incident.group_key, incident)
-        return _Batch(now, incidents_by_key, latest, None, loaded=list(by_id.values()),
+        return _Batch(now, incidents_by_key, latest, None, elsewhere=elsewhere, loaded=list(by_id.values()),
                       loaded_records=records, keys=keys, rows=rows)
 
     def _apply_alert(self, source: Source, alert: Alert, st: _Batch) -> tuple[str, _Row | None, str]:
@@ -765,7 +783,10 @@ class Intake:
                    "labels": alert.labels, "summary": alert.summary}
         known = st.latest_by_identity.get((alert.source, alert.fingerprint))
         if alert.status == "resolved":
+            ended = self._end_elsewhere(source, alert, known, details, st) if st.elsewhere else None
             if known is None or known[0].status == "resolved":
+                if ended is not None:  # over where it was heard last already; still counted firing in another
+                    return alert.fingerprint, ended, "alert_resolved"
                 st.entries.append(Entry("alert.resolved", actor, "alert", alert.fingerprint, now,
                                         {**details, "note": "no open incident has this alert firing"}))
                 return alert.fingerprint, (known[1] if known else None), "none"
@@ -841,6 +862,8 @@ class Intake:
                 received_count=1,
             ), new=True)
             st.new_records.append((record, incident))
+            if known is not None and known[0].status == "firing":  # in an incident a person resolved: it ends with this
+                st.elsewhere.setdefault((alert.source, alert.fingerprint), []).append(known)
             st.latest_by_identity[(alert.source, alert.fingerprint)] = (record, incident)
             incident.alert_count += 1
             incident.firing_count += 1
@@ -890,6 +913,32 @@ class Intake:
                                     _id(incident)))
         return alert.fingerprint, incident, change
 
+    def _end_elsewhere(self, source: Source, alert: Alert, known: tuple[_Row, _Row] | None, details: dict[str, Any],
+                       st: _Batch) -> _Row | None:
+        """`alert` is over: so it is in every other incident still counting it firing. A person resolved one while
+        it fired, its next notification opened another (where the source's word goes since), and the first was
+        reopened: without this, the first waited for good for a "resolved" only the other heard. An open one whose
+        alerts have all ended is resolved by the source, as any is (st.quiet). The first incident it ended in."""
+        others = st.elsewhere.pop((alert.source, alert.fingerprint), None)
+        if not others or known is None:
+            return None
+        now, actor = st.now, self._actor(source)
+        note = {**details, "current_incident": _id(known[1]),
+                "note": "ended in current_incident, where it fired last; still counted firing here"}
+        for record, incident in others:
+            record.status, record.ends_at, record.last_received = "resolved", alert.ends_at or now, now
+            record.received_count += 1
+            incident.firing_count = max(0, incident.firing_count - 1)
+            if incident.status != RESOLVED:
+                incident.last_seen = now
+                t = st.touch(incident)
+                t.resolved_alerts += 1
+                t.resolved_by = source.id
+                if incident.firing_count == 0:
+                    st.quiet[id(incident)] = incident
+            st.entries.append(Entry("alert.resolved", actor, "alert", alert.fingerprint, now, note, _id(incident)))
+        return others[0][1]
+
     def _actor(self, source: Source) -> Actor:
         """Who the audit says acted for `source` (immutable: one per source)."""
         actor = self._actors.get(source.id)
@@ -927,8 +976,11 @@ class Intake:
             if not incident.firing_count:  # nothing in the notification fires for it
                 self._resolve_by_source(incident, source, st)
         for incident in st.resolved_here:
-            last = max(i for i, (_, inc, change) in enumerate(results) if inc is incident and change == "alert_resolved")
-            results[last] = (results[last][0], incident, "resolved")
+            # (one that counted an alert of the notification only as an older record of it has no answer of its own)
+            last = max((i for i, (_, inc, change) in enumerate(results)
+                        if inc is incident and change == "alert_resolved"), default=None)
+            if last is not None:
+                results[last] = (results[last][0], incident, "resolved")
         st.quiet.clear()
         st.resolved_here.clear()
 
@@ -1070,6 +1122,9 @@ def _assign_incident_ids(st: _Batch) -> None:
         if e.details and isinstance(e.details.get("previous_id"), _Row):  # incident.opened after one this batch opened
             e = Entry(e.action, e.actor, e.subject_type, e.subject_id, e.at,
                       {**e.details, "previous_id": e.details["previous_id"].id}, e.incident_id)
+        elif e.details and isinstance(e.details.get("current_incident"), _Row):  # _end_elsewhere, for one just opened
+            e = Entry(e.action, e.actor, e.subject_type, e.subject_id, e.at,
+                      {**e.details, "current_incident": e.details["current_incident"].id}, e.incident_id)
         if isinstance(e.incident_id, _Row):
             inc = e.incident_id
             e = Entry(e.action, e.actor, e.subject_type, str(inc.id) if e.subject_type == "incident" else e.subject_id,
