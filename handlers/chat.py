@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bot.actions import MAX_ID, Action
@@ -16,7 +16,7 @@ from bot.tables import ago, table
 from bot.view import incident_card
 from handlers.escalation import Escalations, drawn_with
 from handlers.incident_actions import perform
-from handlers.paging import page
+from handlers.paging import page, page_order
 from storage.audit import AuditLog
 from storage.db import Database
 from storage.models import Escalation
@@ -78,8 +78,12 @@ class ChatHandlers:
             return Reply(f"Hello! Your {platform.capitalize()} id is {user}. It is not linked to anyone yet: add "
                          f"`{platform}: {user}` to your entry under `people:` in app.yaml and restart the bot.")
         roles = ", ".join(person.roles) or "none"
-        return Reply(f"Hello {person.name}! Your {platform.capitalize()} id {user} is linked to `{person.id}` "
-                     f"(roles: {roles}). Pages and incident buttons will reach you here.")
+        text = (f"Hello {person.name}! Your {platform.capitalize()} id {user} is linked to `{person.id}` "
+                f"(roles: {roles}). {_where_pages_go(person)}")
+        if platform == "telegram" and not event.direct:  # (said "pages will reach you here": in the group they never do)
+            text += (" Telegram lets a bot write to you only in a private chat you started: open one with me and "
+                     "send /start there, or no page reaches you on Telegram.")
+        return Reply(text)
 
     async def ack(self, event: CommandEvent, person: Person) -> Reply:
         incident_id = _incident_id(event.args)
@@ -169,6 +173,26 @@ class ChatHandlers:
         card = incident_card(incident, alerts, now=self.clock.now(), tz=self.config.timezone,
                              names={p.id: p.name for p in self.config.people}, next_step=note, escalation_mark=mark)
         return Reply(f"#{incident.id} {incident.title} ({incident.status})", message=card)
+
+
+def _where_pages_go(person: Person) -> str:
+    """Where this person's pages go, in the order they are tried (handlers.paging.page_order), on the platforms
+    app.yaml has an id of theirs for."""
+    ids = {"slack": person.slack, "telegram": person.telegram, "teams": person.teams}
+
+    def said(order: Sequence[str]) -> str:
+        return ", then ".join(p.capitalize() for p in order if ids.get(p))
+
+    if person.page_via:
+        order = said(person.page_via)
+        return (f"Pages reach you on {order} (your page_via)." if order else
+                "No page can reach you: app.yaml has no id of yours for the platforms of your page_via.")
+    business, after = said(page_order(person, business_hours=True)), said(page_order(person, business_hours=False))
+    if not after:
+        return "No page can reach you yet: add your Slack or Telegram id to your entry under `people:` in app.yaml."
+    if business == after:
+        return f"Pages reach you on {after}."
+    return f"Pages reach you on {business} in business hours, and on {after} after them."
 
 
 def _incident_id(args: list[str] | tuple[str, ...] | object) -> int | None:

@@ -130,10 +130,11 @@ def _past(action: str) -> str:
 
 
 def _queue(session: AsyncSession, incident: Incident, now: datetime, event: str, details: dict[str, Any]) -> None:
-    """Redraw the incident's message and add a thread line, in every channel it is routed to."""
+    """Redraw the incident's message and add a thread line, in every channel it is routed to (none while silenced:
+    it was never posted there), and redraw its pages (a silenced one's too: `/incident page` reaches people then)."""
+    assert incident.id is not None
+    session.add(OutboxItem(**page_redraw_row(incident.id, now)))
     if incident.silenced:
         return
     queue_redraw(session, incident, now)
     queue_thread_line(session, incident, now, event, details)
-    assert incident.id is not None
-    session.add(OutboxItem(**page_redraw_row(incident.id, now)))

@@ -1053,6 +1053,8 @@ class Intake:
         rows: list[dict[str, Any]] = []
         for t in st.touched.values():
             incident = t.incident
+            if t.resolved and incident.id is not None:  # its pages say Resolved now, not Firing (a silenced one's
+                rows.append(page_redraw_row(incident.id, st.now))  # too: `/incident page` reaches people then)
             if incident.silenced:
                 continue
             for channel in incident.channels:
@@ -1072,8 +1074,6 @@ class Intake:
                     add("reply", "incident.resolved", {"by": "source", "source": t.resolved_by})
                 elif t.resolved_alerts:
                     add("reply", "alerts.resolved", {"count": t.resolved_alerts, "source": t.resolved_by})
-            if t.resolved and incident.id is not None:  # its pages say Resolved now, not Firing
-                rows.append(page_redraw_row(incident.id, st.now))
         return rows
 
 

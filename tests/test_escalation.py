@@ -443,6 +443,34 @@ async def test_a_page_sent_by_hand_is_redrawn_as_the_incident_changes(tmp_path: 
         assert len(w.pages(CAROL_TG)) == 1  # redrawn, not sent again
 
 
+
+async def test_a_hand_page_about_a_silenced_incident_is_redrawn_as_the_incident_changes(tmp_path: Path) -> None:
+    """While a maintenance window mutes an incident, `/incident page` is how to reach someone (as Escalate says). Their
+    page was never redrawn: resolved from the page itself, or by its source, it still said Silenced and offered
+    Acknowledge. Now it is redrawn as any page is."""
+    silenced = BASE + "silences:\n  - {id: pod-b, matchers: {pod: b}, starts: 2026-01-01T00:00:00Z}\n"
+    async with world(tmp_path, NIGHT, base=silenced) as w:
+        disk = {"asset_name": "db-01", "signature": "DiskFull", "severity": "critical", "message": "disk",
+                "tool_source": "x", "labels": {"team": "db", "pod": "b"}}
+        await w.h.post("open", disk)
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
+        assert paged["text"] == "Paged Carol on Telegram."
+
+        def carols_page() -> dict[str, Any]:
+            edits = [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]
+            return edits[-1] if edits else {}
+
+        def keys() -> list[str]:
+            return [k["callback_data"] for row in carols_page()["reply_markup"]["inline_keyboard"] for k in row]
+
+        acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+        assert acked["text"] == "Acknowledged #1."
+        await until(lambda: "acknowledged by Alice" in carols_page().get("text", ""), "Carol's page redrawn")
+        assert "ack:1" not in keys()
+        await w.h.post("open", {**disk, "status": "resolved"})  # the source ends it
+        await until(lambda: carols_page() and keys() == ["reo:1"], "Carol's page says it is resolved")
+        assert len(w.pages(CAROL_TG)) == 1  # redrawn, not sent again
+
 async def test_pages_sent_by_hand_are_counted_in_metrics_as_an_escalations_are(tmp_path: Path) -> None:
     async with world(tmp_path, NIGHT) as w:
         await w.alert("critical", team="quiet")  # no escalation policy: every page here is sent by hand

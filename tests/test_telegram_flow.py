@@ -57,13 +57,15 @@ class Both:
                                                  "Content-Type": "application/json"})
         assert resp.status == 200
 
-    async def type(self, text: str, *, user: int = 111111) -> str:
-        """Someone types `text` in their private chat with the bot; the bot's answer to it."""
+    async def type(self, text: str, *, user: int = 111111, chat: int | None = None) -> str:
+        """Someone types `text` in their private chat with the bot (or in the group `chat`); the bot's answer."""
         self.updates += 1
         update = json.loads(json.dumps(COMMAND))
         update["update_id"] = 5000 + self.updates
         message = update["message"]
         message["from"]["id"] = message["chat"]["id"] = user
+        if chat is not None:
+            message["chat"] = {"id": chat, "type": "supergroup", "title": "Ops"}
         message["text"], message["message_id"] = text, 700 + self.updates
         message["entities"] = [{"offset": 0, "length": len(text.split()[0]), "type": "bot_command"}]
         resp = await self.h.client.post("/telegram/webhook", data=json.dumps(update),
@@ -74,7 +76,7 @@ class Both:
         def answer() -> str | None:
             for call in self.tg.called("sendMessage"):
                 reply = call.params.get("reply_parameters") or {}
-                if call.params["chat_id"] == user and reply.get("message_id") == message["message_id"]:
+                if call.params["chat_id"] == (chat or user) and reply.get("message_id") == message["message_id"]:
                     return str(call.params["text"])
             return None
         await self.tg.wait_for(answer, timeout=5)
@@ -189,6 +191,22 @@ async def test_a_title_holding_backticks_stays_inside_the_list_table_on_telegram
     listing = await b.type("/incident list")
     assert listing.count("<pre>") == 1 and listing.count("</pre>") == 1 and listing.endswith("</pre>"), listing
     assert "Disk \u02cb\u02cb\u02cbfull\u02cb\u02cb\u02cb &lt;b&gt;@\u2060db&lt;/b&gt;" in listing
+
+
+async def test_start_says_where_pages_go_and_in_a_group_that_they_need_a_private_chat(both: Both) -> None:
+    """/start said "Pages and incident buttons will reach you here", in the group too, where no page ever goes (and
+    Telegram refuses a bot's message to someone who never started a private chat with it); and to someone paged
+    only on Slack. Now it says where pages go, and in the group what to do for them to reach Telegram."""
+    private = await both.type("/start")
+    assert private == ("Hello Alice! Your Telegram id 111111 is linked to <code>alice</code> (roles: responder). "
+                       "Pages reach you on Slack, then Telegram in business hours, and on Telegram, then Slack after "
+                       "them.")
+    group = await both.type("/start", chat=GROUP)
+    assert group.startswith(private + " Telegram lets a bot write to you only in a private chat you started: open "
+                                      "one with me and send /start there, or no page reaches you on Telegram."), group
+    carol = await both.type("/start", user=333333)  # no Slack id: Telegram at any hour
+    assert carol.endswith("(roles: none). Pages reach you on Telegram."), carol
+    assert "here" not in private + carol
 
 
 async def test_a_stranger_tapping_in_telegram_is_told_what_to_add(both: Both) -> None:
