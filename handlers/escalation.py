@@ -39,15 +39,12 @@ from handlers.timers import TimerService
 from storage import timers as timer_store
 from storage.audit import AuditLog, Entry
 from storage.models import AuditEvent, Escalation, Incident, OutboxItem, Timer
-from storage.queries import active_overrides
+from storage.queries import UNCONFIRMED, active_overrides
 
 log = logging.getLogger("chatops.escalation")
 STEP = "escalation.step"
 ESCALATIONS = Escalation.__table__
 SYSTEM = Actor("system", "escalation", "Escalation")
-# How an unconfirmed page's outbox row begins its last_error (it is settled "dead", as it will not be sent again,
-# but it may have arrived: for move_on it reached its person).
-UNCONFIRMED = "outcome unknown: "
 
 
 @dataclass(frozen=True)

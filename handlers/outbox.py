@@ -44,13 +44,13 @@ from bot.ratelimit import TokenBucket
 from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.view import incident_card, thread_line
 from bot.escalation import escalation_mark
-from handlers.escalation import SYSTEM, UNCONFIRMED, Escalations, drawn_with
+from handlers.escalation import SYSTEM, Escalations, drawn_with
 from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_line
 from handlers.paging import Attempt, page_message, page_order, page_where, send_page
 from storage.audit import AuditLog, Entry
 from storage.db import Database, StoreReplaced
 from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem, SwapRequest
-from storage.queries import recent_alerts
+from storage.queries import UNCONFIRMED, recent_alerts
 
 log = logging.getLogger("chatops.outbox")
 MERGED_EVENTS = ("alerts.grouped", "alerts.resolved")

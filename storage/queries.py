@@ -6,11 +6,16 @@ from collections.abc import Sequence
 from typing import Any
 from datetime import datetime
 
-from sqlalchemy import func, update
+from sqlalchemy import func, or_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
 from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem, Override
+
+# How the last_error of a page's or direct message's outbox row begins when its platform took it without an answer:
+# settled "dead", as it is not sent again, but it may have arrived (for the escalation's move_on, it reached its
+# person; `outbox retry --dead` leaves it).
+UNCONFIRMED = "outcome unknown: "
 
 
 async def open_incidents_by_severity(session: AsyncSession) -> dict[str, int]:
@@ -77,9 +82,14 @@ async def outbox_oldest_due(session: AsyncSession, now: datetime, channels: Sequ
 
 async def retry_dead(session: AsyncSession, now: datetime, ids: Sequence[int] | None = None) -> list[int]:
     """Dead letters back to pending, due now, with a fresh count of attempts: the named ones, or (no ids) every
-    one but pages (a page given up on was followed by the escalation's next step; sent now, it comes late)."""
+    one but pages (a page given up on was followed by the escalation's next step; sent now, it comes late) and
+    but those a platform took without confirming (UNCONFIRMED: they may have arrived; sent again, twice)."""
     query = select(OutboxItem.id).where(OutboxItem.status == "dead")
-    query = query.where(OutboxItem.id.in_(list(ids))) if ids else query.where(OutboxItem.kind != "page")
+    if ids:
+        query = query.where(OutboxItem.id.in_(list(ids)))
+    else:
+        query = query.where(OutboxItem.kind != "page", or_(OutboxItem.last_error.is_(None),
+                                                           ~OutboxItem.last_error.startswith(UNCONFIRMED)))
     chosen = list((await session.execute(query.order_by(OutboxItem.id))).scalars())
     if chosen:
         await session.execute(update(OutboxItem).where(OutboxItem.id.in_(chosen), OutboxItem.status == "dead")

@@ -201,6 +201,32 @@ async def test_a_dead_letter_is_sent_again_with_outbox_retry_once_the_cause_is_f
             assert "no dead deliveries with those ids (7)" in nothing.getvalue()
 
 
+async def test_outbox_retry_dead_leaves_what_a_platform_took_without_answering(tmp_path: Path) -> None:
+    """`outbox retry --dead` sent again a direct message whose platform took it without confirming (settled dead
+    as unconfirmed: it may have arrived), so the person read it twice. It leaves those now, as it leaves pages;
+    named by id, one is sent again all the same."""
+    from handlers.notify import direct_row
+    from storage.queries import UNCONFIRMED
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    config = tmp_path / "app.yaml"
+    config.write_text(f"storage: {{url: '{url}'}}\nchannels: [{{id: ops-slack, platform: slack, chat: C0OPS}}]\n")
+    async with running_bot(url) as h:
+        async with h.bot.db.transaction() as session:
+            unconfirmed, refused = direct_row("alice", "Swap #3?", T0), direct_row("alice", "Swap #4?", T0)
+            unconfirmed.status, unconfirmed.last_error = "dead", UNCONFIRMED + "Slack took it but never confirmed it"
+            refused.status, refused.last_error = "dead", "slack chat.postMessage: channel_not_found"
+            session.add_all([unconfirmed, refused])
+            await session.flush()
+            ids = {"Swap #3?": unconfirmed.id, "Swap #4?": refused.id}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert await asyncio.to_thread(cli, ["outbox", "retry", "--dead", "-c", str(config)]) == 0
+    assert out.getvalue().startswith(f"1 delivery(ies) queued again: {ids['Swap #4?']};"), out.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert await asyncio.to_thread(cli, ["outbox", "retry", str(ids["Swap #3?"]), "-c", str(config)]) == 0
+
+
 async def test_a_thread_line_that_failed_holds_back_the_later_ones(tmp_path: Path) -> None:
     from tests.test_slack_flow import Slack, incident_posted
 
