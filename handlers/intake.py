@@ -1053,11 +1053,7 @@ class Intake:
         rows: list[dict[str, Any]] = []
         for t in st.touched.values():
             incident = t.incident
-            if t.resolved and incident.id is not None:  # its pages say Resolved now, not Firing (a silenced one's
-                rows.append(page_redraw_row(incident.id, st.now))  # too: `/incident page` reaches people then)
-            if incident.silenced:
-                continue
-            for channel in incident.channels:
+            for channel in [] if incident.silenced else incident.channels:  # (silenced: never posted there)
                 def add(kind: str, event: str, details: dict[str, Any] | None = None) -> None:
                     # "N new alerts" lines wait a little so that a burst becomes one line.
                     due = st.now + THREAD_LINE_DELAY if event in ("alerts.grouped", "alerts.resolved") else st.now
@@ -1074,6 +1070,8 @@ class Intake:
                     add("reply", "incident.resolved", {"by": "source", "source": t.resolved_by})
                 elif t.resolved_alerts:
                     add("reply", "alerts.resolved", {"count": t.resolved_alerts, "source": t.resolved_by})
+            if t.resolved and incident.id is not None:  # its pages say Resolved now, not Firing (a silenced one's
+                rows.append(page_redraw_row(incident.id, st.now))  # too: `/incident page` reaches people then)
         return rows
 
 
