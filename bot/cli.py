@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, StatementError
 from adapters import SETTINGS_MODELS
 from bot import logs
 from bot.actions import MAX_ID
-from bot.config import ConfigError, Loaded, config_path, load_config
+from bot.config import ConfigError, Loaded, check_templates, config_path, load_config
 from bot.incidents import STATUSES, priority
 from bot.rotations import first_instant
 from bot.tables import ago, printable, table
@@ -76,6 +76,7 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
     path = config_path(args.config)
     try:
         loaded = load_config(path, adapter_models=SETTINGS_MODELS)
+        check_templates(loaded)
     except ConfigError as exc:
         for where, problem in exc.problems:
             print(f"{where}: {problem}" if where else problem, file=out)
@@ -93,7 +94,9 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     from bot.server import serve
 
-    return asyncio.run(serve(_load(args)))
+    loaded = _load(args)
+    check_templates(loaded)  # a broken one would fail every card it draws (the outbox gives them up)
+    return asyncio.run(serve(loaded))
 
 
 def _missing_file(loaded: Loaded) -> Path | None:

@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,6 +22,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
 from bot import envsubst
 from bot.chat import echoed
 from bot.durations import format_duration, parse_clock, parse_duration, parse_weekday
+from bot.render import Renderer, sample_contexts
 
 PLATFORMS = ("slack", "telegram", "teams")
 
@@ -524,6 +525,18 @@ def load_config(
             raise ConfigError(name, [("templates.dir", f"no such directory: {loaded.config.templates.dir} "
                                       f"(relative paths start at the folder of {name})")])
     return loaded
+
+
+def check_templates(loaded: "Loaded") -> None:
+    """Raise ConfigError naming each override template in templates.dir that does not compile, or that renders a
+    sample message (bot.render.sample_contexts) to something its platform would refuse: `chatops check-config` and
+    `chatops serve` run this, so that such a template stops the bot at start rather than every card it sends."""
+    folder = template_dir(loaded)
+    if folder is None:
+        return
+    problems = Renderer(folder).check(sample_contexts(datetime.now(UTC)))
+    if problems:
+        raise ConfigError(loaded.path, [("templates.dir", str(problem)) for problem in problems])
 
 
 def template_dir(loaded: "Loaded") -> Path | None:

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jinja2
+
+from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED
+from bot.view import incident_context, thread_line
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 TEXT_FORMATS = ("html", "md", "txt")  # render_text takes the first a platform has
@@ -165,7 +170,10 @@ class Renderer:
             if kind == "text" or self.find("text", platform, ("json",), fallback=False) is None:
                 return {"text": text}
             return self.render_json("text", platform, {"text": text})
-        output = self._render(name, context)
+        return self._payload(name, platform, self._render(name, context))
+
+    def _payload(self, name: str, platform: str, output: str) -> dict[str, Any]:
+        """A JSON template's output, parsed and checked as `platform` would take it."""
         try:
             payload = json.loads(output)
         except json.JSONDecodeError as e:
@@ -177,6 +185,39 @@ class Renderer:
         if problem:
             raise RenderError(self._where(name), problem)
         return payload
+
+    def check(self, samples: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[RenderError]:
+        """What is wrong with the override directory's templates, before any message needs them: every `.j2` file
+        there must compile, and `{kind}.{platform}.{format}.j2` for a kind in `samples` must render each sample
+        context (a JSON one to a payload `platform` takes). A template broken there fails every message of its kind
+        (each retried, then given up in the outbox), so `chatops check-config` and start-up refuse it."""
+        if len(self.dirs) < 2:
+            return []
+        folder = self.dirs[0]
+        found: dict[str, RenderError] = {}  # by template: one included by several is named once
+        for path in sorted(folder.rglob("*.j2")):
+            name = path.relative_to(folder).as_posix()
+            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+                continue
+            try:
+                self._template(name)
+            except RenderError as e:
+                found.setdefault(e.template, e)
+                continue
+            parts = name.removesuffix(".j2").split(".")
+            if len(parts) != 3 or parts[0] not in samples:
+                continue  # it compiles; what it is given (when another includes it) is that one's to say
+            kind, platform, fmt = parts
+            for context in samples[kind]:
+                try:
+                    output = self._render(name, context)
+                    if fmt == "json":
+                        self._payload(name, platform, output)
+                except RenderError as e:
+                    said = f"{e.problem} (rendering a sample {kind} message)"
+                    found.setdefault(e.template, RenderError(e.template, said))
+                    break
+        return list(found.values())
 
     def find(self, kind: str, platform: str, formats: tuple[str, ...], *, fallback: bool = True) -> str | None:
         """The template name to use: override dir first, then templates/, each trying `formats` in order."""
@@ -196,10 +237,19 @@ class Renderer:
         tried = ", ".join(f"{kind}.{platform}.{f}.j2" for f in formats)
         raise RenderError(name, f"not found (tried {tried} and {name} in {', '.join(map(str, self.dirs))})")
 
+    def _template(self, name: str) -> jinja2.Template:
+        try:
+            return self.env.get_template(name)
+        except jinja2.TemplateSyntaxError as e:
+            raise RenderError(self._where(e.name or name), f"line {e.lineno}: {e.message}") from None
+        except UnicodeDecodeError as e:
+            raise RenderError(self._where(name), f"not UTF-8 text (byte {e.start} cannot be read); save it as "
+                                                 "UTF-8") from None
+
     def _render(self, name: str, context: Mapping[str, Any]) -> str:
         try:
-            return self.env.get_template(name).render(dict(context))
-        except jinja2.TemplateSyntaxError as e:
+            return self._template(name).render(dict(context))
+        except jinja2.TemplateSyntaxError as e:  # an included template's
             raise RenderError(self._where(e.name or name), f"line {e.lineno}: {e.message}") from None
         except (jinja2.TemplateError, TypeError) as e:  # TypeError: tojson of something that is not JSON
             raise RenderError(self._where(name), f"{type(e).__name__}: {e}") from None
@@ -267,3 +317,32 @@ def _slack_block_problem(block: dict[str, Any]) -> str | None:
 def _text_object_ok(obj: Any, limit: int) -> bool:
     return (isinstance(obj, dict) and obj.get("type") in ("mrkdwn", "plain_text")
             and isinstance(obj.get("text"), str) and 0 < len(obj["text"]) <= limit)
+
+
+def sample_contexts(now: datetime) -> dict[str, list[dict[str, Any]]]:
+    """Contexts such as the bot renders, by message kind: an incident's card as it fires, is acknowledged, resolved and
+    silenced (three alerts, a title with quotes and markup as alert titles have), a thread line, a plain message.
+    `chatops check-config` and start-up render the override templates with them (bot.render.Renderer.check)."""
+    opened = now - timedelta(minutes=12)
+    labels = {"alertname": "DiskFull", "instance": "db-1:9100", "service": "postgres"}
+    alerts = [SimpleNamespace(summary=f'Disk {used}% full on "/var"', status="firing", labels=labels,
+                              annotations={"description": "only 300 MB left <& more>",
+                                           "runbook_url": "https://wiki.example/disk"},
+                              links={"dashboard": "https://grafana.example/d/abc"},
+                              last_received=now - timedelta(minutes=ago))
+              for used, ago in ((91, 12), (93, 5), (97, 1))]
+    firing = dict(id=42, title='Disk "/var" full on <db-1> & db-2', status=TRIGGERED, silenced=False,
+                  severity="critical", priority=95, labels=labels,
+                  links={"generator": "http://prom:9090/graph?g0.expr=disk"}, sources=["alertmanager", "grafana"],
+                  alert_count=3, firing_count=2, opened_at=opened, acknowledged_by=None, acknowledged_at=None,
+                  resolved_by=None, resolved_at=None)
+    states = [firing, {**firing, "status": ACKNOWLEDGED, "acknowledged_by": "alice", "acknowledged_at": now},
+              {**firing, "status": RESOLVED, "firing_count": 0, "resolved_by": "source:alertmanager",
+               "resolved_at": now},
+              {**firing, "silenced": True}]
+    return {
+        "incident": [incident_context(SimpleNamespace(**state), alerts, now=now, acknowledged_name="Alice")
+                     for state in states],
+        "thread": [{"line": thread_line("incident.acknowledged", {}, actor_name="Alice"), "incident_id": 42}],
+        "text": [{"text": 'Commands: /incident ack <id>, /oncall [rotation]\n"quoted" & <marked> `code`'}],
+    }

@@ -435,3 +435,37 @@ def test_a_rejected_secret_is_never_shown() -> None:
     assert any(p.startswith("adapters.telegram.bot_token: malformed value (a secret, not shown: it begins or ends "
                             "with a space or a line break; strip it)") for p in found), found
     assert any(p.startswith("sources[0].auth") and "(a secret, not shown)" in p for p in found), found
+
+
+@pytest.mark.parametrize(("template", "problem"), [
+    ('{"text": "{{ incident.title }", "blocks": []}\n', "): line 1: unexpected '}'"),  # one brace short
+    ('{"text": "{{ title }}", "blocks": []}\n', "): output is not valid JSON"),  # a title with quotes: tojson forgotten
+    ('{"text": {{ titel | tojson }}, "blocks": []}\n', "'titel' is undefined"),
+    ('{"text": {{ title | tojson }}}\n', '"blocks" must be a list'),  # JSON, but a card Slack would refuse
+])
+def test_a_broken_override_template_is_named_before_any_card_is_sent(tmp_path: Path, template: str, problem: str,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "incident.slack.json.j2").write_text(template)
+    config = tmp_path / "app.yaml"
+    config.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'bot.db'}'}}\ntemplates: {{dir: tpl}}\n")
+    assert main(["check-config", "-c", str(config)]) == 2
+    out = capsys.readouterr().out
+    path = tmp_path / "tpl" / "incident.slack.json.j2"
+    assert out.startswith(f"templates.dir: template incident.slack.json.j2 ({path})")
+    assert problem in out
+
+
+def test_override_templates_that_work_pass_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "tpl"
+    folder.mkdir()
+    for template in (ROOT / "templates").glob("*.j2"):  # every built-in template, as an operator starts from them
+        (folder / template.name).write_text(template.read_text(encoding="utf-8"), encoding="utf-8")
+    (folder / "footer.j2").write_text("{% macro footer() %}-- the bot{% endmacro %}")  # a piece others include
+    (folder / "text.generic.txt.j2").write_text('{% from "footer.j2" import footer %}{{ text }}\n{{ footer() }}')
+    config = tmp_path / "app.yaml"
+    config.write_text("templates: {dir: tpl}\n")
+    assert main(["check-config", "-c", str(config)]) == 0, capsys.readouterr().out
+    (folder / "footer.j2").write_text("{% macro footer() %}-- the bot{% endmacr %}")  # broken where it is included
+    assert main(["check-config", "-c", str(config)]) == 2
+    assert "templates.dir: template footer.j2 (" in capsys.readouterr().out

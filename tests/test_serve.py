@@ -350,3 +350,15 @@ def test_serve_with_a_broken_config_names_the_problem(tmp_path: Path) -> None:
                             env={k: v for k, v in os.environ.items() if k != "CHATOPS_CONFIG"})
     assert result.returncode == 2
     assert "server.port: input should be a valid integer, unable to parse string as an integer" in result.stderr
+
+
+def test_serve_refuses_an_override_template_that_would_break_every_card(tmp_path: Path) -> None:
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "incident.slack.json.j2").write_text('{"text": "{{ incident.title }", "blocks": []}\n')
+    (tmp_path / "app.yaml").write_text(f"server: {{port: {free_port()}}}\ntemplates: {{dir: tpl}}\n")
+    result = subprocess.run([CHATOPS, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                            env={k: v for k, v in os.environ.items() if k != "CHATOPS_CONFIG"})
+    assert result.returncode == 2
+    assert (f"templates.dir: template incident.slack.json.j2 ({tmp_path / 'tpl' / 'incident.slack.json.j2'}): "
+            "line 1: unexpected '}'") in result.stderr
+    assert not (tmp_path / "chatops.db").exists()  # refused before it opened the store
