@@ -153,18 +153,21 @@ class Oncall:
         for s in shifts_between(schedule, domain(rows.values(), schedule.id), start, end):
             if s.person is None or s.start is None:
                 continue
+            begins, ends = ics_time(s.start), ics_time(s.end)
+            if ends <= begins:  # under a second (a cover another replaced at once): it would end as it starts, which
+                continue        # RFC 5545 forbids; the next stretch begins in the same whole second, so no gap shows
             name = self.name(s.person)
             if s.source == "override":
                 row = rows.get(s.override_id) if s.override_id is not None else None
-                uid = f"{schedule.id}-override-{s.override_id}-{ics_time(s.start)}@{host}"
+                uid = f"{schedule.id}-override-{s.override_id}-{begins}@{host}"
                 # the feed is served without authentication: who made the override, not why
                 about = f"{name} covers {schedule.id}" + (
                     f" (override #{row.id}, made by {self.name(row.created_by)})" if row is not None else "")
             else:
-                uid = f"{schedule.id}-{s.index}-{ics_time(s.start)}@{host}"
+                uid = f"{schedule.id}-{s.index}-{begins}@{host}"
                 about = f"{name} is on call for {schedule.id}: {schedule.describe()}"
-            lines += ["BEGIN:VEVENT", f"UID:{ics_text(uid)}", f"DTSTAMP:{stamp}", f"DTSTART:{ics_time(s.start)}",
-                      f"DTEND:{ics_time(s.end)}", f"SUMMARY:{ics_text(f'On call: {name} ({schedule.id})')}",
+            lines += ["BEGIN:VEVENT", f"UID:{ics_text(uid)}", f"DTSTAMP:{stamp}", f"DTSTART:{begins}",
+                      f"DTEND:{ends}", f"SUMMARY:{ics_text(f'On call: {name} ({schedule.id})')}",
                       f"DESCRIPTION:{ics_text(about)}", "TRANSP:TRANSPARENT", "END:VEVENT"]
         lines.append("END:VCALENDAR")
         return "".join(fold(line) + "\r\n" for line in lines)

@@ -264,6 +264,27 @@ async def test_the_feed_of_a_rotation_that_starts_later_shows_its_overrides_as_t
     assert summaries[datetime(2027, 3, 6, 8, tzinfo=UTC)] == "On call: Carol Ångström-Łukasiewicz; nights, weekends (later)"
 
 
+async def test_covers_made_within_a_second_of_each_other_give_no_event_that_ends_as_it_starts(slack: Slack) -> None:
+    """A manager's /override from now, then the person's own /oncall take 0.4 s later: the first cover lasts 0.4 s
+    before the second takes over, and cut to the feed's whole seconds it ended as it started (RFC 5545 wants DTEND
+    after DTSTART; calendar apps refuse or hide such an event). It is left out, and the feed has no gap."""
+    s = slack
+    s.h.clock.set(T0 + timedelta(seconds=4.318051))
+    put = await s.answer(await s.command("/override", "dba-primary alice now 8h", user="U02BOB"))
+    assert put["text"].startswith("Alice is on call for `dba-primary` from Tue 24 Nov 05:00 CET")
+    s.h.clock.advance(timedelta(seconds=0.4))
+    took = await s.answer(await s.command("/oncall", "take dba-primary now 2h", user="U01ALICE"))
+    assert took["text"].startswith("Alice is on call for `dba-primary` from Mon 23 Nov 23:00 EST")
+    _, body, _ = await feed(s.h, "dba-primary")
+    events = parse_ics(body)[1]
+    assert [(e["DTSTART"], e["DTEND"]) for e in events if e["DTEND"] <= e["DTSTART"]] == []
+    assert all(e["DTEND"] == f["DTSTART"] for e, f in zip(events, events[1:]))  # back to back still
+    now = [(e["DTSTART"], e["DTEND"], e["SUMMARY"]) for e in events if "20261124T04" <= e["DTSTART"] < "20261125"]
+    assert now == [("20261124T040004Z", "20261124T060004Z", "On call: Alice (dba-primary)"),  # her own take
+                   ("20261124T060004Z", "20261124T120004Z", "On call: Alice (dba-primary)"),  # Bob's 8h, on
+                   ("20261124T120004Z", "20261130T080000Z", "On call: Bob (dba-primary)")]  # then his own week
+
+
 async def test_an_unknown_rotation_is_a_404_naming_the_known_ones(slack: Slack) -> None:
     status, body, _ = await feed(slack.h, "nope")
     assert status == 404 and "unknown rotation 'nope' (known: dba-primary, web)" in body.decode()
