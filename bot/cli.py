@@ -114,12 +114,20 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
     """Run `work` on the configured store. A SQLite file that does not exist is refused (reading commands would
     otherwise make an empty one and report that nothing happened)."""
     if (path := _missing_file(loaded)) is not None:
-        if path.is_absolute():
-            said = f"no database at {path.resolve()}: check storage.url in app.yaml"
+        folder = path.resolve().parent  # `chatops serve` makes a store only in a folder that is there
+        if path.is_absolute() and not folder.is_dir():
+            said = (f"no database at {path.resolve()}, and the folder {folder} does not exist: check storage.url in "
+                    "app.yaml (or create the folder; starting the bot once, chatops serve, then makes a new, empty "
+                    "store)")
+        elif path.is_absolute():
+            said = (f"no database at {path.resolve()}: check storage.url in app.yaml; starting the bot once (chatops "
+                    "serve) makes a new, empty store")
         else:
             said = (f"no database at {path.resolve()} (a relative path starts at the current directory, "
-                    f"{os.getcwd()}): run this where the bot runs, or give storage.url an absolute path in app.yaml")
-        print(f"{said}; starting the bot once (chatops serve) makes a new, empty store", file=sys.stderr)
+                    f"{os.getcwd()}): run this where the bot runs, or give storage.url an absolute path in app.yaml; "
+                    + ("starting the bot once (chatops serve) makes a new, empty store" if folder.is_dir() else
+                       f"the folder {folder} does not exist either"))
+        print(said, file=sys.stderr)
         return EXIT_FAILED
     db = Database(loaded.config.storage.url, schema=loaded.config.storage.schema_name)
 

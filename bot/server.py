@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import IO
 
 from aiohttp import web
@@ -343,6 +344,10 @@ async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
     before its workers could touch what the running one is doing (recovering its pages in flight as if it had
     crashed, posting its cards a second time)."""
     server = loaded.config.server
+    problem = store_folder_problem(loaded.config.storage.url)
+    if problem is not None:  # SQLite would say only "unable to open database file"
+        log.error("cannot open the database at %s: %s", make_url(loaded.config.storage.url).database, problem)
+        return 1
     try:
         socks = _listen(server.host, server.port)
     except OSError as exc:
@@ -420,6 +425,24 @@ class StoreInUse(RuntimeError):
     """Another `chatops serve` runs on this SQLite file."""
 
 
+def store_folder_problem(url: str) -> str | None:
+    """For a SQLite file: why the bot cannot make it (and the journal beside it) in its folder, said with the fix;
+    None when it can, and for PostgreSQL."""
+    if not is_sqlite_file_url(url):
+        return None
+    path = Path(make_url(url).database or "")
+    folder = path.resolve().parent
+    relative = "" if path.is_absolute() else f" (a relative storage.url starts at the current directory, {os.getcwd()})"
+    if not folder.exists():
+        return f"the folder {folder} does not exist: create it{relative} (or fix storage.url in app.yaml)"
+    if not folder.is_dir():
+        return f"{folder} is not a folder: fix storage.url in app.yaml{relative}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"the folder {folder} is not writable by this user (uid {os.geteuid()}), and SQLite writes its "
+                "journal beside the file: let the bot's user write there (or fix storage.url in app.yaml)")
+    return None
+
+
 def hold_store(url: str) -> IO[str] | None:
     """For a SQLite file: an exclusive lock on `<file>.lock`, held while the bot runs (the kernel lets it go when the
     process ends, SIGKILL included); None for PostgreSQL, where replicas share the store by design."""
@@ -428,7 +451,7 @@ def hold_store(url: str) -> IO[str] | None:
     path = make_url(url).database
     try:
         lock = open(f"{path}.lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the bot's life
-    except OSError:  # no such folder, not writable: opening the store says what is wrong, and how to fix it
+    except OSError:  # no such folder, not writable: said by store_folder_problem before
         return None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

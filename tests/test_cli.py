@@ -122,6 +122,24 @@ def test_oncall_answers_without_a_store_and_makes_none(tmp_path: Path, monkeypat
     assert capsys.readouterr().err.startswith(f"no database at {tmp_path / 'chatops.db'}")
 
 
+def test_a_reading_command_on_a_store_whose_folder_is_not_there_does_not_promise_serve_makes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "var" / "chatops"  # not made yet: `chatops serve` cannot make a store there either
+    cfg = config(tmp_path / "bot", f"sqlite+aiosqlite:///{folder}/chatops.db")
+    assert main(["incidents", "list", "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (f"no database at {folder / 'chatops.db'}, and the folder {folder} does not exist: check "
+                           "storage.url in app.yaml (or create the folder; starting the bot once, chatops serve, then "
+                           "makes a new, empty store)")
+    monkeypatch.chdir(tmp_path)  # a relative path: said as before, and the folder too
+    cfg = config(tmp_path / "bot", "sqlite+aiosqlite:///./var/chatops/chatops.db")
+    assert main(["audit", "verify", "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"no database at {folder / 'chatops.db'} (a relative path starts at the current directory, "
+                          f"{tmp_path}): run this where the bot runs, or give storage.url an absolute path in app.yaml;")
+    assert err.strip().endswith(f"the folder {folder} does not exist either")
+
+
 @pytest.mark.parametrize("url", ["sqlite+aiosqlite:///{tmp}/app.yaml", "sqlite+aiosqlite:///{tmp}/folder",
                                  "postgresql+asyncpg://postgres@127.0.0.1:1/x"])
 def test_a_store_that_cannot_be_opened_is_named_without_a_traceback(tmp_path: Path, url: str,

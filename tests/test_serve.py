@@ -362,3 +362,33 @@ def test_serve_refuses_an_override_template_that_would_break_every_card(tmp_path
     assert (f"templates.dir: template incident.slack.json.j2 ({tmp_path / 'tpl' / 'incident.slack.json.j2'}): "
             "line 1: unexpected '}'") in result.stderr
     assert not (tmp_path / "chatops.db").exists()  # refused before it opened the store
+
+
+@pytest.mark.parametrize("folder_is", ["missing", "a file"])
+def test_serve_on_a_store_whose_folder_is_not_there_says_which_folder_and_what_to_do(tmp_path: Path,
+                                                                                      folder_is: str) -> None:
+    folder = tmp_path / "var" / "chatops"  # as for /var/lib/chatops, before a package made it
+    if folder_is == "a file":
+        folder.parent.mkdir()
+        folder.write_text("")
+    (tmp_path / "app.yaml").write_text(f"server: {{port: {free_port()}}}\n"
+                                       f"storage: {{url: 'sqlite+aiosqlite:///{folder}/chatops.db'}}\n")
+    result = subprocess.run([CHATOPS, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                            env={k: v for k, v in os.environ.items() if k != "CHATOPS_CONFIG"})
+    assert result.returncode == 1
+    said = f"the folder {folder} does not exist: create it" if folder_is == "missing" else f"{folder} is not a folder"
+    assert f"cannot open the database at {folder / 'chatops.db'}: {said}" in result.stderr
+    assert "fix storage.url in app.yaml" in result.stderr
+    assert "unable to open database file" not in result.stderr and "sqlalche.me" not in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder")
+def test_serve_on_a_store_in_a_folder_it_may_not_write_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    (tmp_path / "app.yaml").write_text(f"server: {{port: {free_port()}}}\n"
+                                       f"storage: {{url: 'sqlite+aiosqlite:///{folder}/chatops.db'}}\n")
+    result = subprocess.run([CHATOPS, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                            env={k: v for k, v in os.environ.items() if k != "CHATOPS_CONFIG"})
+    assert result.returncode == 1
+    assert f"the folder {folder} is not writable by this user" in result.stderr
