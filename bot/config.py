@@ -21,7 +21,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Fie
 
 from bot import envsubst
 from bot.chat import echoed
-from bot.durations import format_duration, parse_clock, parse_duration, parse_weekday
+from bot.durations import format_duration, parse_clock, parse_setting, parse_weekday
 from bot.render import Renderer, sample_contexts
 
 PLATFORMS = ("slack", "telegram", "teams")
@@ -49,7 +49,7 @@ def _weekday(value: str) -> str:
     return str(value).strip().lower()[:3]
 
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+Duration = Annotated[timedelta, BeforeValidator(parse_setting)]
 ClockTime = Annotated[time, BeforeValidator(parse_clock)]
 TimeZone = Annotated[str, BeforeValidator(_tz)]
 Weekday = Annotated[str, BeforeValidator(_weekday)]

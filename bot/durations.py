@@ -36,6 +36,15 @@ def parse_duration(text: str | int | timedelta) -> timedelta:
     return _delta(seconds, text)
 
 
+def parse_setting(text: str | int | timedelta) -> timedelta:
+    """A duration in app.yaml: as `parse_duration`, and a bare number counts seconds however the file gives it,
+    `900`, `"900"` or `${WINDOW:-900}` (substitution gives text). A bare number typed in chat stays refused: the end
+    of `/override ... now 5` is more likely 5 hours than 5 seconds, and is refused as not a time."""
+    if isinstance(text, str) and re.fullmatch(r"[0-9]+", text.strip()):
+        return _delta(int(text.strip()), text.strip())
+    return parse_duration(text)
+
+
 def _delta(seconds: int, text: object) -> timedelta:
     if seconds > LONGEST.total_seconds():
         raise DurationTooLong(f"duration {str(text)[:40]!r} is too long (at most {LONGEST.days}d)")

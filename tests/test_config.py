@@ -349,6 +349,32 @@ def test_durations_round_trip(text: str, seconds: int) -> None:
     assert format_duration(parse_duration("90s")) == "1m30s"
 
 
+@pytest.mark.parametrize(("window", "env"), [
+    ("900", {}), ('"900"', {}), ("${GROUP_WINDOW:-900}", {}), ("${GROUP_WINDOW}", {"GROUP_WINDOW": "900"}),
+    ("${GROUP_WINDOW}", {"GROUP_WINDOW": " 900 "}),
+])
+def test_a_bare_number_counts_seconds_however_app_yaml_writes_it(tmp_path: Path, window: str, env: dict[str, str],
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The README says a bare number counts seconds; `${VAR}`, as app.yaml passes its settings, gives text."""
+    config = tmp_path / "app.yaml"
+    config.write_text(f"grouping: {{window: {window}}}\n")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check-config", "-c", str(config)]) == 0, capsys.readouterr().out
+    assert load_config(config, adapter_models=SETTINGS_MODELS).config.grouping.window.total_seconds() == 900
+
+
+@pytest.mark.parametrize(("window", "problem"), [
+    ('"1:30"', "grouping.window: invalid duration '1:30': write it with units"),  # 1h30m or 1m30s: said, not guessed
+    ('"90 s"', "grouping.window: invalid duration '90 s'"),
+    ('"-900"', "grouping.window: invalid duration '-900'"),
+    ('"9000000000"', "grouping.window: duration '9000000000' is too long (at most 3650d)"),
+])
+def test_a_duration_in_app_yaml_that_is_not_a_number_of_seconds_is_still_refused(window: str, problem: str) -> None:
+    assert any(p.startswith(problem) for p in problems(BASE + ROUTES + f"grouping: {{window: {window}}}\n"))
+
+
 @pytest.mark.parametrize("text", ["", "5", "m", "1.5h", "5 m", "-5m", "1m1h"])
 def test_bad_durations_are_rejected(text: str) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
