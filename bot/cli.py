@@ -340,9 +340,17 @@ def cmd_outbox_list(args: argparse.Namespace, out: TextIO) -> int:
                           r.status, r.attempts, ago(now - r.created_at), r.last_error or "") for r in rows],
                         max_width=100), file=out)
         print("totals: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"), file=out)
-        if counts.get("dead"):
-            print("dead deliveries were given up after repeated or permanent failures; LAST ERROR says why",
-                  file=out)
+        dead = counts.get("dead", 0)
+        them = "it" if dead == 1 else "them"
+        resend = (f"`chatops outbox retry ID...` (or --dead: each it is safe to send again) sends {them} again once the "
+                  "cause is fixed")
+        if dead and args.status in ("dead", "all"):
+            print(f"dead deliveries were given up after repeated or permanent failures; LAST ERROR says why, and "
+                  f"{resend}", file=out)
+        elif dead:  # not in this table: where they are
+            print(f"{dead:,} dead {'delivery was' if dead == 1 else 'deliveries were'} given up after repeated or "
+                  f"permanent failures: `chatops outbox list --status dead` lists {them} with the error that says "
+                  f"why, and {resend}", file=out)
         return EXIT_OK
 
     return asyncio.run(_with_db(loaded, work))

@@ -315,6 +315,38 @@ async def test_outbox_list_shows_a_delivery_of_no_incident_and_says_when_an_erro
     assert error[:99] in " ".join(row.split()) and row.endswith("…")  # cut at 100 characters, and says so
 
 
+async def test_outbox_list_says_how_to_see_and_resend_the_dead_deliveries_it_does_not_show(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import UTC, datetime
+
+    from storage.db import Database
+    from storage.models import OutboxItem
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "o", url)
+    await make_store(url)
+    db = Database(url)
+    async with db.transaction() as session:
+        for status in ("dead", "dead", "pending"):
+            session.add(OutboxItem(created_at=datetime.now(UTC), due_at=datetime.now(UTC), channel="ops", kind="post",
+                                   event="incident.opened", status=status, attempts=1, last_error="channel_not_found"))
+    await db.dispose()
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["outbox", "list", "-c", str(cfg)]) == 0  # pending, by default
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[5] for line in out[1:-2]] == ["pending"]
+    assert out[-2:] == ["totals: dead 2, pending 1",
+                        "2 dead deliveries were given up after repeated or permanent failures: "
+                        "`chatops outbox list --status dead` lists them with the error that says why, and "
+                        "`chatops outbox retry ID...` (or --dead: each it is safe to send again) sends them again "
+                        "once the cause is fixed"]
+    assert await asyncio.to_thread(main, ["outbox", "list", "--status", "dead", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == ("dead deliveries were given up after repeated or permanent failures; LAST ERROR says why, and "
+                       "`chatops outbox retry ID...` (or --dead: each it is safe to send again) sends them again once "
+                       "the cause is fixed")
+
+
 async def test_what_an_alert_says_cannot_drive_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Escape sequences in an alert (recolour, retitle the window, reorder text) are shown written out, not acted on."""
     from tests.botkit import running_bot
