@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import ipaddress
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import text
@@ -452,8 +454,28 @@ def cmd_slack_manifest(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
     from adapters.slack import manifest
 
-    print(json.dumps(manifest(public_url=loaded.config.server.public_url, bot_name=args.name), indent=2), file=out)
+    made = manifest(public_url=loaded.config.server.public_url, bot_name=args.name)
+    print(json.dumps(made, indent=2), file=out)
+    url = made["settings"]["interactivity"]["request_url"]
+    problem = _unreachable_for_slack(url)
+    if problem:  # printed all the same (exit 0), to edit before pasting; as set-webhook refuses, with the fix
+        print(f"warning: the manifest's request URLs are {url}: {problem}; set server.public_url in app.yaml to the "
+              "bot's public HTTPS address (or edit the URLs before pasting the manifest)", file=sys.stderr)
     return EXIT_OK
+
+
+def _unreachable_for_slack(url: str) -> str | None:
+    """Why Slack would refuse a request URL (it posts only to public https:// addresses), or None."""
+    if not url.lower().startswith("https://"):
+        return "Slack takes only public https:// URLs"
+    host = (urlsplit(url).hostname or "").lower()
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        local = host == "localhost" or host.endswith((".localhost", ".local", ".internal"))
+    else:
+        local = not address.is_global
+    return f"Slack cannot reach {host}, an address of this machine or its network" if local else None
 
 
 def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:

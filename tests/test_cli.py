@@ -377,6 +377,35 @@ def test_run_py_reads_a_config_named_from_where_you_are(tmp_path: Path) -> None:
         assert "mine.yaml" in done.stdout, done.stdout
 
 
+@pytest.mark.parametrize(("public_url", "warning"), [
+    ("http://127.0.0.1:8080", "warning: the manifest's request URLs are http://127.0.0.1:8080/slack/events: Slack "
+                              "takes only public https:// URLs"),
+    ("http://chatops.example.com", "warning: the manifest's request URLs are http://chatops.example.com/slack/events: "
+                                   "Slack takes only public https:// URLs"),
+    ("https://localhost:8443", "warning: the manifest's request URLs are https://localhost:8443/slack/events: Slack "
+                               "cannot reach localhost"),
+    ("https://10.0.0.7", "warning: the manifest's request URLs are https://10.0.0.7/slack/events: Slack cannot reach "
+                         "10.0.0.7"),
+    ("https://chatops.example.com", None),
+])
+def test_slack_manifest_warns_when_slack_would_refuse_its_request_urls(tmp_path: Path, public_url: str,
+                                                                       warning: str | None,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(f"server: {{public_url: '{public_url}'}}\n")
+    assert main(["slack-manifest", "-c", str(cfg)]) == 0  # printed all the same, to edit before pasting
+    out, err = capsys.readouterr()
+    manifest = json.loads(out)
+    assert manifest["settings"]["interactivity"]["request_url"] == public_url + "/slack/events"
+    said = [line for line in err.splitlines() if line.startswith("warning: the manifest")]
+    if warning is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and said[0].startswith(warning), said
+        assert said[0].endswith("set server.public_url in app.yaml to the bot's public HTTPS address (or edit the "
+                                "URLs before pasting the manifest)")
+
+
 def test_tables_line_up_wide_characters_by_the_columns_a_terminal_gives_them() -> None:
     """A Japanese name takes two terminal columns a character: padding by len() pushed the rest of its row right."""
     from bot.tables import table, width
