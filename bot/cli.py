@@ -529,21 +529,22 @@ def build_parser() -> argparse.ArgumentParser:
         shared.add_argument("--log-level", default=default("INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         return shared
 
-    # The options may come before the command or after it; after it they must not reset what came before.
+    # The options may come before the command, between its words or after it; later they must not reset what came
+    # before (each parser below the top has them with no default).
     common = options(lambda _: argparse.SUPPRESS)
     parser = argparse.ArgumentParser(prog="chatops", description="ChatOps incident bot",
                                      parents=[options(lambda value: value)])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", parents=[common], help="run the HTTP server, adapters and workers").set_defaults(func=cmd_serve)
     sub.add_parser("check-config", parents=[common], help="validate app.yaml").set_defaults(func=cmd_check_config)
-    audit = sub.add_parser("audit", help="verify or export the audit log").add_subparsers(dest="audit", required=True, metavar="ACTION")
+    audit = sub.add_parser("audit", parents=[common], help="verify or export the audit log").add_subparsers(dest="audit", required=True, metavar="ACTION")
     audit.add_parser("verify", parents=[common], help="exit 0 if the chain is intact, 1 naming the first bad event").set_defaults(func=cmd_audit_verify)
     export = audit.add_parser("export", parents=[common], help="write audit events to stdout")
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     export.add_argument("--since", type=_iso, help="only events at or after this ISO 8601 time (no offset: app.yaml's timezone)")
     export.add_argument("--incident", type=_ID, help="only events about this incident id")
     export.set_defaults(func=cmd_audit_export)
-    incidents = sub.add_parser("incidents", help="list or show incidents").add_subparsers(dest="incidents", required=True, metavar="ACTION")
+    incidents = sub.add_parser("incidents", parents=[common], help="list or show incidents").add_subparsers(dest="incidents", required=True, metavar="ACTION")
     listing = incidents.add_parser("list", parents=[common], help="a table of incidents, highest priority first")
     listing.add_argument("--status", choices=["open", *STATUSES, "all"],
                          help="open: triggered or acknowledged (default: all)")
@@ -555,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--all", action="store_true",
                       help=f"every alert and event (default: the first {SHOW_ROWS} alerts, the latest {SHOW_ROWS} events)")
     show.set_defaults(func=cmd_incidents_show)
-    outbox = sub.add_parser("outbox", help="chat deliveries waiting, sent or given up").add_subparsers(dest="outbox", required=True, metavar="ACTION")
+    outbox = sub.add_parser("outbox", parents=[common], help="chat deliveries waiting, sent or given up").add_subparsers(dest="outbox", required=True, metavar="ACTION")
     olist = outbox.add_parser("list", parents=[common], help="a table of deliveries, newest first")
     olist.add_argument("--status", choices=["pending", "sending", "sent", "dead", "cancelled", "all"], default="pending")
     olist.add_argument("--limit", type=_LIMIT, default=100)
@@ -564,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     oretry.add_argument("ids", nargs="*", type=_ID, metavar="ID", help="the deliveries (from outbox list --status dead)")
     oretry.add_argument("--dead", action="store_true", help="every dead delivery but pages")
     oretry.set_defaults(func=cmd_outbox_retry)
-    telegram = sub.add_parser("telegram", help="Telegram setup").add_subparsers(dest="telegram", required=True, metavar="ACTION")
+    telegram = sub.add_parser("telegram", parents=[common], help="Telegram setup").add_subparsers(dest="telegram", required=True, metavar="ACTION")
     hook = telegram.add_parser("set-webhook", parents=[common], help="register {public_url}/telegram/webhook with Telegram")
     hook.add_argument("--url", help="the HTTPS URL Telegram should post to (default: server.public_url + /telegram/webhook)")
     hook.set_defaults(func=cmd_telegram_set_webhook)

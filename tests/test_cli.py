@@ -52,6 +52,25 @@ def test_options_before_the_command_count(tmp_path: Path, capsys: pytest.Capture
     assert "nowhere.yaml: file not found" in capsys.readouterr().err
 
 
+def test_options_between_the_two_words_of_a_command_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "bot.db"
+    cfg = str(config(tmp_path / "a", f"sqlite+aiosqlite:///{db}"))
+    asyncio.run(make_store(f"sqlite+aiosqlite:///{db}"))
+    assert main(["audit", "-c", cfg, "verify"]) == 0
+    assert capsys.readouterr().out.startswith("audit chain intact: 0 events")
+    assert main(["incidents", "--log-level", "DEBUG", "-c", cfg, "list"]) == 0
+    assert capsys.readouterr().out.strip() == "no incidents"
+    assert main(["outbox", "--log-format", "json", "--config", cfg, "list"]) == 0
+    assert capsys.readouterr().out.startswith("no pending deliveries")
+    assert main(["telegram", "-c", cfg, "set-webhook"]) == 1  # read the config: telegram is off in it
+    assert "telegram is off (no section under adapters)" in capsys.readouterr().err
+    nowhere = str(tmp_path / "nowhere.yaml")  # the one nearest the end wins, wherever each is
+    assert main(["-c", nowhere, "incidents", "-c", nowhere, "list", "-c", cfg]) == 0
+    assert main(["-c", nowhere, "incidents", "-c", cfg, "list"]) == 0
+    assert main(["-c", cfg, "incidents", "-c", nowhere, "list"]) == 2
+    assert "nowhere.yaml: file not found" in capsys.readouterr().err
+
+
 async def test_incidents_list_open_leaves_the_resolved_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.botkit import running_bot
 
