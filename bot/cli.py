@@ -7,6 +7,7 @@ import asyncio
 import csv
 import ipaddress
 import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, StatementError
 from adapters import SETTINGS_MODELS
 from bot import logs
 from bot.actions import MAX_ID
-from bot.config import ConfigError, Loaded, check_templates, config_path, load_config
+from bot.config import EXAMPLE_CONFIG, ConfigError, Loaded, check_templates, config_path, load_config
 from bot.incidents import STATUSES, priority
 from bot.rotations import first_instant
 from bot.tables import ago, printable, table
@@ -37,7 +38,18 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _load(args: argparse.Namespace) -> Loaded:
-    return load_config(config_path(args.config), adapter_models=SETTINGS_MODELS)
+    return load_config(_config_path(args), adapter_models=SETTINGS_MODELS)
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    """The config to read; when it is the example shipped with the bot because none was named or found here, the log
+    says so first (a bot on the example's people and channels is a demonstration, not the operator's setup)."""
+    path = config_path(args.config)
+    if path == str(EXAMPLE_CONFIG) and not args.config and not os.environ.get("CHATOPS_CONFIG"):
+        logging.getLogger("chatops.config").warning(
+            "no -c, no $CHATOPS_CONFIG and no ./app.yaml: using the example config shipped with the bot, %s "
+            "(its people, channels and routes are examples); give your own with -c PATH or CHATOPS_CONFIG", path)
+    return path
 
 
 def _iso(value: str) -> datetime:
@@ -75,7 +87,7 @@ _ID, _LIMIT = _count(1, MAX_ID), _count(1, 1_000_000)  # ids: what an INTEGER co
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
-    path = config_path(args.config)
+    path = _config_path(args)
     try:
         loaded = load_config(path, adapter_models=SETTINGS_MODELS)
         check_templates(loaded)
@@ -524,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     def options(default: Any) -> argparse.ArgumentParser:
         shared = argparse.ArgumentParser(add_help=False)
         shared.add_argument("-c", "--config", default=default(None),
-                            help="path to app.yaml (default: $CHATOPS_CONFIG, then ./app.yaml)")
+                            help="path to app.yaml (default: $CHATOPS_CONFIG, then ./app.yaml, then the example "
+                                 "shipped with the bot)")
         shared.add_argument("--log-format", choices=["text", "json"], default=default("text"))
         shared.add_argument("--log-level", default=default("INFO"), choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         return shared

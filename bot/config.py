@@ -494,10 +494,20 @@ class Loaded:
         )
 
 
+# The example config, beside the code as templates/ is: the embedded default, read when no config is named and there
+# is no ./app.yaml (`chatops serve` in an empty folder runs on it, and says so).
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "app.yaml"
+
+
 def config_path(explicit: str | None, env: Mapping[str, str] | None = None) -> str:
-    """`-c PATH`, then `$CHATOPS_CONFIG`, then `./app.yaml`."""
+    """`-c PATH`, then `$CHATOPS_CONFIG`, then `./app.yaml`, then the example config shipped with the bot. A config
+    named is read or refused, never swapped for the example."""
     env = os.environ if env is None else env
-    return explicit or env.get("CHATOPS_CONFIG") or "app.yaml"
+    if explicit or env.get("CHATOPS_CONFIG"):
+        return explicit or env["CHATOPS_CONFIG"]
+    if os.path.lexists("app.yaml") or not EXAMPLE_CONFIG.is_file():
+        return "app.yaml"
+    return str(EXAMPLE_CONFIG)
 
 
 def load_config(

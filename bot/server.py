@@ -327,6 +327,7 @@ class Bot:
 
 
 def log_startup(loaded: Loaded, bot: Bot) -> None:
+    log.info("config: %s", Path(loaded.path).resolve())
     for warning in loaded.warnings:
         log.warning("%s", warning)
     for name, state in bot.adapter_states().items():

@@ -398,6 +398,26 @@ def test_check_config_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "missing.yaml: file not found (pass -c PATH or set CHATOPS_CONFIG)" in capsys.readouterr().out
 
 
+def test_check_config_where_there_is_no_app_yaml_checks_the_example_one(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CHATOPS_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["check-config"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{ROOT / 'app.yaml'}: valid: 3 people")
+    assert f"using the example config shipped with the bot, {ROOT / 'app.yaml'}" in err
+    (tmp_path / "app.yaml").write_text("routes: []\n")  # one here wins, and is judged
+    assert main(["check-config"]) == 2
+    assert capsys.readouterr().out.startswith("routes: the last route must be a catch-all")
+    (tmp_path / "app.yaml").unlink()
+    for named in (["-c", "missing.yaml"], []):  # a file named, and not there: refused, never the example instead
+        if not named:
+            monkeypatch.setenv("CHATOPS_CONFIG", "missing.yaml")
+        assert main(["check-config", *named]) == 2
+        assert "missing.yaml: file not found" in capsys.readouterr().out
+
+
 def test_grafana_hmac_defaults_follow_grafana_and_explicit_values_win() -> None:
     text = textwrap.dedent(BASE).replace("sources:\n", textwrap.dedent("""\
         sources:

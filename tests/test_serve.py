@@ -392,3 +392,22 @@ def test_serve_on_a_store_in_a_folder_it_may_not_write_says_so(tmp_path: Path) -
                             env={k: v for k, v in os.environ.items() if k != "CHATOPS_CONFIG"})
     assert result.returncode == 1
     assert f"the folder {folder} is not writable by this user" in result.stderr
+
+
+def test_serve_where_there_is_no_app_yaml_runs_on_the_example_one_and_says_so(tmp_path: Path) -> None:
+    """app.yaml is the embedded default (DESIGN.md): `chatops serve` in a folder without one, and without -c or
+    $CHATOPS_CONFIG, runs on the example shipped with the code, and its log says which file and how to give another."""
+    port = free_port()
+    proc = start_bot(tmp_path, port)
+    try:
+        assert wait_http(f"http://127.0.0.1:{port}/healthz", proc) == (200, {"status": "ok"})
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert (f"WARNING chatops.config: no -c, no $CHATOPS_CONFIG and no ./app.yaml: using the example config "
+            f"shipped with the bot, {ROOT / 'app.yaml'}") in log
+    assert "give your own with -c PATH or CHATOPS_CONFIG" in log
+    assert (tmp_path / "chatops.db").exists()  # its storage.url, ./chatops.db, is where the bot was started
