@@ -288,3 +288,35 @@ async def test_paging_someone_who_could_not_acknowledge_is_refused_from_telegram
     assert [c for c in b.tg.called("sendMessage")[sent:] if c.params["chat_id"] == 333333] == []
     actions = await b.h.actions(1)
     assert "incident.paged" not in actions and "incident.page_failed" not in actions
+
+
+async def test_a_group_gets_no_more_than_20_messages_in_any_minute_and_20_a_minute_steadily(tmp_path: Path) -> None:
+    """Telegram takes about 20 messages a minute in one group. A burst of 50 new incidents for the group, on a clock
+    the test moves a second at a time (the outbox's budget runs on it): no 60 seconds, the first ones included, see
+    more than 20 of their cards, and while the burst lasts the group still gets 20 a minute."""
+    async with FakeTelegram(per_second=1000.0, burst=1000, group_per_minute=1000) as tg:  # the bot's budget decides
+        extra = (f"adapters:\n  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                 f"api_url: '{tg.api_url}'}}\n")
+
+        def manual(bot: Any) -> None:  # the outbox delivers when the test says, on the test's clock
+            bot.outbox.start = lambda: None
+            bot.outbox._monotonic = lambda: bot.clock.now().timestamp()
+
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, prepare=manual) as h:
+            payload = json.loads(fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+            for n in range(50):
+                alert = {**payload["alerts"][0], "fingerprint": f"burst{n}",
+                         "labels": {**payload["alerts"][0]["labels"], "alertname": f"Burst{n}"}}
+                assert (await h.post("am-plain", {**payload, "alerts": [alert]}))[0] == 200
+            assert len(await h.incidents()) == 50
+            sent_at: list[int] = []  # the second (on the test's clock) each card went to the group
+            for second in range(181):
+                while await h.bot.outbox.run_once():
+                    pass
+                cards = [c for c in tg.called("sendMessage") if c.params["chat_id"] == GROUP]
+                sent_at += [second] * (len(cards) - len(sent_at))
+                h.clock.advance(timedelta(seconds=1))
+            assert len(sent_at) == 50
+            busiest = max(sum(start <= t <= start + 60 for t in sent_at) for start in range(181))
+            per_minute = [sum(60 * m <= t < 60 * (m + 1) for t in sent_at) for m in range(3)]
+            assert (busiest, per_minute) == (20, [20, 20, 10]), sent_at
