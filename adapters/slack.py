@@ -36,7 +36,8 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 from adapters.settings import SlackSettings
 from bot import actions
 from bot.auth import ReplayGuard
-from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
+from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
+                      Unclaimed)
 from bot.model import Actor
 
 log = logging.getLogger("chatops.slack")
@@ -80,6 +81,7 @@ class Dispatcher(Protocol):
 # -- outbound: neutral -> Block Kit ---------------------------------------------------------------
 
 SIGNATURE_WINDOW = 300  # seconds: Slack's own limit on a request's X-Slack-Request-Timestamp
+CLAIMED = "chatops_handling"  # the Bolt context key of a slash command's or click's Handling (see handle)
 EVENT_RETRIES = timedelta(hours=1)  # Slack retries an unanswered event 3 times, the last about 5 minutes on
 
 
@@ -287,9 +289,10 @@ class SlackAdapter:
         # Bolt's own client is never used for calls; tokenless so bolt does not warn that `authorize` wins.
         self._secret = settings.signing_secret.encode()
         self._replays = ReplayGuard()  # signatures of slash commands and clicks already taken (see handle)
-        # Claims a request in the store (scope, key, window) -> whether it is ours, so that another replica, or this
-        # one after a restart, refuses a replay; set by the bot (storage/replays.py). None: memory is the only guard.
-        self.claim: Callable[[str, str, timedelta], Awaitable[bool]] | None = None
+        # Claims a request in the store (scope, key, window) -> its Handling, or None for a copy of one handled, so
+        # that another replica, or this one after a restart, refuses a replay, and handles a retry of one whose
+        # handling a crash cut off; set by the bot (storage/replays.py). None: memory is the only guard.
+        self.claim: Callable[[str, str, timedelta], Awaitable[Handling | None]] | None = None
         bolt_log = log.getChild("bolt")
         if not any(isinstance(f, _QuietBolt) for f in bolt_log.filters):
             bolt_log.addFilter(_QuietBolt())
@@ -347,20 +350,6 @@ class SlackAdapter:
             return web.json_response({"error": "invalid or missing Slack signature: X-Slack-Signature must sign "
                                                "this body with the app's signing secret, X-Slack-Request-Timestamp "
                                                "must be within 5 minutes"}, status=401)
-        # As Bolt decides (slack_bolt.request.internals): the raw header up to ";", compared exactly, or a body
-        # that starts with "{". aiohttp's content_type normalises case and spacing, which Bolt does not.
-        raw_type = request.headers.get("Content-Type", "").split(";")[0]
-        if not (raw_type == "application/json" or body.startswith(b"{")):  # what Bolt reads as a form
-            # A slash command or a click, which Slack never sends twice: the same signed request again, within
-            # its 5 minutes, is a replay (events, in JSON, are retried by Slack and taken once by their id). Decided
-            # as Bolt decides how to read the body, not by the Content-Type alone, which the signature does not
-            # cover: a replay under another Content-Type is still a form to Bolt.
-            assert signature is not None
-            if self._replays.seen(signature, now):
-                return web.json_response({"error": "replayed request: Slack already sent this one"}, status=401)
-            self._replays.remember(signature, now + 2 * SIGNATURE_WINDOW)
-            if self.claim is not None and not await self.claim("slack", signature, timedelta(seconds=2 * SIGNATURE_WINDOW)):
-                return web.json_response({"error": "replayed request: Slack already sent this one"}, status=401)
         try:
             bolt_request = await to_bolt_request(request)
         except (UnicodeDecodeError, LookupError):  # not UTF-8; a charset nobody knows
@@ -370,7 +359,28 @@ class SlackAdapter:
         problem = _shape_problem(bolt_request.body)
         if problem is not None:  # Bolt's middleware would fail on it with a 500
             return web.json_response({"error": f"not a Slack request body: {problem}"}, status=400)
-        return await to_aiohttp_response(await self.bolt.async_dispatch(bolt_request))
+        # As Bolt decides (slack_bolt.request.internals): the raw header up to ";", compared exactly, or a body
+        # that starts with "{". aiohttp's content_type normalises case and spacing, which Bolt does not.
+        raw_type = request.headers.get("Content-Type", "").split(";")[0]
+        if raw_type == "application/json" or body.startswith(b"{"):
+            return await to_aiohttp_response(await self.bolt.async_dispatch(bolt_request))
+        # What Bolt reads as a form: a slash command or a click, which Slack never sends twice: the same signed
+        # request again, within its 5 minutes, is a replay (events, in JSON, are retried by Slack and taken once by
+        # their id). Decided as Bolt decides how to read the body, not by the Content-Type alone, which the signature
+        # does not cover: a replay under another Content-Type is still a form to Bolt.
+        assert signature is not None
+        if self._replays.seen(signature, now):
+            return web.json_response({"error": "replayed request: Slack already sent this one"}, status=401)
+        self._replays.remember(signature, now + 2 * SIGNATURE_WINDOW)
+        handling = (Unclaimed(signature) if self.claim is None
+                    else await self.claim("slack", signature, timedelta(seconds=2 * SIGNATURE_WINDOW)))
+        if handling is None:
+            return web.json_response({"error": "replayed request: Slack already sent this one"}, status=401)
+        bolt_request.context[CLAIMED] = handling  # the listener that hands its work to a task takes it along
+        response = await to_aiohttp_response(await self.bolt.async_dispatch(bolt_request))
+        if bolt_request.context.pop(CLAIMED, None) is not None:  # no listener took it (a link button): nothing to do
+            await handling.settle()
+        return response
 
     # -- Adapter ----------------------------------------------------------------------------------
 
@@ -472,16 +482,16 @@ class SlackAdapter:
 
     # -- inbound ----------------------------------------------------------------------------------
 
-    async def _on_click(self, ack: Any, body: dict[str, Any], action: dict[str, Any]) -> None:
+    async def _on_click(self, ack: Any, body: dict[str, Any], action: dict[str, Any], context: Any) -> None:
         await ack()
-        self._spawn(self._click(body, action), "click")
+        self._spawn_claimed(context, lambda handling: self._click(body, action, handling), "click")
 
     async def _on_other_click(self, ack: Any) -> None:
         await ack()
 
-    async def _on_command(self, ack: Any, body: dict[str, Any]) -> None:
+    async def _on_command(self, ack: Any, body: dict[str, Any], context: Any) -> None:
         await ack()
-        self._spawn(self._command(body), "command")
+        self._spawn_claimed(context, lambda handling: self._command(body, handling), "command")
 
     async def _on_mention(self, ack: Any, body: dict[str, Any], event: dict[str, Any]) -> None:
         await ack()
@@ -493,9 +503,28 @@ class SlackAdapter:
 
     async def _mention_once(self, event_id: str, event: dict[str, Any]) -> None:
         """Slack retries an event it thinks was missed, maybe to another replica: the one that claims it answers."""
-        if event_id and self.claim is not None and not await self.claim("slack-event", event_id, EVENT_RETRIES):
+        handling = (Unclaimed(event_id) if not event_id or self.claim is None
+                    else await self.claim("slack-event", event_id, EVENT_RETRIES))
+        if handling is None or not await handling.ready():
             return
-        await self._mention(event)
+        async with handling:
+            await self._mention(event, handling)
+        # Failed before it acted: a retry of it is handled, here too.
+        if handling.released and event_id in self._seen_events:
+            self._seen_events.remove(event_id)
+
+    def _spawn_claimed(self, context: Any, work: Callable[[Handling], Coroutine[Any, Any, None]], what: str) -> None:
+        """A slash command or click, handled in the background under the Handling its request was claimed with."""
+        handling = context.pop(CLAIMED, None) or Unclaimed("")
+        self._spawn(self._claimed(handling, work), what)
+
+    async def _claimed(self, handling: Handling, work: Callable[[Handling], Coroutine[Any, Any, None]]) -> None:
+        if not await handling.ready():  # another replica was handling the same request, and did
+            return
+        async with handling:
+            await work(handling)
+        if handling.released:  # failed before it acted: the same request again is handled, here too
+            self._replays.forget(handling.key)
 
     def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> None:
         task = asyncio.get_running_loop().create_task(self._guarded(work, what))
@@ -508,14 +537,14 @@ class SlackAdapter:
         except Exception:
             log.exception("slack: handling a %s failed", what)
 
-    async def _click(self, body: dict[str, Any], action: dict[str, Any]) -> None:
+    async def _click(self, body: dict[str, Any], action: dict[str, Any], handling: Handling) -> None:
         try:
             event = action_event(body, action)
         except actions.CodecError as exc:
             log.warning("slack: refused button value from user %s: %s", (body.get("user") or {}).get("id"), exc)
             await self._answer(body, Reply(INVALID_BUTTON))
             return
-        reply = await self._dispatch(self.dispatcher.handle_action(event))
+        reply = await self._dispatch(self.dispatcher.handle_action(event), handling)
         if reply is None:
             return
         if not reply.ephemeral and event.source is not None:  # for everyone: in the incident's thread
@@ -531,13 +560,13 @@ class SlackAdapter:
         except DeliveryError as exc:  # the answer still reaches the clicker; the buttons stay
             log.warning("slack: cannot settle the clicked message: %s", exc)
 
-    async def _command(self, body: dict[str, Any]) -> None:
-        reply = await self._dispatch(self.dispatcher.handle_command(command_event(body)))
+    async def _command(self, body: dict[str, Any], handling: Handling) -> None:
+        reply = await self._dispatch(self.dispatcher.handle_command(command_event(body)), handling)
         await self._answer(body, reply)
 
-    async def _mention(self, event: dict[str, Any]) -> None:
+    async def _mention(self, event: dict[str, Any], handling: Handling) -> None:
         command = mention_event(event)
-        reply = await self._dispatch(self.dispatcher.handle_command(command))
+        reply = await self._dispatch(self.dispatcher.handle_command(command), handling)
         channel, thread = event.get("channel", ""), event.get("thread_ts") or event.get("ts")
         if reply.ephemeral:
             await self._call("chat.postEphemeral", self.client.chat_postEphemeral(
@@ -549,12 +578,17 @@ class SlackAdapter:
         await self._call("chat.postMessage", self.client.chat_postMessage(
             channel=channel, thread_ts=thread, **self._reply_payload(reply)))
 
-    async def _dispatch(self, work: Coroutine[Any, Any, Reply | None]) -> Reply | None:
+    async def _dispatch(self, work: Coroutine[Any, Any, Reply | None], handling: Handling) -> Reply | None:
+        """The dispatcher's answer; the request is settled once it answered (the same request again is a replay
+        from then on), released if it failed (the person is told; the same request again is handled)."""
         try:
-            return await work
+            reply = await work
         except Exception:
             log.exception("slack: the dispatcher failed")
+            await handling.release()
             return Reply(FAILED)
+        await handling.settle()
+        return reply
 
     def _reply_payload(self, reply: Reply) -> dict[str, Any]:
         if reply.message is not None:

@@ -40,7 +40,8 @@ from telegram.ext import Application
 from adapters.settings import TelegramSettings
 from bot import actions
 from bot.auth import raw_bytes
-from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
+from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
+                      Unclaimed)
 from bot.model import Actor
 from bot.render import TEXT_FORMATS
 
@@ -287,9 +288,10 @@ class TelegramAdapter:
         self._loops: set[asyncio.Task[None]] = set()  # the polling loop, a connect retry: cancelled at stop
         self._poller: asyncio.Task[None] | None = None
         self._seen_updates: deque[int] = deque(maxlen=1000)
-        # Claims an update in the store (scope, key, window) -> whether it is ours, so that another replica, or this
-        # one after a restart, skips a retry; set by the bot (storage/replays.py). None: memory is the only guard.
-        self.claim: Callable[[str, str, timedelta], Awaitable[bool]] | None = None
+        # Claims an update in the store (scope, key, window) -> its Handling, or None for a copy of one handled, so
+        # that another replica, or this one after a restart, skips a retry of it, and handles a retry of one whose
+        # handling a crash cut off; set by the bot (storage/replays.py). None: memory is the only guard.
+        self.claim: Callable[[str, str, timedelta], Awaitable[Handling | None]] | None = None
         # `mode: polling` with several replicas: only the one for which this answers True polls.
         self.may_poll: Callable[[], Awaitable[bool]] | None = None
         self.follower_wait = 10.0  # seconds between a follower's attempts to take over
@@ -552,15 +554,20 @@ class TelegramAdapter:
             return
         self._seen_updates.append(update.update_id)
         # Its retry may reach another replica (webhook behind a load balancer): the one that claims it handles it.
-        if self.claim is not None and not await self.claim(
-                "telegram", f"{self.settings.bot_token.partition(':')[0]}:{update.update_id}", UPDATE_RETRIES):
+        key = f"{self.settings.bot_token.partition(':')[0]}:{update.update_id}"
+        handling = Unclaimed(key) if self.claim is None else await self.claim("telegram", key, UPDATE_RETRIES)
+        if handling is None or not await handling.ready():
             return
-        if update.callback_query is not None:
-            await self._click(update.callback_query)
-        elif update.message is not None:
-            await self._command(update.message)
+        async with handling:
+            if update.callback_query is not None:
+                await self._click(update.callback_query, handling)
+            elif update.message is not None:
+                await self._command(update.message, handling)
+        # Failed before it acted: a retry of it is handled, here too.
+        if handling.released and update.update_id in self._seen_updates:
+            self._seen_updates.remove(update.update_id)
 
-    async def _click(self, query: CallbackQuery) -> None:
+    async def _click(self, query: CallbackQuery, handling: Handling) -> None:
         data = query.data or ""
         try:
             if data[:1] in (ASK, CANCEL):
@@ -572,7 +579,7 @@ class TelegramAdapter:
             log.warning("telegram: refused callback data from user %s: %s", query.from_user.id, exc)
             await self._answer(query, INVALID_BUTTON)
             return
-        reply = await self._dispatch(self.dispatcher.handle_action(event))
+        reply = await self._dispatch(self.dispatcher.handle_action(event), handling)
         await self._answer(query, toast(reply.text) if reply is not None else "")
         private = query.message is not None and getattr(query.message.chat, "type", None) == "private"
         if reply is not None and reply.settle is not None and event.source is not None and private:
@@ -610,7 +617,7 @@ class TelegramAdapter:
         label = next((k.text for row in changed.inline_keyboard for k in row if k.callback_data == data[1:]), "")
         await self._answer(query, f"Tap \u201c{label}\u201d to confirm, or Cancel." if data[0] == ASK else "")
 
-    async def _command(self, message: Message) -> None:
+    async def _command(self, message: Message, handling: Handling) -> None:
         try:
             username = self.bot.username
         except RuntimeError:  # not initialized (getMe has not answered): no /command@name is taken as ours
@@ -621,7 +628,7 @@ class TelegramAdapter:
         event = command_event(message, username)
         if event is None:
             return
-        reply = await self._dispatch(self.dispatcher.handle_command(event))
+        reply = await self._dispatch(self.dispatcher.handle_command(event), handling)
         payload = self._reply_payload(reply)
         try:
             await self._post(str(message.chat.id), str(message.message_id), payload)
@@ -645,12 +652,17 @@ class TelegramAdapter:
             log.warning("telegram: could not answer %s in chat %s (%s), nor privately (%s)", event.name,
                         message.chat.id, problem, exc)
 
-    async def _dispatch(self, work: Coroutine[Any, Any, Reply | None]) -> Reply | None:
+    async def _dispatch(self, work: Coroutine[Any, Any, Reply | None], handling: Handling) -> Reply | None:
+        """The dispatcher's answer; the update is settled once it answered (a retry of it is a copy from then on),
+        released if it failed (the person is told; a retry of it is handled)."""
         try:
-            return await work
+            reply = await work
         except Exception:
             log.exception("telegram: the dispatcher failed")
+            await handling.release()
             return Reply(FAILED)
+        await handling.settle()
+        return reply
 
     def _reply_payload(self, reply: Reply) -> dict[str, Any]:
         if reply.message is not None:

@@ -157,6 +157,11 @@ class ReplayGuard:
             self._tags[signature] = tag
         heapq.heappush(self._expiries, (until, signature))
 
+    def forget(self, signature: str) -> None:
+        """Not accepted after all (its handling failed before it acted): the same request again is taken."""
+        self._seen.pop(signature, None)  # (its entry in _expiries no longer matches, and is dropped when due)
+        self._tags.pop(signature, None)
+
 
 def replay_message(delivery_id: str | None) -> str:
     """The 401's words for a signed alert request accepted before (under another X-Delivery-ID, or none)."""

@@ -135,3 +135,46 @@ class Finder(Protocol):
     whose answer was lost (`DeliveryError.unknown`) is looked for before it is made again."""
 
     async def find(self, chat_id: str, key: str, *, thread: str | None, sent_at: float) -> MessageRef | None: ...
+
+
+class Handling(Protocol):
+    """A click, command or event claimed so that no copy of it is acted on twice, at any replica or after a restart
+    (storage.replays.Handling): `ready()` says whether to handle it (it may wait while another replica does);
+    `async with` while handling it; `settle()` once what it stands for is done, `release()` if that failed before
+    it acted (`released` then: a copy of it is handled, so the adapter forgets it too)."""
+
+    key: str
+    released: bool
+
+    async def ready(self) -> bool: ...
+
+    async def settle(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+    async def __aenter__(self) -> Handling: ...
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None: ...
+
+
+class Unclaimed:
+    """The Handling of a request with no store to claim it in (an adapter on its own): the process's memory of the
+    requests it took is the only guard, and it is forgotten when its handling is released."""
+
+    def __init__(self, key: str):
+        self.key, self.released = key, False
+
+    async def ready(self) -> bool:
+        return True
+
+    async def settle(self) -> None:
+        return None
+
+    async def release(self) -> None:
+        self.released = True
+
+    async def __aenter__(self) -> Unclaimed:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        return None

@@ -108,14 +108,19 @@ class Dispatcher:
             return refused
         spec, person = self.actions[event.action], self.identify(event.actor)
         assert person is not None
-        if event.event_id and self._duplicate(f"{event.actor.platform}:{event.event_id}"):
+        key = f"{event.actor.platform}:{event.event_id}"
+        if event.event_id and self._duplicate(key):
             log.info("dropped a repeated delivery of click %s", event.event_id)
             return None
         lock = self._locks.get(event.incident_id)
         if lock is None:
             lock = self._locks[event.incident_id] = asyncio.Lock()
         async with lock:
-            return await spec.handler(event, person)
+            try:
+                return await spec.handler(event, person)
+            except Exception:  # it failed: a repeated delivery of the click is handled, not dropped
+                self._seen.pop(key, None)
+                raise
 
     async def handle_command(self, event: CommandEvent) -> Reply:
         name = event.name.lstrip("/").lower()

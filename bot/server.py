@@ -107,7 +107,7 @@ class Bot:
             from adapters.slack import SlackAdapter
 
             slack = SlackAdapter(loaded.adapters["slack"], renderer=self.renderer, dispatcher=self.dispatcher)
-            slack.claim = self.replays.claim  # a replay refused at every replica, and after a restart
+            slack.claim = self.replays.begin  # a replay refused at every replica, and after a restart
             self.adapters["slack"] = slack
         if "telegram" in loaded.adapters:
             from adapters.telegram import TelegramAdapter
@@ -115,7 +115,7 @@ class Bot:
             telegram = TelegramAdapter(loaded.adapters["telegram"], renderer=self.renderer, dispatcher=self.dispatcher)
             self.leaders.append(leader := Leader(self.db, "telegram-polling"))
             telegram.may_poll = leader.held  # with several replicas on PostgreSQL, one polls
-            telegram.claim = self.replays.claim
+            telegram.claim = self.replays.begin
             self.adapters["telegram"] = telegram
         self.adapters_failed: dict[str, str] = {}
 

@@ -8,6 +8,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlencode
@@ -15,14 +16,16 @@ from urllib.parse import urlencode
 import pytest
 from sqlalchemy import func, select
 
+from adapters.telegram import FAILED
 from bot.auth import sign
 from storage.models import AlertRecord, AlertSignature, SeenRequest
-from tests.botkit import CONFIG, Harness, bot_on, running_bot
+from tests.botkit import CONFIG, FIXTURES, Harness, bot_on, fixture, running_bot
 from tests.conftest import drop_schema, postgres_url
 from tests.fake_slack import FakeSlack, signed as slack_signed
 from tests.fake_telegram import FakeTelegram
 
 SLACK_SECRET = "slack-signing-secret-for-tests"
+TG_SECRET = "wh-secret"
 
 
 # A second source that shares the generic source's secret (a sender configured twice, say).
@@ -126,14 +129,23 @@ async def test_a_signature_taken_by_one_source_is_a_replay_at_another_anywhere(p
 
 async def test_a_claim_ends_with_its_window_and_the_job_deletes_it(pair: tuple[Harness, Harness]) -> None:
     one, other = pair
-    assert await one.bot.replays.claim("test", "k", timedelta(minutes=10))
-    assert not await other.bot.replays.claim("test", "k", timedelta(minutes=10))
-    assert await other.bot.replays.claim("test", "other-key", timedelta(hours=1))
+
+    async def handled(h: Harness, key: str, window: timedelta) -> bool:
+        """Whether `h` took the request and handled it (its claim settled), or found it taken."""
+        handling = await h.bot.replays.begin("test", key, window)
+        if handling is None or not await handling.ready():
+            return False
+        await handling.settle()
+        return True
+
+    assert await handled(one, "k", timedelta(minutes=10))
+    assert not await handled(other, "k", timedelta(minutes=10))
+    assert await handled(other, "other-key", timedelta(hours=1))
     one.clock.advance(timedelta(minutes=11))
     await other.bot.replays.purge()  # "k" ended; "other-key" has 49 minutes left
     async with one.bot.db.sessions() as s:
         assert (await s.execute(select(SeenRequest.scope, SeenRequest.key))).all() == [("test", "other-key")]
-    assert await other.bot.replays.claim("test", "k", timedelta(minutes=10))  # ended: anyone's again
+    assert await handled(other, "k", timedelta(minutes=10))  # ended: anyone's again
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgres"])
@@ -260,10 +272,256 @@ async def test_a_claim_behind_a_busy_sqlite_writer_gives_up_after_a_second(tmp_p
         holder.execute("BEGIN IMMEDIATE")
         try:
             started = time.monotonic()
-            assert await h.bot.replays.claim("slack", "v0=abc", timedelta(minutes=10))  # taken as ours
+            handling = await h.bot.replays.begin("slack", "v0=abc", timedelta(minutes=10))
+            assert handling is not None and await handling.ready()  # taken as ours
             assert time.monotonic() - started < 2
         finally:
             holder.execute("ROLLBACK")
             holder.close()
         await asyncio.sleep(0.5)  # the claim finishes on its own once the lock is free
-        assert not await h.bot.replays.claim("slack", "v0=abc", timedelta(minutes=10))
+        await handling.settle()
+        assert await h.bot.replays.begin("slack", "v0=abc", timedelta(minutes=10)) is None
+
+
+# -- a click, command or event cut off before it acted is handled when the platform retries it --------------------
+
+def telegram_config(fake: FakeTelegram) -> str:
+    return (f"adapters:\n  telegram: {{bot_token: '{fake.token}', webhook_secret: {TG_SECRET}, "
+            f"api_url: '{fake.api_url}'}}\n")
+
+
+def tap(update_id: int, incident: int) -> dict:
+    """Alice taps Acknowledge under the incident's card in the group, as Telegram posts it (and retries it)."""
+    update = json.loads((FIXTURES / "telegram" / "callback_query.json").read_text())
+    update["update_id"] = update_id
+    query = update["callback_query"]
+    query["id"], query["data"] = f"cb{update_id}", f"ack:{incident}"
+    query["message"]["chat"]["id"] = -100123
+    return update
+
+
+async def deliver(h: Harness, update: dict) -> None:
+    answer = await h.client.post("/telegram/webhook", json=update,
+                                 headers={"X-Telegram-Bot-Api-Secret-Token": TG_SECRET})
+    assert answer.status == 200
+
+
+def toasts(fake: FakeTelegram) -> list[str | None]:
+    return [c.params.get("text") for c in fake.called("answerCallbackQuery")]
+
+
+def hold(h: Harness, kind: str = "action") -> tuple[asyncio.Event, asyncio.Event]:
+    """The replica's dispatcher takes each click (or command) and holds it until `go` is set, before it acts (the
+    bot busy, or about to be killed): (entered, go)."""
+    entered, go = asyncio.Event(), asyncio.Event()
+    name, dispatcher = f"handle_{kind}", h.bot.dispatcher
+
+    async def held(event: object) -> object:
+        entered.set()
+        await go.wait()
+        return await getattr(type(dispatcher), name)(dispatcher, event)
+    setattr(h.bot.dispatcher, name, held)
+    return entered, go
+
+
+async def killed(h: Harness) -> None:
+    """The bot dies where it is (SIGKILL): the handling of what it took is cut off, and nothing after it runs; what
+    it committed stays in the store."""
+    tasks = [task for adapter in h.bot.adapters.values() for task in getattr(adapter, "_tasks", ())]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def claims(h: Harness, scope: str) -> int:
+    async with h.bot.db.sessions() as s:
+        return (await s.execute(select(func.count()).select_from(SeenRequest).where(SeenRequest.scope == scope))
+                ).scalar_one()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_a_telegram_update_cut_off_by_a_crash_is_handled_when_telegram_retries_it(tmp_path: Path, pg_schema: str,
+                                                                                        database: str) -> None:
+    """The bot claimed Alice's tap on Acknowledge, then was killed before the acknowledgement committed. Telegram's
+    retry after the restart is handled (the claim of a handling that never ended lapses within a minute or so, not
+    an hour); once handled, a retry of it after another restart is refused."""
+    url = postgres_url() if database == "postgres" else f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    schema = pg_schema if database == "postgres" else None
+    try:
+        async with FakeTelegram() as fake:
+            async with running_bot(url, telegram_config(fake), schema=schema) as h:
+                assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+                entered, _ = hold(h)
+                await deliver(h, tap(7001, 1))
+                await asyncio.wait_for(entered.wait(), 5)
+                assert await claims(h, "telegram") == 1  # claimed and committed; then the bot is killed
+                await killed(h)
+                clock = h.clock
+            clock.advance(timedelta(minutes=2))
+            async with running_bot(url, telegram_config(fake), schema=schema, clock=clock) as h:
+                await deliver(h, tap(7001, 1))  # Telegram's retry: the first delivery was never answered
+                await fake.wait_for(lambda: toasts(fake), timeout=5)
+                assert toasts(fake) == ["Acknowledged #1."]
+                [incident] = await h.incidents()
+                assert (incident.status, incident.acknowledged_by) == ("acknowledged", "alice")
+            clock.advance(timedelta(minutes=2))
+            async with running_bot(url, telegram_config(fake), schema=schema, clock=clock) as h:
+                await deliver(h, tap(7001, 1))  # and again: this time it was handled
+                await asyncio.sleep(1.5)
+                assert toasts(fake) == ["Acknowledged #1."]
+                assert (await h.actions(1)).count("incident.acknowledged") == 1
+    finally:
+        if database == "postgres":
+            await drop_schema(url, pg_schema)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_a_telegram_update_whose_handling_failed_is_handled_when_telegram_retries_it(
+        tmp_path: Path, pg_schema: str, database: str) -> None:
+    """The store failed Alice's acknowledgement before it committed (she is told something went wrong): Telegram's
+    retry of the update is handled, not dropped as one already taken."""
+    async with FakeTelegram() as fake, bot_on(database, tmp_path, pg_schema, telegram_config(fake)) as h:
+        assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+        spec, failed = h.bot.dispatcher.actions["ack"], []
+
+        async def failing_once(event: object, person: object) -> object:
+            if not failed:
+                failed.append(event)
+                raise ConnectionResetError("the database went away")
+            return await spec.handler(event, person)  # type: ignore[arg-type]
+        h.bot.dispatcher.actions["ack"] = replace(spec, handler=failing_once)
+        await deliver(h, tap(7002, 1))
+        await fake.wait_for(lambda: toasts(fake), timeout=5)
+        await deliver(h, tap(7002, 1))
+        await fake.wait_for(lambda: len(toasts(fake)) == 2, timeout=5)
+        assert toasts(fake) == [FAILED, "Acknowledged #1."]
+        assert (await h.incidents())[0].status == "acknowledged"
+
+
+async def test_a_retry_at_another_replica_waits_for_the_first_and_takes_over_only_if_it_died(
+        tmp_path: Path, pg_schema: str) -> None:
+    """Telegram retries an update (the first delivery's answer was lost) to the other replica while the first still
+    handles it: the other waits, and does not act when the first did. When the first dies before it acted, the
+    other handles it once the first's claim lapses."""
+    async with FakeTelegram() as fake:
+        async with replicas(tmp_path, pg_schema, telegram_config(fake)) as (one, other):
+            assert (await one.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+            assert (await one.post("am", fixture("alertmanager/03-highcpu-firing.json")))[0] == 200
+            entered, go = hold(one)
+            await deliver(one, tap(7101, 1))
+            await asyncio.wait_for(entered.wait(), 5)
+            await deliver(other, tap(7101, 1))
+            await asyncio.sleep(1.5)
+            assert toasts(fake) == [] and (await one.incidents())[0].status == "triggered"
+            go.set()
+            await fake.wait_for(lambda: toasts(fake), timeout=5)
+            await asyncio.sleep(1.5)
+            assert toasts(fake) == ["Acknowledged #1."]
+            assert (await one.actions(1)).count("incident.acknowledged") == 1
+
+            entered, _ = hold(one)
+            await deliver(one, tap(7102, 2))
+            await asyncio.wait_for(entered.wait(), 5)
+            await deliver(other, tap(7102, 2))
+            await asyncio.sleep(1.5)
+            assert len(toasts(fake)) == 1
+            await killed(one)
+            one.clock.advance(timedelta(minutes=2))
+            await fake.wait_for(lambda: len(toasts(fake)) == 2, timeout=5)
+            assert toasts(fake)[1] == "Acknowledged #2."
+            second = (await other.incidents())[1]
+            assert (second.status, second.acknowledged_by) == ("acknowledged", "alice")
+            assert (await other.actions(2)).count("incident.acknowledged") == 1
+
+
+async def test_a_handling_that_outlasts_its_lease_keeps_it_while_it_runs(tmp_path: Path, pg_schema: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first replica takes longer than a lease (a slow store, a platform's flood control): it renews its claim
+    while it runs, so the retry waiting at the other replica does not take it over, and Alice's tap acts once."""
+    import storage.replays
+
+    monkeypatch.setattr(storage.replays, "RENEW_EVERY", 0.2)
+    async with FakeTelegram() as fake:
+        async with replicas(tmp_path, pg_schema, telegram_config(fake)) as (one, other):
+            assert (await one.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+            entered, go = hold(one)
+            await deliver(one, tap(7201, 1))
+            await asyncio.wait_for(entered.wait(), 5)
+            await deliver(other, tap(7201, 1))
+            for _ in range(4):  # four minutes on the clock, each one renewed by the first replica
+                await asyncio.sleep(0.5)
+                one.clock.advance(timedelta(seconds=50))
+            await asyncio.sleep(1.5)
+            assert toasts(fake) == [] and (await other.incidents())[0].status == "triggered"
+            go.set()
+            await fake.wait_for(lambda: toasts(fake), timeout=5)
+            await asyncio.sleep(1.5)
+            assert toasts(fake) == ["Acknowledged #1."]
+            assert (await other.actions(1)).count("incident.acknowledged") == 1
+
+
+async def test_a_slack_event_cut_off_by_a_crash_is_handled_when_slack_retries_it(
+        slack_pair: tuple[Harness, Harness, FakeSlack]) -> None:
+    one, other, fake = slack_pair
+    event = json.dumps({"type": "event_callback", "team_id": "T0FAKE", "api_app_id": "A0FAKE", "event_id": "Ev0002",
+                        "event_time": 1700000000, "event": {"type": "app_mention", "user": "U01ALICE",
+                                                             "text": "<@U0BOT> help", "channel": "C0OPS",
+                                                             "ts": "1700000000.000200"}})
+    entered, _ = hold(one, "command")
+    headers = slack_signed(event, secret=SLACK_SECRET, content_type="application/json")
+    assert (await one.client.post("/slack/events", data=event, headers=headers)).status == 200
+    await asyncio.wait_for(entered.wait(), 5)
+    await killed(one)
+    one.clock.advance(timedelta(minutes=2))
+    headers = {**slack_signed(event, secret=SLACK_SECRET, content_type="application/json"),
+               "X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
+    assert (await other.client.post("/slack/events", data=event, headers=headers)).status == 200
+    await fake.wait_for(lambda: fake.called("chat.postEphemeral"), timeout=5)
+    await asyncio.sleep(0.5)
+    assert len(fake.called("chat.postEphemeral")) == 1  # the help, to Alice, once
+
+
+async def test_a_slack_click_cut_off_by_a_crash_is_handled_when_it_comes_again(
+        slack_pair: tuple[Harness, Harness, FakeSlack]) -> None:
+    """The same signed click again (a proxy that retries at another replica when the first died): when the first
+    replica was killed before it acted, the copy is handled once its claim lapsed; while the first still handles
+    it, a copy waits and does nothing; once it was handled, a copy is a replay (401)."""
+    from tests.test_slack_flow import CLICK
+
+    one, other, fake = slack_pair
+    assert (await one.post("am", fixture("alertmanager/03-highcpu-firing.json")))[0] == 200
+    assert (await one.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+
+    def click(incident: int) -> tuple[str, dict[str, str]]:
+        payload = json.loads(json.dumps(CLICK))
+        payload["user"] = {"id": "U01ALICE", "username": "alice", "name": "alice", "team_id": "T0FAKE"}
+        payload["response_url"] = fake.response_url(f"click{incident}")
+        action = payload["actions"][0]
+        action.update(value=f"ack:{incident}", action_id="chatops:ack", action_ts=f"17000{incident}.1")
+        body = urlencode({"payload": json.dumps(payload)})
+        return body, slack_signed(body, secret=SLACK_SECRET)
+
+    body, headers = click(1)
+    entered, _ = hold(one)
+    assert (await one.client.post("/slack/events", data=body, headers=headers)).status == 200
+    await asyncio.wait_for(entered.wait(), 5)
+    await killed(one)
+    one.clock.advance(timedelta(minutes=2))
+    assert (await other.client.post("/slack/events", data=body, headers=headers)).status == 200
+    await fake.wait_for(lambda: fake.responses.get("click1"), timeout=5)
+    assert [r["text"] for r in fake.responses["click1"]] == ["Acknowledged #1."]
+
+    body, headers = click(2)
+    entered, go = hold(one)
+    assert (await one.client.post("/slack/events", data=body, headers=headers)).status == 200
+    await asyncio.wait_for(entered.wait(), 5)
+    assert (await other.client.post("/slack/events", data=body, headers=headers)).status == 200
+    await asyncio.sleep(1.5)
+    assert "click2" not in fake.responses
+    go.set()
+    await fake.wait_for(lambda: fake.responses.get("click2"), timeout=5)
+    await asyncio.sleep(1.5)
+    assert [r["text"] for r in fake.responses["click2"]] == ["Acknowledged #2."]
+    assert (await other.client.post("/slack/events", data=body, headers=headers)).status == 401
+    assert [i.status for i in await other.incidents()] == ["acknowledged", "acknowledged"]
+    assert (await other.actions()).count("incident.acknowledged") == 2

@@ -283,6 +283,23 @@ async def test_a_failing_dispatcher_still_answers_the_user(env: Env) -> None:
     assert env.slack.responses["cmd"][0]["text"] == FAILED
 
 
+async def test_a_command_whose_handling_failed_is_handled_when_it_comes_again(env: Env) -> None:
+    """The dispatcher failed before it acted (the person is told so): the same request again is handled, not
+    refused as a replay of one already taken."""
+    env.dispatcher.error = RuntimeError("the database went away")
+    form = dict(parse_qsl((FIXTURES / "slash_command.txt").read_text()))
+    form.update(response_url=env.slack.response_url("cmd"))
+    body = urlencode(form)
+    headers = signed(body)
+    assert (await env.post(body, headers))[0] == 200
+    await env.slack.wait_for(lambda: env.slack.responses["cmd"])
+    env.dispatcher.error = None
+    assert (await env.post(body, headers))[0] == 200
+    await env.slack.wait_for(lambda: len(env.slack.responses["cmd"]) == 2)
+    assert [r["text"] for r in env.slack.responses["cmd"]] == [FAILED, "Acknowledged #42."]
+    assert (await env.post(body, headers))[0] == 401  # handled now: the same request again is a replay
+
+
 async def test_a_broken_template_still_answers_with_the_text(env: Env) -> None:
     def broken(kind: str, platform: str, context: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("template incident-list.slack.json.j2: output is not valid JSON")

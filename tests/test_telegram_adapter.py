@@ -458,6 +458,19 @@ async def test_a_failing_dispatcher_still_answers_the_command(env: Env) -> None:
     assert html.unescape(env.tg.called("sendMessage")[0].params["text"]) == FAILED
 
 
+async def test_an_update_whose_handling_failed_is_handled_when_telegram_sends_it_again(env: Env) -> None:
+    """The dispatcher failed before it acted (the person is told so): the same update again is handled, not dropped
+    as one already taken."""
+    env.dispatcher.error = RuntimeError("the database went away")
+    update = await env.command("/ack 42")
+    await env.tg.wait_for(lambda: env.tg.called("sendMessage"))
+    env.dispatcher.error = None
+    assert (await env.post(update))[0] == 200  # Telegram's retry
+    await env.tg.wait_for(lambda: len(env.tg.called("sendMessage")) == 2)
+    assert [html.unescape(c.params["text"]) for c in env.tg.called("sendMessage")] == [FAILED, "Acknowledged #42."]
+    assert len(env.dispatcher.commands) == 2
+
+
 @pytest.mark.parametrize(("text", "args"), [
     ("ack 42", ["ack", "42"]), ("  ack   42  ", ["ack", "42"]), ("", []),
     ('override dba "until 18:00"', ["override", "dba", "until 18:00"]),
