@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     olist.set_defaults(func=cmd_outbox_list)
     oretry = outbox.add_parser("retry", parents=[common], help="send dead deliveries again (after fixing the cause)")
     oretry.add_argument("ids", nargs="*", type=_ID, metavar="ID", help="the deliveries (from outbox list --status dead)")
-    oretry.add_argument("--dead", action="store_true", help="every dead delivery but pages")
+    oretry.add_argument("--dead", action="store_true", help="every dead delivery but pages and those a platform took without confirming")
     oretry.set_defaults(func=cmd_outbox_retry)
     telegram = sub.add_parser("telegram", parents=[common], help="Telegram setup").add_subparsers(dest="telegram", required=True, metavar="ACTION")
     hook = telegram.add_parser("set-webhook", parents=[common], help="register {public_url}/telegram/webhook with Telegram")
