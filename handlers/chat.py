@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bot.actions import MAX_ID, Action
@@ -79,7 +79,7 @@ class ChatHandlers:
                          f"`{platform}: {user}` to your entry under `people:` in app.yaml and restart the bot.")
         roles = ", ".join(person.roles) or "none"
         text = (f"Hello {person.name}! Your {platform.capitalize()} id {user} is linked to `{person.id}` "
-                f"(roles: {roles}). {_where_pages_go(person)}")
+                f"(roles: {roles}). {_where_pages_go(person, self.adapters)}")
         if platform == "telegram" and not event.direct:  # (said "pages will reach you here": in the group they never do)
             text += (" Telegram lets a bot write to you only in a private chat you started: open one with me and "
                      "send /start there, or no page reaches you on Telegram.")
@@ -175,24 +175,24 @@ class ChatHandlers:
         return Reply(f"#{incident.id} {incident.title} ({incident.status})", message=card)
 
 
-def _where_pages_go(person: Person) -> str:
-    """Where this person's pages go, in the order they are tried (handlers.paging.page_order), on the platforms
-    app.yaml has an id of theirs for."""
+def _where_pages_go(person: Person, on: Collection[str]) -> str:
+    """Where this person's pages go, in the order they are tried (handlers.paging.page_order: an escalation's by the
+    hour, one sent by hand as after hours), on the platforms that are on (`on`) and app.yaml has an id of theirs for."""
     ids = {"slack": person.slack, "telegram": person.telegram, "teams": person.teams}
 
     def said(order: Sequence[str]) -> str:
-        return ", then ".join(p.capitalize() for p in order if ids.get(p))
+        return ", then ".join(p.capitalize() for p in order if ids.get(p) and p in on)
 
-    if person.page_via:
-        order = said(person.page_via)
-        return (f"Pages reach you on {order} (your page_via)." if order else
-                "No page can reach you: app.yaml has no id of yours for the platforms of your page_via.")
-    business, after = said(page_order(person, business_hours=True)), said(page_order(person, business_hours=False))
+    business, after = said(page_order(person, business_hours=True)), said(page_order(person))
     if not after:
+        if any(ids.values()):
+            return ("No page can reach you: none of the platforms app.yaml has an id of yours for is on in this bot"
+                    + (" (nor in your page_via)." if person.page_via else "."))
         return "No page can reach you yet: add your Slack or Telegram id to your entry under `people:` in app.yaml."
     if business == after:
-        return f"Pages reach you on {after}."
-    return f"Pages reach you on {business} in business hours, and on {after} after them."
+        return f"Pages reach you on {after}" + (" (your page_via)." if person.page_via else ".")
+    return (f"Escalation pages reach you on {business} in business hours; after them, and pages sent by hand, on "
+            f"{after}.")
 
 
 def _incident_id(args: list[str] | tuple[str, ...] | object) -> int | None:

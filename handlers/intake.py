@@ -1070,8 +1070,8 @@ class Intake:
                     add("reply", "incident.resolved", {"by": "source", "source": t.resolved_by})
                 elif t.resolved_alerts:
                     add("reply", "alerts.resolved", {"count": t.resolved_alerts, "source": t.resolved_by})
-            if t.resolved and incident.id is not None:  # its pages say Resolved now, not Firing (a silenced one's
-                rows.append(page_redraw_row(incident.id, st.now))  # too: `/incident page` reaches people then)
+            if (t.resolved or t.unsilenced) and incident.id is not None:  # its pages say Resolved now, not Firing,
+                rows.append(page_redraw_row(incident.id, st.now))  # or Firing, not Silenced, and offer Escalate again
         return rows
 
 

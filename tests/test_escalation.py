@@ -471,6 +471,30 @@ async def test_a_hand_page_about_a_silenced_incident_is_redrawn_as_the_incident_
         await until(lambda: carols_page() and keys() == ["reo:1"], "Carol's page says it is resolved")
         assert len(w.pages(CAROL_TG)) == 1  # redrawn, not sent again
 
+
+async def test_a_hand_page_about_a_silenced_incident_offers_escalate_once_it_is_not_muted(tmp_path: Path) -> None:
+    """Paged by hand while a maintenance window muted the incident, Carol's page offers no Escalate (it would page
+    nobody). When an alert no silence covers arrives, the incident is posted and escalates: her page is redrawn as
+    firing, with Escalate (it kept saying Silenced)."""
+    silenced = BASE + "silences:\n  - {id: pod-b, matchers: {pod: b}, starts: 2026-01-01T00:00:00Z}\n"
+    async with world(tmp_path, NIGHT, base=silenced) as w:
+        disk = {"asset_name": "db-01", "signature": "DiskFull", "severity": "critical", "message": "disk",
+                "tool_source": "x", "labels": {"team": "db", "pod": "b"}}
+        await w.h.post("open", disk)
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
+        assert paged["text"] == "Paged Carol on Telegram."
+        [page] = w.pages(CAROL_TG)
+        assert [k["callback_data"].split(":")[0] for row in page["reply_markup"]["inline_keyboard"] for k in row
+                ] == ["ack", "?res"]
+        await w.h.post("open", {**disk, "tool_source": "y", "labels": {"team": "db", "pod": "a"}})
+
+        def carols_keys() -> list[str]:
+            edits = [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]
+            return [k["callback_data"].split(":")[0] for row in edits[-1]["reply_markup"]["inline_keyboard"]
+                    for k in row] if edits else []
+
+        await until(lambda: carols_keys() == ["ack", "esc", "?res"], "Carol's page offers Escalate again")
+
 async def test_pages_sent_by_hand_are_counted_in_metrics_as_an_escalations_are(tmp_path: Path) -> None:
     async with world(tmp_path, NIGHT) as w:
         await w.alert("critical", team="quiet")  # no escalation policy: every page here is sent by hand

@@ -199,14 +199,17 @@ async def test_start_says_where_pages_go_and_in_a_group_that_they_need_a_private
     only on Slack. Now it says where pages go, and in the group what to do for them to reach Telegram."""
     private = await both.type("/start")
     assert private == ("Hello Alice! Your Telegram id 111111 is linked to <code>alice</code> (roles: responder). "
-                       "Pages reach you on Slack, then Telegram in business hours, and on Telegram, then Slack after "
-                       "them.")
+                       "Escalation pages reach you on Slack, then Telegram in business hours; after them, and pages "
+                       "sent by hand, on Telegram, then Slack.")
     group = await both.type("/start", chat=GROUP)
     assert group.startswith(private + " Telegram lets a bot write to you only in a private chat you started: open "
                                       "one with me and send /start there, or no page reaches you on Telegram."), group
     carol = await both.type("/start", user=333333)  # no Slack id: Telegram at any hour
     assert carol.endswith("(roles: none). Pages reach you on Telegram."), carol
     assert "here" not in private + carol
+    del both.h.bot.adapters["telegram"]  # a bot whose Telegram is off pages Alice on Slack, at any hour
+    assert (await both.slack.answer(await both.slack.command("/chatops", "start", user="U01ALICE"))
+            )["text"].endswith("(roles: responder). Pages reach you on Slack.")
 
 
 async def test_a_stranger_tapping_in_telegram_is_told_what_to_add(both: Both) -> None:
