@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from html.parser import HTMLParser
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -28,6 +29,11 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 TEXT_FORMATS = ("html", "md", "txt")  # render_text takes the first a platform has
 SLACK_MAX_BLOCKS, SLACK_SECTION_MAX, SLACK_FIELD_MAX, SLACK_FIELDS_MAX = 50, 3000, 2000, 10
 SLACK_HEADER_MAX, SLACK_CONTEXT_ELEMENTS_MAX, SLACK_TEXT_MAX = 150, 10, 40000
+# What Telegram's HTML parse mode takes (core.telegram.org/bots/api#html-style); anything else and it refuses the message.
+TELEGRAM_TAGS = frozenset({"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "span", "tg-spoiler", "a",
+                           "tg-emoji", "code", "pre", "blockquote"})
+TELEGRAM_ENTITIES = frozenset({"lt", "gt", "amp", "quot"})
+TELEGRAM_TEXT_MAX = 4096  # characters of a message's text once its tags and entities are parsed
 
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,40}")
@@ -155,6 +161,7 @@ class Renderer:
                                 slack_date=slack_date, slack_facts=slack_facts,
                                 tojson=_tojson)
         self.checks: dict[str, Callable[[Any], str | None]] = {"slack": _slack_problem}
+        self.text_checks: dict[tuple[str, str], Callable[[str], str | None]] = {("telegram", "html"): _telegram_problem}
 
     def render_text(self, kind: str, platform: str, context: Mapping[str, Any]) -> str:
         """Text for `platform`: its `.html`, `.md` or `.txt` template, else the generic text."""
@@ -213,6 +220,8 @@ class Renderer:
                     output = self._render(name, context)
                     if fmt == "json":
                         self._payload(name, platform, output)
+                    elif (text_check := self.text_checks.get((platform, fmt))) and (problem := text_check(output)):
+                        raise RenderError(self._where(name), problem)
                 except RenderError as e:
                     said = f"{e.problem} (rendering a sample {kind} message)"
                     found.setdefault(e.template, RenderError(e.template, said))
@@ -266,6 +275,58 @@ def _tojson(eval_ctx: Any, value: Any, indent: int | None = None) -> Any:
         str(value)  # StrictUndefined raises, naming the variable
         value = None
     return jinja2.filters.do_tojson(eval_ctx, value, indent)
+
+
+class _TelegramHTML(HTMLParser):
+    """Reads a message as Telegram's HTML parse mode would, noting the first thing it would refuse."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=False)
+        self.open: list[str] = []
+        self.length = 0
+        self.problem: str | None = None
+
+    def _refuse(self, problem: str) -> None:
+        self.problem = self.problem or problem
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag not in TELEGRAM_TAGS:
+            self._refuse(f"<{tag}> is not a tag Telegram takes (it takes {', '.join(sorted(TELEGRAM_TAGS))})")
+        self.open.append(tag)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._refuse(f"<{tag}/>: Telegram takes no self-closing tags (write a line break as a new line)")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.open and self.open[-1] == tag:
+            self.open.pop()
+        else:
+            self._refuse(f"</{tag}> closes no open <{tag}>" + (f" (<{self.open[-1]}> is open)" if self.open else ""))
+
+    def handle_entityref(self, name: str) -> None:
+        if name not in TELEGRAM_ENTITIES:
+            self._refuse(f"&{name}; is not an entity Telegram takes (only &lt; &gt; &amp; &quot; and numeric ones)")
+        self.length += 1
+
+    def handle_charref(self, name: str) -> None:
+        self.length += 1
+
+    def handle_data(self, data: str) -> None:
+        self.length += len(data)
+
+
+def _telegram_problem(text: str) -> str | None:
+    """What Telegram would refuse in a message in its HTML parse mode, or None."""
+    if not text.strip():
+        return "output is empty; Telegram refuses an empty message"
+    reader = _TelegramHTML()
+    reader.feed(text)
+    reader.close()
+    if reader.problem is None and reader.open:
+        reader.problem = f"<{reader.open[-1]}> is never closed"
+    if reader.problem is None and reader.length > TELEGRAM_TEXT_MAX:
+        reader.problem = f"{reader.length} characters of text; Telegram takes {TELEGRAM_TEXT_MAX} in a message"
+    return reader.problem
 
 
 def _slack_problem(payload: dict[str, Any]) -> str | None:

@@ -502,6 +502,28 @@ def test_a_broken_override_template_is_named_before_any_card_is_sent(tmp_path: P
     assert problem in out
 
 
+@pytest.mark.parametrize("template, problem", [
+    ("<div>{{ title }}</div>\n", "<div> is not a tag Telegram takes"),
+    ("<b>{{ title }}\n", "<b> is never closed"),
+    ("<b>{{ title }}</i></b>\n", "</i> closes no open <i> (<b> is open)"),
+    ("{{ title }}<br/>{{ state_label }}\n", "<br/>: Telegram takes no self-closing tags"),
+    ("{{ title }} &mdash; {{ state_label }}\n", "&mdash; is not an entity Telegram takes"),
+    ("{% for i in range(500) %}{{ title }} {% endfor %}\n", "Telegram takes 4096 in a message"),
+])
+def test_an_override_telegram_template_telegram_would_refuse_is_named_at_check_config(
+        tmp_path: Path, template: str, problem: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Telegram HTML template with a tag, an entity or a length Telegram refuses passed check-config, and then every
+    card it drew was refused ("can't parse entities") and given up."""
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "incident.telegram.html.j2").write_text(template)
+    config = tmp_path / "app.yaml"
+    config.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'bot.db'}'}}\ntemplates: {{dir: tpl}}\n")
+    assert main(["check-config", "-c", str(config)]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"templates.dir: template incident.telegram.html.j2 ({tmp_path / 'tpl'}")
+    assert problem in out, out
+
+
 def test_override_templates_that_work_pass_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "tpl"
     folder.mkdir()
