@@ -26,6 +26,7 @@ rotation announces nothing that began before it started.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,9 @@ class Handoffs:
     rotations: dict[str, Rotation] = field(init=False)
     people: dict[str, Person] = field(init=False)
     _caught_up: set[str] = field(init=False, default_factory=set)  # rotations planned since this process started
+    # One planning at a time: the job's first run and a replan (a cover taken, a swap) at start were both "first",
+    # and the later to commit looked back as far as the first (a notice dropped meanwhile came back).
+    _planning: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.rotations = {r.id: r for r in self.config.rotations}
@@ -146,6 +150,10 @@ class Handoffs:
     async def plan(self, rotations: Iterable[str] | None = None) -> int:
         """Add the notice and reminder timers of every handoff in the next 48 hours (or the rotation's reminder
         lead plus a planning interval, when longer); how many were new."""
+        async with self._planning:
+            return await self._plan(rotations)
+
+    async def _plan(self, rotations: Iterable[str] | None) -> int:
         now = self.clock.now()
         wanted = set(rotations) if rotations is not None else None
         added = 0
