@@ -65,6 +65,7 @@ FIND_PAGE, FIND_PAGES = 200, 5  # messages a page, pages at most: one lookup is 
 TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
 TOKEN_ERRORS = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
 _MENTION = re.compile(r"^\s*(<@[UW][A-Z0-9]+(?:\|[^>]*)?>\s*)+")
+_USER_ID = re.compile(r"^[UW][A-Z0-9]+$")  # a person, not a conversation (C..., G..., D...)
 _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'"})
 
 
@@ -418,8 +419,14 @@ class SlackAdapter:
         given up on at `sent_at` (Unix time). Only what Slack stored from TIMEOUT before that until a minute after is
         read (`conversations.history`, or `conversations.replies` for a thread: Tier 3; 1 a minute for an app
         distributed commercially outside the Marketplace), a page or two. Needs channels:history (groups:history
-        for a private channel) and the bot in the channel; Slack's refusal otherwise raises, permanent."""
+        for a private channel) and the bot in the channel; Slack's refusal otherwise raises, permanent. A person's
+        user id (a page, which went to their direct conversation with the bot) is looked for in that conversation:
+        Slack reads and edits no message by a user id, so conversations.open (im:write) gives the conversation, which
+        needs im:history to read."""
         bot_id = self.bot_id or await self._auth_test()  # (Slack was not reachable at start)
+        if _USER_ID.match(chat_id):
+            opened = await self._call("conversations.open", self.client.conversations_open(users=chat_id))
+            chat_id = opened["channel"]["id"]
         window = {"oldest": f"{sent_at - TIMEOUT - FIND_SKEW:.6f}", "latest": f"{sent_at + FIND_SKEW:.6f}",
                   "inclusive": True, "include_all_metadata": True, "limit": FIND_PAGE}
         cursor: str | None = None
@@ -634,9 +641,11 @@ def manifest(*, public_url: str, bot_name: str = "chatops") -> dict[str, Any]:
                 for name, (description, hint) in COMMANDS.items()
             ],
         },
-        # channels:history and groups:history: to find a post whose answer was lost before posting it again
+        # channels:history and groups:history: to find a post whose answer was lost before posting it again;
+        # im:history: to find a page (a direct message) whose answer was lost, so that it is redrawn as the incident
+        # changes
         "oauth_config": {"scopes": {"bot": ["app_mentions:read", "channels:history", "chat:write", "chat:write.public",
-                                            "commands", "groups:history", "im:write", "users:read"]}},
+                                            "commands", "groups:history", "im:history", "im:write", "users:read"]}},
         "settings": {
             "event_subscriptions": {"request_url": url, "bot_events": ["app_mention"]},
             "interactivity": {"is_enabled": True, "request_url": url},

@@ -20,7 +20,10 @@ is treated after the restart as one whose answer was lost. A post
 whose answer was lost (the connection dropped or timed out after the request
 went, so the platform may have it) is looked for before it is made again, where
 the platform can find it by the key it carried (Slack, by message metadata);
-elsewhere (Telegram, whose bots cannot read a chat) it is made again.
+elsewhere (Telegram, whose bots cannot read a chat) it is made again. A page
+whose answer was lost is not sent again (the person would read it twice); on
+Slack it is looked for by its key when someone acts, to be redrawn as the
+incident now is, as pages whose answer came are.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from sqlmodel import select
 
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
 from bot.clock import Clock
-from bot.config import Config
+from bot.config import Config, Person
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket, Window
 from bot.incidents import ACKNOWLEDGED, RESOLVED
@@ -66,6 +69,7 @@ ROUTINE_EVENTS = ("alerts.changed", "alerts.grouped", "alerts.resolved")  # redr
 # A card, thread line or notice whose answer was lost, on a platform that can find it by the key it carried (see
 # bot.chat.Finder), is marked on its rows, {"key": that key, "at": when it was given up on (Unix time)}: their next
 # try looks for it before posting again (_look_first). Folding leaves marked rows alone: what they count was posted.
+# A page is never sent again: its mark says where to look for it when it is to be redrawn (_look_for_pages).
 UNANSWERED = "unanswered"
 LOOK_AFTER = 15.0  # seconds before that look: a post whose answer timed out may still be being stored
 RECENT_ALERTS = 50  # alerts read to draw a message: its links and "the last of N" come from the newest  # thread lines that add up their counts
@@ -486,19 +490,28 @@ class OutboxWorker:
     async def _redraw_pages(self, row: OutboxItem, now: datetime) -> int:
         """Someone acted on the incident (or its source resolved it): each page its escalation sent is drawn as the
         incident now is (state, who, the buttons that apply), as its channel card is. A page the platform no longer
-        has (deleted) is left alone; a page whose chat's budget is spent waits a moment, and holds back no other."""
+        has (deleted) is left alone; a page whose chat's budget is spent waits a moment, and holds back no other. A
+        page whose answer was lost is looked for first (_look_for_pages), and redrawn if it had arrived."""
         # The pages this row redrew already (a chat takes about one edit a second: two pages to one person wait for
         # each other, and a retry that began again with the first would never reach the second).
         drawn = set((row.details or {}).get("drawn") or [])
         async with self.db.sessions() as session:
             incident = await session.get(Incident, row.incident_id)
-            pages = [p for p in (await session.execute(select(OutboxItem).where(
-                OutboxItem.kind == "page", OutboxItem.incident_id == row.incident_id, OutboxItem.status == "sent")
-                .order_by(OutboxItem.id))).scalars().all() if (p.details or {}).get("message") and p.id not in drawn]
-            alerts = await recent_alerts(session, row.incident_id, RECENT_ALERTS) if incident and pages else []
-            escalation = await session.get(Escalation, row.incident_id) if pages else None
-        calls, waiting = 0, False
-        for page in pages if incident is not None else []:
+            sent = [p for p in (await session.execute(select(OutboxItem).where(
+                OutboxItem.kind == "page", OutboxItem.incident_id == row.incident_id,
+                OutboxItem.status.in_(("sent", "dead"))).order_by(OutboxItem.id))).scalars().all()
+                    if p.id not in drawn and ((p.details or {}).get("message") or _lost_page(p))]
+            alerts = await recent_alerts(session, row.incident_id, RECENT_ALERTS) if incident and sent else []
+            escalation = await session.get(Escalation, row.incident_id) if sent else None
+        if incident is None:
+            sent = []
+        looked = await self._look_for_pages(row, [p for p in sent if _lost_page(p)], now)
+        if looked is None:
+            return 1  # looking failed for now (the platform in trouble): the row waits, as after a failed redraw
+        calls, look_at = looked
+        pages = [p for p in sent if (p.details or {}).get("message")]
+        waiting = False
+        for page in pages:
             where = page.details["message"]
             adapter = self.adapters.get(where["platform"])
             if adapter is None:
@@ -520,15 +533,82 @@ class OutboxWorker:
                     return calls
                 log.warning("outbox: cannot redraw the page to %s about #%s: %s", page.channel, row.incident_id, exc)
             drawn.add(page.id)
-        if waiting:
+        if waiting or look_at is not None:  # (no attempt spent)
             await self._redrawn(row, drawn)
-            await self._failed([row], "the chat's budget is spent", 1.0, permanent=False)  # no attempt spent
+            if waiting:
+                await self._failed([row], "the chat's budget is spent", 1.0, permanent=False)
+            else:
+                assert look_at is not None
+                await self._failed([row], "a page whose answer was lost is looked for once the platform stored it",
+                                   max(0.1, (look_at - now).total_seconds()), permanent=False)
             return calls
         async with self.db.transaction() as session:  # this one, and any other waiting for the same incident
             await session.execute(update(OutboxItem).where(
                 OutboxItem.kind == "pages", OutboxItem.incident_id == row.incident_id,
                 OutboxItem.status == "pending", OutboxItem.id <= row.id).values(status="sent"))
         return calls
+
+    async def _look_for_pages(self, row: OutboxItem, lost: Sequence[OutboxItem],
+                              now: datetime) -> tuple[int, datetime | None] | None:
+        """Pages whose answer was lost (unconfirmed: the platform may have them), about to be redrawn (`row`), are
+        looked for by the key they carried: one found is recorded where it is (details["message"]) and is sent
+        after all, so this redraw and the next ones draw it; one not found is left as it was. Only when someone
+        acted, for only a page to redraw needs finding. Returns the calls made and when a look not due yet (the
+        platform may still be storing it: LOOK_AFTER) is due; None when looking failed for now and `row` waits."""
+        calls, look_at = 0, None
+        for page in lost:
+            if page.due_at > now:
+                look_at = page.due_at if look_at is None else min(look_at, page.due_at)
+                continue
+            mark = page.details[UNANSWERED]
+            person = self.people.get(str(page.details.get("person")))
+            platforms = ([mark["platform"]] if mark.get("platform") else self._page_finders(
+                person, page_order(person, business_hours=bool(page.details.get("business"))))) if person else []
+            found: MessageRef | None = None
+            for platform in platforms:
+                find = getattr(self.adapters.get(platform), "find", None)
+                user_id = getattr(person, platform, None)
+                if find is None or user_id is None:
+                    continue
+                calls += 1
+                try:
+                    found = await find(str(user_id), str(mark["key"]), thread=None,
+                                       sent_at=float(mark.get("at") or time.time()))
+                except DeliveryError as exc:
+                    self.metrics.chat_calls.labels(platform, "find", "error").inc()
+                    if not exc.permanent or exc.token_refused:
+                        if exc.token_refused:
+                            self.token_refused[platform] = str(exc)
+                        await self._failed([row], f"looking for the page whose answer was lost: {exc}",
+                                           exc.retry_after, permanent=False, platform_trouble=True)
+                        return None
+                    log.warning("outbox: cannot look for the page to %s about #%s, whose answer was lost (%s), so it "
+                                "is not redrawn (Slack lets the bot look in a direct conversation with im:history)",
+                                page.channel, page.incident_id, exc)
+                    continue
+                self.metrics.chat_calls.labels(platform, "find", "ok").inc()
+                if found is not None:
+                    break
+            details = {k: v for k, v in page.details.items() if k != UNANSWERED}  # looked for: not again
+            settled: dict[str, Any] = {}
+            if found is not None:
+                log.warning("outbox: the page to %s about #%s, whose answer was lost, had arrived (%s); it is "
+                            "redrawn as the incident changes", page.channel, page.incident_id, found.message_id)
+                details["message"] = page_where(found)
+                settled = {"status": "sent", "last_error": None}
+            else:
+                log.info("outbox: the page to %s about #%s, whose answer was lost, is not there", page.channel,
+                         page.incident_id)
+            async with self.db.transaction() as session:
+                await session.execute(update(OutboxItem).where(OutboxItem.id == page.id, OutboxItem.status == "dead")
+                                      .values(details=details, **settled))
+            page.details = details
+        return calls, look_at
+
+    def _page_finders(self, person: Person, order: Sequence[str]) -> list[str]:
+        """The platforms of `order` that are on, know `person`, and can find a page by its key (bot.chat.Finder)."""
+        return [platform for platform in order if platform in self.adapters and getattr(person, platform, None)
+                and getattr(self.adapters[platform], "find", None) is not None]
 
     async def _redrawn(self, row: OutboxItem, drawn: set[int]) -> None:
         """Keep on the row which pages it redrew, for its retry to go on from there."""
@@ -657,35 +737,48 @@ class OutboxWorker:
         message = page_message(incident, alerts, person, self.config, now, reason,
                                escalation_mark=escalation_mark(step, int(row.details.get("run", 0)))
                                if isinstance(step, int) else "")
+        order = page_order(person, business_hours=business)
+        # The page carries its key where a platform can find it by it (Slack): a page whose answer is lost, or that
+        # a crash cuts off, is looked for when it is to be redrawn (_look_for_pages). The mark goes with the claim.
+        key = f"page-{row.id}"
+        if self._page_finders(person, order):
+            row.details = {**(row.details or {}), UNANSWERED: {"key": key, "at": time.time()}}
         async with self.db.transaction() as session:  # claimed: a crash from here on leaves it SENDING (see _recover)
             claimed = (await session.execute(update(OutboxItem).where(OutboxItem.id == row.id,
                                                                       OutboxItem.status == "pending")
-                                             .values(status=SENDING))).rowcount
+                                             .values(status=SENDING, details=row.details))).rowcount
         if not claimed:
             return 0
         row.status = SENDING
         try:
-            attempt = await send_page(self.adapters, person, message, page_order(person, business_hours=business),
-                                      allow=self._budget)
+            attempt = await send_page(self.adapters, person, replace(message, key=key), order, allow=self._budget)
         except Exception as exc:  # a fault before any platform took it (drawing it, say): pending again, as retries go
             log.exception("outbox: paging %s about #%s failed", person.id, incident.id)
-            await self._failed([row], f"{type(exc).__name__}: {exc}", None, permanent=False)
+            await self._failed([row], f"{type(exc).__name__}: {exc}", None, permanent=False, unmark=True)
             return 1
         if attempt.waiting:
             await self._wait(row, attempt, now)
             return 1 if attempt.retry_after else 0
         if attempt.platform is None and attempt.transient and row.attempts + 1 < PAGE_ATTEMPTS:
-            await self._failed([row], attempt.problem(person, self.adapters), None, permanent=False)
+            await self._failed([row], attempt.problem(person, self.adapters), None, permanent=False, unmark=True)
             return 1
         self.metrics.pages.labels(*attempt.counted()).inc()
         actor = SYSTEM  # the escalation pages, not a person
+        kept = {k: v for k, v in (row.details or {}).items() if k != UNANSWERED}
+        if attempt.ref is not None:  # where the page is, to redraw it when someone acts (_redraw_pages)
+            kept["message"] = page_where(attempt.ref)
+        settled: dict[str, Any] = {"details": kept}
+        if attempt.unknown and attempt.unknown in self._page_finders(person, order):
+            # It may have arrived, on a platform that can find it: it is looked for (not before LOOK_AFTER, for the
+            # platform to store it) when someone acts and it is to be redrawn. (Elsewhere it stays as it was drawn.)
+            kept[UNANSWERED] = {"key": key, "at": time.time(), "platform": attempt.unknown}
+            settled["due_at"] = self.clock.now() + timedelta(seconds=LOOK_AFTER)
         async with self.db.transaction() as session:
             problem = attempt.problem(person, self.adapters)
             await self._mark(session, [row], "sent" if attempt.platform else "dead",
                              None if attempt.platform else ((UNCONFIRMED if attempt.unknown else "") + problem)[:500])
-            if attempt.ref is not None:  # where the page is, to redraw it when someone acts (_redraw_pages)
-                await session.execute(update(OutboxItem).where(OutboxItem.id == row.id).values(
-                    details={**(row.details or {}), "message": page_where(attempt.ref)}))
+            if kept != (row.details or {}) or "due_at" in settled:
+                await session.execute(update(OutboxItem).where(OutboxItem.id == row.id).values(**settled))
             if attempt.platform is not None:
                 line = f"Paged {person.name} on {attempt.platform.capitalize()}. {after}".strip()
                 details: dict[str, Any] = {"person": person.id, "platform": attempt.platform, "step": step}
@@ -874,6 +967,13 @@ class OutboxWorker:
         if ids:
             await session.execute(update(OutboxItem).where(OutboxItem.id.in_(ids), OutboxItem.status.in_(UNSETTLED))
                                   .values(status=status, last_error=error))
+
+
+def _lost_page(page: OutboxItem) -> bool:
+    """A page the platform took without answering (unconfirmed), marked to be looked for (see _page)."""
+    details = page.details or {}
+    return (page.status == "dead" and (page.last_error or "").startswith(UNCONFIRMED)
+            and isinstance(details.get(UNANSWERED), dict) and not details.get("message"))
 
 
 def _unmarked() -> Any:

@@ -13,7 +13,9 @@ A message's `ts` is the time it was posted (Unix seconds, to the microsecond, un
 and its `metadata` is kept; `conversations.history` (the channel's messages outside
 threads, newest first) and `conversations.replies` (a thread, its parent first) page
 through them as Slack does (`oldest`, `latest`, `inclusive`, `limit`, `cursor`), with
-the metadata only for `include_all_metadata`.
+the metadata only for `include_all_metadata`. As in Slack, a person's user id (`U...`,
+`W...`) is no conversation to read or edit: `conversations.history` and `chat.update`
+answer `channel_not_found` for one (`conversations.open` gives their direct conversation).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def signed(body: str, *, secret: str, ts: int | None = None, content_type: str =
     ts = int(time.time()) if ts is None else ts
     digest = hmac.new(secret.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
     return {"X-Slack-Request-Timestamp": str(ts), "X-Slack-Signature": f"v0={digest}", "Content-Type": content_type}
+
+
+def _is_user(channel: str) -> bool:
+    """A person's id (U..., W...), not a conversation's (C..., G..., D...)."""
+    return channel[:1] in ("U", "W")
 
 
 @dataclass
@@ -235,7 +242,7 @@ class FakeSlack:
 
     def _conversations_history(self, p: dict[str, Any]) -> dict[str, Any]:
         channel = p.get("channel", "")
-        if not channel:
+        if not channel or _is_user(channel):
             return {"ok": False, "error": "channel_not_found"}
         top = [m for (c, ts), m in self.messages.items() if c == channel and m.get("thread_ts", ts) == ts]
         return self._page(sorted(top, key=lambda m: Decimal(m["ts"]), reverse=True), p)
@@ -271,6 +278,8 @@ class FakeSlack:
         return {"ok": True, "messages": page, "has_more": more, "response_metadata": {"next_cursor": cursor}}
 
     def _chat_update(self, p: dict[str, Any]) -> dict[str, Any]:
+        if _is_user(p.get("channel", "")):
+            return {"ok": False, "error": "channel_not_found"}
         message = self.messages.get((p.get("channel", ""), p.get("ts", "")))
         if message is None:
             return {"ok": False, "error": "message_not_found"}

@@ -24,7 +24,7 @@ from tests.botkit import Harness, running_bot
 from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram
 from tests.recording import poll
-from tests.test_slack_flow import Slack, button_values, slack_config
+from tests.test_slack_flow import Slack, button_values, slack_config, text_of
 
 TG_SECRET = "tg-escalation-secret"
 NIGHT = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)  # Tuesday 05:00 in Berlin: after hours
@@ -853,6 +853,107 @@ async def test_a_page_whose_connection_dropped_after_telegram_took_it_is_not_sen
         assert not [t for t in thread_texts(w.slack) if t.startswith("Paged Bob")]
         [failed] = await w.audit("incident.page_failed")
         assert failed.details["unknown"] == "telegram"
+
+
+def dm_redraws(w: World, chat: str = "D02BOB") -> list[dict[str, Any]]:
+    """The edits of messages in a person's Slack DM: their pages, redrawn."""
+    return [c.params for c in w.slack.fake.called("chat.update") if c.params.get("channel") == chat]
+
+
+async def page_rows(h: Harness) -> list[OutboxItem]:
+    async with h.bot.db.sessions() as s:
+        return list((await s.execute(select(OutboxItem).where(OutboxItem.kind == "page")
+                                     .order_by(OutboxItem.id))).scalars().all())
+
+
+async def test_a_slack_page_whose_answer_was_lost_is_redrawn_when_someone_acknowledges(tmp_path: Path) -> None:
+    """Slack took Bob's page (a DM) and the connection was reset before its answer: the page is unconfirmed and not
+    sent again. Alice acknowledges in the channel: the page Bob has is redrawn (Acknowledged, no Acknowledge
+    button), as a page whose answer came is (before: it kept Firing and its live buttons, for ever)."""
+    async with world(tmp_path, DAY) as w:
+        w.slack.fake.lose_answer("chat.postMessage", reset=True, when=lambda p: p.get("channel") == "D02BOB")
+        await w.alert("critical", team="solo")
+        await until(lambda: any("The page to Bob is unconfirmed" in t for t in thread_texts(w.slack)),
+                    "the thread says the page is unconfirmed", timeout=10)
+        [page] = w.slack_dms("U02BOB")  # Slack has it, in Bob's DM
+        w.h.clock.advance(timedelta(seconds=20))
+        acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+        assert acked["text"] == "Acknowledged #1."
+        for _ in range(40):
+            await w.tick(timedelta(seconds=2))
+            await asyncio.sleep(0.05)
+            if dm_redraws(w):
+                break
+        [redrawn] = dm_redraws(w)
+        assert redrawn["ts"] == next(ts for (c, ts) in w.slack.fake.messages if c == "D02BOB")
+        assert "Acknowledged" in text_of(redrawn) and "ack:1" not in button_values(redrawn)
+        assert len(w.slack_dms("U02BOB")) == 1  # found, not sent again
+        [row] = await page_rows(w.h)
+        assert row.status == "sent" and row.details["message"]["chat_id"] == "D02BOB"
+        # Resolved later: the page is redrawn again, without looking for it again
+        await w.slack.answer(await w.slack.command("/incident", "resolve 1", user="U01ALICE"))
+        for _ in range(40):
+            await w.tick(timedelta(seconds=2))
+            await asyncio.sleep(0.05)
+            if len(dm_redraws(w)) == 2:
+                break
+        assert "Resolved" in text_of(dm_redraws(w)[-1]) and button_values(dm_redraws(w)[-1]) == ["reo:1"]
+        assert [c.params["channel"] for c in w.slack.fake.called("conversations.history")] == ["D02BOB"]
+
+
+async def test_the_look_for_a_lost_slack_page_waits_for_slack_to_store_it(tmp_path: Path) -> None:
+    """Alice acknowledges at once: the page whose answer was lost is looked for only once Slack has had time to
+    store it (as a lost card is), then redrawn."""
+    async with world(tmp_path, DAY) as w:
+        w.slack.fake.lose_answer("chat.postMessage", when=lambda p: p.get("channel") == "D02BOB")
+        await w.alert("critical", team="solo")
+        await until(lambda: any("The page to Bob is unconfirmed" in t for t in thread_texts(w.slack)),
+                    "the thread says the page is unconfirmed", timeout=10)
+        await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+        for _ in range(6):
+            await w.tick(timedelta(seconds=2))
+            await asyncio.sleep(0.05)
+        assert not w.slack.fake.called("conversations.history") and not dm_redraws(w)
+        for _ in range(40):
+            await w.tick(timedelta(seconds=2))
+            await asyncio.sleep(0.05)
+            if dm_redraws(w):
+                break
+        [redrawn] = dm_redraws(w)
+        assert "Acknowledged" in text_of(redrawn) and "ack:1" not in button_values(redrawn)
+
+
+async def test_a_slack_page_cut_off_by_a_crash_is_redrawn_after_the_restart(tmp_path: Path) -> None:
+    """The bot dies while Slack answers Bob's page: after the restart the page is unconfirmed (not sent again), and
+    when Alice acknowledges it is found in Bob's DM and redrawn."""
+    import sqlite3
+
+    async with FakeSlack() as fake:
+        extra = slack_config(fake)
+        answer = fake.hold("chat.postMessage")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, clock=FakeClock(DAY),
+                               people=PEOPLE, base=BASE) as h:
+            await World(h, Slack(h, fake), None).alert("critical", team="solo")  # type: ignore[arg-type]
+            await fake.wait_for(lambda: any(c.params.get("channel") == "D02BOB" for c in fake.calls), timeout=5)
+            await asyncio.sleep(0.2)
+            with sqlite3.connect(tmp_path / "bot.db") as live, sqlite3.connect(tmp_path / "crashed.db") as copy:
+                live.backup(copy)  # what a crash leaves on disk: Bob's page claimed, Slack's answer on its way
+            answer.set()
+        del fake._held["chat.postMessage"]
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'crashed.db'}", extra, clock=FakeClock(DAY),
+                               people=PEOPLE, base=BASE) as h:
+            w = World(h, Slack(h, fake), None)  # type: ignore[arg-type]
+            await until(lambda: any("The page to Bob is unconfirmed" in t for t in thread_texts(w.slack)),
+                        "the thread says the page is unconfirmed", timeout=10)
+            await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+            for _ in range(40):
+                await w.tick(timedelta(seconds=2))
+                await asyncio.sleep(0.05)
+                if dm_redraws(w):
+                    break
+            [redrawn] = dm_redraws(w)
+            assert "Acknowledged" in text_of(redrawn) and "ack:1" not in button_values(redrawn)
+            assert len(w.slack_dms("U02BOB")) == 1
 
 
 async def test_a_channel_step_after_hours_waits_for_the_morning_below_the_paging_minimum(tmp_path: Path) -> None:

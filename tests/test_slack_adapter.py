@@ -527,6 +527,16 @@ async def test_a_post_carries_its_delivery_key_and_is_found_by_it(env: Env) -> N
     assert history["include_all_metadata"] == "1" and history["inclusive"] == "1"
 
 
+async def test_a_page_is_found_by_its_key_in_the_persons_direct_conversation(env: Env) -> None:
+    """A page goes to the person's direct conversation with the bot; the outbox knows only their user id when its
+    answer was lost. Slack reads no conversation by a user id (channel_not_found): `find` opens theirs first."""
+    page = await env.adapter.page("U02BOB", Outbound("incident", {"title": "x"}, key="page-3"))
+    assert page.chat_id == "D02BOB"
+    assert await env.adapter.find("U02BOB", "page-3", thread=None, sent_at=time.time()) == page
+    assert await env.adapter.find("U02BOB", "page-4", thread=None, sent_at=time.time()) is None
+    assert {c.params["channel"] for c in env.slack.called("conversations.history")} == {"D02BOB"}
+
+
 async def test_find_takes_no_other_bots_message_and_reads_past_a_busy_page(env: Env) -> None:
     """Another bot (a staging copy of this one, say) posted the same key; then 300 messages: the lookup pages on
     and finds our own."""
@@ -584,7 +594,7 @@ def test_the_manifest_points_everything_at_one_request_url() -> None:
     assert m["settings"]["interactivity"] == {"is_enabled": True, "request_url": url}
     assert m["settings"]["event_subscriptions"] == {"request_url": url, "bot_events": ["app_mention"]}
     assert {"chat:write", "chat:write.public", "commands", "im:write", "users:read", "app_mentions:read",
-            "channels:history", "groups:history"} == set(m["oauth_config"]["scopes"]["bot"])
+            "channels:history", "groups:history", "im:history"} == set(m["oauth_config"]["scopes"]["bot"])
     assert m["display_information"]["name"] == "oncall-bot" == m["features"]["bot_user"]["display_name"]
     json.dumps(m)  # pasteable
 
