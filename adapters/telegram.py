@@ -11,7 +11,9 @@ with a toast, a command with a message replying to it. With `mode: polling` a
 
 Telegram buttons have no confirmation dialog, so a button with `confirm` is drawn
 with callback data `?{value}`: its first tap turns it, in place, into
-`✔ {label}` (the real value) and `✖ Cancel` (`!{value}`, which turns it back).
+`✔ {label}` (the real value) and `✖ Cancel` (`!{value}`, which turns it back),
+and answers with the button's question (Slack's dialog text: "Resolve #1 while 1
+alert is still firing? ..."), as an alert (a dialog) when it is long.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import logging
 import re
 import shlex
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
@@ -55,6 +57,8 @@ TIMEOUT = 15  # seconds for one Bot API call
 POLL_TIMEOUT = 25  # seconds getUpdates waits for something to arrive
 UPDATE_RETRIES = timedelta(hours=1)  # how long an update id is claimed: Telegram retries a failed webhook delivery
 TOAST_MAX, TEXT_MAX, ROW_MAX = 200, 4000, 3
+TOAST_SHORT = 80  # characters: a longer callback answer is an alert (a dialog, read until dismissed), not a toast
+QUESTIONS_KEPT = 5000  # confirmation questions of the buttons drawn last, by callback data (see _confirm_step)
 ASK, CANCEL, YES = "?", "!", "\u2714 "
 INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
 STALE_BUTTON = "This message has changed since; use the buttons on the latest incident message."
@@ -288,6 +292,10 @@ class TelegramAdapter:
         self._loops: set[asyncio.Task[None]] = set()  # the polling loop, a connect retry: cancelled at stop
         self._poller: asyncio.Task[None] | None = None
         self._seen_updates: deque[int] = deque(maxlen=1000)
+        # `?value` -> the question its button asks (Button.confirm), as last drawn: Telegram keeps no more than the
+        # callback data on a button, so the first tap learns it here. (Not kept across a restart, nor shared with
+        # another replica: a tap on a button drawn there gets the question once the message is drawn again here.)
+        self._questions: OrderedDict[str, str] = OrderedDict()
         # Claims an update in the store (scope, key, window) -> its Handling, or None for a copy of one handled, so
         # that another replica, or this one after a restart, skips a retry of it, and handles a retry of one whose
         # handling a crash cut off; set by the bot (storage/replays.py). None: memory is the only guard.
@@ -398,6 +406,13 @@ class TelegramAdapter:
             markup = keyboard(message.buttons)
         except actions.CodecError as exc:
             raise DeliveryError(f"telegram: cannot draw a button: {exc}", permanent=True) from exc
+        for button in message.buttons:
+            if button.confirm:
+                data = callback_data(button)
+                self._questions[data] = button.confirm
+                self._questions.move_to_end(data)
+        while len(self._questions) > QUESTIONS_KEPT:
+            self._questions.popitem(last=False)
         return {"text": self.html(message.kind, message.context) or no_mentions(html.escape(message.text or message.kind)),
                 "reply_markup": markup}
 
@@ -614,8 +629,13 @@ class TelegramAdapter:
             await self._answer(query, f"Telegram is busy; try again in {max(1, round(exc.retry_after))} s."
                                if exc.retry_after else STALE_BUTTON)
             return
+        if data[0] == CANCEL:
+            await self._answer(query, "")
+            return
         label = next((k.text for row in changed.inline_keyboard for k in row if k.callback_data == data[1:]), "")
-        await self._answer(query, f"Tap \u201c{label}\u201d to confirm, or Cancel." if data[0] == ASK else "")
+        question = self._questions.get(data)  # what Slack's dialog asks ("Resolve #1 while 1 alert is still firing?")
+        answer = toast(f"{question + ' ' if question else ''}Tap \u201c{label}\u201d to confirm, or Cancel.")
+        await self._answer(query, answer, alert=len(answer) > TOAST_SHORT)
 
     async def _command(self, message: Message, handling: Handling) -> None:
         try:
@@ -672,9 +692,11 @@ class TelegramAdapter:
                 log.exception("telegram: cannot render the %s reply; answering with its text", reply.message.kind)
         return {"text": self._text(reply.text)}
 
-    async def _answer(self, query: CallbackQuery, text: str) -> None:
-        """answerCallbackQuery (stops the button's spinner); a failure is logged, not raised."""
+    async def _answer(self, query: CallbackQuery, text: str, *, alert: bool = False) -> None:
+        """answerCallbackQuery (stops the button's spinner), a toast or with `alert` a dialog; a failure is logged,
+        not raised."""
         try:
-            await self._call("answerCallbackQuery", self.bot.answer_callback_query(query.id, text=text or None))
+            await self._call("answerCallbackQuery", self.bot.answer_callback_query(
+                query.id, text=text or None, show_alert=alert or None))
         except DeliveryError as exc:
             log.warning("telegram: %s", exc)

@@ -292,6 +292,27 @@ async def test_a_button_that_asks_first_turns_into_confirm_and_cancel(env: Env) 
     assert (env.dispatcher.actions[0].action, env.dispatcher.actions[0].incident_id) == ("res", 42)
 
 
+async def test_a_button_that_asks_first_asks_its_question_as_slacks_dialog_does(env: Env) -> None:
+    """Slack's dialog asks "Resolve #42 while 2 alerts are still firing? If they keep firing, a new incident opens.";
+    Telegram's first tap only said to tap ✔ Resolve. It asks the question too (a long one as an alert, which stays
+    until read), and so do a swap's buttons that ask first."""
+    ref = await env.adapter.send(str(GROUP), card())
+    await env.click("?res:42", copy.deepcopy(env.tg.messages[(GROUP, int(ref.message_id))]))
+    [answer] = await env.answered()
+    assert answer["text"] == ("Resolve #42 while 2 alerts are still firing? If they keep firing, a new incident opens. "
+                              "Tap \u201c\u2714 Resolve\u201d to confirm, or Cancel.")
+    assert str(answer["show_alert"]).lower() == "true"  # an alert
+    cancel = Button("swcx", 7, label="Cancel request", confirm="Cancel swap #7?")
+    sent = await env.adapter.page(str(ALICE), Outbound("text", {"text": "Swap #7 waits for Bob."}, [cancel],
+                                                       text="Swap #7 waits for Bob."))
+    await env.click("?swcx:7", copy.deepcopy(env.tg.messages[(ALICE, int(sent.message_id))]))
+    answer = (await env.answered(2))[1]
+    assert answer["text"] == "Cancel swap #7? Tap \u201c\u2714 Cancel request\u201d to confirm, or Cancel."
+    assert "show_alert" not in answer  # short: a toast
+    await env.click("!swcx:7", copy.deepcopy(env.tg.messages[(ALICE, int(sent.message_id))]))
+    assert "text" not in (await env.answered(3))[2]  # Cancel turns it back without a word
+
+
 async def test_an_answer_the_group_cannot_take_goes_to_the_private_chat(env: Env,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
     """Group flood control longer than a person should wait: the answer is sent privately, with no traceback."""

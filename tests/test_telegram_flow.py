@@ -323,3 +323,19 @@ async def test_a_group_gets_no_more_than_20_messages_in_any_minute_and_20_a_minu
             busiest = max(sum(start <= t <= start + 60 for t in sent_at) for start in range(181))
             per_minute = [sum(60 * m <= t < 60 * (m + 1) for t in sent_at) for m in range(3)]
             assert (busiest, per_minute) == (20, [20, 20, 10]), sent_at
+
+
+async def test_resolve_in_telegram_asks_what_slacks_dialog_asks(both: Both) -> None:
+    """Slack's Resolve asks "Resolve #1 while 2 alerts are still firing? If they keep firing, a new incident
+    opens."; the first tap on Telegram's Resolve only said to tap ✔ Resolve. It says the same warning now."""
+    b = both
+    ts, message_id = await posted_on_both(b)
+    [slack_card] = b.slack.posts()
+    blocks = slack_card["blocks"] if isinstance(slack_card["blocks"], list) else json.loads(slack_card["blocks"])
+    [dialog] = [e["confirm"]["text"]["text"] for block in blocks if block["type"] == "actions"
+                for e in block["elements"] if "confirm" in e]
+    assert "still firing" in dialog
+    await b.tap("?res:1", message_id)
+    await b.tg.wait_for(lambda: b.tg.called("answerCallbackQuery"), timeout=5)
+    [answer] = b.tg.called("answerCallbackQuery")
+    assert answer.params["text"] == f"{dialog} Tap \u201c\u2714 Resolve\u201d to confirm, or Cancel."
