@@ -74,6 +74,9 @@ COMMANDS: dict[str, str] = {
 }
 ANONYMOUS = ("You post anonymously, as the group, so I cannot tell who you are and act for nobody. Turn off "
              "\"Remain anonymous\" in your admin rights, or send me the command in a private chat.")
+AS_CHANNEL = ("You post as a channel, so I cannot tell who you are and act for nobody. Send as yourself (pick "
+              "yourself in the \"send as\" list, your picture beside the message field), or send me the command in a "
+              "private chat.")
 ANSWER_WAIT_MAX = 10  # seconds a command's answer may wait for Telegram's flood control before it is given up
 SEND_OPTIONS: dict[str, Any] = {"parse_mode": ParseMode.HTML,
                                 "link_preview_options": LinkPreviewOptions(is_disabled=True)}
@@ -207,9 +210,10 @@ def click_event(query: CallbackQuery) -> ActionEvent:
 
 def command_event(message: Message, bot_username: str | None) -> CommandEvent | None:
     """`/ack 42` or `/ack@bot 42` as a `CommandEvent`; plain words in a private chat are `/chatops WORDS`.
-    None for anything else: chatter in a group, a command for another bot, a bot's message."""
+    None for anything else: chatter in a group, a command for another bot, a bot's message, a message sent on behalf
+    of a chat (see `anonymous_command`)."""
     text, user = _with_picked_people(message), message.from_user
-    if user is None or user.is_bot:
+    if user is None or user.is_bot or message.sender_chat is not None:
         return None
     direct = message.chat.type == ChatType.PRIVATE
     words = _command_words(text, direct, bot_username)
@@ -247,11 +251,16 @@ def _command_words(text: str, direct: bool, bot_username: str | None) -> tuple[s
     return match.group(1).lower(), text[match.end():]
 
 
-def anonymous_command(message: Message, bot_username: str | None) -> bool:
-    """A command of ours from a group admin who posts anonymously, as the group: nobody can be told apart then."""
+def anonymous_command(message: Message, bot_username: str | None) -> str | None:
+    """What to answer a command of ours sent on behalf of a chat, which tells nobody apart: by a group admin who
+    posts anonymously, as the group, or by a member who posts as a channel (Telegram's "send as"); None for any
+    other message. A channel's own post that Telegram forwards into the group linked to it is no one's command, and
+    gets no answer."""
     sender = message.sender_chat
-    return (sender is not None and sender.id == message.chat.id and message.chat.type != ChatType.PRIVATE
-            and _command_words(message.text or "", False, bot_username) is not None)
+    if (sender is None or message.chat.type == ChatType.PRIVATE or message.is_automatic_forward
+            or _command_words(message.text or "", False, bot_username) is None):
+        return None
+    return ANONYMOUS if sender.id == message.chat.id else AS_CHANNEL
 
 
 def confirm_keyboard(markup: InlineKeyboardMarkup, data: str) -> InlineKeyboardMarkup | None:
@@ -642,8 +651,9 @@ class TelegramAdapter:
             username = self.bot.username
         except RuntimeError:  # not initialized (getMe has not answered): no /command@name is taken as ours
             username = None
-        if anonymous_command(message, username):
-            await self._post(str(message.chat.id), str(message.message_id), {"text": self._text(ANONYMOUS)})
+        why = anonymous_command(message, username)
+        if why is not None:
+            await self._post(str(message.chat.id), str(message.message_id), {"text": self._text(why)})
             return
         event = command_event(message, username)
         if event is None:

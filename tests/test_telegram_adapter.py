@@ -381,6 +381,35 @@ async def test_a_command_from_an_anonymous_admin_is_answered_not_acted_on(env: E
     assert not env.dispatcher.commands
 
 
+async def test_a_command_from_someone_posting_as_a_channel_is_answered_not_acted_on(env: Env) -> None:
+    """A member who picked a channel in Telegram's "send as" list: the message comes from @Channel_Bot with the channel
+    as sender_chat. An anonymous admin was told why nothing happens; this one got no answer at all."""
+    update = fixture("command_group.json")
+    update["update_id"] = next(_next_update)
+    update["message"]["from"] = {"id": 136817688, "is_bot": True, "first_name": "Channel",
+                                 "username": "Channel_Bot"}  # what Telegram sends for a post as a channel
+    update["message"]["sender_chat"] = {"id": -1005555, "type": "channel", "title": "Alice's channel"}
+    assert (await env.post(update))[0] == 200
+    await env.tg.wait_for(lambda: env.tg.called("sendMessage"))
+    [answer] = env.tg.called("sendMessage")
+    assert answer.params["text"].startswith("You post as a channel, so I cannot tell who you are")
+    assert answer.params["reply_parameters"]["message_id"] == update["message"]["message_id"]
+    assert not env.dispatcher.commands
+
+
+async def test_a_channel_post_forwarded_into_its_discussion_group_gets_no_answer(env: Env) -> None:
+    """A channel's own post, forwarded by Telegram into the group linked to it (sender_chat the channel too), is no
+    one's command: it is not answered."""
+    update = fixture("command_group.json")
+    update["update_id"] = next(_next_update)
+    update["message"]["from"] = {"id": 777000, "is_bot": False, "first_name": "Telegram"}
+    update["message"]["sender_chat"] = {"id": -1005555, "type": "channel", "title": "Ops news"}
+    update["message"]["is_automatic_forward"] = True
+    assert (await env.post(update))[0] == 200
+    await asyncio.sleep(0.3)
+    assert not env.tg.called("sendMessage") and not env.dispatcher.commands
+
+
 async def test_a_person_picked_from_the_mention_list_is_their_telegram_id(env: Env) -> None:
     """Picking someone without a username in Telegram's list inserts their name, linked to their account (a
     text_mention): the command gets their id, which app.yaml knows them by. Offsets count UTF-16 units."""
