@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Settings(BaseModel):
@@ -24,9 +24,23 @@ class SlackSettings(_Settings):
 
 class TelegramSettings(_Settings):
     bot_token: str = Field(pattern=r"^\d+:\S+$")
-    webhook_secret: str = Field(min_length=8, pattern=r"^[A-Za-z0-9_-]{1,256}$")
+    # What Telegram sends with every update it posts to the webhook. A bot that polls takes no update over HTTP, so it
+    # may go without (left out, or empty: `${TELEGRAM_WEBHOOK_SECRET:-}`); its webhook path then refuses everything.
+    webhook_secret: str | None = Field(None, min_length=8, pattern=r"^[A-Za-z0-9_-]{1,256}$")
     api_url: str = Field("https://api.telegram.org/bot", pattern=r"^https?://")
     mode: Literal["webhook", "polling"] = "webhook"
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _secret_for_webhook(self) -> "TelegramSettings":
+        if self.mode == "webhook" and self.webhook_secret is None:
+            raise ValueError("webhook_secret is required with mode: webhook (Telegram sends it with every update, "
+                             "and an update without it is refused); only mode: polling goes without")
+        return self
 
 
 class TeamsSettings(_Settings):

@@ -374,6 +374,10 @@ class TelegramAdapter:
 
     async def set_webhook(self, url: str) -> None:
         """Tell Telegram to post updates to `url` (`{public_url}/telegram/webhook`) with our secret token."""
+        if self.settings.webhook_secret is None:  # (mode: polling): every update posted there would be refused
+            raise DeliveryError("there is no adapters.telegram.webhook_secret (only mode: polling goes without), so "
+                                "the bot would refuse every update posted to its webhook; set webhook_secret and "
+                                "mode: webhook first", permanent=True)
         await self._call("setWebhook", self.bot.set_webhook(url, secret_token=self.settings.webhook_secret,
                                                             allowed_updates=ALLOWED_UPDATES))
 
@@ -383,9 +387,14 @@ class TelegramAdapter:
             self._poller = self._spawn(self._poll(), "polling", self._loops)
 
     async def handle(self, request: web.Request) -> web.Response:
-        """The secret token Telegram was given (401 otherwise), then 200 at once; the work runs after."""
+        """The secret token Telegram was given (401 otherwise), then 200 at once; the work runs after. A bot that polls
+        without a secret takes nothing here: no request could be told from a forged one."""
+        secret = self.settings.webhook_secret
+        if secret is None:
+            return web.json_response({"error": "this bot polls Telegram for its updates (adapters.telegram.mode: "
+                                               "polling, no webhook_secret) and takes none here"}, status=401)
         given = request.headers.get(SECRET_HEADER, "")
-        if not hmac.compare_digest(raw_bytes(given), self.settings.webhook_secret.encode()):
+        if not hmac.compare_digest(raw_bytes(given), secret.encode()):
             return web.json_response({"error": f"wrong or missing {SECRET_HEADER}"}, status=401)
         try:
             data = json.loads(await request.read())

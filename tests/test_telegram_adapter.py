@@ -774,6 +774,51 @@ async def test_set_webhook_gives_telegram_the_secret_and_the_update_types(env: E
                            "allowed_updates": ["message", "callback_query"]}
 
 
+async def test_a_bot_that_polls_needs_no_webhook_secret_and_its_webhook_then_takes_nothing(tmp_path: Path) -> None:
+    """mode: polling, for a bot nothing reaches over HTTP, still required a webhook_secret (check-config refused the
+    config, and the example app.yaml switched Telegram off without TELEGRAM_WEBHOOK_SECRET). It runs without one, and
+    /telegram/webhook then refuses every request, saying why, rather than take updates nobody can vouch for."""
+    from tests.botkit import running_bot
+
+    async with FakeTelegram() as tg:
+        extra = f"adapters:\n  telegram: {{bot_token: '{tg.token}', api_url: '{tg.api_url}', mode: polling}}\n"
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra) as h:
+            assert "telegram" in h.bot.adapters
+            tg.push_update(fixture("command_group.json"))
+            await tg.wait_for(lambda: tg.called("sendMessage"), timeout=5)  # polled, and answered
+            for secret in (None, "", "tg-webhook-secret_0123456789"):
+                resp = await h.client.post("/telegram/webhook", data=json.dumps(fixture("callback_query.json")),
+                                           headers={"Content-Type": "application/json",
+                                                    **({SECRET_HEADER: secret} if secret is not None else {})})
+                assert resp.status == 401 and "polls Telegram for its updates" in await resp.text()
+            await asyncio.sleep(0.1)
+            assert not tg.called("answerCallbackQuery")  # the callback posted to the webhook was not taken
+            with pytest.raises(DeliveryError) as caught:  # (`chatops telegram set-webhook`)
+                await h.bot.adapters["telegram"].set_webhook("https://bot.example.com/telegram/webhook")
+            assert "webhook_secret" in str(caught.value) and not tg.called("setWebhook")
+
+
+@pytest.mark.parametrize("mode, secret, valid", [
+    ("polling", "", True), ("polling", "    webhook_secret: ${TELEGRAM_WEBHOOK_SECRET:-}\n", True),
+    ("webhook", "", False), ("webhook", "    webhook_secret: ${TELEGRAM_WEBHOOK_SECRET:-}\n", False)])
+def test_check_config_wants_a_webhook_secret_only_for_a_webhook(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, mode: str, secret: str,
+        valid: bool) -> None:
+    from bot.cli import main
+
+    monkeypatch.delenv("TELEGRAM_WEBHOOK_SECRET", raising=False)
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'b.db'}'}}\n"
+                   f"adapters:\n  telegram:\n    bot_token: '123456:ABC-token'\n{secret}    mode: {mode}\n"
+                   "routes: [{match: {}}]\n")
+    code = main(["check-config", "-c", str(cfg)])
+    said = capsys.readouterr()
+    if valid:
+        assert code == 0 and "adapters on: telegram" in said.out, said
+    else:
+        assert code == 2 and "webhook_secret is required with mode: webhook" in said.out + said.err, said
+
+
 async def test_polling_feeds_updates_into_the_same_path() -> None:
     async with FakeTelegram() as tg:
         tg.webhook = {"url": "https://old.example.com/telegram/webhook"}
