@@ -497,6 +497,11 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
         why = loaded.adapters_off.get("telegram", "no section under adapters")
         print(f"telegram is off ({why}); configure adapters.telegram in app.yaml first", file=sys.stderr)
         return EXIT_FAILED
+    if getattr(settings, "webhook_secret", None) is None:
+        print("adapters.telegram has no webhook_secret (mode: polling goes without one): the bot would refuse every "
+              "update Telegram posts to its webhook; set webhook_secret and mode: webhook in app.yaml first",
+              file=sys.stderr)
+        return EXIT_USAGE
     url = args.url or loaded.config.server.public_url.rstrip("/") + "/telegram/webhook"
     if not url.startswith("https://"):
         print(f"{url}: Telegram only posts to https:// URLs; set server.public_url to the bot's public HTTPS "

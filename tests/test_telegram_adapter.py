@@ -7,8 +7,10 @@ Updates are posted the way Telegram posts them to a webhook (JSON, the secret to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import html
+import io
 import json
 import logging
 import time
@@ -778,6 +780,7 @@ async def test_a_bot_that_polls_needs_no_webhook_secret_and_its_webhook_then_tak
     """mode: polling, for a bot nothing reaches over HTTP, still required a webhook_secret (check-config refused the
     config, and the example app.yaml switched Telegram off without TELEGRAM_WEBHOOK_SECRET). It runs without one, and
     /telegram/webhook then refuses every request, saying why, rather than take updates nobody can vouch for."""
+    from bot.cli import main
     from tests.botkit import running_bot
 
     async with FakeTelegram() as tg:
@@ -796,6 +799,14 @@ async def test_a_bot_that_polls_needs_no_webhook_secret_and_its_webhook_then_tak
             with pytest.raises(DeliveryError) as caught:  # (`chatops telegram set-webhook`)
                 await h.bot.adapters["telegram"].set_webhook("https://bot.example.com/telegram/webhook")
             assert "webhook_secret" in str(caught.value) and not tg.called("setWebhook")
+        cfg = tmp_path / "polling.yaml"
+        cfg.write_text(f"adapters:\n  telegram: {{bot_token: '{tg.token}', mode: polling, api_url: '{tg.api_url}'}}\n"
+                       "server: {public_url: 'https://bot.example.com'}\n")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):  # said as what to set, not as Telegram's refusal
+            assert await asyncio.to_thread(main, ["telegram", "set-webhook", "-c", str(cfg)]) == 2
+        assert err.getvalue().startswith("adapters.telegram has no webhook_secret (mode: polling goes without one)")
+        assert not tg.called("setWebhook")
 
 
 @pytest.mark.parametrize("mode, secret, valid", [
