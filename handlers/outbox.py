@@ -505,10 +505,9 @@ class OutboxWorker:
             escalation = await session.get(Escalation, row.incident_id) if sent else None
         if incident is None:
             sent = []
-        looked = await self._look_for_pages(row, [p for p in sent if _lost_page(p)], now)
-        if looked is None:
-            return 1  # looking failed for now (the platform in trouble): the row waits, as after a failed redraw
-        calls, look_at = looked
+        # (a look that failed for now, the platform in trouble, holds back no page already found: they are redrawn,
+        # and the row waits for the look's retry, as after a failed redraw)
+        calls, look_at, look_failed = await self._look_for_pages(row, [p for p in sent if _lost_page(p)], now)
         pages = [p for p in sent if (p.details or {}).get("message")]
         waiting = False
         for page in pages:
@@ -533,6 +532,10 @@ class OutboxWorker:
                     return calls
                 log.warning("outbox: cannot redraw the page to %s about #%s: %s", page.channel, row.incident_id, exc)
             drawn.add(page.id)
+        if look_failed is not None:
+            await self._redrawn(row, drawn)
+            await self._failed([row], look_failed[0], look_failed[1], permanent=False, platform_trouble=True)
+            return calls
         if waiting or look_at is not None:  # (no attempt spent)
             await self._redrawn(row, drawn)
             if waiting:
@@ -548,13 +551,15 @@ class OutboxWorker:
                 OutboxItem.status == "pending", OutboxItem.id <= row.id).values(status="sent"))
         return calls
 
-    async def _look_for_pages(self, row: OutboxItem, lost: Sequence[OutboxItem],
-                              now: datetime) -> tuple[int, datetime | None] | None:
+    async def _look_for_pages(self, row: OutboxItem, lost: Sequence[OutboxItem], now: datetime
+                              ) -> tuple[int, datetime | None, tuple[str, float | None] | None]:
         """Pages whose answer was lost (unconfirmed: the platform may have them), about to be redrawn (`row`), are
         looked for by the key they carried: one found is recorded where it is (details["message"]) and is sent
         after all, so this redraw and the next ones draw it; one not found is left as it was. Only when someone
         acted, for only a page to redraw needs finding. Returns the calls made and when a look not due yet (the
-        platform may still be storing it: LOOK_AFTER) is due; None when looking failed for now and `row` waits."""
+        platform may still be storing it: LOOK_AFTER) is due, and why looking failed for now (the platform in
+        trouble) with the wait it asked for, if it did: then the pages not looked for yet are looked for at `row`'s
+        retry."""
         calls, look_at = 0, None
         for page in lost:
             if page.due_at > now:
@@ -579,9 +584,7 @@ class OutboxWorker:
                     if not exc.permanent or exc.token_refused:
                         if exc.token_refused:
                             self.token_refused[platform] = str(exc)
-                        await self._failed([row], f"looking for the page whose answer was lost: {exc}",
-                                           exc.retry_after, permanent=False, platform_trouble=True)
-                        return None
+                        return calls, look_at, (f"looking for the page whose answer was lost: {exc}", exc.retry_after)
                     log.warning("outbox: cannot look for the page to %s about #%s, whose answer was lost (%s), so it "
                                 "is not redrawn (Slack lets the bot look in a direct conversation with im:history)",
                                 page.channel, page.incident_id, exc)
@@ -603,7 +606,7 @@ class OutboxWorker:
                 await session.execute(update(OutboxItem).where(OutboxItem.id == page.id, OutboxItem.status == "dead")
                                       .values(details=details, **settled))
             page.details = details
-        return calls, look_at
+        return calls, look_at, None
 
     def _page_finders(self, person: Person, order: Sequence[str]) -> list[str]:
         """The platforms of `order` that are on, know `person`, and can find a page by its key (bot.chat.Finder)."""

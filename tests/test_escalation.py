@@ -866,6 +866,44 @@ async def page_rows(h: Harness) -> list[OutboxItem]:
                                      .order_by(OutboxItem.id))).scalars().all())
 
 
+async def test_a_look_for_a_lost_slack_page_that_slack_limits_holds_back_no_other_page(tmp_path: Path) -> None:
+    """One step pages Bob on Slack (its answer lost: unconfirmed) and Carol on Telegram. Alice acknowledges while
+    Slack rate-limits the look in Bob's direct messages: Carol's page is redrawn at once (it waited, Firing with a
+    live Acknowledge, for as long as Slack limited the look), and Bob's once the look gets through."""
+    people = PEOPLE.replace("{id: carol, name: Carol, roles: [responder], slack: U03CAROL, telegram: 333333}",
+                            "{id: carol, name: Carol, roles: [responder], slack: U03CAROL, telegram: 333333, "
+                            "page_via: [telegram]}")
+    pair = BASE.replace("escalation_policies:\n", "escalation_policies:\n  - id: pair\n    steps:\n"
+                        "      - {notify: {people: [bob, carol]}, wait: 30m}\n").replace(
+        "routes:\n", "routes:\n  - {match: {team: pair}, channels: [ops-slack], escalation: pair}\n")
+    async with FakeSlack() as slack, FakeTelegram() as tg:
+        extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                                       f"api_url: '{tg.api_url}'}}\n")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, clock=FakeClock(DAY),
+                               people=people, base=pair) as h:
+            w = World(h, Slack(h, slack), tg)
+            slack.lose_answer("chat.postMessage", reset=True, when=lambda p: p.get("channel") == "D02BOB")
+            await w.alert("critical", team="pair")
+            await until(lambda: any("The page to Bob is unconfirmed" in t for t in thread_texts(w.slack)),
+                        "Bob's Slack page is unconfirmed", timeout=10)
+            await until(lambda: w.pages(CAROL_TG), "Carol is paged on Telegram", timeout=10)
+            h.clock.advance(timedelta(seconds=20))  # past LOOK_AFTER
+            slack.fail("conversations.history", "ratelimited", status=429, retry_after=60, times=3)
+
+            def carols_edits() -> list[dict[str, Any]]:
+                return [c.params for c in tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]
+
+            assert (await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE")))["text"] == \
+                "Acknowledged #1."
+            await until(lambda: carols_edits(), "Carol's page redrawn while the look waits", timeout=5)
+            assert "acknowledged by Alice" in carols_edits()[-1]["text"] and not dm_redraws(w)
+            for _ in range(40):  # Slack lets the bot look again: Bob's page is found and redrawn
+                await w.tick(timedelta(seconds=30))
+                await asyncio.sleep(0.05)
+                if dm_redraws(w):
+                    break
+            assert "Acknowledged" in text_of(dm_redraws(w)[-1]) and len(carols_edits()) == 1
+
 async def test_a_slack_page_whose_answer_was_lost_is_redrawn_when_someone_acknowledges(tmp_path: Path) -> None:
     """Slack took Bob's page (a DM) and the connection was reset before its answer: the page is unconfirmed and not
     sent again. Alice acknowledges in the channel: the page Bob has is redrawn (Acknowledged, no Acknowledge
