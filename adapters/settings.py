@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+# The error type of a key that another key's value requires (bot.config reports it where it reports missing keys).
+REQUIRED_WHEN = "required_when"
 
 
 class _Settings(BaseModel):
@@ -24,23 +28,27 @@ class SlackSettings(_Settings):
 
 class TelegramSettings(_Settings):
     bot_token: str = Field(pattern=r"^\d+:\S+$")
+    mode: Literal["webhook", "polling"] = "webhook"  # (before webhook_secret: its check reads it)
     # What Telegram sends with every update it posts to the webhook. A bot that polls takes no update over HTTP, so it
     # may go without (left out, or empty: `${TELEGRAM_WEBHOOK_SECRET:-}`); its webhook path then refuses everything.
-    webhook_secret: str | None = Field(None, min_length=8, pattern=r"^[A-Za-z0-9_-]{1,256}$")
+    webhook_secret: str | None = Field(None, min_length=8, pattern=r"^[A-Za-z0-9_-]{1,256}$", validate_default=True)
     api_url: str = Field("https://api.telegram.org/bot", pattern=r"^https?://")
-    mode: Literal["webhook", "polling"] = "webhook"
 
     @field_validator("webhook_secret", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
-    @model_validator(mode="after")
-    def _secret_for_webhook(self) -> "TelegramSettings":
-        if self.mode == "webhook" and self.webhook_secret is None:
-            raise ValueError("webhook_secret is required with mode: webhook (Telegram sends it with every update, "
-                             "and an update without it is refused); only mode: polling goes without")
-        return self
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_for_webhook(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A missing key of its kind (REQUIRED_WHEN): check-config names it, at its own key, also while the section
+        # is off (its token unset), as it names any missing key.
+        if value is None and info.data.get("mode", "webhook") == "webhook":
+            raise PydanticCustomError(REQUIRED_WHEN, "required with mode: webhook (Telegram sends it with every "
+                                                     "update, and an update without it is refused); only mode: "
+                                                     "polling goes without")
+        return value
 
 
 class TeamsSettings(_Settings):

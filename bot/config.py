@@ -738,7 +738,8 @@ def _shape_problems(model: type[BaseModel], section: Any, where: tuple[Any, ...]
     except ValidationError as exc:
         return [(_loc((*where, *e["loc"])), _message(e)) for e in exc.errors()
                 if e["type"] == "extra_forbidden"  # a misspelt key, whatever it holds
-                or (e["type"] in ("missing", "literal_error", "auth_kind") and e.get("input") != _PLACEHOLDER)]
+                or (e["type"] in ("missing", "required_when", "literal_error", "auth_kind")
+                    and e.get("input") != _PLACEHOLDER)]
     return []
 
 
@@ -761,6 +762,8 @@ def _message(err: Mapping[str, Any]) -> str:
     kind, msg = err["type"], err["msg"]
     if kind == "missing":
         return "required"
+    if kind == "required_when":  # required by another key's value (adapters/settings.py says which)
+        return msg
     if kind == "model_type":  # `server:` with nothing under it, or a value where keys belong
         return ("empty: give it keys, or remove it" if err.get("input") is None
                 else f"expected a mapping of keys, got {_shown(err)}")
