@@ -430,7 +430,9 @@ async def test_a_silenced_incident_speaks_once_an_alert_no_silence_covers_arrive
     await h.post("open", web)
     [inc] = await h.incidents()
     assert not inc.silenced
-    assert await h.outbox() == [(1, "ops-slack", "post", "incident.opened", {})]
+    # posted; and its pages redrawn, if someone was paged by hand meanwhile (`/incident page`: none here)
+    assert await h.outbox() == [(1, "ops-slack", "post", "incident.opened", {}),
+                                (1, "@pages", "pages", "incident.changed", {})]
     assert "incident.unsilenced" in await h.actions(1)
 
 
@@ -443,7 +445,8 @@ async def test_a_silenced_alert_in_a_spoken_incident_is_no_news_and_an_unsilence
         await h.post("open", {**mem, "tool_source": "x", "labels": {"pod": "b"}})  # silenced: opens #1 muted
         await h.post("open", {**mem, "tool_source": "y", "labels": {"pod": "a"}})  # not silenced: #1 speaks
         [inc] = await h.incidents()
-        assert not inc.silenced and await h.outbox() == [(1, "ops-slack", "post", "incident.opened", {})]
+        assert not inc.silenced and await h.outbox() == [(1, "ops-slack", "post", "incident.opened", {}),
+                                                         (1, "@pages", "pages", "incident.changed", {})]
         await h.post("open", {**mem, "asset_name": "h2", "tool_source": "x", "labels": {"pod": "a"}})  # #2, spoken
         await h.post("open", {**mem, "asset_name": "h2", "tool_source": "y", "labels": {"pod": "b"}})  # silenced
         assert [o[3] for o in await h.outbox() if o[0] == 2] == ["incident.opened"]  # no "1 new alert" line
