@@ -169,7 +169,9 @@ async def world(tmp_path: Path, start: datetime, *, base: str = BASE, db: str = 
             yield World(h, Slack(h, slack), tg)
 
 
-async def until(predicate: Any, what: str, timeout: float = 5.0) -> None:
+async def until(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    """Until `predicate()` holds (or fail saying `what`). Thread lines go out at Slack's pace, about one a second in a
+    channel: five of them take five seconds, more on a busy machine."""
     await poll(predicate, timeout, lambda: what)
 
 
