@@ -49,7 +49,8 @@ from bot.view import incident_card, thread_line
 from bot.escalation import escalation_mark
 from handlers.escalation import SYSTEM, Escalations, drawn_with
 from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_line
-from handlers.paging import Attempt, page_message, page_order, page_where, send_page
+from handlers.paging import (LOOK_AFTER, UNANSWERED, Attempt, page_finders, page_message, page_order, page_where,
+                             send_page)
 from storage.audit import AuditLog, Entry
 from storage.db import Database, StoreReplaced
 from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem, SwapRequest
@@ -67,11 +68,10 @@ SENDING = "sending"
 UNSETTLED = ("pending", SENDING)
 ROUTINE_EVENTS = ("alerts.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
 # A card, thread line or notice whose answer was lost, on a platform that can find it by the key it carried (see
-# bot.chat.Finder), is marked on its rows, {"key": that key, "at": when it was given up on (Unix time)}: their next
-# try looks for it before posting again (_look_first). Folding leaves marked rows alone: what they count was posted.
-# A page is never sent again: its mark says where to look for it when it is to be redrawn (_look_for_pages).
-UNANSWERED = "unanswered"
-LOOK_AFTER = 15.0  # seconds before that look: a post whose answer timed out may still be being stored
+# bot.chat.Finder), is marked on its rows (UNANSWERED), {"key": that key, "at": when it was given up on (Unix
+# time)}: their next try looks for it, not before LOOK_AFTER, before posting again (_look_first). Folding leaves
+# marked rows alone: what they count was posted. A page is never sent again: its mark says where to look for it when
+# it is to be redrawn (_look_for_pages).
 RECENT_ALERTS = 50  # alerts read to draw a message: its links and "the last of N" come from the newest  # thread lines that add up their counts
 
 
@@ -609,9 +609,7 @@ class OutboxWorker:
         return calls, look_at, None
 
     def _page_finders(self, person: Person, order: Sequence[str]) -> list[str]:
-        """The platforms of `order` that are on, know `person`, and can find a page by its key (bot.chat.Finder)."""
-        return [platform for platform in order if platform in self.adapters and getattr(person, platform, None)
-                and getattr(self.adapters[platform], "find", None) is not None]
+        return page_finders(self.adapters, person, order)
 
     async def _redrawn(self, row: OutboxItem, drawn: set[int]) -> None:
         """Keep on the row which pages it redrew, for its retry to go on from there."""

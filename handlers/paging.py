@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from typing import Any
 
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
@@ -26,7 +28,7 @@ from handlers.notify import page_redraw_row
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from storage.models import Escalation, Incident, OutboxItem
-from storage.queries import recent_alerts
+from storage.queries import UNCONFIRMED, recent_alerts
 
 log = logging.getLogger("chatops.paging")
 DEFAULT_ORDER = ("telegram", "slack", "teams")  # after hours, and for /incident page
@@ -122,6 +124,18 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
     return Attempt(None, tried, transient)
 
 
+# How a page (or a card, a line) whose answer was lost is marked for the bot to look for it by the key it carried
+# (bot.chat.Finder), in its outbox row's details: {"key", "at": Unix time, "platform"?} (see handlers/outbox.py).
+UNANSWERED = "unanswered"
+LOOK_AFTER = 15.0  # seconds before that look: a post whose answer timed out may still be being stored
+
+
+def page_finders(adapters: Mapping[str, Adapter], person: Person, order: Sequence[str]) -> list[str]:
+    """The platforms of `order` that are on, know `person`, and can find a page by its key (bot.chat.Finder)."""
+    return [platform for platform in order if platform in adapters and getattr(person, platform, None)
+            and getattr(adapters[platform], "find", None) is not None]
+
+
 def page_where(ref: MessageRef) -> dict[str, Any]:
     """Where a page went, as its outbox row keeps it (details["message"]) for the outbox to redraw it."""
     return {"platform": ref.platform, "chat_id": ref.chat_id, "message_id": ref.message_id}
@@ -151,8 +165,12 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
     now = clock.now()
     # Escalate carries where the escalation stands, as on an escalation's page: a double press escalates once.
     _, mark = drawn_with(escalation)
-    attempt = await send_page(adapters, person, page_message(incident, alerts, person, config, now, reason,
-                                                             escalation_mark=mark), page_order(person))
+    # It carries a key where a platform can find it by it (Slack), as an escalation's page does: if its answer is
+    # lost, it is looked for when it is to be redrawn, and redrawn if it had arrived.
+    key = f"hand-page-{uuid.uuid4().hex[:20]}"
+    order = page_order(person)
+    attempt = await send_page(adapters, person, replace(page_message(incident, alerts, person, config, now, reason,
+                                                                     escalation_mark=mark), key=key), order)
     metrics.pages.labels(*attempt.counted()).inc()
     if attempt.platform is not None:
         details = {"person": person.id, "platform": attempt.platform, "reason": reason}
@@ -171,7 +189,14 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
         failed["unknown"] = attempt.unknown
     log.warning("%s %s about #%s: %s", "unconfirmed page to" if attempt.unknown else "could not page", person.id,
                 incident_id, why)
-    await _record(db, audit, actor, incident_id, now, "incident.page_failed", failed)
+    lost = None
+    if attempt.unknown and attempt.unknown in page_finders(adapters, person, order):  # (see OutboxWorker._page)
+        lost = OutboxItem(created_at=now, due_at=now + timedelta(seconds=LOOK_AFTER), incident_id=incident_id,
+                          channel=f"@{person.id}", kind="page", event="incident.page", status="dead", attempts=1,
+                          last_error=(UNCONFIRMED + why)[:500],
+                          details={"person": person.id, "manual": True,
+                                   UNANSWERED: {"key": key, "at": time.time(), "platform": attempt.unknown}})
+    await _record(db, audit, actor, incident_id, now, "incident.page_failed", failed, lost)
     if attempt.unknown:
         return PageResult(False, f"The page to {person.name} is unconfirmed: {why}")
     return PageResult(False, f"Could not page {person.name}: {why}")
@@ -185,6 +210,6 @@ async def _record(db: Database, audit: AuditLog, actor: Actor, incident_id: int,
         if sent is not None:
             session.add(sent)
             now_is = await session.get(Incident, incident_id)
-            if now_is is not None and now_is.status != drawn:
+            if now_is is not None and drawn is not None and now_is.status != drawn:
                 session.add(OutboxItem(**page_redraw_row(incident_id, now)))
         await audit.append_many(session, [Entry(action, actor, "incident", str(incident_id), now, details, incident_id)])

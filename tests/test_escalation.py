@@ -868,6 +868,38 @@ async def page_rows(h: Harness) -> list[OutboxItem]:
                                      .order_by(OutboxItem.id))).scalars().all())
 
 
+async def test_a_hand_page_whose_answer_was_lost_is_redrawn_when_someone_acknowledges(tmp_path: Path) -> None:
+    """`/incident page 1 bob`: Slack took the DM and the connection was reset before its answer. The page is
+    unconfirmed (not sent again); when Alice acknowledges, it is found in Bob's DM and redrawn, as an escalation's
+    page is (a hand page kept no row then, so it kept Firing and its live Acknowledge for good)."""
+    people = PEOPLE.replace("{id: bob, name: Bob, roles: [responder], slack: U02BOB, telegram: 222222}",
+                            "{id: bob, name: Bob, roles: [responder], slack: U02BOB, telegram: 222222, "
+                            "page_via: [slack]}")
+    async with FakeSlack() as slack, FakeTelegram() as tg:
+        extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                                       f"api_url: '{tg.api_url}'}}\n")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, clock=FakeClock(DAY),
+                               people=people, base=BASE) as h:
+            w = World(h, Slack(h, slack), tg)
+            await w.alert("critical", team="quiet")  # no escalation policy: paged by hand only
+            slack.lose_answer("chat.postMessage", reset=True, when=lambda p: p.get("channel") == "D02BOB")
+            paged = await w.slack.answer(await w.slack.command("/incident", "page 1 bob", user="U01ALICE"))
+            assert paged["text"].startswith("The page to Bob is unconfirmed")
+            assert len(w.slack_dms("U02BOB")) == 1  # Slack has it
+            h.clock.advance(timedelta(seconds=20))
+            assert (await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE")))["text"] == \
+                "Acknowledged #1."
+            for _ in range(40):
+                await w.tick(timedelta(seconds=2))
+                await asyncio.sleep(0.05)
+                if dm_redraws(w):
+                    break
+            [redrawn] = dm_redraws(w)
+            assert "Acknowledged" in text_of(redrawn) and "ack:1" not in button_values(redrawn)
+            assert len(w.slack_dms("U02BOB")) == 1  # found, not sent again
+            [row] = await page_rows(h)
+            assert row.status == "sent" and row.details["manual"] and row.details["message"]["chat_id"] == "D02BOB"
+
 async def test_a_look_for_a_lost_slack_page_that_slack_limits_holds_back_no_other_page(tmp_path: Path) -> None:
     """One step pages Bob on Slack (its answer lost: unconfirmed) and Carol on Telegram. Alice acknowledges while
     Slack rate-limits the look in Bob's direct messages: Carol's page is redrawn at once (it waited, Firing with a
