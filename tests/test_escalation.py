@@ -160,12 +160,13 @@ def thread_texts(slack: Slack) -> list[str]:
 
 
 @asynccontextmanager
-async def world(tmp_path: Path, start: datetime, *, base: str = BASE, db: str = "bot.db") -> AsyncIterator[World]:
+async def world(tmp_path: Path, start: datetime, *, base: str = BASE, db: str = "bot.db",
+                people: str = PEOPLE) -> AsyncIterator[World]:
     async with FakeSlack() as slack, FakeTelegram() as tg:
         extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
                                        f"api_url: '{tg.api_url}'}}\n")
         async with running_bot(f"sqlite+aiosqlite:///{tmp_path / db}", extra, clock=FakeClock(start),
-                               people=PEOPLE, base=base) as h:
+                               people=people, base=base) as h:
             yield World(h, Slack(h, slack), tg)
 
 
@@ -432,70 +433,61 @@ async def test_a_page_sent_by_hand_is_redrawn_as_the_incident_changes(tmp_path: 
         paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
         assert paged["text"] == "Paged Carol on Telegram."
         assert len(w.pages(CAROL_TG)) == 1
-
-        def carols_page() -> dict[str, Any]:
-            edits = [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]
-            return edits[-1] if edits else {}
-
         acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
         assert acked["text"] == "Acknowledged #1."
-        await until(lambda: "Acknowledged" in carols_page().get("text", ""), "Carol's page redrawn")
-        keys = [k["callback_data"] for row in carols_page()["reply_markup"]["inline_keyboard"] for k in row]
-        assert "ack:1" not in keys and "acknowledged by Alice" in carols_page()["text"]
+        await until(lambda: "Acknowledged" in carols_page(w).get("text", ""), "Carol's page redrawn")
+        assert "ack" not in verbs(carols_page(w)) and "acknowledged by Alice" in carols_page(w)["text"]
         assert len(w.pages(CAROL_TG)) == 1  # redrawn, not sent again
 
 
+MUTED = BASE + "silences:\n  - {id: pod-b, matchers: {pod: b}, starts: 2026-01-01T00:00:00Z}\n"  # mutes pod b
+DISK_ON_B = {"asset_name": "db-01", "signature": "DiskFull", "severity": "critical", "message": "disk",
+             "tool_source": "x", "labels": {"team": "db", "pod": "b"}}
+
+
+def carols_page(w: World) -> dict[str, Any]:
+    """Carol's page as she sees it now: its last redraw (an empty dict before there is one)."""
+    edits = [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]
+    return edits[-1] if edits else {}
+
+
+def verbs(message: dict[str, Any]) -> list[str]:
+    """The actions of a Telegram message's buttons (`ack`, `?res`, ...)."""
+    return [k["callback_data"].split(":")[0] for row in (message.get("reply_markup") or {}).get("inline_keyboard", [])
+            for k in row]
+
+
+async def page_carol_while_muted(w: World) -> None:
+    """A maintenance window mutes #1; `/incident page` reaches Carol all the same (as Escalate says to do)."""
+    await w.h.post("open", DISK_ON_B)
+    paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
+    assert paged["text"] == "Paged Carol on Telegram."
+    [page] = w.pages(CAROL_TG)
+    assert verbs(page) == ["ack", "?res"]  # no Escalate: it would page nobody
+
 
 async def test_a_hand_page_about_a_silenced_incident_is_redrawn_as_the_incident_changes(tmp_path: Path) -> None:
-    """While a maintenance window mutes an incident, `/incident page` is how to reach someone (as Escalate says). Their
-    page was never redrawn: resolved from the page itself, or by its source, it still said Silenced and offered
+    """Carol's page was never redrawn: acknowledged, or resolved by its source, it still said Silenced and offered
     Acknowledge. Now it is redrawn as any page is."""
-    silenced = BASE + "silences:\n  - {id: pod-b, matchers: {pod: b}, starts: 2026-01-01T00:00:00Z}\n"
-    async with world(tmp_path, NIGHT, base=silenced) as w:
-        disk = {"asset_name": "db-01", "signature": "DiskFull", "severity": "critical", "message": "disk",
-                "tool_source": "x", "labels": {"team": "db", "pod": "b"}}
-        await w.h.post("open", disk)
-        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
-        assert paged["text"] == "Paged Carol on Telegram."
-
-        def carols_page() -> dict[str, Any]:
-            edits = [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]
-            return edits[-1] if edits else {}
-
-        def keys() -> list[str]:
-            return [k["callback_data"] for row in carols_page()["reply_markup"]["inline_keyboard"] for k in row]
-
+    async with world(tmp_path, NIGHT, base=MUTED) as w:
+        await page_carol_while_muted(w)
         acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
         assert acked["text"] == "Acknowledged #1."
-        await until(lambda: "acknowledged by Alice" in carols_page().get("text", ""), "Carol's page redrawn")
-        assert "ack:1" not in keys()
-        await w.h.post("open", {**disk, "status": "resolved"})  # the source ends it
-        await until(lambda: carols_page() and keys() == ["reo:1"], "Carol's page says it is resolved")
+        await until(lambda: "acknowledged by Alice" in carols_page(w).get("text", ""), "Carol's page redrawn")
+        assert verbs(carols_page(w)) == ["?res"]
+        await w.h.post("open", {**DISK_ON_B, "status": "resolved"})  # the source ends it
+        await until(lambda: verbs(carols_page(w)) == ["reo"], "Carol's page says it is resolved")
         assert len(w.pages(CAROL_TG)) == 1  # redrawn, not sent again
 
 
 async def test_a_hand_page_about_a_silenced_incident_offers_escalate_once_it_is_not_muted(tmp_path: Path) -> None:
-    """Paged by hand while a maintenance window muted the incident, Carol's page offers no Escalate (it would page
-    nobody). When an alert no silence covers arrives, the incident is posted and escalates: her page is redrawn as
+    """When an alert no silence covers arrives, the incident is posted and escalates: Carol's page is redrawn as
     firing, with Escalate (it kept saying Silenced)."""
-    silenced = BASE + "silences:\n  - {id: pod-b, matchers: {pod: b}, starts: 2026-01-01T00:00:00Z}\n"
-    async with world(tmp_path, NIGHT, base=silenced) as w:
-        disk = {"asset_name": "db-01", "signature": "DiskFull", "severity": "critical", "message": "disk",
-                "tool_source": "x", "labels": {"team": "db", "pod": "b"}}
-        await w.h.post("open", disk)
-        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
-        assert paged["text"] == "Paged Carol on Telegram."
-        [page] = w.pages(CAROL_TG)
-        assert [k["callback_data"].split(":")[0] for row in page["reply_markup"]["inline_keyboard"] for k in row
-                ] == ["ack", "?res"]
-        await w.h.post("open", {**disk, "tool_source": "y", "labels": {"team": "db", "pod": "a"}})
+    async with world(tmp_path, NIGHT, base=MUTED) as w:
+        await page_carol_while_muted(w)
+        await w.h.post("open", {**DISK_ON_B, "tool_source": "y", "labels": {"team": "db", "pod": "a"}})
+        await until(lambda: verbs(carols_page(w)) == ["ack", "esc", "?res"], "Carol's page offers Escalate again")
 
-        def carols_keys() -> list[str]:
-            edits = [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]
-            return [k["callback_data"].split(":")[0] for row in edits[-1]["reply_markup"]["inline_keyboard"]
-                    for k in row] if edits else []
-
-        await until(lambda: carols_keys() == ["ack", "esc", "?res"], "Carol's page offers Escalate again")
 
 async def test_pages_sent_by_hand_are_counted_in_metrics_as_an_escalations_are(tmp_path: Path) -> None:
     async with world(tmp_path, NIGHT) as w:
@@ -862,6 +854,16 @@ def dm_redraws(w: World, chat: str = "D02BOB") -> list[dict[str, Any]]:
     return [c.params for c in w.slack.fake.called("chat.update") if c.params.get("channel") == chat]
 
 
+async def until_bobs_page_redrawn(w: World, step: timedelta = timedelta(seconds=2)) -> None:
+    """Time passes, `step` at a time (timers fire, the outbox delivers), until Bob's Slack page is redrawn."""
+    for _ in range(40):
+        await w.tick(step)
+        await asyncio.sleep(0.05)
+        if dm_redraws(w):
+            return
+    raise AssertionError("Bob's page was never redrawn")
+
+
 async def page_rows(h: Harness) -> list[OutboxItem]:
     async with h.bot.db.sessions() as s:
         return list((await s.execute(select(OutboxItem).where(OutboxItem.kind == "page")
@@ -875,30 +877,22 @@ async def test_a_hand_page_whose_answer_was_lost_is_redrawn_when_someone_acknowl
     people = PEOPLE.replace("{id: bob, name: Bob, roles: [responder], slack: U02BOB, telegram: 222222}",
                             "{id: bob, name: Bob, roles: [responder], slack: U02BOB, telegram: 222222, "
                             "page_via: [slack]}")
-    async with FakeSlack() as slack, FakeTelegram() as tg:
-        extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
-                                       f"api_url: '{tg.api_url}'}}\n")
-        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, clock=FakeClock(DAY),
-                               people=people, base=BASE) as h:
-            w = World(h, Slack(h, slack), tg)
-            await w.alert("critical", team="quiet")  # no escalation policy: paged by hand only
-            slack.lose_answer("chat.postMessage", reset=True, when=lambda p: p.get("channel") == "D02BOB")
-            paged = await w.slack.answer(await w.slack.command("/incident", "page 1 bob", user="U01ALICE"))
-            assert paged["text"].startswith("The page to Bob is unconfirmed")
-            assert len(w.slack_dms("U02BOB")) == 1  # Slack has it
-            h.clock.advance(timedelta(seconds=20))
-            assert (await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE")))["text"] == \
-                "Acknowledged #1."
-            for _ in range(40):
-                await w.tick(timedelta(seconds=2))
-                await asyncio.sleep(0.05)
-                if dm_redraws(w):
-                    break
-            [redrawn] = dm_redraws(w)
-            assert "Acknowledged" in text_of(redrawn) and "ack:1" not in button_values(redrawn)
-            assert len(w.slack_dms("U02BOB")) == 1  # found, not sent again
-            [row] = await page_rows(h)
-            assert row.status == "sent" and row.details["manual"] and row.details["message"]["chat_id"] == "D02BOB"
+    async with world(tmp_path, DAY, people=people) as w:
+        await w.alert("critical", team="quiet")  # no escalation policy: paged by hand only
+        w.slack.fake.lose_answer("chat.postMessage", reset=True, when=lambda p: p.get("channel") == "D02BOB")
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 bob", user="U01ALICE"))
+        assert paged["text"].startswith("The page to Bob is unconfirmed")
+        assert len(w.slack_dms("U02BOB")) == 1  # Slack has it
+        w.h.clock.advance(timedelta(seconds=20))
+        assert (await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE")))["text"] == \
+            "Acknowledged #1."
+        await until_bobs_page_redrawn(w)
+        [redrawn] = dm_redraws(w)
+        assert "Acknowledged" in text_of(redrawn) and "ack:1" not in button_values(redrawn)
+        assert len(w.slack_dms("U02BOB")) == 1  # found, not sent again
+        [row] = await page_rows(w.h)
+        assert row.status == "sent" and row.details["manual"] and row.details["message"]["chat_id"] == "D02BOB"
+
 
 async def test_a_look_for_a_lost_slack_page_that_slack_limits_holds_back_no_other_page(tmp_path: Path) -> None:
     """One step pages Bob on Slack (its answer lost: unconfirmed) and Carol on Telegram. Alice acknowledges while
@@ -910,33 +904,21 @@ async def test_a_look_for_a_lost_slack_page_that_slack_limits_holds_back_no_othe
     pair = BASE.replace("escalation_policies:\n", "escalation_policies:\n  - id: pair\n    steps:\n"
                         "      - {notify: {people: [bob, carol]}, wait: 30m}\n").replace(
         "routes:\n", "routes:\n  - {match: {team: pair}, channels: [ops-slack], escalation: pair}\n")
-    async with FakeSlack() as slack, FakeTelegram() as tg:
-        extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
-                                       f"api_url: '{tg.api_url}'}}\n")
-        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, clock=FakeClock(DAY),
-                               people=people, base=pair) as h:
-            w = World(h, Slack(h, slack), tg)
-            slack.lose_answer("chat.postMessage", reset=True, when=lambda p: p.get("channel") == "D02BOB")
-            await w.alert("critical", team="pair")
-            await until(lambda: any("The page to Bob is unconfirmed" in t for t in thread_texts(w.slack)),
-                        "Bob's Slack page is unconfirmed", timeout=10)
-            await until(lambda: w.pages(CAROL_TG), "Carol is paged on Telegram", timeout=10)
-            h.clock.advance(timedelta(seconds=20))  # past LOOK_AFTER
-            slack.fail("conversations.history", "ratelimited", status=429, retry_after=60, times=3)
-
-            def carols_edits() -> list[dict[str, Any]]:
-                return [c.params for c in tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]
-
-            assert (await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE")))["text"] == \
-                "Acknowledged #1."
-            await until(lambda: carols_edits(), "Carol's page redrawn while the look waits", timeout=5)
-            assert "acknowledged by Alice" in carols_edits()[-1]["text"] and not dm_redraws(w)
-            for _ in range(40):  # Slack lets the bot look again: Bob's page is found and redrawn
-                await w.tick(timedelta(seconds=30))
-                await asyncio.sleep(0.05)
-                if dm_redraws(w):
-                    break
-            assert "Acknowledged" in text_of(dm_redraws(w)[-1]) and len(carols_edits()) == 1
+    async with world(tmp_path, DAY, people=people, base=pair) as w:
+        w.slack.fake.lose_answer("chat.postMessage", reset=True, when=lambda p: p.get("channel") == "D02BOB")
+        await w.alert("critical", team="pair")
+        await until(lambda: any("The page to Bob is unconfirmed" in t for t in thread_texts(w.slack)),
+                    "Bob's Slack page is unconfirmed")
+        await until(lambda: w.pages(CAROL_TG), "Carol is paged on Telegram")
+        w.h.clock.advance(timedelta(seconds=20))  # past LOOK_AFTER
+        w.slack.fake.fail("conversations.history", "ratelimited", status=429, retry_after=60, times=3)
+        assert (await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE")))["text"] == \
+            "Acknowledged #1."
+        await until(lambda: carols_page(w), "Carol's page redrawn while the look waits")
+        assert "acknowledged by Alice" in carols_page(w)["text"] and not dm_redraws(w)
+        await until_bobs_page_redrawn(w, timedelta(seconds=30))  # Slack lets the bot look again: found
+        assert "Acknowledged" in text_of(dm_redraws(w)[-1])
+        assert len([c for c in w.tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]) == 1
 
 async def test_a_slack_page_whose_answer_was_lost_is_redrawn_when_someone_acknowledges(tmp_path: Path) -> None:
     """Slack took Bob's page (a DM) and the connection was reset before its answer: the page is unconfirmed and not
@@ -951,11 +933,7 @@ async def test_a_slack_page_whose_answer_was_lost_is_redrawn_when_someone_acknow
         w.h.clock.advance(timedelta(seconds=20))
         acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
         assert acked["text"] == "Acknowledged #1."
-        for _ in range(40):
-            await w.tick(timedelta(seconds=2))
-            await asyncio.sleep(0.05)
-            if dm_redraws(w):
-                break
+        await until_bobs_page_redrawn(w)
         [redrawn] = dm_redraws(w)
         assert redrawn["ts"] == next(ts for (c, ts) in w.slack.fake.messages if c == "D02BOB")
         assert "Acknowledged" in text_of(redrawn) and "ack:1" not in button_values(redrawn)
@@ -986,11 +964,7 @@ async def test_the_look_for_a_lost_slack_page_waits_for_slack_to_store_it(tmp_pa
             await w.tick(timedelta(seconds=2))
             await asyncio.sleep(0.05)
         assert not w.slack.fake.called("conversations.history") and not dm_redraws(w)
-        for _ in range(40):
-            await w.tick(timedelta(seconds=2))
-            await asyncio.sleep(0.05)
-            if dm_redraws(w):
-                break
+        await until_bobs_page_redrawn(w)
         [redrawn] = dm_redraws(w)
         assert "Acknowledged" in text_of(redrawn) and "ack:1" not in button_values(redrawn)
 
