@@ -41,7 +41,7 @@ from sqlmodel import select
 
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
 from bot.clock import Clock
-from bot.config import Config, Person
+from bot.config import Config
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket, Window
 from bot.incidents import ACKNOWLEDGED, RESOLVED
@@ -567,8 +567,9 @@ class OutboxWorker:
                 continue
             mark = page.details[UNANSWERED]
             person = self.people.get(str(page.details.get("person")))
-            platforms = ([mark["platform"]] if mark.get("platform") else self._page_finders(
-                person, page_order(person, business_hours=bool(page.details.get("business"))))) if person else []
+            order = page_order(person, business_hours=bool(page.details.get("business"))) if person else []
+            platforms = ([mark["platform"]] if mark.get("platform") else page_finders(self.adapters, person, order)
+                         ) if person else []
             found: MessageRef | None = None
             for platform in platforms:
                 find = getattr(self.adapters.get(platform), "find", None)
@@ -607,9 +608,6 @@ class OutboxWorker:
                                       .values(details=details, **settled))
             page.details = details
         return calls, look_at, None
-
-    def _page_finders(self, person: Person, order: Sequence[str]) -> list[str]:
-        return page_finders(self.adapters, person, order)
 
     async def _redrawn(self, row: OutboxItem, drawn: set[int]) -> None:
         """Keep on the row which pages it redrew, for its retry to go on from there."""
@@ -742,7 +740,7 @@ class OutboxWorker:
         # The page carries its key where a platform can find it by it (Slack): a page whose answer is lost, or that
         # a crash cuts off, is looked for when it is to be redrawn (_look_for_pages). The mark goes with the claim.
         key = f"page-{row.id}"
-        if self._page_finders(person, order):
+        if page_finders(self.adapters, person, order):
             row.details = {**(row.details or {}), UNANSWERED: {"key": key, "at": time.time()}}
         async with self.db.transaction() as session:  # claimed: a crash from here on leaves it SENDING (see _recover)
             claimed = (await session.execute(update(OutboxItem).where(OutboxItem.id == row.id,
@@ -769,7 +767,7 @@ class OutboxWorker:
         if attempt.ref is not None:  # where the page is, to redraw it when someone acts (_redraw_pages)
             kept["message"] = page_where(attempt.ref)
         settled: dict[str, Any] = {"details": kept}
-        if attempt.unknown and attempt.unknown in self._page_finders(person, order):
+        if attempt.unknown and attempt.unknown in page_finders(self.adapters, person, order):
             # It may have arrived, on a platform that can find it: it is looked for (not before LOOK_AFTER, for the
             # platform to store it) when someone acts and it is to be redrawn. (Elsewhere it stays as it was drawn.)
             kept[UNANSWERED] = {"key": key, "at": time.time(), "platform": attempt.unknown}

@@ -483,44 +483,34 @@ def test_a_rejected_secret_is_never_shown() -> None:
     assert any(p.startswith("sources[0].auth") and "(a secret, not shown)" in p for p in found), found
 
 
-@pytest.mark.parametrize(("template", "problem"), [
-    ('{"text": "{{ incident.title }", "blocks": []}\n', "): line 1: unexpected '}'"),  # one brace short
-    ('{"text": "{{ title }}", "blocks": []}\n', "): output is not valid JSON"),  # a title with quotes: tojson forgotten
-    ('{"text": {{ titel | tojson }}, "blocks": []}\n', "'titel' is undefined"),
-    ('{"text": {{ title | tojson }}}\n', '"blocks" must be a list'),  # JSON, but a card Slack would refuse
+@pytest.mark.parametrize(("name", "template", "problem"), [
+    ("incident.slack.json.j2", '{"text": "{{ incident.title }", "blocks": []}\n', "): line 1: unexpected '}'"),
+    # a title with quotes: tojson forgotten
+    ("incident.slack.json.j2", '{"text": "{{ title }}", "blocks": []}\n', "): output is not valid JSON"),
+    ("incident.slack.json.j2", '{"text": {{ titel | tojson }}, "blocks": []}\n', "'titel' is undefined"),
+    # JSON, but a card Slack would refuse
+    ("incident.slack.json.j2", '{"text": {{ title | tojson }}}\n', '"blocks" must be a list'),
+    # HTML Telegram refuses ("can't parse entities"): a tag or entity it does not take, a tag left open, too long
+    ("incident.telegram.html.j2", "<div>{{ title }}</div>\n", "<div> is not a tag Telegram takes"),
+    ("incident.telegram.html.j2", "<b>{{ title }}\n", "<b> is never closed"),
+    ("incident.telegram.html.j2", "<b>{{ title }}</i></b>\n", "</i> closes no open <i> (<b> is open)"),
+    ("incident.telegram.html.j2", "{{ title }}<br/>{{ state_label }}\n", "<br/>: Telegram takes no self-closing tags"),
+    ("incident.telegram.html.j2", "{{ title }} &mdash; {{ state_label }}\n", "&mdash; is not an entity Telegram takes"),
+    ("incident.telegram.html.j2", "{% for i in range(500) %}{{ title }} {% endfor %}\n",
+     "Telegram takes 4096 in a message"),
 ])
-def test_a_broken_override_template_is_named_before_any_card_is_sent(tmp_path: Path, template: str, problem: str,
+def test_a_broken_override_template_is_named_before_any_card_is_sent(tmp_path: Path, name: str, template: str,
+                                                                       problem: str,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A template that fails (or draws what its platform refuses) passed check-config, and then every card it drew
+    failed and was given up."""
     (tmp_path / "tpl").mkdir()
-    (tmp_path / "tpl" / "incident.slack.json.j2").write_text(template)
+    (tmp_path / "tpl" / name).write_text(template)
     config = tmp_path / "app.yaml"
     config.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'bot.db'}'}}\ntemplates: {{dir: tpl}}\n")
     assert main(["check-config", "-c", str(config)]) == 2
     out = capsys.readouterr().out
-    path = tmp_path / "tpl" / "incident.slack.json.j2"
-    assert out.startswith(f"templates.dir: template incident.slack.json.j2 ({path})")
-    assert problem in out
-
-
-@pytest.mark.parametrize("template, problem", [
-    ("<div>{{ title }}</div>\n", "<div> is not a tag Telegram takes"),
-    ("<b>{{ title }}\n", "<b> is never closed"),
-    ("<b>{{ title }}</i></b>\n", "</i> closes no open <i> (<b> is open)"),
-    ("{{ title }}<br/>{{ state_label }}\n", "<br/>: Telegram takes no self-closing tags"),
-    ("{{ title }} &mdash; {{ state_label }}\n", "&mdash; is not an entity Telegram takes"),
-    ("{% for i in range(500) %}{{ title }} {% endfor %}\n", "Telegram takes 4096 in a message"),
-])
-def test_an_override_telegram_template_telegram_would_refuse_is_named_at_check_config(
-        tmp_path: Path, template: str, problem: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """A Telegram HTML template with a tag, an entity or a length Telegram refuses passed check-config, and then every
-    card it drew was refused ("can't parse entities") and given up."""
-    (tmp_path / "tpl").mkdir()
-    (tmp_path / "tpl" / "incident.telegram.html.j2").write_text(template)
-    config = tmp_path / "app.yaml"
-    config.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'bot.db'}'}}\ntemplates: {{dir: tpl}}\n")
-    assert main(["check-config", "-c", str(config)]) == 2
-    out = capsys.readouterr().out
-    assert out.startswith(f"templates.dir: template incident.telegram.html.j2 ({tmp_path / 'tpl'}")
+    assert out.startswith(f"templates.dir: template {name} ({tmp_path / 'tpl' / name})")
     assert problem in out, out
 
 

@@ -992,11 +992,7 @@ async def test_a_slack_page_cut_off_by_a_crash_is_redrawn_after_the_restart(tmp_
             await until(lambda: any("The page to Bob is unconfirmed" in t for t in thread_texts(w.slack)),
                         "the thread says the page is unconfirmed", timeout=10)
             await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
-            for _ in range(40):
-                await w.tick(timedelta(seconds=2))
-                await asyncio.sleep(0.05)
-                if dm_redraws(w):
-                    break
+            await until_bobs_page_redrawn(w)
             [redrawn] = dm_redraws(w)
             assert "Acknowledged" in text_of(redrawn) and "ack:1" not in button_values(redrawn)
             assert len(w.slack_dms("U02BOB")) == 1

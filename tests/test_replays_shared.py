@@ -324,6 +324,16 @@ def hold(h: Harness, kind: str = "action") -> tuple[asyncio.Event, asyncio.Event
     return entered, go
 
 
+async def tapped_at_both(one: Harness, other: Harness, update: dict) -> asyncio.Event:
+    """A tap reaches `one`, whose dispatcher holds it (set the returned event to let it act), then its copy reaches
+    `other` (Telegram's retry, at another replica)."""
+    entered, go = hold(one)
+    await deliver(one, update)
+    await asyncio.wait_for(entered.wait(), 5)
+    await deliver(other, update)
+    return go
+
+
 async def killed(h: Harness) -> None:
     """The bot dies where it is (SIGKILL): the handling of what it took is cut off, and nothing after it runs; what
     it committed stays in the store."""
@@ -407,10 +417,7 @@ async def test_a_retry_at_another_replica_waits_for_the_first_and_takes_over_onl
         async with replicas(tmp_path, pg_schema, telegram_config(fake)) as (one, other):
             assert (await one.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
             assert (await one.post("am", fixture("alertmanager/03-highcpu-firing.json")))[0] == 200
-            entered, go = hold(one)
-            await deliver(one, tap(7101, 1))
-            await asyncio.wait_for(entered.wait(), 5)
-            await deliver(other, tap(7101, 1))
+            go = await tapped_at_both(one, other, tap(7101, 1))
             await asyncio.sleep(1.5)
             assert toasts(fake) == [] and (await one.incidents())[0].status == "triggered"
             go.set()
@@ -419,10 +426,7 @@ async def test_a_retry_at_another_replica_waits_for_the_first_and_takes_over_onl
             assert toasts(fake) == ["Acknowledged #1."]
             assert (await one.actions(1)).count("incident.acknowledged") == 1
 
-            entered, _ = hold(one)
-            await deliver(one, tap(7102, 2))
-            await asyncio.wait_for(entered.wait(), 5)
-            await deliver(other, tap(7102, 2))
+            await tapped_at_both(one, other, tap(7102, 2))
             await asyncio.sleep(1.5)
             assert len(toasts(fake)) == 1
             await killed(one)
@@ -444,10 +448,7 @@ async def test_a_handling_that_outlasts_its_lease_keeps_it_while_it_runs(tmp_pat
     async with FakeTelegram() as fake:
         async with replicas(tmp_path, pg_schema, telegram_config(fake)) as (one, other):
             assert (await one.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
-            entered, go = hold(one)
-            await deliver(one, tap(7201, 1))
-            await asyncio.wait_for(entered.wait(), 5)
-            await deliver(other, tap(7201, 1))
+            go = await tapped_at_both(one, other, tap(7201, 1))
             for _ in range(4):  # four minutes on the clock, each one renewed by the first replica
                 await asyncio.sleep(0.5)
                 one.clock.advance(timedelta(seconds=50))
