@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import and_
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 from sqlmodel import select
 
 from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED, InvalidTransition, transition
@@ -22,7 +24,7 @@ from bot.view import who_did
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from handlers.notify import page_redraw_row, queue_redraw, queue_thread_line
-from storage.models import AuditEvent, Incident, OutboxItem
+from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem
 
 if TYPE_CHECKING:
     from handlers.escalation import Escalations
@@ -62,6 +64,8 @@ async def perform(
         if incident is None:
             return ActionResult(False, f"There is no incident #{incident_id}.")
         refusal = _refusal(incident, action, names or {})
+        if refusal is None and action == "reopen":
+            refusal = await _held_elsewhere(session, incident, names or {})
         if refusal:
             return ActionResult(False, refusal, incident.id, incident.status)
         who = actor.person_id or f"{actor.platform}:{actor.user_id}"
@@ -105,6 +109,28 @@ async def _done_before(session: AsyncSession, incident_id: int, action: str) -> 
     event = f"incident.{_past(action)}"
     return (await session.execute(select(AuditEvent.seq).where(AuditEvent.incident_id == incident_id,
                                                                AuditEvent.action == event).limit(1))).first() is not None
+
+
+async def _held_elsewhere(session: AsyncSession, incident: Incident, names: Mapping[str, str]) -> str | None:
+    """Why a reopen is refused when an alert of `incident` fires in another open incident now: a person resolved
+    it while the alert fired, and the alert's next notification opened a later incident, which escalates for it
+    (and gets its news). Reopened too, both would run their escalations for one alert, and paging twice, and an
+    acknowledgement of one would not stop the other. The person is told where to follow it instead."""
+    mine, other = aliased(AlertRecord), aliased(AlertRecord)
+    holders = (await session.execute(
+        select(Incident.id, Incident.status, Incident.acknowledged_by)
+        .join(other, other.incident_id == Incident.id)
+        .join(mine, and_(mine.source == other.source, mine.fingerprint == other.fingerprint))
+        .where(mine.incident_id == incident.id, other.incident_id != incident.id, other.status == "firing",
+               Incident.status != RESOLVED)
+        .distinct().order_by(Incident.id))).all()
+    if not holders:
+        return None
+    where = " and ".join(f"#{iid}" + (f" (acknowledged by {who_did(by, names)})" if status == ACKNOWLEDGED else "")
+                         for iid, status, by in holders)
+    later = "they are" if len(holders) > 1 else f"#{holders[0][0]} is"
+    return (f"#{incident.id} is not reopened: its alert fires in {where} now. Follow it there; reopening #{incident.id}"
+            f" as well would page twice for the same alert. #{incident.id} can be reopened once {later} resolved.")
 
 
 def _refusal(incident: Incident, action: str, names: Mapping[str, str]) -> str | None:
