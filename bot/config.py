@@ -637,10 +637,12 @@ def parse_config(
         problems.append((path, f"environment variable {unset} (set it, or write ${{{unset.variable}:-default}})"))
     if problems:  # and what else is wrong, judged as if the variables were set (their values are not judged)
         try:
-            filled = Config.model_validate(envsubst.fill(raw, _PLACEHOLDER))
+            filled = Config.model_validate(filled_raw := envsubst.fill(raw, _PLACEHOLDER))
         except ValidationError as exc:
             problems += [(_loc(e["loc"]), _message(e)) for e in exc.errors()
                          if e.get("input") != _PLACEHOLDER and _PLACEHOLDER not in map(str, e["loc"])]
+            problems += [(where, what) for where, what in _within_sound_sections(filled_raw, exc)
+                         if _PLACEHOLDER not in what]
         else:  # a reference that is a variable is not judged either
             problems += [(where, what) for where, what in cross_check(filled) if _PLACEHOLDER not in what]
         raise ConfigError(name, _unique(problems))
@@ -648,7 +650,8 @@ def parse_config(
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(name, [(_loc(e["loc"]), _message(e)) for e in exc.errors()]) from None
+        raise ConfigError(name, _unique([(_loc(e["loc"]), _message(e)) for e in exc.errors()]
+                                        + _within_sound_sections(raw, exc))) from None
 
     for key, section in config.adapters.items():
         model = adapter_models.get(key)
@@ -778,8 +781,9 @@ def _message(err: Mapping[str, Any]) -> str:
     return msg[0].lower() + msg[1:]
 
 
-def cross_check(c: Config) -> list[tuple[str, str]]:
-    """References between sections, ids that must be unique, platform id shapes."""
+def cross_check(c: Config, *, references: bool = True) -> list[tuple[str, str]]:
+    """References between sections, ids that must be unique, platform id shapes, matchers. Without `references`,
+    only what each section says of itself (see _within_sound_sections)."""
     problems: list[tuple[str, str]] = []
     people = {p.id for p in c.people}
     channels = {ch.id for ch in c.channels}
@@ -812,12 +816,12 @@ def cross_check(c: Config) -> list[tuple[str, str]]:
         if not re.match(pattern, ch.chat):
             problems.append((f"channels[{i}].chat", f"malformed {ch.platform} chat {ch.chat!r} (expected {example})"))
     for i, route in enumerate(c.routes):
-        for j, ch in enumerate(route.channels):
+        for j, ch in enumerate(route.channels if references else ()):
             if ch not in channels:
                 problems.append((f"routes[{i}].channels[{j}]", f"unknown channel {ch!r} {known('channels', channels)}"))
-        if route.escalation and route.escalation not in policies:
+        if references and route.escalation and route.escalation not in policies:
             problems.append((f"routes[{i}].escalation", f"unknown escalation policy {route.escalation!r} {known('escalation policies', policies)}"))
-        for j, rb in enumerate(route.runbooks):
+        for j, rb in enumerate(route.runbooks if references else ()):
             if rb not in runbooks:
                 problems.append((f"routes[{i}].runbooks[{j}]", f"unknown runbook {rb!r} {known('runbooks', runbooks)}"))
         for key, value in route.match.items():
@@ -832,7 +836,7 @@ def cross_check(c: Config) -> list[tuple[str, str]]:
     if not c.routes or c.routes[-1].match:
         problems.append(("routes", "the last route must be a catch-all with `match: {}` so no alert goes unrouted"))
     roles = {role for p in c.people for role in p.roles}
-    for i, rot in enumerate(c.rotations):
+    for i, rot in enumerate(c.rotations if references else ()):
         for j, member in enumerate(rot.members):
             if member not in people:
                 problems.append((f"rotations[{i}].members[{j}]", f"unknown person {member!r} {known('people', people)}"))
@@ -848,6 +852,8 @@ def cross_check(c: Config) -> list[tuple[str, str]]:
             n = step.notify
             if not (n.rotation or n.people or n.channel):
                 problems.append((where, "says nobody to notify (give rotation, people or channel)"))
+            if not references:
+                continue
             if n.rotation and n.rotation not in rotations:
                 problems.append((f"{where}.rotation", f"unknown rotation {n.rotation!r} {known('rotations', rotations)}"))
             for k, person in enumerate(n.people):
@@ -856,6 +862,21 @@ def cross_check(c: Config) -> list[tuple[str, str]]:
             if n.channel and n.channel not in channels:
                 problems.append((f"{where}.channel", f"unknown channel {n.channel!r} {known('channels', channels)}"))
     return problems
+
+
+def _within_sound_sections(raw: Mapping[str, Any], exc: ValidationError) -> list[tuple[str, str]]:
+    """Some sections are misshapen: the checks of what each other section says of itself (a route's regular
+    expression, the catch-all route last, a chat id's shape, a repeated id) run all the same, so that one run of
+    check-config names every problem. References between sections wait until every section has its shape: one
+    into a misshapen section cannot be judged."""
+    broken = {e["loc"][0] for e in exc.errors() if e["loc"]}
+    sound = {key: value for key, value in raw.items() if key not in broken}
+    try:
+        partial = Config.model_validate(sound)
+    except ValidationError:  # (a section judged alone the same as with the others: not expected)
+        return []
+    return [(where, what) for where, what in cross_check(partial, references=False)
+            if re.split(r"[.\[]", where, maxsplit=1)[0] in sound]
 
 
 def match_value_problem(value: str) -> str | None:

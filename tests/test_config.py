@@ -212,6 +212,24 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
     ]
 
 
+def test_a_misshapen_section_does_not_hide_what_the_others_say_of_themselves() -> None:
+    """A silence whose window ends before it starts hid a route's broken regular expression, the catch-all route
+    missing and a malformed chat id until it was fixed: check-config named one stage of problems per run."""
+    text = BASE.replace("chat: C0OPS", "chat: C1") + (
+        "routes:\n  - {match: {team: '=~(x'}, channels: [ops-slack]}\n"
+        "silences:\n  - {matchers: {a: b}, starts: '2026-01-02T00:00:00Z', ends: '2025-01-01T00:00:00Z'}\n")
+    assert problems(text) == [
+        "silences[0]: ends must be after starts",
+        "channels[0].chat: malformed slack chat 'C1' (expected a Slack channel id such as C0123ABCD)",
+        "routes[0].match.team: invalid regular expression '(x': missing ), unterminated subpattern at position 0",
+        "routes: the last route must be a catch-all with `match: {}` so no alert goes unrouted",
+    ]
+    # A reference into a misshapen section is not judged: the channel may well be there once it is fixed.
+    text = BASE.replace("platform: slack, chat: C0OPS", "platform: slak, chat: C0OPS") + ROUTES
+    assert problems(text) == [
+        "channels[0].platform: 'slak' is not allowed: input should be 'slack', 'telegram' or 'teams'"]
+
+
 def test_an_unset_variable_does_not_hide_the_other_problems() -> None:
     text = BASE + ROUTES.replace("channels: [ops-slack]", "channels: [nope]", 1) + (
         'server: {host: "${NOPE_UNSET}", "${KEY_UNSET}": 1}\ngrouping: {window: 15x}\n')
