@@ -44,6 +44,7 @@ from bot.chat import ActionEvent, Button, CommandEvent, Reply, echoed
 from bot.clock import Clock
 from bot.config import Config, Person, Rotation, find_person, unknown_person
 from bot.dispatch import Dispatcher
+from bot.durations import format_duration
 from bot.model import Actor
 from bot.rotations import Schedule, Shift, first_instant, shifts_between
 from bot.tables import table
@@ -69,17 +70,21 @@ TAKEN = (ACCEPTED, APPROVED)  # an override is in force
 NEXT_HORIZON = timedelta(days=366)  # how far `next` looks
 PLATFORMS = ("telegram", "slack", "teams")
 SUBCOMMANDS = ("list", "cancel", "undo", "accept", "decline", "approve", "reject")
-HELP = (f"Usage: `{USAGE}`.\n"
-        "`/swap bob dba-primary 2026-12-24` asks Bob to take your `dba-primary` shift on that day "
-        "(`next`: your next shift; ROTATION may be left out when you are in one rotation with them). "
-        "Bob gets Accept and Decline buttons; the request expires after the rotation's `swap_expiry` (24h). "
-        "`/swap accept|decline|approve|reject ID` do what the buttons do.")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _TICK = timedelta(microseconds=1)
 
 
 class BadInput(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class Example:
+    """A `/swap` request the help shows, made of app.yaml's rotations and people."""
+    rotation: Rotation
+    counterpart_id: str
+    counterpart_name: str
+    command: str  # `/swap bob dba-primary 2026-11-30`
 
 
 @dataclass
@@ -133,7 +138,7 @@ class SwapHandlers:
     async def swap(self, event: CommandEvent, person: Person) -> Reply:
         args = [a for a in event.args if a]
         if not args or args[0].lower() in ("help", "-h", "--help"):
-            return Reply(HELP)
+            return Reply(await self.help(person))
         sub = args[0].lower()
         if sub in SUBCOMMANDS:
             if sub == "list":
@@ -151,7 +156,10 @@ class SwapHandlers:
     async def request(self, event: CommandEvent, person: Person, args: list[str]) -> Reply:
         tokens = join_date_time(args)
         if len(tokens) not in (2, 3):
-            return Reply(f"Usage: `{USAGE}`, for example `/swap bob dba-primary 2026-12-24` or `/swap bob next` "
+            example = await self.example(person)
+            examples = (f", for example `{example.command}` or `/swap {example.counterpart_id} next`"
+                        if example is not None else "")
+            return Reply(f"Usage: `{USAGE}`{examples} "
                          "(a name with a space goes in quotes: `/swap \"Bob Jones\" next`).")
         counterpart = self.resolve(tokens[0])
         if counterpart is None:
@@ -225,6 +233,38 @@ class SwapHandlers:
         return Reply(f"Asked {counterpart.name} to take your `{schedule.id}` shift from {when(start, tz, now)} until "
                      f"{when(end, tz, now)} (swap #{swap_id}); it expires "
                      f"{when(min(now + rotation.swap_expiry, end), tz, now)}. `/swap cancel {swap_id}` cancels it.")
+
+    async def help(self, person: Person) -> str:
+        """`/swap` alone: the usage, with an example built from app.yaml for the one asking, so that it can be copied."""
+        example = await self.example(person)
+        if example is None:
+            said = ("No rotations are configured, so there is no shift to swap yet (add them under `rotations:` in "
+                    "app.yaml).")
+        else:
+            who = example.counterpart_name
+            said = (f"`{example.command}` asks {who} to take your `{example.rotation.id}` shift on that day "
+                    "(`next`: your next shift; ROTATION may be left out when you are in one rotation with them). "
+                    f"{who} gets Accept and Decline buttons; the request expires after the rotation's `swap_expiry` "
+                    f"({format_duration(example.rotation.swap_expiry)}).")
+        return f"Usage: `{USAGE}`.\n{said} `/swap accept|decline|approve|reject ID` do what the buttons do."
+
+    async def example(self, person: Person) -> Example | None:
+        """A `/swap` this person could send: a rotation of theirs (one they share with someone first), someone else
+        in it (else anyone else), and the day their next shift in it starts (else tomorrow); None without rotations.
+        """
+        if not self.config.rotations:
+            return None
+        mine = [r for r in self.config.rotations if person.id in r.members]
+        rotation = next((r for r in mine if set(r.members) - {person.id}), mine[0] if mine else self.config.rotations[0])
+        candidates = [m for m in rotation.members if m != person.id] + [p.id for p in self.config.people]
+        counterpart = next((self.people[c] for c in candidates if c != person.id and c in self.people), None)
+        schedule = self.view.schedules[rotation.id]
+        now = self.clock.now()
+        shift = await self._next_of(schedule, person.id, now) if person.id in rotation.members else None
+        day = shift.start if shift is not None and shift.start is not None else now + timedelta(days=1)
+        who_id, who = (counterpart.id, counterpart.name) if counterpart is not None else ("PERSON", "PERSON")
+        return Example(rotation, who_id, who,
+                       f"/swap {who_id} {rotation.id} {day.astimezone(schedule.tz).date().isoformat()}")
 
     async def listing(self, person: Person) -> Reply:
         """`/swap list`: your open swaps, your taken ones that have not ended, and the ones you may approve."""

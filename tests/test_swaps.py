@@ -442,6 +442,33 @@ async def test_mistakes_get_a_precise_answer_and_change_nothing(on_sqlite: Slack
     assert await directs(on_sqlite.h, "bob") == []
 
 
+@pytest.mark.parametrize(("user", "example", "expiry"), [
+    (ALICE, "/swap bob dba-primary 2026-11-30", "1d"),  # her next shift, with the one she shares the rotation with
+    (CAROL, "/swap bob web 2026-11-24", "2h"),  # tonight's 21:00 New York shift: the day in the rotation's zone
+    (ERIN, "/swap alice dba-primary 2026-11-25", "1d"),  # in no rotation: a real one, someone else, and tomorrow
+])
+async def test_the_usage_example_is_made_of_app_yaml_and_works_when_copied(on_sqlite: Slack, user: str, example: str,
+                                                                          expiry: str) -> None:
+    who = example.split()[1].capitalize()
+    assert await say(on_sqlite, "", user=user) == (
+        "Usage: `/swap PERSON [ROTATION] DATE|next | /swap list | /swap cancel ID | /swap undo ID`.\n"
+        f"`{example}` asks {who} to take your `{example.split()[2]}` shift on that day (`next`: your next shift; "
+        f"ROTATION may be left out when you are in one rotation with them). {who} gets Accept and Decline buttons; "
+        f"the request expires after the rotation's `swap_expiry` ({expiry}). `/swap accept|decline|approve|reject ID` "
+        "do what the buttons do.")
+    assert f", for example `{example}` or `/swap {who.lower()} next` (a name" in await say(on_sqlite, "bob", user=user)
+    if user != ERIN:
+        assert (await say(on_sqlite, example.removeprefix("/swap "), user=user)).startswith(
+            f"Asked {who} to take your `{example.split()[2]}` shift from")
+
+
+async def test_without_rotations_the_usage_says_so_rather_than_show_one_that_is_not_there(tmp_path: Path) -> None:
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake),
+                                                people=PEOPLE) as h:
+        answer = await say(Slack(h, fake), "help")
+    assert "No rotations are configured, so there is no shift to swap yet" in answer and "dba-primary" not in answer
+
+
 async def test_a_swap_number_past_what_the_store_holds_is_no_swap_not_an_error(slack: Slack) -> None:
     # PostgreSQL's id columns hold 32 bits; 2147483648 was an error from the database there
     for text in ("cancel 2147483648", "undo 2147483648", "accept #99999999999", "approve 2147483648"):
