@@ -25,6 +25,7 @@ from storage.queries import count_incidents, get_incident, list_incidents, recen
 BUTTON_ACTIONS = {Action.ACKNOWLEDGE: "acknowledge", Action.ESCALATE: "escalate", Action.RESOLVE: "resolve",
                   Action.REOPEN: "reopen"}
 LABELS = {"acknowledge": "Acknowledge", "escalate": "Escalate", "resolve": "Resolve", "reopen": "Reopen"}
+VERB_ACTIONS = {verb: button for button, verb in BUTTON_ACTIONS.items()}
 SUBCOMMANDS = {"ack": "acknowledge", "acknowledge": "acknowledge", "resolve": "resolve", "escalate": "escalate",
                "reopen": "reopen"}
 INCIDENT_USAGE = "/incident list | show ID | ack ID | escalate ID | resolve ID | reopen ID | page ID PERSON"
@@ -41,8 +42,10 @@ class ChatHandlers:
     delivered: Callable[[], None]  # wakes the outbox worker after a change
     adapters: Mapping[str, Adapter] = field(default_factory=dict)  # for direct pages
     escalations: Escalations | None = None  # stopped by acknowledge/resolve, restarted by reopen, pushed by escalate
+    dispatcher: Dispatcher | None = field(default=None, init=False, repr=False)  # set by register: for its refusals
 
     def register(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
         for button, verb in BUTTON_ACTIONS.items():
             dispatcher.action(button, role=RESPONDER, label=LABELS[verb])(self._button(verb))
         dispatcher.command("incident", usage=INCIDENT_USAGE, help="list, show and act on incidents")(self.incident)
@@ -89,8 +92,9 @@ class ChatHandlers:
         incident_id = _incident_id(event.args)
         if incident_id is None:
             return Reply("Usage: `/ack ID`, for example `/ack 42`.")
-        if RESPONDER not in person.roles:
-            return Reply(f"Acknowledging needs the `{RESPONDER}` role.")
+        refused = self._refusal("/ack", Action.ACKNOWLEDGE, event.actor)
+        if refused is not None:
+            return refused
         return await self._act("acknowledge", incident_id, event.actor, person)
 
     async def incident(self, event: CommandEvent, person: Person) -> Reply:
@@ -109,17 +113,30 @@ class ChatHandlers:
             incident_id = _incident_id(event.args[1:])
             if incident_id is None or len(event.args) < 3:
                 return Reply("Usage: `/incident page ID PERSON`, for example `/incident page 42 alice`.")
-            if RESPONDER not in person.roles:
-                return Reply(f"`/incident page` needs the `{RESPONDER}` role.")
+            # Paging someone by hand asks for more help, as Escalate does: its role, and its refusal.
+            refused = self._refusal("/incident page", Action.ESCALATE, event.actor)
+            if refused is not None:
+                return refused
             return await self._page(incident_id, event.args[2], event.actor, person)
         if sub in SUBCOMMANDS:
             incident_id = _incident_id(event.args[1:])
             if incident_id is None:
                 return Reply(f"Usage: `/incident {sub} ID`, for example `/incident {sub} 42`.")
-            if RESPONDER not in person.roles:
-                return Reply(f"`/incident {sub}` needs the `{RESPONDER}` role.")
+            refused = self._refusal(f"/incident {sub}", VERB_ACTIONS[SUBCOMMANDS[sub]], event.actor)
+            if refused is not None:
+                return refused
             return await self._act(SUBCOMMANDS[sub], incident_id, event.actor, person)
         return Reply(f"I don't know `/incident {echoed(sub)}`. Usage: `{INCIDENT_USAGE}`")
+
+    def _refusal(self, command: str, button: Action, actor: Actor) -> Reply | None:
+        """Why `actor` may not type `command`, which does what `button` does: the dispatcher's refusal of the button (its
+        role, the roles they have, and what to do about it), said of the command they typed; None when they may."""
+        assert self.dispatcher is not None, "register() first"
+        refused = self.dispatcher.refusal(button, actor)
+        label = self.dispatcher.actions[button].label
+        if refused is None or not refused.text.startswith(label):
+            return refused
+        return Reply(f"`{command}`{refused.text.removeprefix(label)}")
 
     async def _page(self, incident_id: int, who: str, actor: Actor, person: Person) -> Reply:
         if incident_id > MAX_ID:

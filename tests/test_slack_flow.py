@@ -191,6 +191,25 @@ async def test_strangers_and_people_without_the_role_are_told_why_and_nothing_ch
     assert s.updates(ts) == []
 
 
+async def test_a_typed_command_without_the_role_is_refused_as_its_button_is_with_what_to_do(slack: Slack) -> None:
+    """Bob has no roles: typing what a button does gets the button's answer (whose role, what to do about it), said
+    of the command he typed, not a bare "needs the role"."""
+    s = slack
+    ts = await incident_posted(s)
+    _, _, key = await s.click("res:1", ts, user="U02BOB")
+    clicked = (await s.answer(key))["text"]
+    assert clicked == ("Resolve needs the `responder` role, and Bob has no roles. Ask whoever maintains app.yaml to "
+                       "add it to your `roles`.")
+    for command, text, said in (("/ack", "1", "/ack"), ("/incident", "resolve 1", "/incident resolve"),
+                                ("/incident", "ack 1", "/incident ack"), ("/chatops", "incident reopen 1",
+                                                                          "/incident reopen"),
+                                ("/incident", "page 1 alice", "/incident page")):
+        answer = await s.answer(await s.command(command, text, user="U02BOB"))
+        assert answer["text"] == f"`{said}`" + clicked.removeprefix("Resolve"), (command, text)
+    [incident] = await s.h.incidents()
+    assert incident.status == "triggered" and await s.h.actions() == ["incident.opened", "alert.received"]
+
+
 async def test_paging_someone_who_could_not_acknowledge_the_page_is_refused_and_sends_nothing(slack: Slack) -> None:
     """Bob has no `responder` role: his Acknowledge on a page would be refused while the incident stays triggered."""
     s = slack
