@@ -212,6 +212,12 @@ class Bot:
                 app.router.add_post(path, functools.partial(self._adapter_off, name))
         return app
 
+    def runner(self) -> web.AppRunner:
+        """What `chatops serve` runs: the web app, no access log, signals left to serve(). A handler whose client
+        hangs up is not cancelled (aiohttp's default; its test server cancels): it finds out when it reads the body
+        (counted as `client_aborted`) or has its answer dropped after the commit."""
+        return web.AppRunner(self.web_app(), access_log=None, handle_signals=False)
+
     async def _adapter_off(self, name: str, _request: web.Request) -> web.Response:
         if name in self.loaded.adapters and name not in self.loaded.built:
             return web.json_response({"error": f"{name} is configured, but this version of the bot has no {name} "
@@ -379,7 +385,7 @@ async def _serve(loaded: Loaded, socks: list[socket.socket], clock: Clock | None
         log.error("cannot open the database at %s: %s", bot.db.safe_url, why)
         await bot.stop()
         return 1
-    runner = web.AppRunner(bot.web_app(), access_log=None, handle_signals=False)
+    runner = bot.runner()
     await runner.setup()
     for sock in socks:
         await web.SockSite(runner, sock, shutdown_timeout=10).start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -28,6 +29,8 @@ _dumps = fast_encoder(json.JSONEncoder())  # json.dumps, aiohttp's default for j
 
 MAX_DELIVERY_ID = 200
 BODY_WAIT = 30.0  # seconds a request's body may take to arrive once its headers have
+CLIENT_ABORTED = 499  # the status counted for a request whose client hung up before its body arrived (nginx's)
+log = logging.getLogger("chatops.intake")
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -83,6 +86,8 @@ class AlertEndpoint:
         try:
             body = await _read_limited(request, limit)
         except BodyError as exc:
+            if exc.reason == "client_aborted":  # nobody left to answer; the client's doing, not the bot's error
+                log.info("POST /alerts/%s from %s: %s; nothing stored", source_id, request.remote, exc.message)
             answer = self._bad_body(source_id, exc)
             answer.force_close()  # what is left of the body cannot be told from a next request: close after it
             return answer
@@ -205,6 +210,9 @@ async def _read_chunks(content: Any, limit: int) -> bytes | None:
             chunks.append(chunk)
     except EofStream:
         pass
+    except ConnectionResetError:  # the client hung up mid-body (aiohttp's ClientConnectionResetError is one too)
+        raise BodyError(CLIENT_ABORTED, "client_aborted", "the client closed the connection before its body "
+                                                          "arrived") from None
     except web.RequestPayloadError as exc:  # aiohttp's word for a body it could not decode or that was cut off
         cause = exc.__cause__ or exc
         said = str(getattr(cause, "message", "") or cause).strip()  # aiohttp's errors carry their words in .message

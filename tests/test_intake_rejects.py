@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from sqlalchemy import select
 
 from bot.alerts import read_body
@@ -381,6 +383,39 @@ async def test_a_body_that_does_not_arrive_gets_408_and_the_connection_back(h: H
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408 ") and b"the body did not arrive within 0.5 s" in answer
     assert await rejected(h, "slow_body") == 1
+
+
+async def test_a_client_that_hangs_up_mid_body_is_an_abort_not_a_500(h: Harness,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone can open a connection, send half a body and close it: that is the client's doing, counted as a
+    rejection (`client_aborted`), not as the bot's 5xx people alert on, and logged without a traceback. On the
+    server `chatops serve` runs (the test server cancels a handler whose client left; serve's does not)."""
+    caplog.set_level(logging.INFO)
+    runner = h.bot.runner()
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /alerts/open HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"a\"")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        writer.close()
+        for _ in range(100):
+            if await rejected(h, "client_aborted"):
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
+    assert await rejected(h, "client_aborted") == 1
+    metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    assert not [m for m in metrics if m.startswith("chatops_http_requests_total") and 'status="5' in m], metrics
+    assert 'chatops_http_requests_total{route="/alerts/{source}",status="499"} 1.0' in metrics  # nginx's word for it
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "Traceback" not in caplog.text and "the client closed the connection" in caplog.text
+    assert await h.count(AlertRecord) == 0 and await h.count(AuditEvent) == 0
 
 
 async def test_a_byte_order_mark_before_the_json_is_ignored(h: Harness) -> None:
