@@ -371,6 +371,13 @@ def _fingerprint(labels: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# The most alerts a notification may say it left out. Alertmanager sends a uint64 (its group's length less
+# max_alerts), but a group of 2**31 alerts would take it terabytes of memory (well over 1 KB an alert): no sender
+# gets near this, and a larger number is a mistake or mischief that would stay in chatops_alerts_truncated_total
+# (a counter, never lowered) for good. int32's limit, which Grafana's and every other sender's number fits too.
+MAX_TRUNCATED = 2**31 - 1
+
+
 def truncated_count(kind: str, payload: Any) -> int:
     """How many alerts the sender left out of this notification (Alertmanager's and Grafana's
     `truncatedAlerts`, set when a receiver's `max_alerts` cut the list); 0 for other senders."""
@@ -379,8 +386,8 @@ def truncated_count(kind: str, payload: Any) -> int:
     raw = payload.get("truncatedAlerts")
     if raw is None:
         return 0
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-        raise ShapeError("truncatedAlerts", f"expected a whole number >= 0, got {raw!r}"[:120])
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_TRUNCATED:
+        raise ShapeError("truncatedAlerts", f"expected a whole number from 0 to {MAX_TRUNCATED}, got {raw!r}"[:120])
     return raw
 
 

@@ -133,6 +133,14 @@ async def test_truncated_alerts_are_said_on_the_incident_counted_once_and_valida
         status, body, _ = await h.post("am", payload)
         assert status == 422 and body["field"] == "truncatedAlerts", (bad, body)
         assert "whole number" in body["error"]
+    for absurd in (10**30, 2**31):  # more alerts than an Alertmanager could hold: not added to the counter for good
+        payload["truncatedAlerts"] = absurd
+        status, body, _ = await h.post("am", payload)
+        assert status == 422 and body["field"] == "truncatedAlerts", (absurd, body)
+        assert body["error"].startswith(f"truncatedAlerts: expected a whole number from 0 to 2147483647, got {absurd}")
+    assert (await h.actions(inc.id)).count("alerts.truncated") == 2
+    metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    assert 'chatops_alerts_truncated_total{source="am"} 11.0' in metrics
 
 
 async def test_a_repeated_alert_brings_its_links_up_to_date(h: Harness) -> None:
