@@ -841,7 +841,10 @@ class Intake:
             if incident is not None and incident.last_seen < now - cfg.grouping.window:
                 incident = None  # too long since it last heard anything: a fresh incident
             if incident is None:
-                incident = self._open(key, alert, st, silenced=silence is not None)
+                # An alert the bot knew (its incident resolved by a person while it fired, or by its source) follows
+                # the incident it was last in; a new one, the key's newest.
+                incident = self._open(key, alert, st, silenced=silence is not None,
+                                      previous=known[1] if known is not None else None)
                 change = "opened"
                 st.entries.append(Entry("incident.opened", actor, "incident", "", now,
                                         {"title": incident.title, "severity": incident.severity,
@@ -1024,7 +1027,9 @@ class Intake:
             st.truncated[id(incident)] = s.truncated
             st.entries.append(Entry("alerts.truncated", actor, "incident", "", st.now, details, _id(incident)))
 
-    def _open(self, key: str, alert: Alert, st: _Batch, *, silenced: bool) -> _Row:
+    def _open(self, key: str, alert: Alert, st: _Batch, *, silenced: bool, previous: _Row | None = None) -> _Row:
+        """A new incident of `key` for `alert`, linked to `previous` (the incident a known alert was last in), else
+        to the key's newest."""
         routes = select_routes(self.config.routes, alert.labels)
         channels = list(dict.fromkeys(ch for r in routes for ch in r.channels))
         escalation = next((r.escalation for r in routes if r.escalation), None)
@@ -1037,11 +1042,11 @@ class Intake:
             opened_at=st.now, first_seen=st.now, last_seen=st.now, acknowledged_at=None, acknowledged_by=None,
             resolved_at=None, resolved_by=None, previous_id=None,
         ), new=True)
-        previous = st.previous(key)
-        if isinstance(previous, _Row):  # opened (and resolved) earlier in this batch: linked once it has an id
-            st.links.append((incident, previous))
+        before = st.previous(key) if previous is None else previous.id or previous
+        if isinstance(before, _Row):  # opened (and resolved) earlier in this batch: linked once it has an id
+            st.links.append((incident, before))
         else:
-            incident.previous_id = previous
+            incident.previous_id = before
         st.opened_by_key[key] = incident
         st.new_incidents.append(incident)
         st.incidents_by_key[key] = incident

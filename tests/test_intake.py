@@ -412,6 +412,27 @@ async def test_a_new_alert_before_a_still_firing_one_in_a_notification_joins_its
     assert len(await h.incidents()) == 1  # the new one opened #2 because it came first
 
 
+async def test_an_alert_firing_after_a_person_resolved_its_incident_follows_that_incident(h: Harness) -> None:
+    """X opens #1; later another alert of the key opens #2; a person resolves #1 while X fires, and X's next
+    notification opens #3: it follows #1, which held X, not #2, the key's newest, which never did. A new alert of
+    the key still follows the key's newest."""
+    x = {"asset_name": "w1", "signature": "Lag", "severity": "high", "message": "lag", "tool_source": "t"}
+    await h.post("open", x)
+    h.clock.advance(timedelta(minutes=20))  # past grouping.window: the key's next alert opens #2
+    await h.post("open", {**x, "tool_source": "t2"})
+    await _person(h, 1, "resolve")
+    h.clock.advance(timedelta(minutes=20))
+    _, answer, _ = await h.post("open", x)
+    assert [(r["incident"], r["change"]) for r in answer["results"]] == [(3, "opened")]
+    h.clock.advance(timedelta(minutes=20))
+    await h.post("open", {**x, "tool_source": "t4"})  # new to the bot: follows the key's newest
+    assert [(i.id, i.previous_id) for i in await h.incidents()] == [(1, None), (2, 1), (3, 1), (4, 3)]
+    async with h.bot.db.sessions() as s:
+        opened = (await s.execute(select(AuditEvent).where(AuditEvent.action == "incident.opened",
+                                                           AuditEvent.incident_id == 3))).scalar_one()
+    assert opened.details["previous_id"] == 1
+
+
 async def test_a_reopened_incident_takes_new_alerts_of_its_key(h: Harness) -> None:
     await h.post("open", ALERT)
     await h.post("open", {**ALERT, "status": "resolved"})
