@@ -248,15 +248,17 @@ class Bot:
             self.metrics.observe_request(route, status, time.perf_counter() - started)
 
     def _nowhere(self, request: web.Request, exc: web.HTTPException) -> web.Response:
-        """No such endpoint, or not that method on it, said as every other answer is (JSON), with what is there."""
+        """No such endpoint, or not that method on it, said as every other answer is (JSON), with a hint. Under
+        /alerts/ the known sources go to the log (AlertEndpoint.unknown_source), not to the caller."""
         if exc.status == 405:
             allowed = exc.headers.get("Allow", "")
             return web.json_response({"error": f"{request.method} is not allowed on {request.path[:200]}; use "
                                                f"{allowed or 'another method'}"}, status=405, headers={"Allow": allowed})
         message = f"no endpoint at {request.path[:200]}"
         if request.path.startswith("/alerts/"):
-            known = ", ".join(sorted(s.id for s in self.config.sources)) or "none configured"
-            message += f"; alerts go to POST /alerts/SOURCE, SOURCE one of: {known} (no slash after it)"
+            self.alerts.unknown_source(request)
+            message += ("; alerts go to POST /alerts/SOURCE, SOURCE the id of one of sources: in app.yaml (no slash "
+                        "after it; the bot's log lists the known ones)")
         return web.json_response({"error": message}, status=404)
 
     async def healthz(self, _request: web.Request) -> web.Response:

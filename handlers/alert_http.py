@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiohttp import EofStream, web
@@ -29,6 +30,7 @@ _dumps = fast_encoder(json.JSONEncoder())  # json.dumps, aiohttp's default for j
 
 MAX_DELIVERY_ID = 200
 BODY_WAIT = 30.0  # seconds a request's body may take to arrive once its headers have
+UNKNOWN_SAID_EVERY = timedelta(minutes=1)  # the log names the known sources at most this often (scanners try names)
 CLIENT_ABORTED = 499  # the status counted for a request whose client hung up before its body arrived (nginx's)
 log = logging.getLogger("chatops.intake")
 
@@ -45,6 +47,8 @@ class AlertEndpoint:
         self.sources_off = loaded.sources_off
         self.intake, self.clock, self.metrics = intake, clock, metrics
         self.replays = ReplayGuard()
+        self._unknown_said: datetime | None = None  # when the log last named the known sources (unknown_source)
+        self._unknown_since = 0  # requests for unknown sources not logged since
         self._in_flight: dict[str, list[str | None]] = {}  # signature -> the X-Delivery-IDs of its requests on the way
         self.buckets = {s.id: TokenBucket(s.rate_limit.per_minute, s.rate_limit.burst)
                         for s in loaded.config.sources if s.rate_limit}
@@ -63,6 +67,20 @@ class AlertEndpoint:
             self.replays.remember(signature, until.timestamp(), delivery_id)
         return len(rows)
 
+    def unknown_source(self, request: web.Request) -> None:
+        """Logs the known sources for a request to an unknown one (also a wrong path under /alerts/): for the
+        operator who set up a sender, not for the caller, who may be anyone. At most once a minute, so that a
+        scanner trying names cannot flood the log; the next line says how many went unsaid."""
+        now = self.clock.now()
+        if self._unknown_said is not None and now - self._unknown_said < UNKNOWN_SAID_EVERY:
+            self._unknown_since += 1
+            return
+        known = ", ".join(sorted(self.sources)) or "none configured"
+        more = f"; {self._unknown_since} more since" if self._unknown_since else ""
+        self._unknown_said, self._unknown_since = now, 0
+        log.warning("%s %s from %s: no such alert source; the known ones are %s (said at most once a minute%s)",
+                    request.method, request.path[:200], request.remote, known, more)
+
     def _reject(self, source: str, reason: str, response: web.Response) -> web.Response:
         self.metrics.alert_rejected.labels(source, reason).inc()
         return response
@@ -74,10 +92,11 @@ class AlertEndpoint:
         started = time.perf_counter()
         source_id = request.match_info["source"]
         source = self.sources.get(source_id)
-        if source is None:
-            known = ", ".join(sorted(self.sources)) or "none configured"
-            return self._reject("unknown", "unknown_source",
-                                _error(404, f"unknown alert source {source_id[:80]!r} (known: {known}); add it under sources: in app.yaml"))
+        if source is None:  # the known ones are in the log, not told to a caller without credentials
+            self.unknown_source(request)
+            return self._reject("unknown", "unknown_source", _error(
+                404, f"unknown alert source {source_id[:80]!r}: check sources: in app.yaml (the bot's log lists the "
+                     "known ones)"))
         if source_id in self.sources_off:
             return self._reject(source_id, "source_off", _error(
                 503, f"source {source_id!r} is off: {self.sources_off[source_id]}; set it and restart the bot",

@@ -279,7 +279,8 @@ MALFORMED = [
      422, "alerts[0].startsAt: out of range: '9999-12-31T23:00:00-02:00' (not an alertmanager payload?)"),
     ("open", b'{"asset_name": "web-1", "signature": "x", "severity": "high", "message": "m", "tool_source": "t", '
              b'"labels": {"v": 1e400}}', 400, "malformed JSON: 1e400 is too large for a JSON number here"),
-    ("nowhere", b"{}", 404, "unknown alert source 'nowhere' (known: am, am-plain, generic, grafana, limited, open); add it under sources: in app.yaml"),
+    ("nowhere", b"{}", 404, "unknown alert source 'nowhere': check sources: in app.yaml (the bot's log lists the known "
+                            "ones)"),
     ("open", json.dumps({**ALERT, "message": "x" * 3000}).encode(), 413, "body larger than 2048 bytes"),
     ("open", b"[" * 100_000 + b"]" * 100_000, 413, "body larger than 2048 bytes"),
 ]
@@ -444,7 +445,10 @@ async def test_a_credential_or_delivery_id_sent_twice_is_refused(h: Harness) -> 
     assert await h.count(AlertRecord) == 0
 
 
-async def test_a_wrong_path_or_method_is_answered_in_json_with_what_is_there(h: Harness) -> None:
+async def test_a_wrong_path_or_method_is_answered_in_json_with_what_is_there(h: Harness,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """The known sources are in the log, for the operator, not in the answer to whoever asks (no credentials)."""
+    caplog.set_level(logging.INFO)
     resp = await h.client.get("/alerts/open")
     assert resp.status == 405 and resp.headers["Allow"] == "POST"
     assert (await resp.json())["error"] == "GET is not allowed on /alerts/open; use POST"
@@ -452,10 +456,31 @@ async def test_a_wrong_path_or_method_is_answered_in_json_with_what_is_there(h: 
         resp = await h.client.post(path, json=ALERT)
         assert resp.status == 404
         assert (await resp.json())["error"] == (
-            f"no endpoint at {path}; alerts go to POST /alerts/SOURCE, SOURCE one of: am, am-plain, generic, grafana, "
-            "limited, open (no slash after it)")
+            f"no endpoint at {path}; alerts go to POST /alerts/SOURCE, SOURCE the id of one of sources: in app.yaml "
+            "(no slash after it; the bot's log lists the known ones)")
     resp = await h.client.get("/nowhere")
     assert (resp.status, (await resp.json())["error"]) == (404, "no endpoint at /nowhere")
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == ["POST /alerts/open/ from 127.0.0.1: no such alert source; the known ones are am, am-plain, "
+                    "generic, grafana, limited, open (said at most once a minute)"], said
+
+
+async def test_unknown_sources_are_logged_with_the_known_ones_at_most_once_a_minute(
+        h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """A scanner trying names cannot flood the log: one line a minute, saying how many more there were."""
+    caplog.set_level(logging.INFO)
+    for name, later in (("admin", 0), ("test", 1), ("x", 1), ("y", 70)):
+        h.clock.advance(timedelta(seconds=later))
+        status, answer, _ = await h.post(name, {})
+        assert (status, answer["error"]) == (404, f"unknown alert source {name!r}: check sources: in app.yaml (the "
+                                                  "bot's log lists the known ones)")
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == [
+        "POST /alerts/admin from 127.0.0.1: no such alert source; the known ones are am, am-plain, generic, grafana, "
+        "limited, open (said at most once a minute)",
+        "POST /alerts/y from 127.0.0.1: no such alert source; the known ones are am, am-plain, generic, grafana, "
+        "limited, open (said at most once a minute; 2 more since)"]
+    assert await rejected(h, "unknown_source") == 4
 
 
 async def test_rfc3339_times_with_lowercase_t_and_z_are_read(h: Harness) -> None:
