@@ -19,7 +19,7 @@ import re
 import shlex
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -77,6 +77,8 @@ class Dispatcher(Protocol):
     async def handle_action(self, event: ActionEvent) -> Reply | None: ...
 
     async def handle_command(self, event: CommandEvent) -> Reply: ...
+
+    def typed_on(self, platform: str, names: Iterable[str]) -> None: ...
 
 
 # -- outbound: neutral -> Block Kit ---------------------------------------------------------------
@@ -281,6 +283,7 @@ class SlackAdapter:
 
     def __init__(self, settings: SlackSettings, *, renderer: Renderer, dispatcher: Dispatcher):
         self.settings, self.renderer, self.dispatcher = settings, renderer, dispatcher
+        dispatcher.typed_on(self.platform, COMMANDS)  # Slack takes only the app's slash commands: help says /chatops X
         self.client = AsyncWebClient(token=settings.bot_token, base_url=settings.api_url, timeout=TIMEOUT,
                                      retry_handlers=[])  # no retries behind the outbox's back
         self._session: aiohttp.ClientSession | None = None

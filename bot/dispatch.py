@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from bot.chat import ActionEvent, CommandEvent, Reply, echoed
@@ -62,6 +63,7 @@ class Dispatcher:
         self._seen: dict[str, float] = {}
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._people: dict[tuple[str, str], Person] = {}
+        self._typed: dict[str, frozenset[str]] = {}  # platform -> the commands typed there by their own name
         for person in config.people:
             for platform, key in _ID_KEYS.items():
                 value = getattr(person, key)
@@ -82,6 +84,12 @@ class Dispatcher:
             self.commands[name] = CommandSpec(name, fn, usage, help, role, anyone)
             return fn
         return register
+
+    def typed_on(self, platform: str, names: Iterable[str]) -> None:
+        """On `platform` only `names` can be typed as commands of their own (Slack: the slash commands its app
+        registers; a Telegram bot takes any `/word`). Help there shows the others the way they can be typed, under
+        the umbrella: `/chatops start`, not a `/start` the platform would refuse."""
+        self._typed[platform] = frozenset(names)
 
     # -- the path -------------------------------------------------------------------------------
 
@@ -123,17 +131,17 @@ class Dispatcher:
                 raise
 
     async def handle_command(self, event: CommandEvent) -> Reply:
-        name = event.name.lstrip("/").lower()
+        name, platform = event.name.lstrip("/").lower(), event.actor.platform
         if name == "chatops":  # the umbrella: `/chatops ack 42` is `/ack 42`
             if not event.args or event.args[0].lower() == "help":
-                return Reply(self.help_text())
+                return Reply(self.help_text(platform))
             event = CommandEvent(event.args[0].lower(), list(event.args[1:]), event.actor, event.chat, event.direct)
             name = event.name
         if name == "help":
-            return Reply(self.help_text())
+            return Reply(self.help_text(platform))
         spec = self.commands.get(name)
         if spec is None:
-            return Reply(f"I don't know `/{echoed(name)}`.\n{self.help_text()}")
+            return Reply(f"I don't know `/{echoed(name)}`.\n{self.help_text(platform)}")
         person = self.identify(event.actor)
         if person is None:
             if spec.anyone:
@@ -143,10 +151,15 @@ class Dispatcher:
             return Reply(f"`/{name}` needs the `{spec.role}` role, and {person.name} has {_roles(person)}.")
         return await spec.handler(event, person)
 
-    def help_text(self) -> str:
+    def help_text(self, platform: str | None = None) -> str:
+        """Every command with its usage, as it is typed on `platform` (see `typed_on`)."""
+        typed = self._typed.get(platform or "")
         lines = ["Commands:"]
         for spec in sorted(self.commands.values(), key=lambda s: s.name):
-            lines.append(f"`{spec.usage}`: {spec.help}")
+            usage = spec.usage
+            if typed is not None and spec.name not in typed:
+                usage = re.sub(rf"(?<![\w/])/{re.escape(spec.name)}\b", f"/chatops {spec.name}", usage)
+            lines.append(f"`{usage}`: {spec.help}")
         lines.append("`/chatops COMMAND ...` runs any of them; `/chatops help` shows this.")
         return "\n".join(lines)
 

@@ -26,6 +26,10 @@ class RecordingDispatcher:
         self.gate.set()
         self.error: Exception | None = None
         self.refused: Reply | None = None  # what `refusal` answers for every arming tap (None: allowed)
+        self.typed: dict[str, frozenset[str]] = {}  # platform -> the commands an adapter said can be typed there
+
+    def typed_on(self, platform: str, names: Any) -> None:
+        self.typed[platform] = frozenset(names)
 
     def refusal(self, action: str, actor: Any) -> Reply | None:
         return self.refused

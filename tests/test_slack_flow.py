@@ -269,6 +269,8 @@ async def test_slash_commands_list_show_and_act(slack: Slack) -> None:
         assert odd["text"] == "Usage: `/ack ID`, for example `/ack 42`.", digits
     helped = await s.answer(await s.command("/chatops", "help"))
     assert "`/ack ID`: acknowledge an incident" in helped["text"]
+    # Slack has no /start (no such slash command in the app): on Slack it is typed under the umbrella
+    assert "`/chatops start`: who the bot thinks you are" in helped["text"] and "`/start`" not in helped["text"]
     denied = await s.answer(await s.command("/ack", "1", user="U02BOB"))
     assert "needs the `responder` role" in denied["text"]
 

@@ -212,6 +212,14 @@ async def test_start_says_where_pages_go_and_in_a_group_that_they_need_a_private
             )["text"].endswith("(roles: responder). Pages reach you on Slack.")
 
 
+async def test_help_shows_each_command_as_it_is_typed_on_each_platform(both: Both) -> None:
+    """One dispatcher, two platforms: a Telegram bot takes any /word, Slack only the app's slash commands (no /start)."""
+    telegram = await both.type("/help")
+    assert "/start</code>: who the bot thinks you are" in telegram and "/chatops start" not in telegram, telegram
+    slack = (await both.slack.answer(await both.slack.command("/chatops", "help")))["text"]
+    assert "`/chatops start`: who the bot thinks you are" in slack and "`/start`" not in slack, slack
+
+
 async def test_a_stranger_tapping_in_telegram_is_told_what_to_add(both: Both) -> None:
     b = both
     _, message_id = await posted_on_both(b)
