@@ -48,12 +48,17 @@ TIMEOUT = 15  # seconds for one Web API call
 INVALID_BUTTON = ("This button is not valid: it was not made by this bot, or it is too old. "
                   "Use the buttons on the latest incident message.")
 FAILED = "Something went wrong while handling that; the details are in the bot's log."
-# name -> (description, usage hint) for the app manifest; the dispatcher owns what they do
+# name -> (description, usage hint) for the app manifest; the dispatcher owns what they do. Slack shows the hint as
+# the command is typed: it names every subcommand of the command's usage in the bot's help (a test holds them to it;
+# the manifest is printed without a running bot's dispatcher to read them from). A command of the bot's missing here
+# has no slash command on Slack: help shows it under /chatops (see Dispatcher.typed_on).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "incident": ("Show or act on an incident", "[list | show ID | ack ID | resolve ID | escalate ID]"),
+    "incident": ("Show or act on an incident",
+                 "list [STATUS] | show ID | ack ID | escalate ID | resolve ID | reopen ID | page ID PERSON"),
     "ack": ("Acknowledge an incident", "ID"),
     "chatops": ("Help, or any command: /chatops ack 42", "[help | COMMAND ARGS...]"),
-    "oncall": ("Who is on call", "[ROTATION]"),
+    "oncall": ("Who is on call, a rotation's schedule, or cover a shift yourself",
+               "[ROTATION] | schedule ROTATION [--weeks N] | take [ROTATION] [FROM] [UNTIL]"),
     "swap": ("Ask someone to take your shift", "@person [ROTATION] DATE|next | list | cancel ID | undo ID"),
     "override": ("A manager puts someone on call for a stretch", "ROTATION @person FROM UNTIL"),
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -18,6 +19,7 @@ from urllib.parse import urlencode
 import pytest
 from sqlmodel import select
 
+from adapters.slack import manifest
 from bot.auth import sign
 from handlers.outbox import Budget, _Buckets
 from storage.models import AuditEvent, IncidentMessage
@@ -370,6 +372,27 @@ async def test_a_storm_costs_calls_per_incident_not_per_alert(tmp_path: Path) ->
                 final = fake.messages[("C0OPS", message)]
                 assert "100 alerts from generic" in json.dumps(final, ensure_ascii=False)
             assert len(fake.calls) < 200  # calls in proportion to incidents, not to 2,000 alerts
+
+
+async def test_the_manifest_hints_every_subcommand_the_bot_takes(tmp_path: Path) -> None:
+    """Slack shows a command's usage hint as the user types it: `/incident` hinted no reopen or page, `/oncall` no
+    schedule or take. Every subcommand of every command's usage (what help shows) is in its hint, and a command
+    Slack has no slash command for is one `/chatops` runs."""
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+        commands = dict(h.bot.dispatcher.commands)
+    hints = {c["command"].lstrip("/"): c["usage_hint"]
+             for c in manifest(public_url="https://bot.example.com")["features"]["slash_commands"]}
+    for name, spec in commands.items():
+        if name not in hints:
+            assert name == "start", f"/{name} has no slash command in the manifest"
+            continue
+        words = [form.split()[1] for form in spec.usage.split(" | ") if form.startswith(f"/{name} ")]
+        words += [form.split()[0] for form in spec.usage.split(" | ") if not form.startswith("/")]
+        subcommands = {w for w in words if w.isalpha() and w.islower()}
+        assert subcommands <= set(re.findall(r"[a-z]+", hints[name])), (name, hints[name], spec.usage)
+    assert set(re.findall(r"[a-z]+", hints["incident"])) >= {"list", "show", "ack", "escalate", "resolve", "reopen",
+                                                              "page"}
+    assert set(re.findall(r"[a-z]+", hints["oncall"])) >= {"schedule", "take"}
 
 
 async def test_templates_in_the_override_dir_draw_the_message(tmp_path: Path) -> None:
