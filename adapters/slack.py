@@ -72,6 +72,11 @@ TOKEN_ERRORS = {"invalid_auth", "not_authed", "account_inactive", "token_revoked
 _MENTION = re.compile(r"^\s*(<@[UW][A-Z0-9]+(?:\|[^>]*)?>\s*)+")
 _USER_ID = re.compile(r"^[UW][A-Z0-9]+$")  # a person, not a conversation (C..., G..., D...)
 _QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'"})
+# What looks like a space and is not ASCII's (shlex splits on ASCII whitespace only): a no-break space (Option+Space
+# on a Mac), figure, thin, narrow no-break and ideographic spaces... are one; zero-width spaces and joiners between
+# words, invisible, are dropped (not ZWJ/ZWNJ, which belong inside emoji and words of some scripts).
+_SPACES = str.maketrans({**{chr(c): " " for c in range(0x80, 0x3001) if chr(c).isspace()},
+                         "\u200b": None, "\u2060": None, "\ufeff": None})
 
 
 class Renderer(Protocol):
@@ -214,8 +219,9 @@ def delivery_error(method: str, exc: SlackApiError) -> DeliveryError:
 # -- inbound: Slack payloads -> neutral events ----------------------------------------------------
 
 def split_args(text: str) -> list[str]:
-    """Words of a command's text, shell-like (`"two words"` is one), tolerant of a stray quote."""
-    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").translate(_QUOTES)
+    """Words of a command's text, shell-like (`"two words"` is one), tolerant of a stray quote; any space a keyboard
+    types separates them."""
+    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").translate(_QUOTES).translate(_SPACES)
     try:
         return shlex.split(text)
     except ValueError:  # unbalanced quote: "don't", or a quote left open

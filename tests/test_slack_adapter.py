@@ -341,6 +341,10 @@ async def test_a_mention_is_the_umbrella_command_and_is_taken_once(env: Env) -> 
     ('note "left open', ["note", '"left', "open"]),  # unbalanced: plain words
     ("note don't page", ["note", "don't", "page"]),
     ("note a &lt;b&gt; &amp;amp;", ["note", "a", "<b>", "&amp;"]),
+    ("show\u00a042", ["show", "42"]),  # Option+Space on a Mac
+    ("show\u2007\u202f42\u3000x", ["show", "42", "x"]),  # figure, narrow no-break, ideographic spaces
+    ("\u200bshow\u200b 42\ufeff", ["show", "42"]),  # zero-width: no part of a word
+    ('override dba "until\u00a018:00"', ["override", "dba", "until 18:00"]),
 ])
 def test_command_text_is_split_like_a_shell_but_tolerant(text: str, args: list[str]) -> None:
     assert split_args(text) == args

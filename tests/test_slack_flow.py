@@ -277,6 +277,18 @@ async def test_slash_commands_list_show_and_act(slack: Slack) -> None:
     assert "needs the `responder` role" in denied["text"]
 
 
+async def test_a_command_typed_with_unicode_spaces_is_understood(slack: Slack) -> None:
+    """Option+Space on a Mac types a no-break space; other keyboards and pasted text bring thin, figure or zero-width
+    spaces. They look like a space, so they separate words as one does, and a zero-width one is no part of a word."""
+    s = slack
+    await incident_posted(s)
+    for text in ("show\u00a01", "show\u20071", "show\u202f1", "show\u200b 1", "\u200bshow\u30001\u200b"):
+        shown = await s.answer(await s.command("/incident", text))
+        assert button_values(shown) == ["ack:1", "esc:1", "res:1"], (text, shown["text"])
+    acked = await s.answer(await s.command("/chatops", "ack\u00a01"))
+    assert acked["text"] == "Acknowledged #1."
+
+
 async def test_an_id_past_what_the_store_holds_is_an_unknown_incident_not_an_error(slack: Slack) -> None:
     """On PostgreSQL the id columns hold 32 bits: 2147483648 is an id no incident can have, said so like any other."""
     s = slack
