@@ -96,6 +96,10 @@ class Dispatcher(Protocol):
 SIGNATURE_WINDOW = 300  # seconds: Slack's own limit on a request's X-Slack-Request-Timestamp
 CLAIMED = "chatops_handling"  # the Bolt context key of a slash command's or click's Handling (see handle)
 EVENT_RETRIES = timedelta(hours=1)  # Slack retries an unanswered event 3 times, the last about 5 minutes on
+# The buttons of an incident card, whose id is the incident's (a swap's buttons carry the swap's id)
+CARD_ACTIONS = frozenset(a.value for a in (actions.Action.ACKNOWLEDGE, actions.Action.ESCALATE, actions.Action.RESOLVE,
+                                           actions.Action.REOPEN, actions.Action.RUN_RUNBOOK, actions.Action.APPROVE,
+                                           actions.Action.REJECT))
 
 
 def _signed(secret: bytes, body: bytes, timestamp: str | None, signature: str | None, now: float) -> bool:
@@ -574,6 +578,24 @@ class SlackAdapter:
             await self._answer(body, reply)
         if reply.settle is not None and event.source is not None and event.source.chat_id.startswith("D"):
             await self._settle(event.source, reply.settle)  # answered: no more buttons (direct messages only)
+        if event.source is None and event.action in CARD_ACTIONS and not handling.released:
+            await self._redraw_private(body, event)
+
+    async def _redraw_private(self, body: Mapping[str, Any], event: ActionEvent) -> None:
+        """A button of a card only the clicker sees (`/incident show`'s): the outbox redraws the channel's cards, and no
+        API call edits an ephemeral message, so this one is drawn again, as the incident is now, by the command that
+        drew it, and replaces itself through the click's response_url. Also after a click that changed nothing (the
+        card then shows what did: someone else acknowledged); not for someone the command does not show it to."""
+        channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+        command = CommandEvent("incident", ["show", str(event.incident_id)], event.actor,
+                               MessageRef("slack", channel, "", None) if channel else None)
+        try:
+            shown = await self.dispatcher.handle_command(command)
+        except Exception:  # the clicker has the answer; the card stays as it was
+            log.exception("slack: cannot redraw the private card of #%s", event.incident_id)
+            return
+        if shown.message is not None:
+            await self._answer(body, shown, replace=True)
 
     async def _settle(self, ref: MessageRef, text: str) -> None:
         try:
@@ -621,16 +643,19 @@ class SlackAdapter:
                 log.exception("slack: cannot render the %s reply; answering with its text", reply.message.kind)
         return {"text": escape(reply.text)}
 
-    async def _answer(self, body: Mapping[str, Any], reply: Reply) -> None:
-        """The reply to a click or command through its response_url (ephemeral unless it says otherwise)."""
+    async def _answer(self, body: Mapping[str, Any], reply: Reply, *, replace: bool = False) -> None:
+        """The reply to a click or command through its response_url (ephemeral unless it says otherwise); `replace`:
+        instead of the clicked message."""
         payload = self._reply_payload(reply)
         url = body.get("response_url")
         if url:
             hook = AsyncWebhookClient(url, timeout=TIMEOUT, session=self._session)
             response_type = "ephemeral" if reply.ephemeral else "in_channel"
-            response = await hook.send_dict({**payload, "response_type": response_type, "replace_original": False})
+            response = await hook.send_dict({**payload, "response_type": response_type, "replace_original": replace})
             if response.status_code != 200:
                 log.warning("slack: response_url answered %s: %s", response.status_code, response.body[:200])
+            return
+        if replace:  # (every click has a response_url; without one, nothing can replace a private card)
             return
         user = (body.get("user") or {}).get("id") or body.get("user_id", "")
         channel = (body.get("channel") or {}).get("id") or body.get("channel_id", "")

@@ -47,12 +47,18 @@ class Slack:
         resp = await self.h.client.post("/slack/events", data=body, headers=signed(body, secret=SIGNING))
         return resp.status, time.monotonic() - started
 
-    async def click(self, value: str, ts: str, *, user: str = "U01ALICE", action_ts: str | None = None) -> tuple[int, float, str]:
+    async def click(self, value: str, ts: str, *, user: str = "U01ALICE", action_ts: str | None = None,
+                    private: bool = False) -> tuple[int, float, str]:
+        """`private`: a button of a card only the clicker sees (`/incident show`), which Slack sends as an ephemeral
+        container without the message."""
         self.clicks += 1
         key = f"click{self.clicks}"
         payload: dict[str, Any] = json.loads(json.dumps(CLICK))
         payload["user"] = {"id": user, "username": user.lower(), "name": user.lower(), "team_id": "T0FAKE"}
         payload["container"]["message_ts"] = payload["message"]["ts"] = ts
+        if private:
+            payload["container"]["is_ephemeral"] = True
+            del payload["message"]
         payload["response_url"] = self.fake.response_url(key)
         action = payload["actions"][0]
         action["value"], action["action_id"] = value, f"chatops:{value.split(':')[0]}"
@@ -73,6 +79,11 @@ class Slack:
     async def answer(self, key: str) -> dict[str, Any]:
         await self.fake.wait_for(lambda: self.fake.responses.get(key), timeout=5)
         return self.fake.responses[key][-1]
+
+    async def answers(self, key: str, count: int) -> list[dict[str, Any]]:
+        """The first `count` posts to a response_url (a click on a private card: the answer, the card redrawn)."""
+        await self.fake.wait_for(lambda: len(self.fake.responses.get(key, [])) >= count, timeout=5)
+        return self.fake.responses[key][:count]
 
     def posts(self, channel: str = "C0OPS", thread: str | None = None) -> list[dict[str, Any]]:
         return [c.params for c in self.fake.called("chat.postMessage")
@@ -287,6 +298,30 @@ async def test_a_command_typed_with_unicode_spaces_is_understood(slack: Slack) -
         assert button_values(shown) == ["ack:1", "esc:1", "res:1"], (text, shown["text"])
     acked = await s.answer(await s.command("/chatops", "ack\u00a01"))
     assert acked["text"] == "Acknowledged #1."
+
+
+async def test_a_click_on_the_private_card_redraws_it_and_tells_the_clicker(slack: Slack) -> None:
+    """`/incident show` answers with a card only its asker sees; no API call edits it, only the click's response_url.
+    Acknowledge on it acknowledged, and the card kept Firing and its Acknowledge button."""
+    s = slack
+    ts = await incident_posted(s)
+    shown = await s.answer(await s.command("/incident", "show 1"))
+    assert button_values(shown) == ["ack:1", "esc:1", "res:1"]
+    _, _, key = await s.click("ack:1", "1700000099.000100", private=True)
+    told, redrawn = await s.answers(key, 2)
+    assert told == {"text": "Acknowledged #1.", "response_type": "ephemeral", "replace_original": False}
+    assert redrawn["replace_original"] is True and redrawn["response_type"] == "ephemeral"
+    assert button_values(redrawn) == ["esc:1", "res:1"] and "Acknowledged" in text_of(redrawn)
+    assert (await s.h.incidents())[0].status == "acknowledged"
+    await s.fake.wait_for(lambda: s.updates(ts), timeout=5)  # and the channel's card, as for any click
+    _, _, key = await s.click("res:1", "1700000099.000100", private=True)
+    told, redrawn = await s.answers(key, 2)
+    assert told["text"] == "Resolved #1." and button_values(redrawn) == ["reo:1"]
+    _, _, key = await s.click("ack:1", "1700000099.000100", private=True, user="U09NOBODY")
+    await s.answer(key)
+    await asyncio.sleep(0.2)  # a stranger changes nothing: told why, and the card stays as it is
+    [refused] = s.fake.responses[key]
+    assert "I don't know you yet" in refused["text"] and refused["replace_original"] is False
 
 
 async def test_an_id_past_what_the_store_holds_is_an_unknown_incident_not_an_error(slack: Slack) -> None:
