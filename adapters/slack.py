@@ -198,13 +198,15 @@ def button_blocks(buttons: Sequence[Button]) -> list[dict[str, Any]]:
     return [{"type": "actions", "elements": elements[i:i + 25]} for i in range(0, len(elements), 25)]
 
 
-def delivery_error(method: str, exc: SlackApiError) -> DeliveryError:
-    """Slack's refusal as the outbox understands it: when to retry, or never."""
+def delivery_error(method: str, exc: SlackApiError, *, chat: str | None = None,
+                   bot: str | None = None) -> DeliveryError:
+    """Slack's refusal as the outbox understands it: when to retry, or never. `chat`: the conversation the call was
+    about, `bot`: the bot's user name, for a refusal someone fixes in Slack (what to do goes into the dead letter)."""
     response = exc.response
     status = getattr(response, "status_code", None) or getattr(response, "status", None) or 0
     data = getattr(response, "data", None)
     error = data.get("error") if isinstance(data, dict) else None
-    what = f"slack {method}: {error or f'HTTP {status}'}"
+    what = f"slack {method}: {error or f'HTTP {status}'}{_what_to_do(error, chat, bot)}"
     if status == 429 or error == "ratelimited":
         try:
             retry_after: float | None = float(response.headers.get("Retry-After"))
@@ -218,6 +220,17 @@ def delivery_error(method: str, exc: SlackApiError) -> DeliveryError:
     if error in ("message_not_found", "thread_not_found"):  # deleted in Slack (its thread with it)
         return DeliveryError(what, permanent=True, gone=True)
     return DeliveryError(what, permanent=True)  # channel_not_found, not_in_channel, invalid_auth, invalid_blocks...
+
+
+def _what_to_do(error: str | None, chat: str | None, bot: str | None) -> str:
+    """For a channel the bot cannot post in, how to let it in, short (`chatops outbox list` shows 100 characters).
+    Slack answers channel_not_found for a private channel the bot is not in, as for an id that names no channel."""
+    if error not in ("not_in_channel", "channel_not_found") or not chat or chat[:1] in ("D", "U", "W"):
+        return ""  # (a direct conversation or a person: no one is invited there)
+    invite = f"/invite @{bot}" if bot else "/invite @<the bot>"
+    if error == "not_in_channel":
+        return f": invite the bot: {invite} in {chat}"
+    return f": {chat} is a wrong id, or private: {invite} in it"
 
 
 # -- inbound: Slack payloads -> neutral events ----------------------------------------------------
@@ -303,6 +316,7 @@ class SlackAdapter:
                                      retry_handlers=[])  # no retries behind the outbox's back
         self._session: aiohttp.ClientSession | None = None
         self.bot_id: str | None = None  # ours (auth.test): a lookup takes only our own messages (see find)
+        self.bot_name: str | None = None  # the bot user's name (auth.test), for "/invite @name" in a refusal
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen_events: deque[str] = deque(maxlen=1000)
         # Bolt's own client is never used for calls; tokenless so bolt does not warn that `authorize` wins.
@@ -343,7 +357,8 @@ class SlackAdapter:
         return None
 
     async def _auth_test(self) -> str | None:
-        self.bot_id = (await self._call("auth.test", self.client.auth_test())).get("bot_id")
+        data = await self._call("auth.test", self.client.auth_test())
+        self.bot_id, self.bot_name = data.get("bot_id"), data.get("user")
         return self.bot_id
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -419,17 +434,19 @@ class SlackAdapter:
 
     async def send(self, chat_id: str, message: Outbound) -> MessageRef:
         payload = self.to_message(message)
-        data = await self._call("chat.postMessage", self.client.chat_postMessage(channel=chat_id, **payload))
+        data = await self._call("chat.postMessage", self.client.chat_postMessage(channel=chat_id, **payload),
+                                chat=chat_id)
         return MessageRef("slack", data["channel"], data["ts"], None)
 
     async def update(self, ref: MessageRef, message: Outbound) -> None:
         payload = self.to_message(message)
-        await self._call("chat.update", self.client.chat_update(channel=ref.chat_id, ts=ref.message_id, **payload))
+        await self._call("chat.update", self.client.chat_update(channel=ref.chat_id, ts=ref.message_id, **payload),
+                         chat=ref.chat_id)
 
     async def reply(self, ref: MessageRef, message: Outbound) -> MessageRef:
         thread = ref.thread_id or ref.message_id
         data = await self._call("chat.postMessage", self.client.chat_postMessage(
-            channel=ref.chat_id, thread_ts=thread, **self.to_message(message)))
+            channel=ref.chat_id, thread_ts=thread, **self.to_message(message)), chat=ref.chat_id)
         return MessageRef("slack", data["channel"], data["ts"], thread)
 
     async def find(self, chat_id: str, key: str, *, thread: str | None, sent_at: float) -> MessageRef | None:
@@ -453,7 +470,7 @@ class SlackAdapter:
             call = (self.client.conversations_replies(channel=chat_id, ts=thread, cursor=cursor, **window) if thread
                     else self.client.conversations_history(channel=chat_id, cursor=cursor, **window))
             try:
-                data = await self._call(method, call)
+                data = await self._call(method, call, chat=chat_id)
             except DeliveryError as exc:
                 # Limited after the first page (1 call a minute, 15 messages a page, for some apps): the lookup
                 # would start over after the wait and be limited at the same page again, for ever. Given up on.
@@ -486,17 +503,19 @@ class SlackAdapter:
             raise DeliveryError(f"slack: cannot notify a {actor.platform} user", permanent=True)
         if chat is not None:
             await self._call("chat.postEphemeral", self.client.chat_postEphemeral(
-                channel=chat.chat_id, user=actor.user_id, text=escape(text), thread_ts=chat.thread_id))
+                channel=chat.chat_id, user=actor.user_id, text=escape(text), thread_ts=chat.thread_id),
+                chat=chat.chat_id)
             return
         opened = await self._call("conversations.open", self.client.conversations_open(users=actor.user_id))
         await self._call("chat.postMessage",
                          self.client.chat_postMessage(channel=opened["channel"]["id"], text=escape(text)))
 
-    async def _call(self, method: str, call: Coroutine[Any, Any, Any]) -> dict[str, Any]:
+    async def _call(self, method: str, call: Coroutine[Any, Any, Any], *, chat: str | None = None) -> dict[str, Any]:
+        """`chat`: the conversation the call is about, named in a refusal that says how to let the bot in."""
         try:
             response = await call
         except SlackApiError as exc:
-            raise delivery_error(method, exc) from exc
+            raise delivery_error(method, exc, chat=chat, bot=self.bot_name) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Not connected at all (refused, no such host, a connect timeout): nothing left, so a retry is safe. Any
             # other failure came once the request may have gone (no answer in time, the connection closed or reset
@@ -619,7 +638,7 @@ class SlackAdapter:
 
     async def _post(self, channel: str, thread: str | None, reply: Reply) -> None:
         await self._call("chat.postMessage", self.client.chat_postMessage(
-            channel=channel, thread_ts=thread, **self._reply_payload(reply)))
+            channel=channel, thread_ts=thread, **self._reply_payload(reply)), chat=channel)
 
     async def _dispatch(self, work: Coroutine[Any, Any, Reply | None], handling: Handling) -> Reply | None:
         """The dispatcher's answer; the request is settled once it answered (the same request again is a replay

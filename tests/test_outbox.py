@@ -147,9 +147,14 @@ async def test_a_busy_channel_holds_back_no_other_channel(tmp_path: Path) -> Non
             assert len([c for c in fake.called("chat.postMessage") if c.params.get("channel") == "C0OPS"]) < 20
 
 
-async def test_a_refusal_that_cannot_succeed_becomes_a_dead_letter(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("error", "says"), [
+    ("channel_not_found", "channel_not_found: C0OPS is a wrong id, or private: /invite @chatops in it"),
+    ("not_in_channel", "not_in_channel: invite the bot: /invite @chatops in C0OPS"),
+])
+async def test_a_refusal_that_cannot_succeed_becomes_a_dead_letter(tmp_path: Path, error: str, says: str) -> None:
+    """The error says what to do about it, not only Slack's code."""
     async with FakeSlack() as fake:
-        fake.fail("chat.postMessage", "channel_not_found")
+        fake.fail("chat.postMessage", error)
         url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
         async with running_bot(url, slack_config(fake)) as h:
             await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
@@ -169,7 +174,7 @@ async def test_a_refusal_that_cannot_succeed_becomes_a_dead_letter(tmp_path: Pat
             assert await asyncio.to_thread(cli, ["outbox", "list", "--status", "dead", "-c", str(config)]) == 0
         listing = out.getvalue()
         assert "#1" in listing and "ops-slack" in listing and "dead" in listing
-        assert "slack chat.postMessage: channel_not_found" in listing
+        assert f"slack chat.postMessage: {says}" in listing
         assert "totals: dead 1" in listing
 
 

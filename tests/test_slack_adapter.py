@@ -458,6 +458,8 @@ async def test_refusals_that_retrying_cannot_fix_are_permanent(env: Env, error: 
     with pytest.raises(DeliveryError) as caught:
         await env.adapter.send("C0GONE", Outbound("incident", {"title": "x"}))
     assert caught.value.permanent and caught.value.retry_after is None and error in str(caught.value)
+    if error == "not_in_channel":  # what to do, also before auth.test told the bot's name
+        assert str(caught.value) == "slack chat.postMessage: not_in_channel: invite the bot: /invite @<the bot> in C0GONE"
 
 
 async def test_updating_a_message_that_is_gone_is_permanent(env: Env) -> None:
