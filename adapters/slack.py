@@ -703,7 +703,7 @@ def manifest(*, public_url: str, bot_name: str = "chatops") -> dict[str, Any]:
         # im:history: to find a page (a direct message) whose answer was lost, so that it is redrawn as the incident
         # changes
         "oauth_config": {"scopes": {"bot": ["app_mentions:read", "channels:history", "chat:write", "chat:write.public",
-                                            "commands", "groups:history", "im:history", "im:write", "users:read"]}},
+                                            "commands", "groups:history", "im:history", "im:write"]}},
         "settings": {
             "event_subscriptions": {"request_url": url, "bot_events": ["app_mention"]},
             "interactivity": {"is_enabled": True, "request_url": url},

@@ -599,7 +599,8 @@ def test_the_manifest_points_everything_at_one_request_url() -> None:
     assert all(c["url"] == url and c["description"] and c["usage_hint"] for c in commands.values())
     assert m["settings"]["interactivity"] == {"is_enabled": True, "request_url": url}
     assert m["settings"]["event_subscriptions"] == {"request_url": url, "bot_events": ["app_mention"]}
-    assert {"chat:write", "chat:write.public", "commands", "im:write", "users:read", "app_mentions:read",
+    # no users:read: nothing reads people's profiles (a slash command escapes @alice to her id)
+    assert {"chat:write", "chat:write.public", "commands", "im:write", "app_mentions:read",
             "channels:history", "groups:history", "im:history"} == set(m["oauth_config"]["scopes"]["bot"])
     assert m["display_information"]["name"] == "oncall-bot" == m["features"]["bot_user"]["display_name"]
     json.dumps(m)  # pasteable
