@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import logging
 import re
-import shlex
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
@@ -37,7 +36,7 @@ from adapters.settings import SlackSettings
 from bot import actions
 from bot.auth import ReplayGuard
 from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
-                      Unclaimed)
+                      Unclaimed, split_words)
 from bot.model import Actor
 
 log = logging.getLogger("chatops.slack")
@@ -71,12 +70,6 @@ TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_una
 TOKEN_ERRORS = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
 _MENTION = re.compile(r"^\s*(<@[UW][A-Z0-9]+(?:\|[^>]*)?>\s*)+")
 _USER_ID = re.compile(r"^[UW][A-Z0-9]+$")  # a person, not a conversation (C..., G..., D...)
-_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'"})
-# What looks like a space and is not ASCII's (shlex splits on ASCII whitespace only): a no-break space (Option+Space
-# on a Mac), figure, thin, narrow no-break and ideographic spaces... are one; zero-width spaces and joiners between
-# words, invisible, are dropped (not ZWJ/ZWNJ, which belong inside emoji and words of some scripts).
-_SPACES = str.maketrans({**{chr(c): " " for c in range(0x80, 0x3001) if chr(c).isspace()},
-                         "\u200b": None, "\u2060": None, "\ufeff": None})
 
 
 class Renderer(Protocol):
@@ -236,13 +229,8 @@ def _what_to_do(error: str | None, chat: str | None, bot: str | None) -> str:
 # -- inbound: Slack payloads -> neutral events ----------------------------------------------------
 
 def split_args(text: str) -> list[str]:
-    """Words of a command's text, shell-like (`"two words"` is one), tolerant of a stray quote; any space a keyboard
-    types separates them."""
-    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").translate(_QUOTES).translate(_SPACES)
-    try:
-        return shlex.split(text)
-    except ValueError:  # unbalanced quote: "don't", or a quote left open
-        return text.split()
+    """Words of a command's text (Slack escapes <, > and & in it), as bot.chat.split_words splits them."""
+    return split_words(text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
 
 
 def click_source(body: Mapping[str, Any]) -> MessageRef | None:

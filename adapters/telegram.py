@@ -24,7 +24,6 @@ import html
 import json
 import logging
 import re
-import shlex
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
@@ -43,7 +42,7 @@ from adapters.settings import TelegramSettings
 from bot import actions
 from bot.auth import raw_bytes
 from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
-                      Unclaimed)
+                      Unclaimed, split_words)
 from bot.model import Actor
 from bot.render import TEXT_FORMATS
 
@@ -86,7 +85,6 @@ _MENTION = re.compile(r"(<[^>]*>)|(?<!\w)@(?=\w)")  # @@name too: Telegram sees 
 # httpx errors raised before any of the request was sent: sending it again, or elsewhere, cannot deliver it twice
 UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError, httpx.UnsupportedProtocol,
           httpx.InvalidURL)
-_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'"})
 
 
 class Renderer(Protocol):
@@ -183,15 +181,6 @@ def delivery_error(method: str, exc: TelegramError, *, token: str = "") -> Deliv
 
 # -- inbound: updates -> neutral events ------------------------------------------------------------
 
-def split_args(text: str) -> list[str]:
-    """Words of a command, shell-like (`"two words"` is one), tolerant of a stray quote."""
-    text = text.translate(_QUOTES)
-    try:
-        return shlex.split(text)
-    except ValueError:  # unbalanced quote: "don't", or a quote left open
-        return text.split()
-
-
 def actor_of(user: User) -> Actor:
     return Actor(PLATFORM, str(user.id), user.full_name or user.username or "", None)
 
@@ -220,7 +209,7 @@ def command_event(message: Message, bot_username: str | None) -> CommandEvent | 
     if words is None:
         return None
     name, rest = words
-    return CommandEvent(name, split_args(rest), actor_of(user), MessageRef(PLATFORM, str(message.chat.id), "", None),
+    return CommandEvent(name, split_words(rest), actor_of(user), MessageRef(PLATFORM, str(message.chat.id), "", None),
                         direct=direct)
 
 

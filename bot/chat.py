@@ -7,6 +7,7 @@ Handlers speak only these types. An adapter turns a platform payload into an
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -16,6 +17,25 @@ from bot.model import Actor
 Platform = Literal["slack", "telegram", "teams"]
 ButtonStyle = Literal["primary", "danger", "default"]
 ECHO_MAX = 80  # characters of what someone typed that an answer repeats
+
+
+# Typographic quotes (a phone's keyboard, or a Mac's smart quotes) as the ASCII ones shlex knows.
+_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'"})
+# What looks like a space and is not ASCII's (shlex splits on ASCII whitespace only): a no-break space (Option+Space
+# on a Mac), figure, thin, narrow no-break and ideographic spaces... are one; zero-width spaces and joiners between
+# words, invisible, are dropped (not ZWJ/ZWNJ, which belong inside emoji and words of some scripts).
+_SPACES = str.maketrans({**{chr(c): " " for c in range(0x80, 0x3001) if chr(c).isspace()},
+                         "\u200b": None, "\u2060": None, "\ufeff": None})
+
+
+def split_words(text: str) -> list[str]:
+    """Words of a command's text, shell-like (`"two words"` is one), tolerant of a stray quote; typographic quotes
+    count as quotes, and any space a keyboard types separates words."""
+    text = text.translate(_QUOTES).translate(_SPACES)
+    try:
+        return shlex.split(text)
+    except ValueError:  # unbalanced quote: "don't", or a quote left open
+        return text.split()
 
 
 def echoed(text: str) -> str:

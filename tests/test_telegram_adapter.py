@@ -24,9 +24,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from adapters.settings import TelegramSettings
-from adapters.telegram import (COMMANDS, FAILED, INVALID_BUTTON, SECRET_HEADER, STALE_BUTTON, TelegramAdapter,
-                               split_args, toast)
-from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
+from adapters.telegram import COMMANDS, FAILED, INVALID_BUTTON, SECRET_HEADER, STALE_BUTTON, TelegramAdapter, toast
+from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply, split_words
 from bot.model import Actor
 from bot.render import Renderer
 from bot.view import incident_card, thread_line
@@ -454,6 +453,14 @@ async def test_a_command_with_the_bot_name_in_a_group(env: Env) -> None:
     assert post.params["link_preview_options"] == {"is_disabled": True}
 
 
+async def test_a_command_typed_with_a_no_break_space_is_understood(env: Env) -> None:
+    """Option+Space on a Mac types U+00A0 between the words: "/incident show 42" looked right and was one word."""
+    await env.command("/incident show\u00a042")
+    await env.tg.wait_for(lambda: env.dispatcher.commands)
+    [command] = env.dispatcher.commands
+    assert (command.name, list(command.args)) == ("incident", ["show", "42"])
+
+
 async def test_commands_in_a_private_chat_are_direct(env: Env) -> None:
     env.dispatcher.reply = Reply("Hello! Your Telegram id is 111111. It is not linked to anyone yet: add "
                                  "`telegram: 111111` to your entry under `people:` in app.yaml and restart the bot.")
@@ -527,9 +534,10 @@ async def test_an_update_whose_handling_failed_is_handled_when_telegram_sends_it
     ("ack 42", ["ack", "42"]), ("  ack   42  ", ["ack", "42"]), ("", []),
     ('override dba "until 18:00"', ["override", "dba", "until 18:00"]),
     ("swap \u201cnext week\u201d", ["swap", "next week"]), ("note don't page", ["note", "don't", "page"]),
+    ("show\u00a042", ["show", "42"]),  # Option+Space on a Mac: one space, as on Slack
 ])
 def test_command_text_is_split_like_a_shell_but_tolerant(text: str, args: list[str]) -> None:
-    assert split_args(text) == args
+    assert split_words(text) == args
 
 
 def test_a_toast_has_no_markup_and_fits() -> None:
