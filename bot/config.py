@@ -661,7 +661,7 @@ def parse_config(
         try:
             loaded_adapters[key] = model.model_validate(section or {})
         except ValidationError as exc:
-            problems += [(_loc(("adapters", key, *e["loc"])), _message(e)) for e in exc.errors()]
+            problems += [(_loc(("adapters", key, *e["loc"])), _message(e, ("adapters", key))) for e in exc.errors()]
     problems += cross_check(config)
     if problems:
         raise ConfigError(name, problems)
@@ -739,7 +739,7 @@ def _shape_problems(model: type[BaseModel], section: Any, where: tuple[Any, ...]
     try:
         model.model_validate(envsubst.fill(section, _PLACEHOLDER))
     except ValidationError as exc:
-        return [(_loc((*where, *e["loc"])), _message(e)) for e in exc.errors()
+        return [(_loc((*where, *e["loc"])), _message(e, where)) for e in exc.errors()
                 if e["type"] == "extra_forbidden"  # a misspelt key, whatever it holds
                 or (e["type"] in ("missing", "required_when", "literal_error", "auth_kind")
                     and e.get("input") != _PLACEHOLDER)]
@@ -761,7 +761,40 @@ def _shown(err: Mapping[str, Any]) -> str:
     return "(a secret, not shown)"
 
 
-def _message(err: Mapping[str, Any]) -> str:
+# What a value checked against a pattern must look like, said as a malformed chat id says it: the rule, and an example.
+# Keyed by the pattern (these models' and the adapters' settings: a test checks that each has one), or by the field's
+# path where one pattern serves fields that want different examples.
+EXPECTED_PATTERNS = {
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]*$": "an id of letters, digits, `_`, `.` and `-` that starts with a letter or digit, "
+                                     "such as db-primary",
+    r"^[a-z_][a-z0-9_]*$": "a PostgreSQL schema name of lower-case letters, digits and `_` that does not start with a "
+                           "digit, such as chatops",
+    r"^[UW][A-Z0-9]{2,}$": "a Slack member id: U or W, then capital letters and digits, such as U0123ABCD",
+    r"^(29:\S+|[0-9a-fA-F-]{36})$": "a Teams user id such as 29:1AbCd... or an Azure AD object id such as "
+                                    "6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b",
+    r"^xox[bpa]-\S+$": "a Slack bot token, which starts with xoxb-: the Bot User OAuth Token on the app's OAuth & "
+                       "Permissions page",
+    r"^\d+:\S+$": "a Telegram bot token as @BotFather gives it: digits, a colon, then the rest, such as 123456789:AA...",
+    r"^[A-Za-z0-9_-]{1,256}$": "1 to 256 letters, digits, `_` and `-`, which is what Telegram takes as a secret_token, "
+                               "such as the output of `openssl rand -hex 32`",
+    r"^https?://": "a URL that starts with http:// or https://",
+}
+EXPECTED_AT = {
+    "adapters.slack.api_url": "a URL that starts with http:// or https://, such as https://slack.com/api/, the default",
+    "adapters.telegram.api_url": "a URL that starts with http:// or https://, such as https://api.telegram.org/bot, "
+                                 "the default",
+}
+
+
+def _expected(err: Mapping[str, Any], where: tuple[Any, ...]) -> str:
+    """What a value that does not match its pattern should have been (see EXPECTED_PATTERNS)."""
+    path = re.sub(r"\[\d+\]", "", _loc((*where, *err["loc"])))
+    pattern = str((err.get("ctx") or {}).get("pattern", ""))
+    return EXPECTED_AT.get(path) or EXPECTED_PATTERNS.get(pattern) or f"text that matches the pattern {pattern}"
+
+
+def _message(err: Mapping[str, Any], where: tuple[Any, ...] = ()) -> str:
+    """What is wrong, as check-config says it; `where` is the config path of the model `err` comes from."""
     kind, msg = err["type"], err["msg"]
     if kind == "missing":
         return "required"
@@ -775,7 +808,7 @@ def _message(err: Mapping[str, Any]) -> str:
     if kind == "value_error":
         return msg.removeprefix("Value error, ")
     if kind == "string_pattern_mismatch":
-        return f"malformed value {_shown(err)}"
+        return f"malformed value {_shown(err)} (expected {_expected(err, where)})"
     if kind == "literal_error":
         return f"{_shown(err)} is not allowed: {msg[0].lower() + msg[1:]}"
     return msg[0].lower() + msg[1:]

@@ -9,7 +9,7 @@ import pytest
 
 from adapters import SETTINGS_MODELS
 from bot.cli import main
-from bot.config import ConfigError, load_config, parse_config
+from bot.config import EXPECTED_PATTERNS, Config, ConfigError, load_config, parse_config
 from bot.durations import format_duration, parse_duration
 from tests.conftest import ROOT
 
@@ -81,7 +81,8 @@ BROKEN = [
     ),
     (
         BASE.replace("slack: U02BOB", "slack: bob") + ROUTES,
-        "people[1].slack: malformed value 'bob'",
+        "people[1].slack: malformed value 'bob' (expected a Slack member id: U or W, then capital letters and digits, "
+        "such as U0123ABCD)",
     ),
     (
         BASE.replace('chat: "-100123"', "chat: general") + ROUTES,
@@ -545,3 +546,57 @@ def test_override_templates_that_work_pass_check_config(tmp_path: Path, capsys: 
     (folder / "footer.j2").write_text("{% macro footer() %}-- the bot{% endmacr %}")  # broken where it is included
     assert main(["check-config", "-c", str(config)]) == 2
     assert "templates.dir: template footer.j2 (" in capsys.readouterr().out
+
+
+SLACK = "adapters:\n  slack: {bot_token: xoxb-1, signing_secret: signing-secret}\n"
+TELEGRAM = "adapters:\n  telegram: {bot_token: '7000000001:AAFake', webhook_secret: s3cret-s3cret}\n"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (BASE.replace("{id: alice, name: Alice", "{id: 'my person', name: Alice") + ROUTES,
+     "people[0].id: malformed value 'my person' (expected an id of letters, digits, `_`, `.` and `-` that starts with "
+     "a letter or digit, such as db-primary)"),
+    (BASE.replace("slack: U02BOB", "slack: X123") + ROUTES,
+     "people[1].slack: malformed value 'X123' (expected a Slack member id: U or W, then capital letters and digits, "
+     "such as U0123ABCD)"),
+    (BASE.replace("slack: U02BOB", "teams: bob@example.com") + ROUTES,
+     "people[1].teams: malformed value 'bob@example.com' (expected a Teams user id such as 29:1AbCd... or an Azure AD "
+     "object id such as 6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b)"),
+    (BASE + ROUTES + "storage: {schema: My-Schema}\n",
+     "storage.schema: malformed value 'My-Schema' (expected a PostgreSQL schema name of lower-case letters, digits and "
+     "`_` that does not start with a digit, such as chatops)"),
+    (BASE + ROUTES + SLACK.replace("}", ", api_url: slack.com/api}"),
+     "adapters.slack.api_url: malformed value 'slack.com/api' (expected a URL that starts with http:// or https://, "
+     "such as https://slack.com/api/, the default)"),
+    (BASE + ROUTES + TELEGRAM.replace("}", ", api_url: api.telegram.org}"),
+     "adapters.telegram.api_url: malformed value 'api.telegram.org' (expected a URL that starts with http:// or "
+     "https://, such as https://api.telegram.org/bot, the default)"),
+    (BASE + ROUTES + SLACK.replace("xoxb-1", "abc"),
+     "adapters.slack.bot_token: malformed value (a secret, not shown) (expected a Slack bot token, which starts with "
+     "xoxb-: the Bot User OAuth Token on the app's OAuth & Permissions page)"),
+    (BASE + ROUTES + TELEGRAM.replace("7000000001:AAFake", "AAFake"),
+     "adapters.telegram.bot_token: malformed value (a secret, not shown) (expected a Telegram bot token as @BotFather "
+     "gives it: digits, a colon, then the rest, such as 123456789:AA...)"),
+    (BASE + ROUTES + TELEGRAM.replace("s3cret-s3cret", "'my webhook secret'"),
+     "adapters.telegram.webhook_secret: malformed value (a secret, not shown) (expected 1 to 256 letters, digits, `_` "
+     "and `-`, which is what Telegram takes as a secret_token, such as the output of `openssl rand -hex 32`)"),
+])
+def test_a_malformed_value_says_what_is_expected(text: str, expected: str) -> None:
+    """A value checked against a pattern said only "malformed value": which shape was wanted, the user had to find in
+    the code. It says the rule and an example, as a malformed chat id does, and never shows a secret."""
+    found = problems(text)
+    assert expected in found, found
+    assert not any("my webhook secret" in p or "AAFake" in p or "'abc'" in p for p in found), found
+
+
+def test_every_pattern_a_value_is_checked_against_is_explained() -> None:
+    """A pattern added to a section (or an adapter's settings) without a description would fall back to showing the
+    regular expression."""
+    def patterns(schema: object) -> set[str]:
+        if isinstance(schema, dict):
+            return {schema["pattern"]} if isinstance(schema.get("pattern"), str) else set().union(
+                *(patterns(v) for v in schema.values()))
+        return set().union(*(patterns(v) for v in schema)) if isinstance(schema, list) else set()
+
+    found = patterns(Config.model_json_schema()).union(*(patterns(m.model_json_schema()) for m in SETTINGS_MODELS.values()))
+    assert len(found) >= 8 and not found - set(EXPECTED_PATTERNS), found - set(EXPECTED_PATTERNS)
