@@ -6,13 +6,15 @@ Every problem is reported as `path: problem`, where path is the config path
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -639,7 +641,7 @@ def parse_config(
         try:
             filled = Config.model_validate(filled_raw := envsubst.fill(raw, _PLACEHOLDER))
         except ValidationError as exc:
-            problems += [(_loc(e["loc"]), _message(e)) for e in exc.errors()
+            problems += [(_loc(e["loc"]), _message(e, given=filled_raw)) for e in exc.errors()
                          if e.get("input") != _PLACEHOLDER and _PLACEHOLDER not in map(str, e["loc"])]
             problems += [(where, what) for where, what in _within_sound_sections(filled_raw, exc)
                          if _PLACEHOLDER not in what]
@@ -650,7 +652,7 @@ def parse_config(
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(name, _unique([(_loc(e["loc"]), _message(e)) for e in exc.errors()]
+        raise ConfigError(name, _unique([(_loc(e["loc"]), _message(e, given=raw)) for e in exc.errors()]
                                         + _within_sound_sections(raw, exc))) from None
 
     for key, section in config.adapters.items():
@@ -661,7 +663,8 @@ def parse_config(
         try:
             loaded_adapters[key] = model.model_validate(section or {})
         except ValidationError as exc:
-            problems += [(_loc(("adapters", key, *e["loc"])), _message(e, ("adapters", key))) for e in exc.errors()]
+            problems += [(_loc(("adapters", key, *e["loc"])), _message(e, ("adapters", key), model, section))
+                         for e in exc.errors()]
     problems += cross_check(config)
     if problems:
         raise ConfigError(name, problems)
@@ -737,9 +740,9 @@ def _shape_problems(model: type[BaseModel], section: Any, where: tuple[Any, ...]
     """A section that is off (a variable in it is unset): its unknown keys, missing keys and values that are not
     among those allowed, as if its variables were set (what their values would have to be is not judged)."""
     try:
-        model.model_validate(envsubst.fill(section, _PLACEHOLDER))
+        model.model_validate(filled := envsubst.fill(section, _PLACEHOLDER))
     except ValidationError as exc:
-        return [(_loc((*where, *e["loc"])), _message(e, where)) for e in exc.errors()
+        return [(_loc((*where, *e["loc"])), _message(e, where, model, filled)) for e in exc.errors()
                 if e["type"] == "extra_forbidden"  # a misspelt key, whatever it holds
                 or (e["type"] in ("missing", "required_when", "literal_error", "auth_kind")
                     and e.get("input") != _PLACEHOLDER)]
@@ -793,8 +796,56 @@ def _expected(err: Mapping[str, Any], where: tuple[Any, ...]) -> str:
     return EXPECTED_AT.get(path) or EXPECTED_PATTERNS.get(pattern) or f"text that matches the pattern {pattern}"
 
 
-def _message(err: Mapping[str, Any], where: tuple[Any, ...] = ()) -> str:
-    """What is wrong, as check-config says it; `where` is the config path of the model `err` comes from."""
+def _members(annotation: Any, tag: str | None = None) -> list[tuple[Any, str | None]]:
+    """The types a value of `annotation` may be, each with its union branch's tag (`auth-bearer`) where it has one."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        inner, *meta = get_args(annotation)
+        return _members(inner, next((m.tag for m in meta if isinstance(m, Tag)), tag))
+    if origin in (Union, UnionType):
+        return [member for arg in get_args(annotation) for member in _members(arg, tag)]
+    return [(annotation, tag)]
+
+
+def _keys_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """The keys allowed in the mapping at `loc` (a pydantic error's, relative to `model`), as app.yaml spells them:
+    those of every section the value there may be (of the union branch the loc names, when it names one)."""
+    kinds: list[tuple[Any, str | None]] = [(model, None)]
+    for part in loc:
+        if isinstance(part, int):  # an item of a list
+            kinds = [m for kind, _ in kinds if get_origin(kind) is list for m in _members(get_args(kind)[0])]
+            continue
+        fields = [f for kind, _ in kinds if isinstance(kind, type) and issubclass(kind, BaseModel)
+                  for name, f in kind.model_fields.items() if part in (name, f.alias)]
+        if fields:
+            kinds = [m for f in fields for m in _members(f.annotation)]
+        elif any(tag == part for _, tag in kinds):  # pydantic names the union branch it tried
+            kinds = [(kind, tag) for kind, tag in kinds if tag == part]
+        else:  # a mapping's key (`adapters.slack`), or a branch's name pydantic made up: the value there
+            kinds = [m for kind, _ in kinds if get_origin(kind) is dict for m in _members(get_args(kind)[1])] or kinds
+    keys = [f.alias or name for kind, _ in kinds if isinstance(kind, type) and issubclass(kind, BaseModel)
+            for name, f in kind.model_fields.items()]
+    return list(dict.fromkeys(keys))
+
+
+def _unknown_key(err: Mapping[str, Any], model: type[BaseModel], given: Any) -> str:
+    """`unknown key`, and the key meant by its spelling (one not written there already), else the keys allowed there."""
+    *parent, key = err["loc"] or ("",)
+    allowed = _keys_at(model, parent)
+    for part in parent:  # the mapping the key is in, as written (a part that is not a key names a union branch)
+        if isinstance(given, Mapping) and part in given or isinstance(given, list) and isinstance(part, int):
+            given = given[part]
+    written = set(given) if isinstance(given, Mapping) else set()
+    close = difflib.get_close_matches(str(key), [k for k in allowed if k not in written], n=1)
+    if close:
+        return f"unknown key (did you mean `{close[0]}`?)"
+    return f"unknown key (allowed here: {', '.join(allowed)})" if allowed else "unknown key"
+
+
+def _message(err: Mapping[str, Any], where: tuple[Any, ...] = (), model: type[BaseModel] | None = None,
+             given: Any = None) -> str:
+    """What is wrong, as check-config says it; `err` comes from validating `given` as `model` (Config when not
+    given), the section at config path `where`."""
     kind, msg = err["type"], err["msg"]
     if kind == "missing":
         return "required"
@@ -804,7 +855,7 @@ def _message(err: Mapping[str, Any], where: tuple[Any, ...] = ()) -> str:
         return ("empty: give it keys, or remove it" if err.get("input") is None
                 else f"expected a mapping of keys, got {_shown(err)}")
     if kind == "extra_forbidden":
-        return "unknown key"
+        return _unknown_key(err, model or Config, given)
     if kind == "value_error":
         return msg.removeprefix("Value error, ")
     if kind == "string_pattern_mismatch":

@@ -114,7 +114,7 @@ BROKEN = [
     ),
     (
         BASE + ROUTES + "server: {prot: 8080}\n",
-        "server.prot: unknown key",
+        "server.prot: unknown key (did you mean `port`?)",
     ),
     (
         BASE + ROUTES + "server: {port: 99999}\n",
@@ -292,11 +292,11 @@ def test_a_section_that_is_off_is_still_checked_for_misspelt_keys_and_values_not
     with pytest.raises(ConfigError) as info:
         parse_config(text, adapter_models=SETTINGS_MODELS, env={})  # every secret unset: all of them are off
     assert sorted(f"{p}: {m}" for p, m in info.value.problems) == [
-        "adapters.slack.signing_secrett: unknown key",
+        "adapters.slack.signing_secrett: unknown key (allowed here: bot_token, signing_secret, api_url)",
         "adapters.slak: unknown adapter (known: slack, teams, telegram)",
-        "adapters.teams.app_tokn: unknown key",
+        "adapters.teams.app_tokn: unknown key (allowed here: app_id, app_password, tenant_id, allow_unauthenticated)",
         "adapters.telegram.mode: 'push' is not allowed: input should be 'webhook' or 'polling'",
-        "sources[0].auth.headr: unknown key",
+        "sources[0].auth.headr: unknown key (allowed here: bearer)",
         "sources[2].auth: expected `none`, `{bearer: TOKEN}` or `{hmac_secret: SECRET, ...}`",
     ]
 
@@ -600,3 +600,28 @@ def test_every_pattern_a_value_is_checked_against_is_explained() -> None:
 
     found = patterns(Config.model_json_schema()).union(*(patterns(m.model_json_schema()) for m in SETTINGS_MODELS.values()))
     assert len(found) >= 8 and not found - set(EXPECTED_PATTERNS), found - set(EXPECTED_PATTERNS)
+
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (BASE + ROUTES + "server: {hots: x}\n", "server.hots: unknown key (did you mean `host`?)"),
+    (BASE + ROUTES + "server: {colour: blue}\n",
+     "server.colour: unknown key (allowed here: host, port, public_url, max_body_bytes)"),
+    (BASE + ROUTES + "storage: {schema_nam: ops}\n", "storage.schema_nam: unknown key (did you mean `schema`?)"),
+    (BASE + ROUTES + "silence: []\n", "silence: unknown key (did you mean `silences`?)"),
+    (BASE.replace("wait: 5m}", "wiat: 5m}") + ROUTES,
+     "escalation_policies[0].steps[0].wiat: unknown key (did you mean `wait`?)"),
+    (BASE.replace("{rotation: primary}", "{rotation: primary, chanel: ops-slack}") + ROUTES,
+     "escalation_policies[0].steps[0].notify.chanel: unknown key (did you mean `channel`?)"),
+    (BASE.replace("auth: {bearer: secret-token}", "auth: {hmac_secret: secret-token, heder: X-Sig}") + ROUTES,
+     "sources[0].auth.heder: unknown key (did you mean `header`?)"),
+    (BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: secret-token, header: X-Sig}") + ROUTES,
+     "sources[0].auth.header: unknown key (allowed here: bearer)"),
+    (BASE + ROUTES + SLACK.replace("signing_secret:", "signing_secrett:"),
+     "adapters.slack.signing_secrett: unknown key (did you mean `signing_secret`?)"),
+    # a key written already is not the one meant
+    (BASE + ROUTES + SLACK.replace("}", ", signing_secrett: x}"),
+     "adapters.slack.signing_secrett: unknown key (allowed here: bot_token, signing_secret, api_url)"),
+])
+def test_an_unknown_key_names_the_key_meant_or_those_allowed(text: str, expected: str) -> None:
+    assert expected in problems(text), problems(text)
