@@ -224,6 +224,9 @@ class Renderer:
                         raise RenderError(self._where(name), problem)
                 except RenderError as e:
                     said = f"{e.problem} (rendering a sample {kind} message)"
+                    if e.problem.startswith(f"{jinja2.UndefinedError.__name__}:"):  # (as _render names it)
+                        said = (f"{e.problem} (rendering a sample {kind} message; {kind} templates are given "
+                                f"{', '.join(sorted(context))}: see {TEMPLATES / 'README.md'})")
                     found.setdefault(e.template, RenderError(e.template, said))
                     break
         return list(found.values())

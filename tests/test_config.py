@@ -625,3 +625,24 @@ def test_every_pattern_a_value_is_checked_against_is_explained() -> None:
 ])
 def test_an_unknown_key_names_the_key_meant_or_those_allowed(text: str, expected: str) -> None:
     assert expected in problems(text), problems(text)
+
+
+@pytest.mark.parametrize(("name", "template", "names"), [
+    ("incident.slack.json.j2", '{"text": {{ incident.title | tojson }}, "blocks": []}\n',
+     "alert_count, colour, facts, firing_count, headline, id, latest, links, marker, next_step, ref, resolved_after, "
+     "severity, severity_label, sources, state, state_label, title"),
+    ("thread.telegram.html.j2", "{{ message }}\n", "incident_id, line"),
+])
+def test_an_override_template_that_uses_an_unknown_name_is_told_the_names_it_has(
+        tmp_path: Path, name: str, template: str, names: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`{{ incident.title }}` failed with "'incident' is undefined" alone: which names a template is given was
+    written only in the templates README, which the message did not mention."""
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / name).write_text(template)
+    config = tmp_path / "app.yaml"
+    config.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'bot.db'}'}}\ntemplates: {{dir: tpl}}\n")
+    assert main(["check-config", "-c", str(config)]) == 2
+    out = capsys.readouterr().out
+    kind = name.split(".")[0]
+    assert (f"is undefined (rendering a sample {kind} message; {kind} templates are given {names}: see "
+            f"{ROOT / 'templates' / 'README.md'})") in out, out
