@@ -1,4 +1,5 @@
-"""Alert source authentication: bearer tokens and HMAC signatures, compared in constant time."""
+"""Request authentication, compared in constant time: alert sources' bearer tokens and HMAC signatures, and the
+secrets of /metrics and the on-call feed."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import hashlib
 import heapq
 import hmac
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -32,17 +33,33 @@ def verify(source: Source, headers: Mapping[str, str], body: bytes, now: datetim
     if auth == "none":
         return
     if isinstance(auth, BearerAuth):
-        _once(headers, "Authorization")
-        given = headers.get("Authorization", "")
-        scheme, _, token = given.partition(" ")
-        if not given:
-            raise AuthError("missing_credentials", "missing Authorization header (expected: Bearer <token>)")
-        if scheme.lower() != "bearer" or not token:
-            raise AuthError("bad_credentials", "Authorization header is not a Bearer token")
-        if not hmac.compare_digest(raw_bytes(token.strip()), auth.bearer.encode()):
-            raise AuthError("bad_credentials", "invalid bearer token")
+        verify_bearer(headers, auth.bearer)
         return
     _verify_hmac(auth, headers, body, now, TIMESTAMP_SEPARATOR.get(source.kind, "."))
+
+
+def verify_bearer(headers: Mapping[str, str], expected: str) -> None:
+    """Raise AuthError unless `Authorization: Bearer <expected>` came, once (an alert source's bearer, /metrics)."""
+    _once(headers, "Authorization")
+    given = headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    if not given:
+        raise AuthError("missing_credentials", "missing Authorization header (expected: Bearer <token>)")
+    if scheme.lower() != "bearer" or not token:
+        raise AuthError("bad_credentials", "Authorization header is not a Bearer token")
+    if not hmac.compare_digest(raw_bytes(token.strip()), expected.encode()):
+        raise AuthError("bad_credentials", "invalid bearer token")
+
+
+def verify_query_token(given: Sequence[str], expected: str) -> None:
+    """Raise AuthError unless `given` (every `token=` of the URL's query, percent-decoded) is `[expected]`: the
+    secret of a link a calendar app subscribes to, since it cannot send a header."""
+    if not given:
+        raise AuthError("missing_credentials", "missing ?token= in the URL")
+    if len(given) > 1:
+        raise AuthError("bad_credentials", "token sent more than once in the URL")
+    if not hmac.compare_digest(raw_bytes(given[0]), expected.encode()):
+        raise AuthError("bad_credentials", "invalid token")
 
 
 def raw_bytes(header: str) -> bytes:

@@ -62,11 +62,42 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
+ENDPOINT_TOKEN_MIN = 16  # characters of server.metrics_token and server.calendar_token
+_ENDPOINT_TOKEN = re.compile(r"^[A-Za-z0-9._~-]+$")  # a URL's unreserved characters: written in one as they are
+
+
 class ServerConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     public_url: str = "http://127.0.0.1:8080"
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # Secrets for the two endpoints that are open without them (scrapers and calendar apps must reach them, and the
+    # bot cannot tell who may): GET /metrics then wants `Authorization: Bearer <metrics_token>`, and
+    # GET /oncall/{rotation}.ics `?token=<calendar_token>` (calendar apps cannot send headers). Empty is off, so that
+    # `${METRICS_TOKEN:-}` leaves an endpoint open until the variable is set.
+    metrics_token: str | None = None
+    calendar_token: str | None = None
+
+    @field_validator("metrics_token", "calendar_token", mode="before")
+    @classmethod
+    def _empty_is_off(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("metrics_token", "calendar_token")
+    @classmethod
+    def _endpoint_token(cls, v: str | None) -> str | None:
+        # The messages never hold the value: it is a secret (SECRET_KEYS covers pydantic's own errors about it).
+        if v is None:
+            return v
+        if v != v.strip():
+            raise ValueError("(a secret, not shown) begins or ends with a space or a line break; strip it")
+        if len(v) < ENDPOINT_TOKEN_MIN:
+            raise ValueError(f"(a secret, not shown) is shorter than {ENDPOINT_TOKEN_MIN} characters: give a longer "
+                             "one, such as the output of `openssl rand -hex 32` (or leave it empty for no token)")
+        if not _ENDPOINT_TOKEN.match(v):
+            raise ValueError("(a secret, not shown) may hold only letters, digits, `-`, `.`, `_` and `~`, which go "
+                             "into a URL and a header as they are; `openssl rand -hex 32` gives such a token")
+        return v
 
 
 class StorageConfig(Section):
@@ -751,7 +782,7 @@ def _shape_problems(model: type[BaseModel], section: Any, where: tuple[Any, ...]
 
 # Keys whose values are secrets: an error about one never shows the value (a terminal, a CI log), only its shape.
 SECRET_KEYS = frozenset({"bot_token", "signing_secret", "webhook_secret", "app_password", "bearer", "hmac_secret",
-                         "hmac_key", "auth", "password", "token", "secret"})
+                         "hmac_key", "auth", "password", "token", "secret", "metrics_token", "calendar_token"})
 
 
 def _shown(err: Mapping[str, Any]) -> str:

@@ -20,6 +20,7 @@ from aiohttp import web
 from sqlalchemy.engine import make_url
 
 from adapters.settings import ENDPOINTS
+from bot.auth import AuthError, verify_bearer, verify_query_token
 from bot.clock import Clock, SystemClock
 from bot.chat import Adapter, DeliveryError
 from bot.config import Loaded, template_dir
@@ -288,8 +289,18 @@ class Bot:
         return web.json_response(body, status=200 if database == "ok" else 503)
 
     async def oncall_calendar(self, request: web.Request) -> web.Response:
-        """A rotation's effective schedule as an iCalendar feed. No authentication: calendar apps cannot send
-        headers, and the feed reveals only names and shift times (the README says so)."""
+        """A rotation's effective schedule as an iCalendar feed. Calendar apps cannot send headers, so its secret,
+        server.calendar_token when set, is in the URL (`?token=`), as PagerDuty's and Grafana OnCall's feeds have
+        it; without one the feed is open, and reveals only names and shift times (the README says so). The token is
+        checked before the rotation, so that a caller without it learns nothing, not even which rotations exist."""
+        token = self.config.server.calendar_token
+        if token is not None:
+            try:
+                verify_query_token(request.query.getall("token", []), token)
+            except AuthError as exc:
+                return web.json_response({"error": f"{exc}: this feed is private; subscribe to its URL with "
+                                                   "?token=, the value of server.calendar_token in app.yaml"},
+                                         status=401)
         rotation = request.match_info["rotation"]
         body = await self.oncall.calendar(rotation)
         if body is None:
@@ -299,7 +310,16 @@ class Bot:
         return web.Response(body=body.encode(), content_type="text/calendar", charset="utf-8",
                             headers={"Content-Disposition": f'inline; filename="{rotation}.ics"'})
 
-    async def metrics_endpoint(self, _request: web.Request) -> web.Response:
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        token = self.config.server.metrics_token
+        if token is not None:  # checked before any work: a caller without it costs no store query
+            try:
+                verify_bearer(request.headers, token)
+            except AuthError as exc:
+                return web.json_response({"error": f"{exc}; /metrics wants `Authorization: Bearer` and the value "
+                                                   "of server.metrics_token in app.yaml (Prometheus sends it with "
+                                                   "`authorization: {credentials: ...}` in the scrape config)"},
+                                         status=401, headers={"WWW-Authenticate": 'Bearer realm="chatops"'})
         # The store's figures within 2 s, as /readyz waits (a scrape times out after 10 s by default, and then loses
         # every metric); one count at a time, left to finish on its own when late (see readyz).
         counting = self._counting
@@ -343,6 +363,11 @@ def log_startup(loaded: Loaded, bot: Bot) -> None:
     for source in loaded.config.sources:
         why = loaded.sources_off.get(source.id)
         log.info("source %s (%s): %s", source.id, source.kind, f"off ({why})" if why else "on")
+    server = loaded.config.server
+    log.info("GET /metrics: %s", "wants its bearer token (server.metrics_token)" if server.metrics_token
+             else "open to anyone who can reach the bot (set server.metrics_token to require a token)")
+    log.info("GET /oncall/ROTATION.ics: %s", "wants ?token= (server.calendar_token)" if server.calendar_token
+             else "open to anyone who can reach the bot (set server.calendar_token to require a token)")
     log.info("storage: %s", bot.db.safe_url)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 from bot.chat import CommandEvent, Reply, echoed
@@ -201,7 +201,7 @@ class OncallHandlers:
         if not args:
             return await self._everyone(person)
         if args[0].lower() == "schedule" and not (len(args) == 1 and "schedule" in self.view.schedules):
-            return await self._schedule(person, args[1:])
+            return await self._schedule(event, person, args[1:])
         if len(args) > 1:
             return Reply(f"Usage: `{USAGE}`")
         schedule = self.view.find(args[0])
@@ -227,7 +227,7 @@ class OncallHandlers:
         text = table(["who", "from", "until", "note"], lines)
         return Reply(f"`{schedule.id}`: {schedule.describe()}. Times in {tz.key}.\n```\n{text}\n```")
 
-    async def _schedule(self, person: Person, args: list[str]) -> Reply:
+    async def _schedule(self, event: CommandEvent, person: Person, args: list[str]) -> Reply:
         usage = Reply("Usage: `/oncall schedule ROTATION [--weeks N]`, for example `/oncall schedule "
                       f"{min(self.view.schedules)} --weeks 8` (N from 1 to {MAX_WEEKS}).")
         weeks, rest = DEFAULT_WEEKS, []
@@ -260,14 +260,26 @@ class OncallHandlers:
         # Chat messages have a length limit (Telegram's is 4,096 characters, and long names make long rows): as
         # many rows as fit, then how many more there are and where to see them all.
         shown = min(len(lines), MAX_ROWS)
+        feed = self._feed(event, schedule)
         while True:
-            more = "" if shown == len(lines) else (
-                f"\n{len(lines) - shown} more shifts: ask for fewer weeks, or subscribe to "
-                f"{self.config.server.public_url.rstrip('/')}/oncall/{schedule.id}.ics")
+            more = "" if shown == len(lines) else f"\n{len(lines) - shown} more shifts: ask for fewer weeks, or {feed}"
             text = f"{head}\n```\n{table(['from', 'until', 'length', 'who', 'note'], lines[:shown])}\n```{more}"
             if len(text) <= MAX_CHARS or shown <= 1:
                 return Reply(text)
             shown -= 1
+
+    def _feed(self, event: CommandEvent, schedule: Schedule) -> str:
+        """Where the rest of a schedule is: the rotation's calendar feed. With server.calendar_token its link holds
+        the token, a secret, so it is given only where the asker alone reads it: on Slack (a command's answer is
+        ephemeral) and in a private chat on Telegram; in a Telegram group, where everyone reads the answer, it is
+        left out, and the answer says where to ask for it."""
+        url = f"{self.config.server.public_url.rstrip('/')}/oncall/{schedule.id}.ics"
+        token = self.config.server.calendar_token
+        if token is None:
+            return f"subscribe to {url}"
+        if event.direct or event.actor.platform == "slack":
+            return f"subscribe to {url}?{urlencode({'token': token})} (a private link: keep it to yourself)"
+        return "ask me in a private chat for the link to subscribe to (it holds a secret, so not here)"
 
     def _zone_note(self, person: Person) -> str:
         return f"times in {person.timezone}" if person.timezone else "times in each rotation's time zone"

@@ -606,7 +606,8 @@ def test_every_pattern_a_value_is_checked_against_is_explained() -> None:
 @pytest.mark.parametrize(("text", "expected"), [
     (BASE + ROUTES + "server: {hots: x}\n", "server.hots: unknown key (did you mean `host`?)"),
     (BASE + ROUTES + "server: {colour: blue}\n",
-     "server.colour: unknown key (allowed here: host, port, public_url, max_body_bytes)"),
+     "server.colour: unknown key (allowed here: host, port, public_url, max_body_bytes, metrics_token, "
+     "calendar_token)"),
     (BASE + ROUTES + "storage: {schema_nam: ops}\n", "storage.schema_nam: unknown key (did you mean `schema`?)"),
     (BASE + ROUTES + "silence: []\n", "silence: unknown key (did you mean `silences`?)"),
     (BASE.replace("wait: 5m}", "wiat: 5m}") + ROUTES,
