@@ -31,7 +31,8 @@ from bot.tables import ago, printable, table
 from bot.view import who_did
 from storage import queries, report
 from storage.audit import AuditLog
-from storage.db import Database, SchemaTooNew, is_sqlite_file_url, missing_sqlite_uri_file
+from storage.db import (STORE_TABLE, Database, SchemaTooNew, is_sqlite_file_url, missing_sqlite_uri_file, sqlite_file,
+                        sqlite_tables)
 from storage.models import Incident
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -159,6 +160,16 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
                 return await unavailable(
                     f"no chatops store in {where} at {db.safe_url}: run this against the database the bot uses "
                     "(storage.url, storage.schema in app.yaml), or start the bot once (chatops serve) to create it")
+            if not db.is_postgres and (tables := await asyncio.to_thread(sqlite_tables, db.url)) is not None \
+                    and STORE_TABLE not in tables:  # the same for a SQLite file that is there: another's, or empty
+                if tables:
+                    held = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+                    said = (f"it holds other tables ({held}), not the bot's: check storage.url in app.yaml (this "
+                            "looks like another program's database)")
+                else:
+                    said = ("it holds no tables: check storage.url in app.yaml; starting the bot once (chatops serve) "
+                            "makes a new, empty store in it")
+                return await unavailable(f"no chatops store in the SQLite file {sqlite_file(db.url)}: {said}")
             await db.start()
         except (DBAPIError, OSError) as exc:  # not there, not a database, refused: say so, as `serve` does
             reason = getattr(exc, "orig", None) or exc
@@ -177,7 +188,7 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
 async def _has_store(db: Database) -> bool:
     """PostgreSQL: whether the bot's tables are there (in the configured schema, else the search_path)."""
     async with db.engine.connect() as conn:
-        return (await conn.execute(text("SELECT to_regclass('audit_head')"))).scalar() is not None
+        return (await conn.execute(text(f"SELECT to_regclass('{STORE_TABLE}')"))).scalar() is not None
 
 
 def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:

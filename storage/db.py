@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, text
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
@@ -450,17 +450,68 @@ def missing_sqlite_uri_file(url: str) -> str | None:
     (filename, *_), options = SQLiteDialect_pysqlite().create_connect_args(parsed)  # as the engine will open it
     if not options.get("uri"):
         return None
-    parts = urlsplit(filename)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if dict(query).get("mode") in ("ro", "memory") or unquote(parts.path) in ("", ":memory:"):
+    probe = _uri_in_mode(filename, "rw")
+    if probe is None or dict(parse_qsl(urlsplit(filename).query)).get("mode") == "ro":
         return None  # SQLite makes no file for these
-    probe = urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "mode"] + [("mode", "rw")])))
     try:
         sqlite3.connect(probe, uri=True).close()
     except sqlite3.Error:
-        path = unquote(parts.path)  # (only to name it: a file that is there but cannot be opened is not "missing")
+        path = unquote(urlsplit(filename).path)  # (only to name it: one there that cannot be opened is not "missing")
         return None if os.path.exists(path) else path
     return None
+
+
+def _uri_in_mode(uri: str, mode: str) -> str | None:
+    """A SQLite `file:` URI with its mode set to `mode`; None for a database in memory (no file)."""
+    parts = urlsplit(uri)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if dict(query).get("mode") == "memory" or unquote(parts.path) in ("", ":memory:"):
+        return None
+    return urlunsplit(parts._replace(query=urlencode([(k, v) for k, v in query if k != "mode"] + [("mode", mode)])))
+
+
+STORE_TABLE = "audit_head"  # a database holds the bot's store if it holds this table (made with the rest at start)
+
+
+def sqlite_file(url: str) -> str | None:
+    """The absolute path of the file a SQLite URL names (a plain path or a `file:` URI, read as the engine will open
+    it); None for any other URL or a database in memory."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    (filename, *_), options = SQLiteDialect_pysqlite().create_connect_args(parsed)
+    if options.get("uri"):
+        if _uri_in_mode(filename, "ro") is None:
+            return None
+        filename = unquote(urlsplit(filename).path)
+    return None if filename in ("", ":memory:") else os.path.abspath(filename)
+
+
+def sqlite_tables(url: str) -> list[str] | None:
+    """The tables of the SQLite file `url` names (SQLite's own sqlite_* left out), sorted; read without writing: the
+    file is opened read-only (mode=ro), so no journal mode is set, no table made, and a file not there is not made.
+    None for any other URL, a database in memory, or a file SQLite cannot read as a database (opening it for real
+    says why)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    (filename, *_), options = SQLiteDialect_pysqlite().create_connect_args(parsed)  # as the engine will open it
+    if options.get("uri"):  # (its other options, a vfs say, kept)
+        probe = _uri_in_mode(filename, "ro")
+    else:
+        probe = None if filename in ("", ":memory:") else "file:" + quote(filename) + "?mode=ro"
+    if probe is None:
+        return None
+    try:
+        conn = sqlite3.connect(probe, uri=True, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        try:
+            names = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' "
+                                 "ESCAPE '\\' ORDER BY name").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return [name for (name,) in names]
 
 
 def sqlite_writer_engine(url: str) -> Engine:

@@ -128,6 +128,39 @@ def test_a_reading_command_makes_no_store_at_a_sqlite_uri(tmp_path: Path, monkey
     assert capsys.readouterr().out.startswith("audit chain intact: 0 events")
 
 
+@pytest.mark.parametrize("uri", [False, True])
+@pytest.mark.parametrize("held", [[], ["customers", "orders"]])
+def test_a_reading_command_refuses_a_sqlite_file_without_the_store_and_leaves_it_as_it_was(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], held: list[str], uri: bool) -> None:
+    """An empty file (`: > chatops.db`) or another program's database: `audit verify` said "intact: 0 events",
+    `incidents list` "no incidents", and the bot's tables were made in it."""
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as made:
+        for name in held:
+            made.execute(f"CREATE TABLE {name} (id INTEGER)")
+    made.close()
+    before = path.read_bytes()
+    url = f"sqlite+aiosqlite:///file:{path}?uri=true" if uri else f"sqlite+aiosqlite:///{path}"
+    cfg = config(tmp_path / "bot", url)
+    said = (f"it holds other tables ({', '.join(held)}), not the bot's: check storage.url in app.yaml (this looks like "
+            "another program's database)" if held else "it holds no tables: check storage.url in app.yaml; starting "
+            "the bot once (chatops serve) makes a new, empty store in it")
+    for command in (["incidents", "list"], ["incidents", "show", "1"], ["audit", "verify"], ["audit", "export"],
+                    ["outbox", "list"], ["outbox", "retry", "--dead"], ["report"]):
+        assert main([*command, "-c", str(cfg)]) == 1, command
+        out, err = capsys.readouterr()
+        assert out == "" and err.strip() == f"no chatops store in the SQLite file {path}: {said}", command
+    assert main(["oncall", "-c", str(cfg)]) == 0  # the rotations answer without it
+    assert capsys.readouterr().err.strip() == f"no chatops store in the SQLite file {path}: {said}; overrides are " \
+        "not shown"
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bot", "other.db"]
+    asyncio.run(make_store(url))  # the bot, started on it, makes its store there (beside what it holds)
+    assert main(["audit", "verify", "-c", str(cfg)]) == 0
+    assert capsys.readouterr().out.startswith("audit chain intact: 0 events")
+
+
 def test_oncall_answers_without_a_store_and_makes_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     cfg = config(tmp_path / "bot", "sqlite+aiosqlite:///./chatops.db")
