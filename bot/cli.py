@@ -30,10 +30,10 @@ from bot.rotations import first_instant
 from bot.tables import ago, printable, table
 from bot.view import who_did
 from storage import queries, report
-from storage.audit import AuditLog
+from storage.audit import AuditLog, Damaged
 from storage.db import (STORE_TABLE, Database, SchemaTooNew, is_sqlite_file_url, missing_sqlite_uri_file, sqlite_file,
                         sqlite_tables)
-from storage.models import Incident
+from storage.models import AuditEvent, Incident
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -216,25 +216,53 @@ def _csv_cell(value: Any) -> Any:
 
 
 CSV_COLUMNS = ["seq", "at", "actor_person", "actor_platform", "actor_user_id", "action",
-               "subject_type", "subject_id", "incident_id", "details", "prev_hash", "hash"]
+               "subject_type", "subject_id", "incident_id", "details", "prev_hash", "hash", "damaged"]
+DAMAGE_SAID = 10  # damaged events named one by one on stderr; past these, a count at the end
+
+
+def _event_dict(event: AuditEvent, damaged: str | None) -> dict[str, Any]:
+    """An event as export writes it in JSON lines; a damaged one with what could be read (a column that could not
+    as stored) and a `damaged` key that says which."""
+    said = event.as_dict() if damaged is None else {
+        "seq": event.seq, "at": event.at.isoformat() if isinstance(event.at, datetime) else event.at,
+        "actor": {"person": event.actor_person, "platform": event.actor_platform, "user_id": event.actor_user_id},
+        "action": event.action, "subject": {"type": event.subject_type, "id": event.subject_id},
+        "incident_id": event.incident_id, "details": event.details, "prev_hash": event.prev_hash, "hash": event.hash,
+        "damaged": damaged}
+    return said
 
 
 def cmd_audit_export(args: argparse.Namespace, out: TextIO) -> int:
+    """Every event that can be read; a damaged one (the moment to export is right after `audit verify` named it)
+    with what can be read of it, marked, said on stderr, and exit 1 at the end."""
     loaded = _load(args)
 
     async def work(db: Database) -> int:
         writer = csv.writer(out) if args.format == "csv" else None
         if writer:
             writer.writerow(CSV_COLUMNS)
+        damaged = 0
         async with db.sessions() as session:
-            async for event in AuditLog.events(session, since=_local(args.since, loaded), incident_id=args.incident):
+            async for item in AuditLog.events(session, since=_local(args.since, loaded), incident_id=args.incident):
+                event, problem = (item.event, item.problem) if isinstance(item, Damaged) else (item, None)
+                if problem is not None:
+                    damaged += 1
+                    if damaged <= DAMAGE_SAID:
+                        print(printable(f"audit event #{event.seq} is damaged, {problem}: exported with what can be "
+                                        "read of it, marked damaged"), file=sys.stderr)
                 if writer:
-                    row: dict[str, Any] = event.model_dump()
-                    row["at"] = event.at.isoformat()
-                    row["details"] = json.dumps(event.details, sort_keys=True, ensure_ascii=False)
+                    row: dict[str, Any] = {column: getattr(event, column) for column in CSV_COLUMNS[:-1]}
+                    row["at"] = event.at.isoformat() if isinstance(event.at, datetime) else event.at
+                    row["details"] = (json.dumps(event.details, sort_keys=True, ensure_ascii=False)
+                                      if problem is None or isinstance(event.details, dict) else event.details)
+                    row["damaged"] = problem or ""
                     writer.writerow([_csv_cell(row[c]) for c in CSV_COLUMNS])
                 else:
-                    out.write(json.dumps(event.as_dict(), ensure_ascii=False) + "\n")
+                    out.write(json.dumps(_event_dict(event, problem), ensure_ascii=False, default=str) + "\n")
+        if damaged:
+            print(f"{damaged:,} damaged audit event(s) exported with what can be read of them (marked damaged); "
+                  "`chatops audit verify` checks the chain", file=sys.stderr)
+            return EXIT_FAILED
         return EXIT_OK
 
     return asyncio.run(_with_db(loaded, work))
@@ -324,11 +352,19 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
                      for a in alerts[:shown]]), file=out)
         _more(out, len(alerts), shown, "alerts")
         print("\nTimeline", file=out)
-        print(table(["AT", "ACTION", "BY"], [(at(e.at), e.action,
-                    who_did(e.actor_person, names) if e.actor_person else f"{e.actor_platform}:{e.actor_user_id}")
-                   for e in (timeline if shown is None or len(timeline) <= shown else timeline[-shown:])]), file=out)
+        rows = []
+        for item in (timeline if shown is None or len(timeline) <= shown else timeline[-shown:]):
+            e = item.event if isinstance(item, Damaged) else item
+            rows.append((at(e.at) if isinstance(e.at, datetime) else str(e.at),
+                         e.action + (" (damaged)" if isinstance(item, Damaged) else ""),
+                         who_did(e.actor_person, names) if e.actor_person else f"{e.actor_platform}:{e.actor_user_id}"))
+        print(table(["AT", "ACTION", "BY"], rows), file=out)
         _more(out, len(timeline), shown, "events before these")
-        return EXIT_OK
+        damaged = [item for item in timeline if isinstance(item, Damaged)]
+        for item in damaged:  # (shown or not: the store needs looking at either way)
+            print(printable(f"audit event #{item.event.seq} is damaged, {item.problem}; `chatops audit verify` "
+                            "checks the chain"), file=sys.stderr)
+        return EXIT_FAILED if damaged else EXIT_OK
 
     return asyncio.run(_with_db(loaded, work))
 

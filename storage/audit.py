@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, event, func
+from sqlalchemy import Connection, Text, bindparam, event, func, type_coerce
 from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
@@ -328,9 +328,24 @@ class AuditLog:
     @staticmethod
     async def events(
         session: AsyncSession, *, since: datetime | None = None, incident_id: int | None = None, batch: int = 2000
-    ) -> AsyncIterator[AuditEvent]:
-        async for event in _events(session, batch, since=since, incident_id=incident_id):
+    ) -> AsyncIterator[AuditEvent | Damaged]:
+        """Every event in order, for export and the timeline: one whose row cannot be read whole comes as Damaged,
+        with what can be read of it, and the rest go on (a damaged row stopped the export where it was)."""
+        async for event in _events(session, batch, since=since, incident_id=incident_id, damaged=True):
             yield event
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """An audit event whose row cannot be read whole (only SQLite lets such a value in). `event` holds what can be
+    read of it, each column that cannot be decoded as its type as stored (`details` that is not JSON, as its text;
+    an `at` that is no time, as its text); `problem` names those columns and why."""
+
+    event: AuditEvent
+    problem: str
+
+
+_UNREADABLE = (ValueError, TypeError, StatementError)  # a stored value its column's type cannot decode
 
 
 @dataclass
@@ -345,21 +360,53 @@ class _Walk:
 
 async def _events(
     session: AsyncSession, batch: int, *, since: datetime | None = None, incident_id: int | None = None,
-    after: int = 0, upto: int | None = None,
-) -> AsyncIterator[AuditEvent]:
+    after: int = 0, upto: int | None = None, damaged: bool = False,
+) -> AsyncIterator[Any]:
+    """The events after `after`, `batch` rows a statement. A row that cannot be decoded raises, unless `damaged`:
+    then that batch is read again one row at a time, and the row comes as Damaged."""
     last = after
-    while True:
-        query = select(AuditEvent).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch)
+
+    def chosen(query: Any) -> Any:
+        query = query.where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch)
         if upto is not None:
             query = query.where(AuditEvent.seq <= upto)
         if since is not None:
             query = query.where(AuditEvent.at >= since)
         if incident_id is not None:
             query = query.where(AuditEvent.incident_id == incident_id)
-        rows = (await session.execute(query)).scalars().all()
+        return query
+
+    while True:
+        rows: Sequence[AuditEvent | Damaged]
+        try:
+            rows = (await session.execute(chosen(select(AuditEvent)))).scalars().all()
+        except _UNREADABLE:
+            if not damaged:
+                raise
+            session.expunge_all()
+            rows = [await _read_one(session, seq) for seq in (await session.execute(chosen(select(AuditEvent.seq))))
+                    .scalars().all()]
         if not rows:
             return
         for row in rows:
             yield row
-        last = rows[-1].seq
+        last = rows[-1].event.seq if isinstance(rows[-1], Damaged) else rows[-1].seq
         session.expunge_all()
+
+
+async def _read_one(session: AsyncSession, seq: int) -> AuditEvent | Damaged:
+    """The event `seq`, or what can be read of it: each column on its own, one that cannot be decoded as stored."""
+    try:
+        return (await session.execute(select(AuditEvent).where(AuditEvent.seq == seq))).scalar_one()
+    except _UNREADABLE:
+        pass
+    values: dict[str, Any] = {}
+    problems = []
+    for column in _EVENTS.c:
+        try:
+            values[column.name] = (await session.execute(select(column).where(_EVENTS.c.seq == seq))).scalar_one()
+        except _UNREADABLE as exc:
+            values[column.name] = (await session.execute(select(type_coerce(column, Text))
+                                                         .where(_EVENTS.c.seq == seq))).scalar_one()
+            problems.append(f"{column.name} ({type(exc).__name__}: {str(exc)[:120]})")
+    return Damaged(AuditEvent(**values), "cannot read its " + (", ".join(problems) or "row"))

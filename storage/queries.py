@@ -10,6 +10,7 @@ from sqlalchemy import func, or_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
+from storage.audit import AuditLog, Damaged
 from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem, Override
 
 # How the last_error of a page's or direct message's outbox row begins when its platform took it without an answer:
@@ -60,9 +61,10 @@ async def recent_alerts(session: AsyncSession, incident_id: int, limit: int = 50
     return list(reversed((await session.execute(query)).scalars().all()))
 
 
-async def incident_timeline(session: AsyncSession, incident_id: int) -> list[AuditEvent]:
-    query = select(AuditEvent).where(AuditEvent.incident_id == incident_id).order_by(AuditEvent.seq)
-    return list((await session.execute(query)).scalars().all())
+async def incident_timeline(session: AsyncSession, incident_id: int) -> list[AuditEvent | Damaged]:
+    """The incident's audit events in order; one whose row cannot be read whole comes as Damaged, with what can be
+    read of it (the rest of the timeline is still there to see)."""
+    return [event async for event in AuditLog.events(session, incident_id=incident_id)]
 
 
 async def outbox_counts(session: AsyncSession) -> dict[str, int]:

@@ -125,11 +125,31 @@ async def test_a_damaged_row_is_named_not_a_crash(tmp_path: Path, column: str, v
             "): the row was damaged")
         config = tmp_path / "app.yaml"
         config.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'audit.db'}'}}\n")
-        for export in (["--format", "jsonl"], ["--format", "csv"]):  # a traceback before
-            proc = subprocess.run([sys.executable, "-m", "bot.cli", "audit", "export", *export, "-c", str(config)],
-                                  capture_output=True, text=True, cwd=ROOT)
+        stored = value.strip("'")
+        # Export, what one runs next, writes every event: the damaged one with what can be read of it, marked (it
+        # wrote nothing at all, exit 1), and says so on stderr.
+        for export in ("jsonl", "csv"):
+            proc = subprocess.run([sys.executable, "-m", "bot.cli", "audit", "export", "--format", export,
+                                   "-c", str(config)], capture_output=True, text=True, cwd=ROOT)
             assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-            assert proc.stderr.startswith("a row in the store cannot be read (") and "damaged" in proc.stderr
+            said = proc.stderr.splitlines()
+            assert said[0].startswith(f"audit event #4 is damaged, cannot read its {column} (") and said[0].endswith(
+                "): exported with what can be read of it, marked damaged"), said
+            assert said[1:] == ["1 damaged audit event(s) exported with what can be read of them (marked damaged); "
+                                "`chatops audit verify` checks the chain"]
+            if export == "jsonl":
+                events = [json.loads(line) for line in proc.stdout.splitlines()]
+                assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6]
+                assert ["damaged" in e for e in events] == [False] * 3 + [True] + [False] * 2
+                assert events[3]["damaged"].startswith(f"cannot read its {column} (")
+                assert events[3][column] == stored and events[3]["actor"]["person"] == "alice"
+                assert events[5]["details"] == {"note": "event 6", "n": 6}
+            else:
+                rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+                assert [r["seq"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+                assert [bool(r["damaged"]) for r in rows] == [False] * 3 + [True] + [False] * 2
+                assert rows[3][column] == stored and rows[3]["damaged"].startswith(f"cannot read its {column} (")
+                assert json.loads(rows[5]["details"]) == {"note": "event 6", "n": 6}
     finally:
         await db.dispose()
 

@@ -313,6 +313,32 @@ async def test_incidents_show_reads_in_the_bots_time_zone_with_names(tmp_path: P
     assert "link: generator: https://grafana.example/graph" in out  # a long name still has its space
 
 
+async def test_incidents_show_of_an_incident_with_a_damaged_audit_event_shows_the_rest_and_names_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An audit row whose time is no time (only SQLite lets one in): `incidents show` printed nothing of the incident,
+    only that some row cannot be read."""
+    import sqlite3
+
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    async with running_bot(url) as h:
+        assert (await h.post("open", {"asset_name": "web-1", "signature": "Down", "severity": "high",
+                                      "message": "web-1 down", "tool_source": "t"}))[0] == 200
+    with sqlite3.connect(tmp_path / "bot.db") as conn:
+        seq = conn.execute("SELECT seq FROM audit_events WHERE action = 'alert.received'").fetchone()[0]
+        conn.execute("UPDATE audit_events SET at = 'yesterday' WHERE seq = ?", (seq,))
+    conn.close()
+    assert await asyncio.to_thread(main, ["incidents", "show", "1", "-c", str(cfg)]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("#1 web-1 down") and "incident.opened  " in out
+    assert [" ".join(line.split()) for line in out.splitlines() if "(damaged)" in line] == [
+        "yesterday alert.received (damaged) source:open"]
+    assert err.startswith(f"audit event #{seq} is damaged, cannot read its at (ValueError: ") and err.rstrip().endswith(
+        "; `chatops audit verify` checks the chain"), err
+
+
 async def test_long_lists_say_what_they_leave_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """After a storm: `incidents list` says it shows the newest N of more; `incidents show` of an incident with
     hundreds of alerts prints the first 50 (with their hosts) and the latest 50 events, and says how many more
