@@ -544,10 +544,11 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
         why = loaded.adapters_off.get("telegram", "no section under adapters")
         print(f"telegram is off ({why}); configure adapters.telegram in app.yaml first", file=sys.stderr)
         return EXIT_FAILED
-    if getattr(settings, "webhook_secret", None) is None:
-        print("adapters.telegram has no webhook_secret (mode: polling goes without one): the bot would refuse every "
-              "update Telegram posts to its webhook; set webhook_secret and mode: webhook in app.yaml first",
-              file=sys.stderr)
+    if settings.mode == "polling":  # (mode: webhook cannot go without a webhook_secret: the config says so)
+        print("adapters.telegram.mode is polling: the bot fetches its updates with getUpdates, which Telegram refuses "
+              "(409 Conflict) while a webhook is set, and it drops the webhook only when it starts; to take updates "
+              "by webhook, switch to mode: webhook (with a webhook_secret) in app.yaml first, then run this and "
+              "restart the bot", file=sys.stderr)
         return EXIT_USAGE
     url = args.url or loaded.config.server.public_url.rstrip("/") + "/telegram/webhook"
     if not url.startswith("https://"):

@@ -523,3 +523,30 @@ def test_a_postgresql_schema_without_the_store_is_refused_and_not_made(tmp_path:
     assert main(["oncall", "-c", str(path)]) == 0  # the rotations answer without a store, as without a SQLite file
     assert "overrides are not shown" in capsys.readouterr().err
     assert not asyncio.run(schema_exists())  # nothing was made
+
+
+async def test_telegram_set_webhook_is_refused_for_a_bot_that_polls(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A polling bot drops the webhook only when it starts: one set later made every getUpdates fail with 409 until
+    the bot restarted."""
+    from tests.fake_telegram import FakeTelegram
+
+    async with FakeTelegram() as tg:
+        cfg = tmp_path / "app.yaml"
+        for mode in ("polling", "webhook"):
+            cfg.write_text("server: {public_url: 'https://bot.example.com'}\n"
+                           f"adapters:\n  telegram: {{bot_token: '{tg.token}', webhook_secret: s3cret-s3cret, "
+                           f"mode: {mode}, api_url: '{tg.api_url}'}}\n")
+            code = await asyncio.to_thread(main, ["telegram", "set-webhook", "-c", str(cfg)])
+            out, err = capsys.readouterr()
+            if mode == "polling":
+                assert code == 2 and out == "" and not tg.called("setWebhook")
+                assert err.strip() == (
+                    "adapters.telegram.mode is polling: the bot fetches its updates with getUpdates, which Telegram "
+                    "refuses (409 Conflict) while a webhook is set, and it drops the webhook only when it starts; to "
+                    "take updates by webhook, switch to mode: webhook (with a webhook_secret) in app.yaml first, then "
+                    "run this and restart the bot")
+            else:  # the same config, switched: set
+                assert code == 0 and out.startswith("Telegram will post updates to https://bot.example.com/telegram/"
+                                                    "webhook"), err
+                assert [c.params["url"] for c in tg.called("setWebhook")] == ["https://bot.example.com/telegram/webhook"]

@@ -813,7 +813,7 @@ async def test_a_bot_that_polls_needs_no_webhook_secret_and_its_webhook_then_tak
         err = io.StringIO()
         with contextlib.redirect_stderr(err):  # said as what to set, not as Telegram's refusal
             assert await asyncio.to_thread(main, ["telegram", "set-webhook", "-c", str(cfg)]) == 2
-        assert err.getvalue().startswith("adapters.telegram has no webhook_secret (mode: polling goes without one)")
+        assert err.getvalue().startswith("adapters.telegram.mode is polling: ")
         assert not tg.called("setWebhook")
 
 
