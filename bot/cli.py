@@ -239,11 +239,12 @@ def cmd_audit_export(args: argparse.Namespace, out: TextIO) -> int:
 
     async def work(db: Database) -> int:
         writer = csv.writer(out) if args.format == "csv" else None
-        if writer:
-            writer.writerow(CSV_COLUMNS)
-        damaged = 0
+        damaged = written = 0
         async with db.sessions() as session:
             async for item in AuditLog.events(session, since=_local(args.since, loaded), incident_id=args.incident):
+                if writer and not written:
+                    writer.writerow(CSV_COLUMNS)
+                written += 1
                 event, problem = (item.event, item.problem) if isinstance(item, Damaged) else (item, None)
                 if problem is not None:
                     damaged += 1
@@ -259,6 +260,14 @@ def cmd_audit_export(args: argparse.Namespace, out: TextIO) -> int:
                     writer.writerow([_csv_cell(row[c]) for c in CSV_COLUMNS])
                 else:
                     out.write(json.dumps(_event_dict(event, problem), ensure_ascii=False, default=str) + "\n")
+            # No events of an incident that is not there: a mistyped id (exit 1, as `incidents show` says it, and
+            # nothing on stdout), where an empty export read as "nothing happened to it".
+            if not written and args.incident is not None and await queries.get_incident(session, args.incident) is None:
+                print(f"no incident #{args.incident}; `chatops incidents list` shows the ones there are",
+                      file=sys.stderr)
+                return EXIT_FAILED
+        if writer and not written:
+            writer.writerow(CSV_COLUMNS)
         if damaged:
             print(f"{damaged:,} damaged audit event(s) exported with what can be read of them (marked damaged); "
                   "`chatops audit verify` checks the chain", file=sys.stderr)

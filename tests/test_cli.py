@@ -550,3 +550,26 @@ async def test_telegram_set_webhook_is_refused_for_a_bot_that_polls(tmp_path: Pa
                 assert code == 0 and out.startswith("Telegram will post updates to https://bot.example.com/telegram/"
                                                     "webhook"), err
                 assert [c.params["url"] for c in tg.called("setWebhook")] == ["https://bot.example.com/telegram/webhook"]
+
+
+async def test_audit_export_of_an_incident_that_is_not_there_says_so(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`--incident 999` printed nothing and exited 0, as for an incident nothing happened to."""
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    async with running_bot(url) as h:
+        assert (await h.post("open", {"asset_name": "web-1", "signature": "Down", "severity": "high",
+                                      "message": "web-1 down", "tool_source": "t"}))[0] == 200
+    for export in (["--format", "jsonl"], ["--format", "csv"]):
+        assert await asyncio.to_thread(main, ["audit", "export", "--incident", "999", *export, "-c", str(cfg)]) == 1
+        assert capsys.readouterr() == ("", "no incident #999; `chatops incidents list` shows the ones there are\n")
+        assert await asyncio.to_thread(main, ["audit", "export", "--incident", "1", *export, "-c", str(cfg)]) == 0
+        assert "incident.opened" in capsys.readouterr().out
+        # An incident that is there, with no events since a time: an empty export (CSV: its header), exit 0.
+        assert await asyncio.to_thread(main, ["audit", "export", "--incident", "1", "--since", "2999-01-01T00:00Z",
+                                              *export, "-c", str(cfg)]) == 0
+        assert capsys.readouterr() == ("seq,at,actor_person,actor_platform,actor_user_id,action,subject_type,"
+                                       "subject_id,incident_id,details,prev_hash,hash,damaged\r\n" if "csv" in export
+                                       else "", "")
