@@ -546,12 +546,25 @@ def _unreachable_for_slack(url: str) -> str | None:
     return f"Slack cannot reach {host}, an address of this machine or its network" if local else None
 
 
+def _https_with_host(url: str) -> bool:
+    """An https:// URL naming a host: what Telegram posts to (one without a host failed only when connecting)."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme.lower() == "https" and bool(parts.hostname) and not any(c.isspace() for c in url)
+    except ValueError:  # (an unclosed [ of an IPv6 address)
+        return False
+
+
 def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
     settings = loaded.adapters.get("telegram")
     if settings is None:
         why = loaded.adapters_off.get("telegram", "no section under adapters")
-        print(f"telegram is off ({why}); configure adapters.telegram in app.yaml first", file=sys.stderr)
+        if why == "no section under adapters":
+            print(f"telegram is off ({why}); configure adapters.telegram in app.yaml first", file=sys.stderr)
+        else:  # the section is there, and a variable it reads is not (said as "VAR is not set" or "VAR is empty")
+            print(f"telegram is off ({why}): adapters.telegram in app.yaml reads it; set it in this command's "
+                  "environment, as for the bot, and run this again", file=sys.stderr)
         return EXIT_FAILED
     if settings.mode == "polling":  # (mode: webhook cannot go without a webhook_secret: the config says so)
         print("adapters.telegram.mode is polling: the bot fetches its updates with getUpdates, which Telegram refuses "
@@ -560,9 +573,14 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
               "restart the bot", file=sys.stderr)
         return EXIT_USAGE
     url = args.url or loaded.config.server.public_url.rstrip("/") + "/telegram/webhook"
-    if not url.startswith("https://"):
-        print(f"{url}: Telegram only posts to https:// URLs; set server.public_url to the bot's public HTTPS "
-              "address, or use adapters.telegram.mode: polling", file=sys.stderr)
+    if not _https_with_host(url):
+        if args.url:
+            print(f"--url {url!r}: Telegram only posts to https:// URLs with a host; give the bot's public address "
+                  "of its webhook, https://HOST/telegram/webhook", file=sys.stderr)
+        else:
+            print(f"{url}: Telegram only posts to https:// URLs with a host; set server.public_url to the bot's "
+                  "public HTTPS address (or give it with --url https://HOST/telegram/webhook), or use "
+                  "adapters.telegram.mode: polling", file=sys.stderr)
         return EXIT_USAGE
     from adapters.telegram import TelegramAdapter
     from bot.chat import DeliveryError

@@ -573,3 +573,30 @@ async def test_audit_export_of_an_incident_that_is_not_there_says_so(tmp_path: P
         assert capsys.readouterr() == ("seq,at,actor_person,actor_platform,actor_user_id,action,subject_type,"
                                        "subject_id,incident_id,details,prev_hash,hash,damaged\r\n" if "csv" in export
                                        else "", "")
+
+
+@pytest.mark.parametrize("url", ["not a url", "https://", "https:///telegram/webhook", "http://bot.example.com/x",
+                                 "https://[::1/telegram/webhook"])
+def test_telegram_set_webhook_says_what_url_must_be(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     url: str) -> None:
+    """A bad --url was answered "set server.public_url", though --url was given; `https://` (no host) was taken and
+    failed at connect time."""
+    cfg = tmp_path / "app.yaml"  # (Telegram itself is never asked: api_url leads nowhere)
+    cfg.write_text("adapters:\n  telegram: {bot_token: '123456:ABC-token', webhook_secret: s3cret-s3cret, "
+                   "api_url: 'http://127.0.0.1:1/bot'}\n")
+    assert main(["telegram", "set-webhook", "--url", url, "-c", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"--url {url!r}: Telegram only posts to https:// URLs with a host; give the bot's public address of its "
+        "webhook, https://HOST/telegram/webhook")
+
+
+def test_telegram_set_webhook_names_the_variable_to_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """With its token from a variable not set it said "configure adapters.telegram in app.yaml first"."""
+    monkeypatch.delenv("TG_TOKEN_UNSET", raising=False)
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text("adapters:\n  telegram: {bot_token: '${TG_TOKEN_UNSET}', webhook_secret: s3cret-s3cret}\n")
+    assert main(["telegram", "set-webhook", "-c", str(cfg)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "telegram is off (TG_TOKEN_UNSET is not set): adapters.telegram in app.yaml reads it; set it in this "
+        "command's environment, as for the bot, and run this again")
