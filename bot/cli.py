@@ -42,10 +42,26 @@ def _load(args: argparse.Namespace) -> Loaded:
     return load_config(_config_path(args), adapter_models=SETTINGS_MODELS)
 
 
+class NoConfig(Exception):
+    """The config named (with -c, in $CHATOPS_CONFIG, or ./app.yaml) is not there: said as where it was named, not
+    as a configuration that is invalid."""
+
+
 def _config_path(args: argparse.Namespace) -> str:
     """The config to read; when it is the example shipped with the bot because none was named or found here, the log
     says so first (a bot on the example's people and channels is a demonstration, not the operator's setup)."""
     path = config_path(args.config)
+    if not os.path.exists(path):
+        here = "" if os.path.isabs(path) else f", from {os.getcwd()}"
+        if args.config:
+            raise NoConfig(f"{path}: file not found (named with -c{here}); give -c the path of your app.yaml")
+        if os.environ.get("CHATOPS_CONFIG"):
+            raise NoConfig(f"{path}: file not found ($CHATOPS_CONFIG names it{here}); set CHATOPS_CONFIG to the path "
+                           "of your app.yaml, or pass -c PATH")
+        if os.path.lexists(path):
+            raise NoConfig(f"{path} in {os.getcwd()} is a link to a file that is not there; mend the link, or pass "
+                           "-c PATH or set CHATOPS_CONFIG")
+        raise NoConfig(f"{path}: file not found{here}; pass -c PATH or set CHATOPS_CONFIG")
     if path == str(EXAMPLE_CONFIG) and not args.config and not os.environ.get("CHATOPS_CONFIG"):
         logging.getLogger("chatops.config").warning(
             "no -c, no $CHATOPS_CONFIG and no ./app.yaml: using the example config shipped with the bot, %s "
@@ -88,7 +104,11 @@ _ID, _LIMIT = _count(1, MAX_ID), _count(1, 1_000_000)  # ids: what an INTEGER co
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
-    path = _config_path(args)
+    try:
+        path = _config_path(args)
+    except NoConfig as exc:  # where the problems of a config are said
+        print(exc, file=out)
+        return EXIT_USAGE
     try:
         loaded = load_config(path, adapter_models=SETTINGS_MODELS)
         check_templates(loaded)
@@ -683,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_format, args.log_level)
     try:
         return args.func(args, sys.stdout)
+    except NoConfig as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     except ConfigError as exc:
         for where, problem in exc.problems:
             print(f"{where}: {problem}" if where else problem, file=sys.stderr)

@@ -600,3 +600,27 @@ def test_telegram_set_webhook_names_the_variable_to_set(tmp_path: Path, monkeypa
     assert capsys.readouterr().err.strip() == (
         "telegram is off (TG_TOKEN_UNSET is not set): adapters.telegram in app.yaml reads it; set it in this "
         "command's environment, as for the bot, and run this again")
+
+
+def test_a_config_that_is_not_there_is_said_as_where_it_was_named_not_as_invalid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`CHATOPS_CONFIG=/nope.yaml chatops incidents list` said to pass -c or set CHATOPS_CONFIG (it was set), then
+    "the configuration is invalid; fix the lines above"."""
+    monkeypatch.chdir(tmp_path)
+    nope = str(tmp_path / "nope.yaml")
+    monkeypatch.setenv("CHATOPS_CONFIG", nope)
+    for command in (["incidents", "list"], ["check-config"]):  # (check-config says it where it says problems)
+        assert main(command) == 2
+        assert "".join(capsys.readouterr()) == (f"{nope}: file not found ($CHATOPS_CONFIG names it); set "
+                                                "CHATOPS_CONFIG to the path of your app.yaml, or pass -c PATH\n")
+    monkeypatch.setenv("CHATOPS_CONFIG", "nope.yaml")  # relative: from where this runs
+    assert main(["audit", "verify"]) == 2
+    assert capsys.readouterr().err == (f"nope.yaml: file not found ($CHATOPS_CONFIG names it, from {tmp_path}); set "
+                                       "CHATOPS_CONFIG to the path of your app.yaml, or pass -c PATH\n")
+    assert main(["audit", "verify", "-c", nope]) == 2  # -c wins over $CHATOPS_CONFIG, and is named
+    assert capsys.readouterr().err == f"{nope}: file not found (named with -c); give -c the path of your app.yaml\n"
+    monkeypatch.delenv("CHATOPS_CONFIG")
+    (tmp_path / "app.yaml").symlink_to(tmp_path / "moved.yaml")
+    assert main(["incidents", "list"]) == 2
+    assert capsys.readouterr().err == (f"app.yaml in {tmp_path} is a link to a file that is not there; mend the "
+                                       "link, or pass -c PATH or set CHATOPS_CONFIG\n")

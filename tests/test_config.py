@@ -414,7 +414,7 @@ def test_check_config_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixtu
         "routes[0].channels[0]: unknown channel 'ops-slak' (known: ops-slack, ops-telegram)\n"
     )
     assert main(["check-config", "-c", str(tmp_path / "missing.yaml")]) == 2
-    assert "missing.yaml: file not found (pass -c PATH or set CHATOPS_CONFIG)" in capsys.readouterr().out
+    assert "missing.yaml: file not found (named with -c); give -c the path of your app.yaml" in capsys.readouterr().out
 
 
 def test_check_config_where_there_is_no_app_yaml_checks_the_example_one(tmp_path: Path,
