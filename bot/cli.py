@@ -325,16 +325,19 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
         if args.format == "json":
             out.write(json.dumps([_incident_json(i, p) for p, i in ranked], indent=2) + "\n")
             return EXIT_OK
+        every = args.status in (None, "all")
+        which = ("incidents" if every else "open incidents" if args.status == "open" else
+                 f"incidents with status {args.status}")
         if not ranked:
-            print(f"no incidents{' with status ' + args.status if args.status else ''}", file=out)
+            print(f"no {which}", file=out)
             return EXIT_OK
         rows = [(f"#{i.id}", i.status + (" (silenced)" if i.silenced else ""), i.severity, p, i.title,
                  i.alert_count, ",".join(i.sources), ago(now - i.opened_at)) for p, i in ranked]
         print(table(["ID", "STATUS", "SEVERITY", "PRIO", "TITLE", "ALERTS", "SOURCES", "OPENED"], rows), file=out)
         if total > len(ranked):
-            hint = "" if args.status in ("open", "triggered", "acknowledged") else ", --status open only those still open"
-            print(f"the newest {len(ranked)} of {total:,} incidents{' with status ' + args.status if args.status else ''}"
-                  f"; --limit {min(total, 100_000)} shows more{hint}", file=out)
+            hint = ", --status open only those still open" if every else ""  # (a status asked for is what it lists)
+            print(f"the newest {len(ranked)} of {total:,} {which}; --limit {min(total, 100_000)} shows more{hint}",
+                  file=out)
         return EXIT_OK
 
     return asyncio.run(_with_db(loaded, work))

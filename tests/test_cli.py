@@ -89,6 +89,35 @@ async def test_incidents_list_open_leaves_the_resolved_out(tmp_path: Path, capsy
         assert sorted(i["title"] for i in listed) == sorted(titles), status
 
 
+async def test_incidents_list_offers_open_only_to_a_list_of_every_status(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`--status resolved --limit 1` offered "--status open only those still open"; `--status all` said "incidents
+    with status all"."""
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    async with running_bot(url) as h:
+        for asset in ("web-1", "web-2", "web-3"):
+            body = {"asset_name": asset, "signature": "Down", "severity": "high", "message": f"{asset} down",
+                    "tool_source": "t"}
+            assert (await h.post("open", body))[0] == 200
+            if asset != "web-1":
+                assert (await h.post("open", {**body, "status": "resolved"}))[0] == 200
+    for status, said in (
+            ([], "the newest 1 of 3 incidents; --limit 3 shows more, --status open only those still open"),
+            (["--status", "all"], "the newest 1 of 3 incidents; --limit 3 shows more, --status open only those still "
+                                  "open"),
+            (["--status", "resolved"], "the newest 1 of 2 incidents with status resolved; --limit 2 shows more")):
+        assert await asyncio.to_thread(main, ["incidents", "list", *status, "--limit", "1", "-c", str(cfg)]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == said, status
+    for status, ids in (("all", ["#1", "#2", "#3"]), ("open", ["#1"]), ("acknowledged", ["no"])):  # all listed
+        assert await asyncio.to_thread(main, ["incidents", "list", "--status", status, "-c", str(cfg)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert sorted(line.split()[0] for line in out[1:] or out) == ids, status
+    assert out == ["no incidents with status acknowledged"]
+
+
 def test_a_reading_command_refuses_a_database_that_is_not_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     cfg = config(tmp_path / "bot", "sqlite+aiosqlite:///./chatops.db")  # relative: to the current directory
