@@ -302,7 +302,9 @@ def _incident_json(inc: Incident, prio: int) -> dict[str, Any]:
         "id": inc.id, "status": inc.status, "severity": inc.severity, "priority": prio, "title": inc.title,
         "alert_count": inc.alert_count, "firing": inc.firing_count, "sources": inc.sources, "channels": inc.channels,
         "silenced": inc.silenced, "opened_at": inc.opened_at.isoformat(), "last_seen": inc.last_seen.isoformat(),
-        "acknowledged_by": inc.acknowledged_by, "resolved_at": inc.resolved_at.isoformat() if inc.resolved_at else None,
+        "acknowledged_by": inc.acknowledged_by,
+        "acknowledged_at": inc.acknowledged_at.isoformat() if inc.acknowledged_at else None,
+        "resolved_at": inc.resolved_at.isoformat() if inc.resolved_at else None,
         "resolved_by": inc.resolved_by, "previous_id": inc.previous_id, "labels": inc.labels, "links": inc.links,
     }
 
@@ -432,6 +434,11 @@ def cmd_outbox_list(args: argparse.Namespace, out: TextIO) -> int:
                         [(r.id, "-" if r.incident_id is None else f"#{r.incident_id}", r.channel, r.kind, r.event,
                           r.status, r.attempts, ago(now - r.created_at), r.last_error or "") for r in rows],
                         max_width=100), file=out)
+            listed = sum(counts.values()) if args.status == "all" else counts.get(args.status, 0)
+            if len(rows) == args.limit and listed > len(rows):  # (the totals below count them all, not this table)
+                what = "deliveries" if args.status == "all" else f"{args.status} deliveries"
+                print(f"the newest {len(rows):,} of {listed:,} {what}; --limit {min(listed, 1_000_000)} shows more",
+                      file=out)
         print("totals: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"), file=out)
         dead = counts.get("dead", 0)
         them = "it" if dead == 1 else "them"

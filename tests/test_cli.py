@@ -82,11 +82,20 @@ async def test_incidents_list_open_leaves_the_resolved_out(tmp_path: Path, capsy
                     "tool_source": "t"}
             assert (await h.post("open", body))[0] == 200
         assert (await h.post("open", {**body, "status": "resolved"}))[0] == 200  # web-2 resolves
+        [web1, _] = sorted(await h.incidents(), key=lambda i: i.id)
+        from bot.model import Actor
+        from handlers.incident_actions import perform
+
+        assert (await perform(db=h.bot.db, audit=h.bot.audit, incident_id=web1.id, action="acknowledge",
+                              actor=Actor("slack", "U01ALICE", "Alice", "alice"), now=h.clock.now())).changed
     for status, titles in (("open", ["web-1 down"]), ("resolved", ["web-2 down"]), ("all", ["web-2 down", "web-1 down"])):
         assert await asyncio.to_thread(main, ["incidents", "list", "--status", status, "--format", "json",
                                               "-c", str(cfg)]) == 0
         listed = json.loads(capsys.readouterr().out)
         assert sorted(i["title"] for i in listed) == sorted(titles), status
+    # when it was acknowledged, as when it was resolved (it had only who)
+    assert {i["title"]: (i["acknowledged_by"], i["acknowledged_at"]) for i in listed} == {
+        "web-1 down": ("alice", h.clock.now().isoformat()), "web-2 down": (None, None)}
 
 
 async def test_incidents_list_offers_open_only_to_a_list_of_every_status(tmp_path: Path,
@@ -447,8 +456,15 @@ async def test_outbox_list_says_how_to_see_and_resend_the_dead_deliveries_it_doe
                         "`chatops outbox list --status dead` lists them with the error that says why, and "
                         "`chatops outbox retry ID...` (or --dead: each it is safe to send again) sends them again "
                         "once the cause is fixed"]
+    assert await asyncio.to_thread(main, ["outbox", "list", "--status", "dead", "--limit", "1", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out.splitlines()  # the newest one, and that there are more (it said nothing of them)
+    assert [line.split()[0] for line in out[1:-3]] == ["2"]
+    assert out[-3:-1] == ["the newest 1 of 2 dead deliveries; --limit 2 shows more", "totals: dead 2, pending 1"]
+    assert await asyncio.to_thread(main, ["outbox", "list", "--status", "all", "--limit", "2", "-c", str(cfg)]) == 0
+    assert "the newest 2 of 3 deliveries; --limit 3 shows more" in capsys.readouterr().out
     assert await asyncio.to_thread(main, ["outbox", "list", "--status", "dead", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("the newest") for line in out)
     assert out[-1] == ("dead deliveries were given up after repeated or permanent failures; LAST ERROR says why, and "
                        "`chatops outbox retry ID...` (or --dead: each it is safe to send again) sends them again once "
                        "the cause is fixed")
