@@ -594,7 +594,8 @@ async def test_telegram_set_webhook_is_refused_for_a_bot_that_polls(tmp_path: Pa
             else:  # the same config, switched: set
                 assert code == 0 and out.startswith("Telegram will post updates to https://bot.example.com/telegram/"
                                                     "webhook"), err
-                assert [c.params["url"] for c in tg.called("setWebhook")] == ["https://bot.example.com/telegram/webhook"]
+                assert [c.params["url"] for c in tg.called("setWebhook")] == [
+                    "https://bot.example.com/telegram/webhook"]
 
 
 async def test_audit_export_of_an_incident_that_is_not_there_says_so(tmp_path: Path,
