@@ -26,8 +26,9 @@ import logging
 import re
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 from aiohttp import web
@@ -47,6 +48,7 @@ from bot.model import Actor
 from bot.render import TEXT_FORMATS
 
 log = logging.getLogger("chatops.telegram")
+T = TypeVar("T")
 
 PLATFORM = "telegram"
 PATH = "/telegram/webhook"
@@ -55,6 +57,13 @@ ALLOWED_UPDATES = ["message", "callback_query"]
 TIMEOUT = 15  # seconds for one Bot API call
 POLL_TIMEOUT = 25  # seconds getUpdates waits for something to arrive
 UPDATE_RETRIES = timedelta(hours=1)  # how long an update id is claimed: Telegram retries a failed webhook delivery
+# Polling: a fetched update whose handling failed is fetched and tried again after RETRY_FIRST seconds, then twice
+# as long each time up to RETRY_MAX, and given up once it has failed for GIVE_UP seconds (about six tries). Telegram
+# retries a failing webhook "a reasonable amount of attempts" and keeps an update 24 hours, but an update not
+# confirmed holds back the confirmation of all after it (the next call gets it again with them, at most 100): two
+# minutes ride out a database's failover or restart, and a storm of taps behind it is not starved.
+RETRY_FIRST, RETRY_MAX, GIVE_UP = 2.0, 30.0, 120.0
+POLL_PACE = 1.0  # seconds between getUpdates while an update fetched is not done (Telegram then answers at once)
 TOAST_MAX, TEXT_MAX, ROW_MAX = 200, 4000, 3
 TOAST_SHORT = 80  # characters: a longer callback answer is an alert (a dialog, read until dismissed), not a toast
 QUESTIONS_KEPT = 5000  # confirmation questions of the buttons drawn last, by callback data (see _confirm_step)
@@ -272,6 +281,32 @@ def confirm_keyboard(markup: InlineKeyboardMarkup, data: str) -> InlineKeyboardM
     return InlineKeyboardMarkup(rows) if found else None
 
 
+@dataclass
+class _Fetched:
+    """An update getUpdates gave this replica, not confirmed yet: being handled, handled, failed, or given up."""
+
+    update: Update
+    since: float  # when it was first fetched here (the event loop's clock)
+    task: asyncio.Task[bool] | None = None  # its handling, until the poller has looked at how it ended
+    attempts: int = 0
+    retry_at: float = 0.0  # when a failed one is tried again
+    done: bool = False  # nothing left to do for it (or given up): the next getUpdates may confirm it
+
+
+class _FailedAgain(Exception):
+    """Polling's retry of an update failed as its first try did (logged; the person was told the first time)."""
+
+
+def _what(update: Update) -> str:
+    """An update as the log names it: the button's data or the command's first word, and whose or where."""
+    if update.callback_query is not None:
+        return f"a tap on {update.callback_query.data!r} by user {update.callback_query.from_user.id}"
+    if update.message is not None:
+        word, where = (update.message.text or "").split(maxsplit=1)[:1], f"in chat {update.message.chat.id}"
+        return f"{word[0][:40]!r} {where}" if word else f"a message {where}"
+    return "an update"
+
+
 class TelegramAdapter:
     """`bot.chat.Adapter` and `Pager` for Telegram, plus `register(app)` for `POST /telegram/webhook`."""
 
@@ -285,9 +320,9 @@ class TelegramAdapter:
         self.application = (Application.builder().token(settings.bot_token).base_url(settings.api_url)
                             .updater(None).job_queue(None).connect_timeout(5).read_timeout(TIMEOUT)
                             .write_timeout(TIMEOUT).build())
-        self._tasks: set[asyncio.Task[None]] = set()  # updates being handled: finished at stop
+        self._tasks: set[asyncio.Task[Any]] = set()  # updates being handled: finished at stop
         self._moved: dict[str, str] = {}  # chat id -> the supergroup it became (see _in_chat)
-        self._loops: set[asyncio.Task[None]] = set()  # the polling loop, a connect retry: cancelled at stop
+        self._loops: set[asyncio.Task[Any]] = set()  # the polling loop, a connect retry: cancelled at stop
         self._poller: asyncio.Task[None] | None = None
         self._seen_updates: deque[int] = deque(maxlen=1000)
         # `?value` -> the question its button asks (Button.confirm), as last drawn: Telegram keeps no more than the
@@ -301,6 +336,7 @@ class TelegramAdapter:
         # `mode: polling` with several replicas: only the one for which this answers True polls.
         self.may_poll: Callable[[], Awaitable[bool]] | None = None
         self.follower_wait = 10.0  # seconds between a follower's attempts to take over
+        self.retry_wait, self.give_up_after, self.poll_pace = RETRY_FIRST, GIVE_UP, POLL_PACE  # see _poll
 
     @property
     def bot(self) -> Any:
@@ -533,14 +569,14 @@ class TelegramAdapter:
 
     # -- inbound ----------------------------------------------------------------------------------
 
-    def _spawn(self, work: Coroutine[Any, Any, None], what: str,
-               into: set[asyncio.Task[None]] | None = None) -> asyncio.Task[None]:
+    def _spawn(self, work: Coroutine[Any, Any, T], what: str,
+               into: set[asyncio.Task[Any]] | None = None) -> asyncio.Task[T]:
         """A background task, referenced until it ends; its exception, if any, is logged."""
         tasks = self._tasks if into is None else into
         task = asyncio.get_running_loop().create_task(work)
         tasks.add(task)
 
-        def done(task: asyncio.Task[None]) -> None:
+        def done(task: asyncio.Task[T]) -> None:
             tasks.discard(task)
             if not task.cancelled() and task.exception() is not None:
                 log.error("telegram: handling a %s failed", what, exc_info=task.exception())
@@ -548,7 +584,14 @@ class TelegramAdapter:
         return task
 
     async def _poll(self) -> None:
+        """Long-poll getUpdates and handle each update in a task of its own. An update is confirmed to Telegram (a
+        later call's offset passes it, after which Telegram never gives it again) only once its handling ended: one
+        still being handled when this process dies, or whose handling failed, is fetched again, here or by the
+        replica that polls next, and its claim keeps one already handled from being handled twice. One that keeps
+        failing is fetched and tried again with growing pauses, and given up (loudly) after `give_up_after` seconds:
+        until it is confirmed, every update after it comes back with it, and getUpdates gives at most 100 at a time."""
         offset, delay, webhook_deleted = None, 1.0, False
+        fetched: dict[int, _Fetched] = {}  # update id -> an update fetched here and not confirmed yet
         while True:
             if self.may_poll is not None and not await self.may_poll():
                 await asyncio.sleep(self.follower_wait)  # another replica polls; take over if it goes
@@ -567,29 +610,96 @@ class TelegramAdapter:
                 delay = min(delay * 2, 60.0)
                 continue
             delay = 1.0
-            for update in updates:
-                offset = max(offset or 0, update.update_id + 1)
-                self._spawn(self._process(update), "update")
+            self._take(updates, fetched)
+            running = {entry.task for entry in fetched.values() if entry.task is not None}
+            # Telegram answers at once while an update is not confirmed: wait a little for the work to end first
+            if running:
+                await asyncio.wait(running, timeout=self.poll_pace)
+            elif any(not entry.done for entry in fetched.values()):  # only failed ones, waiting for their next try
+                await asyncio.sleep(self.poll_pace)
+            offset = self._reckon(fetched, offset)
 
-    async def _process(self, update: Update) -> None:
+    def _take(self, updates: Sequence[Update], fetched: dict[int, _Fetched]) -> None:
+        """Start handling the updates fetched for the first time, and the failed ones whose next try is due."""
+        first = updates[0].update_id if updates else None
+        for uid in [uid for uid in fetched if first is None or uid < first]:  # confirmed (elsewhere too): forgotten
+            del fetched[uid]
+        now = asyncio.get_running_loop().time()
+        for update in updates:
+            entry = fetched.get(update.update_id)
+            if entry is None:
+                entry = fetched[update.update_id] = _Fetched(update, now)
+            elif entry.done or entry.task is not None or now < entry.retry_at:
+                continue  # handled (only fetched again with one before it), being handled, or its retry not due
+            entry.attempts += 1
+            entry.task = self._spawn(self._process(update, again=entry.attempts > 1), "update")
+
+    def _reckon(self, fetched: dict[int, _Fetched], offset: int | None) -> int | None:
+        """The offset for the next getUpdates: past every update fetched whose handling ended, up to the first one
+        still being handled or to be tried again. A failed one is given a time for its next try, or given up."""
+        now = asyncio.get_running_loop().time()
+        for uid, entry in fetched.items():
+            task = entry.task
+            if entry.done or task is None:
+                continue
+            if not task.done():
+                if now - entry.since >= self.give_up_after:  # hung: it must not hold back every update after it
+                    log.error("telegram: update %d is still being handled after %.0f s; it is confirmed so that the "
+                              "updates after it are fetched, and lost if the bot stops before it ends", uid,
+                              now - entry.since)
+                    entry.done = True
+                continue
+            entry.task = None
+            if not task.cancelled() and task.exception() is None and task.result():
+                entry.done = True
+            elif now - entry.since >= self.give_up_after:
+                log.error("telegram: giving up on update %d (%s) after %d failed attempt(s) in %.0f s; the person's "
+                          "tap or command is lost, see the errors above", uid, _what(entry.update), entry.attempts,
+                          now - entry.since)
+                entry.done = True
+            else:
+                wait = min(self.retry_wait * 2 ** (entry.attempts - 1), RETRY_MAX)
+                entry.retry_at = now + wait
+                log.warning("telegram: handling update %d (%s) failed; it is fetched and tried again in %.0f s",
+                            uid, _what(entry.update), wait)
+        pending = [uid for uid, entry in fetched.items() if not entry.done]
+        return min(pending) if pending else max(fetched) + 1 if fetched else offset
+
+    async def _process(self, update: Update, *, again: bool = False) -> bool:
+        """Handle an update once. True once nothing is left to do for it (handled here, or before, or at another
+        replica); False if its handling failed before it acted, or broke off (it raised, or was cancelled), and
+        then a copy of it is handled, here too (polling fetches it again). `again`: polling's retry of one that
+        failed here, whose failure the person was told of already: failing again, it tells them nothing."""
         if update.update_id in self._seen_updates:  # Telegram's retry of an update we already took
-            return
+            return True
         self._seen_updates.append(update.update_id)
-        # Its retry may reach another replica (webhook behind a load balancer): the one that claims it handles it.
-        key = f"{self.settings.bot_token.partition(':')[0]}:{update.update_id}"
-        handling = Unclaimed(key) if self.claim is None else await self.claim("telegram", key, UPDATE_RETRIES)
-        if handling is None or not await handling.ready():
-            return
-        async with handling:
-            if update.callback_query is not None:
-                await self._click(update.callback_query, handling)
-            elif update.message is not None:
-                await self._command(update.message, handling)
-        # Failed before it acted: a retry of it is handled, here too.
-        if handling.released and update.update_id in self._seen_updates:
-            self._seen_updates.remove(update.update_id)
+        try:
+            # Its retry may reach another replica (webhook behind a load balancer): the one that claims it handles it.
+            key = f"{self.settings.bot_token.partition(':')[0]}:{update.update_id}"
+            handling = Unclaimed(key) if self.claim is None else await self.claim("telegram", key, UPDATE_RETRIES)
+            if handling is None or not await handling.ready():
+                return True
+            async with handling:
+                if update.callback_query is not None:
+                    await self._click(update.callback_query, handling, quiet=again)
+                elif update.message is not None:
+                    await self._command(update.message, handling, quiet=again)
+        except _FailedAgain:
+            self._forget(update.update_id)
+            return False
+        except BaseException:  # (cancelled too) nobody knows how far it got: its claim lapses, and a copy is handled
+            self._forget(update.update_id)
+            raise
+        if handling.released:  # failed before it acted: a retry of it is handled, here too
+            self._forget(update.update_id)
+            return False
+        return True
 
-    async def _click(self, query: CallbackQuery, handling: Handling) -> None:
+    def _forget(self, update_id: int) -> None:
+        if update_id in self._seen_updates:
+            self._seen_updates.remove(update_id)
+
+    async def _click(self, query: CallbackQuery, handling: Handling, *, quiet: bool = False) -> None:
         data = query.data or ""
         try:
             if data[:1] in (ASK, CANCEL):
@@ -601,7 +711,7 @@ class TelegramAdapter:
             log.warning("telegram: refused callback data from user %s: %s", query.from_user.id, exc)
             await self._answer(query, INVALID_BUTTON)
             return
-        reply = await self._dispatch(self.dispatcher.handle_action(event), handling)
+        reply = await self._dispatch(self.dispatcher.handle_action(event), handling, quiet=quiet)
         await self._answer(query, toast(reply.text) if reply is not None else "")
         private = query.message is not None and getattr(query.message.chat, "type", None) == "private"
         if reply is not None and reply.settle is not None and event.source is not None and private:
@@ -644,7 +754,7 @@ class TelegramAdapter:
         answer = toast(f"{question + ' ' if question else ''}Tap \u201c{label}\u201d to confirm, or Cancel.")
         await self._answer(query, answer, alert=len(answer) > TOAST_SHORT)
 
-    async def _command(self, message: Message, handling: Handling) -> None:
+    async def _command(self, message: Message, handling: Handling, *, quiet: bool = False) -> None:
         try:
             username = self.bot.username
         except RuntimeError:  # not initialized (getMe has not answered): no /command@name is taken as ours
@@ -656,7 +766,7 @@ class TelegramAdapter:
         event = command_event(message, username)
         if event is None:
             return
-        reply = await self._dispatch(self.dispatcher.handle_command(event), handling)
+        reply = await self._dispatch(self.dispatcher.handle_command(event), handling, quiet=quiet)
         payload = self._reply_payload(reply)
         try:
             await self._post(str(message.chat.id), str(message.message_id), payload)
@@ -680,14 +790,17 @@ class TelegramAdapter:
             log.warning("telegram: could not answer %s in chat %s (%s), nor privately (%s)", event.name,
                         message.chat.id, problem, exc)
 
-    async def _dispatch(self, work: Coroutine[Any, Any, Reply | None], handling: Handling) -> Reply | None:
+    async def _dispatch(self, work: Coroutine[Any, Any, Reply | None], handling: Handling, *,
+                        quiet: bool = False) -> Reply | None:
         """The dispatcher's answer; the update is settled once it answered (a retry of it is a copy from then on),
-        released if it failed (the person is told; a retry of it is handled)."""
+        released if it failed (the person is told, unless `quiet`: then _FailedAgain; a retry of it is handled)."""
         try:
             reply = await work
         except Exception:
             log.exception("telegram: the dispatcher failed")
             await handling.release()
+            if quiet:
+                raise _FailedAgain from None
             return Reply(FAILED)
         await handling.settle()
         return reply

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from adapters.telegram import FAILED
 from bot.auth import sign
+from bot.server import Bot
 from storage.models import AlertRecord, AlertSignature, SeenRequest
 from tests.botkit import CONFIG, FIXTURES, Harness, bot_on, fixture, running_bot
 from tests.conftest import drop_schema, postgres_url
@@ -337,7 +338,8 @@ async def tapped_at_both(one: Harness, other: Harness, update: dict) -> asyncio.
 async def killed(h: Harness) -> None:
     """The bot dies where it is (SIGKILL): the handling of what it took is cut off, and nothing after it runs; what
     it committed stays in the store."""
-    tasks = [task for adapter in h.bot.adapters.values() for task in getattr(adapter, "_tasks", ())]
+    tasks = [task for adapter in h.bot.adapters.values() for name in ("_loops", "_tasks")  # (polling first)
+             for task in getattr(adapter, name, ())]
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -436,6 +438,47 @@ async def test_a_retry_at_another_replica_waits_for_the_first_and_takes_over_onl
             second = (await other.incidents())[1]
             assert (second.status, second.acknowledged_by) == ("acknowledged", "alice")
             assert (await other.actions(2)).count("incident.acknowledged") == 1
+
+
+async def test_polled_taps_cut_off_by_a_crash_are_handled_by_the_replica_that_polls_next(
+        tmp_path: Path, pg_schema: str) -> None:
+    """With `mode: polling`, the replica that polls took taps and died while handling them. Its next getUpdates had
+    confirmed them to Telegram as it began to handle them, and Telegram never gives a confirmed update again: the
+    other replica, polling in its stead, got none, and the incidents stayed unacknowledged for good. Now what it had
+    not finished is fetched by the other replica and handled there, each tap once; what it had handled is not
+    handled again."""
+    def quick(bot: Bot) -> None:  # a follower looks for the polling lock every 50 ms, not every 10 s
+        bot.adapters["telegram"].follower_wait = 0.05  # type: ignore[attr-defined]
+
+    async with FakeTelegram() as fake:
+        extra = f"adapters:\n  telegram: {{bot_token: '{fake.token}', api_url: '{fake.api_url}', mode: polling}}\n"
+        async with bot_on("postgres", tmp_path, pg_schema, extra) as one:
+            async with running_bot(postgres_url(), extra, schema=pg_schema, clock=one.clock, prepare=quick) as other:
+                [lock] = [leader for leader in one.bot.leaders if leader.name == "telegram-polling"]
+                assert await lock.held()  # the first replica polls
+                for n in range(5):
+                    assert (await one.post("open", {"asset_name": f"web-{n}", "signature": "Down", "severity": "low",
+                                                    "message": "down", "tool_source": "x"}))[0] == 200
+                for n in (1, 2):
+                    fake.push_update(tap(8000 + n, n))
+                await fake.wait_for(lambda: len(toasts(fake)) == 2, timeout=5)
+                entered, _ = hold(one)
+                for n in (3, 4, 5):
+                    fake.push_update(tap(8000 + n, n))
+                await asyncio.wait_for(entered.wait(), 5)
+                while await claims(one, "telegram") < 5:  # all three taken, held before they act
+                    await asyncio.sleep(0.05)
+                await killed(one)
+                await lock.close()  # (its connection goes with the process, and the lock with it)
+                polled = [c.params.get("offset") for c in fake.called("getUpdates")]
+                assert max(o for o in polled if o is not None) == 8003  # the three held are not confirmed
+                one.clock.advance(timedelta(minutes=2))  # their claims, left by the dead replica, lapse
+                await fake.wait_for(lambda: len(toasts(fake)) == 5, timeout=10)
+                await asyncio.sleep(1.5)
+                assert sorted(toasts(fake)) == [f"Acknowledged #{n}." for n in range(1, 6)]
+                for n in range(1, 6):
+                    assert (await other.actions(n)).count("incident.acknowledged") == 1
+                assert fake.called("getUpdates")[-1].params["offset"] == 8006  # all confirmed once handled
 
 
 async def test_a_handling_that_outlasts_its_lease_keeps_it_while_it_runs(tmp_path: Path, pg_schema: str,

@@ -879,6 +879,102 @@ async def test_polling_feeds_updates_into_the_same_path() -> None:
 
 
 
+@contextlib.asynccontextmanager
+async def polling(tg: FakeTelegram, dispatcher: RecordingDispatcher, **knobs: float) -> AsyncIterator[TelegramAdapter]:
+    """An adapter in `mode: polling` (long polls of a second), started, with `knobs` set (retry_wait...); stopped
+    after."""
+    adapter = TelegramAdapter(settings(tg, mode="polling"), renderer=Renderer(), dispatcher=dispatcher)
+    adapter.poll_timeout = 1
+    for name, value in knobs.items():
+        setattr(adapter, name, value)
+    await adapter.start()
+    try:
+        yield adapter
+    finally:
+        await adapter.stop()
+
+
+def offsets(tg: FakeTelegram) -> list[int]:
+    """The offsets getUpdates was called with: each confirms to Telegram every update below it."""
+    return [c.params["offset"] for c in tg.called("getUpdates") if "offset" in c.params]
+
+
+async def test_an_update_being_handled_is_not_confirmed_and_the_next_poller_handles_it() -> None:
+    """The poller confirmed every update it fetched at its next getUpdates, while they were still being handled: a
+    bot that died then lost them, for Telegram never gives a confirmed update again. Now the tap still being handled
+    when the first poller dies is fetched by the next one and handled there, once; the command handled before it
+    is confirmed, and not handled again."""
+    async with FakeTelegram() as tg:
+        command, tap = fixture("command_group.json"), fixture("callback_query.json")
+        command["update_id"], tap["update_id"] = 500, 501
+        first, entered = RecordingDispatcher(), asyncio.Event()
+
+        async def hangs(event: ActionEvent) -> Reply | None:
+            first.actions.append(event)
+            entered.set()
+            await asyncio.Event().wait()  # a slow store, a bot about to die
+            return None
+        first.handle_action = hangs  # type: ignore[method-assign]
+        async with polling(tg, first, poll_pace=0.05) as adapter:
+            tg.push_update(command)
+            tg.push_update(tap)
+            await asyncio.wait_for(entered.wait(), 5)
+            await tg.wait_for(lambda: tg.called("sendMessage"))  # the command is answered
+            polls = len(tg.called("getUpdates"))
+            await tg.wait_for(lambda: len(tg.called("getUpdates")) > polls + 1, timeout=5)  # polling goes on meanwhile
+            assert max(offsets(tg)) == 501  # the command is confirmed, the tap is not
+            for task in [*adapter._loops, *adapter._tasks]:  # the bot dies where it is: nothing after it runs
+                task.cancel()
+            await asyncio.gather(*adapter._loops, *adapter._tasks, return_exceptions=True)
+        second = RecordingDispatcher()
+        async with polling(tg, second):
+            await tg.wait_for(lambda: tg.called("answerCallbackQuery") and 502 in offsets(tg), timeout=5)
+        assert [(a.action, a.incident_id) for a in second.actions] == [("ack", 42)] and second.commands == []
+        assert [c.params["text"] for c in tg.called("answerCallbackQuery")] == ["Acknowledged #42."]
+        assert len(first.commands) == 1 and len(tg.called("sendMessage")) == 1
+
+
+async def test_a_polled_update_whose_handling_failed_is_fetched_and_handled_again() -> None:
+    """The dispatcher failed before it acted (the database went away): the person is told, and the update, not
+    confirmed, is fetched and handled again a moment later, once; the update after it is handled once."""
+    async with FakeTelegram() as tg:
+        dispatcher = RecordingDispatcher()
+        dispatcher.error = RuntimeError("the database went away")
+        async with polling(tg, dispatcher, retry_wait=0.3, poll_pace=0.05):
+            tg.push_update(fixture("command_group.json"))
+            await tg.wait_for(lambda: tg.called("sendMessage"))
+            dispatcher.error = None  # the database is back
+            tg.push_update(fixture("command_private.json"))
+            await tg.wait_for(lambda: len(tg.called("sendMessage")) == 3 and 900000004 in offsets(tg), timeout=5)
+            await asyncio.sleep(0.5)
+        said = [(c.params["chat_id"], html.unescape(c.params["text"])) for c in tg.called("sendMessage")]
+        assert [text for chat, text in said if chat == GROUP] == [FAILED, "Acknowledged #42."]
+        assert [text for chat, text in said if chat == ALICE] == ["Acknowledged #42."]
+        assert len(dispatcher.commands) == 3  # the group's command twice (failed, then handled), the private one once
+        assert max(offsets(tg)) == 900000004  # both confirmed
+
+
+async def test_a_polled_update_that_keeps_failing_is_given_up_with_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """It is tried again, with growing pauses, until it has failed for `give_up_after` seconds, then given up: the
+    person was told once, the log says which update was lost, and it no longer holds back the updates after it."""
+    async with FakeTelegram() as tg:
+        dispatcher = RecordingDispatcher()
+        dispatcher.error = RuntimeError("the database went away")
+        async with polling(tg, dispatcher, retry_wait=0.1, give_up_after=1.0, poll_pace=0.05):
+            tg.push_update(fixture("command_group.json"))
+            await tg.wait_for(lambda: 900000003 in offsets(tg), timeout=5)
+            dispatcher.error = None
+            tg.push_update(fixture("command_private.json"))
+            await tg.wait_for(lambda: len(tg.called("sendMessage")) == 2 and 900000004 in offsets(tg))
+        tries = len(dispatcher.commands) - 1
+        assert 3 <= tries <= 6, tries  # at 0, 0.1, 0.3, 0.7 s, ... until a second has passed
+        assert [html.unescape(c.params["text"]) for c in tg.called("sendMessage")] == [FAILED, "Acknowledged #42."]
+        [given_up] = [r for r in caplog.records if "giving up" in r.getMessage()]
+        assert given_up.levelno == logging.ERROR
+        assert given_up.getMessage().startswith(
+            f"telegram: giving up on update 900000002 ('/ack@chatops_bot' in chat {GROUP}) after {tries} failed attempt(s)")
+
+
 def test_a_message_deleted_in_telegram_is_told_apart_from_other_refusals() -> None:
     """The outbox posts a deleted incident card afresh; other bad requests stay refusals."""
     from telegram.error import BadRequest
