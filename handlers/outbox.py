@@ -62,8 +62,9 @@ PER_CHANNEL = 10  # incident messages of one channel looked at in a round (a sec
 PERSONAL_KINDS = ("page", "direct", "notice", "pages")  # rows not drawn on an incident's message (handlers/notify.py)
 PAGE_ATTEMPTS = 3  # a page that fails for a passing reason is tried this often, then the escalation moves on
 # A page is claimed (SENDING, committed) before the platform is called and settled after: one found SENDING when
-# the worker starts was cut off by a crash mid-call, and may have arrived. It is not sent again (as GoAlert does:
-# an unknown outcome is not retried blindly into a double page).
+# the worker starts, or takes the lead again (a replica that led meanwhile may have died mid-call), and is not a call
+# of its own still in flight, was cut off by a crash mid-call, and may have arrived. It is not sent again (as GoAlert
+# does: an unknown outcome is not retried blindly into a double page).
 SENDING = "sending"
 UNSETTLED = ("pending", SENDING)
 ROUTINE_EVENTS = ("alerts.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
@@ -182,7 +183,12 @@ class OutboxWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._recovering = asyncio.Lock()
         self._stopping = False
-        self._recovered = False  # pages a crash cut off mid-call were settled (once, by the worker that delivers)
+        # Pages a crash cut off mid-call are settled (_recover) each time this worker takes the lead: another
+        # replica may have led meanwhile and died during a page. Counted by the questions that found it not
+        # leading; settled for the count when the last settling began (None: not yet).
+        self._followed = 0
+        self._recovered_at: int | None = None
+        self._claimed: set[int] = set()  # pages this worker claimed (SENDING) and has not settled: its own calls
 
     def start(self) -> None:
         """A loop for pages, direct messages and notices, and one for each platform's incident messages: a platform
@@ -218,7 +224,7 @@ class OutboxWorker:
             if own and self._monotonic() - compacted >= self.compact_seconds:
                 compacted = self._monotonic()
                 try:
-                    if self.may_deliver is None or await self.may_deliver():
+                    if await self._leading():
                         await self.compact(own)
                 except Exception:
                     log.exception("outbox: folding pending rows failed; trying again in %.0fs", self.compact_seconds)
@@ -283,7 +289,7 @@ class OutboxWorker:
     async def _round(self, key: str | None) -> int:
         """One round of a loop: pages, direct messages and notices (`key` None), or one platform's messages."""
         personal = key is None
-        if self.may_deliver is not None and not await self.may_deliver():
+        if not await self._leading():
             return 0
         try:
             self.db.check_file()  # a SQLite file lost under the bot: a post could not be recorded, and would go again
@@ -291,9 +297,10 @@ class OutboxWorker:
             return 0
         now = self.clock.now()
         async with self._recovering:
-            if not self._recovered:
+            if self._recovered_at != self._followed:
+                followed = self._followed  # (a question that finds it not leading during the settling: again)
                 await self._recover(now)
-                self._recovered = True
+                self._recovered_at = followed
         # One cheap read first: most rounds of a quiet bot end here. Rows for a platform that is off wait for it
         # out of sight, so that they neither hold back the others nor keep a quiet bot polling.
         off = [cid for cid, ch in self.channels.items() if ch.platform not in self.adapters]
@@ -353,8 +360,12 @@ class OutboxWorker:
     async def _leading(self) -> bool:
         """Whether this replica still leads delivery, asked again before each message, not once a round: a replica
         whose lock went with its connection mid-round (another took over and reads the same pending rows) stops
-        before it posts what the new leader posts too."""
-        return self.may_deliver is None or await self.may_deliver()
+        before it posts what the new leader posts too. Not leading is counted: when it leads again, it settles
+        what a leader that died meanwhile left SENDING (_recover)."""
+        if self.may_deliver is None or await self.may_deliver():
+            return True
+        self._followed += 1
+        return False
 
     async def _deliver(self, channel_id: str, items: list[OutboxItem], incident: Incident | None,
                        parent: IncidentMessage | None, alerts: list[AlertRecord], now: datetime,
@@ -478,7 +489,12 @@ class OutboxWorker:
             if not await self._leading():
                 break
             if row.kind == "page":
-                calls += await self._page(row, now)
+                assert row.id is not None
+                self._claimed.add(row.id)  # claimed (SENDING) by _page: this worker's own call until it returns
+                try:
+                    calls += await self._page(row, now)
+                finally:
+                    self._claimed.discard(row.id)
             elif row.kind == "pages":
                 calls += await self._redraw_pages(row, now)
             elif row.kind == "direct":
@@ -684,12 +700,15 @@ class OutboxWorker:
                                   .values(**values))
 
     async def _recover(self, now: datetime) -> None:
-        """Pages found SENDING when this worker starts: a crash cut the call off, so each may have arrived. None
-        is sent again; each is settled as unconfirmed, in the thread and the audit log, and its step's wait
-        stands."""
+        """Pages found SENDING when this worker starts, or takes the lead again (another replica led meanwhile): a
+        crash cut the call off, so each may have arrived. None is sent again; each is settled as unconfirmed, in
+        the thread and the audit log, and its step's wait stands. This worker's own calls still in flight (it lost
+        the lead during one, and leads again before the platform answered) are not among them: they settle when
+        the platform answers."""
         problem = "the bot stopped while sending it, so it may have arrived; it is not sent again, so as not to page twice"
         async with self.db.transaction() as session:
-            rows = (await session.execute(select(OutboxItem).where(OutboxItem.status == SENDING)
+            rows = (await session.execute(select(OutboxItem).where(OutboxItem.status == SENDING,
+                                                                   OutboxItem.id.not_in(sorted(self._claimed)))
                                           .order_by(OutboxItem.id))).scalars().all()
             entries = []
             for row in rows:

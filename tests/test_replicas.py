@@ -1,0 +1,162 @@
+"""Replicas on one PostgreSQL database take turns leading chat delivery: what a change of leader leaves behind is
+settled by the next leader, whoever it is."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import select, text
+
+from storage.db import Database, Leader
+from storage.models import AuditEvent, OutboxItem
+from tests import botkit
+from tests.botkit import Harness, running_bot
+from tests.conftest import drop_schema, postgres_url
+from tests.fake_slack import FakeSlack
+from tests.test_outbox import parents
+from tests.test_slack_flow import slack_config
+
+OUTBOX_HOLDER = (
+    "SELECT l.pid FROM (SELECT hashtextextended(:n, 0) AS k) AS key JOIN pg_locks l ON l.locktype = 'advisory' "
+    "AND l.granted AND l.objsubid = 1 AND l.classid = ((key.k >> 32) & 4294967295)::oid "
+    "AND l.objid = (key.k & 4294967295)::oid "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+
+
+@contextlib.asynccontextmanager
+async def replica_a(fake: FakeSlack, schema: str) -> AsyncIterator[Harness]:
+    """Replica A, the whole bot with its Slack adapter, leading delivery; its schema is dropped after."""
+    url = postgres_url()
+    try:
+        async with running_bot(url, slack_config(fake), schema=schema) as h:
+            yield h
+    finally:
+        await drop_schema(url, schema)
+
+
+async def b_takes_the_lead_from(a: Harness, schema: str) -> tuple[Database, Leader]:
+    """A's database connection drops, and with it the outbox lock; replica B asks first and leads. (A's questions
+    wait meanwhile, so that B, not A, takes the freed lock: the order an outage of A's connection gives.)"""
+    b_db = Database(postgres_url(), schema=schema)
+    b = Leader(b_db, "outbox")
+    a_leader = a.bot.leaders[0]
+    async with a_leader._asking:
+        async with b_db.engine.connect() as conn:
+            pid = (await conn.execute(text(OUTBOX_HOLDER), {"n": f"chatops:{schema}:outbox"})).scalar_one()
+            assert (await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})).scalar_one()
+        for _ in range(200):
+            if await b.held():
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("replica B never took the freed outbox lock")
+    return b_db, b
+
+
+async def first_card(h: Harness, fake: FakeSlack) -> int:
+    """An incident, its card posted by A (which leads, and has settled what an earlier leader left)."""
+    assert (await h.post("am", botkit.fixture("alertmanager/03-highcpu-firing.json")))[0] == 200
+    await fake.wait_for(lambda: parents(fake), timeout=10)
+    [incident] = await h.incidents()
+    assert incident.id is not None
+    return incident.id
+
+
+def thread_lines(fake: FakeSlack) -> list[str]:
+    return [c.params["text"] for c in fake.called("chat.postMessage") if c.params.get("thread_ts")]
+
+
+async def page_rows(h: Harness) -> list[tuple[str, str | None]]:
+    async with h.bot.db.sessions() as s:
+        rows = (await s.execute(select(OutboxItem).where(OutboxItem.kind == "page").order_by(OutboxItem.id))).scalars()
+        return [(r.status, r.last_error) for r in rows]
+
+
+async def audited(h: Harness, action: str) -> list[dict[str, Any]]:
+    async with h.bot.db.sessions() as s:
+        rows = (await s.execute(select(AuditEvent).where(AuditEvent.action == action))).scalars()
+        return [e.details for e in rows]
+
+
+def alice_page(incident_id: int, h: Harness, status: str) -> OutboxItem:
+    """Step 1's page to Alice, as an escalation queues it (`sending`: as a worker claims it before the call)."""
+    now = h.clock.now()
+    return OutboxItem(created_at=now, due_at=now, incident_id=incident_id, channel="@alice", kind="page",
+                      event="escalation.page", status=status,
+                      details={"person": "alice", "step": 1, "of": 2, "business": False, "manual": True, "next": "",
+                               "run": 0})
+
+
+async def test_a_page_cut_off_by_a_dying_leader_is_settled_by_one_that_led_before(pg_schema: str) -> None:
+    """A leads, loses the lock with its connection, and follows B; B claims a page (`sending`) and is killed while
+    the platform answers; A takes over. A had settled what it found at its first lead, and never looked again: the
+    page stayed `sending` for good (no thread line, no audit event, not in `outbox retry`) until A restarted. Now a
+    replica settles such pages each time it takes the lead: unconfirmed, and not sent again."""
+    async with FakeSlack() as fake, replica_a(fake, pg_schema) as a:
+        incident_id = await first_card(a, fake)
+        b_db, b = await b_takes_the_lead_from(a, pg_schema)
+        try:
+            async with b_db.transaction() as session:  # B's worker claims the page, and B dies during the call
+                session.add(alice_page(incident_id, a, "sending"))
+            await asyncio.sleep(1.5)  # A asks a few times meanwhile, and follows
+        finally:
+            await b.close()  # (its connection closes, as a killed process's does: the lock is free)
+            await b_db.dispose()
+        await fake.wait_for(lambda: any("The page to Alice is unconfirmed" in t for t in thread_lines(fake)), 10)
+        [line] = [t for t in thread_lines(fake) if "The page to Alice is unconfirmed" in t]
+        assert "the bot stopped while sending it, so it may have arrived; it is not sent again" in line
+        assert await page_rows(a) == [("dead", "outcome unknown: the bot stopped while sending it, so it may have "
+                                                "arrived; it is not sent again, so as not to page twice")]
+        [failed] = await audited(a, "incident.page_failed")
+        assert (failed["person"], failed["step"], failed["unknown"]) == ("alice", 1, "restart")
+        assert not fake.called("conversations.open"), "the page cut off was sent again"
+
+
+async def test_a_leader_that_loses_the_lock_mid_page_and_leads_again_settles_its_own_page(pg_schema: str) -> None:
+    """A's page to Alice is in flight when A loses the lock; B leads for a while and goes, and A leads again and
+    settles what a dying leader left `sending`. Its own page, still in flight, is not among them: when Slack answers
+    it is recorded as sent ("Paged Alice"), not also as unconfirmed, and it goes once."""
+    async with FakeSlack() as fake, replica_a(fake, pg_schema) as a:
+        incident_id = await first_card(a, fake)
+        slack = a.bot.adapters["slack"]
+        real_page, answer = slack.page, asyncio.Event()
+
+        async def page(user_id: str, message: Any) -> Any:
+            await answer.wait()  # the platform is slow to answer
+            return await real_page(user_id, message)
+
+        slack.page = page  # type: ignore[method-assign]
+        try:
+            async with a.bot.db.transaction() as session:
+                session.add(alice_page(incident_id, a, "pending"))
+            a.bot.outbox.nudge()
+            for _ in range(200):
+                if await page_rows(a) == [("sending", None)]:
+                    break
+                await asyncio.sleep(0.02)
+            assert await page_rows(a) == [("sending", None)]
+            b_db, b = await b_takes_the_lead_from(a, pg_schema)
+            try:
+                await asyncio.sleep(1.5)  # A finds it does not lead
+            finally:
+                await b.close()
+                await b_db.dispose()
+            for _ in range(100):  # A leads again (and settles what it finds `sending`, but for its own page)
+                if await a.bot.leaders[0].held():
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.5)  # a few rounds as the leader
+            assert await page_rows(a) == [("sending", None)]
+        finally:
+            answer.set()  # (also when an assertion fails: the bot stops only once its call returns)
+        await fake.wait_for(lambda: any(t.startswith("Paged Alice on Slack") for t in thread_lines(fake)), 10)
+        await asyncio.sleep(0.5)
+        assert not [t for t in thread_lines(fake) if "unconfirmed" in t]
+        assert await page_rows(a) == [("sent", None)]
+        assert [d["person"] for d in await audited(a, "incident.paged")] == ["alice"]
+        assert await audited(a, "incident.page_failed") == []
+        assert len(fake.called("conversations.open")) == 1
+
