@@ -355,25 +355,17 @@ class Leader:
             return await self._held()
 
     async def _held(self) -> bool:
+        kept = self._conn is not None and not self._leading  # a follower's connection, kept from its last question
         try:
-            if self._conn is None:
-                self._conn = await self.db.engine.connect()
-                got = (await self._conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:n, 0))"),
-                                                {"n": self._key})).scalar_one()
-                await self._conn.commit()
-                if not got:
-                    self._unasked = False
-                    await self._take_over_if_silent(self._conn)
-                    await self._release()
-                    return False
-                log.info("this replica leads %s", self.name)
-                self._leading, self._unasked = True, False
-                if self._beat is None or self._beat.done():
-                    self._beat = asyncio.create_task(self._beating())
-                return True
-            await self._conn.execute(text("SELECT 1"))  # still connected, so still holding it
-            await self._conn.commit()
-            return True
+            try:
+                return await self._ask()
+            except Exception:
+                if not kept:
+                    raise
+                # it went between questions (the database restarted, an idle timeout): asked again on a new one, so
+                # that a lock free now is taken now
+                await self._release()
+                return await self._ask()
         except Exception as exc:  # the connection died: the lock went with it
             said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__  # (not its SQL)
             if self._leading:
@@ -384,6 +376,29 @@ class Leader:
             self._leading, self._unasked = False, True
             await self._release()
             return False
+
+    async def _ask(self) -> bool:
+        """One question on the lock's connection. A follower keeps its connection between questions (its outbox
+        loops ask a few times a second: a connection opened for each made hundreds of sessions a minute, and as many
+        sockets left in TIME-WAIT) and asks for the lock again on it; the leader's holds the lock."""
+        if self._conn is None:
+            self._conn = await self.db.engine.connect()
+        if self._leading:
+            await self._conn.execute(text("SELECT 1"))  # still connected, so still holding it
+            await self._conn.commit()
+            return True
+        got = (await self._conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:n, 0))"),
+                                        {"n": self._key})).scalar_one()
+        await self._conn.commit()
+        if not got:
+            self._unasked = False
+            await self._take_over_if_silent(self._conn)
+            return False
+        log.info("this replica leads %s", self.name)
+        self._leading, self._unasked = True, False
+        if self._beat is None or self._beat.done():
+            self._beat = asyncio.create_task(self._beating())
+        return True
 
     async def _beating(self) -> None:
         """While leading: a sign of life on the lock's connection at least every `heartbeat` seconds."""
@@ -418,6 +433,7 @@ class Leader:
                         silent, pid)
 
     async def _release(self) -> None:
+        self._leading = False  # (a new connection holds nothing until it is granted the lock)
         if self._beat is not None and self._beat is not asyncio.current_task():
             self._beat.cancel()
             self._beat = None
