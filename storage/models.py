@@ -97,7 +97,9 @@ class AlertRecord(SQLModel, table=True):
     """One alert (source + fingerprint) within one incident."""
 
     __tablename__ = "alerts"
-    __table_args__ = (Index("ix_alerts_identity", "source", "fingerprint", "incident_id", unique=True),)
+    # ix_alerts_incident: an incident's alerts (incidents show, the reopen check), without reading the whole table
+    __table_args__ = (Index("ix_alerts_identity", "source", "fingerprint", "incident_id", unique=True),
+                      Index("ix_alerts_incident", "incident_id"))
 
     id: int | None = Field(default=None, primary_key=True)
     incident_id: int = Field(foreign_key="incidents.id")

@@ -344,6 +344,22 @@ async def test_a_version_3_store_keeps_its_long_keys_as_intake_now_makes_them(db
         assert alert.fingerprint == bounded_key(long_print)
 
 
+async def test_a_version_4_store_gets_the_index_of_alerts_by_incident(db: Database) -> None:
+    """Version 4 had no index of alerts by incident: `incidents show` and the check a reopen makes (are its alerts
+    firing in a later incident?) read the whole alerts table, with the store's write lock held for the reopen."""
+    async with db.engine.begin() as conn:
+        await conn.execute(text("DROP INDEX ix_alerts_incident"))
+        await conn.execute(text("UPDATE schema_version SET version = 4"))
+    async with upgraded(db) as session:
+        if db.is_postgres:
+            found = "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_alerts_incident' AND schemaname = :s"
+            assert "(incident_id)" in (await session.execute(text(found), {"s": db.schema})).scalar_one()
+        else:
+            plan = " ".join(str(row[-1]) for row in await session.execute(text(
+                "EXPLAIN QUERY PLAN SELECT id FROM alerts WHERE incident_id = 1")))
+            assert "USING INDEX ix_alerts_incident" in plan or "USING COVERING INDEX ix_alerts_incident" in plan, plan
+
+
 def test_serve_with_a_broken_config_names_the_problem(tmp_path: Path) -> None:
     (tmp_path / "app.yaml").write_text("server: {port: eighty}\n")
     result = subprocess.run([CHATOPS, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=30,
