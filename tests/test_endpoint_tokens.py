@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
 import textwrap
 import urllib.error
 import urllib.request
@@ -27,7 +26,7 @@ from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram
 from tests.test_config import BASE, ROUTES, problems
 from tests.test_oncall import PEOPLE, ROTATIONS, parse_ics
-from tests.test_serve import start_bot, wait_http
+from tests.test_serve import serving, wait_http
 from tests.test_slack_flow import Slack, slack_config
 from tests.test_telegram_flow import GROUP, TG_SECRET, Both
 
@@ -151,8 +150,6 @@ def test_serve_with_both_tokens_answers_only_with_them_and_logs_neither(tmp_path
     shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_bot(tmp_path, port, {"METRICS_TOKEN": METRICS_TOKEN, "CALENDAR_TOKEN": CALENDAR_TOKEN},
-                     "--log-level", "DEBUG")
 
     def status(path: str, headers: dict[str, str] | None = None) -> int:
         try:
@@ -161,7 +158,8 @@ def test_serve_with_both_tokens_answers_only_with_them_and_logs_neither(tmp_path
         except urllib.error.HTTPError as exc:
             return exc.code
 
-    try:
+    with serving(tmp_path, port, {"METRICS_TOKEN": METRICS_TOKEN, "CALENDAR_TOKEN": CALENDAR_TOKEN},
+                 "--log-level", "DEBUG") as proc:
         assert wait_http(f"{base}/healthz", proc)[0] == 200
         assert status("/metrics") == 401
         assert status("/metrics", {"Authorization": f"Bearer {METRICS_TOKEN}"}) == 200
@@ -169,11 +167,6 @@ def test_serve_with_both_tokens_answers_only_with_them_and_logs_neither(tmp_path
         assert status(f"/oncall/dba-primary.ics?token={CALENDAR_TOKEN}x") == 401
         assert status(f"/oncall/dba-primary.ics?token={CALENDAR_TOKEN}") == 200
         assert status(f"/oncall/nope.ics?token={CALENDAR_TOKEN}") == 404
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     log = proc.stdout.read()
     assert "GET /metrics: wants its bearer token (server.metrics_token)" in log
     assert "GET /oncall/ROTATION.ics: wants ?token= (server.calendar_token)" in log

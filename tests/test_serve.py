@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,21 @@ def start_bot(workdir: Path, port: int, extra_env: dict[str, str] | None = None,
                             stderr=subprocess.STDOUT, text=True)
     proc.stdout = _Log(log)  # type: ignore[assignment]
     return proc
+
+
+@contextlib.contextmanager
+def serving(workdir: Path, port: int, extra_env: dict[str, str] | None = None,
+            *more: str) -> Iterator[subprocess.Popen[str]]:
+    """`chatops serve` (start_bot) for the block, then SIGTERM, which must stop it cleanly (exit 0) within 15 s; killed
+    if the block fails. Its log (`proc.stdout.read()`) stays readable after."""
+    proc = start_bot(workdir, port, extra_env, *more)
+    try:
+        yield proc
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 class _Log:
@@ -414,14 +429,8 @@ def test_serve_where_there_is_no_app_yaml_runs_on_the_example_one_and_says_so(tm
     """app.yaml is the embedded default (DESIGN.md): `chatops serve` in a folder without one, and without -c or
     $CHATOPS_CONFIG, runs on the example shipped with the code, and its log says which file and how to give another."""
     port = free_port()
-    proc = start_bot(tmp_path, port)
-    try:
+    with serving(tmp_path, port) as proc:
         assert wait_http(f"http://127.0.0.1:{port}/healthz", proc) == (200, {"status": "ok"})
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     log = proc.stdout.read()
     assert (f"WARNING chatops.config: no -c, no $CHATOPS_CONFIG and no ./app.yaml: using the example config "
             f"shipped with the bot, {ROOT / 'app.yaml'}") in log
