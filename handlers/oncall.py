@@ -134,7 +134,10 @@ class Oncall:
             parts.append("the rotation has not started")
         row = rows.get(shift.override_id) if shift.override_id is not None else None
         if row is not None:
-            parts.append(f"override #{row.id} by {self.name(row.created_by)}" + (f": {row.reason}" if row.reason else ""))
+            author = self.name(row.created_by)
+            # `/override` wrote "override by AUTHOR" as its reason once: not said twice
+            reason = row.reason if row.reason != f"override by {author}" else ""
+            parts.append(f"override #{row.id} by {author}" + (f": {reason}" if reason else ""))
         return "; ".join(parts)
 
     def feed_window(self, schedule: Schedule, now: datetime) -> tuple[datetime, datetime]:

@@ -40,6 +40,7 @@ log = logging.getLogger("chatops.overrides")
 
 MANAGER = "manager"
 MAX_LENGTH = timedelta(days=90)
+MIN_LENGTH = timedelta(minutes=1)  # shorter is a typing slip, and would still tell whoever it displaces
 TAKE_USAGE = "/oncall take [ROTATION] [FROM] [UNTIL]"
 OVERRIDE_USAGE = "/override ROTATION PERSON FROM UNTIL"
 TIME_HELP = "times are `now`, `2026-12-24T18:00` or `2026-12-24 18:00` (your time zone), or for UNTIL a length such as `8h`"
@@ -104,7 +105,8 @@ class OverrideHandlers:
             start, end = await self._window(schedule, person, args[2:], now, need_both=True)
         except BadInput as exc:
             return Reply(f"{exc}. Usage: `{OVERRIDE_USAGE}`; {TIME_HELP}.")
-        return await self._write(schedule, target, person, start, end, event.actor, f"override by {person.name}")
+        # no reason: the note shows "override #N by PERSON" already
+        return await self._write(schedule, target, person, start, end, event.actor, "")
 
     async def _window(self, schedule: Schedule, person: Person, args: list[str], now: datetime,
                       *, need_both: bool = False) -> tuple[datetime, datetime]:
@@ -135,7 +137,10 @@ class OverrideHandlers:
             raise BadInput(f"that stretch is over already (it ended {when(end, tz, now)})")
         if end - start > MAX_LENGTH:
             raise BadInput("an override can last 90 days at most")
-        return max(start, now), end  # a FROM in the past starts now
+        start = max(start, now)  # a FROM in the past starts now
+        if end - start < MIN_LENGTH:
+            raise BadInput("a cover lasts a minute at least")
+        return start, end
 
     async def _write(self, schedule: Schedule, covering: Person, by: Person, start: datetime, end: datetime,
                      actor: Actor, reason: str, *, take: bool = False) -> Reply:
@@ -146,6 +151,10 @@ class OverrideHandlers:
             await self.db.lock_for_transaction(session, schedule_lock(schedule.id))  # one change at a time (swaps)
             overrides = await load_overrides(session, self.view, start, end, [schedule.id])
             displaced = _displaced(schedule, overrides, covering.id, start, end)
+            if take and all(s.person == covering.id for s in shifts_between(schedule, overrides, start, end)):
+                # nothing would change: an override would only pin what the schedule already says
+                return Reply(f"You are already on call for `{schedule.id}` from {when(start, tz, now)} until "
+                             f"{when(end, tz, now)}; nothing changed.")
             rotation = self.rotations.get(schedule.id)
             approval = rotation.swap_approval if rotation is not None else None
             if take and displaced and approval and MANAGER not in by.roles:

@@ -307,24 +307,34 @@ class SwapHandlers:
                 await self._expire(session, swap, now)
                 return Reply(f"Swap #{swap_id} expired {self._when(swap.expires_at, person, swap, now)}; "
                              f"{self.name(swap.requester)} can ask again.")
-            start = max(swap.starts_at, now)
-            problem = await self._holds(session, swap, start, person, now)
-            if problem:
-                return Reply(problem)
-            rotation = self.rotations.get(swap.rotation)
-            actor = _actor(actor, person)
-            swap.decided_at, swap.decided_by = now, person.id
-            if rotation is not None and rotation.swap_approval:
-                reply = await self._await_approval(session, swap, rotation, now, actor)
+            if self._left(swap):
+                reply = await self._call_off(session, swap, person, now)
+                rotation_id, taken = swap.rotation, False
             else:
-                await self._take(session, swap, start, now, actor, ACCEPTED, "swap.accepted")
-                reply = Reply(f"Accepted: you are on call for `{swap.rotation}` from "
-                              f"{self._when(swap.starts_at, person, swap, now)} until "
-                              f"{self._when(swap.ends_at, person, swap, now)} instead of {self.name(swap.requester)} "
-                              f"(swap #{swap_id}).")
-            rotation_id, taken = swap.rotation, swap.status in TAKEN
+                reply, rotation_id, taken = await self._accepted(session, swap, person, actor, now)
         await self._after(rotation_id if taken else None)
         return reply
+
+    async def _accepted(self, session: AsyncSession, swap: SwapRequest, person: Person, actor: Actor,
+                        now: datetime) -> tuple[Reply, str, bool]:
+        """The counterpart's accept, once it may be taken: the override, or the wait for approval."""
+        swap_id = swap.id
+        start = max(swap.starts_at, now)
+        problem = await self._holds(session, swap, start, person, now)
+        if problem:
+            return Reply(problem), swap.rotation, False
+        rotation = self.rotations.get(swap.rotation)
+        actor = _actor(actor, person)
+        swap.decided_at, swap.decided_by = now, person.id
+        if rotation is not None and rotation.swap_approval:
+            reply = await self._await_approval(session, swap, rotation, now, actor)
+        else:
+            await self._take(session, swap, start, now, actor, ACCEPTED, "swap.accepted")
+            reply = Reply(f"Accepted: you are on call for `{swap.rotation}` from "
+                          f"{self._when(swap.starts_at, person, swap, now)} until "
+                          f"{self._when(swap.ends_at, person, swap, now)} instead of {self.name(swap.requester)} "
+                          f"(swap #{swap_id}).")
+        return reply, swap.rotation, swap.status in TAKEN
 
     async def decline(self, swap_id: int, person: Person, actor: Actor) -> Reply:
         now = self.clock.now()
@@ -336,8 +346,11 @@ class SwapHandlers:
                 return Reply(f"Only {self.name(swap.counterpart)} can decline swap #{swap_id}.")
             if swap.status not in OPEN:
                 return Reply(self._settled(swap, person, now))
+            was = swap.status
             swap.decided_at, swap.decided_by = now, person.id
             await self._close(session, swap, DECLINED, "swap.declined", _actor(actor, person), now)
+            if was == AWAITING:
+                self._tell_approvers(session, swap, now, "swap.declined", f"was withdrawn by {person.name}")
             self._direct(session, swap, swap.requester, now, "swap.declined",
                          lambda z: (f"{person.name} declined to take your `{swap.rotation}` shift from "
                                     f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} "
@@ -357,8 +370,11 @@ class SwapHandlers:
             if swap.status not in OPEN:
                 extra = f" `/swap undo {swap_id}` undoes it before it starts." if swap.status in TAKEN else ""
                 return Reply(self._settled(swap, person, now) + extra)
+            was = swap.status
             swap.decided_at, swap.decided_by = now, person.id
             await self._close(session, swap, CANCELLED, "swap.cancelled", _actor(actor, person), now)
+            if was == AWAITING:
+                self._tell_approvers(session, swap, now, "swap.cancelled", f"was cancelled by {person.name}")
             self._direct(session, swap, swap.counterpart, now, "swap.cancelled",
                          lambda z: (f"{person.name} cancelled swap #{swap_id} (their `{swap.rotation}` shift from "
                                     f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}): "
@@ -396,36 +412,42 @@ class SwapHandlers:
                     return Reply(f"You are part of swap #{swap_id}, so someone else with the `{role}` role "
                                  f"{verb}s it ({', '.join(p.name for p in allowed)}).")
             if now >= swap.expires_at:
-                await self._expire(session, swap, now)
+                await self._expire(session, swap, now, but=person.id)
                 return Reply(f"Swap #{swap_id} expired {self._when(swap.expires_at, person, swap, now)} before "
                              "anyone approved it.")
-            actor = _actor(actor, person)
-            self_approved = person.id in (swap.requester, swap.counterpart)
-            if approve:
-                start = max(swap.starts_at, now)
-                problem = await self._holds(session, swap, start, person, now)
-                if problem:  # refused: nobody approved anything
-                    return Reply(problem)
-            swap.approval_at, swap.approval_by = now, person.id
-            if approve:
-                await self._take(session, swap, start, now, actor, APPROVED, "swap.approved",
-                                 {"self_approved": self_approved, "role": role})
-                reply = Reply(f"Approved swap #{swap_id}: {self.name(swap.counterpart)} covers `{swap.rotation}` for "
-                              f"{self.name(swap.requester)} from {self._when(swap.starts_at, person, swap, now)} until "
-                              f"{self._when(swap.ends_at, person, swap, now)}.")
+            if approve and self._left(swap):
+                reply = await self._call_off(session, swap, person, now)
             else:
-                await self._close(session, swap, DECLINED, "swap.rejected", actor, now,
-                                  role=role, self_approved=self_approved)
-                for who in (swap.requester, swap.counterpart):
-                    self._direct(session, swap, who, now, "swap.rejected",
-                                 lambda z: (f"{person.name} did not approve swap #{swap_id}: "
-                                            f"{self.name(swap.requester)} stays on call for `{swap.rotation}` from "
-                                            f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}."))
-                reply = Reply(f"Rejected swap #{swap_id}; {self.name(swap.requester)} and "
-                              f"{self.name(swap.counterpart)} are told.")
-            rotation_id = swap.rotation
-        await self._after(rotation_id if approve else None)
+                reply = await self._reviewed(session, swap, person, actor, now, role, approve=approve)
+            rotation_id, taken = swap.rotation, swap.status in TAKEN
+        await self._after(rotation_id if taken else None)
         return reply
+
+    async def _reviewed(self, session: AsyncSession, swap: SwapRequest, person: Person, actor: Actor, now: datetime,
+                        role: str | None, *, approve: bool) -> Reply:
+        """An approver's answer, once they may give it: the override, or the rejection."""
+        swap_id = swap.id
+        actor = _actor(actor, person)
+        self_approved = person.id in (swap.requester, swap.counterpart)
+        if approve:
+            start = max(swap.starts_at, now)
+            problem = await self._holds(session, swap, start, person, now)
+            if problem:  # refused: nobody approved anything
+                return Reply(problem)
+        swap.approval_at, swap.approval_by = now, person.id
+        if approve:
+            await self._take(session, swap, start, now, actor, APPROVED, "swap.approved",
+                             {"self_approved": self_approved, "role": role})
+            return Reply(f"Approved swap #{swap_id}: {self.name(swap.counterpart)} covers `{swap.rotation}` for "
+                         f"{self.name(swap.requester)} from {self._when(swap.starts_at, person, swap, now)} until "
+                         f"{self._when(swap.ends_at, person, swap, now)}.")
+        await self._close(session, swap, DECLINED, "swap.rejected", actor, now, role=role, self_approved=self_approved)
+        for who in (swap.requester, swap.counterpart):
+            self._direct(session, swap, who, now, "swap.rejected",
+                         lambda z: (f"{person.name} did not approve swap #{swap_id}: "
+                                    f"{self.name(swap.requester)} stays on call for `{swap.rotation}` from "
+                                    f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}."))
+        return Reply(f"Rejected swap #{swap_id}; {self.name(swap.requester)} and {self.name(swap.counterpart)} are told.")
 
     async def undo(self, swap_id: int, person: Person, actor: Actor) -> Reply:
         now = self.clock.now()
@@ -462,19 +484,60 @@ class SwapHandlers:
             await self.audit.append_many(session, [Entry("swap.undone", _actor(actor, person), "swap", str(swap_id),
                                                          now, {**self._facts(swap),
                                                                "overrides": [r.id for r in overrides]})])
+            # Who is on call once this cover is gone: the requester again, unless a later override (a manager's,
+            # say) covers some of it; the messages say so rather than announce the requester.
+            await session.flush()
+            held = await self._on_call_then(session, swap)
+            back = all(person_id == swap.requester for person_id, _, _, _ in held)
+            still = ("a later override still applies" if any(o is not None for _, _, _, o in held)
+                     else "the rotation changed since")
+            theirs = (f"{self.name(swap.counterpart)} no longer covers `{swap.rotation}` for "
+                      f"{self.name(swap.requester)}")
+
+            def on_call(z: ZoneInfo) -> str:
+                return "; ".join(f"{self.name(p)}" + (f" (override #{o})" if o is not None else "")
+                                 + f" from {when(a, z, now)} until {when(b, z, now)}" for p, a, b, o in held)
+
             other = swap.counterpart if person.id == swap.requester else swap.requester
             self._direct(session, swap, other, now, "swap.undone",
                          lambda z: (f"{person.name} undid swap #{swap_id}: {self.name(swap.requester)} is on call for "
                                     f"`{swap.rotation}` from {when(swap.starts_at, z, now)} until "
-                                    f"{when(swap.ends_at, z, now)} again, not {self.name(swap.counterpart)}."))
+                                    f"{when(swap.ends_at, z, now)} again, not {self.name(swap.counterpart)}." if back else
+                                    f"{person.name} undid swap #{swap_id}: {theirs} from {when(swap.starts_at, z, now)} "
+                                    f"until {when(swap.ends_at, z, now)}, but {still}. On call "
+                                    f"then: {on_call(z)}."))
             self._notice(session, swap, now, lambda z: (
                 f"Swap #{swap_id} is undone: {self.name(swap.requester)} is on call for `{swap.rotation}` from "
-                f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} again."))
+                f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} again." if back else
+                f"Swap #{swap_id} is undone: {theirs} from {when(swap.starts_at, z, now)} until "
+                f"{when(swap.ends_at, z, now)}. On call then: {on_call(z)}."))
             rotation_id = swap.rotation
         await self._after(rotation_id)
-        return Reply(f"Undone: {self.name(swap.requester)} is on call for `{swap.rotation}` from "
-                     f"{self._when(swap.starts_at, person, swap, now)} until {self._when(swap.ends_at, person, swap, now)} "
-                     f"again (swap #{swap_id}).")
+        if back:
+            return Reply(f"Undone: {self.name(swap.requester)} is on call for `{swap.rotation}` from "
+                         f"{self._when(swap.starts_at, person, swap, now)} until "
+                         f"{self._when(swap.ends_at, person, swap, now)} again (swap #{swap_id}).")
+        schedule = self.view.schedules.get(swap.rotation)
+        return Reply(f"Undone (swap #{swap_id}): {theirs} from {self._when(swap.starts_at, person, swap, now)} until "
+                     f"{self._when(swap.ends_at, person, swap, now)}, but {still}. On call then: "
+                     f"{on_call(self._tz(person, schedule) if schedule else ZoneInfo(self.config.timezone))}.")
+
+    async def _on_call_then(self, session: AsyncSession, swap: SwapRequest
+                            ) -> list[tuple[str | None, datetime, datetime, int | None]]:
+        """Who the effective schedule has on call over the swap's stretch, as read in `session`: (person, from,
+        until, the override's id when one puts them there), back to back stretches of one person joined."""
+        schedule = self.view.schedules.get(swap.rotation)
+        if schedule is None:  # the rotation left app.yaml: nothing to say but that the requester holds it
+            return [(swap.requester, swap.starts_at, swap.ends_at, None)]
+        overrides = await load_overrides(session, self.view, swap.starts_at, swap.ends_at, [swap.rotation])
+        out: list[tuple[str | None, datetime, datetime, int | None]] = []
+        for s in shifts_between(schedule, overrides, swap.starts_at, swap.ends_at):
+            a, b = max(s.start or swap.starts_at, swap.starts_at), min(s.end, swap.ends_at)
+            if out and out[-1][0] == s.person and out[-1][3] == s.override_id and out[-1][2] == a:
+                out[-1] = (s.person, out[-1][1], b, s.override_id)
+            else:
+                out.append((s.person, a, b, s.override_id))
+        return out
 
     # -- the expiry timer --------------------------------------------------------------------------------
 
@@ -485,18 +548,22 @@ class SwapHandlers:
             return  # answered, or given a later deadline (an accepted swap waiting for approval)
         await self._expire(session, swap, now)
 
-    async def _expire(self, session: AsyncSession, swap: SwapRequest, now: datetime) -> None:
+    async def _expire(self, session: AsyncSession, swap: SwapRequest, now: datetime, *, but: str | None = None) -> None:
+        """Close an open swap whose deadline passed and tell those waiting on it (but `but`, who is being answered)."""
         was = swap.status
         swap.decided_at = now
         if was == PENDING:
             swap.decided_by = None
         await self._close(session, swap, EXPIRED, "swap.expired", Actor.system(), now,
                           expires_at=swap.expires_at.isoformat())
+        # A request made during the shift expires at its end at the latest: by then the stretch is not "yours" to keep.
+        over = now >= swap.ends_at
         if was == PENDING:
             self._direct(session, swap, swap.requester, now, "swap.expired",
                          lambda z: (f"Your swap #{swap.id} expired: {self.name(swap.counterpart)} did not answer by "
                                     f"{when(swap.expires_at, z, now)}. Your `{swap.rotation}` shift from "
-                                    f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} stays yours."))
+                                    f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} "
+                                    + ("ended without anyone taking it." if over else "stays yours.")))
             self._direct(session, swap, swap.counterpart, now, "swap.expired",
                          lambda z: (f"Swap #{swap.id} ({self.name(swap.requester)}'s `{swap.rotation}` shift from "
                                     f"{when(swap.starts_at, z, now)}) expired unanswered; its buttons do nothing now."))
@@ -505,9 +572,13 @@ class SwapHandlers:
             for who in (swap.requester, swap.counterpart):
                 self._direct(session, swap, who, now, "swap.expired",
                              lambda z: (f"Swap #{swap.id} expired: nobody with the `{role}` role approved it by "
-                                        f"{when(swap.expires_at, z, now)}. {self.name(swap.requester)} stays on call "
-                                        f"for `{swap.rotation}` from {when(swap.starts_at, z, now)} until "
-                                        f"{when(swap.ends_at, z, now)}."))
+                                        f"{when(swap.expires_at, z, now)}. " + (
+                                            f"The `{swap.rotation}` shift from {when(swap.starts_at, z, now)} until "
+                                            f"{when(swap.ends_at, z, now)} ended without it: "
+                                            f"{self.name(swap.requester)} stayed on call." if over else
+                                            f"{self.name(swap.requester)} stays on call for `{swap.rotation}` from "
+                                            f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}.")))
+            self._tell_approvers(session, swap, now, "swap.expired", "expired before anyone approved it", but=but)
 
     # -- steps shared by the transitions ------------------------------------------------------------------
 
@@ -584,6 +655,60 @@ class SwapHandlers:
         self._notice(session, swap, now, lambda z: (
             f"{self.name(swap.counterpart)} covers `{swap.rotation}` for {self.name(swap.requester)} from "
             f"{when(start, z, now)} until {when(swap.ends_at, z, now)} (swap #{swap.id})."))
+
+    def _left(self, swap: SwapRequest) -> bool:
+        """The counterpart is no longer a member of the swap's rotation (app.yaml changed since they were asked).
+        Their cover would make someone the rotation does not have the one on call, and paged: in a rotation an
+        escalation pages, the `responder` role comes from membership (bot.config), so they could not even
+        acknowledge."""
+        schedule = self.view.schedules.get(swap.rotation)
+        return schedule is not None and swap.counterpart not in schedule.members
+
+    async def _call_off(self, session: AsyncSession, swap: SwapRequest, person: Person, now: datetime) -> Reply:
+        """Close an open swap whose counterpart left the rotation (`_left`): it can never be taken, and waiting for
+        its expiry would keep the requester's shift blocked for other requests. Cancelled, by nobody (the audit
+        event's actor is the system, with the reason); the requester is told, and whoever else was waiting on it."""
+        assert swap.id is not None
+        was, swap_id, rotation = swap.status, swap.id, swap.rotation
+        requester, counterpart = self.name(swap.requester), self.name(swap.counterpart)
+        swap.decided_at, swap.decided_by = now, None
+        await self._close(session, swap, CANCELLED, "swap.cancelled", Actor.system(), now,
+                          reason="counterpart_left_rotation", noticed_by=person.id)
+        self._direct(session, swap, swap.requester, now, "swap.cancelled",
+                     lambda z: (f"Swap #{swap_id} is called off: {counterpart} is no longer a member of `{rotation}`, so "
+                                f"they cannot take your shift from {when(swap.starts_at, z, now)} until "
+                                f"{when(swap.ends_at, z, now)}. It stays yours; ask someone else with `/swap`."))
+        if person.id != swap.counterpart and swap.counterpart in self.people:
+            self._direct(session, swap, swap.counterpart, now, "swap.cancelled",
+                         lambda z: (f"Swap #{swap_id} ({requester}'s `{rotation}` shift from "
+                                    f"{when(swap.starts_at, z, now)}) is called off: you are no longer a member of "
+                                    f"`{rotation}`, so you cannot take its shifts."))
+        if was == AWAITING:
+            self._tell_approvers(session, swap, now, "swap.cancelled", f"is called off ({counterpart} is no longer a "
+                                 f"member of `{rotation}`)", but=person.id)
+        if person.id == swap.counterpart:
+            return Reply(f"You are no longer a member of `{rotation}`, so you cannot take its shifts: swap #{swap_id} "
+                         f"is called off, and {requester} is told. If that is a mistake, ask whoever maintains "
+                         f"app.yaml to add you back; then {requester} can ask you again.")
+        return Reply(f"{counterpart} is no longer a member of `{rotation}`, so they cannot take its shifts: swap "
+                     f"#{swap_id} is called off, and {requester} is told; they can ask someone else.")
+
+    def _tell_approvers(self, session: AsyncSession, swap: SwapRequest, now: datetime, event: str, what: str,
+                        *, but: str | None = None) -> None:
+        """A swap that was waiting for approval ended without one: the people who were asked to approve it (but the
+        one who ended it) learn it needs nothing more from them, rather than find out when they press Approve."""
+        rotation = self.rotations.get(swap.rotation)
+        role = rotation.swap_approval if rotation is not None else None
+        if role is None:
+            return
+        for approver in self.approvers(role, swap):
+            if approver.id in (but, swap.requester, swap.counterpart):
+                continue  # one of the two (who approves only when nobody else can) hears about it as such
+            self._direct(session, swap, approver.id, now, event,
+                         lambda z: (f"Swap #{swap.id} ({self.name(swap.counterpart)} taking "
+                                    f"{self.name(swap.requester)}'s `{swap.rotation}` shift from "
+                                    f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}) {what}; it "
+                                    "needs nothing more from you."))
 
     async def _holds(self, session: AsyncSession, swap: SwapRequest, start: datetime, person: Person,
                      now: datetime) -> str | None:
@@ -785,6 +910,8 @@ class SwapHandlers:
             case "expired":
                 return f"Swap #{swap.id} expired {self._when(swap.expires_at, person, swap, now)}."
             case "cancelled":
+                if swap.decided_by is None:  # `_call_off`
+                    return f"Swap #{swap.id} was called off: {by(swap.counterpart)} had left `{swap.rotation}`."
                 return f"Swap #{swap.id} was cancelled by {by(swap.decided_by)}."
             case "undone":
                 return f"Swap #{swap.id} was undone by {by(swap.undone_by)}."

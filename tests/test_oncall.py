@@ -265,13 +265,13 @@ async def test_the_feed_of_a_rotation_that_starts_later_shows_its_overrides_as_t
 
 
 async def test_covers_made_within_a_second_of_each_other_give_no_event_that_ends_as_it_starts(slack: Slack) -> None:
-    """A manager's /override from now, then the person's own /oncall take 0.4 s later: the first cover lasts 0.4 s
+    """A manager's /override from now, then someone's own /oncall take 0.4 s later: the first cover lasts 0.4 s
     before the second takes over, and cut to the feed's whole seconds it ended as it started (RFC 5545 wants DTEND
     after DTSTART; calendar apps refuse or hide such an event). It is left out, and the feed has no gap."""
     s = slack
     s.h.clock.set(T0 + timedelta(seconds=4.318051))
-    put = await s.answer(await s.command("/override", "dba-primary alice now 8h", user="U02BOB"))
-    assert put["text"].startswith("Alice is on call for `dba-primary` from Tue 24 Nov 05:00 CET")
+    put = await s.answer(await s.command("/override", "dba-primary carol now 8h", user="U02BOB"))
+    assert put["text"].startswith(f"{CAROL} is on call for `dba-primary` from Tue 24 Nov 05:00 CET")
     s.h.clock.advance(timedelta(seconds=0.4))
     took = await s.answer(await s.command("/oncall", "take dba-primary now 2h", user="U01ALICE"))
     assert took["text"].startswith("Alice is on call for `dba-primary` from Mon 23 Nov 23:00 EST")
@@ -281,7 +281,7 @@ async def test_covers_made_within_a_second_of_each_other_give_no_event_that_ends
     assert all(e["DTEND"] == f["DTSTART"] for e, f in zip(events, events[1:]))  # back to back still
     now = [(e["DTSTART"], e["DTEND"], e["SUMMARY"]) for e in events if "20261124T04" <= e["DTSTART"] < "20261125"]
     assert now == [("20261124T040004Z", "20261124T060004Z", "On call: Alice (dba-primary)"),  # her own take
-                   ("20261124T060004Z", "20261124T120004Z", "On call: Alice (dba-primary)"),  # Bob's 8h, on
+                   ("20261124T060004Z", "20261124T120004Z", f"On call: {CAROL} (dba-primary)"),  # Bob's 8h, on
                    ("20261124T120004Z", "20261130T080000Z", "On call: Bob (dba-primary)")]  # then his own week
 
 
@@ -363,6 +363,37 @@ async def test_taking_the_current_shift_and_a_managers_override_change_who_is_on
         audited = (await session.execute(select(AuditEvent).where(AuditEvent.action == "oncall.override")
                                           .order_by(AuditEvent.seq))).scalars().all()
     assert [(e.actor_person, e.details["person"]) for e in audited] == [("alice", "alice"), ("bob", "carol")]
+
+
+async def test_a_cover_under_a_minute_or_of_ones_own_time_writes_nothing(slack: Slack) -> None:
+    """Half a second (a typing slip) would be an override and a message to Bob; taking the shift Bob already holds
+    would be an override that changes nothing. Both are answered, and nothing is written or sent."""
+    s = slack
+    tiny = await s.answer(await s.command("/oncall", "take dba-primary 2026-11-24T05:00 2026-11-24T05:00:00.5",
+                                          user="U01ALICE"))
+    assert tiny["text"].startswith("a cover lasts a minute at least. Usage: `/oncall take [ROTATION] [FROM] [UNTIL]`")
+    short = await s.answer(await s.command("/oncall", "take dba-primary now 59s", user="U01ALICE"))
+    assert short["text"].startswith("a cover lasts a minute at least.")
+    own = await s.answer(await s.command("/oncall", "take dba-primary", user="U02BOB"))
+    assert own["text"] == ("You are already on call for `dba-primary` from Tue 24 Nov 05:00 CET until "
+                           "Mon 30 Nov 09:00 CET; nothing changed.")
+    async with s.h.bot.db.sessions() as session:
+        assert (await session.execute(select(Override))).scalars().all() == []
+        assert (await session.execute(select(AuditEvent).where(AuditEvent.action == "oncall.override"))).all() == []
+    assert await directs(s.h, "bob") == []
+    minute = await s.answer(await s.command("/oncall", "take dba-primary now 1m", user="U01ALICE"))
+    assert minute["text"].startswith("Alice is on call for `dba-primary` from Mon 23 Nov 23:00 EST until "
+                                     "Mon 23 Nov 23:01 EST")
+
+
+async def test_an_override_note_names_its_author_once(slack: Slack) -> None:
+    """It read "override #1 by Bob: override by Bob"; rows written that way before still show the author once."""
+    s = slack
+    await s.answer(await s.command("/override", "dba-primary carol 2026-11-25 09:00 8h", user="U02BOB"))
+    old = await add_override(s.h, "carol", datetime(2026, 11, 26, 8, tzinfo=UTC), datetime(2026, 11, 26, 16, tzinfo=UTC),
+                             reason="override by Alice")
+    notes = [row[4] for row in rows(await ask(s, "schedule dba-primary --weeks 1")) if row[3] == f"{CAROL} (override)"]
+    assert notes == ["override #1 by Bob", f"override #{old} by Alice"]
 
 
 async def test_a_cover_that_runs_into_the_same_persons_shift_is_one_stretch_in_oncall(slack: Slack) -> None:

@@ -636,8 +636,8 @@ async def test_a_refused_approval_records_no_approver(on_sqlite: Slack) -> None:
 
 async def test_taking_a_shift_where_swaps_need_approval_is_left_to_a_swap_or_a_manager(on_sqlite: Slack) -> None:
     """web's swaps need a manager's approval: Carol cannot take Bob's day shift with `/oncall take` (nobody would
-    approve, and Bob would not even be asked). Her own shift she may cover (it changes no hands); a manager, who
-    could `/override` it anyway, may take someone's, and they are told."""
+    approve, and Bob would not even be asked). Her own shift she holds already, so taking it changes nothing; a
+    manager, who could `/override` it anyway, may take someone's, and they are told."""
     s, h = on_sqlite, on_sqlite.h
     refused = await say(s, "take web 2026-11-24T09:00", user=CAROL, command="/oncall")
     assert refused == ("Shifts in `web` change hands only with the approval of someone with the `manager` role, so "
@@ -646,7 +646,8 @@ async def test_taking_a_shift_where_swaps_need_approval_is_left_to_a_swap_or_a_m
                        "role to `/override` it.")
     assert await overrides(h) == [] and await directs(h, "bob") == [] and await notices(h) == []
     mine = await say(s, "take web 2026-11-24T21:00", user=CAROL, command="/oncall")
-    assert mine.startswith("Carol is on call for `web` from Tue 24 Nov 21:00 EST until Wed 25 Nov 09:00 EST")
+    assert mine == "You are already on call for `web` from Tue 24 Nov 21:00 EST until Wed 25 Nov 09:00 EST; nothing changed."
+    assert await overrides(h) == []
     took = await say(s, "take web 2026-11-26T21:00", user=BOB, command="/oncall")  # Thursday night: Carol's
     assert took.startswith("Bob is on call for `web` from Thu 26 Nov 21:00 EST until Fri 27 Nov 09:00 EST")
     assert await directs(h, "carol") == [("oncall.override", "Bob took over your `web` shift from Thu 26 Nov 21:00 EST "
@@ -740,3 +741,123 @@ async def test_a_direct_message_slack_took_without_answering_is_not_sent_again_e
             assert row.status == "dead" and row.last_error.startswith("outcome unknown: Slack took it but never "
                                                                       "confirmed it, so the message may have arrived")
             assert [event for event, _, _ in await directs(h, "bob")] == ["swap.asked"]  # no "could not deliver"
+
+
+async def test_someone_who_left_the_rotation_cannot_take_a_swap_and_it_is_called_off(tmp_path: Path) -> None:
+    """Bob was asked for two swaps, then app.yaml took him out of both rotations (the bot restarted). His accept
+    and a manager's approval would make him the one on call (and paged) for a rotation he is no longer in: both are
+    refused, the swaps are called off, and the requesters (and Bob, and the other approvers) are told."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    async with FakeSlack() as fake:
+        async with running_bot(url, slack_config(fake) + ROTATIONS, people=PEOPLE) as h:
+            s = Slack(h, fake)
+            await say(s, "bob dba-primary next")
+            await say(s, "bob web 2026-11-25", user=CAROL)
+            assert (await say(s, "accept 2", user=BOB)).startswith("Accepted swap #2. It needs approval")
+        without_bob = ROTATIONS.replace("members: [alice, bob]", "members: [alice, erin]").replace(
+            "members: [bob, carol]", "members: [carol, erin]")
+        async with running_bot(url, slack_config(fake) + without_bob, people=PEOPLE) as h:
+            clicks, s = s.clicks, Slack(h, fake)
+            s.clicks = clicks
+            assert await say(s, "accept 1", user=BOB) == (
+                "You are no longer a member of `dba-primary`, so you cannot take its shifts: swap #1 is called off, "
+                "and Alice is told. If that is a mistake, ask whoever maintains app.yaml to add you back; then Alice "
+                "can ask you again.")
+            assert (await directs(h, "alice"))[-1] == (
+                "swap.cancelled", "Swap #1 is called off: Bob is no longer a member of `dba-primary`, so they cannot "
+                f"take your shift {ALICE_NEXT}. It stays yours; ask someone else with `/swap`.", [])
+            assert await press(s, "swapv:2", DAVE) == (
+                "Bob is no longer a member of `web`, so they cannot take its shifts: swap #2 is called off, and "
+                "Carol is told; they can ask someone else.")
+            assert (await directs(h, "carol"))[-1][:2] == (
+                "swap.cancelled", "Swap #2 is called off: Bob is no longer a member of `web`, so they cannot take "
+                "your shift from Wed 25 Nov 21:00 EST until Thu 26 Nov 09:00 EST. It stays yours; ask someone else "
+                "with `/swap`.")
+            assert (await directs(h, "bob"))[-1][:2] == (
+                "swap.cancelled", "Swap #2 (Carol's `web` shift from Wed 25 Nov 21:00 EST) is called off: you are no "
+                "longer a member of `web`, so you cannot take its shifts.")
+            assert [d[0] for d in await directs(h, "dave")] == ["swap.approval"]  # he pressed: his answer says it
+            assert await overrides(h) == []
+            assert [(w.status, w.decided_by, w.approval_by) for w in await swaps(h)] == [
+                ("cancelled", None, None), ("cancelled", None, None)]
+            assert [(a, who, d.get("reason"), d.get("noticed_by")) for a, who, d in await audit(h)][-2:] == [
+                ("swap.cancelled", None, "counterpart_left_rotation", "bob"),
+                ("swap.cancelled", None, "counterpart_left_rotation", "dave")]
+            assert await say(s, "accept 1", user=BOB) == "Swap #1 was called off: Bob had left `dba-primary`."
+            assert (await say(s, "erin next")).startswith("Asked Erin")  # Alice's week is free to ask for again
+
+
+async def test_undoing_a_swap_a_later_override_covers_says_who_is_on_call_then(on_sqlite: Slack) -> None:
+    """Bob takes Alice's week; then Dave puts Carol on for its first three days. Undoing the swap gives Alice the
+    last four back, not the week: the answer, Bob's message and the channel say who is on call, as /oncall does."""
+    s, h = on_sqlite, on_sqlite.h
+    await say(s, "bob next")
+    await say(s, "accept 1", user=BOB)
+    put = await say(s, "dba-primary carol 2026-11-30T09:00+01:00 2026-12-03T09:00+01:00", user=DAVE, command="/override")
+    assert put.startswith("Carol is on call for `dba-primary`")
+    stretches = ("Carol (override #2) from Mon 30 Nov 09:00 CET until Thu 3 Dec 09:00 CET; Alice from Thu 3 Dec 09:00 "
+                 "CET until Mon 7 Dec 09:00 CET")
+    assert await say(s, "undo 1") == (
+        f"Undone (swap #1): Bob no longer covers `dba-primary` for Alice {ALICE_NEXT}, but a later override still "
+        f"applies. On call then: {stretches}.")
+    assert (await directs(h, "bob"))[-1][:2] == (
+        "swap.undone", f"Alice undid swap #1: Bob no longer covers `dba-primary` for Alice {ALICE_NEXT}, but a later "
+        f"override still applies. On call then: {stretches}.")
+    assert (await notices(h))[-1] == (
+        "ops-slack", "swap.notice", f"Swap #1 is undone: Bob no longer covers `dba-primary` for Alice {ALICE_NEXT}. "
+        f"On call then: {stretches}.")
+    table = table_rows(await say(s, "dba-primary", command="/oncall"))
+    assert [row[:3] for row in table[2:4]] == [["Carol (override)", "Mon 30 Nov 09:00 CET", "Thu 3 Dec 09:00 CET"],
+                                               ["Alice", "Thu 3 Dec 09:00 CET", "Mon 7 Dec 09:00 CET"]]
+
+
+async def test_approvers_learn_that_a_swap_waiting_for_them_ended_without_them(on_sqlite: Slack) -> None:
+    """Dave was asked to approve; then Bob withdrew, Carol cancelled, or nobody approved in time: each time Dave is
+    told it needs nothing more from him, rather than finding out when he presses Approve."""
+    s, h = on_sqlite, on_sqlite.h
+    shift = "Carol's `web` shift from Thu 26 Nov 11:00 JST until Thu 26 Nov 23:00 JST"
+    await say(s, "bob web 2026-11-25", user=CAROL)
+    await say(s, "accept 1", user=BOB)
+    assert await say(s, "decline 1", user=BOB) == "Declined swap #1; Carol is told."
+    assert (await directs(h, "dave"))[-1] == (
+        "swap.declined", f"Swap #1 (Bob taking {shift}) was withdrawn by Bob; it needs nothing more from you.", [])
+    await say(s, "bob web 2026-11-25", user=CAROL)
+    await say(s, "accept 2", user=BOB)
+    assert await say(s, "cancel 2", user=CAROL) == "Cancelled swap #2; Bob is told."
+    assert (await directs(h, "dave"))[-1] == (
+        "swap.cancelled", f"Swap #2 (Bob taking {shift}) was cancelled by Carol; it needs nothing more from you.", [])
+    await say(s, "bob web 2026-11-25", user=CAROL)
+    await say(s, "accept 3", user=BOB)
+    h.clock.advance(timedelta(hours=2))
+    await h.bot.timers.tick()
+    await until(lambda: _status(h, 3, "expired"))
+    assert (await directs(h, "dave"))[-1] == (
+        "swap.expired", f"Swap #3 (Bob taking {shift}) expired before anyone approved it; it needs nothing more from "
+        "you.", [])
+    assert [event for event, _, _ in await directs(h, "dave")] == ["swap.approval", "swap.declined", "swap.approval",
+                                                                   "swap.cancelled", "swap.approval", "swap.expired"]
+
+
+async def test_a_request_that_expires_as_its_shift_ends_does_not_say_the_shift_stays_yours(on_sqlite: Slack) -> None:
+    """A request made in the last hour of Carol's night expires when the night ends: she is told it ended without
+    anyone taking it (it said the shift 'stays yours', an hour after it ended); so for one waiting for approval."""
+    s, h = on_sqlite, on_sqlite.h
+    h.clock.set(datetime(2026, 11, 24, 13, tzinfo=UTC))  # Tuesday 08:00 New York time: Carol's night ends at 09:00
+    assert "(swap #1); it expires Tue 24 Nov 09:00 EST." in await say(s, "bob web 2026-11-24T08:30", user=CAROL)
+    h.clock.advance(timedelta(hours=1))
+    await h.bot.timers.tick()
+    await until(lambda: _status(h, 1, "expired"))
+    assert (await directs(h, "carol"))[-1][1] == (
+        "Your swap #1 expired: Bob did not answer by Tue 24 Nov 09:00 EST. Your `web` shift from Tue 24 Nov 08:00 EST "
+        "until Tue 24 Nov 09:00 EST ended without anyone taking it.")
+
+    h.clock.set(datetime(2026, 11, 25, 13, tzinfo=UTC))  # the next night's last hour; Bob accepts this time
+    await say(s, "bob web 2026-11-25T08:30", user=CAROL)
+    assert (await say(s, "accept 2", user=BOB)).startswith("Accepted swap #2. It needs approval")
+    h.clock.advance(timedelta(hours=1))
+    await h.bot.timers.tick()
+    await until(lambda: _status(h, 2, "expired"))
+    for person in ("carol", "bob"):
+        assert (await directs(h, person))[-1][1] == (
+            "Swap #2 expired: nobody with the `manager` role approved it by Wed 25 Nov 09:00 EST. The `web` shift from "
+            "Wed 25 Nov 08:00 EST until Wed 25 Nov 09:00 EST ended without it: Carol stayed on call.")
