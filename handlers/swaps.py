@@ -16,7 +16,8 @@ the counterpart, Cancel to the requester), all in one transaction.
 Taking a swap writes one override: the counterpart covers [start, end) (a cover, not an exchange);
 a request for a stretch already under way covers what is left of it from the moment it is taken.
 Accepting or approving checks again that the requester still holds the whole stretch, so a swap
-never silently replaces a manager's override made in the meantime. Approval: the clicker must hold
+never silently replaces a manager's override made in the meantime, and that the counterpart is still a
+member of the rotation (if not, the swap is called off: cancelled by nobody). Approval: the clicker must hold
 the role and must be neither the requester nor the counterpart, unless nobody else holds the role
 (then they may approve, and the audit event says `self_approved`). An accepted swap waiting for
 approval gets a fresh `swap_expiry` (never past the end of the shift) for the approvers.
