@@ -391,7 +391,7 @@ def sample_contexts(now: datetime) -> dict[str, list[dict[str, Any]]]:
     labels = {"alertname": "DiskFull", "instance": "db-1:9100", "service": "postgres"}
     alerts = [SimpleNamespace(summary=f'Disk {used}% full on "/var"', status="firing", labels=labels,
                               annotations={"description": "only 300 MB left <& more>",
-                                           "runbook_url": "https://wiki.example/disk"},
+                                           "runbook_url": "https://wiki.example/disk", "values": f"B={used}, C=1"},
                               links={"dashboard": "https://grafana.example/d/abc"},
                               last_received=now - timedelta(minutes=ago))
               for used, ago in ((91, 12), (93, 5), (97, 1))]

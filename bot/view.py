@@ -35,6 +35,7 @@ LINK_KINDS = (
     ("silence", "silence_url", "Silence"),
 )
 TITLE_MAX, SUMMARY_MAX, DETAIL_MAX, NAME_MAX = 300, 500, 1000, 80
+VALUES_MAX = 200  # "B=15234.5, C=1": a few numbers; a long valueString is cut
 _URL_UNSAFE = {c: f"%{ord(c):02X}" for c in ' "<>|\\^`{}'}
 
 
@@ -298,8 +299,18 @@ def _latest(alerts: Sequence[Any], total: int) -> dict[str, str] | None:
         "summary": summary,
         "status": str(alert.status),
         "detail": "" if one_line(detail, DETAIL_MAX) == summary else detail,
+        "evaluated": alert_values(notes),
+        "value_string": one_line(notes.get("value"), DETAIL_MAX),
         "showing": f"showing the last of {total}" if total > 1 else "",
     }
+
+
+def alert_values(annotations: Mapping[str, Any] | None) -> str:
+    """What the alert's query evaluated to, on one short line: Grafana's `values` (`B=15234.5, C=1`, kept in the
+    `values` annotation), else its `valueString` or a rule's own `value` annotation. For a Grafana rule without a
+    summary this is the news: the title only names the rule. "" when the alert says none."""
+    notes = annotations if isinstance(annotations, Mapping) else {}
+    return one_line(notes.get("values") or notes.get("value"), VALUES_MAX)
 
 
 def _and(items: list[str]) -> str:

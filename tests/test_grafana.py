@@ -124,6 +124,29 @@ async def test_firing_payload_opens_incidents_that_keep_grafana_links_and_values
     assert [(i.notifications, i.priority) for i in await h.incidents()] == [(1, 90), (1, 30)]
 
 
+async def test_the_card_shows_what_the_rule_evaluated_to(tmp_path: Path) -> None:
+    """The values were stored and shown nowhere: not on the card, not in `incidents show`. For a Grafana rule, what
+    its query returned is what the people woken up need first."""
+    from tests.fake_slack import FakeSlack
+    from tests.test_slack_flow import slack_config
+
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+                                               slack_config(fake)) as h:
+        body = fixture(FIRING)
+        assert (await h.post("grafana", body, signed(body)))[0] == 200
+
+        def cards() -> list[str]:  # the section of the card that says what the latest alert says
+            posts = [c.params for c in fake.called("chat.postMessage") if not c.params.get("thread_ts")]
+            blocks = [p["blocks"] if isinstance(p["blocks"], list) else json.loads(p["blocks"]) for p in posts]
+            return [b["text"]["text"] for post in blocks for b in post
+                    if b["type"] == "section" and b["text"]["text"].startswith("*Latest:*")]
+
+        await fake.wait_for(lambda: len(cards()) == 2, timeout=5)
+    assert sorted(card.split("\n")[:2] for card in cards()) == [
+        ["*Latest:* CPU above 85% on app-02:9100 (zone eu-1)", "*Values:* B=97.2515527950311, C=1"],
+        ["*Latest:* Memory above 90% on app-01:9100 (zone us-1)", "*Values:* B=93.71044921875, C=1"]]
+
+
 async def test_resolved_payload_resolves_both_incidents(h: Harness) -> None:
     firing = fixture(FIRING)
     await h.post("grafana", firing, signed(firing))

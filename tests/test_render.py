@@ -99,7 +99,7 @@ def test_the_slack_date_token_survives_escaping_and_text_that_imitates_it_does_n
 
 def test_long_alert_text_is_cut_not_refused(renderer):
     huge = "x&" * 5000
-    alert = make_alert(huge, received=NOW, annotations={"description": huge})
+    alert = make_alert(huge, received=NOW, annotations={"description": huge, "values": huge})
     payload = renderer.render_json("incident", "slack",
                                    incident_context(make_incident(title=huge), [alert], now=NOW))
     for block in payload["blocks"]:
@@ -107,6 +107,28 @@ def test_long_alert_text_is_cut_not_refused(renderer):
         assert len(text) <= 3000
         assert not text.rstrip("\u2026").endswith(("&", "&a", "&am", "&amp"))  # no entity cut in half
     assert len(payload["text"]) <= 300
+
+
+def test_the_latest_alerts_values_are_on_every_platforms_card_escaped(renderer):
+    """Grafana's evaluated values, after the latest alert's summary: `Values: B=15234.5, C=1`; what an alert writes
+    there is escaped as the rest of the card (Slack mrkdwn, Telegram HTML)."""
+    alert = make_alert("Queue depth", received=NOW, annotations={"values": "B=15234.5, C=1 <!channel> & <b>",
+                                                                 "description": "orders are waiting"})
+    ctx = incident_context(make_incident(), [*ALERTS, alert], now=NOW)
+    latest = renderer.render_json("incident", "slack", ctx)["blocks"][2]["text"]["text"]
+    assert latest == ("*Latest:* Queue depth _(showing the last of 4)_\n"
+                      "*Values:* B=15234.5, C=1 &lt;!channel&gt; &amp; &lt;b&gt;\norders are waiting")
+    html = renderer.render_text("incident", "telegram", ctx)
+    assert ("<b>Latest:</b> Queue depth <i>(showing the last of 4)</i>\n"
+            "<b>Values:</b> B=15234.5, C=1 &lt;!channel&gt; &amp; &lt;b&gt;\norders are waiting\n") in html
+    text = renderer.render_text("incident", "generic", ctx).splitlines()
+    assert text[3:6] == ["Latest: Queue depth (showing the last of 4)", "Values: B=15234.5, C=1 <!channel> & <b>",
+                         "orders are waiting"]
+    # An alert without values: no Values line anywhere.
+    plain = incident_context(make_incident(), ALERTS, now=NOW)
+    assert "Values" not in all_text(renderer.render_json("incident", "slack", plain))
+    assert "Values" not in renderer.render_text("incident", "telegram", plain)
+    assert "Values" not in renderer.render_text("incident", "generic", plain)
 
 
 def test_long_links_are_left_out_whole_rather_than_break_the_message(renderer):

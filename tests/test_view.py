@@ -72,8 +72,8 @@ def test_firing_incident_first_line_facts_and_next_step():
 
 def test_latest_alert_is_the_newest_received_with_showing_the_last_of_n():
     ctx = incident_context(make_incident(), ALERTS, now=NOW)
-    assert ctx["latest"] == {"summary": "Disk 97% full on /var", "status": "firing",
-                             "detail": "only 300 MB left", "showing": "showing the last of 3"}
+    assert ctx["latest"] == {"summary": "Disk 97% full on /var", "status": "firing", "detail": "only 300 MB left",
+                             "evaluated": "", "value_string": "", "showing": "showing the last of 3"}
     one = incident_context(make_incident(alert_count=1, firing_count=1), ALERTS[:1], now=NOW)
     assert one["latest"]["showing"] == ""
     assert "firing" not in facts(one)  # "1 of 1 firing" says nothing
@@ -172,6 +172,22 @@ def test_naive_datetimes_are_taken_as_utc():
 ])
 def test_span(seconds, text):
     assert span(timedelta(seconds=seconds)) == text
+
+
+def test_latest_says_what_its_query_evaluated_to():
+    """Grafana's `values` (kept as the `values` annotation) were stored and never shown: for a rule without a summary,
+    the title only names the rule, and the value is the news."""
+    older = make_alert("Queue depth", received=NOW - timedelta(minutes=5), annotations={"values": "B=9000, C=1"})
+    newest = make_alert("Queue depth", received=NOW, annotations={
+        "values": "B=15234.5, C=1", "value": "[ var='B' labels={queue=orders} value=15234.5 ], "
+                                             "[ var='C' labels={queue=orders} value=1 ]"})
+    latest = incident_context(make_incident(), [newest, older], now=NOW)["latest"]
+    assert latest["evaluated"] == "B=15234.5, C=1"  # the newest alert's, short
+    assert latest["value_string"] == newest.annotations["value"]  # with the series' labels, for a template of one's own
+    # No `values` (a rule's own `value` annotation, or a valueString alone): that, on one line, cut.
+    alone = make_alert("x", received=NOW, annotations={"value": "[ var='A' labels={} value=1 ]\n" + "9" * 400})
+    said = incident_context(make_incident(), [alone], now=NOW)["latest"]["evaluated"]
+    assert said.startswith("[ var='A' labels={} value=1 ] 999") and len(said) == 200 and said.endswith("\u2026")
 
 
 def test_title_and_summary_are_one_line_and_bounded():
