@@ -25,10 +25,10 @@ from adapters import SETTINGS_MODELS
 from bot import logs
 from bot.actions import MAX_ID
 from bot.config import EXAMPLE_CONFIG, ConfigError, Loaded, check_templates, config_path, load_config
-from bot.incidents import STATUSES, priority
+from bot.incidents import RESOLVED, STATUSES, priority
 from bot.rotations import first_instant
 from bot.tables import ago, printable, table
-from bot.view import who_did
+from bot.view import alert_values, who_did
 from storage import queries, report
 from storage.audit import AuditLog, Damaged
 from storage.db import (STORE_TABLE, Database, SchemaTooNew, is_sqlite_file_url, missing_sqlite_uri_file, sqlite_file,
@@ -323,7 +323,9 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
             incidents = await queries.list_incidents(session, status=args.status, limit=args.limit)
             total = (await queries.count_incidents(session, status=args.status)
                      if len(incidents) == args.limit else len(incidents))
-        ranked = sorted(((_current_priority(i, now), i) for i in incidents), key=lambda p: (-p[0], -(p[1].id or 0)))
+        # The open ones first (what someone may have to act on), then the resolved; each highest priority first.
+        ranked = sorted(((_current_priority(i, now), i) for i in incidents),
+                        key=lambda p: (p[1].status == RESOLVED, -p[0], -(p[1].id or 0)))
         if args.format == "json":
             out.write(json.dumps([_incident_json(i, p) for p, i in ranked], indent=2) + "\n")
             return EXIT_OK
@@ -381,19 +383,34 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
             print(printable(f"  {key + ':':<13} {value}"), file=out)  # a longer name (a link's) still gets its space
         shown = None if args.all else SHOW_ROWS
         print("\nAlerts", file=out)
-        print(table(["SOURCE", "INSTANCE", "FINGERPRINT", "STATUS", "SEVERITY", "SUMMARY", "RECEIVED"],
+        listed = alerts[:shown]
+        # What each alert's query evaluated to (Grafana's values): for a rule without a summary, the news. A column
+        # only when an alert has them, as Alertmanager's mostly do not.
+        values = [alert_values(a.annotations) for a in listed]
+        print(table(["SOURCE", "INSTANCE", "FINGERPRINT", "STATUS", "SEVERITY", "SUMMARY", "RECEIVED"]
+                    + (["VALUES"] if any(values) else []),
                     [(a.source, _instance(a.labels), a.fingerprint, a.status, a.severity, a.summary, a.received_count)
-                     for a in alerts[:shown]]), file=out)
+                     + ((v,) if any(values) else ()) for a, v in zip(listed, values)]), file=out)
         _more(out, len(alerts), shown, "alerts")
         print("\nTimeline", file=out)
+        runs = _runs(timeline)
+        kept = runs if shown is None or len(runs) <= shown else runs[-shown:]
         rows = []
-        for item in (timeline if shown is None or len(timeline) <= shown else timeline[-shown:]):
-            e = item.event if isinstance(item, Damaged) else item
-            rows.append((at(e.at) if isinstance(e.at, datetime) else str(e.at),
-                         e.action + (" (damaged)" if isinstance(item, Damaged) else ""),
-                         who_did(e.actor_person, names) if e.actor_person else f"{e.actor_platform}:{e.actor_user_id}"))
-        print(table(["AT", "ACTION", "BY"], rows), file=out)
-        _more(out, len(timeline), shown, "events before these")
+        for run in kept:
+            first, last = run[0], run[-1]
+            e, damaged_one = (first.event, True) if isinstance(first, Damaged) else (first, False)
+            end = last.at if isinstance(last, AuditEvent) else None
+            when = at(e.at) if isinstance(e.at, datetime) else str(e.at)
+            if isinstance(e.at, datetime) and end is not None and at(end) != when:  # a run: from its first to its last
+                local, until = e.at.astimezone(tz), end.astimezone(tz)
+                when = (f"{local:%Y-%m-%d %H:%M:%S}-{until:%H:%M:%S %Z}" if local.date() == until.date()
+                        else f"{when} to {at(end)}")
+            rows.append((when, _run_action(run) + (" (damaged)" if damaged_one else ""),
+                         who_did(e.actor_person, names) if e.actor_person else f"{e.actor_platform}:{e.actor_user_id}",
+                         _run_detail(run, names)))
+        print(table(["AT", "ACTION", "BY", "DETAIL"], rows), file=out)
+        if left := len(timeline) - sum(len(run) for run in kept):  # (counted in events, as the lines hold them)
+            print(f"... and {left:,} more events before these (--all shows every one)", file=out)
         damaged = [item for item in timeline if isinstance(item, Damaged)]
         for item in damaged:  # (shown or not: the store needs looking at either way)
             print(printable(f"audit event #{item.event.seq} is damaged, {item.problem}; `chatops audit verify` "
@@ -403,7 +420,104 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(_with_db(loaded, work))
 
 
-SHOW_ROWS = 50  # alerts (the first) and timeline events (the latest) `incidents show` prints without --all
+SHOW_ROWS = 50  # alerts (the first) and timeline lines (the latest) `incidents show` prints without --all
+
+
+# An alert joining an incident is said twice, `incident.grouped` and then its `alert.received`: one line with them.
+_LINE_OF = {"incident.grouped": "alert.received"}
+
+
+def _runs(timeline: list[AuditEvent | Damaged]) -> list[list[Any]]:
+    """The timeline in runs: consecutive events of one action by one actor are one line. Alertmanager and Grafana
+    send every alert of a group again at each repeat interval, and each is an `alert.received`: one by one, a few
+    re-sends of a large group pushed the opening and the escalation out of the latest lines. A damaged event is a
+    line of its own."""
+    runs: list[list[Any]] = []
+    for item in timeline:
+        last = runs[-1][-1] if runs else None
+        if (isinstance(item, AuditEvent) and isinstance(last, AuditEvent)
+                and _LINE_OF.get(item.action, item.action) == _LINE_OF.get(last.action, last.action)
+                and (item.actor_person, item.actor_platform, item.actor_user_id)
+                == (last.actor_person, last.actor_platform, last.actor_user_id)):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+def _run_action(run: list[Any]) -> str:
+    """`alert.received ×50`; a line of several actions (an alert grouped and received) counts each."""
+    counts: dict[str, int] = {}
+    for item in run:
+        action = (item.event if isinstance(item, Damaged) else item).action
+        counts[action] = counts.get(action, 0) + 1
+    return ", ".join(action + (f" \u00d7{n}" if n > 1 else "") for action, n in counts.items())
+
+
+def _run_detail(run: list[Any], names: dict[str, str]) -> str:
+    """What a line of the timeline was about, from its events' audit details: the alert, the channels, the step."""
+    events = [item.event if isinstance(item, Damaged) else item for item in run]
+    said = list(dict.fromkeys(_event_detail(e.action, e.subject_id, e.details, names) for e in events))
+    if len(said) == 1:
+        return said[0]
+    alerts = [e for e in events if e.subject_type == "alert"]
+    ids = {e.subject_id for e in alerts}
+    if len(ids) == 1:  # one alert, grouped and received, or received again and again
+        return _event_detail(alerts[-1].action, alerts[-1].subject_id, alerts[-1].details, names)
+    if ids:  # a group's alerts: how many, and what they are when they all say the same
+        summaries = {str(e.details.get("summary") or "") if isinstance(e.details, dict) else "" for e in alerts}
+        return f"{len(ids)} alerts" + (f": {summaries.pop()}" if len(summaries) == 1 and "" not in summaries else "")
+    return "; ".join(d for d in said if d)
+
+
+def _event_detail(action: str, subject: str | None, details: Any, names: dict[str, str]) -> str:
+    """One event's audit details in a few words (`audit export` has them all)."""
+    d = details if isinstance(details, dict) else {}
+
+    def said(key: str) -> str:
+        value = d.get(key)
+        return "" if value is None else str(value)
+
+    def person(key: str) -> str:
+        return names.get(said(key), said(key))
+
+    if action.startswith("alert."):
+        what = ": ".join(p for p in (subject or said("fingerprint"), said("summary")) if p)
+        if action == "alert.silenced":
+            return f"{subject}: silenced by " + (f"silence {said('silence')}" if d.get("silence") else
+                                                 said("comment") or "a silence")
+        return what + (f" ({said('note')})" if d.get("note") else "")
+    if action == "incident.opened":
+        channels = ", ".join(map(str, d.get("channels") or [])) if isinstance(d.get("channels"), list) else ""
+        return ", ".join(p for p in (said("severity"), f"to {channels}" if channels else "",
+                                     f"follows #{said('previous_id')}" if d.get("previous_id") else "") if p)
+    if action in ("incident.grouped", "incident.unsilenced"):
+        return said("fingerprint")
+    if action == "incident.rerouted":
+        channels = ", ".join(map(str, d.get("channels") or [])) if isinstance(d.get("channels"), list) else ""
+        return ", ".join(p for p in (f"{said('severity')} alert {said('fingerprint')}".strip(),
+                                     f"to {channels}" if channels else "",
+                                     f"escalation {said('escalation')}" if d.get("escalation") else "") if p)
+    if action == "alerts.truncated":
+        return f"{said('count')} alert(s) left out, {said('received')} received"
+    if action == "escalation.step":
+        people = ", ".join(names.get(str(p), str(p)) for p in d.get("people") or []) \
+            if isinstance(d.get("people"), list) else ""
+        targets = ", ".join(p for p in (people, f"channel {said('channel')}" if d.get("channel") else "") if p)
+        return f"step {said('step')} of {said('of')}" + (f": {targets}" if targets else ": nobody")
+    if action == "incident.paged":
+        return f"{person('person')} on {said('platform')}" + (f" (step {said('step')})" if d.get("step") else "")
+    if action in ("incident.page_failed", "escalation.page_failed"):
+        return f"{person('person')}: {said('problem')}" if d.get("person") else said("problem")
+    if action == "escalation.deferred":
+        return f"step {said('step')} until {said('until')}"
+    if action == "escalation.exhausted":
+        return f"policy {said('policy')}, {said('steps')} step(s)"
+    if action == "escalation.resumed":
+        return f"step {said('step')}"
+    if action == "incident.resolved" and d.get("by") == "source":
+        return f"every alert stopped firing ({said('source')})"
+    return said("note")
 
 
 def _instance(labels: Any) -> str:
@@ -668,7 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--incident", type=_ID, help="only events about this incident id")
     export.set_defaults(func=cmd_audit_export)
     incidents = sub.add_parser("incidents", parents=[common], help="list or show incidents").add_subparsers(dest="incidents", required=True, metavar="ACTION")
-    listing = incidents.add_parser("list", parents=[common], help="a table of incidents, highest priority first")
+    listing = incidents.add_parser("list", parents=[common], help="a table of incidents: the open ones first, then the resolved, each "
+                               "highest priority first")
     listing.add_argument("--status", choices=["open", *STATUSES, "all"],
                          help="open: triggered or acknowledged (default: all)")
     listing.add_argument("--format", choices=["table", "json"], default="table")
@@ -677,7 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = incidents.add_parser("show", parents=[common], help="one incident with its alerts and timeline")
     show.add_argument("id", type=_ID)
     show.add_argument("--all", action="store_true",
-                      help=f"every alert and event (default: the first {SHOW_ROWS} alerts, the latest {SHOW_ROWS} events)")
+                      help=f"every alert and timeline line (default: the first {SHOW_ROWS} alerts, the latest "
+                           f"{SHOW_ROWS} lines)")
     show.set_defaults(func=cmd_incidents_show)
     outbox = sub.add_parser("outbox", parents=[common], help="chat deliveries waiting, sent or given up").add_subparsers(dest="outbox", required=True, metavar="ACTION")
     olist = outbox.add_parser("list", parents=[common], help="a table of deliveries, newest first")

@@ -365,22 +365,23 @@ async def test_incidents_show_of_an_incident_with_a_damaged_audit_event_shows_th
         assert (await h.post("open", {"asset_name": "web-1", "signature": "Down", "severity": "high",
                                       "message": "web-1 down", "tool_source": "t"}))[0] == 200
     with sqlite3.connect(tmp_path / "bot.db") as conn:
-        seq = conn.execute("SELECT seq FROM audit_events WHERE action = 'alert.received'").fetchone()[0]
+        seq, fingerprint = conn.execute(
+            "SELECT seq, subject_id FROM audit_events WHERE action = 'alert.received'").fetchone()
         conn.execute("UPDATE audit_events SET at = 'yesterday' WHERE seq = ?", (seq,))
     conn.close()
     assert await asyncio.to_thread(main, ["incidents", "show", "1", "-c", str(cfg)]) == 1
     out, err = capsys.readouterr()
     assert out.startswith("#1 web-1 down") and "incident.opened  " in out
     assert [" ".join(line.split()) for line in out.splitlines() if "(damaged)" in line] == [
-        "yesterday alert.received (damaged) source:open"]
+        f"yesterday alert.received (damaged) source:open {fingerprint}: web-1 down"]
     assert err.startswith(f"audit event #{seq} is damaged, cannot read its at (ValueError: ") and err.rstrip().endswith(
         "; `chatops audit verify` checks the chain"), err
 
 
 async def test_long_lists_say_what_they_leave_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """After a storm: `incidents list` says it shows the newest N of more; `incidents show` of an incident with
-    hundreds of alerts prints the first 50 (with their hosts) and the latest 50 events, and says how many more
-    `--all` prints."""
+    hundreds of alerts prints the first 50 (with their hosts) and the latest 50 lines of its timeline, and says how
+    many more `--all` prints."""
     from tests.botkit import fixture, running_bot
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
@@ -394,6 +395,13 @@ async def test_long_lists_say_what_they_leave_out(tmp_path: Path, capsys: pytest
         for n in range(3):
             assert (await h.post("open", {"asset_name": f"web-{n}", "signature": "Down", "severity": "low",
                                           "message": "down", "tool_source": "t"}))[0] == 200
+        # Two sources telling of web-0 by turns: each notification a line of the timeline of #2.
+        cpu = json.loads(fixture("alertmanager/03-highcpu-firing.json"))
+        cpu["alerts"][0]["labels"] = {"alertname": "Down", "instance": "web-0", "severity": "low"}
+        for _ in range(30):
+            assert (await h.post("am-plain", cpu))[0] == 200
+            assert (await h.post("open", {"asset_name": "web-0", "signature": "Down", "severity": "low",
+                                          "message": "down", "tool_source": "t"}))[0] == 200
     assert await asyncio.to_thread(main, ["incidents", "list", "--limit", "2", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert out.rstrip().endswith("the newest 2 of 4 incidents; --limit 4 shows more, --status open only those "
@@ -402,10 +410,119 @@ async def test_long_lists_say_what_they_leave_out(tmp_path: Path, capsys: pytest
     out = capsys.readouterr().out
     assert "INSTANCE" in out and " db-0 " in out and " db-49 " in out and " db-50 " not in out
     assert "... and 10 more alerts (--all shows every one)" in out
-    assert "... and 70 more events before these (--all shows every one)" in out  # opened, 60 received, 59 grouped
+    # one line for the 60 alerts grouped and received: a group's alerts sent again fill no screen
+    assert " alert.received ×60, incident.grouped ×59 " in out and "more events" not in out
     assert await asyncio.to_thread(main, ["incidents", "show", "1", "--all", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert " db-59 " in out and "more alerts" not in out
+    # opened, received (open, above); then by turns grouped and received (am-plain), received (open), and 58 more
+    # received: 62 lines of 63 events, the 12 lines left out hold 13
+    assert await asyncio.to_thread(main, ["incidents", "show", "2", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert len(_timeline(out)) == 1 + 50 and out.rstrip().endswith(
+        "... and 13 more events before these (--all shows every one)")
+    assert await asyncio.to_thread(main, ["incidents", "show", "2", "--all", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert len(_timeline(out)) == 1 + 62 and "more events" not in out
+
+
+def _timeline(out: str) -> list[str]:
+    """The lines of `incidents show`'s timeline, each with its runs of spaces as one."""
+    lines = out.split("\nTimeline\n", 1)[1].splitlines()
+    return [" ".join(line.split()) for line in lines if not line.startswith("... and ")]
+
+
+async def test_incidents_show_puts_a_group_sent_again_on_one_line_and_says_what_each_line_was_about(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Alertmanager sends a group's alerts again at each repeat interval: one `alert.received` line each, a 10-alert
+    group sent six times pushed the opening out of the latest 50 lines, and no line said which alert, which silence
+    or how many alerts were left out."""
+    from datetime import timedelta
+
+    from tests.botkit import fixture, running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)  # timezone: Europe/Berlin
+    async with running_bot(url) as h:  # the harness's clock: Tuesday 24 Nov 2026, 04:00 UTC
+        payload = json.loads(fixture("alertmanager/03-highcpu-firing.json"))
+        template = payload["alerts"][0]
+        payload["alerts"] = [{**template, "fingerprint": f"fp{i:02d}"} for i in range(10)]  # one group, one host
+        for _ in range(6):
+            assert (await h.post("am-plain", payload))[0] == 200
+            h.clock.advance(timedelta(minutes=5))
+        assert (await h.post("am-plain", {**payload, "truncatedAlerts": 4}))[0] == 200
+        worse = {**template, "fingerprint": "fp10", "labels": {**template["labels"], "severity": "critical", "team": "dba"}}
+        assert (await h.post("am-plain", {**payload, "alerts": [worse]}))[0] == 200  # the dba route's channel joins
+        assert (await h.post("open", {"asset_name": "web-9", "signature": "Down", "severity": "high",
+                                      "message": "web-9 down", "tool_source": "t"}))[0] == 200  # #2, in a silence
+        from bot.model import Actor
+        from handlers.incident_actions import perform
+
+        assert (await perform(db=h.bot.db, audit=h.bot.audit, incident_id=1, action="acknowledge",
+                              actor=Actor("slack", "U01ALICE", "Alice", "alice"), now=h.clock.now())).changed
+    assert await asyncio.to_thread(main, ["incidents", "show", "1", "-c", str(cfg)]) == 0
+    assert _timeline(capsys.readouterr().out) == [
+        "AT ACTION BY DETAIL",
+        "2026-11-24 05:00:00 CET incident.opened source:am-plain medium, to ops-slack",
+        # the group's first notification (each alert joining is grouped, then received) and its six repeats
+        "2026-11-24 05:00:00-05:30:00 CET alert.received ×70, incident.grouped ×9 source:am-plain "
+        "10 alerts: CPU above 90% for 10m",
+        "2026-11-24 05:30:00 CET alerts.truncated source:am-plain 4 alert(s) left out, 10 received",
+        "2026-11-24 05:30:00 CET incident.grouped source:am-plain fp10",
+        "2026-11-24 05:30:00 CET incident.rerouted source:am-plain critical alert fp10, to ops-telegram",
+        "2026-11-24 05:30:00 CET alert.received source:am-plain fp10: CPU above 90% for 10m",
+        "2026-11-24 05:30:00 CET incident.acknowledged Alice",
+    ]
+    assert await asyncio.to_thread(main, ["incidents", "show", "2", "-c", str(cfg)]) == 0
+    silenced = _timeline(capsys.readouterr().out)[-1].split(" ", 3)[3]
+    assert silenced.startswith("alert.silenced source:open ") and silenced.endswith(
+        ": silenced by silence web-maintenance"), silenced
+
+
+async def test_incidents_show_gives_each_alerts_values_when_they_have_them(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Grafana's evaluated values were stored and shown nowhere."""
+    from tests.botkit import fixture, running_bot
+    from tests.test_grafana import FIRING, signed
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    async with running_bot(url) as h:
+        body = fixture(FIRING)
+        assert (await h.post("grafana", body, signed(body)))[0] == 200  # two incidents, #1 memory, #2 CPU
+        assert (await h.post("am", fixture("alertmanager/03-highcpu-firing.json")))[0] == 200  # #3, no values
+    assert await asyncio.to_thread(main, ["incidents", "show", "1", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out.split("\nAlerts\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert out[0].split()[-1] == "VALUES" and out[1].endswith("  B=93.71044921875, C=1"), out
+    assert await asyncio.to_thread(main, ["incidents", "show", "3", "-c", str(cfg)]) == 0
+    assert "VALUES" not in capsys.readouterr().out  # (Alertmanager's alerts have none: no empty column)
+
+
+async def test_incidents_list_puts_the_open_ones_before_the_resolved(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """By priority alone, a resolved critical incident was listed above an open low one."""
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    async with running_bot(url) as h:
+        for asset, severity in (("db-1", "critical"), ("web-1", "low"), ("web-2", "high"), ("db-2", "critical")):
+            body = {"asset_name": asset, "signature": "Down", "severity": severity, "message": f"{asset} down",
+                    "tool_source": "t"}
+            assert (await h.post("open", body))[0] == 200
+            if asset == "db-1":
+                assert (await h.post("open", {**body, "status": "resolved"}))[0] == 200
+        from bot.model import Actor
+        from handlers.incident_actions import perform
+
+        assert (await perform(db=h.bot.db, audit=h.bot.audit, incident_id=3, action="acknowledge",
+                              actor=Actor("slack", "U01ALICE", "Alice", "alice"), now=h.clock.now())).changed
+    assert await asyncio.to_thread(main, ["incidents", "list", "-c", str(cfg)]) == 0
+    rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert rows == [["#4", "triggered", "critical"], ["#3", "acknowledged", "high"], ["#2", "triggered", "low"],
+                    ["#1", "resolved", "critical"]]
+    assert await asyncio.to_thread(main, ["incidents", "list", "--format", "json", "-c", str(cfg)]) == 0
+    assert [i["id"] for i in json.loads(capsys.readouterr().out)] == [4, 3, 2, 1]
 
 
 async def test_outbox_list_shows_a_delivery_of_no_incident_and_says_when_an_error_is_cut(
