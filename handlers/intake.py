@@ -174,8 +174,10 @@ _INCIDENT_COLUMNS = ("id", "group_key", "status", "severity", "sources", "channe
                      "firing_count", "notifications", "critical_asset", "silenced", "opened_at", "last_seen",
                      "escalation")
 # An alert's summary, labels and annotations are not read: a repeat sets them anyway, and its row is written
-# anyway (received_count, last_received), so they are written as they come instead of compared first.
-_ALERT_COLUMNS = ("id", "incident_id", "source", "fingerprint", "status", "received_count", "ends_at")
+# anyway (received_count, last_received), so they are written as they come instead of compared first. Its links
+# are (on the raw SQLite path decoded only when looked at): a repeat updates the incident's links it brought.
+_ALERT_COLUMNS = ("id", "incident_id", "source", "fingerprint", "status", "received_count", "ends_at", "links")
+_ALERT_JSON = ("links",)
 # The incident's JSON columns: on the raw SQLite path read as text, decoded only when read (see _Row).
 _INCIDENT_JSON = ("sources", "channels", "links")
 
@@ -747,10 +749,10 @@ class Intake:
             # The newest open incident of the key is the current one: an older one still open went quiet for
             # longer than grouping.window (which is why the newer one opened), and new alerts join the newer.
             incidents_by_key[inc.group_key] = inc
-        records = [_Row(row)
+        records = [_Row(row, json_columns=_ALERT_JSON)
                    for row in rows.select_in(_ALERTS, "fingerprint", sorted({fp for _, fp in identities}),
                                              also_in=("source", sorted({src for src, _ in identities})),
-                                             order_by="id", columns=_ALERT_COLUMNS)
+                                             order_by="id", columns=_ALERT_COLUMNS, json_text=True)
                    if (row["source"], row["fingerprint"]) in identities]
         for row in rows.select_in(_INCIDENTS, "id", sorted({r.incident_id for r in records} - by_id.keys()),
                                   columns=_INCIDENT_COLUMNS, json_text=True, lock=True):
@@ -891,8 +893,10 @@ class Intake:
         if alert.links:
             repeat = change in ("duplicate", "resent", "refired")  # the same alert again: its links are the newest word on them
             for name, url in alert.links.items():
-                # (an empty link, stored before parsing dropped them, is none)
-                if not incident.links.get(name) or (repeat and incident.links[name] != url):
+                # (an empty link, stored before parsing dropped them, is none) A repeat changes only a link it brought
+                # itself: another alert of the incident with another link would make it follow whichever came last.
+                current = incident.links.get(name)
+                if not current or (repeat and current != url and (record.links or {}).get(name) == current):
                     incident.links = {**incident.links, name: url}
             if repeat:
                 record.links = alert.links

@@ -585,3 +585,23 @@ async def test_a_replica_starting_while_another_holds_the_schema_lock_waits_its_
             assert (await h.post("open", alert))[0] == 200
     finally:
         await holder.close()
+
+
+async def test_an_incidents_links_follow_the_alert_that_brought_them_not_whichever_repeats_last(h: Harness) -> None:
+    """Two alerts of one incident, each with its own runbook link, sent again in turn: the incident keeps the first
+    one's link (it did not flip with each repeat); when that alert brings a new link, the incident takes it."""
+    one = {"asset_name": "web-5", "signature": "Down", "severity": "high", "message": "down"}
+    first, second = {**one, "tool_source": "t1"}, {**one, "tool_source": "t2"}
+    changes = []
+    for alert, link in ((first, "https://wiki/a"), (second, "https://wiki/b"), (first, "https://wiki/a"),
+                        (second, "https://wiki/b")):
+        status, body, _ = await h.post("open", {**alert, "links": {"runbook": link}})
+        changes.append(body["results"][0]["change"])
+        [inc] = await h.incidents()
+        assert inc.links == {"runbook": "https://wiki/a"}
+    assert changes == ["opened", "grouped", "duplicate", "duplicate"]
+    await h.post("open", {**first, "links": {"runbook": "https://wiki/a2"}})  # its runbook moved
+    await h.post("open", {**second, "links": {"runbook": "https://wiki/b"}})
+    [inc] = await h.incidents()
+    assert inc.links == {"runbook": "https://wiki/a2"}
+    assert [r.links for r in await h.alerts(inc.id)] == [{"runbook": "https://wiki/a2"}, {"runbook": "https://wiki/b"}]
