@@ -18,16 +18,23 @@ from datetime import UTC, datetime
 from typing import Any
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
+# The words a severity label may say (any case; spaces, `_` and `-` inside are ignored: `SEV-1`, `Sev 1`, `p_1`).
+# Jira's priorities are Highest, High, Medium, Low, Lowest (and its older Blocker, Critical, Major, Minor,
+# Trivial); S1-S5 and SEV1-SEV5 read as P1-P5; Java's and syslog's levels as what they name.
 _SEVERITY_WORDS = {
-    "critical": ("critical", "crit", "fatal", "emergency", "emerg", "alert", "disaster", "page", "p0", "p1", "sev0",
-                 "sev1"),
-    "high": ("high", "error", "err", "major", "p2", "sev2"),
-    "medium": ("medium", "warning", "warn", "average", "moderate", "p3", "sev3"),
-    "low": ("low", "minor", "p4", "sev4"),
-    "info": ("info", "informational", "information", "notice", "debug", "ok", "none", "not classified", "p5", "sev5"),
+    "critical": ("critical", "crit", "fatal", "emergency", "emerg", "alert", "disaster", "page", "highest", "blocker",
+                 "urgent", "p0", "p1", "s0", "s1", "sev0", "sev1"),
+    "high": ("high", "error", "err", "major", "severe", "p2", "s2", "sev2"),
+    "medium": ("medium", "warning", "warn", "average", "moderate", "p3", "s3", "sev3"),
+    "low": ("low", "minor", "p4", "s4", "sev4"),
+    "info": ("info", "informational", "information", "notice", "debug", "ok", "none", "not classified", "lowest",
+             "trivial", "p5", "s5", "sev5"),
 }
 _SEVERITY = {word: level for level, words in _SEVERITY_WORDS.items() for word in words}
 _SEPARATORS = re.compile(r"[\s_-]+")
+_WORDS = re.compile(r"[^\W_]+")  # the words of a compound value: `P1-Critical`, `critical/page`
+_LEVELS: dict[str, str | None] = {}  # raw value -> its level (None: unknown), so that each is worked out once
+_MAX_LEVELS = 4096  # raw values remembered (a sender inventing new ones cannot grow it for good)
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
@@ -65,17 +72,47 @@ class Alert:
     links: dict[str, str] = field(default_factory=dict)
     group_key: str | None = None  # the sender's own grouping (Alertmanager/Grafana groupKey)
     dedup_key: str | None = None  # an explicit deduplication key sent with the alert (generic)
+    unknown_severity: str | None = None  # the severity label's value when the bot does not know it (medium then)
 
     @property
     def asset(self) -> str:
         return self.labels.get("instance") or self.labels.get("asset") or self.labels.get("host", "")
 
 
+def severity_level(value: str) -> str | None:
+    """The level a severity label's value names, or None for a value the bot does not know (nor an empty one).
+    A compound value (`P1-Critical`, `critical/page`) names the level its known words agree on."""
+    level = _LEVELS.get(value, "")
+    if level != "":
+        return level
+    word = value.strip().lower()
+    level = _SEVERITY.get(word) or _SEVERITY.get(_SEPARATORS.sub("", word))  # SEV-1, Sev 1, p_1
+    if level is None:
+        levels = {_SEVERITY[w] for w in _WORDS.findall(word) if w in _SEVERITY}
+        level = levels.pop() if len(levels) == 1 else None
+    if len(_LEVELS) >= _MAX_LEVELS:
+        _LEVELS.clear()
+    _LEVELS[value] = level
+    return level
+
+
 def normalize_severity(value: Any, default: str = "medium") -> str:
     if value is None or value == "":
         return default
-    word = str(value).strip().lower()
-    return _SEVERITY.get(word) or _SEVERITY.get(_SEPARATORS.sub("", word), default)  # SEV-1, Sev 1, p_1
+    return severity_level(value if isinstance(value, str) else str(value)) or default
+
+
+def _label_severity(labels: dict[str, str]) -> tuple[str, str | None]:
+    """An Alertmanager or Grafana alert's severity, from its `severity` label (else one spelt `Severity`,
+    `SEVERITY`...): its level, `medium` without one, and the label's value when the bot does not know it (the alert
+    is `medium` then, and the bot says so: chatops_alerts_unknown_severity_total and its log)."""
+    raw = labels.get("severity")
+    if raw is None:
+        raw = next((v for k, v in labels.items() if k.lower() == "severity"), None)
+    if not raw:
+        return "medium", None
+    level = severity_level(raw)
+    return (level, None) if level is not None else ("medium", raw)
 
 
 def _obj(value: Any, where: str) -> dict[str, Any]:
@@ -202,6 +239,7 @@ def parse_alertmanager(payload: Any, source: str) -> list[Alert]:
         if not labels:
             raise ShapeError(f"{where}.labels", "required: an alert without labels cannot be grouped")
         annotations = _str_map(a.get("annotations"), f"{where}.annotations")
+        severity, unknown = _label_severity(labels)
         links = {"generator": _text(a, "generatorURL", where), "runbook": annotations.get("runbook_url", ""),
                  "dashboard": annotations.get("dashboard_url", ""), "alertmanager": external}
         out.append(Alert(
@@ -210,12 +248,13 @@ def parse_alertmanager(payload: Any, source: str) -> list[Alert]:
             status=_status(a, where),
             labels=labels,
             annotations=annotations,
-            severity=normalize_severity(labels.get("severity")),
+            severity=severity,
             summary=annotations.get("summary") or annotations.get("description") or labels.get("alertname", "alert"),
             starts_at=_time(a, "startsAt", where),
             ends_at=_time(a, "endsAt", where),
             links={k: v for k, v in links.items() if v},
             group_key=group_key,
+            unknown_severity=unknown,
         ))
     return out
 
@@ -233,6 +272,7 @@ def parse_grafana(payload: Any, source: str) -> list[Alert]:
         a = _obj(raw, where)
         labels = _str_map(a.get("labels"), f"{where}.labels")
         annotations = _str_map(a.get("annotations"), f"{where}.annotations")
+        severity, unknown = _label_severity(labels)
         if a.get("valueString"):
             annotations.setdefault("value", _text(a, "valueString", where))
         values = _grafana_values(a.get("values"), f"{where}.values")
@@ -253,12 +293,13 @@ def parse_grafana(payload: Any, source: str) -> list[Alert]:
             status=_status(a, where),
             labels=labels,
             annotations=annotations,
-            severity=normalize_severity(labels.get("severity")),
+            severity=severity,
             summary=summary,
             starts_at=_time(a, "startsAt", where),
             ends_at=_time(a, "endsAt", where),
             links={k: v for k, v in links.items() if v},
             group_key=group_key,
+            unknown_severity=unknown,
         ))
     return out
 

@@ -39,6 +39,10 @@ class Metrics:
             "chatops_alerts_truncated", "Alerts a sender left out of its notifications (truncatedAlerts; raise the "
             "receiver's max_alerts)", ["source"], registry=r,
         )
+        self.alerts_unknown_severity = Counter(
+            "chatops_alerts_unknown_severity", "Alerts stored whose severity label the bot does not know (taken as "
+            "medium; the log names the values)", ["source"], registry=r,
+        )
         self.intake_seconds = Histogram(
             "chatops_intake_seconds", "From request received to committed answer, alert webhooks", ["source"],
             registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

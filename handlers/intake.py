@@ -52,6 +52,7 @@ THREAD_LINE_DELAY = timedelta(seconds=30)
 MAX_REPORTERS = 10  # sources (and generic tools) an incident lists: past two they change nothing in its priority
 RESENDING_KINDS = ("alertmanager", "grafana")  # senders that repeat a whole group's alerts in each notification
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
+UNKNOWN_SEVERITY_SAID_EVERY = timedelta(minutes=1)  # the log names a source's unknown severities at most this often
 WRITERS = ("thread", "process")
 _dumps = fast_encoder(json.JSONEncoder())  # json.dumps: what the HTTP answer's body is
 _UNAVAILABLE = "the database is unavailable; nothing was stored, retry later"
@@ -89,9 +90,10 @@ class Submission:
     future: asyncio.Future[Outcome] | None  # None in the writer process
     truncated: int = 0  # alerts the sender left out of this notification (truncatedAlerts)
     # The request's body, when the writer process reads it (Intake.reads_bodies): `alerts` stays empty here,
-    # and the answer says how many of each status it held (`counts`).
+    # and the answer says how many of each status it held (`counts`) and the severities it did not know (`unknown`).
     body: bytes | None = None
     counts: dict[str, int] | None = None
+    unknown: dict[str, int] | None = None
     # Its signature (signed with a timestamp): claimed in the store with the alerts, so that a copy sent to another
     # replica, or after a restart, is refused as a replay (storage/replays.py).
     signature: str | None = None
@@ -104,6 +106,21 @@ class Submission:
         for alert in self.alerts:
             out[alert.status] = out.get(alert.status, 0) + 1
         return out
+
+    def unknown_severities(self) -> dict[str, int]:
+        """Severity label values the bot did not know (the alerts are medium), each with how many alerts said it."""
+        if self.counts is not None:
+            return self.unknown or {}
+        return unknown_severities(self.alerts)
+
+
+def unknown_severities(alerts: Sequence[Alert]) -> dict[str, int]:
+    """The alerts' severity label values the bot did not know, each with how many said it."""
+    out: dict[str, int] = {}
+    for alert in alerts:
+        if alert.unknown_severity is not None:
+            out[alert.unknown_severity] = out.get(alert.unknown_severity, 0) + 1
+    return out
 
 
 class _Row:
@@ -290,6 +307,9 @@ class Intake:
         self._begun = 0
         self._hold = False  # set when a transaction failed: later ones wait until its submissions are answered
         self._actors: dict[str, Actor] = {}
+        # source id -> when the log last named a severity of it the bot does not know, and how many alerts with one
+        # came since (unsaid)
+        self._unknown_said: dict[str, tuple[datetime, int]] = {}
 
     def start(self) -> None:
         self._running = True
@@ -465,6 +485,10 @@ class Intake:
                 received[key] = received.get(key, 0) + n
         for (source_id, status), n in received.items():  # no await in between: nobody sees a partial count
             self.metrics.count_received(source_id, status, n)
+        for s in fresh:
+            unknown = s.unknown_severities()
+            if unknown:
+                self._unknown_severity(s.source.id, unknown)
         self.metrics.audit_events.inc(events)
         for s, outcome in zip(batch, outcomes):
             if s.future is not None and not s.future.done():
@@ -473,6 +497,25 @@ class Intake:
             self.after_commit()
         if escalations and self.timers_due is not None:
             self.timers_due()
+
+    def _unknown_severity(self, source_id: str, unknown: dict[str, int]) -> None:
+        """Alerts stored from `source_id` with severity label values the bot does not know (taken as medium): counted
+        in chatops_alerts_unknown_severity_total, and named in the log at most once a minute per source (a sender
+        repeats its alerts), with how many more came since."""
+        assert self.metrics is not None and self.clock is not None
+        n = sum(unknown.values())
+        self.metrics.alerts_unknown_severity.labels(source_id).inc(n)
+        now = self.clock.now()
+        said = self._unknown_said.get(source_id)
+        if said is not None and now - said[0] < UNKNOWN_SEVERITY_SAID_EVERY:
+            self._unknown_said[source_id] = (said[0], said[1] + n)
+            return
+        values = ", ".join(repr(value[:80]) for value in list(unknown)[:5]) + (", ..." if len(unknown) > 5 else "")
+        more = f"; {said[1]} more since" if said is not None and said[1] else ""
+        self._unknown_said[source_id] = (now, 0)
+        log.warning("source %s sent %d alert(s) with a severity the bot does not know (%s): taken as medium; "
+                    "say critical, high, medium, low or info, or a synonym (README, Alert intake), in their severity "
+                    "label (said at most once a minute%s)", source_id, n, values, more)
 
     # -- the writer process (writer="process" on a SQLite file) ------------------------------------------
 
@@ -566,8 +609,8 @@ class Intake:
         answered = []
         for s, (status, body, replayed), what in zip(batch, outcomes, read):
             rejected = None
-            if what is not None:  # it read s.body: (refused because, truncated, firing, resolved)
-                rejected, s.truncated, firing, resolved = what
+            if what is not None:  # it read s.body: (refused because, truncated, firing, resolved, unknown severities)
+                rejected, s.truncated, firing, resolved, s.unknown = what
                 s.counts = {k: n for k, n in (("firing", firing), ("resolved", resolved)) if n}
             answered.append(Outcome(status, None, replayed, encoded=body, rejected=rejected, truncated=s.truncated))
         result: _Result = (answered, [batch[i] for i in fresh], events, resolved_after, escalations, queued)

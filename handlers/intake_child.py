@@ -16,7 +16,7 @@ from sqlalchemy import Connection
 from bot.alerts import Alert, BodyError, read_body
 from bot.config import Config
 from handlers.escalation import Escalations
-from handlers.intake import _INTERNAL, _UNAVAILABLE, Intake, Submission, _dumps, _is_db_unavailable
+from handlers.intake import _INTERNAL, _UNAVAILABLE, Intake, Submission, _dumps, _is_db_unavailable, unknown_severities
 from storage.audit import AuditLog
 from storage.db import sqlite_writer_engine
 
@@ -35,7 +35,8 @@ class _ProcessWriter:
     (Intake.reads_bodies): it is read here first (bot.alerts.read_body), and one that is no payload of its
     source's kind is answered 400/422 and not applied. Each message's answer carries its submissions'
     outcomes and which were fresh, and for each body it read: why it refused it (or None), how many alerts
-    the sender left out, how many firing and resolved; the last one also what the transactions did for
+    the sender left out, how many firing and resolved, the severity label values it did not know (and how many
+    alerts said each: counted and logged by the parent); the last one also what the transactions did for
     `_answer` (audit events written, time-to-resolve observations, escalations started, outbox rows queued)
     and what to log (the parent logs it).
     """
@@ -59,7 +60,7 @@ class _ProcessWriter:
         fresh: list[list[int]] = [[] for _ in messages]
         where: dict[int, tuple[int, int]] = {}  # id(submission) -> (message, index in it)
         groups: list[tuple[datetime, list[Submission]]] = []
-        read: list[list[tuple[str | None, int, int, int] | None]] = []  # per submission whose body it read
+        read: list[list[tuple[str | None, int, int, int, dict[str, int] | None] | None]] = []  # per body it read
         for m, (now, items) in enumerate(messages):
             answers: list[tuple[int, bytes, bool]] = []
             read.append([])
@@ -126,7 +127,8 @@ class _ProcessWriter:
         return answers
 
     def _submission(self, item: Any, logs: list[tuple[int, str]]
-                    ) -> tuple[tuple[int, bytes, bool], tuple[str | None, int, int, int] | None, Submission | None]:
+                    ) -> tuple[tuple[int, bytes, bool], tuple[str | None, int, int, int, dict[str, int] | None] | None,
+                               Submission | None]:
         """One submission as the parent sent it: its answer until applied (503), what reading its body found
         (None if it came parsed), and the Submission to apply (None if it is refused already)."""
         try:
@@ -138,9 +140,10 @@ class _ProcessWriter:
             try:
                 parsed, truncated = read_body(source.kind, source.id, alerts)
             except BodyError as exc:
-                return (exc.status, _dumps(exc.body()).encode(), False), (exc.reason, 0, 0, 0), None
+                return (exc.status, _dumps(exc.body()).encode(), False), (exc.reason, 0, 0, 0, None), None
             firing = sum(1 for a in parsed if a.status == "firing")
-            return ((503, _UNAVAILABLE_BODY, False), (None, truncated, firing, len(parsed) - firing),
+            unknown = unknown_severities(parsed) or None
+            return ((503, _UNAVAILABLE_BODY, False), (None, truncated, firing, len(parsed) - firing, unknown),
                     Submission(source, parsed, delivery_id, None, truncated, signature=signature))
         except Exception as exc:  # not what the parent sends, or a fault reading it: this one gets 500
             logs.append((logging.ERROR, "intake writer: a submission it cannot read\n"

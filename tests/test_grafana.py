@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from bot.auth import sign
 from storage.models import AlertRecord, AuditEvent
@@ -258,3 +260,47 @@ async def test_values_of_the_wrong_shape_get_a_422(tmp_path: Path, values: objec
         status, answer, _ = await h.post("grafana", body, signed(body))
         assert (status, answer["error"]) == (422, f"{field}: {problem} (not a grafana payload?)")
         assert await h.count(AlertRecord) == 0
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_severity_words_are_read_and_an_unknown_one_is_counted_and_logged(
+        tmp_path: Path, writer: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Jira's priorities, S1-S4, compound words and a label spelt `Severity` are understood; a value the bot does not
+    know is medium as before, but counted per source and named in the log, at most once a minute per source (with
+    the writer process the body is read there, and the count comes back with its answer)."""
+    said = {"Highest": "critical", "High": "high", "Lowest": "info", "S1": "critical", "s3": "medium",
+            "urgent": "critical", "blocker": "critical", "severe": "high", "P1-Critical": "critical",
+            "critical/page": "critical", "1": "medium", "sev-unknown": "medium"}
+    alerts = [{"status": "firing", "labels": {"alertname": "Sev", "instance": f"i-{n}", "severity": raw},
+               "annotations": {}, "fingerprint": f"fp-{n}"} for n, raw in enumerate(said)]
+    alerts.append({"status": "firing", "labels": {"alertname": "Sev", "instance": "spelt", "Severity": "Critical"},
+                   "annotations": {}, "fingerprint": "fp-spelt"})
+    body = go_wire({"version": "1", "status": "firing", "alerts": alerts})
+    caplog.set_level(logging.WARNING, logger="chatops.intake")
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", storage_options=f"writer: {writer}") as h:
+        status, answer, _ = await h.post("grafana", body, signed(body))
+        assert status == 200, answer
+        async with h.bot.db.sessions() as s:
+            stored = {r.fingerprint: (r.severity, r.labels) for r in (await s.execute(select(AlertRecord))).scalars()}
+        assert {raw: stored[f"fp-{n}"][0] for n, raw in enumerate(said)} == said
+        assert stored["fp-spelt"][0] == "critical"
+        assert stored["fp-10"][1]["severity"] == "1"  # the label keeps what the sender said
+        h.clock.advance(timedelta(seconds=30))
+        again = go_wire({"version": "1", "status": "firing", "alerts": alerts[10:11]})
+        assert (await h.post("grafana", again, signed(again)))[0] == 200
+        am = {"version": "4", "status": "firing", "alerts": [{"status": "firing", "labels": {
+            "alertname": "Other", "severity": "Sev-X"}, "annotations": {}}]}
+        assert (await h.post("am", am))[0] == 200
+        h.clock.advance(timedelta(seconds=31))
+        again = go_wire({"version": "1", "status": "firing", "alerts": alerts[11:12]})
+        assert (await h.post("grafana", again, signed(again)))[0] == 200
+        metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    assert 'chatops_alerts_unknown_severity_total{source="grafana"} 4.0' in metrics
+    assert 'chatops_alerts_unknown_severity_total{source="am"} 1.0' in metrics
+    lines = [r.getMessage() for r in caplog.records if "severity the bot does not know" in r.getMessage()]
+    tail = ("taken as medium; say critical, high, medium, low or info, or a synonym (README, Alert intake), in their "
+            "severity label (said at most once a minute")
+    assert lines == [
+        f"source grafana sent 2 alert(s) with a severity the bot does not know ('1', 'sev-unknown'): {tail})",
+        f"source am sent 1 alert(s) with a severity the bot does not know ('Sev-X'): {tail})",
+        f"source grafana sent 1 alert(s) with a severity the bot does not know ('sev-unknown'): {tail}; 1 more since)"]

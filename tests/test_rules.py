@@ -137,6 +137,9 @@ def test_lifecycle() -> None:
 @pytest.mark.parametrize(("raw", "level"), [
     ("CRITICAL", "critical"), ("P1", "critical"), ("Disaster", "critical"), ("error", "high"), ("High", "high"),
     ("warning", "medium"), ("Average", "medium"), ("minor", "low"), ("info", "info"), ("Not classified", "info"),
+    ("Highest", "critical"), ("Lowest", "info"), ("S1", "critical"), ("s2", "high"), ("Blocker", "critical"),
+    ("urgent", "critical"), ("SEVERE", "high"), ("trivial", "info"), ("P1-Critical", "critical"),
+    ("critical/page", "critical"),
 ])
 def test_severity_normalization(raw: str, level: str) -> None:
     assert normalize_severity(raw) == level
@@ -217,6 +220,13 @@ def test_a_nul_in_alert_text_is_dropped_not_stored() -> None:
                                             ("sev_3", "medium"), ("SEV0", "critical")])
 def test_severity_words_with_separators(raw: str, level: str) -> None:
     assert normalize_severity(raw, default="") == level
+
+
+@pytest.mark.parametrize("raw", ["1", "low-critical", "sev/1", "whatever"])
+def test_a_severity_the_bot_does_not_know_is_none_of_its_levels(raw: str) -> None:
+    """A number alone means different levels to different tools (Zabbix' 1 is information, syslog's alert), and
+    words that disagree say nothing: they stay unknown (medium for Alertmanager and Grafana, a 422 for generic)."""
+    assert normalize_severity(raw, default="") == ""
 
 
 @pytest.mark.parametrize("status", ["Warn", "No Data", "Re-Triggered", "Renotify"])
