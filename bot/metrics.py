@@ -43,9 +43,10 @@ class Metrics:
             "chatops_alerts_unknown_severity", "Alerts stored whose severity label the bot does not know (taken as "
             "medium; the log names the values)", ["source"], registry=r,
         )
+        # (up to 30 s: the store waits 10-15 s for a lock or an answer before intake answers 503)
         self.intake_seconds = Histogram(
-            "chatops_intake_seconds", "From request received to committed answer, alert webhooks", ["source"],
-            registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            "chatops_intake_seconds", "From request received to committed answer (2xx), alert webhooks", ["source"],
+            registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
 
         self.outbox = Gauge(

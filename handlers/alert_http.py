@@ -193,7 +193,9 @@ class AlertEndpoint:
                 self.replays.remember(signature, now.timestamp() + 2 * source.auth.max_skew.total_seconds(), delivery_id)
             if truncated and not outcome.replayed:
                 self.metrics.alerts_truncated.labels(source_id).inc(truncated)
-        self.metrics.observe_intake(source_id, time.perf_counter() - started)
+            self.metrics.observe_intake(source_id, time.perf_counter() - started)
+        elif outcome.status >= 500:  # nothing was stored: the database unavailable (503), or a fault (500)
+            self.metrics.alert_rejected.labels(source_id, "unavailable" if outcome.status == 503 else "internal").inc()
         if outcome.encoded is not None:  # the writer process encoded it: what json_response would send
             return web.Response(body=outcome.encoded, status=outcome.status, headers=headers,
                                 content_type="application/json", charset="utf-8")

@@ -352,6 +352,25 @@ async def test_database_down_gives_503_and_writes_nothing(h: Harness, tmp_path: 
     assert await h.count(AlertRecord) == 1
 
 
+async def test_a_503_for_a_database_down_is_counted_as_refused_and_not_as_intake_time(h: Harness,
+                                                                                    tmp_path: Path) -> None:
+    """chatops_intake_seconds times answers that were committed; a 503 that stored nothing is counted with the
+    other refusals (reason `unavailable`), as it is in chatops_http_requests_total."""
+    good = h.bot.db
+    broken = Database(f"sqlite+aiosqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+    h.bot.intake.db = broken
+    assert (await h.post("open", ALERT))[0] == 503
+    await broken.dispose()
+    h.bot.intake.db = good
+    assert (await h.post("open", {**ALERT, "asset_name": "web-2"}))[0] == 200
+    assert await rejected(h, "unavailable") == 1
+    metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    assert 'chatops_http_requests_total{route="/alerts/{source}",status="503"} 1.0' in metrics
+    assert 'chatops_intake_seconds_count{source="open"} 1.0' in metrics
+    # Its buckets reach past the store's waits (10 s for SQLite's lock, 15 s for PostgreSQL) before a 503
+    assert 'chatops_intake_seconds_bucket{le="30.0",source="open"} 1.0' in metrics
+
+
 async def test_a_body_that_is_not_what_its_encoding_says_gets_400_not_500(h: Harness) -> None:
     """Plain JSON labelled gzip, and a gzip stream cut short: aiohttp cannot decode them; the sender is told why."""
     import gzip
