@@ -90,9 +90,10 @@ def severity_level(value: str) -> str | None:
     if level is None:
         levels = {_SEVERITY[w] for w in _WORDS.findall(word) if w in _SEVERITY}
         level = levels.pop() if len(levels) == 1 else None
-    if len(_LEVELS) >= _MAX_LEVELS:
-        _LEVELS.clear()
-    _LEVELS[value] = level
+    if len(value) <= 100:  # (a longer one, which is no severity anyone means, is not kept)
+        if len(_LEVELS) >= _MAX_LEVELS:
+            _LEVELS.clear()
+        _LEVELS[value] = level
     return level
 
 
