@@ -3,10 +3,11 @@
 Outbound, `TelegramAdapter` implements `bot.chat.Adapter` and `Pager` with
 python-telegram-bot's bot (no rate limiter, no retries: the outbox owns them)
 and maps Telegram's refusals to `DeliveryError`. Inbound, `POST /telegram/webhook`
-checks the secret token Telegram was given with `setWebhook`, answers at once and
-hands a neutral `ActionEvent` (a button) or `CommandEvent` (`/ack 42`, also
-`/ack@botname 42`) to the dispatcher in a background task; a click is answered
-with a toast, a command with a message replying to it. With `mode: polling` a
+checks the secret token Telegram was given with `setWebhook`, hands a neutral
+`ActionEvent` (a button) or `CommandEvent` (`/ack 42`, also `/ack@botname 42`) to
+the dispatcher, and answers Telegram once that handling ended (a 503 when it
+failed, so that Telegram sends the update again); a click is answered with a
+toast, a command with a message replying to it. With `mode: polling` a
 `getUpdates` loop feeds the same path.
 
 Telegram buttons have no confirmation dialog, so a button with `confirm` is drawn
@@ -64,6 +65,7 @@ UPDATE_RETRIES = timedelta(hours=1)  # how long an update id is claimed: Telegra
 # minutes ride out a database's failover or restart, and a storm of taps behind it is not starved.
 RETRY_FIRST, RETRY_MAX, GIVE_UP = 2.0, 30.0, 120.0
 POLL_PACE = 1.0  # seconds between getUpdates while an update fetched is not done (Telegram then answers at once)
+FAILED_KEPT = 1000  # update ids whose webhook delivery failed after the person was told (see _webhook_update)
 TOAST_MAX, TEXT_MAX, ROW_MAX = 200, 4000, 3
 TOAST_SHORT = 80  # characters: a longer callback answer is an alert (a dialog, read until dismissed), not a toast
 QUESTIONS_KEPT = 5000  # confirmation questions of the buttons drawn last, by callback data (see _confirm_step)
@@ -325,6 +327,11 @@ class TelegramAdapter:
         self._loops: set[asyncio.Task[Any]] = set()  # the polling loop, a connect retry: cancelled at stop
         self._poller: asyncio.Task[None] | None = None
         self._seen_updates: deque[int] = deque(maxlen=1000)
+        # Webhook: update id -> its handling, while a request waits for it (a copy posted meanwhile waits for the
+        # same one); and the ids of the latest updates whose handling failed after the person was told (a retry of
+        # one that fails again tells them nothing again, as polling's does).
+        self._answering: dict[int, asyncio.Task[bool]] = {}
+        self._failed_updates: deque[int] = deque(maxlen=FAILED_KEPT)
         # `?value` -> the question its button asks (Button.confirm), as last drawn: Telegram keeps no more than the
         # callback data on a button, so the first tap learns it here. (Not kept across a restart, nor shared with
         # another replica: a tap on a button drawn there gets the question once the message is drawn again here.)
@@ -412,8 +419,11 @@ class TelegramAdapter:
             self._poller = self._spawn(self._poll(), "polling", self._loops)
 
     async def handle(self, request: web.Request) -> web.Response:
-        """The secret token Telegram was given (401 otherwise), then 200 at once; the work runs after. A bot that polls
-        without a secret takes nothing here: no request could be told from a forged one."""
+        """The secret token Telegram was given (401 otherwise); then the update is handled, and answered once its
+        handling ended: 200 when it is handled (here, or before, or at another replica), 503 when that failed, so
+        that Telegram sends it again (a 2xx tells Telegram the update is done with; one answered before its handling
+        ended was lost when the bot died meanwhile). A bot that polls without a secret takes nothing here: no
+        request could be told from a forged one."""
         secret = self.settings.webhook_secret
         if secret is None:
             return web.json_response({"error": "this bot polls Telegram for its updates (adapters.telegram.mode: "
@@ -438,8 +448,39 @@ class TelegramAdapter:
                 or (query is not None and not isinstance(query.data, (str, type(None))))):  # de_json does not check
             return web.json_response({"error": "not a Telegram update: a message's text and a callback's data are "
                                                "strings"}, status=400)
-        self._spawn(self._process(update), "update")
-        return web.json_response({"ok": True})
+        uid = update.update_id
+        task = self._answering.get(uid)  # a copy posted while it is handled: answered as that handling ends
+        if task is None:
+            task = self._answering[uid] = self._spawn(self._webhook_update(update), "update")
+            task.add_done_callback(lambda t: self._answering.pop(uid) if self._answering.get(uid) is t else None)
+        # A task of its own, which stop() lets finish, and waited for without being cancelled with this request:
+        # Telegram hanging up, or the server cancelling its handlers as it shuts down, does not cut the handling off.
+        await asyncio.wait({task})
+        if task.cancelled():
+            why = "the bot stopped while handling it"
+        elif task.exception() is not None:
+            why = "its handling broke off"  # (logged as the task ended)
+        elif task.result():
+            return web.json_response({"ok": True})
+        else:
+            why = "its handling failed before it acted"
+        log.warning("telegram: update %d (%s) is not handled: %s; answered 503, so that Telegram sends it again",
+                    uid, _what(update), why)
+        return web.json_response({"error": f"update {uid} is not handled: {why} (the bot's log says why); send it "
+                                           "again"}, status=503, headers={"Retry-After": str(round(RETRY_FIRST))})
+
+    async def _webhook_update(self, update: Update) -> bool:
+        """`_process` for an update posted to the webhook. One whose handling failed is answered 503, and Telegram
+        posts it again: when the person was told of that failure already (it failed here, among the latest
+        FAILED_KEPT that did; a failure at another replica is not known here), failing again tells them nothing."""
+        uid = update.update_id
+        told = uid in self._failed_updates
+        handled = await self._process(update, again=told)
+        if handled and told:
+            self._failed_updates.remove(uid)
+        elif not handled and not told:
+            self._failed_updates.append(uid)
+        return handled
 
     # -- Adapter and Pager ------------------------------------------------------------------------
 
@@ -668,8 +709,9 @@ class TelegramAdapter:
     async def _process(self, update: Update, *, again: bool = False) -> bool:
         """Handle an update once. True once nothing is left to do for it (handled here, or before, or at another
         replica); False if its handling failed before it acted, or broke off (it raised, or was cancelled), and
-        then a copy of it is handled, here too (polling fetches it again). `again`: polling's retry of one that
-        failed here, whose failure the person was told of already: failing again, it tells them nothing."""
+        then a copy of it is handled, here too (polling fetches it again, Telegram posts it again). `again`: a
+        retry of one that failed here, whose failure the person was told of already: failing again, it tells them
+        nothing."""
         if update.update_id in self._seen_updates:  # Telegram's retry of an update we already took
             return True
         self._seen_updates.append(update.update_id)

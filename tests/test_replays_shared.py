@@ -301,10 +301,15 @@ def tap(update_id: int, incident: int) -> dict:
     return update
 
 
-async def deliver(h: Harness, update: dict) -> None:
+async def deliver(h: Harness, update: dict, status: int = 200) -> None:
+    """Telegram posts the update; the bot answers `status` once its handling ended."""
+    assert await post_update(h, update) == status
+
+
+async def post_update(h: Harness, update: dict) -> int:
     answer = await h.client.post("/telegram/webhook", json=update,
                                  headers={"X-Telegram-Bot-Api-Secret-Token": TG_SECRET})
-    assert answer.status == 200
+    return answer.status
 
 
 def toasts(fake: FakeTelegram) -> list[str | None]:
@@ -325,14 +330,14 @@ def hold(h: Harness, kind: str = "action") -> tuple[asyncio.Event, asyncio.Event
     return entered, go
 
 
-async def tapped_at_both(one: Harness, other: Harness, update: dict) -> asyncio.Event:
+async def tapped_at_both(one: Harness, other: Harness,
+                         update: dict) -> tuple[asyncio.Event, asyncio.Future[list[int]]]:
     """A tap reaches `one`, whose dispatcher holds it (set the returned event to let it act), then its copy reaches
-    `other` (Telegram's retry, at another replica)."""
+    `other` (Telegram's retry, at another replica); and the statuses the two answer, once they do."""
     entered, go = hold(one)
-    await deliver(one, update)
+    first = asyncio.ensure_future(post_update(one, update))
     await asyncio.wait_for(entered.wait(), 5)
-    await deliver(other, update)
-    return go
+    return go, asyncio.gather(first, post_update(other, update))
 
 
 async def killed(h: Harness) -> None:
@@ -364,14 +369,15 @@ async def test_a_telegram_update_cut_off_by_a_crash_is_handled_when_telegram_ret
             async with running_bot(url, telegram_config(fake), schema=schema) as h:
                 assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
                 entered, _ = hold(h)
-                await deliver(h, tap(7001, 1))
+                posting = asyncio.ensure_future(post_update(h, tap(7001, 1)))
                 await asyncio.wait_for(entered.wait(), 5)
                 assert await claims(h, "telegram") == 1  # claimed and committed; then the bot is killed
                 await killed(h)
+                assert await posting == 503  # not a 2xx: Telegram sends it again (as when the connection dies)
                 clock = h.clock
             clock.advance(timedelta(minutes=2))
             async with running_bot(url, telegram_config(fake), schema=schema, clock=clock) as h:
-                await deliver(h, tap(7001, 1))  # Telegram's retry: the first delivery was never answered
+                await deliver(h, tap(7001, 1))  # Telegram's retry: the first delivery was not answered 2xx
                 await fake.wait_for(lambda: toasts(fake), timeout=5)
                 assert toasts(fake) == ["Acknowledged #1."]
                 [incident] = await h.incidents()
@@ -402,12 +408,12 @@ async def test_a_telegram_update_whose_handling_failed_is_handled_when_telegram_
                 raise ConnectionResetError("the database went away")
             return await spec.handler(event, person)  # type: ignore[arg-type]
         h.bot.dispatcher.actions["ack"] = replace(spec, handler=failing_once)
+        await deliver(h, tap(7002, 1), 503)  # not handled: Telegram sends it again
+        assert toasts(fake) == [FAILED]
         await deliver(h, tap(7002, 1))
-        await fake.wait_for(lambda: toasts(fake), timeout=5)
-        await deliver(h, tap(7002, 1))
-        await fake.wait_for(lambda: len(toasts(fake)) == 2, timeout=5)
         assert toasts(fake) == [FAILED, "Acknowledged #1."]
         assert (await h.incidents())[0].status == "acknowledged"
+        assert (await h.actions(1)).count("incident.acknowledged") == 1
 
 
 async def test_a_retry_at_another_replica_waits_for_the_first_and_takes_over_only_if_it_died(
@@ -419,22 +425,21 @@ async def test_a_retry_at_another_replica_waits_for_the_first_and_takes_over_onl
         async with replicas(tmp_path, pg_schema, telegram_config(fake)) as (one, other):
             assert (await one.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
             assert (await one.post("am", fixture("alertmanager/03-highcpu-firing.json")))[0] == 200
-            go = await tapped_at_both(one, other, tap(7101, 1))
+            go, answers = await tapped_at_both(one, other, tap(7101, 1))
             await asyncio.sleep(1.5)
-            assert toasts(fake) == [] and (await one.incidents())[0].status == "triggered"
+            assert toasts(fake) == [] and (await one.incidents())[0].status == "triggered" and not answers.done()
             go.set()
-            await fake.wait_for(lambda: toasts(fake), timeout=5)
-            await asyncio.sleep(1.5)
+            assert await asyncio.wait_for(answers, 5) == [200, 200]  # the copy once the first acted
             assert toasts(fake) == ["Acknowledged #1."]
             assert (await one.actions(1)).count("incident.acknowledged") == 1
 
-            await tapped_at_both(one, other, tap(7102, 2))
+            _, answers = await tapped_at_both(one, other, tap(7102, 2))
             await asyncio.sleep(1.5)
             assert len(toasts(fake)) == 1
             await killed(one)
             one.clock.advance(timedelta(minutes=2))
-            await fake.wait_for(lambda: len(toasts(fake)) == 2, timeout=5)
-            assert toasts(fake)[1] == "Acknowledged #2."
+            assert await asyncio.wait_for(answers, 5) == [503, 200]  # the dead one's cut off, the other's handled
+            assert toasts(fake)[1:] == ["Acknowledged #2."]
             second = (await other.incidents())[1]
             assert (second.status, second.acknowledged_by) == ("acknowledged", "alice")
             assert (await other.actions(2)).count("incident.acknowledged") == 1
@@ -491,15 +496,14 @@ async def test_a_handling_that_outlasts_its_lease_keeps_it_while_it_runs(tmp_pat
     async with FakeTelegram() as fake:
         async with replicas(tmp_path, pg_schema, telegram_config(fake)) as (one, other):
             assert (await one.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
-            go = await tapped_at_both(one, other, tap(7201, 1))
+            go, answers = await tapped_at_both(one, other, tap(7201, 1))
             for _ in range(4):  # four minutes on the clock, each one renewed by the first replica
                 await asyncio.sleep(0.5)
                 one.clock.advance(timedelta(seconds=50))
             await asyncio.sleep(1.5)
             assert toasts(fake) == [] and (await other.incidents())[0].status == "triggered"
             go.set()
-            await fake.wait_for(lambda: toasts(fake), timeout=5)
-            await asyncio.sleep(1.5)
+            assert await asyncio.wait_for(answers, 5) == [200, 200]
             assert toasts(fake) == ["Acknowledged #1."]
             assert (await other.actions(1)).count("incident.acknowledged") == 1
 

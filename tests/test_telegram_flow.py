@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from adapters.telegram import FAILED
 from storage.queries import incident_timeline
 from tests.botkit import Harness, fixture, running_bot
 from tests.fake_slack import FakeSlack
@@ -42,8 +43,10 @@ class Both:
     tg: FakeTelegram
     updates: int = 0
 
-    async def tap(self, data: str, message_id: int, *, user: int = 111111, chat: int = GROUP) -> None:
-        """Someone taps an inline button under the bot's message in the group (or a private chat)."""
+    async def tap(self, data: str, message_id: int, *, user: int = 111111, chat: int = GROUP,
+                  status: int = 200) -> dict[str, Any]:
+        """Someone taps an inline button under the bot's message in the group (or a private chat); the update, which
+        Telegram answered `status`."""
         self.updates += 1
         update = json.loads(json.dumps(CALLBACK))
         update["update_id"] = 5000 + self.updates
@@ -52,10 +55,15 @@ class Both:
         query["from"]["id"] = user
         kind = {"id": chat, "type": "supergroup", "title": "Ops"} if chat < 0 else {"id": chat, "type": "private"}
         query["message"] = {**self.tg.messages[(chat, message_id)], "chat": kind}
+        assert await self.deliver(update) == status
+        return update
+
+    async def deliver(self, update: dict[str, Any]) -> int:
+        """Telegram posts `update` to the webhook: the status of the bot's answer."""
         resp = await self.h.client.post("/telegram/webhook", data=json.dumps(update),
                                         headers={"X-Telegram-Bot-Api-Secret-Token": TG_SECRET,
                                                  "Content-Type": "application/json"})
-        assert resp.status == 200
+        return resp.status
 
     async def type(self, text: str, *, user: int = 111111, chat: int | None = None) -> str:
         """Someone types `text` in their private chat with the bot (or in the group `chat`); the bot's answer."""
@@ -68,10 +76,7 @@ class Both:
             message["chat"] = {"id": chat, "type": "supergroup", "title": "Ops"}
         message["text"], message["message_id"] = text, 700 + self.updates
         message["entities"] = [{"offset": 0, "length": len(text.split()[0]), "type": "bot_command"}]
-        resp = await self.h.client.post("/telegram/webhook", data=json.dumps(update),
-                                        headers={"X-Telegram-Bot-Api-Secret-Token": TG_SECRET,
-                                                 "Content-Type": "application/json"})
-        assert resp.status == 200
+        assert await self.deliver(update) == 200
 
         def answer() -> str | None:
             for call in self.tg.called("sendMessage"):
@@ -132,6 +137,44 @@ async def test_a_tap_in_telegram_redraws_slack_too_and_a_click_in_slack_redraws_
     assert "Resolved" in b.tg.messages[(GROUP, message_id)]["text"]
     actions = await b.h.actions(1)
     assert actions.count("incident.acknowledged") == 1 and actions.count("incident.resolved") == 1
+
+
+async def test_telegram_gets_its_200_once_the_tap_has_acted(both: Both) -> None:
+    """The webhook answered 200 as the update arrived and handled it after: Telegram, told the update was done with,
+    never posted it again, and a bot that died meanwhile lost the tap. The 200 comes once it acted: the
+    acknowledgement and its audit row are in the store, and the toast was sent."""
+    b = both
+    _, message_id = await posted_on_both(b)
+    await b.tap("ack:1", message_id)
+    assert [c.params.get("text") for c in b.tg.called("answerCallbackQuery")] == ["Acknowledged #1."]
+    assert (await b.h.actions(1)).count("incident.acknowledged") == 1
+    [incident] = await b.h.incidents()
+    assert (incident.status, incident.acknowledged_by) == ("acknowledged", "alice")
+
+
+async def test_a_tap_whose_handling_failed_is_a_503_and_telegrams_retry_acknowledges_once(both: Both) -> None:
+    """The store failed Alice's acknowledgement before it committed: she is told something went wrong, and Telegram
+    gets a 503, not the 200 that made it drop the update. Its retry of the same update acknowledges the incident,
+    once (one audit row); a copy after that changes nothing."""
+    b = both
+    _, message_id = await posted_on_both(b)
+    spec, failed = b.h.bot.dispatcher.actions["ack"], []
+
+    async def failing_once(event: Any, person: Any) -> Any:
+        if not failed:
+            failed.append(event)
+            raise ConnectionResetError("the database went away")
+        return await spec.handler(event, person)
+    b.h.bot.dispatcher.actions["ack"] = replace(spec, handler=failing_once)
+    update = await b.tap("ack:1", message_id, status=503)
+    assert [c.params.get("text") for c in b.tg.called("answerCallbackQuery")] == [FAILED]
+    assert (await b.h.incidents())[0].status == "triggered" and "incident.acknowledged" not in await b.h.actions(1)
+    assert await b.deliver(update) == 200  # Telegram's retry
+    assert await b.deliver(update) == 200  # and a copy of it
+    assert [c.params.get("text") for c in b.tg.called("answerCallbackQuery")] == [FAILED, "Acknowledged #1."]
+    assert (await b.h.actions(1)).count("incident.acknowledged") == 1
+    [incident] = await b.h.incidents()
+    assert (incident.status, incident.acknowledged_by) == ("acknowledged", "alice")
 
 
 async def test_the_telegram_card_says_when_in_the_bots_time_zone_not_how_long_ago(both: Both) -> None:
