@@ -41,7 +41,7 @@ from sqlmodel import select
 
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
 from bot.clock import Clock
-from bot.config import Config
+from bot.config import Config, Person
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket, Window
 from bot.incidents import ACKNOWLEDGED, RESOLVED
@@ -66,6 +66,8 @@ PAGE_ATTEMPTS = 3  # a page that fails for a passing reason is tried this often,
 # of its own still in flight, was cut off by a crash mid-call, and may have arrived. It is not sent again (as GoAlert
 # does: an unknown outcome is not retried blindly into a double page).
 SENDING = "sending"
+# A page waiting because a platform refused the bot's token (see _page_waits): how often it found it refused.
+TOKEN_REFUSED = "token_refused"
 UNSETTLED = ("pending", SENDING)
 ROUTINE_EVENTS = ("alerts.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
 # A card, thread line or notice whose answer was lost, on a platform that can find it by the key it carried (see
@@ -670,6 +672,8 @@ class OutboxWorker:
         if attempt.platform is not None:
             self.metrics.chat_calls.labels(attempt.platform, "direct", "ok").inc()
             await self._finish([row], "sent")
+            if self.token_refused.pop(attempt.platform, None) is not None:
+                await self._token_accepted()
             return 1
         if attempt.unknown:
             # It may have arrived: as a page, it is sent neither again nor on the next platform (the person would
@@ -680,7 +684,11 @@ class OutboxWorker:
                 await self._mark(session, [row], "dead", (UNCONFIRMED + problem)[:500])
             return 1
         problem = attempt.problem(person, self.adapters)
-        await self._failed([row], problem, None, permanent=not attempt.transient, platform_trouble=attempt.transient)
+        # A refused token is the bot's trouble, not the person's: the message waits for a token that works.
+        trouble = attempt.transient or bool(attempt.refused)
+        for platform in attempt.refused:
+            self.token_refused[platform] = next((t for t in attempt.tried if t.startswith(platform)), problem)
+        await self._failed([row], problem, None, permanent=not trouble, platform_trouble=trouble)
         return 1
 
     def _budget(self, platform: str, user_id: str) -> bool:
@@ -780,6 +788,12 @@ class OutboxWorker:
         if attempt.platform is None and attempt.transient and row.attempts + 1 < PAGE_ATTEMPTS:
             await self._failed([row], attempt.problem(person, self.adapters), None, permanent=False, unmark=True)
             return 1
+        if (attempt.platform is None and not attempt.unknown and attempt.refused
+                and now - row.created_at < self.give_up_after):
+            await self._page_waits(row, person, incident, attempt, now)
+            return 1
+        if attempt.platform is not None and self.token_refused.pop(attempt.platform, None) is not None:
+            await self._token_accepted()
         self.metrics.pages.labels(*attempt.counted()).inc()
         actor = SYSTEM  # the escalation pages, not a person
         kept = {k: v for k, v in (row.details or {}).items() if k != UNANSWERED}
@@ -828,6 +842,47 @@ class OutboxWorker:
         self.nudge()
         return 1
 
+    async def _page_waits(self, row: OutboxItem, person: Person, incident: Incident, attempt: Attempt,
+                          now: datetime) -> None:
+        """Every platform that could take the page refused the bot's token (revoked, or being replaced): the bot's
+        trouble, not the person's. The page is not given up on, and the escalation does not move on because of it
+        (every step would page nobody in a second): it waits, tried again with back-off (at most every 5 minutes,
+        and at once when a call on that platform works again) for `give_up_after`, as the platform's other messages
+        do. The step's wait runs as written; the next step's pages wait alike while the token is refused. The
+        thread says so when the page first finds the token refused, and the audit log has `incident.page_delayed`."""
+        problem = attempt.problem(person, self.adapters)
+        for platform in attempt.refused:
+            self.token_refused[platform] = next((t for t in attempt.tried if t.startswith(platform)), problem)
+        tries = int((row.details or {}).get(TOKEN_REFUSED) or 0) + 1
+        details = {**{k: v for k, v in (row.details or {}).items() if k != UNANSWERED}, TOKEN_REFUSED: tries}
+        step, after = row.details.get("step"), str(row.details.get("next") or "")
+        platforms = " and ".join(p.capitalize() for p in attempt.refused)
+        async with self.db.transaction() as session:
+            waits = (await session.execute(update(OutboxItem).where(
+                OutboxItem.id == row.id, OutboxItem.status.in_(UNSETTLED)).values(
+                status="pending", details=details, due_at=now + timedelta(seconds=min(300.0, 2.0 ** tries)),
+                last_error=f"waiting for the bot's token to be accepted: {problem}"[:500]))).rowcount
+            if waits and tries == 1:
+                line = (f"Could not page {person.name} yet: {platforms} refuses the bot's token ({problem}); the page "
+                        f"goes out as soon as the token is accepted again. {after}").strip()
+                queue_thread_line(session, incident, now, "escalation.page_waits", {"line": line})
+                await self.audit.append_many(session, [Entry(
+                    "incident.page_delayed", SYSTEM, "incident", str(incident.id), now,
+                    {"person": person.id, "step": step, "problem": problem, "refused": list(attempt.refused)},
+                    incident.id)])
+        log.warning("escalation: the page to %s about #%s waits for the bot's token to be accepted: %s", person.id,
+                    incident.id, problem)
+        self.nudge()
+
+    async def _token_accepted(self) -> None:
+        """A platform took a call again after refusing the bot's token: the pages waiting for that go now, not at
+        their next try (up to 5 minutes away)."""
+        async with self.db.transaction() as session:
+            await session.execute(update(OutboxItem).where(
+                OutboxItem.kind == "page", OutboxItem.status == "pending", OutboxItem.due_at > self.clock.now(),
+                OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None)).values(due_at=self.clock.now()))
+        self.nudge()
+
     async def _call(self, call: Any, items: Sequence[OutboxItem], platform: str, chat: str, method: str,
                     gone: Callable[[], Awaitable[None]] | None = None, lost: str | None = None) -> Any:
         """Await a platform call; on failure, schedule the retry or the dead letter and return None. `gone`: what
@@ -858,7 +913,8 @@ class OutboxWorker:
             await self._failed(items, f"{type(exc).__name__}: {exc}", None, permanent=False)
             return None
         self.metrics.chat_calls.labels(platform, method, "ok").inc()
-        self.token_refused.pop(platform, None)
+        if self.token_refused.pop(platform, None) is not None:
+            await self._token_accepted()
         return result if result is not None else True
 
     async def _failed(self, items: Sequence[OutboxItem], error: str, retry_after: float | None, *, permanent: bool,

@@ -66,6 +66,7 @@ class Attempt:
     retry_after: float | None = None  # what the platform said about when (None: our own budget is spent)
     unknown: str | None = None  # the platform that took it and never answered: it may have arrived (not resent)
     ref: MessageRef | None = None  # the message the platform that took it made (redrawn as the incident changes)
+    refused: tuple[str, ...] = ()  # platforms that refused the bot's token: the bot's trouble, not the person's
 
     def counted(self) -> tuple[str, str]:
         """(platform, outcome): how chatops_pages_total counts this page, sent by hand or by an escalation."""
@@ -90,9 +91,12 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
     "too many requests", is waited for rather than skipped: the person chose that order. A platform that took
     the message and never answered ends the attempt (`unknown`), a page's and a direct message's alike: it may
     have arrived, and sending it again, there or on the next platform, would make the person read it twice.
+    A platform that refuses the bot's token is named in `refused`: the bot's trouble, not the person's, so an
+    escalation's page waits for the token to work again rather than fail (see OutboxWorker._page_waits).
     """
     tried: list[str] = []
     transient = False
+    refused: list[str] = []
     for platform in order:
         user_id = getattr(person, platform, None)
         adapter = adapters.get(platform)
@@ -119,9 +123,12 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
                 return Attempt(None, [*tried, said], False, unknown=platform)
             tried.append(said)
             transient = transient or not exc.permanent
+            if exc.token_refused:
+                refused.append(platform)
             continue
-        return Attempt(platform, tried, transient, ref=ref if isinstance(ref, MessageRef) else None)
-    return Attempt(None, tried, transient)
+        return Attempt(platform, tried, transient, ref=ref if isinstance(ref, MessageRef) else None,
+                       refused=tuple(refused))
+    return Attempt(None, tried, transient, refused=tuple(refused))
 
 
 # How a page (or a card, a line) whose answer was lost is marked for the bot to look for it by the key it carried

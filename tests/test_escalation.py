@@ -754,6 +754,52 @@ async def test_a_page_that_cannot_be_delivered_moves_the_escalation_on_at_once(t
         assert line.endswith("Moving to the next step now.")
 
 
+TELEGRAM_ONLY = """
+people:
+  - {id: alice, name: Alice, roles: [responder], slack: U01ALICE, telegram: 111111}
+  - {id: bob, name: Bob, roles: [responder], telegram: 222222}
+  - {id: carol, name: Carol, roles: [responder], telegram: 333333}
+  - {id: dave, name: Dave, roles: [responder]}
+"""
+
+
+async def test_a_token_telegram_refuses_holds_the_pages_and_the_escalation_keeps_its_pace(tmp_path: Path) -> None:
+    """Telegram refuses the bot's token (revoked, or being replaced) while the bot runs: the bot's trouble, not the
+    people's. Bob's page waits and is tried again, and the thread says why; the step's 30 minutes stand, and Carol's
+    page then waits too. Before: each page was dead at once (no attempt spent) and the escalation ran through every
+    step in a second, paging nobody. When Telegram takes the token again, both pages go out."""
+    async with world(tmp_path, NIGHT, people=TELEGRAM_ONLY) as w:
+        token, w.tg.token = w.tg.token, "the-token-before-it-was-revoked"  # every call now answers 401 Unauthorized
+        await w.alert("critical", team="solo")  # Bob, then Carol 30 minutes later; the card is on Slack
+        await until(lambda: any(t.startswith("Could not page Bob yet") for t in thread_texts(w.slack)), "Bob's line")
+        assert next(t for t in thread_texts(w.slack) if t.startswith("Could not page Bob")) == (
+            "Could not page Bob yet: Telegram refuses the bot's token (telegram sendMessage: the bot token was "
+            "refused; check adapters.telegram.bot_token); the page goes out as soon as the token is accepted again. "
+            "Carol in 30 min if nobody acknowledges.")
+        await w.tick(timedelta(minutes=29))
+        await asyncio.sleep(0.5)
+        assert [e.details["step"] for e in await w.audit("escalation.step")] == [1]
+        assert [(r.channel, r.status) for r in await page_rows(w.h)] == [("@bob", "pending")]
+        assert not await w.audit("incident.page_failed")
+        status = await (await w.h.client.get("/readyz")).json()
+        assert "token refused" in str(status), status
+
+        await w.tick(timedelta(minutes=1))  # the step's wait, as written
+        await until(lambda: any(t.startswith("Could not page Carol yet") for t in thread_texts(w.slack)), "Carol's")
+        assert [(r.channel, r.status) for r in await page_rows(w.h)] == [("@bob", "pending"), ("@carol", "pending")]
+        assert [e.details["person"] for e in await w.audit("incident.page_delayed")] == ["bob", "carol"]
+        assert not w.pages(BOB_TG) and not w.pages(CAROL_TG)
+
+        w.tg.token = token  # the token works again
+        await w.tick(timedelta(minutes=1))
+        await until(lambda: w.pages(BOB_TG) and w.pages(CAROL_TG), "both pages, once the token is accepted")
+        for who in ("Bob", "Carol"):
+            await until(lambda: any(t.startswith(f"Paged {who} on Telegram.") for t in thread_texts(w.slack)), who)
+        assert [(r.channel, r.status) for r in await page_rows(w.h)] == [("@bob", "sent"), ("@carol", "sent")]
+        assert not await w.audit("incident.page_failed")
+        assert len(w.pages(BOB_TG)) == 1 and len(w.pages(CAROL_TG)) == 1
+
+
 async def test_one_unreachable_person_does_not_cut_short_the_wait_of_another_paged_in_that_step(
         tmp_path: Path) -> None:
     """Step 1 pages Dave (no chat id: fails at once) and Bob (still on its way when Dave's fails): the step reached
