@@ -70,9 +70,12 @@ class Bot:
         self._counting: asyncio.Future[None] | None = None  # /metrics reading the store's figures, while it runs
         self.escalations = Escalations(audit=self.audit, config=self.config)
         self.leaders.append(delivery := Leader(self.db, "outbox"))  # with several replicas, one delivers chat work
+        # Why each platform that is not on is off (its settings unset; its token refused at start, see start): a
+        # page that reached nobody names it.
+        self.adapters_off: dict[str, str] = dict(loaded.adapters_off)
         self.outbox = OutboxWorker(db=self.db, config=self.config, adapters=self.adapters, clock=self.clock,
                                    metrics=self.metrics, audit=self.audit, escalations=self.escalations,
-                                   may_deliver=delivery.held)
+                                   may_deliver=delivery.held, off=self.adapters_off)
         self.timers = TimerService(db=self.db, clock=self.clock, metrics=self.metrics, after_commit=self.outbox.nudge)
         self.escalations.register(self.timers)
         self.intake = Intake(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
@@ -84,7 +87,7 @@ class Bot:
         self.replays = SharedReplays(self.db, self.clock)
         self.timers.add_job(self.replays.purge, seconds=PURGE_EVERY, name="purge-seen-requests")
         ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
-                     delivered=self._changed, adapters=self.adapters,
+                     delivered=self._changed, adapters=self.adapters, adapters_off=self.adapters_off,
                      escalations=self.escalations).register(self.dispatcher)
         self.oncall = OncallHandlers(db=self.db, config=self.config, clock=self.clock)
         covers = OverrideHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, view=self.oncall.view)
@@ -137,6 +140,7 @@ class Bot:
             except DeliveryError as exc:  # a refused token: this platform is off, the rest of the bot runs
                 log.error("%s: off (%s); fix its settings in app.yaml and restart", name, exc)
                 self.adapters_failed[name] = str(exc)
+                self.adapters_off[name] = str(exc)
                 del self.adapters[name]
                 continue
             await self._check(name, adapter)

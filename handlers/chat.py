@@ -41,6 +41,7 @@ class ChatHandlers:
     metrics: Metrics
     delivered: Callable[[], None]  # wakes the outbox worker after a change
     adapters: Mapping[str, Adapter] = field(default_factory=dict)  # for direct pages
+    adapters_off: Mapping[str, str] = field(default_factory=dict)  # why a platform is off, for a page that failed
     escalations: Escalations | None = None  # stopped by acknowledge/resolve, restarted by reopen, pushed by escalate
     dispatcher: Dispatcher | None = field(default=None, init=False, repr=False)  # set by register: for its refusals
 
@@ -153,7 +154,7 @@ class ChatHandlers:
         actor = Actor(actor.platform, actor.user_id, person.name, person.id)
         result = await page(db=self.db, audit=self.audit, config=self.config, clock=self.clock, adapters=self.adapters,
                             metrics=self.metrics, incident_id=incident_id, person=target, actor=actor,
-                            reason=f"{person.name} asks for your help")
+                            reason=f"{person.name} asks for your help", off=self.adapters_off)
         self.metrics.actions.labels("page", "changed" if result.ok else "refused").inc()
         return Reply(result.message)
 

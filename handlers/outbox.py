@@ -161,11 +161,13 @@ class OutboxWorker:
                  max_attempts: int = 8, batch: int = 500, min_interval: float = 0.2, idle_poll_seconds: float = 5.0,
                  compact_seconds: float = 30.0, give_up_after: timedelta = timedelta(hours=24),
                  monotonic: Callable[[], float] | None = None, audit: AuditLog | None = None,
-                 escalations: Escalations | None = None, may_deliver: Callable[[], Awaitable[bool]] | None = None):
+                 escalations: Escalations | None = None, may_deliver: Callable[[], Awaitable[bool]] | None = None,
+                 off: Mapping[str, str] | None = None):
         self.db, self.config, self.adapters, self.clock, self.metrics = db, config, adapters, clock, metrics
         self.audit = audit or AuditLog(config.audit.hmac_key)  # pages are audited (incident.paged / page_failed)
         self.escalations = escalations  # a page that cannot be delivered moves its escalation on
         self.may_deliver = may_deliver  # with several replicas, one delivers (a leader lock)
+        self.off = off if off is not None else {}  # platform -> why it is off: a page that could not go says so
         self.channels = {c.id: c for c in config.channels}
         self.people = {p.id: p for p in config.people}
         self.names = {p.id: p.name for p in config.people}
@@ -683,7 +685,7 @@ class OutboxWorker:
             async with self.db.transaction() as session:
                 await self._mark(session, [row], "dead", (UNCONFIRMED + problem)[:500])
             return 1
-        problem = attempt.problem(person, self.adapters)
+        problem = attempt.problem(person, self.adapters, off=self.off, order=order)
         # A refused token is the bot's trouble, not the person's: the message waits for a token that works.
         trouble = attempt.transient or bool(attempt.refused)
         for platform in attempt.refused:
@@ -806,7 +808,7 @@ class OutboxWorker:
             kept[UNANSWERED] = {"key": key, "at": time.time(), "platform": attempt.unknown}
             settled["due_at"] = self.clock.now() + timedelta(seconds=LOOK_AFTER)
         async with self.db.transaction() as session:
-            problem = attempt.problem(person, self.adapters)
+            problem = attempt.problem(person, self.adapters, off=self.off, order=order)
             await self._mark(session, [row], "sent" if attempt.platform else "dead",
                              None if attempt.platform else ((UNCONFIRMED if attempt.unknown else "") + problem)[:500])
             if kept != (row.details or {}) or "due_at" in settled:

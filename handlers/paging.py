@@ -73,14 +73,22 @@ class Attempt:
         return (self.platform or self.unknown or "none",
                 "ok" if self.platform else "unknown" if self.unknown else "failed")
 
-    def problem(self, person: Person, adapters: Mapping[str, Adapter], *, what: str = "page") -> str:
-        """What went wrong, in words; `what` the attempt sent (a page, a message)."""
+    def problem(self, person: Person, adapters: Mapping[str, Adapter], *, what: str = "page",
+                off: Mapping[str, str] | None = None, order: Sequence[str] = ()) -> str:
+        """What went wrong, in words; `what` the attempt sent (a page, a message). `off`: why each platform that
+        is not on is off (its settings unset, its token refused at start), named for a platform of `order` that
+        knows the person: that, not their app.yaml entry, is why nobody was tried."""
         if self.unknown:
             twice = "page twice" if what == "page" else f"send the {what} twice"
             return (f"{self.unknown.capitalize()} took it but never confirmed it, so the {what} may have arrived; it "
                     f"is not sent again, so as not to {twice} ({self.tried[-1].removeprefix(f'{self.unknown}: ')})")
-        return "; ".join(self.tried) or (f"{person.name} has no id in app.yaml for a platform that is on "
-                                         f"(on: {', '.join(sorted(adapters)) or 'none'})")
+        if self.tried:
+            return "; ".join(self.tried)
+        nobody = (f"{person.name} has no id in app.yaml for a platform that is on "
+                  f"(on: {', '.join(sorted(adapters)) or 'none'})")
+        down = [f"{platform} is off ({(off or {})[platform]})" for platform in dict.fromkeys(order)
+                if platform not in adapters and platform in (off or {}) and getattr(person, platform, None)]
+        return f"{'; '.join(down)}, and {nobody}" if down else nobody
 
 
 async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Outbound, order: Sequence[str],
@@ -158,8 +166,10 @@ def page_order(person: Person, *, business_hours: bool | None = None) -> Sequenc
 
 
 async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, adapters: Mapping[str, Adapter],
-               metrics: Metrics, incident_id: int, person: Person, actor: Actor, reason: str = "") -> PageResult:
-    """Send the page; record `incident.paged` or `incident.page_failed` either way."""
+               metrics: Metrics, incident_id: int, person: Person, actor: Actor, reason: str = "",
+               off: Mapping[str, str] | None = None) -> PageResult:
+    """Send the page; record `incident.paged` or `incident.page_failed` either way. `off`: why each platform that is
+    not on is off, for the failure to name it."""
     async with db.sessions() as session:
         incident = await session.get(Incident, incident_id)
         alerts = await recent_alerts(session, incident_id) if incident else []
@@ -190,7 +200,7 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
                               details={"person": person.id, "manual": True, "message": page_where(attempt.ref)})
         await _record(db, audit, actor, incident_id, now, "incident.paged", details, sent, drawn=incident.status)
         return PageResult(True, f"Paged {person.name} on {attempt.platform.capitalize()}.", attempt.platform)
-    why = attempt.problem(person, adapters)
+    why = attempt.problem(person, adapters, off=off, order=order)
     failed: dict[str, Any] = {"person": person.id, "tried": attempt.tried, "reason": reason, "problem": why}
     if attempt.unknown:  # it may have arrived (see send_page)
         failed["unknown"] = attempt.unknown

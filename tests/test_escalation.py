@@ -800,6 +800,26 @@ async def test_a_token_telegram_refuses_holds_the_pages_and_the_escalation_keeps
         assert len(w.pages(BOB_TG)) == 1 and len(w.pages(CAROL_TG)) == 1
 
 
+async def test_a_page_to_a_platform_off_since_its_token_was_refused_at_start_names_that(tmp_path: Path) -> None:
+    """Telegram refused the bot's token at start, so the adapter is off: a page to Bob (Telegram only) says that,
+    not that Bob has no id in app.yaml (he has one), by the escalation and by hand alike."""
+    async with FakeSlack() as fake_slack, FakeTelegram() as tg:
+        extra = slack_config(fake_slack) + (f"  telegram: {{bot_token: '123456:wrong-token', webhook_secret: "
+                                            f"{TG_SECRET}, api_url: '{tg.api_url}'}}\n")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, clock=FakeClock(NIGHT),
+                               people=TELEGRAM_ONLY, base=BASE) as h:
+            assert "telegram" not in h.bot.adapters
+            w = World(h, Slack(h, fake_slack), tg)
+            await w.alert("critical", team="solo")
+            await until(lambda: any(t.startswith("Could not page Bob") for t in thread_texts(w.slack)), "the line")
+            off = ("telegram is off (telegram getMe: the bot token was refused; check adapters.telegram.bot_token), "
+                   "and Bob has no id in app.yaml for a platform that is on (on: slack)")
+            assert next(t for t in thread_texts(w.slack) if t.startswith("Could not page Bob")) == (
+                f"Could not page Bob: {off}. Moving to the next step now.")
+            answer = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
+            assert answer["text"] == f"Could not page Carol: {off.replace('Bob', 'Carol')}"
+
+
 async def test_one_unreachable_person_does_not_cut_short_the_wait_of_another_paged_in_that_step(
         tmp_path: Path) -> None:
     """Step 1 pages Dave (no chat id: fails at once) and Bob (still on its way when Dave's fails): the step reached
