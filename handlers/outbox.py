@@ -66,6 +66,9 @@ PAGE_ATTEMPTS = 3  # a page that fails for a passing reason is tried this often,
 # of its own still in flight, was cut off by a crash mid-call, and may have arrived. It is not sent again (as GoAlert
 # does: an unknown outcome is not retried blindly into a double page).
 SENDING = "sending"
+# A thread line that was due under a card that went (deleted, or left in a group that became a supergroup): it
+# follows the card posted afresh, in its thread, instead of being folded into it (see _deliver's repost).
+FOLLOWS = "follows"
 # A page waiting because a platform refused the bot's token (see _page_waits): how often it found it refused.
 TOKEN_REFUSED = "token_refused"
 UNSETTLED = ("pending", SENDING)
@@ -397,8 +400,10 @@ class OutboxWorker:
             if ref is None:
                 return 1
             # The post draws the incident as it is now, so what was queued before it is in it; escalation lines
-            # (who was paged, what comes next) are the thread's story and still follow it.
-            folded = [i for i in items if not i.event.startswith("escalation.")]
+            # (who was paged, what comes next) are the thread's story and still follow it, as do the lines a card
+            # posted afresh was to carry (FOLLOWS).
+            folded = [i for i in items
+                      if not i.event.startswith("escalation.") and not (i.details or {}).get(FOLLOWS)]
             async with self.db.transaction() as session:
                 session.add(IncidentMessage(incident_id=incident.id, channel=channel_id, platform=channel.platform,
                                             chat_id=ref.chat_id, message_id=ref.message_id, thread_id=ref.thread_id,
@@ -414,12 +419,22 @@ class OutboxWorker:
         calls = 0
         reposting = False
 
-        async def repost() -> None:  # deleted in the chat: post the card afresh (the rows stay pending)
+        async def repost() -> None:
+            """Deleted in the chat, or left behind in a group that became a supergroup: post the card afresh (the rows
+            stay pending). The thread's lines waiting then (the one that found the card gone among them) follow the
+            new card, in its thread: the post folds in what was queued before a first post, not the story the old
+            thread was still to tell."""
             nonlocal reposting
             assert parent is not None and incident is not None
             reposting = True
+            follow = [i for i in items if i.kind == "reply" and i.event not in MERGED_EVENTS]
+            for item in follow:  # (a line the platform refused for its card gone did not arrive: nothing to look for)
+                item.details = {**{k: v for k, v in (item.details or {}).items() if k != UNANSWERED}, FOLLOWS: True}
             async with self.db.transaction() as session:
                 await session.execute(delete(IncidentMessage).where(IncidentMessage.id == parent.id))
+                for item in follow:
+                    await session.execute(update(OutboxItem).where(OutboxItem.id == item.id)
+                                          .values(details=item.details))
             log.warning("outbox: the message of incident #%s in %s is gone; posting it again", incident.id, channel_id)
             self.nudge()
 

@@ -263,7 +263,9 @@ async def test_an_incident_message_deleted_in_the_chat_is_posted_afresh(tmp_path
             second = await h.message_of(1)
             assert second != first
             assert "Acknowledged" in parents(fake)[-1]  # as the incident is now
-            # what was queued meanwhile is in the new card (as for a first post), and nothing was given up on
+            # the line waiting when the card went follows the new card into its thread; nothing was given up on
+            await fake.wait_for(lambda: s.posts(thread=second), timeout=5)
+            assert [p["text"].split(" by ")[0] for p in s.posts(thread=second)] == ["Acknowledged"]
             assert "dead" not in [r[0] for r in await row_state(h)]
 
 

@@ -390,3 +390,27 @@ async def test_resolve_in_telegram_asks_what_slacks_dialog_asks(both: Both) -> N
     await b.tg.wait_for(lambda: b.tg.called("answerCallbackQuery"), timeout=5)
     [answer] = b.tg.called("answerCallbackQuery")
     assert answer.params["text"] == f"{dialog} Tap \u201c\u2714 Resolve\u201d to confirm, or Cancel."
+
+
+async def test_a_thread_line_that_finds_the_group_became_a_supergroup_follows_the_card_there(both: Both) -> None:
+    """Telegram turned the group into a supergroup, and the Acknowledged line is the first call to learn it: the card
+    is posted afresh in the supergroup, and the line follows it into its thread. Before: the line was folded into
+    the new card, its row recorded sent, and it was never posted."""
+    b = both
+    _, message_id = await posted_on_both(b)
+    supergroup = -1009876543210
+    b.tg.fail("sendMessage", "Bad Request: group chat was upgraded to a supergroup chat",
+              parameters={"migrate_to_chat_id": supergroup})
+    await b.slack.answer(await b.slack.command("/incident", "ack 1"))
+
+    def in_supergroup() -> list[dict[str, Any]]:
+        return [m for (chat, _), m in sorted(b.tg.messages.items()) if chat == supergroup]
+
+    await b.tg.wait_for(lambda: len(in_supergroup()) == 2, timeout=10)
+    card, line = in_supergroup()
+    assert "#1" in card["text"] and "Acknowledged" in card["text"]
+    assert "Acknowledged by Alice" in line["text"]
+    [reply] = [c.params for c in b.tg.called("sendMessage") if c.params["chat_id"] == supergroup
+               and (c.params.get("reply_parameters") or {}).get("message_id") == card["message_id"]]
+    assert reply["text"] == line["text"]  # in the new card's thread
+    assert await b.h.message_of(1, "ops-telegram") == str(card["message_id"])
