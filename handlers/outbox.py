@@ -45,7 +45,7 @@ from bot.config import Config, Person
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket, Window
 from bot.incidents import ACKNOWLEDGED, RESOLVED
-from bot.view import incident_card, thread_line
+from bot.view import incident_card, incident_state, thread_line
 from bot.escalation import escalation_mark
 from handlers.escalation import SYSTEM, Escalations, drawn_with
 from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_line
@@ -553,10 +553,7 @@ class OutboxWorker:
             if not self.buckets.allow(where["platform"], where["chat_id"], edit=True, now=self._monotonic()):
                 waiting = True  # this chat's budget is spent: the others' pages go on, this one a moment later
                 continue
-            person = self.people.get(str(page.details.get("person")))
-            note, mark = drawn_with(escalation)
-            card = incident_card(incident, alerts, now=now, names=self.names, next_step=note, escalation_mark=mark,
-                                 tz=person.timezone if person is not None and person.timezone else self.config.timezone)
+            card = self._page_drawn(page, incident, alerts, escalation, now)
             calls += 1
             try:
                 await adapter.update(MessageRef(where["platform"], where["chat_id"], where["message_id"]), card)
@@ -585,6 +582,30 @@ class OutboxWorker:
                 OutboxItem.kind == "pages", OutboxItem.incident_id == row.incident_id,
                 OutboxItem.status == "pending", OutboxItem.id <= row.id).values(status="sent"))
         return calls
+
+    def _page_drawn(self, page: OutboxItem, incident: Incident, alerts: list[AlertRecord],
+                    escalation: Escalation | None, now: datetime) -> Outbound:
+        """A page drawn again as the incident now is (its state, who, its buttons), in the page's own words, not
+        the channel card's: while the escalation runs, an escalation's page still says which step it was and what
+        comes next, as it did when it was sent ("Step 1 of 2 of the escalation. Bob in 5 min if nobody
+        acknowledges."), or, once the escalation has moved past it, what it says now; a page sent by hand keeps
+        the reason it was sent with while the incident fires. Once the escalation stopped (acknowledged,
+        resolved), neither is said."""
+        details = page.details or {}
+        person = self.people.get(str(details.get("person")))
+        note, mark = drawn_with(escalation)
+        if person is None:
+            return incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names, next_step=note,
+                                 escalation_mark=mark)
+        state, step, total = incident_state(incident), details.get("step"), details.get("of")
+        words = note if state in ("firing", "acknowledged") else ""
+        if (words and isinstance(step, int) and total and escalation is not None
+                and details.get("run", 0) == escalation.run):
+            here = escalation.state == "active" and escalation.next_step == step  # not moved past it
+            words = step_words(step, total, str(details.get("next") or "") if here else note)
+        elif step is None and details.get("reason") and state == "firing":
+            words = str(details["reason"])
+        return page_message(incident, alerts, person, self.config, now, words, escalation_mark=mark)
 
     async def _look_for_pages(self, row: OutboxItem, lost: Sequence[OutboxItem], now: datetime
                               ) -> tuple[int, datetime | None, tuple[str, float | None] | None]:
@@ -776,7 +797,7 @@ class OutboxWorker:
         business = bool(row.details.get("business"))
         after = str(row.details.get("next") or "")
         step, total = row.details.get("step"), row.details.get("of")
-        reason = f"Step {step} of {total} of the escalation. {after}".strip()
+        reason = step_words(step, total, after)
         message = page_message(incident, alerts, person, self.config, now, reason,
                                escalation_mark=escalation_mark(step, int(row.details.get("run", 0)))
                                if isinstance(step, int) else "")
@@ -1058,6 +1079,11 @@ class OutboxWorker:
         if ids:
             await session.execute(update(OutboxItem).where(OutboxItem.id.in_(ids), OutboxItem.status.in_(UNSETTLED))
                                   .values(status=status, last_error=error))
+
+
+def step_words(step: Any, total: Any, after: str) -> str:
+    """What an escalation's page says of its step and what comes after it."""
+    return f"Step {step} of {total} of the escalation. {after}".strip()
 
 
 def _lost_page(page: OutboxItem) -> bool:

@@ -197,7 +197,8 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
         if attempt.ref is not None:  # kept as an escalation's pages are, so the outbox redraws it as the incident changes
             sent = OutboxItem(created_at=now, due_at=now, incident_id=incident_id, channel=f"@{person.id}", kind="page",
                               event="incident.page", status="sent", attempts=1,
-                              details={"person": person.id, "manual": True, "message": page_where(attempt.ref)})
+                              details={"person": person.id, "manual": True, "message": page_where(attempt.ref),
+                                       "reason": reason})  # (its words, kept when it is redrawn)
         await _record(db, audit, actor, incident_id, now, "incident.paged", details, sent, drawn=incident.status)
         return PageResult(True, f"Paged {person.name} on {attempt.platform.capitalize()}.", attempt.platform)
     why = attempt.problem(person, adapters, off=off, order=order)

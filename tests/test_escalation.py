@@ -307,6 +307,34 @@ async def test_escalate_jumps_to_the_next_step_now_and_a_second_press_does_not_s
         await until(lambda: len(w.pages(BOB_TG)) == 2, "the second pass pages the rotation again")
 
 
+async def test_a_page_redrawn_while_the_incident_fires_keeps_its_own_words(tmp_path: Path) -> None:
+    """Escalate redraws Bob's page while the incident still fires: it still says which step paged him and what comes
+    next, as when it was sent. Before: it took the channel card's words ("Paged Bob on Telegram. ..."); once
+    acknowledged, it says neither."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        [sent] = w.pages(BOB_TG)
+        words = "Step 1 of 4 of the escalation. Carol in 5 min if nobody acknowledges."
+        assert words in sent["text"]
+        await w.h.bot.timers.stop()  # the page is redrawn before the step Escalate asked for fires
+        answer = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U02BOB"))
+        assert answer["text"] == "Escalating #1 to step 2 of 4 now."
+
+        def redrawn() -> list[dict[str, Any]]:  # (an edit that changes nothing is answered "not modified")
+            return [c.params for c in w.tg.calls if c.method == "editMessageText" and c.params["chat_id"] == BOB_TG]
+        await until(redrawn, "Bob's page redrawn")
+        text = redrawn()[-1]["text"]
+        assert words in text and "Paged Bob" not in text
+        assert w.tg.messages[(BOB_TG, max(m for (c, m) in w.tg.messages if c == BOB_TG))]["text"] == sent["text"]
+        await w.h.bot.timers.start()
+        await w.tick()
+        await until(lambda: w.pages(CAROL_TG), "Carol, paged by Escalate")
+        await w.slack.answer(await w.slack.command("/incident", "ack 1", user="U03CAROL"))
+        await until(lambda: len(redrawn()) == 2, "Bob's page redrawn once acknowledged")
+        assert "Step 1 of 4" not in redrawn()[-1]["text"] and "Acknowledged" in redrawn()[-1]["text"]
+
+
 async def test_a_platform_slow_to_answer_holds_back_no_page(tmp_path: Path) -> None:
     """The Telegram group's cards are answered 3 s late each; Bob's Slack pages for the same incidents go at once."""
     async with world(tmp_path, DAY) as w:
