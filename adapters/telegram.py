@@ -12,9 +12,14 @@ toast, a command with a message replying to it. With `mode: polling` a
 
 Telegram buttons have no confirmation dialog, so a button with `confirm` is drawn
 with callback data `?{value}`: its first tap turns it, in place, into
-`✔ {label}` (the real value) and `✖ Cancel` (`!{value}`, which turns it back),
-and answers with the button's question (Slack's dialog text: "Resolve #1 while 1
-alert is still firing? ..."), as an alert (a dialog) when it is long.
+`✔ {label}` (the real value) and `✖ No` (`!{value}`, which turns it back), the
+two on a row of their own, and answers with the button's question (Slack's dialog
+text: "Resolve #1 while 1 alert is still firing? ..."), as an alert (a dialog)
+when it is long.
+
+A card that answers `/incident show` is a message nothing tracks (the outbox redraws
+the channels' cards and the pages): a tap on one of its buttons redraws it, as the
+incident then is, as Slack redraws its private card.
 """
 
 from __future__ import annotations
@@ -67,11 +72,19 @@ RETRY_FIRST, RETRY_MAX, GIVE_UP = 2.0, 30.0, 120.0
 POLL_PACE = 1.0  # seconds between getUpdates while an update fetched is not done (Telegram then answers at once)
 FAILED_KEPT = 1000  # update ids whose webhook delivery failed after the person was told (see _webhook_update)
 TOAST_MAX, TEXT_MAX, ROW_MAX = 200, 4000, 3
+# The buttons of an incident card, whose id is the incident's (a swap's buttons carry the swap's id): a tap on one of a
+# card `/incident show` drew redraws that card (see _redraw_shown)
+CARD_ACTIONS = frozenset(a.value for a in (actions.Action.ACKNOWLEDGE, actions.Action.ESCALATE, actions.Action.RESOLVE,
+                                           actions.Action.REOPEN, actions.Action.RUN_RUNBOOK, actions.Action.APPROVE,
+                                           actions.Action.REJECT))
 TOAST_SHORT = 80  # characters: a longer callback answer is an alert (a dialog, read until dismissed), not a toast
 QUESTIONS_KEPT = 5000  # confirmation questions of the buttons drawn last, by callback data (see _confirm_step)
 ASK, CANCEL, YES = "?", "!", "\u2714 "
+# The armed button's neighbour, which only turns it back: a word no confirmable action could be read as ("✖ Cancel"
+# beside "✔ Cancel request" was taken for the request's own Cancel), and that reads right beside each of them.
+NO = "\u2716 No"
 INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
-STALE_BUTTON = "This message has changed since; use the buttons on the latest incident message."
+STALE_BUTTON = "This message has changed since; use the buttons it has now."
 FAILED = "Something went wrong while handling that; the details are in the bot's log."
 # the command menu (setMyCommands); the dispatcher owns what they do, and takes any other command too
 COMMANDS: dict[str, str] = {
@@ -208,6 +221,15 @@ def click_event(query: CallbackQuery) -> ActionEvent:
                        event_id=str(query.id))
 
 
+def answers_a_command(message: Any) -> bool:
+    """The bot's message is its answer to someone's command (`/incident show 42`), which it posts as a reply to that
+    command. The channel's card and a page are posts of their own, and a line of the incident's thread is a reply to
+    the card, the bot's own message."""
+    parent = getattr(message, "reply_to_message", None)
+    sender = getattr(parent, "from_user", None)
+    return sender is not None and not sender.is_bot
+
+
 def command_event(message: Message, bot_username: str | None) -> CommandEvent | None:
     """`/ack 42` or `/ack@bot 42` as a `CommandEvent`; plain words in a private chat are `/chatops WORDS`.
     None for anything else: chatter in a group, a command for another bot, a bot's message, a message sent on behalf
@@ -221,7 +243,7 @@ def command_event(message: Message, bot_username: str | None) -> CommandEvent | 
         return None
     name, rest = words
     return CommandEvent(name, split_words(rest), actor_of(user), MessageRef(PLATFORM, str(message.chat.id), "", None),
-                        direct=direct)
+                        direct=direct, plain=_COMMAND.match(text) is None)
 
 
 def _with_picked_people(message: Message) -> str:
@@ -264,23 +286,36 @@ def anonymous_command(message: Message, bot_username: str | None) -> str | None:
 
 
 def confirm_keyboard(markup: InlineKeyboardMarkup, data: str) -> InlineKeyboardMarkup | None:
-    """The keyboard after a tap on `?value` (ask: `✔ label` + `✖ Cancel`) or `!value` (cancel: back to
-    `?value`); None when the keyboard no longer has that button."""
-    value, found, rows = data[1:], False, []
-    for row in markup.inline_keyboard:
-        keys: list[InlineKeyboardButton] = []
-        for key in row:
-            if data[0] == ASK and key.callback_data == data:
-                keys += [InlineKeyboardButton(YES + key.text, callback_data=value),
-                         InlineKeyboardButton("\u2716 Cancel", callback_data=CANCEL + value)]
-                found = True
-            elif data[0] == CANCEL and key.callback_data == value:
-                keys.append(InlineKeyboardButton(key.text.removeprefix(YES), callback_data=ASK + value))
-                found = True
-            elif not (data[0] == CANCEL and key.callback_data == data):
-                keys.append(key)
-        rows.append(keys)
-    return InlineKeyboardMarkup(rows) if found else None
+    """The keyboard after a tap on `?value` (ask: `✔ label` + `✖ No`, on a row of their own) or `!value` (no: back
+    to `?value`); None when the keyboard no longer has that button. The other buttons keep their order, in rows of
+    at most ROW_MAX as `keyboard` draws them, so that turning a button back draws the keyboard as it was."""
+    value, found = data[1:], False
+    units: list[list[InlineKeyboardButton]] = []  # a button, or an armed pair (kept together, on a row of its own)
+    for key in (key for row in markup.inline_keyboard for key in row):
+        if units and len(units[-1]) == 1 and key.callback_data == CANCEL + str(units[-1][0].callback_data):
+            units[-1].append(key)  # the ✖ of the ✔ before it
+        else:
+            units.append([key])
+    for i, unit in enumerate(units):
+        if data[0] == ASK and len(unit) == 1 and unit[0].callback_data == data:
+            units[i] = [InlineKeyboardButton(YES + unit[0].text, callback_data=value),
+                        InlineKeyboardButton(NO, callback_data=CANCEL + value)]
+            found = True
+        elif data[0] == CANCEL and unit[0].callback_data == value:
+            units[i] = [InlineKeyboardButton(unit[0].text.removeprefix(YES), callback_data=ASK + value)]
+            found = True
+    if not found:
+        return None
+    rows: list[list[InlineKeyboardButton]] = []
+    loose: list[InlineKeyboardButton] = []  # single buttons, not yet in a row
+    for unit in units:
+        if len(unit) == 1:
+            loose.append(unit[0])
+            continue
+        rows += [loose[i:i + ROW_MAX] for i in range(0, len(loose), ROW_MAX)] + [unit]
+        loose = []
+    rows += [loose[i:i + ROW_MAX] for i in range(0, len(loose), ROW_MAX)]
+    return InlineKeyboardMarkup(rows)
 
 
 @dataclass
@@ -437,7 +472,8 @@ class TelegramAdapter:
             return web.json_response({"error": f"malformed JSON: {exc}"}, status=400)
         except RecursionError:
             return web.json_response({"error": "malformed JSON: nested too deeply"}, status=400)
-        if not isinstance(data, dict) or not isinstance(data.get("update_id"), int):
+        given = data.get("update_id") if isinstance(data, dict) else None
+        if not isinstance(given, int) or isinstance(given, bool):  # (true is an int to Python, and no update id)
             return web.json_response({"error": "not a Telegram update (no update_id)"}, status=400)
         try:
             update = Update.de_json(data, self.bot)
@@ -762,12 +798,35 @@ class TelegramAdapter:
                 await self.update(event.source, Outbound("text", {"text": reply.settle}, text=reply.settle))
             except DeliveryError as exc:  # the toast still told the clicker; the buttons stay
                 log.warning("telegram: cannot settle the clicked message: %s", exc)
+        if (reply is not None and event.action in CARD_ACTIONS and event.source is not None and not handling.released
+                and answers_a_command(query.message)):
+            await self._redraw_shown(event.source, event, private=private)
         if reply is not None and not reply.ephemeral and event.source is not None:  # for everyone: in the thread
             await self._post(event.source.chat_id, event.source.thread_id or event.source.message_id,
                              self._reply_payload(reply))
 
+    async def _redraw_shown(self, source: MessageRef, event: ActionEvent, *, private: bool) -> None:
+        """A card that answered `/incident show`: nothing tracks it (the outbox redraws the channels' cards and the
+        pages), so this one is drawn again, as the incident is now, by the command that drew it, as Slack redraws its
+        private card; it would otherwise say "Acknowledged" on an incident resolved, and keep an armed ✔ Resolve that
+        a tap after a reopen resolves without asking. Also after a tap that changed nothing (the card then shows what
+        did: someone else acknowledged); not for someone the command does not show it to."""
+        command = CommandEvent("incident", ["show", str(event.incident_id)], event.actor,
+                               MessageRef(PLATFORM, source.chat_id, "", None), direct=private)
+        try:
+            shown = await self.dispatcher.handle_command(command)
+        except Exception:  # the clicker has the answer; the card stays as it was
+            log.exception("telegram: cannot redraw the card of #%s that /incident show drew", event.incident_id)
+            return
+        if shown.message is None:
+            return
+        try:
+            await self.update(MessageRef(PLATFORM, source.chat_id, source.message_id, None), shown.message)
+        except DeliveryError as exc:
+            log.warning("telegram: cannot redraw the card of #%s that /incident show drew: %s", event.incident_id, exc)
+
     async def _confirm_step(self, query: CallbackQuery, data: str) -> None:
-        """A tap on a button that asks first, or on its Cancel: redraw that button in place. Only someone who
+        """A tap on a button that asks first, or on its ✖ No: redraw that button in place. Only someone who
         may press it arms it, or disarms it (the redrawn button is there for the whole group)."""
         refused = self.dispatcher.refusal(actions.decode(data[1:]).action.value, actor_of(query.from_user))
         if refused is not None:
@@ -793,7 +852,7 @@ class TelegramAdapter:
             return
         label = next((k.text for row in changed.inline_keyboard for k in row if k.callback_data == data[1:]), "")
         question = self._questions.get(data)  # what Slack's dialog asks ("Resolve #1 while 1 alert is still firing?")
-        answer = toast(f"{question + ' ' if question else ''}Tap \u201c{label}\u201d to confirm, or Cancel.")
+        answer = toast(f"{question + ' ' if question else ''}Tap \u201c{label}\u201d to confirm, or \u201c{NO}\u201d.")
         await self._answer(query, answer, alert=len(answer) > TOAST_SHORT)
 
     async def _command(self, message: Message, handling: Handling, *, quiet: bool = False) -> None:
@@ -809,6 +868,8 @@ class TelegramAdapter:
         if event is None:
             return
         reply = await self._dispatch(self.dispatcher.handle_command(event), handling, quiet=quiet)
+        if reply.sent_direct and event.direct:  # the direct message, with its buttons, is the answer in this chat
+            return
         payload = self._reply_payload(reply)
         try:
             await self._post(str(message.chat.id), str(message.message_id), payload)

@@ -17,6 +17,18 @@ MAX_BYTES = 64
 # The largest id the store holds: incidents' and swaps' ids are INTEGER columns, 32 bits on PostgreSQL. A larger
 # number names nothing, and asking PostgreSQL for it is an error rather than no row, so it never reaches a query.
 MAX_ID = 2**31 - 1
+TYPED_DIGITS_MAX = 4000  # digits of a typed id made into a number (Python refuses to read one of more than 4300)
+
+
+def typed_id(text: str) -> int | None:
+    """The id of an incident or swap someone typed (`42` or `#42`), or None for what is no such number. One past
+    MAX_ID is returned all the same, however long: no incident or swap has it, and the answer says so ("There is no
+    incident #99999999999999999999"), not how to type an id, before the store is asked (PostgreSQL would refuse it)."""
+    raw = text.lstrip("#")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > TYPED_DIGITS_MAX:
+        return None
+    number = int(raw)
+    return number if number > 0 else None
 
 
 class Action(StrEnum):

@@ -87,6 +87,9 @@ class CommandEvent:
     actor: Actor
     chat: MessageRef | None = None
     direct: bool = False
+    # Words written to the bot without a command (`ack 42` in a private chat on Telegram), taken as `/chatops WORDS`:
+    # when the first word is no command, the answer is the help, not "I don't know `/hello`" for a slash never typed.
+    plain: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,10 @@ class Reply:
     message: Outbound | None = None  # a richer answer (a table, an incident card) instead of text
     # For a click: the clicked message becomes this text, without its buttons (a question now answered).
     settle: str | None = None
+    # This answer is also sent to the actor as a direct message with buttons (`/swap`'s "You asked Bob... [Cancel
+    # request]"), on the platform the command came from first: a command typed in the private chat with the bot,
+    # where that message arrives, is answered by it alone, not twice.
+    sent_direct: bool = False
 
 
 class DeliveryError(Exception):

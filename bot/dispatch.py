@@ -135,12 +135,15 @@ class Dispatcher:
         if name == "chatops":  # the umbrella: `/chatops ack 42` is `/ack 42`
             if not event.args or event.args[0].lower() == "help":
                 return Reply(self.help_text(platform))
-            event = CommandEvent(event.args[0].lower(), list(event.args[1:]), event.actor, event.chat, event.direct)
+            event = CommandEvent(event.args[0].lower(), list(event.args[1:]), event.actor, event.chat, event.direct,
+                                 event.plain)
             name = event.name
         if name == "help":
             return Reply(self.help_text(platform))
         spec = self.commands.get(name)
         if spec is None:
+            if event.plain:  # words, no command: what the bot understands, without naming a `/hello` nobody typed
+                return Reply(f"`{echoed(name)}` is not one of my commands.\n{self.help_text(platform)}")
             return Reply(f"I don't know `/{echoed(name)}`.\n{self.help_text(platform)}")
         person = self.identify(event.actor)
         if person is None:

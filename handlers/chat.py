@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from bot.actions import MAX_ID, Action
+from bot.actions import MAX_ID, Action, typed_id
 from bot.chat import ActionEvent, Adapter, CommandEvent, Reply, echoed
 from bot.clock import Clock
 from bot.config import RESPONDER, Config, Person, find_person, unknown_person
@@ -214,15 +214,11 @@ def _where_pages_go(person: Person, on: Collection[str]) -> str:
 
 
 def _incident_id(args: list[str] | tuple[str, ...] | object) -> int | None:
-    """The id `args` start with (`42` or `#42`), or None. A number past MAX_ID is returned all the same: it is an id
-    no incident has, answered as such by `_no_incident` before the store is asked (PostgreSQL would refuse it)."""
+    """The id `args` start with (`42` or `#42`), or None (`bot.actions.typed_id`). A number past MAX_ID is returned
+    all the same: it is an id no incident has, answered as such by `_no_incident` before the store is asked."""
     values = list(args) if isinstance(args, (list, tuple)) else []
-    if not values:
-        return None
-    raw = str(values[0]).lstrip("#")
-    # at most 18 digits: int() of thousands of digits raises, and no id is that long
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 and int(raw) > 0 else None
+    return typed_id(str(values[0])) if values else None
 
 
 def _no_incident(incident_id: int) -> str:
-    return f"There is no incident #{incident_id}."
+    return f"There is no incident #{echoed(str(incident_id))}."

@@ -40,7 +40,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import or_, select
 
-from bot.actions import MAX_ID, Action
+from bot.actions import MAX_ID, Action, typed_id
 from bot.chat import ActionEvent, Button, CommandEvent, Reply, echoed
 from bot.clock import Clock
 from bot.config import Config, Person, Rotation, find_person, unknown_person
@@ -148,7 +148,7 @@ class SwapHandlers:
             if swap_id is None:
                 return Reply(f"Usage: `/swap {sub} ID`, with the swap's number (`/swap list` shows yours).")
             if swap_id > MAX_ID:  # no swap has it, and PostgreSQL would refuse to look it up
-                return Reply(f"There is no swap #{swap_id}.")
+                return Reply(f"There is no swap #{echoed(str(swap_id))}.")
             fn = {"cancel": self.cancel, "undo": self.undo, "accept": self.accept, "decline": self.decline,
                   "approve": self.approve, "reject": self.reject}[sub]
             return await fn(swap_id, person, event.actor)
@@ -233,7 +233,8 @@ class SwapHandlers:
         self._committed()
         return Reply(f"Asked {counterpart.name} to take your `{schedule.id}` shift from {when(start, tz, now)} until "
                      f"{when(end, tz, now)} (swap #{swap_id}); it expires "
-                     f"{when(min(now + rotation.swap_expiry, end), tz, now)}. `/swap cancel {swap_id}` cancels it.")
+                     f"{when(min(now + rotation.swap_expiry, end), tz, now)}. `/swap cancel {swap_id}` cancels it.",
+                     sent_direct=True)  # (the "You asked" message above, with its Cancel request button)
 
     async def help(self, person: Person) -> str:
         """`/swap` alone: the usage, with an example built from app.yaml for the one asking, so that it can be copied."""
@@ -945,9 +946,7 @@ def _actor(actor: Actor, person: Person) -> Actor:
 def _swap_id(args: Sequence[str]) -> int | None:
     if len(args) != 1:
         return None
-    text = args[0].lstrip("#")
-    # at most 18 digits: int() of thousands of digits raises, and no id is that long
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 and int(text) > 0 else None
+    return typed_id(args[0])
 
 
 def _not_a_date(text: str, zone: ZoneInfo) -> str:

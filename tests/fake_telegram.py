@@ -25,6 +25,7 @@ from aiohttp import web
 from tests.recording import poll
 
 BOT = {"id": 7000000001, "is_bot": True, "first_name": "ChatOps", "username": "chatops_bot"}
+PERSON = {"id": 7000000002, "is_bot": False, "first_name": "Someone"}  # who wrote a message the bot replies to
 TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "a", "code", "pre", "blockquote", "tg-spoiler"}
 _TAG = re.compile(r"<(/?)([A-Za-z][\w-]*)(?:\s[^<>]*)?>")
 _DECODE = {"reply_markup", "reply_parameters", "link_preview_options", "commands", "allowed_updates", "chat_id",
@@ -197,6 +198,11 @@ class FakeTelegram:
                    "text": p["text"], "from": BOT, "chat": {"id": chat, "type": kind, "title": "Ops"}}
         if p.get("reply_markup"):
             message["reply_markup"] = p["reply_markup"]
+        parent = (p.get("reply_parameters") or {}).get("message_id")
+        if parent is not None:  # as Telegram gives it: the message replied to, without the one that one replies to
+            replied = self.messages.get((chat, parent)) or {  # not the bot's: a person's (a command the fake never saw)
+                "message_id": parent, "date": int(time.time()), "from": PERSON, "chat": message["chat"], "text": "/"}
+            message["reply_to_message"] = {k: v for k, v in replied.items() if k != "reply_to_message"}
         self.messages[(chat, message["message_id"])] = message
         return 200, message
 

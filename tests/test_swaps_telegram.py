@@ -94,7 +94,8 @@ async def test_a_swap_asked_accepted_and_announced_all_in_telegram(phone: Phone)
     ask = next(m for (chat, _), m in p.tg.messages.items() if chat == ALICE and "swok:1" in _keys(m))
     assert _keys(ask) == ["swok:1", "swno:1"]
     assert "Bob" in ask["text"] and "7 Dec" in ask["text"]
-    assert any("Alice" in m["text"] for m in p.said_to(BOB))  # Bob's confirmation (and his answer)
+    await poll(lambda: any("Alice" in m["text"] for m in p.said_to(BOB)), 5,  # Bob's confirmation, his answer
+               lambda: f"Bob's chat: {p.said_to(BOB)}")
 
     await p.tap(ALICE, "swok:1")
     await p.tg.wait_for(lambda: p.tg.called("answerCallbackQuery"), timeout=5)
@@ -136,3 +137,18 @@ async def test_a_forged_swap_tap_settles_nothing_but_a_partys_own_direct_message
     assert len(p.tg.called("editMessageText")) == edits
     assert notice == before
 
+
+
+async def test_a_swap_asked_in_the_private_chat_is_answered_once_by_the_message_with_its_button(phone: Phone) -> None:
+    """The answer to the command ("Asked Alice...") and the requester's direct message ("You asked Alice...
+    [Cancel request]") arrived in the same chat, one after the other: the direct message, which has the button and
+    is sent again until it arrives, is the answer."""
+    p = phone
+    await p.type(BOB, "/swap alice next")  # (answered, if at all, before the webhook's 200)
+    await poll(lambda: any("?swcx:1" in _keys(m) for (chat, _), m in p.tg.messages.items() if chat == BOB), 5,
+               lambda: f"Bob's chat: {p.said_to(BOB)}")
+    await p.type(BOB, "/swap list")  # the outbox is done with the request once this answer is there
+    await poll(lambda: len(p.said_to(BOB)) >= 2, 5, lambda: f"Bob's chat: {p.said_to(BOB)}")
+    asked, listing = p.said_to(BOB)
+    assert asked["text"].startswith("You asked Alice to take your") and "reply_parameters" not in asked
+    assert "#1" in listing["text"] and listing["reply_parameters"]["message_id"] == 100 + p.n - 1

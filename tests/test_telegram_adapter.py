@@ -184,7 +184,8 @@ _PRIVATE = b'"chat": {"id": 111111, "type": "private"}, "from": {"id": 111111, "
                                   b'{"update_id": 6, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # was a 500
                                   b'{"update_id": 7, "message": {"message_id": 1, "date": 1, "text": 5, ' + _PRIVATE + b"}}",
                                   b'{"update_id": 8, "callback_query": {"id": "1", "chat_instance": "c", "data": 5, '
-                                  b'"from": {"id": 111111, "is_bot": false, "first_name": "A"}}}'])
+                                  b'"from": {"id": 111111, "is_bot": false, "first_name": "A"}}}',
+                                  b'{"update_id": true}'])  # (a bool is an int to Python)
 async def test_the_webhook_refuses_what_is_not_an_update(env: Env, body: bytes) -> None:
     status, _ = await env.post(body)
     assert status == 400
@@ -320,8 +321,10 @@ async def test_a_button_that_asks_first_turns_into_confirm_and_cancel(env: Env) 
 
     await env.click("?res:42", copy.deepcopy(message))
     await env.answered()
-    assert keyboard_of(message) == [[("Acknowledge", "ack:42"), ("Escalate", "esc:42"),
-                                     ("\u2714 Resolve", "res:42"), ("\u2716 Cancel", "!res:42")]]
+    # At most three to a row (four were cut short on a phone), the armed pair on a row of its own; its other half
+    # says No, which no one reads as the action (a "✖ Cancel" beside "✔ Cancel request" was)
+    assert keyboard_of(message) == [[("Acknowledge", "ack:42"), ("Escalate", "esc:42")],
+                                    [("\u2714 Resolve", "res:42"), ("\u2716 No", "!res:42")]]
     assert "\u2714 Resolve" in env.tg.called("answerCallbackQuery")[0].params["text"]
     assert not env.dispatcher.actions  # nothing resolved yet
 
@@ -344,15 +347,18 @@ async def test_a_button_that_asks_first_asks_its_question_as_slacks_dialog_does(
     await env.click("?res:42", copy.deepcopy(env.tg.messages[(GROUP, int(ref.message_id))]))
     [answer] = await env.answered()
     assert answer["text"] == ("Resolve #42 while 2 alerts are still firing? If they keep firing, a new incident opens. "
-                              "Tap \u201c\u2714 Resolve\u201d to confirm, or Cancel.")
+                              "Tap \u201c\u2714 Resolve\u201d to confirm, or \u201c\u2716 No\u201d.")
     assert str(answer["show_alert"]).lower() == "true"  # an alert
     cancel = Button("swcx", 7, label="Cancel request", confirm="Cancel swap #7?")
     sent = await env.adapter.page(str(ALICE), Outbound("text", {"text": "Swap #7 waits for Bob."}, [cancel],
                                                        text="Swap #7 waits for Bob."))
     await env.click("?swcx:7", copy.deepcopy(env.tg.messages[(ALICE, int(sent.message_id))]))
     answer = (await env.answered(2))[1]
-    assert answer["text"] == "Cancel swap #7? Tap \u201c\u2714 Cancel request\u201d to confirm, or Cancel."
+    assert answer["text"] == ("Cancel swap #7? Tap \u201c\u2714 Cancel request\u201d to confirm, or "
+                              "\u201c\u2716 No\u201d.")
     assert "show_alert" not in answer  # short: a toast
+    assert keyboard_of(env.tg.messages[(ALICE, int(sent.message_id))]) == [
+        [("\u2714 Cancel request", "swcx:7"), ("\u2716 No", "!swcx:7")]]
     await env.click("!swcx:7", copy.deepcopy(env.tg.messages[(ALICE, int(sent.message_id))]))
     assert "text" not in (await env.answered(3))[2]  # Cancel turns it back without a word
 
@@ -369,6 +375,51 @@ async def test_an_answer_the_group_cannot_take_goes_to_the_private_chat(env: Env
     [sent] = env.tg.called("sendMessage")
     assert sent.params["chat_id"] == user and "3 open incidents" in sent.params["text"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_arming_keeps_rows_to_three_and_turning_back_draws_the_keyboard_as_it_was() -> None:
+    """A button in the middle of a keyboard: its armed pair goes on a row of its own, in its place, and the others keep
+    their order, three to a row."""
+    from adapters.telegram import confirm_keyboard, keyboard
+
+    buttons = [Button("ack", 42, label="A"), Button("res", 42, label="B", confirm="Sure?"),
+               Button("esc", 42, label="C"), Button("reo", 42, label="D")]
+    drawn = keyboard(buttons)
+    assert drawn is not None
+    armed = confirm_keyboard(drawn, "?res:42")
+    assert armed is not None
+    assert keyboard_of({"reply_markup": armed.to_dict()}) == [
+        [("A", "ack:42")], [("\u2714 B", "res:42"), ("\u2716 No", "!res:42")], [("C", "esc:42"), ("D", "reo:42")]]
+    back = confirm_keyboard(armed, "!res:42")
+    assert back is not None and back.to_dict() == drawn.to_dict()
+    assert confirm_keyboard(back, "!res:42") is None  # nothing armed to turn back: the message changed
+
+
+async def test_a_tap_on_a_card_that_answered_a_command_redraws_it_and_one_on_a_channels_card_does_not(
+        env: Env) -> None:
+    """The channel's card and pages are redrawn by the outbox; the card `/incident show` posted, a reply to the command,
+    is redrawn by the tap itself, as the incident then is (the command that drew it, drawn again)."""
+    env.dispatcher.reply = Reply("#42 Disk full on db-1 (triggered)", message=card())
+    await env.command("/incident show 42")
+    await env.tg.wait_for(lambda: env.tg.called("sendMessage"))
+    [answer] = env.tg.called("sendMessage")
+    shown = env.tg.messages[(GROUP, 1)]
+    assert answer.params["reply_parameters"]["message_id"] == 18 and shown["reply_to_message"]["message_id"] == 18
+    channel = await env.adapter.send(str(GROUP), card())
+
+    env.dispatcher.reply = Reply("Acknowledged #42.", message=card(make_incident(status="acknowledged",
+                                                                                 acknowledged_by="alice")))
+    await env.click("ack:42", copy.deepcopy(env.tg.messages[(GROUP, int(channel.message_id))]))
+    await env.answered()
+    assert not env.tg.called("editMessageText") and len(env.dispatcher.commands) == 1  # the outbox redraws that one
+
+    await env.click("ack:42", copy.deepcopy(shown))
+    await env.tg.wait_for(lambda: env.tg.called("editMessageText"))
+    assert [(c.name, list(c.args)) for c in env.dispatcher.commands[1:]] == [("incident", ["show", "42"])]
+    [edit] = env.tg.called("editMessageText")
+    assert (edit.params["chat_id"], edit.params["message_id"]) == (GROUP, 1)
+    assert keyboard_of(shown) == [[("Escalate", "esc:42"), ("Resolve", "?res:42")]]
+    assert "Acknowledged" in shown["text"]
 
 
 async def test_only_someone_who_may_press_a_button_arms_its_confirmation(env: Env) -> None:
@@ -511,8 +562,9 @@ async def test_commands_in_a_private_chat_are_direct(env: Env) -> None:
     await env.command("/oncall@ChatOps_Bot dba-primary \u201cnext week\u201d", private=True)
     await env.command("ack 42", private=True)  # plain words to the bot: the umbrella command
     await env.tg.wait_for(lambda: len(env.tg.called("sendMessage")) == 3)
-    assert [(c.name, list(c.args), c.direct) for c in env.dispatcher.commands] == [
-        ("start", [], True), ("oncall", ["dba-primary", "next week"], True), ("chatops", ["ack", "42"], True)]
+    assert [(c.name, list(c.args), c.direct, c.plain) for c in env.dispatcher.commands] == [
+        ("start", [], True, False), ("oncall", ["dba-primary", "next week"], True, False),
+        ("chatops", ["ack", "42"], True, True)]
     assert all(c.chat == MessageRef("telegram", str(ALICE), "", None) for c in env.dispatcher.commands)
     post = env.tg.called("sendMessage")[0]
     assert post.params["chat_id"] == ALICE

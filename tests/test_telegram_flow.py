@@ -75,7 +75,8 @@ class Both:
         if chat is not None:
             message["chat"] = {"id": chat, "type": "supergroup", "title": "Ops"}
         message["text"], message["message_id"] = text, 700 + self.updates
-        message["entities"] = [{"offset": 0, "length": len(text.split()[0]), "type": "bot_command"}]
+        message["entities"] = ([{"offset": 0, "length": len(text.split()[0]), "type": "bot_command"}]
+                               if text.startswith("/") else [])
         assert await self.deliver(update) == 200
 
         def answer() -> str | None:
@@ -87,9 +88,16 @@ class Both:
         await self.tg.wait_for(answer, timeout=5)
         return answer() or ""
 
-    def tg_keyboard(self, message_id: int) -> list[str]:
-        markup = self.tg.messages[(GROUP, message_id)].get("reply_markup") or {}
+    def tg_keyboard(self, message_id: int, chat: int = GROUP) -> list[str]:
+        markup = self.tg.messages[(chat, message_id)].get("reply_markup") or {}
         return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
+
+    def answer_to(self, text: str, chat: int) -> int:
+        """The id of the bot's message in `chat` that answered the latest command reading `text`."""
+        asked = max(c.params["reply_parameters"]["message_id"] for c in self.tg.called("sendMessage")
+                    if c.params["chat_id"] == chat and c.params.get("reply_parameters"))
+        return next(key for (where, key), m in self.tg.messages.items()
+                    if where == chat and (m.get("reply_to_message") or {}).get("message_id") == asked)
 
 
 @pytest.fixture
@@ -389,7 +397,7 @@ async def test_resolve_in_telegram_asks_what_slacks_dialog_asks(both: Both) -> N
     await b.tap("?res:1", message_id)
     await b.tg.wait_for(lambda: b.tg.called("answerCallbackQuery"), timeout=5)
     [answer] = b.tg.called("answerCallbackQuery")
-    assert answer.params["text"] == f"{dialog} Tap \u201c\u2714 Resolve\u201d to confirm, or Cancel."
+    assert answer.params["text"] == f"{dialog} Tap \u201c\u2714 Resolve\u201d to confirm, or \u201c\u2716 No\u201d."
 
 
 async def test_a_thread_line_that_finds_the_group_became_a_supergroup_follows_the_card_there(both: Both) -> None:
@@ -414,3 +422,52 @@ async def test_a_thread_line_that_finds_the_group_became_a_supergroup_follows_th
                and (c.params.get("reply_parameters") or {}).get("message_id") == card["message_id"]]
     assert reply["text"] == line["text"]  # in the new card's thread
     assert await b.h.message_of(1, "ops-telegram") == str(card["message_id"])
+
+
+
+@pytest.mark.parametrize("chat", [GROUP, 111111], ids=["group", "private"])
+async def test_a_card_incident_show_drew_is_redrawn_by_a_tap_on_it(both: Both, chat: int) -> None:
+    """The card `/incident show` posts is no channel's card, which the outbox redraws: resolved from its own ✔ Resolve,
+    it still said Acknowledged, with an armed ✔ Resolve that, after a reopen, resolved at once without asking. A tap on
+    it redraws it as the incident then is, as Slack redraws its private card."""
+    b = both
+    ts, channel_card = await posted_on_both(b)
+    await b.tap("ack:1", channel_card)
+    await b.tg.wait_for(lambda: b.tg_keyboard(channel_card) == ["esc:1", "?res:1"], timeout=5)
+    await b.type("/incident show 1", chat=chat if chat < 0 else None)
+    shown = b.answer_to("/incident show 1", chat)
+    assert b.tg_keyboard(shown, chat) == ["esc:1", "?res:1"] and "Acknowledged" in b.tg.messages[(chat, shown)]["text"]
+
+    await b.tap("?res:1", shown, chat=chat)
+    await b.tg.wait_for(lambda: b.tg_keyboard(shown, chat) == ["esc:1", "res:1", "!res:1"], timeout=5)
+    await b.tap("res:1", shown, chat=chat)
+    await b.tg.wait_for(lambda: b.tg_keyboard(shown, chat) == ["reo:1"], timeout=5)
+    assert "Resolved" in b.tg.messages[(chat, shown)]["text"]
+    assert "Acknowledged" not in b.tg.messages[(chat, shown)]["text"].split("\n")[0]
+    [incident] = await b.h.incidents()
+    assert incident.status == "resolved"
+
+    await b.slack.click("reo:1", ts)  # reopened elsewhere: the card it drew still offers Reopen, and a tap on it...
+    await b.tg.wait_for(lambda: b.tg_keyboard(channel_card) != ["reo:1"], timeout=5)
+    await b.tap("reo:1", shown, chat=chat)  # ...is told it is open, and redraws it: Resolve asks again
+    await b.tg.wait_for(lambda: b.tg_keyboard(shown, chat) == b.tg_keyboard(channel_card), timeout=5)
+    assert "?res:1" in b.tg_keyboard(shown, chat) and "res:1" not in b.tg_keyboard(shown, chat)
+    assert (await b.h.actions(1)).count("incident.resolved") == 1
+
+
+async def test_plain_words_in_a_private_chat_get_the_help_not_an_unknown_slash_command(both: Both) -> None:
+    answer = await both.type("hello there")
+    assert answer.startswith("<code>hello</code> is not one of my commands.\nCommands:")
+    assert "/hello" not in answer
+    assert "There is no incident #42." in await both.type("ack 42")  # a command in plain words is still one
+
+
+async def test_an_id_too_big_for_the_store_is_no_such_incident_on_telegram_and_slack_alike(both: Both) -> None:
+    """`/ack 99999999999999999999` answered how to type an id: it is one no incident has."""
+    big = "9" * 20
+    assert "There is no incident #" + big + "." in await both.type(f"/ack {big}")
+    assert "There is no incident #" + big + "." in await both.type(f"/incident show #{big}")
+    assert "There is no swap #" + big + "." in await both.type(f"/swap cancel {big}")
+    for command, text in (("/ack", big), ("/incident", f"resolve {big}"), ("/swap", f"cancel {big}")):
+        answer = (await both.slack.answer(await both.slack.command(command, text)))["text"]
+        assert answer.startswith("There is no ") and answer.endswith(f" #{big}."), (command, answer)
