@@ -4,10 +4,57 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import traceback
 from datetime import UTC, datetime
+from typing import Any
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+# What a terminal or a log viewer acts on instead of showing: C0 and C1 controls and DEL (a newline starts a line
+# that looks like the bot's own, ESC colours or rewrites the screen), the Unicode line and paragraph separators, and
+# the bidi marks, embeddings, overrides and isolates (which reorder what is shown).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """`text` with each control character written as its escape (`\\n`, `\\x1b`, `\\u202e`): what a request put in
+    a log line (a path, a header, a name from chat) stays on that line and shows as it was sent."""
+    if keep_newlines:
+        return "\n".join(_CONTROLS.sub(_escaped, line) for line in text.split("\n"))
+    return _CONTROLS.sub(_escaped, text)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record, whatever its message holds (escape_controls); a traceback after it keeps its own lines,
+    but the message of each exception in it is one line too, so that an exception quoting a request cannot add
+    lines that look like the bot's."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        text = super().formatException(ei)
+        seen: set[int] = set()
+        exc = ei[1]
+        while exc is not None and id(exc) not in seen:  # the chain, as the traceback shows it
+            seen.add(id(exc))
+            said = "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n")
+            if said and said in text:
+                text = text.replace(said, escape_controls(said))
+            exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        return escape_controls(text, keep_newlines=True)
+
+    def formatStack(self, stack_info: str) -> str:
+        return escape_controls(stack_info, keep_newlines=True)
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,7 +76,7 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -247,7 +247,7 @@ class Bot:
                 return self._nowhere(request, exc)
             raise
         except Exception:
-            log.exception("unhandled error answering %s %s", request.method, request.path)
+            log.exception("unhandled error answering %s %r", request.method, request.path[:200])  # decoded: a repr
             return web.json_response({"error": "internal error; the details are in the bot's log"}, status=500)
         finally:
             self.metrics.observe_request(route, status, time.perf_counter() - started)

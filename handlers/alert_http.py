@@ -70,7 +70,8 @@ class AlertEndpoint:
     def unknown_source(self, request: web.Request) -> None:
         """Logs the known sources for a request to an unknown one (also a wrong path under /alerts/): for the
         operator who set up a sender, not for the caller, who may be anyone. At most once a minute, so that a
-        scanner trying names cannot flood the log; the next line says how many went unsaid."""
+        scanner trying names cannot flood the log; the next line says how many went unsaid. The path as a repr: the
+        caller chose it, and it is decoded (%0a is a newline)."""
         now = self.clock.now()
         if self._unknown_said is not None and now - self._unknown_said < UNKNOWN_SAID_EVERY:
             self._unknown_since += 1
@@ -78,7 +79,7 @@ class AlertEndpoint:
         known = ", ".join(sorted(self.sources)) or "none configured"
         more = f"; {self._unknown_since} more since" if self._unknown_since else ""
         self._unknown_said, self._unknown_since = now, 0
-        log.warning("%s %s from %s: no such alert source; the known ones are %s (said at most once a minute%s)",
+        log.warning("%s %r from %s: no such alert source; the known ones are %s (said at most once a minute%s)",
                     request.method, request.path[:200], request.remote, known, more)
 
     def _reject(self, source: str, reason: str, response: web.Response) -> web.Response:

@@ -480,7 +480,7 @@ async def test_a_wrong_path_or_method_is_answered_in_json_with_what_is_there(h: 
     resp = await h.client.get("/nowhere")
     assert (resp.status, (await resp.json())["error"]) == (404, "no endpoint at /nowhere")
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert said == ["POST /alerts/open/ from 127.0.0.1: no such alert source; the known ones are am, am-plain, "
+    assert said == ["POST '/alerts/open/' from 127.0.0.1: no such alert source; the known ones are am, am-plain, "
                     "generic, grafana, limited, open (said at most once a minute)"], said
 
 
@@ -495,9 +495,9 @@ async def test_unknown_sources_are_logged_with_the_known_ones_at_most_once_a_min
                                                   "bot's log lists the known ones)")
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert said == [
-        "POST /alerts/admin from 127.0.0.1: no such alert source; the known ones are am, am-plain, generic, grafana, "
+        "POST '/alerts/admin' from 127.0.0.1: no such alert source; the known ones are am, am-plain, generic, grafana, "
         "limited, open (said at most once a minute)",
-        "POST /alerts/y from 127.0.0.1: no such alert source; the known ones are am, am-plain, generic, grafana, "
+        "POST '/alerts/y' from 127.0.0.1: no such alert source; the known ones are am, am-plain, generic, grafana, "
         "limited, open (said at most once a minute; 2 more since)"]
     assert await rejected(h, "unknown_source") == 4
 
