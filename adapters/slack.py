@@ -31,6 +31,7 @@ from slack_bolt.logger.messages import warning_client_prioritized_and_token_skip
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
+from yarl import URL
 
 from adapters.settings import SlackSettings
 from bot import actions
@@ -68,6 +69,7 @@ FIND_SKEW = 60  # seconds: how far Slack's clock and ours may disagree, and how 
 FIND_PAGE, FIND_PAGES = 200, 5  # messages a page, pages at most: one lookup is a call or two (Tier 3)
 TRANSIENT_ERRORS = {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
 TOKEN_ERRORS = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
+HOOKS_HOST = "hooks.slack.com"  # where Slack's response_urls point
 _MENTION = re.compile(r"^\s*(<@[UW][A-Z0-9]+(?:\|[^>]*)?>\s*)+")
 _USER_ID = re.compile(r"^[UW][A-Z0-9]+$")  # a person, not a conversation (C..., G..., D...)
 
@@ -228,6 +230,30 @@ def _what_to_do(error: str | None, chat: str | None, bot: str | None) -> str:
 
 # -- inbound: Slack payloads -> neutral events ----------------------------------------------------
 
+def response_url_allowed(url: str, api_url: str) -> bool:
+    """Whether a reply may be posted to `url`, a request's response_url: over HTTPS to Slack's hooks host (or the
+    hooks host beside the api_url's, as hooks.slack-gov.com is beside slack-gov.com), or to the api_url's own scheme,
+    host and port (Slack behind a proxy, a fake Slack). The request is signed, but the bot posts what it answers
+    (incident cards) only where Slack takes answers, not wherever a payload says."""
+    try:
+        to, api = URL(url), URL(api_url)
+    except ValueError:
+        return False
+    if not to.is_absolute() or to.user is not None or to.password is not None:
+        return False
+    if to.scheme == "https" and to.port == 443 and to.host in (HOOKS_HOST, f"hooks.{api.host}"):
+        return True
+    return (to.scheme, to.host, to.port) == (api.scheme, api.host, api.port)
+
+
+def _origin(url: str) -> str:
+    """Where a URL points, for the log, without its path (a response_url's path is what lets one answer)."""
+    try:
+        return repr(str(URL(url).origin()))
+    except ValueError:
+        return "not a URL"
+
+
 def split_args(text: str) -> list[str]:
     """Words of a command's text (Slack escapes <, > and & in it), as bot.chat.split_words splits them."""
     return split_words(text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
@@ -307,6 +333,7 @@ class SlackAdapter:
         self.bot_name: str | None = None  # the bot user's name (auth.test), for "/invite @name" in a refusal
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen_events: deque[str] = deque(maxlen=1000)
+        self._refused_url_said = False  # a response_url not on Slack's hosts was logged (said once: see _answer)
         # Bolt's own client is never used for calls; tokenless so bolt does not warn that `authorize` wins.
         self._secret = settings.signing_secret.encode()
         self._replays = ReplayGuard()  # signatures of slash commands and clicks already taken (see handle)
@@ -652,9 +679,17 @@ class SlackAdapter:
 
     async def _answer(self, body: Mapping[str, Any], reply: Reply, *, replace: bool = False) -> None:
         """The reply to a click or command through its response_url (ephemeral unless it says otherwise); `replace`:
-        instead of the clicked message."""
+        instead of the clicked message. A response_url elsewhere than Slack (response_url_allowed) is not posted to:
+        the reply goes through the Web API, as when there is none."""
         payload = self._reply_payload(reply)
         url = body.get("response_url")
+        if url and not response_url_allowed(str(url), self.settings.api_url):
+            if not self._refused_url_said:
+                self._refused_url_said = True
+                log.warning("slack: not answering through a response_url at %s, neither on %s nor on the host of "
+                            "adapters.slack.api_url: answered through the Web API instead (said once)",
+                            _origin(str(url)), HOOKS_HOST)
+            url = None
         if url:
             hook = AsyncWebhookClient(url, timeout=TIMEOUT, session=self._session)
             response_type = "ephemeral" if reply.ephemeral else "in_channel"
@@ -666,6 +701,9 @@ class SlackAdapter:
             return
         user = (body.get("user") or {}).get("id") or body.get("user_id", "")
         channel = (body.get("channel") or {}).get("id") or body.get("channel_id", "")
+        if not reply.ephemeral:  # for everyone, as its response_type would have said
+            await self._call("chat.postMessage", self.client.chat_postMessage(channel=channel, **payload), chat=channel)
+            return
         await self._call("chat.postEphemeral", self.client.chat_postEphemeral(channel=channel, user=user, **payload))
 
 

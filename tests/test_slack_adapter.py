@@ -22,7 +22,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from adapters.settings import SlackSettings
-from adapters.slack import FAILED, INVALID_BUTTON, SlackAdapter, manifest, split_args
+from adapters.slack import FAILED, INVALID_BUTTON, SlackAdapter, manifest, response_url_allowed, split_args
 from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
 from bot.model import Actor
 from tests.fake_slack import FORM, FakeSlack
@@ -274,6 +274,52 @@ async def test_a_rich_reply_for_the_channel_is_rendered(env: Env) -> None:
     assert answer["response_type"] == "in_channel" and answer["text"] == "incident-list: Open incidents"
     assert answer["blocks"][0]["text"]["text"] == "incident-list: Open incidents"
     assert answer["blocks"][1]["elements"][0]["value"] == "ack:7"
+
+
+async def test_a_response_url_elsewhere_than_slack_gets_nothing_and_the_reply_goes_through_the_api(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """A signed payload naming another host as its response_url: the bot does not post the answer (an incident card,
+    say) there; the person gets it through the Web API, the log says so once."""
+    caplog.set_level(logging.WARNING, logger="chatops.slack")
+    async with FakeSlack() as elsewhere:  # 127.0.0.1 as well, another port
+        form = dict(parse_qsl((FIXTURES / "slash_command.txt").read_text()))
+        for text, ephemeral in (("show 7", True), ("list", False)):
+            env.dispatcher.reply = Reply(f"answer to {text}", ephemeral=ephemeral)
+            body = urlencode({**form, "text": text, "response_url": elsewhere.response_url("cmd")})
+            assert (await env.post(body, signed(body)))[0] == 200
+            method = "chat.postEphemeral" if ephemeral else "chat.postMessage"
+            await env.slack.wait_for(lambda m=method: env.slack.called(m))  # type: ignore[misc]
+        assert not elsewhere.calls and not elsewhere.responses
+    [private] = env.slack.called("chat.postEphemeral")
+    assert (private.params["channel"], private.params["user"], private.params["text"]) == (
+        "C0OPS", "U01ALICE", "answer to show 7")
+    [public] = env.slack.called("chat.postMessage")
+    assert (public.params["channel"], public.params["text"]) == ("C0OPS", "answer to list")
+    said = [r.getMessage() for r in caplog.records if r.name == "chatops.slack"]
+    assert said == [f"slack: not answering through a response_url at {elsewhere.url!r}, neither on hooks.slack.com "
+                    "nor on the host of adapters.slack.api_url: answered through the Web API instead (said once)"]
+
+
+@pytest.mark.parametrize(("url", "allowed"), [
+    ("https://hooks.slack.com/commands/T0FAKE/1700000002000/ZyXw", True),
+    ("https://hooks.slack.com:443/actions/T0FAKE/1/x", True),
+    ("https://hooks.slack-gov.com/commands/T0/1/x", True),  # beside the api_url's host (GovSlack's)
+    ("http://127.0.0.1:8123/response/r1", True),  # the api_url's scheme, host and port
+    ("http://hooks.slack.com/commands/T0FAKE/1/x", False),  # not HTTPS
+    ("https://hooks.slack.com:8443/commands/T0FAKE/1/x", False),
+    ("https://hooks.slack.com.evil.example/commands/x", False),
+    ("https://hooks.slack.com@evil.example/commands/x", False),
+    ("https://evil.example/?u=https://hooks.slack.com/", False),
+    ("http://slack-gov.com/api/", False),  # the api_url's host, not its scheme
+    ("http://127.0.0.1:18103/anywhere", False),  # the api_url's host, another port
+    ("http://localhost:8123/response/r1", False),
+    ("/response/r1", False),
+    ("https://hooks.slack.com\\@evil.example/", False),
+    ("https://hooks.slack.com:99999/x", False),
+])
+def test_only_slack_response_urls_are_posted_to(url: str, allowed: bool) -> None:
+    api_url = "https://slack-gov.com/api/" if "gov" in url else "http://127.0.0.1:8123/api/"
+    assert response_url_allowed(url, api_url) is allowed
 
 
 async def test_a_failing_dispatcher_still_answers_the_user(env: Env) -> None:
