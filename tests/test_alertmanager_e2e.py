@@ -154,7 +154,8 @@ def test_alertmanager_fires_and_resolves_an_incident_in_the_running_bot(stack: S
         # The bot stored Alertmanager's own fingerprint for the alert.
         shown = chatops("incidents", "show", str(incident["id"]), "-c", str(config))
         assert shown.returncode == 0, shown.stdout + shown.stderr
-        [alert_row] = [line for line in shown.stdout.splitlines() if firing_in_am["fingerprint"] in line]
+        # (the alerts come first; the timeline's detail names the fingerprint too)
+        alert_row = next(line for line in shown.stdout.splitlines() if firing_in_am["fingerprint"] in line)
         assert " firing " in alert_row and " critical " in alert_row
 
         # Resolve: the same labels with an end time that has passed; Alertmanager sends the resolution.
