@@ -132,11 +132,12 @@ class Dispatcher:
 
     async def handle_command(self, event: CommandEvent) -> Reply:
         name, platform = event.name.lstrip("/").lower(), event.actor.platform
-        if name == "chatops":  # the umbrella: `/chatops ack 42` is `/ack 42`
+        if name == "chatops":  # the umbrella: `/chatops ack 42` (or `@chatops ack 42`) is `/ack 42`
             if not event.args or event.args[0].lower() == "help":
                 return Reply(self.help_text(platform))
+            # its first word is a word, not a slash command: `/chatops hello` is answered as words are
             event = CommandEvent(event.args[0].lower(), list(event.args[1:]), event.actor, event.chat, event.direct,
-                                 event.plain)
+                                 plain=True)
             name = event.name
         if name == "help":
             return Reply(self.help_text(platform))

@@ -362,7 +362,22 @@ async def test_a_long_argument_is_echoed_cut_short_not_whole(slack: Slack) -> No
     nobody = (await s.answer(await s.command("/incident", f"page 1 {long}")))["text"]
     assert nobody == f"I don't know '{'x' * 79}\u2026' (people in app.yaml: alice, bob)."
     command = (await s.answer(await s.command("/chatops", long)))["text"]
-    assert command.startswith(f"I don't know `/{'x' * 79}\u2026`.\nCommands:") and "x" * 80 not in command
+    assert command.startswith(f"`{'x' * 79}\u2026` is not one of my commands.\nCommands:") and "x" * 80 not in command
+
+
+async def test_a_mention_with_words_that_are_no_command_gets_the_help_not_an_unknown_slash_command(
+        slack: Slack) -> None:
+    """`@chatops hello` answered "I don't know `/hello`", a slash nobody typed."""
+    s = slack
+    event = {"type": "event_callback", "event_id": "Ev0HELLO", "event_time": 1700000003,
+             "event": {"type": "app_mention", "user": "U01ALICE", "text": "<@U0BOT> hello there",
+                       "ts": "1700000003.000200", "channel": "C0OPS"}}
+    status, _ = await s.event(json.dumps(event))
+    assert status == 200
+    await s.fake.wait_for(lambda: s.fake.called("chat.postEphemeral"), timeout=5)
+    [answer] = [c.params for c in s.fake.called("chat.postEphemeral")]
+    assert answer["user"] == "U01ALICE"
+    assert answer["text"].startswith("`hello` is not one of my commands.\nCommands:") and "/hello" not in answer["text"]
 
 
 async def test_incident_list_finds_the_open_ones_behind_many_resolved(slack: Slack) -> None:
