@@ -6,7 +6,9 @@
     python3 run.py chatops ARGS...                 any other chatops command
 
 Needs only Python 3.11+. The virtual environment is re-installed when
-pyproject.toml changes.
+pyproject.toml changes. Commands run where you are, as `.venv/bin/chatops`
+does (./app.yaml, else the example one beside the code; a relative SQLite
+path from here); the test suite runs in the project, its paths named from there.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import venv
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-VENV = Path(os.environ.get("CHATOPS_VENV", ROOT / ".venv"))
+VENV = Path(os.path.abspath(os.environ.get("CHATOPS_VENV", ROOT / ".venv")))
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".chatops-installed"
 
@@ -45,11 +47,9 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip())
         return 0 if argv else 2
     _ensure_venv()
-    command, rest = argv[0], _absolute_config(argv[1:])
-    if os.environ.get("CHATOPS_CONFIG"):  # a path given from where you are, not from the project
-        os.environ["CHATOPS_CONFIG"] = os.path.abspath(os.environ["CHATOPS_CONFIG"])
-    os.chdir(ROOT)  # the example app.yaml, and its ./chatops.db, are the project's
+    command, rest = argv[0], argv[1:]
     if command == "test":
+        os.chdir(ROOT)  # pytest's rootdir, its conftest and the tests/ paths are the project's
         args = [str(BIN / "python"), "-m", "pytest", *rest]
     elif command == "chatops":
         args = [str(BIN / "chatops"), *rest]
@@ -57,22 +57,6 @@ def main(argv: list[str]) -> int:
         args = [str(BIN / "chatops"), command, *rest]
     os.execv(args[0], args)
     return 0  # not reached
-
-
-def _absolute_config(args: list[str]) -> list[str]:
-    """`-c FILE` / `--config FILE` / `--config=FILE` with FILE made absolute (the command runs in the project)."""
-    out, i = [], 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("-c", "--config") and i + 1 < len(args):
-            out += [arg, os.path.abspath(args[i + 1])]
-            i += 2
-            continue
-        if arg.startswith("--config="):
-            arg = "--config=" + os.path.abspath(arg.partition("=")[2])
-        out.append(arg)
-        i += 1
-    return out
 
 
 if __name__ == "__main__":

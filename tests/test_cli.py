@@ -604,17 +604,51 @@ async def test_what_an_alert_says_cannot_drive_the_terminal(tmp_path: Path, caps
         assert "\\x1b[31mfull\\x1b]0;owned\\x07 \\u202etxt.exe\\u200f" in out, out
 
 
+def run_py(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python3 /path/to/clone/run.py ARGS` typed in `cwd`, on the environment the tests run in (no venv to make)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CHATOPS_")}
+    base["CHATOPS_VENV"] = str(Path(sys.executable).parent.parent)
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env={**base, **(env or {})},
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_run_py_reads_a_config_named_from_where_you_are(tmp_path: Path) -> None:
-    """run.py runs chatops in the project (for the example app.yaml); a config named on the command line or in
-    CHATOPS_CONFIG is read from where it was named."""
+    """A config named on the command line or in CHATOPS_CONFIG is read from where it was named."""
     (tmp_path / "mine.yaml").write_text((ROOT / "app.yaml").read_text())
-    env = {**os.environ, "CHATOPS_VENV": str(Path(sys.executable).parent.parent)}
-    env.pop("CHATOPS_CONFIG", None)
     for args, extra in ((["-c", "mine.yaml"], {}), (["--config=mine.yaml"], {}), ([], {"CHATOPS_CONFIG": "mine.yaml"})):
-        done = subprocess.run([sys.executable, str(ROOT / "run.py"), "check-config", *args], cwd=tmp_path,
-                              env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        done = run_py("check-config", *args, cwd=tmp_path, env=extra)
         assert done.returncode == 0, (args, extra, done.stderr)
-        assert "mine.yaml" in done.stdout, done.stdout
+        assert done.stdout.startswith("mine.yaml: valid"), done.stdout
+
+
+def test_run_py_runs_chatops_where_you_are(tmp_path: Path) -> None:
+    """`python3 run.py chatops ARGS` is `.venv/bin/chatops ARGS` typed in the same folder: ./app.yaml there, not the
+    project's example, and a relative SQLite path from there."""
+    (tmp_path / "app.yaml").write_text("storage: {url: 'sqlite+aiosqlite:///./here.db'}\n" + PEOPLE_AND_ROTATION)
+    asyncio.run(make_store(f"sqlite+aiosqlite:///{tmp_path / 'here.db'}"))
+    done = run_py("check-config", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("app.yaml: valid: 2 people, 0 channels"), done.stdout  # the example has 3 people
+    assert "example" not in done.stderr, done.stderr
+    for args in (["chatops", "incidents", "list", "-c", "app.yaml"], ["chatops", "incidents", "list"],
+                 ["incidents", "list"]):
+        done = run_py(*args, cwd=tmp_path)
+        assert (done.returncode, done.stdout.strip()) == (0, "no incidents"), (args, done.stderr)
+
+
+def test_run_py_without_an_app_yaml_runs_on_the_example_one_and_says_so(tmp_path: Path) -> None:
+    """As `chatops` does in a folder without app.yaml (the quick start's `python3 run.py serve` runs in the clone,
+    whose ./app.yaml is the example)."""
+    done = run_py("check-config", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{ROOT / 'app.yaml'}: valid: 3 people"), done.stdout
+    assert f"no ./app.yaml: using the example config shipped with the bot, {ROOT / 'app.yaml'}" in done.stderr, done.stderr
+
+
+def test_run_py_test_runs_the_suite_in_the_project_wherever_it_is_typed(tmp_path: Path) -> None:
+    done = run_py("test", "--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_layout.py", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "tests/test_layout.py::" in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize(("public_url", "warning"), [
