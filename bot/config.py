@@ -66,10 +66,22 @@ ENDPOINT_TOKEN_MIN = 16  # characters of server.metrics_token and server.calenda
 _ENDPOINT_TOKEN = re.compile(r"^[A-Za-z0-9._~-]+$")  # a URL's unreserved characters: written in one as they are
 
 
+def listening_url(host: str, port: int) -> str:
+    """`http://host:port` for the address the bot listens on; all addresses (0.0.0.0, ::) are reached at 127.0.0.1
+    from the machine itself, and an IPv6 address goes in brackets."""
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 class ServerConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
-    public_url: str = "http://127.0.0.1:8080"
+    # Where platforms reach the bot (slack-manifest, telegram set-webhook, feed links). Left out or empty
+    # (`${CHATOPS_PUBLIC_URL:-}`): the address the bot listens on, so that another port is not announced as 8080.
+    public_url: str = ""
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     # Secrets for the two endpoints that are open without them (scrapers and calendar apps must reach them, and the
     # bot cannot tell who may): GET /metrics then wants `Authorization: Bearer <metrics_token>`, and
@@ -82,6 +94,12 @@ class ServerConfig(Section):
     @classmethod
     def _empty_is_off(cls, v: Any) -> Any:
         return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _listening_url(self) -> "ServerConfig":
+        if not self.public_url:
+            object.__setattr__(self, "public_url", listening_url(self.host, self.port))
+        return self
 
     @field_validator("metrics_token", "calendar_token")
     @classmethod

@@ -680,6 +680,16 @@ def test_slack_manifest_warns_when_slack_would_refuse_its_request_urls(tmp_path:
                                 "URLs before pasting the manifest)")
 
 
+def test_slack_manifest_without_a_public_url_names_the_port_the_bot_listens_on(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text("server: {host: 0.0.0.0, port: 9000}\n")
+    assert main(["slack-manifest", "-c", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["settings"]["interactivity"]["request_url"] == "http://127.0.0.1:9000/slack/events"
+    assert "the manifest's request URLs are http://127.0.0.1:9000/slack/events" in err, err
+
+
 def test_tables_line_up_wide_characters_by_the_columns_a_terminal_gives_them() -> None:
     """A Japanese name takes two terminal columns a character: padding by len() pushed the rest of its row right."""
     from bot.tables import table, width

@@ -262,6 +262,33 @@ def test_env_substitution_with_defaults_and_flow_style() -> None:
     assert loaded.config.audit.hmac_key == "${literal}"
 
 
+@pytest.mark.parametrize(("server", "env", "public_url"), [
+    ("", {}, "http://127.0.0.1:8080"),
+    ("server: {port: 9000}", {}, "http://127.0.0.1:9000"),
+    ("server: {host: 0.0.0.0, port: 9000}", {}, "http://127.0.0.1:9000"),
+    ("server: {host: '::', port: 9000}", {}, "http://127.0.0.1:9000"),
+    ("server: {host: '::1', port: 9000}", {}, "http://[::1]:9000"),
+    ("server: {host: bot.internal, port: 9000}", {}, "http://bot.internal:9000"),
+    ("server: {port: 9000, public_url: 'https://chatops.example.com'}", {}, "https://chatops.example.com"),
+    ("server: {port: 9000, public_url: 'http://127.0.0.1:8080'}", {}, "http://127.0.0.1:8080"),  # as written
+    ("server: {port: '${PORT}', public_url: '${PUBLIC_URL:-}'}", {"PORT": "9000"}, "http://127.0.0.1:9000"),
+    ("server: {port: '${PORT}', public_url: '${PUBLIC_URL:-}'}", {"PORT": "9000", "PUBLIC_URL": "https://bot.example"},
+     "https://bot.example"),
+])
+def test_public_url_left_out_is_where_the_bot_listens(server: str, env: dict[str, str], public_url: str) -> None:
+    """slack-manifest, telegram set-webhook and the start-up line use it: a bot on port 9000 is not at :8080."""
+    loaded = parse_config(BASE + ROUTES + server, adapter_models=SETTINGS_MODELS, env=env)
+    assert loaded.config.server.public_url == public_url
+
+
+def test_the_example_config_announces_the_port_it_listens_on() -> None:
+    loaded = load_config(ROOT / "app.yaml", adapter_models=SETTINGS_MODELS, env={"CHATOPS_PORT": "9000"})
+    assert loaded.config.server.public_url == "http://127.0.0.1:9000"
+    loaded = load_config(ROOT / "app.yaml", adapter_models=SETTINGS_MODELS,
+                         env={"CHATOPS_PORT": "9000", "CHATOPS_PUBLIC_URL": "https://chatops.example.com"})
+    assert loaded.config.server.public_url == "https://chatops.example.com"
+
+
 def test_unset_secrets_switch_features_off_with_the_variable_named() -> None:
     loaded = load_config(ROOT / "app.yaml", adapter_models=SETTINGS_MODELS, env={})
     assert loaded.adapters == {}
