@@ -38,6 +38,11 @@ class TextFormatter(logging.Formatter):
     but the message of each exception in it is one line too, so that an exception quoting a request cannot add
     lines that look like the bot's."""
 
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """UTC, marked `Z` (`2026-11-24T05:03:07.123Z`): local time without its zone could not be told apart from
+        the config's `timezone`, which the CLI and chat show, nor be ordered across a change of daylight saving time."""
+        return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
     def formatMessage(self, record: logging.LogRecord) -> str:
         return escape_controls(super().formatMessage(record))
 
@@ -76,7 +81,7 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

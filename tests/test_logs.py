@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import urllib.error
+import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -64,6 +67,25 @@ def test_text_log_escapes_control_characters_in_a_message(logged: pytest.Capture
     [line] = logged.readouterr().err.splitlines()
     assert line.endswith(r" WARNING chatops.test: from x\n1999-01-01 00:00:00 ERROR   chatops.server: \x1b[31mFORGED"
                          r"\x1b[0m\r\x00\x7f\x85\t\u2028\u202eexe.txt")
+
+
+def test_text_log_times_are_utc_and_say_so(logged: pytest.CaptureFixture[str]) -> None:
+    """Whatever the machine's zone: the CLI and chat show the config's zone, so a time without its own is ambiguous."""
+    zone = os.environ.get("TZ")
+    os.environ["TZ"] = "America/New_York"
+    time.tzset()
+    try:
+        logs.setup("text")
+        record = logging.LogRecord("chatops.test", logging.WARNING, __file__, 1, "late", (), None)
+        record.created = datetime(2026, 11, 24, 5, 3, 7, 123000, tzinfo=UTC).timestamp()
+        logging.getLogger("chatops.test").handle(record)
+    finally:
+        if zone is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = zone
+        time.tzset()
+    assert logged.readouterr().err == "2026-11-24T05:03:07.123Z WARNING chatops.test: late\n"
 
 
 def test_a_traceback_keeps_its_lines_but_an_exception_message_is_one(logged: pytest.CaptureFixture[str]) -> None:
