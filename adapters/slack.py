@@ -322,6 +322,9 @@ class SlackAdapter:
     """`bot.chat.Adapter` for Slack, plus `register(app)` for `POST /slack/events`."""
 
     platform = "slack"
+    # What to mend when Slack refuses the token (the log at start says it). The value is most often a variable's
+    # (`${SLACK_BOT_TOKEN}` in the example app.yaml), which the validated settings no longer tell apart.
+    token_setting = "adapters.slack.bot_token (in app.yaml, or the variable it names)"
 
     def __init__(self, settings: SlackSettings, *, renderer: Renderer, dispatcher: Dispatcher):
         self.settings, self.renderer, self.dispatcher = settings, renderer, dispatcher

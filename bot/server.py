@@ -160,8 +160,8 @@ class Bot:
             problem = DeliveryError(f"{name}: no answer within {CHECK_WAIT:g} s")
         if problem is not None and problem.token_refused:
             self.outbox.token_refused[name] = str(problem)
-            log.error("%s: the token was refused (%s); messages wait until it works: fix adapters.%s in app.yaml",
-                      name, problem, name)
+            log.error("%s: the token was refused (%s); messages wait until it works: fix %s", name, problem,
+                      getattr(adapter, "token_setting", f"adapters.{name} in app.yaml"))
         elif problem is not None:
             log.warning("%s: not reachable at start (%s); messages wait and are retried", name, problem)
 

@@ -562,6 +562,18 @@ async def test_a_token_slack_refuses_shows_at_start_not_at_the_first_delivery(tm
             assert not [c for c in fake.calls if c.method != "auth.test"]  # nothing else was tried yet
 
 
+async def test_the_log_names_the_setting_that_holds_a_refused_slack_token(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The token usually comes from SLACK_BOT_TOKEN, not from app.yaml itself: the key is named, and where to look."""
+    async with FakeSlack() as fake:
+        wrong = slack_config(fake).replace(fake.token, "xoxb-not-the-token")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", wrong):
+            pass
+    [said] = [r.getMessage() for r in caplog.records if "the token was refused" in r.getMessage()]
+    assert said == ("slack: the token was refused (slack auth.test: invalid_auth); messages wait until it works: fix "
+                    "adapters.slack.bot_token (in app.yaml, or the variable it names)"), said
+
+
 async def test_a_platform_in_trouble_is_given_up_on_after_a_day(tmp_path: Path) -> None:
     async with FakeSlack() as fake:
         fake.fail("chat.postMessage", "service_unavailable", status=503, times=10_000)
