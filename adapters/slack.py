@@ -24,10 +24,11 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
-from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
+from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
@@ -35,7 +36,9 @@ from yarl import URL
 
 from adapters.settings import SlackSettings
 from bot import actions
+from bot.alerts import BodyError
 from bot.auth import ReplayGuard
+from bot.bodies import content_coding, read_limited, refused
 from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
                       Unclaimed, split_words)
 from bot.model import Actor
@@ -395,15 +398,23 @@ class SlackAdapter:
 
     async def handle(self, request: web.Request) -> web.Response:
         """The signature is checked first, on the raw body (401 if forged, missing, malformed or older than
-        5 minutes), before anything parses the body; then Bolt (which checks it again) runs our listeners."""
-        body = await request.read()
+        5 minutes), before anything parses the body; then Bolt (which checks it again) runs our listeners. The body is
+        read as every endpoint reads one (bot.bodies: up to server.max_body_bytes, within a time); Slack does not
+        compress it, and a Content-Encoding gets a 415."""
+        try:
+            content_coding(request)
+            body = await read_limited(request, request.client_max_size)
+        except BodyError as exc:
+            return refused(exc)
         now, signature = time.time(), request.headers.get("X-Slack-Signature")
         if not _signed(self._secret, body, request.headers.get("X-Slack-Request-Timestamp"), signature, now):
             return web.json_response({"error": "invalid or missing Slack signature: X-Slack-Signature must sign "
                                                "this body with the app's signing secret, X-Slack-Request-Timestamp "
                                                "must be within 5 minutes"}, status=401)
         try:
-            bolt_request = await to_bolt_request(request)
+            # what Bolt's to_bolt_request makes, from the body read above (it would read it again)
+            bolt_request = AsyncBoltRequest(body=body.decode(request.charset or "utf-8"), query=request.query_string,
+                                            headers=request.headers)  # type: ignore[arg-type]
         except (UnicodeDecodeError, LookupError):  # not UTF-8; a charset nobody knows
             return web.json_response({"error": "the body is not UTF-8"}, status=400)
         except (ValueError, TypeError, AttributeError, KeyError, RecursionError):  # signed, yet not what Slack sends

@@ -47,7 +47,9 @@ from telegram.ext import Application
 
 from adapters.settings import TelegramSettings
 from bot import actions
+from bot.alerts import BodyError
 from bot.auth import raw_bytes
+from bot.bodies import content_coding, read_limited, refused
 from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
                       Unclaimed, split_words)
 from bot.model import Actor
@@ -466,8 +468,13 @@ class TelegramAdapter:
         given = request.headers.get(SECRET_HEADER, "")
         if not hmac.compare_digest(raw_bytes(given), secret.encode()):
             return web.json_response({"error": f"wrong or missing {SECRET_HEADER}"}, status=401)
+        try:  # as every endpoint reads a body (bot.bodies); Telegram does not compress it
+            content_coding(request)
+            body = await read_limited(request, request.client_max_size)
+        except BodyError as exc:
+            return refused(exc)
         try:
-            data = json.loads(await request.read())
+            data = json.loads(body)
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
             return web.json_response({"error": f"malformed JSON: {exc}"}, status=400)
         except RecursionError:

@@ -9,12 +9,13 @@ import fcntl
 import functools
 import logging
 import os
+import resource
 import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from aiohttp import web
 from sqlalchemy.engine import make_url
@@ -44,6 +45,11 @@ from storage.timers import overdue as overdue_timers
 CHECK_WAIT = 5.0  # seconds a platform's start-up token check may take
 PURGE_EVERY = 600.0  # seconds between deletions of expired replay claims
 DB_WAIT = 15.0  # seconds PostgreSQL may take to connect or answer a statement before the work gives up (503 to senders)
+# Seconds a connection may go without a complete request head, from its opening or from its last answer (an idle
+# keep-alive connection included): longer than the 60 s nginx keeps an idle connection to its upstream, so that a proxy
+# in front closes one first.
+IDLE_WAIT = 75.0
+ACCEPT_SAID_EVERY = 60.0  # seconds between log lines saying that new connections cannot be taken
 log = logging.getLogger("chatops.server")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -218,10 +224,10 @@ class Bot:
         return app
 
     def runner(self) -> web.AppRunner:
-        """What `chatops serve` runs: the web app, no access log, signals left to serve(). A handler whose client
-        hangs up is not cancelled (aiohttp's default; its test server cancels): it finds out when it reads the body
-        (counted as `client_aborted`) or has its answer dropped after the commit."""
-        return web.AppRunner(self.web_app(), access_log=None, handle_signals=False)
+        """What `chatops serve` runs: the web app on server_options(), no access log, signals left to serve(). A
+        handler whose client hangs up is not cancelled (aiohttp's default; its test server cancels): it finds out when
+        it reads the body (counted as `client_aborted`) or has its answer dropped after the commit."""
+        return web.AppRunner(self.web_app(), access_log=None, handle_signals=False, **server_options())
 
     async def _adapter_off(self, name: str, _request: web.Request) -> web.Response:
         if name in self.loaded.adapters and name not in self.loaded.built:
@@ -358,6 +364,61 @@ class Bot:
         self.metrics.timers_overdue.set(stalled)
 
 
+def server_options() -> dict[str, Any]:
+    """How the HTTP server runs the web app (`chatops serve`, and the tests' server). Bodies come as they were sent:
+    aiohttp would inflate a gzip or deflate body on the event loop, to any size, and go on inflating its unread rest
+    after the answer, for anyone on any route; the endpoints read bodies with bot.bodies, and alert intake inflates
+    one itself, up to its size limit. A connection that has sent no complete request head within IDLE_WAIT of its
+    opening or of its last answer is closed: aiohttp's keep-alive timer, which also runs while a head trickles in."""
+    return {"auto_decompress": False, "keepalive_timeout": IDLE_WAIT}
+
+
+def raise_file_limit() -> tuple[int, int]:
+    """The soft limit on open files raised to the hard one, as servers do: each connection holds a file, and 1024, a
+    common soft limit, is soon reached by clients that hold connections open. The limit before, and now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)  # (macOS: no more than its own maximum)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target
+
+
+class AcceptErrors:
+    """The event loop's exception handler: `socket.accept() out of system resource` (no file left for a new
+    connection) said at most once every ACCEPT_SAID_EVERY seconds, with how many went unsaid; anything else goes to
+    the handler before it. asyncio says it at every accept that fails, and Python 3.11's loop goes on trying (the
+    rest of its accept loop, and a retry scheduled for each failure): about ten thousand lines a second while the
+    files are used up, hundreds of megabytes of log a minute."""
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.before = loop.get_exception_handler()
+        self.said: float | None = None
+        self.since = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != self.MESSAGE:
+            if self.before is not None:
+                self.before(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if self.said is not None and now - self.said < ACCEPT_SAID_EVERY:
+            self.since += 1
+            return
+        more = f"; {self.since} more since" if self.since else ""
+        self.said, self.since = now, 0
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        log.error("cannot take new connections: %s (the limit on open files is %s); they wait in the listen queue "
+                  "until connections close (said at most once a minute%s)", context.get("exception"), limit, more)
+
+
 def log_startup(loaded: Loaded, bot: Bot) -> None:
     log.info("config: %s", Path(loaded.path).resolve())
     for warning in loaded.warnings:
@@ -382,6 +443,9 @@ async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
     before its workers could touch what the running one is doing (recovering its pages in flight as if it had
     crashed, posting its cards a second time)."""
     server = loaded.config.server
+    before, files = raise_file_limit()
+    log.info("open files: up to %s%s (each connection holds one)", files,
+             f", raised from {before}" if files != before else "")
     problem = store_folder_problem(loaded.config.storage.url)
     if problem is not None:  # SQLite would say only "unable to open database file"
         log.error("cannot open the database at %s: %s", make_url(loaded.config.storage.url).database, problem)
@@ -416,13 +480,14 @@ async def _serve(loaded: Loaded, socks: list[socket.socket], clock: Clock | None
         log.error("cannot open the database at %s: %s", bot.db.safe_url, why)
         await bot.stop()
         return 1
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrors(loop))
     runner = bot.runner()
     await runner.setup()
     for sock in socks:
         await web.SockSite(runner, sock, shutdown_timeout=10).start()
     log.info("listening on http://%s:%s (public URL %s)", server.host, server.port, server.public_url)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()

@@ -1,22 +1,25 @@
 """`POST /alerts/{source}`: size, auth, rate limit, JSON, shape; then intake. Never a 500 for bad input.
 
+A compressed body (gzip, deflate) is inflated here, up to the source's size limit: after the bearer token is checked,
+or, for an HMAC source, whose signature is over the inflated body, before the signature is.
+
 JSON and shape are read here (bot.alerts.read_body), or, with a writer process, there: the body travels as it
 came and the writer process answers a bad one with the same 400/422 (Intake.reads_bodies)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from aiohttp import EofStream, web
+from aiohttp import web
 from sqlmodel import select
 
 from bot.alerts import BodyError, read_body
 from bot.auth import AuthError, ReplayGuard, replay_message, signature_of, verify
+from bot.bodies import COMPRESSED, content_coding, inflate, read_limited, refused
 from bot.clock import Clock
 from bot.config import HmacAuth, Loaded
 from bot.metrics import Metrics
@@ -29,9 +32,7 @@ from storage.rows import fast_encoder
 _dumps = fast_encoder(json.JSONEncoder())  # json.dumps, aiohttp's default for json_response
 
 MAX_DELIVERY_ID = 200
-BODY_WAIT = 30.0  # seconds a request's body may take to arrive once its headers have
 UNKNOWN_SAID_EVERY = timedelta(minutes=1)  # the log names the known sources at most this often (scanners try names)
-CLIENT_ABORTED = 499  # the status counted for a request whose client hung up before its body arrived (nginx's)
 log = logging.getLogger("chatops.intake")
 
 
@@ -87,7 +88,7 @@ class AlertEndpoint:
         return response
 
     def _bad_body(self, source_id: str, exc: BodyError) -> web.Response:
-        return self._reject(source_id, exc.reason, web.json_response(exc.body(), status=exc.status))
+        return self._reject(source_id, exc.reason, refused(exc))
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -104,21 +105,23 @@ class AlertEndpoint:
                 headers={"Retry-After": "60"}))
         limit = source.max_body_bytes or self.config.server.max_body_bytes
         try:
-            body = await _read_limited(request, limit)
+            coding = content_coding(request, COMPRESSED)
+            body = await read_limited(request, limit)
+            if coding is not None and isinstance(source.auth, HmacAuth):  # signed as it reads, inflated
+                body = inflate(body, coding, limit)
         except BodyError as exc:
-            if exc.reason == "client_aborted":  # nobody left to answer; the client's doing, not the bot's error
-                log.info("POST /alerts/%s from %s: %s; nothing stored", source_id, request.remote, exc.message)
-            answer = self._bad_body(source_id, exc)
-            answer.force_close()  # what is left of the body cannot be told from a next request: close after it
-            return answer
-        if body is None:
-            return self._reject(source_id, "too_large", _error(413, f"body larger than {limit} bytes"))
+            return self._bad_body(source_id, exc)
         now = self.clock.now()
         try:
             verify(source, request.headers, body, now)
         except AuthError as exc:
             headers = {"WWW-Authenticate": 'Bearer realm="chatops"'} if exc.reason.endswith("credentials") else {}
             return self._reject(source_id, exc.reason, _error(401, str(exc), headers=headers))
+        if coding is not None and not isinstance(source.auth, HmacAuth):  # inflated only for a caller let in
+            try:
+                body = inflate(body, coding, limit)
+            except BodyError as exc:
+                return self._bad_body(source_id, exc)
         signature = signature_of(source, request.headers)
         delivery_id = request.headers.get("X-Delivery-ID") or None
         if delivery_id and len(request.headers.getall("X-Delivery-ID")) > 1:
@@ -202,42 +205,3 @@ class AlertEndpoint:
                                 content_type="application/json", charset="utf-8")
         return web.json_response(outcome.body, status=outcome.status, headers=headers, dumps=_dumps)
 
-
-async def _read_limited(request: web.Request, limit: int) -> bytes | None:
-    """The whole body, or None once it passes `limit` bytes (without reading the rest). BodyError: it cannot be read
-    (not what its Content-Encoding says, cut off), or it does not arrive within BODY_WAIT."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    content = request.content
-    try:
-        if content.is_eof():  # all here already (the usual case): no timer needed
-            return await _read_chunks(content, limit)
-        try:
-            async with asyncio.timeout(BODY_WAIT):
-                return await _read_chunks(content, limit)
-        except TimeoutError:
-            raise BodyError(408, "slow_body", f"the body did not arrive within {BODY_WAIT:g} s") from None
-    except BodyError:
-        content.feed_eof()  # read no further (aiohttp would, after the answer, and log the same failure again)
-        raise
-
-
-async def _read_chunks(content: Any, limit: int) -> bytes | None:
-    chunks, size = [], 0
-    try:  # what `async for chunk in content.iter_any()` does, without the iterator object
-        while chunk := await content.readany():
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-    except EofStream:
-        pass
-    except ConnectionResetError:  # the client hung up mid-body (aiohttp's ClientConnectionResetError is one too)
-        raise BodyError(CLIENT_ABORTED, "client_aborted", "the client closed the connection before its body "
-                                                          "arrived") from None
-    except web.RequestPayloadError as exc:  # aiohttp's word for a body it could not decode or that was cut off
-        cause = exc.__cause__ or exc
-        said = str(getattr(cause, "message", "") or cause).strip()  # aiohttp's errors carry their words in .message
-        raise BodyError(400, "malformed", f"the body cannot be read ({said}); send it as its Content-Encoding and "
-                                          "Content-Length say") from None
-    return b"".join(chunks)

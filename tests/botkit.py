@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from adapters import SETTINGS_MODELS
 from bot.clock import FakeClock
 from bot.config import parse_config
-from bot.server import Bot
+from bot.server import Bot, server_options
 from tests.conftest import drop_schema, postgres_url
 from storage.models import AlertRecord, AuditEvent, Incident, IncidentMessage, OutboxItem
 
@@ -131,8 +131,9 @@ async def running_bot(storage_url: str, extra: str = "", *, schema: str | None =
     if prepare is not None:
         prepare(bot)
     await bot.start()
-    client = TestClient(TestServer(bot.web_app()))
-    await client.start_server()
+    server = TestServer(bot.web_app())
+    await server.start_server(**server_options())  # as `chatops serve` runs it: bodies as they were sent
+    client = TestClient(server)
     try:
         yield Harness(bot, client, clock)
     finally:

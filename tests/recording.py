@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bot.chat import ActionEvent, CommandEvent, Reply
+from bot.server import server_options
 
 
 class RecordingDispatcher:
@@ -54,8 +55,9 @@ async def served(adapter: Any) -> AsyncIterator[TestClient]:
     await adapter.start()
     app = web.Application()
     adapter.register(app)
-    client = TestClient(TestServer(app))
-    await client.start_server()
+    server = TestServer(app)
+    await server.start_server(**server_options())  # as `chatops serve` runs it: bodies as they were sent
+    client = TestClient(server)
     try:
         yield client
     finally:
