@@ -30,7 +30,7 @@ from bot.rotations import first_instant
 from bot.tables import ago, printable, table
 from bot.view import alert_values, who_did
 from storage import queries, report
-from storage.audit import AuditLog, Damaged
+from storage.audit import AuditLog, Damaged, KeyMismatch
 from storage.db import (STORE_TABLE, Database, SchemaTooNew, is_sqlite_file_url, missing_sqlite_uri_file, sqlite_file,
                         sqlite_tables)
 from storage.models import AuditEvent, Incident
@@ -45,6 +45,10 @@ def _load(args: argparse.Namespace) -> Loaded:
 class NoConfig(Exception):
     """The config named (with -c, in $CHATOPS_CONFIG, or ./app.yaml) is not there: said as where it was named, not
     as a configuration that is invalid."""
+
+
+class UsageError(Exception):
+    """A command's options cannot be acted on: said, exit 2."""
 
 
 def _config_path(args: argparse.Namespace) -> str:
@@ -211,20 +215,96 @@ async def _has_store(db: Database) -> bool:
         return (await conn.execute(text(f"SELECT to_regclass('{STORE_TABLE}')"))).scalar() is not None
 
 
+def _old_keys(names: list[str] | None) -> dict[str, str]:
+    """The keys named with --old-key-env, by the variable that holds each; UsageError for one not set."""
+    keys = {}
+    for name in names or []:
+        key = os.environ.get(name)
+        if not key:
+            raise UsageError(f"--old-key-env {name}: the environment variable {name} is "
+                             f"{'empty' if name in os.environ else 'not set'}; set it to the old audit key")
+        keys[name] = key
+    return keys
+
+
 def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
     audit = AuditLog(loaded.config.audit.hmac_key)
+    old_keys = _old_keys(args.old_key_env)
 
     async def work(db: Database) -> int:
         async with db.sessions() as session:
-            verdict = await audit.verify(session)
+            verdict = await audit.verify(session, old_keys=old_keys)
         if verdict.ok:
-            print(f"audit chain intact: {verdict.checked} events, head {verdict.head_hash}", file=out)
+            partly = (f"; {verdict.unchecked} of them only for continuity, written with an earlier key not given "
+                      "(below)" if verdict.unchecked else "")
+            print(f"audit chain intact: {verdict.checked} events, head {verdict.head_hash}{partly}", file=out)
+            for note in verdict.notes:
+                print(f"  {note}", file=out)
             return EXIT_OK
         print(printable(f"audit chain broken after {verdict.checked} good events: {verdict.problem}"), file=out)
         return EXIT_FAILED
 
     return asyncio.run(_with_db(loaded, work))
+
+
+def cmd_audit_rekey(args: argparse.Namespace, out: TextIO) -> int:
+    """Introduce or change the audit chain's key on purpose: verified with the old key, then an `audit.rekeyed`
+    event hashed with the new one (audit.hmac_key), recording where the old key ended and a fingerprint of each."""
+    import getpass
+
+    from bot.model import Actor
+    from bot.server import StoreInUse, hold_store
+
+    loaded = _load(args)
+    new_key = loaded.config.audit.hmac_key
+    if not new_key:
+        print("audit.hmac_key is not set: set it to the new key (in app.yaml, or the environment variable it reads) "
+              "and run this again", file=sys.stderr)
+        return EXIT_USAGE
+    old_key = None if args.from_no_key else _old_keys([args.old_key_env])[args.old_key_env]
+    new, old = AuditLog(new_key), AuditLog(old_key)
+    if old.fingerprint == new.fingerprint:
+        print(f"the key in {args.old_key_env} is audit.hmac_key itself: give the key the chain is written with now "
+              "in --old-key-env, and the new one in audit.hmac_key", file=sys.stderr)
+        return EXIT_USAGE
+    old_said = f"the old key ({old.fingerprint}, fingerprint)" if old_key else "no key"
+
+    async def work(db: Database) -> int:
+        async with db.sessions() as session:
+            verdict = await old.verify(session)
+        if verdict.ok and not verdict.checked:
+            print("the audit chain is empty: nothing to change; the bot writes it with audit.hmac_key from its first "
+                  "event", file=out)
+            return EXIT_OK
+        user = getpass.getuser()
+        try:
+            async with db.transaction() as session:
+                row = await new.rekey(session, old, Actor("cli", user, user), datetime.now(UTC), verdict)
+        except KeyMismatch as exc:
+            print(printable(f"the key was not changed: {exc}"), file=sys.stderr)
+            return EXIT_FAILED
+        seq = row["seq"]
+        before = ("as plain SHA-256, as they were written" if not old_key else
+                  f"only when given the old key (--old-key-env {args.old_key_env}); without it, only for continuity")
+        print(f"the audit key changed at event #{seq} (audit.rekeyed): events #1-#{seq - 1} were written with "
+              f"{old_said} and verify with it, those from #{seq} on are hashed with audit.hmac_key ({new.fingerprint}, "
+              "fingerprint). Start every replica of the bot, and run chatops from every shell, with the new key. "
+              f"`chatops audit verify` checks the events before #{seq} {before}", file=out)
+        return EXIT_OK
+
+    held = None
+    if _missing_file(loaded) is None:  # a SQLite store: the running bot holds it, and must be stopped first
+        try:
+            held = hold_store(loaded.config.storage.url)
+        except StoreInUse as exc:
+            print(f"{exc}: the key changes only while the bot is stopped", file=sys.stderr)
+            return EXIT_FAILED
+    try:
+        return asyncio.run(_with_db(loaded, work))
+    finally:
+        if held is not None:
+            held.close()
 
 
 def _csv_cell(value: Any) -> Any:
@@ -570,6 +650,17 @@ def cmd_outbox_list(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(_with_db(loaded, work))
 
 
+async def _other_key(audit: AuditLog, session: Any) -> int | None:
+    """Before a command appends to the audit chain (first in its write transaction, so that nothing is appended in
+    between): EXIT_USAGE, said, if the chain was written with another key than this shell's (or none, or with one),
+    since one event hashed with it would break the chain for good; None to go on."""
+    problem = await audit.key_problem(session, lock=True)
+    if problem is None:
+        return None
+    print(printable(f"refused, nothing was changed: {problem}"), file=sys.stderr)
+    return EXIT_USAGE
+
+
 def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
     """Dead letters back into the queue (the bot sends them on its next round), audited as outbox.retried."""
     import getpass
@@ -586,10 +677,13 @@ def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
     async def work(db: Database) -> int:
         now = datetime.now(UTC)
         user = getpass.getuser()
+        audit = AuditLog(loaded.config.audit.hmac_key)
         async with db.transaction() as session:
+            if (refused := await _other_key(audit, session)) is not None:
+                return refused
             chosen = await queries.retry_dead(session, now, args.ids or None)
             if chosen:
-                await AuditLog(loaded.config.audit.hmac_key).append_many(session, [Entry(
+                await audit.append_many(session, [Entry(
                     "outbox.retried", Actor("cli", user, user), "outbox", ",".join(map(str, chosen)), now,
                     {"ids": chosen})])
         skipped = sorted(set(args.ids) - set(chosen))
@@ -775,7 +869,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", parents=[common], help="run the HTTP server, adapters and workers").set_defaults(func=cmd_serve)
     sub.add_parser("check-config", parents=[common], help="validate app.yaml").set_defaults(func=cmd_check_config)
     audit = sub.add_parser("audit", parents=[common], help="verify or export the audit log").add_subparsers(dest="audit", required=True, metavar="ACTION")
-    audit.add_parser("verify", parents=[common], help="exit 0 if the chain is intact, 1 naming the first bad event").set_defaults(func=cmd_audit_verify)
+    verify = audit.add_parser("verify", parents=[common], help="exit 0 if the chain is intact, 1 naming the first bad event")
+    verify.add_argument("--old-key-env", action="append", metavar="VAR",
+                        help="an environment variable holding a key the chain was written with before a rekey: the "
+                             "events written with it are then checked fully, not only for continuity (repeatable)")
+    verify.set_defaults(func=cmd_audit_verify)
+    rekey = audit.add_parser("rekey", parents=[common], help="introduce or change the chain's key (audit.hmac_key) "
+                             "on purpose, with the bot stopped")
+    old_key = rekey.add_mutually_exclusive_group(required=True)
+    old_key.add_argument("--old-key-env", metavar="VAR",
+                         help="the environment variable holding the key the chain is written with now")
+    old_key.add_argument("--from-no-key", action="store_true", help="the chain was written without a key until now")
+    rekey.set_defaults(func=cmd_audit_rekey)
     export = audit.add_parser("export", parents=[common], help="write audit events to stdout")
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     export.add_argument("--since", type=_iso, help="only events at or after this ISO 8601 time (no offset: app.yaml's timezone)")
@@ -829,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_format, args.log_level)
     try:
         return args.func(args, sys.stdout)
-    except NoConfig as exc:
+    except (NoConfig, UsageError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     except ConfigError as exc:

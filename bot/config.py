@@ -720,7 +720,9 @@ def parse_config(
     config = _paged_people_respond(config)
     if not config.audit.hmac_key:
         warnings.append("audit: no hmac_key, so the chain is plain SHA-256 and only tamper-evident against "
-                        "accidents; set audit.hmac_key to detect deliberate edits")
+                        "accidents; to detect deliberate edits, set audit.hmac_key before the bot's first start, or "
+                        "add it later with `chatops audit rekey --from-no-key` (a key only set on a chain written "
+                        "without one makes the bot refuse to start)")
     for key in adapter_models:
         if key not in loaded_adapters and key not in adapters_off:
             adapters_off[key] = "no section under adapters"

@@ -36,7 +36,7 @@ from handlers.oncall import OncallHandlers
 from handlers.outbox import OutboxWorker
 from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
 from handlers.timers import STALLED_AFTER, TimerService
-from storage.audit import AuditLog
+from storage.audit import AuditLog, KeyMismatch
 from storage.db import Database, Leader, StoreReplaced, is_sqlite_file_url
 from storage.queries import open_incidents_by_severity, outbox_counts, outbox_oldest_due
 from storage.replays import SharedReplays
@@ -130,8 +130,11 @@ class Bot:
         self.adapters_failed: dict[str, str] = {}
 
     async def start(self) -> None:
-        """Open the store and start the background workers."""
+        """Open the store and start the background workers; KeyMismatch, before anything is written, if the audit
+        chain was written with another key than the one in hand (or none, or with one)."""
         await self.db.start()
+        async with self.db.sessions() as session:
+            await self.audit.check_key(session)
         restored = await self.alerts.restore(self.db)
         if restored:
             log.info("replays: %d alert signature(s) taken before the restart are refused as replays until their "
@@ -475,6 +478,10 @@ async def _serve(loaded: Loaded, socks: list[socket.socket], clock: Clock | None
     log_startup(loaded, bot)
     try:
         await bot.start()
+    except KeyMismatch as exc:  # every event written from now on would break the chain for good
+        log.error("not starting: %s", exc)
+        await bot.stop()
+        return 2
     except Exception as exc:
         why = str(exc) or (f"no answer within {DB_WAIT:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__)
         log.error("cannot open the database at %s: %s", bot.db.safe_url, why)

@@ -4,6 +4,11 @@ hash = HMAC-SHA256(key, prev_hash || canonical JSON of the event), or plain
 SHA-256 without a key. Appends lock the head row (PostgreSQL `FOR UPDATE`;
 SQLite's BEGIN IMMEDIATE already holds the database lock), so concurrent
 writers, in one process or several, always extend one linear chain.
+
+Every writer must hold the key the chain was written with: one event hashed with another key (or none) breaks the
+chain for good, since verify can no longer tell it from tampering. `key_problem` is checked before a writer
+appends; the key is changed on purpose with an `audit.rekeyed` event (`chatops audit rekey`), hashed with the new
+key, whose details record where the old key ended and a fingerprint of each key.
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -124,6 +129,29 @@ class Verdict:
     checked: int
     head_hash: str
     problem: str | None = None
+    # Events written with an earlier key that was not given: their links were checked, not their contents.
+    unchecked: int = 0
+    notes: tuple[str, ...] = ()  # how each stretch written with an earlier key (or none) was checked
+
+
+REKEYED = "audit.rekeyed"  # the chain's key changes here: this event and those after it are hashed with the new key
+_FINGERPRINT_LABEL = b"chatops audit key fingerprint"
+
+
+def key_fingerprint(key: str | None) -> str | None:
+    """What is recorded and said of a key: 16 hex digits of an HMAC with it, which tell keys apart without giving
+    one away. None for no key."""
+    if not key:
+        return None
+    return hmac.new(key.encode(), _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:16]
+
+
+def said_key(fingerprint: str | None) -> str:
+    return f"the key with fingerprint {fingerprint}" if fingerprint else "no key"
+
+
+class KeyMismatch(Exception):
+    """The chain was written with another key than the one in hand (or none, or with one): appending would break it."""
 
 
 def canonical(e: AuditEvent) -> bytes:
@@ -175,6 +203,7 @@ def _count_when_committed(session: Session, n: int, counted: Callable[[int], Non
 class AuditLog:
     def __init__(self, hmac_key: str | None):
         self._key = hmac_key.encode() if hmac_key else None
+        self.fingerprint = key_fingerprint(hmac_key)
         # Told how many events append_many wrote, once their transaction committed (the bot's chatops_audit_events
         # counter). Intake appends with append_rows in its writer, and counts its own.
         self.counted: Callable[[int], None] | None = None
@@ -268,8 +297,112 @@ class AuditLog:
             raw.execute(_SQLITE_HEAD_UPDATE, (seq, prev))
         return rows
 
-    async def verify(self, session: AsyncSession, batch: int = 2000) -> Verdict:
+    async def key_problem(self, session: AsyncSession, *, lock: bool = False) -> str | None:
+        """Why appending with this key would break the chain, or None: its newest event is hashed again with the key
+        in hand (an empty chain has nothing to check). With `lock` (in a write transaction) the head is locked as an
+        append locks it, so that nothing is appended between this check and the caller's append."""
+        query = _HEAD_FOR_UPDATE if lock else select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1)
+        head = (await session.execute(query)).one_or_none()
+        if head is None or not head.seq:
+            return None
+        try:
+            newest = (await session.execute(select(AuditEvent).where(AuditEvent.seq <= head.seq)
+                                            .order_by(AuditEvent.seq.desc()).limit(1))).scalar_one_or_none()
+        except _UNREADABLE:  # a damaged row tells nothing of the key; `audit verify` names it
+            return None
+        if newest is None or self.digest(newest.prev_hash, newest) == newest.hash:
+            return None
+        same = "every replica of the bot and every shell that runs chatops needs that one key"
+        since = ""
+        try:
+            rekey = (await session.execute(select(AuditEvent.seq, AuditEvent.details)
+                                           .where(AuditEvent.action == REKEYED, AuditEvent.seq <= head.seq)
+                                           .order_by(AuditEvent.seq.desc()).limit(1))).one_or_none()
+        except _UNREADABLE:
+            rekey = None
+        if rekey is not None and _recorded(rekey.details, "new_key") is not _UNSET:
+            since = f"{said_key(_recorded(rekey.details, 'new_key'))} since event #{rekey.seq}"
+        if not self.keyed:
+            return (f"the audit chain was written with a key{f' ({since})' if since else ''}, and no audit.hmac_key "
+                    "is set here (is the environment variable it reads set where this runs?): events hashed without "
+                    f"it would break the chain for good. Set audit.hmac_key to the key the chain was written with "
+                    f"({same}). (If the chain was written without a key, its newest event, #{newest.seq}, was "
+                    "modified: `chatops audit verify` tells)")
+        if AuditLog(None).digest(newest.prev_hash, newest) == newest.hash:
+            return ("the audit chain was written without a key, and audit.hmac_key is set here: events hashed with "
+                    "the key would break the chain for good. Leave audit.hmac_key unset, as it is where the chain "
+                    f"was written ({same}); or, to introduce the key on purpose, stop the bot and run `chatops audit "
+                    "rekey --from-no-key` once with audit.hmac_key set, then start the bot with it")
+        return (f"the audit chain was written with another key than this audit.hmac_key (fingerprint "
+                f"{self.fingerprint}{f'; the chain has {since}' if since else ''}): events hashed with it would break "
+                f"the chain for good. Set audit.hmac_key to the key the chain was written with ({same}); or, to "
+                "change the key on purpose, stop the bot and run `chatops audit rekey --old-key-env VAR` once, VAR "
+                "holding the old key and audit.hmac_key the new one, then start the bot with the new key. (If this "
+                f"is the key the chain was written with, its newest event, #{newest.seq}, was modified: `chatops "
+                "audit verify` tells)")
+
+    async def check_key(self, session: AsyncSession) -> None:
+        """KeyMismatch (saying what to do) if appending with this key would break the chain."""
+        problem = await self.key_problem(session)
+        if problem is not None:
+            raise KeyMismatch(problem)
+
+    async def rekey(self, session: AsyncSession, old: AuditLog, actor: Actor, at: datetime,
+                    verified: Verdict) -> dict[str, Any]:
+        """Change the chain's key from `old`'s to this one: the `audit.rekeyed` event, hashed with this key, in the
+        caller's write transaction. `verified` is the chain's verdict with `old`; KeyMismatch if it was not intact,
+        or if the chain moved on since (a bot still writing with the old key would break it right after)."""
+        if old.fingerprint == self.fingerprint:
+            raise KeyMismatch(f"the old key and the new one are the same ({said_key(self.fingerprint)}): nothing to "
+                              "change")
+        if not verified.ok:
+            raise KeyMismatch(f"the audit chain does not verify with the old key ({said_key(old.fingerprint)}): "
+                              f"{verified.problem}")
+        seq, prev = (await session.execute(_HEAD_FOR_UPDATE)).one()
+        if (seq, prev) != (verified.checked, verified.head_hash):
+            raise KeyMismatch(f"the audit chain moved on while it was checked (to event #{seq}): a bot is still "
+                              "writing it; stop every replica of the bot, then run this again")
+        details = {"after": seq, "old_key": old.fingerprint, "new_key": self.fingerprint}
+        [row] = await self.append_many(session, [Entry(REKEYED, actor, "audit", "key", at, details)])
+        return row
+
+    async def _stretches(self, session: AsyncSession, upto: int | None,
+                         old_keys: Mapping[str, str]) -> tuple[list[_Stretch], list[str]]:
+        """The chain cut where its key changed (its `audit.rekeyed` events), each stretch with what its hashes can be
+        checked with: the last with this key; an earlier one with the old key given whose fingerprint its rekey
+        recorded, plain SHA-256 if it recorded none, else None (its links only). Also the labels of old keys given
+        that match no stretch."""
+        rekeys = [AuditEvent.action == REKEYED] + ([AuditEvent.seq <= upto] if upto is not None else [])
+        try:
+            rows = [(seq, details) for seq, details in (await session.execute(
+                select(AuditEvent.seq, AuditEvent.details).where(*rekeys).order_by(AuditEvent.seq))).all()]
+        except _UNREADABLE:  # a damaged rekey: where the key changed is still known; the walk names the damage
+            rows = [(seq, None) for seq in (await session.execute(
+                select(AuditEvent.seq).where(*rekeys).order_by(AuditEvent.seq))).scalars()]
+        if not rows:
+            return [_Stretch(1, self, self.fingerprint)], list(old_keys)
+        keys: dict[str | None, tuple[AuditLog, str | None]] = {None: (AuditLog(None), None)}
+        if self.keyed:  # (a key changed back to one used before)
+            keys[self.fingerprint] = (self, "audit.hmac_key")
+        for label, key in old_keys.items():
+            keys[key_fingerprint(key)] = (AuditLog(key), label)
+        firsts = [1] + [seq for seq, _ in rows]
+        prints = [_recorded(rows[0][1], "old_key")] + [_recorded(details, "new_key") for _, details in rows]
+        stretches = []
+        for first, fingerprint in zip(firsts[:-1], prints[:-1]):
+            log, label = keys.get(fingerprint, (None, None)) if fingerprint is not _UNSET else (None, None)
+            stretches.append(_Stretch(first, log, fingerprint, label))
+        stretches.append(_Stretch(firsts[-1], self, prints[-1]))
+        used = {s.given for s in stretches}
+        return stretches, [label for label in old_keys if label not in used]
+
+    async def verify(self, session: AsyncSession, batch: int = 2000,
+                     old_keys: Mapping[str, str] | None = None) -> Verdict:
         """Walk the chain in order; name the first event that does not fit (or cannot even be read).
+
+        Where the key changed (`audit.rekeyed`), the events before are checked with the old key given in
+        `old_keys` (label: key) whose fingerprint the rekey recorded, as plain SHA-256 if they were written without
+        a key, or else only for their links (counted in `unchecked`, said in `notes`).
 
         The chain is checked up to the head as it was when the walk began: a running bot appends meanwhile, and
         each batch is read in a statement of its own (PostgreSQL's READ COMMITTED sees what committed since), so
@@ -277,6 +410,7 @@ class AuditLog:
         are newer, unless the head still names it at the end: then they were added around the bot."""
         head = (await session.execute(select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1))).one_or_none()
         walk = _Walk(upto=head.seq if head is not None else None)
+        walk.stretches, unmatched = await self._stretches(session, walk.upto, old_keys or {})
         try:
             verdict = await self._walk(session, batch, walk)
         except (ValueError, TypeError, StatementError):  # a damaged row: walk on one at a time, to name it
@@ -305,7 +439,7 @@ class AuditLog:
         if head is not None and head.hash != prev:
             return Verdict(False, checked, prev, f"the head names event #{checked} with a hash that is not that "
                            "event's: the head was modified")
-        return Verdict(True, checked, prev)
+        return Verdict(True, checked, prev, unchecked=walk.unchecked, notes=_notes(walk.stretches, checked, unmatched))
 
     async def _walk(self, session: AsyncSession, batch: int, walk: _Walk) -> Verdict | None:
         """Check the events after `walk.last`, `batch` rows at a time, moving `walk` on; a Verdict at the first
@@ -319,9 +453,23 @@ class AuditLog:
             if event.prev_hash != walk.prev:
                 return Verdict(False, walk.checked, walk.prev, f"{where}: does not link to the event before it; "
                                "an event was deleted, inserted or reordered")
-            if self.digest(event.prev_hash, event) != event.hash:
-                return Verdict(False, walk.checked, walk.prev, f"{where}: its hash does not match its contents; "
-                               "the event was modified (or the audit key is not the one it was written with)")
+            stretches = walk.stretches
+            while walk.at + 1 < len(stretches) and stretches[walk.at + 1].first <= event.seq:
+                walk.at += 1
+                if walk.at > 1 and _recorded(event.details, "old_key") != stretches[walk.at - 1].fingerprint:
+                    # (each change records the key before it: the change before said otherwise)
+                    return Verdict(False, walk.checked, walk.prev, f"{where}: the key it changes from is not the "
+                                   f"one the change at event #{stretches[walk.at - 1].first} changed to; one of the "
+                                   "two was modified or inserted")
+            log = stretches[walk.at].log
+            if log is None:  # written with an earlier key that is not in hand: its link is all that can be checked
+                walk.unchecked += 1
+            elif log.digest(event.prev_hash, event) != event.hash:
+                why = "the event was modified (or the audit key is not the one it was written with)"
+                if event.action == REKEYED and _recorded(event.details, "new_key") is not _UNSET:
+                    why = (f"the event was modified, or the key it was checked with ({said_key(log.fingerprint)}) is "
+                           f"not the one the chain changed to here ({said_key(_recorded(event.details, 'new_key'))})")
+                return Verdict(False, walk.checked, walk.prev, f"{where}: its hash does not match its contents; {why}")
             walk.prev, walk.last, walk.checked = event.hash, event.seq, walk.checked + 1
         return None
 
@@ -356,6 +504,56 @@ class _Walk:
     last: int = 0
     prev: str = AuditHead.GENESIS
     upto: int | None = None  # the head's seq when the walk began: events after it are newer than the check
+    stretches: list[_Stretch] = field(default_factory=list)  # the chain cut where its key changed
+    at: int = 0  # the stretch of the last event checked
+    unchecked: int = 0  # events whose links were checked but not their hashes (their key is not in hand)
+
+
+@dataclass
+class _Stretch:
+    """Events written with one key: from `first` to the next stretch's first (or the end)."""
+
+    first: int
+    log: AuditLog | None  # what their hashes are checked with; None: only their links
+    fingerprint: Any  # of their key, as the rekey recorded it (None: no key; _UNSET: not recorded)
+    given: str | None = None  # the label of the old key they are checked with
+
+
+def _recorded(details: Any, name: str) -> Any:
+    """A key's fingerprint as an `audit.rekeyed` event's details record it: hex, None (no key), or _UNSET."""
+    value = details.get(name, _UNSET) if isinstance(details, dict) else _UNSET
+    return value if value is None or value is _UNSET or isinstance(value, str) else _UNSET
+
+
+def _notes(stretches: list[_Stretch], checked: int, unmatched: list[str]) -> tuple[str, ...]:
+    """How each stretch of a chain whose key changed was checked, in words."""
+    notes = []
+    for stretch, after in zip(stretches, stretches[1:]):
+        last = min(after.first - 1, checked)
+        if last < stretch.first:
+            continue
+        which = f"event #{stretch.first}" if last == stretch.first else f"events #{stretch.first}-#{last}"
+        if stretch.log is not None and stretch.fingerprint is None:
+            notes.append(f"{which}, written without a key before one was introduced at event #{after.first}: "
+                         "checked as plain SHA-256 (evident of accidents, not of deliberate edits)")
+        elif stretch.log is not None:
+            notes.append(f"{which}, written with the earlier key {stretch.fingerprint} (fingerprint), given in "
+                         f"{stretch.given}: checked fully")
+        elif stretch.fingerprint is _UNSET:
+            notes.append(f"{which}, written before the key changed at event #{after.first} with a key it does not "
+                         "record: checked only for continuity (each event links to the one before it), not their "
+                         "contents")
+        else:
+            notes.append(f"{which}, written with the earlier key {stretch.fingerprint} (fingerprint), not given: "
+                         "checked only for continuity (each event links to the one before it), not their contents; "
+                         "give that key with --old-key-env VAR to check them fully")
+    if len(stretches) > 1 and stretches[-1].first <= checked:
+        first = stretches[-1].first
+        notes.append(f"event{'s' if checked > first else ''} #{first}" + (f"-#{checked}" if checked > first else "")
+                     + f", since the key changed at event #{first} (audit.rekeyed): checked fully with "
+                     f"{said_key(stretches[-1].log.fingerprint if stretches[-1].log else None)}")
+    notes += [f"the key in {label} is not one this chain records: it checked nothing" for label in unmatched]
+    return tuple(notes)
 
 
 async def _events(

@@ -183,7 +183,8 @@ async def test_a_dead_letter_is_sent_again_with_outbox_retry_once_the_cause_is_f
         fake.fail("chat.postMessage", "not_in_channel")  # the bot was not invited yet
         url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
         config = tmp_path / "app.yaml"
-        config.write_text(f"storage: {{url: '{url}'}}\nchannels: [{{id: ops-slack, platform: slack, chat: C0OPS}}]\n")
+        config.write_text(f"storage: {{url: '{url}'}}\nchannels: [{{id: ops-slack, platform: slack, chat: C0OPS}}]\n"
+                          "audit: {hmac_key: test-key}\n")  # the bot's key: the retry is audited in its chain
         async with running_bot(url, slack_config(fake)) as h:
             await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
             await fake.wait_for(lambda: any(c.method == "chat.postMessage" for c in fake.calls), timeout=5)
@@ -201,6 +202,8 @@ async def test_a_dead_letter_is_sent_again_with_outbox_retry_once_the_cause_is_f
             await drain(h)
             assert len(parents(fake)) == 1 and [r[0] for r in await row_state(h)] == ["sent"]
             assert "outbox.retried" in await h.actions()
+            async with h.bot.db.sessions() as session:
+                assert (await h.bot.audit.verify(session)).ok
             with contextlib.redirect_stdout(io.StringIO()) as nothing:
                 assert await asyncio.to_thread(cli, ["outbox", "retry", "7", "-c", str(config)]) == 1
             assert "no dead deliveries with those ids (7)" in nothing.getvalue()
@@ -215,7 +218,8 @@ async def test_outbox_retry_dead_leaves_what_a_platform_took_without_answering(t
 
     url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
     config = tmp_path / "app.yaml"
-    config.write_text(f"storage: {{url: '{url}'}}\nchannels: [{{id: ops-slack, platform: slack, chat: C0OPS}}]\n")
+    config.write_text(f"storage: {{url: '{url}'}}\nchannels: [{{id: ops-slack, platform: slack, chat: C0OPS}}]\n"
+                      "audit: {hmac_key: test-key}\n")
     async with running_bot(url) as h:
         async with h.bot.db.transaction() as session:
             unconfirmed, refused = direct_row("alice", "Swap #3?", T0), direct_row("alice", "Swap #4?", T0)
