@@ -150,6 +150,8 @@ class Bot:
                 log.error("%s: off (%s); fix its settings in app.yaml and restart", name, exc)
                 self.adapters_failed[name] = str(exc)
                 self.adapters_off[name] = str(exc)
+                if exc.token_refused:  # pages to it wait for the token, as for one refused since (a restart sends them)
+                    self.outbox.token_refused[name] = str(exc)
                 del self.adapters[name]
                 continue
             await self._check(name, adapter)

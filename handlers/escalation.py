@@ -45,6 +45,10 @@ log = logging.getLogger("chatops.escalation")
 STEP = "escalation.step"
 ESCALATIONS = Escalation.__table__
 SYSTEM = Actor("system", "escalation", "Escalation")
+# A page waiting because a platform refused the bot's token (handlers/outbox.py, OutboxWorker._page_waits): in its
+# outbox row's details, how often it found it refused. The escalation keeps its pace meanwhile, so a policy can run
+# out while its pages still wait: it says so rather than that nobody acknowledged them.
+TOKEN_REFUSED = "token_refused"
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,19 @@ class Escalations:
         session.add(esc)
         return True
 
+    async def _waiting(self, session: AsyncSession, incident_id: int, run: int) -> tuple[bool, list[str]]:
+        """(whether a page of this run reached someone, or may have; the names of those whose page of this run
+        still waits for the bot's token to be accepted)."""
+        rows = (await session.execute(select(OutboxItem.status, OutboxItem.details, OutboxItem.last_error).where(
+            OutboxItem.incident_id == incident_id, OutboxItem.kind == "page", OutboxItem.event == "escalation.page")
+            .order_by(OutboxItem.id))).all()
+        rows = [(status, details or {}, error or "") for status, details, error in rows
+                if (details or {}).get("run", 0) == run]
+        reached = any(status == "sent" or error.startswith(UNCONFIRMED) for status, _, error in rows)
+        waiting = [str(details.get("person")) for status, details, _ in rows
+                   if status in ("pending", "sending") and details.get(TOKEN_REFUSED)]
+        return reached, [self.people[p].name if p in self.people else p for p in dict.fromkeys(waiting)]
+
     # -- the timer ------------------------------------------------------------------------------
 
     async def fire(self, session: AsyncSession, timer: Timer, now: datetime) -> None:
@@ -245,7 +262,23 @@ class Escalations:
         if n >= total:
             esc.state, esc.updated_at = "exhausted", now
             steps = f"{total} step{'s' if total != 1 else ''}"
-            if incident.status == ACKNOWLEDGED:  # someone asked for help and the steps left reached nobody
+            reached, waiting = await self._waiting(session, incident_id, esc.run)
+            if waiting:
+                several = len(waiting) > 1
+                pages = f"the page{'s' if several else ''} to {' and '.join(waiting)}"
+                wait, go = ("wait", "go") if several else ("waits", "goes")
+                if reached:
+                    esc.note = (f"Every step of escalation policy `{esc.policy}` ran and nobody acknowledged; {pages} "
+                                f"still {wait} for the bot's token to be accepted. Page someone with /incident page.")
+                    line = (f"Escalation policy {esc.policy} finished after {steps}: nobody acknowledged, and {pages} "
+                            f"still {wait} for the bot's token to be accepted.")
+                else:  # its steps' pages only waited: nobody was paged, so nobody failed to acknowledge
+                    esc.note = (f"Every step of escalation policy `{esc.policy}` ran, but nobody has been paged yet: "
+                                f"{pages} {wait} for the bot's token to be accepted. Page someone with "
+                                "/incident page.")
+                    line = (f"Escalation policy {esc.policy} finished after {steps} without paging anyone: {pages} "
+                            f"{wait} for the bot's token to be accepted, and {go} out when it is.")
+            elif incident.status == ACKNOWLEDGED:  # someone asked for help and the steps left reached nobody
                 esc.note = (f"Every step of escalation policy `{esc.policy}` ran; the last reached nobody. "
                             "Page someone with /incident page.")
                 line = f"Escalation policy {esc.policy} finished after {steps}: the last reached nobody."

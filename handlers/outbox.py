@@ -45,15 +45,15 @@ from bot.config import Config, Person
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket, Window
 from bot.incidents import ACKNOWLEDGED, RESOLVED
-from bot.view import incident_card, incident_state, thread_line
+from bot.view import incident_card, incident_state, span, thread_line
 from bot.escalation import escalation_mark
-from handlers.escalation import SYSTEM, Escalations, drawn_with
+from handlers.escalation import SYSTEM, TOKEN_REFUSED, Escalations, drawn_with
 from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_line
 from handlers.paging import (LOOK_AFTER, UNANSWERED, Attempt, page_finders, page_message, page_order, page_where,
                              send_page)
 from storage.audit import AuditLog, Entry
 from storage.db import Database, StoreReplaced
-from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem, SwapRequest
+from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem, SwapRequest, Timer
 from storage.queries import UNCONFIRMED, recent_alerts
 
 log = logging.getLogger("chatops.outbox")
@@ -69,8 +69,8 @@ SENDING = "sending"
 # A thread line that was due under a card that went (deleted, or left in a group that became a supergroup): it
 # follows the card posted afresh, in its thread, instead of being folded into it (see _deliver's repost).
 FOLLOWS = "follows"
-# A page waiting because a platform refused the bot's token (see _page_waits): how often it found it refused.
-TOKEN_REFUSED = "token_refused"
+# A page waiting because a platform refused the bot's token (see _page_waits) has TOKEN_REFUSED in its details (how
+# often it found it refused; handlers/escalation.py). Its words are drawn as things are when it goes (_after_now).
 UNSETTLED = ("pending", SENDING)
 ROUTINE_EVENTS = ("alerts.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
 # A card, thread line or notice whose answer was lost, on a platform that can find it by the key it carried (see
@@ -503,6 +503,7 @@ class OutboxWorker:
                                          ~and_(OutboxItem.kind == "notice", OutboxItem.channel.in_(off)))
                 .order_by(case((OutboxItem.kind == "page", 0), else_=1), OutboxItem.id).limit(self.batch)
             )).scalars().all())
+            rows = await self._waiting_first(session, rows, now)
         calls = 0
         for row in rows:
             if not await self._leading():
@@ -521,6 +522,26 @@ class OutboxWorker:
             else:
                 calls += await self._notice(row)
         return calls
+
+    @staticmethod
+    async def _waiting_first(session: Any, rows: list[OutboxItem], now: datetime) -> list[OutboxItem]:
+        """The pages of an incident go in step order: a page due now (a new step's) is preceded by the incident's
+        earlier pages that wait for the bot's token, not due yet (their back-off). If the token works again, they go
+        before it, or give way to it (_superseding); if not, they wait on."""
+        pages = [r for r in rows if r.kind == "page"]
+        newest: dict[int, int] = {}
+        for page in pages:
+            if page.incident_id is not None:
+                newest[page.incident_id] = max(newest.get(page.incident_id, 0), page.id or 0)
+        if not newest:
+            return rows
+        held = [r for r in (await session.execute(select(OutboxItem).where(
+            OutboxItem.kind == "page", OutboxItem.status == "pending", OutboxItem.due_at > now,
+            OutboxItem.incident_id.in_(sorted(newest)), OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None))
+        )).scalars().all() if (r.id or 0) < newest[r.incident_id or 0]]
+        if not held:
+            return rows
+        return sorted(pages + held, key=lambda r: r.id or 0) + [r for r in rows if r.kind != "page"]
 
     async def _redraw_pages(self, row: OutboxItem, now: datetime) -> int:
         """Someone acted on the incident (or its source resolved it): each page its escalation sent is drawn as the
@@ -753,6 +774,12 @@ class OutboxWorker:
         the platform answers."""
         problem = "the bot stopped while sending it, so it may have arrived; it is not sent again, so as not to page twice"
         async with self.db.transaction() as session:
+            # Pages waiting for the bot's token are tried at once, not at the end of their back-off: the token may
+            # have been fixed meanwhile, and a restart is what fixing it takes for a platform off since it refused
+            # the token at start.
+            await session.execute(update(OutboxItem).where(
+                OutboxItem.kind == "page", OutboxItem.status == "pending", OutboxItem.due_at > now,
+                OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None)).values(due_at=now))
             rows = (await session.execute(select(OutboxItem).where(OutboxItem.status == SENDING,
                                                                    OutboxItem.id.not_in(sorted(self._claimed)))
                                           .order_by(OutboxItem.id))).scalars().all()
@@ -794,9 +821,19 @@ class OutboxWorker:
             await self._finish([row], "cancelled", f"not sent: #{incident.id} was reopened, and its escalation "
                                                    "started again")
             return 0
-        business = bool(row.details.get("business"))
-        after = str(row.details.get("next") or "")
+        waited = bool(row.details.get(TOKEN_REFUSED))  # it waited for the bot's token (_page_waits)
         step, total = row.details.get("step"), row.details.get("of")
+        newer = await self._superseding(row) if waited else None
+        if newer is not None:
+            await self._finish([row], "cancelled", superseded(newer, person.name))
+            return 0
+        business = bool(row.details.get("business"))
+        # Still at this page's step (the next has not fired): what it says comes next holds.
+        here = (escalation is not None and escalation.state == "active" and isinstance(step, int)
+                and escalation.next_step == step)
+        after = str(row.details.get("next") or "")
+        if waited:  # drawn as things are now: its "Carol in 5 min" may have come and gone
+            after = await self._after_now(escalation, incident, step, total, now) if here else ""
         reason = step_words(step, total, after)
         message = page_message(incident, alerts, person, self.config, now, reason,
                                escalation_mark=escalation_mark(step, int(row.details.get("run", 0)))
@@ -826,6 +863,8 @@ class OutboxWorker:
         if attempt.platform is None and attempt.transient and row.attempts + 1 < PAGE_ATTEMPTS:
             await self._failed([row], attempt.problem(person, self.adapters), None, permanent=False, unmark=True)
             return 1
+        if attempt.platform is None and not attempt.unknown:
+            attempt = self._off_refused(attempt, person, order)
         if (attempt.platform is None and not attempt.unknown and attempt.refused
                 and now - row.created_at < self.give_up_after):
             await self._page_waits(row, person, incident, attempt, now)
@@ -845,6 +884,11 @@ class OutboxWorker:
             settled["due_at"] = self.clock.now() + timedelta(seconds=LOOK_AFTER)
         async with self.db.transaction() as session:
             problem = attempt.problem(person, self.adapters, off=self.off, order=order)
+            if waited and attempt.refused and not attempt.platform and not attempt.unknown:
+                platforms = " and ".join(p.capitalize() for p in attempt.refused)
+                hours = self.give_up_after.total_seconds() / 3600
+                waited_for = f"{hours:g} h" if hours >= 1 else span(self.give_up_after)  # "24 h", as the README says
+                problem = f"the bot waited {waited_for} for {platforms} to accept its token, and gave up ({problem})"
             await self._mark(session, [row], "sent" if attempt.platform else "dead",
                              None if attempt.platform else ((UNCONFIRMED if attempt.unknown else "") + problem)[:500])
             if kept != (row.details or {}) or "due_at" in settled:
@@ -872,13 +916,53 @@ class OutboxWorker:
             queue_thread_line(session, incident, now, "escalation.paged" if attempt.platform else "escalation.page_failed",
                               {"line": line, **({"mention": person.id} if business and attempt.platform else {})})
             esc = await session.get(Escalation, incident.id)
-            if esc is not None and esc.state == "active" and attempt.platform is not None:
-                esc.note = line
+            if esc is not None and attempt.platform is not None and (
+                    (esc.state == "active" and esc.next_step == step) or (waited and esc.state == "exhausted")):
+                # (a page that waited, going after the last step ran: the card no longer says it waits)
+                esc.note = line if esc.state == "active" else (
+                    f"{line} Every step of escalation policy `{esc.policy}` has run.")
                 session.add(esc)
                 queue_redraw(session, incident, now)
             await self.audit.append_many(session, [entry])
         self.nudge()
         return 1
+
+    async def _superseding(self, row: OutboxItem) -> Any:
+        """The step of a newer page of the same run to the same person about the same incident, sent or still to go,
+        if there is one: a page that waited for the bot's token gives way to it, so that once the token works the
+        person gets one page, not one for every step that came round to them meanwhile."""
+        async with self.db.sessions() as session:
+            newer = (await session.execute(select(OutboxItem).where(
+                OutboxItem.kind == "page", OutboxItem.event == row.event, OutboxItem.incident_id == row.incident_id,
+                OutboxItem.channel == row.channel, OutboxItem.id > row.id,
+                OutboxItem.status.in_(("pending", SENDING, "sent"))).order_by(OutboxItem.id))).scalars().all()
+        run = (row.details or {}).get("run", 0)
+        return next(((r.details or {}).get("step") for r in newer if (r.details or {}).get("run", 0) == run), None)
+
+    async def _after_now(self, escalation: Escalation | None, incident: Incident, step: Any, total: Any,
+                         now: datetime) -> str:
+        """What a page that waited for the bot's token, going while its escalation is still at its step, says comes
+        next: the next step, in the time left until it fires ("Carol in 2 min if nobody acknowledges."), not the
+        wait the step was written with. Nothing when no next step is due later."""
+        if self.escalations is None or escalation is None or escalation.timer_id is None or not isinstance(total, int):
+            return ""
+        async with self.db.sessions() as session:
+            timer = await session.get(Timer, escalation.timer_id)
+            if timer is None or timer.status != "pending" or timer.due_at <= now:
+                return ""
+            return await self.escalations.next_words(session, escalation.snapshot, step, total, timer.due_at,
+                                                     timer.due_at - now, incident.severity)
+
+    def _off_refused(self, attempt: Attempt, person: Person, order: Sequence[str]) -> Attempt:
+        """A platform of `order` that knows the person but is off because it refused the bot's token at start
+        (bot/server.py): for a page, that counts as a refused token, so the page waits for it as for one refused
+        since (a restart with the token fixed sends it), rather than reaching nobody at once."""
+        off = [p for p in dict.fromkeys(order) if p not in self.adapters and p in self.token_refused
+               and getattr(person, p, None) and p not in attempt.refused]
+        if not off:
+            return attempt
+        return replace(attempt, tried=[*attempt.tried, *(self.token_refused[p] for p in off)],
+                       refused=(*attempt.refused, *off))
 
     async def _page_waits(self, row: OutboxItem, person: Person, incident: Incident, attempt: Attempt,
                           now: datetime) -> None:
@@ -886,8 +970,11 @@ class OutboxWorker:
         trouble, not the person's. The page is not given up on, and the escalation does not move on because of it
         (every step would page nobody in a second): it waits, tried again with back-off (at most every 5 minutes,
         and at once when a call on that platform works again) for `give_up_after`, as the platform's other messages
-        do. The step's wait runs as written; the next step's pages wait alike while the token is refused. The
-        thread says so when the page first finds the token refused, and the audit log has `incident.page_delayed`."""
+        do. The step's wait runs as written; the next step's pages wait alike while the token is refused, and a
+        person's page that waits gives way to a newer one of theirs (cancelled, "superseded by the page of step 3"):
+        once the token works, each gets one page, drawn as things are then. A platform off because it refused the
+        token at start (_off_refused) is waited for alike, until a restart with the token fixed. The thread says so
+        when the page first finds the token refused, and the audit log has `incident.page_delayed`."""
         problem = attempt.problem(person, self.adapters)
         for platform in attempt.refused:
             self.token_refused[platform] = next((t for t in attempt.tried if t.startswith(platform)), problem)
@@ -895,14 +982,29 @@ class OutboxWorker:
         details = {**{k: v for k, v in (row.details or {}).items() if k != UNANSWERED}, TOKEN_REFUSED: tries}
         step, after = row.details.get("step"), str(row.details.get("next") or "")
         platforms = " and ".join(p.capitalize() for p in attempt.refused)
+        run = (row.details or {}).get("run", 0)
         async with self.db.transaction() as session:
             waits = (await session.execute(update(OutboxItem).where(
                 OutboxItem.id == row.id, OutboxItem.status.in_(UNSETTLED)).values(
                 status="pending", details=details, due_at=now + timedelta(seconds=min(300.0, 2.0 ** tries)),
                 last_error=f"waiting for the bot's token to be accepted: {problem}"[:500]))).rowcount
+            older = [r.id for r in (await session.execute(select(OutboxItem).where(
+                OutboxItem.kind == "page", OutboxItem.event == row.event, OutboxItem.incident_id == row.incident_id,
+                OutboxItem.channel == row.channel, OutboxItem.id < row.id, OutboxItem.status == "pending",
+                OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None)))).scalars().all()
+                     if (r.details or {}).get("run", 0) == run]
+            if waits and older:
+                await session.execute(update(OutboxItem).where(OutboxItem.id.in_(older),
+                                                               OutboxItem.status == "pending").values(
+                    status="cancelled", last_error=superseded(step, person.name)))
             if waits and tries == 1:
-                line = (f"Could not page {person.name} yet: {platforms} refuses the bot's token ({problem}); the page "
-                        f"goes out as soon as the token is accepted again. {after}").strip()
+                if all(p not in self.adapters for p in attempt.refused):  # off since it refused the token at start
+                    line = (f"Could not page {person.name} yet: {platforms} refused the bot's token when the bot "
+                            f"started, so it is off ({problem}); the page goes out once the token is fixed and the "
+                            f"bot restarted. {after}").strip()
+                else:
+                    line = (f"Could not page {person.name} yet: {platforms} refuses the bot's token ({problem}); the "
+                            f"page goes out as soon as the token is accepted again. {after}").strip()
                 queue_thread_line(session, incident, now, "escalation.page_waits", {"line": line})
                 await self.audit.append_many(session, [Entry(
                     "incident.page_delayed", SYSTEM, "incident", str(incident.id), now,
@@ -1084,6 +1186,12 @@ class OutboxWorker:
 def step_words(step: Any, total: Any, after: str) -> str:
     """What an escalation's page says of its step and what comes after it."""
     return f"Step {step} of {total} of the escalation. {after}".strip()
+
+
+def superseded(step: Any, name: str) -> str:
+    """Why a page that waited for the bot's token was not sent (its outbox row's error): a newer one went instead."""
+    return (f"superseded by the page of step {step}: it waited for the bot's token while the escalation went on, and "
+            f"{name} gets the newer page instead")
 
 
 def _lost_page(page: OutboxItem) -> bool:

@@ -828,24 +828,147 @@ async def test_a_token_telegram_refuses_holds_the_pages_and_the_escalation_keeps
         assert len(w.pages(BOB_TG)) == 1 and len(w.pages(CAROL_TG)) == 1
 
 
-async def test_a_page_to_a_platform_off_since_its_token_was_refused_at_start_names_that(tmp_path: Path) -> None:
-    """Telegram refused the bot's token at start, so the adapter is off: a page to Bob (Telegram only) says that,
-    not that Bob has no id in app.yaml (he has one), by the escalation and by hand alike."""
+async def lines_out(w: World, lines: list[str], timeout: float = 20.0) -> None:
+    """Until each of `lines` is in the thread, moving the clock on meanwhile: a line Slack rate-limits is due a
+    second later on the bot's (fake) clock."""
+    deadline = time.monotonic() + timeout
+    while not all(line in thread_texts(w.slack) for line in lines):
+        assert time.monotonic() < deadline, f"timed out waiting for {lines}: {thread_texts(w.slack)}"
+        await w.tick(timedelta(seconds=2))
+        await asyncio.sleep(0.3)
+
+
+async def test_a_page_to_a_platform_off_since_its_token_was_refused_at_start_waits_for_a_restart(
+        tmp_path: Path) -> None:
+    """Telegram refused the bot's token at start, so the adapter is off. A page to Bob (Telegram only) counts that as
+    a refused token: it waits, and so does Carol's page of the next step, instead of each reaching nobody at once
+    ("telegram is off ... Moving to the next step now") so that nobody was ever paged, even once the token was fixed.
+    A page by hand still answers at once, naming why. Restarted with the token fixed, the bot sends the pages that
+    waited, in step order, each saying where the escalation is now."""
+    db = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
     async with FakeSlack() as fake_slack, FakeTelegram() as tg:
-        extra = slack_config(fake_slack) + (f"  telegram: {{bot_token: '123456:wrong-token', webhook_secret: "
+        wrong = slack_config(fake_slack) + (f"  telegram: {{bot_token: '123456:wrong-token', webhook_secret: "
                                             f"{TG_SECRET}, api_url: '{tg.api_url}'}}\n")
-        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, clock=FakeClock(NIGHT),
-                               people=TELEGRAM_ONLY, base=BASE) as h:
+        async with running_bot(db, wrong, clock=FakeClock(NIGHT), people=TELEGRAM_ONLY, base=BASE) as h:
             assert "telegram" not in h.bot.adapters
             w = World(h, Slack(h, fake_slack), tg)
-            await w.alert("critical", team="solo")
+            await w.alert("critical", team="solo")  # Bob, then Carol 30 minutes later
             await until(lambda: any(t.startswith("Could not page Bob") for t in thread_texts(w.slack)), "the line")
-            off = ("telegram is off (telegram getMe: the bot token was refused; check adapters.telegram.bot_token), "
-                   "and Bob has no id in app.yaml for a platform that is on (on: slack)")
+            refused = "telegram getMe: the bot token was refused; check adapters.telegram.bot_token"
             assert next(t for t in thread_texts(w.slack) if t.startswith("Could not page Bob")) == (
-                f"Could not page Bob: {off}. Moving to the next step now.")
+                f"Could not page Bob yet: Telegram refused the bot's token when the bot started, so it is off "
+                f"({refused}); the page goes out once the token is fixed and the bot restarted. Carol in 30 min if "
+                "nobody acknowledges.")
             answer = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
-            assert answer["text"] == f"Could not page Carol: {off.replace('Bob', 'Carol')}"
+            assert answer["text"] == (f"Could not page Carol: telegram is off ({refused}), and Carol has no id in "
+                                      "app.yaml for a platform that is on (on: slack)")
+            await w.tick(timedelta(minutes=29))
+            await asyncio.sleep(0.3)
+            assert [e.details["step"] for e in await w.audit("escalation.step")] == [1]  # not moved on at once
+            await w.tick(timedelta(minutes=1))
+            await until(lambda: any(t.startswith("Could not page Carol yet") for t in thread_texts(w.slack)), "Carol")
+            assert [(r.channel, r.status) for r in await page_rows(w.h)] == [("@bob", "pending"), ("@carol", "pending")]
+            assert not [e for e in await w.audit("incident.page_failed") if e.details.get("step")]
+            assert not any("Moving to the next step" in t for t in thread_texts(w.slack))
+
+        right = slack_config(fake_slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                                            f"api_url: '{tg.api_url}'}}\n")
+        later = FakeClock(NIGHT + timedelta(minutes=31))  # restarted a minute later, the token fixed
+        async with running_bot(db, right, clock=later, people=TELEGRAM_ONLY, base=BASE) as h:
+            w = World(h, Slack(h, fake_slack), tg)
+            await until(lambda: w.pages(BOB_TG) and w.pages(CAROL_TG), "both pages, at once after the restart")
+            [bob], [carol] = w.pages(BOB_TG), w.pages(CAROL_TG)
+            sent = [c.params["chat_id"] for c in tg.called("sendMessage")]
+            assert sent.index(BOB_TG) < sent.index(CAROL_TG)  # step order
+            assert "Step 1 of 2 of the escalation.</i>" in bob["text"]  # its "Carol in 30 min" came and went
+            assert "Step 2 of 2 of the escalation.</i>" in carol["text"]
+            await lines_out(w, ["Paged Bob on Telegram.", "Paged Carol on Telegram."])
+            assert [(r.channel, r.status) for r in await page_rows(w.h)] == [("@bob", "sent"), ("@carol", "sent")]
+
+
+async def test_pages_that_waited_for_the_token_go_once_a_person_in_step_order_as_things_are_then(
+        tmp_path: Path) -> None:
+    """Telegram refuses the bot's token through all four steps of `standard` (Bob, Carol, Bob, Carol): the steps keep
+    their pace, and each person's waiting page gives way to their newer one. The policy's end says nobody was paged
+    yet, not that nobody acknowledged. When the token works again, Bob and Carol get one page each, in step order,
+    with no "Carol in 5 min" promise that came and went. Before: four pages went in seconds (Bob's step 3 before his
+    step 1), each with a stale promise, and the thread said "Paged Bob on Telegram. Carol in 5 min ..." twice after
+    "finished: nobody acknowledged after 4 steps"."""
+    async with world(tmp_path, NIGHT, people=TELEGRAM_ONLY) as w:
+        token, w.tg.token = w.tg.token, "the-token-before-it-was-revoked"
+        await w.alert("critical")  # standard: Bob (primary), Carol 5 min later, Bob 10 min later, Carol 5 min later
+        for delayed, advance in ((1, 5), (2, 10), (3, 5), (4, 10)):
+            for _ in range(100):  # this step's page found the token refused
+                if len(await w.audit("incident.page_delayed")) >= delayed:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(await w.audit("incident.page_delayed")) == delayed
+            await w.tick(timedelta(minutes=advance))
+        await until(lambda: any(t.startswith("Escalation policy standard finished") for t in thread_texts(w.slack)),
+                    "the policy's end")
+        assert (await w.escalation()).state == "exhausted"
+        assert next(t for t in thread_texts(w.slack) if t.startswith("Escalation policy standard finished")) == (
+            "Escalation policy standard finished after 4 steps without paging anyone: the pages to Bob and Carol "
+            "wait for the bot's token to be accepted, and go out when it is.")
+        rows = await page_rows(w.h)
+        assert [(r.channel, r.details["step"], r.status) for r in rows] == [
+            ("@bob", 1, "cancelled"), ("@carol", 2, "cancelled"), ("@bob", 3, "pending"), ("@carol", 4, "pending")]
+        assert rows[0].last_error == ("superseded by the page of step 3: it waited for the bot's token while the "
+                                      "escalation went on, and Bob gets the newer page instead")
+        assert not w.pages(BOB_TG) and not w.pages(CAROL_TG)
+
+        w.tg.token = token  # the token works again
+        await w.tick(timedelta(minutes=5))
+        await until(lambda: w.pages(BOB_TG) and w.pages(CAROL_TG), "the pages, once the token is accepted")
+        await lines_out(w, ["Paged Bob on Telegram.", "Paged Carol on Telegram."])
+        await asyncio.sleep(0.5)
+        [bob], [carol] = w.pages(BOB_TG), w.pages(CAROL_TG)
+        sent = [c.params["chat_id"] for c in w.tg.called("sendMessage")]
+        assert sent.index(BOB_TG) < sent.index(CAROL_TG)
+        assert "<i>Step 3 of 4 of the escalation.</i>" in bob["text"]
+        assert "<i>Step 4 of 4 of the escalation.</i>" in carol["text"]
+        paged = [t for t in thread_texts(w.slack) if t.startswith("Paged")]
+        assert paged == ["Paged Bob on Telegram.", "Paged Carol on Telegram."]
+
+
+async def test_a_page_that_waited_for_the_token_goes_before_a_newer_step_and_says_what_is_next_now(
+        tmp_path: Path) -> None:
+    """Bob's page waits for the token (its next try minutes away, as its back-off has it); the token works again
+    just as step 2 pages Carol. Bob's page goes first, and says no more that Carol comes in 30 min: that step has
+    fired. Before: Carol's page went first, then Bob's, promising Carol in 30 min."""
+    async with world(tmp_path, NIGHT, people=TELEGRAM_ONLY) as w:
+        token, w.tg.token = w.tg.token, "the-token-before-it-was-revoked"
+        await w.alert("critical", team="solo")
+        await until(lambda: any(t.startswith("Could not page Bob yet") for t in thread_texts(w.slack)), "Bob's line")
+        await w.tick(timedelta(minutes=29, seconds=59))
+        await asyncio.sleep(0.3)
+        async with w.h.bot.db.transaction() as s:  # its next try 5 minutes away, as after a few tries
+            bob = (await s.execute(select(OutboxItem).where(OutboxItem.channel == "@bob"))).scalar_one()
+            bob.due_at = w.h.clock.now() + timedelta(minutes=5)
+            s.add(bob)
+        w.tg.token = token
+        await w.tick(timedelta(seconds=1))  # step 2: Carol
+        await until(lambda: w.pages(BOB_TG) and w.pages(CAROL_TG), "both pages")
+        sent = [c.params["chat_id"] for c in w.tg.called("sendMessage")]
+        assert sent.index(BOB_TG) < sent.index(CAROL_TG)
+        [page] = w.pages(BOB_TG)
+        assert "<i>Step 1 of 2 of the escalation.</i>" in page["text"]
+        await lines_out(w, ["Paged Bob on Telegram."])  # with no stale promise
+
+
+async def test_a_page_that_waited_a_day_for_the_token_says_so_when_it_gives_up(tmp_path: Path) -> None:
+    """After 24 h of a refused token the page is given up on; the thread says the bot waited that long for the token,
+    not just that the token was refused."""
+    async with world(tmp_path, NIGHT, people=TELEGRAM_ONLY) as w:
+        w.tg.token = "the-token-before-it-was-revoked"
+        await w.alert("critical", team="solo")
+        await until(lambda: any(t.startswith("Could not page Bob yet") for t in thread_texts(w.slack)), "Bob's line")
+        await w.tick(timedelta(hours=24))
+        await until(lambda: any(t.startswith("Could not page Bob:") for t in thread_texts(w.slack)), "the give-up")
+        assert next(t for t in thread_texts(w.slack) if t.startswith("Could not page Bob:")) == (
+            "Could not page Bob: the bot waited 24 h for Telegram to accept its token, and gave up (telegram "
+            "sendMessage: the bot token was refused; check adapters.telegram.bot_token).")
+        assert [(r.channel, r.status) for r in await page_rows(w.h)][0] == ("@bob", "dead")
 
 
 async def test_one_unreachable_person_does_not_cut_short_the_wait_of_another_paged_in_that_step(
