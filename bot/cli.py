@@ -31,7 +31,7 @@ from bot.tables import ago, printable, table
 from bot.view import alert_values, who_did
 from storage import queries, report
 from storage.audit import AuditLog, Damaged, KeyMismatch
-from storage.db import (STORE_TABLE, Database, SchemaTooNew, is_sqlite_file_url, missing_sqlite_uri_file, sqlite_file,
+from storage.db import (STORE_TABLE, Database, Leader, SchemaTooNew, is_sqlite_file_url, missing_sqlite_uri_file, sqlite_file,
                         sqlite_tables)
 from storage.models import AuditEvent, Incident
 
@@ -271,8 +271,23 @@ def cmd_audit_rekey(args: argparse.Namespace, out: TextIO) -> int:
     old_said = f"the old key ({old.fingerprint}, fingerprint)" if old_key else "no key"
 
     async def work(db: Database) -> int:
+        lock = Leader(db, "outbox")  # what a running replica holds, or one of them (PostgreSQL)
+        try:
+            if not await lock.taken_now():
+                print("a bot is running on this store (a replica holds its outbox lock): stop every replica first; "
+                      "the key changes only while the bot is stopped", file=sys.stderr)
+                return EXIT_FAILED
+            return await rekeyed(db)
+        finally:
+            await lock.close()
+
+    async def rekeyed(db: Database) -> int:
         async with db.sessions() as session:
             verdict = await old.verify(session)
+            if not verdict.ok and old_key and (await AuditLog(None).verify(session)).ok:
+                print(f"the key was not changed: this chain was written without a key, not with the key in "
+                      f"{args.old_key_env}: use --from-no-key", file=sys.stderr)
+                return EXIT_USAGE
         if verdict.ok and not verdict.checked:
             print("the audit chain is empty: nothing to change; the bot writes it with audit.hmac_key from its first "
                   "event", file=out)
@@ -287,10 +302,16 @@ def cmd_audit_rekey(args: argparse.Namespace, out: TextIO) -> int:
         seq = row["seq"]
         before = ("as plain SHA-256, as they were written" if not old_key else
                   f"only when given the old key (--old-key-env {args.old_key_env}); without it, only for continuity")
-        print(f"the audit key changed at event #{seq} (audit.rekeyed): events #1-#{seq - 1} were written with "
-              f"{old_said} and verify with it, those from #{seq} on are hashed with audit.hmac_key ({new.fingerprint}, "
-              "fingerprint). Start every replica of the bot, and run chatops from every shell, with the new key. "
-              f"`chatops audit verify` checks the events before #{seq} {before}", file=out)
+        if len(verdict.notes) > 1:  # the key changed before: the events before this change, stretch by stretch
+            written = "the events before it, as checked now with the old key:\n" + "".join(
+                f"  {note}\n" for note in verdict.notes)
+            before = f"written with {old_said} " + before
+        else:
+            written = f"events #1-#{seq - 1} were written with {old_said} and verify with it, "
+        print(f"the audit key changed at event #{seq} (audit.rekeyed): {written}those from #{seq} on are hashed "
+              f"with audit.hmac_key ({new.fingerprint}, fingerprint). Start every replica of the bot, and run chatops "
+              f"from every shell, with the new key. `chatops audit verify` checks the events before #{seq} {before}",
+              file=out)
         return EXIT_OK
 
     held = None

@@ -40,7 +40,7 @@ from bot.metrics import Metrics
 from bot.model import Actor
 from bot.routing import group_key, select_routes, silenced_by
 from handlers.notify import page_redraw_row
-from storage.audit import AuditLog, Entry
+from storage.audit import AuditLog, Entry, KeyMismatch
 from storage.db import Database
 from storage.models import AlertRecord, AlertSignature, AuditEvent, Delivery, Escalation, Incident, OutboxItem
 from storage.replays import claim_in
@@ -467,6 +467,8 @@ class Intake:
             return
         if status == 500:
             log.error("intake failed for a delivery from %s", batch[0].source.id, exc_info=exc)
+        elif isinstance(exc, KeyMismatch):
+            log.error("intake: nothing stored: %s; answering 503 so senders retry", exc)
         else:
             log.error("intake: the database is unavailable (%s); answering 503 so senders retry", exc)
         for s in batch:
@@ -1210,6 +1212,8 @@ def _is_db_unavailable(exc: BaseException) -> bool:
     from sqlalchemy.exc import TimeoutError as PoolTimeout  # no connection free in the pool within its wait
 
     if isinstance(exc, (OperationalError, InterfaceError, ConnectionError, OSError, asyncio.TimeoutError, PoolTimeout)):
+        return True
+    if isinstance(exc, KeyMismatch):  # the chain's key was changed under this bot: stored after its restart, on retry
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 

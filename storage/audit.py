@@ -38,6 +38,8 @@ _HEAD_UPDATE = _HEAD.update().where(_HEAD.c.id == 1).values(seq=bindparam("seq")
 # The raw SQLite path (the writer thread): BEGIN IMMEDIATE already holds the database lock.
 _SQLITE_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
 _SQLITE_HEAD_UPDATE = "UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1"
+_REKEYED_AT = select(_EVENTS.c.details).where(_EVENTS.c.seq == bindparam("seq"), _EVENTS.c.action == "audit.rekeyed")
+_SQLITE_REKEYED_AT = "SELECT details FROM audit_events WHERE seq = ? AND action = 'audit.rekeyed'"
 _EVENT_COLUMNS = ("seq", "at", "actor_person", "actor_platform", "actor_user_id", "action", "subject_type",
                   "subject_id", "incident_id", "details", "prev_hash", "hash")
 
@@ -154,6 +156,15 @@ class KeyMismatch(Exception):
     """The chain was written with another key than the one in hand (or none, or with one): appending would break it."""
 
 
+def rekeyed_away(new_key: str | None, seq: int, fingerprint: str | None) -> str:
+    """What is said when the chain was changed to another key than the one in hand (`new_key`, recorded at `seq`)."""
+    here = (f"this audit.hmac_key has fingerprint {fingerprint}" if fingerprint else "no audit.hmac_key is set here "
+            "(is the environment variable it reads set where this runs?)")
+    return (f"the audit chain was rekeyed to {f'another key (fingerprint {new_key})' if new_key else 'no key'} at event #{seq} by `chatops audit "
+            f"rekey`, and {here}: events hashed here would break the chain for good; restart this bot (every "
+            "replica, and run chatops from every shell) with that key")
+
+
 def canonical(e: AuditEvent) -> bytes:
     return canonical_fields(e.seq, e.at, e.actor_person, e.actor_platform, e.actor_user_id, e.action,
                             e.subject_type, e.subject_id, e.incident_id, e.details)
@@ -208,6 +219,9 @@ class AuditLog:
         # counter). Intake appends with append_rows in its writer, and counts its own.
         self.counted: Callable[[int], None] | None = None
         self._hmac: Any = None
+        # The head hash this log last wrote or found to be no change of key to another: an append that finds it
+        # there skips the look at the head event (see _check_head).
+        self._known_head: str | None = None
         if self._key and _hmac_new is not None:
             try:
                 self._hmac = _hmac_new(self._key, digestmod="sha256")
@@ -256,6 +270,8 @@ class AuditLog:
             seq, prev = conn.execute(_HEAD_FOR_UPDATE).one()
         else:
             seq, prev = raw.execute(_SQLITE_HEAD).fetchone()
+        if seq and prev != self._known_head and entries[0].action != REKEYED:  # (a rekey checked the chain itself)
+            self._check_head(conn, raw, seq, prev)
         digest = self._digest
         rows = []
         values = []
@@ -295,7 +311,31 @@ class AuditLog:
         else:
             writer.insert_values(_EVENTS, _EVENT_COLUMNS, values)
             raw.execute(_SQLITE_HEAD_UPDATE, (seq, prev))
+        self._known_head = prev
         return rows
+
+    def _check_head(self, conn: Connection, raw: Any, seq: int, prev: str) -> None:
+        """KeyMismatch if the head event changed the chain's key to another than this one: `chatops audit rekey`
+        ran while this process was running (PostgreSQL lets it, beside replicas), and an event hashed with the
+        old key after it would break the chain for good. Only when the head is not what this log last wrote or
+        checked (another process appended): a look at one row by its key, in the head's lock."""
+        if raw is None:
+            try:
+                found = conn.execute(_REKEYED_AT, {"seq": seq}).first()
+            except _UNREADABLE:  # a damaged row tells nothing of the key; `audit verify` names it
+                return
+            details = found.details if found is not None else None
+        else:
+            found = raw.execute(_SQLITE_REKEYED_AT, (seq,)).fetchone()
+            try:
+                details = json.loads(found[0]) if found is not None and found[0] is not None else None
+            except (ValueError, TypeError):
+                return
+        if found is not None:
+            new_key = _recorded(details, "new_key")
+            if new_key is not _UNSET and new_key != self.fingerprint:
+                raise KeyMismatch(rekeyed_away(new_key, seq, self.fingerprint))
+        self._known_head = prev
 
     async def key_problem(self, session: AsyncSession, *, lock: bool = False) -> str | None:
         """Why appending with this key would break the chain, or None: its newest event is hashed again with the key
@@ -310,20 +350,38 @@ class AuditLog:
                                             .order_by(AuditEvent.seq.desc()).limit(1))).scalar_one_or_none()
         except _UNREADABLE:  # a damaged row tells nothing of the key; `audit verify` names it
             return None
-        if newest is None or self.digest(newest.prev_hash, newest) == newest.hash:
+        if newest is None:
             return None
-        same = "every replica of the bot and every shell that runs chatops needs that one key"
-        since = ""
+        fits = self.digest(newest.prev_hash, newest) == newest.hash
         try:
             rekey = (await session.execute(select(AuditEvent.seq, AuditEvent.details)
                                            .where(AuditEvent.action == REKEYED, AuditEvent.seq <= head.seq)
                                            .order_by(AuditEvent.seq.desc()).limit(1))).one_or_none()
         except _UNREADABLE:
             rekey = None
-        if rekey is not None and _recorded(rekey.details, "new_key") is not _UNSET:
-            since = f"{said_key(_recorded(rekey.details, 'new_key'))} since event #{rekey.seq}"
+        new_key = _recorded(rekey.details, "new_key") if rekey is not None else _UNSET
+        if new_key is not _UNSET and new_key != self.fingerprint:
+            # (even if the newest event fits this key: a bot that kept the old key wrote after the change)
+            problem = rekeyed_away(new_key, rekey.seq, self.fingerprint)
+            if fits and newest.seq > rekey.seq:
+                problem += (f"; events after it (up to #{newest.seq}) were hashed with this old key, by a bot that "
+                            "kept running with it: the chain is broken there, as `chatops audit verify` says")
+            return problem
+        if fits:
+            return None
+        if new_key is not _UNSET:  # this is the key the chain was changed to: what follows the change is not
+            if newest.seq == rekey.seq:
+                return (f"the audit chain was rekeyed to this audit.hmac_key (fingerprint {self.fingerprint}) at "
+                        f"event #{rekey.seq}, but that event does not verify with it: it was modified; `chatops "
+                        "audit verify` tells")
+            return (f"the audit chain was rekeyed to this audit.hmac_key (fingerprint {self.fingerprint}) at event "
+                    f"#{rekey.seq}, but its newest event, #{newest.seq}, does not verify with it: events after the "
+                    "rekey were written with another key (a bot that kept running with the old key), or modified; "
+                    "the chain is broken there, as `chatops audit verify` says. Events hashed now would carry on "
+                    "from a broken chain")
+        same = "every replica of the bot and every shell that runs chatops needs that one key"
         if not self.keyed:
-            return (f"the audit chain was written with a key{f' ({since})' if since else ''}, and no audit.hmac_key "
+            return ("the audit chain was written with a key, and no audit.hmac_key "
                     "is set here (is the environment variable it reads set where this runs?): events hashed without "
                     f"it would break the chain for good. Set audit.hmac_key to the key the chain was written with "
                     f"({same}). (If the chain was written without a key, its newest event, #{newest.seq}, was "
@@ -334,7 +392,7 @@ class AuditLog:
                     f"was written ({same}); or, to introduce the key on purpose, stop the bot and run `chatops audit "
                     "rekey --from-no-key` once with audit.hmac_key set, then start the bot with it")
         return (f"the audit chain was written with another key than this audit.hmac_key (fingerprint "
-                f"{self.fingerprint}{f'; the chain has {since}' if since else ''}): events hashed with it would break "
+                f"{self.fingerprint}): events hashed with it would break "
                 f"the chain for good. Set audit.hmac_key to the key the chain was written with ({same}); or, to "
                 "change the key on purpose, stop the bot and run `chatops audit rekey --old-key-env VAR` once, VAR "
                 "holding the old key and audit.hmac_key the new one, then start the bot with the new key. (If this "

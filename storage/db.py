@@ -407,6 +407,20 @@ class Leader:
             self._beat = asyncio.create_task(self._beating())
         return True
 
+    async def taken_now(self) -> bool:
+        """Take the lock if it is free, once: no wait, no taking it over from a silent holder, no beat. For a
+        command that must not run beside any replica (`chatops audit rekey`): False while one leads the job. Held
+        until close()."""
+        if not self.db.is_postgres:
+            return True
+        async with self._asking:
+            if self._conn is None:
+                self._conn = await self.db.engine.connect()
+            got = (await self._conn.execute(text("SELECT pg_try_advisory_lock(hashtextextended(:n, 0))"),
+                                            {"n": self._key})).scalar_one()
+            await self._conn.commit()
+            return bool(got)
+
     async def _beating(self) -> None:
         """While leading: a sign of life on the lock's connection at least every `heartbeat` seconds."""
         while True:

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 from bot.cli import main
-from storage.audit import AuditLog, key_fingerprint
+from storage.audit import AuditLog, KeyMismatch, key_fingerprint
 from storage.db import Database
 from storage.models import AuditEvent, OutboxItem
 from tests.conftest import ROOT, free_port
@@ -162,8 +162,8 @@ async def test_a_key_added_with_rekey_from_no_key(db: Database, tmp_path: Path, 
         f"fingerprint {key_fingerprint(NEW_KEY)}"]
     # A shell, or a bot, still without the key is refused now.
     code, _, err = await asyncio.to_thread(run, monkeypatch, capsys, ["outbox", "retry", "1", "-c", cfg], None)
-    assert code == 2 and (f"written with a key (the key with fingerprint {key_fingerprint(NEW_KEY)} since event #7), "
-                          "and no audit.hmac_key is set here") in err
+    assert code == 2 and (f"the audit chain was rekeyed to another key (fingerprint {key_fingerprint(NEW_KEY)}) at "
+                          "event #7 by `chatops audit rekey`, and no audit.hmac_key is set here") in err
 
     await sql(db, "UPDATE audit_events SET subject_id = '5' WHERE seq = 3")  # before the rekey
     code, out, _ = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], NEW_KEY)
@@ -210,8 +210,9 @@ async def test_a_key_changed_with_rekey_verifies_with_and_without_the_old_key(
             "OLD_AUDIT_KEY: checked fully") in out.splitlines()
     # The bot with the old key, a replica not yet given the new one, is refused.
     code, _, err = await asyncio.to_thread(run, monkeypatch, capsys, ["outbox", "retry", "1", "-c", cfg], BOT_KEY)
-    assert code == 2 and (f"than this audit.hmac_key (fingerprint {key_fingerprint(BOT_KEY)}; the chain has the key "
-                          f"with fingerprint {key_fingerprint(NEW_KEY)} since event #7)") in err
+    assert code == 2 and (f"the audit chain was rekeyed to another key (fingerprint {key_fingerprint(NEW_KEY)}) at "
+                          f"event #7 by `chatops audit rekey`, and this audit.hmac_key has fingerprint "
+                          f"{key_fingerprint(BOT_KEY)}") in err
 
     # An event before the rekey modified: found with the old key; without it, its contents cannot be vouched for.
     await sql(db, "UPDATE audit_events SET subject_id = '5' WHERE seq = 3")
@@ -304,3 +305,160 @@ async def test_a_key_change_forged_into_the_chain_does_not_excuse_the_events_aft
     assert not verdict.ok and verdict.problem.startswith("audit event #7 ") and verdict.problem.endswith(
         "the key it changes from is not the one the change at event #5 changed to; one of the two was modified or "
         "inserted")
+
+
+def alerting_app_yaml(folder: Path, db: Database) -> Path:
+    """app_yaml, with an Alertmanager source that intake stores alerts from."""
+    path = app_yaml(folder, db)
+    path.write_text(path.read_text(encoding="utf-8") + "timezone: UTC\npeople: [{id: alice, name: Alice, roles: "
+                    "[responder]}]\nchannels: []\nsources: [{id: am, kind: alertmanager, auth: {bearer: "
+                    "'amtoken12345'}}]\nroutes: [{match: {}, channels: []}]\n", encoding="utf-8")
+    return path
+
+
+def post_alert(port: int, name: str) -> int:
+    """An Alertmanager webhook with one firing alert; the HTTP status intake answers."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"version": "4", "status": "firing", "alerts": [{
+        "status": "firing", "labels": {"alertname": name}, "annotations": {}, "startsAt": "2026-12-06T08:00:00Z",
+        "fingerprint": name}]}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/alerts/am", data=body, method="POST",
+                                     headers={"Authorization": "Bearer amtoken12345"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_a_running_bot_on_the_old_key_stops_appending_after_a_rekey(db: Database, tmp_path: Path) -> None:
+    """PostgreSQL lets a rekey commit beside a running bot (the CLI refuses, below; an older chatops did not): the
+    bot, on the old key, must not hash one more event after the `audit.rekeyed`, or the chain breaks for good. Intake
+    answers 503 (the sender retries once the bot runs on the new key) and the log says why."""
+    if not db.is_postgres:
+        pytest.skip("on SQLite the running bot holds the store: a rekey cannot run beside it")
+    alerting_app_yaml(tmp_path, db)
+    port = free_port()
+    proc = start_bot(tmp_path, port, {"CHATOPS_AUDIT_KEY": BOT_KEY})
+    try:
+        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/readyz", proc)
+        assert await asyncio.to_thread(post_alert, port, "one") < 300
+        old, new = AuditLog(BOT_KEY), AuditLog(NEW_KEY)
+        async with db.sessions() as session:
+            verdict = await old.verify(session)
+        async with db.transaction() as session:
+            rekeyed = (await new.rekey(session, old, first_actor(), datetime.now(UTC), verdict))["seq"]
+        assert await asyncio.to_thread(post_alert, port, "two") == 503
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+    log = proc.stdout.read()
+    assert (f"the audit chain was rekeyed to another key (fingerprint {key_fingerprint(NEW_KEY)}) at event "
+            f"#{rekeyed} by `chatops audit rekey`, and this audit.hmac_key has fingerprint "
+            f"{key_fingerprint(BOT_KEY)}") in log and "answering 503 so senders retry" in log, log
+    assert (await events(db))[-1] == "audit.rekeyed"
+    async with db.sessions() as session:
+        assert (await new.verify(session, old_keys={"OLD": BOT_KEY})).ok
+        assert await new.key_problem(session) is None and await old.key_problem(session) is not None
+
+
+async def test_an_append_with_the_old_key_after_a_rekey_is_refused(db: Database) -> None:
+    """The same in one process: the log that wrote the head before the rekey finds the change at its next append."""
+    old, new = AuditLog(BOT_KEY), AuditLog(NEW_KEY)
+    await write_events(db, old, 2)
+    async with db.sessions() as session:
+        verdict = await old.verify(session)
+    async with db.transaction() as session:
+        await new.rekey(session, old, first_actor(), datetime.now(UTC), verdict)
+    with pytest.raises(KeyMismatch, match=r"rekeyed to another key \(fingerprint [0-9a-f]{16}\) at event #3 by "
+                                          "`chatops audit rekey`.*restart this bot"):
+        await write_events(db, old, 1)
+    await write_events(db, new, 1)
+    assert await events(db) == ["incident.acknowledged"] * 2 + ["audit.rekeyed", "incident.acknowledged"]
+    assert (await verify(db, new)).ok
+
+
+async def test_a_chain_broken_by_a_bot_that_kept_the_old_key_is_said_as_it_is(db: Database) -> None:
+    """After a rekey, a bot that kept the old key (before appends checked for a change) wrote on: a restart with the
+    new key is told what happened (not that the key differs from itself), and one with the old key is refused even
+    though the newest event verifies with it."""
+    old, new = AuditLog(BOT_KEY), AuditLog(NEW_KEY)
+    await write_events(db, old, 2)
+    async with db.sessions() as session:
+        verdict = await old.verify(session)
+    async with db.transaction() as session:
+        await new.rekey(session, old, first_actor(), datetime.now(UTC), verdict)
+    async with db.sessions() as session:
+        head = (await session.execute(select(AuditEvent.hash).where(AuditEvent.seq == 3))).scalar_one()
+    old._known_head = head  # as a bot that checked its key only at its start
+    await write_events(db, old, 2)
+    async with db.sessions() as session:
+        with_new, with_old = await new.key_problem(session), await old.key_problem(session)
+    assert with_new == (f"the audit chain was rekeyed to this audit.hmac_key (fingerprint {key_fingerprint(NEW_KEY)}) "
+                        "at event #3, but its newest event, #5, does not verify with it: events after the rekey were "
+                        "written with another key (a bot that kept running with the old key), or modified; the chain "
+                        "is broken there, as `chatops audit verify` says. Events hashed now would carry on from a "
+                        "broken chain")
+    assert with_old.startswith(f"the audit chain was rekeyed to another key (fingerprint {key_fingerprint(NEW_KEY)}) "
+                               f"at event #3 by `chatops audit rekey`, and this audit.hmac_key has fingerprint "
+                               f"{key_fingerprint(BOT_KEY)}")
+    assert with_old.endswith("events after it (up to #5) were hashed with this old key, by a bot that kept running "
+                             "with it: the chain is broken there, as `chatops audit verify` says")
+
+
+async def test_rekey_is_refused_while_a_replica_runs_on_postgresql(db: Database, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    if not db.is_postgres:
+        pytest.skip("SQLite: test_rekey_is_refused_while_the_bot_holds_its_sqlite_store")
+    await write_events(db, AuditLog(BOT_KEY), 2)
+    cfg = str(app_yaml(tmp_path, db))
+    rekey = ["audit", "rekey", "--old-key-env", "OLD", "-c", cfg]
+    port = free_port()
+    proc = start_bot(tmp_path, port, {"CHATOPS_AUDIT_KEY": BOT_KEY})
+    try:
+        await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/readyz", proc)
+        for _ in range(100):  # the outbox takes its lock at its first round
+            if "this replica leads outbox" in proc.stdout.read():
+                break
+            await asyncio.sleep(0.1)
+        code, _, err = await asyncio.to_thread(run, monkeypatch, capsys, rekey, NEW_KEY, OLD=BOT_KEY)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    assert code == 1 and "a bot is running on this store" in err and "stop every replica first" in err, err
+    assert await events(db) == ["incident.acknowledged"] * 2
+    code, out, err = await asyncio.to_thread(run, monkeypatch, capsys, rekey, NEW_KEY, OLD=BOT_KEY)
+    assert code == 0 and out.startswith("the audit key changed at event #3 (audit.rekeyed)"), err
+
+
+async def test_rekey_with_an_old_key_on_a_chain_written_without_one_says_so(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    await write_events(db, AuditLog(None), 2)
+    cfg = str(app_yaml(tmp_path, db))
+    code, out, err = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "rekey", "--old-key-env", "OLD",
+                                                                        "-c", cfg], NEW_KEY, OLD=SHELL_KEY)
+    assert code == 2 and out == "" and err == ("the key was not changed: this chain was written without a key, not "
+                                               "with the key in OLD: use --from-no-key\n")
+    assert len(await events(db)) == 2
+
+
+async def test_a_second_rekey_says_how_each_stretch_before_it_was_written(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    await write_events(db, AuditLog(None), 2)
+    cfg = str(app_yaml(tmp_path, db))
+    code, _, err = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "rekey", "--from-no-key", "-c", cfg],
+                                           BOT_KEY)
+    assert code == 0, err
+    code, out, err = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "rekey", "--old-key-env", "OLD",
+                                                                        "-c", cfg], NEW_KEY, OLD=BOT_KEY)
+    assert code == 0, err
+    assert out.splitlines()[:3] == [
+        "the audit key changed at event #4 (audit.rekeyed): the events before it, as checked now with the old key:",
+        "  events #1-#2, written without a key before one was introduced at event #3: checked as plain SHA-256 "
+        "(evident of accidents, not of deliberate edits)",
+        f"  event #3, since the key changed at event #3 (audit.rekeyed): checked fully with the key with fingerprint "
+        f"{key_fingerprint(BOT_KEY)}"]
+    assert "events #1-#3 were written with" not in out
