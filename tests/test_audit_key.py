@@ -230,10 +230,7 @@ async def test_rekey_to_a_third_key_and_verify_with_both_old_keys(db: Database) 
     first, second, third = AuditLog(BOT_KEY), AuditLog(NEW_KEY), AuditLog(SHELL_KEY)
     await write_events(db, first, 3)
     for old, new in ((first, second), (second, third)):
-        async with db.sessions() as session:
-            verdict = await old.verify(session)
-        async with db.transaction() as session:
-            await new.rekey(session, old, first_actor(), datetime.now(UTC), verdict)
+        await rekey(db, old, new)
     async with db.sessions() as session:
         bare = await third.verify(session)
         full = await third.verify(session, old_keys={"A": BOT_KEY, "B": NEW_KEY})
@@ -248,6 +245,14 @@ def first_actor():
     from bot.model import Actor
 
     return Actor("cli", "ops", "ops")
+
+
+async def rekey(db: Database, old: AuditLog, new: AuditLog) -> int:
+    """`chatops audit rekey`'s work: the chain verified with `old`, then changed to `new`; the rekey event's seq."""
+    async with db.sessions() as session:
+        verdict = await old.verify(session)
+    async with db.transaction() as session:
+        return (await new.rekey(session, old, first_actor(), datetime.now(UTC), verdict))["seq"]
 
 
 def test_rekey_is_refused_while_the_bot_holds_its_sqlite_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -346,10 +351,7 @@ async def test_a_running_bot_on_the_old_key_stops_appending_after_a_rekey(db: Da
         await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/readyz", proc)
         assert await asyncio.to_thread(post_alert, port, "one") < 300
         old, new = AuditLog(BOT_KEY), AuditLog(NEW_KEY)
-        async with db.sessions() as session:
-            verdict = await old.verify(session)
-        async with db.transaction() as session:
-            rekeyed = (await new.rekey(session, old, first_actor(), datetime.now(UTC), verdict))["seq"]
+        rekeyed = await rekey(db, old, new)
         assert await asyncio.to_thread(post_alert, port, "two") == 503
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -368,10 +370,7 @@ async def test_an_append_with_the_old_key_after_a_rekey_is_refused(db: Database)
     """The same in one process: the log that wrote the head before the rekey finds the change at its next append."""
     old, new = AuditLog(BOT_KEY), AuditLog(NEW_KEY)
     await write_events(db, old, 2)
-    async with db.sessions() as session:
-        verdict = await old.verify(session)
-    async with db.transaction() as session:
-        await new.rekey(session, old, first_actor(), datetime.now(UTC), verdict)
+    await rekey(db, old, new)
     with pytest.raises(KeyMismatch, match=r"rekeyed to another key \(fingerprint [0-9a-f]{16}\) at event #3 by "
                                           "`chatops audit rekey`.*restart this bot"):
         await write_events(db, old, 1)
@@ -386,10 +385,7 @@ async def test_a_chain_broken_by_a_bot_that_kept_the_old_key_is_said_as_it_is(db
     though the newest event verifies with it."""
     old, new = AuditLog(BOT_KEY), AuditLog(NEW_KEY)
     await write_events(db, old, 2)
-    async with db.sessions() as session:
-        verdict = await old.verify(session)
-    async with db.transaction() as session:
-        await new.rekey(session, old, first_actor(), datetime.now(UTC), verdict)
+    await rekey(db, old, new)
     async with db.sessions() as session:
         head = (await session.execute(select(AuditEvent.hash).where(AuditEvent.seq == 3))).scalar_one()
     old._known_head = head  # as a bot that checked its key only at its start
