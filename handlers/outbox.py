@@ -72,6 +72,7 @@ FOLLOWS = "follows"
 # A page waiting because a platform refused the bot's token (see _page_waits) has TOKEN_REFUSED in its details (how
 # often it found it refused; handlers/escalation.py). Its words are drawn as things are when it goes (_after_now).
 UNSETTLED = ("pending", SENDING)
+_WAITED = OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None)  # a row that waited for the token
 ROUTINE_EVENTS = ("alerts.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
 # A card, thread line or notice whose answer was lost, on a platform that can find it by the key it carried (see
 # bot.chat.Finder), is marked on its rows (UNANSWERED), {"key": that key, "at": when it was given up on (Unix
@@ -537,7 +538,7 @@ class OutboxWorker:
             return rows
         held = [r for r in (await session.execute(select(OutboxItem).where(
             OutboxItem.kind == "page", OutboxItem.status == "pending", OutboxItem.due_at > now,
-            OutboxItem.incident_id.in_(sorted(newest)), OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None))
+            OutboxItem.incident_id.in_(sorted(newest)), _WAITED)
         )).scalars().all() if (r.id or 0) < newest[r.incident_id or 0]]
         if not held:
             return rows
@@ -745,10 +746,15 @@ class OutboxWorker:
         problem = attempt.problem(person, self.adapters, off=self.off, order=order)
         # A refused token is the bot's trouble, not the person's: the message waits for a token that works.
         trouble = attempt.transient or bool(attempt.refused)
-        for platform in attempt.refused:
-            self.token_refused[platform] = next((t for t in attempt.tried if t.startswith(platform)), problem)
+        self._refused_tokens(attempt, problem)
         await self._failed([row], problem, None, permanent=not trouble, platform_trouble=trouble)
         return 1
+
+    def _refused_tokens(self, attempt: Attempt, problem: str) -> None:
+        """Remember the platforms that refused the bot's token in `attempt`, each with what it said (for /readyz, and
+        until a call there works again: see _token_accepted)."""
+        for platform in attempt.refused:
+            self.token_refused[platform] = next((t for t in attempt.tried if t.startswith(platform)), problem)
 
     def _budget(self, platform: str, user_id: str) -> bool:
         """A direct message spends from the person's private chat budget (and the platform's)."""
@@ -779,7 +785,7 @@ class OutboxWorker:
             # the token at start.
             await session.execute(update(OutboxItem).where(
                 OutboxItem.kind == "page", OutboxItem.status == "pending", OutboxItem.due_at > now,
-                OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None)).values(due_at=now))
+                _WAITED).values(due_at=now))
             rows = (await session.execute(select(OutboxItem).where(OutboxItem.status == SENDING,
                                                                    OutboxItem.id.not_in(sorted(self._claimed)))
                                           .order_by(OutboxItem.id))).scalars().all()
@@ -976,8 +982,7 @@ class OutboxWorker:
         token at start (_off_refused) is waited for alike, until a restart with the token fixed. The thread says so
         when the page first finds the token refused, and the audit log has `incident.page_delayed`."""
         problem = attempt.problem(person, self.adapters)
-        for platform in attempt.refused:
-            self.token_refused[platform] = next((t for t in attempt.tried if t.startswith(platform)), problem)
+        self._refused_tokens(attempt, problem)
         tries = int((row.details or {}).get(TOKEN_REFUSED) or 0) + 1
         details = {**{k: v for k, v in (row.details or {}).items() if k != UNANSWERED}, TOKEN_REFUSED: tries}
         step, after = row.details.get("step"), str(row.details.get("next") or "")
@@ -991,7 +996,7 @@ class OutboxWorker:
             older = [r.id for r in (await session.execute(select(OutboxItem).where(
                 OutboxItem.kind == "page", OutboxItem.event == row.event, OutboxItem.incident_id == row.incident_id,
                 OutboxItem.channel == row.channel, OutboxItem.id < row.id, OutboxItem.status == "pending",
-                OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None)))).scalars().all()
+                _WAITED))).scalars().all()
                      if (r.details or {}).get("run", 0) == run]
             if waits and older:
                 await session.execute(update(OutboxItem).where(OutboxItem.id.in_(older),
@@ -1020,7 +1025,7 @@ class OutboxWorker:
         async with self.db.transaction() as session:
             await session.execute(update(OutboxItem).where(
                 OutboxItem.kind == "page", OutboxItem.status == "pending", OutboxItem.due_at > self.clock.now(),
-                OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None)).values(due_at=self.clock.now()))
+                _WAITED).values(due_at=self.clock.now()))
         self.nudge()
 
     async def _call(self, call: Any, items: Sequence[OutboxItem], platform: str, chat: str, method: str,
