@@ -593,7 +593,7 @@ def _event_detail(action: str, subject: str | None, details: Any, names: dict[st
         return ", ".join(p for p in (said("severity"), f"to {channels}" if channels else "",
                                      f"follows #{said('previous_id')}" if d.get("previous_id") else "") if p)
     if action in ("incident.grouped", "incident.unsilenced"):
-        return said("fingerprint")
+        return said("fingerprint") or said("reason")  # (unsilenced by an alert, or as its window ended)
     if action == "incident.rerouted":
         channels = ", ".join(map(str, d.get("channels") or [])) if isinstance(d.get("channels"), list) else ""
         return ", ".join(p for p in (f"{said('severity')} alert {said('fingerprint')}".strip(),

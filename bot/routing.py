@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
@@ -68,6 +68,45 @@ def _active(s: Silence, now: datetime, default_tz: str) -> bool:
     if t >= s.weekly.start:
         return local.weekday() in days
     return t < s.weekly.end and (local.weekday() - 1) % 7 in days
+
+
+def silence_ends(s: Silence, now: datetime, default_tz: str) -> datetime | None:
+    """The first instant after `now` that `s` (active at `now`) does not cover; None when it has no end (no `ends`,
+    or a weekly window that covers every day whole). An incident it muted may speak then."""
+    if s.weekly is None:
+        return s.ends
+    end: datetime | None = now
+    for _ in range(8):  # back-to-back windows (`days: [sat, sun]`, 00:00-00:00) end when the last does
+        end = _occurrence_end(s, end, default_tz)
+        if not _active(s, end, default_tz):
+            return end
+    return None
+
+
+def _occurrence_end(s: Silence, at: datetime, default_tz: str) -> datetime:
+    """When the occurrence of weekly window `s` covering `at` ends: its end's wall time on the day it ends, in its
+    time zone (2.5 hours of wall time are 3.5 on the night clocks go back)."""
+    assert s.weekly is not None
+    tz = ZoneInfo(s.weekly.timezone or default_tz)
+    local = at.astimezone(tz)
+    start, end, t = s.weekly.start, s.weekly.end, local.time().replace(tzinfo=None)
+    day = local.date()
+    if start >= end and t < end:  # after midnight in a window that started the day before
+        day -= timedelta(days=1)
+    if start >= end:
+        day += timedelta(days=1)
+    wall = datetime.combine(day, end)
+    first = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    later = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)
+    if later >= first:  # (a wall time that happens twice, as clocks go back: the window ends at the first)
+        return first
+    # A wall time that never happens (clocks skip it going forward): the window ends as they skip, somewhere
+    # between the two readings; found to the second.
+    lo, hi = later, first
+    while hi - lo > timedelta(seconds=1):
+        mid = lo + (hi - lo) / 2
+        lo, hi = (mid, hi) if _active(s, mid, default_tz) else (lo, mid)
+    return hi
 
 
 def group_key(grouping_by: Sequence[str], source_dedup: str | None, alert: Alert) -> str:

@@ -35,6 +35,7 @@ from handlers.intake import Intake
 from handlers.oncall import OncallHandlers
 from handlers.outbox import OutboxWorker
 from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
+from handlers.silences import SilenceEnds
 from handlers.timers import STALLED_AFTER, TimerService
 from storage.audit import AuditLog, KeyMismatch
 from storage.db import Database, Leader, StoreReplaced, is_sqlite_file_url
@@ -84,6 +85,8 @@ class Bot:
                                    may_deliver=delivery.held, off=self.adapters_off)
         self.timers = TimerService(db=self.db, clock=self.clock, metrics=self.metrics, after_commit=self.outbox.nudge)
         self.escalations.register(self.timers)
+        # The end of a maintenance window: an incident it muted whose alerts still fire speaks then (silence.end).
+        SilenceEnds(audit=self.audit, config=self.config, escalations=self.escalations).register(self.timers)
         self.intake = Intake(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
                              after_commit=self.outbox.nudge, timers_due=self.timers.nudge,
                              on_open=self.escalations.start_all, on_raise=self.escalations.reconsider,

@@ -141,7 +141,8 @@ def thread_line(event: str, details: Mapping[str, Any], *, actor_name: str | Non
         return f"Resolved{by}"
     if event == "incident.reopened":
         return f"Reopened{by}"
-    if event.startswith("escalation.") and details.get("line"):  # worded where it happened (handlers/escalation.py)
+    # worded where it happened (handlers/escalation.py; a maintenance window's end, handlers/silences.py)
+    if (event.startswith("escalation.") or event == "incident.unsilenced") and details.get("line"):
         return one_line(str(details["line"]), 300)
     words = event.rsplit(".", 1)[-1].replace("_", " ").strip() or "updated"
     return f"{words.capitalize()}{by}"

@@ -34,12 +34,13 @@ from sqlalchemy import Connection, select, text
 from bot.alerts import Alert, BodyError, read_body
 from bot.clock import Clock
 from bot.auth import replay_message
-from bot.config import Config, HmacAuth, Source
+from bot.config import Config, HmacAuth, Silence, Source
 from bot.incidents import RESOLVED, TRIGGERED, priority, worst
 from bot.metrics import Metrics
 from bot.model import Actor
-from bot.routing import group_key, select_routes, silenced_by
+from bot.routing import group_key, select_routes, silence_ends, silenced_by
 from handlers.notify import page_redraw_row
+from handlers.silences import schedule_silence_ends
 from storage.audit import AuditLog, Entry, KeyMismatch
 from storage.db import Database
 from storage.models import AlertRecord, AlertSignature, AuditEvent, Delivery, Escalation, Incident, OutboxItem
@@ -250,6 +251,9 @@ class _Batch:
     truncated: dict[int, int | None] = field(default_factory=dict)  # id(incident) -> the truncatedAlerts last said
     opened_by_key: dict[str, _Row] = field(default_factory=dict)  # the newest incident this batch opened, by key
     links: list[tuple[_Row, _Row]] = field(default_factory=list)  # (new incident, the one before it, also new)
+    # id(incident) -> (a silenced incident, when the silences of its alerts end): timers that may unsilence it then
+    muted: dict[int, tuple[_Row, dict[datetime, Silence]]] = field(default_factory=dict)
+    ends_of: dict[int, datetime | None] = field(default_factory=dict)  # id(silence) -> its end after `now`
 
     def previous(self, key: str) -> int | _Row | None:
         """The newest earlier incident of this key (asked only when one opens): one this batch opened (a row
@@ -697,6 +701,9 @@ class Intake:
         chat = self._chat_work(st)
         rows.insert(_OUTBOX, chat)
         st.queued = len(chat)
+        if st.muted:
+            schedule_silence_ends(conn, [(inc.id, ends) for inc, ends in st.muted.values()
+                                         if inc.silenced and inc.status != RESOLVED], st.now)
         if self.on_open is not None:
             escalating = [(inc.id, inc.escalation) for inc in st.new_incidents
                           if inc.escalation and not inc.silenced and inc.status != RESOLVED]
@@ -952,6 +959,8 @@ class Intake:
         if silence is not None:
             st.entries.append(Entry("alert.silenced", actor, "alert", alert.fingerprint, now,
                                     {"silence": silence.id, "comment": silence.comment}, _id(incident)))
+            if incident.silenced:
+                self._muted(incident, silence, st)
         elif incident.silenced:
             # An alert no silence covers (its window ended, or it matches none): the incident is not muted any
             # more, as Alertmanager notifies a group once one of its alerts is not silenced. It is posted, and its
@@ -964,6 +973,16 @@ class Intake:
                                     {"fingerprint": alert.fingerprint, "note": "an alert no silence covers"},
                                     _id(incident)))
         return alert.fingerprint, incident, change
+
+    def _muted(self, incident: _Row, silence: Silence, st: _Batch) -> None:
+        """A silence mutes `incident`: a timer at its end (handlers/silences.py) unsilences the incident then if its
+        alerts still fire, rather than wait for the source to send one again (Alertmanager only does after its
+        repeat_interval, a generic sender perhaps never). An open-ended silence needs none."""
+        if id(silence) not in st.ends_of:
+            st.ends_of[id(silence)] = silence_ends(silence, st.now, self.config.timezone)
+        ends = st.ends_of[id(silence)]
+        if ends is not None:
+            st.muted.setdefault(id(incident), (incident, {}))[1].setdefault(ends, silence)
 
     def _end_elsewhere(self, source: Source, alert: Alert, known: tuple[_Row, _Row] | None, details: dict[str, Any],
                        st: _Batch) -> _Row | None:

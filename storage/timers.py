@@ -49,6 +49,13 @@ def schedule_many(conn: Connection, rows: list[dict[str, Any]]) -> list[int]:
     return [conn.execute(TIMERS.insert().values(row).returning(TIMERS.c.id)).scalar_one() for row in rows]
 
 
+def schedule_unique(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Add timers that have a `key` on a synchronous connection, in its transaction; one whose key exists is left
+    as it is."""
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    conn.execute(insert(TIMERS).on_conflict_do_nothing(index_elements=["key"]), rows)
+
+
 async def cancel(session: AsyncSession, kind: str, subject: str | int, now: datetime) -> int:
     """Cancel the pending timers of one kind for one subject; how many."""
     result = await session.execute(update(TIMERS).where(

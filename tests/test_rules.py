@@ -10,9 +10,9 @@ import pytest
 
 from adapters import SETTINGS_MODELS
 from bot.alerts import Alert, normalize_severity, parse_generic, parse_grafana, read_body
-from bot.config import ConfigError, parse_config
+from bot.config import ConfigError, Silence, parse_config
 from bot.incidents import InvalidTransition, priority, transition
-from bot.routing import group_key, matches, select_routes, silenced_by
+from bot.routing import group_key, matches, select_routes, silence_ends, silenced_by
 
 CFG = """
 channels:
@@ -85,6 +85,50 @@ def test_one_off_silence_window() -> None:
     assert silenced_by(cfg.silences, {"instance": "staging-1"}, inside, "UTC").id == "once"
     assert silenced_by(cfg.silences, {"instance": "prod-1"}, inside, "UTC") is None
     assert silenced_by(cfg.silences, {"instance": "staging-1"}, inside + timedelta(hours=1), "UTC") is None
+
+
+def _weekly(days: str, start: str, end: str) -> Silence:
+    return parse_config(f'silences:\n  - {{id: w, matchers: {{a: b}}, weekly: {{days: [{days}], start: "{start}", '
+                        f'end: "{end}", timezone: Europe/Berlin}}}}\n', adapter_models=SETTINGS_MODELS,
+                        env={}).config.silences[0]
+
+
+def test_a_weekly_window_ends_at_its_local_end_across_a_dst_change() -> None:
+    """When the window that muted an incident ends, the incident may speak (handlers/silences.py): the end is the
+    window's wall time in its own zone, not its length added in UTC."""
+    berlin = ZoneInfo("Europe/Berlin")
+    fall = _weekly("sun", "01:00", "03:30")  # 25 Oct 2026: 03:00 CEST becomes 02:00 CET, the window lasts 3.5 h
+    at = datetime(2026, 10, 25, 2, 30, tzinfo=berlin)  # (CEST, before the change)
+    end = silence_ends(fall, at, "UTC")
+    assert end == datetime(2026, 10, 25, 2, 30, tzinfo=UTC)  # 03:30 CET, 3.5 hours after 01:00 CEST
+    assert silenced_by([fall], {"a": "b"}, end - timedelta(seconds=1), "UTC") is not None
+    assert silenced_by([fall], {"a": "b"}, end, "UTC") is None
+    # 29 Mar 2026: 02:00 CET becomes 03:00 CEST, so 02:30 never comes; the window ends as the clocks skip it.
+    spring = _weekly("sun", "01:00", "02:30")
+    assert silence_ends(spring, datetime(2026, 3, 29, 0, 30, tzinfo=UTC), "UTC") == datetime(2026, 3, 29, 1, 0,
+                                                                                               tzinfo=UTC)
+    # 02:30 comes twice in October: the window ends at the first (and is active again at the second, as before)
+    twice = _weekly("sun", "01:00", "02:30")
+    assert silence_ends(twice, datetime(2026, 10, 25, 0, 0, tzinfo=UTC), "UTC") == datetime(2026, 10, 25, 0, 30,
+                                                                                              tzinfo=UTC)
+
+
+def test_a_silence_ends_when_nothing_of_it_covers_the_time_any_more() -> None:
+    friday_night = _weekly("fri", "22:00", "06:00")
+    assert silence_ends(friday_night, datetime(2026, 11, 28, 2, 0, tzinfo=UTC), "UTC") == datetime(
+        2026, 11, 28, 5, 0, tzinfo=UTC)  # Saturday 06:00 CET
+    weekend = _weekly("sat, sun", "00:00", "00:00")  # back to back: it ends Monday 00:00, not Sunday
+    assert silence_ends(weekend, datetime(2026, 11, 28, 10, 0, tzinfo=UTC), "UTC") == datetime(
+        2026, 11, 29, 23, 0, tzinfo=UTC)
+    assert silence_ends(_weekly("mon, tue, wed, thu, fri, sat, sun", "00:00", "00:00"),
+                        datetime(2026, 11, 28, 10, 0, tzinfo=UTC), "UTC") is None  # every day, whole: no end
+    cfg = config()
+    once = next(s for s in cfg.silences if s.id == "once")
+    assert silence_ends(once, datetime(2026, 11, 24, 10, 0, tzinfo=UTC), "UTC") == datetime(2026, 11, 24, 11, 0,
+                                                                                              tzinfo=UTC)
+    open_ended = parse_config("silences:\n  - {matchers: {a: b}, starts: 2026-11-24T10:00:00Z}\n",
+                              adapter_models=SETTINGS_MODELS, env={}).config.silences[0]
+    assert silence_ends(open_ended, datetime(2026, 11, 25, tzinfo=UTC), "UTC") is None
 
 
 def test_bad_silences_are_config_errors() -> None:
