@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 SEVERITIES = ("critical", "high", "medium", "low", "info")
 # The words a severity label may say (any case; spaces, `_` and `-` inside are ignored: `SEV-1`, `Sev 1`, `p_1`).
@@ -232,6 +233,9 @@ def parse_alertmanager(payload: Any, source: str) -> list[Alert]:
         raise ShapeError("version", f"unsupported Alertmanager webhook version {version!r} (expected \"4\")")
     group_key = _text(payload, "groupKey", "") or None
     external = _text(payload, "externalURL", "")
+    common = payload.get("commonLabels")  # only for the silence link: a malformed one is left out, not refused
+    if not (isinstance(common, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in common.items())):
+        common = {}
     out = []
     for i, raw in enumerate(_alerts_list(payload)):
         where = f"alerts[{i}]"
@@ -242,7 +246,8 @@ def parse_alertmanager(payload: Any, source: str) -> list[Alert]:
         annotations = _str_map(a.get("annotations"), f"{where}.annotations")
         severity, unknown = _label_severity(labels)
         links = {"generator": _text(a, "generatorURL", where), "runbook": annotations.get("runbook_url", ""),
-                 "dashboard": annotations.get("dashboard_url", ""), "alertmanager": external}
+                 "dashboard": annotations.get("dashboard_url", ""), "alertmanager": external,
+                 "silence": silence_link(external, common or labels)}
         out.append(Alert(
             source=source,
             fingerprint=_text(a, "fingerprint", where) or _fingerprint(labels),
@@ -258,6 +263,20 @@ def parse_alertmanager(payload: Any, source: str) -> list[Alert]:
             unknown_severity=unknown,
         ))
     return out
+
+
+def silence_link(external_url: str, labels: dict[str, str]) -> str:
+    """Alertmanager's page for a new silence, its matchers filled in from `labels` (the notification's common
+    labels, as Alertmanager's own templates do, so that it covers the whole group; the person can narrow it there
+    before saving): "" without an http(s) externalURL."""
+    base = external_url.strip().rstrip("/")
+    if not labels or not base.lower().startswith(("http://", "https://")):
+        return ""
+
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    matchers = ",".join(f"{name}={quoted(value)}" for name, value in sorted(labels.items()))
+    return f"{base}/#/silences/new?filter={quote('{' + matchers + '}', safe='')}"
 
 
 def parse_grafana(payload: Any, source: str) -> list[Alert]:

@@ -88,6 +88,10 @@ async def _story(slack: FakeSlack, am: Alertmanager, bot_url: str, config: Path)
     await asyncio.to_thread(am.amtool, "alert", "add", *LABELS, "--annotation=summary=Disk almost full")
     [post] = await eventually("the incident's message in Slack", parents)
     assert "#1" in post["text"] and "Disk almost full" in post["text"]
+    # Alertmanager's own page for a new silence, filled in with the group's labels (its externalURL + the matchers)
+    silence = (f"<{am.url.rstrip('/')}/#/silences/new?filter="
+               "%7Balertname%3D%22DiskFull%22%2Cinstance%3D%22db-1%22%2Cseverity%3D%22critical%22%7D|Silence>")
+    assert silence in json.dumps(post["blocks"])
     ts = next(ts for (channel, ts) in slack.messages if channel == "C0OPS")
 
     payload = json.loads(json.dumps(CLICK))

@@ -53,6 +53,10 @@ async def test_alertmanager_captures_group_resolve_and_route(h: Harness) -> None
     assert inc.sources == ["am"] and inc.channels == ["ops-slack", "ops-telegram"]  # team=dba route
     assert inc.critical_asset and inc.priority == 90 + 2 + 20  # one duplicate, a critical asset
     assert inc.links["alertmanager"] == "http://vm:19093"
+    # the group's silence in Alertmanager, as its own templates link it: the notification's common labels
+    assert inc.links["silence"] == ("http://vm:19093/#/silences/new?filter=%7Balertname%3D%22DiskFull%22%2C"
+                                    "cluster%3D%22prod-eu%22%2Cjob%3D%22node%22%2Cseverity%3D%22critical%22%2C"
+                                    "team%3D%22dba%22%7D")
 
     # 02: db-01 resolved, db-02 still firing: the incident stays open.
     status, body, _ = await h.post("am", fixture("alertmanager/02-diskfull-1-resolved-1-firing.json"))
