@@ -148,7 +148,10 @@ def test_alertmanager_fires_and_resolves_an_incident_in_the_running_bot(stack: S
         assert (incident["alert_count"], incident["firing"]) == (1, 1)
         assert incident["sources"] == ["am"] and incident["channels"] == ["ops-slack"]
         assert incident["labels"] == LABELS
-        assert incident["links"] == {"alertmanager": am.url, "generator": GENERATOR}
+        # the silence link: Alertmanager's new-silence page, filled in with the group's labels
+        silence = (f"{am.url.rstrip('/')}/#/silences/new?filter=%7Balertname%3D%22DiskFull%22%2C"
+                   "instance%3D%22db-1%22%2Cseverity%3D%22critical%22%7D")
+        assert incident["links"] == {"alertmanager": am.url, "generator": GENERATOR, "silence": silence}
         assert (incident["resolved_at"], incident["resolved_by"]) == (None, None)
 
         # The bot stored Alertmanager's own fingerprint for the alert.
