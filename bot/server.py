@@ -44,6 +44,10 @@ from storage.replays import SharedReplays
 from storage.timers import overdue as overdue_timers
 
 CHECK_WAIT = 5.0  # seconds a platform's start-up token check may take
+# Seconds the outbox may take, on SIGTERM, to send what is already queued (a thread line saying who was just paged):
+# sent later, after the next start, it may promise a step that has fired meanwhile. Short, as an orchestrator's
+# grace period before SIGKILL is (Kubernetes: 30 s, with up to 10 s for requests in flight before it).
+SHUTDOWN_DRAIN = 5.0
 PURGE_EVERY = 600.0  # seconds between deletions of expired replay claims
 DB_WAIT = 15.0  # seconds PostgreSQL may take to connect or answer a statement before the work gives up (503 to senders)
 # Seconds a connection may go without a complete request head, from its opening or from its last answer (an idle
@@ -184,10 +188,12 @@ class Bot:
         self.outbox.nudge()
         self.timers.nudge()
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain: float = 0.0) -> None:
+        """Stop; `drain`: seconds the outbox may take to send what is already due (see OutboxWorker.stop), once
+        intake and the timers, which queue more, have stopped."""
         await self.intake.stop()
         await self.timers.stop()
-        await self.outbox.stop()
+        await self.outbox.stop(drain=drain)
         for adapter in self.adapters.values():
             stopping = getattr(adapter, "stop", None)
             if stopping is not None:
@@ -505,7 +511,7 @@ async def _serve(loaded: Loaded, socks: list[socket.socket], clock: Clock | None
     await stop.wait()
     log.info("shutting down: no new requests, finishing those in flight")
     await runner.cleanup()
-    await bot.stop()
+    await bot.stop(drain=SHUTDOWN_DRAIN)
     log.info("stopped")
     return 0
 

@@ -13,6 +13,11 @@ written in the same transaction. Each `escalation.step` timer, when it fires
   worker delivers it after the commit, see handlers/paging.py) and a line in the
   channel when the step names one, and schedules the next step after `wait`.
 After the last step's wait, the escalation is `exhausted` and the thread says so.
+
+A step that fires more than a minute after its due time (the bot was down, or
+behind) says so where people read it: its page, its thread line and the card
+name the due time, how late it is and why (late_words), and its audit event
+keeps the due time and the lateness whatever they are.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ from bot.escalation import (escalation_mark, in_business_hours, next_business_st
 from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.model import Actor
 from bot.rotations import Schedule, on_call
-from bot.view import span
+from bot.view import clock, span
 from handlers.notify import notice_row, queue_redraw, queue_thread_line
 from handlers.oncall import domain
-from handlers.timers import TimerService
+from handlers.timers import LATE_AFTER, TimerService
 from storage import timers as timer_store
 from storage.audit import AuditLog, Entry
 from storage.models import AuditEvent, Escalation, Incident, OutboxItem, Timer
@@ -65,9 +70,25 @@ class Escalations:
         self.policies = {p.id: p for p in config.escalation_policies}
         self.people = {p.id: p for p in config.people}
         self.schedules = {r.id: Schedule.from_config(r, default_tz=config.timezone) for r in config.rotations}
+        self.timers: TimerService | None = None  # asked why a step runs late
 
     def register(self, timers: TimerService) -> None:
+        self.timers = timers
         timers.handler(STEP)(self.fire)
+
+    def _lateness(self, timer: Timer, now: datetime) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(what the step's audit event keeps of its timing, always; what its words say of it when it is late: its
+        due time, by how much, why (see late_words))."""
+        by = max(0, int((now - timer.due_at).total_seconds()))
+        timing: dict[str, Any] = {"due_at": timer.due_at.isoformat(), "late_seconds": by}
+        if self.timers is not None:
+            why = self.timers.lateness(timer.due_at, now)
+        else:
+            why = "the bot was running behind" if now - timer.due_at > LATE_AFTER else None
+        if why is None:
+            return timing, None
+        timing["late_because"] = why
+        return timing, {"due_at": timing["due_at"], "by": by, "why": why}
 
     # -- starting (inside intake's transaction) -------------------------------------------------
 
@@ -258,6 +279,7 @@ class Escalations:
             return
         snap, n = esc.snapshot, esc.next_step
         total = total_steps(snap)
+        timing, late = self._lateness(timer, now)
         entries: list[Entry] = []
         if n >= total:
             esc.state, esc.updated_at = "exhausted", now
@@ -288,7 +310,7 @@ class Escalations:
                 line = f"Escalation policy {esc.policy} finished: nobody acknowledged after {steps}."
             self._lines(session, incident, now, "escalation.exhausted", line)
             entries.append(Entry("escalation.exhausted", SYSTEM, "incident", str(incident_id), now,
-                                 {"policy": esc.policy, "steps": total}, incident_id))
+                                 {"policy": esc.policy, "steps": total, **timing}, incident_id))
         else:
             step = step_at(snap, n)
             targets = await self.targets(session, step["notify"], now)
@@ -311,14 +333,18 @@ class Escalations:
                                      {"step": n + 1, "until": morning.isoformat(), "severity": incident.severity},
                                      incident_id))
             else:
-                entries.append(await self._step(session, incident, esc, targets, n, total, business, manual, now))
+                entries.append(await self._step(session, incident, esc, targets, n, total, business, manual, now,
+                                                timing, late))
         esc.updated_at = now
         session.add(esc)
         queue_redraw(session, incident, now)
         await self.audit.append_many(session, entries)
 
     async def _step(self, session: AsyncSession, incident: Incident, esc: Escalation, targets: Targets, n: int,
-                    total: int, business: bool, manual: bool, now: datetime) -> Entry:
+                    total: int, business: bool, manual: bool, now: datetime, timing: dict[str, Any],
+                    late: dict[str, Any] | None) -> Entry:
+        """`timing`: the audit event's due time and lateness; `late`: what the step's words say of it when it is
+        late, kept on its pages for the outbox to word in each person's time zone."""
         assert incident.id is not None
         step = step_at(esc.snapshot, n)
         wait = timedelta(seconds=int(step["wait"]))
@@ -331,13 +357,17 @@ class Escalations:
             session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=f"@{person.id}",
                                    kind="page", event="escalation.page",
                                    details={"person": person.id, "step": n + 1, "of": total, "business": business,
-                                            "manual": manual, "next": after, "run": esc.run}))
+                                            "manual": manual, "next": after, "next_at": due.isoformat(),
+                                            "run": esc.run, **({"late": late} if late else {})}))
         who = ", ".join(p.name for p in targets.people)
+        tardy = late_words(late, self.config.timezone, now)
         if targets.channel:
-            line = f"Step {n + 1} of {total}: nobody has acknowledged yet. {after}".strip()
-            self._channel_line(session, incident, targets.channel, now, line)
+            line = f"Step {n + 1} of {total}{tardy}: nobody has acknowledged yet. {after}".strip()
+            promise = {"next": after, "next_at": due.isoformat()} if after else {}  # (see outbox._kept_promise)
+            self._channel_line(session, incident, targets.channel, now, line, promise)
         if targets.missing:
-            self._lines(session, incident, now, "escalation.nobody", f"Step {n + 1} of {total}: {targets.missing}")
+            self._lines(session, incident, now, "escalation.nobody",
+                        f"Step {n + 1} of {total}{tardy}: {targets.missing}")
         nobody = not targets.people and not targets.channel  # a rotation with nobody on call: move on at once
         esc.next_step = n + 1
         # A step someone's Escalate reached that pages nobody hands that on to the next, or an acknowledged
@@ -345,11 +375,11 @@ class Escalations:
         payload = {"step": n + 1, **({"manual": True} if nobody and manual else {})}
         esc.timer_id = await timer_store.schedule(session, STEP, incident.id, now if nobody else due, now,
                                                   payload=payload)
-        esc.note = (f"Paging {who}. {after}".strip() if who else after) or "Waiting for someone to acknowledge."
+        esc.note = (f"Paging {who}{tardy}. {after}".strip() if who else after) or "Waiting for someone to acknowledge."
         return Entry("escalation.step", SYSTEM, "incident", str(incident.id), now,
                      {"policy": esc.policy, "step": n + 1, "of": total, "people": [p.id for p in targets.people],
                       "channel": targets.channel, "rotation": targets.rotation, "business_hours": business,
-                      "manual": manual, "next_at": due.isoformat()}, incident.id)
+                      "manual": manual, "next_at": due.isoformat(), **timing}, incident.id)
 
     async def targets(self, session: AsyncSession, notify: dict[str, Any], at: datetime) -> Targets:
         people: list[Person] = []
@@ -401,11 +431,13 @@ class Escalations:
         queue_thread_line(session, incident, now, event, {"line": line})
 
     @staticmethod
-    def _channel_line(session: AsyncSession, incident: Incident, channel: str, now: datetime, line: str) -> None:
-        """A step that notifies a channel: a line mentioning everyone there, in the incident's thread."""
+    def _channel_line(session: AsyncSession, incident: Incident, channel: str, now: datetime, line: str,
+                      promise: dict[str, Any]) -> None:
+        """A step that notifies a channel: a line mentioning everyone there, in the incident's thread. `promise`:
+        what it says comes next, and until when, for a line that goes only later to leave it out."""
         if channel in incident.channels:
-            queue_thread_line(session, incident, now, "escalation.channel", {"line": line, "mention": "here"},
-                              channels=[channel])
+            queue_thread_line(session, incident, now, "escalation.channel",
+                              {"line": line, "mention": "here", **promise}, channels=[channel])
         else:  # not routed there: a post of its own
             session.add(notice_row(channel, f"#{incident.id} {incident.title}: {line}", now,
                                    event="escalation.channel", mention="here"))
@@ -418,6 +450,16 @@ def drawn_with(escalation: Escalation | None) -> tuple[str, str]:
         return "", ""
     note = escalation.note if escalation.state in ("active", "exhausted") else ""
     return note, escalation_mark(escalation.next_step, escalation.run)
+
+
+def late_words(late: dict[str, Any] | None, tz: str, now: datetime) -> str:
+    """What a step that fired late says of it, right after what it did (", 30 min late (due 24 Nov 05:05 CET; the
+    bot was not running)"), in `tz`; nothing for a step on time. `late` as Escalations._lateness keeps it."""
+    if not late:
+        return ""
+    due = datetime.fromisoformat(str(late["due_at"]))
+    return (f", {span(timedelta(seconds=int(late['by'])))} late (due {clock(due, now, ZoneInfo(tz))}; "
+            f"{late['why']})")
 
 
 def _local(at: datetime, tz: str) -> str:

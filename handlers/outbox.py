@@ -47,7 +47,7 @@ from bot.ratelimit import TokenBucket, Window
 from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.view import incident_card, incident_state, span, thread_line
 from bot.escalation import escalation_mark
-from handlers.escalation import SYSTEM, TOKEN_REFUSED, Escalations, drawn_with
+from handlers.escalation import SYSTEM, TOKEN_REFUSED, Escalations, drawn_with, late_words
 from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_line
 from handlers.paging import (LOOK_AFTER, UNANSWERED, Attempt, page_finders, page_message, page_order, page_where,
                              send_page)
@@ -206,11 +206,46 @@ class OutboxWorker:
             self._wake.setdefault(key, asyncio.Event())
         self._tasks = [asyncio.create_task(self._run(key), name=f"outbox-{key or 'pages'}") for key in loops]
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain: float = 0.0) -> None:
+        """Stop the loops after the round each is in. `drain` (seconds, for SIGTERM): first let them send what is due
+        now, for at most that long: a thread line queued a moment before ("Paged Alice on Telegram. Bob in 5 min if
+        nobody acknowledges.") goes now, not after the next start, when it may no longer be true. What is not sent
+        by then waits for the next start (the log says how much); rows due later (a retry's back-off) are not
+        waited for."""
+        if drain > 0 and self._tasks:
+            try:
+                await self._drain(drain)
+            except Exception:  # the database gone, say: stopping must not fail for it
+                log.exception("outbox: could not send what was queued before stopping")
         self._stopping = True
         self.nudge()
         await asyncio.gather(*self._tasks)
         self._tasks = []
+
+    async def _drain(self, seconds: float) -> None:
+        if self.may_deliver is not None and not await self.may_deliver():
+            return  # another replica delivers: it sends them
+        started = time.monotonic()  # real time, whatever the clock says
+        due = await self._due_now()
+        if not due:
+            return
+        log.info("outbox: %d message(s) queued; sending them before stopping (up to %g s)", due, seconds)
+        while due and time.monotonic() - started < seconds:
+            self.nudge()
+            await asyncio.sleep(0.1)
+            due = await self._due_now()
+        if due:
+            log.warning("outbox: stopping with %d message(s) still queued after %g s; they go after the next start",
+                        due, seconds)
+        else:
+            log.info("outbox: sent what was queued before stopping, in %.1f s", time.monotonic() - started)
+
+    async def _due_now(self) -> int:
+        """Rows due now that a loop of this worker could send (not those for a platform that is off)."""
+        off = [cid for cid, ch in self.channels.items() if ch.platform not in self.adapters]
+        (due,) = await self.db.read_row(select(func.count()).select_from(OutboxItem).where(
+            OutboxItem.status == "pending", OutboxItem.due_at <= self.clock.now(), OutboxItem.channel.not_in(off)))
+        return int(due or 0)
 
     def nudge(self) -> None:
         """Something was queued: look now instead of at the next poll."""
@@ -624,7 +659,8 @@ class OutboxWorker:
         if (words and isinstance(step, int) and total and escalation is not None
                 and details.get("run", 0) == escalation.run):
             here = escalation.state == "active" and escalation.next_step == step  # not moved past it
-            words = step_words(step, total, str(details.get("next") or "") if here else note)
+            words = step_words(step, total, str(details.get("next") or "") if here else note,
+                               late_words(details.get("late"), person.timezone or self.config.timezone, now))
         elif step is None and details.get("reason") and state == "firing":
             words = str(details["reason"])
         return page_message(incident, alerts, person, self.config, now, words, escalation_mark=mark)
@@ -840,7 +876,10 @@ class OutboxWorker:
         after = str(row.details.get("next") or "")
         if waited:  # drawn as things are now: its "Carol in 5 min" may have come and gone
             after = await self._after_now(escalation, incident, step, total, now) if here else ""
-        reason = step_words(step, total, after)
+        elif not here or _promised_past(row.details, now):  # (it waited out a restart while the next step fired)
+            after = ""
+        tz = person.timezone or self.config.timezone
+        reason = step_words(step, total, after, late_words(row.details.get("late"), tz, now))
         message = page_message(incident, alerts, person, self.config, now, reason,
                                escalation_mark=escalation_mark(step, int(row.details.get("run", 0)))
                                if isinstance(step, int) else "")
@@ -900,7 +939,8 @@ class OutboxWorker:
             if kept != (row.details or {}) or "due_at" in settled:
                 await session.execute(update(OutboxItem).where(OutboxItem.id == row.id).values(**settled))
             if attempt.platform is not None:
-                line = f"Paged {person.name} on {attempt.platform.capitalize()}. {after}".strip()
+                tardy = late_words(row.details.get("late"), self.config.timezone, now)
+                line = f"Paged {person.name} on {attempt.platform.capitalize()}{tardy}. {after}".strip()
                 details: dict[str, Any] = {"person": person.id, "platform": attempt.platform, "step": step}
                 if attempt.tried:
                     details["tried"] = attempt.tried
@@ -919,8 +959,12 @@ class OutboxWorker:
                               {"person": person.id, "tried": attempt.tried, "problem": problem, "step": step},
                               incident.id)
                 log.warning("escalation: could not page %s about #%s: %s", person.id, incident.id, problem)
+            # The line keeps its promise apart ("Carol in 5 min ..."), and until when it holds: a line that goes only
+            # after that (the platform down, the bot stopped before it went) leaves it out (_kept_promise).
+            promise = {"next": after, "next_at": row.details["next_at"]} if after and row.details.get("next_at") else {}
             queue_thread_line(session, incident, now, "escalation.paged" if attempt.platform else "escalation.page_failed",
-                              {"line": line, **({"mention": person.id} if business and attempt.platform else {})})
+                              {"line": line, **promise,
+                               **({"mention": person.id} if business and attempt.platform else {})})
             esc = await session.get(Escalation, incident.id)
             if esc is not None and attempt.platform is not None and (
                     (esc.state == "active" and esc.next_step == step) or (waited and esc.state == "exhausted")):
@@ -1188,9 +1232,25 @@ class OutboxWorker:
                                   .values(status=status, last_error=error))
 
 
-def step_words(step: Any, total: Any, after: str) -> str:
-    """What an escalation's page says of its step and what comes after it."""
-    return f"Step {step} of {total} of the escalation. {after}".strip()
+def step_words(step: Any, total: Any, after: str, late: str = "") -> str:
+    """What an escalation's page says of its step (`late`: that it fired late, see late_words) and what comes after
+    it."""
+    return f"Step {step} of {total} of the escalation{late}. {after}".strip()
+
+
+def _promised_past(details: Mapping[str, Any], now: datetime) -> bool:
+    """Whether the next step a page or a line promises ("Bob in 5 min if nobody acknowledges", due at `next_at`) has
+    fallen due by `now`: the promise is spent, and said after that it misleads (Bob was paged already)."""
+    until = details.get("next_at")
+    return bool(until) and datetime.fromisoformat(str(until)) <= now
+
+
+def _kept_promise(details: Mapping[str, Any], now: datetime) -> Mapping[str, Any]:
+    """A thread line's details as it goes: without the promise it ends with once that is spent (_promised_past)."""
+    after, line = str(details.get("next") or ""), str(details.get("line") or "")
+    if not after or not line.endswith(after) or not _promised_past(details, now):
+        return details
+    return {**details, "line": line[: -len(after)].rstrip()}
 
 
 def superseded(step: Any, name: str) -> str:
@@ -1231,7 +1291,8 @@ def _thread_lines(replies: list[OutboxItem], now: datetime) -> list[tuple[list[O
         if r.event in MERGED_EVENTS:
             merged.setdefault(r.event, []).append(r)
         elif r.due_at <= now:
-            out.append(([r], thread_line(r.event, r.details, actor_name=r.details.get("name") or r.details.get("by"))))
+            out.append(([r], thread_line(r.event, _kept_promise(r.details, now),
+                                         actor_name=r.details.get("name") or r.details.get("by"))))
     for event, rows in merged.items():
         early = [r for r in rows if (r.id or 0) < before]
         rest = [r for r in rows if (r.id or 0) >= before]

@@ -10,7 +10,10 @@ timers that fell due while the bot was down run at the first beat after start.
 Between beats the tick sleeps until the next due time when that is sooner,
 and `nudge()` runs a beat at once (after a change that queued a timer due now).
 Timers overdue by more than `STALLED_AFTER` are counted in
-`chatops_timers_overdue` and logged: the stalled-escalation check.
+`chatops_timers_overdue` and logged: the stalled-escalation check. A handler
+can ask `lateness()` why its timer runs late (the bot was not running, its
+rounds were failing), to say so where people read it; a beat that ran timers
+which fell due before the bot started logs how many, of which kinds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.clock import Clock
 from bot.metrics import Metrics
+from bot.view import span
 from storage import timers as store
 from storage.db import Database, StoreReplaced
 from storage.models import Timer
@@ -36,6 +40,7 @@ from storage.models import Timer
 log = logging.getLogger("chatops.timers")
 TimerHandler = Callable[[AsyncSession, Timer, datetime], Awaitable[None]]
 STALLED_AFTER = timedelta(minutes=1)
+LATE_AFTER = timedelta(minutes=1)  # a timer later than this is late; under it, the tick's own jitter
 
 
 def replica_name() -> str:
@@ -62,6 +67,10 @@ class TimerService:
         self._peeked_at = clock.now()  # the `now` of the last peek
         self._stalled_logged = 0.0
         self._running = False
+        self.started_at = clock.now()  # timers due before this fell due while the bot was not running
+        self._failed_at: datetime | None = None  # the `now` of the last round that failed
+        self._overdue: dict[str, int] = {}  # kind -> timers due before the start run since the last log of them
+        self._overdue_most = timedelta(0)  # the latest of those
         self._jobs: list[tuple[Callable[[], Awaitable[None]], float, str]] = []
 
     def handler(self, kind: str) -> Callable[[TimerHandler], TimerHandler]:
@@ -98,6 +107,7 @@ class TimerService:
             if freed:
                 log.info("took back %d timer lease(s) held when the bot last stopped", freed)
         self._running = True
+        self.started_at = self.clock.now()
         self._scheduler = AsyncIOScheduler(job_defaults={"misfire_grace_time": None, "coalesce": True})
         self._scheduler.add_job(self._beat, "interval", seconds=self.interval, id="timer-tick", max_instances=1)
         self._scheduler.start()
@@ -156,6 +166,7 @@ class TimerService:
                     try:
                         n, full = await self._round()
                     except Exception as exc:  # the beat must outlive any one bad round; the timers stay pending
+                        self._failed_at = self.clock.now()
                         self._said_failure(exc, "timer tick failed; retrying at the next beat")
                         break
                     self._failing = None
@@ -163,11 +174,34 @@ class TimerService:
                     if not (full or self._again) or not self._running:
                         break
                 peeked = None  # what was read before the round is stale
+                self._said_overdue()
             try:
                 await self._plan_wakeup(peeked)
             except Exception as exc:  # e.g. the database went away: the next beat plans again
                 self._said_failure(exc, "timer tick: cannot plan the next wakeup; the next beat will")
         return fired
+
+    def lateness(self, due_at: datetime, now: datetime) -> str | None:
+        """Why a timer due at `due_at` runs only at `now`, in words, when it is more than LATE_AFTER late (else
+        None): it fell due before the bot (this process) started, or while its rounds were failing, or the bot
+        was behind (a slow database, a long backlog)."""
+        if now - due_at <= LATE_AFTER:
+            return None
+        if due_at < self.started_at:
+            return "the bot was not running"
+        if self._failed_at is not None and self._failed_at >= due_at:
+            return "the bot could not run its timers (its log says why)"
+        return "the bot was running behind"
+
+    def _said_overdue(self) -> None:
+        """Log the timers that fell due before the bot started and ran in this beat: how many, of which kinds (an
+        escalation step among them paged late, and its thread says so)."""
+        if not self._overdue:
+            return
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self._overdue.items()))
+        log.warning("ran %d timer(s) that fell due while the bot was not running (%s), up to %s late",
+                    sum(self._overdue.values()), kinds, span(self._overdue_most))
+        self._overdue, self._overdue_most = {}, timedelta(0)
 
     def _said_failure(self, exc: Exception, what: str) -> None:
         """Log a failing beat: the first with its traceback, the same one again only once a minute and in a line
@@ -223,6 +257,9 @@ class TimerService:
             self.metrics.timers_fired.labels(kind, "failed" if give_up else "retry").inc()
             return 0
         late = (now - due_at).total_seconds()
+        if due_at < self.started_at and now - due_at > LATE_AFTER:
+            self._overdue[kind] = self._overdue.get(kind, 0) + 1
+            self._overdue_most = max(self._overdue_most, now - due_at)
         self.metrics.timers_fired.labels(kind, "ok").inc()
         self.metrics.timer_lateness.observe(max(0.0, late))
         if self.after_commit is not None:

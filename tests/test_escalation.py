@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -163,11 +164,19 @@ def thread_texts(slack: Slack) -> list[str]:
 async def world(tmp_path: Path, start: datetime, *, base: str = BASE, db: str = "bot.db",
                 people: str = PEOPLE) -> AsyncIterator[World]:
     async with FakeSlack() as slack, FakeTelegram() as tg:
-        extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
-                                       f"api_url: '{tg.api_url}'}}\n")
-        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / db}", extra, clock=FakeClock(start),
-                               people=people, base=base) as h:
-            yield World(h, Slack(h, slack), tg)
+        async with bot_in(tmp_path, slack, tg, start, base=base, db=db, people=people) as w:
+            yield w
+
+
+@asynccontextmanager
+async def bot_in(tmp_path: Path, slack: FakeSlack, tg: FakeTelegram, start: datetime, *, base: str = BASE,
+                 db: str = "bot.db", people: str = PEOPLE) -> AsyncIterator[World]:
+    """The bot on these fakes and this store: started again on the same ones, it is the same bot restarted."""
+    extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                                   f"api_url: '{tg.api_url}'}}\n")
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / db}", extra, clock=FakeClock(start),
+                           people=people, base=base) as h:
+        yield World(h, Slack(h, slack), tg)
 
 
 async def until(predicate: Any, what: str, timeout: float = 10.0) -> None:
@@ -1488,3 +1497,78 @@ async def test_the_promise_for_the_morning_after_a_change_of_clocks_names_the_mo
         await until(lambda: any("waits until" in t for t in thread_texts(w.slack)), "the step waits")
         [deferred] = await w.audit("escalation.deferred")
         assert deferred.details["until"] == "2026-10-26T08:00:00+00:00"  # the morning promised, 09:00 CET
+
+
+def card_notes(w: World) -> list[str]:
+    """What the channel's card said, drawn after drawn (its blocks, as text)."""
+    return [json.dumps(c.params.get("blocks"), ensure_ascii=False) for c in w.slack.fake.called("chat.update")
+            if c.params.get("channel") == "C0OPS"]
+
+
+async def test_a_step_that_falls_due_while_the_bot_is_down_says_it_runs_late_and_why(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Bob is paged at 05:00; the bot is down from then until 05:35, so Carol's step, due at 05:05, runs 30 minutes
+    late. Carol's page, the thread, the card and the audit event say when it was due and why it is late, and the log
+    at start says an overdue step ran; without it the thread read as if Carol had been paged on time."""
+    caplog.set_level(logging.INFO, logger="chatops")
+    async with FakeSlack() as slack, FakeTelegram() as tg:
+        async with bot_in(tmp_path, slack, tg, NIGHT) as w:
+            await w.alert("critical")
+            await until(lambda: any("Paged Bob on Telegram" in t for t in thread_texts(w.slack)), "step 1's line")
+        async with bot_in(tmp_path, slack, tg, NIGHT + timedelta(minutes=35)) as w:
+            await w.tick()
+            await until(lambda: w.pages(CAROL_TG), "step 2 runs at the first tick after the start")
+            late = ", 30 min late (due 24 Nov 05:05 CET; the bot was not running)"
+            [page] = w.pages(CAROL_TG)
+            assert f"Step 2 of 4 of the escalation{late}. Bob in 10 min if nobody acknowledges." in page["text"]
+            line = f"Paged Carol on Telegram{late}. Bob in 10 min if nobody acknowledges."
+            await until(lambda: line in thread_texts(w.slack), f"the thread says {line!r}")
+            await until(lambda: any(line in note for note in card_notes(w)), "the card says it too")
+            [_, step] = await w.audit("escalation.step")
+            assert step.details["due_at"] == "2026-11-24T04:05:00+00:00"
+            assert step.details["late_seconds"] == 1800
+            assert step.details["late_because"] == "the bot was not running"
+    said = [r.getMessage() for r in caplog.records if r.name == "chatops.timers"]
+    assert any("ran 1 timer(s) that fell due while the bot was not running (1 escalation.step), up to 30 min late"
+               in m for m in said), said
+
+
+async def test_a_step_a_few_seconds_late_says_nothing_of_it(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Under a minute late (a quick restart, the tick's own pace) is no news: the thread reads as on time, and only
+    the audit event keeps the due time and the lateness."""
+    caplog.set_level(logging.INFO, logger="chatops")
+    async with FakeSlack() as slack, FakeTelegram() as tg:
+        async with bot_in(tmp_path, slack, tg, NIGHT) as w:
+            await w.alert("critical")
+            await until(lambda: any("Paged Bob on Telegram" in t for t in thread_texts(w.slack)), "step 1's line")
+        async with bot_in(tmp_path, slack, tg, NIGHT + timedelta(minutes=5, seconds=40)) as w:
+            await w.tick()
+            await until(lambda: any("Paged Carol" in t for t in thread_texts(w.slack)), "step 2's line")
+            assert "Paged Carol on Telegram. Bob in 10 min if nobody acknowledges." in thread_texts(w.slack)
+            [page] = w.pages(CAROL_TG)
+            assert "late" not in page["text"]
+            [_, step] = await w.audit("escalation.step")
+            assert step.details["due_at"] == "2026-11-24T04:05:00+00:00" and step.details["late_seconds"] == 40
+            assert "late_because" not in step.details
+    assert not [r for r in caplog.records if "fell due while the bot was not running" in r.getMessage()]
+
+
+async def test_a_line_posted_after_the_step_it_promised_fired_drops_the_promise(tmp_path: Path) -> None:
+    """Slack fails the thread line "Paged Bob on Telegram. Carol in 30 min if nobody acknowledges."; by the time it
+    goes, Carol's step has fired. The line still says Bob was paged, but no longer promises Carol in 30 minutes,
+    after her own line said she was paged."""
+    async with world(tmp_path, NIGHT) as w:
+        w.slack.fake.fail("chat.postMessage", "internal_error", status=500, times=50, after=1)  # the card goes
+        await w.alert("critical", team="solo")  # Bob, then Carol after 30 min
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        await until(lambda: any(c.params.get("thread_ts") for c in w.slack.fake.calls
+                                if c.method == "chat.postMessage"), "the line is tried, and fails")
+        await w.tick(timedelta(minutes=31))
+        await until(lambda: w.pages(CAROL_TG), "step 2")
+        w.slack.fake._failures.clear()  # Slack works again
+        w.h.clock.advance(timedelta(minutes=2))  # past the line's back-off
+        w.h.bot.outbox.nudge()
+        await until(lambda: any("Paged Carol" in t for t in thread_texts(w.slack)), "the lines go", timeout=20)
+        lines = [t for t in thread_texts(w.slack) if t.startswith("Paged")]
+        assert lines == ["Paged Bob on Telegram.", "Paged Carol on Telegram."]

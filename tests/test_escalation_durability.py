@@ -376,6 +376,28 @@ async def test_sigkill_with_step_one_page_in_flight(tmp_path: Path) -> None:
         audit_verify(cfg)
 
 
+async def test_sigterm_lets_what_is_queued_go_before_the_bot_stops(tmp_path: Path) -> None:
+    """SIGTERM a moment after step 1 paged Alice: the thread line saying so (queued after the page went) goes out
+    before the bot exits, not after its next start, when Bob's step may have fired and "Bob in 1 min" is untrue."""
+    async with FakeTelegram() as tg:
+        port, db = free_port(), tmp_path / "bot.db"
+        cfg = write_config(tmp_path / "app.yaml", storage=f'{{url: "sqlite+aiosqlite:///{db}"}}', port=port, tg=tg,
+                           steps=[("alice", "60s"), ("bob", "60s")])
+        bot = Serve(cfg, port, tmp_path / "bot.log")
+        try:
+            bot.start()
+            await bot.wait_up()
+            await post_alert(port)
+            await until(lambda: pages_to(tg, ALICE), 10, lambda: f"no page to Alice\n{bot.tail()}")
+            assert await bot.terminate() == 0, bot.tail()
+        finally:
+            await bot.terminate(timeout=5)
+        lines = [c.params["text"] for c in tg.called("sendMessage")
+                 if str(c.params["chat_id"]) == GROUP and c.params.get("reply_parameters")]
+        assert lines == ["Paged Alice on Telegram. Bob in 1 min if nobody acknowledges."], bot.tail()
+        assert "outbox: sent what was queued before stopping" in bot.tail(), bot.tail()
+
+
 # -- 2. Two replicas on one PostgreSQL database -----------------------------------------------------
 
 INCIDENTS = 200
