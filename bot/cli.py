@@ -9,6 +9,8 @@ import ipaddress
 import json
 import logging
 import os
+import pwd
+import shutil
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -31,8 +33,8 @@ from bot.tables import ago, printable, table
 from bot.view import alert_values, who_did
 from storage import queries, report
 from storage.audit import AuditLog, Damaged, KeyMismatch
-from storage.db import (STORE_TABLE, Database, Leader, SchemaTooNew, is_sqlite_file_url, missing_sqlite_uri_file, sqlite_file,
-                        sqlite_tables)
+from storage.db import (STORE_TABLE, Database, Leader, SchemaTooNew, SchemaTooOld, is_sqlite_file_url,
+                        missing_sqlite_uri_file, sqlite_file, sqlite_tables)
 from storage.models import AuditEvent, Incident
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -194,7 +196,8 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
                     said = ("it holds no tables: check storage.url in app.yaml; starting the bot once (chatops serve) "
                             "makes a new, empty store in it")
                 return await unavailable(f"no chatops store in the SQLite file {sqlite_file(db.url)}: {said}")
-            await db.start()
+            if (said := await _opened(db)) is not None:
+                return await unavailable(said)
         except (DBAPIError, OSError) as exc:  # not there, not a database, refused: say so, as `serve` does
             reason = getattr(exc, "orig", None) or exc
             return await unavailable(f"cannot open the database at {db.safe_url}: {reason}; check storage.url in "
@@ -207,6 +210,49 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
             return EXIT_FAILED
     finally:
         await db.dispose()
+
+
+async def _opened(db: Database) -> str | None:
+    """Open the store without creating or upgrading it (only `chatops serve` does: see Database.start); SchemaTooOld,
+    said by main(), for one at an older version. None once open; why not, for a SQLite store this user cannot write
+    beside (what else fails goes to the caller, said as a storage.url to check)."""
+    try:
+        await db.start(upgrade=False)
+    except (DBAPIError, OSError) as exc:
+        if (said := _not_writable(db, exc)) is None:
+            raise
+        return said
+    return None
+
+
+def _not_writable(db: Database, exc: Exception) -> str | None:
+    """SQLite writes beside its file even to read it (in WAL mode, the -shm index), so a store of the bot's user,
+    opened by another, fails as "attempt to write a readonly database": what this user cannot write there, and as
+    whom to run; None when that is not why."""
+    path = sqlite_file(db.url)
+    reason = str(getattr(exc, "orig", None) or exc)
+    if path is None or not ("readonly database" in reason or "unable to open database file" in reason):
+        return None
+    folder = os.path.dirname(path)
+    named = [f"the SQLite file {path}"] if os.path.exists(path) and not os.access(path, os.W_OK) else []
+    if not os.access(folder, os.W_OK | os.X_OK):
+        named.append(f"its folder {folder}" if named else f"the folder {folder} of the SQLite file {path}")
+    named += [path + end for end in ("-wal", "-shm")
+              if os.path.exists(path + end) and not os.access(path + end, os.W_OK)]
+    if not named:
+        return None
+
+    def user(uid: int) -> str:
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return f"uid {uid}"
+
+    owner = user(os.stat(path).st_uid) if os.path.exists(path) else user(os.stat(folder).st_uid)
+    things = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+    return (f"cannot open the database at {db.safe_url}: {things} {'is' if len(named) == 1 else 'are'} not writable by "
+            f"this user ({user(os.geteuid())}, uid {os.geteuid()}), and SQLite writes beside the file even to read it: "
+            f"run this as the bot's user ({owner}, who owns the {'file' if os.path.exists(path) else 'folder'})")
 
 
 async def _has_store(db: Database) -> bool:
@@ -415,6 +461,19 @@ def _current_priority(inc: Incident, now: datetime) -> int:
                     critical_asset=inc.critical_asset, opened_at=inc.opened_at, now=now)
 
 
+def _fit(args: argparse.Namespace, out: TextIO) -> int | None:
+    """The width tables fit: the terminal's (COLUMNS when set, as shutil reads it), so that a row is one line of it;
+    none with --wide, or when the output is not a terminal and COLUMNS is not set (a file, grep: whole values, as
+    `ps` and `systemctl` write them there)."""
+    if getattr(args, "wide", False):
+        return None
+    try:
+        terminal = out.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    return shutil.get_terminal_size().columns if terminal or os.environ.get("COLUMNS") else None
+
+
 def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
 
@@ -438,7 +497,8 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_OK
         rows = [(f"#{i.id}", i.status + (" (silenced)" if i.silenced else ""), i.severity, p, i.title,
                  i.alert_count, ",".join(i.sources), ago(now - i.opened_at)) for p, i in ranked]
-        print(table(["ID", "STATUS", "SEVERITY", "PRIO", "TITLE", "ALERTS", "SOURCES", "OPENED"], rows), file=out)
+        print(table(["ID", "STATUS", "SEVERITY", "PRIO", "TITLE", "ALERTS", "SOURCES", "OPENED"], rows, max_width=None,
+                    fit=_fit(args, out), shrink=("TITLE", "SOURCES"), below="TITLE"), file=out)
         if total > len(ranked):
             hint = ", --status open only those still open" if every else ""  # (a status asked for is what it lists)
             print(f"the newest {len(ranked)} of {total:,} {which}; --limit {min(total, 100_000)} shows more{hint}",
@@ -491,7 +551,8 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
         print(table(["SOURCE", "INSTANCE", "FINGERPRINT", "STATUS", "SEVERITY", "SUMMARY", "RECEIVED"]
                     + (["VALUES"] if any(values) else []),
                     [(a.source, _instance(a.labels), a.fingerprint, a.status, a.severity, a.summary, a.received_count)
-                     + ((v,) if any(values) else ()) for a, v in zip(listed, values)]), file=out)
+                     + ((v,) if any(values) else ()) for a, v in zip(listed, values)],
+                    max_width=None, fit=_fit(args, out), shrink=("INSTANCE", "SUMMARY", "VALUES")), file=out)
         _more(out, len(alerts), shown, "alerts")
         print("\nTimeline", file=out)
         runs = _runs(timeline)
@@ -509,7 +570,8 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
             rows.append((when, _run_action(run) + (" (damaged)" if damaged_one else ""),
                          who_did(e.actor_person, names) if e.actor_person else f"{e.actor_platform}:{e.actor_user_id}",
                          _run_detail(run, names)))
-        print(table(["AT", "ACTION", "BY", "DETAIL"], rows), file=out)
+        print(table(["AT", "ACTION", "BY", "DETAIL"], rows, max_width=None, fit=_fit(args, out), shrink=("DETAIL",),
+                    below="DETAIL", keep_end=("DETAIL",)), file=out)
         if left := len(timeline) - sum(len(run) for run in kept):  # (counted in events, as the lines hold them)
             print(f"... and {left:,} more events before these (--all shows every one)", file=out)
         damaged = [item for item in timeline if isinstance(item, Damaged)]
@@ -648,7 +710,8 @@ def cmd_outbox_list(args: argparse.Namespace, out: TextIO) -> int:
             print(table(["ID", "INCIDENT", "CHANNEL", "KIND", "EVENT", "STATUS", "ATTEMPTS", "QUEUED", "LAST ERROR"],
                         [(r.id, "-" if r.incident_id is None else f"#{r.incident_id}", r.channel, r.kind, r.event,
                           r.status, r.attempts, ago(now - r.created_at), r.last_error or "") for r in rows],
-                        max_width=100), file=out)
+                        max_width=None, fit=_fit(args, out), shrink=("LAST ERROR", "CHANNEL"), below="LAST ERROR",
+                        keep_end=("LAST ERROR",)), file=out)
             listed = sum(counts.values()) if args.status == "all" else counts.get(args.status, 0)
             if len(rows) == args.limit and listed > len(rows):  # (the totals below count them all, not this table)
                 what = "deliveries" if args.status == "all" else f"{args.status} deliveries"
@@ -871,6 +934,9 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(work())
 
 
+WIDE = "whole values, the table as wide as they make it (on a terminal, it fits the terminal's width)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     def options(default: Any) -> argparse.ArgumentParser:
         shared = argparse.ArgumentParser(add_help=False)
@@ -914,17 +980,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="open: triggered or acknowledged (default: all)")
     listing.add_argument("--format", choices=["table", "json"], default="table")
     listing.add_argument("--limit", type=_LIMIT, default=200)
+    listing.add_argument("--wide", action="store_true", help=WIDE)
     listing.set_defaults(func=cmd_incidents_list)
     show = incidents.add_parser("show", parents=[common], help="one incident with its alerts and timeline")
     show.add_argument("id", type=_ID)
     show.add_argument("--all", action="store_true",
                       help=f"every alert and timeline line (default: the first {SHOW_ROWS} alerts, the latest "
                            f"{SHOW_ROWS} lines)")
+    show.add_argument("--wide", action="store_true", help=WIDE)
     show.set_defaults(func=cmd_incidents_show)
     outbox = sub.add_parser("outbox", parents=[common], help="chat deliveries waiting, sent or given up").add_subparsers(dest="outbox", required=True, metavar="ACTION")
     olist = outbox.add_parser("list", parents=[common], help="a table of deliveries, newest first")
     olist.add_argument("--status", choices=["pending", "sending", "sent", "dead", "cancelled", "all"], default="pending")
     olist.add_argument("--limit", type=_LIMIT, default=100)
+    olist.add_argument("--wide", action="store_true", help=WIDE)
     olist.set_defaults(func=cmd_outbox_list)
     oretry = outbox.add_parser("retry", parents=[common], help="send dead deliveries again (after fixing the cause)")
     oretry.add_argument("ids", nargs="*", type=_ID, metavar="ID", help="the deliveries (from outbox list --status dead)")
@@ -965,6 +1034,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except SchemaTooNew as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SchemaTooOld as exc:  # upgraded only by the bot that starts on it (chatops serve), never by a command
+        print(f"this store is at schema version {exc.found}; this chatops needs {exc.needed}: start the new bot "
+              "(chatops serve) to upgrade it, or use the chatops of the running version" if exc.found is not None else
+              "this store has no schema version: the bot's first start on it stopped before the end; start the bot "
+              "(chatops serve) to finish it", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

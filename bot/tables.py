@@ -3,25 +3,112 @@
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import timedelta
+from typing import Any
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, max_width: int = 60) -> str:
-    """Columns padded to fit, long cells cut with an ellipsis."""
-    cells = [[_cut(str(c), max_width) for c in row] for row in rows]
-    widths = [max([width(h)] + [width(r[i]) for r in cells]) for i, h in enumerate(headers)]
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, max_width: int | None = 60,
+          fit: int | None = None, shrink: Collection[str] = (), below: str | None = None,
+          keep_end: Collection[str] = ()) -> str:
+    """Columns padded to fit, long cells cut with an ellipsis: each to `max_width` columns (None: whole).
+
+    With `fit`, the width of the terminal, the `shrink` columns (free text: a title, an error) are cut further, the
+    widest first, down to FREE_FLOOR columns, until the lines fit: the identifiers beside them stay whole. If the
+    `below` column would get fewer than BELOW_FLOOR, it leaves the grid for a line of its own under each row, as wide
+    as the terminal (an error cut to a few columns lost its cause, a title what it was about). A cell of a `keep_end`
+    column is cut in the middle: an error's cause is mostly at its end."""
+    cells = [[_one_line(str(c)) for c in row] for row in rows]
+    if fit is not None and below in headers:
+        at = list(headers).index(below)
+        grid = _grid(headers, cells, max_width, fit, shrink, keep_end, floor_of=below)
+        if grid is None:  # it does not fit with the column in it
+            rest = [h for i, h in enumerate(headers) if i != at]
+            lines = _grid(rest, [[c for i, c in enumerate(row) if i != at] for row in cells], max_width, fit, shrink,
+                          keep_end) or []
+            out, indent = [lines[0], "  " + below], "  "
+            for line, row in zip(lines[1:], cells):
+                out.append(line)
+                if row[at]:
+                    out.append(indent + _cut(row[at], max(fit - len(indent), 1), middle=below in keep_end))
+            return "\n".join(out)
+        return "\n".join(grid)
+    return "\n".join(_grid(headers, cells, max_width, fit, shrink, keep_end) or [])
+
+
+FREE_FLOOR = 12  # the fewest columns a free-text column is cut to, to fit a terminal
+BELOW_FLOOR = 24  # the fewest a `below` column keeps in the grid (fewer: a line of its own)
+
+
+def _grid(headers: Sequence[str], cells: list[list[str]], max_width: int | None, fit: int | None,
+          shrink: Collection[str], keep_end: Collection[str], floor_of: str | None = None) -> list[str] | None:
+    """The table's lines, its free-text columns cut to fit `fit` as far as they can; None if they would not fit with
+    `floor_of` given BELOW_FLOOR columns (table() then puts it below)."""
+    limits = [max([width(h)] + [width(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    if max_width is not None:
+        limits = [min(w, max(max_width, width(h))) for w, h in zip(limits, headers)]
+    if fit is not None:
+        floors = {i: min(limits[i], max(width(h), BELOW_FLOOR if h == floor_of else FREE_FLOOR))
+                  for i, h in enumerate(headers) if h in shrink or h == floor_of}
+        excess = sum(limits) + 2 * (len(limits) - 1) - fit
+        while excess > 0:  # the widest first: lower the widest to the next width down, sharing the excess
+            open_ = [i for i in floors if limits[i] > floors[i]]
+            if not open_:
+                break
+            top = max(limits[i] for i in open_)
+            tops = [i for i in open_ if limits[i] == top]
+            lower = max([limits[i] for i in open_ if limits[i] < top] + [min(floors[i] for i in tops)])
+            step = min(top - lower, -(-excess // len(tops)))
+            for i in tops:
+                cut = min(step, excess, limits[i] - floors[i])
+                limits[i] -= cut
+                excess -= cut
+        if excess > 0 and floor_of is not None:
+            return None
+    cut = [[_cut(c, w, middle=h in keep_end) for c, w, h in zip(row, limits, headers)] for row in cells]
+    widths = [max([width(h)] + [width(r[i]) for r in cut]) for i, h in enumerate(headers)]
     lines = ["  ".join(_pad(h, w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(_pad(c, w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    return "\n".join(lines)
+    lines += ["  ".join(_pad(c, w) for c, w in zip(row, widths)).rstrip() for row in cut]
+    return lines
 
 
 def width(text: str) -> int:
     """How many terminal columns `text` takes: two for wide characters (山田, most emoji), none for combining
-    marks; padding by len() shifted every later column of a row with a Japanese name."""
+    marks; padding by len() shifted every later column of a row with a Japanese name. An emoji built of several
+    (a family joined with ZWJ, a skin tone, a variation selector) is drawn as one: its first emoji's width."""
     if text.isascii():
         return len(text)
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    return sum(w for _, w in _clusters(text))
+
+
+# Joined to the character before them, drawn as part of it: zero-width joiner, variation selectors, emoji tags
+_JOINING = {0x200D, *range(0xFE00, 0xFE10), *range(0xE0020, 0xE0080)}
+_SKIN_TONES = range(0x1F3FB, 0x1F400)
+_ZWJ, _EMOJI_PRESENTATION = "\u200d", "\ufe0f"
+
+
+def _char_width(c: str) -> int:
+    if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me") or ord(c) in _JOINING:
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in "WF" else 1
+
+
+def _clusters(text: str) -> list[tuple[str, int]]:
+    """`text` as what a terminal draws in one cell or two, with the columns of each: a character with the marks,
+    joiners, variation selectors and skin tones that follow it, and what a ZWJ joins to it. A variation selector 16
+    asks for the emoji presentation, which terminals draw two columns wide (❤️)."""
+    out: list[list[Any]] = []
+    joined = False
+    for c in text:
+        extends = bool(out) and (joined or _char_width(c) == 0 or ord(c) in _SKIN_TONES)
+        if extends:
+            out[-1][0] += c
+            if c == _EMOJI_PRESENTATION:
+                out[-1][1] = 2
+        else:
+            out.append([c, _char_width(c)])
+        joined = c == _ZWJ
+    return [(chars, columns) for chars, columns in out]
 
 
 def _pad(text: str, columns: int) -> str:
@@ -52,14 +139,29 @@ def printable(text: str) -> str:
     return text.translate(_ACTIVE)
 
 
-def _cut(text: str, columns: int) -> str:
-    text = printable(" ".join(text.split()))
+def _one_line(text: str) -> str:
+    return printable(" ".join(text.split()))
+
+
+def _cut(text: str, columns: int, *, middle: bool = False) -> str:
+    """`text` in `columns` at most, an ellipsis where it was cut: at the end, or in the middle (a third of it kept
+    before, the rest after). A character drawn of several is kept or cut whole."""
     if width(text) <= columns:
         return text
-    out, used = [], 0
-    for c in text:
-        used += width(c)
-        if used > columns - 1:
+    parts = _clusters(text)
+    head = (columns - 1) // 3 if middle else columns - 1
+    kept, used = [], 0
+    for chars, w in parts:
+        if used + w > head:
             break
-        out.append(c)
-    return "".join(out) + "…"
+        kept.append(chars)
+        used += w
+    tail: list[str] = []
+    if middle:
+        room = columns - 1 - used
+        for chars, w in reversed(parts[len(kept):]):
+            if w > room:
+                break
+            tail.append(chars)
+            room -= w
+    return "".join(kept) + "…" + "".join(reversed(tail))

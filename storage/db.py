@@ -2,8 +2,9 @@
 
 SQLite connections get WAL, synchronous=NORMAL, busy_timeout and foreign keys,
 and every transaction starts with BEGIN IMMEDIATE so writers queue on the
-database lock instead of failing half-way. Tables are created or upgraded at
-start; a schema newer than this code is refused.
+database lock instead of failing half-way. Tables are created or upgraded when
+the bot starts (the command line only checks the version); a schema newer than
+this code is refused.
 """
 
 from __future__ import annotations
@@ -74,6 +75,15 @@ DATA_MIGRATIONS: dict[int, Callable[[Connection], None]] = {4: _bound_long_keys,
 
 class SchemaTooNew(RuntimeError):
     pass
+
+
+class SchemaTooOld(RuntimeError):
+    """The store is at an older schema version than this code's, and was left so (start(upgrade=False)): upgrading it
+    is for the bot that starts on it, not for a command run beside an older bot still using it."""
+
+    def __init__(self, url: str, found: int | None, needed: int):
+        self.found, self.needed = found, needed
+        super().__init__(f"the database at {url} has schema version {found}; this chatops needs {needed}")
 
 
 class StoreReplaced(OSError):
@@ -186,8 +196,17 @@ class Database:
             conn.close()
             raise
 
-    async def start(self) -> None:
-        """Create or upgrade the tables; refuse a schema newer than this code."""
+    async def start(self, *, upgrade: bool = True) -> None:
+        """Create or upgrade the tables; refuse a schema newer than this code.
+
+        upgrade=False (the command line): write nothing, only check that the store is at this code's schema version;
+        SchemaTooOld if it is older. A newer chatops run beside an older bot would otherwise upgrade the store under
+        it (the older bot then refuses to restart on it, so there is no rolling back), and a read would need the
+        rights to alter tables."""
+        if not upgrade:
+            await self._check_version()
+            self._remember_file()
+            return
         engine = self.engine
         if self._start_connect is not None:  # the pool's statement limit would cut the wait for another replica short
             engine = create_async_engine(self.url, poolclass=NullPool, connect_args=self._start_connect)
@@ -229,11 +248,7 @@ class Database:
         if current is None:
             await conn.execute(SchemaVersion.__table__.insert().values(id=1, version=SCHEMA_VERSION))
         elif current > SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"the database at {self.safe_url} has schema version {current}, but this chatops "
-                f"understands up to version {SCHEMA_VERSION}: upgrade chatops, or point storage.url "
-                "at another database"
-            )
+            raise self._too_new(current)
         elif current < SCHEMA_VERSION:
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 log.info("upgrading the database schema to version %d", version)
@@ -251,6 +266,22 @@ class Database:
         if head is None:
             await conn.execute(AuditHead.__table__.insert().values(id=1, seq=0, hash=AuditHead.GENESIS))
         await conn.commit()
+
+    def _too_new(self, current: int) -> SchemaTooNew:
+        return SchemaTooNew(f"the database at {self.safe_url} has schema version {current}, but this chatops "
+                            f"understands up to version {SCHEMA_VERSION}: upgrade chatops, or point storage.url at "
+                            "another database")
+
+    async def _check_version(self) -> None:
+        """start(upgrade=False): the schema version read in a read transaction (SQLite: deferred, so it queues behind
+        no writer), without the lock that orders the replicas' upgrades on PostgreSQL: a read takes no part in them."""
+        async with (self._read_engine or self.engine).connect() as conn:
+            row = (await conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1))).first()
+        current = row[0] if row else None  # none: the first start made the tables and stopped before numbering them
+        if current is not None and current > SCHEMA_VERSION:
+            raise self._too_new(current)
+        if current is None or current < SCHEMA_VERSION:
+            raise SchemaTooOld(self.safe_url, current, SCHEMA_VERSION)
 
     async def ping(self) -> None:
         """Reach the store (raise if it cannot be), and check_file()."""

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -526,7 +527,7 @@ async def test_incidents_list_puts_the_open_ones_before_the_resolved(tmp_path: P
 
 
 async def test_outbox_list_shows_a_delivery_of_no_incident_and_says_when_an_error_is_cut(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from datetime import UTC, datetime
 
     from storage.db import Database
@@ -535,7 +536,8 @@ async def test_outbox_list_shows_a_delivery_of_no_incident_and_says_when_an_erro
     url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
     cfg = config(tmp_path / "o", url)
     await make_store(url)
-    error = "slack chat.postMessage: channel_not_found " + "(the bot is not in #handoffs; invite it) " * 3
+    error = ("slack chat.postMessage: channel_not_found " + "(the bot is not in #handoffs; invite it) " * 2
+             + "(its cause)")
     db = Database(url)
     async with db.transaction() as session:
         session.add(OutboxItem(created_at=datetime.now(UTC), due_at=datetime.now(UTC), channel="@alice", kind="dm",
@@ -545,7 +547,11 @@ async def test_outbox_list_shows_a_delivery_of_no_incident_and_says_when_an_erro
     assert await asyncio.to_thread(main, ["outbox", "list", "--status", "dead", "-c", str(cfg)]) == 0
     [_, row] = capsys.readouterr().out.splitlines()[:2]
     assert row.split()[:3] == ["1", "-", "@alice"]  # no incident: a dash, not "#None"
-    assert error[:99] in " ".join(row.split()) and row.endswith("…")  # cut at 100 characters, and says so
+    assert row.endswith(error)  # written to a pipe: whole
+    monkeypatch.setenv("COLUMNS", "150")  # a terminal too narrow for it: cut in the middle (the cause kept), said so
+    assert await asyncio.to_thread(main, ["outbox", "list", "--status", "dead", "-c", str(cfg)]) == 0
+    [_, row] = capsys.readouterr().out.splitlines()[:2]
+    assert len(row) == 150 and " slack chat.postM" in row and "…" in row and row.endswith("invite it) (its cause)")
 
 
 async def test_outbox_list_says_how_to_see_and_resend_the_dead_deliveries_it_does_not_show(
@@ -831,3 +837,237 @@ def test_a_config_that_is_not_there_is_said_as_where_it_was_named_not_as_invalid
     assert main(["incidents", "list"]) == 2
     assert capsys.readouterr().err == (f"app.yaml in {tmp_path} is a link to a file that is not there; mend the "
                                        "link, or pass -c PATH or set CHATOPS_CONFIG\n")
+
+
+@pytest.fixture(autouse=True)
+def _no_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables fit COLUMNS when it is set; the tests' output is not a terminal, and sets it where they mean it."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+
+def _older_store(url: str, schema: str | None = None) -> int:
+    """A store as an older version of the bot left it: one schema version back, without that version's index."""
+    from sqlalchemy import text
+
+    from storage.db import SCHEMA_VERSION, Database
+
+    async def made() -> None:
+        db = Database(url, schema=schema)
+        await db.start()
+        async with db.engine.begin() as conn:
+            await conn.execute(text("UPDATE schema_version SET version = :v"), {"v": SCHEMA_VERSION - 1})
+            await conn.execute(text("DROP INDEX IF EXISTS ix_alerts_incident"))
+        await db.dispose()
+
+    asyncio.run(made())
+    return SCHEMA_VERSION - 1
+
+
+def _schema_version(url: str, schema: str | None = None) -> int:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def read() -> int:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                table = f'"{schema}".schema_version' if schema else "schema_version"
+                return (await conn.execute(text(f"SELECT version FROM {table}"))).scalar_one()
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_no_command_but_serve_upgrades_an_older_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       pg_schema: str, backend: str) -> None:
+    """During a rollout, the new version's `chatops incidents list` upgraded the store under the older bot still
+    running, which then refused to restart on it (no rollback), and a plain read needed the rights to alter tables."""
+    from storage.db import SCHEMA_VERSION
+    from tests.conftest import drop_schema, postgres_url
+
+    schema = None
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    else:
+        url, schema = postgres_url(), pg_schema
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(f"storage: {{url: '{url}'{f', schema: {schema}' if schema else ''}}}\n"
+                   "audit: {hmac_key: 0123456789abcdef0123456789abcdef}\n" + PEOPLE_AND_ROTATION, encoding="utf-8")
+    try:
+        older = _older_store(url, schema)
+        said = (f"this store is at schema version {older}; this chatops needs {SCHEMA_VERSION}: start the new bot "
+                "(chatops serve) to upgrade it, or use the chatops of the running version")
+        for command in (["incidents", "list"], ["incidents", "show", "1"], ["audit", "verify"], ["audit", "export"],
+                        ["outbox", "list"], ["report"], ["oncall"],
+                        # the writing ones too: what they write, beside the running bot or not, needs no upgrade
+                        ["outbox", "retry", "--dead"], ["audit", "rekey", "--from-no-key"]):
+            assert main([*command, "-c", str(cfg)]) == 2, command
+            assert capsys.readouterr() == ("", said + "\n"), command
+        assert _schema_version(url, schema) == older  # left as it was
+        asyncio.run(_started(url, schema))  # the bot, started (chatops serve), upgrades it as before
+        assert _schema_version(url, schema) == SCHEMA_VERSION
+        assert main(["incidents", "list", "-c", str(cfg)]) == 0
+        assert capsys.readouterr().out.strip() == "no incidents"
+    finally:
+        if schema:
+            asyncio.run(drop_schema(url, schema))
+
+
+def test_a_store_whose_first_start_stopped_before_numbering_it_is_left_to_the_bot(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlite3
+
+    db = tmp_path / "bot.db"
+    cfg = config(tmp_path / "c", f"sqlite+aiosqlite:///{db}")
+    asyncio.run(make_store(f"sqlite+aiosqlite:///{db}"))
+    with sqlite3.connect(db) as conn:  # the tables made, not yet their version (the first start stopped there)
+        conn.execute("DELETE FROM schema_version")
+    conn.close()
+    assert main(["incidents", "list", "-c", str(cfg)]) == 2
+    assert capsys.readouterr().err == ("this store has no schema version: the bot's first start on it stopped before "
+                                       "the end; start the bot (chatops serve) to finish it\n")
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM schema_version").fetchone() == (0,)  # left to the bot
+    conn.close()
+
+
+async def _started(url: str, schema: str | None) -> None:
+    from storage.db import Database
+
+    db = Database(url, schema=schema)
+    await db.start()
+    await db.dispose()
+
+
+def test_a_store_this_user_cannot_write_is_said_so(tmp_path: Path) -> None:
+    """SQLite writes beside the store even to read it (WAL's -shm): run by a user who cannot write there, every
+    command said "attempt to write a readonly database; check storage.url in app.yaml (and, for PostgreSQL, that
+    the server is running)"."""
+    import pwd
+    import shutil
+    import tempfile
+
+    other: dict[str, Any] = {}
+    folder = Path(tempfile.mkdtemp())  # (the tests' own folders may be closed to another user)
+    try:
+        folder.chmod(0o755)
+        store = folder / "store"
+        store.mkdir()
+        db = store / "chatops.db"
+        asyncio.run(make_store(f"sqlite+aiosqlite:///{db}"))
+        cfg = config(folder, f"sqlite+aiosqlite:///{db}")
+        if os.geteuid() == 0:  # root writes anywhere: the command runs as another user
+            other = {"user": 65534, "group": 65534, "extra_groups": []}
+        else:
+            db.chmod(0o444)
+            store.chmod(0o555)
+        whom = pwd.getpwuid(other.get("user", os.geteuid()))
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("CHATOPS_")}, "PYTHONPATH": str(ROOT)}
+
+        def chatops(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "bot.cli", *args, "-c", str(cfg)], env=env, cwd=folder,
+                                  capture_output=True, text=True, timeout=60, **other)
+
+        probe = chatops("check-config")
+        if probe.returncode != 0:
+            pytest.skip(f"the code cannot be run as uid {whom.pw_uid}: {probe.stderr.strip()[-200:]}")
+        owner = pwd.getpwuid(db.stat().st_uid).pw_name
+        said = (f"cannot open the database at sqlite+aiosqlite:///{db}: the SQLite file {db} and its folder {store} "
+                f"are not writable by this user ({whom.pw_name}, uid {whom.pw_uid}), and SQLite writes beside the "
+                f"file even to read it: run this as the bot's user ({owner}, who owns the file)")
+        for command in (["incidents", "list"], ["audit", "verify"]):
+            done = chatops(*command)
+            assert (done.returncode, done.stdout, done.stderr.strip()) == (1, "", said), command
+        done = chatops("oncall")  # the rotations answer without the store
+        assert done.returncode == 0 and "dba" in done.stdout
+        assert done.stderr.strip() == said + "; overrides are not shown"
+    finally:
+        for path in (folder / "store", folder / "store" / "chatops.db"):
+            if path.exists():
+                path.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def test_an_emoji_drawn_of_several_takes_the_columns_of_one() -> None:
+    """A family joined with ZWJ was counted 11 columns, a thumbs-up with a skin tone 4: terminals draw 2, and the rest
+    of the row was pulled left of its column."""
+    from bot.tables import table, width
+
+    family, thumbs, heart, coder = "👨\u200d👩\u200d👧\u200d👦", "👍🏽", "❤\ufe0f", "👩🏽\u200d💻"
+    assert [width(e) for e in (family, thumbs, heart, coder, "🇩🇪", "☝🏽", "e\u0301")] == [2, 2, 2, 2, 2, 1, 1]
+    lines = table(["who", "until"], [[f"{family} Kim", "Mon"], [f"Al {thumbs}", "Tue"], ["Bo", "Wed"]]).splitlines()
+    assert [width(line[:line.index(end)]) for line, end in zip(lines, ["until", "Mon", "Tue", "Wed"])] == [8] * 4
+    assert table(["x"], [[family * 5]], max_width=5).splitlines()[1] == family * 2 + "…"  # cut between, not inside
+
+
+def test_a_table_fits_the_terminal_by_cutting_its_free_text_the_widest_first() -> None:
+    from bot.tables import table, width
+
+    title = "Disk /var 95% full on db-02.example.com " * 3
+    error = "slack chat.postMessage: " + "x" * 60 + " not_in_channel"
+    rows = [["#1", "triggered", title, "am,grafana,nagios,generic"], ["#22", "acknowledged", "short", "am"]]
+    lines = table(["ID", "STATUS", "TITLE", "SOURCES"], rows, max_width=None, fit=60,
+                  shrink=("TITLE", "SOURCES")).splitlines()
+    assert max(width(line) for line in lines) == 60
+    assert lines[1].split()[:2] == ["#1", "triggered"] and lines[2].split()[:2] == ["#22", "acknowledged"]
+    # the title cut to the width of the next widest, the sources, and then the two by turns
+    assert lines[1] == "#1   triggered     Disk /var 95% full…  am,grafana,nagios,g…"
+    assert table(["ID", "STATUS", "TITLE"], [r[:3] for r in rows], max_width=None).splitlines()[1].endswith(
+        title.strip())  # not fitted: whole
+    # an error keeps its end, where the cause is; if it cannot fit beside the rest, it gets a line of its own
+    lines = table(["ID", "EVENT", "LAST ERROR"], [["7", "incident.opened", error]], max_width=None, fit=50,
+                  shrink=("LAST ERROR",), keep_end=("LAST ERROR",), below="LAST ERROR").splitlines()
+    assert lines == ["ID  EVENT            LAST ERROR", "7   incident.opened  slack cha…xxxx not_in_channel"]
+    lines = table(["ID", "EVENT", "LAST ERROR"], [["7", "incident.opened", error], ["8", "incident.updated", ""]],
+                  max_width=None, fit=30, shrink=("LAST ERROR",), keep_end=("LAST ERROR",), below="LAST ERROR")
+    assert lines.splitlines() == ["ID  EVENT", "  LAST ERROR", "7   incident.opened", "  slack cha…xxx not_in_channel",
+                                  "8   incident.updated"]
+
+
+async def test_listings_fit_the_terminal_and_print_whole_values_when_asked_or_piped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`incidents list` was 130 to 170 columns wide with real titles, `outbox list --status dead` 177 with the error
+    cut at 60 characters (its cause, at the end, lost), the timeline of `incidents show` about 106."""
+    from datetime import UTC, datetime
+
+    from bot.tables import width
+    from storage.db import Database
+    from storage.models import OutboxItem
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "w", url)
+    title = "Disk /var on db-02.prod.example.com is 95% full and will fill within 4 hours at this rate"
+    async with running_bot(url) as h:
+        assert (await h.post("open", {"asset_name": "db-02.prod.example.com", "signature": "DiskFull",
+                                      "severity": "critical", "message": title, "tool_source": "t"}))[0] == 200
+    error = ("slack conversations.open: ClientConnectorError: Cannot connect to host slack.com:443 ssl:default "
+             "[Connect call failed: the bot's network has no route to slack.com]")
+    db = Database(url)
+    async with db.transaction() as session:
+        session.add(OutboxItem(created_at=datetime.now(UTC), due_at=datetime.now(UTC), channel="@alice", kind="page",
+                               event="escalation.page", status="dead", attempts=2, incident_id=1, last_error=error))
+    await db.dispose()
+    monkeypatch.setenv("COLUMNS", "80")
+    for command in (["incidents", "list"], ["outbox", "list", "--status", "dead"], ["incidents", "show", "1"]):
+        assert await asyncio.to_thread(main, [*command, "-c", str(cfg)]) == 0
+        out = capsys.readouterr().out
+        lines = out.splitlines()[command[1] == "show":]  # (the title above the incident's facts is whole, to read)
+        assert max(width(line) for line in lines if not line.startswith(("dead", "totals"))) <= 80, out
+        if command[1] == "list" and command[0] == "incidents":  # a title cut to a few columns: a line of its own
+            assert [line.split()[:2] for line in lines[:3]] == [["ID", "STATUS"], ["TITLE"], ["#1", "triggered"]]
+            assert lines[3] == "  " + title[:77] + "…"
+        if command[0] == "outbox":  # the error on a line of its own, its cause kept
+            assert out.splitlines()[:2] == [
+                "ID  INCIDENT  CHANNEL  KIND  EVENT            STATUS  ATTEMPTS  QUEUED", "  LAST ERROR"], out
+            assert out.splitlines()[3].startswith("  slack conversations.open:…") and \
+                out.splitlines()[3].endswith("has no route to slack.com]"), out
+    for wide in (["--wide"], []):  # asked, or written to a file or a pipe (COLUMNS not set): whole
+        if not wide:
+            monkeypatch.delenv("COLUMNS")
+        assert await asyncio.to_thread(main, ["incidents", "list", *wide, "-c", str(cfg)]) == 0
+        assert title in capsys.readouterr().out
+        assert await asyncio.to_thread(main, ["outbox", "list", "--status", "dead", *wide, "-c", str(cfg)]) == 0
+        assert capsys.readouterr().out.splitlines()[1].endswith(error)
