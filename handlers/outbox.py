@@ -29,6 +29,7 @@ incident now is, as pages whose answer came are.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -60,6 +61,9 @@ log = logging.getLogger("chatops.outbox")
 MERGED_EVENTS = ("alerts.grouped", "alerts.resolved")
 PER_CHANNEL = 10  # incident messages of one channel looked at in a round (a second's budget is a few)
 PERSONAL_KINDS = ("page", "direct", "notice", "pages")  # rows not drawn on an incident's message (handlers/notify.py)
+# People (and channels) the pages loop serves side by side (see _people_and_notices): a call that hangs, up to the
+# platform's 15 s timeout, holds back only what goes to the same person or chat.
+LANES = 16
 PAGE_ATTEMPTS = 3  # a page that fails for a passing reason is tried this often, then the escalation moves on
 # A page is claimed (SENDING, committed) before the platform is called and settled after: one found SENDING when
 # the worker starts, or takes the lead again (a replica that led meanwhile may have died mid-call), and is not a call
@@ -197,6 +201,8 @@ class OutboxWorker:
         self._followed = 0
         self._recovered_at: int | None = None
         self._claimed: set[int] = set()  # pages this worker claimed (SENDING) and has not settled: its own calls
+        self._lanes: dict[str, asyncio.Task[int]] = {}  # the pages loop's deliveries in flight, by whom they go to
+        self._lane_pages: dict[asyncio.Task[int], set[tuple[Any, Any]]] = {}  # each one's pages: (incident, step)
 
     def start(self) -> None:
         """A loop for pages, direct messages and notices, and one for each platform's incident messages: a platform
@@ -221,6 +227,7 @@ class OutboxWorker:
         self.nudge()
         await asyncio.gather(*self._tasks)
         self._tasks = []
+        await asyncio.gather(*self._lane_pages, return_exceptions=True)  # (a lane's failure is logged as it ends)
 
     async def _drain(self, seconds: float) -> None:
         if self.may_deliver is not None and not await self.may_deliver():
@@ -323,14 +330,16 @@ class OutboxWorker:
     async def run_once(self) -> int:
         """One pass over what is due, pages and each platform's incident messages side by side; returns the number
         of platform calls made. (The worker runs each in a loop of its own; see start.)"""
-        done = await asyncio.gather(*(self._round(key) for key in (None, *self.adapters)), return_exceptions=True)
+        done = await asyncio.gather(*(self._round(key, wait=True) for key in (None, *self.adapters)),
+                                    return_exceptions=True)
         for result in done:
             if isinstance(result, BaseException):
                 raise result
         return sum(done)  # type: ignore[arg-type]
 
-    async def _round(self, key: str | None) -> int:
-        """One round of a loop: pages, direct messages and notices (`key` None), or one platform's messages."""
+    async def _round(self, key: str | None, *, wait: bool = False) -> int:
+        """One round of a loop: pages, direct messages and notices (`key` None), or one platform's messages.
+        `wait`: until the pages it sent off have gone (see _people_and_notices)."""
         personal = key is None
         if not await self._leading():
             return 0
@@ -359,21 +368,30 @@ class OutboxWorker:
         if earliest is None or earliest > now:
             return 0
         if personal:
-            return await self._people_and_notices(now, off)
+            return await self._people_and_notices(now, off, wait=wait)
         deliverable = mine
         first = func.min(OutboxItem.id)
+        # A message not posted in the channel yet (no IncidentMessage): its card is what goes first. In a storm the
+        # older incidents' escalation lines ("Paged Bob ...") would otherwise take the channel's budget (a post a
+        # second) for minutes while the new incident's card waited, its page long gone.
+        carded = func.max(case((IncidentMessage.id.is_(None), 0), else_=1))
         routine = func.min(case((OutboxItem.event.in_(ROUTINE_EVENTS), 1), else_=0))
+        order = (carded, routine, first)
         groups = (select(OutboxItem.incident_id, OutboxItem.channel, first.label("first"), routine.label("routine"),
-                         func.row_number().over(partition_by=OutboxItem.channel, order_by=(routine, first)).label("nth"))
+                         carded.label("carded"),
+                         func.row_number().over(partition_by=OutboxItem.channel, order_by=order).label("nth"))
+                  .outerjoin(IncidentMessage, and_(IncidentMessage.incident_id == OutboxItem.incident_id,
+                                                   IncidentMessage.channel == OutboxItem.channel))
                   .where(OutboxItem.status == "pending", OutboxItem.due_at <= now, OutboxItem.channel.in_(deliverable),
                          OutboxItem.incident_id.is_not(None))
                   .group_by(OutboxItem.incident_id, OutboxItem.channel).subquery())
         async with self.db.sessions() as session:
             due = (await session.execute(
-                # What people did first, then the alert churn; at most PER_CHANNEL messages of one channel a round
-                # (more than its budget lets out in one), so that a busy channel holds back no other channel.
+                # New incidents' cards first, then what people did and what the escalation did, then the alert
+                # churn (each incident's own rows still go in order: _deliver); at most PER_CHANNEL messages of one
+                # channel a round (more than its budget lets out in one), so that a busy channel holds back no other.
                 select(groups.c.incident_id, groups.c.channel).where(groups.c.nth <= PER_CHANNEL)
-                .order_by(groups.c.routine, groups.c.first).limit(self.batch)
+                .order_by(groups.c.carded, groups.c.routine, groups.c.first).limit(self.batch)
             )).all()
         return await self._messages(list(due), now)
 
@@ -420,6 +438,8 @@ class OutboxWorker:
             return 0
         tick = self._monotonic()
         if parent is None:
+            if _look_waits(items, "card", now):
+                return 0  # (spending nothing meanwhile: a card to post goes first in its channel, and would take it all)
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 return 0
             found = await self._look_first(adapter, items, "card", channel.platform, channel.chat, None)
@@ -528,10 +548,20 @@ class OutboxWorker:
 
     # -- pages, direct messages and channel notices ---------------------------------------------
 
-    async def _people_and_notices(self, now: datetime, off: Sequence[str]) -> int:
+    async def _people_and_notices(self, now: datetime, off: Sequence[str], *, wait: bool = False) -> int:
         """Pages first (someone is waiting for them), then direct messages and notices; notices for a channel whose
         platform is `off` wait (as its incident messages do) outside the window, so that a backlog of them holds
-        back nothing."""
+        back nothing.
+
+        They go in lanes side by side (at most LANES): a person's (their pages, then their direct messages), a
+        channel's notices, an incident's page redraws. A call that hangs until its timeout (15 s) held back every
+        page behind it, on every platform; now it holds back its own lane only, and the round does not wait for
+        it: a page to someone else queued meanwhile goes at once. A lane still going keeps its rows out of the
+        next rounds (one lane per person at a time: their chat's order and budget, and no row taken twice).
+        Returns the calls made: none here, as the lanes go on their own, unless `wait` (run_once): then it waits
+        for the lanes in flight, and for those it starts."""
+        if wait and self._lane_pages:
+            await asyncio.gather(*self._lane_pages, return_exceptions=True)
         async with self.db.sessions() as session:
             rows = list((await session.execute(
                 select(OutboxItem).where(OutboxItem.status == "pending", OutboxItem.due_at <= now,
@@ -540,6 +570,56 @@ class OutboxWorker:
                 .order_by(case((OutboxItem.kind == "page", 0), else_=1), OutboxItem.id).limit(self.batch)
             )).scalars().all())
             rows = await self._waiting_first(session, rows, now)
+        # An incident's pages of different steps join their people's lanes into one, so that they go in step
+        # order ("Paged Bob", then "Paged Carol"; see _waiting_first); the pages of one step go side by side.
+        steps: dict[int, set[Any]] = {}
+        for row in rows:
+            if row.kind == "page" and row.incident_id is not None:
+                steps.setdefault(row.incident_id, set()).add(_step(row))
+        joined: dict[str, str] = {}
+
+        def root(key: str) -> str:
+            while joined.get(key, key) != key:
+                key = joined[key]
+            return key
+
+        for row in rows:
+            if row.kind == "page" and len(steps.get(row.incident_id or 0, ())) > 1:
+                lane, incident = root(_lane_of(row)), root(f"incident-{row.incident_id}")
+                if lane != incident:
+                    joined[lane] = incident
+        lanes: dict[str, list[OutboxItem]] = {}
+        for row in rows:
+            lanes.setdefault(root(_lane_of(row)), []).append(row)
+        paging = {(i, step) for pages in self._lane_pages.values() for i, step in pages}  # in flight
+        started = []
+        for mine in lanes.values():
+            keys = {_lane_of(r) for r in mine}
+            pages = {(r.incident_id, _step(r)) for r in mine if r.kind == "page"}
+            if keys & self._lanes.keys() or any(i == j and s != t for i, s in pages for j, t in paging):
+                continue  # its person's lane still goes, or an earlier step's page of its incident is on its way
+            if len(self._lane_pages) >= LANES:
+                break  # the rest wait for a lane to end (which wakes this loop)
+            task = asyncio.create_task(self._lane(mine, now), name=f"outbox-{min(keys)}")
+            self._lane_pages[task] = pages
+            self._lanes.update(dict.fromkeys(keys, task))
+            task.add_done_callback(functools.partial(self._lane_ended, keys))
+            started.append(task)
+        return sum(await asyncio.gather(*started)) if wait else 0
+
+    def _lane_ended(self, keys: set[str], task: asyncio.Task[int]) -> None:
+        for key in keys:
+            if self._lanes.get(key) is task:
+                del self._lanes[key]
+        self._lane_pages.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:  # its rows stay pending: the next round
+            log.error("outbox: delivering to %s failed", ", ".join(sorted(keys)), exc_info=task.exception())
+        wake = self._wake.get(None)
+        if wake is not None:
+            wake.set()  # its rows held back meanwhile, or the ones after the lane limit, go now
+
+    async def _lane(self, rows: Sequence[OutboxItem], now: datetime) -> int:
+        """One person's (or chat's, or incident's) rows of a round, in order (see _people_and_notices)."""
         calls = 0
         for row in rows:
             if not await self._leading():
@@ -1264,6 +1344,25 @@ def _lost_page(page: OutboxItem) -> bool:
     details = page.details or {}
     return (page.status == "dead" and (page.last_error or "").startswith(UNCONFIRMED)
             and isinstance(details.get(UNANSWERED), dict) and not details.get("message"))
+
+
+def _lane_of(row: OutboxItem) -> str:
+    """Whom a page, direct message or notice goes to (a person, a channel); an incident's pages, for a redraw."""
+    return f"pages-{row.incident_id}" if row.kind == "pages" else row.channel
+
+
+def _step(row: OutboxItem) -> tuple[Any, Any]:
+    """A page's escalation run and step."""
+    details = row.details or {}
+    return details.get("run", 0), details.get("step")
+
+
+def _look_waits(items: Sequence[OutboxItem], kind: str, now: datetime) -> bool:
+    """A post whose answer was lost (its rows marked UNANSWERED) whose look is not due yet (see _look_first)."""
+    mark = next((m for m in ((i.details or {}).get(UNANSWERED) for i in items)
+                 if isinstance(m, dict) and str(m.get("key", "")).startswith(f"{kind}-")), None)
+    return mark is not None and any(((i.details or {}).get(UNANSWERED) or {}).get("key") == mark["key"]
+                                    and i.due_at > now for i in items)
 
 
 def _unmarked() -> Any:

@@ -74,6 +74,7 @@ class FakeTelegram:
     def __post_init__(self) -> None:
         self._failures: dict[str, deque[tuple[int, str, Any]]] = defaultdict(deque)  # (code, description, parameters)
         self._slow: dict[str, deque[float]] = defaultdict(deque)
+        self._held: dict[int, asyncio.Event] = {}  # chat -> its messages' answers wait for this
         self._lost: dict[str, deque[bool]] = defaultdict(deque)  # answers never sent: reset (RST) or closed
         self._buckets: dict[int, tuple[float, float]] = {}
         self._minute: dict[int, deque[float]] = defaultdict(deque)
@@ -93,6 +94,12 @@ class FakeTelegram:
         """The next `times` calls of `method` are carried out at once but answered `seconds` late (a message
         Telegram delivered whose answer never reached the bot in time)."""
         self._slow[method].extend([seconds] * times)
+
+    def hold(self, chat: int) -> asyncio.Event:
+        """Messages to `chat` are delivered, and their answers wait until the event returned is set: a call that
+        hangs (up to the bot's timeout) on one chat only."""
+        self._held[chat] = asyncio.Event()
+        return self._held[chat]
 
     def lose_answer(self, method: str, times: int = 1, *, reset: bool = False) -> None:
         """The next `times` calls of `method` are carried out, then the connection goes before the answer: closed
@@ -135,6 +142,9 @@ class FakeTelegram:
         call.status, body = self._answer(call)
         if self._slow[call.method]:
             await asyncio.sleep(self._slow[call.method].popleft())
+        held = self._held.get(params.get("chat_id")) if call.method == "sendMessage" else None
+        if held is not None:
+            await held.wait()
         if self._lost[call.method]:
             assert request.transport is not None
             if self._lost[call.method].popleft():  # SO_LINGER 0: closing sends a RST instead of a FIN

@@ -373,6 +373,40 @@ async def test_a_platform_slow_to_answer_holds_back_no_other_platform(tmp_path: 
                     "a Slack card, while Telegram's loop waits on its slow call", timeout=2.0)
 
 
+async def test_a_page_call_that_hangs_holds_back_no_page_to_anyone_else(tmp_path: Path) -> None:
+    """A step pages Bob and Carol on Telegram; Telegram takes Bob's page and does not answer (up to the bot's 15 s
+    timeout). Carol's page goes at once, not after it, and so does hers for a second incident meanwhile; Bob's
+    second page waits for his first. Each page goes once, and is recorded once."""
+    base = BASE.replace("  - id: loud\n", "  - id: pair\n    steps:\n      - {notify: {people: [bob, carol]}, wait: 30m}\n"
+                        "  - id: loud\n").replace("  - {match: {team: loud}", "  - {match: {team: pair}, channels: "
+                                                   "[ops-slack], escalation: pair}\n  - {match: {team: loud}")
+    async with world(tmp_path, NIGHT, base=base) as w:
+        bobs_line = w.tg.hold(BOB_TG)
+        try:
+            await w.alert("critical", team="pair")
+            await until(lambda: w.pages(BOB_TG), "Bob's page is on its way (and hangs)")
+            await until(lambda: w.pages(CAROL_TG), "Carol's page, while Bob's hangs", timeout=2.0)
+            body = {"asset_name": "db-02", "signature": "DiskFull", "severity": "critical", "message": "Disk full",
+                    "tool_source": "zabbix", "labels": {"team": "pair"}}
+            assert (await w.h.post("open", body))[0] == 200
+            await until(lambda: len(w.pages(CAROL_TG)) == 2, "Carol's second page, while Bob's first hangs",
+                        timeout=2.0)
+            assert len(w.pages(BOB_TG)) == 1  # his second waits for his first
+        finally:
+            bobs_line.set()
+        await until(lambda: len(w.pages(BOB_TG)) == 2, "Bob's second page, once his first was answered")
+        await until(lambda: len(thread_texts(w.slack)) >= 4, "the threads say so")
+        assert sorted(t.split(" on ")[0] for t in thread_texts(w.slack)) == ["Paged Bob", "Paged Bob", "Paged Carol",
+                                                                           "Paged Carol"]
+        paged = await w.audit("incident.paged")
+        assert sorted((e.details["person"], e.incident_id) for e in paged) == [
+            ("bob", 1), ("bob", 2), ("carol", 1), ("carol", 2)]
+        async with w.h.bot.db.sessions() as s:
+            pages = (await s.execute(select(OutboxItem).where(OutboxItem.kind == "page"))).scalars().all()
+        assert sorted(p.status for p in pages) == ["sent"] * 4
+        assert len(w.pages(BOB_TG)) == 2 and len(w.pages(CAROL_TG)) == 2
+
+
 async def test_a_page_is_redrawn_when_someone_acts_elsewhere(tmp_path: Path) -> None:
     """Bob's page on Telegram said Firing with Acknowledge; Alice acknowledges in Slack: the page is drawn again as
     the incident now is (no Acknowledge any more). When the source resolves it, the page says Resolved."""
@@ -1251,9 +1285,11 @@ async def test_an_unconfirmed_page_keeps_its_steps_wait_when_another_page_of_the
     async with world(tmp_path, NIGHT) as w:
         w.tg.slow("sendMessage", 2.0)
         await w.alert("critical", team="bobdave")
+        # (the two pages go side by side: Dave's fails at once, while Bob's is still on its way)
         await until(lambda: any(t.startswith("Could not page Dave") for t in thread_texts(w.slack)), "Dave's line",
                     timeout=10)
-        assert any(t.startswith("The page to Bob is unconfirmed") for t in thread_texts(w.slack))
+        await until(lambda: any(t.startswith("The page to Bob is unconfirmed") for t in thread_texts(w.slack)),
+                    "Bob's line", timeout=10)
         assert not next(t for t in thread_texts(w.slack) if t.startswith("Could not page Dave")).endswith(
             "Moving to the next step now.")
         await w.tick(timedelta(minutes=29))

@@ -147,6 +147,59 @@ async def test_a_busy_channel_holds_back_no_other_channel(tmp_path: Path) -> Non
             assert len([c for c in fake.called("chat.postMessage") if c.params.get("channel") == "C0OPS"]) < 20
 
 
+async def test_a_new_incidents_card_goes_before_the_thread_lines_of_older_ones(tmp_path: Path) -> None:
+    """An alert storm: 20 incidents' threads have 60 escalation lines waiting ("Paged Bob on Telegram."), a minute of
+    the channel's budget of about a post a second. A new incident opens: its card goes out within seconds, not after
+    those lines (before: minutes into a real storm, while its page had gone long ago). Each older thread still gets
+    its lines in the order they happened."""
+    from handlers.notify import queue_thread_line
+    from handlers.outbox import BUDGETS
+    from storage.models import Incident
+
+    async with FakeSlack() as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            h.bot.outbox.buckets = _Buckets(GENEROUS)  # the older incidents' cards, at once
+            fake.rate_limit = False
+            alerts = [{"asset_name": f"app-{i}", "signature": "Down", "severity": "high", "message": f"app-{i} down",
+                       "tool_source": "t"} for i in range(20)]
+            for chunk in range(0, 20, 10):
+                assert (await h.post("open", alerts[chunk:chunk + 10]))[0] == 200
+            await fake.wait_for(lambda: len(parents(fake)) == 20, timeout=5)
+            for _ in range(100):
+                if not await h.count_pending():
+                    break
+                await asyncio.sleep(0.02)
+            assert await h.count_pending() == 0
+            h.bot.outbox.buckets = _Buckets(BUDGETS)  # Slack's pace from here on
+            fake.rate_limit = True
+            async with h.bot.db.transaction() as session:
+                for incident in (await session.execute(select(Incident).order_by(Incident.id))).scalars().all():
+                    for n in range(1, 4):
+                        queue_thread_line(session, incident, h.clock.now(), "escalation.paged",
+                                          {"line": f"Paged Bob on Telegram ({n} of 3 about #{incident.id})."})
+            h.bot.outbox.nudge()
+
+            def lines() -> list[str]:
+                return [c.params["text"] for c in fake.called("chat.postMessage") if c.params.get("thread_ts")]
+
+            await fake.wait_for(lambda: len(lines()) >= 3, timeout=5)  # the storm's lines are on their way
+            started = time.monotonic()
+            new = {"asset_name": "db-01", "signature": "Down", "severity": "critical", "message": "db-01 down",
+                   "tool_source": "t"}
+            assert (await h.post("open", new))[0] == 200
+            await fake.wait_for(lambda: len(parents(fake)) == 21, timeout=10)
+            waited = time.monotonic() - started
+            assert waited < 5, f"the new card waited {waited:.1f} s behind {len(lines())} older thread lines"
+            assert len(lines()) < 20  # it went before most of them, not after
+            threads: dict[str, list[str]] = {}
+            for call in fake.called("chat.postMessage"):
+                if call.params.get("thread_ts"):
+                    threads.setdefault(call.params["thread_ts"], []).append(call.params["text"])
+            for said in threads.values():  # each thread's lines in the order they happened
+                assert said == sorted(said) and [t.split(" ")[4].strip("(") for t in said] == [
+                    str(n) for n in range(1, len(said) + 1)], said
+
+
 @pytest.mark.parametrize(("error", "says"), [
     ("channel_not_found", "channel_not_found: C0OPS is a wrong id, or private: /invite @chatops in it"),
     ("not_in_channel", "not_in_channel: invite the bot: /invite @chatops in C0OPS"),
@@ -361,6 +414,29 @@ async def test_the_look_for_a_lost_card_waits_its_time_whatever_else_of_the_inci
         fake.messages[key] = stored  # stored now
         await drain(h, seconds=15)
         assert len(fake.called("conversations.history")) == 1 and len(parents(fake)) == 1 and len(cards(fake)) == 1
+
+
+async def test_a_lost_card_waiting_for_its_look_spends_none_of_the_channels_budget(tmp_path: Path) -> None:
+    """A card whose answer was lost waits LOOK_AFTER before it is looked for; alerts to its incident meanwhile make a
+    redraw and a line due every round (it was acknowledged). It spent a post of the channel's budget each round for
+    nothing, ahead of another incident's card, which waited for the look."""
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+        # a post a second and no burst: every post the budget allows in a round is one a wasted try would take
+        from tests.test_slack_flow import Slack
+
+        s = Slack(h, fake)
+        h.bot.outbox.buckets = _Buckets({"slack": Budget(chat=(60, 1), group_chat=None, edits=(50, 10),
+                                                         platform=(600, 50))})
+        fake.lose_answer("chat.postMessage")
+        assert (await h.post("open", _alert("db-01", "tool-1")))[0] == 200
+        await fake.wait_for(lambda: cards(fake), timeout=5)
+        await asyncio.sleep(0.3)  # the lost answer is settled: the rows are marked, the look due in 15 s
+        acked = await s.answer(await s.command("/incident", "ack 1"))  # a redraw and a line of it, due now
+        assert acked["text"] == "Acknowledged #1."
+        await asyncio.sleep(1.5)  # rounds go by (the bot's clock stands: the look stays not due)
+        assert (await h.post("open", _alert("app-2")))[0] == 200  # another incident, the same channel
+        await fake.wait_for(lambda: len(cards(fake)) == 2, timeout=5)
+        assert not fake.called("conversations.history") and len(parents(fake)) == 2
 
 
 async def test_a_rate_limited_look_holds_back_only_what_it_looks_for(tmp_path: Path) -> None:
