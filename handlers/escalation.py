@@ -361,8 +361,16 @@ class Escalations:
                                             "run": esc.run, **({"late": late} if late else {})}))
         who = ", ".join(p.name for p in targets.people)
         tardy = late_words(late, self.config.timezone, now)
+        helping = (await self._asking(session, incident)
+                   if incident.status == ACKNOWLEDGED and (targets.channel or not who) else None)
         if targets.channel:
-            line = f"Step {n + 1} of {total}{tardy}: nobody has acknowledged yet. {after}".strip()
+            # Acknowledged, the step runs because someone pressed Escalate: they ask the channel for help, and the
+            # line still mentions everyone there (that is the ask), but says so rather than that nobody acknowledged.
+            on_it, asker = helping or ("", "")
+            says = ("nobody has acknowledged yet." if not helping else
+                    f"{asker} acknowledged #{incident.id} and asks for help." if asker == on_it else
+                    f"{asker} asks for help with #{incident.id} (acknowledged by {on_it}).")
+            line = f"Step {n + 1} of {total}{tardy}: {says} {after}".strip()
             promise = {"next": after, "next_at": due.isoformat()} if after else {}  # (see outbox._kept_promise)
             self._channel_line(session, incident, targets.channel, now, line, promise)
         if targets.missing:
@@ -375,11 +383,32 @@ class Escalations:
         payload = {"step": n + 1, **({"manual": True} if nobody and manual else {})}
         esc.timer_id = await timer_store.schedule(session, STEP, incident.id, now if nobody else due, now,
                                                   payload=payload)
-        esc.note = (f"Paging {who}{tardy}. {after}".strip() if who else after) or "Waiting for someone to acknowledge."
+        if who:
+            esc.note = f"Paging {who}{tardy}. {after}".strip()
+        elif helping:  # (an acknowledged incident waits for nobody to acknowledge it)
+            on_it, asker = ("Someone" if helping[0] == "someone" else helping[0]), helping[1]
+            asked = ("asked the channel for help" if targets.channel
+                     else f"asked for help, and step {n + 1} reached nobody")
+            esc.note = f"{on_it} is on it and {asked}." if asker == on_it else f"{on_it} is on it; {asker} {asked}."
+        else:
+            esc.note = after or "Waiting for someone to acknowledge."
         return Entry("escalation.step", SYSTEM, "incident", str(incident.id), now,
                      {"policy": esc.policy, "step": n + 1, "of": total, "people": [p.id for p in targets.people],
                       "channel": targets.channel, "rotation": targets.rotation, "business_hours": business,
                       "manual": manual, "next_at": due.isoformat(), **timing}, incident.id)
+
+    async def _asking(self, session: AsyncSession, incident: Incident) -> tuple[str, str]:
+        """An acknowledged incident's step runs because someone pressed Escalate: (who acknowledged it, who asked for
+        help: the last to escalate it, as its audit log has it), by name."""
+        actor = (await session.execute(
+            select(AuditEvent.actor_person).where(AuditEvent.incident_id == incident.id,
+                                                  AuditEvent.action == "incident.escalated")
+            .order_by(AuditEvent.seq.desc()).limit(1))).scalar()
+        return self._name(incident.acknowledged_by, "someone"), self._name(actor, "Someone")
+
+    def _name(self, who: str | None, unknown: str) -> str:
+        person = self.people.get(who or "")
+        return person.name if person is not None else unknown
 
     async def targets(self, session: AsyncSession, notify: dict[str, Any], at: datetime) -> Targets:
         people: list[Person] = []
@@ -420,7 +449,8 @@ class Escalations:
             morning = next_business_start(hours, tz, due)
             targets = await self.targets(session, notify, morning)  # a rotation may have handed over by then
         names = [p.name for p in targets.people] + (["the channel"] if targets.channel else [])
-        who = " and ".join(names) or "the next step"
+        # (it starts a sentence: "Paged Bob on Slack. The channel in 5 min ..."; a person's name is left as written)
+        who = " and ".join(names) if targets.people else "The channel" if targets.channel else "The next step"
         if morning is not None:
             return (f"{who} at {_local(morning, hours.timezone or tz)} if nobody acknowledges ({severity} incidents "
                     "page nobody after hours).")

@@ -75,6 +75,10 @@ escalation_policies:
   - id: loud
     steps:
       - {notify: {channel: ops-slack}, wait: 5m}
+  - id: askhere
+    steps:
+      - {notify: {people: [bob]}, wait: 5m}
+      - {notify: {channel: ops-slack}, wait: 5m}
   - id: relay
     steps:
       - {notify: {people: [bob]}, wait: 5m}
@@ -90,6 +94,7 @@ routes:
   - {match: {team: nobody}, channels: [ops-slack], escalation: unlinked}
   - {match: {team: ghosts}, channels: [ops-slack], escalation: unreachable}
   - {match: {team: relay}, channels: [ops-slack], escalation: relay}
+  - {match: {team: askhere}, channels: [ops-slack, ops-telegram], escalation: askhere}
   - {match: {team: quiet}, channels: [ops-slack]}
   - {match: {}, channels: [ops-slack, ops-telegram], escalation: standard}
 """
@@ -1273,6 +1278,39 @@ async def test_a_channel_step_after_hours_waits_for_the_morning_below_the_paging
         await until(lambda: any(t.startswith("<!here>") for t in thread_texts(w.slack)), "@here once it is critical")
         [here] = [t for t in thread_texts(w.slack) if t.startswith("<!here>")]
         assert here.startswith("<!here> Step 1 of 1: nobody has acknowledged yet.")
+
+
+@pytest.mark.parametrize(("user", "asked", "note"), [
+    ("U01ALICE", "Alice asks for help with #1 (acknowledged by Bob).",
+     "Bob is on it; Alice asked the channel for help."),
+    ("U02BOB", "Bob acknowledged #1 and asks for help.", "Bob is on it and asked the channel for help."),
+], ids=["someone-else", "the-one-on-it"])
+async def test_escalating_an_acknowledged_incident_to_a_channel_step_asks_the_channel_for_help(
+        tmp_path: Path, user: str, asked: str, note: str) -> None:
+    """Bob acknowledged #1; Alice, or Bob himself, escalates it to its channel step. Before, the thread told everyone
+    (@here) "Step 2 of 2: nobody has acknowledged yet." and the amber card said "Waiting for someone to
+    acknowledge.": both untrue. The line still mentions the channel (the step's, ops-slack), since they ask it for
+    help, and says so; the card, on Slack and Telegram, says who is on it. Step 1's line starts its next sentence
+    with a capital ("The channel in 5 min ...")."""
+    async with world(tmp_path, DAY) as w:
+        await w.alert("critical", team="askhere")
+        paged = "<@U02BOB> Paged Bob on Slack. The channel in 5 min if nobody acknowledges."
+        await until(lambda: paged in thread_texts(w.slack), f"the thread says {paged!r}")
+        assert (await w.slack.answer(await w.slack.command("/ack", "1", user="U02BOB")))["text"] == "Acknowledged #1."
+        answer = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user=user))
+        assert answer["text"] == "Escalating #1 to step 2 of 2 now."
+        await w.tick()
+        line = f"<!here> Step 2 of 2: {asked}"
+        await until(lambda: line in thread_texts(w.slack), f"the thread says {line!r}, to everyone")
+        assert not [t for t in thread_texts(w.slack) if "nobody has acknowledged" in t]
+        await until(lambda: note in card_notes(w)[-1], f"the Slack card says {note!r}")
+        assert "Acknowledged" in card_notes(w)[-1] and "Waiting for someone" not in card_notes(w)[-1]
+
+        def group_card() -> str:
+            edits = [c.params["text"] for c in w.tg.called("editMessageText") if c.params["chat_id"] == -100123]
+            return edits[-1] if edits else ""
+        await until(lambda: note in group_card(), "the Telegram group's card says it too")
+        assert "Waiting for someone" not in group_card()
 
 
 async def test_an_unconfirmed_page_keeps_its_steps_wait_when_another_page_of_the_step_fails(
