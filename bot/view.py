@@ -76,7 +76,8 @@ def incident_context(
         "next_step": next_step or _default_next_step(state, ack_name, resolved_after),
         "resolved_after": resolved_after,
         "links": incident_links(incident, alerts),
-        "latest": _latest(alerts, max(int(incident.alert_count or 0), len(alerts))),
+        "latest": _latest(alerts, max(int(incident.alert_count or 0), len(alerts)), int(incident.firing_count or 0),
+                          open_=state != "resolved"),
         "alert_count": int(incident.alert_count or 0),
         "firing_count": int(incident.firing_count or 0),
         "sources": list(incident.sources or []),
@@ -103,8 +104,9 @@ def buttons_for(incident: Any, escalation_mark: str = "") -> list[Button]:
     firing = int(incident.firing_count or 0)
     confirm = f"Resolve #{iid}?"
     if firing:
+        they = "they keep" if firing != 1 else "it keeps"
         confirm = (f"Resolve #{iid} while {firing} alert{'s are' if firing != 1 else ' is'} still firing? "
-                   "If they keep firing, a new incident opens.")
+                   f"If {they} firing, a new incident opens.")
     resolve = Button(Action.RESOLVE.value, iid, label="Resolve", style="danger", confirm=confirm)
     # Silenced (a maintenance window muted it): no Escalate, which would page nobody and was always refused; it is
     # back once an alert no silence covers arrives. Acknowledge and Resolve still say who is on it and end it.
@@ -285,12 +287,27 @@ def _default_next_step(state: str, ack_name: str, resolved_after: str | None) ->
     return "Waiting for someone to acknowledge."
 
 
-def _latest(alerts: Sequence[Any], total: int) -> dict[str, str] | None:
-    """The most recently received alert, with "showing the last of N" when there are several."""
+def _latest(alerts: Sequence[Any], total: int, firing: int, *, open_: bool) -> dict[str, str] | None:
+    """The most recently received alert, with "showing the last of N" when there are several. An open incident's card
+    shows the newest alert still firing instead: after a partial resolve the newest received is the one that stopped
+    (its resolve came last), and an on-call reading it as the news would chase a problem that is gone (the thread
+    and the Firing fact say it resolved). One that resolved is shown only when none drawn fires, marked so."""
     if not alerts:
         return None
     floor = datetime.min.replace(tzinfo=UTC)
-    _, alert = max(enumerate(alerts), key=lambda p: (_utc(getattr(p[1], "last_received", None) or floor), p[0]))
+
+    def newest(pool: list[tuple[int, Any]]) -> Any:
+        return max(pool, key=lambda p: (_utc(getattr(p[1], "last_received", None) or floor), p[0]))[1]
+
+    alert = newest(list(enumerate(alerts)))
+    showing = f"showing the last of {total}" if total > 1 else ""
+    if open_ and alert.status == "resolved":  # (an alert's status: firing or resolved)
+        live = [(i, a) for i, a in enumerate(alerts) if a.status != "resolved"]
+        if live:
+            alert = newest(live)
+            showing = f"showing the last of {firing} still firing" if firing > 1 else "showing the one still firing"
+        else:
+            showing = "; ".join(w for w in ("resolved", showing) if w)
     notes = alert.annotations or {}
     summary = one_line(alert.summary, SUMMARY_MAX) or one_line((alert.labels or {}).get("alertname"), 200) or "alert"
     detail = str(notes.get("description") or "").strip()
@@ -302,7 +319,7 @@ def _latest(alerts: Sequence[Any], total: int) -> dict[str, str] | None:
         "detail": "" if one_line(detail, DETAIL_MAX) == summary else detail,
         "evaluated": alert_values(notes),
         "value_string": one_line(notes.get("value"), DETAIL_MAX),
-        "showing": f"showing the last of {total}" if total > 1 else "",
+        "showing": showing,
     }
 
 

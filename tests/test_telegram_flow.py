@@ -400,6 +400,43 @@ async def test_resolve_in_telegram_asks_what_slacks_dialog_asks(both: Both) -> N
     assert answer.params["text"] == f"{dialog} Tap \u201c\u2714 Resolve\u201d to confirm, or \u201c\u2716 No\u201d."
 
 
+async def test_after_one_of_two_alerts_resolves_both_cards_show_the_one_still_firing(both: Both) -> None:
+    """db-01's alert resolves, db-02's still fires. Before, both cards showed db-01's (its resolve came last) as
+    Latest, unmarked, and Resolve asked "while 1 alert is still firing? If they keep firing, ...". Now Latest is the
+    alert still firing, and Resolve's question agrees with its number, in Slack's dialog and Telegram's answer."""
+    b = both
+    ts, message_id = await posted_on_both(b)
+    b.h.clock.advance(timedelta(minutes=1))
+    body = json.loads(fixture("alertmanager/02-diskfull-1-resolved-1-firing.json"))
+    body["alerts"] = [a for a in body["alerts"] if a["status"] == "resolved"]  # db-01's resolve, on its own
+    status, _, _ = await b.h.post("am", body)
+    assert status == 200
+    latest = "Disk /var 95% full on db-02"
+    question = "Resolve #1 while 1 alert is still firing? If it keeps firing, a new incident opens."
+
+    def slack_card() -> dict[str, Any] | None:
+        drawn = [c.params for c in b.slack.fake.called("chat.update") if c.params.get("ts") == ts]
+        return drawn[-1] if drawn and "1 of 2 still firing" in json.dumps(drawn[-1]["blocks"]) else None
+    await b.slack.fake.wait_for(slack_card, timeout=10)
+    card = slack_card()
+    assert card is not None
+    blocks = card["blocks"] if isinstance(card["blocks"], list) else json.loads(card["blocks"])
+    assert f"*Latest:* {latest} _(showing the one still firing)_" in json.dumps(blocks, ensure_ascii=False)
+    [dialog] = [e["confirm"]["text"]["text"] for block in blocks if block["type"] == "actions"
+                for e in block["elements"] if "confirm" in e]
+    assert dialog == question
+
+    def tg_card() -> str:
+        edits = [c.params["text"] for c in b.tg.called("editMessageText") if c.params["chat_id"] == GROUP]
+        return edits[-1] if edits and "1 of 2 still firing" in edits[-1] else ""
+    await b.tg.wait_for(tg_card, timeout=10)
+    assert f"<b>Latest:</b> {latest} <i>(showing the one still firing)</i>" in tg_card()
+    await b.tap("?res:1", message_id)
+    await b.tg.wait_for(lambda: b.tg.called("answerCallbackQuery"), timeout=5)
+    [answer] = b.tg.called("answerCallbackQuery")
+    assert answer.params["text"] == f"{question} Tap \u201c\u2714 Resolve\u201d to confirm, or \u201c\u2716 No\u201d."
+
+
 async def test_a_thread_line_that_finds_the_group_became_a_supergroup_follows_the_card_there(both: Both) -> None:
     """Telegram turned the group into a supergroup, and the Acknowledged line is the first call to learn it: the card
     is posted afresh in the supergroup, and the line follows it into its thread. Before: the line was folded into

@@ -81,6 +81,27 @@ def test_latest_alert_is_the_newest_received_with_showing_the_last_of_n():
     assert incident_context(make_incident(), [], now=NOW)["latest"] is None
 
 
+def test_latest_alert_of_an_open_incident_is_the_newest_still_firing():
+    """After a partial resolve the newest alert received is the one that stopped firing (its resolve came last): the
+    card showed it, unmarked, as Latest, and an on-call read a problem that was gone. An open incident's card shows
+    what is still wrong, the newest alert still firing; the one that resolved is in the thread and the Firing fact."""
+    stopped = make_alert("Disk 97% full on /var", received=NOW, status="resolved")
+    alerts = [*ALERTS[:1], ALERTS[2], stopped]
+    ctx = incident_context(make_incident(firing_count=2), alerts, now=NOW)
+    assert (ctx["latest"]["summary"], ctx["latest"]["status"]) == ("Disk 93% full", "firing")
+    assert ctx["latest"]["showing"] == "showing the last of 2 still firing"
+    one = incident_context(make_incident(firing_count=1), [ALERTS[0], stopped], now=NOW)
+    assert (one["latest"]["summary"], one["latest"]["showing"]) == ("Disk 91% full", "showing the one still firing")
+    # none of the alerts drawn fires (an open incident whose firing ones are older than those drawn): marked
+    gone = incident_context(make_incident(firing_count=1), [stopped], now=NOW)["latest"]
+    assert (gone["summary"], gone["showing"]) == ("Disk 97% full on /var", "resolved; showing the last of 3")
+    alone = incident_context(make_incident(alert_count=1, firing_count=0, status="acknowledged"), [stopped], now=NOW)
+    assert alone["latest"]["showing"] == "resolved"
+    # resolved: every alert is history, and the state says so; the newest is shown as before
+    done = incident_context(make_incident(status="resolved", firing_count=0, resolved_at=NOW), alerts, now=NOW)
+    assert (done["latest"]["summary"], done["latest"]["showing"]) == ("Disk 97% full on /var", "showing the last of 3")
+
+
 def test_links_graph_runbook_dashboard_silence_deduplicated_and_safe():
     ctx = incident_context(make_incident(), ALERTS, now=NOW)
     assert ctx["links"] == [
@@ -218,6 +239,8 @@ def test_resolve_asks_first_and_says_what_is_still_firing():
     assert resolve.confirm == ("Resolve #42 while 2 alerts are still firing? "
                                "If they keep firing, a new incident opens.")
     assert buttons_for(make_incident(firing_count=0))[-1].confirm == "Resolve #42?"
+    one = buttons_for(make_incident(firing_count=1))[-1]  # before: "while 1 alert is still firing? If they keep..."
+    assert one.confirm == "Resolve #42 while 1 alert is still firing? If it keeps firing, a new incident opens."
 
 
 def test_buttons_encode_within_the_64_byte_limit():
