@@ -42,7 +42,7 @@ from bot.routing import group_key, select_routes, silence_ends, silenced_by
 from handlers.notify import page_redraw_row
 from handlers.silences import schedule_silence_ends
 from storage.audit import AuditLog, Entry, KeyMismatch
-from storage.db import Database
+from storage.db import Database, explain_failure, waited_in_vain
 from storage.models import AlertRecord, AlertSignature, AuditEvent, Delivery, Escalation, Incident, OutboxItem
 from storage.replays import claim_in
 from storage.rows import Json, Rows, _encode_datetime, fast_encoder, json_text
@@ -474,7 +474,8 @@ class Intake:
         elif isinstance(exc, KeyMismatch):
             log.error("intake: nothing stored: %s; answering 503 so senders retry", exc)
         else:
-            log.error("intake: the database is unavailable (%s); answering 503 so senders retry", exc)
+            log.error("intake: the database is unavailable (%s); answering 503 so senders retry",
+                      explain_failure(exc, self.db.wait if self.db is not None else None))
         for s in batch:
             if s.future is not None and not s.future.done():
                 s.future.set_result(Outcome(status, {"error": _UNAVAILABLE if status == 503 else _INTERNAL}))
@@ -1233,6 +1234,8 @@ def _is_db_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, (OperationalError, InterfaceError, ConnectionError, OSError, asyncio.TimeoutError, PoolTimeout)):
         return True
     if isinstance(exc, KeyMismatch):  # the chain's key was changed under this bot: stored after its restart, on retry
+        return True
+    if waited_in_vain(exc):  # a lock held too long by another replica (or this one was paused): nothing stored
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 

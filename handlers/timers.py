@@ -34,7 +34,7 @@ from bot.clock import Clock
 from bot.metrics import Metrics
 from bot.view import span
 from storage import timers as store
-from storage.db import Database, StoreReplaced
+from storage.db import Database, StoreReplaced, explain_failure
 from storage.models import Timer
 
 log = logging.getLogger("chatops.timers")
@@ -207,7 +207,7 @@ class TimerService:
         """Log a failing beat: the first with its traceback, the same one again only once a minute and in a line
         (a database down for a minute logged a traceback every beat, twice a second)."""
         now = time.monotonic()
-        kind = f"{type(exc).__name__}: {exc}"[:300]
+        kind = explain_failure(exc, self.db.wait)[:300]
         if self._failing is None or self._failing[0] != kind:
             log.error(what, exc_info=exc)
             self._failing = (kind, now)
@@ -247,13 +247,13 @@ class TimerService:
         except Exception as exc:
             give_up = attempt + 1 >= self.max_attempts or isinstance(exc, LookupError)
             delay = timedelta(seconds=min(300, 2 ** (attempt + 1)))
+            why = explain_failure(exc, self.db.wait)  # (a bare TimeoutError says nothing by itself)
             (log.error if give_up else log.warning)(
                 "timer %s (%s %s) failed%s: %s", timer_id, kind, timer.subject,
-                " for good" if give_up else f"; retrying in {delay.total_seconds():.0f}s", exc,
+                " for good" if give_up else f"; retrying in {delay.total_seconds():.0f}s", why,
                 exc_info=not isinstance(exc, LookupError))
             async with self.db.transaction() as session:
-                await store.retry_later(session, timer_id, self.replica, now + delay, f"{type(exc).__name__}: {exc}",
-                                        give_up=give_up, now=now)
+                await store.retry_later(session, timer_id, self.replica, now + delay, why, give_up=give_up, now=now)
             self.metrics.timers_fired.labels(kind, "failed" if give_up else "retry").inc()
             return 0
         late = (now - due_at).total_seconds()

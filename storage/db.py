@@ -44,6 +44,15 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
 }
 _PG_INIT_LOCK = 727_001  # advisory lock id: one process initialises the schema at a time
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# PostgreSQL, for the running bot (Database(wait=...)): a replica that stops inside a transaction (SIGSTOP, a paused
+# VM, an event loop stuck) keeps every row it locked, the audit log's head among them, and with it the intake and the
+# escalations of every other replica. The server ends a transaction left idle this long (seconds): far above any
+# pause between the statements of one of ours (milliseconds), far below the leader lock's takeover (Leader). A
+# replica waiting for a lock gives up after LOCK_WAIT, with an error that names the lock, long enough to outlast a
+# frozen holder being ended, and before the statement's own limit (`wait`) cuts it off with no reason.
+IDLE_IN_TRANSACTION = 5.0
+LOCK_WAIT = 10.0
+LOCK_NOT_AVAILABLE, IDLE_IN_TRANSACTION_ENDED = "55P03", "25P03"  # PostgreSQL's SQLSTATEs for the two
 
 
 def _bound_long_keys(conn: Connection) -> None:
@@ -73,6 +82,45 @@ def _index_alerts_by_incident(conn: Connection) -> None:
 DATA_MIGRATIONS: dict[int, Callable[[Connection], None]] = {4: _bound_long_keys, 5: _index_alerts_by_incident}
 
 
+def sqlstate(exc: BaseException) -> str | None:
+    """PostgreSQL's SQLSTATE of a driver error (wrapped by SQLAlchemy or not); None for anything else."""
+    orig = getattr(exc, "orig", None)
+    for candidate in (exc, orig, getattr(orig, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def waited_in_vain(exc: BaseException) -> bool:
+    """The database did not let the work through in time: a lock not granted within LOCK_WAIT, or the transaction
+    ended for being left idle (this process paused). Like an outage, nothing was stored: senders get 503."""
+    return sqlstate(exc) in (LOCK_NOT_AVAILABLE, IDLE_IN_TRANSACTION_ENDED) or (
+        "idle-in-transaction timeout" in str(exc))
+
+
+def explain_failure(exc: BaseException, wait: float | None = None) -> str:
+    """A database failure as a log line or a row's last_error says it: its type, and what it likely means when the
+    driver says nothing (asyncpg's statement limit raises a bare TimeoutError) or only the server's words."""
+    cause = getattr(getattr(exc, "orig", None), "__cause__", None)  # the driver's own error, under SQLAlchemy's
+    name = type(cause if isinstance(cause, Exception) else exc).__name__
+    code = sqlstate(exc)
+    if code == LOCK_NOT_AVAILABLE:
+        return (f"{name}: a lock was not granted within {LOCK_WAIT:g} s (held by another replica's transaction: is "
+                "one stuck or very slow?)")
+    if code == IDLE_IN_TRANSACTION_ENDED or "idle-in-transaction timeout" in str(exc):
+        return (f"{name}: the database ended this replica's transaction, left idle in a transaction for over "
+                f"{IDLE_IN_TRANSACTION:g} s (was this process paused or its event loop stuck?)")
+    if "connection is closed" in str(exc) or "ConnectionDoesNotExist" in str(exc):  # (its reason went with it)
+        return (f"{name}: the database connection was closed (the database restarted, or it ended this replica's "
+                f"transaction for being left idle over {IDLE_IN_TRANSACTION:g} s: was this process paused?)")
+    if isinstance(exc, TimeoutError):
+        within = f" within {wait:g} s" if wait is not None else ""
+        return f"{name}: no answer from the database{within} (down, overloaded, or a lock held by another replica?)"
+    said = str(exc).strip().splitlines()[0] if str(exc).strip() else ""  # (the first line: not the SQL)
+    return f"{name}: {said}" if said else name
+
+
 class SchemaTooNew(RuntimeError):
     pass
 
@@ -93,10 +141,12 @@ class StoreReplaced(OSError):
 class Database:
     def __init__(self, url: str, *, schema: str | None = None, echo: bool = False, wait: float | None = None):
         """`wait` (PostgreSQL): seconds a connection, a statement or a free connection of the pool may take before
-        the work fails as the database being unavailable (the bot answers senders 503); None: the drivers' own
-        limits (60 s to connect, none for a statement), for the command line's long reads."""
+        the work fails as the database being unavailable (the bot answers senders 503), and the server ends a
+        transaction left idle (IDLE_IN_TRANSACTION) and a lock wait (LOCK_WAIT); None: the drivers' own limits (60 s
+        to connect, none for a statement), for the command line's long reads."""
         self.url = url
         self.schema = schema
+        self.wait = wait
         self.dialect = make_url(url).get_backend_name()
         self._start_connect: dict[str, Any] | None = None
         kwargs: dict[str, Any] = {"echo": echo}
@@ -112,6 +162,13 @@ class Database:
                 self._start_connect = dict(connect)
                 connect.update(timeout=wait, command_timeout=wait)
                 kwargs["pool_timeout"] = wait
+                # Server-side: a frozen replica's transaction is ended, and what it locked freed (see
+                # IDLE_IN_TRANSACTION). The leader lock's connection idles outside any transaction: not ended.
+                connect["server_settings"] = {
+                    **connect.get("server_settings", {}),
+                    "idle_in_transaction_session_timeout": str(int(IDLE_IN_TRANSACTION * 1000)),
+                    "lock_timeout": str(int(min(LOCK_WAIT, wait) * 1000)),
+                }
             if connect:
                 kwargs["connect_args"] = connect
         elif self.dialect == "sqlite":
@@ -405,7 +462,7 @@ class Leader:
                 await self._release()
                 return await self._ask()
         except Exception as exc:  # the connection died: the lock went with it
-            said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__  # (not its SQL)
+            said = explain_failure(exc, self.db.wait)  # (not its SQL)
             if self._leading:
                 log.warning("lost the %s lock (%s); another replica may take it", self.name, said)
             elif not self._unasked:  # said once an outage, not at every question (several a second)

@@ -1,18 +1,27 @@
 """Replicas on one PostgreSQL database take turns leading chat delivery: what a change of leader leaves behind is
-settled by the next leader, whoever it is, and a replica that does not lead costs the database little."""
+settled by the next leader, whoever it is, and a replica that does not lead costs the database little. One frozen
+inside a transaction holds back the others' alerts and escalations for seconds, not for as long as it is frozen."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import event, select, text
-from sqlalchemy.ext.asyncio import create_async_engine
+import pytest
+from sqlalchemy import event, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from storage.db import Database, Leader
-from storage.models import AuditEvent, OutboxItem
+from bot.clock import FakeClock
+from bot.metrics import Metrics
+from bot.server import DB_WAIT
+from handlers.timers import TimerService
+from storage import timers as timer_store
+from storage.db import IDLE_IN_TRANSACTION, LOCK_WAIT, Database, Leader, explain_failure
+from storage.models import AuditEvent, AuditHead, OutboxItem, Timer
 from tests import botkit
 from tests.botkit import Harness, running_bot
 from tests.conftest import drop_schema, postgres_url
@@ -203,3 +212,148 @@ async def test_a_follower_asks_for_the_lock_on_one_connection(pg_schema: str) ->
         await following.dispose()
         await watcher.dispose()
         await drop_schema(url, pg_schema)
+
+
+@contextlib.asynccontextmanager
+async def frozen_in_a_transaction(db: Database, statement: Any) -> AsyncIterator[AsyncSession]:
+    """A replica that ran `statement` in a transaction and froze there (SIGSTOP, a paused VM, a stuck event loop):
+    its connection sits idle in the transaction, holding what it locked, and says nothing more."""
+    unit = db.transaction()
+    session = await unit.__aenter__()
+    await session.execute(statement)
+    try:
+        yield session
+    finally:
+        with contextlib.suppress(Exception):  # (ended by the database meanwhile, as it should be)
+            await unit.__aexit__(None, None, None)
+
+
+async def test_a_replica_frozen_mid_intake_holds_back_no_other_replicas_alerts(pg_schema: str) -> None:
+    """A replica froze inside an intake transaction, holding the audit log's head: every alert to the other replicas
+    waited for it and got 503 after 15 s, for as long as it stayed frozen. Now the database ends a transaction idle
+    for a few seconds: the other replica's alert is stored within that bound, and the frozen one, when it runs
+    again, finds its transaction gone (and says why)."""
+    url = postgres_url()
+    frozen_db = Database(url, schema=pg_schema, wait=DB_WAIT)  # replica A, connected as the bot connects
+    try:
+        async with running_bot(url, schema=pg_schema) as b, \
+                frozen_in_a_transaction(frozen_db, select(AuditHead).with_for_update()) as frozen:
+            started = time.monotonic()
+            status, body, _ = await b.post("am", botkit.fixture("alertmanager/03-highcpu-firing.json"))
+            took = time.monotonic() - started
+            assert status == 200, body
+            assert took < IDLE_IN_TRANSACTION + 3, f"the alert waited {took:.1f} s for the frozen replica"
+            [incident] = await b.incidents()
+            assert "incident.opened" in await b.actions(incident.id)
+            with pytest.raises(Exception) as ended:  # A runs again: its transaction was ended, nothing of it stays
+                await frozen.execute(text("SELECT 1"))
+            assert "left idle over 5 s: was this process paused?" in explain_failure(ended.value, DB_WAIT)
+    finally:
+        await frozen_db.dispose()
+        await drop_schema(url, pg_schema)
+
+
+async def test_a_timer_claimed_by_a_frozen_replica_is_fired_by_another(pg_schema: str) -> None:
+    """A replica froze while running an escalation step, the timer's row locked by its transaction: the others'
+    claims (SKIP LOCKED) skipped the row until it ran again, and the step paged nobody meanwhile (3 minutes late in
+    a review), while timers.fired_at said it was on time. Now the database ends the frozen transaction: once the
+    lease lapses another replica fires the step, and records when it did."""
+    url = postgres_url()
+    clock = FakeClock(botkit.T0)
+    a_db, b_db = Database(url, schema=pg_schema, wait=DB_WAIT), Database(url, schema=pg_schema, wait=DB_WAIT)
+    fired: list[tuple[str, datetime]] = []
+    try:
+        await a_db.start()
+        async with a_db.transaction() as session:
+            timer_id = await timer_store.schedule(session, "escalation", "7", clock.now(), clock.now())
+        async with a_db.transaction() as session:  # A claims it, and runs it...
+            assert [t.id for t in await timer_store.claim(session, "replica-a", clock.now(), timedelta(seconds=30),
+                                                          10)] == [timer_id]
+        complete = update(Timer.__table__).where(Timer.__table__.c.id == timer_id).values(status="done")
+        async with frozen_in_a_transaction(a_db, complete):  # ...and freezes with the row locked
+            b = TimerService(db=b_db, clock=clock, metrics=Metrics(), lease=timedelta(seconds=30))
+
+            @b.handler("escalation")
+            async def step(session: AsyncSession, timer: Timer, now: datetime) -> None:
+                fired.append((timer.subject, now))
+
+            clock.advance(timedelta(minutes=1))  # A's lease lapsed
+            started = time.monotonic()
+            while not fired and time.monotonic() - started < IDLE_IN_TRANSACTION + 5:
+                await b.tick()
+                await asyncio.sleep(0.2)
+            assert fired == [("7", clock.now())], "the frozen replica's timer was never fired by another"
+        async with b_db.sessions() as session:
+            row = await session.get(Timer, timer_id)
+            assert row is not None
+            assert (row.status, row.claimed_by, row.fired_at) == ("done", b.replica, clock.now())
+    finally:
+        await a_db.dispose()
+        await b_db.dispose()
+        await drop_schema(url, pg_schema)
+
+
+async def test_the_leader_lock_outlives_the_idle_transaction_limit(pg_schema: str) -> None:
+    """The leader's lock is a session lock on a connection idle outside any transaction: the limit on transactions
+    left idle does not end it, however long the leader waits between beats."""
+    url = postgres_url()
+    leading, following = Database(url, schema=pg_schema, wait=DB_WAIT), Database(url, schema=pg_schema, wait=DB_WAIT)
+    leader, follower = Leader(leading, "outbox"), Leader(following, "outbox")
+    try:
+        await leading.start()
+        assert await leader.held()
+        await asyncio.sleep(IDLE_IN_TRANSACTION + 2)
+        assert await leader.held()
+        assert not await follower.held()
+    finally:
+        await leader.close()
+        await follower.close()
+        await leading.dispose()
+        await following.dispose()
+        await drop_schema(url, pg_schema)
+
+
+async def test_an_alert_held_up_by_a_lock_is_answered_503_with_the_reason(pg_schema: str,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A lock held long by a session the idle limit does not end (an operator's psql, a long command): intake
+    waited out the 15 s statement limit and logged "the database is unavailable ()". Now the wait for the lock
+    ends sooner, and the log says which wait it was and what likely holds it."""
+    url = postgres_url()
+    operator = create_async_engine(url)
+    try:
+        async with running_bot(url, schema=pg_schema) as b, operator.begin() as conn:
+            await conn.execute(text(f'SELECT seq FROM "{pg_schema}".audit_head WHERE id = 1 FOR UPDATE'))
+            started = time.monotonic()
+            status, body, _ = await b.post("am", botkit.fixture("alertmanager/03-highcpu-firing.json"))
+            took = time.monotonic() - started
+            assert (status, body) == (503, {"error": "the database is unavailable; nothing was stored, retry later"})
+            assert LOCK_WAIT - 1 < took < DB_WAIT
+            said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("intake: the database is")]
+            assert said == [f"intake: the database is unavailable (LockNotAvailableError: a lock was not granted "
+                            f"within {LOCK_WAIT:g} s (held by another replica's transaction: is one stuck or very "
+                            "slow?)); answering 503 so senders retry"]
+    finally:
+        await operator.dispose()
+        await drop_schema(url, pg_schema)
+
+
+async def test_a_timer_whose_step_times_out_says_why(db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    """asyncpg's statement limit raises a TimeoutError with no message: the retry was logged "failed; retrying in
+    2s: " and timers.last_error read "TimeoutError: ". Both now say what it likely means."""
+    clock = FakeClock(botkit.T0)
+    async with db.transaction() as session:
+        timer_id = await timer_store.schedule(session, "escalation", "7", clock.now(), clock.now())
+    service = TimerService(db=db, clock=clock, metrics=Metrics())
+
+    @service.handler("escalation")
+    async def step(session: AsyncSession, timer: Timer, now: datetime) -> None:
+        raise TimeoutError()  # as asyncpg's command_timeout raises it
+
+    await service.tick()
+    async with db.sessions() as session:
+        row = await session.get(Timer, timer_id)
+        assert row is not None
+    why = "TimeoutError: no answer from the database (down, overloaded, or a lock held by another replica?)"
+    assert (row.status, row.attempt, row.last_error) == ("pending", 1, why)
+    assert f"timer {timer_id} (escalation 7) failed; retrying in 2s: {why}" in [r.getMessage() for r in caplog.records]
+
