@@ -29,6 +29,7 @@ incident now is, as pages whose answer came are.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -53,7 +54,7 @@ from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_
 from handlers.paging import (LOOK_AFTER, UNANSWERED, Attempt, page_finders, page_message, page_order, page_where,
                              send_page)
 from storage.audit import AuditLog, Entry
-from storage.db import Database, StoreReplaced
+from storage.db import Database, StoreReplaced, explain_failure
 from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem, SwapRequest, Timer
 from storage.queries import UNCONFIRMED, recent_alerts
 
@@ -195,6 +196,7 @@ class OutboxWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self._recovering = asyncio.Lock()
         self._stopping = False
+        self._stopped = asyncio.Event()  # set by stop(): a page's recording waits no longer (_record)
         # Pages a crash cut off mid-call are settled (_recover) each time this worker takes the lead: another
         # replica may have led meanwhile and died during a page. Counted by the questions that found it not
         # leading; settled for the count when the last settling began (None: not yet).
@@ -224,6 +226,7 @@ class OutboxWorker:
             except Exception:  # the database gone, say: stopping must not fail for it
                 log.exception("outbox: could not send what was queued before stopping")
         self._stopping = True
+        self._stopped.set()
         self.nudge()
         await asyncio.gather(*self._tasks)
         self._tasks = []
@@ -1007,7 +1010,7 @@ class OutboxWorker:
             # platform to store it) when someone acts and it is to be redrawn. (Elsewhere it stays as it was drawn.)
             kept[UNANSWERED] = {"key": key, "at": time.time(), "platform": attempt.unknown}
             settled["due_at"] = self.clock.now() + timedelta(seconds=LOOK_AFTER)
-        async with self.db.transaction() as session:
+        async def record(session: Any) -> None:
             problem = attempt.problem(person, self.adapters, off=self.off, order=order)
             if waited and attempt.refused and not attempt.platform and not attempt.unknown:
                 platforms = " and ".join(p.capitalize() for p in attempt.refused)
@@ -1054,8 +1057,43 @@ class OutboxWorker:
                 session.add(esc)
                 queue_redraw(session, incident, now)
             await self.audit.append_many(session, [entry])
+
+        where = f" on {attempt.platform.capitalize()}" if attempt.platform else ""
+        await self._record(row, f"the page to {person.id} about #{incident.id} went out{where}" if attempt.platform
+                           else f"the page to {person.id} about #{incident.id} was tried", record)
         self.nudge()
         return 1
+
+    async def _record(self, row: OutboxItem, what: str, work: Callable[[Any], Awaitable[None]]) -> None:
+        """Write what the platform answered to a page (`work`, in one transaction). The call was made, so its outcome
+        is kept (in memory) and written once the database answers again, tried again with back-off: a failed
+        recording left the row SENDING until another change of leader settled it as unconfirmed, and the audit log
+        never showed the page. The pages loop waits meanwhile (it could read nothing either), and the row stays this
+        worker's own call (_claimed), which _recover leaves alone. A second try writes only while the row is still
+        SENDING: if it is not, the first committed without the answer reaching us, or a leader settled it."""
+        delay, tries = 1.0, 0
+        while True:
+            try:
+                async with self.db.transaction() as session:
+                    if tries and (await session.execute(select(OutboxItem.status).where(
+                            OutboxItem.id == row.id))).scalar_one_or_none() != SENDING:
+                        log.info("outbox: %s; recorded meanwhile (or settled by another replica)", what)
+                        return
+                    await work(session)
+                if tries:
+                    log.info("outbox: %s; recorded now, after %d failed tries", what, tries)
+                return
+            except Exception as exc:
+                tries += 1
+                why = explain_failure(exc, self.db.wait)
+                if self._stopping:
+                    log.error("outbox: %s, but recording it failed (%s) and the bot is stopping: the page stays "
+                              "`sending`, settled as unconfirmed when a replica next takes the lead", what, why)
+                    return
+                log.warning("outbox: %s, but recording it failed (%s); trying again in %.0f s", what, why, delay)
+                with contextlib.suppress(asyncio.TimeoutError):  # (stop() cuts the wait short)
+                    await asyncio.wait_for(self._stopped.wait(), delay)
+                delay = min(delay * 2, 30.0)
 
     async def _superseding(self, row: OutboxItem) -> Any:
         """The step of a newer page of the same run to the same person about the same incident, sent or still to go,

@@ -9,10 +9,12 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from bot.clock import FakeClock
@@ -357,3 +359,43 @@ async def test_a_timer_whose_step_times_out_says_why(db: Database, caplog: pytes
     assert (row.status, row.attempt, row.last_error) == ("pending", 1, why)
     assert f"timer {timer_id} (escalation 7) failed; retrying in 2s: {why}" in [r.getMessage() for r in caplog.records]
 
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_page_delivered_while_the_database_fails_is_recorded_when_it_answers_again(
+        backend: str, tmp_path: Path, pg_schema: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Slack took the page, and the transaction that records it failed (a lock timeout, a database restart): the
+    row stayed `sending` for good and the audit log never showed the page (only a change of leader settled it, as
+    unconfirmed). Now the outcome is kept and written once the database answers again."""
+    async with FakeSlack() as fake, botkit.bot_on(backend, tmp_path, pg_schema, slack_config(fake)) as h:
+        incident_id = await first_card(h, fake)
+        db, real_transaction = h.bot.db, h.bot.db.transaction
+        answered, failures = asyncio.Event(), []
+
+        def transaction() -> Any:
+            task = asyncio.current_task()
+            if answered.is_set() and task is not None and task.get_name() == "outbox-pages" and len(failures) < 2:
+                failures.append(1)  # the database does not answer the pages loop, twice
+                raise OperationalError("UPDATE outbox ...", {}, TimeoutError())
+            return real_transaction()
+
+        slack = h.bot.adapters["slack"]
+        real_page = slack.page
+
+        async def page(user_id: str, message: Any) -> Any:
+            ref = await real_page(user_id, message)
+            answered.set()
+            return ref
+
+        slack.page, db.transaction = page, transaction  # type: ignore[method-assign]
+        async with real_transaction() as session:
+            session.add(alice_page(incident_id, h, "pending"))
+        h.bot.outbox.nudge()
+        await fake.wait_for(lambda: any(t.startswith("Paged Alice on Slack") for t in thread_lines(fake)), 15)
+        assert len(failures) == 2
+        assert await page_rows(h) == [("sent", None)]
+        assert [d["person"] for d in await audited(h, "incident.paged")] == ["alice"]
+        assert await audited(h, "incident.page_failed") == []
+        assert len(fake.called("conversations.open")) == 1
+        said = [r.getMessage() for r in caplog.records if "recording it failed" in r.getMessage()]
+        assert said[0] == ("outbox: the page to alice about #1 went out on Slack, but recording it failed "
+                           "(OperationalError: (builtins.TimeoutError) ); trying again in 1 s")
