@@ -373,7 +373,10 @@ async def test_a_page_delivered_while_the_database_fails_is_recorded_when_it_ans
 
         def transaction() -> Any:
             task = asyncio.current_task()
-            if answered.is_set() and task is not None and task.get_name() == "outbox-pages" and len(failures) < 2:
+            # the page's lane (a task of the pages loop's, named for whom it goes to: see OutboxWorker._lanes)
+            lane = task is not None and task.get_name().startswith("outbox-") and task.get_name() not in (
+                "outbox-pages", "outbox-slack")
+            if answered.is_set() and lane and len(failures) < 2:
                 failures.append(1)  # the database does not answer the pages loop, twice
                 raise OperationalError("UPDATE outbox ...", {}, TimeoutError())
             return real_transaction()
