@@ -143,8 +143,9 @@ def thread_line(event: str, details: Mapping[str, Any], *, actor_name: str | Non
         return f"Resolved{by}"
     if event == "incident.reopened":
         return f"Reopened{by}"
-    # worded where it happened (handlers/escalation.py; a maintenance window's end, handlers/silences.py)
-    if (event.startswith("escalation.") or event == "incident.unsilenced") and details.get("line"):
+    # worded where it happened (an escalation's, a page's, a maintenance window's end: handlers/escalation.py,
+    # paging.py, silences.py)
+    if details.get("line"):
         return one_line(str(details["line"]), 300)
     words = event.rsplit(".", 1)[-1].replace("_", " ").strip() or "updated"
     return f"{words.capitalize()}{by}"

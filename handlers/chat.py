@@ -44,6 +44,8 @@ class ChatHandlers:
     adapters_off: Mapping[str, str] = field(default_factory=dict)  # why a platform is off, for a page that failed
     escalations: Escalations | None = None  # stopped by acknowledge/resolve, restarted by reopen, pushed by escalate
     dispatcher: Dispatcher | None = field(default=None, init=False, repr=False)  # set by register: for its refusals
+    # (incident id, person id) -> who is paging them by hand now: a second command meanwhile sends nothing (_page)
+    _paging: dict[tuple[int, str], Person] = field(default_factory=dict, init=False, repr=False)
 
     def register(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
@@ -113,12 +115,14 @@ class ChatHandlers:
         if sub == "page":
             incident_id = _incident_id(event.args[1:])
             if incident_id is None or len(event.args) < 3:
-                return Reply("Usage: `/incident page ID PERSON`, for example `/incident page 42 alice`.")
+                return Reply("Usage: `/incident page ID PERSON [MESSAGE]`, for example `/incident page 42 alice` or "
+                             "`/incident page 42 alice please look at the db`.")
             # Paging someone by hand asks for more help, as Escalate does: its role, and its refusal.
             refused = self._refusal("/incident page", Action.ESCALATE, event.actor)
             if refused is not None:
                 return refused
-            return await self._page(incident_id, event.args[2], event.actor, person)
+            # The words after the person are the page's message ("Alice asks for your help with #42: ...").
+            return await self._page(incident_id, event.args[2], event.actor, person, " ".join(event.args[3:]))
         if sub in SUBCOMMANDS:
             incident_id = _incident_id(event.args[1:])
             if incident_id is None:
@@ -139,7 +143,7 @@ class ChatHandlers:
             return refused
         return Reply(f"`{command}`{refused.text.removeprefix(label)}")
 
-    async def _page(self, incident_id: int, who: str, actor: Actor, person: Person) -> Reply:
+    async def _page(self, incident_id: int, who: str, actor: Actor, person: Person, note: str = "") -> Reply:
         if incident_id > MAX_ID:
             return Reply(_no_incident(incident_id))
         target = find_person(self.config.people, who)
@@ -151,11 +155,26 @@ class ChatHandlers:
             return Reply(f"{target.name} was not paged: they have no `{RESPONDER}` role, so they could not acknowledge "
                          f"the page. Add `{RESPONDER}` to their `roles` under `people:` in app.yaml and restart the "
                          "bot, or page someone who has it.")
+        # A page of them about it already on its way (the command sent twice, or by two people at once) is the page:
+        # this replica sends one (paging.page refuses one a moment after it, from the audit log, on every replica).
+        key = (incident_id, target.id)
+        paging = self._paging.get(key)
+        if paging is not None:
+            self.metrics.actions.labels("page", "refused").inc()
+            by = "you" if paging.id == person.id else paging.name
+            return Reply(f"{target.name} is being paged about #{incident_id} right now, by {by}: nothing more was "
+                         "sent.")
+        self._paging[key] = person
         actor = Actor(actor.platform, actor.user_id, person.name, person.id)
-        result = await page(db=self.db, audit=self.audit, config=self.config, clock=self.clock, adapters=self.adapters,
-                            metrics=self.metrics, incident_id=incident_id, person=target, actor=actor,
-                            reason=f"{person.name} asks for your help", off=self.adapters_off)
+        try:
+            result = await page(db=self.db, audit=self.audit, config=self.config, clock=self.clock,
+                                adapters=self.adapters, metrics=self.metrics, incident_id=incident_id, person=target,
+                                actor=actor, note=note, off=self.adapters_off)
+        finally:
+            del self._paging[key]
         self.metrics.actions.labels("page", "changed" if result.ok else "refused").inc()
+        if result.recorded:
+            self.delivered()  # its line in the incident's thread
         return Reply(result.message)
 
     async def _list(self, args: list[str] | tuple[str, ...]) -> Reply:

@@ -51,8 +51,8 @@ from bot.view import incident_card, incident_state, span, thread_line
 from bot.escalation import escalation_mark
 from handlers.escalation import SYSTEM, TOKEN_REFUSED, Escalations, drawn_with, late_words
 from handlers.notify import button_from, direct_row, queue_redraw, queue_thread_line
-from handlers.paging import (LOOK_AFTER, UNANSWERED, Attempt, page_finders, page_message, page_order, page_where,
-                             send_page)
+from handlers.paging import (HAND_PAGE_EVENTS, LOOK_AFTER, UNANSWERED, Attempt, page_finders, page_message, page_order,
+                             page_where, send_page)
 from storage.audit import AuditLog, Entry
 from storage.db import Database, StoreReplaced, explain_failure
 from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem, SwapRequest, Timer
@@ -458,11 +458,11 @@ class OutboxWorker:
                                        channel.chat, "send", lost=self._findable(adapter, key))
             if ref is None:
                 return 1
-            # The post draws the incident as it is now, so what was queued before it is in it; escalation lines
-            # (who was paged, what comes next) are the thread's story and still follow it, as do the lines a card
-            # posted afresh was to carry (FOLLOWS).
-            folded = [i for i in items
-                      if not i.event.startswith("escalation.") and not (i.details or {}).get(FOLLOWS)]
+            # The post draws the incident as it is now, so what was queued before it is in it; escalation lines and
+            # pages sent by hand (who was paged, what comes next) are the thread's story and still follow it, as do
+            # the lines a card posted afresh was to carry (FOLLOWS).
+            folded = [i for i in items if not i.event.startswith("escalation.") and i.event not in HAND_PAGE_EVENTS
+                      and not (i.details or {}).get(FOLLOWS)]
             async with self.db.transaction() as session:
                 session.add(IncidentMessage(incident_id=incident.id, channel=channel_id, platform=channel.platform,
                                             chat_id=ref.chat_id, message_id=ref.message_id, thread_id=ref.thread_id,

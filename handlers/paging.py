@@ -3,13 +3,17 @@
 Used by `/incident page ID PERSON` and, through the outbox, by escalation steps. The
 platform is the first of the person's `page_via` (default: Slack first during business
 hours, Telegram first after them and for /incident page) that is on and knows them. Success and failure are both audit events; a failure says what to do,
-so whoever pages (a person, or the escalation) can move on at once.
+so whoever pages (a person, or the escalation) can move on at once. A page sent by hand says so in the incident's
+thread too ("Alice paged Carol on Telegram."), as an escalation's does: the channel learns who was asked, and that a
+page reached nobody. It carries the words typed after the person, and is not sent again to someone paged about the
+incident moments ago (REPEAT_AFTER): a command typed twice, or by two people at once, pages them once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -17,23 +21,31 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
 from bot.clock import Clock
 from bot.config import Config, Person
 from bot.metrics import Metrics
 from bot.model import Actor
-from bot.view import incident_card
+from bot.view import incident_card, one_line, span
 from handlers.escalation import drawn_with
-from handlers.notify import page_redraw_row
+from handlers.notify import page_redraw_row, queue_thread_line
 from storage.audit import AuditLog, Entry
 from storage.db import Database
-from storage.models import Escalation, Incident, OutboxItem
+from storage.models import AuditEvent, Escalation, Incident, OutboxItem
 from storage.queries import UNCONFIRMED, recent_alerts
 
 log = logging.getLogger("chatops.paging")
 DEFAULT_ORDER = ("telegram", "slack", "teams")  # after hours, and for /incident page
 HAND_PAGE_WAIT = 5.0  # seconds of a platform's flood control that /incident page waits out
 BUSINESS_ORDER = ("slack", "teams", "telegram")  # in business hours people are at their desks
+NOTE_MAX = 200  # characters of the words a page sent by hand carries: its thread line quotes them within 300
+# A person paged about an incident (by hand or by its escalation) is not paged about it again by hand before this: a
+# command typed twice pages once, and they have a moment to answer before being asked again.
+REPEAT_AFTER = timedelta(minutes=1)
+HAND_PAGE_EVENTS = ("incident.paged", "incident.page_failed")  # a page sent by hand's thread line (the card shows none)
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class PageResult:
     ok: bool
     message: str
     platform: str | None = None
+    recorded: bool = False  # tried: audited, and a line queued for the incident's thread
 
 
 def page_message(incident: Incident, alerts: list[Any], person: Person, config: Config, now: datetime,
@@ -166,20 +179,30 @@ def page_order(person: Person, *, business_hours: bool | None = None) -> Sequenc
 
 
 async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, adapters: Mapping[str, Adapter],
-               metrics: Metrics, incident_id: int, person: Person, actor: Actor, reason: str = "",
+               metrics: Metrics, incident_id: int, person: Person, actor: Actor, note: str = "",
                off: Mapping[str, str] | None = None) -> PageResult:
-    """Send the page; record `incident.paged` or `incident.page_failed` either way. `off`: why each platform that is
-    not on is off, for the failure to name it."""
+    """Send the page, sent by hand by `actor` (a person: their name is `display_name`, their id `person_id`); record
+    `incident.paged` or `incident.page_failed` either way, with a line in the incident's thread. `note`: the words
+    typed after the person, the page's message. `off`: why each platform that is not on is off, for the failure to
+    name it."""
+    now = clock.now()
     async with db.sessions() as session:
         incident = await session.get(Incident, incident_id)
         alerts = await recent_alerts(session, incident_id) if incident else []
         escalation = await session.get(Escalation, incident_id) if incident else None
+        recent = await _recent_page(session, incident_id, person.id, now - REPEAT_AFTER) if incident else None
     if incident is None:
         return PageResult(False, f"There is no incident #{incident_id}.")
     if incident.status == "resolved":
         return PageResult(False, f"#{incident_id} is resolved, so nobody was paged; if it needs someone after all, "
                                  f"`/incident reopen {incident_id}` first.")
-    now = clock.now()
+    note = one_line(note, NOTE_MAX)
+    if recent is not None:
+        return PageResult(False, _too_soon(recent, person, actor, incident_id, now, note,
+                                           {p.id: p.name for p in config.people}))
+    who = actor.display_name
+    reason = f"{who} asks for your help" + (f" with #{incident_id}: {note}" if note else "")
+    quoted = f": \u201c{note}\u201d" if note else "."
     # Escalate carries where the escalation stands, as on an escalation's page: a double press escalates once.
     _, mark = drawn_with(escalation)
     # It carries a key where a platform can find it by it (Slack), as an escalation's page does: if its answer is
@@ -199,9 +222,17 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
                               event="incident.page", status="sent", attempts=1,
                               details={"person": person.id, "manual": True, "message": page_where(attempt.ref),
                                        "reason": reason})  # (its words, kept when it is redrawn)
-        await _record(db, audit, actor, incident_id, now, "incident.paged", details, sent, drawn=incident.status)
-        return PageResult(True, f"Paged {person.name} on {attempt.platform.capitalize()}.", attempt.platform)
+        line = f"{who} paged {person.name} on {attempt.platform.capitalize()}{quoted}"
+        await _record(db, audit, actor, incident_id, now, "incident.paged", details, line, sent, drawn=incident.status)
+        return PageResult(True, f"Paged {person.name} on {attempt.platform.capitalize()}.", attempt.platform,
+                          recorded=True)
     why = attempt.problem(person, adapters, off=off, order=order)
+    # What to do about it (an unconfirmed page says so itself: it may have arrived, and is not sent again), with the
+    # command as code in the answer; the thread line has none (a Telegram thread would show the backticks as typed).
+    todo = "" if attempt.unknown else (
+        (" Try again in a minute, or page" if attempt.transient else " Page") + " someone else with {}.")
+    command = f"/incident page {incident_id} PERSON"
+    said = why.rstrip(".")
     failed: dict[str, Any] = {"person": person.id, "tried": attempt.tried, "reason": reason, "problem": why}
     if attempt.unknown:  # it may have arrived (see send_page)
         failed["unknown"] = attempt.unknown
@@ -214,20 +245,65 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
                           last_error=(UNCONFIRMED + why)[:500],
                           details={"person": person.id, "manual": True,
                                    UNANSWERED: {"key": key, "at": time.time(), "platform": attempt.unknown}})
-    await _record(db, audit, actor, incident_id, now, "incident.page_failed", failed, lost)
     if attempt.unknown:
-        return PageResult(False, f"The page to {person.name} is unconfirmed: {why}")
-    return PageResult(False, f"Could not page {person.name}: {why}")
+        line = f"{who} paged {person.name}, and the page is unconfirmed: {said}."
+    else:
+        line = f"{who} tried to page {person.name}: {said}.{todo.format(command)}"
+    await _record(db, audit, actor, incident_id, now, "incident.page_failed", failed, line, lost)
+    if attempt.unknown:
+        return PageResult(False, f"The page to {person.name} is unconfirmed: {why}", recorded=True)
+    return PageResult(False, f"Could not page {person.name}: {said}.{todo.format(f'`{command}`')}", recorded=True)
+
+
+@dataclass(frozen=True)
+class RecentPage:
+    """A page of a person about an incident, a moment ago: when, by whom (None: its escalation), on which platform."""
+
+    at: datetime
+    by: str | None
+    platform: str | None
+
+
+async def _recent_page(session: AsyncSession, incident_id: int, person_id: str, since: datetime) -> RecentPage | None:
+    """The newest `incident.paged` of `person_id` about the incident after `since`, by hand or by its escalation, as the
+    audit log has it (every page is recorded there, wherever it was sent from). A page that reached nobody does not
+    count: paging again is what its answer says to do."""
+    rows = (await session.execute(
+        select(AuditEvent.at, AuditEvent.actor_person, AuditEvent.details)
+        .where(AuditEvent.incident_id == incident_id, AuditEvent.action == "incident.paged", AuditEvent.at > since)
+        .order_by(AuditEvent.seq.desc()))).all()
+    for at, by, details in rows:
+        if isinstance(details, dict) and details.get("person") == person_id:
+            return RecentPage(at, by, details.get("platform"))
+    return None
+
+
+def _too_soon(recent: RecentPage, person: Person, actor: Actor, incident_id: int, now: datetime, note: str,
+              names: Mapping[str, str]) -> str:
+    """Why the page is not sent: who paged the person a moment ago, and when they may be paged again."""
+    ago = max(timedelta(0), now - recent.at)
+    left = timedelta(seconds=max(1, math.ceil((REPEAT_AFTER - ago).total_seconds())))
+    by = ("you" if recent.by == actor.person_id else "the escalation" if recent.by is None
+          else names.get(recent.by, recent.by))
+    where = f" on {recent.platform.capitalize()}" if recent.platform else ""
+    dropped = " Your message was not sent." if note else ""
+    when = f"{span(ago)} ago" if ago >= timedelta(seconds=1) else "just now"
+    return (f"{person.name} was paged about #{incident_id} {when}, by {by}{where}, so not again yet: give them "
+            f"a moment to answer.{dropped} To page them again, wait {span(left)}; to ask someone else, "
+            f"`/incident page {incident_id} PERSON`.")
 
 
 async def _record(db: Database, audit: AuditLog, actor: Actor, incident_id: int, now: datetime, action: str,
-                  details: dict[str, Any], sent: OutboxItem | None = None, drawn: str | None = None) -> None:
-    """The audit event, and `sent` (the page's outbox row); a page drawn while the incident was `drawn` (its status)
-    is redrawn at once if someone changed that while it went out (their redraw did not know of it yet)."""
+                  details: dict[str, Any], line: str, sent: OutboxItem | None = None, drawn: str | None = None) -> None:
+    """The audit event, its `line` in the incident's thread on every platform it is posted on (through the outbox,
+    in the same transaction), and `sent` (the page's outbox row); a page drawn while the incident was `drawn` (its
+    status) is redrawn at once if someone changed that while it went out (their redraw did not know of it yet)."""
     async with db.transaction() as session:
+        now_is = await session.get(Incident, incident_id)
         if sent is not None:
             session.add(sent)
-            now_is = await session.get(Incident, incident_id)
             if now_is is not None and drawn is not None and now_is.status != drawn:
                 session.add(OutboxItem(**page_redraw_row(incident_id, now)))
+        if now_is is not None:
+            queue_thread_line(session, now_is, now, action, {"line": line})  # (action: one of HAND_PAGE_EVENTS)
         await audit.append_many(session, [Entry(action, actor, "incident", str(incident_id), now, details, incident_id)])

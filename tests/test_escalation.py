@@ -565,6 +565,127 @@ async def test_a_hand_page_about_a_silenced_incident_offers_escalate_once_it_is_
         await until(lambda: verbs(carols_page(w)) == ["ack", "esc", "?res"], "Carol's page offers Escalate again")
 
 
+async def told(w: World, predicate: Any, what: str) -> None:
+    """Until the thread says what `predicate` looks for. Lines go at the chat's pace, and one the fake chat turned
+    away (429) waits for its Retry-After on the bot's clock: the clock moves a second at a time meanwhile."""
+    for _ in range(60):
+        if predicate():
+            return
+        await w.tick(timedelta(seconds=1))
+        await asyncio.sleep(0.2)
+    await until(predicate, what)
+
+
+def group_lines(w: World) -> list[str]:
+    """The lines in the incident's thread in the Telegram group: the bot's replies there."""
+    return [c.params["text"] for c in w.tg.called("sendMessage")
+            if str(c.params["chat_id"]) == "-100123" and c.params.get("reply_parameters")]
+
+
+async def test_a_page_sent_by_hand_says_so_in_the_thread_on_every_platform_with_its_words(tmp_path: Path) -> None:
+    """`/incident page` sent the page and audited it, and the channel never learnt of it: now the thread says who
+    paged whom, on every platform the incident is posted on, as an escalation's page does, and a page that reached
+    nobody says so with what to do. The words after the person are the page's message, escaped as alert text is
+    (`<!channel>` pings nobody) and cut short."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")  # posted in Slack and in the Telegram group; step 1 pages Bob
+        await told(w, lambda: any("Paged Bob" in t for t in thread_texts(w.slack)) and group_lines(w), "step 1's line")
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol please look at the db <!channel>",
+                                                           user="U01ALICE"))
+        assert paged["text"] == "Paged Carol on Telegram."
+        [page] = w.pages(CAROL_TG)
+        assert "Alice asks for your help with #1: please look at the db &lt;!channel&gt;" in page["text"]
+        said = "Alice paged Carol on Telegram: \u201cplease look at the db &lt;!channel&gt;\u201d"  # (escaped alike)
+        await told(w, lambda: said in thread_texts(w.slack) and said in group_lines(w), "the line on both platforms")
+        assert not any("<!channel>" in t for t in thread_texts(w.slack))
+
+        failed = await w.slack.answer(await w.slack.command("/incident", "page 1 dave", user="U01ALICE"))
+        why = "Dave has no id in app.yaml for a platform that is on (on: slack, telegram)"
+        assert failed["text"] == f"Could not page Dave: {why}. Page someone else with `/incident page 1 PERSON`."
+        tried = f"Alice tried to page Dave: {why}. Page someone else with /incident page 1 PERSON."
+        await told(w, lambda: tried in thread_texts(w.slack) and tried in group_lines(w), "the failure on both")
+        assert [(e.details["person"], e.actor_person) for e in await w.audit("incident.paged")] == [
+            ("bob", None), ("carol", "alice")]
+        assert [e.details["person"] for e in await w.audit("incident.page_failed")] == ["dave"]
+
+        w.h.clock.advance(timedelta(minutes=2))
+        long = await w.slack.answer(await w.slack.command("/incident", "page 1 alice " + "disk " * 100,
+                                                          user="U02BOB"))
+        assert long["text"] == "Paged Alice on Telegram."
+        [alices] = w.pages(ALICE_TG)
+        note = "disk " * 39 + "disk\u2026"  # 200 characters
+        assert f"Bob asks for your help with #1: {note}" in alices["text"] and "disk " * 40 not in alices["text"]
+        await told(w, lambda: f"Bob paged Alice on Telegram: \u201c{note}\u201d" in thread_texts(w.slack), "its line")
+
+
+async def test_a_line_about_a_page_sent_before_the_card_is_posted_follows_the_card(tmp_path: Path) -> None:
+    """Paged by hand while Slack holds the incident's card back: the card, posted later, does not swallow the line
+    (it shows nothing of a page sent by hand), which goes in its thread after it."""
+    async with world(tmp_path, NIGHT) as w:
+        outbox = w.h.bot.outbox
+        outbox.buckets.pause("slack", "C0OPS", outbox._monotonic() + 3600)
+        await w.alert("critical", team="quiet")  # Slack only, no escalation
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
+        assert paged["text"] == "Paged Carol on Telegram."
+        await asyncio.sleep(0.3)
+        assert not w.slack.posts()
+        outbox.buckets.paused.clear()
+        outbox.nudge()
+        await told(w, lambda: "Alice paged Carol on Telegram." in thread_texts(w.slack), "the line, after the card")
+
+
+async def test_a_person_paged_a_moment_ago_is_not_paged_again_by_hand(tmp_path: Path) -> None:
+    """`/incident page 1 carol` typed five times paged Carol five times. Within a minute of a page of the same person
+    about the same incident, by hand or by its escalation, the command is answered politely and sends nothing (and
+    records nothing: nobody was paged); after that minute it pages again."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await told(w, lambda: any("Paged Bob" in t for t in thread_texts(w.slack)), "step 1 paged Bob, and recorded it")
+        first = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
+        assert first["text"] == "Paged Carol on Telegram."
+        w.h.clock.advance(timedelta(seconds=20))
+        again = await w.slack.answer(await w.slack.command("/incident", "page 1 carol please look", user="U02BOB"))
+        assert again["text"] == (
+            "Carol was paged about #1 20 s ago, by Alice on Telegram, so not again yet: give them a moment to "
+            "answer. Your message was not sent. To page them again, wait 40 s; to ask someone else, "
+            "`/incident page 1 PERSON`.")
+        mine = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
+        assert mine["text"].startswith("Carol was paged about #1 20 s ago, by you on Telegram, so not again yet")
+        bob = await w.slack.answer(await w.slack.command("/incident", "page 1 bob", user="U01ALICE"))
+        assert bob["text"].startswith("Bob was paged about #1 ")  # (20 s ago or more: the clock moved for his line)
+        assert ", by the escalation on Telegram, so not again yet" in bob["text"]
+        assert len(w.pages(CAROL_TG)) == 1 and len(w.pages(BOB_TG)) == 1
+        w.h.clock.advance(timedelta(seconds=40))
+        later = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U02BOB"))
+        assert later["text"] == "Paged Carol on Telegram."
+        assert len(w.pages(CAROL_TG)) == 2
+        assert [e.details["person"] for e in await w.audit("incident.paged")] == ["bob", "carol", "carol"]
+        await told(w, lambda: "Bob paged Carol on Telegram." in thread_texts(w.slack), "the second page's line")
+        assert [t for t in thread_texts(w.slack) if "paged Carol" in t] == [
+            "Alice paged Carol on Telegram.", "Bob paged Carol on Telegram."]
+
+
+async def test_two_pages_of_one_person_typed_at_once_send_one(tmp_path: Path) -> None:
+    """A double submit: the second command arrives while the first one's page is on its way. It is answered, and
+    Carol gets one page."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="quiet")
+        telegram = w.h.bot.adapters["telegram"]
+        real_page = telegram.page
+
+        async def slow_page(user_id: str, message: Any) -> Any:
+            await asyncio.sleep(0.5)
+            return await real_page(user_id, message)
+
+        telegram.page = slow_page  # type: ignore[method-assign]
+        first = await w.slack.command("/incident", "page 1 carol", user="U01ALICE")
+        second = await w.slack.command("/incident", "page 1 carol", user="U02BOB")
+        answers = sorted([(await w.slack.answer(first))["text"], (await w.slack.answer(second))["text"]])
+        assert answers == ["Carol is being paged about #1 right now, by Alice: nothing more was sent.",
+                           "Paged Carol on Telegram."]
+        assert len(w.pages(CAROL_TG)) == 1
+
+
 async def test_pages_sent_by_hand_are_counted_in_metrics_as_an_escalations_are(tmp_path: Path) -> None:
     async with world(tmp_path, NIGHT) as w:
         await w.alert("critical", team="quiet")  # no escalation policy: every page here is sent by hand
@@ -909,7 +1030,8 @@ async def test_a_page_to_a_platform_off_since_its_token_was_refused_at_start_wai
                 "nobody acknowledges.")
             answer = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U01ALICE"))
             assert answer["text"] == (f"Could not page Carol: telegram is off ({refused}), and Carol has no id in "
-                                      "app.yaml for a platform that is on (on: slack)")
+                                      "app.yaml for a platform that is on (on: slack). Page someone else with "
+                                      "`/incident page 1 PERSON`.")
             await w.tick(timedelta(minutes=29))
             await asyncio.sleep(0.3)
             assert [e.details["step"] for e in await w.audit("escalation.step")] == [1]  # not moved on at once
@@ -1646,3 +1768,30 @@ async def test_a_line_posted_after_the_step_it_promised_fired_drops_the_promise(
         await until(lambda: any("Paged Carol" in t for t in thread_texts(w.slack)), "the lines go", timeout=20)
         lines = [t for t in thread_texts(w.slack) if t.startswith("Paged")]
         assert lines == ["Paged Bob on Telegram.", "Paged Carol on Telegram."]
+
+
+async def test_the_last_page_of_a_person_is_read_from_the_audit_log_on_either_store(db: Any) -> None:
+    """What refuses a page sent again a moment later, on SQLite and PostgreSQL alike: the newest `incident.paged` of that
+    person about that incident within the window, by hand or by the escalation; a page that reached nobody, another
+    person's or another incident's page does not count."""
+    from bot.model import Actor
+    from handlers.escalation import SYSTEM
+    from handlers.paging import _recent_page
+    from storage.audit import AuditLog, Entry
+
+    audit, alice = AuditLog("k"), Actor("slack", "U01ALICE", "Alice", "alice")
+    at = NIGHT
+    async with db.transaction() as session:
+        await audit.append_many(session, [
+            Entry("incident.paged", SYSTEM, "incident", "1", at, {"person": "carol", "platform": "telegram"}, 1),
+            Entry("incident.paged", alice, "incident", "1", at + timedelta(seconds=10),
+                  {"person": "carol", "platform": "slack"}, 1),
+            Entry("incident.page_failed", alice, "incident", "1", at + timedelta(seconds=20), {"person": "carol"}, 1),
+            Entry("incident.paged", alice, "incident", "1", at + timedelta(seconds=30), {"person": "bob"}, 1),
+            Entry("incident.paged", alice, "incident", "2", at + timedelta(seconds=40), {"person": "carol"}, 2)])
+    async with db.sessions() as session:
+        recent = await _recent_page(session, 1, "carol", at - timedelta(seconds=5))
+        assert recent is not None and (recent.at, recent.by, recent.platform) == (at + timedelta(seconds=10), "alice",
+                                                                                  "slack")
+        assert await _recent_page(session, 1, "carol", at + timedelta(seconds=10)) is None  # (after it, not at it)
+        assert await _recent_page(session, 1, "dave", at - timedelta(seconds=5)) is None

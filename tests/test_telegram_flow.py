@@ -292,7 +292,19 @@ def _tg_replies(b: Both, message_id: int) -> list[str]:
 
 async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_audited(both: Both) -> None:
     b = both
-    await posted_on_both(b)
+    _, group_message = await posted_on_both(b)
+
+    async def told(line: str) -> None:
+        """The incident's thread in the group says `line` (and so holds back no failure set up next). A line the fake
+        turned away (429) waits for its Retry-After on the bot's clock: the clock moves a second at a time meanwhile."""
+        for _ in range(50):
+            if line in _tg_replies(b, group_message):
+                return
+            b.h.clock.advance(timedelta(seconds=1))
+            b.h.bot.outbox.nudge()
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"the thread never said {line!r}: {_tg_replies(b, group_message)}")
+
     # Telegram's flood control for her chat says to wait a second: the page waits that second (someone is asking
     # for her now), rather than failing or going to her second platform
     b.tg.fail("sendMessage", "Too Many Requests: retry after 1", 429, parameters={"retry_after": 1})
@@ -310,6 +322,8 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     on_slack = await b.slack.answer(await b.slack.command("/incident", "page 1 <@U02BOB|bob>"))  # as Slack sends a mention
     assert on_slack["text"] == "Paged Bob on Slack."  # Bob has no Telegram id: his Slack DM gets the page
     assert [c.params["users"] for c in b.slack.fake.called("conversations.open")] == ["U02BOB"]
+    await told("Alice paged Bob on Slack.")
+    b.h.clock.advance(timedelta(minutes=1))  # (paged a moment ago, she would not be paged again yet)
     b.tg.fail("sendMessage", "Forbidden: bot can't initiate conversation with a user", 403)
     refused = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
     assert refused["text"] == "Paged Alice on Slack."  # Telegram refused; her next platform took it
@@ -322,12 +336,15 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     assert last.details["platform"] == "slack"
     assert last.details["tried"] == ["telegram: Telegram user 111111 has not started a chat with the bot; "
                                      "ask them to open it and press Start"]
+    await told("Alice paged Alice on Slack.")
+    b.h.clock.advance(timedelta(minutes=1))
     b.tg.fail("sendMessage", "Forbidden: bot can't initiate conversation with a user", 403)
     b.slack.fake.fail("conversations.open", "user_not_found")
     failed = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
     assert failed["text"].startswith("Could not page Alice: telegram: Telegram user 111111 has not started a chat")
     assert "slack" in failed["text"] and "telegram: telegram" not in failed["text"]
     assert (await b.h.actions(1)).count("incident.page_failed") == 1
+    await told(failed["text"].replace("Could not page Alice:", "Alice tried to page Alice:").replace("`", ""))
     await b.slack.answer(await b.slack.command("/incident", "resolve 1"))
     opened = len(b.slack.fake.called("conversations.open"))  # Bob is paged in his Slack DM
     resolved = await b.slack.answer(await b.slack.command("/incident", "page 1 bob"))
