@@ -658,12 +658,15 @@ class SlackAdapter:
     async def _mention(self, event: dict[str, Any], handling: Handling) -> None:
         command = mention_event(event)
         reply = await self._dispatch(self.dispatcher.handle_command(command), handling)
-        channel, thread = event.get("channel", ""), event.get("thread_ts") or event.get("ts")
+        channel = event.get("channel", "")
+        thread = command.chat.thread_id if command.chat is not None else None  # the thread the mention was in
         if reply.ephemeral:
+            # In that thread, or in the channel: Slack shows an ephemeral message in a thread only if the thread
+            # exists, and the thread of a mention outside one does not (the answer would never be seen).
             await self._call("chat.postEphemeral", self.client.chat_postEphemeral(
                 channel=channel, user=command.actor.user_id, thread_ts=thread, **self._reply_payload(reply)))
-        else:
-            await self._post(channel, thread, reply)
+        else:  # for everyone: a post starts the mention's thread when it has none
+            await self._post(channel, thread or event.get("ts"), reply)
 
     async def _post(self, channel: str, thread: str | None, reply: Reply) -> None:
         await self._call("chat.postMessage", self.client.chat_postMessage(

@@ -64,6 +64,7 @@ class Dispatcher:
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._people: dict[tuple[str, str], Person] = {}
         self._typed: dict[str, frozenset[str]] = {}  # platform -> the commands typed there by their own name
+        self._words: dict[str, str] = {}  # a subcommand the umbrella takes on its own -> its command (see command)
         for person in config.people:
             for platform, key in _ID_KEYS.items():
                 value = getattr(person, key)
@@ -78,10 +79,14 @@ class Dispatcher:
             return fn
         return register
 
-    def command(self, name: str, *, usage: str, help: str, role: str | None = None,
-                anyone: bool = False) -> Callable[[CommandHandler], CommandHandler]:
+    def command(self, name: str, *, usage: str, help: str, role: str | None = None, anyone: bool = False,
+                words: Iterable[str] = ()) -> Callable[[CommandHandler], CommandHandler]:
+        """`words`: subcommands of this command that the umbrella takes as its first word when no command has that
+        name: `/chatops resolve 42` (and `@chatops resolve 42`) is `/incident resolve 42`."""
         def register(fn: CommandHandler) -> CommandHandler:
             self.commands[name] = CommandSpec(name, fn, usage, help, role, anyone)
+            for word in words:
+                self._words[word] = name
             return fn
         return register
 
@@ -139,6 +144,10 @@ class Dispatcher:
             event = CommandEvent(event.args[0].lower(), list(event.args[1:]), event.actor, event.chat, event.direct,
                                  plain=True)
             name = event.name
+            if name not in self.commands and name in self._words:  # a subcommand: `resolve 42` is `incident resolve 42`
+                event = CommandEvent(self._words[name], [name, *event.args], event.actor, event.chat, event.direct,
+                                     plain=True)
+                name = event.name
         if name == "help":
             return Reply(self.help_text(platform))
         spec = self.commands.get(name)

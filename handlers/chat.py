@@ -51,7 +51,9 @@ class ChatHandlers:
         self.dispatcher = dispatcher
         for button, verb in BUTTON_ACTIONS.items():
             dispatcher.action(button, role=RESPONDER, label=LABELS[verb])(self._button(verb))
-        dispatcher.command("incident", usage=INCIDENT_USAGE, help="list, show and act on incidents")(self.incident)
+        # Its subcommands are words of their own to the umbrella too: `@chatops resolve 42`, as `@chatops ack 42` is.
+        dispatcher.command("incident", usage=INCIDENT_USAGE, help="list, show and act on incidents",
+                           words=("list", "show", "page", *SUBCOMMANDS))(self.incident)
         dispatcher.command("ack", usage="/ack ID", help="acknowledge an incident")(self.ack)
         dispatcher.command("start", usage="/start", help="who the bot thinks you are", anyone=True)(self.start)
 

@@ -16,6 +16,9 @@ through them as Slack does (`oldest`, `latest`, `inclusive`, `limit`, `cursor`),
 the metadata only for `include_all_metadata`. As in Slack, a person's user id (`U...`,
 `W...`) is no conversation to read or edit: `conversations.history` and `chat.update`
 answer `channel_not_found` for one (`conversations.open` gives their direct conversation).
+`chat.postEphemeral` answers ok whatever its `thread_ts`, but, as in Slack, the person sees it in a thread only if
+the thread already exists: `slack.ephemerals` keeps each with `shown`. A person's message in a thread, which the
+bot never posts, is told to the fake with `slack.said(channel, ts, thread_ts)`.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ class FakeSlack:
     calls: list[Call] = field(default_factory=list)
     responses: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     messages: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    ephemerals: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._failures: dict[str, list[_Failure]] = defaultdict(list)
@@ -107,6 +111,14 @@ class FakeSlack:
 
     def response_url(self, key: str) -> str:
         return f"{self.url}/response/{key}"
+
+    def said(self, channel: str, ts: str, thread_ts: str | None = None, *, user: str = "U01ALICE",
+             text: str = "") -> None:
+        """A person's message, as Slack holds it (a mention of the bot, say): a reply makes its thread exist."""
+        message = {"type": "message", "user": user, "text": text, "ts": ts}
+        if thread_ts:
+            message["thread_ts"] = thread_ts
+        self.messages[(channel, ts)] = message
 
     def called(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method and c.ok]
@@ -289,6 +301,11 @@ class FakeSlack:
     def _chat_postEphemeral(self, p: dict[str, Any]) -> dict[str, Any]:
         if not p.get("channel") or not p.get("user"):
             return {"ok": False, "error": "channel_not_found" if not p.get("channel") else "user_not_found"}
+        channel, thread = p["channel"], p.get("thread_ts")
+        # Slack: "ephemeral messages in threads are only shown if there is already an active thread"
+        shown = not thread or any(c == channel and t != thread and m.get("thread_ts") == thread
+                                  for (c, t), m in self.messages.items())
+        self.ephemerals.append({**p, "shown": shown})
         return {"ok": True, "message_ts": self._next_ts()}
 
     def _conversations_open(self, p: dict[str, Any]) -> dict[str, Any]:

@@ -375,7 +375,9 @@ async def test_a_mention_is_the_umbrella_command_and_is_taken_once(env: Env) -> 
         name="chatops", args=["ack", "42"], actor=Actor("slack", "U01ALICE", "", None),
         chat=MessageRef("slack", "C0OPS", "1700000003.000200", None))]
     params = env.slack.called("chat.postEphemeral")[0].params
-    assert (params["channel"], params["user"], params["thread_ts"]) == ("C0OPS", "U01ALICE", "1700000003.000200")
+    # not in the mention's own thread: there is none, and Slack shows an ephemeral message only in a thread that exists
+    assert (params["channel"], params["user"], params.get("thread_ts")) == ("C0OPS", "U01ALICE", None)
+    assert env.slack.ephemerals[0]["shown"]
 
 
 @pytest.mark.parametrize(("text", "args"), [

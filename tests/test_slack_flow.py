@@ -380,6 +380,50 @@ async def test_a_mention_with_words_that_are_no_command_gets_the_help_not_an_unk
     assert answer["text"].startswith("`hello` is not one of my commands.\nCommands:") and "/hello" not in answer["text"]
 
 
+async def mention(s: Slack, text: str, ts: str, *, thread: str | None = None) -> dict[str, Any]:
+    """`@chatops TEXT` by Alice in #ops (in `thread`, when given): the ephemeral answer Slack shows, or not."""
+    s.fake.said("C0OPS", ts, thread, text=text)  # Slack holds the person's message before it sends the event
+    event: dict[str, Any] = {"type": "app_mention", "user": "U01ALICE", "text": text, "ts": ts, "channel": "C0OPS"}
+    if thread:
+        event["thread_ts"] = thread
+    before = len(s.fake.ephemerals)
+    status, _ = await s.event(json.dumps({"type": "event_callback", "event_id": f"Ev{ts}", "event_time": 1700000003,
+                                          "event": event}))
+    assert status == 200
+    await s.fake.wait_for(lambda: len(s.fake.ephemerals) > before, timeout=5)
+    return s.fake.ephemerals[before]
+
+
+async def test_the_answer_to_a_mention_outside_a_thread_is_shown_in_the_channel(slack: Slack) -> None:
+    """A top-level `@chatops ack 1` was answered in the thread of the mention itself, a thread that does not exist:
+    Slack shows an ephemeral message in a thread only once the thread exists, so Alice never saw the answer."""
+    s = slack
+    await incident_posted(s)
+    answer = await mention(s, "<@U0BOT> ack 1", "1700000003.000200")
+    assert answer["text"] == "Acknowledged #1." and answer["user"] == "U01ALICE"
+    assert "thread_ts" not in answer and answer["shown"]
+
+
+async def test_a_mention_understands_the_incident_commands_and_answers_in_its_thread(slack: Slack) -> None:
+    """`@chatops resolve 1` was "`resolve` is not one of my commands" while `@chatops ack 1` worked: a mention takes
+    the `/incident` subcommands as the slash commands do."""
+    s = slack
+    ts = await incident_posted(s)
+    answer = await mention(s, "<@U0BOT> resolve 1", "1700000004.000200", thread=ts)  # in the incident's thread
+    assert answer["text"] == "Resolved #1." and answer["thread_ts"] == ts and answer["shown"]
+    assert (await s.h.incidents())[0].status == "resolved"
+    shown = await mention(s, "<@U0BOT> show #1", "1700000005.000200")
+    assert "Resolved · Medium · #1 CPU above 90%" in shown["text"] and shown["shown"]
+    listed = await mention(s, "<@U0BOT> list all", "1700000006.000200")
+    assert "CPU above 90%" in listed["text"]
+    reopened = await mention(s, "<@U0BOT> reopen 1", "1700000007.000200")
+    assert reopened["text"] == "Reopened #1."
+    usage = await mention(s, "<@U0BOT> escalate", "1700000008.000200")
+    assert usage["text"] == "Usage: `/incident escalate ID`, for example `/incident escalate 42`."
+    unknown = await mention(s, "<@U0BOT> hello", "1700000009.000200")
+    assert unknown["text"].startswith("`hello` is not one of my commands.")
+
+
 async def test_incident_list_finds_the_open_ones_behind_many_resolved(slack: Slack) -> None:
     s = slack
     await incident_posted(s)  # #1, still firing
