@@ -94,7 +94,7 @@ class ChatHandlers:
         return Reply(text)
 
     async def ack(self, event: CommandEvent, person: Person) -> Reply:
-        incident_id = _incident_id(event.args)
+        incident_id = _incident_id(event.args, words=1)
         if incident_id is None:
             return Reply("Usage: `/ack ID`, for example `/ack 42`.")
         refused = self._refusal("/ack", Action.ACKNOWLEDGE, event.actor)
@@ -110,13 +110,14 @@ class ChatHandlers:
         if sub == "list":
             return await self._list(event.args[1:])
         if sub == "show":
-            incident_id = _incident_id(event.args[1:])
+            incident_id = _incident_id(event.args[1:], words=1)
             if incident_id is None:
                 return Reply("Usage: `/incident show ID`, for example `/incident show 42`.")
             return await self._show(incident_id)
         if sub == "page":
-            incident_id = _incident_id(event.args[1:])
-            if incident_id is None or len(event.args) < 3:
+            # the id, the person, then any words: the page's message
+            incident_id = _incident_id(event.args[1:2], words=1) if len(event.args) >= 3 else None
+            if incident_id is None:
                 return Reply("Usage: `/incident page ID PERSON [MESSAGE]`, for example `/incident page 42 alice` or "
                              "`/incident page 42 alice please look at the db`.")
             # Paging someone by hand asks for more help, as Escalate does: its role, and its refusal.
@@ -126,7 +127,7 @@ class ChatHandlers:
             # The words after the person are the page's message ("Alice asks for your help with #42: ...").
             return await self._page(incident_id, event.args[2], event.actor, person, " ".join(event.args[3:]))
         if sub in SUBCOMMANDS:
-            incident_id = _incident_id(event.args[1:])
+            incident_id = _incident_id(event.args[1:], words=1)
             if incident_id is None:
                 return Reply(f"Usage: `/incident {sub} ID`, for example `/incident {sub} 42`.")
             refused = self._refusal(f"/incident {sub}", VERB_ACTIONS[SUBCOMMANDS[sub]], event.actor)
@@ -181,13 +182,14 @@ class ChatHandlers:
 
     async def _list(self, args: list[str] | tuple[str, ...]) -> Reply:
         status = args[0].lower() if args else "open"
-        if status not in ("open", "triggered", "acknowledged", "resolved", "all"):
+        if status not in ("open", "triggered", "acknowledged", "resolved", "all") or len(args) > 1:
             return Reply("Usage: `/incident list [open|triggered|acknowledged|resolved|all]`")
         async with self.db.sessions() as session:
             incidents = await list_incidents(session, status=status, limit=LIST_MAX)
             total = await count_incidents(session, status=status) if len(incidents) == LIST_MAX else len(incidents)
+        which = "" if status == "all" else f"{status} "  # "1 incident(s)", not "1 all incident(s)"
         if not incidents:
-            return Reply(f"No {status} incidents.")
+            return Reply(f"No {which}incidents.")
         now = self.clock.now()
         text = table(["#", "status", "severity", "alerts", "opened", "title"],
                      [(i.id, i.status, i.severity, i.alert_count, ago(now - i.opened_at), i.title[:60]) for i in incidents])
@@ -195,9 +197,9 @@ class ChatHandlers:
         # so every backtick in it is shown as a look-alike (U+02CB) that ends nothing.
         text = text.replace("`", "\u02cb")
         if total > len(incidents):
-            return Reply(f"The newest {len(incidents)} of {total} {status} incidents (`chatops incidents list` shows "
+            return Reply(f"The newest {len(incidents)} of {total} {which}incidents (`chatops incidents list` shows "
                          f"them all):\n```\n{text}\n```")
-        return Reply(f"{len(incidents)} {status} incident(s), newest first:\n```\n{text}\n```")
+        return Reply(f"{len(incidents)} {which}incident(s), newest first:\n```\n{text}\n```")
 
     async def _show(self, incident_id: int) -> Reply:
         if incident_id > MAX_ID:
@@ -234,11 +236,12 @@ def _where_pages_go(person: Person, on: Collection[str]) -> str:
             f"{after}.")
 
 
-def _incident_id(args: list[str] | tuple[str, ...] | object) -> int | None:
-    """The id `args` start with (`42` or `#42`), or None (`bot.actions.typed_id`). A number past MAX_ID is returned
-    all the same: it is an id no incident has, answered as such by `_no_incident` before the store is asked."""
+def _incident_id(args: list[str] | tuple[str, ...] | object, *, words: int) -> int | None:
+    """The id `args` start with (`42` or `#42`), or None (`bot.actions.typed_id`), also when they are not `words` words
+    long: `/ack 1 2` is a typo to ask about, not an acknowledgement of #1. A number past MAX_ID is returned all the
+    same: it is an id no incident has, answered as such by `_no_incident` before the store is asked."""
     values = list(args) if isinstance(args, (list, tuple)) else []
-    return typed_id(str(values[0])) if values else None
+    return typed_id(str(values[0])) if len(values) == words else None
 
 
 def _no_incident(incident_id: int) -> str:

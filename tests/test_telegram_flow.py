@@ -7,7 +7,9 @@ and the fake Telegram Bot API on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -525,3 +527,42 @@ async def test_an_id_too_big_for_the_store_is_no_such_incident_on_telegram_and_s
     for command, text in (("/ack", big), ("/incident", f"resolve {big}"), ("/swap", f"cancel {big}")):
         answer = (await both.slack.answer(await both.slack.command(command, text)))["text"]
         assert answer.startswith("There is no ") and answer.endswith(f" #{big}."), (command, answer)
+
+
+async def test_an_incident_command_with_words_too_many_gets_its_usage_on_telegram_and_slack_alike(
+        both: Both) -> None:
+    """`/incident ack 1 2` acknowledged #1 alone (and said so), `/ack 1 extra` and `/incident list open extra` were
+    taken as if the extra words were not there: a typo acted. Each answers with its usage, as `/oncall X extra` does,
+    and acts on nothing."""
+    await posted_on_both(both)
+    usages = {
+        ("/ack", "1 2"): "Usage: `/ack ID`, for example `/ack 42`.",
+        ("/ack", "1 extra"): "Usage: `/ack ID`, for example `/ack 42`.",
+        ("/incident", "ack 1 2"): "Usage: `/incident ack ID`, for example `/incident ack 42`.",
+        ("/incident", "resolve 1 now"): "Usage: `/incident resolve ID`, for example `/incident resolve 42`.",
+        ("/incident", "show 1 2"): "Usage: `/incident show ID`, for example `/incident show 42`.",
+        ("/incident", "page 1 bob carol"): "Usage: `/incident page ID PERSON`, for example `/incident page 42 alice`.",
+        ("/incident", "list open extra"): "Usage: `/incident list [open|triggered|acknowledged|resolved|all]`",
+        ("/chatops", "resolve 1 2"): "Usage: `/incident resolve ID`, for example `/incident resolve 42`.",
+    }
+    for (command, text), usage in usages.items():
+        on_slack = (await both.slack.answer(await both.slack.command(command, text)))["text"]
+        assert on_slack == usage, (command, text, on_slack)
+        on_telegram = await both.type(f"{command} {text}")
+        assert html.unescape(re.sub(r"</?code>", "`", on_telegram)) == usage, (command, text, on_telegram)
+    [incident] = await both.h.incidents()
+    assert incident.status == "triggered"  # nobody acknowledged or resolved it
+    assert not {"incident.acknowledged", "incident.resolved", "incident.paged"} & set(await both.h.actions(1))
+
+
+async def test_incident_list_all_says_how_many_incidents_not_how_many_all_incidents(both: Both) -> None:
+    """`/incident list all` answered "1 all incident(s)"."""
+    await posted_on_both(both)
+    listing = (await both.slack.answer(await both.slack.command("/incident", "list all")))["text"]
+    assert listing.startswith("1 incident(s), newest first:\n"), listing
+    assert (await both.type("/incident list all")).startswith("1 incident(s), newest first:\n")
+    await both.slack.answer(await both.slack.command("/incident", "resolve 1"))
+    assert (await both.slack.answer(await both.slack.command("/incident", "list open")))["text"] == \
+        "No open incidents."
+    assert (await both.slack.answer(await both.slack.command("/incident", "list resolved")))["text"].startswith(
+        "1 resolved incident(s), newest first:\n")
