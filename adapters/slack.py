@@ -143,7 +143,7 @@ def button_element(button: Button, action_id: str) -> dict[str, Any]:
     label = button.label or button.action
     element: dict[str, Any] = {
         "type": "button", "action_id": action_id, "text": _plain(label, 75),
-        "value": actions.encode(button.action, button.incident_id, button.arg),
+        "value": actions.encode(button.action, button.incident_id, button.arg, button.tag),
     }
     if button.style in ("primary", "danger"):
         element["style"] = button.style
@@ -280,7 +280,7 @@ def action_event(body: Mapping[str, Any], action: Mapping[str, Any]) -> ActionEv
     user = body.get("user") or {}
     actor = Actor("slack", user.get("id", ""), user.get("name") or user.get("username") or "", None)
     return ActionEvent(decoded.action.value, decoded.incident_id, decoded.arg, actor, click_source(body),
-                       event_id=f"{actor.user_id}:{action.get('action_ts', '')}")
+                       event_id=f"{actor.user_id}:{action.get('action_ts', '')}", tag=decoded.tag)
 
 
 def command_event(body: Mapping[str, Any]) -> CommandEvent:

@@ -131,7 +131,7 @@ class Dispatcher(Protocol):
 
 def callback_data(button: Button) -> str:
     """`bot.actions.encode` of the button, `?`-prefixed when it asks first; CodecError over 64 bytes."""
-    value = actions.encode(button.action, button.incident_id, button.arg)
+    value = actions.encode(button.action, button.incident_id, button.arg, button.tag)
     if button.confirm:
         value = ASK + value
         if len(value.encode()) > actions.MAX_BYTES:
@@ -220,7 +220,7 @@ def click_event(query: CallbackQuery) -> ActionEvent:
         source = MessageRef(PLATFORM, str(message.chat.id), str(message.message_id),
                             str(parent.message_id) if parent else None)
     return ActionEvent(decoded.action.value, decoded.incident_id, decoded.arg, actor_of(query.from_user), source,
-                       event_id=str(query.id))
+                       event_id=str(query.id), tag=decoded.tag)
 
 
 def answers_a_command(message: Any) -> bool:

@@ -64,6 +64,7 @@ class Button:
     label: str = ""
     style: ButtonStyle = "default"
     confirm: str | None = None  # ask "are you sure?" with this text before sending the click
+    tag: str = ""  # `bot.actions.stamp` of the incident it acts on: the server checks it is still that incident
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ActionEvent:
     actor: Actor
     source: MessageRef | None
     event_id: str = ""
+    tag: str = ""  # what the button said of its incident (`bot.actions.stamp`), "" for a button drawn before tags
 
 
 @dataclass(frozen=True)

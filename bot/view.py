@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from bot.actions import Action
+from bot.actions import Action, stamp
 from bot.chat import Button, Outbound
 from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED
 
@@ -99,23 +99,27 @@ def buttons_for(incident: Any, escalation_mark: str = "") -> list[Button]:
     `escalation_mark`: where its escalation stood (bot.escalation.escalation_mark), carried by Escalate, so that a press
     escalates only if nothing escalated since the message was drawn (two presses escalate once)."""
     iid = incident.id
+    # Each carries the incident's tag: after a move to a new store, whose #1 is another incident, an old card's
+    # button is refused rather than acting on that one (handlers/incident_actions.py checks it).
+    tag = stamp(incident.opened_at, incident.group_key or "") if incident.opened_at is not None else ""
     if incident.status == RESOLVED:
-        return [Button(Action.REOPEN.value, iid, label="Reopen")]
+        return [Button(Action.REOPEN.value, iid, label="Reopen", tag=tag)]
     firing = int(incident.firing_count or 0)
     confirm = f"Resolve #{iid}?"
     if firing:
         they = "they keep" if firing != 1 else "it keeps"
         confirm = (f"Resolve #{iid} while {firing} alert{'s are' if firing != 1 else ' is'} still firing? "
                    f"If {they} firing, a new incident opens.")
-    resolve = Button(Action.RESOLVE.value, iid, label="Resolve", style="danger", confirm=confirm)
+    resolve = Button(Action.RESOLVE.value, iid, label="Resolve", style="danger", confirm=confirm, tag=tag)
     # Silenced (a maintenance window muted it): no Escalate, which would page nobody and was always refused; it is
     # back once an alert no silence covers arrives. Acknowledge and Resolve still say who is on it and end it.
-    escalate = [] if incident.silenced else [Button(Action.ESCALATE.value, iid, arg=escalation_mark, label="Escalate")]
+    escalate = [] if incident.silenced else [Button(Action.ESCALATE.value, iid, arg=escalation_mark, label="Escalate",
+                                                    tag=tag)]
     # Run runbook and Approve/Reject buttons join these lists when runbooks land.
     if incident.status == ACKNOWLEDGED:
         return [*escalate, resolve]
     if incident.status == TRIGGERED:
-        return [Button(Action.ACKNOWLEDGE.value, iid, label="Acknowledge", style="primary"), *escalate, resolve]
+        return [Button(Action.ACKNOWLEDGE.value, iid, label="Acknowledge", style="primary", tag=tag), *escalate, resolve]
     return []
 
 

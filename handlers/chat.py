@@ -59,19 +59,21 @@ class ChatHandlers:
 
     def _button(self, verb: str):  # type: ignore[no-untyped-def]
         async def handle(event: ActionEvent, person: Person) -> Reply:
-            return await self._act(verb, event.incident_id, event.actor, person, seen=event.arg)
+            return await self._act(verb, event.incident_id, event.actor, person, seen=event.arg, tag=event.tag)
         handle.__name__ = verb
         return handle
 
-    async def _act(self, verb: str, incident_id: int, actor: Actor, person: Person, seen: str = "") -> Reply:
-        """`seen`: what the pressed button carried (Escalate: where the escalation stood when it was drawn)."""
+    async def _act(self, verb: str, incident_id: int, actor: Actor, person: Person, seen: str = "",
+                   tag: str = "") -> Reply:
+        """`seen`: what the pressed button carried (Escalate: where the escalation stood when it was drawn); `tag`:
+        what it said of its incident (bot.actions.stamp), checked against the incident of that number."""
         if incident_id > MAX_ID:
             return Reply(_no_incident(incident_id))
         actor = Actor(actor.platform, actor.user_id, person.name, person.id)
         result = await perform(db=self.db, audit=self.audit, incident_id=incident_id, action=verb, actor=actor,
                                now=self.clock.now(), escalations=self.escalations,
                                names={p.id: p.name for p in self.config.people},
-                               seen=seen if verb == "escalate" else "")
+                               seen=seen if verb == "escalate" else "", tag=tag)
         self.metrics.actions.labels(verb, "changed" if result.changed else "refused").inc()
         if result.elapsed is not None and result.severity:
             measure = self.metrics.time_to_acknowledge if verb == "acknowledge" else self.metrics.time_to_resolve

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 from sqlmodel import select
 
+from bot.actions import stamp
 from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED, InvalidTransition, transition
 from bot.model import Actor
 from bot.view import who_did
@@ -29,6 +30,10 @@ from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem
 if TYPE_CHECKING:
     from handlers.escalation import Escalations
 
+# A button whose tag is not that of the incident of its number: drawn for an incident of an earlier store (numbers
+# start again at #1 in a new one), or from elsewhere. Nothing is done to the incident that has the number now.
+FOREIGN_CARD = ("This card belongs to an incident that no longer exists in this bot's store, so nothing was done. "
+                "Use the buttons on the incident's latest message, or `/incident list` to find it.")
 VERBS = {"acknowledge": "Acknowledged", "escalate": "Escalated", "resolve": "Resolved", "reopen": "Reopened"}
 
 
@@ -46,13 +51,14 @@ class ActionResult:
 
 async def perform(
     *, db: Database, audit: AuditLog, incident_id: int, action: str, actor: Actor, now: datetime, note: str = "",
-    escalations: Escalations | None = None, names: Mapping[str, str] | None = None, seen: str = "",
+    escalations: Escalations | None = None, names: Mapping[str, str] | None = None, seen: str = "", tag: str = "",
 ) -> ActionResult:
     """Apply `action` (acknowledge, escalate, resolve, reopen) for `actor`; a no-op says why.
 
     With `escalations`, acknowledge and resolve stop the incident's escalation, reopen starts it
     again, and escalate fires its next step now, all in the same transaction; `seen` (what the Escalate
-    button carried) makes escalate a no-op if the escalation moved since the message was drawn.
+    button carried) makes escalate a no-op if the escalation moved since the message was drawn. `tag` (what a
+    button said of its incident, `bot.actions.stamp`): a no-op unless it is the tag of the incident of that number.
     """
     if action not in VERBS:
         raise ValueError(f"unknown incident action {action!r}")
@@ -62,7 +68,9 @@ async def perform(
             query = query.with_for_update()
         incident = (await session.execute(query)).scalar_one_or_none()
         if incident is None:
-            return ActionResult(False, f"There is no incident #{incident_id}.")
+            return ActionResult(False, FOREIGN_CARD if tag else f"There is no incident #{incident_id}.")
+        if tag and tag != stamp(incident.opened_at, incident.group_key):
+            return ActionResult(False, FOREIGN_CARD)
         refusal = _refusal(incident, action, names or {})
         if refusal is None and action == "reopen":
             refusal = await _held_elsewhere(session, incident, names or {})

@@ -26,12 +26,12 @@ from storage.models import Incident, OutboxItem
 
 def button_spec(button: Button) -> dict[str, Any]:
     return {"action": str(button.action), "id": button.incident_id, "arg": button.arg, "label": button.label,
-            "style": button.style, "confirm": button.confirm}
+            "style": button.style, "confirm": button.confirm, "tag": button.tag}
 
 
 def button_from(spec: dict[str, Any]) -> Button:
     return Button(spec["action"], int(spec["id"]), arg=spec.get("arg") or "", label=spec.get("label") or "",
-                  style=spec.get("style") or "default", confirm=spec.get("confirm"))
+                  style=spec.get("style") or "default", confirm=spec.get("confirm"), tag=spec.get("tag") or "")
 
 
 def direct_row(person_id: str, text: str, now: datetime, *, event: str = "direct", buttons: Sequence[Button] = (),

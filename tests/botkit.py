@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +21,14 @@ from bot.config import parse_config
 from bot.server import Bot, server_options
 from tests.conftest import drop_schema, postgres_url
 from storage.models import AlertRecord, AuditEvent, Incident, IncidentMessage, OutboxItem
+
+_TAG = re.compile(r"^([?!]?[a-z-]+:[0-9]+)\.[0-9a-z]+")
+
+
+def untagged(value: str) -> str:
+    """A button's value without the tag of its incident (`ack:1.36c3pa` -> `ack:1`, `?res:1.36c3pa` -> `?res:1`):
+    for tests about which buttons a message has; tests/test_actions.py and the flows' tag tests check the tags."""
+    return _TAG.sub(r"\1", value)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 T0 = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.actions import MAX_BYTES, MAX_ID, Action, CodecError, decode, encode
+from datetime import UTC, datetime, timedelta, timezone
+
+from bot.actions import MAX_BYTES, MAX_ID, Action, CodecError, decode, encode, stamp
 from bot.cli import main as cli
 
 
@@ -18,6 +20,35 @@ def test_values_are_short_and_round_trip() -> None:
     assert encode("rb", 42, "restart-nginx") == "rb:42:restart-nginx"
     decoded = decode("rb:42:restart-nginx")
     assert (decoded.action, decoded.incident_id, decoded.arg) == (Action.RUN_RUNBOOK, 42, "restart-nginx")
+
+
+def test_a_button_carries_the_tag_of_its_incident_and_one_drawn_before_tags_still_decodes() -> None:
+    opened, key = datetime(2026, 11, 23, 8, 15, 42, 123456, tzinfo=UTC), '{"alertname":"DiskFull"}'
+    tag = stamp(opened, key)
+    assert 1 <= len(tag) <= 6 and tag.isalnum() and tag == tag.lower()
+    assert stamp(opened.replace(microsecond=0), key) == tag  # whole seconds: the same whatever a store keeps of them
+    assert stamp(opened.astimezone(timezone(timedelta(hours=1))), key) == tag == stamp(opened.replace(tzinfo=None), key)
+    assert stamp(opened + timedelta(seconds=1), key) != tag  # another incident #42 (in another store)...
+    assert stamp(opened, '{"alertname":"DBDown"}') != tag  # ...even one opened in the same second
+    value = encode("esc", 42, "2.1", tag)
+    assert value == f"esc:42.{tag}:2.1"
+    assert decode(value) == (decoded := decode(value)) and (decoded.incident_id, decoded.arg, decoded.tag) == (
+        42, "2.1", tag)
+    old = decode("esc:42:2.1")  # a card drawn before tags
+    assert (old.incident_id, old.arg, old.tag) == (42, "2.1", "")
+    with pytest.raises(CodecError, match="tag"):
+        encode("ack", 42, tag="ABC")
+
+
+def test_exactly_64_bytes_fits_and_65_does_not_with_a_tag_too() -> None:
+    tag = "z" * 6  # the longest tag
+    arg = "x" * (MAX_BYTES - len(f"rb:{MAX_ID}.{tag}:"))
+    value = encode("rb", MAX_ID, arg, tag)
+    assert len(value.encode()) == 64 and (decode(value).arg, decode(value).tag) == (arg, tag)
+    with pytest.raises(CodecError, match="is 65 bytes; a button value must fit 64"):
+        encode("rb", MAX_ID, arg + "x", tag)
+    with pytest.raises(CodecError, match="too long"):
+        decode(value + "x")
 
 
 def test_exactly_64_bytes_fits_and_65_does_not() -> None:
@@ -32,7 +63,8 @@ def test_exactly_64_bytes_fits_and_65_does_not() -> None:
 
 @pytest.mark.parametrize("value", ["", "ack", "ack:", "ack:0", "ack:-1", "ack:01", "ack:42:", "ack:42:a b",
                                    "ACK:42", "nuke:42", "ack:42:<script>", "ack:1234567890123456789", "ack:42\n",
-                                   "ack:2147483648", "swcx:99999999999"])
+                                   "ack:2147483648", "swcx:99999999999",
+                                   "ack:42.", "ack:42.ABC", "ack:42.abcdefg", "ack:42.a.b", "ack.x:42"])
 def test_anything_encode_would_not_make_is_refused(value: str) -> None:
     with pytest.raises(CodecError):
         decode(value)
@@ -51,16 +83,17 @@ def test_encode_refuses_what_it_could_not_decode_back() -> None:
     assert decode(f"ack:{MAX_ID}").incident_id == MAX_ID
 
 
-@given(st.sampled_from(list(Action)), st.integers(1, MAX_ID), st.from_regex(r"[A-Za-z0-9_.@+=/-]{0,30}", fullmatch=True))
-def test_whatever_fits_round_trips(action: Action, incident_id: int, arg: str) -> None:
+@given(st.sampled_from(list(Action)), st.integers(1, MAX_ID), st.from_regex(r"[A-Za-z0-9_.@+=/-]{0,50}", fullmatch=True),
+       st.from_regex(r"[0-9a-z]{0,6}", fullmatch=True))
+def test_whatever_fits_round_trips(action: Action, incident_id: int, arg: str, tag: str) -> None:
     try:
-        value = encode(action, incident_id, arg)
+        value = encode(action, incident_id, arg, tag)
     except CodecError:
-        assert len(f"{action.value}:{incident_id}:{arg}".encode()) > MAX_BYTES
+        assert len(f"{action.value}:{incident_id}.{tag}:{arg}".encode()) - (not tag) - (not arg) > MAX_BYTES
         return
     assert len(value.encode()) <= MAX_BYTES
     back = decode(value)
-    assert (back.action, back.incident_id, back.arg) == (action, incident_id, arg)
+    assert (back.action, back.incident_id, back.arg, back.tag) == (action, incident_id, arg, tag)
 
 
 def test_the_slack_manifest_points_at_public_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from bot.clock import FakeClock
 from storage.models import AuditEvent, Escalation, OutboxItem, Timer
-from tests.botkit import Harness, running_bot
+from tests.botkit import Harness, running_bot, untagged
 from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram
 from tests.recording import poll
@@ -195,7 +195,7 @@ async def test_after_hours_pages_on_telegram_step_by_step_until_someone_acknowle
         await w.alert("critical")
         await until(lambda: w.pages(BOB_TG), "Bob (on call for primary this week) is paged on Telegram")
         [page] = w.pages(BOB_TG)
-        keys = [k["callback_data"] for row in page["reply_markup"]["inline_keyboard"] for k in row]
+        keys = [untagged(k["callback_data"]) for row in page["reply_markup"]["inline_keyboard"] for k in row]
         assert keys == ["ack:1", "esc:1:1", "?res:1"]  # the card's buttons; Escalate carries the step it was sent for
         assert "DiskFull" in page["text"] or "Disk almost full" in page["text"]
         await until(lambda: any("Paged Bob on Telegram" in t for t in thread_texts(w.slack)), "the thread line")
@@ -232,7 +232,7 @@ async def test_business_hours_page_by_slack_dm_with_a_mention_in_the_thread(tmp_
         await until(lambda: w.slack_dms("U02BOB"), "Bob gets a Slack DM")
         [dm] = w.slack_dms("U02BOB")
         blocks = dm["blocks"] if isinstance(dm["blocks"], list) else json.loads(dm["blocks"])
-        values = [e["value"] for b in blocks if b["type"] == "actions" for e in b["elements"]]
+        values = [untagged(e["value"]) for b in blocks if b["type"] == "actions" for e in b["elements"]]
         assert values == ["ack:1", "esc:1:1", "res:1"]
         assert dm["text"].startswith("Page: \U0001f534 Firing")  # what his phone's notification says
         assert not w.pages(BOB_TG), "in business hours Telegram is not the first choice"
@@ -426,7 +426,7 @@ async def test_a_page_is_redrawn_when_someone_acts_elsewhere(tmp_path: Path) -> 
         acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
         assert acked["text"] == "Acknowledged #1."
         await until(lambda: "Acknowledged" in bobs_page().get("text", ""), "Bob's page redrawn")
-        keys = [k["callback_data"] for row in bobs_page()["reply_markup"]["inline_keyboard"] for k in row]
+        keys = [untagged(k["callback_data"]) for row in bobs_page()["reply_markup"]["inline_keyboard"] for k in row]
         assert "ack:1" not in keys and "acknowledged by Alice" in bobs_page()["text"]
         await w.alert("critical", status="resolved")  # the source resolves it
         await until(lambda: "Resolved" in bobs_page().get("text", ""), "Bob's page says resolved")
@@ -732,7 +732,7 @@ async def test_a_page_offers_the_buttons_that_fit_the_incidents_state(tmp_path: 
     async with world(tmp_path, NIGHT) as w:
 
         def keys(message: dict[str, Any]) -> list[str]:
-            return [k["callback_data"] for row in message["reply_markup"]["inline_keyboard"] for k in row]
+            return [untagged(k["callback_data"]) for row in message["reply_markup"]["inline_keyboard"] for k in row]
 
         await w.alert("critical")
         await until(lambda: w.pages(BOB_TG), "step 1")
@@ -810,7 +810,7 @@ async def test_two_presses_of_a_page_sent_by_hand_escalate_once(tmp_path: Path) 
         paged = await w.slack.answer(await w.slack.command("/incident", "page 1 alice", user="U02BOB"))
         assert paged["text"] == "Paged Alice on Telegram."
         [page] = w.pages(ALICE_TG)
-        escalate = [k["callback_data"] for row in page["reply_markup"]["inline_keyboard"] for k in row
+        escalate = [untagged(k["callback_data"]) for row in page["reply_markup"]["inline_keyboard"] for k in row
                     if k["callback_data"].startswith("esc:")]
         assert escalate == ["esc:1:1"]
         await w.tap("esc:1:1", ALICE_TG)
@@ -899,7 +899,7 @@ async def test_a_press_on_a_page_from_before_a_reopen_changes_nothing(tmp_path: 
         await until(lambda: len(w.pages(BOB_TG)) == 2, "the second run pages Bob again")
 
         def escalate_key(page: dict[str, Any]) -> str:
-            return [k["callback_data"] for row in page["reply_markup"]["inline_keyboard"] for k in row][1]
+            return [untagged(k["callback_data"]) for row in page["reply_markup"]["inline_keyboard"] for k in row][1]
 
         assert [escalate_key(p) for p in w.pages(BOB_TG)] == ["esc:1:1", "esc:1:1.1"]
         await w.tap("esc:1:1", BOB_TG)

@@ -37,7 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from storage.db import Database
-from tests.botkit import bot_on
+from tests.botkit import bot_on, untagged
 from tests.conftest import drop_schema, free_port, postgres_url
 from tests.fake_telegram import FakeTelegram
 from tests.test_serve import CHATOPS
@@ -160,7 +160,7 @@ async def until(predicate: Callable[[], Any], timeout: float, describe: Callable
 
 def keys(call: Any) -> list[str]:
     markup = call.params.get("reply_markup") or {}
-    return [b.get("callback_data", "") for row in markup.get("inline_keyboard", []) for b in row]
+    return [untagged(b.get("callback_data", "")) for row in markup.get("inline_keyboard", []) for b in row]
 
 
 def pages_to(tg: FakeTelegram, chat: int) -> list[int]:

@@ -23,7 +23,7 @@ from adapters.slack import manifest
 from bot.auth import sign
 from handlers.outbox import Budget, _Buckets
 from storage.models import AuditEvent, IncidentMessage
-from tests.botkit import Harness, bot_on, fixture, running_bot
+from tests.botkit import Harness, bot_on, fixture, running_bot, untagged
 from tests.fake_slack import FakeSlack, signed
 
 SIGNING = "slack-signing-secret-for-tests"
@@ -93,9 +93,11 @@ class Slack:
         return [c.params for c in self.fake.called("chat.update") if c.params.get("ts") == ts]
 
 
-def button_values(params: dict[str, Any]) -> list[str]:
+def button_values(params: dict[str, Any], *, tagged: bool = False) -> list[str]:
+    """The values of a message's buttons, without their incident's tag unless `tagged` (see botkit.untagged)."""
     blocks = params["blocks"] if isinstance(params["blocks"], list) else json.loads(params["blocks"])
-    return [e["value"] for b in blocks if b["type"] == "actions" for e in b["elements"]]
+    values = [e["value"] for b in blocks if b["type"] == "actions" for e in b["elements"]]
+    return values if tagged else [untagged(v) for v in values]
 
 
 def text_of(params: dict[str, Any]) -> str:
@@ -422,6 +424,42 @@ async def test_a_mention_understands_the_incident_commands_and_answers_in_its_th
     assert usage["text"] == "Usage: `/incident escalate ID`, for example `/incident escalate 42`."
     unknown = await mention(s, "<@U0BOT> hello", "1700000009.000200")
     assert unknown["text"].startswith("`hello` is not one of my commands.")
+
+
+async def test_a_button_of_an_earlier_store_does_not_act_on_the_new_incident_of_its_number(tmp_path: Path) -> None:
+    """After a move to a new store, incident numbers start again at #1: Resolve on an old card "#1 staging disk full"
+    resolved the new, unrelated #1. A button carries its incident's tag, which the server checks; a button drawn
+    before tags (none) still acts."""
+    async with FakeSlack(rate_limit=False) as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}", slack_config(fake)) as h:
+            s = Slack(h, fake)
+            old_ts = await incident_posted(s)
+            [old_card] = s.posts()
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'new.db'}", slack_config(fake)) as h:
+            s = Slack(h, fake)
+            payload = json.loads(fixture("alertmanager/03-highcpu-firing.json"))
+            payload["alerts"][0]["labels"].update(alertname="DBDown", instance="prod-db")
+            payload["alerts"][0]["fingerprint"] = "0000000000newdb"
+            payload["alerts"][0]["annotations"]["summary"] = "Production database down"
+            payload["groupKey"], payload["commonAnnotations"] = '{}:{alertname="DBDown"}', {}
+            assert (await s.h.post("am", payload))[0] == 200
+            await s.fake.wait_for(lambda: len(s.posts()) == 2, timeout=5)
+            new_card = s.posts()[1]
+            assert button_values(new_card, tagged=True) != button_values(old_card, tagged=True)  # both #1, each tagged
+            resolve = next(v for v in button_values(old_card, tagged=True) if v.startswith("res:1."))
+            _, _, key = await s.click(resolve, old_ts)
+            assert (await s.answer(key)) == {
+                "text": "This card belongs to an incident that no longer exists in this bot's store, so nothing was "
+                        "done. Use the buttons on the incident's latest message, or `/incident list` to find it.",
+                "response_type": "ephemeral", "replace_original": False}
+            [incident] = await s.h.incidents()
+            assert incident.status == "triggered" and "incident.resolved" not in await s.h.actions(1)
+            new_ts = await s.h.message_of(1)
+            _, _, key = await s.click(next(v for v in button_values(new_card, tagged=True) if v.startswith("ack:1.")),
+                                      new_ts)
+            assert (await s.answer(key))["text"] == "Acknowledged #1."
+            _, _, key = await s.click("res:1", new_ts)  # a card drawn before buttons had tags
+            assert (await s.answer(key))["text"] == "Resolved #1."
 
 
 async def test_incident_list_finds_the_open_ones_behind_many_resolved(slack: Slack) -> None:

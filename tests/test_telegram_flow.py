@@ -20,7 +20,7 @@ import pytest
 
 from adapters.telegram import FAILED
 from storage.queries import incident_timeline
-from tests.botkit import Harness, fixture, running_bot
+from tests.botkit import Harness, fixture, running_bot, untagged
 from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram
 from tests.test_slack_flow import Slack, button_values, slack_config
@@ -48,7 +48,10 @@ class Both:
     async def tap(self, data: str, message_id: int, *, user: int = 111111, chat: int = GROUP,
                   status: int = 200) -> dict[str, Any]:
         """Someone taps an inline button under the bot's message in the group (or a private chat); the update, which
-        Telegram answered `status`."""
+        Telegram answered `status`. `data` without its incident's tag (`?res:1`) is the button drawn with it."""
+        markup = self.tg.messages.get((chat, message_id), {}).get("reply_markup") or {}
+        data = next((k["callback_data"] for row in markup.get("inline_keyboard", []) for k in row
+                     if untagged(k["callback_data"]) == data), data)
         self.updates += 1
         update = json.loads(json.dumps(CALLBACK))
         update["update_id"] = 5000 + self.updates
@@ -90,9 +93,11 @@ class Both:
         await self.tg.wait_for(answer, timeout=5)
         return answer() or ""
 
-    def tg_keyboard(self, message_id: int, chat: int = GROUP) -> list[str]:
+    def tg_keyboard(self, message_id: int, chat: int = GROUP, *, tagged: bool = False) -> list[str]:
+        """The callback data of a message's keyboard, without their incident's tag unless `tagged`."""
         markup = self.tg.messages[(chat, message_id)].get("reply_markup") or {}
-        return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
+        keys = [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
+        return keys if tagged else [untagged(k) for k in keys]
 
     def answer_to(self, text: str, chat: int) -> int:
         """The id of the bot's message in `chat` that answered the latest command reading `text`."""
@@ -313,7 +318,8 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     answer = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
     assert answer["text"] == "Paged Alice on Telegram."
     [page] = [c for c in b.tg.called("sendMessage") if c.params["chat_id"] == 111111]
-    assert [k["callback_data"] for row in page.params["reply_markup"]["inline_keyboard"] for k in row] == ["ack:1", "esc:1", "?res:1"]
+    assert [untagged(k["callback_data"]) for row in page.params["reply_markup"]["inline_keyboard"] for k in row] == [
+        "ack:1", "esc:1", "?res:1"]
     assert "Alice asks for your help" in page.params["text"]
 
     message_id = next(mid for (chat, mid) in b.tg.messages if chat == 111111)
@@ -566,3 +572,23 @@ async def test_incident_list_all_says_how_many_incidents_not_how_many_all_incide
         "No open incidents."
     assert (await both.slack.answer(await both.slack.command("/incident", "list resolved")))["text"].startswith(
         "1 resolved incident(s), newest first:\n")
+
+
+async def test_a_tap_on_a_card_of_another_incident_of_that_number_is_refused_and_every_key_fits_64_bytes(
+        both: Both) -> None:
+    """The tag an incident's buttons carry is checked on Telegram too: a tap whose tag is not that of the incident of
+    its number (a card from an earlier store) does nothing. Telegram refuses callback_data over 64 bytes, and
+    python-telegram-bot does not check it."""
+    _, tg_id = await posted_on_both(both)
+    keys = both.tg_keyboard(tg_id, tagged=True)
+    assert [k.split(".")[0] for k in keys] == ["ack:1", "esc:1", "?res:1"] and all(len(k.encode()) <= 64 for k in keys)
+    tag = keys[0].split(".")[1]
+    other = "zzzzzz" if tag != "zzzzzz" else "000000"
+    await both.tap(f"ack:1.{other}", tg_id)
+    await both.tg.wait_for(lambda: both.tg.called("answerCallbackQuery"), timeout=5)
+    [toast] = [c.params.get("text") for c in both.tg.called("answerCallbackQuery")]
+    assert toast.startswith("This card belongs to an incident that no longer exists in this bot's store")
+    assert (await both.h.incidents())[0].status == "triggered"
+    await both.tap(keys[0], tg_id)
+    await both.tg.wait_for(lambda: len(both.tg.called("answerCallbackQuery")) == 2, timeout=5)
+    assert both.tg.called("answerCallbackQuery")[1].params.get("text") == "Acknowledged #1."
