@@ -119,13 +119,21 @@ class SwapHandlers:
 
     def _button(self, action: str, fn: Callable[[int, Person, Actor], Awaitable[Reply]]
                 ) -> Callable[[ActionEvent, Person], Awaitable[Reply]]:
-        """A swap button's handler. Once the swap has moved past what the button does (this click decided it, or
-        something else had), the clicked message settles: its text becomes the answer, and its buttons go."""
+        """A swap button's handler. Once this click moved the swap past what the button does, the clicked message
+        settles: its text becomes the answer, and its buttons go. A click that changed nothing (a double tap, a
+        button something else had made moot) is answered to the clicker alone, and the message stays as it is: a
+        second tap of Accept replaced "Accepted: you are on call ... from ... until ..." with "Swap #1 was already
+        accepted by Carol."."""
         async def handle(event: ActionEvent, person: Person) -> Reply:
+            async with self.db.sessions() as session:
+                before = await session.get(SwapRequest, event.incident_id)
+                status = before.status if before is not None else None
             reply = await fn(event.incident_id, person, event.actor)
             async with self.db.sessions() as session:
                 swap = await session.get(SwapRequest, event.incident_id)
             if swap is None or not self._party(swap, person):  # not this person's swap message: leave it be
+                return reply
+            if swap.status == status:  # (the dispatcher runs one click of a swap at a time)
                 return reply
             if swap.status not in _BUTTON_APPLIES[action] or (
                     action == Action.SWAP_UNDO and self.clock.now() >= swap.starts_at):
@@ -895,8 +903,14 @@ class SwapHandlers:
                 "from": swap.starts_at.isoformat(), "until": swap.ends_at.isoformat()}
 
     def _settled(self, swap: SwapRequest, person: Person, now: datetime) -> str:
-        """What already happened to a swap that is not in the state the action needs."""
+        """What already happened to a swap that is not in the state the action needs; to whoever did it, that they
+        did (their second tap of the same button)."""
         by = self.name
+        yours = {"accepted": swap.counterpart, "approved": swap.approval_by, "cancelled": swap.decided_by,
+                 "declined": swap.approval_by or swap.decided_by, "undone": swap.undone_by}
+        if person.id == yours.get(swap.status):
+            verb = {"undone": "undid"}.get(swap.status, swap.status)
+            return f"You already {verb} swap #{swap.id}."
         match swap.status:
             case "pending":
                 return f"Swap #{swap.id} is still waiting for {by(swap.counterpart)} to answer."

@@ -192,7 +192,7 @@ async def test_a_swap_is_asked_in_a_dm_accepted_with_its_button_and_changes_who_
     assert button_values(s.posts("D01ALICE")[-1]) == ["swun:1"]
     assert [(a, who) for a, who, _ in await audit(h)] == [
         ("swap.requested", "alice"), ("swap.accepted", "bob"), ("oncall.override", "bob")]
-    assert await press(s, "swok:1", BOB) == "Swap #1 was already accepted by Bob."  # a second click changes nothing
+    assert await press(s, "swok:1", BOB) == "You already accepted swap #1."  # a second click changes nothing
     assert len(await overrides(h)) == 1
 
     listed = await say(s, "list", user=BOB)
@@ -243,7 +243,8 @@ async def test_an_accepted_swap_waits_for_a_manager_who_is_not_part_of_it(slack:
     approval = (await audit(h))[2][2]
     assert (approval["self_approved"], approval["role"]) == (False, "manager")
     assert "approved" in (await directs(h, "carol"))[-1][1] and (await directs(h, "carol"))[-1][2] == ["swun:1"]
-    assert await press(s, "swapv:1", DAVE) == "Swap #1 was already approved by Dave."
+    assert await press(s, "swapv:1", DAVE) == "You already approved swap #1."
+    assert await press(s, "swapv:1", BOB) == "Swap #1 was already approved by Dave."
 
 
 async def test_a_manager_can_reject_and_an_unapproved_swap_expires(slack: Slack) -> None:
@@ -280,7 +281,7 @@ async def test_declining_tells_the_requester_and_changes_nothing(slack: Slack) -
     [swap] = await swaps(h)
     assert (swap.status, swap.decided_by) == ("declined", "bob")
     assert await overrides(h) == [] and (await expiry_timers(h))[0][1] == "cancelled"
-    assert await press(s, "swok:1", BOB) == "Swap #1 was declined by Bob."
+    assert await press(s, "swok:1", BOB) == "You already declined swap #1."
     assert [a for a, _, _ in await audit(h)] == ["swap.requested", "swap.declined"]
 
 
@@ -292,7 +293,7 @@ async def test_only_the_requester_cancels_by_button_or_command(slack: Slack) -> 
     assert (await directs(h, "bob"))[-1][0:2] == (
         "swap.cancelled", f"Alice cancelled swap #1 (their `dba-primary` shift {ALICE_NEXT}): nothing to do.")
     assert await press(s, "swok:1", BOB) == "Swap #1 was cancelled by Alice."
-    assert await say(s, "cancel #1") == "Swap #1 was cancelled by Alice."
+    assert await say(s, "cancel #1") == "You already cancelled swap #1."
     await say(s, "bob next")  # a cancelled request no longer blocks a new one
     assert await say(s, "cancel 2") == "Cancelled swap #2; Bob is told."
     assert [a for a, _, _ in await audit(h)] == ["swap.requested", "swap.cancelled", "swap.requested", "swap.cancelled"]
@@ -535,14 +536,22 @@ async def test_a_direct_message_whose_question_is_answered_loses_its_buttons(sla
                 for e in b["elements"]]
 
     assert buttons("D02BOB", bob_ts) == ["swok:1", "swno:1"] and buttons("D01ALICE", alice_ts) == ["swcx:1"]
+    asked = s.fake.messages[("D01ALICE", alice_ts)]["text"]
     accepted = await press(s, "swok:1", BOB, message_ts=bob_ts)
     assert accepted.startswith("Accepted: you are on call for `dba-primary`")
     await s.fake.wait_for(lambda: not buttons("D02BOB", bob_ts), timeout=5)
     assert s.fake.messages[("D02BOB", bob_ts)]["text"] == accepted  # the question now says how it was answered
-    # Alice's Cancel no longer means anything: pressing it says why, and that message settles too.
+    # A double tap: the second press changes nothing, and is answered only to Bob; the message keeps the answer the
+    # first one left there (it became "Swap #1 was already accepted by Bob.", without the shift).
+    updates = len(s.fake.called("chat.update"))
+    assert await press(s, "swok:1", BOB, message_ts=bob_ts) == "You already accepted swap #1."
+    # Alice's Cancel no longer means anything: pressing it says why, only to her, and changes nothing either.
     told = await press(s, "swcx:1", ALICE, message_ts=alice_ts)
     assert told.startswith("Swap #1 was already accepted by Bob.")
-    await s.fake.wait_for(lambda: not buttons("D01ALICE", alice_ts), timeout=5)
+    await asyncio.sleep(0.3)
+    assert len(s.fake.called("chat.update")) == updates
+    assert s.fake.messages[("D02BOB", bob_ts)]["text"] == accepted
+    assert s.fake.messages[("D01ALICE", alice_ts)]["text"] == asked
     # A press that decides nothing leaves the buttons where they are.
     await say(s, "bob dba-primary 2026-12-14")  # swap #2, Bob's DM with Accept / Decline
     await s.fake.wait_for(lambda: len([1 for (chat, _) in s.fake.messages if chat == "D02BOB"]) >= 3, timeout=5)
@@ -631,7 +640,8 @@ async def test_a_refused_approval_records_no_approver(on_sqlite: Slack) -> None:
     [swap] = await swaps(h)
     assert (swap.status, swap.approval_by, swap.approval_at) == ("awaiting_approval", None, None)
     await say(s, "decline 1", user=BOB)
-    assert await say(s, "accept 1", user=BOB) == "Swap #1 was declined by Bob."
+    assert await say(s, "accept 1", user=BOB) == "You already declined swap #1."
+    assert await say(s, "cancel 1", user=CAROL) == "Swap #1 was declined by Bob."
 
 
 async def test_taking_a_shift_where_swaps_need_approval_is_left_to_a_swap_or_a_manager(on_sqlite: Slack) -> None:
