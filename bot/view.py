@@ -119,7 +119,8 @@ def buttons_for(incident: Any, escalation_mark: str = "") -> list[Button]:
     if incident.status == ACKNOWLEDGED:
         return [*escalate, resolve]
     if incident.status == TRIGGERED:
-        return [Button(Action.ACKNOWLEDGE.value, iid, label="Acknowledge", style="primary", tag=tag), *escalate, resolve]
+        acknowledge = Button(Action.ACKNOWLEDGE.value, iid, label="Acknowledge", style="primary", tag=tag)
+        return [acknowledge, *escalate, resolve]
     return []
 
 

@@ -83,8 +83,8 @@ def test_encode_refuses_what_it_could_not_decode_back() -> None:
     assert decode(f"ack:{MAX_ID}").incident_id == MAX_ID
 
 
-@given(st.sampled_from(list(Action)), st.integers(1, MAX_ID), st.from_regex(r"[A-Za-z0-9_.@+=/-]{0,50}", fullmatch=True),
-       st.from_regex(r"[0-9a-z]{0,6}", fullmatch=True))
+@given(st.sampled_from(list(Action)), st.integers(1, MAX_ID),
+       st.from_regex(r"[A-Za-z0-9_.@+=/-]{0,50}", fullmatch=True), st.from_regex(r"[0-9a-z]{0,6}", fullmatch=True))
 def test_whatever_fits_round_trips(action: Action, incident_id: int, arg: str, tag: str) -> None:
     try:
         value = encode(action, incident_id, arg, tag)

@@ -301,7 +301,8 @@ async def test_callback_data_of_exactly_64_bytes_round_trips(env: Env) -> None:
 
 
 async def test_a_button_carries_its_incidents_tag_to_the_dispatcher_well_inside_64_bytes(env: Env) -> None:
-    """The largest a card's button gets: the largest id, the longest tag, an Escalate mark after reopens, asking first."""
+    """The largest a card's button gets: the largest id, the longest tag, an Escalate mark after reopens, and asking
+    first."""
     button = Button("esc", MAX_ID, "999.99", label="Escalate", tag="zzzzzz", confirm="Escalate?")
     ref = await env.adapter.send(str(GROUP), Outbound("text", {"text": "x"}, buttons=[button]))
     [[(_, value)]] = keyboard_of(env.tg.called("sendMessage")[0])
