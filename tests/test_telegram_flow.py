@@ -547,7 +547,11 @@ async def test_an_incident_command_with_words_too_many_gets_its_usage_on_telegra
         ("/incident", "ack 1 2"): "Usage: `/incident ack ID`, for example `/incident ack 42`.",
         ("/incident", "resolve 1 now"): "Usage: `/incident resolve ID`, for example `/incident resolve 42`.",
         ("/incident", "show 1 2"): "Usage: `/incident show ID`, for example `/incident show 42`.",
-        ("/incident", "page 1 bob carol"): "Usage: `/incident page ID PERSON`, for example `/incident page 42 alice`.",
+        # (words after the person are the page's message: a word too few gets the usage)
+        ("/incident", "page 1"): "Usage: `/incident page ID PERSON [MESSAGE]`, for example `/incident page 42 alice` "
+                                 "or `/incident page 42 alice please look at the db`.",
+        ("/incident", "page x bob"): "Usage: `/incident page ID PERSON [MESSAGE]`, for example "
+                                     "`/incident page 42 alice` or `/incident page 42 alice please look at the db`.",
         ("/incident", "list open extra"): "Usage: `/incident list [open|triggered|acknowledged|resolved|all]`",
         ("/chatops", "resolve 1 2"): "Usage: `/incident resolve ID`, for example `/incident resolve 42`.",
     }
