@@ -21,7 +21,7 @@ class _Settings(BaseModel):
 
 
 class SlackSettings(_Settings):
-    bot_token: str = Field(pattern=r"^xox[bpa]-\S+$")
+    bot_token: str = Field(pattern=r"^xoxb-\S+$")
     signing_secret: str = Field(min_length=8)
     api_url: str = Field("https://slack.com/api/", pattern=r"^https?://")
 

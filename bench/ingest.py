@@ -438,7 +438,7 @@ async def main() -> int:
         config = {
             "server": {"host": "127.0.0.1", "port": bot_port},
             "storage": {"url": f"sqlite+aiosqlite:///{tmp}/bot.db", "writer": args.writer},
-            "audit": {"hmac_key": "bench"},
+            "audit": {"hmac_key": "bench-audit-key-0001"},
             "channels": [{"id": "ops", "platform": "slack", "chat": "C0OPS"}],
             "sources": [{"id": "bench", "kind": "generic", "auth": {"hmac_secret": SECRET}}],
             "routes": [{"match": {}, "channels": ["ops"]}],

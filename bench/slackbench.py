@@ -151,7 +151,7 @@ def bot_config(tmp: Path, port: int, slack: FakeSlack, *, channels: Sequence[tup
     return {
         "server": {"host": "127.0.0.1", "port": port, "public_url": f"http://127.0.0.1:{port}"},
         "storage": {"url": f"sqlite+aiosqlite:///{tmp}/bot.db"},
-        "audit": {"hmac_key": "bench"},
+        "audit": {"hmac_key": "bench-audit-key-0001"},
         "adapters": {"slack": {"bot_token": slack.token, "signing_secret": SIGNING_SECRET, "api_url": slack.api_url}},
         "people": [{"id": "alice", "name": "Alice", "roles": ["responder"], "slack": CLICKER["id"]}],
         "channels": [{"id": cid, "platform": "slack", "chat": chat} for cid, chat in channels],

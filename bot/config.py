@@ -15,15 +15,19 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import parse_qsl, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from bot import envsubst
 from bot.chat import echoed
 from bot.durations import format_duration, parse_clock, parse_setting, parse_weekday
+from bot.logs import escape_controls
 from bot.render import Renderer, sample_contexts
 
 PLATFORMS = ("slack", "telegram", "teams")
@@ -34,7 +38,8 @@ class ConfigError(Exception):
 
     def __init__(self, source: str, problems: list[tuple[str, str]]):
         self.source = source
-        self.problems = problems
+        # One line each, whatever a key or value holds: a newline or ESC in a key was printed as it was.
+        self.problems = [(escape_controls(p), escape_controls(m)) for p, m in problems]
         super().__init__("\n".join(f"{p}: {m}" if p else m for p, m in problems))
 
 
@@ -95,6 +100,31 @@ class ServerConfig(Section):
     def _empty_is_off(cls, v: Any) -> Any:
         return None if v == "" else v
 
+    @field_validator("port", mode="before")
+    @classmethod
+    def _port_not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # (pydantic takes true as 1: the bot listened on port 1)
+            raise ValueError(f"{str(v).lower()} is not a port: give a whole number from 1 to 65535")
+        return v
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str) -> str:
+        if not v:
+            return v
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 - raises for a port that is no number
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http:// or https:// URL with a host (such as "
+                             "https://chatops.example.com)")
+        if parts.query or parts.fragment or v.endswith(("?", "#")):  # the bot adds its paths (/slack/events) to it
+            raise ValueError(f"{v!r} has a query or a fragment: give the address the bot is reached at, such as "
+                             "https://chatops.example.com (the bot adds its paths to it)")
+        return v
+
     @model_validator(mode="after")
     def _listening_url(self) -> "ServerConfig":
         if not self.public_url:
@@ -136,7 +166,83 @@ class StorageConfig(Section):
             if path in ("", "/", "/:memory:") or "mode=memory" in v:
                 raise ValueError("an in-memory SQLite database keeps nothing (an accepted alert would be lost at the "
                                  "next restart): give a file, e.g. sqlite+aiosqlite:///./chatops.db")
+        problem = database_url_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
+
+    @field_validator("schema_name")
+    @classmethod
+    def _postgres_only(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and str(info.data.get("url", "")).startswith("sqlite"):
+            raise ValueError("PostgreSQL only (SQLite has no schemas): remove it, or point storage.url at PostgreSQL")
+        return v
+
+
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# What asyncpg takes in the URL's query, and the values it takes there (None: any text). Any other key is passed to
+# asyncpg.connect() as it is, and every command failed on it (`sslmode` is libpq's, `timeout` a string).
+_ASYNCPG_QUERY: dict[str, tuple[str, ...] | None] = {
+    "ssl": _SSL_MODES,
+    "target_session_attrs": ("any", "primary", "standby", "prefer-standby", "read-write", "read-only"),
+    "host": None,  # several: ?host=db1:5432&host=db2:5432; a socket's folder: ?host=/var/run/postgresql
+    "passfile": None,
+    "prepared_statement_cache_size": None,
+    "krbsrvname": None,
+    "gsslib": ("gssapi", "sspi"),
+}
+
+
+def _either(values: Sequence[str]) -> str:
+    return ", ".join(values[:-1]) + f" or {values[-1]}"
+
+
+def database_url_problem(url: str) -> str | None:
+    """What in a database URL the driver would fail on, when opening the store (a traceback from every command):
+    its host and port, and the options in its query. The password is never part of what is said."""
+    netloc = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0] if "://" in url else ""
+    host = netloc.rpartition("@")[2]
+    if host.startswith("["):
+        if "]" not in host:
+            return (f"the host `{host}` has no closing `]` (an IPv6 address is written in brackets, such as "
+                    "[::1]:5432)")
+        host, port = host[1:].split("]", 1)
+        port = port.removeprefix(":") if port.startswith(":") else None if not port else port
+    else:
+        host, colon, port = host.partition(":")
+        port = port if colon else None
+    if port == "":
+        return f"the port after `{host}:` is empty: give one (PostgreSQL's is 5432), or leave out the `:`"
+    if port is not None and not (port.isascii() and port.isdigit()):
+        return f"the port {port!r} is not a number (expected 1 to 65535; PostgreSQL's is 5432)"
+    if port is not None and not 1 <= int(port) <= 65535:
+        return f"the port {port} is out of range (expected 1 to 65535; PostgreSQL's is 5432)"
+    query = parse_qsl(url.partition("?")[2], keep_blank_values=True)
+    for key, value in query:
+        if url.startswith("postgresql"):
+            if key == "sslmode":
+                return (f"sslmode is libpq's name: asyncpg takes ssl={value or 'require'} "
+                        f"(ssl: {_either(_SSL_MODES)})")
+            if key not in _ASYNCPG_QUERY:
+                return f"unknown query parameter {key!r} (asyncpg takes: {', '.join(_ASYNCPG_QUERY)})"
+            allowed = _ASYNCPG_QUERY[key]
+            if allowed is not None and value not in allowed:
+                return f"{key}={value!r} is not allowed ({key}: {_either(allowed)})"
+            if key == "prepared_statement_cache_size" and not (value.isascii() and value.isdigit()):
+                return f"{key}={value!r} is not a whole number"
+        elif key == "timeout":
+            try:
+                float(value)
+            except ValueError:
+                return f"timeout={value!r} is not a number of seconds"
+        elif key in ("cached_statements", "detect_types") and not (value.isascii() and value.isdigit()):
+            return f"{key}={value!r} is not a whole number"
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError):
+        return ("cannot be read as a database URL (expected sqlite+aiosqlite:///path.db or "
+                "postgresql+asyncpg://user@host/db)")
+    return None
 
 
 class BusinessHours(Section):
@@ -161,6 +267,14 @@ class Paging(Section):
 class AuditConfig(Section):
     hmac_key: str | None = None
 
+    @field_validator("hmac_key")
+    @classmethod
+    def _long_enough(cls, v: str | None) -> str | None:
+        if v and len(v) < ENDPOINT_TOKEN_MIN:  # (empty: no key, as an unset variable)
+            raise ValueError(f"(a secret, not shown) is shorter than {ENDPOINT_TOKEN_MIN} characters: give a longer "
+                             "one, such as the output of `openssl rand -hex 32`")
+        return v
+
 
 class TemplatesConfig(Section):
     """`dir`: templates here win over the built-in ones of the same name (relative to the config file)."""
@@ -177,6 +291,13 @@ class Person(Section):
     teams: str | None = Field(None, pattern=r"^(29:\S+|[0-9a-fA-F-]{36})$")
     timezone: TimeZone | None = None
     page_via: list[Literal["slack", "telegram", "teams"]] = []
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():  # chat shows it in every answer, card and page
+            raise ValueError("empty: give the name chat shows for the person")
+        return v
 
 
 _SLACK_MENTION = re.compile(r"^<@([UW][A-Z0-9]+)(?:\|[^>]*)?>$")
@@ -322,6 +443,14 @@ class Source(Section):
 class Grouping(Section):
     by: list[str] = ["alertname", "instance"]
     window: Duration = timedelta(minutes=15)
+
+    @field_validator("by")
+    @classmethod
+    def _some_labels(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("empty: give at least one label name (alerts with the same values of these labels form "
+                             "one incident)")
+        return v
 
 
 def matchers_as_text(v: Any) -> Any:
@@ -617,6 +746,10 @@ def _mapping_without_repeats(loader: _StrictLoader, node: yaml.MappingNode) -> d
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        if isinstance(key, (list, dict)):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key that is a list or a mapping (unhashable type: {type(key).__name__!r})",
+                key_node.start_mark)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"{key!r} is written twice in one mapping (the second would silently replace the first)",
@@ -626,6 +759,20 @@ def _mapping_without_repeats(loader: _StrictLoader, node: yaml.MappingNode) -> d
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_repeats)
+
+
+def _construct_with_line(loader: _StrictLoader, node: yaml.Node, deep: bool = False) -> Any:
+    """What PyYAML's constructors raise besides YAMLError (`2026-13-02`, `!!int "abc"`, a list as a key), as a
+    YAML error at the node it is about, so that its line is named."""
+    try:
+        return yaml.SafeLoader.construct_object(loader, node, deep)
+    except (ValueError, TypeError) as exc:
+        problem = f"a key that is a list or a mapping ({exc})" if isinstance(exc, TypeError) else (
+            f"{exc} (quote the value if it is meant as text)")
+        raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+_StrictLoader.construct_object = _construct_with_line  # type: ignore[method-assign,assignment]
 # YAML 1.1 reads an unquoted 18:00 as the number 1080 (base 60), so `handoff: 18:00` was refused and `shift: 168:00`
 # became 10,080 seconds without a word. Read such scalars as the text they are, as YAML 1.2 does: a clock time is
 # then a clock time, and a duration written so is refused by name (see parse_duration).
@@ -650,16 +797,18 @@ def parse_config(
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(name, [("", f"{name}: {where}invalid YAML: {problem}")]) from None
-    except (ValueError, TypeError) as exc:  # what PyYAML's constructors let through: 2026-13-02, !!int "abc", a list as a key
-        problem = f"a key that is a list or a mapping ({exc})" if isinstance(exc, TypeError) else (
-            f"{exc} (quote the value if it is meant as text)")
-        raise ConfigError(name, [("", f"{name}: invalid YAML: {problem}")]) from None
-    if raw is None:
-        raw = {}
+    if raw is None:  # an empty file, or comments only: a bot with no sources, channels or routes
+        raise ConfigError(name, [("", f"{name} is empty: give it at least sources, channels and routes (the example "
+                                      "app.yaml shipped with the bot shows each)")])
     if not isinstance(raw, dict):
         raise ConfigError(name, [("", f"{name}: expected a mapping of sections at the top level")])
-    raw = envsubst.resolve(raw, refs, env)
+    origins: dict[str, tuple[list[str], str]] = {}
+    raw = envsubst.resolve(raw, refs, env, secret=SECRET_KEYS.__contains__, origins=origins)
     loaded_adapters, adapters_off, sources_off, warnings, problems = {}, {}, {}, [], []
+    problems += [(path, str(bad)) for path, bad in envsubst.find_malformed(raw)]
+
+    def invalid(found: list[tuple[str, str]]) -> ConfigError:
+        return ConfigError(name, _with_origins(_unique(found), origins))
 
     # Features that switch off when their secret is unset, rather than failing. What they hold besides is
     # still checked: a misspelt key or a value not allowed would otherwise wait to surface until the day the
@@ -696,13 +845,13 @@ def parse_config(
                          if _PLACEHOLDER not in what]
         else:  # a reference that is a variable is not judged either
             problems += [(where, what) for where, what in cross_check(filled) if _PLACEHOLDER not in what]
-        raise ConfigError(name, _unique(problems))
+        raise invalid(problems)
 
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(name, _unique([(_loc(e["loc"]), _message(e, given=raw)) for e in exc.errors()]
-                                        + _within_sound_sections(raw, exc))) from None
+        raise invalid([(_loc(e["loc"]), _message(e, given=raw)) for e in exc.errors()]
+                      + _within_sound_sections(raw, exc)) from None
 
     for key, section in config.adapters.items():
         model = adapter_models.get(key)
@@ -716,8 +865,11 @@ def parse_config(
                          for e in exc.errors()]
     problems += cross_check(config)
     if problems:
-        raise ConfigError(name, problems)
+        raise invalid(problems)
     config = _paged_people_respond(config)
+    if not config.sources:
+        warnings.append("sources: none, so no alert can arrive (POST /alerts/{source} knows no source); add one under "
+                        "sources")
     if not config.audit.hmac_key:
         warnings.append("audit: no hmac_key, so the chain is plain SHA-256 and only tamper-evident against "
                         "accidents; to detect deliberate edits, set audit.hmac_key before the bot's first start, or "
@@ -748,6 +900,10 @@ def parse_config(
 
 
 RESPONDER = "responder"  # the role that acts on incidents
+MANAGER = "manager"  # the role that puts anyone on call (/override)
+# The roles the bot acts on; a rotation's swap_approval names one more. Any other in `roles` is a typo that would
+# leave its person unable to do what it was meant for, without a word.
+ROLES = (RESPONDER, MANAGER)
 
 
 def paged_rotations(config: Config) -> set[str]:
@@ -770,6 +926,23 @@ def _paged_people_respond(config: Config) -> Config:
 
 def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return list(dict.fromkeys(problems))
+
+
+def _with_origins(problems: list[tuple[str, str]],
+                  origins: Mapping[str, tuple[list[str], str]]) -> list[tuple[str, str]]:
+    """A problem with a value that came from the environment names the variable (`CHATOPS_PORT=abc` was said as
+    `server.port: input should be a valid integer`, with nothing in app.yaml to look at), and the value unless it
+    is a secret."""
+    out = []
+    for where, what in problems:
+        if where in origins and "environment variable" not in what:
+            variables, value = origins[where]
+            secret = any(part in SECRET_KEYS for part in re.split(r"[.\[\]]", where))
+            shown = "" if secret else f" {value!r}"
+            what += (f" (the value{shown} is from the environment variable {variables[0]})" if len(variables) == 1 else
+                     f" (the value{shown} is made of the environment variables {', '.join(variables)})")
+        out.append((where, what))
+    return out
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -826,7 +999,7 @@ EXPECTED_PATTERNS = {
     r"^[UW][A-Z0-9]{2,}$": "a Slack member id: U or W, then capital letters and digits, such as U0123ABCD",
     r"^(29:\S+|[0-9a-fA-F-]{36})$": "a Teams user id such as 29:1AbCd... or an Azure AD object id such as "
                                     "6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b",
-    r"^xox[bpa]-\S+$": "a Slack bot token, which starts with xoxb-: the Bot User OAuth Token on the app's OAuth & "
+    r"^xoxb-\S+$": "a Slack bot token, which starts with xoxb-: the Bot User OAuth Token on the app's OAuth & "
                        "Permissions page",
     r"^\d+:\S+$": "a Telegram bot token as @BotFather gives it: digits, a colon, then the rest, such as 123456789:AA...",
     r"^[A-Za-z0-9_-]{1,256}$": "1 to 256 letters, digits, `_` and `-`, which is what Telegram takes as a secret_token, "
@@ -970,6 +1143,19 @@ def cross_check(c: Config, *, references: bool = True) -> list[tuple[str, str]]:
                 problems.append((f"silences[{i}].matchers.{key}", problem))
     if not c.routes or c.routes[-1].match:
         problems.append(("routes", "the last route must be a catch-all with `match: {}` so no alert goes unrouted"))
+    elif "routes" in c.model_fields_set and not (c.routes[-1].channels or c.routes[-1].escalation):
+        # (a route before it that tells nobody keeps what it matches quiet, on purpose; the catch-all is what is left)
+        problems.append((f"routes[{len(c.routes) - 1}]", "the catch-all route has neither channels nor escalation, so "
+                         "an alert no other route takes opens an incident nobody is told of: give it channels or an "
+                         "escalation policy"))
+    known_roles = set(ROLES) | {r.swap_approval for r in c.rotations if r.swap_approval}
+    for i, person in enumerate(c.people if references else ()):  # (a rotation's swap_approval names a role too)
+        for j, role in enumerate(person.roles):
+            if role not in known_roles:
+                close = difflib.get_close_matches(role, sorted(known_roles), n=1)
+                meant = f"did you mean `{close[0]}`? " if close else ""
+                problems.append((f"people[{i}].roles[{j}]", f"unknown role {role!r} ({meant}known roles: "
+                                 f"{', '.join(sorted(known_roles))})"))
     roles = {role for p in c.people for role in p.roles}
     for i, rot in enumerate(c.rotations if references else ()):
         for j, member in enumerate(rot.members):

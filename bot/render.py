@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import traceback
 from html.parser import HTMLParser
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -265,6 +266,19 @@ class Renderer:
             raise RenderError(self._where(e.name or name), f"line {e.lineno}: {e.message}") from None
         except (jinja2.TemplateError, TypeError) as e:  # TypeError: tojson of something that is not JSON
             raise RenderError(self._where(name), f"{type(e).__name__}: {e}") from None
+        except Exception as e:  # what an expression raises ({{ 1/0 }}, a bad format): where, as a syntax error says it
+            where, line = self._raised_at(e, name)
+            raise RenderError(self._where(where), f"{'' if line is None else f'line {line}: '}{type(e).__name__}: {e}"
+                              ) from None
+
+    def _raised_at(self, exc: BaseException, name: str) -> tuple[str, int | None]:
+        """The template (by name) and line an exception was raised in: Jinja's traceback frames carry them."""
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            path = Path(frame.filename).resolve()
+            for d in self.dirs:
+                if path.suffix == ".j2" and path.is_relative_to(d.resolve()):
+                    return path.relative_to(d.resolve()).as_posix(), frame.lineno
+        return name, None
 
     def _where(self, name: str) -> str:
         path = next((d / name for d in self.dirs if (d / name).is_file()), None)

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.chat import CommandEvent, Reply, echoed
 from bot.clock import Clock
-from bot.config import RESPONDER, Config, Person, Rotation, find_person, paged_rotations, unknown_person
+from bot.config import MANAGER, RESPONDER, Config, Person, Rotation, find_person, paged_rotations, unknown_person
 from bot.durations import DurationTooLong, parse_duration
 from bot.model import Actor
 from bot.rotations import Override, Schedule, first_instant, on_call, shifts_between
@@ -38,7 +38,6 @@ from storage.models import Override as OverrideRow
 
 log = logging.getLogger("chatops.overrides")
 
-MANAGER = "manager"
 MAX_LENGTH = timedelta(days=90)
 MIN_LENGTH = timedelta(minutes=1)  # shorter is a typing slip, and would still tell whoever it displaces
 TAKE_USAGE = "/oncall take [ROTATION] [FROM] [UNTIL]"

@@ -34,7 +34,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 T0 = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)
 
 CONFIG = """
-audit: {hmac_key: test-key}
+audit: {hmac_key: test-key-0123456789ab}
 timezone: Europe/Berlin
 channels:
   - {id: ops-slack, platform: slack, chat: C0OPS}

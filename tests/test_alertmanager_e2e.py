@@ -34,7 +34,7 @@ GENERATOR = "http://prometheus.example:9090/graph?g0.expr=disk_free"
 APP_YAML = """\
 storage: {{url: "sqlite+aiosqlite:///{db}"}}
 server: {{host: 127.0.0.1, port: {port}}}
-audit: {{hmac_key: e2e-audit-key}}
+audit: {{hmac_key: e2e-audit-key-0123456789ab}}
 channels:
   - {{id: ops-slack, platform: slack, chat: C0OPS}}
 sources:

@@ -317,7 +317,7 @@ def alerting_app_yaml(folder: Path, db: Database) -> Path:
     path = app_yaml(folder, db)
     path.write_text(path.read_text(encoding="utf-8") + "timezone: UTC\npeople: [{id: alice, name: Alice, roles: "
                     "[responder]}]\nchannels: []\nsources: [{id: am, kind: alertmanager, auth: {bearer: "
-                    "'amtoken12345'}}]\nroutes: [{match: {}, channels: []}]\n", encoding="utf-8")
+                    "'amtoken12345'}}]\n", encoding="utf-8")
     return path
 
 

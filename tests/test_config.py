@@ -156,12 +156,12 @@ BROKEN = [
     ),
     ("people: [\n", "app.yaml: line 2, column 1: invalid YAML: expected the node content, but found '<stream end>'"),
     # What PyYAML's constructors raise besides YAMLError: a date that is no date, a tagged number that is none, a
-    # list as a key. Each was a traceback.
+    # list as a key. Each was a traceback, then a message without its line.
     (BASE + ROUTES.replace("routes:", "start: 2026-13-02\nroutes:"),
-     "app.yaml: invalid YAML: month must be in 1..12 (quote the value if it is meant as text)"),
+     "app.yaml: line 17, column 8: invalid YAML: month must be in 1..12 (quote the value if it is meant as text)"),
     (BASE + ROUTES + 'x: !!int "abc"\n',
-     "app.yaml: invalid YAML: invalid literal for int() with base 10: 'abc' (quote the value if it is meant as text)"),
-    (BASE + ROUTES + "? [a, b]\n: 1\n", "app.yaml: invalid YAML: a key that is a list or a mapping (unhashable type: 'list')"),
+     "app.yaml: line 20, column 4: invalid YAML: invalid literal for int() with base 10: 'abc' (quote the value if it is meant as text)"),
+    (BASE + ROUTES + "? [a, b]\n: 1\n", "app.yaml: line 20, column 3: invalid YAML: a key that is a list or a mapping (unhashable type: 'list')"),
     # YAML 1.1 reads an unquoted 1:30 as 90 (base 60): it was taken as 90 seconds without a word. It is text now,
     # and a duration must say its units.
     (BASE + ROUTES + "grouping: {window: 1:30}\n",
@@ -253,13 +253,13 @@ def test_an_unset_variable_does_not_hide_the_other_problems() -> None:
 
 def test_env_substitution_with_defaults_and_flow_style() -> None:
     text = BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: ${AM_TOKEN}}") + ROUTES + (
-        "server: {port: ${PORT:-9090}, public_url: 'https://${HOST}/x'}\naudit: {hmac_key: '$${literal}'}\n"
+        "server: {port: ${PORT:-9090}, public_url: 'https://${HOST}/x'}\naudit: {hmac_key: '$${literal}-0123456789'}\n"
     )
     loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env={"AM_TOKEN": "tok-12345678", "HOST": "bot.example"})
     assert loaded.config.server.port == 9090
     assert loaded.config.server.public_url == "https://bot.example/x"
     assert loaded.config.sources[0].auth.bearer == "tok-12345678"
-    assert loaded.config.audit.hmac_key == "${literal}"
+    assert loaded.config.audit.hmac_key == "${literal}-0123456789"
 
 
 @pytest.mark.parametrize(("server", "env", "public_url"), [
@@ -674,3 +674,214 @@ def test_an_override_template_that_uses_an_unknown_name_is_told_the_names_it_has
     kind = name.split(".")[0]
     assert (f"is undefined (rendering a sample {kind} message; {kind} templates are given {names}: see "
             f"{ROOT / 'templates' / 'README.md'})") in out, out
+
+
+# --- variables, as the shell writes them: each was taken as the literal text, a secret included ---
+
+@pytest.mark.parametrize(("bearer", "shown"), [
+    ("${AM_TOKEN:?set it}", "${AM_TOKEN:?...}"),
+    ("${AM_TOKEN-}", "${AM_TOKEN-...}"),
+    ("${AM_TOKEN:=x}", "${AM_TOKEN:=...}"),
+    ("${AM TOKEN}", "${AM...}"),  # (of a secret, no more than a name is shown)
+])
+def test_a_shell_form_of_a_variable_that_is_not_supported_is_an_error_not_the_secret(bearer: str, shown: str) -> None:
+    """`${AM_TOKEN:?set it}` with AM_TOKEN unset passed, and the source took that text as its bearer token."""
+    found = problems(BASE.replace("auth: {bearer: secret-token}", f'auth: {{bearer: "{bearer}"}}') + ROUTES)
+    assert found == [f"sources[0].auth.bearer: {shown} is not supported: only ${{VAR}} and ${{VAR:-default}} are "
+                     "(write $${ for a literal ${)"]
+
+
+def test_an_unclosed_variable_is_an_error() -> None:
+    found = problems(BASE.replace("chat: C0OPS", 'chat: "${OPS_CHAT"') + ROUTES)
+    assert found == ["channels[0].chat: ${OPS_CHAT has no closing } (only ${VAR} and ${VAR:-default} are "
+                     "supported; write $${ for a literal ${)"]
+
+
+@pytest.mark.parametrize(("text", "where", "name"), [
+    (BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: $AM_TOKEN}") + ROUTES, "sources[0].auth.bearer",
+     "AM_TOKEN"),
+    (BASE + ROUTES + "audit: {hmac_key: 'key-$AUDIT_KEY-0123456789'}\n", "audit.hmac_key", "AUDIT_KEY"),
+    (BASE + ROUTES + "storage: {url: 'postgresql+asyncpg://bot:$PGPASSWORD@db/chatops'}\n", "storage.url",
+     "PGPASSWORD"),
+    (BASE + ROUTES + "adapters:\n  slack: {bot_token: xoxb-1, signing_secret: $SLACK_SECRET}\n",
+     "adapters.slack.signing_secret", "SLACK_SECRET"),
+])
+def test_a_bare_dollar_name_in_a_secret_is_an_error(text: str, where: str, name: str) -> None:
+    """`$AM_TOKEN` is not substituted (only `${AM_TOKEN}` is): the token was the text `$AM_TOKEN`."""
+    assert problems(text) == [
+        f"{where}: a secret holds `${name}`, which is not substituted (only ${{VAR}} is): write ${{{name}}} for the "
+        "variable; a secret that really holds a `$` before a letter or `_` is given through a variable, whose value is "
+        "used as it is"]
+
+
+def test_a_dollar_in_a_secret_from_a_variable_or_before_no_name_is_kept() -> None:
+    text = BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: '${AM_TOKEN}'}").replace("name: Bob", "name: $BOB")
+    loaded = parse_config(text + ROUTES + "audit: {hmac_key: 'k3y-$1-$$-0123456789'}\n", adapter_models=SETTINGS_MODELS,
+                          env={"AM_TOKEN": "tok-$HOME-123"})
+    assert loaded.config.sources[0].auth.bearer == "tok-$HOME-123"
+    assert loaded.config.people[1].name == "$BOB"  # not a secret: taken as written
+    assert loaded.config.audit.hmac_key == "k3y-$1-$$-0123456789"
+
+
+# --- storage.url: each passed check-config, then every command was a traceback ---
+
+PG = "postgresql+asyncpg://bot@db.internal:5432/chatops"
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    (PG + "?sslmode=require",
+     "storage.url: sslmode is libpq's name: asyncpg takes ssl=require (ssl: disable, allow, prefer, require, "
+     "verify-ca or verify-full)"),
+    (PG + "?ssl=on", "storage.url: ssl='on' is not allowed (ssl: disable, allow, prefer, require, verify-ca or "
+                     "verify-full)"),
+    (PG + "?application_name=bot",
+     "storage.url: unknown query parameter 'application_name' (asyncpg takes: ssl, target_session_attrs, host, "
+     "passfile, prepared_statement_cache_size, krbsrvname, gsslib)"),
+    (PG + "?prepared_statement_cache_size=x",
+     "storage.url: prepared_statement_cache_size='x' is not a whole number"),
+    ("postgresql+asyncpg://bot:pw@db:notaport/chatops",
+     "storage.url: the port 'notaport' is not a number (expected 1 to 65535; PostgreSQL's is 5432)"),
+    ("postgresql+asyncpg://bot@db:/chatops",
+     "storage.url: the port after `db:` is empty: give one (PostgreSQL's is 5432), or leave out the `:`"),
+    ("postgresql+asyncpg://bot@db:99999/chatops",
+     "storage.url: the port 99999 is out of range (expected 1 to 65535; PostgreSQL's is 5432)"),
+    ("postgresql+asyncpg://bot@[::1/chatops",
+     "storage.url: the host `[::1` has no closing `]` (an IPv6 address is written in brackets, such as "
+     "[::1]:5432)"),
+    ("sqlite+aiosqlite:///./chatops.db?timeout=soon", "storage.url: timeout='soon' is not a number of seconds"),
+])
+def test_a_database_url_the_driver_cannot_take_names_the_part(url: str, expected: str) -> None:
+    found = problems(BASE + ROUTES + f"storage: {{url: '{url}'}}\n")
+    assert found == [expected]
+    assert not any("pw" in p for p in found)
+
+
+@pytest.mark.parametrize("url", [
+    PG, PG + "?ssl=require", PG + "?ssl=verify-full&target_session_attrs=read-write",
+    "postgresql+asyncpg://bot@/chatops?host=/var/run/postgresql",
+    "postgresql+asyncpg://bot@/chatops?host=db1:5432&host=db2:5432", "postgresql+asyncpg://bot@[::1]:5432/chatops",
+    "postgresql+asyncpg://bot:p%40ss@db/chatops", "sqlite+aiosqlite:///./chatops.db?timeout=30",
+    "sqlite+aiosqlite:///file:chatops.db?uri=true&mode=rwc",
+])
+def test_database_urls_the_driver_takes_pass(url: str) -> None:
+    assert parse_config(BASE + ROUTES + f"storage: {{url: '{url}'}}\n", adapter_models=SETTINGS_MODELS, env={})
+
+
+def test_a_schema_on_sqlite_is_an_error() -> None:
+    assert problems(BASE + ROUTES + "storage: {url: 'sqlite+aiosqlite:///./x.db', schema: ops}\n") == [
+        "storage.schema: PostgreSQL only (SQLite has no schemas): remove it, or point storage.url at PostgreSQL"]
+
+
+# --- an empty app.yaml, and one without sources ---
+
+@pytest.mark.parametrize("text", ["", "\n", "# nothing yet\n# server: {port: 8080}\n"])
+def test_an_empty_config_is_refused(text: str) -> None:
+    assert problems(text) == ["app.yaml is empty: give it at least sources, channels and routes (the example "
+                              "app.yaml shipped with the bot shows each)"]
+
+
+def test_a_config_without_sources_is_a_warning() -> None:
+    loaded = parse_config(BASE.replace("sources:\n  - {id: am, kind: alertmanager, auth: {bearer: secret-token}}\n", "")
+                          + ROUTES, adapter_models=SETTINGS_MODELS, env={})
+    assert ("sources: none, so no alert can arrive (POST /alerts/{source} knows no source); add one under sources"
+            in loaded.warnings)
+    assert not any(w.startswith("sources") for w in parse_config(BASE + ROUTES, adapter_models=SETTINGS_MODELS,
+                                                                   env={}).warnings)
+
+
+# --- values that were taken and did the wrong thing ---
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (BASE + ROUTES + "server: {port: true}\n", "server.port: true is not a port: give a whole number from 1 to 65535"),
+    (BASE + ROUTES + "server: {public_url: not a url}\n",
+     "server.public_url: 'not a url' is not an http:// or https:// URL with a host (such as "
+     "https://chatops.example.com)"),
+    (BASE + ROUTES + "server: {public_url: 'https://bot.example/?x=1'}\n",
+     "server.public_url: 'https://bot.example/?x=1' has a query or a fragment: give the address the bot is reached "
+     "at, such as https://chatops.example.com (the bot adds its paths to it)"),
+    (BASE + ROUTES + "server: {public_url: 'https://bot.example/#top'}\n",
+     "server.public_url: 'https://bot.example/#top' has a query or a fragment: give the address the bot is reached "
+     "at, such as https://chatops.example.com (the bot adds its paths to it)"),
+    (BASE.replace("roles: [responder]", "roles: [respondr]") + ROUTES,
+     "people[0].roles[0]: unknown role 'respondr' (did you mean `responder`? known roles: manager, responder)"),
+    (BASE.replace("roles: [responder]", "roles: [lead]").replace("timezone: Europe/Berlin}",
+                                                                 "timezone: Europe/Berlin, swap_approval: lead}")
+     .replace("name: Bob,", "name: Bob, roles: [boss],") + ROUTES,
+     "people[1].roles[0]: unknown role 'boss' (known roles: lead, manager, responder)"),
+    (BASE.replace("name: Bob", "name: ''") + ROUTES, "people[1].name: empty: give the name chat shows for the person"),
+    (BASE.replace("name: Bob", "name: '  '") + ROUTES, "people[1].name: empty: give the name chat shows for the person"),
+    (BASE + ROUTES + "grouping: {by: []}\n",
+     "grouping.by: empty: give at least one label name (alerts with the same values of these labels form one "
+     "incident)"),
+    (BASE + ROUTES + "audit: {hmac_key: short-key}\n",
+     "audit.hmac_key: (a secret, not shown) is shorter than 16 characters: give a longer one, such as the output of "
+     "`openssl rand -hex 32`"),
+    (BASE + ROUTES + SLACK.replace("xoxb-1", "xoxp-1"),
+     "adapters.slack.bot_token: malformed value (a secret, not shown) (expected a Slack bot token, which starts with "
+     "xoxb-: the Bot User OAuth Token on the app's OAuth & Permissions page)"),
+    (BASE + "routes:\n  - {match: {team: dba}, channels: [ops-slack]}\n  - {match: {}}\n",
+     "routes[1]: the catch-all route has neither channels nor escalation, so an alert no other route takes opens an "
+     "incident nobody is told of: give it channels or an escalation policy"),
+    (BASE + "routes:\n  - {match: {}, channels: []}\n",
+     "routes[0]: the catch-all route has neither channels nor escalation, so an alert no other route takes opens an "
+     "incident nobody is told of: give it channels or an escalation policy"),
+])
+def test_a_value_that_would_do_the_wrong_thing_is_refused(text: str, expected: str) -> None:
+    found = problems(text)
+    assert expected in found, found
+    assert not any("short-key" in p for p in found)
+
+
+def test_a_route_before_the_catch_all_may_tell_nobody() -> None:
+    """A route with neither channels nor escalation before the catch-all keeps matching alerts quiet, on purpose."""
+    text = BASE + "routes:\n  - {match: {team: noise}}\n  - {match: {}, channels: [ops-slack]}\n"
+    assert parse_config(text, adapter_models=SETTINGS_MODELS, env={})
+
+
+# --- what an error shows ---
+
+def test_a_key_with_control_characters_is_shown_escaped() -> None:
+    found = problems(BASE + ROUTES + '"evil\\nkey\\x1b[31mRED": 1\n')
+    assert found == ["evil\\nkey\\x1b[31mRED: unknown key (allowed here: server, storage, timezone, business_hours, "
+                     "paging, audit, templates, adapters, people, channels, sources, grouping, routes, rotations, "
+                     "escalation_policies, runbooks, silences, critical_assets)"]
+
+
+def test_a_value_from_the_environment_is_named_with_its_variable() -> None:
+    found = problems(BASE + ROUTES + "server: {port: '${CHATOPS_PORT:-8080}'}\n", env={"CHATOPS_PORT": "abc"})
+    assert found == ["server.port: input should be a valid integer, unable to parse string as an integer (the value "
+                     "'abc' is from the environment variable CHATOPS_PORT)"]
+    found = problems(BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: '${AM_TOKEN}'}") + ROUTES,
+                     env={"AM_TOKEN": "short"})
+    assert found == ["sources[0].auth.bearer: string should have at least 8 characters (the value is from the "
+                     "environment variable AM_TOKEN)"]
+
+
+def test_a_date_that_is_no_date_names_its_line() -> None:
+    found = problems(BASE.replace("start: 2026-11-02", "start: 2026-13-02") + ROUTES)
+    assert found == ["app.yaml: line 11, column 82: invalid YAML: month must be in 1..12 (quote the value if it is "
+                     "meant as text)"]
+
+
+def test_a_template_that_raises_is_named_with_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`{{ 1/0 }}` was a traceback from check-config and serve: only Jinja's errors and TypeError were caught."""
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "thread.generic.txt.j2").write_text("{{ line }}\n{{ 1/0 }}\n")
+    config = tmp_path / "app.yaml"
+    config.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'bot.db'}'}}\ntemplates: {{dir: tpl}}\n")
+    for command in ("check-config", "serve"):
+        assert main([command, "-c", str(config)]) == 2
+        out, err = capsys.readouterr()
+        said = out if command == "check-config" else err
+        assert said.startswith(f"templates.dir: template thread.generic.txt.j2 ({tmp_path / 'tpl' / 'thread.generic.txt.j2'}): "
+                               "line 2: ZeroDivisionError: division by zero (rendering a sample thread message)"), said
+        assert "Traceback" not in out + err
+
+
+def test_a_malformed_variable_in_a_secret_shows_no_more_than_a_name() -> None:
+    found = problems(BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: '${9s3cr3t-t0ken}'}") + ROUTES)
+    found += problems(BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: 'x${AM s3cr3t'}") + ROUTES)
+    assert found == ["sources[0].auth.bearer: ${...} is not supported: only ${VAR} and ${VAR:-default} are (write $${ "
+                     "for a literal ${)",
+                     "sources[0].auth.bearer: ${AM has no closing } (only ${VAR} and ${VAR:-default} are supported; "
+                     "write $${ for a literal ${)"]

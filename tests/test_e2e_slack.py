@@ -30,7 +30,7 @@ CLICK = json.loads((Path(__file__).parent / "fixtures" / "slack" / "block_action
 APP_YAML = """\
 storage: {{url: "sqlite+aiosqlite:///{db}"}}
 server: {{host: 127.0.0.1, port: {port}}}
-audit: {{hmac_key: e2e-audit-key}}
+audit: {{hmac_key: e2e-audit-key-0123456789ab}}
 adapters:
   slack: {{bot_token: {token}, signing_secret: {signing}, api_url: "{api_url}"}}
 people:

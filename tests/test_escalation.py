@@ -36,7 +36,7 @@ CALLBACK = json.loads((Path(__file__).parent / "fixtures" / "telegram" / "callba
 BASE = """
 timezone: Europe/Berlin
 business_hours: {days: [mon, tue, wed, thu, fri], start: "09:00", end: "18:00"}
-audit: {hmac_key: escalation-key}
+audit: {hmac_key: escalation-key-0123456789ab}
 channels:
   - {id: ops-slack, platform: slack, chat: C0OPS}
   - {id: ops-telegram, platform: telegram, chat: "-100123"}

@@ -53,7 +53,7 @@ server: {{port: {port}}}
 timezone: UTC
 business_hours: {{days: [{day}], start: "09:00", end: "18:00", timezone: UTC}}
 paging: {{after_hours_min_severity: high}}
-audit: {{hmac_key: durability-key}}
+audit: {{hmac_key: durability-key-0123456789ab}}
 adapters:
   telegram: {{bot_token: '{token}', webhook_secret: {secret}, api_url: '{api_url}'}}
 people:

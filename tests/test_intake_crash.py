@@ -18,7 +18,7 @@ from tests.test_serve import CHATOPS, wait_http
 CONFIG = """
 storage: {{url: "sqlite+aiosqlite:///{db}"}}
 server: {{port: {port}}}
-audit: {{hmac_key: crash-key}}
+audit: {{hmac_key: crash-key-0123456789ab}}
 channels: [{{id: ops, platform: slack, chat: C0OPS}}]
 sources: [{{id: gen, kind: generic, auth: none}}]
 routes: [{{match: {{}}, channels: [ops]}}]

@@ -35,7 +35,7 @@ from tests.test_intake_pipeline import post_in_order, received_order
 from tests.test_serve import CHATOPS, wait_http
 
 ESCALATING = """
-audit: {hmac_key: writer-key}
+audit: {hmac_key: writer-key-0123456789ab}
 timezone: Europe/Berlin
 channels: [{id: ops, platform: slack, chat: C0OPS}]
 sources: [{id: open, kind: generic, auth: none}]
@@ -312,7 +312,7 @@ async def test_sigkill_of_the_bot_leaves_no_writer_process_and_loses_nothing_ack
     cfg.write_text(f"""
 storage: {{url: "sqlite+aiosqlite:///{tmp_path / 'crash.db'}", writer: process}}
 server: {{port: {port}}}
-audit: {{hmac_key: crash-key}}
+audit: {{hmac_key: crash-key-0123456789ab}}
 channels: [{{id: ops, platform: slack, chat: C0OPS}}]
 sources: [{{id: gen, kind: generic, auth: none}}]
 routes: [{{match: {{}}, channels: [ops]}}]

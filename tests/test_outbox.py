@@ -237,7 +237,7 @@ async def test_a_dead_letter_is_sent_again_with_outbox_retry_once_the_cause_is_f
         url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
         config = tmp_path / "app.yaml"
         config.write_text(f"storage: {{url: '{url}'}}\nchannels: [{{id: ops-slack, platform: slack, chat: C0OPS}}]\n"
-                          "audit: {hmac_key: test-key}\n")  # the bot's key: the retry is audited in its chain
+                          "audit: {hmac_key: test-key-0123456789ab}\n")  # the bot's key: the retry is audited in its chain
         async with running_bot(url, slack_config(fake)) as h:
             await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
             await fake.wait_for(lambda: any(c.method == "chat.postMessage" for c in fake.calls), timeout=5)
@@ -272,7 +272,7 @@ async def test_outbox_retry_dead_leaves_what_a_platform_took_without_answering(t
     url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
     config = tmp_path / "app.yaml"
     config.write_text(f"storage: {{url: '{url}'}}\nchannels: [{{id: ops-slack, platform: slack, chat: C0OPS}}]\n"
-                      "audit: {hmac_key: test-key}\n")
+                      "audit: {hmac_key: test-key-0123456789ab}\n")
     async with running_bot(url) as h:
         async with h.bot.db.transaction() as session:
             unconfirmed, refused = direct_row("alice", "Swap #3?", T0), direct_row("alice", "Swap #4?", T0)

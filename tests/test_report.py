@@ -33,7 +33,7 @@ from tests.conftest import drop_schema, postgres_url
 
 SINCE, UNTIL = datetime(2026, 11, 2, 9, 0, tzinfo=UTC), datetime(2026, 11, 9, tzinfo=UTC)
 WINDOW = ["--since", "2026-11-02T09:00:00Z", "--until", "2026-11-09T00:00:00+00:00"]
-KEY = "r3port-k3y"
+KEY = "r3port-k3y-0123456789"
 ALICE = Actor("slack", "U01ALICE", "Alice", "alice")
 DAY, MIN = timedelta(days=1), timedelta(minutes=1)
 

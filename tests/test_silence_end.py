@@ -26,7 +26,7 @@ ALICE_TG, BOB_TG = 111111, 222222
 BASE = """
 timezone: Europe/Berlin
 business_hours: {days: [mon, tue, wed, thu, fri], start: "09:00", end: "18:00"}
-audit: {hmac_key: silence-end-key}
+audit: {hmac_key: silence-end-key-0123456789ab}
 channels:
   - {id: ops-slack, platform: slack, chat: C0OPS}
 sources:

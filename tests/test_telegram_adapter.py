@@ -955,8 +955,7 @@ def test_check_config_wants_a_webhook_secret_only_for_a_webhook(
     monkeypatch.delenv("TELEGRAM_WEBHOOK_SECRET", raising=False)
     cfg = tmp_path / "app.yaml"
     cfg.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'b.db'}'}}\n"
-                   f"adapters:\n  telegram:\n    bot_token: '123456:ABC-token'\n{secret}    mode: {mode}\n"
-                   "routes: [{match: {}}]\n")
+                   f"adapters:\n  telegram:\n    bot_token: '123456:ABC-token'\n{secret}    mode: {mode}\n")
     code = main(["check-config", "-c", str(cfg)])
     said = capsys.readouterr()
     if valid:
@@ -974,7 +973,7 @@ def test_check_config_names_a_missing_webhook_secret_while_the_token_is_unset(
     monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
     cfg = tmp_path / "app.yaml"
     cfg.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'b.db'}'}}\n"
-                   "adapters:\n  telegram: {bot_token: '${TELEGRAM_BOT_TOKEN}'}\nroutes: [{match: {}}]\n")
+                   "adapters:\n  telegram: {bot_token: '${TELEGRAM_BOT_TOKEN}'}\n")
     assert main(["check-config", "-c", str(cfg)]) == 2
     assert "adapters.telegram.webhook_secret: required with mode: webhook" in capsys.readouterr().out
     cfg.write_text(cfg.read_text().replace("{bot_token: '${TELEGRAM_BOT_TOKEN}'}",
