@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.exc import ArgumentError, DBAPIError, StatementError
 
 from adapters import SETTINGS_MODELS
 from bot import logs
@@ -51,6 +51,21 @@ class NoConfig(Exception):
 
 class UsageError(Exception):
     """A command's options cannot be acted on: said, exit 2."""
+
+
+class StoreUrlError(UsageError):
+    """storage.url names a store the driver cannot open with it (a port that is no number, an option it does not
+    take): check-config refuses the ones known; one that gets past it is said on one line all the same."""
+
+    def __init__(self, url: str, exc: BaseException):
+        said = f"{type(exc).__name__}: {exc}"
+        userinfo = url.partition("://")[2].split("/", 1)[0].rpartition("@")[0]  # (user:password, as written)
+        password = userinfo.partition(":")[2]
+        for secret in (url, password, *password.split("@")):  # the driver's message may quote the URL, or its password
+            if len(secret) >= 4:  # (or the piece of it it took for a host)
+                said = said.replace(secret, "***")
+        super().__init__(f"storage.url: the database cannot be opened with this URL ({said}): check storage.url in "
+                         "app.yaml, its port and its query options")
 
 
 def _config_path(args: argparse.Namespace) -> str:
@@ -143,11 +158,19 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
 def _missing_file(loaded: Loaded) -> Path | None:
     """The SQLite file storage.url names, if it does not exist (a plain path, or a file: URI as SQLite reads it)."""
     url = loaded.config.storage.url
-    if not is_sqlite_file_url(url):
-        missing = missing_sqlite_uri_file(url)
-        return None if missing is None else Path(missing)
-    path = Path(make_url(url).database or "")
+    try:
+        if not is_sqlite_file_url(url):
+            missing = missing_sqlite_uri_file(url)
+            return None if missing is None else Path(missing)
+        path = Path(make_url(url).database or "")
+    except _URL_ERRORS as exc:
+        raise StoreUrlError(url, exc) from None
     return None if path.exists() else path
+
+
+# What a URL the driver cannot take raises, from parsing it to the first connection (an option passed to
+# asyncpg.connect() it does not know is a TypeError; a port that is no number, a ValueError).
+_URL_ERRORS = (ArgumentError, ValueError, TypeError, OverflowError)
 
 
 async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
@@ -170,7 +193,10 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
                        f"the folder {folder} does not exist either"))
         print(said, file=sys.stderr)
         return EXIT_FAILED
-    db = Database(loaded.config.storage.url, schema=loaded.config.storage.schema_name)
+    try:
+        db = Database(loaded.config.storage.url, schema=loaded.config.storage.schema_name)
+    except _URL_ERRORS as exc:
+        raise StoreUrlError(loaded.config.storage.url, exc) from None
 
     async def unavailable(said: str) -> int:  # said, and answered without the store where the command can
         if without_store is not None:
@@ -202,6 +228,8 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
             reason = getattr(exc, "orig", None) or exc
             return await unavailable(f"cannot open the database at {db.safe_url}: {reason}; check storage.url in "
                                      "app.yaml (and, for PostgreSQL, that the server is running)")
+        except _URL_ERRORS as exc:  # the driver refused the URL itself, before any row was read
+            raise StoreUrlError(db.url, exc) from None
         try:
             return await work(db)
         except (ValueError, TypeError, StatementError) as exc:  # a row the store hands back that cannot be decoded

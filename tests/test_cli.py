@@ -1071,3 +1071,52 @@ async def test_listings_fit_the_terminal_and_print_whole_values_when_asked_or_pi
         assert title in capsys.readouterr().out
         assert await asyncio.to_thread(main, ["outbox", "list", "--status", "dead", *wide, "-c", str(cfg)]) == 0
         assert capsys.readouterr().out.splitlines()[1].endswith(error)
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("postgresql+asyncpg://bot:s3cretpw@db.internal:5432/x?sslmode=require",
+     "TypeError: connect() got an unexpected keyword argument 'sslmode'"),
+    ("postgresql+asyncpg://bot:s3cretpw@db:notaport/x", "ValueError: invalid literal for int() with base 10: 'notaport'"),
+    ("postgresql+asyncpg://bot:s3cretpw@[::1/x", "ValueError: invalid literal for int() with base 10: ':1'"),
+    ("sqlite+aiosqlite:///{tmp}/bot.db?timeout=soon", "ValueError: could not convert string to float: 'soon'"),
+])
+def test_a_store_url_the_driver_refuses_is_one_line_not_a_traceback(tmp_path: Path, url: str, problem: str,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """check-config refuses these URLs; should one get past it (a driver's new rule), opening the store still says
+    so on one line, exit 2, rather than a traceback from every command."""
+    import bot.cli
+    from bot.config import load_config as checked
+
+    url = url.format(tmp=tmp_path)
+    asyncio.run(make_store(f"sqlite+aiosqlite:///{tmp_path}/bot.db"))
+    cfg = config(tmp_path / "a", f"sqlite+aiosqlite:///{tmp_path}/bot.db")
+
+    def unchecked(path: str, **kwargs: object) -> object:  # the URL as a validator that missed it would let it by
+        loaded = checked(path, **kwargs)
+        loaded.config = loaded.config.model_copy(update={
+            "storage": loaded.config.storage.model_copy(update={"url": url})})
+        return loaded
+
+    monkeypatch.setattr(bot.cli, "load_config", unchecked)
+    for command in (["incidents", "list"], ["audit", "verify"], ["oncall"], ["report"]):
+        assert main([*command, "-c", str(cfg)]) == 2, command
+        err = capsys.readouterr().err
+        assert err == (f"storage.url: the database cannot be opened with this URL ({problem}): check storage.url in "
+                       "app.yaml, its port and its query options\n"), err
+        assert "s3cretpw" not in err
+
+
+def test_an_empty_app_yaml_is_refused_by_check_config_and_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "app.yaml").write_text("# to do\n")
+    assert main(["check-config"]) == 2
+    assert capsys.readouterr().out == ("app.yaml is empty: give it at least sources, channels and routes (the example "
+                                       "app.yaml shipped with the bot shows each)\n")
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.startswith("app.yaml is empty: ")
+    (tmp_path / "app.yaml").write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path}/bot.db'}}\n")
+    assert main(["check-config"]) == 0
+    out, err = capsys.readouterr()
+    assert ("warning: sources: none, so no alert can arrive (POST /alerts/{source} knows no source); add one under "
+            "sources\n") in err and out.startswith("app.yaml: valid: ")
