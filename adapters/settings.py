@@ -19,11 +19,22 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     built: ClassVar[bool] = True  # this version has an adapter that uses these settings
 
+    def doubts(self) -> list[tuple[str, str]]:
+        """What check-config and serve warn of (key, problem): likely wrong, but taken by earlier versions."""
+        return []
+
 
 class SlackSettings(_Settings):
-    bot_token: str = Field(pattern=r"^xoxb-\S+$")
+    bot_token: str = Field(pattern=r"^xox[bpa]-\S+$")
     signing_secret: str = Field(min_length=8)
     api_url: str = Field("https://slack.com/api/", pattern=r"^https?://")
+
+    def doubts(self) -> list[tuple[str, str]]:
+        if self.bot_token.startswith("xoxb-"):
+            return []
+        # A user (xoxp-) or app (xoxa-) token was taken before, and configs hold them: it posts as its user, if at all.
+        return [("bot_token", "(a secret, not shown) is not a bot token (expected a Slack bot token, which starts "
+                              "with xoxb-: the Bot User OAuth Token on the app's OAuth & Permissions page)")]
 
 
 class TelegramSettings(_Settings):

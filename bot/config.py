@@ -265,15 +265,7 @@ class Paging(Section):
 
 
 class AuditConfig(Section):
-    hmac_key: str | None = None
-
-    @field_validator("hmac_key")
-    @classmethod
-    def _long_enough(cls, v: str | None) -> str | None:
-        if v and len(v) < ENDPOINT_TOKEN_MIN:  # (empty: no key, as an unset variable)
-            raise ValueError(f"(a secret, not shown) is shorter than {ENDPOINT_TOKEN_MIN} characters: give a longer "
-                             "one, such as the output of `openssl rand -hex 32`")
-        return v
+    hmac_key: str | None = None  # (a short one is a warning, see doubts: a chain written with it goes on with it)
 
 
 class TemplatesConfig(Section):
@@ -866,6 +858,10 @@ def parse_config(
     problems += cross_check(config)
     if problems:
         raise invalid(problems)
+    found = doubts(config)
+    for key, settings in loaded_adapters.items():  # (an adapter's settings may have their own, as Slack's token)
+        found += [(f"adapters.{key}.{where}", what) for where, what in getattr(settings, "doubts", list)()]
+    warnings += [escape_controls(f"{where}: {what}") for where, what in _with_origins(found, origins)]
     config = _paged_people_respond(config)
     if not config.sources:
         warnings.append("sources: none, so no alert can arrive (POST /alerts/{source} knows no source); add one under "
@@ -999,7 +995,7 @@ EXPECTED_PATTERNS = {
     r"^[UW][A-Z0-9]{2,}$": "a Slack member id: U or W, then capital letters and digits, such as U0123ABCD",
     r"^(29:\S+|[0-9a-fA-F-]{36})$": "a Teams user id such as 29:1AbCd... or an Azure AD object id such as "
                                     "6f1d2c3b-4a5e-4f60-8a7b-9c0d1e2f3a4b",
-    r"^xoxb-\S+$": "a Slack bot token, which starts with xoxb-: the Bot User OAuth Token on the app's OAuth & "
+    r"^xox[bpa]-\S+$": "a Slack bot token, which starts with xoxb-: the Bot User OAuth Token on the app's OAuth & "
                        "Permissions page",
     r"^\d+:\S+$": "a Telegram bot token as @BotFather gives it: digits, a colon, then the rest, such as 123456789:AA...",
     r"^[A-Za-z0-9_-]{1,256}$": "1 to 256 letters, digits, `_` and `-`, which is what Telegram takes as a secret_token, "
@@ -1089,6 +1085,31 @@ def _message(err: Mapping[str, Any], where: tuple[Any, ...] = (), model: type[Ba
     return msg[0].lower() + msg[1:]
 
 
+def doubts(c: Config) -> list[tuple[str, str]]:
+    """What is most likely a mistake, but which earlier versions took and configs written for them hold (code outside
+    the project starts the bot with its own app.yaml): warnings, as `path: problem`, and the bot starts."""
+    found: list[tuple[str, str]] = []
+    if c.audit.hmac_key and len(c.audit.hmac_key) < ENDPOINT_TOKEN_MIN:  # (empty: no key, as an unset variable)
+        found.append(("audit.hmac_key", f"(a secret, not shown) is shorter than {ENDPOINT_TOKEN_MIN} characters, so it "
+                      "is weak: give a longer one, such as the output of `openssl rand -hex 32`, and change to it with "
+                      "`chatops audit rekey --old-key-env VAR` (VAR holding this key; see the README, The audit log)"))
+    known_roles = set(ROLES) | {r.swap_approval for r in c.rotations if r.swap_approval}
+    for i, person in enumerate(c.people):  # (a rotation's swap_approval names a role too)
+        for j, role in enumerate(person.roles):
+            if role not in known_roles:
+                close = difflib.get_close_matches(role, sorted(known_roles), n=1)
+                meant = f"did you mean `{close[0]}`? " if close else ""
+                found.append((f"people[{i}].roles[{j}]", f"unknown role {role!r} ({meant}known roles: "
+                              f"{', '.join(sorted(known_roles))})"))
+    last = c.routes[-1] if c.routes else None
+    if "routes" in c.model_fields_set and last and not (last.match or last.channels or last.escalation):
+        # (a route before it that tells nobody keeps what it matches quiet, on purpose; the catch-all is what is left)
+        found.append((f"routes[{len(c.routes) - 1}]", "the catch-all route has neither channels nor escalation, so "
+                      "an alert no other route takes opens an incident nobody is told of: give it channels or an "
+                      "escalation policy"))
+    return found
+
+
 def cross_check(c: Config, *, references: bool = True) -> list[tuple[str, str]]:
     """References between sections, ids that must be unique, platform id shapes, matchers. Without `references`,
     only what each section says of itself (see _within_sound_sections)."""
@@ -1143,19 +1164,6 @@ def cross_check(c: Config, *, references: bool = True) -> list[tuple[str, str]]:
                 problems.append((f"silences[{i}].matchers.{key}", problem))
     if not c.routes or c.routes[-1].match:
         problems.append(("routes", "the last route must be a catch-all with `match: {}` so no alert goes unrouted"))
-    elif "routes" in c.model_fields_set and not (c.routes[-1].channels or c.routes[-1].escalation):
-        # (a route before it that tells nobody keeps what it matches quiet, on purpose; the catch-all is what is left)
-        problems.append((f"routes[{len(c.routes) - 1}]", "the catch-all route has neither channels nor escalation, so "
-                         "an alert no other route takes opens an incident nobody is told of: give it channels or an "
-                         "escalation policy"))
-    known_roles = set(ROLES) | {r.swap_approval for r in c.rotations if r.swap_approval}
-    for i, person in enumerate(c.people if references else ()):  # (a rotation's swap_approval names a role too)
-        for j, role in enumerate(person.roles):
-            if role not in known_roles:
-                close = difflib.get_close_matches(role, sorted(known_roles), n=1)
-                meant = f"did you mean `{close[0]}`? " if close else ""
-                problems.append((f"people[{i}].roles[{j}]", f"unknown role {role!r} ({meant}known roles: "
-                                 f"{', '.join(sorted(known_roles))})"))
     roles = {role for p in c.people for role in p.roles}
     for i, rot in enumerate(c.rotations if references else ()):
         for j, member in enumerate(rot.members):

@@ -224,12 +224,9 @@ async def test_two_processes_on_one_postgres_give_one_linear_chain(pg_schema: st
         await drop_schema(url, pg_schema)
 
 
-CLI_KEY = "k3y-0123456789abc"  # audit.hmac_key of the commands' config: at least 16 characters
-
-
 def _cli_config(tmp_path: Path) -> Path:
     cfg = tmp_path / "app.yaml"
-    cfg.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'cli.db'}'}}\naudit: {{hmac_key: {CLI_KEY}}}\n")
+    cfg.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'cli.db'}'}}\naudit: {{hmac_key: k3y}}\n")
     return cfg
 
 
@@ -240,7 +237,7 @@ def test_csv_export_is_readable_text_and_runs_no_formula(tmp_path: Path, capsys:
         db = Database(f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
         await db.start()
         async with db.transaction() as session:
-            await AuditLog(CLI_KEY).append(session, Entry(
+            await AuditLog("k3y").append(session, Entry(
                 "alert.received", Actor.source("generic"), "alert", '=HYPERLINK("http://evil","click")', T0,
                 details={"summary": "Диск /var полон", "labels": {"team": "+dba"}}))
         await db.dispose()
@@ -259,7 +256,7 @@ def test_cli_verify_and_export(tmp_path: Path, capsys: pytest.CaptureFixture[str
     async def setup() -> None:
         db = Database(f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
         await db.start()
-        await write_events(db, AuditLog(CLI_KEY))
+        await write_events(db, AuditLog("k3y"))
         await db.dispose()
 
     asyncio.run(setup())

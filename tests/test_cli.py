@@ -15,7 +15,7 @@ import pytest
 
 from bot.cli import main
 from tests.conftest import ROOT
-from tests.test_serve import CHATOPS
+from tests.test_serve import CHATOPS, DOUBTFUL, DOUBTS
 
 PEOPLE_AND_ROTATION = """
 timezone: Europe/Berlin
@@ -1120,3 +1120,16 @@ def test_an_empty_app_yaml_is_refused_by_check_config_and_serve(tmp_path: Path, 
     out, err = capsys.readouterr()
     assert ("warning: sources: none, so no alert can arrive (POST /alerts/{source} knows no source); add one under "
             "sources\n") in err and out.startswith("app.yaml: valid: ")
+
+
+def test_check_config_warns_of_what_an_earlier_version_took_and_passes(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(DOUBTFUL.format(db=tmp_path / "bot.db", port=8080, token="xoxp-user-token",
+                                   api_url="https://slack.com/api/"))
+    assert main(["check-config", "-c", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{cfg}: valid: 1 person"), out
+    said = [line.removeprefix("warning: ") for line in err.splitlines() if line.startswith("warning: ")]
+    assert sorted(said) == sorted(DOUBTS), said
+    assert "xoxp-user-token" not in out + err and "k3y" not in out + err

@@ -25,6 +25,7 @@ from sqlmodel import select
 from storage.db import SCHEMA_VERSION, Database
 from storage.models import Escalation, Incident
 from tests.conftest import ROOT, free_port
+from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram
 
 CHATOPS = str(Path(sys.executable).with_name("chatops"))
@@ -373,6 +374,53 @@ async def test_a_version_4_store_gets_the_index_of_alerts_by_incident(db: Databa
             plan = " ".join(str(row[-1]) for row in await session.execute(text(
                 "EXPLAIN QUERY PLAN SELECT id FROM alerts WHERE incident_id = 1")))
             assert "USING INDEX ix_alerts_incident" in plan or "USING COVERING INDEX ix_alerts_incident" in plan, plan
+
+
+# What an app.yaml that started before may hold (a deployment's own, or one copied from an earlier example): a short
+# audit key, a role the bot does not know, a Slack user token, a catch-all route that tells nobody.
+DOUBTFUL = """\
+storage: {{url: 'sqlite+aiosqlite:///{db}'}}
+server: {{port: {port}}}
+audit: {{hmac_key: k3y}}
+adapters:
+  slack: {{bot_token: {token}, signing_secret: slack-signing-secret, api_url: '{api_url}'}}
+people:
+  - {{id: alice, name: Alice, roles: [responder, approver], slack: U01ALICE}}
+channels:
+  - {{id: ops-slack, platform: slack, chat: C0OPS}}
+sources:
+  - {{id: am, kind: alertmanager, auth: {{bearer: am-bearer-token}}}}
+routes:
+  - {{match: {{team: dba}}, channels: [ops-slack]}}
+  - {{match: {{}}}}
+"""
+DOUBTS = [
+    "audit.hmac_key: (a secret, not shown) is shorter than 16 characters, so it is weak: give a longer one, such as "
+    "the output of `openssl rand -hex 32`, and change to it with `chatops audit rekey --old-key-env VAR` (VAR holding "
+    "this key; see the README, The audit log)",
+    "adapters.slack.bot_token: (a secret, not shown) is not a bot token (expected a Slack bot token, which starts with "
+    "xoxb-: the Bot User OAuth Token on the app's OAuth & Permissions page)",
+    "people[0].roles[1]: unknown role 'approver' (known roles: manager, responder)",
+    "routes[1]: the catch-all route has neither channels nor escalation, so an alert no other route takes opens an "
+    "incident nobody is told of: give it channels or an escalation policy",
+]
+
+
+async def test_serve_starts_on_what_an_earlier_version_took_and_warns_once(tmp_path: Path) -> None:
+    """Code outside the project starts the bot with its own app.yaml: what it took before it still takes, each doubt
+    said once, at WARNING, as the bot starts."""
+    async with FakeSlack(token="xoxp-user-token") as slack:
+        port = free_port()
+        (tmp_path / "app.yaml").write_text(DOUBTFUL.format(db=tmp_path / "bot.db", port=port, token=slack.token,
+                                                           api_url=slack.api_url))
+        with serving(tmp_path, port) as proc:
+            status, ready = await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/readyz", proc)
+            assert status == 200 and ready["adapters"]["slack"] == "on", ready
+    log = proc.stdout.read()
+    for doubt in DOUBTS:
+        assert log.count(doubt) == 1, log
+        assert f"WARNING chatops.server: {doubt}" in log, log
+    assert "xoxp-user-token" not in log and "k3y" not in log
 
 
 def test_serve_with_a_broken_config_names_the_problem(tmp_path: Path) -> None:
