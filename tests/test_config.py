@@ -824,13 +824,14 @@ QUIET_CATCH_ALL = ("the catch-all route has neither channels nor escalation, so 
 DOUBTED = ("people", "audit.", "adapters.", "routes")  # (not the other warnings: no sources, a platform that is off)
 WARNED = [
     (BASE.replace("roles: [responder]", "roles: [respondr]") + ROUTES,
-     "people[0].roles[0]: unknown role 'respondr' (did you mean `responder`? known roles: manager, responder)"),
-    (BASE.replace("roles: [responder]", "roles: [responder, approver]") + ROUTES,  # as earlier example configs gave
-     "people[0].roles[1]: unknown role 'approver' (known roles: manager, responder)"),
+     "people[0].roles[0]: unknown role 'respondr' (did you mean `responder`? known roles: approver, manager, "
+     "responder)"),
+    (BASE.replace("roles: [responder]", "roles: [responder, aprover]") + ROUTES,
+     "people[0].roles[1]: unknown role 'aprover' (did you mean `approver`? known roles: approver, manager, responder)"),
     (BASE.replace("roles: [responder]", "roles: [lead]").replace("timezone: Europe/Berlin}",
                                                                  "timezone: Europe/Berlin, swap_approval: lead}")
      .replace("name: Bob,", "name: Bob, roles: [boss],") + ROUTES,
-     "people[1].roles[0]: unknown role 'boss' (known roles: lead, manager, responder)"),
+     "people[1].roles[0]: unknown role 'boss' (known roles: approver, lead, manager, responder)"),
     (BASE + ROUTES + "audit: {hmac_key: short-key}\n", WEAK_KEY),
     (BASE + ROUTES + SLACK.replace("xoxb-1", "xoxp-1"), NOT_A_BOT_TOKEN),
     (BASE + "routes:\n  - {match: {team: dba}, channels: [ops-slack]}\n  - {match: {}}\n",
@@ -847,7 +848,8 @@ def test_a_value_an_earlier_version_took_is_a_warning_and_the_config_loads(text:
 
 
 def test_none_of_those_warnings_is_given_for_what_is_right() -> None:
-    text = BASE.replace("roles: [responder]", "roles: [responder, manager]") + ROUTES + SLACK
+    # (approver: as the design's example config gives it)
+    text = BASE.replace("roles: [responder]", "roles: [responder, manager, approver]") + ROUTES + SLACK
     loaded = parse_config(text + "audit: {hmac_key: long-enough-key-0123}\n", adapter_models=SETTINGS_MODELS, env={})
     assert not any(w.startswith(DOUBTED) for w in loaded.warnings), loaded.warnings
 
