@@ -202,7 +202,8 @@ class OutboxWorker:
         # leading; settled for the count when the last settling began (None: not yet).
         self._followed = 0
         self._recovered_at: int | None = None
-        self._claimed: set[int] = set()  # pages this worker claimed (SENDING) and has not settled: its own calls
+        # Pages this worker claimed (SENDING) and has not settled, its own calls: their incidents, by row id
+        self._claimed: dict[int, int | None] = {}
         self._lanes: dict[str, asyncio.Task[int]] = {}  # the pages loop's deliveries in flight, by whom they go to
         self._lane_pages: dict[asyncio.Task[int], set[tuple[Any, Any]]] = {}  # each one's pages: (incident, step)
 
@@ -601,6 +602,11 @@ class OutboxWorker:
             pages = {(r.incident_id, _step(r)) for r in mine if r.kind == "page"}
             if keys & self._lanes.keys() or any(i == j and s != t for i, s in pages for j, t in paging):
                 continue  # its person's lane still goes, or an earlier step's page of its incident is on its way
+            if any(r.kind == "pages" and r.incident_id in self._claimed.values() for r in mine):
+                # A page of its incident is on its way, drawn as the incident was before this change: the redraw
+                # waits for it (the next round after its lane ends), or it would find no page to redraw, be done,
+                # and the page would go on saying Firing with an Acknowledge button.
+                continue
             if len(self._lane_pages) >= LANES:
                 break  # the rest wait for a lane to end (which wakes this loop)
             task = asyncio.create_task(self._lane(mine, now), name=f"outbox-{min(keys)}")
@@ -629,11 +635,11 @@ class OutboxWorker:
                 break
             if row.kind == "page":
                 assert row.id is not None
-                self._claimed.add(row.id)  # claimed (SENDING) by _page: this worker's own call until it returns
+                self._claimed[row.id] = row.incident_id  # claimed (SENDING) by _page: this worker's own call
                 try:
                     calls += await self._page(row, now)
                 finally:
-                    self._claimed.discard(row.id)
+                    self._claimed.pop(row.id, None)
             elif row.kind == "pages":
                 calls += await self._redraw_pages(row, now)
             elif row.kind == "direct":

@@ -432,6 +432,39 @@ async def test_a_page_is_redrawn_when_someone_acts_elsewhere(tmp_path: Path) -> 
         await until(lambda: "Resolved" in bobs_page().get("text", ""), "Bob's page says resolved")
 
 
+
+async def test_a_page_on_its_way_while_someone_acknowledges_is_redrawn_once_it_arrives(tmp_path: Path) -> None:
+    """Telegram takes Bob's page and answers only after Alice acknowledged: the page was drawn before (Firing, an
+    Acknowledge button, "Carol in 5 min"), and the redraw that the acknowledgement queued must not go while the page
+    is on its way (it would find nothing to redraw, and be done): once the page is answered, it is redrawn."""
+    async with world(tmp_path, NIGHT) as w:
+        bobs_line = w.tg.hold(BOB_TG)
+        try:
+            await w.alert("critical")
+            await until(lambda: w.pages(BOB_TG), "Bob's page is on its way (and hangs)")
+            assert "Carol in 5 min" in w.pages(BOB_TG)[0]["text"]
+            acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+            assert acked["text"] == "Acknowledged #1."
+            await asyncio.sleep(0.5)  # the redraw's rounds, while the page is still on its way
+        finally:
+            bobs_line.set()
+
+        def bobs_page() -> dict[str, Any]:
+            edits = [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG]
+            return edits[-1] if edits else {}
+
+        await until(lambda: "Acknowledged" in bobs_page().get("text", ""), "Bob's page redrawn once it arrived")
+        keys = [untagged(k["callback_data"]) for row in bobs_page()["reply_markup"]["inline_keyboard"] for k in row]
+        assert "ack:1" not in keys and "Carol in" not in bobs_page()["text"]
+        for _ in range(50):  # (the redraw row is marked once the edit was answered)
+            async with w.h.bot.db.sessions() as s:
+                rows = (await s.execute(select(OutboxItem).where(OutboxItem.kind.in_(("page", "pages")))
+                                        )).scalars().all()
+            if all(r.status == "sent" for r in rows):
+                break
+            await asyncio.sleep(0.1)
+        assert sorted((r.kind, r.status) for r in rows) == [("page", "sent"), ("pages", "sent")]
+
 async def test_a_more_severe_alert_grouped_in_takes_its_own_routes_channels_and_policy(tmp_path: Path) -> None:
     """Prometheus' warning and critical rules share an alertname: the critical alert was grouped into the warning's
     incident, which kept the warning's route (no policy, one channel), and nobody was paged for it."""
