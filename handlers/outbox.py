@@ -65,6 +65,9 @@ PERSONAL_KINDS = ("page", "direct", "notice", "pages")  # rows not drawn on an i
 # People (and channels) the pages loop serves side by side (see _people_and_notices): a call that hangs, up to the
 # platform's 15 s timeout, holds back only what goes to the same person or chat.
 LANES = 16
+# How long stopping waits for the platform calls still in flight, after the drain (seconds): a platform that hangs
+# would hold the stop for its 15 s timeout, a call after a call; an orchestrator kills the bot after its grace (30 s).
+STOP_CALLS_WAIT = 5.0
 PAGE_ATTEMPTS = 3  # a page that fails for a passing reason is tried this often, then the escalation moves on
 # A page is claimed (SENDING, committed) before the platform is called and settled after: one found SENDING when
 # the worker starts, or takes the lead again (a replica that led meanwhile may have died mid-call), and is not a call
@@ -215,12 +218,18 @@ class OutboxWorker:
             self._wake.setdefault(key, asyncio.Event())
         self._tasks = [asyncio.create_task(self._run(key), name=f"outbox-{key or 'pages'}") for key in loops]
 
-    async def stop(self, *, drain: float = 0.0) -> None:
+    async def stop(self, *, drain: float = 0.0, calls: float = STOP_CALLS_WAIT) -> None:
         """Stop the loops after the round each is in. `drain` (seconds, for SIGTERM): first let them send what is due
         now, for at most that long: a thread line queued a moment before ("Paged Alice on Telegram. Bob in 5 min if
         nobody acknowledges.") goes now, not after the next start, when it may no longer be true. What is not sent
         by then waits for the next start (the log says how much); rows due later (a retry's back-off) are not
-        waited for."""
+        waited for.
+
+        Then no loop or lane starts another row (they stay pending), and the calls still in flight get `calls`
+        seconds to be answered: a platform that hangs held the stop for its timeout, call after call (45 s with
+        three incidents paging three people, killed by an orchestrator's 30 s grace, paging after the log said it
+        stopped). A call still unanswered by then is cut off, as a crash cuts it off: the next start settles it (a
+        page as unconfirmed, not sent again; see _recover)."""
         if drain > 0 and self._tasks:
             try:
                 await self._drain(drain)
@@ -229,9 +238,18 @@ class OutboxWorker:
         self._stopping = True
         self._stopped.set()
         self.nudge()
-        await asyncio.gather(*self._tasks)
+        going = [*self._tasks, *self._lane_pages]
+        if going:
+            _, hung = await asyncio.wait(going, timeout=calls)
+            if hung:  # (a lane's failure is logged as it ends)
+                pages = len(self._claimed)
+                log.warning("outbox: stopping with %d delivery(ies) still waiting for the platform after %g s; cut "
+                            "off, as a crash cuts them off: the next start settles them%s", len(hung), calls,
+                            f" ({pages} page(s) as unconfirmed, not sent again)" if pages else "")
+                for task in hung:
+                    task.cancel()
+                await asyncio.wait(hung, timeout=1.0)
         self._tasks = []
-        await asyncio.gather(*self._lane_pages, return_exceptions=True)  # (a lane's failure is logged as it ends)
 
     async def _drain(self, seconds: float) -> None:
         if self.may_deliver is not None and not await self.may_deliver():
@@ -397,14 +415,15 @@ class OutboxWorker:
                 select(groups.c.incident_id, groups.c.channel).where(groups.c.nth <= PER_CHANNEL)
                 .order_by(groups.c.carded, groups.c.routine, groups.c.first).limit(self.batch)
             )).all()
-        return await self._messages(list(due), now)
+        return await self._messages(list(due), now, loop=not wait)
 
-    async def _messages(self, groups: list[tuple[int, str]], now: datetime) -> int:
-        """Deliver the pending rows of each (incident, channel), in order; the number of platform calls made."""
+    async def _messages(self, groups: list[tuple[int, str]], now: datetime, *, loop: bool = True) -> int:
+        """Deliver the pending rows of each (incident, channel), in order; the number of platform calls made. A
+        `loop`'s round stops when the worker stops (run_once, called as such, goes on)."""
         calls = 0
         for incident_id, channel_id in groups:
-            if not await self._leading():
-                break
+            if (loop and self._stopping) or not await self._leading():
+                break  # (stopping: the rest wait for the next start, pending)
             channel = self.channels[channel_id]
             if not self.buckets.any_open(channel.platform, channel.chat, now=self._monotonic()):
                 continue  # nothing could be sent to this chat now: don't even read
@@ -609,7 +628,7 @@ class OutboxWorker:
                 continue
             if len(self._lane_pages) >= LANES:
                 break  # the rest wait for a lane to end (which wakes this loop)
-            task = asyncio.create_task(self._lane(mine, now), name=f"outbox-{min(keys)}")
+            task = asyncio.create_task(self._lane(mine, now, loop=not wait), name=f"outbox-{min(keys)}")
             self._lane_pages[task] = pages
             self._lanes.update(dict.fromkeys(keys, task))
             task.add_done_callback(functools.partial(self._lane_ended, keys))
@@ -627,12 +646,13 @@ class OutboxWorker:
         if wake is not None:
             wake.set()  # its rows held back meanwhile, or the ones after the lane limit, go now
 
-    async def _lane(self, rows: Sequence[OutboxItem], now: datetime) -> int:
-        """One person's (or chat's, or incident's) rows of a round, in order (see _people_and_notices)."""
+    async def _lane(self, rows: Sequence[OutboxItem], now: datetime, *, loop: bool = True) -> int:
+        """One person's (or chat's, or incident's) rows of a round, in order (see _people_and_notices); one of the
+        loop's stops when the worker stops (run_once's, called as such, goes on)."""
         calls = 0
         for row in rows:
-            if not await self._leading():
-                break
+            if (loop and self._stopping) or not await self._leading():
+                break  # (stopping: the rest wait for the next start, pending, not claimed)
             if row.kind == "page":
                 assert row.id is not None
                 self._claimed[row.id] = row.incident_id  # claimed (SENDING) by _page: this worker's own call

@@ -433,6 +433,47 @@ async def test_a_page_is_redrawn_when_someone_acts_elsewhere(tmp_path: Path) -> 
 
 
 
+async def test_stopping_with_a_platform_that_hangs_ends_promptly_and_leaves_the_rest_pending(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Three incidents page Bob on Telegram, which takes his first page and never answers (the bot's timeout is
+    15 s). Stopping (SIGTERM's drain, then the calls in flight) ends within its bound, not a timeout per page: his
+    other pages are not sent after the stop, and wait, pending, for the next start; the first, cut off, is settled
+    then as unconfirmed (not sent again) and the other two go."""
+    caplog.set_level(logging.INFO, logger="chatops")
+    async with FakeSlack() as slack, FakeTelegram() as tg:
+        bobs_line = tg.hold(BOB_TG)
+        try:
+            async with bot_in(tmp_path, slack, tg, NIGHT) as w:
+                for i in range(3):
+                    body = {"asset_name": f"db-0{i}", "signature": "DiskFull", "severity": "critical",
+                            "message": "Disk full", "tool_source": "zabbix", "labels": {"team": "db"}}
+                    assert (await w.h.post("open", body))[0] == 200
+                await until(lambda: w.pages(BOB_TG), "Bob's first page is on its way (and hangs)")
+                started = time.monotonic()
+                await w.h.bot.outbox.stop(drain=1.0)
+                assert time.monotonic() - started < 1.0 + 5.0 + 2.0
+                assert "1 page(s) as unconfirmed, not sent again" in caplog.text
+                await asyncio.sleep(0.5)
+                assert len(w.pages(BOB_TG)) == 1  # nothing more went after the stop
+                async with w.h.bot.db.sessions() as s:
+                    pages = (await s.execute(select(OutboxItem).where(OutboxItem.kind == "page")
+                                             .order_by(OutboxItem.id))).scalars().all()
+                assert [(p.incident_id, p.status) for p in pages] == [(1, "sending"), (2, "pending"), (3, "pending")]
+        finally:
+            bobs_line.set()
+        async with bot_in(tmp_path, slack, tg, NIGHT + timedelta(minutes=1)) as w:
+            await until(lambda: len(w.pages(BOB_TG)) == 3, "Bob's other two pages, after the start")
+            for _ in range(50):  # (each is recorded once Telegram answered)
+                async with w.h.bot.db.sessions() as s:
+                    pages = (await s.execute(select(OutboxItem).where(OutboxItem.kind == "page")
+                                             .order_by(OutboxItem.id))).scalars().all()
+                if all(p.status != "sending" for p in pages[1:]):
+                    break
+                await asyncio.sleep(0.1)
+            assert [p.status for p in pages] == ["dead", "sent", "sent"]
+            assert "the bot stopped while sending it" in (pages[0].last_error or "")
+
+
 async def test_a_page_on_its_way_while_someone_acknowledges_is_redrawn_once_it_arrives(tmp_path: Path) -> None:
     """Telegram takes Bob's page and answers only after Alice acknowledged: the page was drawn before (Firing, an
     Acknowledge button, "Carol in 5 min"), and the redraw that the acknowledgement queued must not go while the page
