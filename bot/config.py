@@ -7,6 +7,7 @@ Every problem is reported as `path: problem`, where path is the config path
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -188,9 +189,17 @@ _ASYNCPG_QUERY: dict[str, tuple[str, ...] | None] = {
     "host": None,  # several: ?host=db1:5432&host=db2:5432; a socket's folder: ?host=/var/run/postgresql
     "passfile": None,
     "prepared_statement_cache_size": None,
+    "command_timeout": None,  # seconds (asyncpg reads the text as a number)
     "krbsrvname": None,
     "gsslib": ("gssapi", "sspi"),
 }
+
+
+def _positive(value: str) -> bool:
+    try:
+        return math.isfinite(seconds := float(value)) and seconds > 0
+    except ValueError:
+        return False
 
 
 def _either(values: Sequence[str]) -> str:
@@ -230,6 +239,8 @@ def database_url_problem(url: str) -> str | None:
                 return f"{key}={value!r} is not allowed ({key}: {_either(allowed)})"
             if key == "prepared_statement_cache_size" and not (value.isascii() and value.isdigit()):
                 return f"{key}={value!r} is not a whole number"
+            if key == "command_timeout" and not _positive(value):
+                return f"{key}={value!r} is not a number of seconds above 0"
         elif key == "timeout":
             try:
                 float(value)

@@ -99,11 +99,20 @@ def resolve(node: Any, refs: list[tuple[str | None, str | None]], env: Mapping[s
     if not isinstance(node, str):
         return node
     key = path.rsplit(".", 1)[-1].split("[", 1)[0]
-    problem = _literal_problem(_TOKEN.sub("\0", node), secret(key) or _url_password(node) is not None)
+    hidden = secret(key) or _url_password(node) is not None
+    # A runbook's command is the shell's text when it runs `sh -c "...${INSTANCE%%:*}"`: kept as written, as before.
+    problem = None if path.startswith("runbooks[") and not hidden else _literal_problem(_TOKEN.sub("\0", node), hidden)
     if problem:
         return Malformed(problem)
     if "__chatops_env_" not in node:
         return node
+    for m in _TOKEN.finditer(node):
+        name, default = refs[int(m.group(1))]
+        if name is not None and default is not None and "${" in default:
+            # `${A:-${B}}` (a default that is itself a reference): read as the default `${B` and a `}` left over, the
+            # value would be that text, a guessable token; the shell's nesting is not supported.
+            return Malformed(f"${{{name}:-${{...}}}} nests a reference in a default, which is not supported "
+                             f"({_ONLY} are, the default being plain text): set {name} itself")
     missing: list[Unset] = []
     used: list[str] = []
 

@@ -691,6 +691,26 @@ def test_a_shell_form_of_a_variable_that_is_not_supported_is_an_error_not_the_se
                      "(write $${ for a literal ${)"]
 
 
+@pytest.mark.parametrize("env", [{}, {"DEV_TOKEN": "devtoken123"}])
+def test_a_reference_nested_in_a_default_is_an_error_not_the_secret(env: dict[str, str]) -> None:
+    """`${AM_TOKEN:-${DEV_TOKEN}}`, the shell's nesting, with AM_TOKEN unset, passed, and the bearer token was the text
+    `${DEV_TOKEN}` (the default read as `${DEV_TOKEN`, and a `}` left over), whatever DEV_TOKEN held."""
+    text = BASE.replace("auth: {bearer: secret-token}", 'auth: {bearer: "${AM_TOKEN:-${DEV_TOKEN}}"}') + ROUTES
+    assert problems(text, env) == [
+        "sources[0].auth.bearer: ${AM_TOKEN:-${...}} nests a reference in a default, which is not supported (only "
+        "${VAR} and ${VAR:-default} are, the default being plain text): set AM_TOKEN itself"]
+    assert problems(text, {**env, "AM_TOKEN": "am-token-0123"}) == problems(text, env)  # the form, whatever is set
+
+
+def test_a_runbook_command_keeps_the_shells_own_forms() -> None:
+    """`sh -c "systemctl reload haproxy@${INSTANCE%%:*}"` is the shell's text when the step runs: a config with it
+    started before, and still does, as written."""
+    text = BASE.replace("steps: [{run: [systemctl, restart, nginx]}]",
+                        "steps: [{run: [sh, -c, 'systemctl reload haproxy@${INSTANCE%%:*} ${1}']}]") + ROUTES
+    loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env={})
+    assert loaded.config.runbooks[0].steps[0].run == ["sh", "-c", "systemctl reload haproxy@${INSTANCE%%:*} ${1}"]
+
+
 def test_an_unclosed_variable_is_an_error() -> None:
     found = problems(BASE.replace("chat: C0OPS", 'chat: "${OPS_CHAT"') + ROUTES)
     assert found == ["channels[0].chat: ${OPS_CHAT has no closing } (only ${VAR} and ${VAR:-default} are "
@@ -736,7 +756,9 @@ PG = "postgresql+asyncpg://bot@db.internal:5432/chatops"
                      "verify-full)"),
     (PG + "?application_name=bot",
      "storage.url: unknown query parameter 'application_name' (asyncpg takes: ssl, target_session_attrs, host, "
-     "passfile, prepared_statement_cache_size, krbsrvname, gsslib)"),
+     "passfile, prepared_statement_cache_size, command_timeout, krbsrvname, gsslib)"),
+    (PG + "?command_timeout=soon", "storage.url: command_timeout='soon' is not a number of seconds above 0"),
+    (PG + "?command_timeout=0", "storage.url: command_timeout='0' is not a number of seconds above 0"),
     (PG + "?prepared_statement_cache_size=x",
      "storage.url: prepared_statement_cache_size='x' is not a whole number"),
     ("postgresql+asyncpg://bot:pw@db:notaport/chatops",
@@ -761,6 +783,7 @@ def test_a_database_url_the_driver_cannot_take_names_the_part(url: str, expected
     "postgresql+asyncpg://bot@/chatops?host=/var/run/postgresql",
     "postgresql+asyncpg://bot@/chatops?host=db1:5432&host=db2:5432", "postgresql+asyncpg://bot@[::1]:5432/chatops",
     "postgresql+asyncpg://bot:p%40ss@db/chatops", "sqlite+aiosqlite:///./chatops.db?timeout=30",
+    PG + "?command_timeout=60",  # (asyncpg reads it as a number: a config with it started before)
     "sqlite+aiosqlite:///file:chatops.db?uri=true&mode=rwc",
 ])
 def test_database_urls_the_driver_takes_pass(url: str) -> None:

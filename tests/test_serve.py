@@ -385,7 +385,7 @@ audit: {{hmac_key: k3y}}
 adapters:
   slack: {{bot_token: {token}, signing_secret: slack-signing-secret, api_url: '{api_url}'}}
 people:
-  - {{id: alice, name: Alice, roles: [responder, approver], slack: U01ALICE}}
+  - {{id: alice, name: Alice, roles: [responder, aprover], slack: U01ALICE}}
 channels:
   - {{id: ops-slack, platform: slack, chat: C0OPS}}
 sources:
@@ -400,7 +400,8 @@ DOUBTS = [
     "this key; see the README, The audit log)",
     "adapters.slack.bot_token: (a secret, not shown) is not a bot token (expected a Slack bot token, which starts with "
     "xoxb-: the Bot User OAuth Token on the app's OAuth & Permissions page)",
-    "people[0].roles[1]: unknown role 'approver' (known roles: manager, responder)",
+    "people[0].roles[1]: unknown role 'aprover' (did you mean `approver`? known roles: approver, manager, "
+    "responder)",
     "routes[1]: the catch-all route has neither channels nor escalation, so an alert no other route takes opens an "
     "incident nobody is told of: give it channels or an escalation policy",
 ]
