@@ -585,6 +585,11 @@ class OutboxWorker:
         for the lanes in flight, and for those it starts."""
         if wait and self._lane_pages:
             await asyncio.gather(*self._lane_pages, return_exceptions=True)
+        # The lanes on their way as the rows are read: a row of theirs read now may be settled by the time the lanes
+        # are started below (a direct message sent, a page refused and due later), and taken again it went twice, or
+        # a later step's page went before the earlier one. Their rows wait for the next round (their end wakes it).
+        busy = set(self._lanes)
+        paging = {(i, step) for pages in self._lane_pages.values() for i, step in pages}  # in flight
         async with self.db.sessions() as session:
             rows = list((await session.execute(
                 select(OutboxItem).where(OutboxItem.status == "pending", OutboxItem.due_at <= now,
@@ -614,12 +619,13 @@ class OutboxWorker:
         lanes: dict[str, list[OutboxItem]] = {}
         for row in rows:
             lanes.setdefault(root(_lane_of(row)), []).append(row)
-        paging = {(i, step) for pages in self._lane_pages.values() for i, step in pages}  # in flight
+        busy.update(self._lanes)
+        paging.update((i, step) for pages in self._lane_pages.values() for i, step in pages)
         started = []
         for mine in lanes.values():
             keys = {_lane_of(r) for r in mine}
             pages = {(r.incident_id, _step(r)) for r in mine if r.kind == "page"}
-            if keys & self._lanes.keys() or any(i == j and s != t for i, s in pages for j, t in paging):
+            if keys & busy or any(i == j and s != t for i, s in pages for j, t in paging):
                 continue  # its person's lane still goes, or an earlier step's page of its incident is on its way
             if any(r.kind == "pages" and r.incident_id in self._claimed.values() for r in mine):
                 # A page of its incident is on its way, drawn as the incident was before this change: the redraw

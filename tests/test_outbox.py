@@ -96,6 +96,50 @@ async def test_a_replica_that_loses_the_delivery_lock_mid_round_posts_no_more(tm
             assert await h.count_pending() == 0 and len(parents(fake)) == 3
 
 
+async def test_a_direct_message_read_again_just_as_it_goes_is_not_sent_twice(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pages loop reads what is due while the direct message to Alice is on its way, still pending, and Slack
+    answers before the loop has looked at which people's lanes are busy (a busy machine). Before: her lane had
+    ended, so the row read a moment before went again, and Alice got the message twice."""
+    from handlers.notify import direct_row
+    from handlers.outbox import OutboxWorker
+    from tests.recording import poll
+
+    text = "Please take a look at #7"
+    async with FakeSlack() as fake:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            outbox = h.bot.outbox
+            answer = fake.hold("chat.postMessage")  # her message is on its way until Slack answers
+            real_first, real_round = OutboxWorker._waiting_first, outbox._people_and_notices
+            rounds = 0
+
+            async def waiting_first(session: Any, rows: list[OutboxItem], now: datetime) -> list[OutboxItem]:
+                if "@alice" in outbox._lanes and any(r.details.get("text") == text for r in rows):
+                    answer.set()  # Slack answers her lane between this round's read and its look at the lanes
+                    await poll(lambda: not outbox._lanes, 5, lambda: "Alice's lane ends")
+                return await real_first(session, rows, now)
+
+            async def people_and_notices(*args: Any, **kwargs: Any) -> int:
+                nonlocal rounds
+                calls = await real_round(*args, **kwargs)
+                rounds += 1
+                return calls
+
+            monkeypatch.setattr(OutboxWorker, "_waiting_first", staticmethod(waiting_first))
+            monkeypatch.setattr(outbox, "_people_and_notices", people_and_notices)
+            async with h.bot.db.transaction() as session:
+                session.add(direct_row("alice", text, T0))
+            outbox.nudge()
+            sent = lambda: [c for c in fake.calls if c.method == "chat.postMessage" and c.params.get("text") == text]
+            await poll(lambda: sent(), 5, lambda: "her message goes")
+            outbox.nudge()  # a round while it is on its way
+            await poll(lambda: answer.is_set(), 5, lambda: "a round reads it while it is on its way")
+            then = rounds
+            await poll(lambda: rounds > then and not outbox._lanes, 5, lambda: "that round, and what it started")
+            assert len(sent()) == 1
+            assert await h.count_pending() == 0
+
+
 async def test_notices_for_a_platform_that_is_off_do_not_hold_back_pages_and_messages(tmp_path: Path) -> None:
     """A backlog of channel notices no adapter can send (Telegram off) waits, and the rows behind it go out."""
     from handlers.notify import direct_row, notice_row
