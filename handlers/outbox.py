@@ -656,6 +656,7 @@ class OutboxWorker:
         """One person's (or chat's, or incident's) rows of a round, in order (see _people_and_notices); one of the
         loop's stops when the worker stops (run_once's, called as such, goes on)."""
         calls = 0
+        behind: dict[int, tuple[Any, Attempt]] = {}  # incident -> the step of a page of it that did not go here, why
         for row in rows:
             if (loop and self._stopping) or not await self._leading():
                 break  # (stopping: the rest wait for the next start, pending, not claimed)
@@ -663,7 +664,7 @@ class OutboxWorker:
                 assert row.id is not None
                 self._claimed[row.id] = row.incident_id  # claimed (SENDING) by _page: this worker's own call
                 try:
-                    calls += await self._page(row, now)
+                    calls += await self._page(row, now, behind)
                 finally:
                     self._claimed.pop(row.id, None)
             elif row.kind == "pages":
@@ -960,8 +961,10 @@ class OutboxWorker:
         if rows:
             self.nudge()
 
-    async def _page(self, row: OutboxItem, now: datetime) -> int:
-        """An escalation step's page: still wanted? send it, then say in the thread what happened and what is next."""
+    async def _page(self, row: OutboxItem, now: datetime,
+                    behind: dict[int, tuple[Any, Attempt]] | None = None) -> int:
+        """An escalation step's page: still wanted? send it, then say in the thread what happened and what is next.
+        `behind`: by incident, the page of its lane so far that did not go, and why (see _behind)."""
         person = self.people.get(str(row.details.get("person")))
         async with self.db.sessions() as session:
             incident = await session.get(Incident, row.incident_id)
@@ -985,6 +988,10 @@ class OutboxWorker:
             await self._finish([row], "cancelled", superseded(newer, person.name))
             return 0
         business = bool(row.details.get("business"))
+        order = page_order(person, business_hours=business)
+        earlier = (behind or {}).get(row.incident_id or 0)
+        if earlier is not None and await self._behind(row, person, incident, order, *earlier, now):
+            return 0
         # Still at this page's step (the next has not fired): what it says comes next holds.
         here = (escalation is not None and escalation.state == "active" and isinstance(step, int)
                 and escalation.next_step == step)
@@ -998,7 +1005,6 @@ class OutboxWorker:
         message = page_message(incident, alerts, person, self.config, now, reason,
                                escalation_mark=escalation_mark(step, int(row.details.get("run", 0)))
                                if isinstance(step, int) else "")
-        order = page_order(person, business_hours=business)
         # The page carries its key where a platform can find it by it (Slack): a page whose answer is lost, or that
         # a crash cuts off, is looked for when it is to be redrawn (_look_for_pages). The mark goes with the claim.
         key = f"page-{row.id}"
@@ -1019,6 +1025,8 @@ class OutboxWorker:
             return 1
         if attempt.waiting:
             await self._wait(row, attempt, now)
+            if behind is not None and row.incident_id is not None:
+                behind.setdefault(row.incident_id, (_step(row), attempt))
             return 1 if attempt.retry_after else 0
         if attempt.platform is None and attempt.transient and row.attempts + 1 < PAGE_ATTEMPTS:
             await self._failed([row], attempt.problem(person, self.adapters), None, permanent=False, unmark=True)
@@ -1028,6 +1036,8 @@ class OutboxWorker:
         if (attempt.platform is None and not attempt.unknown and attempt.refused
                 and now - row.created_at < self.give_up_after):
             await self._page_waits(row, person, incident, attempt, now)
+            if behind is not None and row.incident_id is not None:
+                behind.setdefault(row.incident_id, (_step(row), attempt))
             return 1
         if attempt.platform is not None and self.token_refused.pop(attempt.platform, None) is not None:
             await self._token_accepted()
@@ -1126,6 +1136,35 @@ class OutboxWorker:
                 with contextlib.suppress(asyncio.TimeoutError):  # (stop() cuts the wait short)
                     await asyncio.wait_for(self._stopped.wait(), delay)
                 delay = min(delay * 2, 30.0)
+
+    async def _behind(self, row: OutboxItem, person: Person, incident: Incident, order: Sequence[str], step: Any,
+                      attempt: Attempt, now: datetime) -> bool:
+        """Whether a page waits, untried, behind an earlier step's page of its incident that did not go a moment ago
+        in the same lane (`step`, and how its `attempt` went), so that the two go in step order:
+        - the earlier one waits for its chat's budget or a rate limit: this one goes after it (no sooner than the
+          platform said, so that the earlier one is not pulled into every round meanwhile: _waiting_first);
+        - it found the bot's token refused, and so did every platform that could take this one: tried, this one
+          would be refused too, unless the token works again in between; then it went first, and the earlier one
+          after it (at once, as the token works again). It waits as if refused (the same back-off and thread line).
+          One that waited a day is tried, to be given up on.
+        True: it waits (settled here)."""
+        if _step(row) == step:
+            return False  # (the pages of one step go side by side)
+        if attempt.waiting:
+            if attempt.retry_after:
+                async with self.db.transaction() as session:
+                    await session.execute(update(OutboxItem).where(
+                        OutboxItem.id == row.id, OutboxItem.status == "pending",
+                        OutboxItem.due_at < now + timedelta(seconds=attempt.retry_after))
+                        .values(due_at=now + timedelta(seconds=attempt.retry_after)))
+            return True
+        platforms = [p for p in dict.fromkeys(order) if p in self.adapters and getattr(person, p, None)]
+        if (not attempt.refused or now - row.created_at >= self.give_up_after or not platforms
+                or any(p not in attempt.refused for p in platforms)):
+            return False
+        said = [t for t in attempt.tried if t.startswith(tuple(f"{p}{s}" for p in platforms for s in (" ", ":")))]
+        await self._page_waits(row, person, incident, Attempt(None, said, False, refused=tuple(platforms)), now)
+        return True
 
     async def _superseding(self, row: OutboxItem) -> Any:
         """The step of a newer page of the same run to the same person about the same incident, sent or still to go,

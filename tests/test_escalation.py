@@ -1081,6 +1081,15 @@ async def lines_out(w: World, lines: list[str], timeout: float = 20.0) -> None:
         await asyncio.sleep(0.3)
 
 
+async def delayed(w: World, count: int, timeout: float = 10.0) -> None:
+    """Until `count` pages have found the bot's token refused (`incident.page_delayed`), or fail saying how many did."""
+    deadline = time.monotonic() + timeout
+    while len(await w.audit("incident.page_delayed")) < count:
+        assert time.monotonic() < deadline, f"{len(await w.audit('incident.page_delayed'))} of {count} pages delayed"
+        await asyncio.sleep(0.1)
+    assert len(await w.audit("incident.page_delayed")) == count
+
+
 async def test_a_page_to_a_platform_off_since_its_token_was_refused_at_start_waits_for_a_restart(
         tmp_path: Path) -> None:
     """Telegram refused the bot's token at start, so the adapter is off. A page to Bob (Telegram only) counts that as
@@ -1141,22 +1150,21 @@ async def test_pages_that_waited_for_the_token_go_once_a_person_in_step_order_as
     async with world(tmp_path, NIGHT, people=TELEGRAM_ONLY) as w:
         token, w.tg.token = w.tg.token, "the-token-before-it-was-revoked"
         await w.alert("critical")  # standard: Bob (primary), Carol 5 min later, Bob 10 min later, Carol 5 min later
-        for delayed, advance in ((1, 5), (2, 10), (3, 5), (4, 10)):
-            for _ in range(100):  # this step's page found the token refused
-                if len(await w.audit("incident.page_delayed")) >= delayed:
-                    break
-                await asyncio.sleep(0.1)
-            assert len(await w.audit("incident.page_delayed")) == delayed
+        for step, advance in ((1, 5), (2, 10), (3, 5), (4, 10)):
+            await delayed(w, step)  # this step's page found the token refused
             await w.tick(timedelta(minutes=advance))
-        await until(lambda: any(t.startswith("Escalation policy standard finished") for t in thread_texts(w.slack)),
-                    "the policy's end")
+        end = ("Escalation policy standard finished after 4 steps without paging anyone: the pages to Bob and Carol "
+               "wait for the bot's token to be accepted, and go out when it is.")
+        await lines_out(w, [end])  # (a line Slack rate-limits goes a second later on the bot's clock)
+        assert [t for t in thread_texts(w.slack) if t.startswith("Escalation policy standard finished")] == [end]
         assert (await w.escalation()).state == "exhausted"
-        assert next(t for t in thread_texts(w.slack) if t.startswith("Escalation policy standard finished")) == (
-            "Escalation policy standard finished after 4 steps without paging anyone: the pages to Bob and Carol "
-            "wait for the bot's token to be accepted, and go out when it is.")
-        rows = await page_rows(w.h)
-        assert [(r.channel, r.details["step"], r.status) for r in rows] == [
-            ("@bob", 1, "cancelled"), ("@carol", 2, "cancelled"), ("@bob", 3, "pending"), ("@carol", 4, "pending")]
+        waiting = [("@bob", 1, "cancelled"), ("@carol", 2, "cancelled"), ("@bob", 3, "pending"), ("@carol", 4, "pending")]
+        for _ in range(100):  # (the last tick made them due: a try of theirs, refused again, may be on its way)
+            rows = await page_rows(w.h)
+            if [(r.channel, r.details["step"], r.status) for r in rows] == waiting:
+                break
+            await asyncio.sleep(0.1)
+        assert [(r.channel, r.details["step"], r.status) for r in rows] == waiting
         assert rows[0].last_error == ("superseded by the page of step 3: it waited for the bot's token while the "
                                       "escalation went on, and Bob gets the newer page instead")
         assert not w.pages(BOB_TG) and not w.pages(CAROL_TG)
@@ -1173,6 +1181,38 @@ async def test_pages_that_waited_for_the_token_go_once_a_person_in_step_order_as
         assert "<i>Step 4 of 4 of the escalation.</i>" in carol["text"]
         paged = [t for t in thread_texts(w.slack) if t.startswith("Paged")]
         assert paged == ["Paged Bob on Telegram.", "Paged Carol on Telegram."]
+
+
+async def test_a_token_accepted_again_between_two_waiting_pages_keeps_them_in_step_order(tmp_path: Path) -> None:
+    """Bob's page (step 1) and Carol's (step 2) wait for the token and are tried again together; Telegram refuses
+    Bob's, and the token works again a moment later, before Carol's. Carol's page waits on behind Bob's (as if
+    refused too: it is the same token), and once the token works they go in step order, one page each. Before:
+    Carol's went at once, then Bob's, as the token working again sent his on (what failed the test above 2 runs in 6
+    on a busy machine)."""
+    async with world(tmp_path, NIGHT, people=TELEGRAM_ONLY) as w:
+        token, w.tg.token = w.tg.token, "the-token-before-it-was-revoked"
+        await w.alert("critical", team="solo")  # Bob, then Carol 30 minutes later
+        await delayed(w, 1)
+        await w.tick(timedelta(minutes=30))  # step 2: Carol's page waits too
+        await delayed(w, 2)
+        tries = len([c for c in w.tg.calls if c.method == "sendMessage" and c.params["chat_id"] == BOB_TG])
+
+        bobs_answer = w.tg.hold(BOB_TG)  # Bob's next try is refused, and its answer waits
+        await w.tick(timedelta(minutes=5))  # both tried again, Bob's first
+        await until(lambda: len([c for c in w.tg.calls if c.method == "sendMessage"
+                                 and c.params["chat_id"] == BOB_TG]) > tries, "Bob's page tried again")
+        w.tg.token = token  # the token works again, just after Telegram refused Bob's page
+        bobs_answer.set()
+        await w.tick(timedelta(minutes=5))  # their next try (a back-off of at most 5 minutes)
+        await until(lambda: w.pages(BOB_TG) and w.pages(CAROL_TG), "both pages, once their next try comes")
+        [bob], [carol] = w.pages(BOB_TG), w.pages(CAROL_TG)
+        sent = [c.params["chat_id"] for c in w.tg.called("sendMessage")]
+        assert sent.index(BOB_TG) < sent.index(CAROL_TG)
+        assert "<i>Step 1 of 2 of the escalation.</i>" in bob["text"]
+        assert "<i>Step 2 of 2 of the escalation.</i>" in carol["text"]
+        await lines_out(w, ["Paged Bob on Telegram.", "Paged Carol on Telegram."])
+        assert [t.split(":")[0] for t in thread_texts(w.slack) if t.startswith("Could not page")] == [
+            "Could not page Bob yet", "Could not page Carol yet"]  # one line each, as each first waited
 
 
 async def test_a_page_that_waited_for_the_token_goes_before_a_newer_step_and_says_what_is_next_now(
