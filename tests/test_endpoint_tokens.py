@@ -210,9 +210,12 @@ def test_a_rejected_endpoint_token_is_never_shown_and_empty_is_off(tmp_path: Pat
                      env={"METRICS_TOKEN": short, "CALENDAR_TOKEN": spaced})
     found += problems(BASE + ROUTES + f"server: {{metrics_token: '{slashed}', calendar_token: 12345678901234567}}\n")
     assert found == [
+        # (each names the variable its value came from, never the value)
         "server.metrics_token: (a secret, not shown) is shorter than 16 characters: give a longer one, such as the "
-        "output of `openssl rand -hex 32` (or leave it empty for no token)",
-        "server.calendar_token: (a secret, not shown) begins or ends with a space or a line break; strip it",
+        "output of `openssl rand -hex 32` (or leave it empty for no token) (the value is from the environment "
+        "variable METRICS_TOKEN)",
+        "server.calendar_token: (a secret, not shown) begins or ends with a space or a line break; strip it (the value "
+        "is from the environment variable CALENDAR_TOKEN)",
         "server.metrics_token: (a secret, not shown) may hold only letters, digits, `-`, `.`, `_` and `~`, which go "
         "into a URL and a header as they are; `openssl rand -hex 32` gives such a token",
         "server.calendar_token: input should be a valid string",
