@@ -256,10 +256,13 @@ class OutboxWorker:
             return  # another replica delivers: it sends them
         started = time.monotonic()  # real time, whatever the clock says
         due = await self._due_now()
-        if not due:
+        # A page on its way (its lane) queues its thread line once the platform answers: waited for too, else the
+        # line saying who was just paged was left for the next start when SIGTERM came during the call.
+        if not due and not self._lane_pages:
             return
-        log.info("outbox: %d message(s) queued; sending them before stopping (up to %g s)", due, seconds)
-        while due and time.monotonic() - started < seconds:
+        log.info("outbox: %d message(s) queued, %d delivery(ies) on their way; sending them before stopping (up to "
+                 "%g s)", due, len(self._lane_pages), seconds)
+        while (due or self._lane_pages) and time.monotonic() - started < seconds:
             self.nudge()
             await asyncio.sleep(0.1)
             due = await self._due_now()

@@ -474,6 +474,32 @@ async def test_stopping_with_a_platform_that_hangs_ends_promptly_and_leaves_the_
             assert "the bot stopped while sending it" in (pages[0].last_error or "")
 
 
+async def test_stopping_while_a_page_is_on_its_way_sends_its_thread_line_first(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM comes while Telegram has Bob's page and has not answered yet: the thread line saying he was paged is
+    queued only once it answers, so the drain found nothing queued and stopped at once, and the line was left for
+    the next start (when "Carol in 5 min" may be untrue). The drain waits for the page on its way too."""
+    caplog.set_level(logging.INFO, logger="chatops")
+    async with FakeSlack() as slack, FakeTelegram() as tg:
+        bobs_answer = tg.hold(BOB_TG)
+        try:
+            async with bot_in(tmp_path, slack, tg, NIGHT) as w:
+                body = {"asset_name": "db-01", "signature": "DiskFull", "severity": "critical",
+                        "message": "Disk full", "tool_source": "zabbix", "labels": {"team": "db"}}
+                assert (await w.h.post("open", body))[0] == 200
+                await until(lambda: w.pages(BOB_TG), "Bob's page is on its way (its answer held)")
+                stopping = asyncio.create_task(w.h.bot.outbox.stop(drain=5.0))
+                await asyncio.sleep(0.3)
+                assert not stopping.done()  # it waits for the page on its way
+                bobs_answer.set()
+                await stopping
+                assert any(t.startswith("Paged Bob on Telegram.") for t in thread_texts(w.slack)), \
+                    thread_texts(w.slack)
+                assert "outbox: sent what was queued before stopping" in caplog.text
+        finally:
+            bobs_answer.set()
+
+
 async def test_a_page_on_its_way_while_someone_acknowledges_is_redrawn_once_it_arrives(tmp_path: Path) -> None:
     """Telegram takes Bob's page and answers only after Alice acknowledged: the page was drawn before (Firing, an
     Acknowledge button, "Carol in 5 min"), and the redraw that the acknowledgement queued must not go while the page
