@@ -121,6 +121,32 @@ def explain_failure(exc: BaseException, wait: float | None = None) -> str:
     return f"{name}: {said}" if said else name
 
 
+SESSION_LIMITS = {"idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION, "lock_timeout": LOCK_WAIT}
+
+
+async def session_limits_missing(conn: AsyncConnection) -> tuple[str, list[str]]:
+    """The server-side limits (SESSION_LIMITS) this PostgreSQL connection runs without (set to 0, off), and the role
+    it runs as.
+
+    They travel as startup parameters (asyncpg's server_settings). A pooler in between may drop them: PgBouncer
+    refuses a startup parameter it does not know, unless `ignore_startup_parameters` lists it, and then it ignores
+    it. The bot still works without them, but a replica frozen inside a transaction stalls the others again."""
+    role = (await conn.execute(text("SELECT current_user"))).scalar_one()
+    off = (await conn.execute(text("SELECT name FROM pg_settings WHERE name = ANY(:names) AND setting = '0' "
+                                   "ORDER BY name"), {"names": list(SESSION_LIMITS)})).scalars().all()
+    return role, list(off)
+
+
+def limits_missing_message(role: str, off: list[str]) -> str:
+    """What to do about connections without the bot's limits: set them on the bot's role, which any pooler keeps."""
+    quoted = role.replace('"', '""')
+    wanted = "; ".join(f"ALTER ROLE \"{quoted}\" SET {name} = '{int(SESSION_LIMITS[name] * 1000)}ms'" for name in off)
+    return (f"PostgreSQL: the bot's connections run with {' and '.join(off)} off: a pooler between the bot and the "
+            "server (PgBouncer's ignore_startup_parameters, say) dropped the values the bot asks for, so a replica "
+            f"frozen inside a transaction would stall the others until it runs again. Set them on the bot's role: "
+            f"{wanted}")
+
+
 class SchemaTooNew(RuntimeError):
     pass
 
@@ -272,6 +298,11 @@ class Database:
         finally:
             if engine is not self.engine:
                 await engine.dispose()
+        if self._start_connect is not None:
+            async with self.engine.connect() as conn:
+                role, off = await session_limits_missing(conn)
+            if off:
+                log.warning("%s", limits_missing_message(role, off))
         self._remember_file()
 
     async def _start(self, engine: AsyncEngine) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, select, text, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from bot.clock import FakeClock
@@ -22,7 +23,7 @@ from bot.metrics import Metrics
 from bot.server import DB_WAIT
 from handlers.timers import TimerService
 from storage import timers as timer_store
-from storage.db import IDLE_IN_TRANSACTION, LOCK_WAIT, Database, Leader, explain_failure
+from storage.db import IDLE_IN_TRANSACTION, LOCK_WAIT, SESSION_LIMITS, Database, Leader, explain_failure
 from storage.models import AuditEvent, AuditHead, OutboxItem, Timer
 from tests import botkit
 from tests.botkit import Harness, running_bot
@@ -402,3 +403,52 @@ async def test_a_page_delivered_while_the_database_fails_is_recorded_when_it_ans
         said = [r.getMessage() for r in caplog.records if "recording it failed" in r.getMessage()]
         assert said[0] == ("outbox: the page to alice about #1 went out on Slack, but recording it failed "
                            "(OperationalError: (builtins.TimeoutError) ); trying again in 1 s")
+
+
+async def test_limits_a_pooler_drops_are_named_with_the_statements_that_set_them(
+        pg_schema: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The limits above travel as startup parameters. PgBouncer refuses one it does not know unless its
+    ignore_startup_parameters lists it, and then drops it: the bot ran without them, and nothing said so. Now the start
+    names what is off and the statements that set it on the bot's role, which a pooler keeps; once run, it is quiet."""
+    import storage.db
+
+    url = postgres_url()
+    role = f"r_{pg_schema}"
+    admin = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        await conn.execute(text(f'GRANT CREATE ON DATABASE "{make_url(url).database}" TO "{role}"'))
+    real = storage.db.create_async_engine
+
+    def pooler(address: Any, **kwargs: Any) -> Any:  # as PgBouncer with ignore_startup_parameters: dropped on the way
+        for name in SESSION_LIMITS:
+            kwargs.get("connect_args", {}).get("server_settings", {}).pop(name, None)
+        return real(address, **kwargs)
+
+    monkeypatch.setattr(storage.db, "create_async_engine", pooler)
+    as_role = make_url(url).set(username=role).render_as_string(hide_password=False)
+    try:
+        for run_advice in (True, False):
+            caplog.clear()
+            db = Database(as_role, schema=pg_schema, wait=DB_WAIT)
+            await db.start()
+            await db.dispose()
+            said = [r.getMessage() for r in caplog.records if "run with" in r.getMessage()]
+            if not run_advice:
+                assert said == []
+                break
+            assert said == [
+                "PostgreSQL: the bot's connections run with idle_in_transaction_session_timeout and lock_timeout off: a "
+                "pooler between the bot and the server (PgBouncer's ignore_startup_parameters, say) dropped the values "
+                "the bot asks for, so a replica frozen inside a transaction would stall the others until it runs again. "
+                f"Set them on the bot's role: ALTER ROLE \"{role}\" SET idle_in_transaction_session_timeout = '5000ms'; "
+                f"ALTER ROLE \"{role}\" SET lock_timeout = '10000ms'"]
+            async with admin.connect() as conn:  # the operator does as told
+                for statement in said[0].split("role: ", 1)[1].split("; "):
+                    await conn.execute(text(statement))
+    finally:
+        await drop_schema(url, pg_schema)
+        async with admin.connect() as conn:
+            await conn.execute(text(f'REVOKE CREATE ON DATABASE "{make_url(url).database}" FROM "{role}"'))
+            await conn.execute(text(f'DROP ROLE "{role}"'))
+        await admin.dispose()
