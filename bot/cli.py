@@ -27,11 +27,12 @@ from adapters import SETTINGS_MODELS
 from bot import logs
 from bot.actions import MAX_ID
 from bot.config import EXAMPLE_CONFIG, ConfigError, Loaded, check_templates, config_path, load_config
-from bot.incidents import RESOLVED, STATUSES, priority
+from bot.incidents import RESOLVED, priority
 from bot.rotations import first_instant
 from bot.tables import ago, printable, table
 from bot.view import alert_values, who_did
 from storage import queries, report
+from storage.queries import LIST_FILTERS
 from storage.audit import AuditLog, Damaged, KeyMismatch
 from storage.db import (STORE_TABLE, Database, Leader, SchemaTooNew, SchemaTooOld, is_sqlite_file_url,
                         missing_sqlite_uri_file, sqlite_file, sqlite_tables)
@@ -174,9 +175,10 @@ _URL_ERRORS = (ArgumentError, ValueError, TypeError, OverflowError)
 
 
 async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
-                   without_store: Callable[[], Awaitable[int]] | None = None) -> int:
+                   without_store: Callable[[], Awaitable[int]] | None = None, *, no_store: int = EXIT_FAILED) -> int:
     """Run `work` on the configured store. A SQLite file that does not exist is refused (reading commands would
-    otherwise make an empty one and report that nothing happened)."""
+    otherwise make an empty one and report that nothing happened). `no_store`: the exit status when there is no store
+    to work on (not there, not the bot's, cannot be opened)."""
     if (path := _missing_file(loaded)) is not None:
         folder = path.resolve().parent  # `chatops serve` makes a store only in a folder that is there
         if path.is_absolute() and not folder.is_dir():
@@ -192,7 +194,7 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
                     + ("starting the bot once (chatops serve) makes a new, empty store" if folder.is_dir() else
                        f"the folder {folder} does not exist either"))
         print(said, file=sys.stderr)
-        return EXIT_FAILED
+        return no_store
     try:
         db = Database(loaded.config.storage.url, schema=loaded.config.storage.schema_name)
     except _URL_ERRORS as exc:
@@ -203,7 +205,7 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
             print(f"{said}; overrides are not shown", file=sys.stderr)
             return await without_store()
         print(said, file=sys.stderr)
-        return EXIT_FAILED
+        return no_store
 
     try:
         try:
@@ -319,7 +321,9 @@ def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
         print(printable(f"audit chain broken after {verdict.checked} good events: {verdict.problem}"), file=out)
         return EXIT_FAILED
 
-    return asyncio.run(_with_db(loaded, work))
+    # Exit 1 says the chain is broken: a store that is not there or cannot be opened was not checked at all (2), so
+    # that a cron job or a monitor can tell tampering from a wrong path or a database that is down.
+    return asyncio.run(_with_db(loaded, work, no_store=EXIT_USAGE))
 
 
 def cmd_audit_rekey(args: argparse.Namespace, out: TextIO) -> int:
@@ -1004,8 +1008,9 @@ def build_parser() -> argparse.ArgumentParser:
     incidents = sub.add_parser("incidents", parents=[common], help="list or show incidents").add_subparsers(dest="incidents", required=True, metavar="ACTION")
     listing = incidents.add_parser("list", parents=[common], help="a table of incidents: the open ones first, then the resolved, each "
                                "highest priority first")
-    listing.add_argument("--status", choices=["open", *STATUSES, "all"],
-                         help="open: triggered or acknowledged (default: all)")
+    listing.add_argument("--status", choices=LIST_FILTERS,
+                         help="open: triggered or acknowledged; firing: triggered and not silenced; silenced: muted by a "
+                              "maintenance window, not resolved (default: all)")
     listing.add_argument("--format", choices=["table", "json"], default="table")
     listing.add_argument("--limit", type=_LIMIT, default=200)
     listing.add_argument("--wide", action="store_true", help=WIDE)

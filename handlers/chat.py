@@ -20,7 +20,7 @@ from handlers.paging import page, page_order
 from storage.audit import AuditLog
 from storage.db import Database
 from storage.models import Escalation
-from storage.queries import count_incidents, get_incident, list_incidents, recent_alerts
+from storage.queries import LIST_FILTERS, count_incidents, get_incident, list_incidents, recent_alerts
 
 BUTTON_ACTIONS = {Action.ACKNOWLEDGE: "acknowledge", Action.ESCALATE: "escalate", Action.RESOLVE: "resolve",
                   Action.REOPEN: "reopen"}
@@ -184,8 +184,8 @@ class ChatHandlers:
 
     async def _list(self, args: list[str] | tuple[str, ...]) -> Reply:
         status = args[0].lower() if args else "open"
-        if status not in ("open", "triggered", "acknowledged", "resolved", "all") or len(args) > 1:
-            return Reply("Usage: `/incident list [open|triggered|acknowledged|resolved|all]`")
+        if status not in LIST_FILTERS or len(args) > 1:
+            return Reply(f"Usage: `/incident list [{'|'.join(LIST_FILTERS)}]`")
         async with self.db.sessions() as session:
             incidents = await list_incidents(session, status=status, limit=LIST_MAX)
             total = await count_incidents(session, status=status) if len(incidents) == LIST_MAX else len(incidents)

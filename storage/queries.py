@@ -26,16 +26,25 @@ async def open_incidents_by_severity(session: AsyncSession) -> dict[str, int]:
     return {severity: count for severity, count in rows.all()}
 
 
+# What `incidents list` and `/incident list` take: the stored statuses, and the states the chat card shows (firing:
+# triggered and not silenced; silenced: muted by a maintenance window and not resolved), "open" (not resolved), "all".
+LIST_FILTERS = ("open", "firing", "triggered", "acknowledged", "silenced", "resolved", "all")
+
+
 def _with_status(query: Any, status: str | None) -> Any:
     if status == "open":
         return query.where(Incident.status != "resolved")
+    if status == "firing":
+        return query.where(Incident.status == "triggered", Incident.silenced.is_(False))
+    if status == "silenced":
+        return query.where(Incident.status != "resolved", Incident.silenced.is_(True))
     if status and status != "all":
         return query.where(Incident.status == status)
     return query
 
 
 async def list_incidents(session: AsyncSession, *, status: str | None = None, limit: int = 200) -> list[Incident]:
-    """The newest first; `status` one of STATUSES, "open" (not resolved) or None / "all"."""
+    """The newest first; `status` one of LIST_FILTERS, or None (all)."""
     query = _with_status(select(Incident).order_by(Incident.id.desc()).limit(limit), status)
     return list((await session.execute(query)).scalars().all())
 

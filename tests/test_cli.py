@@ -72,6 +72,12 @@ def test_options_between_the_two_words_of_a_command_count(tmp_path: Path, capsys
     assert "nowhere.yaml: file not found" in capsys.readouterr().err
 
 
+def no_store_exit(command: list[str]) -> int:
+    """A command's exit status without a store to work on: 1, but 2 for `audit verify`, whose 1 says the chain is
+    broken (a monitor must tell tampering from a wrong path or a database that is down)."""
+    return 2 if command == ["audit", "verify"] else 1
+
+
 async def test_incidents_list_open_leaves_the_resolved_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tests.botkit import running_bot
 
@@ -121,7 +127,9 @@ async def test_incidents_list_offers_open_only_to_a_list_of_every_status(tmp_pat
             (["--status", "resolved"], "the newest 1 of 2 incidents with status resolved; --limit 2 shows more")):
         assert await asyncio.to_thread(main, ["incidents", "list", *status, "--limit", "1", "-c", str(cfg)]) == 0
         assert capsys.readouterr().out.splitlines()[-1] == said, status
-    for status, ids in (("all", ["#1", "#2", "#3"]), ("open", ["#1"]), ("acknowledged", ["no"])):  # all listed
+    for status, ids in (("all", ["#1", "#2", "#3"]), ("open", ["#1"]),  # all listed
+                        ("firing", ["#1"]), ("silenced", ["no"]),  # (the states the card shows, as DESIGN.md names them)
+                        ("acknowledged", ["no"])):
         assert await asyncio.to_thread(main, ["incidents", "list", "--status", status, "-c", str(cfg)]) == 0
         out = capsys.readouterr().out.splitlines()
         assert sorted(line.split()[0] for line in out[1:] or out) == ids, status
@@ -136,7 +144,7 @@ def test_a_reading_command_refuses_a_database_that_is_not_there(tmp_path: Path, 
     monkeypatch.chdir(elsewhere)
     for command in (["incidents", "list"], ["incidents", "show", "1"], ["audit", "verify"], ["audit", "export"],
                     ["outbox", "list"], ["report"]):
-        assert main([*command, "-c", str(cfg)]) == 1, command
+        assert main([*command, "-c", str(cfg)]) == no_store_exit(command), command
         err = capsys.readouterr().err
         assert err.startswith(f"no database at {elsewhere / 'chatops.db'} (a relative path starts at the current "
                               f"directory, {elsewhere}): run this where the bot runs"), err
@@ -151,7 +159,7 @@ def test_a_reading_command_makes_no_store_at_a_sqlite_uri(tmp_path: Path, monkey
     cfg = config(tmp_path / "bot", url)
     for command in (["incidents", "list"], ["incidents", "show", "1"], ["audit", "verify"], ["audit", "export"],
                     ["outbox", "list"], ["report"]):
-        assert main([*command, "-c", str(cfg)]) == 1, command  # it made an empty store and said "no incidents"
+        assert main([*command, "-c", str(cfg)]) == no_store_exit(command), command  # (it made one, "no incidents")
         err = capsys.readouterr().err
         assert err.startswith(f"no database at {tmp_path / 'u.db'}"), err
         assert err.rstrip().endswith(("check storage.url in app.yaml", "an absolute path in app.yaml")[name == "u.db"]
@@ -188,7 +196,7 @@ def test_a_reading_command_refuses_a_sqlite_file_without_the_store_and_leaves_it
             "the bot once (chatops serve) makes a new, empty store in it")
     for command in (["incidents", "list"], ["incidents", "show", "1"], ["audit", "verify"], ["audit", "export"],
                     ["outbox", "list"], ["outbox", "retry", "--dead"], ["report"]):
-        assert main([*command, "-c", str(cfg)]) == 1, command
+        assert main([*command, "-c", str(cfg)]) == no_store_exit(command), command
         out, err = capsys.readouterr()
         assert out == "" and err.strip() == f"no chatops store in the SQLite file {path}: {said}", command
     assert main(["oncall", "-c", str(cfg)]) == 0  # the rotations answer without it
@@ -224,7 +232,7 @@ def test_a_reading_command_on_a_store_whose_folder_is_not_there_does_not_promise
                            "makes a new, empty store)")
     monkeypatch.chdir(tmp_path)  # a relative path: said as before, and the folder too
     cfg = config(tmp_path / "bot", "sqlite+aiosqlite:///./var/chatops/chatops.db")
-    assert main(["audit", "verify", "-c", str(cfg)]) == 1
+    assert main(["audit", "verify", "-c", str(cfg)]) == no_store_exit(["audit", "verify"])
     err = capsys.readouterr().err
     assert err.startswith(f"no database at {folder / 'chatops.db'} (a relative path starts at the current directory, "
                           f"{tmp_path}): run this where the bot runs, or give storage.url an absolute path in app.yaml;")
@@ -238,7 +246,7 @@ def test_a_store_that_cannot_be_opened_is_named_without_a_traceback(tmp_path: Pa
     (tmp_path / "folder").mkdir()
     cfg = config(tmp_path, url.format(tmp=tmp_path))  # app.yaml itself: a file that is no database
     for command in (["incidents", "list"], ["audit", "verify"], ["report"]):
-        assert main([*command, "-c", str(cfg)]) == 1, command
+        assert main([*command, "-c", str(cfg)]) == no_store_exit(command), command
         err = capsys.readouterr().err
         assert err.startswith(f"cannot open the database at {url.format(tmp=tmp_path)}: "), err
         assert err.rstrip().endswith("check storage.url in app.yaml (and, for PostgreSQL, that the server is running)")
@@ -478,6 +486,12 @@ async def test_incidents_show_puts_a_group_sent_again_on_one_line_and_says_what_
     silenced = _timeline(capsys.readouterr().out)[-1].split(" ", 3)[3]
     assert silenced.startswith("alert.silenced source:open ") and silenced.endswith(
         ": silenced by silence web-maintenance"), silenced
+    # The states the chat card shows, as DESIGN.md names them: #1 is acknowledged (neither firing nor silenced), #2
+    # is triggered but muted by a maintenance window (silenced, not firing).
+    for status, ids in (("silenced", ["#2"]), ("firing", []), ("triggered", ["#2"]), ("acknowledged", ["#1"])):
+        assert await asyncio.to_thread(main, ["incidents", "list", "--status", status, "--format", "json",
+                                              "-c", str(cfg)]) == 0
+        assert [f"#{i['id']}" for i in json.loads(capsys.readouterr().out)] == ids, status
 
 
 async def test_incidents_show_gives_each_alerts_values_when_they_have_them(tmp_path: Path,
@@ -719,7 +733,7 @@ def test_a_postgresql_schema_without_the_store_is_refused_and_not_made(tmp_path:
     path = tmp_path / "app.yaml"
     path.write_text(f"storage: {{url: '{url}', schema: {pg_schema}}}\n" + PEOPLE_AND_ROTATION, encoding="utf-8")
     for command in (["audit", "verify"], ["incidents", "list"], ["report"]):
-        assert main([*command, "-c", str(path)]) == 1, command
+        assert main([*command, "-c", str(path)]) == no_store_exit(command), command
         err = capsys.readouterr().err
         assert err.startswith(f"no chatops store in schema '{pg_schema}' at "), err
 
@@ -979,7 +993,7 @@ def test_a_store_this_user_cannot_write_is_said_so(tmp_path: Path) -> None:
                 f"file even to read it: run this as the bot's user ({owner}, who owns the file)")
         for command in (["incidents", "list"], ["audit", "verify"]):
             done = chatops(*command)
-            assert (done.returncode, done.stdout, done.stderr.strip()) == (1, "", said), command
+            assert (done.returncode, done.stdout, done.stderr.strip()) == (no_store_exit(command), "", said), command
         done = chatops("oncall")  # the rotations answer without the store
         assert done.returncode == 0 and "dba" in done.stdout
         assert done.stderr.strip() == said + "; overrides are not shown"

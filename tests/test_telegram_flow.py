@@ -552,7 +552,7 @@ async def test_an_incident_command_with_words_too_many_gets_its_usage_on_telegra
                                  "or `/incident page 42 alice please look at the db`.",
         ("/incident", "page x bob"): "Usage: `/incident page ID PERSON [MESSAGE]`, for example "
                                      "`/incident page 42 alice` or `/incident page 42 alice please look at the db`.",
-        ("/incident", "list open extra"): "Usage: `/incident list [open|triggered|acknowledged|resolved|all]`",
+        ("/incident", "list open extra"): "Usage: `/incident list [open|firing|triggered|acknowledged|silenced|resolved|all]`",
         ("/chatops", "resolve 1 2"): "Usage: `/incident resolve ID`, for example `/incident resolve 42`.",
     }
     for (command, text), usage in usages.items():
