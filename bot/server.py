@@ -90,7 +90,8 @@ class Bot:
         self.timers = TimerService(db=self.db, clock=self.clock, metrics=self.metrics, after_commit=self.outbox.nudge)
         self.escalations.register(self.timers)
         # The end of a maintenance window: an incident it muted whose alerts still fire speaks then (silence.end).
-        SilenceEnds(audit=self.audit, config=self.config, escalations=self.escalations).register(self.timers)
+        self.silence_ends = SilenceEnds(audit=self.audit, config=self.config, escalations=self.escalations)
+        self.silence_ends.register(self.timers)
         self.intake = Intake(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
                              after_commit=self.outbox.nudge, timers_due=self.timers.nudge,
                              on_open=self.escalations.start_all, on_raise=self.escalations.reconsider,
@@ -163,6 +164,9 @@ class Bot:
                 continue
             await self._check(name, adapter)
             self.metrics.adapter_up.labels(name).set(0 if name in self.outbox.token_refused else 1)
+        # Muted incidents as app.yaml's silences find them now (it may have changed while the bot was down; an older
+        # version wrote no timer at a window's end): before the outbox and the timers run what it queues.
+        await self.silence_ends.at_start(self.db, self.clock)
         self.outbox.start()
         await self.timers.start()
 

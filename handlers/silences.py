@@ -13,10 +13,20 @@ intake's path does it: posted in its channels, its pages redrawn, a thread line
 saying why, its escalation started from the first step, an `incident.unsilenced`
 audit event. Still covered (another window, a back-to-back one), it waits for the
 next end.
+
+At start (`at_start`, before the timers and the outbox run) every muted incident
+is looked at the same way, now: one muted by an older version of the bot has no
+timer, and app.yaml may have changed while the bot was down (a window removed or
+shortened: its timer waits for the old end, or none comes). One whose firing
+alerts no silence covers any more is unsilenced now; one still covered gets a
+timer at the first end of the windows that cover it. Each incident is settled in
+a transaction of its own that locks its row (as a timer does), so replicas that
+start together, and a second start, change nothing more.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -24,6 +34,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.clock import Clock
 from bot.config import Config, Silence
 from bot.incidents import TRIGGERED
 from bot.model import Actor
@@ -34,10 +45,17 @@ from handlers.outbox import FOLLOWS
 from handlers.timers import TimerService
 from storage import timers as timer_store
 from storage.audit import AuditLog, Entry
-from storage.models import AlertRecord, Escalation, Incident, OutboxItem, Timer
+from storage.db import Database
+from storage.models import AlertRecord, AuditEvent, Escalation, Incident, OutboxItem, Timer
 
 SILENCE_END = "silence.end"
 SYSTEM = Actor("system", "silences", "Maintenance windows")
+log = logging.getLogger("chatops.silences")
+
+
+def end_key(incident_id: int, due: datetime) -> str:
+    """The key of the `silence.end` timer of an incident at a window's end: one each."""
+    return f"{SILENCE_END}:{incident_id}:{due.isoformat()}"
 
 
 def schedule_silence_ends(conn: Connection, wanted: Sequence[tuple[int, Mapping[datetime, Silence]]],
@@ -45,7 +63,7 @@ def schedule_silence_ends(conn: Connection, wanted: Sequence[tuple[int, Mapping[
     """A `silence.end` timer per (incident, end), in the caller's (synchronous) transaction; the silence ending
     then is named in its payload. One each, however many of the incident's alerts the silence covers and however
     often their sender repeats them (the timer's key)."""
-    rows = [timer_store.timer_row(SILENCE_END, iid, due, now, key=f"{SILENCE_END}:{iid}:{due.isoformat()}",
+    rows = [timer_store.timer_row(SILENCE_END, iid, due, now, key=end_key(iid, due),
                                   payload={"silence": silence.id, "comment": silence.comment})
             for iid, ends in wanted for due, silence in sorted(ends.items(), key=lambda e: e[0])]
     if rows:
@@ -66,27 +84,88 @@ class SilenceEnds:
         timers.handler(SILENCE_END)(self.fire)
 
     async def fire(self, session: AsyncSession, timer: Timer, now: datetime) -> None:
-        incident_id = int(timer.subject)
+        incident, firing, ends = await self._look(session, int(timer.subject), now)
+        if incident is None:
+            return
+        if ends is None:
+            await self._unsilence(session, incident, timer.payload or {}, firing, now)
+        else:
+            await self._wait(session, incident, ends, now)
+
+    async def at_start(self, db: Database, clock: Clock) -> None:
+        """Every muted incident, as its window's end would find it now (see the module's docstring); says how many
+        it checked, unsilenced and gave a timer. One that cannot be settled is said and left as it was (it waits
+        for its timer, if it has one, or an alert no silence covers): the bot starts anyway."""
+        async with db.sessions() as session:
+            muted = list((await session.execute(select(Incident.id).where(
+                Incident.status == TRIGGERED, Incident.silenced.is_(True)).order_by(Incident.id))).scalars())
+        unsilenced = scheduled = 0
+        for incident_id in muted:
+            try:
+                async with db.transaction() as session:
+                    now = clock.now()
+                    incident, firing, ends = await self._look(session, incident_id, now)
+                    if incident is None:
+                        continue
+                    if ends is None:
+                        await self._unsilence(session, incident, await self._last_silence(session, incident_id),
+                                              firing, now)
+                        unsilenced += 1
+                    else:
+                        scheduled += await self._wait(session, incident, ends, now)
+            except Exception:
+                log.exception("muted incident #%d could not be checked at start; it stays muted until its window's "
+                              "timer or an alert no silence covers", incident_id)
+        if muted:
+            log.info("checked %d muted incident(s) at start: %d unsilenced (their firing alerts are not all covered "
+                     "by a silence in app.yaml any more), %d given a timer at the end of the window covering them",
+                     len(muted), unsilenced, scheduled)
+
+    async def _look(self, session: AsyncSession, incident_id: int, now: datetime
+                    ) -> tuple[Incident | None, int, dict[datetime, Silence] | None]:
+        """The incident, locked in the caller's transaction, if it is still muted while its alerts fire (else None);
+        how many fire; and None when a silence no longer covers them all, else the ends of those that do (none for
+        windows without an end)."""
         query = select(Incident).where(Incident.id == incident_id)
         if session.bind.dialect.name == "postgresql":
             query = query.with_for_update()  # settles a race with intake or a click on it: one goes first
         incident = (await session.execute(query)).scalar_one_or_none()
         if incident is None or not incident.silenced or incident.status != TRIGGERED:
-            return  # it spoke already (an unsilenced alert), someone is on it, or it is over
+            return None, 0, None  # it spoke already (an unsilenced alert), someone is on it, or it is over
         labels = list((await session.execute(select(AlertRecord.labels).where(
             AlertRecord.incident_id == incident_id, AlertRecord.status == "firing"))).scalars())
         if not labels:
-            return  # nothing fires: nothing to page about
+            return None, 0, None  # nothing fires: nothing to page about
         tz = self.config.timezone
         covering = [silenced_by(self.config.silences, dict(lb or {}), now, tz) for lb in labels]
-        if all(s is not None for s in covering):  # another window covers them all: try again when the first ends
-            ends = {end: s for s in covering if s is not None and (end := silence_ends(s, now, tz)) is not None}
-            if ends:
-                first = min(ends)
-                await session.run_sync(lambda s: schedule_silence_ends(
-                    s.connection(), [(incident_id, {first: ends[first]})], now))
-            return
-        await self._unsilence(session, incident, timer.payload or {}, len(labels), now)
+        if not all(s is not None for s in covering):
+            return incident, len(labels), None
+        return incident, len(labels), {
+            end: s for s in covering if s is not None and (end := silence_ends(s, now, tz)) is not None}
+
+    @staticmethod
+    async def _wait(session: AsyncSession, incident: Incident, ends: Mapping[datetime, Silence],
+                    now: datetime) -> bool:
+        """Windows still cover the incident's alerts: a timer when the first of them ends (none when none ends);
+        True when it is new."""
+        assert incident.id is not None
+        iid = incident.id
+        if not ends:
+            return False
+        first = min(ends)
+        if (await session.execute(select(Timer.id).where(Timer.key == end_key(iid, first)))).first() is not None:
+            return False
+        await session.run_sync(lambda s: schedule_silence_ends(s.connection(), [(iid, {first: ends[first]})], now))
+        return True
+
+    @staticmethod
+    async def _last_silence(session: AsyncSession, incident_id: int) -> dict[str, Any]:
+        """The window that last muted an alert of the incident, as its `alert.silenced` audit event names it (a
+        timer's payload names the window ending; at start the window may be gone from app.yaml)."""
+        details = (await session.execute(select(AuditEvent.details).where(
+            AuditEvent.incident_id == incident_id, AuditEvent.action == "alert.silenced")
+            .order_by(AuditEvent.seq.desc()).limit(1))).scalar_one_or_none()
+        return dict(details) if isinstance(details, dict) else {}
 
     async def _unsilence(self, session: AsyncSession, incident: Incident, ended: Mapping[str, Any], firing: int,
                          now: datetime) -> None:

@@ -6,14 +6,19 @@ against the fake Slack and Telegram servers; the window's end is a durable timer
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
-from bot.clock import FakeClock
+from bot.clock import Clock, FakeClock
+from bot.server import Bot
+from storage.db import Database
 from storage.models import Timer
 from tests.botkit import running_bot
 from tests.conftest import drop_schema, postgres_url
@@ -189,3 +194,177 @@ async def test_an_incident_an_unsilenced_alert_woke_first_is_not_woken_again_at_
         assert [e.details.get("fingerprint") is not None for e in await w.audit("incident.unsilenced")] == [True]
         assert [e.details["step"] for e in await w.audit("escalation.step")] == [1, 2]  # its own pace, not restarted
         assert len(cards(w)) == 1 and len(w.pages(ALICE_TG)) == 1
+
+
+# -- at start: incidents muted by an older version (no timer), and windows app.yaml changed while the bot was down --
+
+WINDOW_END_KEY = f"silence.end:1:{END.isoformat()}"
+WITHOUT_SUNDAY_MAINT = "\n".join(line for line in BASE.splitlines() if "sunday-maint" not in line)
+
+
+@asynccontextmanager
+async def restarted(store: tuple[str, str | None], fake: FakeSlack, tg: FakeTelegram, when: datetime,
+                    base: str = BASE) -> AsyncIterator[World]:
+    """The bot on this store and these fakes, started at `when` with `base` as its app.yaml."""
+    url, schema = store
+    extra = slack_config(fake) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                                  f"api_url: '{tg.api_url}'}}\n")
+    async with running_bot(url, extra, schema=schema, clock=FakeClock(when), people=PEOPLE, base=base) as h:
+        yield World(h, Slack(h, fake), tg)
+
+
+@asynccontextmanager
+async def a_store(database: str, tmp_path: Path, pg_schema: str) -> AsyncIterator[tuple[str, str | None]]:
+    if database == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", None
+        return
+    try:
+        yield postgres_url(), pg_schema
+    finally:
+        await drop_schema(postgres_url(), pg_schema)
+
+
+async def end_timers(w: World) -> list[tuple[int | None, str | None, datetime, str, dict[str, Any]]]:
+    async with w.h.bot.db.sessions() as s:
+        rows = (await s.execute(select(Timer).where(Timer.kind == "silence.end").order_by(Timer.id))).scalars()
+        return [(t.id, t.key, t.due_at.astimezone(UTC), t.status, t.payload) for t in rows]
+
+
+def said_at_start(caplog: pytest.LogCaptureFixture) -> list[str]:
+    lines = [r.getMessage() for r in caplog.records if r.name == "chatops.silences"]
+    caplog.clear()
+    return lines
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_an_incident_an_older_version_muted_without_a_timer_gets_one_at_start(
+        tmp_path: Path, pg_schema: str, database: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An older bot wrote no timer at the window's end: the incident stayed muted until its source sent an alert
+    no silence covers. Started again inside the window, the bot writes the timer at its end (03:30 CET), and the
+    incident speaks then; a second start changes nothing."""
+    caplog.set_level(logging.INFO, logger="chatops.silences")
+    async with a_store(database, tmp_path, pg_schema) as store, FakeSlack() as fake, FakeTelegram() as tg:
+        async with restarted(store, fake, tg, T) as w:
+            await w.h.post("open", db_alert())
+            async with w.h.bot.db.transaction() as s:  # as an older version left it
+                await s.execute(delete(Timer).where(Timer.kind == "silence.end"))
+        caplog.clear()
+        async with restarted(store, fake, tg, T + timedelta(minutes=30)) as w:
+            [timer] = await end_timers(w)
+            assert timer[1:] == (WINDOW_END_KEY, END, "pending", {"silence": "sunday-maint",
+                                                                   "comment": "weekly maintenance"})
+            assert said_at_start(caplog) == [
+                "checked 1 muted incident(s) at start: 0 unsilenced (their firing alerts are not all covered by a "
+                "silence in app.yaml any more), 1 given a timer at the end of the window covering them"]
+            await asyncio.sleep(0.3)
+            assert not cards(w) and not w.pages(ALICE_TG) and (await w.h.incidents())[0].silenced
+        async with restarted(store, fake, tg, T + timedelta(minutes=40)) as w:
+            assert said_at_start(caplog) == [
+                "checked 1 muted incident(s) at start: 0 unsilenced (their firing alerts are not all covered by a "
+                "silence in app.yaml any more), 0 given a timer at the end of the window covering them"]
+            assert await end_timers(w) == [timer]  # the same row, not another
+            await at(w, END)
+            await until(lambda: cards(w), "the card is posted when the window ends")
+            await until(lambda: LINE in thread_texts(w.slack), "the thread says the window ended")
+            await until(lambda: w.pages(ALICE_TG), "Alice is paged: step 1")
+            assert len(await unsilenced(w)) == 1 and len(cards(w)) == 1
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_an_incident_whose_window_was_removed_from_app_yaml_while_the_bot_was_down_pages_at_start(
+        tmp_path: Path, pg_schema: str, database: str, caplog: pytest.LogCaptureFixture) -> None:
+    """sunday-maint muted the incident, with a timer at 03:30 CET; the operator removed the window from app.yaml
+    while the bot was down. At start its card is posted, the thread says why, Alice is paged and the audit records
+    it; it did not wait for the old end. A second start, and the old timer at the old end, change nothing."""
+    caplog.set_level(logging.INFO, logger="chatops.silences")
+    async with a_store(database, tmp_path, pg_schema) as store, FakeSlack() as fake, FakeTelegram() as tg:
+        async with restarted(store, fake, tg, T) as w:
+            await w.h.post("open", db_alert())
+            assert [t[1] for t in await end_timers(w)] == [WINDOW_END_KEY]
+        caplog.clear()
+        async with restarted(store, fake, tg, T + timedelta(minutes=30), WITHOUT_SUNDAY_MAINT) as w:
+            await until(lambda: cards(w), "posted at start")
+            assert said_at_start(caplog) == [
+                "checked 1 muted incident(s) at start: 1 unsilenced (their firing alerts are not all covered by a "
+                "silence in app.yaml any more), 0 given a timer at the end of the window covering them"]
+            [card] = cards(w)
+            assert "Firing" in text_of(card) and "Silenced" not in text_of(card)
+            await until(lambda: LINE in thread_texts(w.slack), "the thread line names the window that muted it")
+            await until(lambda: w.pages(ALICE_TG), "Alice is paged: step 1")
+            assert await unsilenced(w) == [{"reason": "maintenance window sunday-maint (weekly maintenance) ended",
+                                            "silence": "sunday-maint", "firing": 1,
+                                            "note": "the maintenance window ended while its alerts still fired"}]
+            [inc] = await w.h.incidents()
+            assert not inc.silenced and inc.status == "triggered"
+        async with restarted(store, fake, tg, T + timedelta(minutes=31), WITHOUT_SUNDAY_MAINT) as w:
+            await asyncio.sleep(0.5)
+            assert said_at_start(caplog) == []  # no muted incident: nothing to say
+            assert len(await unsilenced(w)) == 1 and len(cards(w)) == 1 and len(w.pages(ALICE_TG)) == 1
+            assert [e.details["step"] for e in await w.audit("escalation.step")] == [1]
+            await at(w, END)  # the old timer runs, and finds nothing to do
+            assert [t[1:4] for t in await end_timers(w)] == [(WINDOW_END_KEY, END, "done")]
+            assert len(await unsilenced(w)) == 1 and len(cards(w)) == 1 and len(w.pages(ALICE_TG)) == 1
+
+
+async def test_a_window_shortened_while_the_bot_was_down_ends_at_its_new_end(tmp_path: Path) -> None:
+    """long-haul covered the alert until 04:00 UTC; app.yaml now ends it at 01:30 UTC. Started at 01:00 UTC, the
+    incident stays muted, with a timer at the new end: it speaks at 01:30, not at 04:00."""
+    shortened = BASE.replace("ends: 2026-10-25T04:00:00Z", "ends: 2026-10-25T01:30:00Z")
+    store = (f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", None)
+    new_end = datetime(2026, 10, 25, 1, 30, tzinfo=UTC)
+    async with FakeSlack() as fake, FakeTelegram() as tg:
+        async with restarted(store, fake, tg, T) as w:
+            await w.h.post("open", {**db_alert(), "labels": {"pod": "long"}})
+        async with restarted(store, fake, tg, datetime(2026, 10, 25, 1, 0, tzinfo=UTC), shortened) as w:
+            assert [t[2:4] for t in await end_timers(w)] == [
+                (datetime(2026, 10, 25, 4, 0, tzinfo=UTC), "pending"), (new_end, "pending")]
+            await at(w, new_end - timedelta(seconds=1))
+            assert not cards(w) and (await w.h.incidents())[0].silenced
+            await at(w, new_end)
+            await until(lambda: cards(w), "posted at the window's new end")
+            line = ("Maintenance window long-haul ended and 1 alert still fires: paging now, from step 1 of "
+                    "escalation policy dba.")
+            await until(lambda: line in thread_texts(w.slack), "the thread line")
+            await until(lambda: w.pages(ALICE_TG), "Alice is paged")
+
+
+async def test_replicas_that_check_the_muted_incidents_at_once_on_postgres_do_it_once(
+        tmp_path: Path, pg_schema: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Two replicas start together (their start-up checks race on the same PostgreSQL): #1, whose window was
+    removed, is posted and pages once; #2, muted by an older version without a timer, gets one timer."""
+    caplog.set_level(logging.INFO, logger="chatops.silences")
+
+    def two_replicas(bot: Bot) -> None:
+        check = bot.silence_ends.at_start
+
+        async def together(db: Database, clock: Clock) -> None:
+            await asyncio.gather(check(db, clock), check(db, clock))
+        bot.silence_ends.at_start = together  # type: ignore[method-assign]
+
+    long_haul_end = datetime(2026, 10, 25, 4, 0, tzinfo=UTC)
+    async with a_store("postgres", tmp_path, pg_schema) as (url, schema), FakeSlack() as fake, FakeTelegram() as tg:
+        extra = slack_config(fake) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                                      f"api_url: '{tg.api_url}'}}\n")
+        async with restarted((url, schema), fake, tg, T) as w:
+            await w.h.post("open", db_alert())
+            await w.h.post("open", {**db_alert("db-02"), "labels": {"pod": "long"}})
+            async with w.h.bot.db.transaction() as s:
+                await s.execute(delete(Timer).where(Timer.kind == "silence.end", Timer.subject == "2"))
+        caplog.clear()
+        async with running_bot(url, extra, schema=schema, clock=FakeClock(T + timedelta(minutes=30)), people=PEOPLE,
+                               base=WITHOUT_SUNDAY_MAINT, prepare=two_replicas) as h:
+            w = World(h, Slack(h, fake), tg)
+            await until(lambda: w.pages(ALICE_TG), "Alice is paged for #1")
+            await asyncio.sleep(0.5)
+            assert [e.incident_id for e in await w.audit("incident.unsilenced")] == [1]
+            assert len(cards(w)) == 1 and len(w.pages(ALICE_TG)) == 1
+            assert [e.incident_id for e in await w.audit("escalation.step")] == [1]
+            assert [t[1:4] for t in await end_timers(w) if t[1] != WINDOW_END_KEY] == [
+                (f"silence.end:2:{long_haul_end.isoformat()}", long_haul_end, "pending")]
+            assert [i.silenced for i in await w.h.incidents()] == [False, True]
+            said = sorted(said_at_start(caplog))
+            assert said == [
+                "checked 2 muted incident(s) at start: 0 unsilenced (their firing alerts are not all covered by a "
+                "silence in app.yaml any more), 0 given a timer at the end of the window covering them",
+                "checked 2 muted incident(s) at start: 1 unsilenced (their firing alerts are not all covered by a "
+                "silence in app.yaml any more), 1 given a timer at the end of the window covering them"]
