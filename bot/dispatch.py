@@ -1,7 +1,10 @@
 """The dispatcher: every click and command, from any platform, takes the same path.
 
 identity (platform user -> person in `people`) -> permission (role) -> drop a
-duplicate delivery of the same click -> per-incident lock -> handler.
+duplicate delivery of the same click -> per-incident lock -> handler. A handler the
+store turned away for being busy (a lock another replica, or a stuck transaction,
+held too long) is answered here, the same for every platform: nothing was changed,
+try again (BUSY).
 Handlers register with decorators:
 
     @dispatcher.action(Action.ACKNOWLEDGE, role="responder")
@@ -31,6 +34,8 @@ ActionHandler = Callable[[ActionEvent, Person], Awaitable[Reply | None]]
 CommandHandler = Callable[[CommandEvent, Person], Awaitable[Reply]]
 OpenCommandHandler = Callable[[CommandEvent, Person | None], Awaitable[Reply]]
 DUPLICATE_WINDOW = 600.0  # seconds a click's event id is remembered
+BUSY = ("The incident store is busy (another bot replica, or a long transaction, holds what this needs), so nothing "
+        "was changed. Try again in a moment.")
 
 _ID_KEYS = {"slack": "slack", "telegram": "telegram", "teams": "teams"}
 _ID_EXAMPLES = {"slack": "slack: {id}", "telegram": "telegram: {id}", "teams": 'teams: "{id}"'}
@@ -55,9 +60,13 @@ class ActionSpec:
 
 
 class Dispatcher:
-    def __init__(self, config: Config, *, monotonic: Callable[[], float] = time.monotonic):
+    def __init__(self, config: Config, *, monotonic: Callable[[], float] = time.monotonic,
+                 busy: Callable[[BaseException], str | None] = lambda exc: None):
+        """`busy(exc)`: why the store turned a handler's work away for being busy, for the log (the composition root
+        passes storage.db.busy_store); None for any other failure, which the adapter answers as a failure."""
         self.config = config
         self._monotonic = monotonic
+        self._busy = busy
         self.actions: dict[str, ActionSpec] = {}
         self.commands: dict[str, CommandSpec] = {}
         self._seen: dict[str, float] = {}
@@ -131,8 +140,11 @@ class Dispatcher:
         async with lock:
             try:
                 return await spec.handler(event, person)
-            except Exception:  # it failed: a repeated delivery of the click is handled, not dropped
-                self._seen.pop(key, None)
+            except Exception as exc:
+                busy = self._busy_reply(exc, event.actor, person, f"{spec.label} ({event.action}:{event.incident_id})")
+                if busy is not None:  # answered: a repeated delivery of the click is dropped, as after any answer
+                    return busy
+                self._seen.pop(key, None)  # it failed: a repeated delivery of the click is handled, not dropped
                 raise
 
     async def handle_command(self, event: CommandEvent) -> Reply:
@@ -156,13 +168,29 @@ class Dispatcher:
                 return Reply(f"`{echoed(name)}` is not one of my commands.\n{self.help_text(platform)}")
             return Reply(f"I don't know `/{echoed(name)}`.\n{self.help_text(platform)}")
         person = self.identify(event.actor)
-        if person is None:
-            if spec.anyone:
-                return await spec.handler(event, person)  # type: ignore[arg-type]
+        if person is None and not spec.anyone:
             return self._stranger(event.actor)
-        if spec.role and spec.role not in person.roles:
+        if person is not None and spec.role and spec.role not in person.roles:
             return Reply(f"`/{name}` needs the `{spec.role}` role, and {person.name} has {_roles(person)}.")
-        return await spec.handler(event, person)
+        try:
+            return await spec.handler(event, person)  # type: ignore[arg-type]  # (person None: spec.anyone)
+        except Exception as exc:
+            busy = self._busy_reply(exc, event.actor, person, echoed(" ".join([f"/{name}", *event.args])))
+            if busy is None:
+                raise
+            return busy
+
+    def _busy_reply(self, exc: Exception, actor: Actor, person: Person | None, what: str) -> Reply | None:
+        """BUSY if the store turned `what` (a click or command) away for being busy, else None (the failure is the
+        adapter's to answer). The person is told that nothing was changed and to try again, rather than that something
+        went wrong; the platform gets its usual answer, so it does not send the click or command again (a copy acting
+        later, behind the person's back, could undo what they did meanwhile); the log says what held it up."""
+        why = self._busy(exc)
+        if why is None:
+            return None
+        log.warning("%s: %s by %s not done, the store is busy (%s); they were told to try again", actor.platform, what,
+                    person.id if person is not None else f"{actor.platform} user {actor.user_id}", why)
+        return Reply(BUSY)
 
     def help_text(self, platform: str | None = None) -> str:
         """Every command with its usage, as it is typed on `platform` (see `typed_on`)."""

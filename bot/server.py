@@ -38,7 +38,7 @@ from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
 from handlers.silences import SilenceEnds
 from handlers.timers import STALLED_AFTER, TimerService
 from storage.audit import AuditLog, KeyMismatch
-from storage.db import Database, Leader, StoreReplaced, is_sqlite_file_url
+from storage.db import Database, Leader, StoreReplaced, busy_store, is_sqlite_file_url
 from storage.queries import open_incidents_by_severity, outbox_counts, outbox_oldest_due
 from storage.replays import SharedReplays
 from storage.timers import overdue as overdue_timers
@@ -74,7 +74,7 @@ class Bot:
         for name in (*loaded.adapters, *loaded.adapters_off):  # a series for every platform, so `== 0` can alert
             self.metrics.adapter_up.labels(name).set(0)
         self.renderer = Renderer(template_dir(loaded))
-        self.dispatcher = Dispatcher(self.config)
+        self.dispatcher = Dispatcher(self.config, busy=busy_store)
         self.adapters: dict[str, Adapter] = {}
         self.leaders: list[Leader] = []
         self._ping: asyncio.Future[None] | None = None  # the readiness probe's database ping, while it runs

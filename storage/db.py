@@ -44,6 +44,7 @@ MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
 }
 _PG_INIT_LOCK = 727_001  # advisory lock id: one process initialises the schema at a time
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary result codes of a lock another one holds
 # PostgreSQL, for the running bot (Database(wait=...)): a replica that stops inside a transaction (SIGSTOP, a paused
 # VM, an event loop stuck) keeps every row it locked, the audit log's head among them, and with it the intake and the
 # escalations of every other replica. The server ends a transaction left idle this long (seconds): far above any
@@ -92,11 +93,27 @@ def sqlstate(exc: BaseException) -> str | None:
     return None
 
 
+def lock_not_granted(exc: BaseException) -> bool:
+    """Another transaction held what the work needed for longer than it may wait: a lock not granted within LOCK_WAIT
+    (PostgreSQL), the database still locked by another connection's write transaction after the busy timeout (SQLite,
+    "database is locked"). The work's transaction was rolled back: nothing of it was stored."""
+    if sqlstate(exc) == LOCK_NOT_AVAILABLE:
+        return True
+    orig = getattr(exc, "orig", exc)  # (the driver's error, under SQLAlchemy's)
+    return isinstance(orig, sqlite3.Error) and (getattr(orig, "sqlite_errorcode", 0) & 0xFF) in SQLITE_BUSY_CODES
+
+
 def waited_in_vain(exc: BaseException) -> bool:
-    """The database did not let the work through in time: a lock not granted within LOCK_WAIT, or the transaction
+    """The database did not let the work through in time: a lock not granted (lock_not_granted), or the transaction
     ended for being left idle (this process paused). Like an outage, nothing was stored: senders get 503."""
-    return sqlstate(exc) in (LOCK_NOT_AVAILABLE, IDLE_IN_TRANSACTION_ENDED) or (
+    return lock_not_granted(exc) or sqlstate(exc) == IDLE_IN_TRANSACTION_ENDED or (
         "idle-in-transaction timeout" in str(exc))
+
+
+def busy_store(exc: BaseException) -> str | None:
+    """Why the store turned work away for being busy (lock_not_granted), in explain_failure's words for the log; None
+    for any other failure. A person's click or command that met it is told so, and that nothing was changed."""
+    return explain_failure(exc) if lock_not_granted(exc) else None
 
 
 def explain_failure(exc: BaseException, wait: float | None = None) -> str:
@@ -108,6 +125,9 @@ def explain_failure(exc: BaseException, wait: float | None = None) -> str:
     if code == LOCK_NOT_AVAILABLE:
         return (f"{name}: a lock was not granted within {LOCK_WAIT:g} s (held by another replica's transaction: is "
                 "one stuck or very slow?)")
+    if lock_not_granted(exc):  # (SQLite's: PostgreSQL's has its SQLSTATE)
+        return (f"{name}: the database stayed locked for {SQLITE_BUSY_TIMEOUT_MS / 1000:g} s (another process's write "
+                "transaction: a chatops command, or one stuck?)")
     if code == IDLE_IN_TRANSACTION_ENDED or "idle-in-transaction timeout" in str(exc):
         return (f"{name}: the database ended this replica's transaction, left idle in a transaction for over "
                 f"{IDLE_IN_TRANSACTION:g} s (was this process paused or its event loop stuck?)")
