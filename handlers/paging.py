@@ -33,7 +33,7 @@ from bot.view import incident_card, one_line, span
 from handlers.escalation import drawn_with
 from handlers.notify import page_redraw_row, queue_thread_line
 from storage.audit import AuditLog, Entry
-from storage.db import Database
+from storage.db import Database, explain_failure
 from storage.models import AuditEvent, Escalation, Incident, OutboxItem
 from storage.queries import UNCONFIRMED, recent_alerts
 
@@ -223,9 +223,18 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
                               details={"person": person.id, "manual": True, "message": page_where(attempt.ref),
                                        "reason": reason})  # (its words, kept when it is redrawn)
         line = f"{who} paged {person.name} on {attempt.platform.capitalize()}{quoted}"
-        await _record(db, audit, actor, incident_id, now, "incident.paged", details, line, sent, drawn=incident.status)
-        return PageResult(True, f"Paged {person.name} on {attempt.platform.capitalize()}.", attempt.platform,
-                          recorded=True)
+        paged = f"Paged {person.name} on {attempt.platform.capitalize()}"
+        try:
+            await _record(db, audit, actor, incident_id, now, "incident.paged", details, line, sent,
+                          drawn=incident.status)
+        except Exception as exc:  # it went out all the same: say so, not that nothing happened (or that it failed)
+            why = explain_failure(exc, db.wait)
+            log.error("paging: %s paged %s about #%d on %s, but recording it failed (%s): the audit log and the "
+                      "incident's thread do not show it", who, person.id, incident_id, attempt.platform, why)
+            return PageResult(True, f"{paged}, but recording it failed ({why}), so the incident's thread and audit "
+                                    f"log do not show it: it is not sent again, and a page now would reach "
+                                    f"{person.name} a second time.", attempt.platform)
+        return PageResult(True, f"{paged}.", attempt.platform, recorded=True)
     why = attempt.problem(person, adapters, off=off, order=order)
     # What to do about it (an unconfirmed page says so itself: it may have arrived, and is not sent again), with the
     # command as code in the answer; the thread line has none (a Telegram thread would show the backticks as typed).

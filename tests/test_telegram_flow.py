@@ -596,3 +596,28 @@ async def test_a_tap_on_a_card_of_another_incident_of_that_number_is_refused_and
     await both.tap(keys[0], tg_id)
     await both.tg.wait_for(lambda: len(both.tg.called("answerCallbackQuery")) == 2, timeout=5)
     assert both.tg.called("answerCallbackQuery")[1].params.get("text") == "Acknowledged #1."
+
+
+async def test_a_page_that_went_out_but_could_not_be_recorded_says_so(both: Both, monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """`/incident page` sends the page, then records it. When the store failed at the record (busy, or down), the
+    person was told that nothing was changed, or that something went wrong, while the page had reached Alice."""
+    import handlers.paging
+    from sqlalchemy.exc import OperationalError
+
+    b = both
+    await posted_on_both(b)
+
+    async def store_down(*_args: Any, **_kwargs: Any) -> None:
+        raise OperationalError("INSERT INTO audit_events ...", {}, TimeoutError())
+
+    monkeypatch.setattr(handlers.paging, "_record", store_down)
+    answer = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
+    assert answer["text"] == (
+        "Paged Alice on Telegram, but recording it failed (OperationalError: (builtins.TimeoutError) ), so the "
+        "incident's thread and audit log do not show it: it is not sent again, and a page now would reach Alice a "
+        "second time.")
+    assert len([c for c in b.tg.called("sendMessage") if c.params["chat_id"] == 111111]) == 1  # it did reach her
+    assert "incident.paged" not in await b.h.actions(1)
+    assert any(r.getMessage().startswith("paging: Alice paged alice about #1 on telegram, but recording it failed")
+               for r in caplog.records)
