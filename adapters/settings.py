@@ -63,12 +63,20 @@ class TelegramSettings(_Settings):
 
 
 class TeamsSettings(_Settings):
-    built: ClassVar[bool] = False  # validated and reported; the adapter itself is not written yet
-
     app_id: str = ""
     app_password: str = ""
-    tenant_id: str | None = None
+    tenant_id: str | None = None  # a single-tenant app's tenant; the bot then gets its tokens from that tenant
     allow_unauthenticated: bool = False
+    # Where the bot posts what no one's message started (incident cards, pages): Teams' global Bot Connector. An
+    # answer goes to the serviceUrl of the activity it answers.
+    service_url: str = Field("https://smba.trafficmanager.net/teams/", pattern=r"^https?://")
+    # Bot Framework's endpoints, for a sovereign cloud (or a test's fake): all four together, or none (the public
+    # cloud's). Inbound: the OpenID metadata whose keys sign the channel's tokens, and their issuer; outbound: where
+    # the bot gets its token, and the scope it asks for.
+    openid_metadata_url: str | None = Field(None, pattern=r"^https?://")
+    token_issuer: str | None = None
+    login_url: str | None = Field(None, pattern=r"^https?://")
+    oauth_scope: str | None = None
 
     @model_validator(mode="after")
     def _auth_is_on(self) -> "TeamsSettings":
@@ -79,7 +87,17 @@ class TeamsSettings(_Settings):
             )
         if self.app_id and not self.app_password:
             raise ValueError("app_password is required when app_id is set")
+        given = [key for key in self.ENDPOINT_KEYS if getattr(self, key) is not None]
+        if given and not self.app_id:  # botbuilder's emulator mode crashes on any of them
+            raise ValueError(f"{', '.join(given)} need app_id: without it there is no authentication to point "
+                             "elsewhere")
+        if given and len(given) < len(self.ENDPOINT_KEYS):
+            missing = [key for key in self.ENDPOINT_KEYS if key not in given]
+            raise ValueError(f"{', '.join(given)} without {', '.join(missing)}: Bot Framework's endpoints are set "
+                             "all together (a sovereign cloud's), or none (the public cloud's)")
         return self
+
+    ENDPOINT_KEYS: ClassVar[tuple[str, ...]] = ("openid_metadata_url", "token_issuer", "login_url", "oauth_scope")
 
 
 ENDPOINTS = {"slack": "/slack/events", "telegram": "/telegram/webhook", "teams": "/api/messages"}  # the HTTP contract (README)

@@ -116,6 +116,14 @@ def slack_facts(facts: Any, limit: int = 2900) -> str:
     return " \u00b7 ".join(out)
 
 
+def teams_link(link: Any) -> str:
+    """A (label, url) pair as a Markdown link for an Adaptive Card's TextBlock: brackets in the label and
+    parentheses in the URL, which would end it, escaped and encoded."""
+    label, url = link
+    label = re.sub(r"([\\\[\]])", r"\\\1", clip(label, 80))
+    return f"[{label}]({str(url).replace('(', '%28').replace(')', '%29')})"
+
+
 def clip(value: Any, limit: int) -> str:
     """Plain text cut to `limit` characters, ending with an ellipsis when cut."""
     text = "" if value is None else str(value)
@@ -159,9 +167,9 @@ class Renderer:
         )
         self.env.policies["json.dumps_kwargs"] = {"ensure_ascii": False}
         self.env.filters.update(slack_escape=slack_escape, slack_link=slack_link, slack_links=slack_links, clip=clip, chunks=chunks,
-                                slack_date=slack_date, slack_facts=slack_facts,
+                                slack_date=slack_date, slack_facts=slack_facts, teams_link=teams_link,
                                 tojson=_tojson)
-        self.checks: dict[str, Callable[[Any], str | None]] = {"slack": _slack_problem}
+        self.checks: dict[str, Callable[[Any], str | None]] = {"slack": _slack_problem, "teams": _teams_problem}
         self.text_checks: dict[tuple[str, str], Callable[[str], str | None]] = {("telegram", "html"): _telegram_problem}
 
     def render_text(self, kind: str, platform: str, context: Mapping[str, Any]) -> str:
@@ -364,6 +372,17 @@ def _slack_problem(payload: dict[str, Any]) -> str | None:
         problem = _slack_block_problem(block)
         if problem:
             return f"blocks[{i}] ({block['type']}): {problem}"
+    return None
+
+
+def _teams_problem(payload: dict[str, Any]) -> str | None:
+    """What the Teams adapter cannot send of a `{"text", "body"}` payload (body: an Adaptive Card's elements), or None."""
+    text = payload.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return '"text" must be a non-empty string (the notification\'s summary)'
+    body = payload.get("body", [])
+    if not isinstance(body, list) or not all(isinstance(e, dict) and isinstance(e.get("type"), str) for e in body):
+        return '"body" must be a list of Adaptive Card elements, each an object with a "type"'
     return None
 
 

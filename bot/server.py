@@ -135,6 +135,12 @@ class Bot:
             telegram.may_poll = leader.held  # with several replicas on PostgreSQL, one polls
             telegram.claim = self.replays.begin
             self.adapters["telegram"] = telegram
+        if "teams" in loaded.adapters:
+            from adapters.teams import TeamsAdapter
+
+            teams = TeamsAdapter(loaded.adapters["teams"], renderer=self.renderer, dispatcher=self.dispatcher)
+            teams.claim = self.replays.begin  # a redelivered activity acted on once, at every replica
+            self.adapters["teams"] = teams
         self.adapters_failed: dict[str, str] = {}
 
     async def start(self) -> None:

@@ -331,7 +331,7 @@ def test_check_config_does_not_call_teams_on(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("TEAMS_APP_ID", "00000000-0000-0000-0000-000000000001")
     monkeypatch.setenv("TEAMS_APP_PASSWORD", "a-password")
     assert main(["check-config", "-c", str(cfg)]) == 0
-    assert capsys.readouterr().out.rstrip().endswith("adapters on: none; configured but not in this version: teams")
+    assert capsys.readouterr().out.rstrip().endswith("adapters on: teams")
 
 
 async def test_incidents_show_reads_in_the_bots_time_zone_with_names(tmp_path: Path,

@@ -187,7 +187,7 @@ def test_platform_without_a_template_falls_back_to_generic_text(renderer):
     assert text == renderer.render_text("incident", "generic", ctx)
     assert text.startswith("\U0001f7e2 Resolved \u00b7 Critical \u00b7 #42 Disk full on db-1\nResolved after 12 min.")
     # a JSON platform without the kind's template: generic text, wrapped by the platform's `text` template
-    assert renderer.render_json("incident", "teams", ctx) == {"text": text}
+    assert renderer.render_json("incident", "pager", ctx) == {"text": text}
 
 
 def test_kind_with_only_a_generic_template_is_wrapped_for_slack(tmp_path):

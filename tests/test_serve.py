@@ -169,11 +169,11 @@ async def test_a_platform_that_is_off_says_why_on_its_endpoint(tmp_path: Path) -
             error = (await resp.json())["error"]
             assert error.startswith(f"{name} is off: ") and error.endswith("; set it up in app.yaml and restart the bot")
     async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}", teams) as h:
-        resp = await h.client.post("/api/messages", data=b"{}")
-        assert resp.status == 501
-        assert (await resp.json())["error"] == "teams is configured, but this version of the bot has no teams adapter"
+        resp = await h.client.post("/api/messages", data=b'{"type": "message"}')
+        assert resp.status == 401  # on, and it takes only what the Bot Framework signed
+        assert (await resp.json())["error"].startswith("unauthorized")
         ready = await (await h.client.get("/readyz")).json()
-        assert ready["adapters"]["teams"] == "configured, but this version has no adapter for it"
+        assert ready["adapters"]["teams"] == "on"
 
 
 async def test_readiness_says_when_the_database_does_not_answer_and_pings_once_at_a_time(tmp_path: Path) -> None:

@@ -1,0 +1,493 @@
+"""Microsoft Teams: Adaptive Cards out, Bot Framework activities in. Translation only; every decision is the
+dispatcher's.
+
+Kept thin over botbuilder (Microsoft is retiring the Python Bot Framework SDK for the Microsoft 365 Agents SDK):
+`CloudAdapter(ConfigurationBotFrameworkAuthentication(...))` checks the channel's JWT on every `POST /api/messages`
+(a request it refuses, for any reason, is a 401) and runs the turn; the Bot Connector client it makes posts, replies
+(in the card's thread) and edits (PUT). A message to the bot ("@chatops incident ack 3" in a channel, "oncall" in the
+private chat) is a `CommandEvent`; a click on a card's `Action.Submit` arrives as a message whose `value` carries the
+button's value (`{"chatops": "ack:1.36c3pa"}`) and is an `ActionEvent`. Teams has no ephemeral message: an answer
+is a reply to the message it answers, in the channel's thread or in the private chat.
+
+A post that answers nobody's message (an incident card, a page) goes to `adapters.teams.service_url`: Teams' global
+Bot Connector unless set otherwise (see README, "Teams").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+import requests
+from aiohttp import web
+from botbuilder.core import TurnContext
+from botbuilder.integration.aiohttp import CloudAdapter, ConfigurationBotFrameworkAuthentication
+from botbuilder.schema import (Activity, ActivityTypes, Attachment, ChannelAccount, ConversationParameters,
+                               ConversationReference)
+from botframework.connector.auth import (AuthenticationConstants, ClaimsIdentity, MicrosoftAppCredentials,
+                                         PasswordServiceClientCredentialFactory)
+from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
+from msrest.exceptions import ClientRequestError, HttpOperationError
+
+from adapters.settings import TeamsSettings
+from bot import actions
+from bot.alerts import BodyError
+from bot.bodies import content_coding, read_limited, refused
+from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
+                      Unclaimed, split_words)
+from bot.model import Actor
+
+log = logging.getLogger("chatops.teams")
+
+PLATFORM = "teams"
+PATH = "/api/messages"
+CARD = "application/vnd.microsoft.card.adaptive"
+DATA_KEY = "chatops"  # the key of an Action.Submit's data that holds the button's value
+ACTIVITY_RETRIES = timedelta(hours=1)  # how long an activity id is claimed against a redelivery
+SEEN_KEPT = 1000
+FAILED = "Something went wrong while handling that; the details are in the bot's log."
+INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
+STYLES = {"primary": "positive", "danger": "destructive"}
+_MENTION = re.compile(r"<at>[^<]*</at>", re.IGNORECASE)
+
+
+class Renderer(Protocol):
+    def render_json(self, kind: str, platform: str, context: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+class Dispatcher(Protocol):
+    async def handle_action(self, event: ActionEvent) -> Reply | None: ...
+
+    async def handle_command(self, event: CommandEvent) -> Reply: ...
+
+    def identify(self, actor: Actor) -> Any: ...
+
+
+# -- outbound: neutral -> Adaptive Card -----------------------------------------------------------
+
+def card_action(button: Button) -> dict[str, Any]:
+    """An `Action.Submit` whose data carries `bot.actions.encode` of the button. One that asks first (`confirm`) is
+    an `Action.ShowCard`: the question, and the real button under it (Adaptive Cards have no confirmation dialog)."""
+    label = (button.label or button.action)[:75]
+    submit: dict[str, Any] = {"type": "Action.Submit", "title": label,
+                              "data": {DATA_KEY: actions.encode(button.action, button.incident_id, button.arg,
+                                                                button.tag)}}
+    if button.style in STYLES:
+        submit["style"] = STYLES[button.style]
+    if not button.confirm:
+        return submit
+    return {"type": "Action.ShowCard", "title": label,
+            "card": {"type": "AdaptiveCard", "body": [{"type": "TextBlock", "text": button.confirm, "wrap": True}],
+                     "actions": [{**submit, "title": f"Yes, {label[:1].lower()}{label[1:]}"}]}}
+
+
+def message_activity(rendered: Mapping[str, Any], buttons: Sequence[Button], fallback: str = "") -> Activity:
+    """A rendered template (`{"text", "body"}`: an Adaptive Card's body; or only `{"text"}`) and the buttons as one
+    message: a card when there is a body or a button, else markdown text."""
+    text = str(rendered.get("text") or fallback or "-")
+    body = list(rendered.get("body") or [])
+    try:
+        card_actions = [card_action(b) for b in buttons]
+    except actions.CodecError as exc:
+        raise DeliveryError(f"teams: cannot draw a button: {exc}", permanent=True) from exc
+    if not body and not card_actions:
+        return Activity(type=ActivityTypes.message, text=text, text_format="markdown")
+    if not body:
+        body = [{"type": "TextBlock", "text": text, "wrap": True}]
+    card = {"type": "AdaptiveCard", "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+            "version": "1.4", "body": body, "msteams": {"width": "Full"}}
+    if card_actions:
+        card["actions"] = card_actions
+    return Activity(type=ActivityTypes.message, summary=text[:250],
+                    attachments=[Attachment(content_type=CARD, content=card)])
+
+
+def delivery_error(what: str, exc: Exception) -> DeliveryError:
+    """A Bot Connector refusal or failure as the outbox understands it: when to retry, or never, and what to do."""
+    if isinstance(exc, HttpOperationError):
+        response = exc.response
+        status = getattr(response, "status_code", None) or getattr(response, "status", 0)
+        said = _said(exc)
+        if status == 429:
+            after = _retry_after(getattr(response, "headers", None) or {})
+            return DeliveryError(f"teams {what}: throttled (429){said}", retry_after=after)
+        if status == 401:
+            return DeliveryError(f"teams {what}: the Bot Connector refused the bot's token (401){said}; check "
+                                 "adapters.teams.app_id and app_password (and tenant_id for a single-tenant app)",
+                                 permanent=True, token_refused=True)
+        if status == 403:
+            return DeliveryError(f"teams {what}: forbidden (403){said}: the bot is not in that conversation; add the "
+                                 "app to the team (or chat) of channels[].chat, or ask the person to install it",
+                                 permanent=True)
+        if status == 404:
+            return DeliveryError(f"teams {what}: not found (404){said}: the conversation or message is not there "
+                                 "(deleted, or channels[].chat is not a conversation id such as "
+                                 "19:...@thread.tacv2)", permanent=True, gone=what == "update")
+        if 400 <= status < 500:
+            return DeliveryError(f"teams {what}: refused ({status}){said}", permanent=True)
+        return DeliveryError(f"teams {what}: the Bot Connector failed ({status}){said}")
+    if isinstance(exc, PermissionError):  # the bot's own token could not be had
+        return DeliveryError(f"teams {what}: {exc}; check adapters.teams.app_id and app_password", permanent=True,
+                             token_refused=True)
+    inner = getattr(exc, "inner_exception", None) or exc
+    # Not connected at all: nothing left, a retry is safe; any other failure came once the request may have gone.
+    unsent = isinstance(inner, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL,
+                                requests.ConnectionError))
+    return DeliveryError(f"teams {what}: {type(inner).__name__}: {inner}", unknown=not unsent)
+
+
+def _said(exc: HttpOperationError) -> str:
+    error = getattr(getattr(exc, "error", None), "error", None)
+    message = getattr(error, "message", None)
+    return f": {message}" if message else ""
+
+
+def _retry_after(headers: Mapping[str, str]) -> float:
+    try:
+        return max(0.0, float(headers.get("Retry-After", "")))
+    except ValueError:
+        return 1.0
+
+
+# -- inbound: activities -> neutral events --------------------------------------------------------
+
+def is_personal(activity: Activity) -> bool:
+    return getattr(activity.conversation, "conversation_type", None) == "personal"
+
+
+def chat_of(activity: Activity) -> MessageRef:
+    """Where an activity was posted: a channel's thread is `19:...@thread.tacv2;messageid=ROOT`."""
+    conversation, _, root = activity.conversation.id.partition(";messageid=")
+    return MessageRef(PLATFORM, conversation, activity.id or "", root or None)
+
+
+def command_words(activity: Activity) -> list[str]:
+    """The words of a message to the bot, without its @mention (and a leading / some type out of habit)."""
+    text = _MENTION.sub(" ", activity.text or "").replace("&nbsp;", " ").strip()
+    return split_words(text.removeprefix("/"))
+
+
+def button_value(activity: Activity) -> str | None:
+    """The button value an Action.Submit click carries, or None for a message someone typed."""
+    value = activity.value
+    if isinstance(value, Mapping) and isinstance(value.get(DATA_KEY), str):
+        return value[DATA_KEY]
+    return None
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+
+class _TokenEndpointCredentials(MicrosoftAppCredentials):
+    """The bot's token from an OAuth2 token endpoint that is not Entra ID's (`login_url` not a Microsoft login host:
+    a proxy, a test's fake), by the client-credentials grant, kept until a minute before it expires. (MSAL, which
+    botbuilder uses for Microsoft's hosts, takes no other host.)"""
+
+    def __init__(self, app_id: str, password: str, scope: str, login_url: str):
+        super().__init__(app_id, password, oauth_scope=scope)
+        self.token_url = login_url.rstrip("/") + "/oauth2/v2.0/token"
+        self._token, self._expires = "", 0.0
+
+    def get_access_token(self, force_refresh: bool = False) -> str:
+        if self._token and not force_refresh and time.monotonic() < self._expires:
+            return self._token
+        scope = self.oauth_scope if self.oauth_scope.endswith("/.default") else self.oauth_scope + "/.default"
+        answer = requests.post(self.token_url, timeout=15, data={
+            "grant_type": "client_credentials", "client_id": self.microsoft_app_id,
+            "client_secret": self.microsoft_app_password, "scope": scope})
+        data = answer.json() if answer.headers.get("Content-Type", "").startswith("application/json") else {}
+        if "access_token" not in data:
+            raise PermissionError(f"Failed to get access token: {data.get('error') or answer.status_code}")
+        self._token = data["access_token"]
+        self._expires = time.monotonic() + float(data.get("expires_in", 3600)) - 60
+        return self._token
+
+
+class _Credentials(PasswordServiceClientCredentialFactory):
+    """botbuilder's credentials, made once per app id, scope and login URL rather than for every connector client it
+    creates (each would ask for a token of its own: one per message)."""
+
+    def __init__(self, settings: TeamsSettings):
+        super().__init__(settings.app_id, settings.app_password, settings.tenant_id)
+        self._made: dict[tuple[str, str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    async def create_credentials(self, app_id: str, oauth_scope: str, login_endpoint: str,
+                                 validate_authority: bool) -> Any:
+        key = (app_id, oauth_scope or "", login_endpoint or "")
+        made = self._made.get(key)
+        if made is not None:
+            return made
+        host = urlsplit(login_endpoint or "").hostname or ""
+        if login_endpoint and host not in WELL_KNOWN_AUTHORITY_HOSTS and not await self.is_authentication_disabled():
+            if not await self.is_valid_app_id(app_id):
+                raise PermissionError(f"Invalid app_id {app_id}")
+            made = _TokenEndpointCredentials(app_id, self.password, oauth_scope, login_endpoint)
+        else:
+            made = await super().create_credentials(app_id, oauth_scope, login_endpoint, validate_authority)
+        return self._made.setdefault(key, made)
+
+
+def bot_framework_config(settings: TeamsSettings) -> SimpleNamespace:
+    """The configuration object ConfigurationBotFrameworkAuthentication reads. The endpoint overrides only when set
+    (botbuilder's auth-disabled mode crashes on any of them; TeamsSettings refuses that)."""
+    config = SimpleNamespace(APP_ID=settings.app_id, APP_PASSWORD=settings.app_password,
+                             APP_TYPE="SingleTenant" if settings.tenant_id else "MultiTenant",
+                             APP_TENANTID=settings.tenant_id)
+    if settings.openid_metadata_url is not None:
+        config.TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL = settings.openid_metadata_url
+        config.TO_BOT_FROM_CHANNEL_TOKEN_ISSUER = settings.token_issuer
+        config.TO_CHANNEL_FROM_BOT_LOGIN_URL = settings.login_url
+        config.TO_CHANNEL_FROM_BOT_OAUTH_SCOPE = settings.oauth_scope
+    return config
+
+
+class TeamsAdapter:
+    """`bot.chat.Adapter` and `Pager` for Teams, plus `register(app)` for `POST /api/messages`."""
+
+    platform = PLATFORM
+
+    def __init__(self, settings: TeamsSettings, *, renderer: Renderer, dispatcher: Dispatcher):
+        self.settings, self.renderer, self.dispatcher = settings, renderer, dispatcher
+        self.authentication = ConfigurationBotFrameworkAuthentication(
+            bot_framework_config(settings), credentials_factory=_Credentials(settings))
+        self.cloud = CloudAdapter(self.authentication)
+        self._claims = self.cloud.create_claims_identity(settings.app_id)  # the bot's own, for what it starts
+        self._seen: deque[str] = deque(maxlen=SEEN_KEPT)
+        # Claims an activity in the store (scope, key, window) -> its Handling, or None for a copy of one handled
+        # (Bot Framework redelivers an activity it got no answer to); set by the bot (storage/replays.py).
+        self.claim: Callable[[str, str, timedelta], Awaitable[Handling | None]] | None = None
+
+    def register(self, app: web.Application) -> None:
+        app.router.add_post(PATH, self.handle)
+
+    # -- inbound ----------------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """The Bot Framework's token (401 for any token it does not take: missing, junk, forged, expired, for
+        another app); then the activity is handled, and answered 200 once it was."""
+        try:
+            content_coding(request)
+            body = await read_limited(request, request.client_max_size)
+        except BodyError as exc:
+            return refused(exc)
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            return web.json_response({"error": f"malformed JSON: {exc}"[:300]}, status=400)
+        try:
+            activity = Activity().deserialize(data) if isinstance(data, dict) else None
+        except Exception:  # a field of the wrong shape
+            activity = None
+        if activity is None or not isinstance(activity.type, str) or not activity.type:
+            return web.json_response({"error": "not a Bot Framework activity (no type)"}, status=400)
+        header = request.headers.get("Authorization")
+        try:
+            authenticated = await self.authentication.authenticate_request(activity, header)
+        except requests.RequestException as exc:  # Microsoft's signing keys could not be fetched: try again later
+            log.warning("teams: cannot fetch the Bot Framework's signing keys: %s", exc)
+            return web.json_response({"error": "cannot check the token now (the signing keys are not reachable)"},
+                                     status=503, headers={"Retry-After": "10"})
+        except Exception as exc:  # PermissionError, a token that is no JWT, a key not found...: all refusals
+            log.info("teams: refused an activity: %s: %s", type(exc).__name__, str(exc)[:200])
+            return web.json_response({"error": "unauthorized: a valid Bot Framework token (Authorization: Bearer) "
+                                               "is required"}, status=401)
+        if activity.type != ActivityTypes.message or activity.conversation is None or activity.from_property is None:
+            return web.json_response({}, status=200)  # conversationUpdate, typing...: nothing to do
+        if not await self._once(activity, authenticated):
+            return web.json_response({"error": "its handling failed; send it again"}, status=503,
+                                     headers={"Retry-After": "2"})
+        return web.json_response({}, status=200)
+
+    async def _once(self, activity: Activity, authenticated: Any) -> bool:
+        """Handle an activity once, here and at every replica: False when its handling failed before it acted."""
+        key = f"{activity.conversation.id}:{activity.id}"
+        if key in self._seen:
+            return True
+        self._seen.append(key)
+        handling = Unclaimed(key) if self.claim is None else await self.claim(PLATFORM, key, ACTIVITY_RETRIES)
+        if handling is None or not await handling.ready():
+            return True
+        try:
+            async with handling:
+                await self.cloud.process_activity(authenticated, activity, lambda turn: self._turn(turn, handling))
+        except BaseException:
+            self._seen.remove(key)
+            raise
+        if handling.released:
+            self._seen.remove(key)
+            return False
+        return True
+
+    async def _turn(self, turn: TurnContext, handling: Handling) -> None:
+        activity = turn.activity
+        value = button_value(activity)
+        if value is not None:
+            await self._click(turn, value, handling)
+        elif isinstance(activity.text, str) and activity.text.strip():
+            await self._command(turn, handling)
+
+    def actor_of(self, activity: Activity) -> Actor:
+        """Who wrote it: their Teams id (29:...) when app.yaml knows them by it, else their Entra object id."""
+        user = activity.from_property
+        actor = Actor(PLATFORM, user.id, user.name or "", None)
+        if self.dispatcher.identify(actor) is None and user.aad_object_id:
+            aad = Actor(PLATFORM, user.aad_object_id, user.name or "", None)
+            if self.dispatcher.identify(aad) is not None:
+                return aad
+        return actor
+
+    async def _command(self, turn: TurnContext, handling: Handling) -> None:
+        activity = turn.activity
+        chat = chat_of(activity)
+        event = CommandEvent("chatops", command_words(activity), self.actor_of(activity), chat,
+                             direct=is_personal(activity), plain=True)
+        reply = await self._dispatch(self.dispatcher.handle_command(event), handling)
+        if reply is None or (reply.sent_direct and event.direct):
+            return
+        await self._answer(turn, reply)
+
+    async def _click(self, turn: TurnContext, value: str, handling: Handling) -> None:
+        activity = turn.activity
+        chat = chat_of(activity)
+        try:
+            decoded = actions.decode(value)
+        except actions.CodecError as exc:
+            log.warning("teams: refused a button value from %s: %s", activity.from_property.id, exc)
+            await self._answer(turn, Reply(INVALID_BUTTON))
+            return
+        source = MessageRef(PLATFORM, chat.chat_id, activity.reply_to_id or "", chat.thread_id)
+        event = ActionEvent(decoded.action.value, decoded.incident_id, decoded.arg, self.actor_of(activity),
+                            source if activity.reply_to_id else None, event_id=activity.id or "", tag=decoded.tag)
+        reply = await self._dispatch(self.dispatcher.handle_action(event), handling)
+        if reply is None:
+            return
+        if reply.settle is not None and activity.reply_to_id and is_personal(activity):
+            # answered: no more buttons (a direct message's question)
+            settled = message_activity({"text": reply.settle}, ())
+            settled.id = activity.reply_to_id
+            try:
+                await turn.update_activity(settled)
+            except Exception as exc:
+                log.warning("teams: cannot settle the clicked message: %s", delivery_error("update", exc))
+        if reply.text:
+            await self._answer(turn, reply)
+
+    async def _dispatch(self, work: Coroutine[Any, Any, Reply | None], handling: Handling) -> Reply | None:
+        """The dispatcher's answer; settled once it answered, released if it failed (the person is told)."""
+        try:
+            reply = await work
+        except Exception:
+            log.exception("teams: the dispatcher failed")
+            await handling.release()
+            return Reply(FAILED)
+        await handling.settle()
+        return reply
+
+    async def _answer(self, turn: TurnContext, reply: Reply) -> None:
+        """A reply to the message answered: in the channel's thread, or in the private chat."""
+        answer = self._reply_activity(reply)
+        try:
+            await turn.send_activity(answer)
+        except Exception as exc:
+            log.warning("teams: could not answer in %s: %s", turn.activity.conversation.id,
+                        delivery_error("reply", exc))
+
+    def _reply_activity(self, reply: Reply) -> Activity:
+        if reply.message is not None:
+            try:
+                return self.to_activity(reply.message)
+            except Exception:  # a broken template must not leave the person without an answer
+                log.exception("teams: cannot render the %s reply; answering with its text", reply.message.kind)
+        return self.text_activity(reply.text)
+
+    # -- Adapter and Pager ------------------------------------------------------------------------
+
+    def to_activity(self, message: Outbound) -> Activity:
+        """The rendered `{kind}.teams.json.j2` (an Adaptive Card's body, or the text), and the buttons."""
+        return message_activity(self.renderer.render_json(message.kind, PLATFORM, message.context), message.buttons,
+                                message.text)
+
+    def text_activity(self, text: str) -> Activity:
+        return message_activity(self.renderer.render_json("text", PLATFORM, {"text": text}), (), text)
+
+    async def _connector(self, service_url: str | None = None) -> Any:
+        factory = self.authentication.create_connector_factory(self._claims)
+        return await factory.create(service_url or self.settings.service_url,
+                                    self.authentication.get_originating_audience())
+
+    async def _call(self, what: str, call: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+        try:
+            client = await self._connector()
+            async with client:
+                return await call(client)
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            raise delivery_error(what, exc) from exc
+
+    async def send(self, chat_id: str, message: Outbound) -> MessageRef:
+        activity = self.to_activity(message)
+        sent = await self._call("send", lambda c: c.conversations.send_to_conversation(chat_id, activity))
+        return MessageRef(PLATFORM, chat_id, sent.id, None)
+
+    async def update(self, ref: MessageRef, message: Outbound) -> None:
+        """The message redrawn in place (PUT): an Adaptive Card is replaced whole."""
+        activity = self.to_activity(message)
+        activity.id = ref.message_id
+        await self._call("update", lambda c: c.conversations.update_activity(ref.chat_id, ref.message_id, activity))
+
+    async def reply(self, ref: MessageRef, message: Outbound) -> MessageRef:
+        """A reply in the thread of the card (Teams: a reply to the channel's root message)."""
+        parent = ref.thread_id or ref.message_id
+        activity = self.to_activity(message)
+        sent = await self._call("reply", lambda c: c.conversations.reply_to_activity(ref.chat_id, parent, activity))
+        return MessageRef(PLATFORM, ref.chat_id, sent.id, parent)
+
+    async def notify(self, actor: Actor, chat: MessageRef | None, text: str) -> None:
+        """In `chat` (Teams has no ephemeral messages), else in the actor's private chat with the bot."""
+        if chat is None and actor.platform != PLATFORM:
+            raise DeliveryError(f"teams: cannot notify a {actor.platform} user", permanent=True)
+        activity = self.text_activity(text)
+        if chat is None:
+            conversation = await self._personal(actor.user_id)
+            await self._call("send", lambda c: c.conversations.send_to_conversation(conversation, activity))
+            return
+        parent = chat.thread_id or chat.message_id
+        if parent:
+            await self._call("reply", lambda c: c.conversations.reply_to_activity(chat.chat_id, parent, activity))
+        else:
+            await self._call("send", lambda c: c.conversations.send_to_conversation(chat.chat_id, activity))
+
+    async def page(self, user_id: str, message: Outbound) -> MessageRef:
+        """The message, with its buttons, in the person's private chat with the bot."""
+        try:
+            conversation = await self._personal(user_id)
+        except DeliveryError as exc:
+            exc.unknown = False  # only the chat was being opened: nothing reached the person yet
+            if exc.permanent and not exc.token_refused:
+                raise DeliveryError(f"teams: cannot open a chat with {user_id} ({exc}); the person must have the "
+                                    "bot's app installed (people[].teams is their Teams id, 29:..., or their "
+                                    "Entra object id)", permanent=True) from exc
+            raise
+        return await self.send(conversation, message)
+
+    async def _personal(self, user_id: str) -> str:
+        """The id of the bot's 1:1 chat with a person (Teams gives the same one each time)."""
+        tenant = self.settings.tenant_id
+        parameters = ConversationParameters(
+            is_group=False, bot=ChannelAccount(id=f"28:{self.settings.app_id}"),
+            members=[ChannelAccount(id=user_id)], tenant_id=tenant,
+            channel_data={"tenant": {"id": tenant}} if tenant else None)
+        made = await self._call("create", lambda c: c.conversations.create_conversation(parameters))
+        return made.id
