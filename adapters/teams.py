@@ -173,9 +173,13 @@ def chat_of(activity: Activity) -> MessageRef:
 
 
 def command_words(activity: Activity) -> list[str]:
-    """The words of a message to the bot, without its @mention (and a leading / some type out of habit)."""
-    text = _MENTION.sub(" ", activity.text or "").replace("&nbsp;", " ").strip()
-    return split_words(text.removeprefix("/"))
+    """The words of a message to the bot, without its @mention, and without the `/` or `/chatops` that some type out
+    of habit (Slack's and Telegram's commands): "@chatops incident ack 3", "/incident ack 3" and "/chatops incident
+    ack 3" are all `incident ack 3`."""
+    words = split_words(_MENTION.sub(" ", activity.text or "").replace("&nbsp;", " "))
+    if words and words[0].lower() == "/chatops":
+        words = words[1:]
+    return [words[0].removeprefix("/"), *words[1:]] if words else []
 
 
 def button_value(activity: Activity) -> str | None:

@@ -42,6 +42,7 @@ class Call:
     body: dict[str, Any]
     authorization: str
     status: int = 200
+    answered: str | None = None  # the id of the activity or conversation it made
 
 
 @dataclass
@@ -114,9 +115,14 @@ class FakeTeams:
             activity.pop("entities", None)
         return activity
 
-    def click(self, value: str, card: str, **kwargs: Any) -> dict[str, Any]:
-        """An Action.Submit click on the card `card` (its activity id): a message with the button's data as value."""
-        return self.message("", reply_to=card, value={"chatops": value}, **kwargs)
+    def click(self, value: str, card: str, *, conversation: str = CHANNEL, personal: bool = False,
+              **kwargs: Any) -> dict[str, Any]:
+        """An Action.Submit click on the card `card` (its activity id): a message with the button's data as value,
+        in the card's thread (a channel's conversation id then names the thread's root: `;messageid=`)."""
+        if not personal:
+            conversation = f"{conversation};messageid={card}"
+        return self.message("", reply_to=card, value={"chatops": value}, conversation=conversation,
+                            personal=personal, **kwargs)
 
     def fail(self, method: str, status: int, headers: dict[str, str] | None = None, times: int = 1) -> None:
         """The next `times` calls of `method` (send, reply, update, create) answer `status`."""
@@ -207,7 +213,9 @@ class FakeTeams:
                                      status=call.status, headers=headers)
         if method == "create":
             member = (call.body.get("members") or [{}])[0].get("id", "")
-            return web.json_response({"id": f"a:1{member.replace(':', '')}", "activityId": None}, status=201)
+            call.answered = f"a:1{member.replace(':', '')}"
+            return web.json_response({"id": call.answered, "activityId": None}, status=201)
         if method == "update":
             return web.json_response({"id": activity})
-        return web.json_response({"id": str(next(self._ids))}, status=201)
+        call.answered = str(next(self._ids))
+        return web.json_response({"id": call.answered}, status=201)

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from adapters import SETTINGS_MODELS
 from bot.config import ConfigError, parse_config
-from tests.botkit import PEOPLE, running_bot
-from tests.fake_teams import APP_ID, CHANNEL, FakeTeams
+from tests.botkit import CONFIG, PEOPLE, Harness, fixture, running_bot, untagged
+from tests.fake_teams import CHANNEL, Call, FakeTeams
 
 TEAMS_PEOPLE = PEOPLE.replace("slack: U01ALICE,", 'slack: U01ALICE, teams: "29:1alice",').replace(
     "slack: U02BOB}", "slack: U02BOB, teams: 5c1d2e3f-0000-4000-8000-00000000b0b0}")
@@ -82,3 +85,125 @@ async def test_the_emulator_mode_takes_activities_without_a_token_only_when_allo
             assert status == 200
             await bf.wait_for(lambda: bf.called("reply"))
             assert bf.called("reply")[0].authorization == ""  # no token asked for, none sent
+
+
+TEAMS_CONFIG = CONFIG.replace("channels:\n", "channels:\n  - {id: ops-teams, platform: teams, chat: '%s'}\n" % CHANNEL, 1) \
+    .replace("channels: [ops-slack, ops-telegram]}", "channels: [ops-teams]}") \
+    .replace("{match: {}, channels: [ops-slack]}", "{match: {}, channels: [ops-teams]}")
+
+
+@asynccontextmanager
+async def teams_bot(tmp_path: Path, **settings: object) -> AsyncIterator[tuple[Harness, FakeTeams]]:
+    with FakeTeams() as bf:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", bf.yaml(**settings),
+                               people=TEAMS_PEOPLE, base=TEAMS_CONFIG) as h:
+            yield h, bf
+
+
+def card_of(call: Call) -> dict:
+    [attachment] = call.body["attachments"]
+    assert attachment["contentType"] == "application/vnd.microsoft.card.adaptive"
+    return attachment["content"]
+
+
+def button_values(card: dict) -> list[str]:
+    """The chatops values of a card's Action.Submit buttons, a confirming one (inside its Action.ShowCard) as `?value`,
+    without their incident's tag."""
+    values = []
+    for action in card.get("actions", []):
+        if action["type"] == "Action.ShowCard":
+            [inner] = action["card"]["actions"]
+            values.append("?" + untagged(inner["data"]["chatops"]))
+        else:
+            values.append(untagged(action["data"]["chatops"]))
+    return values
+
+
+def tagged(card: dict, value: str) -> str:
+    """The value of the card's button `value` (untagged, as button_values says it) with its tag."""
+    for action in card.get("actions", []):
+        inner = action["card"]["actions"][0] if action["type"] == "Action.ShowCard" else action
+        if untagged(inner["data"]["chatops"]) == value.lstrip("?"):
+            return inner["data"]["chatops"]
+    raise AssertionError(f"no button {value} in {button_values(card)}")
+
+
+async def recorded(h: Harness, incident_id: int) -> str:
+    """The id of the incident's card in the Teams channel, once the outbox recorded it."""
+    for _ in range(200):
+        try:
+            return await h.message_of(incident_id, "ops-teams")
+        except Exception:
+            await asyncio.sleep(0.02)
+    raise AssertionError("the incident's card was not recorded")
+
+
+async def say(h: Harness, bf: FakeTeams, activity: dict) -> str:
+    """Teams posts `activity`; the text of the bot's answer to it (a reply to it, in its thread or 1:1 chat)."""
+    status, _ = await post(h, activity, bf.headers())
+    assert status == 200
+
+    def answer() -> Call | None:
+        return next((c for c in bf.called("reply") if c.activity_id == activity["id"]), None)
+    await bf.wait_for(answer)
+    call = answer()
+    assert call is not None and call.conversation == activity["conversation"]["id"]
+    return call.body.get("text") or json.dumps(card_of(call))
+
+
+async def test_commands_in_a_channel_or_the_private_chat_are_answered_where_they_were_written(tmp_path: Path) -> None:
+    async with teams_bot(tmp_path) as (h, bf):
+        help_ = bf.message("help")
+        assert (await say(h, bf, help_)).startswith("Commands:")
+        assert (await post(h, help_, bf.headers()))[0] == 200  # delivered again: answered once
+        await asyncio.sleep(0.1)
+        assert len([c for c in bf.called("reply") if c.activity_id == help_["id"]]) == 1
+        for typed in ("/chatops help", "/help", "help"):
+            assert (await say(h, bf, bf.message(typed, personal=True, conversation="a:1alice"))).startswith("Commands:")
+        assert (await say(h, bf, bf.message("oncall"))).startswith("No rotations are configured yet")
+        listed = await say(h, bf, bf.message("incident list", personal=True, conversation="a:1alice"))
+        assert "I don't know you" not in listed
+        stranger = await say(h, bf, bf.message("incident list", user="29:1stranger"))
+        assert stranger.startswith('I don\'t know you yet. Add `teams: "29:1stranger"`')
+        # Bob is known by his Entra object id: his Teams id (29:...) is not in app.yaml
+        bobs = await say(h, bf, bf.message("incident list", user="29:1bob", aad="5c1d2e3f-0000-4000-8000-00000000b0b0"))
+        assert "I don't know you" not in bobs
+
+
+async def test_an_incident_card_in_a_channel_a_click_acknowledges_once_and_redraws_it(tmp_path: Path) -> None:
+    async with teams_bot(tmp_path) as (h, bf):
+        status, _, _ = await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+        assert status == 200
+        await bf.wait_for(lambda: bf.called("send"))
+        [posted] = bf.called("send")
+        assert posted.conversation == CHANNEL
+        card = card_of(posted)
+        assert card["type"] == "AdaptiveCard" and card["body"][0]["style"] == "attention"  # firing: red
+        words = json.dumps(card, ensure_ascii=False)
+        assert "Firing \u00b7 Critical \u00b7 #1" in words and "Waiting for someone to acknowledge." in words
+        facts = next(e["facts"] for e in card["body"] if e["type"] == "FactSet")
+        assert {"title": "Alerts", "value": "2 from am"} in facts
+        assert button_values(card) == ["ack:1", "esc:1", "?res:1"]  # Resolve asks first
+        card_id = await recorded(h, 1)
+        assert card_id == posted.answered  # the id Teams gave the post
+
+        click = bf.click(tagged(card, "ack:1"), card_id)
+        status, _ = await post(h, click, bf.headers())
+        assert status == 200
+        status, _ = await post(h, click, bf.headers())  # Bot Framework delivers it again: acted on once
+        assert status == 200
+        [incident] = await h.incidents()
+        assert (incident.status, incident.acknowledged_by) == ("acknowledged", "alice")
+        assert (await h.actions(1)).count("incident.acknowledged") == 1
+        await bf.wait_for(lambda: bf.called("update") and any(c.activity_id == card_id for c in bf.called("reply")
+                                                             if "Acknowledged by Alice" in json.dumps(c.body)))
+        answers = [c for c in bf.called("reply") if c.activity_id == click["id"]]
+        assert [c.body["text"] for c in answers] == ["Acknowledged #1."]  # in the card's thread, once
+        assert answers[0].conversation == f"{CHANNEL};messageid={card_id}"
+        redrawn = bf.called("update")[-1]
+        assert (redrawn.conversation, redrawn.activity_id) == (CHANNEL, card_id)
+        assert card_of(redrawn)["body"][0]["style"] == "warning" and button_values(card_of(redrawn)) == ["esc:1", "?res:1"]
+
+        answer = await say(h, bf, bf.message("incident resolve 1"))
+        assert "Resolved" in answer or "resolve" in answer.lower()
+        await bf.wait_for(lambda: button_values(card_of(bf.called("update")[-1])) == ["reo:1"])
