@@ -268,6 +268,9 @@ class TeamsAdapter:
         self.cloud = CloudAdapter(self.authentication)
         self._claims = self.cloud.create_claims_identity(settings.app_id)  # the bot's own, for what it starts
         self._seen: deque[str] = deque(maxlen=SEEN_KEPT)
+        # Teams opens a private chat only in a tenant it is told: tenant_id, or (a multi-tenant app) the tenant of the
+        # latest activity someone sent the bot.
+        self._tenant: str | None = None
         # Claims an activity in the store (scope, key, window) -> its Handling, or None for a copy of one handled
         # (Bot Framework redelivers an activity it got no answer to); set by the bot (storage/replays.py).
         self.claim: Callable[[str, str, timedelta], Awaitable[Handling | None]] | None = None
@@ -306,6 +309,9 @@ class TeamsAdapter:
             log.info("teams: refused an activity: %s: %s", type(exc).__name__, str(exc)[:200])
             return web.json_response({"error": "unauthorized: a valid Bot Framework token (Authorization: Bearer) "
                                                "is required"}, status=401)
+        tenant = getattr(activity.conversation, "tenant_id", None)
+        if isinstance(tenant, str) and tenant:
+            self._tenant = tenant
         if activity.type != ActivityTypes.message or activity.conversation is None or activity.from_property is None:
             return web.json_response({}, status=200)  # conversationUpdate, typing...: nothing to do
         if not await self._once(activity, authenticated):
@@ -488,7 +494,7 @@ class TeamsAdapter:
 
     async def _personal(self, user_id: str) -> str:
         """The id of the bot's 1:1 chat with a person (Teams gives the same one each time)."""
-        tenant = self.settings.tenant_id
+        tenant = self.settings.tenant_id or self._tenant
         parameters = ConversationParameters(
             is_group=False, bot=ChannelAccount(id=f"28:{self.settings.app_id}"),
             members=[ChannelAccount(id=user_id)], tenant_id=tenant,

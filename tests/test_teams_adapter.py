@@ -13,12 +13,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from adapters import SETTINGS_MODELS
+from bot.chat import DeliveryError, MessageRef, Outbound
 from bot.config import ConfigError, parse_config
 from tests.botkit import CONFIG, PEOPLE, Harness, fixture, running_bot, untagged
 from tests.fake_teams import CHANNEL, Call, FakeTeams
 
 TEAMS_PEOPLE = PEOPLE.replace("slack: U01ALICE,", 'slack: U01ALICE, teams: "29:1alice",').replace(
-    "slack: U02BOB}", "slack: U02BOB, teams: 5c1d2e3f-0000-4000-8000-00000000b0b0}")
+    "slack: U02BOB}", "slack: U02BOB, teams: 5c1d2e3f-0000-4000-8000-00000000b0b0}").replace(
+    "{id: bob, name: Bob,", "{id: bob, name: Bob, roles: [responder],")
+BOB_AAD = "5c1d2e3f-0000-4000-8000-00000000b0b0"
 
 
 def teams_extra(bf: FakeTeams, **settings: object) -> str:
@@ -207,3 +210,54 @@ async def test_an_incident_card_in_a_channel_a_click_acknowledges_once_and_redra
         answer = await say(h, bf, bf.message("incident resolve 1"))
         assert "Resolved" in answer or "resolve" in answer.lower()
         await bf.wait_for(lambda: button_values(card_of(bf.called("update")[-1])) == ["reo:1"])
+
+
+async def test_a_page_opens_the_private_chat_with_an_acknowledge_button_that_acknowledges(tmp_path: Path) -> None:
+    async with teams_bot(tmp_path, tenant_id="72f988bf-0000-0000-0000-000000000001") as (h, bf):
+        assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+        await recorded(h, 1)
+        answer = await say(h, bf, bf.message("incident page 1 bob"))
+        assert answer == "Paged Bob on Teams."
+        [opened] = bf.called("create")
+        assert opened.body["members"] == [{"id": BOB_AAD}] and opened.body["isGroup"] is False
+        assert opened.body["channelData"] == {"tenant": {"id": "72f988bf-0000-0000-0000-000000000001"}}
+        [page] = [c for c in bf.called("send") if c.conversation == opened.answered]
+        card = card_of(page)
+        assert button_values(card) == ["ack:1", "esc:1", "?res:1"]
+        assert "Alice asks for your help" in json.dumps(card, ensure_ascii=False)
+
+        click = bf.click(tagged(card, "ack:1"), page.answered, personal=True, conversation=opened.answered,
+                         user="29:1bob", aad=BOB_AAD)
+        assert (await post(h, click, bf.headers()))[0] == 200
+        [incident] = await h.incidents()
+        assert (incident.status, incident.acknowledged_by) == ("acknowledged", "bob")
+
+
+async def test_the_bot_connectors_refusals_say_when_to_retry_or_what_to_do(tmp_path: Path) -> None:
+    async with teams_bot(tmp_path) as (h, bf):
+        teams = h.bot.adapters["teams"]
+        message = Outbound("text", {"text": "hello"}, text="hello")
+        bf.fail("send", 429, {"Retry-After": "7"})
+        with pytest.raises(DeliveryError) as throttled:
+            await teams.send(CHANNEL, message)
+        assert throttled.value.retry_after == 7.0 and not throttled.value.permanent
+        assert len([c for c in bf.calls if c.method == "send"]) == 1  # no retry of its own: the outbox owns them
+        bf.fail("send", 403)
+        with pytest.raises(DeliveryError) as forbidden:
+            await teams.send(CHANNEL, message)
+        assert forbidden.value.permanent and "add the app to the team" in str(forbidden.value)
+        bf.fail("update", 404)
+        with pytest.raises(DeliveryError) as gone:
+            await teams.update(MessageRef("teams", CHANNEL, "1234"), message)
+        assert gone.value.permanent and gone.value.gone
+        bf.fail("send", 502)
+        with pytest.raises(DeliveryError) as failed:
+            await teams.send(CHANNEL, message)
+        assert not failed.value.permanent and failed.value.retry_after is None
+        bf.fail("create", 403)
+        with pytest.raises(DeliveryError) as no_chat:
+            await teams.page("29:1alice", message)
+        assert no_chat.value.permanent and "must have the bot's app installed" in str(no_chat.value)
+        sent = await teams.send(CHANNEL, message)  # and then it works, on the one token the bot got
+        assert sent == MessageRef("teams", CHANNEL, bf.called("send")[-1].answered, None)
+        assert bf.tokens_issued == 1
