@@ -15,11 +15,9 @@ Bot Connector unless set otherwise (see README, "Teams").
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
-import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -33,12 +31,10 @@ import requests
 from aiohttp import web
 from botbuilder.core import TurnContext
 from botbuilder.integration.aiohttp import CloudAdapter, ConfigurationBotFrameworkAuthentication
-from botbuilder.schema import (Activity, ActivityTypes, Attachment, ChannelAccount, ConversationParameters,
-                               ConversationReference)
-from botframework.connector.auth import (AuthenticationConstants, ClaimsIdentity, MicrosoftAppCredentials,
-                                         PasswordServiceClientCredentialFactory)
+from botbuilder.schema import Activity, ActivityTypes, Attachment, ChannelAccount, ConversationParameters
+from botframework.connector.auth import MicrosoftAppCredentials, PasswordServiceClientCredentialFactory
 from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
-from msrest.exceptions import ClientRequestError, HttpOperationError
+from msrest.exceptions import HttpOperationError
 
 from adapters.settings import TeamsSettings
 from bot import actions
@@ -224,7 +220,6 @@ class _Credentials(PasswordServiceClientCredentialFactory):
     def __init__(self, settings: TeamsSettings):
         super().__init__(settings.app_id, settings.app_password, settings.tenant_id)
         self._made: dict[tuple[str, str, str], Any] = {}
-        self._lock = threading.Lock()
 
     async def create_credentials(self, app_id: str, oauth_scope: str, login_endpoint: str,
                                  validate_authority: bool) -> Any:
