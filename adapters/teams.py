@@ -15,6 +15,7 @@ Bot Connector unless set otherwise (see README, "Teams").
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -52,6 +53,7 @@ CARD = "application/vnd.microsoft.card.adaptive"
 DATA_KEY = "chatops"  # the key of an Action.Submit's data that holds the button's value
 ACTIVITY_RETRIES = timedelta(hours=1)  # how long an activity id is claimed against a redelivery
 SEEN_KEPT = 1000
+TIMEOUT = 15  # seconds for one Bot Connector call (msrest sets none: aiohttp's default is 5 minutes)
 FAILED = "Something went wrong while handling that; the details are in the bot's log."
 INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
 STYLES = {"primary": "positive", "danger": "destructive"}
@@ -337,10 +339,15 @@ class TeamsAdapter:
     async def _turn(self, turn: TurnContext, handling: Handling) -> None:
         activity = turn.activity
         value = button_value(activity)
-        if value is not None:
-            await self._click(turn, value, handling)
-        elif isinstance(activity.text, str) and activity.text.strip():
-            await self._command(turn, handling)
+        try:
+            if value is not None:
+                await self._click(turn, value, handling)
+            elif isinstance(activity.text, str) and activity.text.strip():
+                await self._command(turn, handling)
+        finally:  # botbuilder leaves the turn's connector client, and its HTTP session, open
+            connector = turn.turn_state.get(self.cloud.BOT_CONNECTOR_CLIENT_KEY)
+            if connector is not None:
+                await connector.__aexit__(None, None, None)
 
     def actor_of(self, activity: Activity) -> Actor:
         """Who wrote it: their Teams id (29:...) when app.yaml knows them by it, else their Entra object id."""
@@ -435,7 +442,7 @@ class TeamsAdapter:
         try:
             client = await self._connector()
             async with client:
-                return await call(client)
+                return await asyncio.wait_for(call(client), TIMEOUT)
         except DeliveryError:
             raise
         except Exception as exc:

@@ -261,3 +261,22 @@ async def test_the_bot_connectors_refusals_say_when_to_retry_or_what_to_do(tmp_p
         sent = await teams.send(CHANNEL, message)  # and then it works, on the one token the bot got
         assert sent == MessageRef("teams", CHANNEL, bf.called("send")[-1].answered, None)
         assert bf.tokens_issued == 1
+
+
+def test_every_sample_incident_renders_as_a_card_body_and_a_broken_override_is_named(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from bot.render import Renderer, RenderError, sample_contexts
+
+    styles = []
+    for context in sample_contexts(datetime(2026, 11, 24, 4, 0, tzinfo=UTC))["incident"]:
+        payload = Renderer().render_json("incident", "teams", context)
+        assert payload["text"] == context["headline"]
+        styles.append(payload["body"][0]["style"])
+        links = payload["body"][-1]["text"]
+        assert links.startswith("[Graph](http://prom:9090/graph?g0.expr=disk) \u00b7 [Runbook]")
+    assert styles == ["attention", "warning", "good", "emphasis"]  # firing, acknowledged, resolved, silenced
+    (tmp_path / "incident.teams.json.j2").write_text('{"text": "x", "body": {"type": "TextBlock"}}')
+    with pytest.raises(RenderError) as broken:
+        Renderer(tmp_path).render_json("incident", "teams", {})
+    assert "a list of Adaptive Card elements" in broken.value.problem
