@@ -340,6 +340,7 @@ class TeamsAdapter:
         activity = turn.activity
         value = button_value(activity)
         try:
+            await self._token(turn.turn_state.get(self.cloud.BOT_CONNECTOR_CLIENT_KEY))
             if value is not None:
                 await self._click(turn, value, handling)
             elif isinstance(activity.text, str) and activity.text.strip():
@@ -438,10 +439,19 @@ class TeamsAdapter:
         return await factory.create(service_url or self.settings.service_url,
                                     self.authentication.get_originating_audience())
 
+    async def _token(self, client: Any) -> None:
+        """The bot's token for `client`'s calls, got (or renewed) in a thread: botbuilder asks for it synchronously
+        inside each call (MSAL, requests), which would stop the event loop for the round trip to Entra ID; the call
+        then takes it from the credentials' cache."""
+        credentials = getattr(getattr(client, "config", None), "credentials", None)
+        if self.settings.app_id and isinstance(credentials, MicrosoftAppCredentials):
+            await asyncio.wait_for(asyncio.to_thread(credentials.get_access_token), TIMEOUT)
+
     async def _call(self, what: str, call: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
         try:
             client = await self._connector()
             async with client:
+                await self._token(client)
                 return await asyncio.wait_for(call(client), TIMEOUT)
         except DeliveryError:
             raise

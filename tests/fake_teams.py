@@ -50,6 +50,7 @@ class FakeTeams:
     app_id: str = APP_ID
     calls: list[Call] = field(default_factory=list)
     tokens_issued: int = 0
+    token_delay: float = 0.0  # seconds the token endpoint takes to answer
 
     def __post_init__(self) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -184,6 +185,7 @@ class FakeTeams:
         if form.get("client_id") != self.app_id or form.get("client_secret") != APP_PASSWORD:
             return web.json_response({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client "
                                       "secret provided."}, status=401)
+        await asyncio.sleep(self.token_delay)
         self.tokens_issued += 1
         return web.json_response({"token_type": "Bearer", "expires_in": 3599,
                                   "access_token": f"bot-token-{self.tokens_issued}"})

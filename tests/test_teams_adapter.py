@@ -280,3 +280,25 @@ def test_every_sample_incident_renders_as_a_card_body_and_a_broken_override_is_n
     with pytest.raises(RenderError) as broken:
         Renderer(tmp_path).render_json("incident", "teams", {})
     assert "a list of Adaptive Card elements" in broken.value.problem
+
+
+async def test_the_bots_token_is_fetched_without_stopping_the_event_loop(tmp_path: Path) -> None:
+    """botbuilder asks Entra ID for the bot's token with a blocking call inside its request pipeline: every webhook and
+    the outbox stood still for that round trip. Fetched in a thread first, the loop keeps turning meanwhile."""
+    async with teams_bot(tmp_path) as (h, bf):
+        bf.token_delay = 0.5
+        gaps: list[float] = []
+
+        async def ticking() -> None:
+            loop = asyncio.get_running_loop()
+            last = loop.time()
+            while True:
+                await asyncio.sleep(0.01)
+                gaps.append(loop.time() - last)
+                last = loop.time()
+        ticker = asyncio.create_task(ticking())
+        try:
+            await h.bot.adapters["teams"].send(CHANNEL, Outbound("text", {"text": "hello"}, text="hello"))
+        finally:
+            ticker.cancel()
+        assert bf.tokens_issued == 1 and max(gaps) < 0.3, max(gaps)
