@@ -53,6 +53,7 @@ CARD = "application/vnd.microsoft.card.adaptive"
 DATA_KEY = "chatops"  # the key of an Action.Submit's data that holds the button's value
 ACTIVITY_RETRIES = timedelta(hours=1)  # how long an activity id is claimed against a redelivery
 SEEN_KEPT = 1000
+AUTH_WAIT = 10.0  # seconds a request's token may take to check (fetching the signing keys): a 503 after that
 TIMEOUT = 15  # seconds for one Bot Connector call (msrest sets none: aiohttp's default is 5 minutes)
 FAILED = "Something went wrong while handling that; the details are in the bot's log."
 INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
@@ -271,6 +272,7 @@ class TeamsAdapter:
         # Claims an activity in the store (scope, key, window) -> its Handling, or None for a copy of one handled
         # (Bot Framework redelivers an activity it got no answer to); set by the bot (storage/replays.py).
         self.claim: Callable[[str, str, timedelta], Awaitable[Handling | None]] | None = None
+        self.auth_wait = AUTH_WAIT
 
     def register(self, app: web.Application) -> None:
         app.router.add_post(PATH, self.handle)
@@ -297,9 +299,12 @@ class TeamsAdapter:
             return web.json_response({"error": "not a Bot Framework activity (no type)"}, status=400)
         header = request.headers.get("Authorization")
         try:
-            authenticated = await self.authentication.authenticate_request(activity, header)
-        except requests.RequestException as exc:  # Microsoft's signing keys could not be fetched: try again later
-            log.warning("teams: cannot fetch the Bot Framework's signing keys: %s", exc)
+            # In a thread of its own: botbuilder fetches the Bot Framework's signing keys (on the first request, then
+            # daily) with a blocking call and no timeout, which would stop the event loop, or hang it for good.
+            authenticated = await asyncio.wait_for(asyncio.to_thread(
+                asyncio.run, self.authentication.authenticate_request(activity, header)), self.auth_wait)
+        except (requests.RequestException, asyncio.TimeoutError) as exc:  # the signing keys could not be fetched
+            log.warning("teams: cannot fetch the Bot Framework's signing keys: %s", type(exc).__name__ + f" {exc}")
             return web.json_response({"error": "cannot check the token now (the signing keys are not reachable)"},
                                      status=503, headers={"Retry-After": "10"})
         except Exception as exc:  # PermissionError, a token that is no JWT, a key not found...: all refusals

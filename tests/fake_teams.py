@@ -51,6 +51,7 @@ class FakeTeams:
     calls: list[Call] = field(default_factory=list)
     tokens_issued: int = 0
     token_delay: float = 0.0  # seconds the token endpoint takes to answer
+    keys_delay: float = 0.0  # seconds the signing keys take
 
     def __post_init__(self) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -177,6 +178,7 @@ class FakeTeams:
                                   "id_token_signing_alg_values_supported": ["RS256"]})
 
     async def _keys(self, _request: web.Request) -> web.Response:
+        await asyncio.sleep(self.keys_delay)
         jwk = RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
         return web.json_response({"keys": [{**jwk, "kid": self.kid, "use": "sig", "endorsements": ["msteams"]}]})
 

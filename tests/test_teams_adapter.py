@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -282,23 +283,44 @@ def test_every_sample_incident_renders_as_a_card_body_and_a_broken_override_is_n
     assert "a list of Adaptive Card elements" in broken.value.problem
 
 
+async def longest_stall(work: Any) -> float:
+    """The longest the event loop stood still (seconds) while `work` ran."""
+    gaps: list[float] = [0.0]
+
+    async def ticking() -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.01)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+    ticker = asyncio.create_task(ticking())
+    try:
+        await work
+    finally:
+        ticker.cancel()
+    return max(gaps)
+
+
 async def test_the_bots_token_is_fetched_without_stopping_the_event_loop(tmp_path: Path) -> None:
     """botbuilder asks Entra ID for the bot's token with a blocking call inside its request pipeline: every webhook and
     the outbox stood still for that round trip. Fetched in a thread first, the loop keeps turning meanwhile."""
     async with teams_bot(tmp_path) as (h, bf):
         bf.token_delay = 0.5
-        gaps: list[float] = []
+        stall = await longest_stall(h.bot.adapters["teams"].send(CHANNEL, Outbound("text", {"text": "hi"}, text="hi")))
+        assert bf.tokens_issued == 1 and stall < 0.3, stall
 
-        async def ticking() -> None:
-            loop = asyncio.get_running_loop()
-            last = loop.time()
-            while True:
-                await asyncio.sleep(0.01)
-                gaps.append(loop.time() - last)
-                last = loop.time()
-        ticker = asyncio.create_task(ticking())
-        try:
-            await h.bot.adapters["teams"].send(CHANNEL, Outbound("text", {"text": "hello"}, text="hello"))
-        finally:
-            ticker.cancel()
-        assert bf.tokens_issued == 1 and max(gaps) < 0.3, max(gaps)
+
+async def test_the_signing_keys_are_fetched_without_stopping_the_event_loop_and_a_hang_is_a_503(tmp_path: Path) -> None:
+    """botbuilder fetches the Bot Framework's signing keys (first request, then daily) with a blocking call without a
+    timeout: the whole bot stood still meanwhile, for good if the keys' host hung."""
+    async with teams_bot(tmp_path) as (h, bf):
+        bf.keys_delay = 0.5
+        stall = await longest_stall(post(h, bf.message("help"), bf.headers()))
+        assert stall < 0.3, stall
+    (tmp_path / "b").mkdir()
+    async with teams_bot(tmp_path / "b") as (h, bf):
+        bf.keys_delay = 3
+        h.bot.adapters["teams"].auth_wait = 0.5
+        status, body = await post(h, bf.message("help"), bf.headers())
+        assert status == 503 and "signing keys" in body["error"]
