@@ -94,10 +94,7 @@ class Dispatcher(Protocol):
 SIGNATURE_WINDOW = 300  # seconds: Slack's own limit on a request's X-Slack-Request-Timestamp
 CLAIMED = "chatops_handling"  # the Bolt context key of a slash command's or click's Handling (see handle)
 EVENT_RETRIES = timedelta(hours=1)  # Slack retries an unanswered event 3 times, the last about 5 minutes on
-# The buttons of an incident card, whose id is the incident's (a swap's buttons carry the swap's id)
-CARD_ACTIONS = frozenset(a.value for a in (actions.Action.ACKNOWLEDGE, actions.Action.ESCALATE, actions.Action.RESOLVE,
-                                           actions.Action.REOPEN, actions.Action.RUN_RUNBOOK, actions.Action.APPROVE,
-                                           actions.Action.REJECT))
+CARD_ACTIONS = actions.CARD_ACTIONS  # a click on one of these of a private card redraws it (see _redraw_private)
 
 
 def _signed(secret: bytes, body: bytes, timestamp: str | None, signature: str | None, now: float) -> bool:

@@ -58,6 +58,10 @@ TIMEOUT = 15  # seconds for one Bot Connector call (msrest sets none: aiohttp's 
 FAILED = "Something went wrong while handling that; the details are in the bot's log."
 INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
 STYLES = {"primary": "positive", "danger": "destructive"}
+# A click on one of an incident card's buttons (bot.actions.CARD_ACTIONS) of a card `incident show` drew redraws that
+# card (see _redraw_shown)
+CARD_ACTIONS = actions.CARD_ACTIONS
+SHOWN_KEPT = 1000  # cards drawn as answers (`incident show`) whose clicks redraw them
 _MENTION = re.compile(r"<at>[^<]*</at>", re.IGNORECASE)
 
 
@@ -269,6 +273,9 @@ class TeamsAdapter:
         # Teams opens a private chat only in a tenant it is told: tenant_id, or (a multi-tenant app) the tenant of the
         # latest activity someone sent the bot.
         self._tenant: str | None = None
+        # The cards this process drew as answers (`incident show`): nothing else redraws them (the outbox redraws the
+        # channels' cards and the pages). Not kept across a restart, nor shared with another replica.
+        self._shown: deque[str] = deque(maxlen=SHOWN_KEPT)
         # Claims an activity in the store (scope, key, window) -> its Handling, or None for a copy of one handled
         # (Bot Framework redelivers an activity it got no answer to); set by the bot (storage/replays.py).
         self.claim: Callable[[str, str, timedelta], Awaitable[Handling | None]] | None = None
@@ -400,6 +407,26 @@ class TeamsAdapter:
                 log.warning("teams: cannot settle the clicked message: %s", delivery_error("update", exc))
         if reply.text:
             await self._answer(turn, reply)
+        if event.action in CARD_ACTIONS and activity.reply_to_id in self._shown and not handling.released:
+            await self._redraw_shown(turn, event)
+
+    async def _redraw_shown(self, turn: TurnContext, event: ActionEvent) -> None:
+        """A card that answered `incident show`, drawn again as the incident is now, by the command that drew it (it
+        would otherwise say "Firing" of an incident acknowledged), as Slack and Telegram redraw theirs; also after a
+        click that changed nothing (it then shows what did)."""
+        activity = turn.activity
+        command = CommandEvent("incident", ["show", str(event.incident_id)], event.actor, chat_of(activity),
+                               direct=is_personal(activity))
+        try:
+            shown = await self.dispatcher.handle_command(command)
+            if shown.message is None:
+                return
+            redrawn = self.to_activity(shown.message)
+            redrawn.id = activity.reply_to_id
+            await turn.update_activity(redrawn)
+        except Exception as exc:  # the clicker has the answer; the card stays as it was
+            log.warning("teams: cannot redraw the card of #%s that incident show drew: %s", event.incident_id,
+                        delivery_error("update", exc))
 
     async def _dispatch(self, work: Coroutine[Any, Any, Reply | None], handling: Handling) -> Reply | None:
         """The dispatcher's answer; settled once it answered, released if it failed (the person is told)."""
@@ -416,7 +443,9 @@ class TeamsAdapter:
         """A reply to the message answered: in the channel's thread, or in the private chat."""
         answer = self._reply_activity(reply)
         try:
-            await turn.send_activity(answer)
+            sent = await turn.send_activity(answer)
+            if reply.message is not None and reply.message.kind == "incident" and sent is not None and sent.id:
+                self._shown.append(sent.id)
         except Exception as exc:
             log.warning("teams: could not answer in %s: %s", turn.activity.conversation.id,
                         delivery_error("reply", exc))

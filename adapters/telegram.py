@@ -74,11 +74,9 @@ RETRY_FIRST, RETRY_MAX, GIVE_UP = 2.0, 30.0, 120.0
 POLL_PACE = 1.0  # seconds between getUpdates while an update fetched is not done (Telegram then answers at once)
 FAILED_KEPT = 1000  # update ids whose webhook delivery failed after the person was told (see _webhook_update)
 TOAST_MAX, TEXT_MAX, ROW_MAX = 200, 4000, 3
-# The buttons of an incident card, whose id is the incident's (a swap's buttons carry the swap's id): a tap on one of a
-# card `/incident show` drew redraws that card (see _redraw_shown)
-CARD_ACTIONS = frozenset(a.value for a in (actions.Action.ACKNOWLEDGE, actions.Action.ESCALATE, actions.Action.RESOLVE,
-                                           actions.Action.REOPEN, actions.Action.RUN_RUNBOOK, actions.Action.APPROVE,
-                                           actions.Action.REJECT))
+# A tap on one of an incident card's buttons (bot.actions.CARD_ACTIONS) of a card `/incident show` drew redraws that
+# card (see _redraw_shown)
+CARD_ACTIONS = actions.CARD_ACTIONS
 TOAST_SHORT = 80  # characters: a longer callback answer is an alert (a dialog, read until dismissed), not a toast
 QUESTIONS_KEPT = 5000  # confirmation questions of the buttons drawn last, by callback data (see _confirm_step)
 ASK, CANCEL, YES = "?", "!", "\u2714 "

@@ -68,6 +68,11 @@ class Action(StrEnum):
     SWAP_UNDO = "swun"
 
 
+# The buttons of an incident card, whose id is the incident's (a swap's buttons carry the swap's id)
+CARD_ACTIONS = frozenset(a.value for a in (Action.ACKNOWLEDGE, Action.ESCALATE, Action.RESOLVE, Action.REOPEN,
+                                           Action.RUN_RUNBOOK, Action.APPROVE, Action.REJECT))
+
+
 class CodecError(ValueError):
     pass
 

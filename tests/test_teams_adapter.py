@@ -324,3 +324,19 @@ async def test_the_signing_keys_are_fetched_without_stopping_the_event_loop_and_
         h.bot.adapters["teams"].auth_wait = 0.5
         status, body = await post(h, bf.message("help"), bf.headers())
         assert status == 503 and "signing keys" in body["error"]
+
+
+async def test_a_click_on_the_card_incident_show_drew_redraws_that_card(tmp_path: Path) -> None:
+    async with teams_bot(tmp_path) as (h, bf):
+        assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+        await recorded(h, 1)
+        asked = bf.message("incident show 1", personal=True, conversation="a:1alice")
+        await say(h, bf, asked)
+        [shown] = [c for c in bf.called("reply") if c.activity_id == asked["id"]]
+        assert button_values(card_of(shown)) == ["ack:1", "esc:1", "?res:1"]
+        click = bf.click(tagged(card_of(shown), "ack:1"), shown.answered, personal=True, conversation="a:1alice")
+        assert (await post(h, click, bf.headers()))[0] == 200
+        await bf.wait_for(lambda: any(c.activity_id == shown.answered for c in bf.called("update")))
+        [redrawn] = [c for c in bf.called("update") if c.activity_id == shown.answered]
+        assert redrawn.conversation == "a:1alice"
+        assert card_of(redrawn)["body"][0]["style"] == "warning" and button_values(card_of(redrawn)) == ["esc:1", "?res:1"]
