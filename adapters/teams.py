@@ -16,6 +16,7 @@ Bot Connector unless set otherwise (see README, "Teams").
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import logging
 import re
@@ -63,6 +64,7 @@ STYLES = {"primary": "positive", "danger": "destructive"}
 CARD_ACTIONS = actions.CARD_ACTIONS
 SHOWN_KEPT = 1000  # cards drawn as answers (`incident show`) whose clicks redraw them
 _MENTION = re.compile(r"<at>[^<]*</at>", re.IGNORECASE)
+_TAG = re.compile(r"</?[A-Za-z][^<>]*>")  # the HTML Teams may wrap a message in (<p>, <div>, <br>)
 
 
 class Renderer(Protocol):
@@ -176,10 +178,11 @@ def chat_of(activity: Activity) -> MessageRef:
 
 
 def command_words(activity: Activity) -> list[str]:
-    """The words of a message to the bot, without its @mention, and without the `/` or `/chatops` that some type out
+    """The words of a message to the bot, without its @mention and the HTML Teams may send it in (`<p>`, `&nbsp;`),
+    and without the `/` or `/chatops` that some type out
     of habit (Slack's and Telegram's commands): "@chatops incident ack 3", "/incident ack 3" and "/chatops incident
     ack 3" are all `incident ack 3`."""
-    words = split_words(_MENTION.sub(" ", activity.text or "").replace("&nbsp;", " "))
+    words = split_words(html.unescape(_TAG.sub(" ", _MENTION.sub(" ", activity.text or ""))))
     if words and words[0].lower() == "/chatops":
         words = words[1:]
     return [words[0].removeprefix("/"), *words[1:]] if words else []

@@ -165,6 +165,8 @@ async def test_commands_in_a_channel_or_the_private_chat_are_answered_where_they
         for typed in ("/chatops help", "/help", "help"):
             assert (await say(h, bf, bf.message(typed, personal=True, conversation="a:1alice"))).startswith("Commands:")
         assert (await say(h, bf, bf.message("oncall"))).startswith("No rotations are configured yet")
+        html_message = {**bf.message("x"), "text": "<p><at>chatops</at>&nbsp;oncall</p>", "textFormat": "xml"}
+        assert (await say(h, bf, html_message)).startswith("No rotations are configured yet")
         listed = await say(h, bf, bf.message("incident list", personal=True, conversation="a:1alice"))
         assert "I don't know you" not in listed
         stranger = await say(h, bf, bf.message("incident list", user="29:1stranger"))
