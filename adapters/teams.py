@@ -179,9 +179,8 @@ def chat_of(activity: Activity) -> MessageRef:
 
 def command_words(activity: Activity) -> list[str]:
     """The words of a message to the bot, without its @mention and the HTML Teams may send it in (`<p>`, `&nbsp;`),
-    and without the `/` or `/chatops` that some type out
-    of habit (Slack's and Telegram's commands): "@chatops incident ack 3", "/incident ack 3" and "/chatops incident
-    ack 3" are all `incident ack 3`."""
+    and without the `/` or `/chatops` that some type out of habit (Slack's and Telegram's commands): "@chatops
+    incident ack 3", "/incident ack 3" and "/chatops incident ack 3" are all `incident ack 3`."""
     words = split_words(html.unescape(_TAG.sub(" ", _MENTION.sub(" ", activity.text or ""))))
     if words and words[0].lower() == "/chatops":
         words = words[1:]
