@@ -342,3 +342,12 @@ async def test_a_click_on_the_card_incident_show_drew_redraws_that_card(tmp_path
         [redrawn] = [c for c in bf.called("update") if c.activity_id == shown.answered]
         assert redrawn.conversation == "a:1alice"
         assert card_of(redrawn)["body"][0]["style"] == "warning" and button_values(card_of(redrawn)) == ["esc:1", "?res:1"]
+
+
+async def test_a_refused_app_password_is_a_refused_token_that_says_what_to_fix(tmp_path: Path) -> None:
+    async with teams_bot(tmp_path, app_password="not-the-password") as (h, bf):
+        with pytest.raises(DeliveryError) as refused_:
+            await h.bot.adapters["teams"].send(CHANNEL, Outbound("text", {"text": "hi"}, text="hi"))
+        assert refused_.value.token_refused and refused_.value.permanent
+        assert "check adapters.teams.app_id and app_password" in str(refused_.value)
+        assert "not-the-password" not in str(refused_.value) and bf.calls == []
