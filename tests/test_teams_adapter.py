@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from adapters import SETTINGS_MODELS
 from bot.chat import DeliveryError, MessageRef, Outbound
 from bot.config import ConfigError, parse_config
-from tests.botkit import CONFIG, PEOPLE, Harness, fixture, running_bot, untagged
+from tests.botkit import CONFIG, PEOPLE, Harness, bot_on, fixture, running_bot, untagged
+from tests.conftest import postgres_url
 from tests.fake_teams import CHANNEL, Call, FakeTeams
 
 TEAMS_PEOPLE = PEOPLE.replace("slack: U01ALICE,", 'slack: U01ALICE, teams: "29:1alice",').replace(
@@ -351,3 +352,18 @@ async def test_a_refused_app_password_is_a_refused_token_that_says_what_to_fix(t
         assert refused_.value.token_refused and refused_.value.permanent
         assert "check adapters.teams.app_id and app_password" in str(refused_.value)
         assert "not-the-password" not in str(refused_.value) and bf.calls == []
+
+
+async def test_an_activity_delivered_to_two_replicas_is_acted_on_once(tmp_path: Path, pg_schema: str) -> None:
+    """Bot Framework redelivers an activity it got no answer to, and behind a load balancer the copy may reach another
+    replica: it is claimed in the store (PostgreSQL: replicas share it), so the command is answered once."""
+    with FakeTeams() as bf:
+        async with bot_on("postgres", tmp_path, pg_schema, bf.yaml(), people=TEAMS_PEOPLE, base=TEAMS_CONFIG) as one:
+            async with running_bot(postgres_url(), bf.yaml(), schema=pg_schema, clock=one.clock, people=TEAMS_PEOPLE,
+                                   base=TEAMS_CONFIG) as other:
+                activity = bf.message("help")
+                statuses = await asyncio.gather(post(one, activity, bf.headers()), post(other, activity, bf.headers()))
+                assert [status for status, _ in statuses] == [200, 200]
+                await bf.wait_for(lambda: bf.called("reply"))
+                await asyncio.sleep(0.2)
+                assert len([c for c in bf.called("reply") if c.activity_id == activity["id"]]) == 1
