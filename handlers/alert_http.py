@@ -24,7 +24,7 @@ from bot.clock import Clock
 from bot.config import HmacAuth, Loaded
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket
-from handlers.intake import Intake
+from handlers.intake import Intake, body_digest
 from storage.db import Database
 from storage.models import AlertSignature
 from storage.rows import fast_encoder
@@ -134,6 +134,9 @@ class AlertEndpoint:
         if delivery_id and not (delivery_id.isascii() and delivery_id.isprintable()):
             return self._reject(source_id, "bad_delivery_id",
                                 _error(400, "X-Delivery-ID must be printable ASCII (a UUID, say)"))
+        # Another body under a stored X-Delivery-ID is no retry: told by the digest of the body (inflated), taken only
+        # for a delivery that has an id.
+        digest = body_digest(body) if delivery_id else None
         bucket = self.buckets.get(source_id)
         if bucket is not None:
             wait = bucket.take(now.timestamp())
@@ -141,7 +144,9 @@ class AlertEndpoint:
                 assert source.rate_limit is not None
                 # A retry of a delivery already stored gets its answer, as it would under the limit: the
                 # sender only asks what became of it.
-                stored = await self.intake.stored_answer(source_id, delivery_id, now) if delivery_id else None
+                stored = await self.intake.stored_answer(source_id, delivery_id, now, digest) if delivery_id else None
+                if stored is not None and stored.rejected is not None:  # another body under its id
+                    return self._reject(source_id, stored.rejected, web.json_response(stored.body, status=stored.status))
                 if stored is not None:
                     return web.json_response(stored.body, status=stored.status, headers={"X-Idempotent-Replay": "true"})
                 return self._reject(source_id, "rate_limited", _error(
@@ -171,14 +176,15 @@ class AlertEndpoint:
                     headers={"Retry-After": "1"}))
             self._in_flight.setdefault(signature, []).append(delivery_id)
             try:
-                outcome = await self.intake.submit(source, alerts, delivery_id, truncated, body=raw, signature=signature)
+                outcome = await self.intake.submit(source, alerts, delivery_id, truncated, body=raw, signature=signature,
+                                                   digest=digest)
             finally:
                 going = self._in_flight[signature]
                 going.remove(delivery_id)
                 if not going:
                     del self._in_flight[signature]
         else:
-            outcome = await self.intake.submit(source, alerts, delivery_id, truncated, body=raw)
+            outcome = await self.intake.submit(source, alerts, delivery_id, truncated, body=raw, digest=digest)
         # The writer process found it is no payload of this kind (see read_body), or (PostgreSQL) another replica
         # took its signature already: a replay.
         if outcome.rejected is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import logging
 import pickle
@@ -98,6 +99,9 @@ class Submission:
     # Its signature (signed with a timestamp): claimed in the store with the alerts, so that a copy sent to another
     # replica, or after a restart, is refused as a replay (storage/replays.py).
     signature: str | None = None
+    # With an X-Delivery-ID: the body's digest (body_digest), stored with the id, so that another body under it is
+    # told apart from a retry. None: any body is taken for the same (as one stored before digests were).
+    digest: str | None = None
 
     def received(self) -> dict[str, int]:
         """Alerts by status (firing, resolved)."""
@@ -113,6 +117,26 @@ class Submission:
         if self.counts is not None:
             return self.unknown or {}
         return unknown_severities(self.alerts)
+
+
+def body_digest(body: bytes) -> str:
+    """What tells a retry of a delivery from another body under its X-Delivery-ID: a digest of the body as read
+    (inflated: a gzip retry of the same JSON is the same delivery). Taken only for a delivery with an id."""
+    return hashlib.blake2b(body, digest_size=16).hexdigest()
+
+
+def _same_body(stored: str | None, digest: str | None) -> bool:
+    """Whether a delivery with `digest` repeats the one stored with `stored`: a missing digest (a delivery stored
+    before they were kept, or a submission without one) matches any, as before."""
+    return stored is None or digest is None or stored == digest
+
+
+def _reused(delivery_id: str) -> Outcome:
+    """The answer to a body other than the one first sent under `delivery_id` (IETF Idempotency-Key draft: a key
+    reused with another payload is a 422): never the first answer, which would drop its alerts unseen."""
+    hours = IDEMPOTENCY_WINDOW.total_seconds() / 3600
+    return Outcome(422, {"error": f"X-Delivery-ID {delivery_id!r} was used within the last {hours:g} h for a "
+                                  "different body: give each delivery its own id"}, rejected="delivery_id_reused")
 
 
 def unknown_severities(alerts: Sequence[Alert]) -> dict[str, int]:
@@ -344,9 +368,10 @@ class Intake:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
-    async def stored_answer(self, source_id: str, delivery_id: str, now: datetime) -> Outcome | None:
-        """The answer this delivery id got within the idempotency window, read from the store; None if it got
-        none (or the store cannot say now)."""
+    async def stored_answer(self, source_id: str, delivery_id: str, now: datetime,
+                            digest: str | None = None) -> Outcome | None:
+        """The answer this delivery id got within the idempotency window, read from the store (or, for a body
+        other than its `digest`, the 422 that says so); None if it got none (or the store cannot say now)."""
         assert self.db is not None
         try:
             async with self.db.sessions() as session:
@@ -357,6 +382,8 @@ class Intake:
             return None
         if row is None or now - row.received_at >= IDEMPOTENCY_WINDOW:
             return None
+        if not _same_body(row.digest, digest):
+            return _reused(delivery_id)
         return Outcome(row.status_code, row.response, replayed=True)
 
     @property
@@ -366,14 +393,17 @@ class Intake:
         return self._in_process()
 
     async def submit(self, source: Source, alerts: list[Alert], delivery_id: str | None,
-                     truncated: int = 0, *, body: bytes | None = None, signature: str | None = None) -> Outcome:
+                     truncated: int = 0, *, body: bytes | None = None, signature: str | None = None,
+                     digest: str | None = None) -> Outcome:
         """Store `alerts` (or, if `reads_bodies`, the alerts of `body`) and answer after the commit. For a body
-        that is no payload of the source's kind, or a `signature` taken already (by another replica, or before a
-        restart), the outcome says why (`Outcome.rejected`)."""
+        that is no payload of the source's kind, a `signature` taken already (by another replica, or before a
+        restart), or a `delivery_id` used for a body other than this one's `digest` (body_digest), the outcome
+        says why (`Outcome.rejected`)."""
         if body is not None and not self.reads_bodies:
             raise ValueError("this intake reads no bodies (no writer process): submit the parsed alerts")
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._inbox.append(Submission(source, alerts, delivery_id, future, truncated, body, signature=signature))
+        self._inbox.append(Submission(source, alerts, delivery_id, future, truncated, body, signature=signature,
+                                      digest=digest))
         self._kick()
         return await future
 
@@ -575,7 +605,7 @@ class Intake:
                 self.db.check_file()  # (the writer process opened it at start, and would write on into a lost file)
                 future = self._writer_process().call(
                     (self.clock.now(), [(s.source.id, s.body if s.body is not None else [_alert_fields(a) for a in s.alerts],
-                                         s.delivery_id, s.truncated, s.signature) for s in batch]))
+                                         s.delivery_id, s.truncated, s.signature, s.digest) for s in batch]))
             except Exception as exc:
                 self._failed_whole(batch, exc)
                 continue
@@ -614,10 +644,11 @@ class Intake:
         for level, message in logs:
             log.log(level, "%s", message)
         answered = []
-        for s, (status, body, replayed), what in zip(batch, outcomes, read):
-            rejected = None
+        for s, (status, body, replayed, rejected), what in zip(batch, outcomes, read):
+            # (refused: the answer says why, as _apply did; or reading s.body did, with what it held)
             if what is not None:  # it read s.body: (refused because, truncated, firing, resolved, unknown severities)
-                rejected, s.truncated, firing, resolved, s.unknown = what
+                unread, s.truncated, firing, resolved, s.unknown = what
+                rejected = unread or rejected
                 s.counts = {k: n for k, n in (("firing", firing), ("resolved", resolved)) if n}
             answered.append(Outcome(status, None, replayed, encoded=body, rejected=rejected, truncated=s.truncated))
         result: _Result = (answered, [batch[i] for i in fresh], events, resolved_after, escalations, queued)
@@ -637,18 +668,19 @@ class Intake:
             fresh = [s for s in fresh if id(s) not in taken]
         state = self._load(conn, fresh, now)
         applied: list[tuple[Submission, list[tuple[str, _Row | None, str]]] | Outcome | tuple[str, str]] = []
-        seen_here: set[tuple[str, str]] = set()
+        seen_here: dict[tuple[str, str], str | None] = {}  # (source, X-Delivery-ID) applied here -> its digest
         stored: list[Submission] = []  # the fresh ones, without the repeats of an X-Delivery-ID inside this batch
         for s in batch:
             key = (s.source.id, s.delivery_id or "")
             if s.delivery_id and key in replays:
-                applied.append(replays[key])
+                answer, digest = replays[key]
+                applied.append(answer if _same_body(digest, s.digest) else _reused(s.delivery_id))
             elif id(s) in taken:
                 applied.append(taken[id(s)])
-            elif s.delivery_id and key in seen_here:
-                applied.append(key)  # a repeat inside this batch
+            elif s.delivery_id and key in seen_here:  # a repeat inside this batch, or another body under its id
+                applied.append(key if _same_body(seen_here[key], s.digest) else _reused(s.delivery_id))
             else:
-                seen_here.add(key)
+                seen_here[key] = s.digest
                 stored.append(s)
                 if len(s.alerts) > 1:
                     _heard(s.alerts, state)
@@ -676,7 +708,7 @@ class Intake:
                 outcomes.append(outcome)
                 if s.delivery_id:
                     deliveries.append({"source": s.source.id, "delivery_id": s.delivery_id, "received_at": now,
-                                       "status_code": 200, "response": body})
+                                       "status_code": 200, "response": body, "digest": s.digest})
             else:
                 outcomes.append(Outcome(first[item].status, first[item].body, replayed=True))  # type: ignore[index]
         if deliveries:
@@ -733,7 +765,10 @@ class Intake:
         _assign_incident_ids(st)
         self.audit.append_rows(conn, st.entries)
 
-    def _known_deliveries(self, conn: Connection, batch: Sequence[Submission], now: datetime) -> dict[tuple[str, str], Outcome]:
+    def _known_deliveries(self, conn: Connection, batch: Sequence[Submission], now: datetime
+                          ) -> dict[tuple[str, str], tuple[Outcome, str | None]]:
+        """The batch's X-Delivery-IDs stored within the idempotency window: (source, id) -> (the answer it got, the
+        digest of its body). Expired ones are deleted (the id may be used again)."""
         ids = {(s.source.id, s.delivery_id) for s in batch if s.delivery_id}
         if not ids:
             return {}
@@ -747,7 +782,8 @@ class Intake:
             if (row["source"], row["delivery_id"]) not in ids:
                 continue
             if now - row["received_at"] < IDEMPOTENCY_WINDOW:
-                known[(row["source"], row["delivery_id"])] = Outcome(row["status_code"], row["response"], replayed=True)
+                known[(row["source"], row["delivery_id"])] = (
+                    Outcome(row["status_code"], row["response"], replayed=True), row["digest"])
             else:  # expired: this id may be used again
                 conn.execute(_DELIVERIES.delete().where(_DELIVERIES.c.source == row["source"],
                                                         _DELIVERIES.c.delivery_id == row["delivery_id"]))

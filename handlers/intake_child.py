@@ -20,8 +20,11 @@ from handlers.intake import _INTERNAL, _UNAVAILABLE, Intake, Submission, _dumps,
 from storage.audit import AuditLog
 from storage.db import sqlite_writer_engine
 
-_UNAVAILABLE_BODY = _dumps({"error": _UNAVAILABLE}).encode()
-_INTERNAL_BODY = _dumps({"error": _INTERNAL}).encode()
+# A submission's answer as it travels back: status, the body encoded, whether it repeats a stored answer, and why it
+# was refused (Outcome.rejected: counted in /metrics) or None.
+_Answer = tuple[int, bytes, bool, str | None]
+_UNAVAILABLE_ANSWER: _Answer = (503, _dumps({"error": _UNAVAILABLE}).encode(), False, None)
+_INTERNAL_ANSWER: _Answer = (500, _dumps({"error": _INTERNAL}).encode(), False, None)
 
 
 class _ProcessWriter:
@@ -34,7 +37,7 @@ class _ProcessWriter:
     the database is unavailable: then all of it gets 503. A submission may come as the request's body
     (Intake.reads_bodies): it is read here first (bot.alerts.read_body), and one that is no payload of its
     source's kind is answered 400/422 and not applied. Each message's answer carries its submissions'
-    outcomes and which were fresh, and for each body it read: why it refused it (or None), how many alerts
+    outcomes (_Answer) and which were fresh, and for each body it read: why it refused it (or None), how many alerts
     the sender left out, how many firing and resolved, the severity label values it did not know (and how many
     alerts said each: counted and logged by the parent); the last one also what the transactions did for
     `_answer` (audit events written, time-to-resolve observations, escalations started, outbox rows queued)
@@ -53,16 +56,16 @@ class _ProcessWriter:
         self.sources = {s.id: s for s in config.sources}
         self.max_batch = max_batch
 
-    def __call__(self, messages: list[tuple[datetime, list[tuple[str, list[tuple[Any, ...]] | bytes, str | None, int]]]]
-                 ) -> list[Any]:
+    def __call__(self, messages: list[tuple[datetime, list[tuple[str, list[tuple[Any, ...]] | bytes, str | None, int,
+                                                                  str | None, str | None]]]]) -> list[Any]:
         logs: list[tuple[int, str]] = []
-        outcomes: list[list[tuple[int, bytes, bool]]] = []
+        outcomes: list[list[_Answer]] = []
         fresh: list[list[int]] = [[] for _ in messages]
         where: dict[int, tuple[int, int]] = {}  # id(submission) -> (message, index in it)
         groups: list[tuple[datetime, list[Submission]]] = []
         read: list[list[tuple[str | None, int, int, int, dict[str, int] | None] | None]] = []  # per body it read
         for m, (now, items) in enumerate(messages):
-            answers: list[tuple[int, bytes, bool]] = []
+            answers: list[_Answer] = []
             read.append([])
             batch = []
             for i, item in enumerate(items):
@@ -102,18 +105,18 @@ class _ProcessWriter:
                     if unavailable:
                         logs.append((logging.ERROR, f"intake: the database is unavailable ({exc}); answering 503 "
                                                     "so senders retry"))
-                        answer = (503, _UNAVAILABLE_BODY, False)
+                        answer = _UNAVAILABLE_ANSWER
                     else:
                         logs.append((logging.ERROR, f"intake failed for a delivery from {part[0].source.id}\n"
                                                     + "".join(traceback.format_exception(exc)).rstrip()))
-                        answer = (500, _INTERNAL_BODY, False)
+                        answer = _INTERNAL_ANSWER
                     for s in part:
                         m, i = where[id(s)]
                         outcomes[m][i] = answer
                     continue
                 for s, outcome in zip(part, done):
                     m, i = where[id(s)]
-                    outcomes[m][i] = (outcome.status, _dumps(outcome.body).encode(), outcome.replayed)
+                    outcomes[m][i] = (outcome.status, _dumps(outcome.body).encode(), outcome.replayed, outcome.rejected)
                 for s in new:
                     m, i = where[id(s)]
                     fresh[m].append(i)
@@ -127,28 +130,28 @@ class _ProcessWriter:
         return answers
 
     def _submission(self, item: Any, logs: list[tuple[int, str]]
-                    ) -> tuple[tuple[int, bytes, bool], tuple[str | None, int, int, int, dict[str, int] | None] | None,
-                               Submission | None]:
+                    ) -> tuple[_Answer, tuple[str | None, int, int, int, dict[str, int] | None] | None, Submission | None]:
         """One submission as the parent sent it: its answer until applied (503), what reading its body found
         (None if it came parsed), and the Submission to apply (None if it is refused already)."""
         try:
-            source_id, alerts, delivery_id, truncated, signature = item
+            source_id, alerts, delivery_id, truncated, signature, digest = item
             source = self.sources[source_id]
             if not isinstance(alerts, bytes):
-                return (503, _UNAVAILABLE_BODY, False), None, Submission(
-                    source, [Alert(*fields) for fields in alerts], delivery_id, None, truncated, signature=signature)
+                return _UNAVAILABLE_ANSWER, None, Submission(
+                    source, [Alert(*fields) for fields in alerts], delivery_id, None, truncated, signature=signature,
+                    digest=digest)
             try:
                 parsed, truncated = read_body(source.kind, source.id, alerts)
             except BodyError as exc:
-                return (exc.status, _dumps(exc.body()).encode(), False), (exc.reason, 0, 0, 0, None), None
+                return (exc.status, _dumps(exc.body()).encode(), False, None), (exc.reason, 0, 0, 0, None), None
             firing = sum(1 for a in parsed if a.status == "firing")
             unknown = unknown_severities(parsed) or None
-            return ((503, _UNAVAILABLE_BODY, False), (None, truncated, firing, len(parsed) - firing, unknown),
-                    Submission(source, parsed, delivery_id, None, truncated, signature=signature))
+            return (_UNAVAILABLE_ANSWER, (None, truncated, firing, len(parsed) - firing, unknown),
+                    Submission(source, parsed, delivery_id, None, truncated, signature=signature, digest=digest))
         except Exception as exc:  # not what the parent sends, or a fault reading it: this one gets 500
             logs.append((logging.ERROR, "intake writer: a submission it cannot read\n"
                                         + "".join(traceback.format_exception(exc)).rstrip()))
-            return (500, _INTERNAL_BODY, False), None, None
+            return _INTERNAL_ANSWER, None, None
 
 
 def writer_process_handler(*, url: str, config: Config, on_open: Any, on_raise: Any = None,

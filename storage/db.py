@@ -34,13 +34,14 @@ from storage.models import AuditHead, SchemaVersion
 log = logging.getLogger("chatops.storage")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # version -> the columns (table, column, SQL type) that bring the previous version up to it. Tables new in a
 # version are created by create_all, already whole: a column is added only where it is missing (a store of
 # version 1 gets escalations, new in 2, with version 3's `run` already in it).
 MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     2: [("incidents", "route", "VARCHAR")],  # timers and escalations are new tables
     3: [("escalations", "run", "INTEGER NOT NULL DEFAULT 0")],
+    6: [("deliveries", "digest", "VARCHAR")],  # NULL for the deliveries stored before: repeated by any body
 }
 _PG_INIT_LOCK = 727_001  # advisory lock id: one process initialises the schema at a time
 SQLITE_BUSY_TIMEOUT_MS = 10_000

@@ -147,6 +147,9 @@ class Delivery(SQLModel, table=True):
     received_at: datetime = Field(index=True)
     status_code: int
     response: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # A digest of the body it brought (inflated): the same id with another body is no retry. None for a delivery
+    # stored before version 6, which any body under its id repeats, as then.
+    digest: str | None = None
 
 
 class SeenRequest(SQLModel, table=True):

@@ -609,3 +609,56 @@ async def test_an_incidents_links_follow_the_alert_that_brought_them_not_whichev
     [inc] = await h.incidents()
     assert inc.links == {"runbook": "https://wiki/a2"}
     assert [r.links for r in await h.alerts(inc.id)] == [{"runbook": "https://wiki/a2"}, {"runbook": "https://wiki/b"}]
+
+
+REUSED = ("X-Delivery-ID '{}' was used within the last 24 h for a different body: give each delivery its own id")
+
+
+async def _rejected(h: Harness, reason: str) -> float:
+    metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    line = next((m for m in metrics if m.startswith("chatops_alert_rejected_total") and f'reason="{reason}"' in m), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+async def test_a_delivery_id_reused_for_a_different_body_is_a_422_not_the_first_answer(h: Harness) -> None:
+    """A sender that puts an event id in X-Delivery-ID sends the problem and its recovery under one id: the recovery
+    was answered 200 with the first answer (X-Idempotent-Replay) and dropped. Only the same body is a retry (the
+    IETF Idempotency-Key draft): compared inflated, so a gzip retry of the same JSON is one."""
+    import gzip
+
+    problem = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "down", "tool_source": "z"}
+    first = await h.post("open", problem, {"X-Delivery-ID": "d-1"})
+    assert first[0] == 200
+    status, answer, headers = await h.post("open", {**problem, "status": "resolved"}, {"X-Delivery-ID": "d-1"})
+    assert (status, answer) == (422, {"error": REUSED.format("d-1")}) and "X-Idempotent-Replay" not in headers
+    assert await _rejected(h, "delivery_id_reused") == 1
+    [inc] = await h.incidents()
+    assert (inc.status, inc.notifications) == ("triggered", 1)
+    again = await h.post("open", gzip.compress(json.dumps(problem).encode()),
+                         {"X-Delivery-ID": "d-1", "Content-Encoding": "gzip"})  # the same delivery, retried
+    assert (again[0], again[1], again[2]["X-Idempotent-Replay"]) == (200, first[1], "true")
+    # Ten alerts under one id at once: one is stored and answered 200, the others are told why not.
+    answers = await asyncio.gather(*(h.post("open", {**problem, "asset_name": f"db-{i}"}, {"X-Delivery-ID": "d-2"})
+                                     for i in range(10)))
+    assert sorted(status for status, _, _ in answers) == [200] + [422] * 9
+    assert {answer["error"] for status, answer, _ in answers if status == 422} == {REUSED.format("d-2")}
+    assert await h.count(AlertRecord) == 2 and await _rejected(h, "delivery_id_reused") == 10
+
+
+async def test_a_delivery_id_stored_without_a_digest_is_still_replayed(h: Harness) -> None:
+    """Deliveries stored by an older version have no digest of their body: a repeat of their id gets the first answer,
+    as it did then (whatever its body)."""
+    problem = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "down", "tool_source": "z"}
+    first = await h.post("open", problem, {"X-Delivery-ID": "old-1"})
+    async with h.bot.db.transaction() as session:
+        await session.execute(update(Delivery).values(digest=None))
+    again = await h.post("open", {**problem, "message": "other"}, {"X-Delivery-ID": "old-1"})
+    assert (again[0], again[1], again[2]["X-Idempotent-Replay"]) == (200, first[1], "true")
+
+
+async def test_a_different_body_under_a_stored_id_past_the_rate_limit_is_a_422(h: Harness) -> None:
+    first = [await h.post("limited", {**GENERIC, "dedup_key": str(i)}, {"X-Delivery-ID": f"d-{i}"}) for i in range(5)]
+    assert [status for status, _, _ in first] == [200] * 5  # the burst is spent
+    status, answer, headers = await h.post("limited", {**GENERIC, "dedup_key": "x"}, {"X-Delivery-ID": "d-0"})
+    assert (status, answer) == (422, {"error": REUSED.format("d-0")}) and "X-Idempotent-Replay" not in headers
+    assert await _rejected(h, "delivery_id_reused") == 1

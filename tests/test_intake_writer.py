@@ -353,3 +353,25 @@ routes: [{{match: {{}}, channels: [ops]}}]
         if proc.poll() is None:
             proc.kill()
     every_acked_alert_stored_once(tmp_path / "crash.db", acked, cfg)
+
+
+async def test_a_delivery_id_reused_for_a_different_body_is_a_422(tmp_path: Path) -> None:
+    """The writer process reads the body: a different one under a stored id, or under one id in one batch, is
+    refused as the writer thread refuses it, and counted."""
+    import gzip
+
+    async with process_bot(tmp_path) as h:
+        first = await h.post("open", alert(), headers={"X-Delivery-ID": "d-1"})
+        status, answer, headers = await h.post("open", alert(status="resolved"), headers={"X-Delivery-ID": "d-1"})
+        assert (status, "X-Idempotent-Replay" in headers) == (422, False)
+        assert answer == {"error": "X-Delivery-ID 'd-1' was used within the last 24 h for a different body: give "
+                                   "each delivery its own id"}
+        again = await h.post("open", gzip.compress(json.dumps(alert()).encode()),
+                             headers={"X-Delivery-ID": "d-1", "Content-Encoding": "gzip"})
+        assert (again[0], again[1], again[2]["X-Idempotent-Replay"]) == (200, first[1], "true")
+        answers = await asyncio.gather(*(h.post("open", alert(f"db-{i}"), headers={"X-Delivery-ID": "d-2"})
+                                         for i in range(10)))
+        assert sorted(status for status, _, _ in answers) == [200] + [422] * 9
+        assert sample(h, "chatops_alert_rejected_total", source="open", reason="delivery_id_reused") == 10
+        [inc, _] = await h.incidents()
+        assert (inc.status, inc.firing_count) == ("triggered", 1)

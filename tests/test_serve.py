@@ -376,6 +376,22 @@ async def test_a_version_4_store_gets_the_index_of_alerts_by_incident(db: Databa
             assert "USING INDEX ix_alerts_incident" in plan or "USING COVERING INDEX ix_alerts_incident" in plan, plan
 
 
+
+async def test_a_version_5_store_gets_the_deliveries_digest_and_its_rows_keep_their_answers(db: Database) -> None:
+    """Version 6 keeps a digest of each delivery's body, to tell a retry from another body under a reused id: a
+    delivery stored before has none (NULL), and is answered as it was."""
+    from storage.models import Delivery
+
+    now = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+    async with db.transaction() as session:
+        session.add(Delivery(source="open", delivery_id="d-1", received_at=now, status_code=200, response={"a": 1}))
+    async with db.engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE deliveries DROP COLUMN digest"))
+        await conn.execute(text("UPDATE schema_version SET version = 5"))
+    async with upgraded(db) as session:
+        row = await session.get(Delivery, ("open", "d-1"))
+        assert row is not None and (row.status_code, row.response, row.digest) == (200, {"a": 1}, None)
+
 # What an app.yaml that started before may hold (a deployment's own, or one copied from an earlier example): a short
 # audit key, a role the bot does not know, a Slack user token, a catch-all route that tells nobody.
 DOUBTFUL = """\
