@@ -31,8 +31,9 @@ _SEVERITY_WORDS = {
     "info": ("info", "informational", "information", "notice", "debug", "ok", "none", "not classified", "lowest",
              "trivial", "p5", "s5", "sev5"),
 }
-_SEVERITY = {word: level for level, words in _SEVERITY_WORDS.items() for word in words}
 _SEPARATORS = re.compile(r"[\s_-]+")
+# Keyed without separators, as a value is looked up once stripped of them: `not classified` is `Not_Classified` too.
+_SEVERITY = {_SEPARATORS.sub("", word): level for level, words in _SEVERITY_WORDS.items() for word in words}
 _WORDS = re.compile(r"[^\W_]+")  # the words of a compound value: `P1-Critical`, `critical/page`
 _LEVELS: dict[str, str | None] = {}  # raw value -> its level (None: unknown), so that each is worked out once
 _MAX_LEVELS = 4096  # raw values remembered (a sender inventing new ones cannot grow it for good)

@@ -304,3 +304,22 @@ async def test_severity_words_are_read_and_an_unknown_one_is_counted_and_logged(
         f"source grafana sent 2 alert(s) with a severity the bot does not know ('1', 'sev-unknown'): {tail})",
         f"source am sent 1 alert(s) with a severity the bot does not know ('Sev-X'): {tail})",
         f"source grafana sent 1 alert(s) with a severity the bot does not know ('sev-unknown'): {tail}; 1 more since)"]
+
+
+async def test_not_classified_is_info_however_its_separators_are_written(tmp_path: Path) -> None:
+    """Zabbix's lowest severity, "Not classified", reaches Grafana as `Not_Classified` and other tools as
+    `not-classified`: spaces, `_` and `-` inside a severity are ignored (README), so each is info, not an unknown
+    severity taken as medium."""
+    said = ["Not classified", "Not_Classified", "not-classified", "NOT  CLASSIFIED", "notclassified"]
+    alerts = [{"status": "firing", "labels": {"alertname": "Zbx", "instance": f"i-{n}", "severity": raw},
+               "annotations": {}, "fingerprint": f"fp-{n}"} for n, raw in enumerate(said)]
+    body = go_wire({"version": "1", "status": "firing", "alerts": alerts})
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:
+        status, answer, _ = await h.post("grafana", body, signed(body))
+        assert status == 200, answer
+        async with h.bot.db.sessions() as s:
+            stored = {r.fingerprint: r.severity for r in (await s.execute(select(AlertRecord))).scalars()}
+        metrics = (await (await h.client.get("/metrics")).text()).splitlines()
+    assert {raw: stored[f"fp-{n}"] for n, raw in enumerate(said)} == {raw: "info" for raw in said}
+    assert not [m for m in metrics if m.startswith("chatops_alerts_unknown_severity_total{")]
+
