@@ -109,6 +109,15 @@ def _occurrence_end(s: Silence, at: datetime, default_tz: str) -> datetime:
     return hi
 
 
+def _key_part(text: str) -> str:
+    """A label name or value as a group key holds it: `\\`, `|` and `=` escaped with a `\\`, so that labels holding
+    them cannot make another alert's key (`alertname=A|instance=B` and instance "" against `A` and `B|instance=`).
+    Only a text that holds one is changed: every key of other labels stays as stored, and its open incidents match."""
+    if "|" in text or "=" in text or "\\" in text:
+        return text.replace("\\", "\\\\").replace("|", "\\|").replace("=", "\\=")
+    return text
+
+
 def group_key(grouping_by: Sequence[str], source_dedup: str | None, alert: Alert) -> str:
     """The key alerts share to join one incident.
 
@@ -120,8 +129,9 @@ def group_key(grouping_by: Sequence[str], source_dedup: str | None, alert: Alert
     elif source_dedup == "groupKey" and alert.group_key:
         key = f"group:{alert.source}:{alert.group_key}"
     elif source_dedup and source_dedup != "groupKey" and alert.labels.get(source_dedup):
-        key = f"{source_dedup}={alert.labels[source_dedup]}"
+        key = f"{_key_part(source_dedup)}={_key_part(alert.labels[source_dedup])}"
     else:
-        key = "|".join(f"{k}={alert_name(alert.labels) if k == 'alertname' else alert.labels.get(k, '')}"
+        key = "|".join(f"{_key_part(k)}="
+                       f"{_key_part(alert_name(alert.labels) if k == 'alertname' else alert.labels.get(k, ''))}"
                        for k in grouping_by)
     return key if len(key) <= MAX_KEY else bounded_key(key)  # (a very long label value still fits the index)

@@ -662,3 +662,17 @@ async def test_a_different_body_under_a_stored_id_past_the_rate_limit_is_a_422(h
     status, answer, headers = await h.post("limited", {**GENERIC, "dedup_key": "x"}, {"X-Delivery-ID": "d-0"})
     assert (status, answer) == (422, {"error": REUSED.format("d-0")}) and "X-Idempotent-Replay" not in headers
     assert await _rejected(h, "delivery_id_reused") == 1
+
+
+async def test_alerts_whose_labels_hold_the_key_separators_open_their_own_incidents(h: Harness) -> None:
+    """Two different problems whose labels, joined, made the same group key: the second was grouped into the
+    first's incident."""
+    def one(alertname: str, instance: str, fingerprint: str) -> dict[str, object]:
+        return {"status": "firing", "labels": {"alertname": alertname, "instance": instance, "severity": "high"},
+                "annotations": {}, "fingerprint": fingerprint}
+
+    for alert in (one("A|instance=B", "", "f1"), one("A", "B|instance=", "f2")):
+        status, body, _ = await h.post("am-plain", {"version": "4", "status": "firing", "alerts": [alert]})
+        assert status == 200 and body["results"][0]["change"] == "opened", body
+    assert [i.group_key for i in await h.incidents()] == [r"alertname=A\|instance\=B|instance=",
+                                                          r"alertname=A|instance=B\|instance\="]

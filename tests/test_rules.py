@@ -305,3 +305,20 @@ def test_a_person_is_found_by_id_before_name_and_a_shared_name_finds_nobody() ->
     assert find_person(people, "Alex") is None
     assert unknown_person(people, "Alex") == "'Alex' could be `alex.k` or `alex.m` (the same name): name them by id."
     assert unknown_person(people, "zed") == "I don't know 'zed' (people in app.yaml: rob, bob, alex.k, alex.m)."
+
+
+def test_group_keys_of_labels_holding_separators_do_not_collide_and_ordinary_ones_are_unchanged() -> None:
+    """alertname `A|instance=B` without an instance and alertname `A` on instance `B|instance=` both made
+    `alertname=A|instance=B|instance=`: one incident for two problems. `\\`, `|` and `=` inside a label are escaped,
+    only where present, so every key of labels without them stays as stored (open incidents keep matching)."""
+    by = ["alertname", "instance"]
+    one = group_key(by, None, _alert(labels={"alertname": "A|instance=B", "instance": ""}))
+    other = group_key(by, None, _alert(labels={"alertname": "A", "instance": "B|instance="}))
+    assert one != other
+    assert (one, other) == (r"alertname=A\|instance\=B|instance=", r"alertname=A|instance=B\|instance\=")
+    assert group_key(by, None, _alert(labels={"alertname": "A\\", "instance": "|x"})) != group_key(
+        by, None, _alert(labels={"alertname": "A\\|x", "instance": ""}))
+    ordinary = {"alertname": "DiskFull: /var 97% (db-01)", "instance": "db-01:9100/ü {x}"}
+    assert group_key(by, None, _alert(labels=ordinary)) == "alertname=DiskFull: /var 97% (db-01)|instance=db-01:9100/ü {x}"
+    assert group_key(["svc"], "svc", _alert(labels={"svc": "a|b=c"})) == r"svc=a\|b\=c"
+    assert group_key(by, "svc", _alert()) == "svc=s"
