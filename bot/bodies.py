@@ -75,24 +75,36 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
 
 def inflate(body: bytes, coding: str, limit: int) -> bytes:
     """`body` inflated as its Content-Encoding (one of COMPRESSED) says, never past `limit` bytes: BodyError 413 once
-    it would pass them (a small body can inflate to gigabytes; no more than limit + 1 bytes are made), 400 when it is
-    not what its Content-Encoding says or is cut short."""
+    it would pass them (a small body can inflate to gigabytes; no more than limit + 1 bytes are made, whatever the
+    number of members), 400 when it is not what its Content-Encoding says, is cut short, or has bytes after its end.
+    A gzip body may be several members one after the other (RFC 1952, 2.2: what `cat a.gz b.gz` makes): each is
+    read, and the body is what they hold together."""
     if not body:
         return body
     if coding == "gzip":
         wbits = 16 + zlib.MAX_WBITS
     else:  # deflate: zlib's format (RFC 9110), or the bare deflate stream some clients send under that name
         wbits = zlib.MAX_WBITS if body[0] & 0x0F == 8 else -zlib.MAX_WBITS
-    inflater = zlib.decompressobj(wbits)
-    try:
-        inflated = inflater.decompress(body, limit + 1)
-    except zlib.error:
-        raise _unreadable(f"Can not decode content-encoding: {coding}") from None
-    if len(inflated) > limit:
-        raise _too_large(limit, " once inflated")
-    if not inflater.eof:
-        raise _unreadable(f"the {coding} stream is cut short")
-    return inflated
+    parts: list[bytes] = []
+    size, rest = 0, body
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            part = inflater.decompress(rest, limit + 1 - size)  # (never 0, which would mean no limit)
+        except zlib.error:
+            raise _unreadable(f"Can not decode content-encoding: {coding}") from None
+        size += len(part)
+        if size > limit:
+            raise _too_large(limit, " once inflated")
+        if not inflater.eof:
+            raise _unreadable(f"the {coding} stream is cut short")
+        parts.append(part)
+        rest = inflater.unused_data
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if coding != "gzip" or not rest.startswith(b"\x1f\x8b"):  # another member starts with gzip's magic number
+            what = "the last gzip member" if coding == "gzip" else f"the end of the {coding} stream"
+            raise _unreadable(f"bytes after {what}")
 
 
 def refused(exc: BodyError) -> web.Response:

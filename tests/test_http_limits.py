@@ -305,3 +305,31 @@ def test_the_soft_limit_on_open_files_is_raised_to_the_hard_one() -> None:
     assert done.returncode == 0, done.stderr
     (before, now), (soft, hard) = json.loads(done.stdout)
     assert (before, now) == (64, soft) and soft == (hard if hard != resource.RLIM_INFINITY else 65536), done.stdout
+
+
+async def test_a_gzip_body_of_several_members_is_read_whole_and_bytes_after_it_are_refused(h: Harness) -> None:
+    """RFC 1952: a gzip file may be several members one after the other (what `cat a.gz b.gz` makes); only the first
+    was read, and its JSON, cut short, refused with a 400. Bytes after the last member were dropped unsaid. The size
+    limit holds across the members: a bomb split in parts still gets a 413."""
+    import gzip
+
+    payload = json.dumps([{**ALERT, "asset_name": "web-1"}, {**ALERT, "asset_name": "web-2"}]).encode()
+    half = len(payload) // 2
+    status, answer, _ = await h.post("open", gzip.compress(payload[:half]) + gzip.compress(payload[half:]),
+                                     {"Content-Encoding": "gzip"})
+    assert (status, answer.get("alerts")) == (200, 2), answer
+    assert await h.count(AlertRecord) == 2
+    for junk in (b"junk", b"\x00\x00\x00\x00"):
+        status, answer, _ = await h.post("open", gzip.compress(json.dumps(ALERT).encode()) + junk,
+                                         {"Content-Encoding": "gzip"})
+        assert (status, answer) == (400, {"error": "the body cannot be read (bytes after the last gzip member); send "
+                                                   "it as its Content-Encoding and Content-Length say"})
+    status, answer, _ = await h.post("open", zlib.compress(json.dumps(ALERT).encode()) + b"junk",
+                                     {"Content-Encoding": "deflate"})  # (deflate has no members: its end is the end)
+    assert (status, answer["error"]) == (400, "the body cannot be read (bytes after the end of the deflate stream); "
+                                              "send it as its Content-Encoding and Content-Length say")
+    member = gzip.compress(b" " * 1500)  # the open source takes 2048 bytes: two of these inflate past it
+    status, answer, _ = await h.post("open", member + member + gzip.compress(json.dumps(ALERT).encode()),
+                                     {"Content-Encoding": "gzip"})
+    assert (status, answer) == (413, {"error": "body larger than 2048 bytes once inflated"})
+    assert await h.count(AlertRecord) == 2
