@@ -158,19 +158,24 @@ def _text(obj: dict[str, Any], key: str, where: str, *, required: bool = False, 
     return str(value)
 
 
+def _field(where: str, key: str) -> str:
+    """A field's path as an error names it: bare in a single generic object (`where` ""), as its other fields are."""
+    return f"{where}.{key}" if where else key
+
+
 def _time(obj: dict[str, Any], key: str, where: str) -> datetime | None:
     raw = obj.get(key)
     if raw in (None, "") or (isinstance(raw, str) and raw.startswith("0001-01-01")):
         return None
     if not isinstance(raw, str):
-        raise ShapeError(f"{where}.{key}", f"expected an RFC 3339 time, got {_kind(raw)}")
+        raise ShapeError(_field(where, key), f"expected an RFC 3339 time, got {_kind(raw)}")
     try:
         parsed = datetime.fromisoformat(_FRACTION.sub(r"\1", raw.upper().replace("Z", "+00:00")))  # RFC 3339: t, z too
         return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except ValueError:
-        raise ShapeError(f"{where}.{key}", f"not an RFC 3339 time: {raw[:40]!r}") from None
+        raise ShapeError(_field(where, key), f"not an RFC 3339 time: {raw[:40]!r}") from None
     except OverflowError:  # 9999-12-31T23:30:00-05:00 is past the last UTC time Python has
-        raise ShapeError(f"{where}.{key}", f"out of range: {raw[:40]!r}") from None
+        raise ShapeError(_field(where, key), f"out of range: {raw[:40]!r}") from None
 
 
 def _epoch_or_time(obj: dict[str, Any], key: str, where: str) -> datetime | None:
@@ -186,7 +191,7 @@ def _epoch_or_time(obj: dict[str, Any], key: str, where: str) -> datetime | None
     try:
         return datetime.fromtimestamp(number, UTC)
     except (OverflowError, OSError, ValueError):
-        raise ShapeError(f"{where}.{key}", f"out of range: {str(raw)[:40]!r}") from None
+        raise ShapeError(_field(where, key), f"out of range: {str(raw)[:40]!r}") from None
 
 
 def _status(obj: dict[str, Any], where: str, default: str | None = None) -> str:
@@ -231,7 +236,7 @@ def parse_alertmanager(payload: Any, source: str) -> list[Alert]:
     payload = _obj(payload, "body")
     version = payload.get("version")
     if version is not None and str(version) != "4":
-        raise ShapeError("version", f"unsupported Alertmanager webhook version {version!r} (expected \"4\")")
+        raise ShapeError("version", f"unsupported Alertmanager webhook version {_as_json(version)} (expected \"4\")")
     group_key = _text(payload, "groupKey", "") or None
     external = _text(payload, "externalURL", "")
     common = payload.get("commonLabels")  # only for the silence link: a malformed one is left out, not refused
@@ -285,7 +290,7 @@ def parse_grafana(payload: Any, source: str) -> list[Alert]:
     payload = _obj(payload, "body")
     version = payload.get("version")
     if version is not None and str(version) != "1":
-        raise ShapeError("version", f"unsupported Grafana webhook version {version!r} (expected \"1\")")
+        raise ShapeError("version", f"unsupported Grafana webhook version {_as_json(version)} (expected \"1\")")
     group_key = _text(payload, "groupKey", "") or None
     out = []
     for i, raw in enumerate(_alerts_list(payload)):
@@ -403,7 +408,7 @@ def parse_generic(payload: Any, source: str) -> list[Alert]:
             annotations={"message": message, **_str_map(a.get("annotations"), f"{where}.annotations" if where else "annotations")},
             severity=severity,
             summary=first_line(message, signature),
-            starts_at=_epoch_or_time(a, "timestamp", where or "body"),
+            starts_at=_epoch_or_time(a, "timestamp", where),
             links={("generator" if name == "graph" else name): url  # the card's Graph link
                    for name, url in _str_map(a.get("links"), f"{where}.links" if where else "links").items() if url},
             dedup_key=dedup,
@@ -449,7 +454,7 @@ def truncated_count(kind: str, payload: Any) -> int:
     if raw is None:
         return 0
     if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= MAX_TRUNCATED:
-        raise ShapeError("truncatedAlerts", f"expected a whole number from 0 to {MAX_TRUNCATED}, got {raw!r}"[:120])
+        raise ShapeError("truncatedAlerts", f"expected a whole number from 0 to {MAX_TRUNCATED}, got {_as_json(raw)}")
     return raw
 
 

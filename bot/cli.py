@@ -109,11 +109,12 @@ def _local(value: datetime | None, loaded: Loaded) -> datetime | None:
     return first_instant(value, ZoneInfo(loaded.config.timezone))
 
 
-def _count(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: a whole number from `low` to `high` (an id or a limit the database can hold)."""
+def _count(low: int, high: int, *, marks: str = "") -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high` (an id or a limit the database can hold), after any of
+    the leading `marks` (an id as `incidents list` prints it, and chat commands take it: #5)."""
     def parse(value: str) -> int:
         try:
-            number = int(value)
+            number = int(value.lstrip(marks))
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
         if not low <= number <= high:
@@ -122,7 +123,7 @@ def _count(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-_ID, _LIMIT = _count(1, MAX_ID), _count(1, 1_000_000)  # ids: what an INTEGER column holds on PostgreSQL
+_ID, _LIMIT = _count(1, MAX_ID, marks="#"), _count(1, 1_000_000)  # ids: what an INTEGER column holds on PostgreSQL
 
 
 def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:

@@ -1147,3 +1147,16 @@ def test_check_config_warns_of_what_an_earlier_version_took_and_passes(tmp_path:
     said = [line.removeprefix("warning: ") for line in err.splitlines() if line.startswith("warning: ")]
     assert sorted(said) == sorted(DOUBTS), said
     assert "xoxp-user-token" not in out + err and "k3y" not in out + err
+
+
+@pytest.mark.parametrize("typed", ["#7", "7"])
+def test_an_incident_id_may_be_typed_as_incidents_list_prints_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                typed: str) -> None:
+    """`incidents list` prints ids as #7 (and `/incident show #7` takes that in chat): `incidents show #7` said "not a
+    whole number: '#7'"."""
+    cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    asyncio.run(make_store(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"))
+    assert main(["incidents", "show", typed, "-c", str(cfg)]) == 1
+    assert capsys.readouterr().err.startswith("no incident #7; `chatops incidents list` shows the ones there are")
+    assert main(["audit", "export", "--incident", typed, "-c", str(cfg)]) in (0, 1)
+    assert "not a whole number" not in capsys.readouterr().err

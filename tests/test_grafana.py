@@ -323,3 +323,11 @@ async def test_not_classified_is_info_however_its_separators_are_written(tmp_pat
     assert {raw: stored[f"fp-{n}"] for n, raw in enumerate(said)} == {raw: "info" for raw in said}
     assert not [m for m in metrics if m.startswith("chatops_alerts_unknown_severity_total{")]
 
+
+async def test_an_unsupported_version_is_said_as_the_sender_wrote_it(tmp_path: Path) -> None:
+    """The 422 showed Python's repr of the version ({'x': {'y': 1}}), not the JSON the sender wrote."""
+    body = go_wire({"version": {"x": {"y": 1}}, "alerts": []})
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:
+        status, answer, _ = await h.post("grafana", body, signed(body))
+    assert (status, answer) == (422, {"error": 'version: unsupported Grafana webhook version {"x": {"y": 1}} (expected '
+                                               '"1") (not a grafana payload?)', "field": "version"})

@@ -258,7 +258,11 @@ MALFORMED = [
     ("open", json.dumps({**ALERT, "colour": "red"}).encode(), 422,
      "colour: unknown field (expected: annotations, asset_name, dedup_key, labels, links, message, severity, signature, status, timestamp, tool_source) (not a generic payload?)"),
     ("am", b'{"version": "4", "alerts": {}}', 422, "alerts: expected a list, got an object (not an alertmanager payload?)"),
-    ("am", b'{"version": "3", "alerts": []}', 422, 'version: unsupported Alertmanager webhook version \'3\' (expected "4") (not an alertmanager payload?)'),
+    ("am", b'{"version": "3", "alerts": []}', 422, 'version: unsupported Alertmanager webhook version "3" (expected "4") (not an alertmanager payload?)'),
+    ("am", b'{"version": {"x": {"y": 1}}, "alerts": []}', 422,
+     'version: unsupported Alertmanager webhook version {"x": {"y": 1}} (expected "4") (not an alertmanager payload?)'),
+    ("am", b'{"version": "4", "alerts": [], "truncatedAlerts": "5"}', 422,
+     'truncatedAlerts: expected a whole number from 0 to 2147483647, got "5" (not an alertmanager payload?)'),
     ("am", b'{"version": "4"}', 422, "alerts: required (not an alertmanager payload?)"),
     ("am", b'{"version": "4", "alerts": [{"status": "firing", "labels": {"a": "b"}, "startsAt": "yesterday"}]}', 422,
      "alerts[0].startsAt: not an RFC 3339 time: 'yesterday' (not an alertmanager payload?)"),
@@ -274,7 +278,9 @@ MALFORMED = [
     ("open", json.dumps({**ALERT, "asset_name": "\ud800"}).encode(), 400,
      "malformed JSON: a string holds half of a UTF-16 surrogate pair (a lone \\uD800-\\uDFFF escape)"),
     ("open", json.dumps({**ALERT, "timestamp": "9999-12-31T23:30:00-05:00"}).encode(), 422,
-     "body.timestamp: out of range: '9999-12-31T23:30:00-05:00' (not a generic payload?)"),
+     "timestamp: out of range: '9999-12-31T23:30:00-05:00' (not a generic payload?)"),  # bare, as every field of one
+    ("open", json.dumps([ALERT, {**ALERT, "timestamp": "yesterday"}]).encode(), 422,
+     "[1].timestamp: not an RFC 3339 time: 'yesterday' (not a generic payload?)"),
     ("am", b'{"version": "4", "alerts": [{"status": "firing", "labels": {"a": "b"}, "startsAt": "9999-12-31T23:00:00-02:00"}]}',
      422, "alerts[0].startsAt: out of range: '9999-12-31T23:00:00-02:00' (not an alertmanager payload?)"),
     ("open", b'{"asset_name": "web-1", "signature": "x", "severity": "high", "message": "m", "tool_source": "t", '
