@@ -80,6 +80,8 @@ CARD_ACTIONS = actions.CARD_ACTIONS
 TOAST_SHORT = 80  # characters: a longer callback answer is an alert (a dialog, read until dismissed), not a toast
 QUESTIONS_KEPT = 5000  # confirmation questions of the buttons drawn last, by callback data (see _confirm_step)
 ASK, CANCEL, YES = "?", "!", "\u2714 "
+# The /incident words that act on one incident, which a reply to the bot's message about it may leave out
+ACTS_ON_ONE = ("ack", "acknowledge", "show", "escalate", "resolve", "reopen")
 # The armed button's neighbour, which only turns it back: a word no confirmable action could be read as ("✖ Cancel"
 # beside "✔ Cancel request" was taken for the request's own Cancel), and that reads right beside each of them.
 NO = "\u2716 No"
@@ -242,8 +244,33 @@ def command_event(message: Message, bot_username: str | None) -> CommandEvent | 
     if words is None:
         return None
     name, rest = words
-    return CommandEvent(name, split_words(rest), actor_of(user), MessageRef(PLATFORM, str(message.chat.id), "", None),
+    args = split_words(rest)
+    # A reply to one of the bot's incident messages (a page, a card) that names no incident is about that one: "ack"
+    # answered to the page at 3 a.m., as Opsgenie and PagerDuty take a reply to their page.
+    if (incident_id := replied_incident(message)) is not None and (
+            (name == "ack" and not args)
+            or (name in ("chatops", "incident") and len(args) == 1 and args[0].lower() in ACTS_ON_ONE)):
+        args = [*args, str(incident_id)]
+    return CommandEvent(name, args, actor_of(user), MessageRef(PLATFORM, str(message.chat.id), "", None),
                         direct=direct, plain=_COMMAND.match(text) is None)
+
+
+def replied_incident(message: Message) -> int | None:
+    """The incident of the bot's message that `message` replies to (a page or a card: read from its buttons), or
+    None."""
+    parent = getattr(message, "reply_to_message", None)
+    sender = getattr(parent, "from_user", None)
+    markup = getattr(parent, "reply_markup", None)
+    if sender is None or not sender.is_bot or markup is None:
+        return None
+    for row in markup.inline_keyboard:
+        for key in row:
+            data = (key.callback_data or "") if isinstance(key.callback_data, str) else ""
+            try:
+                return actions.decode(data.lstrip(ASK + CANCEL)).incident_id
+            except actions.CodecError:
+                continue
+    return None
 
 
 def _with_picked_people(message: Message) -> str:

@@ -70,8 +70,9 @@ class Both:
                                                  "Content-Type": "application/json"})
         return resp.status
 
-    async def type(self, text: str, *, user: int = 111111, chat: int | None = None) -> str:
-        """Someone types `text` in their private chat with the bot (or in the group `chat`); the bot's answer."""
+    async def type(self, text: str, *, user: int = 111111, chat: int | None = None, reply_to: int | None = None) -> str:
+        """Someone types `text` in their private chat with the bot (or in the group `chat`), as a reply to the message
+        `reply_to` there if given; the bot's answer."""
         self.updates += 1
         update = json.loads(json.dumps(COMMAND))
         update["update_id"] = 5000 + self.updates
@@ -80,6 +81,8 @@ class Both:
         if chat is not None:
             message["chat"] = {"id": chat, "type": "supergroup", "title": "Ops"}
         message["text"], message["message_id"] = text, 700 + self.updates
+        if reply_to is not None:
+            message["reply_to_message"] = self.tg.messages[(chat or user, reply_to)]
         message["entities"] = ([{"offset": 0, "length": len(text.split()[0]), "type": "bot_command"}]
                                if text.startswith("/") else [])
         assert await self.deliver(update) == 200
@@ -621,3 +624,19 @@ async def test_a_page_that_went_out_but_could_not_be_recorded_says_so(both: Both
     assert "incident.paged" not in await b.h.actions(1)
     assert any(r.getMessage().startswith("paging: Alice paged alice about #1 on telegram, but recording it failed")
                for r in caplog.records)
+
+
+async def test_ack_typed_as_a_reply_to_the_page_acknowledges_its_incident(both: Both) -> None:
+    """At 3 a.m. the on-call answers the page itself: "ack" got "Usage: /ack ID". A reply to the bot's message about
+    an incident now acts on that incident, as a reply to Opsgenie's or PagerDuty's page does; without one it still
+    asks which."""
+    b = both
+    await posted_on_both(b)
+    assert (await b.slack.answer(await b.slack.command("/incident", "page 1 alice")))["text"] == "Paged Alice on Telegram."
+    page = max(mid for (chat, mid) in b.tg.messages if chat == 111111)
+    assert await b.type("/ack") == "Usage: <code>/ack ID</code>, for example <code>/ack 42</code>."  # which one?
+    assert (await b.h.incidents())[0].status == "triggered"
+    said = await b.type("ack", reply_to=page)
+    assert (await b.h.incidents())[0].status == "acknowledged", said
+    assert (await b.h.actions(1)).count("incident.acknowledged") == 1
+    assert (await b.type("show", reply_to=page)).startswith("🟠 Acknowledged · Critical · <b>#1 Disk /var 97% full")
