@@ -353,23 +353,27 @@ class Escalations:
         # timer stops the escalation), so nothing is promised about them.
         after = "" if incident.status == ACKNOWLEDGED else await self.next_words(session, esc.snapshot, n + 1, total,
                                                                                   due, wait, incident.severity)
+        # Acknowledged, the step runs because someone pressed Escalate: whoever it reaches is asked for help, and is
+        # told so by whom, not left with an amber "Acknowledged" that reads as "handled" on a lock screen.
+        helping = await self._asking(session, incident) if incident.status == ACKNOWLEDGED else None
+        asks = _asks_words(incident.id, *helping) if helping else ""
+        # A page says what comes after its step in its row's `next` (the outbox words it after "Step 2 of 4 of the
+        # escalation.", in the page and in its thread line and the card once it went): for an acknowledged
+        # incident that is the ask. An ask is no promise spent once the next step is due (`next_at`, see
+        # outbox._promised_past): it holds however late the page goes.
+        told = {"next": asks} if asks else {"next": after, "next_at": due.isoformat()}
         for person in targets.people:
             session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=f"@{person.id}",
                                    kind="page", event="escalation.page",
                                    details={"person": person.id, "step": n + 1, "of": total, "business": business,
-                                            "manual": manual, "next": after, "next_at": due.isoformat(),
-                                            "run": esc.run, **({"late": late} if late else {})}))
+                                            "manual": manual, **told, "run": esc.run,
+                                            **({"late": late} if late else {})}))
         who = ", ".join(p.name for p in targets.people)
         tardy = late_words(late, self.config.timezone, now)
-        helping = (await self._asking(session, incident)
-                   if incident.status == ACKNOWLEDGED and (targets.channel or not who) else None)
         if targets.channel:
-            # Acknowledged, the step runs because someone pressed Escalate: they ask the channel for help, and the
-            # line still mentions everyone there (that is the ask), but says so rather than that nobody acknowledged.
-            on_it, asker = helping or ("", "")
-            says = ("nobody has acknowledged yet." if not helping else
-                    f"{asker} acknowledged #{incident.id} and asks for help." if asker == on_it else
-                    f"{asker} asks for help with #{incident.id} (acknowledged by {on_it}).")
+            # Asked for help, the line still mentions everyone there (that is the ask), but says so rather than that
+            # nobody acknowledged.
+            says = asks or "nobody has acknowledged yet."
             line = f"Step {n + 1} of {total}{tardy}: {says} {after}".strip()
             promise = {"next": after, "next_at": due.isoformat()} if after else {}  # (see outbox._kept_promise)
             self._channel_line(session, incident, targets.channel, now, line, promise)
@@ -384,7 +388,7 @@ class Escalations:
         esc.timer_id = await timer_store.schedule(session, STEP, incident.id, now if nobody else due, now,
                                                   payload=payload)
         if who:
-            esc.note = f"Paging {who}{tardy}. {after}".strip()
+            esc.note = f"Paging {who}{tardy}. {asks or after}".strip()
         elif helping:  # (an acknowledged incident waits for nobody to acknowledge it)
             on_it, asker = ("Someone" if helping[0] == "someone" else helping[0]), helping[1]
             asked = ("asked the channel for help" if targets.channel
@@ -480,6 +484,14 @@ def drawn_with(escalation: Escalation | None) -> tuple[str, str]:
         return "", ""
     note = escalation.note if escalation.state in ("active", "exhausted") else ""
     return note, escalation_mark(escalation.next_step, escalation.run)
+
+
+def _asks_words(incident_id: int | None, on_it: str, asker: str) -> str:
+    """Who asks for help with an acknowledged incident (Escalate), and who is on it (Escalations._asking): what its
+    step's page, its channel line and its card say."""
+    if asker == on_it:
+        return f"{asker} acknowledged #{incident_id} and asks for help."
+    return f"{asker} asks for help with #{incident_id} (acknowledged by {on_it})."
 
 
 def late_words(late: dict[str, Any] | None, tz: str, now: datetime) -> str:

@@ -936,7 +936,8 @@ async def test_escalating_an_acknowledged_incident_pages_the_next_step_and_promi
         assert answer["text"] == "Escalating #1 to step 2 of 4 now."  # Bob wants help
         await w.tick()
         await until(lambda: any(t.startswith("Paged Carol") for t in thread_texts(w.slack)), "Carol's line")
-        assert "Paged Carol on Telegram." in thread_texts(w.slack)  # not "Bob in 10 min if nobody acknowledges"
+        # not "Bob in 10 min if nobody acknowledges": who asks for help, instead
+        assert "Paged Carol on Telegram. Bob acknowledged #1 and asks for help." in thread_texts(w.slack)
         await w.tick(timedelta(minutes=30))
         await asyncio.sleep(0.3)
         assert len(w.pages(BOB_TG)) == 1 and len(w.pages(CAROL_TG)) == 1  # and indeed nobody more
@@ -956,7 +957,8 @@ async def test_help_asked_for_after_acknowledging_moves_on_until_someone_is_page
         assert answer["text"] == "Escalating #1 to step 2 of 5 now."
         await w.tick()
         await until(lambda: w.pages(CAROL_TG), "Carol is paged at once, not never")
-        await until(lambda: "Paged Carol on Telegram." in thread_texts(w.slack), "Carol's line")
+        await until(lambda: "Paged Carol on Telegram. Bob acknowledged #1 and asks for help." in thread_texts(w.slack),
+                    "Carol's line")
         lines = thread_texts(w.slack)
         dave = [t for t in lines if t.startswith("Could not page Dave")]
         assert len(dave) == 2 and all(t.endswith("Moving to the next step now.") for t in dave)
@@ -1935,3 +1937,51 @@ async def test_the_last_page_of_a_person_is_read_from_the_audit_log_on_either_st
                                                                                   "slack")
         assert await _recent_page(session, 1, "carol", at + timedelta(seconds=10)) is None  # (after it, not at it)
         assert await _recent_page(session, 1, "dave", at - timedelta(seconds=5)) is None
+
+
+def group_card(w: World) -> str:
+    """The incident's card in the Telegram group as it is drawn now (its HTML)."""
+    edits = [c.params["text"] for c in w.tg.called("editMessageText") if str(c.params["chat_id"]) == "-100123"]
+    return edits[-1] if edits else ""
+
+
+@pytest.mark.parametrize(("user", "asked"), [
+    ("U02BOB", "Bob acknowledged #1 and asks for help."),
+    ("U01ALICE", "Alice asks for help with #1 (acknowledged by Bob)."),
+], ids=["the-one-on-it", "someone-else"])
+async def test_a_page_of_a_step_escalated_after_acknowledging_says_who_asks_for_help(
+        tmp_path: Path, user: str, asked: str) -> None:
+    """Bob acknowledged #1, then he (or Alice) pressed Escalate to get help. Carol's page, at 05:00, said only
+    "Acknowledged · Critical · #1 ... / Step 2 of 4 of the escalation.", which on a lock screen reads as "handled, go
+    back to sleep". Her page says who asks for her help, as a channel step's line does; so do the thread's line and
+    the group's card."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1 pages Bob")
+        await w.slack.answer(await w.slack.command("/incident", "ack 1", user="U02BOB"))
+        answer = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user=user))
+        assert answer["text"] == "Escalating #1 to step 2 of 4 now."
+        await w.tick()
+        await until(lambda: w.pages(CAROL_TG), "Carol is paged")
+        [page] = w.pages(CAROL_TG)
+        head, says = page["text"].split("\n")[:2]
+        assert head.startswith("\U0001f7e0 Acknowledged")
+        assert says == f"<i>Step 2 of 4 of the escalation. {asked}</i>"
+        line = f"Paged Carol on Telegram. {asked}"
+        await told(w, lambda: line in thread_texts(w.slack) and line in group_lines(w), f"the thread says {line!r}")
+        await until(lambda: asked in group_card(w), "the group's card says who asks for help")
+        await until(lambda: asked in card_notes(w)[-1], "the Slack card says it too")
+
+
+async def test_a_slack_page_of_a_step_escalated_after_acknowledging_says_who_asks_for_help(tmp_path: Path) -> None:
+    """The same in business hours, where Carol's page is a Slack DM."""
+    async with world(tmp_path, DAY) as w:
+        await w.alert("critical")
+        await until(lambda: w.slack_dms("U02BOB"), "step 1 pages Bob")
+        await w.slack.answer(await w.slack.command("/incident", "ack 1", user="U02BOB"))
+        await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U01ALICE"))
+        await w.tick()
+        await until(lambda: w.slack_dms("U03CAROL"), "Carol is paged on Slack")
+        [dm] = w.slack_dms("U03CAROL")
+        assert "Step 2 of 4 of the escalation. Alice asks for help with #1 (acknowledged by Bob)." in text_of(dm)
+
