@@ -22,6 +22,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import jinja2
+from markupsafe import Markup, escape
 
 from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED
 from bot.view import incident_context, thread_line
@@ -130,6 +131,14 @@ def clip(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: max(limit - 1, 0)] + "\u2026"
 
 
+def telegram_code(value: Any) -> Markup:
+    """Telegram HTML of plain text whose `code` spans (Slack's markup, which the bot's own words use for commands and
+    names, an escalation's note among them) become <code>; the rest escaped. Telegram shows a backtick as typed."""
+    parts = ("" if value is None else str(value)).split("`")
+    return Markup("").join(Markup("<code>{}</code>").format(part) if i % 2 else escape(part)
+                           for i, part in enumerate(parts) if part)
+
+
 def chunks(value: Any, size: int, most: int = 40) -> list[str]:
     """Escaped text split into pieces of at most `size` characters, at line ends where it can be."""
     text = "" if value is None else str(value)
@@ -168,6 +177,7 @@ class Renderer:
         self.env.policies["json.dumps_kwargs"] = {"ensure_ascii": False}
         self.env.filters.update(slack_escape=slack_escape, slack_link=slack_link, slack_links=slack_links, clip=clip, chunks=chunks,
                                 slack_date=slack_date, slack_facts=slack_facts, teams_link=teams_link,
+                                telegram_code=telegram_code,
                                 tojson=_tojson)
         self.checks: dict[str, Callable[[Any], str | None]] = {"slack": _slack_problem, "teams": _teams_problem}
         self.text_checks: dict[tuple[str, str], Callable[[str], str | None]] = {("telegram", "html"): _telegram_problem}

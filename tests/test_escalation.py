@@ -1985,3 +1985,18 @@ async def test_a_slack_page_of_a_step_escalated_after_acknowledging_says_who_ask
         [dm] = w.slack_dms("U03CAROL")
         assert "Step 2 of 4 of the escalation. Alice asks for help with #1 (acknowledged by Bob)." in text_of(dm)
 
+
+async def test_the_telegram_card_shows_the_policy_as_code_once_every_step_ran(tmp_path: Path) -> None:
+    """Once the policy ran out, the group's card read "Every step of escalation policy `standard` ran ...", the
+    backticks as typed (Telegram's HTML has no such markup): the note's `code` is drawn as <code>, as a plain
+    message's is."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        for wait in (5, 10, 5, 10):
+            await w.tick(timedelta(minutes=wait))
+            await asyncio.sleep(0.3)
+        await until(lambda: "Every step" in group_card(w), "the card says every step ran")
+        card = group_card(w)
+        assert "Every step of escalation policy <code>standard</code> ran and nobody acknowledged." in card
+        assert "`" not in card
