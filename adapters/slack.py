@@ -57,7 +57,8 @@ FAILED = "Something went wrong while handling that; the details are in the bot's
 # has no slash command on Slack: help shows it under /chatops (see Dispatcher.typed_on).
 COMMANDS: dict[str, tuple[str, str]] = {
     "incident": ("Show or act on an incident",
-                 "list [STATUS] | show ID | ack ID | escalate ID | resolve ID | reopen ID | page ID PERSON"),
+                 "list [STATUS] | show ID | ack ID | escalate ID | resolve ID | reopen ID | page ID PERSON | "
+                 "runbook ID [RUNBOOK]"),
     "ack": ("Acknowledge an incident", "ID"),
     "chatops": ("Help, or any command: /chatops ack 42", "[help | COMMAND ARGS...]"),
     "oncall": ("Who is on call, a rotation's schedule, or cover a shift yourself",

@@ -28,8 +28,10 @@ from bot.config import Loaded, template_dir
 from bot.dispatch import Dispatcher
 from bot.metrics import Metrics
 from bot.render import Renderer
+from bot.view import offer_runbooks
 from handlers.alert_http import AlertEndpoint
 from handlers.chat import ChatHandlers
+from handlers.runbooks import RunbookHandlers
 from handlers.escalation import Escalations
 from handlers.intake import Intake
 from handlers.oncall import OncallHandlers
@@ -100,9 +102,14 @@ class Bot:
         # A request taken is claimed in the store: other replicas, and this one after a restart, refuse a replay.
         self.replays = SharedReplays(self.db, self.clock)
         self.timers.add_job(self.replays.purge, seconds=PURGE_EVERY, name="purge-seen-requests")
+        # Runbooks: the cards' Run buttons, the approvals, the runs (a Run button for those that apply to a card)
+        offer_runbooks(self.config.runbooks)
+        self.runbooks = RunbookHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock,
+                                        delivered=self._changed)
+        self.runbooks.register(self.dispatcher)
         ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
                      delivered=self._changed, adapters=self.adapters, adapters_off=self.adapters_off,
-                     escalations=self.escalations).register(self.dispatcher)
+                     escalations=self.escalations, runbooks=self.runbooks).register(self.dispatcher)
         self.oncall = OncallHandlers(db=self.db, config=self.config, clock=self.clock)
         covers = OverrideHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, view=self.oncall.view)
         self.oncall.take = covers.take
@@ -173,6 +180,7 @@ class Bot:
         # Muted incidents as app.yaml's silences find them now (it may have changed while the bot was down; an older
         # version wrote no timer at a window's end): before the outbox and the timers run what it queues.
         await self.silence_ends.at_start(self.db, self.clock)
+        await self.runbooks.at_start()  # runs a stop cut short: interrupted, never run again on their own
         self.outbox.start()
         await self.timers.start()
 
@@ -202,6 +210,7 @@ class Bot:
         """Stop; `drain`: seconds the outbox may take to send what is already due (see OutboxWorker.stop), once
         intake and the timers, which queue more, have stopped."""
         await self.intake.stop()
+        await self.runbooks.stop()  # (their processes killed; marked interrupted at the next start)
         await self.timers.stop()
         await self.outbox.stop(drain=drain)
         for adapter in self.adapters.values():

@@ -10,6 +10,7 @@ knows a platform.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -37,6 +38,31 @@ LINK_KINDS = (
 TITLE_MAX, SUMMARY_MAX, DETAIL_MAX, NAME_MAX = 300, 500, 1000, 80
 VALUES_MAX = 200  # "B=15234.5, C=1": a few numbers; a long valueString is cut
 _URL_UNSAFE = {c: f"%{ord(c):02X}" for c in ' "<>|\\^`{}'}
+LABEL_MAX = 40  # a Run button's title (Slack cuts a button's text at 75 characters)
+# The runbooks app.yaml offers (bot.config.Runbook), for the Run buttons of every card drawn without its own list:
+# the composition root sets them at start (offer_runbooks), as the outbox draws cards without being handed them.
+_OFFERED: tuple[Any, ...] = ()
+
+
+def offer_runbooks(runbooks: Sequence[Any]) -> None:
+    """The runbooks every card may offer from now on (bot.server sets app.yaml's at start)."""
+    global _OFFERED
+    _OFFERED = tuple(runbooks)
+
+
+def runbooks_for(incident: Any, runbooks: Sequence[Any] | None = None) -> list[Any]:
+    """The runbooks that apply to an incident: those its route lists (`incident.runbooks`, kept when it opened) whose
+    `match` holds for its labels (the routes' matchers), in app.yaml's order."""
+    from bot.routing import matches  # (here: bot.routing imports bot.config, which imports this module)
+
+    listed = set(incident.runbooks or ())
+    return [rb for rb in (_OFFERED if runbooks is None else runbooks)
+            if rb.id in listed and matches(rb.match, incident.labels or {})]
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """A step's argv as a person reads it (quoted where a word holds spaces or quotes), on one line."""
+    return one_line(shlex.join(argv), 200)
 
 
 def incident_context(
@@ -93,8 +119,9 @@ def incident_state(incident: Any) -> str:
     return "acknowledged" if incident.status == ACKNOWLEDGED else "firing"
 
 
-def buttons_for(incident: Any, escalation_mark: str = "") -> list[Button]:
-    """The buttons that match the incident's state, labelled with verbs; Resolve asks first.
+def buttons_for(incident: Any, escalation_mark: str = "", runbooks: Sequence[Any] | None = None) -> list[Button]:
+    """The buttons that match the incident's state, labelled with verbs; Resolve asks first, and so does each
+    "Run: <title>" of the runbooks that apply to an open incident (`runbooks_for`: of `runbooks`, or those offered).
 
     `escalation_mark`: where its escalation stood (bot.escalation.escalation_mark), carried by Escalate, so that a press
     escalates only if nothing escalated since the message was drawn (two presses escalate once)."""
@@ -115,13 +142,22 @@ def buttons_for(incident: Any, escalation_mark: str = "") -> list[Button]:
     # back once an alert no silence covers arrives. Acknowledge and Resolve still say who is on it and end it.
     escalate = [] if incident.silenced else [Button(Action.ESCALATE.value, iid, arg=escalation_mark, label="Escalate",
                                                     tag=tag)]
-    # Run runbook and Approve/Reject buttons join these lists when runbooks land.
+    run = [_run_button(rb, iid, tag) for rb in runbooks_for(incident, runbooks)]
     if incident.status == ACKNOWLEDGED:
-        return [*escalate, resolve]
+        return [*escalate, resolve, *run]
     if incident.status == TRIGGERED:
         acknowledge = Button(Action.ACKNOWLEDGE.value, iid, label="Acknowledge", style="primary", tag=tag)
-        return [acknowledge, *escalate, resolve]
+        return [acknowledge, *escalate, resolve, *run]
     return []
+
+
+def _run_button(runbook: Any, iid: int, tag: str) -> Button:
+    """Run: <title>, asking first what it runs and whether an approver must approve it (medium and high risk)."""
+    what = "; then ".join(f"`{command_line(step.run)}`" for step in runbook.steps)
+    after = "" if runbook.risk == "low" else f" It is {runbook.risk} risk: it runs once an approver approves it."
+    return Button(Action.RUN_RUNBOOK.value, iid, arg=runbook.id, label=f"Run: {one_line(runbook.title, LABEL_MAX)}",
+                  style="danger" if runbook.risk == "high" else "default",
+                  confirm=one_line(f"Run {runbook.title} on #{iid}? It runs {what}.{after}", 300), tag=tag)
 
 
 def thread_line(event: str, details: Mapping[str, Any], *, actor_name: str | None) -> str:
@@ -355,7 +391,7 @@ def _utc(value: datetime) -> datetime:
 
 def incident_card(incident: Any, alerts: Sequence[Any], *, now: datetime, tz: str,
                   names: Mapping[str, str] | None = None, next_step: str = "",
-                  escalation_mark: str = "") -> Outbound:
+                  escalation_mark: str = "", runbooks: Sequence[Any] | None = None) -> Outbound:
     """The incident's message: its context, its buttons, and a plain-text fallback.
 
     `names` maps person ids (as stored in `acknowledged_by` / `resolved_by`) to display names; `escalation_mark`
@@ -367,4 +403,4 @@ def incident_card(incident: Any, alerts: Sequence[Any], *, now: datetime, tz: st
                                acknowledged_name=names.get(incident.acknowledged_by or ""),
                                resolved_name=names.get(resolver),
                                next_step=next_step if incident_state(incident) in ("firing", "acknowledged") else None)
-    return Outbound("incident", context, buttons_for(incident, escalation_mark), text=context["headline"])
+    return Outbound("incident", context, buttons_for(incident, escalation_mark, runbooks), text=context["headline"])

@@ -17,6 +17,7 @@ from bot.view import incident_card
 from handlers.escalation import Escalations, drawn_with
 from handlers.incident_actions import perform
 from handlers.paging import page, page_order
+from handlers.runbooks import RunbookHandlers
 from storage.audit import AuditLog
 from storage.db import Database
 from storage.models import Escalation
@@ -28,7 +29,8 @@ LABELS = {"acknowledge": "Acknowledge", "escalate": "Escalate", "resolve": "Reso
 VERB_ACTIONS = {verb: button for button, verb in BUTTON_ACTIONS.items()}
 SUBCOMMANDS = {"ack": "acknowledge", "acknowledge": "acknowledge", "resolve": "resolve", "escalate": "escalate",
                "reopen": "reopen"}
-INCIDENT_USAGE = "/incident list | show ID | ack ID | escalate ID | resolve ID | reopen ID | page ID PERSON"
+INCIDENT_USAGE = ("/incident list | show ID | ack ID | escalate ID | resolve ID | reopen ID | page ID PERSON | "
+                  "runbook ID [RUNBOOK]")
 LIST_MAX = 20  # incidents in a /incident list answer (chatops incidents list shows them all)
 
 
@@ -43,6 +45,7 @@ class ChatHandlers:
     adapters: Mapping[str, Adapter] = field(default_factory=dict)  # for direct pages
     adapters_off: Mapping[str, str] = field(default_factory=dict)  # why a platform is off, for a page that failed
     escalations: Escalations | None = None  # stopped by acknowledge/resolve, restarted by reopen, pushed by escalate
+    runbooks: RunbookHandlers | None = None  # /incident runbook
     dispatcher: Dispatcher | None = field(default=None, init=False, repr=False)  # set by register: for its refusals
     # (incident id, person id) -> who is paging them by hand now: a second command meanwhile sends nothing (_page)
     _paging: dict[tuple[int, str], Person] = field(default_factory=dict, init=False, repr=False)
@@ -53,7 +56,7 @@ class ChatHandlers:
             dispatcher.action(button, role=RESPONDER, label=LABELS[verb])(self._button(verb))
         # Its subcommands are words of their own to the umbrella too: `@chatops resolve 42`, as `@chatops ack 42` is.
         dispatcher.command("incident", usage=INCIDENT_USAGE, help="list, show and act on incidents",
-                           words=("list", "show", "page", *SUBCOMMANDS))(self.incident)
+                           words=("list", "show", "page", "runbook", *SUBCOMMANDS))(self.incident)
         dispatcher.command("ack", usage="/ack ID", help="acknowledge an incident")(self.ack)
         dispatcher.command("start", usage="/start", help="who the bot thinks you are", anyone=True)(self.start)
 
@@ -128,6 +131,20 @@ class ChatHandlers:
                 return refused
             # The words after the person are the page's message ("Alice asks for your help with #42: ...").
             return await self._page(incident_id, event.args[2], event.actor, person, " ".join(event.args[3:]))
+        if sub == "runbook" and self.runbooks is not None:
+            # the id, then the runbook to run; without it, the ones that apply
+            incident_id = _incident_id(event.args[1:2], words=1) if len(event.args) in (2, 3) else None
+            if incident_id is None:
+                return Reply("Usage: `/incident runbook ID [RUNBOOK]`, for example `/incident runbook 42` (the ones "
+                             "that apply) or `/incident runbook 42 restart-nginx`.")
+            refused = self._refusal("/incident runbook", Action.RUN_RUNBOOK, event.actor)
+            if refused is not None:
+                return refused
+            if len(event.args) == 2:
+                return await self.runbooks.listing(incident_id)
+            if incident_id > MAX_ID:
+                return Reply(_no_incident(incident_id))
+            return await self.runbooks.request(incident_id, event.args[2], event.actor, person)
         if sub in SUBCOMMANDS:
             incident_id = _incident_id(event.args[1:], words=1)
             if incident_id is None:

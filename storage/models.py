@@ -302,3 +302,32 @@ class SwapRequest(SQLModel, table=True):
     undone_by: str | None = None
     override_ids: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     requested_on: str = ""  # the platform the request came from: direct messages about it go there first
+
+
+class RunbookRun(SQLModel, table=True):
+    """One request to run a runbook on an incident, from the click to its end: requested (waiting for an approver,
+    medium and high risk), approved (low risk: at once), rejected, running, then succeeded, failed or interrupted
+    (the bot stopped while it ran: never run again on its own). `steps` is what app.yaml said when it was asked
+    for, so what runs is what the approver saw; `results` holds each step's exit code and duration."""
+
+    __tablename__ = "runbook_runs"
+    __table_args__ = (Index("ix_runbook_runs_incident", "incident_id"), Index("ix_runbook_runs_status", "status"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    incident_id: int = Field(foreign_key="incidents.id")
+    runbook_id: str
+    title: str
+    risk: str
+    steps: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    status: str = "requested"
+    requested_by: str
+    requested_at: datetime
+    approved_by: str | None = None
+    approved_at: datetime | None = None
+    rejected_by: str | None = None
+    rejected_at: datetime | None = None
+    reason: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    results: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    output: str = ""

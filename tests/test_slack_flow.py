@@ -360,7 +360,7 @@ async def test_a_long_argument_is_echoed_cut_short_not_whole(slack: Slack) -> No
     s, long = slack, "x" * 12_000
     unknown = (await s.answer(await s.command("/incident", long)))["text"]
     assert unknown == f"I don't know `/incident {'x' * 79}\u2026`. Usage: `/incident list | show ID | ack ID | " \
-                      "escalate ID | resolve ID | reopen ID | page ID PERSON`"
+                      "escalate ID | resolve ID | reopen ID | page ID PERSON | runbook ID [RUNBOOK]`"
     nobody = (await s.answer(await s.command("/incident", f"page 1 {long}")))["text"]
     assert nobody == f"I don't know '{'x' * 79}\u2026' (people in app.yaml: alice, bob)."
     command = (await s.answer(await s.command("/chatops", long)))["text"]

