@@ -908,9 +908,7 @@ def parse_config(
 
 RESPONDER = "responder"  # the role that acts on incidents
 MANAGER = "manager"  # the role that puts anyone on call (/override)
-# Named by the example config of the bot's design (people who approve runbooks); no runbook asks for it yet, so it
-# grants nothing, but a config that gives it is as the design wrote it, not a typo.
-APPROVER = "approver"
+APPROVER = "approver"  # approves a medium or high risk runbook someone else asked to run (handlers/runbooks.py)
 # The roles the bot knows; a rotation's swap_approval names one more. Any other in `roles` is a typo that would
 # leave its person unable to do what it was meant for, without a word.
 ROLES = (RESPONDER, MANAGER, APPROVER)
