@@ -28,10 +28,9 @@ from bot.config import Loaded, template_dir
 from bot.dispatch import Dispatcher
 from bot.metrics import Metrics
 from bot.render import Renderer
-from bot.view import offer_runbooks
 from handlers.alert_http import AlertEndpoint
 from handlers.chat import ChatHandlers
-from handlers.runbooks import RunbookHandlers
+from handlers.runbooks import SWEEP_EVERY, RunbookHandlers
 from handlers.escalation import Escalations
 from handlers.intake import Intake
 from handlers.oncall import OncallHandlers
@@ -103,10 +102,11 @@ class Bot:
         self.replays = SharedReplays(self.db, self.clock)
         self.timers.add_job(self.replays.purge, seconds=PURGE_EVERY, name="purge-seen-requests")
         # Runbooks: the cards' Run buttons, the approvals, the runs (a Run button for those that apply to a card)
-        offer_runbooks(self.config.runbooks)
         self.runbooks = RunbookHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock,
                                         delivered=self._changed)
         self.runbooks.register(self.dispatcher)
+        # (on PostgreSQL, runs another replica was running when it stopped: once they are past their time)
+        self.timers.add_job(self.runbooks.sweep, seconds=SWEEP_EVERY, name="runbooks-overdue")
         ChatHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, metrics=self.metrics,
                      delivered=self._changed, adapters=self.adapters, adapters_off=self.adapters_off,
                      escalations=self.escalations, runbooks=self.runbooks).register(self.dispatcher)

@@ -39,25 +39,13 @@ TITLE_MAX, SUMMARY_MAX, DETAIL_MAX, NAME_MAX = 300, 500, 1000, 80
 VALUES_MAX = 200  # "B=15234.5, C=1": a few numbers; a long valueString is cut
 _URL_UNSAFE = {c: f"%{ord(c):02X}" for c in ' "<>|\\^`{}'}
 LABEL_MAX = 40  # a Run button's title (Slack cuts a button's text at 75 characters)
-# The runbooks app.yaml offers (bot.config.Runbook), for the Run buttons of every card drawn without its own list:
-# the composition root sets them at start (offer_runbooks), as the outbox draws cards without being handed them.
-_OFFERED: tuple[Any, ...] = ()
-
-
-def offer_runbooks(runbooks: Sequence[Any]) -> None:
-    """The runbooks every card may offer from now on (bot.server sets app.yaml's at start)."""
-    global _OFFERED
-    _OFFERED = tuple(runbooks)
-
-
-def runbooks_for(incident: Any, runbooks: Sequence[Any] | None = None) -> list[Any]:
+def runbooks_for(incident: Any, runbooks: Sequence[Any]) -> list[Any]:
     """The runbooks that apply to an incident: those its route lists (`incident.runbooks`, kept when it opened) whose
     `match` holds for its labels (the routes' matchers), in app.yaml's order."""
     from bot.routing import matches  # (here: bot.routing imports bot.config, which imports this module)
 
     listed = set(incident.runbooks or ())
-    return [rb for rb in (_OFFERED if runbooks is None else runbooks)
-            if rb.id in listed and matches(rb.match, incident.labels or {})]
+    return [rb for rb in runbooks if rb.id in listed and matches(rb.match, incident.labels or {})]
 
 
 def command_line(argv: Sequence[str]) -> str:
@@ -119,9 +107,10 @@ def incident_state(incident: Any) -> str:
     return "acknowledged" if incident.status == ACKNOWLEDGED else "firing"
 
 
-def buttons_for(incident: Any, escalation_mark: str = "", runbooks: Sequence[Any] | None = None) -> list[Button]:
+def buttons_for(incident: Any, escalation_mark: str = "", runbooks: Sequence[Any] = ()) -> list[Button]:
     """The buttons that match the incident's state, labelled with verbs; Resolve asks first, and so does each
-    "Run: <title>" of the runbooks that apply to an open incident (`runbooks_for`: of `runbooks`, or those offered).
+    "Run: <title>" of the runbooks that apply to an open incident (`runbooks_for` of `runbooks`, app.yaml's: a
+    channel's card and `incident show` offer them, a page to a person does not).
 
     `escalation_mark`: where its escalation stood (bot.escalation.escalation_mark), carried by Escalate, so that a press
     escalates only if nothing escalated since the message was drawn (two presses escalate once)."""
@@ -391,7 +380,7 @@ def _utc(value: datetime) -> datetime:
 
 def incident_card(incident: Any, alerts: Sequence[Any], *, now: datetime, tz: str,
                   names: Mapping[str, str] | None = None, next_step: str = "",
-                  escalation_mark: str = "", runbooks: Sequence[Any] | None = None) -> Outbound:
+                  escalation_mark: str = "", runbooks: Sequence[Any] = ()) -> Outbound:
     """The incident's message: its context, its buttons, and a plain-text fallback.
 
     `names` maps person ids (as stored in `acknowledged_by` / `resolved_by`) to display names; `escalation_mark`

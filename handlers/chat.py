@@ -231,7 +231,8 @@ class ChatHandlers:
             return Reply(_no_incident(incident_id))
         note, mark = drawn_with(escalation)  # as the channel's card draws it: what comes next, where Escalate stood
         card = incident_card(incident, alerts, now=self.clock.now(), tz=self.config.timezone,
-                             names={p.id: p.name for p in self.config.people}, next_step=note, escalation_mark=mark)
+                             names={p.id: p.name for p in self.config.people}, next_step=note, escalation_mark=mark,
+                             runbooks=self.config.runbooks)
         return Reply(f"#{incident.id} {incident.title} ({incident.status})", message=card)
 
 

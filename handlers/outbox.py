@@ -432,7 +432,7 @@ class OutboxWorker(PageLanes):
                 ref: MessageRef | None = found[0]
             else:
                 card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
-                                     next_step=next_step, escalation_mark=escalation_mark)
+                                     next_step=next_step, escalation_mark=escalation_mark, runbooks=self.config.runbooks)
                 key = f"card-{items[0].id}"
                 ref = await self._call(adapter.send(channel.chat, replace(card, key=key)), items, channel.platform,
                                        channel.chat, "send", lost=self._findable(adapter, key))
@@ -488,7 +488,7 @@ class OutboxWorker(PageLanes):
             if self.buckets.allow(channel.platform, channel.chat, edit=True, now=tick):
                 calls += 1
                 card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
-                                     next_step=next_step, escalation_mark=escalation_mark)
+                                     next_step=next_step, escalation_mark=escalation_mark, runbooks=self.config.runbooks)
                 if await self._call(adapter.update(ref, card), updates, channel.platform, channel.chat, "update",
                                     gone=repost) is not None:
                     await self._finish(updates, "sent")

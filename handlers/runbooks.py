@@ -24,7 +24,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import update
@@ -51,6 +51,8 @@ READ_LIMIT = 64 * 1024  # bytes of a step's output held while it runs (its end)
 WAITING, APPROVED, REJECTED, RUNNING = "requested", "approved", "rejected", "running"
 SUCCEEDED, FAILED, INTERRUPTED = "succeeded", "failed", "interrupted"
 OPEN_STATES = (WAITING, APPROVED, RUNNING)
+GRACE = timedelta(minutes=1)  # past a run's time limit: it was killed, or its bot is gone, by then
+SWEEP_EVERY = 60.0  # seconds between looks for runs whose bot stopped (another replica's, on PostgreSQL)
 FOREIGN_CARD = ("This card belongs to an incident that no longer exists in this bot's store, so nothing was run. "
                 "Use the buttons on the incident's latest message.")
 
@@ -380,14 +382,22 @@ class RunbookHandlers:
             f". Output: {last}" if last else "")
 
     async def at_start(self) -> int:
-        """Runs a stop cut short (`running`, or approved and not yet started) become `interrupted`, each with a thread
-        line: none is run again on its own (whoever asked decides whether it should run again)."""
+        """Runs a stop cut short become `interrupted` (see `sweep`). On SQLite one bot serves the store, so every run
+        still `running` or `approved` was this bot's: all of them, now. On PostgreSQL another replica may be running
+        one: only those past their time (the periodic sweep takes the others once they are)."""
+        return await self.sweep(every=not self.db.is_postgres)
+
+    async def sweep(self, *, every: bool = False) -> int:
+        """Runs whose bot stopped (`running`, or `approved` and never started) become `interrupted`, each with a thread
+        line: none is run again on its own (whoever asked decides whether it should run again). Without `every`,
+        only runs that cannot still be going anywhere: running longer than their steps' timeouts together, or
+        approved and not started, plus GRACE."""
         now = self.clock.now()
         async with self.db.transaction() as session:
             query = select(RunbookRun).where(RunbookRun.status.in_((RUNNING, APPROVED)))
             if self.db.is_postgres:
                 query = query.with_for_update(skip_locked=True)
-            runs = list((await session.execute(query)).scalars().all())
+            runs = [run for run in (await session.execute(query)).scalars().all() if every or overdue(run, now)]
             for run in runs:
                 was = run.status
                 run.status, run.finished_at = INTERRUPTED, now
@@ -418,3 +428,11 @@ class RunbookHandlers:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+
+def overdue(run: RunbookRun, now: datetime) -> bool:
+    """Whether `run` cannot still be going at any replica: running past the sum of its steps' timeouts (each step is
+    killed at its own), or approved and not started, by more than GRACE."""
+    if run.status == RUNNING and run.started_at is not None:
+        limit = sum(float(step.get("timeout") or 0) for step in run.steps)
+        return now > run.started_at + timedelta(seconds=limit) + GRACE
+    return now > (run.approved_at or run.requested_at) + GRACE

@@ -300,3 +300,43 @@ async def test_an_approver_approves_in_telegram_and_the_group_thread_gets_the_re
                    for c in b.tg.called("sendMessage") if c.params["chat_id"] == GROUP
                    and (c.params.get("reply_parameters") or {}).get("message_id") == group)
     await b.tg.wait_for(said, timeout=10)
+    # A page to a person draws the card without Run buttons: at 3 a.m. it asks for an acknowledgement, and nothing
+    # that runs a command sits beside Acknowledge on a lock screen (the channel's card and `incident show` offer them)
+    paged = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
+    assert paged["text"] == "Paged Alice on Telegram."
+    page = max(mid for (chat, mid) in b.tg.messages if chat == 111111)
+    assert [k for k in b.tg_keyboard(page, 111111) if "rb:" in k] == []
+    assert "?rb:1:restart" in b.tg_keyboard(next(mid for (chat, mid) in b.tg.messages if chat == GROUP), GROUP)
+
+
+async def test_a_replica_starting_leaves_another_replicas_run_alone_until_it_is_past_its_time(
+        tmp_path: Path, pg_schema: str) -> None:
+    """At start every run still `running` was marked interrupted: with two replicas on PostgreSQL, a replica starting
+    (a rolling restart) marked the run another replica was running, and its result later contradicted the thread.
+    Now a replica takes only runs past their steps' timeouts (5 min here) and a minute: never one still going."""
+    from tests.conftest import drop_schema, postgres_url
+
+    url = postgres_url()
+    try:
+        async with FakeSlack() as fake:
+            async with running_bot(url, slack_config(fake), schema=pg_schema, people=PEOPLE,
+                                   base=runbook_config(tmp_path)) as a:
+                s = Slack(a, fake)
+                ts = await posted(s)
+                _, _, key = await s.click("rb:1:hang", ts, user="U02BOB")
+                _, _, key = await s.click("apv:1:1", ts)
+                assert "Approved" in (await s.answer(key))["text"]
+                for _ in range(100):
+                    if (await runs(a))[0].status == "running":
+                        break
+                    await asyncio.sleep(0.05)
+                async with running_bot(url, slack_config(fake), schema=pg_schema, people=PEOPLE,
+                                       base=runbook_config(tmp_path)) as b:  # B starts while A runs it
+                    assert [r.status for r in await runs(b)] == ["running"]
+                    b.clock.advance(timedelta(minutes=5))
+                    assert await b.bot.runbooks.sweep() == 0  # within its 5 min and the minute's grace
+                    b.clock.advance(timedelta(minutes=1, seconds=1))
+                    assert await b.bot.runbooks.sweep() == 1  # A would have killed it by now: its bot is gone
+                    assert [r.status for r in await runs(b)] == ["interrupted"]
+    finally:
+        await drop_schema(url, pg_schema)
