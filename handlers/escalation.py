@@ -50,7 +50,7 @@ log = logging.getLogger("chatops.escalation")
 STEP = "escalation.step"
 ESCALATIONS = Escalation.__table__
 SYSTEM = Actor("system", "escalation", "Escalation")
-# A page waiting because a platform refused the bot's token (handlers/outbox.py, OutboxWorker._page_waits): in its
+# A page waiting because a platform refused the bot's token (handlers/page_lanes.py, PageLanes._page_waits): in its
 # outbox row's details, how often it found it refused. The escalation keeps its pace meanwhile, so a policy can run
 # out while its pages still wait: it says so rather than that nobody acknowledged them.
 TOKEN_REFUSED = "token_refused"
