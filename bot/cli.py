@@ -701,8 +701,10 @@ def _event_detail(action: str, subject: str | None, details: Any, names: dict[st
             if isinstance(d.get("people"), list) else ""
         targets = ", ".join(p for p in (people, f"channel {said('channel')}" if d.get("channel") else "") if p)
         return f"step {said('step')} of {said('of')}" + (f": {targets}" if targets else ": nobody")
-    if action == "incident.paged":
-        return f"{person('person')} on {said('platform')}" + (f" (step {said('step')})" if d.get("step") else "")
+    if action == "incident.paged":  # and what the platforms before it said, if they failed it
+        tried = "; ".join(map(str, d.get("tried") or [])) if isinstance(d.get("tried"), list) else ""
+        return (f"{person('person')} on {said('platform')}" + (f" (step {said('step')})" if d.get("step") else "")
+                + (f"; tried first: {tried}" if tried else ""))
     if action in ("incident.page_failed", "escalation.page_failed"):
         return f"{person('person')}: {said('problem')}" if d.get("person") else said("problem")
     if action == "escalation.deferred":

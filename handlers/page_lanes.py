@@ -106,6 +106,13 @@ class PageLanes:
         self._claimed: dict[int, int | None] = {}
         self._lanes: dict[str, asyncio.Task[int]] = {}  # the pages loop's deliveries in flight, by whom they go to
         self._lane_pages: dict[asyncio.Task[int], set[tuple[Any, Any]]] = {}  # each one's pages: (incident, step)
+        # The wait before a platform that failed a page for a passing reason is tried again (send_page's retry_waits):
+        # stopping cuts it short. Tests replace it, so as not to wait.
+        self._sleep: Callable[[float], Awaitable[Any]] = self._pause
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopped.wait(), seconds)
 
     async def _recover_on_lead(self, now: datetime) -> None:
         """Settle the pages a crash cut off (_recover) when this worker first leads, and when it leads again after a
@@ -437,7 +444,7 @@ class PageLanes:
         buttons = [button_from(spec) for spec in row.details.get("buttons") or []]
         order = row.details.get("platforms") or page_order(person)
         message = Outbound("text", {"text": text}, buttons, text=text)
-        attempt = await send_page(self.adapters, person, message, order, allow=self._budget)
+        attempt = await send_page(self.adapters, person, message, order, allow=self._budget, sleep=self._sleep)
         if attempt.waiting:
             await self._wait(row, attempt, self.clock.now())
             return 1 if attempt.retry_after else 0
@@ -578,7 +585,8 @@ class PageLanes:
             return 0
         row.status = SENDING
         try:
-            attempt = await send_page(self.adapters, person, replace(message, key=key), order, allow=self._budget)
+            attempt = await send_page(self.adapters, person, replace(message, key=key), order, allow=self._budget,
+                                      sleep=self._sleep)
         except Exception as exc:  # a fault before any platform took it (drawing it, say): pending again, as retries go
             log.exception("outbox: paging %s about #%s failed", person.id, incident.id)
             await self._failed([row], f"{type(exc).__name__}: {exc}", None, permanent=False, unmark=True)
@@ -601,7 +609,7 @@ class PageLanes:
             return 1
         if attempt.platform is not None and self.token_refused.pop(attempt.platform, None) is not None:
             await self._token_accepted()
-        self.metrics.pages.labels(*attempt.counted()).inc()
+        attempt.count(self.metrics)
         actor = SYSTEM  # the escalation pages, not a person
         kept = {k: v for k, v in (row.details or {}).items() if k != UNANSWERED}
         if attempt.ref is not None:  # where the page is, to redraw it when someone acts (_redraw_pages)
@@ -625,7 +633,8 @@ class PageLanes:
                 await session.execute(update(OutboxItem).where(OutboxItem.id == row.id).values(**settled))
             if attempt.platform is not None:
                 tardy = late_words(row.details.get("late"), self.config.timezone, now)
-                line = f"Paged {person.name} on {attempt.platform.capitalize()}{tardy}. {after}".strip()
+                line = (f"Paged {person.name} on {attempt.platform.capitalize()}{attempt.detour()}{tardy}. "
+                        f"{after}").strip()
                 details: dict[str, Any] = {"person": person.id, "platform": attempt.platform, "step": step}
                 if attempt.tried:
                     details["tried"] = attempt.tried

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,6 +40,10 @@ from storage.queries import UNCONFIRMED, recent_alerts
 log = logging.getLogger("chatops.paging")
 DEFAULT_ORDER = ("telegram", "slack", "teams")  # after hours, and for /incident page
 HAND_PAGE_WAIT = 5.0  # seconds of a platform's flood control that /incident page waits out
+# A platform that fails a page for a reason that may pass (a 5xx, no connection) is tried again after these waits
+# (seconds) before the next platform: the person chose the first (Telegram rings at 3 a.m.; a Slack DM often does
+# not), and one Bad Gateway should not send the page elsewhere. PagerDuty and Opsgenie retry alike.
+RETRY_WAITS = (1.0, 2.0)
 BUSINESS_ORDER = ("slack", "teams", "telegram")  # in business hours people are at their desks
 NOTE_MAX = 200  # characters of the words a page sent by hand carries: its thread line quotes them within 300
 # A person paged about an incident (by hand or by its escalation) is not paged about it again by hand before this: a
@@ -80,11 +84,23 @@ class Attempt:
     unknown: str | None = None  # the platform that took it and never answered: it may have arrived (not resent)
     ref: MessageRef | None = None  # the message the platform that took it made (redrawn as the incident changes)
     refused: tuple[str, ...] = ()  # platforms that refused the bot's token: the bot's trouble, not the person's
+    failed: tuple[tuple[str, str], ...] = ()  # (platform, what it said) for each platform that failed it, in order
 
-    def counted(self) -> tuple[str, str]:
-        """(platform, outcome): how chatops_pages_total counts this page, sent by hand or by an escalation."""
-        return (self.platform or self.unknown or "none",
-                "ok" if self.platform else "unknown" if self.unknown else "failed")
+    def count(self, metrics: Metrics) -> None:
+        """Count this page (sent by hand or by an escalation) in chatops_pages_total: `failed` on each platform that
+        failed it, also when the next one took it, then how it ended (`none` for the platform when none was tried)."""
+        for platform, _ in self.failed:
+            metrics.pages.labels(platform, "failed").inc()
+        if self.platform or self.unknown or not self.failed:
+            metrics.pages.labels(self.platform or self.unknown or "none",
+                                 "ok" if self.platform else "unknown" if self.unknown else "failed").inc()
+
+    def detour(self) -> str:
+        """Why a page that went out did not go on the platforms before it, for its line: " (Telegram failed: Bad
+        Gateway)"; nothing when the first platform took it."""
+        if not self.platform or not self.failed:
+            return ""
+        return " (" + "; ".join(f"{platform.capitalize()} failed: {said}" for platform, said in self.failed) + ")"
 
     def problem(self, person: Person, adapters: Mapping[str, Adapter], *, what: str = "page",
                 off: Mapping[str, str] | None = None, order: Sequence[str] = ()) -> str:
@@ -105,19 +121,25 @@ class Attempt:
 
 
 async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Outbound, order: Sequence[str],
-                    allow: Callable[[str, str], bool] | None = None) -> Attempt:
+                    allow: Callable[[str, str], bool] | None = None, *,
+                    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                    retry_waits: Sequence[float] | None = None) -> Attempt:
     """Try the platforms in `order` that are on and know the person; the first that takes it wins.
 
     With `allow(platform, user_id)` (a rate budget), a platform whose budget is spent, or that answers
     "too many requests", is waited for rather than skipped: the person chose that order. A platform that took
     the message and never answered ends the attempt (`unknown`), a page's and a direct message's alike: it may
     have arrived, and sending it again, there or on the next platform, would make the person read it twice.
-    A platform that refuses the bot's token is named in `refused`: the bot's trouble, not the person's, so an
-    escalation's page waits for the token to work again rather than fail (see OutboxWorker._page_waits).
+    A platform that fails for a reason that may pass is tried again there first (`retry_waits`, RETRY_WAITS unless
+    given, slept with `sleep`: see _on_platform). Each platform that failed it is logged, and named in `failed`, for
+    the line that says where the page went to say why not on the one before. A platform that refuses the bot's token
+    is named in `refused`: the bot's trouble, not the person's, so an escalation's page waits for the token to work
+    again rather than fail (see OutboxWorker._page_waits).
     """
     tried: list[str] = []
     transient = False
     refused: list[str] = []
+    failed: list[tuple[str, str]] = []
     for platform in order:
         user_id = getattr(person, platform, None)
         adapter = adapters.get(platform)
@@ -126,30 +148,67 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
             continue
         if allow is not None and not allow(platform, str(user_id)):
             return Attempt(None, tried, True, waiting=True)
+        tries = [0]
         try:
-            try:
-                ref = await pager(str(user_id), message)
-            except DeliveryError as exc:
-                # Asked for by hand (no budget: someone waits for the answer): a short flood-control wait is
-                # waited out once, on the platform the person chose first, rather than failing or going elsewhere.
-                if allow is not None or not exc.retry_after or exc.retry_after > HAND_PAGE_WAIT:
-                    raise
-                await asyncio.sleep(exc.retry_after)
-                ref = await pager(str(user_id), message)
+            ref = await _on_platform(pager, platform, str(user_id), message, person, allow is None, sleep,
+                                     RETRY_WAITS if retry_waits is None else retry_waits, tries)
         except DeliveryError as exc:
             said = str(exc) if str(exc).startswith((f"{platform} ", f"{platform}:")) else f"{platform}: {exc}"
             if allow is not None and exc.retry_after:
                 return Attempt(None, tried, True, waiting=True, retry_after=exc.retry_after)
             if exc.unknown:  # it may have arrived: neither again nor elsewhere, or the person gets it twice
-                return Attempt(None, [*tried, said], False, unknown=platform)
+                return Attempt(None, [*tried, said], False, unknown=platform, failed=tuple(failed))
+            reason = _reason(platform, str(exc))  # (the line keeps it short: no count of tries)
+            if tries[0] > 1:
+                said = f"{said} ({tries[0]} tries)"
+            following = [p for p in order[order.index(platform) + 1:]
+                         if getattr(person, p, None) is not None and getattr(adapters.get(p), "page", None)]
+            log.warning("paging: could not reach %s on %s: %s%s", person.id, platform, said,
+                        f"; trying {following[0]} next" if following else "")
             tried.append(said)
+            failed.append((platform, reason))
             transient = transient or not exc.permanent
             if exc.token_refused:
                 refused.append(platform)
             continue
         return Attempt(platform, tried, transient, ref=ref if isinstance(ref, MessageRef) else None,
-                       refused=tuple(refused))
-    return Attempt(None, tried, transient, refused=tuple(refused))
+                       refused=tuple(refused), failed=tuple(failed))
+    return Attempt(None, tried, transient, refused=tuple(refused), failed=tuple(failed))
+
+
+async def _on_platform(pager: Callable[[str, Outbound], Awaitable[Any]], platform: str, user_id: str,
+                       message: Outbound, person: Person, by_hand: bool, sleep: Callable[[float], Awaitable[Any]],
+                       retry_waits: Sequence[float], tries: list[int]) -> Any:
+    """One platform's call of a page, tried again there while it fails for a reason that may pass (a 5xx, no
+    connection: neither permanent, nor a rate limit, nor an unknown outcome, which may have arrived), after each of
+    `retry_waits`; the last failure is raised. The waits are longer than a private chat's pace, so the retries
+    spend no budget. Asked for `by_hand` (no budget: someone waits for the answer), a short flood-control wait is
+    waited out once, on the platform the person chose first, rather than failing or going elsewhere. `tries`
+    counts the calls."""
+    waits, flooded = list(retry_waits), False
+    while True:
+        tries[0] += 1
+        try:
+            return await pager(user_id, message)
+        except DeliveryError as exc:
+            if by_hand and not flooded and exc.retry_after and exc.retry_after <= HAND_PAGE_WAIT:
+                flooded = True
+                await sleep(exc.retry_after)
+                continue
+            if exc.permanent or exc.retry_after or exc.unknown or not waits:
+                raise
+            wait = waits.pop(0)
+            log.warning("paging: %s failed a page to %s (%s); trying %s again in %g s", platform, person.id, exc,
+                        platform, wait)
+            await sleep(wait)
+
+
+def _reason(platform: str, said: str) -> str:
+    """What a platform said, without its name and call in front ("telegram sendMessage: Bad Gateway": "Bad
+    Gateway"), for a line that names the platform itself."""
+    if said.startswith((f"{platform} ", f"{platform}:")) and ": " in said:
+        return said.split(": ", 1)[1]
+    return said
 
 
 # How a page (or a card, a line) whose answer was lost is marked for the bot to look for it by the key it carried
@@ -211,7 +270,7 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
     order = page_order(person)
     attempt = await send_page(adapters, person, replace(page_message(incident, alerts, person, config, now, reason,
                                                                      escalation_mark=mark), key=key), order)
-    metrics.pages.labels(*attempt.counted()).inc()
+    attempt.count(metrics)
     if attempt.platform is not None:
         details = {"person": person.id, "platform": attempt.platform, "reason": reason}
         if attempt.tried:
@@ -222,8 +281,9 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
                               event="incident.page", status="sent", attempts=1,
                               details={"person": person.id, "manual": True, "message": page_where(attempt.ref),
                                        "reason": reason})  # (its words, kept when it is redrawn)
-        line = f"{who} paged {person.name} on {attempt.platform.capitalize()}{quoted}"
-        paged = f"Paged {person.name} on {attempt.platform.capitalize()}"
+        # (and why not on a platform before it: " (Telegram failed: Bad Gateway)")
+        line = f"{who} paged {person.name} on {attempt.platform.capitalize()}{attempt.detour()}{quoted}"
+        paged = f"Paged {person.name} on {attempt.platform.capitalize()}{attempt.detour()}"
         try:
             await _record(db, audit, actor, incident_id, now, "incident.paged", details, line, sent,
                           drawn=incident.status)

@@ -2000,3 +2000,111 @@ async def test_the_telegram_card_shows_the_policy_as_code_once_every_step_ran(tm
         card = group_card(w)
         assert "Every step of escalation policy <code>standard</code> ran and nobody acknowledged." in card
         assert "`" not in card
+
+
+def waits_of(w: World) -> list[float]:
+    """The waits the pages loop takes before trying a platform again, taken at once and listed (not slept)."""
+    waits: list[float] = []
+
+    async def wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    w.h.bot.outbox._sleep = wait
+    return waits
+
+
+async def test_one_bad_gateway_from_telegram_is_retried_there_not_fallen_back_to_slack(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """After hours Telegram goes first because it rings; a Slack DM at 3 a.m. often does not. One 502 from Telegram
+    made Bob's page go to Slack at once; now Telegram is tried again a second later, and the page rings there."""
+    caplog.set_level(logging.INFO, logger="chatops")
+    async with world(tmp_path, NIGHT) as w:
+        waits = waits_of(w)
+        w.tg.fail("sendMessage", "Bad Gateway", 502)
+        await w.alert("critical", team="solo")  # Bob, then Carol in 30 min; the card is on Slack only
+        await until(lambda: w.pages(BOB_TG), "Bob is paged on Telegram, on its second try")
+        await until(lambda: any(t.startswith("Paged Bob") for t in thread_texts(w.slack)), "the thread line")
+        assert [t for t in thread_texts(w.slack) if t.startswith("Paged Bob")] == [
+            "Paged Bob on Telegram. Carol in 30 min if nobody acknowledges."]
+        assert not w.slack_dms("U02BOB") and len(w.pages(BOB_TG)) == 1
+        assert waits == [1.0]
+        [warned] = [r for r in caplog.records if r.levelno == logging.WARNING and "Bad Gateway" in r.getMessage()]
+        assert "bob" in warned.getMessage() and "telegram" in warned.getMessage()
+        body = await (await w.h.client.get("/metrics")).text()
+        assert 'chatops_pages_total{outcome="ok",platform="telegram"} 1.0' in body
+        assert 'outcome="failed"' not in body
+
+
+async def test_a_page_that_falls_back_from_telegram_to_slack_says_why_everywhere(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    """Telegram answers 502 three times running: Bob's page goes to Slack after two retries (1 s, then 2 s), and the
+    thread, the log, /metrics and `chatops incidents show` say that Telegram failed, and why. Before: the thread said
+    only "Paged Bob on Slack.", no log line, and only the Slack success was counted."""
+    caplog.set_level(logging.INFO, logger="chatops")
+    async with world(tmp_path, NIGHT) as w:
+        waits = waits_of(w)
+        w.tg.fail("sendMessage", "Bad Gateway", 502, times=3)
+        await w.alert("critical", team="solo")
+        await until(lambda: w.slack_dms("U02BOB"), "Bob is paged on Slack once Telegram failed three times")
+        await until(lambda: any(t.startswith("Paged Bob") for t in thread_texts(w.slack)), "the thread line")
+        assert [t for t in thread_texts(w.slack) if t.startswith("Paged Bob")] == [
+            "Paged Bob on Slack (Telegram failed: Bad Gateway). Carol in 30 min if nobody acknowledges."]
+        assert waits == [1.0, 2.0] and not w.pages(BOB_TG)
+        assert [c.status for c in w.tg.calls if c.method == "sendMessage"] == [502, 502, 502]
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith(
+            "chatops.paging")]
+        assert any("bob" in m and "telegram" in m and "Bad Gateway" in m and "slack" in m for m in warned), warned
+        [paged] = await w.audit("incident.paged")
+        assert paged.details["platform"] == "slack" and paged.details["tried"] == [
+            "telegram sendMessage: Bad Gateway (3 tries)"]
+        body = await (await w.h.client.get("/metrics")).text()
+        assert 'chatops_pages_total{outcome="failed",platform="telegram"} 1.0' in body
+        assert 'chatops_pages_total{outcome="ok",platform="slack"} 1.0' in body
+    cfg = tmp_path / "cli.yaml"
+    cfg.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'bot.db'}'}}\ntimezone: Europe/Berlin\n"
+                   + PEOPLE, encoding="utf-8")
+    from bot.cli import main
+
+    assert await asyncio.to_thread(main, ["incidents", "show", "1", "-c", str(cfg)]) == 0
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if "incident.paged" in ln]
+    assert line.endswith("Bob on slack (step 1); tried first: telegram sendMessage: Bad Gateway (3 tries)"), line
+
+
+async def test_a_refused_telegram_token_is_not_retried_and_the_fallback_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Telegram answers 401 (the token revoked): no second try there (it cannot work until someone fixes it), the
+    page goes to Slack at once, and the thread line and the log say what Telegram said. Before: no log line at all."""
+    caplog.set_level(logging.INFO, logger="chatops")
+    async with world(tmp_path, NIGHT) as w:
+        waits = waits_of(w)
+        w.tg.token = "the-token-before-it-was-revoked"
+        await w.alert("critical", team="solo")
+        await until(lambda: any(t.startswith("Paged Bob") for t in thread_texts(w.slack)), "the thread line")
+        assert [t for t in thread_texts(w.slack) if t.startswith("Paged Bob")] == [
+            "Paged Bob on Slack (Telegram failed: the bot token was refused; check adapters.telegram.bot_token). "
+            "Carol in 30 min if nobody acknowledges."]
+        assert waits == [] and w.slack_dms("U02BOB")
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith(
+            "chatops.paging")]
+        assert any("bob" in m and "telegram" in m and "token was refused" in m for m in warned), warned
+
+
+async def test_a_page_sent_by_hand_that_falls_back_to_slack_says_why(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`/incident page 1 carol` while Telegram answers 502: tried there three times, then on Slack; the answer and
+    the thread line say why not on Telegram. Before: "Paged Carol on Slack." after a single 502."""
+    monkeypatch.setattr("handlers.paging.RETRY_WAITS", (0.01, 0.02), raising=False)  # (no 1 s, 2 s waits)
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="quiet")  # no escalation policy: the page is sent by hand only
+        await until(lambda: w.slack.fake.called("chat.postMessage"), "the incident is posted")
+        w.tg.fail("sendMessage", "Bad Gateway", 502, times=3)
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol", user="U02BOB"))
+        assert paged["text"] == "Paged Carol on Slack (Telegram failed: Bad Gateway)."
+        assert w.slack_dms("U03CAROL") and not w.pages(CAROL_TG)
+        await until(lambda: any("paged Carol" in t for t in thread_texts(w.slack)), "the thread line")
+        assert [t for t in thread_texts(w.slack) if "paged Carol" in t] == [
+            "Bob paged Carol on Slack (Telegram failed: Bad Gateway)."]
+        body = await (await w.h.client.get("/metrics")).text()
+        assert 'chatops_pages_total{outcome="failed",platform="telegram"} 1.0' in body
+        assert 'chatops_pages_total{outcome="ok",platform="slack"} 1.0' in body
+
