@@ -298,11 +298,18 @@ class PageLanes:
             try:
                 await adapter.update(MessageRef(where["platform"], where["chat_id"], where["message_id"]), card)
             except DeliveryError as exc:
-                if not exc.permanent:  # the platform in trouble: the pages not redrawn yet, later
+                # The platform in trouble, or refusing the bot's token (the bot's trouble, which every call waits out,
+                # as _call does): the pages not redrawn yet, later, once it works again.
+                if exc.token_refused:
+                    self.token_refused[where["platform"]] = str(exc)
+                if not exc.permanent or exc.token_refused:
                     await self._redrawn(row, drawn)
                     await self._failed([row], str(exc), exc.retry_after, permanent=False, platform_trouble=True)
                     return calls
                 log.warning("outbox: cannot redraw the page to %s about #%s: %s", page.channel, row.incident_id, exc)
+            else:
+                if self.token_refused.pop(where["platform"], None) is not None:
+                    await self._token_accepted()
             drawn.add(page.id)
         if look_failed is not None:
             await self._redrawn(row, drawn)

@@ -2108,3 +2108,34 @@ async def test_a_page_sent_by_hand_that_falls_back_to_slack_says_why(tmp_path: P
         assert 'chatops_pages_total{outcome="failed",platform="telegram"} 1.0' in body
         assert 'chatops_pages_total{outcome="ok",platform="slack"} 1.0' in body
 
+
+async def test_a_page_redrawn_while_telegram_refuses_the_token_is_redrawn_once_it_works_again(
+        tmp_path: Path) -> None:
+    """Alice acknowledges while Telegram refuses the bot's token: the redraw of Bob's page is refused, and the token
+    is the bot's trouble, as on every other call: /readyz says so, and the redraw goes once the token works. Before:
+    "cannot redraw" was logged, the redraw counted as done, and Bob's page kept offering Acknowledge."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="solo")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+
+        def bobs_page() -> dict[str, Any]:
+            edits = [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG]
+            return edits[-1] if edits else {}
+
+        token, w.tg.token = w.tg.token, "the-token-before-it-was-revoked"
+        acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+        assert acked["text"] == "Acknowledged #1."
+        await until(lambda: any(c.method == "editMessageText" and c.status == 401 for c in w.tg.calls),
+                    "the redraw is tried, and refused")
+        await until(lambda: "telegram" in w.h.bot.outbox.token_refused, "the refused token is recorded")
+        status = await (await w.h.client.get("/readyz")).json()
+        assert "token refused" in str(status), status
+        w.tg.token = token  # fixed
+        for _ in range(20):
+            if "Acknowledged" in bobs_page().get("text", ""):
+                break
+            await w.tick(timedelta(minutes=1))
+            await asyncio.sleep(0.2)
+        assert "Acknowledged" in bobs_page().get("text", ""), "Bob's page is redrawn once the token works again"
+        assert "acknowledged by Alice" in bobs_page()["text"]
+
