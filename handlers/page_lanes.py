@@ -201,7 +201,7 @@ class PageLanes:
                 continue
             if len(self._lane_pages) >= LANES:
                 break  # the rest wait for a lane to end (which wakes this loop)
-            task = asyncio.create_task(self._lane(mine, now, loop=not wait), name=f"outbox-{min(keys)}")
+            task = asyncio.create_task(self._lane(mine, loop=not wait), name=f"outbox-{min(keys)}")
             self._lane_pages[task] = pages
             self._lanes.update(dict.fromkeys(keys, task))
             task.add_done_callback(functools.partial(self._lane_ended, keys))
@@ -219,14 +219,17 @@ class PageLanes:
         if wake is not None:
             wake.set()  # its rows held back meanwhile, or the ones after the lane limit, go now
 
-    async def _lane(self, rows: Sequence[OutboxItem], now: datetime, *, loop: bool = True) -> int:
+    async def _lane(self, rows: Sequence[OutboxItem], *, loop: bool = True) -> int:
         """One person's (or chat's, or incident's) rows of a round, in order (see _people_and_notices); one of the
-        loop's stops when the worker stops (run_once's, called as such, goes on)."""
+        loop's stops when the worker stops (run_once's, called as such, goes on). Each row goes at the clock's time
+        as it starts, not the round's: a call before it may have hung for its timeout (15 s), and what the row
+        records (its audit event, its thread line) and compares (a promise spent, a page given up on) is of now."""
         calls = 0
         behind: dict[int, tuple[Any, Attempt]] = {}  # incident -> the step of a page of it that did not go here, why
         for row in rows:
             if (loop and self._stopping) or not await self._leading():
                 break  # (stopping: the rest wait for the next start, pending, not claimed)
+            now = self.clock.now()
             if row.kind == "page":
                 assert row.id is not None
                 self._claimed[row.id] = row.incident_id  # claimed (SENDING) by _page: this worker's own call
@@ -598,6 +601,7 @@ class PageLanes:
             log.exception("outbox: paging %s about #%s failed", person.id, incident.id)
             await self._failed([row], f"{type(exc).__name__}: {exc}", None, permanent=False, unmark=True)
             return 1
+        now = self.clock.now()  # answered (up to the platforms' timeouts later): what is recorded, and waits, from now
         if attempt.waiting:
             await self._wait(row, attempt, now)
             if behind is not None and row.incident_id is not None:

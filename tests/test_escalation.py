@@ -2139,3 +2139,40 @@ async def test_a_page_redrawn_while_telegram_refuses_the_token_is_redrawn_once_i
         assert "Acknowledged" in bobs_page().get("text", ""), "Bob's page is redrawn once the token works again"
         assert "acknowledged by Alice" in bobs_page()["text"]
 
+
+async def test_a_page_after_a_slow_call_in_its_lane_is_recorded_at_the_time_it_went(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bob's pages about #2 and #3 go in one lane, one after the other; Telegram takes 20 minutes (on the bot's clock)
+    to answer the first. Both were recorded at the lane's start, 20 minutes before they went: the audit log and
+    `incidents show` said Bob was paged about #3 before he was. Each page now records the time it was answered."""
+    async with world(tmp_path, NIGHT) as w:
+        adapter = w.h.bot.adapters["telegram"]
+        real, calls, first = adapter.page, [], asyncio.Event()
+
+        async def page(user_id: str, message: Any) -> Any:
+            calls.append(user_id)
+            if len(calls) == 1:
+                await first.wait()  # #1's page hangs, while #2's and #3's queue behind it in Bob's lane
+            ref = await real(user_id, message)
+            if len(calls) == 2:
+                w.h.clock.advance(timedelta(minutes=20))  # #2's page: answered 20 minutes later
+            return ref
+
+        monkeypatch.setattr(adapter, "page", page)
+        for n in (1, 2, 3):
+            body = {"asset_name": f"db-0{n}", "signature": f"Disk{n}", "severity": "critical", "status": "firing",
+                    "message": "disk", "tool_source": "zabbix", "labels": {"team": "solo"}}
+            assert (await w.h.post("open", body))[0] == 200
+        await until(lambda: calls, "#1's page is on its way")
+        rows: list[OutboxItem] = []
+        while len(rows) < 3:
+            rows = await page_rows(w.h)
+            await asyncio.sleep(0.05)
+        first.set()
+        await until(lambda: len(w.pages(BOB_TG)) == 3, "the three pages")
+        for _ in range(50):
+            if len(await w.audit("incident.paged")) == 3:
+                break
+            await asyncio.sleep(0.1)
+        at = {e.incident_id: e.at.replace(tzinfo=UTC) for e in await w.audit("incident.paged")}
+        assert at == {1: NIGHT, 2: NIGHT + timedelta(minutes=20), 3: NIGHT + timedelta(minutes=20)}, at
