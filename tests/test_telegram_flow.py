@@ -337,7 +337,9 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     b.h.clock.advance(timedelta(minutes=1))  # (paged a moment ago, she would not be paged again yet)
     b.tg.fail("sendMessage", "Forbidden: bot can't initiate conversation with a user", 403)
     refused = await b.slack.answer(await b.slack.command("/incident", "page 1 alice"))
-    assert refused["text"] == "Paged Alice on Slack."  # Telegram refused; her next platform took it
+    assert refused["text"] == (  # Telegram refused; her next platform took it, and the answer says why
+        "Paged Alice on Slack (Telegram failed: Telegram user 111111 has not started a chat with the bot; ask them to "
+        "open it and press Start).")
     unknown = await b.slack.answer(await b.slack.command("/incident", "page 1 zed"))
     assert unknown["text"] == "I don't know 'zed' (people in app.yaml: alice, bob, carol)."
     actions = await b.h.actions(1)
@@ -347,7 +349,8 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     assert last.details["platform"] == "slack"
     assert last.details["tried"] == ["telegram: Telegram user 111111 has not started a chat with the bot; "
                                      "ask them to open it and press Start"]
-    await told("Alice paged Alice on Slack.")
+    await told("Alice paged Alice on Slack (Telegram failed: Telegram user 111111 has not started a chat with the bot; "
+               "ask them to open it and press Start).")
     b.h.clock.advance(timedelta(minutes=1))
     b.tg.fail("sendMessage", "Forbidden: bot can't initiate conversation with a user", 403)
     b.slack.fake.fail("conversations.open", "user_not_found")
