@@ -139,3 +139,35 @@ async def test_a_swap_asked_while_a_stuck_transaction_holds_the_audit_log_is_tol
     assert await b.h.count(SwapRequest) == 0
     [said] = told(caplog)
     assert said.startswith("telegram: /swap bob next by alice not done, the store is busy (") and not tracebacks(caplog)
+
+
+async def test_a_periodic_job_that_finds_the_store_busy_says_so_in_a_line(caplog: pytest.LogCaptureFixture,
+                                                                          tmp_path: Path) -> None:
+    """While another writer held SQLite, each periodic job (purging seen requests, planning handoff notices) logged a
+    whole traceback every beat for an expected condition; any other failure still gets its traceback."""
+    from sqlalchemy.exc import OperationalError
+
+    from handlers.timers import TimerService
+
+    holder = sqlite3.connect(tmp_path / "held.db", isolation_level=None)
+    holder.execute("CREATE TABLE seen (id INTEGER)")
+    holder.execute("BEGIN IMMEDIATE")  # another process's write transaction
+    job = sqlite3.connect(tmp_path / "held.db", timeout=0)
+
+    async def busy() -> None:
+        try:
+            job.execute("DELETE FROM seen")
+        except sqlite3.OperationalError as exc:  # SQLite's own "database is locked", with its error code
+            raise OperationalError("DELETE FROM seen", {}, exc) from exc
+
+    async def broken() -> None:
+        raise ValueError("a bug")
+
+    await TimerService._guarded(busy, "purge-seen-requests")()
+    await TimerService._guarded(broken, "plan-handoffs")()
+    said = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records if "job " in r.getMessage()]
+    assert said == [
+        ("WARNING", "job purge-seen-requests found the store busy (OperationalError: the database stayed locked for "
+                    "10 s (another process's write transaction: a chatops command, or one stuck?)); it runs again at "
+                    "its next beat", False),
+        ("ERROR", "job plan-handoffs failed; it runs again at its next beat", True)]
