@@ -99,6 +99,14 @@ class TeamsSettings(_Settings):
 
     ENDPOINT_KEYS: ClassVar[tuple[str, ...]] = ("openid_metadata_url", "token_issuer", "login_url", "oauth_scope")
 
+    def doubts(self) -> list[tuple[str, str]]:
+        found = []
+        if not self.tenant_id:  # (a multi-tenant app: taken, and it pages once someone wrote to it)
+            found.append(("tenant_id", "not set: a multi-tenant bot learns its tenant from the first message anyone "
+                                       "sends it, so after a restart pages on Teams wait for one (Teams opens a "
+                                       "private chat only in a tenant it is told); set it to your tenant's id"))
+        return found
+
 
 ENDPOINTS = {"slack": "/slack/events", "telegram": "/telegram/webhook", "teams": "/api/messages"}  # the HTTP contract (README)
 

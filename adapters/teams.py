@@ -56,6 +56,7 @@ ACTIVITY_RETRIES = timedelta(hours=1)  # how long an activity id is claimed agai
 SEEN_KEPT = 1000
 AUTH_WAIT = 10.0  # seconds a request's token may take to check (fetching the signing keys): a 503 after that
 TIMEOUT = 15  # seconds for one Bot Connector call (msrest sets none: aiohttp's default is 5 minutes)
+NO_TENANT_WAIT = 60.0  # seconds before a page that waits for a tenant (see _personal) is tried again
 FAILED = "Something went wrong while handling that; the details are in the bot's log."
 INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
 STYLES = {"primary": "positive", "danger": "destructive"}
@@ -175,6 +176,16 @@ def chat_of(activity: Activity) -> MessageRef:
     """Where an activity was posted: a channel's thread is `19:...@thread.tacv2;messageid=ROOT`."""
     conversation, _, root = activity.conversation.id.partition(";messageid=")
     return MessageRef(PLATFORM, conversation, activity.id or "", root or None)
+
+
+def tenant_of(activity: Activity) -> str | None:
+    """The tenant an activity came from: Teams sends it as `channelData.tenant.id` and `conversation.tenantId`
+    (botbuilder's schema reads only a `tenantID`, which Teams does not send)."""
+    channel_data = activity.channel_data if isinstance(activity.channel_data, Mapping) else {}
+    tenant = channel_data.get("tenant")
+    found = tenant.get("id") if isinstance(tenant, Mapping) else None
+    found = found or getattr(activity.conversation, "tenant_id", None)
+    return found if isinstance(found, str) and found else None
 
 
 def command_words(activity: Activity) -> list[str]:
@@ -320,9 +331,7 @@ class TeamsAdapter:
             log.info("teams: refused an activity: %s: %s", type(exc).__name__, str(exc)[:200])
             return web.json_response({"error": "unauthorized: a valid Bot Framework token (Authorization: Bearer) "
                                                "is required"}, status=401)
-        tenant = getattr(activity.conversation, "tenant_id", None)
-        if isinstance(tenant, str) and tenant:
-            self._tenant = tenant
+        self._tenant = tenant_of(activity) or self._tenant
         if activity.type != ActivityTypes.message or activity.conversation is None or activity.from_property is None:
             return web.json_response({}, status=200)  # conversationUpdate, typing...: nothing to do
         if not await self._once(activity, authenticated):
@@ -541,11 +550,15 @@ class TeamsAdapter:
         return await self.send(conversation, message)
 
     async def _personal(self, user_id: str) -> str:
-        """The id of the bot's 1:1 chat with a person (Teams gives the same one each time)."""
+        """The id of the bot's 1:1 chat with a person (Teams gives the same one each time). Teams opens one only in
+        a tenant it is told (a 400 without): with none known yet (a multi-tenant bot that has received no activity
+        since it started) the outbox tries again later, rather than giving the page up for good."""
         tenant = self.settings.tenant_id or self._tenant
+        if not tenant:
+            raise DeliveryError("teams: no Teams tenant known yet: set adapters.teams.tenant_id, or it is learnt from "
+                                "the first message anyone sends the bot", retry_after=NO_TENANT_WAIT)
         parameters = ConversationParameters(
             is_group=False, bot=ChannelAccount(id=f"28:{self.settings.app_id}"),
-            members=[ChannelAccount(id=user_id)], tenant_id=tenant,
-            channel_data={"tenant": {"id": tenant}} if tenant else None)
+            members=[ChannelAccount(id=user_id)], tenant_id=tenant, channel_data={"tenant": {"id": tenant}})
         made = await self._call("create", lambda c: c.conversations.create_conversation(parameters))
         return made.id

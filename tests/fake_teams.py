@@ -215,6 +215,11 @@ class FakeTeams:
             call.status, headers = failure
             return web.json_response({"error": {"code": "Failed", "message": f"fake failure {call.status}"}},
                                      status=call.status, headers=headers)
+        if method == "create" and not _tenant_of(call.body):
+            # Teams opens a chat only in a tenant it is told: Microsoft's Bot Connector answers 400 without one
+            call.status = 400
+            return web.json_response({"error": {"code": "BadArgument", "message": "Tenant id is required"}},
+                                     status=400)
         if method == "create":
             member = (call.body.get("members") or [{}])[0].get("id", "")
             call.answered = f"a:1{member.replace(':', '')}"
@@ -223,3 +228,10 @@ class FakeTeams:
             return web.json_response({"id": activity})
         call.answered = str(next(self._ids))
         return web.json_response({"id": call.answered}, status=201)
+
+
+def _tenant_of(parameters: dict[str, Any]) -> str | None:
+    """The tenant of a create's ConversationParameters: `channelData.tenant.id`, or `tenantId` (its keys are taken
+    in any case, as Microsoft's JSON binding takes them; botbuilder writes `tenantID`)."""
+    tenant = ((parameters.get("channelData") or {}).get("tenant") or {}).get("id")
+    return tenant or next((v for k, v in parameters.items() if k.lower() == "tenantid" and v), None)

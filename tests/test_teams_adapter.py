@@ -18,7 +18,7 @@ from bot.chat import DeliveryError, MessageRef, Outbound
 from bot.config import ConfigError, parse_config
 from tests.botkit import CONFIG, PEOPLE, Harness, bot_on, fixture, running_bot, untagged
 from tests.conftest import postgres_url
-from tests.fake_teams import CHANNEL, Call, FakeTeams
+from tests.fake_teams import CHANNEL, TENANT, Call, FakeTeams
 
 TEAMS_PEOPLE = PEOPLE.replace("slack: U01ALICE,", 'slack: U01ALICE, teams: "29:1alice",').replace(
     "slack: U02BOB}", "slack: U02BOB, teams: 5c1d2e3f-0000-4000-8000-00000000b0b0}").replace(
@@ -238,7 +238,7 @@ async def test_a_page_opens_the_private_chat_with_an_acknowledge_button_that_ack
 
 
 async def test_the_bot_connectors_refusals_say_when_to_retry_or_what_to_do(tmp_path: Path) -> None:
-    async with teams_bot(tmp_path) as (h, bf):
+    async with teams_bot(tmp_path, tenant_id=TENANT) as (h, bf):
         teams = h.bot.adapters["teams"]
         message = Outbound("text", {"text": "hello"}, text="hello")
         bf.fail("send", 429, {"Retry-After": "7"})
@@ -367,3 +367,45 @@ async def test_an_activity_delivered_to_two_replicas_is_acted_on_once(tmp_path: 
                 await bf.wait_for(lambda: bf.called("reply"))
                 await asyncio.sleep(0.2)
                 assert len([c for c in bf.called("reply") if c.activity_id == activity["id"]]) == 1
+
+
+async def test_a_multi_tenant_bot_pages_once_it_knows_a_tenant_not_before(tmp_path: Path) -> None:
+    """Teams opens a private chat only in a tenant it is told (a 400 without one). A multi-tenant bot (no tenant_id)
+    learns it from the activities it receives: after a restart, before any, a page waits to be retried rather than
+    going out without a tenant and failing for good."""
+    async with teams_bot(tmp_path) as (h, bf):
+        teams = h.bot.adapters["teams"]
+        message = Outbound("text", {"text": "wake up"}, text="wake up")
+        with pytest.raises(DeliveryError) as waiting:
+            await teams.page(BOB_AAD, message)
+        assert not waiting.value.permanent and not waiting.value.unknown and waiting.value.retry_after == 60
+        assert "no Teams tenant known yet: set adapters.teams.tenant_id, or it is learnt from the first message " \
+               "anyone sends the bot" in str(waiting.value)
+        assert bf.called("create") == []
+        await say(h, bf, bf.message("help"))  # someone writes to the bot: its tenant is known
+        await teams.page(BOB_AAD, message)
+        [opened] = bf.called("create")
+        assert opened.body["channelData"] == {"tenant": {"id": TENANT}}  # the tenant of the message it received
+
+
+async def test_the_fake_refuses_a_chat_without_a_tenant_as_the_bot_connector_does(tmp_path: Path) -> None:
+    import aiohttp
+
+    with FakeTeams() as bf:
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(f"{bf.service_url}v3/conversations",
+                                      json={"isGroup": False, "members": [{"id": BOB_AAD}]})
+            assert resp.status == 400 and bf.called("create") == []
+
+
+def test_check_config_warns_of_a_teams_section_without_a_tenant() -> None:
+    base = "audit: {hmac_key: test-key-0123456789ab}\nstorage: {url: 'sqlite+aiosqlite:///x.db'}\n"
+    loaded = parse_config(base + "adapters: {teams: {app_id: a, app_password: p}}\n", adapter_models=SETTINGS_MODELS,
+                          env={})
+    assert [w for w in loaded.warnings if w.startswith("adapters.teams.tenant_id")] == [
+        "adapters.teams.tenant_id: not set: a multi-tenant bot learns its tenant from the first message anyone sends "
+        "it, so after a restart pages on Teams wait for one (Teams opens a private chat only in a tenant it is told); "
+        "set it to your tenant's id"]
+    loaded = parse_config(base + f"adapters: {{teams: {{app_id: a, app_password: p, tenant_id: {TENANT}}}}}\n",
+                          adapter_models=SETTINGS_MODELS, env={})
+    assert not [w for w in loaded.warnings if "tenant" in w]
