@@ -33,7 +33,7 @@ import requests
 from aiohttp import web
 from botbuilder.core import TurnContext
 from botbuilder.integration.aiohttp import CloudAdapter, ConfigurationBotFrameworkAuthentication
-from botbuilder.schema import Activity, ActivityTypes, Attachment, ChannelAccount, ConversationParameters
+from botbuilder.schema import Activity, ActivityTypes, Attachment, ChannelAccount, ConversationParameters, Mention
 from botframework.connector.auth import MicrosoftAppCredentials, PasswordServiceClientCredentialFactory
 from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
 from msrest.exceptions import HttpOperationError
@@ -64,6 +64,9 @@ STYLES = {"primary": "positive", "danger": "destructive"}
 # card (see _redraw_shown)
 CARD_ACTIONS = actions.CARD_ACTIONS
 SHOWN_KEPT = 1000  # cards drawn as answers (`incident show`) whose clicks redraw them
+# How a line that asks everyone (the outbox's mention "here": Slack's @here) names the channel it mentions: the bot
+# knows a channel by its conversation id only, not by the name people see.
+CHANNEL_MENTION = "channel"
 _MENTION = re.compile(r"<at>[^<]*</at>", re.IGNORECASE)
 _TAG = re.compile(r"</?[A-Za-z][^<>]*>")  # the HTML Teams may wrap a message in (<p>, <div>, <br>)
 
@@ -117,6 +120,18 @@ def message_activity(rendered: Mapping[str, Any], buttons: Sequence[Button], fal
         card["actions"] = card_actions
     return Activity(type=ActivityTypes.message, summary=text[:250],
                     attachments=[Attachment(content_type=CARD, content=card)])
+
+
+def mention_channel(activity: Activity, chat_id: str) -> None:
+    """`activity` (a text message) made to mention the channel `chat_id` (its conversation id), which notifies
+    everyone following it: Teams' counterpart of Slack's @here. A card is left as it is (a thread line is text)."""
+    if activity.attachments:
+        return
+    tag = f"<at>{CHANNEL_MENTION}</at>"
+    channel = chat_id.partition(";messageid=")[0]
+    activity.text = f"{tag} {activity.text or ''}".rstrip()
+    activity.entities = [*(activity.entities or []),
+                         Mention(type="mention", text=tag, mentioned=ChannelAccount(id=channel, name=CHANNEL_MENTION))]
 
 
 def delivery_error(what: str, exc: Exception) -> DeliveryError:
@@ -518,6 +533,8 @@ class TeamsAdapter:
         """A reply in the thread of the card (Teams: a reply to the channel's root message)."""
         parent = ref.thread_id or ref.message_id
         activity = self.to_activity(message)
+        if message.context.get("mention") == "here":  # a line that asks everyone there (a channel escalation step)
+            mention_channel(activity, ref.chat_id)
         sent = await self._call("reply", lambda c: c.conversations.reply_to_activity(ref.chat_id, parent, activity))
         return MessageRef(PLATFORM, ref.chat_id, sent.id, parent)
 

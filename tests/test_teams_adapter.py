@@ -409,3 +409,21 @@ def test_check_config_warns_of_a_teams_section_without_a_tenant() -> None:
     loaded = parse_config(base + f"adapters: {{teams: {{app_id: a, app_password: p, tenant_id: {TENANT}}}}}\n",
                           adapter_models=SETTINGS_MODELS, env={})
     assert not [w for w in loaded.warnings if "tenant" in w]
+
+
+async def test_a_thread_line_that_asks_everyone_mentions_the_channel(tmp_path: Path) -> None:
+    """A channel escalation step's line (the outbox's "thread" with mention "here": Slack's @here) mentions the channel
+    on Teams, as a mention entity of the channel's conversation; the story's other lines mention nobody."""
+    async with teams_bot(tmp_path) as (h, bf):
+        teams = h.bot.adapters["teams"]
+        card = MessageRef("teams", CHANNEL, "1234", None)
+        line = "Step 1 of 1: nobody has acknowledged yet."
+        await teams.reply(card, Outbound("thread", {"line": line, "incident_id": 1, "mention": "here"}, text=line))
+        await teams.reply(card, Outbound("thread", {"line": "Acknowledged by Alice.", "incident_id": 1},
+                                         text="Acknowledged by Alice."))
+        asking, quiet = bf.called("reply")
+        assert (asking.conversation, asking.activity_id) == (CHANNEL, "1234")
+        assert asking.body["text"] == f"<at>channel</at> {line}"
+        assert asking.body["entities"] == [{"type": "mention", "text": "<at>channel</at>",
+                                            "mentioned": {"id": CHANNEL, "name": "channel"}}]
+        assert quiet.body["text"] == "Acknowledged by Alice." and not quiet.body.get("entities")
