@@ -99,8 +99,18 @@ class TeamsSettings(_Settings):
 
     ENDPOINT_KEYS: ClassVar[tuple[str, ...]] = ("openid_metadata_url", "token_issuer", "login_url", "oauth_scope")
 
+    @property
+    def unauthenticated(self) -> bool:
+        """No Bot Framework token is checked: an activity is taken from anyone (the local emulator's mode). With an
+        app_id, allow_unauthenticated changes nothing: botbuilder checks the token all the same."""
+        return not self.app_id
+
     def doubts(self) -> list[tuple[str, str]]:
         found = []
+        if self.unauthenticated:  # (only with allow_unauthenticated: the model refuses an empty app_id otherwise)
+            found.append(("allow_unauthenticated", "true and no app_id: anyone who can reach /api/messages can act "
+                                                   "as any person: only for the Bot Framework Emulator on your own "
+                                                   "machine"))
         if not self.tenant_id:  # (a multi-tenant app: taken, and it pages once someone wrote to it)
             found.append(("tenant_id", "not set: a multi-tenant bot learns its tenant from the first message anyone "
                                        "sends it, so after a restart pages on Teams wait for one (Teams opens a "

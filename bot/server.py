@@ -234,7 +234,10 @@ class Bot:
             elif name in self.outbox.token_refused:  # refused since start: messages wait for a new token
                 states[name] = f"token refused ({self.outbox.token_refused[name]}); messages wait for it to be fixed"
             else:
-                states[name] = "on" if name in self.adapters else "configured, but this version has no adapter for it"
+                states[name] = "configured, but this version has no adapter for it"
+                if name in self.adapters:  # (Teams' emulator mode takes activities from anyone: said wherever it is on)
+                    unchecked = getattr(self.loaded.adapters[name], "unauthenticated", False)
+                    states[name] = "on, unauthenticated" if unchecked else "on"
         return dict(sorted(states.items()))
 
     def web_app(self) -> web.Application:

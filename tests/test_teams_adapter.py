@@ -427,3 +427,28 @@ async def test_a_thread_line_that_asks_everyone_mentions_the_channel(tmp_path: P
         assert asking.body["entities"] == [{"type": "mention", "text": "<at>channel</at>",
                                             "mentioned": {"id": CHANNEL, "name": "channel"}}]
         assert quiet.body["text"] == "Acknowledged by Alice." and not quiet.body.get("entities")
+
+
+async def test_the_emulator_mode_is_warned_of_at_check_config_and_start_and_readyz_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`allow_unauthenticated: true` (no app_id) takes any activity: anyone who reaches /api/messages acts as anyone.
+    Taken (the local emulator needs it), but never silently."""
+    import logging
+
+    from bot.server import log_startup
+
+    warning = ("adapters.teams.allow_unauthenticated: true and no app_id: anyone who can reach /api/messages can act "
+               "as any person: only for the Bot Framework Emulator on your own machine")
+    with FakeTeams() as bf:
+        extra = f"adapters:\n  teams: {{allow_unauthenticated: true, service_url: '{bf.service_url}'}}\n"
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", extra, people=TEAMS_PEOPLE) as h:
+            assert warning in h.bot.loaded.warnings
+            with caplog.at_level(logging.WARNING):
+                log_startup(h.bot.loaded, h.bot)
+            assert warning in [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            ready = await (await h.client.get("/readyz")).json()
+            assert ready["adapters"]["teams"] == "on, unauthenticated"
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}", bf.yaml(allow_unauthenticated=True),
+                               people=TEAMS_PEOPLE) as h:  # with an app_id, the token is checked all the same
+            assert not [w for w in h.bot.loaded.warnings if "allow_unauthenticated" in w]
+            assert (await (await h.client.get("/readyz")).json())["adapters"]["teams"] == "on"
