@@ -56,6 +56,7 @@ ACTIVITY_RETRIES = timedelta(hours=1)  # how long an activity id is claimed agai
 SEEN_KEPT = 1000
 AUTH_WAIT = 10.0  # seconds a request's token may take to check (fetching the signing keys): a 503 after that
 TIMEOUT = 15  # seconds for one Bot Connector call (msrest sets none: aiohttp's default is 5 minutes)
+POSTS = ("send", "reply")  # the calls that post a message (a lost one may be posted again: see _call)
 NO_TENANT_WAIT = 60.0  # seconds before a page that waits for a tenant (see _personal) is tried again
 FAILED = "Something went wrong while handling that; the details are in the bot's log."
 INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
@@ -165,7 +166,13 @@ def delivery_error(what: str, exc: Exception) -> DeliveryError:
     # Not connected at all: nothing left, a retry is safe; any other failure came once the request may have gone.
     unsent = isinstance(inner, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL,
                                 requests.ConnectionError))
-    return DeliveryError(f"teams {what}: {type(inner).__name__}: {inner}", unknown=not unsent)
+    return DeliveryError(f"teams {what}: {failure(exc)}", unknown=not unsent)
+
+
+def failure(exc: Exception) -> str:
+    """A failure that is no answer of the Bot Connector's (a timeout, a dropped connection), as the log says it."""
+    inner = getattr(exc, "inner_exception", None) or exc
+    return f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
 
 
 def _said(exc: HttpOperationError) -> str:
@@ -507,7 +514,7 @@ class TeamsAdapter:
         if self.settings.app_id and isinstance(credentials, MicrosoftAppCredentials):
             await asyncio.wait_for(asyncio.to_thread(credentials.get_access_token), TIMEOUT)
 
-    async def _call(self, what: str, call: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    async def _call(self, what: str, conversation: str, call: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
         try:
             client = await self._connector()
             async with client:
@@ -516,18 +523,25 @@ class TeamsAdapter:
         except DeliveryError:
             raise
         except Exception as exc:
-            raise delivery_error(what, exc) from exc
+            error = delivery_error(what, exc)
+            if error.unknown and what in POSTS:
+                # Slack's posts carry a key the retry looks for first; Teams has no way to find a post by anything
+                # the bot put in it, so the outbox posts it again (a page is not: see README, "Escalation").
+                log.warning("teams: a %s in %s got no answer (%s): it may have been posted, and Teams cannot be asked "
+                            "whether it was, so the retry may show it twice", what, conversation, failure(exc))
+            raise error from exc
 
     async def send(self, chat_id: str, message: Outbound) -> MessageRef:
         activity = self.to_activity(message)
-        sent = await self._call("send", lambda c: c.conversations.send_to_conversation(chat_id, activity))
+        sent = await self._call("send", chat_id, lambda c: c.conversations.send_to_conversation(chat_id, activity))
         return MessageRef(PLATFORM, chat_id, sent.id, None)
 
     async def update(self, ref: MessageRef, message: Outbound) -> None:
         """The message redrawn in place (PUT): an Adaptive Card is replaced whole."""
         activity = self.to_activity(message)
         activity.id = ref.message_id
-        await self._call("update", lambda c: c.conversations.update_activity(ref.chat_id, ref.message_id, activity))
+        await self._call("update", ref.chat_id,
+                         lambda c: c.conversations.update_activity(ref.chat_id, ref.message_id, activity))
 
     async def reply(self, ref: MessageRef, message: Outbound) -> MessageRef:
         """A reply in the thread of the card (Teams: a reply to the channel's root message)."""
@@ -535,7 +549,8 @@ class TeamsAdapter:
         activity = self.to_activity(message)
         if message.context.get("mention") == "here":  # a line that asks everyone there (a channel escalation step)
             mention_channel(activity, ref.chat_id)
-        sent = await self._call("reply", lambda c: c.conversations.reply_to_activity(ref.chat_id, parent, activity))
+        sent = await self._call("reply", ref.chat_id,
+                                lambda c: c.conversations.reply_to_activity(ref.chat_id, parent, activity))
         return MessageRef(PLATFORM, ref.chat_id, sent.id, parent)
 
     async def notify(self, actor: Actor, chat: MessageRef | None, text: str) -> None:
@@ -545,13 +560,16 @@ class TeamsAdapter:
         activity = self.text_activity(text)
         if chat is None:
             conversation = await self._personal(actor.user_id)
-            await self._call("send", lambda c: c.conversations.send_to_conversation(conversation, activity))
+            await self._call("send", conversation,
+                             lambda c: c.conversations.send_to_conversation(conversation, activity))
             return
         parent = chat.thread_id or chat.message_id
         if parent:
-            await self._call("reply", lambda c: c.conversations.reply_to_activity(chat.chat_id, parent, activity))
+            await self._call("reply", chat.chat_id,
+                             lambda c: c.conversations.reply_to_activity(chat.chat_id, parent, activity))
         else:
-            await self._call("send", lambda c: c.conversations.send_to_conversation(chat.chat_id, activity))
+            await self._call("send", chat.chat_id,
+                             lambda c: c.conversations.send_to_conversation(chat.chat_id, activity))
 
     async def page(self, user_id: str, message: Outbound) -> MessageRef:
         """The message, with its buttons, in the person's private chat with the bot."""
@@ -577,5 +595,5 @@ class TeamsAdapter:
         parameters = ConversationParameters(
             is_group=False, bot=ChannelAccount(id=f"28:{self.settings.app_id}"),
             members=[ChannelAccount(id=user_id)], tenant_id=tenant, channel_data={"tenant": {"id": tenant}})
-        made = await self._call("create", lambda c: c.conversations.create_conversation(parameters))
+        made = await self._call("create", user_id, lambda c: c.conversations.create_conversation(parameters))
         return made.id

@@ -5,7 +5,7 @@ Connector REST API that Teams serves at an activity's serviceUrl.
 with blocking calls, which would wait for ever on a server in the test's own event loop), then `bf.settings()` (the
 adapters.teams section pointing at it), `bf.token()` (a channel token signed with the fake's key), `bf.message(...)`
 and `bf.click(...)` (activities as Teams posts them), `bf.calls` (each connector call, recorded),
-`bf.fail(method, status, headers)`.
+`bf.fail(method, status, headers)`, `bf.connector_delay`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class FakeTeams:
     tokens_issued: int = 0
     token_delay: float = 0.0  # seconds the token endpoint takes to answer
     keys_delay: float = 0.0  # seconds the signing keys take
+    connector_delay: float = 0.0  # seconds each Bot Connector call takes to answer (after it was recorded)
 
     def __post_init__(self) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -211,6 +212,7 @@ class FakeTeams:
             failures = self._failures.get(method)
             failure = failures.pop(0) if failures else None
         self.calls.append(call)
+        await asyncio.sleep(self.connector_delay)
         if failure is not None:
             call.status, headers = failure
             return web.json_response({"error": {"code": "Failed", "message": f"fake failure {call.status}"}},

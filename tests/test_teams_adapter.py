@@ -452,3 +452,23 @@ async def test_the_emulator_mode_is_warned_of_at_check_config_and_start_and_read
                                people=TEAMS_PEOPLE) as h:  # with an app_id, the token is checked all the same
             assert not [w for w in h.bot.loaded.warnings if "allow_unauthenticated" in w]
             assert (await (await h.client.get("/readyz")).json())["adapters"]["teams"] == "on"
+
+
+async def test_a_post_that_got_no_answer_is_logged_as_one_that_may_show_twice(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Bot Connector call that timed out may have been posted; Teams cannot look a post up, so the outbox's retry may
+    post it a second time: the log says so, naming the conversation."""
+    import logging
+
+    import adapters.teams
+
+    monkeypatch.setattr(adapters.teams, "TIMEOUT", 0.3)
+    async with teams_bot(tmp_path) as (h, bf):
+        bf.connector_delay = 1.0
+        with caplog.at_level(logging.WARNING, logger="chatops.teams"), pytest.raises(DeliveryError) as lost:
+            await h.bot.adapters["teams"].reply(MessageRef("teams", CHANNEL, "1234", None),
+                                                Outbound("text", {"text": "hi"}, text="hi"))
+        assert lost.value.unknown and [c.method for c in bf.calls] == ["reply"]
+        [said] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert said.startswith(f"teams: a reply in {CHANNEL} got no answer (TimeoutError") and said.endswith(
+            "): it may have been posted, and Teams cannot be asked whether it was, so the retry may show it twice")
