@@ -64,6 +64,7 @@ STYLES = {"primary": "positive", "danger": "destructive"}
 # A click on one of an incident card's buttons (bot.actions.CARD_ACTIONS) of a card `incident show` drew redraws that
 # card (see _redraw_shown)
 CARD_ACTIONS = actions.CARD_ACTIONS
+MUTED = "chatops.muted"  # a turn's state: the bot's token was refused, so nothing is sent back (see _answerable)
 SHOWN_KEPT = 1000  # cards drawn as answers (`incident show`) whose clicks redraw them
 # How a line that asks everyone (the outbox's mention "here": Slack's @here) names the channel it mentions: the bot
 # knows a channel by its conversation id only, not by the name people see.
@@ -385,7 +386,7 @@ class TeamsAdapter:
         activity = turn.activity
         value = button_value(activity)
         try:
-            await self._token(turn.turn_state.get(self.cloud.BOT_CONNECTOR_CLIENT_KEY))
+            await self._answerable(turn)
             if value is not None:
                 await self._click(turn, value, handling)
             elif isinstance(activity.text, str) and activity.text.strip():
@@ -394,6 +395,20 @@ class TeamsAdapter:
             connector = turn.turn_state.get(self.cloud.BOT_CONNECTOR_CLIENT_KEY)
             if connector is not None:
                 await connector.__aexit__(None, None, None)
+
+    async def _answerable(self, turn: TurnContext) -> None:
+        """The bot's token for the turn's answers; refused (a wrong app_password), the activity is acted on all the
+        same (an acknowledgement stops the paging) and answered 200, since a redelivery cannot help until someone
+        fixes the password, but nothing is sent back (see _mute)."""
+        try:
+            await self._token(turn.turn_state.get(self.cloud.BOT_CONNECTOR_CLIENT_KEY))
+        except Exception as exc:
+            error = delivery_error("reply", exc)
+            if not error.token_refused:
+                raise
+            log.warning("teams: no answer to %s in %s: the bot's token was refused (%s); check adapters.teams.app_id "
+                        "and app_password", turn.activity.from_property.id, turn.activity.conversation.id, exc)
+            turn.turn_state[MUTED] = True
 
     def actor_of(self, activity: Activity) -> Actor:
         """Who wrote it: their Teams id (29:...) when app.yaml knows them by it, else their Entra object id."""
@@ -429,6 +444,8 @@ class TeamsAdapter:
                             source if activity.reply_to_id else None, event_id=activity.id or "", tag=decoded.tag)
         reply = await self._dispatch(self.dispatcher.handle_action(event), handling)
         if reply is None:
+            return
+        if turn.turn_state.get(MUTED):
             return
         if reply.settle is not None and activity.reply_to_id and is_personal(activity):
             # answered: no more buttons (a direct message's question)
@@ -474,6 +491,8 @@ class TeamsAdapter:
 
     async def _answer(self, turn: TurnContext, reply: Reply) -> None:
         """A reply to the message answered: in the channel's thread, or in the private chat."""
+        if turn.turn_state.get(MUTED):
+            return
         answer = self._reply_activity(reply)
         try:
             sent = await turn.send_activity(answer)

@@ -472,3 +472,24 @@ async def test_a_post_that_got_no_answer_is_logged_as_one_that_may_show_twice(
         [said] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert said.startswith(f"teams: a reply in {CHANNEL} got no answer (TimeoutError") and said.endswith(
             "): it may have been posted, and Teams cannot be asked whether it was, so the retry may show it twice")
+
+
+async def test_an_activity_while_the_bots_token_is_refused_is_acted_on_and_answered_200(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The bot's own token refused (a wrong app_password): what someone sends is still received and acted on (an
+    acknowledgement stops the paging), with a 200 (a redelivery cannot help until an operator fixes the password); no
+    answer can be sent, and the log says why, in one line."""
+    import logging
+
+    async with teams_bot(tmp_path, app_password="not-the-password") as (h, bf):
+        assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+        with caplog.at_level(logging.WARNING, logger="chatops.teams"):
+            status, _ = await post(h, bf.message("incident ack 1"), bf.headers())
+        assert status == 200
+        [incident] = await h.incidents()
+        assert (incident.status, incident.acknowledged_by) == ("acknowledged", "alice")
+        said = [r for r in caplog.records if r.name == "chatops.teams" and r.levelno >= logging.WARNING]
+        assert [r.getMessage() for r in said] == [
+            f"teams: no answer to 29:1alice in {CHANNEL}: the bot's token was refused (Failed to get access token: "
+            "invalid_client); check adapters.teams.app_id and app_password"]
+        assert not [r for r in said if r.exc_info] and bf.calls == []
