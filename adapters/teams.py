@@ -211,11 +211,31 @@ def tenant_of(activity: Activity) -> str | None:
     return found if isinstance(found, str) and found else None
 
 
-def command_words(activity: Activity) -> list[str]:
+def mentions(activity: Activity) -> list[tuple[str, Mapping[str, Any]]]:
+    """The activity's mentions: each one's text (`<at>Bob Builder</at>`) and whom it mentions (`id`, `name`,
+    `aadObjectId`). (botbuilder reads an entity as a bare `Entity`, its fields left in `additional_properties`.)"""
+    found = []
+    for entity in activity.entities or ():
+        fields = getattr(entity, "additional_properties", None) or {}
+        mentioned = fields.get("mentioned")
+        if getattr(entity, "type", None) == "mention" and isinstance(fields.get("text"), str) and isinstance(
+                mentioned, Mapping):
+            found.append((fields["text"], mentioned))
+    return found
+
+
+def command_words(activity: Activity, person: Callable[[Mapping[str, Any]], str] | None = None) -> list[str]:
     """The words of a message to the bot, without its @mention and the HTML Teams may send it in (`<p>`, `&nbsp;`),
     and without the `/` or `/chatops` that some type out of habit (Slack's and Telegram's commands): "@chatops
-    incident ack 3", "/incident ack 3" and "/chatops incident ack 3" are all `incident ack 3`."""
-    words = split_words(html.unescape(_TAG.sub(" ", _MENTION.sub(" ", activity.text or ""))))
+    incident ack 3", "/incident ack 3" and "/chatops incident ack 3" are all `incident ack 3`. Another person's
+    mention is a word: `person(mentioned)` (their id, as app.yaml may know them), else their Teams id."""
+    text = activity.text or ""
+    bot = getattr(activity.recipient, "id", None)
+    for tag, mentioned in mentions(activity):
+        if mentioned.get("id") != bot:
+            who = person(mentioned) if person is not None else str(mentioned.get("id") or "")
+            text = text.replace(tag, f" {who} ", 1)
+    words = split_words(html.unescape(_TAG.sub(" ", _MENTION.sub(" ", text))))
     if words and words[0].lower() == "/chatops":
         words = words[1:]
     return [words[0].removeprefix("/"), *words[1:]] if words else []
@@ -413,17 +433,25 @@ class TeamsAdapter:
     def actor_of(self, activity: Activity) -> Actor:
         """Who wrote it: their Teams id (29:...) when app.yaml knows them by it, else their Entra object id."""
         user = activity.from_property
-        actor = Actor(PLATFORM, user.id, user.name or "", None)
-        if self.dispatcher.identify(actor) is None and user.aad_object_id:
-            aad = Actor(PLATFORM, user.aad_object_id, user.name or "", None)
-            if self.dispatcher.identify(aad) is not None:
-                return aad
-        return actor
+        return Actor(PLATFORM, self._known_id(user.id, user.aad_object_id), user.name or "", None)
+
+    def _known_id(self, teams_id: str, aad_object_id: str | None) -> str:
+        """The id app.yaml's people[].teams knows a person by: their Teams id, else their Entra object id (either is
+        taken there); their Teams id when it knows neither."""
+        if aad_object_id and self.dispatcher.identify(Actor(PLATFORM, teams_id, "", None)) is None and \
+                self.dispatcher.identify(Actor(PLATFORM, aad_object_id, "", None)) is not None:
+            return aad_object_id
+        return teams_id
+
+    def _mentioned(self, mentioned: Mapping[str, Any]) -> str:
+        """A person mentioned in a command, as a word the dispatcher finds them by (see `_known_id`)."""
+        aad = mentioned.get("aadObjectId")
+        return self._known_id(str(mentioned.get("id") or ""), aad if isinstance(aad, str) else None)
 
     async def _command(self, turn: TurnContext, handling: Handling) -> None:
         activity = turn.activity
         chat = chat_of(activity)
-        event = CommandEvent("chatops", command_words(activity), self.actor_of(activity), chat,
+        event = CommandEvent("chatops", command_words(activity, self._mentioned), self.actor_of(activity), chat,
                              direct=is_personal(activity), plain=True)
         reply = await self._dispatch(self.dispatcher.handle_command(event), handling)
         if reply is None or (reply.sent_direct and event.direct):

@@ -493,3 +493,19 @@ async def test_an_activity_while_the_bots_token_is_refused_is_acted_on_and_answe
             f"teams: no answer to 29:1alice in {CHANNEL}: the bot's token was refused (Failed to get access token: "
             "invalid_client); check adapters.teams.app_id and app_password"]
         assert not [r for r in said if r.exc_info] and bf.calls == []
+
+
+async def test_a_person_mentioned_in_a_command_is_that_person(tmp_path: Path) -> None:
+    """`@chatops incident page 1 @Bob`: Teams sends Bob's mention as `<at>Bob</at>` in the text and an entity with his
+    ids; the bot's own mention is dropped, another person's is their id (people[].teams has Bob's Entra object id)."""
+    async with teams_bot(tmp_path, tenant_id=TENANT) as (h, bf):
+        assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+        await recorded(h, 1)
+        asked = bf.message("incident page 1 <at>Bob Builder</at> please look")
+        asked["entities"].append({"type": "mention", "text": "<at>Bob Builder</at>",
+                                  "mentioned": {"id": "29:1bob", "name": "Bob Builder", "aadObjectId": BOB_AAD}})
+        assert await say(h, bf, asked) == "Paged Bob on Teams."
+        [opened] = bf.called("create")
+        assert opened.body["members"] == [{"id": BOB_AAD}]
+        page = json.dumps(card_of(next(c for c in bf.called("send") if c.conversation == opened.answered)))
+        assert "please look" in page and "Builder" not in page
