@@ -84,6 +84,8 @@ class Dispatcher(Protocol):
 
     def identify(self, actor: Actor) -> Any: ...
 
+    def typed_on(self, platform: str, names: Sequence[str], umbrella: str = ...) -> None: ...
+
 
 # -- outbound: neutral -> Adaptive Card -----------------------------------------------------------
 
@@ -321,6 +323,7 @@ class TeamsAdapter:
 
     def __init__(self, settings: TeamsSettings, *, renderer: Renderer, dispatcher: Dispatcher):
         self.settings, self.renderer, self.dispatcher = settings, renderer, dispatcher
+        dispatcher.typed_on(PLATFORM, (), umbrella="@chatops")  # no slash commands: help says @chatops X
         self.authentication = ConfigurationBotFrameworkAuthentication(
             bot_framework_config(settings), credentials_factory=_Credentials(settings))
         self.cloud = CloudAdapter(self.authentication)

@@ -72,7 +72,8 @@ class Dispatcher:
         self._seen: dict[str, float] = {}
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._people: dict[tuple[str, str], Person] = {}
-        self._typed: dict[str, frozenset[str]] = {}  # platform -> the commands typed there by their own name
+        # platform -> the commands typed there by their own name, and how the others are typed (see typed_on)
+        self._typed: dict[str, tuple[frozenset[str], str]] = {}
         self._words: dict[str, str] = {}  # a subcommand the umbrella takes on its own -> its command (see command)
         for person in config.people:
             for platform, key in _ID_KEYS.items():
@@ -99,11 +100,12 @@ class Dispatcher:
             return fn
         return register
 
-    def typed_on(self, platform: str, names: Iterable[str]) -> None:
+    def typed_on(self, platform: str, names: Iterable[str], umbrella: str = "/chatops") -> None:
         """On `platform` only `names` can be typed as commands of their own (Slack: the slash commands its app
         registers; a Telegram bot takes any `/word`). Help there shows the others the way they can be typed, under
-        the umbrella: `/chatops start`, not a `/start` the platform would refuse."""
-        self._typed[platform] = frozenset(names)
+        the `umbrella`: `/chatops start`, not a `/start` the platform would refuse; on Teams, which has no slash
+        commands, every one is a message to the bot (`@chatops ack 42`)."""
+        self._typed[platform] = (frozenset(names), umbrella)
 
     # -- the path -------------------------------------------------------------------------------
 
@@ -194,14 +196,14 @@ class Dispatcher:
 
     def help_text(self, platform: str | None = None) -> str:
         """Every command with its usage, as it is typed on `platform` (see `typed_on`)."""
-        typed = self._typed.get(platform or "")
+        typed, umbrella = self._typed.get(platform or "", (None, "/chatops"))
         lines = ["Commands:"]
         for spec in sorted(self.commands.values(), key=lambda s: s.name):
             usage = spec.usage
             if typed is not None and spec.name not in typed:
-                usage = re.sub(rf"(?<![\w/])/{re.escape(spec.name)}\b", f"/chatops {spec.name}", usage)
+                usage = re.sub(rf"(?<![\w/])/{re.escape(spec.name)}\b", f"{umbrella} {spec.name}", usage)
             lines.append(f"`{usage}`: {spec.help}")
-        lines.append("`/chatops COMMAND ...` runs any of them; `/chatops help` shows this.")
+        lines.append(f"`{umbrella} COMMAND ...` runs any of them; `{umbrella} help` shows this.")
         return "\n".join(lines)
 
     def _stranger(self, actor: Actor) -> Reply:

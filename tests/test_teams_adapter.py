@@ -509,3 +509,13 @@ async def test_a_person_mentioned_in_a_command_is_that_person(tmp_path: Path) ->
         assert opened.body["members"] == [{"id": BOB_AAD}]
         page = json.dumps(card_of(next(c for c in bf.called("send") if c.conversation == opened.answered)))
         assert "please look" in page and "Builder" not in page
+
+
+async def test_help_on_teams_shows_the_commands_as_they_are_typed_there(tmp_path: Path) -> None:
+    """Teams has no slash commands: help shows each as a message to the bot (`@chatops ack ID`), not Slack's `/ack ID`."""
+    async with teams_bot(tmp_path) as (h, bf):
+        shown = await say(h, bf, bf.message("help"))
+        assert "`@chatops ack ID`: acknowledge an incident" in shown
+        assert "`@chatops oncall [ROTATION] | @chatops oncall schedule ROTATION" in shown
+        assert shown.endswith("`@chatops COMMAND ...` runs any of them; `@chatops help` shows this.")
+        assert "`/" not in shown and "| /" not in shown
