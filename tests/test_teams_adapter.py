@@ -519,3 +519,16 @@ async def test_help_on_teams_shows_the_commands_as_they_are_typed_there(tmp_path
         assert "`@chatops oncall [ROTATION] | @chatops oncall schedule ROTATION" in shown
         assert shown.endswith("`@chatops COMMAND ...` runs any of them; `@chatops help` shows this.")
         assert "`/" not in shown and "| /" not in shown
+
+
+async def test_start_in_a_channel_tells_its_id_for_channels_chat(tmp_path: Path) -> None:
+    """Teams shows nobody a channel's conversation id, which channels[].chat needs: `@chatops start` there says it."""
+    async with teams_bot(tmp_path) as (h, bf):
+        other = "19:b0b0b0b0b0b0b0b0@thread.tacv2"
+        started = await say(h, bf, bf.message("start", conversation=other))
+        assert started.startswith("Hello Alice! Your Teams id 29:1alice is linked to `alice`")
+        assert started.endswith(f"This channel's id for app.yaml's channels[].chat is {other}.")
+        stranger = await say(h, bf, bf.message("start", user="29:1admin", conversation=f"{other};messageid=77"))
+        assert stranger.endswith(f"This channel's id for app.yaml's channels[].chat is {other}.")
+        private = await say(h, bf, bf.message("start", personal=True, conversation="a:1alice"))
+        assert "channels[].chat" not in private
