@@ -251,6 +251,17 @@ def button_value(activity: Activity) -> str | None:
     return None
 
 
+def refusal(header: str | None, exc: Exception) -> str:
+    """Why the channel's token was refused, for the log: botbuilder fails on a missing header or an empty bearer token
+    with an AttributeError or IndexError, which would read like a crash of the bot's."""
+    words = (header or "").split()
+    if not words:
+        return "no Authorization header"
+    if len(words) == 1 and words[0].lower() == "bearer":
+        return "an empty bearer token"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
 # -- tokens ----------------------------------------------------------------------------------------
 
 class _TokenEndpointCredentials(MicrosoftAppCredentials):
@@ -374,7 +385,7 @@ class TeamsAdapter:
             return web.json_response({"error": "cannot check the token now (the signing keys are not reachable)"},
                                      status=503, headers={"Retry-After": "10"})
         except Exception as exc:  # PermissionError, a token that is no JWT, a key not found...: all refusals
-            log.info("teams: refused an activity: %s: %s", type(exc).__name__, str(exc)[:200])
+            log.info("teams: refused an activity: %s", refusal(header, exc))
             return web.json_response({"error": "unauthorized: a valid Bot Framework token (Authorization: Bearer) "
                                                "is required"}, status=401)
         self._tenant = tenant_of(activity) or self._tenant

@@ -532,3 +532,21 @@ async def test_start_in_a_channel_tells_its_id_for_channels_chat(tmp_path: Path)
         assert stranger.endswith(f"This channel's id for app.yaml's channels[].chat is {other}.")
         private = await say(h, bf, bf.message("start", personal=True, conversation="a:1alice"))
         assert "channels[].chat" not in private
+
+
+async def test_a_refusal_for_a_missing_or_empty_token_is_logged_as_what_it_is(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """botbuilder fails on a missing header or an empty bearer token with an AttributeError or IndexError: the log
+    said that, which reads like a crash of the bot's."""
+    import logging
+
+    async with teams_bot(tmp_path) as (h, bf):
+        with caplog.at_level(logging.INFO, logger="chatops.teams"):
+            for i, headers in enumerate(({"Content-Type": "application/json"},
+                                         {"Authorization": "Bearer ", "Content-Type": "application/json"},
+                                         {"Authorization": "Bearer", "Content-Type": "application/json"})):
+                assert (await post(h, {**bf.message("help"), "id": f"x{i}"}, headers))[0] == 401
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teams: refused an activity")]
+        assert said == ["teams: refused an activity: no Authorization header",
+                        "teams: refused an activity: an empty bearer token",
+                        "teams: refused an activity: an empty bearer token"]
