@@ -56,7 +56,10 @@ ACTIVITY_RETRIES = timedelta(hours=1)  # how long an activity id is claimed agai
 SEEN_KEPT = 1000
 AUTH_WAIT = 10.0  # seconds a request's token may take to check (fetching the signing keys): a 503 after that
 TIMEOUT = 15  # seconds for one Bot Connector call (msrest sets none: aiohttp's default is 5 minutes)
-POSTS = ("send", "reply")  # the calls that post a message (a lost one may be posted again: see _call)
+POSTS = ("send", "reply", "page")  # the calls that post a message (a lost one may be posted again: see _call)
+PERSONAL = ("create", "page")  # the calls for a person, in their private chat with the bot (see delivery_error)
+FOR_PERSON = ("the person must have the bot's app installed (people[].teams is their Teams id, 29:..., or their "
+              "Entra object id)")
 NO_TENANT_WAIT = 60.0  # seconds before a page that waits for a tenant (see _personal) is tried again
 FAILED = "Something went wrong while handling that; the details are in the bot's log."
 INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
@@ -152,13 +155,15 @@ def delivery_error(what: str, exc: Exception) -> DeliveryError:
                                  "adapters.teams.app_id and app_password (and tenant_id for a single-tenant app)",
                                  permanent=True, token_refused=True)
         if status == 403:
-            return DeliveryError(f"teams {what}: forbidden (403){said}: the bot is not in that conversation; add the "
-                                 "app to the team (or chat) of channels[].chat, or ask the person to install it",
-                                 permanent=True)
+            hint = FOR_PERSON if what in PERSONAL else ("the bot is not in that conversation; add the app to the team "
+                                                        "(or chat) of channels[].chat")
+            return DeliveryError(f"teams {what}: forbidden (403){said}: {hint}", permanent=True)
         if status == 404:
-            return DeliveryError(f"teams {what}: not found (404){said}: the conversation or message is not there "
-                                 "(deleted, or channels[].chat is not a conversation id such as "
-                                 "19:...@thread.tacv2)", permanent=True, gone=what == "update")
+            hint = FOR_PERSON if what in PERSONAL else ("the conversation or message is not there (deleted, or "
+                                                        "channels[].chat is not a conversation id such as "
+                                                        "19:...@thread.tacv2)")
+            return DeliveryError(f"teams {what}: not found (404){said}: {hint}", permanent=True,
+                                 gone=what == "update")
         if 400 <= status < 500:
             return DeliveryError(f"teams {what}: refused ({status}){said}", permanent=True)
         return DeliveryError(f"teams {what}: the Bot Connector failed ({status}){said}")
@@ -592,9 +597,10 @@ class TeamsAdapter:
                             "whether it was, so the retry may show it twice", what, conversation, failure(exc))
             raise error from exc
 
-    async def send(self, chat_id: str, message: Outbound) -> MessageRef:
+    async def send(self, chat_id: str, message: Outbound, what: str = "send") -> MessageRef:
+        """`what`: "page" for a person's private chat (a refusal then says what to do about the person)."""
         activity = self.to_activity(message)
-        sent = await self._call("send", chat_id, lambda c: c.conversations.send_to_conversation(chat_id, activity))
+        sent = await self._call(what, chat_id, lambda c: c.conversations.send_to_conversation(chat_id, activity))
         return MessageRef(PLATFORM, chat_id, sent.id, None)
 
     async def update(self, ref: MessageRef, message: Outbound) -> None:
@@ -639,11 +645,9 @@ class TeamsAdapter:
         except DeliveryError as exc:
             exc.unknown = False  # only the chat was being opened: nothing reached the person yet
             if exc.permanent and not exc.token_refused:
-                raise DeliveryError(f"teams: cannot open a chat with {user_id} ({exc}); the person must have the "
-                                    "bot's app installed (people[].teams is their Teams id, 29:..., or their "
-                                    "Entra object id)", permanent=True) from exc
+                raise DeliveryError(f"teams: cannot open a chat with {user_id} ({exc})", permanent=True) from exc
             raise
-        return await self.send(conversation, message)
+        return await self.send(conversation, message, "page")
 
     async def _personal(self, user_id: str) -> str:
         """The id of the bot's 1:1 chat with a person (Teams gives the same one each time). Teams opens one only in

@@ -550,3 +550,22 @@ async def test_a_refusal_for_a_missing_or_empty_token_is_logged_as_what_it_is(
         assert said == ["teams: refused an activity: no Authorization header",
                         "teams: refused an activity: an empty bearer token",
                         "teams: refused an activity: an empty bearer token"]
+
+
+async def test_a_refusal_says_what_to_do_about_what_was_being_done(tmp_path: Path) -> None:
+    """A 403 on a page (opening the person's chat, or posting in it) is about the person's app, not channels[].chat."""
+    async with teams_bot(tmp_path, tenant_id=TENANT) as (h, bf):
+        teams = h.bot.adapters["teams"]
+        message = Outbound("text", {"text": "hello"}, text="hello")
+        for method in ("create", "send"):
+            bf.fail(method, 403)
+            with pytest.raises(DeliveryError) as refused_:
+                await teams.page(BOB_AAD, message)
+            said = str(refused_.value)
+            assert refused_.value.permanent and "must have the bot's app installed" in said, method
+            assert "channels[].chat" not in said, method
+        bf.fail("send", 403)
+        with pytest.raises(DeliveryError) as channel:
+            await teams.send(CHANNEL, message)
+        assert "add the app to the team (or chat) of channels[].chat" in str(channel.value)
+        assert "installed" not in str(channel.value)
