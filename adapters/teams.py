@@ -56,7 +56,8 @@ ACTIVITY_RETRIES = timedelta(hours=1)  # how long an activity id is claimed agai
 SEEN_KEPT = 1000
 AUTH_WAIT = 10.0  # seconds a request's token may take to check (fetching the signing keys): a 503 after that
 TIMEOUT = 15  # seconds for one Bot Connector call (msrest sets none: aiohttp's default is 5 minutes)
-POSTS = ("send", "reply", "page")  # the calls that post a message (a lost one may be posted again: see _call)
+# The calls that post a message the outbox posts again when it got no answer (see _call); a page it never sends twice
+POSTS = ("send", "reply")
 PERSONAL = ("create", "page")  # the calls for a person, in their private chat with the bot (see delivery_error)
 FOR_PERSON = ("the person must have the bot's app installed (people[].teams is their Teams id, 29:..., or their "
               "Entra object id)")
@@ -438,7 +439,7 @@ class TeamsAdapter:
     async def _answerable(self, turn: TurnContext) -> None:
         """The bot's token for the turn's answers; refused (a wrong app_password), the activity is acted on all the
         same (an acknowledgement stops the paging) and answered 200, since a redelivery cannot help until someone
-        fixes the password, but nothing is sent back (see _mute)."""
+        fixes the password, but nothing is sent back (MUTED)."""
         try:
             await self._token(turn.turn_state.get(self.cloud.BOT_CONNECTOR_CLIENT_KEY))
         except Exception as exc:
@@ -490,9 +491,7 @@ class TeamsAdapter:
         event = ActionEvent(decoded.action.value, decoded.incident_id, decoded.arg, self.actor_of(activity),
                             source if activity.reply_to_id else None, event_id=activity.id or "", tag=decoded.tag)
         reply = await self._dispatch(self.dispatcher.handle_action(event), handling)
-        if reply is None:
-            return
-        if turn.turn_state.get(MUTED):
+        if reply is None or turn.turn_state.get(MUTED):
             return
         if reply.settle is not None and activity.reply_to_id and is_personal(activity):
             # answered: no more buttons (a direct message's question)
@@ -592,7 +591,7 @@ class TeamsAdapter:
             error = delivery_error(what, exc)
             if error.unknown and what in POSTS:
                 # Slack's posts carry a key the retry looks for first; Teams has no way to find a post by anything
-                # the bot put in it, so the outbox posts it again (a page is not: see README, "Escalation").
+                # the bot put in it, so the outbox posts it again (a page is not: README, "Escalation and paging").
                 log.warning("teams: a %s in %s got no answer (%s): it may have been posted, and Teams cannot be asked "
                             "whether it was, so the retry may show it twice", what, conversation, failure(exc))
             raise error from exc
