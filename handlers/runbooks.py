@@ -5,7 +5,10 @@ A request is a `RunbookRun` row, written with its audit event and its thread lin
 approved by the click; medium and high wait for an approver, who is asked in a direct message with Approve / Reject
 (and the thread says who asks to run what). The server decides every approval: the clicker has the `approver` role
 (the dispatcher), is not the one who asked (four eyes), the run still waits (a double click approves once) and the
-incident is open; else they are told why.
+incident is open; else they are told why. What is approved is still what app.yaml says now: the runbook still applies
+to the incident and runs the same steps, and the incident was not resolved since it was asked for; else the request is
+cancelled (it could never be approved as asked). A request nobody decides expires after REQUEST_TTL, and one whose
+incident is resolved is cancelled (`sweep`): neither waits for ever in the way of asking again.
 
 What runs is the argv app.yaml gives, word for word, as it was when the run was asked for: no shell, and nothing of
 an alert (its labels, annotations, text) is put into it. Each step runs in a process group of its own, stdin closed,
@@ -37,11 +40,11 @@ from bot.clock import Clock
 from bot.config import APPROVER, Config, Person
 from bot.incidents import RESOLVED
 from bot.model import Actor
-from bot.view import command_line, one_line, runbooks_for
+from bot.view import command_line, one_line, runbooks_for, span
 from handlers.notify import button_spec, queue_direct, queue_thread_line
 from storage.audit import AuditLog, Entry
 from storage.db import Database
-from storage.models import Incident, RunbookRun
+from storage.models import AuditEvent, Incident, RunbookRun
 
 log = logging.getLogger("chatops.runbooks")
 SYSTEM = Actor("system", "runbooks", "Runbooks")  # the bot running what was approved
@@ -50,6 +53,8 @@ TAIL_LINES, TAIL_CHARS = 20, 3000  # the output kept and shown: its end
 READ_LIMIT = 64 * 1024  # bytes of a step's output held while it runs (its end)
 WAITING, APPROVED, REJECTED, RUNNING = "requested", "approved", "rejected", "running"
 SUCCEEDED, FAILED, INTERRUPTED = "succeeded", "failed", "interrupted"
+EXPIRED, CANCELLED = "expired", "cancelled"  # a request nobody decided in time; one that can no longer be approved
+REQUEST_TTL = timedelta(hours=1)  # how long a request waits for an approver
 OPEN_STATES = (WAITING, APPROVED, RUNNING)
 GRACE = timedelta(minutes=1)  # past a run's time limit: it was killed, or its bot is gone, by then
 SWEEP_EVERY = 60.0  # seconds between looks for runs whose bot stopped (another replica's, on PostgreSQL)
@@ -200,7 +205,7 @@ class RunbookHandlers:
                              f"{self.names.get(pending.requested_by, pending.requested_by)}): nothing more was done.")
             low = runbook.risk == "low"
             run = RunbookRun(incident_id=incident_id, runbook_id=runbook.id, title=runbook.title, risk=runbook.risk,
-                             steps=[{"run": list(s.run), "timeout": s.timeout.total_seconds()} for s in runbook.steps],
+                             steps=asked_steps(runbook),
                              status=APPROVED if low else WAITING, requested_by=person.id, requested_at=now)
             session.add(run)
             await session.flush()
@@ -264,29 +269,69 @@ class RunbookHandlers:
             refusal = self._refusal(run, incident, person, approve)
             if refusal is not None:
                 return Reply(refusal)
-            values: dict[str, Any] = ({"status": APPROVED, "approved_by": person.id, "approved_at": now} if approve
-                                      else {"status": REJECTED, "rejected_by": person.id, "rejected_at": now,
-                                            "reason": reason or None})
-            # (only while it waits: a click at another replica meanwhile decided it, and this one decides nothing)
-            done = await session.execute(update(RunbookRun).where(RunbookRun.id == run.id, RunbookRun.status == WAITING)
-                                         .values(**values).execution_options(synchronize_session=False))
-            if done.rowcount != 1:
-                return Reply(f"{run.title} on #{incident.id} was decided a moment ago by someone else.")
-            verb = "approved" if approve else "rejected"
-            await self.audit.append_many(session, [Entry(f"runbook.{verb}", actor, "runbook_run", str(run.id), now,
-                                                         {"runbook": run.runbook_id, "requested_by": run.requested_by,
-                                                          **({"reason": reason} if reason else {})}, incident.id)])
             asked = self.names.get(run.requested_by, run.requested_by)
-            line = f"{person.name} {verb} running runbook {run.title} (asked by {asked})" + (
-                f": {one_line(reason, 200)}" if reason else "")
-            queue_thread_line(session, incident, now, f"runbook.{verb}", {"line": line})
+            stale = await self._stale(session, run, incident) if approve else None
+            if stale is not None:  # (it can never be approved as asked: out of the way of asking again)
+                status, values = CANCELLED, {"reason": stale}
+                line = f"{asked}'s request to run {run.title} was cancelled: {stale}"
+            elif approve:
+                status, values = APPROVED, {"approved_by": person.id, "approved_at": now}
+                line = f"{person.name} approved running runbook {run.title} (asked by {asked})"
+            else:
+                status, values = REJECTED, {"rejected_by": person.id, "rejected_at": now, "reason": reason or None}
+                line = f"{person.name} rejected running runbook {run.title} (asked by {asked})" + (
+                    f": {one_line(reason, 200)}" if reason else "")
+            if not await self._settle(session, run, incident, now, actor, status, values, line):
+                return Reply(f"{run.title} on #{incident.id} was decided a moment ago by someone else.")
         self.delivered()
+        if stale is not None:
+            return Reply(stale)
         if approve:
             await self.start(run.id)  # type: ignore[arg-type]
             return Reply(f"Approved: {run.title} runs on #{incident.id} now.",
                          settle=f"You approved running {run.title} on #{incident.id}.")
         return Reply(f"Rejected: {run.title} does not run on #{incident.id}.",
                      settle=f"You rejected running {run.title} on #{incident.id}.")
+
+    async def _settle(self, session: AsyncSession, run: RunbookRun, incident: Incident | None, now: datetime,
+                      actor: Actor, status: str, values: dict[str, Any], line: str) -> bool:
+        """End a request's wait (approved, rejected, cancelled or expired), with its audit event and thread line;
+        False if it no longer waits (a click at another replica, or a sweep, decided it meanwhile: nothing is done)."""
+        values = {"status": status, **values}
+        if status in (CANCELLED, EXPIRED):
+            values["finished_at"] = now
+        done = await session.execute(update(RunbookRun).where(RunbookRun.id == run.id, RunbookRun.status == WAITING)
+                                     .values(**values).execution_options(synchronize_session=False))
+        if done.rowcount != 1:
+            return False
+        reason = values.get("reason")
+        await self.audit.append_many(session, [Entry(f"runbook.{status}", actor, "runbook_run", str(run.id), now,
+                                                     {"runbook": run.runbook_id, "requested_by": run.requested_by,
+                                                      **({"reason": reason} if reason else {})}, run.incident_id)])
+        if incident is not None:
+            queue_thread_line(session, incident, now, f"runbook.{status}", {"line": line})
+        return True
+
+    async def _stale(self, session: AsyncSession, run: RunbookRun, incident: Incident) -> str | None:
+        """Why approving `run` would no longer run what was asked for, or None: app.yaml (as this bot loaded it)
+        dropped the runbook from the incident or changed its steps since, or the incident was resolved since (and
+        reopened: a request of the incident before is not one of the incident now)."""
+        asked = self.names.get(run.requested_by, run.requested_by)
+        runbook = next((rb for rb in runbooks_for(incident, self.config.runbooks) if rb.id == run.runbook_id), None)
+        if runbook is None:
+            return (f"{run.title} no longer applies to #{incident.id} in app.yaml (it changed since {asked} asked), so "
+                    "it was not approved.")
+        if asked_steps(runbook) != run.steps:
+            return f"{run.title} changed in app.yaml since {asked} asked; ask again."
+        requested = select(AuditEvent.seq).where(AuditEvent.action == "runbook.requested",
+                                                 AuditEvent.subject_id == str(run.id)).scalar_subquery()
+        resolved = (await session.execute(select(AuditEvent.seq).where(
+            AuditEvent.incident_id == incident.id, AuditEvent.action == "incident.resolved",
+            AuditEvent.seq > requested).limit(1))).first()
+        if resolved is not None:
+            return (f"#{incident.id} was resolved after {asked} asked to run {run.title}, so it was not approved; ask "
+                    "again if it still needs it.")
+        return None
 
     def _refusal(self, run: RunbookRun, incident: Incident, person: Person, approve: bool) -> str | None:
         """Why this decision is not taken, in the words the clicker needs; None when it is."""
@@ -296,7 +341,9 @@ class RunbookHandlers:
             who = "you" if by == person.id else self.names.get(by or "", by or "someone")
             said = {APPROVED: f"was already approved by {who}", RUNNING: f"is already running (approved by {who})",
                     REJECTED: f"was already rejected by {who}", SUCCEEDED: "already ran", FAILED: "already ran",
-                    INTERRUPTED: "already ran (and was interrupted)"}[run.status]
+                    INTERRUPTED: "already ran (and was interrupted)",
+                    EXPIRED: f"expired (nobody approved it within {span(REQUEST_TTL)})",
+                    CANCELLED: f"was cancelled ({run.reason})" if run.reason else "was cancelled"}[run.status]
             return f"{what} {said}: nothing more was done."
         if approve and run.requested_by == person.id:
             return (f"You asked to run {what}, so someone else must approve it (four eyes): another person with the "
@@ -414,7 +461,33 @@ class RunbookHandlers:
         if runs:
             log.warning("runbooks: %d run(s) cut short by a stop marked interrupted", len(runs))
             self.delivered()
-        return len(runs)
+        return len(runs) + await self._end_waits(now)
+
+    async def _end_waits(self, now: datetime) -> int:
+        """Requests that wait too long expire (REQUEST_TTL), and those of a resolved incident are cancelled: each with
+        its audit event and thread line, and out of the way of asking again."""
+        ended = 0
+        async with self.db.transaction() as session:
+            query = (select(RunbookRun, Incident).join(Incident, Incident.id == RunbookRun.incident_id)
+                     .where(RunbookRun.status == WAITING))
+            if self.db.is_postgres:
+                query = query.with_for_update(of=RunbookRun, skip_locked=True)
+            for run, incident in (await session.execute(query)).all():
+                asked = self.names.get(run.requested_by, run.requested_by)
+                if incident.status == RESOLVED:
+                    reason = f"#{incident.id} was resolved before anyone approved it"
+                    status = CANCELLED
+                elif now - run.requested_at > REQUEST_TTL:
+                    reason = f"nobody approved it within {span(REQUEST_TTL)}"
+                    status = EXPIRED
+                else:
+                    continue
+                said = "expired" if status == EXPIRED else "was cancelled"
+                ended += await self._settle(session, run, incident, now, SYSTEM, status, {"reason": reason},
+                                            f"{asked}'s request to run {run.title} {said}: {reason}")
+        if ended:
+            self.delivered()
+        return ended
 
     async def stop(self) -> None:
         """Stop the runs in progress (their processes are killed); they are marked interrupted at the next start."""
@@ -427,6 +500,11 @@ class RunbookHandlers:
         """Wait for the runs in progress to end (tests)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def asked_steps(runbook: Any) -> list[dict[str, Any]]:
+    """A runbook's steps as a run keeps them: what was asked for, and what an approval is compared with."""
+    return [{"run": list(s.run), "timeout": s.timeout.total_seconds()} for s in runbook.steps]
 
 
 def overdue(run: RunbookRun, now: datetime) -> bool:

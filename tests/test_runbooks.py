@@ -340,3 +340,77 @@ async def test_a_replica_starting_leaves_another_replicas_run_alone_until_it_is_
                     assert [r.status for r in await runs(b)] == ["interrupted"]
     finally:
         await drop_schema(url, pg_schema)
+
+
+# -- a request that waits does not wait for ever ------------------------------------------------------------------
+
+
+async def test_an_approval_is_checked_against_app_yaml_as_it_is_now(tmp_path: Path) -> None:
+    """A request waits across a restart: if app.yaml dropped the runbook, or changed what it runs, since it was asked
+    for, the approver is told so and nothing runs (what they would approve is no longer what app.yaml says)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    async with FakeSlack() as fake:
+        async with running_bot(url, slack_config(fake), people=PEOPLE, base=runbook_config(tmp_path)) as h:
+            s = Slack(h, fake)
+            ts = await posted(s)
+            assert "Asked to run Restart web" in (await s.answer(await s.command("/incident", "runbook 1 restart")))["text"]
+            assert "Asked to run Hang" in (await s.answer(await s.command("/incident", "runbook 1 hang")))["text"]
+        changed = (runbook_config(tmp_path).replace("[greet, restart, broken,", "[greet, broken,")
+                   .replace("timeout: 5m}", "timeout: 6m}"))
+        changed = "\n".join(line for line in changed.split("\n") if "id: restart," not in line
+                            and "restart.jsonl" not in line)
+        async with running_bot(url, slack_config(fake), people=PEOPLE, base=changed) as h:
+            s = Slack(h, fake)
+            _, _, key = await s.click("apv:1:1", ts, user="U02BOB")
+            assert (await s.answer(key))["text"] == ("Restart web no longer applies to #1 in app.yaml (it changed since "
+                                                      "Alice asked), so it was not approved.")
+            _, _, key = await s.click("apv:1:2", ts, user="U02BOB")
+            assert (await s.answer(key))["text"] == "Hang changed in app.yaml since Alice asked; ask again."
+            await h.bot.runbooks.idle()
+            assert [(r.status, r.approved_by) for r in await runs(h)] == [("cancelled", None), ("cancelled", None)]
+            assert recorded(tmp_path / "restart.jsonl") == []
+            await thread_says(s, ts, "Alice's request to run Hang was cancelled: Hang changed in app.yaml")
+            assert [a for a in await h.actions(1) if a.startswith("runbook.")] == [
+                "runbook.requested", "runbook.requested", "runbook.cancelled", "runbook.cancelled"]
+            # no longer in the way: Hang can be asked for again, as app.yaml says it now
+            assert "Asked to run Hang" in (await s.answer(await s.command("/incident", "runbook 1 hang")))["text"]
+
+
+async def test_a_request_made_before_the_incident_was_resolved_and_reopened_is_not_approved(
+        slack: Slack, tmp_path: Path) -> None:
+    s = slack
+    ts = await posted(s)
+    await s.answer(await s.command("/incident", "runbook 1 restart"))
+    assert "Resolved" in (await s.answer(await s.command("/incident", "resolve 1", user="U02BOB")))["text"]
+    assert "Reopened" in (await s.answer(await s.command("/incident", "reopen 1", user="U02BOB")))["text"]
+    _, _, key = await s.click("apv:1:1", ts, user="U02BOB")
+    assert (await s.answer(key))["text"] == ("#1 was resolved after Alice asked to run Restart web, so it was not "
+                                              "approved; ask again if it still needs it.")
+    await s.h.bot.runbooks.idle()
+    [run] = await runs(s.h)
+    assert run.status == "cancelled" and recorded(tmp_path / "restart.jsonl") == []
+
+
+async def test_a_waiting_request_expires_and_one_on_a_resolved_incident_is_cancelled(slack: Slack, tmp_path: Path) -> None:
+    s = slack
+    ts = await posted(s)
+    await s.answer(await s.command("/incident", "runbook 1 restart"))
+    s.h.clock.advance(timedelta(minutes=59))
+    await s.h.bot.runbooks.sweep()
+    assert [r.status for r in await runs(s.h)] == ["requested"]  # within its hour
+    s.h.clock.advance(timedelta(minutes=2))
+    await s.h.bot.runbooks.sweep()
+    assert [r.status for r in await runs(s.h)] == ["expired"]
+    await thread_says(s, ts, "Alice's request to run Restart web expired: nobody approved it within 1 h")
+    _, _, key = await s.click("apv:1:1", ts, user="U02BOB")
+    assert (await s.answer(key))["text"] == ("Restart web on #1 expired (nobody approved it within 1 h): nothing more "
+                                              "was done.")
+    assert recorded(tmp_path / "restart.jsonl") == []
+
+    await s.answer(await s.command("/incident", "runbook 1 hang"))
+    await s.answer(await s.command("/incident", "resolve 1", user="U02BOB"))
+    await s.h.bot.runbooks.sweep()
+    assert [r.status for r in await runs(s.h)] == ["expired", "cancelled"]
+    await thread_says(s, ts, "Alice's request to run Hang was cancelled: #1 was resolved before anyone approved it")
+    assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == [
+        "runbook.requested", "runbook.expired", "runbook.requested", "runbook.cancelled"]
