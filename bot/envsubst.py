@@ -8,6 +8,9 @@ Any other `${...}` (the shell's `${VAR:?message}`, `${VAR-x}`, `${VAR:=x}`, one 
 its text: taken as written, `bearer: ${AM_TOKEN:?set it}` became the token. So is a bare `$NAME` in a secret (which
 the shell would substitute, and this does not); a secret that holds such text comes from a variable, whose value is
 never looked into.
+
+A runbook step's `run` is the exception: it is the text the started program reads (its shell's `${VAR}`), so it is
+kept exactly as written, and nothing of the bot's environment is put into it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Malformed:
 _UNSUPPORTED = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)?(:?[-=?+])?")
 _BARE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
 _ONLY = "only ${VAR} and ${VAR:-default}"
+_STEP_RUN = re.compile(r"^runbooks\[\d+\]\.steps\[\d+\]\.run(\[\d+\])?$")  # what a runbook step runs: never substituted
 
 
 def _literal_problem(text: str, secret: bool) -> str | None:
@@ -98,9 +102,13 @@ def resolve(node: Any, refs: list[tuple[str | None, str | None]], env: Mapping[s
         return [resolve(v, refs, env, secret=secret, origins=origins, path=f"{path}[{i}]") for i, v in enumerate(node)]
     if not isinstance(node, str):
         return node
+    if _STEP_RUN.match(path):
+        # A runbook step's command is the started program's text (`sh -c "...${INSTANCE%%:*}"`, `echo $HOME`), which it
+        # reads with its own environment of PATH and LANG: substituted here, `${SLACK_SIGNING_SECRET}` put the bot's
+        # secret in the dialog, the thread and the audit log. Kept exactly as written, every form.
+        return _TOKEN.sub(lambda m: _written(*refs[int(m.group(1))]), node)
     key = path.rsplit(".", 1)[-1].split("[", 1)[0]
     hidden = secret(key) or _url_password(node) is not None
-    # A runbook's command is the shell's text when it runs `sh -c "...${INSTANCE%%:*}"`: kept as written, as before.
     problem = None if path.startswith("runbooks[") and not hidden else _literal_problem(_TOKEN.sub("\0", node), hidden)
     if problem:
         return Malformed(problem)
@@ -132,6 +140,13 @@ def resolve(node: Any, refs: list[tuple[str | None, str | None]], env: Mapping[s
     if used and origins is not None:
         origins[path] = (used, value)
     return missing[0] if missing else value
+
+
+def _written(name: str | None, default: str | None) -> str:
+    """A reference as app.yaml wrote it (what `protect` replaced by a token)."""
+    if name is None:
+        return "$${"
+    return "${" + name + (f":-{default}" if default is not None else "") + "}"
 
 
 def _url_password(text: str) -> str | None:

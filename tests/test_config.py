@@ -940,3 +940,19 @@ def test_a_malformed_variable_in_a_secret_shows_no_more_than_a_name() -> None:
                      "for a literal ${)",
                      "sources[0].auth.bearer: ${AM has no closing } (only ${VAR} and ${VAR:-default} are supported; "
                      "write $${ for a literal ${)"]
+
+
+def test_a_runbook_step_keeps_its_variables_as_written_and_never_gets_the_bots_secrets() -> None:
+    """A step's `${VAR}` is the started program's text (its shell's, with only PATH and LANG): substituted from the
+    bot's environment as app.yaml loaded, `echo ${SLACK_SIGNING_SECRET}` put the secret in the Slack dialog, the
+    thread and the audit log, and a variable the bot does not have stopped the config."""
+    step = "sh, -c, 'echo ${SLACK_SIGNING_SECRET} ${UNSET_HERE} ${HOME:-/root} $${ $PATH'"
+    text = (BASE.replace("steps: [{run: [systemctl, restart, nginx]}]", f"steps: [{{run: [{step}], timeout: 5s}}]")
+            .replace("channels:\n", "adapters:\n  slack: {bot_token: xoxb-1, signing_secret: '${SLACK_SIGNING_SECRET}'}"
+                     "\nchannels:\n", 1) + ROUTES)
+    secret = "s3cret-signing-0123456789"
+    loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env={"SLACK_SIGNING_SECRET": secret, "HOME": "/h"})
+    assert loaded.config.runbooks[0].steps[0].run == [
+        "sh", "-c", "echo ${SLACK_SIGNING_SECRET} ${UNSET_HERE} ${HOME:-/root} $${ $PATH"]
+    assert secret not in repr(loaded.config.runbooks)
+    assert secret in repr(loaded.adapters["slack"])  # (elsewhere a variable is still substituted)
