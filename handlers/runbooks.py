@@ -50,6 +50,9 @@ log = logging.getLogger("chatops.runbooks")
 SYSTEM = Actor("system", "runbooks", "Runbooks")  # the bot running what was approved
 
 TAIL_LINES, TAIL_CHARS = 20, 3000  # the output kept and shown: its end
+RECENT_RUNS = 5  # the runs `/incident runbook ID` lists
+LINE_MAX, HEAD_MAX = 300, 200  # a thread line (bot.view.thread_line cuts it there); of it, what the steps may take
+COMMAND_MAX = 80  # of a step's command on that line (the dialog, the request and `/incident runbook` show it whole)
 READ_LIMIT = 64 * 1024  # bytes of a step's output held while it runs (its end)
 WAITING, APPROVED, REJECTED, RUNNING = "requested", "approved", "rejected", "running"
 SUCCEEDED, FAILED, INTERRUPTED = "succeeded", "failed", "interrupted"
@@ -90,9 +93,10 @@ class StepResult:
     def ok(self) -> bool:
         return self.exit == 0 and not self.timed_out and not self.error
 
-    def said(self) -> str:
-        """`step 1 `systemctl restart nginx` exit 0 in 1.2 s`, timed out, or could not start."""
-        head = f"step {self.step} `{command_line(self.argv)}`"
+    def said(self, width: int = 200) -> str:
+        """`step 1 `systemctl restart nginx` exit 0 in 1.2 s`, timed out, or could not start (the command cut to
+        `width` characters)."""
+        head = f"step {self.step} `{one_line(command_line(self.argv), width)}`"
         if self.timed_out:
             return f"{head} timed out after {self.seconds:.1f} s and was killed"
         if self.error:
@@ -170,15 +174,33 @@ class RunbookHandlers:
         """`/incident runbook ID`: the runbooks that apply, and how to run one."""
         async with self.db.sessions() as session:
             incident = await session.get(Incident, incident_id) if incident_id <= MAX_ID else None
+            recent = [] if incident is None else list((await session.execute(
+                select(RunbookRun).where(RunbookRun.incident_id == incident_id)
+                .order_by(RunbookRun.id.desc()).limit(RECENT_RUNS))).scalars().all())
         if incident is None:
             return Reply(f"There is no incident #{echoed(str(incident_id))}.")
         found = runbooks_for(incident, self.config.runbooks)
         if not found:
-            return Reply(f"No runbook applies to #{incident_id}: none its route lists matches its labels.")
-        lines = [f"`{rb.id}`: {rb.title} ({rb.risk} risk): "
-                 + "; then ".join(f"`{command_line(s.run)}`" for s in rb.steps) for rb in found]
-        return Reply(f"Runbooks for #{incident_id} (run one with `/incident runbook {incident_id} RUNBOOK`):\n"
-                     + "\n".join(lines))
+            said = f"No runbook applies to #{incident_id}: none its route lists matches its labels."
+        else:
+            said = (f"Runbooks for #{incident_id} (run one with `/incident runbook {incident_id} RUNBOOK`):\n"
+                    + "\n".join(f"`{rb.id}`: {rb.title} ({rb.risk} risk): "
+                                + "; then ".join(f"`{command_line(s.run)}`" for s in rb.steps) for rb in found))
+        return Reply(said + self._recent(recent))
+
+    def _recent(self, runs: list[RunbookRun]) -> str:
+        """The incident's latest runs with their status, and the output the latest one that ran kept (the thread's
+        line has only as much of it as fits)."""
+        if not runs:
+            return ""
+        lines = [f"{run.id}. {run.title}: {run.status} (asked by {self.names.get(run.requested_by, run.requested_by)}"
+                 + (f", approved by {self.names.get(run.approved_by, run.approved_by)}" if run.approved_by else "")
+                 + (f"; {one_line(run.reason, 200)}" if run.reason else "") + ")" for run in runs]
+        said = "\n\nLatest runs, newest first:\n" + "\n".join(lines)
+        ran = next((run for run in runs if run.results), None)
+        if ran is not None and ran.output:
+            said += f"\n\nOutput of {ran.id}. {ran.title} ({ran.status}), its last lines:\n```\n{ran.output}\n```"
+        return said
 
     async def request(self, incident_id: int, runbook_id: str, actor: Actor, person: Person, tag: str = "") -> Reply:
         """Ask to run `runbook_id` on the incident: low risk runs at once, the others wait for an approver."""
@@ -420,13 +442,29 @@ class RunbookHandlers:
 
     def _result_line(self, run: RunbookRun, results: list[StepResult], ok: bool, output: str) -> str:
         """"Runbook Restart nginx (approved by Bob) finished: step 1 `systemctl restart nginx` exit 0 in 1.2 s",
-        or failed, with the end of the output."""
+        or failed, with the end of the output. A thread line holds LINE_MAX characters and is cut at its end, where
+        a failure's error is: the line is budgeted here instead, the steps first (each command cut to COMMAND_MAX, the
+        whole to HEAD_MAX), then as many of the output's LAST lines as fit, after a "…" when earlier ones were left out (the run keeps them all)."""
         by = (f"approved by {self.names.get(run.approved_by, run.approved_by)}" if run.approved_by
               else f"asked by {self.names.get(run.requested_by, run.requested_by)}")
-        steps = "; ".join(r.said() for r in results) or "no step ran"
-        last = output.strip().replace("\n", " | ")
-        return f"Runbook {run.title} ({by}) {'finished' if ok else 'failed'}: {steps}" + (
-            f". Output: {last}" if last else "")
+        said = [r.said(COMMAND_MAX) for r in results]
+        steps = "; ".join(said) or "no step ran"
+        if len(said) > 1 and len(steps) > HEAD_MAX // 2:  # (the run stopped at the last: the ones before went well)
+            steps = ("step 1" if len(said) == 2 else f"steps 1-{len(said) - 1}") + f" exit 0; {said[-1]}"
+        head = one_line(f"Runbook {run.title} ({by}) {'finished' if ok else 'failed'}: {steps}", HEAD_MAX)
+        lines = [said for said in (" ".join(line.split()) for line in output.split("\n")) if said]
+        if not lines:
+            return head
+        room = LINE_MAX - len(head) - len(". Output: \u2026 ")
+        kept: list[str] = []
+        for line in reversed(lines):
+            if len(" | ".join([line, *kept])) > room:
+                break
+            kept.insert(0, line)
+        if not kept:  # (the last line alone is too long: its end)
+            kept = [lines[-1][-room:]]
+        said = " | ".join(kept)
+        return f"{head}. Output: " + (said if said == " | ".join(lines) else f"\u2026 {said}")
 
     async def at_start(self) -> int:
         """Runs a stop cut short become `interrupted` (see `sweep`). On SQLite one bot serves the store, so every run

@@ -414,3 +414,51 @@ async def test_a_waiting_request_expires_and_one_on_a_resolved_incident_is_cance
     await thread_says(s, ts, "Alice's request to run Hang was cancelled: #1 was resolved before anyone approved it")
     assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == [
         "runbook.requested", "runbook.expired", "runbook.requested", "runbook.cancelled"]
+
+
+# -- what a run says, and what it leaves behind --------------------------------------------------------------------
+
+NOISY = "for i in range(30):\n    print(f'progress {i:02d} ' + 'x' * 40)\nprint('FATAL: disk is full on /var')\nraise SystemExit(1)\n"
+ORPHAN = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+open(sys.argv[1], "w").write(str(child.pid))
+print("left a child behind")
+"""
+DAVE = "  - {id: dave, name: Dave, roles: [responder], slack: U05DAVE}\n"  # asks, cannot approve
+
+
+def more_runbooks(tmp: Path) -> str:
+    """runbook_config and two more: Noisy (much output, the error last) and Orphan (leaves a child running)."""
+    (tmp / "noisy.py").write_text(NOISY)
+    (tmp / "orphan.py").write_text(ORPHAN)
+    py = json.dumps(sys.executable)
+    return runbook_config(tmp).replace("hang, elsewhere]", "hang, elsewhere, noisy, orphan]") + f"""
+  - {{id: noisy, title: Noisy, steps: [{{run: [{py}, {json.dumps(str(tmp / "noisy.py"))}]}}]}}
+  - {{id: orphan, title: Orphan, steps: [{{run: [{py}, {json.dumps(str(tmp / "orphan.py"))},
+                                                 {json.dumps(str(tmp / "orphan.pid"))}]}}]}}
+"""
+
+
+@pytest.fixture
+async def more(tmp_path: Path, pg_schema: str) -> AsyncIterator[Slack]:
+    async with FakeSlack() as fake, bot_on("sqlite", tmp_path, pg_schema, slack_config(fake), people=PEOPLE + DAVE,
+                                           base=more_runbooks(tmp_path)) as h:
+        yield Slack(h, fake)
+
+
+async def test_a_failed_runs_line_keeps_the_end_of_its_output_where_the_error_is(more: Slack) -> None:
+    s = more
+    ts = await posted(s)
+    await s.answer(await s.command("/incident", "runbook 1 noisy"))
+    await thread_says(s, ts, "Runbook Noisy")
+    [line] = [p["text"] for p in s.posts(thread=ts) if "Runbook Noisy" in p["text"]]
+    assert line.startswith("Runbook Noisy (asked by Alice) failed: step 1 `") and "exit 1 in" in line
+    assert line.endswith("progress 29 " + "x" * 40 + " | FATAL: disk is full on /var")  # the last lines, whole
+    assert "Output: \u2026" in line and "progress 00" not in line and len(line) <= 300
+    [run] = await runs(s.h)
+    assert run.output.startswith("progress 11 ") and run.output.endswith("FATAL: disk is full on /var")
+    # the whole output the run kept: `/incident runbook ID` lists the latest runs, and the last one's output
+    answer = (await s.answer(await s.command("/incident", "runbook 1")))["text"]
+    assert "Latest runs, newest first:\n1. Noisy: failed (asked by Alice)" in answer
+    assert f"Output of 1. Noisy (failed), its last lines:\n```\n{run.output}\n```" in answer
