@@ -12,7 +12,8 @@ incident is resolved is cancelled (`sweep`): neither waits for ever in the way o
 
 What runs is the argv app.yaml gives, word for word, as it was when the run was asked for: no shell, and nothing of
 an alert (its labels, annotations, text) is put into it. Each step runs in a process group of its own, stdin closed,
-with only PATH and LANG in its environment, bounded by its timeout (then its whole group is killed); the steps run
+with only PATH and LANG in its environment, bounded by its timeout (its whole group is killed then, and when it exits:
+nothing it started outlives it); the steps run
 in order and stop at the first that fails. A replica runs a run only after claiming it (approved -> running, one
 conditional UPDATE: one replica wins); a run still `running` when the bot starts was cut short by a stop and becomes
 `interrupted`, never run again on its own.
@@ -54,6 +55,7 @@ RECENT_RUNS = 5  # the runs `/incident runbook ID` lists
 LINE_MAX, HEAD_MAX = 300, 200  # a thread line (bot.view.thread_line cuts it there); of it, what the steps may take
 COMMAND_MAX = 80  # of a step's command on that line (the dialog, the request and `/incident runbook` show it whole)
 READ_LIMIT = 64 * 1024  # bytes of a step's output held while it runs (its end)
+EXIT_POLL = 0.05  # seconds between looks at whether a step's process exited
 WAITING, APPROVED, REJECTED, RUNNING = "requested", "approved", "rejected", "running"
 SUCCEEDED, FAILED, INTERRUPTED = "succeeded", "failed", "interrupted"
 EXPIRED, CANCELLED = "expired", "cancelled"  # a request nobody decided in time; one that can no longer be approved
@@ -105,8 +107,9 @@ class StepResult:
 
 
 async def run_step(argv: list[str], timeout: float, number: int) -> tuple[StepResult, bytes]:
-    """One step: `argv` as given (no shell), stdin closed, stdout and stderr together, in a new process group that
-    is killed whole when `timeout` passes (a child it left behind too)."""
+    """One step: `argv` as given (no shell), stdin closed, stdout and stderr together, in a new process group. When
+    the step ends (it exits, or `timeout` passes), the whole group is killed: nothing it started (`( sleep 300 ) &`)
+    outlives it. Its time is until it exits, not until the output pipe closes (which a child it left holds open)."""
     started = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -125,19 +128,27 @@ async def run_step(argv: list[str], timeout: float, number: int) -> tuple[StepRe
     reading = asyncio.ensure_future(read())
     timed_out = False
     try:
-        await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)
+        await asyncio.wait_for(exited(proc), timeout)
     except asyncio.TimeoutError:
         timed_out = True
-        _kill(proc.pid)
-        await proc.wait()
     except BaseException:  # the bot stops: nothing it started is left running
         _kill(proc.pid)
         raise
+    seconds = time.monotonic() - started
+    _kill(proc.pid)  # (its group: the leader if it still runs, and whatever it left behind)
     try:
-        await asyncio.wait_for(reading, 2.0)  # (a child that kept the pipe open is not waited for)
+        await asyncio.wait_for(reading, 2.0)  # (a child that left the group and kept the pipe open is not waited for)
+        await asyncio.wait_for(proc.wait(), 2.0)
     except asyncio.TimeoutError:
         reading.cancel()
-    return StepResult(number, argv, proc.returncode, time.monotonic() - started, timed_out=timed_out), bytes(held)
+    return StepResult(number, argv, proc.returncode, seconds, timed_out=timed_out), bytes(held)
+
+
+async def exited(proc: asyncio.subprocess.Process) -> None:
+    """Until the step's leader exits: `proc.wait()` waits for its output pipe to close too, which never happens
+    while a child it left holds it (the step then seemed to run until its timeout)."""
+    while proc.returncode is None:
+        await asyncio.sleep(EXIT_POLL)
 
 
 def _kill(pid: int) -> None:

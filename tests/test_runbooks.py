@@ -462,3 +462,29 @@ async def test_a_failed_runs_line_keeps_the_end_of_its_output_where_the_error_is
     answer = (await s.answer(await s.command("/incident", "runbook 1")))["text"]
     assert "Latest runs, newest first:\n1. Noisy: failed (asked by Alice)" in answer
     assert f"Output of 1. Noisy (failed), its last lines:\n```\n{run.output}\n```" in answer
+
+
+def gone(pid: int) -> bool:
+    """Whether the process `pid` ended (or is a zombie nobody reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith(("Z", "X"))
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+async def test_a_child_a_step_leaves_behind_is_killed_when_the_step_ends(more: Slack, tmp_path: Path) -> None:
+    """A step that starts `( sleep 300 ) &` and exits 0 left the sleep running in its process group, and the step
+    was said to take the 2 s the bot waited for the child's end of the output pipe."""
+    s = more
+    ts = await posted(s)
+    await s.answer(await s.command("/incident", "runbook 1 orphan"))
+    line = await thread_says(s, ts, "Runbook Orphan")
+    assert "finished: step 1" in line and "left a child behind" in line
+    child = int((tmp_path / "orphan.pid").read_text())
+    for _ in range(50):
+        if gone(child):
+            break
+        await asyncio.sleep(0.05)
+    assert gone(child)
+    [run] = await runs(s.h)
+    assert run.status == "succeeded" and run.results[0]["seconds"] < 1.5
