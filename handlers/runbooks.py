@@ -13,8 +13,8 @@ incident is resolved is cancelled (`sweep`): neither waits for ever in the way o
 What runs is the argv app.yaml gives, word for word, as it was when the run was asked for: no shell, and nothing of
 an alert (its labels, annotations, text) is put into it. Each step runs in a process group of its own, stdin closed,
 with only PATH and LANG in its environment, bounded by its timeout (its whole group is killed then, and when it exits:
-nothing it started outlives it); the steps run
-in order and stop at the first that fails. A replica runs a run only after claiming it (approved -> running, one
+nothing it started outlives it); the steps run in
+order and stop at the first that fails. A replica runs a run only after claiming it (approved -> running, one
 conditional UPDATE: one replica wins); a run still `running` when the bot starts was cut short by a stop and becomes
 `interrupted`, never run again on its own.
 """
@@ -170,7 +170,8 @@ class RunbookHandlers:
     def register(self, dispatcher: Any) -> None:
         dispatcher.action(Action.RUN_RUNBOOK, label="Run runbook")(self.run_button)
         dispatcher.action(Action.APPROVE, role=APPROVER, label="Approve")(self.approve_button)
-        dispatcher.action(Action.REJECT, role=APPROVER, label="Reject")(self.reject_button)
+        # (Reject is also whoever asked withdrawing their request, approver or not: `decide` checks the role)
+        dispatcher.action(Action.REJECT, role=None, label="Reject")(self.reject_button)
 
     @property
     def names(self) -> dict[str, str]:
@@ -237,6 +238,10 @@ class RunbookHandlers:
                 return Reply(f"{runbook.title} on #{incident_id} {state} already (asked by "
                              f"{self.names.get(pending.requested_by, pending.requested_by)}): nothing more was done.")
             low = runbook.risk == "low"
+            approvers = [] if low else self._approvers(person)
+            if not low and not approvers:  # (stored, it would wait for nobody, in the way of asking again)
+                return Reply(f"Nobody but you has the `{APPROVER}` role to approve {runbook.title} ({runbook.risk} "
+                             f"risk), so it was not asked for: add the role to someone else's `roles` in app.yaml.")
             run = RunbookRun(incident_id=incident_id, runbook_id=runbook.id, title=runbook.title, risk=runbook.risk,
                              steps=asked_steps(runbook),
                              status=APPROVED if low else WAITING, requested_by=person.id, requested_at=now)
@@ -246,16 +251,12 @@ class RunbookHandlers:
             await self.audit.append_many(session, [Entry("runbook.requested", actor, "runbook_run", str(run.id), now,
                                                          {"runbook": runbook.id, "risk": runbook.risk,
                                                           "steps": run.steps}, incident_id)])
-            approvers = [] if low else self._approvers(person)
             if not low:
                 self._ask(session, incident, run, person, approvers, now)
         self.delivered()
         if low:
             await self.start(run.id)
             return Reply(f"Running {runbook.title} on #{incident_id} now; the thread gets its result.")
-        if not approvers:
-            return Reply(f"Asked to run {runbook.title} on #{incident_id}, but nobody else has the `{APPROVER}` role "
-                         "to approve it: add it to someone's `roles` in app.yaml.")
         return Reply(f"Asked to run {runbook.title} on #{incident_id}: it is {runbook.risk} risk, so it runs once an "
                      f"approver ({', '.join(p.name for p in approvers)}) approves it.")
 
@@ -288,7 +289,8 @@ class RunbookHandlers:
         return await self.decide(event, person, approve=False)
 
     async def decide(self, event: ActionEvent, person: Person, *, approve: bool, reason: str = "") -> Reply:
-        """Approve or reject a run that waits, checked here whatever the button said."""
+        """Approve or reject a run that waits, checked here whatever the button said; a reject by whoever asked
+        withdraws the request (cancelled, by them)."""
         now = self.clock.now()
         actor = Actor(event.actor.platform, event.actor.user_id, person.name, person.id)
         run_id = typed_id(event.arg)
@@ -303,6 +305,7 @@ class RunbookHandlers:
             if refusal is not None:
                 return Reply(refusal)
             asked = self.names.get(run.requested_by, run.requested_by)
+            withdrawn = not approve and run.requested_by == person.id  # (whoever asked takes it back)
             stale = await self._stale(session, run, incident) if approve else None
             if stale is not None:  # (it can never be approved as asked: out of the way of asking again)
                 status, values = CANCELLED, {"reason": stale}
@@ -310,6 +313,10 @@ class RunbookHandlers:
             elif approve:
                 status, values = APPROVED, {"approved_by": person.id, "approved_at": now}
                 line = f"{person.name} approved running runbook {run.title} (asked by {asked})"
+            elif withdrawn:
+                status, values = CANCELLED, {"rejected_by": person.id, "rejected_at": now, "reason": reason or None}
+                line = f"{person.name} withdrew the request to run runbook {run.title}" + (
+                    f": {one_line(reason, 200)}" if reason else "")
             else:
                 status, values = REJECTED, {"rejected_by": person.id, "rejected_at": now, "reason": reason or None}
                 line = f"{person.name} rejected running runbook {run.title} (asked by {asked})" + (
@@ -323,6 +330,9 @@ class RunbookHandlers:
             await self.start(run.id)  # type: ignore[arg-type]
             return Reply(f"Approved: {run.title} runs on #{incident.id} now.",
                          settle=f"You approved running {run.title} on #{incident.id}.")
+        if withdrawn:
+            return Reply(f"Withdrawn: {run.title} does not run on #{incident.id}.",
+                         settle=f"You withdrew your request to run {run.title} on #{incident.id}.")
         return Reply(f"Rejected: {run.title} does not run on #{incident.id}.",
                      settle=f"You rejected running {run.title} on #{incident.id}.")
 
@@ -369,6 +379,9 @@ class RunbookHandlers:
     def _refusal(self, run: RunbookRun, incident: Incident, person: Person, approve: bool) -> str | None:
         """Why this decision is not taken, in the words the clicker needs; None when it is."""
         what = f"{run.title} on #{incident.id}"
+        if not approve and APPROVER not in person.roles and run.requested_by != person.id:  # (Approve: the dispatcher)
+            return (f"Reject needs the `{APPROVER}` role, or to be the one who asked, and {person.name} is neither. "
+                    "Ask whoever maintains app.yaml to add it to your `roles`.")
         if run.status != WAITING:
             by = run.approved_by or run.rejected_by
             who = "you" if by == person.id else self.names.get(by or "", by or "someone")
@@ -376,7 +389,8 @@ class RunbookHandlers:
                     REJECTED: f"was already rejected by {who}", SUCCEEDED: "already ran", FAILED: "already ran",
                     INTERRUPTED: "already ran (and was interrupted)",
                     EXPIRED: f"expired (nobody approved it within {span(REQUEST_TTL)})",
-                    CANCELLED: f"was cancelled ({run.reason})" if run.reason else "was cancelled"}[run.status]
+                    CANCELLED: f"was withdrawn by {who}" if run.rejected_by else f"was cancelled ({run.reason})"
+                    }[run.status]
             return f"{what} {said}: nothing more was done."
         if approve and run.requested_by == person.id:
             return (f"You asked to run {what}, so someone else must approve it (four eyes): another person with the "

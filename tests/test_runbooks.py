@@ -488,3 +488,40 @@ async def test_a_child_a_step_leaves_behind_is_killed_when_the_step_ends(more: S
     assert gone(child)
     [run] = await runs(s.h)
     assert run.status == "succeeded" and run.results[0]["seconds"] < 1.5
+
+
+async def test_a_request_nobody_else_can_approve_is_refused_up_front(tmp_path: Path, pg_schema: str) -> None:
+    """Stored anyway, it waited for an approver who does not exist, and kept the runbook from being asked for."""
+    alone = PEOPLE.replace("roles: [responder, approver], slack: U02BOB", "roles: [responder], slack: U02BOB").replace(
+        "roles: [approver], telegram", "roles: [], telegram")
+    async with FakeSlack() as fake, bot_on("sqlite", tmp_path, pg_schema, slack_config(fake), people=alone,
+                                           base=runbook_config(tmp_path)) as h:
+        s = Slack(h, fake)
+        await posted(s)
+        answer = await s.answer(await s.command("/incident", "runbook 1 restart"))
+        assert answer["text"] == ("Nobody but you has the `approver` role to approve Restart web (high risk), so it "
+                                  "was not asked for: add the role to someone else's `roles` in app.yaml.")
+        assert await runs(h) == [] and not [a for a in await h.actions(1) if a.startswith("runbook.")]
+
+
+async def test_whoever_asked_can_withdraw_their_request_without_the_approver_role(more: Slack, tmp_path: Path) -> None:
+    s = more
+    ts = await posted(s)
+    await s.answer(await s.command("/incident", "runbook 1 restart", user="U05DAVE"))
+    _, _, key = await s.click("rej:1:1", ts, user="U04VIC")  # neither an approver nor who asked
+    assert "needs the `approver` role" in (await s.answer(key))["text"]
+    _, _, key = await s.click("apv:1:1", ts, user="U05DAVE")
+    assert "needs the `approver` role" in (await s.answer(key))["text"]
+    _, _, key = await s.click("rej:1:1", ts, user="U05DAVE")
+    assert (await s.answer(key))["text"] == "Withdrawn: Restart web does not run on #1."
+    await thread_says(s, ts, "Dave withdrew the request to run runbook Restart web")
+    [run] = await runs(s.h)
+    assert (run.status, run.rejected_by) == ("cancelled", "dave") and recorded(tmp_path / "restart.jsonl") == []
+    _, _, key = await s.click("apv:1:1", ts, user="U02BOB")
+    assert (await s.answer(key))["text"] == "Restart web on #1 was withdrawn by Dave: nothing more was done."
+    assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == ["runbook.requested", "runbook.cancelled"]
+    # asked again, and rejected by an approver as before
+    assert "Asked to run Restart web" in (await s.answer(await s.command("/incident", "runbook 1 restart",
+                                                                          user="U05DAVE")))["text"]
+    _, _, key = await s.click("rej:1:2", ts, user="U02BOB")
+    assert (await s.answer(key))["text"] == "Rejected: Restart web does not run on #1."
