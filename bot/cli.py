@@ -627,11 +627,11 @@ def _runs(timeline: list[AuditEvent | Damaged]) -> list[list[Any]]:
     """The timeline in runs: consecutive events of one action by one actor are one line. Alertmanager and Grafana
     send every alert of a group again at each repeat interval, and each is an `alert.received`: one by one, a few
     re-sends of a large group pushed the opening and the escalation out of the latest lines. A damaged event is a
-    line of its own."""
+    line of its own, and so is each runbook event (a person's requests of different runbooks are not one line)."""
     runs: list[list[Any]] = []
     for item in timeline:
         last = runs[-1][-1] if runs else None
-        if (isinstance(item, AuditEvent) and isinstance(last, AuditEvent)
+        if (isinstance(item, AuditEvent) and isinstance(last, AuditEvent) and not item.action.startswith("runbook.")
                 and _LINE_OF.get(item.action, item.action) == _LINE_OF.get(last.action, last.action)
                 and (item.actor_person, item.actor_platform, item.actor_user_id)
                 == (last.actor_person, last.actor_platform, last.actor_user_id)):
@@ -713,9 +713,28 @@ def _event_detail(action: str, subject: str | None, details: Any, names: dict[st
         return f"policy {said('policy')}, {said('steps')} step(s)"
     if action == "escalation.resumed":
         return f"step {said('step')}"
+    if action.startswith("runbook."):
+        return _runbook_detail(action, subject, d)
     if action == "incident.resolved" and d.get("by") == "source":
         return f"every alert stopped firing ({said('source')})"
     return said("note")
+
+
+def _runbook_detail(action: str, subject: str | None, d: dict[str, Any]) -> str:
+    """`restart-nginx, run 3, high risk`; a run's end with its status and each step's exit (or why it did not
+    start); a cancellation's or rejection's reason."""
+    said = f"{d.get('runbook') or '?'}, run {subject}"
+    if action == "runbook.requested" and d.get("risk"):
+        return f"{said}, {d['risk']} risk"
+    if action != "runbook.finished":
+        return said + (f": {d['reason']}" if d.get("reason") else "")
+    ended = [str(d.get("status") or "?")] + ([f"was {d['was']}"] if d.get("was") else [])  # (interrupted: was running)
+    for step in d["steps"] if isinstance(d.get("steps"), list) else []:
+        if isinstance(step, dict):
+            ended.append(f"step {step.get('step')} " + (
+                "timed out" if step.get("timed_out") else f"could not start ({step['error']})" if step.get("error")
+                else f"exit {step.get('exit')}"))
+    return f"{said}: " + ", ".join(ended)
 
 
 def _instance(labels: Any) -> str:

@@ -457,7 +457,8 @@ class RunbookHandlers:
             await self.audit.append_many(session, [Entry("runbook.finished", SYSTEM, "runbook_run", str(run.id), now,
                                                          {"runbook": run.runbook_id, "status": status,
                                                           "steps": [{k: r[k] for k in ("step", "exit", "seconds",
-                                                                                       "timed_out")} for r in kept]},
+                                                                                       "timed_out", "error") if k in r}
+                                                                    for r in kept]},
                                                          run.incident_id)])
             incident = await session.get(Incident, run.incident_id)
             if incident is not None:

@@ -429,14 +429,16 @@ DAVE = "  - {id: dave, name: Dave, roles: [responder], slack: U05DAVE}\n"  # ask
 
 
 def more_runbooks(tmp: Path) -> str:
-    """runbook_config and two more: Noisy (much output, the error last) and Orphan (leaves a child running)."""
+    """runbook_config and three more: Noisy (much output, the error last), Orphan (leaves a child running) and No
+    start (a program that is not there)."""
     (tmp / "noisy.py").write_text(NOISY)
     (tmp / "orphan.py").write_text(ORPHAN)
     py = json.dumps(sys.executable)
-    return runbook_config(tmp).replace("hang, elsewhere]", "hang, elsewhere, noisy, orphan]") + f"""
+    return runbook_config(tmp).replace("hang, elsewhere]", "hang, elsewhere, noisy, orphan, nostart]") + f"""
   - {{id: noisy, title: Noisy, steps: [{{run: [{py}, {json.dumps(str(tmp / "noisy.py"))}]}}]}}
   - {{id: orphan, title: Orphan, steps: [{{run: [{py}, {json.dumps(str(tmp / "orphan.py"))},
                                                  {json.dumps(str(tmp / "orphan.pid"))}]}}]}}
+  - {{id: nostart, title: No start, steps: [{{run: [{json.dumps(str(tmp / "not-there"))}]}}]}}
 """
 
 
@@ -525,3 +527,46 @@ async def test_whoever_asked_can_withdraw_their_request_without_the_approver_rol
                                                                           user="U05DAVE")))["text"]
     _, _, key = await s.click("rej:1:2", ts, user="U02BOB")
     assert (await s.answer(key))["text"] == "Rejected: Restart web does not run on #1."
+
+
+async def test_incidents_show_says_which_runbook_each_event_was_and_how_it_ended(
+        more: Slack, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The timeline merged one person's requests of different runbooks into `runbook.requested ×3`, and no runbook
+    event had a detail: which runbook, what became of it, its exit codes, why a step could not start."""
+    from bot.cli import main
+    from tests.test_cli import _timeline, config
+
+    s = more
+    ts = await posted(s)
+    for runbook in ("greet", "nostart", "restart", "hang"):
+        await s.answer(await s.command("/incident", f"runbook 1 {runbook}"))
+        await s.h.bot.runbooks.idle()
+    _, _, key = await s.click("rej:1:4", ts)  # Alice withdraws Hang
+    _, _, key = await s.click("apv:1:3", ts, user="U02BOB")
+    await thread_says(s, ts, "Runbook Restart web (approved by Bob) finished")
+    [finished] = [e for e in await audit_events(s.h) if e.action == "runbook.finished" and e.subject_id == "2"]
+    assert finished.details["status"] == "failed" and "No such file" in finished.details["steps"][0]["error"]
+    cfg = config(tmp_path / "cli", f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    assert await asyncio.to_thread(main, ["incidents", "show", "1", "-c", str(cfg)]) == 0
+    said = [line.split(" ", 3)[3] for line in _timeline(capsys.readouterr().out) if "runbook." in line]
+    assert said == [
+        "runbook.requested Alice greet, run 1, low risk",
+        "runbook.started system:runbooks greet, run 1",
+        "runbook.finished system:runbooks greet, run 1: succeeded, step 1 exit 0",
+        "runbook.requested Alice nostart, run 2, low risk",
+        "runbook.started system:runbooks nostart, run 2",
+        "runbook.finished system:runbooks nostart, run 2: failed, step 1 could not start (No such file or directory)",
+        "runbook.requested Alice restart, run 3, high risk",
+        "runbook.requested Alice hang, run 4, medium risk",
+        "runbook.cancelled Alice hang, run 4",
+        "runbook.approved Bob restart, run 3",
+        "runbook.started system:runbooks restart, run 3",
+        "runbook.finished system:runbooks restart, run 3: succeeded, step 1 exit 0",
+    ]
+
+
+async def audit_events(h: Harness) -> list[Any]:
+    from storage.models import AuditEvent
+
+    async with h.bot.db.sessions() as session:
+        return list((await session.execute(select(AuditEvent).order_by(AuditEvent.seq))).scalars().all())
