@@ -577,6 +577,13 @@ class RunbookStep(Section):
     run: list[str] = Field(min_length=1)
     timeout: Duration = timedelta(seconds=30)
 
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):  # (`0s` passed, and killed the step as it started)
+            raise ValueError("a step's timeout must be at least 1s (the step is killed when it passes)")
+        return value
+
 
 class Runbook(Section):
     id: Ident

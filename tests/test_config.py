@@ -956,3 +956,12 @@ def test_a_runbook_step_keeps_its_variables_as_written_and_never_gets_the_bots_s
         "sh", "-c", "echo ${SLACK_SIGNING_SECRET} ${UNSET_HERE} ${HOME:-/root} $${ $PATH"]
     assert secret not in repr(loaded.config.runbooks)
     assert secret in repr(loaded.adapters["slack"])  # (elsewhere a variable is still substituted)
+
+
+@pytest.mark.parametrize("timeout", ["0s", "0"])
+def test_a_runbook_step_timeout_below_a_second_is_refused(timeout: str) -> None:
+    """`timeout: 0s` passed check-config, and every run of the step timed out at once."""
+    text = BASE.replace("steps: [{run: [systemctl, restart, nginx]}]",
+                        f"steps: [{{run: [systemctl, restart, nginx], timeout: {timeout}}}]") + ROUTES
+    assert problems(text) == ["runbooks[0].steps[0].timeout: a step's timeout must be at least 1s (the step is killed "
+                              "when it passes)"]
