@@ -502,7 +502,8 @@ class RunbookHandlers:
         """Runs whose bot stopped (`running`, or `approved` and never started) become `interrupted`, each with a thread
         line: none is run again on its own (whoever asked decides whether it should run again). Without `every`,
         only runs that cannot still be going anywhere: running longer than their steps' timeouts together, or
-        approved and not started, plus GRACE."""
+        approved and not started, plus GRACE. Then the requests that wait too long, or on a resolved incident, end
+        (`_end_waits`). How many runs it ended."""
         now = self.clock.now()
         async with self.db.transaction() as session:
             query = select(RunbookRun).where(RunbookRun.status.in_((RUNNING, APPROVED)))
