@@ -13,10 +13,9 @@ incident is resolved is cancelled (`sweep`): neither waits for ever in the way o
 What runs is the argv app.yaml gives, word for word, as it was when the run was asked for: no shell, and nothing of
 an alert (its labels, annotations, text) is put into it. Each step runs in a process group of its own, stdin closed,
 with only PATH and LANG in its environment, bounded by its timeout (its whole group is killed then, and when it exits:
-nothing it started outlives it); the steps run in
-order and stop at the first that fails. A replica runs a run only after claiming it (approved -> running, one
-conditional UPDATE: one replica wins); a run still `running` when the bot starts was cut short by a stop and becomes
-`interrupted`, never run again on its own.
+nothing it started outlives it); the steps run in order and stop at the first that fails. A replica runs a run only
+after claiming it (approved -> running, one conditional UPDATE: one replica wins); a run still `running` when the bot
+starts was cut short by a stop and becomes `interrupted`, never run again on its own.
 """
 
 from __future__ import annotations
@@ -470,7 +469,8 @@ class RunbookHandlers:
         """"Runbook Restart nginx (approved by Bob) finished: step 1 `systemctl restart nginx` exit 0 in 1.2 s",
         or failed, with the end of the output. A thread line holds LINE_MAX characters and is cut at its end, where
         a failure's error is: the line is budgeted here instead, the steps first (each command cut to COMMAND_MAX, the
-        whole to HEAD_MAX), then as many of the output's LAST lines as fit, after a "…" when earlier ones were left out (the run keeps them all)."""
+        whole to HEAD_MAX), then as many of the output's last lines as fit, after a "…" when earlier ones are left
+        out (the run keeps them all)."""
         by = (f"approved by {self.names.get(run.approved_by, run.approved_by)}" if run.approved_by
               else f"asked by {self.names.get(run.requested_by, run.requested_by)}")
         said = [r.said(COMMAND_MAX) for r in results]
@@ -478,7 +478,7 @@ class RunbookHandlers:
         if len(said) > 1 and len(steps) > HEAD_MAX // 2:  # (the run stopped at the last: the ones before went well)
             steps = ("step 1" if len(said) == 2 else f"steps 1-{len(said) - 1}") + f" exit 0; {said[-1]}"
         head = one_line(f"Runbook {run.title} ({by}) {'finished' if ok else 'failed'}: {steps}", HEAD_MAX)
-        lines = [said for said in (" ".join(line.split()) for line in output.split("\n")) if said]
+        lines = [text for text in (" ".join(line.split()) for line in output.split("\n")) if text]
         if not lines:
             return head
         room = LINE_MAX - len(head) - len(". Output: \u2026 ")
@@ -487,10 +487,8 @@ class RunbookHandlers:
             if len(" | ".join([line, *kept])) > room:
                 break
             kept.insert(0, line)
-        if not kept:  # (the last line alone is too long: its end)
-            kept = [lines[-1][-room:]]
-        said = " | ".join(kept)
-        return f"{head}. Output: " + (said if said == " | ".join(lines) else f"\u2026 {said}")
+        end = " | ".join(kept) if kept else lines[-1][-room:]  # (the last line alone too long: its end)
+        return f"{head}. Output: " + (end if len(kept) == len(lines) else f"\u2026 {end}")
 
     async def at_start(self) -> int:
         """Runs a stop cut short become `interrupted` (see `sweep`). On SQLite one bot serves the store, so every run
