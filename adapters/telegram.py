@@ -80,6 +80,7 @@ CARD_ACTIONS = actions.CARD_ACTIONS
 TOAST_SHORT = 80  # characters: a longer callback answer is an alert (a dialog, read until dismissed), not a toast
 QUESTIONS_KEPT = 5000  # confirmation questions of the buttons drawn last, by callback data (see _confirm_step)
 ASK, CANCEL, YES = "?", "!", "\u2714 "
+ANSWER_WAIT_MAX = 5.0  # seconds of flood control a tap's answer waits out (once) before it is given up
 # The /incident words that act on one incident, which a reply to the bot's message about it may leave out
 ACTS_ON_ONE = ("ack", "acknowledge", "show", "escalate", "resolve", "reopen")
 # The armed button's neighbour, which only turns it back: a word no confirmable action could be read as ("✖ Cancel"
@@ -950,9 +951,16 @@ class TelegramAdapter:
 
     async def _answer(self, query: CallbackQuery, text: str, *, alert: bool = False) -> None:
         """answerCallbackQuery (stops the button's spinner), a toast or with `alert` a dialog; a failure is logged,
-        not raised."""
-        try:
-            await self._call("answerCallbackQuery", self.bot.answer_callback_query(
-                query.id, text=text or None, show_alert=alert or None))
-        except DeliveryError as exc:
-            log.warning("telegram: %s", exc)
+        not raised. Flood control that asks for a short wait is waited out once: the answer is what the tapper reads
+        (Telegram takes it for a few seconds only, so a longer wait would be in vain)."""
+        for first in (True, False):
+            try:
+                await self._call("answerCallbackQuery", self.bot.answer_callback_query(
+                    query.id, text=text or None, show_alert=alert or None))
+                return
+            except DeliveryError as exc:
+                if first and exc.retry_after is not None and exc.retry_after <= ANSWER_WAIT_MAX:
+                    await asyncio.sleep(exc.retry_after)
+                    continue
+                log.warning("telegram: %s", exc)
+                return

@@ -643,3 +643,18 @@ async def test_ack_typed_as_a_reply_to_the_page_acknowledges_its_incident(both: 
     assert (await b.h.incidents())[0].status == "acknowledged", said
     assert (await b.h.actions(1)).count("incident.acknowledged") == 1
     assert (await b.type("show", reply_to=page)).startswith("🟠 Acknowledged · Critical · <b>#1 Disk /var 97% full")
+
+
+async def test_a_taps_answer_that_meets_flood_control_waits_it_out_once(both: Both) -> None:
+    """answerCallbackQuery answered 429 with retry_after 1: the log said "Flood control exceeded" and the tapper never
+    saw whether the tap did anything (the button kept spinning). A short wait is now waited out, once."""
+    b = both
+    _, group_message = await posted_on_both(b)
+    b.tg.fail("answerCallbackQuery", "Too Many Requests: retry after 1", 429, parameters={"retry_after": 1})
+    await b.tap("ack:1", group_message)
+    await b.tg.wait_for(lambda: b.tg.called("answerCallbackQuery"), timeout=5)
+    first, again = [c for c in b.tg.calls if c.method == "answerCallbackQuery"]
+    assert (first.status, again.status) == (429, 200)
+    assert first.params["callback_query_id"] == again.params["callback_query_id"]
+    assert "Acknowledged" in str(again.params.get("text"))
+    assert (await b.h.incidents())[0].status == "acknowledged"
