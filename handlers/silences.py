@@ -108,8 +108,8 @@ class SilenceEnds:
                     if incident is None:
                         continue
                     if ends is None:
-                        await self._unsilence(session, incident, await self._last_silence(session, incident_id),
-                                              firing, now)
+                        last = await self._last_silence(session, incident_id)
+                        await self._unsilence(session, incident, last, firing, now, how=self._how_gone(last))
                         unsilenced += 1
                     else:
                         scheduled += await self._wait(session, incident, ends, now)
@@ -167,10 +167,20 @@ class SilenceEnds:
             .order_by(AuditEvent.seq.desc()).limit(1))).scalar_one_or_none()
         return dict(details) if isinstance(details, dict) else {}
 
+    def _how_gone(self, last: Mapping[str, Any]) -> str:
+        """How the window that last muted an incident stopped covering it, as the start finds it: gone from app.yaml
+        (removed, or renamed, while the bot was down), ended (shortened, or its end passed), or, for a window with no
+        id, that it covers the alerts no more."""
+        silence = last.get("silence")
+        if not silence:
+            return "no longer covers its alerts"
+        return "ended" if any(s.id == silence for s in self.config.silences) else "is no longer in app.yaml"
+
     async def _unsilence(self, session: AsyncSession, incident: Incident, ended: Mapping[str, Any], firing: int,
-                         now: datetime) -> None:
+                         now: datetime, *, how: str = "ended") -> None:
         """As intake unsilences an incident (handlers/intake.py, `incident.unsilenced`): never posted while muted,
-        its card is posted now, drawn as it is (firing); its pages are redrawn; its escalation starts."""
+        its card is posted now, drawn as it is (firing); its pages are redrawn; its escalation starts. `how` the
+        window stopped muting it (its timer: it ended)."""
         assert incident.id is not None
         iid = incident.id
         incident.silenced = False
@@ -183,7 +193,7 @@ class SilenceEnds:
         alerts = f"{firing} alert{'s' if firing != 1 else ''} still fir{'e' if firing != 1 else 'es'}"
         policy = incident.escalation if incident.escalation in self.escalations.policies else None
         what = f"paging now, from step 1 of escalation policy {policy}" if policy else "it has no escalation policy"
-        line = f"{window[0].upper()}{window[1:]} ended and {alerts}: {what}."
+        line = f"{window[0].upper()}{window[1:]} {how} and {alerts}: {what}."
         # (the card is posted with it: a line queued before the first post follows it, rather than fold into it)
         queue_thread_line(session, incident, now, "incident.unsilenced", {"line": line, FOLLOWS: True})
         if policy:  # from the first step, as intake starts an unsilenced incident's escalation (Escalations.start_all)
@@ -193,5 +203,5 @@ class SilenceEnds:
                 await self.escalations.restart(session, iid, now)
         await self.audit.append_many(session, [Entry(
             "incident.unsilenced", SYSTEM, "incident", str(incident.id), now,
-            {"reason": f"{window} ended", "silence": ended.get("silence"), "firing": firing,
-             "note": "the maintenance window ended while its alerts still fired"}, incident.id)])
+            {"reason": f"{window} {how}", "silence": ended.get("silence"), "firing": firing,
+             "note": f"the maintenance window {how} while its alerts still fired"}, incident.id)])
