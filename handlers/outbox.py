@@ -47,7 +47,7 @@ from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket, Window
 from bot.view import incident_card, thread_line
 from handlers.escalation import Escalations, drawn_with
-from handlers.notify import direct_row
+from handlers.notify import button_from, direct_row
 from handlers.page_lanes import (PERSONAL_KINDS, RECENT_ALERTS, STOP_CALLS_WAIT, UNSETTLED, PageLanes,
                                  _promised_past)
 from handlers.paging import HAND_PAGE_EVENTS, LOOK_AFTER, UNANSWERED
@@ -510,7 +510,10 @@ class OutboxWorker(PageLanes):
             if mention:
                 context["mention"] = mention
             key = f"line-{line_items[0].id}"
-            message = Outbound("thread", context, text=text, key=key)
+            # (a line that asks for a decision carries its buttons: a runbook request's Approve / Reject, the Reject
+            # its requester withdraws it with; the click is checked on the server whatever the button says)
+            buttons = [button_from(spec) for item in line_items for spec in (item.details or {}).get("buttons") or []]
+            message = Outbound("thread", context, buttons=buttons, text=text, key=key)
             if await self._call(adapter.reply(ref, message), line_items, channel.platform, channel.chat, "reply",
                                 gone=repost, lost=self._findable(adapter, key)) is None:
                 break  # (a thread whose message is gone: the card is posted afresh, and the lines follow it)

@@ -570,3 +570,64 @@ async def audit_events(h: Harness) -> list[Any]:
 
     async with h.bot.db.sessions() as session:
         return list((await session.execute(select(AuditEvent).order_by(AuditEvent.seq))).scalars().all())
+
+
+async def test_a_request_has_approve_and_reject_in_the_thread_on_slack_and_telegram(tmp_path: Path) -> None:
+    """The thread's line of a request had no buttons (only the approvers' direct messages did), so whoever asked had
+    no Reject to withdraw it with; and Telegram showed its commands between literal backticks."""
+    medium = runbook_config(tmp_path).replace("title: Restart web, risk: high", "title: Restart web, risk: medium")
+    async with FakeSlack() as slack, FakeTelegram() as tg:
+        extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                                       f"api_url: '{tg.api_url}'}}\n")
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, people=PEOPLE,
+                               base=medium) as h:
+            b = Both(h, Slack(h, slack), tg)
+            status, _, _ = await h.post("am", nasty_alert("alertmanager/01-diskfull-firing-2-alerts.json"))
+            assert status == 200
+            await tg.wait_for(lambda: tg.called("sendMessage") and slack.called("chat.postMessage"), timeout=5)
+            for _ in range(100):  # the message rows commit just after the platforms' answers
+                try:
+                    ts, group = await h.message_of(1), int(await h.message_of(1, "ops-telegram"))
+                    break
+                except Exception:
+                    await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the incident's messages were never recorded")
+
+            async def asked(run: int) -> tuple[str, int]:
+                """The Slack thread's reply and the Telegram group's reply that ask for run `run`."""
+                await thread_says(b.slack, ts, "Alice asks to run runbook Restart web (medium risk)")
+
+                def found() -> tuple[str, int] | None:
+                    slack_line = [t for (c, t), m in slack.messages.items() if c == "C0OPS" and m.get("thread_ts") == ts
+                                  and "asks to run" in m["text"] and f"apv:1:{run}" in map(untagged, button_values(m))]
+                    tg_line = [mid for (c, mid), m in tg.messages.items() if c == GROUP and "asks to run" in m["text"]
+                               and (m.get("reply_to_message") or {}).get("message_id") == group
+                               and f"apv:1:{run}" in b.tg_keyboard(mid)]
+                    return (slack_line[0], tg_line[0]) if slack_line and tg_line else None
+                await tg.wait_for(found, timeout=5)
+                result = found()
+                assert result is not None
+                return result
+
+            await b.slack.answer(await b.slack.command("/incident", "runbook 1 restart"))
+            line, tg_line = await asked(1)
+            assert button_values(slack.messages[("C0OPS", line)]) == ["apv:1:1", "rej:1:1"]
+            assert b.tg_keyboard(tg_line) == ["apv:1:1", "rej:1:1"]
+            said = tg.messages[(GROUP, tg_line)]["text"]
+            assert "(medium risk): <code>" in said and "record.py" in said and "`" not in said
+            # Alice, who asked, withdraws it with the thread's Reject
+            reject = next(v for v in button_values(slack.messages[("C0OPS", line)], tagged=True)
+                          if v.startswith("rej:"))
+            _, _, key = await b.slack.click(reject, line)
+            assert (await b.slack.answer(key))["text"] == "Withdrawn: Restart web does not run on #1."
+            assert [(r.status, r.rejected_by) for r in await runs(h)] == [("cancelled", "alice")]
+            # asked again; Carol approves it in the Telegram group's thread, twice: it runs once
+            await b.slack.answer(await b.slack.command("/incident", "runbook 1 restart"))
+            line, tg_line = await asked(2)
+            await b.tap("apv:1:2", tg_line, user=333333)
+            await b.tap("apv:1:2", tg_line, user=333333)
+            await h.bot.runbooks.idle()
+            await thread_says(b.slack, ts, "Runbook Restart web (approved by Carol) finished")
+            assert [(r.status, r.approved_by) for r in await runs(h)][1] == ("succeeded", "carol")
+            assert len(recorded(tmp_path / "restart.jsonl")) == 1
