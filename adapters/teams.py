@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
 import logging
 import re
 import time
@@ -41,7 +40,7 @@ from msrest.exceptions import HttpOperationError
 from adapters.settings import TeamsSettings
 from bot import actions
 from bot.alerts import BodyError
-from bot.bodies import content_coding, read_limited, refused
+from bot.bodies import read_json, refused
 from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
                       Unclaimed, split_words)
 from bot.model import Actor
@@ -366,14 +365,9 @@ class TeamsAdapter:
         """The Bot Framework's token (401 for any token it does not take: missing, junk, forged, expired, for
         another app); then the activity is handled, and answered 200 once it was."""
         try:
-            content_coding(request)
-            body = await read_limited(request, request.client_max_size)
+            data = await read_json(request)
         except BodyError as exc:
             return refused(exc)
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            return web.json_response({"error": f"malformed JSON: {exc}"[:300]}, status=400)
         try:
             activity = Activity().deserialize(data) if isinstance(data, dict) else None
         except Exception:  # a field of the wrong shape

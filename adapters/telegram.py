@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import html
-import json
 import logging
 import re
 from collections import OrderedDict, deque
@@ -49,7 +48,7 @@ from adapters.settings import TelegramSettings
 from bot import actions
 from bot.alerts import BodyError
 from bot.auth import raw_bytes
-from bot.bodies import content_coding, read_limited, refused
+from bot.bodies import read_json, refused
 from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
                       Unclaimed, split_words)
 from bot.model import Actor
@@ -495,16 +494,9 @@ class TelegramAdapter:
         if not hmac.compare_digest(raw_bytes(given), secret.encode()):
             return web.json_response({"error": f"wrong or missing {SECRET_HEADER}"}, status=401)
         try:  # as every endpoint reads a body (bot.bodies); Telegram does not compress it
-            content_coding(request)
-            body = await read_limited(request, request.client_max_size)
+            data = await read_json(request)
         except BodyError as exc:
             return refused(exc)
-        try:
-            data = json.loads(body)
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-            return web.json_response({"error": f"malformed JSON: {exc}"}, status=400)
-        except RecursionError:
-            return web.json_response({"error": "malformed JSON: nested too deeply"}, status=400)
         given = data.get("update_id") if isinstance(data, dict) else None
         if not isinstance(given, int) or isinstance(given, bool):  # (true is an int to Python, and no update id)
             return web.json_response({"error": "not a Telegram update (no update_id)"}, status=400)

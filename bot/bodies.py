@@ -12,6 +12,7 @@ JSON by `refused`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import zlib
 from collections.abc import Sequence
@@ -105,6 +106,19 @@ def inflate(body: bytes, coding: str, limit: int) -> bytes:
         if coding != "gzip" or not rest.startswith(b"\x1f\x8b"):  # another member starts with gzip's magic number
             what = "the last gzip member" if coding == "gzip" else f"the end of the {coding} stream"
             raise _unreadable(f"bytes after {what}")
+
+
+async def read_json(request: web.Request) -> Any:
+    """A chat platform's JSON body, read as every endpoint reads one (uncompressed, up to the app's client_max_size,
+    within a time: read_limited). BodyError for any body it cannot take, 400 for one that is not JSON."""
+    content_coding(request)
+    body = await read_limited(request, request.client_max_size)
+    try:
+        return json.loads(body)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise BodyError(400, "malformed_json", f"malformed JSON: {exc}"[:300]) from None
+    except RecursionError:
+        raise BodyError(400, "malformed_json", "malformed JSON: nested too deeply") from None
 
 
 def refused(exc: BodyError) -> web.Response:

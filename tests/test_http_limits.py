@@ -333,3 +333,14 @@ async def test_a_gzip_body_of_several_members_is_read_whole_and_bytes_after_it_a
                                      {"Content-Encoding": "gzip"})
     assert (status, answer) == (413, {"error": "body larger than 2048 bytes once inflated"})
     assert await h.count(AlertRecord) == 2
+
+
+async def test_a_chat_platform_s_body_that_is_not_json_is_a_400_saying_why(h: Harness) -> None:
+    """Telegram's and Teams' endpoints read their JSON the same way (bot.bodies.read_json): not JSON, or nested past
+    what Python parses, is a 400 that says so."""
+    headers = {**PLATFORMS["/telegram/webhook"], "Content-Type": "application/json"}
+    response = await h.client.post("/telegram/webhook", data=b'{"update_id": 1,', headers=headers)
+    assert response.status == 400
+    assert (await response.json())["error"].startswith("malformed JSON: Expecting property name")
+    response = await h.client.post("/telegram/webhook", data=b"[" * 100_000 + b"]" * 100_000, headers=headers)
+    assert (response.status, await response.json()) == (400, {"error": "malformed JSON: nested too deeply"})
