@@ -49,10 +49,10 @@ from bot.view import incident_card, thread_line
 from handlers.escalation import Escalations, drawn_with
 from handlers.notify import button_from, direct_row
 from handlers.page_lanes import (PERSONAL_KINDS, RECENT_ALERTS, STOP_CALLS_WAIT, UNSETTLED, PageLanes,
-                                 _promised_past)
+                                 _promised_past, all_settled)
 from handlers.paging import HAND_PAGE_EVENTS, LOOK_AFTER, UNANSWERED
 from storage.audit import AuditLog
-from storage.db import Database, StoreReplaced
+from storage.db import Database, StoreReplaced, busy_store
 from storage.models import AlertRecord, Escalation, Incident, IncidentMessage, OutboxItem, SwapRequest
 from storage.queries import recent_alerts
 
@@ -68,6 +68,9 @@ ROUTINE_EVENTS = ("alerts.changed", "alerts.grouped", "alerts.resolved")  # redr
 # time)}: their next try looks for it, not before LOOK_AFTER, before posting again (_look_first). Folding leaves
 # marked rows alone: what they count was posted. A page is never sent again: its mark says where to look for it when
 # it is to be redrawn (_look_for_pages).
+# What stopping leaves of a message the platform took whose recording failed (see PageLanes._record): a post marked
+# with its key (UNANSWERED, where the platform can find it) is looked for after the next start; else it goes again.
+UNRECORDED = "its rows stay pending, and it goes again after the next start unless the platform can find it by its key"
 
 
 @dataclass(frozen=True)
@@ -255,8 +258,12 @@ class OutboxWorker(PageLanes):
         while not self._stopping:
             try:
                 await self._round(key)
-            except Exception:  # the loop must outlive any one bad round; the rows stay pending
-                log.exception("outbox round failed; retrying in %.1fs", self.poll_seconds)
+            except Exception as exc:  # the loop must outlive any one bad round; the rows stay pending
+                busy = busy_store(exc)
+                if busy is not None:  # expected now and then (another writer held the store): a line, no traceback
+                    log.warning("outbox round found the store busy (%s); retrying in %.1fs", busy, self.poll_seconds)
+                else:
+                    log.exception("outbox round failed; retrying in %.1fs", self.poll_seconds)
             if own and self._monotonic() - compacted >= self.compact_seconds:
                 compacted = self._monotonic()
                 try:
@@ -443,14 +450,24 @@ class OutboxWorker(PageLanes):
             # the lines a card posted afresh was to carry (FOLLOWS).
             folded = [i for i in items if not i.event.startswith("escalation.") and i.event not in HAND_PAGE_EVENTS
                       and not (i.details or {}).get(FOLLOWS)]
-            async with self.db.transaction() as session:
-                session.add(IncidentMessage(incident_id=incident.id, channel=channel_id, platform=channel.platform,
-                                            chat_id=ref.chat_id, message_id=ref.message_id, thread_id=ref.thread_id,
-                                            posted_at=now, updated_at=now))
+            posted, incident_id = ref, incident.id  # (as the closures below see them)
+
+            async def record(session: Any) -> None:
+                session.add(IncidentMessage(incident_id=incident_id, channel=channel_id, platform=channel.platform,
+                                            chat_id=posted.chat_id, message_id=posted.message_id,
+                                            thread_id=posted.thread_id, posted_at=now, updated_at=now))
                 await self._mark(session, folded, "sent")
                 if isinstance(found, tuple):  # drawn as the incident was when it was posted: draw it as it is now
-                    session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel_id,
+                    session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident_id, channel=channel_id,
                                            kind="update", event="incident.changed", details={}))
+
+            async def recorded(session: Any) -> bool:  # (the parent message is one per incident and channel)
+                return (await session.execute(select(IncidentMessage.id).where(
+                    IncidentMessage.incident_id == incident_id, IncidentMessage.channel == channel_id)
+                )).first() is not None
+
+            # (a failed recording is tried again, not the post: the loop waits meanwhile, and nothing posts it again)
+            await self._record(f"the card of #{incident.id} went out in {channel_id}", record, recorded, UNRECORDED)
             if len(folded) < len(items) or isinstance(found, tuple):
                 self.nudge()
             return 1
@@ -677,8 +694,16 @@ class OutboxWorker(PageLanes):
         return True
 
     async def _finish(self, items: Sequence[OutboxItem], status: str, error: str | None = None) -> None:
-        async with self.db.transaction() as session:
+        """Settle the rows. Sent, the platform took them: a failed recording is tried again, and the call is not
+        made again (PageLanes._record); it was, by the next round, which found them still pending."""
+        async def mark(session: Any) -> None:
             await self._mark(session, items, status, error)
+
+        if status == "sent" and items:
+            await self._record(_went(items), mark, all_settled(items), UNRECORDED)
+        else:
+            async with self.db.transaction() as session:
+                await mark(session)
         if status == "dead":  # given up at once (no such channel, person or incident): counted as _failed counts
             for item in items:
                 self.metrics.outbox_dead.labels(item.channel).inc()
@@ -690,6 +715,14 @@ class OutboxWorker(PageLanes):
         if ids:
             await session.execute(update(OutboxItem).where(OutboxItem.id.in_(ids), OutboxItem.status.in_(UNSETTLED))
                                   .values(status=status, last_error=error))
+
+
+def _went(items: Sequence[OutboxItem]) -> str:
+    """What went out, for the log: "the reply escalation.paged about #3 in ops-slack went out"."""
+    item = items[0]
+    about = f" about #{item.incident_id}" if item.incident_id is not None else ""
+    more = f" (with {len(items) - 1} more row(s))" if len(items) > 1 else ""
+    return f"the {item.kind} {item.event}{about} in {item.channel}{more} went out"
 
 
 def _kept_promise(details: Mapping[str, Any], now: datetime) -> Mapping[str, Any]:

@@ -681,24 +681,28 @@ class PageLanes:
             await self.audit.append_many(session, [entry])
 
         where = f" on {attempt.platform.capitalize()}" if attempt.platform else ""
-        await self._record(row, f"the page to {person.id} about #{incident.id} went out{where}" if attempt.platform
-                           else f"the page to {person.id} about #{incident.id} was tried", record)
+        await self._record(f"the page to {person.id} about #{incident.id} went out{where}" if attempt.platform
+                           else f"the page to {person.id} about #{incident.id} was tried", record,
+                           all_settled([row]),
+                           "the page stays `sending`, settled as unconfirmed when a replica next takes the lead")
         self.nudge()
         return 1
 
-    async def _record(self, row: OutboxItem, what: str, work: Callable[[Any], Awaitable[None]]) -> None:
-        """Write what the platform answered to a page (`work`, in one transaction). The call was made, so its outcome
-        is kept (in memory) and written once the database answers again, tried again with back-off: a failed
-        recording left the row SENDING until another change of leader settled it as unconfirmed, and the audit log
-        never showed the page. The pages loop waits meanwhile (it could read nothing either), and the row stays this
-        worker's own call (_claimed), which _recover leaves alone. A second try writes only while the row is still
-        SENDING: if it is not, the first committed without the answer reaching us, or a leader settled it."""
+    async def _record(self, what: str, work: Callable[[Any], Awaitable[None]],
+                      recorded: Callable[[Any], Awaitable[bool]], left: str) -> None:
+        """Write what a platform answered (`work`, in one transaction). The call was made, so its outcome is kept
+        (in memory) and written once the database answers again, tried again with back-off: a failed recording left
+        a page SENDING until another change of leader settled it as unconfirmed, and the audit log never showed it;
+        it left a card or a thread line pending, and the next round sent it again. The loop (or lane) that made the
+        call waits meanwhile (it could read nothing either), so nothing takes its rows again; a page stays this
+        worker's own call (_claimed), which _recover leaves alone. A second try writes only if `recorded` (asked in
+        its transaction) says the first did not: it may have committed without the answer reaching us, or another
+        replica settled the rows. `left`: what stopping leaves unrecorded, for the log."""
         delay, tries = 1.0, 0
         while True:
             try:
                 async with self.db.transaction() as session:
-                    if tries and (await session.execute(select(OutboxItem.status).where(
-                            OutboxItem.id == row.id))).scalar_one_or_none() != SENDING:
+                    if tries and await recorded(session):
                         log.info("outbox: %s; recorded meanwhile (or settled by another replica)", what)
                         return
                     await work(session)
@@ -709,8 +713,7 @@ class PageLanes:
                 tries += 1
                 why = explain_failure(exc, self.db.wait)
                 if self._stopping:
-                    log.error("outbox: %s, but recording it failed (%s) and the bot is stopping: the page stays "
-                              "`sending`, settled as unconfirmed when a replica next takes the lead", what, why)
+                    log.error("outbox: %s, but recording it failed (%s) and the bot is stopping: %s", what, why, left)
                     return
                 log.warning("outbox: %s, but recording it failed (%s); trying again in %.0f s", what, why, delay)
                 with contextlib.suppress(asyncio.TimeoutError):  # (stop() cuts the wait short)
@@ -860,6 +863,16 @@ def superseded(step: Any, name: str) -> str:
     """Why a page that waited for the bot's token was not sent (its outbox row's error): a newer one went instead."""
     return (f"superseded by the page of step {step}: it waited for the bot's token while the escalation went on, and "
             f"{name} gets the newer page instead")
+
+
+def all_settled(rows: Sequence[OutboxItem]) -> Callable[[Any], Awaitable[bool]]:
+    """For _record: whether none of `rows` is left to settle (all sent, dead or cancelled, or gone)."""
+    ids = [row.id for row in rows]
+
+    async def done(session: Any) -> bool:
+        return not (await session.execute(select(OutboxItem.id).where(
+            OutboxItem.id.in_(ids), OutboxItem.status.in_(UNSETTLED)).limit(1))).first()
+    return done
 
 
 def _lost_page(page: OutboxItem) -> bool:

@@ -209,11 +209,16 @@ class TimerService:
 
     def _said_failure(self, exc: Exception, what: str) -> None:
         """Log a failing beat: the first with its traceback, the same one again only once a minute and in a line
-        (a database down for a minute logged a traceback every beat, twice a second)."""
+        (a database down for a minute logged a traceback every beat, twice a second). A store busy for a moment
+        (another writer held it) is expected now and then: a warning line, no traceback (as _guarded's jobs)."""
         now = time.monotonic()
         kind = explain_failure(exc, self.db.wait)[:300]
         if self._failing is None or self._failing[0] != kind:
-            log.error(what, exc_info=exc)
+            busy = busy_store(exc)
+            if busy is not None:
+                log.warning("%s (the store was busy: %s)", what, busy)
+            else:
+                log.error(what, exc_info=exc)
             self._failing = (kind, now)
         elif now - self._failing[1] >= 60:
             log.error("%s (still: %s)", what, kind)

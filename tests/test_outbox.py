@@ -16,10 +16,12 @@ from bot.cli import main as cli
 from handlers.outbox import Budget, _Buckets
 from sqlmodel import select
 
+from storage.db import SQLITE_BUSY_TIMEOUT_MS
 from storage.models import OutboxItem
 from tests.botkit import T0, Harness, bot_on, fixture, running_bot
 from tests.fake_slack import FakeSlack
 from tests.test_slack_flow import slack_config
+from tests.test_telegram_flow import GROUP, Both, both, posted_on_both  # noqa: F401 (both: a fixture)
 
 GENEROUS = {"slack": Budget(chat=(1200, 10), group_chat=None, edits=(1200, 10), platform=(6000, 50))}
 
@@ -882,3 +884,131 @@ async def test_metrics_show_how_long_a_delivery_has_been_waiting(tmp_path: Path)
         h.clock.advance(timedelta(minutes=2))
         assert "chatops_outbox_oldest_due_seconds 120.0" in await (await h.client.get("/metrics")).text()
         assert not cards(fake)
+
+
+def _busy(tmp_path: Path) -> Exception:
+    """A write SQLite turned away for another connection's write transaction, as SQLAlchemy raises it."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    path = tmp_path / "held.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            other.execute("CREATE TABLE t (x)")
+        except sqlite3.OperationalError as exc:
+            return OperationalError("UPDATE outbox ...", {}, exc)
+        raise AssertionError("the database was not locked")
+    finally:
+        holder.close()
+        other.close()
+
+
+@pytest.mark.parametrize("what", ["card", "line"])
+async def test_a_post_the_platform_took_whose_recording_failed_is_recorded_not_sent_again(
+        both: Both, what: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Telegram took the card (or a thread line), and the transaction recording it found the database locked: the
+    rows stayed pending and the next round sent it again. The group had two cards, the bot tracked only the second,
+    and the first stayed Firing with live buttons for good. Now the outcome is kept and recorded once the database
+    answers again, and nothing is sent twice."""
+    b = both
+    if what == "line":
+        await posted_on_both(b)
+    adapter = b.h.bot.adapters["telegram"]
+    db, real_transaction = b.h.bot.db, b.h.bot.db.transaction
+    took, failures = asyncio.Event(), []
+
+    def transaction() -> Any:
+        task = asyncio.current_task()
+        if took.is_set() and task is not None and task.get_name() == "outbox-telegram" and not failures:
+            failures.append(1)  # the transaction after the platform's answer: the one recording it
+            raise _busy(tmp_path)
+        return real_transaction()
+
+    method = "send" if what == "card" else "reply"
+    real_call = getattr(adapter, method)
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        answer = await real_call(*args, **kwargs)
+        took.set()
+        return answer
+
+    setattr(adapter, method, call)
+    db.transaction = transaction  # type: ignore[method-assign]
+    if what == "card":
+        await b.h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    else:
+        await b.slack.answer(await b.slack.command("/incident", "ack 1"))
+
+    async def telegram_rows() -> list[tuple[str, str]]:
+        async with b.h.bot.db.sessions() as session:
+            return [(r.event, r.status) for r in (await session.execute(select(OutboxItem).where(
+                OutboxItem.channel == "ops-telegram").order_by(OutboxItem.id))).scalars().all()]
+
+    deadline = time.monotonic() + 10
+    while not failures or any(status == "pending" for _, status in await telegram_rows()):
+        assert time.monotonic() < deadline, f"still pending: {await telegram_rows()}"
+        await asyncio.sleep(0.1)
+    for _ in range(3):  # a few more rounds: nothing goes again
+        b.h.bot.outbox.nudge()
+        await asyncio.sleep(0.3)
+    assert all(status == "sent" for _, status in await telegram_rows())
+    sent = [c.params for c in b.tg.called("sendMessage") if c.params["chat_id"] == GROUP]
+    assert len([p for p in sent if not p.get("reply_parameters")]) == 1  # one card, not two
+    [card] = [mid for (chat, mid), m in b.tg.messages.items() if chat == GROUP and not m.get("reply_to_message")]
+    assert await b.h.message_of(1, "ops-telegram") == str(card)  # the one the bot tracks (and redraws)
+    if what == "line":
+        assert len([p for p in sent if "Acknowledged by Alice" in p["text"]]) == 1  # one line, not two
+    said = [r for r in caplog.records if "recording it failed" in r.getMessage()]
+    went = ("the card of #1 went out in ops-telegram" if what == "card"
+            else "the reply incident.acknowledged about #1 in ops-telegram went out")
+    assert [r.getMessage() for r in said] == [
+        f"outbox: {went}, but recording it failed (OperationalError: the database stayed locked for "
+        f"{SQLITE_BUSY_TIMEOUT_MS / 1000:g} s (another process's write transaction: a chatops command, or one "
+        "stuck?)); trying again in 1 s"]
+
+
+async def test_a_round_that_finds_the_store_busy_says_so_in_a_line_not_a_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Another writer held the store (a chatops command beside the bot on SQLite): the outbox's round and the timers'
+    beat each logged an ERROR with a 40-line traceback, as for a bug. They say it in one warning line now, as the
+    periodic jobs do."""
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:
+        busy = _busy(tmp_path)
+        why = (f"OperationalError: the database stayed locked for {SQLITE_BUSY_TIMEOUT_MS / 1000:g} s (another "
+               "process's write transaction: a chatops command, or one stuck?)")
+        outbox_round, timers_round = h.bot.outbox._round, h.bot.timers._round
+        failed: list[str] = []
+
+        async def busy_outbox(key: str | None, *, wait: bool = False) -> int:
+            if "outbox" not in failed:
+                failed.append("outbox")
+                raise busy
+            return await outbox_round(key, wait=wait)
+
+        async def busy_timers() -> Any:
+            if "timers" not in failed:
+                failed.append("timers")
+                raise busy
+            return await timers_round()
+
+        async def peek() -> Any:
+            raise busy  # (a beat whose peek fails claims anyway)
+
+        h.bot.outbox._round, h.bot.timers._round = busy_outbox, busy_timers  # type: ignore[method-assign]
+        h.bot.timers._peek = peek  # type: ignore[method-assign]
+        h.bot.outbox.nudge()
+        await h.bot.timers.tick()
+        deadline = time.monotonic() + 5
+        while len(failed) < 2:
+            assert time.monotonic() < deadline, failed
+            h.bot.outbox.nudge()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+    said = [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records if "busy" in r.getMessage()]
+    assert sorted(said) == [
+        ("WARNING", f"outbox round found the store busy ({why}); retrying in 0.5s", None),
+        ("WARNING", f"timer tick failed; retrying at the next beat (the store was busy: {why})", None)]
