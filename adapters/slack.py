@@ -40,17 +40,17 @@ from bot.alerts import BodyError
 from bot.auth import ReplayGuard
 from bot.bodies import content_coding, read_limited, refused
 from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
-                      Unclaimed, split_words)
+                      Unclaimed, dispatched, split_words)
 from bot.model import Actor
 
 log = logging.getLogger("chatops.slack")
+PLATFORM = "slack"
 
 PATH = "/slack/events"
 ACTION_PREFIX = "chatops:"
 TIMEOUT = 15  # seconds for one Web API call
 INVALID_BUTTON = ("This button is not valid: it was not made by this bot, or it is too old. "
                   "Use the buttons on the latest incident message.")
-FAILED = "Something went wrong while handling that; the details are in the bot's log."
 # name -> (description, usage hint) for the app manifest; the dispatcher owns what they do. Slack shows the hint as
 # the command is typed: it names every subcommand of the command's usage in the bot's help (a test holds them to it;
 # the manifest is printed without a running bot's dispatcher to read them from). A command of the bot's missing here
@@ -615,7 +615,7 @@ class SlackAdapter:
             log.warning("slack: refused button value from user %s: %s", (body.get("user") or {}).get("id"), exc)
             await self._answer(body, Reply(INVALID_BUTTON))
             return
-        reply = await self._dispatch(self.dispatcher.handle_action(event), handling)
+        reply = await dispatched(self.dispatcher.handle_action(event), handling, PLATFORM)
         if reply is None:
             return
         if not reply.ephemeral and event.source is not None:  # for everyone: in the incident's thread
@@ -650,12 +650,12 @@ class SlackAdapter:
             log.warning("slack: cannot settle the clicked message: %s", exc)
 
     async def _command(self, body: dict[str, Any], handling: Handling) -> None:
-        reply = await self._dispatch(self.dispatcher.handle_command(command_event(body)), handling)
+        reply = await dispatched(self.dispatcher.handle_command(command_event(body)), handling, PLATFORM)
         await self._answer(body, reply)
 
     async def _mention(self, event: dict[str, Any], handling: Handling) -> None:
         command = mention_event(event)
-        reply = await self._dispatch(self.dispatcher.handle_command(command), handling)
+        reply = await dispatched(self.dispatcher.handle_command(command), handling, PLATFORM)
         channel = event.get("channel", "")
         thread = command.chat.thread_id if command.chat is not None else None  # the thread the mention was in
         if reply.ephemeral:
@@ -669,18 +669,6 @@ class SlackAdapter:
     async def _post(self, channel: str, thread: str | None, reply: Reply) -> None:
         await self._call("chat.postMessage", self.client.chat_postMessage(
             channel=channel, thread_ts=thread, **self._reply_payload(reply)), chat=channel)
-
-    async def _dispatch(self, work: Coroutine[Any, Any, Reply | None], handling: Handling) -> Reply | None:
-        """The dispatcher's answer; the request is settled once it answered (the same request again is a replay
-        from then on), released if it failed (the person is told; the same request again is handled)."""
-        try:
-            reply = await work
-        except Exception:
-            log.exception("slack: the dispatcher failed")
-            await handling.release()
-            return Reply(FAILED)
-        await handling.settle()
-        return reply
 
     def _reply_payload(self, reply: Reply) -> dict[str, Any]:
         if reply.message is not None:

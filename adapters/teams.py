@@ -42,7 +42,7 @@ from bot import actions
 from bot.alerts import BodyError
 from bot.bodies import read_json, refused
 from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
-                      Unclaimed, split_words)
+                      Unclaimed, dispatched, split_words)
 from bot.model import Actor
 
 log = logging.getLogger("chatops.teams")
@@ -61,7 +61,6 @@ PERSONAL = ("create", "page")  # the calls for a person, in their private chat w
 FOR_PERSON = ("the person must have the bot's app installed (people[].teams is their Teams id, 29:..., or their "
               "Entra object id)")
 NO_TENANT_WAIT = 60.0  # seconds before a page that waits for a tenant (see _personal) is tried again
-FAILED = "Something went wrong while handling that; the details are in the bot's log."
 INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
 STYLES = {"primary": "positive", "danger": "destructive"}
 # A click on one of an incident card's buttons (bot.actions.CARD_ACTIONS) of a card `incident show` drew redraws that
@@ -467,7 +466,7 @@ class TeamsAdapter:
         chat = chat_of(activity)
         event = CommandEvent("chatops", command_words(activity, self._mentioned), self.actor_of(activity), chat,
                              direct=is_personal(activity), plain=True)
-        reply = await self._dispatch(self.dispatcher.handle_command(event), handling)
+        reply = await dispatched(self.dispatcher.handle_command(event), handling, PLATFORM)
         if reply is None or (reply.sent_direct and event.direct):
             return
         await self._answer(turn, reply)
@@ -484,7 +483,7 @@ class TeamsAdapter:
         source = MessageRef(PLATFORM, chat.chat_id, activity.reply_to_id or "", chat.thread_id)
         event = ActionEvent(decoded.action.value, decoded.incident_id, decoded.arg, self.actor_of(activity),
                             source if activity.reply_to_id else None, event_id=activity.id or "", tag=decoded.tag)
-        reply = await self._dispatch(self.dispatcher.handle_action(event), handling)
+        reply = await dispatched(self.dispatcher.handle_action(event), handling, PLATFORM)
         if reply is None or turn.turn_state.get(MUTED):
             return
         if reply.settle is not None and activity.reply_to_id and is_personal(activity):
@@ -517,17 +516,6 @@ class TeamsAdapter:
         except Exception as exc:  # the clicker has the answer; the card stays as it was
             log.warning("teams: cannot redraw the card of #%s that incident show drew: %s", event.incident_id,
                         delivery_error("update", exc))
-
-    async def _dispatch(self, work: Coroutine[Any, Any, Reply | None], handling: Handling) -> Reply | None:
-        """The dispatcher's answer; settled once it answered, released if it failed (the person is told)."""
-        try:
-            reply = await work
-        except Exception:
-            log.exception("teams: the dispatcher failed")
-            await handling.release()
-            return Reply(FAILED)
-        await handling.settle()
-        return reply
 
     async def _answer(self, turn: TurnContext, reply: Reply) -> None:
         """A reply to the message answered: in the channel's thread, or in the private chat."""

@@ -50,7 +50,7 @@ from bot.alerts import BodyError
 from bot.auth import raw_bytes
 from bot.bodies import read_json, refused
 from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
-                      Unclaimed, split_words)
+                      Unclaimed, dispatched, split_words)
 from bot.model import Actor
 from bot.render import TEXT_FORMATS
 
@@ -87,7 +87,6 @@ ACTS_ON_ONE = ("ack", "acknowledge", "show", "escalate", "resolve", "reopen")
 NO = "\u2716 No"
 INVALID_BUTTON = "This button is not valid: it was not made by this bot, or it is too old."
 STALE_BUTTON = "This message has changed since; use the buttons it has now."
-FAILED = "Something went wrong while handling that; the details are in the bot's log."
 # the command menu (setMyCommands); the dispatcher owns what they do, and takes any other command too
 COMMANDS: dict[str, str] = {
     "incident": "Show or act on an incident: /incident ack 42",
@@ -920,17 +919,11 @@ class TelegramAdapter:
 
     async def _dispatch(self, work: Coroutine[Any, Any, Reply | None], handling: Handling, *,
                         quiet: bool = False) -> Reply | None:
-        """The dispatcher's answer; the update is settled once it answered (a retry of it is a copy from then on),
-        released if it failed (the person is told, unless `quiet`: then _FailedAgain; a retry of it is handled)."""
-        try:
-            reply = await work
-        except Exception:
-            log.exception("telegram: the dispatcher failed")
-            await handling.release()
-            if quiet:
-                raise _FailedAgain from None
-            return Reply(FAILED)
-        await handling.settle()
+        """bot.chat.dispatched; a failure is not told to the person when `quiet` (then _FailedAgain; a retry of the
+        update is handled)."""
+        reply = await dispatched(work, handling, PLATFORM)
+        if quiet and handling.released:
+            raise _FailedAgain
         return reply
 
     def _reply_payload(self, reply: Reply) -> dict[str, Any]:

@@ -7,12 +7,16 @@ Handlers speak only these types. An adapter turns a platform payload into an
 
 from __future__ import annotations
 
+import logging
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from bot.model import Actor
+
+log = logging.getLogger("chatops.chat")
+FAILED = "Something went wrong while handling that; the details are in the bot's log."
 
 Platform = Literal["slack", "telegram", "teams"]
 ButtonStyle = Literal["primary", "danger", "default"]
@@ -207,3 +211,17 @@ class Unclaimed:
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         return None
+
+
+async def dispatched(work: Coroutine[Any, Any, Reply | None], handling: Handling, platform: str) -> Reply | None:
+    """The dispatcher's answer to a click or command, as every adapter takes it: its delivery is settled once it
+    answered (a copy of it is a replay from then on), released if it failed (`handling.released`: a copy is handled),
+    and then the person is told that it failed (FAILED) and the log has why."""
+    try:
+        reply = await work
+    except Exception:
+        log.exception("%s: the dispatcher failed", platform)
+        await handling.release()
+        return Reply(FAILED)
+    await handling.settle()
+    return reply

@@ -15,7 +15,8 @@ an alert (its labels, annotations, text) is put into it. Each step runs in a pro
 with only PATH and LANG in its environment, bounded by its timeout (its whole group is killed then, and when it exits:
 nothing it started outlives it); the steps run in order and stop at the first that fails. A replica runs a run only
 after claiming it (approved -> running, one conditional UPDATE: one replica wins); a run still `running` when the bot
-starts was cut short by a stop and becomes `interrupted`, never run again on its own.
+starts was cut short by a stop and becomes `interrupted`, never run again on its own (on PostgreSQL, once it is past
+its steps' timeouts: another replica may be running it).
 """
 
 from __future__ import annotations
@@ -287,7 +288,7 @@ class RunbookHandlers:
     async def reject_button(self, event: ActionEvent, person: Person) -> Reply:
         return await self.decide(event, person, approve=False)
 
-    async def decide(self, event: ActionEvent, person: Person, *, approve: bool, reason: str = "") -> Reply:
+    async def decide(self, event: ActionEvent, person: Person, *, approve: bool) -> Reply:
         """Approve or reject a run that waits, checked here whatever the button said; a reject by whoever asked
         withdraws the request (cancelled, by them)."""
         now = self.clock.now()
@@ -313,13 +314,11 @@ class RunbookHandlers:
                 status, values = APPROVED, {"approved_by": person.id, "approved_at": now}
                 line = f"{person.name} approved running runbook {run.title} (asked by {asked})"
             elif withdrawn:
-                status, values = CANCELLED, {"rejected_by": person.id, "rejected_at": now, "reason": reason or None}
-                line = f"{person.name} withdrew the request to run runbook {run.title}" + (
-                    f": {one_line(reason, 200)}" if reason else "")
+                status, values = CANCELLED, {"rejected_by": person.id, "rejected_at": now}
+                line = f"{person.name} withdrew the request to run runbook {run.title}"
             else:
-                status, values = REJECTED, {"rejected_by": person.id, "rejected_at": now, "reason": reason or None}
-                line = f"{person.name} rejected running runbook {run.title} (asked by {asked})" + (
-                    f": {one_line(reason, 200)}" if reason else "")
+                status, values = REJECTED, {"rejected_by": person.id, "rejected_at": now}
+                line = f"{person.name} rejected running runbook {run.title} (asked by {asked})"
             if not await self._settle(session, run, incident, now, actor, status, values, line):
                 return Reply(f"{run.title} on #{incident.id} was decided a moment ago by someone else.")
         self.delivered()

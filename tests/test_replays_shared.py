@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 import pytest
 from sqlalchemy import func, select
 
-from adapters.telegram import FAILED
+from bot.chat import FAILED
 from bot.auth import sign
 from bot.server import Bot
 from storage.models import AlertRecord, AlertSignature, SeenRequest

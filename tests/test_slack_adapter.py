@@ -22,8 +22,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from adapters.settings import SlackSettings
-from adapters.slack import FAILED, INVALID_BUTTON, SlackAdapter, manifest, response_url_allowed, split_args
-from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
+from adapters.slack import INVALID_BUTTON, SlackAdapter, manifest, response_url_allowed, split_args
+from bot.chat import FAILED, ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply
 from bot.model import Actor
 from tests.fake_slack import FORM, FakeSlack
 from tests.recording import RecordingDispatcher, served

@@ -23,9 +23,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from adapters.settings import TelegramSettings
-from adapters.telegram import COMMANDS, FAILED, INVALID_BUTTON, SECRET_HEADER, STALE_BUTTON, TelegramAdapter, toast
+from adapters.telegram import COMMANDS, INVALID_BUTTON, SECRET_HEADER, STALE_BUTTON, TelegramAdapter, toast
 from bot.actions import MAX_ID
-from bot.chat import ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply, split_words
+from bot.chat import FAILED, ActionEvent, Button, CommandEvent, DeliveryError, MessageRef, Outbound, Reply, split_words
 from bot.model import Actor
 from bot.render import Renderer
 from bot.view import incident_card, thread_line

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from adapters.telegram import FAILED
+from bot.chat import FAILED
 from storage.queries import incident_timeline
 from tests.botkit import Harness, fixture, running_bot, untagged
 from tests.fake_slack import FakeSlack
