@@ -7,6 +7,7 @@ Every problem is reported as `path: problem`, where path is the config path
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -82,6 +83,19 @@ def listening_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+# A host name: labels of letters, digits, `-` (and `_`, which container names hold) of at most 63 characters, that
+# neither start nor end with `-`, joined by dots, with a dot at the end allowed.
+_HOST_NAME = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
+
+
+def _ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 class ServerConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
@@ -95,6 +109,25 @@ class ServerConfig(Section):
     # `${METRICS_TOKEN:-}` leaves an endpoint open until the variable is set.
     metrics_token: str | None = None
     calendar_token: str | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        """An IP address or a host name, judged as written (nothing is looked up: check-config runs where the bot may
+        not): `""` and `not a host!` passed, and serve then stopped on `Name or service not known`."""
+        if not v:
+            raise ValueError("empty: give the address to listen on, such as 127.0.0.1 (this machine only), 0.0.0.0 "
+                             "(every IPv4 address) or :: (every IPv6 address)")
+        if v.startswith("[") and v.endswith("]") and _ip_address(v[1:-1]):
+            raise ValueError(f"{v!r} is an IPv6 address in brackets: write it without them, {v[1:-1]} (brackets "
+                             "belong in a URL)")
+        name, colon, port = v.rpartition(":")
+        if colon and port.isascii() and port.isdigit() and _HOST_NAME.match(name) and not _ip_address(v):
+            raise ValueError(f"{v!r} holds a port: give the port as server.port, and the host alone here")
+        if not (_ip_address(v) or (len(v.removesuffix(".")) <= 253 and _HOST_NAME.match(v))):
+            raise ValueError(f"{v!r} is not a host name or an IP address: give one such as 127.0.0.1, 0.0.0.0, :: or "
+                             "bot.internal")
+        return v
 
     @field_validator("metrics_token", "calendar_token", mode="before")
     @classmethod
@@ -456,13 +489,28 @@ class Grouping(Section):
         return v
 
 
+@dataclass(frozen=True)
+class WrittenBoolean:
+    """A label matcher's value that YAML reads as a boolean (`true`, `yes`, `NO`), with its text as app.yaml wrote it:
+    refused all the same (see matchers_as_text), but the fix it names is that text in quotes, not `"true"`."""
+
+    value: bool
+    written: str
+
+
 def matchers_as_text(v: Any) -> Any:
-    """Label matchers as YAML gave them, numbers as the text a label holds (`code: 500`); a boolean is refused."""
+    """Label matchers as text. From app.yaml a value is already the text as written (`version: 1.10` is "1.10", not
+    the number 1.1: see _matchers_as_written); a number given otherwise is its text (`code: 500`). A boolean is
+    refused: `yes`, `on`, `NO` unquoted are booleans to every other YAML reader, so the label meant is said in
+    quotes."""
     if isinstance(v, dict):
         for k, x in v.items():
-            if isinstance(x, bool):  # `true`, `yes`, `on`...: which the label holds cannot be told any more
-                raise ValueError(f"{k}: YAML reads this value as a boolean ({str(x).lower()}), and labels are "
-                                 f"text: write it in quotes as the label has it (e.g. {k}: \"true\")")
+            if isinstance(x, (bool, WrittenBoolean)):
+                value = str(x.value if isinstance(x, WrittenBoolean) else x).lower()
+                fix = (f": {k}: \"{x.written}\"" if isinstance(x, WrittenBoolean) else
+                       f" (e.g. {k}: \"true\"; YAML reads true, false, yes, no, on and off, in any case, as booleans)")
+                raise ValueError(f"{k}: YAML reads this value as a boolean ({value}), and labels are text: write it in "
+                                 f"quotes as the label has it{fix}")
         return {k: str(x) if isinstance(x, (int, float)) else x for k, x in v.items()}
     return v
 
@@ -592,6 +640,11 @@ class Runbook(Section):
     risk: Literal["low", "medium", "high"] = "low"
     steps: list[RunbookStep] = Field(min_length=1)
 
+    @field_validator("match", mode="before")
+    @classmethod
+    def _match_values_as_text(cls, v: Any) -> Any:
+        return matchers_as_text(v)  # (as a route's: `code: 500` was refused here, taken there)
+
 
 class WeeklyWindow(Section):
     days: list[Weekday] = Field(min_length=1)
@@ -713,8 +766,13 @@ def load_config(
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(name, [("", f"{name}: file not found (pass -c PATH or set CHATOPS_CONFIG)")]) from None
+    except IsADirectoryError:
+        raise ConfigError(name, [("", f"{name}: cannot read: it is a folder, not a file: give -c (or CHATOPS_CONFIG) "
+                                      "the path of the YAML config file, such as app.yaml in it")]) from None
     except OSError as exc:
-        raise ConfigError(name, [("", f"{name}: cannot read: {exc.strerror}")]) from None
+        raise ConfigError(name, [("", f"{name}: cannot read: {exc.strerror}: the config must be a YAML file the bot's "
+                                      "user can read; let that user read it (chmod, chown), or pass -c PATH of one it "
+                                      "can read")]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(name, [("", f"{name}: not UTF-8 text (byte {exc.start} cannot be read); save it as "
                                       "UTF-8")]) from None
@@ -756,6 +814,10 @@ def _mapping_without_repeats(loader: _StrictLoader, node: yaml.MappingNode) -> d
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        if key is None:  # (was said as `None: keys should be strings`, with no line to look at)
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key that is null (`~`, `null` or nothing before the colon): give the key its name",
+                key_node.start_mark)
         if isinstance(key, (list, dict)):
             raise yaml.constructor.ConstructorError(
                 None, None, f"a key that is a list or a mapping (unhashable type: {type(key).__name__!r})",
@@ -792,6 +854,56 @@ _StrictLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
+_STR, _BOOL = "tag:yaml.org,2002:str", "tag:yaml.org,2002:bool"
+_AS_WRITTEN = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"})
+_WRITTEN_BOOLEAN = "tag:chatops,2026:written-boolean"  # (a tag of the loader's own: no app.yaml can write it)
+_MATCHERS = {"routes": "match", "silences": "matchers", "runbooks": "match"}  # section: its items' label matchers
+
+_StrictLoader.add_constructor(
+    _WRITTEN_BOOLEAN, lambda loader, node: WrittenBoolean(loader.construct_yaml_bool(node), node.value))
+
+
+def _matchers_as_written(root: yaml.Node) -> None:
+    """Label matchers' values as the text app.yaml wrote: YAML 1.1 reads an unquoted `1.10` as the number 1.1, `010`
+    as 8 and `0x1F` as 31, and a label is text, so `version: 1.10` was kept as "1.1" without a word and the alert
+    labelled 1.10 went to the catch-all route. The scalars a route's or a runbook's `match`, or a silence's
+    `matchers`, maps to are read before they are made values, and each number (or date) is given its text as written;
+    a boolean keeps the text it was written as, for the fix its refusal names."""
+    if not isinstance(root, yaml.MappingNode):
+        return
+    for key, section in root.value:
+        field = _MATCHERS.get(key.value) if isinstance(key, yaml.ScalarNode) else None
+        if field is None or not isinstance(section, yaml.SequenceNode):
+            continue
+        for item in section.value:
+            for name, matchers in item.value if isinstance(item, yaml.MappingNode) else ():
+                if isinstance(name, yaml.ScalarNode) and name.value == field:
+                    _values_as_written(matchers)
+
+
+def _values_as_written(node: yaml.Node) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for _, value in node.value:
+        if isinstance(value, yaml.ScalarNode) and value.tag in _AS_WRITTEN:
+            value.tag = _STR
+        elif isinstance(value, yaml.ScalarNode) and value.tag == _BOOL:
+            value.tag = _WRITTEN_BOOLEAN
+
+
+def _read_yaml(text: str) -> Any:
+    """The document as _StrictLoader reads it (as yaml.load does), its label matchers' values as written."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _matchers_as_written(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_config(
     text: str,
     *,
@@ -801,7 +913,7 @@ def parse_config(
 ) -> Loaded:
     protected, refs = envsubst.protect(text)
     try:
-        raw = yaml.load(protected, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader that refuses repeated keys
+        raw = _read_yaml(protected)  # a SafeLoader that refuses repeated keys
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -993,10 +1105,15 @@ SECRET_KEYS = frozenset({"bot_token", "signing_secret", "webhook_secret", "app_p
                          "hmac_key", "auth", "password", "token", "secret", "metrics_token", "calendar_token"})
 
 
+_NO_SECRET = frozenset({"none", "null"})  # a source's `auth: none` misspelt, which is said as written
+
+
 def _shown(err: Mapping[str, Any]) -> str:
     """The rejected value as an error message shows it: `repr`, or for a secret what is wrong with its shape."""
     value = err.get("input")
     if not any(isinstance(part, str) and part in SECRET_KEYS for part in err.get("loc", ())):
+        return repr(value)
+    if isinstance(value, str) and value.lower() in _NO_SECRET:  # (`auth: None`: the fix is in its case, to be seen)
         return repr(value)
     if isinstance(value, str) and value != value.strip():
         return "(a secret, not shown: it begins or ends with a space or a line break; strip it)"

@@ -181,7 +181,7 @@ BROKEN = [
      "business_hours.end: invalid time of day '25:00' (expected HH:MM, e.g. 09:00)"),
     (BASE + ROUTES.replace("{team: dba}", "{pci: true}"),  # was taken as "True", which no label holds
      'routes[0].match: pci: YAML reads this value as a boolean (true), and labels are text: write it in quotes as '
-     'the label has it (e.g. pci: "true")'),
+     'the label has it: pci: "true"'),
     (BASE + ROUTES + "server:\n", "server: empty: give it keys, or remove it"),
     (BASE + ROUTES + "server: 5\n", "server: expected a mapping of keys, got 5"),
     # An empty header name refused every request ("missing  header"); an empty timestamp header quietly turned
