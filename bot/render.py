@@ -243,7 +243,7 @@ class Renderer:
                         raise RenderError(self._where(name), problem)
                 except RenderError as e:
                     said = f"{e.problem} (rendering a sample {kind} message)"
-                    if e.problem.startswith(f"{jinja2.UndefinedError.__name__}:"):  # (as _render names it)
+                    if re.match(rf"(line \d+: )?{jinja2.UndefinedError.__name__}:", e.problem):  # (as _render names it)
                         said = (f"{e.problem} (rendering a sample {kind} message; {kind} templates are given "
                                 f"{', '.join(sorted(context))}: see {TEMPLATES / 'README.md'})")
                     found.setdefault(e.template, RenderError(e.template, said))
@@ -282,9 +282,8 @@ class Renderer:
             return self._template(name).render(dict(context))
         except jinja2.TemplateSyntaxError as e:  # an included template's
             raise RenderError(self._where(e.name or name), f"line {e.lineno}: {e.message}") from None
-        except (jinja2.TemplateError, TypeError) as e:  # TypeError: tojson of something that is not JSON
-            raise RenderError(self._where(name), f"{type(e).__name__}: {e}") from None
-        except Exception as e:  # what an expression raises ({{ 1/0 }}, a bad format): where, as a syntax error says it
+        except Exception as e:  # what an expression raises ({{ 1/0 }}, an unknown name, tojson of something that is
+            # not JSON): where, as a syntax error says it
             where, line = self._raised_at(e, name)
             raise RenderError(self._where(where), f"{'' if line is None else f'line {line}: '}{type(e).__name__}: {e}"
                               ) from None

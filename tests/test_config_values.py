@@ -1,5 +1,5 @@
 """app.yaml values as written: matchers YAML would read as numbers, server.host, and what check-config says of a value
-it refuses (a boolean matcher, a null key, `auth: None`, a config that cannot be read)."""
+it refuses (a boolean matcher, a null key, `auth: None`, a config that cannot be read, a template's unknown name)."""
 
 from __future__ import annotations
 
@@ -204,3 +204,16 @@ def test_a_config_the_bot_cannot_read_says_what_is_expected(tmp_path: Path, monk
         f"{path}: cannot read: Permission denied: the config must be a YAML file the bot's user can read; let that "
         "user read it (chmod, chown), or pass -c PATH of one it can read"]
 
+
+def test_a_template_that_uses_an_unknown_name_is_named_with_its_line(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The README promises a failing template named with its file and line; an unknown name was said without it."""
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "thread.generic.txt.j2").write_text("line1\n{{ nosuchname.attr }}\n")
+    config = tmp_path / "app.yaml"
+    config.write_text(textwrap.dedent(BASE) + "templates: {dir: tpl}\nroutes:\n" + CATCH_ALL)
+    assert main(["-c", str(config), "check-config"]) == 2
+    said = capsys.readouterr().out
+    assert (f"templates.dir: template thread.generic.txt.j2 ({tmp_path / 'tpl' / 'thread.generic.txt.j2'}): line 2: "
+            "UndefinedError: 'nosuchname' is undefined (rendering a sample thread message; thread templates are given "
+            "incident_id, line: see ") in said
