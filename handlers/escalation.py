@@ -50,6 +50,7 @@ log = logging.getLogger("chatops.escalation")
 STEP = "escalation.step"
 ESCALATIONS = Escalation.__table__
 SYSTEM = Actor("system", "escalation", "Escalation")
+NO_LONGER = "no longer in app.yaml"  # a rotation, person or channel a running escalation's snapshot still names
 # A page waiting because a platform refused the bot's token (handlers/page_lanes.py, PageLanes._page_waits): in its
 # outbox row's details, how often it found it refused. The escalation keeps its pace meanwhile, so a policy can run
 # out while its pages still wait: it says so rather than that nobody acknowledged them.
@@ -59,9 +60,42 @@ TOKEN_REFUSED = "token_refused"
 @dataclass(frozen=True)
 class Targets:
     people: list[Person]
-    channel: str | None
+    channel: str | None  # (None when the step's channel is no longer in app.yaml: see gone_channel)
     rotation: str | None
-    missing: str = ""  # why a rotation named nobody
+    missing: str = ""  # why the rotation named nobody: nobody is on call in it
+    # What the step names (in the policy as the incident keeps it) that app.yaml no longer has: nobody can be paged or
+    # posted to there, and the step says so rather than paging nobody in silence.
+    gone_rotation: str = ""
+    gone_people: tuple[str, ...] = ()
+    gone_channel: str = ""
+
+    def removed(self) -> dict[str, Any]:
+        """For the step's audit event: what it names that is no longer in app.yaml (empty: nothing)."""
+        gone: dict[str, Any] = {}
+        if self.gone_rotation:
+            gone["rotation"] = self.gone_rotation
+        if self.gone_people:
+            gone["people"] = list(self.gone_people)
+        if self.gone_channel:
+            gone["channel"] = self.gone_channel
+        return gone
+
+    def why(self) -> str:
+        """Why the step reaches fewer than it names, in words ("" when it reaches them all): "nobody is on call for
+        primary now"; "bob is no longer in app.yaml" when nobody else is notified; "skipped bob, no longer in
+        app.yaml" when the others are."""
+        reasons = [f"rotation {self.gone_rotation} is {NO_LONGER}"] if self.gone_rotation else []
+        if self.missing:
+            reasons.append(self.missing)
+        if self.gone_people:
+            names = " and ".join(self.gone_people)
+            if self.people or self.channel:
+                reasons.append(f"skipped {names}, {NO_LONGER}")
+            else:
+                reasons.append(f"{names} {'is' if len(self.gone_people) == 1 else 'are'} {NO_LONGER}")
+        if self.gone_channel:
+            reasons.append(f"channel {self.gone_channel} is {NO_LONGER}")
+        return "; ".join(reasons)
 
 
 class Escalations:
@@ -69,6 +103,7 @@ class Escalations:
         self.audit, self.config = audit, config
         self.policies = {p.id: p for p in config.escalation_policies}
         self.people = {p.id: p for p in config.people}
+        self.channels = {c.id for c in config.channels}
         self.schedules = {r.id: Schedule.from_config(r, default_tz=config.timezone) for r in config.rotations}
         self.timers: TimerService | None = None  # asked why a step runs late
 
@@ -377,9 +412,13 @@ class Escalations:
             line = f"Step {n + 1} of {total}{tardy}: {says} {after}".strip()
             promise = {"next": after, "next_at": due.isoformat()} if after else {}  # (see outbox._kept_promise)
             self._channel_line(session, incident, targets.channel, now, line, promise)
-        if targets.missing:
-            self._lines(session, incident, now, "escalation.nobody",
-                        f"Step {n + 1} of {total}{tardy}: {targets.missing}")
+        why = targets.why()
+        if why:
+            self._lines(session, incident, now, "escalation.nobody", f"Step {n + 1} of {total}{tardy}: {why}")
+        removed = targets.removed()
+        if removed:  # app.yaml changed under a running escalation: whoever reads the log learns what the step lost
+            log.warning("escalation: #%s step %d of %d (policy %s as it was when the escalation started): %s",
+                        incident.id, n + 1, total, esc.policy, why)
         nobody = not targets.people and not targets.channel  # a rotation with nobody on call: move on at once
         esc.next_step = n + 1
         # A step someone's Escalate reached that pages nobody hands that on to the next, or an acknowledged
@@ -399,7 +438,8 @@ class Escalations:
         return Entry("escalation.step", SYSTEM, "incident", str(incident.id), now,
                      {"policy": esc.policy, "step": n + 1, "of": total, "people": [p.id for p in targets.people],
                       "channel": targets.channel, "rotation": targets.rotation, "business_hours": business,
-                      "manual": manual, "next_at": due.isoformat(), **timing}, incident.id)
+                      "manual": manual, "next_at": due.isoformat(), **({"removed": removed} if removed else {}),
+                      **timing}, incident.id)
 
     async def _asking(self, session: AsyncSession, incident: Incident) -> tuple[str, str]:
         """An acknowledged incident's step runs because someone pressed Escalate: (who acknowledged it, who asked for
@@ -416,12 +456,12 @@ class Escalations:
 
     async def targets(self, session: AsyncSession, notify: dict[str, Any], at: datetime) -> Targets:
         people: list[Person] = []
-        missing = ""
+        missing = gone_rotation = ""
         rotation = notify.get("rotation")
         if rotation:
             schedule = self.schedules.get(rotation)
             if schedule is None:
-                missing = f"rotation {rotation} is no longer in app.yaml"
+                gone_rotation = rotation
             else:
                 rows = await active_overrides(session, start=at, end=at + timedelta(seconds=1), rotations=[rotation])
                 shift = on_call(schedule, domain(rows, rotation), at)
@@ -430,11 +470,18 @@ class Escalations:
                     missing = f"nobody is on call for {rotation} now"
                 else:
                     people.append(person)
+        gone: list[str] = []
         for pid in notify.get("people", []):
             person = self.people.get(pid)
-            if person is not None and person not in people:
+            if person is None:
+                gone.append(pid)
+            elif person not in people:
                 people.append(person)
-        return Targets(people, notify.get("channel"), rotation, missing)
+        channel = notify.get("channel")
+        gone_channel = ""
+        if channel and channel not in self.channels:  # the outbox serves only app.yaml's channels: it would never go
+            channel, gone_channel = None, channel
+        return Targets(people, channel, rotation, missing, gone_rotation, tuple(dict.fromkeys(gone)), gone_channel)
 
     async def next_words(self, session: AsyncSession, snap: dict[str, Any], n: int, total: int, due: datetime,
                          wait: timedelta, severity: str) -> str:
@@ -460,9 +507,10 @@ class Escalations:
                     "page nobody after hours).")
         return f"{who} in {span(wait)} if nobody acknowledges."
 
-    @staticmethod
-    def _lines(session: AsyncSession, incident: Incident, now: datetime, event: str, line: str) -> None:
-        queue_thread_line(session, incident, now, event, {"line": line})
+    def _lines(self, session: AsyncSession, incident: Incident, now: datetime, event: str, line: str) -> None:
+        """A line in the incident's threads: those of its channels still in app.yaml (the outbox sends no other)."""
+        queue_thread_line(session, incident, now, event, {"line": line},
+                          channels=[c for c in incident.channels if c in self.channels])
 
     @staticmethod
     def _channel_line(session: AsyncSession, incident: Incident, channel: str, now: datetime, line: str,

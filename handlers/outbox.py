@@ -11,7 +11,10 @@ until its Retry-After, which costs the row no attempt. A platform in trouble
 5 minutes, for `give_up_after` (24 h) and at least `max_attempts` tries; an
 unexpected error (a bug) gets `max_attempts` tries. When the platform says the
 call can never work (no such channel, not in it), the row becomes a dead letter
-at once (`chatops outbox list --status dead`, `chatops_outbox_dead_total`).
+at once (`chatops outbox list --status dead`, `chatops_outbox_dead_total`). So
+does a row for a channel no longer in app.yaml (the bot restarted without it,
+while an incident routed there was open): no loop serves that channel, and it
+would wait for ever (see _give_up_gone).
 
 A posted message is recorded as an `IncidentMessage` in the same transaction
 that marks its rows sent. A post's rows are marked with the key it carries
@@ -182,6 +185,7 @@ class OutboxWorker(PageLanes):
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._stopped = asyncio.Event()  # set by stop(): a page's recording waits no longer (_record)
+        self._gone_told: set[str] = set()  # channels no longer in app.yaml whose rows the log has warned of
         super().__init__()  # the pages loop's lanes, and what it settles after a crash
 
     def start(self) -> None:
@@ -237,11 +241,44 @@ class OutboxWorker(PageLanes):
             log.info("outbox: sent what was queued before stopping, in %.1f s", time.monotonic() - started)
 
     async def _due_now(self) -> int:
-        """Rows due now that a loop of this worker could send (not those for a platform that is off)."""
-        off = [cid for cid, ch in self.channels.items() if ch.platform not in self.adapters]
+        """Rows due now that a loop of this worker could send: people's, and those of the channels on a platform that
+        is on (not those for a platform that is off, nor for a channel no longer in app.yaml, which no start sends)."""
+        on = [cid for cid, ch in self.channels.items() if ch.platform in self.adapters]
         (due,) = await self.db.read_row(select(func.count()).select_from(OutboxItem).where(
-            OutboxItem.status == "pending", OutboxItem.due_at <= self.clock.now(), OutboxItem.channel.not_in(off)))
+            OutboxItem.status == "pending", OutboxItem.due_at <= self.clock.now(),
+            OutboxItem.channel.in_(on) | OutboxItem.channel.startswith("@")))
         return int(due or 0)
+
+    async def _give_up_gone(self) -> int:
+        """Dead letters of the pending rows for a channel no longer in app.yaml: the bot restarted without it while
+        an incident routed there was open (its card, lines and redraws, queued before or since), or a notice was
+        queued for it. No loop serves such a channel, so they waited for ever, and stopping said they would go
+        after the next start. Each says why (`chatops outbox list --status dead`); put the channel back in app.yaml
+        and `chatops outbox retry` sends them. The log warns once per channel, with the count; later ones (an open
+        incident's redraws) are logged as info. Returns how many rows it gave up."""
+        async with self.db.sessions() as session:
+            counts = (await session.execute(
+                select(OutboxItem.channel, func.count()).where(OutboxItem.status == "pending", _gone(self.channels))
+                .group_by(OutboxItem.channel).order_by(OutboxItem.channel))).all()
+        if not counts:
+            return 0
+        given_up: dict[str, int] = {}
+        async with self.db.transaction() as session:
+            for channel, _ in counts:
+                given_up[channel] = (await session.execute(
+                    update(OutboxItem).where(OutboxItem.status == "pending", OutboxItem.channel == channel)
+                    .values(status="dead", last_error=f"channel {channel} is no longer in app.yaml"))).rowcount or 0
+        for channel, n in given_up.items():
+            if not n:
+                continue
+            self.metrics.outbox_dead.labels(channel).inc(n)
+            told = channel in self._gone_told
+            self._gone_told.add(channel)
+            (log.info if told else log.warning)(
+                "outbox: %d message(s) for channel %s, which is no longer in app.yaml, will never be sent; marked dead "
+                "(`chatops outbox list --status dead`; to send them, put the channel back in app.yaml, restart, and "
+                "`chatops outbox retry` them)", n, channel)
+        return sum(given_up.values())
 
     def nudge(self) -> None:
         """Something was queued: look now instead of at the next poll."""
@@ -348,6 +385,7 @@ class OutboxWorker(PageLanes):
         waiting = OutboxItem.kind.in_(PERSONAL_KINDS)
         if personal:
             waiting &= ~and_(OutboxItem.kind == "notice", OutboxItem.channel.in_(off))
+            waiting |= _gone(self.channels)  # no loop serves those: this one gives them up (_give_up_gone)
         else:
             mine = [cid for cid, ch in self.channels.items() if ch.platform == key]
             waiting = ~waiting & OutboxItem.channel.in_(mine)
@@ -357,6 +395,7 @@ class OutboxWorker(PageLanes):
         if earliest is None or earliest > now:
             return 0
         if personal:
+            await self._give_up_gone()
             return await self._people_and_notices(now, off, wait=wait)
         deliverable = mine
         first = func.min(OutboxItem.id)
@@ -739,6 +778,11 @@ def _look_waits(items: Sequence[OutboxItem], kind: str, now: datetime) -> bool:
                  if isinstance(m, dict) and str(m.get("key", "")).startswith(f"{kind}-")), None)
     return mark is not None and any(((i.details or {}).get(UNANSWERED) or {}).get("key") == mark["key"]
                                     and i.due_at > now for i in items)
+
+
+def _gone(channels: Mapping[str, Any]) -> Any:
+    """Rows for a channel no longer in app.yaml, in SQL (a person's own, "@...", are not a channel's)."""
+    return OutboxItem.channel.not_in(list(channels)) & ~OutboxItem.channel.startswith("@")
 
 
 def _unmarked() -> Any:
