@@ -272,12 +272,13 @@ class OutboxWorker(PageLanes):
             if not n:
                 continue
             self.metrics.outbox_dead.labels(channel).inc(n)
-            told = channel in self._gone_told
+            if channel in self._gone_told:
+                log.info("outbox: %d more message(s) for channel %s (no longer in app.yaml) marked dead", n, channel)
+                continue
             self._gone_told.add(channel)
-            (log.info if told else log.warning)(
-                "outbox: %d message(s) for channel %s, which is no longer in app.yaml, will never be sent; marked dead "
-                "(`chatops outbox list --status dead`; to send them, put the channel back in app.yaml, restart, and "
-                "`chatops outbox retry` them)", n, channel)
+            log.warning("outbox: %d message(s) for channel %s, which is no longer in app.yaml, will never be sent; "
+                        "marked dead (`chatops outbox list --status dead`; to send them, put the channel back in "
+                        "app.yaml, restart, and `chatops outbox retry` them)", n, channel)
         return sum(given_up.values())
 
     def nudge(self) -> None:

@@ -111,7 +111,7 @@ async def test_a_step_naming_a_person_no_longer_in_app_yaml_says_so_and_moves_on
                           people=WITHOUT_BOB) as w:
             await w.tick()
             await seen(w, lambda: "Step 2 of 3: bob is no longer in app.yaml" in thread_texts(w.slack),
-                        "the thread says why step 2 paged nobody")
+                       "the thread says why step 2 paged nobody")
             await w.tick()
             await seen(w, lambda: w.pages(CAROL_TG), "step 3 pages Carol at once")
             await seen(w, lambda: any(t.startswith("Paged Carol on Telegram") for t in thread_texts(w.slack)),
@@ -138,7 +138,7 @@ async def test_a_step_naming_several_people_pages_those_still_in_app_yaml_and_sa
             await w.tick()
             await seen(w, lambda: w.pages(CAROL_TG), "step 2 pages Carol")
             await seen(w, lambda: "Step 2 of 2: skipped bob, no longer in app.yaml" in thread_texts(w.slack),
-                        "the thread says who was skipped")
+                       "the thread says who was skipped")
             await seen(w, lambda: any(t.startswith("Paged Carol on Telegram") for t in thread_texts(w.slack)),
                        "Carol's line")
             steps = await steps_audited(w)
@@ -160,12 +160,12 @@ async def test_a_channel_step_whose_channel_is_no_longer_in_app_yaml_says_so_in_
         async with bot_in(tmp_path, slack, tg, NIGHT, base=BASE, people=PEOPLE) as w:
             await w.alert("critical", team="loud")
             await seen(w, lambda: any(t.startswith("Paged Alice on Telegram") for t in thread_texts(w.slack)),
-                        "step 1's line")
+                       "step 1's line")
         async with bot_in(tmp_path, slack, tg, NIGHT + timedelta(minutes=5), base=BASE_WITHOUT_GROUP,
                           people=PEOPLE) as w:
             await w.tick()
             await seen(w, lambda: "Step 2 of 2: channel ops-telegram is no longer in app.yaml" in thread_texts(w.slack),
-                        "the Slack thread says why step 2 asked nobody")
+                       "the Slack thread says why step 2 asked nobody")
             await w.tick()
             await seen(w, lambda: any("finished" in t for t in thread_texts(w.slack)), "the policy finishes")
             step = (await steps_audited(w))[1]
@@ -199,12 +199,11 @@ async def test_deliveries_for_a_channel_no_longer_in_app_yaml_are_given_up_sayin
         async with bot_in(tmp_path, slack, tg, NIGHT + timedelta(minutes=1), base=BASE_WITHOUT_GROUP,
                           people=PEOPLE) as w:
             gone = "channel ops-telegram is no longer in app.yaml"
-
             rows = await given_up(w, "ops-telegram", more_than=0)
             assert rows and all((r.status, r.last_error) == ("dead", gone) for r in rows), [
                 (r.id, r.status, r.last_error) for r in rows]
-            warned = [r.getMessage() for r in caplog.records
-                      if r.name == "chatops.outbox" and r.levelno == logging.WARNING and "ops-telegram" in r.getMessage()]
+            warned = [r.getMessage() for r in caplog.records if r.name == "chatops.outbox"
+                      and r.levelno == logging.WARNING and "ops-telegram" in r.getMessage()]
             assert len(warned) == 1 and f"{len(rows)} " in warned[0] and "no longer in app.yaml" in warned[0], warned
             # The running bot redraws the incident in every channel it was routed to: the group's redraw is given up too
             ack = await w.slack.answer(await w.slack.command("/incident", "ack 1", user="U01ALICE"))
