@@ -73,6 +73,9 @@ ROUTINE_EVENTS = ("alerts.changed", "alerts.grouped", "alerts.resolved")  # redr
 # it is to be redrawn (_look_for_pages).
 # What stopping leaves of a message the platform took whose recording failed (see PageLanes._record): a post marked
 # with its key (UNANSWERED, where the platform can find it) is looked for after the next start; else it goes again.
+# On PostgreSQL, rows for a channel no longer in app.yaml are given up once they have waited this long (see
+# OutboxWorker._gone): a rolling deploy has finished by then.
+GONE_GRACE = timedelta(minutes=10)
 UNRECORDED = "its rows stay pending, and it goes again after the next start unless the platform can find it by its key"
 
 
@@ -249,7 +252,13 @@ class OutboxWorker(PageLanes):
             OutboxItem.channel.in_(on) | OutboxItem.channel.startswith("@")))
         return int(due or 0)
 
-    async def _give_up_gone(self) -> int:
+    def _gone(self, now: datetime) -> Any:
+        """Rows for a channel no longer in app.yaml that this worker gives up (_give_up_gone), in SQL. On PostgreSQL only
+        those queued GONE_GRACE ago or more: in a rolling deploy that adds a channel, replicas already on the new
+        app.yaml queue rows for it while the leader may still run the old one, to which it is unknown."""
+        return _gone(self.channels, now - GONE_GRACE if self.db.is_postgres else None)
+
+    async def _give_up_gone(self, now: datetime) -> int:
         """Dead letters of the pending rows for a channel no longer in app.yaml: the bot restarted without it while
         an incident routed there was open (its card, lines and redraws, queued before or since), or a notice was
         queued for it. No loop serves such a channel, so they waited for ever, and stopping said they would go
@@ -258,7 +267,7 @@ class OutboxWorker(PageLanes):
         incident's redraws) are logged as info. Returns how many rows it gave up."""
         async with self.db.sessions() as session:
             counts = (await session.execute(
-                select(OutboxItem.channel, func.count()).where(OutboxItem.status == "pending", _gone(self.channels))
+                select(OutboxItem.channel, func.count()).where(OutboxItem.status == "pending", self._gone(now))
                 .group_by(OutboxItem.channel).order_by(OutboxItem.channel))).all()
         if not counts:
             return 0
@@ -266,7 +275,8 @@ class OutboxWorker(PageLanes):
         async with self.db.transaction() as session:
             for channel, _ in counts:
                 given_up[channel] = (await session.execute(
-                    update(OutboxItem).where(OutboxItem.status == "pending", OutboxItem.channel == channel)
+                    update(OutboxItem).where(OutboxItem.status == "pending", OutboxItem.channel == channel,
+                                             self._gone(now))
                     .values(status="dead", last_error=f"channel {channel} is no longer in app.yaml"))).rowcount or 0
         for channel, n in given_up.items():
             if not n:
@@ -386,7 +396,7 @@ class OutboxWorker(PageLanes):
         waiting = OutboxItem.kind.in_(PERSONAL_KINDS)
         if personal:
             waiting &= ~and_(OutboxItem.kind == "notice", OutboxItem.channel.in_(off))
-            waiting |= _gone(self.channels)  # no loop serves those: this one gives them up (_give_up_gone)
+            waiting |= self._gone(now)  # no loop serves those: this one gives them up (_give_up_gone)
         else:
             mine = [cid for cid, ch in self.channels.items() if ch.platform == key]
             waiting = ~waiting & OutboxItem.channel.in_(mine)
@@ -396,7 +406,7 @@ class OutboxWorker(PageLanes):
         if earliest is None or earliest > now:
             return 0
         if personal:
-            await self._give_up_gone()
+            await self._give_up_gone(now)
             return await self._people_and_notices(now, off, wait=wait)
         deliverable = mine
         first = func.min(OutboxItem.id)
@@ -781,9 +791,11 @@ def _look_waits(items: Sequence[OutboxItem], kind: str, now: datetime) -> bool:
                                     and i.due_at > now for i in items)
 
 
-def _gone(channels: Mapping[str, Any]) -> Any:
-    """Rows for a channel no longer in app.yaml, in SQL (a person's own, "@...", are not a channel's)."""
-    return OutboxItem.channel.not_in(list(channels)) & ~OutboxItem.channel.startswith("@")
+def _gone(channels: Mapping[str, Any], queued_before: datetime | None = None) -> Any:
+    """Rows for a channel no longer in app.yaml, in SQL (a person's own, "@...", are not a channel's), queued before
+    `queued_before` if given."""
+    gone = OutboxItem.channel.not_in(list(channels)) & ~OutboxItem.channel.startswith("@")
+    return gone if queued_before is None else gone & (OutboxItem.created_at <= queued_before)
 
 
 def _unmarked() -> Any:

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from adapters.settings import SETTINGS_MODELS
+from bot.clock import FakeClock
+from bot.config import parse_config
+from bot.metrics import Metrics
+from handlers.outbox import OutboxWorker
+from storage.db import Database
 from storage.models import OutboxItem
+from tests.botkit import T0
 from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram
 from tests.test_escalation import ALICE_TG, CAROL_TG, NIGHT, World, bot_in, thread_texts
@@ -213,3 +220,24 @@ async def test_deliveries_for_a_channel_no_longer_in_app_yaml_are_given_up_sayin
             caplog.clear()
             await w.h.bot.outbox.stop(drain=1.0)
     assert "still queued" not in caplog.text and "after the next start" not in caplog.text, caplog.text
+
+
+async def test_rows_for_a_channel_no_longer_in_app_yaml_wait_out_a_rolling_deploy_on_postgresql(db: Database) -> None:
+    """With several replicas, a rolling deploy that adds a channel runs replicas on the new app.yaml (which queue
+    for it) beside a leader still on the old one, to which the channel is unknown: on PostgreSQL its rows are given
+    up only once they have waited 10 minutes; on SQLite one bot serves the store, and gives them up at once."""
+    loaded = parse_config(BASE + PEOPLE, adapter_models=SETTINGS_MODELS, env={})
+    clock = FakeClock(T0)
+    worker = OutboxWorker(db=db, config=loaded.config, adapters={}, clock=clock, metrics=Metrics())
+    async with db.transaction() as session:
+        for channel, age in (("ops-new", 1), ("ops-new", 11), ("ops-slack", 11)):
+            session.add(OutboxItem(created_at=T0 - timedelta(minutes=age), due_at=T0 - timedelta(minutes=age),
+                                   channel=channel, kind="reply", event="note", details={}))
+    assert await worker._give_up_gone(T0) == (1 if db.is_postgres else 2)
+    async with db.sessions() as session:
+        rows = (await session.execute(select(OutboxItem).order_by(OutboxItem.id))).scalars().all()
+    states = [(r.channel, r.status) for r in rows]
+    assert states == [("ops-new", "pending" if db.is_postgres else "dead"), ("ops-new", "dead"),
+                      ("ops-slack", "pending")], states
+    clock.advance(timedelta(minutes=9, seconds=1))
+    assert await worker._give_up_gone(clock.now()) == (1 if db.is_postgres else 0)
