@@ -139,8 +139,7 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
         for where, problem in exc.problems:
             print(f"{where}: {problem}" if where else problem, file=out)
         return EXIT_USAGE
-    for warning in loaded.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    _warn(loaded)
     for name, why in loaded.adapters_off.items():
         print(f"note: adapters.{name} is off: {why}", file=sys.stderr)
     for source, why in loaded.sources_off.items():
@@ -304,8 +303,16 @@ def _old_keys(names: list[str] | None) -> dict[str, str]:
     return keys
 
 
+def _warn(loaded: Loaded) -> None:
+    """The config's warnings, on stderr, as check-config prints them and serve logs them (an audit.hmac_key whose
+    variable is not set here is one)."""
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
+    _warn(loaded)
     audit = AuditLog(loaded.config.audit.hmac_key)
     old_keys = _old_keys(args.old_key_env)
 
@@ -319,11 +326,15 @@ def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
             for note in verdict.notes:
                 print(f"  {note}", file=out)
             return EXIT_OK
+        if verdict.wrong_key is not None:  # checked with a key that is not the chain's: no finding either way
+            print(printable(f"audit chain not checked: {verdict.wrong_key}"), file=sys.stderr)
+            return EXIT_USAGE
         print(printable(f"audit chain broken after {verdict.checked} good events: {verdict.problem}"), file=out)
         return EXIT_FAILED
 
-    # Exit 1 says the chain is broken: a store that is not there or cannot be opened was not checked at all (2), so
-    # that a cron job or a monitor can tell tampering from a wrong path or a database that is down.
+    # Exit 1 says the chain is broken: a store that is not there or cannot be opened, or a chain checked with a key
+    # that is not its own (a cron job without the key's variable), was not checked at all (2), so that a monitor can
+    # tell tampering from a wrong path, a database that is down or a missing key.
     return asyncio.run(_with_db(loaded, work, no_store=EXIT_USAGE))
 
 

@@ -134,6 +134,10 @@ class Verdict:
     # Events written with an earlier key that was not given: their links were checked, not their contents.
     unchecked: int = 0
     notes: tuple[str, ...] = ()  # how each stretch written with an earlier key (or none) was checked
+    # Set when not one event hashed with the chain's current key verifies with the key in hand: that key is not the
+    # chain's (or none is set where the chain has one), and what to set, said. The chain was then not checked, which
+    # is no finding of tampering: one modified event leaves the others verifying.
+    wrong_key: str | None = None
 
 
 REKEYED = "audit.rekeyed"  # the chain's key changes here: this event and those after it are hashed with the new key
@@ -527,9 +531,48 @@ class AuditLog:
                 if event.action == REKEYED and _recorded(event.details, "new_key") is not _UNSET:
                     why = (f"the event was modified, or the key it was checked with ({said_key(log.fingerprint)}) is "
                            f"not the one the chain changed to here ({said_key(_recorded(event.details, 'new_key'))})")
-                return Verdict(False, walk.checked, walk.prev, f"{where}: its hash does not match its contents; {why}")
+                wrong = (await self._wrong_key(session, batch, walk, event) if log is self
+                         and event.seq == stretches[walk.at].first else None)
+                return Verdict(False, walk.checked, walk.prev, f"{where}: its hash does not match its contents; {why}",
+                               wrong_key=wrong)
             walk.prev, walk.last, walk.checked = event.hash, event.seq, walk.checked + 1
         return None
+
+    async def _wrong_key(self, session: AsyncSession, batch: int, walk: _Walk, first: AuditEvent) -> str | None:
+        """`first`, the first event hashed with the chain's current key (its first event, or its newest change of
+        key), does not verify with this key: why this key is not the chain's, if none of the events from there
+        verifies with it either (a cron job's environment without the key's variable looks like that), said with
+        what to set; None if one does (then `first` was modified)."""
+        count = 0
+        async for event in _events(session, batch, after=first.seq - 1, upto=walk.upto, damaged=True):
+            if isinstance(event, Damaged):
+                continue
+            if self.digest(event.prev_hash, event) == event.hash:
+                return None
+            count += 1
+        if not count:
+            return None
+        here = (f"this audit.hmac_key (fingerprint {self.fingerprint})" if self.keyed else "no audit.hmac_key is set "
+                "here (is the environment variable it reads set where this runs?)")
+        changed_to = _recorded(first.details, "new_key") if first.action == REKEYED else _UNSET
+        if first.seq > 1 and changed_to is not _UNSET:
+            if changed_to == self.fingerprint:  # the key the chain changed to: its events were modified
+                return None
+            return (f"the chain was rekeyed to {f'another key (fingerprint {changed_to})' if changed_to else 'no key'}"
+                    f" at event #{first.seq} by `chatops audit rekey`, and {here}: none of the {count} event(s) "
+                    f"from #{first.seq} on verifies with it. Set audit.hmac_key to "
+                    + ("that key" if changed_to else "nothing (leave it unset)") + " and run this again")
+        events = f"none of its {count} event(s)" if first.seq == 1 else f"none of the {count} from #{first.seq} on"
+        if not self.keyed:
+            return (f"the chain was written with a key, and {here}: {events} verifies without it. Set "
+                    "audit.hmac_key to the key the chain was written with (the bot's) and run this again")
+        if AuditLog(None).digest(first.prev_hash, first) == first.hash:
+            return (f"the chain was written without a key, and audit.hmac_key is set here (fingerprint "
+                    f"{self.fingerprint}): {events} verifies with it. Leave audit.hmac_key unset, as it is where the "
+                    "chain was written, and run this again (a key is introduced on purpose with `chatops audit "
+                    "rekey --from-no-key`)")
+        return (f"the chain was written with another key than {here}: {events} verifies with it. Set "
+                "audit.hmac_key to the key the chain was written with (the bot's) and run this again")
 
     @staticmethod
     async def events(

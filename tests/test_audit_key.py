@@ -458,3 +458,57 @@ async def test_a_second_rekey_says_how_each_stretch_before_it_was_written(
         f"  event #3, since the key changed at event #3 (audit.rekeyed): checked fully with the key with fingerprint "
         f"{key_fingerprint(BOT_KEY)}"]
     assert "events #1-#3 were written with" not in out
+
+
+@pytest.mark.parametrize(("written_with", "shell_key", "said"), [
+    (BOT_KEY, None, "audit chain not checked: the chain was written with a key, and no audit.hmac_key is set here (is "
+                    "the environment variable it reads set where this runs?): none of its 3 event(s) verifies without "
+                    "it. Set audit.hmac_key to the key the chain was written with (the bot's) and run this again"),
+    (BOT_KEY, SHELL_KEY, "audit chain not checked: the chain was written with another key than this audit.hmac_key "
+                         f"(fingerprint {key_fingerprint(SHELL_KEY)}): none of its 3 event(s) verifies with it. Set "
+                         "audit.hmac_key to the key the chain was written with (the bot's) and run this again"),
+    (None, SHELL_KEY, "audit chain not checked: the chain was written without a key, and audit.hmac_key is set here "
+                      f"(fingerprint {key_fingerprint(SHELL_KEY)}): none of its 3 event(s) verifies with it. Leave "
+                      "audit.hmac_key unset, as it is where the chain was written, and run this again (a key is "
+                      "introduced on purpose with `chatops audit rekey --from-no-key`)"),
+])
+async def test_audit_verify_with_another_key_or_none_says_it_checked_nothing_not_that_the_chain_was_modified(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        written_with: str | None, shell_key: str | None, said: str) -> None:
+    """A cron job's environment without the key's variable: verify said "audit event #1 was modified" and exited 1,
+    the status of tampering, where serve on the same config says the key is missing (exit 2)."""
+    await write_events(db, AuditLog(written_with), 3)
+    cfg = str(app_yaml(tmp_path, db))
+    code, out, err = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], shell_key)
+    assert (code, out) == (2, "")
+    assert said in err.splitlines(), err
+    if shell_key is None:  # the config's warnings, as check-config prints them
+        assert "warning: audit.hmac_key: CHATOPS_AUDIT_KEY is not set" in err.splitlines()
+    code, out, _ = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], written_with)
+    assert code == 0 and out.startswith("audit chain intact: 3 events")
+    # The first event modified is tampering, with the chain's key: the others still verify with it.
+    await sql(db, "UPDATE audit_events SET subject_id = '9' WHERE seq = 1")
+    code, out, _ = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], written_with)
+    assert code == 1 and out.startswith("audit chain broken after 0 good events: audit event #1 ")
+
+
+async def test_audit_verify_after_a_rekey_with_the_old_key_or_none_names_the_key_the_chain_changed_to(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    old, new = AuditLog(BOT_KEY), AuditLog(NEW_KEY)
+    await write_events(db, old, 2)
+    await rekey(db, old, new)
+    await write_events(db, new, 2)
+    cfg = str(app_yaml(tmp_path, db))
+    for shell_key, here in ((BOT_KEY, f"this audit.hmac_key (fingerprint {key_fingerprint(BOT_KEY)})"),
+                            (None, "no audit.hmac_key is set here (is the environment variable it reads set where "
+                                   "this runs?)")):
+        code, out, err = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], shell_key)
+        assert (code, out) == (2, ""), err
+        assert (f"audit chain not checked: the chain was rekeyed to another key (fingerprint "
+                f"{key_fingerprint(NEW_KEY)}) at event #3 by `chatops audit rekey`, and {here}: none of the 3 "
+                "event(s) from #3 on verifies with it. Set audit.hmac_key to that key and run this again"
+                ) in err.splitlines(), err
+    # An event after the change modified, with the new key: tampering, as before.
+    await sql(db, "UPDATE audit_events SET subject_id = '9' WHERE seq = 4")
+    code, out, _ = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], NEW_KEY)
+    assert code == 1 and out.startswith("audit chain broken after 3 good events: audit event #4 ")
