@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, StatementError
+from sqlmodel import SQLModel
 
 from adapters import SETTINGS_MODELS
 from bot import logs
@@ -226,6 +227,11 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
                 return await unavailable(f"no chatops store in the SQLite file {sqlite_file(db.url)}: {said}")
             if (said := await _opened(db)) is not None:
                 return await unavailable(said)
+            if missing := await _missing_tables(db):  # every read of one would fail, said as SQLAlchemy says it
+                return await unavailable(
+                    f"the store at {db.safe_url} lacks the bot's table{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(missing)}: it was damaged (a table dropped), or it is not the bot's store: check "
+                    "storage.url in app.yaml, or restore the store from a backup")
         except (DBAPIError, OSError) as exc:  # not there, not a database, refused: say so, as `serve` does
             reason = getattr(exc, "orig", None) or exc
             return await unavailable(f"cannot open the database at {db.safe_url}: {reason}; check storage.url in "
@@ -234,12 +240,34 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
             raise StoreUrlError(db.url, exc) from None
         try:
             return await work(db)
+        except DBAPIError as exc:  # the database failed a read (the server went away, say): one line, as at opening
+            return await unavailable(f"cannot read the database at {db.safe_url}: {_error_said(exc)}; check that it "
+                                     "is up and storage.url in app.yaml, and run this again")
         except (ValueError, TypeError, StatementError) as exc:  # a row the store hands back that cannot be decoded
-            print(f"a row in the store cannot be read ({type(exc).__name__}: {str(exc)[:200]}): it was damaged; "
+            print(f"a row in the store cannot be read ({_error_said(exc)[:200]}): it was damaged; "
                   "`chatops audit verify` names a damaged audit event", file=sys.stderr)
             return EXIT_FAILED
     finally:
         await db.dispose()
+
+
+def _error_said(exc: BaseException) -> str:
+    """An error on one line: a database error as its driver said it, without the statement, its parameters and the
+    "(Background on this error at: ...)" link SQLAlchemy adds over several lines."""
+    orig = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+    return f"{type(orig).__name__}: {orig}"
+
+
+async def _missing_tables(db: Database) -> list[str]:
+    """The bot's tables that a store at this code's schema version lacks (its first start made every one): a table
+    dropped, or a store damaged."""
+    wanted = sorted(SQLModel.metadata.tables)
+    if not db.is_postgres:
+        tables = await asyncio.to_thread(sqlite_tables, db.url)
+        return [] if tables is None else [name for name in wanted if name not in tables]
+    async with db.engine.connect() as conn:  # (in storage.schema, else the search_path, as _has_store looks)
+        return [name for name in wanted
+                if (await conn.execute(text("SELECT to_regclass(:name)"), {"name": name})).scalar() is None]
 
 
 async def _opened(db: Database) -> str | None:
@@ -304,15 +332,13 @@ def _old_keys(names: list[str] | None) -> dict[str, str]:
 
 
 def _warn(loaded: Loaded) -> None:
-    """The config's warnings, on stderr, as check-config prints them and serve logs them (an audit.hmac_key whose
-    variable is not set here is one)."""
+    """The config's warnings, on stderr, as check-config prints them and serve logs them."""
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
-    _warn(loaded)
     audit = AuditLog(loaded.config.audit.hmac_key)
     old_keys = _old_keys(args.old_key_env)
 
@@ -326,6 +352,9 @@ def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
             for note in verdict.notes:
                 print(f"  {note}", file=out)
             return EXIT_OK
+        # The config's warnings with a chain that does not verify (an audit.hmac_key whose variable is not set here
+        # is one), not at every run: a cron job mails what a command prints.
+        _warn(loaded)
         if verdict.wrong_key is not None:  # checked with a key that is not the chain's: no finding either way
             print(printable(f"audit chain not checked: {verdict.wrong_key}"), file=sys.stderr)
             return EXIT_USAGE

@@ -1160,3 +1160,41 @@ def test_an_incident_id_may_be_typed_as_incidents_list_prints_it(tmp_path: Path,
     assert capsys.readouterr().err.startswith("no incident #7; `chatops incidents list` shows the ones there are")
     assert main(["audit", "export", "--incident", typed, "-c", str(cfg)]) in (0, 1)
     assert "not a whole number" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_store_missing_one_of_the_bots_tables_is_said_in_one_line(tmp_path: Path, backend: str, pg_schema: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The audit table dropped: `audit verify` printed SQLAlchemy's statement over several lines, exit 1 (the status of
+    a broken chain), ending with the advice to run `chatops audit verify`."""
+    from sqlalchemy import text
+
+    from storage.db import Database
+    from tests.conftest import drop_schema, postgres_url
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}" if backend == "sqlite" else postgres_url()
+    schema = pg_schema if backend == "postgres" else None
+
+    async def damaged() -> str:
+        db = Database(url, schema=schema)
+        await db.start()
+        async with db.engine.begin() as conn:
+            await conn.execute(text("DROP TABLE audit_events"))
+        await db.dispose()
+        return db.safe_url
+
+    safe_url = asyncio.run(damaged())
+    try:
+        path = tmp_path / "app.yaml"
+        path.write_text(f"storage: {{url: '{url}'" + (f", schema: {schema}" if schema else "") + "}\n"
+                        + PEOPLE_AND_ROTATION, encoding="utf-8")
+        for command in (["audit", "verify"], ["audit", "export"], ["incidents", "show", "1"]):
+            assert main([*command, "-c", str(path)]) == no_store_exit(command), command
+            out, err = capsys.readouterr()
+            said = [line for line in err.splitlines() if not line.startswith("warning: ")]  # (the config's)
+            assert out == "" and said == [
+                f"the store at {safe_url} lacks the bot's table audit_events: it was damaged (a table dropped), or "
+                "it is not the bot's store: check storage.url in app.yaml, or restore the store from a backup"], err
+    finally:
+        if schema:
+            asyncio.run(drop_schema(url, schema))
