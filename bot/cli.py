@@ -8,6 +8,7 @@ import csv
 import ipaddress
 import json
 import logging
+import math
 import os
 import pwd
 import shutil
@@ -28,7 +29,7 @@ from adapters import SETTINGS_MODELS
 from bot import logs
 from bot.actions import MAX_ID
 from bot.config import EXAMPLE_CONFIG, ConfigError, Loaded, check_templates, config_path, load_config
-from bot.incidents import RESOLVED, priority
+from bot.incidents import RESOLVED, SEVERITY_BASE, priority
 from bot.rotations import first_instant
 from bot.tables import ago, printable, table
 from bot.view import alert_values, who_did
@@ -517,7 +518,8 @@ def cmd_audit_export(args: argparse.Namespace, out: TextIO) -> int:
     return asyncio.run(_with_db(loaded, work))
 
 
-def _incident_json(inc: Incident, prio: int) -> dict[str, Any]:
+def _incident_json(inc: Incident, prio: int | None) -> dict[str, Any]:
+    said = _damage(inc)
     return {
         "id": inc.id, "status": inc.status, "severity": inc.severity, "priority": prio, "title": inc.title,
         "alert_count": inc.alert_count, "firing": inc.firing_count, "sources": inc.sources, "channels": inc.channels,
@@ -526,10 +528,23 @@ def _incident_json(inc: Incident, prio: int) -> dict[str, Any]:
         "acknowledged_at": inc.acknowledged_at.isoformat() if inc.acknowledged_at else None,
         "resolved_at": inc.resolved_at.isoformat() if inc.resolved_at else None,
         "resolved_by": inc.resolved_by, "previous_id": inc.previous_id, "labels": inc.labels, "links": inc.links,
-    }
+    } | ({"damaged": said} if said else {})
 
 
-def _current_priority(inc: Incident, now: datetime) -> int:
+def _damage(inc: Incident) -> str | None:
+    """What is wrong with an incident's row that the listings show it all the same (marked, named on stderr, exit 1),
+    as they do a damaged audit event: a severity the bot does not know (only SQLite lets one in)."""
+    if inc.severity in SEVERITY_BASE:
+        return None
+    return printable(f"incident #{inc.id} is damaged: its severity {inc.severity!r} is not one the bot knows "
+                     f"({', '.join(SEVERITY_BASE)}), so it has no priority; its row was changed outside the bot, or "
+                     "the store was damaged")
+
+
+def _current_priority(inc: Incident, now: datetime) -> int | None:
+    """None for a damaged row (see _damage)."""
+    if _damage(inc) is not None:
+        return None
     return priority(severity=inc.severity, duplicates=inc.notifications - 1, source_count=len(inc.sources),
                     critical_asset=inc.critical_asset, opened_at=inc.opened_at, now=now)
 
@@ -557,18 +572,25 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
             total = (await queries.count_incidents(session, status=args.status)
                      if len(incidents) == args.limit else len(incidents))
         # The open ones first (what someone may have to act on), then the resolved; each highest priority first.
+        # (a damaged one, of no priority, first among its kind: its severity might be the highest)
         ranked = sorted(((_current_priority(i, now), i) for i in incidents),
-                        key=lambda p: (p[1].status == RESOLVED, -p[0], -(p[1].id or 0)))
+                        key=lambda p: (p[1].status == RESOLVED, -p[0] if p[0] is not None else -math.inf,
+                                       -(p[1].id or 0)))
+        damaged = [said for _, i in ranked if (said := _damage(i)) is not None]
+        for said in damaged:
+            print(said, file=sys.stderr)
+        done = EXIT_FAILED if damaged else EXIT_OK
         if args.format == "json":
             out.write(json.dumps([_incident_json(i, p) for p, i in ranked], indent=2) + "\n")
-            return EXIT_OK
+            return done
         every = args.status in (None, "all")
         which = ("incidents" if every else "open incidents" if args.status == "open" else
                  f"incidents with status {args.status}")
         if not ranked:
             print(f"no {which}", file=out)
             return EXIT_OK
-        rows = [(f"#{i.id}", i.status + (" (silenced)" if i.silenced else ""), i.severity, p, i.title,
+        rows = [(f"#{i.id}", i.status + (" (silenced)" if i.silenced else ""),
+                 i.severity if p is not None else f"{i.severity} (damaged)", "?" if p is None else p, i.title,
                  i.alert_count, ",".join(i.sources), ago(now - i.opened_at)) for p, i in ranked]
         print(table(["ID", "STATUS", "SEVERITY", "PRIO", "TITLE", "ALERTS", "SOURCES", "OPENED"], rows, max_width=None,
                     fit=_fit(args, out), shrink=("TITLE", "SOURCES"), below="TITLE"), file=out)
@@ -576,7 +598,7 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
             hint = ", --status open only those still open" if every else ""  # (a status asked for is what it lists)
             print(f"the newest {len(ranked)} of {total:,} {which}; --limit {min(total, 100_000)} shows more{hint}",
                   file=out)
-        return EXIT_OK
+        return done
 
     return asyncio.run(_with_db(loaded, work))
 
@@ -601,8 +623,9 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
             return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
         print(f"#{inc.id} {printable(inc.title)}", file=out)
-        facts = [("status", inc.status + (" (silenced)" if inc.silenced else "")), ("severity", inc.severity),
-                 ("priority", p), ("opened", f"{at(inc.opened_at)} ({ago(now - inc.opened_at)})"),
+        facts = [("status", inc.status + (" (silenced)" if inc.silenced else "")),
+                 ("severity", inc.severity if p is not None else f"{inc.severity} (damaged)"),
+                 ("priority", "unknown" if p is None else p), ("opened", f"{at(inc.opened_at)} ({ago(now - inc.opened_at)})"),
                  ("alerts", f"{inc.alert_count} ({inc.firing_count} firing) from {', '.join(inc.sources)}"),
                  ("channels", ", ".join(inc.channels) or "none"), ("escalation", inc.escalation or "none")]
         if inc.acknowledged_by:
@@ -647,11 +670,13 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
                     below="DETAIL", keep_end=("DETAIL",)), file=out)
         if left := len(timeline) - sum(len(run) for run in kept):  # (counted in events, as the lines hold them)
             print(f"... and {left:,} more events before these (--all shows every one)", file=out)
+        if (said := _damage(inc)) is not None:
+            print(said, file=sys.stderr)
         damaged = [item for item in timeline if isinstance(item, Damaged)]
         for item in damaged:  # (shown or not: the store needs looking at either way)
             print(printable(f"audit event #{item.event.seq} is damaged, {item.problem}; `chatops audit verify` "
                             "checks the chain"), file=sys.stderr)
-        return EXIT_FAILED if damaged else EXIT_OK
+        return EXIT_FAILED if damaged or said is not None else EXIT_OK
 
     return asyncio.run(_with_db(loaded, work))
 

@@ -1198,3 +1198,37 @@ def test_a_store_missing_one_of_the_bots_tables_is_said_in_one_line(tmp_path: Pa
     finally:
         if schema:
             asyncio.run(drop_schema(url, schema))
+
+
+async def test_an_incident_of_a_severity_the_bot_does_not_know_is_listed_and_shown_marked_damaged(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A damaged row's severity (only SQLite lets one in): `incidents list` and `incidents show` died with a KeyError
+    traceback, where a damaged audit event is shown as far as it can be read, named on stderr, exit 1."""
+    import sqlite3
+
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    async with running_bot(url) as h:
+        for asset in ("web-1", "web-2"):
+            assert (await h.post("open", {"asset_name": asset, "signature": "Down", "severity": "low",
+                                          "message": f"{asset} down", "tool_source": "t"}))[0] == 200
+    with sqlite3.connect(tmp_path / "bot.db") as conn:
+        conn.execute("UPDATE incidents SET severity = 'weird' WHERE title = 'web-1 down'")
+    conn.close()
+    said = ("incident #1 is damaged: its severity 'weird' is not one the bot knows (critical, high, medium, low, "
+            "info), so it has no priority; its row was changed outside the bot, or the store was damaged")
+    assert await asyncio.to_thread(main, ["incidents", "list", "-c", str(cfg)]) == 1
+    out, err = capsys.readouterr()
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert rows[0][:5] == ["#1", "triggered", "weird", "(damaged)", "?"] and rows[1][:3] == ["#2", "triggered", "low"]
+    assert err.splitlines() == [said]
+    assert await asyncio.to_thread(main, ["incidents", "list", "--format", "json", "-c", str(cfg)]) == 1
+    listed = {i["id"]: i for i in json.loads(capsys.readouterr().out)}
+    assert (listed[1]["severity"], listed[1]["priority"], listed[1]["damaged"]) == ("weird", None, said)
+    assert "damaged" not in listed[2]
+    assert await asyncio.to_thread(main, ["incidents", "show", "#1", "-c", str(cfg)]) == 1
+    out, err = capsys.readouterr()
+    assert "  severity:     weird (damaged)" in out.splitlines() and "  priority:     unknown" in out.splitlines()
+    assert err.splitlines() == [said]
