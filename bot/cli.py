@@ -915,17 +915,19 @@ def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
     if args.rotation and schedule is None:
         print(f"unknown rotation {args.rotation!r} (known: {', '.join(sorted(view.schedules))})", file=sys.stderr)
         return EXIT_USAGE
-    at = _local(args.at, loaded) or datetime.now(UTC)
+    today = datetime.now(UTC)  # (a date of another year than this one is shown with its year, --at or not)
+    at = _local(args.at, loaded) or today
 
     async def work(db: Database | None) -> int:
         if schedule is None:
             rows = await view.overrides(db, at, at)
-            print(table(["ROTATION", "ON CALL", "SINCE", "UNTIL", "NEXT"], view.now_rows(rows, at, lambda s: s.tz)),
-                  file=out)
+            print(table(["ROTATION", "ON CALL", "SINCE", "UNTIL", "NEXT"],
+                        view.now_rows(rows, at, lambda s: s.tz, today=today)), file=out)
             return EXIT_OK
         rows, shifts = await view.upcoming(db, schedule, at, 5)
         print(f"{schedule.id}: {schedule.describe()}; times in {schedule.tz.key}", file=out)
-        print(table(["WHO", "FROM", "UNTIL", "NOTE"], view.upcoming_rows(shifts, rows, at, schedule.tz)), file=out)
+        print(table(["WHO", "FROM", "UNTIL", "NOTE"], view.upcoming_rows(shifts, rows, at, schedule.tz, today=today)),
+              file=out)
         return EXIT_OK
 
     if (path := _missing_file(loaded)) is not None:  # the rotations answer without a store (and make none)

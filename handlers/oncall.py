@@ -102,23 +102,24 @@ class Oncall:
 
     # -- views -----------------------------------------------------------------------------------
 
-    def now_rows(self, rows: dict[int, OverrideRow], now: datetime,
-                 tz_for: Callable[[Schedule], ZoneInfo]) -> list[tuple[str, str, str, str, str]]:
-        """(rotation, on call now, since, until, next) for every rotation."""
+    def now_rows(self, rows: dict[int, OverrideRow], now: datetime, tz_for: Callable[[Schedule], ZoneInfo], *,
+                 today: datetime | None = None) -> list[tuple[str, str, str, str, str]]:
+        """(rotation, on call now, since, until, next) for every rotation. `today`: the present, whose year the
+        times leave out (`now` when not given; `chatops oncall --at` asks about another moment)."""
         out = []
         for rid, schedule in sorted(self.schedules.items()):
             overrides = domain(rows.values(), rid)
             tz = tz_for(schedule)
             current, since, until, following = run_at(schedule, overrides, now)
-            out.append((rid, self.who(current), when(since, tz, now), when(until, tz, now),
+            out.append((rid, self.who(current), when(since, tz, today or now), when(until, tz, today or now),
                         self.who(following) if following is not None else "-"))
         return out
 
     def upcoming_rows(self, shifts: Sequence[Shift], rows: dict[int, OverrideRow], now: datetime,
-                      tz: ZoneInfo) -> list[tuple[str, str, str, str]]:
-        """(who, from, until, note) for `upcoming`'s stretches."""
-        return [(self.who(s), when(s.start, tz, now), when(s.end, tz, now), self.note(s, rows, current=i == 0))
-                for i, s in enumerate(shifts)]
+                      tz: ZoneInfo, *, today: datetime | None = None) -> list[tuple[str, str, str, str]]:
+        """(who, from, until, note) for `upcoming`'s stretches; `today` as for now_rows."""
+        return [(self.who(s), when(s.start, tz, today or now), when(s.end, tz, today or now),
+                 self.note(s, rows, current=i == 0)) for i, s in enumerate(shifts)]
 
     def schedule_rows(self, schedule: Schedule, rows: dict[int, OverrideRow], start: datetime, end: datetime,
                       tz: ZoneInfo) -> list[tuple[str, str, str, str, str]]:
@@ -303,7 +304,8 @@ def domain(rows: Iterable[OverrideRow], rotation: str) -> list[Override]:
 
 
 def when(at: datetime | None, tz: ZoneInfo, now: datetime) -> str:
-    """`Mon 23 Nov 09:00 CET` in `tz`; the year too when it is not now's."""
+    """`Mon 23 Nov 09:00 CET` in `tz`; the year too when it is not now's (the present's, not that of a moment asked
+    about)."""
     if at is None:
         return "-"
     local = at.astimezone(tz)

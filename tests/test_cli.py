@@ -1232,3 +1232,19 @@ async def test_an_incident_of_a_severity_the_bot_does_not_know_is_listed_and_sho
     out, err = capsys.readouterr()
     assert "  severity:     weird (damaged)" in out.splitlines() and "  priority:     unknown" in out.splitlines()
     assert err.splitlines() == [said]
+
+
+def test_oncall_at_another_year_shows_the_year_of_its_dates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`oncall --at` a day of another year showed its dates without a year: the year was left out when it was the
+    --at time's, not this year's."""
+    from datetime import UTC, datetime
+
+    cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    year = datetime.now(UTC).year + 2
+    assert main(["oncall", "--at", f"{year}-06-02", "-c", str(cfg)]) == 0
+    [row] = capsys.readouterr().out.splitlines()[1:]
+    since, until = [part.strip() for part in row.split("  ") if part.strip()][2:4]
+    assert since.endswith(f" {year} 09:00 CEST") and until.endswith(f" {year} 09:00 CEST"), row
+    assert main(["oncall", "dba", "--at", "2300-01-01", "-c", str(cfg)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[1:11] == ["Mon", "25", "Dec", "2299", "09:00", "CET", "Mon", "1", "Jan", "2300"], lines
