@@ -242,21 +242,18 @@ async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
         try:
             return await work(db)
         except DBAPIError as exc:  # the database failed a read (the server went away, say): one line, as at opening
-            return await unavailable(f"cannot read the database at {db.safe_url}: {_error_said(exc)}; check that it "
+            from bot.server import error_said
+
+            return await unavailable(f"cannot read the database at {db.safe_url}: {error_said(exc)}; check that it "
                                      "is up and storage.url in app.yaml, and run this again")
         except (ValueError, TypeError, StatementError) as exc:  # a row the store hands back that cannot be decoded
-            print(f"a row in the store cannot be read ({_error_said(exc)[:200]}): it was damaged; "
+            from bot.server import error_said
+
+            print(f"a row in the store cannot be read ({error_said(exc)[:200]}): it was damaged; "
                   "`chatops audit verify` names a damaged audit event", file=sys.stderr)
             return EXIT_FAILED
     finally:
         await db.dispose()
-
-
-def _error_said(exc: BaseException) -> str:
-    """An error on one line: a database error as its driver said it, without the statement, its parameters and the
-    "(Background on this error at: ...)" link SQLAlchemy adds over several lines."""
-    orig = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
-    return f"{type(orig).__name__}: {orig}"
 
 
 async def _missing_tables(db: Database) -> list[str]:

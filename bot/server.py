@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from aiohttp import web
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import StatementError
 
 from adapters.settings import ENDPOINTS
 from bot.auth import AuthError, verify_bearer, verify_query_token
@@ -312,6 +313,16 @@ class Bot:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
+        database = await self._database_state()
+        self._adapters_up()
+        body = {"status": "ok" if database == "ok" else "unavailable", "database": database,
+                "adapters": self.adapter_states()}
+        return web.json_response(body, status=200 if database == "ok" else 503)
+
+    async def _database_state(self) -> str:
+        """"ok", or why the store is not ready, within 2 s: a ping on the writers' engine (a transaction that begins
+        as a write's does), so a store another process holds write-locked is not ready, as intake finds it.
+        chatops_database_up is set from it, by /readyz and by a scrape alike."""
         # asyncio.wait, not wait_for: a ping stuck in a driver's thread (a locked SQLite file) cannot be
         # cancelled, and wait_for would wait for it anyway; it is left to finish on its own.
         # One ping at a time: probes that come while one is stuck wait on it rather than start more.
@@ -325,14 +336,11 @@ class Bot:
         elif isinstance(exc := ping.exception(), StoreReplaced):
             database = str(exc)
         elif exc is not None:  # any failure to reach it means not ready
-            database = f"unreachable: {exc.__class__.__name__}: {exc}"[:300]
+            database = f"unreachable: {error_said(exc)}"[:300]
         else:
             database = "ok"
         self.metrics.db_up.set(1 if database == "ok" else 0)
-        self._adapters_up()
-        body = {"status": "ok" if database == "ok" else "unavailable", "database": database,
-                "adapters": self.adapter_states()}
-        return web.json_response(body, status=200 if database == "ok" else 503)
+        return database
 
     async def oncall_calendar(self, request: web.Request) -> web.Response:
         """A rotation's effective schedule as an iCalendar feed. Calendar apps cannot send headers, so its secret,
@@ -367,20 +375,18 @@ class Bot:
                                                    "`authorization: {credentials: ...}` in the scrape config)"},
                                          status=401, headers={"WWW-Authenticate": 'Bearer realm="chatops"'})
         # The store's figures within 2 s, as /readyz waits (a scrape times out after 10 s by default, and then loses
-        # every metric); one count at a time, left to finish on its own when late (see readyz).
+        # every metric); one count at a time, left to finish on its own when late (see _database_state).
+        # chatops_database_up is readiness's check, run beside the count: the counts are reads, which SQLite (WAL)
+        # answers while another process holds the store write-locked and intake answers 503.
         counting = self._counting
         if counting is None or counting.done():
             counting = self._counting = asyncio.ensure_future(self._count())
             counting.add_done_callback(lambda t: t.cancelled() or t.exception())
-        done, _ = await asyncio.wait({counting}, timeout=2)
+        _, (done, _) = await asyncio.gather(self._database_state(), asyncio.wait({counting}, timeout=2))
         if not done:
             log.warning("metrics: the database did not answer within 2 s; its figures are the last ones read")
-            self.metrics.db_up.set(0)
         elif (exc := counting.exception()) is not None:  # metrics still answer when the store does not
-            log.warning("metrics: cannot read the store's figures: %s: %s", type(exc).__name__, exc)
-            self.metrics.db_up.set(0)
-        else:
-            self.metrics.db_up.set(1)
+            log.warning("metrics: cannot read the store's figures: %s", error_said(exc))
         self._adapters_up()
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
@@ -398,6 +404,14 @@ class Bot:
         for status in ("pending", "sending", "sent", "dead", "cancelled"):
             self.metrics.outbox.labels(status).set(outbox.get(status, 0))
         self.metrics.timers_overdue.set(stalled)
+
+
+def error_said(exc: BaseException) -> str:
+    """An error on one line, as the bot says it to people: a database error as its driver worded it, without the
+    statement, its parameters and the "(Background on this error at: https://sqlalche.me/...)" that SQLAlchemy adds
+    on lines of their own."""
+    orig = exc.orig if isinstance(exc, StatementError) and exc.orig is not None else exc
+    return f"{type(orig).__name__}: {orig}"
 
 
 def server_options() -> dict[str, Any]:
@@ -516,7 +530,8 @@ async def _serve(loaded: Loaded, socks: list[socket.socket], clock: Clock | None
         await bot.stop()
         return 2
     except Exception as exc:
-        why = str(exc) or (f"no answer within {DB_WAIT:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        why = (error_said(exc) if isinstance(exc, StatementError) else str(exc)) or (
+            f"no answer within {DB_WAIT:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__)
         log.error("cannot open the database at %s: %s", bot.db.safe_url, why)
         await bot.stop()
         return 1

@@ -247,13 +247,17 @@ async def test_metrics_answer_within_seconds_when_the_database_does_not(tmp_path
             async with real() as session:
                 yield session
 
-        h.bot.db.sessions = stuck  # type: ignore[method-assign]
+        async def no_answer() -> None:  # readiness's ping, which chatops_database_up is set from, as stuck
+            await stuck_in.wait()
+
+        real_ping = h.bot.db.ping
+        h.bot.db.sessions, h.bot.db.ping = stuck, no_answer  # type: ignore[method-assign]
         started = time.monotonic()
         first, second = await asyncio.wait_for(asyncio.gather(h.client.get("/metrics"), h.client.get("/metrics")), 8)
         assert time.monotonic() - started < 4 and first.status == second.status == 200
         assert "chatops_database_up 0.0" in await first.text()
         stuck_in.set()
-        h.bot.db.sessions = real  # type: ignore[method-assign]
+        h.bot.db.sessions, h.bot.db.ping = real, real_ping  # type: ignore[method-assign]
         await asyncio.sleep(0.1)
         assert "chatops_database_up 1.0" in await (await h.client.get("/metrics")).text()
 
@@ -501,3 +505,34 @@ def test_serve_where_there_is_no_app_yaml_runs_on_the_example_one_and_says_so(tm
             f"shipped with the bot, {ROOT / 'app.yaml'}") in log
     assert "give your own with -c PATH or CHATOPS_CONFIG" in log
     assert (tmp_path / "chatops.db").exists()  # its storage.url, ./chatops.db, is where the bot was started
+
+
+async def test_database_up_says_what_readiness_says_while_another_process_holds_the_store_write_locked(
+        tmp_path: Path) -> None:
+    """The scrape's counts are reads, which SQLite (WAL) answers while another process holds the write lock: the
+    gauge said 1 while /readyz and intake answered 503."""
+    import sqlite3
+
+    from tests.botkit import running_bot
+
+    path = tmp_path / "a.db"
+    async with running_bot(f"sqlite+aiosqlite:///{path}") as h:
+        assert "chatops_database_up 1.0" in await (await h.client.get("/metrics")).text()
+        locker = sqlite3.connect(path, isolation_level=None, timeout=1)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            started = time.monotonic()
+            scrape = await h.client.get("/metrics")
+            assert scrape.status == 200 and time.monotonic() - started < 4
+            assert "chatops_database_up 0.0" in await scrape.text()
+            assert (await h.client.get("/readyz")).status == 503
+            assert "chatops_database_up 0.0" in await (await h.client.get("/metrics")).text()
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        for _ in range(50):  # the ping that waited on the lock ends once it is let go
+            if "chatops_database_up 1.0" in await (await h.client.get("/metrics")).text():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("chatops_database_up stayed 0 after the lock was let go")
