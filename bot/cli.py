@@ -371,7 +371,7 @@ def cmd_audit_rekey(args: argparse.Namespace, out: TextIO) -> int:
     import getpass
 
     from bot.model import Actor
-    from bot.server import StoreInUse, hold_store
+    from bot.server import NotAStore, StoreInUse, hold_store
 
     loaded = _load(args)
     new_key = loaded.config.audit.hmac_key
@@ -437,6 +437,9 @@ def cmd_audit_rekey(args: argparse.Namespace, out: TextIO) -> int:
             held = hold_store(loaded.config.storage.url)
         except StoreInUse as exc:
             print(f"{exc}: the key changes only while the bot is stopped", file=sys.stderr)
+            return EXIT_FAILED
+        except NotAStore as exc:  # (another program's file: nothing made beside it)
+            print(exc, file=sys.stderr)
             return EXIT_FAILED
     try:
         return asyncio.run(_with_db(loaded, work))

@@ -511,7 +511,7 @@ async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
             held.enter_context(sock)
         try:
             store = hold_store(loaded.config.storage.url)
-        except StoreInUse as exc:
+        except (StoreInUse, NotAStore) as exc:
             log.error("%s", exc)
             return 1
         if store is not None:
@@ -583,6 +583,31 @@ class StoreInUse(RuntimeError):
     """Another `chatops serve` runs on this SQLite file."""
 
 
+class NotAStore(RuntimeError):
+    """The SQLite file storage.url names is another program's (not a database), or its `<file>.lock` is: refused
+    before anything is written beside it."""
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def not_a_database(path: str) -> str | None:
+    """Why the file at `path` is not one the bot can keep its store in: there, and not a SQLite database. None for a
+    database, an empty file (SQLite makes its tables in it) or none at all (the bot makes it), and for a file it
+    cannot read (opening it says why)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(SQLITE_HEADER))
+    except IsADirectoryError:
+        return "it is a folder, not a SQLite database: fix storage.url in app.yaml"
+    except OSError:
+        return None
+    if head and head != SQLITE_HEADER:
+        return ("the file is there and is not a SQLite database (another program's file?): fix storage.url in "
+                "app.yaml; nothing was written beside it")
+    return None
+
+
 def store_folder_problem(url: str) -> str | None:
     """For a SQLite file: why the bot cannot make it (and the journal beside it) in its folder, said with the fix;
     None when it can, and for PostgreSQL."""
@@ -607,6 +632,8 @@ def hold_store(url: str) -> IO[str] | None:
     if not is_sqlite_file_url(url):
         return None
     path = make_url(url).database
+    if (problem := not_a_database(path)) is not None:  # before `<file>.lock` is made beside another program's file
+        raise NotAStore(f"cannot open the database at {path}: {problem}")
     try:
         lock = open(f"{path}.lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the bot's life
     except OSError:  # no such folder, not writable: said by store_folder_problem before
@@ -619,6 +646,12 @@ def hold_store(url: str) -> IO[str] | None:
         lock.close()
         raise StoreInUse(f"another chatops serve (pid {holder}) is running on {path}; stop it first, or give this "
                          "one a storage.url of its own") from None
+    lock.seek(0)
+    held = lock.read().strip()
+    if held and not held.isdigit():  # a process id is all the bot writes there: emptied, it would be lost
+        lock.close()
+        raise NotAStore(f"{path}.lock is there and is not the bot's lock file (the bot writes its process id in it): "
+                        "another program uses that name; move it away, or give the bot a storage.url of its own")
     lock.seek(0)
     lock.truncate()
     lock.write(f"{os.getpid()}\n")

@@ -1248,3 +1248,16 @@ def test_oncall_at_another_year_shows_the_year_of_its_dates(tmp_path: Path, caps
     assert main(["oncall", "dba", "--at", "2300-01-01", "-c", str(cfg)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split()[1:11] == ["Mon", "25", "Dec", "2299", "09:00", "CET", "Mon", "1", "Jan", "2300"], lines
+
+
+def test_audit_rekey_on_a_file_that_is_no_database_says_so_and_makes_no_lock_file_beside_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("some other program's data\n", encoding="utf-8")
+    cfg = config(tmp_path / "c", f"sqlite+aiosqlite:///{notes}")
+    cfg.write_text(cfg.read_text(encoding="utf-8") + "audit: {hmac_key: a-new-key-of-16-chars}\n", encoding="utf-8")
+    assert main(["audit", "rekey", "--from-no-key", "-c", str(cfg)]) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]
+    assert said == [f"cannot open the database at {notes}: the file is there and is not a SQLite database (another "
+                    "program's file?): fix storage.url in app.yaml; nothing was written beside it"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "notes.txt"]

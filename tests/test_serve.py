@@ -536,3 +536,38 @@ async def test_database_up_says_what_readiness_says_while_another_process_holds_
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("chatops_database_up stayed 0 after the lock was let go")
+
+
+def test_serve_on_a_file_that_is_no_database_or_beside_a_lock_file_not_its_own_stops_having_touched_nothing(
+        tmp_path: Path) -> None:
+    """storage.url naming another program's file (a typo): serve refused it, but had first made `<file>.lock` beside
+    it, or emptied one that was there; a `<file>.lock` of another program's beside the store was emptied too."""
+    shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("some other program's data\n", encoding="utf-8")
+    port = free_port()
+    proc = start_bot(tmp_path, port, {"CHATOPS_DATABASE_URL": "sqlite+aiosqlite:///./notes.txt"})
+    try:
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert ("cannot open the database at ./notes.txt: the file is there and is not a SQLite database (another "
+            "program's file?): fix storage.url in app.yaml; nothing was written beside it") in log, log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.yaml", "notes.txt"]
+    assert notes.read_text(encoding="utf-8") == "some other program's data\n"
+
+    lock = tmp_path / "chatops.db.lock"  # beside the store the bot would make
+    lock.write_text("another tool's lock: 1\n", encoding="utf-8")
+    proc = start_bot(tmp_path, port)
+    try:
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert ("./chatops.db.lock is there and is not the bot's lock file (the bot writes its process id in it): another "
+            "program uses that name; move it away, or give the bot a storage.url of its own") in log, log
+    assert lock.read_text(encoding="utf-8") == "another tool's lock: 1\n"
+    assert not (tmp_path / "chatops.db").exists()
