@@ -622,7 +622,7 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
         def at(moment: datetime) -> str:  # in the bot's time zone, to the second
             return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
-        print(f"#{inc.id} {printable(inc.title)}", file=out)
+        print(f"#{inc.id} {printable(' '.join(inc.title.split()))}", file=out)  # (on one line, as in the tables)
         facts = [("status", inc.status + (" (silenced)" if inc.silenced else "")),
                  ("severity", inc.severity if p is not None else f"{inc.severity} (damaged)"),
                  ("priority", "unknown" if p is None else p), ("opened", f"{at(inc.opened_at)} ({ago(now - inc.opened_at)})"),

@@ -1261,3 +1261,24 @@ def test_audit_rekey_on_a_file_that_is_no_database_says_so_and_makes_no_lock_fil
     assert said == [f"cannot open the database at {notes}: the file is there and is not a SQLite database (another "
                     "program's file?): fix storage.url in app.yaml; nothing was written beside it"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "notes.txt"]
+
+
+async def test_incidents_show_prints_a_line_break_in_the_title_as_a_space_as_the_tables_do(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An Alertmanager summary of two lines: the header printed `line1\\x0aline2`, every table `line1 line2`."""
+    import sqlite3
+
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    async with running_bot(url) as h:
+        assert (await h.post("open", {"asset_name": "web-1", "signature": "Down", "severity": "high",
+                                      "message": "web-1 down", "tool_source": "t"}))[0] == 200
+    with sqlite3.connect(tmp_path / "bot.db") as conn:
+        conn.execute("UPDATE incidents SET title = 'line1\nline2\x1b[31m'")
+    conn.close()
+    assert await asyncio.to_thread(main, ["incidents", "show", "1", "-c", str(cfg)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "#1 line1 line2\\x1b[31m"  # (a terminal's ESC still written out)
+    assert await asyncio.to_thread(main, ["incidents", "list", "-c", str(cfg)]) == 0
+    assert "  line1 line2\\x1b[31m  " in capsys.readouterr().out

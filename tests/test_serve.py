@@ -571,3 +571,19 @@ def test_serve_on_a_file_that_is_no_database_or_beside_a_lock_file_not_its_own_s
             "program uses that name; move it away, or give the bot a storage.url of its own") in log, log
     assert lock.read_text(encoding="utf-8") == "another tool's lock: 1\n"
     assert not (tmp_path / "chatops.db").exists()
+
+
+def test_serve_says_a_database_error_without_sqlalchemys_background_link(tmp_path: Path) -> None:
+    """A damaged SQLite file (its header, then no database): the log line ended with "(Background on this error at:
+    https://sqlalche.me/...)", a link to SQLAlchemy's documentation, not what to do."""
+    shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
+    (tmp_path / "chatops.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 200)
+    proc = start_bot(tmp_path, free_port())
+    try:
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [said] = [line for line in proc.stdout.read().splitlines() if " ERROR " in line]
+    assert said.endswith("cannot open the database at sqlite+aiosqlite:///./chatops.db: DatabaseError: file is not a "
+                         "database"), said
