@@ -625,7 +625,8 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
         print(f"#{inc.id} {printable(' '.join(inc.title.split()))}", file=out)  # (on one line, as in the tables)
         facts = [("status", inc.status + (" (silenced)" if inc.silenced else "")),
                  ("severity", inc.severity if p is not None else f"{inc.severity} (damaged)"),
-                 ("priority", "unknown" if p is None else p), ("opened", f"{at(inc.opened_at)} ({ago(now - inc.opened_at)})"),
+                 ("priority", "unknown" if p is None else p),
+                 ("opened", f"{at(inc.opened_at)} ({ago(now - inc.opened_at)})"),
                  ("alerts", f"{inc.alert_count} ({inc.firing_count} firing) from {', '.join(inc.sources)}"),
                  ("channels", ", ".join(inc.channels) or "none"), ("escalation", inc.escalation or "none")]
         if inc.acknowledged_by:
