@@ -18,7 +18,7 @@ class Metrics:
         )
         self.audit_events = Counter("chatops_audit_events", "Audit events appended", registry=r)
         self.adapter_up = Gauge("chatops_adapter_up", "1 when a chat adapter is on", ["adapter"], registry=r)
-        self.db_up = Gauge("chatops_database_up", "1 when the last readiness check or scrape reached the database", registry=r)
+        self.db_up = Gauge("chatops_database_up", "1 when the last readiness check (also run by each scrape) reached the database", registry=r)
         self.request_seconds = Histogram(
             "chatops_http_request_seconds", "Time to answer an HTTP request", ["route"], registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
