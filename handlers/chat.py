@@ -21,7 +21,7 @@ from handlers.runbooks import RunbookHandlers
 from storage.audit import AuditLog
 from storage.db import Database
 from storage.models import Escalation
-from storage.queries import LIST_FILTERS, count_incidents, get_incident, list_incidents, recent_alerts
+from storage.queries import LIST_FILTERS, count_incidents, get_incident, list_incidents, list_status, recent_alerts
 
 BUTTON_ACTIONS = {Action.ACKNOWLEDGE: "acknowledge", Action.ESCALATE: "escalate", Action.RESOLVE: "resolve",
                   Action.REOPEN: "reopen"}
@@ -215,7 +215,8 @@ class ChatHandlers:
             return Reply(f"No {which}incidents.")
         now = self.clock.now()
         text = table(["#", "status", "severity", "alerts", "opened", "title"],
-                     [(i.id, i.status, i.severity, i.alert_count, ago(now - i.opened_at), i.title[:60]) for i in incidents])
+                     [(i.id, list_status(i), i.severity, i.alert_count, ago(now - i.opened_at), i.title[:60])
+                      for i in incidents])
         # The table is one code block: ``` in an alert's title would close it early (Slack) or split it (Telegram),
         # so every backtick in it is shown as a look-alike (U+02CB) that ends nothing.
         text = text.replace("`", "\u02cb")

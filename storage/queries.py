@@ -43,6 +43,12 @@ def _with_status(query: Any, status: str | None) -> Any:
     return query
 
 
+def list_status(incident: Incident) -> str:
+    """An incident's status as a list shows it: the stored one, but "silenced" for one a maintenance window muted and
+    not resolved, as its card says (and as the `silenced` filter finds it), not "triggered"."""
+    return "silenced" if incident.silenced and incident.status != "resolved" else incident.status
+
+
 async def list_incidents(session: AsyncSession, *, status: str | None = None, limit: int = 200) -> list[Incident]:
     """The newest first; `status` one of LIST_FILTERS, or None (all)."""
     query = _with_status(select(Incident).order_by(Incident.id.desc()).limit(limit), status)

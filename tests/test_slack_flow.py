@@ -22,7 +22,7 @@ from sqlmodel import select
 from adapters.slack import manifest
 from bot.auth import sign
 from handlers.outbox import Budget, _Buckets
-from storage.models import AuditEvent, IncidentMessage
+from storage.models import AuditEvent, Incident, IncidentMessage
 from tests.botkit import Harness, bot_on, fixture, running_bot, untagged
 from tests.fake_slack import FakeSlack, signed
 
@@ -574,3 +574,17 @@ async def test_start_tells_anyone_their_id_and_whether_it_is_linked(slack: Slack
             "`people:` in app.yaml") in stranger["text"]
     known = await s.answer(await s.command("/chatops", "start"))
     assert "Hello Alice! Your Slack id U01ALICE is linked to `alice` (roles: responder)" in known["text"]
+
+
+async def test_the_list_says_silenced_for_an_incident_a_window_muted(slack: Slack) -> None:
+    """`/incident list silenced` said "triggered" in its status column while the card said Silenced."""
+    s = slack
+    await incident_posted(s)
+    async with s.h.bot.db.transaction() as session:
+        [incident] = (await session.execute(select(Incident))).scalars().all()
+        incident.silenced = True
+        session.add(incident)
+    for which in ("silenced", "open"):
+        listing = (await s.answer(await s.command("/incident", f"list {which}")))["text"]
+        [row] = [line for line in listing.split("\n") if "CPU" in line]
+        assert row.split()[:2] == ["1", "silenced"], listing
