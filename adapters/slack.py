@@ -41,6 +41,7 @@ from bot.auth import ReplayGuard
 from bot.bodies import content_coding, read_limited, refused
 from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
                       Unclaimed, dispatched, split_words)
+from bot.config import find_person
 from bot.model import Actor
 
 log = logging.getLogger("chatops.slack")
@@ -255,9 +256,39 @@ def _origin(url: str) -> str:
         return "not a URL"
 
 
-def split_args(text: str) -> list[str]:
-    """Words of a command's text (Slack escapes <, > and & in it), as bot.chat.split_words splits them."""
-    return split_words(text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+_MARKUP = re.compile(r"<([^<>]*)>")  # what Slack makes of a typed mention, channel or link: `<@U123|bob>`, `<!here>`
+
+
+def readable(text: str, name_of: Callable[[str, str], str] | None = None) -> str:
+    """A command's text as Slack sends it (escaping on: `<@U02BOB|bob>`, `<!channel>`, `<#C01|ops>`,
+    `<https://x|the wiki>`, and `&lt;` for a typed `<`) as neutral text: `@Bob`, `@channel`, `#ops`,
+    `the wiki (https://x)`, `<`. What a note says then reads as it was typed, and pings nobody where it is shown
+    (a plain `@channel` is no mention). `name_of(user_id, label)`: the word after `@` for a person (their name);
+    without it, the label Slack sent, else the id."""
+    def plain(match: re.Match[str]) -> str:
+        target, _, label = match.group(1).partition("|")
+        if target.startswith("@"):
+            user = target[1:]
+            return "@" + (name_of(user, label) if name_of is not None else (label or user))
+        if target.startswith("#"):
+            return "#" + (label or target[1:])
+        if target.startswith("!"):
+            special = target[1:]
+            if special.startswith("subteam^"):  # a user group: its handle is its label (`@dbas`)
+                return "@" + (label.lstrip("@") or special.partition("^")[2])
+            if special.startswith("date^"):
+                return label or special
+            return "@" + (label.lstrip("@") or special)  # channel, here, everyone
+        if not label or label in (target, target.removeprefix("mailto:")):  # a link that shows itself
+            return label or target
+        return f"{label} ({target})"
+    return _MARKUP.sub(plain, text).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def split_args(text: str, name_of: Callable[[str, str], str] | None = None) -> list[str]:
+    """Words of a command's text (Slack escapes <, > and & in it, and marks mentions and links up: `readable`), as
+    bot.chat.split_words splits them."""
+    return split_words(readable(text, name_of))
 
 
 def click_source(body: Mapping[str, Any]) -> MessageRef | None:
@@ -281,23 +312,23 @@ def action_event(body: Mapping[str, Any], action: Mapping[str, Any]) -> ActionEv
                        event_id=f"{actor.user_id}:{action.get('action_ts', '')}", tag=decoded.tag)
 
 
-def command_event(body: Mapping[str, Any]) -> CommandEvent:
+def command_event(body: Mapping[str, Any], name_of: Callable[[str, str], str] | None = None) -> CommandEvent:
     """A slash command's form body as a `CommandEvent`: `/incident ack 42` -> `incident`, `["ack", "42"]`."""
     channel = body.get("channel_id", "")
     return CommandEvent(
-        name=body.get("command", "").lstrip("/"), args=split_args(body.get("text", "")),
+        name=body.get("command", "").lstrip("/"), args=split_args(body.get("text", ""), name_of),
         actor=Actor("slack", body.get("user_id", ""), body.get("user_name", ""), None),
         chat=MessageRef("slack", channel, "", None) if channel else None,
         direct=body.get("channel_name") == "directmessage" or channel.startswith("D"),
     )
 
 
-def mention_event(event: Mapping[str, Any]) -> CommandEvent:
+def mention_event(event: Mapping[str, Any], name_of: Callable[[str, str], str] | None = None) -> CommandEvent:
     """`@chatops ack 42` as `/chatops ack 42` (the dispatcher's umbrella command)."""
     ts = event.get("ts", "")
     thread = event.get("thread_ts")
     return CommandEvent(
-        name="chatops", args=split_args(_MENTION.sub("", event.get("text", ""))),
+        name="chatops", args=split_args(_MENTION.sub("", event.get("text", "")), name_of),
         actor=Actor("slack", event.get("user", ""), "", None),
         chat=MessageRef("slack", event.get("channel", ""), ts, thread if thread != ts else None),
     )
@@ -643,6 +674,20 @@ class SlackAdapter:
         if shown.message is not None:
             await self._answer(body, shown, replace=True)
 
+    def _name_of(self, user_id: str, label: str) -> str:
+        """A typed `<@U123|label>` as the word after `@` (see `readable`): a known person's name, else what Slack
+        labelled them, else the id. So that it still names whom a command means (`/incident page 1 @Bob`,
+        bot.config.find_person), a name others share, or with a space in it, is given as the person's app.yaml id,
+        and a label naming someone else in app.yaml as the Slack id."""
+        people = list(getattr(getattr(self.dispatcher, "config", None), "people", None) or [])
+        person = next((p for p in people if p.slack == user_id), None)
+        if person is not None:
+            shared = sum(p.name.casefold() == person.name.casefold() for p in people) > 1
+            return person.id if shared or len(person.name.split()) != 1 else person.name
+        if label and find_person(people, label) is None:
+            return label
+        return user_id
+
     async def _settle(self, ref: MessageRef, text: str) -> None:
         try:
             await self.update(ref, Outbound("text", {"text": text}, text=text))
@@ -650,11 +695,11 @@ class SlackAdapter:
             log.warning("slack: cannot settle the clicked message: %s", exc)
 
     async def _command(self, body: dict[str, Any], handling: Handling) -> None:
-        reply = await dispatched(self.dispatcher.handle_command(command_event(body)), handling, PLATFORM)
+        reply = await dispatched(self.dispatcher.handle_command(command_event(body, self._name_of)), handling, PLATFORM)
         await self._answer(body, reply)
 
     async def _mention(self, event: dict[str, Any], handling: Handling) -> None:
-        command = mention_event(event)
+        command = mention_event(event, self._name_of)
         reply = await dispatched(self.dispatcher.handle_command(command), handling, PLATFORM)
         channel = event.get("channel", "")
         thread = command.chat.thread_id if command.chat is not None else None  # the thread the mention was in

@@ -662,3 +662,15 @@ def test_bolt_does_not_warn_that_the_bot_token_will_be_unused(monkeypatch: pytes
         SlackAdapter(SlackSettings(bot_token="xoxb-x", signing_secret=SECRET, api_url="http://127.0.0.1:9/api/"),
                      renderer=StubRenderer(), dispatcher=RecordingDispatcher())
     assert not [r for r in caplog.records if "will be unused" in r.getMessage()]
+
+
+@pytest.mark.parametrize("text,args", [
+    ("page 1 <@U02BOB|bob> look <!channel> and <@U01ALICE>", ["page", "1", "@bob", "look", "@channel", "and", "@U01ALICE"]),
+    ("<!here> <!everyone> <!subteam^S01|@dbas> <!subteam^S02>", ["@here", "@everyone", "@dbas", "@S02"]),
+    ("<#C0OPS|ops> <#C0DB> <https://x.example/a?b=1&amp;c=2|the wiki> <https://y.example> <mailto:a@b.c|a@b.c>",
+     ["#ops", "#C0DB", "the", "wiki", "(https://x.example/a?b=1&c=2)", "https://y.example", "a@b.c"]),
+    ("<!date^1700000000^{date}|Nov 14> &lt;@U01ALICE&gt;", ["Nov", "14", "<@U01ALICE>"]),  # typed, not a mention
+])
+def test_mentions_and_links_slack_marks_up_become_plain_words(text: str, args: list[str]) -> None:
+    """Without people to name them by, a person is their label, else their id (SlackAdapter names known people)."""
+    assert split_args(text) == args

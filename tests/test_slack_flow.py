@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 import pytest
 from sqlmodel import select
 
-from adapters.slack import manifest
+from adapters.slack import escape, manifest
 from bot.auth import sign
 from handlers.outbox import Budget, _Buckets
 from storage.models import AuditEvent, Incident, IncidentMessage
@@ -588,3 +588,23 @@ async def test_the_list_says_silenced_for_an_incident_a_window_muted(slack: Slac
         listing = (await s.answer(await s.command("/incident", f"list {which}")))["text"]
         [row] = [line for line in listing.split("\n") if "CPU" in line]
         assert row.split()[:2] == ["1", "silenced"], listing
+
+
+async def test_a_page_note_typed_with_mentions_reads_as_text_and_pings_nobody(slack: Slack) -> None:
+    """Slack delivers a typed `@channel`, `@Bob` or link escaped (`<!channel>`, `<@U02BOB>`, `<url|label>`): the note
+    of `/incident page` showed those raw in the thread and the page. It reads as text now, and mentions nobody."""
+    s = slack
+    ts = await incident_posted(s)
+    typed = ("page 1 <@U01ALICE|alice> look <!channel> and <@U02BOB>, <@U07NEW|carol>, <!subteam^S01|@dbas>, "
+             "<#C0OPS|ops>, <https://wiki.example/db?a=1&amp;b=2|the wiki> &lt;b&gt;")
+    answer = await s.answer(await s.command("/incident", typed))
+    assert "Paging Alice" in answer["text"] or "Paged Alice" in answer["text"], answer
+    note = ("look @channel and @Bob, @carol, @dbas, #ops, the wiki (https://wiki.example/db?a=1&b=2) <b>")
+    await s.fake.wait_for(lambda: s.posts(channel="D01ALICE") and s.posts(thread=ts), timeout=5)
+    [page] = s.posts(channel="D01ALICE")
+    [line] = [text_of(p) for p in s.posts(thread=ts)]
+    shown = escape(note)  # (as Slack is sent any text: `<`, `>`, `&` as entities)
+    for said in (text_of(page), line):
+        assert shown in said, said
+        for raw in ("<!channel>", "&lt;!", "&lt;@", "&lt;#", "&lt;http", "<@"):
+            assert raw not in said, (raw, said)
