@@ -128,9 +128,11 @@ def buttons_for(incident: Any, escalation_mark: str = "", runbooks: Sequence[Any
                    f"If {they} firing, a new incident opens.")
     resolve = Button(Action.RESOLVE.value, iid, label="Resolve", style="danger", confirm=confirm, tag=tag)
     # Silenced (a maintenance window muted it): no Escalate, which would page nobody and was always refused; it is
-    # back once an alert no silence covers arrives. Acknowledge and Resolve still say who is on it and end it.
-    escalate = [] if incident.silenced else [Button(Action.ESCALATE.value, iid, arg=escalation_mark, label="Escalate",
-                                                    tag=tag)]
+    # back once an alert no silence covers arrives. Acknowledge and Resolve still say who is on it and end it. Nor on
+    # an incident whose route names no escalation policy: there is nothing to escalate to, and a press only ever
+    # answered so (`/incident page ID PERSON` pages someone; `/incident escalate ID` still answers that).
+    escalate = [] if incident.silenced or not incident.escalation else [
+        Button(Action.ESCALATE.value, iid, arg=escalation_mark, label="Escalate", tag=tag)]
     run = [_run_button(rb, iid, tag) for rb in runbooks_for(incident, runbooks)]
     if incident.status == ACKNOWLEDGED:
         return [*escalate, resolve, *run]

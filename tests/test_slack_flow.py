@@ -126,7 +126,7 @@ async def test_an_alert_posts_one_message_and_a_click_acknowledges_it(slack: Sla
     s = slack
     ts = await incident_posted(s)
     [post] = s.posts()
-    assert button_values(post) == ["ack:1", "esc:1", "res:1"]
+    assert button_values(post) == ["ack:1", "res:1"]  # (its route names no escalation policy: no Escalate)
     assert "#1" in text_of(post) and "Firing" in text_of(post)
     async with s.h.bot.db.sessions() as session:
         [message] = (await session.execute(select(IncidentMessage))).scalars().all()
@@ -137,7 +137,7 @@ async def test_an_alert_posts_one_message_and_a_click_acknowledges_it(slack: Sla
     assert "Acknowledged #1." in (await s.answer(key))["text"]
     await s.fake.wait_for(lambda: s.updates(ts) and s.posts(thread=ts), timeout=5)
     [update] = s.updates(ts)
-    assert button_values(update) == ["esc:1", "res:1"] and "Acknowledged" in text_of(update)
+    assert button_values(update) == ["res:1"] and "Acknowledged" in text_of(update)
     [line] = s.posts(thread=ts)
     assert "Acknowledged by Alice" in text_of(line)
     [incident] = await s.h.incidents()
@@ -183,7 +183,7 @@ async def test_resolve_then_reopen_redraws_the_buttons(slack: Slack) -> None:
     assert button_values(s.updates(ts)[-1]) == ["reo:1"]
     await s.click("reo:1", ts)
     await s.fake.wait_for(lambda: len(s.updates(ts)) == 2 and len(s.posts(thread=ts)) == 2, timeout=5)
-    assert button_values(s.updates(ts)[-1]) == ["ack:1", "esc:1", "res:1"]
+    assert button_values(s.updates(ts)[-1]) == ["ack:1", "res:1"]
     lines = [text_of(p) for p in s.posts(thread=ts)]
     assert "Resolved by Alice" in lines[0] and "Reopened by Alice" in lines[1]
     assert await s.h.actions(1) == ["incident.opened", "alert.received", "incident.resolved", "incident.reopened"]
@@ -272,7 +272,7 @@ async def test_slash_commands_list_show_and_act(slack: Slack) -> None:
     assert acked["text"] == "Acknowledged #1."
     await s.fake.wait_for(lambda: s.updates(ts), timeout=5)
     shown = await s.answer(await s.command("/incident", "show 1"))
-    assert button_values(shown) == ["esc:1", "res:1"]
+    assert button_values(shown) == ["res:1"]
     resolved = await s.answer(await s.command("/chatops", "incident resolve 1"))
     assert resolved["text"] == "Resolved #1."
     usage = await s.answer(await s.command("/incident", "frobnicate 1"))
@@ -297,7 +297,7 @@ async def test_a_command_typed_with_unicode_spaces_is_understood(slack: Slack) -
     await incident_posted(s)
     for text in ("show\u00a01", "show\u20071", "show\u202f1", "show\u200b 1", "\u200bshow\u30001\u200b"):
         shown = await s.answer(await s.command("/incident", text))
-        assert button_values(shown) == ["ack:1", "esc:1", "res:1"], (text, shown["text"])
+        assert button_values(shown) == ["ack:1", "res:1"], (text, shown["text"])
     acked = await s.answer(await s.command("/chatops", "ack\u00a01"))
     assert acked["text"] == "Acknowledged #1."
 
@@ -308,12 +308,12 @@ async def test_a_click_on_the_private_card_redraws_it_and_tells_the_clicker(slac
     s = slack
     ts = await incident_posted(s)
     shown = await s.answer(await s.command("/incident", "show 1"))
-    assert button_values(shown) == ["ack:1", "esc:1", "res:1"]
+    assert button_values(shown) == ["ack:1", "res:1"]
     _, _, key = await s.click("ack:1", "1700000099.000100", private=True)
     told, redrawn = await s.answers(key, 2)
     assert told == {"text": "Acknowledged #1.", "response_type": "ephemeral", "replace_original": False}
     assert redrawn["replace_original"] is True and redrawn["response_type"] == "ephemeral"
-    assert button_values(redrawn) == ["esc:1", "res:1"] and "Acknowledged" in text_of(redrawn)
+    assert button_values(redrawn) == ["res:1"] and "Acknowledged" in text_of(redrawn)
     assert (await s.h.incidents())[0].status == "acknowledged"
     await s.fake.wait_for(lambda: s.updates(ts), timeout=5)  # and the channel's card, as for any click
     _, _, key = await s.click("res:1", "1700000099.000100", private=True)
@@ -551,7 +551,7 @@ async def test_templates_in_the_override_dir_draw_the_message(tmp_path: Path) ->
             s = Slack(h, fake)
             await incident_posted(s)
             [post] = s.posts()
-            assert post["text"].startswith("[ours] #1 ") and button_values(post) == ["ack:1", "esc:1", "res:1"]
+            assert post["text"].startswith("[ours] #1 ") and button_values(post) == ["ack:1", "res:1"]
 
 
 async def test_the_source_resolving_every_alert_resolves_the_message_and_says_so(slack: Slack) -> None:

@@ -190,7 +190,7 @@ async def test_an_incident_card_in_a_channel_a_click_acknowledges_once_and_redra
         assert "Firing \u00b7 Critical \u00b7 #1" in words and "Waiting for someone to acknowledge." in words
         facts = next(e["facts"] for e in card["body"] if e["type"] == "FactSet")
         assert {"title": "Alerts", "value": "2 from am"} in facts
-        assert button_values(card) == ["ack:1", "esc:1", "?res:1"]  # Resolve asks first
+        assert button_values(card) == ["ack:1", "?res:1"]  # Resolve asks first
         card_id = await recorded(h, 1)
         assert card_id == posted.answered  # the id Teams gave the post
 
@@ -209,7 +209,7 @@ async def test_an_incident_card_in_a_channel_a_click_acknowledges_once_and_redra
         assert answers[0].conversation == f"{CHANNEL};messageid={card_id}"
         redrawn = bf.called("update")[-1]
         assert (redrawn.conversation, redrawn.activity_id) == (CHANNEL, card_id)
-        assert card_of(redrawn)["body"][0]["style"] == "warning" and button_values(card_of(redrawn)) == ["esc:1", "?res:1"]
+        assert card_of(redrawn)["body"][0]["style"] == "warning" and button_values(card_of(redrawn)) == ["?res:1"]
 
         answer = await say(h, bf, bf.message("incident resolve 1"))
         assert "Resolved" in answer or "resolve" in answer.lower()
@@ -227,7 +227,7 @@ async def test_a_page_opens_the_private_chat_with_an_acknowledge_button_that_ack
         assert opened.body["channelData"] == {"tenant": {"id": "72f988bf-0000-0000-0000-000000000001"}}
         [page] = [c for c in bf.called("send") if c.conversation == opened.answered]
         card = card_of(page)
-        assert button_values(card) == ["ack:1", "esc:1", "?res:1"]
+        assert button_values(card) == ["ack:1", "?res:1"]
         assert "Alice asks for your help" in json.dumps(card, ensure_ascii=False)
 
         click = bf.click(tagged(card, "ack:1"), page.answered, personal=True, conversation=opened.answered,
@@ -336,13 +336,13 @@ async def test_a_click_on_the_card_incident_show_drew_redraws_that_card(tmp_path
         asked = bf.message("incident show 1", personal=True, conversation="a:1alice")
         await say(h, bf, asked)
         [shown] = [c for c in bf.called("reply") if c.activity_id == asked["id"]]
-        assert button_values(card_of(shown)) == ["ack:1", "esc:1", "?res:1"]
+        assert button_values(card_of(shown)) == ["ack:1", "?res:1"]
         click = bf.click(tagged(card_of(shown), "ack:1"), shown.answered, personal=True, conversation="a:1alice")
         assert (await post(h, click, bf.headers()))[0] == 200
         await bf.wait_for(lambda: any(c.activity_id == shown.answered for c in bf.called("update")))
         [redrawn] = [c for c in bf.called("update") if c.activity_id == shown.answered]
         assert redrawn.conversation == "a:1alice"
-        assert card_of(redrawn)["body"][0]["style"] == "warning" and button_values(card_of(redrawn)) == ["esc:1", "?res:1"]
+        assert card_of(redrawn)["body"][0]["style"] == "warning" and button_values(card_of(redrawn)) == ["?res:1"]
 
 
 async def test_a_refused_app_password_is_a_refused_token_that_says_what_to_fix(tmp_path: Path) -> None:

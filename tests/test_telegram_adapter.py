@@ -48,7 +48,8 @@ def make_incident(**over: Any) -> Incident:
         labels={"alertname": "DiskFull", "instance": "db-1:9100", "service": "postgres"},
         links={"generator": "http://prom:9090/graph?g0.expr=disk&g0.tab=1"},
         sources=["alertmanager"], channels=["ops-telegram"], alert_count=2, firing_count=2, notifications=1,
-        silenced=False, opened_at=NOW - timedelta(minutes=12), first_seen=NOW - timedelta(minutes=12), last_seen=NOW)
+        escalation="dba", silenced=False, opened_at=NOW - timedelta(minutes=12), first_seen=NOW - timedelta(minutes=12),
+        last_seen=NOW)
     fields.update(over)
     return Incident(**fields)
 

@@ -137,13 +137,13 @@ async def posted_on_both(b: Both) -> tuple[str, int]:
 async def test_a_tap_in_telegram_redraws_slack_too_and_a_click_in_slack_redraws_telegram(both: Both) -> None:
     b = both
     ts, message_id = await posted_on_both(b)
-    assert b.tg_keyboard(message_id) == ["ack:1", "esc:1", "?res:1"]  # Resolve asks before it acts
+    assert b.tg_keyboard(message_id) == ["ack:1", "?res:1"]  # Resolve asks before it acts
 
     await b.tap("ack:1", message_id)
     await b.tg.wait_for(lambda: b.tg.called("answerCallbackQuery"), timeout=5)
     assert b.tg.called("answerCallbackQuery")[0].params.get("text") == "Acknowledged #1."
-    await b.slack.fake.wait_for(lambda: b.slack.updates(ts) and b.tg_keyboard(message_id) == ["esc:1", "?res:1"], timeout=5)
-    assert button_values(b.slack.updates(ts)[-1]) == ["esc:1", "res:1"]
+    await b.slack.fake.wait_for(lambda: b.slack.updates(ts) and b.tg_keyboard(message_id) == ["?res:1"], timeout=5)
+    assert button_values(b.slack.updates(ts)[-1]) == ["res:1"]
     await b.slack.fake.wait_for(lambda: b.slack.posts(thread=ts) and _tg_replies(b, message_id), timeout=5)
     assert "Acknowledged by Alice" in b.slack.posts(thread=ts)[0]["text"]
     assert "Acknowledged by Alice" in _tg_replies(b, message_id)[0]
@@ -322,7 +322,7 @@ async def test_a_page_reaches_a_linked_person_with_buttons_and_every_outcome_is_
     assert answer["text"] == "Paged Alice on Telegram."
     [page] = [c for c in b.tg.called("sendMessage") if c.params["chat_id"] == 111111]
     assert [untagged(k["callback_data"]) for row in page.params["reply_markup"]["inline_keyboard"] for k in row] == [
-        "ack:1", "esc:1", "?res:1"]
+        "ack:1", "?res:1"]
     assert "Alice asks for your help" in page.params["text"]
 
     message_id = next(mid for (chat, mid) in b.tg.messages if chat == 111111)
@@ -501,13 +501,13 @@ async def test_a_card_incident_show_drew_is_redrawn_by_a_tap_on_it(both: Both, c
     b = both
     ts, channel_card = await posted_on_both(b)
     await b.tap("ack:1", channel_card)
-    await b.tg.wait_for(lambda: b.tg_keyboard(channel_card) == ["esc:1", "?res:1"], timeout=5)
+    await b.tg.wait_for(lambda: b.tg_keyboard(channel_card) == ["?res:1"], timeout=5)
     await b.type("/incident show 1", chat=chat if chat < 0 else None)
     shown = b.answer_to("/incident show 1", chat)
-    assert b.tg_keyboard(shown, chat) == ["esc:1", "?res:1"] and "Acknowledged" in b.tg.messages[(chat, shown)]["text"]
+    assert b.tg_keyboard(shown, chat) == ["?res:1"] and "Acknowledged" in b.tg.messages[(chat, shown)]["text"]
 
     await b.tap("?res:1", shown, chat=chat)
-    await b.tg.wait_for(lambda: b.tg_keyboard(shown, chat) == ["esc:1", "res:1", "!res:1"], timeout=5)
+    await b.tg.wait_for(lambda: b.tg_keyboard(shown, chat) == ["res:1", "!res:1"], timeout=5)
     await b.tap("res:1", shown, chat=chat)
     await b.tg.wait_for(lambda: b.tg_keyboard(shown, chat) == ["reo:1"], timeout=5)
     assert "Resolved" in b.tg.messages[(chat, shown)]["text"]
@@ -591,7 +591,7 @@ async def test_a_tap_on_a_card_of_another_incident_of_that_number_is_refused_and
     python-telegram-bot does not check it."""
     _, tg_id = await posted_on_both(both)
     keys = both.tg_keyboard(tg_id, tagged=True)
-    assert [k.split(".")[0] for k in keys] == ["ack:1", "esc:1", "?res:1"] and all(len(k.encode()) <= 64 for k in keys)
+    assert [k.split(".")[0] for k in keys] == ["ack:1", "?res:1"] and all(len(k.encode()) <= 64 for k in keys)
     tag = keys[0].split(".")[1]
     other = "zzzzzz" if tag != "zzzzzz" else "000000"
     await both.tap(f"ack:1.{other}", tg_id)

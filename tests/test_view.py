@@ -22,7 +22,8 @@ def make_incident(**over) -> Incident:
         labels={"alertname": "DiskFull", "instance": "db-1:9100", "service": "postgres"},
         links={"generator": "http://prom:9090/graph?g0.expr=disk&g0.tab=1"},
         sources=["alertmanager", "grafana"], channels=["ops-slack"], alert_count=3, firing_count=2,
-        notifications=4, silenced=False, opened_at=NOW - timedelta(minutes=12), first_seen=NOW - timedelta(minutes=12),
+        notifications=4, silenced=False, escalation="dba", opened_at=NOW - timedelta(minutes=12),
+        first_seen=NOW - timedelta(minutes=12),
         last_seen=NOW,
     )
     fields.update(over)
@@ -289,3 +290,15 @@ def test_view_and_render_are_pure_core_modules():
         assert not modules & {"storage", "handlers", "adapters", "slack_bolt", "slack_sdk", "telegram", "botbuilder"}
         for clock in (".now(", "utcnow", "time.time", "date.today"):
             assert clock not in source, f"bot/{name} reads the clock ({clock})"
+
+
+def test_no_escalate_button_on_an_incident_without_an_escalation_policy():
+    """Escalate on an incident whose route names no escalation policy only ever answered "#42 has no escalation
+    policy; page someone with ..."; it is drawn only where a press can escalate."""
+    def labels(incident: Incident) -> list[str]:
+        return [b.label for b in buttons_for(incident)]
+
+    assert labels(make_incident(escalation=None)) == ["Acknowledge", "Resolve"]
+    assert labels(make_incident(escalation=None, status="acknowledged")) == ["Resolve"]
+    assert labels(make_incident(escalation="dba")) == ["Acknowledge", "Escalate", "Resolve"]
+    assert labels(make_incident(escalation="dba", status="acknowledged")) == ["Escalate", "Resolve"]
