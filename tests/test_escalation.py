@@ -686,18 +686,21 @@ async def test_a_page_sent_by_hand_says_so_in_the_thread_on_every_platform_with_
     """`/incident page` sent the page and audited it, and the channel never learnt of it: now the thread says who
     paged whom, on every platform the incident is posted on, as an escalation's page does, and a page that reached
     nobody says so with what to do. The words after the person are the page's message, escaped as alert text is
-    (`<!channel>` pings nobody) and cut short."""
+    and cut short: a typed `@channel` (Slack sends `<!channel>`) reads as such and pings nobody, a typed `<b>` (Slack
+    sends `&lt;b&gt;`) is text."""
     async with world(tmp_path, NIGHT) as w:
         await w.alert("critical")  # posted in Slack and in the Telegram group; step 1 pages Bob
         await told(w, lambda: any("Paged Bob" in t for t in thread_texts(w.slack)) and group_lines(w), "step 1's line")
-        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol please look at the db <!channel>",
-                                                           user="U01ALICE"))
+        paged = await w.slack.answer(await w.slack.command("/incident", "page 1 carol please look at the db <!channel> "
+                                                           "&lt;b&gt;", user="U01ALICE"))
         assert paged["text"] == "Paged Carol on Telegram."
         [page] = w.pages(CAROL_TG)
-        assert "Alice asks for your help with #1: please look at the db &lt;!channel&gt;" in page["text"]
-        said = "Alice paged Carol on Telegram: \u201cplease look at the db &lt;!channel&gt;\u201d"  # (escaped alike)
-        await told(w, lambda: said in thread_texts(w.slack) and said in group_lines(w), "the line on both platforms")
-        assert not any("<!channel>" in t for t in thread_texts(w.slack))
+        # (Telegram: an invisible word joiner after the @, as in alert text, so that it names no Telegram user)
+        assert "Alice asks for your help with #1: please look at the db @\u2060channel &lt;b&gt;" in page["text"]
+        said = "Alice paged Carol on Telegram: \u201cplease look at the db @channel &lt;b&gt;\u201d"  # (escaped alike)
+        await told(w, lambda: said in thread_texts(w.slack) and said.replace("@", "@\u2060") in group_lines(w),
+                   "the line on both platforms")
+        assert not any("<!channel>" in t or "&lt;!channel" in t for t in thread_texts(w.slack))
 
         failed = await w.slack.answer(await w.slack.command("/incident", "page 1 dave", user="U01ALICE"))
         why = "Dave has no id in app.yaml for a platform that is on (on: slack, telegram)"
