@@ -34,7 +34,7 @@ from bot.rotations import first_instant
 from bot.tables import ago, printable, table
 from bot.view import alert_values, who_did
 from storage import queries, report
-from storage.queries import LIST_FILTERS
+from storage.queries import LIST_FILTERS, list_status
 from storage.audit import AuditLog, Damaged, KeyMismatch
 from storage.db import (STORE_TABLE, Database, Leader, SchemaTooNew, SchemaTooOld, is_sqlite_file_url,
                         missing_sqlite_uri_file, sqlite_file, sqlite_tables)
@@ -589,7 +589,7 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
         if not ranked:
             print(f"no {which}", file=out)
             return EXIT_OK
-        rows = [(f"#{i.id}", i.status + (" (silenced)" if i.silenced else ""),
+        rows = [(f"#{i.id}", list_status(i),
                  i.severity if p is not None else f"{i.severity} (damaged)", "?" if p is None else p, i.title,
                  i.alert_count, ",".join(i.sources), ago(now - i.opened_at)) for p, i in ranked]
         print(table(["ID", "STATUS", "SEVERITY", "PRIO", "TITLE", "ALERTS", "SOURCES", "OPENED"], rows, max_width=None,
@@ -623,7 +623,7 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
             return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
         print(f"#{inc.id} {printable(' '.join(inc.title.split()))}", file=out)  # (on one line, as in the tables)
-        facts = [("status", inc.status + (" (silenced)" if inc.silenced else "")),
+        facts = [("status", list_status(inc)),
                  ("severity", inc.severity if p is not None else f"{inc.severity} (damaged)"),
                  ("priority", "unknown" if p is None else p),
                  ("opened", f"{at(inc.opened_at)} ({ago(now - inc.opened_at)})"),

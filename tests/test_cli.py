@@ -492,6 +492,11 @@ async def test_incidents_show_puts_a_group_sent_again_on_one_line_and_says_what_
         assert await asyncio.to_thread(main, ["incidents", "list", "--status", status, "--format", "json",
                                               "-c", str(cfg)]) == 0
         assert [f"#{i['id']}" for i in json.loads(capsys.readouterr().out)] == ids, status
+    # The table's status column says it as the card does: #2 is silenced, not "triggered"
+    assert await asyncio.to_thread(main, ["incidents", "list", "-c", str(cfg)]) == 0
+    statuses = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()
+                if line.startswith("#")}
+    assert statuses == {"#1": "acknowledged", "#2": "silenced"}, statuses
 
 
 async def test_incidents_show_gives_each_alerts_values_when_they_have_them(tmp_path: Path,
