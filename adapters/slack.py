@@ -174,6 +174,8 @@ def _shape_problem(body: Any) -> str | None:
         return "actions must be a list of objects with string action_id and value"
     if not actions_ and body.get("type") == "block_actions":  # Bolt reads the first
         return "a block_actions payload needs at least one action"
+    if body.get("type") == "block_actions" and not all(isinstance(a.get("action_id"), str) for a in actions_):
+        return "each action of a block_actions payload needs its action_id"  # Bolt reads it (action["action_id"])
     view = body.get("view")
     if ("view" in body or body.get("type") == "view_submission") and not (
             isinstance(view, dict) and isinstance(view.get("type", ""), str)

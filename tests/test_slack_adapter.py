@@ -208,6 +208,8 @@ async def test_a_slash_command_or_click_sent_again_is_a_replay(env: Env) -> None
     "payload=" + quote('{"type":"block_actions","actions":"x"}'),
     "payload=" + quote('{"type":"block_actions","actions":[1]}'),
     "payload=" + quote('{"type":"block_actions","actions":[{"action_id":5}]}'),
+    # (Bolt reads a block action's action_id: without one, its middleware raised KeyError, a 500)
+    "payload=" + quote('{"type":"block_actions","user":{"id":"U01ALICE"},"actions":[{"value":"ack:2","type":"button"}]}'),
     "payload=" + quote('{"type":"block_actions","user":"x","actions":[]}'),
     "payload=" + quote('{"type":"block_actions","user":{"id":"U01ALICE"},"actions":[]}'),  # Bolt reads actions[0]
     "payload=" + quote('{"type":"view_submission","user":{"id":"U01ALICE"},"view":{"id":"V1","callback_id":"x"}}'),
