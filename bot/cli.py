@@ -869,8 +869,11 @@ def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
     """Dead letters back into the queue (the bot sends them on its next round), audited as outbox.retried."""
     import getpass
 
+    from sqlalchemy import select
+
     from bot.model import Actor
     from storage.audit import Entry
+    from storage.models import OutboxItem
 
     loaded = _load(args)
     if not args.ids and not args.dead:
@@ -886,10 +889,15 @@ def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
             if (refused := await _other_key(audit, session)) is not None:
                 return refused
             chosen = await queries.retry_dead(session, now, args.ids or None)
-            if chosen:
+            if chosen:  # one event per incident whose deliveries go again, in its timeline (and one for the rest)
+                by_incident: dict[int | None, list[int]] = {}
+                for item_id, incident_id in (await session.execute(
+                        select(OutboxItem.id, OutboxItem.incident_id).where(OutboxItem.id.in_(chosen))
+                        .order_by(OutboxItem.id))).all():
+                    by_incident.setdefault(incident_id, []).append(item_id)
                 await audit.append_many(session, [Entry(
-                    "outbox.retried", Actor("cli", user, user), "outbox", ",".join(map(str, chosen)), now,
-                    {"ids": chosen})])
+                    "outbox.retried", Actor("cli", user, user), "outbox", ",".join(map(str, ids)), now,
+                    {"ids": ids}, incident_id) for incident_id, ids in by_incident.items()])
         skipped = sorted(set(args.ids) - set(chosen))
         if skipped and chosen:
             print(f"not dead, or no such delivery: {', '.join(map(str, skipped))}", file=sys.stderr)

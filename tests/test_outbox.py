@@ -17,7 +17,7 @@ from handlers.outbox import Budget, _Buckets
 from sqlmodel import select
 
 from storage.db import SQLITE_BUSY_TIMEOUT_MS
-from storage.models import OutboxItem
+from storage.models import AuditEvent, OutboxItem
 from tests.botkit import T0, Harness, bot_on, fixture, running_bot
 from tests.fake_slack import FakeSlack
 from tests.test_slack_flow import slack_config
@@ -303,6 +303,10 @@ async def test_a_dead_letter_is_sent_again_with_outbox_retry_once_the_cause_is_f
             assert "outbox.retried" in await h.actions()
             async with h.bot.db.sessions() as session:
                 assert (await h.bot.audit.verify(session)).ok
+                # in the incident's own timeline (`audit export --incident`, `incidents show`)
+                retried = (await session.execute(select(AuditEvent).where(AuditEvent.action == "outbox.retried"))
+                           ).scalars().all()
+                assert [(e.incident_id, e.subject_id) for e in retried] == [(1, "1")]
             with contextlib.redirect_stdout(io.StringIO()) as nothing:
                 assert await asyncio.to_thread(cli, ["outbox", "retry", "7", "-c", str(config)]) == 1
             assert "no dead deliveries with those ids (7)" in nothing.getvalue()
