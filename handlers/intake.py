@@ -1173,7 +1173,9 @@ class Intake:
                 if t.opened or t.unsilenced or channel in t.new_channels:  # never posted there: now it is
                     add("post", "incident.opened")
                     continue
-                add("update", "alerts.changed")  # a redraw for alert traffic (routine)
+                # A redraw for alert traffic (routine: redrawn at most every 30 s, handlers/outbox.py REFRESH); one
+                # that shows the source resolving it, or its severity rising, goes at once.
+                add("update", "incident.changed" if t.resolved or id(incident) in st.raised else "alerts.changed")
                 if t.grouped or t.refired:
                     add("reply", "alerts.grouped", {"count": t.grouped + t.refired})
                 if t.resolved:

@@ -66,6 +66,12 @@ PER_CHANNEL = 10  # incident messages of one channel looked at in a round (a sec
 # follows the card posted afresh, in its thread, instead of being folded into it (see _deliver's repost).
 FOLLOWS = "follows"
 ROUTINE_EVENTS = ("alerts.changed", "alerts.grouped", "alerts.resolved")  # redraws and counts from alert traffic
+# A message is redrawn for alert traffic alone (more alerts, a later "last seen", the priority they move) at most once
+# in this long, with what the incident is then: a storm costs a redraw per incident every 30 s, not one per alert
+# (Slack's chat.update budget is 50 a minute for the whole workspace, and one noisy incident took it all). 30 s, as
+# the "N new alerts" lines gather (handlers/intake.py THREAD_LINE_DELAY), so the card's count and the thread move
+# together. A state change (a click, a command, the source resolving it, a severity rise) redraws it at once.
+REFRESH = timedelta(seconds=30)
 # A card, thread line or notice whose answer was lost, on a platform that can find it by the key it carried (see
 # bot.chat.Finder), is marked on its rows (UNANSWERED), {"key": that key, "at": when it was given up on (Unix
 # time)}: their next try looks for it, not before LOOK_AFTER, before posting again (_look_first). Folding leaves
@@ -551,14 +557,18 @@ class OutboxWorker(PageLanes):
         # "Acknowledged by Alice" waits until the storm ends.
         churn = lines and self.buckets.edits_share_chat(channel.platform) and all(
             i.event in ROUTINE_EVENTS for i in updates)
-        if updates and any(i.due_at <= now for i in updates) and not churn:
+        due = [i for i in updates if i.due_at <= now]
+        held = _refresh_after(due, parent, now)
+        if held is not None and not churn:
+            await self._hold(due, held)  # (what the incident is when it goes is drawn: nothing is lost)
+        elif due and not churn:
             if self.buckets.allow(channel.platform, channel.chat, edit=True, now=tick):
                 calls += 1
                 card = incident_card(incident, alerts, now=now, tz=self.config.timezone, names=self.names,
                                      next_step=next_step, escalation_mark=escalation_mark, runbooks=self.config.runbooks)
                 if await self._call(adapter.update(ref, card), updates, channel.platform, channel.chat, "update",
                                     gone=repost) is not None:
-                    await self._finish(updates, "sent")
+                    await self._finish(updates, "sent", redrawn=parent.id)
                 elif reposting:
                     return calls  # the card is posted afresh next round, drawn as the incident is then
         for line_items, text in lines:
@@ -743,11 +753,18 @@ class OutboxWorker(PageLanes):
         await self._save_details(mine)
         return True
 
-    async def _finish(self, items: Sequence[OutboxItem], status: str, error: str | None = None) -> None:
+    async def _finish(self, items: Sequence[OutboxItem], status: str, error: str | None = None, *,
+                      redrawn: int | None = None) -> None:
         """Settle the rows. Sent, the platform took them: a failed recording is tried again, and the call is not
-        made again (PageLanes._record); it was, by the next round, which found them still pending."""
+        made again (PageLanes._record); it was, by the next round, which found them still pending. `redrawn`: the
+        IncidentMessage the rows redrew, whose `updated_at` says when (alert traffic waits REFRESH after it)."""
+        at = self.clock.now()
+
         async def mark(session: Any) -> None:
             await self._mark(session, items, status, error)
+            if redrawn is not None:
+                await session.execute(update(IncidentMessage).where(IncidentMessage.id == redrawn)
+                                      .values(updated_at=at))
 
         if status == "sent" and items:
             await self._record(_went(items), mark, all_settled(items), UNRECORDED)
@@ -757,6 +774,15 @@ class OutboxWorker(PageLanes):
         if status == "dead":  # given up at once (no such channel, person or incident): counted as _failed counts
             for item in items:
                 self.metrics.outbox_dead.labels(item.channel).inc()
+
+    async def _hold(self, items: Sequence[OutboxItem], until: datetime) -> None:
+        """Alert traffic's redraws of a message redrawn a moment ago wait until `until` (see REFRESH). Their rows
+        say so (due then), so the wait outlives a restart and holds on whichever replica delivers; those queued
+        meanwhile join them."""
+        async with self.db.transaction() as session:
+            await session.execute(update(OutboxItem).where(
+                OutboxItem.id.in_([i.id for i in items]), OutboxItem.status == "pending", OutboxItem.due_at < until)
+                .values(due_at=until))
 
     @staticmethod
     async def _mark(session: Any, items: Sequence[OutboxItem], status: str, error: str | None = None) -> None:
@@ -796,6 +822,16 @@ def _gone(channels: Mapping[str, Any], queued_before: datetime | None = None) ->
     `queued_before` if given."""
     gone = OutboxItem.channel.not_in(list(channels)) & ~OutboxItem.channel.startswith("@")
     return gone if queued_before is None else gone & (OutboxItem.created_at <= queued_before)
+
+
+def _refresh_after(due: Sequence[OutboxItem], parent: IncidentMessage, now: datetime) -> datetime | None:
+    """When the message may be redrawn, if what is due is alert traffic alone (ROUTINE_EVENTS) and it was redrawn
+    (or posted) less than REFRESH ago; else None: it goes now. (Not later than REFRESH from now, whatever a clock
+    that went back says.)"""
+    if not due or any(i.event not in ROUTINE_EVENTS for i in due):
+        return None
+    after = min(parent.updated_at + REFRESH, now + REFRESH)
+    return after if after > now else None
 
 
 def _unmarked() -> Any:

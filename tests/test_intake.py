@@ -88,9 +88,9 @@ async def test_alertmanager_captures_group_resolve_and_route(h: Harness) -> None
         (1, "ops-telegram", "update", "alerts.changed", {}),
         (1, "ops-telegram", "reply", "alerts.resolved", {"count": 1, "source": "am"}),
         (2, "ops-slack", "post", "incident.opened", {}),
-        (1, "ops-slack", "update", "alerts.changed", {}),
+        (1, "ops-slack", "update", "incident.changed", {}),  # resolved: redrawn at once, not with alert traffic
         (1, "ops-slack", "reply", "incident.resolved", {"by": "source", "source": "am"}),
-        (1, "ops-telegram", "update", "alerts.changed", {}),
+        (1, "ops-telegram", "update", "incident.changed", {}),
         (1, "ops-telegram", "reply", "incident.resolved", {"by": "source", "source": "am"}),
         (1, "@pages", "pages", "incident.changed", {}),  # its escalation's pages, if any, say Resolved now
     ]
