@@ -82,7 +82,7 @@ class OverrideHandlers:
         try:
             start, end = await self._window(schedule, person, args, now)
         except BadInput as exc:
-            return Reply(f"{exc}. Usage: `{TAKE_USAGE}`; {TIME_HELP}.")
+            return Reply(f"{exc} Usage: `{TAKE_USAGE}`; {TIME_HELP}.")
         return await self._write(schedule, person, person, start, end, event.actor, "took the shift", take=True)
 
     async def override(self, event: CommandEvent, person: Person) -> Reply:
@@ -103,7 +103,7 @@ class OverrideHandlers:
         try:
             start, end = await self._window(schedule, person, args[2:], now, need_both=True)
         except BadInput as exc:
-            return Reply(f"{exc}. Usage: `{OVERRIDE_USAGE}`; {TIME_HELP}.")
+            return Reply(f"{exc} Usage: `{OVERRIDE_USAGE}`; {TIME_HELP}.")
         # no reason: the note shows "override #N by PERSON" already
         return await self._write(schedule, target, person, start, end, event.actor, "")
 
@@ -112,14 +112,14 @@ class OverrideHandlers:
         tz = ZoneInfo(person.timezone) if person.timezone else schedule.tz
         tokens = join_date_time(args)
         if need_both and len(tokens) != 2:
-            raise BadInput("give FROM and UNTIL")
+            raise BadInput("Give both FROM and UNTIL.")
         if len(tokens) > 2:
-            raise BadInput(f"too many arguments: {echoed(' '.join(tokens[2:]))}")
+            raise BadInput(f"Too many arguments: {echoed(' '.join(tokens[2:]))}.")
         if not tokens:  # the current shift, from now to its end
             rows = await self.view.overrides(self.db, now, now, [schedule.id])
             current = on_call(schedule, _domain(rows, schedule.id), now)
             if current.person is None or current.end is None:
-                raise BadInput(f"`{schedule.id}` has no current shift to take")
+                raise BadInput(f"`{schedule.id}` has no current shift to take.")
             return now, current.end
         start = _instant(tokens[0], tz, now)
         end = _until(tokens[1], tz, start) if len(tokens) == 2 else None
@@ -127,18 +127,18 @@ class OverrideHandlers:
             rows = await self.view.overrides(self.db, start, start, [schedule.id])
             shift = on_call(schedule, _domain(rows, schedule.id), start)
             if shift.person is None:  # before the rotation starts: no shift to take, so no end to take it to
-                raise BadInput(f"nobody is on call for `{schedule.id}` at {when(start, tz, now)} (the rotation "
-                               "has not started then), so there is no shift to take; give UNTIL too")
+                raise BadInput(f"Nobody is on call for `{schedule.id}` at {when(start, tz, now)} (the rotation "
+                               "has not started then), so there is no shift to take; give UNTIL too.")
             end = shift.end
         if end <= start:
-            raise BadInput("UNTIL must come after FROM")
+            raise BadInput("UNTIL must come after FROM.")
         if end <= now:
-            raise BadInput(f"that stretch is over already (it ended {when(end, tz, now)})")
+            raise BadInput(f"That stretch is over already (it ended {when(end, tz, now)}).")
         if end - start > MAX_LENGTH:
-            raise BadInput("an override can last 90 days at most")
+            raise BadInput("An override can last 90 days at most.")
         start = max(start, now)  # a FROM in the past starts now
         if end - start < MIN_LENGTH:
-            raise BadInput("a cover lasts a minute at least")
+            raise BadInput("A cover lasts a minute at least.")
         return start, end
 
     async def _write(self, schedule: Schedule, covering: Person, by: Person, start: datetime, end: datetime,
@@ -245,9 +245,9 @@ def _instant(text: str, tz: ZoneInfo, now: datetime) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise BadInput(f"{echoed(text)!r} is not a time") from None
+        raise BadInput(f"{echoed(text)!r} is not a time.") from None
     if not 1970 <= value.year <= 9000:
-        raise BadInput(f"{echoed(text)!r} is too far away (years 1970 to 9000)")
+        raise BadInput(f"{echoed(text)!r} is too far away: give a year from 1970 to 9000.")
     return first_instant(value, tz) if value.tzinfo is None else value.astimezone(UTC)
 
 
@@ -256,10 +256,10 @@ def _until(text: str, tz: ZoneInfo, start: datetime) -> datetime:
     try:
         length = parse_duration(text)
     except DurationTooLong:
-        raise BadInput(f"{echoed(text)} from then is too far away") from None
+        raise BadInput(f"{echoed(text)!r} from then is too far away: give a length of 90 days at most.") from None
     except ValueError:
         return _instant(text, tz, start)
     try:
         return start.astimezone(UTC) + length
     except OverflowError:
-        raise BadInput(f"{echoed(text)} from then is too far away") from None
+        raise BadInput(f"{echoed(text)!r} from then is too far away: give a length of 90 days at most.") from None

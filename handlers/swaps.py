@@ -979,4 +979,4 @@ def _roles(person: Person) -> str:
 def _near(year: int, text: str) -> None:
     """Years /oncall take and /override accept too: past them the calendar arithmetic overflows."""
     if not 1970 <= year <= 9000:
-        raise BadInput(f"{echoed(text)!r} is too far away (years 1970 to 9000)")
+        raise BadInput(f"{echoed(text)!r} is too far away: give a year from 1970 to 9000.")

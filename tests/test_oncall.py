@@ -371,9 +371,9 @@ async def test_a_cover_under_a_minute_or_of_ones_own_time_writes_nothing(slack: 
     s = slack
     tiny = await s.answer(await s.command("/oncall", "take dba-primary 2026-11-24T05:00 2026-11-24T05:00:00.5",
                                           user="U01ALICE"))
-    assert tiny["text"].startswith("a cover lasts a minute at least. Usage: `/oncall take [ROTATION] [FROM] [UNTIL]`")
+    assert tiny["text"].startswith("A cover lasts a minute at least. Usage: `/oncall take [ROTATION] [FROM] [UNTIL]`")
     short = await s.answer(await s.command("/oncall", "take dba-primary now 59s", user="U01ALICE"))
-    assert short["text"].startswith("a cover lasts a minute at least.")
+    assert short["text"].startswith("A cover lasts a minute at least.")
     own = await s.answer(await s.command("/oncall", "take dba-primary", user="U02BOB"))
     assert own["text"] == ("You are already on call for `dba-primary` from Tue 24 Nov 05:00 CET until "
                            "Mon 30 Nov 09:00 CET; nothing changed.")
@@ -441,7 +441,7 @@ async def test_an_override_length_is_elapsed_time_across_a_clock_change_and_a_sk
     ("/override", "dba-primary " + "x" * 12_000 + " now 1h", "I don't know '{cut}' (people in app.yaml:"),
     ("/override", "dba-primary carol " + "x" * 12_000 + " 1h", "'{cut}' is not a time"),
     ("/override", "dba-primary carol now " + "x" * 12_000, "'{cut}' is not a time"),
-    ("/oncall", "take dba-primary now 1h " + "x" * 12_000, "too many arguments: {cut}"),
+    ("/oncall", "take dba-primary now 1h " + "x" * 12_000, "Too many arguments: {cut}."),
 ])
 async def test_a_long_argument_is_echoed_cut_short(slack: Slack, command: str, text: str, expected: str) -> None:
     answer = (await slack.answer(await slack.command(command, text, user="U02BOB")))["text"]
@@ -452,12 +452,12 @@ async def test_a_long_argument_is_echoed_cut_short(slack: Slack, command: str, t
     ("/override", "dba-primary carol now 1h", "U01ALICE", "`/override` needs the `manager` role, and Alice has"),
     ("/override", "dba-primary zed now 1h", "U02BOB", "I don't know 'zed' (people in app.yaml: alice, bob, carol)."),
     ("/override", "nightly carol now 1h", "U02BOB", "There is no rotation `nightly`. Known rotations:"),
-    ("/override", "dba-primary carol 2026-11-20T09:00 2026-11-21T09:00", "U02BOB", "that stretch is over already"),
-    ("/override", "dba-primary carol now 100d", "U02BOB", "an override can last 90 days at most"),
+    ("/override", "dba-primary carol 2026-11-20T09:00 2026-11-21T09:00", "U02BOB", "That stretch is over already"),
+    ("/override", "dba-primary carol now 100d", "U02BOB", "An override can last 90 days at most."),
     ("/override", "dba-primary carol tomorrow 1h", "U02BOB", "'tomorrow' is not a time"),
     ("/override", "dba-primary carol 9999-12-31T00:00 1d", "U02BOB", "'9999-12-31T00:00' is too far away"),
-    ("/override", "dba-primary carol now 99999999w", "U02BOB", "99999999w from then is too far away"),
-    ("/override", "dba-primary carol now 99999999999d", "U02BOB", "99999999999d from then is too far away"),
+    ("/override", "dba-primary carol now 99999999w", "U02BOB", "'99999999w' from then is too far away"),
+    ("/override", "dba-primary carol now 99999999999d", "U02BOB", "'99999999999d' from then is too far away"),
     ("/oncall", "take web", "U01ALICE", "You are not a member of `web` (members: bob, carol)"),
 ])
 async def test_covering_mistakes_get_a_precise_answer(slack: Slack, command: str, text: str, user: str,

@@ -720,7 +720,7 @@ async def test_a_swap_another_builds_on_is_not_undone_alone(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("when", ["9999-12-31", "9999-12-31T10:00", "0001-01-01T00:00+01:00"])
 async def test_a_date_far_away_is_refused_not_a_crash(on_sqlite: Slack, when: str) -> None:
-    assert await say(on_sqlite, f"bob dba-primary {when}") == f"'{when}' is too far away (years 1970 to 9000)"
+    assert await say(on_sqlite, f"bob dba-primary {when}") == f"'{when}' is too far away: give a year from 1970 to 9000."
 
 
 async def test_a_direct_message_slack_took_without_answering_is_not_sent_again_elsewhere(tmp_path: Path) -> None:
