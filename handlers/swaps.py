@@ -17,7 +17,8 @@ Taking a swap writes one override: the counterpart covers [start, end) (a cover,
 a request for a stretch already under way covers what is left of it from the moment it is taken.
 Accepting or approving checks again that the requester still holds the whole stretch, so a swap
 never silently replaces a manager's override made in the meantime, and that the counterpart is still a
-member of the rotation (if not, the swap is called off: cancelled by nobody). Approval: the clicker must hold
+member of the rotation (if not, the swap is called off: cancelled by nobody). So is an open swap whose
+requester left the rotation (or app.yaml: they could not even cancel it), when anyone comes upon it. Approval: the clicker must hold
 the role and must be neither the requester nor the counterpart, unless nobody else holds the role
 (then they may approve, and the audit event says `self_approved`). An accepted swap waiting for
 approval gets a fresh `swap_expiry` (never past the end of the shift) for the approvers.
@@ -202,13 +203,15 @@ class SwapHandlers:
             for other in clashes:
                 if now >= other.expires_at:  # over, though its expiry timer has not run yet: expire it now
                     await self._expire(session, other, now)
+                elif self._left(other):  # one of its two left the rotation: it can never be taken
+                    await self._call_off(session, other, person, now)
                 elif clash is None:
                     clash = other
             if clash is not None:
                 return Reply(f"That overlaps swap #{clash.id} ({self.name(clash.requester)} asked "
                              f"{self.name(clash.counterpart)} to take `{clash.rotation}` from "
                              f"{when(clash.starts_at, tz, now)} until {when(clash.ends_at, tz, now)}), which is still "
-                             f"{_status_words(clash.status)}. Wait for it, or cancel it with `/swap cancel {clash.id}`.")
+                             f"{_status_words(clash.status)}. {self._clash_words(clash, person, tz, now)}")
             swap = SwapRequest(rotation=schedule.id, requester=person.id, counterpart=counterpart.id, starts_at=start,
                                ends_at=end, status=PENDING, created_at=now,
                                expires_at=min(now + rotation.swap_expiry, end), requested_on=event.actor.platform)
@@ -356,16 +359,24 @@ class SwapHandlers:
                 return Reply(f"Only {self.name(swap.counterpart)} can decline swap #{swap_id}.")
             if swap.status not in OPEN:
                 return Reply(self._settled(swap, person, now))
-            was = swap.status
-            swap.decided_at, swap.decided_by = now, person.id
-            await self._close(session, swap, DECLINED, "swap.declined", _actor(actor, person), now)
-            if was == AWAITING:
-                self._tell_approvers(session, swap, now, "swap.declined", f"was withdrawn by {person.name}")
-            self._direct(session, swap, swap.requester, now, "swap.declined",
-                         lambda z: (f"{person.name} declined to take your `{swap.rotation}` shift from "
-                                    f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} "
-                                    f"(swap #{swap_id}). It stays yours."))
+            if self._left(swap) == "requester":  # nobody would read "declined": it is called off instead
+                reply = await self._call_off(session, swap, person, now)
+            else:
+                reply = await self._declined(session, swap, person, actor, now)
         await self._after(None)
+        return reply
+
+    async def _declined(self, session: AsyncSession, swap: SwapRequest, person: Person, actor: Actor,
+                        now: datetime) -> Reply:
+        swap_id, was = swap.id, swap.status
+        swap.decided_at, swap.decided_by = now, person.id
+        await self._close(session, swap, DECLINED, "swap.declined", _actor(actor, person), now)
+        if was == AWAITING:
+            self._tell_approvers(session, swap, now, "swap.declined", f"was withdrawn by {person.name}")
+        self._direct(session, swap, swap.requester, now, "swap.declined",
+                     lambda z: (f"{person.name} declined to take your `{swap.rotation}` shift from "
+                                f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} "
+                                f"(swap #{swap_id}). It stays yours."))
         return Reply(f"Declined swap #{swap_id}; {self.name(swap.requester)} is told.")
 
     async def cancel(self, swap_id: int, person: Person, actor: Actor) -> Reply:
@@ -374,23 +385,28 @@ class SwapHandlers:
             swap = await _locked(session, swap_id)
             if swap is None:
                 return Reply(f"There is no swap #{swap_id}.")
-            if person.id != swap.requester:
+            if person.id != swap.requester and swap.status in OPEN and self._left(swap) == "requester":
+                # whoever asked cannot cancel it any more: whoever comes upon it calls it off
+                reply = await self._call_off(session, swap, person, now)
+            elif person.id != swap.requester:
                 return Reply(f"Only {self.name(swap.requester)}, who asked, can cancel swap #{swap_id}"
                              + (" (you can decline it)." if person.id == swap.counterpart else "."))
-            if swap.status not in OPEN:
+            elif swap.status not in OPEN:
                 extra = f" `/swap undo {swap_id}` undoes it before it starts." if swap.status in TAKEN else ""
                 return Reply(self._settled(swap, person, now) + extra)
-            was = swap.status
-            swap.decided_at, swap.decided_by = now, person.id
-            await self._close(session, swap, CANCELLED, "swap.cancelled", _actor(actor, person), now)
-            if was == AWAITING:
-                self._tell_approvers(session, swap, now, "swap.cancelled", f"was cancelled by {person.name}")
-            self._direct(session, swap, swap.counterpart, now, "swap.cancelled",
-                         lambda z: (f"{person.name} cancelled swap #{swap_id} (their `{swap.rotation}` shift from "
-                                    f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}): "
-                                    "nothing to do."))
+            else:
+                was = swap.status
+                swap.decided_at, swap.decided_by = now, person.id
+                await self._close(session, swap, CANCELLED, "swap.cancelled", _actor(actor, person), now)
+                if was == AWAITING:
+                    self._tell_approvers(session, swap, now, "swap.cancelled", f"was cancelled by {person.name}")
+                self._direct(session, swap, swap.counterpart, now, "swap.cancelled",
+                             lambda z: (f"{person.name} cancelled swap #{swap_id} (their `{swap.rotation}` shift from "
+                                        f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}): "
+                                        "nothing to do."))
+                reply = Reply(f"Cancelled swap #{swap_id}; {self.name(swap.counterpart)} is told.")
         await self._after(None)
-        return Reply(f"Cancelled swap #{swap_id}; {self.name(swap.counterpart)} is told.")
+        return reply
 
     async def approve(self, swap_id: int, person: Person, actor: Actor) -> Reply:
         return await self._review(swap_id, person, actor, approve=True)
@@ -425,7 +441,8 @@ class SwapHandlers:
                 await self._expire(session, swap, now, but=person.id)
                 return Reply(f"Swap #{swap_id} expired {self._when(swap.expires_at, person, swap, now)} before "
                              "anyone approved it.")
-            if approve and self._left(swap):
+            left = self._left(swap)
+            if left == "requester" or (approve and left):  # (a rejection of a cover by someone who left stands)
                 reply = await self._call_off(session, swap, person, now)
             else:
                 reply = await self._reviewed(session, swap, person, actor, now, role, approve=approve)
@@ -666,28 +683,62 @@ class SwapHandlers:
             f"{self.name(swap.counterpart)} covers `{swap.rotation}` for {self.name(swap.requester)} from "
             f"{when(start, z, now)} until {when(swap.ends_at, z, now)} (swap #{swap.id})."))
 
-    def _left(self, swap: SwapRequest) -> bool:
-        """The counterpart is no longer a member of the swap's rotation (app.yaml changed since they were asked).
-        Their cover would make someone the rotation does not have the one on call, and paged: in a rotation an
-        escalation pages, the `responder` role comes from membership (bot.config), so they could not even
-        acknowledge."""
+    def _left(self, swap: SwapRequest) -> str:
+        """Which of the two is no longer a member of the swap's rotation (app.yaml changed since the swap was asked
+        for): "counterpart", "requester", or "" (neither; or the rotation itself is gone, which `_holds` says).
+
+        The counterpart's cover would make someone the rotation does not have the one on call, and paged: in a
+        rotation an escalation pages, the `responder` role comes from membership (bot.config), so they could not even
+        acknowledge. A requester who left holds no shift there to give away, and one no longer in app.yaml cannot
+        even cancel their request: it would block that stretch for anyone else's request until it expired."""
         schedule = self.view.schedules.get(swap.rotation)
-        return schedule is not None and swap.counterpart not in schedule.members
+        if schedule is None:
+            return ""
+        if swap.counterpart not in schedule.members:
+            return "counterpart"
+        if swap.requester not in schedule.members:
+            return "requester"
+        return ""
+
+    def _gone(self, person_id: str, rotation: str) -> str:
+        """Why someone a swap names is out of it, in words: "no longer in app.yaml" or "no longer a member of `web`"."""
+        return "no longer in app.yaml" if person_id not in self.people else f"no longer a member of `{rotation}`"
 
     async def _call_off(self, session: AsyncSession, swap: SwapRequest, person: Person, now: datetime) -> Reply:
-        """Close an open swap whose counterpart left the rotation (`_left`): it can never be taken, and waiting for
-        its expiry would keep the requester's shift blocked for other requests. Cancelled, by nobody (the audit
-        event's actor is the system, with the reason); the requester is told, and whoever else was waiting on it."""
+        """Close an open swap one of whose two left the rotation (`_left`): it can never be taken, and waiting for
+        its expiry would keep the stretch blocked for other requests. Cancelled, by nobody (the audit event's actor
+        is the system, with the reason); whoever of the two is still in app.yaml is told, and whoever else was
+        waiting on it. `person`: who came upon it (answered here, not in a direct message)."""
         assert swap.id is not None
+        left = self._left(swap)
         was, swap_id, rotation = swap.status, swap.id, swap.rotation
         requester, counterpart = self.name(swap.requester), self.name(swap.counterpart)
         swap.decided_at, swap.decided_by = now, None
         await self._close(session, swap, CANCELLED, "swap.cancelled", Actor.system(), now,
-                          reason="counterpart_left_rotation", noticed_by=person.id)
-        self._direct(session, swap, swap.requester, now, "swap.cancelled",
-                     lambda z: (f"Swap #{swap_id} is called off: {counterpart} is no longer a member of `{rotation}`, so "
-                                f"they cannot take your shift from {when(swap.starts_at, z, now)} until "
-                                f"{when(swap.ends_at, z, now)}. It stays yours; ask someone else with `/swap`."))
+                          reason=f"{left}_left_rotation", noticed_by=person.id)
+        if left == "requester":
+            gone = self._gone(swap.requester, rotation)
+            if person.id != swap.counterpart and swap.counterpart in self.people:
+                self._direct(session, swap, swap.counterpart, now, "swap.cancelled",
+                             lambda z: (f"Swap #{swap_id} ({requester}'s `{rotation}` shift from "
+                                        f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)}) is called "
+                                        f"off: {requester} is {gone}. Nothing to do."))
+            if person.id != swap.requester and swap.requester in self.people:  # out of the rotation only
+                self._direct(session, swap, swap.requester, now, "swap.cancelled",
+                             lambda z: (f"Swap #{swap_id} is called off: you are no longer a member of `{rotation}`, "
+                                        f"so the shift from {when(swap.starts_at, z, now)} until "
+                                        f"{when(swap.ends_at, z, now)} is not yours to give away."))
+            if was == AWAITING:
+                self._tell_approvers(session, swap, now, "swap.cancelled", f"is called off ({requester} is {gone})",
+                                     but=person.id)
+            return Reply(f"{requester}, who asked for swap #{swap_id}, is {gone}, so it is called off: "
+                         f"{counterpart} does not take that `{rotation}` stretch, and it is not blocked for other "
+                         "swaps any more.")
+        if swap.requester in self.people:
+            self._direct(session, swap, swap.requester, now, "swap.cancelled",
+                         lambda z: (f"Swap #{swap_id} is called off: {counterpart} is no longer a member of `{rotation}`, "
+                                    f"so they cannot take your shift from {when(swap.starts_at, z, now)} until "
+                                    f"{when(swap.ends_at, z, now)}. It stays yours; ask someone else with `/swap`."))
         if person.id != swap.counterpart and swap.counterpart in self.people:
             self._direct(session, swap, swap.counterpart, now, "swap.cancelled",
                          lambda z: (f"Swap #{swap_id} ({requester}'s `{rotation}` shift from "
@@ -700,6 +751,9 @@ class SwapHandlers:
             return Reply(f"You are no longer a member of `{rotation}`, so you cannot take its shifts: swap #{swap_id} "
                          f"is called off, and {requester} is told. If that is a mistake, ask whoever maintains "
                          f"app.yaml to add you back; then {requester} can ask you again.")
+        if person.id == swap.requester:
+            return Reply(f"{counterpart} is no longer a member of `{rotation}`, so they cannot take its shifts: swap "
+                         f"#{swap_id} is called off. Ask someone else with `/swap`.")
         return Reply(f"{counterpart} is no longer a member of `{rotation}`, so they cannot take its shifts: swap "
                      f"#{swap_id} is called off, and {requester} is told; they can ask someone else.")
 
@@ -739,6 +793,16 @@ class SwapHandlers:
                 f"{self.name(swap.requester)}. Nothing was changed; {self.name(swap.requester)} can cancel it "
                 "and ask again.")
 
+    def _clash_words(self, clash: SwapRequest, person: Person, tz: ZoneInfo, now: datetime) -> str:
+        """What someone whose request overlaps an open swap can do about it: only its requester can cancel it, and
+        its counterpart decline it; anyone else waits for its answer or expiry, or asks its requester."""
+        expires = f"it expires {when(clash.expires_at, tz, now)}"
+        if person.id == clash.requester:
+            return f"Wait for it, or cancel it with `/swap cancel {clash.id}`."
+        if person.id == clash.counterpart and clash.status == PENDING:
+            return f"Answer it first: `/swap decline {clash.id}` frees that stretch ({expires})."
+        return (f"Wait for it ({expires}), or ask {self.name(clash.requester)}, who asked for it, to cancel it.")
+
     def _party(self, swap: SwapRequest, person: Person) -> bool:
         """Someone the swap's direct messages go to: its two people, or one who may approve it."""
         if person.id in (swap.requester, swap.counterpart):
@@ -759,6 +823,9 @@ class SwapHandlers:
         """A direct message about `swap`, its times in the person's time zone, on the platform it began on first.
         `if_undeliverable`: who is told what (with the reason) if it cannot be delivered."""
         person = self.people.get(person_id)
+        if person is None:  # no longer in app.yaml: there is nobody to deliver it to (it would be a dead letter)
+            log.info("swap #%s: no %s message for %s, who is no longer in app.yaml", swap.id, event, person_id)
+            return
         schedule = self.view.schedules.get(swap.rotation)
         tz = self._tz(person, schedule) if schedule else ZoneInfo(self.config.timezone)
         order = [swap.requested_on] if swap.requested_on in PLATFORMS else []
@@ -926,7 +993,10 @@ class SwapHandlers:
             case "expired":
                 return f"Swap #{swap.id} expired {self._when(swap.expires_at, person, swap, now)}."
             case "cancelled":
-                if swap.decided_by is None:  # `_call_off`
+                if swap.decided_by is None and self._left(swap) == "requester":  # `_call_off`
+                    return (f"Swap #{swap.id} was called off: {by(swap.requester)} is "
+                            f"{self._gone(swap.requester, swap.rotation)}.")
+                if swap.decided_by is None:
                     return f"Swap #{swap.id} was called off: {by(swap.counterpart)} had left `{swap.rotation}`."
                 return f"Swap #{swap.id} was cancelled by {by(swap.decided_by)}."
             case "undone":
