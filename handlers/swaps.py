@@ -18,10 +18,11 @@ a request for a stretch already under way covers what is left of it from the mom
 Accepting or approving checks again that the requester still holds the whole stretch, so a swap
 never silently replaces a manager's override made in the meantime, and that the counterpart is still a
 member of the rotation (if not, the swap is called off: cancelled by nobody). So is an open swap whose
-requester left the rotation (or app.yaml: they could not even cancel it), when anyone comes upon it. Approval: the clicker must hold
-the role and must be neither the requester nor the counterpart, unless nobody else holds the role
-(then they may approve, and the audit event says `self_approved`). An accepted swap waiting for
-approval gets a fresh `swap_expiry` (never past the end of the shift) for the approvers.
+requester left the rotation (or app.yaml: they could not even cancel it), when anyone comes upon it.
+Approval: the clicker must hold the role and must be neither the requester nor the counterpart, unless
+nobody else holds the role (then they may approve, and the audit event says `self_approved`). An
+accepted swap waiting for approval gets a fresh `swap_expiry` (never past the end of the shift) for the
+approvers.
 
 Every transition is a conditional change of the row read `FOR UPDATE` (PostgreSQL; SQLite's writes are
 serialised), so two clicks, on one replica or two, change a swap once; the second is told what happened.
