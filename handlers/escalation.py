@@ -68,6 +68,10 @@ class Targets:
     gone_rotation: str = ""
     gone_people: tuple[str, ...] = ()
     gone_channel: str = ""
+    # Who an override (a taken swap, a manager's /override) puts on call for the rotation though app.yaml no longer
+    # lists them (the cover outlived their removal), and the override's id: the rotation reaches nobody.
+    gone_cover: str = ""
+    gone_cover_override: int | None = None
 
     def removed(self) -> dict[str, Any]:
         """For the step's audit event: what it names that is no longer in app.yaml (empty: nothing)."""
@@ -78,13 +82,18 @@ class Targets:
             gone["people"] = list(self.gone_people)
         if self.gone_channel:
             gone["channel"] = self.gone_channel
+        if self.gone_cover:
+            gone["cover"] = {"person": self.gone_cover, "rotation": self.rotation, "override": self.gone_cover_override}
         return gone
 
     def why(self) -> str:
         """Why the step reaches fewer than it names, in words ("" when it reaches them all): "nobody is on call for
         primary now"; "bob is no longer in app.yaml" when nobody else is notified; "skipped bob, no longer in
-        app.yaml" when the others are."""
+        app.yaml" when the others are; "carol, on call for primary through a swap or an override, is no longer in
+        app.yaml"."""
         reasons = [f"rotation {self.gone_rotation} is {NO_LONGER}"] if self.gone_rotation else []
+        if self.gone_cover:
+            reasons.append(f"{self.gone_cover}, on call for {self.rotation} through a swap or an override, is {NO_LONGER}")
         if self.missing:
             reasons.append(self.missing)
         if self.gone_people:
@@ -456,7 +465,8 @@ class Escalations:
 
     async def targets(self, session: AsyncSession, notify: dict[str, Any], at: datetime) -> Targets:
         people: list[Person] = []
-        missing = gone_rotation = ""
+        missing = gone_rotation = gone_cover = ""
+        cover_id: int | None = None
         rotation = notify.get("rotation")
         if rotation:
             schedule = self.schedules.get(rotation)
@@ -466,7 +476,10 @@ class Escalations:
                 rows = await active_overrides(session, start=at, end=at + timedelta(seconds=1), rotations=[rotation])
                 shift = on_call(schedule, domain(rows, rotation), at)
                 person = self.people.get(shift.person) if shift.person else None
-                if person is None:
+                if person is None and shift.person and shift.source == "override":
+                    # (a member the rotation itself has is in app.yaml: the config would not load otherwise)
+                    gone_cover, cover_id = shift.person, shift.override_id
+                elif person is None:
                     missing = f"nobody is on call for {rotation} now"
                 else:
                     people.append(person)
@@ -481,7 +494,8 @@ class Escalations:
         gone_channel = ""
         if channel and channel not in self.channels:  # the outbox serves only app.yaml's channels: it would never go
             channel, gone_channel = None, channel
-        return Targets(people, channel, rotation, missing, gone_rotation, tuple(dict.fromkeys(gone)), gone_channel)
+        return Targets(people, channel, rotation, missing, gone_rotation, tuple(dict.fromkeys(gone)), gone_channel,
+                       gone_cover, cover_id)
 
     async def next_words(self, session: AsyncSession, snap: dict[str, Any], n: int, total: int, due: datetime,
                          wait: timedelta, severity: str) -> str:

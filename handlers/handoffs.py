@@ -37,7 +37,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.clock import Clock
-from bot.config import Config, Person, Rotation
+from bot.config import MANAGER, Config, Person, Rotation
 from bot.model import Actor
 from bot.rotations import Override, Schedule, on_call, shifts_between
 from handlers.notify import queue_direct, queue_notice
@@ -136,6 +136,7 @@ class Handoffs:
     # One planning at a time: the job's first run and a replan (a cover taken, a swap) at start were both "first",
     # and the later to commit looked back as far as the first (a notice dropped meanwhile came back).
     _planning: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    _covers_checked: bool = field(init=False, default=False)  # the first planning warns of covers by people gone
 
     def __post_init__(self) -> None:
         self.rotations = {r.id: r for r in self.config.rotations}
@@ -151,7 +152,30 @@ class Handoffs:
         """Add the notice and reminder timers of every handoff in the next 48 hours (or the rotation's reminder
         lead plus a planning interval, when longer); how many were new."""
         async with self._planning:
+            if not self._covers_checked:
+                await self._warn_gone_covers()
+                self._covers_checked = True
             return await self._plan(rotations)
+
+    async def _warn_gone_covers(self) -> None:
+        """A WARNING for each override (a taken swap's cover, a manager's /override) under way or to come that puts
+        someone no longer in app.yaml on call: app.yaml changed under it, and for its stretch the rotation pages
+        nobody and its handoff notice can only say so. Once per process, at its first planning (at start)."""
+        now = self.clock.now()
+        async with self.db.sessions() as session:
+            rows = await active_overrides(session, start=now, end=datetime(9999, 1, 1, tzinfo=UTC),
+                                          rotations=list(self.rotations))
+        for row in rows:
+            if row.person in self.people:
+                continue
+            schedule = self.view.schedules[row.rotation]
+            start, end = (t.astimezone(schedule.tz).isoformat(timespec="minutes")
+                          for t in (max(row.starts_at, now), row.ends_at))
+            why = f" ({row.reason})" if row.reason else ""
+            log.warning("override #%s%s puts %s, who is no longer in app.yaml, on call for %s from %s until %s: "
+                        "nobody is paged for %s then. Put someone else on for that stretch: /override %s PERSON "
+                        "%s %s", row.id, why, row.person, row.rotation, start, end, row.rotation, row.rotation, start,
+                        end)
 
     async def _plan(self, rotations: Iterable[str] | None) -> int:
         now = self.clock.now()
@@ -181,7 +205,7 @@ class Handoffs:
                         new = await timer_store.schedule(session, NOTICE, rot.id, at, now, payload=payload,
                                                          key=f"handoff:{rot.id}:{at.isoformat()}")
                         added += new is not None
-                    if reminders and at > now:
+                    if reminders and at > now and person in self.people:  # (nobody to remind: see notice)
                         new = await timer_store.schedule(session, REMINDER, rot.id, max(at - rot.reminder, now), now,
                                                          payload=payload,
                                                          key=f"reminder:{rot.id}:{at.isoformat()}:{person}")
@@ -208,13 +232,25 @@ class Handoffs:
                         incoming.person)
             return
         tz = schedule.tz
-        text = f"{self.name(incoming.person)} is now on call for `{rot.id}` until {when(incoming.until, tz, now)}"
-        text += f", next is {self.name(incoming.following)}." if incoming.following else "."
+        until = when(incoming.until, tz, now)
+        gone = incoming.person not in self.people
+        if gone:  # an override (a swap's cover) outlived their removal: the rotation reaches nobody meanwhile
+            log.warning("handoff notice %s: %s, whom an override puts on call for %s until %s, is no longer in "
+                        "app.yaml; nobody is paged for %s then", timer.key, incoming.person, rot.id,
+                        incoming.until.isoformat(), rot.id)
+            then = f"; {self._named(incoming.following)} is next" if incoming.following else ""
+            text = (f"{incoming.person} is no longer in app.yaml, yet an override puts them on call for `{rot.id}` "
+                    f"until {until}, so nobody is paged for `{rot.id}` until then{then}. Someone with the "
+                    f"`{MANAGER}` role can `/override {rot.id}` that stretch to someone else.")
+        else:
+            text = f"{self.name(incoming.person)} is now on call for `{rot.id}` until {until}"
+            text += f", next is {self._named(incoming.following)}." if incoming.following else "."
         queue_notice(session, rot.channel, text, now, event=NOTICE)
         await self.audit.append_many(session, [Entry(
             "oncall.handoff", Actor.system(), "rotation", rot.id, now,
             {"person": incoming.person, "at": at.isoformat(), "until": incoming.until.isoformat(),
-             "next": incoming.following, "channel": rot.channel, "planned_for": timer.payload.get("person")})])
+             "next": incoming.following, "channel": rot.channel, "planned_for": timer.payload.get("person"),
+             **({"removed": True} if gone else {})})])
 
     async def reminder(self, session: AsyncSession, timer: Timer, now: datetime) -> None:
         """`handoff.reminder`: "You are on call for ROTATION from ... until ..." to the incoming person."""
@@ -230,6 +266,9 @@ class Handoffs:
                                   .values(key=None))
             return
         if now >= incoming.until:
+            return
+        if incoming.person not in self.people:  # no longer in app.yaml: there is no chat to remind them in
+            log.info("handoff reminder %s dropped: %s is no longer in app.yaml", timer.key, incoming.person)
             return
         person = self.people.get(incoming.person)
         tz = ZoneInfo(person.timezone) if person is not None and person.timezone else schedule.tz
@@ -247,3 +286,7 @@ class Handoffs:
 
     def name(self, person: str | None) -> str:
         return self.view.name(person)
+
+    def _named(self, person: str) -> str:
+        """Who follows, by name; one an override puts on though app.yaml no longer lists them, said so."""
+        return self.name(person) if person in self.people else f"{person} (no longer in app.yaml)"
