@@ -191,6 +191,7 @@ class SwapHandlers:
             return Reply(str(exc))
         assert stretch.start is not None
         start, end = max(stretch.start, now), stretch.end
+        rest = await self._rest_words(schedule, stretch, person, counterpart, now, tz)
         rotation = self.rotations[schedule.id]
         actor = _actor(event.actor, person)
         async with self.db.transaction() as session:
@@ -238,14 +239,14 @@ class SwapHandlers:
                          lambda z: (f"You asked {counterpart.name} to take your `{schedule.id}` shift from "
                                     f"{when(swap.starts_at, z, now)} until {when(swap.ends_at, z, now)} (swap #{swap.id}). "
                                     f"I will tell you when they answer; the request expires "
-                                    f"{when(swap.expires_at, z, now)}."),
+                                    f"{when(swap.expires_at, z, now)}.{rest}"),
                          [Button(Action.SWAP_CANCEL, swap.id, label="Cancel request",
                                  confirm=f"Cancel swap #{swap.id}?")])
             swap_id = swap.id
         self._committed()
         return Reply(f"Asked {counterpart.name} to take your `{schedule.id}` shift from {when(start, tz, now)} until "
                      f"{when(end, tz, now)} (swap #{swap_id}); it expires "
-                     f"{when(min(now + rotation.swap_expiry, end), tz, now)}. `/swap cancel {swap_id}` cancels it.",
+                     f"{when(min(now + rotation.swap_expiry, end), tz, now)}. `/swap cancel {swap_id}` cancels it.{rest}",
                      sent_direct=True)  # (the "You asked" message above, with its Cancel request button)
 
     async def help(self, person: Person) -> str:
@@ -931,6 +932,30 @@ class SwapHandlers:
             raise BadInput(f"You are not on call for `{schedule.id}` at {when(at, tz, now)} ({self.view.who(stretch)} "
                            "is), so there is no shift of yours to swap." + await self._hint(schedule, person, now, tz))
         return stretch
+
+    async def _rest_words(self, schedule: Schedule, stretch: Shift, person: Person, counterpart: Person,
+                          now: datetime, tz: ZoneInfo) -> str:
+        """A swap covers one unbroken stretch: when an override (someone else's cover) splits the requester's shift,
+        the stretch asked for is only its part up to that cover, and the rest stays theirs. What to say of it, with
+        the request that asks for the next part ("" when the stretch is the rest of the shift)."""
+        if stretch.source != "rotation" or stretch.index is None:
+            return ""
+        shift_end = schedule.boundary(stretch.index + 1)
+        if stretch.end >= shift_end:
+            return ""
+        after = await self._stretches(schedule, stretch.end, shift_end)
+        rest = [s for s in after if s.person == person.id and s.start is not None and s.start >= stretch.end]
+        if not rest:
+            return ""
+        between = ", ".join(dict.fromkeys(self.view.who(s) for s in after
+                                          if s.start is not None and s.start < rest[0].start))
+        nxt = rest[0]
+        assert nxt.start is not None
+        typed = nxt.start.astimezone(tz).strftime("%Y-%m-%dT%H:%M")
+        more = " (and the same for any later part)" if len(rest) > 1 else ""
+        return (f" That is only part of your shift, which {between} covers from {when(stretch.end, tz, now)}; the "
+                f"rest of it stays yours unless you ask for it too: `/swap {counterpart.id} {schedule.id} {typed}` "
+                f"asks for the part from {when(nxt.start, tz, now)} until {when(nxt.end, tz, now)}{more}.")
 
     async def _hint(self, schedule: Schedule, person: Person, now: datetime, tz: ZoneInfo) -> str:
         upcoming = await self._next_of(schedule, person.id, now)
