@@ -410,8 +410,8 @@ async def test_taking_a_time_before_the_rotation_starts_needs_until_and_one_digi
                                                 slack_config(fake) + ROTATIONS + later, people=PEOPLE) as h:
         s = Slack(h, fake)
         took = await s.answer(await s.command("/oncall", "take later 2026-12-01T10:00", user="U02BOB"))
-        assert took["text"].startswith("nobody is on call for `later` at Tue 1 Dec 10:00 CET (the rotation has not "
-                                       "started then), so there is no shift to take; give UNTIL too")
+        assert took["text"].startswith("Nobody is on call for `later` at Tue 1 Dec 10:00 CET (the rotation has not "
+                                       "started then), so there is no shift to take; give UNTIL too. Usage:")
         async with h.bot.db.sessions() as session:
             assert not (await session.execute(select(Override))).scalars().all()
         took = await s.answer(await s.command("/oncall", "take web 2026-11-25 9:00 2026-11-25 17:00", user="U03CAROL"))
