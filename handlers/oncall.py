@@ -98,7 +98,11 @@ class Oncall:
         return "nobody" if person is None else self.names.get(person, person)
 
     def who(self, shift: Shift) -> str:
-        return self.name(shift.person) + (" (override)" if shift.source == "override" else "")
+        if shift.source != "override":
+            return self.name(shift.person)
+        if shift.person is not None and shift.person not in self.names:  # an override outlived their removal
+            return f"{shift.person} (override; no longer in app.yaml)"
+        return self.name(shift.person) + " (override)"
 
     # -- views -----------------------------------------------------------------------------------
 
@@ -161,6 +165,8 @@ class Oncall:
             if ends <= begins:  # under a second (a cover another replaced at once): it would end as it starts, which
                 continue        # RFC 5545 forbids; the next stretch begins in the same whole second, so no gap shows
             name = self.name(s.person)
+            if s.person is not None and s.person not in self.names:  # an override outlived their removal
+                name = f"{s.person} (no longer in app.yaml)"
             if s.source == "override":
                 row = rows.get(s.override_id) if s.override_id is not None else None
                 uid = f"{schedule.id}-override-{s.override_id}-{begins}@{host}"

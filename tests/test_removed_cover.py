@@ -10,6 +10,7 @@ an override puts Carol on from 05:00 UTC until Thursday 05:00 UTC. Then Carol le
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -90,6 +91,7 @@ async def test_at_start_a_cover_by_someone_no_longer_in_app_yaml_is_warned_of(
 async def test_the_handoff_to_someone_no_longer_in_app_yaml_says_so_rather_than_announce_them(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with carol_gone(tmp_path, caplog) as w:
+        await seen(w, lambda: "handoff notice(s)" in caplog.text, "the handoffs planned at start")
         await w.tick(timedelta(hours=1))  # 05:00 UTC: the cover starts
         async with w.h.bot.db.sessions() as session:
             notices = (await session.execute(select(OutboxItem).where(OutboxItem.event == "handoff.notice")
@@ -116,3 +118,16 @@ async def test_an_escalation_step_on_the_rotation_says_why_it_paged_nobody_and_m
     warned = _warnings(caplog, "chatops.escalation")
     assert any("step 1 of 2" in m and "carol, on call for primary through a swap or an override, is no longer in "
                "app.yaml" in m for m in warned), warned
+
+
+async def test_the_schedule_and_the_feed_mark_someone_no_longer_in_app_yaml(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """/oncall and the .ics feed listed the override's person by their bare id, as if they covered the stretch."""
+    async with carol_gone(tmp_path, caplog) as w:
+        w.h.clock.advance(timedelta(hours=1))  # 05:00 UTC: the cover is under way
+        answer = await w.slack.answer(await w.slack.command("/oncall", "primary", user="U01ALICE"))
+        said = json.dumps(answer)
+        assert "carol (override; no longer in app.yaml)" in said and "carol (override)" not in said, said
+        resp = await w.h.client.get("/oncall/primary.ics")
+        feed = (await resp.text()).replace("\r\n ", "")  # (long lines folded)
+        assert resp.status == 200 and "SUMMARY:On call: carol (no longer in app.yaml) (primary)" in feed, feed
