@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Text, bindparam, event, func, type_coerce
+from sqlalchemy import Connection, Text, bindparam, cast, event, func, type_coerce
 from sqlalchemy.exc import StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
@@ -486,6 +486,9 @@ class AuditLog:
         if verdict is not None:
             return verdict
         checked, prev = walk.checked, walk.prev
+        twice = await _key_stored_twice(session, batch, walk.upto)
+        if twice is not None:
+            return Verdict(False, checked, prev, twice)
         if head is not None:
             # (in this order: the bot writes events and the head in one transaction, so a head read after the
             # newest event has moved past it, if the bot wrote it)
@@ -691,6 +694,47 @@ async def _events(
             yield row
         last = rows[-1].event.seq if isinstance(rows[-1], Damaged) else rows[-1].seq
         session.expunge_all()
+
+
+class _Twice(ValueError):
+    pass
+
+
+def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Twice(key)
+        seen[key] = value
+    return seen
+
+
+async def _key_stored_twice(session: AsyncSession, batch: int, upto: int | None) -> str | None:
+    """An event whose stored details hold a key twice, said; None if none does. The hash covers the details as
+    read, where the last of the two wins, while another reader of the row (SQLite's json_extract, a person) may
+    take the first: an edit that adds `"to": "resolved"` after `"to": "acknowledged"` verified. The bot writes
+    details with json.dumps: a row whose text is as long as its value written again is as written (a fast look);
+    only another one (reformatted, or edited) is read key by key."""
+    text = cast(AuditEvent.details, Text)  # (the column as stored, not decoded: asyncpg decodes a json column itself)
+    last = 0
+    while True:
+        query = select(AuditEvent.seq, text).where(AuditEvent.seq > last).order_by(AuditEvent.seq).limit(batch)
+        if upto is not None:
+            query = query.where(AuditEvent.seq <= upto)
+        rows = (await session.execute(query)).all()
+        if not rows:
+            return None
+        for seq, stored in rows:
+            try:
+                if not isinstance(stored, str) or len(stored) == len(_dumps(json.loads(stored))):
+                    continue
+                json.loads(stored, object_pairs_hook=_no_key_twice)
+            except _Twice as twice:
+                return (f"audit event #{seq}: its stored details hold the key {twice.args[0]!r} twice, so readers "
+                        "may disagree on its value: the row was modified")
+            except ValueError:  # (not JSON: the walk names such a row first)
+                continue
+        last = rows[-1][0]
 
 
 async def _read_one(session: AsyncSession, seq: int) -> AuditEvent | Damaged:

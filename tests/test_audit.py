@@ -301,3 +301,19 @@ async def test_appends_are_counted_once_their_transaction_commits_and_not_when_i
         await audit.append(session, entry)
     assert counted == [3, 1]  # the rolled-back append is not counted
     assert (await verify(db, audit)).ok
+
+
+async def test_details_stored_with_a_key_twice_are_named_though_the_value_read_hashes_right(db: Database) -> None:
+    """Event #3's details were {"note": "event 3", "n": 3}. An edit that puts `"note": "forged"` BEFORE the real one
+    leaves the value a reader decoding last-wins gets (and hashes) as it was, while a reader taking the first (SQLite's
+    json_extract, a person reading the row) sees "forged": verify said "intact". A rewrite that keeps the meaning
+    (other spacing) is no finding."""
+    audit = AuditLog("k3y")
+    await write_events(db, audit)
+    await sql(db, """UPDATE audit_events SET details = '{"n": 2,   "note":  "event 2"}' WHERE seq = 2""")
+    assert (await verify(db, audit)).ok
+    await sql(db, """UPDATE audit_events SET details = '{"note": "forged", "note": "event 3", "n": 3}' WHERE seq = 3""")
+    verdict = await verify(db, audit)
+    assert not verdict.ok and verdict.problem == (
+        "audit event #3: its stored details hold the key 'note' twice, so readers may disagree on its value: the row "
+        "was modified"), verdict.problem
