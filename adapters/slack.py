@@ -154,6 +154,11 @@ def button_element(button: Button, action_id: str) -> dict[str, Any]:
     return element
 
 
+# A name a typed mention may become and still be one word of the command (bot.chat.split_words reads quotes and
+# backslashes as a shell does: `O'Brien` paired its quote with the one of "won't" later in the note).
+_PLAIN_WORD = re.compile(r"^[\w.-]+$")
+
+
 def _shape_problem(body: Any) -> str | None:
     """What a signed body has in a shape Slack never sends (Bolt reads these fields without checking them)."""
     if not isinstance(body, dict):
@@ -683,10 +688,10 @@ class SlackAdapter:
         and a label naming someone else in app.yaml as the Slack id."""
         people = list(getattr(getattr(self.dispatcher, "config", None), "people", None) or [])
         person = next((p for p in people if p.slack == user_id), None)
-        if person is not None:
-            shared = sum(p.name.casefold() == person.name.casefold() for p in people) > 1
-            return person.id if shared or len(person.name.split()) != 1 else person.name
-        if label and find_person(people, label) is None:
+        if person is not None:  # (the name only if it is one plain word that finds them: not another's id, say)
+            plain = _PLAIN_WORD.match(person.name) is not None and find_person(people, person.name) is person
+            return person.name if plain else person.id
+        if label and _PLAIN_WORD.match(label) and find_person(people, label) is None:
             return label
         return user_id
 

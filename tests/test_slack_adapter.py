@@ -676,3 +676,27 @@ def test_bolt_does_not_warn_that_the_bot_token_will_be_unused(monkeypatch: pytes
 def test_mentions_and_links_slack_marks_up_become_plain_words(text: str, args: list[str]) -> None:
     """Without people to name them by, a person is their label, else their id (SlackAdapter names known people)."""
     assert split_args(text) == args
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("<@U0MM|max> db is down", "mmueller"),  # Max's name is another person's id: `max` found Maximilian
+    ("<@U0MM> db is down", "mmueller"),
+    ("<@U0MAX|maximilian> db is down", "max"),
+    ("<@U0OB> db won't start", "obrien"),  # the quote of O'Brien paired with the one of "won't"
+    ('<@U0OB|o\'brien> and <@U0MM> "now"', "obrien"),
+    ("<@U0BOB|bob> ok", "bob"),
+])
+def test_a_typed_mention_names_the_person_slack_identified(typed: str, meant: str) -> None:
+    """A mention became the person's name as a word of the command; a name that is another person's id, or is no
+    plain word, is their app.yaml id instead, so the command still means whom Slack identified."""
+    from types import SimpleNamespace
+
+    from bot.config import Person, find_person
+
+    people = [Person(id="max", name="Maximilian", slack="U0MAX"), Person(id="mmueller", name="Max", slack="U0MM"),
+              Person(id="obrien", name="O'Brien", slack="U0OB"), Person(id="bob", name="Bob", slack="U0BOB")]
+    adapter = SimpleNamespace(dispatcher=SimpleNamespace(config=SimpleNamespace(people=people)))
+    words = split_args(typed, lambda user, label: SlackAdapter._name_of(adapter, user, label))  # type: ignore[arg-type]
+    found = find_person(people, words[0])
+    assert found is not None and found.id == meant, words
+    assert "won't" in words or "won't" not in typed, words  # the rest of the note reads as typed
