@@ -353,10 +353,16 @@ def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
         # The config's warnings with a chain that does not verify (an audit.hmac_key whose variable is not set here
         # is one), not at every run: a cron job mails what a command prints.
         _warn(loaded)
-        if verdict.wrong_key is not None:  # checked with a key that is not the chain's: no finding either way
+        # Checked with a key that is not the chain's: no finding either way. Said so when that is proven, or when
+        # the key's variable is not set here (a cron job's environment); else no event verifying may as well be
+        # every event modified, which is a finding (exit 1), said with the other possibility.
+        unset = any(w.startswith("audit.hmac_key: ") and w.endswith((" is not set", " is empty"))
+                    for w in loaded.warnings)
+        if verdict.wrong_key is not None and (not verdict.key_unproven or unset):
             print(printable(f"audit chain not checked: {verdict.wrong_key}"), file=sys.stderr)
             return EXIT_USAGE
-        print(printable(f"audit chain broken after {verdict.checked} good events: {verdict.problem}"), file=out)
+        also = f" ({verdict.wrong_key})" if verdict.wrong_key is not None else ""
+        print(printable(f"audit chain broken after {verdict.checked} good events: {verdict.problem}{also}"), file=out)
         return EXIT_FAILED
 
     # Exit 1 says the chain is broken: a store that is not there or cannot be opened, or a chain checked with a key

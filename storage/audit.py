@@ -138,6 +138,10 @@ class Verdict:
     # chain's (or none is set where the chain has one), and what to set, said. The chain was then not checked, which
     # is no finding of tampering: one modified event leaves the others verifying.
     wrong_key: str | None = None
+    # The wrong_key above is a possibility, not a proof: no event verifies with this key, and nothing the chain records
+    # tells a key that is not its own from every event modified (a chain's first key leaves no fingerprint in it).
+    # Proven are a key set here on a chain that verifies without one, and a key the chain's newest rekey names.
+    key_unproven: bool = False
 
 
 REKEYED = "audit.rekeyed"  # the chain's key changes here: this event and those after it are hashed with the new key
@@ -537,15 +541,17 @@ class AuditLog:
                 wrong = (await self._wrong_key(session, batch, walk, event) if log is self
                          and event.seq == stretches[walk.at].first else None)
                 return Verdict(False, walk.checked, walk.prev, f"{where}: its hash does not match its contents; {why}",
-                               wrong_key=wrong)
+                               wrong_key=wrong[0] if wrong else None, key_unproven=bool(wrong and not wrong[1]))
             walk.prev, walk.last, walk.checked = event.hash, event.seq, walk.checked + 1
         return None
 
-    async def _wrong_key(self, session: AsyncSession, batch: int, walk: _Walk, first: AuditEvent) -> str | None:
+    async def _wrong_key(self, session: AsyncSession, batch: int, walk: _Walk, first: AuditEvent
+                         ) -> tuple[str, bool] | None:
         """`first`, the first event hashed with the chain's current key (its first event, or its newest change of
-        key), does not verify with this key: why this key is not the chain's, if none of the events from there
+        key), does not verify with this key: why this key may not be the chain's, if none of the events from there
         verifies with it either (a cron job's environment without the key's variable looks like that), said with
-        what to set; None if one does (then `first` was modified)."""
+        what to set, and whether that is proven (see Verdict.key_unproven); None if one does (then `first` was
+        modified)."""
         count = 0
         async for event in _events(session, batch, after=first.seq - 1, upto=walk.upto, damaged=True):
             if isinstance(event, Damaged):
@@ -564,18 +570,20 @@ class AuditLog:
             return (f"the chain was rekeyed to {f'another key (fingerprint {changed_to})' if changed_to else 'no key'}"
                     f" at event #{first.seq} by `chatops audit rekey`, and {here}: none of the {count} event(s) "
                     f"from #{first.seq} on verifies with it. Set audit.hmac_key to "
-                    + ("that key" if changed_to else "nothing (leave it unset)") + " and run this again")
+                    + ("that key" if changed_to else "nothing (leave it unset)") + " and run this again"), True
         events = f"none of its {count} event(s)" if first.seq == 1 else f"none of the {count} from #{first.seq} on"
         if not self.keyed:
-            return (f"the chain was written with a key, and {here}: {events} verifies without it. Set "
-                    "audit.hmac_key to the key the chain was written with (the bot's) and run this again")
+            return (f"{events} verifies without a key: the chain was written with a key, and {here}, or every one "
+                    "of them was modified. Set audit.hmac_key to the key the chain was written with (the bot's) and "
+                    "run this again"), False
         if AuditLog(None).digest(first.prev_hash, first) == first.hash:
             return (f"the chain was written without a key, and audit.hmac_key is set here (fingerprint "
                     f"{self.fingerprint}): {events} verifies with it. Leave audit.hmac_key unset, as it is where the "
                     "chain was written, and run this again (a key is introduced on purpose with `chatops audit "
-                    "rekey --from-no-key`)")
-        return (f"the chain was written with another key than {here}: {events} verifies with it. Set "
-                "audit.hmac_key to the key the chain was written with (the bot's) and run this again")
+                    "rekey --from-no-key`)"), True
+        return (f"{events} verifies with {here}: the chain was written with another key, or every one of them was "
+                "modified. If the key is not the bot's, set audit.hmac_key to the key the chain was written with and "
+                "run this again"), False
 
     @staticmethod
     async def events(
@@ -713,8 +721,8 @@ async def _key_stored_twice(session: AsyncSession, batch: int, upto: int | None)
     """An event whose stored details hold a key twice, said; None if none does. The hash covers the details as
     read, where the last of the two wins, while another reader of the row (SQLite's json_extract, a person) may
     take the first: an edit that adds `"to": "resolved"` after `"to": "acknowledged"` verified. The bot writes
-    details with json.dumps: a row whose text is as long as its value written again is as written (a fast look);
-    only another one (reformatted, or edited) is read key by key."""
+    details with json.dumps: a row whose text is its value written again is as written, and a decoded value holds
+    each key once (a fast look); only another one (reformatted, or edited) is read key by key."""
     text = cast(AuditEvent.details, Text)  # (the column as stored, not decoded: asyncpg decodes a json column itself)
     last = 0
     while True:
@@ -726,7 +734,7 @@ async def _key_stored_twice(session: AsyncSession, batch: int, upto: int | None)
             return None
         for seq, stored in rows:
             try:
-                if not isinstance(stored, str) or len(stored) == len(_dumps(json.loads(stored))):
+                if not isinstance(stored, str) or stored == _dumps(json.loads(stored)):
                     continue
                 json.loads(stored, object_pairs_hook=_no_key_twice)
             except _Twice as twice:

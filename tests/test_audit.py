@@ -317,3 +317,22 @@ async def test_details_stored_with_a_key_twice_are_named_though_the_value_read_h
     assert not verdict.ok and verdict.problem == (
         "audit event #3: its stored details hold the key 'note' twice, so readers may disagree on its value: the row "
         "was modified"), verdict.problem
+
+
+async def test_details_with_a_key_twice_padded_to_the_length_the_bot_writes_are_named(db: Database) -> None:
+    """A look at the length alone (a row as long as the bot would write it was taken as written) let a compact edit
+    padded with spaces through."""
+    audit = AuditLog("k3y")
+    details = {"from": "triggered", "to": "acknowledged", **{f"k{i}": f"v{i}" for i in range(8)}}
+    async with db.transaction() as session:
+        await audit.append(session, Entry("incident.acknowledged", ALICE, "incident", "1", T0, details=details,
+                                          incident_id=1))
+    written = json.dumps(details)
+    forged = json.dumps(details, separators=(",", ":")).replace('"to":', '"to":"resolved","to":')
+    assert len(forged) <= len(written)
+    forged = forged[:-1] + " " * (len(written) - len(forged)) + "}"
+    await sql(db, f"UPDATE audit_events SET details = '{forged}' WHERE seq = 1")
+    verdict = await verify(db, audit)
+    assert not verdict.ok and verdict.problem == (
+        "audit event #1: its stored details hold the key 'to' twice, so readers may disagree on its value: the row "
+        "was modified"), verdict.problem

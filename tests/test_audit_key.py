@@ -460,36 +460,57 @@ async def test_a_second_rekey_says_how_each_stretch_before_it_was_written(
     assert "events #1-#3 were written with" not in out
 
 
-@pytest.mark.parametrize(("written_with", "shell_key", "said"), [
-    (BOT_KEY, None, "audit chain not checked: the chain was written with a key, and no audit.hmac_key is set here (is "
-                    "the environment variable it reads set where this runs?): none of its 3 event(s) verifies without "
-                    "it. Set audit.hmac_key to the key the chain was written with (the bot's) and run this again"),
-    (BOT_KEY, SHELL_KEY, "audit chain not checked: the chain was written with another key than this audit.hmac_key "
-                         f"(fingerprint {key_fingerprint(SHELL_KEY)}): none of its 3 event(s) verifies with it. Set "
-                         "audit.hmac_key to the key the chain was written with (the bot's) and run this again"),
-    (None, SHELL_KEY, "audit chain not checked: the chain was written without a key, and audit.hmac_key is set here "
-                      f"(fingerprint {key_fingerprint(SHELL_KEY)}): none of its 3 event(s) verifies with it. Leave "
-                      "audit.hmac_key unset, as it is where the chain was written, and run this again (a key is "
-                      "introduced on purpose with `chatops audit rekey --from-no-key`)"),
+@pytest.mark.parametrize(("written_with", "shell_key", "code", "said"), [
+    # The key's variable is not set here (a cron job's environment): nothing could be checked (2)
+    (BOT_KEY, None, 2, "audit chain not checked: none of its 3 event(s) verifies without a key: the chain was written "
+                       "with a key, and no audit.hmac_key is set here (is the environment variable it reads set where "
+                       "this runs?), or every one of them was modified. Set audit.hmac_key to the key the chain was "
+                       "written with (the bot's) and run this again"),
+    # Another key: nothing in the chain tells that from every event modified, which is a finding (1), said with both
+    (BOT_KEY, SHELL_KEY, 1, "audit chain broken after 0 good events: audit event #1 "),
+    # A key on a chain that verifies without one: proven, nothing checked (2)
+    (None, SHELL_KEY, 2, "audit chain not checked: the chain was written without a key, and audit.hmac_key is set here "
+                         f"(fingerprint {key_fingerprint(SHELL_KEY)}): none of its 3 event(s) verifies with it. Leave "
+                         "audit.hmac_key unset, as it is where the chain was written, and run this again (a key is "
+                         "introduced on purpose with `chatops audit rekey --from-no-key`)"),
 ])
 async def test_audit_verify_with_another_key_or_none_says_it_checked_nothing_not_that_the_chain_was_modified(
         db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        written_with: str | None, shell_key: str | None, said: str) -> None:
+        written_with: str | None, shell_key: str | None, code: int, said: str) -> None:
     """A cron job's environment without the key's variable: verify said "audit event #1 was modified" and exited 1,
     the status of tampering, where serve on the same config says the key is missing (exit 2)."""
     await write_events(db, AuditLog(written_with), 3)
     cfg = str(app_yaml(tmp_path, db))
-    code, out, err = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], shell_key)
-    assert (code, out) == (2, "")
-    assert said in err.splitlines(), err
+    got, out, err = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], shell_key)
+    if code == 2:
+        assert (got, out) == (2, "") and said in err.splitlines(), (got, out, err)
+    else:
+        assert got == 1 and out.startswith(said) and (
+            f"the chain was written with another key, or every one of them was modified" in out), out
     if shell_key is None:  # the config's warnings, as check-config prints them
         assert "warning: audit.hmac_key: CHATOPS_AUDIT_KEY is not set" in err.splitlines()
-    code, out, _ = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], written_with)
-    assert code == 0 and out.startswith("audit chain intact: 3 events")
+    got, out, _ = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], written_with)
+    assert got == 0 and out.startswith("audit chain intact: 3 events")
     # The first event modified is tampering, with the chain's key: the others still verify with it.
     await sql(db, "UPDATE audit_events SET subject_id = '9' WHERE seq = 1")
-    code, out, _ = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], written_with)
-    assert code == 1 and out.startswith("audit chain broken after 0 good events: audit event #1 ")
+    got, out, _ = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", cfg], written_with)
+    assert got == 1 and out.startswith("audit chain broken after 0 good events: audit event #1 ")
+
+
+@pytest.mark.parametrize("written_with", [BOT_KEY, None])
+async def test_audit_verify_of_a_chain_whose_every_event_was_modified_is_tampering_not_a_wrong_key(
+        db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        written_with: str | None) -> None:
+    """Every event modified (one UPDATE) with the chain's own key in hand, or on a chain that never had a key with
+    none configured: verify said the key was not the chain's (exit 2), which a monitor watching for 1 missed."""
+    await write_events(db, AuditLog(written_with), 3)
+    await sql(db, "UPDATE audit_events SET actor_person = 'mallory'")
+    cfg = app_yaml(tmp_path, db)
+    if written_with is None:  # a config without audit.hmac_key at all (not a variable that is unset)
+        cfg.write_text("\n".join(line for line in cfg.read_text().splitlines() if "hmac_key" not in line) + "\n")
+    got, out, err = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "verify", "-c", str(cfg)], written_with)
+    assert got == 1 and out.startswith("audit chain broken after 0 good events: audit event #1 "), (got, out, err)
+    assert "every one of them was modified" in out, out
 
 
 async def test_audit_verify_after_a_rekey_with_the_old_key_or_none_names_the_key_the_chain_changed_to(
