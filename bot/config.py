@@ -884,11 +884,13 @@ def _matchers_as_written(root: yaml.Node) -> None:
 def _values_as_written(node: yaml.Node) -> None:
     if not isinstance(node, yaml.MappingNode):
         return
-    for _, value in node.value:
-        if isinstance(value, yaml.ScalarNode) and value.tag in _AS_WRITTEN:
-            value.tag = _STR
-        elif isinstance(value, yaml.ScalarNode) and value.tag == _BOOL:
-            value.tag = _WRITTEN_BOOLEAN
+    for i, (key, value) in enumerate(node.value):
+        if isinstance(value, yaml.ScalarNode) and value.tag in (*_AS_WRITTEN, _BOOL):
+            # A copy, retagged: the node itself may be an anchor another field uses too (`continue: &t true`), which
+            # stays what YAML reads there.
+            tag = _WRITTEN_BOOLEAN if value.tag == _BOOL else _STR
+            node.value[i] = (key, yaml.ScalarNode(tag, value.value, value.start_mark, value.end_mark,
+                                                  style=value.style))
 
 
 def _read_yaml(text: str) -> Any:

@@ -217,3 +217,23 @@ def test_a_template_that_uses_an_unknown_name_is_named_with_its_line(tmp_path: P
     assert (f"templates.dir: template thread.generic.txt.j2 ({tmp_path / 'tpl' / 'thread.generic.txt.j2'}): line 2: "
             "UndefinedError: 'nosuchname' is undefined (rendering a sample thread message; thread templates are given "
             "incident_id, line: see ") in said
+
+
+def test_a_value_a_matcher_shares_through_an_anchor_stays_what_yaml_reads_elsewhere() -> None:
+    """The matcher's value was retagged in place, and an alias is the same node: `continue: &t true` in one route and
+    `match: {other: *t}` in another made the first `continue` the text "true", refused as no boolean."""
+    with pytest.raises(ConfigError) as refused:
+        parse(BASE + textwrap.dedent("""
+            routes:
+              - {match: {team: dba}, channels: [ops-slack], continue: &t true}
+              - {match: {other: *t}, channels: [ops-slack]}
+            """) + CATCH_ALL)
+    problems = refused.value.problems
+    assert [path for path, _ in problems] == ["routes[1].match"], problems
+    assert "other: YAML reads this value as a boolean" in problems[0][1], problems
+    config = parse(BASE + textwrap.dedent("""
+        server: {port: &p 8081}
+        routes:
+          - {match: {port: *p}, channels: [ops-slack]}
+        """) + CATCH_ALL)
+    assert config.server.port == 8081 and config.routes[0].match == {"port": "8081"}
