@@ -826,11 +826,12 @@ def _gone(channels: Mapping[str, Any], queued_before: datetime | None = None) ->
 
 def _refresh_after(due: Sequence[OutboxItem], parent: IncidentMessage, now: datetime) -> datetime | None:
     """When the message may be redrawn, if what is due is alert traffic alone (ROUTINE_EVENTS) and it was redrawn
-    (or posted) less than REFRESH ago; else None: it goes now. (Not later than REFRESH from now, whatever a clock
-    that went back says.)"""
-    if not due or any(i.event not in ROUTINE_EVENTS for i in due):
+    (or posted) less than REFRESH ago; else None: it goes now. A redraw time ahead of now (a clock that went back,
+    another replica's clock ahead of this one's) holds nothing: held until then, the rows were held again round after
+    round, REFRESH at a time, until the clock caught up; redrawn now, the message's time is this clock's again."""
+    if not due or any(i.event not in ROUTINE_EVENTS for i in due) or parent.updated_at > now:
         return None
-    after = min(parent.updated_at + REFRESH, now + REFRESH)
+    after = parent.updated_at + REFRESH
     return after if after > now else None
 
 

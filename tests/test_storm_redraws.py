@@ -218,3 +218,29 @@ async def test_telegram_cards_are_redrawn_for_a_storm_every_30_s_as_slacks_are(t
             await settle(h)
             assert len(tg_edits()) == len(updates(fake)) == 2
             assert "40 alerts" in tg_edits()[-1] and "40 alerts" in updates(fake)[-1] and "#1" in tg_card["text"]
+
+
+async def test_a_redraw_time_ahead_of_the_clock_holds_nothing(tmp_path: Path) -> None:
+    """A message redrawn at a time ahead of this clock (a replica whose clock ran ahead, a clock set back): its alert
+    traffic was held 30 s, then 30 s again, round after round, until the clock caught up, and the card kept its
+    old count. It is redrawn at once, and from then on held from the time of that redraw."""
+    from sqlalchemy import update
+
+    from storage.models import IncidentMessage
+
+    async with FakeSlack(rate_limit=False) as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+                                                                slack_config(fake)) as h:
+        fast(h)
+        await alert(h, 0)
+        async with h.bot.db.transaction() as session:
+            await session.execute(update(IncidentMessage).values(updated_at=h.clock.now() + timedelta(minutes=5)))
+        h.clock.advance(timedelta(seconds=1))
+        await alert(h, 1)
+        assert len(updates(fake)) == 1 and "2 alerts" in updates(fake)[0], updates(fake)
+        h.clock.advance(timedelta(seconds=1))
+        await alert(h, 2)
+        assert len(updates(fake)) == 1  # held again, 30 s from that redraw
+        for _ in range(30):
+            h.clock.advance(timedelta(seconds=1))
+            await settle(h)
+        assert len(updates(fake)) == 2 and "3 alerts" in updates(fake)[-1], updates(fake)
