@@ -10,11 +10,17 @@ caller's transaction and delivered by the outbox worker after the commit:
 
 And, for an incident's own messages in every channel it is routed to, `queue_redraw` (redraw the
 parent) and `queue_thread_line` (one line in its thread).
+
+A runbook request's thread lines and its approvers' direct messages carry, in their details, the run they ask about
+(ASKS) and their words as they read once it is decided (ASKED_WORDS); the outbox keeps where each went
+(`message`, as a page's). When the request is decided, an `asked` row (asked_row) redraws each of them with how it
+ended, without its buttons; one not sent yet by then goes without them (a thread line), or not at all (a direct
+message).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -36,11 +42,13 @@ def button_from(spec: dict[str, Any]) -> Button:
 
 def direct_row(person_id: str, text: str, now: datetime, *, event: str = "direct", buttons: Sequence[Button] = (),
                platforms: Sequence[str] = (), due_at: datetime | None = None,
-               if_undeliverable: tuple[str, str] | None = None, swap: int | None = None) -> OutboxItem:
+               if_undeliverable: tuple[str, str] | None = None, swap: int | None = None,
+               extra: Mapping[str, Any] | None = None) -> OutboxItem:
     """`if_undeliverable=(person_id, text)`: when this message cannot be delivered, that person is told `text`
     with the reason (e.g. the one who asked for something the recipient never saw); with `swap`, only while that
-    swap still waits for an answer (else the message no longer matters)."""
-    details: dict[str, Any] = {"text": text, "buttons": [button_spec(b) for b in buttons]}
+    swap still waits for an answer (else the message no longer matters). `extra`: more details (a runbook
+    request's ASKS and ASKED_WORDS)."""
+    details: dict[str, Any] = {**(extra or {}), "text": text, "buttons": [button_spec(b) for b in buttons]}
     if platforms:
         details["platforms"] = list(platforms)
     if if_undeliverable is not None:
@@ -94,3 +102,22 @@ def queue_thread_line(session: AsyncSession, incident: Incident, now: datetime, 
     for channel in incident.channels if channels is None else channels:
         session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel, kind="reply",
                                event=event, details=details))
+
+
+ASKS = "asks"  # in a row's details: the runbook run (its id) the thread line or direct message asks to decide
+ASKED_WORDS = "asked"  # in the same: what it says once decided, before how it ended ("Alice asked to run ...")
+SETTLED = "settled"  # in the same: it went, or was redrawn, saying how the request ended (nothing more to redraw)
+ASKED = "@asked"  # the channel of a row that redraws them once the request is decided (see asked_row)
+
+
+def asked_row(incident_id: int | None, run_id: int, outcome: str, now: datetime) -> OutboxItem:
+    """A row that redraws the messages asking to decide runbook run `run_id` (its thread lines, its approvers'
+    direct messages) with `outcome` ("Rejected by Bob."), without their buttons: it was decided, and they went on
+    asking, with buttons whose press only said it was too late."""
+    return OutboxItem(created_at=now, due_at=now, incident_id=incident_id, channel=ASKED, kind="asked",
+                      event="runbook.decided", details={ASKS: run_id, "outcome": outcome})
+
+
+def decided_words(details: Mapping[str, Any], outcome: str) -> str:
+    """A request's message as it reads once decided: its words (ASKED_WORDS), then how it ended."""
+    return f"{details.get(ASKED_WORDS) or ''} {outcome}".strip()

@@ -50,7 +50,7 @@ from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket, Window
 from bot.view import incident_card, thread_line
 from handlers.escalation import Escalations, drawn_with
-from handlers.notify import button_from, direct_row
+from handlers.notify import ASKS, button_from, decided_words, direct_row
 from handlers.page_lanes import (PERSONAL_KINDS, RECENT_ALERTS, STOP_CALLS_WAIT, UNSETTLED, PageLanes,
                                  _promised_past, all_settled)
 from handlers.paging import HAND_PAGE_EVENTS, LOOK_AFTER, UNANSWERED
@@ -580,7 +580,7 @@ class OutboxWorker(PageLanes):
             if found is False:
                 break  # (it waits to be looked for again, and holds back the lines after it)
             if isinstance(found, tuple):  # it had arrived; rows merged into the line since go in a line of their own
-                await self._finish(found[1], "sent")
+                await self._finish(found[1], "sent", where=found[0])
                 continue
             context: dict[str, Any] = {"line": text, "incident_id": incident.id}
             mention = self._mention(line_items, channel.platform)
@@ -590,11 +590,18 @@ class OutboxWorker(PageLanes):
             # (a line that asks for a decision carries its buttons: a runbook request's Approve / Reject, the Reject
             # its requester withdraws it with; the click is checked on the server whatever the button says)
             buttons = [button_from(spec) for item in line_items for spec in (item.details or {}).get("buttons") or []]
+            asks = next((i.details for i in line_items if (i.details or {}).get(ASKS) is not None), None)
+            ended = await self._decided(int(asks[ASKS])) if asks is not None else None
+            if asks is not None and ended is not None:  # decided before it went: it says how, and asks nothing
+                text = thread_line(line_items[0].event, {"line": decided_words(asks, ended)}, actor_name=None)
+                context["line"], buttons = text, []
             message = Outbound("thread", context, buttons=buttons, text=text, key=key)
-            if await self._call(adapter.reply(ref, message), line_items, channel.platform, channel.chat, "reply",
-                                gone=repost, lost=self._findable(adapter, key)) is None:
+            posted_at = await self._call(adapter.reply(ref, message), line_items, channel.platform, channel.chat,
+                                         "reply", gone=repost, lost=self._findable(adapter, key))
+            if posted_at is None:
                 break  # (a thread whose message is gone: the card is posted afresh, and the lines follow it)
-            await self._finish(line_items, "sent")
+            await self._finish(line_items, "sent", where=posted_at if isinstance(posted_at, MessageRef) else None,
+                               settled=ended is not None)
         return calls
 
     def _mention(self, items: Sequence[OutboxItem], platform: str) -> str | None:
@@ -754,10 +761,12 @@ class OutboxWorker(PageLanes):
         return True
 
     async def _finish(self, items: Sequence[OutboxItem], status: str, error: str | None = None, *,
-                      redrawn: int | None = None) -> None:
+                      redrawn: int | None = None, where: MessageRef | None = None, settled: bool = False) -> None:
         """Settle the rows. Sent, the platform took them: a failed recording is tried again, and the call is not
         made again (PageLanes._record); it was, by the next round, which found them still pending. `redrawn`: the
-        IncidentMessage the rows redrew, whose `updated_at` says when (alert traffic waits REFRESH after it)."""
+        IncidentMessage the rows redrew, whose `updated_at` says when (alert traffic waits REFRESH after it).
+        `where`: the message the platform made, kept by rows that ask to decide a runbook request, to be redrawn
+        once it is decided (`settled`: it went saying how it ended already; see PageLanes._keep_where)."""
         at = self.clock.now()
 
         async def mark(session: Any) -> None:
@@ -765,6 +774,8 @@ class OutboxWorker(PageLanes):
             if redrawn is not None:
                 await session.execute(update(IncidentMessage).where(IncidentMessage.id == redrawn)
                                       .values(updated_at=at))
+            if where is not None:
+                await self._keep_where(session, items, where, settled=settled)
 
         if status == "sent" and items:
             await self._record(_went(items), mark, all_settled(items), UNRECORDED)

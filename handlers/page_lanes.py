@@ -35,21 +35,23 @@ from bot.config import Channel, Config, Person
 from bot.escalation import escalation_mark
 from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.metrics import Metrics
-from bot.view import incident_card, incident_state, span
+from bot.view import incident_card, incident_state, span, thread_line
 from handlers.escalation import SYSTEM, TOKEN_REFUSED, Escalations, drawn_with, late_words
-from handlers.notify import button_from, queue_redraw, queue_thread_line
+from handlers.notify import (ASKED, ASKS, SETTLED, asked_row, button_from, decided_words, queue_redraw,
+                             queue_thread_line)
 from handlers.paging import (LOOK_AFTER, UNANSWERED, Attempt, page_finders, page_message, page_order, page_where,
                              send_page)
 from storage.audit import AuditLog, Entry
 from storage.db import Database, explain_failure
-from storage.models import AlertRecord, Escalation, Incident, OutboxItem, Timer
+from storage.models import AlertRecord, Escalation, Incident, OutboxItem, RunbookRun, Timer
 from storage.queries import UNCONFIRMED, recent_alerts
 
 if TYPE_CHECKING:
     from handlers.outbox import _Buckets
 
 log = logging.getLogger("chatops.outbox")
-PERSONAL_KINDS = ("page", "direct", "notice", "pages")  # rows not drawn on an incident's message (handlers/notify.py)
+# rows not drawn on an incident's message (handlers/notify.py); `asked` redraws a decided runbook request's messages
+PERSONAL_KINDS = ("page", "direct", "notice", "pages", "asked")
 # People (and channels) the pages loop serves side by side (see _people_and_notices): a call that hangs, up to the
 # platform's 15 s timeout, holds back only what goes to the same person or chat.
 LANES = 16
@@ -239,6 +241,8 @@ class PageLanes:
                     self._claimed.pop(row.id, None)
             elif row.kind == "pages":
                 calls += await self._redraw_pages(row, now)
+            elif row.kind == "asked":
+                calls += await self._redraw_asks(row)
             elif row.kind == "direct":
                 calls += await self._direct(row)
             else:
@@ -450,6 +454,11 @@ class PageLanes:
         if person is None:
             await self._failed([row], f"no person {row.channel.removeprefix('@')!r} in app.yaml", None, permanent=True)
             return 0
+        if row.details.get(ASKS) is not None:
+            ended = await self._decided(int(row.details[ASKS]))
+            if ended is not None:  # (a question already answered: not asked at all)
+                await self._finish([row], "cancelled", f"the runbook request was decided before it went: {ended}")
+                return 0
         text = str(row.details.get("text") or "")
         buttons = [button_from(spec) for spec in row.details.get("buttons") or []]
         order = row.details.get("platforms") or page_order(person)
@@ -460,7 +469,7 @@ class PageLanes:
             return 1 if attempt.retry_after else 0
         if attempt.platform is not None:
             self.metrics.chat_calls.labels(attempt.platform, "direct", "ok").inc()
-            await self._finish([row], "sent")
+            await self._finish([row], "sent", where=attempt.ref)
             if self.token_refused.pop(attempt.platform, None) is not None:
                 await self._token_accepted()
             return 1
@@ -478,6 +487,97 @@ class PageLanes:
         self._refused_tokens(attempt, problem)
         await self._failed([row], problem, None, permanent=not trouble, platform_trouble=trouble)
         return 1
+
+    async def _decided(self, run_id: int) -> str | None:
+        """How the runbook request `run_id` ended (its `asked` row's words: see handlers/notify.py asked_row), or
+        None while it waits."""
+        async with self.db.sessions() as session:
+            found = (await session.execute(select(OutboxItem.details).where(
+                OutboxItem.kind == "asked", OutboxItem.channel == ASKED,
+                OutboxItem.details[ASKS].as_integer() == run_id).limit(1))).first()
+        return str(found[0].get("outcome") or "") if found is not None else None
+
+    async def _keep_where(self, session: Any, items: Sequence[OutboxItem], ref: MessageRef, *,
+                          settled: bool) -> None:
+        """In the transaction that marks them sent: a message asking to decide a runbook request (its row carries
+        ASKS) keeps where it went, as a page does, to be redrawn once the request is decided (`settled`: it went
+        saying how it ended already). One that went asking while the request was decided during the call (a click
+        as the platform took it) is redrawn now: the redraw of the decision may have looked before it was kept.
+        (On PostgreSQL the run's row is locked for it, so the decision commits either before this look or after
+        this transaction; on SQLite, writes are one at a time.)"""
+        for item in items:
+            run_id = (item.details or {}).get(ASKS)
+            if run_id is None:
+                continue
+            details = {**item.details, "message": page_where(ref), **({SETTLED: True} if settled else {})}
+            await session.execute(update(OutboxItem).where(OutboxItem.id == item.id).values(details=details))
+            item.details = details
+            if settled:
+                continue
+            query = select(RunbookRun.id).where(RunbookRun.id == int(run_id))
+            if self.db.is_postgres:
+                query = query.with_for_update(read=True)
+            await session.execute(query)
+            decided = (await session.execute(select(OutboxItem).where(
+                OutboxItem.kind == "asked", OutboxItem.channel == ASKED,
+                OutboxItem.details[ASKS].as_integer() == int(run_id)).limit(1))).scalars().first()
+            if decided is not None:
+                session.add(asked_row(decided.incident_id, int(run_id), str(decided.details.get("outcome") or ""),
+                                      self.clock.now()))
+                self.nudge()
+
+    async def _redraw_asks(self, row: OutboxItem) -> int:
+        """A runbook request was decided: each message that asked to decide it (the thread's line on each platform,
+        each approver's direct message) is redrawn to say how it ended, without its buttons, where it went. One
+        whose chat's budget is spent waits a moment and holds back no other; one the platform no longer has
+        (deleted) is left alone; the platform in trouble, the rest wait for the row's retry. Each one redrawn is
+        marked so (SETTLED), for a retry to go on from there."""
+        run_id, ended = int(row.details[ASKS]), str(row.details.get("outcome") or "")
+        async with self.db.sessions() as session:
+            asks = [r for r in (await session.execute(select(OutboxItem).where(
+                OutboxItem.kind.in_(("reply", "direct")), OutboxItem.details[ASKS].as_integer() == run_id)
+                .order_by(OutboxItem.id))).scalars().all()
+                    if (r.details or {}).get("message") and not r.details.get(SETTLED)]
+        calls, waiting = 0, False
+        for ask in asks:
+            where = ask.details["message"]
+            platform, chat = str(where["platform"]), str(where["chat_id"])
+            adapter = self.adapters.get(platform)
+            if adapter is None:
+                continue  # (its platform is off now: it stays as it was)
+            if not self.buckets.allow(platform, chat, edit=True, now=self._monotonic()):
+                waiting = True
+                continue
+            words = decided_words(ask.details, ended)
+            message = (Outbound("thread", {"line": thread_line(ask.event, {"line": words}, actor_name=None),
+                                           "incident_id": ask.incident_id}, text=words)
+                       if ask.kind == "reply" else Outbound("text", {"text": words}, text=words))
+            calls += 1
+            try:
+                await adapter.update(MessageRef(platform, chat, str(where["message_id"])), message)
+            except DeliveryError as exc:
+                self.metrics.chat_calls.labels(platform, "update", "error").inc()
+                if exc.token_refused:
+                    self.token_refused[platform] = str(exc)
+                if exc.retry_after:
+                    self.buckets.pause(platform, chat, self._monotonic() + exc.retry_after)
+                if not exc.permanent or exc.token_refused:
+                    await self._failed([row], str(exc), exc.retry_after, permanent=False, platform_trouble=True)
+                    return calls
+                log.warning("outbox: cannot redraw the %s %s about runbook run %s, decided: %s", ask.kind, ask.event,
+                            run_id, exc)
+            else:
+                self.metrics.chat_calls.labels(platform, "update", "ok").inc()
+                if self.token_refused.pop(platform, None) is not None:
+                    await self._token_accepted()
+            ask.details = {**ask.details, SETTLED: True}
+            await self._save_details([ask])
+        if waiting:  # (no attempt spent)
+            await self._failed([row], "the chat's budget is spent", 1.0, permanent=False)
+            return calls
+        async with self.db.transaction() as session:
+            await self._mark(session, [row], "sent")
+        return calls
 
     def _refused_tokens(self, attempt: Attempt, problem: str) -> None:
         """Remember the platforms that refused the bot's token in `attempt`, each with what it said (for /readyz, and
@@ -883,7 +983,10 @@ def _lost_page(page: OutboxItem) -> bool:
 
 
 def _lane_of(row: OutboxItem) -> str:
-    """Whom a page, direct message or notice goes to (a person, a channel); an incident's pages, for a redraw."""
+    """Whom a page, direct message or notice goes to (a person, a channel); an incident's pages, for a redraw; a
+    runbook request's messages, for theirs."""
+    if row.kind == "asked":
+        return f"asked-{(row.details or {}).get(ASKS)}"
     return f"pages-{row.incident_id}" if row.kind == "pages" else row.channel
 
 

@@ -3,12 +3,14 @@ one, and the run itself.
 
 A request is a `RunbookRun` row, written with its audit event and its thread line in one transaction. Low risk is
 approved by the click; medium and high wait for an approver, who is asked in a direct message with Approve / Reject
-(and the thread says who asks to run what). The server decides every approval: the clicker has the `approver` role
-(the dispatcher), is not the one who asked (four eyes), the run still waits (a double click approves once) and the
-incident is open; else they are told why. What is approved is still what app.yaml says now: the runbook still applies
-to the incident and runs the same steps, and the incident was not resolved since it was asked for; else the request is
-cancelled (it could never be approved as asked). A request nobody decides expires after REQUEST_TTL, and one whose
-incident is resolved is cancelled (`sweep`): neither waits for ever in the way of asking again.
+(and the thread says who asks to run what, with the same buttons); once it is decided, those messages are redrawn to
+say how it ended, without buttons (handlers/notify.py asked_row). The server decides every approval: the clicker has
+the `approver` role (the dispatcher), is not the one who asked (four eyes), the run still waits (a double click
+approves once) and the incident is open; else they are told why. What is approved is still what app.yaml says now: the
+runbook still applies to the incident and runs the same steps, and the incident was not resolved since it was asked
+for; else the request is cancelled (it could never be approved as asked). A request nobody decides expires after
+REQUEST_TTL, and one whose incident is resolved is cancelled (`sweep`): neither waits for ever in the way of asking
+again.
 
 What runs is the argv app.yaml gives, word for word, as it was when the run was asked for: no shell, and nothing of
 an alert (its labels, annotations, text) is put into it. Each step runs in a process group of its own, stdin closed,
@@ -42,7 +44,7 @@ from bot.config import APPROVER, Config, Person
 from bot.incidents import RESOLVED
 from bot.model import Actor
 from bot.view import command_line, one_line, runbooks_for, span
-from handlers.notify import button_spec, queue_direct, queue_thread_line
+from handlers.notify import ASKED_WORDS, ASKS, asked_row, button_spec, queue_direct, queue_thread_line
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from storage.models import AuditEvent, Incident, RunbookRun
@@ -273,12 +275,16 @@ class RunbookHandlers:
                    Button(Action.REJECT.value, incident.id, arg=str(run.id), label="Reject", style="danger", tag=tag)]
         what = "; then ".join(f"`{command_line(step['run'])}`" for step in run.steps)
         line = f"{person.name} asks to run runbook {run.title} ({run.risk} risk): {what}. It waits for an approver."
+        # (each keeps the run it asks about and its words once decided: it is redrawn then, see _settle)
+        was = f"{person.name} asked to run runbook {run.title} ({run.risk} risk)"
         queue_thread_line(session, incident, now, "runbook.requested",
-                          {"line": line, "buttons": [button_spec(b) for b in buttons]})
-        text = (f"{person.name} asks to run runbook {run.title} ({run.risk} risk) on #{incident.id} "
-                f"{one_line(incident.title, 100)}: {what}. Approve it?")
+                          {"line": line, "buttons": [button_spec(b) for b in buttons], ASKS: run.id,
+                           ASKED_WORDS: f"{was}: {what}."})
+        about = f"on #{incident.id} {one_line(incident.title, 100)}"
+        text = f"{person.name} asks to run runbook {run.title} ({run.risk} risk) {about}: {what}. Approve it?"
+        asked = {ASKS: run.id, ASKED_WORDS: f"{was} {about}: {what}."}
         for approver in approvers:
-            queue_direct(session, approver.id, text, now, event="runbook.approval", buttons=buttons)
+            queue_direct(session, approver.id, text, now, event="runbook.approval", buttons=buttons, extra=asked)
 
     # -- deciding -------------------------------------------------------------------------------
 
@@ -351,6 +357,9 @@ class RunbookHandlers:
                                                       **({"reason": reason} if reason else {})}, run.incident_id)])
         if incident is not None:
             queue_thread_line(session, incident, now, f"runbook.{status}", {"line": line})
+        # The thread's request line and the approvers' direct messages stop asking: they say how it ended.
+        session.add(asked_row(run.incident_id if incident is not None else None, run.id,  # type: ignore[arg-type]
+                              outcome(run, status, values, actor), now))
         return True
 
     async def _stale(self, session: AsyncSession, run: RunbookRun, incident: Incident) -> str | None:
@@ -562,6 +571,21 @@ class RunbookHandlers:
         """Wait for the runs in progress to end (tests)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def outcome(run: RunbookRun, status: str, values: dict[str, Any], actor: Actor) -> str:
+    """How a request ended, as its messages say once it is decided: "Bob approved running Restart nginx: it runs
+    now.", "Rejected by Bob.", "Withdrawn by Alice.", "Expired: nobody approved within 1 h.", or why it was
+    cancelled."""
+    if status == APPROVED:
+        return f"{actor.display_name} approved running {run.title}: it runs now."
+    if status == REJECTED:
+        return f"Rejected by {actor.display_name}."
+    if status == EXPIRED:
+        return f"Expired: nobody approved within {span(REQUEST_TTL)}."
+    if values.get("rejected_by"):
+        return f"Withdrawn by {actor.display_name}."
+    return f"Cancelled: {str(values.get('reason') or 'it can no longer be approved as asked').rstrip('.')}."
 
 
 def asked_steps(runbook: Any) -> list[dict[str, Any]]:

@@ -605,7 +605,9 @@ async def test_a_request_has_approve_and_reject_in_the_thread_on_slack_and_teleg
                                and (m.get("reply_to_message") or {}).get("message_id") == group
                                and f"apv:1:{run}" in b.tg_keyboard(mid)]
                     return (slack_line[0], tg_line[0]) if slack_line and tg_line else None
-                await tg.wait_for(found, timeout=5)
+                # (the group takes 20 messages a minute, 3 at once: the first request's line, redrawn once withdrawn,
+                # spends one more of them, and the second request's line waits a few seconds for it)
+                await tg.wait_for(found, timeout=15)
                 result = found()
                 assert result is not None
                 return result
