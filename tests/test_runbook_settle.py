@@ -212,7 +212,14 @@ async def test_the_telegram_thread_and_direct_message_are_redrawn_too(tmp_path: 
             b = Both(h, Slack(h, slack), tg)
             status, _, _ = await h.post("am", nasty_alert("alertmanager/01-diskfull-firing-2-alerts.json"))
             assert status == 200  # routed to both chats: a thread on each platform
-            await b.slack.answer(await b.slack.command("/incident", "runbook 1 restart"))
+            for _ in range(200):  # (the incident is stored, and its messages recorded, just after the answer)
+                try:
+                    await h.message_of(1), await h.message_of(1, "ops-telegram")
+                    break
+                except Exception:
+                    await asyncio.sleep(0.05)
+            answer = await b.slack.answer(await b.slack.command("/incident", "runbook 1 restart"))
+            assert "approver (Bob, Carol)" in answer["text"]
 
             def found() -> tuple[int, int, str, str] | None:
                 group = [mid for (c, mid), m in tg.messages.items() if c == GROUP and ASKED in m["text"]]
