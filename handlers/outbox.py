@@ -501,11 +501,12 @@ class OutboxWorker(PageLanes):
                                        channel.chat, "send", lost=self._findable(adapter, key))
             if ref is None:
                 return 1
-            # The post draws the incident as it is now, so what was queued before it is in it; escalation lines and
-            # pages sent by hand (who was paged, what comes next) are the thread's story and still follow it, as do
+            # The post draws the incident as it is now, so what was queued before it is in it; escalation lines,
+            # pages sent by hand (who was paged, what comes next) and runbook lines (a request with its Approve /
+            # Reject, a run's output: the card draws none of them) are the thread's story and still follow it, as do
             # the lines a card posted afresh was to carry (FOLLOWS).
-            folded = [i for i in items if not i.event.startswith("escalation.") and i.event not in HAND_PAGE_EVENTS
-                      and not (i.details or {}).get(FOLLOWS)]
+            folded = [i for i in items if not i.event.startswith(("escalation.", "runbook."))
+                      and i.event not in HAND_PAGE_EVENTS and not (i.details or {}).get(FOLLOWS)]
             posted, incident_id = ref, incident.id  # (as the closures below see them)
 
             async def record(session: Any) -> None:

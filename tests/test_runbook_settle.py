@@ -137,7 +137,10 @@ async def test_a_message_still_on_its_way_when_the_request_is_decided_is_redrawn
     ts = await posted(s)
     release = s.fake.hold("chat.postMessage")
     await s.answer(await s.command("/incident", "runbook 1 restart"))
-    await s.fake.wait_for(lambda: any(c == "D02BOB" for c, _ in s.fake.messages), timeout=5)
+    # All three on their way (Slack has them, its answers held) before Bob decides: one not sent yet when he does
+    # would go settled, or not at all (the test after this one)
+    await s.fake.wait_for(lambda: {c for c, _ in s.fake.messages} >= {"D02BOB", "D06ERIN"}, timeout=10)
+    await asked_line(s, ts)
     bob = next(t for (c, t) in s.fake.messages if c == "D02BOB")
     _, _, key = await s.click("rej:1:1", bob, user="U02BOB")
     assert (await s.answer(key))["text"] == "Rejected: Restart web does not run on #1."
@@ -250,3 +253,28 @@ async def test_the_telegram_thread_and_direct_message_are_redrawn_too(tmp_path: 
             assert redrawn(), (json.dumps([tg.messages[(GROUP, group)], tg.messages[(333333, carol)]]),
                                slack.messages[("C0OPS", line)]["text"], slack.messages[("D02BOB", bob)]["text"])
             assert "record.py" in tg.messages[(GROUP, group)]["text"]
+
+
+async def test_a_request_made_before_the_card_reached_the_channel_follows_the_card_into_its_thread(
+        slack: Slack) -> None:
+    """Slack refused the card for a while (503); a runbook asked for meanwhile was folded into the card's first post,
+    which does not draw it: the request line, with its Approve / Reject, never reached the channel, and its row
+    was marked sent. It is the thread's story, as an escalation line is: it follows the card."""
+    s = slack
+    s.fake.fail("chat.postMessage", "internal_error", status=503, times=2)
+    status, _, _ = await s.h.post("am", nasty_alert())
+    assert status == 200
+    await s.fake.wait_for(lambda: [c for c in s.fake.calls if c.method == "chat.postMessage"], timeout=5)  # refused
+    asking = await s.command("/incident", "runbook 1 restart")
+
+    def line() -> list[dict[str, Any]]:
+        return [m for (c, _), m in s.fake.messages.items() if c == "C0OPS" and m.get("thread_ts") and ASKED in m["text"]]
+    for _ in range(120):
+        if line():
+            break
+        s.h.clock.advance(timedelta(seconds=1))
+        s.h.bot.outbox.nudge()
+        await asyncio.sleep(0.05)
+    [request] = line()
+    assert buttons(request) == ["apv:1:1", "rej:1:1"], request
+    assert "runs once an approver" in (await s.answer(asking))["text"]
