@@ -122,7 +122,8 @@ async def both(tmp_path: Path) -> AsyncIterator[Both]:
 async def posted_on_both(b: Both) -> tuple[str, int]:
     status, _, _ = await b.h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))  # team=dba: both
     assert status == 200
-    await b.slack.fake.wait_for(lambda: b.slack.posts() and b.tg.called("sendMessage"), timeout=5)
+    # (15 s: a round that missed its nudge polls again within the outbox's 5 s idle poll)
+    await b.slack.fake.wait_for(lambda: b.slack.posts() and b.tg.called("sendMessage"), timeout=15)
     [tg_post] = b.tg.called("sendMessage")
     assert tg_post.params["chat_id"] == GROUP and tg_post.params["parse_mode"] == "HTML"
     assert "#1" in tg_post.params["text"]
