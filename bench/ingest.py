@@ -128,6 +128,7 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
     server_cpu: float = 0.0  # CPU seconds the target used (its process and its children), user + system
+    own_cpu: float = 0.0  # of which its own process (for the bot: the HTTP front; the rest is its writer process)
     client_cpu: float = 0.0  # CPU seconds this load generator used
 
     @property
@@ -161,8 +162,9 @@ def free_port() -> int:
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def process_cpu(pid: int | None) -> float:
-    """CPU seconds (user + system, every thread) of `pid` and its live descendants; 0 where /proc is missing."""
+def process_cpu(pid: int | None, *, children: bool = True) -> float:
+    """CPU seconds (user + system, every thread) of `pid` and (`children`) its live descendants; 0 where /proc is
+    missing."""
     if pid is None:
         return 0.0
     total, todo, seen = 0.0, [pid], set()
@@ -175,6 +177,8 @@ def process_cpu(pid: int | None) -> float:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+            if not children:
+                break
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo.extend(int(c) for c in f.read().split())
@@ -349,7 +353,7 @@ async def run(target: str, url: str, reqs: list[Request], concurrency: int, rate
 
             def one(i: int, t0: float) -> Awaitable[None]:
                 return send(session, url, reqs[i], res, t0)
-        server_cpu0, client_cpu0 = process_cpu(pid), time.process_time()
+        server_cpu0, own_cpu0, client_cpu0 = process_cpu(pid), process_cpu(pid, children=False), time.process_time()
         started = time.perf_counter()
         deadline = started + PHASE_LIMIT
         ticker = asyncio.create_task(progress(res, len(reqs), started))
@@ -380,6 +384,7 @@ async def run(target: str, url: str, reqs: list[Request], concurrency: int, rate
             ticker.cancel()
         res.elapsed = time.perf_counter() - started
         res.server_cpu, res.client_cpu = process_cpu(pid) - server_cpu0, time.process_time() - client_cpu0
+        res.own_cpu = process_cpu(pid, children=False) - own_cpu0
     return res
 
 
@@ -515,6 +520,10 @@ async def main() -> int:
                   f"{r.cpu_ms(r.server_cpu):>13.3f} {r.cpu_ms(r.client_cpu):>10.3f}  {r.errors}")
         if am_note:
             print(am_note)
+        for r in results:
+            if r.target.startswith("bot") and r.server_cpu > r.own_cpu:
+                print(f"{r.target}: cpu ms/alert {r.cpu_ms(r.own_cpu):.3f} in the HTTP front, "
+                      f"{r.cpu_ms(r.server_cpu - r.own_cpu):.3f} in the writer process")
         by = {r.target: r for r in results}
         ratio = by["bot"].rate / by["bare handler"].rate if by["bare handler"].rate else 0.0
         print(f"\nbot/ceiling: {ratio:.2f}x (target >= 0.5x: {'met' if ratio >= 0.5 else 'NOT met'})")

@@ -27,7 +27,7 @@ import pickle
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select, text
@@ -296,6 +296,118 @@ class _Batch:
         return self.touched[id(incident)]
 
 
+_SQLITE_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
+
+
+_INCIDENT_TIMES = ("opened_at", "last_seen")  # the datetime columns of _INCIDENT_COLUMNS (_ALERT_COLUMNS: ends_at)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """A time as a fresh read gives it: in UTC (the store keeps it so)."""
+    return value if value is None or value.tzinfo is UTC else value.astimezone(UTC)
+
+
+class _Warm:
+    """The open incidents and alert records of the group keys and alerts a SQLite writer connection read or wrote
+    lately, as that connection left them, so that the next batch need not read them again (intake's reads were a
+    fifth of its writer's work). Kept by what they are read by: for a group key, the ids of its open incidents
+    (all of them); for an alert (source, fingerprint), its records (all of them); each incident's columns by id.
+
+    Trusted only while nothing else can have changed them: the same connection, no commit by any other connection
+    since (SQLite's `PRAGMA data_version`, read once the transaction holds the write lock), and the batch it last
+    saw committed (the audit chain's head is where that batch left it: every batch that changes an incident or
+    an alert appends events, and a batch rolled back leaves the head behind). Anything else, and it is forgotten
+    and read again. Raw SQLite path only (the writer thread and the writer process)."""
+
+    LIMIT = 20_000  # incidents or alerts kept at most; past it, forgotten and read again
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.version: Any = None
+        self.head: Any = None  # the audit head the last batch left, once committed
+        self.open_by_key: dict[str, list[int]] = {}
+        self.incidents: dict[int, dict[str, Any]] = {}
+        self.records: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def forget(self) -> None:
+        self.conn = self.version = self.head = None
+        self.open_by_key, self.incidents, self.records = {}, {}, {}
+
+    def check(self, raw: Any) -> bool:
+        """Whether what is kept is what the store holds (see the class); if not, it is forgotten."""
+        version = raw.execute("PRAGMA data_version").fetchone()[0]
+        head = raw.execute(_SQLITE_HEAD).fetchone()
+        if raw is self.conn and version == self.version and head == self.head and self.head is not None:
+            return True
+        self.forget()
+        self.conn, self.version = raw, version
+        return False
+
+    def load(self, keys: Sequence[str], identities: set[tuple[str, str]]
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[int, dict[str, Any]]] | None:
+        """What _load would read (open incidents of `keys` by id, records of `identities` by id, the records'
+        incidents), if all of it is kept; else None."""
+        open_by_key, incidents, kept = self.open_by_key, self.incidents, self.records
+        try:
+            open_ids = sorted({iid for key in keys for iid in open_by_key[key]})
+            records = sorted((r for identity in identities for r in kept[identity]), key=lambda r: r["id"])
+            others = {iid: incidents[iid] for iid in {r["incident_id"] for r in records}}
+            return [incidents[iid] for iid in open_ids], records, others
+        except KeyError:
+            return None
+
+    def read(self, keys: Sequence[str], identities: set[tuple[str, str]], open_rows: list[dict[str, Any]],
+             records: list[dict[str, Any]], others: list[dict[str, Any]]) -> None:
+        """What _load read from the store, kept (as read: JSON columns undecoded)."""
+        if len(self.incidents) > self.LIMIT or len(self.records) > self.LIMIT:
+            conn, version = self.conn, self.version
+            self.forget()
+            self.conn, self.version = conn, version
+        for row in (*open_rows, *others):
+            self.incidents[row["id"]] = row
+        by_key: dict[str, list[int]] = {key: [] for key in keys}
+        for row in open_rows:
+            by_key[row["group_key"]].append(row["id"])
+        self.open_by_key.update(by_key)
+        by_identity: dict[tuple[str, str], list[dict[str, Any]]] = {identity: [] for identity in identities}
+        for row in records:
+            by_identity[(row["source"], row["fingerprint"])].append(row)
+        self.records.update(by_identity)
+
+    def wrote(self, st: _Batch, raw: Any) -> None:
+        """The batch's incidents and records as it wrote them (called after its statements, in its transaction)."""
+        incidents, open_by_key = self.incidents, self.open_by_key
+        for inc in (*st.loaded, *st.new_incidents):
+            d, undecoded = inc.__dict__, inc._raw
+            values = {name: d[name] if name in d else undecoded[name] for name in _INCIDENT_COLUMNS}
+            for name in _INCIDENT_TIMES:
+                values[name] = _utc(values[name])
+            iid = values["id"]
+            incidents[iid] = values
+            ids = open_by_key.get(values["group_key"])
+            if ids is not None:
+                if values["status"] == RESOLVED:
+                    if iid in ids:
+                        ids.remove(iid)
+                elif iid not in ids:
+                    ids.append(iid)
+                    ids.sort()
+        records = self.records
+        for rec, _ in st.new_records:  # inserted without asking their ids: read again when next needed
+            records.pop((rec.source, rec.fingerprint), None)
+        for rec in st.loaded_records:
+            d, undecoded = rec.__dict__, rec._raw
+            values = {name: d[name] if name in d else undecoded[name] for name in _ALERT_COLUMNS}
+            values["ends_at"] = _utc(values["ends_at"])
+            kept = records.get((values["source"], values["fingerprint"]))
+            if kept is not None:
+                for i, old in enumerate(kept):
+                    if old["id"] == values["id"]:
+                        kept[i] = values
+                        break
+        self.head = raw.execute(_SQLITE_HEAD).fetchone()
+
+
 class Intake:
     def __init__(self, *, db: Database | None, audit: AuditLog, config: Config, clock: Clock | None,
                  metrics: Metrics | None, max_batch: int = 1000, after_commit: Callable[[], None] | None = None,
@@ -335,6 +447,7 @@ class Intake:
         self._begun = 0
         self._hold = False  # set when a transaction failed: later ones wait until its submissions are answered
         self._actors: dict[str, Actor] = {}
+        self._warm = _Warm()  # incidents and alerts as the writer connection left them (_Warm)
         # source id -> when the log last named a severity of it the bot does not know, and how many alerts with one
         # came since (unsaid)
         self._unknown_said: dict[str, tuple[datetime, int]] = {}
@@ -661,6 +774,13 @@ class Intake:
 
     def _apply(self, conn: Connection, batch: list[Submission], now: datetime) -> _Result:
         """The whole batch, inside one transaction (synchronous: see Database.run_transaction)."""
+        try:
+            return self._apply_batch(conn, batch, now)
+        except BaseException:
+            self._warm.forget()  # rolled back: what it kept of the batch was never stored
+            raise
+
+    def _apply_batch(self, conn: Connection, batch: list[Submission], now: datetime) -> _Result:
         replays = self._known_deliveries(conn, batch, now)
         fresh = [s for s in batch if (s.source.id, s.delivery_id) not in replays]
         taken = self._claim_signatures(conn, fresh, now)
@@ -764,6 +884,8 @@ class Intake:
             _first_resolutions(conn, st)
         _assign_incident_ids(st)
         self.audit.append_rows(conn, st.entries)
+        if rows.raw is not None and st.keys:  # (read through the cache, or into it)
+            self._warm.wrote(st, rows.raw)
 
     def _known_deliveries(self, conn: Connection, batch: Sequence[Submission], now: datetime
                           ) -> dict[tuple[str, str], tuple[Outcome, str | None]]:
@@ -828,24 +950,35 @@ class Intake:
         if self.db is not None and self.db.is_postgres:
             _lock_keys(conn, keys)  # replicas serialize on the group keys they touch
         rows = Rows(conn)
+        warm = self._warm if rows.raw is not None else None
+        kept = warm.load(keys, identities) if warm is not None and warm.check(rows.raw) else None
+        if kept is not None:
+            open_rows, record_rows, other_rows = kept
+        else:
+            # Locked (PostgreSQL): a person resolving one of them now is waited for, and the resolve seen; else an
+            # alert would join the incident as it was read, and write over it after the resolve.
+            open_rows = rows.select_in(_INCIDENTS, "group_key", keys, exclude=("status", RESOLVED), order_by="id",
+                                       columns=_INCIDENT_COLUMNS, json_text=True, lock=True)
+            record_rows = [row for row in rows.select_in(
+                _ALERTS, "fingerprint", sorted({fp for _, fp in identities}),
+                also_in=("source", sorted({src for src, _ in identities})), order_by="id", columns=_ALERT_COLUMNS,
+                json_text=True) if (row["source"], row["fingerprint"]) in identities]
+            other_rows = {row["id"]: row for row in rows.select_in(
+                _INCIDENTS, "id", sorted({r["incident_id"] for r in record_rows} - {r["id"] for r in open_rows}),
+                columns=_INCIDENT_COLUMNS, json_text=True, lock=True)}
+            if warm is not None:
+                warm.read(keys, identities, open_rows, record_rows, list(other_rows.values()))
         by_id: dict[int, _Row] = {}
         incidents_by_key: dict[str, _Row] = {}
-        # Locked (PostgreSQL): a person resolving one of them now is waited for, and the resolve seen; else an alert
-        # would join the incident as it was read, and write over it after the resolve.
-        for row in rows.select_in(_INCIDENTS, "group_key", keys, exclude=("status", RESOLVED), order_by="id",
-                                  columns=_INCIDENT_COLUMNS, json_text=True, lock=True):
+        for row in open_rows:
             inc = by_id[row["id"]] = _Row(row, json_columns=_INCIDENT_JSON)
             # The newest open incident of the key is the current one: an older one still open went quiet for
             # longer than grouping.window (which is why the newer one opened), and new alerts join the newer.
             incidents_by_key[inc.group_key] = inc
-        records = [_Row(row, json_columns=_ALERT_JSON)
-                   for row in rows.select_in(_ALERTS, "fingerprint", sorted({fp for _, fp in identities}),
-                                             also_in=("source", sorted({src for src, _ in identities})),
-                                             order_by="id", columns=_ALERT_COLUMNS, json_text=True)
-                   if (row["source"], row["fingerprint"]) in identities]
-        for row in rows.select_in(_INCIDENTS, "id", sorted({r.incident_id for r in records} - by_id.keys()),
-                                  columns=_INCIDENT_COLUMNS, json_text=True, lock=True):
-            by_id[row["id"]] = _Row(row, json_columns=_INCIDENT_JSON)
+        records = [_Row(row, json_columns=_ALERT_JSON) for row in record_rows]
+        for iid, row in sorted(other_rows.items()):
+            if iid not in by_id:
+                by_id[iid] = _Row(row, json_columns=_INCIDENT_JSON)
         # An alert's current record, the one its notifications reach: the newest in an open incident, else the newest
         # (records come ordered by id). Two incidents hold one alert when a person resolved the first while it fired
         # (its next notification opened the second) and reopened it later: once the second is resolved, the alert
