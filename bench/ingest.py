@@ -10,6 +10,8 @@ keep-alive connections to, each in its own process on 127.0.0.1:
   grouped insert  the bare handler plus one SQLite row per body, concurrent requests' rows
                 in one commit, each answered after it (the issue's reference: the least a
                 durable intake can do)
+  lean reference  (--lean) bench/lean_intake.py: an HMAC front and a writer process doing the least
+                of the bot's work (see its docstring), the floor a rebuild of intake could reach
   alertmanager  POST /api/v2/alerts, one alert per request (when prometheus-alertmanager is
                 installed; null receiver, so nothing is sent anywhere)
 Then --pairs short runs of the bot and the bare handler back to back give a median ratio that
@@ -417,6 +419,12 @@ def committed(db: Path) -> tuple[int, int]:
     return alerts, audit
 
 
+def committed_events(db: Path) -> int:
+    """The lean reference's audit events: one for each alert it committed."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT COUNT(*) FROM audit_events").fetchone()[0]
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--alerts", type=int, default=20000)
@@ -424,6 +432,9 @@ async def main() -> int:
     parser.add_argument("--groups", type=int, default=200)
     parser.add_argument("--rate", type=float, help="also a paced run at this many alerts/s (e.g. 1000)")
     parser.add_argument("--skip-alertmanager", action="store_true")
+    parser.add_argument("--lean", action="store_true",
+                        help="also the lean two-process reference (bench/lean_intake.py): what a leaner intake of the "
+                             "bot's shape reaches on this machine")
     parser.add_argument("--writer", choices=("thread", "process"), default="process",
                         help="the bot's storage.writer: where its SQLite transactions run (default: process)")
     parser.add_argument("--client", choices=("raw", "aiohttp"), default="raw",
@@ -470,6 +481,16 @@ async def main() -> int:
         print("grouped insert: sending", flush=True)
         results.append(await run("grouped insert", f"http://127.0.0.1:{grouped_port}/alerts",
                                  bot_requests(n, k, "grouped"), c, pid=grouped.pid, client=args.client))
+
+        if args.lean:
+            lean_port = free_port()
+            lean, lean_log = start("lean", [sys.executable, str(ROOT / "bench" / "lean_intake.py"), str(lean_port),
+                                            str(tmp / "lean.db")], tmp)
+            procs.append(lean)
+            await wait_ready(f"http://127.0.0.1:{lean_port}/healthz", lean, "lean reference", lean_log)
+            print("lean reference: sending", flush=True)
+            results.append(await run("lean reference", f"http://127.0.0.1:{lean_port}/alerts",
+                                     bot_requests(n, k, "lean"), c, pid=lean.pid, client=args.client))
 
         am_note = None
         am_bin = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
@@ -533,6 +554,10 @@ async def main() -> int:
         if by["bare handler"].rate:
             print(f"grouped insert/ceiling: {by['grouped insert'].rate / by['bare handler'].rate:.2f}x "
                   f"(the least a durable intake does; the issue measured 0.75x on its machine)")
+        if "lean reference" in by and by["bare handler"].rate:
+            lean_rows = committed_events(tmp / "lean.db")
+            print(f"lean reference/ceiling: {by['lean reference'].rate / by['bare handler'].rate:.2f}x "
+                  f"({lean_rows:,} of {by['lean reference'].ok:,} accepted alerts committed; bench/lean_intake.py)")
         if "alertmanager" in by and by["alertmanager"].rate:
             print(f"bot/Alertmanager: {by['bot'].rate / by['alertmanager'].rate:.2f}x")
         if args.rate:
