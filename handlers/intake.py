@@ -319,7 +319,7 @@ class _Warm:
     an alert appends events, and a batch rolled back leaves the head behind). Anything else, and it is forgotten
     and read again. Raw SQLite path only (the writer thread and the writer process)."""
 
-    LIMIT = 20_000  # incidents or alerts kept at most; past it, forgotten and read again
+    LIMIT = 5_000  # incidents, alerts or group keys kept at most (about 6 MB); past it, all forgotten and read again
 
     def __init__(self) -> None:
         self.conn: Any = None
@@ -359,7 +359,7 @@ class _Warm:
     def read(self, keys: Sequence[str], identities: set[tuple[str, str]], open_rows: list[dict[str, Any]],
              records: list[dict[str, Any]], others: list[dict[str, Any]]) -> None:
         """What _load read from the store, kept (as read: JSON columns undecoded)."""
-        if len(self.incidents) > self.LIMIT or len(self.records) > self.LIMIT:
+        if max(len(self.incidents), len(self.records), len(self.open_by_key)) > self.LIMIT:
             conn, version = self.conn, self.version
             self.forget()
             self.conn, self.version = conn, version

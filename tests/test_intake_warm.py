@@ -189,3 +189,24 @@ async def test_a_kept_incident_is_read_again_after_another_write(tmp_path: Path,
         assert conn.execute("SELECT COUNT(*) FROM incidents").fetchone()[0] == expected_incidents
         count = conn.execute("SELECT received_count FROM alerts ORDER BY id DESC LIMIT 1").fetchone()[0]
     assert count == (1 if change == "outside" else 4)
+
+
+async def test_what_is_kept_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past its limit the writer forgets everything and reads again: a flood of new alerts (or of "resolved" for
+    alerts it never heard of) cannot grow it without end, and what it stores is unchanged."""
+    from handlers.intake import _Warm
+
+    monkeypatch.setattr(_Warm, "LIMIT", 4)
+    handler, path, _ = await writer(tmp_path, "small", warm=True)
+    sizes = []
+    for minute in range(8):
+        bodies = [("gen", generic(f"host-{minute}-{i}")) for i in range(3)]
+        bodies.append(("gen", generic(f"gone-{minute}", status="resolved")))  # no such alert: a key kept with nothing
+        bodies.append(("gen", generic("host-0-0")))
+        assert run(handler, T0 + timedelta(minutes=minute), *bodies) == [200] * 5
+        kept = handler.intake._warm
+        sizes.append(max(len(kept.incidents), len(kept.records), len(kept.open_by_key)))
+    assert max(sizes) <= 4 + 5  # the limit, plus one batch's worth read since it was last forgotten
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM incidents").fetchone()[0] == 8 * 3
+        assert conn.execute("SELECT received_count FROM alerts WHERE id = 1").fetchone()[0] == 9
