@@ -74,12 +74,18 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
         raise
 
 
+# Gzip members a body may hold one after the other. A sender that joins compressed pieces (`cat a.gz b.gz`) makes a
+# few; a megabyte of empty members (20 bytes each) would have inflate copy what follows each one, a second of CPU on
+# the event loop before any credential is checked (HMAC sources sign the inflated body).
+MAX_MEMBERS = 64
+
+
 def inflate(body: bytes, coding: str, limit: int) -> bytes:
     """`body` inflated as its Content-Encoding (one of COMPRESSED) says, never past `limit` bytes: BodyError 413 once
     it would pass them (a small body can inflate to gigabytes; no more than limit + 1 bytes are made, whatever the
     number of members), 400 when it is not what its Content-Encoding says, is cut short, or has bytes after its end.
-    A gzip body may be several members one after the other (RFC 1952, 2.2: what `cat a.gz b.gz` makes): each is
-    read, and the body is what they hold together."""
+    A gzip body may be several members one after the other (RFC 1952, 2.2: what `cat a.gz b.gz` makes), up to
+    MAX_MEMBERS: each is read, and the body is what they hold together."""
     if not body:
         return body
     if coding == "gzip":
@@ -89,6 +95,8 @@ def inflate(body: bytes, coding: str, limit: int) -> bytes:
     parts: list[bytes] = []
     size, rest = 0, body
     while True:
+        if len(parts) >= MAX_MEMBERS:  # each member leaves zlib a copy of the rest: many tiny ones cost n squared
+            raise _unreadable(f"more than {MAX_MEMBERS} gzip members one after the other")
         inflater = zlib.decompressobj(wbits)
         try:
             part = inflater.decompress(rest, limit + 1 - size)  # (never 0, which would mean no limit)

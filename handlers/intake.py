@@ -302,6 +302,12 @@ _SQLITE_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
 _INCIDENT_TIMES = ("opened_at", "last_seen")  # the datetime columns of _INCIDENT_COLUMNS (_ALERT_COLUMNS: ends_at)
 
 
+def _as_read(value: Any) -> Any:
+    """A JSON column's value as a read gives it (json_text=True): its text, compared as text by the next batch, as a
+    cold read's is (a dict compared with == would not see its keys change order, where the text does)."""
+    return value if value is None or type(value) is Json else json_text(value)
+
+
 def _utc(value: datetime | None) -> datetime | None:
     """A time as a fresh read gives it: in UTC (the store keeps it so)."""
     return value if value is None or value.tzinfo is UTC else value.astimezone(UTC)
@@ -382,6 +388,8 @@ class _Warm:
             values = {name: d[name] if name in d else undecoded[name] for name in _INCIDENT_COLUMNS}
             for name in _INCIDENT_TIMES:
                 values[name] = _utc(values[name])
+            for name in _INCIDENT_JSON:
+                values[name] = _as_read(values[name])
             iid = values["id"]
             incidents[iid] = values
             ids = open_by_key.get(values["group_key"])
@@ -399,6 +407,7 @@ class _Warm:
             d, undecoded = rec.__dict__, rec._raw
             values = {name: d[name] if name in d else undecoded[name] for name in _ALERT_COLUMNS}
             values["ends_at"] = _utc(values["ends_at"])
+            values["links"] = _as_read(values["links"])
             kept = records.get((values["source"], values["fingerprint"]))
             if kept is not None:
                 for i, old in enumerate(kept):

@@ -395,6 +395,28 @@ async def test_a_body_that_is_not_what_its_encoding_says_gets_400_not_500(h: Har
     assert await rejected(h, "malformed") == 2 and await h.count(AlertRecord) == 1
 
 
+async def test_a_body_of_many_tiny_gzip_members_is_refused_before_it_costs_anything(h: Harness) -> None:
+    """A sender joining compressed pieces makes a few gzip members, read as one body; a megabyte of empty members
+    (each left zlib a copy of the rest to read: a second of CPU on the event loop, before an HMAC source's signature
+    is checked, since it signs the inflated body) is refused after the 64th."""
+    import gzip
+
+    text = json.dumps(ALERT).encode()
+    pieces = [gzip.compress(text[:10]), gzip.compress(text[10:40]), gzip.compress(text[40:])]
+    status, answer = await raw_post(h.client, "/alerts/open", [(b"Content-Encoding", b"gzip")], b"".join(pieces))
+    assert status == 200, answer
+    empty = gzip.compress(b"")
+    flood = empty * (1_000_000 // len(empty))
+    for source, headers in (("limited", []), ("generic", [(b"X-Signature", b"sha256=" + b"0" * 64),
+                                                          (b"X-Timestamp", str(int(h.clock.now().timestamp())).encode())])):
+        status, answer = await raw_post(h.client, f"/alerts/{source}",
+                                        [(b"Content-Encoding", b"gzip"), *headers], flood)
+        assert status == 400, answer  # (the signed source: refused before its signature is even looked at)
+        assert json.loads(answer)["error"] == ("the body cannot be read (more than 64 gzip members one after the "
+                                               "other); send it as its Content-Encoding and Content-Length say")
+    assert await h.count(AlertRecord) == 1
+
+
 async def test_a_body_that_does_not_arrive_gets_408_and_the_connection_back(h: Harness,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Headers, then part of the body, then nothing: the request is answered once BODY_WAIT passes, instead of

@@ -210,3 +210,23 @@ async def test_what_is_kept_stays_bounded(tmp_path: Path, monkeypatch: pytest.Mo
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM incidents").fetchone()[0] == 8 * 3
         assert conn.execute("SELECT received_count FROM alerts WHERE id = 1").fetchone()[0] == 9
+
+
+async def test_a_repeat_with_its_links_in_another_order_is_stored_as_a_cold_writer_stores_it(tmp_path: Path) -> None:
+    """JSON columns are kept as their text, as a read gives them: a dict compared with == does not see its keys
+    change order, and the warm writer left the row as it was where a cold one rewrote it."""
+    def body(links: dict[str, str]) -> bytes:
+        return json.dumps({"asset_name": "web-01", "signature": "A", "severity": "high", "message": "m",
+                           "tool_source": "t", "links": links}).encode()
+
+    stores = [await writer(tmp_path, "warm", warm=True), await writer(tmp_path, "cold", warm=False)]
+    ab = {"runbook": "http://r/1", "dash": "http://d/1"}
+    ba = {"dash": "http://d/1", "runbook": "http://r/1"}
+    for minute, links in ((0, ab), (1, ab), (2, ba)):  # new; repeated (kept since); repeated, its keys reordered
+        for handler, _, _ in stores:
+            assert run(handler, T0 + timedelta(minutes=minute), ("gen", body(links))) == [200]
+    stored = []
+    for _, path, _ in stores:
+        with sqlite3.connect(path) as conn:
+            stored.append(conn.execute("SELECT links FROM alerts").fetchall())
+    assert stored[0] == stored[1] == [('{"dash": "http://d/1", "runbook": "http://r/1"}',)]
