@@ -470,7 +470,7 @@ class SlackAdapter:
         assert signature is not None
         if self._replays.seen(signature, now):
             return web.json_response({"error": "replayed request: Slack already sent this one"}, status=401)
-        self._replays.remember(signature, now + 2 * SIGNATURE_WINDOW)
+        self._replays.remember(signature, now + 2 * SIGNATURE_WINDOW, now=now)
         handling = (Unclaimed(signature) if self.claim is None
                     else await self.claim("slack", signature, timedelta(seconds=2 * SIGNATURE_WINDOW)))
         if handling is None:

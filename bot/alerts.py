@@ -355,11 +355,16 @@ def first_line(text: str, fallback: str) -> str:
 
 
 def _grafana_values(raw: Any, where: str) -> str:
-    """Grafana's `values` (query ref id -> number, or null) as its own default message shows them: `B=93.7, C=1`."""
+    """Grafana's `values` (query ref id -> number; the whole map may be null) as its own default message shows them:
+    `B=93.7, C=1`. A null value is shown as `B=null` (Grafana's type holds numbers only, but a notification refused
+    for it would be lost: Grafana does not retry a 4xx)."""
     if raw is None:
         return ""
     parts = []
     for ref, number in sorted(_obj(raw, where).items()):
+        if number is None:
+            parts.append(f"{ref}=null")
+            continue
         if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ShapeError(f"{where}.{ref}", f"expected a number, got {_kind(number)}")
         is_whole = isinstance(number, float) and number.is_integer() and abs(number) < 1e21

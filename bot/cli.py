@@ -655,7 +655,8 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
                     + (["VALUES"] if any(values) else []),
                     [(a.source, _instance(a.labels), a.fingerprint, a.status, a.severity, a.summary, a.received_count)
                      + ((v,) if any(values) else ()) for a, v in zip(listed, values)],
-                    max_width=None, fit=_fit(args, out), shrink=("INSTANCE", "SUMMARY", "VALUES")), file=out)
+                    max_width=None, fit=_fit(args, out), shrink=("INSTANCE", "SUMMARY", "VALUES", "FINGERPRINT")),
+              file=out)  # (a sender's dedup_key may be a long fingerprint)
         _more(out, len(alerts), shown, "alerts")
         print("\nTimeline", file=out)
         runs = _runs(timeline)

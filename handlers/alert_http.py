@@ -64,8 +64,9 @@ class AlertEndpoint:
             rows = (await session.execute(select(AlertSignature.signature, AlertSignature.delivery_id,
                                                  AlertSignature.expires_at)
                                           .where(AlertSignature.expires_at > now).order_by(AlertSignature.id))).all()
+        stamp = now.timestamp()
         for signature, delivery_id, until in rows:
-            self.replays.remember(signature, until.timestamp(), delivery_id)
+            self.replays.remember(signature, until.timestamp(), delivery_id, now=stamp)
         return len(rows)
 
     def unknown_source(self, request: web.Request) -> None:
@@ -200,7 +201,8 @@ class AlertEndpoint:
             if signature:  # committed: from now on a copy is a replay
                 assert isinstance(source.auth, HmacAuth)
                 # until its timestamp, which may be max_skew ahead of now, is max_skew old
-                self.replays.remember(signature, now.timestamp() + 2 * source.auth.max_skew.total_seconds(), delivery_id)
+                stamp = now.timestamp()
+                self.replays.remember(signature, stamp + 2 * source.auth.max_skew.total_seconds(), delivery_id, now=stamp)
             if truncated and not outcome.replayed:
                 self.metrics.alerts_truncated.labels(source_id).inc(truncated)
             self.metrics.observe_intake(source_id, time.perf_counter() - started)

@@ -1027,12 +1027,14 @@ class Intake:
             if incident.status == RESOLVED:  # a person resolved it first: the alert is over all the same, so that
                 # a reopen does not wait for a "resolved" the source will never send again
                 record.status, record.ends_at, record.last_received = "resolved", alert.ends_at or now, now
+                record.annotations = alert.annotations  # (Grafana's values as they were when it ended)
                 record.received_count += 1
                 incident.firing_count = max(0, incident.firing_count - 1)
                 st.entries.append(Entry("alert.resolved", actor, "alert", alert.fingerprint, now,
                                         {**details, "note": "the incident was resolved already"}, _id(incident)))
                 return alert.fingerprint, incident, "alert_resolved"
             record.status, record.ends_at, record.last_received = "resolved", alert.ends_at or now, now
+            record.annotations = alert.annotations  # (Grafana's values as they were when it ended)
             record.received_count += 1
             incident.last_seen = now
             st.entries.append(Entry("alert.resolved", actor, "alert", alert.fingerprint, now, details, _id(incident)))

@@ -28,6 +28,7 @@ RESOLVED = "grafana/02-resolved-2-alerts.json"
 SIGNATURE = "X-Grafana-Alerting-Signature"  # Grafana's default header name
 TIMESTAMP = "X-Grafana-Alerting-Timestamp"  # Grafana has no default: the contact point names it
 MEM, CPU = "c6eadffa33fcdf37", "bc97ff14869b13e3"
+RESOLVED_MEM_VALUES = "B=71.5478515625, C=0"  # the resolved capture's values for the memory alert
 
 # A second Grafana source that sends a timestamp header, next to botkit's body-only "grafana" source.
 _GRAFANA_LINE = "  - {id: grafana, kind: grafana, auth: {hmac_secret: grafana-secret, header: X-Grafana-Alerting-Signature, timestamp_header: null}}\n"
@@ -164,6 +165,8 @@ async def test_resolved_payload_resolves_both_incidents(h: Harness) -> None:
     [record] = await h.alerts(mem.id)
     assert record.status == "resolved"
     assert utc(record.ends_at) == datetime(2026, 11, 24, 4, 14, 3, 157076, tzinfo=UTC)  # Grafana's endsAt
+    # The values it ended with, not those it fired with (B=93.71044921875, C=1): `incidents show` lists them.
+    assert record.annotations["values"] == RESOLVED_MEM_VALUES
     assert await h.actions(mem.id) == ["incident.opened", "alert.received", "alert.resolved", "incident.resolved"]
     assert [o[3] for o in await h.outbox() if o[2] == "reply"] == ["incident.resolved", "incident.resolved"]
 
@@ -245,6 +248,18 @@ async def test_timestamped_signature_as_grafana_sends_it(h_ts: Harness) -> None:
         "alert.resolved", "alert.resolved", "incident.resolved", "incident.resolved",
     ]
     assert await h.count(AuditEvent) == 8
+
+
+async def test_a_null_value_is_shown_not_refused(tmp_path: Path) -> None:
+    """Grafana's values are numbers, but a notification refused for a null one would be lost (no retry on a 4xx)."""
+    payload = json.loads(fixture(FIRING))
+    payload["alerts"][0]["values"] = {"B": None, "C": 1}
+    body = go_wire(payload)
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:
+        status, answer, _ = await h.post("grafana", body, signed(body))
+        assert status == 200, answer
+        [first] = await h.alerts(1)
+        assert first.annotations["values"] == "B=null, C=1"
 
 
 @pytest.mark.parametrize(("values", "field", "problem"), [

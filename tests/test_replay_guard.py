@@ -61,3 +61,36 @@ def test_past_its_limit_the_guard_keeps_every_signature_still_valid() -> None:
     for n in range(5):  # future-dated ones, valid for 20 hours
         guard.remember(f"far-{n}", 72_000.0 + n)
     assert guard.seen("mid", 100.0)
+
+
+def test_told_the_time_the_guard_keeps_only_what_is_still_valid() -> None:
+    """A day of 10 signed requests a second, each valid for 10 minutes (max_skew 5 min): told the time, the guard
+    holds the last 10 minutes' signatures, not a day's (864,000 of them, about 220 MB, when it only pruned past its
+    limit and by the longest window any source may have); it still refuses every one within its window."""
+    guard = ReplayGuard()
+    window = 600.0
+    for n in range(0, 24 * 3600 * 10, 10):  # (every tenth of them, to keep the test short: a request a second)
+        now = n / 10
+        guard.remember(f"sig-{n}", now + window, now=now)
+    now = 24 * 3600 - 1.0
+    assert len(guard._seen) <= window + 1 and len(guard._expiries) <= window + 1
+    assert guard.seen(f"sig-{int(now * 10)}", now) and guard.seen(f"sig-{int((now - window + 2) * 10)}", now)
+    assert not guard.seen(f"sig-{int((now - window - 2) * 10)}", now)  # (ended: dropped, and no replay anyway)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps)
+def test_told_the_time_the_guard_answers_as_one_that_keeps_everything(ops: list[tuple[str, int, float, float]]) -> None:
+    guard, everything = ReplayGuard(), Reference(limit=10**9)
+    clock, last = 0.0, None
+    for op, n, dt, skew in ops:
+        clock += dt / 100
+        signature = f"sig-{n}"
+        if op == "seen":
+            assert guard.seen(signature, clock) == everything.seen(signature, clock)
+        else:
+            guard.remember(signature, clock + skew, now=clock)
+            everything.remember(signature, clock + skew)
+            last = clock
+    if last is not None:  # what had ended when it was last told the time is gone (what it took then stays)
+        assert all(until >= last for until in guard._seen.values())
