@@ -6,9 +6,12 @@ import json
 import logging
 import re
 import sys
+import time
 import traceback
 from datetime import UTC, datetime
 from typing import Any
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -76,6 +79,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp's server logs a request it cannot parse (a request line or header that is not HTTP, a body with no
+    length on HTTP/1.0 read as the next request) at ERROR with a traceback, though it answers 400 and the fault is
+    the client's: anyone who can reach the port could fill the log with tracebacks and page whoever watches for
+    ERRORs. Said instead at INFO, on one line, at most once a minute (with how many went unsaid)."""
+
+    EVERY = 60.0
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self._said: float | None = None
+        self._unsaid = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        now = self.clock()
+        if self._said is not None and now - self._said < self.EVERY:
+            self._unsaid += 1
+            return False
+        more = f"; {self._unsaid} more since" if self._unsaid else ""
+        self._said, self._unsaid = now, 0
+        said = escape_controls(str(getattr(exc, "message", "") or exc))[:200]
+        record.msg, record.args = "%s: not HTTP the bot can read (%s); refused%s (said at most once a minute)", (
+            record.getMessage(), said, more)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+        return True
+
+
 def setup(fmt: str = "text", level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -88,5 +123,8 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     for noisy in ("aiohttp.access", "sqlalchemy.engine", "apscheduler", "aiosqlite",  # (each statement, at DEBUG)
                   "httpx", "httpcore"):  # python-telegram-bot's HTTP client logs each URL, the bot token in it
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    server.filters[:] = [f for f in server.filters if not isinstance(f, MalformedRequests)]
+    server.addFilter(MalformedRequests())
     # python-telegram-bot itself logs its API URL, the bot token in it, at DEBUG ("Set Bot API URL: .../bot<token>")
     logging.getLogger("telegram").setLevel(max(logging.INFO, root.level))

@@ -110,6 +110,37 @@ def test_serve_starts_on_the_example_config_and_stops_cleanly(tmp_path: Path) ->
     assert (tmp_path / "chatops.db").exists()
 
 
+def test_requests_that_are_not_http_are_refused_with_a_line_at_info_not_a_traceback(tmp_path: Path) -> None:
+    """aiohttp logs a request it cannot parse at ERROR with a traceback: anyone reaching the port could fill the log
+    and page whoever watches ERRORs. A body sent on HTTP/1.0 with no length is read as the next request; a request
+    line that is not HTTP: each refused, said once a minute at INFO, with how many since."""
+    import socket
+
+    shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
+    port = free_port()
+
+    def send(raw: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(raw)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+    with serving(tmp_path, port) as proc:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        no_length = send(b'POST /alerts/alertmanager HTTP/1.0\r\nAuthorization: Bearer x\r\n\r\n{"version": "4"}')
+        assert b" 400 " in no_length.split(b"\r\n", 1)[0] or b"HTTP/1.1 400" in no_length, no_length
+        for _ in range(3):
+            garbage = send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n\x16\x03\x01 not http\r\n\r\n")
+            assert b"400" in garbage.split(b"\r\n\r\n", 1)[1].split(b"\r\n", 1)[0] or b"400 Bad" in garbage, garbage
+        assert wait_http(f"http://127.0.0.1:{port}/healthz", proc) == (200, {"status": "ok"})
+    log = proc.stdout.read()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    said = [line for line in log.splitlines() if "not HTTP the bot can read" in line]
+    assert len(said) == 1 and " INFO " in said[0] and said[0].endswith("refused (said at most once a minute)"), said
+
+
 def test_a_second_bot_on_the_same_store_or_port_stops_before_it_touches_anything(tmp_path: Path) -> None:
     """A second `chatops serve` by mistake: on the same SQLite file it stops, naming the running one's pid; on the same
     port it stops before it opens the store (its start would have settled the running bot's pages as cut off)."""
