@@ -93,22 +93,28 @@ def _mac(secret: str) -> Any:
     return base.copy()
 
 
-def _once(headers: Mapping[str, str], name: str) -> None:
-    """A credential header sent twice is refused: which one counts would be the server's guess (aiohttp's `get`
-    takes the first, a proxy in front may take the last)."""
+def _once(headers: Mapping[str, str], name: str, reason: str = "bad_credentials") -> None:
+    """A credential header sent twice is refused (`reason`, as a wrong one is): which one counts would be the
+    server's guess (aiohttp's `get` takes the first, a proxy in front may take the last)."""
     getall = getattr(headers, "getall", None)
     if getall is not None and len(getall(name, ())) > 1:
-        raise AuthError("bad_credentials", f"{name} header sent more than once")
+        raise AuthError(reason, f"{name} header sent more than once")
+
+
+def _hex(signature: str) -> str:
+    """A signature header's hex digest: `sha256=` before it is optional, in any case, as the hex is."""
+    signature = signature.strip()
+    return signature[7:] if signature[:7].lower() == "sha256=" else signature
 
 
 def _verify_hmac(auth: HmacAuth, headers: Mapping[str, str], body: bytes, now: datetime, separator: str = ".") -> None:
-    _once(headers, auth.header)
+    _once(headers, auth.header, "bad_signature")
     if auth.timestamp_header:
-        _once(headers, auth.timestamp_header)
+        _once(headers, auth.timestamp_header, "bad_timestamp")
     given = headers.get(auth.header, "")
     if not given:
         raise AuthError("missing_signature", f"missing {auth.header} header")
-    given = given.strip().removeprefix("sha256=")
+    given = _hex(given)
     timestamp = None
     if auth.timestamp_header:
         timestamp = headers.get(auth.timestamp_header, "").strip()
@@ -195,5 +201,5 @@ def replay_message(delivery_id: str | None) -> str:
 def signature_of(source: Source, headers: Mapping[str, str]) -> str | None:
     """The request's signature when its source signs with a timestamp (replays are then detectable)."""
     if isinstance(source.auth, HmacAuth) and source.auth.timestamp_header:
-        return headers.get(source.auth.header, "").strip().removeprefix("sha256=").lower() or None
+        return _hex(headers.get(source.auth.header, "")).lower() or None
     return None

@@ -75,6 +75,22 @@ async def test_hmac_good_wrong_stale_replayed_and_missing(h: Harness) -> None:
     assert await rejected(h, "replayed") == 1 and await rejected(h, "bad_signature") == 2
     assert await h.count(AlertRecord) == 1
 
+    # Its header twice: which counts would be a guess; refused as a bad signature (not as a bearer token, with no
+    # WWW-Authenticate: Bearer), and its timestamp's twice as a bad timestamp.
+    mine = signed(h, other)
+    for doubled, reason in (("X-Signature", "bad_signature"), ("X-Timestamp", "bad_timestamp")):
+        headers = [(name.encode(), value.encode()) for name, value in mine.items()] + [(doubled.encode(), b"1")]
+        status, answer = await raw_post(h.client, "/alerts/generic", headers, other)
+        assert (status, json.loads(answer)["error"]) == (401, f"{doubled} header sent more than once"), answer
+    assert await rejected(h, "bad_signature") == 3 and await rejected(h, "bad_timestamp") == 4 + 1  # (the odd ones above)
+    assert await rejected(h, "bad_credentials") == 0
+    # `sha256=` in any case, as the hex may be: the same signature
+    upper = {**mine, "X-Signature": "SHA256=" + mine["X-Signature"].removeprefix("sha256=").upper()}
+    assert (await h.post("generic", other, upper))[0] == 200
+    status, answer, _ = await h.post("generic", other, mine)
+    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted (send "
+                                              "X-Delivery-ID to retry safely)")
+
 
 @pytest.mark.parametrize(("source", "header"), [
     ("am", (b"Authorization", b"Bearer \xff\xfe")),
