@@ -42,7 +42,7 @@ from bot.model import Actor
 from bot.routing import group_key, select_routes, silence_ends, silenced_by
 from handlers.notify import page_redraw_row
 from handlers.silences import schedule_silence_ends
-from storage.audit import AuditLog, Entry, KeyMismatch
+from storage.audit import _SQLITE_HEAD, AuditLog, Entry, KeyMismatch
 from storage.db import Database, explain_failure, waited_in_vain
 from storage.models import AlertRecord, AlertSignature, AuditEvent, Delivery, Escalation, Incident, OutboxItem
 from storage.replays import claim_in
@@ -294,9 +294,6 @@ class _Batch:
         if id(incident) not in self.touched:
             self.touched[id(incident)] = _Touched(incident)
         return self.touched[id(incident)]
-
-
-_SQLITE_HEAD = "SELECT seq, hash FROM audit_head WHERE id = 1"
 
 
 _INCIDENT_TIMES = ("opened_at", "last_seen")  # the datetime columns of _INCIDENT_COLUMNS (_ALERT_COLUMNS: ends_at)
