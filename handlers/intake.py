@@ -954,7 +954,10 @@ class Intake:
         if not keys:
             return _Batch(now, {}, {}, {})
         if self.db is not None and self.db.is_postgres:
-            _lock_keys(conn, keys)  # replicas serialize on the group keys they touch
+            # Replicas serialize on the group keys they touch, and on the alerts: one alert may come under two keys
+            # at once (two Alertmanager groups; a generic sender's labels), and each would find no record of it and
+            # open an incident for it. (One call, one order: no deadlock.)
+            _lock_keys(conn, [*keys, *(f"alert\x1f{src}\x1f{fp}" for src, fp in sorted(identities))])
         rows = Rows(conn)
         warm = self._warm if rows.raw is not None else None
         kept = warm.load(keys, identities) if warm is not None and warm.check(rows.raw) else None

@@ -261,6 +261,31 @@ async def test_one_delivery_id_at_two_replicas_at_once_is_stored_once_and_replay
     assert len(await h.incidents()) == 5 and all(i.alert_count == 1 for i in await h.incidents())
 
 
+async def test_one_alert_at_two_replicas_at_once_under_two_group_keys_opens_one_incident(
+        h: Harness, pg_schema: str) -> None:
+    """The same alert (one fingerprint) sent to two replicas at once under two group keys (a generic sender's
+    instance label; an alert in two Alertmanager groups): the replicas locked only the group keys, so both found no
+    record of it and each opened an incident for it, two cards and two escalations for one alert. The alert is
+    locked too: the second waits for the first, and its repeat joins the first's incident."""
+    if not h.bot.db.is_postgres:
+        pytest.skip("replicas share PostgreSQL")
+    from tests.conftest import postgres_url
+    from tests.botkit import running_bot
+
+    async with running_bot(postgres_url(), schema=pg_schema, clock=h.clock) as other:
+        for round in range(8):
+            body = {"asset_name": f"web-{round}", "signature": "Down", "severity": "high", "message": "down",
+                    "tool_source": "t"}
+            answers = await asyncio.gather(h.post("open", {**body, "labels": {"instance": f"pod-{round}-a"}}),
+                                           other.post("open", {**body, "labels": {"instance": f"pod-{round}-b"}}))
+            assert [a[0] for a in answers] == [200, 200], answers
+            changes = sorted(a[1]["results"][0]["change"] for a in answers)
+            assert changes == ["duplicate", "opened"], answers
+            assert answers[0][1]["results"][0]["incident"] == answers[1][1]["results"][0]["incident"]
+    incidents = await h.incidents()
+    assert len(incidents) == 8 and all((i.alert_count, i.firing_count) == (1, 1) for i in incidents)
+
+
 async def test_default_grouping_by_alertname_and_instance(h: Harness) -> None:
     await h.post("am-plain", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
     incidents = await h.incidents()
