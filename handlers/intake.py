@@ -328,23 +328,25 @@ class _Warm:
         self.conn: Any = None
         self.version: Any = None
         self.head: Any = None  # the audit head the last batch left, once committed
+        self.found_head: Any = None  # the audit head the transaction running now found (check)
         self.open_by_key: dict[str, list[int]] = {}
         self.incidents: dict[int, dict[str, Any]] = {}
         self.records: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     def forget(self) -> None:
-        self.conn = self.version = self.head = None
+        self.conn = self.version = self.head = self.found_head = None
         self.open_by_key, self.incidents, self.records = {}, {}, {}
 
     def check(self, raw: Any) -> bool:
         """Whether what is kept is what the store holds (see the class); if not, it is forgotten."""
         version = raw.execute("PRAGMA data_version").fetchone()[0]
         head = raw.execute(_SQLITE_HEAD).fetchone()
-        if raw is self.conn and version == self.version and head == self.head and self.head is not None:
-            return True
-        self.forget()
-        self.conn, self.version = raw, version
-        return False
+        kept = raw is self.conn and version == self.version and head == self.head and self.head is not None
+        if not kept:
+            self.forget()
+            self.conn, self.version = raw, version
+        self.found_head = head  # where this transaction found the chain: still its head if it appends nothing
+        return kept
 
     def load(self, keys: Sequence[str], identities: set[tuple[str, str]]
              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[int, dict[str, Any]]] | None:
@@ -377,8 +379,9 @@ class _Warm:
             by_identity[(row["source"], row["fingerprint"])].append(row)
         self.records.update(by_identity)
 
-    def wrote(self, st: _Batch, raw: Any) -> None:
-        """The batch's incidents and records as it wrote them (called after its statements, in its transaction)."""
+    def wrote(self, st: _Batch, appended: Sequence[Mapping[str, Any]]) -> None:
+        """The batch's incidents and records as it wrote them, and the audit events it `appended` (called after its
+        statements, in its transaction): where the chain's head is once it commits."""
         incidents, open_by_key = self.incidents, self.open_by_key
         for inc in (*st.loaded, *st.new_incidents):
             d, undecoded = inc.__dict__, inc._raw
@@ -411,7 +414,7 @@ class _Warm:
                     if old["id"] == values["id"]:
                         kept[i] = values
                         break
-        self.head = raw.execute(_SQLITE_HEAD).fetchone()
+        self.head = (appended[-1]["seq"], appended[-1]["hash"]) if appended else self.found_head
 
 
 class Intake:
@@ -889,9 +892,9 @@ class Intake:
         if st.resolutions:
             _first_resolutions(conn, st)
         _assign_incident_ids(st)
-        self.audit.append_rows(conn, st.entries)
+        appended = self.audit.append_rows(conn, st.entries)
         if rows.raw is not None and st.keys:  # (read through the cache, or into it)
-            self._warm.wrote(st, rows.raw)
+            self._warm.wrote(st, appended)
 
     def _known_deliveries(self, conn: Connection, batch: Sequence[Submission], now: datetime
                           ) -> dict[tuple[str, str], tuple[Outcome, str | None]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -242,14 +243,21 @@ async def test_an_alert_racing_a_person_who_resolves_opens_a_new_incident(h: Har
     assert (first.status, first.alert_count, second.status, second.previous_id) == ("resolved", 1, "triggered", first.id)
 
 
-async def test_one_delivery_id_at_two_replicas_at_once_is_stored_once_and_replayed(
-        h: Harness, pg_schema: str) -> None:
+@asynccontextmanager
+async def another_replica(h: Harness, pg_schema: str) -> AsyncIterator[Harness]:
+    """A second bot on h's PostgreSQL schema and clock (skipped on SQLite: replicas share PostgreSQL)."""
     if not h.bot.db.is_postgres:
         pytest.skip("replicas share PostgreSQL")
     from tests.conftest import postgres_url
     from tests.botkit import running_bot
 
     async with running_bot(postgres_url(), schema=pg_schema, clock=h.clock) as other:
+        yield other
+
+
+async def test_one_delivery_id_at_two_replicas_at_once_is_stored_once_and_replayed(
+        h: Harness, pg_schema: str) -> None:
+    async with another_replica(h, pg_schema) as other:
         for round in range(5):
             body = {"asset_name": f"web-{round}", "signature": "Down", "severity": "high", "message": "down",
                     "tool_source": "t"}
@@ -267,12 +275,7 @@ async def test_one_alert_at_two_replicas_at_once_under_two_group_keys_opens_one_
     instance label; an alert in two Alertmanager groups): the replicas locked only the group keys, so both found no
     record of it and each opened an incident for it, two cards and two escalations for one alert. The alert is
     locked too: the second waits for the first, and its repeat joins the first's incident."""
-    if not h.bot.db.is_postgres:
-        pytest.skip("replicas share PostgreSQL")
-    from tests.conftest import postgres_url
-    from tests.botkit import running_bot
-
-    async with running_bot(postgres_url(), schema=pg_schema, clock=h.clock) as other:
+    async with another_replica(h, pg_schema) as other:
         for round in range(8):
             body = {"asset_name": f"web-{round}", "signature": "Down", "severity": "high", "message": "down",
                     "tool_source": "t"}
