@@ -47,7 +47,7 @@ from storage.db import Database, explain_failure, waited_in_vain
 from storage.models import AlertRecord, AlertSignature, AuditEvent, Delivery, Escalation, Incident, OutboxItem
 from storage.replays import claim_in
 from storage.rows import Json, Rows, _encode_datetime, fast_encoder, json_text
-from storage.writer import WriterGone, WriterProcess
+from storage.writer import WriterGone, WriterProcess, wire_time
 
 log = logging.getLogger("chatops.intake")
 THREAD_LINE_DELAY = timedelta(seconds=30)
@@ -726,7 +726,7 @@ class Intake:
             try:
                 self.db.check_file()  # (the writer process opened it at start, and would write on into a lost file)
                 future = self._writer_process().call(
-                    (self.clock.now(), [(s.source.id, s.body if s.body is not None else [_alert_fields(a) for a in s.alerts],
+                    (wire_time(self.clock.now()), [(s.source.id, s.body if s.body is not None else [_alert_fields(a) for a in s.alerts],
                                          s.delivery_id, s.truncated, s.signature, s.digest) for s in batch]))
             except Exception as exc:
                 self._failed_whole(batch, exc)

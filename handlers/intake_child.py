@@ -19,6 +19,7 @@ from handlers.escalation import Escalations
 from handlers.intake import _INTERNAL, _UNAVAILABLE, Intake, Submission, _dumps, _is_db_unavailable, unknown_severities
 from storage.audit import AuditLog
 from storage.db import sqlite_writer_engine
+from storage.writer import from_wire_time
 
 # A submission's answer as it travels back: status, the body encoded, whether it repeats a stored answer, and why it
 # was refused (Outcome.rejected: counted in /metrics) or None.
@@ -56,7 +57,7 @@ class _ProcessWriter:
         self.sources = {s.id: s for s in config.sources}
         self.max_batch = max_batch
 
-    def __call__(self, messages: list[tuple[datetime, list[tuple[str, list[tuple[Any, ...]] | bytes, str | None, int,
+    def __call__(self, messages: list[tuple[datetime | int, list[tuple[str, list[tuple[Any, ...]] | bytes, str | None, int,
                                                                   str | None, str | None]]]]) -> list[Any]:
         logs: list[tuple[int, str]] = []
         outcomes: list[list[_Answer]] = []
@@ -64,7 +65,8 @@ class _ProcessWriter:
         where: dict[int, tuple[int, int]] = {}  # id(submission) -> (message, index in it)
         groups: list[tuple[datetime, list[Submission]]] = []
         read: list[list[tuple[str | None, int, int, int, dict[str, int] | None] | None]] = []  # per body it read
-        for m, (now, items) in enumerate(messages):
+        for m, (moment, items) in enumerate(messages):
+            now = from_wire_time(moment)
             answers: list[_Answer] = []
             read.append([])
             batch = []

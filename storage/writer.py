@@ -37,6 +37,7 @@ import sys
 import traceback
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,22 @@ class WriterGone(ConnectionError):
     What it was given and had not answered was not committed, unless it died in the instant between a commit
     and its answer: as with any server that dies before answering, a sender's retry then repeats it (a retry
     with the same X-Delivery-ID gets the first answer)."""
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def wire_time(moment: datetime) -> datetime | int:
+    """A time as it travels to a writer process: a UTC datetime as microseconds since 1970 (an int pickles in a tenth
+    of a microsecond; a datetime with its tzinfo takes about 9, and unpickling it 5, for every message); any other as
+    it is. `from_wire_time` takes it back."""
+    return (moment - _EPOCH) // _MICROSECOND if moment.tzinfo is UTC else moment
+
+
+def from_wire_time(moment: datetime | int) -> datetime:
+    """What `wire_time` sent: the same datetime (UTC, to the microsecond)."""
+    return _EPOCH + timedelta(microseconds=moment) if type(moment) is int else moment  # type: ignore[return-value]
 
 
 def _frame(message: Any) -> bytes:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import signal
 import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 
@@ -26,6 +28,7 @@ from bot.alerts import parse_generic
 from bot.clock import FakeClock
 from storage.db import Database
 from storage.models import AlertRecord, AuditEvent, Escalation, Incident, Timer
+from storage.writer import from_wire_time, wire_time
 from tests import botkit
 from tests.botkit import T0, Harness, running_bot
 from tests.conftest import free_port
@@ -160,6 +163,20 @@ async def test_the_fake_clock_now_travels_with_each_batch(tmp_path: Path) -> Non
         # time to resolve, as Intake._answer observes it, from the writer process's figures
         assert sample(h, "chatops_time_to_resolve_seconds_count", severity="high") == 1
         assert sample(h, "chatops_time_to_resolve_seconds_sum", severity="high") == 21 * 60 + 30
+
+
+def test_a_batch_time_travels_as_microseconds_and_comes_back_the_same() -> None:
+    for moment in (T0, datetime(2026, 3, 29, 0, 59, 59, 999_999, tzinfo=UTC), datetime(1969, 7, 20, 20, 17, 40, 1, tzinfo=UTC),
+                   datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)):
+        sent = wire_time(moment)
+        assert type(sent) is int
+        back = from_wire_time(pickle.loads(pickle.dumps(sent)))
+        assert back == moment and back.tzinfo is UTC
+    # A clock in another zone: its time travels as it is (pickled whole), so nothing of it is lost.
+    berlin = datetime(2026, 3, 29, 3, 0, 0, 5, tzinfo=ZoneInfo("Europe/Berlin"))
+    assert wire_time(berlin) is berlin
+    back = from_wire_time(pickle.loads(pickle.dumps(wire_time(berlin))))
+    assert back == berlin and back.tzinfo == ZoneInfo("Europe/Berlin")
 
 
 async def test_truncated_alerts_travel_to_the_writer_process(tmp_path: Path) -> None:
