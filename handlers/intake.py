@@ -927,12 +927,16 @@ class Intake:
         the batch, under its X-Delivery-ID, is a sender's retry, answered as a repeat. SQLite: the signatures are
         logged, for the ReplayGuard to start with after a restart (see AlertEndpoint.restore)."""
         windows: dict[str, datetime] = {}
+        ends: dict[timedelta, datetime] = {}  # max_skew -> the end: one datetime for a source's signatures (encoded once)
         signed = []
         for s in batch:
             if s.signature and isinstance(s.source.auth, HmacAuth):
                 signed.append(s)
                 # A signature stays valid while its timestamp is within max_skew of now, behind or ahead.
-                until = now + 2 * s.source.auth.max_skew
+                skew = s.source.auth.max_skew
+                until = ends.get(skew)
+                if until is None:
+                    until = ends[skew] = now + 2 * skew
                 windows[s.signature] = max(until, windows.get(s.signature, until))
         if not signed:
             return {}

@@ -297,6 +297,9 @@ MALFORMED = [
      "timestamp: out of range: '9999-12-31T23:30:00-05:00' (not a generic payload?)"),  # bare, as every field of one
     ("open", json.dumps([ALERT, {**ALERT, "timestamp": "yesterday"}]).encode(), 422,
      "[1].timestamp: not an RFC 3339 time: 'yesterday' (not a generic payload?)"),
+    ("open", json.dumps([ALERT, {**ALERT, "timestamp": -1.5}]).encode(), 422,
+     "[1].timestamp: out of range: '-1.5' is before 1970 (expected Unix time in seconds or milliseconds, or RFC 3339) "
+     "(not a generic payload?)"),
     ("am", b'{"version": "4", "alerts": [{"status": "firing", "labels": {"a": "b"}, "startsAt": "9999-12-31T23:00:00-02:00"}]}',
      422, "alerts[0].startsAt: out of range: '9999-12-31T23:00:00-02:00' (not an alertmanager payload?)"),
     ("open", b'{"asset_name": "web-1", "signature": "x", "severity": "high", "message": "m", "tool_source": "t", '
@@ -553,3 +556,13 @@ async def test_rfc3339_times_with_lowercase_t_and_z_are_read(h: Harness) -> None
     async with h.bot.db.sessions() as s:
         [record] = (await s.execute(select(AlertRecord))).scalars().all()
     assert record.starts_at is not None and record.starts_at.isoformat() == "2026-11-24T03:59:00.500000+00:00"
+
+
+async def test_a_generic_time_without_offset_is_utc_and_unix_time_zero_is_none(h: Harness) -> None:
+    assert (await h.post("open", [{**ALERT, "asset_name": "web-1", "timestamp": "2026-11-24T03:59:00"},
+                                  {**ALERT, "asset_name": "web-2", "timestamp": 0},
+                                  {**ALERT, "asset_name": "web-3", "timestamp": "1764043140000"}]))[0] == 200
+    async with h.bot.db.sessions() as s:
+        records = (await s.execute(select(AlertRecord).order_by(AlertRecord.id))).scalars().all()
+    starts = [r.starts_at.isoformat() if r.starts_at else None for r in records]
+    assert starts == ["2026-11-24T03:59:00+00:00", None, "2025-11-25T03:59:00+00:00"]
