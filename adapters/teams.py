@@ -345,8 +345,10 @@ class TeamsAdapter:
         self._claims = self.cloud.create_claims_identity(settings.app_id)  # the bot's own, for what it starts
         self._seen: deque[str] = deque(maxlen=SEEN_KEPT)
         # Teams opens a private chat only in a tenant it is told: tenant_id, or (a multi-tenant app) the tenant of the
-        # latest activity someone sent the bot.
+        # latest message someone in people: sent the bot.
         self._tenant: str | None = None
+        # Microsoft Teams' channel; the Bot Framework Emulator's too when authentication is off (its only use)
+        self._channels = frozenset(("msteams", "emulator") if not settings.app_id else ("msteams",))
         # The cards this process drew as answers (`incident show`): nothing else redraws them (the outbox redraws the
         # channels' cards and the pages). Not kept across a restart, nor shared with another replica.
         self._shown: deque[str] = deque(maxlen=SHOWN_KEPT)
@@ -387,9 +389,18 @@ class TeamsAdapter:
             log.info("teams: refused an activity: %s", refusal(header, exc))
             return web.json_response({"error": "unauthorized: a valid Bot Framework token (Authorization: Bearer) "
                                                "is required"}, status=401)
-        self._tenant = tenant_of(activity) or self._tenant
+        if activity.channel_id not in self._channels:
+            # The Bot Framework's keys sign for its other channels too (Direct Line, Web Chat), whose sender picks
+            # its own from.id: a Teams id there would let anyone with that channel's secret act as a person.
+            log.info("teams: refused an activity from the %r channel (only Microsoft Teams' are taken)",
+                     str(activity.channel_id)[:40])
+            return web.json_response({"error": f"activities from the {str(activity.channel_id)[:40]!r} channel are not "
+                                               "taken: this endpoint serves Microsoft Teams"}, status=403)
         if activity.type != ActivityTypes.message or activity.conversation is None or activity.from_property is None:
             return web.json_response({}, status=200)  # conversationUpdate, typing...: nothing to do
+        if self.dispatcher.identify(self.actor_of(activity)) is not None:
+            # (a person app.yaml knows: a stranger's message from another tenant would send the pages there)
+            self._tenant = tenant_of(activity) or self._tenant
         if not await self._once(activity, authenticated):
             return web.json_response({"error": "its handling failed; send it again"}, status=503,
                                      headers={"Retry-After": "2"})
@@ -482,7 +493,9 @@ class TeamsAdapter:
             return
         source = MessageRef(PLATFORM, chat.chat_id, activity.reply_to_id or "", chat.thread_id)
         event = ActionEvent(decoded.action.value, decoded.incident_id, decoded.arg, self.actor_of(activity),
-                            source if activity.reply_to_id else None, event_id=activity.id or "", tag=decoded.tag)
+                            source if activity.reply_to_id else None,
+                            # (an activity id is unique within its conversation only: Teams' are millisecond times)
+                            event_id=f"{activity.conversation.id}:{activity.id}" if activity.id else "", tag=decoded.tag)
         reply = await dispatched(self.dispatcher.handle_action(event), handling, PLATFORM)
         if reply is None or turn.turn_state.get(MUTED):
             return
@@ -632,12 +645,12 @@ class TeamsAdapter:
 
     async def _personal(self, user_id: str) -> str:
         """The id of the bot's 1:1 chat with a person (Teams gives the same one each time). Teams opens one only in
-        a tenant it is told (a 400 without): with none known yet (a multi-tenant bot that has received no activity
-        since it started) the outbox tries again later, rather than giving the page up for good."""
+        a tenant it is told (a 400 without): with none known yet (a multi-tenant bot that has received no message
+        from a person in people: since it started) the outbox tries again later, rather than giving the page up for good."""
         tenant = self.settings.tenant_id or self._tenant
         if not tenant:
             raise DeliveryError("teams: no Teams tenant known yet: set adapters.teams.tenant_id, or it is learnt from "
-                                "the first message anyone sends the bot", retry_after=NO_TENANT_WAIT)
+                                "the first message a person in people: sends the bot", retry_after=NO_TENANT_WAIT)
         parameters = ConversationParameters(
             is_group=False, bot=ChannelAccount(id=f"28:{self.settings.app_id}"),
             members=[ChannelAccount(id=user_id)], tenant_id=tenant, channel_data={"tenant": {"id": tenant}})

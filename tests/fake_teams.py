@@ -61,6 +61,8 @@ class FakeTeams:
         self._failures: dict[str, list[tuple[int, dict[str, str]]]] = {}
         self._lock = threading.Lock()
         self.port = 0
+        # the channels the signing key is endorsed for (Microsoft's keys sign for Direct Line and Web Chat too)
+        self.endorsements = ["msteams"]
 
     # -- what a test uses --------------------------------------------------------------------------------------
 
@@ -181,7 +183,7 @@ class FakeTeams:
     async def _keys(self, _request: web.Request) -> web.Response:
         await asyncio.sleep(self.keys_delay)
         jwk = RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
-        return web.json_response({"keys": [{**jwk, "kid": self.kid, "use": "sig", "endorsements": ["msteams"]}]})
+        return web.json_response({"keys": [{**jwk, "kid": self.kid, "use": "sig", "endorsements": self.endorsements}]})
 
     async def _token(self, request: web.Request) -> web.Response:
         form = await request.post()

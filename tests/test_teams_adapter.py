@@ -380,12 +380,64 @@ async def test_a_multi_tenant_bot_pages_once_it_knows_a_tenant_not_before(tmp_pa
             await teams.page(BOB_AAD, message)
         assert not waiting.value.permanent and not waiting.value.unknown and waiting.value.retry_after == 60
         assert "no Teams tenant known yet: set adapters.teams.tenant_id, or it is learnt from the first message " \
-               "anyone sends the bot" in str(waiting.value)
+               "a person in people: sends the bot" in str(waiting.value)
         assert bf.called("create") == []
         await say(h, bf, bf.message("help"))  # someone writes to the bot: its tenant is known
         await teams.page(BOB_AAD, message)
         [opened] = bf.called("create")
         assert opened.body["channelData"] == {"tenant": {"id": TENANT}}  # the tenant of the message it received
+
+
+async def test_a_strangers_message_from_another_tenant_does_not_send_the_pages_there(tmp_path: Path) -> None:
+    """The tenant a multi-tenant bot pages in is learnt from people app.yaml knows: a stranger's message from another
+    tenant (anyone can side-load an app with the bot's id) sent every page there, where the Bot Connector refuses it
+    for good, until someone else wrote."""
+    other = "e0e0e0e0-0000-4000-8000-00000000e0e0"
+    async with teams_bot(tmp_path) as (h, bf):
+        await say(h, bf, bf.message("help"))  # Alice, in TENANT
+        stranger = bf.message("help", user="29:1stranger", personal=True, conversation="a:1stranger")
+        stranger["channelData"] = {"tenant": {"id": other}}
+        stranger["conversation"]["tenantId"] = other
+        assert (await post(h, stranger, bf.headers()))[0] == 200
+        await h.bot.adapters["teams"].page(BOB_AAD, Outbound("text", {"text": "wake up"}, text="wake up"))
+        [opened] = bf.called("create")
+        assert opened.body["channelData"] == {"tenant": {"id": TENANT}}
+
+
+async def test_an_activity_from_another_bot_framework_channel_is_refused_403(tmp_path: Path) -> None:
+    """The Bot Framework's keys sign for Direct Line and Web Chat too, whose sender picks its own from.id: such an
+    activity naming Alice's Teams id acknowledged an incident as Alice."""
+    async with teams_bot(tmp_path) as (h, bf):
+        bf.endorsements = ["msteams", "webchat", "directline"]
+        assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+        forged = bf.message("incident ack 1", personal=True, conversation="dl-1")
+        forged.update(channelId="directline", conversation={"id": "dl-1"}, **{"from": {"id": "29:1alice", "name": "x"}})
+        forged.pop("channelData")
+        status, body = await post(h, forged, bf.headers())
+        assert status == 403 and body["error"] == ("activities from the 'directline' channel are not taken: this "
+                                                   "endpoint serves Microsoft Teams")
+        [incident] = await h.incidents()
+        assert incident.status == "triggered" and bf.called("reply") == []
+        await say(h, bf, bf.message("incident ack 1"))  # Teams' own activity still is taken
+        [incident] = await h.incidents()
+        assert (incident.status, incident.acknowledged_by) == ("acknowledged", "alice")
+
+
+async def test_the_same_activity_id_in_two_conversations_is_two_clicks(tmp_path: Path) -> None:
+    """Teams' activity ids are millisecond times, unique within a conversation only: Bob's click in another thread
+    with the id of Alice's was dropped as a repeat of hers, silently."""
+    async with teams_bot(tmp_path) as (h, bf):
+        assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+        assert (await h.post("am", fixture("alertmanager/03-highcpu-firing.json")))[0] == 200
+        await bf.wait_for(lambda: len(bf.called("send")) >= 2)
+        first, second = await recorded(h, 1), await recorded(h, 2)
+        cards = {call.answered: card_of(call) for call in bf.called("send")}
+        alice = bf.click(tagged(cards[first], "ack:1"), first)
+        bob = bf.click(tagged(cards[second], "ack:2"), second, user="29:1bob", aad=BOB_AAD)
+        alice["id"] = bob["id"] = "1700000000123"
+        assert [(await post(h, click, bf.headers()))[0] for click in (alice, bob)] == [200, 200]
+        assert [(i.id, i.status, i.acknowledged_by) for i in await h.incidents()] == [
+            (1, "acknowledged", "alice"), (2, "acknowledged", "bob")]
 
 
 async def test_the_fake_refuses_a_chat_without_a_tenant_as_the_bot_connector_does(tmp_path: Path) -> None:
@@ -403,8 +455,8 @@ def test_check_config_warns_of_a_teams_section_without_a_tenant() -> None:
     loaded = parse_config(base + "adapters: {teams: {app_id: a, app_password: p}}\n", adapter_models=SETTINGS_MODELS,
                           env={})
     assert [w for w in loaded.warnings if w.startswith("adapters.teams.tenant_id")] == [
-        "adapters.teams.tenant_id: not set: a multi-tenant bot learns its tenant from the first message anyone sends "
-        "it, so after a restart pages on Teams wait for one (Teams opens a private chat only in a tenant it is told); "
+        "adapters.teams.tenant_id: not set: a multi-tenant bot learns its tenant from the first message a person in "
+        "people: sends it, so after a restart pages on Teams wait for one (Teams opens a private chat only in a tenant it is told); "
         "set it to your tenant's id"]
     loaded = parse_config(base + f"adapters: {{teams: {{app_id: a, app_password: p, tenant_id: {TENANT}}}}}\n",
                           adapter_models=SETTINGS_MODELS, env={})
