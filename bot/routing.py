@@ -9,7 +9,7 @@ from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from bot.alerts import MAX_KEY, Alert, alert_name, bounded_key
-from bot.config import Route, Silence
+from bot.config import Route, Silence, WeeklyWindow
 from bot.durations import parse_weekday
 
 
@@ -57,17 +57,27 @@ def _active(s: Silence, now: datetime, default_tz: str) -> bool:
     if s.weekly is None:
         return (s.starts is None or s.starts <= now) and (s.ends is None or now < s.ends)
     local = now.astimezone(ZoneInfo(s.weekly.timezone or default_tz))
-    days = {parse_weekday(d) for d in s.weekly.days}
-    t = local.time().replace(tzinfo=None)
-    if s.weekly.start == s.weekly.end:  # 00:00-00:00 (or 06:00-06:00): the whole day, from start to start
-        return (local.weekday() if t >= s.weekly.start else (local.weekday() - 1) % 7) in days
-    if s.weekly.start < s.weekly.end:
-        return local.weekday() in days and s.weekly.start <= t < s.weekly.end
+    covered = _covers(s.weekly, local)
+    if covered and local.fold:
+        # The second pass of an hour the clocks went back over: an occurrence whose end is in that hour ended at
+        # its first pass (as silence_ends says, and the incident it muted spoke then); it does not come back.
+        return now < _occurrence_end(s, now, default_tz)
+    return covered
+
+
+def _covers(weekly: WeeklyWindow, local: datetime) -> bool:
+    """Whether the wall time `local` (in the window's zone) is inside the weekly window."""
+    days = {parse_weekday(d) for d in weekly.days}
+    t = local.time().replace(tzinfo=None, fold=0)
+    if weekly.start == weekly.end:  # 00:00-00:00 (or 06:00-06:00): the whole day, from start to start
+        return (local.weekday() if t >= weekly.start else (local.weekday() - 1) % 7) in days
+    if weekly.start < weekly.end:
+        return local.weekday() in days and weekly.start <= t < weekly.end
     # A window across midnight belongs to the day it starts on: `days: [fri]`, 22:00-06:00 is Friday night,
     # so Saturday 02:00 is in it and Friday 02:00 (Thursday night) is not.
-    if t >= s.weekly.start:
+    if t >= weekly.start:
         return local.weekday() in days
-    return t < s.weekly.end and (local.weekday() - 1) % 7 in days
+    return t < weekly.end and (local.weekday() - 1) % 7 in days
 
 
 def silence_ends(s: Silence, now: datetime, default_tz: str) -> datetime | None:
@@ -85,7 +95,8 @@ def silence_ends(s: Silence, now: datetime, default_tz: str) -> datetime | None:
 
 def _occurrence_end(s: Silence, at: datetime, default_tz: str) -> datetime:
     """When the occurrence of weekly window `s` covering `at` ends: its end's wall time on the day it ends, in its
-    time zone (2.5 hours of wall time are 3.5 on the night clocks go back)."""
+    time zone (01:00-03:30 lasts 3.5 hours on the night clocks go back over 02:00-03:00; an end in that hour, which
+    the clocks show twice, is its first pass)."""
     assert s.weekly is not None
     tz = ZoneInfo(s.weekly.timezone or default_tz)
     local = at.astimezone(tz)

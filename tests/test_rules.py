@@ -107,10 +107,22 @@ def test_a_weekly_window_ends_at_its_local_end_across_a_dst_change() -> None:
     spring = _weekly("sun", "01:00", "02:30")
     assert silence_ends(spring, datetime(2026, 3, 29, 0, 30, tzinfo=UTC), "UTC") == datetime(2026, 3, 29, 1, 0,
                                                                                                tzinfo=UTC)
-    # 02:30 comes twice in October: the window ends at the first (and is active again at the second, as before)
+    # 02:30 comes twice in October: the window ends at the first, and is not active again in the second pass of
+    # 02:00-02:30 (the incident it muted spoke at the first 02:30; alerts after it were silenced all the same)
     twice = _weekly("sun", "01:00", "02:30")
     assert silence_ends(twice, datetime(2026, 10, 25, 0, 0, tzinfo=UTC), "UTC") == datetime(2026, 10, 25, 0, 30,
                                                                                               tzinfo=UTC)
+    saturday_night = _weekly("sat", "22:00", "02:30")
+    assert silence_ends(saturday_night, datetime(2026, 10, 24, 20, 30, tzinfo=UTC), "UTC") == datetime(
+        2026, 10, 25, 0, 30, tzinfo=UTC)
+    for window in (twice, saturday_night):
+        covered = [minute for minute in range(0, 150, 5) if silenced_by(
+            [window], {"a": "b"}, datetime(2026, 10, 24, 23, 0, tzinfo=UTC) + timedelta(minutes=minute), "UTC")]
+        assert covered == list(range(0, 90, 5))  # 23:00Z (01:00 CEST) to 00:30Z (02:30 CEST), not 01:00-01:30Z
+    # The second pass of the hour is inside a window that ends after it (03:30 CET), and one that starts before
+    assert silenced_by([fall], {"a": "b"}, datetime(2026, 10, 25, 1, 15, tzinfo=UTC), "UTC") is not None
+    assert silenced_by([_weekly("sat", "22:00", "04:00")], {"a": "b"}, datetime(2026, 10, 25, 1, 15, tzinfo=UTC),
+                       "UTC") is not None
 
 
 def test_a_silence_ends_when_nothing_of_it_covers_the_time_any_more() -> None:
