@@ -134,9 +134,9 @@ class OverrideHandlers:
             raise BadInput("UNTIL must come after FROM.")
         if end <= now:
             raise BadInput(f"That stretch is over already (it ended {when(end, tz, now)}).")
+        start = max(start, now)  # a FROM in the past starts now (and what is over does not count against the cap)
         if end - start > MAX_LENGTH:
             raise BadInput("An override can last 90 days at most.")
-        start = max(start, now)  # a FROM in the past starts now
         if end - start < MIN_LENGTH:
             raise BadInput("A cover lasts a minute at least.")
         return start, end

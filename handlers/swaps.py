@@ -361,6 +361,10 @@ class SwapHandlers:
                 return Reply(f"Only {self.name(swap.counterpart)} can decline swap #{swap_id}.")
             if swap.status not in OPEN:
                 return Reply(self._settled(swap, person, now))
+            if now >= swap.expires_at:  # over, though its expiry timer has not run yet: it expired, as for accept
+                await self._expire(session, swap, now, but=person.id)
+                return Reply(f"Swap #{swap_id} expired {self._when(swap.expires_at, person, swap, now)}; there is "
+                             "nothing left to decline.")
             if self._left(swap) == "requester":  # nobody would read "declined": it is called off instead
                 reply = await self._call_off(session, swap, person, now)
             else:

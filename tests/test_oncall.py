@@ -468,6 +468,20 @@ async def test_covering_mistakes_get_a_precise_answer(slack: Slack, command: str
         assert (await session.execute(select(AuditEvent).where(AuditEvent.action == "oncall.override"))).first() is None
 
 
+async def test_an_override_from_the_past_is_capped_at_90_days_from_now_not_from_its_from(slack: Slack) -> None:
+    """FROM in the past starts now: what is over already does not count against the 90 days (it refused 2026-09-01
+    to 2026-12-01, eight days of cover from now, as longer than 90 days)."""
+    answer = await slack.answer(await slack.command("/override", "dba-primary carol 2026-09-01T00:00 2026-12-01T00:00",
+                                                    user="U02BOB"))
+    assert "90 days" not in answer["text"], answer["text"]
+    async with slack.h.bot.db.sessions() as session:
+        [stored] = (await session.execute(select(Override))).scalars().all()
+    assert (stored.person, stored.starts_at, stored.ends_at) == ("carol", T0, datetime(2026, 11, 30, 23, tzinfo=UTC))
+    answer = await slack.answer(await slack.command("/override", "dba-primary carol 2026-09-01T00:00 2027-03-01T00:00",
+                                                    user="U02BOB"))
+    assert "An override can last 90 days at most." in answer["text"]  # from now, still more than 90 days
+
+
 def test_feed_text_leaves_out_the_control_characters_rfc5545_forbids() -> None:
     """A person's name with a BEL or an ESC in it made the whole feed invalid; a tab is allowed."""
     from handlers.oncall import ics_text

@@ -361,6 +361,17 @@ async def test_a_click_after_the_deadline_expires_the_request_even_before_its_ti
     assert [a for a, _, _ in await audit(h)] == ["swap.requested", "swap.expired"]
 
 
+async def test_a_decline_after_the_deadline_expires_the_request_even_before_its_timer_runs(on_sqlite: Slack) -> None:
+    s, h = on_sqlite, on_sqlite.h
+    await say(s, "bob next")
+    await h.bot.timers.stop()
+    h.clock.advance(timedelta(hours=25))
+    assert await press(s, "swno:1", BOB) == "Swap #1 expired Wed 25 Nov 05:00 CET; there is nothing left to decline."
+    assert (await swaps(h))[0].status == "expired" and await overrides(h) == []
+    assert [a for a, _, _ in await audit(h)] == ["swap.requested", "swap.expired"]
+    assert [e for e, _, _ in await directs(h, "alice")] == ["swap.asked", "swap.expired"]  # not "declined"
+
+
 async def test_a_request_past_its_deadline_does_not_block_a_new_one_before_its_timer_runs(on_sqlite: Slack) -> None:
     s, h = on_sqlite, on_sqlite.h
     await say(s, "bob next")
