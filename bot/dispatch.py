@@ -152,11 +152,12 @@ class Dispatcher:
     async def handle_command(self, event: CommandEvent) -> Reply:
         name, platform = event.name.lstrip("/").lower(), event.actor.platform
         if name == "chatops":  # the umbrella: `/chatops ack 42` (or `@chatops ack 42`) is `/ack 42`
-            if not event.args or event.args[0].lower() == "help":
+            # (`/chatops /incident ack 42` too, as Teams takes `@chatops /incident ack 42`; nothing but quotes: help)
+            word = event.args[0].lower().lstrip("/") if event.args else ""
+            if not word or word == "help":
                 return Reply(self.help_text(platform))
             # its first word is a word, not a slash command: `/chatops hello` is answered as words are
-            event = CommandEvent(event.args[0].lower(), list(event.args[1:]), event.actor, event.chat, event.direct,
-                                 plain=True)
+            event = CommandEvent(word, list(event.args[1:]), event.actor, event.chat, event.direct, plain=True)
             name = event.name
             if name not in self.commands and name in self._words:  # a subcommand: `resolve 42` is `incident resolve 42`
                 event = CommandEvent(self._words[name], [name, *event.args], event.actor, event.chat, event.direct,

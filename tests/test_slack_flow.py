@@ -275,6 +275,11 @@ async def test_slash_commands_list_show_and_act(slack: Slack) -> None:
     assert button_values(shown) == ["res:1"]
     resolved = await s.answer(await s.command("/chatops", "incident resolve 1"))
     assert resolved["text"] == "Resolved #1."
+    # a slash typed after the umbrella (as Teams takes it) is no part of the word; empty quotes are no command
+    reopened = await s.answer(await s.command("/chatops", "/incident reopen 1"))
+    assert reopened["text"] == "Reopened #1."
+    assert (await s.answer(await s.command("/chatops", '""')))["text"].startswith("Commands:")
+    assert (await s.answer(await s.command("/chatops", "/incident resolve 1")))["text"] == "Resolved #1."
     usage = await s.answer(await s.command("/incident", "frobnicate 1"))
     assert "I don't know `/incident frobnicate`" in usage["text"] and "/incident list" in usage["text"]
     missing = await s.answer(await s.command("/ack", "nope"))
