@@ -21,8 +21,8 @@ and end fall into the same skipped hour (1-hour shifts) is empty and left out.
 
 Overrides (person P covers the rotation from T1 to T2) are laid over the
 rotation; where overrides overlap, the one created last wins. An override splits
-the shift it falls into: the rotation's person before and after it. A swap is a
-pair of overrides.
+the shift it falls into: the rotation's person before and after it. A swap taken
+is one override: the counterpart covers the requester's shift.
 
 Lookups are arithmetic on the shift number, not a walk from the start, so a
 time far in the future costs the same as today.
