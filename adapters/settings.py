@@ -113,8 +113,9 @@ class TeamsSettings(_Settings):
                                                    "machine"))
         if not self.tenant_id:  # (a multi-tenant app: taken, and it pages once someone wrote to it)
             found.append(("tenant_id", "not set: a multi-tenant bot learns its tenant from the first message a "
-                                       "person in people: sends it, so after a restart pages on Teams wait for one (Teams opens a "
-                                       "private chat only in a tenant it is told); set it to your tenant's id"))
+                                       "person in people: sends it, so after a restart pages on Teams wait for one "
+                                       "(Teams opens a private chat only in a tenant it is told); set it to your "
+                                       "tenant's id"))
         return found
 
 

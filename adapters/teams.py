@@ -495,7 +495,8 @@ class TeamsAdapter:
         event = ActionEvent(decoded.action.value, decoded.incident_id, decoded.arg, self.actor_of(activity),
                             source if activity.reply_to_id else None,
                             # (an activity id is unique within its conversation only: Teams' are millisecond times)
-                            event_id=f"{activity.conversation.id}:{activity.id}" if activity.id else "", tag=decoded.tag)
+                            event_id=f"{activity.conversation.id}:{activity.id}" if activity.id else "",
+                            tag=decoded.tag)
         reply = await dispatched(self.dispatcher.handle_action(event), handling, PLATFORM)
         if reply is None or turn.turn_state.get(MUTED):
             return
@@ -646,7 +647,8 @@ class TeamsAdapter:
     async def _personal(self, user_id: str) -> str:
         """The id of the bot's 1:1 chat with a person (Teams gives the same one each time). Teams opens one only in
         a tenant it is told (a 400 without): with none known yet (a multi-tenant bot that has received no message
-        from a person in people: since it started) the outbox tries again later, rather than giving the page up for good."""
+        from a person in people: since it started) the outbox tries again later, rather than giving the page up for
+        good."""
         tenant = self.settings.tenant_id or self._tenant
         if not tenant:
             raise DeliveryError("teams: no Teams tenant known yet: set adapters.teams.tenant_id, or it is learnt from "

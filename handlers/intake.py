@@ -725,9 +725,9 @@ class Intake:
             batch = self._take()
             try:
                 self.db.check_file()  # (the writer process opened it at start, and would write on into a lost file)
-                future = self._writer_process().call(
-                    (wire_time(self.clock.now()), [(s.source.id, s.body if s.body is not None else [_alert_fields(a) for a in s.alerts],
-                                         s.delivery_id, s.truncated, s.signature, s.digest) for s in batch]))
+                future = self._writer_process().call((wire_time(self.clock.now()), [
+                    (s.source.id, s.body if s.body is not None else [_alert_fields(a) for a in s.alerts],
+                     s.delivery_id, s.truncated, s.signature, s.digest) for s in batch]))
             except Exception as exc:
                 self._failed_whole(batch, exc)
                 continue
@@ -927,7 +927,7 @@ class Intake:
         the batch, under its X-Delivery-ID, is a sender's retry, answered as a repeat. SQLite: the signatures are
         logged, for the ReplayGuard to start with after a restart (see AlertEndpoint.restore)."""
         windows: dict[str, datetime] = {}
-        ends: dict[timedelta, datetime] = {}  # max_skew -> the end: one datetime for a source's signatures (encoded once)
+        ends: dict[timedelta, datetime] = {}  # max_skew -> one end for the signatures of its sources (encoded once)
         signed = []
         for s in batch:
             if s.signature and isinstance(s.source.auth, HmacAuth):

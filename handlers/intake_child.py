@@ -57,8 +57,8 @@ class _ProcessWriter:
         self.sources = {s.id: s for s in config.sources}
         self.max_batch = max_batch
 
-    def __call__(self, messages: list[tuple[datetime | int, list[tuple[str, list[tuple[Any, ...]] | bytes, str | None, int,
-                                                                  str | None, str | None]]]]) -> list[Any]:
+    def __call__(self, messages: list[tuple[datetime | int, list[tuple[str, list[tuple[Any, ...]] | bytes, str | None,
+                                                                        int, str | None, str | None]]]]) -> list[Any]:
         logs: list[tuple[int, str]] = []
         outcomes: list[list[_Answer]] = []
         fresh: list[list[int]] = [[] for _ in messages]
