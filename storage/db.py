@@ -581,7 +581,10 @@ class Leader:
             "JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
             " AND l.classid = ((key.k >> 32) & 4294967295)::oid AND l.objid = (key.k & 4294967295)::oid "
             " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE a.state = 'idle'"), {"n": self._key})).first()
+            # (stopped between a question and its commit, it is idle in a transaction: silent all the same)
+            "JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE a.state IN ('idle', 'idle in transaction', 'idle in transaction (aborted)')"),
+            {"n": self._key})).first()
         await conn.commit()
         if holder is None or holder[1] is None or float(holder[1]) < self.takeover_after:
             return
