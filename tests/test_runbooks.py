@@ -409,7 +409,11 @@ async def test_a_waiting_request_expires_and_one_on_a_resolved_incident_is_cance
 
     await s.answer(await s.command("/incident", "runbook 1 hang"))
     await s.answer(await s.command("/incident", "resolve 1", user="U02BOB"))
-    await s.h.bot.runbooks.sweep()
+    for _ in range(50):  # (a sweep skips a request another transaction holds: the bot's own sweep, now and then)
+        await s.h.bot.runbooks.sweep()
+        if [r.status for r in await runs(s.h)] == ["expired", "cancelled"]:
+            break
+        await asyncio.sleep(0.1)
     assert [r.status for r in await runs(s.h)] == ["expired", "cancelled"]
     await thread_says(s, ts, "Alice's request to run Hang was cancelled: #1 was resolved before anyone approved it")
     assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == [
