@@ -90,28 +90,10 @@ async def test_a_database_that_does_not_answer_is_said_once_not_at_every_questio
     assert len(failures) == 1 and failures[0].exc_info is not None  # the first, with its traceback
 
 
-# A replica that leads delivery (and here only holds the lock, delivering nothing), beating every 0.2 s.
+# A replica that leads delivery (and here only holds the lock, delivering nothing), beating every 0.2 s. With a
+# third argument, `in-transaction`: it asks one question on the lock's connection and never commits it, as a leader
+# stopped between its heartbeat's question and that question's commit (two round trips) is left.
 HOLDER = textwrap.dedent("""
-    import asyncio, logging, sys
-    from storage.db import Database, Leader
-
-    async def main():
-        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-        db = Database(sys.argv[1], schema=sys.argv[2])
-        await db.start()
-        leader = Leader(db, "outbox")
-        leader.heartbeat = 0.2
-        while await leader.held():
-            await asyncio.sleep(0.2)
-        print("not leading", flush=True)
-
-    asyncio.run(main())
-""")
-
-
-# A leader stopped between a question on its lock's connection and that question's commit (its heartbeat is two
-# round trips): its connection is idle in a transaction, and was never taken over.
-HOLDER_IN_TRANSACTION = textwrap.dedent("""
     import asyncio, logging, sys
     from sqlalchemy import text
     from storage.db import Database, Leader
@@ -121,13 +103,23 @@ HOLDER_IN_TRANSACTION = textwrap.dedent("""
         db = Database(sys.argv[1], schema=sys.argv[2])
         await db.start()
         leader = Leader(db, "outbox")
-        assert await leader.held()
-        await leader._conn.execute(text("SELECT 1"))  # and no commit: idle in transaction
-        print("in a transaction", flush=True)
-        await asyncio.sleep(3600)
+        leader.heartbeat = 0.2
+        if sys.argv[3:] == ["in-transaction"]:
+            assert await leader.held()
+            await leader._conn.execute(text("SELECT 1"))  # and no commit: idle in transaction
+            print("in a transaction", flush=True)
+            await asyncio.sleep(3600)
+        while await leader.held():
+            await asyncio.sleep(0.2)
+        print("not leading", flush=True)
 
     asyncio.run(main())
 """)
+
+
+def _holder(url: str, schema: str, *how: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", HOLDER, url, schema, *how], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 async def _line(proc: subprocess.Popen[str], timeout: float = 15.0) -> str:
@@ -141,8 +133,7 @@ async def test_a_stopped_leader_is_taken_over_and_a_live_one_is_not(pg_schema: s
     Now another replica ends its silent connection and delivers; the stopped one, continued, has stopped leading.
     A leader that lives, though it delivers nothing for a while, is not taken over."""
     url = postgres_url()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, pg_schema], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    holder = _holder(url, pg_schema)
     try:
         assert await _line(holder) == "this replica leads outbox"
 
@@ -172,8 +163,7 @@ async def test_a_leader_stopped_inside_a_transaction_is_taken_over(pg_schema: st
     """The leader's connection is idle in a transaction when it stops between a question and its commit: the
     takeover looked for idle connections only, and cards waited for good (seen as a flaky test under load)."""
     url = postgres_url()
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER_IN_TRANSACTION, url, pg_schema], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    holder = _holder(url, pg_schema, "in-transaction")
     try:
         assert await _line(holder) == "this replica leads outbox"
         assert await _line(holder) == "in a transaction"
