@@ -62,6 +62,7 @@ WAITING, APPROVED, REJECTED, RUNNING = "requested", "approved", "rejected", "run
 SUCCEEDED, FAILED, INTERRUPTED = "succeeded", "failed", "interrupted"
 EXPIRED, CANCELLED = "expired", "cancelled"  # a request nobody decided in time; one that can no longer be approved
 REQUEST_TTL = timedelta(hours=1)  # how long a request waits for an approver
+EXPIRY = f"nobody approved it within {span(REQUEST_TTL)}"
 OPEN_STATES = (WAITING, APPROVED, RUNNING)
 GRACE = timedelta(minutes=1)  # past a run's time limit: it was killed, or its bot is gone, by then
 SWEEP_EVERY = 60.0  # seconds between looks for runs whose bot stopped (another replica's, on PostgreSQL)
@@ -74,12 +75,16 @@ def environment() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin", "LANG": os.environ.get("LANG") or "C.UTF-8"}
 
 
+# The bidi marks, embeddings, overrides and isolates: shown as they are, they reorder what a line says ("exit 0").
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def tail(raw: bytes) -> str:
     """The end of a step's output as text people can read safely: its last lines and characters, with control
-    characters (a terminal's escapes, a NUL) written as `\\xNN` escapes."""
+    characters (a terminal's escapes, a NUL) written as `\\xNN` escapes, and bidi controls as `\\u202e`."""
     text = raw.decode("utf-8", errors="replace")
-    text = "".join(c if c in "\n\t" or (ord(c) >= 32 and not 127 <= ord(c) < 160) else f"\\x{ord(c):02x}"
-                   for c in text)
+    text = "".join(c if c in "\n\t" or (ord(c) >= 32 and not 127 <= ord(c) < 160 and c not in _BIDI) else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)
     text = "\n".join(text.rstrip("\n").split("\n")[-TAIL_LINES:])
     return text[-TAIL_CHARS:]
 
@@ -312,8 +317,12 @@ class RunbookHandlers:
                 return Reply(refusal)
             asked = self.names.get(run.requested_by, run.requested_by)
             withdrawn = not approve and run.requested_by == person.id  # (whoever asked takes it back)
-            stale = await self._stale(session, run, incident) if approve else None
-            if stale is not None:  # (it can never be approved as asked: out of the way of asking again)
+            expired = now - run.requested_at > REQUEST_TTL  # (the sweep that expires it had not come round yet)
+            stale = await self._stale(session, run, incident) if approve and not expired else None
+            if expired:
+                status, values = EXPIRED, {"reason": EXPIRY}
+                line = f"{asked}'s request to run {run.title} expired: {EXPIRY}"
+            elif stale is not None:  # (it can never be approved as asked: out of the way of asking again)
                 status, values = CANCELLED, {"reason": stale}
                 line = f"{asked}'s request to run {run.title} was cancelled: {stale}"
             elif approve:
@@ -328,6 +337,8 @@ class RunbookHandlers:
             if not await self._settle(session, run, incident, now, actor, status, values, line):
                 return Reply(f"{run.title} on #{incident.id} was decided a moment ago by someone else.")
         self.delivered()
+        if expired:
+            return Reply(f"{run.title} on #{incident.id} expired ({EXPIRY}): nothing more was done.")
         if stale is not None:
             return Reply(stale)
         if approve:
@@ -395,7 +406,7 @@ class RunbookHandlers:
             said = {APPROVED: f"was already approved by {who}", RUNNING: f"is already running (approved by {who})",
                     REJECTED: f"was already rejected by {who}", SUCCEEDED: "already ran", FAILED: "already ran",
                     INTERRUPTED: "already ran (and was interrupted)",
-                    EXPIRED: f"expired (nobody approved it within {span(REQUEST_TTL)})",
+                    EXPIRED: f"expired ({EXPIRY})",
                     CANCELLED: f"was withdrawn by {who}" if run.rejected_by else f"was cancelled ({run.reason})"
                     }[run.status]
             return f"{what} {said}: nothing more was done."
@@ -438,10 +449,13 @@ class RunbookHandlers:
 
     async def _execute(self, run: RunbookRun) -> None:
         results: list[StepResult] = []
-        output = b""
+        output = b""  # every step's, in order (tail keeps the end)
         try:
             for number, step in enumerate(run.steps, 1):
-                result, output = await run_step(list(step["run"]), float(step["timeout"]), number)
+                result, said = await run_step(list(step["run"]), float(step["timeout"]), number)
+                if output and said and not output.endswith(b"\n"):
+                    output += b"\n"
+                output = (output + said)[-READ_LIMIT:]
                 results.append(result)
                 if not result.ok:
                     break
@@ -549,8 +563,7 @@ class RunbookHandlers:
                     reason = f"#{incident.id} was resolved before anyone approved it"
                     status = CANCELLED
                 elif now - run.requested_at > REQUEST_TTL:
-                    reason = f"nobody approved it within {span(REQUEST_TTL)}"
-                    status = EXPIRED
+                    reason, status = EXPIRY, EXPIRED
                 else:
                     continue
                 said = "expired" if status == EXPIRED else "was cancelled"

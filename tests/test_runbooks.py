@@ -420,6 +420,29 @@ async def test_a_waiting_request_expires_and_one_on_a_resolved_incident_is_cance
         "runbook.requested", "runbook.expired", "runbook.requested", "runbook.cancelled"]
 
 
+async def test_a_request_decided_after_its_hour_expires_even_before_the_sweep_comes_round(
+        slack: Slack, tmp_path: Path) -> None:
+    """The sweep that expires requests runs once a minute: a click in between approved a request past its hour, and
+    it ran. A decision after the hour finds it expired (and says so), whoever clicks."""
+    s = slack
+    ts = await posted(s)
+    await s.answer(await s.command("/incident", "runbook 1 restart"))
+    s.h.clock.advance(timedelta(minutes=61))  # no sweep since
+    _, _, key = await s.click("apv:1:1", ts, user="U02BOB")
+    assert (await s.answer(key))["text"] == ("Restart web on #1 expired (nobody approved it within 1 h): nothing more "
+                                              "was done.")
+    await s.h.bot.runbooks.idle()
+    assert [r.status for r in await runs(s.h)] == ["expired"] and recorded(tmp_path / "restart.jsonl") == []
+    await thread_says(s, ts, "Alice's request to run Restart web expired: nobody approved it within 1 h")
+    assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == ["runbook.requested", "runbook.expired"]
+    # whoever asked, taking it back after the hour, finds it expired too (not withdrawn)
+    await s.answer(await s.command("/incident", "runbook 1 hang"))
+    s.h.clock.advance(timedelta(minutes=61))
+    _, _, key = await s.click("rej:1:2", ts, user="U01ALICE")
+    assert (await s.answer(key))["text"] == "Hang on #1 expired (nobody approved it within 1 h): nothing more was done."
+    assert [r.status for r in await runs(s.h)] == ["expired", "expired"]
+
+
 # -- what a run says, and what it leaves behind --------------------------------------------------------------------
 
 NOISY = "for i in range(30):\n    print(f'progress {i:02d} ' + 'x' * 40)\nprint('FATAL: disk is full on /var')\nraise SystemExit(1)\n"
@@ -438,11 +461,13 @@ def more_runbooks(tmp: Path) -> str:
     (tmp / "noisy.py").write_text(NOISY)
     (tmp / "orphan.py").write_text(ORPHAN)
     py = json.dumps(sys.executable)
-    return runbook_config(tmp).replace("hang, elsewhere]", "hang, elsewhere, noisy, orphan, nostart]") + f"""
+    return runbook_config(tmp).replace("hang, elsewhere]", "hang, elsewhere, noisy, orphan, nostart, two]") + f"""
   - {{id: noisy, title: Noisy, steps: [{{run: [{py}, {json.dumps(str(tmp / "noisy.py"))}]}}]}}
   - {{id: orphan, title: Orphan, steps: [{{run: [{py}, {json.dumps(str(tmp / "orphan.py"))},
                                                  {json.dumps(str(tmp / "orphan.pid"))}]}}]}}
   - {{id: nostart, title: No start, steps: [{{run: [{json.dumps(str(tmp / "not-there"))}]}}]}}
+  - {{id: two, title: Two steps, steps: [{{run: [{py}, -c, "print('FIRST step done', end='')"]}},
+                                         {{run: [{py}, -c, "print('exit 1' + chr(0x202e) + '0 tixe')"]}}]}}
 """
 
 
@@ -468,6 +493,19 @@ async def test_a_failed_runs_line_keeps_the_end_of_its_output_where_the_error_is
     answer = (await s.answer(await s.command("/incident", "runbook 1")))["text"]
     assert "Latest runs, newest first:\n1. Noisy: failed (asked by Alice)" in answer
     assert f"Output of 1. Noisy (failed), its last lines:\n```\n{run.output}\n```" in answer
+
+
+async def test_a_runs_output_is_every_steps_with_bidi_controls_written_out(more: Slack) -> None:
+    """A run kept the last step's output only (the first step's was lost), and a right-to-left override in it reached
+    the thread as it was, making "exit 1" read as "exit 0"."""
+    s = more
+    ts = await posted(s)
+    await s.answer(await s.command("/incident", "runbook 1 two"))
+    await thread_says(s, ts, "Runbook Two steps")
+    [line] = [p["text"] for p in s.posts(thread=ts) if "Runbook Two steps" in p["text"]]
+    assert line.endswith("Output: FIRST step done | exit 1\\u202e0 tixe") and "\u202e" not in line
+    [run] = await runs(s.h)
+    assert (run.status, run.output) == ("succeeded", "FIRST step done\nexit 1\\u202e0 tixe")
 
 
 def gone(pid: int) -> bool:
