@@ -23,7 +23,7 @@ keeps the due time and the lateness whatever they are.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -72,6 +72,15 @@ class Targets:
     # lists them (the cover outlived their removal), and the override's id: the rotation reaches nobody.
     gone_cover: str = ""
     gone_cover_override: int | None = None
+    # An acknowledged incident's step runs because someone asked for help: whoever acknowledged it is not paged to
+    # help with it (their name, when the step named them).
+    acknowledger: str = ""
+
+    def without_acknowledger(self, person_id: str, name: str) -> "Targets":
+        """These targets less the person who acknowledged the incident, if they are one."""
+        if all(p.id != person_id for p in self.people):
+            return self
+        return replace(self, people=[p for p in self.people if p.id != person_id], acknowledger=name)
 
     def removed(self) -> dict[str, Any]:
         """For the step's audit event: what it names that is no longer in app.yaml (empty: nothing)."""
@@ -104,6 +113,9 @@ class Targets:
                 reasons.append(f"{names} {'is' if len(self.gone_people) == 1 else 'are'} {NO_LONGER}")
         if self.gone_channel:
             reasons.append(f"channel {self.gone_channel} is {NO_LONGER}")
+        if self.acknowledger:
+            reasons.append(f"skipped {self.acknowledger}, who acknowledged it" if self.people or self.channel else
+                           f"{self.acknowledger} acknowledged it, and is not paged to help with it")
         return "; ".join(reasons)
 
 
@@ -358,6 +370,9 @@ class Escalations:
         else:
             step = step_at(snap, n)
             targets = await self.targets(session, step["notify"], now)
+            if incident.status == ACKNOWLEDGED and incident.acknowledged_by:  # asked for help: someone else's
+                targets = targets.without_acknowledger(incident.acknowledged_by,
+                                                       self._name(incident.acknowledged_by, incident.acknowledged_by))
             hours, tz = self.config.business_hours, self.config.timezone
             business = in_business_hours(hours, tz, now)
             minimum = self.config.paging.after_hours_min_severity

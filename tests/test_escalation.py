@@ -938,13 +938,33 @@ async def test_escalating_an_acknowledged_incident_pages_the_next_step_and_promi
         answer = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U02BOB"))
         assert answer["text"] == "Escalating #1 to step 2 of 4 now."  # Bob wants help
         await w.tick()
-        await until(lambda: any(t.startswith("Paged Carol") for t in thread_texts(w.slack)), "Carol's line")
+        await told(w, lambda: any(t.startswith("Paged Carol") for t in thread_texts(w.slack)), "Carol's line")
         # not "Bob in 10 min if nobody acknowledges": who asks for help, instead
         assert "Paged Carol on Telegram. Bob acknowledged #1 and asks for help." in thread_texts(w.slack)
         await w.tick(timedelta(minutes=30))
         await asyncio.sleep(0.3)
         assert len(w.pages(BOB_TG)) == 1 and len(w.pages(CAROL_TG)) == 1  # and indeed nobody more
         assert (await w.escalation()).state == "stopped"
+
+
+async def test_help_asked_for_is_not_asked_of_whoever_acknowledged(tmp_path: Path) -> None:
+    """Carol acknowledges and presses Escalate: step 2 names Carol herself, and paged her for help with her own
+    incident. It skips her, says so, and moves on at once to step 3, which pages Bob."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1 pages Bob")
+        assert (await w.slack.answer(await w.slack.command("/incident", "ack 1", user="U03CAROL")))["text"] == \
+            "Acknowledged #1."
+        answer = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U03CAROL"))
+        assert answer["text"] == "Escalating #1 to step 2 of 4 now."
+        await w.tick()
+        await until(lambda: len(w.pages(BOB_TG)) == 2, "step 3 pages Bob again, at once")
+        await told(w, lambda: "Paged Bob on Telegram. Carol acknowledged #1 and asks for help." in thread_texts(w.slack),
+                   "Bob's line")
+        assert "Step 2 of 4: Carol acknowledged it, and is not paged to help with it" in thread_texts(w.slack)
+        assert w.pages(CAROL_TG) == []
+        steps = [(e.details["step"], e.details["people"]) for e in await w.audit("escalation.step")]
+        assert steps == [(1, ["bob"]), (2, []), (3, ["bob"])]
 
 
 async def test_help_asked_for_after_acknowledging_moves_on_until_someone_is_paged(tmp_path: Path) -> None:
