@@ -133,10 +133,16 @@ def clip(value: Any, limit: int) -> str:
 
 def telegram_code(value: Any) -> Markup:
     """Telegram HTML of plain text whose `code` spans (Slack's markup, which the bot's own words use for commands and
-    names, an escalation's note among them) become <code>; the rest escaped. Telegram shows a backtick as typed."""
-    parts = ("" if value is None else str(value)).split("`")
-    return Markup("").join(Markup("<code>{}</code>").format(part) if i % 2 else escape(part)
-                           for i, part in enumerate(parts) if part)
+    names, an escalation's note among them) and ```fenced``` ones (a command that holds a backtick, bot.view.code)
+    become <code>; the rest escaped. Telegram shows a backtick as typed."""
+    out = []
+    for n, fenced in enumerate(("" if value is None else str(value)).split("```")):
+        if n % 2:
+            out.append(Markup("<code>{}</code>").format(fenced.replace("\u200b", "")))
+            continue
+        out.extend(Markup("<code>{}</code>").format(part) if i % 2 else escape(part)
+                   for i, part in enumerate(fenced.split("`")) if part)
+    return Markup("").join(out)
 
 
 def chunks(value: Any, size: int, most: int = 40) -> list[str]:

@@ -39,6 +39,7 @@ TITLE_MAX, SUMMARY_MAX, DETAIL_MAX, NAME_MAX = 300, 500, 1000, 80
 VALUES_MAX = 200  # "B=15234.5, C=1": a few numbers; a long valueString is cut
 _URL_UNSAFE = {c: f"%{ord(c):02X}" for c in ' "<>|\\^`{}'}
 LABEL_MAX = 40  # a Run button's title (Slack cuts a button's text at 75 characters)
+CONFIRM_MAX = 300  # a button's confirmation dialog (Slack's limit)
 def runbooks_for(incident: Any, runbooks: Sequence[Any]) -> list[Any]:
     """The runbooks that apply to an incident: those its route lists (`incident.runbooks`, kept when it opened) whose
     `match` holds for its labels (the routes' matchers), in app.yaml's order."""
@@ -48,9 +49,28 @@ def runbooks_for(incident: Any, runbooks: Sequence[Any]) -> list[Any]:
     return [rb for rb in runbooks if rb.id in listed and matches(rb.match, incident.labels or {})]
 
 
-def command_line(argv: Sequence[str]) -> str:
-    """A step's argv as a person reads it (quoted where a word holds spaces or quotes), on one line."""
-    return one_line(shlex.join(argv), 200)
+COMMAND_WHOLE = 3000  # characters of a command an approval shows (a Telegram message holds 4,096)
+
+
+def command_line(argv: Sequence[str], limit: int = COMMAND_WHOLE) -> str:
+    """A step's argv as a person reads it (quoted where a word holds spaces or quotes), on one line, cut to `limit`
+    characters (with an ellipsis)."""
+    return one_line(shlex.join(argv), limit)
+
+
+def code(text: str) -> str:
+    """`text` as a code span of the bot's markup (Slack's; bot.render makes Telegram's <code> of it) that shows every
+    character of it: a text holding a backtick, which would end a `span` early, goes in ``` fences instead, where
+    Slack and bot.render.telegram_code keep single backticks; a run of three is broken by zero-width spaces."""
+    if "`" not in text:
+        return f"`{text}`"
+    return "```" + text.replace("```", "`\u200b`\u200b`") + "```"
+
+
+def plain(text: str) -> str:
+    """Text from an alert (a title) put beside the bot's own code spans: its backticks, which would make code of what
+    follows, become typographic quotes."""
+    return text.replace("`", "\u2018")
 
 
 def incident_context(
@@ -144,11 +164,14 @@ def buttons_for(incident: Any, escalation_mark: str = "", runbooks: Sequence[Any
 
 def _run_button(runbook: Any, iid: int, tag: str) -> Button:
     """Run: <title>, asking first what it runs and whether an approver must approve it (medium and high risk)."""
-    what = "; then ".join(f"`{command_line(step.run)}`" for step in runbook.steps)
     after = "" if runbook.risk == "low" else f" It is {runbook.risk} risk: it runs once an approver approves it."
+    what = "; then ".join(code(command_line(step.run)) for step in runbook.steps)
+    ask = f"Run {runbook.title} on #{iid}? It runs {what}.{after}"
+    if len(ask) > CONFIRM_MAX:  # (Slack's dialog holds 300 characters)
+        ask = f"Run {runbook.title} on #{iid}? Its commands are too long for this dialog: `/incident runbook {iid}` " \
+              f"shows them whole.{after}"
     return Button(Action.RUN_RUNBOOK.value, iid, arg=runbook.id, label=f"Run: {one_line(runbook.title, LABEL_MAX)}",
-                  style="danger" if runbook.risk == "high" else "default",
-                  confirm=one_line(f"Run {runbook.title} on #{iid}? It runs {what}.{after}", 300), tag=tag)
+                  style="danger" if runbook.risk == "high" else "default", confirm=one_line(ask, CONFIRM_MAX), tag=tag)
 
 
 def thread_line(event: str, details: Mapping[str, Any], *, actor_name: str | None) -> str:

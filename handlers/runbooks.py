@@ -43,7 +43,7 @@ from bot.clock import Clock
 from bot.config import APPROVER, Config, Person
 from bot.incidents import RESOLVED
 from bot.model import Actor
-from bot.view import command_line, one_line, runbooks_for, span
+from bot.view import code, command_line, one_line, plain, runbooks_for, span
 from handlers.notify import ASKED_WORDS, ASKS, asked_row, button_spec, queue_direct, queue_thread_line
 from storage.audit import AuditLog, Entry
 from storage.db import Database
@@ -105,7 +105,7 @@ class StepResult:
     def said(self, width: int = 200) -> str:
         """`step 1 `systemctl restart nginx` exit 0 in 1.2 s`, timed out, or could not start (the command cut to
         `width` characters)."""
-        head = f"step {self.step} `{one_line(command_line(self.argv), width)}`"
+        head = f"step {self.step} {code(command_line(self.argv, width))}"
         if self.timed_out:
             return f"{head} timed out after {self.seconds:.1f} s and was killed"
         if self.error:
@@ -204,7 +204,7 @@ class RunbookHandlers:
         else:
             said = (f"Runbooks for #{incident_id} (run one with `/incident runbook {incident_id} RUNBOOK`):\n"
                     + "\n".join(f"`{rb.id}`: {rb.title} ({rb.risk} risk): "
-                                + "; then ".join(f"`{command_line(s.run)}`" for s in rb.steps) for rb in found))
+                                + "; then ".join(code(command_line(s.run)) for s in rb.steps) for rb in found))
         return Reply(said + self._recent(recent))
 
     def _recent(self, runs: list[RunbookRun]) -> str:
@@ -278,14 +278,21 @@ class RunbookHandlers:
         buttons = [Button(Action.APPROVE.value, incident.id, arg=str(run.id), label="Approve", style="primary",
                           tag=tag),
                    Button(Action.REJECT.value, incident.id, arg=str(run.id), label="Reject", style="danger", tag=tag)]
-        what = "; then ".join(f"`{command_line(step['run'])}`" for step in run.steps)
-        line = f"{person.name} asks to run runbook {run.title} ({run.risk} risk): {what}. It waits for an approver."
+        what = "; then ".join(code(command_line(step["run"])) for step in run.steps)  # whole: what is approved
+        asks = f"{person.name} asks to run runbook {run.title} ({run.risk} risk): "
+        waits = ". It waits for an approver."
+        # A thread line holds LINE_MAX characters: commands too long for it are cut, and it says where they are whole.
+        shown = what
+        if len(asks) + len(what) + len(waits) > LINE_MAX:
+            whole = f" (cut here: each approver's message and `/incident runbook {incident.id}` show them whole)"
+            room = max(20, (LINE_MAX - len(asks) - len(waits) - len(whole)) // len(run.steps) - 12)
+            shown = "; then ".join(code(command_line(step["run"], room)) for step in run.steps) + whole
         # (each keeps the run it asks about and its words once decided: it is redrawn then, see _settle)
         was = f"{person.name} asked to run runbook {run.title} ({run.risk} risk)"
         queue_thread_line(session, incident, now, "runbook.requested",
-                          {"line": line, "buttons": [button_spec(b) for b in buttons], ASKS: run.id,
-                           ASKED_WORDS: f"{was}: {what}."})
-        about = f"on #{incident.id} {one_line(incident.title, 100)}"
+                          {"line": asks + shown + waits, "buttons": [button_spec(b) for b in buttons], ASKS: run.id,
+                           ASKED_WORDS: f"{was}: {shown}."})
+        about = f"on #{incident.id} {plain(one_line(incident.title, 100))}"
         text = f"{person.name} asks to run runbook {run.title} ({run.risk} risk) {about}: {what}. Approve it?"
         asked = {ASKS: run.id, ASKED_WORDS: f"{was} {about}: {what}."}
         for approver in approvers:

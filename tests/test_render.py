@@ -272,3 +272,15 @@ def test_slack_escape_and_friends():
     timed = {"text": "started 3 Mar 14:03 UTC", "at": 1772546580, "when": "3 Mar 14:03 UTC"}
     assert slack_facts([{"text": "a" * 10}, timed], 40) == "a" * 10 + " \u2026"  # a token is left out whole
     assert len(chunks("x" * 1000, 10, most=3)) == 3
+
+
+def test_a_telegram_thread_line_keeps_a_fenced_commands_backticks_as_code(renderer):
+    """bot.view.code fences a command that holds a backtick: on Telegram the backticks were taken as spans, dropped,
+    and the command shown as plain text while the words around it became code."""
+    from bot.view import code
+
+    line = f"Alice asks to run runbook Tick (high risk): {code('sh -c ' + chr(39) + 'echo `hostname` && x' + chr(39))}."
+    text = renderer.render_text("thread", "telegram", {"line": line})
+    assert "<code>sh -c &#39;echo `hostname` &amp;&amp; x&#39;</code>." in text
+    assert text.startswith("Alice asks to run runbook Tick (high risk): <code>")
+    assert code("a```b") == "```a`\u200b`\u200b`b```" and code("plain") == "`plain`"

@@ -86,8 +86,8 @@ async def slack(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str) 
         yield Slack(h, fake)
 
 
-async def posted(s: Slack) -> str:
-    status, _, _ = await s.h.post("am", nasty_alert())
+async def posted(s: Slack, body: dict[str, Any] | None = None) -> str:
+    status, _, _ = await s.h.post("am", body or nasty_alert())
     assert status == 200
     await s.fake.wait_for(lambda: s.posts(), timeout=5)
     for _ in range(100):
@@ -461,11 +461,13 @@ def more_runbooks(tmp: Path) -> str:
     (tmp / "noisy.py").write_text(NOISY)
     (tmp / "orphan.py").write_text(ORPHAN)
     py = json.dumps(sys.executable)
-    return runbook_config(tmp).replace("hang, elsewhere]", "hang, elsewhere, noisy, orphan, nostart, two]") + f"""
+    return runbook_config(tmp).replace("hang, elsewhere]", "hang, elsewhere, noisy, orphan, nostart, two, long, tick]") + f"""
   - {{id: noisy, title: Noisy, steps: [{{run: [{py}, {json.dumps(str(tmp / "noisy.py"))}]}}]}}
   - {{id: orphan, title: Orphan, steps: [{{run: [{py}, {json.dumps(str(tmp / "orphan.py"))},
                                                  {json.dumps(str(tmp / "orphan.pid"))}]}}]}}
   - {{id: nostart, title: No start, steps: [{{run: [{json.dumps(str(tmp / "not-there"))}]}}]}}
+  - {{id: long, title: Long, risk: high, steps: [{{run: [{py}, -c, "print(1)", "{'a' * 230}", HIDDEN-TAIL]}}]}}
+  - {{id: tick, title: Tick, risk: high, steps: [{{run: [sh, -c, "echo host=`hostname` ; echo done"]}}]}}
   - {{id: two, title: Two steps, steps: [{{run: [{py}, -c, "print('FIRST step done', end='')"]}},
                                          {{run: [{py}, -c, "print('exit 1' + chr(0x202e) + '0 tixe')"]}}]}}
 """
@@ -506,6 +508,37 @@ async def test_a_runs_output_is_every_steps_with_bidi_controls_written_out(more:
     assert line.endswith("Output: FIRST step done | exit 1\\u202e0 tixe") and "\u202e" not in line
     [run] = await runs(s.h)
     assert (run.status, run.output) == ("succeeded", "FIRST step done\nexit 1\\u202e0 tixe")
+
+
+def dm_texts(s: Slack) -> list[str]:
+    return [c.params["text"] for c in s.fake.called("chat.postMessage") if str(c.params.get("channel", "")).startswith("D")]
+
+
+async def test_an_approver_is_shown_the_whole_command_as_it_runs(more: Slack) -> None:
+    """A command longer than 200 characters was cut everywhere an approver could read it (its end hidden), and one
+    holding a backtick ended its code span early (Slack showed `hostname` as plain text, the backticks gone). The
+    approver's message and `/incident runbook` show each whole; the thread line, which holds 300 characters, says
+    where; a backtick in the alert's title does not become code beside the command."""
+    s = more
+    body = nasty_alert()
+    for alert in body["alerts"]:
+        alert["annotations"]["summary"] = "`rm -rf /` is fine"
+    ts = await posted(s, body)
+    await s.answer(await s.command("/incident", "runbook 1 long"))
+    await s.answer(await s.command("/incident", "runbook 1 tick"))
+    await s.fake.wait_for(lambda: len(dm_texts(s)) >= 2, timeout=10)
+    long_dm, tick_dm = sorted(dm_texts(s), key=lambda t: "Tick" in t)
+    assert f"`{sys.executable} -c 'print(1)' {'a' * 230} HIDDEN-TAIL`. Approve it?" in long_dm
+    assert "```sh -c 'echo host=`hostname` ; echo done'```. Approve it?" in tick_dm
+    assert "on #1 \u2018rm -rf /\u2018 is fine" in tick_dm and "`rm" not in tick_dm
+    line = await thread_says(s, ts, "asks to run runbook Long")
+    [line] = [p["text"] for p in s.posts(thread=ts) if "asks to run runbook Long" in p["text"]]
+    assert len(line) <= 300 and "HIDDEN-TAIL" not in line
+    assert line.endswith("(cut here: each approver's message and `/incident runbook 1` show them whole). It waits "
+                         "for an approver.")
+    listing = (await s.answer(await s.command("/incident", "runbook 1")))["text"]
+    assert f"`long`: Long (high risk): `{sys.executable} -c 'print(1)' {'a' * 230} HIDDEN-TAIL`" in listing
+    assert "`tick`: Tick (high risk): ```sh -c 'echo host=`hostname` ; echo done'```" in listing
 
 
 def gone(pid: int) -> bool:
