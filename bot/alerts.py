@@ -178,20 +178,30 @@ def _time(obj: dict[str, Any], key: str, where: str) -> datetime | None:
         raise ShapeError(_field(where, key), f"out of range: {raw[:40]!r}") from None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _epoch_or_time(obj: dict[str, Any], key: str, where: str) -> datetime | None:
     """An RFC 3339 time, or Unix time as Datadog's `$LAST_UPDATED`-style fields and most tools send it: a number or
     a string of digits, in seconds (milliseconds when it is that big). 0 is no time (a tool's unset field, as Go's
     zero time is Alertmanager's); a time before 1970 is a mistake, refused."""
     raw = obj.get(key)
+    before = "is before 1970 (expected Unix time in seconds or milliseconds, or RFC 3339)"
     if isinstance(raw, bool) or not (isinstance(raw, (int, float)) or (isinstance(raw, str) and raw.isascii()
                                                                       and raw.isdigit())):
-        return _time(obj, key, where)
-    number = float(raw)
+        moment = _time(obj, key, where)
+        if moment is not None and moment < _EPOCH:
+            raise ShapeError(_field(where, key), f"out of range: {raw[:40]!r} {before}")
+        return moment
+    try:
+        number = float(raw)
+    except OverflowError:  # an integer past the largest float (JSON allows any number of digits)
+        raise ShapeError(_field(where, key), f"out of range: {str(raw)[:40]}... (expected Unix time in seconds or "
+                                             "milliseconds, or RFC 3339)") from None
     if number == 0:
         return None
     if number < 0:
-        raise ShapeError(_field(where, key), f"out of range: {str(raw)[:40]!r} is before 1970 (expected Unix time in "
-                                             "seconds or milliseconds, or RFC 3339)")
+        raise ShapeError(_field(where, key), f"out of range: {str(raw)[:40]!r} {before}")
     if number > 1e11:  # past 5138 AD in seconds: milliseconds
         number /= 1000
     try:

@@ -267,6 +267,7 @@ class _Batch:
     resolutions: list[tuple[_Row, float]] = field(default_factory=list)  # incidents the source resolved, when
     quiet: dict[int, _Row] = field(default_factory=dict)  # id(incident) -> no alert firing: resolved after the notification
     resolved_here: list[_Row] = field(default_factory=list)  # incidents the notification being read resolved
+    ended_here: set[int] = field(default_factory=set)  # id(record): alerts the notification being read resolved
     escalations: int = 0  # escalations started (on_open) or brought forward (on_raise): steps due now
     queued: int = 0  # outbox rows written
     raised: dict[int, _Row] = field(default_factory=dict)  # id(incident) -> stored incidents whose severity rose
@@ -816,6 +817,7 @@ class Intake:
                 results = [self._apply_alert(s.source, a, state) for a in s.alerts]
                 if state.quiet or state.resolved_here:
                     self._quiet_resolve(s.source, results, state)
+                state.ended_here.clear()
                 if s.truncated:
                     self._truncated(conn, s, results, state)
                 applied.append((s, results))
@@ -1043,6 +1045,7 @@ class Intake:
             record.status, record.ends_at, record.last_received = "resolved", alert.ends_at or now, now
             record.annotations = alert.annotations  # (Grafana's values as they were when it ended)
             record.received_count += 1
+            st.ended_here.add(id(record))
             incident.last_seen = now
             st.entries.append(Entry("alert.resolved", actor, "alert", alert.fingerprint, now, details, _id(incident)))
             t = st.touch(incident)
@@ -1057,9 +1060,10 @@ class Intake:
             return alert.fingerprint, incident, "alert_resolved"
 
         silence = silenced_by(cfg.silences, alert.labels, now, cfg.timezone)
-        if known is not None and id(known[1]) in st.quiet and known[0].status == "resolved":
+        if known is not None and id(known[1]) in st.quiet and id(known[0]) in st.ended_here:
             # The alert that ended its incident fires again later in the same delivery (a generic sender's events in
-            # order): the incident ended there, and this opens the next one, linked to it.
+            # order): the incident ended there, and this opens the next one, linked to it. (Not one that ended in
+            # an earlier delivery: that one fires again in the incident, which is not over.)
             self._resolve_by_source(known[1], source, st)
         if known is not None and known[1].status != RESOLVED:
             record, incident = known

@@ -44,6 +44,30 @@ async def test_an_alert_resolving_while_another_of_its_group_starts_firing_keeps
     assert "incident.resolved" not in await h.actions(incident.id)
 
 
+@pytest.mark.parametrize("resolved_first", [True, False])
+async def test_an_alert_firing_again_while_the_last_other_one_resolves_keeps_the_incident_open(
+        h: Harness, resolved_first: bool) -> None:
+    """A group of two: the first resolves (the second fires on), then a notification brings the first firing again and
+    the second resolved. The first's record said "resolved" from the notification before, and was taken for one that
+    ended in this one: with the second's resolve read first, the incident resolved itself and the first opened a new
+    one, paging again, although the group never stopped firing."""
+    first = json.loads(fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    one, two = first["alerts"]
+    assert (await h.post("am", json.dumps(first)))[0] == 200
+    ended = {**one, "status": "resolved", "endsAt": "2026-11-24T04:05:00Z"}
+    assert (await h.post("am", json.dumps({**first, "alerts": [ended, two]})))[0] == 200
+    then = {**first, "alerts": [{**two, "status": "resolved", "endsAt": "2026-11-24T04:06:00Z"}, one]}
+    if not resolved_first:
+        then["alerts"].reverse()
+    status, body, _ = await h.post("am", json.dumps(then))
+    assert status == 200
+    changes = {r["fingerprint"]: r["change"] for r in body["results"]}
+    assert changes == {one["fingerprint"]: "refired", two["fingerprint"]: "alert_resolved"}
+    [incident] = await h.incidents()
+    assert (incident.status, incident.alert_count, incident.firing_count) == ("triggered", 2, 1)
+    assert "incident.resolved" not in await h.actions(incident.id)
+
+
 async def test_alertmanager_captures_group_resolve_and_route(h: Harness) -> None:
     status, body, _ = await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
     assert status == 200

@@ -297,6 +297,12 @@ MALFORMED = [
      "timestamp: out of range: '9999-12-31T23:30:00-05:00' (not a generic payload?)"),  # bare, as every field of one
     ("open", json.dumps([ALERT, {**ALERT, "timestamp": "yesterday"}]).encode(), 422,
      "[1].timestamp: not an RFC 3339 time: 'yesterday' (not a generic payload?)"),
+    ("open", json.dumps({**ALERT, "timestamp": "1960-01-01T00:00:00Z"}).encode(), 422,
+     "timestamp: out of range: '1960-01-01T00:00:00Z' is before 1970 (expected Unix time in seconds or milliseconds, "
+     "or RFC 3339) (not a generic payload?)"),
+    ("open", json.dumps({**ALERT, "timestamp": 10 ** 400}).encode(), 422,
+     "timestamp: out of range: " + "1" + "0" * 39 + "... (expected Unix time in seconds or milliseconds, or RFC 3339) "
+     "(not a generic payload?)"),
     ("open", json.dumps([ALERT, {**ALERT, "timestamp": -1.5}]).encode(), 422,
      "[1].timestamp: out of range: '-1.5' is before 1970 (expected Unix time in seconds or milliseconds, or RFC 3339) "
      "(not a generic payload?)"),
