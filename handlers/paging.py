@@ -40,6 +40,9 @@ from storage.queries import UNCONFIRMED, recent_alerts
 log = logging.getLogger("chatops.paging")
 DEFAULT_ORDER = ("telegram", "slack", "teams")  # after hours, and for /incident page
 HAND_PAGE_WAIT = 5.0  # seconds of a platform's flood control that /incident page waits out
+# Seconds of a platform's "too many requests" an escalation's page waits out there; a longer one (Telegram's flood
+# control can say 15 minutes) sends it on the person's next platform, if they have one: a page is not held that long.
+PAGE_RATE_WAIT = 60.0
 # A platform that fails a page for a reason that may pass (a 5xx, no connection) is tried again after these waits
 # (seconds) before the next platform: the person chose the first (Telegram rings at 3 a.m.; a Slack DM often does
 # not), and one Bad Gateway should not send the page elsewhere. PagerDuty and Opsgenie retry alike.
@@ -154,15 +157,15 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
                                      RETRY_WAITS if retry_waits is None else retry_waits, tries)
         except DeliveryError as exc:
             said = str(exc) if str(exc).startswith((f"{platform} ", f"{platform}:")) else f"{platform}: {exc}"
-            if allow is not None and exc.retry_after:
+            following = [p for p in order[order.index(platform) + 1:]
+                         if getattr(person, p, None) is not None and getattr(adapters.get(p), "page", None)]
+            if allow is not None and exc.retry_after and (exc.retry_after <= PAGE_RATE_WAIT or not following):
                 return Attempt(None, tried, True, waiting=True, retry_after=exc.retry_after)
             if exc.unknown:  # it may have arrived: neither again nor elsewhere, or the person gets it twice
                 return Attempt(None, [*tried, said], False, unknown=platform, failed=tuple(failed))
             reason = _reason(platform, str(exc))  # (the line keeps it short: no count of tries)
             if tries[0] > 1:
                 said = f"{said} ({tries[0]} tries)"
-            following = [p for p in order[order.index(platform) + 1:]
-                         if getattr(person, p, None) is not None and getattr(adapters.get(p), "page", None)]
             log.warning("paging: could not reach %s on %s: %s%s", person.id, platform, said,
                         f"; trying {following[0]} next" if following else "")
             tried.append(said)

@@ -2066,6 +2066,28 @@ async def test_one_bad_gateway_from_telegram_is_retried_there_not_fallen_back_to
         assert 'outcome="failed"' not in body
 
 
+async def test_a_page_telegram_holds_back_for_minutes_goes_to_the_persons_next_platform(tmp_path: Path) -> None:
+    """Telegram's flood control answered Bob's page "retry after 900": the page waited there a quarter of an hour,
+    with the thread still saying it was sent, and nothing on Slack, which knows him. A wait over a minute sends it on
+    the next platform, saying why; a short one is waited out on Telegram, as before."""
+    async with world(tmp_path, NIGHT) as w:
+        w.tg.fail("sendMessage", "Too Many Requests: retry after 900", 429, parameters={"retry_after": 900})
+        await w.alert("critical", team="solo")
+        await until(lambda: w.slack_dms("U02BOB"), "Bob is paged on Slack at once")
+        await told(w, lambda: any(t.startswith("Paged Bob") for t in thread_texts(w.slack)), "the thread line")
+        assert [t for t in thread_texts(w.slack) if t.startswith("Paged Bob")] == [
+            "Paged Bob on Slack (Telegram failed: Flood control exceeded. Retry in 900 seconds). Carol in 30 min if "
+            "nobody acknowledges."]
+        assert not w.pages(BOB_TG)
+        [paged] = await w.audit("incident.paged")
+        assert paged.details["platform"] == "slack"
+    async with world(tmp_path, NIGHT, db="short.db") as w:
+        w.tg.fail("sendMessage", "Too Many Requests: retry after 2", 429, parameters={"retry_after": 2})
+        await w.alert("critical", team="solo")
+        await told(w, lambda: w.pages(BOB_TG), "Bob is paged on Telegram once its 2 s are over")
+        assert not w.slack_dms("U02BOB")
+
+
 async def test_a_page_that_falls_back_from_telegram_to_slack_says_why_everywhere(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
     """Telegram answers 502 three times running: Bob's page goes to Slack after two retries (1 s, then 2 s), and the
