@@ -255,6 +255,18 @@ def button_value(activity: Activity) -> str | None:
     return None
 
 
+def _shell(data: dict[str, Any]) -> dict[str, Any]:
+    """What botbuilder's token check reads of an activity (its channel, its serviceUrl, whether it is a skill's), and
+    nothing else: small, whatever the rest holds."""
+    shell = {k: data[k] for k in ("type", "channelId", "serviceUrl") if isinstance(data.get(k), str)}
+    recipient = data.get("recipient")
+    if isinstance(recipient, dict):
+        shell["recipient"] = {k: recipient[k] for k in ("id", "role") if isinstance(recipient.get(k), str)}
+    if isinstance(data.get("relatesTo"), dict):
+        shell["relatesTo"] = {}
+    return shell
+
+
 def refusal(header: str | None, exc: Exception) -> str:
     """Why the channel's token was refused, for the log: botbuilder fails on a missing header or an empty bearer token
     with an AttributeError or IndexError, which would read like a crash of the bot's."""
@@ -365,22 +377,28 @@ class TeamsAdapter:
     async def handle(self, request: web.Request) -> web.Response:
         """The Bot Framework's token (401 for any token it does not take: missing, junk, forged, expired, for
         another app); then the activity is handled, and answered 200 once it was."""
+        header = request.headers.get("Authorization")
+        if self.settings.app_id and len((header or "").split()) != 2:  # (no token at all: nothing more is read)
+            log.info("teams: refused an activity: %s", refusal(header, ValueError("not a bearer token")))
+            return web.json_response({"error": "unauthorized: a valid Bot Framework token (Authorization: Bearer) "
+                                               "is required"}, status=401)
         try:
             data = await read_json(request)
         except BodyError as exc:
             return refused(exc)
-        try:
-            activity = Activity().deserialize(data) if isinstance(data, dict) else None
-        except Exception:  # a field of the wrong shape
-            activity = None
-        if activity is None or not isinstance(activity.type, str) or not activity.type:
+        if not isinstance(data, dict) or not isinstance(data.get("type"), str) or not data["type"]:
             return web.json_response({"error": "not a Bot Framework activity (no type)"}, status=400)
-        header = request.headers.get("Authorization")
+        try:
+            # The token is checked against the few fields botbuilder looks at: the whole activity is read only once it
+            # is taken (botbuilder's reading of a long list takes seconds of the event loop's time: anyone could).
+            shell = Activity().deserialize(_shell(data))
+        except Exception:  # a field of the wrong shape
+            return web.json_response({"error": "not a Bot Framework activity (no type)"}, status=400)
         try:
             # In a thread of its own: botbuilder fetches the Bot Framework's signing keys (on the first request, then
             # daily) with a blocking call and no timeout, which would stop the event loop, or hang it for good.
             authenticated = await asyncio.wait_for(asyncio.to_thread(
-                asyncio.run, self.authentication.authenticate_request(activity, header)), self.auth_wait)
+                asyncio.run, self.authentication.authenticate_request(shell, header)), self.auth_wait)
         except (requests.RequestException, asyncio.TimeoutError) as exc:  # the signing keys could not be fetched
             log.warning("teams: cannot fetch the Bot Framework's signing keys: %s", type(exc).__name__ + f" {exc}")
             return web.json_response({"error": "cannot check the token now (the signing keys are not reachable)"},
@@ -389,6 +407,10 @@ class TeamsAdapter:
             log.info("teams: refused an activity: %s", refusal(header, exc))
             return web.json_response({"error": "unauthorized: a valid Bot Framework token (Authorization: Bearer) "
                                                "is required"}, status=401)
+        try:
+            activity = Activity().deserialize(data)  # (a sender Microsoft vouches for)
+        except Exception:  # a field of the wrong shape
+            return web.json_response({"error": "not a Bot Framework activity (a field of the wrong shape)"}, status=400)
         if activity.channel_id not in self._channels:
             # The Bot Framework's keys sign for its other channels too (Direct Line, Web Chat), whose sender picks
             # its own from.id: a Teams id there would let anyone with that channel's secret act as a person.

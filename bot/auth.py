@@ -195,7 +195,8 @@ def replay_message(delivery_id: str | None) -> str:
     """The 401's words for a signed alert request accepted before (under another X-Delivery-ID, or none)."""
     if not delivery_id:
         return "replayed request: this signature was already accepted (send X-Delivery-ID to retry safely)"
-    return "replayed request: this signature was already accepted with another X-Delivery-ID (a retry repeats the first one)"
+    return ("replayed request: this signature was already accepted with another X-Delivery-ID, or none (a retry repeats "
+            "the first one)")
 
 
 def signature_of(source: Source, headers: Mapping[str, str]) -> str | None:

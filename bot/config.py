@@ -1239,6 +1239,18 @@ def doubts(c: Config) -> list[tuple[str, str]]:
                 meant = f"did you mean `{close[0]}`? " if close else ""
                 found.append((f"people[{i}].roles[{j}]", f"unknown role {role!r} ({meant}known roles: "
                               f"{', '.join(sorted(known_roles))})"))
+    for i, source in enumerate(c.sources):
+        dedup = source.dedup_key
+        if dedup and dedup != "groupKey" and dedup.replace("_", "").lower() == "groupkey":
+            found.append((f"sources[{i}].dedup_key", f"{dedup!r} is read as a label of that name, which alerts rarely "
+                          "have: did you mean `groupKey` (the sender's own group, spelt so)?"))
+        elif dedup == "groupKey" and source.kind == "generic":
+            found.append((f"sources[{i}].dedup_key", "`groupKey` is Alertmanager's and Grafana's group: a generic "
+                          "payload has none, so its alerts group by grouping.by (a generic alert's own `dedup_key` "
+                          "field groups it)"))
+    if c.grouping.window <= timedelta(0):
+        found.append(("grouping.window", "0, so an alert joins an open incident of its key only when they arrive in "
+                      "the same instant (repeats of one alert still join theirs): give a window, such as 15m"))
     last = c.routes[-1] if c.routes else None
     if "routes" in c.model_fields_set and last and not (last.match or last.channels or last.escalation):
         # (a route before it that tells nobody keeps what it matches quiet, on purpose; the catch-all is what is left)

@@ -127,6 +127,9 @@ def incident_state(incident: Any) -> str:
     return "acknowledged" if incident.status == ACKNOWLEDGED else "firing"
 
 
+ESCALATION_DONE = "done"  # the escalation_mark of an escalation whose every step ran: the card offers no Escalate
+
+
 def buttons_for(incident: Any, escalation_mark: str = "", runbooks: Sequence[Any] = ()) -> list[Button]:
     """The buttons that match the incident's state, labelled with verbs; Resolve asks first, and so does each
     "Run: <title>" of the runbooks that apply to an open incident (`runbooks_for` of `runbooks`, app.yaml's: a
@@ -151,7 +154,8 @@ def buttons_for(incident: Any, escalation_mark: str = "", runbooks: Sequence[Any
     # back once an alert no silence covers arrives. Acknowledge and Resolve still say who is on it and end it. Nor on
     # an incident whose route names no escalation policy: there is nothing to escalate to, and a press only ever
     # answered so (`/incident page ID PERSON` pages someone; `/incident escalate ID` still answers that).
-    escalate = [] if incident.silenced or not incident.escalation else [
+    # Nor once every step of the escalation ran (ESCALATION_DONE): a press only answered so; the card says to page.
+    escalate = [] if incident.silenced or not incident.escalation or escalation_mark == ESCALATION_DONE else [
         Button(Action.ESCALATE.value, iid, arg=escalation_mark, label="Escalate", tag=tag)]
     run = [_run_button(rb, iid, tag) for rb in runbooks_for(incident, runbooks)]
     if incident.status == ACKNOWLEDGED:

@@ -37,7 +37,7 @@ from bot.escalation import (escalation_mark, in_business_hours, next_business_st
 from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.model import Actor
 from bot.rotations import Schedule, on_call
-from bot.view import clock, span
+from bot.view import ESCALATION_DONE, clock, span
 from handlers.notify import notice_row, queue_redraw, queue_thread_line
 from handlers.oncall import domain
 from handlers.timers import LATE_AFTER, TimerService
@@ -560,6 +560,8 @@ def drawn_with(escalation: Escalation | None) -> tuple[str, str]:
     if escalation is None:
         return "", ""
     note = escalation.note if escalation.state in ("active", "exhausted") else ""
+    if escalation.state == "exhausted":
+        return note, ESCALATION_DONE
     return note, escalation_mark(escalation.next_step, escalation.run)
 
 

@@ -846,7 +846,7 @@ NOT_A_BOT_TOKEN = ("adapters.slack.bot_token: (a secret, not shown) is not a bot
                    "which starts with xoxb-: the Bot User OAuth Token on the app's OAuth & Permissions page)")
 QUIET_CATCH_ALL = ("the catch-all route has neither channels nor escalation, so an alert no other route takes opens an "
                    "incident nobody is told of: give it channels or an escalation policy")
-DOUBTED = ("people", "audit.", "adapters.", "routes")  # (not the other warnings: no sources, a platform that is off)
+DOUBTED = ("people", "audit.", "adapters.", "routes", "sources[", "grouping")  # (not: no sources, a platform off)
 WARNED = [
     (BASE.replace("roles: [responder]", "roles: [respondr]") + ROUTES,
      "people[0].roles[0]: unknown role 'respondr' (did you mean `responder`? known roles: approver, manager, "
@@ -862,6 +862,15 @@ WARNED = [
     (BASE + "routes:\n  - {match: {team: dba}, channels: [ops-slack]}\n  - {match: {}}\n",
      f"routes[1]: {QUIET_CATCH_ALL}"),
     (BASE + "routes:\n  - {match: {}, channels: []}\n", f"routes[0]: {QUIET_CATCH_ALL}"),
+    (BASE.replace("kind: alertmanager,", "kind: alertmanager, dedup_key: groupkey,") + ROUTES,
+     "sources[0].dedup_key: 'groupkey' is read as a label of that name, which alerts rarely have: did you mean "
+     "`groupKey` (the sender's own group, spelt so)?"),
+    (BASE.replace("kind: alertmanager,", "kind: generic, dedup_key: groupKey,") + ROUTES,
+     "sources[0].dedup_key: `groupKey` is Alertmanager's and Grafana's group: a generic payload has none, so its "
+     "alerts group by grouping.by (a generic alert's own `dedup_key` field groups it)"),
+    (BASE + ROUTES + "grouping: {window: 0s}\n",
+     "grouping.window: 0, so an alert joins an open incident of its key only when they arrive in the same instant "
+     "(repeats of one alert still join theirs): give a window, such as 15m"),
 ]
 
 

@@ -1765,6 +1765,9 @@ async def test_repeat_then_exhausted_and_a_config_change_does_not_touch_a_runnin
         # ...and the card says so, instead of "Waiting for someone to acknowledge."
         await until(lambda: "Every step of escalation policy `standard` ran and nobody acknowledged" in str(
             w.slack.fake.called("chat.update")[-1].params.get("blocks")), "the card's exhausted note")
+        # ...with no Escalate any more (a press only answered that every step ran): Acknowledge and Resolve stay
+        card = w.slack.fake.called("chat.update")[-1].params
+        assert [v.split(":")[0] for v in button_values(card)] == ["ack", "res"]
         assert not w.pages(ALICE_TG)
         await w.tick(timedelta(hours=6))
         assert len(w.pages(CAROL_TG)) == 2 and len(w.pages(BOB_TG)) == 1
