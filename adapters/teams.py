@@ -44,6 +44,7 @@ from bot.bodies import read_json, refused
 from bot.chat import (ActionEvent, Button, CommandEvent, DeliveryError, Handling, MessageRef, Outbound, Reply,
                       Unclaimed, dispatched, split_words)
 from bot.model import Actor
+from bot.render import teams_text
 
 log = logging.getLogger("chatops.teams")
 
@@ -110,7 +111,7 @@ def card_action(button: Button) -> dict[str, Any]:
 def message_activity(rendered: Mapping[str, Any], buttons: Sequence[Button], fallback: str = "") -> Activity:
     """A rendered template (`{"text", "body"}`: an Adaptive Card's body; or only `{"text"}`) and the buttons as one
     message: a card when there is a body or a button, else markdown text."""
-    text = str(rendered.get("text") or fallback or "-")
+    text = teams_text(str(rendered.get("text") or fallback or "-"))  # (the bot's own words have no link nor bold)
     body = list(rendered.get("body") or [])
     try:
         card_actions = [card_action(b) for b in buttons]

@@ -125,6 +125,14 @@ def teams_link(link: Any) -> str:
     return f"[{label}]({str(url).replace('(', '%28').replace(')', '%29')})"
 
 
+def teams_text(value: Any) -> str:
+    """Text from an alert made inert in Teams' markdown (an Adaptive Card's TextBlock, a message): a link with a label
+    of its own (`[Silence it here](https://...)`) or bold that passes for the card's own words (`**Latest:**`) is
+    shown as written, its markup broken by a zero-width space. A bare URL stays a link that shows where it goes."""
+    text = "" if value is None else str(value)
+    return text.replace("](", "]\u200b(").replace("**", "*\u200b*").replace("__", "_\u200b_")
+
+
 def clip(value: Any, limit: int) -> str:
     """Plain text cut to `limit` characters, ending with an ellipsis when cut."""
     text = "" if value is None else str(value)
@@ -182,7 +190,7 @@ class Renderer:
         )
         self.env.policies["json.dumps_kwargs"] = {"ensure_ascii": False}
         self.env.filters.update(slack_escape=slack_escape, slack_link=slack_link, slack_links=slack_links, clip=clip, chunks=chunks,
-                                slack_date=slack_date, slack_facts=slack_facts, teams_link=teams_link,
+                                slack_date=slack_date, slack_facts=slack_facts, teams_link=teams_link, teams_text=teams_text,
                                 telegram_code=telegram_code,
                                 tojson=_tojson)
         self.checks: dict[str, Callable[[Any], str | None]] = {"slack": _slack_problem, "teams": _teams_problem}

@@ -284,3 +284,22 @@ def test_a_telegram_thread_line_keeps_a_fenced_commands_backticks_as_code(render
     assert "<code>sh -c &#39;echo `hostname` &amp;&amp; x&#39;</code>." in text
     assert text.startswith("Alice asks to run runbook Tick (high risk): <code>")
     assert code("a```b") == "```a`\u200b`\u200b`b```" and code("plain") == "`plain`"
+
+
+def test_an_alerts_markdown_is_inert_on_a_teams_card_and_in_a_teams_message(renderer):
+    """Teams draws markdown: an alert titled "[Silence it here](https://attacker.example/login) **URGENT**" showed a
+    link with a label of its own and bold as the card's (Slack's and Telegram's were escaped). It shows as written,
+    its markup broken; the bot's own bold and links stay."""
+    from adapters.teams import message_activity
+
+    hostile = "[Silence it here](https://attacker.example/login) **URGENT** __x__"
+    alert = make_alert(hostile, received=NOW, annotations={"description": hostile})
+    ctx = incident_context(make_incident(title=hostile, labels={"instance": hostile}), [alert], now=NOW)
+    rendered = renderer.render_json("incident", "teams", ctx)
+    card = json.dumps(rendered["body"], ensure_ascii=False)  # ("text" is the notification's plain summary)
+    assert "](https://attacker" not in card and "**URGENT" not in card and "__x" not in card
+    assert "[Silence it here]\u200b(https://attacker.example/login) *\u200b*URGENT*\u200b* _\u200b_x_\u200b_" in card
+    assert "**Latest:**" in card  # the card's own
+    assert "](" not in message_activity(rendered, []).summary
+    line = message_activity({"text": f"3 new alerts: {hostile}"}, [])
+    assert line.text_format == "markdown" and "](" not in line.text and "**" not in line.text
