@@ -121,7 +121,11 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for noisy in ("aiohttp.access", "sqlalchemy.engine", "apscheduler", "aiosqlite",  # (each statement, at DEBUG)
-                  "httpx", "httpcore"):  # python-telegram-bot's HTTP client logs each URL, the bot token in it
+                  "httpx", "httpcore",  # python-telegram-bot's HTTP client logs each URL, the bot token in it
+                  # Slack's and Bot Framework's SDKs log each call's body at DEBUG, a Slack response_url among them
+                  # (which posts into the conversation for 30 minutes, for whoever has it)
+                  "slack_sdk", "slack_bolt", "msrest", "msal", "urllib3", "botbuilder", "botframework",
+                  "requests_oauthlib", "oauthlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     server = logging.getLogger("aiohttp.server")
     server.filters[:] = [f for f in server.filters if not isinstance(f, MalformedRequests)]

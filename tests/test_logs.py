@@ -69,6 +69,18 @@ def test_text_log_escapes_control_characters_in_a_message(logged: pytest.Capture
                          r"\x1b[0m\r\x00\x7f\x85\t\u2028\u202eexe.txt")
 
 
+def test_at_debug_the_chat_sdks_do_not_log_their_calls(logged: pytest.CaptureFixture[str]) -> None:
+    """slack_sdk logs each call's body at DEBUG, a response_url among them (it posts into the conversation for 30
+    minutes); msrest and urllib3 the Bot Framework's. --log-level DEBUG is the bot's own detail, not theirs."""
+    logs.setup("text", "DEBUG")
+    for name in ("slack_sdk.webhook.async_client", "slack_bolt.App", "msrest.http_logger", "urllib3.connectionpool",
+                 "botbuilder.core", "msal.application"):
+        logging.getLogger(name).debug("Sending a request - url: https://hooks.slack.com/actions/T0/1/SECRET")
+    logging.getLogger("chatops.test").debug("the bot's own detail")
+    [line] = logged.readouterr().err.splitlines()
+    assert line.endswith("DEBUG   chatops.test: the bot's own detail")
+
+
 def test_text_log_times_are_utc_and_say_so(logged: pytest.CaptureFixture[str]) -> None:
     """Whatever the machine's zone: the CLI and chat show the config's zone, so a time without its own is ambiguous."""
     zone = os.environ.get("TZ")
