@@ -7,12 +7,24 @@ config without importing any platform SDK.
 from __future__ import annotations
 
 from typing import ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # The error type of a key that another key's value requires (bot.config reports it where it reports missing keys).
 REQUIRED_WHEN = "required_when"
+
+
+def _in_clear(key: str, url: str | None) -> list[tuple[str, str]]:
+    """A warning for an http:// URL to another machine: what goes there (tokens, the bot's secret, signing keys that
+    say who may act as anyone) crosses the network readable and changeable."""
+    parts = urlsplit(url or "")
+    if parts.scheme != "http" or (parts.hostname or "") in ("localhost", "::1") or \
+            (parts.hostname or "").startswith("127."):
+        return []
+    return [(key, f"{url!r} is plain http to another machine: the tokens and keys that go there can be read and "
+                  "changed on the way; use https://")]
 
 
 class _Settings(BaseModel):
@@ -30,11 +42,12 @@ class SlackSettings(_Settings):
     api_url: str = Field("https://slack.com/api/", pattern=r"^https?://")
 
     def doubts(self) -> list[tuple[str, str]]:
+        found = _in_clear("api_url", self.api_url)
         if self.bot_token.startswith("xoxb-"):
-            return []
+            return found
         # A user (xoxp-) or app (xoxa-) token was taken before, and configs hold them: it posts as its user, if at all.
         return [("bot_token", "(a secret, not shown) is not a bot token (expected a Slack bot token, which starts "
-                              "with xoxb-: the Bot User OAuth Token on the app's OAuth & Permissions page)")]
+                              "with xoxb-: the Bot User OAuth Token on the app's OAuth & Permissions page)"), *found]
 
 
 class TelegramSettings(_Settings):
@@ -44,6 +57,9 @@ class TelegramSettings(_Settings):
     # may go without (left out, or empty: `${TELEGRAM_WEBHOOK_SECRET:-}`); its webhook path then refuses everything.
     webhook_secret: str | None = Field(None, min_length=8, pattern=r"^[A-Za-z0-9_-]{1,256}$", validate_default=True)
     api_url: str = Field("https://api.telegram.org/bot", pattern=r"^https?://")
+
+    def doubts(self) -> list[tuple[str, str]]:
+        return _in_clear("api_url", self.api_url)
 
     @field_validator("webhook_secret", mode="before")
     @classmethod
@@ -106,7 +122,8 @@ class TeamsSettings(_Settings):
         return not self.app_id
 
     def doubts(self) -> list[tuple[str, str]]:
-        found = []
+        found = [doubt for key in ("service_url", "openid_metadata_url", "login_url")
+                 for doubt in _in_clear(key, getattr(self, key))]
         if self.unauthenticated:  # (only with allow_unauthenticated: the model refuses an empty app_id otherwise)
             found.append(("allow_unauthenticated", "true and no app_id: anyone who can reach /api/messages can act "
                                                    "as any person: only for the Bot Framework Emulator on your own "

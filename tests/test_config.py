@@ -868,6 +868,9 @@ WARNED = [
     (BASE.replace("kind: alertmanager,", "kind: generic, dedup_key: groupKey,") + ROUTES,
      "sources[0].dedup_key: `groupKey` is Alertmanager's and Grafana's group: a generic payload has none, so its "
      "alerts group by grouping.by (a generic alert's own `dedup_key` field groups it)"),
+    (BASE + ROUTES + SLACK.replace("xoxb-1", "xoxb-1, api_url: 'http://slack.internal.example/api/'"),
+     "adapters.slack.api_url: 'http://slack.internal.example/api/' is plain http to another machine: the tokens and "
+     "keys that go there can be read and changed on the way; use https://"),
     (BASE + ROUTES + "grouping: {window: 0s}\n",
      "grouping.window: 0, so an alert joins an open incident of its key only when they arrive in the same instant "
      "(repeats of one alert still join theirs): give a window, such as 15m"),
