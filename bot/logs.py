@@ -76,6 +76,8 @@ class JsonFormatter(logging.Formatter):
         out.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # (formatted elsewhere: the intake writer process's)
+            out["exception"] = record.exc_text
         return json.dumps(out, default=str)
 
 

@@ -764,8 +764,13 @@ class Intake:
         outcomes, fresh, events, resolved_after, escalations, logs, read, queued = answer
         if len(outcomes) != len(batch):
             raise ValueError(f"the writer process answered {len(outcomes)} submissions of {len(batch)}")
-        for level, message in logs:
-            log.log(level, "%s", message)
+        for level, message, trace in logs:
+            if trace is None:
+                log.log(level, "%s", message)
+            elif log.isEnabledFor(level):  # its traceback as the writer process formatted it, its lines kept
+                record = log.makeRecord(log.name, level, "(writer process)", 0, "%s", (message,), None)
+                record.exc_text = trace
+                log.handle(record)
         answered = []
         for s, (status, body, replayed, rejected), what in zip(batch, outcomes, read):
             # (refused: the answer says why, as _apply did; or reading s.body did, with what it held)

@@ -7,7 +7,6 @@ is the bot's end.
 from __future__ import annotations
 
 import logging
-import traceback
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +14,7 @@ from sqlalchemy import Connection
 
 from bot.alerts import Alert, BodyError, read_body
 from bot.config import Config
+from bot.logs import TextFormatter
 from handlers.escalation import Escalations
 from handlers.intake import _INTERNAL, _UNAVAILABLE, Intake, Submission, _dumps, _is_db_unavailable, unknown_severities
 from storage.audit import AuditLog
@@ -59,7 +59,7 @@ class _ProcessWriter:
 
     def __call__(self, messages: list[tuple[datetime | int, list[tuple[str, list[tuple[Any, ...]] | bytes, str | None,
                                                                         int, str | None, str | None]]]]) -> list[Any]:
-        logs: list[tuple[int, str]] = []
+        logs: list[tuple[int, str, str | None]] = []
         outcomes: list[list[_Answer]] = []
         fresh: list[list[int]] = [[] for _ in messages]
         where: dict[int, tuple[int, int]] = {}  # id(submission) -> (message, index in it)
@@ -106,11 +106,11 @@ class _ProcessWriter:
                         continue
                     if unavailable:
                         logs.append((logging.ERROR, f"intake: the database is unavailable ({exc}); answering 503 "
-                                                    "so senders retry"))
+                                                    "so senders retry", None))
                         answer = _UNAVAILABLE_ANSWER
                     else:
-                        logs.append((logging.ERROR, f"intake failed for a delivery from {part[0].source.id}\n"
-                                                    + "".join(traceback.format_exception(exc)).rstrip()))
+                        logs.append((logging.ERROR, f"intake failed for a delivery from {part[0].source.id}",
+                                     _traceback(exc)))
                         answer = _INTERNAL_ANSWER
                     for s in part:
                         m, i = where[id(s)]
@@ -131,7 +131,7 @@ class _ProcessWriter:
             answers[-1] = (outcomes[-1], fresh[-1], events, resolved_after, escalations, logs, read[-1], queued)
         return answers
 
-    def _submission(self, item: Any, logs: list[tuple[int, str]]
+    def _submission(self, item: Any, logs: list[tuple[int, str, str | None]]
                     ) -> tuple[_Answer, tuple[str | None, int, int, int, dict[str, int] | None] | None, Submission | None]:
         """One submission as the parent sent it: its answer until applied (503), what reading its body found
         (None if it came parsed), and the Submission to apply (None if it is refused already)."""
@@ -151,9 +151,14 @@ class _ProcessWriter:
             return (_UNAVAILABLE_ANSWER, (None, truncated, firing, len(parsed) - firing, unknown),
                     Submission(source, parsed, delivery_id, None, truncated, signature=signature, digest=digest))
         except Exception as exc:  # not what the parent sends, or a fault reading it: this one gets 500
-            logs.append((logging.ERROR, "intake writer: a submission it cannot read\n"
-                                        + "".join(traceback.format_exception(exc)).rstrip()))
+            logs.append((logging.ERROR, "intake writer: a submission it cannot read", _traceback(exc)))
             return _INTERNAL_ANSWER, None, None
+
+
+def _traceback(exc: BaseException) -> str:
+    """`exc`'s traceback as the parent's log prints one (bot.logs.TextFormatter: its lines kept, each exception's
+    message on one line)."""
+    return TextFormatter().formatException((type(exc), exc, exc.__traceback__))
 
 
 def writer_process_handler(*, url: str, config: Config, on_open: Any, on_raise: Any = None,

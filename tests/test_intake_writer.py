@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import pickle
 import signal
@@ -22,10 +23,12 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from sqlalchemy import select
 
 from bot.alerts import parse_generic
 from bot.clock import FakeClock
+from bot.logs import JsonFormatter, TextFormatter
 from storage.db import Database
 from storage.models import AlertRecord, AuditEvent, Escalation, Incident, Timer
 from storage.writer import from_wire_time, wire_time
@@ -254,7 +257,9 @@ async def test_a_rise_to_critical_brings_a_step_waiting_for_the_morning_forward_
         await audited("escalation.step")  # and the woken tick pages
 
 
-async def test_a_submission_that_breaks_its_batch_is_isolated_in_the_writer_process(tmp_path: Path) -> None:
+async def test_a_submission_that_breaks_its_batch_is_isolated_in_the_writer_process(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="chatops.intake")
     async with process_bot(tmp_path, base=ESCALATING, on_open=explode_on_boom) as h:
         assert (await h.post("open", alert("warm-up")))[0] == 200
         bodies = [alert(f"host-{i}", "boom" if i == 4 else f"m{i}") for i in range(10)]
@@ -266,6 +271,13 @@ async def test_a_submission_that_breaks_its_batch_is_isolated_in_the_writer_proc
         assert results[4][1] == {"error": "internal error; nothing was stored"}
         assert await received_order(h) == ["latency"] + [f"m{i}" for i in range(10) if i != 4]
         assert "boom" not in {i.title for i in await h.incidents()}
+    # The log says so with the writer process's traceback, its lines kept (it was one line of \n escapes)
+    [record] = [r for r in caplog.records if r.getMessage() == "intake failed for a delivery from open"]
+    said = TextFormatter().format(record).splitlines()
+    assert said[0] == "intake failed for a delivery from open"
+    boom = "RuntimeError: boom (tests/intake_writer_hooks.py)"
+    assert said[1] == "Traceback (most recent call last):" and said[-1] == boom
+    assert json.loads(JsonFormatter().format(record))["exception"].endswith(boom)
 
 
 async def test_the_writer_process_dying_mid_batch_answers_503_and_the_next_batch_gets_a_new_one(tmp_path: Path) -> None:
