@@ -92,6 +92,14 @@ class AlertEndpoint:
         return self._reject(source_id, exc.reason, refused(exc))
 
     async def handle(self, request: web.Request) -> web.Response:
+        try:
+            return await self._handle(request)
+        except Exception:  # a fault of the bot's (answered 500 and logged by the server): counted as intake's too
+            source_id = request.match_info.get("source", "")
+            self.metrics.alert_rejected.labels(source_id if source_id in self.sources else "unknown", "internal").inc()
+            raise
+
+    async def _handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         source_id = request.match_info["source"]
         source = self.sources.get(source_id)

@@ -572,3 +572,20 @@ async def test_a_generic_time_without_offset_is_utc_and_unix_time_zero_is_none(h
         records = (await s.execute(select(AlertRecord).order_by(AlertRecord.id))).scalars().all()
     starts = [r.starts_at.isoformat() if r.starts_at else None for r in records]
     assert starts == ["2026-11-24T03:59:00+00:00", None, "2025-11-25T03:59:00+00:00"]
+
+
+async def test_a_fault_reading_a_body_is_a_500_counted_as_internal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A fault of the bot's while the HTTP front read a body (the writer thread's mode) was answered 500 and logged,
+    and not counted in chatops_alert_rejected_total{reason="internal"} as the writer process's are."""
+    import handlers.alert_http
+
+    def broken(kind: str, source: str, body: bytes) -> Any:
+        raise RuntimeError("a fault of the bot's")
+
+    monkeypatch.setattr(handlers.alert_http, "read_body", broken)
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", storage_options="writer: thread") as h:
+        status, answer, _ = await h.post("open", ALERT)
+        assert (status, answer) == (500, {"error": "internal error; the details are in the bot's log"})
+        assert await rejected(h, "internal") == 1
+        assert any("a fault of the bot's" in (r.exc_text or "") or r.exc_info for r in caplog.records)
