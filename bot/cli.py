@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import text
@@ -1040,6 +1040,16 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
             print(f"{url}: Telegram only posts to https:// URLs with a host; set server.public_url to the bot's "
                   "public HTTPS address (or give it with --url https://HOST/telegram/webhook), or use "
                   "adapters.telegram.mode: polling", file=sys.stderr)
+        return EXIT_USAGE
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or not parts.path.rstrip("/").endswith("/telegram/webhook"):
+        # (the bot answers 404 anywhere else: every update Telegram posted there would be lost, unsaid)
+        path = parts.path.rstrip("/")
+        path = path if path.endswith("/telegram/webhook") else path + "/telegram/webhook"
+        meant = urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+        print(f"--url {url!r}: the bot takes Telegram's updates at /telegram/webhook, and answers 404 elsewhere; give "
+              f"the whole address, such as {meant} (a proxy's prefix before it is fine), or leave --url out to use "
+              "server.public_url", file=sys.stderr)
         return EXIT_USAGE
     from adapters.telegram import TelegramAdapter
     from bot.chat import DeliveryError

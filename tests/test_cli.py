@@ -822,6 +822,26 @@ def test_telegram_set_webhook_says_what_url_must_be(tmp_path: Path, capsys: pyte
         "webhook, https://HOST/telegram/webhook")
 
 
+@pytest.mark.parametrize(("url", "meant"), [
+    ("https://bot.example.com", "https://bot.example.com/telegram/webhook"),
+    ("https://bot.example.com/", "https://bot.example.com/telegram/webhook"),
+    ("https://bot.example.com/wrong?a=1", "https://bot.example.com/wrong/telegram/webhook"),
+    ("https://bot.example.com/telegram/webhook#x", "https://bot.example.com/telegram/webhook"),
+])
+def test_telegram_set_webhook_refuses_an_address_the_bot_does_not_serve(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, meant: str) -> None:
+    """`--url https://bot.example.com` (server.public_url's form) was set and said to work: the bot answers 404 there,
+    and every update Telegram posted was lost, unsaid."""
+    cfg = tmp_path / "app.yaml"  # (Telegram itself is never asked: api_url leads nowhere)
+    cfg.write_text("adapters:\n  telegram: {bot_token: '123456:ABC-token', webhook_secret: s3cret-s3cret, "
+                   "api_url: 'http://127.0.0.1:1/bot'}\n")
+    assert main(["telegram", "set-webhook", "--url", url, "-c", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"--url {url!r}: the bot takes Telegram's updates at /telegram/webhook, and answers 404 elsewhere; give the "
+        f"whole address, such as {meant} (a proxy's prefix before it is fine), or leave --url out to use "
+        "server.public_url")
+
+
 def test_telegram_set_webhook_names_the_variable_to_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """With its token from a variable not set it said "configure adapters.telegram in app.yaml first"."""

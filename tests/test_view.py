@@ -124,6 +124,10 @@ def test_acknowledged_incident_says_who_and_when():
     assert ctx["headline"].startswith("\U0001f7e0 Acknowledged \u00b7 Critical \u00b7 #42 ")
     assert facts(ctx)["acknowledged"] == "acknowledged by Alice, 3 Mar 14:12 UTC"
     assert ctx["next_step"] == "Alice is on it. Resolve when fixed, or escalate for help."
+    # with no escalation policy the card has no Escalate: it says how to get help instead
+    quiet = make_incident(status="acknowledged", acknowledged_at=NOW, acknowledged_by="alice", escalation=None)
+    assert incident_context(quiet, ALERTS, now=NOW, acknowledged_name="Alice")["next_step"] == (
+        "Alice is on it. Resolve when fixed, or page someone for help with /incident page.")
     # without a display name, the stored person id is shown
     assert facts(incident_context(inc, ALERTS, now=NOW))["acknowledged"].startswith("acknowledged by alice, ")
 
