@@ -602,7 +602,8 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
                     fit=_fit(args, out), shrink=("TITLE", "SOURCES"), below="TITLE"), file=out)
         if total > len(ranked):
             hint = ", --status open only those still open" if every else ""  # (a status asked for is what it lists)
-            print(f"the newest {len(ranked)} of {total:,} {which}; --limit {min(total, 100_000)} shows more{hint}",
+            more = "shows them all" if total <= 100_000 else "shows more"
+            print(f"the newest {len(ranked)} of {total:,} {which}; --limit {min(total, 100_000)} {more}{hint}",
                   file=out)
         return done
 
@@ -673,7 +674,7 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
                         else f"{when} to {at(end)}")
             rows.append((when, _run_action(run) + (" (damaged)" if damaged_one else ""),
                          who_did(e.actor_person, names) if e.actor_person else f"{e.actor_platform}:{e.actor_user_id}",
-                         _run_detail(run, names)))
+                         _run_detail(run, names, at)))
         print(table(["AT", "ACTION", "BY", "DETAIL"], rows, max_width=None, fit=_fit(args, out), shrink=("DETAIL",),
                     below="DETAIL", keep_end=("DETAIL",)), file=out)
         if left := len(timeline) - sum(len(run) for run in kept):  # (counted in events, as the lines hold them)
@@ -723,24 +724,26 @@ def _run_action(run: list[Any]) -> str:
     return ", ".join(action + (f" \u00d7{n}" if n > 1 else "") for action, n in counts.items())
 
 
-def _run_detail(run: list[Any], names: dict[str, str]) -> str:
+def _run_detail(run: list[Any], names: dict[str, str], at: Callable[[datetime], str] | None = None) -> str:
     """What a line of the timeline was about, from its events' audit details: the alert, the channels, the step."""
     events = [item.event if isinstance(item, Damaged) else item for item in run]
-    said = list(dict.fromkeys(_event_detail(e.action, e.subject_id, e.details, names) for e in events))
+    said = list(dict.fromkeys(_event_detail(e.action, e.subject_id, e.details, names, at) for e in events))
     if len(said) == 1:
         return said[0]
     alerts = [e for e in events if e.subject_type == "alert"]
     ids = {e.subject_id for e in alerts}
     if len(ids) == 1:  # one alert, grouped and received, or received again and again
-        return _event_detail(alerts[-1].action, alerts[-1].subject_id, alerts[-1].details, names)
+        return _event_detail(alerts[-1].action, alerts[-1].subject_id, alerts[-1].details, names, at)
     if ids:  # a group's alerts: how many, and what they are when they all say the same
         summaries = {str(e.details.get("summary") or "") if isinstance(e.details, dict) else "" for e in alerts}
         return f"{len(ids)} alerts" + (f": {summaries.pop()}" if len(summaries) == 1 and "" not in summaries else "")
     return "; ".join(d for d in said if d)
 
 
-def _event_detail(action: str, subject: str | None, details: Any, names: dict[str, str]) -> str:
-    """One event's audit details in a few words (`audit export` has them all)."""
+def _event_detail(action: str, subject: str | None, details: Any, names: dict[str, str],
+                  at: Callable[[datetime], str] | None = None) -> str:
+    """One event's audit details in a few words (`audit export` has them all); `at` words a time in them as the
+    timeline's own are (else as stored)."""
     d = details if isinstance(details, dict) else {}
 
     def said(key: str) -> str:
@@ -781,7 +784,12 @@ def _event_detail(action: str, subject: str | None, details: Any, names: dict[st
     if action in ("incident.page_failed", "escalation.page_failed"):
         return f"{person('person')}: {said('problem')}" if d.get("person") else said("problem")
     if action == "escalation.deferred":
-        return f"step {said('step')} until {said('until')}"
+        until = said("until")
+        try:
+            until = at(datetime.fromisoformat(until)) if at is not None and until else until
+        except ValueError:  # (as stored, then)
+            pass
+        return f"step {said('step')} until {until}"
     if action == "escalation.exhausted":
         return f"policy {said('policy')}, {said('steps')} step(s)"
     if action == "escalation.resumed":
@@ -842,7 +850,8 @@ def cmd_outbox_list(args: argparse.Namespace, out: TextIO) -> int:
             listed = sum(counts.values()) if args.status == "all" else counts.get(args.status, 0)
             if len(rows) == args.limit and listed > len(rows):  # (the totals below count them all, not this table)
                 what = "deliveries" if args.status == "all" else f"{args.status} deliveries"
-                print(f"the newest {len(rows):,} of {listed:,} {what}; --limit {min(listed, 1_000_000)} shows more",
+                more = "shows them all" if listed <= 1_000_000 else "shows more"
+                print(f"the newest {len(rows):,} of {listed:,} {what}; --limit {min(listed, 1_000_000)} {more}",
                       file=out)
         print("totals: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"), file=out)
         dead = counts.get("dead", 0)
@@ -876,7 +885,7 @@ def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
     """Dead letters back into the queue (the bot sends them on its next round), audited as outbox.retried."""
     import getpass
 
-    from sqlalchemy import select
+    from sqlalchemy import func, select
 
     from bot.model import Actor
     from storage.audit import Entry
@@ -896,6 +905,9 @@ def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
             if (refused := await _other_key(audit, session)) is not None:
                 return refused
             chosen = await queries.retry_dead(session, now, args.ids or None)
+            pages = 0 if args.ids else (await session.execute(  # (dead pages --dead leaves: a page is sent again by id)
+                select(func.count()).select_from(OutboxItem).where(OutboxItem.status == "dead",
+                                                                    OutboxItem.kind == "page"))).scalar_one()
             if chosen:  # one event per incident whose deliveries go again, in its timeline (and one for the rest)
                 by_incident: dict[int | None, list[int]] = {}
                 for item_id, incident_id in (await session.execute(
@@ -909,8 +921,13 @@ def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
         if skipped and chosen:
             print(f"not dead, or no such delivery: {', '.join(map(str, skipped))}", file=sys.stderr)
         if not chosen:
-            print("no dead deliveries" + (f" with those ids ({', '.join(map(str, args.ids))})" if args.ids else
-                                          " (pages are retried only by id)"), file=out)
+            if pages:
+                print(f"no dead deliveries but {pages} page(s), which --dead leaves (a page given up on was followed "
+                      "by the escalation's next step): `chatops outbox list --status dead` lists them, `chatops outbox "
+                      "retry ID` sends one again", file=out)
+            else:
+                print("no dead deliveries" + (f" with those ids ({', '.join(map(str, args.ids))})" if args.ids else
+                                              " (pages are retried only by id)"), file=out)
             return EXIT_FAILED if args.ids else EXIT_OK
         print(f"{len(chosen)} delivery(ies) queued again: {', '.join(map(str, chosen))}; the running bot sends them "
               "within seconds (`chatops outbox list` shows how they fare)", file=out)

@@ -1206,6 +1206,10 @@ def _message(err: Mapping[str, Any], where: tuple[Any, ...] = (), model: type[Ba
     given), the section at config path `where`."""
     kind, msg = err["type"], err["msg"]
     if kind == "missing":
+        loc = (*where, *err.get("loc", ()))
+        if len(loc) == 3 and loc[0] == "sources" and loc[2] == "auth":  # (never open unless it says so)
+            return ("required: `none` (anyone may send), `{bearer: TOKEN}` or `{hmac_secret: SECRET}` (see Alert "
+                    "intake in the README)")
         return "required"
     if kind == "required_when":  # required by another key's value (adapters/settings.py says which)
         return msg

@@ -271,8 +271,10 @@ class Bot:
             return web.json_response({"error": f"{name} is configured, but this version of the bot has no {name} "
                                                "adapter"}, status=501)
         why = self.adapters_failed.get(name) or self.loaded.adapters_off.get(name) or f"adapters.{name} is not configured"
-        return web.json_response({"error": f"{name} is off: {why}; set it up in app.yaml and restart the bot"},
-                                 status=503, headers={"Retry-After": "60"})
+        # (a variable app.yaml reads, unset: the fix is in the environment, as for an alert source)
+        unset = name not in self.adapters_failed and why.endswith((" is not set", " is empty"))
+        fix = "set it and restart the bot" if unset else "set it up in app.yaml and restart the bot"
+        return web.json_response({"error": f"{name} is off: {why}; {fix}"}, status=503, headers={"Retry-After": "60"})
 
     @web.middleware
     async def _observe(self, request: web.Request, handler: Handler) -> web.StreamResponse:

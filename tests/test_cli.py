@@ -121,10 +121,10 @@ async def test_incidents_list_offers_open_only_to_a_list_of_every_status(tmp_pat
             if asset != "web-1":
                 assert (await h.post("open", {**body, "status": "resolved"}))[0] == 200
     for status, said in (
-            ([], "the newest 1 of 3 incidents; --limit 3 shows more, --status open only those still open"),
-            (["--status", "all"], "the newest 1 of 3 incidents; --limit 3 shows more, --status open only those still "
+            ([], "the newest 1 of 3 incidents; --limit 3 shows them all, --status open only those still open"),
+            (["--status", "all"], "the newest 1 of 3 incidents; --limit 3 shows them all, --status open only those still "
                                   "open"),
-            (["--status", "resolved"], "the newest 1 of 2 incidents with status resolved; --limit 2 shows more")):
+            (["--status", "resolved"], "the newest 1 of 2 incidents with status resolved; --limit 2 shows them all")):
         assert await asyncio.to_thread(main, ["incidents", "list", *status, "--limit", "1", "-c", str(cfg)]) == 0
         assert capsys.readouterr().out.splitlines()[-1] == said, status
     for status, ids in (("all", ["#1", "#2", "#3"]), ("open", ["#1"]),  # all listed
@@ -413,7 +413,7 @@ async def test_long_lists_say_what_they_leave_out(tmp_path: Path, capsys: pytest
                                           "message": "down", "tool_source": "t"}))[0] == 200
     assert await asyncio.to_thread(main, ["incidents", "list", "--limit", "2", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("the newest 2 of 4 incidents; --limit 4 shows more, --status open only those "
+    assert out.rstrip().endswith("the newest 2 of 4 incidents; --limit 4 shows them all, --status open only those "
                                  "still open")
     assert await asyncio.to_thread(main, ["incidents", "show", "1", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
@@ -601,9 +601,9 @@ async def test_outbox_list_says_how_to_see_and_resend_the_dead_deliveries_it_doe
     assert await asyncio.to_thread(main, ["outbox", "list", "--status", "dead", "--limit", "1", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out.splitlines()  # the newest one, and that there are more (it said nothing of them)
     assert [line.split()[0] for line in out[1:-3]] == ["2"]
-    assert out[-3:-1] == ["the newest 1 of 2 dead deliveries; --limit 2 shows more", "totals: dead 2, pending 1"]
+    assert out[-3:-1] == ["the newest 1 of 2 dead deliveries; --limit 2 shows them all", "totals: dead 2, pending 1"]
     assert await asyncio.to_thread(main, ["outbox", "list", "--status", "all", "--limit", "2", "-c", str(cfg)]) == 0
-    assert "the newest 2 of 3 deliveries; --limit 3 shows more" in capsys.readouterr().out
+    assert "the newest 2 of 3 deliveries; --limit 3 shows them all" in capsys.readouterr().out
     assert await asyncio.to_thread(main, ["outbox", "list", "--status", "dead", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert not any(line.startswith("the newest") for line in out)
@@ -1308,3 +1308,18 @@ async def test_incidents_show_prints_a_line_break_in_the_title_as_a_space_as_the
     assert capsys.readouterr().out.splitlines()[0] == "#1 line1 line2\\x1b[31m"  # (a terminal's ESC still written out)
     assert await asyncio.to_thread(main, ["incidents", "list", "-c", str(cfg)]) == 0
     assert "  line1 line2\\x1b[31m  " in capsys.readouterr().out
+
+
+def test_a_deferred_steps_time_in_a_timeline_reads_as_the_timelines_own() -> None:
+    """`incidents show` wrote "step 1 until 2026-12-07T08:00:00+00:00" among times written "2026-12-07 02:49:33 CET"."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from bot.cli import _event_detail
+
+    def at(moment: datetime) -> str:
+        return f"{moment.astimezone(ZoneInfo('Europe/Berlin')):%Y-%m-%d %H:%M:%S %Z}"
+
+    details = {"step": 1, "until": "2026-12-07T08:00:00+00:00", "severity": "medium"}
+    assert _event_detail("escalation.deferred", "1", details, {}, at) == "step 1 until 2026-12-07 09:00:00 CET"
+    assert _event_detail("escalation.deferred", "1", {**details, "until": "soon"}, {}, at) == "step 1 until soon"

@@ -832,6 +832,9 @@ def test_a_config_without_sources_is_a_warning() -> None:
     (BASE + ROUTES + "grouping: {by: []}\n",
      "grouping.by: empty: give at least one label name (alerts with the same values of these labels form one "
      "incident)"),
+    (BASE.replace("kind: alertmanager, auth: {bearer: secret-token}", "kind: alertmanager") + ROUTES,
+     "sources[0].auth: required: `none` (anyone may send), `{bearer: TOKEN}` or `{hmac_secret: SECRET}` (see Alert "
+     "intake in the README)"),
 ])
 def test_a_value_that_would_do_the_wrong_thing_is_refused(text: str, expected: str) -> None:
     assert expected in problems(text)

@@ -199,6 +199,12 @@ async def test_a_platform_that_is_off_says_why_on_its_endpoint(tmp_path: Path) -
             assert resp.status == 503 and resp.headers["Retry-After"] == "60"
             error = (await resp.json())["error"]
             assert error.startswith(f"{name} is off: ") and error.endswith("; set it up in app.yaml and restart the bot")
+    # Off because a variable app.yaml reads is not set: the fix is in the environment, and it says so
+    unset = "adapters:\n  slack: {bot_token: '${SLACK_TOKEN_UNSET_HERE}', signing_secret: signing-secret}\n"
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'c.db'}", unset) as h:
+        resp = await h.client.post("/slack/events", data=b"{}")
+        assert (await resp.json())["error"] == ("slack is off: SLACK_TOKEN_UNSET_HERE is not set; set it and restart "
+                                                "the bot")
     async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}", teams) as h:
         resp = await h.client.post("/api/messages", data=b'{"type": "message"}')
         assert resp.status == 401  # on, and it takes only what the Bot Framework signed
