@@ -881,6 +881,45 @@ async def _other_key(audit: AuditLog, session: Any) -> int | None:
     return EXIT_USAGE
 
 
+def cmd_incidents_act(args: argparse.Namespace, out: TextIO) -> int:
+    """`incidents ack|resolve ID`: as the chat's buttons do (the escalation stops, the cards are redrawn and the
+    thread says who, by the running bot's outbox), for whoever has the store at hand; audited as the chat's are, by
+    `cli:<user>` or the person `--as` names."""
+    import getpass
+
+    from bot.model import Actor
+    from handlers.escalation import Escalations
+    from handlers.incident_actions import perform
+
+    loaded = _load(args)
+    people = {p.id: p for p in loaded.config.people}
+    if args.as_person is not None and args.as_person not in people:
+        known = ", ".join(sorted(people)) or "none"
+        print(f"--as {args.as_person!r}: no such person under people: in app.yaml (known: {known})", file=sys.stderr)
+        return EXIT_USAGE
+    verb = {"ack": "acknowledge", "resolve": "resolve"}[args.incidents]
+
+    async def work(db: Database) -> int:
+        user = getpass.getuser()
+        person = people.get(args.as_person or "")
+        actor = Actor("cli", user, person.name if person else user, person.id if person else None)
+        audit = AuditLog(loaded.config.audit.hmac_key)
+        async with db.transaction() as session:  # (a chain written with another key is refused before anything)
+            if (refused := await _other_key(audit, session)) is not None:
+                return refused
+        result = await perform(db=db, audit=audit, incident_id=args.id, action=verb, actor=actor,
+                               now=datetime.now(UTC), note=args.note or "",
+                               escalations=Escalations(audit=audit, config=loaded.config),
+                               names={p.id: p.name for p in loaded.config.people})
+        print(printable(result.message), file=out if result.changed else sys.stderr)
+        if result.changed:
+            print("the running bot redraws its cards and says so in the thread within seconds", file=out)
+            return EXIT_OK
+        return EXIT_FAILED
+
+    return asyncio.run(_with_db(loaded, work))
+
+
 def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
     """Dead letters back into the queue (the bot sends them on its next round), audited as outbox.retried."""
     import getpass
@@ -1137,7 +1176,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--since", type=_iso, help="only events at or after this ISO 8601 time (no offset: app.yaml's timezone)")
     export.add_argument("--incident", type=_ID, help="only events about this incident id")
     export.set_defaults(func=cmd_audit_export)
-    incidents = sub.add_parser("incidents", parents=[common], help="list or show incidents").add_subparsers(dest="incidents", required=True, metavar="ACTION")
+    incidents = sub.add_parser("incidents", parents=[common], help="list, show, acknowledge or resolve incidents").add_subparsers(dest="incidents", required=True, metavar="ACTION")
     listing = incidents.add_parser("list", parents=[common], help="a table of incidents: the open ones first, then the resolved, each "
                                "highest priority first")
     listing.add_argument("--status", choices=LIST_FILTERS,
@@ -1154,6 +1193,14 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{SHOW_ROWS} lines)")
     show.add_argument("--wide", action="store_true", help=WIDE)
     show.set_defaults(func=cmd_incidents_show)
+    for action, what in (("ack", "acknowledge an incident (its escalation stops)"),
+                         ("resolve", "resolve an incident (its escalation stops)")):
+        act = incidents.add_parser(action, parents=[common], help=what + ", as chat's buttons do; audited")
+        act.add_argument("id", type=_ID)
+        act.add_argument("--as", dest="as_person", metavar="PERSON",
+                         help="the person (an id under people: in app.yaml) it is done as (default: cli:<your user>)")
+        act.add_argument("--note", help="a note kept with the audit event")
+        act.set_defaults(func=cmd_incidents_act)
     outbox = sub.add_parser("outbox", parents=[common], help="chat deliveries waiting, sent or given up").add_subparsers(dest="outbox", required=True, metavar="ACTION")
     olist = outbox.add_parser("list", parents=[common], help="a table of deliveries, newest first")
     olist.add_argument("--status", choices=["pending", "sending", "sent", "dead", "cancelled", "all"], default="pending")

@@ -1323,3 +1323,44 @@ def test_a_deferred_steps_time_in_a_timeline_reads_as_the_timelines_own() -> Non
     details = {"step": 1, "until": "2026-12-07T08:00:00+00:00", "severity": "medium"}
     assert _event_detail("escalation.deferred", "1", details, {}, at) == "step 1 until 2026-12-07 09:00:00 CET"
     assert _event_detail("escalation.deferred", "1", {**details, "until": "soon"}, {}, at) == "step 1 until soon"
+
+
+async def test_incidents_ack_and_resolve_act_as_the_chats_buttons_do_beside_the_running_bot(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A first try without a chat platform left no way to acknowledge or resolve: `incidents ack|resolve ID` does it
+    beside the running bot, as a button does (audited, the cards' redraw and the thread's line queued), as the person
+    `--as` names or as cli:<user>; a second ack, an unknown incident and an unknown person are refused, saying why."""
+    import getpass
+
+    from storage.models import AuditEvent, OutboxItem
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    cfg.write_text(cfg.read_text(encoding="utf-8") + "audit: {hmac_key: test-key-0123456789ab}\n", encoding="utf-8")
+    async with running_bot(url) as h:
+        body = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "web-1 down", "tool_source": "t"}
+        assert (await h.post("open", body))[0] == 200
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["incidents", "ack", "1", "--as", "alice", "-c", str(cfg)]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == "Acknowledged #1."
+        assert await asyncio.to_thread(main, ["incidents", "ack", "1", "-c", str(cfg)]) == 1
+        assert capsys.readouterr().err.strip() == "#1 is already acknowledged by Alice."
+        assert await asyncio.to_thread(main, ["incidents", "ack", "7", "-c", str(cfg)]) == 1
+        assert await asyncio.to_thread(main, ["incidents", "ack", "1", "--as", "zed", "-c", str(cfg)]) == 2
+        assert "--as 'zed': no such person under people: in app.yaml" in capsys.readouterr().err
+        assert await asyncio.to_thread(main, ["incidents", "resolve", "1", "--note", "restarted", "-c", str(cfg)]) == 0
+        [incident] = await h.incidents()
+        assert (incident.status, incident.acknowledged_by, incident.resolved_by) == (
+            "resolved", "alice", f"person:cli:{getpass.getuser()}")
+        async with h.bot.db.sessions() as session:
+            from sqlalchemy import select
+
+            acts = (await session.execute(select(AuditEvent).where(AuditEvent.action.in_(
+                ("incident.acknowledged", "incident.resolved"))).order_by(AuditEvent.seq))).scalars().all()
+            queued = (await session.execute(select(OutboxItem.event).where(OutboxItem.incident_id == 1))).scalars().all()
+        assert [(e.action, e.actor_platform, e.actor_person) for e in acts] == [
+            ("incident.acknowledged", "cli", "alice"), ("incident.resolved", "cli", None)]
+        assert acts[1].details["note"] == "restarted"
+        assert "incident.acknowledged" in queued and "incident.resolved" in queued  # the thread's lines, for the bot
+    assert await asyncio.to_thread(main, ["audit", "verify", "-c", str(cfg)]) == 0  # one chain, both writers
