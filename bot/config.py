@@ -429,10 +429,15 @@ class HmacAuth(Section):
 
     @field_validator("timestamp_header")
     @classmethod
-    def _timestamp_header(cls, value: str | None) -> str | None:
+    def _timestamp_header(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not _HEADER_NAME.match(value):
             raise ValueError(f"{value!r} is not an HTTP header name (such as X-Timestamp); set it to null for a "
                              "signature over the body alone, with no timestamp")
+        if value is not None and value.lower() == str(info.data.get("header", "")).lower():
+            # (HTTP header names are one whatever their case: every request would be refused, its signature read
+            # as its time)
+            raise ValueError(f"{value!r} is the signature's header too: the signature and its timestamp come in two "
+                             "headers (such as X-Signature and X-Timestamp)")
         return value
 
     @field_validator("max_skew")
@@ -505,6 +510,8 @@ def matchers_as_text(v: Any) -> Any:
     quotes."""
     if isinstance(v, dict):
         for k, x in v.items():
+            if isinstance(k, str) and not k.strip():  # (no alert has a label of no name: it matched nothing, unsaid)
+                raise ValueError(f"{k!r}: an empty label name; give the label's name (such as team: dba)")
             if isinstance(x, (bool, WrittenBoolean)):
                 value = str(x.value if isinstance(x, WrittenBoolean) else x).lower()
                 fix = (f": {k}: \"{x.written}\"" if isinstance(x, WrittenBoolean) else

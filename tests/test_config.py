@@ -194,6 +194,11 @@ BROKEN = [
     (BASE.replace("auth: {bearer: secret-token}", "auth: {hmac_secret: s3cret-123, max_skew: 2d}") + ROUTES,
      "sources[0].auth.max_skew: must be between 1s and 12h (a signed request stays valid, and is remembered against "
      "replays, this long before and after its timestamp)"),
+    # One header for both refused every request, its signature read as its time
+    (BASE.replace("auth: {bearer: secret-token}", "auth: {hmac_secret: s3cret-123, header: X-Sig, "
+                  "timestamp_header: x-sig}") + ROUTES,
+     "sources[0].auth.timestamp_header: 'x-sig' is the signature's header too: the signature and its timestamp come "
+     "in two headers (such as X-Signature and X-Timestamp)"),
 ]
 
 
@@ -832,6 +837,8 @@ def test_a_config_without_sources_is_a_warning() -> None:
     (BASE + ROUTES + "grouping: {by: []}\n",
      "grouping.by: empty: give at least one label name (alerts with the same values of these labels form one "
      "incident)"),
+    (BASE + "routes:\n  - {match: {'': dba}, channels: [ops-slack]}\n  - {match: {}, channels: [ops-slack]}\n",
+     "routes[0].match: '': an empty label name; give the label's name (such as team: dba)"),
     (BASE.replace("kind: alertmanager, auth: {bearer: secret-token}", "kind: alertmanager") + ROUTES,
      "sources[0].auth: required: `none` (anyone may send), `{bearer: TOKEN}` or `{hmac_secret: SECRET}` (see Alert "
      "intake in the README)"),
