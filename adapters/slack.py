@@ -229,6 +229,8 @@ def delivery_error(method: str, exc: SlackApiError, *, chat: str | None = None,
 def _what_to_do(error: str | None, chat: str | None, bot: str | None) -> str:
     """For a channel the bot cannot post in, how to let it in, short (`chatops outbox list` shows 100 characters).
     Slack answers channel_not_found for a private channel the bot is not in, as for an id that names no channel."""
+    if error == "is_archived" and chat:
+        return f": {chat} is archived: unarchive it, or give channels[].chat another channel in app.yaml"
     if error not in ("not_in_channel", "channel_not_found") or not chat or chat[:1] in ("D", "U", "W"):
         return ""  # (a direct conversation or a person: no one is invited there)
     invite = f"/invite @{bot}" if bot else "/invite @<the bot>"

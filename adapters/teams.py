@@ -370,6 +370,8 @@ class TeamsAdapter:
         self.claim: Callable[[str, str, timedelta], Awaitable[Handling | None]] | None = None
         self.auth_wait = AUTH_WAIT
 
+    says_lost_answers = True  # (its _call logs a post whose answer was lost: the outbox need not say it again)
+
     def register(self, app: web.Application) -> None:
         app.router.add_post(PATH, self.handle)
 

@@ -51,7 +51,7 @@ from bot.ratelimit import TokenBucket, Window
 from bot.view import incident_card, thread_line
 from handlers.escalation import Escalations, drawn_with
 from handlers.notify import ASKS, button_from, decided_words, direct_row
-from handlers.page_lanes import (PERSONAL_KINDS, RECENT_ALERTS, STOP_CALLS_WAIT, UNSETTLED, PageLanes,
+from handlers.page_lanes import (PERSONAL_KINDS, RECENT_ALERTS, STOP_CALLS_WAIT, TOKEN_WAIT, UNSETTLED, PageLanes,
                                  _promised_past, all_settled)
 from handlers.paging import HAND_PAGE_EVENTS, LOOK_AFTER, UNANSWERED
 from storage.audit import AuditLog
@@ -637,9 +637,13 @@ class OutboxWorker(PageLanes):
                 return None
             if exc.retry_after:
                 self.buckets.pause(platform, chat, self._monotonic() + exc.retry_after)
+            if exc.unknown and lost is None and not getattr(self.adapters.get(platform), "says_lost_answers", False):
+                # (the platform cannot be asked whether it has it: posted again; Teams' adapter says so itself)
+                log.warning("outbox: the answer to a %s in %s was lost (%s), and the platform cannot be asked whether "
+                            "it has it, so it is posted again and may show twice", method, chat, exc)
             await self._failed(items, str(exc), exc.retry_after, permanent=exc.permanent and not exc.token_refused,
                                platform_trouble=True, lost=lost if exc.unknown else None,
-                               unmark=lost is not None and not exc.unknown)
+                               unmark=lost is not None and not exc.unknown, token_refused=exc.token_refused)
             return None
         except Exception as exc:  # a bug or a rendering problem: retry a few times, then dead-letter
             self.metrics.chat_calls.labels(platform, method, "error").inc()
@@ -652,10 +656,13 @@ class OutboxWorker(PageLanes):
         return result if result is not None else True
 
     async def _failed(self, items: Sequence[OutboxItem], error: str, retry_after: float | None, *, permanent: bool,
-                      platform_trouble: bool = False, lost: str | None = None, unmark: bool = False) -> None:
+                      platform_trouble: bool = False, lost: str | None = None, unmark: bool = False,
+                      token_refused: bool = False) -> None:
         """Schedule the retry, or give up. `retry_after`: the platform said when to come back (a rate limit, not a
         failure: no attempt is spent). `platform_trouble`: the platform failed, not our code: wait for it longer.
-        `lost`: the post, carrying this key, may have arrived: the retry looks for it first (UNANSWERED)."""
+        `lost`: the post, carrying this key, may have arrived: the retry looks for it first (UNANSWERED).
+        `token_refused`: the platform refused the bot's token: the rows are marked (TOKEN_WAIT), and go at once when
+        a call there works again or the bot starts again (PageLanes._token_accepted, _recover), not at their back-off."""
         now = self.clock.now()
         async with self.db.transaction() as session:
             for item in items:
@@ -663,6 +670,8 @@ class OutboxWorker(PageLanes):
                 if row is None or row.status not in UNSETTLED:
                     continue
                 row.status = "pending"  # a page claimed for sending (SENDING) that did not go: due again, or dead below
+                if token_refused and row.kind != "page":  # (a page has its own mark: PageLanes._page_waits)
+                    row.details = {**(row.details or {}), TOKEN_WAIT: True}
                 if lost is not None:
                     row.details = {**(row.details or {}), UNANSWERED: {"key": lost, "at": time.time()}}
                 elif unmark and UNANSWERED in (row.details or {}):  # the platform said no: nothing to look for

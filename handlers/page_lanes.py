@@ -68,6 +68,10 @@ UNSETTLED = ("pending", SENDING)
 # A page waiting because a platform refused the bot's token (see _page_waits) has TOKEN_REFUSED in its details (how
 # often it found it refused; handlers/escalation.py). Its words are drawn as things are when it goes (_after_now).
 _WAITED = OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None)  # a row that waited for the token
+# A channel's or person's message (not a page) that a platform refused for the bot's token (OutboxWorker._failed):
+# it goes at once once a call there works again, or at the next start, not at its back-off (up to 5 minutes).
+TOKEN_WAIT = "token_wait"
+_TOKEN_WAITED = OutboxItem.details[TOKEN_WAIT].as_string().is_not(None)
 RECENT_ALERTS = 50  # alerts read to draw a message: its links and "the last of N" come from the newest
 
 
@@ -615,6 +619,9 @@ class PageLanes:
             await session.execute(update(OutboxItem).where(
                 OutboxItem.kind == "page", OutboxItem.status == "pending", OutboxItem.due_at > now,
                 _WAITED).values(due_at=now))
+            await session.execute(update(OutboxItem).where(  # (the cards and lines that waited for it too)
+                OutboxItem.kind != "page", OutboxItem.status == "pending", OutboxItem.due_at > now,
+                _TOKEN_WAITED).values(due_at=now))
             rows = (await session.execute(select(OutboxItem).where(OutboxItem.status == SENDING,
                                                                    OutboxItem.id.not_in(sorted(self._claimed)))
                                           .order_by(OutboxItem.id))).scalars().all()
@@ -936,12 +943,15 @@ class PageLanes:
         self.nudge()
 
     async def _token_accepted(self) -> None:
-        """A platform took a call again after refusing the bot's token: the pages waiting for that go now, not at
-        their next try (up to 5 minutes away)."""
+        """A platform took a call again after refusing the bot's token: the pages (and the cards and lines, TOKEN_WAIT)
+        waiting for that go now, not at their next try (up to 5 minutes away)."""
         async with self.db.transaction() as session:
             await session.execute(update(OutboxItem).where(
                 OutboxItem.kind == "page", OutboxItem.status == "pending", OutboxItem.due_at > self.clock.now(),
                 _WAITED).values(due_at=self.clock.now()))
+            await session.execute(update(OutboxItem).where(  # (the cards and lines that waited for it too)
+                OutboxItem.kind != "page", OutboxItem.status == "pending", OutboxItem.due_at > self.clock.now(),
+                _TOKEN_WAITED).values(due_at=self.clock.now()))
         self.nudge()
 
 

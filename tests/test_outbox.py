@@ -249,6 +249,7 @@ async def test_a_new_incidents_card_goes_before_the_thread_lines_of_older_ones(t
 @pytest.mark.parametrize(("error", "says"), [
     ("channel_not_found", "channel_not_found: C0OPS is a wrong id, or private: /invite @chatops in it"),
     ("not_in_channel", "not_in_channel: invite the bot: /invite @chatops in C0OPS"),
+    ("is_archived", "is_archived: C0OPS is archived: unarchive it, or give channels[].chat another channel in app.yaml"),
 ])
 async def test_a_refusal_that_cannot_succeed_becomes_a_dead_letter(tmp_path: Path, error: str, says: str) -> None:
     """The error says what to do about it, not only Slack's code."""
@@ -680,6 +681,25 @@ async def test_a_platform_in_trouble_for_a_while_loses_nothing(tmp_path: Path, e
             assert len(parents(fake)) == 1 and [r[0] for r in await row_state(h)] == ["sent"]
             assert (await (await h.client.get("/readyz")).json())["adapters"]["slack"] == "on"
             assert 'chatops_adapter_up{adapter="slack"} 1.0' in await (await h.client.get("/metrics")).text()
+
+
+async def test_cards_that_waited_for_the_token_go_as_soon_as_it_works_again(tmp_path: Path) -> None:
+    """Slack refused the bot's token for incident #1's card; then the token worked again (a newer card went): #1's
+    card still waited for its back-off (up to 5 minutes) behind the newer one. The pages that waited for the token
+    went at once; now the cards and lines do too."""
+    async with FakeSlack() as fake:
+        fake.fail("chat.postMessage", "invalid_auth", times=4)
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
+            await fake.wait_for(lambda: any(c.method == "chat.postMessage" for c in fake.calls), timeout=5)
+            for wait in (2, 4, 8):  # its back-off: the next try is 16 s away
+                await retried_after(h, timedelta(seconds=wait))
+            assert [(state, attempts) for state, attempts, _ in await row_state(h)] == [("pending", 4)]
+            await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))  # the token works again
+            # #2's card went, which told the bot the token works: #1's followed at once (the bot's clock held still)
+            await fake.wait_for(lambda: len(parents(fake)) == 2, timeout=5)
+            assert [p.split(" \u00b7 ")[2].split()[0] for p in parents(fake)] == ["#2", "#1"]
+            assert [state for state, _, _ in await row_state(h)][:2] == ["sent", "sent"]
 
 
 async def test_a_token_slack_refuses_shows_at_start_not_at_the_first_delivery(tmp_path: Path) -> None:

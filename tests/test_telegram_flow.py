@@ -659,3 +659,26 @@ async def test_a_taps_answer_that_meets_flood_control_waits_it_out_once(both: Bo
     assert first.params["callback_query_id"] == again.params["callback_query_id"]
     assert "Acknowledged" in str(again.params.get("text"))
     assert (await b.h.incidents())[0].status == "acknowledged"
+
+
+async def test_a_group_card_whose_answer_was_lost_is_posted_again_and_the_log_says_it_may_show_twice(
+        both: Both, caplog: pytest.LogCaptureFixture) -> None:
+    """Telegram lets no bot look in a chat: a card whose answer was lost is posted again (a missing card is worse than
+    two), and the group may show it twice. Nothing said so: the row ended `sent`, its first try forgotten."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="chatops.outbox")
+    b = both
+    b.tg.lose_answer("sendMessage")
+    status, _, _ = await b.h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json"))  # team=dba: both
+    assert status == 200
+    for _ in range(100):  # its retry, on the bot's clock
+        if len([c for c in b.tg.called("sendMessage") if c.params["chat_id"] == GROUP]) >= 2:
+            break
+        b.h.clock.advance(timedelta(seconds=2))
+        b.h.bot.outbox.nudge()
+        await asyncio.sleep(0.05)
+    assert len([c for c in b.tg.called("sendMessage") if c.params["chat_id"] == GROUP]) == 2
+    [said] = [r.getMessage() for r in caplog.records if "may show twice" in r.getMessage()]
+    assert said.startswith(f"outbox: the answer to a send in {GROUP} was lost (telegram sendMessage: ") and said.endswith(
+        "and the platform cannot be asked whether it has it, so it is posted again and may show twice")
