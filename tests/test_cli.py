@@ -807,16 +807,21 @@ async def test_audit_export_of_an_incident_that_is_not_there_says_so(tmp_path: P
                                        else "", "")
 
 
+def set_webhook_refused(tmp_path: Path, url: str) -> int:
+    """`chatops telegram set-webhook --url URL` on a config whose Telegram is never asked (api_url leads nowhere)."""
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text("adapters:\n  telegram: {bot_token: '123456:ABC-token', webhook_secret: s3cret-s3cret, "
+                   "api_url: 'http://127.0.0.1:1/bot'}\n")
+    return main(["telegram", "set-webhook", "--url", url, "-c", str(cfg)])
+
+
 @pytest.mark.parametrize("url", ["not a url", "https://", "https:///telegram/webhook", "http://bot.example.com/x",
                                  "https://[::1/telegram/webhook"])
 def test_telegram_set_webhook_says_what_url_must_be(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                      url: str) -> None:
     """A bad --url was answered "set server.public_url", though --url was given; `https://` (no host) was taken and
     failed at connect time."""
-    cfg = tmp_path / "app.yaml"  # (Telegram itself is never asked: api_url leads nowhere)
-    cfg.write_text("adapters:\n  telegram: {bot_token: '123456:ABC-token', webhook_secret: s3cret-s3cret, "
-                   "api_url: 'http://127.0.0.1:1/bot'}\n")
-    assert main(["telegram", "set-webhook", "--url", url, "-c", str(cfg)]) == 2
+    assert set_webhook_refused(tmp_path, url) == 2
     assert capsys.readouterr().err.strip() == (
         f"--url {url!r}: Telegram only posts to https:// URLs with a host; give the bot's public address of its "
         "webhook, https://HOST/telegram/webhook")
@@ -832,10 +837,7 @@ def test_telegram_set_webhook_refuses_an_address_the_bot_does_not_serve(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, meant: str) -> None:
     """`--url https://bot.example.com` (server.public_url's form) was set and said to work: the bot answers 404 there,
     and every update Telegram posted was lost, unsaid."""
-    cfg = tmp_path / "app.yaml"  # (Telegram itself is never asked: api_url leads nowhere)
-    cfg.write_text("adapters:\n  telegram: {bot_token: '123456:ABC-token', webhook_secret: s3cret-s3cret, "
-                   "api_url: 'http://127.0.0.1:1/bot'}\n")
-    assert main(["telegram", "set-webhook", "--url", url, "-c", str(cfg)]) == 2
+    assert set_webhook_refused(tmp_path, url) == 2
     assert capsys.readouterr().err.strip() == (
         f"--url {url!r}: the bot takes Telegram's updates at /telegram/webhook, and answers 404 elsewhere; give the "
         f"whole address, such as {meant} (a proxy's prefix before it is fine), or leave --url out to use "

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -33,12 +34,18 @@ async def test_an_alert_resolving_while_another_of_its_group_starts_firing_keeps
     first["alerts"] = [old]
     assert (await h.post("am", json.dumps(first)))[0] == 200
     then = {**first, "alerts": [{**old, "status": "resolved", "endsAt": "2026-11-24T04:05:00Z"}, new]}
+    await still_open_after(h, then, resolved_first, {old["fingerprint"]: "alert_resolved",
+                                                     new["fingerprint"]: "grouped"})
+
+
+async def still_open_after(h: Harness, then: dict[str, Any], resolved_first: bool, changes: dict[str, str]) -> None:
+    """`then`, a notification whose first alert resolves (the other first, unless `resolved_first`), answered with
+    `changes` by fingerprint, leaves the group's one incident open, with one of its two alerts firing."""
     if not resolved_first:
         then["alerts"].reverse()
     status, body, _ = await h.post("am", json.dumps(then))
     assert status == 200
-    changes = {r["fingerprint"]: r["change"] for r in body["results"]}
-    assert changes == {old["fingerprint"]: "alert_resolved", new["fingerprint"]: "grouped"}
+    assert {r["fingerprint"]: r["change"] for r in body["results"]} == changes
     [incident] = await h.incidents()
     assert (incident.status, incident.alert_count, incident.firing_count) == ("triggered", 2, 1)
     assert "incident.resolved" not in await h.actions(incident.id)
@@ -57,15 +64,7 @@ async def test_an_alert_firing_again_while_the_last_other_one_resolves_keeps_the
     ended = {**one, "status": "resolved", "endsAt": "2026-11-24T04:05:00Z"}
     assert (await h.post("am", json.dumps({**first, "alerts": [ended, two]})))[0] == 200
     then = {**first, "alerts": [{**two, "status": "resolved", "endsAt": "2026-11-24T04:06:00Z"}, one]}
-    if not resolved_first:
-        then["alerts"].reverse()
-    status, body, _ = await h.post("am", json.dumps(then))
-    assert status == 200
-    changes = {r["fingerprint"]: r["change"] for r in body["results"]}
-    assert changes == {one["fingerprint"]: "refired", two["fingerprint"]: "alert_resolved"}
-    [incident] = await h.incidents()
-    assert (incident.status, incident.alert_count, incident.firing_count) == ("triggered", 2, 1)
-    assert "incident.resolved" not in await h.actions(incident.id)
+    await still_open_after(h, then, resolved_first, {one["fingerprint"]: "refired", two["fingerprint"]: "alert_resolved"})
 
 
 async def test_alertmanager_captures_group_resolve_and_route(h: Harness) -> None:
