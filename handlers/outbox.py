@@ -486,6 +486,11 @@ class OutboxWorker(PageLanes):
         if parent is None:
             if _look_waits(items, "card", now):
                 return 0  # (spending nothing meanwhile: a card to post goes first in its channel, and would take it all)
+            if any(i.attempts and i.due_at > now for i in items):
+                # Its post failed, and waits out its back-off: rows queued since (an alert storm's) do not bring the
+                # next try forward, or an ailing platform would be tried at the channel's pace, and the bot's own
+                # errors would spend their tries in seconds.
+                return 0
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 return 0
             found = await self._look_first(adapter, items, "card", channel.platform, channel.chat, None)

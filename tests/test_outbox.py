@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import io
 import time
@@ -681,6 +682,29 @@ async def test_a_platform_in_trouble_for_a_while_loses_nothing(tmp_path: Path, e
             assert len(parents(fake)) == 1 and [r[0] for r in await row_state(h)] == ["sent"]
             assert (await (await h.client.get("/readyz")).json())["adapters"]["slack"] == "on"
             assert 'chatops_adapter_up{adapter="slack"} 1.0' in await (await h.client.get("/metrics")).text()
+
+
+async def test_a_failing_cards_back_off_holds_while_its_incident_keeps_hearing_alerts(tmp_path: Path) -> None:
+    """Slack answers 500 to every post while another tool reports the incident each second: each new row brought the
+    card's next try forward, 10 tries in 20 s where its back-off (2, 4, 8, 16 s) allows 4 or 5."""
+    async with FakeSlack(rate_limit=False) as fake:
+        fake.fail("chat.postMessage", "internal_error", status=500, times=1000)
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
+            def alert(tool: str) -> dict[str, str]:
+                return {"asset_name": "db-01", "signature": "DiskFull", "severity": "high", "message": "disk full",
+                        "tool_source": tool}
+
+            assert (await h.post("open", alert("tool-0")))[0] == 200
+            await fake.wait_for(lambda: any(c.method == "chat.postMessage" for c in fake.calls), timeout=5)
+            for second in range(1, 21):
+                h.clock.advance(timedelta(seconds=1))
+                assert (await h.post("open", alert(f"tool-{second}")))[0] == 200
+                await asyncio.sleep(0.3)
+            posts = len([c for c in fake.calls if c.method == "chat.postMessage"])
+            assert 3 <= posts <= 5, posts  # at 0, 2, 6, 14 s (and 30)
+            fake._failures["chat.postMessage"].clear()  # back
+            await drain(h, step=timedelta(seconds=5), seconds=10)
+            assert len(parents(fake)) == 1
 
 
 async def test_cards_that_waited_for_the_token_go_as_soon_as_it_works_again(tmp_path: Path) -> None:
