@@ -701,7 +701,7 @@ async def test_a_failing_cards_back_off_holds_while_its_incident_keeps_hearing_a
                 assert (await h.post("open", alert(f"tool-{second}")))[0] == 200
                 await asyncio.sleep(0.3)
             posts = len([c for c in fake.calls if c.method == "chat.postMessage"])
-            assert 3 <= posts <= 5, posts  # at 0, 2, 6, 14 s (and 30)
+            assert 2 <= posts <= 5, posts  # at 0, 2, 6, 14 s (and 30); a loaded machine may fall behind, never ahead
             fake._failures["chat.postMessage"].clear()  # back
             await drain(h, step=timedelta(seconds=5), seconds=10)
             assert len(parents(fake)) == 1
@@ -716,6 +716,10 @@ async def test_cards_that_waited_for_the_token_go_as_soon_as_it_works_again(tmp_
         async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake)) as h:
             await h.post("am", fixture("alertmanager/03-highcpu-firing.json"))
             await fake.wait_for(lambda: any(c.method == "chat.postMessage" for c in fake.calls), timeout=5)
+            deadline = time.monotonic() + 5  # (its first refusal recorded)
+            while (await row_state(h))[0][1] != 1:
+                assert time.monotonic() < deadline, await row_state(h)
+                await asyncio.sleep(0.05)
             for wait in (2, 4, 8):  # its back-off: the next try is 16 s away
                 await retried_after(h, timedelta(seconds=wait))
             assert [(state, attempts) for state, attempts, _ in await row_state(h)] == [("pending", 4)]
@@ -723,7 +727,10 @@ async def test_cards_that_waited_for_the_token_go_as_soon_as_it_works_again(tmp_
             # #2's card went, which told the bot the token works: #1's followed at once (the bot's clock held still)
             await fake.wait_for(lambda: len(parents(fake)) == 2, timeout=5)
             assert [p.split(" \u00b7 ")[2].split()[0] for p in parents(fake)] == ["#2", "#1"]
-            assert [state for state, _, _ in await row_state(h)][:2] == ["sent", "sent"]
+            deadline = time.monotonic() + 5  # (each row is marked sent once its post's answer is recorded)
+            while [state for state, _, _ in await row_state(h)][:2] != ["sent", "sent"]:
+                assert time.monotonic() < deadline, await row_state(h)
+                await asyncio.sleep(0.05)
 
 
 async def test_a_token_slack_refuses_shows_at_start_not_at_the_first_delivery(tmp_path: Path) -> None:
