@@ -13,13 +13,15 @@ from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+from bot.tables import BIDI_CONTROLS
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
 # What a terminal or a log viewer acts on instead of showing: C0 and C1 controls and DEL (a newline starts a line
 # that looks like the bot's own, ESC colours or rewrites the screen), the Unicode line and paragraph separators, and
 # the bidi marks, embeddings, overrides and isolates (which reorder what is shown).
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROLS = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029{BIDI_CONTROLS}]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

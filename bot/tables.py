@@ -127,10 +127,14 @@ def ago(delta: timedelta) -> str:
     return f"{seconds // 86400} d ago"
 
 
+# The bidi marks, embeddings, overrides and isolates: shown as they are, they reorder what a line says ("exit 0").
+# Written out wherever text from outside is shown: tables (here), the log (bot.logs), a runbook's output.
+BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+
 # Characters a terminal acts on rather than shows: C0 and C1 controls (ESC starts colour and title sequences) and
-# the bidirectional overrides that reorder what is shown. Text from alerts reaches the terminal through tables.
+# the bidi controls. Text from alerts reaches the terminal through tables.
 _ACTIVE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
-_ACTIVE.update({c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+_ACTIVE.update({ord(c): f"\\u{ord(c):04x}" for c in BIDI_CONTROLS})
 
 
 def printable(text: str) -> str:

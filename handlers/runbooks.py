@@ -43,6 +43,7 @@ from bot.clock import Clock
 from bot.config import APPROVER, Config, Person
 from bot.incidents import RESOLVED
 from bot.model import Actor
+from bot.tables import BIDI_CONTROLS
 from bot.view import code, command_line, one_line, plain, runbooks_for, span
 from handlers.notify import ASKED_WORDS, ASKS, asked_row, button_spec, queue_direct, queue_thread_line
 from storage.audit import AuditLog, Entry
@@ -75,8 +76,7 @@ def environment() -> dict[str, str]:
     return {"PATH": os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin", "LANG": os.environ.get("LANG") or "C.UTF-8"}
 
 
-# The bidi marks, embeddings, overrides and isolates: shown as they are, they reorder what a line says ("exit 0").
-_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_BIDI = frozenset(BIDI_CONTROLS)
 
 
 def tail(raw: bytes) -> str:
