@@ -882,9 +882,10 @@ async def _other_key(audit: AuditLog, session: Any) -> int | None:
 
 
 def cmd_incidents_act(args: argparse.Namespace, out: TextIO) -> int:
-    """`incidents ack|resolve ID`: as the chat's buttons do (the escalation stops, the cards are redrawn and the
-    thread says who, by the running bot's outbox), for whoever has the store at hand; audited as the chat's are, by
-    `cli:<user>` or the person `--as` names."""
+    """`incidents ack|escalate|resolve|reopen ID`: as the chat's buttons do (the escalation stops, moves on or starts
+    again, by a timer the running bot's timers take within a beat; the cards are redrawn and the thread says who, by
+    the running bot's outbox), for whoever has the store at hand; audited as the chat's are, by `cli:<user>` or the
+    person `--as` names."""
     import getpass
 
     from bot.model import Actor
@@ -897,7 +898,7 @@ def cmd_incidents_act(args: argparse.Namespace, out: TextIO) -> int:
         known = ", ".join(sorted(people)) or "none"
         print(f"--as {args.as_person!r}: no such person under people: in app.yaml (known: {known})", file=sys.stderr)
         return EXIT_USAGE
-    verb = {"ack": "acknowledge", "resolve": "resolve"}[args.incidents]
+    verb = {"ack": "acknowledge", "escalate": "escalate", "resolve": "resolve", "reopen": "reopen"}[args.incidents]
 
     async def work(db: Database) -> int:
         user = getpass.getuser()
@@ -1194,7 +1195,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--wide", action="store_true", help=WIDE)
     show.set_defaults(func=cmd_incidents_show)
     for action, what in (("ack", "acknowledge an incident (its escalation stops)"),
-                         ("resolve", "resolve an incident (its escalation stops)")):
+                         ("escalate", "page the next step of an incident's escalation policy now"),
+                         ("resolve", "resolve an incident (its escalation stops)"),
+                         ("reopen", "reopen a resolved incident (its escalation starts again)")):
         act = incidents.add_parser(action, parents=[common], help=what + ", as chat's buttons do; audited")
         act.add_argument("id", type=_ID)
         act.add_argument("--as", dest="as_person", metavar="PERSON",

@@ -2238,3 +2238,43 @@ async def test_a_page_after_a_slow_call_in_its_lane_is_recorded_at_the_time_it_w
             await asyncio.sleep(0.1)
         at = {e.incident_id: e.at.replace(tzinfo=UTC) for e in await w.audit("incident.paged")}
         assert at == {1: NIGHT, 2: NIGHT + timedelta(minutes=20), 3: NIGHT + timedelta(minutes=20)}, at
+
+
+async def test_the_command_line_reopens_and_escalates_and_the_running_bot_pages(tmp_path: Path) -> None:
+    """`chatops incidents reopen|escalate ID` beside the running bot: the policy starts again, or its next step fires
+    now, by a timer the bot's own beat finds in the store (nobody ticks it here), as the chat's buttons do."""
+    from bot.cli import main as cli
+
+    cfg = tmp_path / "app.yaml"
+    cfg.write_text(f"storage: {{url: 'sqlite+aiosqlite:///{tmp_path / 'bot.db'}'}}\n" + BASE + PEOPLE, encoding="utf-8")
+
+    async def run(*argv: str) -> int:
+        code = await asyncio.to_thread(cli, [*argv, "-c", str(cfg)])
+        w.h.clock.set(datetime.now(UTC))  # the command line runs on the wall clock: the bot's catches up with it
+        return code
+
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        assert await run("incidents", "reopen", "1") == 1  # not resolved: nothing to reopen
+        assert await run("incidents", "resolve", "1", "--as", "bob") == 0
+        assert (await w.escalation()).state != "active"
+        assert await run("incidents", "reopen", "1", "--as", "bob") == 0
+        steps: list[int] = []
+
+        async def stepped(n: int) -> None:
+            for _ in range(300):
+                steps[:] = [e.details["step"] for e in await w.audit("escalation.step")]
+                if len(steps) >= n:
+                    return
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"steps so far: {steps}")
+
+        await stepped(2)
+        assert steps == [1, 1]  # the policy started again from its first step
+        assert await run("incidents", "escalate", "1", "--as", "bob") == 0
+        await stepped(3)
+        assert steps == [1, 1, 2]  # Carol's step, now, not in 5 minutes
+        [reopened] = await w.audit("incident.reopened")
+        assert (reopened.actor_platform, reopened.actor_person) == ("cli", "bob")
+    assert await asyncio.to_thread(cli, ["audit", "verify", "-c", str(cfg)]) == 0
