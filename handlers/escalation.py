@@ -75,12 +75,21 @@ class Targets:
     # An acknowledged incident's step runs because someone asked for help: whoever acknowledged it is not paged to
     # help with it (their name, when the step named them).
     acknowledger: str = ""
+    # A step someone's Escalate reached: whoever pressed it is asking others for help, and is not paged by their own
+    # press (their name, when the step named them and they are not the acknowledger).
+    asker: str = ""
 
     def without_acknowledger(self, person_id: str, name: str) -> "Targets":
         """These targets less the person who acknowledged the incident, if they are one."""
         if all(p.id != person_id for p in self.people):
             return self
         return replace(self, people=[p for p in self.people if p.id != person_id], acknowledger=name)
+
+    def without_asker(self, person_id: str, name: str) -> "Targets":
+        """These targets less the person who pressed Escalate, if they are one."""
+        if all(p.id != person_id for p in self.people):
+            return self
+        return replace(self, people=[p for p in self.people if p.id != person_id], asker=name)
 
     def removed(self) -> dict[str, Any]:
         """For the step's audit event: what it names that is no longer in app.yaml (empty: nothing)."""
@@ -116,6 +125,9 @@ class Targets:
         if self.acknowledger:
             reasons.append(f"skipped {self.acknowledger}, who acknowledged it" if self.people or self.channel else
                            f"{self.acknowledger} acknowledged it, and is not paged to help with it")
+        if self.asker:
+            reasons.append(f"skipped {self.asker}, who asked for help" if self.people or self.channel else
+                           f"{self.asker} asked for help, and is not paged for it")
         return "; ".join(reasons)
 
 
@@ -370,9 +382,12 @@ class Escalations:
         else:
             step = step_at(snap, n)
             targets = await self.targets(session, step["notify"], now)
-            if incident.status == ACKNOWLEDGED and incident.acknowledged_by:  # asked for help: someone else's
-                targets = targets.without_acknowledger(incident.acknowledged_by,
-                                                       self._name(incident.acknowledged_by, incident.acknowledged_by))
+            acknowledger = incident.acknowledged_by if incident.status == ACKNOWLEDGED else None
+            if acknowledger:  # asked for help: someone else's
+                targets = targets.without_acknowledger(acknowledger, self._name(acknowledger, acknowledger))
+            asker = await self._asker(session, incident) if manual else None
+            if asker and asker != acknowledger:  # (a repeat of the policy, a rotation they are on call in)
+                targets = targets.without_asker(asker, self._name(asker, asker))
             hours, tz = self.config.business_hours, self.config.timezone
             business = in_business_hours(hours, tz, now)
             minimum = self.config.paging.after_hours_min_severity
@@ -467,12 +482,18 @@ class Escalations:
 
     async def _asking(self, session: AsyncSession, incident: Incident) -> tuple[str, str]:
         """An acknowledged incident's step runs because someone pressed Escalate: (who acknowledged it, who asked for
-        help: the last to escalate it, as its audit log has it), by name."""
-        actor = (await session.execute(
+        help), by name."""
+        return self._name(incident.acknowledged_by, "someone"), self._name(await self._asker(session, incident),
+                                                                           "Someone")
+
+    @staticmethod
+    async def _asker(session: AsyncSession, incident: Incident) -> str | None:
+        """Who asked for help with `incident`: the person who last escalated it, as its audit log has it (None for a
+        command line run as nobody in app.yaml)."""
+        return (await session.execute(
             select(AuditEvent.actor_person).where(AuditEvent.incident_id == incident.id,
                                                   AuditEvent.action == "incident.escalated")
             .order_by(AuditEvent.seq.desc()).limit(1))).scalar()
-        return self._name(incident.acknowledged_by, "someone"), self._name(actor, "Someone")
 
     def _name(self, who: str | None, unknown: str) -> str:
         person = self.people.get(who or "")

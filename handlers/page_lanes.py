@@ -39,8 +39,8 @@ from bot.view import incident_card, incident_state, span, thread_line
 from handlers.escalation import SYSTEM, TOKEN_REFUSED, Escalations, drawn_with, late_words
 from handlers.notify import (ASKED, ASKS, SETTLED, asked_row, button_from, decided_words, queue_redraw,
                              queue_thread_line)
-from handlers.paging import (LOOK_AFTER, UNANSWERED, Attempt, page_finders, page_message, page_order, page_where,
-                             send_page)
+from handlers.paging import (LOOK_AFTER, PAGE_RATE_WAIT, UNANSWERED, Attempt, page_finders, page_message, page_order,
+                             page_where, send_page)
 from storage.audit import AuditLog, Entry
 from storage.db import Database, explain_failure
 from storage.models import AlertRecord, Escalation, Incident, OutboxItem, RunbookRun, Timer
@@ -71,6 +71,7 @@ _WAITED = OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None)  # a row th
 # A channel's or person's message (not a page) that a platform refused for the bot's token (OutboxWorker._failed):
 # it goes at once once a call there works again, or at the next start, not at its back-off (up to 5 minutes).
 TOKEN_WAIT = "token_wait"
+HELD_SAID = "held_said"  # a page's details: the thread said a platform's rate limit holds it (_page_held)
 _TOKEN_WAITED = OutboxItem.details[TOKEN_WAIT].as_string().is_not(None)
 RECENT_ALERTS = 50  # alerts read to draw a message: its links and "the last of N" come from the newest
 
@@ -711,6 +712,8 @@ class PageLanes:
         now = self.clock.now()  # answered (up to the platforms' timeouts later): what is recorded, and waits, from now
         if attempt.waiting:
             await self._wait(row, attempt, now)
+            if attempt.held is not None and (attempt.retry_after or 0) > PAGE_RATE_WAIT:
+                await self._page_held(row, person, incident, attempt, after, now)
             if behind is not None and row.incident_id is not None:
                 behind.setdefault(row.incident_id, (_step(row), attempt))
             return 1 if attempt.retry_after else 0
@@ -892,6 +895,33 @@ class PageLanes:
             return attempt
         return replace(attempt, tried=[*attempt.tried, *(self.token_refused[p] for p in off)],
                        refused=(*attempt.refused, *off))
+
+    async def _page_held(self, row: OutboxItem, person: Person, incident: Incident, attempt: Attempt, after: str,
+                         now: datetime) -> None:
+        """A platform's rate limit holds the page for longer than PAGE_RATE_WAIT (Telegram's flood control: "retry
+        after 900"), and no other platform of the person's can take it (else it went there: paging.send_page). It
+        waits as long as the platform said, and the thread says so, once for the page, with the audit log's
+        `incident.page_delayed`: else it waited unseen for a quarter of an hour while the thread said nothing."""
+        if (row.details or {}).get(HELD_SAID):
+            return
+        assert attempt.held is not None and attempt.retry_after is not None
+        platform, said = attempt.held
+        wait = span(timedelta(seconds=attempt.retry_after))
+        line = (f"Could not page {person.name} yet: {platform.capitalize()} holds the bot's messages for {wait} "
+                f"({said}), and no other platform can reach {person.name}; the page goes out then. {after}").strip()
+        async with self.db.transaction() as session:
+            marked = (await session.execute(update(OutboxItem).where(
+                OutboxItem.id == row.id, OutboxItem.status.in_(UNSETTLED)).values(
+                details={**(row.details or {}), HELD_SAID: True}))).rowcount
+            if not marked:
+                return
+            queue_thread_line(session, incident, now, "escalation.page_waits", {"line": line})
+            await self.audit.append_many(session, [Entry(
+                "incident.page_delayed", SYSTEM, "incident", str(incident.id), now,
+                {"person": person.id, "step": row.details.get("step"), "problem": f"{platform}: {said}",
+                 "retry_after": attempt.retry_after}, incident.id)])
+        log.warning("escalation: the page to %s about #%s waits %g s for %s's rate limit (%s); no other platform can "
+                    "reach them", person.id, incident.id, attempt.retry_after, platform, said)
 
     async def _page_waits(self, row: OutboxItem, person: Person, incident: Incident, attempt: Attempt,
                           now: datetime) -> None:

@@ -88,6 +88,7 @@ class Attempt:
     ref: MessageRef | None = None  # the message the platform that took it made (redrawn as the incident changes)
     refused: tuple[str, ...] = ()  # platforms that refused the bot's token: the bot's trouble, not the person's
     failed: tuple[tuple[str, str], ...] = ()  # (platform, what it said) for each platform that failed it, in order
+    held: tuple[str, str] | None = None  # (platform, what it said) when that platform's rate limit holds it (waiting)
 
     def count(self, metrics: Metrics) -> None:
         """Count this page (sent by hand or by an escalation) in chatops_pages_total: `failed` on each platform that
@@ -160,7 +161,8 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
             following = [p for p in order[order.index(platform) + 1:]
                          if getattr(person, p, None) is not None and getattr(adapters.get(p), "page", None)]
             if allow is not None and exc.retry_after and (exc.retry_after <= PAGE_RATE_WAIT or not following):
-                return Attempt(None, tried, True, waiting=True, retry_after=exc.retry_after)
+                return Attempt(None, tried, True, waiting=True, retry_after=exc.retry_after,
+                               held=(platform, _reason(platform, str(exc))))
             if exc.unknown:  # it may have arrived: neither again nor elsewhere, or the person gets it twice
                 return Attempt(None, [*tried, said], False, unknown=platform, failed=tuple(failed))
             reason = _reason(platform, str(exc))  # (the line keeps it short: no count of tries)

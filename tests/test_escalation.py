@@ -2256,8 +2256,7 @@ async def test_the_command_line_reopens_and_escalates_and_the_running_bot_pages(
     async with world(tmp_path, NIGHT) as w:
         await w.alert("critical")
         await until(lambda: w.pages(BOB_TG), "step 1")
-        assert await run("incidents", "reopen", "1") == 1  # not resolved: nothing to reopen
-        assert await run("incidents", "resolve", "1", "--as", "bob") == 0
+        assert await run("incidents", "resolve", "1", "--as", "bob") == 0  # (first: the clock jumps to the wall's)
         assert (await w.escalation()).state != "active"
         assert await run("incidents", "reopen", "1", "--as", "bob") == 0
         steps: list[int] = []
@@ -2275,6 +2274,50 @@ async def test_the_command_line_reopens_and_escalates_and_the_running_bot_pages(
         assert await run("incidents", "escalate", "1", "--as", "bob") == 0
         await stepped(3)
         assert steps == [1, 1, 2]  # Carol's step, now, not in 5 minutes
+        assert await run("incidents", "reopen", "1") == 1  # not resolved: nothing to reopen
         [reopened] = await w.audit("incident.reopened")
         assert (reopened.actor_platform, reopened.actor_person) == ("cli", "bob")
     assert await asyncio.to_thread(cli, ["audit", "verify", "-c", str(cfg)]) == 0
+
+
+async def test_a_page_telegram_holds_back_for_minutes_with_no_other_platform_says_so_in_the_thread(
+        tmp_path: Path) -> None:
+    """Telegram's flood control answered "retry after 900" to Bob's page, and only Telegram knows Bob: the page
+    waited its quarter of an hour, as it must, and nobody was told (the thread said nothing, as if it were on its
+    way). The thread says so once, the audit log has incident.page_delayed, and the page goes when the wait is over."""
+    tg_only = PEOPLE.replace("slack: U02BOB, ", "")
+    async with world(tmp_path, NIGHT, people=tg_only) as w:
+        w.tg.fail("sendMessage", "Too Many Requests: retry after 900", 429, parameters={"retry_after": 900})
+        await w.alert("critical", team="solo")
+        await told(w, lambda: any(t.startswith("Could not page Bob") for t in thread_texts(w.slack)), "the held line")
+        assert [t for t in thread_texts(w.slack) if t.startswith("Could not page Bob")] == [
+            "Could not page Bob yet: Telegram holds the bot's messages for 15 min (Flood control exceeded. Retry in "
+            "900 seconds), and no other platform can reach Bob; the page goes out then. Carol in 30 min if nobody "
+            "acknowledges."]
+        [delayed] = await w.audit("incident.page_delayed")
+        assert delayed.details["person"] == "bob" and delayed.details["retry_after"] == 900
+        assert not w.pages(BOB_TG)
+        await w.tick(timedelta(seconds=901))
+        await until(lambda: w.pages(BOB_TG), "the page once Telegram's wait is over")
+        await told(w, lambda: any(t.startswith("Paged Bob") for t in thread_texts(w.slack)), "the paged line")
+        assert len([t for t in thread_texts(w.slack) if t.startswith("Could not page Bob")]) == 1  # said once
+
+
+async def test_whoever_presses_escalate_is_not_paged_by_it(tmp_path: Path) -> None:
+    """Bob, on call and paged by step 1, presses Escalate once Carol (step 2) has not answered either: step 3, the
+    policy's repeat of the rotation, named Bob himself, and paged him by his own press while nobody else was asked.
+    The step skips him, says so, and step 4 pages Carol at once."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1 pages Bob")
+        await w.tick(timedelta(minutes=5))
+        await until(lambda: w.pages(CAROL_TG), "step 2 pages Carol")
+        answer = await w.slack.answer(await w.slack.command("/incident", "escalate 1", user="U02BOB"))
+        assert answer["text"] == "Escalating #1 to step 3 of 4 now."
+        await w.tick()
+        await until(lambda: len(w.pages(CAROL_TG)) == 2, "step 4 pages Carol again, at once")
+        await told(w, lambda: "Step 3 of 4: Bob asked for help, and is not paged for it" in thread_texts(w.slack),
+                   "the line that says why step 3 paged nobody")
+        assert len(w.pages(BOB_TG)) == 1
+        steps = [(e.details["step"], e.details["people"]) for e in await w.audit("escalation.step")]
+        assert steps == [(1, ["bob"]), (2, ["carol"]), (3, []), (4, ["carol"])]
