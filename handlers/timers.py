@@ -59,7 +59,7 @@ class TimerService:
         self.handlers: dict[str, TimerHandler] = {}
         self._scheduler: AsyncIOScheduler | None = None
         self._lock = asyncio.Lock()
-        self._failing: tuple[str, float] | None = None  # the failure the beat last logged, and when
+        self._failing: tuple[float, int] | None = None  # failing since: when the log last said so, failures since
         self._again = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.TimerHandle | None = None
@@ -208,21 +208,26 @@ class TimerService:
         self._overdue, self._overdue_most = {}, timedelta(0)
 
     def _said_failure(self, exc: Exception, what: str) -> None:
-        """Log a failing beat: the first with its traceback, the same one again only once a minute and in a line
-        (a database down for a minute logged a traceback every beat, twice a second). A store busy for a moment
-        (another writer held it) is expected now and then: a warning line, no traceback (as _guarded's jobs)."""
+        """Log a failing beat: the first failure with its traceback, then, while the beats keep failing, one line a
+        minute saying how many failed meanwhile (a database down for a minute logged a traceback every beat, twice a
+        second: the round's failure and the next wakeup's took turns, each told apart from the other). A store busy
+        for a moment (another writer held it) is expected now and then: a warning line, no traceback (as _guarded's
+        jobs)."""
         now = time.monotonic()
-        kind = explain_failure(exc, self.db.wait)[:300]
-        if self._failing is None or self._failing[0] != kind:
+        if self._failing is None:
             busy = busy_store(exc)
             if busy is not None:
                 log.warning("%s (the store was busy: %s)", what, busy)
             else:
                 log.error(what, exc_info=exc)
-            self._failing = (kind, now)
-        elif now - self._failing[1] >= 60:
-            log.error("%s (still: %s)", what, kind)
-            self._failing = (kind, now)
+            self._failing = (now, 0)
+        elif now - self._failing[0] >= 60:
+            kind = explain_failure(exc, self.db.wait)[:300]
+            log.error("%s (still failing: %s; %d more failure(s) in the last minute, unlogged)", what, kind,
+                      self._failing[1])
+            self._failing = (now, 0)
+        else:
+            self._failing = (self._failing[0], self._failing[1] + 1)
 
     async def _peek(self) -> tuple[datetime | None, datetime | None]:
         now = self._peeked_at = self.clock.now()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +85,21 @@ async def test_a_database_that_does_not_answer_is_said_once_not_at_every_questio
         async def broken() -> tuple[int, bool]:
             raise ConnectionRefusedError("the database is down")
 
+        async def unplanned(_peeked: object) -> None:
+            raise ConnectionResetError("unexpected connection_lost() call")  # the next wakeup's question fails too
+
         h.bot.timers._peek = h.bot.timers._round = broken  # type: ignore[method-assign,assignment]
+        h.bot.timers._plan_wakeup = unplanned  # type: ignore[method-assign,assignment]
         for _ in range(10):
             await h.bot.timers.tick()
-    failures = [r for r in caplog.records if r.getMessage().startswith("timer tick failed")]
-    assert len(failures) == 1 and failures[0].exc_info is not None  # the first, with its traceback
+        failures = [r for r in caplog.records if r.name == "chatops.timers" and r.levelno >= logging.WARNING]
+        assert len(failures) == 1 and failures[0].exc_info is not None, [r.getMessage() for r in failures]
+        assert failures[0].getMessage().startswith("timer tick")  # the first, with its traceback
+        h.bot.timers._failing = (time.monotonic() - 61, 19)  # a minute on
+        await h.bot.timers.tick()
+        [again] = [r.getMessage() for r in caplog.records if r.name == "chatops.timers"][1:]
+        assert again.startswith("timer tick") and "(still failing: " in again, again
+        assert again.endswith("; 19 more failure(s) in the last minute, unlogged)"), again
 
 
 # A replica that leads delivery (and here only holds the lock, delivering nothing), beating every 0.2 s. With a
