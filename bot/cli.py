@@ -914,7 +914,8 @@ def cmd_incidents_act(args: argparse.Namespace, out: TextIO) -> int:
                                names={p.id: p.name for p in loaded.config.people})
         print(printable(result.message), file=out if result.changed else sys.stderr)
         if result.changed:
-            print("the running bot redraws its cards and says so in the thread within seconds", file=out)
+            print("the running bot redraws its cards and says so in the thread within seconds, or after the new "
+                  "incidents' cards when a storm has queued many (`chatops outbox list` shows them)", file=out)
             return EXIT_OK
         return EXIT_FAILED
 

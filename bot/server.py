@@ -485,7 +485,7 @@ def log_startup(loaded: Loaded, bot: Bot) -> None:
              else "open to anyone who can reach the bot (set server.metrics_token to require a token)")
     log.info("GET /oncall/ROTATION.ics: %s", "wants ?token= (server.calendar_token)" if server.calendar_token
              else "open to anyone who can reach the bot (set server.calendar_token to require a token)")
-    log.info("storage: %s", bot.db.safe_url)
+    log.info("storage: %s%s", bot.db.safe_url, f" (schema {bot.db.schema})" if bot.db.schema else "")
 
 
 async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:

@@ -244,8 +244,8 @@ class OutboxWorker(PageLanes):
             await asyncio.sleep(0.1)
             due = await self._due_now()
         if due:
-            log.warning("outbox: stopping with %d message(s) still queued after %g s; they go after the next start",
-                        due, seconds)
+            log.warning("outbox: stopping with %d message(s) still queued after %g s; they go after the next start%s",
+                        due, seconds, ", or from another replica" if self.db.is_postgres else "")
         else:
             log.info("outbox: sent what was queued before stopping, in %.1f s", time.monotonic() - started)
 
