@@ -63,9 +63,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ack": ("Acknowledge an incident", "ID"),
     "chatops": ("Help, or any command: /chatops ack 42", "[help | COMMAND ARGS...]"),
     "oncall": ("Who is on call, a rotation's schedule, or cover a shift yourself",
-               "[ROTATION] | schedule ROTATION [--weeks N] | take [ROTATION] [FROM] [UNTIL]"),
+               "[ROTATION] | schedule ROTATION [--weeks N] | take [ROTATION] [FROM] [UNTIL] | cancel ID"),
     "swap": ("Ask someone to take your shift", "@person [ROTATION] DATE|next | list | cancel ID | undo ID"),
-    "override": ("A manager puts someone on call for a stretch", "ROTATION @person FROM UNTIL"),
+    "override": ("A manager puts someone on call for a stretch", "ROTATION @person FROM UNTIL | cancel ID"),
 }
 # Message metadata on every post the outbox makes: {"event_type": DELIVERY_EVENT, "event_payload": {"delivery": key}},
 # so that a post whose answer was lost can be found in the channel before it is made again (`find`).

@@ -113,9 +113,10 @@ class Bot:
                      escalations=self.escalations, runbooks=self.runbooks).register(self.dispatcher)
         self.oncall = OncallHandlers(db=self.db, config=self.config, clock=self.clock)
         covers = OverrideHandlers(db=self.db, audit=self.audit, config=self.config, clock=self.clock, view=self.oncall.view)
-        self.oncall.take = covers.take
+        self.oncall.take, self.oncall.cancel = covers.take, covers.cancel_own
         self.oncall.register(self.dispatcher)
-        self.dispatcher.command("override", usage=OVERRIDE_USAGE, help="a manager puts someone on call for a stretch",
+        self.dispatcher.command("override", usage=f"{OVERRIDE_USAGE} | /override cancel ID",
+                                help="a manager puts someone on call for a stretch, or cancels an override",
                                 role=MANAGER)(covers.override)
         # -- rotations: swaps and handoff notices (register commands, buttons, timer kinds and jobs here) --
         from handlers.handoffs import Handoffs

@@ -23,7 +23,8 @@ from storage.db import Database
 from storage.models import Override as OverrideRow
 from storage.queries import active_overrides
 
-USAGE = "/oncall [ROTATION] | /oncall schedule ROTATION [--weeks N] | /oncall take [ROTATION] [FROM] [UNTIL]"
+USAGE = ("/oncall [ROTATION] | /oncall schedule ROTATION [--weeks N] | /oncall take [ROTATION] [FROM] [UNTIL] | "
+         "/oncall cancel ID")
 UPCOMING = 3  # shifts after the current one in `/oncall ROTATION`
 DEFAULT_WEEKS, MAX_WEEKS = 4, 26
 MAX_ROWS = 60  # rows of `/oncall schedule` in one message
@@ -193,6 +194,7 @@ class OncallHandlers:
     view: Oncall = field(init=False)
     # `/oncall take ...`, when the write side is wired in (handlers/overrides.py)
     take: Callable[[CommandEvent, Person, list[str]], Awaitable[Reply]] | None = None
+    cancel: Callable[[CommandEvent, Person, list[str]], Awaitable[Reply]] | None = None  # `/oncall cancel ID`
 
     def __post_init__(self) -> None:
         self.view = Oncall(self.config)
@@ -206,6 +208,8 @@ class OncallHandlers:
             return Reply(f"Usage: `{USAGE}`")
         if args and args[0].lower() == "take" and self.take is not None and "take" not in self.view.schedules:
             return await self.take(event, person, args[1:])
+        if args and args[0].lower() == "cancel" and self.cancel is not None and "cancel" not in self.view.schedules:
+            return await self.cancel(event, person, args[1:])
         if not self.view.schedules:
             return Reply("No rotations are configured yet: add them under `rotations:` in app.yaml.")
         if not args:

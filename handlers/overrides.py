@@ -88,6 +88,8 @@ class OverrideHandlers:
     async def override(self, event: CommandEvent, person: Person) -> Reply:
         """`/override ROTATION PERSON FROM UNTIL`, for people with the manager role."""
         args = list(event.args)
+        if args and args[0].lower() == "cancel" and self.view.find(args[0]) is None:
+            return await self.cancel(event, person, args[1:], anyone=True)
         if len(args) < 3:
             return Reply(f"Usage: `{OVERRIDE_USAGE}`; {TIME_HELP}.")
         schedule = self.view.find(args[0])
@@ -122,7 +124,7 @@ class OverrideHandlers:
                 raise BadInput(f"`{schedule.id}` has no current shift to take.")
             return now, current.end
         start = _instant(tokens[0], tz, now)
-        end = _until(tokens[1], tz, start) if len(tokens) == 2 else None
+        end = _until(tokens[1], tz, start, now) if len(tokens) == 2 else None
         if end is None:
             rows = await self.view.overrides(self.db, start, start, [schedule.id])
             shift = on_call(schedule, _domain(rows, schedule.id), start)
@@ -180,8 +182,72 @@ class OverrideHandlers:
                 await self.changed([schedule.id])
             except Exception:  # planning runs again within minutes; the cover itself is committed
                 log.exception("replanning the handoffs of %s failed", schedule.id)
+        undo = f"/oncall cancel {row.id}" if take else f"/override cancel {row.id}"
         return Reply(f"{covering.name} is on call for `{schedule.id}` from {when(start, tz, now)} until "
-                     f"{when(end, tz, now)} ({tz.key}).", ephemeral=False)
+                     f"{when(end, tz, now)} ({tz.key}). Override #{row.id}: `{undo}` undoes it.", ephemeral=False)
+
+    async def cancel_own(self, event: CommandEvent, person: Person, args: list[str]) -> Reply:
+        """`/oncall cancel ID`: an override you made yourself (your `/oncall take`, or a manager's own `/override`)."""
+        return await self.cancel(event, person, args, anyone=False)
+
+    async def cancel(self, event: CommandEvent, person: Person, args: list[str], *, anyone: bool) -> Reply:
+        """`/override cancel ID` (a manager: any override) and `/oncall cancel ID` (one you made: a `/oncall take`):
+        an override not started yet no longer counts (`cancelled_at`); one under way ends now, so the stretch it
+        covered stays as it was. A swap's override is undone with the swap (`/swap undo`), whose messages say so."""
+        usage = "/override cancel ID" if anyone else "/oncall cancel ID"
+        if len(args) != 1 or not args[0].lstrip("#").isdigit() or len(args[0]) > 18:
+            return Reply(f"Usage: `{usage}`, ID the override's number (`/oncall schedule ROTATION` shows them).")
+        override_id = int(args[0].lstrip("#"))
+        now = self.clock.now()
+        actor = Actor(event.actor.platform, event.actor.user_id, person.name, person.id)
+        async with self.db.transaction() as session:
+            row = await session.get(OverrideRow, override_id)
+            if row is not None:  # one change at a time (swaps, overrides), then read again under the lock
+                await self.db.lock_for_transaction(session, schedule_lock(row.rotation))
+                await session.refresh(row)
+            if row is None or (not anyone and row.created_by != person.id):
+                mine = "" if anyone else " of yours"
+                return Reply(f"There is no override #{override_id}{mine}."
+                             + ("" if anyone else " A manager can `/override cancel` anyone's."))
+            schedule = self.view.find(row.rotation)
+            tz = ZoneInfo(person.timezone) if person.timezone else (schedule.tz if schedule else ZoneInfo("UTC"))
+            swap = re.match(r"swap #(\d+)", row.reason or "")
+            if swap:
+                return Reply(f"Override #{override_id} is swap #{swap.group(1)}'s: `/swap undo {swap.group(1)}` "
+                             "undoes it, before it starts.")
+            if row.cancelled_at is not None:
+                return Reply(f"Override #{override_id} was cancelled already.")
+            if row.ends_at <= now:
+                return Reply(f"Override #{override_id} is over already (it ended {when(row.ends_at, tz, now)}).")
+            started, until = row.starts_at <= now, row.ends_at
+            if started:
+                row.ends_at = now
+            else:
+                row.cancelled_at = now
+            session.add(row)
+            await self.audit.append_many(session, [Entry(
+                "oncall.override_cancelled", actor, "rotation", row.rotation, now,
+                {"override": override_id, "person": row.person, "from": row.starts_at.isoformat(),
+                 "until": until.isoformat(), "ended_early": started})])
+            covering = self.people.get(row.person)
+            name = covering.name if covering is not None else row.person
+
+            def stretch(z: ZoneInfo) -> str:
+                return (f"from now until {when(until, z, now)}" if started else
+                        f"from {when(row.starts_at, z, now)} until {when(until, z, now)}")
+
+            if row.person != person.id:  # whoever covered is off call for it, told in their time zone
+                theirs = ZoneInfo(covering.timezone) if covering is not None and covering.timezone else tz
+                queue_direct(session, row.person, f"{person.name} cancelled override #{override_id}: you are no longer "
+                                                  f"on call for `{row.rotation}` {stretch(theirs)}.", now,
+                             event="oncall.override_cancelled")
+        if self.changed is not None:  # the handoff notices follow the schedule as it is now
+            try:
+                await self.changed([row.rotation])
+            except Exception:  # planning runs again within minutes; the cancel itself is committed
+                log.exception("replanning the handoffs of %s failed", row.rotation)
+        return Reply(f"Cancelled override #{override_id}: {name} is no longer on call for `{row.rotation}` "
+                     f"{stretch(tz)}; `/oncall {row.rotation}` shows who is.", ephemeral=False)
 
     def _tell_displaced(self, session: AsyncSession, schedule: Schedule, person_id: str, covering: Person, by: Person,
                         stretches: list[tuple[datetime, datetime]], now: datetime) -> None:
@@ -251,14 +317,15 @@ def _instant(text: str, tz: ZoneInfo, now: datetime) -> datetime:
     return first_instant(value, tz) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _until(text: str, tz: ZoneInfo, start: datetime) -> datetime:
-    """An end: a length (elapsed time: `8h` across a clock change is still 8 hours) or a time."""
+def _until(text: str, tz: ZoneInfo, start: datetime, now: datetime) -> datetime:
+    """An end: a length from `start` (elapsed time: `8h` across a clock change is still 8 hours) or a time (`now`
+    the present, not `start`)."""
     try:
         length = parse_duration(text)
     except DurationTooLong:
         raise BadInput(f"{echoed(text)!r} from then is too far away: give a length of 90 days at most.") from None
     except ValueError:
-        return _instant(text, tz, start)
+        return _instant(text, tz, now)
     try:
         return start.astimezone(UTC) + length
     except OverflowError:

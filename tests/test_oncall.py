@@ -344,7 +344,7 @@ async def test_taking_the_current_shift_and_a_managers_override_change_who_is_on
     s = slack
     took = await s.answer(await s.command("/oncall", "take dba-primary", user="U01ALICE"))
     assert took["text"] == ("Alice is on call for `dba-primary` from Mon 23 Nov 23:00 EST until Mon 30 Nov 03:00 EST "
-                            "(America/New_York).")
+                            "(America/New_York). Override #1: `/oncall cancel 1` undoes it.")
     assert took["response_type"] == "in_channel"
     assert rows(await ask(s, "dba-primary"))[1][:3] == ["Alice (override)", "Tue 24 Nov 05:00 CET", "Mon 30 Nov 09:00 CET"]
     assert await directs(s.h, "bob") == [("oncall.override", "Alice took over your `dba-primary` shift from "
@@ -352,7 +352,7 @@ async def test_taking_the_current_shift_and_a_managers_override_change_who_is_on
 
     put = await s.answer(await s.command("/override", "dba-primary carol 2026-11-25 09:00 8h", user="U02BOB"))
     assert put["text"] == (f"{CAROL} is on call for `dba-primary` from Wed 25 Nov 09:00 CET until Wed 25 Nov 17:00 CET "
-                           "(Europe/Berlin).")
+                           "(Europe/Berlin). Override #2: `/override cancel 2` undoes it.")
     assert await directs(s.h, "alice") == [(  # her cover, in her time zone; Bob, who made the override, is not told
         "oncall.override", f"Bob put {CAROL} on call for `dba-primary` instead of you from Wed 25 Nov 03:00 EST until "
                            "Wed 25 Nov 11:00 EST.", [])]
@@ -363,6 +363,50 @@ async def test_taking_the_current_shift_and_a_managers_override_change_who_is_on
         audited = (await session.execute(select(AuditEvent).where(AuditEvent.action == "oncall.override")
                                           .order_by(AuditEvent.seq))).scalars().all()
     assert [(e.actor_person, e.details["person"]) for e in audited] == [("alice", "alice"), ("bob", "carol")]
+
+
+async def test_an_override_is_cancelled_by_a_manager_or_by_whoever_took_it(slack: Slack) -> None:
+    """An `/override` or `/oncall take` typed wrong could only be covered by more overrides: `/override cancel ID`
+    (a manager, any override) and `/oncall cancel ID` (your own) undo one. One not started no longer counts; one under
+    way ends now, so the time it covered stays as it was. Whoever covered is told; a swap's is left to `/swap undo`."""
+    s = slack
+    put = await s.answer(await s.command("/override", "dba-primary carol 2026-11-25 09:00 8h", user="U02BOB"))
+    assert put["text"].endswith("Override #1: `/override cancel 1` undoes it.")
+    refused = await s.answer(await s.command("/oncall", "cancel 1", user="U01ALICE"))
+    assert refused["text"] == "There is no override #1 of yours. A manager can `/override cancel` anyone's."
+    took = await s.answer(await s.command("/oncall", "take dba-primary", user="U01ALICE"))
+    assert took["text"].endswith("Override #2: `/oncall cancel 2` undoes it.")
+
+    cancelled = await s.answer(await s.command("/override", "cancel 1", user="U02BOB"))
+    assert cancelled["text"] == (f"Cancelled override #1: {CAROL} is no longer on call for `dba-primary` from Wed 25 Nov "
+                                 "09:00 CET until Wed 25 Nov 17:00 CET; `/oncall dba-primary` shows who is.")
+    assert cancelled["response_type"] == "in_channel"
+    assert await directs(s.h, "carol") == [("oncall.override_cancelled", "Bob cancelled override #1: you are no longer "
+                                            "on call for `dba-primary` from Wed 25 Nov 09:00 CET until Wed 25 Nov 17:00 "
+                                            "CET.", [])]
+    again = await s.answer(await s.command("/override", "cancel #1", user="U02BOB"))
+    assert again["text"] == "Override #1 was cancelled already."
+
+    s.h.clock.advance(timedelta(hours=1))
+    ended = await s.answer(await s.command("/oncall", "cancel 2", user="U01ALICE"))
+    assert ended["text"] == ("Cancelled override #2: Alice is no longer on call for `dba-primary` from now until Wed 25 "
+                             "Nov 03:00 EST; `/oncall dba-primary` shows who is.")  # (her take ran up to Carol's cover)
+    assert rows(await ask(s, "dba-primary"))[1][0] == "Bob"  # his shift again
+    async with s.h.bot.db.sessions() as session:
+        two = await session.get(Override, 2)
+        assert two is not None and two.cancelled_at is None and two.ends_at == s.h.clock.now()  # her hour stays hers
+        audited = (await session.execute(select(AuditEvent).where(AuditEvent.action == "oncall.override_cancelled")
+                                          .order_by(AuditEvent.seq))).scalars().all()
+    assert [(e.actor_person, e.details["override"], e.details["ended_early"]) for e in audited] == [
+        ("bob", 1, False), ("alice", 2, True)]
+
+    swap = await add_override(s.h, "carol", T0 + timedelta(days=2), T0 + timedelta(days=3), reason="swap #4: Carol covers")
+    assert (await s.answer(await s.command("/override", f"cancel {swap}", user="U02BOB")))["text"] == (
+        f"Override #{swap} is swap #4's: `/swap undo 4` undoes it, before it starts.")
+    assert (await s.answer(await s.command("/override", "cancel 99", user="U02BOB")))["text"] == (
+        "There is no override #99.")
+    assert (await s.answer(await s.command("/override", "cancel soon", user="U02BOB")))["text"].startswith(
+        "Usage: `/override cancel ID`")
 
 
 async def test_a_cover_under_a_minute_or_of_ones_own_time_writes_nothing(slack: Slack) -> None:
@@ -416,7 +460,7 @@ async def test_taking_a_time_before_the_rotation_starts_needs_until_and_one_digi
             assert not (await session.execute(select(Override))).scalars().all()
         took = await s.answer(await s.command("/oncall", "take web 2026-11-25 9:00 2026-11-25 17:00", user="U03CAROL"))
         assert took["text"] == (f"{CAROL} is on call for `web` from Wed 25 Nov 09:00 EST until Wed 25 Nov 17:00 EST "
-                                "(America/New_York).")
+                                "(America/New_York). Override #1: `/oncall cancel 1` undoes it.")
 
 
 async def test_an_override_length_is_elapsed_time_across_a_clock_change_and_a_skipped_time_is_the_skip(

@@ -39,6 +39,10 @@ async def slack(tmp_path: Path) -> AsyncIterator[Slack]:
     ("/override", "dba-primary carol now 99999999999d",
      f"'99999999999d' from then is too far away: give a length of 90 days at most. {OVERRIDE}"),
     ("/override", "dba-primary carol 2026-11-25T09:00 2026-11-25T08:00", f"UNTIL must come after FROM. {OVERRIDE}"),
+    # `now` as UNTIL is the present (it was read as FROM: "UNTIL must come after FROM")
+    ("/override", "dba-primary carol 2026-11-24T04:00 now",
+     f"That stretch is over already (it ended Tue 24 Nov 05:00 CET). {OVERRIDE}"),
+    ("/override", "dba-primary carol 2026-11-25T09:00 now", f"UNTIL must come after FROM. {OVERRIDE}"),
 ])
 async def test_a_refused_cover_is_told_in_sentences(slack: Slack, command: str, text: str, expected: str) -> None:
     user = "U02BOB" if command == "/override" else "U01ALICE"
