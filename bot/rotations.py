@@ -177,6 +177,8 @@ def next_shifts(rotation: Schedule, overrides: Iterable[Override], after: dateti
     if n <= 0:
         return []
     span = rotation.shift * (n + 1)
+    if after < rotation.begins:  # nothing of the rotation's own before it begins: look from there on at once (else
+        span += rotation.begins - after  # the doubling windows walked every shift up to a start years ahead)
     for _ in range(40):
         found = [s for s in _segments(rotation, overrides, after, after + span) if s.start is not None and s.start > after]
         if len(found) >= n:

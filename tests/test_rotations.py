@@ -152,6 +152,25 @@ def test_far_future_times_are_arithmetic_not_a_walk_from_the_start(monkeypatch: 
     assert local(on_call(hourly, [], utc(8000, 11, 5, 6, 30)).start, NEW_YORK).minute == 0
 
 
+def test_a_rotation_that_starts_years_ahead_is_not_walked_up_to_its_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An hourly rotation whose `start` is in 2199 (a typo of a year, say): the next shifts and the overview's run
+    looked for the first shift in windows doubling from now, and made every hourly shift up to the start and as far
+    again, on the event loop: seconds of CPU for each `/oncall`. The first shift is where the rotation begins."""
+    schedule = rotation("1h", "09:00", start=date(2199, 12, 31))
+    made: list[int] = []
+    base = Shift.__init__
+    monkeypatch.setattr(Shift, "__init__", lambda self, *a, **k: made.append(1) or base(self, *a, **k))
+    now = utc(2026, 12, 7, 3)
+    following = next_shifts(schedule, [], now, 5)
+    assert [(s.person, s.index) for s in following] == [
+        ("alice", 0), ("bob", 1), ("carol", 2), ("alice", 3), ("bob", 4)]
+    assert following[0].start == schedule.begins == datetime(2199, 12, 31, 9, tzinfo=BERLIN)
+    current, since, until, after = run_at(schedule, [], now)
+    assert (current.person, since, until) == (None, None, schedule.begins) and after is not None
+    assert after.person == "alice"
+    assert len(made) < 100, len(made)  # a few shifts made, not every hour from now to 2199 and on
+
+
 def test_the_index_agrees_with_counting_handoffs_from_the_start() -> None:
     schedule = rotation("12h", "09:00", tz="America/New_York", start=date(2026, 1, 1))
     k, at = 0, schedule.begins  # 09:00 EST on 1 January
