@@ -58,6 +58,30 @@ DB_WAIT = 15.0  # seconds PostgreSQL may take to connect or answer a statement b
 IDLE_WAIT = 75.0
 ACCEPT_SAID_EVERY = 60.0  # seconds between log lines saying that new connections cannot be taken
 log = logging.getLogger("chatops.server")
+# PostgreSQL not answering at start (down for a moment, failing over, not up yet beside the bot): tried again, each wait
+# twice the one before up to STORE_RETRY_MAX, for STORE_START_WAIT seconds, before the bot gives up (exit 1).
+STORE_START_WAIT = 60.0
+STORE_RETRY_MAX = 10.0
+# Errors that mean the server did not answer, or not yet (asyncpg's CannotConnectNowError: "the database system is
+# starting up"), as opposed to one that answered no (a wrong password, no such database), which waiting cannot fix.
+_NO_ANSWER = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+_NO_ANSWER_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
+
+
+def no_answer(exc: BaseException) -> BaseException | None:
+    """The error in `exc`'s chain that says the database server did not answer (or is starting up), else None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, _NO_ANSWER) or type(e).__name__ == "CannotConnectNowError" or (
+                isinstance(e, OSError) and not isinstance(e, socket.gaierror) and e.errno in _NO_ANSWER_ERRNOS):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]
+    return None
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -152,10 +176,30 @@ class Bot:
             self.adapters["teams"] = teams
         self.adapters_failed: dict[str, str] = {}
 
+    async def _open_store(self) -> None:
+        """Create or upgrade the store's tables; PostgreSQL that does not answer is waited for (STORE_START_WAIT), so
+        that a replica started while the database fails over, or before it is up, starts once it answers rather than
+        exit at once. A refusal (a wrong password, no such database) is no reason to wait: it is raised at once."""
+        started, delay = time.monotonic(), 1.0
+        while True:
+            try:
+                await self.db.start()
+                return
+            except Exception as exc:
+                why = no_answer(exc) if self.db.is_postgres else None
+                left = STORE_START_WAIT - (time.monotonic() - started)
+                if why is None or left <= 0:
+                    raise
+                delay = min(delay, left)
+                log.warning("the database at %s does not answer (%s); trying again in %g s, for up to %g s in all",
+                            self.db.safe_url, str(why) or type(why).__name__, delay, STORE_START_WAIT)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX)
+
     async def start(self) -> None:
         """Open the store and start the background workers; KeyMismatch, before anything is written, if the audit
         chain was written with another key than the one in hand (or none, or with one)."""
-        await self.db.start()
+        await self._open_store()
         async with self.db.sessions() as session:
             await self.audit.check_key(session)
         restored = await self.alerts.restore(self.db)

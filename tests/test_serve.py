@@ -633,3 +633,58 @@ def test_serve_says_a_database_error_without_sqlalchemys_background_link(tmp_pat
     [said] = [line for line in proc.stdout.read().splitlines() if " ERROR " in line]
     assert said.endswith("cannot open the database at sqlite+aiosqlite:///./chatops.db: DatabaseError: file is not a "
                          "database"), said
+
+
+def test_serve_waits_for_a_postgresql_that_does_not_answer_yet(tmp_path: Path, pg_schema: str) -> None:
+    """A replica started while PostgreSQL failed over (or before it was up) exited at once, "cannot open the
+    database", and stayed down unless something restarted it. It tries again for a minute, saying so, and starts once
+    the server answers. (Here the server is reached through a forwarder that starts listening a few seconds late.)"""
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import drop_schema, postgres_url
+
+    real = make_url(postgres_url())
+    port, late = free_port(), free_port()
+    url = real.set(host="127.0.0.1", port=late).render_as_string(hide_password=False)
+    example = (ROOT / "app.yaml").read_text(encoding="utf-8")
+    storage = "  url: ${CHATOPS_DATABASE_URL:-sqlite+aiosqlite:///./chatops.db}"
+    assert storage in example
+    (tmp_path / "app.yaml").write_text(example.replace(storage, f"{storage}\n  schema: {pg_schema}", 1),
+                                       encoding="utf-8")
+    loop = asyncio.new_event_loop()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(real.host or "127.0.0.1", real.port or 5432)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    import threading
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with serving(tmp_path, port, {"CHATOPS_DATABASE_URL": url}, "--log-level", "INFO") as proc:
+            deadline = time.monotonic() + 20
+            while "does not answer" not in proc.stdout.read():
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.1)
+            server = asyncio.run_coroutine_threadsafe(asyncio.start_server(forward, "127.0.0.1", late), loop).result()
+            assert wait_http(f"http://127.0.0.1:{port}/readyz", proc, timeout=30)[0] == 200
+        said = proc.stdout.read()
+        assert f"WARNING chatops.server: the database at postgresql+asyncpg://" in said
+        assert "; trying again in 1 s, for up to 60 s in all" in said and "cannot open the database" not in said, said
+        loop.call_soon_threadsafe(server.close)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        asyncio.run(drop_schema(postgres_url(), pg_schema))
