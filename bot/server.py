@@ -78,7 +78,10 @@ def no_answer(exc: BaseException) -> BaseException | None:
             continue
         seen.add(id(e))
         if isinstance(e, _NO_ANSWER) or type(e).__name__ == "CannotConnectNowError" or (
-                isinstance(e, OSError) and not isinstance(e, socket.gaierror) and e.errno in _NO_ANSWER_ERRNOS):
+                isinstance(e, OSError) and not isinstance(e, socket.gaierror) and (
+                    e.errno in _NO_ANSWER_ERRNOS
+                    # a name with several addresses (localhost: ::1 and 127.0.0.1), none of which answered
+                    or (e.errno is None and str(e).startswith("Multiple exceptions: ")))):
             return e
         todo += [e.__cause__, e.__context__, getattr(e, "orig", None)]
     return None

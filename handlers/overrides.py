@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import select
 
 from bot.chat import CommandEvent, Reply, echoed
 from bot.clock import Clock
@@ -34,6 +35,7 @@ from handlers.notify import queue_direct
 from handlers.oncall import Oncall, domain, when
 from storage.audit import AuditLog, Entry
 from storage.db import Database
+from storage.models import AuditEvent
 from storage.models import Override as OverrideRow
 
 log = logging.getLogger("chatops.overrides")
@@ -198,14 +200,15 @@ class OverrideHandlers:
         if len(args) != 1 or not args[0].lstrip("#").isdigit() or len(args[0]) > 18:
             return Reply(f"Usage: `{usage}`, ID the override's number (`/oncall schedule ROTATION` shows them).")
         override_id = int(args[0].lstrip("#"))
-        now = self.clock.now()
         actor = Actor(event.actor.platform, event.actor.user_id, person.name, person.id)
         async with self.db.transaction() as session:
             row = await session.get(OverrideRow, override_id)
             if row is not None:  # one change at a time (swaps, overrides), then read again under the lock
                 await self.db.lock_for_transaction(session, schedule_lock(row.rotation))
                 await session.refresh(row)
-            if row is None or (not anyone and row.created_by != person.id):
+            now = self.clock.now()  # (after the lock: a cancel that waited for another sees its end as past)
+            # Without the manager role, only your own take: not an override you made for someone else while you had it.
+            if row is None or (not anyone and (row.created_by != person.id or row.person != person.id)):
                 mine = "" if anyone else " of yours"
                 return Reply(f"There is no override #{override_id}{mine}."
                              + ("" if anyone else " A manager can `/override cancel` anyone's."))
@@ -213,13 +216,20 @@ class OverrideHandlers:
             tz = ZoneInfo(person.timezone) if person.timezone else (schedule.tz if schedule else ZoneInfo("UTC"))
             swap = re.match(r"swap #(\d+)", row.reason or "")
             if swap:
-                return Reply(f"Override #{override_id} is swap #{swap.group(1)}'s: `/swap undo {swap.group(1)}` "
-                             "undoes it, before it starts.")
-            if row.cancelled_at is not None:
+                return Reply(f"Override #{override_id} is swap #{swap.group(1)}'s: the two in it can `/swap undo "
+                             f"{swap.group(1)}` before it starts; once it started, `/override` the rest to someone.")
+            if row.cancelled_at is not None or await _cancelled_early(session, row):
                 return Reply(f"Override #{override_id} was cancelled already.")
             if row.ends_at <= now:
                 return Reply(f"Override #{override_id} is over already (it ended {when(row.ends_at, tz, now)}).")
             started, until = row.starts_at <= now, row.ends_at
+            back_from = now if started else row.starts_at
+            # The stretches this override wins (a later one may cover some of its time): who has those after the
+            # cancel is put back on call, and told.
+            won = [] if schedule is None else [
+                (max(s.start or back_from, back_from), min(s.end, until)) for s in shifts_between(
+                    schedule, await load_overrides(session, self.view, back_from, until, [schedule.id]), back_from,
+                    until) if s.override_id == override_id]
             if started:
                 row.ends_at = now
             else:
@@ -241,6 +251,16 @@ class OverrideHandlers:
                 queue_direct(session, row.person, f"{person.name} cancelled override #{override_id}: you are no longer "
                                                   f"on call for `{row.rotation}` {stretch(theirs)}.", now,
                              event="oncall.override_cancelled")
+            if schedule is not None and won:  # whoever it puts back on call (told they were off it when it was made)
+                await session.flush()
+                overrides = await load_overrides(session, self.view, back_from, until, [schedule.id])
+                back: dict[str, list[tuple[datetime, datetime]]] = {}
+                for a, b in won:
+                    for who, spans in _displaced(schedule, overrides, row.person, a, b).items():
+                        back.setdefault(who, []).extend(spans)
+                for person_id, stretches in back.items():
+                    if person_id != person.id:
+                        self._tell_back(session, schedule, person_id, person, override_id, stretches, now)
         if self.changed is not None:  # the handoff notices follow the schedule as it is now
             try:
                 await self.changed([row.rotation])
@@ -248,6 +268,16 @@ class OverrideHandlers:
                 log.exception("replanning the handoffs of %s failed", row.rotation)
         return Reply(f"Cancelled override #{override_id}: {name} is no longer on call for `{row.rotation}` "
                      f"{stretch(tz)}; `/oncall {row.rotation}` shows who is.", ephemeral=False)
+
+    def _tell_back(self, session: AsyncSession, schedule: Schedule, person_id: str, by: Person, override_id: int,
+                   stretches: list[tuple[datetime, datetime]], now: datetime) -> None:
+        """A direct message to someone a cancelled override puts back on call: which stretches, in their zone."""
+        person = self.people.get(person_id)
+        tz = ZoneInfo(person.timezone) if person is not None and person.timezone else schedule.tz
+        spans = " and ".join(f"from {'now' if a <= now else when(a, tz, now)} until {when(b, tz, now)}"
+                             for a, b in stretches)
+        queue_direct(session, person_id, f"{by.name} cancelled override #{override_id}: you are on call for "
+                                         f"`{schedule.id}` {spans} again.", now, event="oncall.override_cancelled")
 
     def _tell_displaced(self, session: AsyncSession, schedule: Schedule, person_id: str, covering: Person, by: Person,
                         stretches: list[tuple[datetime, datetime]], now: datetime) -> None:
@@ -277,6 +307,13 @@ def _displaced(schedule: Schedule, overrides: Sequence[Override], covering: str,
         else:
             spans.append((a, b))
     return out
+
+
+async def _cancelled_early(session: AsyncSession, row: OverrideRow) -> bool:
+    """Whether a cancel ended `row` early already (its end moved to then: it keeps no `cancelled_at`)."""
+    events = (await session.execute(select(AuditEvent.details).where(
+        AuditEvent.action == "oncall.override_cancelled", AuditEvent.subject_id == row.rotation))).scalars().all()
+    return any((details or {}).get("override") == row.id for details in events)
 
 
 def schedule_lock(rotation: str) -> str:

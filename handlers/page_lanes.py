@@ -915,7 +915,10 @@ class PageLanes:
                 details={**(row.details or {}), HELD_SAID: True}))).rowcount
             if not marked:
                 return
-            queue_thread_line(session, incident, now, "escalation.page_waits", {"line": line})
+            # (its promise of the next step left out if the line goes only after that step fell due, as the others)
+            promise = ({"next": after, "next_at": row.details["next_at"]}
+                       if after and (row.details or {}).get("next_at") else {})
+            queue_thread_line(session, incident, now, "escalation.page_waits", {"line": line, **promise})
             await self.audit.append_many(session, [Entry(
                 "incident.page_delayed", SYSTEM, "incident", str(incident.id), now,
                 {"person": person.id, "step": row.details.get("step"), "problem": f"{platform}: {said}",

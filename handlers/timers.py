@@ -59,7 +59,9 @@ class TimerService:
         self.handlers: dict[str, TimerHandler] = {}
         self._scheduler: AsyncIOScheduler | None = None
         self._lock = asyncio.Lock()
-        self._failing: tuple[float, int] | None = None  # failing since: when the log last said so, failures since
+        self._failing: bool | None = None  # beats failing since the last one that worked (None: it worked)
+        self._failure_said: tuple[float, str] | None = None  # when the log last said a beat failed, and what failed
+        self._unsaid = 0  # failures since that line
         self._again = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.TimerHandle | None = None
@@ -161,6 +163,7 @@ class TimerService:
             self._again = False
             try:
                 peeked: tuple[datetime | None, datetime | None] | None = await self._peek()
+                self._failing = None  # (the store answered)
             except Exception:  # e.g. the database went away: claim anyway, which says what is wrong
                 peeked = None
             # A nudge during the peek (a commit it may not have seen) claims anyway.
@@ -208,26 +211,27 @@ class TimerService:
         self._overdue, self._overdue_most = {}, timedelta(0)
 
     def _said_failure(self, exc: Exception, what: str) -> None:
-        """Log a failing beat: the first failure with its traceback, then, while the beats keep failing, one line a
-        minute saying how many failed meanwhile (a database down for a minute logged a traceback every beat, twice a
-        second: the round's failure and the next wakeup's took turns, each told apart from the other). A store busy
-        for a moment (another writer held it) is expected now and then: a warning line, no traceback (as _guarded's
-        jobs)."""
+        """Log a failing beat: at most one line a minute, however the beats fail (a database down for a minute logged
+        a traceback every beat, twice a second: the round's failure and the next wakeup's took turns), saying how many
+        failed since the line before; the traceback when the failure is not the one the last line said (a new fault
+        shows whole), else "still failing" (or "failing again" after beats that worked). A store busy for a moment
+        (another writer held it) is expected now and then: a warning line, no traceback (as _guarded's jobs)."""
         now = time.monotonic()
-        if self._failing is None:
-            busy = busy_store(exc)
-            if busy is not None:
-                log.warning("%s (the store was busy: %s)", what, busy)
-            else:
-                log.error(what, exc_info=exc)
-            self._failing = (now, 0)
-        elif now - self._failing[0] >= 60:
-            kind = explain_failure(exc, self.db.wait)[:300]
-            log.error("%s (still failing: %s; %d more failure(s) in the last minute, unlogged)", what, kind,
-                      self._failing[1])
-            self._failing = (now, 0)
+        said, self._unsaid = self._failure_said, self._unsaid + 1
+        if said is not None and now - said[0] < 60:
+            return  # (counted)
+        kind = explain_failure(exc, self.db.wait)[:300]
+        more = (f"; {self._unsaid - 1} more failure(s) since the last line, unlogged" if self._unsaid > 1 else "")
+        self._failure_said, self._unsaid = (now, kind), 0
+        busy = busy_store(exc)
+        if busy is not None:
+            log.warning("%s (the store was busy: %s%s)", what, busy, more)
+        elif said is None or said[1] != kind:
+            log.error("%s%s", what, f" ({more.removeprefix('; ')})" if more else "", exc_info=exc)
         else:
-            self._failing = (self._failing[0], self._failing[1] + 1)
+            log.error("%s (%s: %s%s)", what, "failing again" if self._failing is None else "still failing", kind,
+                      more)
+        self._failing = True
 
     async def _peek(self) -> tuple[datetime | None, datetime | None]:
         now = self._peeked_at = self.clock.now()

@@ -205,8 +205,10 @@ class Database:
             if schema:
                 connect["server_settings"] = {"search_path": schema}
             if wait is not None:
-                # start() waits its turn behind other replicas (the init lock, a migration): no limit there
-                self._start_connect = dict(connect)
+                # start() waits its turn behind other replicas (the init lock, a migration): no limit on its
+                # statements there; connecting is limited as everywhere (a server that takes the connection and never
+                # answers is tried again at start, see bot.server, rather than waited for asyncpg's whole minute)
+                self._start_connect = {**connect, "timeout": wait}
                 connect.update(timeout=wait, command_timeout=wait)
                 kwargs["pool_timeout"] = wait
                 # Server-side: a frozen replica's transaction is ended, and what it locked freed (see

@@ -391,7 +391,13 @@ async def test_an_override_is_cancelled_by_a_manager_or_by_whoever_took_it(slack
     ended = await s.answer(await s.command("/oncall", "cancel 2", user="U01ALICE"))
     assert ended["text"] == ("Cancelled override #2: Alice is no longer on call for `dba-primary` from now until Wed 25 "
                              "Nov 03:00 EST; `/oncall dba-primary` shows who is.")  # (her take ran up to Carol's cover)
-    assert rows(await ask(s, "dba-primary"))[1][0] == "Bob"  # his shift again
+    assert rows(await ask(s, "dba-primary"))[1][0] == "Bob"  # his shift again, and he is told so
+    assert (await directs(s.h, "bob"))[-1] == ("oncall.override_cancelled", "Alice cancelled override #2: you are on "
+                                               "call for `dba-primary` from now until Wed 25 Nov 09:00 CET again.", [])
+    assert (await s.answer(await s.command("/oncall", "cancel 2", user="U01ALICE")))["text"] == (
+        "Override #2 was cancelled already.")  # (ended early, not "over already")
+    assert (await s.answer(await s.command("/oncall", "cancel 1", user="U02BOB")))["text"] == (
+        "There is no override #1 of yours. A manager can `/override cancel` anyone's.")  # made for Carol: a manager's
     async with s.h.bot.db.sessions() as session:
         two = await session.get(Override, 2)
         assert two is not None and two.cancelled_at is None and two.ends_at == s.h.clock.now()  # her hour stays hers
@@ -402,7 +408,8 @@ async def test_an_override_is_cancelled_by_a_manager_or_by_whoever_took_it(slack
 
     swap = await add_override(s.h, "carol", T0 + timedelta(days=2), T0 + timedelta(days=3), reason="swap #4: Carol covers")
     assert (await s.answer(await s.command("/override", f"cancel {swap}", user="U02BOB")))["text"] == (
-        f"Override #{swap} is swap #4's: `/swap undo 4` undoes it, before it starts.")
+        f"Override #{swap} is swap #4's: the two in it can `/swap undo 4` before it starts; once it started, "
+        "`/override` the rest to someone.")
     assert (await s.answer(await s.command("/override", "cancel 99", user="U02BOB")))["text"] == (
         "There is no override #99.")
     assert (await s.answer(await s.command("/override", "cancel soon", user="U02BOB")))["text"].startswith(

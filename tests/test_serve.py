@@ -688,3 +688,28 @@ def test_serve_waits_for_a_postgresql_that_does_not_answer_yet(tmp_path: Path, p
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         asyncio.run(drop_schema(postgres_url(), pg_schema))
+
+
+def test_what_counts_as_a_database_that_does_not_answer_at_start() -> None:
+    """What serve waits for (bot.server.no_answer): a refused or reset connection, none of a name's several addresses
+    answering (Python's "Multiple exceptions"), a server starting up, wrapped as SQLAlchemy wraps them; not a name
+    that does not resolve, nor a server that answered no."""
+    from socket import gaierror
+
+    from sqlalchemy.exc import OperationalError
+
+    from bot.server import no_answer
+
+    several = OSError("Multiple exceptions: [Errno 111] Connect call failed ('::1', 5432, 0, 0), [Errno 111] Connect "
+                      "call failed ('127.0.0.1', 5432)")
+    assert no_answer(several) is several
+    wrapped = OperationalError("connect", None, ConnectionRefusedError(111, "Connect call failed"))
+    assert isinstance(no_answer(wrapped), ConnectionRefusedError)
+    starting = type("CannotConnectNowError", (Exception,), {})("the database system is starting up")
+    assert no_answer(RuntimeError("x").with_traceback(None)) is None
+    try:
+        raise RuntimeError("connect failed") from starting
+    except RuntimeError as exc:
+        assert no_answer(exc) is starting
+    assert no_answer(gaierror(-2, "Name or service not known")) is None
+    assert no_answer(type("InvalidPasswordError", (Exception,), {})("password authentication failed")) is None
