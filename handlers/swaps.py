@@ -792,12 +792,20 @@ class SwapHandlers:
         others = [s for s in shifts_between(schedule, overrides, start, swap.ends_at) if s.person != swap.requester]
         if not others:
             return None
-        tz = self._tz(person, schedule)
         first = others[0]
-        return (f"The schedule changed since swap #{swap.id} was asked for: {self.view.who(first)} is on call for "
-                f"`{swap.rotation}` from {when(max(first.start or start, start), tz, now)}, not "
-                f"{self.name(swap.requester)}. Nothing was changed; {self.name(swap.requester)} can cancel it "
-                "and ask again.")
+
+        def words(tz: ZoneInfo, then: str) -> str:
+            return (f"The schedule changed since swap #{swap.id} was asked for: {self.view.who(first)} is on call for "
+                    f"`{swap.rotation}` from {when(max(first.start or start, start), tz, now)}, not "
+                    f"{self.name(swap.requester)}. Nothing was changed; {then}")
+
+        if person.id != swap.requester:
+            # The requester is told too (else their request stayed open, blocking another for that stretch, unsaid).
+            verb = "approve" if swap.status == AWAITING else "accept"
+            self._direct(session, swap, swap.requester, now, "swap.refused",
+                         lambda z: f"{person.name} could not {verb} swap #{swap.id}. " + words(
+                             z, f"`/swap cancel {swap.id}` and ask again."))
+        return words(self._tz(person, schedule), f"{self.name(swap.requester)} can cancel it and ask again.")
 
     def _clash_words(self, clash: SwapRequest, person: Person, tz: ZoneInfo, now: datetime) -> str:
         """What someone whose request overlaps an open swap can do about it: only its requester can cancel it, and

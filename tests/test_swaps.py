@@ -638,6 +638,11 @@ async def test_a_schedule_changed_since_the_request_is_not_silently_overridden(o
     assert answer.startswith("The schedule changed since swap #1 was asked for: Erin (override) is on call for "
                              "`dba-primary` from Tue 1 Dec 09:00 CET, not Alice. Nothing was changed")
     assert (await swaps(h))[0].status == "pending" and len(await overrides(h)) == 1
+    # Alice, whose request stays open (and blocks another for that stretch), is told, and what to do
+    assert [(event, text) for event, text, _ in await directs(h, "alice") if event == "swap.refused"] == [(
+        "swap.refused", "Bob could not accept swap #1. The schedule changed since swap #1 was asked for: Erin "
+                        "(override) is on call for `dba-primary` from Tue 1 Dec 09:00 CET, not Alice. Nothing was "
+                        "changed; `/swap cancel 1` and ask again.")]
 
 
 async def test_a_refused_approval_records_no_approver(on_sqlite: Slack) -> None:
