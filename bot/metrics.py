@@ -52,6 +52,10 @@ class Metrics:
         self.outbox = Gauge(
             "chatops_outbox", "Chat deliveries by status (read from the store at scrape time)", ["status"], registry=r
         )
+        self.leading = Gauge(
+            "chatops_leading", "1 where this replica does a job one replica does at a time (outbox: chat delivery and "
+            "the pages; telegram-polling), 0 where another does", ["job"], registry=r
+        )
         self.outbox_oldest_due = Gauge(
             "chatops_outbox_oldest_due_seconds", "How long the longest-waiting chat delivery has been due, on platforms "
             "that are on (read from the store at scrape time): delivery stuck, or a leader that hangs", registry=r

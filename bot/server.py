@@ -438,6 +438,8 @@ class Bot:
         elif (exc := counting.exception()) is not None:  # metrics still answer when the store does not
             log.warning("metrics: cannot read the store's figures: %s", error_said(exc))
         self._adapters_up()
+        for leader in self.leaders:
+            self.metrics.leading.labels(leader.name).set(1 if leader.leading else 0)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
 
     async def _count(self) -> None:

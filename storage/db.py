@@ -496,6 +496,11 @@ class Leader:
     def _key(self) -> str:
         return f"chatops:{self.db.schema or ''}:{self.name}"
 
+    @property
+    def leading(self) -> bool:
+        """Whether this process held the lock when it last asked (on SQLite, the single replica, always)."""
+        return not self.db.is_postgres or self._leading
+
     async def held(self) -> bool:
         """True while this process holds the lock (taking it when free)."""
         if not self.db.is_postgres:

@@ -1067,3 +1067,8 @@ async def test_a_round_that_finds_the_store_busy_says_so_in_a_line_not_a_traceba
     assert sorted(said) == [
         ("WARNING", f"outbox round found the store busy ({why}); retrying in 0.5s", None),
         ("WARNING", f"timer tick failed; retrying at the next beat (the store was busy: {why})", None)]
+
+
+async def test_the_only_replica_on_sqlite_leads_delivery_in_its_metrics(tmp_path: Path) -> None:
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:
+        assert 'chatops_leading{job="outbox"} 1.0' in await (await h.client.get("/metrics")).text()

@@ -452,3 +452,21 @@ async def test_limits_a_pooler_drops_are_named_with_the_statements_that_set_them
             await conn.execute(text(f'REVOKE CREATE ON DATABASE "{make_url(url).database}" FROM "{role}"'))
             await conn.execute(text(f'DROP ROLE "{role}"'))
         await admin.dispose()
+
+
+async def test_metrics_say_which_replica_leads_delivery(pg_schema: str) -> None:
+    """Only the log said which replica delivers chat work (and pages): `chatops_leading{job}` is 1 there, 0 on the
+    others, and follows the lock when another replica takes it."""
+    async with FakeSlack() as fake, replica_a(fake, pg_schema) as a:
+        await first_card(a, fake)  # (A delivers: it leads)
+        assert 'chatops_leading{job="outbox"} 1.0' in await (await a.client.get("/metrics")).text()
+        b_db, b = await b_takes_the_lead_from(a, pg_schema)
+        try:
+            for _ in range(100):  # A asks again at its next round, and follows
+                if not a.bot.leaders[0].leading:
+                    break
+                await asyncio.sleep(0.05)
+            assert 'chatops_leading{job="outbox"} 0.0' in await (await a.client.get("/metrics")).text()
+        finally:
+            await b.close()
+            await b_db.dispose()
