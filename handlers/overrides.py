@@ -189,11 +189,11 @@ class OverrideHandlers:
                      f"{when(end, tz, now)} ({tz.key}). Override #{row.id}: `{undo}` undoes it.", ephemeral=False)
 
     async def cancel_own(self, event: CommandEvent, person: Person, args: list[str]) -> Reply:
-        """`/oncall cancel ID`: an override you made yourself (your `/oncall take`, or a manager's own `/override`)."""
+        """`/oncall cancel ID`: an override you made that puts you on call (your `/oncall take`)."""
         return await self.cancel(event, person, args, anyone=False)
 
     async def cancel(self, event: CommandEvent, person: Person, args: list[str], *, anyone: bool) -> Reply:
-        """`/override cancel ID` (a manager: any override) and `/oncall cancel ID` (one you made: a `/oncall take`):
+        """`/override cancel ID` (a manager: any override) and `/oncall cancel ID` (your own take):
         an override not started yet no longer counts (`cancelled_at`); one under way ends now, so the stretch it
         covered stays as it was. A swap's override is undone with the swap (`/swap undo`), whose messages say so."""
         usage = "/override cancel ID" if anyone else "/oncall cancel ID"
@@ -247,9 +247,9 @@ class OverrideHandlers:
                         f"from {when(row.starts_at, z, now)} until {when(until, z, now)}")
 
             if row.person != person.id:  # whoever covered is off call for it, told in their time zone
-                theirs = ZoneInfo(covering.timezone) if covering is not None and covering.timezone else tz
                 queue_direct(session, row.person, f"{person.name} cancelled override #{override_id}: you are no longer "
-                                                  f"on call for `{row.rotation}` {stretch(theirs)}.", now,
+                                                  f"on call for `{row.rotation}` {stretch(self._tz_of(row.person, tz))}.",
+                             now,
                              event="oncall.override_cancelled")
             if schedule is not None and won:  # whoever it puts back on call (told they were off it when it was made)
                 await session.flush()
@@ -269,22 +269,29 @@ class OverrideHandlers:
         return Reply(f"Cancelled override #{override_id}: {name} is no longer on call for `{row.rotation}` "
                      f"{stretch(tz)}; `/oncall {row.rotation}` shows who is.", ephemeral=False)
 
+    def _tz_of(self, person_id: str, fallback: ZoneInfo) -> ZoneInfo:
+        """The time zone a person reads times in: their own, else `fallback` (the rotation's, or the asker's)."""
+        person = self.people.get(person_id)
+        return ZoneInfo(person.timezone) if person is not None and person.timezone else fallback
+
+    def _spans(self, person_id: str, schedule: Schedule, stretches: list[tuple[datetime, datetime]], now: datetime,
+               *, from_now: bool = False) -> str:
+        """"from ... until ..." for each stretch, in the person's time zone (`from_now`: one under way "from now")."""
+        tz = self._tz_of(person_id, schedule.tz)
+        return " and ".join(f"from {'now' if from_now and a <= now else when(a, tz, now)} until {when(b, tz, now)}"
+                            for a, b in stretches)
+
     def _tell_back(self, session: AsyncSession, schedule: Schedule, person_id: str, by: Person, override_id: int,
                    stretches: list[tuple[datetime, datetime]], now: datetime) -> None:
         """A direct message to someone a cancelled override puts back on call: which stretches, in their zone."""
-        person = self.people.get(person_id)
-        tz = ZoneInfo(person.timezone) if person is not None and person.timezone else schedule.tz
-        spans = " and ".join(f"from {'now' if a <= now else when(a, tz, now)} until {when(b, tz, now)}"
-                             for a, b in stretches)
+        spans = self._spans(person_id, schedule, stretches, now, from_now=True)
         queue_direct(session, person_id, f"{by.name} cancelled override #{override_id}: you are on call for "
                                          f"`{schedule.id}` {spans} again.", now, event="oncall.override_cancelled")
 
     def _tell_displaced(self, session: AsyncSession, schedule: Schedule, person_id: str, covering: Person, by: Person,
                         stretches: list[tuple[datetime, datetime]], now: datetime) -> None:
         """A direct message to someone a cover takes off call: who covers which of their stretches, in their zone."""
-        person = self.people.get(person_id)
-        tz = ZoneInfo(person.timezone) if person is not None and person.timezone else schedule.tz
-        spans = " and ".join(f"from {when(a, tz, now)} until {when(b, tz, now)}" for a, b in stretches)
+        spans = self._spans(person_id, schedule, stretches, now)
         if by.id == covering.id:
             text = f"{covering.name} took over your `{schedule.id}` shift {spans}."
         else:

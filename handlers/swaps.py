@@ -782,7 +782,9 @@ class SwapHandlers:
 
     async def _holds(self, session: AsyncSession, swap: SwapRequest, start: datetime, person: Person,
                      now: datetime) -> str | None:
-        """Why the swap can no longer be taken (the requester does not hold all of it any more), or None."""
+        """Why the swap can no longer be taken (the requester does not hold all of it any more), or None; when the
+        schedule changed under it, the requester (if `person`, who tried to accept or approve it, is someone else) is
+        told by direct message, with the `/swap cancel` that frees the stretch."""
         schedule = self.view.schedules.get(swap.rotation)
         if schedule is None:
             return f"The rotation `{swap.rotation}` is no longer in app.yaml; swap #{swap.id} cannot be taken."

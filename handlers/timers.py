@@ -59,7 +59,7 @@ class TimerService:
         self.handlers: dict[str, TimerHandler] = {}
         self._scheduler: AsyncIOScheduler | None = None
         self._lock = asyncio.Lock()
-        self._failing: bool | None = None  # beats failing since the last one that worked (None: it worked)
+        self._failing = False  # the beats have failed since the last one that worked
         self._failure_said: tuple[float, str] | None = None  # when the log last said a beat failed, and what failed
         self._unsaid = 0  # failures since that line
         self._again = False
@@ -163,7 +163,7 @@ class TimerService:
             self._again = False
             try:
                 peeked: tuple[datetime | None, datetime | None] | None = await self._peek()
-                self._failing = None  # (the store answered)
+                self._failing = False  # (the store answered)
             except Exception:  # e.g. the database went away: claim anyway, which says what is wrong
                 peeked = None
             # A nudge during the peek (a commit it may not have seen) claims anyway.
@@ -176,7 +176,7 @@ class TimerService:
                         self._failed_at = self.clock.now()
                         self._said_failure(exc, "timer tick failed; retrying at the next beat")
                         break
-                    self._failing = None
+                    self._failing = False
                     fired += n
                     if not (full or self._again) or not self._running:
                         break
@@ -229,7 +229,7 @@ class TimerService:
         elif said is None or said[1] != kind:
             log.error("%s%s", what, f" ({more.removeprefix('; ')})" if more else "", exc_info=exc)
         else:
-            log.error("%s (%s: %s%s)", what, "failing again" if self._failing is None else "still failing", kind,
+            log.error("%s (%s: %s%s)", what, "still failing" if self._failing else "failing again", kind,
                       more)
         self._failing = True
 
