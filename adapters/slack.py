@@ -385,6 +385,8 @@ class SlackAdapter:
         # that another replica, or this one after a restart, refuses a replay, and handles a retry of one whose
         # handling a crash cut off; set by the bot (storage/replays.py). None: memory is the only guard.
         self.claim: Callable[[str, str, timedelta], Awaitable[Handling | None]] | None = None
+        # Waits until what a click made due now has run (the timers' beat: an Escalate's step); set by the bot.
+        self.settled: Callable[[], Awaitable[None]] | None = None
         bolt_log = log.getChild("bolt")
         if not any(isinstance(f, _QuietBolt) for f in bolt_log.filters):
             bolt_log.addFilter(_QuietBolt())
@@ -673,6 +675,8 @@ class SlackAdapter:
         drew it, and replaces itself through the click's response_url. Also after a click that changed nothing (the
         card then shows what did: someone else acknowledged); not for someone the command does not show it to."""
         channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+        if self.settled is not None:  # an Escalate's step (a reopen's first) runs in the timers' beat, after the click
+            await self.settled()
         command = CommandEvent("incident", ["show", str(event.incident_id)], event.actor,
                                MessageRef("slack", channel, "", None) if channel else None)
         try:

@@ -162,6 +162,7 @@ class Bot:
 
             slack = SlackAdapter(loaded.adapters["slack"], renderer=self.renderer, dispatcher=self.dispatcher)
             slack.claim = self.replays.begin  # a replay refused at every replica, and after a restart
+            slack.settled = self.timers.settled  # a private card is redrawn once a click's step has run
             self.adapters["slack"] = slack
         if "telegram" in loaded.adapters:
             from adapters.telegram import TelegramAdapter

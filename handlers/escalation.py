@@ -581,7 +581,8 @@ def drawn_with(escalation: Escalation | None) -> tuple[str, str]:
     if escalation is None:
         return "", ""
     note = escalation.note if escalation.state in ("active", "exhausted") else ""
-    if escalation.state == "exhausted":
+    # Every step ran, or the last one has (its wait runs on): a press could only say so, so the card has no Escalate.
+    if escalation.state == "exhausted" or escalation.next_step >= total_steps(escalation.snapshot):
         return note, ESCALATION_DONE
     return note, escalation_mark(escalation.next_step, escalation.run)
 

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -64,6 +65,7 @@ class TimerService:
         self._unsaid = 0  # failures since that line
         self._again = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ticks: set[asyncio.Task[None]] = set()  # beats a nudge started, not done yet (see settled)
         self._wakeup: asyncio.TimerHandle | None = None
         self._claimed_at: datetime | None = None  # the `now` of the last claim
         self._peeked_at = clock.now()  # the `now` of the last peek
@@ -141,12 +143,30 @@ class TimerService:
         if self._lock.locked():
             self._again = True
             return
-        self._spawn(self.tick())
+        tick = self._spawn(self.tick())
+        self._ticks.add(tick)
+        tick.add_done_callback(self._ticks.discard)
 
-    def _spawn(self, work: Awaitable[None]) -> None:
+    async def settled(self, timeout: float = 2.0) -> None:
+        """Once the beat a nudge asked for has run (at most `timeout` seconds): what a click made due now, such as the
+        step an Escalate asked for, has fired, and a card drawn after this shows it."""
+        async def quiet() -> None:
+            if self._ticks:
+                await asyncio.wait(list(self._ticks))
+            if self._lock.locked():  # a beat that took the nudge (it runs another round for it)
+                async with self._lock:
+                    pass
+
+        try:
+            await asyncio.wait_for(quiet(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _spawn(self, work: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def tick(self) -> int:
         """Run what is due now; returns how many timers fired.

@@ -613,3 +613,30 @@ async def test_a_page_note_typed_with_mentions_reads_as_text_and_pings_nobody(sl
         assert shown in said, said
         for raw in ("<!channel>", "&lt;!", "&lt;@", "&lt;#", "&lt;http", "<@"):
             assert raw not in said, (raw, said)
+
+
+async def test_escalate_on_the_private_card_of_an_acknowledged_incident_redraws_it_once_the_step_ran(
+        tmp_path: Path) -> None:
+    """Escalate on `/incident show`'s card of an acknowledged incident: the step runs in the timer beat, after the
+    click's answer. The card was redrawn before it ran, still saying Alice is on it with the Escalate of step 2 it had
+    (pressed again: "escalated since this message was drawn"); it is drawn once the step has run, asking Bob."""
+    from tests.botkit import CONFIG
+
+    base = CONFIG.replace("  - {match: {}, channels: [ops-slack]}",
+                          "  - {match: {}, channels: [ops-slack], escalation: two}")
+    extra = ("escalation_policies:\n  - {id: two, steps: [{notify: {people: [alice]}, wait: 5m}, "
+             "{notify: {people: [bob]}, wait: 10m}]}\npaging: {after_hours_min_severity: low}\n")
+    async with FakeSlack() as fake, bot_on("sqlite", tmp_path, "", slack_config(fake) + extra, base=base) as h:
+        s = Slack(h, fake)
+        await incident_posted(s)
+        await s.fake.wait_for(lambda: any("Paged Alice" in c.params.get("text", "")
+                                          for c in s.fake.called("chat.postMessage")), timeout=5)
+        assert (await s.answer(await s.command("/ack", "1")))["text"] == "Acknowledged #1."
+        shown = await s.answer(await s.command("/incident", "show 1"))
+        [escalate] = [v for v in button_values(shown, tagged=True) if v.startswith("esc:")]
+        _, _, key = await s.click(escalate, "1700000099.000100", private=True)
+        told, redrawn = await s.answers(key, 2)
+        assert told["text"] == "Escalating #1 to step 2 of 2 now."
+        assert "Bob" in text_of(redrawn), text_of(redrawn)
+        # Step 2 of 2 ran: a press of Escalate could only say so, so the card has none (while its wait runs, too)
+        assert button_values(redrawn) == ["res:1"]
