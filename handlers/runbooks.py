@@ -410,9 +410,10 @@ class RunbookHandlers:
         if run.status != WAITING:
             by = run.approved_by or run.rejected_by
             who = "you" if by == person.id else self.names.get(by or "", by or "someone")
+            approved = f" (approved by {who})" if run.approved_by else ""  # (low risk: it ran without asking)
             said = {APPROVED: f"was already approved by {who}", RUNNING: f"is already running (approved by {who})",
-                    REJECTED: f"was already rejected by {who}", SUCCEEDED: "already ran", FAILED: "already ran",
-                    INTERRUPTED: "already ran (and was interrupted)",
+                    REJECTED: f"was already rejected by {who}", SUCCEEDED: f"already ran{approved}",
+                    FAILED: f"already ran{approved}", INTERRUPTED: f"already ran{approved}, and was interrupted",
                     EXPIRED: f"expired ({EXPIRY})",
                     CANCELLED: f"was withdrawn by {who}" if run.rejected_by else f"was cancelled ({run.reason})"
                     }[run.status]

@@ -213,6 +213,8 @@ async def test_high_risk_waits_for_another_approver_and_a_double_approve_runs_on
     line = await thread_says(s, ts, "Runbook Restart web")
     assert "Runbook Restart web (approved by Bob) finished: step 1" in line
     assert len(recorded(tmp_path / "restart.jsonl")) == 1  # approved twice, run once
+    _, _, key = await s.click(approve, ts, user="U01ALICE")  # late: the run is over, and says who approved it
+    assert (await s.answer(key))["text"] == "Restart web on #1 already ran (approved by Bob): nothing more was done."
     [run] = await runs(s.h)
     assert (run.status, run.requested_by, run.approved_by) == ("succeeded", "alice", "bob")
     assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == [
