@@ -881,6 +881,16 @@ async def _other_key(audit: AuditLog, session: Any) -> int | None:
     return EXIT_USAGE
 
 
+def _by_the_bot(loaded: Loaded, running: str, later: str) -> str:
+    """What the running bot does next with what a command queued (`running`), or, on a SQLite store no chatops serve
+    holds, that `later` happens once one starts: nothing is sent meanwhile."""
+    from bot.server import store_held
+
+    if store_held(loaded.config.storage.url) is False:
+        return f"no chatops serve is running on this store: {later} once it starts"
+    return running
+
+
 def cmd_incidents_act(args: argparse.Namespace, out: TextIO) -> int:
     """`incidents ack|escalate|resolve|reopen ID`: as the chat's buttons do (the escalation stops, moves on or starts
     again, by a timer the running bot's timers take within a beat; the cards are redrawn and the thread says who, by
@@ -914,8 +924,10 @@ def cmd_incidents_act(args: argparse.Namespace, out: TextIO) -> int:
                                names={p.id: p.name for p in loaded.config.people})
         print(printable(result.message), file=out if result.changed else sys.stderr)
         if result.changed:
-            print("the running bot redraws its cards and says so in the thread within seconds, or after the new "
-                  "incidents' cards when a storm has queued many (`chatops outbox list` shows them)", file=out)
+            print(_by_the_bot(loaded, "the running bot redraws its cards and says so in the thread within seconds, or "
+                                      "after the new incidents' cards when a storm has queued many (`chatops outbox "
+                                      "list` shows them)", "its cards are redrawn, the thread told and anyone paged"),
+                  file=out)
             return EXIT_OK
         return EXIT_FAILED
 
@@ -970,8 +982,9 @@ def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
                 print("no dead deliveries" + (f" with those ids ({', '.join(map(str, args.ids))})" if args.ids else
                                               " (pages are retried only by id)"), file=out)
             return EXIT_FAILED if args.ids else EXIT_OK
-        print(f"{len(chosen)} delivery(ies) queued again: {', '.join(map(str, chosen))}; the running bot sends them "
-              "within seconds (`chatops outbox list` shows how they fare)", file=out)
+        print(f"{len(chosen)} delivery(ies) queued again: {', '.join(map(str, chosen))}; " + _by_the_bot(
+            loaded, "the running bot sends them within seconds (`chatops outbox list` shows how they fare)",
+            "they are sent"), file=out)
         return EXIT_OK
 
     return asyncio.run(_with_db(loaded, work))

@@ -679,6 +679,24 @@ def store_folder_problem(url: str) -> str | None:
     return None
 
 
+def store_held(url: str) -> bool | None:
+    """Whether a chatops serve holds the SQLite file `url` names (its `<file>.lock`, see hold_store); None for
+    PostgreSQL, which replicas share (the command line cannot tell whether one runs)."""
+    if not is_sqlite_file_url(url):
+        return None
+    try:
+        lock = open(f"{make_url(url).database}.lock", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError:  # none: no bot ever ran on it
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
+
+
 def hold_store(url: str) -> IO[str] | None:
     """For a SQLite file: an exclusive lock on `<file>.lock`, held while the bot runs (the kernel lets it go when the
     process ends, SIGKILL included); None for PostgreSQL, where replicas share the store by design."""

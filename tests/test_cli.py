@@ -1366,3 +1366,41 @@ async def test_incidents_ack_and_resolve_act_as_the_chats_buttons_do_beside_the_
         assert acts[1].details["note"] == "restarted"
         assert "incident.acknowledged" in queued and "incident.resolved" in queued  # the thread's lines, for the bot
     assert await asyncio.to_thread(main, ["audit", "verify", "-c", str(cfg)]) == 0  # one chain, both writers
+
+
+async def test_incidents_act_and_outbox_retry_say_when_no_bot_is_running_to_carry_them_out(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With no chatops serve on the store, `incidents reopen` said "the running bot redraws its cards ... within
+    seconds": nothing is redrawn, posted or paged until one starts, and it now says so. With one holding the store
+    (its `<file>.lock`), the running bot's words stay."""
+    import sqlite3
+
+    from bot.server import hold_store
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    cfg.write_text(cfg.read_text(encoding="utf-8") + "audit: {hmac_key: test-key-0123456789ab}\n", encoding="utf-8")
+    async with running_bot(url) as h:
+        body = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "web-1 down", "tool_source": "t"}
+        assert (await h.post("open", body))[0] == 200
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["incidents", "resolve", "1", "-c", str(cfg)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "Resolved #1.", "no chatops serve is running on this store: its cards are redrawn, the thread told and anyone "
+                        "paged once it starts"]
+    held = hold_store(url)  # as `chatops serve` holds it
+    assert held is not None
+    try:
+        assert await asyncio.to_thread(main, ["incidents", "reopen", "1", "-c", str(cfg)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == "Reopened #1." and out[1].startswith("the running bot redraws its cards")
+    finally:
+        held.close()
+    with sqlite3.connect(tmp_path / "bot.db") as conn:
+        conn.execute("UPDATE outbox SET status = 'dead'")
+        dead = conn.execute("SELECT id FROM outbox ORDER BY id LIMIT 1").fetchone()[0]
+    conn.close()
+    assert await asyncio.to_thread(main, ["outbox", "retry", str(dead), "-c", str(cfg)]) == 0
+    assert capsys.readouterr().out.strip() == (f"1 delivery(ies) queued again: {dead}; no chatops serve is running on "
+                                               "this store: they are sent once it starts")
