@@ -104,6 +104,8 @@ def queue_thread_line(session: AsyncSession, incident: Incident, now: datetime, 
                                event=event, details=details))
 
 
+# In a thread line's details: it says nobody has acknowledged (an escalation's channel step): not sent once someone has.
+UNACKNOWLEDGED = "unacknowledged"
 ASKS = "asks"  # in a row's details: the runbook run (its id) the thread line or direct message asks to decide
 ASKED_WORDS = "asked"  # in the same: what it says once decided, before how it ended ("Alice asked to run ...")
 SETTLED = "settled"  # in the same: it went, or was redrawn, saying how the request ended (nothing more to redraw)

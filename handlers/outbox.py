@@ -46,11 +46,12 @@ from sqlmodel import select
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
 from bot.clock import Clock
 from bot.config import Config
+from bot.incidents import TRIGGERED
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket, Window
 from bot.view import incident_card, thread_line
 from handlers.escalation import Escalations, drawn_with
-from handlers.notify import ASKS, button_from, decided_words, direct_row
+from handlers.notify import ASKS, UNACKNOWLEDGED, button_from, decided_words, direct_row
 from handlers.page_lanes import (PERSONAL_KINDS, RECENT_ALERTS, STOP_CALLS_WAIT, TOKEN_WAIT, UNSETTLED, PageLanes,
                                  _promised_past, all_settled)
 from handlers.paging import HAND_PAGE_EVENTS, LOOK_AFTER, UNANSWERED
@@ -578,6 +579,10 @@ class OutboxWorker(PageLanes):
                 elif reposting:
                     return calls  # the card is posted afresh next round, drawn as the incident is then
         for line_items, text in lines:
+            if incident.status != TRIGGERED and any((i.details or {}).get(UNACKNOWLEDGED) for i in line_items):
+                # "nobody has acknowledged yet" to everyone, held up (a rate limit) until someone had: as a page is
+                await self._finish(line_items, "cancelled", f"not sent: #{incident.id} was {incident.status} first")
+                continue
             if not self.buckets.allow(channel.platform, channel.chat, edit=False, now=tick):
                 break
             calls += 1
