@@ -783,6 +783,9 @@ def _event_detail(action: str, subject: str | None, details: Any, names: dict[st
                 + (f"; tried first: {tried}" if tried else ""))
     if action in ("incident.page_failed", "escalation.page_failed"):
         return f"{person('person')}: {said('problem')}" if d.get("person") else said("problem")
+    if action == "incident.page_delayed":  # a platform holds the page back (Telegram's flood control), none other
+        step = f" (step {said('step')})" if d.get("step") else ""
+        return f"{person('person')}{step}: {said('problem')}"
     if action == "escalation.deferred":
         until = said("until")
         try:
@@ -921,7 +924,7 @@ def cmd_incidents_act(args: argparse.Namespace, out: TextIO) -> int:
         result = await perform(db=db, audit=audit, incident_id=args.id, action=verb, actor=actor,
                                now=datetime.now(UTC), note=args.note or "",
                                escalations=Escalations(audit=audit, config=loaded.config),
-                               names={p.id: p.name for p in loaded.config.people})
+                               names={p.id: p.name for p in loaded.config.people}, counted_later=True)
         print(printable(result.message), file=out if result.changed else sys.stderr)
         if result.changed:
             print(_by_the_bot(loaded, "the running bot redraws its cards and says so in the thread within seconds, or "
@@ -1032,6 +1035,8 @@ def cmd_report(args: argparse.Namespace, out: TextIO) -> int:
     since = since if args.since is not None and args.since.tzinfo is not None else since.astimezone(zone)
     if until <= since and args.until is None:  # --since after now: an empty window, reported as such
         until = since
+        print(f"--since ({since.isoformat()}) is after now: nothing can have happened in it yet (a mistyped year?)",
+              file=sys.stderr)
     elif until <= since:
         print(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})", file=sys.stderr)
         return EXIT_USAGE

@@ -33,6 +33,7 @@ from handlers.alert_http import AlertEndpoint
 from handlers.chat import ChatHandlers
 from handlers.runbooks import SWEEP_EVERY, RunbookHandlers
 from handlers.escalation import Escalations
+from handlers.incident_actions import OBSERVED, observed_later
 from handlers.intake import Intake
 from handlers.oncall import OncallHandlers
 from handlers.outbox import OutboxWorker
@@ -118,6 +119,7 @@ class Bot:
                                    may_deliver=delivery.held, off=self.adapters_off)
         self.timers = TimerService(db=self.db, clock=self.clock, metrics=self.metrics, after_commit=self.outbox.nudge)
         self.escalations.register(self.timers)
+        self.timers.handler(OBSERVED)(observed_later(self.metrics))  # the command line's changes, in /metrics
         # The end of a maintenance window: an incident it muted whose alerts still fire speaks then (silence.end).
         self.silence_ends = SilenceEnds(audit=self.audit, config=self.config, escalations=self.escalations)
         self.silence_ends.register(self.timers)
@@ -168,8 +170,9 @@ class Bot:
             from adapters.telegram import TelegramAdapter
 
             telegram = TelegramAdapter(loaded.adapters["telegram"], renderer=self.renderer, dispatcher=self.dispatcher)
-            self.leaders.append(leader := Leader(self.db, "telegram-polling"))
-            telegram.may_poll = leader.held  # with several replicas on PostgreSQL, one polls
+            if loaded.adapters["telegram"].mode == "polling":  # (chatops_leading{job} only for a job this bot has)
+                self.leaders.append(leader := Leader(self.db, "telegram-polling"))
+                telegram.may_poll = leader.held  # with several replicas on PostgreSQL, one polls
             telegram.claim = self.replays.begin
             self.adapters["telegram"] = telegram
         if "teams" in loaded.adapters:

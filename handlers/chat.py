@@ -15,7 +15,7 @@ from bot.model import Actor
 from bot.tables import ago, table
 from bot.view import incident_card
 from handlers.escalation import Escalations, drawn_with
-from handlers.incident_actions import perform
+from handlers.incident_actions import observe, perform
 from handlers.paging import page, page_order
 from handlers.runbooks import RunbookHandlers
 from storage.audit import AuditLog
@@ -77,10 +77,7 @@ class ChatHandlers:
                                now=self.clock.now(), escalations=self.escalations,
                                names={p.id: p.name for p in self.config.people},
                                seen=seen if verb == "escalate" else "", tag=tag)
-        self.metrics.actions.labels(verb, "changed" if result.changed else "refused").inc()
-        if result.elapsed is not None and result.severity:
-            measure = self.metrics.time_to_acknowledge if verb == "acknowledge" else self.metrics.time_to_resolve
-            measure.labels(result.severity).observe(max(0.0, result.elapsed))
+        observe(self.metrics, verb, result)
         if result.changed:
             self.delivered()
         return Reply(result.message)

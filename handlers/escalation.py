@@ -38,7 +38,7 @@ from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.model import Actor
 from bot.rotations import Schedule, on_call
 from bot.view import ESCALATION_DONE, clock, span
-from handlers.notify import notice_row, queue_redraw, queue_thread_line
+from handlers.notify import UNACKNOWLEDGED, notice_row, queue_redraw, queue_thread_line
 from handlers.oncall import domain
 from handlers.timers import LATE_AFTER, TimerService
 from storage import timers as timer_store
@@ -245,6 +245,9 @@ class Escalations:
             if current is not None and current.status == "pending" and current.payload.get("manual"):
                 return False, f"#{incident.id} is already escalating to step {esc.next_step + 1}."
         mark = read_mark(seen)
+        if seen and (mark is None or mark[1] > esc.run or (mark[1] == esc.run and mark[0] > esc.next_step)):
+            # (no button the bot drew says so: a step or a run still to come, or no mark at all)
+            return False, "This button is not valid: it was not made by this bot, or it is too old."
         if mark is not None and mark != (esc.next_step, esc.run):
             how = (f"escalated since this message was drawn: step {esc.next_step} of {total} has paged"
                    if mark[1] == esc.run and esc.next_step > mark[0] else
@@ -450,6 +453,8 @@ class Escalations:
             says = asks or "nobody has acknowledged yet."
             line = f"Step {n + 1} of {total}{tardy}: {says} {after}".strip()
             promise = {"next": after, "next_at": due.isoformat()} if after else {}  # (see outbox._kept_promise)
+            if not asks:  # "nobody has acknowledged yet", to everyone: not sent if someone has by then
+                promise[UNACKNOWLEDGED] = True
             self._channel_line(session, incident, targets.channel, now, line, promise)
         why = targets.why()
         if why:

@@ -8,7 +8,7 @@ chat platform: the outbox worker does that after the commit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -22,12 +22,14 @@ from bot.actions import stamp
 from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED, InvalidTransition, transition
 from bot.model import Actor
 from bot.view import who_did
+from storage import timers as timer_store
 from storage.audit import AuditLog, Entry
 from storage.db import Database
 from handlers.notify import page_redraw_row, queue_redraw, queue_thread_line
-from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem
+from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem, Timer
 
 if TYPE_CHECKING:
+    from bot.metrics import Metrics
     from handlers.escalation import Escalations
 
 # A button whose tag is not that of the incident of its number: drawn for an incident of an earlier store (numbers
@@ -49,9 +51,36 @@ class ActionResult:
     elapsed: float | None = None  # seconds from opened to acknowledged or resolved, when that is what happened
 
 
+# A timer the command line leaves for the running bot: a change it made, for the bot's /metrics (chatops_actions,
+# the time-to-acknowledge and -resolve histograms), as a click's is counted where it is handled. One replica takes it.
+OBSERVED = "incident.observed"
+
+
+def observe(metrics: Metrics, verb: str, result: ActionResult) -> None:
+    """An action's outcome in /metrics: chatops_actions_total{action,outcome}, and the first acknowledge or resolve of
+    an incident in its histogram (seconds from opened)."""
+    metrics.actions.labels(verb, "changed" if result.changed else "refused").inc()
+    if result.elapsed is not None and result.severity:
+        measure = metrics.time_to_acknowledge if verb == "acknowledge" else metrics.time_to_resolve
+        measure.labels(result.severity).observe(max(0.0, result.elapsed))
+
+
+def observed_later(metrics: Metrics) -> Callable[[AsyncSession, Timer, datetime], Awaitable[None]]:
+    """The bot's handler of OBSERVED timers."""
+    async def handle(_session: AsyncSession, timer: Timer, _now: datetime) -> None:
+        p = timer.payload or {}
+        verb, seconds = p.get("verb"), p.get("seconds")
+        if verb not in VERBS:  # (not one this version knows: nothing to count)
+            return
+        observe(metrics, str(verb), ActionResult(True, "", status=None, severity=str(p.get("severity") or "") or None,
+                                                 elapsed=float(seconds) if isinstance(seconds, (int, float)) else None))
+    return handle
+
+
 async def perform(
     *, db: Database, audit: AuditLog, incident_id: int, action: str, actor: Actor, now: datetime, note: str = "",
     escalations: Escalations | None = None, names: Mapping[str, str] | None = None, seen: str = "", tag: str = "",
+    counted_later: bool = False,
 ) -> ActionResult:
     """Apply `action` (acknowledge, escalate, resolve, reopen) for `actor`; a no-op says why.
 
@@ -59,6 +88,7 @@ async def perform(
     again, and escalate fires its next step now, all in the same transaction; `seen` (what the Escalate
     button carried) makes escalate a no-op if the escalation moved since the message was drawn. `tag` (what a
     button said of its incident, `bot.actions.stamp`): a no-op unless it is the tag of the incident of that number.
+    `counted_later`: a change is left for the running bot to count in its /metrics (OBSERVED; the command line's).
     """
     if action not in VERBS:
         raise ValueError(f"unknown incident action {action!r}")
@@ -109,6 +139,9 @@ async def perform(
         _queue(session, incident, now, f"incident.{_past(action)}", {"by": who, "name": actor.display_name})
         await audit.append_many(session, [Entry(f"incident.{_past(action)}", actor, "incident", str(incident.id),
                                                 now, details, incident.id)])
+        if counted_later:
+            await timer_store.schedule(session, OBSERVED, incident.id, now, now, payload={
+                "verb": action, "severity": incident.severity, "seconds": elapsed})
         return ActionResult(True, message, incident.id, incident.status, incident.severity, elapsed)
 
 

@@ -45,8 +45,11 @@ def _with_status(query: Any, status: str | None) -> Any:
 
 def list_status(incident: Incident) -> str:
     """An incident's status as a list shows it: the stored one, but "silenced" for one a maintenance window muted and
-    not resolved, as its card says (and as the `silenced` filter finds it), not "triggered"."""
-    return "silenced" if incident.silenced and incident.status != "resolved" else incident.status
+    not resolved, as its card says (and as the `silenced` filter finds it), not "triggered"; acknowledged and muted,
+    both ("acknowledged, silenced": someone is on it, which "silenced" alone did not say)."""
+    if not incident.silenced or incident.status == "resolved":
+        return incident.status
+    return "silenced" if incident.status == "triggered" else f"{incident.status}, silenced"
 
 
 async def list_incidents(session: AsyncSession, *, status: str | None = None, limit: int = 200) -> list[Incident]:

@@ -290,7 +290,10 @@ def test_a_report_from_a_future_time_says_there_is_nothing(tmp_path: Path, capsy
     cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
     asyncio.run(make_store(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"))
     assert main(["report", "-c", str(cfg), "--since", "2999-01-01T00:00Z"]) == 0
-    assert capsys.readouterr().out.startswith("No incidents opened between ")
+    said = capsys.readouterr()
+    assert said.out.startswith("No incidents opened between ")
+    assert said.err == ("--since (2999-01-01T00:00:00+00:00) is after now: nothing can have happened in it yet (a "
+                        "mistyped year?)\n")
     assert main(["report", "-c", str(cfg), "--since", "2999-01-01T00:00Z", "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)  # still JSON for whoever reads it
     assert (report["incidents"], report["since"], report["until"]) == (0, "2999-01-01T00:00:00+00:00",
@@ -1404,3 +1407,24 @@ async def test_incidents_act_and_outbox_retry_say_when_no_bot_is_running_to_carr
     assert await asyncio.to_thread(main, ["outbox", "retry", str(dead), "-c", str(cfg)]) == 0
     assert capsys.readouterr().out.strip() == (f"1 delivery(ies) queued again: {dead}; no chatops serve is running on "
                                                "this store: they are sent once it starts")
+
+
+def test_a_delayed_pages_event_says_whom_and_why_in_a_timeline() -> None:
+    """`incidents show` printed an empty DETAIL for `incident.page_delayed` (Telegram's flood control holding a page)."""
+    from bot.cli import _event_detail
+
+    details = {"person": "alice", "step": 1, "problem": "telegram: Flood control exceeded. Retry in 900 seconds",
+               "retry_after": 900.0}
+    assert _event_detail("incident.page_delayed", "3", details, {"alice": "Alice"}, None) == (
+        "Alice (step 1): telegram: Flood control exceeded. Retry in 900 seconds")
+
+
+def test_an_acknowledged_incident_a_maintenance_window_mutes_lists_as_both() -> None:
+    """It listed as "silenced", under `--status acknowledged` too, with no sign that someone was on it."""
+    from storage.models import Incident
+    from storage.queries import list_status
+
+    assert list_status(Incident(status="acknowledged", silenced=True)) == "acknowledged, silenced"
+    assert list_status(Incident(status="triggered", silenced=True)) == "silenced"
+    assert list_status(Incident(status="resolved", silenced=True)) == "resolved"
+    assert list_status(Incident(status="acknowledged", silenced=False)) == "acknowledged"

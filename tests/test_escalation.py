@@ -2277,6 +2277,18 @@ async def test_the_command_line_reopens_and_escalates_and_the_running_bot_pages(
         assert await run("incidents", "reopen", "1") == 1  # not resolved: nothing to reopen
         [reopened] = await w.audit("incident.reopened")
         assert (reopened.actor_platform, reopened.actor_person) == ("cli", "bob")
+        # Counted in the running bot's /metrics, as a click is (they were missing: /metrics disagreed with the report)
+        wanted = ['chatops_actions_total{action="resolve",outcome="changed"} 1.0',
+                  'chatops_actions_total{action="reopen",outcome="changed"} 1.0',
+                  'chatops_actions_total{action="escalate",outcome="changed"} 1.0',
+                  'chatops_time_to_resolve_seconds_count{severity="critical"} 1.0']
+        for _ in range(100):
+            body = await (await w.h.client.get("/metrics")).text()
+            if all(line in body for line in wanted):
+                break
+            await asyncio.sleep(0.1)
+        assert [line for line in wanted if line not in body] == []
+        assert "chatops_time_to_acknowledge_seconds_count{" not in body  # nobody acknowledged
     assert await asyncio.to_thread(cli, ["audit", "verify", "-c", str(cfg)]) == 0
 
 
@@ -2321,3 +2333,42 @@ async def test_whoever_presses_escalate_is_not_paged_by_it(tmp_path: Path) -> No
         assert len(w.pages(BOB_TG)) == 1
         steps = [(e.details["step"], e.details["people"]) for e in await w.audit("escalation.step")]
         assert steps == [(1, ["bob"]), (2, ["carol"]), (3, []), (4, ["carol"])]
+
+
+async def test_a_channel_steps_line_held_up_until_someone_acknowledged_is_not_sent(tmp_path: Path) -> None:
+    """Step 2 tells the channel (@here) "nobody has acknowledged yet"; Slack holds the line back (429), and Bob
+    acknowledges meanwhile. The line went anyway, after the card said Bob was on it, pinging everyone with what was
+    no longer true; it is not sent now, as a page held up until someone acknowledged is not."""
+    async with world(tmp_path, DAY) as w:
+        await w.alert("critical", team="askhere")
+        await until(lambda: any("Paged Bob on Slack" in t for t in thread_texts(w.slack)), "step 1's line")
+        w.slack.fake.fail("chat.postMessage", "ratelimited", status=429, retry_after=1)
+        await w.tick(timedelta(minutes=5))  # step 2: the channel
+        await until(lambda: [c for c in w.slack.fake.calls if c.method == "chat.postMessage" and not c.ok],
+                    "Slack turns the step's line away")
+        assert (await w.slack.answer(await w.slack.command("/ack", "1", user="U02BOB")))["text"] == "Acknowledged #1."
+        await asyncio.sleep(1.1)  # (the channel's pace waits out Slack's Retry-After on real time)
+        await w.tick(timedelta(seconds=2))
+        await until(lambda: any("Acknowledged by Bob" in t for t in thread_texts(w.slack)), "the ack's line")
+        assert not [t for t in thread_texts(w.slack) if "nobody has acknowledged" in t]
+        async with w.h.bot.db.sessions() as s:
+            [row] = (await s.execute(select(OutboxItem).where(OutboxItem.event == "escalation.channel"))).scalars().all()
+        assert (row.status, row.last_error) == ("cancelled", "not sent: #1 was acknowledged first")
+
+
+async def test_an_escalate_button_with_a_step_no_card_was_drawn_with_is_not_valid(tmp_path: Path) -> None:
+    """Callback data can be made up (Telegram's own clients send what a bot drew, others need not): a step still to
+    come was answered "was reopened since this message was drawn" (never reopened), and `-1` escalated."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        await until(lambda: any("Paged Bob" in t for t in thread_texts(w.slack)), "the card and its thread line")
+        ts = await w.h.message_of(1)
+        for made_up in ("esc:1:99", "esc:1:-1", "esc:1:1.5", "esc:1:x"):
+            _, _, key = await w.slack.click(made_up, ts, user="U02BOB")
+            assert (await w.slack.answer(key))["text"] == (
+                "This button is not valid: it was not made by this bot, or it is too old."), made_up
+        await asyncio.sleep(0.3)
+        await w.tick()
+        assert [e.details["step"] for e in await w.audit("escalation.step")] == [1]
+        assert not await w.audit("incident.escalated")

@@ -1072,3 +1072,12 @@ async def test_a_round_that_finds_the_store_busy_says_so_in_a_line_not_a_traceba
 async def test_the_only_replica_on_sqlite_leads_delivery_in_its_metrics(tmp_path: Path) -> None:
     async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:
         assert 'chatops_leading{job="outbox"} 1.0' in await (await h.client.get("/metrics")).text()
+
+
+async def test_a_telegram_on_webhooks_has_no_polling_job_in_the_metrics(tmp_path: Path) -> None:
+    """chatops_leading{job="telegram-polling"} said 1 where nothing polls (Telegram's default mode is webhook)."""
+    extra = ("adapters:\n  telegram: {bot_token: '123:abc', webhook_secret: s3cret-token-for-tests, "
+             "api_url: 'http://127.0.0.1:9/bot'}\n")
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra) as h:
+        metrics = await (await h.client.get("/metrics")).text()
+        assert 'chatops_leading{job="outbox"} 1.0' in metrics and 'job="telegram-polling"' not in metrics
