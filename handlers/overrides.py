@@ -69,6 +69,7 @@ class OverrideHandlers:
     async def take(self, event: CommandEvent, person: Person, args: list[str]) -> Reply:
         """`/oncall take [ROTATION] [FROM] [UNTIL]`: cover a stretch yourself; by default the current shift."""
         mine = [s for s in self.view.schedules.values() if person.id in s.members]
+        given = args  # (its first word, if no rotation, was read as a time)
         if args and self.view.find(args[0]) is not None:
             schedule, args = self.view.find(args[0]), args[1:]
         elif len(mine) == 1:
@@ -84,6 +85,9 @@ class OverrideHandlers:
         try:
             start, end = await self._window(schedule, person, args, now)
         except BadInput as exc:
+            if args and args is given and str(exc) == f"{echoed(args[0])!r} is not a time.":  # nor a rotation
+                return Reply(f"{echoed(args[0])!r} is neither a rotation nor a time. Known rotations: "
+                             f"{self.view.known()}. Usage: `{TAKE_USAGE}`; {TIME_HELP}.")
             return Reply(f"{exc} Usage: `{TAKE_USAGE}`; {TIME_HELP}.")
         return await self._write(schedule, person, person, start, end, event.actor, "took the shift", take=True)
 

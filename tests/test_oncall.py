@@ -425,6 +425,11 @@ async def test_a_cover_under_a_minute_or_of_ones_own_time_writes_nothing(slack: 
     assert tiny["text"].startswith("A cover lasts a minute at least. Usage: `/oncall take [ROTATION] [FROM] [UNTIL]`")
     short = await s.answer(await s.command("/oncall", "take dba-primary now 59s", user="U01ALICE"))
     assert short["text"].startswith("A cover lasts a minute at least.")
+    # a word that is no rotation, by someone in one rotation, was read as a time: "'nope' is not a time."
+    nope = await s.answer(await s.command("/oncall", "take nope", user="U01ALICE"))
+    assert nope["text"].startswith("'nope' is neither a rotation nor a time. Known rotations: `dba-primary`"), nope
+    assert (await s.answer(await s.command("/oncall", "take dba-primary nope", user="U01ALICE")))["text"].startswith(
+        "'nope' is not a time.")
     own = await s.answer(await s.command("/oncall", "take dba-primary", user="U02BOB"))
     assert own["text"] == ("You are already on call for `dba-primary` from Tue 24 Nov 05:00 CET until "
                            "Mon 30 Nov 09:00 CET; nothing changed.")
