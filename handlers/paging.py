@@ -265,8 +265,10 @@ async def page(*, db: Database, audit: AuditLog, config: Config, clock: Clock, a
         return PageResult(False, _too_soon(recent, person, actor, incident_id, now, note,
                                            {p.id: p.name for p in config.people}))
     who = actor.display_name
-    reason = f"{who} asks for your help" + (f" with #{incident_id}: {note}" if note else "")
-    quoted = f": \u201c{note}\u201d" if note else "."
+    # The words as typed: a backtick as a look-alike (U+02CB), since the page's and the line's own are code spans
+    shown = note.replace("`", "\u02cb")
+    reason = f"{who} asks for your help" + (f" with #{incident_id}: {shown}" if note else "")
+    quoted = f": \u201c{shown}\u201d" if note else "."
     # Escalate carries where the escalation stands, as on an escalation's page: a double press escalates once.
     _, mark = drawn_with(escalation)
     # It carries a key where a platform can find it by it (Slack), as an escalation's page does: if its answer is

@@ -726,6 +726,16 @@ async def test_a_page_sent_by_hand_says_so_in_the_thread_on_every_platform_with_
         assert f"Bob asks for your help with #1: {note}" in alices["text"] and "disk " * 40 not in alices["text"]
         await told(w, lambda: f"Bob paged Alice on Telegram: \u201c{note}\u201d" in thread_texts(w.slack), "its line")
 
+        # Backticks typed in the message are shown as typed, not as the code spans the bot's own words use (an
+        # unmatched ``` took the closing quote into one)
+        w.h.clock.advance(timedelta(minutes=2))
+        typed = await w.slack.answer(await w.slack.command("/incident", "page 1 carol run `sudo x` now ```z",
+                                                           user="U01ALICE"))
+        assert typed["text"] == "Paged Carol on Telegram."
+        shown = "Alice paged Carol on Telegram: \u201crun \u02cbsudo x\u02cb now \u02cb\u02cb\u02cbz\u201d"
+        await told(w, lambda: shown in thread_texts(w.slack) and shown in group_lines(w), "the line as typed")
+        assert not [c for c in w.tg.called("sendMessage") if "<code>sudo" in c.params["text"]]
+
 
 async def test_a_line_about_a_page_sent_before_the_card_is_posted_follows_the_card(tmp_path: Path) -> None:
     """Paged by hand while Slack holds the incident's card back: the card, posted later, does not swallow the line
