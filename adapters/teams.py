@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import inspect
 import logging
 import re
 import time
@@ -67,6 +68,7 @@ STYLES = {"primary": "positive", "danger": "destructive"}
 # A click on one of an incident card's buttons (bot.actions.CARD_ACTIONS) of a card `incident show` drew redraws that
 # card (see _redraw_shown)
 CARD_ACTIONS = actions.CARD_ACTIONS
+DEADLINE = "chatops.deadline"  # a turn's state: when its answers must be done (the event loop's time; see _turn)
 MUTED = "chatops.muted"  # a turn's state: the bot's token was refused, so nothing is sent back (see _answerable)
 SHOWN_KEPT = 1000  # cards drawn as answers (`incident show`) whose clicks redraw them
 # How a line that asks everyone (the outbox's mention "here": Slack's @here) names the channel it mentions: the bot
@@ -276,6 +278,8 @@ def refusal(header: str | None, exc: Exception) -> str:
         return "no Authorization header"
     if len(words) == 1 and words[0].lower() == "bearer":
         return "an empty bearer token"
+    if isinstance(exc, IndexError):  # botbuilder's lookup of a key id the signing keys do not have
+        return "signed with a key the Bot Framework's signing keys do not have"
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
@@ -410,6 +414,12 @@ class TeamsAdapter:
             log.info("teams: refused an activity: %s", refusal(header, exc))
             return web.json_response({"error": "unauthorized: a valid Bot Framework token (Authorization: Bearer) "
                                                "is required"}, status=401)
+        claims = getattr(getattr(authenticated, "claims_identity", None), "claims", None) or {}
+        if self.settings.app_id and not isinstance(claims.get("exp"), (int, float)):
+            # (PyJWT checks an expiry only if the token has one: a token without one would be good for ever)
+            log.info("teams: refused an activity: its token has no expiry (exp)")
+            return web.json_response({"error": "unauthorized: a valid Bot Framework token (Authorization: Bearer) "
+                                               "is required"}, status=401)
         try:
             activity = Activity().deserialize(data)  # (a sender Microsoft vouches for)
         except Exception:  # a field of the wrong shape
@@ -423,6 +433,15 @@ class TeamsAdapter:
                                                "taken: this endpoint serves Microsoft Teams"}, status=403)
         if activity.type != ActivityTypes.message or activity.conversation is None or activity.from_property is None:
             return web.json_response({}, status=200)  # conversationUpdate, typing...: nothing to do
+        if not isinstance(activity.conversation.id, str) or not activity.conversation.id:
+            return web.json_response({"error": "not a Bot Framework activity (no conversation.id)"}, status=400)
+        tenant = tenant_of(activity)
+        if self.settings.tenant_id and tenant != self.settings.tenant_id:
+            # A single-tenant bot takes its own tenant's people only (anyone can side-load an app with its id)
+            log.info("teams: refused an activity from tenant %r (adapters.teams.tenant_id is %s)", str(tenant)[:60],
+                     self.settings.tenant_id)
+            return web.json_response({"error": "activities from another tenant than adapters.teams.tenant_id are not "
+                                               "taken"}, status=403)
         if self.dispatcher.identify(self.actor_of(activity)) is not None:
             # (a person app.yaml knows: a stranger's message from another tenant would send the pages there)
             self._tenant = tenant_of(activity) or self._tenant
@@ -454,6 +473,9 @@ class TeamsAdapter:
     async def _turn(self, turn: TurnContext, handling: Handling) -> None:
         activity = turn.activity
         value = button_value(activity)
+        # The turn's answers (the reply, a settled or redrawn card) share TIMEOUT: the Bot Framework waits 15 s for
+        # the activity's answer, and a slow Bot Connector held it for as long as its calls took (40 s seen).
+        turn.turn_state[DEADLINE] = asyncio.get_running_loop().time() + TIMEOUT
         try:
             await self._answerable(turn)
             if value is not None:
@@ -530,7 +552,7 @@ class TeamsAdapter:
             settled = message_activity({"text": reply.settle}, ())
             settled.id = activity.reply_to_id
             try:
-                await turn.update_activity(settled)
+                await self._in_time(turn, turn.update_activity(settled))
             except Exception as exc:
                 log.warning("teams: cannot settle the clicked message: %s", delivery_error("update", exc))
         if reply.text:
@@ -551,10 +573,21 @@ class TeamsAdapter:
                 return
             redrawn = self.to_activity(shown.message)
             redrawn.id = activity.reply_to_id
-            await turn.update_activity(redrawn)
+            await self._in_time(turn, turn.update_activity(redrawn))
         except Exception as exc:  # the clicker has the answer; the card stays as it was
             log.warning("teams: cannot redraw the card of #%s that incident show drew: %s", event.incident_id,
                         delivery_error("update", exc))
+
+    @staticmethod
+    async def _in_time(turn: TurnContext, call: Awaitable[Any]) -> Any:
+        """A call that answers the turn, within what is left of its TIMEOUT (asyncio.TimeoutError past it)."""
+        left = turn.turn_state.get(DEADLINE, asyncio.get_running_loop().time() + TIMEOUT) - \
+            asyncio.get_running_loop().time()
+        if left <= 0:
+            if inspect.iscoroutine(call):
+                call.close()
+            raise asyncio.TimeoutError(f"no time left of the activity's {TIMEOUT} s")
+        return await asyncio.wait_for(call, left)
 
     async def _answer(self, turn: TurnContext, reply: Reply) -> None:
         """A reply to the message answered: in the channel's thread, or in the private chat."""
@@ -562,7 +595,7 @@ class TeamsAdapter:
             return
         answer = self._reply_activity(reply)
         try:
-            sent = await turn.send_activity(answer)
+            sent = await self._in_time(turn, turn.send_activity(answer))
             if reply.message is not None and reply.message.kind == "incident" and sent is not None and sent.id:
                 self._shown.append(sent.id)
         except Exception as exc:

@@ -85,12 +85,13 @@ class FakeTeams:
         return "adapters:\n  teams: " + json.dumps(self.settings(**overrides)) + "\n"
 
     def token(self, *, key: rsa.RSAPrivateKey | None = None, audience: str | None = None, issuer: str = ISSUER,
-              service_url: str | None = None, expires_in: float = 3600) -> str:
-        """A Bearer token as the Bot Framework channel signs it (with the fake's key unless `key`)."""
+              service_url: str | None = None, expires_in: float | None = 3600, kid: str | None = None) -> str:
+        """A Bearer token as the Bot Framework channel signs it (with the fake's key unless `key`; without an expiry
+        for `expires_in=None`; its header naming `kid`, else the fake's key id)."""
         now = int(time.time())
         claims = {"iss": issuer, "aud": audience or self.app_id, "serviceurl": service_url or self.service_url,
-                  "nbf": now - 10, "exp": now + int(expires_in)}
-        return jwt.encode(claims, key or self.key, algorithm="RS256", headers={"kid": self.kid})
+                  "nbf": now - 10, **({"exp": now + int(expires_in)} if expires_in is not None else {})}
+        return jwt.encode(claims, key or self.key, algorithm="RS256", headers={"kid": kid or self.kid})
 
     def headers(self, **token: Any) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(**token)}", "Content-Type": "application/json"}

@@ -48,6 +48,8 @@ async def test_a_request_without_a_valid_bot_framework_token_is_refused_401(tmp_
                 "another app": bf.headers(audience="11111111-2222-3333-4444-555555555555"),
                 "another issuer": bf.headers(issuer="https://evil.example"),
                 "expired": bf.headers(expires_in=-3600),
+                "no expiry": bf.headers(expires_in=None),  # (good for ever: PyJWT checks only an exp there is)
+                "unknown key id": bf.headers(kid="nope"),
                 "another service url": bf.headers(service_url="https://evil.example/teams/"),
             }
             for why, headers in refused.items():
@@ -650,3 +652,58 @@ async def test_a_refusal_says_what_to_do_about_what_was_being_done(tmp_path: Pat
             await teams.send(CHANNEL, message)
         assert "add the app to the team (or chat) of channels[].chat" in str(channel.value)
         assert "installed" not in str(channel.value)
+
+
+async def test_a_single_tenant_bot_refuses_activities_from_another_tenant(tmp_path: Path) -> None:
+    """With tenant_id set, an activity from another tenant (anyone can side-load an app with the bot's id) was acted on
+    and answered, a stranger's `start` told that tenant's ids; it is refused 403 and nothing is done or sent."""
+    other = "e0e0e0e0-0000-4000-8000-00000000e0e0"
+    async with teams_bot(tmp_path, tenant_id=TENANT) as (h, bf):
+        assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+        await bf.wait_for(lambda: bf.called("send"))
+        sent = len(bf.calls)
+        foreign = bf.message("incident ack 1", personal=True, conversation="a:1other")
+        foreign["channelData"] = {"tenant": {"id": other}}
+        foreign["conversation"]["tenantId"] = other
+        status, body = await post(h, foreign, bf.headers())
+        assert status == 403 and body["error"] == "activities from another tenant than adapters.teams.tenant_id are not taken"
+        await asyncio.sleep(0.2)
+        assert len(bf.calls) == sent and (await h.incidents())[0].status == "triggered"
+        assert "Acknowledged #1." in await say(h, bf, bf.message("incident ack 1"))  # its own tenant's still is
+
+
+async def test_a_message_without_a_conversation_id_is_a_400_not_a_500(tmp_path: Path) -> None:
+    async with teams_bot(tmp_path) as (h, bf):
+        activity = bf.message("help")
+        activity["conversation"]["id"] = None
+        status, body = await post(h, activity, bf.headers())
+        assert status == 400 and body["error"] == "not a Bot Framework activity (no conversation.id)"
+
+
+async def test_a_slow_bot_connector_does_not_hold_the_activitys_answer_past_the_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The acknowledgement is done at once; the answer to the click (and the card's redraw) waited for a Bot
+    Connector taking 40 s, past the Bot Framework's 15 s for the activity's answer. They share one TIMEOUT now."""
+    import time
+
+    import adapters.teams
+
+    async with teams_bot(tmp_path) as (h, bf):
+        assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+        await bf.wait_for(lambda: bf.called("send"))
+        card_id = await recorded(h, 1)
+        [posted] = bf.called("send")
+        monkeypatch.setattr(adapters.teams, "TIMEOUT", 0.5)
+        bf.connector_delay = 3.0
+        started = time.monotonic()
+        status, _ = await post(h, bf.click(tagged(card_of(posted), "ack:1"), card_id), bf.headers())
+        assert status == 200 and time.monotonic() - started < 2.0
+        assert (await h.incidents())[0].status == "acknowledged"
+
+
+def test_a_token_signed_with_an_unknown_key_is_logged_as_that_not_as_a_crash() -> None:
+    """botbuilder looks a token's key id up with an IndexError for one it does not have: the log read like a crash."""
+    from adapters.teams import refusal
+
+    assert refusal("Bearer a.b.c", IndexError("list index out of range")) == (
+        "signed with a key the Bot Framework's signing keys do not have")
