@@ -91,6 +91,8 @@ class Dispatcher(Protocol):
 
     def typed_on(self, platform: str, names: Sequence[str], umbrella: str = ...) -> None: ...
 
+    def as_typed(self, platform: str, text: str) -> str: ...
+
 
 # -- outbound: neutral -> Adaptive Card -----------------------------------------------------------
 
@@ -613,11 +615,17 @@ class TeamsAdapter:
     # -- Adapter and Pager ------------------------------------------------------------------------
 
     def to_activity(self, message: Outbound) -> Activity:
-        """The rendered `{kind}.teams.json.j2` (an Adaptive Card's body, or the text), and the buttons."""
-        return message_activity(self.renderer.render_json(message.kind, PLATFORM, message.context), message.buttons,
+        """The rendered `{kind}.teams.json.j2` (an Adaptive Card's body, or the text), and the buttons. The bot's own
+        words (a text's, a thread line's) name commands as they are typed on Teams (`@chatops incident page`)."""
+        context = message.context
+        if message.kind in ("text", "thread"):
+            context = {**context, **{k: self.dispatcher.as_typed(PLATFORM, v) for k in ("text", "line")
+                                     if isinstance(v := context.get(k), str)}}
+        return message_activity(self.renderer.render_json(message.kind, PLATFORM, context), message.buttons,
                                 message.text)
 
     def text_activity(self, text: str) -> Activity:
+        text = self.dispatcher.as_typed(PLATFORM, text)
         return message_activity(self.renderer.render_json("text", PLATFORM, {"text": text}), (), text)
 
     async def _connector(self, service_url: str | None = None) -> Any:

@@ -195,15 +195,23 @@ class Dispatcher:
                     person.id if person is not None else f"{actor.platform} user {actor.user_id}", why)
         return Reply(BUSY)
 
+    def as_typed(self, platform: str, text: str) -> str:
+        """`text` with each command it names (`/incident page 1 PERSON`) as it is typed on `platform` (see
+        `typed_on`): on Teams `@chatops incident page 1 PERSON`; as it is where a platform takes it as it is."""
+        typed, umbrella = self._typed.get(platform, (None, "/chatops"))
+        if typed is None or "/" not in text:
+            return text
+        for name in self.commands:
+            if name not in typed:
+                text = re.sub(rf"(?<![\w/])/{re.escape(name)}\b", f"{umbrella} {name}", text)
+        return text
+
     def help_text(self, platform: str | None = None) -> str:
         """Every command with its usage, as it is typed on `platform` (see `typed_on`)."""
-        typed, umbrella = self._typed.get(platform or "", (None, "/chatops"))
         lines = ["Commands:"]
+        _, umbrella = self._typed.get(platform or "", (None, "/chatops"))
         for spec in sorted(self.commands.values(), key=lambda s: s.name):
-            usage = spec.usage
-            if typed is not None and spec.name not in typed:
-                usage = re.sub(rf"(?<![\w/])/{re.escape(spec.name)}\b", f"{umbrella} {spec.name}", usage)
-            lines.append(f"`{usage}`: {spec.help}")
+            lines.append(f"`{self.as_typed(platform or '', spec.usage)}`: {spec.help}")
         lines.append(f"`{umbrella} COMMAND ...` runs any of them; `{umbrella} help` shows this.")
         return "\n".join(lines)
 

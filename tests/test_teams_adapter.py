@@ -602,6 +602,9 @@ async def test_help_on_teams_shows_the_commands_as_they_are_typed_there(tmp_path
         assert "`@chatops oncall [ROTATION] | @chatops oncall schedule ROTATION" in shown
         assert shown.endswith("`@chatops COMMAND ...` runs any of them; `@chatops help` shows this.")
         assert "`/" not in shown and "| /" not in shown
+        # and every answer that names a command names it so (they said Slack's `/ack ID`, which Teams cannot take)
+        assert await say(h, bf, bf.message("ack")) == "Usage: `@chatops ack ID`, for example `@chatops ack 42`."
+        assert (await say(h, bf, bf.message("incident"))).startswith("Usage: `@chatops incident list | show ID")
 
 
 async def test_start_in_a_channel_tells_its_id_for_channels_chat(tmp_path: Path) -> None:
