@@ -233,6 +233,16 @@ class Escalations:
         if incident.silenced:  # a maintenance window muted it: its escalation does not run (nor start) meanwhile
             return False, await self._silenced(session, incident)
         esc = await session.get(Escalation, incident.id)
+        policy = self.policies.get(incident.escalation or "")
+        if esc is None and policy is not None:
+            # Its policy never started (acknowledged while a maintenance window muted it): from its first step, now
+            assert incident.id is not None
+            timer_id = await timer_store.schedule(session, STEP, incident.id, now, now,
+                                                  payload={"step": 0, "manual": True})
+            esc = Escalation(incident_id=incident.id, policy=policy.id, snapshot=snapshot(policy), state="active",
+                             next_step=0, timer_id=timer_id, note="", run=0, started_at=now, updated_at=now)
+            session.add(esc)
+            return True, f"Escalating #{incident.id} to step 1 of {total_steps(esc.snapshot)} now."
         if esc is None:  # nothing to move on: no thread line, no audit event, however many presses
             return False, (f"#{incident.id} has no escalation policy; page someone with "
                            f"`/incident page {incident.id} PERSON`.")

@@ -1126,7 +1126,9 @@ class Intake:
             incident.notifications += 1
         incident.last_seen = now
         severity = worst(incident.severity, alert.severity)
-        if severity != incident.severity:
+        # A silenced alert does not raise an incident people see (it would reroute it and page, a window's muted
+        # alert waking someone at night); within an incident muted as well it does, for when the window ends.
+        if severity != incident.severity and (silence is None or incident.silenced):
             if incident.id is not None:  # stored before this batch: its escalation may wait for the morning
                 st.raised[id(incident)] = incident
             incident.severity = severity

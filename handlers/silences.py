@@ -12,7 +12,8 @@ whose firing alerts are not all covered by a silence any more is unsilenced, as
 intake's path does it: posted in its channels, its pages redrawn, a thread line
 saying why, its escalation started from the first step, an `incident.unsilenced`
 audit event. Still covered (another window, a back-to-back one), it waits for the
-next end.
+next end. An incident someone acknowledged or resolved while it was muted is not muted any more either (an Escalate, a
+reopen, a list treat it as any other), and pages nobody; acknowledged, it is posted then, saying who is on it.
 
 At start (`at_start`, before the timers and the outbox run) every muted incident
 is looked at the same way, now: one muted by an older version of the bot has no
@@ -36,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.clock import Clock
 from bot.config import Config, Silence
-from bot.incidents import TRIGGERED
+from bot.incidents import ACKNOWLEDGED, TRIGGERED
 from bot.model import Actor
 from bot.routing import silence_ends, silenced_by
 from handlers.escalation import Escalations
@@ -87,7 +88,9 @@ class SilenceEnds:
         incident, firing, ends = await self._look(session, int(timer.subject), now)
         if incident is None:
             return
-        if ends is None:
+        if ends is None and incident.status != TRIGGERED:
+            await self._unmute(session, incident, timer.payload or {}, firing, now)
+        elif ends is None:
             await self._unsilence(session, incident, timer.payload or {}, firing, now)
         else:
             await self._wait(session, incident, ends, now)
@@ -98,7 +101,7 @@ class SilenceEnds:
         for its timer, if it has one, or an alert no silence covers): the bot starts anyway."""
         async with db.sessions() as session:
             muted = list((await session.execute(select(Incident.id).where(
-                Incident.status == TRIGGERED, Incident.silenced.is_(True)).order_by(Incident.id))).scalars())
+                Incident.silenced.is_(True)).order_by(Incident.id))).scalars())
         unsilenced = scheduled = 0
         for incident_id in muted:
             try:
@@ -109,7 +112,10 @@ class SilenceEnds:
                         continue
                     if ends is None:
                         last = await self._last_silence(session, incident_id)
-                        await self._unsilence(session, incident, last, firing, now, how=self._how_gone(last))
+                        if incident.status != TRIGGERED:
+                            await self._unmute(session, incident, last, firing, now, how=self._how_gone(last))
+                        else:
+                            await self._unsilence(session, incident, last, firing, now, how=self._how_gone(last))
                         unsilenced += 1
                     else:
                         scheduled += await self._wait(session, incident, ends, now)
@@ -130,12 +136,14 @@ class SilenceEnds:
         if session.bind.dialect.name == "postgresql":
             query = query.with_for_update()  # settles a race with intake or a click on it: one goes first
         incident = (await session.execute(query)).scalar_one_or_none()
-        if incident is None or not incident.silenced or incident.status != TRIGGERED:
-            return None, 0, None  # it spoke already (an unsilenced alert), someone is on it, or it is over
+        if incident is None or not incident.silenced:
+            return None, 0, None  # it spoke already (an unsilenced alert)
         labels = list((await session.execute(select(AlertRecord.labels).where(
             AlertRecord.incident_id == incident_id, AlertRecord.status == "firing"))).scalars())
         if not labels:
-            return None, 0, None  # nothing fires: nothing to page about
+            # Triggered, nothing fires: nothing to page about. Acknowledged or resolved meanwhile: muted for nothing
+            # (its Escalate said a window muted it, a reopen stayed muted, it listed as silenced): unmuted.
+            return (None if incident.status == TRIGGERED else incident), 0, None
         tz = self.config.timezone
         covering = [silenced_by(self.config.silences, dict(lb or {}), now, tz) for lb in labels]
         if not all(s is not None for s in covering):
@@ -175,6 +183,31 @@ class SilenceEnds:
         if not silence:
             return "no longer covers its alerts"
         return "ended" if any(s.id == silence for s in self.config.silences) else "is no longer in app.yaml"
+
+    async def _unmute(self, session: AsyncSession, incident: Incident, ended: Mapping[str, Any], firing: int,
+                      now: datetime, *, how: str = "ended") -> None:
+        """A window ended over an incident someone acknowledged or resolved while it was muted: it is not muted any
+        more (an Escalate, a reopen, a list treat it as any other), and pages nobody. Acknowledged, it is posted in its
+        channels now, drawn as it is ("Alice is on it"), with a thread line saying so: they never saw it. Resolved, it
+        is over: nothing is posted."""
+        assert incident.id is not None
+        incident.silenced = False
+        session.add(incident)
+        window = window_name(ended.get("silence"), str(ended.get("comment") or ""))
+        if incident.status == ACKNOWLEDGED:
+            for channel in incident.channels:
+                session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
+                                       kind="post", event="incident.opened", details={}))
+            session.add(OutboxItem(**page_redraw_row(incident.id, now)))
+            alerts = (f"{firing} alert{'s' if firing != 1 else ''} still fir{'e' if firing != 1 else 'es'}" if firing
+                      else "no alert fires")
+            line = f"{window[0].upper()}{window[1:]} {how} and {alerts}: acknowledged while muted, so nobody is paged."
+            queue_thread_line(session, incident, now, "incident.unsilenced", {"line": line, FOLLOWS: True})
+        await self.audit.append_many(session, [Entry(
+            "incident.unsilenced", SYSTEM, "incident", str(incident.id), now,
+            {"reason": f"{window} {how}", "silence": ended.get("silence"), "firing": firing,
+             "note": f"the maintenance window {how}; {incident.status} while muted, so nobody is paged"},
+            incident.id)])
 
     async def _unsilence(self, session: AsyncSession, incident: Incident, ended: Mapping[str, Any], firing: int,
                          now: datetime, *, how: str = "ended") -> None:

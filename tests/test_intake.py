@@ -732,3 +732,27 @@ async def test_alerts_whose_labels_hold_the_key_separators_open_their_own_incide
         assert status == 200 and body["results"][0]["change"] == "opened", body
     assert [i.group_key for i in await h.incidents()] == [r"alertname=A\|instance\=B|instance=",
                                                           r"alertname=A|instance=B\|instance\="]
+
+
+async def test_a_silenced_more_severe_alert_does_not_raise_reroute_or_page_a_spoken_incident(tmp_path: Path) -> None:
+    """A medium incident people see; an alert a maintenance window covers joins it, critical and of the dba team: the
+    incident became critical, took the dba route's channels and escalation, and paged (at night too). The muted
+    alert is recorded and grouped, and changes none of that."""
+    from tests.botkit import CONFIG, running_bot
+
+    base = CONFIG.replace("silences:\n", "silences:\n  - {id: pod-b, matchers: {pod: b}, starts: 2026-01-01T00:00:00Z}\n")
+    base = base.replace("  - {match: {team: dba}, channels: [ops-slack, ops-telegram]}",
+                        "  - {match: {team: dba}, channels: [ops-slack, ops-telegram], escalation: dba}")
+    extra = "escalation_policies:\n  - {id: dba, steps: [{notify: {people: [alice]}, wait: 5m}]}\n"
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, base=base) as h:
+        mem = {"asset_name": "h1", "signature": "Mem", "message": "mem", "tool_source": "x"}
+        await h.post("open", {**mem, "severity": "medium", "labels": {"team": "web"}})
+        await h.post("open", {**mem, "severity": "critical", "labels": {"team": "dba", "pod": "b"}})
+        [inc] = await h.incidents()
+        assert (inc.severity, inc.channels, inc.escalation, inc.silenced) == ("medium", ["ops-slack"], None, False)
+        assert inc.alert_count == 1 and "alert.silenced" in await h.actions(1)
+        assert "incident.rerouted" not in await h.actions(1)
+        async with h.bot.db.sessions() as session:
+            from storage.models import Escalation
+
+            assert await session.get(Escalation, 1) is None  # nobody paged

@@ -141,9 +141,11 @@ async def test_a_window_that_ended_while_the_bot_was_down_unsilences_at_start(
             await drop_schema(url, schema)
 
 
-async def test_only_an_open_incident_whose_alerts_still_fire_speaks_when_the_window_ends(tmp_path: Path) -> None:
+async def test_only_an_open_incident_whose_alerts_still_fire_pages_when_the_window_ends(tmp_path: Path) -> None:
     """#1's alert stopped during the window (its source resolved it), #2 was acknowledged by Alice from
-    `/incident show`: neither is posted or pages anyone at the end. #3 still fires: it speaks."""
+    `/incident show`: neither pages anyone at the end. #3 still fires: it speaks. None stays muted: #2 and #1 stayed
+    so for good (#2's Escalate said a maintenance window muted it, a reopen of #1 stayed muted and paged nobody, both
+    listed as silenced), and #2 was never posted: it is, saying Alice is on it."""
     async with world(tmp_path, T, base=BASE) as w:
         for asset in ("db-01", "db-02", "db-03"):
             await w.h.post("open", db_alert(asset))
@@ -151,12 +153,29 @@ async def test_only_an_open_incident_whose_alerts_still_fire_speaks_when_the_win
         answer = await w.slack.answer(await w.slack.command("/incident", "ack 2", user="U01ALICE"))
         assert "cknowledged" in answer["text"]
         await at(w, END)
-        await until(lambda: cards(w), "#3 is posted")
+        await until(lambda: len(cards(w)) == 2, "#2 and #3 are posted")
         await asyncio.sleep(0.5)
-        assert len(cards(w)) == 1 and "db-03" in text_of(cards(w)[0])
-        assert [e.incident_id for e in await w.audit("incident.unsilenced")] == [3]
+        [second] = [text_of(c) for c in cards(w) if "db-02" in text_of(c)]
+        [third] = [text_of(c) for c in cards(w) if "db-03" in text_of(c)]
+        assert "Acknowledged" in second and "Firing" in third
+        assert sorted(e.incident_id for e in await w.audit("incident.unsilenced")) == [1, 2, 3]
         assert [e.incident_id for e in await w.audit("escalation.step")] == [3]
-        assert [i.silenced for i in await w.h.incidents()] == [True, True, False]
+        assert [i.silenced for i in await w.h.incidents()] == [False, False, False]
+        line = ("Maintenance window sunday-maint (weekly maintenance) ended and 1 alert still fires: acknowledged "
+                "while muted, so nobody is paged.")
+        await until(lambda: line in thread_texts(w.slack), "#2's line")
+        answer = await w.slack.answer(await w.slack.command("/incident", "escalate 2", user="U01ALICE"))
+        assert answer["text"] == "Escalating #2 to step 1 of 2 now."  # (it said a maintenance window muted it)
+        def steps_of_2(events: list[Any]) -> list[int]:
+            return [e.details["step"] for e in events if e.incident_id == 2]
+
+        for _ in range(50):
+            await w.tick()
+            if steps_of_2(await w.audit("escalation.step")) == [1, 2]:
+                break
+            await asyncio.sleep(0.1)
+        # its first step ran (Alice's, who asked for help, so on to Bob's at once)
+        assert steps_of_2(await w.audit("escalation.step")) == [1, 2]
 
 
 async def test_another_window_still_covering_the_alerts_keeps_it_muted_until_that_one_ends(tmp_path: Path) -> None:
