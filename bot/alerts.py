@@ -215,15 +215,22 @@ def _status(obj: dict[str, Any], where: str, default: str | None = None) -> str:
     if raw in (None, "") and default is not None:  # optional, and left empty
         raw = default
     value = str(raw).lower() if isinstance(raw, str) else raw
-    # (Datadog's monitor states too: Warn and No Data are alerts firing; Re-Triggered and Renotify are again)
-    if value in ("firing", "alerting", "triggered", "problem", "open", "warn", "no data", "re-triggered", "renotify"):
+    if value in FIRING_WORDS:
         return "firing"
-    if value in ("resolved", "ok", "recovered", "closed"):
+    if value in RESOLVED_WORDS:
         return "resolved"
     field = f"{where}.status" if where else "status"
     if raw is None:
         raise ShapeError(field, "required ('firing' or 'resolved')")
-    raise ShapeError(field, f"expected 'firing' or 'resolved', got {_as_json(raw)}")
+    raise ShapeError(field, f"expected 'firing' or 'resolved' (or a monitor's word for one: {', '.join(FIRING_WORDS)}; "
+                            f"{', '.join(RESOLVED_WORDS)}), got {_as_json(raw)}")
+
+
+# A generic alert's status words, any case: monitors' own (Datadog's Warn and No Data are alerts firing, Re-Triggered
+# and Renotify again; Zabbix's problem and OK; Nagios' notification types and host and service states)
+FIRING_WORDS = ("firing", "alerting", "triggered", "problem", "open", "warn", "no data", "re-triggered", "renotify",
+                "down", "unreachable", "critical", "warning", "unknown")
+RESOLVED_WORDS = ("resolved", "ok", "recovered", "closed", "recovery", "up")
 
 
 def _as_json(value: Any) -> str:

@@ -264,7 +264,7 @@ MALFORMED = [
     ("open", json.dumps({**ALERT, "severity": "apocalyptic"}).encode(), 422,
      'severity: unknown severity "apocalyptic" (expected one of: critical, high, medium, low, info, or a synonym such as warning, error, P1) (not a generic payload?)'),
     ("open", json.dumps([ALERT, {**ALERT, "labels": {"a": {"b": 1}}}]).encode(), 422, "[1].labels.a: expected a string, got an object (not a generic payload?)"),
-    ("open", json.dumps({**ALERT, "status": "exploded"}).encode(), 422, "status: expected 'firing' or 'resolved', got \"exploded\" (not a generic payload?)"),
+    ("open", json.dumps({**ALERT, "status": "exploded"}).encode(), 422, "status: expected 'firing' or 'resolved' (or a monitor's word for one: firing, alerting, triggered, problem, open, warn, no data, re-triggered, renotify, down, unreachable, critical, warning, unknown; resolved, ok, recovered, closed, recovery, up), got \"exploded\" (not a generic payload?)"),
     # as the sender wrote it (JSON), not as Python prints it (True, None)
     ("open", json.dumps({**ALERT, "severity": True}).encode(), 422,
      "severity: unknown severity true (expected one of: critical, high, medium, low, info, or a synonym such as warning, error, P1) (not a generic payload?)"),
@@ -589,3 +589,16 @@ async def test_a_fault_reading_a_body_is_a_500_counted_as_internal(tmp_path: Pat
         assert (status, answer) == (500, {"error": "internal error; the details are in the bot's log"})
         assert await rejected(h, "internal") == 1
         assert any("a fault of the bot's" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+def test_a_generic_status_takes_nagios_words_too() -> None:
+    """Nagios sends its notification type (PROBLEM, RECOVERY) or the host's or service's state (DOWN, UP, CRITICAL,
+    WARNING, UNKNOWN, OK): UP, DOWN, CRITICAL, WARNING, UNKNOWN and RECOVERY were refused, while problem and ok were
+    taken."""
+    from bot.alerts import parse_generic
+
+    for word, status in (("DOWN", "firing"), ("CRITICAL", "firing"), ("WARNING", "firing"), ("UNKNOWN", "firing"),
+                         ("UNREACHABLE", "firing"), ("PROBLEM", "firing"), ("UP", "resolved"),
+                         ("RECOVERY", "resolved"), ("OK", "resolved")):
+        [alert] = parse_generic({**ALERT, "status": word}, "open")
+        assert alert.status == status, word
