@@ -919,6 +919,11 @@ class PageLanes:
             promise = ({"next": after, "next_at": row.details["next_at"]}
                        if after and (row.details or {}).get("next_at") else {})
             queue_thread_line(session, incident, now, "escalation.page_waits", {"line": line, **promise})
+            esc = await session.get(Escalation, incident.id)
+            if esc is not None and esc.state == "active" and esc.next_step == row.details.get("step"):
+                esc.note = line  # (the card said "Paging Bob" for the quarter of an hour the page waited)
+                session.add(esc)
+                queue_redraw(session, incident, now)
             await self.audit.append_many(session, [Entry(
                 "incident.page_delayed", SYSTEM, "incident", str(incident.id), now,
                 {"person": person.id, "step": row.details.get("step"), "problem": f"{platform}: {said}",

@@ -2319,6 +2319,8 @@ async def test_a_page_telegram_holds_back_for_minutes_with_no_other_platform_say
         [delayed] = await w.audit("incident.page_delayed")
         assert delayed.details["person"] == "bob" and delayed.details["retry_after"] == 900
         assert not w.pages(BOB_TG)
+        # and the card says so too (it said "Paging Bob" for the quarter of an hour)
+        await told(w, lambda: card_notes(w) and "Could not page Bob yet" in card_notes(w)[-1], "the card's note")
         await w.tick(timedelta(seconds=901))
         await until(lambda: w.pages(BOB_TG), "the page once Telegram's wait is over")
         await told(w, lambda: any(t.startswith("Paged Bob") for t in thread_texts(w.slack)), "the paged line")
