@@ -438,7 +438,7 @@ class TeamsAdapter:
         if not isinstance(activity.conversation.id, str) or not activity.conversation.id:
             return web.json_response({"error": "not a Bot Framework activity (no conversation.id)"}, status=400)
         tenant = tenant_of(activity)
-        if self.settings.tenant_id and tenant != self.settings.tenant_id:
+        if self.settings.tenant_id and (tenant or "").lower() != self.settings.tenant_id.lower():  # (GUIDs: any case)
             # A single-tenant bot takes its own tenant's people only (anyone can side-load an app with its id)
             log.info("teams: refused an activity from tenant %r (adapters.teams.tenant_id is %s)", str(tenant)[:60],
                      self.settings.tenant_id)

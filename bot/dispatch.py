@@ -196,10 +196,16 @@ class Dispatcher:
         return Reply(BUSY)
 
     def as_typed(self, platform: str, text: str) -> str:
-        """`text` with each command it names (`/incident page 1 PERSON`) as it is typed on `platform` (see
-        `typed_on`): on Teams `@chatops incident page 1 PERSON`; as it is where a platform takes it as it is."""
+        """`text` with each command its code spans name (`/incident page 1 PERSON`, as the bot's own words write a
+        command) as it is typed on `platform` (see `typed_on`): on Teams `@chatops incident page 1 PERSON`. Only in
+        code spans: the rest may be an alert's, a person's or a runbook's words (a path, a URL)."""
+        if platform not in self._typed or "`/" not in text:
+            return text
+        return _CODE_SPAN.sub(lambda m: f"`{self._typed_words(platform, m.group(1))}`", text)
+
+    def _typed_words(self, platform: str, text: str) -> str:
         typed, umbrella = self._typed.get(platform, (None, "/chatops"))
-        if typed is None or "/" not in text:
+        if typed is None:
             return text
         for name in self.commands:
             if name not in typed:
@@ -211,7 +217,7 @@ class Dispatcher:
         lines = ["Commands:"]
         _, umbrella = self._typed.get(platform or "", (None, "/chatops"))
         for spec in sorted(self.commands.values(), key=lambda s: s.name):
-            lines.append(f"`{self.as_typed(platform or '', spec.usage)}`: {spec.help}")
+            lines.append(f"`{self._typed_words(platform or '', spec.usage)}`: {spec.help}")
         lines.append(f"`{umbrella} COMMAND ...` runs any of them; `{umbrella} help` shows this.")
         return "\n".join(lines)
 
@@ -228,6 +234,9 @@ class Dispatcher:
             return True
         self._seen[key] = now + DUPLICATE_WINDOW
         return False
+
+
+_CODE_SPAN = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")  # an inline code span (not a fence's backticks)
 
 
 def _roles(person: Person) -> str:

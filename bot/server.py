@@ -689,8 +689,10 @@ def store_held(url: str) -> bool | None:
         return None
     try:
         lock = open(f"{make_url(url).database}.lock", encoding="utf-8")  # noqa: SIM115 - closed below
-    except OSError:  # none: no bot ever ran on it
+    except FileNotFoundError:  # none: no bot ever ran on it
         return False
+    except OSError:  # not ours to read (a bot running as another user, say): cannot tell
+        return None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

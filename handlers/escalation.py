@@ -213,14 +213,30 @@ class Escalations:
             session.add(esc)
 
     async def restart(self, session: AsyncSession, incident_id: int, now: datetime) -> None:
-        """Reopened: the policy starts again from its first step, now, as its next run."""
+        """Reopened: the policy starts again from its first step, now, as its next run; or starts, if it never did
+        (the incident was resolved while a maintenance window muted it), unless the incident is muted still."""
         esc = await session.get(Escalation, incident_id)
         if esc is None:
+            incident = await session.get(Incident, incident_id)
+            policy = self.policies.get(incident.escalation or "") if incident is not None else None
+            if incident is not None and policy is not None and not incident.silenced:
+                await self._begin(session, incident_id, policy, now, manual=False)
             return
         esc.timer_id = await timer_store.schedule(session, STEP, incident_id, now, now, payload={"step": 0})
         esc.state, esc.next_step, esc.note, esc.updated_at = "active", 0, "", now
         esc.run += 1
         session.add(esc)
+
+    @staticmethod
+    async def _begin(session: AsyncSession, incident_id: int, policy: Any, now: datetime, *,
+                     manual: bool) -> Escalation:
+        """An escalation that never started, from its first step, now (`manual`: an Escalate asked for it)."""
+        timer_id = await timer_store.schedule(session, STEP, incident_id, now, now,
+                                              payload={"step": 0, **({"manual": True} if manual else {})})
+        esc = Escalation(incident_id=incident_id, policy=policy.id, snapshot=snapshot(policy), state="active",
+                         next_step=0, timer_id=timer_id, note="", run=0, started_at=now, updated_at=now)
+        session.add(esc)
+        return esc
 
     async def escalate_now(self, session: AsyncSession, incident: Incident, now: datetime, *,
                            seen: str = "") -> tuple[bool, str]:
@@ -237,11 +253,7 @@ class Escalations:
         if esc is None and policy is not None:
             # Its policy never started (acknowledged while a maintenance window muted it): from its first step, now
             assert incident.id is not None
-            timer_id = await timer_store.schedule(session, STEP, incident.id, now, now,
-                                                  payload={"step": 0, "manual": True})
-            esc = Escalation(incident_id=incident.id, policy=policy.id, snapshot=snapshot(policy), state="active",
-                             next_step=0, timer_id=timer_id, note="", run=0, started_at=now, updated_at=now)
-            session.add(esc)
+            esc = await self._begin(session, incident.id, policy, now, manual=True)
             return True, f"Escalating #{incident.id} to step 1 of {total_steps(esc.snapshot)} now."
         if esc is None:  # nothing to move on: no thread line, no audit event, however many presses
             return False, (f"#{incident.id} has no escalation policy; page someone with "
@@ -586,8 +598,11 @@ class Escalations:
             queue_thread_line(session, incident, now, "escalation.channel",
                               {"line": line, "mention": "here", **promise}, channels=[channel])
         else:  # not routed there: a post of its own
-            session.add(notice_row(channel, f"#{incident.id} {incident.title}: {line}", now,
-                                   event="escalation.channel", mention="here"))
+            row = notice_row(channel, f"#{incident.id} {incident.title}: {line}", now, event="escalation.channel",
+                             mention="here")
+            if promise.get(UNACKNOWLEDGED):  # (which incident's acknowledgement holds it back: see PageLanes._notice)
+                row.details = {**row.details, UNACKNOWLEDGED: incident.id}
+            session.add(row)
 
 
 def drawn_with(escalation: Escalation | None) -> tuple[str, str]:

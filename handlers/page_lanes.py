@@ -33,12 +33,12 @@ from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
 from bot.clock import Clock
 from bot.config import Channel, Config, Person
 from bot.escalation import escalation_mark
-from bot.incidents import ACKNOWLEDGED, RESOLVED
+from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED
 from bot.metrics import Metrics
 from bot.view import incident_card, incident_state, span, thread_line
 from handlers.escalation import SYSTEM, TOKEN_REFUSED, Escalations, drawn_with, late_words
-from handlers.notify import (ASKED, ASKS, SETTLED, asked_row, button_from, decided_words, queue_redraw,
-                             queue_thread_line)
+from handlers.notify import (ASKED, ASKS, SETTLED, UNACKNOWLEDGED, asked_row, button_from, decided_words,
+                             queue_redraw, queue_thread_line)
 from handlers.paging import (LOOK_AFTER, PAGE_RATE_WAIT, UNANSWERED, Attempt, page_finders, page_message, page_order,
                              page_where, send_page)
 from storage.audit import AuditLog, Entry
@@ -439,6 +439,13 @@ class PageLanes:
         adapter = self.adapters.get(channel.platform)
         if adapter is None or not self.buckets.allow(channel.platform, channel.chat, edit=False, now=self._monotonic()):
             return 0  # that platform is off (it waits, like incident messages) or this chat's budget is spent
+        held = row.details.get(UNACKNOWLEDGED)
+        if isinstance(held, int) and not isinstance(held, bool):  # "nobody has acknowledged" #N, if still so
+            async with self.db.sessions() as session:
+                status = (await session.execute(select(Incident.status).where(Incident.id == held))).scalar()
+            if status is not None and status != TRIGGERED:
+                await self._finish([row], "cancelled", f"not sent: #{held} was {status} first")
+                return 0
         found = await self._look_first(adapter, [row], "notice", channel.platform, channel.chat, None)
         if found is not True:  # there already (it had arrived), or the look failed for now (it waits)
             if found is not False:

@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.clock import Clock
 from bot.config import Config, Silence
-from bot.incidents import ACKNOWLEDGED, TRIGGERED
+from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED
 from bot.model import Actor
 from bot.routing import silence_ends, silenced_by
 from handlers.escalation import Escalations
@@ -100,8 +100,10 @@ class SilenceEnds:
         it checked, unsilenced and gave a timer. One that cannot be settled is said and left as it was (it waits
         for its timer, if it has one, or an alert no silence covers): the bot starts anyway."""
         async with db.sessions() as session:
+            # (not the resolved ones: their window's end unmutes them; one under a window without an end, or muted
+            # by an older version, stays so, and a reopen of it while muted stays muted, as intake would open it)
             muted = list((await session.execute(select(Incident.id).where(
-                Incident.silenced.is_(True)).order_by(Incident.id))).scalars())
+                Incident.silenced.is_(True), Incident.status != RESOLVED).order_by(Incident.id))).scalars())
         unsilenced = scheduled = 0
         for incident_id in muted:
             try:

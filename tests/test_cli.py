@@ -1428,3 +1428,28 @@ def test_an_acknowledged_incident_a_maintenance_window_mutes_lists_as_both() -> 
     assert list_status(Incident(status="triggered", silenced=True)) == "silenced"
     assert list_status(Incident(status="resolved", silenced=True)) == "resolved"
     assert list_status(Incident(status="acknowledged", silenced=False)) == "acknowledged"
+
+
+def test_whether_a_bot_holds_the_store_cannot_be_told_from_a_lock_file_not_ours_to_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock file the command line may not open (a bot running as another user) said "no chatops serve is running"."""
+    import builtins
+
+    from bot.server import store_held
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    assert store_held(url) is False  # no lock file: no bot ever ran on it
+    lock = tmp_path / "bot.db.lock"
+    lock.write_text("123\n")
+    assert store_held(url) is False  # nobody holds it
+    real_open = builtins.open
+
+    def refusing(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file) == str(lock):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing)
+    assert store_held(url) is None  # cannot tell: the running bot's words stay
+    monkeypatch.undo()
+    assert store_held("postgresql+asyncpg://u@h/db") is None

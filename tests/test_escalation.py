@@ -2347,6 +2347,31 @@ async def test_whoever_presses_escalate_is_not_paged_by_it(tmp_path: Path) -> No
         assert steps == [(1, ["bob"]), (2, ["carol"]), (3, []), (4, ["carol"])]
 
 
+async def test_a_channel_steps_notice_held_up_until_someone_acknowledged_is_not_sent(tmp_path: Path) -> None:
+    """As below, for a step's channel the incident is not routed to: its words go as a post of their own (a notice)."""
+    base = BASE.replace("  - {match: {team: askhere}, channels: [ops-slack, ops-telegram], escalation: askhere}",
+                        "  - {match: {team: askhere}, channels: [ops-telegram], escalation: askhere}")
+    async with world(tmp_path, DAY, base=base) as w:
+        await w.alert("critical", team="askhere")
+        await until(lambda: w.slack_dms("U02BOB"), "step 1 pages Bob")
+        w.slack.fake.fail("chat.postMessage", "ratelimited", status=429, retry_after=1)
+        await w.tick(timedelta(minutes=5))  # step 2: a notice in ops-slack, where the incident is not posted
+        await until(lambda: [c for c in w.slack.fake.calls if c.method == "chat.postMessage" and not c.ok],
+                    "Slack turns the notice away")
+        assert (await w.slack.answer(await w.slack.command("/ack", "1", user="U02BOB")))["text"] == "Acknowledged #1."
+        await asyncio.sleep(1.1)
+        await w.tick(timedelta(seconds=2))
+        for _ in range(50):
+            async with w.h.bot.db.sessions() as s:
+                [(status, error)] = (await s.execute(select(OutboxItem.status, OutboxItem.last_error).where(
+                    OutboxItem.event == "escalation.channel"))).all()
+            if status != "pending":
+                break
+            await asyncio.sleep(0.1)
+        assert (status, error) == ("cancelled", "not sent: #1 was acknowledged first")
+        assert not [c for c in w.slack.fake.called("chat.postMessage") if "nobody has acknowledged" in c.params["text"]]
+
+
 async def test_a_channel_steps_line_held_up_until_someone_acknowledged_is_not_sent(tmp_path: Path) -> None:
     """Step 2 tells the channel (@here) "nobody has acknowledged yet"; Slack holds the line back (429), and Bob
     acknowledges meanwhile. The line went anyway, after the card said Bob was on it, pinging everyone with what was

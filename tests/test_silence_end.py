@@ -176,6 +176,15 @@ async def test_only_an_open_incident_whose_alerts_still_fire_pages_when_the_wind
             await asyncio.sleep(0.1)
         # its first step ran (Alice's, who asked for help, so on to Bob's at once)
         assert steps_of_2(await w.audit("escalation.step")) == [1, 2]
+        # #1, resolved while muted, reopened now: its policy starts (it stayed muted, and paged nobody)
+        answer = await w.slack.answer(await w.slack.command("/incident", "reopen 1", user="U01ALICE"))
+        assert answer["text"] == "Reopened #1."
+        for _ in range(50):
+            await w.tick()
+            if any(e.incident_id == 1 for e in await w.audit("escalation.step")):
+                break
+            await asyncio.sleep(0.1)
+        assert [e.details["step"] for e in await w.audit("escalation.step") if e.incident_id == 1] == [1]
 
 
 async def test_another_window_still_covering_the_alerts_keeps_it_muted_until_that_one_ends(tmp_path: Path) -> None:

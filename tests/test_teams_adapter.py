@@ -672,7 +672,10 @@ async def test_a_single_tenant_bot_refuses_activities_from_another_tenant(tmp_pa
         assert status == 403 and body["error"] == "activities from another tenant than adapters.teams.tenant_id are not taken"
         await asyncio.sleep(0.2)
         assert len(bf.calls) == sent and (await h.incidents())[0].status == "triggered"
-        assert "Acknowledged #1." in await say(h, bf, bf.message("incident ack 1"))  # its own tenant's still is
+        own = bf.message("incident ack 1")  # its own tenant's still is, its GUID in any case
+        own["channelData"] = {**own.get("channelData", {}), "tenant": {"id": TENANT.upper()}}
+        own["conversation"]["tenantId"] = TENANT.upper()
+        assert "Acknowledged #1." in await say(h, bf, own)
 
 
 async def test_a_message_without_a_conversation_id_is_a_400_not_a_500(tmp_path: Path) -> None:
@@ -710,3 +713,20 @@ def test_a_token_signed_with_an_unknown_key_is_logged_as_that_not_as_a_crash() -
 
     assert refusal("Bearer a.b.c", IndexError("list index out of range")) == (
         "signed with a key the Bot Framework's signing keys do not have")
+
+
+def test_commands_are_reworded_for_teams_only_in_the_bots_code_spans() -> None:
+    """Rewording every `/word` that is a command name reached a runbook's output (`SIZE /swap.img`), a URL
+    (`?redirect=/oncall/team`) and a person's page note (`check /start.sh`)."""
+    from bot.config import parse_config
+    from bot.dispatch import Dispatcher
+
+    dispatcher = Dispatcher(parse_config(CONFIG + PEOPLE, adapter_models=SETTINGS_MODELS, env={}).config)
+    for name in ("swap", "oncall", "start", "incident"):
+        dispatcher.command(name, usage=f"/{name}", help="x")(lambda *a: None)
+    dispatcher.typed_on("teams", (), umbrella="@chatops")
+    assert dispatcher.as_typed("teams", "Use `/incident page 1 PERSON` or `/swap cancel 4`.") == (
+        "Use `@chatops incident page 1 PERSON` or `@chatops swap cancel 4`.")
+    for kept in ("SIZE /swap.img file 2G", "https://sso.example.com/login?redirect=/oncall/team",
+                 "Alice paged Bob: \u201ccheck /start.sh\u201d", "```\n/swap.img\n```"):
+        assert dispatcher.as_typed("teams", kept) == kept
