@@ -72,7 +72,7 @@ def observed_later(metrics: Metrics) -> Callable[[AsyncSession, Timer, datetime]
         verb, seconds = p.get("verb"), p.get("seconds")
         if verb not in VERBS:  # (not one this version knows: nothing to count)
             return
-        observe(metrics, str(verb), ActionResult(True, "", status=None, severity=str(p.get("severity") or "") or None,
+        observe(metrics, str(verb), ActionResult(True, "", severity=str(p.get("severity") or "") or None,
                                                  elapsed=float(seconds) if isinstance(seconds, (int, float)) else None))
     return handle
 

@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.clock import Clock
 from bot.config import Config, Silence
-from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED
+from bot.incidents import RESOLVED, TRIGGERED
 from bot.model import Actor
 from bot.routing import silence_ends, silenced_by
 from handlers.escalation import Escalations
@@ -47,7 +47,7 @@ from handlers.timers import TimerService
 from storage import timers as timer_store
 from storage.audit import AuditLog, Entry
 from storage.db import Database
-from storage.models import AlertRecord, AuditEvent, Escalation, Incident, OutboxItem, Timer
+from storage.models import AlertRecord, AuditEvent, Incident, OutboxItem, Timer
 
 SILENCE_END = "silence.end"
 SYSTEM = Actor("system", "silences", "Maintenance windows")
@@ -88,9 +88,7 @@ class SilenceEnds:
         incident, firing, ends = await self._look(session, int(timer.subject), now)
         if incident is None:
             return
-        if ends is None and incident.status != TRIGGERED:
-            await self._unmute(session, incident, timer.payload or {}, firing, now)
-        elif ends is None:
+        if ends is None:
             await self._unsilence(session, incident, timer.payload or {}, firing, now)
         else:
             await self._wait(session, incident, ends, now)
@@ -114,10 +112,7 @@ class SilenceEnds:
                         continue
                     if ends is None:
                         last = await self._last_silence(session, incident_id)
-                        if incident.status != TRIGGERED:
-                            await self._unmute(session, incident, last, firing, now, how=self._how_gone(last))
-                        else:
-                            await self._unsilence(session, incident, last, firing, now, how=self._how_gone(last))
+                        await self._unsilence(session, incident, last, firing, now, how=self._how_gone(last))
                         unsilenced += 1
                     else:
                         scheduled += await self._wait(session, incident, ends, now)
@@ -186,57 +181,36 @@ class SilenceEnds:
             return "no longer covers its alerts"
         return "ended" if any(s.id == silence for s in self.config.silences) else "is no longer in app.yaml"
 
-    async def _unmute(self, session: AsyncSession, incident: Incident, ended: Mapping[str, Any], firing: int,
-                      now: datetime, *, how: str = "ended") -> None:
-        """A window ended over an incident someone acknowledged or resolved while it was muted: it is not muted any
-        more (an Escalate, a reopen, a list treat it as any other), and pages nobody. Acknowledged, it is posted in its
-        channels now, drawn as it is ("Alice is on it"), with a thread line saying so: they never saw it. Resolved, it
-        is over: nothing is posted."""
+    async def _unsilence(self, session: AsyncSession, incident: Incident, ended: Mapping[str, Any], firing: int,
+                         now: datetime, *, how: str = "ended") -> None:
+        """As intake unsilences an incident (handlers/intake.py, `incident.unsilenced`): never posted while muted,
+        its card is posted now, drawn as it is; its pages are redrawn; a triggered one's escalation starts. One someone
+        acknowledged while it was muted pages nobody (the thread says so); one resolved meanwhile is over: nothing
+        is posted. `how` the window stopped muting it (its timer: it ended)."""
         assert incident.id is not None
         incident.silenced = False
         session.add(incident)
         window = window_name(ended.get("silence"), str(ended.get("comment") or ""))
-        if incident.status == ACKNOWLEDGED:
+        policy = incident.escalation if incident.escalation in self.escalations.policies else None
+        if incident.status == TRIGGERED:
+            what = f"paging now, from step 1 of escalation policy {policy}" if policy else "it has no escalation policy"
+            note = f"the maintenance window {how} while its alerts still fired"
+        else:
+            what = "acknowledged while muted, so nobody is paged"
+            note = f"the maintenance window {how}; {incident.status} while muted, so nobody is paged"
+        if incident.status != RESOLVED:
             for channel in incident.channels:
                 session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel,
                                        kind="post", event="incident.opened", details={}))
             session.add(OutboxItem(**page_redraw_row(incident.id, now)))
             alerts = (f"{firing} alert{'s' if firing != 1 else ''} still fir{'e' if firing != 1 else 'es'}" if firing
                       else "no alert fires")
-            line = f"{window[0].upper()}{window[1:]} {how} and {alerts}: acknowledged while muted, so nobody is paged."
+            line = f"{window[0].upper()}{window[1:]} {how} and {alerts}: {what}."
+            # (the card is posted with it: a line queued before the first post follows it, rather than fold into it)
             queue_thread_line(session, incident, now, "incident.unsilenced", {"line": line, FOLLOWS: True})
+        if policy and incident.status == TRIGGERED:  # from the first step (or its first, if it never started)
+            await self.escalations.restart(session, incident.id, now)
         await self.audit.append_many(session, [Entry(
             "incident.unsilenced", SYSTEM, "incident", str(incident.id), now,
-            {"reason": f"{window} {how}", "silence": ended.get("silence"), "firing": firing,
-             "note": f"the maintenance window {how}; {incident.status} while muted, so nobody is paged"},
+            {"reason": f"{window} {how}", "silence": ended.get("silence"), "firing": firing, "note": note},
             incident.id)])
-
-    async def _unsilence(self, session: AsyncSession, incident: Incident, ended: Mapping[str, Any], firing: int,
-                         now: datetime, *, how: str = "ended") -> None:
-        """As intake unsilences an incident (handlers/intake.py, `incident.unsilenced`): never posted while muted,
-        its card is posted now, drawn as it is (firing); its pages are redrawn; its escalation starts. `how` the
-        window stopped muting it (its timer: it ended)."""
-        assert incident.id is not None
-        iid = incident.id
-        incident.silenced = False
-        session.add(incident)
-        for channel in incident.channels:
-            session.add(OutboxItem(created_at=now, due_at=now, incident_id=incident.id, channel=channel, kind="post",
-                                   event="incident.opened", details={}))
-        session.add(OutboxItem(**page_redraw_row(incident.id, now)))
-        window = window_name(ended.get("silence"), str(ended.get("comment") or ""))
-        alerts = f"{firing} alert{'s' if firing != 1 else ''} still fir{'e' if firing != 1 else 'es'}"
-        policy = incident.escalation if incident.escalation in self.escalations.policies else None
-        what = f"paging now, from step 1 of escalation policy {policy}" if policy else "it has no escalation policy"
-        line = f"{window[0].upper()}{window[1:]} {how} and {alerts}: {what}."
-        # (the card is posted with it: a line queued before the first post follows it, rather than fold into it)
-        queue_thread_line(session, incident, now, "incident.unsilenced", {"line": line, FOLLOWS: True})
-        if policy:  # from the first step, as intake starts an unsilenced incident's escalation (Escalations.start_all)
-            if await session.get(Escalation, iid) is None:
-                await session.run_sync(lambda s: self.escalations.start_all(s.connection(), [(iid, policy)], now))
-            else:
-                await self.escalations.restart(session, iid, now)
-        await self.audit.append_many(session, [Entry(
-            "incident.unsilenced", SYSTEM, "incident", str(incident.id), now,
-            {"reason": f"{window} {how}", "silence": ended.get("silence"), "firing": firing,
-             "note": f"the maintenance window {how} while its alerts still fired"}, incident.id)])

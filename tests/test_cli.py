@@ -1330,6 +1330,17 @@ def test_a_deferred_steps_time_in_a_timeline_reads_as_the_timelines_own() -> Non
     assert _event_detail("escalation.deferred", "1", {**details, "until": "soon"}, {}, at) == "step 1 until soon"
 
 
+WEB_DOWN = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "web-1 down", "tool_source": "t"}
+
+
+def keyed_store(tmp_path: Path) -> tuple[str, Path]:
+    """A SQLite store's URL and an app.yaml for it with an audit key, as the command line's incident actions need."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    cfg.write_text(cfg.read_text(encoding="utf-8") + "audit: {hmac_key: test-key-0123456789ab}\n", encoding="utf-8")
+    return url, cfg
+
+
 async def test_incidents_ack_and_resolve_act_as_the_chats_buttons_do_beside_the_running_bot(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A first try without a chat platform left no way to acknowledge or resolve: `incidents ack|resolve ID` does it
@@ -1340,12 +1351,9 @@ async def test_incidents_ack_and_resolve_act_as_the_chats_buttons_do_beside_the_
     from storage.models import AuditEvent, OutboxItem
     from tests.botkit import running_bot
 
-    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
-    cfg = config(tmp_path / "c", url)
-    cfg.write_text(cfg.read_text(encoding="utf-8") + "audit: {hmac_key: test-key-0123456789ab}\n", encoding="utf-8")
+    url, cfg = keyed_store(tmp_path)
     async with running_bot(url) as h:
-        body = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "web-1 down", "tool_source": "t"}
-        assert (await h.post("open", body))[0] == 200
+        assert (await h.post("open", WEB_DOWN))[0] == 200
         capsys.readouterr()
         assert await asyncio.to_thread(main, ["incidents", "ack", "1", "--as", "alice", "-c", str(cfg)]) == 0
         assert capsys.readouterr().out.splitlines()[0] == "Acknowledged #1."
@@ -1381,12 +1389,9 @@ async def test_incidents_act_and_outbox_retry_say_when_no_bot_is_running_to_carr
     from bot.server import hold_store
     from tests.botkit import running_bot
 
-    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
-    cfg = config(tmp_path / "c", url)
-    cfg.write_text(cfg.read_text(encoding="utf-8") + "audit: {hmac_key: test-key-0123456789ab}\n", encoding="utf-8")
+    url, cfg = keyed_store(tmp_path)
     async with running_bot(url) as h:
-        body = {"asset_name": "web-1", "signature": "Down", "severity": "high", "message": "web-1 down", "tool_source": "t"}
-        assert (await h.post("open", body))[0] == 200
+        assert (await h.post("open", WEB_DOWN))[0] == 200
     capsys.readouterr()
     assert await asyncio.to_thread(main, ["incidents", "resolve", "1", "-c", str(cfg)]) == 0
     assert capsys.readouterr().out.splitlines() == [
