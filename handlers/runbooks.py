@@ -24,9 +24,13 @@ its steps' timeouts: another replica may be running it).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,15 +117,42 @@ class StepResult:
         return f"{head} exit {self.exit} in {self.seconds:.1f} s"
 
 
+@functools.cache
+def _prctl() -> Any:
+    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """Linux: what a step's process runs before its command so that it is killed (SIGKILL) when the bot's process
+    dies, SIGKILL included, when no `finally` of the bot's can kill it (prctl PR_SET_PDEATHSIG). Elsewhere None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = _prctl()
+    parent = os.getpid()
+
+    def arm() -> None:  # (in the child, between fork and exec: nothing here may take a lock)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the bot died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+PR_SET_PDEATHSIG = 1
+
+
 async def run_step(argv: list[str], timeout: float, number: int) -> tuple[StepResult, bytes]:
     """One step: `argv` as given (no shell), stdin closed, stdout and stderr together, in a new process group. When
     the step ends (it exits, or `timeout` passes), the whole group is killed: nothing it started (`( sleep 300 ) &`)
-    outlives it. Its time is until it exits, not until the output pipe closes (which a child it left holds open)."""
+    outlives it. Its time is until it exits, not until the output pipe closes (which a child it left holds open).
+    If the bot is killed while the step runs (SIGKILL, the OOM killer), the step's process is killed with it
+    (Linux, _die_with_parent), so that no step runs on unwatched; at the next start its run is `interrupted`."""
     started = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=environment(), start_new_session=True)
+            stderr=asyncio.subprocess.STDOUT, env=environment(), start_new_session=True,
+            preexec_fn=_die_with_parent())
     except OSError as exc:
         return StepResult(number, argv, None, time.monotonic() - started, error=exc.strerror or str(exc)), b""
     held = bytearray()

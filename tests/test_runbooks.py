@@ -569,6 +569,35 @@ async def test_a_child_a_step_leaves_behind_is_killed_when_the_step_ends(more: S
     assert run.status == "succeeded" and run.results[0]["seconds"] < 1.5
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+async def test_a_step_running_when_the_bot_is_killed_with_sigkill_dies_with_it(tmp_path: Path) -> None:
+    """No `finally` runs on SIGKILL: the step went on running unwatched (its run `interrupted` at the next start).
+    A process that runs steps as the bot does (handlers.runbooks.run_step) is killed in the middle of one."""
+    pid_file = tmp_path / "step.pid"
+    (tmp_path / "step.py").write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\n"
+                                      "time.sleep(300)\n")
+    script = ("import asyncio, sys\nfrom handlers.runbooks import run_step\n"
+              "asyncio.run(run_step([sys.executable, sys.argv[1], sys.argv[2]], 600, 1))\n")
+    root = Path(__file__).resolve().parent.parent
+    bot = await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(tmp_path / "step.py"), str(pid_file),
+                                               cwd=root)
+    try:
+        for _ in range(200):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            await asyncio.sleep(0.05)
+        step = int(pid_file.read_text())
+        assert not gone(step)
+    finally:
+        bot.kill()
+        await bot.wait()
+    for _ in range(100):
+        if gone(step):
+            break
+        await asyncio.sleep(0.05)
+    assert gone(step), "the step outlived the bot"
+
+
 async def test_a_request_nobody_else_can_approve_is_refused_up_front(tmp_path: Path, pg_schema: str) -> None:
     """Stored anyway, it waited for an approver who does not exist, and kept the runbook from being asked for."""
     alone = PEOPLE.replace("roles: [responder, approver], slack: U02BOB", "roles: [responder], slack: U02BOB").replace(
