@@ -298,7 +298,7 @@ def _facts(incident: Any, state: str, now: datetime, zone: ZoneInfo, ack_name: s
     count = int(incident.alert_count or 0)
     reporters = list(incident.sources or [])
     shown = [one_line(s, 40) for s in reporters[:3]] + ([f"{len(reporters) - 3} more"] if len(reporters) > 3 else [])
-    sources = _and(shown)
+    sources = and_list(shown)
     alerts = f"{count}" + (f" from {sources}" if sources else "")
     add("alerts", "Alerts", alerts, f"{count} alert{'s' if count != 1 else ''}" + (f" from {sources}" if sources else ""))
     firing = int(incident.firing_count or 0)
@@ -394,7 +394,8 @@ def alert_values(annotations: Mapping[str, Any] | None) -> str:
     return one_line(notes.get("values") or notes.get("value"), VALUES_MAX)
 
 
-def _and(items: list[str]) -> str:
+def and_list(items: list[str]) -> str:
+    """`a`, `a and b`, `a, b and c` (empty items left out)."""
     items = [i for i in items if i]
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + (f" and {items[-1]}" if items else "")
 

@@ -337,15 +337,15 @@ def _domain(rows: dict[int, OverrideRow], rotation: str) -> list[Override]:
 
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_TIME = re.compile(r"^\d{1,2}:\d{2}$")
+_TIME = re.compile(r"^\d{1,2}:\d{2}(:\d{2})?$")
 
 
 def join_date_time(args: Sequence[str]) -> list[str]:
-    """`2026-12-24 18:00` written as two words is one time."""
+    """`2026-12-24 18:00` (or `18:00:30`) written as two words is one time."""
     out: list[str] = []
     for arg in args:
         if out and _DATE.match(out[-1]) and _TIME.match(arg):
-            out[-1] = f"{out[-1]}T{arg.zfill(5)}"  # 9:00 -> 09:00, as ISO 8601 wants it
+            out[-1] = f"{out[-1]}T{arg if arg.index(':') == 2 else '0' + arg}"  # 9:00 -> 09:00, as ISO 8601 wants it
         else:
             out.append(arg)
     return out

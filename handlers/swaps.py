@@ -51,6 +51,7 @@ from bot.durations import format_duration
 from bot.model import Actor
 from bot.rotations import Schedule, Shift, first_instant, shifts_between
 from bot.tables import table
+from bot.view import and_list
 from handlers.handoffs import load_overrides
 from handlers.notify import queue_direct, queue_notice
 from handlers.oncall import Oncall, when
@@ -927,9 +928,10 @@ class SwapHandlers:
                 if held:
                     raise BadInput(f"Your `{schedule.id}` shift on {day:%a} {day.day} {day:%b} is over already (it "
                                    f"ended {when(held[-1].end, tz, now)}).")
-                others = ", ".join(dict.fromkeys(self.view.who(s) for s in stretches))
-                raise BadInput(f"You are not on call for `{schedule.id}` on {day:%a} {day.day} {day:%b} ({others} "
-                               f"is), so there is no shift of yours to swap." + await self._hint(schedule, person, now, tz))
+                others = list(dict.fromkeys(self.view.who(s) for s in stretches))
+                raise BadInput(f"You are not on call for `{schedule.id}` on {day:%a} {day.day} {day:%b} "
+                               f"({and_list(others)} {'is' if len(others) == 1 else 'are'}), so there is no shift of "
+                               f"yours to swap." + await self._hint(schedule, person, now, tz))
             starting = [s for s in mine if s.start is not None and s.start >= start]
             return (starting or mine)[0]
         try:

@@ -460,7 +460,7 @@ async def test_a_cover_that_runs_into_the_same_persons_shift_is_one_stretch_in_o
     assert rows(await ask(s, ""))[2] == ["web", "Bob (override)", "Mon 23 Nov 23:00 EST", "Tue 24 Nov 21:00 EST", CAROL]
 
 
-async def test_taking_a_time_before_the_rotation_starts_needs_until_and_one_digit_hours_read(tmp_path: Path) -> None:
+async def test_taking_a_time_before_the_rotation_starts_needs_until_and_one_digit_hours_and_seconds_read(tmp_path: Path) -> None:
     later = "  - {id: later, members: [alice, bob], shift: 1w, handoff: 'mon 09:00', start: 2027-01-04, timezone: Europe/Berlin}\n"
     async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
                                                 slack_config(fake) + ROTATIONS + later, people=PEOPLE) as h:
@@ -473,6 +473,10 @@ async def test_taking_a_time_before_the_rotation_starts_needs_until_and_one_digi
         took = await s.answer(await s.command("/oncall", "take web 2026-11-25 9:00 2026-11-25 17:00", user="U03CAROL"))
         assert took["text"] == (f"{CAROL} is on call for `web` from Wed 25 Nov 09:00 EST until Wed 25 Nov 17:00 EST "
                                 "(America/New_York). Override #1: `/oncall cancel 1` undoes it.")
+        # with seconds, as the `T` form takes them: one time, not a date and a stray word ("Too many arguments: 2h")
+        took = await s.answer(await s.command("/oncall", "take web 2026-11-26 9:00:00 2h", user="U03CAROL"))
+        assert took["text"] == (f"{CAROL} is on call for `web` from Thu 26 Nov 09:00 EST until Thu 26 Nov 11:00 EST "
+                                "(America/New_York). Override #2: `/oncall cancel 2` undoes it.")
 
 
 async def test_an_override_length_is_elapsed_time_across_a_clock_change_and_a_skipped_time_is_the_skip(

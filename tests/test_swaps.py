@@ -454,6 +454,17 @@ async def test_mistakes_get_a_precise_answer_and_change_nothing(on_sqlite: Slack
     assert await directs(on_sqlite.h, "bob") == []
 
 
+async def test_a_day_two_others_share_names_both(tmp_path: Path) -> None:
+    """"(Alice, Bob is)" was said of a day with a handoff between two others."""
+    trio = ("  - {id: trio, members: [alice, bob, carol], shift: 1d, handoff: '09:00', start: 2026-11-02, "
+            "timezone: Europe/Berlin}\n")
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+                                                slack_config(fake) + ROTATIONS + trio, people=PEOPLE) as h:
+        answer = await say(Slack(h, fake), "alice trio 2026-11-27", user=CAROL)
+    assert answer.startswith("You are not on call for `trio` on Fri 27 Nov (Alice and Bob are), so there is no shift "
+                             "of yours to swap."), answer
+
+
 @pytest.mark.parametrize(("user", "example", "expiry"), [
     (ALICE, "/swap bob dba-primary 2026-11-30", "1d"),  # her next shift, with the one she shares the rotation with
     (CAROL, "/swap bob web 2026-11-24", "2h"),  # tonight's 21:00 New York shift: the day in the rotation's zone
