@@ -71,6 +71,7 @@ _WAITED = OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None)  # a row th
 # A channel's or person's message (not a page) that a platform refused for the bot's token (OutboxWorker._failed):
 # it goes at once once a call there works again, or at the next start, not at its back-off (up to 5 minutes).
 TOKEN_WAIT = "token_wait"
+LATE_WORDS = timedelta(minutes=1)  # a page that goes this long after its step fired says the time left (_page)
 HELD_SAID = "held_said"  # a page's details: the thread said a platform's rate limit holds it (_page_held)
 _TOKEN_WAITED = OutboxItem.details[TOKEN_WAIT].as_string().is_not(None)
 RECENT_ALERTS = 50  # alerts read to draw a message: its links and "the last of N" come from the newest
@@ -688,7 +689,11 @@ class PageLanes:
         here = (escalation is not None and escalation.state == "active" and isinstance(step, int)
                 and escalation.next_step == step)
         after = str(row.details.get("next") or "")
-        if waited:  # drawn as things are now: its "Carol in 5 min" may have come and gone
+        # Drawn as things are now when it waited for the bot's token (its "Carol in 5 min" may have come and gone),
+        # or goes late (a platform's flood control held it, the bot was down): "Carol in 30 min" written at 04:00
+        # and sent at 04:15 promised 15 minutes more than there were. (An ask holds however late: no `next_at`.)
+        late = now - row.created_at >= LATE_WORDS and bool(row.details.get("next_at"))
+        if waited or late:
             after = await self._after_now(escalation, incident, step, total, now) if here else ""
         elif not here or _promised_past(row.details, now):  # (it waited out a restart while the next step fired)
             after = ""
@@ -880,8 +885,8 @@ class PageLanes:
 
     async def _after_now(self, escalation: Escalation | None, incident: Incident, step: Any, total: Any,
                          now: datetime) -> str:
-        """What a page that waited for the bot's token, going while its escalation is still at its step, says comes
-        next: the next step, in the time left until it fires ("Carol in 2 min if nobody acknowledges."), not the
+        """What a page that waited for the bot's token or goes late, going while its escalation is still at its step,
+        says comes next: the next step, in the time left until it fires ("Carol in 2 min if nobody acknowledges."), not the
         wait the step was written with. Nothing when no next step is due later."""
         if self.escalations is None or escalation is None or escalation.timer_id is None or not isinstance(total, int):
             return ""

@@ -2325,6 +2325,10 @@ async def test_a_page_telegram_holds_back_for_minutes_with_no_other_platform_say
         await until(lambda: w.pages(BOB_TG), "the page once Telegram's wait is over")
         await told(w, lambda: any(t.startswith("Paged Bob") for t in thread_texts(w.slack)), "the paged line")
         assert len([t for t in thread_texts(w.slack) if t.startswith("Could not page Bob")]) == 1  # said once
+        # Sent 15 min late, the page and its line say the time left, not the 30 min written when the step fired.
+        assert [t for t in thread_texts(w.slack) if t.startswith("Paged Bob")] == [
+            "Paged Bob on Telegram. Carol in 14 min if nobody acknowledges."]
+        assert "Carol in 14 min if nobody acknowledges" in str(w.pages(BOB_TG)[-1])
 
 
 async def test_whoever_presses_escalate_is_not_paged_by_it(tmp_path: Path) -> None:
