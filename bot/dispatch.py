@@ -198,7 +198,8 @@ class Dispatcher:
     def as_typed(self, platform: str, text: str) -> str:
         """`text` with each command its code spans name (`/incident page 1 PERSON`, as the bot's own words write a
         command) as it is typed on `platform` (see `typed_on`): on Teams `@chatops incident page 1 PERSON`. Only in
-        code spans: the rest may be an alert's, a person's or a runbook's words (a path, a URL)."""
+        code spans, and only a command that begins one (or an alternative in a usage, after `| `): the rest may be an
+        alert's, a person's or a runbook's words (a path, a URL; a step `/usr/sbin/swapoff /swap.img`)."""
         if platform not in self._typed or "`/" not in text:
             return text
         return _CODE_SPAN.sub(lambda m: f"`{self._typed_words(platform, m.group(1))}`", text)
@@ -208,8 +209,8 @@ class Dispatcher:
         if typed is None:
             return text
         for name in self.commands:
-            if name not in typed:
-                text = re.sub(rf"(?<![\w/])/{re.escape(name)}\b", f"{umbrella} {name}", text)
+            if name not in typed:  # a command begins the span, or an alternative of a usage (`/swap list | /swap undo`)
+                text = re.sub(rf"(^|\| )/{re.escape(name)}(?=\s|$)", rf"\g<1>{umbrella} {name}", text)
         return text
 
     def help_text(self, platform: str | None = None) -> str:

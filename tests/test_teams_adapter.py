@@ -728,5 +728,10 @@ def test_commands_are_reworded_for_teams_only_in_the_bots_code_spans() -> None:
     assert dispatcher.as_typed("teams", "Use `/incident page 1 PERSON` or `/swap cancel 4`.") == (
         "Use `@chatops incident page 1 PERSON` or `@chatops swap cancel 4`.")
     for kept in ("SIZE /swap.img file 2G", "https://sso.example.com/login?redirect=/oncall/team",
-                 "Alice paged Bob: \u201ccheck /start.sh\u201d", "```\n/swap.img\n```"):
+                 "Alice paged Bob: \u201ccheck /start.sh\u201d", "```\n/swap.img\n```",
+                 # a runbook's steps, as an approver is shown them: what runs, word for word
+                 "`/usr/sbin/swapoff /swap.img`; then `/usr/bin/env --config=/oncall.conf /start.sh`",
+                 "`/start.sh --now`", "`/oncall.sh`"):
         assert dispatcher.as_typed("teams", kept) == kept
+    assert dispatcher.as_typed("teams", "`/swap PERSON DATE | /swap list`") == (
+        "`@chatops swap PERSON DATE | @chatops swap list`")  # (a usage's alternatives)
