@@ -320,6 +320,8 @@ def parse_grafana(payload: Any, source: str) -> list[Alert]:
         where = f"alerts[{i}]"
         a = _obj(raw, where)
         labels = _str_map(a.get("labels"), f"{where}.labels")
+        if not labels:  # (Grafana always sends alertname and grafana_folder: unrelated alerts would group as one)
+            raise ShapeError(f"{where}.labels", "required: an alert without labels cannot be grouped")
         annotations = _str_map(a.get("annotations"), f"{where}.annotations")
         severity, unknown = _label_severity(labels)
         if a.get("valueString"):

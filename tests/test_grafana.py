@@ -277,6 +277,23 @@ async def test_values_of_the_wrong_shape_get_a_422(tmp_path: Path, values: objec
         assert await h.count(AlertRecord) == 0
 
 
+@pytest.mark.parametrize("labels", ["absent", {}, None])
+async def test_an_alert_without_labels_gets_a_422_as_from_alertmanager(tmp_path: Path, labels: object) -> None:
+    """Grafana alerts without labels were taken, and unrelated ones all grouped into one incident."""
+    payload = json.loads(fixture(FIRING))
+    for a in payload["alerts"]:
+        if labels == "absent":
+            a.pop("labels")
+        else:
+            a["labels"] = labels
+    body = go_wire(payload)
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}") as h:
+        status, answer, _ = await h.post("grafana", body, signed(body))
+        assert (status, answer["error"]) == (
+            422, "alerts[0].labels: required: an alert without labels cannot be grouped (not a grafana payload?)")
+        assert await h.count(AlertRecord) == 0
+
+
 @pytest.mark.parametrize("writer", ["thread", "process"])
 async def test_severity_words_are_read_and_an_unknown_one_is_counted_and_logged(
         tmp_path: Path, writer: str, caplog: pytest.LogCaptureFixture) -> None:
