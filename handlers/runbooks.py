@@ -61,6 +61,8 @@ TAIL_LINES, TAIL_CHARS = 20, 3000  # the output kept and shown: its end
 RECENT_RUNS = 5  # the runs `/incident runbook ID` lists
 LINE_MAX, HEAD_MAX = 300, 200  # a thread line (bot.view.thread_line cuts it there); of it, what the steps may take
 COMMAND_MAX = 80  # of a step's command on that line (the dialog, the request and `/incident runbook` show it whole)
+# A request or an approval that comes while the bot stops (the adapters take clicks until they stop, after the runs)
+STOPPING = "The bot is stopping (a restart or an upgrade), so {what}: {again} in a minute, once it is back."
 READ_LIMIT = 64 * 1024  # bytes of a step's output held while it runs (its end)
 EXIT_POLL = 0.05  # seconds between looks at whether a step's process exited
 WAITING, APPROVED, REJECTED, RUNNING = "requested", "approved", "rejected", "running"
@@ -204,6 +206,7 @@ class RunbookHandlers:
     clock: Clock
     delivered: Callable[[], None]  # wakes the outbox worker after a change
     _tasks: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
+    _stopping: bool = field(default=False, init=False, repr=False)  # the bot stops: nothing new is run (stop)
 
     def register(self, dispatcher: Any) -> None:
         dispatcher.action(Action.RUN_RUNBOOK, label="Run runbook")(self.run_button)
@@ -254,6 +257,8 @@ class RunbookHandlers:
 
     async def request(self, incident_id: int, runbook_id: str, actor: Actor, person: Person, tag: str = "") -> Reply:
         """Ask to run `runbook_id` on the incident: low risk runs at once, the others wait for an approver."""
+        if self._stopping:
+            return Reply(STOPPING.format(what="nothing was asked for or run", again="ask again"))
         now = self.clock.now()
         actor = Actor(actor.platform, actor.user_id, person.name, person.id)
         async with self.db.transaction() as session:
@@ -340,6 +345,8 @@ class RunbookHandlers:
     async def decide(self, event: ActionEvent, person: Person, *, approve: bool) -> Reply:
         """Approve or reject a run that waits, checked here whatever the button said; a reject by whoever asked
         withdraws the request (cancelled, by them)."""
+        if self._stopping and approve:  # (approved now, it would start as the bot stops, and be cut off)
+            return Reply(STOPPING.format(what="the request still waits and nothing was run", again="approve it"))
         now = self.clock.now()
         actor = Actor(event.actor.platform, event.actor.user_id, person.name, person.id)
         run_id = typed_id(event.arg)
@@ -467,7 +474,10 @@ class RunbookHandlers:
     # -- running --------------------------------------------------------------------------------
 
     async def start(self, run_id: int) -> bool:
-        """Claim an approved run (approved -> running: one replica, one click wins) and run it in the background."""
+        """Claim an approved run (approved -> running: one replica, one click wins) and run it in the background.
+        Not once the bot stops: the run stays approved, and is `interrupted` at the next start."""
+        if self._stopping:
+            return False
         now = self.clock.now()
         async with self.db.transaction() as session:
             claimed = await session.execute(update(RunbookRun)
@@ -613,7 +623,9 @@ class RunbookHandlers:
         return ended
 
     async def stop(self) -> None:
-        """Stop the runs in progress (their processes are killed); they are marked interrupted at the next start."""
+        """Stop the runs in progress (their processes are killed); they are marked interrupted at the next start.
+        From now on nothing new runs: a click the adapters still take as the bot stops is told to try again."""
+        self._stopping = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

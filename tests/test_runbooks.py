@@ -221,6 +221,28 @@ async def test_high_risk_waits_for_another_approver_and_a_double_approve_runs_on
         "runbook.requested", "runbook.approved", "runbook.started", "runbook.finished"]
 
 
+async def test_an_approval_or_a_run_asked_for_as_the_bot_stops_runs_nothing(more: Slack, tmp_path: Path) -> None:
+    """The runs stop before the adapters do (Bot.stop), which still take clicks: an Approve handled then started
+    the run as the bot stopped, which left it running past the stop, to be cut off."""
+    s = more
+    ts = await posted(s)
+    _, _, key = await s.click("rb:1:restart", ts)
+    assert "runs once an approver" in (await s.answer(key))["text"]
+    await s.fake.wait_for(lambda: s.fake.called("conversations.open"), timeout=5)
+    await s.fake.wait_for(lambda: dm_buttons(s, "U02BOB"), timeout=5)
+    approve = next(v for v in dm_buttons(s, "U02BOB") if v.startswith("apv:"))
+    await s.h.bot.runbooks.stop()  # as Bot.stop does first
+    _, _, key = await s.click(approve, ts, user="U02BOB")
+    assert (await s.answer(key))["text"] == ("The bot is stopping (a restart or an upgrade), so the request still "
+                                              "waits and nothing was run: approve it in a minute, once it is back.")
+    _, _, key = await s.click("rb:1:greet", ts)  # low risk: it would run at once
+    assert (await s.answer(key))["text"] == ("The bot is stopping (a restart or an upgrade), so nothing was asked for "
+                                              "or run: ask again in a minute, once it is back.")
+    assert [run.status for run in await runs(s.h)] == ["requested"]
+    assert recorded(tmp_path / "restart.jsonl") == [] and not s.h.bot.runbooks._tasks
+    assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == ["runbook.requested"]
+
+
 async def test_a_rejected_run_never_runs_and_says_who_rejected_it(slack: Slack, tmp_path: Path) -> None:
     s = slack
     ts = await posted(s)
