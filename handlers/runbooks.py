@@ -60,6 +60,7 @@ SYSTEM = Actor("system", "runbooks", "Runbooks")  # the bot running what was app
 TAIL_LINES, TAIL_CHARS = 20, 3000  # the output kept and shown: its end
 RECENT_RUNS = 5  # the runs `/incident runbook ID` lists
 LINE_MAX, HEAD_MAX = 300, 200  # a thread line (bot.view.thread_line cuts it there); of it, what the steps may take
+STEP_MIN = 40  # of a step's command on the line that asks for approval, at least (else fewer steps, and how many more)
 COMMAND_MAX = 80  # of a step's command on that line (the dialog, the request and `/incident runbook` show it whole)
 # A request or an approval that comes while the bot stops (the adapters take clicks until they stop, after the runs)
 STOPPING = "The bot is stopping (a restart or an upgrade), so {what}: {again} in a minute, once it is back."
@@ -198,6 +199,20 @@ def _kill(pid: int) -> None:
         pass
 
 
+def _steps_in(steps: list[dict[str, Any]], room: int) -> str:
+    """A run's steps in `room` characters: each command cut to its share, and when there are too many steps for a
+    share that says anything (STEP_MIN), the first ones and how many more ("; then 9 more steps")."""
+    for shown in range(len(steps), 0, -1):
+        more = len(steps) - shown
+        rest = f"; then {more} more step{'s' if more != 1 else ''}" if more else ""
+        share = (room - len(rest)) // shown - 12  # ("; then " and the backticks)
+        if share >= STEP_MIN or shown == 1:
+            said = "; then ".join(code(command_line(step["run"], max(share, 20))) for step in steps[:shown]) + rest
+            if len(said) <= room or shown == 1:
+                return said
+    return ""
+
+
 @dataclass
 class RunbookHandlers:
     db: Database
@@ -321,8 +336,7 @@ class RunbookHandlers:
         shown = what
         if len(asks) + len(what) + len(waits) > LINE_MAX:
             whole = f" (cut here: each approver's message and `/incident runbook {incident.id}` show them whole)"
-            room = max(20, (LINE_MAX - len(asks) - len(waits) - len(whole)) // len(run.steps) - 12)
-            shown = "; then ".join(code(command_line(step["run"], room)) for step in run.steps) + whole
+            shown = _steps_in(run.steps, LINE_MAX - len(asks) - len(waits) - len(whole)) + whole
         # (each keeps the run it asks about and its words once decided: it is redrawn then, see _settle)
         was = f"{person.name} asked to run runbook {run.title} ({run.risk} risk)"
         queue_thread_line(session, incident, now, "runbook.requested",

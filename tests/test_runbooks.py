@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 from datetime import timedelta
@@ -485,13 +486,15 @@ def more_runbooks(tmp: Path) -> str:
     (tmp / "noisy.py").write_text(NOISY)
     (tmp / "orphan.py").write_text(ORPHAN)
     py = json.dumps(sys.executable)
-    return runbook_config(tmp).replace("hang, elsewhere]", "hang, elsewhere, noisy, orphan, nostart, two, long, tick]") + f"""
+    return runbook_config(tmp).replace("hang, elsewhere]", "hang, elsewhere, noisy, orphan, nostart, two, long, tick, many]") + f"""
   - {{id: noisy, title: Noisy, steps: [{{run: [{py}, {json.dumps(str(tmp / "noisy.py"))}]}}]}}
   - {{id: orphan, title: Orphan, steps: [{{run: [{py}, {json.dumps(str(tmp / "orphan.py"))},
                                                  {json.dumps(str(tmp / "orphan.pid"))}]}}]}}
   - {{id: nostart, title: No start, steps: [{{run: [{json.dumps(str(tmp / "not-there"))}]}}]}}
   - {{id: long, title: Long, risk: high, steps: [{{run: [{py}, -c, "print(1)", "{'a' * 230}", HIDDEN-TAIL]}}]}}
   - {{id: tick, title: Tick, risk: high, steps: [{{run: [sh, -c, "echo host=`hostname` ; echo done"]}}]}}
+  - {{id: many, title: Many, risk: high, steps: [{", ".join("{run: [/usr/bin/systemctl, restart, service-number-%d]}" % n
+                                                          for n in range(13))}, {{run: [/bin/rm, -rf, /var/lib/mysql]}}]}}
   - {{id: two, title: Two steps, steps: [{{run: [{py}, -c, "print('FIRST step done', end='')"]}},
                                          {{run: [{py}, -c, "print('exit 1' + chr(0x202e) + '0 tixe')"]}}]}}
 """
@@ -563,6 +566,22 @@ async def test_an_approver_is_shown_the_whole_command_as_it_runs(more: Slack) ->
     listing = (await s.answer(await s.command("/incident", "runbook 1")))["text"]
     assert f"`long`: Long (high risk): `{sys.executable} -c 'print(1)' {'a' * 230} HIDDEN-TAIL`" in listing
     assert "`tick`: Tick (high risk): ```sh -c 'echo host=`hostname` ; echo done'```" in listing
+
+
+async def test_a_runbook_of_many_steps_says_on_its_line_how_many_are_not_shown(more: Slack) -> None:
+    """14 steps: each was given at least 20 characters, and the line, past its 300, was cut by the template in the
+    middle of a command, its note and the last step (`/bin/rm -rf /var/lib/mysql`) gone, Approve beside it."""
+    s = more
+    ts = await posted(s)
+    await s.answer(await s.command("/incident", "runbook 1 many"))
+    await thread_says(s, ts, "asks to run runbook Many")
+    [line] = [p["text"] for p in s.posts(thread=ts) if "asks to run runbook Many" in p["text"]]
+    assert len(line) <= 300 and line.count("`") % 2 == 0, line
+    assert line.startswith("Alice asks to run runbook Many (high risk): `/usr/bin/systemctl restart service-number-0`;")
+    assert re.search(r"; then [0-9]+ more steps \(cut here: each approver's message and `/incident runbook 1` show "
+                     r"them whole\)\. It waits for an approver\.$", line), line
+    await s.fake.wait_for(lambda: dm_texts(s), timeout=10)
+    assert "`/bin/rm -rf /var/lib/mysql`. Approve it?" in dm_texts(s)[0]
 
 
 def gone(pid: int) -> bool:
