@@ -23,6 +23,7 @@ keeps the due time and the lateness whatever they are.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,6 +49,8 @@ from storage.queries import UNCONFIRMED, active_overrides
 
 log = logging.getLogger("chatops.escalation")
 STEP = "escalation.step"
+# The end of a note whose next step was promised for the business morning (next_words): who, at when, and why
+_MORNING = re.compile(r"(?:^|(?<=\. ))[^.]*? at [^()]*? if nobody acknowledges \(\w+ incidents page nobody after hours\)\.$")
 ESCALATIONS = Escalation.__table__
 SYSTEM = Actor("system", "escalation", "Escalation")
 NO_LONGER = "no longer in app.yaml"  # a rotation, person or channel a running escalation's snapshot still names
@@ -183,13 +186,22 @@ class Escalations:
         minimum = self.config.paging.after_hours_min_severity
         rows = conn.execute(
             select(ESCALATIONS.c.incident_id, ESCALATIONS.c.next_step, timers.c.id, timers.c.payload,
-                   timers.c.due_at, incidents.c.severity)
+                   timers.c.due_at, incidents.c.severity, ESCALATIONS.c.note)
             .join(timers, timers.c.id == ESCALATIONS.c.timer_id)
             .join(incidents, incidents.c.id == ESCALATIONS.c.incident_id)
             .where(ESCALATIONS.c.incident_id.in_(incident_ids), ESCALATIONS.c.state == "active",
                    timers.c.status == timer_store.PENDING, timers.c.due_at > now)).all()
-        due = [(iid, step, old, was, severity) for iid, step, old, payload, was, severity in rows
+        due = [(iid, step, old, was, severity) for iid, step, old, payload, was, severity, _ in rows
                if (payload or {}).get("deferred") and pages_after_hours(severity, minimum)]
+        # Not deferred yet, but promised for the morning (next_words: the step falls due after hours, when the old
+        # severity paged nobody): at the new one it pages when it falls due, and the card says so. (Who is on call
+        # then is not looked up here, in intake's transaction: "the next step".)
+        for iid, _, _, payload, was, severity, note in rows:
+            promise = _MORNING.search(note or "")
+            if promise and not (payload or {}).get("deferred") and pages_after_hours(severity, minimum):
+                words = f"The next step in {span(was - now)} if nobody acknowledges."
+                conn.execute(ESCALATIONS.update().where(ESCALATIONS.c.incident_id == iid)
+                             .values(note=note[:promise.start()] + words, updated_at=now))
         if not due:
             return []
         ids = timer_store.schedule_many(conn, [timer_store.timer_row(STEP, iid, now, now, payload={"step": step})

@@ -1131,6 +1131,7 @@ class Intake:
         if severity != incident.severity and (silence is None or incident.silenced):
             if incident.id is not None:  # stored before this batch: its escalation may wait for the morning
                 st.raised[id(incident)] = incident
+            st.touch(incident)  # its card says the new severity at once (a repeat of an alert touched it nowhere else)
             incident.severity = severity
             self._reroute(incident, alert, actor, st)
         # Who reported it: the source, and for a generic one the tool that sent through it (its tool_source), so that

@@ -1872,6 +1872,26 @@ async def test_a_page_a_minute_before_closing_promises_the_next_step_for_the_mor
         await until(lambda: w.slack_dms("U03CAROL"), "Carol is paged at nine")
 
 
+async def test_a_rise_to_a_severity_that_pages_at_night_takes_back_the_promise_for_the_morning(tmp_path: Path) -> None:
+    """17:59: a medium incident pages Bob and promises Carol for the morning. At 18:01 it rises to critical, which
+    pages after hours: Carol is paged at 18:04, yet until then the card still said she would be paged at nine."""
+    async with world(tmp_path, datetime(2026, 11, 24, 16, 59, tzinfo=UTC)) as w:
+        await w.alert("medium")
+        await until(lambda: any("Paged Bob on Slack" in t for t in thread_texts(w.slack)), "the thread line")
+        morning = "Carol at Wed 09:00 CET if nobody acknowledges (medium incidents page nobody after hours)."
+        assert (await w.escalation()).note == f"Paged Bob on Slack. {morning}"
+        await w.tick(timedelta(minutes=2))  # 18:01
+        await w.alert("critical")
+        assert (await w.escalation()).note == "Paged Bob on Slack. The next step in 3 min if nobody acknowledges."
+        await w.tick()
+        # (a repeat of the alert that raised the severity did not redraw the card at all: it said Medium)
+        await until(lambda: card_notes(w) and "The next step in 3 min" in card_notes(w)[-1],
+                    "the channel's card takes the promise back")
+        assert "Critical" in card_notes(w)[-1] and "Medium" not in card_notes(w)[-1]
+        await w.tick(timedelta(minutes=3))  # 18:04
+        await until(lambda: w.pages(CAROL_TG), "Carol is paged at 18:04, as the card now says")
+
+
 async def test_the_promise_for_the_morning_after_a_change_of_clocks_names_the_mornings_own_time(
         tmp_path: Path) -> None:
     """Friday 23 October 2026, 17:45 CEST: Bob is paged; Carol's step 30 minutes on falls after hours, and the next
