@@ -493,6 +493,13 @@ class AuditLog:
         twice = await _key_stored_twice(session, batch, walk.upto)
         if twice is not None:
             return Verdict(False, checked, prev, twice)
+        outside = (await session.execute(select(func.min(AuditEvent.seq)))).scalar()
+        if outside is not None and outside < 1:  # (the walk starts at #1: such a row is in no chain, yet a reader sees it)
+            return Verdict(False, checked, prev, f"audit event #{outside} is numbered before the chain's first (#1): "
+                           "it was added around the bot")
+        odd = await _time_not_as_written(session, walk.upto)
+        if odd is not None:
+            return Verdict(False, checked, prev, odd)
         if head is not None:
             # (in this order: the bot writes events and the head in one transaction, so a head read after the
             # newest event has moved past it, if the bot wrote it)
@@ -715,6 +722,28 @@ def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _Twice(key)
         seen[key] = value
     return seen
+
+
+# How the bot writes an event's time in SQLite (storage/rows.py, SQLAlchemy's DateTime): one text, compared as text
+_STORED_TIME = "[0-9][0-9][0-9][0-9]-[0-1][0-9]-[0-3][0-9] [0-2][0-9]:[0-5][0-9]:[0-6][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]"
+
+
+async def _time_not_as_written(session: AsyncSession, upto: int | None) -> str | None:
+    """SQLite: an event whose time is not stored as the bot writes it, said; None if none. The walk decodes it to
+    the same instant and the hash holds, but queries compare the text (the report's first acknowledgement, the
+    export's --since): `2026-11-24T04:07:00` sorts after `2026-11-24 05:00:00.000000`."""
+    if session.bind.dialect.name != "sqlite":  # (a timestamp column: compared as times)
+        return None
+    query = select(AuditEvent.seq, cast(AuditEvent.at, Text)).where(
+        cast(AuditEvent.at, Text).op("NOT GLOB")(_STORED_TIME)).order_by(AuditEvent.seq).limit(1)
+    if upto is not None:
+        query = query.where(AuditEvent.seq <= upto)
+    row = (await session.execute(query)).first()
+    if row is None:
+        return None
+    return (f"audit event #{row[0]}: its time is stored as {str(row[1])[:40]!r}, not as the bot writes it "
+            "('YYYY-MM-DD HH:MM:SS.ffffff'), so the report and the export, which compare the stored text, would place "
+            "it elsewhere: the row was modified")
 
 
 async def _key_stored_twice(session: AsyncSession, batch: int, upto: int | None) -> str | None:

@@ -167,6 +167,40 @@ async def test_inserted_event_is_detected(db: Database) -> None:
     assert not verdict.ok and verdict.problem.startswith("audit event #3 (incident.resolved")
 
 
+async def test_an_event_numbered_before_the_chain_is_detected(db: Database) -> None:
+    """A copy of #3 (its hashes too, no key needed) written as #0, or #-5, was in no chain the walk checked: verify
+    said intact while `chatops report` counted it (an acknowledgement that never happened)."""
+    audit = AuditLog("k3y")
+    await write_events(db, audit)
+    for seq in (0, -5):
+        await sql(db, "INSERT INTO audit_events (seq, at, actor_platform, actor_user_id, action, subject_type, "
+                      "subject_id, incident_id, details, prev_hash, hash) SELECT "
+                      f"{seq}, at, actor_platform, actor_user_id, action, subject_type, subject_id, incident_id, "
+                      "details, prev_hash, hash FROM audit_events WHERE seq = 3")
+    verdict = await verify(db, audit)
+    assert not verdict.ok and verdict.problem == (
+        "audit event #-5 is numbered before the chain's first (#1): it was added around the bot"), verdict.problem
+
+
+async def test_an_events_time_stored_in_another_form_is_detected_on_sqlite(tmp_path: Path) -> None:
+    """The same instant written `2026-11-25T09:03:00` decodes (and hashes) as the bot wrote it, but SQLite compares
+    the text: the report took it for the later of two acknowledgements, the export's --since misplaced it."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    await db.start()
+    try:
+        audit = AuditLog("k3y")
+        await write_events(db, audit)
+        assert (await verify(db, audit)).ok
+        await sql(db, "UPDATE audit_events SET at = '2026-11-25T09:03:00' WHERE seq = 3")
+        verdict = await verify(db, audit)
+        assert not verdict.ok and verdict.problem == (
+            "audit event #3: its time is stored as '2026-11-25T09:03:00', not as the bot writes it ('YYYY-MM-DD "
+            "HH:MM:SS.ffffff'), so the report and the export, which compare the stored text, would place it "
+            "elsewhere: the row was modified"), verdict.problem
+    finally:
+        await db.dispose()
+
+
 async def test_reordered_events_are_detected(db: Database) -> None:
     audit = AuditLog("k3y")
     await write_events(db, audit)

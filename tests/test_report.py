@@ -164,6 +164,21 @@ async def test_report_shows_the_measures_of_the_window(sqlite_config: Path, caps
     assert code == 0 and out.startswith("audit chain intact: 21 events")
 
 
+async def test_an_event_written_outside_the_chain_is_not_counted(sqlite_config: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A copy of an acknowledgement written as event #0 (no key needed: its hashes copied too) for #3, which nobody
+    acknowledged: the report counted 3 of 4 acknowledged, while `audit verify` walked from #1 and said intact."""
+    import sqlite3
+    with sqlite3.connect(tmp_path / "report.db") as conn:
+        conn.execute("INSERT INTO audit_events SELECT 0, at, actor_person, actor_platform, actor_user_id, action, "
+                     "subject_type, '3', 3, details, prev_hash, hash FROM audit_events "
+                     "WHERE action = 'incident.acknowledged' ORDER BY seq LIMIT 1")
+    code, out, _ = await chatops(capsys, "report", "-c", str(sqlite_config), *WINDOW)
+    assert code == 0 and "2 of 4 acknowledged" in out, out
+    code, out, _ = await chatops(capsys, "audit", "verify", "-c", str(sqlite_config))
+    assert code == 1 and "audit event #0 is numbered before the chain's first (#1)" in out + _
+
+
 async def test_a_wider_window_takes_in_the_earlier_incident(sqlite_config: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = await chatops(capsys, "report", "-c", str(sqlite_config), "--since", "2026-10-01T00:00:00Z",
