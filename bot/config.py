@@ -1263,7 +1263,11 @@ def doubts(c: Config) -> list[tuple[str, str]]:
         found.append(("grouping.window", "0, so an alert joins an open incident of its key only when they arrive in "
                       "the same instant (repeats of one alert still join theirs): give a window, such as 15m"))
     last = c.routes[-1] if c.routes else None
-    if "routes" in c.model_fields_set and last and not (last.match or last.channels or last.escalation):
+    if "routes" not in c.model_fields_set and c.sources:  # (the default: one catch-all that tells nobody)
+        found.append(("routes", "not set, so every alert goes to the default catch-all route, which has neither "
+                      "channels nor escalation: its incidents are opened and nobody is told of them; add routes, "
+                      "ending with a catch-all such as `- {match: {}, channels: [CHANNEL]}`"))
+    elif "routes" in c.model_fields_set and last and not (last.match or last.channels or last.escalation):
         # (a route before it that tells nobody keeps what it matches quiet, on purpose; the catch-all is what is left)
         found.append((f"routes[{len(c.routes) - 1}]", "the catch-all route has neither channels nor escalation, so "
                       "an alert no other route takes opens an incident nobody is told of: give it channels or an "

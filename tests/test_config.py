@@ -872,6 +872,9 @@ WARNED = [
     (BASE + "routes:\n  - {match: {team: dba}, channels: [ops-slack]}\n  - {match: {}}\n",
      f"routes[1]: {QUIET_CATCH_ALL}"),
     (BASE + "routes:\n  - {match: {}, channels: []}\n", f"routes[0]: {QUIET_CATCH_ALL}"),
+    (BASE, "routes: not set, so every alert goes to the default catch-all route, which has neither channels nor "
+           "escalation: its incidents are opened and nobody is told of them; add routes, ending with a catch-all such "
+           "as `- {match: {}, channels: [CHANNEL]}`"),  # (check-config said nothing; the incidents reached nobody)
     (BASE.replace("kind: alertmanager,", "kind: alertmanager, dedup_key: groupkey,") + ROUTES,
      "sources[0].dedup_key: 'groupkey' is read as a label of that name, which alerts rarely have: did you mean "
      "`groupKey` (the sender's own group, spelt so)?"),
