@@ -123,6 +123,7 @@ def resolve(node: Any, refs: list[tuple[str | None, str | None]], env: Mapping[s
                              f"({_ONLY} are, the default being plain text): set {name} itself")
     missing: list[Unset] = []
     used: list[str] = []
+    nothing: list[Unset] = []  # variables unset or empty whose `:-` default is empty too
 
     def repl(m: re.Match[str]) -> str:
         name, default = refs[int(m.group(1))]
@@ -132,6 +133,8 @@ def resolve(node: Any, refs: list[tuple[str | None, str | None]], env: Mapping[s
             used.append(name)
             return env[name]
         if default is not None:  # as in the shell, `:-` covers a variable set to nothing too
+            if not default:
+                nothing.append(Unset(name, empty=name in env))
             return default
         missing.append(Unset(name, empty=name in env))
         return ""
@@ -139,6 +142,10 @@ def resolve(node: Any, refs: list[tuple[str | None, str | None]], env: Mapping[s
     value = _TOKEN.sub(repl, node)
     if used and origins is not None:
         origins[path] = (used, value)
+    if not missing and not value and nothing and hidden and path.startswith(("adapters.", "sources[")):
+        # An adapter's or a source's secret that came to nothing (`${SLACK_BOT_TOKEN:-}`): the section is off, as for
+        # `${SLACK_BOT_TOKEN}` (the error said only that the token was malformed, or too short).
+        return nothing[0]
     return missing[0] if missing else value
 
 

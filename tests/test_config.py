@@ -364,6 +364,19 @@ def test_clock_times_written_without_quotes_are_read_as_written() -> None:
     assert (str(config.business_hours.start), str(config.business_hours.end)) == ("09:00:00", "18:00:00")
 
 
+def test_a_secret_whose_variable_and_default_are_empty_switches_its_section_off() -> None:
+    """`${AM_TOKEN:-}` unset was an error ("bearer: string should have at least 8 characters", the variable unnamed)
+    and the bot would not start; `${AM_TOKEN}` switched the source off, as the README says of both."""
+    text = (BASE.replace("bearer: secret-token", "bearer: '${AM_TOKEN:-}'") + ROUTES
+            + "adapters:\n  slack: {bot_token: '${SLACK_BOT_TOKEN:-}', signing_secret: '${SLACK_SIGNING_SECRET:-}'}\n")
+    loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env={"SLACK_BOT_TOKEN": ""})
+    assert loaded.sources_off["am"] == "AM_TOKEN is not set"
+    assert loaded.adapters_off["slack"] == "SLACK_BOT_TOKEN is empty"
+    env = {"AM_TOKEN": "am-token-123", "SLACK_BOT_TOKEN": "xoxb-123", "SLACK_SIGNING_SECRET": "abcdefgh12345678"}
+    loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env=env)
+    assert "am" not in loaded.sources_off and loaded.adapters["slack"].bot_token == "xoxb-123"
+
+
 def test_silence_matchers_take_numbers_as_routes_do() -> None:
     text = BASE + ROUTES + "silences:\n  - {matchers: {code: 500}, starts: 2026-11-25T22:00:00+01:00, ends: 2026-11-26T02:00:00+01:00}\n"
     assert parse_config(text, adapter_models=SETTINGS_MODELS, env={}).config.silences[0].matchers == {"code": "500"}
