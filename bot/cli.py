@@ -652,7 +652,7 @@ def cmd_incidents_show(args: argparse.Namespace, out: TextIO) -> int:
         # What each alert's query evaluated to (Grafana's values): for a rule without a summary, the news. A column
         # only when an alert has them, as Alertmanager's mostly do not.
         values = [alert_values(a.annotations) for a in listed]
-        print(table(["SOURCE", "INSTANCE", "FINGERPRINT", "STATUS", "SEVERITY", "SUMMARY", "RECEIVED"]
+        print(table(["SOURCE", "INSTANCE", "FINGERPRINT", "STATUS", "SEVERITY", "SUMMARY", "TIMES"]
                     + (["VALUES"] if any(values) else []),
                     [(a.source, _instance(a.labels), a.fingerprint, a.status, a.severity, a.summary, a.received_count)
                      + ((v,) if any(values) else ()) for a, v in zip(listed, values)],
@@ -925,7 +925,11 @@ def cmd_incidents_act(args: argparse.Namespace, out: TextIO) -> int:
                                now=datetime.now(UTC), note=args.note or "",
                                escalations=Escalations(audit=audit, config=loaded.config),
                                names={p.id: p.name for p in loaded.config.people}, counted_later=True)
-        print(printable(result.message), file=out if result.changed else sys.stderr)
+        message = result.message
+        if not result.changed:  # (the words chat gets: paging by hand is a chat command, the command line has none)
+            message = message.replace(f"`/incident page {args.id} PERSON`",
+                                      f"`/incident page {args.id} PERSON` in chat")
+        print(printable(message), file=out if result.changed else sys.stderr)
         if result.changed:
             print(_by_the_bot(loaded, "the running bot redraws its cards and says so in the thread within seconds, or "
                                       "after the new incidents' cards when a storm has queued many (`chatops outbox "

@@ -1262,6 +1262,7 @@ def doubts(c: Config) -> list[tuple[str, str]]:
     if c.grouping.window <= timedelta(0):
         found.append(("grouping.window", "0, so an alert joins an open incident of its key only when they arrive in "
                       "the same instant (repeats of one alert still join theirs): give a window, such as 15m"))
+    found += _unreachable(c)
     last = c.routes[-1] if c.routes else None
     if "routes" not in c.model_fields_set and c.sources:  # (the default: one catch-all that tells nobody)
         found.append(("routes", "not set, so every alert goes to the default catch-all route, which has neither "
@@ -1272,6 +1273,30 @@ def doubts(c: Config) -> list[tuple[str, str]]:
         found.append((f"routes[{len(c.routes) - 1}]", "the catch-all route has neither channels nor escalation, so "
                       "an alert no other route takes opens an incident nobody is told of: give it channels or an "
                       "escalation policy"))
+    return found
+
+
+def _unreachable(c: Config) -> list[tuple[str, str]]:
+    """People an escalation step pages (by name, or as a member of its rotation) who have no Slack, Telegram or
+    Teams id: each of their pages fails at once, and the policy runs through its steps in the same second."""
+    people = {p.id: p for p in c.people}
+    rotations = {r.id: r for r in c.rotations}
+    found: list[tuple[str, str]] = []
+    said: set[str] = set()
+    for i, policy in enumerate(c.escalation_policies):
+        for j, step in enumerate(policy.steps):
+            named = list(step.notify.people)
+            rotation = rotations.get(step.notify.rotation or "")
+            if rotation is not None:
+                named += rotation.members
+            for person_id in named:
+                person = people.get(person_id)
+                if person is None or person_id in said or person.slack or person.telegram or person.teams:
+                    continue
+                said.add(person_id)
+                found.append((f"escalation_policies[{i}].steps[{j}]", f"pages {person.id}, who has no slack, telegram "
+                              "or teams id: that page fails at once and the escalation moves on (give them one under "
+                              "people:)"))
     return found
 
 

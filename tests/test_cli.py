@@ -517,8 +517,23 @@ async def test_incidents_show_gives_each_alerts_values_when_they_have_them(tmp_p
     assert await asyncio.to_thread(main, ["incidents", "show", "1", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out.split("\nAlerts\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert out[0].split()[-1] == "VALUES" and out[1].endswith("  B=93.71044921875, C=1"), out
+    assert out[0].split()[-2] == "TIMES"  # how often it was received (headed RECEIVED, it read as a time)
     assert await asyncio.to_thread(main, ["incidents", "show", "3", "-c", str(cfg)]) == 0
     assert "VALUES" not in capsys.readouterr().out  # (Alertmanager's alerts have none: no empty column)
+
+
+async def test_an_escalate_the_command_line_cannot_do_says_paging_by_hand_is_done_in_chat(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It named `/incident page 1 PERSON` as if the command line had it."""
+    from tests.botkit import running_bot
+
+    url, cfg = keyed_store(tmp_path)
+    async with running_bot(url) as h:
+        assert (await h.post("open", WEB_DOWN))[0] == 200
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["incidents", "escalate", "1", "-c", str(cfg)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.rstrip().endswith("`/incident page 1 PERSON` in chat."), (code, err)
 
 
 async def test_incidents_list_puts_the_open_ones_before_the_resolved(tmp_path: Path,

@@ -869,7 +869,7 @@ NOT_A_BOT_TOKEN = ("adapters.slack.bot_token: (a secret, not shown) is not a bot
                    "which starts with xoxb-: the Bot User OAuth Token on the app's OAuth & Permissions page)")
 QUIET_CATCH_ALL = ("the catch-all route has neither channels nor escalation, so an alert no other route takes opens an "
                    "incident nobody is told of: give it channels or an escalation policy")
-DOUBTED = ("people", "audit.", "adapters.", "routes", "sources[", "grouping")  # (not: no sources, a platform off)
+DOUBTED = ("people", "audit.", "adapters.", "routes", "sources[", "grouping", "escalation_policies")  # (not: no sources, a platform off)
 WARNED = [
     (BASE.replace("roles: [responder]", "roles: [respondr]") + ROUTES,
      "people[0].roles[0]: unknown role 'respondr' (did you mean `responder`? known roles: approver, manager, "
@@ -897,6 +897,9 @@ WARNED = [
     (BASE + ROUTES + SLACK.replace("xoxb-1", "xoxb-1, api_url: 'http://slack.internal.example/api/'"),
      "adapters.slack.api_url: 'http://slack.internal.example/api/' is plain http to another machine: the tokens and "
      "keys that go there can be read and changed on the way; use https://"),
+    (BASE.replace("{id: bob, name: Bob, slack: U02BOB}", "{id: bob, name: Bob}") + ROUTES,
+     "escalation_policies[0].steps[0]: pages bob, who has no slack, telegram or teams id: that page fails at once and "
+     "the escalation moves on (give them one under people:)"),
     (BASE + ROUTES + "grouping: {window: 0s}\n",
      "grouping.window: 0, so an alert joins an open incident of its key only when they arrive in the same instant "
      "(repeats of one alert still join theirs): give a window, such as 15m"),
