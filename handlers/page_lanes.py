@@ -26,7 +26,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, case, update
+from sqlalchemy import and_, case, exists, update
 from sqlmodel import select
 
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
@@ -707,11 +707,24 @@ class PageLanes:
         key = f"page-{row.id}"
         if page_finders(self.adapters, person, order):
             row.details = {**(row.details or {}), UNANSWERED: {"key": key, "at": time.time()}}
+        # Claimed only while the incident still wants it, in the claim's own statement: an acknowledgement committed
+        # since it was read above (another replica's click, while this one drew the page) leaves it unclaimed, and
+        # it is not sent (it was: "Acknowledged by Alice", then "Paged Bob"). One committed after the claim finds
+        # the page on its way, as a page handed to the platform is.
+        wanted = (TRIGGERED, ACKNOWLEDGED) if manual else (TRIGGERED,)
+        still = exists().where(Incident.id == row.incident_id, Incident.status.in_(wanted))
         async with self.db.transaction() as session:  # claimed: a crash from here on leaves it SENDING (see _recover)
             claimed = (await session.execute(update(OutboxItem).where(OutboxItem.id == row.id,
-                                                                      OutboxItem.status == "pending")
+                                                                      OutboxItem.status == "pending", still)
                                              .values(status=SENDING, details=row.details))).rowcount
+            if not claimed:
+                now_status = (await session.execute(select(Incident.status).where(Incident.id == row.incident_id))
+                              ).scalar_one_or_none()
+                pending = (await session.execute(select(OutboxItem.status).where(OutboxItem.id == row.id))
+                           ).scalar_one_or_none() == "pending"
         if not claimed:
+            if pending and now_status not in wanted:  # (else another replica claimed it)
+                await self._finish([row], "cancelled", f"not sent: #{incident.id} was {now_status} first")
             return 0
         row.status = SENDING
         try:

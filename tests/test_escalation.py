@@ -2371,6 +2371,41 @@ async def test_whoever_presses_escalate_is_not_paged_by_it(tmp_path: Path) -> No
         assert steps == [(1, ["bob"]), (2, ["carol"]), (3, []), (4, ["carol"])]
 
 
+async def test_an_acknowledgement_committed_while_a_page_is_drawn_stops_the_page(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another replica's Acknowledge committed between the page's look at the incident and its claim: the page went
+    out all the same ("Acknowledged by Alice", then "Paged Carol"). Here the acknowledgement commits while the page
+    reads the incident's alerts, as a click on another replica would."""
+    from sqlalchemy import text
+
+    import handlers.page_lanes as page_lanes
+
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1 pages Bob")
+        original = page_lanes.recent_alerts
+
+        async def alerts_then_acknowledged(session: Any, incident_id: int, limit: int) -> Any:
+            found = await original(session, incident_id, limit)
+            async with w.h.bot.db.engine.begin() as conn:
+                await conn.execute(text("UPDATE incidents SET status = 'acknowledged', acknowledged_by = 'alice' "
+                                        "WHERE id = :id"), {"id": incident_id})
+            return found
+
+        monkeypatch.setattr(page_lanes, "recent_alerts", alerts_then_acknowledged)
+        await w.tick(timedelta(minutes=5))  # step 2: Carol's page
+        for _ in range(100):
+            async with w.h.bot.db.sessions() as s:
+                rows = (await s.execute(select(OutboxItem.status, OutboxItem.last_error).where(
+                    OutboxItem.kind == "page", OutboxItem.channel == "@carol"))).all()
+            if rows and rows[0][0] != "pending":
+                break
+            await asyncio.sleep(0.05)
+        assert rows == [("cancelled", "not sent: #1 was acknowledged first")]
+        assert not w.pages(CAROL_TG) and not w.slack_dms("U03CAROL")
+        assert not [e for e in await w.audit("incident.paged") if e.details["person"] == "carol"]
+
+
 async def test_a_channel_steps_notice_held_up_until_someone_acknowledged_is_not_sent(tmp_path: Path) -> None:
     """As below, for a step's channel the incident is not routed to: its words go as a post of their own (a notice)."""
     base = BASE.replace("  - {match: {team: askhere}, channels: [ops-slack, ops-telegram], escalation: askhere}",
