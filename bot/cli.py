@@ -1020,7 +1020,8 @@ def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_OK
         rows, shifts = await view.upcoming(db, schedule, at, 5)
         print(f"{schedule.id}: {schedule.describe()}; times in {schedule.tz.key}", file=out)
-        print(table(["WHO", "FROM", "UNTIL", "NOTE"], view.upcoming_rows(shifts, rows, at, schedule.tz, today=today)),
+        print(table(["WHO", "FROM", "UNTIL", "NOTE"], view.upcoming_rows(shifts, rows, at, schedule.tz, today=today,
+                                                                     current="at --at" if args.at else "now")),
               file=out)
         return EXIT_OK
 
@@ -1254,6 +1255,8 @@ def build_parser() -> argparse.ArgumentParser:
     slack = sub.add_parser("slack-manifest", parents=[common], help="print the Slack app manifest to paste at api.slack.com/apps")
     slack.add_argument("--name", default="chatops", help="the app's display name")
     slack.set_defaults(func=cmd_slack_manifest)
+    for actions in (audit, incidents, outbox, telegram):  # (a bare `chatops incidents` names them when it refuses)
+        actions.metavar = "{" + ",".join(actions.choices) + "}"
     return parser
 
 

@@ -121,10 +121,12 @@ class Oncall:
         return out
 
     def upcoming_rows(self, shifts: Sequence[Shift], rows: dict[int, OverrideRow], now: datetime,
-                      tz: ZoneInfo, *, today: datetime | None = None) -> list[tuple[str, str, str, str]]:
-        """(who, from, until, note) for `upcoming`'s stretches; `today` as for now_rows."""
+                      tz: ZoneInfo, *, today: datetime | None = None, current: str = "now"
+                      ) -> list[tuple[str, str, str, str]]:
+        """(who, from, until, note) for `upcoming`'s stretches; `today` as for now_rows; `current`: the note of the
+        stretch at `now` (the command line's `--at` is not now)."""
         return [(self.who(s), when(s.start, tz, today or now), when(s.end, tz, today or now),
-                 self.note(s, rows, current=i == 0)) for i, s in enumerate(shifts)]
+                 self.note(s, rows, current=i == 0, word=current)) for i, s in enumerate(shifts)]
 
     def schedule_rows(self, schedule: Schedule, rows: dict[int, OverrideRow], start: datetime, end: datetime,
                       tz: ZoneInfo) -> list[tuple[str, str, str, str, str]]:
@@ -134,8 +136,8 @@ class Oncall:
                  format_duration(s.length) if s.length is not None else "-", self.who(s),
                  self.note(s, rows, current=s.covers(start))) for s in shifts]
 
-    def note(self, shift: Shift, rows: dict[int, OverrideRow], *, current: bool) -> str:
-        parts = ["now"] if current else []
+    def note(self, shift: Shift, rows: dict[int, OverrideRow], *, current: bool, word: str = "now") -> str:
+        parts = [word] if current else []
         if shift.source == "none":
             parts.append("the rotation has not started")
         row = rows.get(shift.override_id) if shift.override_id is not None else None

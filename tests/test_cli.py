@@ -215,6 +215,7 @@ def test_oncall_answers_without_a_store_and_makes_none(tmp_path: Path, monkeypat
     assert main(["oncall", "dba", "--at", "2026-11-25T12:00", "-c", str(cfg)]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[2].split()[0] == "Bob"  # the second week of the rotation (it started on 2 November)
+    assert out.splitlines()[2].endswith("  at --at")  # (not "now": now is another day)
     assert err.strip() == f"no database at {tmp_path / 'chatops.db'}: overrides are not shown"
     assert not (tmp_path / "chatops.db").exists()
     assert main(["incidents", "list", "-c", str(cfg)]) == 1  # still no store to read: said so, not "no incidents"
@@ -266,6 +267,7 @@ def test_a_store_that_cannot_be_opened_is_named_without_a_traceback(tmp_path: Pa
     (["incidents", "list", "--limit", "-1"], "-1 is out of range (1 to 1000000)"),
     (["oncall", "--at", "9999-12-31T23:00Z"], "'9999-12-31T23:00Z' is out of range (years 1970 to 9000)"),
     (["outbox", "list", "--limit", "ten"], "not a whole number: 'ten'"),
+    (["incidents"], "required: {list,show,ack,escalate,resolve,reopen}"),  # (it said "required: ACTION")
 ])
 def test_numbers_and_times_out_of_range_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                          argv: list[str], problem: str) -> None:
