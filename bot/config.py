@@ -927,6 +927,8 @@ def parse_config(
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
+        if "'\\t'" in problem:
+            problem += " (indent with spaces: YAML takes no tabs there)"
         raise ConfigError(name, [("", f"{name}: {where}invalid YAML: {problem}")]) from None
     if raw is None:  # an empty file, or comments only: a bot with no sources, channels or routes
         raise ConfigError(name, [("", f"{name} is empty: give it at least sources, channels and routes (the example "
@@ -1231,6 +1233,24 @@ def _message(err: Mapping[str, Any], where: tuple[Any, ...] = (), model: type[Ba
         return f"malformed value {_shown(err)} (expected {_expected(err, where)})"
     if kind == "literal_error":
         return f"{_shown(err)} is not allowed: {msg[0].lower() + msg[1:]}"
+    last = err.get("loc", ())[-1:] or where[-1:]
+    key = last[0] if last and isinstance(last[0], str) else ""
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        if key == "telegram":  # (`@bob`: a username cannot be paged)
+            return (f"expected the person's numeric Telegram user id, such as 123456789, got {_shown(err)} (the bot "
+                    "answers /start with it)")
+        return f"expected a whole number{' of bytes, such as 1048576' if key.endswith('bytes') else ''}, got {_shown(err)}"
+    if kind == "list_type":
+        if key == "run":  # a runbook step: an argv, never a shell line
+            return (f"expected the command as a list of words, the program first, such as `[systemctl, restart, "
+                    f"nginx]` (no shell runs it), got {_shown(err)}")
+        return f"expected a list, such as `[a, b]`, got {_shown(err)}"
+    if kind == "too_short" and (err.get("ctx") or {}).get("min_length") == 1:
+        return "must not be empty: give at least one"
+    if kind in ("date_parsing", "date_from_datetime_parsing", "date_type"):
+        return f"expected a date such as 2026-11-02, got {_shown(err)}"
+    if kind in ("datetime_parsing", "datetime_from_date_parsing", "datetime_type"):
+        return f"expected a time with its offset, such as 2026-11-25T22:00:00+01:00, got {_shown(err)}"
     return msg[0].lower() + msg[1:]
 
 

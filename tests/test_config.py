@@ -155,6 +155,8 @@ BROKEN = [
         "sources[0].auth: expected `none`, `{bearer: TOKEN}` or `{hmac_secret: SECRET, ...}`",
     ),
     ("people: [\n", "app.yaml: line 2, column 1: invalid YAML: expected the node content, but found '<stream end>'"),
+    ("server:\n\tport: 80\n", "app.yaml: line 2, column 1: invalid YAML: found character '\\t' that cannot start any "
+                               "token (indent with spaces: YAML takes no tabs there)"),
     # What PyYAML's constructors raise besides YAMLError: a date that is no date, a tagged number that is none, a
     # list as a key. Each was a traceback, then a message without its line.
     (BASE + ROUTES.replace("routes:", "start: 2026-13-02\nroutes:"),
@@ -943,10 +945,36 @@ def test_a_key_with_control_characters_is_shown_escaped() -> None:
                      "escalation_policies, runbooks, silences, critical_assets)"]
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    (BASE + ROUTES + "server: {port: abc}\n", "server.port: expected a whole number, got 'abc'"),
+    (BASE + ROUTES + "server: {max_body_bytes: 1MiB}\n",
+     "server.max_body_bytes: expected a whole number of bytes, such as 1048576, got '1MiB'"),
+    (BASE.replace("telegram: 111111", "telegram: '@alice'") + ROUTES,
+     "people[0].telegram: expected the person's numeric Telegram user id, such as 123456789, got '@alice' (the bot "
+     "answers /start with it)"),
+    (BASE.replace("roles: [responder]", "roles: responder") + ROUTES,
+     "people[0].roles: expected a list, such as `[a, b]`, got 'responder'"),
+    (BASE.replace("  - {id: restart", "  - {id: r, title: R, steps: [{run: 'systemctl restart nginx'}]}\n"
+                  "  - {id: restart") + ROUTES,
+     "runbooks[0].steps[0].run: expected the command as a list of words, the program first, such as `[systemctl, "
+     "restart, nginx]` (no shell runs it), got 'systemctl restart nginx'"),
+    (BASE.replace("start: 2026-11-02", "start: 05.01.2026") + ROUTES,
+     "rotations[0].start: expected a date such as 2026-11-02, got '05.01.2026'"),
+    (BASE + ROUTES + "silences:\n  - {matchers: {a: b}, starts: tomorrow, ends: 2026-11-26T02:00:00+01:00}\n",
+     "silences[0].starts: expected a time with its offset, such as 2026-11-25T22:00:00+01:00, got 'tomorrow'"),
+    (BASE.replace("members: [alice, bob]", "members: []") + ROUTES, "rotations[0].members: must not be empty: give "
+                                                                    "at least one"),
+])
+def test_a_value_of_the_wrong_kind_is_told_what_is_expected(text: str, expected: str) -> None:
+    """Pydantic's own words ("input should be a valid list", "unable to parse string as an integer", "invalid
+    character in year") named neither the form wanted nor an example."""
+    assert problems(text) == [expected]
+
+
 def test_a_value_from_the_environment_is_named_with_its_variable() -> None:
     found = problems(BASE + ROUTES + "server: {port: '${CHATOPS_PORT:-8080}'}\n", env={"CHATOPS_PORT": "abc"})
-    assert found == ["server.port: input should be a valid integer, unable to parse string as an integer (the value "
-                     "'abc' is from the environment variable CHATOPS_PORT)"]
+    assert found == ["server.port: expected a whole number, got 'abc' (the value 'abc' is from the environment "
+                     "variable CHATOPS_PORT)"]
     found = problems(BASE.replace("auth: {bearer: secret-token}", "auth: {bearer: '${AM_TOKEN}'}") + ROUTES,
                      env={"AM_TOKEN": "short"})
     assert found == ["sources[0].auth.bearer: string should have at least 8 characters (the value is from the "

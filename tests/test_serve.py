@@ -486,7 +486,7 @@ def test_serve_with_a_broken_config_names_the_problem(tmp_path: Path) -> None:
     result = subprocess.run([CHATOPS, "serve"], cwd=tmp_path, capture_output=True, text=True, timeout=30,
                             env={k: v for k, v in os.environ.items() if k != "CHATOPS_CONFIG"})
     assert result.returncode == 2
-    assert "server.port: input should be a valid integer, unable to parse string as an integer" in result.stderr
+    assert "server.port: expected a whole number, got 'eighty'" in result.stderr
 
 
 def test_serve_refuses_an_override_template_that_would_break_every_card(tmp_path: Path) -> None:
