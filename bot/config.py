@@ -398,6 +398,8 @@ def _auth_kind(value: Any) -> str | None:
     if isinstance(value, str):
         return "auth-none"
     if isinstance(value, Mapping):
+        if "bearer" in value and "hmac_secret" in value:  # (said as hmac_secret being an unknown key of bearer's)
+            return None
         if "bearer" in value:
             return "auth-bearer"
         if "hmac_secret" in value:
@@ -1231,7 +1233,14 @@ def _message(err: Mapping[str, Any], where: tuple[Any, ...] = (), model: type[Ba
         return msg.removeprefix("Value error, ")
     if kind == "string_pattern_mismatch":
         return f"malformed value {_shown(err)} (expected {_expected(err, where)})"
+    if kind == "auth_kind" and isinstance(err.get("input"), Mapping) and {"bearer", "hmac_secret"} <= set(err["input"]):
+        return "give `bearer` or `hmac_secret`, not both: a source checks one kind of credential"
     if kind == "literal_error":
+        value = err.get("input")
+        if "auth" in (*where, *err.get("loc", ())) and not (isinstance(value, str) and value.lower() in _NO_SECRET):
+            # (a token written in place of the mapping: the fix is its key)
+            return (f"{_shown(err)} is not allowed: expected `none` (anyone may send), or the token written as "
+                    "`{bearer: TOKEN}` or `{hmac_secret: SECRET}`")
         return f"{_shown(err)} is not allowed: {msg[0].lower() + msg[1:]}"
     last = err.get("loc", ())[-1:] or where[-1:]
     key = last[0] if last and isinstance(last[0], str) else ""

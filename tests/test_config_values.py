@@ -179,8 +179,17 @@ def test_an_auth_that_is_a_misspelt_none_is_shown(written: str) -> None:
 
 def test_an_auth_that_is_a_token_written_in_place_stays_hidden() -> None:
     said = problems(BASE.replace("auth: none", "auth: s3cr3t-token-value") + "routes:\n" + CATCH_ALL)
-    assert said == ["sources[0].auth: (a secret, not shown) is not allowed: input should be 'none'"]
+    assert said == ["sources[0].auth: (a secret, not shown) is not allowed: expected `none` (anyone may send), or "
+                    "the token written as `{bearer: TOKEN}` or `{hmac_secret: SECRET}`"]
     assert "s3cr3t" not in "".join(said)
+
+
+def test_an_auth_with_both_a_bearer_and_an_hmac_secret_says_to_give_one() -> None:
+    """It said `hmac_secret: unknown key (allowed here: bearer)`, of a key that is right."""
+    said = problems(BASE.replace("auth: none", "auth: {bearer: token-token-1, hmac_secret: secret-secret-1}")
+                    + "routes:\n" + CATCH_ALL)
+    assert said == ["sources[0].auth: give `bearer` or `hmac_secret`, not both: a source checks one kind of "
+                    "credential"]
 
 
 def test_a_config_that_is_a_folder_says_what_is_expected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
