@@ -25,6 +25,7 @@ import jinja2
 from markupsafe import Markup, escape
 
 from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED
+from bot.tables import BIDI_CONTROLS, bidi_shown
 from bot.view import incident_context, thread_line
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -293,7 +294,7 @@ class Renderer:
 
     def _render(self, name: str, context: Mapping[str, Any]) -> str:
         try:
-            return self._template(name).render(dict(context))
+            return self._template(name).render(_bidi_shown(dict(context)))
         except jinja2.TemplateSyntaxError as e:  # an included template's
             raise RenderError(self._where(e.name or name), f"line {e.lineno}: {e.message}") from None
         except Exception as e:  # what an expression raises ({{ 1/0 }}, an unknown name, tojson of something that is
@@ -314,6 +315,21 @@ class Renderer:
     def _where(self, name: str) -> str:
         path = next((d / name for d in self.dirs if (d / name).is_file()), None)
         return f"{name} ({path})" if path else name
+
+
+def _bidi_shown(value: Any) -> Any:
+    """A template's context with the bidi controls of every text in it written out (bot.tables.bidi_shown): what an
+    alert, a person or a runbook says cannot reorder the words around it on a card, a line or a page."""
+    if isinstance(value, str):
+        return bidi_shown(value) if _HAS_BIDI.search(value) else value
+    if isinstance(value, dict):
+        return {k: _bidi_shown(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_bidi_shown(v) for v in value) if not hasattr(value, "_fields") else value
+    return value
+
+
+_HAS_BIDI = re.compile(f"[{BIDI_CONTROLS}]")
 
 
 @jinja2.pass_eval_context

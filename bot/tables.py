@@ -128,13 +128,23 @@ def ago(delta: timedelta) -> str:
 
 
 # The bidi marks, embeddings, overrides and isolates: shown as they are, they reorder what a line says ("exit 0").
-# Written out wherever text from outside is shown: tables (here), the log (bot.logs), a runbook's output.
+# Written out wherever text from outside is shown: tables (here), the log (bot.logs), a runbook's output, chat
+# (bot.render: everything a template shows).
 BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 
 # Characters a terminal acts on rather than shows: C0 and C1 controls (ESC starts colour and title sequences) and
 # the bidi controls. Text from alerts reaches the terminal through tables.
 _ACTIVE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 _ACTIVE.update({ord(c): f"\\u{ord(c):04x}" for c in BIDI_CONTROLS})
+
+
+_BIDI_SHOWN = {ord(c): f"\\u{ord(c):04x}" for c in BIDI_CONTROLS}
+
+
+def bidi_shown(text: str) -> str:
+    """`text` with its bidi controls written out (`\\u202e`), as chat shows text from outside: an alert's title that
+    reorders the card's own words ("Resolved" read backwards around it) shows what it holds instead."""
+    return text.translate(_BIDI_SHOWN)
 
 
 def printable(text: str) -> str:

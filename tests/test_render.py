@@ -79,6 +79,22 @@ def test_hostile_title_and_alert_text_give_valid_escaped_json(renderer):
     assert "&lt;/script&gt;" in payload["text"]
 
 
+@pytest.mark.parametrize("platform", ["slack", "teams", "telegram"])
+def test_bidi_controls_from_an_alert_are_written_out_on_every_platform(renderer, platform):
+    """A title holding U+202E (right-to-left override) reversed the card's own words after it on screen: "Disk full
+    \u202e" made what followed read backwards. Written out, as tables, the log and a runbook's output do."""
+    title = "Disk full \u202eon db-1 \u2066x\u2069"
+    ctx = incident_context(make_incident(title=title), [make_alert(title, received=NOW)], now=NOW)
+    shown = (json.dumps(renderer.render_json("incident", platform, ctx), ensure_ascii=False) if platform != "telegram"
+             else renderer.render_text("incident", platform, ctx))
+    assert not any(c in shown for c in "\u202e\u2066\u2069")
+    assert "\\u202eon db-1" in shown or "\\\\u202eon db-1" in shown, shown
+    line = renderer.render_text("thread", platform, {"line": "Alice paged Bob: \u201c\u202eok\u201d"}
+                                ) if platform == "telegram" else json.dumps(renderer.render_json(
+                                    "thread", platform, {"line": "Alice paged Bob: \u201c\u202eok\u201d"}))
+    assert "\u202e" not in line
+
+
 def test_the_slack_date_token_survives_escaping_and_text_that_imitates_it_does_not(renderer):
     """The facts line escapes what alerts wrote (an instance label that looks like a date token stays text) and
     leaves the card's own time tokens whole; the acknowledging person's name is escaped before its token."""
