@@ -67,6 +67,9 @@ class Dispatcher:
         self.config = config
         self._monotonic = monotonic
         self._busy = busy
+        # Audits a known person's click or command refused for a role they lack (the composition root sets it):
+        # (who, the person, what they tried, the incident or None, the role it needs)
+        self.on_refused: Callable[[Actor, Person, str, int | None, str], Awaitable[None]] | None = None
         self.actions: dict[str, ActionSpec] = {}
         self.commands: dict[str, CommandSpec] = {}
         self._seen: dict[str, float] = {}
@@ -125,9 +128,19 @@ class Dispatcher:
                          f"{_roles(person)}. Ask whoever maintains app.yaml to add it to your `roles`.")
         return None
 
+    async def refused(self, action: str, actor: Actor, incident_id: int | None, what: str | None = None
+                      ) -> Reply | None:
+        """`refusal`, and a refusal for a role the person lacks in the audit log (`what` they tried: the button's
+        label, or the command they typed that does what it does)."""
+        refused = self.refusal(action, actor)
+        spec, person = self.actions.get(action), self.identify(actor)
+        if refused is not None and spec is not None and person is not None and spec.role:
+            await self._refused(actor, person, what or spec.label, incident_id, spec.role)
+        return refused
+
     async def handle_action(self, event: ActionEvent) -> Reply | None:
         """The reply for the clicker, or None for a duplicate delivery of a click already handled."""
-        refused = self.refusal(event.action, event.actor)
+        refused = await self.refused(event.action, event.actor, event.incident_id)
         if refused is not None:
             return refused
         spec, person = self.actions[event.action], self.identify(event.actor)
@@ -174,6 +187,7 @@ class Dispatcher:
         if person is None and not spec.anyone:
             return self._stranger(event.actor)
         if person is not None and spec.role and spec.role not in person.roles:
+            await self._refused(event.actor, person, f"/{name}", None, spec.role)
             return Reply(f"`/{name}` needs the `{spec.role}` role, and {person.name} has {_roles(person)}.")
         try:
             return await spec.handler(event, person)  # type: ignore[arg-type]  # (person None: spec.anyone)
@@ -182,6 +196,16 @@ class Dispatcher:
             if busy is None:
                 raise
             return busy
+
+    async def _refused(self, actor: Actor, person: Person, what: str, incident_id: int | None, role: str) -> None:
+        """A refusal for a missing role, to the audit log (on_refused); one it cannot write is logged, and the
+        person still gets their answer."""
+        if self.on_refused is None:
+            return
+        try:
+            await self.on_refused(actor, person, what, incident_id, role)
+        except Exception:
+            log.exception("%s: could not audit that %s was refused %s", actor.platform, person.id, what)
 
     def _busy_reply(self, exc: Exception, actor: Actor, person: Person | None, what: str) -> Reply | None:
         """BUSY if the store turned `what` (a click or command) away for being busy, else None (the failure is the

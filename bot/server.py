@@ -25,7 +25,8 @@ from adapters.settings import ENDPOINTS
 from bot.auth import AuthError, verify_bearer, verify_query_token
 from bot.clock import Clock, SystemClock
 from bot.chat import Adapter, DeliveryError
-from bot.config import Loaded, template_dir
+from bot.config import Loaded, Person, template_dir
+from bot.model import Actor
 from bot.dispatch import Dispatcher
 from bot.metrics import Metrics
 from bot.render import Renderer
@@ -40,7 +41,7 @@ from handlers.outbox import OutboxWorker
 from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
 from handlers.silences import SilenceEnds
 from handlers.timers import STALLED_AFTER, TimerService
-from storage.audit import AuditLog, KeyMismatch
+from storage.audit import AuditLog, Entry, KeyMismatch
 from storage.db import Database, Leader, StoreReplaced, busy_store, is_sqlite_file_url
 from storage.queries import open_incidents_by_severity, outbox_counts, outbox_oldest_due
 from storage.replays import SharedReplays
@@ -105,6 +106,7 @@ class Bot:
             self.metrics.adapter_up.labels(name).set(0)
         self.renderer = Renderer(template_dir(loaded))
         self.dispatcher = Dispatcher(self.config, busy=busy_store)
+        self.dispatcher.on_refused = self._audit_refused
         self.adapters: dict[str, Adapter] = {}
         self.leaders: list[Leader] = []
         self._ping: asyncio.Future[None] | None = None  # the readiness probe's database ping, while it runs
@@ -273,6 +275,17 @@ class Bot:
         for leader in self.leaders:
             await leader.close()
         await self.db.dispose()
+
+    async def _audit_refused(self, actor: Actor, person: Person, what: str, incident_id: int | None,
+                             role: str) -> None:
+        """A person's click or command refused for a role they lack, in the audit log (`access.refused`): who tried
+        what, where, and the role it needs. (A stranger, whom app.yaml does not know, is told how to be added and
+        is not audited: anyone on Telegram can write to the bot.)"""
+        who = Actor(actor.platform, actor.user_id, person.name, person.id)
+        async with self.db.transaction() as session:
+            await self.audit.append_many(session, [Entry(
+                "access.refused", who, "incident" if incident_id else "command", str(incident_id or what),
+                self.clock.now(), {"what": what, "needs": role, "roles": list(person.roles)}, incident_id)])
 
     def _adapters_up(self) -> None:
         """chatops_adapter_up as things are now: 0 for a platform whose token was refused since it started."""

@@ -103,7 +103,7 @@ class ChatHandlers:
         incident_id = _incident_id(event.args, words=1)
         if incident_id is None:
             return Reply("Usage: `/ack ID`, for example `/ack 42`.")
-        refused = self._refusal("/ack", Action.ACKNOWLEDGE, event.actor)
+        refused = await self._refusal("/ack", Action.ACKNOWLEDGE, event.actor, incident_id)
         if refused is not None:
             return refused
         return await self._act("acknowledge", incident_id, event.actor, person)
@@ -127,7 +127,7 @@ class ChatHandlers:
                 return Reply("Usage: `/incident page ID PERSON [MESSAGE]`, for example `/incident page 42 alice` or "
                              "`/incident page 42 alice please look at the db`.")
             # Paging someone by hand asks for more help, as Escalate does: its role, and its refusal.
-            refused = self._refusal("/incident page", Action.ESCALATE, event.actor)
+            refused = await self._refusal("/incident page", Action.ESCALATE, event.actor, incident_id)
             if refused is not None:
                 return refused
             # The words after the person are the page's message ("Alice asks for your help with #42: ...").
@@ -138,7 +138,7 @@ class ChatHandlers:
             if incident_id is None:
                 return Reply("Usage: `/incident runbook ID [RUNBOOK]`, for example `/incident runbook 42` (the ones "
                              "that apply) or `/incident runbook 42 restart-nginx`.")
-            refused = self._refusal("/incident runbook", Action.RUN_RUNBOOK, event.actor)
+            refused = await self._refusal("/incident runbook", Action.RUN_RUNBOOK, event.actor, incident_id)
             if refused is not None:
                 return refused
             if len(event.args) == 2:
@@ -150,17 +150,21 @@ class ChatHandlers:
             incident_id = _incident_id(event.args[1:], words=1)
             if incident_id is None:
                 return Reply(f"Usage: `/incident {sub} ID`, for example `/incident {sub} 42`.")
-            refused = self._refusal(f"/incident {sub}", VERB_ACTIONS[SUBCOMMANDS[sub]], event.actor)
+            refused = await self._refusal(f"/incident {sub}", VERB_ACTIONS[SUBCOMMANDS[sub]], event.actor,
+                                          incident_id)
             if refused is not None:
                 return refused
             return await self._act(SUBCOMMANDS[sub], incident_id, event.actor, person)
         return Reply(f"I don't know `/incident {echoed(sub)}`. Usage: `{INCIDENT_USAGE}`")
 
-    def _refusal(self, command: str, button: Action, actor: Actor) -> Reply | None:
+    async def _refusal(self, command: str, button: Action, actor: Actor, incident_id: int | None = None
+                       ) -> Reply | None:
         """Why `actor` may not type `command`, which does what `button` does: the dispatcher's refusal of the button (its
-        role, the roles they have, and what to do about it), said of the command they typed; None when they may."""
+        role, the roles they have, and what to do about it), said of the command they typed (and audited, as a
+        click is); None when they may."""
         assert self.dispatcher is not None, "register() first"
-        refused = self.dispatcher.refusal(button, actor)
+        refused = await self.dispatcher.refused(button, actor, incident_id if incident_id and 0 < incident_id <= MAX_ID
+                                                else None, command)
         label = self.dispatcher.actions[button].label
         if refused is None or not refused.text.startswith(label):
             return refused

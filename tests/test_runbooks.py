@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from sqlmodel import select
 
-from storage.models import RunbookRun
+from storage.models import AuditEvent, RunbookRun
 from tests import botkit
 from tests.botkit import Harness, bot_on, fixture, running_bot, untagged
 from tests.fake_slack import FakeSlack
@@ -220,6 +220,14 @@ async def test_high_risk_waits_for_another_approver_and_a_double_approve_runs_on
     assert (run.status, run.requested_by, run.approved_by) == ("succeeded", "alice", "bob")
     assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == [
         "runbook.requested", "runbook.approved", "runbook.started", "runbook.finished"]
+    # The refusals of who may not (a role they lack, four eyes) are in the audit log: they left no trace.
+    async with s.h.bot.db.sessions() as session:
+        refused = (await session.execute(select(AuditEvent).where(AuditEvent.action == "access.refused")
+                                         .order_by(AuditEvent.seq))).scalars().all()
+    assert [(e.actor_person, e.incident_id, e.details["what"], e.details["needs"]) for e in refused] == [
+        ("vic", 1, "Run runbook", "responder"),
+        ("alice", 1, "Approve", "another approver (four eyes): they asked for it"),
+        ("vic", 1, "Approve", "approver")]
 
 
 async def test_an_approval_or_a_run_asked_for_as_the_bot_stops_runs_nothing(more: Slack, tmp_path: Path) -> None:

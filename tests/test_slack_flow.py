@@ -204,6 +204,12 @@ async def test_strangers_and_people_without_the_role_are_told_why_and_nothing_ch
     [incident] = await s.h.incidents()
     assert incident.status == "triggered" and "incident.acknowledged" not in await s.h.actions()
     assert s.updates(ts) == []
+    # Bob's refusal is audited (who tried what, and the role it needs); the stranger's is not (anyone may write)
+    async with s.h.bot.db.sessions() as session:
+        refused = (await session.execute(select(AuditEvent).where(AuditEvent.action == "access.refused"))
+                   ).scalars().all()
+    assert [(e.actor_person, e.actor_user_id, e.incident_id, e.details) for e in refused] == [
+        ("bob", "U02BOB", 1, {"what": "Acknowledge", "needs": "responder", "roles": []})]
 
 
 async def test_a_typed_command_without_the_role_is_refused_as_its_button_is_with_what_to_do(slack: Slack) -> None:
@@ -222,7 +228,13 @@ async def test_a_typed_command_without_the_role_is_refused_as_its_button_is_with
         answer = await s.answer(await s.command(command, text, user="U02BOB"))
         assert answer["text"] == f"`{said}`" + clicked.removeprefix("Resolve"), (command, text)
     [incident] = await s.h.incidents()
-    assert incident.status == "triggered" and await s.h.actions() == ["incident.opened", "alert.received"]
+    assert incident.status == "triggered" and await s.h.actions() == ["incident.opened", "alert.received",
+                                                                      *["access.refused"] * 6]
+    async with s.h.bot.db.sessions() as session:
+        tried = (await session.execute(select(AuditEvent.details).where(AuditEvent.action == "access.refused")
+                                       .order_by(AuditEvent.seq))).scalars().all()
+    assert [t["what"] for t in tried] == ["Resolve", "/ack", "/incident resolve", "/incident ack", "/incident reopen",
+                                          "/incident page"]
 
 
 async def test_paging_someone_who_could_not_acknowledge_the_page_is_refused_and_sends_nothing(slack: Slack) -> None:
