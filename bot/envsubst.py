@@ -142,11 +142,16 @@ def resolve(node: Any, refs: list[tuple[str | None, str | None]], env: Mapping[s
     value = _TOKEN.sub(repl, node)
     if used and origins is not None:
         origins[path] = (used, value)
-    if not missing and not value and nothing and hidden and path.startswith(("adapters.", "sources[")):
-        # An adapter's or a source's secret that came to nothing (`${SLACK_BOT_TOKEN:-}`): the section is off, as for
-        # `${SLACK_BOT_TOKEN}` (the error said only that the token was malformed, or too short).
+    if not missing and not value and nothing and _REQUIRED_SECRET.match(path):
+        # A secret an adapter or a source cannot be without that came to nothing (`${SLACK_BOT_TOKEN:-}`): the section
+        # is off, as for `${SLACK_BOT_TOKEN}` (the error said only that the token was malformed, or too short). Not one
+        # that may be empty: polling Telegram's webhook_secret, the Teams emulator's app_id and app_password.
         return nothing[0]
     return missing[0] if missing else value
+
+
+_REQUIRED_SECRET = re.compile(r"^(adapters\.(slack\.(bot_token|signing_secret)|telegram\.bot_token)"
+                              r"|sources\[\d+\]\.auth\.(bearer|hmac_secret))$")
 
 
 def _written(name: str | None, default: str | None) -> str:

@@ -377,6 +377,10 @@ def test_a_secret_whose_variable_and_default_are_empty_switches_its_section_off(
     env = {"AM_TOKEN": "am-token-123", "SLACK_BOT_TOKEN": "xoxb-123", "SLACK_SIGNING_SECRET": "abcdefgh12345678"}
     loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env=env)
     assert "am" not in loaded.sources_off and loaded.adapters["slack"].bot_token == "xoxb-123"
+    # A secret that may be empty stays empty: the Teams emulator's (and polling Telegram's webhook_secret)
+    emulator = BASE + ROUTES + ("adapters:\n  teams: {app_id: '', allow_unauthenticated: true, "
+                                "app_password: '${TEAMS_APP_PASSWORD:-}'}\n")
+    assert "teams" in parse_config(emulator, adapter_models=SETTINGS_MODELS, env={}).adapters
 
 
 def test_silence_matchers_take_numbers_as_routes_do() -> None:
