@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import functools
 import logging
 import os
@@ -60,7 +59,9 @@ SYSTEM = Actor("system", "runbooks", "Runbooks")  # the bot running what was app
 TAIL_LINES, TAIL_CHARS = 20, 3000  # the output kept and shown: its end
 RECENT_RUNS = 5  # the runs `/incident runbook ID` lists
 LINE_MAX, HEAD_MAX = 300, 200  # a thread line (bot.view.thread_line cuts it there); of it, what the steps may take
-STEP_MIN = 40  # of a step's command on the line that asks for approval, at least (else fewer steps, and how many more)
+# Of a step's command on the line that asks for approval, at least: STEP_ALL when every step is shown; else fewer
+# steps, each with STEP_MIN, and how many more
+STEP_ALL, STEP_MIN = 20, 40
 COMMAND_MAX = 80  # of a step's command on that line (the dialog, the request and `/incident runbook` show it whole)
 # A request or an approval that comes while the bot stops (the adapters take clicks until they stop, after the runs)
 STOPPING = "The bot is stopping (a restart or an upgrade), so {what}: {again} in a minute, once it is back."
@@ -122,7 +123,8 @@ class StepResult:
 
 @functools.cache
 def _prctl() -> Any:
-    return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+    # (the C library's, as the interpreter has it loaded: find_library would run ldconfig, in the event loop)
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -200,13 +202,13 @@ def _kill(pid: int) -> None:
 
 
 def _steps_in(steps: list[dict[str, Any]], room: int) -> str:
-    """A run's steps in `room` characters: each command cut to its share, and when there are too many steps for a
-    share that says anything (STEP_MIN), the first ones and how many more ("; then 9 more steps")."""
+    """A run's steps in `room` characters: each command cut to its share; when the steps are too many for every one
+    to get STEP_ALL, the first ones, each with STEP_MIN at least, and how many more ("; then 9 more steps")."""
     for shown in range(len(steps), 0, -1):
         more = len(steps) - shown
         rest = f"; then {more} more step{'s' if more != 1 else ''}" if more else ""
         share = (room - len(rest)) // shown - 12  # ("; then " and the backticks)
-        if share >= STEP_MIN or shown == 1:
+        if share >= (STEP_ALL if not more else STEP_MIN) or shown == 1:
             said = "; then ".join(code(command_line(step["run"], max(share, 20))) for step in steps[:shown]) + rest
             if len(said) <= room or shown == 1:
                 return said

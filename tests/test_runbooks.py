@@ -592,6 +592,20 @@ async def test_a_runbook_of_many_steps_says_on_its_line_how_many_are_not_shown(m
     assert "`/bin/rm -rf /var/lib/mysql`. Approve it?" in dm_texts(s)[0]
 
 
+def test_a_few_steps_all_show_on_the_line_cut_and_only_many_are_counted() -> None:
+    """The first fix for many steps hid the third of three ("; then 1 more step"), beside Approve."""
+    from handlers.runbooks import _steps_in
+
+    three = [{"run": ["/usr/bin/systemctl", "stop", "postgresql@15-main"]},
+             {"run": ["/usr/lib/postgresql/15/bin/pg_resetwal", "-f", "/var/lib/postgresql/15/main"]},
+             {"run": ["/usr/bin/systemctl", "start", "postgresql@15-main"]}]
+    said = _steps_in(three, 138)
+    assert said.count("`") == 6 and "more step" not in said and len(said) <= 138, said
+    many = [{"run": ["/usr/bin/systemctl", "restart", f"service-number-{n}"]} for n in range(14)]
+    said = _steps_in(many, 138)
+    assert said.endswith("more steps") and len(said) <= 138, said
+
+
 def gone(pid: int) -> bool:
     """Whether the process `pid` ended (or is a zombie nobody reaped yet)."""
     try:
