@@ -16,6 +16,7 @@ Bot Connector unless set otherwise (see README, "Teams").
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import inspect
 import logging
@@ -23,6 +24,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any, Protocol
@@ -95,6 +97,17 @@ class Dispatcher(Protocol):
 
 
 # -- outbound: neutral -> Adaptive Card -----------------------------------------------------------
+
+def _each_text(value: Any, change: Callable[[str], str]) -> Any:
+    """`value` (a message's context: dicts, lists, text) with `change` applied to every text in it."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, dict):
+        return {k: _each_text(v, change) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_each_text(v, change) for v in value]
+    return value
+
 
 def card_action(button: Button) -> dict[str, Any]:
     """An `Action.Submit` whose data carries `bot.actions.encode` of the button. One that asks first (`confirm`) is
@@ -549,15 +562,17 @@ class TeamsAdapter:
         reply = await dispatched(self.dispatcher.handle_action(event), handling, PLATFORM)
         if reply is None or turn.turn_state.get(MUTED):
             return
+        said = False  # the settled message says what the answer would (it was said twice, one under the other)
         if reply.settle is not None and activity.reply_to_id and is_personal(activity):
             # answered: no more buttons (a direct message's question)
-            settled = message_activity({"text": reply.settle}, ())
+            settled = message_activity({"text": self.dispatcher.as_typed(PLATFORM, reply.settle)}, ())
             settled.id = activity.reply_to_id
             try:
                 await self._in_time(turn, turn.update_activity(settled))
+                said = reply.settle == reply.text
             except Exception as exc:
                 log.warning("teams: cannot settle the clicked message: %s", delivery_error("update", exc))
-        if reply.text:
+        if reply.text and not said:
             await self._answer(turn, reply)
         if event.action in CARD_ACTIONS and activity.reply_to_id in self._shown and not handling.released:
             await self._redraw_shown(turn, event)
@@ -617,12 +632,10 @@ class TeamsAdapter:
     def to_activity(self, message: Outbound) -> Activity:
         """The rendered `{kind}.teams.json.j2` (an Adaptive Card's body, or the text), and the buttons. The bot's own
         words (a text's, a thread line's) name commands as they are typed on Teams (`@chatops incident page`)."""
-        context = message.context
-        if message.kind in ("text", "thread"):
-            context = {**context, **{k: self.dispatcher.as_typed(PLATFORM, v) for k in ("text", "line")
-                                     if isinstance(v := context.get(k), str)}}
-        return message_activity(self.renderer.render_json(message.kind, PLATFORM, context), message.buttons,
-                                message.text)
+        typed = functools.partial(self.dispatcher.as_typed, PLATFORM)
+        buttons = [replace(b, confirm=typed(b.confirm)) if b.confirm else b for b in message.buttons]
+        return message_activity(self.renderer.render_json(message.kind, PLATFORM, _each_text(message.context, typed)),
+                                buttons, message.text)
 
     def text_activity(self, text: str) -> Activity:
         text = self.dispatcher.as_typed(PLATFORM, text)

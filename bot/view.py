@@ -107,7 +107,7 @@ def incident_context(
         "severity_label": severity.capitalize(),
         "headline": f"{marker} {state_label} \u00b7 {severity.capitalize()} \u00b7 {ref} {title}",
         "facts": _facts(incident, state, now, zone, ack_name, resolved_name),
-        "next_step": next_step or _default_next_step(state, ack_name, resolved_after,
+        "next_step": next_step or _default_next_step(state, ack_name, resolved_after, incident.id,
                                                      escalates=bool(getattr(incident, "escalation", None))),
         "resolved_after": resolved_after,
         "links": incident_links(incident, alerts),
@@ -336,7 +336,8 @@ def _resolver(resolved_by: str | None, name: str | None) -> str:
     return person_name(raw)
 
 
-def _default_next_step(state: str, ack_name: str, resolved_after: str | None, *, escalates: bool = True) -> str:
+def _default_next_step(state: str, ack_name: str, resolved_after: str | None, incident_id: Any, *,
+                       escalates: bool = True) -> str:
     if state == "resolved":
         head = (resolved_after or "resolved").capitalize()
         return f"{head}. Nothing more to do; reopen it if the problem comes back."
@@ -345,7 +346,8 @@ def _default_next_step(state: str, ack_name: str, resolved_after: str | None, *,
     if state == "acknowledged":
         who = "Someone" if ack_name == "someone" else ack_name
         if not escalates:  # (no policy: the card has no Escalate)
-            return f"{who} is on it. Resolve when fixed, or page someone for help with /incident page."
+            return (f"{who} is on it. Resolve when fixed, or page someone for help with "
+                    f"`/incident page {incident_id} PERSON`.")
         return f"{who} is on it. Resolve when fixed, or escalate for help."
     return "Waiting for someone to acknowledge."
 

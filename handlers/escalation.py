@@ -50,7 +50,22 @@ from storage.queries import UNCONFIRMED, active_overrides
 log = logging.getLogger("chatops.escalation")
 STEP = "escalation.step"
 # The end of a note whose next step was promised for the business morning (next_words): who, at when, and why
-_MORNING = re.compile(r"(?:^|(?<=\. ))[^.]*? at [^()]*? if nobody acknowledges \(\w+ incidents page nobody after hours\)\.$")
+_MORNING = re.compile(r" at [^()]*? if nobody acknowledges \(\w+ incidents page nobody after hours\)\.$")
+
+
+def _morning_promise(note: str, names: set[str]) -> int | None:
+    """Where a note's promise of the next step for the business morning begins (next_words: "Carol and Dave at Wed
+    09:00 CET if nobody acknowledges (medium incidents page nobody after hours)."), or None. Its start is found by
+    who it names (people's names, which may hold ". ", as "J. R. Smith" does), after the note's first sentence or at
+    its start."""
+    end = _MORNING.search(note)
+    if end is None:
+        return None
+    known = names | {"the channel", "The channel", "The next step"}
+    for start in [0, *(i + 2 for i in range(len(note)) if note.startswith(". ", i))]:
+        if start < end.start() and all(part in known for part in note[start:end.start()].split(" and ")):
+            return start
+    return None
 ESCALATIONS = Escalation.__table__
 SYSTEM = Actor("system", "escalation", "Escalation")
 NO_LONGER = "no longer in app.yaml"  # a rotation, person or channel a running escalation's snapshot still names
@@ -197,11 +212,11 @@ class Escalations:
         # severity paged nobody): at the new one it pages when it falls due, and the card says so. (Who is on call
         # then is not looked up here, in intake's transaction: "the next step".)
         for iid, _, _, payload, was, severity, note in rows:
-            promise = _MORNING.search(note or "")
-            if promise and not (payload or {}).get("deferred") and pages_after_hours(severity, minimum):
+            start = _morning_promise(note or "", {p.name for p in self.config.people})
+            if start is not None and not (payload or {}).get("deferred") and pages_after_hours(severity, minimum):
                 words = f"The next step in {span(was - now)} if nobody acknowledges."
                 conn.execute(ESCALATIONS.update().where(ESCALATIONS.c.incident_id == iid)
-                             .values(note=note[:promise.start()] + words, updated_at=now))
+                             .values(note=note[:start] + words, updated_at=now))
         if not due:
             return []
         ids = timer_store.schedule_many(conn, [timer_store.timer_row(STEP, iid, now, now, payload={"step": step})
@@ -396,22 +411,23 @@ class Escalations:
                 wait, go = ("wait", "go") if several else ("waits", "goes")
                 if reached:
                     esc.note = (f"Every step of escalation policy `{esc.policy}` ran and nobody acknowledged; {pages} "
-                                f"still {wait} for the bot's token to be accepted. Page someone with /incident page.")
+                                f"still {wait} for the bot's token to be accepted. Page someone with "
+                                f"`/incident page {incident_id} PERSON`.")
                     line = (f"Escalation policy {esc.policy} finished after {steps}: nobody acknowledged, and {pages} "
                             f"still {wait} for the bot's token to be accepted.")
                 else:  # its steps' pages only waited: nobody was paged, so nobody failed to acknowledge
                     esc.note = (f"Every step of escalation policy `{esc.policy}` ran, but nobody has been paged yet: "
                                 f"{pages} {wait} for the bot's token to be accepted. Page someone with "
-                                "/incident page.")
+                                f"`/incident page {incident_id} PERSON`.")
                     line = (f"Escalation policy {esc.policy} finished after {steps} without paging anyone: {pages} "
                             f"{wait} for the bot's token to be accepted, and {go} out when it is.")
             elif incident.status == ACKNOWLEDGED:  # someone asked for help and the steps left reached nobody
                 esc.note = (f"Every step of escalation policy `{esc.policy}` ran; the last reached nobody. "
-                            "Page someone with /incident page.")
+                            f"Page someone with `/incident page {incident_id} PERSON`.")
                 line = f"Escalation policy {esc.policy} finished after {steps}: the last reached nobody."
             else:
                 esc.note = (f"Every step of escalation policy `{esc.policy}` ran and nobody acknowledged. "
-                            "Page someone with /incident page.")
+                            f"Page someone with `/incident page {incident_id} PERSON`.")
                 line = f"Escalation policy {esc.policy} finished: nobody acknowledged after {steps}."
             self._lines(session, incident, now, "escalation.exhausted", line)
             entries.append(Entry("escalation.exhausted", SYSTEM, "incident", str(incident_id), now,

@@ -32,7 +32,7 @@ from sqlmodel import select
 from bot.chat import Adapter, DeliveryError, MessageRef, Outbound
 from bot.clock import Clock
 from bot.config import Channel, Config, Person
-from bot.escalation import escalation_mark
+from bot.escalation import escalation_mark, pages_after_hours
 from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED
 from bot.metrics import Metrics
 from bot.view import incident_card, incident_state, span, thread_line
@@ -692,8 +692,10 @@ class PageLanes:
         # Drawn as things are now when it waited for the bot's token (its "Carol in 5 min" may have come and gone),
         # or goes late (a platform's flood control held it, the bot was down): "Carol in 30 min" written at 04:00
         # and sent at 04:15 promised 15 minutes more than there were. (An ask holds however late: no `next_at`.)
-        late = now - row.created_at >= LATE_WORDS and bool(row.details.get("next_at"))
-        if waited or late:
+        # So is a promise for the business morning that a rise in severity took back (it pages at night now).
+        stale = "page nobody after hours" in after and pages_after_hours(
+            incident.severity, self.config.paging.after_hours_min_severity)
+        if row.details.get("next_at") and (waited or stale or now - row.created_at >= LATE_WORDS):
             after = await self._after_now(escalation, incident, step, total, now) if here else ""
         elif not here or _promised_past(row.details, now):  # (it waited out a restart while the next step fired)
             after = ""

@@ -1892,6 +1892,20 @@ async def test_a_rise_to_a_severity_that_pages_at_night_takes_back_the_promise_f
         await until(lambda: w.pages(CAROL_TG), "Carol is paged at 18:04, as the card now says")
 
 
+def test_the_morning_promise_is_found_whoever_it_names() -> None:
+    """A name holding ". " ("J. R. Smith") cut the note there: "Paged Bob on Slack. J. R. The next step in ..."."""
+    from handlers.escalation import _morning_promise
+
+    tail = " at Mon 09:00 CET if nobody acknowledges (medium incidents page nobody after hours)."
+    for note, names, kept in (
+            ("Paged Bob on Slack. J. R. Smith" + tail, {"Bob", "J. R. Smith"}, "Paged Bob on Slack. "),
+            ("Paged Dr. Bob on Slack. Carol and the channel" + tail, {"Dr. Bob", "Carol"}, "Paged Dr. Bob on Slack. "),
+            ("Carol" + tail, {"Carol"}, "")):
+        start = _morning_promise(note, names)
+        assert start is not None and note[:start] == kept, note
+    assert _morning_promise("Paged Bob on Slack. Carol in 5 min if nobody acknowledges.", {"Bob", "Carol"}) is None
+
+
 async def test_the_promise_for_the_morning_after_a_change_of_clocks_names_the_mornings_own_time(
         tmp_path: Path) -> None:
     """Friday 23 October 2026, 17:45 CEST: Bob is paged; Carol's step 30 minutes on falls after hours, and the next

@@ -241,6 +241,9 @@ async def test_an_incident_card_in_a_channel_a_click_acknowledges_once_and_redra
         redrawn = bf.called("update")[-1]
         assert (redrawn.conversation, redrawn.activity_id) == (CHANNEL, card_id)
         assert card_of(redrawn)["body"][0]["style"] == "warning" and button_values(card_of(redrawn)) == ["?res:1"]
+        # what to do next, as it is typed on Teams (it said Slack's `/incident page`, which Teams has not)
+        words = json.dumps(card_of(redrawn), ensure_ascii=False)
+        assert "page someone for help with `@chatops incident page 1 PERSON`" in words and "`/incident" not in words
 
         answer = await say(h, bf, bf.message("incident resolve 1"))
         assert "Resolved" in answer or "resolve" in answer.lower()
@@ -713,6 +716,43 @@ def test_a_token_signed_with_an_unknown_key_is_logged_as_that_not_as_a_crash() -
 
     assert refusal("Bearer a.b.c", IndexError("list index out of range")) == (
         "signed with a key the Bot Framework's signing keys do not have")
+
+
+async def test_a_buttons_question_names_commands_as_they_are_typed_on_teams(tmp_path: Path) -> None:
+    """The Run button of a runbook whose commands are too long for its question said "`/incident runbook 1` shows
+    them whole", Slack's words, on a Teams card."""
+    from bot.chat import Button, Outbound
+
+    async with teams_bot(tmp_path) as (h, _bf):
+        teams = h.bot.adapters["teams"]
+        question = "Its commands are too long for this dialog: `/incident runbook 1` shows them whole."
+        activity = teams.to_activity(Outbound("text", {"text": "Runbooks"},
+                                              [Button("rb", 1, arg="long", label="Run: Long", confirm=question)]))
+        words = json.dumps(activity.attachments[0].content, ensure_ascii=False)
+        assert "`@chatops incident runbook 1` shows them whole" in words and "`/incident" not in words
+
+
+async def test_an_answer_the_clicked_message_already_says_is_not_said_twice(tmp_path: Path) -> None:
+    """Bob accepts Alice's swap in his private chat: the question was replaced by "Accepted: ..." and the same
+    sentence was posted again under it."""
+    rotation = ("rotations:\n  - {id: dba, members: [alice, bob], shift: 1w, handoff: 'mon 09:00', start: 2026-11-02, "
+                "timezone: Europe/Berlin, reminder: 0s}\n")
+    with FakeTeams() as bf:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", bf.yaml() + rotation,
+                               people=TEAMS_PEOPLE, base=TEAMS_CONFIG) as h:
+            asked = bf.message("swap bob next", personal=True, conversation="a:1291alice")
+            assert (await post(h, asked, bf.headers()))[0] == 200
+            await bf.wait_for(lambda: [c for c in bf.called("send") if "Accept" in json.dumps(c.body)])
+            [question] = [c for c in bf.called("send") if "Accept" in json.dumps(c.body)]
+            accept = next(a["data"]["chatops"] for a in card_of(question)["actions"] if a["title"] == "Accept")
+            click = bf.click(accept, question.answered, personal=True, conversation=question.conversation,
+                             user="29:1bob", aad=BOB_AAD)
+            assert (await post(h, click, bf.headers()))[0] == 200
+            await bf.wait_for(lambda: [c for c in bf.called("update") if c.activity_id == question.answered])
+            [settled] = [c for c in bf.called("update") if c.activity_id == question.answered]
+            assert settled.body["text"].startswith("Accepted: you are on call for `dba`")
+            await asyncio.sleep(0.3)
+            assert [c for c in bf.called("reply") if c.activity_id == click["id"]] == []
 
 
 def test_commands_are_reworded_for_teams_only_in_the_bots_code_spans() -> None:

@@ -127,7 +127,7 @@ def test_acknowledged_incident_says_who_and_when():
     # with no escalation policy the card has no Escalate: it says how to get help instead
     quiet = make_incident(status="acknowledged", acknowledged_at=NOW, acknowledged_by="alice", escalation=None)
     assert incident_context(quiet, ALERTS, now=NOW, acknowledged_name="Alice")["next_step"] == (
-        "Alice is on it. Resolve when fixed, or page someone for help with /incident page.")
+        "Alice is on it. Resolve when fixed, or page someone for help with `/incident page 42 PERSON`.")
     # without a display name, the stored person id is shown
     assert facts(incident_context(inc, ALERTS, now=NOW))["acknowledged"].startswith("acknowledged by alice, ")
 
