@@ -70,6 +70,7 @@ STYLES = {"primary": "positive", "danger": "destructive"}
 # A click on one of an incident card's buttons (bot.actions.CARD_ACTIONS) of a card `incident show` drew redraws that
 # card (see _redraw_shown)
 CARD_ACTIONS = actions.CARD_ACTIONS
+ANSWER_TRIES = 3  # a turn's answer, throttled (429), is tried this often within the turn's budget
 DEADLINE = "chatops.deadline"  # a turn's state: when its answers must be done (the event loop's time; see _turn)
 MUTED = "chatops.muted"  # a turn's state: the bot's token was refused, so nothing is sent back (see _answerable)
 SHOWN_KEPT = 1000  # cards drawn as answers (`incident show`) whose clicks redraw them
@@ -611,13 +612,22 @@ class TeamsAdapter:
         if turn.turn_state.get(MUTED):
             return
         answer = self._reply_activity(reply)
-        try:
-            sent = await self._in_time(turn, turn.send_activity(answer))
-            if reply.message is not None and reply.message.kind == "incident" and sent is not None and sent.id:
-                self._shown.append(sent.id)
-        except Exception as exc:
-            log.warning("teams: could not answer in %s: %s", turn.activity.conversation.id,
-                        delivery_error("reply", exc))
+        for attempt in range(ANSWER_TRIES):
+            try:
+                sent = await self._in_time(turn, turn.send_activity(answer))
+                if reply.message is not None and reply.message.kind == "incident" and sent is not None and sent.id:
+                    self._shown.append(sent.id)
+                return
+            except Exception as exc:
+                error = delivery_error("reply", exc)
+                loop = asyncio.get_running_loop()
+                left = turn.turn_state.get(DEADLINE, loop.time() + TIMEOUT) - loop.time()
+                # Throttled (429): tried again once the Bot Connector says, if that is within the turn's budget;
+                # else (or any other failure) the person gets no answer, and the log says so.
+                if error.retry_after is None or attempt + 1 == ANSWER_TRIES or error.retry_after + 1 > left:
+                    log.warning("teams: could not answer in %s: %s", turn.activity.conversation.id, error)
+                    return
+                await asyncio.sleep(error.retry_after)
 
     def _reply_activity(self, reply: Reply) -> Activity:
         if reply.message is not None:

@@ -755,6 +755,21 @@ async def test_an_answer_the_clicked_message_already_says_is_not_said_twice(tmp_
             assert [c for c in bf.called("reply") if c.activity_id == click["id"]] == []
 
 
+async def test_an_answer_the_bot_connector_throttles_is_sent_once_it_may(tmp_path: Path) -> None:
+    """A 429 on the answer to a command (Retry-After: 1) dropped it: the person never saw it, though the turn had
+    14 s left. It is sent again once the Bot Connector says, within the turn's 15 s."""
+    async with teams_bot(tmp_path) as (h, bf):
+        bf.fail("reply", 429, {"Retry-After": "1"})
+        activity = bf.message("help")
+        assert (await post(h, activity, bf.headers()))[0] == 200
+        answers = [c for c in bf.calls if c.method == "reply" and c.activity_id == activity["id"]]
+        assert [c.status for c in answers] == [429, 200] and "Commands:" in answers[-1].body["text"]
+        bf.fail("reply", 429, {"Retry-After": "30"}, times=1)  # past the turn's budget: not waited for
+        started = asyncio.get_running_loop().time()
+        assert (await post(h, bf.message("help"), bf.headers()))[0] == 200
+        assert asyncio.get_running_loop().time() - started < 5
+
+
 def test_commands_are_reworded_for_teams_only_in_the_bots_code_spans() -> None:
     """Rewording every `/word` that is a command name reached a runbook's output (`SIZE /swap.img`), a URL
     (`?redirect=/oncall/team`) and a person's page note (`check /start.sh`)."""
