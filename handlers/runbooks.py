@@ -65,6 +65,10 @@ STEP_ALL, STEP_MIN = 20, 40
 COMMAND_MAX = 80  # of a step's command on that line (the dialog, the request and `/incident runbook` show it whole)
 # A request or an approval that comes while the bot stops (the adapters take clicks until they stop, after the runs)
 STOPPING = "The bot is stopping (a restart or an upgrade), so {what}: {again} in a minute, once it is back."
+# The same, when the bot began to stop while the request or approval was being stored: approved, it did not start,
+# and it is `interrupted` at the next start, which says so in the thread
+STOPPED_MEANWHILE = ("The bot began to stop (a restart or an upgrade) as this was stored, so {what} did not start; "
+                     "ask for it again in a minute, once it is back.")
 READ_LIMIT = 64 * 1024  # bytes of a step's output held while it runs (its end)
 EXIT_POLL = 0.05  # seconds between looks at whether a step's process exited
 WAITING, APPROVED, REJECTED, RUNNING = "requested", "approved", "rejected", "running"
@@ -315,7 +319,8 @@ class RunbookHandlers:
                 self._ask(session, incident, run, person, approvers, now)
         self.delivered()
         if low:
-            await self.start(run.id)
+            if not await self.start(run.id) and self._stopping:  # (the bot began to stop meanwhile)
+                return Reply(STOPPED_MEANWHILE.format(what=f"{runbook.title} on #{incident_id}"))
             return Reply(f"Running {runbook.title} on #{incident_id} now; the thread gets its result.")
         return Reply(f"Asked to run {runbook.title} on #{incident_id}: it is {runbook.risk} risk, so it runs once an "
                      f"approver ({', '.join(p.name for p in approvers)}) approves it.")
@@ -408,7 +413,8 @@ class RunbookHandlers:
         if stale is not None:
             return Reply(stale)
         if approve:
-            await self.start(run.id)  # type: ignore[arg-type]
+            if not await self.start(run.id) and self._stopping:  # type: ignore[arg-type]  # (stopping meanwhile)
+                return Reply(STOPPED_MEANWHILE.format(what=f"{run.title} on #{incident.id}"))
             return Reply(f"Approved: {run.title} runs on #{incident.id} now.",
                          settle=f"You approved running {run.title} on #{incident.id}.")
         if withdrawn:

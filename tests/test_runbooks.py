@@ -252,6 +252,25 @@ async def test_an_approval_or_a_run_asked_for_as_the_bot_stops_runs_nothing(more
     assert [a for a in await s.h.actions(1) if a.startswith("runbook.")] == ["runbook.requested"]
 
 
+async def test_a_run_stored_as_the_bot_began_to_stop_says_it_did_not_start(more: Slack) -> None:
+    """The stop came while the request was being stored: the answer said "Running ... now", and nothing ran."""
+    s = more
+    ts = await posted(s)
+    handlers = s.h.bot.runbooks
+    start = handlers.start
+
+    async def stopping_meanwhile(run_id: int) -> bool:
+        handlers._stopping = True  # (as RunbookHandlers.stop sets it)
+        return await start(run_id)
+
+    handlers.start = stopping_meanwhile  # type: ignore[method-assign]
+    _, _, key = await s.click("rb:1:greet", ts)
+    assert (await s.answer(key))["text"] == ("The bot began to stop (a restart or an upgrade) as this was stored, so "
+                                              "Greet on #1 did not start; ask for it again in a minute, once it is "
+                                              "back.")
+    assert [run.status for run in await runs(s.h)] == ["approved"] and not handlers._tasks  # (interrupted at start)
+
+
 async def test_a_rejected_run_never_runs_and_says_who_rejected_it(slack: Slack, tmp_path: Path) -> None:
     s = slack
     ts = await posted(s)
