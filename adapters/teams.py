@@ -411,6 +411,9 @@ class TeamsAdapter:
             return refused(exc)
         if not isinstance(data, dict) or not isinstance(data.get("type"), str) or not data["type"]:
             return web.json_response({"error": "not a Bot Framework activity (no type)"}, status=400)
+        if not isinstance(data.get("serviceUrl"), str) or not data["serviceUrl"]:
+            # (the token's serviceurl claim is compared with it only when there is one: without, it was taken)
+            return web.json_response({"error": "not a Bot Framework activity (no serviceUrl)"}, status=400)
         try:
             # The token is checked against the few fields botbuilder looks at: the whole activity is read only once it
             # is taken (botbuilder's reading of a long list takes seconds of the event loop's time: anyone could).

@@ -687,6 +687,11 @@ async def test_a_message_without_a_conversation_id_is_a_400_not_a_500(tmp_path: 
         activity["conversation"]["id"] = None
         status, body = await post(h, activity, bf.headers())
         assert status == 400 and body["error"] == "not a Bot Framework activity (no conversation.id)"
+        for service_url in (None, 5, ""):  # (taken with a good token: its serviceurl claim was compared with nothing)
+            activity = bf.message("help")
+            activity["serviceUrl"] = service_url
+            status, body = await post(h, activity, bf.headers())
+            assert status == 400 and body["error"] == "not a Bot Framework activity (no serviceUrl)", service_url
 
 
 async def test_a_slow_bot_connector_does_not_hold_the_activitys_answer_past_the_timeout(
