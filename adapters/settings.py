@@ -94,6 +94,14 @@ class TeamsSettings(_Settings):
     login_url: str | None = Field(None, pattern=r"^https?://")
     oauth_scope: str | None = None
 
+    @field_validator("app_password")
+    @classmethod
+    def _password_for_app(cls, value: str, info: ValidationInfo) -> str:
+        # (at its own key, as a missing one: check-config names the variable it came from, if it did)
+        if info.data.get("app_id") and not value:
+            raise PydanticCustomError(REQUIRED_WHEN, "required when app_id is set")
+        return value
+
     @model_validator(mode="after")
     def _auth_is_on(self) -> "TeamsSettings":
         if not self.app_id and not self.allow_unauthenticated:
@@ -101,7 +109,7 @@ class TeamsSettings(_Settings):
                 "app_id is empty, which turns off Bot Framework authentication; "
                 "set app_id and app_password, or allow_unauthenticated: true for the local emulator only"
             )
-        if self.app_id and not self.app_password:
+        if self.app_id and not self.app_password:  # (left out: the field's own check does not run for a default)
             raise ValueError("app_password is required when app_id is set")
         given = [key for key in self.ENDPOINT_KEYS if getattr(self, key) is not None]
         if given and not self.app_id:  # botbuilder's emulator mode crashes on any of them

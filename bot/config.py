@@ -1079,8 +1079,11 @@ def _with_origins(problems: list[tuple[str, str]],
             variables, value = origins[where]
             secret = any(part in SECRET_KEYS for part in re.split(r"[.\[\]]", where))
             shown = "" if secret else f" {value!r}"
-            what += (f" (the value{shown} is from the environment variable {variables[0]})" if len(variables) == 1 else
-                     f" (the value{shown} is made of the environment variables {', '.join(variables)})")
+            if not value:  # (`${VAR:-}` with VAR unset or empty: nothing, where the value is needed)
+                what += f" ({' and '.join(variables)} {'is' if len(variables) == 1 else 'are'} not set, or empty)"
+            else:
+                what += (f" (the value{shown} is from the environment variable {variables[0]})" if len(variables) == 1
+                         else f" (the value{shown} is made of the environment variables {', '.join(variables)})")
         out.append((where, what))
     return out
 

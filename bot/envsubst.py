@@ -142,6 +142,8 @@ def resolve(node: Any, refs: list[tuple[str | None, str | None]], env: Mapping[s
     value = _TOKEN.sub(repl, node)
     if used and origins is not None:
         origins[path] = (used, value)
+    elif not value and nothing and origins is not None:  # (a secret a mode may do without: an error names its variable)
+        origins[path] = ([u.variable for u in nothing], value)
     if not missing and not value and nothing and _REQUIRED_SECRET.match(path):
         # A secret an adapter or a source cannot be without that came to nothing (`${SLACK_BOT_TOKEN:-}`): the section
         # is off, as for `${SLACK_BOT_TOKEN}` (the error said only that the token was malformed, or too short). Not one

@@ -381,6 +381,15 @@ def test_a_secret_whose_variable_and_default_are_empty_switches_its_section_off(
     emulator = BASE + ROUTES + ("adapters:\n  teams: {app_id: '', allow_unauthenticated: true, "
                                 "app_password: '${TEAMS_APP_PASSWORD:-}'}\n")
     assert "teams" in parse_config(emulator, adapter_models=SETTINGS_MODELS, env={}).adapters
+    # ... and where its section needs it after all, the error names the variable (it named none)
+    for section, said in (
+            ("teams: {app_id: abc, app_password: '${TEAMS_APP_PASSWORD:-}'}",
+             "adapters.teams.app_password: required when app_id is set (TEAMS_APP_PASSWORD is not set, or empty)"),
+            ("telegram: {bot_token: '7000000001:AAFake', webhook_secret: '${TG_SECRET:-}'}",
+             "adapters.telegram.webhook_secret: required with mode: webhook (TG_SECRET is not set, or empty)")):
+        found = problems(BASE + ROUTES + f"adapters:\n  {section}\n")
+        head, tail = said.split(" (")
+        assert len(found) == 1 and found[0].startswith(head) and found[0].endswith(f"({tail}"), found
 
 
 def test_silence_matchers_take_numbers_as_routes_do() -> None:
