@@ -70,6 +70,9 @@ STYLES = {"primary": "positive", "danger": "destructive"}
 # A click on one of an incident card's buttons (bot.actions.CARD_ACTIONS) of a card `incident show` drew redraws that
 # card (see _redraw_shown)
 CARD_ACTIONS = actions.CARD_ACTIONS
+# A message's texts that are the bot's own words, where commands are named as Teams types them: a text's, a thread
+# line's (quoting someone in quotes, not code), a card's next step
+BOTS_WORDS = ("text", "line", "next_step")
 ANSWER_TRIES = 3  # a turn's answer, throttled (429), is tried this often within the turn's budget
 DEADLINE = "chatops.deadline"  # a turn's state: when its answers must be done (the event loop's time; see _turn)
 MUTED = "chatops.muted"  # a turn's state: the bot's token was refused, so nothing is sent back (see _answerable)
@@ -98,17 +101,6 @@ class Dispatcher(Protocol):
 
 
 # -- outbound: neutral -> Adaptive Card -----------------------------------------------------------
-
-def _each_text(value: Any, change: Callable[[str], str]) -> Any:
-    """`value` (a message's context: dicts, lists, text) with `change` applied to every text in it."""
-    if isinstance(value, str):
-        return change(value)
-    if isinstance(value, dict):
-        return {k: _each_text(v, change) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_each_text(v, change) for v in value]
-    return value
-
 
 def card_action(button: Button) -> dict[str, Any]:
     """An `Action.Submit` whose data carries `bot.actions.encode` of the button. One that asks first (`confirm`) is
@@ -647,8 +639,9 @@ class TeamsAdapter:
         words (a text's, a thread line's) name commands as they are typed on Teams (`@chatops incident page`)."""
         typed = functools.partial(self.dispatcher.as_typed, PLATFORM)
         buttons = [replace(b, confirm=typed(b.confirm)) if b.confirm else b for b in message.buttons]
-        return message_activity(self.renderer.render_json(message.kind, PLATFORM, _each_text(message.context, typed)),
-                                buttons, message.text)
+        # Only the bot's own words: an alert's title or summary (`/swap` is 95% full) is shown as it came
+        context = {**message.context, **{k: typed(v) for k in BOTS_WORDS if isinstance(v := message.context.get(k), str)}}
+        return message_activity(self.renderer.render_json(message.kind, PLATFORM, context), buttons, message.text)
 
     def text_activity(self, text: str) -> Activity:
         text = self.dispatcher.as_typed(PLATFORM, text)

@@ -775,6 +775,18 @@ async def test_an_answer_the_bot_connector_throttles_is_sent_once_it_may(tmp_pat
         assert asyncio.get_running_loop().time() - started < 5
 
 
+async def test_an_alerts_words_on_a_card_are_shown_as_they_came(tmp_path: Path) -> None:
+    """Rewording every text of a card made an alert's "`/swap` is 95% full" (a mount point) "`@chatops swap` ..."."""
+    body = json.loads(fixture("alertmanager/01-diskfull-firing-2-alerts.json"))
+    for alert in body["alerts"]:
+        alert["annotations"]["summary"] = "`/swap` is 95% full"
+    async with teams_bot(tmp_path) as (h, bf):
+        assert (await h.post("am", body))[0] == 200
+        await bf.wait_for(lambda: bf.called("send"))
+        words = json.dumps(card_of(bf.called("send")[0]), ensure_ascii=False)
+        assert "`/swap` is 95% full" in words and "@chatops swap" not in words
+
+
 def test_commands_are_reworded_for_teams_only_in_the_bots_code_spans() -> None:
     """Rewording every `/word` that is a command name reached a runbook's output (`SIZE /swap.img`), a URL
     (`?redirect=/oncall/team`) and a person's page note (`check /start.sh`)."""
