@@ -852,7 +852,10 @@ class TelegramAdapter:
     async def _confirm_step(self, query: CallbackQuery, data: str) -> None:
         """A tap on a button that asks first, or on its ✖ No: redraw that button in place. Only someone who
         may press it arms it, or disarms it (the redrawn button is there for the whole group)."""
-        refused = self.dispatcher.refusal(actions.decode(data[1:]).action.value, actor_of(query.from_user))
+        decoded = actions.decode(data[1:])
+        # (refused for a role it lacks: audited, as a click is, once for a tap Telegram delivers again)
+        refused = await self.dispatcher.audited_refusal(decoded.action.value, actor_of(query.from_user),
+                                                        decoded.incident_id or None, event_id=str(query.id or ""))
         if refused is not None:
             await self._answer(query, toast(refused.text))
             return

@@ -759,6 +759,8 @@ def _event_detail(action: str, subject: str | None, details: Any, names: dict[st
             return f"{subject}: silenced by " + (f"silence {said('silence')}" if d.get("silence") else
                                                  said("comment") or "a silence")
         return what + (f" ({said('note')})" if d.get("note") else "")
+    if action == "access.refused":  # who tried what they may not (the actor's column says who)
+        return f"{said('what')}: needs {said('needs')}"
     if action == "incident.opened":
         channels = ", ".join(map(str, d.get("channels") or [])) if isinstance(d.get("channels"), list) else ""
         return ", ".join(p for p in (said("severity"), f"to {channels}" if channels else "",

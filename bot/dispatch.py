@@ -34,6 +34,7 @@ ActionHandler = Callable[[ActionEvent, Person], Awaitable[Reply | None]]
 CommandHandler = Callable[[CommandEvent, Person], Awaitable[Reply]]
 OpenCommandHandler = Callable[[CommandEvent, Person | None], Awaitable[Reply]]
 DUPLICATE_WINDOW = 600.0  # seconds a click's event id is remembered
+REFUSED_WAIT = 3.0  # seconds a refusal waits for its audit event to be written (a busy store), at most
 BUSY = ("The incident store is busy (another bot replica, or a long transaction, holds what this needs), so nothing "
         "was changed. Try again in a moment.")
 
@@ -128,19 +129,20 @@ class Dispatcher:
                          f"{_roles(person)}. Ask whoever maintains app.yaml to add it to your `roles`.")
         return None
 
-    async def refused(self, action: str, actor: Actor, incident_id: int | None, what: str | None = None
-                      ) -> Reply | None:
+    async def audited_refusal(self, action: str, actor: Actor, incident_id: int | None, what: str | None = None,
+                              event_id: str = "") -> Reply | None:
         """`refusal`, and a refusal for a role the person lacks in the audit log (`what` they tried: the button's
-        label, or the command they typed that does what it does)."""
+        label, or the command they typed that does what it does), once for a click delivered twice (`event_id`)."""
         refused = self.refusal(action, actor)
         spec, person = self.actions.get(action), self.identify(actor)
-        if refused is not None and spec is not None and person is not None and spec.role:
+        if refused is not None and spec is not None and person is not None and spec.role and not (
+                event_id and self._duplicate(f"{actor.platform}:{event_id}")):
             await self._refused(actor, person, what or spec.label, incident_id, spec.role)
         return refused
 
     async def handle_action(self, event: ActionEvent) -> Reply | None:
         """The reply for the clicker, or None for a duplicate delivery of a click already handled."""
-        refused = await self.refused(event.action, event.actor, event.incident_id)
+        refused = await self.audited_refusal(event.action, event.actor, event.incident_id, event_id=event.event_id)
         if refused is not None:
             return refused
         spec, person = self.actions[event.action], self.identify(event.actor)
@@ -202,8 +204,8 @@ class Dispatcher:
         person still gets their answer."""
         if self.on_refused is None:
             return
-        try:
-            await self.on_refused(actor, person, what, incident_id, role)
+        try:  # (a busy store does not hold the answer: REFUSED_WAIT at most, and the refusal is logged)
+            await asyncio.wait_for(self.on_refused(actor, person, what, incident_id, role), REFUSED_WAIT)
         except Exception:
             log.exception("%s: could not audit that %s was refused %s", actor.platform, person.id, what)
 

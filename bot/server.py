@@ -43,6 +43,7 @@ from handlers.silences import SilenceEnds
 from handlers.timers import STALLED_AFTER, TimerService
 from storage.audit import AuditLog, Entry, KeyMismatch
 from storage.db import Database, Leader, StoreReplaced, busy_store, is_sqlite_file_url
+from storage.models import Incident
 from storage.queries import open_incidents_by_severity, outbox_counts, outbox_oldest_due
 from storage.replays import SharedReplays
 from storage.timers import overdue as overdue_timers
@@ -283,9 +284,11 @@ class Bot:
         is not audited: anyone on Telegram can write to the bot.)"""
         who = Actor(actor.platform, actor.user_id, person.name, person.id)
         async with self.db.transaction() as session:
+            # (a typed number no incident has yet is the subject, not the incident: its timeline would show it later)
+            known = incident_id if incident_id and await session.get(Incident, incident_id) is not None else None
             await self.audit.append_many(session, [Entry(
                 "access.refused", who, "incident" if incident_id else "command", str(incident_id or what),
-                self.clock.now(), {"what": what, "needs": role, "roles": list(person.roles)}, incident_id)])
+                self.clock.now(), {"what": what, "needs": role, "roles": list(person.roles)}, known)])
 
     def _adapters_up(self) -> None:
         """chatops_adapter_up as things are now: 0 for a platform whose token was refused since it started."""

@@ -163,8 +163,8 @@ class ChatHandlers:
         role, the roles they have, and what to do about it), said of the command they typed (and audited, as a
         click is); None when they may."""
         assert self.dispatcher is not None, "register() first"
-        refused = await self.dispatcher.refused(button, actor, incident_id if incident_id and 0 < incident_id <= MAX_ID
-                                                else None, command)
+        known = incident_id if incident_id and 0 < incident_id <= MAX_ID else None
+        refused = await self.dispatcher.audited_refusal(button, actor, known, command)
         label = self.dispatcher.actions[button].label
         if refused is None or not refused.text.startswith(label):
             return refused

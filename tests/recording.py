@@ -27,12 +27,19 @@ class RecordingDispatcher:
         self.gate.set()
         self.error: Exception | None = None
         self.refused: Reply | None = None  # what `refusal` answers for every arming tap (None: allowed)
+        self.audited: list[tuple[str, int | None, str]] = []  # the refusals audited: (action, incident, event id)
         self.typed: dict[str, frozenset[str]] = {}  # platform -> the commands an adapter said can be typed there
 
     def typed_on(self, platform: str, names: Any) -> None:
         self.typed[platform] = frozenset(names)
 
     def refusal(self, action: str, actor: Any) -> Reply | None:
+        return self.refused
+
+    async def audited_refusal(self, action: str, actor: Any, incident_id: int | None, what: str | None = None,
+                              event_id: str = "") -> Reply | None:
+        if self.refused is not None:
+            self.audited.append((action, incident_id, event_id))
         return self.refused
 
     async def handle_action(self, event: ActionEvent) -> Reply | None:

@@ -107,3 +107,29 @@ def test_the_slack_manifest_points_at_public_url(tmp_path: Path, capsys: pytest.
     # Slack sends a typed @alice as <@U01ALICE|alice> only with escaping on: /swap @alice then finds Alice by her
     # Slack id, whatever her display name (without it, plain "@alice.smith", which no app.yaml name matches).
     assert all(c["should_escape"] is True for c in manifest["features"]["slash_commands"])
+
+
+async def test_a_refused_click_delivered_twice_is_audited_once() -> None:
+    """The refusal's audit event was written before the duplicate check: Slack's retry of a click (another signature,
+    the same action) was a second `access.refused`."""
+    from adapters import SETTINGS_MODELS
+    from bot.chat import ActionEvent, Reply
+    from bot.config import parse_config
+    from bot.dispatch import Dispatcher
+    from bot.model import Actor
+
+    config = parse_config("people:\n  - {id: bob, name: Bob, slack: U02BOB}\n", adapter_models=SETTINGS_MODELS,
+                          env={}).config
+    dispatcher = Dispatcher(config)
+    dispatcher.action("ack", label="Acknowledge")(lambda *_: Reply("done"))
+    audited: list[tuple[str, str, int | None, str]] = []
+
+    async def on_refused(actor: Actor, person: object, what: str, incident_id: int | None, role: str) -> None:
+        audited.append((actor.user_id, what, incident_id, role))
+
+    dispatcher.on_refused = on_refused
+    bob = Actor("slack", "U02BOB", "Bob", None)
+    for event_id in ("click-1", "click-1", "click-2"):
+        reply = await dispatcher.handle_action(ActionEvent("ack", 1, "", bob, None, event_id=event_id))
+        assert reply is not None and "needs the `responder` role" in reply.text
+    assert audited == [("U02BOB", "Acknowledge", 1, "responder")] * 2  # click-1 once, click-2 once

@@ -235,6 +235,14 @@ async def test_a_typed_command_without_the_role_is_refused_as_its_button_is_with
                                        .order_by(AuditEvent.seq))).scalars().all()
     assert [t["what"] for t in tried] == ["Resolve", "/ack", "/incident resolve", "/incident ack", "/incident reopen",
                                           "/incident page"]
+    # A number no incident has yet is what was tried, not an incident: its timeline would show it once it opens
+    await s.answer(await s.command("/ack", "7", user="U02BOB"))
+    async with s.h.bot.db.sessions() as session:
+        [seven] = (await session.execute(select(AuditEvent).where(AuditEvent.action == "access.refused",
+                                                                  AuditEvent.subject_id == "7"))).scalars().all()
+    assert (seven.subject_type, seven.incident_id) == ("incident", None)
+    from bot.cli import _event_detail
+    assert _event_detail("access.refused", "1", seven.details, {}) == "/ack: needs responder"  # (incidents show)
 
 
 async def test_paging_someone_who_could_not_acknowledge_the_page_is_refused_and_sends_nothing(slack: Slack) -> None:

@@ -458,6 +458,9 @@ async def test_only_someone_who_may_press_a_button_arms_its_confirmation(env: En
     await env.click("!res:42", copy.deepcopy(message))  # ...and a stranger cannot disarm it
     await env.answered(3)
     assert keyboard_of(message) == armed != drawn
+    # each refusal went through the dispatcher's audited check, with the tap's id (once for a tap sent twice)
+    assert [(action, incident) for action, incident, _ in env.dispatcher.audited] == [("res", 42), ("res", 42)]
+    assert all(event_id for *_, event_id in env.dispatcher.audited)
 
 
 async def test_asking_on_a_message_whose_keyboard_changed_says_so(env: Env) -> None:
