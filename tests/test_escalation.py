@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -1788,6 +1789,8 @@ async def test_repeat_then_exhausted_and_a_config_change_does_not_touch_a_runnin
         await w.tick(timedelta(hours=6))
         assert len(w.pages(CAROL_TG)) == 2 and len(w.pages(BOB_TG)) == 1
         assert (await w.escalation()).state == "exhausted"
+        assert (await w.escalation()).note.endswith(  # the command whole, in a code span (Teams rewords those)
+            "ran and nobody acknowledged. Page someone with `/incident page 1 PERSON`.")
         steps = [e.details["step"] for e in await w.audit("escalation.step")]
         assert steps == [1, 2, 3, 4]  # one store: step 1 was recorded before the restart
         acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U02BOB"))
@@ -1897,6 +1900,24 @@ async def test_a_rise_to_a_severity_that_pages_at_night_takes_back_the_promise_f
         assert "Critical" in card_notes(w)[-1] and "Medium" not in card_notes(w)[-1]
         await w.tick(timedelta(minutes=3))  # 18:04
         await until(lambda: w.pages(CAROL_TG), "Carol is paged at 18:04, as the card now says")
+
+
+async def test_a_page_held_back_while_the_severity_rose_does_not_promise_the_morning(tmp_path: Path) -> None:
+    """17:59: step 1's page to Bob, written with "Carol at Wed 09:00 CET ... (medium incidents page nobody after
+    hours)", is held back by Slack's rate limit while the incident rises to critical, which pages at night: it went
+    out with the morning's promise all the same."""
+    async with world(tmp_path, datetime(2026, 11, 24, 16, 59, tzinfo=UTC)) as w:
+        w.slack.fake.fail("conversations.open", "ratelimited", status=429, retry_after=2)  # Bob's DM waits 2 s
+        await w.alert("medium")
+        await until(lambda: w.slack.fake.called("chat.postMessage"), "the card")
+        await w.alert("critical")
+        await asyncio.sleep(2.2)
+        await w.tick(timedelta(seconds=3))
+        await until(lambda: w.slack_dms("U02BOB"), "Bob's page, once Slack lets it go")
+        [page] = w.slack_dms("U02BOB")
+        words = json.dumps(page["blocks"] if isinstance(page["blocks"], list) else json.loads(page["blocks"]))
+        assert "page nobody after hours" not in words and re.search(r"Carol in [45] min if nobody acknowledges",
+                                                                    words), words
 
 
 def test_the_morning_promise_is_found_whoever_it_names() -> None:
