@@ -313,7 +313,7 @@ async def test_chatops_oncall_prints_tables_from_the_same_store(tmp_path: Path, 
         assert code == 0 and out.startswith("dba-primary: 1w shifts")
         lines = out.strip().splitlines()
         assert lines[1].split() == ["WHO", "FROM", "UNTIL", "NOTE"]
-        assert lines[2].startswith("Alice") and "Mon 30 Nov 09:00 CET" in lines[2] and lines[2].endswith("now")
+        assert lines[2].startswith("Alice") and "Mon 30 Nov 09:00 CET" in lines[2] and lines[2].endswith("at --at")
         assert len(lines) == 2 + 6  # the current shift and the next five
 
         code = await asyncio.to_thread(main, ["oncall", "nope", "-c", str(config)])
