@@ -18,10 +18,10 @@ from aiohttp import web
 from sqlmodel import select
 
 from bot.alerts import BodyError, read_body
-from bot.auth import AuthError, ReplayGuard, replay_message, signature_of, verify
+from bot.auth import AuthError, ReplayGuard, replay_message, signature_of, verify, verify_bearer
 from bot.bodies import COMPRESSED, content_coding, inflate, read_limited, refused
 from bot.clock import Clock
-from bot.config import HmacAuth, Loaded
+from bot.config import BearerAuth, HmacAuth, Loaded
 from bot.metrics import Metrics
 from bot.ratelimit import TokenBucket
 from handlers.intake import Intake, body_digest
@@ -88,6 +88,10 @@ class AlertEndpoint:
         self.metrics.alert_rejected.labels(source, reason).inc()
         return response
 
+    def _unauthorized(self, source_id: str, exc: AuthError) -> web.Response:
+        headers = {"WWW-Authenticate": 'Bearer realm="chatops"'} if exc.reason.endswith("credentials") else {}
+        return self._reject(source_id, exc.reason, _error(401, str(exc), headers=headers))
+
     def _bad_body(self, source_id: str, exc: BodyError) -> web.Response:
         return self._reject(source_id, exc.reason, refused(exc))
 
@@ -113,6 +117,11 @@ class AlertEndpoint:
                 503, f"source {source_id!r} is off: {self.sources_off[source_id]}; set it and restart the bot",
                 headers={"Retry-After": "60"}))
         limit = source.max_body_bytes or self.config.server.max_body_bytes
+        if isinstance(source.auth, BearerAuth):  # (checked before a byte of the body is read: no token, no memory)
+            try:
+                verify_bearer(request.headers, source.auth.bearer)
+            except AuthError as exc:
+                return self._unauthorized(source_id, exc)
         try:
             coding = content_coding(request, COMPRESSED)
             body = await read_limited(request, limit)
@@ -122,10 +131,10 @@ class AlertEndpoint:
             return self._bad_body(source_id, exc)
         now = self.clock.now()
         try:
-            verify(source, request.headers, body, now)
+            if not isinstance(source.auth, BearerAuth):  # (a bearer was checked before the body was read)
+                verify(source, request.headers, body, now)
         except AuthError as exc:
-            headers = {"WWW-Authenticate": 'Bearer realm="chatops"'} if exc.reason.endswith("credentials") else {}
-            return self._reject(source_id, exc.reason, _error(401, str(exc), headers=headers))
+            return self._unauthorized(source_id, exc)
         if coding is not None and not isinstance(source.auth, HmacAuth):  # inflated only for a caller let in
             try:
                 body = inflate(body, coding, limit)

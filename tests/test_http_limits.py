@@ -127,6 +127,19 @@ async def test_a_gzip_bomb_without_credentials_costs_the_bot_no_inflating(h: Har
     assert healthz[0] == 200
 
 
+async def test_a_bearer_source_refuses_a_request_without_its_token_before_reading_its_body(h: Harness) -> None:
+    """A bearer source read the whole body first: sixteen connections without a token held 1 MiB each, and one whose
+    body trickled held the handler 30 s for a 408. The token is checked first: 401 at once, nothing read."""
+    server = h.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(post("/alerts/am", b'{"version": "4"', length=1048000))  # the rest of the body never comes
+    started = time.monotonic()
+    status, _, body = await answer_of(reader)
+    assert (status, json.loads(body)["error"]) == (401, "missing Authorization header (expected: Bearer <token>)")
+    assert time.monotonic() - started < 3
+    writer.close()
+
+
 async def test_a_compressed_body_is_inflated_up_to_the_size_limit_and_no_further(h: Harness) -> None:
     """For a caller let in, a body that inflates past the source's max_body_bytes is a 413 that says so, found
     without inflating the rest (1000 MiB would take about 2 s)."""
