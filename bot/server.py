@@ -55,6 +55,8 @@ CHECK_WAIT = 5.0  # seconds a platform's start-up token check may take
 SHUTDOWN_DRAIN = 5.0
 PURGE_EVERY = 600.0  # seconds between deletions of expired replay claims
 DB_WAIT = 15.0  # seconds PostgreSQL may take to connect or answer a statement before the work gives up (503 to senders)
+# Answers no cache in between may keep (the feed's secret is in its URL; the figures are the operator's)
+PRIVATE = {"Cache-Control": "private, no-store"}
 # Seconds a connection may go without a complete request head, from its opening or from its last answer (an idle
 # keep-alive connection included): longer than the 60 s nginx keeps an idle connection to its upstream, so that a proxy
 # in front closes one first.
@@ -431,8 +433,10 @@ class Bot:
             known = ", ".join(sorted(self.oncall.view.schedules)) or "none configured"
             return web.json_response({"error": f"unknown rotation {rotation[:80]!r} (known: {known}); "
                                       "add it under rotations: in app.yaml"}, status=404)
+        schedule = self.oncall.view.find(rotation)  # (its id as app.yaml writes it, not as the caller spelt it)
         return web.Response(body=body.encode(), content_type="text/calendar", charset="utf-8",
-                            headers={"Content-Disposition": f'inline; filename="{rotation}.ics"'})
+                            headers={"Content-Disposition": f'inline; filename="{schedule.id if schedule else "oncall"}.ics"',
+                                     **PRIVATE})
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         token = self.config.server.metrics_token
@@ -460,7 +464,7 @@ class Bot:
         self._adapters_up()
         for leader in self.leaders:
             self.metrics.leading.labels(leader.name).set(1 if leader.leading else 0)
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type})
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": self.metrics.content_type, **PRIVATE})
 
     async def _count(self) -> None:
         self.db.check_file()

@@ -107,6 +107,12 @@ async def test_the_feed_wants_its_token_in_the_url_and_serves_the_same_calendar_
 
     right = await guarded.client.get(f"/oncall/web.ics?token={CALENDAR_TOKEN}")
     assert right.status == 200 and right.headers["Content-Type"] == "text/calendar; charset=utf-8"
+    # no cache in between keeps it (its secret is in the URL); named by the rotation's id, however it was spelt
+    assert right.headers["Cache-Control"] == "private, no-store"
+    odd = await guarded.client.get(f"/oncall/WEB.ics?token={CALENDAR_TOKEN}")
+    assert odd.status == 200 and odd.headers["Content-Disposition"] == 'inline; filename="web.ics"'
+    metrics = await guarded.client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert metrics.status == 200 and metrics.headers["Cache-Control"] == "private, no-store"
     body = await right.read()
     assert body == await (await open_bot.client.get("/oncall/web.ics")).read()  # the same feed, byte for byte
     assert parse_ics(body)[1]  # shifts in it
