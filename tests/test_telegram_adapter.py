@@ -175,6 +175,18 @@ async def test_the_webhook_refuses_a_wrong_or_missing_secret(env: Env, secret: s
     assert not env.dispatcher.commands and not env.tg.called("sendMessage")
 
 
+async def test_a_secret_sent_twice_is_a_401_whichever_comes_first(env: Env) -> None:
+    """The first copy counted: the right secret then a wrong one was taken (alert intake and /metrics refuse a
+    credential sent twice)."""
+    for first, second in ((SECRET, "wrong-secret-0123456789"), ("wrong-secret-0123456789", SECRET)):
+        status, answer = await raw_post(env.client, "/telegram/webhook",
+                                        [(SECRET_HEADER.encode(), first.encode()), (SECRET_HEADER.encode(), second.encode())],
+                                        json.dumps(fixture("command_group.json")).encode())
+        assert status == 401 and SECRET_HEADER.encode() in answer
+    await asyncio.sleep(0.05)
+    assert not env.dispatcher.commands
+
+
 async def test_a_secret_that_is_not_utf8_is_a_401_not_a_500(env: Env) -> None:
     status, answer = await raw_post(env.client, "/telegram/webhook", [(SECRET_HEADER.encode(), b"\xff\xfe")],
                                     json.dumps(fixture("command_group.json")).encode())
