@@ -21,6 +21,7 @@ import html
 import inspect
 import logging
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -57,6 +58,7 @@ CARD = "application/vnd.microsoft.card.adaptive"
 DATA_KEY = "chatops"  # the key of an Action.Submit's data that holds the button's value
 ACTIVITY_RETRIES = timedelta(hours=1)  # how long an activity id is claimed against a redelivery
 SEEN_KEPT = 1000
+AUTH_THREADS = 4  # tokens checked at once, at most (see TeamsAdapter._authenticate)
 AUTH_WAIT = 10.0  # seconds a request's token may take to check (fetching the signing keys): a 503 after that
 TIMEOUT = 15  # seconds for one Bot Connector call (msrest sets none: aiohttp's default is 5 minutes)
 # The calls that post a message the outbox posts again when it got no answer (see _call); a page it never sends twice
@@ -381,6 +383,44 @@ class TeamsAdapter:
         # (Bot Framework redelivers an activity it got no answer to); set by the bot (storage/replays.py).
         self.claim: Callable[[str, str, timedelta], Awaitable[Handling | None]] | None = None
         self.auth_wait = AUTH_WAIT
+        self._auth_slots: asyncio.Semaphore | None = None  # (made in the running loop: see _authenticate)
+
+    async def _authenticate(self, shell: Activity, header: str | None) -> Any:
+        """botbuilder's check of the token, in a thread of its own: it fetches the signing keys (at first, then daily,
+        and for a key id it does not know) with a blocking call and no timeout. The thread is a daemon holding one
+        of AUTH_THREADS slots until it ends, not until the request gives up (AUTH_WAIT): while Microsoft's key
+        endpoint hangs, callers with made-up tokens hold at most that many threads, which never keep the process
+        from exiting; the others wait for a slot within their AUTH_WAIT, then get 503."""
+        loop = asyncio.get_running_loop()
+        if self._auth_slots is None:
+            self._auth_slots = asyncio.Semaphore(AUTH_THREADS)
+        slots = self._auth_slots
+        await slots.acquire()
+        done: asyncio.Future[Any] = loop.create_future()
+        work = self.authentication.authenticate_request(shell, header)
+
+        def settle(outcome: Any, failed: BaseException | None) -> None:
+            slots.release()
+            if not done.done():
+                done.set_exception(failed) if failed is not None else done.set_result(outcome)
+
+        def run() -> None:
+            try:
+                outcome, failed = asyncio.run(work), None
+            except BaseException as exc:  # (any refusal: the caller says why)
+                outcome, failed = None, exc
+            try:
+                loop.call_soon_threadsafe(settle, outcome, failed)
+            except RuntimeError:  # the bot's loop is closed: it stopped meanwhile
+                pass
+
+        try:
+            threading.Thread(target=run, name="teams-auth", daemon=True).start()
+        except BaseException:
+            slots.release()
+            work.close()
+            raise
+        return await done
 
     says_lost_answers = True  # (its _call logs a post whose answer was lost: the outbox need not say it again)
 
@@ -415,8 +455,7 @@ class TeamsAdapter:
         try:
             # In a thread of its own: botbuilder fetches the Bot Framework's signing keys (on the first request, then
             # daily) with a blocking call and no timeout, which would stop the event loop, or hang it for good.
-            authenticated = await asyncio.wait_for(asyncio.to_thread(
-                asyncio.run, self.authentication.authenticate_request(shell, header)), self.auth_wait)
+            authenticated = await asyncio.wait_for(self._authenticate(shell, header), self.auth_wait)
         except (requests.RequestException, asyncio.TimeoutError) as exc:  # the signing keys could not be fetched
             log.warning("teams: cannot fetch the Bot Framework's signing keys: %s", type(exc).__name__ + f" {exc}")
             return web.json_response({"error": "cannot check the token now (the signing keys are not reachable)"},

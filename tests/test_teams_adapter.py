@@ -361,6 +361,15 @@ async def test_the_signing_keys_are_fetched_without_stopping_the_event_loop_and_
         h.bot.adapters["teams"].auth_wait = 0.5
         status, body = await post(h, bf.message("help"), bf.headers())
         assert status == 503 and "signing keys" in body["error"]
+        # Twelve at once while the keys' host hangs: each request that gave up held a worker thread until the fetch
+        # ended (anyone can send a made-up token). At most AUTH_THREADS daemon threads check tokens; the rest wait.
+        import threading
+
+        from adapters.teams import AUTH_THREADS
+        answers = await asyncio.gather(*(post(h, bf.message("help"), bf.headers()) for _ in range(12)))
+        assert {status for status, _ in answers} == {503}
+        checking = [t for t in threading.enumerate() if t.name == "teams-auth"]
+        assert 0 < len(checking) <= AUTH_THREADS and all(t.daemon for t in checking)
 
 
 async def test_a_click_on_the_card_incident_show_drew_redraws_that_card(tmp_path: Path) -> None:
