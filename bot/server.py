@@ -384,12 +384,22 @@ class Bot:
     async def healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def readyz(self, _request: web.Request) -> web.Response:
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Ready or not (the status is what a probe needs), and why. With server.metrics_token set, why (a file's
+        path, the driver's words naming a host or a user, the adapters' states) is told only with that token, as
+        /metrics is."""
         database = await self._database_state()
         self._adapters_up()
-        body = {"status": "ok" if database == "ok" else "unavailable", "database": database,
-                "adapters": self.adapter_states()}
-        return web.json_response(body, status=200 if database == "ok" else 503)
+        body: dict[str, Any] = {"status": "ok" if database == "ok" else "unavailable", "database": database,
+                                "adapters": self.adapter_states()}
+        token = self.config.server.metrics_token
+        if token is not None:
+            try:
+                verify_bearer(request.headers, token)
+            except AuthError:
+                body = {"status": body["status"], "database": "ok" if database == "ok" else "unavailable",
+                        "detail": "send server.metrics_token as `Authorization: Bearer` for why"}
+        return web.json_response(body, status=200 if database == "ok" else 503, headers=PRIVATE)
 
     async def _database_state(self) -> str:
         """"ok", or why the store is not ready, within 2 s: a ping on the writers' engine (a transaction that begins

@@ -113,6 +113,13 @@ async def test_the_feed_wants_its_token_in_the_url_and_serves_the_same_calendar_
     assert odd.status == 200 and odd.headers["Content-Disposition"] == 'inline; filename="web.ics"'
     metrics = await guarded.client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert metrics.status == 200 and metrics.headers["Cache-Control"] == "private, no-store"
+    # /readyz says why only to whoever has the metrics token (a file's path, a host, the adapters' states)
+    ready = await guarded.client.get("/readyz")
+    assert ready.status == 200 and await ready.json() == {
+        "status": "ok", "database": "ok", "detail": "send server.metrics_token as `Authorization: Bearer` for why"}
+    told = await (await guarded.client.get("/readyz", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})).json()
+    assert told["database"] == "ok" and "adapters" in told
+    assert "adapters" in await (await open_bot.client.get("/readyz")).json()  # (no token set: open, as /metrics)
     body = await right.read()
     assert body == await (await open_bot.client.get("/oncall/web.ics")).read()  # the same feed, byte for byte
     assert parse_ics(body)[1]  # shifts in it
