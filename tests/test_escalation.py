@@ -1815,7 +1815,7 @@ async def test_reopen_starts_the_policy_again(tmp_path: Path) -> None:
         # in 5 min ...", to Bob about himself) beside the second run's page.
         def redrawn() -> list[str]:  # (Bob's pages, redrawn)
             return [c.params.get("text", "") for c in w.tg.called("editMessageText") if c.params.get("chat_id") == BOB_TG]
-        await until(lambda: any("Resolved and reopened since this page was sent" in t for t in redrawn()),
+        await until(lambda: any("Its escalation started again since this page was sent" in t for t in redrawn()),
                     "the first run's page says it was reopened")
         assert not any("Paging Bob" in t for t in redrawn())
 
