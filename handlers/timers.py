@@ -35,13 +35,14 @@ from bot.clock import Clock
 from bot.metrics import Metrics
 from bot.view import span
 from storage import timers as store
-from storage.db import Database, StoreReplaced, busy_store, explain_failure
+from storage.db import Database, StoreReplaced, busy_store, explain_failure, store_unavailable
 from storage.models import Timer
 
 log = logging.getLogger("chatops.timers")
 TimerHandler = Callable[[AsyncSession, Timer, datetime], Awaitable[None]]
 STALLED_AFTER = timedelta(minutes=1)
 LATE_AFTER = timedelta(minutes=1)  # a timer later than this is late; under it, the tick's own jitter
+STORE_RETRY = timedelta(seconds=10)  # a timer the store could not run (locked, down, full) is tried again this soon
 
 
 def replica_name() -> str:
@@ -283,15 +284,20 @@ class TimerService:
             log.warning("timer %s (%s): lease lost before it ran; another replica has it", timer_id, kind)
             return 0
         except Exception as exc:
-            give_up = attempt + 1 >= self.max_attempts or isinstance(exc, LookupError)
-            delay = timedelta(seconds=min(300, 2 ** (attempt + 1)))
+            # The store unable to do it now (a lock held by a maintenance job, an outage, a full disk) is no fault of
+            # the timer's: it is tried again, every STORE_RETRY at the longest, and never given up for it (an
+            # escalation's step was given up for good after a minute's lock, and nobody was told).
+            unavailable = store_unavailable(exc) and not isinstance(exc, LookupError)
+            give_up = not unavailable and (attempt + 1 >= self.max_attempts or isinstance(exc, LookupError))
+            delay = (STORE_RETRY if unavailable else timedelta(seconds=min(300, 2 ** (attempt + 1))))
             why = explain_failure(exc, self.db.wait)  # (a bare TimeoutError says nothing by itself)
             (log.error if give_up else log.warning)(
                 "timer %s (%s %s) failed%s: %s", timer_id, kind, timer.subject,
                 " for good" if give_up else f"; retrying in {delay.total_seconds():.0f}s", why,
                 exc_info=not isinstance(exc, LookupError))
             async with self.db.transaction() as session:
-                await store.retry_later(session, timer_id, self.replica, now + delay, why, give_up=give_up, now=now)
+                await store.retry_later(session, timer_id, self.replica, now + delay, why, give_up=give_up, now=now,
+                                        counted=not unavailable)
             self.metrics.timers_fired.labels(kind, "failed" if give_up else "retry").inc()
             return 0
         late = (now - due_at).total_seconds()

@@ -111,6 +111,17 @@ def waited_in_vain(exc: BaseException) -> bool:
         "idle-in-transaction timeout" in str(exc))
 
 
+def store_unavailable(exc: BaseException) -> bool:
+    """The database could not do the work now (down, unreachable, locked past its wait, full): nothing of it was
+    stored, and the same work may well go through later. Not a fault of the work itself."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout  # no connection free in the pool within its wait
+
+    if isinstance(exc, (OperationalError, InterfaceError, ConnectionError, OSError, asyncio.TimeoutError, PoolTimeout)):
+        return True
+    return waited_in_vain(exc) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
 def busy_store(exc: BaseException) -> str | None:
     """Why the store turned work away for being busy (lock_not_granted), in explain_failure's words for the log; None
     for any other failure. A person's click or command that met it is told so, and that nothing was changed."""

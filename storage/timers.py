@@ -94,9 +94,11 @@ async def complete(session: AsyncSession, timer_id: int, replica: str, now: date
 
 
 async def retry_later(session: AsyncSession, timer_id: int, replica: str, due_at: datetime, error: str,
-                      *, give_up: bool, now: datetime) -> None:
-    """A timer whose effect failed: try again at `due_at`, or mark it failed."""
-    values: dict[str, Any] = {"attempt": TIMERS.c.attempt + 1, "last_error": error[:500], "lease_until": None}
+                      *, give_up: bool, now: datetime, counted: bool = True) -> None:
+    """A timer whose effect failed: try again at `due_at`, or mark it failed. Not `counted`: the store itself could
+    not do it then (down, locked, full), which says nothing of the timer: its attempts stay as they were."""
+    values: dict[str, Any] = {"attempt": TIMERS.c.attempt + (1 if counted else 0), "last_error": error[:500],
+                              "lease_until": None}
     values.update({"status": FAILED, "fired_at": now} if give_up else {"due_at": due_at})
     await session.execute(update(TIMERS).where(TIMERS.c.id == timer_id, TIMERS.c.claimed_by == replica,
                                                TIMERS.c.status == PENDING).values(**values))
