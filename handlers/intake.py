@@ -56,6 +56,7 @@ RESENDING_KINDS = ("alertmanager", "grafana")  # senders that repeat a whole gro
 IDEMPOTENCY_WINDOW = timedelta(hours=24)
 UNKNOWN_SEVERITY_SAID_EVERY = timedelta(minutes=1)  # the log names a source's unknown severities at most this often
 WRITERS = ("thread", "process")
+WRITER_WAIT = 30.0  # seconds a batch's answer from the writer process is waited for, at most (Intake.writer_wait)
 _dumps = fast_encoder(json.JSONEncoder())  # json.dumps: what the HTTP answer's body is
 _UNAVAILABLE = "the database is unavailable; nothing was stored, retry later"
 _INTERNAL = "internal error; nothing was stored"
@@ -442,6 +443,9 @@ class Intake:
         self.max_batch = max_batch
         self.writer = writer
         self._process: WriterProcess | None = None
+        # A batch's answer from the writer process is waited for this long at most (a SQLite lock held by another
+        # process is waited for 10 s there, the busy timeout): then the process is given up (_overdue)
+        self.writer_wait = WRITER_WAIT
         self._process_url: str | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._send_soon = False  # a call to _send_queued is scheduled
@@ -734,6 +738,15 @@ class Intake:
                 continue
             self._sent.add(future)
             future.add_done_callback(functools.partial(self._answered_by_process, batch))
+            # A process that stops answering (hung, stopped with SIGSTOP) held these requests, and the bot's stop,
+            # for as long as it did, with nothing in the log: past WRITER_WAIT it is given up and killed.
+            overdue = asyncio.get_running_loop().call_later(self.writer_wait, self._overdue, future)
+            future.add_done_callback(lambda _f, handle=overdue: handle.cancel())
+
+    def _overdue(self, future: asyncio.Future[Any]) -> None:
+        process = self._process
+        if not future.done() and process is not None and process.alive:
+            process.abandon(f"has not answered a batch for {self.writer_wait:g} s")
 
     def _answered_by_process(self, batch: list[Submission], future: asyncio.Future[Any]) -> None:
         self._sent.discard(future)

@@ -155,6 +155,13 @@ class WriterProcess:
             if not isinstance(exc, Exception):
                 raise
 
+    def abandon(self, why: str) -> None:
+        """Give the process up (it stopped answering): kill it, so that nothing it was given commits after this;
+        every call waiting for an answer, and every later one, fails with WriterGone."""
+        log.error("%s process %s %s; killing it: what it was given gets 503, and senders retry", self.name, self.pid,
+                  why)
+        self._lost(WriterGone(f"the {self.name} process {why}"), kill=True)
+
     def _received(self, frame: Any) -> None:
         """A frame from the process: its handshake, then lists of answers (to the messages taken together)."""
         if self._transport is None:

@@ -309,6 +309,30 @@ async def test_the_writer_process_dying_mid_batch_answers_503_and_the_next_batch
             assert (await h.bot.audit.verify(s)).ok
 
 
+async def test_a_writer_process_that_stops_answering_is_given_up_and_the_next_batch_gets_a_new_one(
+        tmp_path: Path) -> None:
+    """A writer process stopped (SIGSTOP; hung) held every alert request, and the bot's stop, for as long as it was:
+    no answer after 200 s, nothing in the log. Past writer_wait it is killed: 503, and the next batch is stored."""
+    async with process_bot(tmp_path) as h:
+        assert (await h.post("open", alert("before")))[0] == 200
+        first = writer_pid(h)
+        h.bot.intake.writer_wait = 1.0
+        os.kill(first, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            status, answer, headers = await asyncio.wait_for(h.post("open", alert("held")), 10)
+            assert (status, headers["Retry-After"]) == (503, "5") and time.monotonic() - started < 5
+        finally:
+            if running(first):
+                os.kill(first, signal.SIGCONT)
+        await gone(first)
+        status, answer, _ = await h.post("open", alert("after"))
+        assert status == 200, answer
+        assert writer_pid(h) != first
+        async with h.bot.db.sessions() as s:
+            assert len((await s.execute(select(AlertRecord.fingerprint))).scalars().all()) == 2  # not "held"
+
+
 async def test_database_unavailable_answers_503_then_the_retry_lands(tmp_path: Path) -> None:
     async with process_bot(tmp_path) as h:
         good = h.bot.db
