@@ -71,8 +71,6 @@ _WAITED = OutboxItem.details[TOKEN_REFUSED].as_string().is_not(None)  # a row th
 # A channel's or person's message (not a page) that a platform refused for the bot's token (OutboxWorker._failed):
 # it goes at once once a call there works again, or at the next start, not at its back-off (up to 5 minutes).
 TOKEN_WAIT = "token_wait"
-# (after a reopen, or a maintenance window's end that started the escalation again: a new run)
-REOPENED_WORDS = "Its escalation started again since this page was sent, with pages of its own."
 LATE_WORDS = timedelta(minutes=1)  # a page that goes this long after its step fired says the time left (_page)
 HELD_SAID = "held_said"  # a page's details: the thread said a platform's rate limit holds it (_page_held)
 _TOKEN_WAITED = OutboxItem.details[TOKEN_WAIT].as_string().is_not(None)
@@ -361,10 +359,8 @@ class PageLanes:
                                  escalation_mark=mark)
         state, step, total = incident_state(incident), details.get("step"), details.get("of")
         words = note if state in ("firing", "acknowledged") else ""
-        if words and isinstance(step, int) and total and escalation is not None and details.get("run", 0) != escalation.run:
-            # A page of the run before (a reopen): not the card's words ("Paging Bob." to Bob), nor its own old ones
-            words = REOPENED_WORDS
-        elif words and isinstance(step, int) and total and escalation is not None:
+        if (words and isinstance(step, int) and total and escalation is not None
+                and details.get("run", 0) == escalation.run):
             here = escalation.state == "active" and escalation.next_step == step  # not moved past it
             words = step_words(step, total, str(details.get("next") or "") if here else note,
                                late_words(details.get("late"), person.timezone or self.config.timezone, now))

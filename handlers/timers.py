@@ -42,7 +42,6 @@ log = logging.getLogger("chatops.timers")
 TimerHandler = Callable[[AsyncSession, Timer, datetime], Awaitable[None]]
 STALLED_AFTER = timedelta(minutes=1)
 LATE_AFTER = timedelta(minutes=1)  # a timer later than this is late; under it, the tick's own jitter
-STORE_RETRY = timedelta(seconds=10)  # a timer the store could not run (locked, down, full) is tried again this soon
 
 
 def replica_name() -> str:
@@ -285,11 +284,11 @@ class TimerService:
             return 0
         except Exception as exc:
             # The store unable to do it now (a lock held by a maintenance job, an outage, a full disk) is no fault of
-            # the timer's: it is tried again, every STORE_RETRY at the longest, and never given up for it (an
-            # escalation's step was given up for good after a minute's lock, and nobody was told).
+            # the timer's: it is tried again, its tries not counted (so at the first back-off), and never given up
+            # for it (an escalation's step was given up for good after a minute's lock, and nobody was told).
             unavailable = store_unavailable(exc) and not isinstance(exc, LookupError)
             give_up = not unavailable and (attempt + 1 >= self.max_attempts or isinstance(exc, LookupError))
-            delay = (STORE_RETRY if unavailable else timedelta(seconds=min(300, 2 ** (attempt + 1))))
+            delay = timedelta(seconds=min(300, 2 ** (attempt + 1)))
             why = explain_failure(exc, self.db.wait)  # (a bare TimeoutError says nothing by itself)
             (log.error if give_up else log.warning)(
                 "timer %s (%s %s) failed%s: %s", timer_id, kind, timer.subject,

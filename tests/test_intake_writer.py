@@ -326,6 +326,7 @@ async def test_a_writer_process_that_stops_answering_is_given_up_and_the_next_ba
             if running(first):
                 os.kill(first, signal.SIGCONT)
         await gone(first)
+        h.bot.intake.writer_wait = 30.0  # (the new process's start counts in its first batch's wait)
         status, answer, _ = await h.post("open", alert("after"))
         assert status == 200, answer
         assert writer_pid(h) != first
