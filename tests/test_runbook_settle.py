@@ -64,7 +64,7 @@ async def ended(s: Slack, where: list[tuple[str, str]], words: str) -> None:
 
     def now() -> list[tuple[str, str, list[str]]]:
         return [(c, s.fake.messages[(c, t)]["text"], buttons(s.fake.messages[(c, t)])) for c, t in where]
-    for _ in range(50):
+    for _ in range(150):  # (50 ran out once in CI, on PostgreSQL, under load)
         if all(words in text and not keys for _, text, keys in now()):
             return
         s.h.clock.advance(timedelta(seconds=1))
