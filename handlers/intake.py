@@ -43,7 +43,7 @@ from bot.routing import group_key, select_routes, silence_ends, silenced_by
 from handlers.notify import page_redraw_row
 from handlers.silences import schedule_silence_ends
 from storage.audit import _SQLITE_HEAD, AuditLog, Entry, KeyMismatch
-from storage.db import Database, explain_failure, waited_in_vain
+from storage.db import Database, explain_failure, store_unavailable
 from storage.models import AlertRecord, AlertSignature, AuditEvent, Delivery, Escalation, Incident, OutboxItem
 from storage.replays import claim_in
 from storage.rows import Json, Rows, _encode_datetime, fast_encoder, json_text
@@ -1442,16 +1442,9 @@ def _lock_keys(conn: Connection, keys: Sequence[str]) -> None:
 
 
 def _is_db_unavailable(exc: BaseException) -> bool:
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-    from sqlalchemy.exc import TimeoutError as PoolTimeout  # no connection free in the pool within its wait
-
-    if isinstance(exc, (OperationalError, InterfaceError, ConnectionError, OSError, asyncio.TimeoutError, PoolTimeout)):
-        return True
-    if isinstance(exc, KeyMismatch):  # the chain's key was changed under this bot: stored after its restart, on retry
-        return True
-    if waited_in_vain(exc):  # a lock held too long by another replica (or this one was paused): nothing stored
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+    """storage.db.store_unavailable (down, a lock held too long by another replica, this one paused: nothing
+    stored), or the chain's key changed under this bot (stored after its restart, on a retry): senders get 503."""
+    return store_unavailable(exc) or isinstance(exc, KeyMismatch)
 
 
 # -- what travels to the writer process (handlers/intake_child.py applies it there) -------------------------
