@@ -42,7 +42,7 @@ from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
 from handlers.silences import SilenceEnds
 from handlers.timers import STALLED_AFTER, TimerService
 from storage.audit import AuditLog, Entry, KeyMismatch
-from storage.db import Database, Leader, StoreReplaced, busy_store, is_sqlite_file_url
+from storage.db import Database, DiskFull, Leader, StoreReplaced, busy_store, is_sqlite_file_url, room_problem
 from storage.models import Incident
 from storage.queries import open_incidents_by_severity, outbox_counts, outbox_oldest_due
 from storage.replays import SharedReplays
@@ -415,7 +415,7 @@ class Bot:
         done, _ = await asyncio.wait({ping}, timeout=2)
         if not done:
             database = "unreachable: no answer within 2 s (down, or locked by a long transaction)"
-        elif isinstance(exc := ping.exception(), StoreReplaced):
+        elif isinstance(exc := ping.exception(), (StoreReplaced, DiskFull)):
             database = str(exc)
         elif exc is not None:  # any failure to reach it means not ready
             database = f"unreachable: {error_said(exc)}"[:300]
@@ -586,6 +586,11 @@ async def serve(loaded: Loaded, *, clock: Clock | None = None) -> int:
     if problem is not None:  # SQLite would say only "unable to open database file"
         log.error("cannot open the database at %s: %s", make_url(loaded.config.storage.url).database, problem)
         return 1
+    if is_sqlite_file_url(loaded.config.storage.url):
+        full = room_problem(make_url(loaded.config.storage.url).database or "")
+        if full is not None:  # (else a traceback, from the lock file's first write)
+            log.error("cannot start: %s; free space there, or give storage.url a file on another disk", full)
+            return 1
     try:
         socks = _listen(server.host, server.port)
     except OSError as exc:

@@ -14,6 +14,12 @@ Timers overdue by more than `STALLED_AFTER` are counted in
 can ask `lateness()` why its timer runs late (the bot was not running, its
 rounds were failing), to say so where people read it; a beat that ran timers
 which fell due before the bot started logs how many, of which kinds.
+
+APScheduler plans its beats by the wall clock, and a wall clock stepped back (an hour, by NTP or a VM's
+resume) left the beat, and every periodic job, waiting for that hour to pass again, and the timers with it.
+A watch on the monotonic clock (`_watch_clock`) notices a step either way: after one back, every job is
+planned again from the new time, and is logged; after one forward, a timer that fell due in the skipped
+time says so (`lateness`), rather than "the bot was running behind".
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -42,6 +48,8 @@ log = logging.getLogger("chatops.timers")
 TimerHandler = Callable[[AsyncSession, Timer, datetime], Awaitable[None]]
 STALLED_AFTER = timedelta(minutes=1)
 LATE_AFTER = timedelta(minutes=1)  # a timer later than this is late; under it, the tick's own jitter
+CLOCK_CHECK_EVERY = 1.0  # seconds (monotonic) between looks at the wall clock
+CLOCK_STEP = 2.0  # seconds: the wall clock moving this much more, or less, than the monotonic one was stepped
 
 
 def replica_name() -> str:
@@ -52,8 +60,12 @@ def replica_name() -> str:
 class TimerService:
     def __init__(self, *, db: Database, clock: Clock, metrics: Metrics, interval: float = 0.5, batch: int = 200,
                  lease: timedelta = timedelta(seconds=30), max_attempts: int = 5,
-                 after_commit: Callable[[], None] | None = None):
+                 after_commit: Callable[[], None] | None = None, wall: Callable[[], float] = time.time):
         self.db, self.clock, self.metrics = db, clock, metrics
+        self.wall = wall  # the clock APScheduler plans by (tests step it)
+        self._clock_seen: tuple[float, float] | None = None  # (wall, monotonic) at the last look
+        self._clock_watch: asyncio.TimerHandle | None = None
+        self._skipped: list[tuple[float, float]] = []  # wall-clock spans a step forward skipped (the last few)
         self.interval, self.batch, self.lease, self.max_attempts = interval, batch, lease, max_attempts
         self.after_commit = after_commit  # e.g. wake the outbox worker when a timer queued chat work
         self.replica = replica_name()
@@ -121,10 +133,43 @@ class TimerService:
         self._scheduler.start()
         for fn, seconds, name in self._jobs:
             self._start_job(fn, seconds, name)
+        self._clock_seen = None
+        self._watch_clock()
         self.nudge()
+
+    def _watch_clock(self) -> None:
+        """Every CLOCK_CHECK_EVERY seconds: has the wall clock been stepped since the last look? (A loop held up
+        moves both clocks alike; a suspended machine's wall clock moves alone, which reads as a step forward.)"""
+        wall, mono = self.wall(), time.monotonic()
+        if self._clock_seen is not None:
+            step = (wall - self._clock_seen[0]) - (mono - self._clock_seen[1])
+            if step <= -CLOCK_STEP:
+                self._stepped_back(-step)
+            elif step >= CLOCK_STEP:
+                self._skipped = [*self._skipped[-9:], (wall - step, wall)]
+                log.warning("the system clock jumped forward by %s; timers due in that time run now, late",
+                            span(timedelta(seconds=round(step))))
+        self._clock_seen = (wall, mono)
+        if self._running:
+            self._clock_watch = asyncio.get_running_loop().call_later(CLOCK_CHECK_EVERY, self._watch_clock)
+
+    def _stepped_back(self, by: float) -> None:
+        """Every APScheduler job planned again from the wall clock's new time (each was due `by` seconds later than
+        it should be). Timers keep the due times they were given: a wall clock an hour back runs them an hour late."""
+        if self._scheduler is None:
+            return
+        now = datetime.fromtimestamp(self.wall(), UTC)
+        for job in self._scheduler.get_jobs():
+            job.modify(next_run_time=now)
+        log.warning("the system clock went back by %s; the timer beat and the periodic jobs were planned again from "
+                    "the new time (timers due meanwhile run at their own due times, by the new clock)",
+                    span(timedelta(seconds=round(by))))
 
     async def stop(self) -> None:
         self._running = False
+        if self._clock_watch is not None:
+            self._clock_watch.cancel()
+            self._clock_watch = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
@@ -218,6 +263,9 @@ class TimerService:
             return "the bot was not running"
         if self._failed_at is not None and self._failed_at >= due_at:
             return "the bot could not run its timers (its log says why)"
+        stamp = due_at.timestamp()
+        if any(start <= stamp <= end for start, end in self._skipped):
+            return "the system clock jumped forward past it"
         return "the bot was running behind"
 
     def _said_overdue(self) -> None:

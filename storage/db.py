@@ -196,6 +196,24 @@ class StoreReplaced(OSError):
     """The SQLite file the bot opened is no longer at its path: the store is unavailable (senders get 503)."""
 
 
+class DiskFull(OSError):
+    """The disk holding the SQLite file has no room left for a write: intake answers 503, nothing is recorded."""
+
+
+DISK_LOW = 1 << 20  # bytes: less free than this on a SQLite file's disk, and the store is not ready
+
+
+def room_problem(path: str) -> str | None:
+    """"the disk holding PATH is full (N bytes free)" when less than DISK_LOW is free where the SQLite file `path` is
+    (or would be), else None. Root may use the blocks kept for root, as SQLite running as root does."""
+    try:
+        fs = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:  # (the file's own checks say what is wrong with its path)
+        return None
+    free = (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize
+    return f"the disk holding {path} is full ({free:,} bytes free)" if free < DISK_LOW else None
+
+
 class Database:
     def __init__(self, url: str, *, schema: str | None = None, echo: bool = False, wait: float | None = None):
         """`wait` (PostgreSQL): seconds a connection, a statement or a free connection of the pool may take before
@@ -406,8 +424,9 @@ class Database:
             raise SchemaTooOld(self.safe_url, current, SCHEMA_VERSION)
 
     async def ping(self) -> None:
-        """Reach the store (raise if it cannot be), and check_file()."""
+        """Reach the store (raise if it cannot be), check_file() and check_room()."""
         self.check_file()
+        self.check_room()
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
@@ -432,6 +451,15 @@ class Database:
             self._replaced_said = True
             log.error("%s; until then alerts get 503, and nothing is delivered or recorded", problem)
         raise StoreReplaced(problem)
+
+    def check_room(self) -> None:
+        """A SQLite file's disk must have room for the next commit: full, every write fails (intake answers 503)
+        while a read, and so a ping, still works. DiskFull says so, with what is free."""
+        if self._file_id is None:
+            return
+        problem = room_problem(self._file_path)
+        if problem is not None:
+            raise DiskFull(f"{problem}: alerts get 503 and nothing is recorded until space is freed there")
 
     async def read_row(self, statement: Any) -> Any:
         """The one row of a single read statement (an aggregate: `SELECT min(...)`), for checks that run every

@@ -1,0 +1,82 @@
+"""The disk holding the SQLite file full: /readyz says so (a ping only reads, and said "ok" while every alert got
+503), and says it no longer once space is freed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import db as db_module
+from tests.botkit import bot_on, running_bot
+from tests.conftest import free_port
+
+
+class Disk:
+    """os.statvfs as the bot sees it, with the free blocks set by the test (the rest as the real disk has it)."""
+
+    def __init__(self) -> None:
+        self.free_blocks: int | None = None
+        self.real = os.statvfs
+
+    def __call__(self, path: Any) -> Any:
+        fs = self.real(path)
+        if self.free_blocks is None:
+            return fs
+        values = list(fs)
+        values[3] = values[4] = self.free_blocks  # f_bfree, f_bavail
+        return os.statvfs_result(values)
+
+
+async def test_readyz_says_the_disk_is_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = Disk()
+    monkeypatch.setattr(db_module.os, "statvfs", disk)
+    path = tmp_path / "bot.db"
+    async with running_bot(f"sqlite+aiosqlite:///{path}") as h:
+        ok = await h.client.get("/readyz")
+        assert ok.status == 200 and (await ok.json())["database"] == "ok"
+        disk.free_blocks = 3  # a few blocks (each f_frsize bytes): less than the next commit may need
+        full = await h.client.get("/readyz")
+        body = await full.json()
+        frsize = disk.real(str(tmp_path)).f_frsize
+        assert full.status == 503, body
+        assert body["status"] == "unavailable"
+        assert body["database"] == (f"the disk holding {path} is full ({3 * frsize:,} bytes free): alerts get 503 "
+                                    "and nothing is recorded until space is freed there")
+        assert "chatops_database_up 0.0" in await (await h.client.get("/metrics")).text()
+        disk.free_blocks = None  # space freed
+        again = await h.client.get("/readyz")
+        assert again.status == 200 and (await again.json())["database"] == "ok"
+
+
+async def test_a_postgresql_store_is_not_asked_about_a_local_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                  pg_schema: str) -> None:
+    disk = Disk()
+    disk.free_blocks = 0  # the bot's own disk full says nothing of the database server's
+    monkeypatch.setattr(db_module.os, "statvfs", disk)
+    async with bot_on("postgres", tmp_path, pg_schema) as h:
+        ok = await h.client.get("/readyz")
+        assert ok.status == 200 and (await ok.json())["database"] == "ok"
+
+
+async def test_serve_on_a_full_disk_says_so_and_does_not_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """It ended in a traceback (No space left on device) from the lock file's first write."""
+    from adapters import SETTINGS_MODELS
+    from bot.config import load_config
+    from bot.server import serve
+
+    disk = Disk()
+    disk.free_blocks = 0
+    monkeypatch.setattr(db_module.os, "statvfs", disk)
+    path = tmp_path / "bot.db"
+    loaded = load_config(Path(__file__).resolve().parent.parent / "app.yaml", adapter_models=SETTINGS_MODELS,
+                         env={"CHATOPS_DATABASE_URL": f"sqlite+aiosqlite:///{path}", "CHATOPS_PORT": str(free_port())})
+    assert await asyncio.wait_for(serve(loaded), 30) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"cannot start: the disk holding {path} is full (0 bytes free); free space there, or give storage.url a file "
+        "on another disk"]
+    assert not path.exists() and not Path(f"{path}.lock").exists()  # nothing was made there
