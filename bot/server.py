@@ -42,7 +42,8 @@ from handlers.overrides import MANAGER, OVERRIDE_USAGE, OverrideHandlers
 from handlers.silences import SilenceEnds
 from handlers.timers import STALLED_AFTER, TimerService
 from storage.audit import AuditLog, Entry, KeyMismatch
-from storage.db import Database, DiskFull, Leader, StoreReplaced, busy_store, is_sqlite_file_url, room_problem
+from storage.db import (Database, DiskFull, Leader, StoreReplaced, busy_store, explain_failure, is_sqlite_file_url,
+                        room_problem)
 from storage.models import Incident
 from storage.queries import open_incidents_by_severity, outbox_counts, outbox_oldest_due
 from storage.replays import SharedReplays
@@ -623,6 +624,9 @@ async def _serve(loaded: Loaded, socks: list[socket.socket], clock: Clock | None
     except Exception as exc:
         why = (error_said(exc) if isinstance(exc, StatementError) else str(exc)) or (
             f"no answer within {DB_WAIT:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        if busy_store(exc) is not None and not bot.db.is_postgres:  # another process holds the file's write lock
+            why = (f"{explain_failure(exc)}; end that transaction (a sqlite3 shell, a backup, another program), then "
+                   "start the bot again")
         log.error("cannot open the database at %s: %s", bot.db.safe_url, why)
         await bot.stop()
         return 1

@@ -129,6 +129,7 @@ class WriterProcess:
         try:
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+            env[LOG_ENV] = _log_setting()
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "storage.writer", str(child.fileno())], pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL, env=env)
@@ -303,8 +304,26 @@ class _Frames:
             self.buffer += data
 
 
+LOG_ENV = "CHATOPS_WRITER_LOG"  # "FORMAT:LEVEL" of the parent's log, for what the child logs itself
+
+
+def _log_setting() -> str:
+    """How the parent logs ("text:INFO", "json:DEBUG"): the child's own lines (its WAL checkpointer's) look the same,
+    where they were bare lines on stderr, without time or level."""
+    from bot.logs import JsonFormatter
+
+    root = logging.getLogger()
+    json_log = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return f"{'json' if json_log else 'text'}:{logging.getLevelName(root.getEffectiveLevel())}"
+
+
 def main(fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fmt, _, level = os.environ.get(LOG_ENV, "").partition(":")
+    if fmt in ("text", "json") and level:
+        from bot.logs import setup
+
+        setup(fmt, level)
     sock = socket.socket(fileno=fd)
     frames = _Frames(sock)
 

@@ -16,3 +16,15 @@ def explode_on_boom(conn: Connection, incidents: list[tuple[int, str]], now: dat
     titles = conn.execute(select(Incident.title).where(Incident.id.in_([i for i, _ in incidents]))).scalars().all()
     if TRIGGER in titles:
         raise RuntimeError("boom (tests/intake_writer_hooks.py)")
+
+
+def loud_writer() -> object:
+    """A writer process's handler (storage/writer.py imports it by name) that logs a warning of its own for each
+    message, as the WAL checkpointer in a writer process logs, and answers each message with its number."""
+    import logging
+
+    def handle(messages: list[int]) -> list[int]:
+        for n in messages:
+            logging.getLogger("chatops.storage").warning("child line %d", n)
+        return messages
+    return handle

@@ -1,18 +1,29 @@
-"""The disk holding the SQLite file full: /readyz says so (a ping only reads, and said "ok" while every alert got
-503), and says it no longer once space is freed."""
+"""The SQLite store in trouble outside the bot. Its disk full: /readyz says so (a ping only reads, and said "ok" while
+every alert got 503), and says it no longer once space is freed; `serve` says so (it ended in a traceback). Its write
+lock held by another process at start: `serve` says what to do."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from adapters import SETTINGS_MODELS
+from bot.config import Loaded, load_config
+from bot.server import serve
 from storage import db as db_module
 from tests.botkit import bot_on, running_bot
 from tests.conftest import free_port
+
+
+def example_config(path: Path) -> Loaded:
+    """The example app.yaml, its store at `path`, on a free port."""
+    return load_config(Path(__file__).resolve().parent.parent / "app.yaml", adapter_models=SETTINGS_MODELS,
+                       env={"CHATOPS_DATABASE_URL": f"sqlite+aiosqlite:///{path}", "CHATOPS_PORT": str(free_port())})
 
 
 class Disk:
@@ -65,18 +76,30 @@ async def test_a_postgresql_store_is_not_asked_about_a_local_disk(monkeypatch: p
 async def test_serve_on_a_full_disk_says_so_and_does_not_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """It ended in a traceback (No space left on device) from the lock file's first write."""
-    from adapters import SETTINGS_MODELS
-    from bot.config import load_config
-    from bot.server import serve
-
     disk = Disk()
     disk.free_blocks = 0
     monkeypatch.setattr(db_module.os, "statvfs", disk)
     path = tmp_path / "bot.db"
-    loaded = load_config(Path(__file__).resolve().parent.parent / "app.yaml", adapter_models=SETTINGS_MODELS,
-                         env={"CHATOPS_DATABASE_URL": f"sqlite+aiosqlite:///{path}", "CHATOPS_PORT": str(free_port())})
+    loaded = example_config(path)
     assert await asyncio.wait_for(serve(loaded), 30) == 1
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
         f"cannot start: the disk holding {path} is full (0 bytes free); free space there, or give storage.url a file "
         "on another disk"]
     assert not path.exists() and not Path(f"{path}.lock").exists()  # nothing was made there
+
+
+async def test_serve_while_another_process_holds_the_store_write_locked_says_what_to_do(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """It said only "OperationalError: database is locked"."""
+    monkeypatch.setattr(db_module, "SQLITE_BUSY_TIMEOUT_MS", 500)
+    path = tmp_path / "bot.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # a sqlite3 shell, say, in a write transaction
+        assert await asyncio.wait_for(serve(example_config(path)), 30) == 1
+    finally:
+        other.close()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"cannot open the database at sqlite+aiosqlite:///{path}: OperationalError: the database stayed locked for "
+        "0.5 s (another process's write transaction: a chatops command, or one stuck?); end that transaction (a "
+        "sqlite3 shell, a backup, another program), then start the bot again"]
