@@ -120,6 +120,20 @@ def asked_row(incident_id: int | None, run_id: int, outcome: str, now: datetime)
                       event="runbook.decided", details={ASKS: run_id, "outcome": outcome})
 
 
+SWAP_ASKS = "swap_asks"  # in a direct message's details: the swap (its id) its buttons act on
+LIVE_WHILE = "live_while"  # in the same: the swap's states in which those buttons still do something
+
+
+def swap_changed_row(swap_id: int, status: str, outcome: str, now: datetime, *,
+                     clicked: Mapping[str, Any] | None = None) -> OutboxItem:
+    """A row that redraws swap `swap_id`'s direct messages whose buttons do nothing in its new `status`: their words,
+    then `outcome` ("Cancelled by Alice."), without the buttons. The other side's Accept and Decline stayed after a
+    cancel, as did a second approver's Approve after the first approved. `clicked`: the message whose button made the
+    change (where it went, as a row keeps it), which the click's own answer redraws."""
+    return OutboxItem(created_at=now, due_at=now, incident_id=None, channel=ASKED, kind="asked", event="swap.changed",
+                      details={SWAP_ASKS: swap_id, "status": status, "outcome": outcome, "clicked": clicked})
+
+
 def decided_words(details: Mapping[str, Any], outcome: str) -> str:
     """A request's message as it reads once decided: its words (ASKED_WORDS), then how it ended."""
     return f"{details.get(ASKED_WORDS) or ''} {outcome}".strip()

@@ -37,13 +37,13 @@ from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED
 from bot.metrics import Metrics
 from bot.view import incident_card, incident_state, span, thread_line
 from handlers.escalation import SYSTEM, TOKEN_REFUSED, Escalations, drawn_with, late_words
-from handlers.notify import (ASKED, ASKS, SETTLED, UNACKNOWLEDGED, asked_row, button_from, decided_words,
-                             queue_redraw, queue_thread_line)
+from handlers.notify import (ASKED, ASKS, LIVE_WHILE, SETTLED, SWAP_ASKS, UNACKNOWLEDGED, asked_row, button_from,
+                             decided_words, queue_redraw, queue_thread_line, swap_changed_row)
 from handlers.paging import (LOOK_AFTER, PAGE_RATE_WAIT, UNANSWERED, Attempt, page_finders, page_message, page_order,
                              page_where, send_page)
 from storage.audit import AuditLog, Entry
 from storage.db import Database, explain_failure
-from storage.models import AlertRecord, Escalation, Incident, OutboxItem, RunbookRun, Timer
+from storage.models import AlertRecord, Escalation, Incident, OutboxItem, RunbookRun, SwapRequest, Timer
 from storage.queries import UNCONFIRMED, recent_alerts
 
 if TYPE_CHECKING:
@@ -474,6 +474,9 @@ class PageLanes:
                 return 0
         text = str(row.details.get("text") or "")
         buttons = [button_from(spec) for spec in row.details.get("buttons") or []]
+        moved_on = await self._swap_moved_on(row.details) if row.details.get(SWAP_ASKS) is not None else None
+        if moved_on is not None:  # (its buttons would do nothing: it goes as its redraw would leave it)
+            text, buttons = f"{text}\n\n{moved_on}", []
         order = row.details.get("platforms") or page_order(person)
         message = Outbound("text", {"text": text}, buttons, text=text)
         attempt = await send_page(self.adapters, person, message, order, allow=self._budget, sleep=self._sleep)
@@ -482,7 +485,7 @@ class PageLanes:
             return 1 if attempt.retry_after else 0
         if attempt.platform is not None:
             self.metrics.chat_calls.labels(attempt.platform, "direct", "ok").inc()
-            await self._finish([row], "sent", where=attempt.ref)
+            await self._finish([row], "sent", where=attempt.ref, settled=moved_on is not None)
             if self.token_refused.pop(attempt.platform, None) is not None:
                 await self._token_accepted()
             return 1
@@ -519,6 +522,9 @@ class PageLanes:
         (On PostgreSQL the run's row is locked for it, so the decision commits either before this look or after
         this transaction; on SQLite, writes are one at a time.)"""
         for item in items:
+            if (item.details or {}).get(SWAP_ASKS) is not None:
+                await self._keep_swap_ask(session, item, ref, settled=settled)
+                continue
             run_id = (item.details or {}).get(ASKS)
             if run_id is None:
                 continue
@@ -539,18 +545,68 @@ class PageLanes:
                                       self.clock.now()))
                 self.nudge()
 
+    async def _swap_moved_on(self, details: Mapping[str, Any]) -> str | None:
+        """What became of the swap a direct message's buttons act on, if its last change left them doing nothing."""
+        async with self.db.sessions() as session:
+            last = await _last_swap_change(session, int(details[SWAP_ASKS]))
+        if last is None or last.get("status") in (details.get(LIVE_WHILE) or ()):
+            return None
+        return str(last.get("outcome") or "")
+
+    async def _keep_swap_ask(self, session: Any, item: OutboxItem, ref: MessageRef, *, settled: bool) -> None:
+        """_keep_where for a direct message with a swap's buttons (SWAP_ASKS). One that went while the swap moved
+        past what its buttons do (the other side cancelled as it was sent) is redrawn now: the redraw of that change
+        may have looked before it was kept. (PostgreSQL: the swap's row is locked for it, as a run's is.)"""
+        details = {**item.details, "message": page_where(ref), **({SETTLED: True} if settled else {})}
+        await session.execute(update(OutboxItem).where(OutboxItem.id == item.id).values(details=details))
+        item.details = details
+        if settled:
+            return
+        swap_id = int(details[SWAP_ASKS])
+        query = select(SwapRequest.id).where(SwapRequest.id == swap_id)
+        if self.db.is_postgres:
+            query = query.with_for_update(read=True)
+        await session.execute(query)
+        last = await _last_swap_change(session, swap_id)
+        if last is not None and last.get("status") not in (details.get(LIVE_WHILE) or ()):
+            session.add(swap_changed_row(swap_id, str(last.get("status")), str(last.get("outcome")), self.clock.now()))
+            self.nudge()
+
     async def _redraw_asks(self, row: OutboxItem) -> int:
         """A runbook request was decided: each message that asked to decide it (the thread's line on each platform,
-        each approver's direct message) is redrawn to say how it ended, without its buttons, where it went. One
-        whose chat's budget is spent waits a moment and holds back no other; one the platform no longer has
+        each approver's direct message) is redrawn to say how it ended, without its buttons, where it went. A swap
+        changed (SWAP_ASKS): each direct message whose buttons do nothing in its new state is redrawn, its words
+        then what happened, without them; but the one clicked for the change, which the click's answer redraws.
+        One whose chat's budget is spent waits a moment and holds back no other; one the platform no longer has
         (deleted) is left alone; the platform in trouble, the rest wait for the row's retry. Each one redrawn is
         marked so (SETTLED), for a retry to go on from there."""
+        swap_id = row.details.get(SWAP_ASKS)
+        if swap_id is not None:
+            status, outcome = row.details.get("status"), str(row.details.get("outcome") or "")
+            clicked = row.details.get("clicked") or {}
+            asks = [r for r in await self._asking(SWAP_ASKS, int(swap_id), ("direct",))
+                    if status not in (r.details.get(LIVE_WHILE) or ())
+                    and not (r.details["message"].get("platform") == clicked.get("platform")
+                             and str(r.details["message"].get("message_id")) == str(clicked.get("message_id")))]
+            return await self._settle_asks(row, asks, lambda ask: f"{ask.details.get('text') or ''}\n\n{outcome}",
+                                           f"swap #{swap_id}, {status}")
         run_id, ended = int(row.details[ASKS]), str(row.details.get("outcome") or "")
+        asks = await self._asking(ASKS, run_id, ("reply", "direct"))
+        return await self._settle_asks(row, asks, lambda ask: decided_words(ask.details, ended),
+                                       f"runbook run {run_id}, decided")
+
+    async def _asking(self, key: str, subject: int, kinds: tuple[str, ...]) -> list[OutboxItem]:
+        """The messages sent asking something of `subject` (a run, a swap: its id under `key` in their details),
+        where they went, not redrawn yet."""
         async with self.db.sessions() as session:
-            asks = [r for r in (await session.execute(select(OutboxItem).where(
-                OutboxItem.kind.in_(("reply", "direct")), OutboxItem.details[ASKS].as_integer() == run_id)
+            return [r for r in (await session.execute(select(OutboxItem).where(
+                OutboxItem.kind.in_(kinds), OutboxItem.details[key].as_integer() == subject)
                 .order_by(OutboxItem.id))).scalars().all()
                     if (r.details or {}).get("message") and not r.details.get(SETTLED)]
+
+    async def _settle_asks(self, row: OutboxItem, asks: list[OutboxItem], words_of: Callable[[OutboxItem], str],
+                           what: str) -> int:
+        """Redraw each of `asks` with `words_of(it)`, without its buttons (see _redraw_asks); `what` for the log."""
         calls, waiting = 0, False
         for ask in asks:
             where = ask.details["message"]
@@ -561,7 +617,7 @@ class PageLanes:
             if not self.buckets.allow(platform, chat, edit=True, now=self._monotonic()):
                 waiting = True
                 continue
-            words = decided_words(ask.details, ended)
+            words = words_of(ask)
             message = (Outbound("thread", {"line": thread_line(ask.event, {"line": words}, actor_name=None),
                                            "incident_id": ask.incident_id}, text=words)
                        if ask.kind == "reply" else Outbound("text", {"text": words}, text=words))
@@ -577,8 +633,7 @@ class PageLanes:
                 if not exc.permanent or exc.token_refused:
                     await self._failed([row], str(exc), exc.retry_after, permanent=False, platform_trouble=True)
                     return calls
-                log.warning("outbox: cannot redraw the %s %s about runbook run %s, decided: %s", ask.kind, ask.event,
-                            run_id, exc)
+                log.warning("outbox: cannot redraw the %s %s about %s: %s", ask.kind, ask.event, what, exc)
             else:
                 self.metrics.chat_calls.labels(platform, "update", "ok").inc()
                 if self.token_refused.pop(platform, None) is not None:
@@ -1057,11 +1112,20 @@ def _lost_page(page: OutboxItem) -> bool:
             and isinstance(details.get(UNANSWERED), dict) and not details.get("message"))
 
 
+async def _last_swap_change(session: Any, swap_id: int) -> dict[str, Any] | None:
+    """The details of the swap's latest change (its state, what happened: see handlers/notify.py swap_changed_row)."""
+    found = (await session.execute(select(OutboxItem.details).where(
+        OutboxItem.kind == "asked", OutboxItem.channel == ASKED, OutboxItem.details[SWAP_ASKS].as_integer() == swap_id)
+        .order_by(OutboxItem.id.desc()).limit(1))).first()
+    return dict(found[0]) if found is not None else None
+
+
 def _lane_of(row: OutboxItem) -> str:
     """Whom a page, direct message or notice goes to (a person, a channel); an incident's pages, for a redraw; a
     runbook request's messages, for theirs."""
     if row.kind == "asked":
-        return f"asked-{(row.details or {}).get(ASKS)}"
+        details = row.details or {}
+        return f"asked-swap-{details[SWAP_ASKS]}" if details.get(SWAP_ASKS) is not None else f"asked-{details.get(ASKS)}"
     return f"pages-{row.incident_id}" if row.kind == "pages" else row.channel
 
 

@@ -30,6 +30,7 @@ serialised), so two clicks, on one replica or two, change a swap once; the secon
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import re
@@ -53,7 +54,8 @@ from bot.rotations import Schedule, Shift, first_instant, shifts_between
 from bot.tables import table
 from bot.view import and_list
 from handlers.handoffs import load_overrides
-from handlers.notify import queue_direct, queue_notice
+from handlers.notify import LIVE_WHILE, SWAP_ASKS, queue_direct, queue_notice, swap_changed_row
+from handlers.paging import page_where
 from handlers.oncall import Oncall, when
 from handlers.overrides import join_date_time, schedule_lock
 from handlers.timers import TimerService
@@ -131,7 +133,11 @@ class SwapHandlers:
             async with self.db.sessions() as session:
                 before = await session.get(SwapRequest, event.incident_id)
                 status = before.status if before is not None else None
-            reply = await fn(event.incident_id, person, event.actor)
+            clicked = _CLICKED.set(event.source)
+            try:
+                reply = await fn(event.incident_id, person, event.actor)
+            finally:
+                _CLICKED.reset(clicked)
             async with self.db.sessions() as session:
                 swap = await session.get(SwapRequest, event.incident_id)
             if swap is None or not self._party(swap, person):  # not this person's swap message: leave it be
@@ -515,6 +521,7 @@ class SwapHandlers:
                 row.cancelled_at = now
                 session.add(row)
             swap.status, swap.undone_at, swap.undone_by = UNDONE, now, person.id
+            self._changed(session, swap, now)
             await self.audit.append_many(session, [Entry("swap.undone", _actor(actor, person), "swap", str(swap_id),
                                                          now, {**self._facts(swap),
                                                                "overrides": [r.id for r in overrides]})])
@@ -622,6 +629,7 @@ class SwapHandlers:
         event with what it was before."""
         was = swap.status
         swap.status = status
+        self._changed(session, swap, now, was=was)
         await timer_store.cancel(session, EXPIRE, swap.id or 0, now)
         await self.audit.append_many(session, [Entry(event, actor, "swap", str(swap.id), now,
                                                      {**self._facts(swap), "was": was, **details})])
@@ -631,6 +639,7 @@ class SwapHandlers:
         role = rotation.swap_approval
         assert role is not None and swap.id is not None
         swap.status = AWAITING
+        self._changed(session, swap, now)
         swap.expires_at = min(now + rotation.swap_expiry, swap.ends_at)  # the approvers' own window
         await timer_store.cancel(session, EXPIRE, swap.id, now)
         await timer_store.schedule(session, EXPIRE, swap.id, swap.expires_at, now, payload={"swap": swap.id})
@@ -666,6 +675,7 @@ class SwapHandlers:
         await session.flush()
         assert row.id is not None
         swap.starts_at, swap.status, swap.override_ids = start, status, [row.id]
+        self._changed(session, swap, now)
         await timer_store.cancel(session, EXPIRE, swap.id, now)
         await self.audit.append_many(session, [
             Entry(action, actor, "swap", str(swap.id), now, {**self._facts(swap), "override": row.id, **(details or {})}),
@@ -848,8 +858,44 @@ class SwapHandlers:
         order = [swap.requested_on] if swap.requested_on in PLATFORMS else []
         order += [p for p in ((person.page_via if person else []) or PLATFORMS) if p not in order]
         order += [p for p in PLATFORMS if p not in order]
+        # Its buttons, while the swap is in a state where they do something; after, it is redrawn without them.
+        live = sorted({state for b in buttons for state in _BUTTON_APPLIES[b.action]})
         queue_direct(session, person_id, text(tz), now, buttons=list(buttons), event=event, platforms=order,
-                     if_undeliverable=if_undeliverable, swap=swap.id if if_undeliverable else None)
+                     if_undeliverable=if_undeliverable, swap=swap.id if if_undeliverable else None,
+                     extra={SWAP_ASKS: swap.id, LIVE_WHILE: live} if buttons else None)
+
+    def _changed(self, session: AsyncSession, swap: SwapRequest, now: datetime, *, was: str | None = None) -> None:
+        """The swap's state changed (in this transaction): its messages whose buttons now do nothing are redrawn
+        saying what happened, without them, but the one clicked for it (the click's answer redraws that one)."""
+        assert swap.id is not None
+        source = _CLICKED.get()
+        session.add(swap_changed_row(swap.id, swap.status, self._outcome(swap, was), now,
+                                     clicked=page_where(source) if source is not None else None))
+
+    def _outcome(self, swap: SwapRequest, was: str | None) -> str:
+        """What happened to the swap, as a message that asked something of it ends once redrawn."""
+        by = self.name
+        match swap.status:
+            case "awaiting_approval":
+                return f"Accepted by {by(swap.counterpart)}; it waits for approval."
+            case "accepted":
+                return f"Accepted by {by(swap.counterpart)}."
+            case "approved":
+                return f"Approved by {by(swap.approval_by)}."
+            case "declined":
+                return (f"Rejected by {by(swap.approval_by)}." if swap.approval_by else
+                        f"Declined by {by(swap.decided_by)}.")
+            case "expired":
+                return "Expired before anyone approved it." if was == AWAITING else "Expired unanswered."
+            case "cancelled":
+                if swap.decided_by is not None:
+                    return f"Cancelled by {by(swap.decided_by)}."
+                if self._left(swap) == "requester":
+                    return f"Called off: {by(swap.requester)} is {self._gone(swap.requester, swap.rotation)}."
+                return f"Called off: {by(swap.counterpart)} had left `{swap.rotation}`."
+            case "undone":
+                return f"Undone by {by(swap.undone_by)}."
+        return f"Now {swap.status}."
 
     def _notice(self, session: AsyncSession, swap: SwapRequest, now: datetime, text: Callable[[ZoneInfo], str]) -> None:
         """A line in the rotation's channel, when it has one."""
@@ -1053,6 +1099,9 @@ class SwapHandlers:
             return f"waiting for approval ({role}) until {when(swap.expires_at, tz, now)}"
         return "taken (approved)" if swap.status == APPROVED else "taken"
 
+
+# The message whose button is being handled (a swap button's click), for `_changed`.
+_CLICKED: contextvars.ContextVar[Any] = contextvars.ContextVar("swap_clicked", default=None)
 
 # The swap states in which each button still means something.
 _BUTTON_APPLIES = {Action.SWAP_ACCEPT: (PENDING,), Action.SWAP_DECLINE: (PENDING,), Action.SWAP_CANCEL: OPEN,

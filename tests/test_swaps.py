@@ -29,6 +29,7 @@ from storage.models import AuditEvent, OutboxItem, Override, SwapRequest, Timer
 from tests.botkit import T0, Harness, bot_on, running_bot
 from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram
+from tests.test_outbox import drain
 from tests.test_slack_flow import CLICK, Slack, button_values, slack_config, text_of
 
 PEOPLE = """
@@ -563,11 +564,19 @@ async def test_a_direct_message_whose_question_is_answered_loses_its_buttons(sla
     assert accepted.startswith("Accepted: you are on call for `dba-primary`")
     await s.fake.wait_for(lambda: not buttons("D02BOB", bob_ts), timeout=5)
     assert s.fake.messages[("D02BOB", bob_ts)]["text"] == accepted  # the question now says how it was answered
+    # Alice's Cancel no longer does anything: her message says what became of her request, without it (it kept
+    # offering Cancel after Bob had accepted).
+    await s.fake.wait_for(lambda: not buttons("D01ALICE", alice_ts), timeout=5)
+    asked_then = asked
+    asked = s.fake.messages[("D01ALICE", alice_ts)]["text"]
+    assert asked == f"{asked_then}\n\nAccepted by Bob."
+    await asyncio.sleep(0.3)
+    assert s.fake.messages[("D02BOB", bob_ts)]["text"] == accepted  # (the one Bob clicked keeps its answer)
     # A double tap: the second press changes nothing, and is answered only to Bob; the message keeps the answer the
     # first one left there (it became "Swap #1 was already accepted by Bob.", without the shift).
     updates = len(s.fake.called("chat.update"))
     assert await press(s, "swok:1", BOB, message_ts=bob_ts) == "You already accepted swap #1."
-    # Alice's Cancel no longer means anything: pressing it says why, only to her, and changes nothing either.
+    # Alice's Cancel, pressed before its redraw reached her, says why, only to her, and changes nothing either.
     told = await press(s, "swcx:1", ALICE, message_ts=alice_ts)
     assert told.startswith("Swap #1 was already accepted by Bob.")
     await asyncio.sleep(0.3)
@@ -580,6 +589,48 @@ async def test_a_direct_message_whose_question_is_answered_loses_its_buttons(sla
     second = max(ts for (chat, ts) in s.fake.messages if chat == "D02BOB" and buttons(chat, ts) == ["swok:2", "swno:2"])
     assert (await press(s, "swok:2", ALICE, message_ts=second)) == "Only Bob can accept swap #2."
     assert buttons("D02BOB", second) == ["swok:2", "swno:2"]
+
+
+async def test_a_request_cancelled_by_command_takes_the_buttons_off_both_messages(slack: Slack) -> None:
+    """Cancelled with `/swap cancel`, the request went on offering Bob Accept and Decline (a press said only that it
+    was cancelled) and Alice her Cancel."""
+    s = slack
+    await say(s, "bob next")
+    await s.fake.wait_for(lambda: s.posts("D02BOB") and s.posts("D01ALICE"), timeout=5)
+    [bob_ts] = [ts for (chat, ts) in s.fake.messages if chat == "D02BOB"]
+    [alice_ts] = [ts for (chat, ts) in s.fake.messages if chat == "D01ALICE"]
+    before = {chat: s.fake.messages[(chat, ts)]["text"] for chat, ts in (("D02BOB", bob_ts), ("D01ALICE", alice_ts))}
+    assert (await say(s, "cancel 1")).startswith("Cancelled swap #1")
+
+    def redrawn() -> bool:
+        return all(not any(b["type"] == "actions" for b in s.fake.messages[(chat, ts)].get("blocks", []))
+                   for chat, ts in (("D02BOB", bob_ts), ("D01ALICE", alice_ts)))
+    await s.fake.wait_for(redrawn, timeout=5)
+    assert s.fake.messages[("D02BOB", bob_ts)]["text"] == f"{before['D02BOB']}\n\nCancelled by Alice."
+    assert s.fake.messages[("D01ALICE", alice_ts)]["text"] == f"{before['D01ALICE']}\n\nCancelled by Alice."
+
+
+async def test_an_approval_takes_the_cancel_buttons_off_the_requesters_messages(on_sqlite: Slack) -> None:
+    """Approved by Dave, Carol's two messages (her request, and Bob's acceptance) still offered Cancel request."""
+    s = on_sqlite
+    await say(s, "bob web next", user=CAROL)
+    await s.fake.wait_for(lambda: s.posts("D02BOB") and s.posts("D03CAROL"), timeout=5)
+    [bob_ts] = [ts for (chat, ts) in s.fake.messages if chat == "D02BOB"]
+    assert (await press(s, "swok:1", BOB, message_ts=bob_ts)).startswith("Accepted swap #1.")
+    await s.fake.wait_for(lambda: s.posts("D04DAVE") and len(s.posts("D03CAROL")) == 2, timeout=5)
+    carol = [ts for (chat, ts) in s.fake.messages if chat == "D03CAROL"]
+    [dave_ts] = [ts for (chat, ts) in s.fake.messages if chat == "D04DAVE"]
+    said = {ts: s.fake.messages[("D03CAROL", ts)]["text"] for ts in carol}
+
+    def values(chat: str, ts: str) -> list[str]:
+        return [e["value"] for b in s.fake.messages[(chat, ts)].get("blocks", []) if b["type"] == "actions"
+                for e in b["elements"]]
+    assert [values("D03CAROL", ts) for ts in carol] == [["swcx:1"], ["swcx:1"]]  # (waiting for approval: both do)
+    approved = await press(s, "swapv:1", DAVE, message_ts=dave_ts)
+    assert approved.startswith("Approved swap #1"), approved
+    await s.fake.wait_for(lambda: not any(values("D03CAROL", ts) for ts in carol), timeout=5)
+    assert [s.fake.messages[("D03CAROL", ts)]["text"] for ts in carol] == [
+        f"{said[ts]}\n\nApproved by Dave." for ts in carol]
 
 
 async def test_a_request_settled_before_its_message_dies_tells_the_requester_nothing(slack: Slack) -> None:
@@ -898,3 +949,18 @@ async def test_a_request_that_expires_as_its_shift_ends_does_not_say_the_shift_s
         assert (await directs(h, person))[-1][1] == (
             "Swap #2 expired: nobody with the `manager` role approved it by Wed 25 Nov 09:00 EST. The `web` shift from "
             "Wed 25 Nov 08:00 EST until Wed 25 Nov 09:00 EST ended without it: Carol stayed on call.")
+
+
+async def test_a_request_that_goes_out_after_it_was_cancelled_goes_without_its_buttons(on_sqlite: Slack) -> None:
+    """Bob's direct message held up (Slack failing), then Alice cancels: it went with Accept and Decline."""
+    s = on_sqlite
+    s.fake.fail("conversations.open", "ratelimited", status=500, times=100)
+    await say(s, "bob next")
+    await until(lambda: _attempted(s.h, "@bob"))
+    assert (await say(s, "cancel 1")).startswith("Cancelled swap #1")
+    s.fake._failures.clear()
+    await drain(s.h)
+    [message] = [m for (chat, _), m in s.fake.messages.items() if chat == "D02BOB" and m["text"].startswith(
+        "Alice asks you to take their `dba-primary` shift")]
+    assert message["text"].endswith("\n\nCancelled by Alice.")
+    assert not [b for b in message.get("blocks", []) if b["type"] == "actions"]

@@ -767,6 +767,13 @@ async def test_an_answer_the_clicked_message_already_says_is_not_said_twice(tmp_
             assert settled.body["text"].startswith("Accepted: you are on call for `dba`")
             await asyncio.sleep(0.3)
             assert [c for c in bf.called("reply") if c.activity_id == click["id"]] == []
+            # Alice's own message loses its Cancel request, which no longer does anything, and says why; Bob's, the
+            # one he clicked, is redrawn by his click alone.
+            [mine] = [c for c in bf.called("send") if "Cancel request" in json.dumps(c.body)]
+            await bf.wait_for(lambda: [c for c in bf.called("update") if c.activity_id == mine.answered])
+            [redrawn] = [c for c in bf.called("update") if c.activity_id == mine.answered]
+            assert redrawn.body["text"].endswith("\n\nAccepted by Bob.") and not redrawn.body.get("attachments")
+            assert len([c for c in bf.called("update") if c.activity_id == question.answered]) == 1
 
 
 async def test_an_answer_the_bot_connector_throttles_is_sent_once_it_may(tmp_path: Path) -> None:
