@@ -167,6 +167,10 @@ class OverrideHandlers:
             if take and displaced and approval and MANAGER not in by.roles:
                 # A swap of this time would need the holder's consent and an approval; a take would skip both.
                 names = [self.view.name(p) for p in displaced]
+                await self.audit.append_many(session, [Entry(  # (as the dispatcher records a role refused)
+                    "access.refused", actor, "command", "/oncall take", now,
+                    {"what": "/oncall take", "needs": MANAGER, "roles": list(by.roles), "rotation": schedule.id,
+                     "holders": sorted(displaced)})])
                 whose = " and ".join(f"{n}'s" for n in names) + (" shift" if len(names) == 1 else " shifts")
                 return Reply(f"Shifts in `{schedule.id}` change hands only with the approval of someone with the "
                              f"`{approval}` role, so you cannot take {whose} from {when(start, tz, now)} until "

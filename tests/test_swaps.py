@@ -733,6 +733,9 @@ async def test_taking_a_shift_where_swaps_need_approval_is_left_to_a_swap_or_a_m
                        "Ask Bob to `/swap` it to you (you accept, then it is approved), or someone with the `manager` "
                        "role to `/override` it.")
     assert await overrides(h) == [] and await directs(h, "bob") == [] and await notices(h) == []
+    # recorded as a refusal, as a command refused for a role is (it left no trace)
+    assert await audit(h, "access.") == [("access.refused", "carol", {
+        "what": "/oncall take", "needs": "manager", "roles": [], "rotation": "web", "holders": ["bob"]})]
     mine = await say(s, "take web 2026-11-24T21:00", user=CAROL, command="/oncall")
     assert mine == "You are already on call for `web` from Tue 24 Nov 21:00 EST until Wed 25 Nov 09:00 EST; nothing changed."
     assert await overrides(h) == []
