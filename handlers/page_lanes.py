@@ -569,7 +569,8 @@ class PageLanes:
         await session.execute(query)
         last = await _last_swap_change(session, swap_id)
         if last is not None and last.get("status") not in (details.get(LIVE_WHILE) or ()):
-            session.add(swap_changed_row(swap_id, str(last.get("status")), str(last.get("outcome")), self.clock.now()))
+            session.add(swap_changed_row(swap_id, str(last.get("status")), str(last.get("outcome")), self.clock.now(),
+                                         clicked=last.get("clicked")))
             self.nudge()
 
     async def _redraw_asks(self, row: OutboxItem) -> int:
@@ -584,10 +585,17 @@ class PageLanes:
         if swap_id is not None:
             status, outcome = row.details.get("status"), str(row.details.get("outcome") or "")
             clicked = row.details.get("clicked") or {}
-            asks = [r for r in await self._asking(SWAP_ASKS, int(swap_id), ("direct",))
-                    if status not in (r.details.get(LIVE_WHILE) or ())
-                    and not (r.details["message"].get("platform") == clicked.get("platform")
-                             and str(r.details["message"].get("message_id")) == str(clicked.get("message_id")))]
+            moot = [r for r in await self._asking(SWAP_ASKS, int(swap_id), ("direct",))
+                    if status not in (r.details.get(LIVE_WHILE) or ())]
+            # The one clicked for this change: its click's answer is what it says now, and stays (a later change
+            # wrote the question back over it); the others, redrawn. (Telegram numbers each chat's messages.)
+            answered = [r for r in moot if clicked and all(
+                str(r.details["message"].get(key)) == str(clicked.get(key)) for key in ("platform", "chat_id", "message_id"))]
+            if answered:
+                for r in answered:
+                    r.details = {**r.details, SETTLED: True}
+                await self._save_details(answered)
+            asks = [r for r in moot if r not in answered]
             return await self._settle_asks(row, asks, lambda ask: f"{ask.details.get('text') or ''}\n\n{outcome}",
                                            f"swap #{swap_id}, {status}")
         run_id, ended = int(row.details[ASKS]), str(row.details.get("outcome") or "")

@@ -133,7 +133,7 @@ class SwapHandlers:
             async with self.db.sessions() as session:
                 before = await session.get(SwapRequest, event.incident_id)
                 status = before.status if before is not None else None
-            clicked = _CLICKED.set(event.source)
+            clicked = _CLICKED.set((event.incident_id, event.source))
             try:
                 reply = await fn(event.incident_id, person, event.actor)
             finally:
@@ -868,7 +868,8 @@ class SwapHandlers:
         """The swap's state changed (in this transaction): its messages whose buttons now do nothing are redrawn
         saying what happened, without them, but the one clicked for it (the click's answer redraws that one)."""
         assert swap.id is not None
-        source = _CLICKED.get()
+        clicked = _CLICKED.get()  # (a task the click started copies it: only this swap's click counts)
+        source = clicked[1] if clicked is not None and clicked[0] == swap.id else None
         session.add(swap_changed_row(swap.id, swap.status, self._outcome(swap, was), now,
                                      clicked=page_where(source) if source is not None else None))
 
@@ -1100,7 +1101,7 @@ class SwapHandlers:
         return "taken (approved)" if swap.status == APPROVED else "taken"
 
 
-# The message whose button is being handled (a swap button's click), for `_changed`.
+# The swap and the message whose button is being handled (a swap button's click), for `_changed`.
 _CLICKED: contextvars.ContextVar[Any] = contextvars.ContextVar("swap_clicked", default=None)
 
 # The swap states in which each button still means something.

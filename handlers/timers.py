@@ -31,7 +31,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -138,8 +138,16 @@ class TimerService:
         self.nudge()
 
     def _watch_clock(self) -> None:
-        """Every CLOCK_CHECK_EVERY seconds: has the wall clock been stepped since the last look? (A loop held up
-        moves both clocks alike; a suspended machine's wall clock moves alone, which reads as a step forward.)"""
+        """Every CLOCK_CHECK_EVERY seconds (and at each beat: see tick), has the wall clock been stepped since the
+        last look? (A loop held up moves both clocks alike; a suspended machine's wall clock moves alone, which reads
+        as a step forward.)"""
+        try:
+            self._look_at_clock()
+        finally:
+            if self._running:
+                self._clock_watch = asyncio.get_running_loop().call_later(CLOCK_CHECK_EVERY, self._watch_clock)
+
+    def _look_at_clock(self) -> None:
         wall, mono = self.wall(), time.monotonic()
         if self._clock_seen is not None:
             step = (wall - self._clock_seen[0]) - (mono - self._clock_seen[1])
@@ -147,20 +155,19 @@ class TimerService:
                 self._stepped_back(-step)
             elif step >= CLOCK_STEP:
                 self._skipped = [*self._skipped[-9:], (wall - step, wall)]
-                log.warning("the system clock jumped forward by %s; timers due in that time run now, late",
-                            span(timedelta(seconds=round(step))))
+                log.warning("the system clock jumped forward by %s (or the machine was suspended); timers due in "
+                            "that time run now, late", span(timedelta(seconds=round(step))))
         self._clock_seen = (wall, mono)
-        if self._running:
-            self._clock_watch = asyncio.get_running_loop().call_later(CLOCK_CHECK_EVERY, self._watch_clock)
 
     def _stepped_back(self, by: float) -> None:
-        """Every APScheduler job planned again from the wall clock's new time (each was due `by` seconds later than
-        it should be). Timers keep the due times they were given: a wall clock an hour back runs them an hour late."""
+        """Every APScheduler job planned `by` seconds earlier, by the wall clock's new time, as it was due by the old
+        one (a job planned every 10 min still runs 10 min after its last run, not at once). Timers keep the due times
+        they were given: a wall clock an hour back runs them an hour late."""
         if self._scheduler is None:
             return
-        now = datetime.fromtimestamp(self.wall(), UTC)
         for job in self._scheduler.get_jobs():
-            job.modify(next_run_time=now)
+            if job.next_run_time is not None:
+                job.modify(next_run_time=job.next_run_time - timedelta(seconds=by))
         log.warning("the system clock went back by %s; the timer beat and the periodic jobs were planned again from "
                     "the new time (timers due meanwhile run at their own due times, by the new clock)",
                     span(timedelta(seconds=round(by))))
@@ -223,6 +230,8 @@ class TimerService:
             self.db.check_file()
         except StoreReplaced:
             return 0
+        if self._running:  # (a step forward is known before the timers it skipped run, for `lateness`)
+            self._look_at_clock()
         fired = 0
         async with self._lock:
             self._again = False

@@ -129,6 +129,62 @@ async def test_a_timer_due_in_time_a_step_forward_skipped_says_so(wall: list[flo
         # due ten minutes before the step (the bot started before that): no step explains it
         assert service.lateness(before - timedelta(minutes=10), now) == "the bot was running behind"
         said = [r.getMessage() for r in caplog.records if "jumped forward" in r.getMessage()]
-        assert said == ["the system clock jumped forward by 1 h; timers due in that time run now, late"]
+        assert said == ["the system clock jumped forward by 1 h (or the machine was suspended); timers due in that "
+                        "time run now, late"]
+    finally:
+        await service.stop()
+
+
+async def test_a_step_timer_the_step_forward_skipped_says_so_when_it_runs(
+        wall: list[float], store: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step was noticed by the watch, every second; the beat (every 0.5 s) mostly ran the timers it skipped
+    first, and they said "the bot was running behind". The beat looks at the clock before it runs them."""
+    monkeypatch.setattr(timers_module, "CLOCK_CHECK_EVERY", 30.0)  # (the watch would not notice in time)
+
+    class Wall:  # the bot's clock is the wall clock, as in production
+        def now(self) -> datetime:
+            return datetime.now(UTC) + timedelta(seconds=wall[0])
+
+    service = TimerService(db=store, clock=Wall(), metrics=Metrics(), interval=0.2,
+                           wall=lambda: time.time() + wall[0])
+    said: list[str | None] = []
+
+    @service.handler("escalation")
+    async def step(session: AsyncSession, timer: Timer, now: datetime) -> None:
+        said.append(service.lateness(timer.due_at, now))
+
+    await service.start()
+    try:
+        async with store.transaction() as session:
+            now = Wall().now()
+            await timer_store.schedule(session, "escalation", "7", now + timedelta(minutes=30), now)
+        await asyncio.sleep(0.5)
+        wall[0] = 3600.0
+        assert await until(lambda: bool(said), 5)
+        assert said == ["the system clock jumped forward past it"]
+    finally:
+        await service.stop()
+
+
+async def test_a_clock_stepped_back_keeps_each_periodic_jobs_pace(wall: list[float], store: Database) -> None:
+    """Stepped back, every periodic job ran at once (purging, planning handoffs, every few seconds of NTP's
+    corrections): each is planned as far ahead as it was."""
+    service = TimerService(db=store, clock=FakeClock(botkit.T0), metrics=Metrics(), wall=lambda: time.time() + wall[0])
+    runs: list[float] = []
+
+    async def job() -> None:
+        runs.append(time.monotonic())
+
+    service.add_job(job, seconds=600, name="plan-handoffs")
+    await service.start()
+    try:
+        assert await until(lambda: len(runs) == 1, 3)  # (at start)
+        wall[0] = -30.0
+        await asyncio.sleep(1.0)  # the watch looks every 0.2 s here, and the beat every 0.5 s
+        assert len(runs) == 1
+        assert service._scheduler is not None
+        [planned] = [j.next_run_time for j in service._scheduler.get_jobs() if j.id == "plan-handoffs"]
+        ahead = planned.timestamp() - (time.time() + wall[0])
+        assert 590 < ahead <= 600
     finally:
         await service.stop()

@@ -633,6 +633,27 @@ async def test_an_approval_takes_the_cancel_buttons_off_the_requesters_messages(
         f"{said[ts]}\n\nApproved by Dave." for ts in carol]
 
 
+async def test_a_clicked_message_keeps_its_clicks_answer_through_later_changes(on_sqlite: Slack) -> None:
+    """Bob's Accept, once answered ("Accepted: you are on call ..."), was written back to Alice's question with
+    "Undone by Alice." under it when she undid the swap: a later change took it for a message still asking."""
+    s = on_sqlite
+    await say(s, "bob next")
+    await s.fake.wait_for(lambda: s.posts("D02BOB") and s.posts("D01ALICE"), timeout=5)
+    [bob_ts] = [ts for (chat, ts) in s.fake.messages if chat == "D02BOB"]
+    accepted = await press(s, "swok:1", BOB, message_ts=bob_ts)
+    assert accepted.startswith("Accepted: you are on call")
+    await drain(s.h)
+    assert (await say(s, "undo 1")).startswith("Undone: Alice is on call")
+    await drain(s.h)
+
+    def undos() -> list[str]:
+        return [ts for (chat, ts), m in s.fake.messages.items() if chat in ("D01ALICE", "D02BOB")
+                and any(b["type"] == "actions" for b in m.get("blocks", []))]
+    await s.fake.wait_for(lambda: not undos(), timeout=5)  # (the Undo buttons of the swap taken went with it)
+    await asyncio.sleep(0.3)
+    assert s.fake.messages[("D02BOB", bob_ts)]["text"] == accepted
+
+
 async def test_a_request_settled_before_its_message_dies_tells_the_requester_nothing(slack: Slack) -> None:
     s = slack
     s.fake.fail("conversations.open", "ratelimited", status=500, times=100)  # Bob's DM keeps failing, retried

@@ -123,6 +123,10 @@ async def test_a_forged_swap_tap_settles_nothing_but_a_partys_own_direct_message
     await p.tap(ALICE, "swok:1")
     await poll(lambda: any("Alice" in m["text"] and "Bob" in m["text"] for m in p.said_to(GROUP)), 5,
                lambda: f"group: {p.said_to(GROUP)}")
+    # (Bob's own "Cancel request" no longer does anything: that message is redrawn without it, first)
+    await poll(lambda: not [m for (chat, _), m in p.tg.messages.items()
+                            if chat == BOB and m["text"].startswith("You asked") and _keys(m)], 5,
+               lambda: f"Bob's chat: {p.said_to(BOB)}")
     edits = len(p.tg.called("editMessageText"))
     notice = next(m for (chat, _), m in p.tg.messages.items() if chat == GROUP)
     before = dict(notice)
@@ -152,3 +156,24 @@ async def test_a_swap_asked_in_the_private_chat_is_answered_once_by_the_message_
     asked, listing = p.said_to(BOB)
     assert asked["text"].startswith("You asked Alice to take your") and "reply_parameters" not in asked
     assert "#1" in listing["text"] and listing["reply_parameters"]["message_id"] == 100 + p.n - 1
+
+
+async def test_the_requesters_cancel_goes_when_the_other_accepts_though_both_chats_number_it_alike(
+        phone: Phone) -> None:
+    """Telegram numbers each chat's messages on its own: Bob's "You asked Alice ..." and Alice's question were both
+    message 1, and Alice's tap on hers left Bob's Cancel request in place (taken for the message she clicked)."""
+    p = phone
+    await p.type(BOB, "/swap alice next")
+
+    def chat(user: int) -> list[dict[str, Any]]:
+        return [m for (c, _), m in p.tg.messages.items() if c == user]
+    await poll(lambda: [m for m in chat(ALICE) if "swok:1" in _keys(m)] and [m for m in chat(BOB) if _keys(m)], 5,
+               lambda: f"{p.tg.messages}")
+    [mine] = [m for m in chat(BOB) if m["text"].startswith("You asked Alice")]
+    [theirs] = [m for m in chat(ALICE) if "swok:1" in _keys(m)]
+    assert mine["message_id"] == theirs["message_id"]  # (each chat numbers its own)
+    asked = mine["text"]
+    await p.tap(ALICE, "swok:1")
+    await poll(lambda: theirs["text"].startswith("Accepted: you are on call"), 5, lambda: f"{theirs}")
+    await poll(lambda: not _keys(mine), 5, lambda: f"{mine}")
+    assert mine["text"] == f"{asked}\n\nAccepted by Alice."
