@@ -232,6 +232,27 @@ class OutboxWorker(PageLanes):
     async def _drain(self, seconds: float) -> None:
         if self.may_deliver is not None and not await self.may_deliver():
             return  # another replica delivers: it sends them
+        try:
+            await self._send_due(seconds)
+        finally:
+            await self._say_off_waiting()
+
+    async def _say_off_waiting(self) -> None:
+        """At stop, the messages that wait for a platform that was off in this run (its card, lines, notices): how
+        many, for which platform. Stopping said nothing of them (the start's warning names the channel, not what
+        waits for it)."""
+        off: dict[str, list[str]] = {}
+        for cid, channel in self.channels.items():
+            if channel.platform not in self.adapters:
+                off.setdefault(channel.platform, []).append(cid)
+        for platform, ids in sorted(off.items()):
+            (waiting,) = await self.db.read_row(select(func.count()).select_from(OutboxItem).where(
+                OutboxItem.status == "pending", OutboxItem.channel.in_(ids)))
+            if waiting:
+                log.warning("outbox: %d message(s) wait for %s, which is off in this run (%s); they go once the bot "
+                            "runs with it on (`chatops outbox list` shows them)", waiting, platform, ", ".join(ids))
+
+    async def _send_due(self, seconds: float) -> None:
         started = time.monotonic()  # real time, whatever the clock says
         due = await self._due_now()
         # A page on its way (its lane) queues its thread line once the platform answers: waited for too, else the

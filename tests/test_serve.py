@@ -110,6 +110,31 @@ def test_serve_starts_on_the_example_config_and_stops_cleanly(tmp_path: Path) ->
     assert (tmp_path / "chatops.db").exists()
 
 
+def test_stopping_says_how_many_messages_wait_for_a_platform_that_is_off(tmp_path: Path) -> None:
+    """SIGTERM said nothing of the cards queued for Slack, off in this run (the start's warning names the channel,
+    not what waits for it)."""
+    from bot.auth import sign
+
+    shutil.copy(ROOT / "app.yaml", tmp_path / "app.yaml")
+    port = free_port()
+    with serving(tmp_path, port, {"GENERIC_SECRET": "generic-secret-for-tests"}) as proc:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        for host in ("db-01", "db-02"):
+            body = json.dumps({"asset_name": host, "signature": "DiskFull", "severity": "high",
+                               "message": "disk full", "tool_source": "zabbix"}).encode()
+            stamp = str(int(time.time()))
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/alerts/generic", data=body, method="POST",
+                headers={"Content-Type": "application/json", "X-Timestamp": stamp,
+                         "X-Signature": "sha256=" + sign("generic-secret-for-tests", body, stamp)})
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                assert resp.status == 200
+    log = proc.stdout.read()
+    assert ("outbox: 2 message(s) wait for slack, which is off in this run (ops-slack); they go once the bot runs "
+            "with it on (`chatops outbox list` shows them)") in log, log
+    assert "wait for telegram" not in log  # (nothing was routed there)
+
+
 def test_requests_that_are_not_http_are_refused_with_a_line_at_info_not_a_traceback(tmp_path: Path) -> None:
     """aiohttp logs a request it cannot parse at ERROR with a traceback: anyone reaching the port could fill the log
     and page whoever watches ERRORs. A body sent on HTTP/1.0 with no length is read as the next request; a request
