@@ -574,7 +574,7 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
     async def work(db: Database) -> int:
         now = datetime.now(UTC)
         async with db.sessions() as session:
-            incidents = await queries.list_incidents(session, status=args.status, limit=args.limit)
+            incidents = await queries.list_incidents(session, status=args.status, limit=args.limit, by_priority=True)
             total = (await queries.count_incidents(session, status=args.status)
                      if len(incidents) == args.limit else len(incidents))
         # The open ones first (what someone may have to act on), then the resolved; each highest priority first.
@@ -603,8 +603,8 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
         if total > len(ranked):
             hint = ", --status open only those still open" if every else ""  # (a status asked for is what it lists)
             more = "shows them all" if total <= 100_000 else "shows more"
-            print(f"the newest {len(ranked)} of {total:,} {which}; --limit {min(total, 100_000)} {more}{hint}",
-                  file=out)
+            print(f"the first {len(ranked)} of {total:,} {which}, by that order; --limit {min(total, 100_000)} "
+                  f"{more}{hint}", file=out)
         return done
 
     return asyncio.run(_with_db(loaded, work))

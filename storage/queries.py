@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 from datetime import datetime
 
-from sqlalchemy import func, or_, update
+from sqlalchemy import case, func, or_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
@@ -52,9 +52,14 @@ def list_status(incident: Incident) -> str:
     return "silenced" if incident.status == "triggered" else f"{incident.status}, silenced"
 
 
-async def list_incidents(session: AsyncSession, *, status: str | None = None, limit: int = 200) -> list[Incident]:
-    """The newest first; `status` one of LIST_FILTERS, or None (all)."""
-    query = _with_status(select(Incident).order_by(Incident.id.desc()).limit(limit), status)
+async def list_incidents(session: AsyncSession, *, status: str | None = None, limit: int = 200,
+                         by_priority: bool = False) -> list[Incident]:
+    """The newest first; `status` one of LIST_FILTERS, or None (all). `by_priority`: the open ones first, then the
+    resolved, each highest priority first (as stored: the hours of age it has lost since, at most 10, are not
+    counted), then newest: in a storm, the `limit` most urgent, not the newest."""
+    order = ((case((Incident.status == "resolved", 1), else_=0), Incident.priority.desc(), Incident.id.desc())
+             if by_priority else (Incident.id.desc(),))
+    query = _with_status(select(Incident).order_by(*order).limit(limit), status)
     return list((await session.execute(query)).scalars().all())
 
 

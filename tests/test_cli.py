@@ -121,10 +121,10 @@ async def test_incidents_list_offers_open_only_to_a_list_of_every_status(tmp_pat
             if asset != "web-1":
                 assert (await h.post("open", {**body, "status": "resolved"}))[0] == 200
     for status, said in (
-            ([], "the newest 1 of 3 incidents; --limit 3 shows them all, --status open only those still open"),
-            (["--status", "all"], "the newest 1 of 3 incidents; --limit 3 shows them all, --status open only those still "
+            ([], "the first 1 of 3 incidents, by that order; --limit 3 shows them all, --status open only those still open"),
+            (["--status", "all"], "the first 1 of 3 incidents, by that order; --limit 3 shows them all, --status open only those still "
                                   "open"),
-            (["--status", "resolved"], "the newest 1 of 2 incidents with status resolved; --limit 2 shows them all")):
+            (["--status", "resolved"], "the first 1 of 2 incidents with status resolved, by that order; --limit 2 shows them all")):
         assert await asyncio.to_thread(main, ["incidents", "list", *status, "--limit", "1", "-c", str(cfg)]) == 0
         assert capsys.readouterr().out.splitlines()[-1] == said, status
     for status, ids in (("all", ["#1", "#2", "#3"]), ("open", ["#1"]),  # all listed
@@ -392,6 +392,27 @@ async def test_incidents_show_of_an_incident_with_a_damaged_audit_event_shows_th
         "; `chatops audit verify` checks the chain"), err
 
 
+async def test_a_list_cut_short_in_a_storm_keeps_the_most_urgent(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`incidents list` took the newest N and then ranked them: in a storm of low alerts the critical incident opened
+    before it was in no listing at all, though the list ranks the highest priority first."""
+    from tests.botkit import running_bot
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    cfg = config(tmp_path / "c", url)
+    async with running_bot(url) as h:
+        assert (await h.post("open", {"asset_name": "db-01", "signature": "Down", "severity": "critical",
+                                      "message": "primary down", "tool_source": "t"}))[0] == 200
+        for n in range(5):
+            assert (await h.post("open", {"asset_name": f"web-{n}", "signature": "Slow", "severity": "low",
+                                          "message": "slow", "tool_source": "t"}))[0] == 200
+    assert await asyncio.to_thread(main, ["incidents", "list", "--limit", "3", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[1:4]] == ["#1", "#6", "#5"]  # the critical one, then the newest
+    assert out[-1] == ("the first 3 of 6 incidents, by that order; --limit 6 shows them all, --status open only "
+                       "those still open")
+
+
 async def test_long_lists_say_what_they_leave_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """After a storm: `incidents list` says it shows the newest N of more; `incidents show` of an incident with
     hundreds of alerts prints the first 50 (with their hosts) and the latest 50 lines of its timeline, and says how
@@ -418,8 +439,8 @@ async def test_long_lists_say_what_they_leave_out(tmp_path: Path, capsys: pytest
                                           "message": "down", "tool_source": "t"}))[0] == 200
     assert await asyncio.to_thread(main, ["incidents", "list", "--limit", "2", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("the newest 2 of 4 incidents; --limit 4 shows them all, --status open only those "
-                                 "still open")
+    assert out.rstrip().endswith("the first 2 of 4 incidents, by that order; --limit 4 shows them all, --status open "
+                                 "only those still open")
     assert await asyncio.to_thread(main, ["incidents", "show", "1", "-c", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "INSTANCE" in out and " db-0 " in out and " db-49 " in out and " db-50 " not in out
