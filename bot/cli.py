@@ -41,6 +41,7 @@ from storage.db import (STORE_TABLE, Database, Leader, SchemaTooNew, SchemaTooOl
 from storage.models import AuditEvent, Incident
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_PIPE = 128 + 13  # (128 + SIGPIPE) the reader of the output left before its end: `| head`
 
 
 def _load(args: argparse.Namespace) -> Loaded:
@@ -1266,7 +1267,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_format, args.log_level)
     try:
-        return args.func(args, sys.stdout)
+        done = args.func(args, sys.stdout)
+        sys.stdout.flush()  # (a reader gone by now is caught here, not as an error at exit)
+        return done
     except (NoConfig, UsageError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
@@ -1289,7 +1292,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `chatops audit export | head`: the reader has what it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # nothing more to flush at exit, and no second error
-        return EXIT_FAILED
+        # As a command killed by SIGPIPE ends, in every command: not 1, which says a damaged event was found
+        # (audit export, incidents list), and was what a script with pipefail read.
+        return EXIT_PIPE
 
 
 if __name__ == "__main__":

@@ -321,10 +321,17 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
               "    await db.dispose()\n"
               "asyncio.run(fill())\n")
     subprocess.run([str(Path(CHATOPS).with_name("python")), "-c", script], env=env, check=True)
-    piped = subprocess.run(f"'{CHATOPS}' audit export -c '{cfg}' | head -n 1", shell=True, env=env,
-                           capture_output=True, text=True)
+    piped = subprocess.run(f"set -o pipefail; '{CHATOPS}' audit export -c '{cfg}' | head -n 1", shell=True, env=env,
+                           capture_output=True, text=True, executable="/bin/bash")
     assert piped.stdout.count("\n") == 1 and '"test.event"' in piped.stdout
     assert "Traceback" not in piped.stderr and "BrokenPipeError" not in piped.stderr, piped.stderr
+    # As `yes | head -1` ends (SIGPIPE): not 1, which says a damaged event was found
+    assert piped.returncode == 141, (piped.returncode, piped.stderr)
+    # the same for a short output, whose end the reader missed only at the last flush
+    short = subprocess.run(f"set -o pipefail; '{CHATOPS}' incidents list --format json -c '{cfg}' | true",
+                           shell=True, env=env, capture_output=True, text=True, executable="/bin/bash")
+    assert short.returncode in (0, 141) and "Traceback" not in short.stderr and "Exception" not in short.stderr, (
+        short.returncode, short.stderr)
 
 
 def test_check_config_does_not_call_teams_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
