@@ -980,17 +980,20 @@ def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
                 await audit.append_many(session, [Entry(
                     "outbox.retried", Actor("cli", user, user), "outbox", ",".join(map(str, ids)), now,
                     {"ids": ids}, incident_id) for incident_id, ids in by_incident.items()])
-        skipped = sorted(set(args.ids) - set(chosen))
-        if skipped and chosen:
-            print(f"not dead, or no such delivery: {', '.join(map(str, skipped))}", file=sys.stderr)
+            skipped = sorted(set(args.ids) - set(chosen))
+            states = dict((await session.execute(select(OutboxItem.id, OutboxItem.status).where(
+                OutboxItem.id.in_(skipped)))).all()) if skipped else {}
+        if skipped:  # each, what it is instead ("not dead, or no such delivery" left the person to find out)
+            said = [f"#{i} is {states[i]}" if i in states else f"there is no delivery #{i}" for i in skipped]
+            print(f"{'; '.join(said)}: only dead deliveries are sent again (`chatops outbox list --status all` shows "
+                  "them)", file=sys.stderr if chosen else out)
         if not chosen:
             if pages:
                 print(f"no dead deliveries but {pages} page(s), which --dead leaves (a page given up on was followed "
                       "by the escalation's next step): `chatops outbox list --status dead` lists them, `chatops outbox "
                       "retry ID` sends one again", file=out)
-            else:
-                print("no dead deliveries" + (f" with those ids ({', '.join(map(str, args.ids))})" if args.ids else
-                                              " (pages are retried only by id)"), file=out)
+            elif not args.ids:
+                print("no dead deliveries (pages are retried only by id)", file=out)
             return EXIT_FAILED if args.ids else EXIT_OK
         print(f"{len(chosen)} delivery(ies) queued again: {', '.join(map(str, chosen))}; " + _by_the_bot(
             loaded, "the running bot sends them within seconds (`chatops outbox list` shows how they fare)",
@@ -1256,11 +1259,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=["table", "json"], default="table")
     rep.set_defaults(func=cmd_report)
     slack = sub.add_parser("slack-manifest", parents=[common], help="print the Slack app manifest to paste at api.slack.com/apps")
-    slack.add_argument("--name", default="chatops", help="the app's display name")
+    slack.add_argument("--name", default="chatops", type=_app_name, help="the app's display name (1 to 35 characters)")
     slack.set_defaults(func=cmd_slack_manifest)
     for actions in (audit, incidents, outbox, telegram):  # (a bare `chatops incidents` names them when it refuses)
         actions.metavar = "{" + ",".join(actions.choices) + "}"
     return parser
+
+
+def _app_name(value: str) -> str:
+    """An argparse type: a Slack app's name, as its manifest takes it (1 to 35 characters; it was cut, or empty)."""
+    name = value.strip()
+    if not 1 <= len(name) <= 35:
+        raise argparse.ArgumentTypeError(f"a Slack app's name is 1 to 35 characters; {value!r} has {len(name)}")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:

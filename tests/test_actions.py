@@ -109,6 +109,21 @@ def test_the_slack_manifest_points_at_public_url(tmp_path: Path, capsys: pytest.
     assert all(c["should_escape"] is True for c in manifest["features"]["slash_commands"])
 
 
+@pytest.mark.parametrize("name", ["", "   ", "x" * 36])
+def test_the_slack_manifest_refuses_a_name_slack_would(name: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty name made a manifest Slack refuses; a long one was cut to 35 characters without a word."""
+    config = tmp_path / "app.yaml"
+    config.write_text("server: {public_url: 'https://chatops.example.com'}\n")
+    with pytest.raises(SystemExit) as refused:
+        cli(["slack-manifest", "-c", str(config), "--name", name])
+    assert refused.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert (f"argument --name: a Slack app's name is 1 to 35 characters; {name!r} has {len(name.strip())}"
+            in captured.err)
+
+
 async def test_a_refused_click_delivered_twice_is_audited_once() -> None:
     """The refusal's audit event was written before the duplicate check: Slack's retry of a click (another signature,
     the same action) was a second `access.refused`."""

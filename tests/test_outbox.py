@@ -311,7 +311,13 @@ async def test_a_dead_letter_is_sent_again_with_outbox_retry_once_the_cause_is_f
                 assert [(e.incident_id, e.subject_id) for e in retried] == [(1, "1")]
             with contextlib.redirect_stdout(io.StringIO()) as nothing:
                 assert await asyncio.to_thread(cli, ["outbox", "retry", "7", "-c", str(config)]) == 1
-            assert "no dead deliveries with those ids (7)" in nothing.getvalue()
+            assert nothing.getvalue() == ("there is no delivery #7: only dead deliveries are sent again (`chatops "
+                                          "outbox list --status all` shows them)\n")
+            # one that is not dead says what it is ("no dead deliveries with those ids (1)" left that to find out)
+            with contextlib.redirect_stdout(io.StringIO()) as sent:
+                assert await asyncio.to_thread(cli, ["outbox", "retry", "1", "7", "-c", str(config)]) == 1
+            assert sent.getvalue() == ("#1 is sent; there is no delivery #7: only dead deliveries are sent again "
+                                       "(`chatops outbox list --status all` shows them)\n")
 
 
 async def test_outbox_retry_dead_leaves_what_a_platform_took_without_answering(tmp_path: Path) -> None:
