@@ -178,7 +178,7 @@ _URL_ERRORS = (ArgumentError, ValueError, TypeError, OverflowError)
 
 
 async def _with_db(loaded: Loaded, work: Callable[[Database], Awaitable[int]],
-                   without_store: Callable[[], Awaitable[int]] | None = None, *, no_store: int = EXIT_FAILED) -> int:
+                   without_store: Callable[[], Awaitable[int]] | None = None, *, no_store: int = EXIT_USAGE) -> int:
     """Run `work` on the configured store. A SQLite file that does not exist is refused (reading commands would
     otherwise make an empty one and report that nothing happened). `no_store`: the exit status when there is no store
     to work on (not there, not the bot's, cannot be opened)."""
@@ -369,7 +369,7 @@ def cmd_audit_verify(args: argparse.Namespace, out: TextIO) -> int:
     # Exit 1 says the chain is broken: a store that is not there or cannot be opened, or a chain checked with a key
     # that is not its own (a cron job without the key's variable), was not checked at all (2), so that a monitor can
     # tell tampering from a wrong path, a database that is down or a missing key.
-    return asyncio.run(_with_db(loaded, work, no_store=EXIT_USAGE))
+    return asyncio.run(_with_db(loaded, work))
 
 
 def cmd_audit_rekey(args: argparse.Namespace, out: TextIO) -> int:

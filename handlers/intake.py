@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import pickle
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from bot.routing import group_key, select_routes, silence_ends, silenced_by
 from handlers.notify import page_redraw_row
 from handlers.silences import schedule_silence_ends
 from storage.audit import _SQLITE_HEAD, AuditLog, Entry, KeyMismatch
-from storage.db import Database, explain_failure, store_unavailable
+from storage.db import Database, explain_failure, out_of_space, store_unavailable
 from storage.models import AlertRecord, AlertSignature, AuditEvent, Delivery, Escalation, Incident, OutboxItem
 from storage.replays import claim_in
 from storage.rows import Json, Rows, _encode_datetime, fast_encoder, json_text
@@ -57,6 +58,8 @@ IDEMPOTENCY_WINDOW = timedelta(hours=24)
 UNKNOWN_SEVERITY_SAID_EVERY = timedelta(minutes=1)  # the log names a source's unknown severities at most this often
 WRITERS = ("thread", "process")
 WRITER_WAIT = 30.0  # seconds a batch's answer from the writer process is waited for, at most (Intake.writer_wait)
+UNAVAILABLE_SAID = "intake: the database is unavailable "  # how the log says the store refused a batch (either writer)
+UNAVAILABLE_SAID_EVERY = 60.0  # seconds: that line at most this often, with how many went unsaid
 _dumps = fast_encoder(json.JSONEncoder())  # json.dumps: what the HTTP answer's body is
 _UNAVAILABLE = "the database is unavailable; nothing was stored, retry later"
 _INTERNAL = "internal error; nothing was stored"
@@ -460,6 +463,8 @@ class Intake:
         self._launched = 0
         self._begun = 0
         self._hold = False  # set when a transaction failed: later ones wait until its submissions are answered
+        self._unavailable_said: float | None = None  # (monotonic) when the log last said the store refused a batch
+        self._unavailable_unsaid = 0
         self._actors: dict[str, Actor] = {}
         self._warm = _Warm()  # incidents and alerts as the writer connection left them (_Warm)
         # source id -> when the log last named a severity of it the bot does not know, and how many alerts with one
@@ -631,14 +636,33 @@ class Intake:
         elif isinstance(exc, KeyMismatch):
             log.error("intake: nothing stored: %s; answering 503 so senders retry", exc)
         else:
-            log.error("intake: the database is unavailable (%s); answering 503 so senders retry",
-                      explain_failure(exc, self.db.wait if self.db is not None else None))
+            why = explain_failure(exc, self.db.wait if self.db is not None else None)
+            self._space(why)
+            self._say_unavailable(f"{UNAVAILABLE_SAID}({why}); answering 503 so senders retry")
         for s in batch:
             if s.future is not None and not s.future.done():
                 s.future.set_result(Outcome(status, {"error": _UNAVAILABLE if status == 503 else _INTERNAL}))
 
+    def _space(self, said: str) -> None:
+        """A write failed: for want of disk space? (/readyz says so: Database.check_room)"""
+        if self.db is not None and out_of_space(said):
+            self.db.out_of_space = True
+
+    def _say_unavailable(self, said: str) -> None:
+        """The store could not take a batch: logged at most once every UNAVAILABLE_SAID_EVERY seconds, with how many
+        went unsaid (a full disk logged a line for each request refused, and the log is often on that disk)."""
+        now = time.monotonic()
+        if self._unavailable_said is not None and now - self._unavailable_said < UNAVAILABLE_SAID_EVERY:
+            self._unavailable_unsaid += 1
+            return
+        more = f" ({self._unavailable_unsaid} more such since the last line)" if self._unavailable_unsaid else ""
+        self._unavailable_said, self._unavailable_unsaid = now, 0
+        log.error("%s%s", said, more)
+
     def _answer(self, batch: list[Submission], result: _Result) -> None:
         outcomes, fresh, events, resolved_after, escalations, queued = result
+        if self.db is not None:
+            self.db.out_of_space = False  # (written: there is room)
         assert self.metrics is not None
         for severity, seconds in resolved_after:
             self.metrics.time_to_resolve.labels(severity).observe(seconds)
@@ -778,7 +802,10 @@ class Intake:
         if len(outcomes) != len(batch):
             raise ValueError(f"the writer process answered {len(outcomes)} submissions of {len(batch)}")
         for level, message, trace in logs:
-            if trace is None:
+            if message.startswith(UNAVAILABLE_SAID):
+                self._space(message)
+                self._say_unavailable(message)
+            elif trace is None:
                 log.log(level, "%s", message)
             elif log.isEnabledFor(level):  # its traceback as the writer process formatted it, its lines kept
                 record = log.makeRecord(log.name, level, "(writer process)", 0, "%s", (message,), None)

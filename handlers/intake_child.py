@@ -16,7 +16,8 @@ from bot.alerts import Alert, BodyError, read_body
 from bot.config import Config
 from bot.logs import TextFormatter
 from handlers.escalation import Escalations
-from handlers.intake import _INTERNAL, _UNAVAILABLE, Intake, Submission, _dumps, _is_db_unavailable, unknown_severities
+from handlers.intake import (_INTERNAL, _UNAVAILABLE, UNAVAILABLE_SAID, Intake, Submission, _dumps, _is_db_unavailable,
+                             unknown_severities)
 from storage.audit import AuditLog
 from storage.db import sqlite_writer_engine
 from storage.writer import from_wire_time
@@ -105,7 +106,7 @@ class _ProcessWriter:
                         parts[:0] = [[one] for one in part]  # isolate the submission that broke it; the others land
                         continue
                     if unavailable:
-                        logs.append((logging.ERROR, f"intake: the database is unavailable ({exc}); answering 503 "
+                        logs.append((logging.ERROR, f"{UNAVAILABLE_SAID}({exc}); answering 503 "
                                                     "so senders retry", None))
                         answer = _UNAVAILABLE_ANSWER
                     else:

@@ -63,7 +63,7 @@ class TimerService:
                  after_commit: Callable[[], None] | None = None, wall: Callable[[], float] = time.time):
         self.db, self.clock, self.metrics = db, clock, metrics
         self.wall = wall  # the clock APScheduler plans by (tests step it)
-        self._clock_seen: tuple[float, float] | None = None  # (wall, monotonic) at the last look
+        self._clock_seen: tuple[float, float] | None = None  # (wall, monotonic) at start, or when a step was dealt with
         self._clock_watch: asyncio.TimerHandle | None = None
         self._skipped: list[tuple[float, float]] = []  # wall-clock spans a step forward skipped (the last few)
         self.interval, self.batch, self.lease, self.max_attempts = interval, batch, lease, max_attempts
@@ -148,15 +148,21 @@ class TimerService:
                 self._clock_watch = asyncio.get_running_loop().call_later(CLOCK_CHECK_EVERY, self._watch_clock)
 
     def _look_at_clock(self) -> None:
+        """Against the clocks as they were when the last step was dealt with (or at start), not at the last look:
+        steps each under CLOCK_STEP add up (1.5 s back every second held the beat back without a word)."""
         wall, mono = self.wall(), time.monotonic()
-        if self._clock_seen is not None:
-            step = (wall - self._clock_seen[0]) - (mono - self._clock_seen[1])
-            if step <= -CLOCK_STEP:
-                self._stepped_back(-step)
-            elif step >= CLOCK_STEP:
-                self._skipped = [*self._skipped[-9:], (wall - step, wall)]
-                log.warning("the system clock jumped forward by %s (or the machine was suspended); timers due in "
-                            "that time run now, late", span(timedelta(seconds=round(step))))
+        if self._clock_seen is None:
+            self._clock_seen = (wall, mono)
+            return
+        step = (wall - self._clock_seen[0]) - (mono - self._clock_seen[1])
+        if step <= -CLOCK_STEP:
+            self._stepped_back(-step)
+        elif step >= CLOCK_STEP:
+            self._skipped = [*self._skipped[-9:], (wall - step, wall)]
+            log.warning("the system clock jumped forward by %s (or the machine was suspended); timers due in "
+                        "that time run now, late", span(timedelta(seconds=round(step))))
+        else:
+            return
         self._clock_seen = (wall, mono)
 
     def _stepped_back(self, by: float) -> None:

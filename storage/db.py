@@ -203,6 +203,11 @@ class DiskFull(OSError):
 DISK_LOW = 1 << 20  # bytes: less free than this on a SQLite file's disk, and the store is not ready
 
 
+def out_of_space(said: str) -> bool:
+    """Whether a failure's words (the driver's, as logged) say the disk is full."""
+    return any(words in said for words in ("database or disk is full", "No space left on device", "SQLITE_FULL"))
+
+
 def room_problem(path: str) -> str | None:
     """"the disk holding PATH is full (N bytes free)" when less than DISK_LOW is free where the SQLite file `path` is
     (or would be), else None. Root may use the blocks kept for root, as SQLite running as root does."""
@@ -272,6 +277,7 @@ class Database:
         self._file_id: tuple[int, int] | None = None  # a SQLite file's (device, inode) once started (see ping)
         self._file_path = ""
         self._replaced_said = False
+        self.out_of_space = False  # a write failed for want of disk space since the last one that worked (intake's)
 
     @property
     def is_postgres(self) -> bool:
@@ -454,12 +460,17 @@ class Database:
 
     def check_room(self) -> None:
         """A SQLite file's disk must have room for the next commit: full, every write fails (intake answers 503)
-        while a read, and so a ping, still works. DiskFull says so, with what is free."""
+        while a read, and so a ping, still works. DiskFull says so, with what is free, once a write failed for want
+        of space (`out_of_space`) while little is free: SQLite still writes in its log's space on a disk with little
+        or none left, and intake still took alerts while this said it did not. Freed, it no longer says so, written
+        to or not (the failure that set it may be the last write tried: a probe taken out of service gets none)."""
         if self._file_id is None:
             return
         problem = room_problem(self._file_path)
-        if problem is not None:
+        if problem is not None and self.out_of_space:
             raise DiskFull(f"{problem}: alerts get 503 and nothing is recorded until space is freed there")
+        if problem is None:
+            self.out_of_space = False
 
     async def read_row(self, statement: Any) -> Any:
         """The one row of a single read statement (an aggregate: `SELECT min(...)`), for checks that run every

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -186,5 +187,33 @@ async def test_a_clock_stepped_back_keeps_each_periodic_jobs_pace(wall: list[flo
         [planned] = [j.next_run_time for j in service._scheduler.get_jobs() if j.id == "plan-handoffs"]
         ahead = planned.timestamp() - (time.time() + wall[0])
         assert 590 < ahead <= 600
+    finally:
+        await service.stop()
+
+
+async def test_small_steps_back_that_add_up_are_dealt_with(wall: list[float], store: Database,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """1.5 s back again and again, each under the 2 s a step must be: compared with the last look, none was one,
+    and the beat fell further behind with each, without a word."""
+    caplog.set_level(logging.WARNING, "chatops.timers")
+    clock = FakeClock(botkit.T0)
+    service = TimerService(db=store, clock=clock, metrics=Metrics(), interval=0.2, wall=lambda: time.time() + wall[0])
+    fired: list[str] = []
+
+    @service.handler("escalation")
+    async def step(session: AsyncSession, timer: Timer, now: datetime) -> None:
+        fired.append(timer.subject)
+
+    await service.start()
+    try:
+        for _ in range(4):
+            wall[0] -= 1.5
+            await asyncio.sleep(0.45)
+        said = [r.getMessage() for r in caplog.records if "went back" in r.getMessage()]
+        # (by 3 s when the watch looked between the steps, as it does every 0.2 s here; more on a slow machine)
+        assert said and re.match(r"the system clock went back by [3-6] s;", said[0]), said
+        async with store.transaction() as session:
+            await timer_store.schedule(session, "escalation", "9", clock.now(), clock.now())
+        assert await until(lambda: fired == ["9"], 3), "the beat fell behind the small steps"
     finally:
         await service.stop()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from adapters import SETTINGS_MODELS
 from bot.config import Loaded, load_config
@@ -42,7 +43,13 @@ class Disk:
         return os.statvfs_result(values)
 
 
-async def test_readyz_says_the_disk_is_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+ALERT = {"asset_name": "db-01", "signature": "DiskFull", "severity": "high", "message": "disk full", "tool_source": "t"}
+
+
+async def test_readyz_says_the_disk_is_full_once_a_write_failed_for_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Little free space alone is not a full store (SQLite writes on in its log's space, and intake took alerts while
+    /readyz said it did not); a write that failed for want of space, while little is free, is."""
     disk = Disk()
     monkeypatch.setattr(db_module.os, "statvfs", disk)
     path = tmp_path / "bot.db"
@@ -50,17 +57,37 @@ async def test_readyz_says_the_disk_is_full(tmp_path: Path, monkeypatch: pytest.
         ok = await h.client.get("/readyz")
         assert ok.status == 200 and (await ok.json())["database"] == "ok"
         disk.free_blocks = 3  # a few blocks (each f_frsize bytes): less than the next commit may need
-        full = await h.client.get("/readyz")
-        body = await full.json()
+        low = await h.client.get("/readyz")
+        assert low.status == 200 and (await low.json())["database"] == "ok"  # intake still writes: ready
+        assert (await h.post("open", ALERT))[0] == 200
+        real = h.bot.intake._apply
+
+        def full(*_args: Any) -> Any:  # as SQLite answers a commit that does not fit (SQLITE_FULL)
+            raise OperationalError("INSERT INTO alerts ...", {}, sqlite3.OperationalError("database or disk is full"))
+        h.bot.intake._apply = full  # type: ignore[method-assign]
+        for _ in range(3):
+            status, body, _ = await h.post("open", ALERT)
+            assert (status, body) == (503, {"error": "the database is unavailable; nothing was stored, retry later"})
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("intake: the database is")]
+        assert len(said) == 1 and "database or disk is full" in said[0]  # (once a minute, not once a request)
+        refused = await h.client.get("/readyz")
+        body = await refused.json()
         frsize = disk.real(str(tmp_path)).f_frsize
-        assert full.status == 503, body
+        assert refused.status == 503, body
         assert body["status"] == "unavailable"
         assert body["database"] == (f"the disk holding {path} is full ({3 * frsize:,} bytes free): alerts get 503 "
                                     "and nothing is recorded until space is freed there")
         assert "chatops_database_up 0.0" in await (await h.client.get("/metrics")).text()
-        disk.free_blocks = None  # space freed
+        disk.free_blocks = None  # space freed: ready again, before any write
         again = await h.client.get("/readyz")
         assert again.status == 200 and (await again.json())["database"] == "ok"
+        disk.free_blocks = 3
+        h.bot.intake._apply = full  # type: ignore[method-assign]
+        assert (await h.post("open", ALERT))[0] == 503
+        assert (await h.client.get("/readyz")).status == 503
+        h.bot.intake._apply = real  # type: ignore[method-assign]
+        assert (await h.post("open", ALERT))[0] == 200  # a write that fits: ready, little space or not
+        assert (await h.client.get("/readyz")).status == 200
 
 
 async def test_a_postgresql_store_is_not_asked_about_a_local_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
