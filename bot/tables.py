@@ -29,8 +29,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, max_width
             out, indent = [lines[0], "  " + below], "  "
             for line, row in zip(lines[1:], cells):
                 out.append(line)
-                if row[at]:
-                    out.append(indent + _cut(row[at], max(fit - len(indent), 1), middle=below in keep_end))
+                if row[at] and below in keep_end:  # an error, whole over as many lines as it takes: cut in the
+                    # middle, it lost what was off and why ("slack is off (SLACK…l for a platform that is on")
+                    out += [indent + part for part in _wrap(row[at], max(fit - len(indent), 1))]
+                elif row[at]:
+                    out.append(indent + _cut(row[at], max(fit - len(indent), 1)))
             return "\n".join(out)
         return "\n".join(grid)
     return "\n".join(_grid(headers, cells, max_width, fit, shrink, keep_end) or [])
@@ -155,6 +158,30 @@ def printable(text: str) -> str:
 
 def _one_line(text: str) -> str:
     return printable(" ".join(text.split()))
+
+
+def _wrap(text: str, columns: int) -> list[str]:
+    """`text` in lines of `columns` at most, broken at a space where there is one (a word wider than a line, where
+    the line ends). A character drawn of several stays whole."""
+    lines: list[str] = []
+    rest = text
+    while width(rest) > columns:
+        parts = _clusters(rest)
+        used, taken = 0, 0
+        for _chars, w in parts:
+            if used + w > columns:
+                break
+            used += w
+            taken += 1
+        head = "".join(chars for chars, _ in parts[:max(taken, 1)])
+        space = head.rfind(" ")
+        if space > 0:
+            lines.append(head[:space])
+            rest = rest[space + 1:]
+        else:
+            lines.append(head)
+            rest = rest[len(head):]
+    return [*lines, rest] if rest or not lines else lines
 
 
 def _cut(text: str, columns: int, *, middle: bool = False) -> str:
