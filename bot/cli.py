@@ -1111,7 +1111,7 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
         else:  # the section is there, and a variable it reads is not (said as "VAR is not set" or "VAR is empty")
             print(f"telegram is off ({why}): adapters.telegram in app.yaml reads it; set it in this command's "
                   "environment, as for the bot, and run this again", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE  # (a problem of the setup, as its other refusals are: 1 is Telegram's refusal)
     if settings.mode == "polling":  # (mode: webhook cannot go without a webhook_secret: the config says so)
         print("adapters.telegram.mode is polling: the bot fetches its updates with getUpdates, which Telegram refuses "
               "(409 Conflict) while a webhook is set, and it drops the webhook only when it starts; to take updates "
