@@ -762,6 +762,10 @@ def _event_detail(action: str, subject: str | None, details: Any, names: dict[st
         return what + (f" ({said('note')})" if d.get("note") else "")
     if action == "access.refused":  # who tried what they may not (the actor's column says who)
         return f"{said('what')}: needs {said('needs')}"
+    if action == "outbox.retried":  # which deliveries went back in the queue (it said nothing)
+        ids = d.get("ids") if isinstance(d.get("ids"), list) else []
+        return (f"{'delivery' if len(ids) == 1 else 'deliveries'} {', '.join(f'#{i}' for i in ids)} queued again"
+                if ids else subject or "")
     if action == "incident.opened":
         channels = ", ".join(map(str, d.get("channels") or [])) if isinstance(d.get("channels"), list) else ""
         return ", ".join(p for p in (said("severity"), f"to {channels}" if channels else "",

@@ -112,6 +112,8 @@ class TimerService:
         async def run() -> None:
             try:
                 await fn()
+            except asyncio.CancelledError:  # the bot stopping (APScheduler cancels what runs): no fault, no traceback
+                log.info("job %s was cut off by the bot's stop; it runs again after the next start", name)
             except Exception as exc:  # a failing job logs and runs again at its next beat
                 busy = busy_store(exc)
                 if busy is not None:  # expected now and then (another writer held the store): a line, no traceback

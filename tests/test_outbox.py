@@ -309,6 +309,10 @@ async def test_a_dead_letter_is_sent_again_with_outbox_retry_once_the_cause_is_f
                 retried = (await session.execute(select(AuditEvent).where(AuditEvent.action == "outbox.retried"))
                            ).scalars().all()
                 assert [(e.incident_id, e.subject_id) for e in retried] == [(1, "1")]
+            with contextlib.redirect_stdout(io.StringIO()) as shown:  # the timeline says which (it said nothing)
+                assert await asyncio.to_thread(cli, ["incidents", "show", "1", "--wide", "-c", str(config)]) == 0
+            [line] = [line for line in shown.getvalue().splitlines() if "outbox.retried" in line]
+            assert line.endswith("delivery #1 queued again"), line
             with contextlib.redirect_stdout(io.StringIO()) as nothing:
                 assert await asyncio.to_thread(cli, ["outbox", "retry", "7", "-c", str(config)]) == 1
             assert nothing.getvalue() == ("there is no delivery #7: only dead deliveries are sent again (`chatops "
