@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,20 @@ from storage.db import Database
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PG_ENV = "CHATOPS_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(autouse=True)
+def logging_left_as_it_was() -> Iterator[None]:
+    """The command line sets up the bot's logging (bot.logs.setup): a handler on the stderr a test captures, closed
+    once it ends. Left on the root logger, every record of every later test failed to write and printed a "Logging
+    error" with its whole stack: the suite ran slower after the first command-line test, and timed waits ran out."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before and type(handler) is logging.StreamHandler:  # (not pytest's own, its subclasses)
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def postgres_url() -> str:
