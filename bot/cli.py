@@ -31,7 +31,7 @@ from bot.actions import MAX_ID
 from bot.config import EXAMPLE_CONFIG, ConfigError, Loaded, check_templates, config_path, load_config
 from bot.incidents import RESOLVED, SEVERITY_BASE, priority
 from bot.rotations import first_instant
-from bot.tables import ago, printable, table
+from bot.tables import ago, counted, printable, table
 from bot.view import alert_values, who_did
 from storage import queries, report
 from storage.queries import LIST_FILTERS, list_status
@@ -517,7 +517,7 @@ def cmd_audit_export(args: argparse.Namespace, out: TextIO) -> int:
         if writer and not written:
             writer.writerow(CSV_COLUMNS)
         if damaged:
-            print(f"{damaged:,} damaged audit event(s) exported with what can be read of them (marked damaged); "
+            print(f"{counted(damaged, 'damaged audit event')} exported with what can be read of them (marked damaged); "
                   "`chatops audit verify` checks the chain", file=sys.stderr)
             return EXIT_FAILED
         return EXIT_OK
@@ -778,7 +778,9 @@ def _event_detail(action: str, subject: str | None, details: Any, names: dict[st
                                      f"to {channels}" if channels else "",
                                      f"escalation {said('escalation')}" if d.get("escalation") else "") if p)
     if action == "alerts.truncated":
-        return f"{said('count')} alert(s) left out, {said('received')} received"
+        left = d.get("count")
+        return (f"{counted(left, 'alert') if isinstance(left, int) else said('count') + ' alerts'} left out, "
+                f"{said('received')} received")
     if action == "escalation.step":
         people = ", ".join(names.get(str(p), str(p)) for p in d.get("people") or []) \
             if isinstance(d.get("people"), list) else ""
@@ -801,7 +803,8 @@ def _event_detail(action: str, subject: str | None, details: Any, names: dict[st
             pass
         return f"step {said('step')} until {until}"
     if action == "escalation.exhausted":
-        return f"policy {said('policy')}, {said('steps')} step(s)"
+        steps = d.get("steps")
+        return f"policy {said('policy')}, " + (counted(steps, "step") if isinstance(steps, int) else f"{said('steps')} steps")
     if action == "escalation.resumed":
         return f"step {said('step')}"
     if action.startswith("runbook."):
@@ -993,13 +996,13 @@ def cmd_outbox_retry(args: argparse.Namespace, out: TextIO) -> int:
                   "them)", file=sys.stderr if chosen else out)
         if not chosen:
             if pages:
-                print(f"no dead deliveries but {pages} page(s), which --dead leaves (a page given up on was followed "
+                print(f"no dead deliveries but {counted(pages, 'page')}, which --dead leaves (a page given up on was followed "
                       "by the escalation's next step): `chatops outbox list --status dead` lists them, `chatops outbox "
                       "retry ID` sends one again", file=out)
             elif not args.ids:
                 print("no dead deliveries (pages are retried only by id)", file=out)
             return EXIT_FAILED if args.ids else EXIT_OK
-        print(f"{len(chosen)} delivery(ies) queued again: {', '.join(map(str, chosen))}; " + _by_the_bot(
+        print(f"{counted(len(chosen), 'delivery', 'deliveries')} queued again: {', '.join(map(str, chosen))}; " + _by_the_bot(
             loaded, "the running bot sends them within seconds (`chatops outbox list` shows how they fare)",
             "they are sent"), file=out)
         return EXIT_OK

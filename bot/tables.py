@@ -118,6 +118,12 @@ def _pad(text: str, columns: int) -> str:
     return text + " " * (columns - width(text))
 
 
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """"1 delivery", "3 deliveries": a count with its noun in the right number (`many`: an irregular plural; else
+    `one` with an s), where the words said "3 delivery(ies)"."""
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
+
+
 def ago(delta: timedelta) -> str:
     """timedelta(minutes=12) -> `12 min ago`."""
     seconds = int(delta.total_seconds())

@@ -12,7 +12,7 @@ from bot.config import RESPONDER, Config, Person, find_person, unknown_person
 from bot.dispatch import Dispatcher
 from bot.metrics import Metrics
 from bot.model import Actor
-from bot.tables import ago, table
+from bot.tables import ago, counted, table
 from bot.view import incident_card
 from handlers.escalation import Escalations, drawn_with
 from handlers.incident_actions import observe, perform
@@ -211,7 +211,7 @@ class ChatHandlers:
         async with self.db.sessions() as session:
             incidents = await list_incidents(session, status=status, limit=LIST_MAX)
             total = await count_incidents(session, status=status) if len(incidents) == LIST_MAX else len(incidents)
-        which = "" if status == "all" else f"{status} "  # "1 incident(s)", not "1 all incident(s)"
+        which = "" if status == "all" else f"{status} "  # "1 incident", not "1 all incident"
         if not incidents:
             return Reply(f"No {which}incidents.")
         now = self.clock.now()
@@ -224,7 +224,7 @@ class ChatHandlers:
         if total > len(incidents):
             return Reply(f"The newest {len(incidents)} of {total} {which}incidents (`chatops incidents list` shows "
                          f"them all):\n```\n{text}\n```")
-        return Reply(f"{len(incidents)} {which}incident(s), newest first:\n```\n{text}\n```")
+        return Reply(f"{counted(len(incidents), which + 'incident')}, newest first:\n```\n{text}\n```")
 
     async def _show(self, incident_id: int) -> Reply:
         if incident_id > MAX_ID:

@@ -48,6 +48,7 @@ from bot.clock import Clock
 from bot.config import Config
 from bot.incidents import TRIGGERED
 from bot.metrics import Metrics
+from bot.tables import counted
 from bot.ratelimit import TokenBucket, Window
 from bot.view import incident_card, thread_line
 from handlers.escalation import Escalations, drawn_with
@@ -259,8 +260,8 @@ class OutboxWorker(PageLanes):
         # line saying who was just paged was left for the next start when SIGTERM came during the call.
         if not due and not self._lane_pages:
             return
-        log.info("outbox: %d message(s) queued, %d delivery(ies) on their way; sending them before stopping (up to "
-                 "%g s)", due, len(self._lane_pages), seconds)
+        log.info("outbox: %s queued, %s on their way; sending them before stopping (up to %g s)",
+                 counted(due, "message"), counted(len(self._lane_pages), "delivery", "deliveries"), seconds)
         while (due or self._lane_pages) and time.monotonic() - started < seconds:
             self.nudge()
             await asyncio.sleep(0.1)
@@ -837,12 +838,16 @@ class OutboxWorker(PageLanes):
                 .values(due_at=until))
 
     @staticmethod
-    async def _mark(session: Any, items: Sequence[OutboxItem], status: str, error: str | None = None) -> None:
-        """One statement for all the rows; a row something else already settled stays as it is."""
+    async def _mark(session: Any, items: Sequence[OutboxItem], status: str, error: str | None = None, *,
+                    tried: bool = False) -> None:
+        """One statement for all the rows; a row something else already settled stays as it is. `tried`: the rows
+        failed a try that this settles (a page refused or unconfirmed): it counts in `attempts`, as a retried try
+        does (_failed), where a dead page said ATTEMPTS 0."""
         ids = [item.id for item in items]
         if ids:
+            counted = {"attempts": OutboxItem.attempts + 1} if tried else {}
             await session.execute(update(OutboxItem).where(OutboxItem.id.in_(ids), OutboxItem.status.in_(UNSETTLED))
-                                  .values(status=status, last_error=error))
+                                  .values(status=status, last_error=error, **counted))
 
 
 def _went(items: Sequence[OutboxItem]) -> str:

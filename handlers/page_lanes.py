@@ -35,6 +35,7 @@ from bot.config import Channel, Config, Person
 from bot.escalation import escalation_mark, pages_after_hours
 from bot.incidents import ACKNOWLEDGED, RESOLVED, TRIGGERED
 from bot.metrics import Metrics
+from bot.tables import counted
 from bot.view import incident_card, incident_state, span, thread_line
 from handlers.escalation import SYSTEM, TOKEN_REFUSED, Escalations, drawn_with, late_words
 from handlers.notify import (ASKED, ASKS, LIVE_WHILE, SETTLED, SWAP_ASKS, UNACKNOWLEDGED, asked_row, button_from,
@@ -139,9 +140,10 @@ class PageLanes:
             _, hung = await asyncio.wait(going, timeout=calls)
             if hung:  # (a lane's failure is logged as it ends)
                 pages = len(self._claimed)
-                log.warning("outbox: stopping with %d delivery(ies) still waiting for the platform after %g s; cut "
-                            "off, as a crash cuts them off: the next start settles them%s", len(hung), calls,
-                            f" ({pages} page(s) as unconfirmed, not sent again)" if pages else "")
+                log.warning("outbox: stopping with %s still waiting for the platform after %g s; cut off, as a "
+                            "crash cuts them off: the next start settles them%s", counted(len(hung), "delivery",
+                                                                                     "deliveries"), calls,
+                            f" ({counted(pages, 'page')} as unconfirmed, not sent again)" if pages else "")
                 for task in hung:
                     task.cancel()
                 await asyncio.wait(hung, timeout=1.0)
@@ -495,7 +497,7 @@ class PageLanes:
             problem = attempt.problem(person, self.adapters, what="message")
             log.warning("outbox: the %s message to %s is unconfirmed: %s", row.event, person.id, problem)
             async with self.db.transaction() as session:
-                await self._mark(session, [row], "dead", (UNCONFIRMED + problem)[:500])
+                await self._mark(session, [row], "dead", (UNCONFIRMED + problem)[:500], tried=True)
             return 1
         problem = attempt.problem(person, self.adapters, off=self.off, order=order)
         # A refused token is the bot's trouble, not the person's: the message waits for a token that works.
@@ -839,7 +841,8 @@ class PageLanes:
                 waited_for = f"{hours:g} h" if hours >= 1 else span(self.give_up_after)  # "24 h", as the README says
                 problem = f"the bot waited {waited_for} for {platforms} to accept its token, and gave up ({problem})"
             await self._mark(session, [row], "sent" if attempt.platform else "dead",
-                             None if attempt.platform else ((UNCONFIRMED if attempt.unknown else "") + problem)[:500])
+                             None if attempt.platform else ((UNCONFIRMED if attempt.unknown else "") + problem)[:500],
+                             tried=attempt.platform is None)
             if kept != (row.details or {}) or "due_at" in settled:
                 await session.execute(update(OutboxItem).where(OutboxItem.id == row.id).values(**settled))
             if attempt.platform is not None:

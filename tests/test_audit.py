@@ -135,7 +135,7 @@ async def test_a_damaged_row_is_named_not_a_crash(tmp_path: Path, column: str, v
             said = proc.stderr.splitlines()
             assert said[0].startswith(f"audit event #4 is damaged, cannot read its {column} (") and said[0].endswith(
                 "): exported with what can be read of it, marked damaged"), said
-            assert said[1:] == ["1 damaged audit event(s) exported with what can be read of them (marked damaged); "
+            assert said[1:] == ["1 damaged audit event exported with what can be read of them (marked damaged); "
                                 "`chatops audit verify` checks the chain"]
             if export == "jsonl":
                 events = [json.loads(line) for line in proc.stdout.splitlines()]

@@ -510,7 +510,7 @@ async def test_incidents_show_puts_a_group_sent_again_on_one_line_and_says_what_
         # the group's first notification (each alert joining is grouped, then received) and its six repeats
         "2026-11-24 05:00:00-05:30:00 CET alert.received ×70, incident.grouped ×9 source:am-plain "
         "10 alerts: CPU above 90% for 10m",
-        "2026-11-24 05:30:00 CET alerts.truncated source:am-plain 4 alert(s) left out, 10 received",
+        "2026-11-24 05:30:00 CET alerts.truncated source:am-plain 4 alerts left out, 10 received",
         "2026-11-24 05:30:00 CET incident.grouped source:am-plain fp10",
         "2026-11-24 05:30:00 CET incident.rerouted source:am-plain critical alert fp10, to ops-telegram",
         "2026-11-24 05:30:00 CET alert.received source:am-plain fp10: CPU above 90% for 10m",
@@ -1459,7 +1459,7 @@ async def test_incidents_act_and_outbox_retry_say_when_no_bot_is_running_to_carr
         dead = conn.execute("SELECT id FROM outbox ORDER BY id LIMIT 1").fetchone()[0]
     conn.close()
     assert await asyncio.to_thread(main, ["outbox", "retry", str(dead), "-c", str(cfg)]) == 0
-    assert capsys.readouterr().out.strip() == (f"1 delivery(ies) queued again: {dead}; no chatops serve is running on "
+    assert capsys.readouterr().out.strip() == (f"1 delivery queued again: {dead}; no chatops serve is running on "
                                                "this store: they are sent once it starts")
 
 

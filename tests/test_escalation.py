@@ -459,7 +459,7 @@ async def test_stopping_with_a_platform_that_hangs_ends_promptly_and_leaves_the_
                 started = time.monotonic()
                 await w.h.bot.outbox.stop(drain=1.0)
                 assert time.monotonic() - started < 1.0 + 5.0 + 2.0
-                assert "1 page(s) as unconfirmed, not sent again" in caplog.text
+                assert "1 page as unconfirmed, not sent again" in caplog.text
                 await asyncio.sleep(0.5)
                 assert len(w.pages(BOB_TG)) == 1  # nothing more went after the stop
                 async with w.h.bot.db.sessions() as s:
@@ -1328,7 +1328,7 @@ async def test_a_page_that_waited_a_day_for_the_token_says_so_when_it_gives_up(t
         assert next(t for t in thread_texts(w.slack) if t.startswith("Could not page Bob:")) == (
             "Could not page Bob: the bot waited 24 h for Telegram to accept its token, and gave up (telegram "
             "sendMessage: the bot token was refused; check adapters.telegram.bot_token).")
-        assert [(r.channel, r.status) for r in await page_rows(w.h)][0] == ("@bob", "dead")
+        assert [(r.channel, r.status, r.attempts) for r in await page_rows(w.h)][0] == ("@bob", "dead", 1)
 
 
 async def test_one_unreachable_person_does_not_cut_short_the_wait_of_another_paged_in_that_step(

@@ -287,7 +287,7 @@ async def test_slash_commands_list_show_and_act(slack: Slack) -> None:
     s = slack
     ts = await incident_posted(s)
     listing = await s.answer(await s.command("/incident", "list"))
-    assert "1 open incident(s)" in listing["text"] and "CPU" in listing["text"]
+    assert "1 open incident" in listing["text"] and "CPU" in listing["text"]
     acked = await s.answer(await s.command("/ack", "1"))
     assert acked["text"] == "Acknowledged #1."
     await s.fake.wait_for(lambda: s.updates(ts), timeout=5)
@@ -376,7 +376,7 @@ async def test_a_title_holding_backticks_or_mentions_stays_inside_the_list_table
     assert (await s.h.post("am", payload))[0] == 200
     listing = (await s.answer(await s.command("/incident", "list")))["text"]
     head, table, tail = listing.split("```")  # one code block, whatever the title holds
-    assert head == "1 open incident(s), newest first:\n" and tail == ""
+    assert head == "1 open incident, newest first:\n" and tail == ""
     assert "CPU \u02cb\u02cb\u02cbhigh\u02cb\u02cb\u02cb on host *x* &lt;!channel&gt; \u02cb\u02cb\u02cb\u02cb" in table
     assert "<!channel>" not in listing
 
@@ -499,7 +499,7 @@ async def test_incident_list_finds_the_open_ones_behind_many_resolved(slack: Sla
         alert["status"] = "resolved"
     assert (await s.h.post("am-plain", payload))[0] == 200  # 210 newer incidents, all resolved by their source
     listing = await s.answer(await s.command("/incident", "list"))
-    assert "1 open incident(s)" in listing["text"] and "CPU" in listing["text"], listing["text"]
+    assert "1 open incident" in listing["text"] and "CPU" in listing["text"], listing["text"]
     many = await s.answer(await s.command("/incident", "list resolved"))
     assert many["text"].startswith("The newest 20 of 210 resolved incidents"), many["text"][:200]
 

@@ -575,16 +575,16 @@ async def test_an_incident_command_with_words_too_many_gets_its_usage_on_telegra
 
 
 async def test_incident_list_all_says_how_many_incidents_not_how_many_all_incidents(both: Both) -> None:
-    """`/incident list all` answered "1 all incident(s)"."""
+    """`/incident list all` answered "1 all incident(s)" (now "1 incident")."""
     await posted_on_both(both)
     listing = (await both.slack.answer(await both.slack.command("/incident", "list all")))["text"]
-    assert listing.startswith("1 incident(s), newest first:\n"), listing
-    assert (await both.type("/incident list all")).startswith("1 incident(s), newest first:\n")
+    assert listing.startswith("1 incident, newest first:\n"), listing
+    assert (await both.type("/incident list all")).startswith("1 incident, newest first:\n")
     await both.slack.answer(await both.slack.command("/incident", "resolve 1"))
     assert (await both.slack.answer(await both.slack.command("/incident", "list open")))["text"] == \
         "No open incidents."
     assert (await both.slack.answer(await both.slack.command("/incident", "list resolved")))["text"].startswith(
-        "1 resolved incident(s), newest first:\n")
+        "1 resolved incident, newest first:\n")
 
 
 async def test_a_tap_on_a_card_of_another_incident_of_that_number_is_refused_and_every_key_fits_64_bytes(
