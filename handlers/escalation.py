@@ -361,11 +361,24 @@ class Escalations:
         missed = {details.get("step") for status, details in pages if status == "dead"}
         if step in reached or step in on_the_way or (not manual and step - 1 in missed and step - 1 not in reached):
             return False
+        if await self._asked_a_channel(session, incident_id, step):  # its people were asked: the step's wait is theirs
+            return False
         esc.timer_id = await timer_store.schedule(session, STEP, incident_id, now, now,
                                                   payload={"step": step, **({"manual": True} if manual else {})})
         esc.updated_at = now
         session.add(esc)
         return True
+
+    @staticmethod
+    async def _asked_a_channel(session: AsyncSession, incident_id: int, step: int) -> bool:
+        """Whether the latest firing of `step` (this run's: a reopen's run fires its own later) mentioned a channel
+        (@here): a step with a channel and a person who cannot be paged moved on at once, and the channel it had
+        just asked for help got none of the wait its line promised."""
+        fired = (await session.execute(select(AuditEvent.details).where(
+            AuditEvent.incident_id == incident_id, AuditEvent.action == "escalation.step")
+            .order_by(AuditEvent.seq.desc()).limit(50))).scalars().all()
+        this = next((d for d in fired if (d or {}).get("step") == step), None)
+        return bool((this or {}).get("channel"))
 
     async def _waiting(self, session: AsyncSession, incident_id: int, run: int) -> tuple[bool, list[str]]:
         """(whether a page of this run reached someone, or may have; the names of those whose page of this run

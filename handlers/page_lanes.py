@@ -794,14 +794,30 @@ class PageLanes:
                 await self._finish([row], "cancelled", f"not sent: #{incident.id} was {now_status} first")
             return 0
         row.status = SENDING
+        gone: list[str] = []
+
+        async def still_wanted() -> bool:  # asked between tries: a retry's waits are seconds long
+            async with self.db.sessions() as session:
+                status = (await session.execute(select(Incident.status).where(Incident.id == row.incident_id))
+                          ).scalar_one_or_none()
+            if status in wanted:
+                return True
+            gone.append(str(status))
+            return False
+
         try:
             attempt = await send_page(self.adapters, person, replace(message, key=key), order, allow=self._budget,
-                                      sleep=self._sleep)
+                                      sleep=self._sleep, wanted=still_wanted)
         except Exception as exc:  # a fault before any platform took it (drawing it, say): pending again, as retries go
             log.exception("outbox: paging %s about #%s failed", person.id, incident.id)
             await self._failed([row], f"{type(exc).__name__}: {exc}", None, permanent=False, unmark=True)
             return 1
         now = self.clock.now()  # answered (up to the platforms' timeouts later): what is recorded, and waits, from now
+        if attempt.dropped:  # acknowledged or resolved while a failed try waited to be tried again: not sent on
+            attempt.count(self.metrics)
+            await self._finish([row], "cancelled", f"not sent: #{incident.id} was {gone[-1]} first (after "
+                                                   f"{'; '.join(attempt.tried)})"[:500])
+            return 1
         if attempt.waiting:
             await self._wait(row, attempt, now)
             if attempt.held is not None and (attempt.retry_after or 0) > PAGE_RATE_WAIT:

@@ -89,6 +89,7 @@ class Attempt:
     refused: tuple[str, ...] = ()  # platforms that refused the bot's token: the bot's trouble, not the person's
     failed: tuple[tuple[str, str], ...] = ()  # (platform, what it said) for each platform that failed it, in order
     held: tuple[str, str] | None = None  # (platform, what it said) when that platform's rate limit holds it (waiting)
+    dropped: bool = False  # no longer wanted (acknowledged or resolved during a retry's wait): not sent on
 
     def count(self, metrics: Metrics) -> None:
         """Count this page (sent by hand or by an escalation) in chatops_pages_total: `failed` on each platform that
@@ -127,7 +128,8 @@ class Attempt:
 async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Outbound, order: Sequence[str],
                     allow: Callable[[str, str], bool] | None = None, *,
                     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-                    retry_waits: Sequence[float] | None = None) -> Attempt:
+                    retry_waits: Sequence[float] | None = None,
+                    wanted: Callable[[], Awaitable[bool]] | None = None) -> Attempt:
     """Try the platforms in `order` that are on and know the person; the first that takes it wins.
 
     With `allow(platform, user_id)` (a rate budget), a platform whose budget is spent, or that answers
@@ -138,7 +140,9 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
     given, slept with `sleep`: see _on_platform). Each platform that failed it is logged, and named in `failed`, for
     the line that says where the page went to say why not on the one before. A platform that refuses the bot's token
     is named in `refused`: the bot's trouble, not the person's, so an escalation's page waits for the token to work
-    again rather than fail (see OutboxWorker._page_waits).
+    again rather than fail (see OutboxWorker._page_waits). With `wanted`, asked before each call after the first (a
+    retry after its wait, the next platform): once it says no (the incident was acknowledged or resolved meanwhile),
+    nothing more is sent and the attempt is `dropped`: a page retried for seconds went out after the acknowledgement.
     """
     tried: list[str] = []
     transient = False
@@ -152,12 +156,14 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
             continue
         if allow is not None and not allow(platform, str(user_id)):
             return Attempt(None, tried, True, waiting=True)
+        if failed and wanted is not None and not await wanted():
+            return Attempt(None, tried, transient, failed=tuple(failed), dropped=True)
         tries = [0]
         try:
             ref = await _on_platform(pager, platform, str(user_id), message, person, allow is None, sleep,
-                                     RETRY_WAITS if retry_waits is None else retry_waits, tries)
+                                     RETRY_WAITS if retry_waits is None else retry_waits, tries, wanted)
         except DeliveryError as exc:
-            said = str(exc) if str(exc).startswith((f"{platform} ", f"{platform}:")) else f"{platform}: {exc}"
+            said = _said(platform, exc)
             following = [p for p in order[order.index(platform) + 1:]
                          if getattr(person, p, None) is not None and getattr(adapters.get(p), "page", None)]
             if allow is not None and exc.retry_after and (exc.retry_after <= PAGE_RATE_WAIT or not following):
@@ -176,20 +182,33 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
             if exc.token_refused:
                 refused.append(platform)
             continue
+        if isinstance(ref, _Dropped):
+            said = _said(platform, ref.error) + (f" ({tries[0]} tries)" if tries[0] > 1 else "")
+            return Attempt(None, [*tried, said], True, failed=(*failed, (platform, _reason(platform, str(ref.error)))),
+                           dropped=True)
         return Attempt(platform, tried, transient, ref=ref if isinstance(ref, MessageRef) else None,
                        refused=tuple(refused), failed=tuple(failed))
     return Attempt(None, tried, transient, refused=tuple(refused), failed=tuple(failed))
 
 
+@dataclass(frozen=True)
+class _Dropped:
+    """_on_platform's answer when the page was no longer wanted after a retry's wait: the failure before it."""
+
+    error: DeliveryError
+
+
 async def _on_platform(pager: Callable[[str, Outbound], Awaitable[Any]], platform: str, user_id: str,
                        message: Outbound, person: Person, by_hand: bool, sleep: Callable[[float], Awaitable[Any]],
-                       retry_waits: Sequence[float], tries: list[int]) -> Any:
+                       retry_waits: Sequence[float], tries: list[int],
+                       wanted: Callable[[], Awaitable[bool]] | None = None) -> Any:
     """One platform's call of a page, tried again there while it fails for a reason that may pass (a 5xx, no
     connection: neither permanent, nor a rate limit, nor an unknown outcome, which may have arrived), after each of
     `retry_waits`; the last failure is raised. The waits are longer than a private chat's pace, so the retries
     spend no budget. Asked for `by_hand` (no budget: someone waits for the answer), a short flood-control wait is
     waited out once, on the platform the person chose first, rather than failing or going elsewhere. `tries`
-    counts the calls."""
+    counts the calls. With `wanted`, asked after each retry's wait: no longer wanted, a _Dropped (with the last
+    failure) is returned rather than calling again."""
     waits, flooded = list(retry_waits), False
     while True:
         tries[0] += 1
@@ -206,6 +225,14 @@ async def _on_platform(pager: Callable[[str, Outbound], Awaitable[Any]], platfor
             log.warning("paging: %s failed a page to %s (%s); trying %s again in %g s", platform, person.id, exc,
                         platform, wait)
             await sleep(wait)
+            if wanted is not None and not await wanted():
+                log.info("paging: the page to %s is no longer wanted; not tried again on %s", person.id, platform)
+                return _Dropped(exc)
+
+
+def _said(platform: str, exc: DeliveryError) -> str:
+    """What a platform said of a page it failed, named by it: "telegram sendMessage: Bad Gateway"."""
+    return str(exc) if str(exc).startswith((f"{platform} ", f"{platform}:")) else f"{platform}: {exc}"
 
 
 def _reason(platform: str, said: str) -> str:

@@ -76,6 +76,10 @@ escalation_policies:
   - id: loud
     steps:
       - {notify: {channel: ops-slack}, wait: 5m}
+  - id: herdave
+    steps:
+      - {notify: {channel: ops-slack, people: [dave]}, wait: 30m}
+      - {notify: {people: [carol]}, wait: 5m}
   - id: askhere
     steps:
       - {notify: {people: [bob]}, wait: 5m}
@@ -96,6 +100,7 @@ routes:
   - {match: {team: ghosts}, channels: [ops-slack], escalation: unreachable}
   - {match: {team: relay}, channels: [ops-slack], escalation: relay}
   - {match: {team: askhere}, channels: [ops-slack, ops-telegram], escalation: askhere}
+  - {match: {team: herdave}, channels: [ops-slack], escalation: herdave}
   - {match: {team: quiet}, channels: [ops-slack]}
   - {match: {}, channels: [ops-slack, ops-telegram], escalation: standard}
 """
@@ -2503,3 +2508,78 @@ async def test_an_escalate_button_with_a_step_no_card_was_drawn_with_is_not_vali
         await w.tick()
         assert [e.details["step"] for e in await w.audit("escalation.step")] == [1]
         assert not await w.audit("incident.escalated")
+
+
+async def test_a_page_retried_after_a_5xx_is_not_sent_once_the_incident_is_acknowledged(tmp_path: Path) -> None:
+    """Telegram answers Bob's page 502; Alice acknowledges during the second's wait before it is tried again. The
+    page is not tried again: Bob's phone stays quiet, the thread says nothing of paging him, and the row says why.
+    Before: the retry went (Bob woken for an acknowledged incident, with live buttons), and the thread read
+    "Acknowledged by Alice", then "Paged Bob on Telegram. Carol in 30 min if nobody acknowledges."."""
+    async with world(tmp_path, NIGHT) as w:
+        waits: list[float] = []
+
+        async def acknowledged_meanwhile(seconds: float) -> None:
+            waits.append(seconds)
+            acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+            assert acked["text"] == "Acknowledged #1."
+
+        w.h.bot.outbox._sleep = acknowledged_meanwhile
+        w.tg.fail("sendMessage", "Bad Gateway", 502, times=1)
+        await w.alert("critical", team="solo")
+        await until(lambda: any(t == "Acknowledged by Alice" for t in thread_texts(w.slack)), "the acknowledgement")
+        [page] = await until_rows(w, "cancelled")
+        assert page.last_error == "not sent: #1 was acknowledged first (after telegram sendMessage: Bad Gateway)"
+        assert waits == [1.0]
+        assert [c.status for c in w.tg.calls if c.method == "sendMessage"] == [502]
+        assert not w.slack_dms("U02BOB")
+        await asyncio.sleep(0.3)
+        assert not any(t.startswith("Paged Bob") for t in thread_texts(w.slack)), thread_texts(w.slack)
+        assert not await w.audit("incident.paged")
+
+
+async def test_a_page_that_failed_on_telegram_does_not_go_to_slack_once_the_incident_is_acknowledged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Telegram fails Bob's page (no retries left); Alice acknowledges while that call is on its way. The page does
+    not go on to Slack. Before: Bob got a Slack DM about an incident acknowledged seconds before."""
+    monkeypatch.setattr("handlers.paging.RETRY_WAITS", (), raising=False)
+    async with world(tmp_path, NIGHT) as w:
+        w.tg.fail("sendMessage", "Bad Gateway", 502, times=1)
+        bobs_line = w.tg.hold(BOB_TG)
+        await w.alert("critical", team="solo")
+        await until(lambda: any(c.method == "sendMessage" for c in w.tg.calls), "Bob's page is on its way")
+        acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
+        assert acked["text"] == "Acknowledged #1."
+        bobs_line.set()
+        [page] = await until_rows(w, "cancelled")
+        assert page.last_error == "not sent: #1 was acknowledged first (after telegram sendMessage: Bad Gateway)"
+        await asyncio.sleep(0.3)
+        assert not w.slack_dms("U02BOB")
+        assert not any(t.startswith("Paged Bob") for t in thread_texts(w.slack)), thread_texts(w.slack)
+
+
+async def until_rows(w: World, status: str) -> list[OutboxItem]:
+    """The page rows, once one is `status`."""
+    for _ in range(150):
+        rows = await page_rows(w.h)
+        if any(r.status == status for r in rows):
+            return rows
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no page row became {status}: {[(r.status, r.last_error) for r in await page_rows(w.h)]}")
+
+
+async def test_a_step_that_asked_a_channel_keeps_its_wait_when_its_person_cannot_be_paged(tmp_path: Path) -> None:
+    """Step 1 mentions the channel (@here) and pages Dave, who has no platform: the channel was asked and promised
+    30 minutes, so Carol is paged when they are up, not at once. Before: Dave's failure moved on to step 2 straight
+    away ("Moving to the next step now."), and the channel got none of its wait."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical", team="herdave")
+        await until(lambda: any(t.startswith("Could not page Dave") for t in thread_texts(w.slack)), "Dave's line")
+        await w.tick()
+        await asyncio.sleep(0.5)
+        lines = thread_texts(w.slack)
+        assert any(t.startswith("<!here> Step 1 of 2") and "Carol in 30 min" in t for t in lines), lines
+        [dave] = [t for t in lines if t.startswith("Could not page Dave")]
+        assert "Moving to the next step now" not in dave, dave
+        assert not w.pages(CAROL_TG) and [e.details["step"] for e in await w.audit("escalation.step")] == [1]
+        await w.tick(timedelta(minutes=30))
+        await until(lambda: w.pages(CAROL_TG), "Carol, when the channel's 30 minutes are up")
