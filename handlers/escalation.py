@@ -39,7 +39,7 @@ from bot.incidents import ACKNOWLEDGED, RESOLVED
 from bot.model import Actor
 from bot.rotations import Schedule, on_call
 from bot.view import ESCALATION_DONE, clock, span
-from handlers.notify import UNACKNOWLEDGED, notice_row, queue_redraw, queue_thread_line
+from handlers.notify import UNACKNOWLEDGED, notice_row, page_redraw_row, queue_redraw, queue_thread_line
 from handlers.oncall import domain
 from handlers.timers import LATE_AFTER, TimerService
 from storage import timers as timer_store
@@ -464,7 +464,7 @@ class Escalations:
                 morning = next_business_start(hours, tz, now)
                 esc.timer_id = await timer_store.schedule(session, STEP, incident_id, morning, now,
                                                           payload={"step": n, "deferred": True})
-                when = _local(morning, hours.timezone or tz)  # the morning as business hours define it
+                when = _local(morning, hours.timezone or tz, now)  # the morning as business hours define it
                 esc.note = (f"After hours: {incident.severity} incidents page nobody until business hours "
                             f"({when}).")
                 self._lines(session, incident, now, "escalation.deferred",
@@ -478,6 +478,10 @@ class Escalations:
         esc.updated_at = now
         session.add(esc)
         queue_redraw(session, incident, now)
+        if n > 0 and any(e.action in ("escalation.step", "escalation.exhausted") for e in entries):
+            # The pages of the steps before: "Carol in 5 min if nobody acknowledges" came and went, and their
+            # Escalate answered only "escalated since this message was drawn" (in a private chat, with no other).
+            session.add(OutboxItem(**page_redraw_row(incident_id, now, fired=n + 1)))
         await self.audit.append_many(session, entries)
 
     async def _step(self, session: AsyncSession, incident: Incident, esc: Escalation, targets: Targets, n: int,
@@ -621,7 +625,7 @@ class Escalations:
         # (it starts a sentence: "Paged Bob on Slack. The channel in 5 min ..."; a person's name is left as written)
         who = " and ".join(names) if targets.people else "The channel" if targets.channel else "The next step"
         if morning is not None:
-            return (f"{who} at {_local(morning, hours.timezone or tz)} if nobody acknowledges ({severity} incidents "
+            return (f"{who} at {_local(morning, hours.timezone or tz, due - wait)} if nobody acknowledges ({severity} incidents "
                     "page nobody after hours).")
         return f"{who} in {span(wait)} if nobody acknowledges."
 
@@ -676,5 +680,10 @@ def late_words(late: dict[str, Any] | None, tz: str, now: datetime) -> str:
             f"{late['why']})")
 
 
-def _local(at: datetime, tz: str) -> str:
-    return at.astimezone(ZoneInfo(tz)).strftime("%a %H:%M %Z")
+def _local(at: datetime, tz: str, now: datetime) -> str:
+    """A business morning in words: "Wed 09:00 CET"; with its date when it is six days or more away ("Mon 14 Dec
+    09:00 CET"), where "Mon 09:00", said on a Monday evening, read as that morning, gone already."""
+    local = at.astimezone(ZoneInfo(tz))
+    if (local.date() - now.astimezone(ZoneInfo(tz)).date()).days >= 6:
+        return f"{local:%a} {local.day} {local:%b %H:%M %Z}"
+    return local.strftime("%a %H:%M %Z")

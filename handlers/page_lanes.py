@@ -38,8 +38,8 @@ from bot.metrics import Metrics
 from bot.tables import counted
 from bot.view import incident_card, incident_state, span, thread_line
 from handlers.escalation import SYSTEM, TOKEN_REFUSED, Escalations, drawn_with, late_words
-from handlers.notify import (ASKED, ASKS, LIVE_WHILE, SETTLED, SWAP_ASKS, UNACKNOWLEDGED, asked_row, button_from,
-                             decided_words, queue_redraw, queue_thread_line, swap_changed_row)
+from handlers.notify import (ASKED, ASKS, FIRED, LIVE_WHILE, SETTLED, SWAP_ASKS, UNACKNOWLEDGED, asked_row,
+                             button_from, decided_words, queue_redraw, queue_thread_line, swap_changed_row)
 from handlers.paging import (LOOK_AFTER, PAGE_RATE_WAIT, UNANSWERED, Attempt, page_finders, page_message, page_order,
                              page_where, send_page)
 from storage.audit import AuditLog, Entry
@@ -285,12 +285,14 @@ class PageLanes:
         # The pages this row redrew already (a chat takes about one edit a second: two pages to one person wait for
         # each other, and a retry that began again with the first would never reach the second).
         drawn = set((row.details or {}).get("drawn") or [])
+        fired = (row.details or {}).get(FIRED)  # (that step's own pages went out drawn as things are)
         async with self.db.sessions() as session:
             incident = await session.get(Incident, row.incident_id)
             sent = [p for p in (await session.execute(select(OutboxItem).where(
                 OutboxItem.kind == "page", OutboxItem.incident_id == row.incident_id,
                 OutboxItem.status.in_(("sent", "dead"))).order_by(OutboxItem.id))).scalars().all()
-                    if p.id not in drawn and ((p.details or {}).get("message") or _lost_page(p))]
+                    if p.id not in drawn and ((p.details or {}).get("message") or _lost_page(p))
+                    and (fired is None or (p.details or {}).get("step") != fired)]
             alerts = await recent_alerts(session, row.incident_id, RECENT_ALERTS) if incident and sent else []
             escalation = await session.get(Escalation, row.incident_id) if sent else None
         if incident is None:

@@ -357,7 +357,12 @@ async def test_a_page_redrawn_while_the_incident_fires_keeps_its_own_words(tmp_p
         await w.tick()
         await until(lambda: w.pages(CAROL_TG), "Carol, paged by Escalate")
         await w.slack.answer(await w.slack.command("/incident", "ack 1", user="U03CAROL"))
-        await until(lambda: len(redrawn()) == 2, "Bob's page redrawn once acknowledged")
+        for _ in range(20):  # (his chat's edits are paced: the redraw of step 2 took its budget for a moment)
+            if "Acknowledged" in redrawn()[-1]["text"]:
+                break
+            await w.tick(timedelta(seconds=2))
+            await asyncio.sleep(0.3)
+        await until(lambda: "Acknowledged" in redrawn()[-1]["text"], "Bob's page redrawn once acknowledged")
         assert "Step 1 of 4" not in redrawn()[-1]["text"] and "Acknowledged" in redrawn()[-1]["text"]
 
 
@@ -585,13 +590,19 @@ async def test_two_pages_in_one_chat_are_both_redrawn(tmp_path: Path) -> None:
                      if c.params["chat_id"] == BOB_TG and c.params["message_id"] == message_id]
             return edits[-1]["text"] if edits else ""
 
+        # (his first page was redrawn as steps 2 and 3 fired, to say what came next: see
+        # test_a_page_is_redrawn_when_the_escalation_moves_past_its_step)
+        await until(lambda: "Paging Bob" in drawn(first), "the first page redrawn as the repeat fired")
+        before = len([c for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG])
         acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
         assert acked["text"] == "Acknowledged #1."
-        for _ in range(6):  # the retry after the chat's budget comes due on the clock
+        for _ in range(20):  # the retry after the chat's budget comes due on the clock
+            if "Acknowledged" in drawn(first) and "Acknowledged" in drawn(second):
+                break
             await w.tick(timedelta(seconds=2))
             await asyncio.sleep(0.3)
         await until(lambda: "Acknowledged" in drawn(first) and "Acknowledged" in drawn(second), "both pages redrawn")
-        assert len([c for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG]) == 2  # once each
+        assert len([c for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG]) == before + 2
 
 
 async def test_a_page_whose_chat_must_wait_holds_back_no_other_page(tmp_path: Path) -> None:
@@ -602,6 +613,11 @@ async def test_a_page_whose_chat_must_wait_holds_back_no_other_page(tmp_path: Pa
         await until(lambda: w.pages(BOB_TG), "step 1: Bob")
         await w.tick(timedelta(minutes=5))
         await until(lambda: w.pages(CAROL_TG), "step 2: Carol")
+
+        def bobs_edits() -> list[Any]:
+            return [c for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG]
+
+        await until(bobs_edits, "Bob's page redrawn as step 2 fired")
         outbox = w.h.bot.outbox
         [bob_chat] = {str(c.params["chat_id"]) for c in w.tg.called("sendMessage") if c.params["chat_id"] == BOB_TG}
         outbox.buckets.pause("telegram", bob_chat, outbox._monotonic() + 3600)
@@ -609,7 +625,7 @@ async def test_a_page_whose_chat_must_wait_holds_back_no_other_page(tmp_path: Pa
         assert acked["text"] == "Acknowledged #1."
         await until(lambda: any("Acknowledged" in c.params["text"] for c in w.tg.called("editMessageText")
                                 if c.params["chat_id"] == CAROL_TG), "Carol's page redrawn")
-        assert not [c for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG]  # his waits
+        assert not any("Acknowledged" in c.params["text"] for c in bobs_edits())  # his waits
 
 
 async def test_a_page_sent_by_hand_is_redrawn_as_the_incident_changes(tmp_path: Path) -> None:
@@ -2583,3 +2599,40 @@ async def test_a_step_that_asked_a_channel_keeps_its_wait_when_its_person_cannot
         assert not w.pages(CAROL_TG) and [e.details["step"] for e in await w.audit("escalation.step")] == [1]
         await w.tick(timedelta(minutes=30))
         await until(lambda: w.pages(CAROL_TG), "Carol, when the channel's 30 minutes are up")
+
+
+async def test_a_page_is_redrawn_when_the_escalation_moves_past_its_step(tmp_path: Path) -> None:
+    """Step 2 fires by its timer: Bob's page of step 1 is redrawn to say what happens now, and its Escalate carries
+    the step the escalation is at, so a tap in his private chat goes further. Before: it kept promising "Carol in
+    5 min", and its Escalate answered only "escalated since this message was drawn" (there was no other message)."""
+    async with world(tmp_path, NIGHT) as w:
+        await w.alert("critical")
+        await until(lambda: w.pages(BOB_TG), "step 1")
+        assert "Carol in 5 min if nobody acknowledges" in w.pages(BOB_TG)[0]["text"]
+        await w.tick(timedelta(minutes=5))
+        await until(lambda: w.pages(CAROL_TG), "step 2")
+
+        def bobs_edits() -> list[dict[str, Any]]:
+            return [c.params for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG]
+
+        await until(bobs_edits, "Bob's page redrawn")
+        redrawn = bobs_edits()[-1]
+        assert "Carol in 5 min" not in redrawn["text"] and "Step 1 of 4 of the escalation." in redrawn["text"]
+        assert "Paging Carol." in redrawn["text"], redrawn["text"]
+        keys = [untagged(k["callback_data"]) for row in redrawn["reply_markup"]["inline_keyboard"] for k in row]
+        assert "esc:1:2" in keys, keys
+        assert not [c for c in w.tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]  # (drawn new)
+        await w.tap("esc:1:2", BOB_TG)
+        await until(lambda: w.tg.called("answerCallbackQuery"), "the tap is answered")
+        assert w.tg.called("answerCallbackQuery")[-1].params.get("text") == "Escalating #1 to step 3 of 4 now."
+
+
+async def test_a_morning_a_week_away_is_named_with_its_date(tmp_path: Path) -> None:
+    """Business hours on Mondays only; a low incident at 18:30 on Monday waits for the next Monday. The line said
+    "waits until Mon 09:00 CET", which read as that morning, already gone; it names the date now."""
+    base = BASE.replace("days: [mon, tue, wed, thu, fri]", "days: [mon]")
+    monday = datetime(2026, 11, 30, 17, 30, tzinfo=UTC)  # Mon 18:30 in Berlin
+    async with world(tmp_path, monday, base=base) as w:
+        await w.alert("low")
+        await until(lambda: any("waits until" in t for t in thread_texts(w.slack)), "it waits")
+        assert "After hours and low: step 1 waits until Mon 7 Dec 09:00 CET." in thread_texts(w.slack)
