@@ -243,7 +243,13 @@ def database_url_problem(url: str) -> str | None:
     """What in a database URL the driver would fail on, when opening the store (a traceback from every command):
     its host and port, and the options in its query. The password is never part of what is said."""
     netloc = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0] if "://" in url else ""
+    if netloc.count("@") > 1:  # (the driver cuts at the first: the rest of a password would be taken as the host)
+        return ("the user or password holds an `@`: write it as %40 there (percent-encoded), or the driver takes "
+                "what follows it for the host")
     host = netloc.rpartition("@")[2]
+    if not host.startswith("[") and host.count(":") > 1:
+        return (f"the host `{host}` looks like an IPv6 address: write it in brackets, such as [::1]:5432 (a port "
+                "after the closing `]`)")
     if host.startswith("["):
         if "]" not in host:
             return (f"the host `{host}` has no closing `]` (an IPv6 address is written in brackets, such as "
@@ -1283,6 +1289,13 @@ def doubts(c: Config) -> list[tuple[str, str]]:
                 found.append((f"people[{i}].roles[{j}]", f"unknown role {role!r} ({meant}known roles: "
                               f"{', '.join(sorted(known_roles))})"))
     for i, source in enumerate(c.sources):
+        if isinstance(source.auth, HmacAuth) and source.auth.timestamp_header is None:
+            grafana = (" (Grafana: the contact point's HMAC Timestamp Header, such as X-Grafana-Alerting-Timestamp, "
+                       "named here too)" if source.kind == "grafana" else "")
+            found.append((f"sources[{i}].auth.timestamp_header", f"none, so the signature covers the body alone and a "
+                          f"copy of a request {source.id} sent is taken again at any time (a captured \"resolved\" "
+                          f"resolves a later incident of that alert): name the header the sender puts its time in"
+                          f"{grafana}, and copies are refused as replays"))
         dedup = source.dedup_key
         if dedup and dedup != "groupKey" and dedup.replace("_", "").lower() == "groupkey":
             found.append((f"sources[{i}].dedup_key", f"{dedup!r} is read as a label of that name, which alerts rarely "

@@ -506,10 +506,17 @@ def test_grafana_hmac_defaults_follow_grafana_and_explicit_values_win() -> None:
           - {id: g2, kind: grafana, auth: {hmac_secret: s3cret-123, header: X-Sig, timestamp_header: X-TS}}
           - {id: w, kind: generic, auth: {hmac_secret: s3cret-123}}
         """))
-    sources = {s.id: s.auth for s in parse_config(text, adapter_models=SETTINGS_MODELS, env={}).config.sources}
+    loaded = parse_config(text, adapter_models=SETTINGS_MODELS, env={})
+    sources = {s.id: s.auth for s in loaded.config.sources}
     assert (sources["g"].header, sources["g"].timestamp_header) == ("X-Grafana-Alerting-Signature", None)
     assert (sources["g2"].header, sources["g2"].timestamp_header) == ("X-Sig", "X-TS")
     assert (sources["w"].header, sources["w"].timestamp_header) == ("X-Signature", "X-Timestamp")
+    # The default that signs the body alone takes copies of a request again: said, once, for that source only
+    assert [w for w in loaded.warnings if "timestamp_header" in w] == [
+        'sources[0].auth.timestamp_header: none, so the signature covers the body alone and a copy of a request g '
+        'sent is taken again at any time (a captured "resolved" resolves a later incident of that alert): name the '
+        "header the sender puts its time in (Grafana: the contact point's HMAC Timestamp Header, such as "
+        "X-Grafana-Alerting-Timestamp, named here too), and copies are refused as replays"]
 
 
 def test_a_missing_template_dir_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -806,11 +813,30 @@ PG = "postgresql+asyncpg://bot@db.internal:5432/chatops"
      "storage.url: the host `[::1` has no closing `]` (an IPv6 address is written in brackets, such as "
      "[::1]:5432)"),
     ("sqlite+aiosqlite:///./chatops.db?timeout=soon", "storage.url: timeout='soon' is not a number of seconds"),
+    # A password with an `@` not percent-encoded: the driver read the rest of it as the host (and the log showed it)
+    ("postgresql+asyncpg://bot:pw@SECRET@db:5432/chatops",
+     "storage.url: the user or password holds an `@`: write it as %40 there (percent-encoded), or the driver takes "
+     "what follows it for the host"),
+    ("postgresql+asyncpg://bot@::1:5432/chatops",  # (it said "the port ':1:5432' is not a number")
+     "storage.url: the host `::1:5432` looks like an IPv6 address: write it in brackets, such as [::1]:5432 (a port "
+     "after the closing `]`)"),
 ])
 def test_a_database_url_the_driver_cannot_take_names_the_part(url: str, expected: str) -> None:
     found = problems(BASE + ROUTES + f"storage: {{url: '{url}'}}\n")
     assert found == [expected]
-    assert not any("pw" in p for p in found)
+    assert not any("pw" in p or "SECRET" in p for p in found)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql+asyncpg://bot:pw@SECRET@db:5432/chatops", "postgresql+asyncpg://bot:***@db:5432/chatops"),
+    ("postgresql+asyncpg://bot:p%40ss@db/chatops", "postgresql+asyncpg://bot:***@db/chatops"),
+    ("postgresql+asyncpg://bot@db/chatops?ssl=require", "postgresql+asyncpg://bot@db/chatops?ssl=require"),
+    ("sqlite+aiosqlite:///./chatops.db", "sqlite+aiosqlite:///./chatops.db"),
+])
+def test_the_shown_database_url_hides_the_whole_password(url: str, shown: str) -> None:
+    from storage.db import Database
+
+    assert Database(url).safe_url == shown
 
 
 @pytest.mark.parametrize("url", [
