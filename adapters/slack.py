@@ -374,6 +374,7 @@ class SlackAdapter:
                                      retry_handlers=[])  # no retries behind the outbox's back
         self._session: aiohttp.ClientSession | None = None
         self.bot_id: str | None = None  # ours (auth.test): a lookup takes only our own messages (see find)
+        self.unreachable: str | None = None  # why auth.test got no answer at start, until a call works (/readyz)
         self.bot_name: str | None = None  # the bot user's name (auth.test), for "/invite @name" in a refusal
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen_events: deque[str] = deque(maxlen=1000)
@@ -414,6 +415,8 @@ class SlackAdapter:
         try:
             await self._auth_test()
         except DeliveryError as exc:
+            if not exc.token_refused:
+                self.unreachable = str(exc)
             return exc
         return None
 
@@ -591,6 +594,7 @@ class SlackAdapter:
             # before the answer, an answer cut short): Slack may have delivered it.
             unsent = isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL))
             raise DeliveryError(f"slack {method}: {type(exc).__name__}: {exc}", unknown=not unsent) from exc
+        self.unreachable = None
         return response.data
 
     # -- inbound ----------------------------------------------------------------------------------

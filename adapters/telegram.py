@@ -378,6 +378,7 @@ class TelegramAdapter:
     def __init__(self, settings: TelegramSettings, *, renderer: Renderer, dispatcher: Dispatcher):
         self.settings, self.renderer, self.dispatcher = settings, renderer, dispatcher
         self.poll_timeout, self.connect_retry = POLL_TIMEOUT, 5.0  # seconds
+        self.unreachable: str | None = None  # why the Bot API did not answer at start, until it does (/readyz)
         # base_url + token makes the API root (https://api.telegram.org/bot<token>); no updater, job
         # queue or rate limiter: the webhook or our own getUpdates loop feeds updates, the outbox paces.
         self.application = (Application.builder().token(settings.bot_token).base_url(settings.api_url)
@@ -421,6 +422,7 @@ class TelegramAdapter:
             if exc.permanent:
                 raise
             log.warning("telegram: cannot reach the Bot API (%s); trying again in the background", exc)
+            self.unreachable = str(exc)
             self._spawn(self._connect_later(), "connect", self._loops)
 
     async def initialize(self) -> None:
@@ -441,12 +443,15 @@ class TelegramAdapter:
             await asyncio.sleep(delay)
             try:
                 await self._connect()
+                self.unreachable = None
                 return
             except DeliveryError as exc:
                 if exc.permanent:
                     log.error("telegram: giving up connecting: %s", exc)
+                    self.unreachable = f"gave up connecting: {exc}"
                     return
                 log.warning("telegram: still not connected: %s", exc)
+                self.unreachable = str(exc)
                 delay = min(delay * 2, 300.0)
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -638,9 +643,11 @@ class TelegramAdapter:
 
     async def _call(self, method: str, call: Coroutine[Any, Any, Any]) -> Any:
         try:
-            return await call
+            result = await call
         except TelegramError as exc:
             raise delivery_error(method, exc, token=self.settings.bot_token) from exc
+        self.unreachable = None
+        return result
 
     @staticmethod
     def _left_behind(method: str, supergroup: str) -> DeliveryError:

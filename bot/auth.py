@@ -194,7 +194,8 @@ class ReplayGuard:
 def replay_message(delivery_id: str | None) -> str:
     """The 401's words for a signed alert request accepted before (under another X-Delivery-ID, or none)."""
     if not delivery_id:
-        return "replayed request: this signature was already accepted (send X-Delivery-ID to retry safely)"
+        return ("replayed request: this signature was already accepted; sign the request again (a new timestamp) "
+                "to send it again, or give each request an X-Delivery-ID, whose retries get the first answer")
     return ("replayed request: this signature was already accepted with another X-Delivery-ID, or none (a retry repeats "
             "the first one)")
 

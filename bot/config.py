@@ -1156,8 +1156,8 @@ EXPECTED_PATTERNS = {
     r"^xox[bpa]-\S+$": "a Slack bot token, which starts with xoxb-: the Bot User OAuth Token on the app's OAuth & "
                        "Permissions page",
     r"^\d+:\S+$": "a Telegram bot token as @BotFather gives it: digits, a colon, then the rest, such as 123456789:AA...",
-    r"^[A-Za-z0-9_-]{1,256}$": "1 to 256 letters, digits, `_` and `-`, which is what Telegram takes as a secret_token, "
-                               "such as the output of `openssl rand -hex 32`",
+    r"^[A-Za-z0-9_-]{1,256}$": "8 to 256 letters, digits, `_` and `-` (the characters Telegram takes in a "
+                               "secret_token), such as the output of `openssl rand -hex 32`",
     r"^https?://": "a URL that starts with http:// or https://",
 }
 EXPECTED_AT = {
@@ -1220,6 +1220,9 @@ def _unknown_key(err: Mapping[str, Any], model: type[BaseModel], given: Any) -> 
     return f"unknown key (allowed here: {', '.join(allowed)})" if allowed else "unknown key"
 
 
+_AUTH_KEYS = frozenset(BearerAuth.model_fields) | frozenset(HmacAuth.model_fields)
+
+
 def _message(err: Mapping[str, Any], where: tuple[Any, ...] = (), model: type[BaseModel] | None = None,
              given: Any = None) -> str:
     """What is wrong, as check-config says it; `err` comes from validating `given` as `model` (Config when not
@@ -1244,6 +1247,16 @@ def _message(err: Mapping[str, Any], where: tuple[Any, ...] = (), model: type[Ba
         return f"malformed value {_shown(err)} (expected {_expected(err, where)})"
     if kind == "auth_kind" and isinstance(err.get("input"), Mapping) and {"bearer", "hmac_secret"} <= set(err["input"]):
         return "give `bearer` or `hmac_secret`, not both: a source checks one kind of credential"
+    unknown = [str(k) for k in err.get("input") or () if k not in _AUTH_KEYS] if kind == "auth_kind" and isinstance(
+        err.get("input"), Mapping) else []
+    if unknown:  # neither bearer nor hmac_secret, and a key not of auth's: misspelt, most likely
+        said = "; ".join(f"unknown key `{k}`" + (f" (did you mean `{m[0]}`?)" if m else "") for k, m in (
+            (k, difflib.get_close_matches(k, ["bearer", "hmac_secret"], n=1)) for k in unknown))
+        return f"{said}: expected `{{bearer: TOKEN}}` or `{{hmac_secret: SECRET, ...}}`"
+    if kind in ("dict_type", "dict_attributes_type"):  # (routes' match, silences' matchers: label to value)
+        return f"expected a mapping of keys to values, such as `{{team: db}}`, got {_shown(err)}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"expected true or false, got {_shown(err)}"
     if kind == "literal_error":
         value = err.get("input")
         if "auth" in (*where, *err.get("loc", ())) and not (isinstance(value, str) and value.lower() in _NO_SECRET):

@@ -295,8 +295,9 @@ class Bot:
 
     def _adapters_up(self) -> None:
         """chatops_adapter_up as things are now: 0 for a platform whose token was refused since it started."""
-        for name in self.adapters:
-            self.metrics.adapter_up.labels(name).set(0 if name in self.outbox.token_refused else 1)
+        for name, adapter in self.adapters.items():
+            down = name in self.outbox.token_refused or getattr(adapter, "unreachable", None)
+            self.metrics.adapter_up.labels(name).set(0 if down else 1)
 
     def adapter_states(self) -> dict[str, str]:
         states = {name: f"off ({why})" for name, why in self.loaded.adapters_off.items()}
@@ -310,6 +311,8 @@ class Bot:
                 if name in self.adapters:  # (Teams' emulator mode takes activities from anyone: said wherever it is on)
                     unchecked = getattr(self.loaded.adapters[name], "unauthenticated", False)
                     states[name] = "on, unauthenticated" if unchecked else "on"
+                    if unreachable := getattr(self.adapters[name], "unreachable", None):  # (since start, until it answers)
+                        states[name] += f", not reachable ({unreachable}); messages wait and are retried"
         return dict(sorted(states.items()))
 
     def web_app(self) -> web.Application:
@@ -399,7 +402,8 @@ class Bot:
                 verify_bearer(request.headers, token)
             except AuthError:
                 body = {"status": body["status"], "database": "ok" if database == "ok" else "unavailable",
-                        "detail": "send server.metrics_token as `Authorization: Bearer` for why"}
+                        "detail": "send server.metrics_token as `Authorization: Bearer` for the details (the "
+                                  "adapters' states, and why when not ready)"}
         return web.json_response(body, status=200 if database == "ok" else 503, headers=PRIVATE)
 
     async def _database_state(self) -> str:

@@ -201,6 +201,15 @@ BROKEN = [
                   "timestamp_header: x-sig}") + ROUTES,
      "sources[0].auth.timestamp_header: 'x-sig' is the signature's header too: the signature and its timestamp come "
      "in two headers (such as X-Signature and X-Timestamp)"),
+    # A misspelt key under auth, a label mapping written as a string, a word for a boolean: they were said without
+    # the key or the value ("expected `none`, ...", "input should be a valid dictionary", "unable to interpret input")
+    (BASE.replace("auth: {bearer: secret-token}", "auth: {hmac_secert: s3cret-123}") + ROUTES,
+     "sources[0].auth: unknown key `hmac_secert` (did you mean `hmac_secret`?): expected `{bearer: TOKEN}` or "
+     "`{hmac_secret: SECRET, ...}`"),
+    (BASE + ROUTES.replace("{match: {team: dba}", '{match: "team=dba"'),
+     "routes[0].match: expected a mapping of keys to values, such as `{team: db}`, got 'team=dba'"),
+    (BASE + ROUTES.replace("escalation: dba}", "escalation: dba, continue: maybe}"),
+     "routes[0].continue: expected true or false, got 'maybe'"),
 ]
 
 
@@ -332,7 +341,8 @@ def test_a_section_that_is_off_is_still_checked_for_misspelt_keys_and_values_not
         "service_url, openid_metadata_url, token_issuer, login_url, oauth_scope)",
         "adapters.telegram.mode: 'push' is not allowed: input should be 'webhook' or 'polling'",
         "sources[0].auth.headr: unknown key (allowed here: bearer)",
-        "sources[2].auth: expected `none`, `{bearer: TOKEN}` or `{hmac_secret: SECRET, ...}`",
+        "sources[2].auth: unknown key `hmac_secrt` (did you mean `hmac_secret`?): expected `{bearer: TOKEN}` or "
+        "`{hmac_secret: SECRET, ...}`",
     ]
 
 
@@ -647,8 +657,8 @@ TELEGRAM = "adapters:\n  telegram: {bot_token: '7000000001:AAFake', webhook_secr
      "adapters.telegram.bot_token: malformed value (a secret, not shown) (expected a Telegram bot token as @BotFather "
      "gives it: digits, a colon, then the rest, such as 123456789:AA...)"),
     (BASE + ROUTES + TELEGRAM.replace("s3cret-s3cret", "'my webhook secret'"),
-     "adapters.telegram.webhook_secret: malformed value (a secret, not shown) (expected 1 to 256 letters, digits, `_` "
-     "and `-`, which is what Telegram takes as a secret_token, such as the output of `openssl rand -hex 32`)"),
+     "adapters.telegram.webhook_secret: malformed value (a secret, not shown) (expected 8 to 256 letters, digits, `_` "
+     "and `-` (the characters Telegram takes in a secret_token), such as the output of `openssl rand -hex 32`)"),
 ])
 def test_a_malformed_value_says_what_is_expected(text: str, expected: str) -> None:
     """A value checked against a pattern said only "malformed value": which shape was wanted, the user had to find in

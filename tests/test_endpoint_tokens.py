@@ -116,7 +116,8 @@ async def test_the_feed_wants_its_token_in_the_url_and_serves_the_same_calendar_
     # /readyz says why only to whoever has the metrics token (a file's path, a host, the adapters' states)
     ready = await guarded.client.get("/readyz")
     assert ready.status == 200 and await ready.json() == {
-        "status": "ok", "database": "ok", "detail": "send server.metrics_token as `Authorization: Bearer` for why"}
+        "status": "ok", "database": "ok", "detail": "send server.metrics_token as `Authorization: Bearer` for the "
+                                                    "details (the adapters' states, and why when not ready)"}
     told = await (await guarded.client.get("/readyz", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})).json()
     assert told["database"] == "ok" and "adapters" in told
     assert "adapters" in await (await open_bot.client.get("/readyz")).json()  # (no token set: open, as /metrics)

@@ -218,8 +218,8 @@ async def test_timestamped_signature_as_grafana_sends_it(h_ts: Harness) -> None:
 
     # The same request again inside the window is a replay.
     status, answer, _ = await h.post("grafana-ts", body, grafana)
-    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted "
-                                              "(send X-Delivery-ID to retry safely)")
+    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted; sign the request again (a new timestamp) "
+                                              "to send it again, or give each request an X-Delivery-ID, whose retries get the first answer")
 
     other = fixture(RESOLVED)
     # The generic sources' `{timestamp}.{body}` is not what Grafana signs.

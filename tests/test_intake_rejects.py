@@ -50,7 +50,9 @@ async def test_hmac_good_wrong_stale_replayed_and_missing(h: Harness) -> None:
     assert (await h.post("generic", body, good))[0] == 200
 
     status, answer, _ = await h.post("generic", body, good)
-    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted (send X-Delivery-ID to retry safely)")
+    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted; sign the "
+                                              "request again (a new timestamp) to send it again, or give each request "
+                                              "an X-Delivery-ID, whose retries get the first answer")
 
     other = json.dumps({**ALERT, "message": "other"}).encode()
     status, answer, _ = await h.post("generic", other, signed(h, other, secret="not-the-secret"))
@@ -88,8 +90,9 @@ async def test_hmac_good_wrong_stale_replayed_and_missing(h: Harness) -> None:
     upper = {**mine, "X-Signature": "SHA256=" + mine["X-Signature"].removeprefix("sha256=").upper()}
     assert (await h.post("generic", other, upper))[0] == 200
     status, answer, _ = await h.post("generic", other, mine)
-    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted (send "
-                                              "X-Delivery-ID to retry safely)")
+    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted; sign the "
+                                              "request again (a new timestamp) to send it again, or give each request "
+                                              "an X-Delivery-ID, whose retries get the first answer")
 
 
 @pytest.mark.parametrize(("source", "header"), [

@@ -72,8 +72,9 @@ async def test_a_signed_alert_replayed_to_another_replica_is_refused_there(pair:
     headers = alert_signed(one, body)
     assert (await one.post("generic", body, headers))[0] == 200
     status, answer, _ = await other.post("generic", body, headers)
-    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted (send "
-                                              "X-Delivery-ID to retry safely)")
+    assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted; sign the "
+                                              "request again (a new timestamp) to send it again, or give each request "
+                                              "an X-Delivery-ID, whose retries get the first answer")
     assert await rejected(other, "replayed") == 1
     status, answer, _ = await other.post("generic", body, {**headers, "X-Delivery-ID": "d-9"})
     assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted with another "
@@ -168,8 +169,8 @@ async def test_a_signed_alert_replayed_after_a_restart_is_refused(tmp_path: Path
         clock.advance(timedelta(minutes=8))  # past now + max_skew, within the timestamp's own window
         async with running_bot(url, schema=schema, clock=clock) as h:
             status, answer, _ = await h.post("generic", body, headers)
-            assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted "
-                                                      "(send X-Delivery-ID to retry safely)")
+            assert (status, answer["error"]) == (401, "replayed request: this signature was already accepted; sign the request again (a new timestamp) "
+                                                      "to send it again, or give each request an X-Delivery-ID, whose retries get the first answer")
             # PostgreSQL claims it (replicas share the store); SQLite logs it for the next start's memory
             kept = SeenRequest if database == "postgres" else AlertSignature
             assert await stored_alerts(h) == 1 and await h.count(kept) == 1

@@ -684,3 +684,31 @@ async def test_a_group_card_whose_answer_was_lost_is_posted_again_and_the_log_sa
     [said] = [r.getMessage() for r in caplog.records if "may show twice" in r.getMessage()]
     assert said.startswith(f"outbox: the answer to a send in {GROUP} was lost (telegram sendMessage: ") and said.endswith(
         "and the platform cannot be asked whether it has it, so it is posted again and may show twice")
+
+
+async def test_readyz_says_telegram_is_not_reachable_until_it_answers(tmp_path: Path) -> None:
+    """Telegram's Bot API answers 502 at start: the bot starts, retrying in the background, and /readyz says so
+    until getMe works (it said "on" all along, while the log said "still not connected")."""
+    async with FakeSlack() as slack, FakeTelegram() as tg:
+        tg.fail("getMe", "Bad Gateway", error_code=502, times=2)
+        extra = slack_config(slack) + (f"  telegram: {{bot_token: '{tg.token}', webhook_secret: {TG_SECRET}, "
+                                       f"api_url: '{tg.api_url}'}}\n")
+
+        def quick(bot: Any) -> None:
+            bot.adapters["telegram"].connect_retry = 0.2
+
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", extra, people=PEOPLE,
+                               prepare=quick) as h:
+            ready = await (await h.client.get("/readyz")).json()
+            assert ready["status"] == "ok"
+            assert ready["adapters"]["telegram"] == ("on, not reachable (telegram getMe: Bad Gateway); messages "
+                                                     "wait and are retried"), ready
+            assert 'chatops_adapter_up{adapter="telegram"} 0.0' in await (await h.client.get("/metrics")).text()
+            await tg.wait_for(lambda: tg.called("setMyCommands"), timeout=10)
+            for _ in range(50):
+                ready = await (await h.client.get("/readyz")).json()
+                if ready["adapters"]["telegram"] == "on":
+                    break
+                await asyncio.sleep(0.1)
+            assert ready["adapters"]["telegram"] == "on"
+            assert 'chatops_adapter_up{adapter="telegram"} 1.0' in await (await h.client.get("/metrics")).text()
