@@ -1317,6 +1317,12 @@ def doubts(c: Config) -> list[tuple[str, str]]:
             found.append((f"sources[{i}].dedup_key", "`groupKey` is Alertmanager's and Grafana's group: a generic "
                           "payload has none, so its alerts group by grouping.by (a generic alert's own `dedup_key` "
                           "field groups it)"))
+    if not any(APPROVER in p.roles for p in c.people):
+        for i, runbook in enumerate(c.runbooks):
+            if runbook.risk != "low":
+                found.append((f"runbooks[{i}].risk", f"{runbook.risk}, so a person with the `{APPROVER}` role must "
+                              f"approve each request to run {runbook.id}, and nobody has it: every request is refused; "
+                              "give the role to someone under people (not the one who asks: nobody approves their own)"))
     if c.grouping.window <= timedelta(0):
         found.append(("grouping.window", "0, so an alert joins an open incident of its key only when they arrive in "
                       "the same instant (repeats of one alert still join theirs): give a window, such as 15m"))

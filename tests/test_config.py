@@ -920,7 +920,7 @@ NOT_A_BOT_TOKEN = ("adapters.slack.bot_token: (a secret, not shown) is not a bot
                    "which starts with xoxb-: the Bot User OAuth Token on the app's OAuth & Permissions page)")
 QUIET_CATCH_ALL = ("the catch-all route has neither channels nor escalation, so an alert no other route takes opens an "
                    "incident nobody is told of: give it channels or an escalation policy")
-DOUBTED = ("people", "audit.", "adapters.", "routes", "sources[", "grouping", "escalation_policies")  # (not: no sources, a platform off)
+DOUBTED = ("people", "audit.", "adapters.", "routes", "sources[", "grouping", "escalation_policies", "runbooks")  # (not: no sources, a platform off)
 WARNED = [
     (BASE.replace("roles: [responder]", "roles: [respondr]") + ROUTES,
      "people[0].roles[0]: unknown role 'respondr' (did you mean `responder`? known roles: approver, manager, "
@@ -954,6 +954,11 @@ WARNED = [
     (BASE + ROUTES + "grouping: {window: 0s}\n",
      "grouping.window: 0, so an alert joins an open incident of its key only when they arrive in the same instant "
      "(repeats of one alert still join theirs): give a window, such as 15m"),
+    # (check-config said nothing; each request to run it was then refused in chat)
+    (BASE.replace("title: Restart nginx,", "title: Restart nginx, risk: high,") + ROUTES,
+     "runbooks[0].risk: high, so a person with the `approver` role must approve each request to run restart-nginx, "
+     "and nobody has it: every request is refused; give the role to someone under people (not the one who asks: "
+     "nobody approves their own)"),
 ]
 
 
