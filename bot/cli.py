@@ -1196,7 +1196,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("serve", parents=[common], help="run the HTTP server, adapters and workers").set_defaults(func=cmd_serve)
     sub.add_parser("check-config", parents=[common], help="validate app.yaml").set_defaults(func=cmd_check_config)
-    audit = sub.add_parser("audit", parents=[common], help="verify or export the audit log").add_subparsers(dest="audit", required=True, metavar="ACTION")
+    audit = sub.add_parser("audit", parents=[common], help="verify, export or rekey the audit log").add_subparsers(dest="audit", required=True, metavar="ACTION")
     verify = audit.add_parser("verify", parents=[common], help="exit 0 if the chain is intact, 1 naming the first bad event")
     verify.add_argument("--old-key-env", action="append", metavar="VAR",
                         help="an environment variable holding a key the chain was written with before a rekey: the "
@@ -1214,7 +1214,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--since", type=_iso, help="only events at or after this ISO 8601 time (no offset: app.yaml's timezone)")
     export.add_argument("--incident", type=_ID, help="only events about this incident id")
     export.set_defaults(func=cmd_audit_export)
-    incidents = sub.add_parser("incidents", parents=[common], help="list, show, acknowledge or resolve incidents").add_subparsers(dest="incidents", required=True, metavar="ACTION")
+    incidents = sub.add_parser("incidents", parents=[common], help="list, show, acknowledge, escalate, resolve or reopen incidents").add_subparsers(dest="incidents", required=True, metavar="ACTION")
     listing = incidents.add_parser("list", parents=[common], help="a table of incidents: the open ones first, then the resolved, each "
                                "highest priority first")
     listing.add_argument("--status", choices=LIST_FILTERS,
