@@ -379,6 +379,7 @@ class TelegramAdapter:
         self.settings, self.renderer, self.dispatcher = settings, renderer, dispatcher
         self.poll_timeout, self.connect_retry = POLL_TIMEOUT, 5.0  # seconds
         self.unreachable: str | None = None  # why the Bot API did not answer at start, until it does (/readyz)
+        self._gave_up: str | None = None  # connecting stopped (getMe refused): said until a start connects
         # base_url + token makes the API root (https://api.telegram.org/bot<token>); no updater, job
         # queue or rate limiter: the webhook or our own getUpdates loop feeds updates, the outbox paces.
         self.application = (Application.builder().token(settings.bot_token).base_url(settings.api_url)
@@ -448,7 +449,7 @@ class TelegramAdapter:
             except DeliveryError as exc:
                 if exc.permanent:
                     log.error("telegram: giving up connecting: %s", exc)
-                    self.unreachable = f"gave up connecting: {exc}"
+                    self.unreachable = self._gave_up = f"gave up connecting: {exc}"
                     return
                 log.warning("telegram: still not connected: %s", exc)
                 self.unreachable = str(exc)
@@ -646,7 +647,7 @@ class TelegramAdapter:
             result = await call
         except TelegramError as exc:
             raise delivery_error(method, exc, token=self.settings.bot_token) from exc
-        self.unreachable = None
+        self.unreachable = self._gave_up  # (a call that works after connecting stopped: no menu, no polling yet)
         return result
 
     @staticmethod

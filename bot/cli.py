@@ -779,7 +779,7 @@ def _event_detail(action: str, subject: str | None, details: Any, names: dict[st
                                      f"escalation {said('escalation')}" if d.get("escalation") else "") if p)
     if action == "alerts.truncated":
         left = d.get("count")
-        return (f"{counted(left, 'alert') if isinstance(left, int) else said('count') + ' alerts'} left out, "
+        return (f"{counted(left, 'alert') if type(left) is int else said('count') + ' alerts'} left out, "
                 f"{said('received')} received")
     if action == "escalation.step":
         people = ", ".join(names.get(str(p), str(p)) for p in d.get("people") or []) \
@@ -804,7 +804,7 @@ def _event_detail(action: str, subject: str | None, details: Any, names: dict[st
         return f"step {said('step')} until {until}"
     if action == "escalation.exhausted":
         steps = d.get("steps")
-        return f"policy {said('policy')}, " + (counted(steps, "step") if isinstance(steps, int) else f"{said('steps')} steps")
+        return f"policy {said('policy')}, " + (counted(steps, "step") if type(steps) is int else f"{said('steps')} steps")
     if action == "escalation.resumed":
         return f"step {said('step')}"
     if action.startswith("runbook."):

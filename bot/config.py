@@ -242,12 +242,18 @@ def _either(values: Sequence[str]) -> str:
 def database_url_problem(url: str) -> str | None:
     """What in a database URL the driver would fail on, when opening the store (a traceback from every command):
     its host and port, and the options in its query. The password is never part of what is said."""
-    netloc = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0] if "://" in url else ""
-    if netloc.count("@") > 1:  # (the driver cuts at the first: the rest of a password would be taken as the host)
-        return ("the user or password holds an `@`: write it as %40 there (percent-encoded), or the driver takes "
-                "what follows it for the host")
+    after = url.split("://", 1)[1].split("?", 1)[0] if "://" in url else ""
+    if url.startswith("sqlite") or "@" not in after:
+        netloc = after.split("/", 1)[0]
+    else:  # (up to the last `@`: a password may hold a `/`)
+        userinfo, _, hostpart = after.rpartition("@")
+        netloc = f"{userinfo}@{hostpart.split('/', 1)[0]}"
+    if "@" in netloc.rpartition("@")[0].partition(":")[2]:  # (the driver ends a password at its first `@`, and took
+        # the rest of it for the host; an `@` in the user name, as Azure's user@server, it reads as written)
+        return ("the password holds an `@`: write it as %40 there (percent-encoded), or the driver takes what "
+                "follows it for the host")
     host = netloc.rpartition("@")[2]
-    if not host.startswith("[") and host.count(":") > 1:
+    if not host.startswith("[") and host.count(":") > 1 and "," not in host:
         return (f"the host `{host}` looks like an IPv6 address: write it in brackets, such as [::1]:5432 (a port "
                 "after the closing `]`)")
     if host.startswith("["):
@@ -1253,10 +1259,6 @@ def _message(err: Mapping[str, Any], where: tuple[Any, ...] = (), model: type[Ba
         said = "; ".join(f"unknown key `{k}`" + (f" (did you mean `{m[0]}`?)" if m else "") for k, m in (
             (k, difflib.get_close_matches(k, ["bearer", "hmac_secret"], n=1)) for k in unknown))
         return f"{said}: expected `{{bearer: TOKEN}}` or `{{hmac_secret: SECRET, ...}}`"
-    if kind in ("dict_type", "dict_attributes_type"):  # (routes' match, silences' matchers: label to value)
-        return f"expected a mapping of keys to values, such as `{{team: db}}`, got {_shown(err)}"
-    if kind in ("bool_parsing", "bool_type"):
-        return f"expected true or false, got {_shown(err)}"
     if kind == "literal_error":
         value = err.get("input")
         if "auth" in (*where, *err.get("loc", ())) and not (isinstance(value, str) and value.lower() in _NO_SECRET):
@@ -1266,6 +1268,12 @@ def _message(err: Mapping[str, Any], where: tuple[Any, ...] = (), model: type[Ba
         return f"{_shown(err)} is not allowed: {msg[0].lower() + msg[1:]}"
     last = err.get("loc", ())[-1:] or where[-1:]
     key = last[0] if last and isinstance(last[0], str) else ""
+    if kind in ("dict_type", "dict_attributes_type"):
+        labels = key in ("match", "matchers")  # (routes', runbooks' and silences': label to value)
+        kinds = "labels to values, such as `{team: db}`" if labels else "keys to values"
+        return f"expected a mapping of {kinds}, got {_shown(err)}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"expected true or false, got {_shown(err)}"
     if kind in ("int_parsing", "int_type", "int_from_float"):
         if key == "telegram":  # (`@bob`: a username cannot be paged)
             return (f"expected the person's numeric Telegram user id, such as 123456789, got {_shown(err)} (the bot "

@@ -50,6 +50,7 @@ from storage.replays import SharedReplays
 from storage.timers import overdue as overdue_timers
 
 CHECK_WAIT = 5.0  # seconds a platform's start-up token check may take
+RECHECK_FIRST = 5.0  # seconds before a platform not reachable at start is asked again (then twice as long, up to 5 min)
 # Seconds the outbox may take, on SIGTERM, to send what is already queued (a thread line saying who was just paged):
 # sent later, after the next start, it may promise a step that has fired meanwhile. Short, as an orchestrator's
 # grace period before SIGKILL is (Kubernetes: 30 s, with up to 10 s for requests in flight before it).
@@ -105,6 +106,7 @@ class Bot:
         self.db = Database(self.config.storage.url, schema=self.config.storage.schema_name, wait=DB_WAIT)
         self.audit = AuditLog(self.config.audit.hmac_key)
         self.metrics = Metrics()
+        self._rechecks: set[asyncio.Task[None]] = set()  # platforms not reachable at start, asked again (_recheck)
         self.audit.counted = self.metrics.audit_events.inc  # what people, escalations and the outbox record
         for name in (*loaded.adapters, *loaded.adapters_off):  # a series for every platform, so `== 0` can alert
             self.metrics.adapter_up.labels(name).set(0)
@@ -249,16 +251,46 @@ class Bot:
         checking = getattr(adapter, "check", None)
         if checking is None:
             return
-        try:
-            problem = await asyncio.wait_for(checking(), CHECK_WAIT)
-        except asyncio.TimeoutError:
-            problem = DeliveryError(f"{name}: no answer within {CHECK_WAIT:g} s")
+        problem = await self._checked(name, checking)
         if problem is not None and problem.token_refused:
             self.outbox.token_refused[name] = str(problem)
             log.error("%s: the token was refused (%s); messages wait until it works: fix %s", name, problem,
                       getattr(adapter, "token_setting", f"adapters.{name} in app.yaml"))
         elif problem is not None:
             log.warning("%s: not reachable at start (%s); messages wait and are retried", name, problem)
+            adapter.unreachable = str(problem)  # (/readyz, chatops_adapter_up: until it answers)
+            task = asyncio.create_task(self._recheck(name, adapter, checking))
+            self._rechecks.add(task)
+            task.add_done_callback(self._rechecks.discard)
+
+    @staticmethod
+    async def _checked(name: str, checking: Any) -> DeliveryError | None:
+        try:
+            return await asyncio.wait_for(checking(), CHECK_WAIT)
+        except asyncio.TimeoutError:
+            return DeliveryError(f"{name}: no answer within {CHECK_WAIT:g} s")
+
+    async def _recheck(self, name: str, adapter: Any, checking: Any) -> None:
+        """A platform not reachable at start is asked again (its check), waiting longer each time (up to 5 min),
+        until it answers: a quiet bot makes no other call that would show it is back (chatops_adapter_up stayed
+        0 for hours after a blip at start)."""
+        delay = RECHECK_FIRST
+        while adapter.unreachable:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 300.0)
+            if not adapter.unreachable:  # (a call since worked)
+                break
+            problem = await self._checked(name, checking)
+            if problem is None:
+                adapter.unreachable = None
+            elif problem.token_refused:
+                adapter.unreachable = None
+                self.outbox.token_refused[name] = str(problem)
+                log.error("%s: the token was refused (%s); messages wait until it works", name, problem)
+                return
+            else:
+                adapter.unreachable = str(problem)
+        log.info("%s: reachable now", name)
 
     def _changed(self) -> None:
         """Something committed that may have queued chat work or a timer due now."""
@@ -268,6 +300,9 @@ class Bot:
     async def stop(self, *, drain: float = 0.0) -> None:
         """Stop; `drain`: seconds the outbox may take to send what is already due (see OutboxWorker.stop), once
         intake and the timers, which queue more, have stopped."""
+        for task in list(self._rechecks):
+            task.cancel()
+        await asyncio.gather(*self._rechecks, return_exceptions=True)
         await self.intake.stop()
         await self.runbooks.stop()  # (their processes killed; marked interrupted at the next start)
         await self.timers.stop()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -335,7 +336,7 @@ class Escalations:
                 f"page someone with {page}.")
 
     async def move_on(self, session: AsyncSession, incident_id: int, step: int, now: datetime, *,
-                      manual: bool = False) -> bool:
+                      manual: bool = False, reaches: Callable[[str], bool] | None = None) -> bool:
         """A page of `step` (1-based) could not be delivered: fire the next step now instead of after its wait,
         unless another page of that step got through or is still on its way, the escalation has moved since, or
         the step before also reached nobody: two steps in a row that page nobody look like a platform that is
@@ -345,7 +346,10 @@ class Escalations:
         `manual`: the step was reached by a person's Escalate. Someone asked for help now, so the next step is
         theirs too (it pages even if the incident is acknowledged, whose own timer pages nobody more), and it
         moves on whatever the step before did: for an acknowledged incident the policy's pace is no fallback,
-        as its timer stops the escalation."""
+        as its timer stops the escalation.
+
+        A step that mentioned a channel its platform can reach (`reaches(channel id)`: on, its token not refused) keeps
+        its wait: the channel's people were asked, and promised it."""
         esc = await session.get(Escalation, incident_id)
         if esc is None or esc.state != "active" or esc.next_step != step:
             return False
@@ -361,7 +365,8 @@ class Escalations:
         missed = {details.get("step") for status, details in pages if status == "dead"}
         if step in reached or step in on_the_way or (not manual and step - 1 in missed and step - 1 not in reached):
             return False
-        if await self._asked_a_channel(session, incident_id, step):  # its people were asked: the step's wait is theirs
+        asked = await self._asked_channel(session, incident_id, step)
+        if asked and (reaches is None or reaches(asked)):  # its people were asked: the step's wait is theirs
             return False
         esc.timer_id = await timer_store.schedule(session, STEP, incident_id, now, now,
                                                   payload={"step": step, **({"manual": True} if manual else {})})
@@ -370,15 +375,15 @@ class Escalations:
         return True
 
     @staticmethod
-    async def _asked_a_channel(session: AsyncSession, incident_id: int, step: int) -> bool:
-        """Whether the latest firing of `step` (this run's: a reopen's run fires its own later) mentioned a channel
-        (@here): a step with a channel and a person who cannot be paged moved on at once, and the channel it had
-        just asked for help got none of the wait its line promised."""
+    async def _asked_channel(session: AsyncSession, incident_id: int, step: int) -> str | None:
+        """The channel the latest firing of `step` (this run's: move_on is asked only while the run is at it)
+        mentioned (@here), if any: a step with a channel and a person who cannot be paged moved on at once, and the
+        channel it had just asked for help got none of the wait its line promised."""
         fired = (await session.execute(select(AuditEvent.details).where(
             AuditEvent.incident_id == incident_id, AuditEvent.action == "escalation.step")
             .order_by(AuditEvent.seq.desc()).limit(50))).scalars().all()
         this = next((d for d in fired if (d or {}).get("step") == step), None)
-        return bool((this or {}).get("channel"))
+        return str((this or {}).get("channel") or "") or None
 
     async def _waiting(self, session: AsyncSession, incident_id: int, run: int) -> tuple[bool, list[str]]:
         """(whether a page of this run reached someone, or may have; the names of those whose page of this run
@@ -481,7 +486,7 @@ class Escalations:
         if n > 0 and any(e.action in ("escalation.step", "escalation.exhausted") for e in entries):
             # The pages of the steps before: "Carol in 5 min if nobody acknowledges" came and went, and their
             # Escalate answered only "escalated since this message was drawn" (in a private chat, with no other).
-            session.add(OutboxItem(**page_redraw_row(incident_id, now, fired=n + 1)))
+            session.add(OutboxItem(**page_redraw_row(incident_id, now, fired=(n + 1, esc.run))))
         await self.audit.append_many(session, entries)
 
     async def _step(self, session: AsyncSession, incident: Incident, esc: Escalation, targets: Targets, n: int,

@@ -82,16 +82,17 @@ def queue_notice(session: AsyncSession, channel: str, text: str, now: datetime, 
 PAGES = "@pages"  # the channel of a row that redraws the pages an incident's escalation sent (see page_redraw_row)
 
 
-FIRED = "fired"  # in a page redraw row's details: the step whose firing queued it (its own pages are drawn new)
+FIRED = "fired"  # in a page redraw row's details: the step (and run) whose firing queued it
 
 
-def page_redraw_row(incident_id: int, now: datetime, *, fired: int | None = None) -> dict[str, Any]:
+def page_redraw_row(incident_id: int, now: datetime, *, fired: tuple[int, int] | None = None) -> dict[str, Any]:
     """A row that redraws, as the incident now is, the pages its escalation sent to people's private chats: someone
-    acted elsewhere, and the page still said Firing, with an Acknowledge nobody needs any more. `fired`: the
-    escalation moved on to this step (1-based): the pages before it say what comes now, not the step that fired."""
+    acted elsewhere, and the page still said Firing, with an Acknowledge nobody needs any more. `fired`: (step,
+    run): the escalation moved on to that step (1-based): only the pages of the step before are redrawn, to say so
+    (once each: their words then hold whatever comes next; see PageLanes._page_drawn)."""
     return {"created_at": now, "due_at": now, "incident_id": incident_id, "channel": PAGES, "kind": "pages",
-            "event": "incident.changed", "details": {FIRED: fired} if fired is not None else {}, "status": "pending",
-            "attempts": 0, "last_error": None}
+            "event": "incident.changed", "details": {FIRED: list(fired)} if fired is not None else {},
+            "status": "pending", "attempts": 0, "last_error": None}
 
 
 def queue_redraw(session: AsyncSession, incident: Incident, now: datetime) -> None:

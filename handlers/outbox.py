@@ -48,8 +48,8 @@ from bot.clock import Clock
 from bot.config import Config
 from bot.incidents import TRIGGERED
 from bot.metrics import Metrics
-from bot.tables import counted
 from bot.ratelimit import TokenBucket, Window
+from bot.tables import counted
 from bot.view import incident_card, thread_line
 from handlers.escalation import Escalations, drawn_with
 from handlers.notify import ASKS, UNACKNOWLEDGED, button_from, decided_words, direct_row
@@ -845,9 +845,9 @@ class OutboxWorker(PageLanes):
         does (_failed), where a dead page said ATTEMPTS 0."""
         ids = [item.id for item in items]
         if ids:
-            counted = {"attempts": OutboxItem.attempts + 1} if tried else {}
+            tries = {"attempts": OutboxItem.attempts + 1} if tried else {}
             await session.execute(update(OutboxItem).where(OutboxItem.id.in_(ids), OutboxItem.status.in_(UNSETTLED))
-                                  .values(status=status, last_error=error, **counted))
+                                  .values(status=status, last_error=error, **tries))
 
 
 def _went(items: Sequence[OutboxItem]) -> str:

@@ -285,14 +285,15 @@ class PageLanes:
         # The pages this row redrew already (a chat takes about one edit a second: two pages to one person wait for
         # each other, and a retry that began again with the first would never reach the second).
         drawn = set((row.details or {}).get("drawn") or [])
-        fired = (row.details or {}).get(FIRED)  # (that step's own pages went out drawn as things are)
+        fired = (row.details or {}).get(FIRED)  # [step, run]: the escalation moved on to that step
         async with self.db.sessions() as session:
             incident = await session.get(Incident, row.incident_id)
             sent = [p for p in (await session.execute(select(OutboxItem).where(
                 OutboxItem.kind == "page", OutboxItem.incident_id == row.incident_id,
                 OutboxItem.status.in_(("sent", "dead"))).order_by(OutboxItem.id))).scalars().all()
                     if p.id not in drawn and ((p.details or {}).get("message") or _lost_page(p))
-                    and (fired is None or (p.details or {}).get("step") != fired)]
+                    and (fired is None or [(p.details or {}).get("step"), (p.details or {}).get("run", 0)]
+                         == [fired[0] - 1, fired[1]])]
             alerts = await recent_alerts(session, row.incident_id, RECENT_ALERTS) if incident and sent else []
             escalation = await session.get(Escalation, row.incident_id) if sent else None
         if incident is None:
@@ -342,9 +343,11 @@ class PageLanes:
                                    max(0.1, (look_at - now).total_seconds()), permanent=False)
             return calls
         async with self.db.transaction() as session:  # this one, and any other waiting for the same incident
+            # (one that redrew the pages of one step settles only itself: it drew no others)
             await session.execute(update(OutboxItem).where(
                 OutboxItem.kind == "pages", OutboxItem.incident_id == row.incident_id,
-                OutboxItem.status == "pending", OutboxItem.id <= row.id).values(status="sent"))
+                OutboxItem.status == "pending", OutboxItem.id == row.id if fired else OutboxItem.id <= row.id)
+                .values(status="sent"))
         return calls
 
     def _page_drawn(self, page: OutboxItem, incident: Incident, alerts: list[AlertRecord],
@@ -366,7 +369,14 @@ class PageLanes:
         if (words and isinstance(step, int) and total and escalation is not None
                 and details.get("run", 0) == escalation.run):
             here = escalation.state == "active" and escalation.next_step == step  # not moved past it
-            words = step_words(step, total, str(details.get("next") or "") if here else note,
+            # Moved past it: said so, with no promise (its redraw comes once, as the escalation leaves its step: what
+            # comes next would be outdated at the next step, and redrawing every page at every step costs each
+            # person's chat the edits its new pages need).
+            after = (str(details.get("next") or "") if here else
+                     "Every step of the escalation has run." if escalation.state == "exhausted" else
+                     f"The escalation has moved on to step {escalation.next_step}." if escalation.next_step > step
+                     else note)
+            words = step_words(step, total, after,
                                late_words(details.get("late"), person.timezone or self.config.timezone, now))
         elif step is None and details.get("reason") and state == "firing":
             words = str(details["reason"])
@@ -665,6 +675,11 @@ class PageLanes:
         for platform in attempt.refused:
             self.token_refused[platform] = next((t for t in attempt.tried if t.startswith(platform)), problem)
 
+    def _reaches(self, channel_id: str) -> bool:
+        """Whether a message to the channel can go now: its platform on, and its token not refused."""
+        channel = self.channels.get(channel_id)
+        return channel is not None and channel.platform in self.adapters and channel.platform not in self.token_refused
+
     def _budget(self, platform: str, user_id: str) -> bool:
         """A direct message spends from the person's private chat budget (and the platform's)."""
         return self.buckets.allow(platform, user_id, edit=False, now=self._monotonic())
@@ -802,10 +817,15 @@ class PageLanes:
             async with self.db.sessions() as session:
                 status = (await session.execute(select(Incident.status).where(Incident.id == row.incident_id))
                           ).scalar_one_or_none()
-            if status in wanted:
-                return True
-            gone.append(str(status))
-            return False
+                run = (await session.execute(select(Escalation.run).where(Escalation.incident_id == row.incident_id))
+                       ).scalar_one_or_none() if isinstance(step, int) else None
+            if status not in wanted:
+                gone.append(f"#{row.incident_id} was {status} first")
+                return False
+            if run is not None and run != row.details.get("run", 0):  # resolved and reopened meanwhile
+                gone.append(f"#{row.incident_id} was reopened, and its escalation started again")
+                return False
+            return True
 
         try:
             attempt = await send_page(self.adapters, person, replace(message, key=key), order, allow=self._budget,
@@ -817,8 +837,9 @@ class PageLanes:
         now = self.clock.now()  # answered (up to the platforms' timeouts later): what is recorded, and waits, from now
         if attempt.dropped:  # acknowledged or resolved while a failed try waited to be tried again: not sent on
             attempt.count(self.metrics)
-            await self._finish([row], "cancelled", f"not sent: #{incident.id} was {gone[-1]} first (after "
-                                                   f"{'; '.join(attempt.tried)})"[:500])
+            async with self.db.transaction() as session:
+                await self._mark(session, [row], "cancelled", f"not sent: {gone[-1]} (after "
+                                 f"{'; '.join(attempt.tried)})"[:500], tried=True)
             return 1
         if attempt.waiting:
             await self._wait(row, attempt, now)
@@ -879,7 +900,8 @@ class PageLanes:
                 log.warning("escalation: the page to %s about #%s is unconfirmed: %s", person.id, incident.id, problem)
             else:
                 moved = (self.escalations is not None and isinstance(step, int)
-                         and await self.escalations.move_on(session, incident.id, step, now, manual=manual))
+                         and await self.escalations.move_on(session, incident.id, step, now, manual=manual,
+                                                            reaches=self._reaches))
                 line = f"Could not page {person.name}: {problem}." + (" Moving to the next step now." if moved else "")
                 entry = Entry("incident.page_failed", actor, "incident", str(incident.id), now,
                               {"person": person.id, "tried": attempt.tried, "problem": problem, "step": step},

@@ -154,10 +154,10 @@ async def send_page(adapters: Mapping[str, Adapter], person: Person, message: Ou
         pager = getattr(adapter, "page", None)
         if user_id is None or pager is None:
             continue
+        if failed and wanted is not None and not await wanted():  # (before a budget is spent on it)
+            return Attempt(None, tried, transient, failed=tuple(failed), dropped=True)
         if allow is not None and not allow(platform, str(user_id)):
             return Attempt(None, tried, True, waiting=True)
-        if failed and wanted is not None and not await wanted():
-            return Attempt(None, tried, transient, failed=tuple(failed), dropped=True)
         tries = [0]
         try:
             ref = await _on_platform(pager, platform, str(user_id), message, person, allow is None, sleep,

@@ -518,12 +518,12 @@ class Database:
         """The URL to show: its password as ***, all of it (what precedes the netloc's last `@`: a password with an
         `@` of its own, not percent-encoded, was cut there by the URL parser, and the rest shown as the host)."""
         scheme, sep, rest = self.url.partition("://")
-        netloc, slash, tail = rest.partition("/")
-        if not sep or "@" not in netloc:
+        rest, mark, query = rest.partition("?")  # (a query may hold an `@`; a password a `/`)
+        userinfo, at, host = rest.rpartition("@")
+        if not sep or not at:
             return make_url(self.url).render_as_string(hide_password=True)
-        userinfo, _, host = netloc.rpartition("@")
         user, colon, _ = userinfo.partition(":")
-        return f"{scheme}://{user}{':***' if colon else ''}@{host}{slash}{tail}"
+        return f"{scheme}://{user}{':***' if colon else ''}@{host}{mark}{query}"
 
 
 class Leader:

@@ -207,7 +207,7 @@ BROKEN = [
      "sources[0].auth: unknown key `hmac_secert` (did you mean `hmac_secret`?): expected `{bearer: TOKEN}` or "
      "`{hmac_secret: SECRET, ...}`"),
     (BASE + ROUTES.replace("{match: {team: dba}", '{match: "team=dba"'),
-     "routes[0].match: expected a mapping of keys to values, such as `{team: db}`, got 'team=dba'"),
+     "routes[0].match: expected a mapping of labels to values, such as `{team: db}`, got 'team=dba'"),
     (BASE + ROUTES.replace("escalation: dba}", "escalation: dba, continue: maybe}"),
      "routes[0].continue: expected true or false, got 'maybe'"),
 ]
@@ -825,8 +825,11 @@ PG = "postgresql+asyncpg://bot@db.internal:5432/chatops"
     ("sqlite+aiosqlite:///./chatops.db?timeout=soon", "storage.url: timeout='soon' is not a number of seconds"),
     # A password with an `@` not percent-encoded: the driver read the rest of it as the host (and the log showed it)
     ("postgresql+asyncpg://bot:pw@SECRET@db:5432/chatops",
-     "storage.url: the user or password holds an `@`: write it as %40 there (percent-encoded), or the driver takes "
-     "what follows it for the host"),
+     "storage.url: the password holds an `@`: write it as %40 there (percent-encoded), or the driver takes what "
+     "follows it for the host"),
+    ("postgresql+asyncpg://bot:p/a@ss@db/chatops",
+     "storage.url: the password holds an `@`: write it as %40 there (percent-encoded), or the driver takes what "
+     "follows it for the host"),
     ("postgresql+asyncpg://bot@::1:5432/chatops",  # (it said "the port ':1:5432' is not a number")
      "storage.url: the host `::1:5432` looks like an IPv6 address: write it in brackets, such as [::1]:5432 (a port "
      "after the closing `]`)"),
@@ -842,6 +845,10 @@ def test_a_database_url_the_driver_cannot_take_names_the_part(url: str, expected
     ("postgresql+asyncpg://bot:p%40ss@db/chatops", "postgresql+asyncpg://bot:***@db/chatops"),
     ("postgresql+asyncpg://bot@db/chatops?ssl=require", "postgresql+asyncpg://bot@db/chatops?ssl=require"),
     ("sqlite+aiosqlite:///./chatops.db", "sqlite+aiosqlite:///./chatops.db"),
+    ("postgresql+asyncpg://bot@myserver:pw@myserver.example.com/db", "postgresql+asyncpg://bot@myserver:***@myserver.example.com/db"),
+    ("postgresql+asyncpg://bot:p/a@ss@db/chatops", "postgresql+asyncpg://bot:***@db/chatops"),
+    ("postgresql+asyncpg://bot:pw@db/chatops?application_name=a@b", "postgresql+asyncpg://bot:***@db/chatops?application_name=a@b"),
+    ("postgresql+asyncpg://bot@/chatops?host=/run/postgresql", "postgresql+asyncpg://bot@/chatops?host=/run/postgresql"),
 ])
 def test_the_shown_database_url_hides_the_whole_password(url: str, shown: str) -> None:
     from storage.db import Database
@@ -854,6 +861,7 @@ def test_the_shown_database_url_hides_the_whole_password(url: str, shown: str) -
     "postgresql+asyncpg://bot@/chatops?host=/var/run/postgresql",
     "postgresql+asyncpg://bot@/chatops?host=db1:5432&host=db2:5432", "postgresql+asyncpg://bot@[::1]:5432/chatops",
     "postgresql+asyncpg://bot:p%40ss@db/chatops", "sqlite+aiosqlite:///./chatops.db?timeout=30",
+    "postgresql+asyncpg://bot@myserver:pw@myserver.postgres.example.com/chatops",  # (Azure's user@server names)
     PG + "?command_timeout=60",  # (asyncpg reads it as a number: a config with it started before)
     "sqlite+aiosqlite:///file:chatops.db?uri=true&mode=rwc",
 ])

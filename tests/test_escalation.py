@@ -590,9 +590,9 @@ async def test_two_pages_in_one_chat_are_both_redrawn(tmp_path: Path) -> None:
                      if c.params["chat_id"] == BOB_TG and c.params["message_id"] == message_id]
             return edits[-1]["text"] if edits else ""
 
-        # (his first page was redrawn as steps 2 and 3 fired, to say what came next: see
+        # (his first page was redrawn as step 2 fired, to say the escalation moved on: see
         # test_a_page_is_redrawn_when_the_escalation_moves_past_its_step)
-        await until(lambda: "Paging Bob" in drawn(first), "the first page redrawn as the repeat fired")
+        await until(lambda: "moved on to step 2" in drawn(first), "the first page redrawn as step 2 fired")
         before = len([c for c in w.tg.called("editMessageText") if c.params["chat_id"] == BOB_TG])
         acked = await w.slack.answer(await w.slack.command("/ack", "1", user="U01ALICE"))
         assert acked["text"] == "Acknowledged #1."
@@ -2545,6 +2545,7 @@ async def test_a_page_retried_after_a_5xx_is_not_sent_once_the_incident_is_ackno
         await until(lambda: any(t == "Acknowledged by Alice" for t in thread_texts(w.slack)), "the acknowledgement")
         [page] = await until_rows(w, "cancelled")
         assert page.last_error == "not sent: #1 was acknowledged first (after telegram sendMessage: Bad Gateway)"
+        assert page.attempts == 1  # (the try that failed counts, as a dead page's does)
         assert waits == [1.0]
         assert [c.status for c in w.tg.calls if c.method == "sendMessage"] == [502]
         assert not w.slack_dms("U02BOB")
@@ -2617,14 +2618,23 @@ async def test_a_page_is_redrawn_when_the_escalation_moves_past_its_step(tmp_pat
 
         await until(bobs_edits, "Bob's page redrawn")
         redrawn = bobs_edits()[-1]
-        assert "Carol in 5 min" not in redrawn["text"] and "Step 1 of 4 of the escalation." in redrawn["text"]
-        assert "Paging Carol." in redrawn["text"], redrawn["text"]
+        assert "Carol in 5 min" not in redrawn["text"], redrawn["text"]
+        assert "Step 1 of 4 of the escalation. The escalation has moved on to step 2." in redrawn["text"]
         keys = [untagged(k["callback_data"]) for row in redrawn["reply_markup"]["inline_keyboard"] for k in row]
         assert "esc:1:2" in keys, keys
         assert not [c for c in w.tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG]  # (drawn new)
         await w.tap("esc:1:2", BOB_TG)
         await until(lambda: w.tg.called("answerCallbackQuery"), "the tap is answered")
         assert w.tg.called("answerCallbackQuery")[-1].params.get("text") == "Escalating #1 to step 3 of 4 now."
+        # Step 3 redraws Carol's page, not Bob's again (each step redrawing every page before it cost each person's
+        # chat the edits its new pages need); his carries what the tap's answer drew
+        await asyncio.sleep(0.3)
+        before = len(bobs_edits())
+        await w.tick()
+        await until(lambda: [c for c in w.tg.called("editMessageText") if c.params["chat_id"] == CAROL_TG],
+                    "Carol's page redrawn as step 3 fired")
+        await asyncio.sleep(0.3)
+        assert len(bobs_edits()) == before, bobs_edits()
 
 
 async def test_a_morning_a_week_away_is_named_with_its_date(tmp_path: Path) -> None:
@@ -2636,3 +2646,21 @@ async def test_a_morning_a_week_away_is_named_with_its_date(tmp_path: Path) -> N
         await w.alert("low")
         await until(lambda: any("waits until" in t for t in thread_texts(w.slack)), "it waits")
         assert "After hours and low: step 1 waits until Mon 7 Dec 09:00 CET." in thread_texts(w.slack)
+
+
+async def test_a_step_whose_channel_cannot_be_reached_moves_on_when_its_person_cannot_be_paged(
+        tmp_path: Path) -> None:
+    """The step mentions the Slack channel and pages Dave, who has no platform, while Slack refuses the bot's token:
+    nobody was reached, so the escalation moves on to Carol at once (a channel's wait holds only for a channel its
+    platform can reach)."""
+    async with world(tmp_path, NIGHT) as w:
+        w.slack.fake.token = "the-token-before-it-was-revoked"  # every Slack call now answers invalid_auth,
+        w.h.bot.outbox.token_refused["slack"] = "slack auth.test: invalid_auth"  # as the bot knows since a call failed
+        await w.alert("critical", team="herdave")
+        for _ in range(100):  # (Dave's page fails at once; the thread cannot say so: Slack refuses the token)
+            if [r.status for r in await page_rows(w.h)] == ["dead"]:
+                break
+            await asyncio.sleep(0.1)
+        await w.tick()
+        await until(lambda: w.pages(CAROL_TG), "Carol, at once")
+        assert [e.details["step"] for e in await w.audit("escalation.step")] == [1, 2]

@@ -660,3 +660,27 @@ async def test_escalate_on_the_private_card_of_an_acknowledged_incident_redraws_
         assert "Bob" in text_of(redrawn), text_of(redrawn)
         # Step 2 of 2 ran: a press of Escalate could only say so, so the card has none (while its wait runs, too)
         assert button_values(redrawn) == ["res:1"]
+
+
+async def test_readyz_says_slack_is_not_reachable_until_it_answers_again(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slack's auth.test fails at start (a 503, a DNS blip): /readyz and chatops_adapter_up say so, and the bot asks
+    again until Slack answers, with no message to send meanwhile. It said "on" all along, and once set, the state
+    would have stayed until some message went out."""
+    monkeypatch.setattr("bot.server.RECHECK_FIRST", 0.5)  # (asked again 0.5 s, then 1 s later)
+    async with FakeSlack() as slack:
+        slack.fail("auth.test", "service_unavailable", status=503, times=2)
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(slack)) as h:
+            ready = await (await h.client.get("/readyz")).json()
+            assert ready["status"] == "ok"
+            assert ready["adapters"]["slack"].startswith("on, not reachable (slack auth.test: "), ready
+            assert ready["adapters"]["slack"].endswith("); messages wait and are retried"), ready
+            assert 'chatops_adapter_up{adapter="slack"} 0.0' in await (await h.client.get("/metrics")).text()
+            for _ in range(50):
+                ready = await (await h.client.get("/readyz")).json()
+                if ready["adapters"]["slack"] == "on":
+                    break
+                await asyncio.sleep(0.1)
+            assert ready["adapters"]["slack"] == "on"
+            assert [c.status for c in slack.calls if c.method == "auth.test"] == [503, 503, 200]  # asked again
+            assert 'chatops_adapter_up{adapter="slack"} 1.0' in await (await h.client.get("/metrics")).text()
