@@ -143,6 +143,13 @@ def cmd_check_config(args: argparse.Namespace, out: TextIO) -> int:
             print(f"{where}: {problem}" if where else problem, file=out)
         return EXIT_USAGE
     _warn(loaded)
+    try:
+        missing = _missing_file(loaded)
+    except StoreUrlError:  # (said when a command opens it)
+        missing = None
+    if missing is not None and not missing.parent.exists():  # (serve makes the file, not its folder)
+        print(f"note: storage.url: the folder {missing.parent} does not exist here, so `chatops serve` started here "
+              "would not start: create it, or give storage.url a file in a folder that exists", file=sys.stderr)
     for name, why in loaded.adapters_off.items():
         print(f"note: adapters.{name} is off: {why}", file=sys.stderr)
     for source, why in loaded.sources_off.items():

@@ -1507,3 +1507,17 @@ def test_whether_a_bot_holds_the_store_cannot_be_told_from_a_lock_file_not_ours_
     assert store_held(url) is None  # cannot tell: the running bot's words stay
     monkeypatch.undo()
     assert store_held("postgresql+asyncpg://u@h/db") is None
+
+
+def test_check_config_notes_a_sqlite_folder_that_does_not_exist(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The config is valid (it may be checked on another machine than the bot's), but `serve` here would not start:
+    check-config passed it without a word."""
+    cfg = config(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'nowhere' / 'bot.db'}")
+    assert main(["check-config", "-c", str(cfg)]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: storage.url")]
+    assert notes == [f"note: storage.url: the folder {tmp_path / 'nowhere'} does not exist here, so `chatops serve` "
+                     "started here would not start: create it, or give storage.url a file in a folder that exists"]
+    (tmp_path / "nowhere").mkdir()
+    assert main(["check-config", "-c", str(cfg)]) == 0
+    assert "note: storage.url" not in capsys.readouterr().err
