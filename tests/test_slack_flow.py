@@ -77,12 +77,12 @@ class Slack:
         return key
 
     async def answer(self, key: str) -> dict[str, Any]:
-        await self.fake.wait_for(lambda: self.fake.responses.get(key), timeout=5)
+        await self.fake.wait_for(lambda: self.fake.responses.get(key), timeout=15)  # (5 s ran out once under load)
         return self.fake.responses[key][-1]
 
     async def answers(self, key: str, count: int) -> list[dict[str, Any]]:
         """The first `count` posts to a response_url (a click on a private card: the answer, the card redrawn)."""
-        await self.fake.wait_for(lambda: len(self.fake.responses.get(key, [])) >= count, timeout=5)
+        await self.fake.wait_for(lambda: len(self.fake.responses.get(key, [])) >= count, timeout=15)
         return self.fake.responses[key][:count]
 
     def posts(self, channel: str = "C0OPS", thread: str | None = None) -> list[dict[str, Any]]:
