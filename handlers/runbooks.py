@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import or_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import select
 
@@ -629,8 +629,11 @@ class RunbookHandlers:
         its audit event and thread line, and out of the way of asking again."""
         ended = 0
         async with self.db.transaction() as session:
+            # only the requests it ends: a look that locked every waiting one (PostgreSQL) made a sweep beside it,
+            # with a later `now`, skip the very request that had just expired
             query = (select(RunbookRun, Incident).join(Incident, Incident.id == RunbookRun.incident_id)
-                     .where(RunbookRun.status == WAITING))
+                     .where(RunbookRun.status == WAITING,
+                            or_(Incident.status == RESOLVED, RunbookRun.requested_at < now - REQUEST_TTL)))
             if self.db.is_postgres:
                 query = query.with_for_update(of=RunbookRun, skip_locked=True)
             for run, incident in (await session.execute(query)).all():
