@@ -245,8 +245,9 @@ def mentions(activity: Activity) -> list[tuple[str, Mapping[str, Any]]]:
 
 def command_words(activity: Activity, person: Callable[[Mapping[str, Any]], str] | None = None) -> list[str]:
     """The words of a message to the bot, without its @mention and the HTML Teams may send it in (`<p>`, `&nbsp;`),
-    and without the `/` or `/chatops` that some type out of habit (Slack's and Telegram's commands): "@chatops
-    incident ack 3", "/incident ack 3" and "/chatops incident ack 3" are all `incident ack 3`. Another person's
+    and without the `/` or `/chatops` that some type out of habit (Slack's and Telegram's commands), or an `@chatops`
+    typed as plain text (help writes commands so): "@chatops incident ack 3", "/incident ack 3" and "/chatops incident
+    ack 3" are all `incident ack 3`. Another person's
     mention is a word: `person(mentioned)` (their id, as app.yaml may know them), else their Teams id."""
     text = activity.text or ""
     bot = getattr(activity.recipient, "id", None)
@@ -255,7 +256,8 @@ def command_words(activity: Activity, person: Callable[[Mapping[str, Any]], str]
             who = person(mentioned) if person is not None else str(mentioned.get("id") or "")
             text = text.replace(tag, f" {who} ", 1)
     words = split_words(html.unescape(_TAG.sub(" ", _MENTION.sub(" ", text))))
-    if words and words[0].lower() == "/chatops":
+    # (`@chatops` typed out in a private chat, as help writes commands, is no mention there: plain text)
+    if words and words[0].lower() in ("/chatops", "@chatops"):
         words = words[1:]
     return [words[0].removeprefix("/"), *words[1:]] if words else []
 

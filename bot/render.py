@@ -131,7 +131,11 @@ def teams_text(value: Any) -> str:
     of its own (`[Silence it here](https://...)`) or bold that passes for the card's own words (`**Latest:**`) is
     shown as written, its markup broken by a zero-width space. A bare URL stays a link that shows where it goes."""
     text = "" if value is None else str(value)
-    return text.replace("](", "]\u200b(").replace("**", "*\u200b*").replace("__", "_\u200b_")
+    # every pair in a run (`***x***` kept a `**` pair: bold still)
+    return _EMPHASIS_RUN.sub("\\1\u200b", text.replace("](", "]\u200b("))
+
+
+_EMPHASIS_RUN = re.compile(r"([*_])(?=\1)")
 
 
 def clip(value: Any, limit: int) -> str:

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import Config, Person
@@ -349,8 +349,15 @@ class Escalations:
         as its timer stops the escalation.
 
         A step that mentioned a channel its platform can reach (`reaches(channel id)`: on, its token not refused) keeps
-        its wait: the channel's people were asked, and promised it."""
-        esc = await session.get(Escalation, incident_id)
+        its wait: the channel's people were asked, and promised it.
+
+        On PostgreSQL the pages of one incident decide one at a time (a transaction lock): two failing at once each
+        saw the other still on its way, uncommitted, and neither moved on; the second now waits for the first's
+        commit and sees both."""
+        if session.bind.dialect.name == "postgresql":  # (per schema, as Database.lock_for_transaction)
+            await session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || :n, 0))"),
+                                  {"n": f":escalation-move:{incident_id}"})
+        esc = await session.get(Escalation, incident_id, populate_existing=True)
         if esc is None or esc.state != "active" or esc.next_step != step:
             return False
         pages = [(status, details, error or "") for status, details, error in (await session.execute(

@@ -8,6 +8,7 @@
   after step 1's wait.
 - Two replicas on one PostgreSQL schema: 200 incidents with 3-step policies, alerts posted to both; every
   step fires exactly once across both replicas, and every (person, incident) gets exactly one page.
+- Two pages of one step failing at the same moment (PostgreSQL): one of them moves the escalation on.
 
 Business hours are set to a weekday that is never today (UTC), so every step is "after hours" and pages go
 to Telegram first; severity is critical, above `paging.after_hours_min_severity`, so nothing is deferred.
@@ -26,12 +27,11 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -598,3 +598,60 @@ async def test_postgres_intake_answers_alerts_that_arrive_during_a_commit(tmp_pa
                     await second
     assert answered, ("an alert queued while the previous intake transaction ran got no answer 5 s after that "
                       "transaction ended: no transaction was started for it until another request arrived")
+
+
+async def test_two_pages_of_a_step_failing_at_once_move_the_escalation_on(tmp_path: Path, pg_schema: str) -> None:
+    """PostgreSQL: Bob's and Carol's pages of step 1 fail at the same moment, each recorded by its own transaction.
+    Each saw the other's page still `sending` (not committed yet), so neither moved the escalation on, and step 2
+    waited out step 1's whole wait with nobody paged. Now the second to decide waits for the first's commit, sees
+    both pages failed, and moves on: exactly one of them does."""
+    from sqlalchemy import update
+
+    from storage.models import Escalation, Incident, OutboxItem, Timer
+
+    async with bot_on("postgres", tmp_path, pg_schema) as h:
+        db, escalations, now = h.bot.db, h.bot.escalations, h.clock.now()
+        async with db.transaction() as session:
+            incident = Incident(group_key="disk", title="Disk full", severity="critical", opened_at=now,
+                                first_seen=now, last_seen=now)
+            session.add(incident)
+            await session.flush()
+            session.add(Escalation(incident_id=incident.id, policy="default", next_step=1, started_at=now,
+                                   updated_at=now))
+            # (pending, due tomorrow: on their way, and not the outbox worker's to take meanwhile)
+            pages = [OutboxItem(created_at=now, due_at=now + timedelta(days=1), incident_id=incident.id,
+                                channel=f"@{who}", kind="page", event="escalation.page", status="pending",
+                                details={"person": who, "step": 1, "run": 0}) for who in ("bob", "carol")]
+            session.add_all(pages)
+            await session.flush()
+            iid, (bob, carol) = incident.id, [p.id for p in pages]
+        b_marked, a_decided, b_decided = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def dead(session: Any, page: int) -> None:
+            await session.execute(update(OutboxItem).where(OutboxItem.id == page).values(status="dead"))
+
+        async def first() -> bool:
+            async with db.transaction() as session:
+                await dead(session, bob)
+                await b_marked.wait()
+                moved = await escalations.move_on(session, iid, 1, now)
+                a_decided.set()
+                with contextlib.suppress(TimeoutError):  # the other decides before this commits (or waits for it)
+                    await asyncio.wait_for(b_decided.wait(), 1.0)
+            return moved
+
+        async def second() -> bool:
+            async with db.transaction() as session:
+                await dead(session, carol)
+                b_marked.set()
+                await a_decided.wait()
+                moved = await escalations.move_on(session, iid, 1, now)
+                b_decided.set()
+            return moved
+
+        assert sorted(await asyncio.wait_for(asyncio.gather(first(), second()), 10)) == [False, True]
+        async with db.sessions() as session:
+            esc = await session.get(Escalation, iid)
+            assert esc is not None and esc.timer_id is not None
+            timer = await session.get(Timer, esc.timer_id)
+            assert timer is not None and timer.payload == {"step": 1}

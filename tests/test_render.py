@@ -319,3 +319,19 @@ def test_an_alerts_markdown_is_inert_on_a_teams_card_and_in_a_teams_message(rend
     assert "](" not in message_activity(rendered, []).summary
     line = message_activity({"text": f"3 new alerts: {hostile}"}, [])
     assert line.text_format == "markdown" and "](" not in line.text and "**" not in line.text
+
+
+def test_runs_of_stars_and_underscores_in_an_alert_hold_no_bold_on_teams(renderer):
+    """`***Acknowledged by Alice***` became `*\u200b**Acknowledged by Alice*\u200b**`: a `**` pair still, bold as the
+    card's own words. Every pair in a run is broken now; a lone star or a snake_case name stays as it came."""
+    from bot.render import teams_text
+
+    summary = "***Acknowledged by Alice: no action needed***"
+    alert = make_alert(summary, received=NOW, annotations={"summary": summary,
+                                                           "description": "___Resolved, ignore this page___"})
+    ctx = incident_context(make_incident(title=summary), [alert], now=NOW)
+    card = json.dumps(renderer.render_json("incident", "teams", ctx)["body"], ensure_ascii=False)
+    assert "Acknowledged by Alice" in card and "ignore this page" in card
+    assert "**" not in card.replace("**Latest:**", "").replace("**Values:**", "") and "__" not in card
+    assert teams_text("***x***") == "*\u200b*\u200b*x*\u200b*\u200b*"
+    assert teams_text("a * b snake_case_name") == "a * b snake_case_name"

@@ -194,7 +194,7 @@ async def test_commands_in_a_channel_or_the_private_chat_are_answered_where_they
         assert (await post(h, help_, bf.headers()))[0] == 200  # delivered again: answered once
         await asyncio.sleep(0.1)
         assert len([c for c in bf.called("reply") if c.activity_id == help_["id"]]) == 1
-        for typed in ("/chatops help", "/help", "help"):
+        for typed in ("/chatops help", "/help", "help", "@chatops help"):
             assert (await say(h, bf, bf.message(typed, personal=True, conversation="a:1alice"))).startswith("Commands:")
         assert (await say(h, bf, bf.message("oncall"))).startswith("No rotations are configured yet")
         html_message = {**bf.message("x"), "text": "<p><at>chatops</at>&nbsp;oncall</p>", "textFormat": "xml"}
@@ -269,6 +269,35 @@ async def test_a_page_opens_the_private_chat_with_an_acknowledge_button_that_ack
         assert (await post(h, click, bf.headers()))[0] == 200
         [incident] = await h.incidents()
         assert (incident.status, incident.acknowledged_by) == ("acknowledged", "bob")
+
+
+async def test_commands_typed_as_help_writes_them_work_in_the_private_chat(tmp_path: Path) -> None:
+    """Help writes commands as `@chatops ack ID`. In the private chat there is no mention of the bot to pick, so
+    `@chatops ack 1` came as plain text, and was answered "`@chatops` is not one of my commands"."""
+    async with teams_bot(tmp_path) as (h, bf):
+        assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+        await recorded(h, 1)
+        assert "`@chatops ack ID`" in await say(h, bf, bf.message("help", personal=True, conversation="a:1alice"))
+        assert await say(h, bf, bf.message("@chatops ack 1", personal=True, conversation="a:1alice")) == (
+            "Acknowledged #1.")
+        [incident] = await h.incidents()
+        assert (incident.status, incident.acknowledged_by) == ("acknowledged", "alice")
+
+
+async def test_a_page_notes_markdown_is_inert_on_the_paged_persons_card(tmp_path: Path) -> None:
+    """Alice's note to Bob ("**URGENT** approve at [Silence it here](https://evil.example/login)") showed on Bob's
+    page card as bold and a link of its own label, beside the bot's Acknowledge: a person's words are shown as
+    written, as an alert's are (its thread line was already)."""
+    async with teams_bot(tmp_path, tenant_id=TENANT) as (h, bf):
+        assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+        await recorded(h, 1)
+        note = "**URGENT** approve at [Silence it here](https://evil.example/login)"
+        assert await say(h, bf, bf.message(f"incident page 1 bob {note}")) == "Paged Bob on Teams."
+        [opened] = bf.called("create")
+        [page] = [c for c in bf.called("send") if c.conversation == opened.answered]
+        said = " ".join(e["text"] for e in card_of(page)["body"] if e.get("type") == "TextBlock")
+        assert "Alice asks for your help with #1: *\u200b*URGENT*\u200b* approve at [Silence it here]\u200b(" in said
+        assert "](https://evil" not in said and "**URGENT" not in said
 
 
 async def test_the_bot_connectors_refusals_say_when_to_retry_or_what_to_do(tmp_path: Path) -> None:
