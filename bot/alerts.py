@@ -418,17 +418,19 @@ def parse_generic(payload: Any, source: str) -> list[Alert]:
         signature = _text(a, "signature", where, required=True)
         message = _text(a, "message", where, required=True)
         tool = _text(a, "tool_source", where, required=True)
-        if not asset.strip() or not signature.strip():
-            blank = "asset_name" if not asset.strip() else "signature"
-            raise ShapeError(f"{where}.{blank}" if where else blank, "must not be empty")
-        severity_raw = a.get("severity")
-        if severity_raw is None:
-            raise ShapeError(f"{where}.severity" if where else "severity", "required")
+        # (an empty tool_source counted as a second tool: +10 priority for one tool)
+        blank = next((key for key, value in (("asset_name", asset), ("signature", signature), ("tool_source", tool))
+                      if not value.strip()), None)
+        if blank is not None:
+            raise ShapeError(_field(where, blank), "must not be empty")
+        severity_raw = _text(a, "severity", where, required=True)  # ({"level": "critical"} was read as its words)
         severity = normalize_severity(severity_raw, default="")
         if not severity:
             raise ShapeError(f"{where}.severity" if where else "severity",
                              f"unknown severity {_as_json(severity_raw)} (expected one of: {', '.join(SEVERITIES)}, or a synonym such as warning, error, P1)")
-        labels = {"alertname": signature, "instance": asset, "tool": tool, **_str_map(a.get("labels"), f"{where}.labels" if where else "labels")}
+        # `severity` as written, as Alertmanager's and Grafana's alerts carry it: routes and silences match it
+        labels = {"alertname": signature, "instance": asset, "tool": tool, "severity": severity_raw,
+                  **_str_map(a.get("labels"), f"{where}.labels" if where else "labels")}
         dedup = _text(a, "dedup_key", where) or None
         out.append(Alert(
             source=source,

@@ -756,3 +756,26 @@ async def test_a_silenced_more_severe_alert_does_not_raise_reroute_or_page_a_spo
             from storage.models import Escalation
 
             assert await session.get(Escalation, 1) is None  # nobody paged
+
+
+async def test_a_generic_alerts_severity_is_a_label_routes_and_silences_match(tmp_path: Path) -> None:
+    """A generic alert carried no `severity` label (only alertname, instance, tool), so a route or a silence on
+    severity, as Alertmanager's and Grafana's alerts are routed, never matched it: its critical alerts went to the
+    catch-all. It carries the severity as the sender wrote it now."""
+    from tests.botkit import CONFIG, running_bot
+
+    base = CONFIG.replace("  - {match: {team: dba}, channels: [ops-slack, ops-telegram]}",
+                          '  - {match: {severity: "=~(?i)highest|critical"}, channels: [ops-slack, ops-telegram]}')
+    base = base.replace("silences:\n", "silences:\n  - {id: no-debug, matchers: {severity: debug}, "
+                                       "starts: 2026-11-24T00:00:00Z, ends: 2026-11-25T00:00:00Z}\n")
+    async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", base=base) as h:
+        for asset, severity in (("db-1", "Highest"), ("web-1", "low"), ("app-1", "debug")):
+            status, body, _ = await h.post("open", {"asset_name": asset, "signature": "DiskFull", "severity": severity,
+                                                    "message": "disk full", "tool_source": "nagios"})
+            assert status == 200, body
+        highest, low, debug = await h.incidents()
+        assert (highest.severity, highest.channels) == ("critical", ["ops-slack", "ops-telegram"])
+        assert (low.severity, low.channels, low.silenced) == ("low", ["ops-slack"], False)
+        assert (debug.severity, debug.silenced) == ("info", True)
+        [record] = await h.alerts(highest.id)
+        assert record.labels == {"alertname": "DiskFull", "instance": "db-1", "tool": "nagios", "severity": "Highest"}

@@ -268,9 +268,18 @@ MALFORMED = [
      'severity: unknown severity "apocalyptic" (expected one of: critical, high, medium, low, info, or a synonym such as warning, error, P1) (not a generic payload?)'),
     ("open", json.dumps([ALERT, {**ALERT, "labels": {"a": {"b": 1}}}]).encode(), 422, "[1].labels.a: expected a string, got an object (not a generic payload?)"),
     ("open", json.dumps({**ALERT, "status": "exploded"}).encode(), 422, "status: expected 'firing' or 'resolved' (or a monitor's word for one: firing, alerting, triggered, problem, open, warn, no data, re-triggered, renotify, down, unreachable, critical, warning, unknown; resolved, ok, recovered, closed, recovery, up), got \"exploded\" (not a generic payload?)"),
-    # as the sender wrote it (JSON), not as Python prints it (True, None)
+    # a severity is a word: not read from an object's or a list's text ({"level": "critical"} was critical)
     ("open", json.dumps({**ALERT, "severity": True}).encode(), 422,
-     "severity: unknown severity true (expected one of: critical, high, medium, low, info, or a synonym such as warning, error, P1) (not a generic payload?)"),
+     "severity: expected a string, got a boolean (not a generic payload?)"),
+    ("open", json.dumps({**ALERT, "severity": {"level": "critical"}}).encode(), 422,
+     "severity: expected a string, got an object (not a generic payload?)"),
+    ("open", json.dumps([ALERT, {**ALERT, "severity": ["low"]}]).encode(), 422,
+     "[1].severity: expected a string, got a list (not a generic payload?)"),
+    # as the sender wrote it (JSON), not as Python prints it (1.0)
+    ("open", json.dumps({**ALERT, "severity": 1.0}).encode(), 422,
+     'severity: unknown severity "1.0" (expected one of: critical, high, medium, low, info, or a synonym such as warning, error, P1) (not a generic payload?)'),
+    # (an empty one counted as a second tool reporting the incident: +10 priority)
+    ("open", json.dumps({**ALERT, "tool_source": " "}).encode(), 422, "tool_source: must not be empty (not a generic payload?)"),
     ("am", b'{"version": "4", "alerts": [{"labels": {"alertname": "x"}}]}', 422,
      "alerts[0].status: required ('firing' or 'resolved') (not an alertmanager payload?)"),
     ("open", json.dumps({**ALERT, "asset_name": "   "}).encode(), 422, "asset_name: must not be empty (not a generic payload?)"),

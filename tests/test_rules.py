@@ -209,7 +209,8 @@ def test_generic_list_with_labels_and_dedup() -> None:
          "tool_source": "zabbix", "status": "resolved"},
     ], "gen")
     assert [(a.status, a.severity, a.summary) for a in alerts] == [("firing", "medium", "lag 30s"), ("resolved", "info", "recovered")]
-    assert alerts[0].labels == {"alertname": "Replication lag", "instance": "db-1", "tool": "zabbix", "team": "dba"}
+    assert alerts[0].labels == {"alertname": "Replication lag", "instance": "db-1", "tool": "zabbix", "severity": "warning",
+                                "team": "dba"}
     assert alerts[0].fingerprint == "zbx-991" and alerts[0].dedup_key == "zbx-991"
     same_signal = {"asset_name": "db-1", "signature": "Replication lag", "severity": "high", "message": "m", "tool_source": "zabbix"}
     assert alerts[1].fingerprint == parse_generic(same_signal, "gen")[0].fingerprint
