@@ -1034,7 +1034,7 @@ def cmd_oncall(args: argparse.Namespace, out: TextIO) -> int:
 
     async def work(db: Database | None) -> int:
         if schedule is None:
-            rows = await view.overrides(db, at, at)
+            rows = await view.around(db, at)
             print(table(["ROTATION", "ON CALL", "SINCE", "UNTIL", "NEXT"],
                         view.now_rows(rows, at, lambda s: s.tz, today=today)), file=out)
             return EXIT_OK

@@ -212,6 +212,18 @@ def run_at(rotation: Schedule, overrides: Iterable[Override], at: datetime, *, l
     return current, since, current.end, ahead[0] if ahead else None
 
 
+def run_span(rotation: Schedule, overrides: Iterable[Override], at: datetime, *, limit: int = 8
+             ) -> tuple[datetime, datetime]:
+    """The time `run_at` looks at for `at`: from the start of the earliest stretch it may look back to (`at` when
+    there is none) to the end of the latest it may look ahead to. The overrides it is given must cover that much."""
+    overrides = list(overrides)
+    current = on_call(rotation, overrides, at)
+    behind = _previous(rotation, overrides, current.start, limit) if current.start is not None else []
+    ahead = next_shifts(rotation, overrides, at, limit)
+    first = next((s.start for s in reversed(behind) if s.start is not None), current.start or at)
+    return min(first, at), max(ahead[-1].end if ahead else current.end, at)
+
+
 def _previous(rotation: Schedule, overrides: Sequence[Override], before: datetime, n: int) -> list[Shift]:
     """The last `n` stretches that end at or before `before`, latest first; fewer when the first of them is the
     nobody before the rotation starts (it begins "since always")."""

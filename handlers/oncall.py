@@ -17,7 +17,7 @@ from bot.clock import Clock
 from bot.config import Config, Person
 from bot.dispatch import Dispatcher
 from bot.durations import format_duration
-from bot.rotations import Override, Schedule, Shift, next_shifts, on_call, run_at, shifts_between
+from bot.rotations import Override, Schedule, Shift, next_shifts, on_call, run_at, run_span, shifts_between
 from bot.tables import table
 from storage.db import Database
 from storage.models import Override as OverrideRow
@@ -82,6 +82,23 @@ class Oncall:
                 if need_lo >= lo and need_hi <= hi:
                     return {r.id: r for r in rows if r.id is not None}
                 lo, hi = min(lo, need_lo), max(hi, need_hi)
+
+    async def around(self, db: Database | None, at: datetime) -> dict[int, OverrideRow]:
+        """Every override `now_rows` depends on at `at`, for every rotation: run_at looks up to 8 stretches either
+        side (since when, until when, who next), which may reach well past a shift and a day (a person who holds
+        several shifts in a row: a cover three weeks ahead was missed, and `/oncall` said Alice until a Monday that
+        Carol would begin at)."""
+        lo = hi = at
+        for _ in range(20):
+            rows = await self.overrides(db, lo, hi)
+            need_lo, need_hi = lo, hi
+            for rid, schedule in self.schedules.items():
+                first, last = run_span(schedule, domain(rows.values(), rid), at)
+                need_lo, need_hi = min(need_lo, first), max(need_hi, last)
+            if need_lo >= lo and need_hi <= hi:
+                break
+            lo, hi = need_lo, need_hi
+        return rows
 
     async def upcoming(self, db: Database | None, schedule: Schedule, now: datetime,
                        n: int) -> tuple[dict[int, OverrideRow], list[Shift]]:
@@ -230,7 +247,7 @@ class OncallHandlers:
 
     async def _everyone(self, person: Person) -> Reply:
         now = self.clock.now()
-        rows = await self.view.overrides(self.db, now, now)
+        rows = await self.view.around(self.db, now)
         lines = self.view.now_rows(rows, now, lambda s: self._tz(person, s))
         text = table(["rotation", "on call", "since", "until", "next"], lines)
         return Reply(f"On call now ({self._zone_note(person)}):\n```\n{text}\n```")

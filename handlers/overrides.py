@@ -30,6 +30,7 @@ from bot.config import MANAGER, RESPONDER, Config, Person, Rotation, find_person
 from bot.durations import DurationTooLong, parse_duration
 from bot.model import Actor
 from bot.rotations import Override, Schedule, first_instant, on_call, shifts_between
+from bot.view import and_list
 from handlers.handoffs import load_overrides
 from handlers.notify import queue_direct
 from handlers.oncall import Oncall, domain, when
@@ -119,10 +120,10 @@ class OverrideHandlers:
                       *, need_both: bool = False) -> tuple[datetime, datetime]:
         tz = ZoneInfo(person.timezone) if person.timezone else schedule.tz
         tokens = join_date_time(args)
+        if len(tokens) > 2:  # (before "give both": `now 1h extra` gave both, and was told to)
+            raise BadInput(f"Too many arguments: {echoed(' '.join(tokens[2:]))}.")
         if need_both and len(tokens) != 2:
             raise BadInput("Give both FROM and UNTIL.")
-        if len(tokens) > 2:
-            raise BadInput(f"Too many arguments: {echoed(' '.join(tokens[2:]))}.")
         if not tokens:  # the current shift, from now to its end
             rows = await self.view.overrides(self.db, now, now, [schedule.id])
             current = on_call(schedule, _domain(rows, schedule.id), now)
@@ -139,6 +140,12 @@ class OverrideHandlers:
                                "has not started then), so there is no shift to take; give UNTIL too.")
             end = shift.end
         if end <= start:
+            skipped = [t for t in tokens if _skipped(t, tz)]
+            if skipped:  # both in the hour the clock skips: each is the moment of the skip, so they are one moment
+                one = len(skipped) == 1
+                raise BadInput(f"{and_list([f'`{echoed(t)}`' for t in skipped])} {'does' if one else 'do'} not exist in "
+                               f"{tz.key}: the clocks go forward over {'it' if one else 'them'} that night. Give times "
+                               "before or after the jump.")
             raise BadInput("UNTIL must come after FROM.")
         if end <= now:
             raise BadInput(f"That stretch is over already (it ended {when(end, tz, now)}).")
@@ -341,11 +348,11 @@ def _domain(rows: dict[int, OverrideRow], rotation: str) -> list[Override]:
 
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_TIME = re.compile(r"^\d{1,2}:\d{2}(:\d{2})?$")
+_TIME = re.compile(r"^\d{1,2}:\d{2}(:\d{2})?([+-]\d{2}:?\d{2}|Z)?$")  # (with its offset: 02:30+01:00, the second)
 
 
 def join_date_time(args: Sequence[str]) -> list[str]:
-    """`2026-12-24 18:00` (or `18:00:30`) written as two words is one time."""
+    """`2026-12-24 18:00` (or `18:00:30`, or `02:30+01:00`) written as two words is one time."""
     out: list[str] = []
     for arg in args:
         if out and _DATE.match(out[-1]) and _TIME.match(arg):
@@ -367,6 +374,17 @@ def _instant(text: str, tz: ZoneInfo, now: datetime) -> datetime:
     if not 1970 <= value.year <= 9000:
         raise BadInput(f"{echoed(text)!r} is too far away: give a year from 1970 to 9000.")
     return first_instant(value, tz) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _skipped(text: str, tz: ZoneInfo) -> bool:
+    """Whether `text` is a wall time (no offset) the clock in `tz` skips (the night it goes forward)."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    if value.tzinfo is not None:
+        return False
+    return value.replace(tzinfo=tz).astimezone(UTC).astimezone(tz).replace(tzinfo=None) != value
 
 
 def _until(text: str, tz: ZoneInfo, start: datetime, now: datetime) -> datetime:

@@ -1014,7 +1014,7 @@ class SwapHandlers:
                                           if s.start is not None and s.start < rest[0].start))
         nxt = rest[0]
         assert nxt.start is not None
-        typed = nxt.start.astimezone(tz).strftime("%Y-%m-%dT%H:%M")
+        typed = typed_time(nxt.start, tz)
         more = " (and the same for any later part)" if len(rest) > 1 else ""
         return (f" That is only part of your shift, which {between} covers from {when(stretch.end, tz, now)}; the "
                 f"rest of it stays yours unless you ask for it too: `/swap {counterpart.id} {schedule.id} {typed}` "
@@ -1142,3 +1142,18 @@ def _near(year: int, text: str) -> None:
     """Years /oncall take and /override accept too: past them the calendar arithmetic overflows."""
     if not 1970 <= year <= 9000:
         raise BadInput(f"{echoed(text)!r} is too far away: give a year from 1970 to 9000.")
+
+
+def typed_time(at: datetime, tz: ZoneInfo) -> str:
+    """`at` as a person types it back to the bot, naming that very moment: the wall time in `tz`, with its seconds when
+    it has some, and with its UTC offset when the clock shows that time twice (the night it goes back; typed bare, the
+    first is read). `2026-10-25T02:45` named 02:45 CEST where 02:45 CET was meant, and a cover ending at 10:00:30 was
+    named from 10:00, inside it."""
+    local = at.astimezone(tz)
+    typed = local.strftime("%Y-%m-%dT%H:%M" + (":%S" if local.second else ""))
+    wall = local.replace(tzinfo=None)
+    if wall.replace(tzinfo=tz, fold=0).utcoffset() != wall.replace(tzinfo=tz, fold=1).utcoffset():
+        offset = local.strftime("%z")
+        typed += f"{offset[:3]}:{offset[3:]}"
+    return typed
+

@@ -18,6 +18,7 @@ import pytest
 from sqlmodel import select
 
 from bot.cli import main
+from bot.clock import FakeClock
 from storage.models import AuditEvent, Override
 from tests.botkit import T0, Harness, bot_on, running_bot
 from tests.fake_slack import FakeSlack
@@ -477,6 +478,10 @@ async def test_taking_a_time_before_the_rotation_starts_needs_until_and_one_digi
         took = await s.answer(await s.command("/oncall", "take web 2026-11-26 9:00:00 2h", user="U03CAROL"))
         assert took["text"] == (f"{CAROL} is on call for `web` from Thu 26 Nov 09:00 EST until Thu 26 Nov 11:00 EST "
                                 "(America/New_York). Override #2: `/oncall cancel 2` undoes it.")
+        # with an offset (the second of a repeated time is typed so): one time too
+        took = await s.answer(await s.command("/oncall", "take web 2026-11-27 9:00-05:00 1h", user="U03CAROL"))
+        assert took["text"] == (f"{CAROL} is on call for `web` from Fri 27 Nov 09:00 EST until Fri 27 Nov 10:00 EST "
+                                "(America/New_York). Override #3: `/oncall cancel 3` undoes it.")
 
 
 async def test_an_override_length_is_elapsed_time_across_a_clock_change_and_a_skipped_time_is_the_skip(
@@ -547,3 +552,51 @@ def test_feed_text_leaves_out_the_control_characters_rfc5545_forbids() -> None:
     from handlers.oncall import ics_text
 
     assert ics_text("Bob\x07 the\tbuilder\x1b[31m; nights\n") == "Bob the\tbuilder[31m\\; nights\\n"
+
+
+# -- a person on call for several shifts in a row ---------------------------------------------------------------
+
+TRIO = ('rotations:\n  - {id: trio, members: [alice, alice, alice, bob], shift: 1w, handoff: "mon 09:00", '
+        'start: 2026-11-02, timezone: Europe/Berlin}\n')
+TRIO_PEOPLE = """
+people:
+  - {id: alice, name: Alice, roles: [responder], slack: U01ALICE}
+  - {id: bob, name: Bob, roles: [manager], slack: U02BOB}
+  - {id: carol, name: Carol, roles: [responder], slack: U03CAROL}
+"""
+
+
+async def cover(s: Slack, text: str) -> None:
+    answer = (await s.answer(await s.command("/override", text, user="U02BOB")))["text"]
+    assert "Override #" in answer, answer
+
+
+async def test_oncall_sees_a_cover_more_than_a_shift_and_a_day_away(tmp_path: Path, capsys: Any) -> None:
+    """Alice holds three weeks in a row (members [alice, alice, alice, bob]); Carol covers the third. On the first
+    week's Wednesday `/oncall` and `chatops oncall` said Alice until 23 Nov, then Bob: they loaded the covers of a shift
+    and a day around now only, where `/oncall trio` and the schedule showed Carol from 16 Nov."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    config = tmp_path / "app.yaml"
+    config.write_text(f"storage: {{url: '{url}'}}\ntimezone: Europe/Berlin\n" + TRIO_PEOPLE + TRIO, encoding="utf-8")
+    async with FakeSlack() as fake, running_bot(url, slack_config(fake) + TRIO, people=TRIO_PEOPLE,
+                                                clock=FakeClock(datetime(2026, 11, 4, 12, tzinfo=UTC))) as h:
+        s = Slack(h, fake)
+        await cover(s, "trio carol 2026-11-16T09:00 2026-11-23T09:00")
+        assert rows(await ask(s, "trio"))[3][:2] == ["Carol (override)", "Mon 16 Nov 09:00 CET"]
+        assert rows(await ask(s, ""))[1] == ["trio", "Alice", "Mon 2 Nov 09:00 CET", "Mon 16 Nov 09:00 CET",
+                                             "Carol (override)"]
+        assert await asyncio.to_thread(main, ["oncall", "-c", str(config), "--at", "2026-11-04T13:00:00+01:00"]) == 0
+        [line] = [re.split(r"\s{2,}", x.strip()) for x in capsys.readouterr().out.splitlines() if x.startswith("trio")]
+        assert line[1:] == ["Alice", "Mon 2 Nov 09:00 CET", "Mon 16 Nov 09:00 CET", "Carol (override)"]
+
+
+async def test_oncall_sees_a_cover_more_than_a_shift_and_a_day_back(tmp_path: Path) -> None:
+    """Carol covered the first of Alice's three weeks: on the third, Alice is on call since the second began (it
+    said since the first, whose cover was too far back to be loaded)."""
+    async with FakeSlack() as fake, running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", slack_config(fake) + TRIO,
+                                                people=TRIO_PEOPLE,
+                                                clock=FakeClock(datetime(2026, 11, 1, 12, tzinfo=UTC))) as h:
+        s = Slack(h, fake)
+        await cover(s, "trio carol 2026-11-02T09:00 2026-11-09T09:00")
+        h.clock.set(datetime(2026, 11, 19, 12, tzinfo=UTC))  # the Thursday of Alice's third week
+        assert rows(await ask(s, ""))[1] == ["trio", "Alice", "Mon 9 Nov 09:00 CET", "Mon 23 Nov 09:00 CET", "Bob"]

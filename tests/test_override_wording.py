@@ -29,6 +29,12 @@ async def slack(tmp_path: Path) -> AsyncIterator[Slack]:
 @pytest.mark.parametrize(("command", "text", "expected"), [
     ("/override", "dba-primary carol now 100d", f"An override can last 90 days at most. {OVERRIDE}"),
     ("/override", "dba-primary carol now", f"Give both FROM and UNTIL. {OVERRIDE}"),
+    # (it said "Give both FROM and UNTIL.", which it was given)
+    ("/override", "dba-primary carol now 1h extra", f"Too many arguments: extra. {OVERRIDE}"),
+    # both in the hour the clocks skip, each read as the moment of the skip: it said "UNTIL must come after FROM."
+    ("/override", "dba-primary carol 2027-03-28T02:10 2027-03-28T02:50",
+     "`2027-03-28T02:10` and `2027-03-28T02:50` do not exist in Europe/Berlin: the clocks go forward over them that "
+     f"night. Give times before or after the jump. {OVERRIDE}"),
     ("/oncall", "take dba-primary now 1h extra", f"Too many arguments: extra. {TAKE}"),
     ("/override", "dba-primary carol 2026-11-20T09:00 2026-11-21T09:00",
      f"That stretch is over already (it ended Sat 21 Nov 09:00 CET). {OVERRIDE}"),
