@@ -122,17 +122,26 @@ def card_action(button: Button) -> dict[str, Any]:
 
 def message_activity(rendered: Mapping[str, Any], buttons: Sequence[Button], fallback: str = "") -> Activity:
     """A rendered template (`{"text", "body"}`: an Adaptive Card's body; or only `{"text"}`) and the buttons as one
-    message: a card when there is a body or a button, else markdown text."""
-    text = teams_text(str(rendered.get("text") or fallback or "-"))  # (the bot's own words have no link nor bold)
+    message: a card when there is a body or a button, else markdown text.
+
+    A text whose markdown Teams would read as a link with a label of its own or as bold (an alert's words, a person's
+    note, a runbook's command: `m.run(**{})`) goes where nothing reads markdown, exactly as written: a plain-text
+    message, or a card's RichTextBlock. Made inert with zero-width spaces instead, a command an approver read and
+    copied held characters it does not run with."""
+    raw = str(rendered.get("text") or fallback or "-")
+    text = teams_text(raw)  # (the bot's own words have no link nor bold)
     body = list(rendered.get("body") or [])
     try:
         card_actions = [card_action(b) for b in buttons]
     except actions.CodecError as exc:
         raise DeliveryError(f"teams: cannot draw a button: {exc}", permanent=True) from exc
     if not body and not card_actions:
+        if text != raw:
+            return Activity(type=ActivityTypes.message, text=raw, text_format="plain")
         return Activity(type=ActivityTypes.message, text=text, text_format="markdown")
     if not body:
-        body = [{"type": "TextBlock", "text": text, "wrap": True}]
+        body = ([{"type": "TextBlock", "text": text, "wrap": True}] if text == raw
+                else [{"type": "RichTextBlock", "inlines": [{"type": "TextRun", "text": raw}]}])
     card = {"type": "AdaptiveCard", "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
             "version": "1.4", "body": body, "msteams": {"width": "Full"}}
     if card_actions:
@@ -146,6 +155,8 @@ def mention_channel(activity: Activity, chat_id: str) -> None:
     everyone following it: Teams' counterpart of Slack's @here. A card is left as it is (a thread line is text)."""
     if activity.attachments:
         return
+    if activity.text_format == "plain":  # (a mention is markup: the text made inert in markdown instead)
+        activity.text, activity.text_format = teams_text(activity.text or ""), "markdown"
     tag = f"<at>{CHANNEL_MENTION}</at>"
     channel = chat_id.partition(";messageid=")[0]
     activity.text = f"{tag} {activity.text or ''}".rstrip()

@@ -317,8 +317,15 @@ def test_an_alerts_markdown_is_inert_on_a_teams_card_and_in_a_teams_message(rend
     assert "[Silence it here]\u200b(https://attacker.example/login) *\u200b*URGENT*\u200b* _\u200b_x_\u200b_" in card
     assert "**Latest:**" in card  # the card's own
     assert "](" not in message_activity(rendered, []).summary
+    # a message: plain text, which Teams reads no markdown in, as it was written
     line = message_activity({"text": f"3 new alerts: {hostile}"}, [])
-    assert line.text_format == "markdown" and "](" not in line.text and "**" not in line.text
+    assert (line.text_format, line.text) == ("plain", f"3 new alerts: {hostile}")
+    assert message_activity({"text": "Acknowledged #1."}, []).text_format == "markdown"
+    # a line that mentions the channel is markup: its words made inert in markdown instead
+    from adapters.teams import mention_channel
+
+    mention_channel(line, "19:ops@thread.tacv2")
+    assert line.text_format == "markdown" and line.text.startswith("<at>channel</at> 3 new alerts: [Silence it here]\u200b(")
 
 
 def test_runs_of_stars_and_underscores_in_an_alert_hold_no_bold_on_teams(renderer):

@@ -852,3 +852,31 @@ def test_commands_are_reworded_for_teams_only_in_the_bots_code_spans() -> None:
         assert dispatcher.as_typed("teams", kept) == kept
     assert dispatcher.as_typed("teams", "`/swap PERSON DATE | /swap list`") == (
         "`@chatops swap PERSON DATE | @chatops swap list`")  # (a usage's alternatives)
+
+
+async def test_a_runbook_command_on_teams_is_shown_as_it_runs(tmp_path: Path) -> None:
+    """A step `python3 -c "import app.__main__ as m; m.run(**{})"` was shown on Teams, in `incident runbook 1` and
+    in the approver's question, with zero-width spaces inside `__` and `**` (to keep Teams from reading bold): it
+    looked the same, and a copy of it did not run. Such a text goes where nothing reads markdown, as it is."""
+    step = "import app.__main__ as m; m.run(**{})"
+    runbooks = ("runbooks:\n  - {id: restart-db, title: Restart db, match: {alertname: DiskFull}, risk: medium,\n"
+                f"     steps: [{{run: [/usr/bin/python3, -c, \"{step}\"], timeout: 5s}}]}}\n")
+    people = TEAMS_PEOPLE.rstrip() + '\n  - {id: dave, name: Dave, roles: [responder, approver], teams: "29:1dave"}\n'
+    config = TEAMS_CONFIG.replace("{match: {team: dba}, channels: [ops-teams]}",
+                                  "{match: {team: dba}, channels: [ops-teams], runbooks: [restart-db]}")
+    with FakeTeams() as bf:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", bf.yaml(tenant_id=TENANT) + runbooks,
+                               people=people, base=config) as h:
+            assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+            card_id = await recorded(h, 1)
+            listing = bf.message("incident runbook 1")
+            assert step in await say(h, bf, listing)
+            [listed] = [c for c in bf.called("reply") if c.activity_id == listing["id"]]
+            assert listed.body["textFormat"] == "plain" and "\u200b" not in listed.body["text"]
+            run = tagged(card_of(bf.called("send")[0]), "?rb:1:restart-db")
+            assert (await post(h, bf.click(run, card_id), bf.headers()))[0] == 200
+            await bf.wait_for(lambda: [c for c in bf.called("send") if c.conversation == "a:1291dave"])
+            [question] = [c for c in bf.called("send") if c.conversation == "a:1291dave"]
+            [block] = card_of(question)["body"]
+            assert block["type"] == "RichTextBlock" and step in block["inlines"][0]["text"]
+            assert "\u200b" not in json.dumps(card_of(question), ensure_ascii=False)
