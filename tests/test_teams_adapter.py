@@ -880,3 +880,18 @@ async def test_a_runbook_command_on_teams_is_shown_as_it_runs(tmp_path: Path) ->
             [block] = card_of(question)["body"]
             assert block["type"] == "RichTextBlock" and step in block["inlines"][0]["text"]
             assert "\u200b" not in json.dumps(card_of(question), ensure_ascii=False)
+
+
+async def test_messages_without_an_id_are_each_answered_and_a_redelivery_is_not(tmp_path: Path) -> None:
+    """An activity was known by its conversation and id: two messages without an id (an emulator's) were one, and
+    the second was dropped as the first delivered again. Known by what they say now; the same one again is still
+    answered once."""
+    async with teams_bot(tmp_path) as (h, bf):
+        first = {k: v for k, v in bf.message("help", personal=True, conversation="a:1alice").items() if k != "id"}
+        second = {k: v for k, v in bf.message("oncall", personal=True, conversation="a:1alice").items() if k != "id"}
+        for activity in (first, second, first):
+            assert (await post(h, activity, bf.headers()))[0] == 200
+        await bf.wait_for(lambda: len([c for c in bf.calls if c.conversation == "a:1alice"]) >= 2)
+        await asyncio.sleep(0.3)
+        sent = [c.body.get("text", "") for c in bf.calls if c.conversation == "a:1alice"]
+        assert [text.split(":")[0] for text in sent] == ["Commands", "No rotations are configured yet"], sent
