@@ -631,10 +631,31 @@ class TeamsAdapter:
                 said = reply.settle == reply.text
             except Exception as exc:
                 log.warning("teams: cannot settle the clicked message: %s", delivery_error("update", exc))
-        if reply.text and not said:
+        if reply.text and not said and not (reply.refused and not is_personal(activity)
+                                            and await self._privately(turn, reply)):
             await self._answer(turn, reply)
         if event.action in CARD_ACTIONS and activity.reply_to_id in self._shown and not handling.released:
             await self._redraw_shown(turn, event)
+
+    async def _privately(self, turn: TurnContext, reply: Reply) -> bool:
+        """A refused click in a channel answered in the clicker's private chat with the bot, for them alone (Teams
+        has no ephemeral message; in the thread, everyone following the channel read "Acknowledge needs the
+        `responder` role, and Carol has no roles"). False when that chat cannot be opened (no tenant known yet, the
+        app not installed for them): the thread's reply then, as before."""
+        if turn.turn_state.get(MUTED):
+            return True
+        clicker = turn.activity.from_property
+        try:
+            conversation = await self._in_time(turn, self._personal(clicker.aad_object_id or clicker.id))
+            answer = self._reply_activity(reply)
+            await self._in_time(turn, self._call("send", conversation, lambda c: c.conversations.send_to_conversation(
+                conversation, answer)))
+            return True
+        except Exception as exc:
+            error = exc if isinstance(exc, DeliveryError) else delivery_error("send", exc)
+            log.info("teams: a refusal for %s goes to the channel's thread: their private chat cannot be had (%s)",
+                     clicker.id, error)
+            return False
 
     async def _redraw_shown(self, turn: TurnContext, event: ActionEvent) -> None:
         """A card that answered `incident show`, drawn again as the incident is now, by the command that drew it (it

@@ -124,6 +124,9 @@ class Reply:
     # request]"), on the platform the command came from first: a command typed in the private chat with the bot,
     # where that message arrives, is answered by it alone, not twice.
     sent_direct: bool = False
+    # A refusal (a button the actor may not press, or an actor the bot does not know): for the actor alone, also where
+    # a platform has no ephemeral message (Teams answers it in the private chat rather than in the channel's thread).
+    refused: bool = False
 
 
 class DeliveryError(Exception):

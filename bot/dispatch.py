@@ -120,13 +120,13 @@ class Dispatcher:
         """Why `actor` may not press `action`'s button (unknown action, unknown person, missing role), or None."""
         spec = self.actions.get(action)
         if spec is None:
-            return Reply("This button is not something I know how to do (any more).")
+            return Reply("This button is not something I know how to do (any more).", refused=True)
         person = self.identify(actor)
         if person is None:
             return self._stranger(actor)
         if spec.role and spec.role not in person.roles:
             return Reply(f"{spec.label} needs the `{spec.role}` role, and {person.name} has "
-                         f"{_roles(person)}. Ask whoever maintains app.yaml to add it to your `roles`.")
+                         f"{_roles(person)}. Ask whoever maintains app.yaml to add it to your `roles`.", refused=True)
         return None
 
     async def audited_refusal(self, action: str, actor: Actor, incident_id: int | None, what: str | None = None,
@@ -251,7 +251,7 @@ class Dispatcher:
     def _stranger(self, actor: Actor) -> Reply:
         example = _ID_EXAMPLES.get(actor.platform, "{id}").format(id=actor.user_id)
         return Reply(f"I don't know you yet. Add `{example}` to your entry under `people:` in app.yaml "
-                     "and restart the bot.")
+                     "and restart the bot.", refused=True)
 
     def _duplicate(self, key: str) -> bool:
         now = self._monotonic()

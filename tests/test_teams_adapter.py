@@ -895,3 +895,38 @@ async def test_messages_without_an_id_are_each_answered_and_a_redelivery_is_not(
         await asyncio.sleep(0.3)
         sent = [c.body.get("text", "") for c in bf.calls if c.conversation == "a:1alice"]
         assert [text.split(":")[0] for text in sent] == ["Commands", "No rotations are configured yet"], sent
+
+
+
+
+async def test_a_refused_click_in_a_channel_is_answered_in_the_clickers_private_chat(tmp_path: Path) -> None:
+    """Carol (no roles) clicks Acknowledge on the channel's card: "Acknowledge needs the `responder` role, and Carol
+    has no roles" was a reply in the card's thread, for everyone following the channel. Teams has no ephemeral
+    message: it goes to her private chat with the bot, and a stranger's too. When that chat cannot be opened (the app
+    not installed for them: 403), the thread's reply, as before."""
+    people = TEAMS_PEOPLE.rstrip() + '\n  - {id: carol, name: Carol, teams: "29:1carol"}\n'
+    with FakeTeams() as bf:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", bf.yaml(tenant_id=TENANT),
+                               people=people, base=TEAMS_CONFIG) as h:
+            assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+            card_id = await recorded(h, 1)
+            ack = tagged(card_of(bf.called("send")[0]), "ack:1")
+            for user, aad, said in (("29:1carol", "ca401000-0000-4000-8000-000000000001",
+                                     "Acknowledge needs the `responder` role, and Carol has no roles"),
+                                    ("29:1stranger", "57a40000-0000-4000-8000-000000000002", "I don't know you yet")):
+                click = bf.click(ack, card_id, user=user, aad=aad)
+                assert (await post(h, click, bf.headers()))[0] == 200
+                chat = f"a:1{aad}"  # (the fake's id for the private chat it opens with that member)
+                await bf.wait_for(lambda c=chat: [s for s in bf.called("send") if s.conversation == c])
+                [private] = [c for c in bf.called("send") if c.conversation == chat]
+                assert private.body["text"].startswith(said)
+                assert [c for c in bf.called("reply") if c.activity_id == click["id"]] == []
+
+            bf.fail("create", 403)
+            click = bf.click(ack, card_id, user="29:1other", aad="07e40000-0000-4000-8000-000000000003")
+            assert (await post(h, click, bf.headers()))[0] == 200
+            await bf.wait_for(lambda: [r for r in bf.called("reply") if r.activity_id == click["id"]])
+            [public] = [r for r in bf.called("reply") if r.activity_id == click["id"]]
+            assert public.body["text"].startswith("I don't know you yet")
+            [incident] = await h.incidents()
+            assert incident.status == "triggered"
