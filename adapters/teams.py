@@ -137,9 +137,11 @@ def message_activity(rendered: Mapping[str, Any], buttons: Sequence[Button], fal
     except actions.CodecError as exc:
         raise DeliveryError(f"teams: cannot draw a button: {exc}", permanent=True) from exc
     if not body and not card_actions:
-        if text != raw:
+        # A message's markdown reads nothing inside code (a table, a runbook's output: Ansible's `*****`, Python's
+        # `__main__`), so only what is outside it decides (a card's TextBlock has no code: all of it does, below)
+        if _outside_code(raw) != teams_text(_outside_code(raw)):
             return Activity(type=ActivityTypes.message, text=raw, text_format="plain")
-        return Activity(type=ActivityTypes.message, text=text, text_format="markdown")
+        return Activity(type=ActivityTypes.message, text=raw, text_format="markdown")
     if not body:
         body = ([{"type": "TextBlock", "text": text, "wrap": True}] if text == raw
                 else [{"type": "RichTextBlock", "inlines": [{"type": "TextRun", "text": raw}]}])
@@ -149,6 +151,17 @@ def message_activity(rendered: Mapping[str, Any], buttons: Sequence[Button], fal
         card["actions"] = card_actions
     return Activity(type=ActivityTypes.message, summary=text[:250],
                     attachments=[Attachment(content_type=CARD, content=card)])
+
+
+def _outside_code(text: str) -> str:
+    """The parts of `text` outside its ```fences``` and `code spans`, each part on its own line (a pair split by a
+    span is not joined). All of it when it holds what could make Teams read the spans otherwise than split here (a
+    backslash before a backtick, a `<` of an autolink or a tag around one, a run of two backticks)."""
+    if "\\" in text or "<" in text or "``" in text.replace("```", ""):
+        return text
+    outside = [part for n, fenced in enumerate(text.split("```")) if n % 2 == 0
+               for i, part in enumerate(fenced.split("`")) if i % 2 == 0]
+    return "\n".join(outside)
 
 
 def mention_channel(activity: Activity, chat_id: str) -> None:

@@ -88,7 +88,9 @@ class Oncall:
         side (since when, until when, who next), which may reach well past a shift and a day (a person who holds
         several shifts in a row: a cover three weeks ahead was missed, and `/oncall` said Alice until a Monday that
         Carol would begin at)."""
-        lo = hi = at
+        # (first what the rotations alone span: most often the covers do not reach past it, and one look does)
+        spans = [run_span(schedule, [], at) for schedule in self.schedules.values()]
+        lo, hi = min([at, *(first for first, _ in spans)]), max([at, *(last for _, last in spans)])
         for _ in range(20):
             rows = await self.overrides(db, lo, hi)
             need_lo, need_hi = lo, hi

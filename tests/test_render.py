@@ -321,6 +321,12 @@ def test_an_alerts_markdown_is_inert_on_a_teams_card_and_in_a_teams_message(rend
     line = message_activity({"text": f"3 new alerts: {hostile}"}, [])
     assert (line.text_format, line.text) == ("plain", f"3 new alerts: {hostile}")
     assert message_activity({"text": "Acknowledged #1."}, []).text_format == "markdown"
+    # markdown reads nothing inside code: a table or a runbook's output holding `*****` or `__main__` keeps it
+    output = "Runbook Deploy finished:\n```\nTASK [web] *****\npython -m app.__main__\n```"
+    assert (message_activity({"text": output}, []).text_format, message_activity({"text": output}, []).text) == (
+        "markdown", output)
+    # ... unless the spans may be read otherwise than split (a backslash before a backtick): all of it decides then
+    assert message_activity({"text": "a \\`**b**`"}, []).text_format == "plain"
     # a line that mentions the channel is markup: its words made inert in markdown instead
     from adapters.teams import mention_channel
 

@@ -857,7 +857,8 @@ def test_commands_are_reworded_for_teams_only_in_the_bots_code_spans() -> None:
 async def test_a_runbook_command_on_teams_is_shown_as_it_runs(tmp_path: Path) -> None:
     """A step `python3 -c "import app.__main__ as m; m.run(**{})"` was shown on Teams, in `incident runbook 1` and
     in the approver's question, with zero-width spaces inside `__` and `**` (to keep Teams from reading bold): it
-    looked the same, and a copy of it did not run. Such a text goes where nothing reads markdown, as it is."""
+    looked the same, and a copy of it did not run. Such a text goes where nothing reads markdown, as it is: a code
+    span of a message, or a card's RichTextBlock."""
     step = "import app.__main__ as m; m.run(**{})"
     runbooks = ("runbooks:\n  - {id: restart-db, title: Restart db, match: {alertname: DiskFull}, risk: medium,\n"
                 f"     steps: [{{run: [/usr/bin/python3, -c, \"{step}\"], timeout: 5s}}]}}\n")
@@ -872,7 +873,8 @@ async def test_a_runbook_command_on_teams_is_shown_as_it_runs(tmp_path: Path) ->
             listing = bf.message("incident runbook 1")
             assert step in await say(h, bf, listing)
             [listed] = [c for c in bf.called("reply") if c.activity_id == listing["id"]]
-            assert listed.body["textFormat"] == "plain" and "\u200b" not in listed.body["text"]
+            # (in a code span, which markdown reads nothing in: as it runs, and the message's markdown kept)
+            assert listed.body["textFormat"] == "markdown" and "\u200b" not in listed.body["text"]
             run = tagged(card_of(bf.called("send")[0]), "?rb:1:restart-db")
             assert (await post(h, bf.click(run, card_id), bf.headers()))[0] == 200
             await bf.wait_for(lambda: [c for c in bf.called("send") if c.conversation == "a:1291dave"])
