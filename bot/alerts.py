@@ -371,11 +371,12 @@ def alert_name(labels: dict[str, str]) -> str:
 
 def first_line(text: str, fallback: str) -> str:
     """The first line of `text` that says something (not blank, not Datadog's `%%%` markdown fence), at most 300
-    characters; `fallback` if none does."""
+    characters (a longer one ends with an ellipsis where it is cut: it ended mid-word, as if that were all); `fallback`
+    if none does."""
     for line in text.splitlines():
         line = line.strip()
         if line and line != "%%%":
-            return line[:300]
+            return line if len(line) <= 300 else line[:299] + "\u2026"
     return fallback
 
 

@@ -419,6 +419,11 @@ def cmd_audit_rekey(args: argparse.Namespace, out: TextIO) -> int:
                 print(f"the key was not changed: this chain was written without a key, not with the key in "
                       f"{args.old_key_env}: use --from-no-key", file=sys.stderr)
                 return EXIT_USAGE
+            if not verdict.ok and not old_key and (await new.verify(session)).ok:
+                # (--from-no-key on a chain audit.hmac_key writes already: it read as an event modified, exit 1)
+                print("the key was not changed: this chain is written with audit.hmac_key already (`chatops audit "
+                      "verify` checks it); nothing to do", file=sys.stderr)
+                return EXIT_USAGE
         if verdict.ok and not verdict.checked:
             print("the audit chain is empty: nothing to change; the bot writes it with audit.hmac_key from its first "
                   "event", file=out)
@@ -594,12 +599,15 @@ def cmd_incidents_list(args: argparse.Namespace, out: TextIO) -> int:
         for said in damaged:
             print(said, file=sys.stderr)
         done = EXIT_FAILED if damaged else EXIT_OK
-        if args.format == "json":
-            out.write(json.dumps([_incident_json(i, p) for p, i in ranked], indent=2) + "\n")
-            return done
         every = args.status in (None, "all")
         which = ("incidents" if every else "open incidents" if args.status == "open" else
                  f"incidents with status {args.status}")
+        if args.format == "json":
+            out.write(json.dumps([_incident_json(i, p) for p, i in ranked], indent=2) + "\n")
+            if total > len(ranked):  # (on stderr: what a script reads stays the JSON; it was cut without a word)
+                print(f"the first {len(ranked)} of {total:,} {which}; --limit {min(total, 100_000)} "
+                      f"{'shows them all' if total <= 100_000 else 'shows more'}", file=sys.stderr)
+            return done
         if not ranked:
             print(f"no {which}", file=out)
             return EXIT_OK
@@ -1157,32 +1165,43 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
     from bot.dispatch import Dispatcher
     from bot.render import Renderer
 
+    def said(exc: BaseException) -> str:  # one line, without the token (an answer that is no JSON came whole)
+        text = " ".join(str(exc).replace(settings.bot_token, "<token>").split())
+        return text if len(text) <= 200 else text[:199] + "\u2026"
+
     async def work() -> int:
         adapter = TelegramAdapter(settings, renderer=Renderer(), dispatcher=Dispatcher(loaded.config))
         try:
             await adapter.initialize()  # a refused token: said, never shown
             await adapter.set_webhook(url)
         except DeliveryError as exc:
-            said = str(exc).replace(settings.bot_token, "<token>")
             if exc.permanent or exc.token_refused:  # (a refused token says which setting to check)
-                print(f"Telegram refused: {said}", file=sys.stderr)
+                print(f"Telegram refused: {said(exc)}", file=sys.stderr)
             else:  # (the adapter words a connection that failed or timed out as a passing failure)
-                print(f"cannot reach Telegram at {settings.api_url}: {said}; check the network (or "
+                print(f"cannot reach Telegram at {settings.api_url}: {said(exc)}; check the network (or "
                       "adapters.telegram.api_url) and run this again", file=sys.stderr)
             return EXIT_FAILED
-        except Exception as exc:
-            print(f"cannot reach Telegram at {settings.api_url}: {str(exc).replace(settings.bot_token, '<token>')}",
-                  file=sys.stderr)
+        except Exception as exc:  # an answer that is not the Bot API's (no JSON, or not its shape): a wrong api_url?
+            print(f"{settings.api_url} did not answer as Telegram's Bot API does ({type(exc).__name__}: {said(exc)}); "
+                  "check adapters.telegram.api_url and run this again", file=sys.stderr)
             return EXIT_FAILED
         finally:
             await adapter.application.shutdown()
         print(f"Telegram will post updates to {url} (with the webhook secret; messages and button clicks)", file=out)
         return EXIT_OK
 
-    return asyncio.run(work())
+    # python-telegram-bot logs an answer it cannot read with its traceback, before raising what is said above
+    library = logging.getLogger("telegram")
+    level = library.level
+    library.setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(work())
+    finally:
+        library.setLevel(level)
 
 
-WIDE = "whole values, the table as wide as they make it (on a terminal, it fits the terminal's width)"
+WIDE = ("whole values, the table as wide as they make it (without it, on a terminal, the table is cut to fit the "
+        "terminal's width)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1228,7 +1247,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="open: triggered or acknowledged; firing: triggered and not silenced; silenced: muted by a "
                               "maintenance window, not resolved (default: all)")
     listing.add_argument("--format", choices=["table", "json"], default="table")
-    listing.add_argument("--limit", type=_LIMIT, default=200)
+    listing.add_argument("--limit", type=_LIMIT, default=200,
+                         help="show at most this many, the first in the order above (default: 200)")
     listing.add_argument("--wide", action="store_true", help=WIDE)
     listing.set_defaults(func=cmd_incidents_list)
     show = incidents.add_parser("show", parents=[common], help="one incident with its alerts and timeline")
@@ -1250,8 +1270,9 @@ def build_parser() -> argparse.ArgumentParser:
         act.set_defaults(func=cmd_incidents_act)
     outbox = sub.add_parser("outbox", parents=[common], help="chat deliveries waiting, sent or given up").add_subparsers(dest="outbox", required=True, metavar="ACTION")
     olist = outbox.add_parser("list", parents=[common], help="a table of deliveries, newest first")
-    olist.add_argument("--status", choices=["pending", "sending", "sent", "dead", "cancelled", "all"], default="pending")
-    olist.add_argument("--limit", type=_LIMIT, default=100)
+    olist.add_argument("--status", choices=["pending", "sending", "sent", "dead", "cancelled", "all"], default="pending",
+                       help="which deliveries (default: pending)")
+    olist.add_argument("--limit", type=_LIMIT, default=100, help="show at most this many, the newest (default: 100)")
     olist.add_argument("--wide", action="store_true", help=WIDE)
     olist.set_defaults(func=cmd_outbox_list)
     oretry = outbox.add_parser("retry", parents=[common], help="send dead deliveries again (after fixing the cause)")

@@ -93,6 +93,8 @@ _ZWJ, _EMOJI_PRESENTATION = "\u200d", "\ufe0f"
 def _char_width(c: str) -> int:
     if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me") or ord(c) in _JOINING:
         return 0
+    if unicodedata.category(c) == "Cf" and c != "\u00ad":  # zero-width space, word joiner, BOM: drawn as nothing
+        return 0
     return 2 if unicodedata.east_asian_width(c) in "WF" else 1
 
 

@@ -147,6 +147,12 @@ async def test_a_key_added_with_rekey_from_no_key(db: Database, tmp_path: Path, 
     assert out.startswith("the audit key changed at event #7 (audit.rekeyed): events #1-#6 were written with no key "
                           f"and verify with it, those from #7 on are hashed with audit.hmac_key "
                           f"({key_fingerprint(NEW_KEY)}, fingerprint)")
+    # Again: the chain is written with the key now. It said "does not verify with the old key (no key): audit event
+    # #7 ... was modified", exit 1, as a broken chain would.
+    code, out, err = await asyncio.to_thread(run, monkeypatch, capsys, ["audit", "rekey", "--from-no-key", "-c", cfg],
+                                             NEW_KEY)
+    assert (code, out, err) == (2, "", "the key was not changed: this chain is written with audit.hmac_key already "
+                                       "(`chatops audit verify` checks it); nothing to do\n")
     item = await dead_delivery(db)
     code, _, err = await asyncio.to_thread(run, monkeypatch, capsys, ["outbox", "retry", "--dead", "-c", cfg], NEW_KEY)
     assert code == 0, err

@@ -128,6 +128,10 @@ async def test_incidents_list_offers_open_only_to_a_list_of_every_status(tmp_pat
             (["--status", "resolved"], "the first 1 of 2 incidents with status resolved, by that order; --limit 2 shows them all")):
         assert await asyncio.to_thread(main, ["incidents", "list", *status, "--limit", "1", "-c", str(cfg)]) == 0
         assert capsys.readouterr().out.splitlines()[-1] == said, status
+    # JSON: the same, on stderr (the list was cut without a word)
+    assert await asyncio.to_thread(main, ["incidents", "list", "--limit", "1", "--format", "json", "-c", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)) == 1 and err == "the first 1 of 3 incidents; --limit 3 shows them all\n"
     for status, ids in (("all", ["#1", "#2", "#3"]), ("open", ["#1"]),  # all listed
                         ("firing", ["#1"]), ("silenced", ["no"]),  # (the states the card shows, as DESIGN.md names them)
                         ("acknowledged", ["no"])):
@@ -1092,6 +1096,16 @@ def test_an_emoji_drawn_of_several_takes_the_columns_of_one() -> None:
     assert table(["x"], [[family * 5]], max_width=5).splitlines()[1] == family * 2 + "…"  # cut between, not inside
 
 
+def test_a_zero_width_character_takes_no_column() -> None:
+    """An alert holding a zero-width space (or a word joiner, a BOM) pushed its row's next column one to the left of
+    its header: counted 1, drawn as nothing. A soft hyphen is still counted (terminals draw it)."""
+    from bot.tables import table, width
+
+    assert [width(t) for t in ("x\u200by", "a\u2060b", "\ufeffab", "a\u00adb")] == [2, 2, 2, 3]
+    lines = table(["name", "at"], [["x\u200by", "Mon"], ["xy", "Tue"]]).splitlines()
+    assert [width(line[:line.index(end)]) for line, end in zip(lines, ["at", "Mon", "Tue"])] == [6] * 3
+
+
 def test_a_table_fits_the_terminal_by_cutting_its_free_text_the_widest_first() -> None:
     from bot.tables import table, width
 
@@ -1521,3 +1535,37 @@ def test_check_config_notes_a_sqlite_folder_that_does_not_exist(tmp_path: Path,
     (tmp_path / "nowhere").mkdir()
     assert main(["check-config", "-c", str(cfg)]) == 0
     assert "note: storage.url" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("answer", ["html", "no-result"])
+async def test_telegram_set_webhook_on_an_address_that_is_no_bot_api_says_so_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], answer: str) -> None:
+    """An api_url that answers a 502 page (a proxy's), or JSON without `result`: the library's own traceback and the
+    whole page were printed, or "cannot reach Telegram at ...: 'result'" (a KeyError's words)."""
+    from aiohttp import web
+
+    async def anything(_request: web.Request) -> web.Response:
+        if answer == "html":
+            return web.Response(status=502, text="<!DOCTYPE HTML>\n<html><body>" + "Bad gateway " * 200 + "</body></html>",
+                                content_type="text/html")
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        cfg = tmp_path / "app.yaml"
+        cfg.write_text("server: {public_url: 'https://bot.example.com'}\n"
+                       "adapters:\n  telegram: {bot_token: '123456:ABC-token', webhook_secret: s3cret-s3cret, "
+                       f"mode: webhook, api_url: 'http://127.0.0.1:{port}/bot'}}\n")
+        code = await asyncio.to_thread(main, ["telegram", "set-webhook", "-c", str(cfg)])
+    finally:
+        await runner.cleanup()
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "", err
+    assert "Traceback" not in err and "ABC-token" not in err and len(err.strip().splitlines()) == 1, err
+    assert "adapters.telegram.api_url" in err and len(err) < 600, err

@@ -223,6 +223,9 @@ GENERIC = {"asset_name": "web-9", "signature": "Memory", "severity": "high", "to
     ("\n\nMemory at 97% on web-9\nmore", "Memory at 97% on web-9"),
     ("%%%\nhost stopped reporting\n%%%", "host stopped reporting"),  # Datadog's $EVENT_MSG markdown
     ("  \n%%%\n%%%", "Memory"),  # nothing but blanks and markers: the signature
+    # at most 300 characters, cut with an ellipsis (it ended mid-word, as if that were all)
+    ("very long alert title " * 20, ("very long alert title " * 20)[:299] + "\u2026"),
+    ("x" * 300, "x" * 300),
 ])
 def test_a_generic_title_is_the_first_line_that_says_something(message: str, title: str) -> None:
     [a] = parse_generic({**GENERIC, "message": message}, "gen")
