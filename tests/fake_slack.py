@@ -74,6 +74,7 @@ class _Failure:
     times: int
     retry_after: int | None = None
     after: int = 0
+    when: Callable[[dict[str, Any]], bool] = lambda params: True
 
 
 @dataclass
@@ -124,10 +125,12 @@ class FakeSlack:
         return [c for c in self.calls if c.method == method and c.ok]
 
     def fail(self, method: str, error: str, *, status: int = 200, times: int = 1, disconnect: bool = False,
-             retry_after: int | None = None, after: int = 0) -> None:
-        """The next `times` calls of `method` (once `after` more have been answered as usual) answer
-        `{"ok": false, "error": error}` (or drop the connection), with a `Retry-After` header when given."""
-        self._failures[method].append(_Failure(error, status, disconnect, times, retry_after, after))
+             retry_after: int | None = None, after: int = 0,
+             when: Callable[[dict[str, Any]], bool] = lambda params: True) -> None:
+        """The next `times` calls of `method` (once `after` more have been answered as usual; only those whose params
+        satisfy `when`) answer `{"ok": false, "error": error}` (or drop the connection), with a `Retry-After` header
+        when given."""
+        self._failures[method].append(_Failure(error, status, disconnect, times, retry_after, after, when))
 
     def hold(self, method: str) -> asyncio.Event:
         """Calls of `method` are carried out, and their answers wait until the event returned is set: a slow
@@ -200,7 +203,9 @@ class FakeSlack:
         if call.token != self.token:
             return 200, {"ok": False, "error": "invalid_auth"}, {}
         failures = self._failures[call.method]
-        if failures and failures[0].after:
+        if failures and not failures[0].when(call.params):
+            pass
+        elif failures and failures[0].after:
             failures[0].after -= 1
         elif failures:
             failure = failures[0]
