@@ -28,7 +28,8 @@ from sqlmodel import SQLModel
 from adapters import SETTINGS_MODELS
 from bot import logs
 from bot.actions import MAX_ID
-from bot.config import EXAMPLE_CONFIG, ConfigError, Loaded, check_templates, config_path, load_config
+from bot.config import (EXAMPLE_CONFIG, NO_SECTION, ConfigError, Loaded, check_templates, config_path,
+                        load_config)
 from bot.incidents import RESOLVED, SEVERITY_BASE, priority
 from bot.rotations import first_instant
 from bot.tables import ago, counted, printable, table
@@ -955,6 +956,11 @@ def cmd_incidents_act(args: argparse.Namespace, out: TextIO) -> int:
             message = message.replace(f"`/incident page {args.id} PERSON`",
                                       f"`/incident page {args.id} PERSON` in chat")
         print(printable(message), file=out if result.changed else sys.stderr)
+        if result.changed and not loaded.adapters and set(loaded.adapters_off.values()) <= {NO_SECTION}:
+            # (no card to redraw nor thread to tell: it said there were)
+            print("no chat platform is on in app.yaml (adapters:), so no card or thread says so; `chatops incidents "
+                  f"show {args.id}` shows it", file=out)
+            return EXIT_OK
         if result.changed:
             print(_by_the_bot(loaded, "the running bot redraws its cards and says so in the thread within seconds, or "
                                       "after the new incidents' cards when a storm has queued many (`chatops outbox "
@@ -1127,8 +1133,8 @@ def cmd_telegram_set_webhook(args: argparse.Namespace, out: TextIO) -> int:
     loaded = _load(args)
     settings = loaded.adapters.get("telegram")
     if settings is None:
-        why = loaded.adapters_off.get("telegram", "no section under adapters")
-        if why == "no section under adapters":
+        why = loaded.adapters_off.get("telegram", NO_SECTION)
+        if why == NO_SECTION:
             print(f"telegram is off ({why}); configure adapters.telegram in app.yaml first", file=sys.stderr)
         else:  # the section is there, and a variable it reads is not (said as "VAR is not set" or "VAR is empty")
             print(f"telegram is off ({why}): adapters.telegram in app.yaml reads it; set it in this command's "

@@ -35,6 +35,9 @@ from bot.render import Renderer, sample_contexts
 PLATFORMS = ("slack", "telegram", "teams")
 
 
+NO_SECTION = "no section under adapters"  # why an adapter app.yaml does not name is off
+
+
 class ConfigError(Exception):
     """The config is invalid; `problems` holds `(path, problem)` pairs."""
 
@@ -1028,7 +1031,7 @@ def parse_config(
                         "without one makes the bot refuse to start)")
     for key in adapter_models:
         if key not in loaded_adapters and key not in adapters_off:
-            adapters_off[key] = "no section under adapters"
+            adapters_off[key] = NO_SECTION
     # What is sent to each channel: a channel whose platform is off keeps it in the outbox, unseen.
     uses: dict[str, list[str]] = {}
     for ch_id in dict.fromkeys(ch for route in config.routes for ch in route.channels):

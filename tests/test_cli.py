@@ -1456,6 +1456,13 @@ async def test_incidents_act_and_outbox_retry_say_when_no_bot_is_running_to_carr
     async with running_bot(url) as h:
         assert (await h.post("open", WEB_DOWN))[0] == 200
     capsys.readouterr()
+    # Without any chat platform in app.yaml, there is no card to redraw nor thread to tell: it said there were
+    assert await asyncio.to_thread(main, ["incidents", "ack", "1", "-c", str(cfg)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "Acknowledged #1.", "no chat platform is on in app.yaml (adapters:), so no card or thread says so; `chatops "
+                            "incidents show 1` shows it"]
+    cfg.write_text(cfg.read_text(encoding="utf-8") + "adapters:\n  telegram: {bot_token: '123456:ABC-token', "
+                   "webhook_secret: s3cret-s3cret, api_url: 'http://127.0.0.1:1/bot'}\n", encoding="utf-8")
     assert await asyncio.to_thread(main, ["incidents", "resolve", "1", "-c", str(cfg)]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "Resolved #1.", "no chatops serve is running on this store: its cards are redrawn, the thread told and anyone "
