@@ -79,7 +79,7 @@ CARD_ACTIONS = actions.CARD_ACTIONS
 TOAST_SHORT = 80  # characters: a longer callback answer is an alert (a dialog, read until dismissed), not a toast
 QUESTIONS_KEPT = 5000  # confirmation questions of the buttons drawn last, by callback data (see _confirm_step)
 ASK, CANCEL, YES = "?", "!", "\u2714 "
-ANSWER_WAIT_MAX = 5.0  # seconds of flood control a tap's answer waits out (once) before it is given up
+TAP_WAIT_MAX = 5.0  # seconds of flood control a tap's answer waits out (once) before it is given up
 # The /incident words that act on one incident, which a reply to the bot's message about it may leave out
 ACTS_ON_ONE = ("ack", "acknowledge", "show", "escalate", "resolve", "reopen")
 # The armed button's neighbour, which only turns it back: a word no confirmable action could be read as ("✖ Cancel"
@@ -101,7 +101,9 @@ ANONYMOUS = ("You post anonymously, as the group, so I cannot tell who you are a
 AS_CHANNEL = ("You post as a channel, so I cannot tell who you are and act for nobody. Send as yourself (pick "
               "yourself in the \"send as\" list, your picture beside the message field), or send me the command in a "
               "private chat.")
-ANSWER_WAIT_MAX = 10  # seconds a command's answer may wait for Telegram's flood control before it is given up
+# seconds a command's answer may wait for Telegram's flood control before it is given up (a name of its own: it was
+# the tap's too, defined twice, and a tap's spinner waited out 9 s, where Telegram takes its answer for a few only)
+COMMAND_WAIT_MAX = 10
 SEND_OPTIONS: dict[str, Any] = {"parse_mode": ParseMode.HTML,
                                 "link_preview_options": LinkPreviewOptions(is_disabled=True)}
 _COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,32})(?:@([A-Za-z0-9_]{1,64}))?(?=\s|$)")
@@ -363,9 +365,11 @@ class _FailedAgain(Exception):
 def _what(update: Update) -> str:
     """An update as the log names it: the button's data or the command's first word, and whose or where."""
     if update.callback_query is not None:
-        return f"a tap on {update.callback_query.data!r} by user {update.callback_query.from_user.id}"
+        return (f"a tap on {update.callback_query.data!r} by user "
+                f"{getattr(update.callback_query.from_user, 'id', '?')}")
     if update.message is not None:
-        word, where = (update.message.text or "").split(maxsplit=1)[:1], f"in chat {update.message.chat.id}"
+        word, where = (update.message.text or "").split(maxsplit=1)[:1], \
+            f"in chat {getattr(update.message.chat, 'id', '?')}"
         return f"{word[0][:40]!r} {where}" if word else f"a message {where}"
     return "an update"
 
@@ -515,6 +519,10 @@ class TelegramAdapter:
                 or (query is not None and not isinstance(query.data, (str, type(None))))):  # de_json does not check
             return web.json_response({"error": "not a Telegram update: a message's text and a callback's data are "
                                                "strings"}, status=400)
+        if (message is not None and message.chat is None) or (query is not None and query.from_user is None):
+            # (handled, it broke off, and was answered 500: a message has its chat, a callback its sender)
+            return web.json_response({"error": "not a Telegram update: a message without `chat`, or a callback_query "
+                                               "without `from`"}, status=400)
         uid = update.update_id
         task = self._answering.get(uid)  # a copy posted while it is handled: answered as that handling ends
         if task is None:
@@ -823,7 +831,8 @@ class TelegramAdapter:
             await self._answer(query, INVALID_BUTTON)
             return
         reply = await self._dispatch(self.dispatcher.handle_action(event), handling, quiet=quiet)
-        await self._answer(query, toast(reply.text) if reply is not None else "")
+        said = toast(reply.text) if reply is not None else ""
+        await self._answer(query, said, alert=len(said) > TOAST_SHORT)  # (a refusal's 120 characters flashed by)
         private = query.message is not None and getattr(query.message.chat, "type", None) == "private"
         if reply is not None and reply.settle is not None and event.source is not None and private:
             # answered: no more buttons (only on a direct message: those are the only ones settling applies to)
@@ -866,7 +875,8 @@ class TelegramAdapter:
         refused = await self.dispatcher.audited_refusal(decoded.action.value, actor_of(query.from_user),
                                                         decoded.incident_id or None, event_id=str(query.id or ""))
         if refused is not None:
-            await self._answer(query, toast(refused.text))
+            said = toast(refused.text)
+            await self._answer(query, said, alert=len(said) > TOAST_SHORT)
             return
         message = query.message
         markup = getattr(message, "reply_markup", None)
@@ -911,7 +921,7 @@ class TelegramAdapter:
             await self._post(str(message.chat.id), str(message.message_id), payload)
             return
         except DeliveryError as exc:  # flood control: the person is waiting for this answer, so wait a little
-            if exc.retry_after and exc.retry_after <= ANSWER_WAIT_MAX:
+            if exc.retry_after and exc.retry_after <= COMMAND_WAIT_MAX:
                 await asyncio.sleep(exc.retry_after)
                 try:
                     await self._post(str(message.chat.id), str(message.message_id), payload)
@@ -956,7 +966,7 @@ class TelegramAdapter:
                     query.id, text=text or None, show_alert=alert or None))
                 return
             except DeliveryError as exc:
-                if first and exc.retry_after is not None and exc.retry_after <= ANSWER_WAIT_MAX:
+                if first and exc.retry_after is not None and exc.retry_after <= TAP_WAIT_MAX:
                     await asyncio.sleep(exc.retry_after)
                     continue
                 log.warning("telegram: %s", exc)

@@ -87,17 +87,18 @@ class ChatHandlers:
         # Teams shows nobody a channel's conversation id, which app.yaml's channels[].chat needs: said where asked
         chat_id = (f" This channel's id for app.yaml's channels[].chat is {event.chat.chat_id}."
                    if platform == "teams" and not event.direct and event.chat is not None else "")
+        # (in a group, "pages will reach you here" is never so; a person not linked yet needs it as much)
+        private = (" Telegram lets a bot write to you only in a private chat you started: open one with me and send "
+                   "/start there, or no page reaches you on Telegram." if platform == "telegram" and not event.direct
+                   else "")
         if person is None:
             return Reply(f"Hello! Your {platform.capitalize()} id is {user}. It is not linked to anyone yet: add "
                          f"`{platform}: {user}` to your entry under `people:` in app.yaml and restart the bot."
-                         + chat_id)
+                         + private + chat_id)
         roles = ", ".join(person.roles) or "none"
         text = (f"Hello {person.name}! Your {platform.capitalize()} id {user} is linked to `{person.id}` "
                 f"(roles: {roles}). {_where_pages_go(person, self.adapters)}")
-        if platform == "telegram" and not event.direct:  # (said "pages will reach you here": in the group they never do)
-            text += (" Telegram lets a bot write to you only in a private chat you started: open one with me and "
-                     "send /start there, or no page reaches you on Telegram.")
-        return Reply(text + chat_id)
+        return Reply(text + private + chat_id)
 
     async def ack(self, event: CommandEvent, person: Person) -> Reply:
         incident_id = _incident_id(event.args, words=1)

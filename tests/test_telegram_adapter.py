@@ -1158,3 +1158,26 @@ async def test_set_webhook_with_telegram_unreachable_says_so_and_what_to_do(
     assert err.startswith("cannot reach Telegram at http://127.0.0.1:1/bot: ") and "refused" not in err.split(":")[0], err
     assert err.rstrip().endswith("check the network (or adapters.telegram.api_url) and run this again"), err
     assert "ABC-token" not in err
+
+
+@pytest.mark.parametrize("body", [
+    {"update_id": 17, "callback_query": {"id": "q", "chat_instance": "c", "data": "ack:42"}},  # no "from"
+    {"update_id": 18, "message": {"message_id": 1, "date": 1, "text": "/ack 42",
+                                  "from": {"id": 111111, "is_bot": False, "first_name": "Alice"}}},  # no "chat"
+])
+async def test_an_update_without_its_chat_or_its_sender_is_a_400(env: Env, body: dict[str, Any]) -> None:
+    """Its handling broke off (no sender to act as, no chat to answer in), and its log line broke off again: a 500.
+    Refused as the other shapes are; nothing is done."""
+    status, text = await env.post(body)
+    assert status == 400 and "without `chat`, or a callback_query without `from`" in text, (status, text)
+    assert env.dispatcher.actions == [] and env.dispatcher.commands == []
+
+
+async def test_a_taps_answer_waits_out_5_s_of_flood_control_at_most(env: Env) -> None:
+    """The wait for a command's answer (10 s) was defined under the tap's name too, after it: a tap's spinner waited
+    out 9 s, where Telegram takes a tap's answer for a few seconds only."""
+    env.tg.fail("answerCallbackQuery", "Too Many Requests: retry after 9", 429, parameters={"retry_after": 9})
+    started = asyncio.get_running_loop().time()
+    await env.click("ack:42")
+    assert [c.status for c in env.tg.calls if c.method == "answerCallbackQuery"] == [429]
+    assert asyncio.get_running_loop().time() - started < 5

@@ -269,6 +269,11 @@ async def test_start_says_where_pages_go_and_in_a_group_that_they_need_a_private
     carol = await both.type("/start", user=333333)  # no Slack id: Telegram at any hour
     assert carol.endswith("(roles: none). Pages reach you on Telegram."), carol
     assert "here" not in private + carol
+    # someone not linked yet, in the group: told to open a private chat too (they need it as much)
+    stranger = await both.type("/start", user=999999, chat=GROUP)
+    assert stranger.startswith("Hello! Your Telegram id is 999999. It is not linked to anyone yet") and stranger.endswith(
+        "Telegram lets a bot write to you only in a private chat you started: open one with me and send /start "
+        "there, or no page reaches you on Telegram."), stranger
     del both.h.bot.adapters["telegram"]  # a bot whose Telegram is off pages Alice on Slack, at any hour
     assert (await both.slack.answer(await both.slack.command("/chatops", "start", user="U01ALICE"))
             )["text"].endswith("(roles: responder). Pages reach you on Slack.")
@@ -290,6 +295,12 @@ async def test_a_stranger_tapping_in_telegram_is_told_what_to_add(both: Both) ->
     toast = b.tg.called("answerCallbackQuery")[0].params.get("text", "")
     assert "I don't know you yet" in toast and "telegram: 999999" in toast
     assert (await b.h.incidents())[0].status == "triggered"
+    # Longer than a toast holds for reading (TOAST_SHORT): an alert, read until dismissed (it flashed by); so is a
+    # refusal for a role (Carol has none)
+    await b.tap("ack:1", message_id, user=333333)
+    await b.tg.wait_for(lambda: len(b.tg.called("answerCallbackQuery")) == 2, timeout=5)
+    for answer in (c.params for c in b.tg.called("answerCallbackQuery")):
+        assert len(answer["text"]) > 80 and answer.get("show_alert") in ("true", True), answer
 
 
 def _tg_replies(b: Both, message_id: int) -> list[str]:
