@@ -153,15 +153,46 @@ def message_activity(rendered: Mapping[str, Any], buttons: Sequence[Button], fal
                     attachments=[Attachment(content_type=CARD, content=card)])
 
 
+_BACKTICKS = re.compile(r"`+")
+
+
 def _outside_code(text: str) -> str:
-    """The parts of `text` outside its ```fences``` and `code spans`, each part on its own line (a pair split by a
-    span is not joined). All of it when it holds what could make Teams read the spans otherwise than split here (a
-    backslash before a backtick, a `<` of an autolink or a tag around one, a run of two backticks)."""
-    if "\\" in text or "<" in text or "``" in text.replace("```", ""):
+    """The parts of `text` outside its ```fences``` and `code spans`, each on a line of its own (a pair split by a
+    span is not joined). All of it unless its code reads plainly as markdown reads it: backtick runs of one (spans,
+    in pairs, each within one line) or three (fences, each alone at a line's start, the opening one's line without
+    another backtick, the closing one's with nothing else), and no backslash or `<` (an escaped backtick, an autolink
+    or a tag around one). Else a stray backtick (`can`t connect`) made what followed it pass for code, and an alert's
+    `**bold**` or `[label](url)` would go out as markdown."""
+    if "\\" in text or "<" in text:
         return text
-    outside = [part for n, fenced in enumerate(text.split("```")) if n % 2 == 0
-               for i, part in enumerate(fenced.split("`")) if i % 2 == 0]
-    return "\n".join(outside)
+    parts: list[str] = []
+    last, fenced, opened = 0, False, None  # where the text outside code resumed; in a fence; an open span's start
+    for run in _BACKTICKS.finditer(text):
+        a, b, size = run.start(), run.end(), len(run.group())
+        if size not in (1, 3):
+            return text
+        line_start = a == 0 or text[a - 1] == "\n"
+        rest = text[b:].split("\n", 1)[0]
+        if fenced:
+            if size == 3 and line_start and not rest.strip():
+                fenced, last = False, b + len(rest)
+            continue  # (a backtick inside a fence is code)
+        if size == 3:
+            if opened is not None or not line_start or "`" in rest:
+                return text
+            parts.append(text[last:a])
+            fenced = True
+        elif opened is None:
+            parts.append(text[last:a])
+            opened = a
+        else:
+            if "\n" in text[opened:a]:
+                return text
+            opened, last = None, b
+    if fenced or opened is not None:
+        return text
+    parts.append(text[last:])
+    return "\n".join(parts)
 
 
 def mention_channel(activity: Activity, chat_id: str) -> None:
@@ -658,11 +689,16 @@ class TeamsAdapter:
         if turn.turn_state.get(MUTED):
             return True
         clicker = turn.activity.from_property
-        try:
-            conversation = await self._in_time(turn, self._personal(clicker.aad_object_id or clicker.id))
+        loop = asyncio.get_running_loop()
+        # half of what is left of the turn's time at most: the thread's reply keeps the rest (a slow chat took it all)
+        budget = max((turn.turn_state.get(DEADLINE, loop.time() + TIMEOUT) - loop.time()) / 2, 0.1)
+
+        async def private() -> None:
+            conversation = await self._personal(clicker.aad_object_id or clicker.id)
             answer = self._reply_activity(reply)
-            await self._in_time(turn, self._call("send", conversation, lambda c: c.conversations.send_to_conversation(
-                conversation, answer)))
+            await self._call("send", conversation, lambda c: c.conversations.send_to_conversation(conversation, answer))
+        try:
+            await asyncio.wait_for(private(), budget)
             return True
         except Exception as exc:
             error = exc if isinstance(exc, DeliveryError) else delivery_error("send", exc)

@@ -128,11 +128,12 @@ def teams_link(link: Any) -> str:
 
 def teams_text(value: Any) -> str:
     """Text from an alert made inert in Teams' markdown (an Adaptive Card's TextBlock, a message): a link with a label
-    of its own (`[Silence it here](https://...)`) or bold that passes for the card's own words (`**Latest:**`) is
+    of its own (`[Silence it here](https://...)`, or `[Silence it here]` and a `[Silence it here]: https://...`
+    under it) or bold that passes for the card's own words (`**Latest:**`) is
     shown as written, its markup broken by a zero-width space. A bare URL stays a link that shows where it goes."""
     text = "" if value is None else str(value)
-    # every pair in a run (`***x***` kept a `**` pair: bold still)
-    return _EMPHASIS_RUN.sub("\\1\u200b", text.replace("](", "]\u200b("))
+    # every pair in a run (`***x***` kept a `**` pair: bold still); a reference link's definition (`[x]: url`) too
+    return _EMPHASIS_RUN.sub("\\1\u200b", text.replace("](", "]\u200b(").replace("]:", "]\u200b:"))
 
 
 _EMPHASIS_RUN = re.compile(r"([*_])(?=\1)")

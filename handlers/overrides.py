@@ -141,7 +141,7 @@ class OverrideHandlers:
             end = shift.end
         if end <= start:
             skipped = [t for t in tokens if _skipped(t, tz)]
-            if skipped and _in_order(tokens):  # both in the hour the clock skips: each is the moment of the skip, so they are one moment
+            if skipped and _in_order(tokens, tz):  # both in the hour the clock skips: each is the moment of the skip, so they are one moment
                 one = len(skipped) == 1
                 raise BadInput(f"{and_list([f'`{echoed(t)}`' for t in skipped])} {'does' if one else 'do'} not exist in "
                                f"{tz.key}: the clocks go forward over {'it' if one else 'them'} that night. Give times "
@@ -376,9 +376,10 @@ def _instant(text: str, tz: ZoneInfo, now: datetime) -> datetime:
     return first_instant(value, tz) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _in_order(tokens: Sequence[str]) -> bool:
-    """Whether FROM and UNTIL, as typed, are in order: UNTIL a length, or a wall time after FROM's (two times in
-    the hour the clocks skip are, yet become one moment; an UNTIL typed before FROM is not the skip's doing)."""
+def _in_order(tokens: Sequence[str], tz: ZoneInfo) -> bool:
+    """Whether FROM and UNTIL, as typed, are in order: UNTIL a length, or a time after FROM's on the wall clock of
+    `tz` (two times in the hour the clocks skip are, yet become one moment; an UNTIL typed before FROM is not the
+    skip's doing). One with an offset is read on that clock too."""
     if len(tokens) < 2:
         return True
     try:
@@ -390,7 +391,9 @@ def _in_order(tokens: Sequence[str]) -> bool:
         start, end = datetime.fromisoformat(tokens[0]), datetime.fromisoformat(tokens[1])
     except ValueError:
         return False
-    return start.tzinfo is None and end.tzinfo is None and start < end
+    def wall(value: datetime) -> datetime:
+        return value if value.tzinfo is None else value.astimezone(tz).replace(tzinfo=None)
+    return wall(start) < wall(end)
 
 
 def _skipped(text: str, tz: ZoneInfo) -> bool:

@@ -380,12 +380,15 @@ class RunbookHandlers:
                 return Reply(f"There is no runbook request {echoed(event.arg)} for #{incident.id}.")
             refusal = self._refusal(run, incident, person, approve)
             if refusal is not None:
-                if approve and run.status == WAITING and run.requested_by == person.id:  # (four eyes: audited)
+                four_eyes = approve and run.status == WAITING and run.requested_by == person.id
+                if four_eyes:  # (audited)
                     await self.audit.append_many(session, [Entry(
                         "access.refused", actor, "runbook_run", str(run.id), now,
                         {"what": "Approve", "needs": "another approver (four eyes): they asked for it",
                          "runbook": run.runbook_id}, incident.id)])
-                return Reply(refusal)
+                # (for the clicker alone where a platform has no ephemeral message: a role they lack, four eyes)
+                lacks = not approve and APPROVER not in person.roles and run.requested_by != person.id
+                return Reply(refusal, refused=four_eyes or lacks)
             asked = self.names.get(run.requested_by, run.requested_by)
             withdrawn = not approve and run.requested_by == person.id  # (whoever asked takes it back)
             expired = now - run.requested_at > REQUEST_TTL  # (the sweep that expires it had not come round yet)

@@ -35,6 +35,10 @@ async def slack(tmp_path: Path) -> AsyncIterator[Slack]:
     ("/override", "dba-primary carol 2027-03-28T02:10 2027-03-28T02:50",
      "`2027-03-28T02:10` and `2027-03-28T02:50` do not exist in Europe/Berlin: the clocks go forward over them that "
      f"night. Give times before or after the jump. {OVERRIDE}"),
+    # ... with UNTIL given its offset too
+    ("/override", "dba-primary carol 2027-03-28T02:30 2027-03-28T03:00+02:00",
+     "`2027-03-28T02:30` does not exist in Europe/Berlin: the clocks go forward over it that night. Give times before "
+     f"or after the jump. {OVERRIDE}"),
     # ... but an UNTIL before FROM is that, whichever hour FROM is in
     ("/override", "dba-primary carol 2027-03-28T02:30 2027-03-27T09:00", f"UNTIL must come after FROM. {OVERRIDE}"),
     ("/oncall", "take dba-primary now 1h extra", f"Too many arguments: extra. {TAKE}"),

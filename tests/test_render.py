@@ -327,6 +327,15 @@ def test_an_alerts_markdown_is_inert_on_a_teams_card_and_in_a_teams_message(rend
         "markdown", output)
     # ... unless the spans may be read otherwise than split (a backslash before a backtick): all of it decides then
     assert message_activity({"text": "a \\`**b**`"}, []).text_format == "plain"
+    # a backtick markdown reads as a backtick: what follows it is no code, and its markup goes out inert (a stray
+    # one made the rest pass for code, sent as markdown: bold and a link of its own label)
+    for stray in ("don`t **bold** [x](https://evil)", "a `b` c ` **x** [l](https://e)",
+                  "foo ``` **bold** [l](https://e)", "````x```` **bold** [l](https://e)",
+                  "`a\n\n**bold** [l](https://e)\n\n`", "# x `\n**bold** `", "x ```\n**b**\n```",
+                  "```sh\nrm x\n```\n**b**", "[Silence it here][1]\n\n[1]: https://evil"):
+        assert message_activity({"text": stray}, []).text_format == "plain", stray
+    for fine in ("```sh\nrm **x**\n```\nafter", "run `m.run(**{})` now", "`a` and `b**c`"):
+        assert message_activity({"text": fine}, []).text_format == "markdown", fine
     # a line that mentions the channel is markup: its words made inert in markdown instead
     from adapters.teams import mention_channel
 

@@ -932,3 +932,29 @@ async def test_a_refused_click_in_a_channel_is_answered_in_the_clickers_private_
             assert public.body["text"].startswith("I don't know you yet")
             [incident] = await h.incidents()
             assert incident.status == "triggered"
+
+
+async def test_a_reject_by_someone_who_may_not_is_answered_privately(tmp_path: Path) -> None:
+    """Bob (a responder, no approver) presses Reject on Alice's runbook request in the channel's thread: "Reject
+    needs the `approver` role ..." was a reply there; it goes to his private chat, as other refusals do."""
+    runbooks = ("runbooks:\n  - {id: restart-db, title: Restart db, match: {alertname: DiskFull}, risk: medium,\n"
+                "     steps: [{run: [/bin/echo, restarted], timeout: 5s}]}\n")
+    people = TEAMS_PEOPLE.rstrip() + '\n  - {id: dave, name: Dave, roles: [responder, approver], teams: "29:1dave"}\n'
+    config = TEAMS_CONFIG.replace("{match: {team: dba}, channels: [ops-teams]}",
+                                  "{match: {team: dba}, channels: [ops-teams], runbooks: [restart-db]}")
+    with FakeTeams() as bf:
+        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", bf.yaml(tenant_id=TENANT) + runbooks,
+                               people=people, base=config) as h:
+            assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
+            card_id = await recorded(h, 1)
+            run = tagged(card_of(bf.called("send")[0]), "?rb:1:restart-db")
+            assert (await post(h, bf.click(run, card_id), bf.headers()))[0] == 200  # Alice asks
+            await bf.wait_for(lambda: [c for c in bf.called("reply") if '"title": "Reject"' in json.dumps(c.body)])
+            [line] = [c for c in bf.called("reply") if '"title": "Reject"' in json.dumps(c.body)]
+            reject = tagged(card_of(line), "rej:1:1")
+            click = bf.click(reject, line.answered, user="29:1bob", aad=BOB_AAD)
+            assert (await post(h, click, bf.headers()))[0] == 200
+            await bf.wait_for(lambda: [c for c in bf.called("send") if c.conversation == f"a:1{BOB_AAD}"])
+            [private] = [c for c in bf.called("send") if c.conversation == f"a:1{BOB_AAD}"]
+            assert private.body["text"].startswith("Reject needs the `approver` role")
+            assert [c for c in bf.called("reply") if c.activity_id == click["id"]] == []
