@@ -203,15 +203,14 @@ class FakeSlack:
         if call.token != self.token:
             return 200, {"ok": False, "error": "invalid_auth"}, {}
         failures = self._failures[call.method]
-        if failures and not failures[0].when(call.params):
-            pass
-        elif failures and failures[0].after:
-            failures[0].after -= 1
-        elif failures:
-            failure = failures[0]
+        first = next((i for i, f in enumerate(failures) if f.when(call.params)), None)  # (the first for this call)
+        if first is not None and failures[first].after:
+            failures[first].after -= 1
+        elif first is not None:
+            failure = failures[first]
             failure.times -= 1
             if failure.times <= 0:
-                failures.pop(0)
+                failures.pop(first)
             headers = {"Retry-After": str(failure.retry_after)} if failure.retry_after is not None else {}
             return (0 if failure.disconnect else failure.status), {"ok": False, "error": failure.error}, headers
         p = call.params
