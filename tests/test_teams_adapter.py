@@ -854,14 +854,12 @@ def test_commands_are_reworded_for_teams_only_in_the_bots_code_spans() -> None:
         "`@chatops swap PERSON DATE | @chatops swap list`")  # (a usage's alternatives)
 
 
-async def test_a_runbook_command_on_teams_is_shown_as_it_runs(tmp_path: Path) -> None:
-    """A step `python3 -c "import app.__main__ as m; m.run(**{})"` was shown on Teams, in `incident runbook 1` and
-    in the approver's question, with zero-width spaces inside `__` and `**` (to keep Teams from reading bold): it
-    looked the same, and a copy of it did not run. Such a text goes where nothing reads markdown, as it is: a code
-    span of a message, or a card's RichTextBlock."""
-    step = "import app.__main__ as m; m.run(**{})"
+@asynccontextmanager
+async def runbook_bot(tmp_path: Path, command: list[str]) -> AsyncIterator[tuple[Harness, FakeTeams, str]]:
+    """The Teams bot with a medium-risk runbook `restart-db` (steps: `command`) on #1's route, Dave its approver, and
+    #1 posted: the harness, the fake, and #1's card's id."""
     runbooks = ("runbooks:\n  - {id: restart-db, title: Restart db, match: {alertname: DiskFull}, risk: medium,\n"
-                f"     steps: [{{run: [/usr/bin/python3, -c, \"{step}\"], timeout: 5s}}]}}\n")
+                f"     steps: [{{run: {json.dumps(command)}, timeout: 5s}}]}}\n")
     people = TEAMS_PEOPLE.rstrip() + '\n  - {id: dave, name: Dave, roles: [responder, approver], teams: "29:1dave"}\n'
     config = TEAMS_CONFIG.replace("{match: {team: dba}, channels: [ops-teams]}",
                                   "{match: {team: dba}, channels: [ops-teams], runbooks: [restart-db]}")
@@ -869,19 +867,28 @@ async def test_a_runbook_command_on_teams_is_shown_as_it_runs(tmp_path: Path) ->
         async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", bf.yaml(tenant_id=TENANT) + runbooks,
                                people=people, base=config) as h:
             assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
-            card_id = await recorded(h, 1)
-            listing = bf.message("incident runbook 1")
-            assert step in await say(h, bf, listing)
-            [listed] = [c for c in bf.called("reply") if c.activity_id == listing["id"]]
-            # (in a code span, which markdown reads nothing in: as it runs, and the message's markdown kept)
-            assert listed.body["textFormat"] == "markdown" and "\u200b" not in listed.body["text"]
-            run = tagged(card_of(bf.called("send")[0]), "?rb:1:restart-db")
-            assert (await post(h, bf.click(run, card_id), bf.headers()))[0] == 200
-            await bf.wait_for(lambda: [c for c in bf.called("send") if c.conversation == "a:1291dave"])
-            [question] = [c for c in bf.called("send") if c.conversation == "a:1291dave"]
-            [block] = card_of(question)["body"]
-            assert block["type"] == "RichTextBlock" and step in block["inlines"][0]["text"]
-            assert "\u200b" not in json.dumps(card_of(question), ensure_ascii=False)
+            yield h, bf, await recorded(h, 1)
+
+
+async def test_a_runbook_command_on_teams_is_shown_as_it_runs(tmp_path: Path) -> None:
+    """A step `python3 -c "import app.__main__ as m; m.run(**{})"` was shown on Teams, in `incident runbook 1` and
+    in the approver's question, with zero-width spaces inside `__` and `**` (to keep Teams from reading bold): it
+    looked the same, and a copy of it did not run. Such a text goes where nothing reads markdown, as it is: a code
+    span of a message, or a card's RichTextBlock."""
+    step = "import app.__main__ as m; m.run(**{})"
+    async with runbook_bot(tmp_path, ["/usr/bin/python3", "-c", step]) as (h, bf, card_id):
+        listing = bf.message("incident runbook 1")
+        assert step in await say(h, bf, listing)
+        [listed] = [c for c in bf.called("reply") if c.activity_id == listing["id"]]
+        # (in a code span, which markdown reads nothing in: as it runs, and the message's markdown kept)
+        assert listed.body["textFormat"] == "markdown" and "\u200b" not in listed.body["text"]
+        run = tagged(card_of(bf.called("send")[0]), "?rb:1:restart-db")
+        assert (await post(h, bf.click(run, card_id), bf.headers()))[0] == 200
+        await bf.wait_for(lambda: [c for c in bf.called("send") if c.conversation == "a:1291dave"])
+        [question] = [c for c in bf.called("send") if c.conversation == "a:1291dave"]
+        [block] = card_of(question)["body"]
+        assert block["type"] == "RichTextBlock" and step in block["inlines"][0]["text"]
+        assert "\u200b" not in json.dumps(card_of(question), ensure_ascii=False)
 
 
 async def test_messages_without_an_id_are_each_answered_and_a_redelivery_is_not(tmp_path: Path) -> None:
@@ -937,24 +944,15 @@ async def test_a_refused_click_in_a_channel_is_answered_in_the_clickers_private_
 async def test_a_reject_by_someone_who_may_not_is_answered_privately(tmp_path: Path) -> None:
     """Bob (a responder, no approver) presses Reject on Alice's runbook request in the channel's thread: "Reject
     needs the `approver` role ..." was a reply there; it goes to his private chat, as other refusals do."""
-    runbooks = ("runbooks:\n  - {id: restart-db, title: Restart db, match: {alertname: DiskFull}, risk: medium,\n"
-                "     steps: [{run: [/bin/echo, restarted], timeout: 5s}]}\n")
-    people = TEAMS_PEOPLE.rstrip() + '\n  - {id: dave, name: Dave, roles: [responder, approver], teams: "29:1dave"}\n'
-    config = TEAMS_CONFIG.replace("{match: {team: dba}, channels: [ops-teams]}",
-                                  "{match: {team: dba}, channels: [ops-teams], runbooks: [restart-db]}")
-    with FakeTeams() as bf:
-        async with running_bot(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", bf.yaml(tenant_id=TENANT) + runbooks,
-                               people=people, base=config) as h:
-            assert (await h.post("am", fixture("alertmanager/01-diskfull-firing-2-alerts.json")))[0] == 200
-            card_id = await recorded(h, 1)
-            run = tagged(card_of(bf.called("send")[0]), "?rb:1:restart-db")
-            assert (await post(h, bf.click(run, card_id), bf.headers()))[0] == 200  # Alice asks
-            await bf.wait_for(lambda: [c for c in bf.called("reply") if '"title": "Reject"' in json.dumps(c.body)])
-            [line] = [c for c in bf.called("reply") if '"title": "Reject"' in json.dumps(c.body)]
-            reject = tagged(card_of(line), "rej:1:1")
-            click = bf.click(reject, line.answered, user="29:1bob", aad=BOB_AAD)
-            assert (await post(h, click, bf.headers()))[0] == 200
-            await bf.wait_for(lambda: [c for c in bf.called("send") if c.conversation == f"a:1{BOB_AAD}"])
-            [private] = [c for c in bf.called("send") if c.conversation == f"a:1{BOB_AAD}"]
-            assert private.body["text"].startswith("Reject needs the `approver` role")
-            assert [c for c in bf.called("reply") if c.activity_id == click["id"]] == []
+    async with runbook_bot(tmp_path, ["/bin/echo", "restarted"]) as (h, bf, card_id):
+        run = tagged(card_of(bf.called("send")[0]), "?rb:1:restart-db")
+        assert (await post(h, bf.click(run, card_id), bf.headers()))[0] == 200  # Alice asks
+        await bf.wait_for(lambda: [c for c in bf.called("reply") if '"title": "Reject"' in json.dumps(c.body)])
+        [line] = [c for c in bf.called("reply") if '"title": "Reject"' in json.dumps(c.body)]
+        reject = tagged(card_of(line), "rej:1:1")
+        click = bf.click(reject, line.answered, user="29:1bob", aad=BOB_AAD)
+        assert (await post(h, click, bf.headers()))[0] == 200
+        await bf.wait_for(lambda: [c for c in bf.called("send") if c.conversation == f"a:1{BOB_AAD}"])
+        [private] = [c for c in bf.called("send") if c.conversation == f"a:1{BOB_AAD}"]
+        assert private.body["text"].startswith("Reject needs the `approver` role")
+        assert [c for c in bf.called("reply") if c.activity_id == click["id"]] == []
