@@ -171,6 +171,11 @@ class FakeTeams:
         self._thread = threading.Thread(target=run, name="fake-teams", daemon=True)
         self._thread.start()
         started.wait(10)
+        # botbuilder keeps each metadata URL's signing keys for a day, process-wide: a fake on the port an earlier
+        # one had was checked against that one's key (same key id), and its first activity refused 401 (a CI run did)
+        from botframework.connector.auth.jwt_token_extractor import JwtTokenExtractor
+
+        JwtTokenExtractor.metadataCache.pop(f"{self.url}/openid", None)
         return self
 
     def __exit__(self, *exc: object) -> None:
