@@ -139,7 +139,8 @@ def message_activity(rendered: Mapping[str, Any], buttons: Sequence[Button], fal
     if not body and not card_actions:
         # A message's markdown reads nothing inside code (a table, a runbook's output: Ansible's `*****`, Python's
         # `__main__`), so only what is outside it decides (a card's TextBlock has no code: all of it does, below)
-        if _outside_code(raw) != teams_text(_outside_code(raw)):
+        outside = _outside_code(raw)
+        if outside != teams_text(outside):
             return Activity(type=ActivityTypes.message, text=raw, text_format="plain")
         return Activity(type=ActivityTypes.message, text=raw, text_format="markdown")
     if not body:

@@ -140,8 +140,9 @@ class OverrideHandlers:
                                "has not started then), so there is no shift to take; give UNTIL too.")
             end = shift.end
         if end <= start:
+            # both in the hour the clocks skip: each is the moment of the skip, so they are one moment
             skipped = [t for t in tokens if _skipped(t, tz)]
-            if skipped and _in_order(tokens, tz):  # both in the hour the clock skips: each is the moment of the skip, so they are one moment
+            if skipped and _in_order(tokens, tz):
                 one = len(skipped) == 1
                 raise BadInput(f"{and_list([f'`{echoed(t)}`' for t in skipped])} {'does' if one else 'do'} not exist in "
                                f"{tz.key}: the clocks go forward over {'it' if one else 'them'} that night. Give times "
